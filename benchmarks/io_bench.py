@@ -1,0 +1,765 @@
+"""Queue-depth-1, 4 KiB I/O: qcow2fast versus ``qemu-img bench`` versus the
+raw-file limit, on the same page-cached images, in one run.
+
+    python -m benchmarks.io_bench [--quick] [--json OUT] [--runs N] [--count N]
+
+Scenarios (every request is 4 KiB, queue depth 1, 64 KiB clusters, default
+metadata caches, cache mode writeback on both sides):
+
+``read``       reads of allocated data.  One image, fully written first (by
+               qemu-img, not timed) and page-cached, read by both engines;
+               the raw limit is ``os.preadv`` into a preallocated buffer on a
+               raw copy of the same data (``qemu-img convert -O raw``).
+``overwrite``  overwrites of that same allocated image (run after the reads);
+               raw limit ``os.pwrite`` on the raw copy.
+``alloc``      allocating writes into an empty image: a fresh image (made by
+               ``qemu-img create``, not timed) per engine and per run.
+               ``S=64K`` allocates a cluster on every write, ``S=4K`` once per
+               16 writes.  The raw "limit" is ``os.pwrite`` into a fresh
+               sparse raw file (the filesystem allocates blocks).
+
+Offsets are qemu-img bench's: ``offset(i) = (i * step) mod image_size`` for
+``i in range(count)``, starting at 0.  qemu-img bench has no random mode, so
+besides the sequential step (-S 4K) the read/overwrite scenarios use a
+"scatter" step of 7919 * 4 KiB (a prime number of 4 KiB blocks, so the walk
+visits every block of a power-of-two-sized image before repeating, hopping
+~31 MiB each time).  Both engines and the raw loop issue exactly the same
+requests, in the same order.
+
+Timing windows:
+
+``loop``  (the main table) the window qemu-img bench reports: its "Run
+          completed in X seconds." line, parsed and used as is (nothing
+          subtracted; 1 ms resolution).  In qemu-img.c (7.2) the timer starts
+          before the first request and stops when the last one has
+          completed; opening the image, and the final flush and close (done
+          by ``blk_unref()`` after the timer) are outside it.  For qcow2fast
+          and raw: ``time.perf_counter()`` around the Python request loop, the
+          image/file already open, no flush.
+``e2e``   (second table, write scenarios) including open and the final
+          flush and close: qcow2fast ``open + loop + flush() + close()``;
+          raw ``open + loop + os.fdatasync + close``; qemu the wall time of
+          the whole ``qemu-img bench`` process (its close flushes the caches
+          and fdatasyncs under -t writeback), which also includes exec and
+          process start-up, reported separately as "qemu-img fixed cost".
+
+Every configuration runs ``--runs`` times (5, --quick 3), the engines in a
+rotating order so that none always runs first; the tables show the median
+and the spread (min/max), IOPS, and speed ratios (IOPS ratios: >1 means
+qcow2fast is faster).  The ratio's bracket is the range of the per-run
+ratios (engines of one run are paired).  Results are checked after timing
+(qcow2fast's reads against the raw file; images written by qcow2fast with
+``qemu-img check`` and ``qemu-img compare``).  ``--json OUT`` writes every
+sample.  Exit status: 0 when everything ran and verified, 1 otherwise.
+"""
+
+import argparse
+import gc
+import json
+import os
+import platform
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+KiB = 1024
+MiB = 1024 * KiB
+GiB = 1024 * MiB
+
+REQ = 4 * KiB                      # request size, both engines
+CLUSTER = 64 * KiB                 # cluster size of every image
+SCATTER_STEP = 7919 * REQ          # prime number of 4 KiB blocks (~31 MiB)
+FILL_PATTERN = 0x5A                # data of the pre-written image
+WRITE_PATTERN = 0xA5               # data every benchmark write carries
+
+ENGINES = ("qemu", "qcow2fast", "raw")
+ENGINE_LABEL = {"qemu": "qemu-img", "qcow2fast": "qcow2fast", "raw": "raw"}
+
+# name, kind, step, count key
+SCENARIOS = [
+    ("read-seq", "read", REQ, "read_count"),
+    ("read-scatter", "read", SCATTER_STEP, "read_count"),
+    ("overwrite-seq", "overwrite", REQ, "overwrite_count"),
+    ("overwrite-scatter", "overwrite", SCATTER_STEP, "overwrite_count"),
+    ("alloc-S64K", "alloc", CLUSTER, "alloc64_count"),
+    ("alloc-S4K", "alloc", REQ, "alloc4_count"),
+]
+
+MODES = {
+    "full": dict(size=1 * GiB, runs=5, read_count=200_000, overwrite_count=20_000,
+                 alloc64_count=16_384, alloc4_count=32_768),
+    "quick": dict(size=256 * MiB, runs=3, read_count=50_000, overwrite_count=5_000,
+                  alloc64_count=4_096, alloc4_count=8_192),
+}
+
+RUN_RE = re.compile(r"Run completed in ([0-9.]+) seconds\.")
+SEND_RE = re.compile(r"Sending (\d+) (read|write) requests, (\d+) bytes each, (\d+) in "
+                     r"parallel \(starting at offset (\d+), step size (\d+)\)")
+
+
+class BenchError(Exception):
+    """A benchmark step failed (tool error, bad output, failed verification)."""
+
+
+def log(msg):
+    print(msg, file=sys.stderr, flush=True)
+
+
+def parse_size(text):
+    m = re.fullmatch(r"\s*(\d+)\s*([kKmMgGtT]?)(i?[bB])?\s*", text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"invalid size {text!r}")
+    mult = {"": 1, "k": KiB, "m": MiB, "g": GiB, "t": 1024 * GiB}[m.group(2).lower()]
+    return int(m.group(1)) * mult
+
+
+def human(n):
+    for unit, mult in (("G", GiB), ("M", MiB), ("K", KiB)):
+        if n >= mult and n % mult == 0:
+            return f"{n // mult}{unit}"
+    return str(n)
+
+
+def round_up(n, align):
+    return (n + align - 1) // align * align
+
+
+# -- environment -----------------------------------------------------------------
+
+
+def fs_type(path):
+    """Filesystem type of the mount holding ``path`` (from /proc/mounts)."""
+    path = os.path.realpath(path)
+    best, fstype = "", "unknown"
+    try:
+        with open("/proc/mounts") as f:
+            for line in f:
+                fields = line.split()
+                if len(fields) < 3:
+                    continue
+                mnt = fields[1].replace("\\040", " ")
+                inside = path == mnt or path.startswith(mnt.rstrip("/") + "/")
+                if inside and len(mnt) >= len(best):
+                    best, fstype = mnt, fields[2]
+    except OSError:
+        pass
+    return fstype
+
+
+def choose_tmpdir(requested, need_bytes):
+    """A directory on a disk filesystem (not tmpfs: the point is a page-cached
+    image on a real filesystem) with room for the images."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    candidates = [requested] if requested else [
+        os.environ.get("TMPDIR"), "/var/tmp", "/tmp",
+        os.path.join(repo, "benchmarks", "results")]
+    problems = []
+    for cand in candidates:
+        if not cand:
+            continue
+        try:
+            os.makedirs(cand, exist_ok=True)
+        except OSError as e:
+            problems.append(f"{cand}: {e}")
+            continue
+        fstype = fs_type(cand)
+        free = shutil.disk_usage(cand).free
+        if fstype in ("tmpfs", "ramfs"):
+            problems.append(f"{cand}: on {fstype}")
+            if requested:
+                raise BenchError(f"--tmpdir {cand} is on {fstype}; use a disk filesystem")
+            continue
+        if free < need_bytes:
+            problems.append(f"{cand}: {free / GiB:.1f} GiB free, need {need_bytes / GiB:.1f}")
+            continue
+        return tempfile.mkdtemp(prefix="qcow2fast-io-bench-", dir=cand), fstype
+    raise BenchError("no suitable temporary directory: " + "; ".join(problems))
+
+
+def run(cmd, check=True):
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    if check and p.returncode != 0:
+        raise BenchError(f"{' '.join(cmd)} exited {p.returncode}:\n{p.stdout}{p.stderr}")
+    return p
+
+
+def git_revision(repo):
+    p = subprocess.run(["git", "-C", repo, "rev-parse", "HEAD"], capture_output=True, text=True)
+    rev = p.stdout.strip() if p.returncode == 0 else None
+    p = subprocess.run(["git", "-C", repo, "status", "--porcelain"], capture_output=True, text=True)
+    dirty = bool(p.stdout.strip()) if p.returncode == 0 else None
+    return rev, dirty
+
+
+# -- the engines ---------------------------------------------------------------------
+
+
+class Qemu:
+    def __init__(self, qemu_img, aio):
+        self.qemu_img = qemu_img
+        self.aio = aio
+
+    def command(self, path, count, step, write):
+        cmd = [self.qemu_img, "bench", "-f", "qcow2", "-c", str(count), "-d", "1",
+               "-s", str(REQ), "-S", str(step), "-o", "0", "-i", self.aio, "-t", "writeback"]
+        if write:
+            cmd += ["-w", f"--pattern={WRITE_PATTERN}"]
+        return cmd + [path]
+
+    def bench(self, path, count, step, write):
+        """Returns {"loop": qemu's own time, "e2e": process wall time}."""
+        cmd = self.command(path, count, step, write)
+        t0 = time.perf_counter()
+        p = subprocess.run(cmd, capture_output=True, text=True)
+        wall = time.perf_counter() - t0
+        if p.returncode != 0:
+            raise BenchError(f"{' '.join(cmd)} exited {p.returncode}:\n{p.stdout}{p.stderr}")
+        sent = SEND_RE.search(p.stdout)
+        done = RUN_RE.search(p.stdout)
+        if not sent or not done:
+            raise BenchError(f"unexpected qemu-img bench output:\n{p.stdout}{p.stderr}")
+        want = (count, "write" if write else "read", REQ, 1, 0, step)
+        got = (int(sent[1]), sent[2], int(sent[3]), int(sent[4]), int(sent[5]), int(sent[6]))
+        if got != want:
+            raise BenchError(f"qemu-img bench ran {got}, expected {want}")
+        return {"loop": float(done[1]), "e2e": wall}
+
+
+def qf_read(qcow2fast, path, offsets, buf):
+    gc.disable()
+    try:
+        t0 = time.perf_counter()
+        img = qcow2fast.open(path, "r", cache_mode="writeback")
+        t1 = time.perf_counter()
+        readinto = img.readinto
+        for off in offsets:
+            readinto(off, buf)
+        t2 = time.perf_counter()
+        img.close()
+        t3 = time.perf_counter()
+    finally:
+        gc.enable()
+    return {"loop": t2 - t1, "e2e": t3 - t0, "open": t1 - t0, "close": t3 - t2}
+
+
+def qf_write(qcow2fast, path, offsets, data):
+    gc.disable()
+    try:
+        t0 = time.perf_counter()
+        img = qcow2fast.open(path, "r+", cache_mode="writeback")
+        t1 = time.perf_counter()
+        write = img.write
+        for off in offsets:
+            write(off, data)
+        t2 = time.perf_counter()
+        img.flush()
+        t3 = time.perf_counter()
+        img.close()
+        t4 = time.perf_counter()
+    finally:
+        gc.enable()
+    return {"loop": t2 - t1, "e2e": t4 - t0, "open": t1 - t0, "flush": t3 - t2,
+            "close": t4 - t3}
+
+
+def raw_read(path, offsets, buf):
+    bufs = [buf]
+    gc.disable()
+    try:
+        t0 = time.perf_counter()
+        fd = os.open(path, os.O_RDONLY)
+        t1 = time.perf_counter()
+        preadv = os.preadv
+        for off in offsets:
+            preadv(fd, bufs, off)
+        t2 = time.perf_counter()
+        os.close(fd)
+        t3 = time.perf_counter()
+    finally:
+        gc.enable()
+    return {"loop": t2 - t1, "e2e": t3 - t0, "open": t1 - t0, "close": t3 - t2}
+
+
+def raw_write(path, offsets, data):
+    gc.disable()
+    try:
+        t0 = time.perf_counter()
+        fd = os.open(path, os.O_RDWR)
+        t1 = time.perf_counter()
+        pwrite = os.pwrite
+        for off in offsets:
+            pwrite(fd, data, off)
+        t2 = time.perf_counter()
+        os.fdatasync(fd)
+        t3 = time.perf_counter()
+        os.close(fd)
+        t4 = time.perf_counter()
+    finally:
+        gc.enable()
+    return {"loop": t2 - t1, "e2e": t4 - t0, "open": t1 - t0, "flush": t3 - t2,
+            "close": t4 - t3}
+
+
+# -- set-up and checks -------------------------------------------------------------------
+
+
+def qemu_img_create(qemu_img, path, size):
+    if os.path.exists(path):
+        os.unlink(path)
+    run([qemu_img, "create", "-q", "-f", "qcow2", "-o", f"cluster_size={CLUSTER}", path,
+         str(size)])
+
+
+def raw_create(path, size):
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.ftruncate(fd, size)
+    finally:
+        os.close(fd)
+
+
+def warm_page_cache(*paths):
+    buf = bytearray(4 * MiB)
+    for path in paths:
+        with open(path, "rb", buffering=0) as f:
+            while f.readinto(buf):
+                pass
+
+
+def probe_aio(qemu_img, tmpdir):
+    """qemu's fastest AIO mode here: io_uring, else threads."""
+    path = os.path.join(tmpdir, "probe.qcow2")
+    qemu_img_create(qemu_img, path, 16 * MiB)
+    notes = []
+    try:
+        for aio in ("io_uring", "threads"):
+            p = run(Qemu(qemu_img, aio).command(path, 16, REQ, True), check=False)
+            if p.returncode == 0 and RUN_RE.search(p.stdout):
+                return aio, notes
+            notes.append(f"qemu-img bench -i {aio} failed (exit {p.returncode}): "
+                         f"{(p.stderr or p.stdout).strip()}")
+    finally:
+        os.unlink(path)
+    raise BenchError("qemu-img bench works neither with -i io_uring nor -i threads:\n"
+                     + "\n".join(notes))
+
+
+def qemu_fixed_cost(qemu, tmpdir, size, samples=5):
+    """Wall time of a qemu-img bench process doing one 4 KiB write on a fresh
+    image: exec, start-up, open, one request, flush and close.  Reported next
+    to the e2e figures; never subtracted."""
+    path = os.path.join(tmpdir, "fixed.qcow2")
+    walls = []
+    for _ in range(samples):
+        qemu_img_create(qemu.qemu_img, path, size)
+        walls.append(qemu.bench(path, 1, REQ, True)["e2e"])
+    os.unlink(path)
+    return walls
+
+
+def verify_reads(qcow2fast, qcow2_path, raw_path, offsets):
+    """qcow2fast's readinto/read against the raw copy at a sample of offsets."""
+    sample = sorted(set(offsets[:64] + offsets[-64:] + offsets[::max(1, len(offsets) // 256)]))
+    buf = bytearray(REQ)
+    bad = []
+    with open(raw_path, "rb", buffering=0) as raw:
+        img = qcow2fast.open(qcow2_path, "r", cache_mode="writeback")
+        try:
+            for off in sample:
+                want = os.pread(raw.fileno(), REQ, off)
+                img.readinto(off, buf)
+                if bytes(buf) != want or img.read(off, REQ) != want:
+                    bad.append(off)
+        finally:
+            img.close()
+    if bad:
+        raise BenchError(f"qcow2fast read wrong data at {len(bad)} of {len(sample)} sampled "
+                         f"offsets, first {bad[0]:#x} ({qcow2_path} vs {raw_path})")
+    return f"{len(sample)} sampled reads match the raw file"
+
+
+def qemu_check(qemu_img, path):
+    p = run([qemu_img, "check", "-f", "qcow2", path], check=False)
+    if p.returncode != 0:
+        raise BenchError(f"qemu-img check {path} exited {p.returncode}:\n{p.stdout}{p.stderr}")
+    return p.stdout.strip().splitlines()[0] if p.stdout.strip() else "clean"
+
+
+def qemu_compare(qemu_img, a, a_fmt, b, b_fmt):
+    p = run([qemu_img, "compare", "-f", a_fmt, "-F", b_fmt, a, b], check=False)
+    if p.returncode != 0:
+        raise BenchError(f"qemu-img compare {a} {b} exited {p.returncode}:\n"
+                         f"{p.stdout}{p.stderr}")
+
+
+# -- statistics ----------------------------------------------------------------------
+
+
+def summarise(samples):
+    return {"median": statistics.median(samples), "min": min(samples), "max": max(samples)}
+
+
+def ratio_info(base, qf):
+    """Speed ratio (IOPS ratio) qcow2fast/base: median(base) / median(qf),
+    with the range of the per-run paired ratios."""
+    if not base or not qf:
+        return None
+    pairs = [b / q for b, q in zip(base, qf) if q > 0]
+    med_q = statistics.median(qf)
+    if med_q <= 0 or not pairs:
+        return None
+    return {"ratio": statistics.median(base) / med_q, "min": min(pairs), "max": max(pairs)}
+
+
+# -- the benchmark -------------------------------------------------------------------------
+
+
+class IoBench:
+    def __init__(self, args, qcow2fast):
+        self.args = args
+        self.qcow2fast = qcow2fast
+        self.engines = args.engines
+        self.results = []
+        self.failures = []
+
+    def offsets(self, count, step, size):
+        return [(i * step) % size for i in range(count)]
+
+    def setup_data_image(self):
+        """The pre-written image (every cluster allocated, FILL_PATTERN) and its
+        raw copy, then both read once so they are page-cached."""
+        a = self.args
+        self.data_qcow2 = os.path.join(self.tmpdir, "data.qcow2")
+        self.data_raw = os.path.join(self.tmpdir, "data.raw")
+        t0 = time.perf_counter()
+        qemu_img_create(a.qemu_img, self.data_qcow2, a.size)
+        chunk = 1 * MiB
+        run([a.qemu_img, "bench", "-f", "qcow2", "-w", "-c", str(a.size // chunk), "-d", "4",
+             "-s", str(chunk), "-S", str(chunk), f"--pattern={FILL_PATTERN}", "-t",
+             "writeback", "-i", self.aio, self.data_qcow2])
+        run([a.qemu_img, "convert", "-f", "qcow2", "-O", "raw", self.data_qcow2, self.data_raw])
+        warm_page_cache(self.data_qcow2, self.data_raw)
+        log(f"  data image: {human(a.size)} written by qemu-img in "
+            f"{time.perf_counter() - t0:.1f} s (both files page-cached)")
+
+    def run_scenario(self, name, kind, step, count):
+        a = self.args
+        write = kind != "read"
+        size = a.size if kind != "alloc" else max(a.size, round_up(count * step, CLUSTER))
+        offsets = self.offsets(count, step, size)
+        qemu = Qemu(a.qemu_img, self.aio)
+        data = bytes([WRITE_PATTERN]) * REQ
+        buf = bytearray(REQ)
+        samples = {e: [] for e in self.engines}
+        errors = {}
+        verify = []
+        log(f"  {name}: {count} x 4 KiB, step {human(step)}, image {human(size)}, "
+            f"{a.runs} runs")
+        kept = {}
+        for r in range(a.runs):
+            order = self.engines[r % len(self.engines):] + self.engines[:r % len(self.engines)]
+            for engine in order:
+                if engine in errors:
+                    continue
+                try:
+                    if kind == "alloc":
+                        path = os.path.join(self.tmpdir, f"{name}-{engine}.{'raw' if engine == 'raw' else 'qcow2'}")
+                        if engine == "raw":
+                            raw_create(path, size)
+                        else:
+                            qemu_img_create(a.qemu_img, path, size)
+                        kept[engine] = path
+                    else:
+                        path = self.data_raw if engine == "raw" else self.data_qcow2
+                    if engine == "qemu":
+                        res = qemu.bench(path, count, step, write)
+                    elif engine == "qcow2fast":
+                        if write:
+                            res = qf_write(self.qcow2fast, path, offsets, data)
+                        else:
+                            res = qf_read(self.qcow2fast, path, offsets, buf)
+                    else:
+                        res = (raw_write if write else raw_read)(path, offsets,
+                                                                 data if write else buf)
+                except Exception as e:          # report, keep the other engines going
+                    errors[engine] = f"{type(e).__name__}: {e}"
+                    log(f"    {ENGINE_LABEL[engine]} FAILED: {errors[engine]}")
+                    continue
+                samples[engine].append(res)
+
+        # Verification, outside every timed window.
+        try:
+            if kind == "read" and "qcow2fast" in self.engines and "qcow2fast" not in errors:
+                verify.append(verify_reads(self.qcow2fast, self.data_qcow2, self.data_raw,
+                                           offsets))
+            if kind == "alloc":
+                for engine in ("qemu", "qcow2fast"):
+                    if engine in kept and engine not in errors:
+                        verify.append(f"{engine} image: qemu-img check: "
+                                      f"{qemu_check(a.qemu_img, kept[engine])}")
+                if "qcow2fast" in kept and "qcow2fast" not in errors:
+                    for other, fmt in (("qemu", "qcow2"), ("raw", "raw")):
+                        if other in kept and other not in errors:
+                            qemu_compare(a.qemu_img, kept["qcow2fast"], "qcow2", kept[other], fmt)
+                            verify.append(f"qemu-img compare qcow2fast image = {other} image")
+            if kind == "overwrite" and not errors:
+                verify.append("data image: qemu-img check: "
+                              f"{qemu_check(a.qemu_img, self.data_qcow2)}")
+                if "raw" in self.engines:
+                    qemu_compare(a.qemu_img, self.data_qcow2, "qcow2", self.data_raw, "raw")
+                    verify.append("qemu-img compare data image = raw copy (same overwrites)")
+        except BenchError as e:
+            errors["verify"] = str(e)
+            log(f"    VERIFY FAILED: {e}")
+        for path in kept.values():
+            if os.path.exists(path):
+                os.unlink(path)
+
+        entry = {"name": name, "kind": kind, "step": step, "count": count,
+                 "image_size": size, "request_size": REQ, "queue_depth": 1,
+                 "samples": samples, "errors": errors, "verify": verify, "stats": {},
+                 "ratios": {}}
+        for window in ("loop", "e2e"):
+            times = {e: [s[window] for s in samples[e]] for e in self.engines if samples[e]}
+            entry["stats"][window] = {e: dict(summarise(t), iops=count / statistics.median(t))
+                                      for e, t in times.items()}
+            qf = times.get("qcow2fast")
+            entry["ratios"][window] = {
+                "qcow2fast_vs_qemu": ratio_info(times.get("qemu"), qf),
+                "qcow2fast_vs_raw": ratio_info(times.get("raw"), qf),
+            }
+        if errors:
+            self.failures.append((name, errors))
+        self.results.append(entry)
+        return entry
+
+    def run(self):
+        a = self.args
+        need = 4 * a.size + 2 * max(a.size, a.counts["alloc4_count"] * REQ,
+                                    a.counts["alloc64_count"] * CLUSTER) + 256 * MiB
+        self.tmpdir, self.fstype = choose_tmpdir(a.tmpdir, need)
+        try:
+            self.aio, self.aio_notes = probe_aio(a.qemu_img, self.tmpdir)
+            for note in self.aio_notes:
+                log("  " + note)
+            if self.aio != "io_uring":
+                log(f"  NOTE: qemu-img bench -i io_uring failed; using -i {self.aio} "
+                    "(slower at QD1: the comparison flatters qcow2fast)")
+            log(f"  images in {self.tmpdir} ({self.fstype}); qemu AIO: {self.aio}")
+            qemu = Qemu(a.qemu_img, self.aio)
+            self.fixed_cost = (qemu_fixed_cost(qemu, self.tmpdir, a.size)
+                               if "qemu" in self.engines else [])
+            wanted = [s for s in SCENARIOS if not a.only or s[0] in a.only]
+            if any(kind != "alloc" for _, kind, _, _ in wanted):
+                self.setup_data_image()
+            for name, kind, step, key in wanted:
+                self.run_scenario(name, kind, step, a.counts[key])
+        finally:
+            if a.keep:
+                log(f"  kept images in {self.tmpdir}")
+            else:
+                shutil.rmtree(self.tmpdir, ignore_errors=True)
+
+
+# -- reporting -------------------------------------------------------------------------------
+
+
+def fmt_ratio(info):
+    if not info:
+        return "-"
+    return f"{info['ratio']:.2f}x ({info['min']:.2f}-{info['max']:.2f})"
+
+
+def scenario_label(entry):
+    return f"{entry['name']} S={human(entry['step'])}"
+
+
+def print_table(bench, window, title, kinds, out=sys.stdout):
+    rows = [e for e in bench.results if e["kind"] in kinds and e["stats"][window]]
+    if not rows:
+        return
+    head = (f"{'scenario':<28} {'engine':<10} {'median s':>9} {'min s':>8} {'max s':>8} "
+            f"{'kIOPS':>7} {'us/req':>7}  {'qf speed vs qemu':<19} {'qf speed vs raw':<19}")
+    print(f"\n{title}", file=out)
+    print(head, file=out)
+    print("-" * len(head), file=out)
+    for e in rows:
+        first = True
+        for engine in bench.engines:
+            st = e["stats"][window].get(engine)
+            label = scenario_label(e) if first else (f"  ({e['count']} reqs)"
+                                                    if engine == bench.engines[1] else "")
+            first = False
+            name = ENGINE_LABEL[engine]
+            if window == "loop" and engine == "raw":
+                name = "raw " + ("preadv" if e["kind"] == "read" else "pwrite")
+            if st is None:
+                err = e["errors"].get(engine, "no samples")
+                print(f"{label:<28} {name:<10} FAILED: {err[:90]}", file=out)
+                continue
+            r_q = r_r = ""
+            if engine == "qcow2fast":
+                r_q = fmt_ratio(e["ratios"][window]["qcow2fast_vs_qemu"])
+                r_r = fmt_ratio(e["ratios"][window]["qcow2fast_vs_raw"])
+            print(f"{label:<28} {name:<10} {st['median']:9.3f} {st['min']:8.3f} "
+                  f"{st['max']:8.3f} {st['iops'] / 1000:7.1f} "
+                  f"{st['median'] / e['count'] * 1e6:7.2f}  {r_q:<19} {r_r:<19}", file=out)
+        if "verify" in e["errors"]:
+            print(f"{'':<28} VERIFY FAILED: {e['errors']['verify'][:100]}", file=out)
+
+
+def report(bench, out=sys.stdout):
+    a = bench.args
+    print(f"\nqcow2fast io_bench ({a.mode} mode): 4 KiB requests, queue depth 1, "
+          f"{human(CLUSTER)} clusters, cache writeback, {a.runs} runs each, "
+          f"qemu-img bench -i {bench.aio}", file=out)
+    if bench.aio != "io_uring":
+        print("NOTE: -i io_uring failed here, qemu ran with -i threads "
+              "(its slower mode).", file=out)
+    print(f"images: {bench.tmpdir} ({bench.fstype}), data image {human(a.size)}, page-cached",
+          file=out)
+    print_table(bench, "loop", "Request loop only (qemu: its own \"Run completed\" time; "
+                "qcow2fast/raw: perf_counter around the loop; no open/flush/close).  "
+                "Ratios are IOPS ratios, >1 = qcow2fast faster; (per-run range).",
+                ("read", "overwrite", "alloc"))
+    print_table(bench, "e2e", "Writes including open + final flush + close "
+                "(qemu: wall time of the qemu-img process, so also exec/start-up; "
+                "qcow2fast: open+loop+flush()+close(); raw: open+loop+fdatasync+close).",
+                ("overwrite", "alloc"))
+    if bench.fixed_cost:
+        print(f"\nqemu-img fixed cost (process with 1 write on a fresh image, wall): median "
+              f"{statistics.median(bench.fixed_cost) * 1000:.1f} ms "
+              f"(min {min(bench.fixed_cost) * 1000:.1f}, max {max(bench.fixed_cost) * 1000:.1f})"
+              " - included in qemu's e2e figures, not subtracted.", file=out)
+    print("qemu-img bench reports its time with 1 ms resolution.", file=out)
+    for e in bench.results:
+        for v in e["verify"]:
+            print(f"verified [{e['name']}]: {v}", file=out)
+    for name, errors in bench.failures:
+        for engine, err in errors.items():
+            print(f"FAILED [{name}] {engine}: {err}", file=out)
+
+
+def write_json(bench, path, started):
+    a = bench.args
+    rev, dirty = git_revision(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    qf_version = getattr(bench.qcow2fast, "__version__", None) if bench.qcow2fast else None
+    qemu_version = run([a.qemu_img, "--version"], check=False).stdout.splitlines()[:1]
+    doc = {
+        "benchmark": "qcow2fast io_bench",
+        "started": started,
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "mode": a.mode,
+        "config": {
+            "runs": a.runs, "counts": a.counts, "data_image_size": a.size,
+            "cluster_size": CLUSTER, "request_size": REQ, "queue_depth": 1,
+            "scatter_step": SCATTER_STEP, "fill_pattern": FILL_PATTERN,
+            "write_pattern": WRITE_PATTERN, "engines": bench.engines,
+            "qemu_aio": bench.aio, "qemu_aio_notes": bench.aio_notes,
+            "qemu_cache": "writeback", "qcow2fast_cache_mode": "writeback",
+            "tmpdir": bench.tmpdir, "tmpdir_fstype": bench.fstype,
+            "offsets": "offset(i) = (i * step) % image_size, i in range(count)",
+            "windows": {
+                "loop": "qemu: parsed 'Run completed in X seconds.' (excludes open, final "
+                        "flush, close); qcow2fast/raw: perf_counter around the request loop",
+                "e2e": "qemu: qemu-img process wall time (exec+open+loop+flush+close); "
+                       "qcow2fast: open+loop+flush()+close(); raw: open+loop+fdatasync+close",
+            },
+            "ratio": "IOPS ratio qcow2fast/other = median(other time) / median(qcow2fast "
+                     "time); min/max over per-run pairs",
+        },
+        "environment": {
+            "python": sys.version, "platform": platform.platform(),
+            "cpu_count": os.cpu_count(), "loadavg_end": os.getloadavg(),
+            "qemu_img": qemu_version[0] if qemu_version else None,
+            "qcow2fast_version": qf_version, "git_revision": rev, "git_dirty": dirty,
+        },
+        "qemu_fixed_cost_s": bench.fixed_cost,
+        "scenarios": bench.results,
+        "failures": [{"scenario": n, "errors": e} for n, e in bench.failures],
+    }
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(doc, f, indent=2)
+        f.write("\n")
+    log(f"  wrote {path}")
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.io_bench",
+        description="4 KiB queue-depth-1 I/O: qcow2fast vs qemu-img bench vs raw pread/pwrite.")
+    p.add_argument("--quick", action="store_true",
+                   help="256 MiB image, fewer requests, 3 runs (about a minute)")
+    p.add_argument("--json", metavar="OUT", help="write every sample to this JSON file")
+    p.add_argument("--runs", type=int, help="runs per configuration (default 5, --quick 3)")
+    p.add_argument("--count", type=int,
+                   help="requests per configuration, for every scenario (default: per "
+                        "scenario, see MODES in the source)")
+    p.add_argument("--size", type=parse_size,
+                   help="virtual size of the data image, e.g. 1G (default 1G, --quick 256M)")
+    p.add_argument("--only", action="append", choices=[s[0] for s in SCENARIOS],
+                   help="run only this scenario (repeatable)")
+    p.add_argument("--engines", default=",".join(ENGINES),
+                   help="comma-separated subset of qemu,qcow2fast,raw (default: all)")
+    p.add_argument("--tmpdir", help="directory for the images (default: $TMPDIR, /var/tmp, "
+                                    "/tmp; never tmpfs)")
+    p.add_argument("--keep", action="store_true", help="keep the images")
+    p.add_argument("--qemu-img", default=shutil.which("qemu-img") or "qemu-img",
+                   help="qemu-img binary")
+    a = p.parse_args(argv)
+    a.mode = "quick" if a.quick else "full"
+    mode = MODES[a.mode]
+    a.runs = a.runs or mode["runs"]
+    a.size = a.size or mode["size"]
+    a.counts = {k: (a.count or v) for k, v in mode.items() if k.endswith("_count")}
+    a.engines = [e.strip() for e in a.engines.split(",") if e.strip()]
+    bad = [e for e in a.engines if e not in ENGINES]
+    if bad or not a.engines:
+        p.error(f"--engines: unknown {bad}; choose from {','.join(ENGINES)}")
+    a.engines = [e for e in ENGINES if e in a.engines]      # fixed column order
+    if a.runs < 1 or (a.count is not None and a.count < 1):
+        p.error("--runs and --count must be at least 1")
+    if a.size % CLUSTER or a.size < 16 * MiB:
+        p.error(f"--size must be a multiple of {human(CLUSTER)} and at least 16M")
+    if not shutil.which(a.qemu_img):
+        p.error(f"{a.qemu_img} not found (Debian: apt-get install qemu-utils)")
+    return a
+
+
+def main(argv=None):
+    a = parse_args(argv)
+    started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    qcow2fast = None
+    if "qcow2fast" in a.engines:
+        try:
+            import qcow2fast
+        except Exception as e:
+            log(f"io_bench: cannot import qcow2fast ({type(e).__name__}: {e}); build it "
+                "first: python setup.py build_ext --inplace (or pip install -e .)")
+            return 1
+        for attr in ("open",):
+            if not hasattr(qcow2fast, attr):
+                log(f"io_bench: qcow2fast has no {attr}() yet (see docs/API.md)")
+                return 1
+    bench = IoBench(a, qcow2fast)
+    t0 = time.perf_counter()
+    log(f"io_bench ({a.mode}): engines {', '.join(a.engines)}")
+    try:
+        bench.run()
+    except BenchError as e:
+        log(f"io_bench: {e}")
+        return 1
+    report(bench)
+    print(f"\ntotal time {time.perf_counter() - t0:.0f} s", file=sys.stdout)
+    if a.json:
+        write_json(bench, a.json, started)
+    return 1 if bench.failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,77 @@
+/* qcow2fast: I/O loops shared by the Cython kernels.
+ *
+ * All functions are safe to call without the GIL.  They return the number of
+ * bytes transferred or -errno.  Reads past the end of the file are filled
+ * with zeros (a qcow2 cluster may be allocated past EOF until written).
+ */
+#ifndef QF_IO_H
+#define QF_IO_H
+
+#include <errno.h>
+#include <fcntl.h>
+#include <stdint.h>
+#include <string.h>
+#include <unistd.h>
+#ifdef __linux__
+#include <linux/falloc.h>
+#endif
+
+static inline int64_t qf_pread_full(int fd, char *buf, size_t len, int64_t off)
+{
+    size_t done = 0;
+    while (done < len) {
+        ssize_t n = pread(fd, buf + done, len - done, (off_t)(off + done));
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            return -errno;
+        }
+        if (n == 0) {               /* EOF: the rest reads as zeros */
+            memset(buf + done, 0, len - done);
+            break;
+        }
+        done += (size_t)n;
+    }
+    return (int64_t)len;
+}
+
+static inline int64_t qf_pwrite_full(int fd, const char *buf, size_t len, int64_t off)
+{
+    size_t done = 0;
+    while (done < len) {
+        ssize_t n = pwrite(fd, buf + done, len - done, (off_t)(off + done));
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            return -errno;
+        }
+        if (n == 0)
+            return -EIO;
+        done += (size_t)n;
+    }
+    return (int64_t)len;
+}
+
+static inline int qf_punch_hole(int fd, int64_t off, int64_t len)
+{
+#ifdef FALLOC_FL_PUNCH_HOLE
+    if (fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)off, (off_t)len) == 0)
+        return 0;
+    return -errno;
+#else
+    return -EOPNOTSUPP;
+#endif
+}
+
+static inline int qf_zero_range(int fd, int64_t off, int64_t len)
+{
+#ifdef FALLOC_FL_ZERO_RANGE
+    if (fallocate(fd, FALLOC_FL_ZERO_RANGE, (off_t)off, (off_t)len) == 0)
+        return 0;
+    return -errno;
+#else
+    return -EOPNOTSUPP;
+#endif
+}
+
+#endif

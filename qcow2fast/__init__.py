@@ -1,0 +1,25 @@
+"""qcow2fast: read and write QEMU qcow2 images fast.
+
+    import qcow2fast
+    qcow2fast.create("disk.qcow2", 10 << 30)
+    with qcow2fast.open("disk.qcow2", "r+") as img:
+        img.write(0, b"hello")
+        img.read(0, 5)
+"""
+
+from .create import create
+from .errors import (CorruptImageError, ImageClosedError, InvalidArgumentError, Qcow2Error,
+                     ReadOnlyImageError, UnsupportedFeatureError)
+from .extent import Extent
+from .image import Image
+
+__version__ = "0.1.0"
+
+__all__ = ["open", "create", "Image", "Extent", "Qcow2Error", "CorruptImageError",
+           "UnsupportedFeatureError", "InvalidArgumentError", "ReadOnlyImageError",
+           "ImageClosedError"]
+
+
+def open(path, mode="r", **options):  # noqa: A001 - mirrors the builtin on purpose
+    """Open a qcow2 image (``mode`` "r" or "r+"); see :class:`Image` for options."""
+    return Image(path, mode, **options)

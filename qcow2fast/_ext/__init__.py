@@ -1,0 +1,1 @@
+"""Cython kernels of qcow2fast (built from the .pyx files here)."""

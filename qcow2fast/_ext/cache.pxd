@@ -1,0 +1,34 @@
+from libc.stdint cimport uint8_t, int32_t, int64_t, uint64_t
+from .fileio cimport File
+
+cdef class TableCache:
+    cdef readonly int nslots
+    cdef readonly int64_t slot_bytes
+    cdef readonly object data           # numpy uint8 [nslots, slot_bytes]
+    cdef readonly File file
+    cdef readonly bint swap64           # entries are 64-bit big-endian on disk
+    cdef public TableCache depends      # flushed before any slot of this cache is written
+    cdef public bint sync_dependency    # fdatasync after flushing ``depends``
+    cdef public uint64_t hits, misses
+    cdef readonly int ndirty
+    cdef object _mm, _keys, _lru, _dirty, _pins, _htab, _free, _scratch
+    cdef uint8_t *base
+    cdef int64_t *keys
+    cdef uint64_t *lru
+    cdef uint8_t *dirty
+    cdef int32_t *pins
+    cdef int32_t *htab
+    cdef int32_t *freelist
+    cdef int nfree
+    cdef uint64_t hmask
+    cdef uint64_t clock
+    cdef uint8_t *scratch
+
+    cdef int lookup(self, int64_t key) noexcept nogil
+    cdef void _hinsert(self, int slot) noexcept nogil
+    cdef void _hremove(self, int slot) noexcept nogil
+    cdef int _victim(self) except -1
+    cdef void _drop(self, int slot)
+    cdef uint8_t *slot_ptr(self, int slot) noexcept nogil
+    cdef int c_load(self, int64_t key, bint read) except -1
+    cdef int c_writeback(self, int slot) except -1

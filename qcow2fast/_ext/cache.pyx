@@ -1,0 +1,306 @@
+# cython: language_level=3
+"""Metadata table cache (qemu's qcow2-cache.c): fixed slots in one numpy
+array, LRU eviction, a hash from the table's host offset to its slot.
+
+Invariants:
+- a slot is either empty (key -1, on the free list) or holds exactly one
+  table slice, found by its host offset through the hash;
+- a dirty slot is written back before it is reused, and before it is
+  written the ``depends`` cache is flushed (refcount blocks before the L2
+  tables that rely on them);
+- a pinned slot is never evicted.
+"""
+
+import mmap
+
+import numpy as np
+
+cimport numpy as cnp
+from libc.stdint cimport uint8_t, int32_t, int64_t, uint64_t
+from libc.string cimport memset, memcpy
+
+from .common cimport QF_BSWAP64
+from .fileio cimport File
+
+cnp.import_array()
+
+
+cdef inline uint64_t _hash(int64_t key) noexcept nogil:
+    return (<uint64_t>key >> 9) * 0x9E3779B97F4A7C15ULL
+
+
+cdef class TableCache:
+    def __cinit__(self, File file, int nslots, int64_t slot_bytes, bint swap64):
+        cdef int cap = 1, i
+        if nslots < 1:
+            raise ValueError("a cache needs at least one slot")
+        self.file = file
+        self.nslots = nslots
+        self.slot_bytes = slot_bytes
+        self.swap64 = swap64
+        # An anonymous mapping is page-aligned and zero pages are mapped
+        # lazily: a large cache costs memory only as it fills, and dropped
+        # slots give their pages back (madvise).
+        self._mm = mmap.mmap(-1, nslots * slot_bytes)
+        self.data = np.frombuffer(self._mm, dtype=np.uint8).reshape(nslots, slot_bytes)
+        self._keys = np.full(nslots, -1, dtype=np.int64)
+        self._lru = np.zeros(nslots, dtype=np.uint64)
+        self._dirty = np.zeros(nslots, dtype=np.uint8)
+        self._pins = np.zeros(nslots, dtype=np.int32)
+        while cap < 2 * nslots:
+            cap <<= 1
+        self._htab = np.full(cap, -1, dtype=np.int32)
+        self._free = np.arange(nslots - 1, -1, -1, dtype=np.int32)
+        self._scratch = np.zeros(slot_bytes, dtype=np.uint8)
+        self.base = <uint8_t *>cnp.PyArray_DATA(self.data)
+        self.keys = <int64_t *>cnp.PyArray_DATA(self._keys)
+        self.lru = <uint64_t *>cnp.PyArray_DATA(self._lru)
+        self.dirty = <uint8_t *>cnp.PyArray_DATA(self._dirty)
+        self.pins = <int32_t *>cnp.PyArray_DATA(self._pins)
+        self.htab = <int32_t *>cnp.PyArray_DATA(self._htab)
+        self.freelist = <int32_t *>cnp.PyArray_DATA(self._free)
+        self.scratch = <uint8_t *>cnp.PyArray_DATA(self._scratch)
+        self.nfree = nslots
+        self.hmask = cap - 1
+
+    # -- hash (linear probing, backward-shift deletion) ----------------------
+
+    cdef int lookup(self, int64_t key) noexcept nogil:
+        cdef uint64_t h = _hash(key) & self.hmask
+        cdef int32_t s
+        while True:
+            s = self.htab[h]
+            if s < 0:
+                return -1
+            if self.keys[s] == key:
+                self.clock += 1
+                self.lru[s] = self.clock
+                return s
+            h = (h + 1) & self.hmask
+
+    cdef void _hinsert(self, int slot) noexcept nogil:
+        cdef uint64_t h = _hash(self.keys[slot]) & self.hmask
+        while self.htab[h] >= 0:
+            h = (h + 1) & self.hmask
+        self.htab[h] = slot
+
+    cdef void _hremove(self, int slot) noexcept nogil:
+        cdef uint64_t h = _hash(self.keys[slot]) & self.hmask
+        cdef uint64_t j, home
+        while self.htab[h] != slot:
+            h = (h + 1) & self.hmask
+        j = h
+        while True:
+            self.htab[h] = -1
+            while True:
+                j = (j + 1) & self.hmask
+                if self.htab[j] < 0:
+                    return
+                home = _hash(self.keys[self.htab[j]]) & self.hmask
+                # Move entry j back into the hole at h unless its home lies
+                # cyclically in (h, j].
+                if h <= j:
+                    if h < home <= j:
+                        continue
+                else:
+                    if home > h or home <= j:
+                        continue
+                break
+            self.htab[h] = self.htab[j]
+            h = j
+
+    cdef uint8_t *slot_ptr(self, int slot) noexcept nogil:
+        return self.base + <int64_t>slot * self.slot_bytes
+
+    # -- loading and writing back --------------------------------------------
+
+    cdef int _victim(self) except -1:
+        cdef int i, best = -1
+        cdef uint64_t best_lru = 0
+        if self.nfree > 0:
+            self.nfree -= 1
+            return self.freelist[self.nfree]
+        for i in range(self.nslots):
+            if self.pins[i] == 0 and (best < 0 or self.lru[i] < best_lru):
+                best = i
+                best_lru = self.lru[i]
+        if best < 0:
+            raise RuntimeError("metadata cache: every slot is in use")
+        if self.dirty[best]:
+            self.c_writeback(best)
+        self._hremove(best)
+        self.keys[best] = -1
+        return best
+
+    cdef int c_load(self, int64_t key, bint read) except -1:
+        """Slot holding the slice at host offset ``key``, loading it if needed
+        (or zero-filling it when ``read`` is false: a new table)."""
+        cdef int slot = self.lookup(key)
+        cdef int64_t rc, i, n
+        cdef uint64_t *p
+        cdef uint8_t *ptr
+        if slot >= 0:
+            self.hits += 1
+            return slot
+        self.misses += 1
+        slot = self._victim()
+        ptr = self.slot_ptr(slot)
+        if read:
+            with nogil:
+                rc = self.file.c_pread(<char *>ptr, self.slot_bytes, key)
+                if rc >= 0 and self.swap64:
+                    p = <uint64_t *>ptr
+                    n = self.slot_bytes // 8
+                    for i in range(n):
+                        p[i] = QF_BSWAP64(p[i])
+            if rc < 0:
+                self.freelist[self.nfree] = slot
+                self.nfree += 1
+                self.file.raise_errno(rc, "metadata read", key)
+        else:
+            memset(ptr, 0, self.slot_bytes)
+        self.keys[slot] = key
+        self.clock += 1
+        self.lru[slot] = self.clock
+        self._hinsert(slot)
+        return slot
+
+    cdef int c_writeback(self, int slot) except -1:
+        cdef int64_t rc, i, n
+        cdef uint64_t *src
+        cdef uint64_t *dst
+        cdef const char *out
+        if not self.dirty[slot]:
+            return 0
+        if self.depends is not None and self.depends.ndirty > 0:
+            # Refcounts must be on disk before the table that needs them.
+            self.depends.flush()
+            if self.sync_dependency:
+                self.file.sync()
+        out = <const char *>self.slot_ptr(slot)
+        with nogil:
+            if self.swap64:
+                src = <uint64_t *>self.slot_ptr(slot)
+                dst = <uint64_t *>self.scratch
+                n = self.slot_bytes // 8
+                for i in range(n):
+                    dst[i] = QF_BSWAP64(src[i])
+                out = <const char *>self.scratch
+            rc = self.file.c_pwrite(out, self.slot_bytes, self.keys[slot])
+        if rc < 0:
+            self.file.raise_errno(rc, "metadata write", self.keys[slot])
+        self.dirty[slot] = 0
+        self.ndirty -= 1
+        return 0
+
+    # -- Python interface ----------------------------------------------------
+
+    def load(self, int64_t key):
+        """Slot of the slice at host offset ``key`` (read from disk on a miss)."""
+        return self.c_load(key, True)
+
+    def new(self, int64_t key):
+        """Slot for a new, zero-filled slice at ``key``, marked dirty."""
+        cdef int slot = self.lookup(key)
+        if slot < 0:
+            slot = self.c_load(key, False)
+        else:
+            memset(self.slot_ptr(slot), 0, self.slot_bytes)
+        self.mark_dirty(slot)
+        return slot
+
+    def find(self, int64_t key):
+        """Slot of ``key`` if cached, else -1 (no I/O)."""
+        return self.lookup(key)
+
+    def mark_dirty(self, int slot):
+        if not self.dirty[slot]:
+            self.dirty[slot] = 1
+            self.ndirty += 1
+
+    def writeback(self, int slot):
+        """Write one slot now if it is dirty (dependencies first)."""
+        self.c_writeback(slot)
+
+    def is_dirty(self, int slot):
+        return bool(self.dirty[slot])
+
+    def pin(self, int slot):
+        self.pins[slot] += 1
+
+    def unpin(self, int slot):
+        self.pins[slot] -= 1
+
+    def u64(self, int slot):
+        """The slot as a native uint64 array view (L2 slices)."""
+        return self.data[slot].view(np.uint64)
+
+    def raw(self, int slot):
+        """The slot as a uint8 array view (refcount blocks)."""
+        return self.data[slot]
+
+    def key(self, int slot):
+        return self.keys[slot]
+
+    def flush(self):
+        """Write every dirty slot, in host-offset order.  No fdatasync: the
+        caller places the barrier."""
+        cdef int i
+        order = sorted((self.keys[i], i) for i in range(self.nslots) if self.dirty[i])
+        for _, i in order:
+            self.c_writeback(i)
+
+    def invalidate(self, int64_t key):
+        """Forget ``key`` (its table was freed); a dirty copy is dropped."""
+        cdef int slot = self.lookup(key)
+        if slot < 0:
+            return
+        if self.pins[slot]:
+            raise RuntimeError(f"metadata cache: invalidating pinned slice {key:#x}")
+        self._drop(slot)
+
+    cdef void _drop(self, int slot):
+        if self.dirty[slot]:
+            self.dirty[slot] = 0
+            self.ndirty -= 1
+        self._hremove(slot)
+        self.keys[slot] = -1
+        self.lru[slot] = 0
+        self.freelist[self.nfree] = slot
+        self.nfree += 1
+
+    def invalidate_all(self):
+        cdef int i
+        for i in range(self.nslots):
+            if self.keys[i] >= 0:
+                self._drop(i)
+
+    def drop_unused(self, uint64_t since_clock):
+        """Drop clean, unpinned slices not used since ``since_clock`` and give
+        their memory back (cache-clean-interval).  Returns how many."""
+        cdef int i, n = 0
+        for i in range(self.nslots):
+            if (self.keys[i] >= 0 and not self.dirty[i] and self.pins[i] == 0
+                    and self.lru[i] <= since_clock):
+                self._drop(i)
+                n += 1
+        if n:
+            self._release_free_memory()
+        return n
+
+    def _release_free_memory(self):
+        cdef int i
+        cdef int64_t start
+        if self.slot_bytes % mmap.PAGESIZE:
+            return
+        for i in range(self.nfree):
+            start = <int64_t>self.freelist[i] * self.slot_bytes
+            self._mm.madvise(mmap.MADV_DONTNEED, start, self.slot_bytes)
+
+    @property
+    def clock_now(self):
+        return self.clock
+
+    @property
+    def used(self):
+        return self.nslots - self.nfree

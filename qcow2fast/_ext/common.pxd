@@ -1,0 +1,133 @@
+# Shared inline helpers of the qcow2fast kernels: cimport them, never copy.
+#
+# Conventions: L2 slices and L1 tables are kept in native byte order in
+# memory (decoded once when loaded); refcount blocks are kept exactly as on
+# disk (big-endian, sub-byte widths packed LSB first) and accessed here.
+
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int64_t
+
+cdef extern from "qf_io.h" nogil:
+    int64_t qf_pread_full(int fd, char *buf, size_t len, int64_t off)
+    int64_t qf_pwrite_full(int fd, const char *buf, size_t len, int64_t off)
+    int qf_punch_hole(int fd, int64_t off, int64_t len)
+    int qf_zero_range(int fd, int64_t off, int64_t len)
+
+cdef extern from *:
+    """
+    #define QF_BSWAP64(x) __builtin_bswap64(x)
+    #define QF_BSWAP32(x) __builtin_bswap32(x)
+    #define QF_BSWAP16(x) __builtin_bswap16(x)
+    """
+    uint64_t QF_BSWAP64(uint64_t) nogil
+    uint32_t QF_BSWAP32(uint32_t) nogil
+    uint16_t QF_BSWAP16(uint16_t) nogil
+
+# L1/L2 entry bits (names from the spec and qemu's qcow2.h), as C macros so
+# every module that cimports them sees the same constants.
+cdef extern from *:
+    """
+    #define QCOW_OFLAG_COPIED      (1ULL << 63)
+    #define QCOW_OFLAG_COMPRESSED  (1ULL << 62)
+    #define QCOW_OFLAG_ZERO        1ULL
+    #define L1E_OFFSET_MASK        0x00fffffffffffe00ULL
+    #define L2E_OFFSET_MASK        0x00fffffffffffe00ULL
+    #define REFT_OFFSET_MASK       0xfffffffffffffe00ULL
+    /* Bits that must be zero: standard L2 entry bits 1-8 and 56-61, L1 entry
+       bits 0-8 and 56-62. */
+    #define L2E_STD_RESERVED_MASK  0x3f000000000001feULL
+    #define L1E_RESERVED_MASK      0x7f000000000001ffULL
+    """
+    const uint64_t QCOW_OFLAG_COPIED
+    const uint64_t QCOW_OFLAG_COMPRESSED
+    const uint64_t QCOW_OFLAG_ZERO
+    const uint64_t L1E_OFFSET_MASK
+    const uint64_t L2E_OFFSET_MASK
+    const uint64_t REFT_OFFSET_MASK
+    const uint64_t L2E_STD_RESERVED_MASK
+    const uint64_t L1E_RESERVED_MASK
+
+# Extent kinds returned by the mapping kernels.
+cdef enum:
+    EXT_UNALLOCATED = 0
+    EXT_DATA = 1
+    EXT_ZERO = 2          # reads as zero (v3 zero flag, host offset may be set)
+    EXT_COMPRESSED = 3
+    EXT_INVALID = 4       # malformed entry: the caller reports corruption
+
+
+cdef inline int l2_entry_kind(uint64_t e) noexcept nogil:
+    if e & QCOW_OFLAG_COMPRESSED:
+        return EXT_COMPRESSED
+    if e & L2E_STD_RESERVED_MASK:
+        return EXT_INVALID
+    if e & QCOW_OFLAG_ZERO:
+        return EXT_ZERO
+    if e & L2E_OFFSET_MASK:
+        return EXT_DATA
+    return EXT_UNALLOCATED
+
+
+cdef inline uint64_t rc_get(const uint8_t *blk, int64_t i, int order) noexcept nogil:
+    """Refcount entry ``i`` of a refcount block in on-disk form."""
+    cdef int shift
+    if order == 4:
+        return QF_BSWAP16((<const uint16_t *>blk)[i])
+    elif order == 3:
+        return blk[i]
+    elif order == 5:
+        return QF_BSWAP32((<const uint32_t *>blk)[i])
+    elif order == 6:
+        return QF_BSWAP64((<const uint64_t *>blk)[i])
+    # Sub-byte widths: entry i lives in byte i >> (3 - order), LSB first.
+    shift = (i & ((8 >> order) - 1)) << order
+    return (blk[i >> (3 - order)] >> shift) & ((1 << (1 << order)) - 1)
+
+
+cdef inline void rc_set(uint8_t *blk, int64_t i, int order, uint64_t v) noexcept nogil:
+    """Store refcount ``v`` (already checked to fit) into entry ``i``."""
+    cdef int shift
+    cdef uint8_t mask
+    if order == 4:
+        (<uint16_t *>blk)[i] = QF_BSWAP16(<uint16_t>v)
+    elif order == 3:
+        blk[i] = <uint8_t>v
+    elif order == 5:
+        (<uint32_t *>blk)[i] = QF_BSWAP32(<uint32_t>v)
+    elif order == 6:
+        (<uint64_t *>blk)[i] = QF_BSWAP64(v)
+    else:
+        shift = (i & ((8 >> order) - 1)) << order
+        mask = <uint8_t>(((1 << (1 << order)) - 1) << shift)
+        blk[i >> (3 - order)] = <uint8_t>((blk[i >> (3 - order)] & ~mask) | ((v << shift) & mask))
+
+
+cdef inline int64_t l2_run(const uint64_t *l2, int64_t i, int64_t count, int cluster_bits,
+                           bint need_copied, int *kind, uint64_t *host) noexcept nogil:
+    """Length of the run of entries l2[i:i+count] that share the first one's
+    kind and, for data, map contiguous host clusters (and, if
+    ``need_copied``, all carry QCOW_OFLAG_COPIED).  Returns at least 1; sets
+    ``kind`` and, for data, ``host`` (the first host offset).  A data entry
+    whose host offset is not cluster-aligned is EXT_INVALID."""
+    cdef uint64_t e = l2[i], cs = (<uint64_t>1) << cluster_bits, want, copied
+    cdef int k = l2_entry_kind(e)
+    cdef int64_t n = 1
+    if k == EXT_DATA and (e & L2E_OFFSET_MASK) & (cs - 1):
+        k = EXT_INVALID
+    kind[0] = k
+    host[0] = e & L2E_OFFSET_MASK
+    if k == EXT_DATA:
+        copied = e & QCOW_OFLAG_COPIED
+        if need_copied and not copied:
+            return 1
+        want = host[0] + cs
+        while n < count:
+            e = l2[i + n]
+            if (e & (QCOW_OFLAG_COMPRESSED | L2E_STD_RESERVED_MASK | QCOW_OFLAG_ZERO)) \
+                    or (e & L2E_OFFSET_MASK) != want or (e & QCOW_OFLAG_COPIED) != copied:
+                break
+            want += cs
+            n += 1
+    elif k == EXT_ZERO or k == EXT_UNALLOCATED:
+        while n < count and l2_entry_kind(l2[i + n]) == k:
+            n += 1
+    return n

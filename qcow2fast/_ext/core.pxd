@@ -1,0 +1,40 @@
+from libc.stdint cimport uint64_t, int64_t
+from .fileio cimport File
+from .cache cimport TableCache
+
+cdef extern from "pthread.h" nogil:
+    ctypedef struct pthread_rwlock_t:
+        pass
+    ctypedef struct pthread_rwlockattr_t:
+        pass
+    int pthread_rwlock_init(pthread_rwlock_t *, const pthread_rwlockattr_t *)
+    int pthread_rwlock_destroy(pthread_rwlock_t *)
+    int pthread_rwlock_rdlock(pthread_rwlock_t *)
+    int pthread_rwlock_wrlock(pthread_rwlock_t *)
+    int pthread_rwlock_unlock(pthread_rwlock_t *)
+    int pthread_rwlockattr_init(pthread_rwlockattr_t *)
+    int pthread_rwlockattr_setkind_np(pthread_rwlockattr_t *, int)
+    int PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP
+
+cdef class ImageCore:
+    cdef pthread_rwlock_t rwlock
+    cdef public File file
+    cdef public TableCache l2_cache
+    cdef readonly int cluster_bits
+    cdef readonly int64_t cluster_size
+    cdef readonly int l2_bits
+    cdef readonly int slice_bits
+    cdef readonly int64_t size
+    cdef readonly int64_t host_limit
+    cdef public bint read_only
+    cdef public bint writethrough
+    cdef public bint has_backing
+    cdef public bint closed
+    cdef object _l1
+    cdef uint64_t *l1
+    cdef int64_t l1_size
+
+    cdef _check_range(self, int64_t offset, int64_t length)
+    cdef int64_t _locked_read(self, char *buf, int64_t offset, int64_t n) except -2
+    cdef int64_t _read_loop(self, char *buf, int64_t off, int64_t n, bint exclusive) except -2
+    cdef int64_t _write_loop(self, const char *buf, int64_t off, int64_t n, bint exclusive) except -2

@@ -1,0 +1,314 @@
+# cython: language_level=3
+"""The image's hot paths: reads and in-place overwrites resolved from the
+cached L2 slices and transferred with one pread/pwrite per contiguous host
+extent, the GIL released around the I/O.
+
+``ImageCore`` is the base class of :class:`qcow2fast.image.Image`.  It does
+the common cases itself and hands the rest (backing files, compressed
+clusters, allocation, copy-on-write, malformed entries) to the Python
+methods ``_read_slow`` and ``_write_slow``, which the subclass defines.
+
+Locking: readers and overwriters share ``rwlock``; anything that changes
+metadata or the cache holds it exclusively.  A shared holder that misses
+the L2 cache drops the lock and retries exclusively, so cache loads and
+evictions never race with a reader scanning a slice.  The lock is always
+taken with the GIL released (so a holder waiting for the GIL cannot
+deadlock with a waiter holding it).
+"""
+
+from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE, PyBUF_WRITABLE
+from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING
+from libc.stdint cimport uint64_t, int64_t
+from libc.string cimport memset
+
+cimport numpy as cnp
+
+from .common cimport (l2_run, EXT_DATA, EXT_ZERO, EXT_UNALLOCATED, L1E_OFFSET_MASK,
+                      L1E_RESERVED_MASK)
+from .fileio cimport File
+from .cache cimport TableCache
+
+from ..errors import ImageClosedError, InvalidArgumentError, ReadOnlyImageError
+
+cnp.import_array()
+
+# _read_loop/_write_loop result when a shared holder must retry exclusively
+# (-2 is reserved for "exception raised").
+cdef enum:
+    NEED_EXCLUSIVE = -1
+
+
+cdef class ImageCore:
+    def __cinit__(self, *args, **kwargs):
+        cdef pthread_rwlockattr_t attr
+        pthread_rwlockattr_init(&attr)
+        pthread_rwlockattr_setkind_np(&attr, PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP)
+        pthread_rwlock_init(&self.rwlock, &attr)
+        self.closed = True
+        self.l1 = NULL
+        self.l1_size = 0
+
+    def __dealloc__(self):
+        pthread_rwlock_destroy(&self.rwlock)
+
+    # -- set-up by the Python layer -------------------------------------------
+
+    def _core_setup(self, File file, TableCache l2_cache, int cluster_bits, int slice_bits,
+                    int64_t size, bint read_only, bint has_backing):
+        self.file = file
+        self.l2_cache = l2_cache
+        self.cluster_bits = cluster_bits
+        self.cluster_size = 1 << cluster_bits
+        self.l2_bits = cluster_bits - 3
+        self.slice_bits = slice_bits
+        self.size = size
+        self.read_only = read_only
+        self.has_backing = has_backing
+        self.closed = False
+
+    def _set_l1(self, cnp.ndarray l1):
+        """Install the (native byte order, contiguous uint64) active L1 table.
+        The caller holds the exclusive lock and keeps ``l1`` alive."""
+        self._l1 = l1
+        self.l1 = <uint64_t *>cnp.PyArray_DATA(l1)
+        self.l1_size = l1.shape[0]
+
+    def _set_size(self, int64_t size):
+        self.size = size
+
+    def _set_host_limit(self, int64_t limit):
+        self.host_limit = limit
+
+    def _wrlock(self):
+        with nogil:
+            pthread_rwlock_wrlock(&self.rwlock)
+
+    def _rdlock(self):
+        with nogil:
+            pthread_rwlock_rdlock(&self.rwlock)
+
+    def _unlock(self):
+        pthread_rwlock_unlock(&self.rwlock)
+
+    # -- the loops -------------------------------------------------------------
+
+    cdef int64_t _read_loop(self, char *buf, int64_t off, int64_t n, bint exclusive) except -2:
+        """Serve [off, off+n) as far as it can: data, zero, and unallocated
+        without a backing file.  Returns the bytes done, or NEED_EXCLUSIVE
+        (nothing done) when a shared holder missed the cache."""
+        cdef int64_t done = 0, pos, cidx, l1i, l2i, key, chunk, in_cl, count, run, rc
+        cdef int64_t cs = self.cluster_size, slice_entries = 1 << self.slice_bits
+        cdef int64_t slice_bytes = slice_entries * 8
+        cdef uint64_t l1e, l2off, host
+        cdef int slot, kind
+        cdef const uint64_t *l2
+        cdef File f = self.file
+        cdef TableCache cache = self.l2_cache
+        while done < n:
+            pos = off + done
+            in_cl = pos & (cs - 1)
+            cidx = pos >> self.cluster_bits
+            l1i = cidx >> self.l2_bits
+            l2i = cidx & ((1 << self.l2_bits) - 1)
+            if l1i >= self.l1_size:
+                break
+            l1e = self.l1[l1i]
+            l2off = l1e & L1E_OFFSET_MASK
+            if l2off == 0:
+                if self.has_backing or (l1e & L1E_RESERVED_MASK):
+                    break
+                # The whole L2 range is unallocated and reads as zeros.
+                chunk = ((l1i + 1) << (self.l2_bits + self.cluster_bits)) - pos
+                if chunk > n - done:
+                    chunk = n - done
+                memset(buf + done, 0, chunk)
+                done += chunk
+                continue
+            if (l2off & (cs - 1)) or l2off + cs > <uint64_t>self.host_limit or \
+                    (l1e & L1E_RESERVED_MASK):
+                break           # malformed L1 entry: the slow path reports it
+            key = l2off + (l2i >> self.slice_bits) * slice_bytes
+            slot = cache.lookup(key)
+            if slot < 0:
+                if not exclusive:
+                    if done == 0:
+                        return NEED_EXCLUSIVE
+                    break
+                slot = cache.c_load(key, True)
+            else:
+                cache.hits += 1
+            l2 = <const uint64_t *>cache.slot_ptr(slot)
+            l2i &= slice_entries - 1
+            count = (in_cl + (n - done) + cs - 1) >> self.cluster_bits
+            if count > slice_entries - l2i:
+                count = slice_entries - l2i
+            run = l2_run(l2, l2i, count, self.cluster_bits, False, &kind, &host)
+            chunk = (run << self.cluster_bits) - in_cl
+            if chunk > n - done:
+                chunk = n - done
+            if kind == EXT_DATA:
+                if host + <uint64_t>(run << self.cluster_bits) > <uint64_t>self.host_limit:
+                    break
+                with nogil:
+                    rc = f.c_pread(buf + done, chunk, host + in_cl)
+                if rc < 0:
+                    f.raise_errno(rc, "read", host + in_cl)
+            elif kind == EXT_ZERO or (kind == EXT_UNALLOCATED and not self.has_backing):
+                memset(buf + done, 0, chunk)
+            else:
+                break
+            done += chunk
+        return done
+
+    cdef int64_t _write_loop(self, const char *buf, int64_t off, int64_t n, bint exclusive) except -2:
+        """Overwrite in place where clusters are allocated with refcount 1
+        (QCOW_OFLAG_COPIED).  Returns bytes done or NEED_EXCLUSIVE."""
+        cdef int64_t done = 0, pos, cidx, l1i, l2i, key, chunk, in_cl, count, run, rc
+        cdef int64_t cs = self.cluster_size, slice_entries = 1 << self.slice_bits
+        cdef int64_t slice_bytes = slice_entries * 8
+        cdef uint64_t l1e, l2off, host
+        cdef int slot, kind
+        cdef const uint64_t *l2
+        cdef File f = self.file
+        cdef TableCache cache = self.l2_cache
+        while done < n:
+            pos = off + done
+            in_cl = pos & (cs - 1)
+            cidx = pos >> self.cluster_bits
+            l1i = cidx >> self.l2_bits
+            l2i = cidx & ((1 << self.l2_bits) - 1)
+            if l1i >= self.l1_size:
+                break
+            l1e = self.l1[l1i]
+            l2off = l1e & L1E_OFFSET_MASK
+            if l2off == 0 or (l2off & (cs - 1)) or l2off + cs > <uint64_t>self.host_limit:
+                break
+            key = l2off + (l2i >> self.slice_bits) * slice_bytes
+            slot = cache.lookup(key)
+            if slot < 0:
+                if not exclusive:
+                    if done == 0:
+                        return NEED_EXCLUSIVE
+                    break
+                slot = cache.c_load(key, True)
+            else:
+                cache.hits += 1
+            l2 = <const uint64_t *>cache.slot_ptr(slot)
+            l2i &= slice_entries - 1
+            count = (in_cl + (n - done) + cs - 1) >> self.cluster_bits
+            if count > slice_entries - l2i:
+                count = slice_entries - l2i
+            run = l2_run(l2, l2i, count, self.cluster_bits, True, &kind, &host)
+            if kind != EXT_DATA or not (l2[l2i] >> 63):
+                break
+            if host + <uint64_t>(run << self.cluster_bits) > <uint64_t>self.host_limit:
+                break
+            chunk = (run << self.cluster_bits) - in_cl
+            if chunk > n - done:
+                chunk = n - done
+            if f.direct and not f.aligned(buf + done, chunk, host + in_cl):
+                # Read-modify-write of a block must not race: exclusive only.
+                if not exclusive:
+                    if done == 0:
+                        return NEED_EXCLUSIVE
+                    break
+            with nogil:
+                rc = f.c_pwrite(buf + done, chunk, host + in_cl)
+            if rc < 0:
+                f.raise_errno(rc, "write", host + in_cl)
+            done += chunk
+        return done
+
+    # -- public API --------------------------------------------------------------
+
+    cdef _check_range(self, int64_t offset, int64_t length):
+        if self.closed:
+            raise ImageClosedError("I/O operation on a closed image")
+        if offset < 0 or length < 0 or offset + length > self.size:
+            raise InvalidArgumentError(
+                f"request [{offset}, {offset + length}) outside the image (size {self.size})")
+
+    def readinto(self, int64_t offset, buf):
+        """Read ``len(buf)`` bytes at guest ``offset`` into ``buf``."""
+        cdef Py_buffer view
+        cdef int64_t done, n
+        PyObject_GetBuffer(buf, &view, PyBUF_SIMPLE | PyBUF_WRITABLE)
+        try:
+            n = view.len
+            self._check_range(offset, n)
+            done = self._locked_read(<char *>view.buf, offset, n)
+        finally:
+            PyBuffer_Release(&view)
+        if done < n:
+            self._read_slow(offset + done, memoryview(buf).cast("B")[done:])
+        return n
+
+    def read(self, int64_t offset, int64_t length):
+        """Return ``length`` bytes at guest ``offset``."""
+        self._check_range(offset, length)
+        out = PyBytes_FromStringAndSize(NULL, length)
+        cdef int64_t done = self._locked_read(PyBytes_AS_STRING(out), offset, length)
+        if done == length:
+            return out
+        rest = bytearray(length - done)
+        self._read_slow(offset + done, memoryview(rest))
+        return out[:done] + rest
+
+    cdef int64_t _locked_read(self, char *buf, int64_t offset, int64_t n) except -2:
+        cdef int64_t done
+        with nogil:
+            pthread_rwlock_rdlock(&self.rwlock)
+        try:
+            done = self._read_loop(buf, offset, n, False)
+        finally:
+            pthread_rwlock_unlock(&self.rwlock)
+        if done == NEED_EXCLUSIVE:
+            with nogil:
+                pthread_rwlock_wrlock(&self.rwlock)
+            try:
+                done = self._read_loop(buf, offset, n, True)
+            finally:
+                pthread_rwlock_unlock(&self.rwlock)
+        return done
+
+    def write(self, int64_t offset, data):
+        """Write ``data`` (any bytes-like object) at guest ``offset``."""
+        cdef Py_buffer view
+        cdef int64_t done, n
+        PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
+        try:
+            n = view.len
+            self._check_range(offset, n)
+            if self.read_only:
+                raise ReadOnlyImageError(self._read_only_reason())
+            with nogil:
+                pthread_rwlock_rdlock(&self.rwlock)
+            try:
+                done = self._write_loop(<const char *>view.buf, offset, n, False)
+            finally:
+                pthread_rwlock_unlock(&self.rwlock)
+            if done == NEED_EXCLUSIVE:
+                with nogil:
+                    pthread_rwlock_wrlock(&self.rwlock)
+                try:
+                    done = self._write_loop(<const char *>view.buf, offset, n, True)
+                finally:
+                    pthread_rwlock_unlock(&self.rwlock)
+        finally:
+            PyBuffer_Release(&view)
+        if done < n:
+            # The slow path makes its own writes stable under writethrough.
+            self._write_slow(offset + done, memoryview(data).cast("B")[done:])
+        elif self.writethrough and n:
+            self.file.sync()
+        return n
+
+    def _fast_readinto_locked(self, int64_t offset, buf):
+        """For slow paths that already hold the exclusive lock: serve what the
+        fast loop can and return the number of bytes done."""
+        cdef Py_buffer view
+        PyObject_GetBuffer(buf, &view, PyBUF_SIMPLE | PyBUF_WRITABLE)
+        try:
+            return self._read_loop(<char *>view.buf, offset, view.len, True)
+        finally:
+            PyBuffer_Release(&view)

@@ -1,0 +1,13 @@
+from libc.stdint cimport int64_t
+
+cdef class File:
+    cdef readonly int fd
+    cdef readonly object path
+    cdef readonly bint writable
+    cdef readonly bint direct
+    cdef readonly int align
+
+    cdef bint aligned(self, const void *buf, size_t n, int64_t off) noexcept nogil
+    cdef int64_t c_pread(self, char *buf, size_t n, int64_t off) noexcept nogil
+    cdef int64_t c_pwrite(self, const char *buf, size_t n, int64_t off) noexcept nogil
+    cdef raise_errno(self, int64_t rc, str what, int64_t off)

@@ -1,0 +1,201 @@
+"""Consistency of refcounts with the metadata, and their repair (the fsck
+half of qemu's qcow2-refcount.c).
+
+``reference_counts`` rebuilds, vectorised with numpy, the refcount every
+host cluster should have from the header, the L1/L2 tables (active and of
+every snapshot), the snapshot table and the refcount structures.
+``rebuild_refcounts`` makes the stored refcounts and COPIED flags agree
+with it; it is how a dirty image (lazy refcounts after a crash) is repaired.
+"""
+
+import numpy as np
+
+from .errors import CorruptImageError, Qcow2Error
+from .geometry import L1E_OFFSET_MASK, L2E_OFFSET_MASK, QCOW_OFLAG_COMPRESSED, QCOW_OFLAG_COPIED
+from .mapping import read_l1_table
+
+_OFF = np.uint64(L2E_OFFSET_MASK)
+_COMPRESSED = np.uint64(QCOW_OFLAG_COMPRESSED)
+_COPIED = np.uint64(QCOW_OFLAG_COPIED)
+
+
+class RefcountTally:
+    """Expected refcounts, one uint64 per host cluster below ``limit``;
+    references at or past ``limit`` are recorded as corruption."""
+
+    def __init__(self, limit):
+        self.counts = np.zeros(limit, dtype=np.uint64)
+        self.outside = []           # (host offset, what referenced it)
+
+    def add(self, clusters, what):
+        clusters = np.asarray(clusters, dtype=np.int64).ravel()
+        bad = clusters >= len(self.counts)
+        if bad.any():
+            self.outside.extend((int(c), what) for c in clusters[bad][:16])
+            clusters = clusters[~bad]
+        np.add.at(self.counts, clusters, 1)
+
+    def add_range(self, first, n, what):
+        self.add(np.arange(first, first + n), what)
+
+
+def _tally_l2_entries(tally, geo, entries, what):
+    cb = geo.cluster_bits
+    compressed = (entries & _COMPRESSED) != 0
+    std = entries[~compressed]
+    data = (std & _OFF)[(std & _OFF) != 0]
+    tally.add(data >> np.uint64(cb), what)
+    comp = entries[compressed]
+    if len(comp):
+        coff = comp & np.uint64(geo.cluster_offset_mask)
+        nsect = ((comp >> np.uint64(geo.csize_shift)) & np.uint64(geo.csize_mask)) + np.uint64(1)
+        csize = nsect * np.uint64(512) - (coff & np.uint64(511))
+        first = coff >> np.uint64(cb)
+        last = (coff + csize - np.uint64(1)) >> np.uint64(cb)
+        for k in range(3):      # a compressed cluster spans at most 3 host clusters
+            sel = first + np.uint64(k) <= last
+            tally.add(first[sel] + np.uint64(k), what)
+
+
+def tally_mapping(img, tally):
+    """Count header, L1/L2 tables, data clusters and snapshots (everything but
+    the refcount structures)."""
+    geo, h, f = img.geo, img.header, img.file
+    cs, cb = geo.cluster_size, geo.cluster_bits
+    file_size = f.size()
+    tally.add([0], "header")
+    l1s = [("active L1", h.l1_table_offset, img.mapping.l1)]
+    for s in img.snapshots:
+        l1s.append((f"snapshot {s.id} L1", s.l1_table_offset,
+                    read_l1_table(f, s.l1_table_offset, s.l1_size, cs, file_size,
+                                  what=f"snapshot {s.id} L1 table")))
+    if h.nb_snapshots:
+        tally.add_range(h.snapshots_offset >> cb, geo.size_to_clusters(img.snapshot_table_bytes),
+                        "snapshot table")
+    for what, off, l1 in l1s:
+        if len(l1):
+            tally.add_range(off >> cb, geo.size_to_clusters(len(l1) * 8), what)
+        l2_offsets = (l1 & np.uint64(L1E_OFFSET_MASK))
+        l2_offsets = l2_offsets[l2_offsets != 0]
+        tally.add(l2_offsets >> np.uint64(cb), f"{what} L2 table")
+        for l2off in l2_offsets:
+            l2off = int(l2off)
+            if l2off + cs > file_size:
+                continue
+            entries = np.frombuffer(f.pread(l2off, cs), dtype=">u8").astype(np.uint64)
+            _tally_l2_entries(tally, geo, entries, f"L2 table at {l2off:#x}")
+
+
+def tally_refcount_structures(img, tally):
+    rc, geo = img.refcounts, img.geo
+    h = img.header
+    tally.add_range(h.refcount_table_offset >> geo.cluster_bits, h.refcount_table_clusters,
+                    "refcount table")
+    blocks = rc.table[rc.table != 0]
+    tally.add(blocks >> np.uint64(geo.cluster_bits), "refcount block")
+
+
+def reference_counts(img, extra=0):
+    """The expected refcount of every host cluster (numpy uint64 array)."""
+    cs = img.geo.cluster_size
+    limit = max(-(-img.file.size() // cs), img.refcounts.end_cluster) + extra
+    tally = RefcountTally(limit)
+    tally_mapping(img, tally)
+    return tally
+
+
+def rebuild_refcounts(img):
+    """Make every stored refcount and COPIED flag match the metadata.
+
+    The caller holds the image open for writing with no writes in flight.
+    Clusters that the metadata uses are never handed out while refcount
+    blocks are created here (they are reserved first).
+    """
+    rc, geo = img.refcounts, img.geo
+    img.l2_cache.flush()
+    img.refcount_cache.flush()
+    rc.deferred = []
+    base = reference_counts(img)
+    if base.outside:
+        off, what = base.outside[0]
+        raise CorruptImageError(f"{what} references host cluster {off << geo.cluster_bits:#x} "
+                                "past the end of the image", offset=off << geo.cluster_bits,
+                                field="refcount")
+    rc.reserved = base.counts > 0
+    try:
+        for _ in range(8):
+            tally = RefcountTally(max(len(base.counts), rc.end_cluster))
+            tally.counts[:len(base.counts)] = base.counts
+            tally_refcount_structures(img, tally)
+            want = tally.counts
+            if want.max(initial=0) > geo.refcount_max:
+                c = int(np.argmax(want))
+                raise Qcow2Error(f"host cluster {c << geo.cluster_bits:#x} needs refcount "
+                                 f"{int(want[c])}, more than {geo.refcount_bits} bits hold")
+            changed = _apply(rc, geo, want)
+            if not changed:
+                break
+        else:
+            raise Qcow2Error("refcount rebuild did not converge")
+    finally:
+        rc.reserved = None
+    rc.free_hint = 0
+    _fix_copied_flags(img)
+    img.refcount_cache.flush()
+    img.l2_cache.flush()
+    img._barrier()
+
+
+def _apply(rc, geo, want):
+    """Write ``want`` into the refcount blocks; True if anything changed
+    (a new block changes the structures, so the caller re-tallies)."""
+    E = geo.rb_entries
+    nblocks = max(len(rc.table), -(-len(want) // E))
+    stored = np.zeros(E, dtype=np.uint64)
+    changed = False
+    for t in range(nblocks):
+        lo = t * E
+        if lo >= len(want) and (t >= len(rc.table) or rc.table[t] == 0):
+            continue
+        rc.read_block_values(t, stored)
+        w = np.zeros(E, dtype=np.uint64)
+        part = want[lo:lo + E]
+        w[:len(part)] = part
+        for i in np.nonzero(stored != w)[0]:
+            before = len(rc.table), int(rc.table[t]) if t < len(rc.table) else 0
+            rc.set_value(lo + int(i), int(w[i]))
+            changed = True
+            if (len(rc.table), int(rc.table[t]) if t < len(rc.table) else 0) != before:
+                return True     # a block or table was created: tally again
+    return changed
+
+
+def _fix_copied_flags(img):
+    """QCOW_OFLAG_COPIED on active L1/L2 entries iff the refcount is 1."""
+    geo, m, rc = img.geo, img.mapping, img.refcounts
+    for l1i in np.nonzero(m.l1 & np.uint64(L1E_OFFSET_MASK))[0]:
+        l1i = int(l1i)
+        e = int(m.l1[l1i])
+        l2off = e & L1E_OFFSET_MASK
+        copied = rc.get(l2off >> geo.cluster_bits) == 1
+        if bool(e & QCOW_OFLAG_COPIED) != copied:
+            m.l1[l1i] = np.uint64(e ^ QCOW_OFLAG_COPIED)
+            m.write_l1_entry(l1i)
+        for s in range(geo.l2_entries // geo.slice_entries):
+            slot = img.l2_cache.load(l2off + s * geo.slice_bytes)
+            l2 = img.l2_cache.u64(slot)
+            std = np.nonzero(((l2 & _COMPRESSED) == 0) & ((l2 & _OFF) != 0))[0]
+            dirty = False
+            for i in std:
+                v = int(l2[i])
+                ok = rc.get((v & L2E_OFFSET_MASK) >> geo.cluster_bits) == 1
+                if bool(v & QCOW_OFLAG_COPIED) != ok:
+                    l2[i] = np.uint64(v ^ QCOW_OFLAG_COPIED)
+                    dirty = True
+            comp = np.nonzero((l2 & _COMPRESSED) != 0)[0]
+            for i in comp:
+                if int(l2[i]) & QCOW_OFLAG_COPIED:
+                    l2[i] = np.uint64(int(l2[i]) & ~QCOW_OFLAG_COPIED)
+                    dirty = True
+            if dirty:
+                img.l2_cache.mark_dirty(slot)

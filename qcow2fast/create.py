@@ -1,0 +1,164 @@
+"""Creating images (qemu's qcow2_co_create), with qemu-img's -o options.
+
+Layout: the header cluster, a one-cluster refcount table and one refcount
+block are written first; the image is then opened and the L1 table (and any
+preallocation) is allocated through the ordinary allocator, so every
+refcount structure it needs is created by the same code that grows a live
+image.
+"""
+
+import os
+
+import numpy as np
+
+from . import header as hdr
+from ._ext.fileio import File
+from .backing import probe_format, resolve_backing_path
+from .errors import InvalidArgumentError
+from .geometry import QCOW_OFLAG_COPIED, Geometry
+
+PREALLOCATION_MODES = ("off", "metadata", "falloc", "full")
+
+
+def create(path, size=None, *, cluster_size=65536, compat="1.1", refcount_bits=16,
+           lazy_refcounts=False, backing_file=None, backing_format=None,
+           compression_type="zlib", preallocation="off"):
+    """Create a qcow2 image; the options mean what qemu-img's ``-o`` options mean.
+
+    ``size`` may be None when ``backing_file`` is given: the backing file's
+    size is used.  Sizes are rounded up to a multiple of 512, as qemu does.
+    """
+    path = os.fspath(path)
+    cluster_bits = _log2(cluster_size, "cluster_size")
+    if not hdr.MIN_CLUSTER_BITS <= cluster_bits <= hdr.MAX_CLUSTER_BITS:
+        raise InvalidArgumentError("cluster_size must be a power of two between 512 B and 2 MiB")
+    if compat in ("0.10", "v2", 2):
+        version = 2
+    elif compat in ("1.1", "v3", 3):
+        version = 3
+    else:
+        raise InvalidArgumentError(f"compat must be '0.10' or '1.1', not {compat!r}")
+    refcount_order = _log2(refcount_bits, "refcount_bits")
+    if refcount_order > 6:
+        raise InvalidArgumentError("refcount_bits must be a power of two between 1 and 64")
+    if version == 2 and refcount_bits != 16:
+        raise InvalidArgumentError("refcount widths other than 16 bits require compat=1.1")
+    if version == 2 and lazy_refcounts:
+        raise InvalidArgumentError("lazy_refcounts requires compat=1.1")
+    ctype = {v: k for k, v in hdr.COMPRESSION_NAMES.items()}.get(compression_type)
+    if ctype is None:
+        raise InvalidArgumentError(f"compression_type must be 'zlib' or 'zstd', "
+                                   f"not {compression_type!r}")
+    if version == 2 and ctype != hdr.COMPRESSION_ZLIB:
+        raise InvalidArgumentError("compression_type other than zlib requires compat=1.1")
+    if preallocation not in PREALLOCATION_MODES:
+        raise InvalidArgumentError(f"preallocation must be one of {', '.join(PREALLOCATION_MODES)}")
+    if backing_format is not None and not backing_file:
+        raise InvalidArgumentError("backing_format given without backing_file")
+    if backing_file and preallocation != "off":
+        raise InvalidArgumentError("backing_file and preallocation cannot be combined")
+    if backing_file:
+        bpath = resolve_backing_path(path, backing_file)
+        if backing_format is None:
+            backing_format = probe_format(bpath)
+        if size is None:
+            size = _image_size(bpath, backing_format)
+    if size is None:
+        raise InvalidArgumentError("size is required without a backing file")
+    if size < 0:
+        raise InvalidArgumentError(f"size must not be negative ({size})")
+    size = -(-int(size) // 512) * 512
+    if backing_file and len(backing_file.encode()) > hdr.MAX_BACKING_FILE_SIZE:
+        raise InvalidArgumentError("backing file name longer than 1023 bytes")
+
+    geo = Geometry(cluster_bits, refcount_order)
+    if geo.l1_size_for(size) > hdr.MAX_L1_BYTES // 8:
+        raise InvalidArgumentError(f"size {size} is too large for cluster_size {cluster_size}")
+    cs = geo.cluster_size
+    # The header starts with size 0 (no L1 table needed); the L1 table is
+    # allocated once the image is open, then the size is set.
+    h = hdr.Header(version=version, cluster_bits=cluster_bits, size=0,
+                   refcount_table_offset=cs, refcount_table_clusters=1,
+                   refcount_order=refcount_order, compression_type=ctype,
+                   backing_file=backing_file or None, backing_format=backing_format)
+    if version == 3:
+        if lazy_refcounts:
+            h.compatible_features |= hdr.COMPAT_LAZY_REFCOUNTS
+        if ctype != hdr.COMPRESSION_ZLIB:
+            h.incompatible_features |= hdr.INCOMPAT_COMPRESSION
+    else:
+        h.header_length = hdr.V2_HEADER_LENGTH
+    head = h.pack()
+    reftable = np.zeros(cs // 8, dtype=">u8")
+    reftable[0] = 2 * cs
+    refblock = np.zeros(geo.rb_entries, dtype=np.uint64)
+    refblock[:3] = 1                        # header, refcount table, this block
+    block = np.zeros(cs, dtype=np.uint8)
+    from ._ext.kernels import refcount_encode
+    refcount_encode(refblock, refcount_order, block)
+    f = File(path, writable=True, create=True)
+    try:
+        f.pwrite(head.ljust(cs, b"\0") + reftable.tobytes() + block.tobytes(), 0)
+    finally:
+        f.close()
+
+    from .image import Image
+    with Image(path, "r+", cache_mode="unsafe", backing=False,
+               cache_clean_interval=0) as img:
+        m = img.mapping
+        m.grow_l1(geo.l1_size_for(size), img.refcounts, img._barrier, img._flush_refcounts)
+        img._set_l1(m.l1)
+        img.header.size = size
+        img._write_header_field("size")
+        img._set_size(size)
+        if preallocation != "off":
+            _preallocate(img, preallocation)
+    f = File(path, writable=True)
+    try:
+        f.sync_all()
+    finally:
+        f.close()
+
+
+def _preallocate(img, mode):
+    """Map every guest cluster to a host cluster (qemu's preallocation)."""
+    geo = img.geo
+    cs = geo.cluster_size
+    total = geo.size_to_clusters(img.size)
+    first_data = None
+    pos = 0
+    while pos < img.size:
+        slot = img._l2_slot_for_write(pos)
+        l2 = img.l2_cache.u64(slot)
+        i0 = geo.l2_index(pos) & (geo.slice_entries - 1)
+        n = min(geo.slice_entries - i0, total - (pos >> geo.cluster_bits))
+        new = img.refcounts.alloc(n)
+        img._host_limit_changed()
+        first_data = new if first_data is None else first_data
+        l2[i0:i0 + n] = (np.arange(n, dtype=np.uint64) * np.uint64(cs) + np.uint64(new)) \
+            | np.uint64(QCOW_OFLAG_COPIED)
+        img.l2_cache.mark_dirty(slot)
+        end = new + n * cs
+        img._alloc_end = max(img._alloc_end, end)
+        if mode == "falloc":
+            img.file.fallocate(new, n * cs)
+        elif mode == "full":
+            zeros = bytes(min(n * cs, 1 << 20))
+            for off in range(new, end, len(zeros)):
+                img.file.pwrite(zeros[:min(len(zeros), end - off)], off)
+        pos += n << geo.cluster_bits
+
+
+def _image_size(path, fmt):
+    if fmt == "qcow2":
+        from .image import Image
+        with Image(path, "r", backing=False, cache_clean_interval=0) as img:
+            return img.size
+    return os.path.getsize(path)
+
+
+def _log2(value, name):
+    value = int(value)
+    if value <= 0 or value & (value - 1):
+        raise InvalidArgumentError(f"{name} must be a power of two, not {value}")
+    return value.bit_length() - 1

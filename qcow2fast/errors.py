@@ -1,0 +1,59 @@
+"""The qcow2fast exception hierarchy.
+
+Every error about an image's format or about how it is used derives from
+:class:`Qcow2Error`.  Operating-system errors (ENOENT, EACCES, ENOSPC, ...)
+stay :class:`OSError` so callers can handle them the usual way.
+"""
+
+__all__ = [
+    "Qcow2Error",
+    "CorruptImageError",
+    "UnsupportedFeatureError",
+    "InvalidArgumentError",
+    "ReadOnlyImageError",
+    "ImageClosedError",
+]
+
+
+class Qcow2Error(Exception):
+    """Base class of every qcow2fast error."""
+
+
+class CorruptImageError(Qcow2Error):
+    """The image's metadata is malformed or inconsistent.
+
+    ``offset`` is the byte offset in the image file of the offending
+    structure or field when one is known, ``field`` its name in the spec.
+    """
+
+    def __init__(self, message, *, offset=None, field=None):
+        where = []
+        if field is not None:
+            where.append(field)
+        if offset is not None:
+            where.append(f"at offset {offset:#x}")
+        if where:
+            message = f"{' '.join(where)}: {message}"
+        super().__init__(message)
+        self.offset = offset
+        self.field = field
+
+
+class UnsupportedFeatureError(Qcow2Error):
+    """The image uses a feature this version of qcow2fast cannot handle."""
+
+    def __init__(self, message, *, feature=None):
+        super().__init__(message)
+        self.feature = feature
+
+
+class InvalidArgumentError(Qcow2Error, ValueError):
+    """An argument or option given by the caller is invalid."""
+
+
+class ReadOnlyImageError(Qcow2Error, PermissionError):
+    """A write was attempted on an image opened read-only (or marked corrupt)."""
+
+
+class ImageClosedError(Qcow2Error, ValueError):
+    """An operation was attempted on a closed image."""

@@ -1,0 +1,172 @@
+"""Guest-to-host cluster mapping: the L1 table and L2 tables (qemu's
+qcow2-cluster.c).
+
+Invariants:
+- the active L1 table is held in memory (native byte order) and written
+  through, one entry at a time, after the L2 table it points to is on disk;
+- an L1 entry carries QCOW_OFLAG_COPIED exactly when its L2 table has
+  refcount 1; a table without it is shared with a snapshot and is copied
+  before it is modified;
+- raw entries never leave this module and the kernels: callers get typed
+  runs (kind, host offset, length).
+"""
+
+import struct
+
+import numpy as np
+
+from ._ext import kernels
+from .errors import CorruptImageError
+from .geometry import L1E_OFFSET_MASK, L1E_RESERVED_MASK, QCOW_OFLAG_COPIED
+
+UNALLOCATED, DATA, ZERO, COMPRESSED, INVALID = (kernels.UNALLOCATED, kernels.DATA, kernels.ZERO,
+                                                 kernels.COMPRESSED, kernels.INVALID)
+KIND_NAMES = {UNALLOCATED: "unallocated", DATA: "data", ZERO: "zero", COMPRESSED: "compressed"}
+
+_BE64 = struct.Struct(">Q")
+
+
+def read_l1_table(file, offset, size, cluster_size, file_size, what="L1 table"):
+    """Read and validate an L1 table; returns a native uint64 array."""
+    raw = file.pread(offset, size * 8)
+    l1 = np.frombuffer(raw, dtype=">u8").astype(np.uint64)
+    bad = np.nonzero((l1 & np.uint64(L1E_RESERVED_MASK & ~QCOW_OFLAG_COPIED))
+                     | (l1 & np.uint64(L1E_OFFSET_MASK) & np.uint64(cluster_size - 1)))[0]
+    if len(bad):
+        i = int(bad[0])
+        raise CorruptImageError(f"{what} entry {i} ({int(l1[i]):#x}) has reserved bits set or an "
+                                "unaligned L2 table offset", offset=offset + 8 * i, field="L1 entry")
+    offs = l1 & np.uint64(L1E_OFFSET_MASK)
+    past = np.nonzero(offs + np.uint64(cluster_size) > np.uint64(file_size))[0]
+    past = past[offs[past] != 0]
+    if len(past):
+        i = int(past[0])
+        raise CorruptImageError(f"{what} entry {i} points to an L2 table at {int(offs[i]):#x}, "
+                                f"past the end of the file ({file_size} bytes)",
+                                offset=offset + 8 * i, field="L1 entry")
+    if np.any(offs == 0) and False:
+        pass
+    return l1
+
+
+class Mapping:
+    def __init__(self, file, geo, header, l1, l2_cache, metadata_map):
+        self.file = file
+        self.geo = geo
+        self.header = header
+        self.l1 = l1
+        self.l2_cache = l2_cache
+        self.metadata = metadata_map
+        cb = geo.cluster_bits
+        for off in l1[np.nonzero(l1 & np.uint64(L1E_OFFSET_MASK))[0]] & np.uint64(L1E_OFFSET_MASK):
+            metadata_map.add(int(off) >> cb)
+        if header.l1_size:
+            metadata_map.add(header.l1_table_offset >> cb, geo.size_to_clusters(header.l1_size * 8))
+
+    # -- lookups ---------------------------------------------------------------
+
+    def l2_table_offset(self, l1_index):
+        if l1_index >= len(self.l1):
+            return 0
+        return int(self.l1[l1_index]) & L1E_OFFSET_MASK
+
+    def slice_key(self, l2_offset, l2_index):
+        return l2_offset + (l2_index >> self.geo.slice_bits) * self.geo.slice_bytes
+
+    def run_at(self, offset, length, host_limit, need_copied=False):
+        """The first run of this layer's mapping at guest ``offset``:
+        (kind, host offset of ``offset`` or 0, bytes, raw entry).  At most
+        ``length`` bytes and never crossing an L2 slice."""
+        geo = self.geo
+        in_cl = geo.offset_into_cluster(offset)
+        l1i, l2i = geo.l1_index(offset), geo.l2_index(offset)
+        l2off = self.l2_table_offset(l1i)
+        if l2off == 0:
+            n = min(length, ((l1i + 1) << (geo.cluster_bits + geo.l2_bits)) - offset)
+            return UNALLOCATED, 0, n, 0
+        slot = self.l2_cache.load(self.slice_key(l2off, l2i))
+        l2 = self.l2_cache.u64(slot)
+        i = l2i & (geo.slice_entries - 1)
+        count = min((in_cl + length + geo.cluster_size - 1) >> geo.cluster_bits,
+                    geo.slice_entries - i)
+        kind, host, run = kernels.l2_next_run(l2, i, count, geo.cluster_bits, need_copied)
+        entry = int(l2[i])
+        n = min((run << geo.cluster_bits) - in_cl, length)
+        where = self.slice_key(l2off, l2i) + 8 * i
+        if kind == INVALID:
+            raise CorruptImageError(f"L2 entry {entry:#x} for guest offset {offset:#x} has "
+                                    "reserved bits set or an unaligned host offset",
+                                    offset=where, field="L2 entry")
+        if kind == DATA and host + (run << geo.cluster_bits) > host_limit:
+            raise CorruptImageError(f"L2 entry for guest offset {offset:#x} points to host "
+                                    f"cluster {host:#x}, past the end of the image",
+                                    offset=where, field="L2 entry")
+        if kind == COMPRESSED:
+            coff, csize = geo.compressed_extent(entry)
+            if coff + csize > host_limit + 512 or coff < geo.cluster_size:
+                raise CorruptImageError(f"compressed cluster for guest offset {offset:#x} at "
+                                        f"{coff:#x} (+{csize}) lies outside the image",
+                                        offset=where, field="L2 entry")
+            return kind, coff, n, entry
+        return kind, (host + in_cl if kind == DATA else host), n, entry
+
+    # -- updates (the caller holds the exclusive lock) ---------------------------
+
+    def write_l1_entry(self, l1_index):
+        self.file.pwrite(_BE64.pack(int(self.l1[l1_index])),
+                         self.header.l1_table_offset + 8 * l1_index)
+
+    def l2_slot_for_write(self, offset, refcounts, barrier, flush_refcounts):
+        """Slot of the L2 slice mapping guest ``offset``, made writable: the L2
+        table is allocated if missing and copied if shared."""
+        geo, cache = self.geo, self.l2_cache
+        l1i, l2i = geo.l1_index(offset), geo.l2_index(offset)
+        l1e = int(self.l1[l1i])
+        l2off = l1e & L1E_OFFSET_MASK
+        if l2off and l1e & QCOW_OFLAG_COPIED:
+            return cache.load(self.slice_key(l2off, l2i))
+        new = refcounts.alloc(1)
+        self.metadata.add(new >> geo.cluster_bits)
+        if l2off == 0:
+            table = bytes(geo.cluster_size)
+        else:
+            # Copy-on-write of an L2 table shared with a snapshot: take its
+            # current contents (dirty cached slices included).
+            cache.flush()
+            table = self.file.pread(l2off, geo.cluster_size)
+        self.file.pwrite(table, new)
+        # Barrier: the new table and the refcounts of everything it uses are
+        # on disk before the L1 entry points to it.
+        flush_refcounts()
+        barrier()
+        self.l1[l1i] = np.uint64(new | QCOW_OFLAG_COPIED)
+        self.write_l1_entry(l1i)
+        if l2off:
+            refcounts.free_deferred(l2off, 1)
+        return cache.load(self.slice_key(new, l2i))
+
+    def grow_l1(self, min_size, refcounts, barrier, flush_refcounts):
+        """Move the L1 table to a new place with at least ``min_size`` entries."""
+        geo, h = self.geo, self.header
+        if min_size <= len(self.l1):
+            return
+        new_size = min_size
+        nclusters = geo.size_to_clusters(new_size * 8)
+        new = refcounts.alloc(nclusters)
+        table = np.zeros(nclusters * geo.cluster_size // 8, dtype=np.uint64)
+        table[:len(self.l1)] = self.l1
+        self.file.pwrite(table.astype(">u8").tobytes(), new)
+        flush_refcounts()
+        # Barrier: the new table is on disk before the header points to it.
+        barrier()
+        old_off, old_size = h.l1_table_offset, h.l1_size
+        from .header import FIELD_OFFSET
+        self.file.pwrite(struct.pack(">IQ", new_size, new), FIELD_OFFSET["l1_size"])
+        barrier()
+        h.l1_size, h.l1_table_offset = new_size, new
+        self.l1 = table[:new_size].copy()
+        self.metadata.add(new >> geo.cluster_bits, nclusters)
+        if old_size:
+            n_old = geo.size_to_clusters(old_size * 8)
+            self.metadata.remove(old_off >> geo.cluster_bits, n_old)
+            refcounts.free(old_off, n_old)

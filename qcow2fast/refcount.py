@@ -1,0 +1,336 @@
+"""Refcounts and the host cluster allocator (qemu's qcow2-refcount.c).
+
+Invariants:
+- every host cluster in use (header, tables, refcount structures, data) has
+  a refcount >= 1; a cluster with refcount 0 is free;
+- a refcount block is written before the refcount table entry that points
+  to it, and a new refcount table is complete on disk before the header
+  points to it;
+- refcount increases reach the disk before any L2 entry that relies on them
+  (the L2 cache depends on this cache); decreases of clusters an L2 entry
+  stopped using are deferred until that L2 entry is on disk
+  (:meth:`Refcounts.apply_deferred_frees`), so a crash can leak a cluster
+  but never leave a live cluster marked free.
+"""
+
+import struct
+
+import numpy as np
+
+from ._ext import kernels
+from .errors import CorruptImageError, Qcow2Error
+from .geometry import REFT_OFFSET_MASK
+from .header import FIELD_OFFSET, MAX_REFTABLE_BYTES
+
+_BE64 = struct.Struct(">Q")
+
+
+class Refcounts:
+    def __init__(self, file, geo, header, cache, barrier, metadata_map, file_size):
+        """``cache``: TableCache of whole refcount blocks (raw on-disk form).
+        ``barrier()``: make completed writes stable (no-op under cache=unsafe)."""
+        self.file = file
+        self.geo = geo
+        self.header = header
+        self.cache = cache
+        self.barrier = barrier
+        self.metadata = metadata_map
+        self.deferred = []              # (first cluster, count) to free later
+        self.reserved = None            # bool array of clusters not to hand out (repair)
+        cs = geo.cluster_size
+        self.end_cluster = (file_size + cs - 1) // cs   # no cluster at or past this is in use
+        self.free_hint = 0              # every cluster below it is in use
+        self._load_table(file_size)
+
+    # -- the refcount table ----------------------------------------------------
+
+    def _load_table(self, file_size):
+        h, cs = self.header, self.geo.cluster_size
+        raw = self.file.pread(h.refcount_table_offset, h.refcount_table_clusters * cs)
+        self.table = np.frombuffer(raw, dtype=">u8").astype(np.uint64)
+        bad = np.nonzero((self.table & np.uint64(~REFT_OFFSET_MASK & 0xFFFFFFFFFFFFFFFF))
+                         | (self.table & np.uint64(cs - 1)))[0]
+        if len(bad):
+            i = int(bad[0])
+            raise CorruptImageError(f"refcount table entry {i} ({int(self.table[i]):#x}) is not "
+                                    "cluster-aligned", offset=h.refcount_table_offset + 8 * i,
+                                    field="refcount table")
+        past = np.nonzero(self.table + np.uint64(cs) > np.uint64(file_size))[0]
+        past = past[self.table[past] != 0]
+        if len(past):
+            i = int(past[0])
+            raise CorruptImageError(f"refcount block at {int(self.table[i]):#x} lies past the end "
+                                    f"of the file ({file_size} bytes)",
+                                    offset=h.refcount_table_offset + 8 * i, field="refcount table")
+        if np.any(self.table[np.nonzero(self.table)] == 0):
+            pass
+        if self.table[0] == 0 and file_size:
+            raise CorruptImageError("refcount table has no block for the header cluster",
+                                    offset=h.refcount_table_offset, field="refcount table")
+        for t in np.nonzero(self.table)[0]:
+            self.metadata.add(int(self.table[t]) >> self.geo.cluster_bits)
+        self.metadata.add(h.refcount_table_offset >> self.geo.cluster_bits,
+                          h.refcount_table_clusters)
+
+    def block_offset(self, t):
+        return int(self.table[t]) if t < len(self.table) else 0
+
+    def _block(self, t):
+        """Raw view of refcount block ``t`` (which must exist)."""
+        slot = self.cache.load(int(self.table[t]))
+        return slot, self.cache.raw(slot)
+
+    # -- queries ---------------------------------------------------------------
+
+    def get(self, cluster):
+        t = cluster >> self.geo.rb_bits
+        if t >= len(self.table) or self.table[t] == 0:
+            return 0
+        _, blk = self._block(t)
+        return kernels.refcount_get(blk, cluster & (self.geo.rb_entries - 1),
+                                    self.geo.refcount_order)
+
+    def read_block_values(self, t, out):
+        """Decode refcount block ``t`` into ``out`` (zeros if absent)."""
+        if t >= len(self.table) or self.table[t] == 0:
+            out[:] = 0
+        else:
+            _, blk = self._block(t)
+            kernels.refcount_decode(blk, self.geo.refcount_order, out)
+
+    # -- updates ---------------------------------------------------------------
+
+    def update(self, cluster, n, delta):
+        """Add ``delta`` to the refcounts of clusters [cluster, cluster+n).
+        Raising refcounts creates missing refcount blocks."""
+        geo = self.geo
+        end = cluster + n
+        c = cluster
+        while c < end:
+            t = c >> geo.rb_bits
+            i = c & (geo.rb_entries - 1)
+            k = min(end - c, geo.rb_entries - i)
+            if t >= len(self.table) or self.table[t] == 0:
+                if delta < 0:
+                    raise CorruptImageError(
+                        f"freeing host cluster {c << geo.cluster_bits:#x} whose refcount "
+                        "block does not exist", offset=c << geo.cluster_bits, field="refcount")
+                self._alloc_block(t)
+            slot, blk = self._block(t)
+            bad = kernels.refcount_add_range(blk, i, k, geo.refcount_order, delta,
+                                             geo.refcount_max)
+            if bad >= 0:
+                host = ((t << geo.rb_bits) + bad) << geo.cluster_bits
+                value = kernels.refcount_get(blk, bad, geo.refcount_order)
+                if delta < 0:
+                    raise CorruptImageError(f"refcount of host cluster {host:#x} would drop "
+                                            f"below zero (it is {value})", offset=host,
+                                            field="refcount")
+                raise Qcow2Error(f"refcount of host cluster {host:#x} would exceed the "
+                                 f"{geo.refcount_bits}-bit maximum {geo.refcount_max}")
+            self.cache.mark_dirty(slot)
+            c += k
+        if delta < 0:
+            self.free_hint = min(self.free_hint, cluster)
+        self.end_cluster = max(self.end_cluster, end)
+
+    def set_value(self, cluster, value):
+        """Set one refcount to ``value`` exactly (repair)."""
+        cur = self.get(cluster)
+        if cur != value:
+            self.update(cluster, 1, value - cur)
+
+    # -- allocation ------------------------------------------------------------
+
+    def _free_run_at(self, c, want):
+        """How many clusters from ``c`` (at most ``want``, within one block)
+        are free and not reserved."""
+        geo = self.geo
+        t = c >> geo.rb_bits
+        i = c & (geo.rb_entries - 1)
+        lim = min(want, geo.rb_entries - i)
+        if t < len(self.table) and self.table[t]:
+            _, blk = self._block(t)
+            n = kernels.refcount_free_run(blk, i, i + lim, geo.refcount_order)
+        else:
+            n = lim
+        if self.reserved is not None and n and c < len(self.reserved):
+            used = np.nonzero(self.reserved[c:c + n])[0]
+            if len(used):
+                n = int(used[0])
+        return n
+
+    def _next_free(self, c):
+        """The first free, unreserved cluster at or after ``c``."""
+        geo = self.geo
+        while True:
+            t = c >> geo.rb_bits
+            if t < len(self.table) and self.table[t]:
+                _, blk = self._block(t)
+                i = kernels.refcount_find_free(blk, c & (geo.rb_entries - 1), geo.rb_entries,
+                                               geo.refcount_order)
+                if i < 0:
+                    c = (t + 1) << geo.rb_bits
+                    continue
+                c = (t << geo.rb_bits) + i
+            if self.reserved is not None and c < len(self.reserved) and self.reserved[c]:
+                c += 1
+                continue
+            return c
+
+    def find_free_run(self, n):
+        """Start of the first run of ``n`` free clusters (not yet taken)."""
+        start = self._next_free(self.free_hint)
+        self.free_hint = start
+        length = 0
+        while length < n:
+            got = self._free_run_at(start + length, n - length)
+            if got == 0:
+                start = self._next_free(start + length + 1)
+                length = 0
+            else:
+                length += got
+        return start
+
+    def alloc(self, n):
+        """Allocate ``n`` contiguous host clusters (refcount 1 each) and return
+        the host byte offset of the first."""
+        geo = self.geo
+        while True:
+            c = self.find_free_run(n)
+            created = False
+            for t in range(c >> geo.rb_bits, ((c + n - 1) >> geo.rb_bits) + 1):
+                if t >= len(self.table) or self.table[t] == 0:
+                    self._alloc_block(t)
+                    created = True
+            if created:         # a new block may have taken part of the run
+                continue
+            self.update(c, n, 1)
+            if c == self.free_hint:
+                self.free_hint = c + n
+            return c << geo.cluster_bits
+
+    def free(self, offset, n=1):
+        """Drop one reference to host clusters [offset, offset + n clusters)."""
+        self.update(offset >> self.geo.cluster_bits, n, -1)
+
+    def free_deferred(self, offset, n=1):
+        """Free once the L2 entries that stopped using these clusters are on
+        disk (see the module invariants)."""
+        self.deferred.append((offset, n))
+
+    def apply_deferred_frees(self, on_freed=None):
+        """Apply deferred frees; ``on_freed(offset, n)`` is called for runs
+        whose refcount dropped to zero (to discard them in the file)."""
+        pending, self.deferred = self.deferred, []
+        for offset, n in pending:
+            self.free(offset, n)
+            if on_freed is not None and self.get(offset >> self.geo.cluster_bits) == 0:
+                on_freed(offset, n)
+
+    # -- refcount blocks and table growth --------------------------------------
+
+    def _alloc_block(self, t):
+        """Create refcount block ``t``, preferably inside the range it describes."""
+        geo = self.geo
+        while True:
+            if t >= len(self.table):
+                self._grow_table(t + 1)
+            if self.table[t]:
+                return
+            b = self._next_free(self.free_hint)
+            tb = b >> geo.rb_bits
+            if tb == t:
+                # Self-describing: the new block holds its own refcount.
+                slot = self.cache.new(b << geo.cluster_bits)
+                kernels.refcount_set(self.cache.raw(slot), b & (geo.rb_entries - 1),
+                                     geo.refcount_order, 1)
+            elif tb < len(self.table) and self.table[tb]:
+                self.update(b, 1, 1)
+                slot = self.cache.new(b << geo.cluster_bits)
+            else:
+                self._alloc_block(tb)
+                continue
+            self._publish_block(t, b, slot)
+            return
+
+    def _publish_block(self, t, b, slot):
+        cs = self.geo.cluster_size
+        self.metadata.add(b)
+        self.end_cluster = max(self.end_cluster, b + 1)
+        # Barrier: the block's contents are on disk before the table points
+        # to it.
+        self.cache.writeback(slot)
+        self.barrier()
+        self.table[t] = b * cs
+        self.file.pwrite(_BE64.pack(b * cs), self.header.refcount_table_offset + 8 * t)
+
+    def _grow_table(self, min_entries):
+        """Move the refcount table to a larger one at the end of the image,
+        with new refcount blocks that describe the table and themselves."""
+        geo, cs = self.geo, self.geo.cluster_size
+        old = self.table
+        old_n = len(old)
+        new_n = max(min_entries, old_n + old_n // 2 + 1)
+        area = self.end_cluster
+        if self.reserved is not None:
+            area = max(area, len(self.reserved))
+        while True:
+            table_clusters = (new_n * 8 + cs - 1) // cs
+            nblocks = 0
+            while True:
+                area_end = area + nblocks + table_clusters
+                ts = range(area >> geo.rb_bits, ((area_end - 1) >> geo.rb_bits) + 1)
+                need = [t for t in ts if t >= old_n or old[t] == 0]
+                if len(need) == nblocks:
+                    break
+                nblocks = len(need)
+            if (area_end - 1) >> geo.rb_bits < new_n:
+                break
+            new_n = ((area_end - 1) >> geo.rb_bits) + 1
+        if table_clusters * cs > MAX_REFTABLE_BYTES:
+            raise Qcow2Error("refcount table would exceed qemu's 8 MiB limit")
+        # Area clusters already covered by existing blocks must be free.
+        for c in range(area, area_end):
+            if (c >> geo.rb_bits) < old_n and old[c >> geo.rb_bits] and self.get(c):
+                raise CorruptImageError(f"host cluster {c * cs:#x} past the image end is in use",
+                                        offset=c * cs, field="refcount")
+        table = np.zeros(table_clusters * cs // 8, dtype=np.uint64)
+        table[:old_n] = old
+        new_blocks = {t: area + k for k, t in enumerate(need)}
+        table_start = area + nblocks
+        slots = {}
+        for t, b in new_blocks.items():
+            table[t] = b * cs
+            slots[t] = self.cache.new(b * cs)
+            self.cache.pin(slots[t])
+        try:
+            for c in range(area, area_end):
+                t = c >> geo.rb_bits
+                if t in slots:
+                    kernels.refcount_set(self.cache.raw(slots[t]), c & (geo.rb_entries - 1),
+                                         geo.refcount_order, 1)
+                else:
+                    self.update(c, 1, 1)
+            for slot in slots.values():
+                self.cache.writeback(slot)
+        finally:
+            for slot in slots.values():
+                self.cache.unpin(slot)
+        self.file.pwrite(table.astype(">u8").tobytes(), table_start * cs)
+        # Barrier: new blocks and table are complete before the header
+        # points to them.
+        self.barrier()
+        old_offset, old_clusters = self.header.refcount_table_offset, self.header.refcount_table_clusters
+        self.header.refcount_table_offset = table_start * cs
+        self.header.refcount_table_clusters = table_clusters
+        self.file.pwrite(struct.pack(">QI", table_start * cs, table_clusters),
+                         FIELD_OFFSET["refcount_table_offset"])
+        self.barrier()
+        self.table = table
+        for b in new_blocks.values():
+            self.metadata.add(b)
+        self.metadata.add(table_start, table_clusters)
+        self.end_cluster = max(self.end_cluster, area_end)
+        self.metadata.remove(old_offset // cs, old_clusters)
+        self.free(old_offset, old_clusters)

@@ -1,0 +1,584 @@
+"""Images written by qcow2fast must satisfy qemu.
+
+After every scenario: ``qemu-img check`` reports no errors and no leaks, and
+qemu's view of the content equals the in-test bytearray model.
+"""
+
+import os
+import pickle
+import shutil
+
+import pytest
+
+import qcow2fast
+from model import ModelImage
+from qemu_util import (CLUSTER_SIZES, GEOMETRIES, INCOMPAT_DIRTY, KiB, MiB, Rng,
+                       assert_bytes_equal, assert_qemu_content, compressible_bytes, file_state,
+                       geom_id, header, is_dirty, qemu_check, qemu_compare, qemu_create, qemu_img,
+                       qemu_info, qemu_io, qemu_map, qemu_raw, run_python)
+
+pytestmark = pytest.mark.qemu
+
+
+def image_size(cs):
+    return max(2 * MiB, 10 * cs)
+
+
+def qf_create(path, size, **kw):
+    qcow2fast.create(str(path), size, **kw)
+    return str(path)
+
+
+def finish(path, model_bytes, *, check_leaks=True):
+    """The end-of-scenario oracle: qemu check is clean, qemu reads the model."""
+    qemu_check(path, expect_clean=check_leaks)
+    assert_qemu_content(path, model_bytes)
+
+
+def scenario(path, rng, *, ops=40, initial=None, backing=None, reopen=True, **open_kw):
+    """Random ops in a r+ session (then a second session), return the model bytes."""
+    with qcow2fast.open(path, "r+", **open_kw) as img:
+        assert not img.read_only
+        m = ModelImage(img, initial, backing)
+        m.check_all()
+        m.random_ops(rng, ops)
+        m.check_all()
+        data = bytes(m.data)
+    if reopen:
+        with qcow2fast.open(path, "r+", **open_kw) as img:
+            m = ModelImage(img, data, backing)
+            m.check_all()
+            m.random_ops(rng, ops // 2)
+            m.check_all()
+            data = bytes(m.data)
+    return data
+
+
+# ------------------------------------------------------------------ create
+@pytest.mark.parametrize("geom", GEOMETRIES, ids=geom_id)
+def test_create_matches_qemu_info(tmp_path, geom):
+    cs, rb, compat = geom
+    size = image_size(cs) + 3 * 512          # not a whole number of clusters
+    path = qf_create(tmp_path / "n.qcow2", size, cluster_size=cs, refcount_bits=rb,
+                     compat=compat)
+    info = qemu_info(path)
+    fs = info["format-specific"]["data"]
+    assert info["virtual-size"] == size
+    assert info["cluster-size"] == cs
+    assert fs["compat"] == compat
+    assert fs["refcount-bits"] == rb
+    assert fs.get("lazy-refcounts", False) is False
+    assert fs.get("compression-type", "zlib") == "zlib"
+    assert "backing-filename" not in info
+    qemu_check(path)
+    assert qemu_raw(path) == bytes(size)
+    h = header(path)
+    assert h["version"] == (3 if compat == "1.1" else 2)
+    assert h["incompatible_features"] == 0
+
+
+@pytest.mark.parametrize("opts,key,value", [
+    ({"lazy_refcounts": True}, "lazy-refcounts", True),
+    ({"compression_type": "zstd"}, "compression-type", "zstd"),
+    ({"compression_type": "zlib"}, "compression-type", "zlib"),
+])
+def test_create_options(tmp_path, opts, key, value):
+    path = qf_create(tmp_path / "o.qcow2", 4 * MiB, **opts)
+    assert qemu_info(path)["format-specific"]["data"][key] == value
+    qemu_check(path)
+    with qcow2fast.open(path) as img:
+        for k, v in opts.items():
+            assert getattr(img, k) == v
+
+
+def test_create_v2_rejects_non16_refcounts(tmp_path):
+    with pytest.raises(qcow2fast.errors.InvalidArgumentError):
+        qcow2fast.create(str(tmp_path / "x.qcow2"), MiB, compat="0.10", refcount_bits=8)
+
+
+@pytest.mark.parametrize("bad", [
+    {"cluster_size": 256}, {"cluster_size": 4 * MiB}, {"cluster_size": 3000},
+    {"refcount_bits": 3}, {"refcount_bits": 128}, {"compat": "2.0"},
+    {"compression_type": "lzma"}, {"preallocation": "bogus"},
+])
+def test_create_invalid_options(tmp_path, bad):
+    with pytest.raises(qcow2fast.errors.InvalidArgumentError):
+        qcow2fast.create(str(tmp_path / "x.qcow2"), MiB, **bad)
+
+
+# ------------------------------------------------------------------ random writes
+@pytest.mark.parametrize("geom", GEOMETRIES, ids=geom_id)
+def test_random_writes_matrix(tmp_path, geom):
+    cs, rb, compat = geom
+    rng = Rng(f"w-{geom}")
+    size = image_size(cs)
+    path = qf_create(tmp_path / "w.qcow2", size, cluster_size=cs, refcount_bits=rb,
+                     compat=compat)
+    data = scenario(path, rng)
+    finish(path, data)
+    qemu_compare(path, data)
+    # And qemu writing after qcow2fast keeps it consistent.
+    qemu_io(path, "write -q -P 0x5a 0 %d" % (cs + 512))
+    qemu_check(path)
+
+
+@pytest.mark.parametrize("geom", [(512, 16, "1.1"), (65536, 1, "1.1"), (65536, 16, "0.10")],
+                         ids=geom_id)
+def test_write_qemu_created_image(tmp_path, geom):
+    """Images created and partly written by qemu, then written by qcow2fast."""
+    cs, rb, compat = geom
+    rng = Rng(f"qw-{geom}")
+    size = image_size(cs)
+    path = qemu_create(tmp_path / "q.qcow2", size, cluster_size=cs, refcount_bits=rb,
+                       compat=compat)
+    qemu_io(path, f"write -q -P 0x11 0 {3 * cs}", f"write -q -z {cs} {cs}",
+            f"write -q -P 0x22 {size // 2} {cs + 999}")
+    initial = qemu_raw(path)
+    data = scenario(path, rng, initial=initial)
+    finish(path, data)
+
+
+@pytest.mark.parametrize("may_unmap", [False, True])
+@pytest.mark.parametrize("compat", ["1.1", "0.10"])
+def test_write_zeroes_allocation(tmp_path, may_unmap, compat):
+    """may_unmap=False keeps the clusters allocated (qemu: BDRV_REQ_MAY_UNMAP)."""
+    cs = 65536
+    path = qf_create(tmp_path / "z.qcow2", 2 * MiB, cluster_size=cs, compat=compat)
+    rng = Rng("zeroes")
+    with qcow2fast.open(path, "r+") as img:
+        img.write(0, rng.randbytes(8 * cs))
+        img.write_zeroes(cs, 4 * cs, may_unmap=may_unmap)
+        img.write_zeroes(6 * cs + 100, 1000, may_unmap=may_unmap)   # partial: data zeros
+        expected = bytearray(img.read(0, img.size))
+        assert expected[cs:5 * cs] == bytes(4 * cs)
+        assert expected[6 * cs + 100:6 * cs + 1100] == bytes(1000)
+        kinds = {e.kind for e in img.block_status(cs, 4 * cs)}
+        assert kinds <= {"zero", "data", "unallocated"}
+    finish(path, bytes(expected))
+    if not may_unmap:
+        for q in qemu_map(path):
+            if q["start"] < 5 * cs and q["start"] + q["length"] > cs:
+                assert "offset" in q, f"may_unmap=False freed clusters: {q}"
+
+
+# ------------------------------------------------------------------ backing files
+def make_backing(tmp_path, kind, size, rng, cs=65536, compat="1.1"):
+    """A backing file with random content (and holes); returns (path, fmt, content)."""
+    content = bytearray(size)
+    for i in range(0, size, size // 7):
+        n = min(size - i, size // 10)
+        content[i:i + n] = rng.randbytes(n)
+    if kind == "raw":
+        p = tmp_path / "base.raw"
+        p.write_bytes(bytes(content))
+        return str(p), "raw", bytes(content)
+    p = str(tmp_path / f"base-{kind}.qcow2")
+    if kind == "qemu":
+        qemu_create(p, size, cluster_size=cs, compat=compat)
+        src = tmp_path / "base-src.raw"
+        src.write_bytes(bytes(content))
+        qemu_img("convert", "-n", "-f", "raw", "-O", "qcow2", str(src), p)
+    else:
+        qf_create(p, size, cluster_size=cs, compat=compat)
+        with qcow2fast.open(p, "r+") as img:
+            for i in range(0, size, size // 7):
+                n = min(size - i, size // 10)
+                img.write(i, bytes(content[i:i + n]))
+    assert qemu_raw(p) == bytes(content)
+    return p, "qcow2", bytes(content)
+
+
+@pytest.mark.parametrize("cs", CLUSTER_SIZES)
+@pytest.mark.parametrize("compat", ["1.1", "0.10"])
+@pytest.mark.parametrize("base_kind", ["qemu", "qcow2fast", "raw"])
+def test_write_over_backing(tmp_path, cs, compat, base_kind):
+    rng = Rng(f"bk-{cs}-{compat}-{base_kind}")
+    size = image_size(cs)
+    base_size = (size * 3 // 4) // 512 * 512         # shorter than the overlay
+    base, fmt, content = make_backing(tmp_path, base_kind, base_size, rng,
+                                      cs=4096 if cs == 2 * MiB else 2 * MiB if cs == 512 else cs,
+                                      compat=compat)
+    top = qf_create(tmp_path / "top.qcow2", size, cluster_size=cs, compat=compat,
+                    backing_file=base, backing_format=fmt)
+    info = qemu_info(top)
+    assert info["backing-filename"] == base
+    assert info.get("backing-filename-format") == fmt
+    visible = content + bytes(size - base_size)
+    with qcow2fast.open(top) as img:
+        assert img.read(0, size) == visible
+        assert img.backing_file == base
+    data = scenario(top, rng, initial=visible, backing=visible)
+    finish(top, data)
+    # The backing file is untouched.
+    assert qemu_raw(base, fmt=fmt) == content
+
+
+@pytest.mark.parametrize("cs", [512, 65536, 2 * MiB])
+def test_cow_partial_clusters(tmp_path, cs):
+    """Single small writes into unallocated clusters: the rest comes from backing."""
+    rng = Rng(f"cow-{cs}")
+    size = 4 * cs if cs == 2 * MiB else 2 * MiB
+    base, fmt, content = make_backing(tmp_path, "qemu", size, rng, cs=cs)
+    top = qf_create(tmp_path / "top.qcow2", size, cluster_size=cs, backing_file=base,
+                    backing_format="qcow2")
+    expected = bytearray(content)
+    with qcow2fast.open(top, "r+") as img:
+        for off in (0, cs + 1, 2 * cs - 1, size - 1, size // 2 + 513):
+            b = rng.randbytes(1 if off == size - 1 else 7)
+            img.write(off, b)
+            expected[off:off + len(b)] = b
+            assert img.read(0, size) == expected
+        ext = img.block_status()
+        assert {e.depth for e in ext if e.kind == "data"} <= {0, 1}
+        assert any(e.depth == 0 and e.kind == "data" for e in ext)
+    finish(top, bytes(expected))
+
+
+def test_create_size_from_backing(tmp_path):
+    rng = Rng("sizefrombacking")
+    base, fmt, content = make_backing(tmp_path, "qemu", 3 * MiB, rng)
+    top = qf_create(tmp_path / "top.qcow2", None, backing_file=base, backing_format="qcow2")
+    assert qemu_info(top)["virtual-size"] == 3 * MiB
+    with qcow2fast.open(top) as img:
+        assert img.size == 3 * MiB
+    qemu_check(top)
+    assert qemu_raw(top) == content
+
+
+@pytest.mark.parametrize("compat", ["1.1", "0.10"])
+def test_backing_chain_depth3_written(tmp_path, compat, monkeypatch):
+    """qcow2fast creates base <- mid <- top with relative names (relative to the
+    overlay's directory, as in qemu, not to the cwd) and writes each layer."""
+    rng = Rng(f"chain3-{compat}")
+    size = 3 * MiB
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    base = qf_create(tmp_path / "base.qcow2", 2 * MiB, cluster_size=4096, compat=compat)
+    mid = qf_create(tmp_path / "mid.qcow2", size, cluster_size=512, compat=compat,
+                    backing_file="base.qcow2", backing_format="qcow2")
+    top = qf_create(tmp_path / "top.qcow2", size, cluster_size=65536, compat=compat,
+                    backing_file="mid.qcow2", backing_format="qcow2")
+    assert qemu_info(top)["backing-filename"] == "mid.qcow2"
+    expected = bytes(size)
+    for p in (base, mid, top):
+        with qcow2fast.open(p, "r+") as img:
+            init = expected[:img.size]
+            m = ModelImage(img, init, None if p == base else init)
+            m.random_ops(rng, 25)
+            m.check_all()
+            expected = bytes(m.data) + bytes(size - img.size)
+        qemu_check(p)
+    assert_qemu_content(top, expected)
+    with qcow2fast.open(top) as img:
+        assert len(img.backing_chain) == 3
+        assert img.read(0, size) == expected
+
+
+@pytest.mark.parametrize("cs", [512, 65536])
+@pytest.mark.parametrize("compat", ["1.1", "0.10"])
+def test_zeroes_and_discard_over_backing_hide_it(tmp_path, cs, compat):
+    """write_zeroes over backing data must read zero, in v2 too (no zero flag)."""
+    rng = Rng(f"zb-{cs}-{compat}")
+    size = 2 * MiB
+    base = qemu_create(tmp_path / "b.qcow2", size, cluster_size=cs, compat=compat)
+    qemu_io(base, f"write -q -P 0xab 0 {size}")
+    top = qf_create(tmp_path / "t.qcow2", size, cluster_size=cs, compat=compat,
+                    backing_file=base, backing_format="qcow2")
+    expected = bytearray(b"\xab" * size)
+    with qcow2fast.open(top, "r+") as img:
+        for may_unmap in (False, True):
+            off = 4 * cs if may_unmap else 0
+            img.write_zeroes(off, 2 * cs, may_unmap=may_unmap)        # aligned
+            img.write_zeroes(off + 3 * cs - 10, 20, may_unmap=may_unmap)  # unaligned
+            expected[off:off + 2 * cs] = bytes(2 * cs)
+            expected[off + 3 * cs - 10:off + 3 * cs + 10] = bytes(20)
+        img.write(10 * cs, rng.randbytes(cs))
+        img.write_zeroes(10 * cs, cs, may_unmap=True)                 # allocated -> zero
+        expected[10 * cs:11 * cs] = bytes(cs)
+        assert img.read(0, size) == expected
+    finish(top, bytes(expected))
+
+
+# ------------------------------------------------------------------ snapshots
+SNAP_GEOMS = [(cs, rb, "1.1") for cs in CLUSTER_SIZES for rb in (2, 16, 64)] + \
+             [(cs, 16, "0.10") for cs in (512, 65536)]
+
+
+@pytest.mark.parametrize("geom", SNAP_GEOMS, ids=geom_id)
+def test_write_over_internal_snapshot(tmp_path, geom):
+    cs, rb, compat = geom
+    rng = Rng(f"snapw-{geom}")
+    size = image_size(cs)
+    path = qf_create(tmp_path / "s.qcow2", size, cluster_size=cs, refcount_bits=rb,
+                     compat=compat)
+    with qcow2fast.open(path, "r+") as img:
+        m = ModelImage(img)
+        for i in range(0, size, size // 5):
+            m.write(i, rng.randbytes(min(2 * cs + 100, size - i)))
+        m.random_ops(rng, 10, discard=False)
+        snap1 = bytes(m.data)
+    qemu_img("snapshot", "-c", "s1", path)
+    qemu_check(path)
+    data = scenario(path, rng, initial=snap1)
+    finish(path, data)
+    assert_qemu_content(path, snap1, snapshot="s1")
+
+    # Reverting a copy to the snapshot gives the snapshot's content back.
+    copy = str(tmp_path / "copy.qcow2")
+    shutil.copyfile(path, copy)
+    qemu_img("snapshot", "-a", "s1", copy)
+    qemu_check(copy)
+    assert_qemu_content(copy, snap1)
+
+    # Deleting the snapshot must drop every refcount it held: no leaks.
+    qemu_img("snapshot", "-d", "s1", path)
+    qemu_check(path)
+    assert_qemu_content(path, data)
+
+
+def test_write_over_two_qemu_snapshots(tmp_path):
+    rng = Rng("twosnaps")
+    cs = 4096
+    size = 2 * MiB
+    path = qemu_create(tmp_path / "s.qcow2", size, cluster_size=cs)
+    qemu_io(path, f"write -q -P 0x61 0 {size // 2}")
+    qemu_img("snapshot", "-c", "a", path)
+    qemu_io(path, f"write -q -P 0x62 {size // 4} {size // 2}", f"write -q -c -P 0x63 0 {cs}")
+    qemu_img("snapshot", "-c", "b", path)
+    snap_a = qemu_raw(path, snapshot="a")
+    snap_b = qemu_raw(path, snapshot="b")
+    data = scenario(path, rng, initial=snap_b, ops=60)
+    finish(path, data)
+    assert_qemu_content(path, snap_a, snapshot="a")
+    assert_qemu_content(path, snap_b, snapshot="b")
+    qemu_img("snapshot", "-d", "a", path)
+    qemu_img("snapshot", "-d", "b", path)
+    finish(path, data)
+
+
+# ------------------------------------------------------------------ compressed
+@pytest.mark.parametrize("cs", CLUSTER_SIZES)
+@pytest.mark.parametrize("ctype,compat", [("zlib", "0.10"), ("zlib", "1.1"), ("zstd", "1.1")])
+def test_overwrite_compressed_clusters(tmp_path, cs, ctype, compat):
+    rng = Rng(f"cw-{cs}-{ctype}-{compat}")
+    nclusters = 6 if cs == 2 * MiB else max(16, MiB // cs)
+    size = nclusters * cs
+    raw = b"".join(compressible_bytes(rng, cs) if i % 3 else rng.randbytes(cs)
+                   for i in range(nclusters))
+    src = tmp_path / "src.raw"
+    src.write_bytes(raw)
+    path = str(tmp_path / "c.qcow2")
+    opts = f"cluster_size={cs},compat={compat}"
+    if compat == "1.1":
+        opts += f",compression_type={ctype}"
+    qemu_img("convert", "-c", "-f", "raw", "-O", "qcow2", "-o", opts, str(src), path)
+    compressed = [q for q in qemu_map(path) if q["data"] and "offset" not in q]
+    assert compressed
+    expected = bytearray(raw)
+    with qcow2fast.open(path, "r+") as img:
+        assert img.compression_type == ctype
+        c = compressed[0]["start"] // cs
+        for off, n in ((c * cs + 1, 10), ((c + 1) * cs - 5, 10), ((c + 3) * cs, cs)):
+            n = min(n, size - off)
+            b = rng.randbytes(n)
+            img.write(off, b)                  # partial: decompress + COW
+            expected[off:off + n] = b
+        m = ModelImage(img, bytes(expected))
+        m.write_zeroes(((c + 4) % nclusters) * cs, cs, may_unmap=True)
+        m.write_zeroes(((c + 5) % nclusters) * cs + 3, 100)
+        m.discard(((c + 2) % nclusters) * cs, cs)
+        m.random_ops(rng, 20)
+        m.check_all()
+        expected = bytes(m.data)
+    finish(path, expected)
+
+
+# ------------------------------------------------------------------ lazy refcounts
+@pytest.mark.parametrize("cs,rb", [(512, 1), (4096, 16), (65536, 64), (2 * MiB, 8)])
+def test_lazy_refcounts_clean_close(tmp_path, cs, rb):
+    rng = Rng(f"lazyclean-{cs}-{rb}")
+    size = image_size(cs)
+    path = qf_create(tmp_path / "l.qcow2", size, cluster_size=cs, refcount_bits=rb,
+                     lazy_refcounts=True)
+    with qcow2fast.open(path, "r+") as img:
+        assert img.lazy_refcounts
+        m = ModelImage(img)
+        m.random_ops(rng, 30)
+        data = bytes(m.data)
+    assert not is_dirty(path), "clean close must clear the dirty bit"
+    finish(path, data)
+    assert qemu_info(path)["format-specific"]["data"]["lazy-refcounts"] is True
+
+
+CRASH_CHILD = """
+import os, pickle, qcow2fast
+ops = pickle.load(open({ops!r}, "rb"))
+img = qcow2fast.open({path!r}, "r+")
+for op, off, arg in ops:
+    if op == "write":
+        img.write(off, arg)
+    else:
+        img.write_zeroes(off, arg, may_unmap=True)
+img.flush()
+os._exit(0)
+"""
+
+
+def crash_after_flush(tmp_path, path, rng, size, count=30):
+    """Write in a child that flushes and then dies with os._exit; return the model."""
+    expected = bytearray(qemu_raw(path))
+    ops = []
+    for _ in range(count):
+        off, n = rng.span(size, 200000)
+        if rng.random() < 0.8:
+            b = rng.randbytes(n)
+            ops.append(("write", off, b))
+            expected[off:off + n] = b
+        else:
+            ops.append(("zero", off, n))
+            expected[off:off + n] = bytes(n)
+    opsfile = tmp_path / "ops.pickle"
+    with open(opsfile, "wb") as f:
+        pickle.dump(ops, f)
+    run_python(CRASH_CHILD.format(ops=str(opsfile), path=str(path)))
+    return bytes(expected)
+
+
+@pytest.mark.parametrize("cs,rb", [(512, 16), (4096, 1), (65536, 64), (2 * MiB, 16)])
+def test_lazy_refcounts_left_dirty_then_repaired(tmp_path, cs, rb):
+    rng = Rng(f"lazydirty-{cs}-{rb}")
+    size = image_size(cs)
+    path = qf_create(tmp_path / "l.qcow2", size, cluster_size=cs, refcount_bits=rb,
+                     lazy_refcounts=True)
+    expected = crash_after_flush(tmp_path, path, rng, size)
+    # After a flush the data and mappings are on disk whatever the refcounts.
+    assert_qemu_content(path, expected)
+    # Either the image says its refcounts may be stale, or they are not.
+    if not is_dirty(path):
+        qemu_check(path)
+
+    # A read-only open neither repairs nor clears the bit.
+    before = file_state(path)
+    with qcow2fast.open(path) as img:
+        assert img.read(0, size) == expected
+    assert file_state(path) == before
+
+    with qcow2fast.open(path, "r+") as img:
+        m = ModelImage(img, expected)
+        m.check_all()
+        m.random_ops(rng, 20)
+        data = bytes(m.data)
+    assert not is_dirty(path)
+    finish(path, data)
+
+
+@pytest.mark.parametrize("cs", [512, 65536])
+def test_crash_after_flush_without_lazy_refcounts(tmp_path, cs):
+    """Without lazy refcounts a flushed image is consistent (no corruption)."""
+    rng = Rng(f"crash-{cs}")
+    size = image_size(cs)
+    path = qf_create(tmp_path / "c.qcow2", size, cluster_size=cs)
+    expected = crash_after_flush(tmp_path, path, rng, size)
+    assert not is_dirty(path)
+    result = qemu_check(path, expect_clean=False)
+    assert result.get("corruptions", 0) == 0 and result.get("check-errors", 0) == 0, result
+    assert_qemu_content(path, expected)
+
+
+# ------------------------------------------------------------------ preallocation
+@pytest.mark.parametrize("prealloc", ["metadata", "falloc", "full"])
+@pytest.mark.parametrize("cs", [512, 65536, 2 * MiB])
+def test_preallocation(tmp_path, prealloc, cs):
+    size = 4 * MiB + (0 if cs == 2 * MiB else 512 * 3)
+    path = qf_create(tmp_path / "p.qcow2", size, cluster_size=cs, preallocation=prealloc)
+    qemu_check(path)
+    assert qemu_raw(path) == bytes(size)
+    for q in qemu_map(path):
+        assert "offset" in q, f"preallocation={prealloc}: unallocated range {q}"
+    st = os.stat(path)
+    assert st.st_size >= size
+    if prealloc in ("falloc", "full"):
+        assert st.st_blocks * 512 >= size, "data clusters not allocated in the file"
+    with qcow2fast.open(path) as img:
+        assert all(e.kind in ("data", "zero") for e in img.block_status())
+    rng = Rng(f"prealloc-{prealloc}-{cs}")
+    data = scenario(path, rng, ops=30)
+    finish(path, data)
+
+
+# ------------------------------------------------------------------ cache modes
+@pytest.mark.parametrize("cache_mode", ["writeback", "writethrough", "unsafe", "none",
+                                        "directsync"])
+@pytest.mark.parametrize("cs", [4096, 65536])
+def test_cache_modes(tmp_path, cache_mode, cs):
+    rng = Rng(f"cache-{cache_mode}-{cs}")
+    size = image_size(cs)
+    path = qf_create(tmp_path / "m.qcow2", size, cluster_size=cs)
+    base, _, content = make_backing(tmp_path, "qemu", size // 2, rng)
+    top = qf_create(tmp_path / "t.qcow2", size, cluster_size=cs, backing_file=base,
+                    backing_format="qcow2")
+    for p, initial in ((path, None), (top, content + bytes(size - len(content)))):
+        data = scenario(p, rng, ops=30, initial=initial, backing=initial,
+                        cache_mode=cache_mode)
+        finish(p, data)
+
+
+def test_invalid_cache_mode(tmp_path):
+    path = qf_create(tmp_path / "x.qcow2", MiB)
+    with pytest.raises(qcow2fast.errors.InvalidArgumentError):
+        qcow2fast.open(path, "r+", cache_mode="sometimes")
+
+
+# ------------------------------------------------------------------ small caches
+@pytest.mark.parametrize("cs,entry", [(512, None), (4096, None), (65536, 4096),
+                                      (65536, 512)])
+def test_small_caches_force_evictions(tmp_path, cs, entry):
+    rng = Rng(f"smallcache-{cs}-{entry}")
+    size = 16 * MiB if cs == 512 else 64 * MiB
+    path = qf_create(tmp_path / "s.qcow2", size, cluster_size=cs, refcount_bits=16)
+    kw = dict(l2_cache_size=2 * (entry or cs), refcount_cache_size=4 * cs)
+    if entry:
+        kw["l2_cache_entry_size"] = entry
+    expected = bytearray(size)
+    with qcow2fast.open(path, "r+", **kw) as img:
+        m = ModelImage(img, bytes(expected))
+        # Scattered writes over many L2 tables, revisiting old ones.
+        offsets = [rng.randrange(0, size - 5000) for _ in range(150)]
+        for off in offsets + offsets[::3]:
+            m.write(off, rng.randbytes(rng.randint(1, 5000)))
+        m.random_ops(rng, 30)
+        for off in offsets[::5]:
+            m.check_read(off, 5000)
+        expected = bytes(m.data)
+    finish(path, expected)
+    with qcow2fast.open(path, **kw) as img:
+        assert img.read(0, size) == expected
+
+
+def test_refcount_table_growth(tmp_path):
+    """512-byte clusters and 64-bit refcounts: one refcount block covers 32 KiB,
+    the initial refcount table ~2 MiB; writing 24 MiB must grow it repeatedly."""
+    rng = Rng("growth")
+    size = 64 * MiB
+    path = qf_create(tmp_path / "g.qcow2", size, cluster_size=512, refcount_bits=64)
+    rt0 = header(path)["refcount_table_clusters"]
+    expected = bytearray(size)
+    chunk = MiB
+    slots = list(range(0, size, chunk))
+    rng.shuffle(slots)
+    with qcow2fast.open(path, "r+", refcount_cache_size=4 * 512) as img:
+        for off in slots[:24]:
+            b = rng.randbytes(chunk - 1536)
+            at = off + 512 * rng.randrange(0, 3)
+            img.write(at, b)
+            expected[at:at + len(b)] = b
+        img.write_zeroes(slots[0], chunk, may_unmap=True)
+        expected[slots[0]:slots[0] + chunk] = bytes(chunk)
+        img.flush()
+        assert_bytes_equal(img.read(0, size), expected, "qcow2fast read after growth")
+    h = header(path)
+    assert h["refcount_table_clusters"] > rt0, "refcount table did not grow"
+    assert os.path.getsize(path) > 24 * MiB
+    finish(path, bytes(expected))
+    qemu_compare(path, bytes(expected))
