@@ -96,7 +96,7 @@ class Image(ImageCore):
                                        f"512 and the cluster size ({cs})")
         self.geo = geo = Geometry(h.cluster_bits, h.refcount_order, entry_size)
         self.file = f
-        self._metadata = MetadataMap((file_size + cs - 1) // cs)
+        self._metadata = MetadataMap((file_size + cs - 1) // cs, self._set_metadata_bitmap)
         self._metadata.add(0)
         self.snapshots, snap_bytes = read_snapshot_table(f, h, file_size)
         self.snapshot_table_bytes = snap_bytes
@@ -135,6 +135,7 @@ class Image(ImageCore):
                          not writable, self.backing is not None)
         self.writethrough = self.cache_mode in ("writethrough", "directsync")
         self._set_l1(self.mapping.l1)
+        self._set_metadata_bitmap(self._metadata.bits)
         self._set_host_limit(-(-file_size // cs) * cs)
         if writable:
             if h.autoclear_features:
@@ -329,15 +330,6 @@ class Image(ImageCore):
             self._decompressed[coff] = data
         return data
 
-    def readv(self, requests):
-        """Read several (offset, length) ranges; returns a list of bytes."""
-        return [self.read(off, n) for off, n in requests]
-
-    def writev(self, requests):
-        """Write several (offset, data) pairs in order."""
-        for off, data in requests:
-            self.write(off, data)
-
     # -- writing (slow path) -----------------------------------------------------------
 
     def _write_slow(self, offset, mv):
@@ -350,8 +342,6 @@ class Image(ImageCore):
             raise
         finally:
             self._unlock()
-        if self.writethrough:
-            self.flush()
 
     def _write_locked(self, offset, mv):
         geo = self.geo
@@ -364,7 +354,7 @@ class Image(ImageCore):
                 kind, host, n, entry = self.mapping.run_at(pos, total - done, self.host_limit,
                                                            need_copied=True)
                 if kind == DATA and entry & QCOW_OFLAG_COPIED:
-                    self._check_overlap(host, n)
+                    self._check_overlap(pos, host, n)
                     self.file.pwrite(mv[done:done + n], host)
                 else:
                     self._allocating_write(slot, pos, mv[done:done + n], kind)
@@ -379,12 +369,14 @@ class Image(ImageCore):
         self._host_limit_changed()
         return slot
 
-    def _check_overlap(self, host, n):
+    def _check_overlap(self, pos, host, n):
         cb = self.geo.cluster_bits
         first, last = host >> cb, (host + n - 1) >> cb
         if self._metadata.overlaps(first, last - first + 1):
-            raise CorruptImageError(f"data write to host offset {host:#x} would overwrite "
-                                    "metadata", offset=host, field="L2 entry")
+            raise CorruptImageError(
+                f"guest offset {pos:#x} maps to host offset {host:#x}, which holds metadata; "
+                "writing there would destroy it", offset=self.mapping.entry_location(pos),
+                field="L2 entry")
 
     def _allocating_write(self, slot, pos, data, kind):
         """Write ``data`` at guest ``pos`` into newly allocated clusters,

@@ -70,6 +70,11 @@ class Mapping:
             return 0
         return int(self.l1[l1_index]) & L1E_OFFSET_MASK
 
+    def entry_location(self, offset):
+        """File offset of the L2 entry mapping guest ``offset`` (0 if none)."""
+        l2off = self.l2_table_offset(self.geo.l1_index(offset))
+        return l2off + 8 * self.geo.l2_index(offset) if l2off else 0
+
     def slice_key(self, l2_offset, l2_index):
         return l2_offset + (l2_index >> self.geo.slice_bits) * self.geo.slice_bytes
 

@@ -31,10 +31,15 @@ cdef class ImageCore:
     cdef public bint has_backing
     cdef public bint closed
     cdef object _l1
+    cdef object _meta
+    cdef const unsigned char *meta_bits
+    cdef int64_t meta_clusters
     cdef uint64_t *l1
     cdef int64_t l1_size
 
+    cdef _write(self, int64_t offset, data, bint sync)
     cdef _check_range(self, int64_t offset, int64_t length)
     cdef int64_t _locked_read(self, char *buf, int64_t offset, int64_t n) except -2
     cdef int64_t _read_loop(self, char *buf, int64_t off, int64_t n, bint exclusive) except -2
+    cdef bint _touches_metadata(self, uint64_t host, int64_t n) noexcept nogil
     cdef int64_t _write_loop(self, const char *buf, int64_t off, int64_t n, bint exclusive) except -2

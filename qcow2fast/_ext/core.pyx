@@ -47,6 +47,8 @@ cdef class ImageCore:
         self.closed = True
         self.l1 = NULL
         self.l1_size = 0
+        self.meta_bits = NULL
+        self.meta_clusters = 0
 
     def __dealloc__(self):
         pthread_rwlock_destroy(&self.rwlock)
@@ -72,6 +74,23 @@ cdef class ImageCore:
         self._l1 = l1
         self.l1 = <uint64_t *>cnp.PyArray_DATA(l1)
         self.l1_size = l1.shape[0]
+
+    def _set_metadata_bitmap(self, cnp.ndarray bits):
+        """Install the packed bitmap of host clusters holding metadata
+        (overlap.MetadataMap); the caller keeps ``bits`` alive."""
+        self._meta = bits
+        self.meta_bits = <const unsigned char *>cnp.PyArray_DATA(bits)
+        self.meta_clusters = bits.shape[0] * 8
+
+    cdef bint _touches_metadata(self, uint64_t host, int64_t n) noexcept nogil:
+        """True if host bytes [host, host+n) share a cluster with metadata."""
+        cdef int64_t c = host >> self.cluster_bits
+        cdef int64_t last = (host + n - 1) >> self.cluster_bits
+        while c <= last and c < self.meta_clusters:
+            if self.meta_bits[c >> 3] & (1 << (c & 7)):
+                return True
+            c += 1
+        return False
 
     def _set_size(self, int64_t size):
         self.size = size
@@ -206,6 +225,8 @@ cdef class ImageCore:
             chunk = (run << self.cluster_bits) - in_cl
             if chunk > n - done:
                 chunk = n - done
+            if self._touches_metadata(host + in_cl, chunk):
+                break           # the slow path reports the corruption
             if f.direct and not f.aligned(buf + done, chunk, host + in_cl):
                 # Read-modify-write of a block must not race: exclusive only.
                 if not exclusive:
@@ -254,6 +275,20 @@ cdef class ImageCore:
         self._read_slow(offset + done, memoryview(rest))
         return out[:done] + rest
 
+    def readv(self, requests):
+        """Read several (offset, length) ranges in one call; returns a list of
+        bytes.  Saves the per-call Python toll of many small reads."""
+        cdef int64_t off, n, done
+        cdef list out = []
+        for off, n in requests:
+            self._check_range(off, n)
+            buf = PyBytes_FromStringAndSize(NULL, n)
+            done = self._locked_read(PyBytes_AS_STRING(buf), off, n)
+            if done < n:
+                buf = self.read(off, n)
+            out.append(buf)
+        return out
+
     cdef int64_t _locked_read(self, char *buf, int64_t offset, int64_t n) except -2:
         cdef int64_t done
         with nogil:
@@ -273,6 +308,19 @@ cdef class ImageCore:
 
     def write(self, int64_t offset, data):
         """Write ``data`` (any bytes-like object) at guest ``offset``."""
+        self._write(offset, data, self.writethrough)
+        return len(data) if isinstance(data, bytes) else memoryview(data).nbytes
+
+    def writev(self, requests):
+        """Write several (offset, data) pairs, in order, in one call; under
+        writethrough they become stable together at the end."""
+        cdef int64_t off
+        for off, data in requests:
+            self._write(off, data, False)
+        if self.writethrough and requests:
+            self.flush()
+
+    cdef _write(self, int64_t offset, data, bint sync):
         cdef Py_buffer view
         cdef int64_t done, n
         PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
@@ -297,11 +345,11 @@ cdef class ImageCore:
         finally:
             PyBuffer_Release(&view)
         if done < n:
-            # The slow path makes its own writes stable under writethrough.
             self._write_slow(offset + done, memoryview(data).cast("B")[done:])
-        elif self.writethrough and n:
+            if sync:
+                self.flush()
+        elif sync and n:
             self.file.sync()
-        return n
 
     def _fast_readinto_locked(self, int64_t offset, buf):
         """For slow paths that already hold the exclusive lock: serve what the
