@@ -140,62 +140,72 @@ def rebuild_refcounts(img):
     finally:
         rc.reserved = None
     rc.free_hint = 0
-    _fix_copied_flags(img)
+    _fix_copied_flags(img, want)
     img.refcount_cache.flush()
     img.l2_cache.flush()
     img._barrier()
 
 
 def _apply(rc, geo, want):
-    """Write ``want`` into the refcount blocks; True if anything changed
-    (a new block changes the structures, so the caller re-tallies)."""
+    """Write ``want`` into the refcount blocks, a whole block at a time.
+    Returns True if anything changed; creating a block changes the refcount
+    structures themselves, so the caller tallies again."""
+    from ._ext.kernels import refcount_encode
     E = geo.rb_entries
     nblocks = max(len(rc.table), -(-len(want) // E))
     stored = np.zeros(E, dtype=np.uint64)
+    w = np.zeros(E, dtype=np.uint64)
     changed = False
     for t in range(nblocks):
         lo = t * E
-        if lo >= len(want) and (t >= len(rc.table) or rc.table[t] == 0):
+        exists = t < len(rc.table) and rc.table[t] != 0
+        if lo >= len(want) and not exists:
             continue
         rc.read_block_values(t, stored)
-        w = np.zeros(E, dtype=np.uint64)
+        w[:] = 0
         part = want[lo:lo + E]
         w[:len(part)] = part
-        for i in np.nonzero(stored != w)[0]:
-            before = len(rc.table), int(rc.table[t]) if t < len(rc.table) else 0
-            rc.set_value(lo + int(i), int(w[i]))
-            changed = True
-            if (len(rc.table), int(rc.table[t]) if t < len(rc.table) else 0) != before:
-                return True     # a block or table was created: tally again
+        if np.array_equal(stored, w):
+            continue
+        if not exists:
+            rc._alloc_block(t)
+            return True
+        slot, blk = rc._block(t)
+        refcount_encode(w, geo.refcount_order, blk)
+        rc.cache.mark_dirty(slot)
+        changed = True
     return changed
 
 
-def _fix_copied_flags(img):
-    """QCOW_OFLAG_COPIED on active L1/L2 entries iff the refcount is 1."""
-    geo, m, rc = img.geo, img.mapping, img.refcounts
+def _fix_copied_flags(img, counts):
+    """QCOW_OFLAG_COPIED on active L1/L2 entries iff the refcount is 1
+    (``counts``: the refcount of every host cluster, as just rebuilt)."""
+    geo, m = img.geo, img.mapping
+    cb = np.uint64(geo.cluster_bits)
+
+    def refcount_is_one(offsets):
+        idx = (offsets >> cb).astype(np.int64)
+        ok = idx < len(counts)
+        out = np.zeros(len(idx), dtype=bool)
+        out[ok] = counts[idx[ok]] == 1
+        return out
+
     for l1i in np.nonzero(m.l1 & np.uint64(L1E_OFFSET_MASK))[0]:
         l1i = int(l1i)
         e = int(m.l1[l1i])
         l2off = e & L1E_OFFSET_MASK
-        copied = rc.get(l2off >> geo.cluster_bits) == 1
-        if bool(e & QCOW_OFLAG_COPIED) != copied:
+        want_l1 = bool(refcount_is_one(np.array([l2off], dtype=np.uint64))[0])
+        if bool(e & QCOW_OFLAG_COPIED) != want_l1:
             m.l1[l1i] = np.uint64(e ^ QCOW_OFLAG_COPIED)
             m.write_l1_entry(l1i)
         for s in range(geo.l2_entries // geo.slice_entries):
             slot = img.l2_cache.load(l2off + s * geo.slice_bytes)
             l2 = img.l2_cache.u64(slot)
-            std = np.nonzero(((l2 & _COMPRESSED) == 0) & ((l2 & _OFF) != 0))[0]
-            dirty = False
-            for i in std:
-                v = int(l2[i])
-                ok = rc.get((v & L2E_OFFSET_MASK) >> geo.cluster_bits) == 1
-                if bool(v & QCOW_OFLAG_COPIED) != ok:
-                    l2[i] = np.uint64(v ^ QCOW_OFLAG_COPIED)
-                    dirty = True
-            comp = np.nonzero((l2 & _COMPRESSED) != 0)[0]
-            for i in comp:
-                if int(l2[i]) & QCOW_OFLAG_COPIED:
-                    l2[i] = np.uint64(int(l2[i]) & ~QCOW_OFLAG_COPIED)
-                    dirty = True
-            if dirty:
+            std = ((l2 & _COMPRESSED) == 0) & ((l2 & _OFF) != 0)
+            want = np.zeros(len(l2), dtype=bool)
+            want[std] = refcount_is_one(l2[std] & _OFF)
+            have = (l2 & _COPIED) != 0
+            wrong = np.nonzero(have != want)[0]
+            if len(wrong):
+                l2[wrong] ^= _COPIED
                 img.l2_cache.mark_dirty(slot)
