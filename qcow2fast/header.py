@@ -149,7 +149,20 @@ class Header:
     # -- writing -----------------------------------------------------------
 
     def pack(self):
-        """Serialise header, extensions and backing file name (cluster 0)."""
+        """Serialise header, extensions and backing file name (cluster 0).
+
+        As qemu does, the feature-name table is left out when it would not
+        fit in the first cluster (512-byte clusters)."""
+        out = self._pack(feature_table=True)
+        if len(out) > self.cluster_size:
+            out = self._pack(feature_table=False)
+        if len(out) > self.cluster_size:
+            raise UnsupportedFeatureError(
+                f"header, extensions and backing file name take {len(out)} bytes, "
+                f"more than one cluster ({self.cluster_size} bytes)")
+        return out
+
+    def _pack(self, feature_table):
         if self.version == 2:
             length = V2_HEADER_LENGTH
         else:
@@ -174,7 +187,7 @@ class Header:
 
         if self.backing_format:
             ext(EXT_BACKING_FORMAT, self.backing_format.encode())
-        if self.version >= 3:
+        if self.version >= 3 and feature_table:
             names = dict(((k, b), n) for k, b, n in KNOWN_FEATURES)
             names.update(self.feature_names)
             table = b"".join(FEATURE_ENTRY.pack(k, b, n.encode()[:46])
@@ -193,10 +206,6 @@ class Header:
         else:
             self.backing_file_offset = self.backing_file_size = 0
             struct.pack_into(">QI", out, FIELD_OFFSET["backing_file_offset"], 0, 0)
-        if len(out) > self.cluster_size:
-            raise UnsupportedFeatureError(
-                f"header, extensions and backing file name take {len(out)} bytes, "
-                f"more than one cluster ({self.cluster_size} bytes)")
         return bytes(out)
 
 

@@ -501,17 +501,25 @@ class Image(ImageCore):
         # Partial clusters at the edges: write zeros unless they already read so.
         for lo, hi in edges:
             if hi > lo and not self._reads_as_zero(lo, hi - lo):
-                self._write_locked(lo, memoryview(bytes(hi - lo)))
+                self._write_zero_bytes(lo, hi - lo)
         if a >= b:
             return
-        if self.header.version < 3 and self.backing is not None:
-            # v2 cannot express "zero" over a backing file: write zeros.
-            chunk = 1 << 20
-            zeros = bytes(min(chunk, b - a))
-            for pos in range(a, min(b, self.size), chunk):
-                self._write_locked(pos, memoryview(zeros)[:min(chunk, self.size - pos, b - pos)])
+        if self.header.version < 3 and (self.backing is not None or not may_unmap):
+            # v2 has no zero flag: write zeros where the clusters do not
+            # already read as zeros (deallocating needs may_unmap and no
+            # backing file).
+            for ext in list(self._layer_extents(a, min(b, self.size) - a)):
+                if ext.kind == "unallocated" and self.backing is None:
+                    continue
+                self._write_zero_bytes(ext.offset, ext.length)
             return
         self._set_entries(a, b, "zero", may_unmap or self.header.version < 3)
+
+    def _write_zero_bytes(self, offset, length):
+        chunk = 1 << 20
+        zeros = memoryview(bytes(min(chunk, length)))
+        for pos in range(offset, offset + length, chunk):
+            self._write_locked(pos, zeros[:min(chunk, offset + length - pos)])
 
     def discard(self, offset, length):
         """Discard whole clusters in [offset, offset+length): their host space
@@ -654,6 +662,7 @@ class Image(ImageCore):
         if sync:
             self.file.sync()        # barrier: L2 entries on disk before old clusters are freed
         if self.refcounts.deferred:
+            self._decompressed.clear()      # freed host space may be reused
             self.refcounts.apply_deferred_frees(self._discard_host)
             if not self.lazy_refcounts or final:
                 self.refcount_cache.flush()
@@ -732,6 +741,8 @@ class Image(ImageCore):
     def as_file(self):
         """A seekable io.RawIOBase view of the guest disk."""
         from .rawio import ImageFile
+        if self.closed:
+            raise ImageClosedError("as_file() on a closed image")
         return ImageFile(self)
 
 

@@ -220,13 +220,27 @@ class Refcounts:
         self.deferred.append((offset, n))
 
     def apply_deferred_frees(self, on_freed=None):
-        """Apply deferred frees; ``on_freed(offset, n)`` is called for runs
-        whose refcount dropped to zero (to discard them in the file)."""
+        """Apply deferred frees; ``on_freed(offset, n)`` is called for each
+        run of clusters whose refcount dropped to zero (to discard them in
+        the file).  A compressed cluster's host clusters may still hold
+        other compressed clusters, so each cluster is checked on its own."""
         pending, self.deferred = self.deferred, []
+        cb = self.geo.cluster_bits
         for offset, n in pending:
             self.free(offset, n)
-            if on_freed is not None and self.get(offset >> self.geo.cluster_bits) == 0:
-                on_freed(offset, n)
+            if on_freed is None:
+                continue
+            first = offset >> cb
+            run = None
+            for c in range(first, first + n):
+                if self.get(c) == 0:
+                    run = (run[0], run[1] + 1) if run else (c, 1)
+                    continue
+                if run:
+                    on_freed(run[0] << cb, run[1])
+                run = None
+            if run:
+                on_freed(run[0] << cb, run[1])
 
     # -- refcount blocks and table growth --------------------------------------
 
