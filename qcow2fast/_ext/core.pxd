@@ -40,6 +40,7 @@ cdef class ImageCore:
     cdef _write(self, int64_t offset, data, bint sync)
     cdef _check_range(self, int64_t offset, int64_t length)
     cdef int64_t _locked_read(self, char *buf, int64_t offset, int64_t n) except -2
+    cdef int _slice_at(self, int64_t pos, bint exclusive, const uint64_t **l2, int64_t *l2i) except -2
     cdef int64_t _read_loop(self, char *buf, int64_t off, int64_t n, bint exclusive) except -2
     cdef bint _touches_metadata(self, uint64_t host, int64_t n) noexcept nogil
     cdef int64_t _write_loop(self, const char *buf, int64_t off, int64_t n, bint exclusive) except -2

@@ -37,6 +37,13 @@ cnp.import_array()
 cdef enum:
     NEED_EXCLUSIVE = -1
 
+# _slice_at results.
+cdef enum:
+    SLICE_OK = 0
+    L1_UNALLOCATED = 1
+    MISS = 2
+    BAD = 3
+
 
 cdef class ImageCore:
     def __cinit__(self, *args, **kwargs):
@@ -111,53 +118,69 @@ cdef class ImageCore:
 
     # -- the loops -------------------------------------------------------------
 
+    cdef inline int _slice_at(self, int64_t pos, bint exclusive, const uint64_t **l2,
+                              int64_t *l2i) except -2:
+        """Find the cached L2 slice mapping guest ``pos``.  Returns SLICE_OK
+        (``l2``/``l2i`` set to the slice and the entry's index in it),
+        L1_UNALLOCATED, MISS (shared holder: retry exclusively) or BAD (a
+        malformed L1 entry: the slow path reports it)."""
+        cdef int64_t cidx = pos >> self.cluster_bits
+        cdef int64_t l1i = cidx >> self.l2_bits
+        cdef int64_t i = cidx & ((1 << self.l2_bits) - 1)
+        cdef uint64_t l1e, l2off
+        cdef int64_t key
+        cdef int slot
+        if l1i >= self.l1_size:
+            return BAD
+        l1e = self.l1[l1i]
+        if l1e & L1E_RESERVED_MASK:
+            return BAD
+        l2off = l1e & L1E_OFFSET_MASK
+        if l2off == 0:
+            return L1_UNALLOCATED
+        if (l2off & (self.cluster_size - 1)) or l2off + self.cluster_size > <uint64_t>self.host_limit:
+            return BAD
+        key = l2off + (i >> self.slice_bits) * (8 << self.slice_bits)
+        slot = self.l2_cache.lookup(key)
+        if slot < 0:
+            if not exclusive:
+                return MISS
+            slot = self.l2_cache.c_load(key, True)
+        else:
+            self.l2_cache.hits += 1
+        l2[0] = <const uint64_t *>self.l2_cache.slot_ptr(slot)
+        l2i[0] = i & ((1 << self.slice_bits) - 1)
+        return SLICE_OK
+
     cdef int64_t _read_loop(self, char *buf, int64_t off, int64_t n, bint exclusive) except -2:
         """Serve [off, off+n) as far as it can: data, zero, and unallocated
         without a backing file.  Returns the bytes done, or NEED_EXCLUSIVE
         (nothing done) when a shared holder missed the cache."""
-        cdef int64_t done = 0, pos, cidx, l1i, l2i, key, chunk, in_cl, count, run, rc
+        cdef int64_t done = 0, pos, l2i, chunk, in_cl, count, run, rc
         cdef int64_t cs = self.cluster_size, slice_entries = 1 << self.slice_bits
-        cdef int64_t slice_bytes = slice_entries * 8
-        cdef uint64_t l1e, l2off, host
-        cdef int slot, kind
+        cdef uint64_t host
+        cdef int kind, st
         cdef const uint64_t *l2
         cdef File f = self.file
-        cdef TableCache cache = self.l2_cache
         while done < n:
             pos = off + done
             in_cl = pos & (cs - 1)
-            cidx = pos >> self.cluster_bits
-            l1i = cidx >> self.l2_bits
-            l2i = cidx & ((1 << self.l2_bits) - 1)
-            if l1i >= self.l1_size:
+            st = self._slice_at(pos, exclusive, &l2, &l2i)
+            if st == MISS:
+                return NEED_EXCLUSIVE if done == 0 else done
+            if st == BAD:
                 break
-            l1e = self.l1[l1i]
-            l2off = l1e & L1E_OFFSET_MASK
-            if l2off == 0:
-                if self.has_backing or (l1e & L1E_RESERVED_MASK):
+            if st == L1_UNALLOCATED:
+                if self.has_backing:
                     break
                 # The whole L2 range is unallocated and reads as zeros.
-                chunk = ((l1i + 1) << (self.l2_bits + self.cluster_bits)) - pos
+                chunk = (((pos >> (self.l2_bits + self.cluster_bits)) + 1)
+                         << (self.l2_bits + self.cluster_bits)) - pos
                 if chunk > n - done:
                     chunk = n - done
                 memset(buf + done, 0, chunk)
                 done += chunk
                 continue
-            if (l2off & (cs - 1)) or l2off + cs > <uint64_t>self.host_limit or \
-                    (l1e & L1E_RESERVED_MASK):
-                break           # malformed L1 entry: the slow path reports it
-            key = l2off + (l2i >> self.slice_bits) * slice_bytes
-            slot = cache.lookup(key)
-            if slot < 0:
-                if not exclusive:
-                    if done == 0:
-                        return NEED_EXCLUSIVE
-                    break
-                slot = cache.c_load(key, True)
-            else:
-                cache.hits += 1
-            l2 = <const uint64_t *>cache.slot_ptr(slot)
-            l2i &= slice_entries - 1
             count = (in_cl + (n - done) + cs - 1) >> self.cluster_bits
             if count > slice_entries - l2i:
                 count = slice_entries - l2i
@@ -181,39 +204,22 @@ cdef class ImageCore:
 
     cdef int64_t _write_loop(self, const char *buf, int64_t off, int64_t n, bint exclusive) except -2:
         """Overwrite in place where clusters are allocated with refcount 1
-        (QCOW_OFLAG_COPIED).  Returns bytes done or NEED_EXCLUSIVE."""
-        cdef int64_t done = 0, pos, cidx, l1i, l2i, key, chunk, in_cl, count, run, rc
+        (QCOW_OFLAG_COPIED) and hold no metadata.  Returns bytes done or
+        NEED_EXCLUSIVE."""
+        cdef int64_t done = 0, pos, l2i, chunk, in_cl, count, run, rc
         cdef int64_t cs = self.cluster_size, slice_entries = 1 << self.slice_bits
-        cdef int64_t slice_bytes = slice_entries * 8
-        cdef uint64_t l1e, l2off, host
-        cdef int slot, kind
+        cdef uint64_t host
+        cdef int kind, st
         cdef const uint64_t *l2
         cdef File f = self.file
-        cdef TableCache cache = self.l2_cache
         while done < n:
             pos = off + done
             in_cl = pos & (cs - 1)
-            cidx = pos >> self.cluster_bits
-            l1i = cidx >> self.l2_bits
-            l2i = cidx & ((1 << self.l2_bits) - 1)
-            if l1i >= self.l1_size:
+            st = self._slice_at(pos, exclusive, &l2, &l2i)
+            if st == MISS:
+                return NEED_EXCLUSIVE if done == 0 else done
+            if st != SLICE_OK:
                 break
-            l1e = self.l1[l1i]
-            l2off = l1e & L1E_OFFSET_MASK
-            if l2off == 0 or (l2off & (cs - 1)) or l2off + cs > <uint64_t>self.host_limit:
-                break
-            key = l2off + (l2i >> self.slice_bits) * slice_bytes
-            slot = cache.lookup(key)
-            if slot < 0:
-                if not exclusive:
-                    if done == 0:
-                        return NEED_EXCLUSIVE
-                    break
-                slot = cache.c_load(key, True)
-            else:
-                cache.hits += 1
-            l2 = <const uint64_t *>cache.slot_ptr(slot)
-            l2i &= slice_entries - 1
             count = (in_cl + (n - done) + cs - 1) >> self.cluster_bits
             if count > slice_entries - l2i:
                 count = slice_entries - l2i
@@ -230,9 +236,7 @@ cdef class ImageCore:
             if f.direct and not f.aligned(buf + done, chunk, host + in_cl):
                 # Read-modify-write of a block must not race: exclusive only.
                 if not exclusive:
-                    if done == 0:
-                        return NEED_EXCLUSIVE
-                    break
+                    return NEED_EXCLUSIVE if done == 0 else done
             with nogil:
                 rc = f.c_pwrite(buf + done, chunk, host + in_cl)
             if rc < 0:
