@@ -10,8 +10,15 @@ metadata caches, cache mode writeback on both sides):
                qemu-img, not timed) and page-cached, read by both engines;
                the raw limit is ``os.preadv`` into a preallocated buffer on a
                raw copy of the same data (``qemu-img convert -O raw``).
+               A second limit, "host", is the same ``os.preadv`` loop on the
+               qcow2 file itself at the host offsets the requests map to
+               (``qemu-img map``): the very pages the engines read, so it is
+               free of the differences between two files' page-cache state
+               (which are measurable here, for writes above all).
 ``overwrite``  overwrites of that same allocated image (run after the reads);
-               raw limit ``os.pwrite`` on the raw copy.
+               raw limit ``os.pwrite`` on the raw copy, host limit
+               ``os.pwrite`` into the qcow2 file's data clusters (same data at
+               the same guest offsets, so the image stays consistent).
 ``alloc``      allocating writes into an empty image: a fresh image (made by
                ``qemu-img create``, not timed) per engine and per run.
                ``S=64K`` allocates a cluster on every write, ``S=4K`` once per
@@ -33,7 +40,9 @@ Timing windows:
           subtracted; 1 ms resolution).  In qemu-img.c (7.2) the timer starts
           before the first request and stops when the last one has
           completed; opening the image, and the final flush and close (done
-          by ``blk_unref()`` after the timer) are outside it.  For qcow2fast
+          by ``blk_unref()`` after the timer) are outside it (strace with -i
+          threads shows the cached L2/refcount writes and two fdatasyncs after
+          the "Run completed" line).  For qcow2fast
           and raw: ``time.perf_counter()`` around the Python request loop, the
           image/file already open, no flush.
 ``e2e``   (second table, write scenarios) including open and the final
@@ -43,17 +52,38 @@ Timing windows:
           and fdatasyncs under -t writeback), which also includes exec and
           process start-up, reported separately as "qemu-img fixed cost".
 
-Every configuration runs ``--runs`` times (5, --quick 3), the engines in a
-rotating order so that none always runs first; the tables show the median
-and the spread (min/max), IOPS, and speed ratios (IOPS ratios: >1 means
-qcow2fast is faster).  The ratio's bracket is the range of the per-run
-ratios (engines of one run are paired).  Results are checked after timing
-(qcow2fast's reads against the raw file; images written by qcow2fast with
-``qemu-img check`` and ``qemu-img compare``).  ``--json OUT`` writes every
+qemu-img runs twice per sample set: free to use every CPU ("qemu-img"), and
+pinned to one CPU ("qemu-img 1cpu", its io_uring worker threads inherit the
+mask).  On a small VM the placement matters a lot for writes: io_uring hands
+buffered writes to io-wq worker threads, and waking a worker on an idle
+second vCPU costs tens of microseconds per request at queue depth 1 (seen
+here: 4 KiB overwrites 10-15 us pinned, 50-70 us unpinned when the other
+vCPU idles, but fast unpinned when it is busy).  The "qf vs qemu" ratio is
+taken against the faster of the two, per scenario; JSON has both.
+
+The raw and host loops are Python loops too (``os.preadv``/``os.pwrite``,
+the interpreter's per-call cost included), so they are the limit for a
+Python caller, not for C: qcow2fast's one Cython call per request can come
+out slightly faster than ``os.preadv``.
+
+Fairness: the data image and its raw copy are written back, dropped from
+the page cache and read once the same way before the first sample, so both
+files have the same page-cache history.  Every configuration runs
+``--runs`` times (5, --quick 3), the engines in a rotating order so that
+none always runs first, each sample starting after an ``os.sync()`` (not
+timed) so that no engine pays for the write-back of another's dirty pages.
+
+The tables show the median and the spread (min/max), IOPS, and speed ratios
+(IOPS ratios: >1 means qcow2fast is faster); the ratio's bracket is the
+range of the per-run ratios (the engines of one run are paired).  Results
+are checked after timing: qcow2fast's reads against the raw file; the
+images qcow2fast wrote with ``qemu-img check`` and ``qemu-img compare``
+(against qemu's image and the raw file).  ``--json OUT`` writes every
 sample.  Exit status: 0 when everything ran and verified, 1 otherwise.
 """
 
 import argparse
+import bisect
 import gc
 import json
 import os
@@ -75,9 +105,12 @@ CLUSTER = 64 * KiB                 # cluster size of every image
 SCATTER_STEP = 7919 * REQ          # prime number of 4 KiB blocks (~31 MiB)
 FILL_PATTERN = 0x5A                # data of the pre-written image
 WRITE_PATTERN = 0xA5               # data every benchmark write carries
+CHECK_PATTERN = 0xC3               # data of the (untimed) overwrite check
 
-ENGINES = ("qemu", "qcow2fast", "raw")
-ENGINE_LABEL = {"qemu": "qemu-img", "qcow2fast": "qcow2fast", "raw": "raw"}
+ENGINES = ("qemu", "qemu1", "qcow2fast", "raw", "host")
+ENGINE_LABEL = {"qemu": "qemu-img", "qemu1": "qemu-img 1cpu", "qcow2fast": "qcow2fast",
+                "raw": "raw", "host": "host"}
+QEMU_ENGINES = ("qemu", "qemu1")
 
 # name, kind, step, count key
 SCENARIOS = [
@@ -89,12 +122,16 @@ SCENARIOS = [
     ("alloc-S4K", "alloc", REQ, "alloc4_count"),
 ]
 
+# Request counts.  None: derived from the data image size -- the reads touch
+# every 4 KiB block once (size / 4 KiB), the S=64K allocating writes fill
+# every cluster of an image of that size (size / 64 KiB).
 MODES = {
-    "full": dict(size=1 * GiB, runs=5, read_count=200_000, overwrite_count=20_000,
-                 alloc64_count=16_384, alloc4_count=32_768),
-    "quick": dict(size=256 * MiB, runs=3, read_count=50_000, overwrite_count=5_000,
-                  alloc64_count=4_096, alloc4_count=8_192),
+    "full": dict(size=1 * GiB, runs=5, read_count=None, overwrite_count=32_768,
+                 alloc64_count=None, alloc4_count=65_536),
+    "quick": dict(size=256 * MiB, runs=3, read_count=None, overwrite_count=10_000,
+                  alloc64_count=None, alloc4_count=16_384),
 }
+DERIVED_COUNT = {"read_count": REQ, "alloc64_count": CLUSTER}   # size // this
 
 RUN_RE = re.compile(r"Run completed in ([0-9.]+) seconds\.")
 SEND_RE = re.compile(r"Sending (\d+) (read|write) requests, (\d+) bytes each, (\d+) in "
@@ -210,11 +247,14 @@ class Qemu:
             cmd += ["-w", f"--pattern={WRITE_PATTERN}"]
         return cmd + [path]
 
-    def bench(self, path, count, step, write):
-        """Returns {"loop": qemu's own time, "e2e": process wall time}."""
+    def bench(self, path, count, step, write, cpu=None):
+        """Returns {"loop": qemu's own time, "e2e": process wall time}.  With
+        ``cpu``, qemu-img (and so its io_uring worker threads) runs on that
+        CPU only."""
         cmd = self.command(path, count, step, write)
+        pin = None if cpu is None else (lambda: os.sched_setaffinity(0, {cpu}))
         t0 = time.perf_counter()
-        p = subprocess.run(cmd, capture_output=True, text=True)
+        p = subprocess.run(cmd, capture_output=True, text=True, preexec_fn=pin)
         wall = time.perf_counter() - t0
         if p.returncode != 0:
             raise BenchError(f"{' '.join(cmd)} exited {p.returncode}:\n{p.stdout}{p.stderr}")
@@ -282,6 +322,27 @@ def raw_read(path, offsets, buf):
     finally:
         gc.enable()
     return {"loop": t2 - t1, "e2e": t3 - t0, "open": t1 - t0, "close": t3 - t2}
+
+
+def host_map(qemu_img, path):
+    """Guest -> host offset function of a fully allocated image, from
+    ``qemu-img map --output=json`` (the oracle, not qcow2fast)."""
+    extents = json.loads(run([qemu_img, "map", "--output=json", "-f", "qcow2", path]).stdout)
+    starts, ext = [], []
+    for e in extents:
+        if e.get("data") and e.get("offset") is not None and e.get("depth", 0) == 0:
+            starts.append(e["start"])
+            ext.append((e["start"], e["length"], e["offset"]))
+
+    def to_host(off):
+        i = bisect.bisect_right(starts, off) - 1
+        if i < 0 or not ext[i][0] <= off < ext[i][0] + ext[i][1]:
+            raise BenchError(f"guest offset {off:#x} of {path} is not allocated data")
+        start, length, host = ext[i]
+        if off + REQ > start + length:
+            raise BenchError(f"request at {off:#x} crosses a host extent boundary")
+        return host + off - start
+    return to_host
 
 
 def raw_write(path, offsets, data):
@@ -382,6 +443,30 @@ def verify_reads(qcow2fast, qcow2_path, raw_path, offsets):
     return f"{len(sample)} sampled reads match the raw file"
 
 
+def verify_qf_overwrites(qcow2fast, qemu_img, qcow2_path, raw_path, offsets):
+    """Every engine overwrote the same offsets with the same data, so the
+    image matching the raw copy does not show that qcow2fast's writes
+    landed.  Overwrite the scenario's offsets once more (untimed, same
+    Image.write calls) with CHECK_PATTERN, do the same to the raw copy, and
+    let qemu-img compare the two."""
+    data = bytes([CHECK_PATTERN]) * REQ
+    img = qcow2fast.open(qcow2_path, "r+", cache_mode="writeback")
+    try:
+        for off in offsets:
+            img.write(off, data)
+    finally:
+        img.close()
+    fd = os.open(raw_path, os.O_RDWR)
+    try:
+        for off in offsets:
+            os.pwrite(fd, data, off)
+    finally:
+        os.close(fd)
+    qemu_compare(qemu_img, qcow2_path, "qcow2", raw_path, "raw")
+    return (f"qcow2fast re-overwrote all {len(offsets)} offsets with {CHECK_PATTERN:#x}: "
+            "qemu-img compare image = raw copy")
+
+
 def qemu_check(qemu_img, path):
     p = run([qemu_img, "check", "-f", "qcow2", path], check=False)
     if p.returncode != 0:
@@ -423,6 +508,15 @@ class IoBench:
         self.args = args
         self.qcow2fast = qcow2fast
         self.engines = args.engines
+        self.loadavg_start = os.getloadavg()
+        # qemu-img also runs pinned to one CPU ("qemu1"): its io_uring
+        # requests that the kernel hands to io-wq worker threads then need no
+        # cross-CPU wake-up, which costs tens of microseconds in a VM whose
+        # other vCPU is idle.  The tables compare with the faster placement.
+        allowed = sorted(os.sched_getaffinity(0))
+        self.pin_cpu = allowed[0]
+        if len(allowed) < 2 and "qemu1" in self.engines and "qemu" in self.engines:
+            self.engines = [e for e in self.engines if e != "qemu1"]
         self.results = []
         self.failures = []
 
@@ -442,7 +536,18 @@ class IoBench:
              "-s", str(chunk), "-S", str(chunk), f"--pattern={FILL_PATTERN}", "-t",
              "writeback", "-i", self.aio, self.data_qcow2])
         run([a.qemu_img, "convert", "-f", "qcow2", "-O", "raw", self.data_qcow2, self.data_raw])
+        # Same page-cache history for both files: written back, dropped,
+        # then read once the same way.
+        os.sync()
+        for path in (self.data_qcow2, self.data_raw):
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
         warm_page_cache(self.data_qcow2, self.data_raw)
+        if "host" in self.engines:
+            self.to_host = host_map(a.qemu_img, self.data_qcow2)
         log(f"  data image: {human(a.size)} written by qemu-img in "
             f"{time.perf_counter() - t0:.1f} s (both files page-cached)")
 
@@ -451,23 +556,27 @@ class IoBench:
         write = kind != "read"
         size = a.size if kind != "alloc" else max(a.size, round_up(count * step, CLUSTER))
         offsets = self.offsets(count, step, size)
+        engines = [e for e in self.engines if not (e == "host" and kind == "alloc")]
+        host_offsets = ([self.to_host(off) for off in offsets] if "host" in engines
+                        else None)
         qemu = Qemu(a.qemu_img, self.aio)
         data = bytes([WRITE_PATTERN]) * REQ
         buf = bytearray(REQ)
-        samples = {e: [] for e in self.engines}
+        samples = {e: [] for e in engines}
         errors = {}
         verify = []
         log(f"  {name}: {count} x 4 KiB, step {human(step)}, image {human(size)}, "
             f"{a.runs} runs")
         kept = {}
         for r in range(a.runs):
-            order = self.engines[r % len(self.engines):] + self.engines[:r % len(self.engines)]
+            order = engines[r % len(engines):] + engines[:r % len(engines)]
             for engine in order:
                 if engine in errors:
                     continue
                 try:
                     if kind == "alloc":
-                        path = os.path.join(self.tmpdir, f"{name}-{engine}.{'raw' if engine == 'raw' else 'qcow2'}")
+                        ext = "raw" if engine == "raw" else "qcow2"
+                        path = os.path.join(self.tmpdir, f"{name}-{engine}.{ext}")
                         if engine == "raw":
                             raw_create(path, size)
                         else:
@@ -475,15 +584,21 @@ class IoBench:
                         kept[engine] = path
                     else:
                         path = self.data_raw if engine == "raw" else self.data_qcow2
-                    if engine == "qemu":
-                        res = qemu.bench(path, count, step, write)
+                    offs = host_offsets if engine == "host" else offsets
+                    # Start every sample with no dirty pages, so that the
+                    # kernel does not write back one engine's data during the
+                    # next engine's run.  Not timed.
+                    os.sync()
+                    if engine in QEMU_ENGINES:
+                        res = qemu.bench(path, count, step, write,
+                                         cpu=self.pin_cpu if engine == "qemu1" else None)
                     elif engine == "qcow2fast":
                         if write:
                             res = qf_write(self.qcow2fast, path, offsets, data)
                         else:
                             res = qf_read(self.qcow2fast, path, offsets, buf)
                     else:
-                        res = (raw_write if write else raw_read)(path, offsets,
+                        res = (raw_write if write else raw_read)(path, offs,
                                                                  data if write else buf)
                 except Exception as e:          # report, keep the other engines going
                     errors[engine] = f"{type(e).__name__}: {e}"
@@ -497,12 +612,12 @@ class IoBench:
                 verify.append(verify_reads(self.qcow2fast, self.data_qcow2, self.data_raw,
                                            offsets))
             if kind == "alloc":
-                for engine in ("qemu", "qcow2fast"):
+                for engine in ("qemu", "qemu1", "qcow2fast"):
                     if engine in kept and engine not in errors:
                         verify.append(f"{engine} image: qemu-img check: "
                                       f"{qemu_check(a.qemu_img, kept[engine])}")
                 if "qcow2fast" in kept and "qcow2fast" not in errors:
-                    for other, fmt in (("qemu", "qcow2"), ("raw", "raw")):
+                    for other, fmt in (("qemu", "qcow2"), ("qemu1", "qcow2"), ("raw", "raw")):
                         if other in kept and other not in errors:
                             qemu_compare(a.qemu_img, kept["qcow2fast"], "qcow2", kept[other], fmt)
                             verify.append(f"qemu-img compare qcow2fast image = {other} image")
@@ -512,6 +627,12 @@ class IoBench:
                 if "raw" in self.engines:
                     qemu_compare(a.qemu_img, self.data_qcow2, "qcow2", self.data_raw, "raw")
                     verify.append("qemu-img compare data image = raw copy (same overwrites)")
+                    if "qcow2fast" in self.engines:
+                        verify.append(verify_qf_overwrites(self.qcow2fast, a.qemu_img,
+                                                           self.data_qcow2, self.data_raw,
+                                                           offsets))
+                        verify.append("data image: qemu-img check: "
+                                      f"{qemu_check(a.qemu_img, self.data_qcow2)}")
         except BenchError as e:
             errors["verify"] = str(e)
             log(f"    VERIFY FAILED: {e}")
@@ -524,13 +645,20 @@ class IoBench:
                  "samples": samples, "errors": errors, "verify": verify, "stats": {},
                  "ratios": {}}
         for window in ("loop", "e2e"):
-            times = {e: [s[window] for s in samples[e]] for e in self.engines if samples[e]}
+            times = {e: [s[window] for s in samples[e]] for e in engines if samples[e]}
             entry["stats"][window] = {e: dict(summarise(t), iops=count / statistics.median(t))
                                       for e, t in times.items()}
             qf = times.get("qcow2fast")
+            # "qemu" in the tables: the faster of the two placements.
+            best = min((e for e in QEMU_ENGINES if e in times),
+                       key=lambda e: statistics.median(times[e]), default=None)
+            entry.setdefault("best_qemu", {})[window] = best
             entry["ratios"][window] = {
-                "qcow2fast_vs_qemu": ratio_info(times.get("qemu"), qf),
+                "qcow2fast_vs_qemu": ratio_info(times.get(best), qf),
+                "qcow2fast_vs_qemu_unpinned": ratio_info(times.get("qemu"), qf),
+                "qcow2fast_vs_qemu_1cpu": ratio_info(times.get("qemu1"), qf),
                 "qcow2fast_vs_raw": ratio_info(times.get("raw"), qf),
+                "qcow2fast_vs_host": ratio_info(times.get("host"), qf),
             }
         if errors:
             self.failures.append((name, errors))
@@ -552,7 +680,7 @@ class IoBench:
             log(f"  images in {self.tmpdir} ({self.fstype}); qemu AIO: {self.aio}")
             qemu = Qemu(a.qemu_img, self.aio)
             self.fixed_cost = (qemu_fixed_cost(qemu, self.tmpdir, a.size)
-                               if "qemu" in self.engines else [])
+                               if any(e in self.engines for e in QEMU_ENGINES) else [])
             wanted = [s for s in SCENARIOS if not a.only or s[0] in a.only]
             if any(kind != "alloc" for _, kind, _, _ in wanted):
                 self.setup_data_image()
@@ -582,34 +710,44 @@ def print_table(bench, window, title, kinds, out=sys.stdout):
     rows = [e for e in bench.results if e["kind"] in kinds and e["stats"][window]]
     if not rows:
         return
-    head = (f"{'scenario':<28} {'engine':<10} {'median s':>9} {'min s':>8} {'max s':>8} "
-            f"{'kIOPS':>7} {'us/req':>7}  {'qf speed vs qemu':<19} {'qf speed vs raw':<19}")
+    head = (f"{'scenario':<27} {'engine':<15} {'median s':>8} {'min s':>7} {'max s':>7} "
+            f"{'kIOPS':>6} {'us/req':>6}  {'qf vs qemu*':<19} {'qf vs raw':<19} "
+            f"{'qf vs host':<18}")
     print(f"\n{title}", file=out)
-    print(head, file=out)
-    print("-" * len(head), file=out)
+    print(head.rstrip(), file=out)
+    print("-" * len(head.rstrip()), file=out)
     for e in rows:
-        first = True
-        for engine in bench.engines:
+        labels = [scenario_label(e), f"  ({e['count']} requests)"]
+        for engine in ENGINES:
+            if engine not in e["samples"]:
+                continue
+            label = labels.pop(0) if labels else ""
             st = e["stats"][window].get(engine)
-            label = scenario_label(e) if first else (f"  ({e['count']} reqs)"
-                                                    if engine == bench.engines[1] else "")
-            first = False
             name = ENGINE_LABEL[engine]
-            if window == "loop" and engine == "raw":
-                name = "raw " + ("preadv" if e["kind"] == "read" else "pwrite")
+            if window == "loop" and engine in ("raw", "host"):
+                name += " " + ("preadv" if e["kind"] == "read" else "pwrite")
+            if engine == e["best_qemu"][window] and len(
+                    [q for q in QEMU_ENGINES if q in e["stats"][window]]) > 1:
+                name += " *"
             if st is None:
                 err = e["errors"].get(engine, "no samples")
-                print(f"{label:<28} {name:<10} FAILED: {err[:90]}", file=out)
+                print(f"{label:<27} {name:<15} FAILED: {err[:90]}", file=out)
                 continue
-            r_q = r_r = ""
+            ratios = ["", "", ""]
             if engine == "qcow2fast":
-                r_q = fmt_ratio(e["ratios"][window]["qcow2fast_vs_qemu"])
-                r_r = fmt_ratio(e["ratios"][window]["qcow2fast_vs_raw"])
-            print(f"{label:<28} {name:<10} {st['median']:9.3f} {st['min']:8.3f} "
-                  f"{st['max']:8.3f} {st['iops'] / 1000:7.1f} "
-                  f"{st['median'] / e['count'] * 1e6:7.2f}  {r_q:<19} {r_r:<19}", file=out)
+                ratios = [fmt_ratio(e["ratios"][window][f"qcow2fast_vs_{other}"])
+                          for other in ("qemu", "raw", "host")]
+            line = (f"{label:<27} {name:<15} {st['median']:8.3f} {st['min']:7.3f} "
+                    f"{st['max']:7.3f} {st['iops'] / 1000:6.1f} "
+                    f"{st['median'] / e['count'] * 1e6:6.2f}  {ratios[0]:<19} {ratios[1]:<19} "
+                    f"{ratios[2]:<18}")
+            print(line.rstrip(), file=out)
+        for label in labels:
+            print(label, file=out)
         if "verify" in e["errors"]:
-            print(f"{'':<28} VERIFY FAILED: {e['errors']['verify'][:100]}", file=out)
+            print(f"{'':<27} VERIFY FAILED: {e['errors']['verify'][:100]}", file=out)
+    print("* qf vs qemu: against the faster qemu-img placement (marked *): free to use "
+          f"every CPU, or pinned to CPU {bench.pin_cpu} (\"1cpu\").", file=out)
 
 
 def report(bench, out=sys.stdout):
@@ -620,22 +758,27 @@ def report(bench, out=sys.stdout):
     if bench.aio != "io_uring":
         print("NOTE: -i io_uring failed here, qemu ran with -i threads "
               "(its slower mode).", file=out)
-    print(f"images: {bench.tmpdir} ({bench.fstype}), data image {human(a.size)}, page-cached",
-          file=out)
+    print(f"images: {bench.tmpdir} ({bench.fstype}), data image {human(a.size)}, page-cached; "
+          f"{os.cpu_count()} CPUs, load average {bench.loadavg_start[0]:.2f} at start, "
+          f"{os.getloadavg()[0]:.2f} at end", file=out)
     print_table(bench, "loop", "Request loop only (qemu: its own \"Run completed\" time; "
                 "qcow2fast/raw: perf_counter around the loop; no open/flush/close).  "
                 "Ratios are IOPS ratios, >1 = qcow2fast faster; (per-run range).",
                 ("read", "overwrite", "alloc"))
     print_table(bench, "e2e", "Writes including open + final flush + close "
                 "(qemu: wall time of the qemu-img process, so also exec/start-up; "
-                "qcow2fast: open+loop+flush()+close(); raw: open+loop+fdatasync+close).",
+                "qcow2fast: open+loop+flush()+close(); raw/host: open+loop+fdatasync+close).",
                 ("overwrite", "alloc"))
     if bench.fixed_cost:
         print(f"\nqemu-img fixed cost (process with 1 write on a fresh image, wall): median "
               f"{statistics.median(bench.fixed_cost) * 1000:.1f} ms "
               f"(min {min(bench.fixed_cost) * 1000:.1f}, max {max(bench.fixed_cost) * 1000:.1f})"
               " - included in qemu's e2e figures, not subtracted.", file=out)
-    print("qemu-img bench reports its time with 1 ms resolution.", file=out)
+    short = sorted({e["name"] for e in bench.results for q in QEMU_ENGINES
+                    if e["stats"]["loop"].get(q, {}).get("median", 1) < 0.1})
+    print("qemu-img bench reports its time with 1 ms resolution"
+          + (f"; under 0.1 s in {', '.join(short)}: use a larger --count for precision."
+             if short else "."), file=out)
     for e in bench.results:
         for v in e["verify"]:
             print(f"verified [{e['name']}]: {v}", file=out)
@@ -661,20 +804,22 @@ def write_json(bench, path, started):
             "write_pattern": WRITE_PATTERN, "engines": bench.engines,
             "qemu_aio": bench.aio, "qemu_aio_notes": bench.aio_notes,
             "qemu_cache": "writeback", "qcow2fast_cache_mode": "writeback",
+            "qemu1_cpu": bench.pin_cpu,
             "tmpdir": bench.tmpdir, "tmpdir_fstype": bench.fstype,
             "offsets": "offset(i) = (i * step) % image_size, i in range(count)",
             "windows": {
                 "loop": "qemu: parsed 'Run completed in X seconds.' (excludes open, final "
                         "flush, close); qcow2fast/raw: perf_counter around the request loop",
                 "e2e": "qemu: qemu-img process wall time (exec+open+loop+flush+close); "
-                       "qcow2fast: open+loop+flush()+close(); raw: open+loop+fdatasync+close",
+                       "qcow2fast: open+loop+flush()+close(); raw/host: open+loop+fdatasync+close",
             },
             "ratio": "IOPS ratio qcow2fast/other = median(other time) / median(qcow2fast "
                      "time); min/max over per-run pairs",
         },
         "environment": {
             "python": sys.version, "platform": platform.platform(),
-            "cpu_count": os.cpu_count(), "loadavg_end": os.getloadavg(),
+            "cpu_count": os.cpu_count(), "loadavg_start": bench.loadavg_start,
+            "loadavg_end": os.getloadavg(),
             "qemu_img": qemu_version[0] if qemu_version else None,
             "qcow2fast_version": qf_version, "git_revision": rev, "git_dirty": dirty,
         },
@@ -705,7 +850,8 @@ def parse_args(argv):
     p.add_argument("--only", action="append", choices=[s[0] for s in SCENARIOS],
                    help="run only this scenario (repeatable)")
     p.add_argument("--engines", default=",".join(ENGINES),
-                   help="comma-separated subset of qemu,qcow2fast,raw (default: all)")
+                   help="comma-separated subset of " + ",".join(ENGINES) + " (default: all; "
+                        "qemu1 = qemu-img pinned to one CPU)")
     p.add_argument("--tmpdir", help="directory for the images (default: $TMPDIR, /var/tmp, "
                                     "/tmp; never tmpfs)")
     p.add_argument("--keep", action="store_true", help="keep the images")
@@ -716,7 +862,8 @@ def parse_args(argv):
     mode = MODES[a.mode]
     a.runs = a.runs or mode["runs"]
     a.size = a.size or mode["size"]
-    a.counts = {k: (a.count or v) for k, v in mode.items() if k.endswith("_count")}
+    a.counts = {k: (a.count or v or a.size // DERIVED_COUNT[k])
+                for k, v in mode.items() if k.endswith("_count")}
     a.engines = [e.strip() for e in a.engines.split(",") if e.strip()]
     bad = [e for e in a.engines if e not in ENGINES]
     if bad or not a.engines:

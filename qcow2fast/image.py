@@ -53,6 +53,13 @@ class Image(ImageCore):
             raise InvalidArgumentError(f"mode must be 'r' or 'r+', not {mode!r}")
         if cache_mode not in CACHE_MODES:
             raise InvalidArgumentError(f"cache_mode must be one of {', '.join(CACHE_MODES)}")
+        for name, value in (("l2_cache_size", l2_cache_size),
+                            ("l2_cache_entry_size", l2_cache_entry_size),
+                            ("refcount_cache_size", refcount_cache_size),
+                            ("cache_clean_interval", cache_clean_interval)):
+            if value is not None and (not isinstance(value, int) or value < 0):
+                raise InvalidArgumentError(f"{name} must be a non-negative integer, "
+                                           f"not {value!r}")
         self.path = os.fspath(path)
         self.cache_mode = cache_mode
         self._lock_py = threading.Lock()     # serialises close() against the cleaner

@@ -48,7 +48,7 @@ if ! command -v qemu-img >/dev/null 2>&1 || ! command -v qemu-io >/dev/null 2>&1
     say "installing qemu-utils (qemu-img, qemu-io)"
     apt_install qemu-utils
 fi
-qemu-img --version | head -n 1
+qemu-img --version | sed -n 1p
 
 PY=${PYTHON:-}
 if [ -z "$PY" ]; then
@@ -75,9 +75,10 @@ fi
 IN_VENV=$("$PY" -c 'import sys; print(int(sys.prefix != sys.base_prefix))')
 MANAGED=$("$PY" -c 'import os, sysconfig; print(int(os.path.exists(os.path.join(sysconfig.get_path("stdlib"), "EXTERNALLY-MANAGED"))))')
 if [ "$IN_VENV" = 0 ] && [ "$MANAGED" = 1 ]; then
-    if [ ! -x .venv/bin/python ]; then
+    if ! .venv/bin/python -m pip --version >/dev/null 2>&1; then
         say "system Python is externally managed: creating .venv"
-        "$PY" -m venv .venv 2>/dev/null || { apt_install python3-venv; "$PY" -m venv .venv; }
+        "$PY" -m venv --clear .venv 2>/dev/null \
+            || { apt_install python3-venv; "$PY" -m venv --clear .venv; }
     fi
     PY=$REPO/.venv/bin/python
 fi

@@ -162,6 +162,26 @@ def qemu_raw(path, *, fmt="qcow2", snapshot=None, extra=()):
         os.unlink(out)
 
 
+def qemu_raw_slice(path, offset, length, *, fmt="qcow2"):
+    """qemu's view of [offset, offset+length) only (a raw node with offset/size
+    on top of the image), for images too large to convert whole."""
+    path = os.path.abspath(str(path))
+    start = offset // 512 * 512                  # the raw driver wants sectors
+    end = -(-(offset + length) // 512) * 512
+    spec = {"driver": "raw", "offset": start, "size": end - start,
+            "file": {"driver": fmt, "file": {"driver": "file", "filename": path}}}
+    fd, out = tempfile.mkstemp(suffix=".slice.raw", dir=os.path.dirname(path))
+    os.close(fd)
+    try:
+        qemu_img("convert", "-O", "raw", "json:" + json.dumps(spec), out)
+        with open(out, "rb") as f:
+            data = f.read()
+        assert len(data) == end - start
+        return data[offset - start:offset - start + length]
+    finally:
+        os.unlink(out)
+
+
 def qemu_check(path, *, expect_clean=True, fmt="qcow2"):
     """``qemu-img check --output=json``; with expect_clean assert no errors/leaks."""
     p = qemu_img("check", "--output=json", "-f", fmt, str(path), check=False)

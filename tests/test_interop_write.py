@@ -12,7 +12,8 @@ import pytest
 
 import qcow2fast
 from model import ModelImage
-from qemu_util import (CLUSTER_SIZES, GEOMETRIES, INCOMPAT_DIRTY, KiB, MiB, Rng,
+from qemu_util import (CLUSTER_SIZES, GEOMETRIES, H_AUTOCLEAR, MiB, Rng,
+                       assert_block_status_matches_qemu, patch, qemu_raw_slice,
                        assert_bytes_equal, assert_qemu_content, compressible_bytes, file_state,
                        geom_id, header, is_dirty, qemu_check, qemu_compare, qemu_create, qemu_img,
                        qemu_info, qemu_io, qemu_map, qemu_raw, run_python)
@@ -141,7 +142,9 @@ def test_write_qemu_created_image(tmp_path, geom):
 @pytest.mark.parametrize("may_unmap", [False, True])
 @pytest.mark.parametrize("compat", ["1.1", "0.10"])
 def test_write_zeroes_allocation(tmp_path, may_unmap, compat):
-    """may_unmap=False keeps the clusters allocated (qemu: BDRV_REQ_MAY_UNMAP)."""
+    """may_unmap=False keeps the clusters allocated in v3 (qemu: BDRV_REQ_MAY_UNMAP
+    unset -> zero flag on the allocated cluster).  qemu 7.2 itself deallocates on
+    v2 images without a backing file, so v2 is only checked for content."""
     cs = 65536
     path = qf_create(tmp_path / "z.qcow2", 2 * MiB, cluster_size=cs, compat=compat)
     rng = Rng("zeroes")
@@ -155,7 +158,7 @@ def test_write_zeroes_allocation(tmp_path, may_unmap, compat):
         kinds = {e.kind for e in img.block_status(cs, 4 * cs)}
         assert kinds <= {"zero", "data", "unallocated"}
     finish(path, bytes(expected))
-    if not may_unmap:
+    if not may_unmap and compat == "1.1":
         for q in qemu_map(path):
             if q["start"] < 5 * cs and q["start"] + q["length"] > cs:
                 assert "offset" in q, f"may_unmap=False freed clusters: {q}"
@@ -213,12 +216,21 @@ def test_write_over_backing(tmp_path, cs, compat, base_kind):
     assert qemu_raw(base, fmt=fmt) == content
 
 
+@pytest.mark.parametrize("compressed_base", [False, True])
 @pytest.mark.parametrize("cs", [512, 65536, 2 * MiB])
-def test_cow_partial_clusters(tmp_path, cs):
-    """Single small writes into unallocated clusters: the rest comes from backing."""
+def test_cow_partial_clusters(tmp_path, cs, compressed_base):
+    """Single small writes into unallocated clusters: the rest comes from backing
+    (also from compressed clusters of a different size in the backing file)."""
     rng = Rng(f"cow-{cs}")
     size = 4 * cs if cs == 2 * MiB else 2 * MiB
-    base, fmt, content = make_backing(tmp_path, "qemu", size, rng, cs=cs)
+    if compressed_base:
+        content = b"".join(compressible_bytes(rng, 4096) for _ in range(size // 4096))
+        (tmp_path / "src.raw").write_bytes(content)
+        base = str(tmp_path / "cbase.qcow2")
+        qemu_img("convert", "-c", "-f", "raw", "-O", "qcow2", "-o", "cluster_size=4096",
+                 str(tmp_path / "src.raw"), base)
+    else:
+        base, fmt, content = make_backing(tmp_path, "qemu", size, rng, cs=cs)
     top = qf_create(tmp_path / "top.qcow2", size, cluster_size=cs, backing_file=base,
                     backing_format="qcow2")
     expected = bytearray(content)
@@ -344,7 +356,9 @@ def test_write_over_two_qemu_snapshots(tmp_path):
     path = qemu_create(tmp_path / "s.qcow2", size, cluster_size=cs)
     qemu_io(path, f"write -q -P 0x61 0 {size // 2}")
     qemu_img("snapshot", "-c", "a", path)
-    qemu_io(path, f"write -q -P 0x62 {size // 4} {size // 2}", f"write -q -c -P 0x63 0 {cs}")
+    # (qemu compresses only into unallocated clusters: the last one is.)
+    qemu_io(path, f"write -q -P 0x62 {size // 4} {size // 2}",
+            f"write -q -c -P 0x63 {size - cs} {cs}")
     qemu_img("snapshot", "-c", "b", path)
     snap_a = qemu_raw(path, snapshot="a")
     snap_b = qemu_raw(path, snapshot="b")
@@ -414,19 +428,21 @@ def test_lazy_refcounts_clean_close(tmp_path, cs, rb):
 CRASH_CHILD = """
 import os, pickle, qcow2fast
 ops = pickle.load(open({ops!r}, "rb"))
-img = qcow2fast.open({path!r}, "r+")
+img = qcow2fast.open({path!r}, "r+", **{open_kw!r})
 for op, off, arg in ops:
     if op == "write":
         img.write(off, arg)
     else:
         img.write_zeroes(off, arg, may_unmap=True)
-img.flush()
+if {flush!r}:
+    img.flush()
 os._exit(0)
 """
 
 
-def crash_after_flush(tmp_path, path, rng, size, count=30):
-    """Write in a child that flushes and then dies with os._exit; return the model."""
+def crash_after_flush(tmp_path, path, rng, size, count=30, flush=True, **open_kw):
+    """Write in a child that flushes (unless flush=False) and then dies with
+    os._exit, without closing; return the expected content."""
     expected = bytearray(qemu_raw(path))
     ops = []
     for _ in range(count):
@@ -441,7 +457,8 @@ def crash_after_flush(tmp_path, path, rng, size, count=30):
     opsfile = tmp_path / "ops.pickle"
     with open(opsfile, "wb") as f:
         pickle.dump(ops, f)
-    run_python(CRASH_CHILD.format(ops=str(opsfile), path=str(path)))
+    run_python(CRASH_CHILD.format(ops=str(opsfile), path=str(path), flush=flush,
+                                  open_kw=open_kw))
     return bytes(expected)
 
 
@@ -575,6 +592,10 @@ def test_refcount_table_growth(tmp_path):
             expected[at:at + len(b)] = b
         img.write_zeroes(slots[0], chunk, may_unmap=True)
         expected[slots[0]:slots[0] + chunk] = bytes(chunk)
+        # One large unaligned write across hundreds of L2 tables.
+        big = rng.randbytes(8 * MiB + 777)
+        img.write(40 * MiB + 333, big)
+        expected[40 * MiB + 333:40 * MiB + 333 + len(big)] = big
         img.flush()
         assert_bytes_equal(img.read(0, size), expected, "qcow2fast read after growth")
     h = header(path)
@@ -582,3 +603,307 @@ def test_refcount_table_growth(tmp_path):
     assert os.path.getsize(path) > 24 * MiB
     finish(path, bytes(expected))
     qemu_compare(path, bytes(expected))
+
+
+@pytest.mark.parametrize("cache_mode", ["writethrough", "directsync"])
+@pytest.mark.parametrize("lazy", [False, True])
+def test_crash_without_flush_is_durable(tmp_path, cache_mode, lazy):
+    """writethrough/directsync: every completed write is on disk, no flush needed.
+    The image is consistent -- or, with lazy refcounts, marked dirty."""
+    rng = Rng(f"wt-{cache_mode}-{lazy}")
+    cs = 4096
+    size = 4 * MiB
+    path = qf_create(tmp_path / "wt.qcow2", size, cluster_size=cs, lazy_refcounts=lazy)
+    expected = crash_after_flush(tmp_path, path, rng, size, count=20, flush=False,
+                                 cache_mode=cache_mode)
+    assert_qemu_content(path, expected)
+    if not is_dirty(path):
+        result = qemu_check(path, expect_clean=False)
+        assert result.get("corruptions", 0) == 0 and result.get("check-errors", 0) == 0, (
+            f"{cache_mode}: crash left corruptions without the dirty bit: {result}")
+    else:
+        assert lazy, "dirty bit set on an image without lazy refcounts"
+    with qcow2fast.open(path, "r+") as img:
+        m = ModelImage(img, expected)
+        m.random_ops(rng, 10)
+        data = bytes(m.data)
+    finish(path, data)
+
+
+@pytest.mark.parametrize("cs,rb", [(4096, 16), (65536, 8), (512, 64)])
+def test_qemu_dirty_image_with_snapshot_and_compressed_repaired(tmp_path, cs, rb):
+    """qemu (lazy refcounts) killed after writes over a snapshot and compressed
+    writes: qcow2fast must rebuild refcounts that count snapshot references and
+    packed compressed clusters, then write safely."""
+    rng = Rng(f"qdirty-{cs}-{rb}")
+    size = image_size(cs)
+    path = qemu_create(tmp_path / "d.qcow2", size, cluster_size=cs, refcount_bits=rb,
+                       lazy_refcounts="on")
+    qemu_io(path, f"write -q -P 0x11 0 {4 * cs}", f"write -q -c -P 0x12 {6 * cs} {cs}",
+            f"write -q -c -P 0x13 {7 * cs} {cs}", f"write -q -P 0x14 {size // 2} {cs}")
+    qemu_img("snapshot", "-c", "s1", path)
+    snap = qemu_raw(path, snapshot="s1")
+    p = qemu_io(path, f"write -q -P 0x21 {cs + 5} 100", f"write -q -c -P 0x22 {9 * cs} {cs}",
+                f"write -q -c -P 0x23 {10 * cs} {cs}", f"write -q -P 0x24 {size // 2} {3 * cs}",
+                f"write -q -z -u {2 * cs} {cs}", f"write -q -P 0x25 {7 * cs + 3} 10",
+                "flush", "sigraise 9", check=False)
+    assert p.returncode in (-9, 137), p.stderr_text
+    assert is_dirty(path)
+    expected = qemu_raw(path)
+    with qcow2fast.open(path, "r+") as img:
+        m = ModelImage(img, expected)
+        m.check_all()
+        m.random_ops(rng, 25)
+        data = bytes(m.data)
+    assert not is_dirty(path)
+    finish(path, data)
+    assert_qemu_content(path, snap, snapshot="s1")
+    qemu_img("snapshot", "-d", "s1", path)
+    finish(path, data)
+
+
+@pytest.mark.parametrize("cs,size", [(512, 8 << 30), (65536, 1 << 40), (2 * MiB, 4 << 40)])
+def test_large_virtual_offsets(tmp_path, cs, size):
+    """Offsets past 2**31, 2**32 (and 2**40): no 32-bit truncation anywhere."""
+    rng = Rng(f"bigoff-{cs}")
+    path = qf_create(tmp_path / "big.qcow2", size, cluster_size=cs)
+    candidates = sorted({(1 << 31) - 3, (1 << 32) - 700, (1 << 32) + 12345, (5 << 32) + 7,
+                         (1 << 40) - 4000, (1 << 40) + 1099, size // 2 + 10001, size - 5000})
+    spots = []
+    for s in candidates:                  # keep writes (+100 bytes of margin) apart
+        if s + 5000 <= size and (not spots or s >= spots[-1] + 3300):
+            spots.append(s)
+    writes = []
+    with qcow2fast.open(path, "r+") as img:
+        for off in spots:
+            b = rng.randbytes(3000)
+            img.write(off, b)
+            writes.append((off, b))
+        img.write_zeroes(spots[0] + 1000, 500)
+        writes[0] = (spots[0], writes[0][1][:1000] + bytes(500) + writes[0][1][1500:])
+        for off, b in writes:
+            assert img.read(off - 100, len(b) + 200) == bytes(100) + b + bytes(100)
+        got = img.readv([(off, len(b)) for off, b in writes])
+        assert got == [b for _, b in writes]
+        extents = img.block_status()
+    qemu_check(path)
+    assert_block_status_matches_qemu(extents, qemu_map(path), size, 1)
+    for off, b in writes:
+        assert qemu_raw_slice(path, off - 100, len(b) + 200) == bytes(100) + b + bytes(100), \
+            f"qemu reads something else at {off:#x}"
+
+
+def test_unknown_autoclear_bits_cleared_on_write(tmp_path):
+    """qcow2.txt: one may only write to an image with unknown auto-clear bits
+    after clearing them."""
+    path = qemu_create(tmp_path / "ac.qcow2", 2 * MiB, cluster_size=4096)
+    qemu_io(path, "write -q -P 0x31 0 8192")
+    patch(path, H_AUTOCLEAR, ">Q", 1 << 9)
+    before = file_state(path)
+    with qcow2fast.open(path) as img:
+        assert img.read(0, 8192) == b"\x31" * 8192
+    assert file_state(path) == before
+    with qcow2fast.open(path, "r+") as img:
+        img.write(100000, b"z" * 5000)
+    assert header(path)["autoclear_features"] & (1 << 9) == 0, "unknown autoclear bit kept"
+    expected = bytearray(2 * MiB)
+    expected[0:8192] = b"\x31" * 8192
+    expected[100000:105000] = b"z" * 5000
+    finish(path, bytes(expected))
+
+
+def test_persistent_bitmap_image(tmp_path):
+    """An image with a persistent dirty bitmap: readable; written only if the
+    bitmaps are marked inconsistent (autoclear bit 0 cleared) or refused."""
+    path = qemu_create(tmp_path / "bm.qcow2", 2 * MiB, cluster_size=65536)
+    qemu_io(path, "write -q -P 0x41 0 65536")
+    qemu_img("bitmap", "--add", path, "bm0")
+    assert header(path)["autoclear_features"] & 1
+    with qcow2fast.open(path) as img:
+        assert img.read(0, 2 * MiB) == qemu_raw(path)
+        assert "bitmaps" in img.features["autoclear"]
+    try:
+        img = qcow2fast.open(path, "r+")
+    except qcow2fast.errors.UnsupportedFeatureError as e:
+        assert "bitmap" in str(e).lower()
+        return
+    with img:
+        img.write(65536, b"b" * 4096)
+    assert header(path)["autoclear_features"] & 1 == 0, (
+        "bitmaps not updated but still marked consistent")
+    qemu_check(path)
+
+
+def test_dirty_bit_on_non_lazy_image_is_repaired(tmp_path):
+    """A dirty bit set on an image without lazy refcounts (refcounts actually
+    fine): r+ must still treat it as dirty, repair, and clear the bit."""
+    path = qemu_create(tmp_path / "d.qcow2", 2 * MiB, cluster_size=4096)
+    qemu_io(path, "write -q -P 0x51 0 100000", "write -q -c -P 0x52 1M 4096")
+    expected = qemu_raw(path)
+    h = header(path)
+    patch(path, 72, ">Q", h["incompatible_features"] | 1)
+    with qcow2fast.open(path) as img:
+        assert img.dirty
+        assert "dirty bit" in img.features["incompatible"]
+        assert img.read(0, img.size) == expected
+    with qcow2fast.open(path, "r+") as img:
+        m = ModelImage(img, expected)
+        m.write(5000, b"q" * 70000)
+        data = bytes(m.data)
+    assert not is_dirty(path)
+    finish(path, data)
+
+
+@pytest.mark.parametrize("size", [1000, 513, 0])
+def test_create_odd_sizes(tmp_path, size):
+    """Sizes that are not whole sectors: rejected, or rounded up as qemu does."""
+    path = str(tmp_path / "odd.qcow2")
+    try:
+        qcow2fast.create(path, size)
+    except qcow2fast.errors.InvalidArgumentError:
+        return
+    info = qemu_info(path)
+    assert info["virtual-size"] == -(-size // 512) * 512
+    qemu_check(path)
+    with qcow2fast.open(path, "r+") as img:
+        assert img.size == info["virtual-size"]
+        if img.size:
+            img.write(img.size - 1, b"\x01")
+            assert img.read(img.size - 2, 2) == b"\x00\x01"
+        else:
+            assert img.read(0, 0) == b""
+    qemu_check(path)
+
+
+@pytest.mark.parametrize("source", ["qcow2fast", "qemu"])
+@pytest.mark.parametrize("backing", [False, True])
+def test_partial_write_into_zero_alloc_cluster(tmp_path, source, backing):
+    """A zero cluster that keeps its allocation (v3 zero flag + host offset) still
+    holds the old bytes on disk: a partial write must not resurrect them (nor
+    the backing file's bytes)."""
+    cs = 65536
+    size = 2 * MiB
+    kw = {}
+    initial = bytes(size)
+    if backing:
+        base = qemu_create(tmp_path / "b.qcow2", size, cluster_size=cs)
+        qemu_io(base, f"write -q -P 0xbb 0 {size}")
+        kw = dict(backing_file=str(base), backing_format="qcow2")
+        initial = b"\xbb" * size
+    path = qf_create(tmp_path / "z.qcow2", size, cluster_size=cs, **kw)
+    old = b"\xee" * (4 * cs)
+    if source == "qemu":
+        qemu_io(path, f"write -q -P 0xee 0 {4 * cs}", f"write -q -z 0 {4 * cs}")
+        assert all("offset" in q for q in qemu_map(path) if q["start"] < 4 * cs), \
+            "fixture: qemu did not keep the allocation"
+    else:
+        with qcow2fast.open(path, "r+") as img:
+            img.write(0, old)
+            img.write_zeroes(0, 4 * cs, may_unmap=False)
+    expected = bytearray(initial)
+    expected[:4 * cs] = bytes(4 * cs)
+    with qcow2fast.open(path, "r+") as img:
+        assert img.read(0, 4 * cs) == bytes(4 * cs)
+        for off, n in ((100, 10), (cs + cs // 2, 1), (3 * cs - 5, 10)):
+            img.write(off, b"\x01" * n)
+            expected[off:off + n] = b"\x01" * n
+        img.write_zeroes(2 * cs + 7, 9, may_unmap=False)
+        assert img.read(0, size) == expected
+    finish(path, bytes(expected))
+
+
+def test_partial_writes_into_recycled_clusters(tmp_path):
+    """Freed host clusters still hold old bytes; a partial write allocating one
+    of them must zero (or COW) the rest of the cluster."""
+    cs = 4096
+    size = 4 * MiB
+    path = qf_create(tmp_path / "r.qcow2", size, cluster_size=cs)
+    rng = Rng("recycle")
+    with qcow2fast.open(path, "r+") as img:
+        img.write(0, rng.randbytes(MiB))          # 256 clusters of garbage...
+        img.discard(0, MiB)                       # ...freed
+        img.flush()
+        assert img.read(0, MiB) == bytes(MiB)
+        expected = bytearray(size)
+        for i in range(200):                      # new partial allocations
+            off = 2 * MiB + i * cs + (i * 37) % (cs - 20)
+            img.write(off, b"\x02" * 20)
+            expected[off:off + 20] = b"\x02" * 20
+        assert img.read(0, size) == expected
+    finish(path, bytes(expected))
+    assert os.path.getsize(path) < 3 * MiB, "freed clusters were not reused"
+
+
+def test_dirty_backing_file_is_not_repaired(tmp_path):
+    """A dirty (lazy-refcount, killed) image used as a backing file is opened
+    read-only: it must not be repaired (written) when the overlay is written."""
+    base = qemu_create(tmp_path / "base.qcow2", 2 * MiB, cluster_size=4096,
+                       lazy_refcounts="on")
+    p = qemu_io(base, "write -q -P 0x61 0 1M", "flush", "sigraise 9", check=False)
+    assert p.returncode in (-9, 137)
+    assert is_dirty(base)
+    top = qf_create(tmp_path / "top.qcow2", 2 * MiB, cluster_size=65536,
+                    backing_file=str(base), backing_format="qcow2", lazy_refcounts=True)
+    before = file_state(base)
+    expected = bytearray(b"\x61" * MiB + bytes(MiB))
+    with qcow2fast.open(top, "r+") as img:
+        assert img.backing.dirty and img.backing.read_only
+        img.write(1000, b"t" * 100000)
+        expected[1000:101000] = b"t" * 100000
+        assert img.read(0, img.size) == expected
+    assert file_state(base) == before, "the backing file was modified"
+    qemu_check(top)
+    assert_qemu_content(top, bytes(expected))
+    assert qemu_info(top)["backing-filename"] == str(base)
+
+
+def test_write_after_qemu_grew_refcount_table(tmp_path):
+    """qemu grows (and moves) the refcount table; qcow2fast must read that
+    layout, allocate through it, and grow it further."""
+    rng = Rng("qemugrow")
+    size = 32 * MiB
+    path = qemu_create(tmp_path / "g.qcow2", size, cluster_size=512, refcount_bits=64)
+    src = tmp_path / "src"
+    src.write_bytes(rng.randbytes(6 * MiB))
+    qemu_io(path, f"write -q -s {src} 0 {6 * MiB}")
+    assert header(path)["refcount_table_clusters"] > 1, "fixture: qemu did not grow it"
+    expected = bytearray(qemu_raw(path))
+    rt0 = header(path)["refcount_table_clusters"]
+    with qcow2fast.open(path, "r+") as img:
+        for i in range(12):
+            b = rng.randbytes(MiB - 1000)
+            off = 8 * MiB + i * 2 * MiB + 333
+            img.write(off, b)
+            expected[off:off + len(b)] = b
+        img.write(100, b"head")
+        expected[100:104] = b"head"
+    assert header(path)["refcount_table_clusters"] > rt0
+    finish(path, bytes(expected))
+
+
+@pytest.mark.parametrize("lazy", [False, True])
+@pytest.mark.parametrize("cs", [512, 4096])
+def test_crash_mid_writeback_keeps_metadata_ordered(tmp_path, lazy, cs):
+    """writeback with tiny caches (evictions all the time), killed without a
+    flush: whatever reached the disk must be consistent -- refcounts raised
+    before the L2 entries that need them -- so qemu-img check may find leaks
+    but no corruption; with lazy refcounts the image must be marked dirty
+    instead.  qcow2fast then reopens it r+ and writes on."""
+    rng = Rng(f"midcrash-{lazy}-{cs}")
+    size = 8 * MiB
+    path = qf_create(tmp_path / "c.qcow2", size, cluster_size=cs, lazy_refcounts=lazy)
+    crash_after_flush(tmp_path, path, rng, size, count=60, flush=False,
+                      l2_cache_size=2 * cs, refcount_cache_size=4 * cs)
+    result = qemu_check(path, expect_clean=False)
+    corrupt = result.get("corruptions", 0) or result.get("check-errors", 0)
+    if corrupt:
+        assert lazy and is_dirty(path), f"unflushed crash left corruption: {result}"
+    before = qemu_raw(path)
+    with qcow2fast.open(path, "r+") as img:
+        assert img.read(0, size) == before
+        m = ModelImage(img, before)
+        m.random_ops(rng, 15)
+        data = bytes(m.data)
+    result = qemu_check(path, expect_clean=False)
+    assert result.get("corruptions", 0) == 0 and result.get("check-errors", 0) == 0, result
+    assert_qemu_content(path, data)
