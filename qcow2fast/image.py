@@ -14,22 +14,19 @@ refcount update that step 2 would otherwise order.
 """
 
 import os
-import struct
 import threading
-import time
 
 import numpy as np
 
 from . import header as hdr
-from ._ext.cache import TableCache
 from ._ext.core import ImageCore
 from ._ext.fileio import File
-from .backing import open_backing
-from .compress import decompress_cluster
-from .errors import (CorruptImageError, ImageClosedError, InvalidArgumentError,
-                     ReadOnlyImageError, UnsupportedFeatureError)
-from .extent import Extent, merge_extents
 from ._ext.kernels import l2_entry_kind
+from .backing import open_backing
+from .cache import DEFAULT_CACHE_CLEAN_INTERVAL, CacheCleaner, make_caches
+from .compress import decompress_cluster
+from .errors import CorruptImageError, ImageClosedError, InvalidArgumentError, ReadOnlyImageError
+from .extent import Extent, merge_extents
 from .geometry import L2E_OFFSET_MASK, QCOW_OFLAG_COPIED, QCOW_OFLAG_ZERO, Geometry
 from .mapping import (COMPRESSED, DATA, INVALID, KIND_NAMES, UNALLOCATED, ZERO, Mapping,
                       read_l1_table)
@@ -38,8 +35,6 @@ from .refcount import Refcounts
 from .snapshot import read_snapshot_table
 
 CACHE_MODES = ("writeback", "writethrough", "none", "directsync", "unsafe")
-DEFAULT_L2_CACHE_MAX = 32 << 20          # qemu's default cap on Linux
-DEFAULT_CACHE_CLEAN_INTERVAL = 600       # seconds, as qemu
 MAX_HEADER_READ = 2 << 20
 
 
@@ -112,16 +107,8 @@ class Image(ImageCore):
                                geo.size_to_clusters(snap_bytes))
         l1 = read_l1_table(f, h.l1_table_offset, h.l1_size, cs, file_size)
 
-        # Caches, sized with qemu's rules.
-        if l2_cache_size is None:
-            needed = -(-h.size // cs) * 8
-            l2_cache_size = min(-(-needed // cs) * cs, DEFAULT_L2_CACHE_MAX)
-        l2_slots = max(2, int(l2_cache_size) // entry_size)
-        if refcount_cache_size is None:
-            refcount_cache_size = 4 * cs
-        rc_slots = max(4, int(refcount_cache_size) // cs)
-        self.l2_cache = TableCache(f, l2_slots, entry_size, True)
-        self.refcount_cache = TableCache(f, rc_slots, cs, False)
+        self.l2_cache, self.refcount_cache = make_caches(f, h.size, cs, entry_size,
+                                                         l2_cache_size, refcount_cache_size)
         self.mapping = Mapping(f, geo, h, l1, self.l2_cache, self._metadata)
         self.refcounts = None
         if writable:
@@ -156,7 +143,7 @@ class Image(ImageCore):
         interval = DEFAULT_CACHE_CLEAN_INTERVAL if cache_clean_interval is None \
             else cache_clean_interval
         if interval and interval > 0:
-            self._start_cleaner(interval)
+            self._cleaner = CacheCleaner(self, interval)
 
     # -- properties ---------------------------------------------------------------
 
@@ -351,7 +338,6 @@ class Image(ImageCore):
             self._unlock()
 
     def _write_locked(self, offset, mv):
-        geo = self.geo
         done, total = 0, len(mv)
         while done < total:
             pos = offset + done
@@ -684,7 +670,9 @@ class Image(ImageCore):
         with self._lock_py:
             if self.closed:
                 return
-            self._stop_cleaner()
+            if self._cleaner is not None:
+                self._cleaner.stop()
+                self._cleaner = None
             self._wrlock()
             try:
                 if self.refcounts is not None and not self.read_only:
@@ -707,58 +695,9 @@ class Image(ImageCore):
         except Exception:
             pass
 
-    # -- cache-clean-interval -----------------------------------------------------------------
-
-    def _start_cleaner(self, interval):
-        stop = threading.Event()
-        ref = _WeakMethod(self)
-
-        def run():
-            marks = (0, 0)
-            while not stop.wait(interval):
-                img = ref()
-                if img is None or img.closed:
-                    return
-                marks = img._clean_caches(marks)
-                del img
-
-        t = threading.Thread(target=run, name="qcow2fast-cache-clean", daemon=True)
-        self._cleaner = (t, stop)
-        t.start()
-
-    def _stop_cleaner(self):
-        if self._cleaner is not None:
-            t, stop = self._cleaner
-            stop.set()
-            if t is not threading.current_thread():
-                t.join()
-            self._cleaner = None
-
-    def _clean_caches(self, marks):
-        """Drop cache entries unused since the previous tick (qemu's
-        cache-clean-interval)."""
-        self._wrlock()
-        try:
-            self.l2_cache.drop_unused(marks[0])
-            self.refcount_cache.drop_unused(marks[1])
-            return (self.l2_cache.clock_now, self.refcount_cache.clock_now)
-        finally:
-            self._unlock()
-
     def as_file(self):
         """A seekable io.RawIOBase view of the guest disk."""
         from .rawio import ImageFile
         if self.closed:
             raise ImageClosedError("as_file() on a closed image")
         return ImageFile(self)
-
-
-class _WeakMethod:
-    """A weak reference to the image for the cleaner thread."""
-
-    def __init__(self, img):
-        import weakref
-        self._ref = weakref.ref(img)
-
-    def __call__(self):
-        return self._ref()

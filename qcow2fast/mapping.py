@@ -44,8 +44,6 @@ def read_l1_table(file, offset, size, cluster_size, file_size, what="L1 table"):
         raise CorruptImageError(f"{what} entry {i} points to an L2 table at {int(offs[i]):#x}, "
                                 f"past the end of the file ({file_size} bytes)",
                                 offset=offset + 8 * i, field="L1 entry")
-    if np.any(offs == 0) and False:
-        pass
     return l1
 
 

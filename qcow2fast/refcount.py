@@ -62,8 +62,6 @@ class Refcounts:
             raise CorruptImageError(f"refcount block at {int(self.table[i]):#x} lies past the end "
                                     f"of the file ({file_size} bytes)",
                                     offset=h.refcount_table_offset + 8 * i, field="refcount table")
-        if np.any(self.table[np.nonzero(self.table)] == 0):
-            pass
         if self.table[0] == 0 and file_size:
             raise CorruptImageError("refcount table has no block for the header cluster",
                                     offset=h.refcount_table_offset, field="refcount table")

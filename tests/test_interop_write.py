@@ -907,3 +907,36 @@ def test_crash_mid_writeback_keeps_metadata_ordered(tmp_path, lazy, cs):
     result = qemu_check(path, expect_clean=False)
     assert result.get("corruptions", 0) == 0 and result.get("check-errors", 0) == 0, result
     assert_qemu_content(path, data)
+
+
+def test_long_backing_name_with_512_byte_clusters(tmp_path):
+    """Header + extensions + backing name must fit in cluster 0 (512 bytes
+    here): qemu drops the optional feature-name table to make room, and so
+    must qcow2fast; a name that cannot fit at all is an error, not a bad file.
+    (Found by the property test: a long tmp path failed with 512-byte clusters.)"""
+    d = tmp_path / ("d" * 150) / ("e" * 50)
+    d.mkdir(parents=True)
+    base = qemu_create(d / "base.qcow2", MiB)
+    qemu_io(base, "write -q -P 0x71 0 4096")
+    assert 200 < len(base) < 300
+    top = qf_create(d / "top.qcow2", None, cluster_size=512, backing_file=base,
+                    backing_format="qcow2")
+    info = qemu_info(top)
+    assert info["backing-filename"] == base
+    assert info["backing-filename-format"] == "qcow2"
+    qemu_check(top)
+    with qcow2fast.open(top, "r+") as img:
+        img.write(2048, b"x" * 100)
+    qemu_check(top)
+    expected = bytearray(MiB)
+    expected[:4096] = b"\x71" * 4096
+    expected[2048:2148] = b"x" * 100
+    assert_qemu_content(top, bytes(expected))
+
+    far = d / ("f" * 200)
+    far.mkdir()
+    base2 = qemu_create(far / "base.qcow2", MiB)
+    assert len(base2) > 420
+    with pytest.raises(qcow2fast.errors.Qcow2Error):
+        qcow2fast.create(str(far / "top.qcow2"), None, cluster_size=512, backing_file=base2,
+                         backing_format="qcow2")

@@ -1,0 +1,67 @@
+"""Metadata cache policy: sizes with qemu's rules and defaults, and the
+cache-clean-interval timer.  The cache itself is ``_ext/cache.pyx``."""
+
+import threading
+import weakref
+
+from ._ext.cache import TableCache
+
+DEFAULT_L2_CACHE_MAX = 32 << 20          # qemu's default cap on Linux
+DEFAULT_CACHE_CLEAN_INTERVAL = 600       # seconds, as qemu
+MIN_L2_SLOTS = 2
+MIN_REFCOUNT_CLUSTERS = 4                # qemu's MIN_REFCOUNT_CACHE_SIZE
+
+
+def make_caches(file, virtual_size, cluster_size, l2_entry_size, l2_cache_size=None,
+                refcount_cache_size=None):
+    """(L2 cache, refcount cache).  By default the L2 cache maps the whole
+    disk, up to 32 MiB, and the refcount cache holds 4 clusters, as in qemu."""
+    if l2_cache_size is None:
+        needed = -(-virtual_size // cluster_size) * 8
+        l2_cache_size = min(-(-needed // cluster_size) * cluster_size, DEFAULT_L2_CACHE_MAX)
+    if refcount_cache_size is None:
+        refcount_cache_size = MIN_REFCOUNT_CLUSTERS * cluster_size
+    l2 = TableCache(file, max(MIN_L2_SLOTS, l2_cache_size // l2_entry_size), l2_entry_size, True)
+    rc = TableCache(file, max(MIN_REFCOUNT_CLUSTERS, refcount_cache_size // cluster_size),
+                    cluster_size, False)
+    return l2, rc
+
+
+class CacheCleaner:
+    """Every ``interval`` seconds, drop cache entries not used since the
+    previous tick and give their memory back (qemu's cache-clean-interval).
+    Holds the image only weakly, so an abandoned image can still be freed."""
+
+    def __init__(self, image, interval):
+        self._image = weakref.ref(image)
+        self._interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="qcow2fast-cache-clean",
+                                        daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        marks = (0, 0)
+        while not self._stop.wait(self._interval):
+            img = self._image()
+            if img is None or img.closed:
+                return
+            marks = clean(img, marks)
+            del img
+
+    def stop(self):
+        self._stop.set()
+        if self._thread is not threading.current_thread():
+            self._thread.join()
+
+
+def clean(img, marks):
+    """One tick: drop what was unused since ``marks`` (the caches' clocks at
+    the previous tick); returns the new marks."""
+    img._wrlock()
+    try:
+        img.l2_cache.drop_unused(marks[0])
+        img.refcount_cache.drop_unused(marks[1])
+        return (img.l2_cache.clock_now, img.refcount_cache.clock_now)
+    finally:
+        img._unlock()
