@@ -200,8 +200,10 @@ class Image(ImageCore):
     @property
     def cache_stats(self):
         return {"l2_hits": self.l2_cache.hits, "l2_misses": self.l2_cache.misses,
-                "l2_slots": self.l2_cache.nslots, "refcount_hits": self.refcount_cache.hits,
-                "refcount_misses": self.refcount_cache.misses}
+                "l2_slots": self.l2_cache.nslots, "l2_used": self.l2_cache.used,
+                "refcount_hits": self.refcount_cache.hits,
+                "refcount_misses": self.refcount_cache.misses,
+                "refcount_used": self.refcount_cache.used}
 
     def __repr__(self):
         state = "closed" if self.closed else ("r" if self.read_only else "r+")

@@ -411,6 +411,22 @@ def test_cache_clean_interval(rw):
     assert_bytes_equal(qemu_raw(rw), expected)
 
 
+def test_cache_clean_interval_drops_unused_entries(rw):
+    """Entries unused for a whole interval are dropped; used ones come back."""
+    import time
+    with qcow2fast.open(rw, "r+", cache_clean_interval=1) as img:
+        img.write(5000, b"x" * 3000)
+        img.flush()
+        assert img.cache_stats["l2_used"] > 0
+        deadline = time.monotonic() + 10
+        while img.cache_stats["l2_used"] and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert img.cache_stats["l2_used"] == 0
+        assert img.cache_stats["refcount_used"] == 0
+        assert img.read(5000, 3000) == b"x" * 3000      # reloaded from disk
+        assert img.cache_stats["l2_used"] > 0
+
+
 def test_open_accepts_pathlike(rw):
     import pathlib
     with qcow2fast.open(pathlib.Path(rw)) as img:
