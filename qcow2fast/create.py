@@ -139,7 +139,7 @@ def _preallocate(img, mode):
             | np.uint64(QCOW_OFLAG_COPIED)
         img.l2_cache.mark_dirty(slot)
         end = new + n * cs
-        img._alloc_end = max(img._alloc_end, end)
+        img.alloc_end = max(img.alloc_end, end)
         if mode == "falloc":
             img.file.fallocate(new, n * cs)
         elif mode == "full":

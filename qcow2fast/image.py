@@ -123,10 +123,11 @@ class Image(ImageCore):
         if h.backing_file and backing:
             self.backing = open_backing(self, chain)
         self._decompressed = {}              # host offset -> cluster bytes (small LRU)
-        self._zero_from = file_size          # host bytes at or past here read as zeros
-        self._alloc_end = file_size          # end of every cluster handed out
         self._core_setup(f, self.l2_cache, geo.cluster_bits, geo.slice_bits, h.size,
                          not writable, self.backing is not None)
+        self.zero_from = file_size
+        self.alloc_end = file_size
+        self.rc = self.refcounts
         self.writethrough = self.cache_mode in ("writethrough", "directsync")
         self._set_l1(self.mapping.l1)
         self._set_metadata_bitmap(self._metadata.bits)
@@ -140,6 +141,7 @@ class Image(ImageCore):
                 from .check import rebuild_refcounts
                 rebuild_refcounts(self)
                 self._set_dirty(False)
+        self._update_alloc_fast()
         interval = DEFAULT_CACHE_CLEAN_INTERVAL if cache_clean_interval is None \
             else cache_clean_interval
         if interval and interval > 0:
@@ -239,6 +241,19 @@ class Image(ImageCore):
             h.incompatible_features &= ~hdr.INCOMPAT_DIRTY
         self._write_header_field("incompatible_features")
         self._barrier()
+        self._update_alloc_fast()
+
+    def _update_alloc_fast(self):
+        """Allocating writes may run in C unless lazy refcounts still need
+        the dirty bit set first (the Python path does that)."""
+        self.alloc_fast = (not self.read_only and self.refcounts is not None
+                           and (not self.lazy_refcounts or self.dirty))
+
+    def _report_alloc_overlap(self, host):
+        err = CorruptImageError(f"allocator returned host cluster {host:#x} which holds "
+                                "metadata: refcounts are wrong", offset=host, field="refcount")
+        self._mark_corrupt(err)
+        raise err
 
     def _read_only_reason(self):
         return f"{self.path}: {self._read_only_why or 'image is open read-only'}"
@@ -246,6 +261,7 @@ class Image(ImageCore):
     def _mark_corrupt(self, err):
         """Set the corrupt bit and stop writing (as qemu does)."""
         self.read_only = True
+        self.alloc_fast = False
         self._read_only_why = f"image marked corrupt: {err}"
         h = self.header
         if h.version >= 3 and not h.incompatible_features & hdr.INCOMPAT_CORRUPT:
@@ -365,9 +381,7 @@ class Image(ImageCore):
         return slot
 
     def _check_overlap(self, pos, host, n):
-        cb = self.geo.cluster_bits
-        first, last = host >> cb, (host + n - 1) >> cb
-        if self._metadata.overlaps(first, last - first + 1):
+        if self._touches_metadata_py(host, n):
             raise CorruptImageError(
                 f"guest offset {pos:#x} maps to host offset {host:#x}, which holds metadata; "
                 "writing there would destroy it", offset=self.mapping.entry_location(pos),
@@ -388,11 +402,9 @@ class Image(ImageCore):
         old = [int(e) for e in l2[i0:i0 + nclusters]]
         new = self.refcounts.alloc(nclusters)
         self._host_limit_changed()
-        if self._metadata.overlaps(new >> geo.cluster_bits, nclusters):
-            raise CorruptImageError(f"allocator returned host cluster {new:#x} which holds "
-                                    "metadata: refcounts are wrong", offset=new,
-                                    field="refcount")
-        fresh = new >= self._zero_from
+        if self._touches_metadata_py(new, nclusters * cs):
+            self._report_alloc_overlap(new)
+        fresh = new >= self.zero_from
         pieces = []
         if head:
             pieces.append(self._old_bytes(first, 0, head, old[0], fresh))
@@ -409,8 +421,8 @@ class Image(ImageCore):
             pieces.pop()
         self._pwritev(pieces, start)
         end = new + nclusters * cs
-        self._zero_from = max(self._zero_from, end)
-        self._alloc_end = max(self._alloc_end, end)
+        self.zero_from = max(self.zero_from, end)
+        self.alloc_end = max(self.alloc_end, end)
         # Data first, then the L2 entries that point to it.
         for k in range(nclusters):
             l2[i0 + k] = np.uint64((new + k * cs) | QCOW_OFLAG_COPIED)
@@ -652,8 +664,8 @@ class Image(ImageCore):
             if sync:
                 self.file.sync()    # barrier: refcounts before the L2 entries using them
         self.l2_cache.flush()
-        if self._alloc_end > self.file.size():
-            self.file.truncate(self._alloc_end)
+        if self.alloc_end > self.file.size():
+            self.file.truncate(self.alloc_end)
         if sync:
             self.file.sync()        # barrier: L2 entries on disk before old clusters are freed
         if self.refcounts.deferred:

@@ -5,8 +5,8 @@ the header, an L1/L2 table, the refcount table or a refcount block, or the
 snapshot table: a data write there would destroy the image.  Finding such a
 pointer while writing means the image is corrupt.
 
-The map is a packed bitmap (bit c & 7 of byte c >> 3 is host cluster c) so
-the Cython write path can test it too: one bit per cluster, 2 MiB for a
+The map is a packed bitmap (bit c & 7 of byte c >> 3 is host cluster c),
+tested by ``ImageCore._touches_metadata`` in the Cython write path: one bit per cluster, 2 MiB for a
 1 TiB image of 64 KiB clusters.
 """
 
@@ -40,9 +40,3 @@ class MetadataMap:
         byte, bit = self._mask(cluster, n)
         ok = byte < len(self.bits)
         np.bitwise_and.at(self.bits, byte[ok], ~bit[ok])
-
-    def overlaps(self, cluster, n=1):
-        """True if any of host clusters [cluster, cluster+n) holds metadata."""
-        byte, bit = self._mask(cluster, n)
-        ok = byte < len(self.bits)
-        return bool(np.any(self.bits[byte[ok]] & bit[ok]))

@@ -18,6 +18,7 @@ import struct
 import numpy as np
 
 from ._ext import kernels
+from ._ext.allocator import RefcountCore
 from .errors import CorruptImageError, Qcow2Error
 from .geometry import REFT_OFFSET_MASK
 from .header import FIELD_OFFSET, MAX_REFTABLE_BYTES
@@ -25,7 +26,7 @@ from .header import FIELD_OFFSET, MAX_REFTABLE_BYTES
 _BE64 = struct.Struct(">Q")
 
 
-class Refcounts:
+class Refcounts(RefcountCore):
     def __init__(self, file, geo, header, cache, barrier, metadata_map, file_size):
         """``cache``: TableCache of whole refcount blocks (raw on-disk form).
         ``barrier()``: make completed writes stable (no-op under cache=unsafe)."""
@@ -36,10 +37,10 @@ class Refcounts:
         self.barrier = barrier
         self.metadata = metadata_map
         self.deferred = []              # (first cluster, count) to free later
-        self.reserved = None            # bool array of clusters not to hand out (repair)
+        self._rc_setup(cache, geo.cluster_bits, geo.refcount_order)
         cs = geo.cluster_size
-        self.end_cluster = (file_size + cs - 1) // cs   # no cluster at or past this is in use
-        self.free_hint = 0              # every cluster below it is in use
+        self.end_cluster = (file_size + cs - 1) // cs
+        self.free_hint = 0
         self._load_table(file_size)
 
     # -- the refcount table ----------------------------------------------------
@@ -47,7 +48,7 @@ class Refcounts:
     def _load_table(self, file_size):
         h, cs = self.header, self.geo.cluster_size
         raw = self.file.pread(h.refcount_table_offset, h.refcount_table_clusters * cs)
-        self.table = np.frombuffer(raw, dtype=">u8").astype(np.uint64)
+        self._set_table(np.frombuffer(raw, dtype=">u8").astype(np.uint64))
         bad = np.nonzero((self.table & np.uint64(~REFT_OFFSET_MASK & 0xFFFFFFFFFFFFFFFF))
                          | (self.table & np.uint64(cs - 1)))[0]
         if len(bad):
@@ -101,36 +102,11 @@ class Refcounts:
     def update(self, cluster, n, delta):
         """Add ``delta`` to the refcounts of clusters [cluster, cluster+n).
         Raising refcounts creates missing refcount blocks."""
-        geo = self.geo
-        end = cluster + n
-        c = cluster
-        while c < end:
-            t = c >> geo.rb_bits
-            i = c & (geo.rb_entries - 1)
-            k = min(end - c, geo.rb_entries - i)
-            if t >= len(self.table) or self.table[t] == 0:
-                if delta < 0:
-                    raise CorruptImageError(
-                        f"freeing host cluster {c << geo.cluster_bits:#x} whose refcount "
-                        "block does not exist", offset=c << geo.cluster_bits, field="refcount")
-                self._alloc_block(t)
-            slot, blk = self._block(t)
-            bad = kernels.refcount_add_range(blk, i, k, geo.refcount_order, delta,
-                                             geo.refcount_max)
-            if bad >= 0:
-                host = ((t << geo.rb_bits) + bad) << geo.cluster_bits
-                value = kernels.refcount_get(blk, bad, geo.refcount_order)
-                if delta < 0:
-                    raise CorruptImageError(f"refcount of host cluster {host:#x} would drop "
-                                            f"below zero (it is {value})", offset=host,
-                                            field="refcount")
-                raise Qcow2Error(f"refcount of host cluster {host:#x} would exceed the "
-                                 f"{geo.refcount_bits}-bit maximum {geo.refcount_max}")
-            self.cache.mark_dirty(slot)
-            c += k
-        if delta < 0:
-            self.free_hint = min(self.free_hint, cluster)
-        self.end_cluster = max(self.end_cluster, end)
+        while True:
+            t = self.try_update(cluster, n, delta)
+            if t < 0:
+                return
+            self._alloc_block(t)
 
     def set_value(self, cluster, value):
         """Set one refcount to ``value`` exactly (repair)."""
@@ -140,73 +116,15 @@ class Refcounts:
 
     # -- allocation ------------------------------------------------------------
 
-    def _free_run_at(self, c, want):
-        """How many clusters from ``c`` (at most ``want``, within one block)
-        are free and not reserved."""
-        geo = self.geo
-        t = c >> geo.rb_bits
-        i = c & (geo.rb_entries - 1)
-        lim = min(want, geo.rb_entries - i)
-        if t < len(self.table) and self.table[t]:
-            _, blk = self._block(t)
-            n = kernels.refcount_free_run(blk, i, i + lim, geo.refcount_order)
-        else:
-            n = lim
-        if self.reserved is not None and n and c < len(self.reserved):
-            used = np.nonzero(self.reserved[c:c + n])[0]
-            if len(used):
-                n = int(used[0])
-        return n
-
-    def _next_free(self, c):
-        """The first free, unreserved cluster at or after ``c``."""
-        geo = self.geo
-        while True:
-            t = c >> geo.rb_bits
-            if t < len(self.table) and self.table[t]:
-                _, blk = self._block(t)
-                i = kernels.refcount_find_free(blk, c & (geo.rb_entries - 1), geo.rb_entries,
-                                               geo.refcount_order)
-                if i < 0:
-                    c = (t + 1) << geo.rb_bits
-                    continue
-                c = (t << geo.rb_bits) + i
-            if self.reserved is not None and c < len(self.reserved) and self.reserved[c]:
-                c += 1
-                continue
-            return c
-
-    def find_free_run(self, n):
-        """Start of the first run of ``n`` free clusters (not yet taken)."""
-        start = self._next_free(self.free_hint)
-        self.free_hint = start
-        length = 0
-        while length < n:
-            got = self._free_run_at(start + length, n - length)
-            if got == 0:
-                start = self._next_free(start + length + 1)
-                length = 0
-            else:
-                length += got
-        return start
-
     def alloc(self, n):
         """Allocate ``n`` contiguous host clusters (refcount 1 each) and return
         the host byte offset of the first."""
-        geo = self.geo
         while True:
-            c = self.find_free_run(n)
-            created = False
-            for t in range(c >> geo.rb_bits, ((c + n - 1) >> geo.rb_bits) + 1):
-                if t >= len(self.table) or self.table[t] == 0:
-                    self._alloc_block(t)
-                    created = True
-            if created:         # a new block may have taken part of the run
-                continue
-            self.update(c, n, 1)
-            if c == self.free_hint:
-                self.free_hint = c + n
-            return c << geo.cluster_bits
+            c = self.try_alloc(n)
+            if c >= 0:
+                return c << self.geo.cluster_bits
+            # A new block may take part of the run: search again after it.
+            self._alloc_block(self.missing_block)
 
     def free(self, offset, n=1):
         """Drop one reference to host clusters [offset, offset + n clusters)."""
@@ -250,7 +168,7 @@ class Refcounts:
                 self._grow_table(t + 1)
             if self.table[t]:
                 return
-            b = self._next_free(self.free_hint)
+            b = self.next_free(self.free_hint)
             tb = b >> geo.rb_bits
             if tb == t:
                 # Self-describing: the new block holds its own refcount.
@@ -339,7 +257,7 @@ class Refcounts:
         self.file.pwrite(struct.pack(">QI", table_start * cs, table_clusters),
                          FIELD_OFFSET["refcount_table_offset"])
         self.barrier()
-        self.table = table
+        self._set_table(table)
         for b in new_blocks.values():
             self.metadata.add(b)
         self.metadata.add(table_start, table_clusters)

@@ -11,6 +11,7 @@ cdef class TableCache:
     cdef public bint sync_dependency    # fdatasync after flushing ``depends``
     cdef public uint64_t hits, misses
     cdef readonly int ndirty
+    cdef object _raw_views, _u64_views
     cdef object _mm, _keys, _lru, _dirty, _pins, _htab, _free, _scratch
     cdef uint8_t *base
     cdef int64_t *keys
@@ -30,5 +31,6 @@ cdef class TableCache:
     cdef int _victim(self) except -1
     cdef void _drop(self, int slot)
     cdef uint8_t *slot_ptr(self, int slot) noexcept nogil
+    cdef void c_mark_dirty(self, int slot) noexcept
     cdef int c_load(self, int64_t key, bint read) except -1
     cdef int c_writeback(self, int slot) except -1

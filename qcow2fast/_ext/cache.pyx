@@ -62,6 +62,9 @@ cdef class TableCache:
         self.scratch = <uint8_t *>cnp.PyArray_DATA(self._scratch)
         self.nfree = nslots
         self.hmask = cap - 1
+        # One view per slot, made once: slow paths ask for them constantly.
+        self._raw_views = [self.data[i] for i in range(nslots)]
+        self._u64_views = [v.view(np.uint64) for v in self._raw_views] if swap64 else None
 
     # -- hash (linear probing, backward-shift deletion) ----------------------
 
@@ -213,10 +216,13 @@ cdef class TableCache:
         """Slot of ``key`` if cached, else -1 (no I/O)."""
         return self.lookup(key)
 
-    def mark_dirty(self, int slot):
+    cdef void c_mark_dirty(self, int slot) noexcept:
         if not self.dirty[slot]:
             self.dirty[slot] = 1
             self.ndirty += 1
+
+    def mark_dirty(self, int slot):
+        self.c_mark_dirty(slot)
 
     def writeback(self, int slot):
         """Write one slot now if it is dirty (dependencies first)."""
@@ -233,11 +239,11 @@ cdef class TableCache:
 
     def u64(self, int slot):
         """The slot as a native uint64 array view (L2 slices)."""
-        return self.data[slot].view(np.uint64)
+        return self._u64_views[slot]
 
     def raw(self, int slot):
         """The slot as a uint8 array view (refcount blocks)."""
-        return self.data[slot]
+        return self._raw_views[slot]
 
     def key(self, int slot):
         return self.keys[slot]

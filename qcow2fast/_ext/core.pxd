@@ -1,6 +1,7 @@
 from libc.stdint cimport uint64_t, int64_t
 from .fileio cimport File
 from .cache cimport TableCache
+from .allocator cimport RefcountCore
 
 cdef extern from "pthread.h" nogil:
     ctypedef struct pthread_rwlock_t:
@@ -30,6 +31,11 @@ cdef class ImageCore:
     cdef public bint writethrough
     cdef public bint has_backing
     cdef public bint closed
+    cdef public RefcountCore rc          # None when read-only
+    cdef public bint alloc_fast          # allocating writes may run in C
+    cdef public int64_t zero_from        # host bytes at or past here read as zeros
+    cdef public int64_t alloc_end        # end of every cluster handed out
+    cdef char *zeros                     # one cluster of zeros (aligned)
     cdef object _l1
     cdef object _meta
     cdef const unsigned char *meta_bits
@@ -40,7 +46,8 @@ cdef class ImageCore:
     cdef _write(self, int64_t offset, data, bint sync)
     cdef _check_range(self, int64_t offset, int64_t length)
     cdef int64_t _locked_read(self, char *buf, int64_t offset, int64_t n) except -2
-    cdef int _slice_at(self, int64_t pos, bint exclusive, const uint64_t **l2, int64_t *l2i) except -2
+    cdef int _slice_at(self, int64_t pos, bint exclusive, uint64_t **l2, int64_t *l2i, int *slot, uint64_t *l1e) except -2
+    cdef int64_t _alloc_write(self, const char *buf, int64_t pos, int64_t remaining, uint64_t *l2, int64_t l2i, int64_t run, int slot) except -2
     cdef int64_t _read_loop(self, char *buf, int64_t off, int64_t n, bint exclusive) except -2
     cdef bint _touches_metadata(self, uint64_t host, int64_t n) noexcept nogil
-    cdef int64_t _write_loop(self, const char *buf, int64_t off, int64_t n, bint exclusive) except -2
+    cdef int64_t _write_loop(self, const char *buf, int64_t off, int64_t n, bint exclusive, bint *allocated) except -2

@@ -19,14 +19,19 @@ deadlock with a waiter holding it).
 from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE, PyBUF_WRITABLE
 from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING
 from libc.stdint cimport uint64_t, int64_t
+from libc.stdlib cimport free
 from libc.string cimport memset
+
+cdef extern from "stdlib.h" nogil:
+    int posix_memalign(void **memptr, size_t alignment, size_t size)
 
 cimport numpy as cnp
 
 from .common cimport (l2_run, EXT_DATA, EXT_ZERO, EXT_UNALLOCATED, L1E_OFFSET_MASK,
-                      L1E_RESERVED_MASK)
+                      L1E_RESERVED_MASK, L2E_OFFSET_MASK, QCOW_OFLAG_COPIED)
 from .fileio cimport File
 from .cache cimport TableCache
+from .allocator cimport RefcountCore
 
 from ..errors import ImageClosedError, InvalidArgumentError, ReadOnlyImageError
 
@@ -56,9 +61,11 @@ cdef class ImageCore:
         self.l1_size = 0
         self.meta_bits = NULL
         self.meta_clusters = 0
+        self.zeros = NULL
 
     def __dealloc__(self):
         pthread_rwlock_destroy(&self.rwlock)
+        free(self.zeros)
 
     # -- set-up by the Python layer -------------------------------------------
 
@@ -73,6 +80,11 @@ cdef class ImageCore:
         self.size = size
         self.read_only = read_only
         self.has_backing = has_backing
+        free(self.zeros)
+        self.zeros = NULL
+        if posix_memalign(<void **>&self.zeros, 4096, self.cluster_size) != 0:
+            raise MemoryError()
+        memset(self.zeros, 0, self.cluster_size)
         self.closed = False
 
     def _set_l1(self, cnp.ndarray l1):
@@ -99,6 +111,10 @@ cdef class ImageCore:
             c += 1
         return False
 
+    def _touches_metadata_py(self, uint64_t host, int64_t n):
+        """Python access to the overlap test (for the slow paths)."""
+        return self._touches_metadata(host, n)
+
     def _set_size(self, int64_t size):
         self.size = size
 
@@ -118,8 +134,8 @@ cdef class ImageCore:
 
     # -- the loops -------------------------------------------------------------
 
-    cdef inline int _slice_at(self, int64_t pos, bint exclusive, const uint64_t **l2,
-                              int64_t *l2i) except -2:
+    cdef inline int _slice_at(self, int64_t pos, bint exclusive, uint64_t **l2,
+                              int64_t *l2i, int *slot_out, uint64_t *l1e_out) except -2:
         """Find the cached L2 slice mapping guest ``pos``.  Returns SLICE_OK
         (``l2``/``l2i`` set to the slice and the entry's index in it),
         L1_UNALLOCATED, MISS (shared holder: retry exclusively) or BAD (a
@@ -133,6 +149,7 @@ cdef class ImageCore:
         if l1i >= self.l1_size:
             return BAD
         l1e = self.l1[l1i]
+        l1e_out[0] = l1e
         if l1e & L1E_RESERVED_MASK:
             return BAD
         l2off = l1e & L1E_OFFSET_MASK
@@ -148,8 +165,9 @@ cdef class ImageCore:
             slot = self.l2_cache.c_load(key, True)
         else:
             self.l2_cache.hits += 1
-        l2[0] = <const uint64_t *>self.l2_cache.slot_ptr(slot)
+        l2[0] = <uint64_t *>self.l2_cache.slot_ptr(slot)
         l2i[0] = i & ((1 << self.slice_bits) - 1)
+        slot_out[0] = slot
         return SLICE_OK
 
     cdef int64_t _read_loop(self, char *buf, int64_t off, int64_t n, bint exclusive) except -2:
@@ -159,13 +177,14 @@ cdef class ImageCore:
         cdef int64_t done = 0, pos, l2i, chunk, in_cl, count, run, rc
         cdef int64_t cs = self.cluster_size, slice_entries = 1 << self.slice_bits
         cdef uint64_t host
-        cdef int kind, st
-        cdef const uint64_t *l2
+        cdef int kind, st, slot
+        cdef uint64_t *l2
+        cdef uint64_t l1e
         cdef File f = self.file
         while done < n:
             pos = off + done
             in_cl = pos & (cs - 1)
-            st = self._slice_at(pos, exclusive, &l2, &l2i)
+            st = self._slice_at(pos, exclusive, &l2, &l2i, &slot, &l1e)
             if st == MISS:
                 return NEED_EXCLUSIVE if done == 0 else done
             if st == BAD:
@@ -202,20 +221,22 @@ cdef class ImageCore:
             done += chunk
         return done
 
-    cdef int64_t _write_loop(self, const char *buf, int64_t off, int64_t n, bint exclusive) except -2:
+    cdef int64_t _write_loop(self, const char *buf, int64_t off, int64_t n, bint exclusive,
+                             bint *allocated) except -2:
         """Overwrite in place where clusters are allocated with refcount 1
-        (QCOW_OFLAG_COPIED) and hold no metadata.  Returns bytes done or
-        NEED_EXCLUSIVE."""
-        cdef int64_t done = 0, pos, l2i, chunk, in_cl, count, run, rc
+        (QCOW_OFLAG_COPIED) and hold no metadata; with the exclusive lock,
+        also allocate where nothing has to be copied (see _alloc_write).
+        Returns bytes done or NEED_EXCLUSIVE."""
+        cdef int64_t done = 0, pos, l2i, chunk, in_cl, count, run, rc, k
         cdef int64_t cs = self.cluster_size, slice_entries = 1 << self.slice_bits
-        cdef uint64_t host
-        cdef int kind, st
-        cdef const uint64_t *l2
+        cdef uint64_t host, l1e
+        cdef int kind, st, slot
+        cdef uint64_t *l2
         cdef File f = self.file
         while done < n:
             pos = off + done
             in_cl = pos & (cs - 1)
-            st = self._slice_at(pos, exclusive, &l2, &l2i)
+            st = self._slice_at(pos, exclusive, &l2, &l2i, &slot, &l1e)
             if st == MISS:
                 return NEED_EXCLUSIVE if done == 0 else done
             if st != SLICE_OK:
@@ -224,25 +245,87 @@ cdef class ImageCore:
             if count > slice_entries - l2i:
                 count = slice_entries - l2i
             run = l2_run(l2, l2i, count, self.cluster_bits, True, &kind, &host)
-            if kind != EXT_DATA or not (l2[l2i] >> 63):
-                break
-            if host + <uint64_t>(run << self.cluster_bits) > <uint64_t>self.host_limit:
-                break
-            chunk = (run << self.cluster_bits) - in_cl
-            if chunk > n - done:
-                chunk = n - done
-            if self._touches_metadata(host + in_cl, chunk):
-                break           # the slow path reports the corruption
-            if f.direct and not f.aligned(buf + done, chunk, host + in_cl):
-                # Read-modify-write of a block must not race: exclusive only.
+            if kind == EXT_ZERO:
+                # Only zero clusters without a preallocated host cluster.
+                k = 0
+                while k < run and not (l2[l2i + k] & L2E_OFFSET_MASK):
+                    k += 1
+                run = k
+            if kind == EXT_DATA and (l2[l2i] >> 63):
+                if host + <uint64_t>(run << self.cluster_bits) > <uint64_t>self.host_limit:
+                    break
+                chunk = (run << self.cluster_bits) - in_cl
+                if chunk > n - done:
+                    chunk = n - done
+                if self._touches_metadata(host + in_cl, chunk):
+                    break           # the slow path reports the corruption
+                if f.direct and not f.aligned(buf + done, chunk, host + in_cl):
+                    # Read-modify-write of a block must not race: exclusive only.
+                    if not exclusive:
+                        return NEED_EXCLUSIVE if done == 0 else done
+                with nogil:
+                    rc = f.c_pwrite(buf + done, chunk, host + in_cl)
+                if rc < 0:
+                    f.raise_errno(rc, "write", host + in_cl)
+            elif self.alloc_fast and (l1e & QCOW_OFLAG_COPIED) and run > 0 and (
+                    (kind == EXT_UNALLOCATED and not self.has_backing) or kind == EXT_ZERO):
                 if not exclusive:
                     return NEED_EXCLUSIVE if done == 0 else done
-            with nogil:
-                rc = f.c_pwrite(buf + done, chunk, host + in_cl)
-            if rc < 0:
-                f.raise_errno(rc, "write", host + in_cl)
+                chunk = self._alloc_write(buf + done, pos, n - done, l2, l2i, run, slot)
+                if chunk < 0:
+                    break           # a refcount block is needed: the slow path makes it
+                allocated[0] = True
+            else:
+                break
             done += chunk
         return done
+
+    cdef int64_t _alloc_write(self, const char *buf, int64_t pos, int64_t remaining,
+                              uint64_t *l2, int64_t l2i, int64_t run, int slot) except -2:
+        """Allocate host clusters for up to ``run`` guest clusters that read
+        as zeros (unallocated without a backing file, or zero clusters) and
+        write guest data at ``pos`` into them.  Nothing needs copying: the
+        untouched parts must read as zeros, which fresh space past the end
+        of everything written already does.  Order: refcounts raised, data
+        written, then the L2 entries (the cache writes refcount blocks
+        before L2 slices).  Returns bytes written, or -1 when a refcount
+        block must be created first (nothing done)."""
+        cdef int64_t cs = self.cluster_size, in_cl = pos & (cs - 1)
+        cdef int64_t chunk = (run << self.cluster_bits) - in_cl, nclusters, c, k, tail, rc
+        cdef uint64_t host, end
+        cdef File f = self.file
+        if chunk > remaining:
+            chunk = remaining
+        nclusters = (in_cl + chunk + cs - 1) >> self.cluster_bits
+        c = self.rc.c_alloc(nclusters)
+        if c < 0:
+            return -1
+        host = (<uint64_t>c) << self.cluster_bits
+        end = host + (nclusters << self.cluster_bits)
+        if self._touches_metadata(host, end - host):
+            self._report_alloc_overlap(host)        # marks the image corrupt, raises
+        tail = (nclusters << self.cluster_bits) - in_cl - chunk
+        with nogil:
+            rc = 0
+            if <int64_t>host < self.zero_from:      # reused space: zero the edges
+                if in_cl:
+                    rc = f.c_pwrite(self.zeros, in_cl, host)
+                if rc >= 0 and tail:
+                    rc = f.c_pwrite(self.zeros, tail, host + in_cl + chunk)
+            if rc >= 0:
+                rc = f.c_pwrite(buf, chunk, host + in_cl)
+        if rc < 0:
+            f.raise_errno(rc, "write", host + in_cl)
+        for k in range(nclusters):
+            l2[l2i + k] = (host + (k << self.cluster_bits)) | QCOW_OFLAG_COPIED
+        self.l2_cache.c_mark_dirty(slot)
+        if <int64_t>end > self.zero_from:
+            self.zero_from = end
+        if <int64_t>end > self.alloc_end:
+            self.alloc_end = end
+        if <int64_t>end > self.host_limit:
+            self.host_limit = end
+        return chunk
 
     # -- public API --------------------------------------------------------------
 
@@ -327,6 +410,7 @@ cdef class ImageCore:
     cdef _write(self, int64_t offset, data, bint sync):
         cdef Py_buffer view
         cdef int64_t done, n
+        cdef bint allocated = False
         PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
         try:
             n = view.len
@@ -336,24 +420,26 @@ cdef class ImageCore:
             with nogil:
                 pthread_rwlock_rdlock(&self.rwlock)
             try:
-                done = self._write_loop(<const char *>view.buf, offset, n, False)
+                done = self._write_loop(<const char *>view.buf, offset, n, False, &allocated)
             finally:
                 pthread_rwlock_unlock(&self.rwlock)
             if done == NEED_EXCLUSIVE:
                 with nogil:
                     pthread_rwlock_wrlock(&self.rwlock)
                 try:
-                    done = self._write_loop(<const char *>view.buf, offset, n, True)
+                    done = self._write_loop(<const char *>view.buf, offset, n, True, &allocated)
                 finally:
                     pthread_rwlock_unlock(&self.rwlock)
         finally:
             PyBuffer_Release(&view)
         if done < n:
             self._write_slow(offset + done, memoryview(data).cast("B")[done:])
-            if sync:
-                self.flush()
-        elif sync and n:
-            self.file.sync()
+            allocated = True
+        if sync and n:
+            if allocated:
+                self.flush()        # metadata changed: the full ordered flush
+            else:
+                self.file.sync()
 
     def _fast_readinto_locked(self, int64_t offset, buf):
         """For slow paths that already hold the exclusive lock: serve what the

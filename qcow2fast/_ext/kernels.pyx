@@ -36,26 +36,6 @@ def refcount_set(uint8_t[::1] blk, int64_t i, int order, uint64_t value):
     rc_set(&blk[0], i, order, value)
 
 
-def refcount_find_free(const uint8_t[::1] blk, int64_t start, int64_t end, int order):
-    """First index in [start, end) whose refcount is 0, or -1."""
-    cdef int64_t i = start
-    cdef const uint8_t *p = &blk[0]
-    with nogil:
-        while i < end and rc_get(p, i, order) != 0:
-            i += 1
-    return i if i < end else -1
-
-
-def refcount_free_run(const uint8_t[::1] blk, int64_t start, int64_t end, int order):
-    """Number of consecutive free (refcount 0) entries from ``start``."""
-    cdef int64_t i = start
-    cdef const uint8_t *p = &blk[0]
-    with nogil:
-        while i < end and rc_get(p, i, order) == 0:
-            i += 1
-    return i - start
-
-
 def refcount_decode(const uint8_t[::1] blk, int order, uint64_t[::1] out):
     """Decode every entry of a refcount block into ``out``."""
     cdef int64_t i, n = out.shape[0]
@@ -76,27 +56,6 @@ def refcount_encode(const uint64_t[::1] values, int order, uint8_t[::1] blk):
     with nogil:
         for i in range(n):
             rc_set(p, i, order, values[i])
-
-
-def refcount_add_range(uint8_t[::1] blk, int64_t start, int64_t n, int order, int64_t delta,
-                       uint64_t maxval):
-    """Add ``delta`` to entries [start, start+n).  All or nothing: returns -1
-    on success, else the first index whose refcount would leave [0, maxval]
-    (nothing is modified then)."""
-    cdef int64_t i, bad = -1
-    cdef uint64_t v
-    cdef uint8_t *p = &blk[0]
-    with nogil:
-        for i in range(start, start + n):
-            v = rc_get(p, i, order)
-            if (delta < 0 and v < <uint64_t>(-delta)) or \
-                    (delta > 0 and v > maxval - <uint64_t>delta):
-                bad = i
-                break
-        if bad < 0:
-            for i in range(start, start + n):
-                rc_set(p, i, order, rc_get(p, i, order) + <uint64_t>delta)
-    return bad
 
 
 def l2_entry_kind(uint64_t entry):
