@@ -1,0 +1,128 @@
+"""Helpers shared by the benchmark scripts: sizes, logging, the machine and
+its filesystems, statistics over repeated runs."""
+
+import argparse
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+
+KiB = 1024
+MiB = 1024 * KiB
+GiB = 1024 * MiB
+
+
+class BenchError(Exception):
+    """A benchmark step failed (tool error, bad output, failed verification)."""
+
+
+def log(msg):
+    print(msg, file=sys.stderr, flush=True)
+
+
+def parse_size(text):
+    m = re.fullmatch(r"\s*(\d+)\s*([kKmMgGtT]?)(i?[bB])?\s*", text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"invalid size {text!r}")
+    mult = {"": 1, "k": KiB, "m": MiB, "g": GiB, "t": 1024 * GiB}[m.group(2).lower()]
+    return int(m.group(1)) * mult
+
+
+def human(n):
+    for unit, mult in (("G", GiB), ("M", MiB), ("K", KiB)):
+        if n >= mult and n % mult == 0:
+            return f"{n // mult}{unit}"
+    return str(n)
+
+
+def round_up(n, align):
+    return (n + align - 1) // align * align
+
+
+# -- environment -----------------------------------------------------------------
+
+
+def fs_type(path):
+    """Filesystem type of the mount holding ``path`` (from /proc/mounts)."""
+    path = os.path.realpath(path)
+    best, fstype = "", "unknown"
+    try:
+        with open("/proc/mounts") as f:
+            for line in f:
+                fields = line.split()
+                if len(fields) < 3:
+                    continue
+                mnt = fields[1].replace("\\040", " ")
+                inside = path == mnt or path.startswith(mnt.rstrip("/") + "/")
+                if inside and len(mnt) >= len(best):
+                    best, fstype = mnt, fields[2]
+    except OSError:
+        pass
+    return fstype
+
+
+def choose_tmpdir(requested, need_bytes):
+    """A directory on a disk filesystem (not tmpfs: the point is a page-cached
+    image on a real filesystem) with room for the images."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    candidates = [requested] if requested else [
+        os.environ.get("TMPDIR"), "/var/tmp", "/tmp",
+        os.path.join(repo, "benchmarks", "results")]
+    problems = []
+    for cand in candidates:
+        if not cand:
+            continue
+        try:
+            os.makedirs(cand, exist_ok=True)
+        except OSError as e:
+            problems.append(f"{cand}: {e}")
+            continue
+        fstype = fs_type(cand)
+        free = shutil.disk_usage(cand).free
+        if fstype in ("tmpfs", "ramfs"):
+            problems.append(f"{cand}: on {fstype}")
+            if requested:
+                raise BenchError(f"--tmpdir {cand} is on {fstype}; use a disk filesystem")
+            continue
+        if free < need_bytes:
+            problems.append(f"{cand}: {free / GiB:.1f} GiB free, need {need_bytes / GiB:.1f}")
+            continue
+        return tempfile.mkdtemp(prefix="qcow2fast-io-bench-", dir=cand), fstype
+    raise BenchError("no suitable temporary directory: " + "; ".join(problems))
+
+
+def run(cmd, check=True):
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    if check and p.returncode != 0:
+        raise BenchError(f"{' '.join(cmd)} exited {p.returncode}:\n{p.stdout}{p.stderr}")
+    return p
+
+
+def git_revision(repo):
+    p = subprocess.run(["git", "-C", repo, "rev-parse", "HEAD"], capture_output=True, text=True)
+    rev = p.stdout.strip() if p.returncode == 0 else None
+    p = subprocess.run(["git", "-C", repo, "status", "--porcelain"], capture_output=True, text=True)
+    dirty = bool(p.stdout.strip()) if p.returncode == 0 else None
+    return rev, dirty
+
+
+# -- statistics ----------------------------------------------------------------------
+
+
+def summarise(samples):
+    return {"median": statistics.median(samples), "min": min(samples), "max": max(samples)}
+
+
+def ratio_info(base, qf):
+    """Speed ratio (IOPS ratio) qcow2fast/base: median(base) / median(qf),
+    with the range of the per-run paired ratios."""
+    if not base or not qf:
+        return None
+    pairs = [b / q for b, q in zip(base, qf) if q > 0]
+    med_q = statistics.median(qf)
+    if med_q <= 0 or not pairs:
+        return None
+    return {"ratio": statistics.median(base) / med_q, "min": min(pairs), "max": max(pairs)}
