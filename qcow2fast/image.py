@@ -1,8 +1,10 @@
 """The Image: open, read, write, zero, discard, flush, close (qemu's qcow2.c).
 
-The hot paths (reads and in-place overwrites) live in the Cython base class
-``ImageCore``; this class owns the image's state and does everything that
-touches metadata, always under the exclusive lock.
+The hot paths live in the Cython base class ``ImageCore``: reads, in-place
+overwrites, and allocating writes that need nothing copied.  This class
+owns the image's state and does the rest (copy-on-write, backing files,
+compressed clusters, new L2 tables and refcount blocks, zeroes, discard,
+flush), always under the exclusive lock.
 
 Write ordering (each barrier is an fdatasync, skipped under cache=unsafe):
 1. guest data is written to newly allocated clusters;
@@ -344,16 +346,22 @@ class Image(ImageCore):
 
     # -- writing (slow path) -----------------------------------------------------------
 
-    def _write_slow(self, offset, mv):
+    def _update(self, operation, *args):
+        """Run a metadata-changing operation under the exclusive lock.
+        Corruption found on the way marks the image corrupt (stopping
+        further writes), as qemu does."""
         self._wrlock()
         try:
             self._check_writable()
-            self._write_locked(offset, mv)
+            return operation(*args)
         except CorruptImageError as e:
             self._mark_corrupt(e)
             raise
         finally:
             self._unlock()
+
+    def _write_slow(self, offset, mv):
+        self._update(self._write_locked, offset, mv)
 
     def _write_locked(self, offset, mv):
         done, total = 0, len(mv)
@@ -368,7 +376,7 @@ class Image(ImageCore):
                     self._check_overlap(pos, host, n)
                     self.file.pwrite(mv[done:done + n], host)
                 else:
-                    self._allocating_write(slot, pos, mv[done:done + n], kind)
+                    self._allocating_write(slot, pos, mv[done:done + n])
             finally:
                 self.l2_cache.unpin(slot)
             done += n
@@ -387,7 +395,7 @@ class Image(ImageCore):
                 "writing there would destroy it", offset=self.mapping.entry_location(pos),
                 field="L2 entry")
 
-    def _allocating_write(self, slot, pos, data, kind):
+    def _allocating_write(self, slot, pos, data):
         """Write ``data`` at guest ``pos`` into newly allocated clusters,
         copying the untouched parts of the first and last cluster from what
         the guest saw before (backing file, compressed or shared cluster)."""
@@ -478,15 +486,7 @@ class Image(ImageCore):
         where the format allows (v3 zero flag; v2 without a backing file
         deallocates)."""
         self._check_range_py(offset, length)
-        self._wrlock()
-        try:
-            self._check_writable()
-            self._zero_locked(offset, length, may_unmap)
-        except CorruptImageError as e:
-            self._mark_corrupt(e)
-            raise
-        finally:
-            self._unlock()
+        self._update(self._zero_locked, offset, length, may_unmap)
         if self.writethrough:
             self.flush()
 
@@ -536,15 +536,7 @@ class Image(ImageCore):
         a, b = self._whole_clusters(offset, offset + length)
         if b <= a:
             return
-        self._wrlock()
-        try:
-            self._check_writable()
-            self._set_entries(a, b, "discard", True)
-        except CorruptImageError as e:
-            self._mark_corrupt(e)
-            raise
-        finally:
-            self._unlock()
+        self._update(self._set_entries, a, b, "discard", True)
         if self.writethrough:
             self.flush()
 
