@@ -61,14 +61,23 @@ def _read_cache_mode(mode):
 
 
 class RawImage:
-    """A raw file used as a (read-only) backing image."""
+    """A raw file: a backing image, or a raw image opened by the command line."""
 
-    def __init__(self, path):
+    header = None
+
+    def __init__(self, path, writable=False):
         self.path = path
-        self._f = open(path, "rb", buffering=0)
+        self._f = open(path, "r+b" if writable else "rb", buffering=0)
         self.size = os.fstat(self._f.fileno()).st_size
+        self.read_only = not writable
         self.backing = None
         self.closed = False
+
+    def write(self, offset, data):
+        return os.pwrite(self._f.fileno(), data, offset)
+
+    def flush(self):
+        os.fsync(self._f.fileno())
 
     def readinto(self, offset, buf):
         mv = memoryview(buf).cast("B")

@@ -44,8 +44,8 @@ class Image(ImageCore):
     """An open qcow2 image.  Use :func:`qcow2fast.open` to get one."""
 
     def __init__(self, path, mode="r", *, cache_mode="writeback", l2_cache_size=None,
-                 l2_cache_entry_size=None, refcount_cache_size=None, cache_clean_interval=None,
-                 backing=True, _chain=()):
+                 l2_cache_entry_size=None, refcount_cache_size=None, cache_size=None,
+                 cache_clean_interval=None, lazy_refcounts=None, backing=True, _chain=()):
         if mode not in ("r", "r+"):
             raise InvalidArgumentError(f"mode must be 'r' or 'r+', not {mode!r}")
         if cache_mode not in CACHE_MODES:
@@ -53,6 +53,7 @@ class Image(ImageCore):
         for name, value in (("l2_cache_size", l2_cache_size),
                             ("l2_cache_entry_size", l2_cache_entry_size),
                             ("refcount_cache_size", refcount_cache_size),
+                            ("cache_size", cache_size),
                             ("cache_clean_interval", cache_clean_interval)):
             if value is not None and (not isinstance(value, int) or value < 0):
                 raise InvalidArgumentError(f"{name} must be a non-negative integer, "
@@ -73,7 +74,7 @@ class Image(ImageCore):
             raise
         try:
             self._open(f, writable, l2_cache_size, l2_cache_entry_size, refcount_cache_size,
-                       cache_clean_interval, backing, _chain)
+                       cache_size, cache_clean_interval, lazy_refcounts, backing, _chain)
         except BaseException:
             if self.backing is not None:
                 self.backing.close()
@@ -83,7 +84,7 @@ class Image(ImageCore):
     # -- opening ----------------------------------------------------------------
 
     def _open(self, f, writable, l2_cache_size, l2_cache_entry_size, refcount_cache_size,
-              cache_clean_interval, backing, chain):
+              cache_size, cache_clean_interval, lazy_refcounts, backing, chain):
         file_size = f.size()
         h = hdr.parse_header(f.pread(0, min(file_size, MAX_HEADER_READ)), file_size)
         hdr.check_features(h, writable)
@@ -110,13 +111,18 @@ class Image(ImageCore):
         l1 = read_l1_table(f, h.l1_table_offset, h.l1_size, cs, file_size)
 
         self.l2_cache, self.refcount_cache = make_caches(f, h.size, cs, entry_size,
-                                                         l2_cache_size, refcount_cache_size)
+                                                         l2_cache_size, refcount_cache_size,
+                                                         cache_size)
         self.mapping = Mapping(f, geo, h, l1, self.l2_cache, self._metadata)
         self.refcounts = None
         if writable:
             self.refcounts = Refcounts(f, geo, h, self.refcount_cache, self._barrier,
                                        self._metadata, file_size)
-        self.lazy_refcounts = bool(h.compatible_features & hdr.COMPAT_LAZY_REFCOUNTS)
+        # The lazy-refcounts open option overrides the header's bit, as in qemu.
+        if lazy_refcounts and h.version < 3:
+            raise InvalidArgumentError("lazy refcounts require compat=1.1 or later")
+        self.lazy_refcounts = bool(h.compatible_features & hdr.COMPAT_LAZY_REFCOUNTS) \
+            if lazy_refcounts is None else bool(lazy_refcounts)
         self._unsafe = self.cache_mode == "unsafe"
         if not self.lazy_refcounts:
             self.l2_cache.depends = self.refcount_cache

@@ -6,6 +6,8 @@ import qcow2fast
 
 from qemu_util import qemu_check, qemu_raw
 
+pytestmark = pytest.mark.qemu
+
 
 @pytest.mark.parametrize("cluster_size", [512, 65536])
 @pytest.mark.parametrize("data_at", [0, 1000, "end"])

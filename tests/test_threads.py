@@ -11,6 +11,8 @@ import qcow2fast
 
 from qemu_util import qemu_check, qemu_raw
 
+pytestmark = pytest.mark.qemu
+
 NTHREADS = 4
 REGION = 3 << 20
 

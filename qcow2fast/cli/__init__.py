@@ -1,0 +1,51 @@
+"""The ``qcow2fast`` command: qemu-img's subcommands, syntax, JSON keys and
+exit statuses.
+
+Every subcommand lives in its own module with ``add_parser(subparsers)``
+and ``run(args) -> int``.  Errors are one line on stderr and exit status 1
+(``--debug`` shows the traceback); subcommands with their own statuses
+(check, compare) return them.
+"""
+
+import sys
+
+from ..errors import Qcow2Error
+from . import create_cmd, info_cmd
+from .options import Parser, UsageError
+
+COMMANDS = [create_cmd, info_cmd]
+
+
+def build_parser():
+    parser = Parser(prog="qcow2fast", description="qemu-img compatible qcow2 tool")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for module in COMMANDS:
+        module.add_parser(sub)
+    return parser
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in argv
+    try:
+        args = build_parser().parse_args(argv)
+        if not args.command:
+            raise UsageError("a command is required (try --help)")
+        return args.run(args)
+    except SystemExit as e:            # --help, or argparse's own exits
+        return e.code if isinstance(e.code, int) else 0
+    except KeyboardInterrupt:
+        print("qcow2fast: interrupted", file=sys.stderr)
+        return 130
+    except (Qcow2Error, OSError) as e:
+        if debug:
+            raise
+        print(f"qcow2fast: {_describe(e)}", file=sys.stderr)
+        return 1
+
+
+def _describe(e):
+    if isinstance(e, OSError) and e.filename and e.strerror:
+        return f"{e.filename}: {e.strerror}"
+    return str(e)

@@ -1,0 +1,68 @@
+"""Opening images the way qemu-img does: -f or probing, --image-opts, -U."""
+
+import os
+
+from .. import open as open_qcow2
+from ..backing import RawImage, probe_format
+from .options import UsageError, parse_bool, parse_size, split_options
+
+FORMATS = ("qcow2", "raw")
+
+# --image-opts keys -> Image keyword arguments (sizes take suffixes).
+IMAGE_OPTS = {"l2-cache-size": "l2_cache_size", "l2-cache-entry-size": "l2_cache_entry_size",
+              "refcount-cache-size": "refcount_cache_size", "cache-size": "cache_size",
+              "cache-clean-interval": "cache_clean_interval", "lazy-refcounts": "lazy_refcounts"}
+
+
+def add_image_arguments(p, *, output=False):
+    p.add_argument("-f", dest="fmt")
+    p.add_argument("-U", "--force-share", dest="force_share", action="store_true")
+    p.add_argument("--image-opts", dest="image_opts", action="store_true")
+    if output:
+        p.add_argument("--output", dest="output", default="human", choices=("human", "json"))
+
+
+def image_spec(name, fmt, image_opts):
+    """(path, format, open keyword arguments) for a filename or an
+    --image-opts string."""
+    if not image_opts:
+        return name, fmt, {}
+    kw, path, driver = {}, None, fmt
+    for key, value in split_options(name):
+        if key in ("file.filename", "filename"):
+            path = value
+        elif key == "driver":
+            driver = value
+        elif key in ("file.driver",):
+            if value != "file":
+                raise UsageError(f"protocol {value!r} is not supported")
+        elif key in IMAGE_OPTS:
+            arg = IMAGE_OPTS[key]
+            if arg == "lazy_refcounts":
+                kw[arg] = parse_bool(value, key)
+            elif arg == "cache_clean_interval":
+                kw[arg] = int(value)
+            else:
+                kw[arg] = parse_size(value, key)
+        else:
+            raise UsageError(f"unsupported image option {key!r}")
+    if path is None:
+        raise UsageError("--image-opts needs file.filename=PATH")
+    return path, driver, kw
+
+
+def open_image(name, fmt=None, *, image_opts=False, writable=False, backing=True, **extra):
+    """Open ``name`` as qcow2 or raw (probed when ``fmt`` is None)."""
+    path, fmt, kw = image_spec(name, fmt, image_opts)
+    if not os.path.exists(path):
+        raise FileNotFoundError(2, "Could not open image: No such file or directory", path)
+    fmt = fmt or probe_format(path)
+    if fmt not in FORMATS:
+        raise UsageError(f"unknown or unsupported format {fmt!r} (supported: qcow2, raw)")
+    if fmt == "raw":
+        if kw:
+            raise UsageError("cache options apply to qcow2 images only")
+        return RawImage(path, writable=writable)
+    kw.update(extra)
+    return open_qcow2(path, "r+" if writable else "r", backing=backing,
+                      cache_clean_interval=kw.pop("cache_clean_interval", 0), **kw)

@@ -1,0 +1,146 @@
+"""qcow2fast create [-f fmt] [-o options] [-b backing [-F fmt]] [-u] [-q] filename [size]"""
+
+import os
+
+from .. import create as create_image
+from ..backing import probe_format, resolve_backing_path
+from ..errors import UnsupportedFeatureError
+from .options import UsageError, merge_options, parse_bool, parse_size
+
+# qemu-img's qcow2 creation options this version supports, with their help text.
+QCOW2_OPTIONS = [
+    ("backing_file", "str", "File name of a base image"),
+    ("backing_fmt", "str", "Image format of the base image"),
+    ("cluster_size", "size", "qcow2 cluster size"),
+    ("compat", "str", "Compatibility level (v2 [0.10] or v3 [1.1])"),
+    ("compression_type", "str", "Compression method used for image cluster compression"),
+    ("extended_l2", "bool (on/off)", "Extended L2 tables (not supported yet)"),
+    ("lazy_refcounts", "bool (on/off)", "Postpone refcount updates"),
+    ("preallocation", "str", "Preallocation mode (allowed values: off, metadata, falloc, full)"),
+    ("refcount_bits", "num", "Width of a reference count entry in bits"),
+    ("size", "size", "Virtual disk size"),
+]
+UNSUPPORTED = {"data_file": "external data files", "data_file_raw": "external data files",
+               "encryption": "encryption", "encrypt.format": "encryption"}
+FORMATS = ("qcow2", "raw")
+
+
+def add_parser(sub):
+    p = sub.add_parser("create", help="create a new image")
+    p.add_argument("-f", dest="fmt", default="raw")
+    p.add_argument("-o", dest="options", action="append", default=[])
+    p.add_argument("-b", dest="backing")
+    p.add_argument("-F", dest="backing_fmt")
+    p.add_argument("-u", dest="unsafe", action="store_true")
+    p.add_argument("-q", dest="quiet", action="store_true")
+    p.add_argument("filename", nargs="?")
+    p.add_argument("size", nargs="?")
+    p.set_defaults(run=run)
+
+
+def options_help(fmt):
+    if fmt == "raw":
+        return "Supported raw options:\n  size=<size>            - Virtual disk size\n"
+    lines = [f"Supported {fmt} options:"]
+    for name, kind, text in QCOW2_OPTIONS:
+        lines.append(f"  {name + '=<' + kind + '>':<22} - {text}")
+    return "\n".join(lines) + "\n"
+
+
+def run(args):
+    if args.fmt not in FORMATS:
+        raise UsageError(f"create: unknown or unsupported format {args.fmt!r} "
+                         f"(supported: {', '.join(FORMATS)})")
+    opts = merge_options(args.options)
+    if "help" in opts or "?" in opts:
+        print(options_help(args.fmt), end="")
+        return 0
+    if not args.filename:
+        raise UsageError("create: expecting a filename")
+    size = opts.pop("size", None)
+    if args.size is not None:
+        size = args.size
+    size = parse_size(size, "image size") if size is not None else None
+    if args.fmt == "raw":
+        if opts:
+            raise UsageError(f"create: invalid parameter {next(iter(opts))!r} for format raw")
+        if size is None:
+            raise UsageError("create: image size must be specified")
+        with open(args.filename, "wb") as f:
+            f.truncate(size)
+        if not args.quiet:
+            print(f"Formatting '{args.filename}', fmt=raw size={size}")
+        return 0
+    kw = qcow2_options(opts)
+    backing = args.backing or kw.pop("backing_file", None)
+    backing_fmt = args.backing_fmt or kw.pop("backing_format", None)
+    kw.pop("backing_file", None)
+    kw.pop("backing_format", None)
+    if backing:
+        bpath = resolve_backing_path(args.filename, backing)
+        if backing_fmt is None and not args.unsafe:
+            backing_fmt = probe_format(bpath)
+        if size is None:
+            if args.unsafe:
+                raise UsageError("create: image size must be specified with -u")
+            if not os.path.exists(bpath):
+                raise FileNotFoundError(2, "Could not open backing file", bpath)
+    create_image(args.filename, size, backing_file=backing, backing_format=backing_fmt, **kw)
+    if not args.quiet:
+        from .. import open as open_image
+        with open_image(args.filename, backing=False, cache_clean_interval=0) as img:
+            size = img.size
+        # qemu-img's order: the order of qcow2's creation options.
+        parts = [f"Formatting '{args.filename}', fmt=qcow2",
+                 f"cluster_size={kw.get('cluster_size', 65536)}", "extended_l2=off"]
+        if kw.get("preallocation", "off") != "off":
+            parts.append(f"preallocation={kw['preallocation']}")
+        parts += [f"compression_type={kw.get('compression_type', 'zlib')}", f"size={size}"]
+        if kw.get("compat"):
+            parts.append(f"compat={kw['compat']}")
+        if backing:
+            parts.append(f"backing_file={backing}")
+        if backing_fmt:
+            parts.append(f"backing_fmt={backing_fmt}")
+        parts.append(f"lazy_refcounts={'on' if kw.get('lazy_refcounts') else 'off'}")
+        parts.append(f"refcount_bits={kw.get('refcount_bits', 16)}")
+        print(" ".join(parts))
+    return 0
+
+
+def qcow2_options(opts):
+    """-o key=value pairs -> keyword arguments of qcow2fast.create."""
+    kw = {}
+    for key, value in opts.items():
+        if key in UNSUPPORTED:
+            raise UnsupportedFeatureError(f"{UNSUPPORTED[key]} ({key}) not supported yet",
+                                          feature=key)
+        if key.startswith("encrypt."):
+            raise UnsupportedFeatureError("encryption not supported yet", feature=key)
+        if value is None and key not in ("lazy_refcounts", "extended_l2"):
+            raise UsageError(f"create: parameter '{key}' needs a value")
+        if key == "cluster_size":
+            kw["cluster_size"] = parse_size(value, "cluster_size")
+        elif key == "refcount_bits":
+            try:
+                kw["refcount_bits"] = int(value)
+            except ValueError:
+                raise UsageError(f"create: refcount_bits expects a number, not {value!r}") from None
+        elif key == "compat":
+            kw["compat"] = {"v2": "0.10", "v3": "1.1"}.get(value, value)
+        elif key == "lazy_refcounts":
+            kw["lazy_refcounts"] = parse_bool(value, key)
+        elif key == "extended_l2":
+            if parse_bool(value, key):
+                raise UnsupportedFeatureError("extended L2 entries not supported yet",
+                                              feature="extended_l2")
+        elif key in ("compression_type", "preallocation"):
+            kw[key] = value
+        elif key == "backing_file":
+            kw["backing_file"] = value
+        elif key == "backing_fmt":
+            kw["backing_format"] = value
+        else:
+            raise UsageError(f"create: invalid parameter '{key}' for format qcow2 "
+                             "(see -o help)")
+    return kw

@@ -1,0 +1,137 @@
+"""qcow2fast info [-f fmt] [--output=human|json] [--backing-chain] [-U] [--image-opts] filename
+
+The JSON has qemu-img 7.2's keys and values."""
+
+import json
+import os
+import time
+
+from ..backing import probe_format, resolve_backing_path
+from ..errors import CorruptImageError
+from .common import add_image_arguments, open_image
+from .options import size_to_str
+
+
+def add_parser(sub):
+    p = sub.add_parser("info", help="show information about an image")
+    add_image_arguments(p, output=True)
+    p.add_argument("--backing-chain", dest="backing_chain", action="store_true")
+    p.add_argument("filename")
+    p.set_defaults(run=run)
+
+
+def run(args):
+    infos = []
+    name, fmt, seen = args.filename, args.fmt, set()
+    while True:
+        img = open_image(name, fmt, image_opts=args.image_opts and not infos, backing=False)
+        try:
+            info = image_info(img, name)
+        finally:
+            img.close()
+        infos.append(info)
+        if not args.backing_chain or "backing-filename" not in info:
+            break
+        seen.add(os.path.realpath(img.path))
+        name = info["full-backing-filename"]
+        if os.path.realpath(resolve_backing_path(img.path, info["backing-filename"])) in seen:
+            raise CorruptImageError(f"backing chain loops at {name!r}", field="backing_file")
+        fmt = info.get("backing-filename-format") or probe_format(name)
+    if args.output == "json":
+        print(json.dumps(infos if args.backing_chain else infos[0], indent=4))
+    else:
+        print("\n".join(human_info(i) for i in infos), end="")
+    return 0
+
+
+def image_info(img, name):
+    """qemu-img's ImageInfo for an open image, as a dict."""
+    st = os.stat(img.path)
+    info = {}
+    if getattr(img, "header", None) is None:          # raw
+        info.update({"virtual-size": img.size, "filename": name, "format": "raw",
+                     "actual-size": st.st_blocks * 512, "dirty-flag": False})
+        return info
+    h = img.header
+    if img.snapshots:
+        info["snapshots"] = [snapshot_info(s) for s in img.snapshots]
+    if h.backing_format:
+        info["backing-filename-format"] = h.backing_format
+    info.update({"virtual-size": img.size, "filename": name, "cluster-size": img.cluster_size,
+                 "format": "qcow2", "actual-size": st.st_blocks * 512})
+    data = {"compat": "1.1" if h.version >= 3 else "0.10",
+            "compression-type": img.compression_type}
+    if h.version >= 3:
+        data.update({"lazy-refcounts": img.lazy_refcounts, "refcount-bits": h.refcount_bits,
+                     "corrupt": img.corrupt, "extended-l2": False})
+    else:
+        data["refcount-bits"] = h.refcount_bits
+    info["format-specific"] = {"type": "qcow2", "data": data}
+    if h.backing_file:
+        info["full-backing-filename"] = full_backing_filename(name, h.backing_file)
+        info["backing-filename"] = h.backing_file
+    info["dirty-flag"] = img.dirty
+    return info
+
+
+def full_backing_filename(name, backing):
+    """qemu's path_combine: relative to the directory of the name given."""
+    if os.path.isabs(backing):
+        return backing
+    return os.path.join(os.path.dirname(name), backing)
+
+
+def snapshot_info(s):
+    out = {}
+    icount = _icount(s)
+    if icount is not None:
+        out["icount"] = icount
+    out.update({"vm-clock-nsec": s.vm_clock_nsec % 1_000_000_000, "name": s.name,
+                "date-sec": s.date_sec, "date-nsec": s.date_nsec,
+                "vm-clock-sec": s.vm_clock_nsec // 1_000_000_000, "id": s.id,
+                "vm-state-size": s.vm_state_size})
+    return out
+
+
+def _icount(s):
+    if len(s.extra_data) >= 24:
+        v = int.from_bytes(s.extra_data[16:24], "big")
+        return None if v == (1 << 64) - 1 else v
+    return None
+
+
+def human_info(info):
+    lines = [f"image: {info['filename']}", f"file format: {info['format']}",
+             f"virtual size: {size_to_str(info['virtual-size'])} ({info['virtual-size']} bytes)",
+             f"disk size: {size_to_str(info['actual-size'])}"]
+    if "cluster-size" in info:
+        lines.append(f"cluster_size: {info['cluster-size']}")
+    if "backing-filename" in info:
+        line = f"backing file: {info['backing-filename']}"
+        if info["full-backing-filename"] != info["backing-filename"]:
+            line += f" (actual path: {info['full-backing-filename']})"
+        lines.append(line)
+    if "backing-filename-format" in info:
+        lines.append(f"backing file format: {info['backing-filename-format']}")
+    if info.get("dirty-flag"):
+        lines.append("cleanly shut down: no")
+    if info.get("snapshots"):
+        lines.append("Snapshot list:")
+        lines.append(f"{'ID':<10}{'TAG':<17}{'VM SIZE':>8}{'DATE':>20}{'VM CLOCK':>13}"
+                     f"{'ICOUNT':>11}")
+        for s in info["snapshots"]:
+            date = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s["date-sec"]))
+            secs = s["vm-clock-sec"]
+            clock = (f"{secs // 3600:02d}:{secs // 60 % 60:02d}:{secs % 60:02d}."
+                     f"{s['vm-clock-nsec'] // 1_000_000:03d}")
+            icount = str(s["icount"]) if "icount" in s else ""
+            lines.append(f"{s['id']:<9} {s['name']:<16} {size_to_str(s['vm-state-size']):>8}"
+                         f"{date:>20}{clock:>13}{icount:>11}")
+    fs = info.get("format-specific")
+    if fs:
+        lines.append("Format specific information:")
+        for key, value in fs["data"].items():
+            if isinstance(value, bool):
+                value = "true" if value else "false"
+            lines.append(f"    {key.replace('-', ' ')}: {value}")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,93 @@
+"""qemu-img's command-line conventions: sizes with suffixes, ``-o key=val``
+lists with ``,,`` escaping, booleans, human-readable sizes, and an
+argument parser that reports usage errors with exit status 1 (argparse's 2
+would read as "corrupt" to a script calling ``check``)."""
+
+import argparse
+import math
+import re
+
+from ..errors import InvalidArgumentError
+
+SIZE_SUFFIXES = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40,
+                 "p": 1 << 50, "e": 1 << 60}
+
+
+class UsageError(InvalidArgumentError):
+    """A bad command line: reported in one line, exit status 1."""
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):
+        command = self.prog.partition(" ")[2]
+        raise UsageError(f"{command}: {message}" if command else message)
+
+
+def parse_size(text, what="size"):
+    """'1G', '1.5G', '512', '64k' -> bytes (powers of 1024, as qemu-img)."""
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([bkmgtpeBKMGTPE]?)\s*", str(text))
+    if not m:
+        raise UsageError(f"invalid {what} {text!r}: use a number with an optional suffix "
+                         "k, M, G, T, P or E")
+    value = float(m.group(1)) * SIZE_SUFFIXES[m.group(2).lower()]
+    if value >= 2 ** 63:
+        raise UsageError(f"{what} {text!r} is too large")
+    if value != int(value):
+        value = math.ceil(value)
+    return int(value)
+
+
+def split_options(text):
+    """'a=1,b=x,,y' -> [('a', '1'), ('b', 'x,y')]; a bare word is ('word', None)."""
+    items, cur, i = [], [], 0
+    while i < len(text):
+        c = text[i]
+        if c == ",":
+            if text[i + 1:i + 2] == ",":
+                cur.append(",")
+                i += 2
+                continue
+            items.append("".join(cur))
+            cur = []
+        else:
+            cur.append(c)
+        i += 1
+    items.append("".join(cur))
+    out = []
+    for item in items:
+        if not item:
+            continue
+        key, sep, value = item.partition("=")
+        out.append((key.strip(), value if sep else None))
+    return out
+
+
+def merge_options(option_args):
+    """All ``-o`` arguments given, merged (later ones win) into a dict."""
+    merged = {}
+    for text in option_args or ():
+        for key, value in split_options(text):
+            merged[key] = value
+    return merged
+
+
+def parse_bool(value, key):
+    if value is None:
+        return True
+    v = value.lower()
+    if v in ("on", "yes", "true", "1"):
+        return True
+    if v in ("off", "no", "false", "0"):
+        return False
+    raise UsageError(f"parameter '{key}' expects 'on' or 'off', not {value!r}")
+
+
+def size_to_str(n):
+    """qemu's size_to_str: three significant digits, binary units."""
+    if n == 0:
+        return "0 B"
+    _, e = math.frexp(n / (1000.0 / 1024.0))
+    i = max(0, (e - 1) // 10)
+    i = min(i, 6)
+    unit = ["", "Ki", "Mi", "Gi", "Ti", "Pi", "Ei"][i]
+    return f"{n / (1 << (10 * i)):0.3g} {unit}B"
