@@ -92,9 +92,24 @@ class RawImage:
         return bytes(buf)
 
     def block_status(self, offset=0, length=None):
+        """Data and holes (SEEK_DATA/SEEK_HOLE); holes read as zeros."""
         if length is None:
             length = self.size - offset
-        return [Extent(offset, length, "data", offset, 0)] if length else []
+        end, pos, out = offset + length, offset, []
+        fd = self._f.fileno()
+        while pos < end:
+            try:
+                data = min(os.lseek(fd, pos, os.SEEK_DATA), end)
+            except OSError:             # ENXIO: no data past pos
+                data = end
+            if data > pos:
+                out.append(Extent(pos, data - pos, "zero", None, 0))
+            if data >= end:
+                break
+            hole = min(os.lseek(fd, data, os.SEEK_HOLE), end)
+            out.append(Extent(data, hole - data, "data", data, 0))
+            pos = hole
+        return out
 
     @property
     def backing_chain(self):

@@ -8,10 +8,14 @@ every snapshot), the snapshot table and the refcount structures.
 with it; it is how a dirty image (lazy refcounts after a crash) is repaired.
 """
 
+import os
+import struct
+
 import numpy as np
 
 from .errors import CorruptImageError, Qcow2Error
-from .geometry import L1E_OFFSET_MASK, L2E_OFFSET_MASK, QCOW_OFLAG_COMPRESSED, QCOW_OFLAG_COPIED
+from .geometry import (L1E_OFFSET_MASK, L2E_OFFSET_MASK, QCOW_OFLAG_COMPRESSED, QCOW_OFLAG_COPIED,
+                       QCOW_OFLAG_ZERO)
 from .mapping import read_l1_table
 
 _OFF = np.uint64(L2E_OFFSET_MASK)
@@ -209,3 +213,448 @@ def _fix_copied_flags(img, counts):
             if len(wrong):
                 l2[wrong] ^= _COPIED
                 img.l2_cache.mark_dirty(slot)
+
+
+# -- qemu-img check ------------------------------------------------------------------
+#
+# ``check_image`` is qemu 7.2's qcow2_check_refcounts (calculate_refcounts,
+# compare_refcounts, check_oflag_copied) on a file opened read-only: it
+# never writes.  ``repair_image`` then fixes what qemu's -r leaks / -r all
+# fix, through an Image opened for writing.
+
+_L2E_STD_RESERVED = np.uint64(0x3F000000000001FE)
+_L1E_RESERVED = 0x7F000000000001FF
+_REFT_RESERVED = 0x1FF
+_ZERO = np.uint64(1)
+
+
+class CheckResult:
+    """qemu's BdrvCheckResult plus what a repair needs."""
+
+    def __init__(self):
+        self.corruptions = self.leaks = self.check_errors = 0
+        self.corruptions_fixed = self.leaks_fixed = 0
+        self.image_end_offset = 0
+        self.total_clusters = self.allocated_clusters = 0
+        self.fragmented_clusters = self.compressed_clusters = 0
+        self.messages = []          # qemu's stderr lines, in qemu's order
+        self.rebuild = False        # a refcount of 0 is referenced, or a refcount block is bad
+        self.leaked = []            # (cluster, stored, expected)
+        self.too_low = []           # (cluster, stored, expected)
+        self.copied = 0             # wrong COPIED flags
+        self.malformed = 0          # entries no refcount repair can fix
+        self.flags = 0              # the header's dirty (1) and corrupt (2) bits
+
+
+class _Tally:
+    """Expected refcounts, growing like qemu's refcount array."""
+
+    def __init__(self, n):
+        self.counts = np.zeros(max(n, 1), dtype=np.uint64)
+
+    def add(self, clusters):
+        clusters = np.asarray(clusters, dtype=np.int64).ravel()
+        if not len(clusters):
+            return
+        top = int(clusters.max()) + 1
+        if top > len(self.counts):
+            grown = np.zeros(max(top, 2 * len(self.counts)), dtype=np.uint64)
+            grown[:len(self.counts)] = self.counts
+            self.counts = grown
+        np.add.at(self.counts, clusters, 1)
+
+
+class _Checker:
+    def __init__(self, f, h, fix=None):
+        from .geometry import Geometry
+        self.f, self.h, self.fix = f, h, fix
+        self.geo = Geometry(h.cluster_bits, h.refcount_order)
+        self.cs = self.geo.cluster_size
+        self.file_size = f.size()
+        self.res = CheckResult()
+        self.tally = _Tally(-(-self.file_size // self.cs))
+
+    def msg(self, text):
+        self.res.messages.append(text)
+
+    def inc(self, offset, size):
+        """qemu's qcow2_inc_refcounts_imrt for one byte range."""
+        if size <= 0:
+            return
+        if offset + size - self.file_size >= self.cs:
+            self.msg("ERROR: counting reference for region exceeding the end of the file by "
+                     f"one cluster or more: offset {offset:#x} size {size:#x}")
+            self.res.corruptions += 1
+            return
+        cb = self.geo.cluster_bits
+        self.tally.add(np.arange(offset >> cb, ((offset + size - 1) >> cb) + 1))
+
+    def inc_data(self, offsets):
+        """Whole data clusters at ``offsets`` (uint64 array), vectorised."""
+        offsets = np.asarray(offsets, dtype=np.uint64)
+        past = offsets >= np.uint64(self.file_size)
+        for off in offsets[past]:
+            self.inc(int(off), self.cs)
+        self.tally.add(offsets[~past] >> np.uint64(self.geo.cluster_bits))
+
+    def read_l2(self, l2off):
+        raw = self.f.pread(l2off, self.cs)
+        if len(raw) < self.cs:
+            raw = bytes(raw).ljust(self.cs, b"\0")
+        return np.frombuffer(raw, dtype=">u8").astype(np.uint64)
+
+    def check_l2(self, l2off, active):
+        res, geo, cs = self.res, self.geo, self.cs
+        l2 = self.read_l2(l2off)
+        compressed = (l2 & _COMPRESSED) != 0
+        for e in l2[~compressed & ((l2 & _L2E_STD_RESERVED) != 0)]:
+            self.msg(f"ERROR found l2 entry with reserved bits set: {int(e):x}")
+            res.corruptions += 1
+            res.malformed += 1
+        # compressed clusters
+        for e in l2[compressed]:
+            e = int(e)
+            if e & QCOW_OFLAG_COPIED:
+                self.msg(f"ERROR: coffset={e & geo.cluster_offset_mask:#x}: copied flag must "
+                         "never be set for compressed clusters")
+                res.corruptions += 1
+                res.malformed += 1
+                e &= ~QCOW_OFLAG_COPIED
+            coff, csize = geo.compressed_extent(e)
+            self.inc(coff, csize)
+        ncomp = int(compressed.sum())
+        # standard clusters with a host offset (normal and preallocated zero)
+        std = l2[~compressed]
+        offs = std & _OFF
+        alloc = offs != 0
+        offs = offs[alloc]
+        ents = std[alloc]
+        unaligned = (offs & np.uint64(cs - 1)) != 0
+        for e, off in zip(ents[unaligned], offs[unaligned]):
+            res.corruptions += 1
+            res.malformed += 1
+            if int(e) & QCOW_OFLAG_ZERO:
+                self.msg(f"ERROR offset={int(off):x}: Preallocated cluster is not properly "
+                         "aligned; L2 entry corrupted.")
+            else:
+                self.msg(f"ERROR offset={int(off):x}: Data cluster is not properly aligned; "
+                         "L2 entry corrupted.")
+        if active:
+            res.allocated_clusters += len(offs) + ncomp
+            res.compressed_clusters += ncomp
+            res.fragmented_clusters += ncomp + int(
+                np.count_nonzero(offs[1:] != offs[:-1] + np.uint64(cs)))
+        for off in offs[unaligned]:
+            self.inc(int(off), cs)
+        self.inc_data(offs[~unaligned])
+
+    def check_l1(self, l1_offset, l1_size, active):
+        res, cs = self.res, self.cs
+        self.inc(l1_offset, l1_size * 8)
+        if not l1_size:
+            return
+        if l1_offset + l1_size * 8 > self.file_size:
+            self.msg(f"ERROR: I/O error in check_refcounts_l1: L1 table at {l1_offset:#x} "
+                     "lies past the end of the file")
+            res.check_errors += 1
+            return
+        l1 = np.frombuffer(self.f.pread(l1_offset, l1_size * 8), dtype=">u8").astype(np.uint64)
+        for e in l1:
+            e = int(e)
+            if not e:
+                continue
+            if e & _L1E_RESERVED:
+                self.msg(f"ERROR found L1 entry with reserved bits set: {e:x}")
+                res.corruptions += 1
+                res.malformed += 1
+            l2off = e & L1E_OFFSET_MASK
+            self.inc(l2off, cs)
+            if l2off & (cs - 1):
+                self.msg(f"ERROR l2_offset={l2off:x}: Table is not cluster aligned; "
+                         "L1 entry corrupted")
+                res.corruptions += 1
+                res.malformed += 1
+            if l2off >= self.file_size:
+                continue            # qemu's read fails; already counted above
+            self.check_l2(l2off, active)
+
+    def stored_refcounts(self, n):
+        """Stored refcount of clusters [0, n) (0 where no block), and
+        the refcount table entries."""
+        h, geo = self.h, self.geo
+        from ._ext.kernels import refcount_decode
+        raw = self.f.pread(h.refcount_table_offset, h.refcount_table_clusters * self.cs)
+        table = np.frombuffer(bytes(raw).ljust(h.refcount_table_clusters * self.cs, b"\0"),
+                              dtype=">u8").astype(np.uint64)
+        E = geo.rb_entries
+        stored = np.zeros(n, dtype=np.uint64)
+        self.unreadable = np.zeros(n, dtype=bool)     # qemu's get_refcount fails (-EIO)
+        block = np.zeros(E, dtype=np.uint64)
+        for t in np.nonzero(table & np.uint64(REFT_MASK))[0]:
+            t = int(t)
+            if t * E >= n:
+                break
+            off = int(table[t]) & REFT_MASK     # qemu ignores the reserved bits here
+            if off & (self.cs - 1):
+                self.unreadable[t * E:(t + 1) * E] = True
+                continue
+            raw = bytes(self.f.pread(off, self.cs)) if off < self.file_size else b""
+            refcount_decode(raw.ljust(self.cs, b"\0"), geo.refcount_order, block)
+            part = stored[t * E:(t + 1) * E]
+            part[:] = block[:len(part)]
+        return stored, table
+
+    def check_refblocks(self, table):
+        res, cs = self.res, self.cs
+        for i, e in enumerate(table):
+            e = int(e)
+            off = e & REFT_MASK
+            if e & _REFT_RESERVED:
+                self.msg(f"ERROR refcount table entry {i} has reserved bits set")
+                res.corruptions += 1
+                res.rebuild = True
+                continue
+            if off & (cs - 1):
+                self.msg(f"ERROR refcount block {i} is not cluster aligned; refcount table "
+                         "entry corrupted")
+                res.corruptions += 1
+                res.rebuild = True
+                continue
+            if off and (off >> self.geo.cluster_bits) >= -(-self.file_size // cs):
+                self.msg(f"ERROR refcount block {i} is outside image")
+                res.corruptions += 1
+                res.rebuild = True
+                continue
+            if off:
+                self.inc(off, cs)
+                c = off >> self.geo.cluster_bits
+                if int(self.tally.counts[c]) != 1:
+                    self.msg(f"ERROR refcount block {i} refcount={int(self.tally.counts[c])}")
+                    res.corruptions += 1
+                    res.rebuild = True
+
+    def run(self, snapshots, snap_bytes):
+        h, res, cs, geo = self.h, self.res, self.cs, self.geo
+        res.total_clusters = geo.size_to_clusters(h.size)
+        res.flags = h.incompatible_features & 3 if h.version >= 3 else 0   # dirty, corrupt
+        self.inc(0, cs)
+        self.check_l1(h.l1_table_offset, h.l1_size, True)
+        for s in snapshots:
+            self.check_l1(s.l1_table_offset, s.l1_size, False)
+        if h.nb_snapshots:
+            self.inc(h.snapshots_offset, snap_bytes)
+        self.inc(h.refcount_table_offset, h.refcount_table_clusters * cs)
+        _, table = self.stored_refcounts(0)
+        self.check_refblocks(table)
+        expected = self.tally.counts
+        over = np.nonzero(expected > np.uint64(geo.refcount_max))[0]
+        for c in over:
+            # qemu's counter saturates; every reference past the maximum is an error
+            for _ in range(int(expected[c]) - geo.refcount_max):
+                self.msg(f"ERROR: overflow cluster offset={int(c) * cs:#x}")
+                self.msg("Use qemu-img amend to increase the refcount entry width or qemu-img "
+                         "convert to create a clean copy if the image cannot be opened for "
+                         "writing")
+                res.corruptions += 1
+                res.malformed += 1
+            expected[c] = geo.refcount_max
+        n = max(-(-self.file_size // cs), int(np.nonzero(expected)[0].max(initial=-1)) + 1)
+        if len(expected) < n:
+            expected = np.concatenate([expected, np.zeros(n - len(expected), np.uint64)])
+        expected = expected[:n]
+        stored, _ = self.stored_refcounts(n)
+        self.expected, self.stored = expected, stored
+        bad = self.unreadable
+        used = np.nonzero(((stored > 0) | (expected > 0)) & ~bad)[0]
+        if len(used):
+            res.image_end_offset = (int(used[-1]) + 1) * cs
+        mismatch = np.nonzero((stored != expected) | bad)[0]
+        for c in mismatch:
+            c = int(c)
+            if bad[c]:
+                self.msg(f"Can't get refcount for cluster {c}: Input/output error")
+                res.check_errors += 1
+                continue
+            r1, r2 = int(stored[c]), int(expected[c])
+            if r1 == 0:
+                res.rebuild = True
+            if r1 < r2:
+                self.msg(f"ERROR cluster {c} refcount={r1} reference={r2}")
+                res.corruptions += 1
+                res.too_low.append((c, r1, r2))
+            else:
+                self.msg(f"Leaked cluster {c} refcount={r1} reference={r2}")
+                res.leaks += 1
+                res.leaked.append((c, r1, r2))
+        after = stored
+        copied_repair = False
+        if self.fix == "all" and res.rebuild:
+            self.msg("Rebuilding refcount structure")
+            after = expected
+            res.leaks_fixed, res.corruptions_fixed = res.leaks, res.corruptions
+            copied_repair = True
+        elif self.fix and res.rebuild:
+            self.msg("ERROR need to rebuild refcount structures")
+            res.check_errors += 1
+            return res
+        elif self.fix:
+            after = stored.copy()
+            for c, r1, r2 in res.leaked + res.too_low:
+                fixable = r1 > r2 or self.fix == "all"
+                self.msg(f"{'Repairing' if fixable else 'ERROR'} cluster {c} refcount={r1} "
+                         f"reference={r2}")
+                if fixable:
+                    after[c] = r2
+            res.leaks_fixed = len(res.leaked)
+            if self.fix == "all":
+                res.corruptions_fixed = len(res.too_low)
+            copied_repair = self.fix == "all" or (
+                not res.check_errors and not res.malformed and not res.too_low)
+        self.after = after
+        self.check_copied(after, copied_repair)
+        return res
+
+    def check_copied(self, stored, repair):
+        """qemu's check_oflag_copied on the active L1 (against ``stored``
+        refcounts, as they are after the refcount repair when fixing)."""
+        res, cs, h = self.res, self.cs, self.h
+        cb = np.uint64(self.geo.cluster_bits)
+        word = "Repairing" if repair else "ERROR"
+
+        def refcounts(offsets):
+            """(refcounts, readable) of the clusters at ``offsets``."""
+            idx = (np.asarray(offsets, dtype=np.uint64) >> cb).astype(np.int64)
+            out = np.zeros(len(idx), dtype=np.uint64)
+            ok = idx < len(stored)
+            out[ok] = stored[idx[ok]]
+            readable = np.ones(len(idx), dtype=bool)
+            readable[ok] = ~self.unreadable[idx[ok]]
+            return out, readable
+
+        if not h.l1_size or h.l1_table_offset + h.l1_size * 8 > self.file_size:
+            return
+        l1 = np.frombuffer(self.f.pread(h.l1_table_offset, h.l1_size * 8),
+                           dtype=">u8").astype(np.uint64)
+        for i, e in enumerate(l1):
+            e = int(e)
+            l2off = e & L1E_OFFSET_MASK
+            if not l2off:
+                continue
+            rcs, readable = refcounts([l2off])
+            rc = int(rcs[0])
+            if readable[0] and (rc == 1) != bool(e & QCOW_OFLAG_COPIED):
+                self.msg(f"{word} OFLAG_COPIED L2 cluster: l1_index={i} l1_entry={e:x} "
+                         f"refcount={rc}")
+                res.copied += 1
+                if repair:
+                    res.corruptions_fixed += 1
+                else:
+                    res.corruptions += 1
+            if l2off >= self.file_size:
+                continue
+            l2 = self.read_l2(l2off)
+            sel = ((l2 & _COMPRESSED) == 0) & ((l2 & _OFF) != 0)
+            ents = l2[sel]
+            rcs, readable = refcounts(ents & _OFF)
+            wrong = ((rcs == 1) != ((ents & _COPIED) != 0)) & readable
+            for e2, rc2 in zip(ents[wrong], rcs[wrong]):
+                self.msg(f"{word} OFLAG_COPIED data cluster: l2_entry={int(e2):x} "
+                         f"refcount={int(rc2)}")
+                res.copied += 1
+                if repair:
+                    res.corruptions_fixed += 1
+                else:
+                    res.corruptions += 1
+
+
+REFT_MASK = 0xFFFFFFFFFFFFFE00
+
+
+def check_image(path, fix=None):
+    """Check the qcow2 image at ``path`` without writing to it (qemu-img
+    check without -r).  Returns a CheckResult; raises Qcow2Error/OSError
+    when the image cannot be checked at all (unreadable header)."""
+    from . import header as hdr
+    from ._ext.fileio import File
+    from .snapshot import read_snapshot_table
+    f = File(str(path), writable=False, direct=False)
+    try:
+        size = f.size()
+        h = hdr.parse_header(f.pread(0, min(size, 2 << 20)), size)
+        hdr.check_features(h, False)
+        snapshots, snap_bytes = read_snapshot_table(f, h, size)
+        return _Checker(f, h, fix).run(snapshots, snap_bytes)
+    finally:
+        f.close()
+
+
+def repair_image(path, first, mode):
+    """Carry out the repair ``first`` (the CheckResult of check_image(path,
+    fix=mode)) planned, as qemu-img check -r ``mode`` ("leaks" or "all")
+    would.  Raises Qcow2Error when the damage is beyond what it can do."""
+    from .image import Image
+    if first.check_errors:
+        raise Qcow2Error("Check failed: Input/output error")
+    if mode == "all" and first.malformed:
+        raise Qcow2Error("Check failed: L1/L2 entries are malformed; this repair only fixes "
+                         "refcounts and COPIED flags")
+    corrupt = bool(first.flags & 2)
+    # Image opens an image marked corrupt read-only: lift the mark for the
+    # repair, and put it back unless the image ends up consistent (qemu
+    # marks it consistent when no corruption is left).
+    still_corrupt = mode == "leaks" and bool(first.too_low or first.malformed)
+    if corrupt:
+        _set_incompatible_bit(path, 2, False)
+    try:
+        img = Image(str(path), "r+", cache_clean_interval=0, backing=False)
+    except BaseException:
+        if corrupt:
+            _set_incompatible_bit(path, 2, True)
+        raise
+    try:
+        _repair_open(img, first, mode)
+    except BaseException:
+        still_corrupt = corrupt
+        raise
+    finally:
+        img.close()
+        if corrupt and still_corrupt:
+            _set_incompatible_bit(path, 2, True)
+
+
+def _repair_open(img, first, mode):
+    """The repair proper, on ``img`` open for writing (a dirty image has
+    already had its refcounts rebuilt by opening it)."""
+    if img.read_only:
+        raise Qcow2Error(img._read_only_reason())
+    if mode == "all":
+        rebuild_refcounts(img)
+        return
+    rc = img.refcounts
+    for c, _stored, expected in first.leaked:
+        rc.set_value(c, expected)
+    img.refcount_cache.flush()
+    img._barrier()
+    if first.copied and first.corruptions_fixed:
+        # qemu's -r leaks repairs COPIED flags when nothing else is wrong
+        E = img.geo.rb_entries
+        counts = np.zeros(rc.end_cluster, dtype=np.uint64)
+        block = np.zeros(E, dtype=np.uint64)
+        for t in range(-(-len(counts) // E)):
+            rc.read_block_values(t, block)
+            part = counts[t * E:(t + 1) * E]
+            part[:] = block[:len(part)]
+        _fix_copied_flags(img, counts)
+        img.l2_cache.flush()
+        img._barrier()
+
+
+def _set_incompatible_bit(path, bit, on):
+    """Set or clear one incompatible-feature bit of a v3 header in place."""
+    with open(path, "r+b") as f:
+        f.seek(72)
+        (v,) = struct.unpack(">Q", f.read(8))
+        f.seek(72)
+        f.write(struct.pack(">Q", (v | bit) if on else (v & ~bit)))
+        f.flush()
+        os.fsync(f.fileno())

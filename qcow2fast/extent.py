@@ -7,7 +7,8 @@ class Extent(NamedTuple):
     offset: int                  # guest offset
     length: int
     kind: str                    # "data" | "zero" | "unallocated" | "compressed"
-    host_offset: Optional[int]   # offset in the file of the layer at ``depth``
+    host_offset: Optional[int]   # offset in the file of the layer at ``depth`` (data,
+                                 # compressed, and zero clusters that are preallocated)
     depth: int                   # 0 = this image, 1 = its backing file, ...
 
 

@@ -608,7 +608,11 @@ class Image(ImageCore):
         pos, end = offset, offset + length
         while pos < end:
             kind, host, n, entry = self.mapping.run_at(pos, end - pos, self.host_limit)
-            yield Extent(pos, n, KIND_NAMES[kind], host if kind in (DATA, COMPRESSED) else None, 0)
+            if kind == ZERO and host:               # a preallocated zero cluster
+                host += self.geo.offset_into_cluster(pos)
+            elif kind not in (DATA, COMPRESSED):
+                host = None
+            yield Extent(pos, n, KIND_NAMES[kind], host, 0)
             pos += n
 
     def block_status(self, offset=0, length=None):
@@ -623,21 +627,18 @@ class Image(ImageCore):
             self._unlock()
         out = []
         for e in exts:
-            if e.kind != "unallocated":
-                out.append(e)
-                continue
             b = self.backing
-            if b is None:
-                out.append(e._replace(depth=1))
-                continue
+            if e.kind != "unallocated" or b is None:
+                out.append(e)          # an unallocated extent's depth: the deepest
+                continue               # layer consulted (0 here), as qemu reports
             lim = min(e.offset + e.length, b.size)
             if lim > e.offset:
                 for sub in b.block_status(e.offset, lim - e.offset):
                     out.append(sub._replace(depth=sub.depth + 1))
             if lim < e.offset + e.length:
+                # Past the end of the backing file: reads as zeros, found here.
                 start = max(lim, e.offset)
-                out.append(Extent(start, e.offset + e.length - start, "unallocated", None,
-                                  len(self.backing_chain)))
+                out.append(Extent(start, e.offset + e.length - start, "unallocated", None, 0))
         return merge_extents(out)
 
     # -- flush and close --------------------------------------------------------------------

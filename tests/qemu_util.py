@@ -274,11 +274,11 @@ def assert_extents_contiguous(extents, start, length, chain_len):
         assert 0 <= e.depth <= chain_len, f"depth out of range in {e} (chain {chain_len})"
         if e.kind == "data":
             assert isinstance(e.host_offset, int) and e.host_offset >= 0, e
-        elif e.kind in ("zero", "unallocated"):
+        elif e.kind == "unallocated":
             assert e.host_offset is None, f"host_offset should be None for {e}"
         if e.kind == "unallocated":
-            assert e.depth == chain_len, (
-                f"unallocated extent must have depth == chain length {chain_len}: {e}")
+            assert e.depth < chain_len, (
+                f"unallocated extent must name a layer of the chain ({chain_len}): {e}")
         pos += e.length
     assert pos == start + length, f"extents end at {pos:#x}, expected {start + length:#x}"
 
@@ -312,10 +312,14 @@ def assert_block_status_matches_qemu(extents, qmap, size, chain_len):
             problems.append(f"[{a:#x},{b:#x}): qcow2fast {e.kind} (depth {e.depth}) but qemu "
                             f"data={q['data']} zero={q['zero']} depth={q['depth']}")
             continue
-        if not f_data:
-            continue
         if e.depth != q["depth"]:
-            problems.append(f"[{a:#x},{b:#x}): depth {e.depth} != qemu depth {q['depth']}")
+            problems.append(f"[{a:#x},{b:#x}): {e.kind} at depth {e.depth} != qemu depth "
+                            f"{q['depth']}")
+        if not f_data:
+            if (e.kind == "zero") != bool(q["present"]):
+                problems.append(f"[{a:#x},{b:#x}): qcow2fast {e.kind} but qemu "
+                                f"present={q['present']}")
+            continue
         if "offset" in q:
             if e.kind != "data":
                 problems.append(f"[{a:#x},{b:#x}): qcow2fast says {e.kind}, qemu has a "

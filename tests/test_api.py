@@ -224,7 +224,7 @@ def test_block_status_fresh_and_written(rw):
         ext = img.block_status()
         assert sum(e.length for e in ext) == img.size
         assert {e.kind for e in ext} == {"unallocated"}
-        assert all(e.depth == 1 for e in ext)
+        assert all(e.depth == 0 for e in ext)
         img.write(8192, b"x" * 4096)
         img.write_zeroes(65536, 8192)
         ext = img.block_status()

@@ -104,8 +104,8 @@ cdef inline void rc_set(uint8_t *blk, int64_t i, int order, uint64_t v) noexcept
 cdef inline int64_t l2_run(const uint64_t *l2, int64_t i, int64_t count, int cluster_bits,
                            bint need_copied, int *kind, uint64_t *host) noexcept nogil:
     """Length of the run of entries l2[i:i+count] that share the first one's
-    kind and, for data, map contiguous host clusters (and, if
-    ``need_copied``, all carry QCOW_OFLAG_COPIED).  Returns at least 1; sets
+    kind and, for data and preallocated zero clusters, map contiguous host
+    clusters (and, for data if ``need_copied``, all carry QCOW_OFLAG_COPIED).  Returns at least 1; sets
     ``kind`` and, for data, ``host`` (the first host offset).  A data entry
     whose host offset is not cluster-aligned is EXT_INVALID."""
     cdef uint64_t e = l2[i], cs = (<uint64_t>1) << cluster_bits, want, copied
@@ -127,7 +127,18 @@ cdef inline int64_t l2_run(const uint64_t *l2, int64_t i, int64_t count, int clu
                 break
             want += cs
             n += 1
-    elif k == EXT_ZERO or k == EXT_UNALLOCATED:
+    elif k == EXT_ZERO and host[0]:
+        # Preallocated zero clusters: a run keeps its host clusters contiguous.
+        want = host[0] + cs
+        while n < count and l2_entry_kind(l2[i + n]) == EXT_ZERO and \
+                (l2[i + n] & L2E_OFFSET_MASK) == want:
+            want += cs
+            n += 1
+    elif k == EXT_ZERO:
+        while n < count and l2_entry_kind(l2[i + n]) == EXT_ZERO and \
+                not (l2[i + n] & L2E_OFFSET_MASK):
+            n += 1
+    elif k == EXT_UNALLOCATED:
         while n < count and l2_entry_kind(l2[i + n]) == k:
             n += 1
     return n

@@ -245,12 +245,8 @@ cdef class ImageCore:
             if count > slice_entries - l2i:
                 count = slice_entries - l2i
             run = l2_run(l2, l2i, count, self.cluster_bits, True, &kind, &host)
-            if kind == EXT_ZERO:
-                # Only zero clusters without a preallocated host cluster.
-                k = 0
-                while k < run and not (l2[l2i + k] & L2E_OFFSET_MASK):
-                    k += 1
-                run = k
+            if kind == EXT_ZERO and host:
+                run = 0         # preallocated zero clusters: the slow path reuses them
             if kind == EXT_DATA and (l2[l2i] >> 63):
                 if host + <uint64_t>(run << self.cluster_bits) > <uint64_t>self.host_limit:
                     break

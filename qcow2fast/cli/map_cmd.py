@@ -1,0 +1,185 @@
+"""qcow2fast map [-f fmt] [--output=human|json] [--start-offset=N] [--max-length=N] filename
+
+The extents of the guest disk through the backing chain, with qemu-img 7.2's
+keys and its way of merging neighbours."""
+
+import errno
+import json
+import os
+import sys
+
+import numpy as np
+
+from .._ext.kernels import refcount_decode
+from ..errors import InvalidArgumentError
+from ..extent import Extent
+from ..geometry import REFT_OFFSET_MASK
+from .common import add_image_arguments, open_image
+from .info_cmd import full_backing_filename
+from .options import parse_size
+
+
+def add_parser(sub):
+    p = sub.add_parser("map", help="show the mapping of the guest disk")
+    add_image_arguments(p, output=True)
+    p.add_argument("--start-offset", dest="start", default="0")
+    p.add_argument("--max-length", dest="max_length")
+    p.add_argument("filename")
+    p.set_defaults(run=run)
+
+
+def run(args):
+    start = parse_size(args.start, "start offset")
+    img = open_image(args.filename, args.fmt, image_opts=args.image_opts)
+    try:
+        end = img.size
+        if args.max_length is not None:
+            end = min(end, start + parse_size(args.max_length, "max length"))
+        names = layer_names(img, args.filename)
+        raw = img.header is None
+        extents = img.block_status(start, end - start) if end > start else []
+        if not raw:
+            extents = split_host_holes(extents, chain_files(img))
+        entries = map_entries(extents, raw)
+    except InvalidArgumentError:
+        entries = []
+    finally:
+        img.close()
+    if not entries:
+        entries = [{"start": start, "length": 0, "depth": 0, "present": False, "zero": False,
+                    "data": False}]
+    if args.output == "json":
+        print("[" + ",\n".join(json_entry(e) for e in entries) + "]")
+    else:
+        print(f"{'Offset':<16}{'Length':<16}{'Mapped to':<16}File")
+        for e in entries:
+            if e["data"] and "offset" not in e:
+                # The human format has no way to show them, as in qemu-img.
+                print("qcow2fast: File contains external, encrypted or compressed clusters.",
+                      file=sys.stderr)
+                return 1
+            if e["data"]:
+                print(f"{_hex(e['start']):<16}{_hex(e['length']):<16}{_hex(e['offset']):<16}"
+                      f"{names[e['depth']]}")
+    return 0
+
+
+def layer_names(img, name):
+    """File names of the chain's layers as qemu prints them."""
+    names = [name]
+    while getattr(img, "header", None) is not None and img.header.backing_file \
+            and img.backing is not None:
+        names.append(full_backing_filename(names[-1], img.header.backing_file))
+        img = img.backing
+    return names
+
+
+def chain_files(img):
+    """For each layer of the chain, top first: (fd, file size, whether qemu
+    would ask the file about holes inside data clusters)."""
+    out = []
+    while img is not None:
+        qcow2 = getattr(img, "header", None) is not None
+        fd = img.file.fd if qcow2 else img._f.fileno()
+        out.append((fd, os.fstat(fd).st_size, qcow2 and looks_preallocated(img)))
+        img = img.backing
+    return out
+
+
+def looks_preallocated(img):
+    """qemu's metadata-preallocation heuristic (qcow2_detect_metadata_
+    preallocation): at least max(real * 10 / 9, real + 2) clusters are in use
+    by refcount, where ``real`` is how many clusters the file really
+    occupies.  Only then does qemu look for holes in the host file."""
+    cs = img.cluster_size
+    st = os.fstat(img.file.fd)
+    real = st.st_blocks * 512 // cs
+    threshold = max(real * 10 // 9, real + 2)
+    end_cluster = -(-st.st_size // cs)
+    h, geo = img.header, img.geo
+    table = np.frombuffer(img.file.pread(h.refcount_table_offset,
+                                         h.refcount_table_clusters * cs), dtype=">u8")
+    values = np.zeros(geo.rb_entries, dtype=np.uint64)
+    used = 0
+    for t, block in enumerate(table[:-(-end_cluster // geo.rb_entries)]):
+        block = int(block) & REFT_OFFSET_MASK
+        if not block or block + cs > st.st_size:
+            continue
+        raw = np.frombuffer(img.file.pread(block, cs), dtype=np.uint8)
+        refcount_decode(raw, geo.refcount_order, values)
+        n = min(geo.rb_entries, end_cluster - t * geo.rb_entries)
+        used += int(np.count_nonzero(values[:n]))
+    return used >= threshold
+
+
+def split_host_holes(extents, files):
+    """Split data extents where their host range is a hole in the file (or
+    past its end): such parts read as zeros, and qemu-img map says so
+    ("zero": true) when it asks the file -- which it does only for layers
+    that look preallocated (see looks_preallocated).  Returns (extent,
+    zero) pairs; other extents pass with zero=None."""
+    out = []
+    for e in extents:
+        if e.kind != "data" or not files[e.depth][2]:
+            out.append((e, None))
+            continue
+        fd, size, _ = files[e.depth]
+        pos, end = e.host_offset, e.host_offset + e.length
+        while pos < end:
+            if pos >= size:
+                nxt, zero = end, True
+            else:
+                try:
+                    data = os.lseek(fd, pos, os.SEEK_DATA)
+                except OSError as err:
+                    if err.errno != errno.ENXIO:
+                        raise
+                    data = size           # no data after pos: a hole up to the end
+                if data > pos:
+                    nxt, zero = min(data, end), True
+                else:
+                    nxt, zero = min(os.lseek(fd, pos, os.SEEK_HOLE), end), False
+            delta = pos - e.host_offset
+            out.append((e._replace(offset=e.offset + delta, length=nxt - pos,
+                                   host_offset=pos), zero))
+            pos = nxt
+    return out
+
+
+def map_entries(extents, raw):
+    """Extents (or (extent, zero) pairs) -> qemu's map entries, merged as
+    qemu-img merges them."""
+    out = []
+    for item in extents:
+        e, host_zero = (item, None) if isinstance(item, Extent) else item
+        entry = {"start": e.offset, "length": e.length, "depth": e.depth,
+                 "present": e.kind != "unallocated",
+                 "zero": e.kind in ("zero", "unallocated") or bool(host_zero),
+                 "data": e.kind in ("data", "compressed")}
+        if raw:
+            entry["offset"] = e.offset
+        elif e.host_offset is not None and e.kind != "compressed":
+            entry["offset"] = e.host_offset
+        if out and _mergeable(out[-1], entry):
+            out[-1]["length"] += entry["length"]
+        else:
+            out.append(entry)
+    return out
+
+
+def _mergeable(a, b):
+    if any(a[k] != b[k] for k in ("depth", "present", "zero", "data")):
+        return False
+    if ("offset" in a) != ("offset" in b):
+        return False
+    return "offset" not in a or a["offset"] + a["length"] == b["offset"]
+
+
+def json_entry(e):
+    keys = ["start", "length", "depth", "present", "zero", "data"] + \
+        (["offset"] if "offset" in e else [])
+    return "{ " + ", ".join(f'"{k}": {json.dumps(e[k])}' for k in keys) + "}"
+
+
+def _hex(n):
+    return f"{n:#x}" if n else "0"
