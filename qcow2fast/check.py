@@ -244,6 +244,8 @@ class CheckResult:
         self.copied = 0             # wrong COPIED flags
         self.malformed = 0          # entries no refcount repair can fix
         self.flags = 0              # the header's dirty (1) and corrupt (2) bits
+        self.refcount_fixes = []    # (cluster, new refcount) the repair writes
+        self.entry_fixes = []       # (file offset, new L1/L2 entry) the repair writes
 
 
 class _Tally:
@@ -273,6 +275,7 @@ class _Checker:
         self.file_size = f.size()
         self.res = CheckResult()
         self.tally = _Tally(-(-self.file_size // self.cs))
+        self.zeroed = set()         # L2 entries the repair turns into plain zero clusters
 
     def msg(self, text):
         self.res.messages.append(text)
@@ -289,14 +292,6 @@ class _Checker:
         cb = self.geo.cluster_bits
         self.tally.add(np.arange(offset >> cb, ((offset + size - 1) >> cb) + 1))
 
-    def inc_data(self, offsets):
-        """Whole data clusters at ``offsets`` (uint64 array), vectorised."""
-        offsets = np.asarray(offsets, dtype=np.uint64)
-        past = offsets >= np.uint64(self.file_size)
-        for off in offsets[past]:
-            self.inc(int(off), self.cs)
-        self.tally.add(offsets[~past] >> np.uint64(self.geo.cluster_bits))
-
     def read_l2(self, l2off):
         raw = self.f.pread(l2off, self.cs)
         if len(raw) < self.cs:
@@ -304,49 +299,61 @@ class _Checker:
         return np.frombuffer(raw, dtype=">u8").astype(np.uint64)
 
     def check_l2(self, l2off, active):
+        """qemu's check_refcounts_l2: the common entries vectorised, the odd
+        ones (compressed, malformed, past EOF) one by one in table order so
+        the messages come out in qemu's order."""
         res, geo, cs = self.res, self.geo, self.cs
         l2 = self.read_l2(l2off)
         compressed = (l2 & _COMPRESSED) != 0
-        for e in l2[~compressed & ((l2 & _L2E_STD_RESERVED) != 0)]:
-            self.msg(f"ERROR found l2 entry with reserved bits set: {int(e):x}")
-            res.corruptions += 1
-            res.malformed += 1
-        # compressed clusters
-        for e in l2[compressed]:
-            e = int(e)
-            if e & QCOW_OFLAG_COPIED:
-                self.msg(f"ERROR: coffset={e & geo.cluster_offset_mask:#x}: copied flag must "
-                         "never be set for compressed clusters")
+        offs = l2 & _OFF
+        std_alloc = ~compressed & (offs != 0)
+        reserved = ~compressed & ((l2 & _L2E_STD_RESERVED) != 0)
+        unaligned = std_alloc & ((offs & np.uint64(cs - 1)) != 0)
+        past = std_alloc & (offs >= np.uint64(self.file_size))
+        odd = compressed | reserved | unaligned | past
+        for i in np.nonzero(odd)[0]:
+            e = int(l2[i])
+            if reserved[i]:
+                self.msg(f"ERROR found l2 entry with reserved bits set: {e:x}")
                 res.corruptions += 1
                 res.malformed += 1
-                e &= ~QCOW_OFLAG_COPIED
-            coff, csize = geo.compressed_extent(e)
-            self.inc(coff, csize)
-        ncomp = int(compressed.sum())
-        # standard clusters with a host offset (normal and preallocated zero)
-        std = l2[~compressed]
-        offs = std & _OFF
-        alloc = offs != 0
-        offs = offs[alloc]
-        ents = std[alloc]
-        unaligned = (offs & np.uint64(cs - 1)) != 0
-        for e, off in zip(ents[unaligned], offs[unaligned]):
-            res.corruptions += 1
-            res.malformed += 1
-            if int(e) & QCOW_OFLAG_ZERO:
-                self.msg(f"ERROR offset={int(off):x}: Preallocated cluster is not properly "
-                         "aligned; L2 entry corrupted.")
-            else:
-                self.msg(f"ERROR offset={int(off):x}: Data cluster is not properly aligned; "
-                         "L2 entry corrupted.")
+            if compressed[i]:
+                if e & QCOW_OFLAG_COPIED:
+                    self.msg(f"ERROR: coffset={e & geo.cluster_offset_mask:#x}: copied flag "
+                             "must never be set for compressed clusters")
+                    res.corruptions += 1
+                    res.malformed += 1
+                    e &= ~QCOW_OFLAG_COPIED
+                coff, csize = geo.compressed_extent(e)
+                self.inc(coff, csize)
+            elif std_alloc[i]:
+                off = e & L2E_OFFSET_MASK
+                if unaligned[i]:
+                    if e & QCOW_OFLAG_ZERO and self.fix == "all" and not l2off & (cs - 1):
+                        # qemu makes it a plain zero cluster (it reads as zeros either
+                        # way); not inside an L2 table that is itself misplaced, where
+                        # qemu's write would land on whatever the table overlaps
+                        self.msg(f"Repairing offset={off:x}: Preallocated cluster is not "
+                                 "properly aligned; L2 entry corrupted.")
+                        res.corruptions_fixed += 1
+                        res.entry_fixes.append((l2off + 8 * int(i), QCOW_OFLAG_ZERO))
+                        self.zeroed.add(l2off + 8 * int(i))
+                        std_alloc[i] = False
+                        continue
+                    res.corruptions += 1
+                    res.malformed += 1
+                    kind = "Preallocated" if e & QCOW_OFLAG_ZERO else "Data"
+                    self.msg(f"ERROR offset={off:x}: {kind} cluster is not properly aligned; "
+                             "L2 entry corrupted.")
+                self.inc(off, cs)
+        ncomp = int(np.count_nonzero(compressed))
         if active:
-            res.allocated_clusters += len(offs) + ncomp
+            o = offs[std_alloc]
+            res.allocated_clusters += len(o) + ncomp
             res.compressed_clusters += ncomp
             res.fragmented_clusters += ncomp + int(
-                np.count_nonzero(offs[1:] != offs[:-1] + np.uint64(cs)))
-        for off in offs[unaligned]:
-            self.inc(int(off), cs)
-        self.inc_data(offs[~unaligned])
+                np.count_nonzero(o[1:] != o[:-1] + np.uint64(cs)))
+        self.tally.add(offs[std_alloc & ~odd] >> np.uint64(geo.cluster_bits))
 
     def check_l1(self, l1_offset, l1_size, active):
         res, cs = self.res, self.cs
@@ -491,7 +498,10 @@ class _Checker:
         if self.fix == "all" and res.rebuild:
             self.msg("Rebuilding refcount structure")
             after = expected
-            res.leaks_fixed, res.corruptions_fixed = res.leaks, res.corruptions
+            # qemu counts as fixed what a second count no longer finds; the
+            # malformed entries are found again
+            res.leaks_fixed = res.leaks
+            res.corruptions_fixed += res.corruptions - res.malformed
             copied_repair = True
         elif self.fix and res.rebuild:
             self.msg("ERROR need to rebuild refcount structures")
@@ -505,11 +515,12 @@ class _Checker:
                          f"reference={r2}")
                 if fixable:
                     after[c] = r2
+                    res.refcount_fixes.append((c, r2))
             res.leaks_fixed = len(res.leaked)
             if self.fix == "all":
                 res.corruptions_fixed = len(res.too_low)
-            copied_repair = self.fix == "all" or (
-                not res.check_errors and not res.malformed and not res.too_low)
+            # qemu: -r leaks repairs COPIED flags only when nothing else is wrong
+            copied_repair = self.fix == "all" or not (res.check_errors or res.corruptions)
         self.after = after
         self.check_copied(after, copied_repair)
         return res
@@ -517,7 +528,7 @@ class _Checker:
     def check_copied(self, stored, repair):
         """qemu's check_oflag_copied on the active L1 (against ``stored``
         refcounts, as they are after the refcount repair when fixing)."""
-        res, cs, h = self.res, self.cs, self.h
+        res, h = self.res, self.h
         cb = np.uint64(self.geo.cluster_bits)
         word = "Repairing" if repair else "ERROR"
 
@@ -548,6 +559,7 @@ class _Checker:
                 res.copied += 1
                 if repair:
                     res.corruptions_fixed += 1
+                    res.entry_fixes.append((h.l1_table_offset + 8 * i, e ^ QCOW_OFLAG_COPIED))
                 else:
                     res.corruptions += 1
             if l2off >= self.file_size:
@@ -557,12 +569,16 @@ class _Checker:
             ents = l2[sel]
             rcs, readable = refcounts(ents & _OFF)
             wrong = ((rcs == 1) != ((ents & _COPIED) != 0)) & readable
-            for e2, rc2 in zip(ents[wrong], rcs[wrong]):
+            where = np.nonzero(sel)[0][wrong]
+            for j, e2, rc2 in zip(where, ents[wrong], rcs[wrong]):
+                if l2off + 8 * int(j) in self.zeroed:
+                    continue
                 self.msg(f"{word} OFLAG_COPIED data cluster: l2_entry={int(e2):x} "
                          f"refcount={int(rc2)}")
                 res.copied += 1
                 if repair:
                     res.corruptions_fixed += 1
+                    res.entry_fixes.append((l2off + 8 * int(j), int(e2) ^ QCOW_OFLAG_COPIED))
                 else:
                     res.corruptions += 1
 
@@ -589,64 +605,82 @@ def check_image(path, fix=None):
 
 
 def repair_image(path, first, mode):
-    """Carry out the repair ``first`` (the CheckResult of check_image(path,
-    fix=mode)) planned, as qemu-img check -r ``mode`` ("leaks" or "all")
-    would.  Raises Qcow2Error when the damage is beyond what it can do."""
-    from .image import Image
+    """Carry out the repair that ``first`` (the CheckResult of
+    check_image(path, fix=mode)) planned, as qemu-img check -r ``mode``
+    ("leaks" or "all") does.  Raises Qcow2Error when it cannot be done.
+
+    Refcount and COPIED fixes are written in place (the refcount blocks
+    they touch exist: a refcount of 0 that should not be is a rebuild);
+    a rebuild goes through an Image opened for writing and
+    rebuild_refcounts.  Guest data is never touched."""
     if first.check_errors:
         raise Qcow2Error("Check failed: Input/output error")
-    if mode == "all" and first.malformed:
-        raise Qcow2Error("Check failed: L1/L2 entries are malformed; this repair only fixes "
-                         "refcounts and COPIED flags")
-    corrupt = bool(first.flags & 2)
+    rebuild = mode == "all" and first.rebuild
+    _write_fixes(path, first)
+    if rebuild:
+        try:
+            _rebuild(path, first)
+        except Qcow2Error as e:
+            raise Qcow2Error(f"Check failed: cannot rebuild the refcount structures: {e}") from e
+    if rebuild:
+        remaining = first.malformed
+    else:
+        remaining = first.corruptions - (len(first.too_low) if mode == "all" else 0)
+    if not remaining and first.flags:
+        _set_incompatible_bit(path, first.flags, False)     # qemu's mark clean + consistent
+
+
+def _write_fixes(path, first):
+    from . import header as hdr
+    from ._ext.fileio import File
+    from ._ext.kernels import refcount_decode, refcount_encode
+    from .geometry import Geometry
+    f = File(str(path), writable=True, direct=False)
+    try:
+        size = f.size()
+        h = hdr.parse_header(f.pread(0, min(size, 2 << 20)), size)
+        geo = Geometry(h.cluster_bits, h.refcount_order)
+        cs, E = geo.cluster_size, geo.rb_entries
+        table = np.frombuffer(f.pread(h.refcount_table_offset, h.refcount_table_clusters * cs),
+                              dtype=">u8").astype(np.uint64)
+        by_block = {}
+        for c, value in first.refcount_fixes:
+            by_block.setdefault(c // E, []).append((c % E, value))
+        block = np.zeros(E, dtype=np.uint64)
+        for t, fixes in sorted(by_block.items()):
+            off = int(table[t]) & REFT_MASK
+            raw = bytearray(f.pread(off, cs))
+            refcount_decode(bytes(raw), geo.refcount_order, block)
+            for i, value in fixes:
+                block[i] = value
+            refcount_encode(block, geo.refcount_order, raw)
+            f.pwrite(bytes(raw), off)
+        if first.entry_fixes:
+            f.sync()            # barrier: refcounts before the COPIED flags relying on them
+            for off, value in first.entry_fixes:
+                f.pwrite(struct.pack(">Q", value), off)
+        f.sync()
+    finally:
+        f.close()
+
+
+def _rebuild(path, first):
+    from .image import Image
+    corrupt = first.flags & 2
     # Image opens an image marked corrupt read-only: lift the mark for the
-    # repair, and put it back unless the image ends up consistent (qemu
-    # marks it consistent when no corruption is left).
-    still_corrupt = mode == "leaks" and bool(first.too_low or first.malformed)
+    # rebuild, and put it back if the rebuild fails.
     if corrupt:
         _set_incompatible_bit(path, 2, False)
     try:
         img = Image(str(path), "r+", cache_clean_interval=0, backing=False)
+        try:
+            rebuild_refcounts(img)
+        finally:
+            img.close()
     except BaseException:
         if corrupt:
             _set_incompatible_bit(path, 2, True)
         raise
-    try:
-        _repair_open(img, first, mode)
-    except BaseException:
-        still_corrupt = corrupt
-        raise
-    finally:
-        img.close()
-        if corrupt and still_corrupt:
-            _set_incompatible_bit(path, 2, True)
-
-
-def _repair_open(img, first, mode):
-    """The repair proper, on ``img`` open for writing (a dirty image has
-    already had its refcounts rebuilt by opening it)."""
-    if img.read_only:
-        raise Qcow2Error(img._read_only_reason())
-    if mode == "all":
-        rebuild_refcounts(img)
-        return
-    rc = img.refcounts
-    for c, _stored, expected in first.leaked:
-        rc.set_value(c, expected)
-    img.refcount_cache.flush()
-    img._barrier()
-    if first.copied and first.corruptions_fixed:
-        # qemu's -r leaks repairs COPIED flags when nothing else is wrong
-        E = img.geo.rb_entries
-        counts = np.zeros(rc.end_cluster, dtype=np.uint64)
-        block = np.zeros(E, dtype=np.uint64)
-        for t in range(-(-len(counts) // E)):
-            rc.read_block_values(t, block)
-            part = counts[t * E:(t + 1) * E]
-            part[:] = block[:len(part)]
-        _fix_copied_flags(img, counts)
-        img.l2_cache.flush()
-        img._barrier()
 
 
 def _set_incompatible_bit(path, bit, on):

@@ -3,17 +3,12 @@
 The extents of the guest disk through the backing chain, with qemu-img 7.2's
 keys and its way of merging neighbours."""
 
-import errno
 import json
-import os
 import sys
 
-import numpy as np
-
-from .._ext.kernels import refcount_decode
+from ..blockstatus import chain_files, split_host_holes
 from ..errors import InvalidArgumentError
 from ..extent import Extent
-from ..geometry import REFT_OFFSET_MASK
 from .common import add_image_arguments, open_image
 from .info_cmd import full_backing_filename
 from .options import parse_size
@@ -72,78 +67,6 @@ def layer_names(img, name):
         names.append(full_backing_filename(names[-1], img.header.backing_file))
         img = img.backing
     return names
-
-
-def chain_files(img):
-    """For each layer of the chain, top first: (fd, file size, whether qemu
-    would ask the file about holes inside data clusters)."""
-    out = []
-    while img is not None:
-        qcow2 = getattr(img, "header", None) is not None
-        fd = img.file.fd if qcow2 else img._f.fileno()
-        out.append((fd, os.fstat(fd).st_size, qcow2 and looks_preallocated(img)))
-        img = img.backing
-    return out
-
-
-def looks_preallocated(img):
-    """qemu's metadata-preallocation heuristic (qcow2_detect_metadata_
-    preallocation): at least max(real * 10 / 9, real + 2) clusters are in use
-    by refcount, where ``real`` is how many clusters the file really
-    occupies.  Only then does qemu look for holes in the host file."""
-    cs = img.cluster_size
-    st = os.fstat(img.file.fd)
-    real = st.st_blocks * 512 // cs
-    threshold = max(real * 10 // 9, real + 2)
-    end_cluster = -(-st.st_size // cs)
-    h, geo = img.header, img.geo
-    table = np.frombuffer(img.file.pread(h.refcount_table_offset,
-                                         h.refcount_table_clusters * cs), dtype=">u8")
-    values = np.zeros(geo.rb_entries, dtype=np.uint64)
-    used = 0
-    for t, block in enumerate(table[:-(-end_cluster // geo.rb_entries)]):
-        block = int(block) & REFT_OFFSET_MASK
-        if not block or block + cs > st.st_size:
-            continue
-        raw = np.frombuffer(img.file.pread(block, cs), dtype=np.uint8)
-        refcount_decode(raw, geo.refcount_order, values)
-        n = min(geo.rb_entries, end_cluster - t * geo.rb_entries)
-        used += int(np.count_nonzero(values[:n]))
-    return used >= threshold
-
-
-def split_host_holes(extents, files):
-    """Split data extents where their host range is a hole in the file (or
-    past its end): such parts read as zeros, and qemu-img map says so
-    ("zero": true) when it asks the file -- which it does only for layers
-    that look preallocated (see looks_preallocated).  Returns (extent,
-    zero) pairs; other extents pass with zero=None."""
-    out = []
-    for e in extents:
-        if e.kind != "data" or not files[e.depth][2]:
-            out.append((e, None))
-            continue
-        fd, size, _ = files[e.depth]
-        pos, end = e.host_offset, e.host_offset + e.length
-        while pos < end:
-            if pos >= size:
-                nxt, zero = end, True
-            else:
-                try:
-                    data = os.lseek(fd, pos, os.SEEK_DATA)
-                except OSError as err:
-                    if err.errno != errno.ENXIO:
-                        raise
-                    data = size           # no data after pos: a hole up to the end
-                if data > pos:
-                    nxt, zero = min(data, end), True
-                else:
-                    nxt, zero = min(os.lseek(fd, pos, os.SEEK_HOLE), end), False
-            delta = pos - e.host_offset
-            out.append((e._replace(offset=e.offset + delta, length=nxt - pos,
-                                   host_offset=pos), zero))
-            pos = nxt
-    return out
 
 
 def map_entries(extents, raw):

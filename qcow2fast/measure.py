@@ -1,0 +1,115 @@
+"""How large a qcow2 or raw image needs to be (qemu's qcow2_measure and
+raw_measure, with qemu 7.2's numbers).
+
+``fully_allocated`` is the file size with every cluster allocated:
+header, L1 and L2 tables, refcount structures (found as the fixed point
+where they count themselves) and data.  ``required`` drops the data
+clusters the source does not use: regions that read as zeros are skipped,
+and every cluster touched by data counts whole.
+"""
+
+from .blockstatus import chain_files, split_host_holes
+from .errors import InvalidArgumentError, UnsupportedFeatureError
+from .header import AUTOCLEAR_BITMAPS, MAX_L1_BYTES
+
+L1E_SIZE = L2E_SIZE = REFTABLE_ENTRY_SIZE = 8
+
+
+def _round_up(n, m):
+    return -(-n // m) * m
+
+
+def refcount_metadata_size(clusters, cluster_size, refcount_order):
+    """Bytes of refcount table and blocks needed to count ``clusters``
+    clusters plus themselves."""
+    per_table_cluster = cluster_size // REFTABLE_ENTRY_SIZE
+    per_block = cluster_size * 8 // (1 << refcount_order)
+    table = blocks = 0
+    n = -1
+    while True:
+        last = n
+        blocks = -(-(clusters + table + blocks) // per_block)
+        table = -(-blocks // per_table_cluster)
+        n = clusters + blocks + table
+        if n == last:
+            return (blocks + table) * cluster_size
+
+
+def prealloc_size(virtual_size, cluster_size, refcount_order):
+    """qcow2_calc_prealloc_size: the fully allocated file size."""
+    aligned = _round_up(virtual_size, cluster_size)
+    meta = cluster_size                                         # header
+    nl2e = _round_up(aligned // cluster_size, cluster_size // L2E_SIZE)
+    meta += nl2e * L2E_SIZE                                     # L2 tables
+    nl1e = _round_up(nl2e * L2E_SIZE // cluster_size, cluster_size // L1E_SIZE)
+    meta += nl1e * L1E_SIZE                                     # L1 table
+    meta += refcount_metadata_size((meta + aligned) // cluster_size, cluster_size,
+                                   refcount_order)
+    return meta + aligned
+
+
+def data_required(img, cluster_size):
+    """Bytes of whole destination clusters that hold the source's data
+    (qemu's loop: zero regions skipped, each data region rounded out to
+    clusters, the next search starting at the end of the last cluster)."""
+    size = img.size
+    extents = img.block_status(0, size) if size else []
+    if img.header is not None:
+        extents = split_host_holes(extents, chain_files(img))
+    else:
+        extents = [(e, None) for e in extents]
+    required, pos = 0, 0
+    for e, host_zero in extents:
+        end = e.offset + e.length
+        if end <= pos:
+            continue
+        start = max(e.offset, pos)
+        if e.kind in ("zero", "unallocated") or host_zero:
+            pos = end
+            continue
+        stop = _round_up(end, cluster_size)
+        required += stop - (start - start % cluster_size)
+        pos = stop
+    return required
+
+
+def measure(source=None, *, size=None, fmt="qcow2", cluster_size=65536, refcount_bits=16,
+            compat="1.1", preallocation="off", backing_file=None):
+    """{"required", "fully-allocated"[, "bitmaps"]} for a new image of format
+    ``fmt`` holding ``source`` (an open Image or RawImage) or of ``size``."""
+    if (source is None) == (size is None):
+        raise InvalidArgumentError("measure needs exactly one of a source image and a size")
+    if fmt == "raw":
+        required = source.size if source is not None else _round_up(size, 512)
+        return {"required": required, "fully-allocated": required}
+    if fmt != "qcow2":
+        raise InvalidArgumentError(f"cannot measure for format {fmt!r}")
+    if cluster_size & (cluster_size - 1) or not 512 <= cluster_size <= 2 << 20:
+        raise InvalidArgumentError("cluster_size must be a power of two between 512 B and 2 MiB")
+    if refcount_bits & (refcount_bits - 1) or not 1 <= refcount_bits <= 64:
+        raise InvalidArgumentError("refcount_bits must be a power of two between 1 and 64")
+    version = 2 if compat in ("0.10", "v2") else 3
+    if version == 2 and refcount_bits != 16:
+        raise InvalidArgumentError("refcount widths other than 16 bits require compat=1.1")
+    refcount_order = refcount_bits.bit_length() - 1
+    if source is not None:
+        header = getattr(source, "header", None)
+        if header is not None and header.autoclear_features & AUTOCLEAR_BITMAPS:
+            raise UnsupportedFeatureError("measuring images with persistent bitmaps is not "
+                                          "supported yet", feature="bitmaps")
+        virtual_size = _round_up(source.size, cluster_size)
+        required = virtual_size if backing_file else data_required(source, cluster_size)
+    else:
+        virtual_size = _round_up(size, cluster_size)
+        required = 0
+    l2_tables = -(-(virtual_size // cluster_size) // (cluster_size // L2E_SIZE))
+    if l2_tables * L1E_SIZE > MAX_L1_BYTES:
+        raise InvalidArgumentError(f"size {virtual_size} is too large for cluster_size "
+                                   f"{cluster_size}")
+    if preallocation in ("full", "falloc"):
+        required = virtual_size
+    fully = prealloc_size(virtual_size, cluster_size, refcount_order)
+    out = {"required": fully - virtual_size + required, "fully-allocated": fully}
+    if version >= 3 and source is not None and getattr(source, "header", None) is not None:
+        out = {"bitmaps": 0, **out}
+    return out
