@@ -6,6 +6,8 @@ host cluster should have from the header, the L1/L2 tables (active and of
 every snapshot), the snapshot table and the refcount structures.
 ``rebuild_refcounts`` makes the stored refcounts and COPIED flags agree
 with it; it is how a dirty image (lazy refcounts after a crash) is repaired.
+
+``check_image`` and ``repair_image`` are ``qemu-img check`` and its -r.
 """
 
 import os
@@ -14,8 +16,9 @@ import struct
 import numpy as np
 
 from .errors import CorruptImageError, Qcow2Error
-from .geometry import (L1E_OFFSET_MASK, L2E_OFFSET_MASK, QCOW_OFLAG_COMPRESSED, QCOW_OFLAG_COPIED,
-                       QCOW_OFLAG_ZERO)
+from .geometry import (L1E_OFFSET_MASK, L1E_RESERVED_MASK, L2E_OFFSET_MASK,
+                       L2E_STD_RESERVED_MASK, QCOW_OFLAG_COMPRESSED, QCOW_OFLAG_COPIED,
+                       QCOW_OFLAG_ZERO, REFT_OFFSET_MASK, Geometry)
 from .mapping import read_l1_table
 
 _OFF = np.uint64(L2E_OFFSET_MASK)
@@ -219,13 +222,15 @@ def _fix_copied_flags(img, counts):
 #
 # ``check_image`` is qemu 7.2's qcow2_check_refcounts (calculate_refcounts,
 # compare_refcounts, check_oflag_copied) on a file opened read-only: it
-# never writes.  ``repair_image`` then fixes what qemu's -r leaks / -r all
-# fix, through an Image opened for writing.
+# never writes, and it reads malformed metadata the way qemu does rather
+# than refusing it as Image does.  With ``fix`` it also plans the repair
+# qemu's -r leaks / -r all make (same messages and counts), which
+# ``repair_image`` then carries out.
 
-_L2E_STD_RESERVED = np.uint64(0x3F000000000001FE)
-_L1E_RESERVED = 0x7F000000000001FF
+_L2E_STD_RESERVED = np.uint64(L2E_STD_RESERVED_MASK)
+_L1E_RESERVED = L1E_RESERVED_MASK
 _REFT_RESERVED = 0x1FF
-_ZERO = np.uint64(1)
+REFT_MASK = REFT_OFFSET_MASK
 
 
 class CheckResult:
@@ -268,7 +273,6 @@ class _Tally:
 
 class _Checker:
     def __init__(self, f, h, fix=None):
-        from .geometry import Geometry
         self.f, self.h, self.fix = f, h, fix
         self.geo = Geometry(h.cluster_bits, h.refcount_order)
         self.cs = self.geo.cluster_size
@@ -518,7 +522,7 @@ class _Checker:
                     res.refcount_fixes.append((c, r2))
             res.leaks_fixed = len(res.leaked)
             if self.fix == "all":
-                res.corruptions_fixed = len(res.too_low)
+                res.corruptions_fixed += len(res.too_low)
             # qemu: -r leaks repairs COPIED flags only when nothing else is wrong
             copied_repair = self.fix == "all" or not (res.check_errors or res.corruptions)
         self.after = after
@@ -583,9 +587,6 @@ class _Checker:
                     res.corruptions += 1
 
 
-REFT_MASK = 0xFFFFFFFFFFFFFE00
-
-
 def check_image(path, fix=None):
     """Check the qcow2 image at ``path`` without writing to it (qemu-img
     check without -r).  Returns a CheckResult; raises Qcow2Error/OSError
@@ -634,7 +635,6 @@ def _write_fixes(path, first):
     from . import header as hdr
     from ._ext.fileio import File
     from ._ext.kernels import refcount_decode, refcount_encode
-    from .geometry import Geometry
     f = File(str(path), writable=True, direct=False)
     try:
         size = f.size()

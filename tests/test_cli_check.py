@@ -175,6 +175,7 @@ def test_damage_agrees_with_qemu(capsys, tmp_path, damage):
 def test_repair(capsys, tmp_path, mode, damage):
     p = _damaged(tmp_path)
     c = _host_cluster(p, 0)
+    before = qemu_raw(p)                # the damage below leaves guest data alone
     if damage == "leak":
         _set_refcount(p, c, 2)
         e = l2_entry_offset(p, 0)
@@ -196,8 +197,8 @@ def test_repair(capsys, tmp_path, mode, damage):
         e = l2_entry_offset(p, 3 * MiB)
         (v,) = read_at(p, e, ">Q")
         assert v & 1 and v & 0x00FFFFFFFFFFFE00
+        before = qemu_raw(p)            # qemu cannot read the damaged image
         patch(p, e, ">Q", v + 512)
-    before = qemu_raw(p)
     q = str(tmp_path / "q.qcow2")
     shutil.copy(p, q)
     q_status, q_json, q_err = qemu_json_check(q, "-r", mode)
@@ -258,6 +259,9 @@ def test_human_output(capsys, tmp_path):
     assert out == q.stdout_text
     status, out, _ = cli(capsys, "check", "-q", p)
     assert status == 2 and out == ""
+    status, out, _ = cli(capsys, "check", "-q", "--output=json", p)
+    assert status == 2 and out == "" == qemu_img("check", "-q", "--output=json", p,
+                                                 check=False).stdout_text
 
 
 def test_clean_human_output(capsys, tmp_path):
@@ -266,6 +270,9 @@ def test_clean_human_output(capsys, tmp_path):
     assert status == 0
     assert out == qemu_img("check", p).stdout_text
     assert out.startswith("No errors were found on the image.")
+    status, out2, _ = cli(capsys, "check", "-U", "--image-opts",
+                          f"driver=qcow2,file.filename={p}")
+    assert status == 0 and out2 == out
 
 
 def test_malformed_entries(capsys, tmp_path):

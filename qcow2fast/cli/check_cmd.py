@@ -26,7 +26,7 @@ def add_parser(sub):
 
 
 def run(args):
-    path, fmt, kw = image_spec(args.filename, args.fmt, args.image_opts)
+    path, fmt, _cache_opts = image_spec(args.filename, args.fmt, args.image_opts)
     if not os.path.exists(path):
         raise FileNotFoundError(2, "Could not open image: No such file or directory", path)
     fmt = fmt or probe_format(path)
@@ -59,9 +59,11 @@ def run(args):
             result = check_image(path)
             _messages(result)
             result.leaks_fixed, result.corruptions_fixed = leaks_fixed, corruptions_fixed
-    if args.output == "json":
+    if args.quiet:
+        pass                            # -q silences the report, JSON included (as qemu)
+    elif args.output == "json":
         print(json.dumps(check_json(result, args.filename), indent=4))
-    elif not args.quiet:
+    else:
         print(human(result), end="")
     if result.check_errors:
         print("qcow2fast: Check failed", file=sys.stderr)
