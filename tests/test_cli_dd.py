@@ -17,8 +17,8 @@ def source(tmp_path_factory):
 
 
 @pytest.mark.parametrize("out_fmt", ["raw", "qcow2"])
-@pytest.mark.parametrize("ops", [[], ["bs=3"], ["bs=1.5k", "count=1"], ["bs=1M", "count=9"],
-                                 ["bs=1M", "skip=1"], ["bs=1M", "count=2", "skip=1"],
+@pytest.mark.parametrize("ops", [[], ["bs=3", "count=5000"], ["bs=1.5k", "count=1"],
+                                 ["bs=1M", "count=9"], ["bs=1M", "skip=1"], ["bs=1M", "count=2", "skip=1"],
                                  ["bs=64k", "skip=7", "count=40"]])
 def test_dd_equals_qemu(tmp_path, source, out_fmt, ops):
     ours, theirs = str(tmp_path / "ours"), str(tmp_path / "theirs")
