@@ -96,3 +96,31 @@ def test_compare_equals_qemu(capsys, pairs, argv):
 def test_compare_open_error_exits_2(capsys, pairs, tmp_path):
     status, _, err = cli(capsys, "compare", pairs["a"], str(tmp_path / "missing.qcow2"))
     assert status == 2 and "missing.qcow2" in err
+
+
+def test_compare_progress_only_on_a_terminal(pairs):
+    """-p draws a bar on a terminal; piped, the output is exactly qemu's."""
+    import os
+    import pty
+    import subprocess
+    import sys
+    argv = [sys.executable, "-m", "qcow2fast", "compare", "-p", pairs["a"], pairs["big"]]
+    piped = subprocess.run(argv, capture_output=True, text=True)
+    assert piped.returncode == 0
+    assert piped.stdout == "Warning: Image size mismatch!\nImages are identical.\n"
+    assert piped.stderr == ""
+    pid, fd = pty.fork()
+    if pid == 0:                                   # child: stdout/stderr are the pty
+        os.execv(sys.executable, argv)
+    out = b""
+    while True:
+        try:
+            chunk = os.read(fd, 4096)
+        except OSError:
+            break
+        if not chunk:
+            break
+        out += chunk
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert b"Images are identical." in out and b"%" in out    # the bar was drawn

@@ -7,6 +7,7 @@ import sys
 
 from ..errors import Qcow2Error
 from .common import open_image
+from .progress import Progress
 
 CHUNK = 1 << 20
 SECTOR = 512
@@ -36,7 +37,8 @@ def run(args):
             except (Qcow2Error, OSError) as e:
                 print(f"qcow2fast: Could not open '{name}': {e}", file=sys.stderr)
                 return 2
-        return compare(images[0], images[1], args.strict, say)
+        with Progress(args.progress, max(images[0].size, images[1].size), "compare") as bar:
+            return compare(images[0], images[1], args.strict, say, bar)
     finally:
         for img in images:
             img.close()
@@ -50,7 +52,7 @@ def _status(img, offset, end):
             e.kind in ("zero", "unallocated"), stop == img.size), stop
 
 
-def compare(a, b, strict, say):
+def compare(a, b, strict, say, progress=None):
     if a.size != b.size:
         if strict:
             say("Strict mode: Image size mismatch!")
@@ -77,6 +79,8 @@ def compare(a, b, strict, say):
                 say(f"Content mismatch at offset {bad}!")
                 return 1
         pos = end
+        if progress is not None:
+            progress.advance_to(pos)
     longer = a if a.size > b.size else b
     bad = _first_nonzero(longer, common, longer.size)
     if bad is None:
