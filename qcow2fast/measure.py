@@ -110,6 +110,9 @@ def measure(source=None, *, size=None, fmt="qcow2", cluster_size=65536, refcount
         required = virtual_size
     fully = prealloc_size(virtual_size, cluster_size, refcount_order)
     out = {"required": fully - virtual_size + required, "fully-allocated": fully}
-    if version >= 3 and source is not None and getattr(source, "header", None) is not None:
+    # qemu shows "bitmaps" when both ends could hold persistent bitmaps: a
+    # v3 destination and a v3 qcow2 source.
+    src_header = getattr(source, "header", None)
+    if version >= 3 and src_header is not None and src_header.version >= 3:
         out = {"bitmaps": 0, **out}
     return out
