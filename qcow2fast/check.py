@@ -20,6 +20,10 @@ from .geometry import (L1E_OFFSET_MASK, L1E_RESERVED_MASK, L2E_OFFSET_MASK,
                        L2E_STD_RESERVED_MASK, QCOW_OFLAG_COMPRESSED, QCOW_OFLAG_COPIED,
                        QCOW_OFLAG_ZERO, REFT_OFFSET_MASK, Geometry)
 from .mapping import read_l1_table
+from .references import describe, find_references
+
+# Leaks and corruptions explained in detail (the rest are only counted).
+MAX_EXPLAINED = 10000
 
 _OFF = np.uint64(L2E_OFFSET_MASK)
 _COMPRESSED = np.uint64(QCOW_OFLAG_COMPRESSED)
@@ -480,6 +484,9 @@ class _Checker:
         if len(used):
             res.image_end_offset = (int(used[-1]) + 1) * cs
         mismatch = np.nonzero((stored != expected) | bad)[0]
+        # What points at each mismatched cluster, said under qemu's line.
+        refs = find_references(self.f, self.h, [int(c) for c in mismatch[:MAX_EXPLAINED]
+                                                if not bad[c]])
         for c in mismatch:
             c = int(c)
             if bad[c]:
@@ -497,6 +504,8 @@ class _Checker:
                 self.msg(f"Leaked cluster {c} refcount={r1} reference={r2}")
                 res.leaks += 1
                 res.leaked.append((c, r1, r2))
+            if c in refs:
+                self.msg(describe(c, self.geo.cluster_bits, refs[c]))
         after = stored
         copied_repair = False
         if self.fix == "all" and res.rebuild:

@@ -9,17 +9,24 @@ import pytest
 
 from qcow2fast.cli import main
 from qemu_util import (QCOW_OFLAG_COPIED, file_state, header, l2_entry_offset, patch,
-                       qemu_check, qemu_create, qemu_img, qemu_io, qemu_raw, read_at,
+                       qemu_check, qemu_create, qemu_img, qemu_io, qemu_map, qemu_raw, read_at,
                        run_python)
 
 pytestmark = pytest.mark.qemu
 KiB, MiB = 1024, 1 << 20
 
 
+DETAIL = "    host offset "      # qcow2fast's line under a leak/corruption: who references it
+
+
 def cli(capsys, *argv):
+    """Run qcow2fast in-process: (status, stdout, stderr without the detail
+    lines, which qemu does not print; test_references checks them)."""
     status = main([str(a) for a in argv])
     out = capsys.readouterr()
-    return status, out.out, out.err
+    err = "".join(line for line in out.err.splitlines(keepends=True)
+                  if not line.startswith(DETAIL))
+    return status, out.out, err
 
 
 def qemu_json_check(path, *extra):
@@ -360,3 +367,29 @@ os._exit(0)
     assert status == q.returncode == 1
     assert err.splitlines()[:-1] == q.stderr_text.splitlines()[:-1]
     assert file_state(p) == state
+
+
+def test_references_named_under_each_report(capsys, tmp_path):
+    """Under each leak and corruption, check says which structure points at
+    the cluster: an L2 entry with its guest offset, compressed data, the
+    header, the L1 table -- or nothing."""
+    p = qemu_create(tmp_path / "r.qcow2", 4 * MiB)
+    qemu_io(p, "write -c -P 1 0 64k", "write -P 2 1M 64k")
+    h = header(p)
+    data_host = [q["offset"] for q in qemu_map(p) if q.get("offset")][0]
+    cs = 65536
+    rb = read_at(p, h["refcount_table_offset"], ">Q")[0]
+    (entry,) = read_at(p, l2_entry_offset(p, 0), ">Q")         # guest cluster 0: compressed
+    comp_cluster = (entry & ((1 << 54) - 1)) // cs              # 64 KiB clusters: x = 54
+    for cluster, value in ((0, 2), (h["l1_table_offset"] // cs, 2), (data_host // cs, 0),
+                           (comp_cluster, 2)):
+        patch(p, rb + 2 * cluster, ">H", value)
+    main(["check", p])
+    err = capsys.readouterr().err.splitlines()
+    detail = {err[i - 1].split()[2]: line               # "... cluster N refcount=..."
+              for i, line in enumerate(err) if line.startswith(DETAIL)}
+    assert "referenced by the image header" in detail["0"]
+    assert "referenced by the active L1 table" in detail[str(h["l1_table_offset"] // cs)]
+    assert f"(guest offset {MiB:#x})" in detail[str(data_host // cs)]
+    assert "compressed" in detail[str(comp_cluster)] and "(guest offset 0x0)" in \
+        detail[str(comp_cluster)]
