@@ -132,7 +132,12 @@ def rebuild_refcounts(img):
         raise CorruptImageError(f"{what} references host cluster {off << geo.cluster_bits:#x} "
                                 "past the end of the image", offset=off << geo.cluster_bits,
                                 field="refcount")
-    rc.reserved = base.counts > 0
+    # Never hand out a cluster the metadata uses -- nor the refcount table
+    # and blocks themselves: where a block is missing, their stored
+    # refcounts read as 0.
+    structures = RefcountTally(len(base.counts))
+    tally_refcount_structures(img, structures)
+    rc.reserved = (base.counts > 0) | (structures.counts > 0)
     try:
         for _ in range(8):
             tally = RefcountTally(max(len(base.counts), rc.end_cluster))
@@ -681,7 +686,7 @@ def _rebuild(path, first):
     if corrupt:
         _set_incompatible_bit(path, 2, False)
     try:
-        img = Image(str(path), "r+", cache_clean_interval=0, backing=False)
+        img = Image(str(path), "r+", cache_clean_interval=0, backing=False, _repair=True)
         try:
             rebuild_refcounts(img)
         finally:

@@ -45,7 +45,8 @@ class Image(ImageCore):
 
     def __init__(self, path, mode="r", *, cache_mode="writeback", l2_cache_size=None,
                  l2_cache_entry_size=None, refcount_cache_size=None, cache_size=None,
-                 cache_clean_interval=None, lazy_refcounts=None, backing=True, _chain=()):
+                 cache_clean_interval=None, lazy_refcounts=None, backing=True, _chain=(),
+                 _repair=False):
         if mode not in ("r", "r+"):
             raise InvalidArgumentError(f"mode must be 'r' or 'r+', not {mode!r}")
         if cache_mode not in CACHE_MODES:
@@ -73,6 +74,7 @@ class Image(ImageCore):
                                            f"O_DIRECT (cache mode {cache_mode})") from None
             raise
         try:
+            self._repair = _repair and writable     # check -r all: see Refcounts
             self._open(f, writable, l2_cache_size, l2_cache_entry_size, refcount_cache_size,
                        cache_size, cache_clean_interval, lazy_refcounts, backing, _chain)
         except BaseException:
@@ -117,7 +119,7 @@ class Image(ImageCore):
         self.refcounts = None
         if writable:
             self.refcounts = Refcounts(f, geo, h, self.refcount_cache, self._barrier,
-                                       self._metadata, file_size)
+                                       self._metadata, file_size, repair=self._repair)
         # The lazy-refcounts open option overrides the header's bit, as in qemu.
         if lazy_refcounts and h.version < 3:
             raise InvalidArgumentError("lazy refcounts require compat=1.1 or later")

@@ -27,7 +27,8 @@ _BE64 = struct.Struct(">Q")
 
 
 class Refcounts(RefcountCore):
-    def __init__(self, file, geo, header, cache, barrier, metadata_map, file_size):
+    def __init__(self, file, geo, header, cache, barrier, metadata_map, file_size,
+                 repair=False):
         """``cache``: TableCache of whole refcount blocks (raw on-disk form).
         ``barrier()``: make completed writes stable (no-op under cache=unsafe)."""
         self.file = file
@@ -41,33 +42,39 @@ class Refcounts(RefcountCore):
         cs = geo.cluster_size
         self.end_cluster = (file_size + cs - 1) // cs
         self.free_hint = 0
-        self._load_table(file_size)
+        self._load_table(file_size, repair)
 
     # -- the refcount table ----------------------------------------------------
 
-    def _load_table(self, file_size):
+    def _load_table(self, file_size, repair):
+        """Read and validate the refcount table.  With ``repair`` (check -r
+        all), invalid entries are dropped -- zeroed in memory and on disk --
+        so the rebuild creates those blocks anew, instead of refusing."""
         h, cs = self.header, self.geo.cluster_size
         raw = self.file.pread(h.refcount_table_offset, h.refcount_table_clusters * cs)
         self._set_table(np.frombuffer(raw, dtype=">u8").astype(np.uint64))
-        bad = np.nonzero((self.table & np.uint64(~REFT_OFFSET_MASK & 0xFFFFFFFFFFFFFFFF))
-                         | (self.table & np.uint64(cs - 1)))[0]
-        if len(bad):
-            i = int(bad[0])
-            raise CorruptImageError(f"refcount table entry {i} ({int(self.table[i]):#x}) is not "
-                                    "cluster-aligned", offset=h.refcount_table_offset + 8 * i,
-                                    field="refcount table")
-        past = np.nonzero(self.table + np.uint64(cs) > np.uint64(file_size))[0]
-        past = past[self.table[past] != 0]
-        if len(past):
-            i = int(past[0])
-            raise CorruptImageError(f"refcount block at {int(self.table[i]):#x} lies past the end "
-                                    f"of the file ({file_size} bytes)",
-                                    offset=h.refcount_table_offset + 8 * i, field="refcount table")
-        if self.table[0] == 0 and file_size:
+        table = self.table
+        unaligned = (table & np.uint64(~REFT_OFFSET_MASK & 0xFFFFFFFFFFFFFFFF)) \
+            | (table & np.uint64(cs - 1))
+        past = (table != 0) & (table + np.uint64(cs) > np.uint64(file_size))
+        for i in np.nonzero((unaligned != 0) | past)[0]:
+            i = int(i)
+            where = h.refcount_table_offset + 8 * i
+            if repair:
+                table[i] = 0
+                self.file.pwrite(_BE64.pack(0), where)
+            elif unaligned[i]:
+                raise CorruptImageError(f"refcount table entry {i} ({int(table[i]):#x}) is not "
+                                        "cluster-aligned", offset=where, field="refcount table")
+            else:
+                raise CorruptImageError(f"refcount block at {int(table[i]):#x} lies past the "
+                                        f"end of the file ({file_size} bytes)", offset=where,
+                                        field="refcount table")
+        if table[0] == 0 and file_size and not repair:
             raise CorruptImageError("refcount table has no block for the header cluster",
                                     offset=h.refcount_table_offset, field="refcount table")
-        for t in np.nonzero(self.table)[0]:
-            self.metadata.add(int(self.table[t]) >> self.geo.cluster_bits)
+        for t in np.nonzero(table)[0]:
+            self.metadata.add(int(table[t]) >> self.geo.cluster_bits)
         self.metadata.add(h.refcount_table_offset >> self.geo.cluster_bits,
                           h.refcount_table_clusters)
 

@@ -3,6 +3,7 @@ counts, same exit statuses, and repairs that leave qemu-img check clean
 without changing guest data."""
 
 import json
+import os
 import shutil
 
 import pytest
@@ -393,3 +394,20 @@ def test_references_named_under_each_report(capsys, tmp_path):
     assert f"(guest offset {MiB:#x})" in detail[str(data_host // cs)]
     assert "compressed" in detail[str(comp_cluster)] and "(guest offset 0x0)" in \
         detail[str(comp_cluster)]
+
+
+@pytest.mark.parametrize("entry,value", [(0, 0x20123),       # unaligned: qemu's repair fails
+                                         (1, 0x7770000)])    # past EOF: qemu grows the file
+def test_repair_all_rebuilds_a_damaged_refcount_table(capsys, tmp_path, entry, value):
+    """-r all rebuilds refcount structures whose table is damaged, so that
+    qemu-img check is clean, without touching guest data or growing the file."""
+    p = qemu_create(tmp_path / "t.qcow2", 4 * MiB)
+    qemu_io(p, "write -P 1 0 1M", "write -P 2 3M 100k")
+    before, size = qemu_raw(p), os.path.getsize(p)
+    h = header(p)
+    patch(p, h["refcount_table_offset"] + 8 * entry, ">Q", value)
+    status, _, _ = cli(capsys, "check", "-r", "all", p)
+    assert status == 0
+    qemu_check(p)
+    assert qemu_raw(p) == before
+    assert os.path.getsize(p) <= size + 2 * 65536
