@@ -8,19 +8,12 @@ import sys
 
 import pytest
 
-from qcow2fast.cli import main
 from qcow2fast.cli.options import parse_size, size_to_str, split_options
+from cli_util import run_cli as cli
 from qemu_util import qemu_check, qemu_create, qemu_img, qemu_io
 
 pytestmark = pytest.mark.qemu
 MiB = 1 << 20
-
-
-def cli(capsys, *argv):
-    """Run ``qcow2fast argv`` in-process: (status, stdout, stderr)."""
-    status = main([str(a) for a in argv])
-    out = capsys.readouterr()
-    return status, out.out, out.err
 
 
 def qemu_json(*args):

@@ -9,6 +9,7 @@ import shutil
 import pytest
 
 from qcow2fast.cli import main
+from cli_util import run_cli
 from qemu_util import (QCOW_OFLAG_COPIED, file_state, header, l2_entry_offset, patch,
                        qemu_check, qemu_create, qemu_img, qemu_io, qemu_map, qemu_raw, read_at,
                        run_python)
@@ -23,11 +24,9 @@ DETAIL = "    host offset "      # qcow2fast's line under a leak/corruption: who
 def cli(capsys, *argv):
     """Run qcow2fast in-process: (status, stdout, stderr without the detail
     lines, which qemu does not print; test_references checks them)."""
-    status = main([str(a) for a in argv])
-    out = capsys.readouterr()
-    err = "".join(line for line in out.err.splitlines(keepends=True)
-                  if not line.startswith(DETAIL))
-    return status, out.out, err
+    status, out, err = run_cli(capsys, *argv)
+    return status, out, "".join(line for line in err.splitlines(keepends=True)
+                                if not line.startswith(DETAIL))
 
 
 def qemu_json_check(path, *extra):

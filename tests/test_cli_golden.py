@@ -9,7 +9,7 @@ import json
 import pytest
 
 import qcow2fast
-from qcow2fast.cli import main
+from cli_util import run_cli
 from qemu_util import qemu_create, qemu_img, qemu_io, run_python
 
 pytestmark = pytest.mark.qemu
@@ -18,11 +18,6 @@ MiB = 1 << 20
 GEOMETRIES = [(512, 16, "1.1"), (512, 1, "1.1"), (65536, 16, "1.1"), (65536, 64, "1.1"),
               (65536, 16, "0.10"), (2 * MiB, 8, "1.1"), (4096, 2, "1.1")]
 FEATURES = ["plain", "compressed", "zeroes", "chain", "snapshot", "lazy-dirty"]
-
-
-def ours(capsys, *argv):
-    status = main([str(a) for a in argv])
-    return status, capsys.readouterr().out
 
 
 def make(tmp_path, cs, rb, compat, feature):
@@ -80,7 +75,7 @@ def test_json_equals_qemu(capsys, tmp_path, geom, feature):
                  ["map", "--output=json", path],
                  ["measure", "--output=json", "-O", "qcow2", path],
                  ["check", "--output=json", path]):
-        status, out = ours(capsys, *argv)
+        status, out, _ = run_cli(capsys, *argv)
         q = qemu_img(*argv, check=False)
         assert status == q.returncode, (argv, status, q.returncode, q.stderr_text)
         assert json.loads(out) == json.loads(q.stdout_text), argv

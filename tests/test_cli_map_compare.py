@@ -4,17 +4,11 @@ exit statuses."""
 import pytest
 
 import qcow2fast
-from qcow2fast.cli import main
+from cli_util import run_cli as cli
 from qemu_util import qemu_create, qemu_img, qemu_io
 
 pytestmark = pytest.mark.qemu
 MiB = 1 << 20
-
-
-def cli(capsys, *argv):
-    status = main([str(a) for a in argv])
-    out = capsys.readouterr()
-    return status, out.out, out.err
 
 
 @pytest.fixture

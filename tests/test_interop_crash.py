@@ -11,7 +11,7 @@ import qcow2fast
 from model import ModelImage
 from qemu_util import (MiB, Rng, assert_qemu_content, file_state, header, is_dirty, patch,
                        qemu_check, qemu_create, qemu_img, qemu_info, qemu_io, qemu_raw, run_python)
-from write_util import finish, image_size, qf_create
+from write_util import finish, image_size, qf_create, random_session
 
 pytestmark = pytest.mark.qemu
 
@@ -88,11 +88,7 @@ def test_lazy_refcounts_left_dirty_then_repaired(tmp_path, cs, rb):
         assert img.read(0, size) == expected
     assert file_state(path) == before
 
-    with qcow2fast.open(path, "r+") as img:
-        m = ModelImage(img, expected)
-        m.check_all()
-        m.random_ops(rng, 20)
-        data = bytes(m.data)
+    data = random_session(path, expected, rng, 20)
     assert not is_dirty(path)
     finish(path, data)
 
@@ -155,11 +151,7 @@ def test_qemu_dirty_image_with_snapshot_and_compressed_repaired(tmp_path, cs, rb
     assert p.returncode in (-9, 137), p.stderr_text
     assert is_dirty(path)
     expected = qemu_raw(path)
-    with qcow2fast.open(path, "r+") as img:
-        m = ModelImage(img, expected)
-        m.check_all()
-        m.random_ops(rng, 25)
-        data = bytes(m.data)
+    data = random_session(path, expected, rng, 25)
     assert not is_dirty(path)
     finish(path, data)
     assert_qemu_content(path, snap, snapshot="s1")

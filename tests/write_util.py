@@ -38,3 +38,13 @@ def scenario(path, rng, *, ops=40, initial=None, backing=None, reopen=True, **op
             m.check_all()
             data = bytes(m.data)
     return data
+
+
+def random_session(path, initial, rng, ops, **open_kw):
+    """One r+ session: the image must read as ``initial``, then ``ops``
+    random operations checked against the model; returns the content."""
+    with qcow2fast.open(path, "r+", **open_kw) as img:
+        m = ModelImage(img, initial)
+        m.check_all()
+        m.random_ops(rng, ops)
+        return bytes(m.data)

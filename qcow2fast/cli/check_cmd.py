@@ -6,14 +6,11 @@ statuses -- 0 clean, 1 check not completed, 2 corruptions, 3 leaks only,
 never written."""
 
 import json
-import os
 import sys
 
-from ..backing import probe_format
 from ..check import check_image, repair_image
 from ..errors import Qcow2Error
-from .common import FORMATS, add_image_arguments, image_spec
-from .options import UsageError
+from .common import add_image_arguments, resolve_image
 
 
 def add_parser(sub):
@@ -26,12 +23,7 @@ def add_parser(sub):
 
 
 def run(args):
-    path, fmt, _cache_opts = image_spec(args.filename, args.fmt, args.image_opts)
-    if not os.path.exists(path):
-        raise FileNotFoundError(2, "Could not open image: No such file or directory", path)
-    fmt = fmt or probe_format(path)
-    if fmt not in FORMATS:
-        raise UsageError(f"unknown or unsupported format {fmt!r} (supported: qcow2, raw)")
+    path, fmt, _cache_opts = resolve_image(args.filename, args.fmt, args.image_opts)
     if fmt == "raw":
         print("qcow2fast: This image format does not support checks", file=sys.stderr)
         return 63
@@ -80,30 +72,26 @@ def _messages(res):
         print(line, file=sys.stderr)
 
 
+# qemu's ImageCheck members in its order: (key, attribute, always present).
+JSON_MEMBERS = [
+    ("image-end-offset", "image_end_offset", False), ("total-clusters", "total_clusters", False),
+    ("corruptions", "corruptions", False), ("corruptions-fixed", "corruptions_fixed", False),
+    ("check-errors", "check_errors", True), ("leaks", "leaks", False),
+    ("leaks-fixed", "leaks_fixed", False), ("allocated-clusters", "allocated_clusters", False),
+    ("filename", None, True), ("format", None, True),
+    ("compressed-clusters", "compressed_clusters", False),
+    ("fragmented-clusters", "fragmented_clusters", False),
+]
+
+
 def check_json(res, filename):
     """qemu's ImageCheck: optional members only when non-zero."""
+    fixed = {"filename": filename, "format": "qcow2"}
     out = {}
-    if res.image_end_offset:
-        out["image-end-offset"] = res.image_end_offset
-    if res.total_clusters:
-        out["total-clusters"] = res.total_clusters
-    if res.corruptions:
-        out["corruptions"] = res.corruptions
-    if res.corruptions_fixed:
-        out["corruptions-fixed"] = res.corruptions_fixed
-    out["check-errors"] = res.check_errors
-    if res.leaks:
-        out["leaks"] = res.leaks
-    if res.leaks_fixed:
-        out["leaks-fixed"] = res.leaks_fixed
-    if res.allocated_clusters:
-        out["allocated-clusters"] = res.allocated_clusters
-    out["filename"] = filename
-    out["format"] = "qcow2"
-    if res.compressed_clusters:
-        out["compressed-clusters"] = res.compressed_clusters
-    if res.fragmented_clusters:
-        out["fragmented-clusters"] = res.fragmented_clusters
+    for key, attr, always in JSON_MEMBERS:
+        value = fixed[key] if attr is None else getattr(res, attr)
+        if always or value:
+            out[key] = value
     return out
 
 

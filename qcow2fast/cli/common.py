@@ -51,14 +51,21 @@ def image_spec(name, fmt, image_opts):
     return path, driver, kw
 
 
-def open_image(name, fmt=None, *, image_opts=False, writable=False, backing=True, **extra):
-    """Open ``name`` as qcow2 or raw (probed when ``fmt`` is None)."""
+def resolve_image(name, fmt=None, image_opts=False):
+    """(path, format, open keyword arguments): the file must exist; the
+    format is probed when not given, and must be one this tool handles."""
     path, fmt, kw = image_spec(name, fmt, image_opts)
     if not os.path.exists(path):
         raise FileNotFoundError(2, "Could not open image: No such file or directory", path)
     fmt = fmt or probe_format(path)
     if fmt not in FORMATS:
         raise UsageError(f"unknown or unsupported format {fmt!r} (supported: qcow2, raw)")
+    return path, fmt, kw
+
+
+def open_image(name, fmt=None, *, image_opts=False, writable=False, backing=True, **extra):
+    """Open ``name`` as qcow2 or raw (probed when ``fmt`` is None)."""
+    path, fmt, kw = resolve_image(name, fmt, image_opts)
     if fmt == "raw":
         if kw:
             raise UsageError("cache options apply to qcow2 images only")
