@@ -34,7 +34,7 @@ from .mapping import (COMPRESSED, DATA, INVALID, KIND_NAMES, UNALLOCATED, ZERO, 
                       read_l1_table)
 from .overlap import MetadataMap
 from .refcount import Refcounts
-from .snapshot import read_snapshot_table
+from .snapshot import find_snapshot, read_snapshot_table
 
 CACHE_MODES = ("writeback", "writethrough", "none", "directsync", "unsafe")
 MAX_HEADER_READ = 2 << 20
@@ -45,10 +45,12 @@ class Image(ImageCore):
 
     def __init__(self, path, mode="r", *, cache_mode="writeback", l2_cache_size=None,
                  l2_cache_entry_size=None, refcount_cache_size=None, cache_size=None,
-                 cache_clean_interval=None, lazy_refcounts=None, backing=True, _chain=(),
-                 _repair=False):
+                 cache_clean_interval=None, lazy_refcounts=None, backing=True, snapshot=None,
+                 _chain=(), _repair=False):
         if mode not in ("r", "r+"):
             raise InvalidArgumentError(f"mode must be 'r' or 'r+', not {mode!r}")
+        if snapshot is not None and mode != "r":
+            raise InvalidArgumentError("a snapshot can only be opened read-only (mode 'r')")
         if cache_mode not in CACHE_MODES:
             raise InvalidArgumentError(f"cache_mode must be one of {', '.join(CACHE_MODES)}")
         for name, value in (("l2_cache_size", l2_cache_size),
@@ -76,7 +78,8 @@ class Image(ImageCore):
         try:
             self._repair = _repair and writable     # check -r all: see Refcounts
             self._open(f, writable, l2_cache_size, l2_cache_entry_size, refcount_cache_size,
-                       cache_size, cache_clean_interval, lazy_refcounts, backing, _chain)
+                       cache_size, cache_clean_interval, lazy_refcounts, backing, snapshot,
+                       _chain)
         except BaseException:
             if self.backing is not None:
                 self.backing.close()
@@ -86,7 +89,7 @@ class Image(ImageCore):
     # -- opening ----------------------------------------------------------------
 
     def _open(self, f, writable, l2_cache_size, l2_cache_entry_size, refcount_cache_size,
-              cache_size, cache_clean_interval, lazy_refcounts, backing, chain):
+              cache_size, cache_clean_interval, lazy_refcounts, backing, snapshot, chain):
         file_size = f.size()
         h = hdr.parse_header(f.pread(0, min(file_size, MAX_HEADER_READ)), file_size)
         hdr.check_features(h, writable)
@@ -110,9 +113,17 @@ class Image(ImageCore):
         if h.nb_snapshots:
             self._metadata.add(h.snapshots_offset >> geo.cluster_bits,
                                geo.size_to_clusters(snap_bytes))
-        l1 = read_l1_table(f, h.l1_table_offset, h.l1_size, cs, file_size)
+        # A snapshot is viewed read-only through its own L1 table.  Like qemu's
+        # load_tmp, the view keeps the image's current virtual size.
+        self.snapshot = None
+        l1_offset, l1_size, size = h.l1_table_offset, h.l1_size, h.size
+        if snapshot is not None:
+            self.snapshot = s = find_snapshot(self.snapshots, snapshot)
+            l1_offset, l1_size = s.l1_table_offset, s.l1_size
+        l1 = read_l1_table(f, l1_offset, l1_size, cs, file_size,
+                           what="L1 table" if snapshot is None else f"snapshot {s.id} L1 table")
 
-        self.l2_cache, self.refcount_cache = make_caches(f, h.size, cs, entry_size,
+        self.l2_cache, self.refcount_cache = make_caches(f, size, cs, entry_size,
                                                          l2_cache_size, refcount_cache_size,
                                                          cache_size)
         self.mapping = Mapping(f, geo, h, l1, self.l2_cache, self._metadata)
@@ -133,7 +144,7 @@ class Image(ImageCore):
         if h.backing_file and backing:
             self.backing = open_backing(self, chain)
         self._decompressed = {}              # host offset -> cluster bytes (small LRU)
-        self._core_setup(f, self.l2_cache, geo.cluster_bits, geo.slice_bits, h.size,
+        self._core_setup(f, self.l2_cache, geo.cluster_bits, geo.slice_bits, size,
                          not writable, self.backing is not None)
         self.zero_from = file_size
         self.alloc_end = file_size

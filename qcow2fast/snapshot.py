@@ -1,14 +1,14 @@
 """Internal snapshots: the snapshot table (qemu's qcow2-snapshot.c).
 
 This version reads the table (to honour the clusters snapshots share with
-the active layer and to account for them in refcounts); creating, applying
-and deleting snapshots come later.
+the active layer and to account for them in refcounts) and finds a snapshot
+to view read-only; creating, applying and deleting snapshots come later.
 """
 
 import dataclasses
 import struct
 
-from .errors import CorruptImageError
+from .errors import CorruptImageError, InvalidArgumentError
 
 # Fixed part of a snapshot table entry.
 SNAPSHOT_ENTRY = struct.Struct(">QIHHIIQII")
@@ -74,3 +74,25 @@ def read_snapshot_table(file, header, file_size):
         entry_len = SNAPSHOT_ENTRY.size + var_len
         pos += entry_len + (-entry_len % 8)
     return snapshots, pos - off
+
+
+def find_snapshot(snapshots, which):
+    """The snapshot ``which`` names, as qemu's ``-l`` finds it.
+
+    ``which`` is an id-or-name string (an id match wins, as in qemu) or a
+    mapping with ``id`` and/or ``name`` keys that must all match."""
+    if isinstance(which, str):
+        for key in ("id", "name"):
+            for s in snapshots:
+                if getattr(s, key) == which:
+                    return s
+    else:
+        want = {k: v for k, v in dict(which).items() if v is not None}
+        if not want or set(want) - {"id", "name"}:
+            raise InvalidArgumentError(f"a snapshot is named by 'id' and/or 'name', not {which!r}")
+        for s in snapshots:
+            if all(getattr(s, k) == v for k, v in want.items()):
+                return s
+    what = repr(which) if isinstance(which, str) else \
+        ", ".join(f"{k}={v!r}" for k, v in sorted(want.items()))
+    raise InvalidArgumentError(f"can't find snapshot {what}")

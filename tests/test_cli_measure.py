@@ -33,6 +33,11 @@ def sources(tmp_path_factory):
             f.seek(off)
             f.write(b"r" * 20000)
     out["raw"] = str(raw)
+    out["snap"] = qemu_create(d / "snap.qcow2", 32 * MiB)   # snapshot, then grown and rewritten
+    qemu_io(out["snap"], "write -P 5 0 3M", "write -z 8M 1M")
+    qemu_img("snapshot", "-c", "before", out["snap"])
+    qemu_img("resize", out["snap"], "48M")
+    qemu_io(out["snap"], "write -P 6 2M 20M", "discard 0 1M")
     return out
 
 
@@ -48,6 +53,23 @@ def test_measure_image_equals_qemu(capsys, sources, which, opts):
     out = capsys.readouterr().out
     assert status == 0
     assert out.strip() == qemu_img(*argv).stdout_text.strip()
+
+
+@pytest.mark.parametrize("which", ["before", "1", "snapshot.name=before",
+                                   "snapshot.id=1,snapshot.name=before"])
+@pytest.mark.parametrize("out_fmt", ["qcow2", "raw"])
+def test_measure_snapshot_equals_qemu(capsys, sources, which, out_fmt):
+    argv = ["measure", "--output=json", "-O", out_fmt, "-l", which, sources["snap"]]
+    assert main(argv) == 0
+    assert capsys.readouterr().out.strip() == qemu_img(*argv).stdout_text.strip()
+
+
+@pytest.mark.parametrize("which", ["nope", "snapshot.id=2", "snapshot.size=1"])
+def test_measure_snapshot_errors(capsys, sources, which):
+    assert main(["measure", "-O", "qcow2", "-l", which, sources["snap"]]) == 1
+    assert capsys.readouterr().err.startswith("qcow2fast: ")
+    assert main(["measure", "-O", "qcow2", "-l", "x", "-f", "raw", sources["raw"]]) == 1
+    assert "snapshot" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv", [

@@ -14,6 +14,7 @@ import shutil
 import pytest
 
 import qcow2fast
+from qcow2fast.errors import InvalidArgumentError
 from qemu_util import (CLUSTER_SIZES, GEOMETRIES, INCOMPAT_DIRTY, KiB, MiB, Rng,
                        assert_block_status_matches_qemu, assert_bytes_equal,
                        assert_extents_contiguous, compressible_bytes, file_state, geom_id,
@@ -241,6 +242,12 @@ def test_internal_snapshots(tmp_path, geom):
     check_against_qemu(path, rng=rng)
     with qcow2fast.open(path) as img:
         assert img.read(0, size) == qemu_raw(path)
+    for s in info.get("snapshots", []):           # each snapshot's view, read-only
+        with qcow2fast.open(path, snapshot=s["name"]) as img:
+            assert img.snapshot.id == s["id"]
+            assert img.read(0, size) == qemu_raw(path, snapshot=s["name"])
+        with pytest.raises(InvalidArgumentError):
+            qcow2fast.open(path, "r+", snapshot=s["name"])
 
 
 @pytest.mark.parametrize("cs", CLUSTER_SIZES)

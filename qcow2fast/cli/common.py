@@ -63,13 +63,33 @@ def resolve_image(name, fmt=None, image_opts=False):
     return path, fmt, kw
 
 
-def open_image(name, fmt=None, *, image_opts=False, writable=False, backing=True, **extra):
-    """Open ``name`` as qcow2 or raw (probed when ``fmt`` is None)."""
+def snapshot_spec(text):
+    """qemu-img's ``-l`` argument: ``snapshot.id=ID[,snapshot.name=NAME]``
+    (either key) or a bare id-or-name; the value :func:`qcow2fast.open` takes."""
+    if text is None or not text.startswith("snapshot."):
+        return text
+    spec = {}
+    for key, value in split_options(text):
+        if key not in ("snapshot.id", "snapshot.name"):
+            raise UsageError(f"invalid snapshot parameter {key!r} in {text!r} "
+                             "(expected snapshot.id and/or snapshot.name)")
+        spec[key[len("snapshot."):]] = value
+    return spec
+
+
+def open_image(name, fmt=None, *, image_opts=False, writable=False, backing=True,
+               snapshot=None, **extra):
+    """Open ``name`` as qcow2 or raw (probed when ``fmt`` is None), at the
+    internal ``snapshot`` (a -l argument) if one is given."""
     path, fmt, kw = resolve_image(name, fmt, image_opts)
     if fmt == "raw":
         if kw:
             raise UsageError("cache options apply to qcow2 images only")
+        if snapshot is not None:
+            raise UsageError("raw images have no internal snapshots")
         return RawImage(path, writable=writable)
     kw.update(extra)
+    if snapshot is not None:
+        kw["snapshot"] = snapshot_spec(snapshot)
     return open_qcow2(path, "r+" if writable else "r", backing=backing,
                       cache_clean_interval=kw.pop("cache_clean_interval", 0), **kw)

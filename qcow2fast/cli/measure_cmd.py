@@ -1,4 +1,5 @@
-"""qcow2fast measure [--output=human|json] [-O fmt] [-o options] [--size N | [-f fmt] filename]"""
+"""qcow2fast measure [--output=human|json] [-O fmt] [-o options]
+                  [--size N | [-l snapshot] [-f fmt] filename]"""
 
 import json
 
@@ -27,8 +28,6 @@ def run(args):
         raise UsageError("measure: --size N cannot be used together with a filename")
     if args.size is None and not args.filename:
         raise UsageError("measure: either --size N or one filename must be specified")
-    if args.snapshot:
-        raise UsageError("measure: -l (measuring a snapshot) is not supported yet")
     if args.out_fmt not in ("qcow2", "raw"):
         raise UsageError(f"measure: unknown or unsupported output format {args.out_fmt!r}")
     opts = merge_options(args.options)
@@ -42,7 +41,8 @@ def run(args):
     size = source = None
     try:
         if args.filename:
-            source = open_image(args.filename, args.fmt, image_opts=args.image_opts)
+            source = open_image(args.filename, args.fmt, image_opts=args.image_opts,
+                                snapshot=args.snapshot)
         else:
             size = parse_size(args.size, "size")
         result = measure(source, size=size, fmt=args.out_fmt, **kw)
