@@ -15,6 +15,7 @@ import struct
 
 import numpy as np
 
+from ._ext.kernels import l2_copied_rows, l2_tally_tables, tally_add
 from .errors import CorruptImageError, Qcow2Error
 from .geometry import (L1E_OFFSET_MASK, L1E_RESERVED_MASK, L2E_OFFSET_MASK,
                        L2E_STD_RESERVED_MASK, QCOW_OFLAG_COMPRESSED, QCOW_OFLAG_COPIED,
@@ -24,6 +25,10 @@ from .references import describe, find_references
 
 # Leaks and corruptions explained in detail (the rest are only counted).
 MAX_EXPLAINED = 10000
+# L2 tables read and checked together.
+L2_BATCH_BYTES = 16 << 20
+# Stored refcounts held as narrow as the image's refcount width allows.
+_STORED_DTYPE = {3: np.uint8, 4: np.uint16, 5: np.uint32, 6: np.uint64}
 
 _OFF = np.uint64(L2E_OFFSET_MASK)
 _COMPRESSED = np.uint64(QCOW_OFLAG_COMPRESSED)
@@ -31,38 +36,55 @@ _COPIED = np.uint64(QCOW_OFLAG_COPIED)
 
 
 class RefcountTally:
-    """Expected refcounts, one uint64 per host cluster below ``limit``;
-    references at or past ``limit`` are recorded as corruption."""
+    """Expected refcounts, one uint64 per host cluster.
 
-    def __init__(self, limit):
-        self.counts = np.zeros(limit, dtype=np.uint64)
-        self.outside = []           # (host offset, what referenced it)
+    With ``grow`` (qemu-img check: count whatever the metadata says, like
+    qemu's growing refcount array) the array grows to cover every
+    reference; otherwise references at or past ``limit`` are recorded in
+    ``outside`` (a rebuild refuses them)."""
 
-    def add(self, clusters, what):
+    def __init__(self, limit, *, grow=False):
+        self.counts = np.zeros(max(limit, 1), dtype=np.uint64)
+        self.grow = grow
+        self.outside = []           # (host cluster, what referenced it)
+
+    def add(self, clusters, what=None):
         clusters = np.asarray(clusters, dtype=np.int64).ravel()
-        bad = clusters >= len(self.counts)
-        if bad.any():
-            self.outside.extend((int(c), what) for c in clusters[bad][:16])
-            clusters = clusters[~bad]
-        np.add.at(self.counts, clusters, 1)
+        if not len(clusters):
+            return
+        top = int(clusters.max()) + 1
+        if top > len(self.counts):
+            if self.grow:
+                grown = np.zeros(max(top, 2 * len(self.counts)), dtype=np.uint64)
+                grown[:len(self.counts)] = self.counts
+                self.counts = grown
+            else:
+                bad = clusters >= len(self.counts)
+                self.outside.extend((int(c), what) for c in clusters[bad][:16])
+                clusters = clusters[~bad]
+        tally_add(self.counts, np.ascontiguousarray(clusters))
 
-    def add_range(self, first, n, what):
+    def add_range(self, first, n, what=None):
         self.add(np.arange(first, first + n), what)
 
 
-def _tally_l2_entries(tally, geo, entries, what):
-    cb = geo.cluster_bits
+def _compressed_spans(geo, entries):
+    """(first, last) host cluster of each compressed descriptor in ``entries``
+    (a numpy uint64 array), and the extents' byte ends."""
+    coff, csize = geo.compressed_extent(entries)
+    end = coff + csize
+    cb = np.uint64(geo.cluster_bits)
+    return coff >> cb, (end - np.uint64(1)) >> cb, end
+
+
+def _tally_l2_entries(tally, geo, entries, what=None):
+    """Count the host clusters that L2 ``entries`` (numpy uint64) use."""
     compressed = (entries & _COMPRESSED) != 0
-    std = entries[~compressed]
-    data = (std & _OFF)[(std & _OFF) != 0]
-    tally.add(data >> np.uint64(cb), what)
+    std = entries[~compressed] & _OFF
+    tally.add(std[std != 0] >> np.uint64(geo.cluster_bits), what)
     comp = entries[compressed]
     if len(comp):
-        coff = comp & np.uint64(geo.cluster_offset_mask)
-        nsect = ((comp >> np.uint64(geo.csize_shift)) & np.uint64(geo.csize_mask)) + np.uint64(1)
-        csize = nsect * np.uint64(512) - (coff & np.uint64(511))
-        first = coff >> np.uint64(cb)
-        last = (coff + csize - np.uint64(1)) >> np.uint64(cb)
+        first, last, _ = _compressed_spans(geo, comp)
         for k in range(3):      # a compressed cluster spans at most 3 host clusters
             sel = first + np.uint64(k) <= last
             tally.add(first[sel] + np.uint64(k), what)
@@ -242,6 +264,11 @@ _REFT_RESERVED = 0x1FF
 REFT_MASK = REFT_OFFSET_MASK
 
 
+def _last_true(mask):
+    """Index of the last True of a bool array, -1 if none."""
+    return len(mask) - 1 - int(np.argmax(mask[::-1])) if mask.any() else -1
+
+
 class CheckResult:
     """qemu's BdrvCheckResult plus what a repair needs."""
 
@@ -262,24 +289,6 @@ class CheckResult:
         self.entry_fixes = []       # (file offset, new L1/L2 entry) the repair writes
 
 
-class _Tally:
-    """Expected refcounts, growing like qemu's refcount array."""
-
-    def __init__(self, n):
-        self.counts = np.zeros(max(n, 1), dtype=np.uint64)
-
-    def add(self, clusters):
-        clusters = np.asarray(clusters, dtype=np.int64).ravel()
-        if not len(clusters):
-            return
-        top = int(clusters.max()) + 1
-        if top > len(self.counts):
-            grown = np.zeros(max(top, 2 * len(self.counts)), dtype=np.uint64)
-            grown[:len(self.counts)] = self.counts
-            self.counts = grown
-        np.add.at(self.counts, clusters, 1)
-
-
 class _Checker:
     def __init__(self, f, h, fix=None):
         self.f, self.h, self.fix = f, h, fix
@@ -287,8 +296,10 @@ class _Checker:
         self.cs = self.geo.cluster_size
         self.file_size = f.size()
         self.res = CheckResult()
-        self.tally = _Tally(-(-self.file_size // self.cs))
+        # one spare: a compressed cluster may end in the cluster past EOF
+        self.tally = RefcountTally(-(-self.file_size // self.cs) + 1, grow=True)
         self.zeroed = set()         # L2 entries the repair turns into plain zero clusters
+        self.l1_fixed = {}          # file offset -> L1 entry with its reserved bits cleared
 
     def msg(self, text):
         self.res.messages.append(text)
@@ -306,10 +317,29 @@ class _Checker:
         self.tally.add(np.arange(offset >> cb, ((offset + size - 1) >> cb) + 1))
 
     def read_l2(self, l2off):
-        raw = self.f.pread(l2off, self.cs)
-        if len(raw) < self.cs:
-            raw = bytes(raw).ljust(self.cs, b"\0")
-        return np.frombuffer(raw, dtype=">u8").astype(np.uint64)
+        """One L2 table, native byte order."""
+        return self.read_l2_batch([l2off])[0].astype(np.uint64)
+
+    def read_l2_batch(self, offsets):
+        """The L2 tables at ``offsets`` as the rows of a big-endian (on-disk)
+        uint64 array (zeros past the end of the file)."""
+        cs = self.cs
+        tables = np.empty((len(offsets), cs // 8), dtype=">u8")
+        mv = memoryview(tables.view(np.uint8).reshape(-1))
+        offsets = np.asarray(offsets, dtype=np.uint64)
+        # one read per run of tables that lie back to back in the file
+        starts = [0] + (np.flatnonzero(np.diff(offsets) != np.uint64(cs)) + 1).tolist()
+        for a, b in zip(starts, starts[1:] + [len(offsets)]):
+            self.f.preadinto(mv[a * cs:b * cs], int(offsets[a]))
+        return tables
+
+    def l2_batches(self, l2offs, indices):
+        """(indices, tables) for the L1 ``indices`` whose L2 table offsets are
+        ``l2offs[indices]``, a bounded number of tables at a time."""
+        step = max(1, L2_BATCH_BYTES // self.cs)
+        for k in range(0, len(indices), step):
+            idx = indices[k:k + step]
+            yield idx, self.read_l2_batch(l2offs[idx])
 
     def check_l2(self, l2off, active):
         """qemu's check_refcounts_l2: the common entries vectorised, the odd
@@ -379,23 +409,52 @@ class _Checker:
             res.check_errors += 1
             return
         l1 = np.frombuffer(self.f.pread(l1_offset, l1_size * 8), dtype=">u8").astype(np.uint64)
-        for e in l1:
-            e = int(e)
-            if not e:
-                continue
-            if e & _L1E_RESERVED:
+        l2offs = l1 & np.uint64(L1E_OFFSET_MASK)
+        # Entries with nothing to report and whose tables have nothing to
+        # report are counted in bulk; the others one by one, in table order,
+        # so that the messages come out in qemu's order.
+        plain = ((l1 & np.uint64(_L1E_RESERVED)) == 0) & (l2offs != 0) \
+            & ((l2offs & np.uint64(cs - 1)) == 0) & (l2offs < np.uint64(self.file_size))
+        slow = np.zeros(len(l1), dtype=bool)
+        slow[l1 != 0] = True
+        for idx, tables in self.l2_batches(l2offs, np.nonzero(plain)[0]):
+            odd = np.zeros(len(idx), dtype=np.uint8)
+            stats = l2_tally_tables(tables.view(np.uint64), self.tally.counts, odd,
+                                    self.geo.cluster_bits,
+                                    self.file_size)
+            clean = idx[odd == 0]
+            slow[clean] = False
+            self.tally.add(l2offs[clean] >> np.uint64(self.geo.cluster_bits))
+            if active:
+                res.allocated_clusters += stats[0]
+                res.compressed_clusters += stats[1]
+                res.fragmented_clusters += stats[2]
+        for i in np.nonzero(slow)[0]:
+            self.check_l1_entry(l1_offset, int(i), int(l1[i]), active)
+
+    def check_l1_entry(self, l1_offset, i, e, active):
+        """qemu's check_refcounts_l1 for one entry."""
+        res, cs = self.res, self.cs
+        if e & _L1E_RESERVED:
+            if self.fix == "all":
+                # qemu reads through such an entry ignoring the bits (and its
+                # -r all leaves them); clearing them keeps what qemu reads
+                self.msg(f"Repairing L1 entry with reserved bits set: {e:x}")
+                res.corruptions_fixed += 1
+                self.l1_fixed[l1_offset + 8 * i] = e & ~_L1E_RESERVED
+                res.entry_fixes.append((l1_offset + 8 * i, e & ~_L1E_RESERVED))
+            else:
                 self.msg(f"ERROR found L1 entry with reserved bits set: {e:x}")
                 res.corruptions += 1
                 res.malformed += 1
-            l2off = e & L1E_OFFSET_MASK
-            self.inc(l2off, cs)
-            if l2off & (cs - 1):
-                self.msg(f"ERROR l2_offset={l2off:x}: Table is not cluster aligned; "
-                         "L1 entry corrupted")
-                res.corruptions += 1
-                res.malformed += 1
-            if l2off >= self.file_size:
-                continue            # qemu's read fails; already counted above
+        l2off = e & L1E_OFFSET_MASK
+        self.inc(l2off, cs)
+        if l2off & (cs - 1):
+            self.msg(f"ERROR l2_offset={l2off:x}: Table is not cluster aligned; "
+                     "L1 entry corrupted")
+            res.corruptions += 1
+            res.malformed += 1
+        if l2off < self.file_size:      # else qemu's read fails; already counted above
             self.check_l2(l2off, active)
 
     def stored_refcounts(self, n):
@@ -407,7 +466,7 @@ class _Checker:
         table = np.frombuffer(bytes(raw).ljust(h.refcount_table_clusters * self.cs, b"\0"),
                               dtype=">u8").astype(np.uint64)
         E = geo.rb_entries
-        stored = np.zeros(n, dtype=np.uint64)
+        stored = np.zeros(n, dtype=_STORED_DTYPE[max(geo.refcount_order, 3)])
         self.unreadable = np.zeros(n, dtype=bool)     # qemu's get_refcount fails (-EIO)
         block = np.zeros(E, dtype=np.uint64)
         for t in np.nonzero(table & np.uint64(REFT_MASK))[0]:
@@ -448,8 +507,10 @@ class _Checker:
             if off:
                 self.inc(off, cs)
                 c = off >> self.geo.cluster_bits
-                if int(self.tally.counts[c]) != 1:
-                    self.msg(f"ERROR refcount block {i} refcount={int(self.tally.counts[c])}")
+                # qemu's count saturates at the maximum (the overflow is reported apart)
+                n = min(int(self.tally.counts[c]), self.geo.refcount_max)
+                if n != 1:
+                    self.msg(f"ERROR refcount block {i} refcount={n}")
                     res.corruptions += 1
                     res.rebuild = True
 
@@ -478,20 +539,17 @@ class _Checker:
                 res.corruptions += 1
                 res.malformed += 1
             expected[c] = geo.refcount_max
-        n = max(-(-self.file_size // cs), int(np.nonzero(expected)[0].max(initial=-1)) + 1)
+        n = max(-(-self.file_size // cs), _last_true(expected != 0) + 1)
         if len(expected) < n:
             expected = np.concatenate([expected, np.zeros(n - len(expected), np.uint64)])
         expected = expected[:n]
         stored, _ = self.stored_refcounts(n)
-        self.expected, self.stored = expected, stored
         bad = self.unreadable
-        used = np.nonzero(((stored > 0) | (expected > 0)) & ~bad)[0]
-        if len(used):
-            res.image_end_offset = (int(used[-1]) + 1) * cs
+        res.image_end_offset = (_last_true(((stored > 0) | (expected > 0)) & ~bad) + 1) * cs
         mismatch = np.nonzero((stored != expected) | bad)[0]
         # What points at each mismatched cluster, said under qemu's line.
-        refs = find_references(self.f, self.h, [int(c) for c in mismatch[:MAX_EXPLAINED]
-                                                if not bad[c]])
+        explain = [int(c) for c in mismatch[:MAX_EXPLAINED] if not bad[c]]
+        refs = find_references(self.f, self.h, explain) if explain else {}
         for c in mismatch:
             c = int(c)
             if bad[c]:
@@ -539,7 +597,6 @@ class _Checker:
                 res.corruptions_fixed += len(res.too_low)
             # qemu: -r leaks repairs COPIED flags only when nothing else is wrong
             copied_repair = self.fix == "all" or not (res.check_errors or res.corruptions)
-        self.after = after
         self.check_copied(after, copied_repair)
         return res
 
@@ -564,11 +621,32 @@ class _Checker:
             return
         l1 = np.frombuffer(self.f.pread(h.l1_table_offset, h.l1_size * 8),
                            dtype=">u8").astype(np.uint64)
-        for i, e in enumerate(l1):
-            e = int(e)
+        for off, e in self.l1_fixed.items():
+            if h.l1_table_offset <= off < h.l1_table_offset + 8 * len(l1):
+                l1[(off - h.l1_table_offset) // 8] = e
+        l2offs = l1 & np.uint64(L1E_OFFSET_MASK)
+        used = np.nonzero(l2offs)[0]
+        # The L1 entries whose own flag or whose table holds a wrong flag;
+        # found in bulk, then reported one by one in table order.
+        rcs, readable = refcounts(l2offs[used])
+        suspect = set(used[readable & ((rcs == 1) != ((l1[used] & _COPIED) != 0))].tolist())
+        tables = {}
+        state = (stored == 1).view(np.uint8)           # 1: refcount 1, 2: unreadable
+        state[self.unreadable[:len(state)]] = 2
+        for idx, batch in self.l2_batches(l2offs, used[l2offs[used] < np.uint64(self.file_size)]):
+            rows = np.zeros(len(idx), dtype=np.uint8)
+            l2_copied_rows(batch.view(np.uint64), state, self.geo.cluster_bits, rows)
+            for r in np.nonzero(rows)[0]:
+                l2 = batch[r].astype(np.uint64)
+                sel = ((l2 & _COMPRESSED) == 0) & ((l2 & _OFF) != 0)
+                rcs2, readable2 = refcounts((l2 & _OFF)[sel])
+                wrong = np.zeros(len(l2), dtype=bool)
+                wrong[sel] = ((rcs2 == 1) != ((l2[sel] & _COPIED) != 0)) & readable2
+                suspect.add(int(idx[r]))
+                tables[int(idx[r])] = (l2, wrong)
+        for i in sorted(suspect):
+            e = int(l1[i])
             l2off = e & L1E_OFFSET_MASK
-            if not l2off:
-                continue
             rcs, readable = refcounts([l2off])
             rc = int(rcs[0])
             if readable[0] and (rc == 1) != bool(e & QCOW_OFLAG_COPIED):
@@ -580,23 +658,20 @@ class _Checker:
                     res.entry_fixes.append((h.l1_table_offset + 8 * i, e ^ QCOW_OFLAG_COPIED))
                 else:
                     res.corruptions += 1
-            if l2off >= self.file_size:
+            if i not in tables:
                 continue
-            l2 = self.read_l2(l2off)
-            sel = ((l2 & _COMPRESSED) == 0) & ((l2 & _OFF) != 0)
-            ents = l2[sel]
-            rcs, readable = refcounts(ents & _OFF)
-            wrong = ((rcs == 1) != ((ents & _COPIED) != 0)) & readable
-            where = np.nonzero(sel)[0][wrong]
-            for j, e2, rc2 in zip(where, ents[wrong], rcs[wrong]):
+            l2, wrong = tables[i]
+            for j in np.nonzero(wrong)[0]:
                 if l2off + 8 * int(j) in self.zeroed:
                     continue
-                self.msg(f"{word} OFLAG_COPIED data cluster: l2_entry={int(e2):x} "
-                         f"refcount={int(rc2)}")
+                e2 = int(l2[j])
+                rc2 = int(refcounts([e2 & L2E_OFFSET_MASK])[0][0])
+                self.msg(f"{word} OFLAG_COPIED data cluster: l2_entry={e2:x} "
+                         f"refcount={rc2}")
                 res.copied += 1
                 if repair:
                     res.corruptions_fixed += 1
-                    res.entry_fixes.append((l2off + 8 * int(j), int(e2) ^ QCOW_OFLAG_COPIED))
+                    res.entry_fixes.append((l2off + 8 * int(j), e2 ^ QCOW_OFLAG_COPIED))
                 else:
                     res.corruptions += 1
 

@@ -5,7 +5,8 @@ refcount layers).  Each is a plain function over arrays: no file policy."""
 cimport numpy as cnp
 from libc.stdint cimport uint8_t, uint64_t, int64_t
 
-from .common cimport l2_run, rc_get, rc_set
+from .common cimport (L2E_OFFSET_MASK, L2E_STD_RESERVED_MASK, QCOW_OFLAG_COMPRESSED,
+                     QCOW_OFLAG_COPIED, QF_BSWAP64, l2_run, rc_get, rc_set)
 from .common cimport l2_entry_kind as l2_entry_kind_c
 
 cnp.import_array()
@@ -61,3 +62,118 @@ def refcount_encode(const uint64_t[::1] values, int order, uint8_t[::1] blk):
 def l2_entry_kind(uint64_t entry):
     """Kind (UNALLOCATED/DATA/ZERO/COMPRESSED/INVALID) of one L2 entry."""
     return l2_entry_kind_c(entry)
+
+
+def tally_add(uint64_t[::1] counts, const int64_t[::1] clusters):
+    """counts[c] += 1 for every c of ``clusters`` (each checked in range)."""
+    cdef Py_ssize_t i, n = clusters.shape[0], limit = counts.shape[0]
+    cdef int64_t c
+    with nogil:
+        for i in range(n):
+            c = clusters[i]
+            if c < 0 or c >= limit:
+                with gil:
+                    raise IndexError(f"tally_add: cluster {c} outside [0, {limit})")
+            counts[c] += 1
+
+
+# -- check: whole L2 tables at a time ------------------------------------------------
+
+
+def l2_tally_tables(const uint64_t[:, ::1] tables, uint64_t[::1] counts, uint8_t[::1] odd,
+                    int cluster_bits, uint64_t file_size):
+    """qemu's check_refcounts_l2 for the tables (rows of on-disk, big-endian
+    words) with nothing to report.
+
+    A row holding an entry check must report on (reserved bits, a
+    misaligned or past-EOF data cluster, a compressed cluster with COPIED
+    or running a cluster or more past EOF, a cluster outside ``counts``)
+    gets ``odd[row] = 1`` and is left alone: the caller checks it entry by
+    entry.  Every other row adds its clusters to ``counts``.  Returns the
+    rows' (allocated, compressed, fragmented) clusters as qemu counts them."""
+    cdef Py_ssize_t r, i, rows = tables.shape[0], n = tables.shape[1]
+    cdef Py_ssize_t limit = counts.shape[0]
+    cdef uint64_t cs = 1ULL << cluster_bits, e, off, end, nxt
+    cdef int csize_shift = 62 - (cluster_bits - 8)
+    cdef uint64_t csize_mask = (1ULL << (cluster_bits - 8)) - 1
+    cdef uint64_t coff_mask = (1ULL << csize_shift) - 1
+    cdef int64_t allocated = 0, compressed = 0, fragmented = 0, c, last
+    cdef bint bad
+    if odd.shape[0] < rows:
+        raise ValueError("l2_tally_tables: odd[] shorter than the table count")
+    with nogil:
+        for r in range(rows):
+            bad = False
+            for i in range(n):
+                e = QF_BSWAP64(tables[r, i])
+                if e & QCOW_OFLAG_COMPRESSED:
+                    off = e & coff_mask
+                    end = off + (((e >> csize_shift) & csize_mask) + 1) * 512 - (off & 511)
+                    if (e & QCOW_OFLAG_COPIED) or end >= file_size + cs \
+                            or <int64_t>((end - 1) >> cluster_bits) >= limit:
+                        bad = True
+                        break
+                elif e & L2E_STD_RESERVED_MASK:
+                    bad = True
+                    break
+                else:
+                    off = e & L2E_OFFSET_MASK
+                    if off and ((off & (cs - 1)) or off >= file_size
+                                or <int64_t>(off >> cluster_bits) >= limit):
+                        bad = True
+                        break
+            odd[r] = bad
+            if bad:
+                continue
+            nxt = 0
+            for i in range(n):
+                e = QF_BSWAP64(tables[r, i])
+                if e & QCOW_OFLAG_COMPRESSED:
+                    off = e & coff_mask
+                    end = off + (((e >> csize_shift) & csize_mask) + 1) * 512 - (off & 511)
+                    last = <int64_t>((end - 1) >> cluster_bits)
+                    for c in range(<int64_t>(off >> cluster_bits), last + 1):
+                        counts[c] += 1
+                    allocated += 1
+                    compressed += 1
+                    fragmented += 1       # "fragmented by nature", as qemu says
+                else:
+                    off = e & L2E_OFFSET_MASK
+                    if off:
+                        counts[off >> cluster_bits] += 1
+                        allocated += 1
+                        if nxt and off != nxt:
+                            fragmented += 1
+                        nxt = off + cs
+    return allocated, compressed, fragmented
+
+
+def l2_copied_rows(const uint64_t[:, ::1] tables, const uint8_t[::1] state, int cluster_bits,
+                   uint8_t[::1] wrong):
+    """``wrong[row] = 1`` for each table (rows of on-disk, big-endian words)
+    holding a standard allocated entry whose COPIED flag disagrees with its
+    cluster's refcount.  ``state[c]``:
+    0 refcount != 1, 1 refcount == 1, 2 unreadable (not judged); clusters
+    past ``state`` have refcount 0."""
+    cdef Py_ssize_t r, i, rows = tables.shape[0], n = tables.shape[1]
+    cdef Py_ssize_t limit = state.shape[0]
+    cdef uint64_t e, off
+    cdef int64_t c
+    cdef uint8_t st
+    if wrong.shape[0] < rows:
+        raise ValueError("l2_copied_rows: wrong[] shorter than the table count")
+    with nogil:
+        for r in range(rows):
+            wrong[r] = 0
+            for i in range(n):
+                e = QF_BSWAP64(tables[r, i])
+                if e & QCOW_OFLAG_COMPRESSED:
+                    continue
+                off = e & L2E_OFFSET_MASK
+                if not off:
+                    continue
+                c = <int64_t>(off >> cluster_bits)
+                st = state[c] if c < limit else 0
+                if st != 2 and (st == 1) != ((e & QCOW_OFLAG_COPIED) != 0):
+                    wrong[r] = 1
+                    break

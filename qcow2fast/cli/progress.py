@@ -4,8 +4,6 @@ otherwise, so scripts and pipes see the same output as without -p."""
 import shutil
 import sys
 
-from tqdm import tqdm
-
 
 class Progress:
     def __init__(self, enabled, total, desc):
@@ -13,6 +11,7 @@ class Progress:
         if enabled and total and sys.stderr.isatty():
             # A terminal that reports no size (0x0) would hide tqdm's bar:
             # fall back to 80x24.
+            from tqdm import tqdm        # imported only when a bar is drawn
             size = shutil.get_terminal_size((80, 24))
             self._bar = tqdm(total=total, desc=desc, unit="B", unit_scale=True,
                              unit_divisor=1024, file=sys.stderr, leave=False,
