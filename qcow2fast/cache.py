@@ -14,12 +14,12 @@ MIN_REFCOUNT_CLUSTERS = 4                # qemu's MIN_REFCOUNT_CACHE_SIZE
 
 
 def cache_sizes(virtual_size, cluster_size, l2_cache_size=None, refcount_cache_size=None,
-                cache_size=None):
+                cache_size=None, l2_entry_bytes=8):
     """(L2 cache bytes, refcount cache bytes) by qemu's rules (read_cache_sizes
     in qcow2.c): by default the L2 cache maps the whole disk, up to 32 MiB,
     and the refcount cache holds 4 clusters; ``cache_size`` is a total that
-    goes to the L2 cache first."""
-    needed = -(-virtual_size // cluster_size) * 8
+    goes to the L2 cache first.  ``l2_entry_bytes``: 16 with extended L2."""
+    needed = -(-virtual_size // cluster_size) * l2_entry_bytes
     max_l2 = -(-needed // cluster_size) * cluster_size
     min_refcount = MIN_REFCOUNT_CLUSTERS * cluster_size
     if cache_size is not None:
@@ -48,10 +48,12 @@ def cache_sizes(virtual_size, cluster_size, l2_cache_size=None, refcount_cache_s
 
 
 def make_caches(file, virtual_size, cluster_size, l2_entry_size, l2_cache_size=None,
-                refcount_cache_size=None, cache_size=None):
-    """(L2 cache, refcount cache) TableCaches sized by :func:`cache_sizes`."""
+                refcount_cache_size=None, cache_size=None, l2_entry_bytes=8):
+    """(L2 cache, refcount cache) TableCaches sized by :func:`cache_sizes`
+    (``l2_entry_size``: the bytes of one cache entry, a slice of a table)."""
     l2_cache_size, refcount_cache_size = cache_sizes(virtual_size, cluster_size, l2_cache_size,
-                                                     refcount_cache_size, cache_size)
+                                                     refcount_cache_size, cache_size,
+                                                     l2_entry_bytes)
     l2 = TableCache(file, max(MIN_L2_SLOTS, l2_cache_size // l2_entry_size), l2_entry_size, True)
     rc = TableCache(file, max(MIN_REFCOUNT_CLUSTERS, refcount_cache_size // cluster_size),
                     cluster_size, False)

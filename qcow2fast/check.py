@@ -17,9 +17,10 @@ import numpy as np
 
 from ._ext.kernels import l2_copied_rows, l2_tally_tables, tally_add
 from .errors import CorruptImageError, Qcow2Error
+from .header import INCOMPAT_EXTL2
 from .geometry import (L1E_OFFSET_MASK, L1E_RESERVED_MASK, L2E_OFFSET_MASK,
                        L2E_STD_RESERVED_MASK, QCOW_OFLAG_COMPRESSED, QCOW_OFLAG_COPIED,
-                       QCOW_OFLAG_ZERO, REFT_OFFSET_MASK, Geometry)
+                       QCOW_OFLAG_ZERO, REFT_OFFSET_MASK, SC_ALLOC_MASK, Geometry)
 from .mapping import read_l1_table
 from .references import describe, find_references
 
@@ -116,7 +117,7 @@ def tally_mapping(img, tally):
             if l2off + cs > file_size:
                 continue
             entries = np.frombuffer(f.pread(l2off, cs), dtype=">u8").astype(np.uint64)
-            _tally_l2_entries(tally, geo, entries, f"L2 table at {l2off:#x}")
+            _tally_l2_entries(tally, geo, entries[::geo.l2_entry_words], f"L2 table at {l2off:#x}")
 
 
 def tally_refcount_structures(img, tally):
@@ -238,7 +239,7 @@ def _fix_copied_flags(img, counts):
             m.write_l1_entry(l1i)
         for s in range(geo.l2_entries // geo.slice_entries):
             slot = img.l2_cache.load(l2off + s * geo.slice_bytes)
-            l2 = img.l2_cache.u64(slot)
+            l2 = img.l2_cache.u64(slot)[::geo.l2_entry_words]      # descriptors (a view)
             std = ((l2 & _COMPRESSED) == 0) & ((l2 & _OFF) != 0)
             want = np.zeros(len(l2), dtype=bool)
             want[std] = refcount_is_one(l2[std] & _OFF)
@@ -292,7 +293,8 @@ class CheckResult:
 class _Checker:
     def __init__(self, f, h, fix=None):
         self.f, self.h, self.fix = f, h, fix
-        self.geo = Geometry(h.cluster_bits, h.refcount_order)
+        self.geo = Geometry(h.cluster_bits, h.refcount_order,
+                            extended_l2=h.incompatible_features & INCOMPAT_EXTL2)
         self.cs = self.geo.cluster_size
         self.file_size = f.size()
         self.res = CheckResult()
@@ -346,18 +348,40 @@ class _Checker:
         ones (compressed, malformed, past EOF) one by one in table order so
         the messages come out in qemu's order."""
         res, geo, cs = self.res, self.geo, self.cs
-        l2 = self.read_l2(l2off)
+        words = self.read_l2(l2off)
+        step = geo.l2_entry_words
+        l2 = words[::step]
+        # extended entries: the subcluster bitmaps (allocated: bits 0-31, zero: 32-63)
+        bms = words[1::2] if step == 2 else np.zeros(len(l2), dtype=np.uint64)
         compressed = (l2 & _COMPRESSED) != 0
         offs = l2 & _OFF
         std_alloc = ~compressed & (offs != 0)
         reserved = ~compressed & ((l2 & _L2E_STD_RESERVED) != 0)
         unaligned = std_alloc & ((offs & np.uint64(cs - 1)) != 0)
         past = std_alloc & (offs >= np.uint64(self.file_size))
-        odd = compressed | reserved | unaligned | past
+        alloc_bits = bms & np.uint64(SC_ALLOC_MASK)
+        both = std_alloc & (((bms >> np.uint64(32)) & alloc_bits) != 0)
+        bad_bitmap = (compressed & (bms != 0)) | (~compressed & (offs == 0) & (alloc_bits != 0))
+        odd = compressed | reserved | unaligned | past | both | bad_bitmap
         for i in np.nonzero(odd)[0]:
             e = int(l2[i])
             if reserved[i]:
                 self.msg(f"ERROR found l2 entry with reserved bits set: {e:x}")
+                res.corruptions += 1
+                res.malformed += 1
+            if bad_bitmap[i]:
+                res.corruptions += 1
+                res.malformed += 1
+                if compressed[i]:
+                    self.msg(f"ERROR compressed cluster {i} with non-zero subcluster "
+                             f"allocation bitmap, entry={e:#x}")
+                    compressed[i] = False           # qemu does not count it
+                else:
+                    self.msg("ERROR: Unallocated cluster has non-zero subcluster allocation map")
+                continue
+            if both[i]:
+                self.msg(f"ERROR offset={e & L2E_OFFSET_MASK:x}: Allocated cluster has "
+                         "corrupted subcluster allocation bitmap")
                 res.corruptions += 1
                 res.malformed += 1
             if compressed[i]:
@@ -372,7 +396,8 @@ class _Checker:
             elif std_alloc[i]:
                 off = e & L2E_OFFSET_MASK
                 if unaligned[i]:
-                    if e & QCOW_OFLAG_ZERO and self.fix == "all" and not l2off & (cs - 1):
+                    if e & QCOW_OFLAG_ZERO and self.fix == "all" and not l2off & (cs - 1) \
+                            and step == 1:
                         # qemu makes it a plain zero cluster (it reads as zeros either
                         # way); not inside an L2 table that is itself misplaced, where
                         # qemu's write would land on whatever the table overlaps
@@ -385,7 +410,7 @@ class _Checker:
                         continue
                     res.corruptions += 1
                     res.malformed += 1
-                    kind = "Preallocated" if e & QCOW_OFLAG_ZERO else "Data"
+                    kind = "Preallocated" if e & QCOW_OFLAG_ZERO and step == 1 else "Data"
                     self.msg(f"ERROR offset={off:x}: {kind} cluster is not properly aligned; "
                              "L2 entry corrupted.")
                 self.inc(off, cs)
@@ -420,8 +445,7 @@ class _Checker:
         for idx, tables in self.l2_batches(l2offs, np.nonzero(plain)[0]):
             odd = np.zeros(len(idx), dtype=np.uint8)
             stats = l2_tally_tables(tables.view(np.uint64), self.tally.counts, odd,
-                                    self.geo.cluster_bits,
-                                    self.file_size)
+                                    self.geo.cluster_bits, self.file_size, self.geo.extended_l2)
             clean = idx[odd == 0]
             slow[clean] = False
             self.tally.add(l2offs[clean] >> np.uint64(self.geo.cluster_bits))
@@ -635,9 +659,10 @@ class _Checker:
         state[self.unreadable[:len(state)]] = 2
         for idx, batch in self.l2_batches(l2offs, used[l2offs[used] < np.uint64(self.file_size)]):
             rows = np.zeros(len(idx), dtype=np.uint8)
-            l2_copied_rows(batch.view(np.uint64), state, self.geo.cluster_bits, rows)
+            l2_copied_rows(batch.view(np.uint64), state, self.geo.cluster_bits, rows,
+                           self.geo.extended_l2)
             for r in np.nonzero(rows)[0]:
-                l2 = batch[r].astype(np.uint64)
+                l2 = batch[r].astype(np.uint64)[::self.geo.l2_entry_words]
                 sel = ((l2 & _COMPRESSED) == 0) & ((l2 & _OFF) != 0)
                 rcs2, readable2 = refcounts((l2 & _OFF)[sel])
                 wrong = np.zeros(len(l2), dtype=bool)
@@ -662,7 +687,7 @@ class _Checker:
                 continue
             l2, wrong = tables[i]
             for j in np.nonzero(wrong)[0]:
-                if l2off + 8 * int(j) in self.zeroed:
+                if l2off + self.geo.l2_entry_bytes * int(j) in self.zeroed:
                     continue
                 e2 = int(l2[j])
                 rc2 = int(refcounts([e2 & L2E_OFFSET_MASK])[0][0])
@@ -671,7 +696,8 @@ class _Checker:
                 res.copied += 1
                 if repair:
                     res.corruptions_fixed += 1
-                    res.entry_fixes.append((l2off + 8 * int(j), e2 ^ QCOW_OFLAG_COPIED))
+                    res.entry_fixes.append((l2off + self.geo.l2_entry_bytes * int(j),
+                                            e2 ^ QCOW_OFLAG_COPIED))
                 else:
                     res.corruptions += 1
 

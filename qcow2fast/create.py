@@ -16,13 +16,14 @@ from ._ext.fileio import File
 from .backing import probe_format, resolve_backing_path
 from .errors import InvalidArgumentError
 from .geometry import QCOW_OFLAG_COPIED, Geometry
+from .measure import check_extended_l2
 
 PREALLOCATION_MODES = ("off", "metadata", "falloc", "full")
 
 
 def create(path, size=None, *, cluster_size=65536, compat="1.1", refcount_bits=16,
            lazy_refcounts=False, backing_file=None, backing_format=None,
-           compression_type="zlib", preallocation="off"):
+           compression_type="zlib", preallocation="off", extended_l2=False):
     """Create a qcow2 image; the options mean what qemu-img's ``-o`` options mean.
 
     ``size`` may be None when ``backing_file`` is given: the backing file's
@@ -51,6 +52,7 @@ def create(path, size=None, *, cluster_size=65536, compat="1.1", refcount_bits=1
                                    f"not {compression_type!r}")
     if version == 2 and ctype != hdr.COMPRESSION_ZLIB:
         raise InvalidArgumentError("compression_type other than zlib requires compat=1.1")
+    check_extended_l2(extended_l2, version, cluster_size)
     if preallocation not in PREALLOCATION_MODES:
         raise InvalidArgumentError(f"preallocation must be one of {', '.join(PREALLOCATION_MODES)}")
     if backing_format is not None and not backing_file:
@@ -71,7 +73,7 @@ def create(path, size=None, *, cluster_size=65536, compat="1.1", refcount_bits=1
     if backing_file and len(backing_file.encode()) > hdr.MAX_BACKING_FILE_SIZE:
         raise InvalidArgumentError("backing file name longer than 1023 bytes")
 
-    geo = Geometry(cluster_bits, refcount_order)
+    geo = Geometry(cluster_bits, refcount_order, extended_l2=extended_l2)
     if geo.l1_size_for(size) > hdr.MAX_L1_BYTES // 8:
         raise InvalidArgumentError(f"size {size} is too large for cluster_size {cluster_size}")
     cs = geo.cluster_size
@@ -86,6 +88,8 @@ def create(path, size=None, *, cluster_size=65536, compat="1.1", refcount_bits=1
             h.compatible_features |= hdr.COMPAT_LAZY_REFCOUNTS
         if ctype != hdr.COMPRESSION_ZLIB:
             h.incompatible_features |= hdr.INCOMPAT_COMPRESSION
+        if extended_l2:
+            h.incompatible_features |= hdr.INCOMPAT_EXTL2
     else:
         h.header_length = hdr.V2_HEADER_LENGTH
     head = h.pack()
@@ -135,8 +139,10 @@ def _preallocate(img, mode):
         new = img.refcounts.alloc(n)
         img._host_limit_changed()
         first_data = new if first_data is None else first_data
-        l2[i0:i0 + n] = (np.arange(n, dtype=np.uint64) * np.uint64(cs) + np.uint64(new)) \
-            | np.uint64(QCOW_OFLAG_COPIED)
+        # (extended entries: a host cluster, no subcluster allocated -- as qemu)
+        k = geo.l2_entry_words
+        l2[i0 * k:(i0 + n) * k:k] = (np.arange(n, dtype=np.uint64) * np.uint64(cs)
+                                     + np.uint64(new)) | np.uint64(QCOW_OFLAG_COPIED)
         img.l2_cache.mark_dirty(slot)
         end = new + n * cs
         img.alloc_end = max(img.alloc_end, end)

@@ -11,17 +11,34 @@ L1E_RESERVED_MASK = 0x7F000000000001FF
 L2E_STD_RESERVED_MASK = 0x3F000000000001FE
 
 
+# Extended L2 entries: 32 subclusters per cluster; the bitmap word holds the
+# allocation bits (0-31) and the reads-as-zero bits (32-63).
+SUBCLUSTERS = 32
+SC_ALLOC_MASK = 0xFFFFFFFF
+SC_ZERO_SHIFT = 32
+
+
 class Geometry:
     __slots__ = ("cluster_bits", "cluster_size", "l2_bits", "l2_entries", "refcount_order",
                  "refcount_bits", "refcount_max", "rb_bits", "rb_entries", "csize_shift",
                  "csize_mask", "cluster_offset_mask", "slice_bits", "slice_entries",
-                 "slice_bytes")
+                 "slice_bytes", "extended_l2", "l2_entry_bytes", "l2_entry_words",
+                 "subcluster_bits", "subcluster_size", "unit_bits")
 
-    def __init__(self, cluster_bits, refcount_order, l2_slice_bytes=None):
+    def __init__(self, cluster_bits, refcount_order, l2_slice_bytes=None, extended_l2=False):
         self.cluster_bits = cluster_bits
         self.cluster_size = 1 << cluster_bits
-        self.l2_bits = cluster_bits - 3
+        # An L2 entry is one 64-bit word, or two with extended L2 entries
+        # (descriptor, subcluster bitmap).
+        self.extended_l2 = bool(extended_l2)
+        self.l2_entry_words = 2 if extended_l2 else 1
+        self.l2_entry_bytes = 8 * self.l2_entry_words
+        self.l2_bits = cluster_bits - (4 if extended_l2 else 3)
         self.l2_entries = 1 << self.l2_bits
+        # The unit of allocation: the subcluster, or the cluster itself.
+        self.subcluster_bits = cluster_bits - 5 if extended_l2 else cluster_bits
+        self.subcluster_size = 1 << self.subcluster_bits
+        self.unit_bits = self.subcluster_bits
         self.refcount_order = refcount_order
         self.refcount_bits = 1 << refcount_order
         self.refcount_max = (1 << self.refcount_bits) - 1
@@ -33,7 +50,7 @@ class Geometry:
         self.cluster_offset_mask = (1 << self.csize_shift) - 1
         slice_bytes = l2_slice_bytes or self.cluster_size
         self.slice_bytes = slice_bytes
-        self.slice_entries = slice_bytes // 8
+        self.slice_entries = slice_bytes // self.l2_entry_bytes
         self.slice_bits = self.slice_entries.bit_length() - 1
 
     # -- guest offsets ---------------------------------------------------------

@@ -76,7 +76,7 @@ KNOWN_FEATURES = [
 ]
 
 # Incompatible bits this version can read and write.
-SUPPORTED_INCOMPAT = INCOMPAT_DIRTY | INCOMPAT_CORRUPT | INCOMPAT_COMPRESSION
+SUPPORTED_INCOMPAT = INCOMPAT_DIRTY | INCOMPAT_CORRUPT | INCOMPAT_COMPRESSION | INCOMPAT_EXTL2
 
 COMPRESSION_ZLIB, COMPRESSION_ZSTD = 0, 1
 COMPRESSION_NAMES = {COMPRESSION_ZLIB: "zlib", COMPRESSION_ZSTD: "zstd"}
@@ -362,6 +362,11 @@ def check_features(h, writable):
     if h.compression_type not in COMPRESSION_NAMES:
         raise UnsupportedFeatureError(f"unknown compression_type {h.compression_type}",
                                       feature="compression type")
+    if h.incompatible_features & INCOMPAT_EXTL2 and h.cluster_bits < 14:
+        # 32 subclusters of at least 512 bytes each (qemu's rule)
+        raise CorruptImageError(f"extended L2 entries with {1 << h.cluster_bits}-byte clusters: "
+                                "subclusters would be smaller than 512 bytes",
+                                offset=FIELD_OFFSET["cluster_bits"], field="cluster_bits")
     if writable and h.autoclear_features & AUTOCLEAR_BITMAPS:
         raise UnsupportedFeatureError(
             "writing images with persistent dirty bitmaps is not supported yet",

@@ -35,12 +35,13 @@ from .mapping import (COMPRESSED, DATA, INVALID, KIND_NAMES, UNALLOCATED, ZERO, 
 from .overlap import MetadataMap
 from .refcount import Refcounts
 from .snapshot import find_snapshot, read_snapshot_table
+from .subcluster import SubclusterOps
 
 CACHE_MODES = ("writeback", "writethrough", "none", "directsync", "unsafe")
 MAX_HEADER_READ = 2 << 20
 
 
-class Image(ImageCore):
+class Image(SubclusterOps, ImageCore):
     """An open qcow2 image.  Use :func:`qcow2fast.open` to get one."""
 
     def __init__(self, path, mode="r", *, cache_mode="writeback", l2_cache_size=None,
@@ -104,7 +105,8 @@ class Image(ImageCore):
         if entry_size & (entry_size - 1) or not 512 <= entry_size <= cs:
             raise InvalidArgumentError(f"l2_cache_entry_size must be a power of two between "
                                        f"512 and the cluster size ({cs})")
-        self.geo = geo = Geometry(h.cluster_bits, h.refcount_order, entry_size)
+        self.geo = geo = Geometry(h.cluster_bits, h.refcount_order, entry_size,
+                                  extended_l2=h.incompatible_features & hdr.INCOMPAT_EXTL2)
         self.file = f
         self._metadata = MetadataMap((file_size + cs - 1) // cs, self._set_metadata_bitmap)
         self._metadata.add(0)
@@ -125,7 +127,7 @@ class Image(ImageCore):
 
         self.l2_cache, self.refcount_cache = make_caches(f, size, cs, entry_size,
                                                          l2_cache_size, refcount_cache_size,
-                                                         cache_size)
+                                                         cache_size, geo.l2_entry_bytes)
         self.mapping = Mapping(f, geo, h, l1, self.l2_cache, self._metadata)
         self.refcounts = None
         if writable:
@@ -145,7 +147,7 @@ class Image(ImageCore):
             self.backing = open_backing(self, chain)
         self._decompressed = {}              # host offset -> cluster bytes (small LRU)
         self._core_setup(f, self.l2_cache, geo.cluster_bits, geo.slice_bits, size,
-                         not writable, self.backing is not None)
+                         not writable, self.backing is not None, geo.extended_l2)
         self.zero_from = file_size
         self.alloc_end = file_size
         self.rc = self.refcounts
@@ -394,6 +396,8 @@ class Image(ImageCore):
                 if kind == DATA and entry & QCOW_OFLAG_COPIED:
                     self._check_overlap(pos, host, n)
                     self.file.pwrite(mv[done:done + n], host)
+                elif self.geo.extended_l2:
+                    self._write_subclusters(slot, pos, mv[done:done + n])
                 else:
                     self._allocating_write(slot, pos, mv[done:done + n])
             finally:
@@ -509,17 +513,18 @@ class Image(ImageCore):
         if self.writethrough:
             self.flush()
 
-    def _whole_clusters(self, offset, end):
-        """[a, b): the whole clusters inside [offset, end).  The last cluster
-        of the disk counts as whole when the range reaches the disk's end."""
-        cs = self.geo.cluster_size
+    def _whole_units(self, offset, end):
+        """[a, b): the whole allocation units (clusters, or subclusters with
+        extended L2 entries) inside [offset, end).  The last one of the disk
+        counts as whole when the range reaches the disk's end."""
+        cs = self.geo.subcluster_size
         a = -(-offset // cs) * cs
         b = -(-end // cs) * cs if end == self.size else end - end % cs
         return a, max(a, b)
 
     def _zero_locked(self, offset, length, may_unmap):
         end = offset + length
-        a, b = self._whole_clusters(offset, end)
+        a, b = self._whole_units(offset, end)
         if a >= b:
             edges = [(offset, end)]
         else:
@@ -552,7 +557,7 @@ class Image(ImageCore):
         is freed.  Afterwards they read as zeros (v3, or v2 without a backing
         file) or from the backing file (v2 with one)."""
         self._check_range_py(offset, length)
-        a, b = self._whole_clusters(offset, offset + length)
+        a, b = self._whole_units(offset, offset + length)
         if b <= a:
             return
         self._update(self._set_entries, a, b, "discard", True)
@@ -563,6 +568,8 @@ class Image(ImageCore):
         """Rewrite the L2 entries of whole clusters [a, b) to read as zeros
         (or, v2 / no backing, to be unallocated), releasing host clusters
         when ``unmap``."""
+        if self.geo.extended_l2:
+            return self._set_subclusters(a, b, what, unmap)
         geo = self.geo
         v3 = self.header.version >= 3
         pos = a
@@ -621,9 +628,7 @@ class Image(ImageCore):
         pos, end = offset, offset + length
         while pos < end:
             kind, host, n, entry = self.mapping.run_at(pos, end - pos, self.host_limit)
-            if kind == ZERO and host:               # a preallocated zero cluster
-                host += self.geo.offset_into_cluster(pos)
-            elif kind not in (DATA, COMPRESSED):
+            if not host:        # (zero or unallocated: a preallocated cluster keeps it)
                 host = None
             yield Extent(pos, n, KIND_NAMES[kind], host, 0)
             pos += n

@@ -71,7 +71,7 @@ class Mapping:
     def entry_location(self, offset):
         """File offset of the L2 entry mapping guest ``offset`` (0 if none)."""
         l2off = self.l2_table_offset(self.geo.l1_index(offset))
-        return l2off + 8 * self.geo.l2_index(offset) if l2off else 0
+        return l2off + self.geo.l2_entry_bytes * self.geo.l2_index(offset) if l2off else 0
 
     def slice_key(self, l2_offset, l2_index):
         return l2_offset + (l2_index >> self.geo.slice_bits) * self.geo.slice_bytes
@@ -79,9 +79,12 @@ class Mapping:
     def run_at(self, offset, length, host_limit, need_copied=False):
         """The first run of this layer's mapping at guest ``offset``:
         (kind, host offset of ``offset`` or 0, bytes, raw entry).  At most
-        ``length`` bytes and never crossing an L2 slice."""
+        ``length`` bytes and never crossing an L2 slice.  Runs are made of
+        allocation units: clusters, or subclusters with extended L2 entries
+        (``entry`` is then the descriptor word of the first one's cluster)."""
         geo = self.geo
-        in_cl = geo.offset_into_cluster(offset)
+        ub = geo.unit_bits
+        in_u = offset & ((1 << ub) - 1)
         l1i, l2i = geo.l1_index(offset), geo.l2_index(offset)
         l2off = self.l2_table_offset(l1i)
         if l2off == 0:
@@ -90,17 +93,24 @@ class Mapping:
         slot = self.l2_cache.load(self.slice_key(l2off, l2i))
         l2 = self.l2_cache.u64(slot)
         i = l2i & (geo.slice_entries - 1)
-        count = min((in_cl + length + geo.cluster_size - 1) >> geo.cluster_bits,
-                    geo.slice_entries - i)
-        kind, host, run = kernels.l2_next_run(l2, i, count, geo.cluster_bits, need_copied)
-        entry = int(l2[i])
-        n = min((run << geo.cluster_bits) - in_cl, length)
-        where = self.slice_key(l2off, l2i) + 8 * i
+        per = 1 << (geo.cluster_bits - ub)            # units per cluster
+        u = i * per + ((offset >> ub) & (per - 1))
+        count = min((in_u + length + (1 << ub) - 1) >> ub, geo.slice_entries * per - u)
+        kind, host, run = kernels.l2_next_run(l2, u, count, geo.cluster_bits, need_copied,
+                                              geo.extended_l2)
+        w = i * geo.l2_entry_words
+        entry = int(l2[w])
+        n = min((run << ub) - in_u, length)
+        where = self.slice_key(l2off, l2i) + geo.l2_entry_bytes * i
         if kind == INVALID:
-            raise CorruptImageError(f"L2 entry {entry:#x} for guest offset {offset:#x} has "
-                                    "reserved bits set or an unaligned host offset",
+            what = f"L2 entry {entry:#x}" + (f" (subcluster bitmap {int(l2[w + 1]):#x})"
+                                             if geo.extended_l2 else "")
+            raise CorruptImageError(f"{what} for guest offset {offset:#x} is invalid: reserved "
+                                    "bits set, an unaligned host offset" +
+                                    (", or a subcluster bitmap that contradicts itself or the "
+                                     "descriptor" if geo.extended_l2 else ""),
                                     offset=where, field="L2 entry")
-        if kind == DATA and host + (run << geo.cluster_bits) > host_limit:
+        if kind == DATA and host + (run << ub) > host_limit:
             raise CorruptImageError(f"L2 entry for guest offset {offset:#x} points to host "
                                     f"cluster {host:#x}, past the end of the image",
                                     offset=where, field="L2 entry")
@@ -111,7 +121,7 @@ class Mapping:
                                         f"{coff:#x} (+{csize}) lies outside the image",
                                         offset=where, field="L2 entry")
             return kind, coff, n, entry
-        return kind, (host + in_cl if kind == DATA else host), n, entry
+        return kind, (host + in_u if host else host), n, entry
 
     # -- updates (the caller holds the exclusive lock) ---------------------------
 

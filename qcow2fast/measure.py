@@ -12,11 +12,22 @@ from .blockstatus import chain_files, split_host_holes
 from .errors import InvalidArgumentError, UnsupportedFeatureError
 from .header import AUTOCLEAR_BITMAPS, MAX_L1_BYTES
 
-L1E_SIZE = L2E_SIZE = REFTABLE_ENTRY_SIZE = 8
+L1E_SIZE = REFTABLE_ENTRY_SIZE = 8
 
 
 def _round_up(n, m):
     return -(-n // m) * m
+
+
+def check_extended_l2(extended_l2, version, cluster_size):
+    """qemu's conditions on extended L2 entries (create and measure)."""
+    if not extended_l2:
+        return
+    if version < 3:
+        raise InvalidArgumentError("extended L2 entries are only supported with compat=1.1")
+    if cluster_size < 16384:
+        raise InvalidArgumentError("extended L2 entries are only supported with cluster sizes "
+                                   "of at least 16384 bytes")
 
 
 def refcount_metadata_size(clusters, cluster_size, refcount_order):
@@ -35,13 +46,14 @@ def refcount_metadata_size(clusters, cluster_size, refcount_order):
             return (blocks + table) * cluster_size
 
 
-def prealloc_size(virtual_size, cluster_size, refcount_order):
-    """qcow2_calc_prealloc_size: the fully allocated file size."""
+def prealloc_size(virtual_size, cluster_size, refcount_order, l2e_size=8):
+    """qcow2_calc_prealloc_size: the fully allocated file size (``l2e_size``:
+    16 with extended L2 entries)."""
     aligned = _round_up(virtual_size, cluster_size)
     meta = cluster_size                                         # header
-    nl2e = _round_up(aligned // cluster_size, cluster_size // L2E_SIZE)
-    meta += nl2e * L2E_SIZE                                     # L2 tables
-    nl1e = _round_up(nl2e * L2E_SIZE // cluster_size, cluster_size // L1E_SIZE)
+    nl2e = _round_up(aligned // cluster_size, cluster_size // l2e_size)
+    meta += nl2e * l2e_size                                     # L2 tables
+    nl1e = _round_up(nl2e * l2e_size // cluster_size, cluster_size // L1E_SIZE)
     meta += nl1e * L1E_SIZE                                     # L1 table
     meta += refcount_metadata_size((meta + aligned) // cluster_size, cluster_size,
                                    refcount_order)
@@ -74,7 +86,7 @@ def data_required(img, cluster_size):
 
 
 def measure(source=None, *, size=None, fmt="qcow2", cluster_size=65536, refcount_bits=16,
-            compat="1.1", preallocation="off", backing_file=None):
+            compat="1.1", preallocation="off", backing_file=None, extended_l2=False):
     """{"required", "fully-allocated"[, "bitmaps"]} for a new image of format
     ``fmt`` holding ``source`` (an open Image or RawImage) or of ``size``."""
     if (source is None) == (size is None):
@@ -92,6 +104,8 @@ def measure(source=None, *, size=None, fmt="qcow2", cluster_size=65536, refcount
     if version == 2 and refcount_bits != 16:
         raise InvalidArgumentError("refcount widths other than 16 bits require compat=1.1")
     refcount_order = refcount_bits.bit_length() - 1
+    check_extended_l2(extended_l2, version, cluster_size)
+    l2e_size = 16 if extended_l2 else 8
     if source is not None:
         header = getattr(source, "header", None)
         if header is not None and header.autoclear_features & AUTOCLEAR_BITMAPS:
@@ -102,13 +116,13 @@ def measure(source=None, *, size=None, fmt="qcow2", cluster_size=65536, refcount
     else:
         virtual_size = _round_up(size, cluster_size)
         required = 0
-    l2_tables = -(-(virtual_size // cluster_size) // (cluster_size // L2E_SIZE))
+    l2_tables = -(-(virtual_size // cluster_size) // (cluster_size // l2e_size))
     if l2_tables * L1E_SIZE > MAX_L1_BYTES:
         raise InvalidArgumentError(f"size {virtual_size} is too large for cluster_size "
                                    f"{cluster_size}")
     if preallocation in ("full", "falloc"):
         required = virtual_size
-    fully = prealloc_size(virtual_size, cluster_size, refcount_order)
+    fully = prealloc_size(virtual_size, cluster_size, refcount_order, l2e_size)
     out = {"required": fully - virtual_size + required, "fully-allocated": fully}
     # qemu shows "bitmaps" when both ends could hold persistent bitmaps: a
     # v3 destination and a v3 qcow2 source.

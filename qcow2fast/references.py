@@ -10,6 +10,7 @@ import numpy as np
 from .errors import Qcow2Error
 from .geometry import (L1E_OFFSET_MASK, L2E_OFFSET_MASK, QCOW_OFLAG_COMPRESSED,
                        REFT_OFFSET_MASK, Geometry)
+from .header import INCOMPAT_EXTL2
 from .snapshot import read_snapshot_table
 
 MAX_PER_CLUSTER = 4
@@ -43,7 +44,8 @@ def _span(offset, nbytes, cb):
 def find_references(f, h, clusters):
     """{cluster: [description, ...]} for the host ``clusters`` of the image
     in file ``f`` with header ``h`` (at most a few descriptions each)."""
-    geo = Geometry(h.cluster_bits, h.refcount_order)
+    geo = Geometry(h.cluster_bits, h.refcount_order,
+                   extended_l2=h.incompatible_features & INCOMPAT_EXTL2)
     cs, cb = geo.cluster_size, geo.cluster_bits
     size = f.size()
     fd = _Finder(clusters)
@@ -74,7 +76,7 @@ def find_references(f, h, clusters):
                 lambda i, name=name, idx=idx: f"entry {idx[i]} of {name} (an L2 table)")
         for l1i in idx:
             l2off = int(l2offs[l1i])
-            l2 = _table(f, l2off, cs, size)
+            l2 = _table(f, l2off, cs, size)[::geo.l2_entry_words]     # descriptors
             if not len(l2):
                 continue
             base = int(l1i) << geo.l2_bits

@@ -348,11 +348,6 @@ def test_unknown_compatible_and_autoclear_bits_are_fine(base, tmp_path):
     assert "exc" not in res, res
 
 
-def test_extended_l2(tmp_path):
-    path = qemu_create(tmp_path / "x.qcow2", MiB, extended_l2="on")
-    expect_error(path, UnsupportedFeatureError, ["extended l2"])
-
-
 def test_external_data_file(tmp_path):
     path = qemu_create(tmp_path / "d.qcow2", MiB, data_file=str(tmp_path / "d.raw"))
     expect_error(path, UnsupportedFeatureError, ["data file", "data_file"])

@@ -38,6 +38,7 @@ SETTINGS = settings(
 class Qcow2Machine(RuleBasedStateMachine):
     workdir = None
     counter = 0
+    extended_l2 = False         # ExtendedL2Machine: subclusters (v3, clusters >= 16 KiB)
 
     def __init__(self):
         super().__init__()
@@ -59,6 +60,8 @@ class Qcow2Machine(RuleBasedStateMachine):
         Qcow2Machine.counter += 1
         d = os.path.join(self.workdir, f"ex{Qcow2Machine.counter}")
         os.mkdir(d)
+        if self.extended_l2:
+            cluster_bits, v2 = 14 + cluster_bits % 4, False    # 16 KiB .. 128 KiB
         cs = 1 << cluster_bits
         compat = "0.10" if v2 else "1.1"
         rb = 16 if v2 else 1 << refcount_order
@@ -67,7 +70,8 @@ class Qcow2Machine(RuleBasedStateMachine):
         initial = bytearray(size)
         self.backing_path = None
         self.backing_content = None
-        kw = dict(cluster_size=cs, refcount_bits=rb, compat=compat)
+        kw = dict(cluster_size=cs, refcount_bits=rb, compat=compat,
+                  extended_l2=self.extended_l2)
         if lazy and not v2:
             kw["lazy_refcounts"] = True
         if backing:
@@ -108,8 +112,11 @@ class Qcow2Machine(RuleBasedStateMachine):
         size = self.m.size
         aligned = data.draw(st.booleans())
         if aligned:
-            c = data.draw(st.integers(0, max(0, (size - 1) // self.cs)))
-            off = c * self.cs
+            unit = self.cs
+            if self.extended_l2:        # a cluster or a subcluster boundary
+                unit = data.draw(st.sampled_from([self.cs, self.cs // 32]))
+            c = data.draw(st.integers(0, max(0, (size - 1) // unit)))
+            off = c * unit
         else:
             off = data.draw(st.integers(0, size - 1))
         length = data.draw(st.one_of(
@@ -240,3 +247,13 @@ class Qcow2Machine(RuleBasedStateMachine):
 def test_random_operation_sequences(tmp_path):
     Qcow2Machine.workdir = str(tmp_path)
     run_state_machine_as_test(Qcow2Machine, settings=SETTINGS)
+
+
+class ExtendedL2Machine(Qcow2Machine):
+    extended_l2 = True
+
+
+def test_random_operation_sequences_extended_l2(tmp_path):
+    """The same, on images with extended L2 entries (subclusters)."""
+    ExtendedL2Machine.workdir = str(tmp_path)
+    run_state_machine_as_test(ExtendedL2Machine, settings=SETTINGS)

@@ -142,3 +142,88 @@ cdef inline int64_t l2_run(const uint64_t *l2, int64_t i, int64_t count, int clu
         while n < count and l2_entry_kind(l2[i + n]) == k:
             n += 1
     return n
+
+
+# -- extended L2 entries (subclusters) ------------------------------------------
+#
+# An extended entry is two words: the descriptor (as a standard entry, bit 0
+# ignored) and the subcluster bitmap: bit sc = subcluster sc allocated, bit
+# 32 + sc = subcluster sc reads as zeros.  ``u`` below indexes subclusters
+# across a slice: entry u >> 5, subcluster u & 31.
+
+cdef inline int sc_kind(uint64_t e, uint64_t bitmap, int sc, int cluster_bits) noexcept nogil:
+    """Kind of subcluster ``sc`` of the extended entry (e, bitmap), with
+    qemu's validity rules: a compressed cluster has no bitmap; no subcluster
+    is both allocated and zero; allocated ones need a host offset; a host
+    offset must be cluster-aligned."""
+    cdef uint64_t host = e & L2E_OFFSET_MASK
+    if e & QCOW_OFLAG_COMPRESSED:
+        return EXT_INVALID if bitmap else EXT_COMPRESSED
+    if (e & L2E_STD_RESERVED_MASK) or ((bitmap >> 32) & bitmap & 0xFFFFFFFFULL) \
+            or (host & (((<uint64_t>1) << cluster_bits) - 1)) \
+            or (host == 0 and (bitmap & 0xFFFFFFFFULL)):
+        return EXT_INVALID
+    if (bitmap >> sc) & 1:
+        return EXT_DATA
+    if (bitmap >> (32 + sc)) & 1:
+        return EXT_ZERO
+    return EXT_UNALLOCATED
+
+
+cdef inline int64_t l2_run_ext(const uint64_t *l2, int64_t u, int64_t count, int cluster_bits,
+                               bint need_copied, int *kind, uint64_t *host) noexcept nogil:
+    """l2_run for extended entries, in subclusters: the run of subclusters
+    u, u+1, ... (at most ``count``) sharing the first one's kind; data runs
+    are host-contiguous (and all COPIED if ``need_copied``); zero and
+    unallocated runs keep a host offset (qemu's ZERO_ALLOC, UNALLOCATED_ALLOC)
+    only if every subcluster's cluster has one, contiguous.
+    Sets ``host`` to the first subcluster's host offset (0 if none; for
+    compressed, the raw descriptor's offset bits)."""
+    cdef int scb = cluster_bits - 5
+    cdef int64_t i = u >> 5, n = 1, j
+    cdef int sc = <int>(u & 31), k, k2
+    cdef uint64_t e = l2[2 * i], bm = l2[2 * i + 1], base, want, copied
+    k = sc_kind(e, bm, sc, cluster_bits)
+    kind[0] = k
+    base = e & L2E_OFFSET_MASK
+    host[0] = base + ((<uint64_t>sc) << scb) if base and k != EXT_COMPRESSED else base
+    if k == EXT_INVALID or k == EXT_COMPRESSED:
+        if k == EXT_COMPRESSED:       # the rest of the cluster
+            n = 32 - sc
+            if n > count:
+                n = count
+        return n
+    copied = e & QCOW_OFLAG_COPIED
+    if k == EXT_DATA and need_copied and not copied:
+        return 1
+    want = host[0] + ((<uint64_t>1) << scb)
+    while n < count:
+        j = u + n
+        if (j & 31) == 0:
+            e = l2[2 * (j >> 5)]
+            bm = l2[2 * (j >> 5) + 1]
+            base = e & L2E_OFFSET_MASK
+        k2 = sc_kind(e, bm, <int>(j & 31), cluster_bits)
+        if k2 != k:
+            break
+        if k == EXT_DATA:
+            if (base + ((<uint64_t>(j & 31)) << scb)) != want or (e & QCOW_OFLAG_COPIED) != copied:
+                break
+        else:       # zero or unallocated: a host offset kept only if contiguous
+            if (host[0] != 0) != (base != 0):
+                break
+            if host[0] and (base + ((<uint64_t>(j & 31)) << scb)) != want:
+                break
+        want += (<uint64_t>1) << scb
+        n += 1
+    return n
+
+
+cdef inline int64_t l2_units_run(const uint64_t *l2, int64_t u, int64_t count, int cluster_bits,
+                                 bint extended, bint need_copied, int *kind,
+                                 uint64_t *host) noexcept nogil:
+    """The run at allocation unit ``u`` of a slice: clusters (l2_run), or
+    subclusters with extended L2 entries (l2_run_ext)."""
+    if extended:
+        return l2_run_ext(l2, u, count, cluster_bits, need_copied, kind, host)
+    return l2_run(l2, u, count, cluster_bits, need_copied, kind, host)

@@ -25,6 +25,8 @@ cdef class ImageCore:
     cdef readonly int64_t cluster_size
     cdef readonly int l2_bits
     cdef readonly int slice_bits
+    cdef readonly bint extended          # extended L2 entries (subclusters)
+    cdef readonly int unit_bits          # allocation unit: subcluster or cluster
     cdef readonly int64_t size
     cdef readonly int64_t host_limit
     cdef public bint read_only

@@ -27,7 +27,7 @@ cdef extern from "stdlib.h" nogil:
 
 cimport numpy as cnp
 
-from .common cimport (l2_run, EXT_DATA, EXT_ZERO, EXT_UNALLOCATED, L1E_OFFSET_MASK,
+from .common cimport (l2_units_run, EXT_DATA, EXT_ZERO, EXT_UNALLOCATED, L1E_OFFSET_MASK,
                       L1E_RESERVED_MASK, L2E_OFFSET_MASK, QCOW_OFLAG_COPIED)
 from .fileio cimport File
 from .cache cimport TableCache
@@ -70,12 +70,14 @@ cdef class ImageCore:
     # -- set-up by the Python layer -------------------------------------------
 
     def _core_setup(self, File file, TableCache l2_cache, int cluster_bits, int slice_bits,
-                    int64_t size, bint read_only, bint has_backing):
+                    int64_t size, bint read_only, bint has_backing, bint extended=False):
         self.file = file
         self.l2_cache = l2_cache
         self.cluster_bits = cluster_bits
         self.cluster_size = 1 << cluster_bits
-        self.l2_bits = cluster_bits - 3
+        self.extended = extended
+        self.l2_bits = cluster_bits - (4 if extended else 3)
+        self.unit_bits = cluster_bits - 5 if extended else cluster_bits
         self.slice_bits = slice_bits
         self.size = size
         self.read_only = read_only
@@ -137,7 +139,8 @@ cdef class ImageCore:
     cdef inline int _slice_at(self, int64_t pos, bint exclusive, uint64_t **l2,
                               int64_t *l2i, int *slot_out, uint64_t *l1e_out) except -2:
         """Find the cached L2 slice mapping guest ``pos``.  Returns SLICE_OK
-        (``l2``/``l2i`` set to the slice and the entry's index in it),
+        (``l2``/``l2i`` set to the slice and the index in it of the
+        allocation unit -- cluster or subcluster -- holding ``pos``),
         L1_UNALLOCATED, MISS (shared holder: retry exclusively) or BAD (a
         malformed L1 entry: the slow path reports it)."""
         cdef int64_t cidx = pos >> self.cluster_bits
@@ -157,7 +160,7 @@ cdef class ImageCore:
             return L1_UNALLOCATED
         if (l2off & (self.cluster_size - 1)) or l2off + self.cluster_size > <uint64_t>self.host_limit:
             return BAD
-        key = l2off + (i >> self.slice_bits) * (8 << self.slice_bits)
+        key = l2off + (i >> self.slice_bits) * ((8 << self.extended) << self.slice_bits)
         slot = self.l2_cache.lookup(key)
         if slot < 0:
             if not exclusive:
@@ -167,6 +170,8 @@ cdef class ImageCore:
             self.l2_cache.hits += 1
         l2[0] = <uint64_t *>self.l2_cache.slot_ptr(slot)
         l2i[0] = i & ((1 << self.slice_bits) - 1)
+        if self.extended:
+            l2i[0] = (l2i[0] << 5) | ((pos >> self.unit_bits) & 31)
         slot_out[0] = slot
         return SLICE_OK
 
@@ -175,7 +180,9 @@ cdef class ImageCore:
         without a backing file.  Returns the bytes done, or NEED_EXCLUSIVE
         (nothing done) when a shared holder missed the cache."""
         cdef int64_t done = 0, pos, l2i, chunk, in_cl, count, run, rc
-        cdef int64_t cs = self.cluster_size, slice_entries = 1 << self.slice_bits
+        cdef int ub = self.unit_bits
+        cdef int64_t us = (<int64_t>1) << ub
+        cdef int64_t slice_units = (<int64_t>1) << (self.slice_bits + 5 * self.extended)
         cdef uint64_t host
         cdef int kind, st, slot
         cdef uint64_t *l2
@@ -183,7 +190,7 @@ cdef class ImageCore:
         cdef File f = self.file
         while done < n:
             pos = off + done
-            in_cl = pos & (cs - 1)
+            in_cl = pos & (us - 1)
             st = self._slice_at(pos, exclusive, &l2, &l2i, &slot, &l1e)
             if st == MISS:
                 return NEED_EXCLUSIVE if done == 0 else done
@@ -200,15 +207,16 @@ cdef class ImageCore:
                 memset(buf + done, 0, chunk)
                 done += chunk
                 continue
-            count = (in_cl + (n - done) + cs - 1) >> self.cluster_bits
-            if count > slice_entries - l2i:
-                count = slice_entries - l2i
-            run = l2_run(l2, l2i, count, self.cluster_bits, False, &kind, &host)
-            chunk = (run << self.cluster_bits) - in_cl
+            count = (in_cl + (n - done) + us - 1) >> ub
+            if count > slice_units - l2i:
+                count = slice_units - l2i
+            run = l2_units_run(l2, l2i, count, self.cluster_bits, self.extended, False,
+                               &kind, &host)
+            chunk = (run << ub) - in_cl
             if chunk > n - done:
                 chunk = n - done
             if kind == EXT_DATA:
-                if host + <uint64_t>(run << self.cluster_bits) > <uint64_t>self.host_limit:
+                if host + <uint64_t>(run << ub) > <uint64_t>self.host_limit:
                     break
                 with nogil:
                     rc = f.c_pread(buf + done, chunk, host + in_cl)
@@ -228,29 +236,33 @@ cdef class ImageCore:
         also allocate where nothing has to be copied (see _alloc_write).
         Returns bytes done or NEED_EXCLUSIVE."""
         cdef int64_t done = 0, pos, l2i, chunk, in_cl, count, run, rc, k
-        cdef int64_t cs = self.cluster_size, slice_entries = 1 << self.slice_bits
-        cdef uint64_t host, l1e
+        cdef int ub = self.unit_bits
+        cdef int64_t us = (<int64_t>1) << ub
+        cdef int64_t slice_units = (<int64_t>1) << (self.slice_bits + 5 * self.extended)
+        cdef uint64_t host, l1e, desc
         cdef int kind, st, slot
         cdef uint64_t *l2
         cdef File f = self.file
         while done < n:
             pos = off + done
-            in_cl = pos & (cs - 1)
+            in_cl = pos & (us - 1)
             st = self._slice_at(pos, exclusive, &l2, &l2i, &slot, &l1e)
             if st == MISS:
                 return NEED_EXCLUSIVE if done == 0 else done
             if st != SLICE_OK:
                 break
-            count = (in_cl + (n - done) + cs - 1) >> self.cluster_bits
-            if count > slice_entries - l2i:
-                count = slice_entries - l2i
-            run = l2_run(l2, l2i, count, self.cluster_bits, True, &kind, &host)
+            count = (in_cl + (n - done) + us - 1) >> ub
+            if count > slice_units - l2i:
+                count = slice_units - l2i
+            run = l2_units_run(l2, l2i, count, self.cluster_bits, self.extended, True,
+                               &kind, &host)
             if kind == EXT_ZERO and host:
                 run = 0         # preallocated zero clusters: the slow path reuses them
-            if kind == EXT_DATA and (l2[l2i] >> 63):
-                if host + <uint64_t>(run << self.cluster_bits) > <uint64_t>self.host_limit:
+            desc = l2[2 * (l2i >> 5)] if self.extended else l2[l2i]
+            if kind == EXT_DATA and (desc >> 63):
+                if host + <uint64_t>(run << ub) > <uint64_t>self.host_limit:
                     break
-                chunk = (run << self.cluster_bits) - in_cl
+                chunk = (run << ub) - in_cl
                 if chunk > n - done:
                     chunk = n - done
                 if self._touches_metadata(host + in_cl, chunk):
@@ -263,7 +275,7 @@ cdef class ImageCore:
                     rc = f.c_pwrite(buf + done, chunk, host + in_cl)
                 if rc < 0:
                     f.raise_errno(rc, "write", host + in_cl)
-            elif self.alloc_fast and (l1e & QCOW_OFLAG_COPIED) and run > 0 and (
+            elif self.alloc_fast and not self.extended and (l1e & QCOW_OFLAG_COPIED) and run > 0 and (
                     (kind == EXT_UNALLOCATED and not self.has_backing) or kind == EXT_ZERO):
                 if not exclusive:
                     return NEED_EXCLUSIVE if done == 0 else done

@@ -6,7 +6,7 @@ cimport numpy as cnp
 from libc.stdint cimport uint8_t, uint64_t, int64_t
 
 from .common cimport (L2E_OFFSET_MASK, L2E_STD_RESERVED_MASK, QCOW_OFLAG_COMPRESSED,
-                     QCOW_OFLAG_COPIED, QF_BSWAP64, l2_run, rc_get, rc_set)
+                     QCOW_OFLAG_COPIED, QF_BSWAP64, l2_units_run, rc_get, rc_set)
 from .common cimport l2_entry_kind as l2_entry_kind_c
 
 cnp.import_array()
@@ -16,16 +16,17 @@ UNALLOCATED, DATA, ZERO, COMPRESSED, INVALID = 0, 1, 2, 3, 4
 
 
 def l2_next_run(const uint64_t[::1] l2, int64_t i, int64_t count, int cluster_bits,
-                bint need_copied=False):
-    """(kind, host_offset, n): the run of entries starting at ``i`` (at most
+                bint need_copied=False, bint extended=False):
+    """(kind, host_offset, n): the run of allocation units -- entries, or
+    subclusters with ``extended`` L2 entries -- starting at ``i`` (at most
     ``count``) sharing the first one's kind; data runs are host-contiguous."""
     cdef int kind
     cdef uint64_t host
-    cdef int64_t n
-    if count <= 0 or i < 0 or i + count > l2.shape[0]:
+    cdef int64_t n, units = l2.shape[0] * 16 if extended else l2.shape[0]
+    if count <= 0 or i < 0 or i + count > units:
         raise IndexError("l2_next_run: range outside the slice")
     with nogil:
-        n = l2_run(&l2[0], i, count, cluster_bits, need_copied, &kind, &host)
+        n = l2_units_run(&l2[0], i, count, cluster_bits, extended, need_copied, &kind, &host)
     return kind, host, n
 
 
@@ -81,7 +82,7 @@ def tally_add(uint64_t[::1] counts, const int64_t[::1] clusters):
 
 
 def l2_tally_tables(const uint64_t[:, ::1] tables, uint64_t[::1] counts, uint8_t[::1] odd,
-                    int cluster_bits, uint64_t file_size):
+                    int cluster_bits, uint64_t file_size, bint extended=False):
     """qemu's check_refcounts_l2 for the tables (rows of on-disk, big-endian
     words) with nothing to report.
 
@@ -89,11 +90,13 @@ def l2_tally_tables(const uint64_t[:, ::1] tables, uint64_t[::1] counts, uint8_t
     misaligned or past-EOF data cluster, a compressed cluster with COPIED
     or running a cluster or more past EOF, a cluster outside ``counts``)
     gets ``odd[row] = 1`` and is left alone: the caller checks it entry by
-    entry.  Every other row adds its clusters to ``counts``.  Returns the
-    rows' (allocated, compressed, fragmented) clusters as qemu counts them."""
-    cdef Py_ssize_t r, i, rows = tables.shape[0], n = tables.shape[1]
-    cdef Py_ssize_t limit = counts.shape[0]
-    cdef uint64_t cs = 1ULL << cluster_bits, e, off, end, nxt
+    entry.  With ``extended`` entries (descriptor, subcluster bitmap), a
+    bitmap qemu's check reports on makes the row odd too.  Every other row
+    adds its clusters to ``counts``.  Returns the rows' (allocated,
+    compressed, fragmented) clusters as qemu counts them."""
+    cdef Py_ssize_t r, i, j, rows = tables.shape[0], n = tables.shape[1]
+    cdef Py_ssize_t limit = counts.shape[0], step = 2 if extended else 1
+    cdef uint64_t cs = 1ULL << cluster_bits, e, off, end, nxt, bm = 0
     cdef int csize_shift = 62 - (cluster_bits - 8)
     cdef uint64_t csize_mask = (1ULL << (cluster_bits - 8)) - 1
     cdef uint64_t coff_mask = (1ULL << csize_shift) - 1
@@ -104,12 +107,15 @@ def l2_tally_tables(const uint64_t[:, ::1] tables, uint64_t[::1] counts, uint8_t
     with nogil:
         for r in range(rows):
             bad = False
-            for i in range(n):
+            for j in range(n // step):
+                i = j * step
                 e = QF_BSWAP64(tables[r, i])
+                if extended:
+                    bm = QF_BSWAP64(tables[r, i + 1])
                 if e & QCOW_OFLAG_COMPRESSED:
                     off = e & coff_mask
                     end = off + (((e >> csize_shift) & csize_mask) + 1) * 512 - (off & 511)
-                    if (e & QCOW_OFLAG_COPIED) or end >= file_size + cs \
+                    if (e & QCOW_OFLAG_COPIED) or end >= file_size + cs or bm \
                             or <int64_t>((end - 1) >> cluster_bits) >= limit:
                         bad = True
                         break
@@ -122,11 +128,15 @@ def l2_tally_tables(const uint64_t[:, ::1] tables, uint64_t[::1] counts, uint8_t
                                 or <int64_t>(off >> cluster_bits) >= limit):
                         bad = True
                         break
+                    if ((bm >> 32) & bm & 0xFFFFFFFFULL) or (not off and (bm & 0xFFFFFFFFULL)):
+                        bad = True
+                        break
             odd[r] = bad
             if bad:
                 continue
             nxt = 0
-            for i in range(n):
+            for j in range(n // step):
+                i = j * step
                 e = QF_BSWAP64(tables[r, i])
                 if e & QCOW_OFLAG_COMPRESSED:
                     off = e & coff_mask
@@ -149,14 +159,14 @@ def l2_tally_tables(const uint64_t[:, ::1] tables, uint64_t[::1] counts, uint8_t
 
 
 def l2_copied_rows(const uint64_t[:, ::1] tables, const uint8_t[::1] state, int cluster_bits,
-                   uint8_t[::1] wrong):
+                   uint8_t[::1] wrong, bint extended=False):
     """``wrong[row] = 1`` for each table (rows of on-disk, big-endian words)
     holding a standard allocated entry whose COPIED flag disagrees with its
     cluster's refcount.  ``state[c]``:
     0 refcount != 1, 1 refcount == 1, 2 unreadable (not judged); clusters
     past ``state`` have refcount 0."""
-    cdef Py_ssize_t r, i, rows = tables.shape[0], n = tables.shape[1]
-    cdef Py_ssize_t limit = state.shape[0]
+    cdef Py_ssize_t r, i, j, rows = tables.shape[0], n = tables.shape[1]
+    cdef Py_ssize_t limit = state.shape[0], step = 2 if extended else 1
     cdef uint64_t e, off
     cdef int64_t c
     cdef uint8_t st
@@ -165,7 +175,8 @@ def l2_copied_rows(const uint64_t[:, ::1] tables, const uint8_t[::1] state, int 
     with nogil:
         for r in range(rows):
             wrong[r] = 0
-            for i in range(n):
+            for j in range(n // step):
+                i = j * step
                 e = QF_BSWAP64(tables[r, i])
                 if e & QCOW_OFLAG_COMPRESSED:
                     continue

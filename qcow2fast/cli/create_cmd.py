@@ -14,7 +14,7 @@ QCOW2_OPTIONS = [
     ("cluster_size", "size", "qcow2 cluster size"),
     ("compat", "str", "Compatibility level (v2 [0.10] or v3 [1.1])"),
     ("compression_type", "str", "Compression method used for image cluster compression"),
-    ("extended_l2", "bool (on/off)", "Extended L2 tables (not supported yet)"),
+    ("extended_l2", "bool (on/off)", "Extended L2 tables"),
     ("lazy_refcounts", "bool (on/off)", "Postpone refcount updates"),
     ("preallocation", "str", "Preallocation mode (allowed values: off, metadata, falloc, full)"),
     ("refcount_bits", "num", "Width of a reference count entry in bits"),
@@ -92,7 +92,8 @@ def run(args):
             size = img.size
         # qemu-img's order: the order of qcow2's creation options.
         parts = [f"Formatting '{args.filename}', fmt=qcow2",
-                 f"cluster_size={kw.get('cluster_size', 65536)}", "extended_l2=off"]
+                 f"cluster_size={kw.get('cluster_size', 65536)}",
+                 f"extended_l2={'on' if kw.get('extended_l2') else 'off'}"]
         if kw.get("preallocation", "off") != "off":
             parts.append(f"preallocation={kw['preallocation']}")
         parts += [f"compression_type={kw.get('compression_type', 'zlib')}", f"size={size}"]
@@ -131,9 +132,7 @@ def qcow2_options(opts):
         elif key == "lazy_refcounts":
             kw["lazy_refcounts"] = parse_bool(value, key)
         elif key == "extended_l2":
-            if parse_bool(value, key):
-                raise UnsupportedFeatureError("extended L2 entries not supported yet",
-                                              feature="extended_l2")
+            kw["extended_l2"] = parse_bool(value, key)
         elif key in ("compression_type", "preallocation"):
             kw[key] = value
         elif key == "backing_file":

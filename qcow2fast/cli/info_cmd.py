@@ -63,7 +63,7 @@ def image_info(img, name):
             "compression-type": img.compression_type}
     if h.version >= 3:
         data.update({"lazy-refcounts": img.lazy_refcounts, "refcount-bits": h.refcount_bits,
-                     "corrupt": img.corrupt, "extended-l2": False})
+                     "corrupt": img.corrupt, "extended-l2": img.geo.extended_l2})
     else:
         data["refcount-bits"] = h.refcount_bits
     info["format-specific"] = {"type": "qcow2", "data": data}
