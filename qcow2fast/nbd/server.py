@@ -201,8 +201,8 @@ class Server:
             if session is not None:
                 Transmission(chan, self.export, session, str(peer)).run()
                 chan.flush()
-        except Disconnected:
-            pass
+        except (Disconnected, BrokenPipeError, ConnectionResetError):
+            pass                                # the client went away: nothing to report
         except ProtocolError as e:
             log.warning("nbd: %s: dropping the connection: %s", peer, e)
         except OSError as e:
