@@ -75,7 +75,6 @@ class Server:
         self._slots = threading.Semaphore(shared)
         self._lock = threading.Lock()
         self._clients = {}                  # thread -> socket
-        self._served = 0
         self._stopping = threading.Event()
         self._stopped = threading.Event()
         self._acceptor = None
@@ -118,6 +117,8 @@ class Server:
 
     def start(self):
         """Start accepting connections in a background thread; returns self."""
+        if self._stopping.is_set():
+            raise ValueError("the server has been closed")
         if self._acceptor is None:
             self._acceptor = threading.Thread(target=self._accept_loop, name="nbd-accept",
                                               daemon=True)
@@ -126,7 +127,8 @@ class Server:
 
     def serve_forever(self):
         """Start if needed, and block until the server has stopped."""
-        self.start()
+        if not self._stopping.is_set():
+            self.start()
         while not self._stopped.wait(1.0):
             pass
 
@@ -148,7 +150,7 @@ class Server:
         await asyncio.get_running_loop().run_in_executor(None, self.close)
 
     async def wait_closed(self):
-        await asyncio.get_running_loop().run_in_executor(None, self.serve_forever)
+        await asyncio.get_running_loop().run_in_executor(None, self._stopped.wait)
 
     # -- accepting and serving ------------------------------------------------------------------
 
@@ -191,7 +193,6 @@ class Server:
                              name=f"nbd-client-{peer}", daemon=True)
         with self._lock:
             self._clients[t] = conn
-            self._served += 1
         t.start()
 
     def _serve_client(self, conn, peer):
