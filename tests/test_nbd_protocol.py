@@ -12,7 +12,8 @@ from qcow2fast.nbd import MAX_PAYLOAD
 from qcow2fast.nbd import protocol as P
 
 from nbd_util import RawClient, served
-from qemu_util import MiB, qemu_check, qemu_compare, qemu_create, qemu_io, qemu_raw
+from qemu_util import (QCOW_OFLAG_COPIED, MiB, header, is_marked_corrupt, l2_entry_offset, patch,
+                       qemu_check, qemu_compare, qemu_create, qemu_io, qemu_raw)
 
 pytestmark = pytest.mark.qemu
 
@@ -264,3 +265,24 @@ def test_shared_limit_queues_extra_clients(image, tmp_path):
         second.go()
         assert second.read(0, 16).data == b"\x5a" * 16
         second.disconnect()
+
+
+def test_a_failed_write_is_reported_not_acknowledged(image, tmp_path):
+    """An L2 entry pointing at the refcount table: the image refuses the
+    write (and marks itself corrupt); the client gets an error, the
+    metadata is intact, and the server keeps answering."""
+    rt = header(image)["refcount_table_offset"]
+    patch(image, l2_entry_offset(image, 0), ">Q", QCOW_OFLAG_COPIED | rt)
+    with open(image, "rb") as f:
+        table_before = f.read()[rt:rt + 65536]
+    with served(image, tmp_path) as (srv, uri):
+        c = client(srv)
+        c.go()
+        r = c.write(0, b"\xee" * 4096)
+        assert r.error == P.NBD_EIO and "holds metadata" in r.message, (r.error, r.message)
+        assert c.write(MiB, b"\xee" * 4096).error in (P.NBD_EIO, P.NBD_EPERM)
+        assert c.read(MiB - 4096, 4096).data == b"\x5a" * 4096
+        c.disconnect()
+    with open(image, "rb") as f:
+        assert f.read()[rt:rt + 65536] == table_before
+    assert is_marked_corrupt(image)
