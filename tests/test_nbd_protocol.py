@@ -120,6 +120,13 @@ def test_export_name_option_old_style(server):
     c.disconnect()
 
 
+def test_export_name_option_for_an_unknown_export_drops_the_connection(server):
+    c = client(server)
+    c.sock.sendall(P.OPTION_HEADER.pack(P.IHAVEOPT, P.NBD_OPT_EXPORT_NAME, 4) + b"nope")
+    assert c.at_eof()                     # the option has no way to report an error
+    assert_still_serving(server)
+
+
 # -- transmission ---------------------------------------------------------------------------------
 
 

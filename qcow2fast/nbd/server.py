@@ -176,6 +176,9 @@ class Server:
                             break
                         except (BlockingIOError, InterruptedError):
                             continue
+                        except OSError as e:      # EMFILE, ENOBUFS...: keep listening
+                            log.warning("nbd: accept failed: %s", e)
+                            self._stopping.wait(0.1)
                 if conn is None:
                     self._slots.release()
                     break
