@@ -39,7 +39,7 @@ def chain(tmp_path, qemu):
     return top
 
 
-def runs(entries, key):
+def runs(entries):
     """Merge [(start, length, value)] into contiguous runs of equal value."""
     out = []
     for start, length, value in sorted(entries):
@@ -53,9 +53,9 @@ def runs(entries, key):
 def image_allocation(path):
     """(data, zero) runs and allocation-depth runs from qemu-img map of the image."""
     m = qemu_map(path)
-    alloc = runs([(e["start"], e["length"], (e["data"], e["zero"])) for e in m], "alloc")
+    alloc = runs([(e["start"], e["length"], (e["data"], e["zero"])) for e in m])
     depth = runs([(e["start"], e["length"], e["depth"] + 1 if e["present"] else 0)
-                  for e in m], "depth")
+                  for e in m])
     return alloc, depth
 
 
@@ -80,11 +80,11 @@ def test_nbdinfo_map_matches_the_image(chain, tmp_path):
     alloc, depth = image_allocation(chain)
     with served(chain, tmp_path) as (server, uri):
         base = json.loads(nbdinfo("--json", "--map", uri).stdout_text)
-        got = runs([(e["offset"], e["length"], e["type"]) for e in base], "base")
+        got = runs([(e["offset"], e["length"], e["type"]) for e in base])
         flags = {(True, False): 0, (False, True): 3}     # data / hole+zero
         assert got == [(a, b, flags[v]) for a, b, v in alloc]
         d = json.loads(nbdinfo("--json", "--map=qemu:allocation-depth", uri).stdout_text)
-        assert runs([(e["offset"], e["length"], e["type"]) for e in d], "depth") == depth
+        assert runs([(e["offset"], e["length"], e["type"]) for e in d]) == depth
         assert {e["type"] for e in d} == {0, 1, 2}
         info = json.loads(nbdinfo("--json", uri).stdout_text)["exports"][0]
         assert info["export-size"] == SIZE and info["can_multi_conn"] is True
