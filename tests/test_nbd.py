@@ -66,8 +66,7 @@ def test_qemu_img_info_map_compare_convert(chain, tmp_path):
         info = json.loads(qemu_img("info", "--output=json", uri).stdout_text)
         assert info["virtual-size"] == SIZE
         m = json.loads(qemu_img("map", "--output=json", "-f", "raw", uri).stdout_text)
-        assert runs([(e["start"], e["length"], (e["data"], e["zero"])) for e in m],
-                    "alloc") == alloc
+        assert runs([(e["start"], e["length"], (e["data"], e["zero"])) for e in m]) == alloc
         assert "identical" in qemu_img("compare", "-f", "raw", "-F", "qcow2", uri,
                                        chain).stdout_text
         out = str(tmp_path / "copy.qcow2")
