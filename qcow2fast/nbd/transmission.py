@@ -34,6 +34,9 @@ NAMES = {P.NBD_CMD_READ: "READ", P.NBD_CMD_WRITE: "WRITE", P.NBD_CMD_DISC: "DISC
          P.NBD_CMD_FLUSH: "FLUSH", P.NBD_CMD_TRIM: "TRIM", P.NBD_CMD_CACHE: "CACHE",
          P.NBD_CMD_WRITE_ZEROES: "WRITE_ZEROES", P.NBD_CMD_BLOCK_STATUS: "BLOCK_STATUS"}
 
+# WRITE payload buffers up to this size are kept for the connection's next writes.
+KEEP_WRITE_BUFFER = 8 << 20
+
 _REQ = P.REQUEST
 _SIMPLE = P.SIMPLE_REPLY
 _CHUNK = P.STRUCTURED_REPLY
@@ -158,9 +161,13 @@ class Transmission:
         if chan.buffered() >= length:
             data = chan.read(length)            # already received: no copy
         else:
-            if self._wbuf is None or len(self._wbuf) < length:
-                self._wbuf = bytearray(max(length, 64 << 10))
-            data = memoryview(self._wbuf)[:length]
+            if length > KEEP_WRITE_BUFFER:          # a rare huge write: not kept
+                buf = bytearray(length)
+            else:
+                if self._wbuf is None or len(self._wbuf) < length:
+                    self._wbuf = bytearray(max(length, 64 << 10))
+                buf = self._wbuf
+            data = memoryview(buf)[:length]
             chan.readinto(data)
         self._unread = 0
         self.image.write(offset, data)
