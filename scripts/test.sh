@@ -4,7 +4,8 @@
 #   scripts/test.sh [extra pytest args...]
 #
 # 1. Installs the qemu oracle (Debian qemu-utils) when qemu-img/qemu-io are
-#    missing -- and, only if they are missing too, a C compiler and the Python
+#    missing, the NBD clients (libnbd-bin) when nbdinfo/nbdcopy are -- and,
+#    only if they are missing too, a C compiler and the Python
 #    headers needed to build the Cython extensions (apt-get; sudo if not root).
 # 2. pip install -e '.[test]' (pytest, hypothesis, pytest-benchmark).  A
 #    Debian system Python is "externally managed" (PEP 668): then a .venv is
@@ -33,6 +34,9 @@ fi
 packages=()
 if ! command -v qemu-img >/dev/null 2>&1 || ! command -v qemu-io >/dev/null 2>&1; then
     packages+=(qemu-utils)
+fi
+if ! command -v nbdinfo >/dev/null 2>&1 || ! command -v nbdcopy >/dev/null 2>&1; then
+    packages+=(libnbd-bin)      # the NBD server tests' clients
 fi
 if ! command -v cc >/dev/null 2>&1 && ! command -v gcc >/dev/null 2>&1; then
     packages+=(gcc)

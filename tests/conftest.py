@@ -9,6 +9,7 @@ modules); the fixtures here wrap them.
 """
 
 import os
+import shutil
 import sys
 
 import pytest
@@ -29,6 +30,9 @@ def pytest_sessionstart(session):
         missing = [n for n, p in (("qemu-img", QEMU_IMG), ("qemu-io", QEMU_IO)) if not p]
         pytest.exit(f"CI=true but {', '.join(missing)} not found on PATH: the interop "
                     "tests cannot run (install Debian qemu-utils)", returncode=1)
+    if IN_CI and not (shutil.which("nbdinfo") and shutil.which("nbdcopy")):
+        pytest.exit("CI=true but nbdinfo/nbdcopy not found on PATH: the NBD server tests "
+                    "cannot run (install Debian libnbd-bin)", returncode=1)
 
 
 def pytest_report_header(config):

@@ -1,0 +1,19 @@
+"""An NBD server for qcow2fast images (NetworkBlockDevice/nbd doc/proto.md).
+
+    import qcow2fast.nbd
+    with qcow2fast.nbd.serve("disk.qcow2", socket_path="/tmp/disk.sock") as server:
+        ...                                   # nbd+unix:///?socket=/tmp/disk.sock
+    server = qcow2fast.nbd.serve(img, host="127.0.0.1", port=0)   # an open Image
+    server.address; server.serve_forever(); server.close()
+    async with qcow2fast.nbd.serve(img, socket_path=p) as server:  # from asyncio
+        await server.wait_closed()
+
+Modules: protocol (wire format), handshake (option haggling), transmission
+(requests), channel (buffered socket I/O), export (the image as an NBD
+export), server (listener, threads, socket activation).  No TLS.
+"""
+
+from .export import MAX_PAYLOAD, Export
+from .server import Server, serve, socket_activation_sockets
+
+__all__ = ["serve", "Server", "Export", "MAX_PAYLOAD", "socket_activation_sockets"]

@@ -1,0 +1,114 @@
+"""Buffered blocking socket I/O for one NBD connection.
+
+Incoming bytes land in a receive buffer with one ``recv_into`` per burst,
+so a client that pipelines requests (queue depth > 1) costs one system call
+per burst, not per request; a WRITE payload already in that buffer is
+handed to the image without a copy.  Replies are built in place in a send
+buffer (a READ's data is read by the image straight into it, after room
+for the reply header) and sent with one ``sendall`` when the connection is
+about to wait for more input, or when the buffer is full.
+
+Invariant: before blocking in ``recv_into`` the send buffer is empty, so a
+client waiting for replies before sending more can never deadlock us.
+"""
+
+RECV_BUFFER = 256 << 10
+SEND_FLUSH_AT = 256 << 10
+KEEP_SEND_BUFFER = (8 << 20) + 4096
+
+
+class Disconnected(Exception):
+    """The peer closed the connection (possibly in the middle of a message)."""
+
+
+class Channel:
+    def __init__(self, sock):
+        self.sock = sock
+        self._rbuf = bytearray(RECV_BUFFER)
+        self._rmv = memoryview(self._rbuf)
+        self._rpos = self._rend = 0
+        self._obuf = bytearray(SEND_FLUSH_AT)
+        self._omv = memoryview(self._obuf)
+        self._olen = 0
+
+    # -- receiving ---------------------------------------------------------------------
+
+    def buffered(self):
+        return self._rend - self._rpos
+
+    def _fill(self, need):
+        """Make at least ``need`` (<= RECV_BUFFER) bytes available."""
+        if self._rend - self._rpos >= need:
+            return
+        if self._rpos:                       # compact: keep the unread tail at the front
+            n = self._rend - self._rpos
+            self._rmv[:n] = self._rmv[self._rpos:self._rend]
+            self._rpos, self._rend = 0, n
+        self.flush()
+        while self._rend < need:
+            got = self.sock.recv_into(self._rmv[self._rend:])
+            if not got:
+                raise Disconnected("the client closed the connection")
+            self._rend += got
+
+    def read(self, n):
+        """The next ``n`` (<= RECV_BUFFER) bytes, as a memoryview valid until
+        the next receive call."""
+        self._fill(n)
+        pos = self._rpos
+        self._rpos += n
+        return self._rmv[pos:pos + n]
+
+    def readinto(self, mv):
+        """Fill ``mv`` from the buffer, then straight from the socket."""
+        n = len(mv)
+        have = min(n, self._rend - self._rpos)
+        mv[:have] = self._rmv[self._rpos:self._rpos + have]
+        self._rpos += have
+        if have < n:
+            self.flush()
+        while have < n:
+            got = self.sock.recv_into(mv[have:])
+            if not got:
+                raise Disconnected("the client closed the connection in the middle of a "
+                                   f"request ({have} of {n} bytes of payload received)")
+            have += got
+
+    def skip(self, n):
+        """Discard ``n`` bytes of input (the payload of a refused write)."""
+        while n:
+            step = min(n, RECV_BUFFER)
+            self.read(step)
+            n -= step
+
+    # -- sending ---------------------------------------------------------------------------
+
+    def reserve(self, n):
+        """A writable view of ``n`` bytes at the end of the send buffer; the
+        bytes are sent only after ``commit(n)``."""
+        if self._olen + n > len(self._obuf):
+            if self._olen:
+                self.flush()
+            if n > len(self._obuf):
+                self._obuf = bytearray(n)
+                self._omv = memoryview(self._obuf)
+        return self._omv[self._olen:self._olen + n]
+
+    def commit(self, n):
+        self._olen += n
+        if self._olen >= SEND_FLUSH_AT:
+            self.flush()
+
+    def send(self, *parts):
+        for data in parts:
+            n = len(data)
+            self.reserve(n)[:] = data
+            self.commit(n)
+
+    def flush(self):
+        if self._olen:
+            n, self._olen = self._olen, 0
+            self.sock.sendall(self._omv[:n])
+        if len(self._obuf) > KEEP_SEND_BUFFER:     # give back a huge read's buffer
+            self._obuf = bytearray(SEND_FLUSH_AT)
+            self._omv = memoryview(self._obuf)

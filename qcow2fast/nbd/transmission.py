@@ -1,0 +1,215 @@
+"""The transmission phase (proto.md, "Transmission"): requests are read,
+checked and dispatched one after the other on the connection's thread;
+connections run in parallel on the shared, thread-safe image.
+
+Every request gets exactly one reply (DISC none).  A request that fails
+gets the protocol's error value; a WRITE is acknowledged only after the
+image accepted all of it, and its payload is only written once it has
+been received in full (a client that disconnects mid-payload writes
+nothing).  Only a broken framing (bad request magic) drops the connection.
+"""
+
+import logging
+
+from . import protocol as P
+from .channel import Disconnected
+from .export import MAX_PAYLOAD, RequestError, nbd_error
+from .handshake import ProtocolError
+
+log = logging.getLogger("qcow2fast.nbd")
+
+# Command flags each command accepts (FUA is valid on every command).
+_F = P.NBD_CMD_FLAG_FUA
+ALLOWED_FLAGS = {
+    P.NBD_CMD_READ: _F | P.NBD_CMD_FLAG_DF,
+    P.NBD_CMD_WRITE: _F,
+    P.NBD_CMD_DISC: _F,
+    P.NBD_CMD_FLUSH: _F,
+    P.NBD_CMD_TRIM: _F,
+    P.NBD_CMD_WRITE_ZEROES: _F | P.NBD_CMD_FLAG_NO_HOLE | P.NBD_CMD_FLAG_FAST_ZERO,
+    P.NBD_CMD_BLOCK_STATUS: _F | P.NBD_CMD_FLAG_REQ_ONE,
+}
+WRITING = (P.NBD_CMD_WRITE, P.NBD_CMD_TRIM, P.NBD_CMD_WRITE_ZEROES)
+NAMES = {P.NBD_CMD_READ: "READ", P.NBD_CMD_WRITE: "WRITE", P.NBD_CMD_DISC: "DISC",
+         P.NBD_CMD_FLUSH: "FLUSH", P.NBD_CMD_TRIM: "TRIM", P.NBD_CMD_CACHE: "CACHE",
+         P.NBD_CMD_WRITE_ZEROES: "WRITE_ZEROES", P.NBD_CMD_BLOCK_STATUS: "BLOCK_STATUS"}
+
+# WRITE payload buffers up to this size are kept for the connection's next writes.
+KEEP_WRITE_BUFFER = 8 << 20
+
+_REQ = P.REQUEST
+_SIMPLE = P.SIMPLE_REPLY
+_CHUNK = P.STRUCTURED_REPLY
+_DATA = P.OFFSET_DATA_REPLY
+_DONE = P.NBD_REPLY_FLAG_DONE
+
+
+class Transmission:
+    def __init__(self, chan, export, session, peer=""):
+        self.chan = chan
+        self.export = export
+        self.image = export.image
+        self.structured = session.structured
+        self.contexts = session.contexts
+        self.peer = peer
+        self.handlers = {
+            P.NBD_CMD_READ: self.read,
+            P.NBD_CMD_WRITE: self.write,
+            P.NBD_CMD_FLUSH: self.flush,
+            P.NBD_CMD_TRIM: self.trim,
+            P.NBD_CMD_WRITE_ZEROES: self.write_zeroes,
+            P.NBD_CMD_BLOCK_STATUS: self.block_status,
+        }
+        self._wbuf = None           # reused for WRITE payloads not already buffered
+        self._unread = 0
+
+    def run(self):
+        """Serve requests until NBD_CMD_DISC or the client goes away."""
+        chan = self.chan
+        handlers = self.handlers
+        while True:
+            try:
+                hdr = chan.read(_REQ.size)
+            except Disconnected:
+                return
+            magic, flags, cmd, handle, offset, length = _REQ.unpack(hdr)
+            if magic != P.NBD_REQUEST_MAGIC:
+                raise ProtocolError(f"bad request magic {magic:#x}")
+            if cmd == P.NBD_CMD_DISC:
+                chan.flush()
+                return
+            handler = handlers.get(cmd)
+            # Payload bytes of this request still in the socket (a WRITE's,
+            # until write() has received them).
+            self._unread = length if cmd == P.NBD_CMD_WRITE else 0
+            try:
+                if handler is None:
+                    raise RequestError(P.NBD_EINVAL, f"unknown command {cmd}")
+                self.check(cmd, flags, offset, length)
+                handler(handle, flags, offset, length)
+            except Disconnected:
+                raise
+            except Exception as e:
+                if self._unread:
+                    chan.skip(self._unread)
+                if not isinstance(e, RequestError):
+                    log.warning("%s: %s [%#x, +%#x]: %s: %s", self.peer,
+                                NAMES.get(cmd, cmd), offset, length, type(e).__name__, e)
+                self.error(handle, nbd_error(e), str(e), cmd == P.NBD_CMD_READ)
+
+    def check(self, cmd, flags, offset, length):
+        """Refuse, before touching the image, what the protocol rules out."""
+        name = NAMES[cmd]
+        if flags & ~ALLOWED_FLAGS[cmd]:
+            raise RequestError(P.NBD_EINVAL, f"{name}: invalid flags {flags:#x}")
+        if flags & P.NBD_CMD_FLAG_DF and not self.structured:
+            raise RequestError(P.NBD_EINVAL, "DF without structured replies")
+        if cmd in WRITING and self.export.read_only:
+            raise RequestError(P.NBD_EPERM, f"{name} on a read-only export")
+        if cmd in (P.NBD_CMD_READ, P.NBD_CMD_WRITE) and length > MAX_PAYLOAD:
+            error = P.NBD_EOVERFLOW if flags & P.NBD_CMD_FLAG_DF else P.NBD_EINVAL
+            raise RequestError(error, f"{name} of {length} bytes is larger than the "
+                               f"maximum of {MAX_PAYLOAD}")
+        if cmd != P.NBD_CMD_FLUSH and offset + length > self.export.size:
+            # proto.md: ENOSPC for writes past the end, EINVAL otherwise.
+            error = P.NBD_ENOSPC if cmd in WRITING else P.NBD_EINVAL
+            raise RequestError(error, f"{name} [{offset}, {offset + length}) past the end "
+                               f"of the export ({self.export.size} bytes)")
+
+    # -- replies ---------------------------------------------------------------------------
+
+    def ok(self, handle):
+        if self.structured:
+            self.chan.send(_CHUNK.pack(P.NBD_STRUCTURED_REPLY_MAGIC, _DONE,
+                                       P.NBD_REPLY_TYPE_NONE, handle, 0))
+        else:
+            self.chan.send(_SIMPLE.pack(P.NBD_SIMPLE_REPLY_MAGIC, 0, handle))
+
+    def error(self, handle, error, message, is_read=False):
+        if self.structured:
+            msg = message.encode("utf-8", "replace")[:P.MAX_STRING]
+            self.chan.send(_CHUNK.pack(P.NBD_STRUCTURED_REPLY_MAGIC, _DONE,
+                                       P.NBD_REPLY_TYPE_ERROR, handle,
+                                       P.ERROR_PAYLOAD.size + len(msg)),
+                           P.ERROR_PAYLOAD.pack(error, len(msg)), msg)
+        else:
+            # A failed simple READ reply carries no data (proto.md).
+            self.chan.send(_SIMPLE.pack(P.NBD_SIMPLE_REPLY_MAGIC, error, handle))
+
+    # -- commands -----------------------------------------------------------------------------
+
+    def read(self, handle, flags, offset, length):
+        chan = self.chan
+        if self.structured:
+            if not length:
+                return self.ok(handle)
+            hsize = _DATA.size
+            mv = chan.reserve(hsize + length)
+            _DATA.pack_into(mv, 0, P.NBD_STRUCTURED_REPLY_MAGIC, _DONE,
+                            P.NBD_REPLY_TYPE_OFFSET_DATA, handle, length + 8, offset)
+        else:
+            hsize = _SIMPLE.size
+            mv = chan.reserve(hsize + length)
+            _SIMPLE.pack_into(mv, 0, P.NBD_SIMPLE_REPLY_MAGIC, 0, handle)
+        # The data goes from the image straight into the reply; nothing is
+        # sent unless the whole read succeeded.
+        self.image.readinto(offset, mv[hsize:])
+        chan.commit(hsize + length)
+
+    def write(self, handle, flags, offset, length):
+        chan = self.chan
+        if chan.buffered() >= length:
+            data = chan.read(length)            # already received: no copy
+        else:
+            if length > KEEP_WRITE_BUFFER:          # a rare huge write: not kept
+                buf = bytearray(length)
+            else:
+                if self._wbuf is None or len(self._wbuf) < length:
+                    self._wbuf = bytearray(max(length, 64 << 10))
+                buf = self._wbuf
+            data = memoryview(buf)[:length]
+            chan.readinto(data)
+        self._unread = 0
+        self.image.write(offset, data)
+        if flags & P.NBD_CMD_FLAG_FUA:
+            self.image.flush()
+        self.ok(handle)
+
+    def flush(self, handle, flags, offset, length):
+        # The image is shared by every connection: this covers all their writes.
+        self.image.flush()
+        self.ok(handle)
+
+    def trim(self, handle, flags, offset, length):
+        if length:
+            self.export.trim(offset, length)
+            if flags & P.NBD_CMD_FLAG_FUA:
+                self.image.flush()
+        self.ok(handle)
+
+    def write_zeroes(self, handle, flags, offset, length):
+        may_unmap = not flags & P.NBD_CMD_FLAG_NO_HOLE
+        if flags & P.NBD_CMD_FLAG_FAST_ZERO and not self.export.zeroing_is_fast(may_unmap):
+            raise RequestError(P.NBD_ENOTSUP, "zeroing this export is not fast")
+        if length:
+            self.export.write_zeroes(offset, length, may_unmap)
+            if flags & P.NBD_CMD_FLAG_FUA:
+                self.image.flush()
+        self.ok(handle)
+
+    def block_status(self, handle, flags, offset, length):
+        if not self.contexts:
+            raise RequestError(P.NBD_EINVAL, "BLOCK_STATUS without a metadata context")
+        if not length:
+            raise RequestError(P.NBD_EINVAL, "BLOCK_STATUS of 0 bytes")
+        replies = self.export.block_status(offset, length, self.contexts,
+                                           bool(flags & P.NBD_CMD_FLAG_REQ_ONE))
+        for i, (cid, descs) in enumerate(replies):
+            payload = bytearray(4 + 8 * len(descs))
+            P.U32.pack_into(payload, 0, cid)
+            for k, (n, state) in enumerate(descs):
+                P.BLOCK_DESCRIPTOR.pack_into(payload, 4 + 8 * k, n, state)
+            done = _DONE if i == len(replies) - 1 else 0
+            self.chan.send(_CHUNK.pack(P.NBD_STRUCTURED_REPLY_MAGIC, done,
+                                       P.NBD_REPLY_TYPE_BLOCK_STATUS, handle, len(payload)),
+                           payload)
