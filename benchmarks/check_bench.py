@@ -22,7 +22,6 @@ column is ``qcow2fast.check.check_image`` timed inside one process (what an
 embedding program pays), with its ratio to the qemu-img command.
 """
 
-import argparse
 import json
 import os
 import shutil
@@ -30,7 +29,9 @@ import subprocess
 import sys
 import time
 
-from .common import (GiB, MiB, BenchError, choose_tmpdir, log, ratio_info, run, summarise)
+from .common import (GiB, MiB, BenchError, bench_parser, choose_tmpdir, log, ratio_info, run,
+                     summarise)
+from .report import fmt_ratio
 
 SIZES = {"full": {"meta": 64 * GiB, "data": 4 * GiB, "runs": 5},
          "quick": {"meta": 16 * GiB, "data": 1 * GiB, "runs": 3}}
@@ -128,9 +129,8 @@ def report(results, out=sys.stdout):
     for r in results:
         q, f = r["samples"]["qemu-img"], r["samples"]["qcow2fast"]
         med = {k: (summarise(q[k])["median"], summarise(f[k])["median"]) for k in q}
-        ratio = r["ratio"]
         print(f"| {r['image']} | {med['wall'][0]:.3f} s | {med['wall'][1]:.3f} s | "
-              f"{ratio['ratio']:.2f}x ({ratio['min']:.2f}-{ratio['max']:.2f}) | "
+              f"{fmt_ratio(r['ratio'])} | "
               f"{med['cpu'][0]:.2f} / {med['cpu'][1]:.2f} s | "
               f"{med['rss_kib'][0] / 1024:.0f} / {med['rss_kib'][1] / 1024:.0f} MiB | "
               f"{summarise(r['library_wall'])['median']:.3f} s | "
@@ -138,14 +138,8 @@ def report(results, out=sys.stdout):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m benchmarks.check_bench", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="16 GiB / 1 GiB images, 3 runs")
-    p.add_argument("--runs", type=int)
-    p.add_argument("--json", metavar="OUT")
-    p.add_argument("--tmpdir")
-    p.add_argument("--keep", action="store_true")
-    p.add_argument("--qemu-img", default=shutil.which("qemu-img") or "qemu-img")
+    p = bench_parser("python -m benchmarks.check_bench", __doc__, "16 GiB / 1 GiB images, 3 runs")
+    p.add_argument("--keep", action="store_true", help="keep the images")
     a = p.parse_args(argv)
     a.mode = "quick" if a.quick else "full"
     a.runs = a.runs or SIZES[a.mode]["runs"]

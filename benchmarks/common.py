@@ -64,6 +64,19 @@ def fs_type(path):
     return fstype
 
 
+def bench_parser(prog, doc, quick_help):
+    """The options every side-by-side benchmark takes."""
+    p = argparse.ArgumentParser(prog=prog, description=doc,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help=quick_help)
+    p.add_argument("--runs", type=int, help="runs per figure")
+    p.add_argument("--json", metavar="OUT", help="write every sample to this JSON file")
+    p.add_argument("--tmpdir", help="directory for the images (never tmpfs)")
+    p.add_argument("--qemu-img", default=shutil.which("qemu-img") or "qemu-img",
+                   help="qemu-img binary")
+    return p
+
+
 def choose_tmpdir(requested, need_bytes, prefix="qcow2fast-io-bench-"):
     """A directory on a disk filesystem (not tmpfs: the point is a page-cached
     image on a real filesystem) with room for the images."""

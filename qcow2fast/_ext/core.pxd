@@ -38,6 +38,7 @@ cdef class ImageCore:
     cdef public int64_t zero_from        # host bytes at or past here read as zeros
     cdef public int64_t alloc_end        # end of every cluster handed out
     cdef char *zeros                     # one cluster of zeros (aligned)
+    cdef char *scratch                   # two clusters: copy-on-write edges (exclusive lock)
     cdef object _l1
     cdef object _meta
     cdef const unsigned char *meta_bits
@@ -49,7 +50,11 @@ cdef class ImageCore:
     cdef _check_range(self, int64_t offset, int64_t length)
     cdef int64_t _locked_read(self, char *buf, int64_t offset, int64_t n) except -2
     cdef int _slice_at(self, int64_t pos, bint exclusive, uint64_t **l2, int64_t *l2i, int *slot, uint64_t *l1e) except -2
-    cdef int64_t _alloc_write(self, const char *buf, int64_t pos, int64_t remaining, uint64_t *l2, int64_t l2i, int64_t run, int slot) except -2
+    cdef int64_t _alloc_write(self, const char *buf, int64_t pos, int64_t remaining, uint64_t *l2, int64_t l2i, int64_t run, int slot, bint below) except -2
+    cdef int64_t _alloc_write_ext(self, const char *buf, int64_t pos, int64_t remaining, uint64_t *l2, int64_t u, int slot) except -2
+    cdef int _fill_below(self, char *dst, int64_t pos, int64_t n) except -1
+    cdef void _allocated(self, int slot, uint64_t end)
+    cdef int _pwrite3(self, const char *a, int64_t na, const char *b, int64_t nb, const char *c, int64_t nc, uint64_t off) except -1
     cdef int64_t _read_loop(self, char *buf, int64_t off, int64_t n, bint exclusive) except -2
     cdef bint _touches_metadata(self, uint64_t host, int64_t n) noexcept nogil
     cdef int64_t _write_loop(self, const char *buf, int64_t off, int64_t n, bint exclusive, bint *allocated) except -2

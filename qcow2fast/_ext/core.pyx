@@ -20,7 +20,7 @@ from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE, 
 from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING
 from libc.stdint cimport uint64_t, int64_t
 from libc.stdlib cimport free
-from libc.string cimport memset
+from libc.string cimport memcpy, memset
 
 cdef extern from "stdlib.h" nogil:
     int posix_memalign(void **memptr, size_t alignment, size_t size)
@@ -28,7 +28,8 @@ cdef extern from "stdlib.h" nogil:
 cimport numpy as cnp
 
 from .common cimport (l2_units_run, EXT_DATA, EXT_ZERO, EXT_UNALLOCATED, L1E_OFFSET_MASK,
-                      L1E_RESERVED_MASK, L2E_OFFSET_MASK, QCOW_OFLAG_COPIED)
+                      L1E_RESERVED_MASK, L2E_OFFSET_MASK, L2E_STD_RESERVED_MASK,
+                      QCOW_OFLAG_COMPRESSED, QCOW_OFLAG_COPIED)
 from .fileio cimport File
 from .cache cimport TableCache
 from .allocator cimport RefcountCore
@@ -62,10 +63,12 @@ cdef class ImageCore:
         self.meta_bits = NULL
         self.meta_clusters = 0
         self.zeros = NULL
+        self.scratch = NULL
 
     def __dealloc__(self):
         pthread_rwlock_destroy(&self.rwlock)
         free(self.zeros)
+        free(self.scratch)
 
     # -- set-up by the Python layer -------------------------------------------
 
@@ -87,6 +90,10 @@ cdef class ImageCore:
         if posix_memalign(<void **>&self.zeros, 4096, self.cluster_size) != 0:
             raise MemoryError()
         memset(self.zeros, 0, self.cluster_size)
+        free(self.scratch)
+        self.scratch = NULL
+        if posix_memalign(<void **>&self.scratch, 4096, 2 * self.cluster_size) != 0:
+            raise MemoryError()
         self.closed = False
 
     def _set_l1(self, cnp.ndarray l1):
@@ -256,7 +263,7 @@ cdef class ImageCore:
                 count = slice_units - l2i
             run = l2_units_run(l2, l2i, count, self.cluster_bits, self.extended, True,
                                &kind, &host)
-            if kind == EXT_ZERO and host:
+            if kind == EXT_ZERO and host and not self.extended:
                 run = 0         # preallocated zero clusters: the slow path reuses them
             desc = l2[2 * (l2i >> 5)] if self.extended else l2[l2i]
             if kind == EXT_DATA and (desc >> 63):
@@ -275,33 +282,65 @@ cdef class ImageCore:
                     rc = f.c_pwrite(buf + done, chunk, host + in_cl)
                 if rc < 0:
                     f.raise_errno(rc, "write", host + in_cl)
-            elif self.alloc_fast and not self.extended and (l1e & QCOW_OFLAG_COPIED) and run > 0 and (
-                    (kind == EXT_UNALLOCATED and not self.has_backing) or kind == EXT_ZERO):
+            elif self.alloc_fast and (l1e & QCOW_OFLAG_COPIED) and run > 0 and (
+                    kind == EXT_UNALLOCATED or kind == EXT_ZERO or self.extended):
                 if not exclusive:
                     return NEED_EXCLUSIVE if done == 0 else done
-                chunk = self._alloc_write(buf + done, pos, n - done, l2, l2i, run, slot)
+                if self.extended:
+                    chunk = self._alloc_write_ext(buf + done, pos, n - done, l2, l2i, slot)
+                else:
+                    chunk = self._alloc_write(buf + done, pos, n - done, l2, l2i, run, slot,
+                                              kind == EXT_UNALLOCATED and self.has_backing)
                 if chunk < 0:
-                    break           # a refcount block is needed: the slow path makes it
+                    break           # the slow path does it (refcount block, copy, report)
                 allocated[0] = True
             else:
                 break
             done += chunk
         return done
 
+    cdef int _fill_below(self, char *dst, int64_t pos, int64_t n) except -1:
+        """``dst`` = what the layers below show at guest [pos, pos+n): the
+        backing chain, or zeros without one (for ranges unallocated here)."""
+        if n <= 0:
+            return 0
+        if not self.has_backing:
+            memset(dst, 0, n)
+            return 0
+        self._read_backing(pos, memoryview(<unsigned char[:n]> <unsigned char *> dst))
+        return 0
+
+    cdef int _pwrite3(self, const char *a, int64_t na, const char *b, int64_t nb,
+                      const char *c, int64_t nc, uint64_t off) except -1:
+        """Write the pieces a, b, c back to back at host ``off`` (any may be empty)."""
+        cdef File f = self.file
+        cdef int64_t rc = 0
+        with nogil:
+            if na:
+                rc = f.c_pwrite(a, na, off)
+            if rc >= 0 and nb:
+                rc = f.c_pwrite(b, nb, off + na)
+            if rc >= 0 and nc:
+                rc = f.c_pwrite(c, nc, off + na + nb)
+        if rc < 0:
+            f.raise_errno(rc, "write", off)
+        return 0
+
     cdef int64_t _alloc_write(self, const char *buf, int64_t pos, int64_t remaining,
-                              uint64_t *l2, int64_t l2i, int64_t run, int slot) except -2:
-        """Allocate host clusters for up to ``run`` guest clusters that read
-        as zeros (unallocated without a backing file, or zero clusters) and
-        write guest data at ``pos`` into them.  Nothing needs copying: the
-        untouched parts must read as zeros, which fresh space past the end
-        of everything written already does.  Order: refcounts raised, data
-        written, then the L2 entries (the cache writes refcount blocks
+                              uint64_t *l2, int64_t l2i, int64_t run, int slot,
+                              bint below) except -2:
+        """Allocate host clusters for up to ``run`` guest clusters that are
+        unallocated here or zero clusters without a host offset, and write
+        guest data at ``pos`` into them.  The untouched parts of the first
+        and last cluster get what the guest saw there: the backing chain's
+        bytes (``below``) or zeros (which fresh space past the end of
+        everything written already reads as).  Order: refcounts raised,
+        data written, then the L2 entries (the cache writes refcount blocks
         before L2 slices).  Returns bytes written, or -1 when a refcount
         block must be created first (nothing done)."""
         cdef int64_t cs = self.cluster_size, in_cl = pos & (cs - 1)
-        cdef int64_t chunk = (run << self.cluster_bits) - in_cl, nclusters, c, k, tail, rc
+        cdef int64_t chunk = (run << self.cluster_bits) - in_cl, nclusters, c, k, tail
         cdef uint64_t host, end
-        cdef File f = self.file
         if chunk > remaining:
             chunk = remaining
         nclusters = (in_cl + chunk + cs - 1) >> self.cluster_bits
@@ -313,19 +352,89 @@ cdef class ImageCore:
         if self._touches_metadata(host, end - host):
             self._report_alloc_overlap(host)        # marks the image corrupt, raises
         tail = (nclusters << self.cluster_bits) - in_cl - chunk
-        with nogil:
-            rc = 0
-            if <int64_t>host < self.zero_from:      # reused space: zero the edges
-                if in_cl:
-                    rc = f.c_pwrite(self.zeros, in_cl, host)
-                if rc >= 0 and tail:
-                    rc = f.c_pwrite(self.zeros, tail, host + in_cl + chunk)
-            if rc >= 0:
-                rc = f.c_pwrite(buf, chunk, host + in_cl)
-        if rc < 0:
-            f.raise_errno(rc, "write", host + in_cl)
+        if below and nclusters == 1:
+            # One cluster: one read of what is below, merged, one write.
+            self._fill_below(self.scratch, pos - in_cl, cs)
+            memcpy(self.scratch + in_cl, buf, chunk)
+            self._pwrite3(self.scratch, cs, NULL, 0, NULL, 0, host)
+        elif below:
+            self._fill_below(self.scratch, pos - in_cl, in_cl)
+            self._fill_below(self.scratch + cs, pos + chunk, tail)
+            self._pwrite3(self.scratch, in_cl, buf, chunk, self.scratch + cs, tail, host)
+        elif <int64_t>host < self.zero_from:        # reused space: zero the edges
+            self._pwrite3(self.zeros, in_cl, buf, chunk, self.zeros, tail, host)
+        else:                                       # fresh space: the edges read as zeros
+            self._pwrite3(NULL, 0, buf, chunk, NULL, 0, host + in_cl)
         for k in range(nclusters):
             l2[l2i + k] = (host + (k << self.cluster_bits)) | QCOW_OFLAG_COPIED
+        self._allocated(slot, end)
+        return chunk
+
+    cdef int64_t _alloc_write_ext(self, const char *buf, int64_t pos, int64_t remaining,
+                                  uint64_t *l2, int64_t u, int slot) except -2:
+        """The allocating write of subcluster.py in C for one cluster whose
+        entry is unallocated or a host cluster of its own (COPIED): the
+        touched subclusters become allocated; a partial one at either edge
+        not yet allocated gets what the guest saw there (backing chain or
+        zeros).  Returns bytes written (up to the cluster's end), or -1 for
+        the slow path (compressed, shared, malformed, overlap, a refcount
+        block to create)."""
+        cdef int64_t cs = self.cluster_size, a = pos & (cs - 1), b, lo, hi, c
+        cdef int scb = self.unit_bits, s0, s1
+        cdef int64_t w = 2 * (u >> 5)
+        cdef uint64_t desc = l2[w], bm = l2[w + 1], host, target, touched
+        cdef uint64_t alloc = bm & 0xFFFFFFFFULL, zero = bm >> 32
+        cdef bint head, tail
+        host = desc & L2E_OFFSET_MASK
+        if (desc & QCOW_OFLAG_COMPRESSED) or (desc & L2E_STD_RESERVED_MASK) \
+                or (host and not (desc & QCOW_OFLAG_COPIED)) or (host & (cs - 1)) \
+                or (zero & alloc) or (not host and alloc):
+            return -1
+        b = a + remaining if a + remaining < cs else cs
+        s0 = <int>(a >> scb)
+        s1 = <int>((b - 1) >> scb)
+        lo = (<int64_t>s0) << scb
+        hi = (<int64_t>(s1 + 1)) << scb
+        touched = ((((<uint64_t>1) << (s1 - s0)) << 1) - 1) << s0
+        head = a > lo and not (host and (alloc >> s0) & 1)
+        tail = b < hi and not (host and (alloc >> s1) & 1)
+        if host:
+            target = host
+            if self._touches_metadata(target + lo, hi - lo):
+                return -1                           # the slow path reports it
+        else:
+            c = self.rc.c_alloc(1)
+            if c < 0:
+                return -1
+            target = (<uint64_t>c) << self.cluster_bits
+            if self._touches_metadata(target, cs):
+                self._report_alloc_overlap(target)
+        pos -= a                                    # the guest cluster's start
+        if head and tail and s0 == s1 and not ((zero >> s0) & 1):
+            # Inside one subcluster: one read of what is below, merged, one write.
+            self._fill_below(self.scratch, pos + lo, hi - lo)
+            memcpy(self.scratch + (a - lo), buf, b - a)
+            self._pwrite3(self.scratch, hi - lo, NULL, 0, NULL, 0, target + lo)
+        else:
+            if head:
+                if (zero >> s0) & 1:
+                    memset(self.scratch, 0, a - lo)
+                else:
+                    self._fill_below(self.scratch, pos + lo, a - lo)
+            if tail:
+                if (zero >> s1) & 1:
+                    memset(self.scratch + cs, 0, hi - b)
+                else:
+                    self._fill_below(self.scratch + cs, pos + b, hi - b)
+            self._pwrite3(self.scratch, (a - lo) if head else 0, buf, b - a, self.scratch + cs,
+                          (hi - b) if tail else 0, target + (lo if head else a))
+        l2[w] = target | QCOW_OFLAG_COPIED
+        l2[w + 1] = ((zero & ~touched) << 32) | alloc | touched
+        self._allocated(slot, target + cs)
+        return b - a
+
+    cdef void _allocated(self, int slot, uint64_t end):
+        """Book-keeping after data went into clusters ending at ``end``."""
         self.l2_cache.c_mark_dirty(slot)
         if <int64_t>end > self.zero_from:
             self.zero_from = end
@@ -333,7 +442,6 @@ cdef class ImageCore:
             self.alloc_end = end
         if <int64_t>end > self.host_limit:
             self.host_limit = end
-        return chunk
 
     # -- public API --------------------------------------------------------------
 
