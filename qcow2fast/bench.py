@@ -1,0 +1,126 @@
+"""The request loop of ``qcow2fast bench`` (qemu-img bench's, on a
+qcow2fast image): ``count`` requests of ``size`` bytes, ``depth`` in flight
+(one worker thread each: reads and in-place writes release the GIL), an
+optional flush every ``flush_interval`` requests, and the latency of every
+request.
+
+Request ``i`` goes to ``offsets[i]`` and is a write if ``writes[i]``.
+Offsets follow qemu-img bench (``offset + i * step``, wrapping at the image
+size) unless random ones are asked for.
+"""
+
+import dataclasses
+import threading
+import time
+
+import numpy as np
+
+from .errors import InvalidArgumentError
+
+MAX_THREADS = 128            # workers at most, whatever the depth
+
+
+@dataclasses.dataclass
+class BenchResult:
+    count: int
+    size: int
+    elapsed: float           # seconds, first request issued to last completed
+    latencies_ns: np.ndarray
+
+    @property
+    def iops(self):
+        return self.count / self.elapsed if self.elapsed > 0 else float("inf")
+
+    @property
+    def bandwidth(self):
+        """Bytes per second."""
+        return self.count * self.size / self.elapsed if self.elapsed > 0 else float("inf")
+
+    def percentile_us(self, p):
+        if not len(self.latencies_ns):
+            return 0.0
+        return float(np.percentile(self.latencies_ns, p)) / 1000
+
+
+def sequential_offsets(count, offset, step, image_size):
+    """qemu-img bench's offsets: ``offset`` itself (even past the end: that
+    request fails), then ``+ step`` modulo the image size."""
+    offs = offset + np.arange(count, dtype=np.int64) * step
+    if image_size > 0:
+        offs[1:] %= image_size
+    return offs
+
+
+def random_offsets(count, size, image_size, seed):
+    """Offsets aligned to ``size``, uniform over the image, reproducible by ``seed``."""
+    slots = image_size // size if size else 0
+    if slots <= 0:
+        raise InvalidArgumentError(f"request size {size} does not fit in the image "
+                                   f"({image_size} bytes)")
+    return np.random.default_rng(seed).integers(0, slots, count, dtype=np.int64) * size
+
+
+def write_mask(count, write_percent, seed):
+    """Which requests write: all, none, or a reproducible ``write_percent`` mix."""
+    if write_percent >= 100:
+        return np.ones(count, dtype=bool)
+    if write_percent <= 0:
+        return np.zeros(count, dtype=bool)
+    return np.random.default_rng(seed + 1).random(count) < write_percent / 100
+
+
+def run(img, offsets, writes, size, *, depth=1, pattern=0, flush_interval=0, drain=True):
+    """Issue the requests; returns a BenchResult.  Raises the first error a
+    request met (the others stop at their next request)."""
+    count = len(offsets)
+    threads = max(1, min(depth, count, MAX_THREADS))
+    lat = np.zeros(count, dtype=np.int64)
+    offs = [int(o) for o in offsets]
+    wr = [bool(w) for w in writes]
+    interval = flush_interval or count or 1
+    segments = [(a, min(a + interval, count)) for a in range(0, count, interval)]
+    data = bytes([pattern]) * size
+    errors = []
+    barrier = threading.Barrier(threads) if threads > 1 else None
+
+    def worker(w):
+        buf = bytearray(size)
+        readinto, write, clock = img.readinto, img.write, time.perf_counter_ns
+        try:
+            for a, b in segments:
+                for i in range(a + w, b, threads):
+                    if errors:
+                        return
+                    t = clock()
+                    if wr[i]:
+                        write(offs[i], data)
+                    else:
+                        readinto(offs[i], buf)
+                    lat[i] = clock() - t
+                if flush_interval:
+                    if drain and barrier is not None:
+                        barrier.wait()
+                    if w == 0:
+                        img.flush()
+                    if drain and barrier is not None:
+                        barrier.wait()
+        except threading.BrokenBarrierError:
+            return
+        except BaseException as e:          # reported by the caller
+            errors.append(e)
+            if barrier is not None:
+                barrier.abort()
+
+    t0 = time.perf_counter()
+    if threads == 1:
+        worker(0)
+    else:
+        pool = [threading.Thread(target=worker, args=(w,), daemon=True) for w in range(threads)]
+        for t in pool:
+            t.start()
+        for t in pool:
+            t.join()
+    elapsed = time.perf_counter() - t0
+    if errors:
+        raise errors[0]
+    return BenchResult(count, size, elapsed, lat)
