@@ -22,11 +22,9 @@ methods run under the image's exclusive lock.
 
 import numpy as np
 
+from ._ext.kernels import ext_set_range
 from .geometry import (L2E_OFFSET_MASK, QCOW_OFLAG_COMPRESSED, QCOW_OFLAG_COPIED, SC_ALLOC_MASK,
-                       SC_ZERO_SHIFT, SUBCLUSTERS)
-
-ALL_ZERO = SC_ALLOC_MASK << SC_ZERO_SHIFT
-
+                       SC_ZERO_SHIFT)
 
 def sc_mask(first, last):
     """Bitmap bits of subclusters first..last (inclusive)."""
@@ -88,9 +86,9 @@ class SubclusterOps:
             buf = bytearray(cs)
             self._read_locked(first, memoryview(buf))        # the old guest view
             buf[a:b] = data
-            for s in range(SUBCLUSTERS):
-                if keep >> s & 1:
-                    start, end = min(start, s << scb), max(end, (s + 1) << scb)
+            # from the first to the last subcluster kept or written
+            start = min(start, ((keep & -keep).bit_length() - 1) << scb)
+            end = max(end, keep.bit_length() << scb)
             pieces = [memoryview(buf)[start:end]]
         else:
             pieces = [data]
@@ -124,10 +122,15 @@ class SubclusterOps:
         """Make the whole subclusters [a, b) read as zeros ("zero", or
         "discard" over a backing file) or become unallocated ("discard"
         without one), releasing a host cluster once none of its
-        subclusters is allocated and ``unmap`` (always for discard)."""
+        subclusters is allocated and ``unmap`` (always for discard).  The
+        bitmaps change in a kernel, a slice at a time; a compressed or
+        shared cluster covered in part is copied first (the zeros written
+        into it leave its other subclusters as they were)."""
         geo = self.geo
         cs, scb = geo.cluster_size, geo.subcluster_bits
         reads_zero = what == "zero" or self.backing is not None
+        unmap = unmap or what == "discard"
+        released = np.zeros(geo.slice_entries, dtype=np.uint64)
         pos = a
         while pos < b:
             l1i = geo.l1_index(pos)
@@ -138,48 +141,23 @@ class SubclusterOps:
             slot = self._l2_slot_for_write(pos)
             self.l2_cache.pin(slot)
             try:
-                slice_end = min(span_end, (pos | (geo.slice_entries * cs - 1)) + 1)
-                while pos < slice_end:
-                    first = pos & ~(cs - 1)
-                    stop = min(slice_end, first + cs)
-                    self._set_in_cluster(slot, first, (pos - first) >> scb,
-                                         ((stop - first) >> scb) - 1, reads_zero,
-                                         unmap or what == "discard")
-                    pos = stop
+                words = self.l2_cache.u64(slot)
+                base = pos & ~(geo.slice_entries * cs - 1)      # the slice's first guest byte
+                stop_at = min(span_end, base + geo.slice_entries * cs)
+                u, u_end = (pos - base) >> scb, (stop_at - base) >> scb
+                while u < u_end:
+                    changed, n, stop = ext_set_range(words, u, u_end, reads_zero, unmap,
+                                                     geo.cluster_bits, released)
+                    if changed:
+                        self.l2_cache.mark_dirty(slot)
+                    for desc in released[:n].tolist():
+                        self._release_entry(desc)
+                    if stop < 0:
+                        break
+                    last = min(u_end, ((stop >> 5) + 1) << 5)
+                    self._write_in_cluster(slot, base + (stop << scb),
+                                           bytes((last - stop) << scb))
+                    u = stop                # now a cluster of its own: the kernel zeroes it
+                pos = stop_at
             finally:
                 self.l2_cache.unpin(slot)
-
-    def _set_in_cluster(self, slot, first, s0, s1, reads_zero, unmap):
-        words, w = self._entry_words(slot, first)
-        whole = s0 == 0 and s1 == SUBCLUSTERS - 1
-        mask = sc_mask(s0, s1)
-
-        def state():
-            desc, bm = int(words[w]), int(words[w + 1])
-            compressed = bool(desc & QCOW_OFLAG_COMPRESSED)
-            host = 0 if compressed else desc & L2E_OFFSET_MASK
-            return desc, bm, compressed, host, compressed or (host and not desc & QCOW_OFLAG_COPIED)
-
-        desc, bm, compressed, host, foreign = state()
-        if foreign and not whole:
-            # Part of a compressed or shared cluster: copy it first (the
-            # written zeros leave the other subclusters as they were).
-            scb = self.geo.subcluster_bits
-            self._write_in_cluster(slot, first + (s0 << scb), bytes((s1 - s0 + 1) << scb))
-            desc, bm, compressed, host, foreign = state()
-        if foreign:
-            new_desc, alloc, zero = 0, 0, 0         # (whole) compressed or shared: let go
-        else:
-            new_desc = desc
-            alloc = bm & SC_ALLOC_MASK & ~mask
-            zero = bm >> SC_ZERO_SHIFT
-        zero = zero | mask if reads_zero else zero & ~mask
-        if host and not alloc and unmap:
-            new_desc = 0                            # no subcluster left: free the cluster
-        new_bm = (zero << SC_ZERO_SHIFT) | alloc
-        if (new_desc, new_bm) != (desc, bm):
-            words[w] = np.uint64(new_desc)
-            words[w + 1] = np.uint64(new_bm)
-            self.l2_cache.mark_dirty(slot)
-            if compressed or (host and (new_desc & L2E_OFFSET_MASK) != host):
-                self._release_entry(desc)

@@ -188,3 +188,64 @@ def l2_copied_rows(const uint64_t[:, ::1] tables, const uint8_t[::1] state, int 
                 if st != 2 and (st == 1) != ((e & QCOW_OFLAG_COPIED) != 0):
                     wrong[r] = 1
                     break
+
+
+# -- extended L2 entries: ranges of subclusters ----------------------------------------
+
+
+def ext_set_range(uint64_t[::1] words, int64_t u0, int64_t u1, bint reads_zero, bint unmap,
+                  int cluster_bits, uint64_t[::1] released):
+    """Make subclusters [u0, u1) of a slice of extended entries (native
+    words) read as zeros (``reads_zero``) or unallocated: their allocation
+    bits are cleared and their zero bits set or cleared, whole clusters at
+    a time where the range covers them.  A cluster left with no allocated
+    subcluster lets its host cluster go if ``unmap``; so does a compressed
+    or shared (not COPIED) cluster the range covers whole.
+
+    Returns (changed, n, stop): ``released[:n]`` are the descriptors whose
+    host clusters the caller must release; ``stop`` is -1, or the first
+    unit of a compressed or shared cluster covered only in part, where the
+    kernel stopped for the caller to copy it first."""
+    cdef int64_t u = u0, w, end, stop = -1
+    cdef int s0, s1
+    cdef uint64_t desc, bm, mask, alloc, zero, host, new_desc, new_bm
+    cdef bint foreign, changed = False
+    cdef Py_ssize_t n = 0
+    if u0 < 0 or u1 > words.shape[0] * 16 or u0 > u1:
+        raise IndexError("ext_set_range: range outside the slice")
+    with nogil:
+        while u < u1:
+            end = ((u >> 5) + 1) << 5
+            if end > u1:
+                end = u1
+            w = 2 * (u >> 5)
+            s0 = <int>(u & 31)
+            s1 = <int>((end - 1) & 31)
+            mask = ((((<uint64_t>1) << (s1 - s0)) << 1) - 1) << s0
+            desc = words[w]
+            bm = words[w + 1]
+            host = 0 if desc & QCOW_OFLAG_COMPRESSED else desc & L2E_OFFSET_MASK
+            foreign = (desc & QCOW_OFLAG_COMPRESSED) != 0 or \
+                (host != 0 and not (desc & QCOW_OFLAG_COPIED))
+            if foreign and not (s0 == 0 and s1 == 31):
+                stop = u
+                break
+            if foreign:
+                new_desc, alloc, zero = 0, 0, 0
+            else:
+                new_desc = desc
+                alloc = bm & 0xFFFFFFFFULL & ~mask
+                zero = bm >> 32
+            zero = (zero | mask) if reads_zero else (zero & ~mask)
+            if host and not alloc and unmap:
+                new_desc = 0
+            new_bm = (zero << 32) | alloc
+            if new_desc != desc or new_bm != bm:
+                words[w] = new_desc
+                words[w + 1] = new_bm
+                changed = True
+                if (desc & QCOW_OFLAG_COMPRESSED) or (host and (new_desc & L2E_OFFSET_MASK) != host):
+                    released[n] = desc
+                    n += 1
+            u = end
+    return changed, n, stop
