@@ -1,0 +1,84 @@
+"""The benchmark suite: every scenario, qcow2fast beside QEMU, in one run.
+
+    python -m benchmarks [--quick] [--only NAME ...] [--out DIR]
+
+Each scenario is its own module (runnable alone, see benchmarks/README.md);
+the suite runs them one after the other in child processes and writes, in
+DIR (default benchmarks/results/suite-<time>):
+
+- ``<scenario>.json``: every sample the scenario took;
+- ``<scenario>.png``: its plot, for the scenarios that draw one;
+- ``report.md``: each scenario's tables (medians, ratios, ranges).
+
+Exit status 1 if a scenario failed (its verification included); the
+others still run.
+"""
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+
+# (name, module, what it measures, draws a plot)
+SCENARIOS = [
+    ("cached-io", "benchmarks.io_bench",
+     "Cached reads, overwrites and allocating writes at queue depth 1, with a raw-file "
+     "pread/pwrite loop as the physical limit.", False),
+    ("l2-cache", "benchmarks.l2cache_bench",
+     "4 KiB random-read IOPS against L2 cache size and cache entry size.", True),
+    ("subclusters", "benchmarks.subcluster_bench",
+     "Allocating 4 KiB writes over a populated backing file: traditional versus extended "
+     "L2 entries.", False),
+    ("check", "benchmarks.check_bench",
+     "qcow2fast check beside qemu-img check on large images.", False),
+    ("nbd", "benchmarks.nbd_bench",
+     "qcow2fast serve beside qemu-nbd: nbdcopy and qemu-img bench over NBD.", False),
+]
+NAMES = [s[0] for s in SCENARIOS]
+
+
+def run_scenario(name, module, quick, out_dir):
+    """Run one scenario module; returns (exit status, its stdout, seconds)."""
+    cmd = [sys.executable, "-m", module, "--json", os.path.join(out_dir, f"{name}.json")]
+    if quick:
+        cmd.append("--quick")
+    if dict((s[0], s[3]) for s in SCENARIOS)[name]:
+        cmd += ["--plot", os.path.join(out_dir, f"{name}.png")]
+    t0 = time.perf_counter()
+    p = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
+    return p.returncode, p.stdout, time.perf_counter() - t0
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="every scenario's quick mode")
+    p.add_argument("--only", action="append", choices=NAMES, help="run only this scenario")
+    p.add_argument("--out", help="directory for the results")
+    a = p.parse_args(argv)
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out_dir = a.out or os.path.join(repo, "benchmarks", "results",
+                                    time.strftime("suite-%Y%m%d-%H%M%S"))
+    os.makedirs(out_dir, exist_ok=True)
+    failed = []
+    lines = [f"# qcow2fast benchmark suite ({'quick' if a.quick else 'full'} mode, "
+             f"{time.strftime('%Y-%m-%d %H:%M')})", ""]
+    for name, module, what, plots in SCENARIOS:
+        if a.only and name not in a.only:
+            continue
+        print(f"== {name}: {what}", file=sys.stderr, flush=True)
+        status, out, secs = run_scenario(name, module, a.quick, out_dir)
+        lines += [f"## {name}", "", what, "", f"`python -m {module}"
+                  f"{' --quick' if a.quick else ''}` ({secs:.0f} s)", ""]
+        if status:
+            failed.append(name)
+            lines += [f"**FAILED** (exit status {status})", ""]
+        lines += [out.strip(), ""]
+        if plots and not status:
+            lines += [f"![{name}]({name}.png)", ""]
+    with open(os.path.join(out_dir, "report.md"), "w") as f:
+        f.write("\n".join(lines))
+    print(f"results in {out_dir}" + (f"; FAILED: {', '.join(failed)}" if failed else ""),
+          file=sys.stderr)
+    return 1 if failed else 0

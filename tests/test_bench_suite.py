@@ -1,0 +1,40 @@
+"""The quick benchmark suite as a smoke test: every scenario runs both
+engines, verifies what they wrote, and produces non-empty results."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks.suite import NAMES
+
+pytestmark = pytest.mark.qemu
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _numbers(doc):
+    if isinstance(doc, dict):
+        for v in doc.values():
+            yield from _numbers(v)
+    elif isinstance(doc, list):
+        for v in doc:
+            yield from _numbers(v)
+    elif isinstance(doc, (int, float)) and not isinstance(doc, bool):
+        yield doc
+
+
+def test_quick_suite(tmp_path):
+    p = subprocess.run([sys.executable, "-m", "benchmarks", "--quick", "--out", str(tmp_path)],
+                       cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stderr[-3000:]
+    report = (tmp_path / "report.md").read_text()
+    assert "FAILED" not in report
+    for name in NAMES:
+        assert f"## {name}" in report
+        text = (tmp_path / f"{name}.json").read_text()
+        assert "qcow2fast" in text and "qemu" in text, name
+        numbers = list(_numbers(json.loads(text)))
+        assert numbers and any(n > 0 for n in numbers), name
+    assert (tmp_path / "l2-cache.png").stat().st_size > 10_000
