@@ -27,6 +27,9 @@ SCENARIOS = [
      "pread/pwrite loop as the physical limit.", False),
     ("l2-cache", "benchmarks.l2cache_bench",
      "4 KiB random-read IOPS against L2 cache size and cache entry size.", True),
+    ("cluster-size", "benchmarks.clustersize_bench",
+     "Sequential and random 4 KiB reads and writes, image growth and metadata size for "
+     "cluster sizes 4 KiB to 2 MiB.", True),
     ("subclusters", "benchmarks.subcluster_bench",
      "Allocating 4 KiB writes over a populated backing file: traditional versus extended "
      "L2 entries.", False),
