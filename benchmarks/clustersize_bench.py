@@ -20,11 +20,11 @@ import json
 import os
 import shutil
 import sys
-import time
 
-from .common import (MiB, BenchError, bench_parser, choose_tmpdir, human, log, run, summarise)
-from .io_bench import Qemu, probe_aio, warm_page_cache
+from .common import MiB, BenchError, bench_parser, human, log, run, scenario_main, summarise
+from .io_bench import Qemu, warm_page_cache
 from .io_config import REQ, WRITE_PATTERN
+from .report import md_table, panels, save_figure
 
 CLUSTERS = [4 << 10, 16 << 10, 64 << 10, 256 << 10, 1 << 20, 2 << 20]
 PATTERNS = {"seq": REQ, "random": 7919 * REQ}
@@ -93,28 +93,26 @@ def bench_cluster(a, tmpdir, cs):
     return row
 
 
+def collect(a, tmpdir):
+    return [bench_cluster(a, tmpdir, cs) for cs in CLUSTERS]
+
+
 def report(results, out=sys.stdout):
     keys = [f"{op}-{p}" for p in PATTERNS for op in ("write", "read")]
     print("\nIOPS, qemu-img bench / qcow2fast (queue depth 1, 4 KiB):\n", file=out)
-    print("| clusters | " + " | ".join(keys) + " | growth qemu / ours | metadata qemu / ours |",
-          file=out)
-    print("|---" * (len(keys) + 3) + "|", file=out)
-    for r in results:
-        cells = [f"{r['iops'][k]['qemu']:,.0f} / {r['iops'][k]['qcow2fast']:,.0f}" for k in keys]
-        print(f"| {human(r['cluster_size'])} | " + " | ".join(cells) +
-              f" | {r['growth']['qemu']:.2f} / {r['growth']['qcow2fast']:.2f} | "
-              f"{r['metadata']['qemu'] / 1024:,.0f} / {r['metadata']['qcow2fast'] / 1024:,.0f} KiB |",
-              file=out)
+    md_table(["clusters", *keys, "growth qemu / ours", "metadata qemu / ours"],
+             [[human(r["cluster_size"]),
+               *(f"{r['iops'][k]['qemu']:,.0f} / {r['iops'][k]['qcow2fast']:,.0f}" for k in keys),
+               f"{r['growth']['qemu']:.2f} / {r['growth']['qcow2fast']:.2f}",
+               f"{r['metadata']['qemu'] / 1024:,.0f} / {r['metadata']['qcow2fast'] / 1024:,.0f} KiB"]
+              for r in results], out)
 
 
 def plot(results, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     keys = [f"{op}-{p}" for p in PATTERNS for op in ("write", "read")]
-    fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.6), squeeze=False)
+    fig, axes = panels(len(keys))
     x = [r["cluster_size"] / 1024 for r in results]
-    for ax, k in zip(axes[0], keys):
+    for ax, k in zip(axes, keys):
         for e, marker in (("qemu", "o-"), ("qcow2fast", "s-")):
             ax.plot(x, [r["iops"][k][e] for r in results], marker,
                     label="qemu-img bench" if e == "qemu" else e)
@@ -124,10 +122,8 @@ def plot(results, path):
         ax.set_xlabel("cluster size (KiB)")
         ax.set_ylabel("4 KiB requests / s")
         ax.grid(True, which="both", alpha=0.3)
-    axes[0][0].legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    axes[0].legend()
+    save_figure(fig, path)
 
 
 def main(argv=None):
@@ -139,27 +135,9 @@ def main(argv=None):
     a.size, a.count, a.runs = mode["size"], mode["count"], a.runs or mode["runs"]
     if not shutil.which(a.qemu_img):
         p.error(f"{a.qemu_img} not found (Debian: apt-get install qemu-utils)")
-    t0 = time.perf_counter()
-    try:
-        tmpdir, _ = choose_tmpdir(a.tmpdir, 2 * a.size + 64 * MiB,
-                                  prefix="qcow2fast-clustersize-bench-")
-        try:
-            a.aio, _ = probe_aio(a.qemu_img, tmpdir)
-            results = [bench_cluster(a, tmpdir, cs) for cs in CLUSTERS]
-        finally:
-            shutil.rmtree(tmpdir, ignore_errors=True)
-    except BenchError as e:
-        log(f"clustersize_bench: {e}")
-        return 1
-    report(results)
-    if a.plot:
-        plot(results, a.plot)
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump({"size": a.size, "count": a.count, "runs": a.runs, "results": results}, f,
-                      indent=1)
-    print(f"\ntotal time {time.perf_counter() - t0:.0f} s")
-    return 0
+    meta = {"size": a.size, "count": a.count, "runs": a.runs}
+    return scenario_main(a, "clustersize-bench", 2 * a.size + 64 * MiB, collect, report, plot,
+                         meta, aio=True)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 its filesystems, statistics over repeated runs."""
 
 import argparse
+import json
 import os
 import re
 import shutil
@@ -9,6 +10,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -75,6 +77,33 @@ def bench_parser(prog, doc, quick_help):
     p.add_argument("--qemu-img", default=shutil.which("qemu-img") or "qemu-img",
                    help="qemu-img binary")
     return p
+
+
+def scenario_main(a, name, need_bytes, collect, report, plot=None, meta=None, aio=False):
+    """The body of a scenario's main(): a scratch directory (removed after),
+    ``collect(a, tmpdir)``, then the report, the plot (``a.plot``) and the
+    JSON (``a.json``: ``meta`` plus the results).  Returns the exit status."""
+    t0 = time.perf_counter()
+    try:
+        tmpdir, _ = choose_tmpdir(a.tmpdir, need_bytes, prefix=f"qcow2fast-{name}-")
+        try:
+            if aio:
+                from .io_bench import probe_aio
+                a.aio, _ = probe_aio(a.qemu_img, tmpdir)
+            results = collect(a, tmpdir)
+        finally:
+            shutil.rmtree(tmpdir, ignore_errors=True)
+    except BenchError as e:
+        log(f"{name}: {e}")
+        return 1
+    report(results)
+    if plot is not None and getattr(a, "plot", None):
+        plot(results, a.plot)
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({**(meta or {}), "results": results}, f, indent=1)
+    print(f"\ntotal time {time.perf_counter() - t0:.0f} s")
+    return 0
 
 
 def choose_tmpdir(requested, need_bytes, prefix="qcow2fast-io-bench-"):

@@ -15,11 +15,11 @@ jump (the published result: more than 10x).  qemu gets the sizes through
 import os
 import shutil
 import sys
-import time
 
-from .common import (GiB, MiB, BenchError, bench_parser, choose_tmpdir, human, log, run,
+from .common import (GiB, MiB, BenchError, bench_parser, human, log, run, scenario_main,
                      summarise)
-from .io_bench import probe_aio, warm_page_cache
+from .io_bench import warm_page_cache
+from .report import md_table, panels, save_figure
 from .io_config import RUN_RE
 
 STEP = 7919 * 4096
@@ -101,23 +101,19 @@ def collect(a, tmpdir):
 
 
 def report(results, out=sys.stdout):
-    print("\n| clusters | entry | L2 cache | covers | qemu IOPS | qcow2fast IOPS | vs qemu | "
-          "hit rate |", file=out)
-    print("|---|---|---|---|---|---|---|---|", file=out)
-    for r in results:
-        print(f"| {human(r['cluster_size'])} | {human(r['entry_size'])} | "
-              f"{human(r['l2_cache_size'])} | {r['covers']:.0%} | {r['qemu_iops']:,.0f} | "
-              f"{r['qcow2fast_iops']:,.0f} | {r['qcow2fast_iops'] / r['qemu_iops']:.2f}x | "
-              f"{r['qcow2fast_hit_rate']:.1%} |", file=out)
+    print(file=out)
+    md_table(["clusters", "entry", "L2 cache", "covers", "qemu IOPS", "qcow2fast IOPS", "vs qemu",
+              "hit rate"],
+             [[human(r["cluster_size"]), human(r["entry_size"]), human(r["l2_cache_size"]),
+               f"{r['covers']:.0%}", f"{r['qemu_iops']:,.0f}", f"{r['qcow2fast_iops']:,.0f}",
+               f"{r['qcow2fast_iops'] / r['qemu_iops']:.2f}x", f"{r['qcow2fast_hit_rate']:.1%}"]
+              for r in results], out)
 
 
 def plot(results, path):
     """IOPS against L2 cache size, one panel per (cluster size, entry size)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, len(CONFIGS), figsize=(4.2 * len(CONFIGS), 3.6), squeeze=False)
-    for ax, (cs, entry) in zip(axes[0], CONFIGS):
+    fig, axes = panels(len(CONFIGS))
+    for ax, (cs, entry) in zip(axes, CONFIGS):
         rows = [r for r in results if (r["cluster_size"], r["entry_size"]) == (cs, entry)]
         x = [r["l2_cache_size"] / 1024 for r in rows]
         ax.plot(x, [r["qemu_iops"] for r in rows], "o-", label="qemu-img bench")
@@ -128,10 +124,8 @@ def plot(results, path):
         ax.set_xlabel("L2 cache size (KiB)")
         ax.set_ylabel("4 KiB random reads / s")
         ax.grid(True, which="both", alpha=0.3)
-    axes[0][0].legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    axes[0].legend()
+    save_figure(fig, path)
 
 
 def main(argv=None):
@@ -143,27 +137,8 @@ def main(argv=None):
     a.size, a.count, a.runs = mode["size"], mode["count"], a.runs or mode["runs"]
     if not shutil.which(a.qemu_img):
         p.error(f"{a.qemu_img} not found (Debian: apt-get install qemu-utils)")
-    t0 = time.perf_counter()
-    try:
-        tmpdir, _ = choose_tmpdir(a.tmpdir, 256 * MiB, prefix="qcow2fast-l2cache-bench-")
-        try:
-            a.aio, _ = probe_aio(a.qemu_img, tmpdir)
-            results = collect(a, tmpdir)
-        finally:
-            shutil.rmtree(tmpdir, ignore_errors=True)
-    except BenchError as e:
-        log(f"l2cache_bench: {e}")
-        return 1
-    report(results)
-    if a.plot:
-        plot(results, a.plot)
-    if a.json:
-        import json
-        with open(a.json, "w") as f:
-            json.dump({"size": a.size, "count": a.count, "runs": a.runs, "results": results}, f,
-                      indent=1)
-    print(f"\ntotal time {time.perf_counter() - t0:.0f} s")
-    return 0
+    meta = {"size": a.size, "count": a.count, "runs": a.runs}
+    return scenario_main(a, "l2cache-bench", 256 * MiB, collect, report, plot, meta, aio=True)
 
 
 if __name__ == "__main__":

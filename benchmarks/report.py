@@ -14,6 +14,30 @@ from .io_config import (CLUSTER, ENGINE_LABEL, ENGINES, FILL_PATTERN, QEMU_ENGIN
 # -- reporting -------------------------------------------------------------------------------
 
 
+def md_table(header, rows, out=sys.stdout):
+    """Print a Markdown table."""
+    print("| " + " | ".join(header) + " |", file=out)
+    print("|" + "---|" * len(header), file=out)
+    for row in rows:
+        print("| " + " | ".join(str(c) for c in row) + " |", file=out)
+
+
+def panels(n, width=4.2, height=3.6):
+    """A figure of ``n`` side-by-side panels (matplotlib, no display)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, n, figsize=(width * n, height), squeeze=False)
+    return fig, axes[0]
+
+
+def save_figure(fig, path):
+    import matplotlib.pyplot as plt
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def fmt_ratio(info):
     if not info:
         return "-"

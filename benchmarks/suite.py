@@ -33,6 +33,9 @@ SCENARIOS = [
     ("subclusters", "benchmarks.subcluster_bench",
      "Allocating 4 KiB writes over a populated backing file: traditional versus extended "
      "L2 entries.", False),
+    ("jitter", "benchmarks.jitter_bench",
+     "Latency of a steady stream of small allocating writes under each cache mode, lazy "
+     "refcounts off and on.", True),
     ("check", "benchmarks.check_bench",
      "qcow2fast check beside qemu-img check on large images.", False),
     ("nbd", "benchmarks.nbd_bench",

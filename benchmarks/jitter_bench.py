@@ -1,0 +1,142 @@
+"""Latency jitter of small allocating writes under each cache mode, with lazy
+refcounts on and off (after jitterd), qcow2fast beside qemu-io.
+
+    python -m benchmarks.jitter_bench [--quick] [--json OUT] [--plot OUT.png]
+
+A steady stream of 4 KiB writes, each into a new 64 KiB cluster of an empty
+image (so every one allocates), at queue depth 1.  For every cache mode
+(writeback, writethrough, none, directsync, unsafe) and lazy refcounts off
+and on: the latency of every request, its percentiles, the worst stall, and
+the total time spent in stalls over 200 ms per 10 s of run.  qcow2fast's
+latencies come from its request loop; qemu's from qemu-io, one ``write``
+command per request (qemu-io times each command itself: its "ops/sec" is
+one over the request's latency).  Every run: both images pass qemu-img
+check and compare equal.
+"""
+
+import os
+import re
+import shutil
+import sys
+
+import numpy as np
+
+from .common import BenchError, bench_parser, log, run, scenario_main
+from .report import md_table, panels, save_figure
+
+CLUSTER = 64 << 10
+REQ = 4096
+PATTERN = 0x5A
+MODES_CACHE = ["writeback", "writethrough", "none", "directsync", "unsafe"]
+STALL_NS = 200_000_000
+MODES = {"full": {"count": 20000}, "quick": {"count": 1000}}
+OPS_RE = re.compile(r"and ([0-9.]+) ops/sec\)")
+
+
+def create(a, path, lazy):
+    if os.path.exists(path):
+        os.unlink(path)
+    run([a.qemu_img, "create", "-q", "-f", "qcow2", "-o",
+         f"cluster_size={CLUSTER},lazy_refcounts={'on' if lazy else 'off'}", path,
+         str(a.count * CLUSTER)])
+
+
+def qemu_latencies(a, path, cache):
+    cmds = []
+    for i in range(a.count):
+        cmds += ["-c", f"write -P {PATTERN} {i * CLUSTER} {REQ}"]
+    p = run([a.qemu_io, "-f", "qcow2", "-t", cache, *cmds, path])
+    ops = [float(m) for m in OPS_RE.findall(p.stdout)]
+    if len(ops) != a.count:
+        raise BenchError(f"qemu-io printed {len(ops)} timings for {a.count} writes")
+    return np.array([1e9 / o for o in ops], dtype=np.int64)
+
+
+def qf_latencies(path, cache, count):
+    import qcow2fast
+    from qcow2fast import bench
+    with qcow2fast.open(path, "r+", cache_mode=cache, cache_clean_interval=0) as img:
+        offs = np.arange(count, dtype=np.int64) * CLUSTER
+        return bench.run(img, offs, bench.write_mask(count, 100, 0), REQ,
+                         pattern=PATTERN).latencies_ns
+
+
+def summary(lat):
+    """Percentiles (µs), the worst stall and the stall time per 10 s of run."""
+    total = float(lat.sum()) / 1e9
+    stalls = float(lat[lat > STALL_NS].sum()) / 1e9
+    p = np.percentile(lat, [50, 99, 99.9]) / 1000
+    return {"p50_us": p[0], "p99_us": p[1], "p999_us": p[2], "max_ms": float(lat.max()) / 1e6,
+            "run_s": total, "stall_s_per_10s": stalls * 10 / total if total else 0.0}
+
+
+def collect(a, tmpdir):
+    results = []
+    paths = {"qemu": os.path.join(tmpdir, "q.qcow2"), "qcow2fast": os.path.join(tmpdir, "f.qcow2")}
+    for lazy in (False, True):
+        for cache in MODES_CACHE:
+            lat = {}
+            for e, path in paths.items():
+                create(a, path, lazy)
+                lat[e] = (qemu_latencies(a, path, cache) if e == "qemu"
+                          else qf_latencies(path, cache, a.count))
+                run([a.qemu_img, "check", path])
+            if run([a.qemu_img, "compare", *paths.values()], check=False).returncode:
+                raise BenchError(f"{cache}, lazy={lazy}: the images differ")
+            row = {"cache": cache, "lazy_refcounts": lazy,
+                   "summary": {e: summary(v) for e, v in lat.items()},
+                   "latencies_us": {e: (v / 1000).round(1).tolist() for e, v in lat.items()}}
+            s = row["summary"]
+            log(f"  {cache:12} lazy={'on ' if lazy else 'off'}: p99 qemu {s['qemu']['p99_us']:.0f}"
+                f" us / qcow2fast {s['qcow2fast']['p99_us']:.0f} us, max "
+                f"{s['qemu']['max_ms']:.1f} / {s['qcow2fast']['max_ms']:.1f} ms")
+            results.append(row)
+    return results
+
+
+def report(results, out=sys.stdout):
+    print("\nLatency of 4 KiB allocating writes, qemu-io / qcow2fast:\n", file=out)
+    rows = []
+    for r in results:
+        q, f = r["summary"]["qemu"], r["summary"]["qcow2fast"]
+        rows.append([r["cache"], "on" if r["lazy_refcounts"] else "off",
+                     f"{q['p50_us']:.1f} / {f['p50_us']:.1f}",
+                     f"{q['p99_us']:.0f} / {f['p99_us']:.0f}",
+                     f"{q['p999_us']:.0f} / {f['p999_us']:.0f}",
+                     f"{q['max_ms']:.1f} / {f['max_ms']:.1f}",
+                     f"{q['stall_s_per_10s']:.2f} / {f['stall_s_per_10s']:.2f} s"])
+    md_table(["cache", "lazy refcounts", "p50 us", "p99 us", "p99.9 us", "worst ms",
+              "stalls > 200 ms per 10 s"], rows, out)
+
+
+def plot(results, path):
+    """Latency over the run, one panel per cache mode (lazy refcounts off)."""
+    rows = [r for r in results if not r["lazy_refcounts"]]
+    fig, axes = panels(len(rows), 3.8, 3.4)
+    for ax, r in zip(axes, rows):
+        for e in ("qemu", "qcow2fast"):
+            ax.plot(r["latencies_us"][e], ".", markersize=1.5,
+                    label="qemu-io" if e == "qemu" else e)
+        ax.set_yscale("log")
+        ax.set_title(f"cache={r['cache']}")
+        ax.set_xlabel("request")
+        ax.set_ylabel("latency (us)")
+    axes[0].legend(markerscale=6)
+    save_figure(fig, path)
+
+
+def main(argv=None):
+    p = bench_parser("python -m benchmarks.jitter_bench", __doc__, "1000 writes per configuration")
+    p.add_argument("--plot", metavar="PNG", help="write the plot here")
+    p.add_argument("--qemu-io", default=shutil.which("qemu-io") or "qemu-io")
+    a = p.parse_args(argv)
+    a.count = MODES["quick" if a.quick else "full"]["count"]
+    for tool in (a.qemu_img, a.qemu_io):
+        if not shutil.which(tool):
+            p.error(f"{tool} not found (Debian: apt-get install qemu-utils)")
+    return scenario_main(a, "jitter-bench", 2 * a.count * REQ + (64 << 20), collect, report,
+                         plot, {"count": a.count})
+
+
+if __name__ == "__main__":
+    sys.exit(main())
