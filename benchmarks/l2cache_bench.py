@@ -4,7 +4,7 @@
 
 The experiment of qemu's docs/qcow2-cache.txt: a fully mapped image (20 GiB
 virtual, preallocation=metadata; 2 GiB with --quick) read at 4 KiB
-requests scattered over the whole disk (offsets i * 7919 * 4 KiB mod size,
+requests scattered over the whole disk (offsets i * 104729 * 4 KiB mod size,
 queue depth 1) with L2 caches from far too small to covering the disk, for
 64 KiB and 2 MiB clusters and for l2-cache-entry-size 4 KiB and a whole
 cluster.  Once the cache covers the working set every lookup hits and IOPS
@@ -22,7 +22,7 @@ from .io_bench import warm_page_cache
 from .report import md_table, panels, save_figure
 from .io_config import RUN_RE
 
-STEP = 7919 * 4096
+STEP = 104729 * 4096        # ~409 MiB: neighbours fall in different L2 slices
 CONFIGS = [(64 << 10, 4096), (64 << 10, 64 << 10), (2 << 20, 4096), (2 << 20, 2 << 20)]
 FRACTIONS = [1 / 64, 1 / 16, 1 / 4, 1 / 2, 1, 2]
 MODES = {"full": {"size": 20 * GiB, "count": 40000, "runs": 3},

@@ -33,6 +33,9 @@ def panels(n, width=4.2, height=3.6):
 
 def save_figure(fig, path):
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
+    for ax in fig.axes:
+        ax.xaxis.set_minor_formatter(NullFormatter())     # no crowded log-scale labels
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
