@@ -259,6 +259,19 @@ def warm_page_cache(*paths):
                 pass
 
 
+def settle_page_cache(*paths):
+    """The same page-cache history for every file: written back (blocks
+    allocated), dropped, then read once the same way."""
+    os.sync()
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+    warm_page_cache(*paths)
+
+
 def probe_aio(qemu_img, tmpdir):
     """qemu's fastest AIO mode here: io_uring, else threads."""
     path = os.path.join(tmpdir, "probe.qcow2")
@@ -385,16 +398,7 @@ class IoBench:
              "-s", str(chunk), "-S", str(chunk), f"--pattern={FILL_PATTERN}", "-t",
              "writeback", "-i", self.aio, self.data_qcow2])
         run([a.qemu_img, "convert", "-f", "qcow2", "-O", "raw", self.data_qcow2, self.data_raw])
-        # Same page-cache history for both files: written back, dropped,
-        # then read once the same way.
-        os.sync()
-        for path in (self.data_qcow2, self.data_raw):
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
-        warm_page_cache(self.data_qcow2, self.data_raw)
+        settle_page_cache(self.data_qcow2, self.data_raw)
         if "host" in self.engines:
             self.to_host = host_map(a.qemu_img, self.data_qcow2)
         log(f"  data image: {human(a.size)} written by qemu-img in "

@@ -25,6 +25,9 @@ SCENARIOS = [
     ("cached-io", "benchmarks.io_bench",
      "Cached reads, overwrites and allocating writes at queue depth 1, with a raw-file "
      "pread/pwrite loop as the physical limit.", False),
+    ("threads", "benchmarks.threads_bench",
+     "Cached reads and overwrites at queue depth 1, 2 and 4 (threads sharing the image), "
+     "with the raw-file limit.", True),
     ("l2-cache", "benchmarks.l2cache_bench",
      "4 KiB random-read IOPS against L2 cache size and cache entry size.", True),
     ("cluster-size", "benchmarks.clustersize_bench",
