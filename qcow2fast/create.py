@@ -8,6 +8,7 @@ image.
 """
 
 import os
+from typing import NamedTuple, Optional
 
 import numpy as np
 
@@ -29,6 +30,86 @@ def create(path, size=None, *, cluster_size=65536, compat="1.1", refcount_bits=1
     size is used.  Sizes are rounded up to a multiple of 512, as qemu does.
     """
     path = os.fspath(path)
+    st = validate_options(path, size, cluster_size=cluster_size, compat=compat,
+                          refcount_bits=refcount_bits, lazy_refcounts=lazy_refcounts,
+                          backing_file=backing_file, backing_format=backing_format,
+                          compression_type=compression_type, preallocation=preallocation)
+    size, refcount_order = st.size, st.refcount_order
+
+    geo = st.geometry()
+    cs = geo.cluster_size
+    # The header starts with size 0 (no L1 table needed); the L1 table is
+    # allocated once the image is open, then the size is set.
+    h = st.header(refcount_table_offset=cs, refcount_table_clusters=1)
+    head = h.pack()
+    reftable = np.zeros(cs // 8, dtype=">u8")
+    reftable[0] = 2 * cs
+    refblock = np.zeros(geo.rb_entries, dtype=np.uint64)
+    refblock[:3] = 1                        # header, refcount table, this block
+    block = np.zeros(cs, dtype=np.uint8)
+    from ._ext.kernels import refcount_encode
+    refcount_encode(refblock, refcount_order, block)
+    f = File(path, writable=True, create=True)
+    try:
+        f.pwrite(head.ljust(cs, b"\0") + reftable.tobytes() + block.tobytes(), 0)
+    finally:
+        f.close()
+
+    from .image import Image
+    with Image(path, "r+", cache_mode="unsafe", backing=False,
+               cache_clean_interval=0) as img:
+        m = img.mapping
+        m.grow_l1(geo.l1_size_for(size), img.refcounts, img._barrier, img._flush_refcounts)
+        img._set_l1(m.l1)
+        img.header.size = size
+        img._write_header_field("size")
+        img._set_size(size)
+        if preallocation != "off":
+            _preallocate(img, preallocation)
+    f = File(path, writable=True)
+    try:
+        f.sync_all()
+    finally:
+        f.close()
+
+
+class Settings(NamedTuple):
+    """Validated creation options (what a new image's header says)."""
+    size: int
+    version: int
+    cluster_bits: int
+    refcount_order: int
+    compression_type: int
+    lazy_refcounts: bool
+    backing_file: Optional[str]
+    backing_format: Optional[str]
+    preallocation: str
+
+    def geometry(self):
+        return Geometry(self.cluster_bits, self.refcount_order)
+
+    def header(self, **fields):
+        """A Header for these settings (size 0 unless given in ``fields``)."""
+        h = hdr.Header(version=self.version, cluster_bits=self.cluster_bits,
+                       refcount_order=self.refcount_order,
+                       compression_type=self.compression_type,
+                       backing_file=self.backing_file or None,
+                       backing_format=self.backing_format, **fields)
+        if self.version == 3:
+            if self.lazy_refcounts:
+                h.compatible_features |= hdr.COMPAT_LAZY_REFCOUNTS
+            if self.compression_type != hdr.COMPRESSION_ZLIB:
+                h.incompatible_features |= hdr.INCOMPAT_COMPRESSION
+        else:
+            h.header_length = hdr.V2_HEADER_LENGTH
+        return h
+
+
+def validate_options(path, size=None, *, cluster_size=65536, compat="1.1", refcount_bits=16,
+                     lazy_refcounts=False, backing_file=None, backing_format=None,
+                     compression_type="zlib", preallocation="off", size_known=True):
+    """Check create()'s options as qemu does; returns :class:`Settings`.
+    ``size_known=False`` skips the size checks (a stream of unknown length)."""
     cluster_bits = _log2(cluster_size, "cluster_size")
     if not hdr.MIN_CLUSTER_BITS <= cluster_bits <= hdr.MAX_CLUSTER_BITS:
         raise InvalidArgumentError("cluster_size must be a power of two between 512 B and 2 MiB")
@@ -61,63 +142,21 @@ def create(path, size=None, *, cluster_size=65536, compat="1.1", refcount_bits=1
         bpath = resolve_backing_path(path, backing_file)
         if backing_format is None:
             backing_format = probe_format(bpath)
-        if size is None:
+        if size is None and size_known:
             size = _image_size(bpath, backing_format)
-    if size is None:
-        raise InvalidArgumentError("size is required without a backing file")
-    if size < 0:
-        raise InvalidArgumentError(f"size must not be negative ({size})")
-    size = -(-int(size) // 512) * 512
     if backing_file and len(backing_file.encode()) > hdr.MAX_BACKING_FILE_SIZE:
         raise InvalidArgumentError("backing file name longer than 1023 bytes")
-
-    geo = Geometry(cluster_bits, refcount_order)
-    if geo.l1_size_for(size) > hdr.MAX_L1_BYTES // 8:
-        raise InvalidArgumentError(f"size {size} is too large for cluster_size {cluster_size}")
-    cs = geo.cluster_size
-    # The header starts with size 0 (no L1 table needed); the L1 table is
-    # allocated once the image is open, then the size is set.
-    h = hdr.Header(version=version, cluster_bits=cluster_bits, size=0,
-                   refcount_table_offset=cs, refcount_table_clusters=1,
-                   refcount_order=refcount_order, compression_type=ctype,
-                   backing_file=backing_file or None, backing_format=backing_format)
-    if version == 3:
-        if lazy_refcounts:
-            h.compatible_features |= hdr.COMPAT_LAZY_REFCOUNTS
-        if ctype != hdr.COMPRESSION_ZLIB:
-            h.incompatible_features |= hdr.INCOMPAT_COMPRESSION
-    else:
-        h.header_length = hdr.V2_HEADER_LENGTH
-    head = h.pack()
-    reftable = np.zeros(cs // 8, dtype=">u8")
-    reftable[0] = 2 * cs
-    refblock = np.zeros(geo.rb_entries, dtype=np.uint64)
-    refblock[:3] = 1                        # header, refcount table, this block
-    block = np.zeros(cs, dtype=np.uint8)
-    from ._ext.kernels import refcount_encode
-    refcount_encode(refblock, refcount_order, block)
-    f = File(path, writable=True, create=True)
-    try:
-        f.pwrite(head.ljust(cs, b"\0") + reftable.tobytes() + block.tobytes(), 0)
-    finally:
-        f.close()
-
-    from .image import Image
-    with Image(path, "r+", cache_mode="unsafe", backing=False,
-               cache_clean_interval=0) as img:
-        m = img.mapping
-        m.grow_l1(geo.l1_size_for(size), img.refcounts, img._barrier, img._flush_refcounts)
-        img._set_l1(m.l1)
-        img.header.size = size
-        img._write_header_field("size")
-        img._set_size(size)
-        if preallocation != "off":
-            _preallocate(img, preallocation)
-    f = File(path, writable=True)
-    try:
-        f.sync_all()
-    finally:
-        f.close()
+    if size_known:
+        if size is None:
+            raise InvalidArgumentError("size is required without a backing file")
+        if size < 0:
+            raise InvalidArgumentError(f"size must not be negative ({size})")
+        size = -(-int(size) // 512) * 512
+        if Geometry(cluster_bits, refcount_order).l1_size_for(size) > hdr.MAX_L1_BYTES // 8:
+            raise InvalidArgumentError(f"size {size} is too large for cluster_size "
+                                       f"{cluster_size}")
+    return Settings(size, version, cluster_bits, refcount_order, ctype, bool(lazy_refcounts),
+                    backing_file or None, backing_format, preallocation)
 
 
 def _preallocate(img, mode):

@@ -22,6 +22,13 @@ def _round_up(n, m):
 def refcount_metadata_size(clusters, cluster_size, refcount_order):
     """Bytes of refcount table and blocks needed to count ``clusters``
     clusters plus themselves."""
+    return sum(refcount_structure_clusters(clusters, cluster_size, refcount_order)) \
+        * cluster_size
+
+
+def refcount_structure_clusters(clusters, cluster_size, refcount_order):
+    """(refcount blocks, refcount table clusters) needed to count
+    ``clusters`` clusters plus themselves: the fixed point."""
     per_table_cluster = cluster_size // REFTABLE_ENTRY_SIZE
     per_block = cluster_size * 8 // (1 << refcount_order)
     table = blocks = 0
@@ -32,7 +39,7 @@ def refcount_metadata_size(clusters, cluster_size, refcount_order):
         table = -(-blocks // per_table_cluster)
         n = clusters + blocks + table
         if n == last:
-            return (blocks + table) * cluster_size
+            return blocks, table
 
 
 def prealloc_size(virtual_size, cluster_size, refcount_order):

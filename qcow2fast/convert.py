@@ -1,0 +1,501 @@
+"""Converting images (qemu-img convert): raw/qcow2 sources, possibly several
+concatenated or a raw stream on stdin, into a new qcow2 or raw image, a file
+or a stream (stdout).
+
+The guest disk is cut into *units* (the destination's cluster for qcow2,
+the sparse size for raw) and processed in batches of units on a thread
+pool: read (only units that hold data, from the sources' block status),
+zero detection (qemu's -S), compression.  Batches are written in order by
+the calling thread; at most ``2 * threads`` batches are in flight, so memory
+stays bounded.  A new qcow2 image is laid out by qcow2_writer (data first,
+metadata computed at the end); an existing target (-n) and preallocated
+images go through Image.write.
+
+A new destination file is written under a temporary name in the same
+directory and renamed over ``dest`` only once complete, so a failed or
+interrupted conversion leaves no half-written image behind.
+"""
+
+import concurrent.futures
+import os
+import sys
+import threading
+
+import numpy as np
+import zstandard
+from zlib_ng import zlib_ng
+
+from . import header as hdr
+from .backing import RawImage, probe_format
+from .create import create, validate_options
+from .errors import InvalidArgumentError, Qcow2Error, UnsupportedFeatureError
+from .qcow2_writer import COMPRESSED, DATA, UNALLOCATED, ZERO, Qcow2Writer, pwrite_all
+
+BATCH_BYTES = 4 << 20
+STDIN = "-"
+# Unit classification before reading: nothing to do, reads as zeros but must
+# be written as zeros (a top layer over a backing file), or must be read.
+SKIP, MUST_ZERO, READ = 0, 1, 2
+
+
+class ConvertError(Qcow2Error):
+    """Reading a source failed; the message names the source and offset."""
+
+
+# -- sources ---------------------------------------------------------------------------
+
+
+class Sources:
+    """Several images concatenated (qemu-img convert's SRC1 SRC2 ...)."""
+
+    def __init__(self, images, names):
+        self.images, self.names = images, names
+        self.starts = np.cumsum([0] + [im.size for im in images]).tolist()
+        self.size = self.starts[-1]
+
+    def pieces(self, offset, length):
+        """(image index, offset in it, offset in the range, length) covering the range."""
+        end = offset + length
+        for i, im in enumerate(self.images):
+            a, b = max(offset, self.starts[i]), min(end, self.starts[i + 1])
+            if a < b:
+                yield i, a - self.starts[i], a - offset, b - a
+
+    def readinto(self, offset, mv):
+        for i, off, at, n in self.pieces(offset, len(mv)):
+            try:
+                self.images[i].readinto(off, mv[at:at + n])
+            except (Qcow2Error, OSError) as e:
+                raise ConvertError(f"error while reading {self.names[i]!r} at offset "
+                                   f"{off:#x}: {e}") from e
+
+    def extents(self):
+        """(offset, length, kind, depth) over the whole concatenation."""
+        for i, im in enumerate(self.images):
+            try:
+                exts = im.block_status(0, im.size) if im.size else []
+            except (Qcow2Error, OSError) as e:
+                raise ConvertError(f"error while reading the metadata of {self.names[i]!r}: "
+                                   f"{e}") from e
+            for e in exts:
+                yield self.starts[i] + e.offset, e.length, e.kind, e.depth
+
+    def close(self):
+        for im in self.images:
+            im.close()
+
+
+def open_sources(names, fmt):
+    images = []
+    try:
+        for name in names:
+            path = os.fspath(name)
+            if not os.path.exists(path):
+                raise FileNotFoundError(2, "Could not open source image", path)
+            f = fmt or probe_format(path)
+            if f == "qcow2":
+                from .image import Image
+                images.append(Image(path, "r", cache_clean_interval=0))
+            elif f == "raw":
+                images.append(RawImage(path))
+            else:
+                raise InvalidArgumentError(f"unknown or unsupported source format {f!r}")
+    except BaseException:
+        for im in images:
+            im.close()
+        raise
+    return Sources(images, [os.fspath(n) for n in names])
+
+
+def classify(src, unit, *, top_only):
+    """Per unit: READ where any byte is data, MUST_ZERO where the output must
+    say zero explicitly (``top_only``: zeros in the source's top layer over a
+    backing file), else SKIP.  Built from block status: no data is read."""
+    n = -(-src.size // unit)
+    marks = {READ: np.zeros(n + 1, np.int64), MUST_ZERO: np.zeros(n + 1, np.int64)}
+    for off, length, kind, depth in src.extents():
+        if top_only and depth > 0:
+            continue
+        what = READ if kind in ("data", "compressed") else MUST_ZERO if top_only else None
+        if what is None:
+            continue
+        marks[what][off // unit] += 1                   # a difference array:
+        marks[what][-(-(off + length) // unit)] -= 1     # +1 at start, -1 past the end
+    out = np.full(n, SKIP, np.uint8)
+    out[np.cumsum(marks[MUST_ZERO])[:n] > 0] = MUST_ZERO
+    out[np.cumsum(marks[READ])[:n] > 0] = READ
+    return out
+
+
+# -- compression -----------------------------------------------------------------------
+
+
+class Compressor:
+    """One cluster at a time, per qcow2's compression types; one zstd
+    compressor per thread (sharing one between threads crashes)."""
+
+    def __init__(self, ctype):
+        self.ctype = ctype
+        self._local = threading.local()
+
+    def __call__(self, data):
+        if self.ctype == hdr.COMPRESSION_ZLIB:
+            # qemu: raw deflate, 4 KiB window, default level.
+            c = zlib_ng.compressobj(zlib_ng.Z_DEFAULT_COMPRESSION, zlib_ng.DEFLATED, -12)
+            return c.compress(data) + c.flush()
+        z = getattr(self._local, "zstd", None)
+        if z is None:
+            z = self._local.zstd = zstandard.ZstdCompressor()
+        return z.compress(data)
+
+
+# -- the pipeline ------------------------------------------------------------------------
+
+
+class Job:
+    """How batches are read and turned into units' kinds and payloads."""
+
+    def __init__(self, unit, *, detect_zeros, keep_zero, compress, v2_zero_as_data):
+        self.unit = unit
+        self.detect_zeros = detect_zeros      # -S: all-zero units need no data
+        self.keep_zero = keep_zero            # a zero unit is written as ZERO, not skipped
+        self.compress = compress              # Compressor or None
+        self.v2_zero_as_data = v2_zero_as_data
+
+    def process(self, buf, nvalid, marks, src, first):
+        """Read the READ units of the batch starting at unit ``first`` (when
+        ``src`` is given), then decide each unit's kind.  Returns (kinds,
+        payloads)."""
+        unit = self.unit
+        count = len(marks)
+        if src is not None:
+            base = first * unit
+            for a, b in _runs(marks == READ):
+                lo, hi = a * unit, min(b * unit, nvalid)
+                src.readinto(base + lo, buf[lo:hi])
+        kinds = np.where(marks == MUST_ZERO, ZERO, UNALLOCATED).astype(np.uint8)
+        data = marks == READ
+        if self.detect_zeros:
+            words = buf[:count * unit].view(np.uint64).reshape(count, unit // 8) \
+                if unit % 8 == 0 else buf[:count * unit].reshape(count, unit)
+            nonzero = words.any(axis=1)
+            kinds[data & ~nonzero] = ZERO if self.keep_zero else UNALLOCATED
+            data &= nonzero
+        if self.v2_zero_as_data:
+            data |= kinds == ZERO
+            kinds[data] = DATA
+        kinds[data] = DATA
+        payloads = []
+        for i in np.flatnonzero(data):
+            chunk = buf[i * unit:(i + 1) * unit]     # zeros past the source's end
+            if self.compress is not None and len(chunk) == unit:
+                c = self.compress(chunk)
+                if len(c) < unit:           # clusters that do not shrink stay plain
+                    kinds[i] = COMPRESSED
+                    chunk = c
+            payloads.append(chunk)
+        return kinds, payloads
+
+
+def _runs(mask):
+    """[a, b) index runs where ``mask`` is true."""
+    m = np.concatenate(([False], mask, [False]))
+    d = np.flatnonzero(m[1:] != m[:-1])
+    return zip(d[0::2].tolist(), d[1::2].tolist())
+
+
+def run_pipeline(job, batches, sink, threads, progress, total):
+    """Process ``batches`` (an iterator of (buf, nvalid, marks, src, first))
+    on a pool; hand results to ``sink(first, kinds, payloads, buf, nvalid)``
+    in order."""
+    window = max(2, 2 * threads)
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=threads,
+                                                 thread_name_prefix="qcow2fast-convert")
+    pending = []
+    done = 0
+    try:
+        it = iter(batches)
+        exhausted = False
+        while True:
+            while not exhausted and len(pending) < window:
+                b = next(it, None)
+                if b is None:
+                    exhausted = True
+                    break
+                pending.append((b, pool.submit(job.process, *b)))
+            if not pending:
+                break
+            (buf, nvalid, marks, _, first), fut = pending.pop(0)
+            kinds, payloads = fut.result()
+            sink(first, kinds, payloads, buf, nvalid)
+            done += nvalid
+            if progress is not None:
+                progress(done, total)
+    finally:
+        for _, fut in pending:
+            fut.cancel()
+        pool.shutdown(wait=True, cancel_futures=True)
+    return done
+
+
+def seekable_batches(src, marks, unit):
+    per = max(1, BATCH_BYTES // unit)
+    for first in range(0, len(marks), per):
+        m = marks[first:first + per]
+        nvalid = min(len(m) * unit, src.size - first * unit)
+        yield np.zeros(len(m) * unit, np.uint8), nvalid, m, src, first
+
+
+def stream_batches(fd, unit, state):
+    """Batches read from a stream (stdin) in the calling thread;
+    ``state['size']`` counts the bytes read."""
+    per = max(1, BATCH_BYTES // unit)
+    first = 0
+    while True:
+        buf = np.zeros(per * unit, np.uint8)
+        mv, got = memoryview(buf), 0
+        while got < len(mv):
+            n = os.readv(fd, [mv[got:]])
+            if n == 0:
+                break
+            got += n
+        if got == 0:
+            return
+        state["size"] += got
+        count = -(-got // unit)
+        yield buf, got, np.full(count, READ, np.uint8), None, first
+        first += count
+        if got < len(mv):
+            return
+
+
+# -- destinations ---------------------------------------------------------------------------
+
+
+class Output:
+    """The destination file: a temporary name renamed over ``dest`` on
+    success (regular files), the device itself, or stdout."""
+
+    def __init__(self, dest, in_place):
+        self.dest, self.tmp, self.fd = dest, None, None
+        if dest == "-":
+            self.fd = sys.stdout.buffer.fileno()
+            sys.stdout.flush()
+            return
+        if in_place or (os.path.exists(dest) and not os.path.isfile(dest)):
+            self.fd = os.open(dest, os.O_RDWR)
+            return
+        d, base = os.path.split(os.path.abspath(dest))
+        self.tmp = os.path.join(d, f".{base}.qcow2fast-{os.getpid()}")
+        self.fd = os.open(self.tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+
+    @property
+    def path(self):
+        return self.tmp or self.dest
+
+    def commit(self):
+        if self.tmp:
+            os.fsync(self.fd)
+            os.replace(self.tmp, self.dest)
+            self.tmp = None
+
+    def close(self, ok):
+        if self.fd is not None and self.dest != "-":
+            os.close(self.fd)
+        self.fd = None
+        if self.tmp and not ok:
+            try:
+                os.unlink(self.tmp)
+            except OSError:
+                pass
+
+
+def convert(sources, dest, *, source_format=None, format="qcow2", options=None,
+            compress=False, sparse_size=4096, backing_file=None, backing_format=None,
+            existing=False, target_is_zero=False, threads=None, progress=None):
+    """Convert ``sources`` (paths; several are concatenated; ``"-"`` alone
+    is a raw stream on stdin) into ``dest`` (a path, or ``"-"`` for stdout).
+
+    The options mean what qemu-img convert's do: ``format`` is -O,
+    ``options`` -o (create()'s keyword arguments), ``compress`` -c,
+    ``sparse_size`` -S (0: fully allocated output), ``backing_file`` -B
+    (only the sources' top layer is copied), ``existing`` -n,
+    ``target_is_zero`` --target-is-zero, ``threads`` -m.  ``progress`` is
+    called as ``progress(done_bytes, total_bytes)`` after each batch, with
+    ``done`` increasing up to ``total`` (None when reading stdin).
+    """
+    options = dict(options or {})
+    if isinstance(sources, (str, os.PathLike)):
+        sources = [sources]
+    sources = [os.fspath(s) for s in sources]
+    dest = os.fspath(dest)
+    threads = threads or os.cpu_count() or 1
+    if not sources:
+        raise InvalidArgumentError("convert: no source image")
+    if format not in ("qcow2", "raw"):
+        raise InvalidArgumentError(f"unknown or unsupported output format {format!r}")
+    if sparse_size < 0 or sparse_size % 512:
+        raise InvalidArgumentError(f"sparse size {sparse_size} must be a multiple of 512")
+    if target_is_zero and not existing:
+        raise InvalidArgumentError("--target-is-zero requires -n (an existing target)")
+    if compress and format != "qcow2":
+        raise InvalidArgumentError("compression is not supported for the raw format")
+    if backing_file and (format != "qcow2" or existing):
+        raise InvalidArgumentError("a backing file (-B) needs a new qcow2 target")
+    if backing_file and len(sources) > 1:
+        raise InvalidArgumentError("having a backing file for the target makes no sense "
+                                   "when concatenating several sources")
+    if format == "raw" and options:
+        raise InvalidArgumentError(f"invalid parameter {next(iter(options))!r} for format raw")
+    stdin = sources == [STDIN]
+    if STDIN in sources and not stdin:
+        raise InvalidArgumentError("stdin ('-') can only be the only source")
+    if dest == STDIN and (format != "qcow2" or existing):
+        raise UnsupportedFeatureError("only a new qcow2 image can be written to stdout")
+    if stdin and existing:
+        raise InvalidArgumentError("-n needs a source of known size")
+
+    src = None if stdin else open_sources(sources, source_format)
+    try:
+        size = src.size if src is not None else None
+        if format == "qcow2" and not existing:
+            st = validate_options(dest if dest != STDIN else "stdout", size,
+                                  backing_file=backing_file, backing_format=backing_format,
+                                  size_known=not stdin, **options)
+            if st.preallocation == "off":
+                return _convert_new_qcow2(st, src, dest, compress, sparse_size, threads,
+                                          progress)
+            if compress or dest == STDIN or stdin:
+                raise InvalidArgumentError("preallocation cannot be combined with "
+                                           "compression or streams")
+        return _convert_through_image(src, dest, format, options, sparse_size, existing,
+                                      target_is_zero, threads, progress)
+    finally:
+        if src is not None:
+            src.close()
+
+
+def _convert_new_qcow2(st, src, dest, compress, sparse_size, threads, progress):
+    geo = st.geometry()
+    cs = geo.cluster_size
+    job = Job(cs, detect_zeros=sparse_size > 0, keep_zero=bool(st.backing_file),
+              compress=Compressor(st.compression_type) if compress else None,
+              v2_zero_as_data=st.version == 2)
+    out = Output(dest, in_place=False)
+    ok = False
+    writer = None
+    try:
+        writer = Qcow2Writer(st, out.fd, stream=dest == STDIN,
+                             spool_dir=os.path.dirname(os.path.abspath(dest))
+                             if dest != STDIN else None)
+
+        def sink(first, kinds, payloads, buf, nvalid):
+            writer.append(kinds, payloads)
+
+        if src is None:
+            state = {"size": 0}
+            run_pipeline(job, stream_batches(sys.stdin.buffer.fileno(), cs, state), sink,
+                         threads, progress, None)
+            size = -(-state["size"] // 512) * 512
+            if geo.l1_size_for(size) > hdr.MAX_L1_BYTES // 8:
+                raise InvalidArgumentError(f"input of {size} bytes is too large for "
+                                           f"cluster_size {cs}")
+        else:
+            size = src.size
+            marks = classify(src, cs, top_only=bool(st.backing_file))
+            if sparse_size == 0:
+                marks[:] = READ
+            run_pipeline(job, seekable_batches(src, marks, cs), sink, threads, progress, size)
+        writer.finish(size)
+        out.commit()
+        ok = True
+    finally:
+        if writer is not None:
+            writer.close()
+        out.close(ok)
+    if progress is not None and src is not None and size == 0:
+        progress(0, 0)
+
+
+def _convert_through_image(src, dest, format, options, sparse_size, existing,
+                           target_is_zero, threads, progress):
+    """Raw output, -n, and preallocated qcow2: writes through Image.write
+    (qcow2) or pwrite (raw)."""
+    size = src.size if src is not None else None
+    if existing:
+        if not os.path.exists(dest):
+            raise FileNotFoundError(2, "Could not open target image", dest)
+        fmt = format
+    out = Output(dest, in_place=existing)
+    ok = False
+    img = None
+    try:
+        if format == "qcow2" and not existing:
+            create(out.path, size, **options)
+        if format == "qcow2":
+            from .image import Image
+            img = Image(out.path, "r+", cache_mode="unsafe", cache_clean_interval=0)
+            tsize = img.size
+            unit = img.cluster_size
+        else:
+            fmt = "raw"
+            tsize = os.lseek(out.fd, 0, os.SEEK_END)
+            if not existing and size is not None:
+                os.ftruncate(out.fd, size)
+            unit = sparse_size or (1 << 20)
+        if existing and size is not None and tsize < size:
+            raise InvalidArgumentError(f"target {dest!r} is smaller ({tsize} bytes) than "
+                                       f"the source ({size} bytes)")
+        zero_target = target_is_zero or not existing
+        job = Job(unit, detect_zeros=sparse_size > 0, keep_zero=not zero_target,
+                  compress=None, v2_zero_as_data=False)
+
+        def sink(first, kinds, payloads, buf, nvalid):
+            base = first * unit
+            for a, b in _runs(kinds == DATA):
+                lo, hi = a * unit, min(b * unit, nvalid)
+                if img is not None:
+                    img.write(base + lo, buf[lo:hi])
+                else:
+                    pwrite_all(out.fd, buf[lo:hi], base + lo)
+            if not zero_target:
+                for a, b in _runs(kinds != DATA):
+                    lo, hi = a * unit, min(b * unit, nvalid)
+                    if img is not None:
+                        img.write_zeroes(base + lo, hi - lo, may_unmap=True)
+                    else:
+                        _zero_raw(out.fd, base + lo, hi - lo)
+
+        if src is None:
+            state = {"size": 0}
+            run_pipeline(job, stream_batches(sys.stdin.buffer.fileno(), unit, state), sink,
+                         threads, progress, None)
+            size = -(-state["size"] // 512) * 512
+            if fmt == "raw":
+                os.ftruncate(out.fd, size)
+        else:
+            marks = classify(src, unit, top_only=False)
+            if sparse_size == 0 or not zero_target:
+                marks[marks == SKIP] = MUST_ZERO if sparse_size else READ
+            run_pipeline(job, seekable_batches(src, marks, unit), sink, threads, progress,
+                         size)
+        if img is not None:
+            img.close()
+            img = None
+        out.commit()
+        ok = True
+    finally:
+        if img is not None:
+            img.close()
+        out.close(ok)
+
+
+_ZEROS = bytes(1 << 20)
+
+
+def _zero_raw(fd, off, n):
+    """Make [off, off+n) of an existing raw target read as zeros."""
+    while n > 0:
+        k = min(n, len(_ZEROS))
+        pwrite_all(fd, _ZEROS[:k], off)
+        off, n = off + k, n - k
