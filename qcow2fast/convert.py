@@ -287,7 +287,11 @@ class Output:
             return
         d, base = os.path.split(os.path.abspath(dest))
         self.tmp = os.path.join(d, f".{base}.qcow2fast-{os.getpid()}")
-        self.fd = os.open(self.tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            self.fd = os.open(self.tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        except OSError as e:
+            self.tmp = None
+            raise OSError(e.errno, f"cannot create the target: {e.strerror}", dest) from None
 
     @property
     def path(self):
