@@ -64,7 +64,7 @@ def fs_type(path):
     return fstype
 
 
-def choose_tmpdir(requested, need_bytes):
+def choose_tmpdir(requested, need_bytes, prefix="qcow2fast-io-bench-"):
     """A directory on a disk filesystem (not tmpfs: the point is a page-cached
     image on a real filesystem) with room for the images."""
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -90,7 +90,7 @@ def choose_tmpdir(requested, need_bytes):
         if free < need_bytes:
             problems.append(f"{cand}: {free / GiB:.1f} GiB free, need {need_bytes / GiB:.1f}")
             continue
-        return tempfile.mkdtemp(prefix="qcow2fast-io-bench-", dir=cand), fstype
+        return tempfile.mkdtemp(prefix=prefix, dir=cand), fstype
     raise BenchError("no suitable temporary directory: " + "; ".join(problems))
 
 

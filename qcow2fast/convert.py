@@ -16,6 +16,7 @@ directory and renamed over ``dest`` only once complete, so a failed or
 interrupted conversion leaves no half-written image behind.
 """
 
+import collections
 import concurrent.futures
 import os
 import sys
@@ -168,6 +169,7 @@ class Job:
         payloads)."""
         unit = self.unit
         count = len(marks)
+        buf[nvalid:count * unit] = 0            # buffers are reused: past the end reads 0
         if src is not None:
             base = first * unit
             for a, b in _runs(marks == READ):
@@ -182,6 +184,8 @@ class Job:
             kinds[data & ~nonzero] = ZERO if self.keep_zero else UNALLOCATED
             data &= nonzero
         if self.v2_zero_as_data:
+            for a, b in _runs(marks == MUST_ZERO):
+                buf[a * unit:b * unit] = 0
             data |= kinds == ZERO
             kinds[data] = DATA
         kinds[data] = DATA
@@ -204,15 +208,37 @@ def _runs(mask):
     return zip(d[0::2].tolist(), d[1::2].tolist())
 
 
-def run_pipeline(job, batches, sink, threads, progress, total):
+class Buffers:
+    """Batch buffers, reused once their batch is written (fresh pages cost
+    more than the copy into them)."""
+
+    def __init__(self, nbytes):
+        self.nbytes, self.free = nbytes, []
+
+    def get(self):
+        return self.free.pop() if self.free else np.empty(self.nbytes, np.uint8)
+
+    def put(self, buf):
+        self.free.append(buf)
+
+
+def run_pipeline(job, batches, sink, threads, progress, total, buffers):
     """Process ``batches`` (an iterator of (buf, nvalid, marks, src, first))
     on a pool; hand results to ``sink(first, kinds, payloads, buf, nvalid)``
-    in order."""
+    in order.  The sink decides where the data goes and returns the I/O to
+    do (a callable, run on the pool too) or None.  At most ``2 * threads``
+    batches are being processed and as many being written."""
     window = max(2, 2 * threads)
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=threads,
                                                  thread_name_prefix="qcow2fast-convert")
-    pending = []
+    pending, writes = collections.deque(), collections.deque()
     done = 0
+
+    def retire_write():
+        fut, buf = writes.popleft()
+        fut.result()
+        buffers.put(buf)
+
     try:
         it = iter(batches)
         exhausted = False
@@ -225,34 +251,41 @@ def run_pipeline(job, batches, sink, threads, progress, total):
                 pending.append((b, pool.submit(job.process, *b)))
             if not pending:
                 break
-            (buf, nvalid, marks, _, first), fut = pending.pop(0)
+            (buf, nvalid, marks, _, first), fut = pending.popleft()
             kinds, payloads = fut.result()
-            sink(first, kinds, payloads, buf, nvalid)
+            io = sink(first, kinds, payloads, buf, nvalid)
+            if io is None:
+                buffers.put(buf)
+            else:
+                writes.append((pool.submit(io), buf))
+            while writes and (len(writes) > window or writes[0][0].done()):
+                retire_write()
             done += nvalid
             if progress is not None:
                 progress(done, total)
+        while writes:
+            retire_write()
     finally:
-        for _, fut in pending:
+        for fut in [f for _, f in pending] + [f for f, _ in writes]:
             fut.cancel()
         pool.shutdown(wait=True, cancel_futures=True)
     return done
 
 
-def seekable_batches(src, marks, unit):
-    per = max(1, BATCH_BYTES // unit)
+def seekable_batches(src, marks, unit, buffers):
+    per = buffers.nbytes // unit
     for first in range(0, len(marks), per):
         m = marks[first:first + per]
         nvalid = min(len(m) * unit, src.size - first * unit)
-        yield np.zeros(len(m) * unit, np.uint8), nvalid, m, src, first
+        yield buffers.get(), nvalid, m, src, first
 
 
-def stream_batches(fd, unit, state):
+def stream_batches(fd, unit, state, buffers):
     """Batches read from a stream (stdin) in the calling thread;
     ``state['size']`` counts the bytes read."""
-    per = max(1, BATCH_BYTES // unit)
     first = 0
     while True:
-        buf = np.zeros(per * unit, np.uint8)
+        buf = buffers.get()
         mv, got = memoryview(buf), 0
         while got < len(mv):
             n = os.readv(fd, [mv[got:]])
@@ -297,9 +330,10 @@ class Output:
     def path(self):
         return self.tmp or self.dest
 
-    def commit(self):
-        if self.tmp:
+    def commit(self, sync):
+        if sync and self.dest != "-":
             os.fsync(self.fd)
+        if self.tmp:
             os.replace(self.tmp, self.dest)
             self.tmp = None
 
@@ -316,7 +350,7 @@ class Output:
 
 def convert(sources, dest, *, source_format=None, format="qcow2", options=None,
             compress=False, sparse_size=4096, backing_file=None, backing_format=None,
-            existing=False, target_is_zero=False, threads=None, progress=None):
+            existing=False, target_is_zero=False, threads=None, progress=None, sync=False):
     """Convert ``sources`` (paths; several are concatenated; ``"-"`` alone
     is a raw stream on stdin) into ``dest`` (a path, or ``"-"`` for stdout).
 
@@ -326,7 +360,10 @@ def convert(sources, dest, *, source_format=None, format="qcow2", options=None,
     (only the sources' top layer is copied), ``existing`` -n,
     ``target_is_zero`` --target-is-zero, ``threads`` -m.  ``progress`` is
     called as ``progress(done_bytes, total_bytes)`` after each batch, with
-    ``done`` increasing up to ``total`` (None when reading stdin).
+    ``done`` increasing up to ``total`` (None when reading stdin).  ``sync``
+    makes the output durable (fsync) before it is renamed into place;
+    qemu-img convert does not sync by default (cache mode unsafe) and
+    neither does this.
     """
     options = dict(options or {})
     if isinstance(sources, (str, os.PathLike)):
@@ -368,18 +405,33 @@ def convert(sources, dest, *, source_format=None, format="qcow2", options=None,
                                   size_known=not stdin, **options)
             if st.preallocation == "off":
                 return _convert_new_qcow2(st, src, dest, compress, sparse_size, threads,
-                                          progress)
+                                          progress, sync)
             if compress or dest == STDIN or stdin:
                 raise InvalidArgumentError("preallocation cannot be combined with "
                                            "compression or streams")
         return _convert_through_image(src, dest, format, options, sparse_size, existing,
-                                      target_is_zero, threads, progress)
+                                      target_is_zero, threads, progress, sync)
     finally:
         if src is not None:
             src.close()
 
 
-def _convert_new_qcow2(st, src, dest, compress, sparse_size, threads, progress):
+def _feed(job, src, marks, sink, threads, progress):
+    """Run the pipeline over ``src`` (stdin when None); returns the guest
+    size (for stdin: the bytes read, rounded up to 512 as qemu sizes are)."""
+    unit = job.unit
+    buffers = Buffers(max(1, BATCH_BYTES // unit) * unit)
+    if src is None:
+        state = {"size": 0}
+        run_pipeline(job, stream_batches(sys.stdin.buffer.fileno(), unit, state, buffers),
+                     sink, threads, progress, None, buffers)
+        return -(-state["size"] // 512) * 512
+    run_pipeline(job, seekable_batches(src, marks, unit, buffers), sink, threads, progress,
+                 src.size, buffers)
+    return src.size
+
+
+def _convert_new_qcow2(st, src, dest, compress, sparse_size, threads, progress, sync):
     geo = st.geometry()
     cs = geo.cluster_size
     job = Job(cs, detect_zeros=sparse_size > 0, keep_zero=bool(st.backing_file),
@@ -394,24 +446,19 @@ def _convert_new_qcow2(st, src, dest, compress, sparse_size, threads, progress):
                              if dest != STDIN else None)
 
         def sink(first, kinds, payloads, buf, nvalid):
-            writer.append(kinds, payloads)
+            return writer.append(kinds, payloads)
 
-        if src is None:
-            state = {"size": 0}
-            run_pipeline(job, stream_batches(sys.stdin.buffer.fileno(), cs, state), sink,
-                         threads, progress, None)
-            size = -(-state["size"] // 512) * 512
-            if geo.l1_size_for(size) > hdr.MAX_L1_BYTES // 8:
-                raise InvalidArgumentError(f"input of {size} bytes is too large for "
-                                           f"cluster_size {cs}")
-        else:
-            size = src.size
+        marks = None
+        if src is not None:
             marks = classify(src, cs, top_only=bool(st.backing_file))
             if sparse_size == 0:
                 marks[:] = READ
-            run_pipeline(job, seekable_batches(src, marks, cs), sink, threads, progress, size)
-        writer.finish(size)
-        out.commit()
+        size = _feed(job, src, marks, sink, threads, progress)
+        if geo.l1_size_for(size) > hdr.MAX_L1_BYTES // 8:
+            raise InvalidArgumentError(f"input of {size} bytes is too large for "
+                                       f"cluster_size {cs}")
+        writer.finish(size, sync=sync)
+        out.commit(sync)
         ok = True
     finally:
         if writer is not None:
@@ -422,14 +469,13 @@ def _convert_new_qcow2(st, src, dest, compress, sparse_size, threads, progress):
 
 
 def _convert_through_image(src, dest, format, options, sparse_size, existing,
-                           target_is_zero, threads, progress):
+                           target_is_zero, threads, progress, sync):
     """Raw output, -n, and preallocated qcow2: writes through Image.write
     (qcow2) or pwrite (raw)."""
     size = src.size if src is not None else None
     if existing:
         if not os.path.exists(dest):
             raise FileNotFoundError(2, "Could not open target image", dest)
-        fmt = format
     out = Output(dest, in_place=existing)
     ok = False
     img = None
@@ -442,7 +488,6 @@ def _convert_through_image(src, dest, format, options, sparse_size, existing,
             tsize = img.size
             unit = img.cluster_size
         else:
-            fmt = "raw"
             tsize = os.lseek(out.fd, 0, os.SEEK_END)
             if not existing and size is not None:
                 os.ftruncate(out.fd, size)
@@ -454,7 +499,7 @@ def _convert_through_image(src, dest, format, options, sparse_size, existing,
         job = Job(unit, detect_zeros=sparse_size > 0, keep_zero=not zero_target,
                   compress=None, v2_zero_as_data=False)
 
-        def sink(first, kinds, payloads, buf, nvalid):
+        def write_batch(first, kinds, buf, nvalid):
             base = first * unit
             for a, b in _runs(kinds == DATA):
                 lo, hi = a * unit, min(b * unit, nvalid)
@@ -470,23 +515,24 @@ def _convert_through_image(src, dest, format, options, sparse_size, existing,
                     else:
                         _zero_raw(out.fd, base + lo, hi - lo)
 
-        if src is None:
-            state = {"size": 0}
-            run_pipeline(job, stream_batches(sys.stdin.buffer.fileno(), unit, state), sink,
-                         threads, progress, None)
-            size = -(-state["size"] // 512) * 512
-            if fmt == "raw":
-                os.ftruncate(out.fd, size)
-        else:
+        def sink(first, kinds, payloads, buf, nvalid):
+            if img is not None:     # in order: the image allocates clusters as it goes
+                write_batch(first, kinds, buf, nvalid)
+                return None
+            return lambda: write_batch(first, kinds, buf, nvalid)   # raw: on the pool
+
+        marks = None
+        if src is not None:
             marks = classify(src, unit, top_only=False)
             if sparse_size == 0 or not zero_target:
                 marks[marks == SKIP] = MUST_ZERO if sparse_size else READ
-            run_pipeline(job, seekable_batches(src, marks, unit), sink, threads, progress,
-                         size)
+        size = _feed(job, src, marks, sink, threads, progress)
+        if format == "raw" and src is None:
+            os.ftruncate(out.fd, size)
         if img is not None:
             img.close()
             img = None
-        out.commit()
+        out.commit(sync)
         ok = True
     finally:
         if img is not None:

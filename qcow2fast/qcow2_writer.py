@@ -205,7 +205,9 @@ class Qcow2Writer:
     def append(self, kinds, payloads):
         """One batch of guest clusters, in order: ``kinds`` per cluster and,
         for each DATA/COMPRESSED one, its bytes (a compressed payload is
-        shorter than a cluster; a DATA payload may be a short last cluster)."""
+        shorter than a cluster).  Places the data and returns the write to
+        do (a callable, safe to run on another thread: the places of
+        batches never overlap)."""
         kinds = np.asarray(kinds, np.uint8)
         rel = np.zeros(len(kinds), np.uint64)
         clen = np.zeros(len(kinds), np.uint64)
@@ -220,7 +222,7 @@ class Qcow2Writer:
             bufs.append(data)
             rel[i], clen[i] = off, n
         self.table.add(kinds, rel, clen)
-        self._write(bufs, start)
+        return lambda: self._write(bufs, start)
 
     def _write(self, bufs, rel):
         off = self._data_base + rel
@@ -232,9 +234,9 @@ class Qcow2Writer:
                 pwrite_all(self._data_fd, b"".join(bytes(b) for b in chunk)[n:], off + n)
             off += want
 
-    def finish(self, size):
+    def finish(self, size, sync=False):
         """Write the metadata (and, for a stream, the spooled data); the
-        header goes last for a file."""
+        header goes last for a file, after a barrier when ``sync``."""
         data_len = -(-self.packer.pos // self.geo.cluster_size) * self.geo.cluster_size
         base, pieces, file_end = build_metadata(self.settings, size, self.table, data_len,
                                                 stream=self.stream)
@@ -253,9 +255,9 @@ class Qcow2Writer:
         os.ftruncate(self.fd, file_end)
         for off, data in pieces[1:]:
             pwrite_all(self.fd, data, off)
-        os.fdatasync(self.fd)   # barrier: every structure the header points to is stable
+        if sync:
+            os.fdatasync(self.fd)   # barrier: everything the header points to is stable
         pwrite_all(self.fd, pieces[0][1], 0)
-        os.fsync(self.fd)
         return file_end
 
     def close(self):

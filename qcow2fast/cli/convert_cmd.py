@@ -1,5 +1,6 @@
 """qcow2fast convert [-f fmt] [-O qcow2|raw] [-o options] [-c] [-S sparse_size]
-[-B backing [-F fmt]] [-n] [--target-is-zero] [-m threads] [-W] [-p] [-q] SRC [SRC2 ...] DST
+[-B backing [-F fmt]] [-n] [--target-is-zero] [-m threads] [-W] [-t cache] [-p] [-q]
+SRC [SRC2 ...] DST
 
 qemu-img convert's options and meanings.  ``-`` as the only SRC reads a raw
 stream from stdin; ``-`` as DST writes a qcow2 image to stdout.  ``-m`` is
@@ -11,6 +12,10 @@ from .. import convert
 from .create_cmd import options_help, qcow2_options
 from .options import UsageError, merge_options, parse_size
 from .progress import Progress
+
+# -t: qemu-img convert's default is unsafe (no flush); any other mode syncs
+# the output before it is renamed into place.  -T (source cache) is accepted.
+CACHE_MODES = ("unsafe", "writeback", "writethrough", "none", "directsync")
 
 
 def add_parser(sub):
@@ -25,6 +30,8 @@ def add_parser(sub):
     p.add_argument("-n", dest="existing", action="store_true")
     p.add_argument("--target-is-zero", dest="target_is_zero", action="store_true")
     p.add_argument("-m", dest="threads")
+    p.add_argument("-t", dest="cache", default="unsafe")
+    p.add_argument("-T", dest="src_cache")
     p.add_argument("-W", dest="out_of_order", action="store_true")
     p.add_argument("-p", dest="progress", action="store_true")
     p.add_argument("-q", dest="quiet", action="store_true")
@@ -59,6 +66,9 @@ def run(args):
     if sparse % 512 or sparse > (1 << 30):
         raise UsageError("convert: invalid sparse size (-S): use a multiple of 512 up to 1G, "
                          "or 0")
+    if args.cache not in CACHE_MODES:
+        raise UsageError(f"convert: invalid cache mode {args.cache!r} for -t "
+                         f"({', '.join(CACHE_MODES)})")
     threads = None
     if args.threads is not None:
         try:
@@ -78,5 +88,6 @@ def run(args):
         convert(sources, dest, source_format=args.fmt, format=args.out_fmt, options=kw,
                 compress=args.compress, sparse_size=sparse, backing_file=backing,
                 backing_format=backing_fmt, existing=args.existing,
-                target_is_zero=args.target_is_zero, threads=threads, progress=progress)
+                target_is_zero=args.target_is_zero, threads=threads, progress=progress,
+                sync=args.cache != "unsafe")
     return 0
