@@ -78,16 +78,20 @@ def run(args):
         if not 1 <= threads <= 256:
             raise UsageError(f"convert: invalid number of threads (-m) {args.threads!r}: "
                              "1 to 256")
-    bar = Progress(args.progress and not args.quiet, 1, "convert")
-    with bar:
-        def progress(done, total):
-            if bar._bar is not None and total:
-                bar._bar.total = total
-                bar.advance_to(done)
+    bars = []
 
+    def progress(done, total):
+        if not bars:            # the total is known once the sources are open
+            bars.append(Progress(args.progress and not args.quiet, total, "convert"))
+        bars[0].advance_to(done)
+
+    try:
         convert(sources, dest, source_format=args.fmt, format=args.out_fmt, options=kw,
                 compress=args.compress, sparse_size=sparse, backing_file=backing,
                 backing_format=backing_fmt, existing=args.existing,
                 target_is_zero=args.target_is_zero, threads=threads, progress=progress,
                 sync=args.cache != "unsafe")
+    finally:
+        for bar in bars:
+            bar.close()
     return 0
