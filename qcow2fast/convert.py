@@ -30,7 +30,7 @@ from . import header as hdr
 from .backing import RawImage, probe_format
 from .create import create, validate_options
 from .errors import InvalidArgumentError, Qcow2Error, UnsupportedFeatureError
-from .qcow2_writer import COMPRESSED, DATA, UNALLOCATED, ZERO, Qcow2Writer, pwrite_all
+from .qcow2_writer import COMPRESSED, DATA, UNALLOCATED, ZERO, Qcow2Writer, pwrite_all, runs
 
 BATCH_BYTES = 4 << 20
 STDIN = "-"
@@ -172,7 +172,7 @@ class Job:
         buf[nvalid:count * unit] = 0            # buffers are reused: past the end reads 0
         if src is not None:
             base = first * unit
-            for a, b in _runs(marks == READ):
+            for a, b in runs(marks == READ):
                 lo, hi = a * unit, min(b * unit, nvalid)
                 src.readinto(base + lo, buf[lo:hi])
         kinds = np.where(marks == MUST_ZERO, ZERO, UNALLOCATED).astype(np.uint8)
@@ -184,11 +184,13 @@ class Job:
             kinds[data & ~nonzero] = ZERO if self.keep_zero else UNALLOCATED
             data &= nonzero
         if self.v2_zero_as_data:
-            for a, b in _runs(marks == MUST_ZERO):
+            for a, b in runs(marks == MUST_ZERO):
                 buf[a * unit:b * unit] = 0
             data |= kinds == ZERO
             kinds[data] = DATA
         kinds[data] = DATA
+        if self.compress is None:
+            return kinds, None                  # the data clusters are those of buf
         payloads = []
         for i in np.flatnonzero(data):
             chunk = buf[i * unit:(i + 1) * unit]     # zeros past the source's end
@@ -199,13 +201,6 @@ class Job:
                     chunk = c
             payloads.append(chunk)
         return kinds, payloads
-
-
-def _runs(mask):
-    """[a, b) index runs where ``mask`` is true."""
-    m = np.concatenate(([False], mask, [False]))
-    d = np.flatnonzero(m[1:] != m[:-1])
-    return zip(d[0::2].tolist(), d[1::2].tolist())
 
 
 class Buffers:
@@ -446,7 +441,7 @@ def _convert_new_qcow2(st, src, dest, compress, sparse_size, threads, progress, 
                              if dest != STDIN else None)
 
         def sink(first, kinds, payloads, buf, nvalid):
-            return writer.append(kinds, payloads)
+            return writer.append(kinds, payloads, buf)
 
         marks = None
         if src is not None:
@@ -501,14 +496,14 @@ def _convert_through_image(src, dest, format, options, sparse_size, existing,
 
         def write_batch(first, kinds, buf, nvalid):
             base = first * unit
-            for a, b in _runs(kinds == DATA):
+            for a, b in runs(kinds == DATA):
                 lo, hi = a * unit, min(b * unit, nvalid)
                 if img is not None:
                     img.write(base + lo, buf[lo:hi])
                 else:
                     pwrite_all(out.fd, buf[lo:hi], base + lo)
             if not zero_target:
-                for a, b in _runs(kinds != DATA):
+                for a, b in runs(kinds != DATA):
                     lo, hi = a * unit, min(b * unit, nvalid)
                     if img is not None:
                         img.write_zeroes(base + lo, hi - lo, may_unmap=True)

@@ -202,25 +202,35 @@ class Qcow2Writer:
             self._spool = None
             self._data_fd, self._data_base = fd, self.geo.cluster_size
 
-    def append(self, kinds, payloads):
+    def append(self, kinds, payloads, buf=None):
         """One batch of guest clusters, in order: ``kinds`` per cluster and,
         for each DATA/COMPRESSED one, its bytes (a compressed payload is
-        shorter than a cluster).  Places the data and returns the write to
-        do (a callable, safe to run on another thread: the places of
-        batches never overlap)."""
+        shorter than a cluster) -- or, with ``payloads`` None, the DATA
+        clusters are those of ``buf`` (one cluster per entry of ``kinds``).
+        Places the data and returns the write to do (a callable, safe to run
+        on another thread: the places of batches never overlap)."""
         kinds = np.asarray(kinds, np.uint8)
         rel = np.zeros(len(kinds), np.uint64)
         clen = np.zeros(len(kinds), np.uint64)
         bufs, start = [], self.packer.pos
-        idx = np.flatnonzero((kinds == DATA) | (kinds == COMPRESSED))
-        for i, data in zip(idx, payloads):
-            comp = kinds[i] == COMPRESSED
-            n = len(data)
-            off, pad = self.packer.place(n, comp)
+        if payloads is None:
+            # Uncompressed: whole clusters, contiguous in the output.
+            cs = self.geo.cluster_size
+            idx = np.flatnonzero(kinds == DATA)
+            off, pad = self.packer.place(len(idx) * cs, False)
             if pad:
                 bufs.append(bytes(pad))
-            bufs.append(data)
-            rel[i], clen[i] = off, n
+            rel[idx] = np.arange(len(idx), dtype=np.uint64) * np.uint64(cs) + np.uint64(off)
+            clen[idx] = cs
+            bufs += [buf[a * cs:b * cs] for a, b in runs(kinds == DATA)]
+        else:
+            idx = np.flatnonzero((kinds == DATA) | (kinds == COMPRESSED))
+            for i, data in zip(idx, payloads):
+                off, pad = self.packer.place(len(data), kinds[i] == COMPRESSED)
+                if pad:
+                    bufs.append(bytes(pad))
+                bufs.append(data)
+                rel[i], clen[i] = off, len(data)
         self.table.add(kinds, rel, clen)
         return lambda: self._write(bufs, start)
 
@@ -263,6 +273,13 @@ class Qcow2Writer:
     def close(self):
         if self._spool is not None and not self._spool.closed:
             self._spool.close()
+
+
+def runs(mask):
+    """[a, b) index runs where ``mask`` is true."""
+    m = np.concatenate(([False], mask, [False]))
+    d = np.flatnonzero(m[1:] != m[:-1])
+    return zip(d[0::2].tolist(), d[1::2].tolist())
 
 
 def pwrite_all(fd, data, off):
