@@ -71,7 +71,7 @@ QCOW2_VARIANTS = [
     ["-o", "cluster_size=4k,refcount_bits=1"], ["-c", "-o", "cluster_size=1k,refcount_bits=2"],
     ["-o", "compat=0.10"], ["-c", "-o", "compat=0.10,cluster_size=2M"],
     ["-o", "preallocation=metadata"], ["-o", "lazy_refcounts=on,refcount_bits=64"],
-    ["-S", "0"],
+    ["-S", "0"], ["-t", "writeback", "-p"],
 ]
 
 
@@ -80,8 +80,9 @@ QCOW2_VARIANTS = [
 def test_to_qcow2_round_trips(capsys, chain, tmp_path, src_kind, variant):
     src = chain["raw"] if src_kind == "raw" else chain["top"]
     out = tmp_path / "out.qcow2"
-    status, _, err = run_cli(capsys, "convert", "-O", "qcow2", *variant, src, out)
+    status, stdout, err = run_cli(capsys, "convert", "-O", "qcow2", *variant, src, out)
     assert status == 0, err
+    assert stdout == err == ""          # -p draws nothing when stderr is not a terminal
     check_output(out, "qcow2", chain["expected"])
     assert "backing-filename" not in qemu_info(out)          # the chain is flattened
     assert not [n for n in os.listdir(tmp_path) if n.startswith(".")]   # no temporary left
@@ -224,3 +225,8 @@ def test_api_progress_is_monotonic_to_completion(chain, tmp_path):
     done = [d for d, _ in calls]
     assert done == sorted(done) and done[-1] == size
     check_output(tmp_path / "api.qcow2", "qcow2", chain["expected"])
+
+
+def test_options_help(capsys):
+    status, out, _ = run_cli(capsys, "convert", "-O", "qcow2", "-o", "help", "a", "b")
+    assert status == 0 and "compression_type=" in out and "cluster_size=" in out

@@ -11,8 +11,9 @@ import time
 
 import pytest
 
+import qcow2fast
 from cli_util import run_cli
-from qemu_util import H_L1_TABLE_OFFSET, patch, qemu_create, qemu_io
+from qemu_util import H_L1_TABLE_OFFSET, patch, qemu_create, qemu_img, qemu_io
 
 pytestmark = pytest.mark.qemu
 MiB = 1 << 20
@@ -42,6 +43,24 @@ def test_truncated_source_names_the_offset(capsys, source, tmp_path):
     err = one_line_error(capsys, "-O", "qcow2", source, tmp_path / "out.qcow2")
     assert "src.qcow2" in err and "offset 0x" in err
     assert leftovers(tmp_path, ["src.qcow2"]) == []
+
+
+def test_undecodable_compressed_cluster_names_source_and_offset(capsys, tmp_path):
+    raw = tmp_path / "a.raw"
+    raw.write_bytes(b"compressible " * 100000)
+    src = tmp_path / "c.qcow2"
+    qemu_img("convert", "-c", "-O", "qcow2", raw, src)
+    with qcow2fast.open(src) as img:
+        first = img.block_status()[0]
+    assert first.kind == "compressed"
+    with open(src, "r+b") as f:                      # garble the compressed data
+        f.seek(0, 2)
+        end = f.tell()
+        f.seek(first.host_offset)
+        f.write(b"\xff" * (end - first.host_offset))
+    err = one_line_error(capsys, "-O", "raw", src, tmp_path / "out.raw")
+    assert "c.qcow2" in err and "at offset 0x" in err and "compressed" in err
+    assert leftovers(tmp_path, ["a.raw", "c.qcow2"]) == []
 
 
 def test_malformed_source(capsys, source, tmp_path):
