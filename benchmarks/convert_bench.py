@@ -125,16 +125,21 @@ def bench(args):
     try:
         for case in CASES:
             name, sfmt, ofmt, extra = case
+            if args.only and name not in args.only:
+                continue
             src = raw if sfmt == "raw" else qcow2
             out = os.path.join(tmpdir, "out." + ofmt)
             tools = commands(case, src, raw, out, args.threads)
             entry = {"case": name, "tools": {t: {"samples": [], "cmd": c}
                                              for t, c in tools.items()}}
-            # Interleaved (qcow2fast, qemu-img, cp, qcow2fast, ...), each run
-            # after a sync with no output file, so the host's writeback state
-            # weighs on every tool alike.
+            # Interleaved, each run after a sync with no output file, and the
+            # order rotated from run to run: on these VMs a run is slower
+            # right after some tools (measured: 2x after cp), so every tool
+            # gets every predecessor.
+            names = list(tools)
             for i in range(args.runs):
-                for tool, cmd in tools.items():
+                for tool in names[i % len(names):] + names[:i % len(names)]:
+                    cmd = tools[tool]
                     if os.path.exists(out):
                         os.unlink(out)
                     os.sync()
@@ -203,6 +208,8 @@ def parse_args(argv):
                    help="where the source images are built once and kept")
     p.add_argument("--tmpdir", help="directory for the outputs")
     p.add_argument("--json", metavar="OUT", help="write every sample to this JSON file")
+    p.add_argument("--only", action="append", choices=[c[0] for c in CASES],
+                   help="run only this case (repeatable)")
     return p.parse_args(argv)
 
 

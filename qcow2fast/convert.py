@@ -5,9 +5,10 @@ or a stream (stdout).
 The guest disk is cut into *units* (the destination's cluster for qcow2,
 the sparse size for raw) and processed in batches of units on a thread
 pool: read (only units that hold data, from the sources' block status),
-zero detection (qemu's -S), compression.  Batches are written in order by
-the calling thread; at most ``2 * threads`` batches are in flight, so memory
-stays bounded.  A new qcow2 image is laid out by qcow2_writer (data first,
+zero detection (qemu's -S), compression.  Batches are placed in the output
+in order by the calling thread and written by one writer thread; at most
+``2 * threads`` batches are processed and as many written at a time, so
+memory stays bounded.  A new qcow2 image is laid out by qcow2_writer (data first,
 metadata computed at the end); an existing target (-n) and preallocated
 images go through Image.write.
 
@@ -18,6 +19,7 @@ interrupted conversion leaves no half-written image behind.
 
 import collections
 import concurrent.futures
+import mmap
 import os
 import sys
 import threading
@@ -187,31 +189,32 @@ class Job:
             for a, b in runs(marks == MUST_ZERO):
                 buf[a * unit:b * unit] = 0
             data |= kinds == ZERO
-            kinds[data] = DATA
         kinds[data] = DATA
         if self.compress is None:
             return kinds, None                  # the data clusters are those of buf
         payloads = []
         for i in np.flatnonzero(data):
             chunk = buf[i * unit:(i + 1) * unit]     # zeros past the source's end
-            if self.compress is not None and len(chunk) == unit:
-                c = self.compress(chunk)
-                if len(c) < unit:           # clusters that do not shrink stay plain
-                    kinds[i] = COMPRESSED
-                    chunk = c
+            c = self.compress(chunk)
+            if len(c) < unit:                   # clusters that do not shrink stay plain
+                kinds[i] = COMPRESSED
+                chunk = c
             payloads.append(chunk)
         return kinds, payloads
 
 
 class Buffers:
-    """Batch buffers, reused once their batch is written (fresh pages cost
-    more than the copy into them)."""
+    """Batch buffers: page aligned (as qemu's qemu_blockalign; the kernel
+    copies to and from them), reused once their batch is written (fresh
+    pages cost more than the copy into them)."""
 
     def __init__(self, nbytes):
         self.nbytes, self.free = nbytes, []
 
     def get(self):
-        return self.free.pop() if self.free else np.empty(self.nbytes, np.uint8)
+        if self.free:
+            return self.free.pop()
+        return np.frombuffer(mmap.mmap(-1, self.nbytes), np.uint8)
 
     def put(self, buf):
         self.free.append(buf)
