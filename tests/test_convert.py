@@ -70,7 +70,8 @@ QCOW2_VARIANTS = [
     [], ["-c"], ["-c", "-o", "compression_type=zstd"],
     ["-o", "cluster_size=4k,refcount_bits=1"], ["-c", "-o", "cluster_size=1k,refcount_bits=2"],
     ["-o", "compat=0.10"], ["-c", "-o", "compat=0.10,cluster_size=2M"],
-    ["-o", "preallocation=metadata"], ["-o", "lazy_refcounts=on,refcount_bits=64"],
+    ["-o", "preallocation=metadata"], ["-o", "preallocation=falloc"],
+    ["-o", "preallocation=full"], ["-o", "lazy_refcounts=on,refcount_bits=64"],
     ["-S", "0"], ["-t", "writeback", "-p"],
 ]
 
@@ -120,6 +121,19 @@ def test_compressed_clusters_and_plain_fallback(capsys, chain, tmp_path):
     plain = tmp_path / "p.qcow2"
     assert run_cli(capsys, "convert", "-O", "qcow2", chain["top"], plain)[0] == 0
     assert os.path.getsize(out) < os.path.getsize(plain) - MiB
+
+
+@pytest.mark.parametrize("ctype", ["zlib", "zstd"])
+def test_compressed_source(capsys, chain, tmp_path, ctype):
+    """A source qemu compressed (decompressed on the pool) converts back."""
+    src = tmp_path / "qc.qcow2"
+    qemu_img("convert", "-c", "-O", "qcow2", "-o", f"compression_type={ctype}", chain["raw"],
+             src)
+    assert any(e["data"] and "offset" not in e for e in qemu_map(src))
+    for fmt in ("raw", "qcow2"):
+        out = tmp_path / f"o.{fmt}"
+        assert run_cli(capsys, "convert", "-O", fmt, src, out)[0] == 0
+        check_output(out, fmt, chain["expected"])
 
 
 def test_output_is_deterministic_whatever_the_threads(capsys, chain, tmp_path):
@@ -191,6 +205,12 @@ def test_stdin_source(tmp_path):
     want = data + bytes(-len(data) % 512)                     # rounded up to sectors
     assert qemu_info(out)["virtual-size"] == len(want)
     check_output(out, "qcow2", want)
+    # stdin to raw, sparse.
+    rawout = tmp_path / "in.raw"
+    p = _cli(["-O", "raw", "-", rawout], input=data)
+    assert p.returncode == 0, p.stderr
+    assert rawout.read_bytes() == want
+    assert os.stat(rawout).st_blocks * 512 <= len(want) - 2 * MiB + 64 * 1024
     # stdin to stdout too.
     p = _cli(["-O", "qcow2", "-", "-"], input=data)
     assert p.returncode == 0, p.stderr
