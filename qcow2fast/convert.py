@@ -221,38 +221,19 @@ class Buffers:
         self.free.append(buf)
 
 
-class InlineExecutor:
-    """Runs each call at once in the calling thread: no thread hand-offs."""
-
-    def submit(self, fn, *args):
-        fut = concurrent.futures.Future()
-        try:
-            fut.set_result(fn(*args))
-        except Exception as e:
-            fut.set_exception(e)
-        return fut
-
-    def shutdown(self, wait=True, cancel_futures=False):
-        pass
-
-
 def run_pipeline(job, batches, sink, threads, progress, total, buffers):
     """Process ``batches`` (an iterator of (buf, nvalid, marks, src, first))
     on a pool; hand results to ``sink(first, kinds, payloads, buf, nvalid)``
     in order.  The sink decides where the data goes and returns the I/O to
-    do (a callable, run in order on a writer thread) or None.  At most ``2 * threads``
-    batches are being processed and as many being written."""
+    do (a callable, run in order on a writer thread) or None.  At most
+    ``2 * threads`` batches are being processed and as many being written."""
     window = max(2, 2 * threads)
-    if threads == 0:
-        pool = wpool = InlineExecutor()
-        window = 1
-    else:
-        pool = concurrent.futures.ThreadPoolExecutor(max_workers=threads,
-                                                     thread_name_prefix="qcow2fast-convert")
-        # One writer thread: writes to one file serialise on its inode lock
-        # anyway (several writers only spin on it), and stay in file order.
-        wpool = concurrent.futures.ThreadPoolExecutor(max_workers=1,
-                                                      thread_name_prefix="qcow2fast-write")
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=threads,
+                                                 thread_name_prefix="qcow2fast-convert")
+    # One writer thread: writes to one file serialise on its inode lock
+    # anyway (several writers only spin on it), and stay in file order.
+    wpool = concurrent.futures.ThreadPoolExecutor(max_workers=1,
+                                                  thread_name_prefix="qcow2fast-write")
     pending, writes = collections.deque(), collections.deque()
     done = 0
 
