@@ -317,6 +317,9 @@ class Output:
         self.dest, self.tmp, self.fd = dest, None, None
         if dest == "-":
             self.fd = sys.stdout.buffer.fileno()
+            if os.isatty(self.fd):
+                raise InvalidArgumentError("refusing to write an image to a terminal "
+                                           "(redirect stdout)")
             sys.stdout.flush()
             return
         if in_place or (os.path.exists(dest) and not os.path.isfile(dest)):
