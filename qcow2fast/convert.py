@@ -406,7 +406,9 @@ def convert(sources, dest, *, source_format=None, format="qcow2", options=None,
     src = None if stdin else open_sources(sources, source_format)
     try:
         size = src.size if src is not None else None
-        if format == "qcow2" and not existing:
+        # Extended L2 entries are not laid out by qcow2_writer: such images
+        # go through create() and Image.write.
+        if format == "qcow2" and not existing and not options.get("extended_l2"):
             st = validate_options(dest if dest != STDIN else "stdout", size,
                                   backing_file=backing_file, backing_format=backing_format,
                                   size_known=not stdin, **options)

@@ -10,12 +10,12 @@ and ``run(args) -> int``.  Errors are one line on stderr and exit status 1
 import sys
 
 from ..errors import Qcow2Error
-from . import (check_cmd, compare_cmd, convert_cmd, create_cmd, dd_cmd, info_cmd, map_cmd,
-               measure_cmd)
+from . import check_cmd, compare_cmd, create_cmd, dd_cmd, info_cmd, map_cmd, measure_cmd
+from . import convert_cmd
 from .options import Parser, UsageError
 
-COMMANDS = [create_cmd, info_cmd, check_cmd, map_cmd, compare_cmd, measure_cmd, dd_cmd,
-            convert_cmd]
+COMMANDS = [create_cmd, info_cmd, check_cmd, map_cmd, compare_cmd, measure_cmd, dd_cmd]
+COMMANDS += [convert_cmd]
 
 
 def build_parser():
