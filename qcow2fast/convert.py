@@ -427,17 +427,22 @@ def convert(sources, dest, *, source_format=None, format="qcow2", options=None,
 
 def _feed(job, src, marks, sink, threads, progress):
     """Run the pipeline over ``src`` (stdin when None); returns the guest
-    size (for stdin: the bytes read, rounded up to 512 as qemu sizes are)."""
+    size (for stdin, the bytes read), rounded up to 512 as qemu sizes are."""
     unit = job.unit
     buffers = Buffers(max(1, BATCH_BYTES // unit) * unit)
     if src is None:
         state = {"size": 0}
         run_pipeline(job, stream_batches(sys.stdin.buffer.fileno(), unit, state, buffers),
                      sink, threads, progress, None, buffers)
-        return -(-state["size"] // 512) * 512
+        return sectors(state["size"])
     run_pipeline(job, seekable_batches(src, marks, unit, buffers), sink, threads, progress,
                  src.size, buffers)
-    return src.size
+    return sectors(src.size)
+
+
+def sectors(nbytes):
+    """Image sizes are whole 512-byte sectors (qemu rounds up; the tail reads as zeros)."""
+    return -(-nbytes // 512) * 512
 
 
 def _convert_new_qcow2(st, src, dest, compress, sparse_size, threads, progress, sync):
@@ -481,7 +486,7 @@ def _convert_through_image(src, dest, format, options, sparse_size, existing,
                            target_is_zero, threads, progress, sync):
     """Raw output, -n, and preallocated qcow2: writes through Image.write
     (qcow2) or pwrite (raw)."""
-    size = src.size if src is not None else None
+    size = sectors(src.size) if src is not None else None
     if existing:
         if not os.path.exists(dest):
             raise FileNotFoundError(2, "Could not open target image", dest)
@@ -501,9 +506,9 @@ def _convert_through_image(src, dest, format, options, sparse_size, existing,
             if not existing and size is not None:
                 os.ftruncate(out.fd, size)
             unit = sparse_size or (1 << 20)
-        if existing and size is not None and tsize < size:
+        if existing and src is not None and tsize < src.size:
             raise InvalidArgumentError(f"target {dest!r} is smaller ({tsize} bytes) than "
-                                       f"the source ({size} bytes)")
+                                       f"the source ({src.size} bytes)")
         zero_target = target_is_zero or not existing
         job = Job(unit, detect_zeros=sparse_size > 0, keep_zero=not zero_target,
                   compress=None, v2_zero_as_data=False)
@@ -536,7 +541,7 @@ def _convert_through_image(src, dest, format, options, sparse_size, existing,
             if sparse_size == 0 or not zero_target:
                 marks[marks == SKIP] = MUST_ZERO if sparse_size else READ
         size = _feed(job, src, marks, sink, threads, progress)
-        if format == "raw" and src is None:
+        if format == "raw" and not existing:
             os.ftruncate(out.fd, size)
         if img is not None:
             img.close()

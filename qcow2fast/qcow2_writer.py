@@ -110,7 +110,7 @@ def build_metadata(settings, size, table, data_len, *, stream):
     used = np.flatnonzero(padded.reshape(l1_size, per_l2).any(axis=1)) if l1_size else \
         np.zeros(0, np.int64)
     n_l2 = len(used)
-    l1_clusters = max(1, _clusters(l1_size * 8, cs))
+    l1_clusters = _clusters(l1_size * 8, cs)      # none for an empty disk (l1_size 0)
     data_clusters = _clusters(data_len, cs)
     fixed = 1 + data_clusters + n_l2 + l1_clusters
     n_rb, rt_clusters = refcount_structure_clusters(fixed, cs, geo.refcount_order)

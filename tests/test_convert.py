@@ -250,3 +250,23 @@ def test_api_progress_is_monotonic_to_completion(chain, tmp_path):
 def test_options_help(capsys):
     status, out, _ = run_cli(capsys, "convert", "-O", "qcow2", "-o", "help", "a", "b")
     assert status == 0 and "compression_type=" in out and "cluster_size=" in out
+
+
+@pytest.mark.parametrize("nbytes", [0, 1000])
+def test_empty_and_odd_sized_sources_round_up_as_qemu(capsys, tmp_path, nbytes):
+    src = tmp_path / "s.raw"
+    src.write_bytes(os.urandom(nbytes))
+    for fmt in ("qcow2", "raw"):
+        ours, theirs = tmp_path / f"ours.{fmt}", tmp_path / f"theirs.{fmt}"
+        assert run_cli(capsys, "convert", "-O", fmt, src, ours)[0] == 0
+        qemu_img("convert", "-O", fmt, src, theirs)
+        if fmt == "qcow2":
+            qemu_check(ours)
+            assert qemu_info(ours)["virtual-size"] == qemu_info(theirs)["virtual-size"]
+        qemu_img("compare", "-f", fmt, "-F", fmt, ours, theirs)
+    p = _cli(["-O", "qcow2", src, "-"])
+    assert p.returncode == 0, p.stderr
+    piped = tmp_path / "piped.qcow2"
+    piped.write_bytes(p.stdout)
+    qemu_check(piped)
+    qemu_img("compare", piped, tmp_path / "theirs.qcow2")
