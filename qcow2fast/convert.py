@@ -110,24 +110,43 @@ def open_sources(names, fmt):
     return Sources(images, [os.fspath(n) for n in names])
 
 
-def classify(src, unit, *, top_only):
-    """Per unit: READ where any byte is data, MUST_ZERO where the output must
-    say zero explicitly (``top_only``: zeros in the source's top layer over a
-    backing file), else SKIP.  Built from block status: no data is read."""
-    n = -(-src.size // unit)
-    marks = {READ: np.zeros(n + 1, np.int64), MUST_ZERO: np.zeros(n + 1, np.int64)}
-    for off, length, kind, depth in src.extents():
-        if top_only and depth > 0:
-            continue
-        what = READ if kind in ("data", "compressed") else MUST_ZERO if top_only else None
-        if what is None:
-            continue
-        marks[what][off // unit] += 1                   # a difference array:
-        marks[what][-(-(off + length) // unit)] -= 1     # +1 at start, -1 past the end
-    out = np.full(n, SKIP, np.uint8)
-    out[np.cumsum(marks[MUST_ZERO])[:n] > 0] = MUST_ZERO
-    out[np.cumsum(marks[READ])[:n] > 0] = READ
-    return out
+class UnitMarks:
+    """What each unit needs, from the sources' block status (no data read):
+    READ where any byte is data, MUST_ZERO where the output must say zero
+    explicitly (``top_only``: zeros in the source's top layer over a backing
+    file), else SKIP -- computed a batch at a time, so memory stays bounded
+    whatever the disk size.  ``skip_as`` turns SKIP into another mark (-S 0:
+    READ; an existing target: MUST_ZERO)."""
+
+    def __init__(self, src, unit, *, top_only, skip_as=SKIP):
+        self.unit, self.skip_as = unit, skip_as
+        self.count = -(-src.size // unit)
+        starts, ends, what = [], [], []
+        for off, length, kind, depth in src.extents():
+            if top_only and depth > 0:
+                continue
+            mark = READ if kind in ("data", "compressed") else MUST_ZERO if top_only else SKIP
+            if mark != SKIP:
+                starts.append(off // unit)
+                ends.append(-(-(off + length) // unit))
+                what.append(mark)
+        self.starts = np.array(starts, np.int64)     # in disk order, not overlapping
+        self.ends = np.array(ends, np.int64)
+        self.what = np.array(what, np.uint8)
+
+    def get(self, first, count):
+        """The marks of units [first, first + count)."""
+        i = int(np.searchsorted(self.ends, first, side="right"))
+        j = int(np.searchsorted(self.starts, first + count, side="left"))
+        out = np.full(count, SKIP, np.uint8)
+        # Extents may share a unit (a data extent and a zero one): READ wins.
+        for mark in (MUST_ZERO, READ):
+            sel = self.what[i:j] == mark
+            for a, b in zip(self.starts[i:j][sel].tolist(), self.ends[i:j][sel].tolist()):
+                out[max(a, first) - first:min(b, first + count) - first] = mark
+        if self.skip_as != SKIP:
+            out[out == SKIP] = self.skip_as
+        return out
 
 
 # -- compression -----------------------------------------------------------------------
@@ -263,11 +282,13 @@ def run_pipeline(job, batches, sink, threads, progress, total, buffers):
                 writes.append((wpool.submit(io), buf))
             while writes and (len(writes) > window or writes[0][0].done()):
                 retire_write()
-            done += nvalid
+            done = first * job.unit + nvalid        # batches come in disk order
             if progress is not None:
                 progress(done, total)
         while writes:
             retire_write()
+        if progress is not None and total is not None and done < total:
+            progress(total, total)              # the empty tail was skipped
     finally:
         for fut in [f for _, f in pending] + [f for f, _ in writes]:
             fut.cancel()
@@ -277,9 +298,13 @@ def run_pipeline(job, batches, sink, threads, progress, total, buffers):
 
 
 def seekable_batches(src, marks, unit, buffers):
+    """Batches in disk order; batches with nothing to do (all SKIP) are
+    left out, so a sparse disk costs nothing where it is empty."""
     per = buffers.nbytes // unit
-    for first in range(0, len(marks), per):
-        m = marks[first:first + per]
+    for first in range(0, marks.count, per):
+        m = marks.get(first, min(per, marks.count - first))
+        if not m.any():
+            continue
         nvalid = min(len(m) * unit, src.size - first * unit)
         yield buffers.get(), nvalid, m, src, first
 
@@ -460,13 +485,12 @@ def _convert_new_qcow2(st, src, dest, compress, sparse_size, threads, progress, 
                              if dest != STDIN else None)
 
         def sink(first, kinds, payloads, buf, nvalid):
-            return writer.append(kinds, payloads, buf)
+            return writer.append(first, kinds, payloads, buf)
 
         marks = None
         if src is not None:
-            marks = classify(src, cs, top_only=bool(st.backing_file))
-            if sparse_size == 0:
-                marks[:] = READ
+            marks = UnitMarks(src, cs, top_only=bool(st.backing_file),
+                              skip_as=READ if sparse_size == 0 else SKIP)
         size = _feed(job, src, marks, sink, threads, progress)
         if geo.l1_size_for(size) > hdr.MAX_L1_BYTES // 8:
             raise InvalidArgumentError(f"input of {size} bytes is too large for "
@@ -537,9 +561,8 @@ def _convert_through_image(src, dest, format, options, sparse_size, existing,
 
         marks = None
         if src is not None:
-            marks = classify(src, unit, top_only=False)
-            if sparse_size == 0 or not zero_target:
-                marks[marks == SKIP] = MUST_ZERO if sparse_size else READ
+            skip_as = READ if sparse_size == 0 else SKIP if zero_target else MUST_ZERO
+            marks = UnitMarks(src, unit, top_only=False, skip_as=skip_as)
         size = _feed(job, src, marks, sink, threads, progress)
         if format == "raw" and not existing:
             os.ftruncate(out.fd, size)

@@ -69,25 +69,25 @@ class DataPacker:
 
 class ClusterTable:
     """What each guest cluster of the output is: kind, relative data offset
-    and compressed length, collected batch by batch."""
+    and compressed length, collected batch by batch (batches with nothing
+    in them may be missing: those clusters are unallocated)."""
 
     def __init__(self):
         self.parts = []
 
-    def add(self, kinds, rel, clen):
-        self.parts.append((np.asarray(kinds, np.uint8), np.asarray(rel, np.uint64),
-                           np.asarray(clen, np.uint64)))
+    def add(self, first, kinds, rel, clen):
+        self.parts.append((first, np.asarray(kinds, np.uint8), np.asarray(rel, np.uint64),
+                           np.asarray(clen, np.uint32)))
 
     def arrays(self, n):
-        """(kinds, rel, clen) for ``n`` guest clusters (missing ones unallocated)."""
-        out = []
-        for i, dt in enumerate((np.uint8, np.uint64, np.uint64)):
-            a = np.concatenate([p[i] for p in self.parts]) if self.parts else np.zeros(0, dt)
-            a = a[:n]
-            if len(a) < n:
-                a = np.concatenate([a, np.zeros(n - len(a), dt)])
-            out.append(a)
-        return out
+        """(kinds, rel, clen) for ``n`` guest clusters."""
+        kinds, rel, clen = np.zeros(n, np.uint8), np.zeros(n, np.uint64), np.zeros(n, np.uint32)
+        for first, k, r, c in self.parts:
+            m = min(len(k), n - first)
+            if m > 0:
+                kinds[first:first + m], rel[first:first + m] = k[:m], r[:m]
+                clen[first:first + m] = c[:m]
+        return kinds, rel, clen.astype(np.uint64)
 
 
 def _clusters(nbytes, cs):
@@ -202,8 +202,9 @@ class Qcow2Writer:
             self._spool = None
             self._data_fd, self._data_base = fd, self.geo.cluster_size
 
-    def append(self, kinds, payloads, buf=None):
-        """One batch of guest clusters, in order: ``kinds`` per cluster and,
+    def append(self, first, kinds, payloads, buf=None):
+        """One batch of guest clusters from cluster ``first``, batches in
+        order: ``kinds`` per cluster and,
         for each DATA/COMPRESSED one, its bytes (a compressed payload is
         shorter than a cluster) -- or, with ``payloads`` None, the DATA
         clusters are those of ``buf`` (one cluster per entry of ``kinds``).
@@ -231,7 +232,7 @@ class Qcow2Writer:
                     bufs.append(bytes(pad))
                 bufs.append(data)
                 rel[i], clen[i] = off, len(data)
-        self.table.add(kinds, rel, clen)
+        self.table.add(first, kinds, rel, clen)
         return lambda: self._write(bufs, start)
 
     def _write(self, bufs, rel):
