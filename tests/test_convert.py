@@ -270,3 +270,23 @@ def test_empty_and_odd_sized_sources_round_up_as_qemu(capsys, tmp_path, nbytes):
     piped.write_bytes(p.stdout)
     qemu_check(piped)
     qemu_img("compare", piped, tmp_path / "theirs.qcow2")
+
+
+def test_large_sparse_source_costs_only_its_data(tmp_path):
+    """64 GiB, 5 bytes of data: empty batches are skipped; the output maps
+    one cluster and progress still reaches the total."""
+    src = tmp_path / "big.raw"
+    with open(src, "wb") as f:
+        f.truncate(64 << 30)
+        f.seek(40 << 30)
+        f.write(b"hello")
+    calls = []
+    out = tmp_path / "big.qcow2"
+    qcow2fast.convert(src, out, progress=lambda d, t: calls.append((d, t)))
+    qemu_check(out)
+    data = [e for e in qemu_map(out) if e["data"]]
+    assert [(e["start"], e["length"]) for e in data] == [(40 << 30, 65536)]
+    assert calls[-1] == (64 << 30, 64 << 30)
+    assert [d for d, _ in calls] == sorted(d for d, _ in calls)
+    with qcow2fast.open(out) as img:
+        assert img.read(40 << 30, 6) == b"hello\0"
