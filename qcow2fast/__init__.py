@@ -7,6 +7,7 @@
         img.read(0, 5)
 """
 
+from .convert import convert
 from .create import create
 from .errors import (CorruptImageError, ImageClosedError, InvalidArgumentError, Qcow2Error,
                      ReadOnlyImageError, UnsupportedFeatureError)
@@ -15,7 +16,7 @@ from .image import Image
 
 __version__ = "0.1.0"
 
-__all__ = ["open", "create", "Image", "Extent", "Qcow2Error", "CorruptImageError",
+__all__ = ["open", "create", "convert", "Image", "Extent", "Qcow2Error", "CorruptImageError",
            "UnsupportedFeatureError", "InvalidArgumentError", "ReadOnlyImageError",
            "ImageClosedError"]
 

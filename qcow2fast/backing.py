@@ -5,6 +5,7 @@ error, and a backing file without a recorded format is probed only for the
 qcow2 magic (anything else is read as raw).
 """
 
+import errno
 import os
 
 from . import header as hdr
@@ -68,7 +69,7 @@ class RawImage:
     def __init__(self, path, writable=False):
         self.path = path
         self._f = open(path, "r+b" if writable else "rb", buffering=0)
-        self.size = os.fstat(self._f.fileno()).st_size
+        self.size = os.lseek(self._f.fileno(), 0, os.SEEK_END)   # block devices too
         self.read_only = not writable
         self.backing = None
         self.closed = False
@@ -100,8 +101,11 @@ class RawImage:
         while pos < end:
             try:
                 data = min(os.lseek(fd, pos, os.SEEK_DATA), end)
-            except OSError:             # ENXIO: no data past pos
-                data = end
+            except OSError as e:
+                if e.errno != errno.ENXIO:      # no SEEK_DATA here: all of it is data
+                    out.append(Extent(pos, end - pos, "data", pos, 0))
+                    break
+                data = end                      # ENXIO: no data past pos
             if data > pos:
                 out.append(Extent(pos, data - pos, "zero", None, 0))
             if data >= end:

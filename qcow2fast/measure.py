@@ -33,6 +33,13 @@ def check_extended_l2(extended_l2, version, cluster_size):
 def refcount_metadata_size(clusters, cluster_size, refcount_order):
     """Bytes of refcount table and blocks needed to count ``clusters``
     clusters plus themselves."""
+    return sum(refcount_structure_clusters(clusters, cluster_size, refcount_order)) \
+        * cluster_size
+
+
+def refcount_structure_clusters(clusters, cluster_size, refcount_order):
+    """(refcount blocks, refcount table clusters) needed to count
+    ``clusters`` clusters plus themselves: the fixed point."""
     per_table_cluster = cluster_size // REFTABLE_ENTRY_SIZE
     per_block = cluster_size * 8 // (1 << refcount_order)
     table = blocks = 0
@@ -43,7 +50,7 @@ def refcount_metadata_size(clusters, cluster_size, refcount_order):
         table = -(-blocks // per_table_cluster)
         n = clusters + blocks + table
         if n == last:
-            return (blocks + table) * cluster_size
+            return blocks, table
 
 
 def prealloc_size(virtual_size, cluster_size, refcount_order, l2e_size=8):

@@ -1,0 +1,97 @@
+"""qcow2fast convert [-f fmt] [-O qcow2|raw] [-o options] [-c] [-S sparse_size]
+[-B backing [-F fmt]] [-n] [--target-is-zero] [-m threads] [-W] [-t cache] [-p] [-q]
+SRC [SRC2 ...] DST
+
+qemu-img convert's options and meanings.  ``-`` as the only SRC reads a raw
+stream from stdin; ``-`` as DST writes a qcow2 image to stdout.  ``-m`` is
+the number of worker threads (default: the number of CPUs); ``-W`` is
+accepted for compatibility (batches are always written in order).  ``-l``
+(converting a snapshot) is not available yet."""
+
+from .. import convert
+from .create_cmd import options_help, qcow2_options
+from .options import UsageError, merge_options, parse_size
+from .progress import Progress
+
+# -t: qemu-img convert's default is unsafe (no flush); any other mode syncs
+# the output before it is renamed into place.  -T (source cache) is accepted.
+CACHE_MODES = ("unsafe", "writeback", "writethrough", "none", "directsync")
+
+
+def add_parser(sub):
+    p = sub.add_parser("convert", help="convert or copy an image")
+    p.add_argument("-f", dest="fmt")
+    p.add_argument("-O", dest="out_fmt", default="raw")
+    p.add_argument("-o", dest="options", action="append", default=[])
+    p.add_argument("-c", dest="compress", action="store_true")
+    p.add_argument("-S", dest="sparse_size", default="4k")
+    p.add_argument("-B", dest="backing")
+    p.add_argument("-F", dest="backing_fmt")
+    p.add_argument("-n", dest="existing", action="store_true")
+    p.add_argument("--target-is-zero", dest="target_is_zero", action="store_true")
+    p.add_argument("-m", dest="threads")
+    p.add_argument("-t", dest="cache", default="unsafe")
+    p.add_argument("-T", dest="src_cache")
+    p.add_argument("-W", dest="out_of_order", action="store_true")
+    p.add_argument("-p", dest="progress", action="store_true")
+    p.add_argument("-q", dest="quiet", action="store_true")
+    p.add_argument("-U", "--force-share", dest="force_share", action="store_true")
+    p.add_argument("filenames", nargs="*")
+    p.set_defaults(run=run)
+
+
+def run(args):
+    if args.out_fmt not in ("qcow2", "raw"):
+        raise UsageError(f"convert: unknown or unsupported output format {args.out_fmt!r}")
+    opts = merge_options(args.options)
+    if "help" in opts or "?" in opts:
+        print(options_help(args.out_fmt), end="")
+        return 0
+    if len(args.filenames) < 2:
+        raise UsageError("convert: expecting a source and a destination filename")
+    *sources, dest = args.filenames
+    if args.out_fmt == "qcow2":
+        kw = qcow2_options(opts)
+        backing = args.backing or kw.pop("backing_file", None)
+        backing_fmt = args.backing_fmt or kw.pop("backing_format", None)
+    elif opts:
+        raise UsageError(f"convert: invalid parameter {next(iter(opts))!r} for format raw")
+    else:
+        kw, backing, backing_fmt = {}, args.backing, args.backing_fmt
+    if args.existing and opts:
+        raise UsageError("convert: -o cannot be used with -n (the target exists)")
+    if backing_fmt and not backing:
+        raise UsageError("convert: -F needs -B")
+    sparse = parse_size(args.sparse_size, "sparse size")
+    if sparse % 512 or sparse > (1 << 30):
+        raise UsageError("convert: invalid sparse size (-S): use a multiple of 512 up to 1G, "
+                         "or 0")
+    if args.cache not in CACHE_MODES:
+        raise UsageError(f"convert: invalid cache mode {args.cache!r} for -t "
+                         f"({', '.join(CACHE_MODES)})")
+    threads = None
+    if args.threads is not None:
+        try:
+            threads = int(args.threads)
+        except ValueError:
+            threads = 0
+        if not 1 <= threads <= 256:
+            raise UsageError(f"convert: invalid number of threads (-m) {args.threads!r}: "
+                             "1 to 256")
+    bars = []
+
+    def progress(done, total):
+        if not bars:            # the total is known once the sources are open
+            bars.append(Progress(args.progress and not args.quiet, total, "convert"))
+        bars[0].advance_to(done)
+
+    try:
+        convert(sources, dest, source_format=args.fmt, format=args.out_fmt, options=kw,
+                compress=args.compress, sparse_size=sparse, backing_file=backing,
+                backing_format=backing_fmt, existing=args.existing,
+                target_is_zero=args.target_is_zero, threads=threads, progress=progress,
+                sync=args.cache != "unsafe")
+    finally:
+        for bar in bars:
+            bar.close()
+    return 0
