@@ -202,7 +202,7 @@ def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m benchmarks.convert_bench",
                                 description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="384 MiB source instead of 3 GiB")
-    p.add_argument("--runs", type=int, default=5, help="runs per figure (default 5)")
+    p.add_argument("--runs", type=int, help="runs per figure (default 5, --quick 2)")
     p.add_argument("--threads", type=int, help="qcow2fast -m (default: all CPUs)")
     p.add_argument("--cache", default="/var/tmp/qcow2fast-convert-bench",
                    help="where the source images are built once and kept")
@@ -210,7 +210,9 @@ def parse_args(argv):
     p.add_argument("--json", metavar="OUT", help="write every sample to this JSON file")
     p.add_argument("--only", action="append", choices=[c[0] for c in CASES],
                    help="run only this case (repeatable)")
-    return p.parse_args(argv)
+    a = p.parse_args(argv)
+    a.runs = a.runs or (2 if a.quick else 5)
+    return a
 
 
 def main(argv=None):

@@ -41,6 +41,9 @@ SCENARIOS = [
      "refcounts off and on.", True),
     ("check", "benchmarks.check_bench",
      "qcow2fast check beside qemu-img check on large images.", False),
+    ("convert", "benchmarks.convert_bench",
+     "Conversion of an ext4 image of system files: raw to qcow2, qcow2 to raw, zlib and zstd "
+     "compression, beside qemu-img convert and cp.", False),
     ("nbd", "benchmarks.nbd_bench",
      "qcow2fast serve beside qemu-nbd: nbdcopy and qemu-img bench over NBD.", False),
 ]

@@ -88,7 +88,11 @@ class Sources:
             im.close()
 
 
-def open_sources(names, fmt):
+def open_sources(names, fmt, snapshot=None):
+    """Open the sources (``snapshot``: an internal snapshot of the only,
+    qcow2, source to read instead of its active layer)."""
+    if snapshot is not None and len(names) > 1:
+        raise InvalidArgumentError("a snapshot (-l) can only be read from a single source")
     images = []
     try:
         for name in names:
@@ -98,7 +102,9 @@ def open_sources(names, fmt):
             f = fmt or probe_format(path)
             if f == "qcow2":
                 from .image import Image
-                images.append(Image(path, "r", cache_clean_interval=0))
+                images.append(Image(path, "r", cache_clean_interval=0, snapshot=snapshot))
+            elif snapshot is not None:
+                raise InvalidArgumentError(f"{path}: a {f} image has no internal snapshots")
             elif f == "raw":
                 images.append(RawImage(path))
             else:
@@ -382,7 +388,8 @@ class Output:
 
 def convert(sources, dest, *, source_format=None, format="qcow2", options=None,
             compress=False, sparse_size=4096, backing_file=None, backing_format=None,
-            existing=False, target_is_zero=False, threads=None, progress=None, sync=False):
+            existing=False, target_is_zero=False, threads=None, progress=None, sync=False,
+            snapshot=None):
     """Convert ``sources`` (paths; several are concatenated; ``"-"`` alone
     is a raw stream on stdin) into ``dest`` (a path, or ``"-"`` for stdout).
 
@@ -390,7 +397,9 @@ def convert(sources, dest, *, source_format=None, format="qcow2", options=None,
     ``options`` -o (create()'s keyword arguments), ``compress`` -c,
     ``sparse_size`` -S (0: fully allocated output), ``backing_file`` -B
     (only the sources' top layer is copied), ``existing`` -n,
-    ``target_is_zero`` --target-is-zero, ``threads`` -m.  ``progress`` is
+    ``target_is_zero`` --target-is-zero, ``threads`` -m, ``snapshot`` -l (an
+    id-or-name, or {"id": ..., "name": ...}, as :func:`qcow2fast.open` takes
+    it).  ``progress`` is
     called as ``progress(done_bytes, total_bytes)`` after each batch, with
     ``done`` increasing up to ``total`` (None when reading stdin).  ``sync``
     makes the output durable (fsync) before it is renamed into place;
@@ -428,7 +437,9 @@ def convert(sources, dest, *, source_format=None, format="qcow2", options=None,
     if stdin and existing:
         raise InvalidArgumentError("-n needs a source of known size")
 
-    src = None if stdin else open_sources(sources, source_format)
+    if stdin and snapshot is not None:
+        raise InvalidArgumentError("a snapshot (-l) cannot be read from stdin")
+    src = None if stdin else open_sources(sources, source_format, snapshot)
     try:
         size = src.size if src is not None else None
         # Extended L2 entries are not laid out by qcow2_writer: such images

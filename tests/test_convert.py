@@ -72,7 +72,7 @@ QCOW2_VARIANTS = [
     ["-o", "compat=0.10"], ["-c", "-o", "compat=0.10,cluster_size=2M"],
     ["-o", "preallocation=metadata"], ["-o", "preallocation=falloc"],
     ["-o", "preallocation=full"], ["-o", "lazy_refcounts=on,refcount_bits=64"],
-    ["-S", "0"], ["-t", "writeback", "-p"],
+    ["-S", "0"], ["-t", "writeback", "-p"], ["-o", "extended_l2=on,cluster_size=128k"],
 ]
 
 
@@ -290,3 +290,19 @@ def test_large_sparse_source_costs_only_its_data(tmp_path):
     assert [d for d, _ in calls] == sorted(d for d, _ in calls)
     with qcow2fast.open(out) as img:
         assert img.read(40 << 30, 6) == b"hello\0"
+
+
+@pytest.mark.parametrize("which", ["s1", "1", "snapshot.name=s1", "snapshot.id=1,snapshot.name=s1"])
+@pytest.mark.parametrize("out_fmt", ["raw", "qcow2"])
+def test_snapshot_source(capsys, tmp_path, which, out_fmt):
+    """-l converts an internal snapshot, as qemu-img convert -l does."""
+    src = qemu_create(tmp_path / "s.qcow2", 4 * MiB)
+    qemu_io(src, "write -P 0x61 0 1M", "write -z 2M 64k")
+    qemu_img("snapshot", "-c", "s1", src)
+    qemu_io(src, "write -P 0x62 512k 1M", "discard 0 64k")
+    out = str(tmp_path / f"out.{out_fmt}")
+    status, _, err = run_cli(capsys, "convert", "-O", out_fmt, "-l", which, src, out)
+    assert status == 0, err
+    check_output(out, out_fmt, qemu_raw(src, snapshot="s1"))
+    assert run_cli(capsys, "convert", "-l", "nope", src, str(tmp_path / "x.raw"))[0] == 1
+    assert not os.path.exists(tmp_path / "x.raw")

@@ -1,14 +1,16 @@
 """qcow2fast convert [-f fmt] [-O qcow2|raw] [-o options] [-c] [-S sparse_size]
 [-B backing [-F fmt]] [-n] [--target-is-zero] [-m threads] [-W] [-t cache] [-p] [-q]
-SRC [SRC2 ...] DST
+[-l snapshot] SRC [SRC2 ...] DST
 
 qemu-img convert's options and meanings.  ``-`` as the only SRC reads a raw
 stream from stdin; ``-`` as DST writes a qcow2 image to stdout.  ``-m`` is
 the number of worker threads (default: the number of CPUs); ``-W`` is
 accepted for compatibility (batches are always written in order).  ``-l``
-(converting a snapshot) is not available yet."""
+reads an internal snapshot of the (single, qcow2) source: an id or name, or
+``snapshot.id=ID,snapshot.name=NAME``, as qemu-img."""
 
 from .. import convert
+from .common import snapshot_spec
 from .create_cmd import options_help, qcow2_options
 from .options import UsageError, merge_options, parse_size
 from .progress import Progress
@@ -33,6 +35,7 @@ def add_parser(sub):
     p.add_argument("-t", dest="cache", default="unsafe")
     p.add_argument("-T", dest="src_cache")
     p.add_argument("-W", dest="out_of_order", action="store_true")
+    p.add_argument("-l", dest="snapshot")
     p.add_argument("-p", dest="progress", action="store_true")
     p.add_argument("-q", dest="quiet", action="store_true")
     p.add_argument("-U", "--force-share", dest="force_share", action="store_true")
@@ -90,7 +93,7 @@ def run(args):
                 compress=args.compress, sparse_size=sparse, backing_file=backing,
                 backing_format=backing_fmt, existing=args.existing,
                 target_is_zero=args.target_is_zero, threads=threads, progress=progress,
-                sync=args.cache != "unsafe")
+                sync=args.cache != "unsafe", snapshot=snapshot_spec(args.snapshot))
     finally:
         for bar in bars:
             bar.close()
