@@ -1,13 +1,10 @@
-"""Consistency of refcounts with the metadata, and their repair (the fsck
-half of qemu's qcow2-refcount.c).
+"""qemu-img check and its repairs (the fsck half of qemu's qcow2-refcount.c).
 
-``reference_counts`` rebuilds, vectorised with numpy, the refcount every
-host cluster should have from the header, the L1/L2 tables (active and of
-every snapshot), the snapshot table and the refcount structures.
-``rebuild_refcounts`` makes the stored refcounts and COPIED flags agree
-with it; it is how a dirty image (lazy refcounts after a crash) is repaired.
-
-``check_image`` and ``repair_image`` are ``qemu-img check`` and its -r.
+``check_image`` compares the stored refcounts with those the metadata
+implies, with qemu's messages, counts and exit statuses; ``repair_image``
+carries out -r leaks / -r all (refcount fixes in place, COPIED flags,
+reserved L1 bits, and a rebuild through :mod:`qcow2fast.rebuild` when
+refcount structures are damaged).
 """
 
 import os
@@ -15,13 +12,13 @@ import struct
 
 import numpy as np
 
-from ._ext.kernels import l2_copied_rows, l2_tally_tables, tally_add
-from .errors import CorruptImageError, Qcow2Error
+from ._ext.kernels import l2_copied_rows, l2_tally_tables
+from .errors import Qcow2Error
 from .header import INCOMPAT_EXTL2
 from .geometry import (L1E_OFFSET_MASK, L1E_RESERVED_MASK, L2E_OFFSET_MASK,
                        L2E_STD_RESERVED_MASK, QCOW_OFLAG_COMPRESSED, QCOW_OFLAG_COPIED,
                        QCOW_OFLAG_ZERO, REFT_OFFSET_MASK, SC_ALLOC_MASK, Geometry)
-from .mapping import read_l1_table
+from .rebuild import RefcountTally, rebuild_refcounts
 from .references import describe, find_references
 
 # Leaks and corruptions explained in detail (the rest are only counted).
@@ -34,220 +31,6 @@ _STORED_DTYPE = {3: np.uint8, 4: np.uint16, 5: np.uint32, 6: np.uint64}
 _OFF = np.uint64(L2E_OFFSET_MASK)
 _COMPRESSED = np.uint64(QCOW_OFLAG_COMPRESSED)
 _COPIED = np.uint64(QCOW_OFLAG_COPIED)
-
-
-class RefcountTally:
-    """Expected refcounts, one uint64 per host cluster.
-
-    With ``grow`` (qemu-img check: count whatever the metadata says, like
-    qemu's growing refcount array) the array grows to cover every
-    reference; otherwise references at or past ``limit`` are recorded in
-    ``outside`` (a rebuild refuses them)."""
-
-    def __init__(self, limit, *, grow=False):
-        self.counts = np.zeros(max(limit, 1), dtype=np.uint64)
-        self.grow = grow
-        self.outside = []           # (host cluster, what referenced it)
-
-    def add(self, clusters, what=None):
-        clusters = np.asarray(clusters, dtype=np.int64).ravel()
-        if not len(clusters):
-            return
-        top = int(clusters.max()) + 1
-        if top > len(self.counts):
-            if self.grow:
-                grown = np.zeros(max(top, 2 * len(self.counts)), dtype=np.uint64)
-                grown[:len(self.counts)] = self.counts
-                self.counts = grown
-            else:
-                bad = clusters >= len(self.counts)
-                self.outside.extend((int(c), what) for c in clusters[bad][:16])
-                clusters = clusters[~bad]
-        tally_add(self.counts, np.ascontiguousarray(clusters))
-
-    def add_range(self, first, n, what=None):
-        self.add(np.arange(first, first + n), what)
-
-
-def _compressed_spans(geo, entries):
-    """(first, last) host cluster of each compressed descriptor in ``entries``
-    (a numpy uint64 array), and the extents' byte ends."""
-    coff, csize = geo.compressed_extent(entries)
-    end = coff + csize
-    cb = np.uint64(geo.cluster_bits)
-    return coff >> cb, (end - np.uint64(1)) >> cb, end
-
-
-def _tally_l2_entries(tally, geo, entries, what=None):
-    """Count the host clusters that L2 ``entries`` (numpy uint64) use."""
-    compressed = (entries & _COMPRESSED) != 0
-    std = entries[~compressed] & _OFF
-    tally.add(std[std != 0] >> np.uint64(geo.cluster_bits), what)
-    comp = entries[compressed]
-    if len(comp):
-        first, last, _ = _compressed_spans(geo, comp)
-        for k in range(3):      # a compressed cluster spans at most 3 host clusters
-            sel = first + np.uint64(k) <= last
-            tally.add(first[sel] + np.uint64(k), what)
-
-
-def tally_mapping(img, tally):
-    """Count header, L1/L2 tables, data clusters and snapshots (everything but
-    the refcount structures)."""
-    geo, h, f = img.geo, img.header, img.file
-    cs, cb = geo.cluster_size, geo.cluster_bits
-    file_size = f.size()
-    tally.add([0], "header")
-    l1s = [("active L1", h.l1_table_offset, img.mapping.l1)]
-    for s in img.snapshots:
-        l1s.append((f"snapshot {s.id} L1", s.l1_table_offset,
-                    read_l1_table(f, s.l1_table_offset, s.l1_size, cs, file_size,
-                                  what=f"snapshot {s.id} L1 table")))
-    if h.nb_snapshots:
-        tally.add_range(h.snapshots_offset >> cb, geo.size_to_clusters(img.snapshot_table_bytes),
-                        "snapshot table")
-    for what, off, l1 in l1s:
-        if len(l1):
-            tally.add_range(off >> cb, geo.size_to_clusters(len(l1) * 8), what)
-        l2_offsets = (l1 & np.uint64(L1E_OFFSET_MASK))
-        l2_offsets = l2_offsets[l2_offsets != 0]
-        tally.add(l2_offsets >> np.uint64(cb), f"{what} L2 table")
-        for l2off in l2_offsets:
-            l2off = int(l2off)
-            if l2off + cs > file_size:
-                continue
-            entries = np.frombuffer(f.pread(l2off, cs), dtype=">u8").astype(np.uint64)
-            _tally_l2_entries(tally, geo, entries[::geo.l2_entry_words], f"L2 table at {l2off:#x}")
-
-
-def tally_refcount_structures(img, tally):
-    rc, geo = img.refcounts, img.geo
-    h = img.header
-    tally.add_range(h.refcount_table_offset >> geo.cluster_bits, h.refcount_table_clusters,
-                    "refcount table")
-    blocks = rc.table[rc.table != 0]
-    tally.add(blocks >> np.uint64(geo.cluster_bits), "refcount block")
-
-
-def reference_counts(img, extra=0):
-    """The expected refcount of every host cluster (numpy uint64 array)."""
-    cs = img.geo.cluster_size
-    limit = max(-(-img.file.size() // cs), img.refcounts.end_cluster) + extra
-    tally = RefcountTally(limit)
-    tally_mapping(img, tally)
-    return tally
-
-
-def rebuild_refcounts(img):
-    """Make every stored refcount and COPIED flag match the metadata.
-
-    The caller holds the image open for writing with no writes in flight.
-    Clusters that the metadata uses are never handed out while refcount
-    blocks are created here (they are reserved first).
-    """
-    rc, geo = img.refcounts, img.geo
-    img.l2_cache.flush()
-    img.refcount_cache.flush()
-    rc.deferred = []
-    base = reference_counts(img)
-    if base.outside:
-        off, what = base.outside[0]
-        raise CorruptImageError(f"{what} references host cluster {off << geo.cluster_bits:#x} "
-                                "past the end of the image", offset=off << geo.cluster_bits,
-                                field="refcount")
-    # Never hand out a cluster the metadata uses -- nor the refcount table
-    # and blocks themselves: where a block is missing, their stored
-    # refcounts read as 0.
-    structures = RefcountTally(len(base.counts))
-    tally_refcount_structures(img, structures)
-    rc.reserved = (base.counts > 0) | (structures.counts > 0)
-    try:
-        for _ in range(8):
-            tally = RefcountTally(max(len(base.counts), rc.end_cluster))
-            tally.counts[:len(base.counts)] = base.counts
-            tally_refcount_structures(img, tally)
-            want = tally.counts
-            if want.max(initial=0) > geo.refcount_max:
-                c = int(np.argmax(want))
-                raise Qcow2Error(f"host cluster {c << geo.cluster_bits:#x} needs refcount "
-                                 f"{int(want[c])}, more than {geo.refcount_bits} bits hold")
-            changed = _apply(rc, geo, want)
-            if not changed:
-                break
-        else:
-            raise Qcow2Error("refcount rebuild did not converge")
-    finally:
-        rc.reserved = None
-    rc.free_hint = 0
-    _fix_copied_flags(img, want)
-    img.refcount_cache.flush()
-    img.l2_cache.flush()
-    img._barrier()
-
-
-def _apply(rc, geo, want):
-    """Write ``want`` into the refcount blocks, a whole block at a time.
-    Returns True if anything changed; creating a block changes the refcount
-    structures themselves, so the caller tallies again."""
-    from ._ext.kernels import refcount_encode
-    E = geo.rb_entries
-    nblocks = max(len(rc.table), -(-len(want) // E))
-    stored = np.zeros(E, dtype=np.uint64)
-    w = np.zeros(E, dtype=np.uint64)
-    changed = False
-    for t in range(nblocks):
-        lo = t * E
-        exists = t < len(rc.table) and rc.table[t] != 0
-        if lo >= len(want) and not exists:
-            continue
-        rc.read_block_values(t, stored)
-        w[:] = 0
-        part = want[lo:lo + E]
-        w[:len(part)] = part
-        if np.array_equal(stored, w):
-            continue
-        if not exists:
-            rc._alloc_block(t)
-            return True
-        slot, blk = rc._block(t)
-        refcount_encode(w, geo.refcount_order, blk)
-        rc.cache.mark_dirty(slot)
-        changed = True
-    return changed
-
-
-def _fix_copied_flags(img, counts):
-    """QCOW_OFLAG_COPIED on active L1/L2 entries iff the refcount is 1
-    (``counts``: the refcount of every host cluster, as just rebuilt)."""
-    geo, m = img.geo, img.mapping
-    cb = np.uint64(geo.cluster_bits)
-
-    def refcount_is_one(offsets):
-        idx = (offsets >> cb).astype(np.int64)
-        ok = idx < len(counts)
-        out = np.zeros(len(idx), dtype=bool)
-        out[ok] = counts[idx[ok]] == 1
-        return out
-
-    for l1i in np.nonzero(m.l1 & np.uint64(L1E_OFFSET_MASK))[0]:
-        l1i = int(l1i)
-        e = int(m.l1[l1i])
-        l2off = e & L1E_OFFSET_MASK
-        want_l1 = bool(refcount_is_one(np.array([l2off], dtype=np.uint64))[0])
-        if bool(e & QCOW_OFLAG_COPIED) != want_l1:
-            m.l1[l1i] = np.uint64(e ^ QCOW_OFLAG_COPIED)
-            m.write_l1_entry(l1i)
-        for s in range(geo.l2_entries // geo.slice_entries):
-            slot = img.l2_cache.load(l2off + s * geo.slice_bytes)
-            l2 = img.l2_cache.u64(slot)[::geo.l2_entry_words]      # descriptors (a view)
-            std = ((l2 & _COMPRESSED) == 0) & ((l2 & _OFF) != 0)
-            want = np.zeros(len(l2), dtype=bool)
-            want[std] = refcount_is_one(l2[std] & _OFF)
-            have = (l2 & _COPIED) != 0
-            wrong = np.nonzero(have != want)[0]
-            if len(wrong):
-                l2[wrong] ^= _COPIED
-                img.l2_cache.mark_dirty(slot)
 
 
 # -- qemu-img check ------------------------------------------------------------------

@@ -161,7 +161,7 @@ class Image(SubclusterOps, ImageCore):
                 h.autoclear_features = 0
                 self._write_header_field("autoclear_features")
             if h.incompatible_features & hdr.INCOMPAT_DIRTY:
-                from .check import rebuild_refcounts
+                from .rebuild import rebuild_refcounts
                 rebuild_refcounts(self)
                 self._set_dirty(False)
         self._update_alloc_fast()
