@@ -18,10 +18,10 @@ qemu-img check and compare equal.
 
 import json
 import os
-import shutil
 import sys
 
-from .common import MiB, BenchError, bench_parser, human, log, run, scenario_main, summarise
+from .common import (MiB, BenchError, bench_parser, human, log, parse_mode, run, scenario_main,
+                     summarise)
 from .io_bench import Qemu, warm_page_cache
 from .io_config import REQ, WRITE_PATTERN
 from .report import md_table, panels, save_figure
@@ -130,11 +130,7 @@ def main(argv=None):
     p = bench_parser("python -m benchmarks.clustersize_bench", __doc__,
                      "128 MiB images, 2048 requests, 1 run")
     p.add_argument("--plot", metavar="PNG", help="write the plot here")
-    a = p.parse_args(argv)
-    mode = MODES["quick" if a.quick else "full"]
-    a.size, a.count, a.runs = mode["size"], mode["count"], a.runs or mode["runs"]
-    if not shutil.which(a.qemu_img):
-        p.error(f"{a.qemu_img} not found (Debian: apt-get install qemu-utils)")
+    a = parse_mode(p, argv, MODES)
     meta = {"size": a.size, "count": a.count, "runs": a.runs}
     return scenario_main(a, "clustersize-bench", 2 * a.size + 64 * MiB, collect, report, plot,
                          meta, aio=True)

@@ -79,6 +79,17 @@ def bench_parser(prog, doc, quick_help):
     return p
 
 
+def parse_mode(p, argv, modes):
+    """Parse a scenario's arguments; its ``modes`` entry ("quick" or "full")
+    fills size, count and (unless --runs) runs; qemu-img must be there."""
+    a = p.parse_args(argv)
+    mode = modes["quick" if a.quick else "full"]
+    a.size, a.count, a.runs = mode["size"], mode["count"], a.runs or mode["runs"]
+    if not shutil.which(a.qemu_img):
+        p.error(f"{a.qemu_img} not found (Debian: apt-get install qemu-utils)")
+    return a
+
+
 def scenario_main(a, name, need_bytes, collect, report, plot=None, meta=None, aio=False):
     """The body of a scenario's main(): a scratch directory (removed after),
     ``collect(a, tmpdir)``, then the report, the plot (``a.plot``) and the

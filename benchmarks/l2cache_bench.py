@@ -13,11 +13,10 @@ jump (the published result: more than 10x).  qemu gets the sizes through
 """
 
 import os
-import shutil
 import sys
 
-from .common import (GiB, MiB, BenchError, bench_parser, human, log, run, scenario_main,
-                     summarise)
+from .common import (GiB, MiB, BenchError, bench_parser, human, log, parse_mode, run,
+                     scenario_main, summarise)
 from .io_bench import warm_page_cache
 from .report import md_table, panels, save_figure
 from .io_config import RUN_RE
@@ -132,11 +131,7 @@ def main(argv=None):
     p = bench_parser("python -m benchmarks.l2cache_bench", __doc__,
                      "2 GiB images, 8000 reads per point, 1 run")
     p.add_argument("--plot", metavar="PNG", help="write the plot here")
-    a = p.parse_args(argv)
-    mode = MODES["quick" if a.quick else "full"]
-    a.size, a.count, a.runs = mode["size"], mode["count"], a.runs or mode["runs"]
-    if not shutil.which(a.qemu_img):
-        p.error(f"{a.qemu_img} not found (Debian: apt-get install qemu-utils)")
+    a = parse_mode(p, argv, MODES)
     meta = {"size": a.size, "count": a.count, "runs": a.runs}
     return scenario_main(a, "l2cache-bench", 256 * MiB, collect, report, plot, meta, aio=True)
 

@@ -14,7 +14,8 @@ import sys
 import threading
 import time
 
-from .common import MiB, BenchError, bench_parser, log, ratio_info, run, scenario_main, summarise
+from .common import (MiB, BenchError, bench_parser, log, parse_mode, ratio_info, run,
+                     scenario_main, summarise)
 from .io_bench import Qemu, settle_page_cache
 from .io_config import FILL_PATTERN, REQ, WRITE_PATTERN
 from .report import fmt_ratio, md_table, panels, save_figure
@@ -123,9 +124,7 @@ def main(argv=None):
     p = bench_parser("python -m benchmarks.threads_bench", __doc__,
                      "256 MiB image, 20000 requests, 1 run")
     p.add_argument("--plot", metavar="PNG", help="write the plot here")
-    a = p.parse_args(argv)
-    mode = MODES["quick" if a.quick else "full"]
-    a.size, a.count, a.runs = mode["size"], mode["count"], a.runs or mode["runs"]
+    a = parse_mode(p, argv, MODES)
     meta = {"size": a.size, "count": a.count, "runs": a.runs}
     return scenario_main(a, "threads-bench", 2 * a.size + 64 * MiB, collect, report, plot, meta,
                          aio=True)

@@ -352,6 +352,8 @@ cdef class ImageCore:
         if self._touches_metadata(host, end - host):
             self._report_alloc_overlap(host)        # marks the image corrupt, raises
         tail = (nclusters << self.cluster_bits) - in_cl - chunk
+        if not in_cl and not tail:
+            below = False               # whole clusters: nothing below shows through
         if below and nclusters == 1:
             # One cluster: one read of what is below, merged, one write.
             self._fill_below(self.scratch, pos - in_cl, cs)
