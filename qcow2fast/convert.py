@@ -22,14 +22,12 @@ import concurrent.futures
 import mmap
 import os
 import sys
-import threading
 
 import numpy as np
-import zstandard
-from zlib_ng import zlib_ng
 
 from . import header as hdr
 from .backing import RawImage, probe_format
+from .compress import Compressor
 from .create import create, validate_options
 from .errors import InvalidArgumentError, Qcow2Error, UnsupportedFeatureError
 from .qcow2_writer import COMPRESSED, DATA, UNALLOCATED, ZERO, Qcow2Writer, pwrite_all, runs
@@ -153,28 +151,6 @@ class UnitMarks:
         if self.skip_as != SKIP:
             out[out == SKIP] = self.skip_as
         return out
-
-
-# -- compression -----------------------------------------------------------------------
-
-
-class Compressor:
-    """One cluster at a time, per qcow2's compression types; one zstd
-    compressor per thread (sharing one between threads crashes)."""
-
-    def __init__(self, ctype):
-        self.ctype = ctype
-        self._local = threading.local()
-
-    def __call__(self, data):
-        if self.ctype == hdr.COMPRESSION_ZLIB:
-            # qemu: raw deflate, 4 KiB window, default level.
-            c = zlib_ng.compressobj(zlib_ng.Z_DEFAULT_COMPRESSION, zlib_ng.DEFLATED, -12)
-            return c.compress(data) + c.flush()
-        z = getattr(self._local, "zstd", None)
-        if z is None:
-            z = self._local.zstd = zstandard.ZstdCompressor()
-        return z.compress(data)
 
 
 # -- the pipeline ------------------------------------------------------------------------
@@ -389,7 +365,7 @@ class Output:
 def convert(sources, dest, *, source_format=None, format="qcow2", options=None,
             compress=False, sparse_size=4096, backing_file=None, backing_format=None,
             existing=False, target_is_zero=False, threads=None, progress=None, sync=False,
-            snapshot=None):
+            snapshot=None, compression_level=None):
     """Convert ``sources`` (paths; several are concatenated; ``"-"`` alone
     is a raw stream on stdin) into ``dest`` (a path, or ``"-"`` for stdout).
 
@@ -399,7 +375,9 @@ def convert(sources, dest, *, source_format=None, format="qcow2", options=None,
     (only the sources' top layer is copied), ``existing`` -n,
     ``target_is_zero`` --target-is-zero, ``threads`` -m, ``snapshot`` -l (an
     id-or-name, or {"id": ..., "name": ...}, as :func:`qcow2fast.open` takes
-    it).  ``progress`` is
+    it).  ``compression_level`` (not in qemu-img) trades speed for size with
+    ``compress``: zlib 1-9 (default 3, see compress.ZLIB_DEFAULT_LEVEL), zstd
+    1-22 (default 3, qemu's).  ``progress`` is
     called as ``progress(done_bytes, total_bytes)`` after each batch, with
     ``done`` increasing up to ``total`` (None when reading stdin).  ``sync``
     makes the output durable (fsync) before it is renamed into place;
@@ -422,6 +400,8 @@ def convert(sources, dest, *, source_format=None, format="qcow2", options=None,
         raise InvalidArgumentError("--target-is-zero requires -n (an existing target)")
     if compress and format != "qcow2":
         raise InvalidArgumentError("compression is not supported for the raw format")
+    if compression_level is not None and not compress:
+        raise InvalidArgumentError("a compression level needs compression (-c)")
     if backing_file and (format != "qcow2" or existing):
         raise InvalidArgumentError("a backing file (-B) needs a new qcow2 target")
     if backing_file and len(sources) > 1:
@@ -449,7 +429,13 @@ def convert(sources, dest, *, source_format=None, format="qcow2", options=None,
                                   backing_file=backing_file, backing_format=backing_format,
                                   size_known=not stdin, **options)
             if st.preallocation == "off":
-                return _convert_new_qcow2(st, src, dest, compress, sparse_size, threads,
+                compressor = None
+                if compress:
+                    try:
+                        compressor = Compressor(st.compression_type, compression_level)
+                    except ValueError as e:
+                        raise InvalidArgumentError(str(e)) from None
+                return _convert_new_qcow2(st, src, dest, compressor, sparse_size, threads,
                                           progress, sync)
             if compress or dest == STDIN or stdin:
                 raise InvalidArgumentError("preallocation cannot be combined with "
@@ -481,11 +467,11 @@ def sectors(nbytes):
     return -(-nbytes // 512) * 512
 
 
-def _convert_new_qcow2(st, src, dest, compress, sparse_size, threads, progress, sync):
+def _convert_new_qcow2(st, src, dest, compressor, sparse_size, threads, progress, sync):
     geo = st.geometry()
     cs = geo.cluster_size
     job = Job(cs, detect_zeros=sparse_size > 0, keep_zero=bool(st.backing_file),
-              compress=Compressor(st.compression_type) if compress else None,
+              compress=compressor,
               v2_zero_as_data=st.version == 2)
     out = Output(dest, in_place=False)
     ok = False

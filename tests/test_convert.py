@@ -123,6 +123,32 @@ def test_compressed_clusters_and_plain_fallback(capsys, chain, tmp_path):
     assert os.path.getsize(out) < os.path.getsize(plain) - MiB
 
 
+@pytest.mark.parametrize("ctype,levels", [("zlib", (1, 9)), ("zstd", (1, 19))])
+def test_compression_level(capsys, chain, tmp_path, ctype, levels):
+    """--compression-level: any level reads back in qemu; a higher one is smaller."""
+    rng = random.Random(3)
+    words = [compressible_bytes(rng, rng.randrange(3, 12)) for _ in range(2000)]
+    src = tmp_path / "text.raw"       # repeated words: higher levels find more matches
+    src.write_bytes(b" ".join(rng.choices(words, k=2 * MiB))[:8 * MiB])
+    sizes = []
+    for level in levels:
+        out = tmp_path / f"l{level}.qcow2"
+        status, _, err = run_cli(capsys, "convert", "-c", "--compression-level", str(level),
+                                 "-O", "qcow2", "-o", f"compression_type={ctype}", src, out)
+        assert status == 0, err
+        check_output(out, "qcow2", str(src))
+        sizes.append(os.path.getsize(out))
+    assert sizes[1] < sizes[0]
+    status, _, err = run_cli(capsys, "convert", "-c", "--compression-level", "23", "-O",
+                             "qcow2", "-o", f"compression_type={ctype}", chain["top"],
+                             tmp_path / "bad.qcow2")
+    assert status == 1 and "compression level 23 out of range" in err
+    status, _, err = run_cli(capsys, "convert", "--compression-level", "5", "-O", "qcow2",
+                             chain["top"], tmp_path / "bad.qcow2")
+    assert status == 1 and "needs compression (-c)" in err
+    assert not os.path.exists(tmp_path / "bad.qcow2")
+
+
 @pytest.mark.parametrize("ctype", ["zlib", "zstd"])
 def test_compressed_source(capsys, chain, tmp_path, ctype):
     """A source qemu compressed (decompressed on the pool) converts back."""

@@ -7,7 +7,9 @@ stream from stdin; ``-`` as DST writes a qcow2 image to stdout.  ``-m`` is
 the number of worker threads (default: the number of CPUs); ``-W`` is
 accepted for compatibility (batches are always written in order).  ``-l``
 reads an internal snapshot of the (single, qcow2) source: an id or name, or
-``snapshot.id=ID,snapshot.name=NAME``, as qemu-img."""
+``snapshot.id=ID,snapshot.name=NAME``, as qemu-img.  ``--compression-level N``
+(not in qemu-img) sets the zlib (1-9, default 3) or zstd (1-22, default 3)
+level used by ``-c``."""
 
 from .. import convert
 from .common import snapshot_spec
@@ -36,6 +38,7 @@ def add_parser(sub):
     p.add_argument("-T", dest="src_cache")
     p.add_argument("-W", dest="out_of_order", action="store_true")
     p.add_argument("-l", dest="snapshot")
+    p.add_argument("--compression-level", dest="compression_level", type=int)
     p.add_argument("-p", dest="progress", action="store_true")
     p.add_argument("-q", dest="quiet", action="store_true")
     p.add_argument("-U", "--force-share", dest="force_share", action="store_true")
@@ -93,7 +96,8 @@ def run(args):
                 compress=args.compress, sparse_size=sparse, backing_file=backing,
                 backing_format=backing_fmt, existing=args.existing,
                 target_is_zero=args.target_is_zero, threads=threads, progress=progress,
-                sync=args.cache != "unsafe", snapshot=snapshot_spec(args.snapshot))
+                sync=args.cache != "unsafe", snapshot=snapshot_spec(args.snapshot),
+                compression_level=args.compression_level)
     finally:
         for bar in bars:
             bar.close()
