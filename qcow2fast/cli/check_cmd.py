@@ -8,7 +8,6 @@ never written."""
 import json
 import sys
 
-from ..check import check_image, repair_image
 from ..errors import Qcow2Error
 from .common import add_image_arguments, resolve_image
 
@@ -23,6 +22,7 @@ def add_parser(sub):
 
 
 def run(args):
+    from ..check import check_image, repair_image     # imported for this command only
     path, fmt, _cache_opts = resolve_image(args.filename, args.fmt, args.image_opts)
     if fmt == "raw":
         print("qcow2fast: This image format does not support checks", file=sys.stderr)

@@ -15,7 +15,6 @@ import sys
 import threading
 
 from ..image import CACHE_MODES
-from ..nbd import Server, socket_activation_sockets
 from .common import add_image_arguments, open_image
 from .options import UsageError
 
@@ -40,6 +39,7 @@ def add_parser(sub):
 
 
 def run(args):
+    from ..nbd import Server, socket_activation_sockets   # asyncio: only for this command
     logging.basicConfig(stream=sys.stderr, format="qcow2fast serve: %(message)s",
                         level=logging.INFO if args.verbose else logging.WARNING)
     if args.shared < 1:
