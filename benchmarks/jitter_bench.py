@@ -7,7 +7,10 @@ A steady stream of 4 KiB writes, each into a new 64 KiB cluster of an empty
 image (so every one allocates), at queue depth 1.  For every cache mode
 (writeback, writethrough, none, directsync, unsafe) and lazy refcounts off
 and on: the latency of every request, its percentiles, the worst stall, and
-the total time spent in stalls over 200 ms per 10 s of run.  qcow2fast's
+the total time spent in stalls over 200 ms per 10 s of run, and the
+syncs (fsync and fdatasync calls) per write, counted by ``strace -f -c`` in
+a separate, untimed run of the same writes (strace slows every syscall).
+qcow2fast's
 latencies come from its request loop; qemu's from qemu-io, one ``write``
 command per request (qemu-io times each command itself: its "ops/sec" is
 one over the request's latency).  Every run: both images pass qemu-img
@@ -17,7 +20,9 @@ check and compare equal.
 import os
 import re
 import shutil
+import subprocess
 import sys
+import tempfile
 
 import numpy as np
 
@@ -30,6 +35,8 @@ PATTERN = 0x5A
 MODES_CACHE = ["writeback", "writethrough", "none", "directsync", "unsafe"]
 STALL_NS = 200_000_000
 MODES = {"full": {"count": 20000}, "quick": {"count": 1000}}
+SYNC_COUNT = 1000               # writes in the (untimed) run under strace
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OPS_RE = re.compile(r"and ([0-9.]+) ops/sec\)")
 
 
@@ -41,11 +48,15 @@ def create(a, path, lazy):
          str(a.count * CLUSTER)])
 
 
-def qemu_latencies(a, path, cache):
+def qemu_io_command(a, path, cache, count):
     cmds = []
-    for i in range(a.count):
+    for i in range(count):
         cmds += ["-c", f"write -P {PATTERN} {i * CLUSTER} {REQ}"]
-    p = run([a.qemu_io, "-f", "qcow2", "-t", cache, *cmds, path])
+    return [a.qemu_io, "-f", "qcow2", "-t", cache, *cmds, path]
+
+
+def qemu_latencies(a, path, cache):
+    p = run(qemu_io_command(a, path, cache, a.count))
     ops = [float(m) for m in OPS_RE.findall(p.stdout)]
     if len(ops) != a.count:
         raise BenchError(f"qemu-io printed {len(ops)} timings for {a.count} writes")
@@ -59,6 +70,31 @@ def qf_latencies(path, cache, count):
         offs = np.arange(count, dtype=np.int64) * CLUSTER
         return bench.run(img, offs, bench.write_mask(count, 100, 0), REQ,
                          pattern=PATTERN).latencies_ns
+
+
+def syncs_per_write(a, path, lazy, cache, engine):
+    """fsync + fdatasync calls per write (opening and closing included),
+    counted by strace over SYNC_COUNT writes into a fresh image."""
+    count = min(SYNC_COUNT, a.count)
+    create(a, path, lazy)
+    if engine == "qemu":
+        cmd = qemu_io_command(a, path, cache, count)
+    else:
+        cmd = [sys.executable, "-c", "import sys; from benchmarks.jitter_bench import "
+               "qf_latencies; qf_latencies(sys.argv[1], sys.argv[2], int(sys.argv[3]))",
+               path, cache, str(count)]
+    with tempfile.NamedTemporaryFile("r", prefix="jitter-strace-") as out:
+        p = subprocess.run([a.strace, "-f", "-c", "-e", "trace=fsync,fdatasync", "-o",
+                            out.name, *cmd], cwd=REPO, capture_output=True, text=True)
+        if p.returncode != 0:
+            raise BenchError(f"strace {' '.join(cmd[:3])} ... exited {p.returncode}: "
+                             f"{p.stderr[-500:]}")
+        table = out.read()
+    # strace -c's table: "% time seconds usecs/call calls [errors] syscall".
+    calls = sum(int(m[1]) for m in re.finditer(r"^\s*[\d.]+\s+[\d.]+\s+\d+\s+(\d+)"
+                                                r"(?:\s+\d+)?\s+(?:fsync|fdatasync)\s*$",
+                                                table, re.M))
+    return calls / count
 
 
 def summary(lat):
@@ -85,6 +121,8 @@ def collect(a, tmpdir):
                 raise BenchError(f"{cache}, lazy={lazy}: the images differ")
             row = {"cache": cache, "lazy_refcounts": lazy,
                    "summary": {e: summary(v) for e, v in lat.items()},
+                   "syncs_per_write": {e: syncs_per_write(a, path, lazy, cache, e)
+                                       for e, path in paths.items()},
                    "latencies_us": {e: (v / 1000).round(1).tolist() for e, v in lat.items()}}
             s = row["summary"]
             log(f"  {cache:12} lazy={'on ' if lazy else 'off'}: p99 qemu {s['qemu']['p99_us']:.0f}"
@@ -104,9 +142,10 @@ def report(results, out=sys.stdout):
                      f"{q['p99_us']:.0f} / {f['p99_us']:.0f}",
                      f"{q['p999_us']:.0f} / {f['p999_us']:.0f}",
                      f"{q['max_ms']:.1f} / {f['max_ms']:.1f}",
-                     f"{q['stall_s_per_10s']:.2f} / {f['stall_s_per_10s']:.2f} s"])
+                     f"{q['stall_s_per_10s']:.2f} / {f['stall_s_per_10s']:.2f} s",
+                     " / ".join(f"{r['syncs_per_write'][e]:.2f}" for e in ("qemu", "qcow2fast"))])
     md_table(["cache", "lazy refcounts", "p50 us", "p99 us", "p99.9 us", "worst ms",
-              "stalls > 200 ms per 10 s"], rows, out)
+              "stalls > 200 ms per 10 s", "syncs per write"], rows, out)
 
 
 def plot(results, path):
@@ -129,11 +168,14 @@ def main(argv=None):
     p = bench_parser("python -m benchmarks.jitter_bench", __doc__, "1000 writes per configuration")
     p.add_argument("--plot", metavar="PNG", help="write the plot here")
     p.add_argument("--qemu-io", default=shutil.which("qemu-io") or "qemu-io")
+    p.add_argument("--strace", default=shutil.which("strace") or "strace",
+                   help="counts the syncs (Debian: apt-get install strace)")
     a = p.parse_args(argv)
     a.count = MODES["quick" if a.quick else "full"]["count"]
-    for tool in (a.qemu_img, a.qemu_io):
+    for tool, package in ((a.qemu_img, "qemu-utils"), (a.qemu_io, "qemu-utils"),
+                          (a.strace, "strace")):
         if not shutil.which(tool):
-            p.error(f"{tool} not found (Debian: apt-get install qemu-utils)")
+            p.error(f"{tool} not found (Debian: apt-get install {package})")
     return scenario_main(a, "jitter-bench", 2 * a.count * REQ + (64 << 20), collect, report,
                          plot, {"count": a.count})
 

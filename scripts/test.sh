@@ -4,7 +4,8 @@
 #   scripts/test.sh [extra pytest args...]
 #
 # 1. Installs the qemu oracle (Debian qemu-utils) when qemu-img/qemu-io are
-#    missing, the NBD clients (libnbd-bin) when nbdinfo/nbdcopy are -- and,
+#    missing, the NBD clients (libnbd-bin) when nbdinfo/nbdcopy are, strace
+#    (the jitter benchmark counts syncs with it) -- and,
 #    only if they are missing too, a C compiler and the Python
 #    headers needed to build the Cython extensions (apt-get; sudo if not root).
 # 2. pip install -e '.[test]' (pytest, hypothesis, pytest-benchmark).  A
@@ -37,6 +38,9 @@ if ! command -v qemu-img >/dev/null 2>&1 || ! command -v qemu-io >/dev/null 2>&1
 fi
 if ! command -v nbdinfo >/dev/null 2>&1 || ! command -v nbdcopy >/dev/null 2>&1; then
     packages+=(libnbd-bin)      # the NBD server tests' clients
+fi
+if ! command -v strace >/dev/null 2>&1; then
+    packages+=(strace)          # the jitter benchmark counts syncs with it
 fi
 if ! command -v cc >/dev/null 2>&1 && ! command -v gcc >/dev/null 2>&1; then
     packages+=(gcc)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.suite import NAMES
+from benchmarks.suite import NAMES, SCENARIOS
 
 pytestmark = pytest.mark.qemu
 REPO = Path(__file__).resolve().parent.parent
@@ -37,4 +37,13 @@ def test_quick_suite(tmp_path):
         assert "qcow2fast" in text and "qemu" in text, name
         numbers = list(_numbers(json.loads(text)))
         assert numbers and any(n > 0 for n in numbers), name
-    assert (tmp_path / "l2-cache.png").stat().st_size > 10_000
+    for name, _, _, plots in SCENARIOS:
+        if plots:
+            assert (tmp_path / f"{name}.png").stat().st_size > 10_000, name
+    # jitter counts the syncs (strace): writethrough syncs on every write,
+    # unsafe never.
+    syncs = {(r["cache"], r["lazy_refcounts"]): r["syncs_per_write"]
+             for r in json.loads((tmp_path / "jitter.json").read_text())["results"]}
+    for engine in ("qemu", "qcow2fast"):
+        assert syncs[("writethrough", False)][engine] >= 1, syncs
+        assert syncs[("unsafe", False)][engine] == 0, syncs
