@@ -2,6 +2,7 @@
 discards and reads at once, each thread in its own region.  Afterwards every
 region holds exactly what its thread wrote, and qemu-img agrees."""
 
+import os
 import random
 import threading
 
@@ -9,7 +10,7 @@ import pytest
 
 import qcow2fast
 
-from qemu_util import qemu_check, qemu_raw
+from qemu_util import qemu_check, qemu_create, qemu_io, qemu_raw
 
 pytestmark = pytest.mark.qemu
 
@@ -59,3 +60,26 @@ def test_concurrent_mixed_io(tmp_path, cache_mode, cluster_size):
         assert img.read(0, size) == b"".join(models)
     qemu_check(path)
     assert qemu_raw(path) == b"".join(models)
+
+
+def test_reads_whether_page_cached_or_not(tmp_path):
+    """Reads try the page cache without blocking (RWF_NOWAIT, GIL kept) and
+    fall back to a blocking read: both give qemu's bytes, from several threads."""
+    path = qemu_create(tmp_path / "c.qcow2", 8 << 20)
+    qemu_io(path, "write -P 0x5c 0 3M", "write -P 0x7e 5M 2M")
+    expected = qemu_raw(path)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)     # not cached first
+        with qcow2fast.open(path) as img:
+            got = [None] * 4
+            threads = [threading.Thread(target=lambda k=k: got.__setitem__(
+                k, img.read(k * (2 << 20), 2 << 20))) for k in range(4)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            assert b"".join(got) == expected
+            assert img.read(0, len(expected)) == expected       # now cached
+    finally:
+        os.close(fd)

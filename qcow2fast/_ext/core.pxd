@@ -11,6 +11,7 @@ cdef extern from "pthread.h" nogil:
     int pthread_rwlock_init(pthread_rwlock_t *, const pthread_rwlockattr_t *)
     int pthread_rwlock_destroy(pthread_rwlock_t *)
     int pthread_rwlock_rdlock(pthread_rwlock_t *)
+    int pthread_rwlock_tryrdlock(pthread_rwlock_t *)
     int pthread_rwlock_wrlock(pthread_rwlock_t *)
     int pthread_rwlock_unlock(pthread_rwlock_t *)
     int pthread_rwlockattr_init(pthread_rwlockattr_t *)
@@ -28,6 +29,7 @@ cdef class ImageCore:
     cdef readonly bint extended          # extended L2 entries (subclusters)
     cdef readonly int unit_bits          # allocation unit: subcluster or cluster
     cdef readonly int64_t size
+    cdef inline void _rdlock_fast(self)
     cdef readonly int64_t host_limit
     cdef public bint read_only
     cdef public bint writethrough

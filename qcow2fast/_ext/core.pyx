@@ -135,8 +135,14 @@ cdef class ImageCore:
             pthread_rwlock_wrlock(&self.rwlock)
 
     def _rdlock(self):
-        with nogil:
-            pthread_rwlock_rdlock(&self.rwlock)
+        self._rdlock_fast()
+
+    cdef inline void _rdlock_fast(self):
+        """The shared lock, keeping the GIL when it is free (the usual case:
+        only metadata updates take it exclusively)."""
+        if pthread_rwlock_tryrdlock(&self.rwlock) != 0:
+            with nogil:
+                pthread_rwlock_rdlock(&self.rwlock)
 
     def _unlock(self):
         pthread_rwlock_unlock(&self.rwlock)
@@ -225,8 +231,11 @@ cdef class ImageCore:
             if kind == EXT_DATA:
                 if host + <uint64_t>(run << ub) > <uint64_t>self.host_limit:
                     break
-                with nogil:
-                    rc = f.c_pread(buf + done, chunk, host + in_cl)
+                if f.c_pread_cached(buf + done, chunk, host + in_cl):
+                    rc = chunk
+                else:
+                    with nogil:
+                        rc = f.c_pread(buf + done, chunk, host + in_cl)
                 if rc < 0:
                     f.raise_errno(rc, "read", host + in_cl)
             elif kind == EXT_ZERO or (kind == EXT_UNALLOCATED and not self.has_backing):
@@ -496,8 +505,7 @@ cdef class ImageCore:
 
     cdef int64_t _locked_read(self, char *buf, int64_t offset, int64_t n) except -2:
         cdef int64_t done
-        with nogil:
-            pthread_rwlock_rdlock(&self.rwlock)
+        self._rdlock_fast()
         try:
             done = self._read_loop(buf, offset, n, False)
         finally:
@@ -535,8 +543,7 @@ cdef class ImageCore:
             self._check_range(offset, n)
             if self.read_only:
                 raise ReadOnlyImageError(self._read_only_reason())
-            with nogil:
-                pthread_rwlock_rdlock(&self.rwlock)
+            self._rdlock_fast()
             try:
                 done = self._write_loop(<const char *>view.buf, offset, n, False, &allocated)
             finally:
