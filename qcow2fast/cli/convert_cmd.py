@@ -57,7 +57,7 @@ def run(args):
         raise UsageError("convert: expecting a source and a destination filename")
     *sources, dest = args.filenames
     if args.out_fmt == "qcow2":
-        kw = qcow2_options(opts)
+        kw = qcow2_options(opts, "convert")
         backing = args.backing or kw.pop("backing_file", None)
         backing_fmt = args.backing_fmt or kw.pop("backing_format", None)
     elif opts:

@@ -109,7 +109,7 @@ def run(args):
     return 0
 
 
-def qcow2_options(opts):
+def qcow2_options(opts, command="create"):
     """-o key=value pairs -> keyword arguments of qcow2fast.create."""
     kw = {}
     for key, value in opts.items():
@@ -119,14 +119,14 @@ def qcow2_options(opts):
         if key.startswith("encrypt."):
             raise UnsupportedFeatureError("encryption not supported yet", feature=key)
         if value is None and key not in ("lazy_refcounts", "extended_l2"):
-            raise UsageError(f"create: parameter '{key}' needs a value")
+            raise UsageError(f"{command}: parameter '{key}' needs a value")
         if key == "cluster_size":
             kw["cluster_size"] = parse_size(value, "cluster_size")
         elif key == "refcount_bits":
             try:
                 kw["refcount_bits"] = int(value)
             except ValueError:
-                raise UsageError(f"create: refcount_bits expects a number, not {value!r}") from None
+                raise UsageError(f"{command}: refcount_bits expects a number, not {value!r}") from None
         elif key == "compat":
             kw["compat"] = {"v2": "0.10", "v3": "1.1"}.get(value, value)
         elif key == "lazy_refcounts":
@@ -140,6 +140,6 @@ def qcow2_options(opts):
         elif key == "backing_fmt":
             kw["backing_format"] = value
         else:
-            raise UsageError(f"create: invalid parameter '{key}' for format qcow2 "
+            raise UsageError(f"{command}: invalid parameter '{key}' for format qcow2 "
                              "(see -o help)")
     return kw

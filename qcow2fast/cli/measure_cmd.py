@@ -33,7 +33,7 @@ def run(args):
     opts = merge_options(args.options)
     kw = {}
     if args.out_fmt == "qcow2":
-        kw = qcow2_options(opts)
+        kw = qcow2_options(opts, "measure")
         for key in ("lazy_refcounts", "compression_type", "backing_format"):
             kw.pop(key, None)
     elif opts:
