@@ -143,14 +143,14 @@ def plot(results, path):
     groups = [r["image"] for r in results]
     fig, axes = panels(3, 4.4, 4.0)
     for ax, key, unit, title, scale in (
-            (axes[0], "wall", "wall time (s, log)", "check: wall time", 1),
-            (axes[1], "cpu", "CPU time, user + sys (s, log)", "check: CPU time", 1),
+            (axes[0], "wall", "wall time (s)", "check: wall time", 1),
+            (axes[1], "cpu", "CPU time, user + sys (s)", "check: CPU time", 1),
             (axes[2], "rss_kib", "peak RSS (MiB)", "check: peak memory", 1 / 1024)):
         series = [(f"{e} check", [[v * scale for v in r["samples"][e][key]] for r in results])
                   for e in ("qemu-img", "qcow2fast")]
         if key == "wall":
             series.append(("qcow2fast library call", [r["library_wall"] for r in results]))
-        bar_groups(ax, groups, series, unit, title, log=key != "rss_kib")
+        bar_groups(ax, groups, series, unit, title, log="auto")
     save_figure(fig, path, legend=axes[0])
 
 

@@ -52,10 +52,14 @@ def bar_groups(ax, groups, series, ylabel, title, log=False):
     """Grouped bars on ``ax``: one group per label in ``groups``, one bar a
     group per ``(label, samples)`` in ``series``, ``samples[i]`` being the
     list of samples of group i (empty or None: no bar).  Bar height is the
-    median, the error bar spans min to max (none for single samples)."""
+    median, the error bar spans min to max (none for single samples).
+    ``log``: True, False, or "auto" (log when the values span over 20x)."""
     import numpy as np
     width = 0.8 / len(series)
     x = np.arange(len(groups))
+    values = [v for _, samples in series for s in samples if s for v in s]
+    if log == "auto":
+        log = bool(values) and min(values) > 0 and max(values) > 20 * min(values)
     for i, (label, samples) in enumerate(series):
         idx = [j for j, s in enumerate(samples) if s]
         if not idx:
@@ -69,7 +73,7 @@ def bar_groups(ax, groups, series, ylabel, title, log=False):
     ax.set_xticks(x, groups)
     if log:
         ax.set_yscale("log")
-    ax.set_ylabel(ylabel)
+    ax.set_ylabel(ylabel + (", log scale" if log else ""))
     ax.set_title(title)
     ax.grid(True, axis="y", which="both", alpha=0.3)
     ax.set_axisbelow(True)
@@ -184,7 +188,7 @@ def plot(bench, path):
         series = [(ENGINE_LABEL[engine] + (" pread/pwrite" if engine == "raw" else ""),
                    [rates(e["count"], [s[window] for s in e["samples"].get(engine, [])])
                     for e in rows]) for engine in bench.engines]
-        bar_groups(ax, [e["name"] for e in rows], series, "requests / s (log)", title,
+        bar_groups(ax, [e["name"] for e in rows], series, "requests / s", title,
                    log=True)
         ax.tick_params(axis="x", labelrotation=20)
     save_figure(fig, path, legend=axes[0])

@@ -131,9 +131,9 @@ def plot(results, path):
         grown.append([[r["growth"][e] / MiB] for r in rows])
     groups = [f"{human(cs)} clusters" for cs in sizes]
     fig, axes = panels(2, 5.2, 4.0)
-    bar_groups(axes[0], groups, list(zip(names, iops)), "4 KiB writes / s (log)",
+    bar_groups(axes[0], groups, list(zip(names, iops)), "4 KiB writes / s",
                "allocating 4 KiB writes over a full backing file, QD 1", log=True)
-    bar_groups(axes[1], groups, list(zip(names, grown)), "overlay size on disk (MiB, log)",
+    bar_groups(axes[1], groups, list(zip(names, grown)), "overlay size on disk (MiB)",
                f"overlay growth after {results[0]['count']} writes", log=True)
     save_figure(fig, path, legend=axes[0])
 
