@@ -151,6 +151,9 @@ def plot(results, path):
         if key == "wall":
             series.append(("qcow2fast library call", [r["library_wall"] for r in results]))
         bar_groups(ax, groups, series, unit, title, log="auto")
+    fig.suptitle("page-cached images: meta-64k / meta-4k preallocation=metadata with 64 KiB / "
+                 f"4 KiB clusters, data fully written; {len(results[0]['library_wall'])} runs",
+                 fontsize="medium")
     save_figure(fig, path, legend=axes[0])
 
 
