@@ -1,6 +1,6 @@
 """``qcow2fast check`` beside ``qemu-img check`` on large images, in one run.
 
-    python -m benchmarks.check_bench [--quick] [--runs N] [--json OUT] [--keep]
+    python -m benchmarks.check_bench [--quick] [--runs N] [--json OUT] [--plot PNG] [--keep]
 
 Images (made once per invocation in a scratch directory, deleted after):
 
@@ -31,7 +31,7 @@ import time
 
 from .common import (GiB, MiB, BenchError, bench_parser, choose_tmpdir, log, ratio_info, run,
                      summarise)
-from .report import fmt_ratio
+from .report import bar_groups, fmt_ratio, panels, save_figure
 
 SIZES = {"full": {"meta": 64 * GiB, "data": 4 * GiB, "runs": 5},
          "quick": {"meta": 16 * GiB, "data": 1 * GiB, "runs": 3}}
@@ -137,9 +137,30 @@ def report(results, out=sys.stdout):
               f"{r['library_ratio']['ratio']:.2f}x |", file=out)
 
 
+def plot(results, path):
+    """Wall time, CPU time and peak RSS per image (median, min-max over the
+    runs), the commands beside qcow2fast's library call."""
+    groups = [r["image"] for r in results]
+    fig, axes = panels(3, 4.4, 4.0)
+    for ax, key, unit, title, scale in (
+            (axes[0], "wall", "wall time (s)", "check: wall time", 1),
+            (axes[1], "cpu", "CPU time, user + sys (s)", "check: CPU time", 1),
+            (axes[2], "rss_kib", "peak RSS (MiB)", "check: peak memory", 1 / 1024)):
+        series = [(f"{e} check", [[v * scale for v in r["samples"][e][key]] for r in results])
+                  for e in ("qemu-img", "qcow2fast")]
+        if key == "wall":
+            series.append(("qcow2fast library call", [r["library_wall"] for r in results]))
+        bar_groups(ax, groups, series, unit, title, log="auto")
+    fig.suptitle("page-cached images: meta-64k / meta-4k preallocation=metadata with 64 KiB / "
+                 f"4 KiB clusters, data fully written; {len(results[0]['library_wall'])} runs",
+                 fontsize="medium")
+    save_figure(fig, path, legend=axes[0])
+
+
 def main(argv=None):
     p = bench_parser("python -m benchmarks.check_bench", __doc__, "16 GiB / 1 GiB images, 3 runs")
     p.add_argument("--keep", action="store_true", help="keep the images")
+    p.add_argument("--plot", metavar="PNG", help="write the plot here")
     a = p.parse_args(argv)
     a.mode = "quick" if a.quick else "full"
     a.runs = a.runs or SIZES[a.mode]["runs"]
@@ -165,6 +186,8 @@ def main(argv=None):
         else:
             shutil.rmtree(tmpdir, ignore_errors=True)
     report(results)
+    if a.plot:
+        plot(results, a.plot)
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"mode": a.mode, "runs": a.runs, "results": results}, f, indent=1)

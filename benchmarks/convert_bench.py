@@ -1,6 +1,6 @@
 """qcow2fast convert versus qemu-img convert (and cp) on a real filesystem image.
 
-    python -m benchmarks.convert_bench [--quick] [--runs N] [--json OUT]
+    python -m benchmarks.convert_bench [--quick] [--runs N] [--json OUT] [--plot PNG]
 
 The source is an ext4 image made once with ``mkfs.ext4 -d`` from system
 directories (hard-linked into a staging tree), with free space left so that
@@ -25,6 +25,7 @@ import sys
 import time
 
 from .common import BenchError, GiB, MiB, choose_tmpdir, git_revision, log, run
+from .report import bar_groups, panels, save_figure
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # (image size, directories copied into it): full about 2.2 GiB of files in
@@ -198,6 +199,31 @@ def report(doc, out=sys.stdout):
           "--sparse=always of the raw image (1 = as fast as cp).", file=out)
 
 
+def plot(doc, path):
+    """Wall time, CPU time and output size on disk per case (median, min-max
+    over the runs): qcow2fast, qemu-img and cp."""
+    cases = [e["case"] for e in doc["results"]]
+    fig, axes = panels(3, 4.6, 4.2)
+    for ax, key, unit, title, scale in (
+            (axes[0], "wall", "wall time (s)", "convert: wall time", 1),
+            (axes[1], "cpu", "CPU time, user + sys (s)", "convert: CPU time", 1),
+            (axes[2], "allocated", "output allocated on disk (MiB)", "convert: output size",
+             1 / MiB)):
+        series = [(label, [[x[key] * scale for x in e["tools"][tool]["samples"]]
+                           if tool in e["tools"] else [] for e in doc["results"]])
+                  for tool, label in (("qcow2fast", "qcow2fast convert"),
+                                      ("qemu-img", "qemu-img convert"),
+                                      ("cp", "cp --sparse=always"))]
+        bar_groups(ax, [c.replace(" -c", "\n-c") for c in cases], series, unit, title,
+                   log="auto")
+    axes[2].axhline(doc["source_allocated"] / MiB, color="grey", linestyle="--", linewidth=1,
+                    label="source raw image, allocated")
+    axes[2].margins(y=0.1)
+    fig.suptitle(f"{doc['source_size'] / MiB:.0f} MiB ext4 image, {doc['cpus']} CPUs, "
+                 f"median of {doc['runs']} runs", fontsize="medium")
+    save_figure(fig, path, legend=axes[2])
+
+
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m benchmarks.convert_bench",
                                 description=__doc__.split("\n\n")[0])
@@ -208,6 +234,7 @@ def parse_args(argv):
                    help="where the source images are built once and kept")
     p.add_argument("--tmpdir", help="directory for the outputs")
     p.add_argument("--json", metavar="OUT", help="write every sample to this JSON file")
+    p.add_argument("--plot", metavar="PNG", help="write the plot here")
     p.add_argument("--only", action="append", choices=[c[0] for c in CASES],
                    help="run only this case (repeatable)")
     a = p.parse_args(argv)
@@ -228,6 +255,8 @@ def main(argv=None):
         return 1
     doc["revision"], doc["dirty"] = git_revision(REPO)
     report(doc)
+    if args.plot:
+        plot(doc, args.plot)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(doc, f, indent=1)

@@ -1,7 +1,7 @@
 """Queue-depth-1, 4 KiB I/O: qcow2fast versus ``qemu-img bench`` versus the
 raw-file limit, on the same page-cached images, in one run.
 
-    python -m benchmarks.io_bench [--quick] [--json OUT] [--runs N] [--count N]
+    python -m benchmarks.io_bench [--quick] [--json OUT] [--plot PNG] [--runs N] [--count N]
 
 Scenarios (every request is 4 KiB, queue depth 1, 64 KiB clusters, default
 metadata caches, cache mode writeback on both sides):
@@ -98,7 +98,7 @@ from .common import (MiB, BenchError, choose_tmpdir, human, log, parse_size, rat
 from .io_config import (CHECK_PATTERN, CLUSTER, DERIVED_COUNT, ENGINE_LABEL, ENGINES, FILL_PATTERN,
                         MODES, QEMU_ENGINES, REQ, RUN_RE, SCENARIOS, SEND_RE,
                         WRITE_PATTERN)
-from .report import report, write_json
+from .report import plot, report, write_json
 
 # -- the engines ---------------------------------------------------------------------
 
@@ -553,6 +553,7 @@ def parse_args(argv):
     p.add_argument("--quick", action="store_true",
                    help="256 MiB image, fewer requests, 3 runs (about a minute)")
     p.add_argument("--json", metavar="OUT", help="write every sample to this JSON file")
+    p.add_argument("--plot", metavar="PNG", help="write the plot here")
     p.add_argument("--runs", type=int, help="runs per configuration (default 5, --quick 3)")
     p.add_argument("--count", type=int,
                    help="requests per configuration, for every scenario (default: per "
@@ -615,6 +616,8 @@ def main(argv=None):
         return 1
     report(bench)
     print(f"\ntotal time {time.perf_counter() - t0:.0f} s", file=sys.stdout)
+    if a.plot:
+        plot(bench, a.plot)
     if a.json:
         write_json(bench, a.json, started)
     return 1 if bench.failures else 0

@@ -1,7 +1,7 @@
 """NBD serving: ``qcow2fast serve`` versus ``qemu-nbd`` on the same
 page-cached qcow2 image, in one run, with real clients.
 
-    python -m benchmarks.nbd_bench [--quick] [--runs N] [--size SIZE] [--json OUT]
+    python -m benchmarks.nbd_bench [--quick] [--runs N] [--size SIZE] [--json OUT] [--plot PNG]
 
 Scenarios (every request 4 KiB, reads only):
 
@@ -43,7 +43,7 @@ from .common import (GiB, MiB, BenchError, choose_tmpdir, git_revision, human, l
                      ratio_info, run, summarise)
 from .io_bench import warm_page_cache
 from .io_config import RUN_RE
-from .report import fmt_ratio
+from .report import bar_groups, fmt_ratio, panels, rates, save_figure
 
 REQ = 4096
 SERVERS = ("qcow2fast", "qemu-nbd")
@@ -137,6 +137,7 @@ def parse_args(argv):
     p.add_argument("--count", type=int, help="qemu-img bench requests (default size/4K/2)")
     p.add_argument("--tmpdir")
     p.add_argument("--json", metavar="OUT")
+    p.add_argument("--plot", metavar="PNG", help="write the plot here")
     a = p.parse_args(argv)
     a.runs = a.runs or (3 if a.quick else 5)
     a.size = a.size or ((256 * MiB) if a.quick else GiB)
@@ -181,6 +182,8 @@ def main(argv=None):
         servers.stop()
         shutil.rmtree(tmpdir, ignore_errors=True)
     print_report(a, servers.aio, results)
+    if a.plot:
+        plot(a, servers.aio, results, a.plot)
     if a.json:
         write_json(a, servers, results)
     return 0
@@ -206,6 +209,27 @@ def print_report(a, aio, results):
                   f"{rate * REQ / MiB:7.1f}  {fmt_ratio(ratio) if i == 0 else ''}")
     print("ratio: request rate of qcow2fast / qemu-nbd (median times), per-run range "
           "in brackets; >1 = qcow2fast faster")
+
+
+def plot(a, aio, results, path):
+    """Per scenario and server (median, min-max over the runs): nbdcopy's
+    throughput, qemu-img bench's request rate."""
+    fig, axes = panels(2, 4.8, 4.2)
+    for ax, prefix, unit, scale, title in (
+            (axes[0], "nbdcopy", "throughput (MiB/s)", REQ / MiB,
+             f"nbdcopy, 4 KiB requests, {a.size // MiB} MiB to null:"),
+            (axes[1], "bench", "4 KiB reads / s", 1, "qemu-img bench, sequential 4 KiB reads")):
+        rows = {k: r for k, r in results.items() if k.startswith(prefix)}
+        series = [(label, [[x * scale for x in rates(r["requests"], r["samples"][name])]
+                           for r in rows.values()])
+                  for name, label in (("qcow2fast", "qcow2fast serve"),
+                                      ("qemu-nbd", f"qemu-nbd --aio={aio}"))]
+        groups = [k.replace("nbdcopy c", "connections ").replace("bench d", "queue depth ")
+                  for k in rows]
+        bar_groups(ax, groups, series, unit, title, log="auto")
+    fig.suptitle(f"NBD over a Unix socket, read-only, page-cached qcow2 image, {a.runs} runs",
+                 fontsize="medium")
+    save_figure(fig, path, legend=axes[0])
 
 
 def write_json(a, servers, results):

@@ -31,14 +31,57 @@ def panels(n, width=4.2, height=3.6):
     return fig, axes[0]
 
 
-def save_figure(fig, path):
+def save_figure(fig, path, legend=None):
+    """Write the figure; with ``legend`` (an axis), that axis's legend goes
+    below the panels, in one row."""
     import matplotlib.pyplot as plt
     from matplotlib.ticker import NullFormatter
     for ax in fig.axes:
         ax.xaxis.set_minor_formatter(NullFormatter())     # no crowded log-scale labels
-    fig.tight_layout()
+    if legend is None:
+        fig.tight_layout()
+    else:
+        handles, labels = legend.get_legend_handles_labels()
+        fig.legend(handles, labels, loc="lower center", ncol=len(labels), frameon=False)
+        fig.tight_layout(rect=(0, 0.07, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def bar_groups(ax, groups, series, ylabel, title, log=False):
+    """Grouped bars on ``ax``: one group per label in ``groups``, one bar a
+    group per ``(label, samples)`` in ``series``, ``samples[i]`` being the
+    list of samples of group i (empty or None: no bar).  Bar height is the
+    median, the error bar spans min to max (none for single samples).
+    ``log``: True, False, or "auto" (log when the values span over 20x)."""
+    import numpy as np
+    width = 0.8 / len(series)
+    x = np.arange(len(groups))
+    values = [v for _, samples in series for s in samples if s for v in s]
+    if log == "auto":
+        log = bool(values) and min(values) > 0 and max(values) > 20 * min(values)
+    for i, (label, samples) in enumerate(series):
+        idx = [j for j, s in enumerate(samples) if s]
+        if not idx:
+            continue
+        med = np.array([statistics.median(samples[j]) for j in idx])
+        err = [med - [min(samples[j]) for j in idx], [max(samples[j]) for j in idx] - med]
+        spread = any(len(samples[j]) > 1 for j in idx)
+        ax.bar(x[idx] + (i - (len(series) - 1) / 2) * width, med, width,
+               yerr=err if spread else None,
+               capsize=2, label=label, error_kw={"elinewidth": 0.8})
+    ax.set_xticks(x, groups)
+    if log:
+        ax.set_yscale("log")
+    ax.set_ylabel(ylabel + (", log scale" if log else ""))
+    ax.set_title(title)
+    ax.grid(True, axis="y", which="both", alpha=0.3)
+    ax.set_axisbelow(True)
+
+
+def rates(count, times):
+    """Per-sample rates (``count`` / time) of a list of times."""
+    return [count / t for t in times if t > 0]
 
 
 def fmt_ratio(info):
@@ -130,6 +173,25 @@ def report(bench, out=sys.stdout):
     for name, errors in bench.failures:
         for engine, err in errors.items():
             print(f"FAILED [{name}] {engine}: {err}", file=out)
+
+
+def plot(bench, path):
+    """IOPS per scenario and engine (median, min-max bars): the request loop
+    for every scenario, then the writes with open + flush + close."""
+    fig, axes = panels(2, 6.4, 4.4)
+    for ax, window, kinds, title in (
+            (axes[0], "loop", ("read", "overwrite", "alloc"),
+             "cached 4 KiB requests, QD 1: request loop only"),
+            (axes[1], "e2e", ("overwrite", "alloc"),
+             "4 KiB writes, QD 1: with open + flush + close")):
+        rows = [e for e in bench.results if e["kind"] in kinds]
+        series = [(ENGINE_LABEL[engine] + (" pread/pwrite" if engine == "raw" else ""),
+                   [rates(e["count"], [s[window] for s in e["samples"].get(engine, [])])
+                    for e in rows]) for engine in bench.engines]
+        bar_groups(ax, [e["name"] for e in rows], series, "requests / s", title,
+                   log=True)
+        ax.tick_params(axis="x", labelrotation=20)
+    save_figure(fig, path, legend=axes[0])
 
 
 def write_json(bench, path, started):

@@ -1,7 +1,7 @@
 """Allocating 4 KiB writes over a populated backing file: traditional versus
 extended L2 entries (subclusters), qcow2fast beside qemu-img bench.
 
-    python -m benchmarks.subcluster_bench [--quick] [--runs N] [--json OUT]
+    python -m benchmarks.subcluster_bench [--quick] [--runs N] [--json OUT] [--plot PNG]
 
 The published experiment (Alberto Garcia, "Subcluster allocation for qcow2
 images", 2020): 4 KiB random writes into an empty image whose backing file
@@ -28,7 +28,7 @@ import time
 
 from .common import (MiB, BenchError, bench_parser, choose_tmpdir, human, log, ratio_info, run,
                      summarise)
-from .report import fmt_ratio
+from .report import bar_groups, fmt_ratio, panels, rates, save_figure
 from .io_bench import Qemu, probe_aio, qf_write, warm_page_cache
 from .io_config import REQ, WRITE_PATTERN
 
@@ -93,7 +93,8 @@ def bench_config(a, qcow2fast, tmpdir, base, cs, ext):
     best = min(("qemu", "qemu1"), key=lambda e: summarise(samples[e])["median"])
     iops = {e: a.count / summarise(s)["median"] for e, s in samples.items()}
     log(f"  {label(cs, ext)}: qemu {iops[best]:.0f} IOPS, qcow2fast {iops['qcow2fast']:.0f}")
-    return {"cluster_size": cs, "extended_l2": ext, "samples": samples, "qemu_best": best,
+    return {"cluster_size": cs, "extended_l2": ext, "count": a.count, "samples": samples,
+            "qemu_best": best,
             "iops": iops, "growth": {e: summarise(g)["median"] for e, g in grown.items()},
             "ratio": ratio_info(samples[best], samples["qcow2fast"])}
 
@@ -114,10 +115,34 @@ def report(results, out=sys.stdout):
               f"{r['growth']['qcow2fast'] / MiB:.1f} MiB | {gain} |", file=out)
 
 
+def plot(results, path):
+    """IOPS (median, min-max over the runs; qemu: its faster placement) and
+    growth per cluster size, traditional beside extended L2 entries."""
+    sizes = sorted({r["cluster_size"] for r in results})
+    by = {(r["cluster_size"], r["extended_l2"]): r for r in results}
+    lines = [(e, ext) for e in ("qemu", "qcow2fast") for ext in (False, True)]
+    label = {"qemu": "qemu-img", "qcow2fast": "qcow2fast"}
+    names = [f"{label[e]}, {'extended' if ext else 'traditional'} L2" for e, ext in lines]
+    iops, grown = [], []
+    for e, ext in lines:
+        rows = [by[cs, ext] for cs in sizes]
+        iops.append([rates(r["count"], r["samples"][r["qemu_best"] if e == "qemu" else e])
+                     for r in rows])
+        grown.append([[r["growth"][e] / MiB] for r in rows])
+    groups = [f"{human(cs)} clusters" for cs in sizes]
+    fig, axes = panels(2, 5.2, 4.0)
+    bar_groups(axes[0], groups, list(zip(names, iops)), "4 KiB writes / s",
+               "allocating 4 KiB writes over a full backing file, QD 1", log=True)
+    bar_groups(axes[1], groups, list(zip(names, grown)), "overlay size on disk (MiB)",
+               f"overlay growth after {results[0]['count']} writes", log=True)
+    save_figure(fig, path, legend=axes[0])
+
+
 def main(argv=None):
     p = bench_parser("python -m benchmarks.subcluster_bench", __doc__,
                      "256 MiB, 2048 writes, 3 runs")
     p.add_argument("--count", type=int, help="writes per run")
+    p.add_argument("--plot", metavar="PNG", help="write the plot here")
     a = p.parse_args(argv)
     mode = MODES["quick" if a.quick else "full"]
     a.size, a.runs, a.count = mode["size"], a.runs or mode["runs"], a.count or mode["count"]
@@ -145,6 +170,8 @@ def main(argv=None):
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
     report(results)
+    if a.plot:
+        plot(results, a.plot)
     print(f"\ntotal time {time.perf_counter() - t0:.0f} s")
     if a.json:
         with open(a.json, "w") as f:

@@ -7,7 +7,7 @@ the suite runs them one after the other in child processes and writes, in
 DIR (default benchmarks/results/suite-<time>):
 
 - ``<scenario>.json``: every sample the scenario took;
-- ``<scenario>.png``: its plot, for the scenarios that draw one;
+- ``<scenario>.png``: its plot (the scenarios flagged as drawing one: all);
 - ``report.md``: each scenario's tables (medians, ratios, ranges).
 
 Exit status 1 if a scenario failed (its verification included); the
@@ -24,7 +24,7 @@ import time
 SCENARIOS = [
     ("cached-io", "benchmarks.io_bench",
      "Cached reads, overwrites and allocating writes at queue depth 1, with a raw-file "
-     "pread/pwrite loop as the physical limit.", False),
+     "pread/pwrite loop as the physical limit.", True),
     ("threads", "benchmarks.threads_bench",
      "Cached reads and overwrites at queue depth 1, 2 and 4 (threads sharing the image), "
      "with the raw-file limit.", True),
@@ -35,17 +35,17 @@ SCENARIOS = [
      "cluster sizes 4 KiB to 2 MiB.", True),
     ("subclusters", "benchmarks.subcluster_bench",
      "Allocating 4 KiB writes over a populated backing file: traditional versus extended "
-     "L2 entries.", False),
+     "L2 entries.", True),
     ("jitter", "benchmarks.jitter_bench",
      "Latency of a steady stream of small allocating writes under each cache mode, lazy "
      "refcounts off and on.", True),
     ("check", "benchmarks.check_bench",
-     "qcow2fast check beside qemu-img check on large images.", False),
+     "qcow2fast check beside qemu-img check on large images.", True),
     ("convert", "benchmarks.convert_bench",
      "Conversion of an ext4 image of system files: raw to qcow2, qcow2 to raw, zlib and zstd "
-     "compression, beside qemu-img convert and cp.", False),
+     "compression, beside qemu-img convert and cp.", True),
     ("nbd", "benchmarks.nbd_bench",
-     "qcow2fast serve beside qemu-nbd: nbdcopy and qemu-img bench over NBD.", False),
+     "qcow2fast serve beside qemu-nbd: nbdcopy and qemu-img bench over NBD.", True),
 ]
 NAMES = [s[0] for s in SCENARIOS]
 
