@@ -17,7 +17,7 @@ first; every run's JSON and exit status must be equal, or the benchmark
 fails.  Reported: median wall time, CPU time (user+sys) and peak RSS of the
 child, and the speed ratio qemu/qcow2fast (>1: qcow2fast faster) with the
 range of the per-run ratios.  Python and numpy start-up cost qcow2fast about
-0.1 s per command, which dominates on small metadata; the "library call"
+0.2 s per command (measured: ``python -m qcow2fast --help``), which dominates on small metadata; the "library call"
 column is ``qcow2fast.check.check_image`` timed inside one process (what an
 embedding program pays), with its ratio to the qemu-img command.
 """
@@ -114,7 +114,7 @@ def bench_image(a, name, path):
     info = outputs["qemu-img"]
     log(f"  {name}: qemu-img {summarise(samples['qemu-img']['wall'])['median']:.3f} s, "
         f"qcow2fast {summarise(samples['qcow2fast']['wall'])['median']:.3f} s")
-    return {"image": name, "virtual_size": os.path.getsize(path), "samples": samples,
+    return {"image": name, "file_size": os.path.getsize(path), "samples": samples,
             "allocated_clusters": info.get("allocated-clusters"),
             "image_end_offset": info.get("image-end-offset"),
             "library_wall": lib,

@@ -30,7 +30,7 @@ from .common import (MiB, BenchError, bench_parser, choose_tmpdir, human, log, r
                      summarise)
 from .report import bar_groups, fmt_ratio, panels, rates, save_figure
 from .io_bench import Qemu, probe_aio, qf_write, warm_page_cache
-from .io_config import REQ, WRITE_PATTERN
+from .io_config import FILL_PATTERN, REQ, WRITE_PATTERN
 
 STEP = 7919 * REQ
 CONFIGS = [(cs, ext) for cs in (64 << 10, 128 << 10, 2 << 20) for ext in (False, True)]
@@ -43,10 +43,11 @@ def label(cs, ext):
 
 
 def make_base(a, path):
+    # FILL_PATTERN, not WRITE_PATTERN: a lost write would show the base's bytes.
     run([a.qemu_img, "create", "-q", "-f", "qcow2", path, str(a.size)])
     chunk = 1 * MiB
     run([a.qemu_img, "bench", "-f", "qcow2", "-w", "-c", str(a.size // chunk), "-d", "4",
-         "-s", str(chunk), "-S", str(chunk), "--pattern=165", "-t", "writeback",
+         "-s", str(chunk), "-S", str(chunk), f"--pattern={FILL_PATTERN}", "-t", "writeback",
          "-i", a.aio, path])
     warm_page_cache(path)
 
