@@ -581,9 +581,9 @@ def _convert_through_image(src, dest, format, options, sparse_size, existing,
                 if kinds[a] != COMPRESSED:
                     continue
                 end = base + min(b * unit, nvalid)
-                if existing and end % unit and end < tsize:
+                if not zero_target and end % unit and end < tsize:
                     # The source ends inside this cluster and the target goes
-                    # on: only the source's bytes are written.
+                    # on (and may hold data): only the source's bytes are written.
                     write_data(base, b - 1, b, buf, nvalid)
                     b -= 1
                 if a == b:

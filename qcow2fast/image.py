@@ -562,6 +562,8 @@ class Image(SubclusterOps, CompressedWriteOps, ImageCore):
         a, b = self._whole_units(offset, offset + length)
         if b <= a:
             return
+        if b >= self.size:      # the last cluster whole, subclusters past the end too (qemu)
+            b = self.geo.size_to_clusters(self.size) << self.geo.cluster_bits
         self._update(self._set_entries, a, b, "discard", True)
         if self.writethrough:
             self.flush()
