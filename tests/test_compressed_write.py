@@ -170,6 +170,28 @@ def test_compressed_write_hides_the_backing_file(tmp_path, rng):
     assert_compressed(path, cs)
 
 
+def test_internal_snapshot_is_kept(tmp_path, rng):
+    """Under an internal snapshot the L2 table is copied first; the
+    snapshot's clusters are refused (allocated) until discarded."""
+    cs = 4 * KiB
+    path = qemu_create(tmp_path / "s.qcow2", MiB, cluster_size=cs)
+    qemu_io(path, "write -P 1 0 8k")
+    qemu_img("snapshot", "-c", "snap", path)
+    text = compressible(rng, 3 * cs)
+    with qcow2fast.open(path, "r+") as img:
+        with pytest.raises(InvalidArgumentError, match="guest offset 0x0: .*allocated data"):
+            img.write_compressed(0, text[:cs])
+        img.write_compressed(2 * cs, text[cs:])
+        img.discard(0, cs)
+        img.write_compressed(0, text[:cs])
+    qemu_check(path)
+    want = text[:cs] + b"\1" * cs + text[cs:]
+    assert_qemu_content(path, want + bytes(MiB - len(want)))
+    assert_qemu_content(path, b"\1" * 2 * cs + bytes(MiB - 2 * cs), snapshot="snap")
+    for c in (0, 2, 3):
+        assert_compressed(path, c * cs)
+
+
 # -- refusals -------------------------------------------------------------------------
 
 
