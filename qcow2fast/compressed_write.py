@@ -97,8 +97,6 @@ class CompressedWriteOps:
             if self.writethrough:
                 self.flush()
 
-    # -- under the exclusive lock ---------------------------------------------------
-
     def _check_compressed_request(self, offset, length):
         self._check_range_py(offset, length)
         self._check_writable()
@@ -110,6 +108,8 @@ class CompressedWriteOps:
             raise InvalidArgumentError(
                 f"compressed write of {length} bytes at guest offset {offset:#x}: not whole "
                 f"clusters ({cs} bytes) and not ending at the end of the disk ({self.size})")
+
+    # -- under the exclusive lock ---------------------------------------------------
 
     def _write_compressed_locked(self, offset, payloads):
         cs = self.cluster_size

@@ -4,11 +4,16 @@ compressed in qemu-img map, are packed as qemu packs them, and can be
 overwritten by qemu; the refusals; a random mix with the other writes over
 the model; convert -c through Image (-n, extended L2) compresses."""
 
+import os
+
 import pytest
+from hypothesis import settings, strategies as st
+from hypothesis.stateful import precondition, rule, run_state_machine_as_test
 
 import qcow2fast
 from cli_util import run_cli
 from model import ModelImage
+from test_properties import SETTINGS, Qcow2Machine
 from qemu_util import (Rng, assert_bytes_equal, assert_qemu_content, compressed_descriptor, compressible_bytes,
                        file_state, header, l2_entry_offset, qemu_check, qemu_compare, qemu_create,
                        qemu_img, qemu_io, qemu_map, read_at)
@@ -335,3 +340,73 @@ def test_convert_cli_c_n(capsys, tmp_path, source):
     status, _, err = run_cli(capsys, "convert", "-c", "-n", "-O", "qcow2", src, out)
     assert status == 0, err
     assert_converted(out, data)
+
+
+# -- the property machine, with compressed writes (ours and qemu's) -------------------
+
+
+class CompressedWriteMachine(Qcow2Machine):
+    """test_properties' machine (random geometry, backing files, qemu-io
+    sessions, internal snapshots) plus compressed writes: ours after a
+    discard, and qemu-io's ``write -c`` after one."""
+
+    def _clusters(self, data):
+        cs, size = self.cs, self.m.size
+        c = data.draw(st.integers(0, (size - 1) // cs))
+        return c * cs, min(data.draw(st.integers(1, 3)) * cs, size - c * cs)
+
+    @precondition(lambda self: self.img is not None)
+    @rule(data=st.data(), kind=st.sampled_from(["compressible", "random", "pattern"]))
+    def write_compressed(self, data, kind):
+        off, n = self._clusters(data)
+        if kind == "compressible":
+            payload = compressible(self.rng, n)
+        elif kind == "random":
+            payload = self.rng.randbytes(n)
+        else:
+            payload = bytes([data.draw(st.integers(0, 255))]) * n
+        self.m.discard(off, n)
+        self.m.write_compressed(off, payload)
+
+    @precondition(lambda self: self.img is not None)
+    @rule(data=st.data(), pat=st.integers(0, 255))
+    def qemu_write_compressed(self, data, pat):
+        off, n = self._clusters(data)
+        # Our discard frees the clusters (qemu's write -z -u would not
+        # free a compressed cluster that the request covers only in part,
+        # as at the end of the disk with subclusters).
+        self.m.discard(off, n)
+        self.img.close()
+        cmd = f"write -q -c -P {pat} {off} {n}"
+        qemu_io(self.path, cmd)
+        self.m.data[off:off + n] = bytes([pat]) * n
+        self.m.log.append(("qemu-io", cmd))
+        self.img = qcow2fast.open(self.path, "r+")
+        self.m.img = self.img
+        self.m.check_all()
+
+
+    @precondition(lambda self: self.img is not None and self.rb >= 16
+                  and len(self.snapshots) < 3)
+    @rule()
+    def qemu_snapshot(self):
+        """Only with refcounts wide enough: a host cluster packed with
+        compressed clusters up to the refcount maximum (qemu does the same)
+        cannot take a snapshot's extra references (qemu-img snapshot -c
+        fails with EINVAL)."""
+        super().qemu_snapshot()
+
+
+class CompressedWriteExtendedL2Machine(CompressedWriteMachine):
+    extended_l2 = True
+
+
+MACHINE_SETTINGS = settings(SETTINGS, max_examples=int(os.environ.get("QCOW2FAST_EXAMPLES",
+                                                                      "25")))
+
+
+@pytest.mark.parametrize("machine", [CompressedWriteMachine, CompressedWriteExtendedL2Machine],
+                         ids=["standard", "extended_l2"])
+def test_random_sequences_with_compressed_writes(tmp_path, machine):
+    machine.workdir = str(tmp_path)
+    run_state_machine_as_test(machine, settings=MACHINE_SETTINGS)
