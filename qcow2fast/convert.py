@@ -9,8 +9,9 @@ zero detection (qemu's -S), compression.  Batches are placed in the output
 in order by the calling thread and written by one writer thread; at most
 ``2 * threads`` batches are processed and as many written at a time, so
 memory stays bounded.  A new qcow2 image is laid out by qcow2_writer (data first,
-metadata computed at the end); an existing target (-n) and preallocated
-images go through Image.write.
+metadata computed at the end); an existing target (-n), extended L2 entries
+and preallocated images go through Image.write (and, compressed,
+Image.write_compressed_clusters).
 
 A new destination file is written under a temporary name in the same
 directory and renamed over ``dest`` only once complete, so a failed or
@@ -429,22 +430,26 @@ def convert(sources, dest, *, source_format=None, format="qcow2", options=None,
                                   backing_file=backing_file, backing_format=backing_format,
                                   size_known=not stdin, **options)
             if st.preallocation == "off":
-                compressor = None
-                if compress:
-                    try:
-                        compressor = Compressor(st.compression_type, compression_level)
-                    except ValueError as e:
-                        raise InvalidArgumentError(str(e)) from None
+                compressor = _compressor(st.compression_type, compression_level) \
+                    if compress else None
                 return _convert_new_qcow2(st, src, dest, compressor, sparse_size, threads,
                                           progress, sync)
             if compress or dest == STDIN or stdin:
                 raise InvalidArgumentError("preallocation cannot be combined with "
                                            "compression or streams")
         return _convert_through_image(src, dest, format, options, sparse_size, existing,
-                                      target_is_zero, threads, progress, sync)
+                                      target_is_zero, threads, progress, sync,
+                                      (compression_level,) if compress else None)
     finally:
         if src is not None:
             src.close()
+
+
+def _compressor(compression_type, level):
+    try:
+        return Compressor(compression_type, level)
+    except ValueError as e:
+        raise InvalidArgumentError(str(e)) from None
 
 
 def _feed(job, src, marks, sink, threads, progress):
@@ -504,9 +509,12 @@ def _convert_new_qcow2(st, src, dest, compressor, sparse_size, threads, progress
 
 
 def _convert_through_image(src, dest, format, options, sparse_size, existing,
-                           target_is_zero, threads, progress, sync):
-    """Raw output, -n, and preallocated qcow2: writes through Image.write
-    (qcow2) or pwrite (raw)."""
+                           target_is_zero, threads, progress, sync, compress):
+    """Raw output, -n, extended L2 and preallocated qcow2: writes through
+    Image.write (qcow2) or pwrite (raw).  ``compress``: None, or a 1-tuple
+    with the compression level (the compression type is the target's):
+    the pool compresses, as for a new image, and the payloads go to
+    Image.write_compressed_clusters."""
     size = sectors(src.size) if src is not None else None
     if existing:
         if not os.path.exists(dest):
@@ -531,30 +539,65 @@ def _convert_through_image(src, dest, format, options, sparse_size, existing,
             raise InvalidArgumentError(f"target {dest!r} is smaller ({tsize} bytes) than "
                                        f"the source ({src.size} bytes)")
         zero_target = target_is_zero or not existing
+        compressor = None
+        if compress is not None:
+            compressor = _compressor(img.header.compression_type, compress[0])
         job = Job(unit, detect_zeros=sparse_size > 0, keep_zero=not zero_target,
-                  compress=None, v2_zero_as_data=False)
+                  compress=compressor, v2_zero_as_data=False)
 
-        def write_batch(first, kinds, buf, nvalid):
+        def write_data(base, a, b, buf, nvalid):
+            """Units [a, b) of the batch at ``base``, uncompressed, up to the source's end."""
+            lo, hi = a * unit, min(b * unit, nvalid)
+            if img is not None:
+                img.write(base + lo, buf[lo:hi])
+            else:
+                pwrite_all(out.fd, buf[lo:hi], base + lo)
+
+        def write_batch(first, kinds, payloads, buf, nvalid):
             base = first * unit
-            for a, b in runs(kinds == DATA):
-                lo, hi = a * unit, min(b * unit, nvalid)
-                if img is not None:
-                    img.write(base + lo, buf[lo:hi])
-                else:
-                    pwrite_all(out.fd, buf[lo:hi], base + lo)
+            if payloads is not None:
+                write_compressed(base, kinds, payloads, buf, nvalid)
+            else:
+                for a, b in runs(kinds == DATA):
+                    write_data(base, a, b, buf, nvalid)
             if not zero_target:
-                for a, b in runs(kinds != DATA):
+                for a, b in runs((kinds != DATA) & (kinds != COMPRESSED)):
                     lo, hi = a * unit, min(b * unit, nvalid)
                     if img is not None:
                         img.write_zeroes(base + lo, hi - lo, may_unmap=True)
                     else:
                         _zero_raw(out.fd, base + lo, hi - lo)
 
+        def write_compressed(base, kinds, payloads, buf, nvalid):
+            """Runs of units of one kind, in disk order: uncompressed ones
+            from ``buf`` (in place over what the target holds), compressed
+            ones from ``payloads`` (one per data unit, in order)."""
+            comp = dict(zip(np.flatnonzero((kinds == DATA) | (kinds == COMPRESSED)).tolist(),
+                            payloads))
+            edges = (np.flatnonzero(kinds[1:] != kinds[:-1]) + 1).tolist()
+            for a, b in zip([0] + edges, edges + [len(kinds)]):
+                if kinds[a] == DATA:
+                    write_data(base, a, b, buf, nvalid)
+                if kinds[a] != COMPRESSED:
+                    continue
+                end = base + min(b * unit, nvalid)
+                if not zero_target and end % unit and end < tsize:
+                    # The source ends inside this cluster and the target goes
+                    # on (and may hold data): only the source's bytes are written.
+                    write_data(base, b - 1, b, buf, nvalid)
+                    b -= 1
+                if a == b:
+                    continue
+                if not zero_target:
+                    # Compressed clusters only go where nothing is allocated.
+                    img.discard(base + a * unit, min(b * unit, tsize - base) - a * unit)
+                img.write_compressed_clusters(base + a * unit, [comp[i] for i in range(a, b)])
+
         def sink(first, kinds, payloads, buf, nvalid):
             if img is not None:     # in order: the image allocates clusters as it goes
-                write_batch(first, kinds, buf, nvalid)
+                write_batch(first, kinds, payloads, buf, nvalid)
                 return None
-            return lambda: write_batch(first, kinds, buf, nvalid)   # raw: on the writer
+            return lambda: write_batch(first, kinds, None, buf, nvalid)   # raw: on the writer
 
         marks = None
         if src is not None:

@@ -94,6 +94,15 @@ class Geometry:
         nb_sectors = ((entry >> self.csize_shift) & self.csize_mask) + 1
         return coffset, nb_sectors * 512 - (coffset & 511)
 
+    def compressed_descriptor(self, host, nbytes):
+        """The L2 descriptor of ``nbytes`` of compressed data at host byte
+        ``host`` (the inverse of compressed_extent): the sector count field
+        is the number of 512-byte sectors touched beyond the first.  Works on
+        ints and on numpy uint64 arrays alike.  Compressed clusters never
+        carry QCOW_OFLAG_COPIED."""
+        extra = ((host + nbytes - 1) >> 9) - (host >> 9)
+        return host | (extra << self.csize_shift) | QCOW_OFLAG_COMPRESSED
+
     def compressed_clusters(self, entry):
         """Host cluster indices [first, last] touched by a compressed cluster."""
         coffset, csize = self.compressed_extent(entry)

@@ -27,6 +27,7 @@ from ._ext.kernels import l2_entry_kind
 from .backing import open_backing
 from .cache import DEFAULT_CACHE_CLEAN_INTERVAL, CacheCleaner, make_caches
 from .compress import decompress_cluster
+from .compressed_write import CompressedWriteOps
 from .errors import CorruptImageError, ImageClosedError, InvalidArgumentError, ReadOnlyImageError
 from .extent import Extent, merge_extents
 from .geometry import L2E_OFFSET_MASK, QCOW_OFLAG_COPIED, QCOW_OFLAG_ZERO, Geometry
@@ -41,7 +42,7 @@ CACHE_MODES = ("writeback", "writethrough", "none", "directsync", "unsafe")
 MAX_HEADER_READ = 2 << 20
 
 
-class Image(SubclusterOps, ImageCore):
+class Image(SubclusterOps, CompressedWriteOps, ImageCore):
     """An open qcow2 image.  Use :func:`qcow2fast.open` to get one."""
 
     def __init__(self, path, mode="r", *, cache_mode="writeback", l2_cache_size=None,
@@ -146,6 +147,7 @@ class Image(SubclusterOps, ImageCore):
         if h.backing_file and backing:
             self.backing = open_backing(self, chain)
         self._decompressed = {}              # host offset -> cluster bytes (small LRU)
+        self._free_byte_offset = 0           # compressed_write: next byte to pack into
         self._core_setup(f, self.l2_cache, geo.cluster_bits, geo.slice_bits, size,
                          not writable, self.backing is not None, geo.extended_l2)
         self.zero_from = file_size
@@ -560,6 +562,8 @@ class Image(SubclusterOps, ImageCore):
         a, b = self._whole_units(offset, offset + length)
         if b <= a:
             return
+        if b >= self.size:      # the last cluster whole, subclusters past the end too (qemu)
+            b = self.geo.size_to_clusters(self.size) << self.geo.cluster_bits
         self._update(self._set_entries, a, b, "discard", True)
         if self.writethrough:
             self.flush()
@@ -687,6 +691,7 @@ class Image(SubclusterOps, ImageCore):
             self.file.sync()        # barrier: L2 entries on disk before old clusters are freed
         if self.refcounts.deferred:
             self._decompressed.clear()      # freed host space may be reused
+            self._free_byte_offset = 0
             self.refcounts.apply_deferred_frees(self._discard_host)
             if not self.lazy_refcounts or final:
                 self.refcount_cache.flush()

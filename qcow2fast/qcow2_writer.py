@@ -25,7 +25,7 @@ import numpy as np
 from . import header as hdr
 from ._ext.kernels import refcount_encode
 from .errors import InvalidArgumentError
-from .geometry import QCOW_OFLAG_COMPRESSED, QCOW_OFLAG_COPIED, QCOW_OFLAG_ZERO
+from .geometry import QCOW_OFLAG_COPIED, QCOW_OFLAG_ZERO
 from .measure import refcount_structure_clusters
 
 # Kinds of a guest cluster in the output (as kernels' UNALLOCATED/DATA/ZERO/COMPRESSED).
@@ -142,8 +142,7 @@ def build_metadata(settings, size, table, data_len, *, stream):
     is_data, is_comp = kinds == DATA, kinds == COMPRESSED
     e[is_data] = host[is_data] | np.uint64(QCOW_OFLAG_COPIED)
     ch, cl = host[is_comp], clen[is_comp]
-    nb = ((ch + cl - np.uint64(1)) >> np.uint64(9)) - (ch >> np.uint64(9))
-    e[is_comp] = ch | (nb << np.uint64(geo.csize_shift)) | np.uint64(QCOW_OFLAG_COMPRESSED)
+    e[is_comp] = geo.compressed_descriptor(ch, cl)
     e[kinds == ZERO] = QCOW_OFLAG_ZERO
     l2_tables = entries.reshape(l1_size, per_l2)[used]
     l1 = np.zeros(l1_clusters * cs // 8, np.uint64)

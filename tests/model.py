@@ -40,6 +40,11 @@ class ModelImage:
         assert n in (None, len(data)), f"write returned {n}, expected {len(data)}"
         self.data[off:off + len(data)] = data
 
+    def write_compressed(self, off, data, compressor=None):
+        self._note("write_compressed", off, len(data))
+        assert self.img.write_compressed(off, data, compressor) == len(data)
+        self.data[off:off + len(data)] = data
+
     def write_zeroes(self, off, n, may_unmap=False):
         self._note("write_zeroes", off, n, may_unmap)
         self.img.write_zeroes(off, n, may_unmap=may_unmap)
