@@ -10,7 +10,9 @@ and on the same page-cached source: raw->qcow2, qcow2->raw, raw->qcow2 -c
 qemu-img convert, plus ``cp --sparse=always`` of the raw image as the
 reference for the uncompressed cases.  Each figure is the median of
 ``--runs`` runs: wall time, CPU time (user+sys of the child process, from
-getrusage(RUSAGE_CHILDREN)), output size.  Every output is verified once
+getrusage(RUSAGE_CHILDREN)), output size.  Before every run: the previous
+output deleted, sync, and ``--settle`` seconds of rest (see bench()), the
+tools in rotating order.  Every output is verified once
 with qemu-img compare (and check for qcow2).
 """
 
@@ -144,6 +146,13 @@ def bench(args):
                     if os.path.exists(out):
                         os.unlink(out)
                     os.sync()
+                    # The guest returns freed pages to the host (virtio-balloon
+                    # free page reporting, a couple of seconds after they are
+                    # freed); the next run's page cache then faults them back
+                    # in at a cost that swings 0.6-3 s per 2 GiB with timing.
+                    # Waiting until the reporting is done gives every run the
+                    # same (cold) memory.
+                    time.sleep(args.settle)
                     wall, cpu = timed(cmd)
                     st = os.stat(out)
                     entry["tools"][tool]["samples"].append(
@@ -162,6 +171,7 @@ def bench(args):
     return {"mode": mode, "source": raw, "source_size": size,
             "source_allocated": os.stat(raw).st_blocks * 512, "fstype": fstype,
             "runs": args.runs, "cpus": os.cpu_count(), "qemu_flags": QEMU_FLAGS,
+            "settle_s": args.settle,
             "results": results}
 
 
@@ -237,8 +247,12 @@ def parse_args(argv):
     p.add_argument("--plot", metavar="PNG", help="write the plot here")
     p.add_argument("--only", action="append", choices=[c[0] for c in CASES],
                    help="run only this case (repeatable)")
+    p.add_argument("--settle", type=float, metavar="S",
+                   help="seconds to wait after the sync before each run (default 5, "
+                        "--quick 0): see bench()")
     a = p.parse_args(argv)
     a.runs = a.runs or (2 if a.quick else 5)
+    a.settle = a.settle if a.settle is not None else (0 if a.quick else 5)
     return a
 
 

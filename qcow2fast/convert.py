@@ -27,6 +27,7 @@ import sys
 import numpy as np
 
 from . import header as hdr
+from ._ext.kernels import nonzero_units
 from .backing import RawImage, probe_format
 from .compress import Compressor
 from .create import create, validate_options
@@ -182,10 +183,9 @@ class Job:
         kinds = np.where(marks == MUST_ZERO, ZERO, UNALLOCATED).astype(np.uint8)
         data = marks == READ
         if self.detect_zeros:
-            words = buf[:count * unit].view(np.uint64).reshape(count, unit // 8) \
-                if unit % 8 == 0 else buf[:count * unit].reshape(count, unit)
-            # OR-reduce: twice as fast as any(), which casts to bool first.
-            nonzero = np.bitwise_or.reduce(words, axis=1) != 0
+            nonzero = np.empty(count, np.uint8)
+            nonzero_units(buf[:count * unit], unit, nonzero)
+            nonzero = nonzero.view(bool)
             kinds[data & ~nonzero] = ZERO if self.keep_zero else UNALLOCATED
             data &= nonzero
         if self.v2_zero_as_data:

@@ -332,3 +332,22 @@ def test_snapshot_source(capsys, tmp_path, which, out_fmt):
     check_output(out, out_fmt, qemu_raw(src, snapshot="s1"))
     assert run_cli(capsys, "convert", "-l", "nope", src, str(tmp_path / "x.raw"))[0] == 1
     assert not os.path.exists(tmp_path / "x.raw")
+
+
+@pytest.mark.parametrize("unit", [8, 512, 4096, 65536])
+def test_zero_detection_kernel(unit):
+    """nonzero_units (convert's -S): a unit is data iff any byte is nonzero,
+    wherever in the unit that byte is (first, last, middle)."""
+    import numpy as np
+    from qcow2fast._ext.kernels import nonzero_units
+    rng = np.random.default_rng(unit)
+    n = 40
+    buf = np.zeros(n * unit + 7, np.uint8)         # bytes past the units are ignored
+    buf[n * unit:] = 1
+    for i, at in zip(rng.choice(n, 15, replace=False), [0, unit - 1] + [None] * 13):
+        buf[i * unit + (rng.integers(unit) if at is None else at)] = rng.integers(1, 256)
+    out = np.full(n, 7, np.uint8)
+    nonzero_units(buf, unit, out)
+    assert out.tolist() == buf[:n * unit].reshape(n, unit).any(axis=1).astype(np.uint8).tolist()
+    with pytest.raises(ValueError):
+        nonzero_units(buf, unit, np.empty(n + 1, np.uint8))

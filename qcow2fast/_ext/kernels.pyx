@@ -249,3 +249,24 @@ def ext_set_range(uint64_t[::1] words, int64_t u0, int64_t u1, bint reads_zero, 
                     n += 1
             u = end
     return changed, n, stop
+
+
+def nonzero_units(const uint8_t[::1] buf, int64_t unit, uint8_t[::1] out):
+    """out[i] = 1 where unit i of ``buf`` (``len(out)`` units of ``unit``
+    bytes, a multiple of 8) holds a nonzero byte, else 0: qemu-img's
+    zero detection (-S).  A unit holding data usually ends at its first
+    word; only all-zero units are read whole."""
+    cdef int64_t i, j, n = out.shape[0], words = unit // 8
+    cdef const uint64_t *w
+    if unit <= 0 or unit % 8 or n * unit > buf.shape[0]:
+        raise ValueError("nonzero_units: units of a multiple of 8 bytes inside the buffer")
+    if n == 0:
+        return
+    with nogil:
+        for i in range(n):
+            w = <const uint64_t *>&buf[i * unit]
+            out[i] = 0
+            for j in range(words):
+                if w[j]:
+                    out[i] = 1
+                    break
