@@ -160,7 +160,6 @@ def plot(results, path):
 def main(argv=None):
     p = bench_parser("python -m benchmarks.check_bench", __doc__, "16 GiB / 1 GiB images, 3 runs")
     p.add_argument("--keep", action="store_true", help="keep the images")
-    p.add_argument("--plot", metavar="PNG", help="write the plot here")
     a = p.parse_args(argv)
     a.mode = "quick" if a.quick else "full"
     a.runs = a.runs or SIZES[a.mode]["runs"]

@@ -132,7 +132,6 @@ def plot(results, path):
 def main(argv=None):
     p = bench_parser("python -m benchmarks.clustersize_bench", __doc__,
                      "128 MiB images, 2048 requests, 1 run")
-    p.add_argument("--plot", metavar="PNG", help="write the plot here")
     a = parse_mode(p, argv, MODES)
     meta = {"size": a.size, "count": a.count, "runs": a.runs}
     return scenario_main(a, "clustersize-bench", 2 * a.size + 64 * MiB, collect, report, plot,

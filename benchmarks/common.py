@@ -73,6 +73,7 @@ def bench_parser(prog, doc, quick_help):
     p.add_argument("--quick", action="store_true", help=quick_help)
     p.add_argument("--runs", type=int, help="runs per figure")
     p.add_argument("--json", metavar="OUT", help="write every sample to this JSON file")
+    p.add_argument("--plot", metavar="PNG", help="write the plot here")
     p.add_argument("--tmpdir", help="directory for the images (never tmpfs)")
     p.add_argument("--qemu-img", default=shutil.which("qemu-img") or "qemu-img",
                    help="qemu-img binary")

@@ -166,7 +166,6 @@ def plot(results, path):
 
 def main(argv=None):
     p = bench_parser("python -m benchmarks.jitter_bench", __doc__, "1000 writes per configuration")
-    p.add_argument("--plot", metavar="PNG", help="write the plot here")
     p.add_argument("--qemu-io", default=shutil.which("qemu-io") or "qemu-io")
     p.add_argument("--strace", default=shutil.which("strace") or "strace",
                    help="counts the syncs (Debian: apt-get install strace)")

@@ -130,7 +130,6 @@ def plot(results, path):
 def main(argv=None):
     p = bench_parser("python -m benchmarks.l2cache_bench", __doc__,
                      "2 GiB images, 8000 reads per point, 1 run")
-    p.add_argument("--plot", metavar="PNG", help="write the plot here")
     a = parse_mode(p, argv, MODES)
     meta = {"size": a.size, "count": a.count, "runs": a.runs}
     return scenario_main(a, "l2cache-bench", 256 * MiB, collect, report, plot, meta, aio=True)

@@ -145,7 +145,6 @@ def main(argv=None):
     p = bench_parser("python -m benchmarks.subcluster_bench", __doc__,
                      "256 MiB, 2048 writes, 3 runs")
     p.add_argument("--count", type=int, help="writes per run")
-    p.add_argument("--plot", metavar="PNG", help="write the plot here")
     a = p.parse_args(argv)
     mode = MODES["quick" if a.quick else "full"]
     a.size, a.runs, a.count = mode["size"], a.runs or mode["runs"], a.count or mode["count"]
