@@ -36,26 +36,6 @@ static inline int64_t qf_pread_full(int fd, char *buf, size_t len, int64_t off)
     return (int64_t)len;
 }
 
-/* A read served from the page cache without blocking: 1 when the whole
- * range was read (the caller may hold the GIL: nothing waited for a disk),
- * 0 when it would block, came up short or failed -- then the caller does
- * the blocking qf_pread_full without the GIL -- and -1 when the file does
- * not support RWF_NOWAIT (not worth trying again).  Buffered files only:
- * with O_DIRECT, RWF_NOWAIT still waits for the device. */
-static inline int qf_pread_cached(int fd, char *buf, size_t len, int64_t off)
-{
-#ifdef RWF_NOWAIT
-    struct iovec iov = { buf, len };
-    ssize_t n = preadv2(fd, &iov, 1, (off_t)off, RWF_NOWAIT);
-    if (n == (ssize_t)len)
-        return 1;
-    return n < 0 && (errno == EOPNOTSUPP || errno == ENOSYS || errno == EINVAL) ? -1 : 0;
-#else
-    (void)fd; (void)buf; (void)len; (void)off;
-    return -1;
-#endif
-}
-
 static inline int64_t qf_pwrite_full(int fd, const char *buf, size_t len, int64_t off)
 {
     size_t done = 0;

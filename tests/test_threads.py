@@ -63,8 +63,7 @@ def test_concurrent_mixed_io(tmp_path, cache_mode, cluster_size):
 
 
 def test_reads_whether_page_cached_or_not(tmp_path):
-    """Reads try the page cache without blocking (RWF_NOWAIT, GIL kept) and
-    fall back to a blocking read: both give qemu's bytes, from several threads."""
+    """Reads from disk and from the page cache give qemu's bytes, from several threads."""
     path = qemu_create(tmp_path / "c.qcow2", 8 << 20)
     qemu_io(path, "write -P 0x5c 0 3M", "write -P 0x7e 5M 2M")
     expected = qemu_raw(path)

@@ -231,11 +231,8 @@ cdef class ImageCore:
             if kind == EXT_DATA:
                 if host + <uint64_t>(run << ub) > <uint64_t>self.host_limit:
                     break
-                if f.c_pread_cached(buf + done, chunk, host + in_cl):
-                    rc = chunk
-                else:
-                    with nogil:
-                        rc = f.c_pread(buf + done, chunk, host + in_cl)
+                with nogil:
+                    rc = f.c_pread(buf + done, chunk, host + in_cl)
                 if rc < 0:
                     f.raise_errno(rc, "read", host + in_cl)
             elif kind == EXT_ZERO or (kind == EXT_UNALLOCATED and not self.has_backing):

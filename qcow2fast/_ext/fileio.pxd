@@ -6,10 +6,8 @@ cdef class File:
     cdef readonly bint writable
     cdef readonly bint direct
     cdef readonly int align
-    cdef bint nowait               # RWF_NOWAIT reads work on this file
 
     cdef bint aligned(self, const void *buf, size_t n, int64_t off) noexcept nogil
     cdef int64_t c_pread(self, char *buf, size_t n, int64_t off) noexcept nogil
-    cdef bint c_pread_cached(self, char *buf, size_t n, int64_t off) noexcept nogil
     cdef int64_t c_pwrite(self, const char *buf, size_t n, int64_t off) noexcept nogil
     cdef raise_errno(self, int64_t rc, str what, int64_t off)

@@ -16,7 +16,7 @@ from libc.stdlib cimport free
 from libc.string cimport memcpy
 from posix.unistd cimport close as c_close, fdatasync, fsync
 
-from .common cimport qf_pread_cached, qf_pread_full, qf_pwrite_full, qf_punch_hole, qf_zero_range
+from .common cimport qf_pread_full, qf_pwrite_full, qf_punch_hole, qf_zero_range
 
 cdef extern from "stdlib.h" nogil:
     int posix_memalign(void **memptr, size_t alignment, size_t size)
@@ -37,7 +37,6 @@ cdef class File:
         self.writable = writable
         self.direct = direct
         self.align = DIRECT_ALIGN if direct else 1
-        self.nowait = not direct
 
     def __dealloc__(self):
         if self.fd >= 0:
@@ -60,19 +59,6 @@ cdef class File:
     cdef bint aligned(self, const void *buf, size_t n, int64_t off) noexcept nogil:
         cdef size_t a = <size_t>self.align
         return ((<uintptr_t>buf) % a == 0) and (n % a == 0) and (<size_t>off % a == 0)
-
-    cdef bint c_pread_cached(self, char *buf, size_t n, int64_t off) noexcept nogil:
-        """The whole range read from the page cache without waiting (callers
-        keep the GIL for it: releasing it costs more than a cached 4 KiB
-        copy, and with several threads the hand-offs dominate); False: use
-        c_pread without the GIL."""
-        cdef int rc
-        if not self.nowait:
-            return False
-        rc = qf_pread_cached(self.fd, buf, n, off)
-        if rc < 0:
-            self.nowait = False
-        return rc > 0
 
     cdef int64_t c_pread(self, char *buf, size_t n, int64_t off) noexcept nogil:
         cdef int64_t a, start, end, rc
