@@ -1,6 +1,7 @@
 """The benchmark suite: every scenario, qcow2fast beside QEMU, in one run.
 
     python -m benchmarks [--quick] [--only NAME ...] [--out DIR]
+    qcow2fast bench-suite [--quick] [--only NAME ...] [--out DIR]     (the same)
 
 Each scenario is its own module (runnable alone, see benchmarks/README.md);
 the suite runs them one after the other in child processes and writes, in
@@ -48,6 +49,7 @@ SCENARIOS = [
      "qcow2fast serve beside qemu-nbd: nbdcopy and qemu-img bench over NBD.", True),
 ]
 NAMES = [s[0] for s in SCENARIOS]
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run_scenario(name, module, quick, out_dir):
@@ -57,20 +59,21 @@ def run_scenario(name, module, quick, out_dir):
         cmd.append("--quick")
     if dict((s[0], s[3]) for s in SCENARIOS)[name]:
         cmd += ["--plot", os.path.join(out_dir, f"{name}.png")]
+    env = dict(os.environ)       # the scenarios import benchmarks.*, whatever the cwd
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [REPO, env.get("PYTHONPATH")]))
     t0 = time.perf_counter()
-    p = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
+    p = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=env)
     return p.returncode, p.stdout, time.perf_counter() - t0
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
+def main(argv=None, prog="python -m benchmarks"):
+    p = argparse.ArgumentParser(prog=prog, description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="every scenario's quick mode")
     p.add_argument("--only", action="append", choices=NAMES, help="run only this scenario")
     p.add_argument("--out", help="directory for the results")
     a = p.parse_args(argv)
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    out_dir = a.out or os.path.join(repo, "benchmarks", "results",
+    out_dir = a.out or os.path.join(REPO, "benchmarks", "results",
                                     time.strftime("suite-%Y%m%d-%H%M%S"))
     os.makedirs(out_dir, exist_ok=True)
     failed = []

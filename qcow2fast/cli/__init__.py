@@ -4,18 +4,19 @@ exit statuses.
 Every subcommand lives in its own module with ``add_parser(subparsers)``
 and ``run(args) -> int``.  Errors are one line on stderr and exit status 1
 (``--debug`` shows the traceback); subcommands with their own statuses
-(check, compare) return them.
+(check, compare) return them.  ``bench-suite`` runs the repository's
+benchmark suite with its own options.
 """
 
 import sys
 
 from ..errors import Qcow2Error
 from . import check_cmd, compare_cmd, create_cmd, dd_cmd, info_cmd, map_cmd, measure_cmd
-from . import bench_cmd, convert_cmd, serve_cmd
+from . import bench_cmd, convert_cmd, serve_cmd, suite_cmd
 from .options import Parser, UsageError
 
 COMMANDS = [create_cmd, info_cmd, check_cmd, map_cmd, compare_cmd, measure_cmd, dd_cmd,
-            convert_cmd, bench_cmd, serve_cmd]
+            convert_cmd, bench_cmd, serve_cmd, suite_cmd]
 
 
 def build_parser():
@@ -31,6 +32,8 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     debug = "--debug" in argv
     try:
+        if argv[:1] == [suite_cmd.NAME]:       # the suite parses its own options
+            return suite_cmd.run_argv(argv[1:])
         args = build_parser().parse_args(argv)
         if not args.command:
             raise UsageError("a command is required (try --help)")
