@@ -30,7 +30,7 @@ import sys
 import time
 
 from .common import (GiB, MiB, BenchError, bench_parser, choose_tmpdir, log, ratio_info, run,
-                     summarise)
+                     qcow2fast_command, summarise)
 from .report import bar_groups, fmt_ratio, panels, save_figure
 
 SIZES = {"full": {"meta": 64 * GiB, "data": 4 * GiB, "runs": 5},
@@ -93,7 +93,7 @@ def make_images(a, tmpdir):
 
 def bench_image(a, name, path):
     engines = {"qemu-img": [a.qemu_img, "check", "--output=json", path],
-               "qcow2fast": [sys.executable, "-m", "qcow2fast", "check", "--output=json", path]}
+               "qcow2fast": [*qcow2fast_command(), "check", "--output=json", path]}
     samples = {e: {"wall": [], "cpu": [], "rss_kib": []} for e in engines}
     outputs = {}
     for e, cmd in engines.items():       # warm-up: page cache and first-run costs

@@ -47,6 +47,14 @@ def round_up(n, align):
 # -- environment -----------------------------------------------------------------
 
 
+def qcow2fast_command():
+    """The ``qcow2fast`` command as users run it: the console script
+    installed beside this Python (``python -m qcow2fast`` costs runpy's
+    extra start-up), else ``python -m qcow2fast``."""
+    script = os.path.join(os.path.dirname(sys.executable), "qcow2fast")
+    return [script] if os.access(script, os.X_OK) else [sys.executable, "-m", "qcow2fast"]
+
+
 def fs_type(path):
     """Filesystem type of the mount holding ``path`` (from /proc/mounts)."""
     path = os.path.realpath(path)

@@ -26,7 +26,8 @@ import subprocess
 import sys
 import time
 
-from .common import BenchError, GiB, MiB, choose_tmpdir, git_revision, log, run
+from .common import (BenchError, GiB, MiB, choose_tmpdir, git_revision, log, qcow2fast_command,
+                     run)
 from .report import bar_groups, panels, save_figure
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -97,7 +98,7 @@ def timed(cmd, stdout=None):
 
 def commands(case, src, raw, out, threads):
     name, sfmt, ofmt, extra = case
-    qf = [sys.executable, "-m", "qcow2fast", "convert", "-f", sfmt, "-O", ofmt, *extra]
+    qf = [*qcow2fast_command(), "convert", "-f", sfmt, "-O", ofmt, *extra]
     if threads:
         qf += ["-m", str(threads)]
     tools = {"qcow2fast": qf + [src, out],

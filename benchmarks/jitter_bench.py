@@ -83,18 +83,22 @@ def syncs_per_write(a, path, lazy, cache, engine):
         cmd = [sys.executable, "-c", "import sys; from benchmarks.jitter_bench import "
                "qf_latencies; qf_latencies(sys.argv[1], sys.argv[2], int(sys.argv[3]))",
                path, cache, str(count)]
+    return count_syncs(a.strace, cmd) / count
+
+
+def count_syncs(strace, cmd):
+    """fsync + fdatasync calls made by ``cmd`` and its threads and children."""
     with tempfile.NamedTemporaryFile("r", prefix="jitter-strace-") as out:
-        p = subprocess.run([a.strace, "-f", "-c", "-e", "trace=fsync,fdatasync", "-o",
+        p = subprocess.run([strace, "-f", "-c", "-e", "trace=fsync,fdatasync", "-o",
                             out.name, *cmd], cwd=REPO, capture_output=True, text=True)
         if p.returncode != 0:
             raise BenchError(f"strace {' '.join(cmd[:3])} ... exited {p.returncode}: "
                              f"{p.stderr[-500:]}")
         table = out.read()
     # strace -c's table: "% time seconds usecs/call calls [errors] syscall".
-    calls = sum(int(m[1]) for m in re.finditer(r"^\s*[\d.]+\s+[\d.]+\s+\d+\s+(\d+)"
-                                                r"(?:\s+\d+)?\s+(?:fsync|fdatasync)\s*$",
-                                                table, re.M))
-    return calls / count
+    return sum(int(m[1]) for m in re.finditer(r"^\s*[\d.]+\s+[\d.]+\s+\d+\s+(\d+)"
+                                              r"(?:\s+\d+)?\s+(?:fsync|fdatasync)\s*$",
+                                              table, re.M))
 
 
 def summary(lat):

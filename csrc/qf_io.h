@@ -36,11 +36,17 @@ static inline int64_t qf_pread_full(int fd, char *buf, size_t len, int64_t off)
     return (int64_t)len;
 }
 
+/* Write calls cover at most QF_WRITE_MAX bytes (qcow2fast.qcow2_writer.WRITE_MAX
+ * says why: larger buffered writes take 2 MiB page-cache folios, which cost
+ * host faults in VMs with free page reporting). */
+#define QF_WRITE_MAX ((size_t)256 << 10)
+
 static inline int64_t qf_pwrite_full(int fd, const char *buf, size_t len, int64_t off)
 {
     size_t done = 0;
     while (done < len) {
-        ssize_t n = pwrite(fd, buf + done, len - done, (off_t)(off + done));
+        size_t want = len - done < QF_WRITE_MAX ? len - done : QF_WRITE_MAX;
+        ssize_t n = pwrite(fd, buf + done, want, (off_t)(off + done));
         if (n < 0) {
             if (errno == EINTR)
                 continue;

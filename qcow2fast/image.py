@@ -702,7 +702,8 @@ class Image(SubclusterOps, CompressedWriteOps, ImageCore):
         self.file.punch_hole(offset, n << self.geo.cluster_bits)
 
     def close(self):
-        """Flush, clear the dirty bit, and close the image and its backing chain."""
+        """Flush (without syncing under cache=unsafe), clear the dirty bit, and
+        close the image and its backing chain."""
         with self._lock_py:
             if self.closed:
                 return
@@ -712,11 +713,10 @@ class Image(SubclusterOps, CompressedWriteOps, ImageCore):
             self._wrlock()
             try:
                 if self.refcounts is not None and not self.read_only:
+                    # Under cache=unsafe nothing is synced, not even here (qemu).
                     self._flush_locked(sync=not self._unsafe, final=True)
                     if self.dirty:
                         self._set_dirty(False)
-                    if self._unsafe:
-                        self.file.sync()
                 self.closed = True
             finally:
                 self._unlock()

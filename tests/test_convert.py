@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+from hypothesis import given, settings, strategies as st
 
 import qcow2fast
 from cli_util import run_cli
@@ -351,3 +352,16 @@ def test_zero_detection_kernel(unit):
     assert out.tolist() == buf[:n * unit].reshape(n, unit).any(axis=1).astype(np.uint8).tolist()
     with pytest.raises(ValueError):
         nonzero_units(buf, unit, np.empty(n + 1, np.uint8))
+
+
+@given(st.lists(st.integers(0, 700 << 10), max_size=12))
+@settings(max_examples=60, deadline=None)
+def test_write_calls_cover_the_buffers_in_bounded_calls(lengths):
+    """The writer's calls carry every byte in order, none over WRITE_MAX
+    bytes or IOV_MAX buffers (large writes take 2 MiB folios: see WRITE_MAX)."""
+    from qcow2fast.qcow2_writer import IOV_MAX, WRITE_MAX, write_calls
+    bufs = [bytes([i % 251]) * n for i, n in enumerate(lengths)]
+    calls = list(write_calls(bufs))
+    assert all(0 < n <= WRITE_MAX and len(iov) <= IOV_MAX and sum(map(len, iov)) == n
+               for iov, n in calls)
+    assert b"".join(bytes(b) for iov, _ in calls for b in iov) == b"".join(bufs)

@@ -6,6 +6,7 @@ qemu's view of the content equals the in-test bytearray model.
 
 import os
 import shutil
+import sys
 
 import pytest
 
@@ -410,6 +411,31 @@ def test_cache_modes(tmp_path, cache_mode, cs):
         data = scenario(p, rng, ops=30, initial=initial, backing=initial,
                         cache_mode=cache_mode)
         finish(p, data)
+
+
+SYNC_SCRIPT = """
+import sys, qcow2fast
+with qcow2fast.open(sys.argv[1], "r+", cache_mode=sys.argv[2]) as img:
+    for i in range(3):
+        img.write(i << 20, b"\\x5a" * 4096)
+    img.flush()
+"""
+
+
+@pytest.mark.parametrize("cache_mode,least,most", [
+    ("unsafe", 0, 0),               # qemu: flush and close never sync
+    ("writeback", 1, 4),            # the flush (and the clean-bit barrier at close)
+    ("writethrough", 3, 12)])       # every allocating write
+def test_syncs_per_cache_mode(tmp_path, cache_mode, least, most):
+    from benchmarks.jitter_bench import count_syncs
+    strace = shutil.which("strace")
+    assert strace, "strace is needed (scripts/test.sh installs it)"
+    path = qf_create(tmp_path / "s.qcow2", 4 * MiB)
+    n = count_syncs(strace, [sys.executable, "-c", SYNC_SCRIPT, str(path), cache_mode])
+    assert least <= n <= most, f"{n} syncs under cache={cache_mode}"
+    qemu_check(path)
+    raw = qemu_raw(path)
+    assert all(raw[i << 20:(i << 20) + 4096] == b"\x5a" * 4096 for i in range(3))
 
 
 def test_invalid_cache_mode(tmp_path):
