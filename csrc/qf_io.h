@@ -11,7 +11,6 @@
 #include <fcntl.h>
 #include <stdint.h>
 #include <string.h>
-#include <sys/uio.h>
 #include <unistd.h>
 #ifdef __linux__
 #include <linux/falloc.h>
