@@ -53,6 +53,21 @@ def _last_true(mask):
     return len(mask) - 1 - int(np.argmax(mask[::-1])) if mask.any() else -1
 
 
+def _compare(stored, expected, bad, chunk=1 << 20):
+    """(1 + the last cluster with a nonzero refcount, stored or expected,
+    that is readable; the clusters whose stored refcount differs from the
+    expected one or is unreadable), a chunk at a time: no temporaries the
+    size of the image."""
+    end, mismatch = 0, []
+    for lo in range(0, len(stored), chunk):
+        s, e, b = stored[lo:lo + chunk], expected[lo:lo + chunk], bad[lo:lo + chunk]
+        last = _last_true(((s > 0) | (e > 0)) & ~b)
+        if last >= 0:
+            end = lo + last + 1
+        mismatch.append(np.flatnonzero((s != e) | b) + lo)
+    return end, np.concatenate(mismatch) if mismatch else np.zeros(0, np.int64)
+
+
 class CheckResult:
     """qemu's BdrvCheckResult plus what a repair needs."""
 
@@ -105,11 +120,13 @@ class _Checker:
         """One L2 table, native byte order."""
         return self.read_l2_batch([l2off])[0].astype(np.uint64)
 
-    def read_l2_batch(self, offsets):
+    def read_l2_batch(self, offsets, out=None):
         """The L2 tables at ``offsets`` as the rows of a big-endian (on-disk)
-        uint64 array (zeros past the end of the file)."""
+        uint64 array (zeros past the end of the file), in ``out`` when given."""
         cs = self.cs
-        tables = np.empty((len(offsets), cs // 8), dtype=">u8")
+        if out is None:
+            out = np.empty((len(offsets), cs // 8), dtype=">u8")
+        tables = out[:len(offsets)]
         mv = memoryview(tables.view(np.uint8).reshape(-1))
         offsets = np.asarray(offsets, dtype=np.uint64)
         # one read per run of tables that lie back to back in the file
@@ -120,11 +137,13 @@ class _Checker:
 
     def l2_batches(self, l2offs, indices):
         """(indices, tables) for the L1 ``indices`` whose L2 table offsets are
-        ``l2offs[indices]``, a bounded number of tables at a time."""
+        ``l2offs[indices]``, a bounded number of tables at a time (in one
+        buffer: a batch is overwritten by the next)."""
         step = max(1, L2_BATCH_BYTES // self.cs)
+        buf = np.empty((min(step, len(indices)), self.cs // 8), dtype=">u8")
         for k in range(0, len(indices), step):
             idx = indices[k:k + step]
-            yield idx, self.read_l2_batch(l2offs[idx])
+            yield idx, self.read_l2_batch(l2offs[idx], buf)
 
     def check_l2(self, l2off, active):
         """qemu's check_refcounts_l2: the common entries vectorised, the odd
@@ -348,12 +367,12 @@ class _Checker:
             expected[c] = geo.refcount_max
         n = max(-(-self.file_size // cs), _last_true(expected != 0) + 1)
         if len(expected) < n:
-            expected = np.concatenate([expected, np.zeros(n - len(expected), np.uint64)])
+            expected = np.concatenate([expected, np.zeros(n - len(expected), expected.dtype)])
         expected = expected[:n]
         stored, _ = self.stored_refcounts(n)
         bad = self.unreadable
-        res.image_end_offset = (_last_true(((stored > 0) | (expected > 0)) & ~bad) + 1) * cs
-        mismatch = np.nonzero((stored != expected) | bad)[0]
+        end, mismatch = _compare(stored, expected, bad)
+        res.image_end_offset = end * cs
         # What points at each mismatched cluster, said under qemu's line.
         explain = [int(c) for c in mismatch[:MAX_EXPLAINED] if not bad[c]]
         refs = find_references(self.f, self.h, explain) if explain else {}

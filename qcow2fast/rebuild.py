@@ -22,8 +22,12 @@ _COMPRESSED = np.uint64(QCOW_OFLAG_COMPRESSED)
 _COPIED = np.uint64(QCOW_OFLAG_COPIED)
 
 
+TALLY_MAX = 0xFFFFFFFF
+
+
 class RefcountTally:
-    """Expected refcounts, one uint64 per host cluster.
+    """Expected refcounts, one uint32 per host cluster (saturating at
+    TALLY_MAX: no real image has a cluster with 4 billion references).
 
     With ``grow`` (qemu-img check: count whatever the metadata says, like
     qemu's growing refcount array) the array grows to cover every
@@ -31,7 +35,7 @@ class RefcountTally:
     ``outside`` (a rebuild refuses them)."""
 
     def __init__(self, limit, *, grow=False):
-        self.counts = np.zeros(max(limit, 1), dtype=np.uint64)
+        self.counts = np.zeros(max(limit, 1), dtype=np.uint32)
         self.grow = grow
         self.outside = []           # (host cluster, what referenced it)
 
@@ -42,7 +46,7 @@ class RefcountTally:
         top = int(clusters.max()) + 1
         if top > len(self.counts):
             if self.grow:
-                grown = np.zeros(max(top, 2 * len(self.counts)), dtype=np.uint64)
+                grown = np.zeros(max(top, 2 * len(self.counts)), dtype=np.uint32)
                 grown[:len(self.counts)] = self.counts
                 self.counts = grown
             else:
@@ -116,7 +120,7 @@ def tally_refcount_structures(img, tally):
 
 
 def reference_counts(img, extra=0):
-    """The expected refcount of every host cluster (numpy uint64 array)."""
+    """The expected refcount of every host cluster (a RefcountTally)."""
     cs = img.geo.cluster_size
     limit = max(-(-img.file.size() // cs), img.refcounts.end_cluster) + extra
     tally = RefcountTally(limit)
@@ -153,10 +157,11 @@ def rebuild_refcounts(img):
             tally.counts[:len(base.counts)] = base.counts
             tally_refcount_structures(img, tally)
             want = tally.counts
-            if want.max(initial=0) > geo.refcount_max:
+            if want.max(initial=0) > min(geo.refcount_max, TALLY_MAX - 1):
                 c = int(np.argmax(want))
+                n = f"{int(want[c])}" + (" or more" if want[c] == TALLY_MAX else "")
                 raise Qcow2Error(f"host cluster {c << geo.cluster_bits:#x} needs refcount "
-                                 f"{int(want[c])}, more than {geo.refcount_bits} bits hold")
+                                 f"{n}, more than {geo.refcount_bits} bits hold")
             changed = _apply(rc, geo, want)
             if not changed:
                 break

@@ -491,3 +491,15 @@ def test_random_damage_agrees_with_qemu(capsys, tmp_path, seed):
         got = json.loads(out)
         got.pop("filename")
         assert got == q_json, (err, q_err)
+
+
+def test_tallies_saturate():
+    """Expected refcounts are held in uint32 and stop at its maximum
+    instead of wrapping to 0 (which would hide an overflow)."""
+    import numpy as np
+    from qcow2fast._ext.kernels import tally_add
+    counts = np.array([0xFFFFFFFD, 7], dtype=np.uint32)
+    tally_add(counts, np.array([0, 0, 0, 0, 1], dtype=np.int64))
+    assert counts.tolist() == [0xFFFFFFFF, 8]
+    with pytest.raises(IndexError):
+        tally_add(counts, np.array([2], dtype=np.int64))

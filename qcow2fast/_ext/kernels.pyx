@@ -3,7 +3,7 @@
 refcount layers).  Each is a plain function over arrays: no file policy."""
 
 cimport numpy as cnp
-from libc.stdint cimport uint8_t, uint64_t, int64_t
+from libc.stdint cimport UINT32_MAX, uint8_t, uint32_t, uint64_t, int64_t
 
 from .common cimport (L2E_OFFSET_MASK, L2E_STD_RESERVED_MASK, QCOW_OFLAG_COMPRESSED,
                      QCOW_OFLAG_COPIED, QF_BSWAP64, l2_units_run, rc_get, rc_set)
@@ -65,8 +65,15 @@ def l2_entry_kind(uint64_t entry):
     return l2_entry_kind_c(entry)
 
 
-def tally_add(uint64_t[::1] counts, const int64_t[::1] clusters):
-    """counts[c] += 1 for every c of ``clusters`` (each checked in range)."""
+cdef inline void tally_one(uint32_t *counts, int64_t c) noexcept nogil:
+    # Tallies saturate at UINT32_MAX: a cluster would need 4 billion
+    # references (32 GiB of L2 entries) to get there.
+    if counts[c] != UINT32_MAX:
+        counts[c] += 1
+
+
+def tally_add(uint32_t[::1] counts, const int64_t[::1] clusters):
+    """counts[c] += 1 (saturating) for every c of ``clusters`` (each checked in range)."""
     cdef Py_ssize_t i, n = clusters.shape[0], limit = counts.shape[0]
     cdef int64_t c
     with nogil:
@@ -75,13 +82,13 @@ def tally_add(uint64_t[::1] counts, const int64_t[::1] clusters):
             if c < 0 or c >= limit:
                 with gil:
                     raise IndexError(f"tally_add: cluster {c} outside [0, {limit})")
-            counts[c] += 1
+            tally_one(&counts[0], c)
 
 
 # -- check: whole L2 tables at a time ------------------------------------------------
 
 
-def l2_tally_tables(const uint64_t[:, ::1] tables, uint64_t[::1] counts, uint8_t[::1] odd,
+def l2_tally_tables(const uint64_t[:, ::1] tables, uint32_t[::1] counts, uint8_t[::1] odd,
                     int cluster_bits, uint64_t file_size, bint extended=False):
     """qemu's check_refcounts_l2 for the tables (rows of on-disk, big-endian
     words) with nothing to report.
@@ -143,14 +150,14 @@ def l2_tally_tables(const uint64_t[:, ::1] tables, uint64_t[::1] counts, uint8_t
                     end = off + (((e >> csize_shift) & csize_mask) + 1) * 512 - (off & 511)
                     last = <int64_t>((end - 1) >> cluster_bits)
                     for c in range(<int64_t>(off >> cluster_bits), last + 1):
-                        counts[c] += 1
+                        tally_one(&counts[0], c)
                     allocated += 1
                     compressed += 1
                     fragmented += 1       # "fragmented by nature", as qemu says
                 else:
                     off = e & L2E_OFFSET_MASK
                     if off:
-                        counts[off >> cluster_bits] += 1
+                        tally_one(&counts[0], off >> cluster_bits)
                         allocated += 1
                         if nxt and off != nxt:
                             fragmented += 1
