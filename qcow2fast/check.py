@@ -25,8 +25,6 @@ from .references import describe, find_references
 MAX_EXPLAINED = 10000
 # L2 tables read and checked together.
 L2_BATCH_BYTES = 16 << 20
-# Stored refcounts held as narrow as the image's refcount width allows.
-_STORED_DTYPE = {3: np.uint8, 4: np.uint16, 5: np.uint32, 6: np.uint64}
 
 _OFF = np.uint64(L2E_OFFSET_MASK)
 _COMPRESSED = np.uint64(QCOW_OFLAG_COMPRESSED)
@@ -48,24 +46,65 @@ _REFT_RESERVED = 0x1FF
 REFT_MASK = REFT_OFFSET_MASK
 
 
+def _c_hex(n):
+    """C's %#x: 0 has no 0x prefix."""
+    return f"{n:#x}" if n else "0"
+
+
 def _last_true(mask):
     """Index of the last True of a bool array, -1 if none."""
     return len(mask) - 1 - int(np.argmax(mask[::-1])) if mask.any() else -1
 
 
-def _compare(stored, expected, bad, chunk=1 << 20):
-    """(1 + the last cluster with a nonzero refcount, stored or expected,
-    that is readable; the clusters whose stored refcount differs from the
-    expected one or is unreadable), a chunk at a time: no temporaries the
-    size of the image."""
-    end, mismatch = 0, []
-    for lo in range(0, len(stored), chunk):
-        s, e, b = stored[lo:lo + chunk], expected[lo:lo + chunk], bad[lo:lo + chunk]
-        last = _last_true(((s > 0) | (e > 0)) & ~b)
-        if last >= 0:
-            end = lo + last + 1
-        mismatch.append(np.flatnonzero((s != e) | b) + lo)
-    return end, np.concatenate(mismatch) if mismatch else np.zeros(0, np.int64)
+class StoredRefcounts:
+    """The stored refcount of clusters [0, n), kept as the expected ones
+    (the tally) plus the clusters where they differ, so that no array of
+    the image's size is built beside the tally.  ``values``: cluster ->
+    stored refcount where it differs from the expected one; ``bad``: the
+    refcount table indices whose block cannot be read (qemu's get_refcount
+    fails with -EIO), each covering ``per_block`` clusters."""
+
+    def __init__(self, expected, per_block, values=None, bad=()):
+        self.expected, self.per_block = expected, per_block
+        self.values, self.bad = dict(values or {}), frozenset(bad)
+
+    def with_values(self, values):
+        """A copy with some clusters' refcounts replaced (a repair's fixes)."""
+        out = StoredRefcounts(self.expected, self.per_block, self.values, self.bad)
+        out.values.update(values)
+        return out
+
+    def _patch(self, idx, out):
+        """Write the differing values of the clusters ``idx`` into ``out``."""
+        if self.values:
+            keys = np.fromiter(self.values, np.int64, len(self.values))
+            order = np.argsort(keys)
+            keys = keys[order]
+            vals = np.fromiter(self.values.values(), np.uint64, len(self.values))[order]
+            pos = np.minimum(np.searchsorted(keys, idx), len(keys) - 1)
+            hit = keys[pos] == idx
+            out[hit] = vals[pos[hit]]
+
+    def get(self, idx):
+        """(refcounts, readable) of the clusters ``idx`` (0 past the end)."""
+        idx = np.asarray(idx, dtype=np.int64)
+        ok = idx < len(self.expected)
+        out = np.zeros(len(idx), dtype=np.uint64)
+        out[ok] = self.expected[idx[ok]]
+        self._patch(idx, out)
+        readable = ~np.isin(idx // self.per_block, list(self.bad)) | ~ok
+        return out, readable
+
+    def state(self):
+        """Per cluster: 1 refcount 1, 2 unreadable, 0 otherwise (uint8)."""
+        n = len(self.expected)
+        st = np.empty(n, dtype=np.uint8)
+        np.equal(self.expected, 1, out=st.view(bool))
+        keys = np.fromiter(self.values, np.int64, len(self.values))
+        st[keys] = np.fromiter(self.values.values(), np.uint64, len(self.values)) == 1
+        for t in self.bad:
+            st[t * self.per_block:(t + 1) * self.per_block] = 2
+        return st
 
 
 class CheckResult:
@@ -283,31 +322,45 @@ class _Checker:
         if l2off < self.file_size:      # else qemu's read fails; already counted above
             self.check_l2(l2off, active)
 
-    def stored_refcounts(self, n):
-        """Stored refcount of clusters [0, n) (0 where no block), and
-        the refcount table entries."""
-        h, geo = self.h, self.geo
-        from ._ext.kernels import refcount_decode
+    def refcount_table(self):
+        h = self.h
         raw = self.f.pread(h.refcount_table_offset, h.refcount_table_clusters * self.cs)
-        table = np.frombuffer(bytes(raw).ljust(h.refcount_table_clusters * self.cs, b"\0"),
-                              dtype=">u8").astype(np.uint64)
+        return np.frombuffer(bytes(raw).ljust(h.refcount_table_clusters * self.cs, b"\0"),
+                             dtype=">u8").astype(np.uint64)
+
+    def compare_refcounts(self, table, expected):
+        """qemu's compare_refcounts, a refcount block at a time: returns
+        (the StoredRefcounts, the clusters whose stored refcount differs
+        or cannot be read, 1 + the last cluster in use: with a nonzero
+        refcount, stored or expected, and readable)."""
+        from ._ext.kernels import refcount_decode
+        geo, n, cs = self.geo, len(expected), self.cs
         E = geo.rb_entries
-        stored = np.zeros(n, dtype=_STORED_DTYPE[max(geo.refcount_order, 3)])
-        self.unreadable = np.zeros(n, dtype=bool)     # qemu's get_refcount fails (-EIO)
         block = np.zeros(E, dtype=np.uint64)
-        for t in np.nonzero(table & np.uint64(REFT_MASK))[0]:
-            t = int(t)
-            if t * E >= n:
-                break
-            off = int(table[t]) & REFT_MASK     # qemu ignores the reserved bits here
-            if off & (self.cs - 1):
-                self.unreadable[t * E:(t + 1) * E] = True
+        values, bad, mismatch, end = {}, [], [], 0
+        for t in range(-(-n // E)):
+            lo, hi = t * E, min(n, (t + 1) * E)
+            want = expected[lo:hi]
+            off = int(table[t]) & REFT_MASK if t < len(table) else 0  # reserved bits ignored
+            if off & (cs - 1):
+                bad.append(t)
+                mismatch.append(np.arange(lo, hi))
                 continue
-            raw = bytes(self.f.pread(off, self.cs)) if off < self.file_size else b""
-            refcount_decode(raw.ljust(self.cs, b"\0"), geo.refcount_order, block)
-            part = stored[t * E:(t + 1) * E]
-            part[:] = block[:len(part)]
-        return stored, table
+            if off:
+                raw = bytes(self.f.pread(off, cs)) if off < self.file_size else b""
+                refcount_decode(raw.ljust(cs, b"\0"), geo.refcount_order, block)
+                have = block[:hi - lo]
+            else:
+                have = np.zeros(hi - lo, dtype=np.uint64)
+            last = _last_true((have > 0) | (want > 0))
+            if last >= 0:
+                end = lo + last + 1
+            diff = np.flatnonzero(have != want)
+            if len(diff):
+                values.update(zip((diff + lo).tolist(), have[diff].tolist()))
+                mismatch.append(diff + lo)
+        mismatch = np.concatenate(mismatch) if mismatch else np.zeros(0, np.int64)
+        return StoredRefcounts(expected, E, values, bad), mismatch, end
 
     def check_refblocks(self, table):
         res, cs = self.res, self.cs
@@ -351,7 +404,7 @@ class _Checker:
         if h.nb_snapshots:
             self.inc(h.snapshots_offset, snap_bytes)
         self.inc(h.refcount_table_offset, h.refcount_table_clusters * cs)
-        _, table = self.stored_refcounts(0)
+        table = self.refcount_table()
         self.check_refblocks(table)
         expected = self.tally.counts
         over = np.nonzero(expected > np.uint64(geo.refcount_max))[0]
@@ -369,20 +422,26 @@ class _Checker:
         if len(expected) < n:
             expected = np.concatenate([expected, np.zeros(n - len(expected), expected.dtype)])
         expected = expected[:n]
-        stored, _ = self.stored_refcounts(n)
-        bad = self.unreadable
-        end, mismatch = _compare(stored, expected, bad)
-        res.image_end_offset = end * cs
+        stored, mismatch, end = self.compare_refcounts(table, expected)
+        res.image_end_offset = max(end, 1) * cs        # qemu: (highest cluster, 0 if none, + 1)
         # What points at each mismatched cluster, said under qemu's line.
-        explain = [int(c) for c in mismatch[:MAX_EXPLAINED] if not bad[c]]
+        explain = [c for c in mismatch[:MAX_EXPLAINED].tolist() if c in stored.values]
         refs = find_references(self.f, self.h, explain) if explain else {}
-        for c in mismatch:
-            c = int(c)
-            if bad[c]:
+        signalled = False
+        for c in mismatch.tolist():
+            if c not in stored.values:
+                if not signalled:
+                    # qemu's qcow2_signal_corruption, said once per open
+                    signalled = True
+                    t = c // stored.per_block
+                    self.msg("qcow2: Image is corrupt: Refblock offset "
+                             f"{int(table[t]) & REFT_MASK:#x} unaligned (reftable index: "
+                             f"{_c_hex(t)}); further non-fatal corruption events will be "
+                             "suppressed")
                 self.msg(f"Can't get refcount for cluster {c}: Input/output error")
                 res.check_errors += 1
                 continue
-            r1, r2 = int(stored[c]), int(expected[c])
+            r1, r2 = stored.values[c], int(expected[c])
             if r1 == 0:
                 res.rebuild = True
             if r1 < r2:
@@ -399,7 +458,7 @@ class _Checker:
         copied_repair = False
         if self.fix == "all" and res.rebuild:
             self.msg("Rebuilding refcount structure")
-            after = expected
+            after = StoredRefcounts(expected, stored.per_block)
             # qemu counts as fixed what a second count no longer finds; the
             # malformed entries are found again
             res.leaks_fixed = res.leaks
@@ -410,14 +469,13 @@ class _Checker:
             res.check_errors += 1
             return res
         elif self.fix:
-            after = stored.copy()
             for c, r1, r2 in res.leaked + res.too_low:
                 fixable = r1 > r2 or self.fix == "all"
                 self.msg(f"{'Repairing' if fixable else 'ERROR'} cluster {c} refcount={r1} "
                          f"reference={r2}")
                 if fixable:
-                    after[c] = r2
                     res.refcount_fixes.append((c, r2))
+            after = stored.with_values(res.refcount_fixes)
             res.leaks_fixed = len(res.leaked)
             if self.fix == "all":
                 res.corruptions_fixed += len(res.too_low)
@@ -427,21 +485,16 @@ class _Checker:
         return res
 
     def check_copied(self, stored, repair):
-        """qemu's check_oflag_copied on the active L1 (against ``stored``
-        refcounts, as they are after the refcount repair when fixing)."""
+        """qemu's check_oflag_copied on the active L1 (against the ``stored``
+        refcounts, a StoredRefcounts, as they are after the refcount repair
+        when fixing)."""
         res, h = self.res, self.h
         cb = np.uint64(self.geo.cluster_bits)
         word = "Repairing" if repair else "ERROR"
 
         def refcounts(offsets):
             """(refcounts, readable) of the clusters at ``offsets``."""
-            idx = (np.asarray(offsets, dtype=np.uint64) >> cb).astype(np.int64)
-            out = np.zeros(len(idx), dtype=np.uint64)
-            ok = idx < len(stored)
-            out[ok] = stored[idx[ok]]
-            readable = np.ones(len(idx), dtype=bool)
-            readable[ok] = ~self.unreadable[idx[ok]]
-            return out, readable
+            return stored.get((np.asarray(offsets, dtype=np.uint64) >> cb).astype(np.int64))
 
         if not h.l1_size or h.l1_table_offset + h.l1_size * 8 > self.file_size:
             return
@@ -457,8 +510,7 @@ class _Checker:
         rcs, readable = refcounts(l2offs[used])
         suspect = set(used[readable & ((rcs == 1) != ((l1[used] & _COPIED) != 0))].tolist())
         tables = {}
-        state = (stored == 1).view(np.uint8)           # 1: refcount 1, 2: unreadable
-        state[self.unreadable[:len(state)]] = 2
+        state = stored.state()
         for idx, batch in self.l2_batches(l2offs, used[l2offs[used] < np.uint64(self.file_size)]):
             rows = np.zeros(len(idx), dtype=np.uint8)
             l2_copied_rows(batch.view(np.uint64), state, self.geo.cluster_bits, rows,
