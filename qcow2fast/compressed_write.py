@@ -11,8 +11,9 @@ Rules, as qemu 7.2:
 - a compressed cluster only goes where nothing is allocated: an
   unallocated cluster or a zero cluster without a host offset.  qemu
   refuses the others with EIO, but writes an incompressible cluster over
-  them; here the whole request is refused first (InvalidArgumentError,
-  naming the guest offset), whatever the data, and nothing is written.
+  them; so does this, except that a request with a compressed cluster
+  bound for an allocated one is refused whole, before anything is written
+  (InvalidArgumentError, naming the guest offset).
 
 Placement (qcow2_alloc_bytes): compressed data is packed at byte
 granularity.  ``_free_byte_offset`` is the next free byte in the last host
@@ -113,8 +114,11 @@ class CompressedWriteOps:
 
     def _write_compressed_locked(self, offset, payloads):
         cs = self.cluster_size
-        for i in range(len(payloads)):
-            self._compressed_target_descriptor(offset + i * cs)     # refuse before writing
+        # Refuse before writing anything.  A cluster that does not shrink is
+        # a normal write, allowed anywhere (qemu falls back to it first too).
+        for i, p in enumerate(payloads):
+            if memoryview(p).nbytes < cs:
+                self._compressed_target_descriptor(offset + i * cs)
         for i, p in enumerate(payloads):
             pos = offset + i * cs
             mv = memoryview(p).cast("B")

@@ -244,6 +244,23 @@ def test_refusals(tmp_path, rng):
     qemu_check(path)
 
 
+def test_incompressible_over_allocated(tmp_path, rng):
+    """A cluster that does not shrink is written plain, even over an
+    allocated cluster, as qemu-io's write -c does; a compressible one there
+    is refused."""
+    cs = 64 * KiB
+    path = str(tmp_path / "i.qcow2")
+    qcow2fast.create(path, 4 * cs)
+    noise = rng.randbytes(2 * cs)
+    with qcow2fast.open(path, "r+") as img:
+        img.write(0, b"x" * 2 * cs)
+        img.write_compressed(0, noise)
+        with pytest.raises(InvalidArgumentError, match="allocated data cluster"):
+            img.write_compressed(0, noise[:cs] + bytes(cs))     # the second one shrinks
+    assert_qemu_content(path, noise + bytes(2 * cs))
+    qemu_check(path)
+
+
 # -- random mix over the model --------------------------------------------------------
 
 
