@@ -7,6 +7,7 @@ that cannot talk to qemu-img, not as two matching mistakes)."""
 import contextlib
 import shutil
 import socket
+import struct
 
 import pytest
 
@@ -166,6 +167,7 @@ class RawClient:
             data = self.recv_exact(read_length) if read_length and not error else b""
             return Reply(error, data)
         reply = Reply()
+        pieces = []         # (offset, bytes) of the read's data and hole chunks
         while True:
             magic, flags, rtype, h, n = P.STRUCTURED_REPLY.unpack(
                 self.recv_exact(P.STRUCTURED_REPLY.size))
@@ -173,11 +175,18 @@ class RawClient:
             payload = self.recv_exact(n)
             reply.chunks.append((rtype, payload))
             if rtype == P.NBD_REPLY_TYPE_OFFSET_DATA:
-                reply.data += payload[8:]
+                pieces.append((struct.unpack(">Q", payload[:8])[0], payload[8:]))
+            elif rtype == P.NBD_REPLY_TYPE_OFFSET_HOLE:
+                off, hole = struct.unpack(">QI", payload)
+                pieces.append((off, bytes(hole)))
             elif rtype & (1 << 15):
                 reply.error, mlen = P.ERROR_PAYLOAD.unpack(payload[:6])
                 reply.message = payload[6:6 + mlen].decode()
             if flags & P.NBD_REPLY_FLAG_DONE:
+                pieces.sort(key=lambda p: p[0])
+                if pieces:      # the chunks tile the request, with no gap or overlap
+                    assert all(a[0] + len(a[1]) == b[0] for a, b in zip(pieces, pieces[1:]))
+                reply.data = b"".join(d for _, d in pieces)
                 return reply
 
     def read(self, offset, length, flags=0):

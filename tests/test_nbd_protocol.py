@@ -135,7 +135,7 @@ def test_bad_requests_get_errors_and_the_connection_goes_on(server, structured):
     c = client(server)
     c.go(structured=structured)
     assert c.request(42).error == P.NBD_EINVAL                     # unknown command
-    assert c.request(P.NBD_CMD_CACHE).error == P.NBD_EINVAL        # not advertised
+    assert c.request(P.NBD_CMD_CACHE, SIZE - 512, 1024).error == P.NBD_EINVAL   # past the end
     assert c.request(P.NBD_CMD_READ, 0, 512, flags=1 << 9).error == P.NBD_EINVAL
     assert c.read(SIZE - 512, 1024).error == P.NBD_EINVAL          # past the end
     assert c.read(2 ** 63, 512).error == P.NBD_EINVAL
@@ -157,6 +157,39 @@ def test_read_with_df_larger_than_the_maximum_is_eoverflow(server):
     c.go()
     assert c.read(0, MAX_PAYLOAD + 512, flags=P.NBD_CMD_FLAG_DF).error == P.NBD_EOVERFLOW
     assert c.read(0, 65536, flags=P.NBD_CMD_FLAG_DF).data == b"\x5a" * 65536
+    c.disconnect()
+
+
+def test_holes_are_sent_as_hole_chunks(server):
+    """Structured reads of 64 KiB or more describe what reads as zeros with
+    OFFSET_HOLE chunks; with DF a mixed read stays one data chunk."""
+    c = client(server)
+    _, tflags = c.go()
+    assert tflags & P.NBD_FLAG_SEND_DF
+    data = b"\x5a" * MiB                     # the image: 1 MiB of data, then unallocated
+    r = c.read(MiB // 2, MiB)
+    assert r.error == 0 and r.data == data[MiB // 2:] + bytes(MiB // 2)
+    assert [t for t, _ in r.chunks] == [P.NBD_REPLY_TYPE_OFFSET_DATA, P.NBD_REPLY_TYPE_OFFSET_HOLE]
+    for flags in (0, P.NBD_CMD_FLAG_DF):
+        r = c.read(2 * MiB, MiB, flags=flags)
+        assert r.data == bytes(MiB) and [t for t, _ in r.chunks] == [P.NBD_REPLY_TYPE_OFFSET_HOLE]
+    r = c.read(MiB // 2, MiB, flags=P.NBD_CMD_FLAG_DF)
+    assert [t for t, _ in r.chunks] == [P.NBD_REPLY_TYPE_OFFSET_DATA]
+    assert r.data == data[MiB // 2:] + bytes(MiB // 2)
+    small = c.read(3 * MiB, 4096)                # small reads: one data chunk, no lookup
+    assert small.data == bytes(4096) and small.chunks[0][0] == P.NBD_REPLY_TYPE_OFFSET_DATA
+    c.disconnect()
+
+
+@pytest.mark.parametrize("structured", [False, True])
+def test_cache_is_advertised_and_answered(server, structured):
+    c = client(server)
+    _, tflags = c.go(structured=structured)
+    assert tflags & P.NBD_FLAG_SEND_CACHE
+    assert c.request(P.NBD_CMD_CACHE, 0, SIZE).error == 0
+    assert c.request(P.NBD_CMD_CACHE, 0, 0).error == 0
+    assert c.request(P.NBD_CMD_CACHE, 4096, 512, flags=P.NBD_CMD_FLAG_DF).error == P.NBD_EINVAL
+    assert c.read(0, 4096).data == b"\x5a" * 4096
     c.disconnect()
 
 

@@ -26,6 +26,11 @@ CONTEXTS = {P.BASE_ALLOCATION: 1, P.QEMU_ALLOCATION_DEPTH: 2}
 MAX_DESCRIPTORS = 1 << 16
 
 ZERO_CHUNK = 1 << 20
+CACHE_CHUNK = 1 << 20
+# Structured READ replies describe holes at least this long with
+# NBD_REPLY_TYPE_OFFSET_HOLE chunks (no data sent); smaller reads are
+# always one data chunk, without a block status lookup.
+HOLE_MIN = 64 << 10
 
 
 class RequestError(Exception):
@@ -85,9 +90,32 @@ class Export:
         else:
             flags |= (P.NBD_FLAG_SEND_FUA | P.NBD_FLAG_SEND_TRIM
                       | P.NBD_FLAG_SEND_WRITE_ZEROES | P.NBD_FLAG_SEND_FAST_ZERO)
+        flags |= P.NBD_FLAG_SEND_CACHE
         if structured:
-            flags |= P.NBD_FLAG_SEND_DF     # every read is answered in one chunk anyway
+            flags |= P.NBD_FLAG_SEND_DF
         return flags
+
+    # -- reads ----------------------------------------------------------------------------
+
+    def read_runs(self, offset, length):
+        """[(is_hole, offset, length), ...] covering the range: holes are what
+        reads as zeros without data behind it (base:allocation's holes), at
+        least HOLE_MIN bytes long; shorter ones are sent as data."""
+        runs = []
+        for e in self.image.block_status(offset, length):
+            hole = e.kind in ("zero", "unallocated") and e.length >= HOLE_MIN
+            if runs and runs[-1][0] == hole:
+                runs[-1][2] += e.length
+            else:
+                runs.append([hole, e.offset, e.length])
+        return runs
+
+    def cache(self, offset, length):
+        """NBD_CMD_CACHE: read the range (filling the image's metadata
+        cache and the host's page cache), through one bounded buffer."""
+        buf = memoryview(bytearray(min(length, CACHE_CHUNK)))
+        for pos in range(offset, offset + length, CACHE_CHUNK):
+            self.image.readinto(pos, buf[:min(CACHE_CHUNK, offset + length - pos)])
 
     # -- writes other than WRITE ----------------------------------------------------------
 

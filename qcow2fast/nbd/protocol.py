@@ -149,6 +149,8 @@ SIMPLE_REPLY = struct.Struct(">IIQ")
 STRUCTURED_REPLY = struct.Struct(">IHHQI")
 # NBD_REPLY_TYPE_OFFSET_DATA: chunk header, then the offset (data follows)
 OFFSET_DATA_REPLY = struct.Struct(">IHHQIQ")
+# NBD_REPLY_TYPE_OFFSET_HOLE: chunk header, then the offset and the hole's length
+OFFSET_HOLE_REPLY = struct.Struct(">IHHQIQI")
 # NBD_REPLY_TYPE_ERROR payload: error, message length (message follows)
 ERROR_PAYLOAD = struct.Struct(">IH")
 # NBD_REPLY_TYPE_BLOCK_STATUS: context id, then descriptors of (length, status flags)

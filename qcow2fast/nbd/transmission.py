@@ -13,7 +13,7 @@ import logging
 
 from . import protocol as P
 from .channel import Disconnected
-from .export import MAX_PAYLOAD, RequestError, nbd_error
+from .export import HOLE_MIN, MAX_PAYLOAD, RequestError, nbd_error
 from .handshake import ProtocolError
 
 log = logging.getLogger("qcow2fast.nbd")
@@ -28,6 +28,7 @@ ALLOWED_FLAGS = {
     P.NBD_CMD_TRIM: _F,
     P.NBD_CMD_WRITE_ZEROES: _F | P.NBD_CMD_FLAG_NO_HOLE | P.NBD_CMD_FLAG_FAST_ZERO,
     P.NBD_CMD_BLOCK_STATUS: _F | P.NBD_CMD_FLAG_REQ_ONE,
+    P.NBD_CMD_CACHE: _F,
 }
 WRITING = (P.NBD_CMD_WRITE, P.NBD_CMD_TRIM, P.NBD_CMD_WRITE_ZEROES)
 NAMES = {P.NBD_CMD_READ: "READ", P.NBD_CMD_WRITE: "WRITE", P.NBD_CMD_DISC: "DISC",
@@ -41,6 +42,7 @@ _REQ = P.REQUEST
 _SIMPLE = P.SIMPLE_REPLY
 _CHUNK = P.STRUCTURED_REPLY
 _DATA = P.OFFSET_DATA_REPLY
+_HOLE = P.OFFSET_HOLE_REPLY
 _DONE = P.NBD_REPLY_FLAG_DONE
 
 
@@ -59,6 +61,7 @@ class Transmission:
             P.NBD_CMD_TRIM: self.trim,
             P.NBD_CMD_WRITE_ZEROES: self.write_zeroes,
             P.NBD_CMD_BLOCK_STATUS: self.block_status,
+            P.NBD_CMD_CACHE: self.cache,
         }
         self._wbuf = None           # reused for WRITE payloads not already buffered
         self._unread = 0
@@ -143,6 +146,14 @@ class Transmission:
         if self.structured:
             if not length:
                 return self.ok(handle)
+            if length >= HOLE_MIN:
+                runs = self.export.read_runs(offset, length)
+                if runs[0][0] and len(runs) == 1:
+                    return chan.send(_HOLE.pack(P.NBD_STRUCTURED_REPLY_MAGIC, _DONE,
+                                                P.NBD_REPLY_TYPE_OFFSET_HOLE, handle, 12,
+                                                offset, length))
+                if len(runs) > 1 and not flags & P.NBD_CMD_FLAG_DF:
+                    return self.read_chunks(handle, runs)
             hsize = _DATA.size
             mv = chan.reserve(hsize + length)
             _DATA.pack_into(mv, 0, P.NBD_STRUCTURED_REPLY_MAGIC, _DONE,
@@ -155,6 +166,32 @@ class Transmission:
         # sent unless the whole read succeeded.
         self.image.readinto(offset, mv[hsize:])
         chan.commit(hsize + length)
+
+    def read_chunks(self, handle, runs):
+        """A structured READ reply of several chunks, in order: holes as
+        OFFSET_HOLE, the rest as OFFSET_DATA.  The whole reply is built
+        before any of it is sent (a failed read sends only its error)."""
+        total = sum(_HOLE.size if hole else _DATA.size + n for hole, _, n in runs)
+        mv = self.chan.reserve(total)
+        pos = 0
+        for i, (hole, off, n) in enumerate(runs):
+            done = _DONE if i == len(runs) - 1 else 0
+            if hole:
+                _HOLE.pack_into(mv, pos, P.NBD_STRUCTURED_REPLY_MAGIC, done,
+                                P.NBD_REPLY_TYPE_OFFSET_HOLE, handle, 12, off, n)
+                pos += _HOLE.size
+            else:
+                _DATA.pack_into(mv, pos, P.NBD_STRUCTURED_REPLY_MAGIC, done,
+                                P.NBD_REPLY_TYPE_OFFSET_DATA, handle, n + 8, off)
+                pos += _DATA.size
+                self.image.readinto(off, mv[pos:pos + n])
+                pos += n
+        self.chan.commit(total)
+
+    def cache(self, handle, flags, offset, length):
+        if length:
+            self.export.cache(offset, length)
+        self.ok(handle)
 
     def write(self, handle, flags, offset, length):
         chan = self.chan
