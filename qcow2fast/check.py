@@ -74,13 +74,17 @@ class StoredRefcounts:
         out.values.update(values)
         return out
 
+    def _arrays(self):
+        """The differing clusters and their stored refcounts, by cluster."""
+        n = len(self.values)
+        keys = np.fromiter(self.values, np.int64, n)
+        order = np.argsort(keys)
+        return keys[order], np.fromiter(self.values.values(), np.uint64, n)[order]
+
     def _patch(self, idx, out):
         """Write the differing values of the clusters ``idx`` into ``out``."""
         if self.values:
-            keys = np.fromiter(self.values, np.int64, len(self.values))
-            order = np.argsort(keys)
-            keys = keys[order]
-            vals = np.fromiter(self.values.values(), np.uint64, len(self.values))[order]
+            keys, vals = self._arrays()
             pos = np.minimum(np.searchsorted(keys, idx), len(keys) - 1)
             hit = keys[pos] == idx
             out[hit] = vals[pos[hit]]
@@ -100,8 +104,8 @@ class StoredRefcounts:
         n = len(self.expected)
         st = np.empty(n, dtype=np.uint8)
         np.equal(self.expected, 1, out=st.view(bool))
-        keys = np.fromiter(self.values, np.int64, len(self.values))
-        st[keys] = np.fromiter(self.values.values(), np.uint64, len(self.values)) == 1
+        keys, vals = self._arrays()
+        st[keys] = vals == 1
         for t in self.bad:
             st[t * self.per_block:(t + 1) * self.per_block] = 2
         return st
