@@ -29,7 +29,6 @@ cdef class ImageCore:
     cdef readonly bint extended          # extended L2 entries (subclusters)
     cdef readonly int unit_bits          # allocation unit: subcluster or cluster
     cdef readonly int64_t size
-    cdef inline void _rdlock_fast(self)
     cdef readonly int64_t host_limit
     cdef public bint read_only
     cdef public bint writethrough
@@ -48,6 +47,7 @@ cdef class ImageCore:
     cdef uint64_t *l1
     cdef int64_t l1_size
 
+    cdef inline void _rdlock_fast(self)
     cdef _write(self, int64_t offset, data, bint sync)
     cdef _check_range(self, int64_t offset, int64_t length)
     cdef int64_t _locked_read(self, char *buf, int64_t offset, int64_t n) except -2
