@@ -3,6 +3,11 @@
 (-d N, -i io_uring) and a raw-file pread/pwrite loop in as many threads on
 the same data (the physical limit).
 
+qcow2fast's side is ``qcow2fast bench``'s loop (``bench.run``): every
+request is a call of the image's ``readinto``/``write`` made from a C loop
+that also times it.  The raw side is a plain Python loop of
+``os.preadv``/``os.pwrite`` that times nothing.
+
     python -m benchmarks.threads_bench [--quick] [--runs N] [--json OUT] [--plot OUT.png]
 
 The data image is fully written and page-cached (1 GiB; 256 MiB with

@@ -90,3 +90,24 @@ def test_api_latencies(tmp_path):
         r = bench.run(img, offs, np.ones(1000, dtype=bool), 4096, depth=4, pattern=5)
     assert r.count == 1000 and len(r.latencies_ns) == 1000 and (r.latencies_ns > 0).all()
     assert r.iops > 0 and r.percentile_us(50) <= r.percentile_us(100)
+
+
+def test_first_error_stops_every_worker():
+    class Failing:
+        """readinto fails at one offset; counts the requests it served."""
+        def __init__(self):
+            self.calls = 0
+
+        def readinto(self, offset, buf):
+            self.calls += 1
+            if offset == 100 * 4096:
+                raise OSError(5, "injected read error")
+
+        def write(self, offset, data):
+            raise AssertionError("no write was asked for")
+
+    img = Failing()
+    offs = bench.sequential_offsets(1_000_000, 0, 4096, 1 << 40)
+    with pytest.raises(OSError, match="injected"):
+        bench.run(img, offs, np.zeros(len(offs), dtype=bool), 4096, depth=4)
+    assert img.calls < 100 + 4 * 64 * 2      # the others stopped within their next check
