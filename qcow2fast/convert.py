@@ -27,6 +27,7 @@ import sys
 import numpy as np
 
 from . import header as hdr
+from ._ext.fileio import File
 from ._ext.kernels import nonzero_units
 from .backing import RawImage, probe_format
 from .compress import Compressor
@@ -366,7 +367,7 @@ class Output:
 def convert(sources, dest, *, source_format=None, format="qcow2", options=None,
             compress=False, sparse_size=4096, backing_file=None, backing_format=None,
             existing=False, target_is_zero=False, threads=None, progress=None, sync=False,
-            snapshot=None, compression_level=None):
+            direct=False, snapshot=None, compression_level=None):
     """Convert ``sources`` (paths; several are concatenated; ``"-"`` alone
     is a raw stream on stdin) into ``dest`` (a path, or ``"-"`` for stdout).
 
@@ -383,7 +384,8 @@ def convert(sources, dest, *, source_format=None, format="qcow2", options=None,
     ``done`` increasing up to ``total`` (None when reading stdin).  ``sync``
     makes the output durable (fsync) before it is renamed into place;
     qemu-img convert does not sync by default (cache mode unsafe) and
-    neither does this.
+    neither does this.  ``direct`` writes the output with O_DIRECT,
+    bypassing the host page cache, as qemu-img convert -t none does.
     """
     options = dict(options or {})
     if isinstance(sources, (str, os.PathLike)):
@@ -415,6 +417,9 @@ def convert(sources, dest, *, source_format=None, format="qcow2", options=None,
         raise InvalidArgumentError("stdin ('-') can only be the only source")
     if dest == STDIN and (format != "qcow2" or existing):
         raise UnsupportedFeatureError("only a new qcow2 image can be written to stdout")
+    if direct and dest == STDIN:
+        raise InvalidArgumentError("O_DIRECT output (cache mode none) needs a file target, "
+                                   "not stdout")
     if stdin and existing:
         raise InvalidArgumentError("-n needs a source of known size")
 
@@ -433,12 +438,12 @@ def convert(sources, dest, *, source_format=None, format="qcow2", options=None,
                 compressor = _compressor(st.compression_type, compression_level) \
                     if compress else None
                 return _convert_new_qcow2(st, src, dest, compressor, sparse_size, threads,
-                                          progress, sync)
+                                          progress, sync, direct)
             if compress or dest == STDIN or stdin:
                 raise InvalidArgumentError("preallocation cannot be combined with "
                                            "compression or streams")
         return _convert_through_image(src, dest, format, options, sparse_size, existing,
-                                      target_is_zero, threads, progress, sync,
+                                      target_is_zero, threads, progress, sync, direct,
                                       (compression_level,) if compress else None)
     finally:
         if src is not None:
@@ -472,7 +477,17 @@ def sectors(nbytes):
     return -(-nbytes // 512) * 512
 
 
-def _convert_new_qcow2(st, src, dest, compressor, sparse_size, threads, progress, sync):
+def _open_direct(path):
+    """The output again, with O_DIRECT (qemu-img convert -t none)."""
+    try:
+        return File(path, writable=True, direct=True)
+    except OSError as e:
+        raise OSError(e.errno, f"cannot open the target with O_DIRECT (cache mode none): "
+                      f"{e.strerror}", path) from None
+
+
+def _convert_new_qcow2(st, src, dest, compressor, sparse_size, threads, progress, sync,
+                       direct):
     geo = st.geometry()
     cs = geo.cluster_size
     job = Job(cs, detect_zeros=sparse_size > 0, keep_zero=bool(st.backing_file),
@@ -480,11 +495,12 @@ def _convert_new_qcow2(st, src, dest, compressor, sparse_size, threads, progress
               v2_zero_as_data=st.version == 2)
     out = Output(dest, in_place=False)
     ok = False
-    writer = None
+    writer = dfile = None
     try:
+        dfile = _open_direct(out.path) if direct else None
         writer = Qcow2Writer(st, out.fd, stream=dest == STDIN,
                              spool_dir=os.path.dirname(os.path.abspath(dest))
-                             if dest != STDIN else None)
+                             if dest != STDIN else None, direct=dfile)
 
         def sink(first, kinds, payloads, buf, nvalid):
             return writer.append(first, kinds, payloads, buf)
@@ -503,13 +519,15 @@ def _convert_new_qcow2(st, src, dest, compressor, sparse_size, threads, progress
     finally:
         if writer is not None:
             writer.close()
+        if dfile is not None:
+            dfile.close()
         out.close(ok)
     if progress is not None and src is not None and size == 0:
         progress(0, 0)
 
 
 def _convert_through_image(src, dest, format, options, sparse_size, existing,
-                           target_is_zero, threads, progress, sync, compress):
+                           target_is_zero, threads, progress, sync, direct, compress):
     """Raw output, -n, extended L2 and preallocated qcow2: writes through
     Image.write (qcow2) or pwrite (raw).  ``compress``: None, or a 1-tuple
     with the compression level (the compression type is the target's):
@@ -521,13 +539,14 @@ def _convert_through_image(src, dest, format, options, sparse_size, existing,
             raise FileNotFoundError(2, "Could not open target image", dest)
     out = Output(dest, in_place=existing)
     ok = False
-    img = None
+    img = dfile = None
     try:
         if format == "qcow2" and not existing:
             create(out.path, size, **options)
         if format == "qcow2":
             from .image import Image
-            img = Image(out.path, "r+", cache_mode="unsafe", cache_clean_interval=0)
+            img = Image(out.path, "r+", cache_mode="none" if direct else "unsafe",
+                        cache_clean_interval=0)
             tsize = img.size
             unit = img.cluster_size
         else:
@@ -535,6 +554,14 @@ def _convert_through_image(src, dest, format, options, sparse_size, existing,
             if not existing and size is not None:
                 os.ftruncate(out.fd, size)
             unit = sparse_size or (1 << 20)
+            dfile = _open_direct(out.path) if direct else None
+
+        def raw_write(data, off):
+            if dfile is not None:
+                dfile.pwrite(data, off)
+            else:
+                pwrite_all(out.fd, data, off)
+
         if existing and src is not None and tsize < src.size:
             raise InvalidArgumentError(f"target {dest!r} is smaller ({tsize} bytes) than "
                                        f"the source ({src.size} bytes)")
@@ -551,7 +578,7 @@ def _convert_through_image(src, dest, format, options, sparse_size, existing,
             if img is not None:
                 img.write(base + lo, buf[lo:hi])
             else:
-                pwrite_all(out.fd, buf[lo:hi], base + lo)
+                raw_write(buf[lo:hi], base + lo)
 
         def write_batch(first, kinds, payloads, buf, nvalid):
             base = first * unit
@@ -566,7 +593,7 @@ def _convert_through_image(src, dest, format, options, sparse_size, existing,
                     if img is not None:
                         img.write_zeroes(base + lo, hi - lo, may_unmap=True)
                     else:
-                        _zero_raw(out.fd, base + lo, hi - lo)
+                        _zero_raw(raw_write, base + lo, hi - lo)
 
         def write_compressed(base, kinds, payloads, buf, nvalid):
             """Runs of units of one kind, in disk order: uncompressed ones
@@ -614,15 +641,17 @@ def _convert_through_image(src, dest, format, options, sparse_size, existing,
     finally:
         if img is not None:
             img.close()
+        if dfile is not None:
+            dfile.close()
         out.close(ok)
 
 
-_ZEROS = bytes(1 << 20)
+_ZEROS = mmap.mmap(-1, 1 << 20)        # page aligned, for O_DIRECT
 
 
-def _zero_raw(fd, off, n):
+def _zero_raw(write, off, n):
     """Make [off, off+n) of an existing raw target read as zeros."""
     while n > 0:
         k = min(n, len(_ZEROS))
-        pwrite_all(fd, _ZEROS[:k], off)
+        write(memoryview(_ZEROS)[:k], off)
         off, n = off + k, n - k

@@ -17,6 +17,7 @@ descriptor, and a host cluster is never shared by more compressed clusters
 than the refcount width can count.
 """
 
+import mmap
 import os
 import shutil
 
@@ -191,13 +192,19 @@ class Qcow2Writer:
     """Appends data clusters and finishes the image (see the module doc).
 
     ``fd`` is the output: a seekable file written in place, or (``stream``)
-    a pipe, with the data spooled in ``spool_dir`` until the end."""
+    a pipe, with the data spooled in ``spool_dir`` until the end.  With
+    ``direct`` (a fileio.File of the same file opened with O_DIRECT), the
+    data goes through it, one write per batch, and the metadata through
+    ``fd`` (different clusters; the kernel keeps the page cache coherent
+    with O_DIRECT writes anyway)."""
 
-    def __init__(self, settings, fd, *, stream=False, spool_dir=None):
+    def __init__(self, settings, fd, *, stream=False, spool_dir=None, direct=None):
         self.settings = settings
         self.geo = settings.geometry()
         self.fd = fd
         self.stream = stream
+        self.direct = direct
+        self._scratch = None        # gather buffer of the direct writes
         self.packer = DataPacker(self.geo)
         self.table = ClusterTable()
         if stream:
@@ -243,6 +250,10 @@ class Qcow2Writer:
 
     def _write(self, bufs, rel):
         off = self._data_base + rel
+        if self.direct is not None:
+            self._scratch, data = gather(bufs, self._scratch)
+            self.direct.pwrite(data, off)
+            return
         for chunk, want in write_calls(bufs):
             n = os.pwritev(self._data_fd, chunk, off)
             if n != want:       # a short write: finish it piece by piece
@@ -302,6 +313,23 @@ def write_calls(bufs):
                 iov, n = [], 0
     if iov:
         yield iov, n
+
+
+def gather(bufs, scratch):
+    """(scratch, data): ``bufs`` back to back in one buffer -- the only one
+    if there is one, else a copy in ``scratch``, an mmap (page aligned, for
+    O_DIRECT) replaced by a larger one when too small."""
+    if len(bufs) == 1:
+        return scratch, bufs[0]
+    views = [memoryview(b).cast("B") for b in bufs]
+    total = sum(len(v) for v in views)
+    if scratch is None or len(scratch) < total:
+        scratch = mmap.mmap(-1, max(total, 2 << 20))
+    pos = 0
+    for v in views:
+        scratch[pos:pos + len(v)] = v
+        pos += len(v)
+    return scratch, memoryview(scratch)[:pos]
 
 
 def pwrite_all(fd, data, off):

@@ -2,7 +2,9 @@
 compare and hashes), qcow2 outputs pass qemu-img check, compressed outputs
 read correctly in qemu, streams in and out, sparse raw output."""
 
+import ctypes
 import hashlib
+import mmap
 import os
 import random
 import subprocess
@@ -60,6 +62,30 @@ def check_output(path, fmt, expected):
     assert sha(content) == sha(want)
 
 
+def cached_bytes(path):
+    """Bytes of ``path`` in the page cache (mincore(2) over a mapping of it)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                          ctypes.c_int, ctypes.c_long]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+    size = os.path.getsize(path)
+    pages = -(-size // mmap.PAGESIZE)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+        assert addr not in (None, ctypes.c_void_p(-1).value), os.strerror(ctypes.get_errno())
+        vec = ctypes.create_string_buffer(pages)
+        try:
+            assert libc.mincore(addr, size, vec) == 0, os.strerror(ctypes.get_errno())
+        finally:
+            libc.munmap(addr, size)
+    finally:
+        os.close(fd)
+    return sum(b & 1 for b in vec.raw) * mmap.PAGESIZE
+
+
 def _tmp_raw(path, data):
     p = str(path) + ".expected"
     with open(p, "wb") as f:
@@ -74,6 +100,10 @@ QCOW2_VARIANTS = [
     ["-o", "preallocation=metadata"], ["-o", "preallocation=falloc"],
     ["-o", "preallocation=full"], ["-o", "lazy_refcounts=on,refcount_bits=64"],
     ["-S", "0"], ["-t", "writeback", "-p"], ["-o", "extended_l2=on,cluster_size=128k"],
+    # O_DIRECT output: aligned batches, clusters smaller than a page, compressed
+    # clusters at byte offsets, and a target written through Image.
+    ["-t", "none"], ["-t", "none", "-o", "cluster_size=1k"], ["-t", "directsync", "-c"],
+    ["-t", "none", "-o", "extended_l2=on,cluster_size=128k"],
 ]
 
 
@@ -85,21 +115,29 @@ def test_to_qcow2_round_trips(capsys, chain, tmp_path, src_kind, variant):
     status, stdout, err = run_cli(capsys, "convert", "-O", "qcow2", *variant, src, out)
     assert status == 0, err
     assert stdout == err == ""          # -p draws nothing when stderr is not a terminal
+    if "none" in variant or "directsync" in variant:
+        # O_DIRECT data: only metadata (written through the cache) is cached.
+        assert cached_bytes(out) < os.path.getsize(out) // 4
     check_output(out, "qcow2", chain["expected"])
     assert "backing-filename" not in qemu_info(out)          # the chain is flattened
     assert not [n for n in os.listdir(tmp_path) if n.startswith(".")]   # no temporary left
 
 
 @pytest.mark.parametrize("src_kind", ["raw", "qcow2"])
-@pytest.mark.parametrize("sparse", ["4k", "0"])
-def test_to_raw_round_trips_sparse(capsys, chain, tmp_path, src_kind, sparse):
+@pytest.mark.parametrize("sparse", ["4k", "0", "512"])
+@pytest.mark.parametrize("cache", ["unsafe", "none"])
+def test_to_raw_round_trips_sparse(capsys, chain, tmp_path, src_kind, sparse, cache):
     src = chain["raw"] if src_kind == "raw" else chain["top"]
     out = tmp_path / "out.raw"
-    status, _, err = run_cli(capsys, "convert", "-O", "raw", "-S", sparse, src, out)
+    status, _, err = run_cli(capsys, "convert", "-O", "raw", "-S", sparse, "-t", cache, src, out)
     assert status == 0, err
+    cached, used = cached_bytes(out), os.stat(out).st_blocks * 512
+    if cache == "none":         # O_DIRECT: the data did not go through the page cache
+        assert cached <= 64 * 1024, cached
+    else:
+        assert cached >= used - 64 * 1024, (cached, used)
     with open(out, "rb") as f:
         assert sha(f.read()) == sha(chain["expected"])
-    used = os.stat(out).st_blocks * 512
     if sparse == "0":
         assert used >= len(chain["expected"])           # fully allocated, as qemu's -S 0
     else:
@@ -109,6 +147,7 @@ def test_to_raw_round_trips_sparse(capsys, chain, tmp_path, src_kind, sparse):
         blocks = range(0, len(e), 4096)
         nonzero = sum(1 for i in blocks if e[i:i + 4096] != bytes(4096)) * 4096
         assert nonzero <= used <= nonzero + 64 * 1024
+
 
 
 def test_compressed_clusters_and_plain_fallback(capsys, chain, tmp_path):
@@ -247,11 +286,13 @@ def test_stdin_source(tmp_path):
 
 
 @pytest.mark.parametrize("fmt", ["qcow2", "raw"])
-def test_existing_target(capsys, chain, tmp_path, fmt):
+@pytest.mark.parametrize("cache", ["unsafe", "none"])
+def test_existing_target(capsys, chain, tmp_path, fmt, cache):
     tgt = tmp_path / f"t.{fmt}"
     qemu_img("create", "-q", "-f", fmt, tgt, "6M")
     qemu_io(tgt, "write -P 0xee 0 6M", fmt=fmt)               # must be overwritten, zeros too
-    status, _, err = run_cli(capsys, "convert", "-n", "-O", fmt, chain["top"], tgt)
+    status, _, err = run_cli(capsys, "convert", "-n", "-O", fmt, "-t", cache, chain["top"],
+                             tgt)
     assert status == 0, err
     check_output(tgt, fmt, chain["expected"])
     fresh = tmp_path / f"f.{fmt}"

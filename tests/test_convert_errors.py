@@ -97,7 +97,13 @@ def test_bad_options(capsys, source, tmp_path, argv, needle):
     assert leftovers(tmp_path, ["src.qcow2"]) == []
 
 
-def test_full_disk_leaves_no_image(source, tmp_path):
+def test_direct_output_to_stdout_is_refused(capsys, source):
+    err = one_line_error(capsys, "-O", "qcow2", "-t", "none", source, "-")
+    assert "O_DIRECT" in err and "stdout" in err
+
+
+@pytest.mark.parametrize("cache", ["unsafe", "none"])
+def test_full_disk_leaves_no_image(source, tmp_path, cache):
     """A write that fails half way (EFBIG under RLIMIT_FSIZE, as ENOSPC
     would) is a one-line error and leaves neither the target nor a
     temporary file."""
@@ -105,8 +111,8 @@ def test_full_disk_leaves_no_image(source, tmp_path):
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (MiB, MiB))
 
-    p = subprocess.run([sys.executable, "-m", "qcow2fast", "convert", "-O", "qcow2", source,
-                        tmp_path / "out.qcow2"], capture_output=True, preexec_fn=limit,
+    p = subprocess.run([sys.executable, "-m", "qcow2fast", "convert", "-O", "qcow2", "-t", cache,
+                        source, tmp_path / "out.qcow2"], capture_output=True, preexec_fn=limit,
                        env=dict(os.environ, PYTHONPATH=REPO))
     assert p.returncode == 1
     err = p.stderr.decode()

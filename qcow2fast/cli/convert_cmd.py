@@ -18,7 +18,8 @@ from .options import UsageError, merge_options, parse_size
 from .progress import Progress
 
 # -t: qemu-img convert's default is unsafe (no flush); any other mode syncs
-# the output before it is renamed into place.  -T (source cache) is accepted.
+# the output before it is renamed into place, and none/directsync write it
+# with O_DIRECT.  -T (source cache) is accepted.
 CACHE_MODES = ("unsafe", "writeback", "writethrough", "none", "directsync")
 
 
@@ -96,7 +97,8 @@ def run(args):
                 compress=args.compress, sparse_size=sparse, backing_file=backing,
                 backing_format=backing_fmt, existing=args.existing,
                 target_is_zero=args.target_is_zero, threads=threads, progress=progress,
-                sync=args.cache != "unsafe", snapshot=snapshot_spec(args.snapshot),
+                sync=args.cache != "unsafe", direct=args.cache in ("none", "directsync"),
+                snapshot=snapshot_spec(args.snapshot),
                 compression_level=args.compression_level)
     finally:
         for bar in bars:
