@@ -35,16 +35,21 @@ static inline int64_t qf_pread_full(int fd, char *buf, size_t len, int64_t off)
     return (int64_t)len;
 }
 
-/* Write calls cover at most QF_WRITE_MAX bytes (qcow2fast.qcow2_writer.WRITE_MAX
- * says why: larger buffered writes take 2 MiB page-cache folios, which cost
- * host faults in VMs with free page reporting). */
+/* Buffered write calls cover at most QF_WRITE_MAX bytes
+ * (qcow2fast.qcow2_writer.WRITE_MAX says why: larger buffered writes take
+ * 2 MiB page-cache folios, which cost host faults in VMs with free page
+ * reporting).  O_DIRECT writes (``max`` 0) go whole: no page cache, and
+ * each call is a device round trip. */
 #define QF_WRITE_MAX ((size_t)256 << 10)
 
-static inline int64_t qf_pwrite_full(int fd, const char *buf, size_t len, int64_t off)
+static inline int64_t qf_pwrite_full(int fd, const char *buf, size_t len, int64_t off,
+                                     size_t max)
 {
     size_t done = 0;
+    if (max == 0)
+        max = len;
     while (done < len) {
-        size_t want = len - done < QF_WRITE_MAX ? len - done : QF_WRITE_MAX;
+        size_t want = len - done < max ? len - done : max;
         ssize_t n = pwrite(fd, buf + done, want, (off_t)(off + done));
         if (n < 0) {
             if (errno == EINTR)

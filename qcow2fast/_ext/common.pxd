@@ -8,7 +8,8 @@ from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int64_t
 
 cdef extern from "qf_io.h" nogil:
     int64_t qf_pread_full(int fd, char *buf, size_t len, int64_t off)
-    int64_t qf_pwrite_full(int fd, const char *buf, size_t len, int64_t off)
+    int64_t qf_pwrite_full(int fd, const char *buf, size_t len, int64_t off, size_t max)
+    size_t QF_WRITE_MAX
     int qf_punch_hole(int fd, int64_t off, int64_t len)
     int qf_zero_range(int fd, int64_t off, int64_t len)
 

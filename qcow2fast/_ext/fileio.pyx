@@ -16,7 +16,7 @@ from libc.stdlib cimport free
 from libc.string cimport memcpy
 from posix.unistd cimport close as c_close, fdatasync, fsync
 
-from .common cimport qf_pread_full, qf_pwrite_full, qf_punch_hole, qf_zero_range
+from .common cimport QF_WRITE_MAX, qf_pread_full, qf_pwrite_full, qf_punch_hole, qf_zero_range
 
 cdef extern from "stdlib.h" nogil:
     int posix_memalign(void **memptr, size_t alignment, size_t size)
@@ -83,7 +83,7 @@ cdef class File:
         cdef int64_t a, start, end, rc
         cdef void *bounce = NULL
         if not self.direct or self.aligned(buf, n, off):
-            return qf_pwrite_full(self.fd, buf, n, off)
+            return qf_pwrite_full(self.fd, buf, n, off, 0 if self.direct else QF_WRITE_MAX)
         a = self.align
         start = off - off % a
         end = (off + <int64_t>n + a - 1) // a * a
@@ -92,7 +92,7 @@ cdef class File:
         rc = qf_pread_full(self.fd, <char *>bounce, end - start, start)
         if rc >= 0:
             memcpy(<char *>bounce + (off - start), buf, n)
-            rc = qf_pwrite_full(self.fd, <char *>bounce, end - start, start)
+            rc = qf_pwrite_full(self.fd, <char *>bounce, end - start, start, 0)
             if rc >= 0:
                 rc = n
         free(bounce)
