@@ -326,3 +326,21 @@ def test_a_failed_write_is_reported_not_acknowledged(image, tmp_path):
     with open(image, "rb") as f:
         assert f.read()[rt:rt + 65536] == table_before
     assert is_marked_corrupt(image)
+
+
+def test_adjacent_zero_and_unallocated_extents_make_one_hole(tmp_path):
+    """A 32 KiB zero extent next to a 48 KiB unallocated one reads as zeros
+    for 80 KiB: one hole, though each alone is under the 64 KiB minimum."""
+    from qcow2fast.nbd.export import HOLE_MIN, Export
+    p = str(tmp_path / "h.qcow2")
+    qcow2fast.create(p, MiB, cluster_size=16384)
+    with qcow2fast.open(p, "r+") as img:
+        img.write(0, b"\x11" * 65536)
+        img.write(64 << 10, b"\x22" * 32768)
+        img.write_zeroes(64 << 10, 32768)               # zero clusters, allocated before
+        img.write(144 << 10, b"\x33" * 16384)
+        kinds = [(e.kind, e.length) for e in img.block_status(64 << 10, 80 << 10)]
+        assert kinds == [("zero", 32768), ("unallocated", 49152)]
+        assert 32768 < HOLE_MIN <= 80 << 10
+        runs = Export(img).read_runs(0, 160 << 10)
+    assert runs == [[False, 0, 64 << 10], [True, 64 << 10, 80 << 10], [False, 144 << 10, 16 << 10]]

@@ -67,6 +67,17 @@ def open_export_image(path, *, read_only=False, fmt=None, **options):
     return open_qcow2(path, "r" if read_only else "r+", **options)
 
 
+def _merged(runs):
+    """(flag, offset, length) runs in order, neighbours with the same flag joined."""
+    out = []
+    for flag, off, n in runs:
+        if out and out[-1][0] == flag:
+            out[-1][2] += n
+        else:
+            out.append([flag, off, n])
+    return out
+
+
 class Export:
     """One image under one export name."""
 
@@ -99,16 +110,12 @@ class Export:
 
     def read_runs(self, offset, length):
         """[(is_hole, offset, length), ...] covering the range: holes are what
-        reads as zeros without data behind it (base:allocation's holes), at
-        least HOLE_MIN bytes long; shorter ones are sent as data."""
-        runs = []
-        for e in self.image.block_status(offset, length):
-            hole = e.kind in ("zero", "unallocated") and e.length >= HOLE_MIN
-            if runs and runs[-1][0] == hole:
-                runs[-1][2] += e.length
-            else:
-                runs.append([hole, e.offset, e.length])
-        return runs
+        reads as zeros without data behind it (base:allocation's holes, zero
+        and unallocated extents together), at least HOLE_MIN bytes long;
+        shorter ones are sent as data."""
+        zeros = _merged((e.kind in ("zero", "unallocated"), e.offset, e.length)
+                        for e in self.image.block_status(offset, length))
+        return _merged((z and n >= HOLE_MIN, off, n) for z, off, n in zeros)
 
     def cache(self, offset, length):
         """NBD_CMD_CACHE: read the range (filling the image's metadata
