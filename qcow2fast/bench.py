@@ -92,8 +92,9 @@ def run(img, offsets, writes, size, *, depth=1, pattern=0, flush_interval=0, dra
         try:
             for a, b in segments:
                 mine = slice(a + w, b, threads)
-                mine_lat = np.zeros(len(range(a + w, b, threads)), dtype=np.int64)
-                done = timed_requests(img.readinto, img.write, offs[mine], wr[mine],
+                mine_offs = offs[mine]
+                mine_lat = np.zeros(len(mine_offs), dtype=np.int64)
+                done = timed_requests(img.readinto, img.write, mine_offs, wr[mine],
                                       buf, data, mine_lat, errors)
                 lat[mine] = mine_lat
                 if done < len(mine_lat):

@@ -249,6 +249,8 @@ class Qcow2Writer:
         return lambda: self._write(bufs, start)
 
     def _write(self, bufs, rel):
+        if not bufs:            # a batch without data clusters
+            return
         off = self._data_base + rel
         if self.direct is not None:
             self._scratch, data = gather(bufs, self._scratch)
