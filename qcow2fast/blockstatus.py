@@ -13,6 +13,7 @@ import os
 
 import numpy as np
 
+from . import hostfile
 from ._ext.kernels import refcount_decode
 from .geometry import REFT_OFFSET_MASK
 
@@ -24,7 +25,7 @@ def chain_files(img):
     while img is not None:
         qcow2 = getattr(img, "header", None) is not None
         fd = img.file.fd if qcow2 else img._f.fileno()
-        out.append((fd, os.fstat(fd).st_size, qcow2 and looks_preallocated(img)))
+        out.append((fd, hostfile.size(fd), qcow2 and looks_preallocated(img)))
         img = img.backing
     return out
 
@@ -35,10 +36,10 @@ def looks_preallocated(img):
     by refcount, where ``real`` is how many clusters the file really
     occupies.  Only then does qemu look for holes in the host file."""
     cs = img.cluster_size
-    st = os.fstat(img.file.fd)
-    real = st.st_blocks * 512 // cs
+    file_size = img.file.size()
+    real = os.fstat(img.file.fd).st_blocks * 512 // cs
     threshold = max(real * 10 // 9, real + 2)
-    end_cluster = -(-st.st_size // cs)
+    end_cluster = -(-file_size // cs)
     h, geo = img.header, img.geo
     table = np.frombuffer(img.file.pread(h.refcount_table_offset,
                                          h.refcount_table_clusters * cs), dtype=">u8")
@@ -46,7 +47,7 @@ def looks_preallocated(img):
     used = 0
     for t, block in enumerate(table[:-(-end_cluster // geo.rb_entries)]):
         block = int(block) & REFT_OFFSET_MASK
-        if not block or block + cs > st.st_size:
+        if not block or block + cs > file_size:
             continue
         raw = np.frombuffer(img.file.pread(block, cs), dtype=np.uint8)
         refcount_decode(raw, geo.refcount_order, values)
@@ -75,10 +76,15 @@ def split_host_holes(extents, files):
                 try:
                     data = os.lseek(fd, pos, os.SEEK_DATA)
                 except OSError as err:
-                    if err.errno != errno.ENXIO:
+                    if err.errno == errno.EINVAL:
+                        data = None       # no SEEK_DATA (a block device): all data
+                    elif err.errno == errno.ENXIO:
+                        data = size       # no data after pos: a hole up to the end
+                    else:
                         raise
-                    data = size           # no data after pos: a hole up to the end
-                if data > pos:
+                if data is None:
+                    nxt, zero = end, False
+                elif data > pos:
                     nxt, zero = min(data, end), True
                 else:
                     nxt, zero = min(os.lseek(fd, pos, os.SEEK_HOLE), end), False

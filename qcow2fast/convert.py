@@ -27,13 +27,15 @@ import sys
 import numpy as np
 
 from . import header as hdr
+from . import hostfile
 from ._ext.fileio import File
 from ._ext.kernels import nonzero_units
 from .backing import RawImage, probe_format
 from .compress import Compressor
 from .create import create, validate_options
 from .errors import InvalidArgumentError, Qcow2Error, UnsupportedFeatureError
-from .qcow2_writer import COMPRESSED, DATA, UNALLOCATED, ZERO, Qcow2Writer, pwrite_all, runs
+from .hostfile import pwrite_all
+from .qcow2_writer import COMPRESSED, DATA, UNALLOCATED, ZERO, Qcow2Writer, runs
 
 BATCH_BYTES = 2 << 20           # as qemu-img convert's requests; 4 MiB measured slower
 STDIN = "-"
@@ -318,12 +320,17 @@ def stream_batches(fd, unit, state, buffers):
 # -- destinations ---------------------------------------------------------------------------
 
 
+HEADER_WIPE = 64 << 10       # zeroed on a device when a new image on it fails
+
+
 class Output:
     """The destination file: a temporary name renamed over ``dest`` on
-    success (regular files), the device itself, or stdout."""
+    success (regular files), the device itself, or stdout.  ``device``: a
+    block device (fixed size, holding old data: see hostfile)."""
 
     def __init__(self, dest, in_place):
-        self.dest, self.tmp, self.fd = dest, None, None
+        self.dest, self.tmp, self.fd, self.device = dest, None, None, False
+        self.in_place = in_place
         if dest == "-":
             self.fd = sys.stdout.buffer.fileno()
             if os.isatty(self.fd):
@@ -333,6 +340,7 @@ class Output:
             return
         if in_place or (os.path.exists(dest) and not os.path.isfile(dest)):
             self.fd = os.open(dest, os.O_RDWR)
+            self.device = hostfile.is_device(self.fd)
             return
         d, base = os.path.split(os.path.abspath(dest))
         self.tmp = os.path.join(d, f".{base}.qcow2fast-{os.getpid()}")
@@ -354,6 +362,10 @@ class Output:
             self.tmp = None
 
     def close(self, ok):
+        if not ok and self.device and not self.in_place and self.fd is not None:
+            # A failed new image on a device must not look like a valid one
+            # (a regular file's temporary is deleted instead).
+            pwrite_all(self.fd, bytes(HEADER_WIPE), 0)
         if self.fd is not None and self.dest != "-":
             os.close(self.fd)
         self.fd = None
@@ -500,7 +512,7 @@ def _convert_new_qcow2(st, src, dest, compressor, sparse_size, threads, progress
         dfile = _open_direct(out.path) if direct else None
         writer = Qcow2Writer(st, out.fd, stream=dest == STDIN,
                              spool_dir=os.path.dirname(os.path.abspath(dest))
-                             if dest != STDIN else None, direct=dfile)
+                             if dest != STDIN else None, direct=dfile, name=dest)
 
         def sink(first, kinds, payloads, buf, nvalid):
             return writer.append(first, kinds, payloads, buf)
@@ -550,9 +562,9 @@ def _convert_through_image(src, dest, format, options, sparse_size, existing,
             tsize = img.size
             unit = img.cluster_size
         else:
-            tsize = os.lseek(out.fd, 0, os.SEEK_END)
+            tsize = hostfile.size(out.fd)
             if not existing and size is not None:
-                os.ftruncate(out.fd, size)
+                hostfile.set_size(out.fd, size, dest)
             unit = sparse_size or (1 << 20)
             dfile = _open_direct(out.path) if direct else None
 
@@ -560,12 +572,14 @@ def _convert_through_image(src, dest, format, options, sparse_size, existing,
             if dfile is not None:
                 dfile.pwrite(data, off)
             else:
-                pwrite_all(out.fd, data, off)
+                pwrite_all(out.fd, data, off, dest)
 
         if existing and src is not None and tsize < src.size:
             raise InvalidArgumentError(f"target {dest!r} is smaller ({tsize} bytes) than "
                                        f"the source ({src.size} bytes)")
-        zero_target = target_is_zero or not existing
+        # A new file reads as zeros where nothing is written; a device or an
+        # existing target (-n) only with --target-is-zero.
+        zero_target = target_is_zero or not (existing or out.device)
         compressor = None
         if compress is not None:
             compressor = _compressor(img.header.compression_type, compress[0])
@@ -593,7 +607,7 @@ def _convert_through_image(src, dest, format, options, sparse_size, existing,
                     if img is not None:
                         img.write_zeroes(base + lo, hi - lo, may_unmap=True)
                     else:
-                        _zero_raw(raw_write, base + lo, hi - lo)
+                        hostfile.zero(out.fd, base + lo, hi - lo, raw_write)
 
         def write_compressed(base, kinds, payloads, buf, nvalid):
             """Runs of units of one kind, in disk order: uncompressed ones
@@ -632,7 +646,7 @@ def _convert_through_image(src, dest, format, options, sparse_size, existing,
             marks = UnitMarks(src, unit, top_only=False, skip_as=skip_as)
         size = _feed(job, src, marks, sink, threads, progress)
         if format == "raw" and not existing:
-            os.ftruncate(out.fd, size)
+            hostfile.set_size(out.fd, size, dest)
         if img is not None:
             img.close()
             img = None
@@ -644,14 +658,3 @@ def _convert_through_image(src, dest, format, options, sparse_size, existing,
         if dfile is not None:
             dfile.close()
         out.close(ok)
-
-
-_ZEROS = mmap.mmap(-1, 1 << 20)        # page aligned, for O_DIRECT
-
-
-def _zero_raw(write, off, n):
-    """Make [off, off+n) of an existing raw target read as zeros."""
-    while n > 0:
-        k = min(n, len(_ZEROS))
-        write(memoryview(_ZEROS)[:k], off)
-        off, n = off + k, n - k

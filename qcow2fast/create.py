@@ -13,6 +13,7 @@ from typing import NamedTuple, Optional
 import numpy as np
 
 from . import header as hdr
+from . import hostfile
 from ._ext.fileio import File
 from .backing import probe_format, resolve_backing_path
 from .errors import InvalidArgumentError
@@ -203,7 +204,11 @@ def _image_size(path, fmt):
         from .image import Image
         with Image(path, "r", backing=False, cache_clean_interval=0) as img:
             return img.size
-    return os.path.getsize(path)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return hostfile.size(fd)        # block devices too
+    finally:
+        os.close(fd)
 
 
 def _log2(value, name):

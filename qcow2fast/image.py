@@ -40,6 +40,7 @@ from .subcluster import SubclusterOps
 
 CACHE_MODES = ("writeback", "writethrough", "none", "directsync", "unsafe")
 MAX_HEADER_READ = 2 << 20
+ZERO_FROM_NEVER = 1 << 62      # zero_from of a block device: no host byte is known to be zero
 
 
 class Image(SubclusterOps, CompressedWriteOps, ImageCore):
@@ -150,7 +151,9 @@ class Image(SubclusterOps, CompressedWriteOps, ImageCore):
         self._free_byte_offset = 0           # compressed_write: next byte to pack into
         self._core_setup(f, self.l2_cache, geo.cluster_bits, geo.slice_bits, size,
                          not writable, self.backing is not None, geo.extended_l2)
-        self.zero_from = file_size
+        # Host bytes at or past zero_from read as zeros: past the end of a
+        # file, nowhere on a block device (it holds whatever it held).
+        self.zero_from = file_size if not f.is_device else ZERO_FROM_NEVER
         self.alloc_end = file_size
         self.rc = self.refcounts
         self.writethrough = self.cache_mode in ("writethrough", "directsync")

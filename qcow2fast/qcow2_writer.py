@@ -27,18 +27,12 @@ from . import header as hdr
 from ._ext.kernels import refcount_encode
 from .errors import InvalidArgumentError
 from .geometry import QCOW_OFLAG_COPIED, QCOW_OFLAG_ZERO
+from .hostfile import WRITE_MAX, is_device, pwrite_all, set_size, write_error
 from .measure import refcount_structure_clusters
 
 # Kinds of a guest cluster in the output (as kernels' UNALLOCATED/DATA/ZERO/COMPRESSED).
 UNALLOCATED, DATA, ZERO, COMPRESSED = 0, 1, 2, 3
 IOV_MAX = 1024
-# Write calls cover at most WRITE_MAX bytes.  With larger buffered writes the
-# kernel takes 2 MiB page-cache folios (ext4 and xfs, Linux 6.16+); in a VM
-# that hands free memory back to its host (virtio-balloon free page
-# reporting) those come from returned blocks and fault in from the host one
-# page at a time.  Measured here: a 2.2 GB qcow2 -> raw conversion took
-# 2.9-4.1 s with 2 MiB writes, 0.7-0.8 s with 256 KiB ones (docs/convert.md).
-WRITE_MAX = 256 << 10
 
 
 class DataPacker:
@@ -196,10 +190,12 @@ class Qcow2Writer:
     ``direct`` (a fileio.File of the same file opened with O_DIRECT), the
     data goes through it, one write per batch, and the metadata through
     ``fd`` (different clusters; the kernel keeps the page cache coherent
-    with O_DIRECT writes anyway)."""
+    with O_DIRECT writes anyway).  ``name`` (the output's) is for errors."""
 
-    def __init__(self, settings, fd, *, stream=False, spool_dir=None, direct=None):
+    def __init__(self, settings, fd, *, stream=False, spool_dir=None, direct=None,
+                 name="output"):
         self.settings = settings
+        self.name = name
         self.geo = settings.geometry()
         self.fd = fd
         self.stream = stream
@@ -211,9 +207,15 @@ class Qcow2Writer:
             import tempfile
             self._spool = tempfile.TemporaryFile(dir=spool_dir, prefix="qcow2fast-spool-")
             self._data_fd, self._data_base = self._spool.fileno(), 0
+            self._data_name = f"the spool file in {spool_dir or tempfile.gettempdir()}"
         else:
             self._spool = None
             self._data_fd, self._data_base = fd, self.geo.cluster_size
+            self._data_name = name
+            if is_device(fd):
+                # A device may hold an old image: cluster 0 must not look
+                # like one until the new header goes in, last.
+                pwrite_all(fd, bytes(self.geo.cluster_size), 0)
 
     def append(self, first, kinds, payloads, buf=None):
         """One batch of guest clusters from cluster ``first``, batches in
@@ -257,9 +259,13 @@ class Qcow2Writer:
             self.direct.pwrite(data, off)
             return
         for chunk, want in write_calls(bufs):
-            n = os.pwritev(self._data_fd, chunk, off)
+            try:
+                n = os.pwritev(self._data_fd, chunk, off)
+            except OSError as e:
+                raise write_error(e, off, self._data_name) from None
             if n != want:       # a short write: finish it piece by piece
-                pwrite_all(self._data_fd, b"".join(bytes(b) for b in chunk)[n:], off + n)
+                pwrite_all(self._data_fd, b"".join(bytes(b) for b in chunk)[n:], off + n,
+                           self._data_name)
             off += want
 
     def finish(self, size, sync=False):
@@ -280,12 +286,12 @@ class Qcow2Writer:
             _copy_to(self._spool, self.fd, data_len)
             self._spool.close()
             return file_end
-        os.ftruncate(self.fd, file_end)
+        set_size(self.fd, file_end, self.name)
         for off, data in pieces[1:]:
-            pwrite_all(self.fd, data, off)
+            pwrite_all(self.fd, data, off, self.name)
         if sync:
             os.fdatasync(self.fd)   # barrier: everything the header points to is stable
-        pwrite_all(self.fd, pieces[0][1], 0)
+        pwrite_all(self.fd, pieces[0][1], 0, self.name)
         return file_end
 
     def close(self):
@@ -332,13 +338,6 @@ def gather(bufs, scratch):
         scratch[pos:pos + len(v)] = v
         pos += len(v)
     return scratch, memoryview(scratch)[:pos]
-
-
-def pwrite_all(fd, data, off):
-    mv = memoryview(data).cast("B")
-    while len(mv):
-        n = os.pwrite(fd, mv[:WRITE_MAX], off)
-        mv, off = mv[n:], off + n
 
 
 def _write_all(fd, data):

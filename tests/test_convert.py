@@ -295,6 +295,13 @@ def test_existing_target(capsys, chain, tmp_path, fmt, cache):
                              tgt)
     assert status == 0, err
     check_output(tgt, fmt, chain["expected"])
+    if fmt == "raw":
+        # The old data under the source's zeros is deallocated (qemu's
+        # write-zeroes with unmap), not overwritten with zeros.
+        want = chain["expected"]
+        nonzero = sum(1 for i in range(0, len(want), 4096) if any(want[i:i + 4096]))
+        assert nonzero * 4096 < 6 * MiB
+        assert os.stat(tgt).st_blocks * 512 <= nonzero * 4096 + 64 * 1024   # + extent tree
     fresh = tmp_path / f"f.{fmt}"
     qemu_img("create", "-q", "-f", fmt, fresh, "8M")
     status, _, err = run_cli(capsys, "convert", "-n", "--target-is-zero", "-O", fmt,

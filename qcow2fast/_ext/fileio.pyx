@@ -154,28 +154,46 @@ cdef class File:
             self.raise_errno(-errno, "fsync", 0)
 
     def size(self):
-        return os.fstat(self.fd).st_size
+        """Bytes in the file (lseek: block devices too)."""
+        return os.lseek(self.fd, 0, os.SEEK_END)
+
+    @property
+    def is_device(self):
+        from ..hostfile import is_device
+        return is_device(self.fd)
 
     def allocated_bytes(self):
         return os.fstat(self.fd).st_blocks * 512
 
     def truncate(self, int64_t size):
-        os.ftruncate(self.fd, size)
+        """Set the file's size (a block device must already be this large)."""
+        from ..hostfile import set_size
+        set_size(self.fd, size, self.path)
 
     def punch_hole(self, int64_t off, int64_t length):
-        """Deallocate a host range (reads then return zeros).  Returns False
-        when the filesystem cannot do it; the range is then left as is."""
-        cdef int rc
-        with nogil:
-            rc = qf_punch_hole(self.fd, off, length)
-        return rc == 0
+        return punch_hole(self.fd, off, length)
 
     def zero_range(self, int64_t off, int64_t length):
-        """Make a host range read as zeros without writing data, if possible."""
-        cdef int rc
-        with nogil:
-            rc = qf_zero_range(self.fd, off, length)
-        return rc == 0
+        return zero_range(self.fd, off, length)
 
     def fallocate(self, int64_t off, int64_t length):
         os.posix_fallocate(self.fd, off, length)
+
+
+def punch_hole(int fd, int64_t off, int64_t length):
+    """Deallocate a host range of ``fd`` (reads then return zeros; on a
+    block device, a discard that zeroes).  Returns False when the file
+    system or device cannot do it; the range is then left as is."""
+    cdef int rc
+    with nogil:
+        rc = qf_punch_hole(fd, off, length)
+    return rc == 0
+
+
+def zero_range(int fd, int64_t off, int64_t length):
+    """Make a host range of ``fd`` read as zeros without writing data, if
+    the file system or device can (returns whether it did)."""
+    cdef int rc
+    with nogil:
+        rc = qf_zero_range(fd, off, length)
+    return rc == 0

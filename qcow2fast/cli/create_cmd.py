@@ -3,6 +3,7 @@
 import os
 
 from .. import create as create_image
+from .. import hostfile
 from ..backing import probe_format, resolve_backing_path
 from ..errors import UnsupportedFeatureError
 from .options import UsageError, merge_options, parse_bool, parse_size
@@ -66,8 +67,7 @@ def run(args):
             raise UsageError(f"create: invalid parameter {next(iter(opts))!r} for format raw")
         if size is None:
             raise UsageError("create: image size must be specified")
-        with open(args.filename, "wb") as f:
-            f.truncate(size)
+        hostfile.create_raw(args.filename, size)
         if not args.quiet:
             print(f"Formatting '{args.filename}', fmt=raw size={size}")
         return 0

@@ -6,6 +6,7 @@ One deliberate difference: skipping past the end of the input is an error
 with exit status 1 (qemu-img 7.2 prints the error but exits 0)."""
 
 from .. import create as create_qcow2
+from .. import hostfile
 from .common import open_image
 from .options import UsageError, parse_size
 
@@ -53,8 +54,7 @@ def run(args):
             raise UsageError(f"dd: {src_name}: cannot skip to specified offset")
         size -= skip * bs
         if args.out_fmt == "raw":
-            with open(dst_name, "wb") as f:
-                f.truncate(size)
+            hostfile.create_raw(dst_name, size)
         else:
             create_qcow2(dst_name, size)
         dst = open_image(dst_name, args.out_fmt, writable=True)
