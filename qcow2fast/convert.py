@@ -365,7 +365,10 @@ class Output:
         if not ok and self.device and not self.in_place and self.fd is not None:
             # A failed new image on a device must not look like a valid one
             # (a regular file's temporary is deleted instead).
-            pwrite_all(self.fd, bytes(HEADER_WIPE), 0)
+            try:
+                pwrite_all(self.fd, bytes(HEADER_WIPE), 0)
+            except OSError:
+                pass                # the error being reported says more
         if self.fd is not None and self.dest != "-":
             os.close(self.fd)
         self.fd = None
