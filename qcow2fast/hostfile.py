@@ -46,14 +46,13 @@ def set_size(fd, nbytes, name):
                       f"needed and the device has {have}", name)
 
 
-def zero(fd, off, n, write=None):
-    """Make [off, off+n) read as zeros: deallocated (punch hole, as qemu's
-    write-zeroes with unmap), else zeroed by the kernel (ZERO_RANGE, a
-    device's write-zeroes), else written with zeros by ``write(data, off)``
-    (default: os.pwrite on ``fd``)."""
+def zero(fd, off, n, write):
+    """Make [off, off+n) of ``fd`` read as zeros: deallocated (punch hole, as
+    qemu's write-zeroes with unmap), else zeroed by the kernel (ZERO_RANGE,
+    a device's write-zeroes), else written with zeros by ``write(data, off)``
+    (page-aligned buffers: fit for an O_DIRECT writer)."""
     if n <= 0 or punch_hole(fd, off, n) or zero_range(fd, off, n):
         return
-    write = write or (lambda data, pos: pwrite_all(fd, data, pos))
     while n > 0:
         k = min(n, len(_ZEROS))
         write(_ZEROS[:k], off)
