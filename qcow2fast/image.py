@@ -411,8 +411,7 @@ class Image(SubclusterOps, CompressedWriteOps, ImageCore):
 
     def _l2_slot_for_write(self, pos):
         self._begin_metadata_update()
-        slot = self.mapping.l2_slot_for_write(pos, self.refcounts, self._barrier,
-                                              self._flush_refcounts)
+        slot = self.mapping.l2_slot_for_write(pos, self.refcounts)
         self._host_limit_changed()
         return slot
 
@@ -691,7 +690,9 @@ class Image(SubclusterOps, CompressedWriteOps, ImageCore):
         if self.alloc_end > self.file.size():
             self.file.truncate(self.alloc_end)
         if sync:
-            self.file.sync()        # barrier: L2 entries on disk before old clusters are freed
+            self.file.sync()        # barrier: L2 tables on disk before L1 entries point to them
+        if self.mapping.write_pending_l1() and sync:
+            self.file.sync()        # barrier: L1 entries on disk before old L2 tables are freed
         if self.refcounts.deferred:
             self._decompressed.clear()      # freed host space may be reused
             self._free_byte_offset = 0

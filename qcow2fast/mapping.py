@@ -2,8 +2,11 @@
 qcow2-cluster.c).
 
 Invariants:
-- the active L1 table is held in memory (native byte order) and written
-  through, one entry at a time, after the L2 table it points to is on disk;
+- the active L1 table is held in memory (native byte order); an entry that
+  points to a newly allocated L2 table is written at the next flush, after
+  the refcounts and the L2 table are on disk (``l1_pending`` holds what is
+  on disk for it until then), so allocating an L2 table costs no barrier
+  between flushes (qemu syncs twice there);
 - an L1 entry carries QCOW_OFLAG_COPIED exactly when its L2 table has
   refcount 1; a table without it is shared with a snapshot and is copied
   before it is modified;
@@ -55,6 +58,7 @@ class Mapping:
         self.l1 = l1
         self.l2_cache = l2_cache
         self.metadata = metadata_map
+        self.l1_pending = {}        # L1 index -> the entry on disk, until flushed
         cb = geo.cluster_bits
         for off in l1[np.nonzero(l1 & np.uint64(L1E_OFFSET_MASK))[0]] & np.uint64(L1E_OFFSET_MASK):
             metadata_map.add(int(off) >> cb)
@@ -128,10 +132,21 @@ class Mapping:
     def write_l1_entry(self, l1_index):
         self.file.pwrite(_BE64.pack(int(self.l1[l1_index])),
                          self.header.l1_table_offset + 8 * l1_index)
+        self.l1_pending.pop(l1_index, None)
 
-    def l2_slot_for_write(self, offset, refcounts, barrier, flush_refcounts):
+    def write_pending_l1(self):
+        """Write the L1 entries of L2 tables allocated since the last flush.
+        The caller has made those tables and their refcounts stable first.
+        Returns whether anything was written."""
+        pending = sorted(self.l1_pending)
+        for l1i in pending:
+            self.write_l1_entry(l1i)
+        return bool(pending)
+
+    def l2_slot_for_write(self, offset, refcounts):
         """Slot of the L2 slice mapping guest ``offset``, made writable: the L2
-        table is allocated if missing and copied if shared."""
+        table is allocated if missing and copied if shared.  The new L1 entry
+        is pending until the next flush; a replaced table is freed then."""
         geo, cache = self.geo, self.l2_cache
         l1i, l2i = geo.l1_index(offset), geo.l2_index(offset)
         l1e = int(self.l1[l1i])
@@ -148,12 +163,8 @@ class Mapping:
             cache.flush()
             table = self.file.pread(l2off, geo.cluster_size)
         self.file.pwrite(table, new)
-        # Barrier: the new table and the refcounts of everything it uses are
-        # on disk before the L1 entry points to it.
-        flush_refcounts()
-        barrier()
+        self.l1_pending.setdefault(l1i, l1e)
         self.l1[l1i] = np.uint64(new | QCOW_OFLAG_COPIED)
-        self.write_l1_entry(l1i)
         if l2off:
             refcounts.free_deferred(l2off, 1)
         return cache.load(self.slice_key(new, l2i))
@@ -168,6 +179,8 @@ class Mapping:
         new = refcounts.alloc(nclusters)
         table = np.zeros(nclusters * geo.cluster_size // 8, dtype=np.uint64)
         table[:len(self.l1)] = self.l1
+        for l1i, on_disk in self.l1_pending.items():
+            table[l1i] = on_disk            # still pending: written at the next flush
         self.file.pwrite(table.astype(">u8").tobytes(), new)
         flush_refcounts()
         # Barrier: the new table is on disk before the header points to it.
