@@ -175,7 +175,7 @@ class CompressedWriteOps:
             words[w] = np.uint64(self.geo.compressed_descriptor(host, len(payload)))
             if self.geo.extended_l2:
                 words[w + 1] = np.uint64(0)
-            self.l2_cache.mark_dirty(slot)
+            self.l2_cache.mark_dirty(slot, 8 * w, 8 * (w + self.geo.l2_entry_words))
         finally:
             self.l2_cache.unpin(slot)
 

@@ -461,7 +461,7 @@ class Image(SubclusterOps, CompressedWriteOps, ImageCore):
         # Data first, then the L2 entries that point to it.
         for k in range(nclusters):
             l2[i0 + k] = np.uint64((new + k * cs) | QCOW_OFLAG_COPIED)
-        self.l2_cache.mark_dirty(slot)
+        self.l2_cache.mark_dirty(slot, 8 * i0, 8 * (i0 + nclusters))
         for e in old:
             self._release_entry(e)
 

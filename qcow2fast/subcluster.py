@@ -106,7 +106,7 @@ class SubclusterOps:
         # Data first, then the entry that points to it.
         words[w] = np.uint64(target | QCOW_OFLAG_COPIED)
         words[w + 1] = np.uint64((new_zero << SC_ZERO_SHIFT) | new_alloc)
-        self.l2_cache.mark_dirty(slot)
+        self.l2_cache.mark_dirty(slot, 8 * w, 8 * w + 16)
         if not in_place and (host or compressed):
             self._release_entry(desc)
 

@@ -498,6 +498,39 @@ def test_l2_allocation_is_ordered_at_flush(tmp_path):
     assert all(raw[i << 16:(i << 16) + 4096] == b"\x5a" * 4096 for i in range(64))
 
 
+WT_SCRIPT = """
+import os, sys, qcow2fast
+with qcow2fast.open(sys.argv[1], "r+", cache_mode=sys.argv[2]) as img:
+    img.write(0, b"\\x5a" * 4096)         # the L2 table and first refcounts, allocated
+    os.write(2, b"FLUSH\\n")
+    for i in range(1, 40):
+        img.write(i << 16, b"\\x5a" * 4096)
+    os.write(2, b"FLUSHED\\n")
+"""
+
+
+@pytest.mark.parametrize("cache_mode", ["writethrough", "directsync"])
+def test_sync_modes_write_metadata_in_4k_blocks(tmp_path, cache_mode):
+    """Under writethrough/directsync each allocating write makes its refcount
+    and L2 changes stable: 4 KiB blocks of them, not 64 KiB cache entries."""
+    strace = shutil.which("strace")
+    assert strace, "strace is needed (scripts/test.sh installs it)"
+    path = qf_create(tmp_path / "w.qcow2", 64 * MiB)
+    trace = tmp_path / "trace"
+    p = subprocess.run([strace, "-f", "-o", str(trace), "-e", "trace=pwrite64,pwritev,write",
+                        sys.executable, "-c", WT_SCRIPT, path, cache_mode],
+                       capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr[-2000:]
+    text = trace.read_text()
+    body = text[text.index('"FLUSH\\n"'):text.index('"FLUSHED\\n"')]
+    sizes = [int(m[1]) for m in re.finditer(r"pwrite(?:64|v)\(\d+, .*, (\d+), \d+\) = ", body)]
+    assert len(sizes) >= 3 * 39, sizes          # data, refcount block, L2 slice per write
+    assert set(sizes) == {4096}, sorted(set(sizes))
+    qemu_check(path)
+    raw = qemu_raw(path)
+    assert all(raw[i << 16:(i << 16) + 4096] == b"\x5a" * 4096 for i in range(40))
+
+
 def test_invalid_cache_mode(tmp_path):
     path = qf_create(tmp_path / "x.qcow2", MiB)
     with pytest.raises(qcow2fast.errors.InvalidArgumentError):

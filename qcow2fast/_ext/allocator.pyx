@@ -163,7 +163,8 @@ cdef class RefcountCore:
                                  f"{1 << self.order}-bit maximum {self.maxval}")
             for j in range(i, i + k):
                 rc_set(blk, j, self.order, rc_get(blk, j, self.order) + <uint64_t>delta)
-            self.cache.c_mark_dirty(slot)
+            self.cache.c_mark_dirty_range(slot, (i << self.order) >> 3,
+                                          (((i + k) << self.order) + 7) >> 3)
             c += k
         if delta < 0 and cluster < self.free_hint:
             self.free_hint = cluster

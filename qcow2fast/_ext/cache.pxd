@@ -12,11 +12,14 @@ cdef class TableCache:
     cdef public uint64_t hits, misses
     cdef readonly int ndirty
     cdef object _raw_views, _u64_views
-    cdef object _mm, _keys, _lru, _dirty, _pins, _htab, _free, _scratch
+    cdef object _mm, _keys, _lru, _dirty, _dlo, _dhi, _pins, _htab, _free, _scratch_mm
+    cdef int64_t granule
     cdef uint8_t *base
     cdef int64_t *keys
     cdef uint64_t *lru
     cdef uint8_t *dirty
+    cdef int64_t *dlo                   # a dirty slot's changed bytes: [dlo, dhi)
+    cdef int64_t *dhi
     cdef int32_t *pins
     cdef int32_t *htab
     cdef int32_t *freelist
@@ -32,5 +35,6 @@ cdef class TableCache:
     cdef void _drop(self, int slot)
     cdef uint8_t *slot_ptr(self, int slot) noexcept nogil
     cdef void c_mark_dirty(self, int slot) noexcept
+    cdef void c_mark_dirty_range(self, int slot, int64_t lo, int64_t hi) noexcept
     cdef int c_load(self, int64_t key, bint read) except -1
     cdef int c_writeback(self, int slot) except -1

@@ -8,6 +8,10 @@ Invariants:
 - a dirty slot is written back before it is reused, and before it is
   written the ``depends`` cache is flushed (refcount blocks before the L2
   tables that rely on them);
+- a dirty slot's changed bytes lie in [dlo, dhi); write-back writes that
+  range rounded out to whole 4 KiB blocks (or the whole slice if smaller),
+  not the whole slice: under O_DIRECT and in sync modes a 4 KiB write costs
+  less than a 64 KiB one (qemu writes whole cache entries);
 - a pinned slot is never evicted.
 """
 
@@ -23,6 +27,11 @@ from .common cimport QF_BSWAP64
 from .fileio cimport File
 
 cnp.import_array()
+
+
+# Write-back granule: the page size, and O_DIRECT's block size.
+cdef enum:
+    WRITE_GRANULE = 4096
 
 
 cdef inline uint64_t _hash(int64_t key) noexcept nogil:
@@ -46,20 +55,26 @@ cdef class TableCache:
         self._keys = np.full(nslots, -1, dtype=np.int64)
         self._lru = np.zeros(nslots, dtype=np.uint64)
         self._dirty = np.zeros(nslots, dtype=np.uint8)
+        self._dlo = np.zeros(nslots, dtype=np.int64)
+        self._dhi = np.zeros(nslots, dtype=np.int64)
         self._pins = np.zeros(nslots, dtype=np.int32)
         while cap < 2 * nslots:
             cap <<= 1
         self._htab = np.full(cap, -1, dtype=np.int32)
         self._free = np.arange(nslots - 1, -1, -1, dtype=np.int32)
-        self._scratch = np.zeros(slot_bytes, dtype=np.uint8)
+        # Page-aligned like the slots, so O_DIRECT writes need no bounce buffer.
+        self._scratch_mm = mmap.mmap(-1, slot_bytes)
+        self.granule = min(max(WRITE_GRANULE, file.align), slot_bytes)
         self.base = <uint8_t *>cnp.PyArray_DATA(self.data)
         self.keys = <int64_t *>cnp.PyArray_DATA(self._keys)
         self.lru = <uint64_t *>cnp.PyArray_DATA(self._lru)
         self.dirty = <uint8_t *>cnp.PyArray_DATA(self._dirty)
+        self.dlo = <int64_t *>cnp.PyArray_DATA(self._dlo)
+        self.dhi = <int64_t *>cnp.PyArray_DATA(self._dhi)
         self.pins = <int32_t *>cnp.PyArray_DATA(self._pins)
         self.htab = <int32_t *>cnp.PyArray_DATA(self._htab)
         self.freelist = <int32_t *>cnp.PyArray_DATA(self._free)
-        self.scratch = <uint8_t *>cnp.PyArray_DATA(self._scratch)
+        self.scratch = <uint8_t *>cnp.PyArray_DATA(np.frombuffer(self._scratch_mm, np.uint8))
         self.nfree = nslots
         self.hmask = cap - 1
         # One view per slot, made once: slow paths ask for them constantly.
@@ -169,7 +184,8 @@ cdef class TableCache:
         return slot
 
     cdef int c_writeback(self, int slot) except -1:
-        cdef int64_t rc, i, n
+        cdef int64_t rc, i, n, g = self.granule
+        cdef int64_t lo = self.dlo[slot] & ~(g - 1), hi = (self.dhi[slot] + g - 1) & ~(g - 1)
         cdef uint64_t *src
         cdef uint64_t *dst
         cdef const char *out
@@ -180,18 +196,18 @@ cdef class TableCache:
             self.depends.flush()
             if self.sync_dependency:
                 self.file.sync()
-        out = <const char *>self.slot_ptr(slot)
+        out = <const char *>self.slot_ptr(slot) + lo
         with nogil:
             if self.swap64:
-                src = <uint64_t *>self.slot_ptr(slot)
+                src = <uint64_t *>(self.slot_ptr(slot) + lo)
                 dst = <uint64_t *>self.scratch
-                n = self.slot_bytes // 8
+                n = (hi - lo) // 8
                 for i in range(n):
                     dst[i] = QF_BSWAP64(src[i])
                 out = <const char *>self.scratch
-            rc = self.file.c_pwrite(out, self.slot_bytes, self.keys[slot])
+            rc = self.file.c_pwrite(out, hi - lo, self.keys[slot] + lo)
         if rc < 0:
-            self.file.raise_errno(rc, "metadata write", self.keys[slot])
+            self.file.raise_errno(rc, "metadata write", self.keys[slot] + lo)
         self.dirty[slot] = 0
         self.ndirty -= 1
         return 0
@@ -217,12 +233,28 @@ cdef class TableCache:
         return self.lookup(key)
 
     cdef void c_mark_dirty(self, int slot) noexcept:
+        self.c_mark_dirty_range(slot, 0, self.slot_bytes)
+
+    cdef void c_mark_dirty_range(self, int slot, int64_t lo, int64_t hi) noexcept:
+        """Bytes [lo, hi) of the slot changed."""
         if not self.dirty[slot]:
             self.dirty[slot] = 1
             self.ndirty += 1
+            self.dlo[slot] = lo
+            self.dhi[slot] = hi
+            return
+        if lo < self.dlo[slot]:
+            self.dlo[slot] = lo
+        if hi > self.dhi[slot]:
+            self.dhi[slot] = hi
 
-    def mark_dirty(self, int slot):
-        self.c_mark_dirty(slot)
+    def mark_dirty(self, int slot, int64_t lo=0, int64_t hi=-1):
+        """Bytes [lo, hi) of the slot changed (all of it by default)."""
+        if hi < 0:
+            hi = self.slot_bytes
+        if not 0 <= lo < hi <= self.slot_bytes:
+            raise ValueError(f"dirty range [{lo}, {hi}) outside a {self.slot_bytes}-byte slot")
+        self.c_mark_dirty_range(slot, lo, hi)
 
     def writeback(self, int slot):
         """Write one slot now if it is dirty (dependencies first)."""

@@ -375,7 +375,7 @@ cdef class ImageCore:
             self._pwrite3(NULL, 0, buf, chunk, NULL, 0, host + in_cl)
         for k in range(nclusters):
             l2[l2i + k] = (host + (k << self.cluster_bits)) | QCOW_OFLAG_COPIED
-        self._allocated(slot, end)
+        self._allocated(slot, l2i, nclusters, end)
         return chunk
 
     cdef int64_t _alloc_write_ext(self, const char *buf, int64_t pos, int64_t remaining,
@@ -438,12 +438,13 @@ cdef class ImageCore:
                           (hi - b) if tail else 0, target + (lo if head else a))
         l2[w] = target | QCOW_OFLAG_COPIED
         l2[w + 1] = ((zero & ~touched) << 32) | alloc | touched
-        self._allocated(slot, target + cs)
+        self._allocated(slot, w, 2, target + cs)
         return b - a
 
-    cdef void _allocated(self, int slot, uint64_t end):
-        """Book-keeping after data went into clusters ending at ``end``."""
-        self.l2_cache.c_mark_dirty(slot)
+    cdef void _allocated(self, int slot, int64_t word, int64_t nwords, uint64_t end):
+        """Book-keeping after data went into clusters ending at ``end`` and
+        the slice's L2 words [word, word+nwords) were set."""
+        self.l2_cache.c_mark_dirty_range(slot, 8 * word, 8 * (word + nwords))
         if <int64_t>end > self.zero_from:
             self.zero_from = end
         if <int64_t>end > self.alloc_end:
