@@ -11,7 +11,9 @@ that also times it.  The raw side is a plain Python loop of
     python -m benchmarks.threads_bench [--quick] [--runs N] [--json OUT] [--plot OUT.png]
 
 The data image is fully written and page-cached (1 GiB; 256 MiB with
---quick); offsets are i * 7919 * 4 KiB mod size for every engine.
+--quick); offsets are i * 7919 * 4 KiB mod size for every engine.  Every
+timed run starts after a sync, so no engine's overwrites are slowed by the
+write-back of the previous runs' dirty pages.
 """
 
 import os
@@ -82,9 +84,14 @@ def collect(a, tmpdir):
             for r in range(a.runs):
                 cmd = qemu.command(qcow2, a.count, STEP, write)
                 cmd[cmd.index("-d") + 1] = str(depth)
+                # Every engine starts with no dirty pages: the earlier runs'
+                # overwrites are not written back during this one.
+                os.sync()
                 p = run(cmd)
                 t["qemu"].append(float(p.stdout.rsplit("Run completed in ", 1)[1].split()[0]))
+                os.sync()
                 t["qcow2fast"].append(qf_loop(qcow2, offsets, write, depth))
+                os.sync()
                 t["raw"].append(raw_loop(raw, offsets, write, depth))
             iops = {e: a.count / summarise(s)["median"] for e, s in t.items()}
             row = {"op": op, "depth": depth, "samples": t, "iops": iops,
