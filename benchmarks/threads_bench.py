@@ -87,23 +87,23 @@ def collect(a, tmpdir):
     for op in ("read", "overwrite"):
         write = op == "overwrite"
         for depth in DEPTHS:
-            t = {"qemu": [], "qcow2fast": [], "raw": [], "host": []}
-            for r in range(a.runs):
-                cmd = qemu.command(qcow2, a.count, STEP, write)
-                cmd[cmd.index("-d") + 1] = str(depth)
-                # Every engine starts with no dirty pages: the earlier runs'
-                # overwrites are not written back during this one.
-                os.sync()
-                p = run(cmd)
-                t["qemu"].append(float(p.stdout.rsplit("Run completed in ", 1)[1].split()[0]))
-                os.sync()
-                t["qcow2fast"].append(qf_loop(qcow2, offsets, write, depth))
-                os.sync()
-                t["raw"].append(raw_loop(raw, offsets, write, depth))
-                os.sync()
+            cmd = qemu.command(qcow2, a.count, STEP, write)
+            cmd[cmd.index("-d") + 1] = str(depth)
+            engines = {
+                "qemu": lambda: float(run(cmd).stdout.rsplit("Run completed in ", 1)[1]
+                                      .split()[0]),
+                "qcow2fast": lambda: qf_loop(qcow2, offsets, write, depth),
+                "raw": lambda: raw_loop(raw, offsets, write, depth),
                 # The same data at the same guest offsets: the image stays
                 # equal to the raw copy.
-                t["host"].append(raw_loop(qcow2, host_offsets, write, depth))
+                "host": lambda: raw_loop(qcow2, host_offsets, write, depth)}
+            t = {e: [] for e in engines}
+            for r in range(a.runs):
+                for e, timed in engines.items():
+                    # Every engine starts with no dirty pages: the earlier
+                    # runs' overwrites are not written back during this one.
+                    os.sync()
+                    t[e].append(timed())
             iops = {e: a.count / summarise(s)["median"] for e, s in t.items()}
             row = {"op": op, "depth": depth, "samples": t, "iops": iops,
                    "vs_qemu": ratio_info(t["qemu"], t["qcow2fast"]),
