@@ -554,7 +554,7 @@ def _convert_through_image(src, dest, format, options, sparse_size, existing,
             raise FileNotFoundError(2, "Could not open target image", dest)
     out = Output(dest, in_place=existing)
     ok = False
-    img = dfile = None
+    img = dfile = prefault = None
     try:
         if format == "qcow2" and not existing:
             create(out.path, size, **options)
@@ -570,6 +570,8 @@ def _convert_through_image(src, dest, format, options, sparse_size, existing,
                 hostfile.set_size(out.fd, size, dest)
             unit = sparse_size or (1 << 20)
             dfile = _open_direct(out.path) if direct else None
+            if not (existing or direct or out.device):   # a new file, sized already
+                prefault = hostfile.prefault_for(out.fd)
 
         def raw_write(data, off):
             if dfile is not None:
@@ -641,6 +643,10 @@ def _convert_through_image(src, dest, format, options, sparse_size, existing,
             if img is not None:     # in order: the image allocates clusters as it goes
                 write_batch(first, kinds, payloads, buf, nvalid)
                 return None
+            if prefault is not None:
+                for a, b in runs(kinds == DATA):
+                    lo = first * unit + a * unit
+                    prefault.ahead(lo, min(b * unit, nvalid) - a * unit)
             return lambda: write_batch(first, kinds, None, buf, nvalid)   # raw: on the writer
 
         marks = None
@@ -656,6 +662,8 @@ def _convert_through_image(src, dest, format, options, sparse_size, existing,
         out.commit(sync)
         ok = True
     finally:
+        if prefault is not None:
+            prefault.close()
         if img is not None:
             img.close()
         if dfile is not None:

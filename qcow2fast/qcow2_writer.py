@@ -27,7 +27,7 @@ from . import header as hdr
 from ._ext.kernels import refcount_encode
 from .errors import InvalidArgumentError
 from .geometry import QCOW_OFLAG_COPIED, QCOW_OFLAG_ZERO
-from .hostfile import WRITE_MAX, is_device, pwrite_all, set_size, write_error
+from .hostfile import WRITE_MAX, is_device, prefault_for, pwrite_all, set_size, write_error
 from .measure import refcount_structure_clusters
 
 # Kinds of a guest cluster in the output (as kernels' UNALLOCATED/DATA/ZERO/COMPRESSED).
@@ -216,6 +216,12 @@ class Qcow2Writer:
                 # A device may hold an old image: cluster 0 must not look
                 # like one until the new header goes in, last.
                 pwrite_all(fd, bytes(self.geo.cluster_size), 0)
+        # Buffered data writes to a regular file get their pages made ahead
+        # (hostfile.Prefault), which needs the file to reach past them:
+        # it is grown (never shrunk: placements only move forward) to
+        # _grown, and finish() sets the real size.
+        self._prefault = prefault_for(self._data_fd) if direct is None else None
+        self._grown = 0
 
     def append(self, first, kinds, payloads, buf=None):
         """One batch of guest clusters from cluster ``first``, batches in
@@ -248,7 +254,17 @@ class Qcow2Writer:
                 bufs.append(data)
                 rel[i], clen[i] = off, len(data)
         self.table.add(first, kinds, rel, clen)
+        if self._prefault is not None and bufs:
+            self._ahead(self._data_base + start, self.packer.pos - start)
         return lambda: self._write(bufs, start)
+
+    GROW_STEP = 64 << 20
+
+    def _ahead(self, off, n):
+        if off + n > self._grown:
+            self._grown = off + n + self.GROW_STEP
+            set_size(self._data_fd, self._grown, self._data_name)
+        self._prefault.ahead(off, n)
 
     def _write(self, bufs, rel):
         if not bufs:            # a batch without data clusters
@@ -271,6 +287,7 @@ class Qcow2Writer:
     def finish(self, size, sync=False):
         """Write the metadata (and, for a stream, the spooled data); the
         header goes last for a file, after a barrier when ``sync``."""
+        self._stop_prefault()
         data_len = -(-self.packer.pos // self.geo.cluster_size) * self.geo.cluster_size
         base, pieces, file_end = build_metadata(self.settings, size, self.table, data_len,
                                                 stream=self.stream)
@@ -294,7 +311,13 @@ class Qcow2Writer:
         pwrite_all(self.fd, pieces[0][1], 0, self.name)
         return file_end
 
+    def _stop_prefault(self):
+        if self._prefault is not None:
+            self._prefault.close()
+            self._prefault = None
+
     def close(self):
+        self._stop_prefault()
         if self._spool is not None and not self._spool.closed:
             self._spool.close()
 
