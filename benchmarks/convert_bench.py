@@ -230,7 +230,8 @@ def plot(doc, path):
                   for tool, label in (("qcow2fast", "qcow2fast convert"),
                                       ("qemu-img", "qemu-img convert"),
                                       ("cp", "cp --sparse=always"))]
-        bar_groups(ax, [c.replace(" -", "\n-", 1) for c in cases], series, unit, title,
+        bar_groups(ax, [c.replace("->", "→\n").replace(" -", "\n-") for c in cases], series,
+                   unit, title,
                    log="auto")
     axes[2].axhline(doc["source_allocated"] / MiB, color="grey", linestyle="--", linewidth=1,
                     label="source raw image, allocated")
