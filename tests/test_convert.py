@@ -119,6 +119,9 @@ def test_to_qcow2_round_trips(capsys, chain, tmp_path, src_kind, variant):
         # O_DIRECT data: only metadata (written through the cache) is cached.
         assert cached_bytes(out) < os.path.getsize(out) // 4
     check_output(out, "qcow2", chain["expected"])
+    if not any(v.startswith("preallocation") for v in variant):
+        # Nothing past the image's end (the writer grows the file ahead of its writes).
+        assert os.path.getsize(out) == qemu_check(out)["image-end-offset"]
     assert "backing-filename" not in qemu_info(out)          # the chain is flattened
     assert not [n for n in os.listdir(tmp_path) if n.startswith(".")]   # no temporary left
 
@@ -261,6 +264,7 @@ def test_stdout_stream_is_a_valid_image(chain, tmp_path, variant):
         assert conv.wait() == 0, conv.stderr.read()
     assert cat.returncode == 0
     check_output(out, "qcow2", chain["expected"])
+    assert os.path.getsize(out) == qemu_check(out)["image-end-offset"]   # no spool slack
 
 
 def test_stdin_source(tmp_path):
