@@ -591,6 +591,10 @@ def _convert_through_image(src, dest, format, options, sparse_size, existing,
         job = Job(unit, detect_zeros=sparse_size > 0, keep_zero=not zero_target,
                   compress=compressor, v2_zero_as_data=False)
 
+        def spans(mask, nvalid):
+            """Byte ranges [lo, hi) of the batch's runs of ``mask``, up to the source's end."""
+            return [(a * unit, min(b * unit, nvalid)) for a, b in runs(mask)]
+
         def write_data(base, a, b, buf, nvalid):
             """Units [a, b) of the batch at ``base``, uncompressed, up to the source's end."""
             lo, hi = a * unit, min(b * unit, nvalid)
@@ -607,8 +611,7 @@ def _convert_through_image(src, dest, format, options, sparse_size, existing,
                 for a, b in runs(kinds == DATA):
                     write_data(base, a, b, buf, nvalid)
             if not zero_target:
-                for a, b in runs((kinds != DATA) & (kinds != COMPRESSED)):
-                    lo, hi = a * unit, min(b * unit, nvalid)
+                for lo, hi in spans((kinds != DATA) & (kinds != COMPRESSED), nvalid):
                     if img is not None:
                         img.write_zeroes(base + lo, hi - lo, may_unmap=True)
                     else:
@@ -644,9 +647,8 @@ def _convert_through_image(src, dest, format, options, sparse_size, existing,
                 write_batch(first, kinds, payloads, buf, nvalid)
                 return None
             if prefault is not None:
-                for a, b in runs(kinds == DATA):
-                    lo = first * unit + a * unit
-                    prefault.ahead(lo, min(b * unit, nvalid) - a * unit)
+                for lo, hi in spans(kinds == DATA, nvalid):
+                    prefault.ahead(first * unit + lo, hi - lo)
             return lambda: write_batch(first, kinds, None, buf, nvalid)   # raw: on the writer
 
         marks = None
