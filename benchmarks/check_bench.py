@@ -18,7 +18,7 @@ fails.  Reported: median wall time, CPU time (user+sys) and peak RSS of the
 child, and the speed ratio qemu/qcow2fast (>1: qcow2fast faster) with the
 range of the per-run ratios.  Python and numpy start-up cost qcow2fast about
 0.2 s per command (measured: ``python -m qcow2fast --help``), which dominates on small metadata; the "library call"
-column is ``qcow2fast.check.check_image`` timed inside one process (what an
+column is ``qcow2fast.fsck.check.check_image`` timed inside one process (what an
 embedding program pays), with its ratio to the qemu-img command.
 """
 
@@ -51,7 +51,7 @@ with qcow2fast.open(path, "r+") as img:
 # what an embedding program pays, and the work itself.
 LIBRARY_TIMES = """
 import json, sys, time
-from qcow2fast.check import check_image
+from qcow2fast.fsck.check import check_image
 path, runs, times = sys.argv[1], int(sys.argv[2]), []
 check_image(path)
 for _ in range(runs):

@@ -41,7 +41,7 @@ def create(a, path, cs):
 
 def qf_loop(path, offsets, write):
     import qcow2fast
-    from qcow2fast import bench
+    from qcow2fast.ops import bench
     with qcow2fast.open(path, "r+" if write else "r", cache_clean_interval=0) as img:
         writes = bench.write_mask(len(offsets), 100 if write else 0, 0)
         return bench.run(img, offsets, writes, REQ, pattern=WRITE_PATTERN).elapsed
@@ -55,7 +55,7 @@ def metadata_bytes(a, path, cs):
 
 
 def bench_cluster(a, tmpdir, cs):
-    from qcow2fast import bench
+    from qcow2fast.ops import bench
     qemu = Qemu(a.qemu_img, a.aio)
     cpu = sorted(os.sched_getaffinity(0))[0]
     paths = {"qemu": os.path.join(tmpdir, "q.qcow2"), "qcow2fast": os.path.join(tmpdir, "f.qcow2")}

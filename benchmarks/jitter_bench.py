@@ -65,7 +65,7 @@ def qemu_latencies(a, path, cache):
 
 def qf_latencies(path, cache, count):
     import qcow2fast
-    from qcow2fast import bench
+    from qcow2fast.ops import bench
     with qcow2fast.open(path, "r+", cache_mode=cache, cache_clean_interval=0) as img:
         offs = np.arange(count, dtype=np.int64) * CLUSTER
         return bench.run(img, offs, bench.write_mask(count, 100, 0), REQ,

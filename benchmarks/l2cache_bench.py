@@ -63,7 +63,7 @@ def qemu_read(a, path, l2, entry, cache):
 
 def qf_read(a, path, l2, entry, cache):
     import qcow2fast
-    from qcow2fast import bench
+    from qcow2fast.ops import bench
     with qcow2fast.open(path, l2_cache_size=l2, l2_cache_entry_size=entry,
                         cache_clean_interval=0, cache_mode=cache) as img:
         offs = bench.sequential_offsets(a.count, 0, STEP, img.size)

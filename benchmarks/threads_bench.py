@@ -64,14 +64,14 @@ def raw_loop(path, offsets, write, threads):
 
 def qf_loop(path, offsets, write, depth):
     import qcow2fast
-    from qcow2fast import bench
+    from qcow2fast.ops import bench
     with qcow2fast.open(path, "r+" if write else "r", cache_clean_interval=0) as img:
         return bench.run(img, offsets, bench.write_mask(len(offsets), 100 if write else 0, 0),
                          REQ, depth=depth, pattern=WRITE_PATTERN).elapsed
 
 
 def collect(a, tmpdir):
-    from qcow2fast import bench
+    from qcow2fast.ops import bench
     qcow2, raw = os.path.join(tmpdir, "data.qcow2"), os.path.join(tmpdir, "data.raw")
     run([a.qemu_img, "create", "-q", "-f", "qcow2", qcow2, str(a.size)])
     run([a.qemu_img, "bench", "-f", "qcow2", "-w", "-c", str(a.size // MiB), "-d", "4",

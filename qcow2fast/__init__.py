@@ -7,12 +7,12 @@
         img.read(0, 5)
 """
 
-from .convert import convert
-from .create import create
+from .ops.convert import convert
+from .ops.create import create
 from .errors import (CorruptImageError, ImageClosedError, InvalidArgumentError, Qcow2Error,
                      ReadOnlyImageError, UnsupportedFeatureError)
 from .extent import Extent
-from .image import Image
+from .engine.image import Image
 
 __version__ = "0.1.0"
 

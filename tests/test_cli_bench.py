@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import qcow2fast
-from qcow2fast import bench
+from qcow2fast.ops import bench
 from cli_util import run_cli
 from qemu_util import MiB, qemu_check, qemu_create, qemu_img
 

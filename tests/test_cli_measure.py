@@ -4,7 +4,7 @@ import pytest
 
 import qcow2fast
 from qcow2fast.cli import main
-from qcow2fast.measure import refcount_metadata_size
+from qcow2fast.ops.measure import refcount_metadata_size
 from qemu_util import qemu_create, qemu_img, qemu_io
 
 pytestmark = pytest.mark.qemu

@@ -17,9 +17,9 @@ from test_properties import SETTINGS, Qcow2Machine
 from qemu_util import (Rng, assert_bytes_equal, assert_qemu_content, compressed_descriptor, compressible_bytes,
                        file_state, header, l2_entry_offset, qemu_check, qemu_compare, qemu_create,
                        qemu_img, qemu_io, qemu_map, read_at)
-from qcow2fast.compress import Compressor
+from qcow2fast.engine.compress import Compressor
 from qcow2fast.errors import InvalidArgumentError, ReadOnlyImageError
-from qcow2fast.header import COMPRESSION_ZLIB, COMPRESSION_ZSTD
+from qcow2fast.spec.header import COMPRESSION_ZLIB, COMPRESSION_ZSTD
 
 pytestmark = pytest.mark.qemu
 KiB, MiB = 1 << 10, 1 << 20

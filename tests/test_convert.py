@@ -411,7 +411,7 @@ def test_zero_detection_kernel(unit):
 def test_write_calls_cover_the_buffers_in_bounded_calls(lengths):
     """The writer's calls carry every byte in order, none over WRITE_MAX
     bytes or IOV_MAX buffers (large writes take 2 MiB folios: see WRITE_MAX)."""
-    from qcow2fast.qcow2_writer import IOV_MAX, WRITE_MAX, write_calls
+    from qcow2fast.ops.qcow2_writer import IOV_MAX, WRITE_MAX, write_calls
     bufs = [bytes([i % 251]) * n for i, n in enumerate(lengths)]
     calls = list(write_calls(bufs))
     assert all(0 < n <= WRITE_MAX and len(iov) <= IOV_MAX and sum(map(len, iov)) == n

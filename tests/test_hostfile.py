@@ -6,7 +6,7 @@ import os
 
 import numpy as np
 
-from qcow2fast import hostfile
+from qcow2fast.host import file as hostfile
 
 PAGE = mmap.PAGESIZE
 _libc = ctypes.CDLL(None, use_errno=True)

@@ -1,7 +1,7 @@
 # cython: language_level=3
 """The per-cluster half of the refcount subsystem: searching refcount
 blocks for free runs and adding to refcounts, in C.  ``RefcountCore`` is the
-base class of :class:`qcow2fast.refcount.Refcounts`, which does the rare
+base class of :class:`qcow2fast.engine.refcount.Refcounts`, which does the rare
 structural work (creating refcount blocks, growing the table) in Python.
 
 A missing refcount block reads as all zeros (every cluster it would cover

@@ -3,7 +3,7 @@
 cached L2 slices and transferred with one pread/pwrite per contiguous host
 extent, the GIL released around the I/O.
 
-``ImageCore`` is the base class of :class:`qcow2fast.image.Image`.  It does
+``ImageCore`` is the base class of :class:`qcow2fast.engine.image.Image`.  It does
 the common cases itself and hands the rest (backing files, compressed
 clusters, allocation, copy-on-write, malformed entries) to the Python
 methods ``_read_slow`` and ``_write_slow``, which the subclass defines.

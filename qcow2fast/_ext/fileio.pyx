@@ -159,7 +159,7 @@ cdef class File:
 
     @property
     def is_device(self):
-        from ..hostfile import is_device
+        from ..host.file import is_device
         return is_device(self.fd)
 
     def allocated_bytes(self):
@@ -167,7 +167,7 @@ cdef class File:
 
     def truncate(self, int64_t size):
         """Set the file's size (a block device must already be this large)."""
-        from ..hostfile import set_size
+        from ..host.file import set_size
         set_size(self.fd, size, self.path)
 
     def punch_hole(self, int64_t off, int64_t length):

@@ -11,9 +11,9 @@ percentage of the requests write).  Cache options go through
 ``--image-opts``, as for every other subcommand.
 """
 
-from .. import bench
+from ..ops import bench
 from ..errors import Qcow2Error
-from ..image import CACHE_MODES
+from ..engine.image import CACHE_MODES
 from .common import open_image
 from .options import UsageError, parse_size
 

@@ -3,7 +3,7 @@
 import os
 
 from .. import open as open_qcow2
-from ..backing import RawImage, probe_format
+from ..engine.backing import RawImage, probe_format
 from .options import UsageError, parse_bool, parse_size, split_options
 
 FORMATS = ("qcow2", "raw")

@@ -2,9 +2,9 @@
 
 import os
 
-from .. import create as create_image
-from .. import hostfile
-from ..backing import probe_format, resolve_backing_path
+from ..ops import create as create_image
+from ..host import file as hostfile
+from ..engine.backing import probe_format, resolve_backing_path
 from ..errors import UnsupportedFeatureError
 from .options import UsageError, merge_options, parse_bool, parse_size
 

@@ -6,7 +6,7 @@ import json
 import os
 import time
 
-from ..backing import probe_format, resolve_backing_path
+from ..engine.backing import probe_format, resolve_backing_path
 from ..errors import CorruptImageError
 from .common import add_image_arguments, open_image
 from .options import size_to_str

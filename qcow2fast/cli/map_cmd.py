@@ -6,7 +6,7 @@ keys and its way of merging neighbours."""
 import json
 import sys
 
-from ..blockstatus import chain_files, split_host_holes
+from ..engine.blockstatus import chain_files, split_host_holes
 from ..errors import InvalidArgumentError
 from ..extent import Extent
 from .common import add_image_arguments, open_image

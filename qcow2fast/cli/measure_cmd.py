@@ -3,7 +3,7 @@
 
 import json
 
-from ..measure import measure
+from ..ops.measure import measure
 from .common import open_image
 from .create_cmd import qcow2_options
 from .options import UsageError, merge_options, parse_size

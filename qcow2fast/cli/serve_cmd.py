@@ -14,7 +14,7 @@ import signal
 import sys
 import threading
 
-from ..image import CACHE_MODES
+from ..engine.image import CACHE_MODES
 from .common import add_image_arguments, open_image
 from .options import UsageError
 

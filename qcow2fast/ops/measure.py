@@ -8,9 +8,9 @@ clusters the source does not use: regions that read as zeros are skipped,
 and every cluster touched by data counts whole.
 """
 
-from .blockstatus import chain_files, split_host_holes
-from .errors import InvalidArgumentError, UnsupportedFeatureError
-from .header import AUTOCLEAR_BITMAPS, MAX_L1_BYTES
+from ..engine.blockstatus import chain_files, split_host_holes
+from ..errors import InvalidArgumentError, UnsupportedFeatureError
+from ..spec.header import AUTOCLEAR_BITMAPS, MAX_L1_BYTES
 
 L1E_SIZE = REFTABLE_ENTRY_SIZE = 8
 

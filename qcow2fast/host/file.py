@@ -15,7 +15,7 @@ import queue
 import stat
 import threading
 
-from ._ext.fileio import punch_hole, zero_range
+from .._ext.fileio import punch_hole, zero_range
 
 # Write calls cover at most WRITE_MAX bytes.  With larger buffered writes the
 # kernel takes 2 MiB page-cache folios (ext4 and xfs, Linux 6.16+); in a VM

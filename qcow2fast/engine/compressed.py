@@ -34,15 +34,15 @@ in the cache; the refcount increases reach the disk before that L2 slice
 bit first, in ``_l2_slot_for_write``).  With extended L2 entries a
 compressed cluster's bitmap word is 0 (spec).
 
-``CompressedWriteOps`` is a mixin of :class:`qcow2fast.image.Image`.
+``CompressedWriteOps`` is a mixin of :class:`qcow2fast.engine.image.Image`.
 """
 
 import numpy as np
 
-from ._ext.kernels import l2_entry_kind
+from .._ext.kernels import l2_entry_kind
 from .compress import Compressor
-from .errors import InvalidArgumentError, Qcow2Error
-from .geometry import L2E_OFFSET_MASK, QCOW_OFLAG_COMPRESSED, QCOW_OFLAG_ZERO
+from ..errors import InvalidArgumentError, Qcow2Error
+from ..spec.geometry import L2E_OFFSET_MASK, QCOW_OFLAG_COMPRESSED, QCOW_OFLAG_ZERO
 from .mapping import KIND_NAMES
 
 
@@ -52,7 +52,7 @@ class CompressedWriteOps:
         """Write ``data`` at guest ``offset`` as compressed clusters (qemu's
         ``write -c``).  ``offset`` is cluster aligned; ``data`` is whole
         clusters, the last of which may stop at the end of the disk.
-        ``compressor``: a :class:`qcow2fast.compress.Compressor` of the
+        ``compressor``: a :class:`qcow2fast.engine.compress.Compressor` of the
         image's compression type (default: its default level).  Returns
         the number of bytes written."""
         mv = memoryview(data).cast("B")

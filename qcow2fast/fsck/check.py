@@ -3,7 +3,7 @@
 ``check_image`` compares the stored refcounts with those the metadata
 implies, with qemu's messages, counts and exit statuses; ``repair_image``
 carries out -r leaks / -r all (refcount fixes in place, COPIED flags,
-reserved L1 bits, and a rebuild through :mod:`qcow2fast.rebuild` when
+reserved L1 bits, and a rebuild through :mod:`qcow2fast.fsck.rebuild` when
 refcount structures are damaged).
 """
 
@@ -12,10 +12,10 @@ import struct
 
 import numpy as np
 
-from ._ext.kernels import l2_copied_rows, l2_tally_tables
-from .errors import Qcow2Error
-from .header import INCOMPAT_EXTL2
-from .geometry import (L1E_OFFSET_MASK, L1E_RESERVED_MASK, L2E_OFFSET_MASK,
+from .._ext.kernels import l2_copied_rows, l2_tally_tables
+from ..errors import Qcow2Error
+from ..spec.header import INCOMPAT_EXTL2
+from ..spec.geometry import (L1E_OFFSET_MASK, L1E_RESERVED_MASK, L2E_OFFSET_MASK,
                        L2E_STD_RESERVED_MASK, QCOW_OFLAG_COMPRESSED, QCOW_OFLAG_COPIED,
                        QCOW_OFLAG_ZERO, REFT_OFFSET_MASK, SC_ALLOC_MASK, Geometry)
 from .rebuild import RefcountTally, rebuild_refcounts
@@ -337,7 +337,7 @@ class _Checker:
         (the StoredRefcounts, the clusters whose stored refcount differs
         or cannot be read, 1 + the last cluster in use: with a nonzero
         refcount, stored or expected, and readable)."""
-        from ._ext.kernels import refcount_decode
+        from .._ext.kernels import refcount_decode
         geo, n, cs = self.geo, len(expected), self.cs
         E = geo.rb_entries
         block = np.zeros(E, dtype=np.uint64)
@@ -564,9 +564,9 @@ def check_image(path, fix=None):
     """Check the qcow2 image at ``path`` without writing to it (qemu-img
     check without -r).  Returns a CheckResult; raises Qcow2Error/OSError
     when the image cannot be checked at all (unreadable header)."""
-    from . import header as hdr
-    from ._ext.fileio import File
-    from .snapshot import read_snapshot_table
+    from ..spec import header as hdr
+    from .._ext.fileio import File
+    from ..engine.snapshot import read_snapshot_table
     f = File(str(path), writable=False, direct=False)
     try:
         size = f.size()
@@ -605,9 +605,9 @@ def repair_image(path, first, mode):
 
 
 def _write_fixes(path, first):
-    from . import header as hdr
-    from ._ext.fileio import File
-    from ._ext.kernels import refcount_decode, refcount_encode
+    from ..spec import header as hdr
+    from .._ext.fileio import File
+    from .._ext.kernels import refcount_decode, refcount_encode
     f = File(str(path), writable=True, direct=False)
     try:
         size = f.size()
@@ -638,7 +638,7 @@ def _write_fixes(path, first):
 
 
 def _rebuild(path, first):
-    from .image import Image
+    from ..engine.image import Image
     corrupt = first.flags & 2
     # Image opens an image marked corrupt read-only: lift the mark for the
     # rebuild, and put it back if the rebuild fails.

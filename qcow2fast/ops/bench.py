@@ -15,8 +15,8 @@ import time
 
 import numpy as np
 
-from ._ext.reqloop import timed_requests
-from .errors import InvalidArgumentError
+from .._ext.reqloop import timed_requests
+from ..errors import InvalidArgumentError
 
 MAX_THREADS = 128            # workers at most, whatever the depth
 

@@ -12,10 +12,10 @@ damaged.
 
 import numpy as np
 
-from ._ext.kernels import tally_add
-from .errors import CorruptImageError, Qcow2Error
-from .geometry import L1E_OFFSET_MASK, L2E_OFFSET_MASK, QCOW_OFLAG_COMPRESSED, QCOW_OFLAG_COPIED
-from .mapping import read_l1_table
+from .._ext.kernels import tally_add
+from ..errors import CorruptImageError, Qcow2Error
+from ..spec.geometry import L1E_OFFSET_MASK, L2E_OFFSET_MASK, QCOW_OFLAG_COMPRESSED, QCOW_OFLAG_COPIED
+from ..engine.mapping import read_l1_table
 
 _OFF = np.uint64(L2E_OFFSET_MASK)
 _COMPRESSED = np.uint64(QCOW_OFLAG_COMPRESSED)
@@ -180,7 +180,7 @@ def _apply(rc, geo, want):
     """Write ``want`` into the refcount blocks, a whole block at a time.
     Returns True if anything changed; creating a block changes the refcount
     structures themselves, so the caller tallies again."""
-    from ._ext.kernels import refcount_encode
+    from .._ext.kernels import refcount_encode
     E = geo.rb_entries
     nblocks = max(len(rc.table), -(-len(want) // E))
     stored = np.zeros(E, dtype=np.uint64)

@@ -7,11 +7,11 @@ its cost is paid only when check found something."""
 
 import numpy as np
 
-from .errors import Qcow2Error
-from .geometry import (L1E_OFFSET_MASK, L2E_OFFSET_MASK, QCOW_OFLAG_COMPRESSED,
+from ..errors import Qcow2Error
+from ..spec.geometry import (L1E_OFFSET_MASK, L2E_OFFSET_MASK, QCOW_OFLAG_COMPRESSED,
                        REFT_OFFSET_MASK, Geometry)
-from .header import INCOMPAT_EXTL2
-from .snapshot import read_snapshot_table
+from ..spec.header import INCOMPAT_EXTL2
+from ..engine.snapshot import read_snapshot_table
 
 MAX_PER_CLUSTER = 4
 

@@ -2,7 +2,7 @@
 
 import io
 
-from .errors import ReadOnlyImageError
+from ..errors import ReadOnlyImageError
 
 
 class ImageFile(io.RawIOBase):

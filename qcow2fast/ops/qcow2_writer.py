@@ -23,11 +23,11 @@ import shutil
 
 import numpy as np
 
-from . import header as hdr
-from ._ext.kernels import refcount_encode
-from .errors import InvalidArgumentError
-from .geometry import QCOW_OFLAG_COPIED, QCOW_OFLAG_ZERO
-from .hostfile import WRITE_MAX, is_device, prefault_for, pwrite_all, set_size, write_error
+from ..spec import header as hdr
+from .._ext.kernels import refcount_encode
+from ..errors import InvalidArgumentError
+from ..spec.geometry import QCOW_OFLAG_COPIED, QCOW_OFLAG_ZERO
+from ..host.file import WRITE_MAX, is_device, prefault_for, pwrite_all, set_size, write_error
 from .measure import refcount_structure_clusters
 
 # Kinds of a guest cluster in the output (as kernels' UNALLOCATED/DATA/ZERO/COMPRESSED).

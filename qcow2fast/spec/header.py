@@ -9,7 +9,7 @@ validates every field against the file it came from and raises
 import dataclasses
 import struct
 
-from .errors import CorruptImageError, UnsupportedFeatureError
+from ..errors import CorruptImageError, UnsupportedFeatureError
 
 QCOW_MAGIC = b"QFI\xfb"
 

@@ -16,14 +16,14 @@ Invariants kept here:
   refcount blocks, then L2 slices), and a host cluster is released
   (deferred until the entry is on disk) only when no entry uses it.
 
-``SubclusterOps`` is a mixin of :class:`qcow2fast.image.Image`; its
+``SubclusterOps`` is a mixin of :class:`qcow2fast.engine.image.Image`; its
 methods run under the image's exclusive lock.
 """
 
 import numpy as np
 
-from ._ext.kernels import ext_set_range
-from .geometry import (L2E_OFFSET_MASK, QCOW_OFLAG_COMPRESSED, QCOW_OFLAG_COPIED, SC_ALLOC_MASK,
+from .._ext.kernels import ext_set_range
+from ..spec.geometry import (L2E_OFFSET_MASK, QCOW_OFLAG_COMPRESSED, QCOW_OFLAG_COPIED, SC_ALLOC_MASK,
                        SC_ZERO_SHIFT)
 
 def sc_mask(first, last):

@@ -20,17 +20,17 @@ import threading
 
 import numpy as np
 
-from . import header as hdr
-from ._ext.core import ImageCore
-from ._ext.fileio import File
-from ._ext.kernels import l2_entry_kind
+from ..spec import header as hdr
+from .._ext.core import ImageCore
+from .._ext.fileio import File
+from .._ext.kernels import l2_entry_kind
 from .backing import open_backing
 from .cache import DEFAULT_CACHE_CLEAN_INTERVAL, CacheCleaner, make_caches
 from .compress import decompress_cluster
-from .compressed_write import CompressedWriteOps
-from .errors import CorruptImageError, ImageClosedError, InvalidArgumentError, ReadOnlyImageError
-from .extent import Extent, merge_extents
-from .geometry import L2E_OFFSET_MASK, QCOW_OFLAG_COPIED, QCOW_OFLAG_ZERO, Geometry
+from .compressed import CompressedWriteOps
+from ..errors import CorruptImageError, ImageClosedError, InvalidArgumentError, ReadOnlyImageError
+from ..extent import Extent, merge_extents
+from ..spec.geometry import L2E_OFFSET_MASK, QCOW_OFLAG_COPIED, QCOW_OFLAG_ZERO, Geometry
 from .mapping import (COMPRESSED, DATA, INVALID, KIND_NAMES, UNALLOCATED, ZERO, Mapping,
                       read_l1_table)
 from .overlap import MetadataMap
@@ -166,7 +166,7 @@ class Image(SubclusterOps, CompressedWriteOps, ImageCore):
                 h.autoclear_features = 0
                 self._write_header_field("autoclear_features")
             if h.incompatible_features & hdr.INCOMPAT_DIRTY:
-                from .rebuild import rebuild_refcounts
+                from ..fsck.rebuild import rebuild_refcounts
                 rebuild_refcounts(self)
                 self._set_dirty(False)
         self._update_alloc_fast()

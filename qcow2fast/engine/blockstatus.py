@@ -13,9 +13,9 @@ import os
 
 import numpy as np
 
-from . import hostfile
-from ._ext.kernels import refcount_decode
-from .geometry import REFT_OFFSET_MASK
+from ..host import file as hostfile
+from .._ext.kernels import refcount_decode
+from ..spec.geometry import REFT_OFFSET_MASK
 
 
 def chain_files(img):

@@ -8,9 +8,9 @@ qcow2 magic (anything else is read as raw).
 import errno
 import os
 
-from . import header as hdr
-from .errors import CorruptImageError, UnsupportedFeatureError
-from .extent import Extent
+from ..spec import header as hdr
+from ..errors import CorruptImageError, UnsupportedFeatureError
+from ..extent import Extent
 
 MAX_CHAIN_DEPTH = 64
 

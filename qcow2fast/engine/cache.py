@@ -4,8 +4,8 @@ cache-clean-interval timer.  The cache itself is ``_ext/cache.pyx``."""
 import threading
 import weakref
 
-from ._ext.cache import TableCache
-from .errors import InvalidArgumentError
+from .._ext.cache import TableCache
+from ..errors import InvalidArgumentError
 
 DEFAULT_L2_CACHE_MAX = 32 << 20          # qemu's default cap on Linux
 DEFAULT_CACHE_CLEAN_INTERVAL = 600       # seconds, as qemu

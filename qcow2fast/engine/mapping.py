@@ -18,9 +18,9 @@ import struct
 
 import numpy as np
 
-from ._ext import kernels
-from .errors import CorruptImageError
-from .geometry import L1E_OFFSET_MASK, L1E_RESERVED_MASK, QCOW_OFLAG_COPIED
+from .._ext import kernels
+from ..errors import CorruptImageError
+from ..spec.geometry import L1E_OFFSET_MASK, L1E_RESERVED_MASK, QCOW_OFLAG_COPIED
 
 UNALLOCATED, DATA, ZERO, COMPRESSED, INVALID = (kernels.UNALLOCATED, kernels.DATA, kernels.ZERO,
                                                  kernels.COMPRESSED, kernels.INVALID)
@@ -186,7 +186,7 @@ class Mapping:
         # Barrier: the new table is on disk before the header points to it.
         barrier()
         old_off, old_size = h.l1_table_offset, h.l1_size
-        from .header import FIELD_OFFSET
+        from ..spec.header import FIELD_OFFSET
         self.file.pwrite(struct.pack(">IQ", new_size, new), FIELD_OFFSET["l1_size"])
         barrier()
         h.l1_size, h.l1_table_offset = new_size, new

@@ -5,8 +5,8 @@ import threading
 import zstandard
 from zlib_ng import zlib_ng
 
-from .errors import CorruptImageError
-from .header import COMPRESSION_ZLIB, COMPRESSION_ZSTD
+from ..errors import CorruptImageError
+from ..spec.header import COMPRESSION_ZLIB, COMPRESSION_ZSTD
 
 
 def decompress_cluster(data, compression_type, cluster_size, host_offset):

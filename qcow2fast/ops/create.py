@@ -12,12 +12,12 @@ from typing import NamedTuple, Optional
 
 import numpy as np
 
-from . import header as hdr
-from . import hostfile
-from ._ext.fileio import File
-from .backing import probe_format, resolve_backing_path
-from .errors import InvalidArgumentError
-from .geometry import QCOW_OFLAG_COPIED, Geometry
+from ..spec import header as hdr
+from ..host import file as hostfile
+from .._ext.fileio import File
+from ..engine.backing import probe_format, resolve_backing_path
+from ..errors import InvalidArgumentError
+from ..spec.geometry import QCOW_OFLAG_COPIED, Geometry
 from .measure import check_extended_l2
 
 PREALLOCATION_MODES = ("off", "metadata", "falloc", "full")
@@ -50,7 +50,7 @@ def create(path, size=None, *, cluster_size=65536, compat="1.1", refcount_bits=1
     refblock = np.zeros(geo.rb_entries, dtype=np.uint64)
     refblock[:3] = 1                        # header, refcount table, this block
     block = np.zeros(cs, dtype=np.uint8)
-    from ._ext.kernels import refcount_encode
+    from .._ext.kernels import refcount_encode
     refcount_encode(refblock, refcount_order, block)
     f = File(path, writable=True, create=True)
     try:
@@ -58,7 +58,7 @@ def create(path, size=None, *, cluster_size=65536, compat="1.1", refcount_bits=1
     finally:
         f.close()
 
-    from .image import Image
+    from ..engine.image import Image
     with Image(path, "r+", cache_mode="unsafe", backing=False,
                cache_clean_interval=0) as img:
         m = img.mapping
@@ -201,7 +201,7 @@ def _preallocate(img, mode):
 
 def _image_size(path, fmt):
     if fmt == "qcow2":
-        from .image import Image
+        from ..engine.image import Image
         with Image(path, "r", backing=False, cache_clean_interval=0) as img:
             return img.size
     fd = os.open(path, os.O_RDONLY)

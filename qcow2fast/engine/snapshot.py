@@ -8,7 +8,7 @@ to view read-only; creating, applying and deleting snapshots come later.
 import dataclasses
 import struct
 
-from .errors import CorruptImageError, InvalidArgumentError
+from ..errors import CorruptImageError, InvalidArgumentError
 
 # Fixed part of a snapshot table entry.
 SNAPSHOT_ENTRY = struct.Struct(">QIHHIIQII")

@@ -26,15 +26,15 @@ import sys
 
 import numpy as np
 
-from . import header as hdr
-from . import hostfile
-from ._ext.fileio import File
-from ._ext.kernels import nonzero_units
-from .backing import RawImage, probe_format
-from .compress import Compressor
+from ..spec import header as hdr
+from ..host import file as hostfile
+from .._ext.fileio import File
+from .._ext.kernels import nonzero_units
+from ..engine.backing import RawImage, probe_format
+from ..engine.compress import Compressor
 from .create import create, validate_options
-from .errors import InvalidArgumentError, Qcow2Error, UnsupportedFeatureError
-from .hostfile import pwrite_all
+from ..errors import InvalidArgumentError, Qcow2Error, UnsupportedFeatureError
+from ..host.file import pwrite_all
 from .qcow2_writer import COMPRESSED, DATA, UNALLOCATED, ZERO, Qcow2Writer, runs
 
 BATCH_BYTES = 2 << 20           # as qemu-img convert's requests; 4 MiB measured slower
@@ -104,7 +104,7 @@ def open_sources(names, fmt, snapshot=None):
                 raise FileNotFoundError(2, "Could not open source image", path)
             f = fmt or probe_format(path)
             if f == "qcow2":
-                from .image import Image
+                from ..engine.image import Image
                 images.append(Image(path, "r", cache_clean_interval=0, snapshot=snapshot))
             elif snapshot is not None:
                 raise InvalidArgumentError(f"{path}: a {f} image has no internal snapshots")
@@ -559,7 +559,7 @@ def _convert_through_image(src, dest, format, options, sparse_size, existing,
         if format == "qcow2" and not existing:
             create(out.path, size, **options)
         if format == "qcow2":
-            from .image import Image
+            from ..engine.image import Image
             img = Image(out.path, "r+", cache_mode="none" if direct else "unsafe",
                         cache_clean_interval=0)
             tsize = img.size

@@ -17,11 +17,11 @@ import struct
 
 import numpy as np
 
-from ._ext import kernels
-from ._ext.allocator import RefcountCore
-from .errors import CorruptImageError, Qcow2Error
-from .geometry import REFT_OFFSET_MASK
-from .header import FIELD_OFFSET, MAX_REFTABLE_BYTES
+from .._ext import kernels
+from .._ext.allocator import RefcountCore
+from ..errors import CorruptImageError, Qcow2Error
+from ..spec.geometry import REFT_OFFSET_MASK
+from ..spec.header import FIELD_OFFSET, MAX_REFTABLE_BYTES
 
 _BE64 = struct.Struct(">Q")
 
