@@ -19,7 +19,7 @@ def test_reused_cluster_reads_zero_where_not_written(tmp_path, cluster_size, dat
     path = str(tmp_path / "r.qcow2")
     qcow2fast.create(path, 64 * cs, cluster_size=cs)
     with qcow2fast.open(path, "r+") as img:
-        img._discard_host = lambda offset, n: None       # keep the old bytes on disk
+        img.flusher._discard_host = lambda offset, n: None   # keep the old bytes on disk
         img.write(0, b"\xff" * (4 * cs))
         img.flush()
         img.discard(0, 4 * cs)

@@ -15,7 +15,7 @@ import pytest
 
 import qcow2fast
 import qcow2fast.nbd
-from qcow2fast.engine.backing import RawImage
+from qcow2fast.host.raw import RawImage
 
 from nbd_util import NBDCOPY, NBDINFO, nbdcopy, nbdinfo, require_libnbd, served, unix_uri
 from qemu_util import (QEMU_IO, MiB, qemu_check, qemu_compare, qemu_create, qemu_img, qemu_io,

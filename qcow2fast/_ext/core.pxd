@@ -1,6 +1,6 @@
 from libc.stdint cimport uint64_t, int64_t
 from .fileio cimport File
-from .cache cimport TableCache
+from .state cimport ImageState
 from .allocator cimport RefcountCore
 
 cdef extern from "pthread.h" nogil:
@@ -18,39 +18,37 @@ cdef extern from "pthread.h" nogil:
     int pthread_rwlockattr_setkind_np(pthread_rwlockattr_t *, int)
     int PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP
 
+
 cdef class ImageCore:
     cdef pthread_rwlock_t rwlock
-    cdef public File file
-    cdef public TableCache l2_cache
-    cdef readonly int cluster_bits
-    cdef readonly int64_t cluster_size
-    cdef readonly int l2_bits
-    cdef readonly int slice_bits
-    cdef readonly bint extended          # extended L2 entries (subclusters)
-    cdef readonly int unit_bits          # allocation unit: subcluster or cluster
-    cdef readonly int64_t size
-    cdef readonly int64_t host_limit
-    cdef public bint read_only
-    cdef public bint writethrough
-    cdef public bint has_backing
-    cdef public bint closed
-    cdef public RefcountCore rc          # None when read-only
-    cdef public bint alloc_fast          # allocating writes may run in C
-    cdef public int64_t zero_from        # host bytes at or past here read as zeros
-    cdef public int64_t alloc_end        # end of every cluster handed out
+    cdef ImageState s                    # the image's state (None until set up)
+    cdef RefcountCore rc                 # the allocator (None when read-only)
+
+    # The backing-chain step of the read path: the layer below, read in C.
+    cdef ImageCore below                 # a qcow2 backing image, or None
+    cdef File below_raw                  # a raw backing file, or None
+    cdef int64_t below_size              # guest bytes at or past it read as zeros
+
+    # Write observers (hooks.WriteObserver): told of every range about to change.
+    cdef tuple observers
+
+    # Hooks into the Python subsystems for what the C path hands over (each
+    # called with no lock held; set by _core_setup):
+    cdef object read_fallback            # (offset, memoryview): the rest of a read
+    cdef object write_fallback           # (offset, memoryview): the rest of a write
+    cdef object ordered_flush            # (): the full flush after an allocating
+                                         #     write under writethrough
+    cdef object overlap_found            # (host): marks the image corrupt and raises
+
     cdef char *zeros                     # one cluster of zeros (aligned)
     cdef char *scratch                   # two clusters: copy-on-write edges (exclusive lock)
-    cdef object _l1
-    cdef object _meta
-    cdef const unsigned char *meta_bits
-    cdef int64_t meta_clusters
-    cdef uint64_t *l1
-    cdef int64_t l1_size
 
     cdef inline void _rdlock_fast(self)
+    cdef int _notify(self, int64_t offset, int64_t n) except -1
     cdef _write(self, int64_t offset, data, bint sync)
     cdef _check_range(self, int64_t offset, int64_t length)
     cdef int64_t _locked_read(self, char *buf, int64_t offset, int64_t n) except -2
+    cdef int64_t _read_below(self, char *buf, int64_t pos, int64_t n) except -2
     cdef int _slice_at(self, int64_t pos, bint exclusive, uint64_t **l2, int64_t *l2i, int *slot, uint64_t *l1e) except -2
     cdef int64_t _alloc_write(self, const char *buf, int64_t pos, int64_t remaining, uint64_t *l2, int64_t l2i, int64_t run, int slot, bint below) except -2
     cdef int64_t _alloc_write_ext(self, const char *buf, int64_t pos, int64_t remaining, uint64_t *l2, int64_t u, int slot) except -2
@@ -58,5 +56,4 @@ cdef class ImageCore:
     cdef void _allocated(self, int slot, int64_t word, int64_t nwords, uint64_t end)
     cdef int _pwrite3(self, const char *a, int64_t na, const char *b, int64_t nb, const char *c, int64_t nc, uint64_t off) except -1
     cdef int64_t _read_loop(self, char *buf, int64_t off, int64_t n, bint exclusive) except -2
-    cdef bint _touches_metadata(self, uint64_t host, int64_t n) noexcept nogil
     cdef int64_t _write_loop(self, const char *buf, int64_t off, int64_t n, bint exclusive, bint *allocated) except -2

@@ -1,19 +1,29 @@
 # cython: language_level=3
-"""The image's hot paths: reads and in-place overwrites resolved from the
-cached L2 slices and transferred with one pread/pwrite per contiguous host
-extent, the GIL released around the I/O.
+"""The image's data path in C: reads and in-place overwrites resolved from
+the cached L2 slices and transferred with one pread/pwrite per contiguous
+host extent (the GIL released around the I/O), allocating writes that need
+nothing copied but the layers below, and the backing-chain step.
 
-``ImageCore`` is the base class of :class:`qcow2fast.engine.image.Image`.  It does
-the common cases itself and hands the rest (backing files, compressed
-clusters, allocation, copy-on-write, malformed entries) to the Python
-methods ``_read_slow`` and ``_write_slow``, which the subclass defines.
+``ImageCore`` is the base class of :class:`qcow2fast.engine.image.Image`;
+the image's state is an :class:`ImageState` (``state.pyx``).  A request is
+resolved run by run (``l2_units_run``): data runs go to the data file,
+zero runs are memset, unallocated runs go one layer down -- to the backing
+image's own C read path (``_read_below``), so a chain is walked in C, one
+call per layer and run, not per request through Python.  What C does not
+do (compressed clusters, copy-on-write of shared clusters, new L2 tables
+and refcount blocks, malformed entries) is handed to the Python subsystems
+through the hooks declared in ``core.pxd`` (``read_fallback``,
+``write_fallback``, ``ordered_flush``, ``overlap_found``), and every write
+first tells the write observers (``hooks.WriteObserver``).
 
 Locking: readers and overwriters share ``rwlock``; anything that changes
 metadata or the cache holds it exclusively.  A shared holder that misses
 the L2 cache drops the lock and retries exclusively, so cache loads and
-evictions never race with a reader scanning a slice.  The lock is always
-taken with the GIL released (so a holder waiting for the GIL cannot
-deadlock with a waiter holding it).
+evictions never race with a reader scanning a slice.  The shared lock is
+tried with the GIL held and waited for with it released; the exclusive
+lock is always waited for with the GIL released (so a holder waiting for
+the GIL cannot deadlock with a waiter holding it).  Locks of a chain are
+taken top layer first, never the other way.
 """
 
 from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE, PyBUF_WRITABLE
@@ -25,18 +35,16 @@ from libc.string cimport memcpy, memset
 cdef extern from "stdlib.h" nogil:
     int posix_memalign(void **memptr, size_t alignment, size_t size)
 
-cimport numpy as cnp
-
 from .common cimport (l2_units_run, EXT_DATA, EXT_ZERO, EXT_UNALLOCATED, L1E_OFFSET_MASK,
                       L1E_RESERVED_MASK, L2E_OFFSET_MASK, L2E_STD_RESERVED_MASK,
                       QCOW_OFLAG_COMPRESSED, QCOW_OFLAG_COPIED)
 from .fileio cimport File
 from .cache cimport TableCache
+from .state cimport ImageState
 from .allocator cimport RefcountCore
+from .hooks cimport WriteObserver
 
 from ..errors import ImageClosedError, InvalidArgumentError, ReadOnlyImageError
-
-cnp.import_array()
 
 # _read_loop/_write_loop result when a shared holder must retry exclusively
 # (-2 is reserved for "exception raised").
@@ -57,11 +65,8 @@ cdef class ImageCore:
         pthread_rwlockattr_init(&attr)
         pthread_rwlockattr_setkind_np(&attr, PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP)
         pthread_rwlock_init(&self.rwlock, &attr)
-        self.closed = True
-        self.l1 = NULL
-        self.l1_size = 0
-        self.meta_bits = NULL
-        self.meta_clusters = 0
+        self.s = None
+        self.observers = ()
         self.zeros = NULL
         self.scratch = NULL
 
@@ -72,70 +77,89 @@ cdef class ImageCore:
 
     # -- set-up by the Python layer -------------------------------------------
 
-    def _core_setup(self, File file, TableCache l2_cache, int cluster_bits, int slice_bits,
-                    int64_t size, bint read_only, bint has_backing, bint extended=False):
-        self.file = file
-        self.l2_cache = l2_cache
-        self.cluster_bits = cluster_bits
-        self.cluster_size = 1 << cluster_bits
-        self.extended = extended
-        self.l2_bits = cluster_bits - (4 if extended else 3)
-        self.unit_bits = cluster_bits - 5 if extended else cluster_bits
-        self.slice_bits = slice_bits
-        self.size = size
-        self.read_only = read_only
-        self.has_backing = has_backing
+    def _attach(self, ImageState state):
+        """Give the core its state (first thing at open)."""
+        self.s = state
+
+    def _core_setup(self, RefcountCore rc, below, read_fallback, write_fallback,
+                    ordered_flush, overlap_found):
+        """Attach the allocator (None when read-only), the layer below (an
+        ImageCore, a raw backing image with a ``file``, or None) and the
+        hooks (see core.pxd)."""
+        cdef int64_t cs = self.s.cluster_size
+        self.rc = rc
+        self.below = None
+        self.below_raw = None
+        self.below_size = 0
+        if isinstance(below, ImageCore):
+            self.below = below
+            self.below_size = (<ImageCore>below).s.size
+        elif below is not None:
+            self.below_raw = below.file
+            self.below_size = below.size
+        self.read_fallback = read_fallback
+        self.write_fallback = write_fallback
+        self.ordered_flush = ordered_flush
+        self.overlap_found = overlap_found
         free(self.zeros)
         self.zeros = NULL
-        if posix_memalign(<void **>&self.zeros, 4096, self.cluster_size) != 0:
+        if posix_memalign(<void **>&self.zeros, 4096, cs) != 0:
             raise MemoryError()
-        memset(self.zeros, 0, self.cluster_size)
+        memset(self.zeros, 0, cs)
         free(self.scratch)
         self.scratch = NULL
-        if posix_memalign(<void **>&self.scratch, 4096, 2 * self.cluster_size) != 0:
+        if posix_memalign(<void **>&self.scratch, 4096, 2 * cs) != 0:
             raise MemoryError()
-        self.closed = False
 
-    def _set_l1(self, cnp.ndarray l1):
-        """Install the (native byte order, contiguous uint64) active L1 table.
-        The caller holds the exclusive lock and keeps ``l1`` alive."""
-        self._l1 = l1
-        self.l1 = <uint64_t *>cnp.PyArray_DATA(l1)
-        self.l1_size = l1.shape[0]
+    @property
+    def state(self):
+        """The image's :class:`ImageState`."""
+        return self.s
 
-    def _set_metadata_bitmap(self, cnp.ndarray bits):
-        """Install the packed bitmap of host clusters holding metadata
-        (overlap.MetadataMap); the caller keeps ``bits`` alive."""
-        self._meta = bits
-        self.meta_bits = <const unsigned char *>cnp.PyArray_DATA(bits)
-        self.meta_clusters = bits.shape[0] * 8
+    @property
+    def size(self):
+        """The guest disk's size in bytes."""
+        return self.s.size if self.s is not None else 0
 
-    cdef bint _touches_metadata(self, uint64_t host, int64_t n) noexcept nogil:
-        """True if host bytes [host, host+n) share a cluster with metadata."""
-        cdef int64_t c = host >> self.cluster_bits
-        cdef int64_t last = (host + n - 1) >> self.cluster_bits
-        while c <= last and c < self.meta_clusters:
-            if self.meta_bits[c >> 3] & (1 << (c & 7)):
-                return True
-            c += 1
-        return False
+    @property
+    def read_only(self):
+        return self.s is None or self.s.read_only
 
-    def _touches_metadata_py(self, uint64_t host, int64_t n):
-        """Python access to the overlap test (for the slow paths)."""
-        return self._touches_metadata(host, n)
+    @property
+    def closed(self):
+        return self.s is None or self.s.closed
 
-    def _set_size(self, int64_t size):
-        self.size = size
+    def add_write_observer(self, WriteObserver observer):
+        """Tell ``observer`` of every guest range about to change (dirty
+        bitmaps), from every write path."""
+        self._wrlock()
+        try:
+            self.observers = self.observers + (observer,)
+        finally:
+            self._unlock()
 
-    def _set_host_limit(self, int64_t limit):
-        self.host_limit = limit
+    def remove_write_observer(self, WriteObserver observer):
+        self._wrlock()
+        try:
+            self.observers = tuple(o for o in self.observers if o is not observer)
+        finally:
+            self._unlock()
+
+    cdef int _notify(self, int64_t offset, int64_t n) except -1:
+        cdef WriteObserver o
+        for o in self.observers:
+            o.changed(offset, n)
+        return 0
+
+    def _notify_write(self, int64_t offset, int64_t n):
+        """The write-observer hook for the Python paths (zeroes, discard,
+        compressed writes)."""
+        if self.observers:
+            self._notify(offset, n)
 
     def _wrlock(self):
         with nogil:
             pthread_rwlock_wrlock(&self.rwlock)
-
-    def _rdlock(self):
-        self._rdlock_fast()
 
     cdef inline void _rdlock_fast(self):
         """The shared lock, keeping the GIL when it is free (the usual case:
@@ -156,51 +180,77 @@ cdef class ImageCore:
         allocation unit -- cluster or subcluster -- holding ``pos``),
         L1_UNALLOCATED, MISS (shared holder: retry exclusively) or BAD (a
         malformed L1 entry: the slow path reports it)."""
-        cdef int64_t cidx = pos >> self.cluster_bits
-        cdef int64_t l1i = cidx >> self.l2_bits
-        cdef int64_t i = cidx & ((1 << self.l2_bits) - 1)
+        cdef ImageState s = self.s
+        cdef int64_t cidx = pos >> s.cluster_bits
+        cdef int64_t l1i = cidx >> s.l2_bits
+        cdef int64_t i = cidx & ((1 << s.l2_bits) - 1)
         cdef uint64_t l1e, l2off
         cdef int64_t key
         cdef int slot
-        if l1i >= self.l1_size:
+        if l1i >= s.l1_size:
             return BAD
-        l1e = self.l1[l1i]
+        l1e = s.l1[l1i]
         l1e_out[0] = l1e
         if l1e & L1E_RESERVED_MASK:
             return BAD
         l2off = l1e & L1E_OFFSET_MASK
         if l2off == 0:
             return L1_UNALLOCATED
-        if (l2off & (self.cluster_size - 1)) or l2off + self.cluster_size > <uint64_t>self.host_limit:
+        if (l2off & (s.cluster_size - 1)) or l2off + s.cluster_size > <uint64_t>s.host_limit:
             return BAD
-        key = l2off + (i >> self.slice_bits) * ((8 << self.extended) << self.slice_bits)
-        slot = self.l2_cache.lookup(key)
+        key = l2off + (i >> s.slice_bits) * ((8 << s.extended) << s.slice_bits)
+        slot = s.l2_cache.lookup(key)
         if slot < 0:
             if not exclusive:
                 return MISS
-            slot = self.l2_cache.c_load(key, True)
+            slot = s.l2_cache.c_load(key, True)
         else:
-            self.l2_cache.hits += 1
-        l2[0] = <uint64_t *>self.l2_cache.slot_ptr(slot)
-        l2i[0] = i & ((1 << self.slice_bits) - 1)
-        if self.extended:
-            l2i[0] = (l2i[0] << 5) | ((pos >> self.unit_bits) & 31)
+            s.l2_cache.hits += 1
+        l2[0] = <uint64_t *>s.l2_cache.slot_ptr(slot)
+        l2i[0] = i & ((1 << s.slice_bits) - 1)
+        if s.extended:
+            l2i[0] = (l2i[0] << 5) | ((pos >> s.unit_bits) & 31)
         slot_out[0] = slot
         return SLICE_OK
 
+    cdef int64_t _read_below(self, char *buf, int64_t pos, int64_t n) except -2:
+        """The backing-chain step: what the layers below show at guest
+        [pos, pos+n) (zeros without a backing file and past its end), read
+        through the backing image's own C path.  Returns the bytes done from
+        the start: ``n``, or fewer where a lower layer needs its Python path."""
+        cdef int64_t k = 0, rc
+        if self.below_size > pos:
+            k = self.below_size - pos
+            if k > n:
+                k = n
+        if k > 0:
+            if self.below is not None:
+                rc = self.below._locked_read(buf, pos, k)
+                if rc < k:
+                    return rc
+            else:
+                with nogil:
+                    rc = self.below_raw.c_pread(buf, k, pos)
+                if rc < 0:
+                    self.below_raw.raise_errno(rc, "read", pos)
+        if n > k:
+            memset(buf + k, 0, n - k)
+        return n
+
     cdef int64_t _read_loop(self, char *buf, int64_t off, int64_t n, bint exclusive) except -2:
         """Serve [off, off+n) as far as it can: data, zero, and unallocated
-        without a backing file.  Returns the bytes done, or NEED_EXCLUSIVE
+        (from the layers below).  Returns the bytes done, or NEED_EXCLUSIVE
         (nothing done) when a shared holder missed the cache."""
+        cdef ImageState s = self.s
         cdef int64_t done = 0, pos, l2i, chunk, in_cl, count, run, rc
-        cdef int ub = self.unit_bits
+        cdef int ub = s.unit_bits
         cdef int64_t us = (<int64_t>1) << ub
-        cdef int64_t slice_units = (<int64_t>1) << (self.slice_bits + 5 * self.extended)
+        cdef int64_t slice_units = (<int64_t>1) << (s.slice_bits + 5 * s.extended)
         cdef uint64_t host
         cdef int kind, st, slot
         cdef uint64_t *l2
         cdef uint64_t l1e
-        cdef File f = self.file
+        cdef File f = s.data_file
         while done < n:
             pos = off + done
             in_cl = pos & (us - 1)
@@ -210,33 +260,38 @@ cdef class ImageCore:
             if st == BAD:
                 break
             if st == L1_UNALLOCATED:
-                if self.has_backing:
-                    break
-                # The whole L2 range is unallocated and reads as zeros.
-                chunk = (((pos >> (self.l2_bits + self.cluster_bits)) + 1)
-                         << (self.l2_bits + self.cluster_bits)) - pos
+                # The whole L2 range is unallocated: the layers below show through.
+                chunk = (((pos >> (s.l2_bits + s.cluster_bits)) + 1)
+                         << (s.l2_bits + s.cluster_bits)) - pos
                 if chunk > n - done:
                     chunk = n - done
-                memset(buf + done, 0, chunk)
-                done += chunk
+                rc = self._read_below(buf + done, pos, chunk)
+                done += rc
+                if rc < chunk:
+                    break
                 continue
             count = (in_cl + (n - done) + us - 1) >> ub
             if count > slice_units - l2i:
                 count = slice_units - l2i
-            run = l2_units_run(l2, l2i, count, self.cluster_bits, self.extended, False,
+            run = l2_units_run(l2, l2i, count, s.cluster_bits, s.extended, False,
                                &kind, &host)
             chunk = (run << ub) - in_cl
             if chunk > n - done:
                 chunk = n - done
             if kind == EXT_DATA:
-                if host + <uint64_t>(run << ub) > <uint64_t>self.host_limit:
+                if host + <uint64_t>(run << ub) > <uint64_t>s.host_limit:
                     break
                 with nogil:
                     rc = f.c_pread(buf + done, chunk, host + in_cl)
                 if rc < 0:
                     f.raise_errno(rc, "read", host + in_cl)
-            elif kind == EXT_ZERO or (kind == EXT_UNALLOCATED and not self.has_backing):
+            elif kind == EXT_ZERO:
                 memset(buf + done, 0, chunk)
+            elif kind == EXT_UNALLOCATED:
+                rc = self._read_below(buf + done, pos, chunk)
+                if rc < chunk:
+                    done += rc
+                    break
             else:
                 break
             done += chunk
@@ -248,14 +303,16 @@ cdef class ImageCore:
         (QCOW_OFLAG_COPIED) and hold no metadata; with the exclusive lock,
         also allocate where nothing has to be copied (see _alloc_write).
         Returns bytes done or NEED_EXCLUSIVE."""
+        cdef ImageState s = self.s
         cdef int64_t done = 0, pos, l2i, chunk, in_cl, count, run, rc, k
-        cdef int ub = self.unit_bits
+        cdef int ub = s.unit_bits
         cdef int64_t us = (<int64_t>1) << ub
-        cdef int64_t slice_units = (<int64_t>1) << (self.slice_bits + 5 * self.extended)
+        cdef int64_t slice_units = (<int64_t>1) << (s.slice_bits + 5 * s.extended)
         cdef uint64_t host, l1e, desc
         cdef int kind, st, slot
         cdef uint64_t *l2
-        cdef File f = self.file
+        cdef File f = s.data_file
+        cdef bint has_backing = self.below is not None or self.below_raw is not None
         while done < n:
             pos = off + done
             in_cl = pos & (us - 1)
@@ -267,18 +324,18 @@ cdef class ImageCore:
             count = (in_cl + (n - done) + us - 1) >> ub
             if count > slice_units - l2i:
                 count = slice_units - l2i
-            run = l2_units_run(l2, l2i, count, self.cluster_bits, self.extended, True,
+            run = l2_units_run(l2, l2i, count, s.cluster_bits, s.extended, True,
                                &kind, &host)
-            if kind == EXT_ZERO and host and not self.extended:
+            if kind == EXT_ZERO and host and not s.extended:
                 run = 0         # preallocated zero clusters: the slow path reuses them
-            desc = l2[2 * (l2i >> 5)] if self.extended else l2[l2i]
+            desc = l2[2 * (l2i >> 5)] if s.extended else l2[l2i]
             if kind == EXT_DATA and (desc >> 63):
-                if host + <uint64_t>(run << ub) > <uint64_t>self.host_limit:
+                if host + <uint64_t>(run << ub) > <uint64_t>s.host_limit:
                     break
                 chunk = (run << ub) - in_cl
                 if chunk > n - done:
                     chunk = n - done
-                if self._touches_metadata(host + in_cl, chunk):
+                if s.touches_metadata(host + in_cl, chunk):
                     break           # the slow path reports the corruption
                 if f.direct and not f.aligned(buf + done, chunk, host + in_cl):
                     # Read-modify-write of a block must not race: exclusive only.
@@ -288,15 +345,15 @@ cdef class ImageCore:
                     rc = f.c_pwrite(buf + done, chunk, host + in_cl)
                 if rc < 0:
                     f.raise_errno(rc, "write", host + in_cl)
-            elif self.alloc_fast and (l1e & QCOW_OFLAG_COPIED) and run > 0 and (
-                    kind == EXT_UNALLOCATED or kind == EXT_ZERO or self.extended):
+            elif s.alloc_fast and (l1e & QCOW_OFLAG_COPIED) and run > 0 and (
+                    kind == EXT_UNALLOCATED or kind == EXT_ZERO or s.extended):
                 if not exclusive:
                     return NEED_EXCLUSIVE if done == 0 else done
-                if self.extended:
+                if s.extended:
                     chunk = self._alloc_write_ext(buf + done, pos, n - done, l2, l2i, slot)
                 else:
                     chunk = self._alloc_write(buf + done, pos, n - done, l2, l2i, run, slot,
-                                              kind == EXT_UNALLOCATED and self.has_backing)
+                                              kind == EXT_UNALLOCATED and has_backing)
                 if chunk < 0:
                     break           # the slow path does it (refcount block, copy, report)
                 allocated[0] = True
@@ -306,20 +363,23 @@ cdef class ImageCore:
         return done
 
     cdef int _fill_below(self, char *dst, int64_t pos, int64_t n) except -1:
-        """``dst`` = what the layers below show at guest [pos, pos+n): the
-        backing chain, or zeros without one (for ranges unallocated here)."""
+        """``dst`` = what the layers below show at guest [pos, pos+n) (for
+        ranges unallocated here): in C, and through the backing image's
+        public read for what its C path hands to Python."""
+        cdef int64_t got
         if n <= 0:
             return 0
-        if not self.has_backing:
-            memset(dst, 0, n)
-            return 0
-        self._read_backing(pos, memoryview(<unsigned char[:n]> <unsigned char *> dst))
+        got = self._read_below(dst, pos, n)
+        if got < n:
+            self.below.readinto(pos + got, memoryview(<unsigned char[:n - got]>
+                                                      <unsigned char *>(dst + got)))
         return 0
 
     cdef int _pwrite3(self, const char *a, int64_t na, const char *b, int64_t nb,
                       const char *c, int64_t nc, uint64_t off) except -1:
-        """Write the pieces a, b, c back to back at host ``off`` (any may be empty)."""
-        cdef File f = self.file
+        """Write the pieces a, b, c back to back at host ``off`` of the data
+        file (any may be empty)."""
+        cdef File f = self.s.data_file
         cdef int64_t rc = 0
         with nogil:
             if na:
@@ -344,20 +404,21 @@ cdef class ImageCore:
         data written, then the L2 entries (the cache writes refcount blocks
         before L2 slices).  Returns bytes written, or -1 when a refcount
         block must be created first (nothing done)."""
-        cdef int64_t cs = self.cluster_size, in_cl = pos & (cs - 1)
-        cdef int64_t chunk = (run << self.cluster_bits) - in_cl, nclusters, c, k, tail
+        cdef ImageState s = self.s
+        cdef int64_t cs = s.cluster_size, in_cl = pos & (cs - 1)
+        cdef int64_t chunk = (run << s.cluster_bits) - in_cl, nclusters, c, k, tail
         cdef uint64_t host, end
         if chunk > remaining:
             chunk = remaining
-        nclusters = (in_cl + chunk + cs - 1) >> self.cluster_bits
+        nclusters = (in_cl + chunk + cs - 1) >> s.cluster_bits
         c = self.rc.c_alloc(nclusters)
         if c < 0:
             return -1
-        host = (<uint64_t>c) << self.cluster_bits
-        end = host + (nclusters << self.cluster_bits)
-        if self._touches_metadata(host, end - host):
-            self._report_alloc_overlap(host)        # marks the image corrupt, raises
-        tail = (nclusters << self.cluster_bits) - in_cl - chunk
+        host = (<uint64_t>c) << s.cluster_bits
+        end = host + (nclusters << s.cluster_bits)
+        if s.touches_metadata(host, end - host):
+            self.overlap_found(host)        # marks the image corrupt, raises
+        tail = (nclusters << s.cluster_bits) - in_cl - chunk
         if not in_cl and not tail:
             below = False               # whole clusters: nothing below shows through
         if below and nclusters == 1:
@@ -369,12 +430,12 @@ cdef class ImageCore:
             self._fill_below(self.scratch, pos - in_cl, in_cl)
             self._fill_below(self.scratch + cs, pos + chunk, tail)
             self._pwrite3(self.scratch, in_cl, buf, chunk, self.scratch + cs, tail, host)
-        elif <int64_t>host < self.zero_from:        # reused space: zero the edges
+        elif <int64_t>host < s.zero_from:           # reused space: zero the edges
             self._pwrite3(self.zeros, in_cl, buf, chunk, self.zeros, tail, host)
         else:                                       # fresh space: the edges read as zeros
             self._pwrite3(NULL, 0, buf, chunk, NULL, 0, host + in_cl)
         for k in range(nclusters):
-            l2[l2i + k] = (host + (k << self.cluster_bits)) | QCOW_OFLAG_COPIED
+            l2[l2i + k] = (host + (k << s.cluster_bits)) | QCOW_OFLAG_COPIED
         self._allocated(slot, l2i, nclusters, end)
         return chunk
 
@@ -387,8 +448,9 @@ cdef class ImageCore:
         zeros).  Returns bytes written (up to the cluster's end), or -1 for
         the slow path (compressed, shared, malformed, overlap, a refcount
         block to create)."""
-        cdef int64_t cs = self.cluster_size, a = pos & (cs - 1), b, lo, hi, c
-        cdef int scb = self.unit_bits, s0, s1
+        cdef ImageState s = self.s
+        cdef int64_t cs = s.cluster_size, a = pos & (cs - 1), b, lo, hi, c
+        cdef int scb = s.unit_bits, s0, s1
         cdef int64_t w = 2 * (u >> 5)
         cdef uint64_t desc = l2[w], bm = l2[w + 1], host, target, touched
         cdef uint64_t alloc = bm & 0xFFFFFFFFULL, zero = bm >> 32
@@ -408,15 +470,15 @@ cdef class ImageCore:
         tail = b < hi and not (host and (alloc >> s1) & 1)
         if host:
             target = host
-            if self._touches_metadata(target + lo, hi - lo):
+            if s.touches_metadata(target + lo, hi - lo):
                 return -1                           # the slow path reports it
         else:
             c = self.rc.c_alloc(1)
             if c < 0:
                 return -1
-            target = (<uint64_t>c) << self.cluster_bits
-            if self._touches_metadata(target, cs):
-                self._report_alloc_overlap(target)
+            target = (<uint64_t>c) << s.cluster_bits
+            if s.touches_metadata(target, cs):
+                self.overlap_found(target)
         pos -= a                                    # the guest cluster's start
         if head and tail and s0 == s1 and not ((zero >> s0) & 1):
             # Inside one subcluster: one read of what is below, merged, one write.
@@ -444,22 +506,23 @@ cdef class ImageCore:
     cdef void _allocated(self, int slot, int64_t word, int64_t nwords, uint64_t end):
         """Book-keeping after data went into clusters ending at ``end`` and
         the slice's L2 words [word, word+nwords) were set."""
-        self.l2_cache.c_mark_dirty_range(slot, 8 * word, 8 * (word + nwords))
-        if <int64_t>end > self.zero_from:
-            self.zero_from = end
-        if <int64_t>end > self.alloc_end:
-            self.alloc_end = end
-        if <int64_t>end > self.host_limit:
-            self.host_limit = end
+        cdef ImageState s = self.s
+        s.l2_cache.c_mark_dirty_range(slot, 8 * word, 8 * (word + nwords))
+        if <int64_t>end > s.zero_from:
+            s.zero_from = end
+        if <int64_t>end > s.alloc_end:
+            s.alloc_end = end
+        if <int64_t>end > s.host_limit:
+            s.host_limit = end
 
     # -- public API --------------------------------------------------------------
 
     cdef _check_range(self, int64_t offset, int64_t length):
-        if self.closed:
+        if self.s is None or self.s.closed:
             raise ImageClosedError("I/O operation on a closed image")
-        if offset < 0 or length < 0 or offset + length > self.size:
+        if offset < 0 or length < 0 or offset + length > self.s.size:
             raise InvalidArgumentError(
-                f"request [{offset}, {offset + length}) outside the image (size {self.size})")
+                f"request [{offset}, {offset + length}) outside the image (size {self.s.size})")
 
     def readinto(self, int64_t offset, buf):
         """Read ``len(buf)`` bytes at guest ``offset`` into ``buf``."""
@@ -473,7 +536,7 @@ cdef class ImageCore:
         finally:
             PyBuffer_Release(&view)
         if done < n:
-            self._read_slow(offset + done, memoryview(buf).cast("B")[done:])
+            self.read_fallback(offset + done, memoryview(buf).cast("B")[done:])
         return n
 
     def read(self, int64_t offset, int64_t length):
@@ -484,7 +547,7 @@ cdef class ImageCore:
         if done == length:
             return out
         rest = bytearray(length - done)
-        self._read_slow(offset + done, memoryview(rest))
+        self.read_fallback(offset + done, memoryview(rest))
         return out[:done] + rest
 
     def readv(self, requests):
@@ -519,7 +582,7 @@ cdef class ImageCore:
 
     def write(self, int64_t offset, data):
         """Write ``data`` (any bytes-like object) at guest ``offset``."""
-        self._write(offset, data, self.writethrough)
+        self._write(offset, data, self.s.writethrough if self.s is not None else False)
         return len(data) if isinstance(data, bytes) else memoryview(data).nbytes
 
     def writev(self, requests):
@@ -528,8 +591,8 @@ cdef class ImageCore:
         cdef int64_t off
         for off, data in requests:
             self._write(off, data, False)
-        if self.writethrough and requests:
-            self.flush()
+        if self.s.writethrough and requests:
+            self.ordered_flush()
 
     cdef _write(self, int64_t offset, data, bint sync):
         cdef Py_buffer view
@@ -539,8 +602,10 @@ cdef class ImageCore:
         try:
             n = view.len
             self._check_range(offset, n)
-            if self.read_only:
-                raise ReadOnlyImageError(self._read_only_reason())
+            if self.s.read_only:
+                raise ReadOnlyImageError(self.s.read_only_reason())
+            if self.observers:
+                self._notify(offset, n)
             self._rdlock_fast()
             try:
                 done = self._write_loop(<const char *>view.buf, offset, n, False, &allocated)
@@ -556,17 +621,17 @@ cdef class ImageCore:
         finally:
             PyBuffer_Release(&view)
         if done < n:
-            self._write_slow(offset + done, memoryview(data).cast("B")[done:])
+            self.write_fallback(offset + done, memoryview(data).cast("B")[done:])
             allocated = True
         if sync and n:
             if allocated:
-                self.flush()        # metadata changed: the full ordered flush
+                self.ordered_flush()    # metadata changed: the full ordered flush
             else:
-                self.file.sync()
+                self.s.data_file.sync()
 
-    def _fast_readinto_locked(self, int64_t offset, buf):
-        """For slow paths that already hold the exclusive lock: serve what the
-        fast loop can and return the number of bytes done."""
+    def _fast_read_locked(self, int64_t offset, buf):
+        """For the Python read path, which holds the exclusive lock: serve
+        what the C loop can and return the number of bytes done."""
         cdef Py_buffer view
         PyObject_GetBuffer(buf, &view, PyBUF_SIMPLE | PyBUF_WRITABLE)
         try:

@@ -3,7 +3,8 @@
 import os
 
 from .. import open as open_qcow2
-from ..engine.backing import RawImage, probe_format
+from ..engine.backing import probe_format
+from ..host.raw import RawImage
 from .options import UsageError, parse_bool, parse_size, split_options
 
 FORMATS = ("qcow2", "raw")

@@ -5,12 +5,11 @@ error, and a backing file without a recorded format is probed only for the
 qcow2 magic (anything else is read as raw).
 """
 
-import errno
 import os
 
 from ..spec import header as hdr
 from ..errors import CorruptImageError, UnsupportedFeatureError
-from ..extent import Extent
+from ..host.raw import RawImage
 
 MAX_CHAIN_DEPTH = 64
 
@@ -29,7 +28,9 @@ def probe_format(path):
 
 def open_backing(img, chain):
     """Open ``img``'s backing file read-only; ``chain`` holds the real paths
-    of the images above it."""
+    of the images above it.  The image returned is read by ``img``'s C read
+    path directly (``ImageCore._read_below``): a qcow2 image through its own
+    C path, a raw file through its ``file``."""
     from .image import Image
 
     name = img.header.backing_file
@@ -59,67 +60,3 @@ def open_backing(img, chain):
 
 def _read_cache_mode(mode):
     return "none" if mode in ("none", "directsync") else "writeback"
-
-
-class RawImage:
-    """A raw file: a backing image, or a raw image opened by the command line."""
-
-    header = None
-
-    def __init__(self, path, writable=False):
-        self.path = path
-        self._f = open(path, "r+b" if writable else "rb", buffering=0)
-        self.size = os.lseek(self._f.fileno(), 0, os.SEEK_END)   # block devices too
-        self.read_only = not writable
-        self.backing = None
-        self.closed = False
-
-    def write(self, offset, data):
-        return os.pwrite(self._f.fileno(), data, offset)
-
-    def flush(self):
-        os.fsync(self._f.fileno())
-
-    def readinto(self, offset, buf):
-        mv = memoryview(buf).cast("B")
-        n = os.preadv(self._f.fileno(), [mv], offset)
-        if n < len(mv):
-            mv[n:] = bytes(len(mv) - n)
-        return len(mv)
-
-    def read(self, offset, length):
-        buf = bytearray(length)
-        self.readinto(offset, buf)
-        return bytes(buf)
-
-    def block_status(self, offset=0, length=None):
-        """Data and holes (SEEK_DATA/SEEK_HOLE); holes read as zeros."""
-        if length is None:
-            length = self.size - offset
-        end, pos, out = offset + length, offset, []
-        fd = self._f.fileno()
-        while pos < end:
-            try:
-                data = min(os.lseek(fd, pos, os.SEEK_DATA), end)
-            except OSError as e:
-                if e.errno != errno.ENXIO:      # no SEEK_DATA here: all of it is data
-                    out.append(Extent(pos, end - pos, "data", pos, 0))
-                    break
-                data = end                      # ENXIO: no data past pos
-            if data > pos:
-                out.append(Extent(pos, data - pos, "zero", None, 0))
-            if data >= end:
-                break
-            hole = min(os.lseek(fd, data, os.SEEK_HOLE), end)
-            out.append(Extent(data, hole - data, "data", data, 0))
-            pos = hole
-        return out
-
-    @property
-    def backing_chain(self):
-        return [self.path]
-
-    def close(self):
-        if not self.closed:
-            self._f.close()
-            self.closed = True

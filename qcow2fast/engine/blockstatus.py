@@ -24,7 +24,7 @@ def chain_files(img):
     out = []
     while img is not None:
         qcow2 = getattr(img, "header", None) is not None
-        fd = img.file.fd if qcow2 else img._f.fileno()
+        fd = img.file.fd
         out.append((fd, hostfile.size(fd), qcow2 and looks_preallocated(img)))
         img = img.backing
     return out

@@ -79,22 +79,10 @@ class CacheCleaner:
             img = self._image()
             if img is None or img.closed:
                 return
-            marks = clean(img, marks)
+            marks = img._clean_caches(marks)
             del img
 
     def stop(self):
         self._stop.set()
         if self._thread is not threading.current_thread():
             self._thread.join()
-
-
-def clean(img, marks):
-    """One tick: drop what was unused since ``marks`` (the caches' clocks at
-    the previous tick); returns the new marks."""
-    img._wrlock()
-    try:
-        img.l2_cache.drop_unused(marks[0])
-        img.refcount_cache.drop_unused(marks[1])
-        return (img.l2_cache.clock_now, img.refcount_cache.clock_now)
-    finally:
-        img._unlock()

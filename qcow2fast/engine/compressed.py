@@ -16,7 +16,7 @@ Rules, as qemu 7.2:
   (InvalidArgumentError, naming the guest offset).
 
 Placement (qcow2_alloc_bytes): compressed data is packed at byte
-granularity.  ``_free_byte_offset`` is the next free byte in the last host
+granularity.  ``free_byte_offset`` is the next free byte in the last host
 cluster that received compressed data (0: none).  A payload continues there
 when it fits in that cluster, or when the next cluster the allocator hands
 out is the one right after it (the payload then straddles both); otherwise
@@ -24,7 +24,7 @@ it starts a new host cluster.  Invariant: every host cluster a compressed
 payload touches has its refcount raised by one for it, so a host cluster's
 refcount is the number of compressed clusters touching it; a cluster whose
 refcount is at the maximum (``refcount_bits=1``: one) takes no more.
-``_free_byte_offset`` lives in memory only (qemu: a new session starts a
+``free_byte_offset`` lives in memory only (qemu: a new session starts a
 new cluster) and is forgotten whenever deferred frees run, since the
 cluster it points into may then be freed and reused.
 
@@ -34,108 +34,82 @@ in the cache; the refcount increases reach the disk before that L2 slice
 bit first, in ``_l2_slot_for_write``).  With extended L2 entries a
 compressed cluster's bitmap word is 0 (spec).
 
-``CompressedWriteOps`` is a mixin of :class:`qcow2fast.engine.image.Image`.
+Reading: ``cluster(entry)`` decompresses a cluster, keeping the last few
+(a compressed cluster is usually read in several requests).
+
+``CompressedClusters`` belongs to the image's ``Clusters`` (whose
+allocation, L2 tables and plain writes it uses); it owns
+``free_byte_offset`` and the decompressed-cluster cache, which
+``forget()`` drops whenever deferred frees run.  Its methods run under the
+image's exclusive lock.
 """
 
 import numpy as np
 
 from .._ext.kernels import l2_entry_kind
-from .compress import Compressor
 from ..errors import InvalidArgumentError, Qcow2Error
 from ..spec.geometry import L2E_OFFSET_MASK, QCOW_OFLAG_COMPRESSED, QCOW_OFLAG_ZERO
+from .compress import decompress_cluster
 from .mapping import KIND_NAMES
 
+DECOMPRESSED_KEPT = 8          # decompressed clusters kept for the next reads
 
-class CompressedWriteOps:
 
-    def write_compressed(self, offset, data, compressor=None):
-        """Write ``data`` at guest ``offset`` as compressed clusters (qemu's
-        ``write -c``).  ``offset`` is cluster aligned; ``data`` is whole
-        clusters, the last of which may stop at the end of the disk.
-        ``compressor``: a :class:`qcow2fast.engine.compress.Compressor` of the
-        image's compression type (default: its default level).  Returns
-        the number of bytes written."""
-        mv = memoryview(data).cast("B")
-        self._check_compressed_request(offset, len(mv))
-        if compressor is None:
-            compressor = Compressor(self.header.compression_type)
-        elif compressor.compression_type != self.header.compression_type:
-            raise InvalidArgumentError(
-                f"the compressor is for compression type {compressor.compression_type}, the "
-                f"image uses {self.header.compression_type} ({self.compression_type})")
-        cs = self.cluster_size
-        payloads = []
-        for k in range(0, len(mv), cs):
-            chunk = mv[k:k + cs]
-            if len(chunk) < cs:         # the disk's last cluster: padded with zeros
-                chunk = bytes(chunk) + bytes(cs - len(chunk))
-            c = compressor(chunk)
-            payloads.append(c if len(c) < cs else chunk)
-        self.write_compressed_clusters(offset, payloads)
-        return len(mv)
+class CompressedClusters:
+    def __init__(self, state, clusters):
+        self.state = state
+        self.geo = state.geo
+        self.clusters = clusters
+        self.free_byte_offset = 0       # next byte to pack into (0: none)
+        self._decompressed = {}         # host offset -> cluster bytes (small LRU)
 
-    def write_compressed_clusters(self, offset, payloads):
-        """Write already compressed clusters from guest ``offset`` (cluster
-        aligned): ``payloads[i]`` is guest cluster i's, either its data
-        compressed with the image's compression type (shorter than a
-        cluster; not verified) or the whole cluster uncompressed (exactly
-        ``cluster_size`` bytes, zero-padded past the end of the disk),
-        which is written through the normal write path.  Same rules as
-        :meth:`write_compressed`."""
-        cs = self.cluster_size
-        sizes = [memoryview(p).nbytes for p in payloads]
-        for i, n in enumerate(sizes):
-            if not 0 < n <= cs:
-                raise InvalidArgumentError(f"payload {i} is {n} bytes: a compressed cluster "
-                                           f"is 1 to {cs - 1} bytes, an uncompressed one {cs}")
-        length = min(len(payloads) * cs, self.size - offset)
-        self._check_compressed_request(offset, length)
-        if len(payloads) != -(-length // cs):
-            raise InvalidArgumentError(f"{len(payloads)} clusters from guest offset {offset:#x} "
-                                       f"go past the end of the disk (size {self.size})")
-        if payloads:
-            self._update(self._write_compressed_locked, offset, payloads)
-            if self.writethrough:
-                self.flush()
+    def cluster(self, entry):
+        """The decompressed cluster a compressed L2 entry points to."""
+        coff, csize = self.geo.compressed_extent(entry)
+        data = self._decompressed.get(coff)
+        if data is None:
+            raw = self.state.data_file.pread(coff, csize)
+            data = decompress_cluster(raw, self.state.header.compression_type,
+                                      self.geo.cluster_size, coff)
+            if len(self._decompressed) >= DECOMPRESSED_KEPT:
+                self._decompressed.pop(next(iter(self._decompressed)))
+            self._decompressed[coff] = data
+        return data
 
-    def _check_compressed_request(self, offset, length):
-        self._check_range_py(offset, length)
-        self._check_writable()
-        cs = self.cluster_size
-        if offset % cs:
-            raise InvalidArgumentError(f"compressed write at guest offset {offset:#x}: not "
-                                       f"aligned to the cluster size ({cs})")
-        if length % cs and offset + length != self.size:
-            raise InvalidArgumentError(
-                f"compressed write of {length} bytes at guest offset {offset:#x}: not whole "
-                f"clusters ({cs} bytes) and not ending at the end of the disk ({self.size})")
+    def forget(self):
+        """Freed host space may be reused: forget what pointed into it."""
+        self._decompressed.clear()
+        self.free_byte_offset = 0
 
     # -- under the exclusive lock ---------------------------------------------------
 
-    def _write_compressed_locked(self, offset, payloads):
-        cs = self.cluster_size
+    def write(self, offset, payloads):
+        """Guest clusters from ``offset`` (checked by the caller): each
+        payload compressed, or a whole cluster written the plain way."""
+        cs = self.geo.cluster_size
+        size = self.state.size
         # Refuse before writing anything.  A cluster that does not shrink is
         # a normal write, allowed anywhere (qemu falls back to it first too).
         for i, p in enumerate(payloads):
             if memoryview(p).nbytes < cs:
-                self._compressed_target_descriptor(offset + i * cs)
+                self._target_descriptor(offset + i * cs)
         for i, p in enumerate(payloads):
             pos = offset + i * cs
             mv = memoryview(p).cast("B")
             if len(mv) == cs:
-                self._write_locked(pos, mv[:min(cs, self.size - pos)])
+                self.clusters.write(pos, mv[:min(cs, size - pos)])
             else:
-                self._write_compressed_cluster(pos, mv)
+                self._write_cluster(pos, mv)
 
-    def _compressed_target_descriptor(self, pos, slot=None):
+    def _target_descriptor(self, pos, slot=None):
         """Guest cluster ``pos``'s descriptor word, which must not point to
         host space (qcow2_alloc_compressed_cluster_offset's check)."""
-        geo, mapping = self.geo, self.mapping
+        geo, mapping = self.geo, self.clusters.mapping
         if slot is None:
             l2off = mapping.l2_table_offset(geo.l1_index(pos))
             if not l2off:
                 return 0
-            slot = self.l2_cache.load(mapping.slice_key(l2off, geo.l2_index(pos)))
+            slot = self.state.l2_cache.load(mapping.slice_key(l2off, geo.l2_index(pos)))
         words, w = self._descriptor_word(slot, pos)
         desc = int(words[w])
         free = desc == 0 or (desc == QCOW_OFLAG_ZERO and not geo.extended_l2)
@@ -156,42 +130,38 @@ class CompressedWriteOps:
     def _descriptor_word(self, slot, pos):
         geo = self.geo
         i = geo.l2_index(pos) & (geo.slice_entries - 1)
-        return self.l2_cache.u64(slot), i * geo.l2_entry_words
+        return self.state.l2_cache.u64(slot), i * geo.l2_entry_words
 
-    def _write_compressed_cluster(self, pos, payload):
+    def _write_cluster(self, pos, payload):
         """Place one compressed payload and point guest cluster ``pos`` to it."""
-        slot = self._l2_slot_for_write(pos)
-        self.l2_cache.pin(slot)
+        s = self.state
+        slot = self.clusters.l2_slot_for_write(pos)
+        s.l2_cache.pin(slot)
         try:
-            self._compressed_target_descriptor(pos, slot)   # (unchanged since the check)
+            self._target_descriptor(pos, slot)      # (unchanged since the check)
             host = self._alloc_bytes(len(payload))
-            self.file.pwrite(payload, host)
-            cs = self.cluster_size
-            end = -(-(host + len(payload)) // cs) * cs
-            self.zero_from = max(self.zero_from, end)
-            self.alloc_end = max(self.alloc_end, end)
+            s.data_file.pwrite(payload, host)
+            cs = self.geo.cluster_size
+            s.allocated(-(-(host + len(payload)) // cs) * cs)
             # Data first, then the entry that points to it.
             words, w = self._descriptor_word(slot, pos)
             words[w] = np.uint64(self.geo.compressed_descriptor(host, len(payload)))
             if self.geo.extended_l2:
                 words[w + 1] = np.uint64(0)
-            self.l2_cache.mark_dirty(slot, 8 * w, 8 * (w + self.geo.l2_entry_words))
+            s.l2_cache.mark_dirty(slot, 8 * w, 8 * (w + self.geo.l2_entry_words))
         finally:
-            self.l2_cache.unpin(slot)
+            s.l2_cache.unpin(slot)
 
     def _alloc_bytes(self, n):
         """Host byte offset for ``n`` (< cluster size) bytes of compressed
         data, refcounts raised (qcow2_alloc_bytes; see the module doc)."""
-        geo, rc = self.geo, self.refcounts
+        geo, rc = self.geo, self.clusters.refcounts
         cs, cb = geo.cluster_size, geo.cluster_bits
-        off = self._free_byte_offset
+        off = self.free_byte_offset
         if off and not 0 < rc.get(off >> cb) < geo.refcount_max:
             off = 0                     # full (or no longer ours): start a new cluster
         if not off or cs - off % cs < n:
-            new = rc.alloc(1)           # refcount 1: this payload's reference
-            self._host_limit_changed()
-            if self._touches_metadata_py(new, cs):
-                self._report_alloc_overlap(new)
+            new = self.clusters.alloc(1)    # refcount 1: this payload's reference
             if not off or -(-off // cs) * cs != new:
                 off = 0                 # not contiguous: start at the new cluster
             if (off or new) + n > geo.cluster_offset_mask:
@@ -202,8 +172,8 @@ class CompressedWriteOps:
             rc.update(off >> cb, 1, 1)  # the partly filled cluster (the payload may
         else:                           # straddle it and the new one)
             off = new
-        if self._touches_metadata_py(off, n):
-            self._report_alloc_overlap(off)
+        if self.state.overlaps_metadata(off, n):
+            self.clusters.overlap_found(off)
         end = off + n
-        self._free_byte_offset = end if end % cs else 0
+        self.free_byte_offset = end if end % cs else 0
         return off

@@ -51,13 +51,19 @@ def read_l1_table(file, offset, size, cluster_size, file_size, what="L1 table"):
 
 
 class Mapping:
-    def __init__(self, file, geo, header, l1, l2_cache, metadata_map):
-        self.file = file
-        self.geo = geo
-        self.header = header
+    """The image's L1 table (its one owner) and its L2 tables, given the
+    image's state.  ``l1`` is the L1 table the image reads through: the
+    active one, or a snapshot's for a read-only view of it."""
+
+    def __init__(self, state, l1):
+        self.state = state
+        self.file = state.file
+        self.geo = geo = state.geo
+        self.header = header = state.header
+        self.l2_cache = state.l2_cache
+        self.metadata = metadata_map = state.metadata
         self.l1 = l1
-        self.l2_cache = l2_cache
-        self.metadata = metadata_map
+        state.set_l1(l1)
         self.l1_pending = {}        # L1 index -> the entry on disk, until flushed
         cb = geo.cluster_bits
         for off in l1[np.nonzero(l1 & np.uint64(L1E_OFFSET_MASK))[0]] & np.uint64(L1E_OFFSET_MASK):
@@ -170,7 +176,8 @@ class Mapping:
         return cache.load(self.slice_key(new, l2i))
 
     def grow_l1(self, min_size, refcounts, barrier, flush_refcounts):
-        """Move the L1 table to a new place with at least ``min_size`` entries."""
+        """Move the L1 table to a new place with at least ``min_size`` entries
+        (the caller holds the exclusive lock)."""
         geo, h = self.geo, self.header
         if min_size <= len(self.l1):
             return
@@ -191,6 +198,7 @@ class Mapping:
         barrier()
         h.l1_size, h.l1_table_offset = new_size, new
         self.l1 = table[:new_size].copy()
+        self.state.set_l1(self.l1)
         self.metadata.add(new >> geo.cluster_bits, nclusters)
         if old_size:
             n_old = geo.size_to_clusters(old_size * 8)

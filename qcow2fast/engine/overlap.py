@@ -6,7 +6,7 @@ snapshot table: a data write there would destroy the image.  Finding such a
 pointer while writing means the image is corrupt.
 
 The map is a packed bitmap (bit c & 7 of byte c >> 3 is host cluster c),
-tested by ``ImageCore._touches_metadata`` in the Cython write path: one bit per cluster, 2 MiB for a
+tested by ``ImageState.touches_metadata`` in the C write path: one bit per cluster, 2 MiB for a
 1 TiB image of 64 KiB clusters.
 """
 
@@ -16,7 +16,9 @@ import numpy as np
 class MetadataMap:
     def __init__(self, nclusters, on_resize=None):
         self.bits = np.zeros(max((nclusters + 7) >> 3, 8), dtype=np.uint8)
-        self.on_resize = on_resize      # called with the new array when it moves
+        self.on_resize = on_resize      # called with the array now and whenever it moves
+        if on_resize is not None:
+            on_resize(self.bits)
 
     def _grow(self, end):
         need = (end + 7) >> 3

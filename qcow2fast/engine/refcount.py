@@ -27,18 +27,19 @@ _BE64 = struct.Struct(">Q")
 
 
 class Refcounts(RefcountCore):
-    def __init__(self, file, geo, header, cache, barrier, metadata_map, file_size,
-                 repair=False):
-        """``cache``: TableCache of whole refcount blocks (raw on-disk form).
-        ``barrier()``: make completed writes stable (no-op under cache=unsafe)."""
-        self.file = file
-        self.geo = geo
-        self.header = header
-        self.cache = cache
-        self.barrier = barrier
-        self.metadata = metadata_map
+    """The refcount table and blocks of an image open for writing, given
+    its state; the cluster allocator.  Refcount blocks are cached whole, in
+    on-disk form, in ``state.refcount_cache``."""
+
+    def __init__(self, state, file_size, repair=False):
+        self.file = state.file
+        self.geo = geo = state.geo
+        self.header = state.header
+        self.cache = state.refcount_cache
+        self.barrier = state.barrier     # make completed writes stable (not under unsafe)
+        self.metadata = state.metadata
         self.deferred = []              # (first cluster, count) to free later
-        self._rc_setup(cache, geo.cluster_bits, geo.refcount_order)
+        self._rc_setup(self.cache, geo.cluster_bits, geo.refcount_order)
         cs = geo.cluster_size
         self.end_cluster = (file_size + cs - 1) // cs
         self.free_hint = 0
@@ -78,9 +79,6 @@ class Refcounts(RefcountCore):
         self.metadata.add(h.refcount_table_offset >> self.geo.cluster_bits,
                           h.refcount_table_clusters)
 
-    def block_offset(self, t):
-        return int(self.table[t]) if t < len(self.table) else 0
-
     def _block(self, t):
         """Raw view of refcount block ``t`` (which must exist)."""
         slot = self.cache.load(int(self.table[t]))
@@ -114,12 +112,6 @@ class Refcounts(RefcountCore):
             if t < 0:
                 return
             self._alloc_block(t)
-
-    def set_value(self, cluster, value):
-        """Set one refcount to ``value`` exactly (repair)."""
-        cur = self.get(cluster)
-        if cur != value:
-            self.update(cluster, 1, value - cur)
 
     # -- allocation ------------------------------------------------------------
 

@@ -16,8 +16,9 @@ Invariants kept here:
   refcount blocks, then L2 slices), and a host cluster is released
   (deferred until the entry is on disk) only when no entry uses it.
 
-``SubclusterOps`` is a mixin of :class:`qcow2fast.engine.image.Image`; its
-methods run under the image's exclusive lock.
+``Subclusters`` is given the image's state and its ``Clusters`` (whose
+reads, allocation and release it uses); its methods run under the image's
+exclusive lock.
 """
 
 import numpy as np
@@ -31,17 +32,21 @@ def sc_mask(first, last):
     return ((1 << (last - first + 1)) - 1) << first
 
 
-class SubclusterOps:
+class Subclusters:
+    def __init__(self, state, clusters):
+        self.state = state
+        self.geo = state.geo
+        self.clusters = clusters
 
     def _entry_words(self, slot, guest_cluster):
         """(slice words, index of the descriptor word) of ``guest_cluster``'s entry."""
         geo = self.geo
         i = geo.l2_index(guest_cluster) & (geo.slice_entries - 1)
-        return self.l2_cache.u64(slot), 2 * i
+        return self.state.l2_cache.u64(slot), 2 * i
 
     # -- writes ----------------------------------------------------------------------
 
-    def _write_subclusters(self, slot, pos, data):
+    def write(self, slot, pos, data):
         """Write ``data`` at guest ``pos`` (inside the slice ``slot``), one
         cluster at a time."""
         cs = self.geo.cluster_size
@@ -73,10 +78,7 @@ class SubclusterOps:
             # A new host cluster; a shared or compressed one's allocated
             # subclusters that this write does not cover are copied over.
             keep = (SC_ALLOC_MASK if compressed else (alloc if host else 0)) & ~touched
-            target = self.refcounts.alloc(1)
-            self._host_limit_changed()
-            if self._touches_metadata_py(target, cs):
-                self._report_alloc_overlap(target)
+            target = self.clusters.alloc(1)
         # Partial subclusters at the edges keep what the guest sees around
         # the write, unless they are already allocated here.
         head = a > lo and not (in_place and alloc >> s0 & 1)
@@ -84,7 +86,7 @@ class SubclusterOps:
         start, end = (lo if head else a), (hi if tail else b)
         if keep:
             buf = bytearray(cs)
-            self._read_locked(first, memoryview(buf))        # the old guest view
+            self.clusters.read(first, memoryview(buf))       # the old guest view
             buf[a:b] = data
             # from the first to the last subcluster kept or written
             start = min(start, ((keep & -keep).bit_length() - 1) << scb)
@@ -97,28 +99,27 @@ class SubclusterOps:
             if tail:
                 pieces.append(self._guest_bytes(first + b, hi - b))
         if in_place:
-            self._check_overlap(first + start, target + start, end - start)
-        self._pwritev(pieces, target + start)
-        self.zero_from = max(self.zero_from, target + cs)
-        self.alloc_end = max(self.alloc_end, target + cs)
+            self.clusters.check_overlap(first + start, target + start, end - start)
+        self.clusters.pwritev(pieces, target + start)
+        self.state.allocated(target + cs)
         new_alloc = (alloc if in_place else keep) | touched
         new_zero = 0 if compressed else zero & ~touched
         # Data first, then the entry that points to it.
         words[w] = np.uint64(target | QCOW_OFLAG_COPIED)
         words[w + 1] = np.uint64((new_zero << SC_ZERO_SHIFT) | new_alloc)
-        self.l2_cache.mark_dirty(slot, 8 * w, 8 * w + 16)
+        self.state.l2_cache.mark_dirty(slot, 8 * w, 8 * w + 16)
         if not in_place and (host or compressed):
-            self._release_entry(desc)
+            self.clusters.release_entry(desc)
 
     def _guest_bytes(self, pos, n):
         """What the guest reads at [pos, pos+n) now (under the lock)."""
         buf = bytearray(n)
-        self._read_locked(pos, memoryview(buf))
+        self.clusters.read(pos, memoryview(buf))
         return buf
 
     # -- zeroes and discard ---------------------------------------------------------
 
-    def _set_subclusters(self, a, b, what, unmap):
+    def set_range(self, a, b, what, unmap):
         """Make the whole subclusters [a, b) read as zeros ("zero", or
         "discard" over a backing file) or become unallocated ("discard"
         without one), releasing a host cluster once none of its
@@ -128,20 +129,21 @@ class SubclusterOps:
         into it leave its other subclusters as they were)."""
         geo = self.geo
         cs, scb = geo.cluster_size, geo.subcluster_bits
-        reads_zero = what == "zero" or self.backing is not None
+        reads_zero = what == "zero" or self.clusters.below is not None
+        cache = self.state.l2_cache
         unmap = unmap or what == "discard"
         released = np.zeros(geo.slice_entries, dtype=np.uint64)
         pos = a
         while pos < b:
             l1i = geo.l1_index(pos)
             span_end = min(b, (l1i + 1) * geo.bytes_per_l2())
-            if self.mapping.l2_table_offset(l1i) == 0 and not reads_zero:
+            if self.clusters.mapping.l2_table_offset(l1i) == 0 and not reads_zero:
                 pos = span_end          # already unallocated and without a backing file
                 continue
-            slot = self._l2_slot_for_write(pos)
-            self.l2_cache.pin(slot)
+            slot = self.clusters.l2_slot_for_write(pos)
+            cache.pin(slot)
             try:
-                words = self.l2_cache.u64(slot)
+                words = cache.u64(slot)
                 base = pos & ~(geo.slice_entries * cs - 1)      # the slice's first guest byte
                 stop_at = min(span_end, base + geo.slice_entries * cs)
                 u, u_end = (pos - base) >> scb, (stop_at - base) >> scb
@@ -149,9 +151,9 @@ class SubclusterOps:
                     changed, n, stop = ext_set_range(words, u, u_end, reads_zero, unmap,
                                                      geo.cluster_bits, released)
                     if changed:
-                        self.l2_cache.mark_dirty(slot)
+                        cache.mark_dirty(slot)
                     for desc in released[:n].tolist():
-                        self._release_entry(desc)
+                        self.clusters.release_entry(desc)
                     if stop < 0:
                         break
                     last = min(u_end, ((stop >> 5) + 1) << 5)
@@ -160,4 +162,4 @@ class SubclusterOps:
                     u = stop                # now a cluster of its own: the kernel zeroes it
                 pos = stop_at
             finally:
-                self.l2_cache.unpin(slot)
+                cache.unpin(slot)

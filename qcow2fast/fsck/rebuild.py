@@ -173,7 +173,7 @@ def rebuild_refcounts(img):
     _fix_copied_flags(img, want)
     img.refcount_cache.flush()
     img.l2_cache.flush()
-    img._barrier()
+    img.state.barrier()
 
 
 def _apply(rc, geo, want):

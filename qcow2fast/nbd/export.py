@@ -9,7 +9,8 @@ that is what NBD_FLAG_CAN_MULTI_CONN promises.
 """
 
 from .. import open as open_qcow2
-from ..engine.backing import RawImage, probe_format
+from ..engine.backing import probe_format
+from ..host.raw import RawImage
 from ..errors import InvalidArgumentError, Qcow2Error, ReadOnlyImageError
 from . import protocol as P
 

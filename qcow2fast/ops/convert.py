@@ -30,7 +30,8 @@ from ..spec import header as hdr
 from ..host import file as hostfile
 from .._ext.fileio import File
 from .._ext.kernels import nonzero_units
-from ..engine.backing import RawImage, probe_format
+from ..engine.backing import probe_format
+from ..host.raw import RawImage
 from ..engine.compress import Compressor
 from .create import create, validate_options
 from ..errors import InvalidArgumentError, Qcow2Error, UnsupportedFeatureError

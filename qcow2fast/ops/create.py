@@ -17,7 +17,7 @@ from ..host import file as hostfile
 from .._ext.fileio import File
 from ..engine.backing import probe_format, resolve_backing_path
 from ..errors import InvalidArgumentError
-from ..spec.geometry import QCOW_OFLAG_COPIED, Geometry
+from ..spec.geometry import Geometry
 from .measure import check_extended_l2
 
 PREALLOCATION_MODES = ("off", "metadata", "falloc", "full")
@@ -61,14 +61,7 @@ def create(path, size=None, *, cluster_size=65536, compat="1.1", refcount_bits=1
     from ..engine.image import Image
     with Image(path, "r+", cache_mode="unsafe", backing=False,
                cache_clean_interval=0) as img:
-        m = img.mapping
-        m.grow_l1(geo.l1_size_for(size), img.refcounts, img._barrier, img._flush_refcounts)
-        img._set_l1(m.l1)
-        img.header.size = size
-        img._write_header_field("size")
-        img._set_size(size)
-        if preallocation != "off":
-            _preallocate(img, preallocation)
+        img._set_disk_size(size, preallocation)
     f = File(path, writable=True)
     try:
         f.sync_all()
@@ -166,37 +159,6 @@ def validate_options(path, size=None, *, cluster_size=65536, compat="1.1", refco
                                        f"{cluster_size}")
     return Settings(size, version, cluster_bits, refcount_order, ctype, bool(lazy_refcounts),
                     backing_file or None, backing_format, preallocation, bool(extended_l2))
-
-
-def _preallocate(img, mode):
-    """Map every guest cluster to a host cluster (qemu's preallocation)."""
-    geo = img.geo
-    cs = geo.cluster_size
-    total = geo.size_to_clusters(img.size)
-    first_data = None
-    pos = 0
-    while pos < img.size:
-        slot = img._l2_slot_for_write(pos)
-        l2 = img.l2_cache.u64(slot)
-        i0 = geo.l2_index(pos) & (geo.slice_entries - 1)
-        n = min(geo.slice_entries - i0, total - (pos >> geo.cluster_bits))
-        new = img.refcounts.alloc(n)
-        img._host_limit_changed()
-        first_data = new if first_data is None else first_data
-        # (extended entries: a host cluster, no subcluster allocated -- as qemu)
-        k = geo.l2_entry_words
-        l2[i0 * k:(i0 + n) * k:k] = (np.arange(n, dtype=np.uint64) * np.uint64(cs)
-                                     + np.uint64(new)) | np.uint64(QCOW_OFLAG_COPIED)
-        img.l2_cache.mark_dirty(slot)
-        end = new + n * cs
-        img.alloc_end = max(img.alloc_end, end)
-        if mode == "falloc":
-            img.file.fallocate(new, n * cs)
-        elif mode == "full":
-            zeros = bytes(min(n * cs, 1 << 20))
-            for off in range(new, end, len(zeros)):
-                img.file.pwrite(zeros[:min(len(zeros), end - off)], off)
-        pos += n << geo.cluster_bits
 
 
 def _image_size(path, fmt):

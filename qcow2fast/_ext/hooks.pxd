@@ -1,0 +1,19 @@
+from libc.stdint cimport int64_t, uint8_t
+
+
+cdef class WriteObserver:
+    # Told of every guest range a write, write_zeroes, discard or compressed
+    # write is about to change (before the data moves: a crash can only
+    # over-report).  Called with the GIL held and the image's lock held
+    # (shared or exclusive): it must be quick and do no I/O.
+    cdef int changed(self, int64_t offset, int64_t length) except -1
+
+
+cdef class DirtyBitmap(WriteObserver):
+    cdef readonly int64_t granularity
+    cdef readonly int64_t size           # guest bytes covered
+    cdef readonly int gran_bits
+    cdef public bint enabled
+    cdef object _bits                    # numpy uint8, bit i = granule i dirty
+    cdef uint8_t *bits
+    cdef int64_t nbits

@@ -1,0 +1,91 @@
+# cython: language_level=3
+"""Extension points of the data path that C code calls without Python.
+
+``WriteObserver`` is the write-notification hook: an image tells each of
+its observers (``Image.add_write_observer``) of every guest range about to
+change, from the C fast path as from the Python slow paths.
+``DirtyBitmap`` is the observer persistent dirty bitmaps are built on: one
+bit per ``granularity`` bytes of the guest disk, set in C.
+"""
+
+import numpy as np
+
+cimport numpy as cnp
+from libc.stdint cimport int64_t, uint8_t
+
+from ..errors import InvalidArgumentError
+
+cnp.import_array()
+
+
+cdef class WriteObserver:
+    cdef int changed(self, int64_t offset, int64_t length) except -1:
+        return 0
+
+    def notify(self, int64_t offset, int64_t length):
+        """Python access to :meth:`changed` (tests, Python observers)."""
+        self.changed(offset, length)
+
+
+cdef class DirtyBitmap(WriteObserver):
+    """Which ``granularity``-byte granules of a ``size``-byte guest disk
+    were changed while the bitmap was ``enabled``."""
+
+    def __cinit__(self, int64_t size, int64_t granularity=65536):
+        if granularity < 512 or granularity & (granularity - 1) or granularity > (1 << 31):
+            raise InvalidArgumentError(f"bitmap granularity must be a power of two between "
+                                       f"512 B and 2 GiB, not {granularity}")
+        if size < 0:
+            raise InvalidArgumentError(f"bitmap size must not be negative ({size})")
+        self.granularity = granularity
+        self.gran_bits = granularity.bit_length() - 1
+        self.size = size
+        self.nbits = (size + granularity - 1) >> self.gran_bits
+        self._bits = np.zeros(max(1, (self.nbits + 7) >> 3), dtype=np.uint8)
+        self.bits = <uint8_t *>cnp.PyArray_DATA(self._bits)
+        self.enabled = True
+
+    cdef int changed(self, int64_t offset, int64_t length) except -1:
+        cdef int64_t g, last
+        if not self.enabled or length <= 0:
+            return 0
+        g = offset >> self.gran_bits
+        last = (offset + length - 1) >> self.gran_bits
+        if last >= self.nbits:
+            last = self.nbits - 1
+        while g <= last:
+            if (g & 7) == 0 and g + 8 <= last + 1:
+                self.bits[g >> 3] = 0xFF            # a whole byte of granules
+                g += 8
+                continue
+            self.bits[g >> 3] |= <uint8_t>(1 << (g & 7))
+            g += 1
+        return 0
+
+    @property
+    def bits(self):
+        """The packed bits (bit ``i & 7`` of byte ``i >> 3`` is granule ``i``)."""
+        return self._bits
+
+    def count(self):
+        """Dirty bytes (granules times granularity, the last one clipped)."""
+        n = int(np.unpackbits(self._bits, bitorder="little")[:self.nbits].sum())
+        if n and self.size % self.granularity and self.is_dirty(self.size - 1):
+            n -= 1
+            return n * self.granularity + self.size % self.granularity
+        return n * self.granularity
+
+    def is_dirty(self, int64_t offset):
+        cdef int64_t g = offset >> self.gran_bits
+        return 0 <= g < self.nbits and bool(self.bits[g >> 3] & (1 << (g & 7)))
+
+    def dirty_ranges(self):
+        """[(offset, length)] of the dirty granules, merged, clipped to the disk."""
+        flags = np.unpackbits(self._bits, bitorder="little")[:self.nbits].astype(np.int8)
+        edges = np.flatnonzero(np.diff(np.concatenate(([0], flags, [0]))))
+        g = self.granularity
+        return [(int(a) * g, min(int(b) * g, self.size) - int(a) * g)
+                for a, b in zip(edges[::2], edges[1::2])]
+
+    def clear(self):
+        self._bits[:] = 0

@@ -1,0 +1,366 @@
+"""The Python half of the data path (qemu's qcow2-cluster.c and the slow
+paths of qcow2.c): what the C path in ``_ext/core.pyx`` hands over --
+reads of compressed clusters and malformed entries, allocating writes that
+copy (backing data, compressed or shared clusters), new L2 tables, zeroes
+and discard.  Every method runs under the image's exclusive lock.
+
+Invariants (with the write ordering of engine/flush.py):
+- guest data reaches its new host clusters before the L2 entries that
+  point to them are changed in the cache;
+- a host cluster an L2 entry stopped using is freed only after that entry
+  is on disk (``Refcounts.free_deferred``);
+- guest data never goes to a host cluster that holds metadata: the
+  allocator's answer is checked (corruption otherwise), and so is every
+  in-place overwrite.
+"""
+
+import os
+
+import numpy as np
+
+from .._ext.kernels import l2_entry_kind
+from ..errors import CorruptImageError
+from ..extent import Extent
+from ..spec.geometry import L2E_OFFSET_MASK, QCOW_OFLAG_COPIED, QCOW_OFLAG_ZERO
+from . import features
+from .compressed import CompressedClusters
+from .mapping import COMPRESSED, DATA, INVALID, KIND_NAMES, UNALLOCATED, ZERO
+from .subcluster import Subclusters
+
+
+class Clusters:
+    """Guest clusters of one image: given its state and its collaborators.
+
+    ``fast_read(offset, mv)``: the C read loop under the exclusive lock
+    (returns the bytes it did); ``below``: the backing image or None;
+    ``overlap_found(host)``: marks the image corrupt and raises."""
+
+    def __init__(self, state, mapping, refcounts, below, fast_read, overlap_found):
+        self.state = state
+        self.geo = state.geo
+        self.mapping = mapping
+        self.refcounts = refcounts
+        self.below = below
+        self.fast_read = fast_read
+        self.overlap_found = overlap_found
+        self.compressed = CompressedClusters(state, self)
+        self.subclusters = Subclusters(state, self) if state.extended else None
+
+    # -- reads ------------------------------------------------------------------------
+
+    def read(self, offset, mv):
+        """Guest [offset, offset+len(mv)) into ``mv``, whatever it maps to."""
+        s = self.state
+        done, total = 0, len(mv)
+        while done < total:
+            done += self.fast_read(offset + done, mv[done:])
+            if done == total:
+                break
+            pos = offset + done
+            kind, host, n, entry = self.mapping.run_at(pos, total - done, s.host_limit)
+            out = mv[done:done + n]
+            if kind == UNALLOCATED:
+                self.read_below(pos, out)
+            elif kind == COMPRESSED:
+                data = self.compressed.cluster(entry)
+                in_cl = self.geo.offset_into_cluster(pos)
+                out[:] = data[in_cl:in_cl + n]
+            elif kind == ZERO:
+                out[:] = bytes(n)
+            else:
+                s.data_file.preadinto(out, host)
+            done += n
+
+    def read_below(self, pos, out):
+        """What the layers below show at guest ``pos`` (zeros without a
+        backing file and past its end)."""
+        n = len(out)
+        b = self.below
+        if b is None or pos >= b.size:
+            out[:] = bytes(n)
+            return
+        k = min(n, b.size - pos)
+        b.readinto(pos, out[:k])
+        if k < n:
+            out[k:] = bytes(n - k)
+
+    def layer_extents(self, offset, length):
+        """This layer's extents of [offset, offset+length)."""
+        pos, end = offset, offset + length
+        while pos < end:
+            kind, host, n, entry = self.mapping.run_at(pos, end - pos, self.state.host_limit)
+            if not host:        # (zero or unallocated: a preallocated cluster keeps it)
+                host = None
+            yield Extent(pos, n, KIND_NAMES[kind], host, 0)
+            pos += n
+
+    # -- writes -----------------------------------------------------------------------
+
+    def l2_slot_for_write(self, pos):
+        """The cached L2 slice mapping guest ``pos``, made writable (a new
+        or copied L2 table; under lazy refcounts the dirty bit first)."""
+        s = self.state
+        if s.lazy_refcounts and not features.is_dirty(s):
+            features.set_dirty(s, True, True)
+        slot = self.mapping.l2_slot_for_write(pos, self.refcounts)
+        self.host_limit_changed()
+        return slot
+
+    def host_limit_changed(self):
+        """The allocator may have grown the image: L2 entries may point there."""
+        self.state.grow_host_limit(self.refcounts.end_cluster << self.geo.cluster_bits)
+
+    def alloc(self, n):
+        """``n`` new contiguous host clusters (refcount 1), checked against
+        the metadata; returns the host offset of the first."""
+        new = self.refcounts.alloc(n)
+        self.host_limit_changed()
+        if self.state.overlaps_metadata(new, n << self.geo.cluster_bits):
+            self.overlap_found(new)
+        return new
+
+    def check_overlap(self, pos, host, n):
+        if self.state.overlaps_metadata(host, n):
+            raise CorruptImageError(
+                f"guest offset {pos:#x} maps to host offset {host:#x}, which holds metadata; "
+                "writing there would destroy it", offset=self.mapping.entry_location(pos),
+                field="L2 entry")
+
+    def write(self, offset, mv):
+        """Guest data ``mv`` at ``offset``: in place where the cluster is this
+        layer's own, into new clusters (copying what the guest saw around
+        the write) elsewhere."""
+        s = self.state
+        done, total = 0, len(mv)
+        while done < total:
+            pos = offset + done
+            slot = self.l2_slot_for_write(pos)
+            s.l2_cache.pin(slot)
+            try:
+                kind, host, n, entry = self.mapping.run_at(pos, total - done, s.host_limit,
+                                                           need_copied=True)
+                if kind == DATA and entry & QCOW_OFLAG_COPIED:
+                    self.check_overlap(pos, host, n)
+                    s.data_file.pwrite(mv[done:done + n], host)
+                elif self.subclusters is not None:
+                    self.subclusters.write(slot, pos, mv[done:done + n])
+                else:
+                    self._allocating_write(slot, pos, mv[done:done + n])
+            finally:
+                s.l2_cache.unpin(slot)
+            done += n
+
+    def _allocating_write(self, slot, pos, data):
+        """Write ``data`` at guest ``pos`` into newly allocated clusters,
+        copying the untouched parts of the first and last cluster from what
+        the guest saw before (backing file, compressed or shared cluster)."""
+        s, geo = self.state, self.geo
+        cs = geo.cluster_size
+        first = geo.start_of_cluster(pos)
+        nclusters = geo.size_to_clusters(pos + len(data) - first)
+        head = pos - first
+        tail = nclusters * cs - head - len(data)
+        l2 = s.l2_cache.u64(slot)
+        i0 = geo.l2_index(first) & (geo.slice_entries - 1)
+        old = [int(e) for e in l2[i0:i0 + nclusters]]
+        new = self.alloc(nclusters)
+        fresh = new >= s.zero_from
+        pieces = []
+        if head:
+            pieces.append(self._old_bytes(first, 0, head, old[0], fresh))
+        pieces.append(data)
+        if tail:
+            pieces.append(self._old_bytes(first + (nclusters - 1) * cs, cs - tail, tail, old[-1],
+                                          fresh))
+        # Drop leading/trailing pieces that are zeros over fresh (zero) space.
+        start = new
+        if pieces[0] is None:
+            pieces.pop(0)
+            start += head
+        if pieces[-1] is None:
+            pieces.pop()
+        self.pwritev(pieces, start)
+        s.allocated(new + nclusters * cs)
+        # Data first, then the L2 entries that point to it.
+        for k in range(nclusters):
+            l2[i0 + k] = np.uint64((new + k * cs) | QCOW_OFLAG_COPIED)
+        s.l2_cache.mark_dirty(slot, 8 * i0, 8 * (i0 + nclusters))
+        for e in old:
+            self.release_entry(e)
+
+    def _old_bytes(self, guest_cluster, start, n, entry, fresh):
+        """What the guest read at [guest_cluster+start, +n) before this write,
+        or None if it is zeros and the target is fresh (already zero)."""
+        kind = l2_entry_kind(entry)
+        if kind == ZERO or (kind == UNALLOCATED and self.below is None):
+            return None if fresh else bytes(n)
+        buf = bytearray(n)
+        if kind == UNALLOCATED:
+            self.read_below(guest_cluster + start, memoryview(buf))
+        elif kind == COMPRESSED:
+            buf[:] = self.compressed.cluster(entry)[start:start + n]
+        else:   # a data cluster shared with a snapshot
+            self.state.data_file.preadinto(buf, (entry & L2E_OFFSET_MASK) + start)
+        if fresh and not any(buf):
+            return None
+        return buf
+
+    def pwritev(self, pieces, off):
+        """Write ``pieces`` back to back at host ``off`` of the data file."""
+        f = self.state.data_file
+        if len(pieces) == 1 or f.direct:
+            f.pwrite(b"".join(pieces) if len(pieces) > 1 else pieces[0], off)
+            return
+        views = [memoryview(p).cast("B") for p in pieces]
+        while views:
+            n = os.pwritev(f.fd, views, off)
+            off += n
+            while views and n >= len(views[0]):
+                n -= len(views[0])
+                views.pop(0)
+            if views and n:
+                views[0] = views[0][n:]
+
+    def release_entry(self, entry):
+        """Drop the reference an L2 entry held (deferred, see the module doc)."""
+        kind = l2_entry_kind(entry)
+        rc = self.refcounts
+        if kind == COMPRESSED:
+            first, last = self.geo.compressed_clusters(entry)
+            rc.free_deferred(first << self.geo.cluster_bits, last - first + 1)
+        elif kind in (DATA, ZERO) and entry & L2E_OFFSET_MASK:
+            rc.free_deferred(entry & L2E_OFFSET_MASK, 1)
+
+    # -- zeroes and discard -----------------------------------------------------------
+
+    def whole_units(self, offset, end):
+        """[a, b): the whole allocation units (clusters, or subclusters with
+        extended L2 entries) inside [offset, end).  The last one of the disk
+        counts as whole when the range reaches the disk's end."""
+        cs = self.geo.subcluster_size
+        a = -(-offset // cs) * cs
+        b = -(-end // cs) * cs if end == self.state.size else end - end % cs
+        return a, max(a, b)
+
+    def write_zeroes(self, offset, length, may_unmap):
+        """Make [offset, offset+length) read as zeros, without writing data
+        where the format allows."""
+        end = offset + length
+        a, b = self.whole_units(offset, end)
+        if a >= b:
+            edges = [(offset, end)]
+        else:
+            edges = [(offset, a), (min(b, end), end)]
+        # Partial clusters at the edges: write zeros unless they already read so.
+        for lo, hi in edges:
+            if hi > lo and not self._reads_as_zero(lo, hi - lo):
+                self._write_zero_bytes(lo, hi - lo)
+        if a >= b:
+            return
+        if self.state.header.version < 3 and (self.below is not None or not may_unmap):
+            # v2 has no zero flag: write zeros where the clusters do not
+            # already read as zeros (deallocating needs may_unmap and no
+            # backing file).
+            for ext in list(self.layer_extents(a, min(b, self.state.size) - a)):
+                if ext.kind == "unallocated" and self.below is None:
+                    continue
+                self._write_zero_bytes(ext.offset, ext.length)
+            return
+        self.set_entries(a, b, "zero", may_unmap or self.state.header.version < 3)
+
+    def _write_zero_bytes(self, offset, length):
+        chunk = 1 << 20
+        zeros = memoryview(bytes(min(chunk, length)))
+        for pos in range(offset, offset + length, chunk):
+            self.write(pos, zeros[:min(chunk, offset + length - pos)])
+
+    def _reads_as_zero(self, offset, length):
+        for ext in self.layer_extents(offset, length):
+            if ext.kind not in ("zero", "unallocated") or (ext.kind == "unallocated"
+                                                          and self.below is not None):
+                return False
+        return True
+
+    def discard(self, offset, length):
+        """Free the whole clusters of [offset, offset+length)."""
+        a, b = self.whole_units(offset, offset + length)
+        if b <= a:
+            return
+        if b >= self.state.size:    # the last cluster whole, subclusters past the end too (qemu)
+            b = self.geo.size_to_clusters(self.state.size) << self.geo.cluster_bits
+        self.set_entries(a, b, "discard", True)
+
+    def set_entries(self, a, b, what, unmap):
+        """Rewrite the L2 entries of whole clusters [a, b) to read as zeros
+        (or, v2 / no backing, to be unallocated), releasing host clusters
+        when ``unmap``."""
+        if self.subclusters is not None:
+            return self.subclusters.set_range(a, b, what, unmap)
+        s, geo = self.state, self.geo
+        v3 = s.header.version >= 3
+        pos = a
+        while pos < b:
+            l1i = geo.l1_index(pos)
+            span = min(b, (l1i + 1) * geo.bytes_per_l2()) - pos
+            if self.mapping.l2_table_offset(l1i) == 0 and (self.below is None or not v3):
+                pos += span         # whole L2 range unallocated: already zero
+                continue
+            slot = self.l2_slot_for_write(pos)
+            s.l2_cache.pin(slot)
+            try:
+                l2 = s.l2_cache.u64(slot)
+                i0 = geo.l2_index(pos) & (geo.slice_entries - 1)
+                n = min(geo.slice_entries - i0, (b - pos) >> geo.cluster_bits)
+                for k in range(n):
+                    e = int(l2[i0 + k])
+                    kind = l2_entry_kind(e)
+                    if kind == INVALID:
+                        raise CorruptImageError(f"invalid L2 entry {e:#x}",
+                                                offset=s.l2_cache.key(slot) + 8 * (i0 + k),
+                                                field="L2 entry")
+                    if v3 and (self.below is not None or what == "zero"):
+                        keep = (not unmap and kind in (DATA, ZERO) and e & QCOW_OFLAG_COPIED
+                                and e & L2E_OFFSET_MASK)
+                        new = (e & L2E_OFFSET_MASK) | QCOW_OFLAG_COPIED | QCOW_OFLAG_ZERO \
+                            if keep else QCOW_OFLAG_ZERO
+                    else:
+                        keep, new = False, 0
+                    if new != e:
+                        l2[i0 + k] = np.uint64(new)
+                        if not keep:
+                            self.release_entry(e)
+                s.l2_cache.mark_dirty(slot)
+            finally:
+                s.l2_cache.unpin(slot)
+            pos += n << geo.cluster_bits
+
+    # -- preallocation -----------------------------------------------------------------
+
+    def preallocate(self, mode):
+        """Map every guest cluster to a host cluster (qemu's preallocation:
+        ``metadata``, ``falloc`` or ``full``)."""
+        s, geo = self.state, self.geo
+        cs = geo.cluster_size
+        total = geo.size_to_clusters(s.size)
+        pos = 0
+        while pos < s.size:
+            slot = self.l2_slot_for_write(pos)
+            l2 = s.l2_cache.u64(slot)
+            i0 = geo.l2_index(pos) & (geo.slice_entries - 1)
+            n = min(geo.slice_entries - i0, total - (pos >> geo.cluster_bits))
+            new = self.refcounts.alloc(n)
+            self.host_limit_changed()
+            # (extended entries: a host cluster, no subcluster allocated -- as qemu)
+            k = geo.l2_entry_words
+            l2[i0 * k:(i0 + n) * k:k] = (np.arange(n, dtype=np.uint64) * np.uint64(cs)
+                                         + np.uint64(new)) | np.uint64(QCOW_OFLAG_COPIED)
+            s.l2_cache.mark_dirty(slot)
+            end = new + n * cs
+            s.alloc_end = max(s.alloc_end, end)
+            if mode == "falloc":
+                s.data_file.fallocate(new, n * cs)
+            elif mode == "full":
+                zeros = bytes(min(n * cs, 1 << 20))
+                for off in range(new, end, len(zeros)):
+                    s.data_file.pwrite(zeros[:min(len(zeros), end - off)], off)
+            pos += n << geo.cluster_bits

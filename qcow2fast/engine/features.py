@@ -1,0 +1,66 @@
+"""Header bits that change while an image is open (qemu's
+qcow2_mark_dirty, qcow2_mark_clean, qcow2_mark_corrupt): the dirty bit of
+lazy refcounts, the corrupt bit, and the auto-clear bits.
+
+Each function is given the image's state and writes the header field
+itself (from the one field table of spec/header.py).
+"""
+
+from ..spec import header as hdr
+
+
+def write_header_field(state, name):
+    """Write one header field of ``state.header`` to the image file."""
+    state.file.pwrite(hdr.FIELD_STRUCT[name].pack(getattr(state.header, name)),
+                      hdr.FIELD_OFFSET[name])
+
+
+def is_dirty(state):
+    return bool(state.header.incompatible_features & hdr.INCOMPAT_DIRTY)
+
+
+def set_dirty(state, dirty, refcounts_writable):
+    """Set or clear the dirty bit (v3 only) and make it stable: under lazy
+    refcounts it is on disk before the first refcount update that is not
+    ordered before its L2 entry."""
+    h = state.header
+    if h.version < 3:
+        return
+    if dirty:
+        h.incompatible_features |= hdr.INCOMPAT_DIRTY
+    else:
+        h.incompatible_features &= ~hdr.INCOMPAT_DIRTY
+    write_header_field(state, "incompatible_features")
+    state.barrier()             # barrier: the bit is stable before what relies on it
+    update_alloc_fast(state, refcounts_writable)
+
+
+def update_alloc_fast(state, refcounts_writable):
+    """Allocating writes may run in C unless lazy refcounts still need the
+    dirty bit set first (the Python path does that)."""
+    state.alloc_fast = (not state.read_only and refcounts_writable
+                        and (not state.lazy_refcounts or is_dirty(state)))
+
+
+def mark_corrupt(state, err):
+    """Set the corrupt bit and stop writing (as qemu does)."""
+    state.read_only = True
+    state.alloc_fast = False
+    state.read_only_why = f"image marked corrupt: {err}"
+    h = state.header
+    if h.version >= 3 and not h.incompatible_features & hdr.INCOMPAT_CORRUPT:
+        h.incompatible_features |= hdr.INCOMPAT_CORRUPT
+        try:
+            write_header_field(state, "incompatible_features")
+            state.file.sync()
+        except OSError:
+            pass
+
+
+def clear_autoclear(state):
+    """Unknown auto-clear bits are cleared before the first write (the spec:
+    a program that does not know an auto-clear feature must clear its bit
+    when it modifies the image)."""
+    if state.header.autoclear_features:
+        state.header.autoclear_features = 0
+        write_header_field(state, "autoclear_features")

@@ -1,0 +1,66 @@
+"""Flush ordering: what makes completed writes durable, in which order
+(qemu's qcow2_co_flush_to_os and the cache dependencies of qcow2-cache.c).
+
+The order of one flush, each barrier an fdatasync (none under
+``cache=unsafe``):
+
+1. refcount blocks are written, barrier: the refcounts that new L2
+   entries rely on are stable before those entries (skipped under lazy
+   refcounts, where the dirty bit was made stable instead and a crash is
+   repaired by a rebuild);
+2. L2 slices are written (the L2 cache flushes the refcount cache first
+   when it evicts), the file grows to cover every cluster handed out,
+   barrier: the L2 tables are stable before the L1 entries that point to
+   new ones;
+3. the L1 entries of L2 tables allocated since the last flush are
+   written, barrier: they are stable before the clusters they stopped
+   using are freed;
+4. deferred frees are applied (clusters whose last L2 entry is now on
+   disk), their refcount blocks written, barrier.
+
+So a crash can leak a cluster but never leave one in use marked free,
+and an L2 entry never reaches the disk before the data it points to
+(written before the entry was set in the cache).
+"""
+
+
+class FlushOrder:
+    """The ordered flush of one image, given its state and the subsystems
+    whose pending state it writes (the caller holds the exclusive lock)."""
+
+    def __init__(self, state, mapping, refcounts, compressed):
+        self.state = state
+        self.mapping = mapping
+        self.refcounts = refcounts
+        self.compressed = compressed
+
+    def flush(self, sync, final=False):
+        """Write everything pending in the order of the module doc;
+        ``sync``: with barriers; ``final``: also under lazy refcounts
+        (close writes the refcounts before clearing the dirty bit)."""
+        s, rc = self.state, self.refcounts
+        if rc is None:
+            return
+        f = s.file
+        if not s.lazy_refcounts or final:
+            s.refcount_cache.flush()
+            if sync:
+                f.sync()            # barrier: refcounts before the L2 entries using them
+        s.l2_cache.flush()
+        if s.alloc_end > f.size():
+            f.truncate(s.alloc_end)
+        if sync:
+            f.sync()                # barrier: L2 tables on disk before L1 entries point to them
+        if self.mapping.write_pending_l1() and sync:
+            f.sync()                # barrier: L1 entries on disk before old L2 tables are freed
+        if rc.deferred:
+            self.compressed.forget()        # freed host space may be reused
+            rc.apply_deferred_frees(self._discard_host)
+            if not s.lazy_refcounts or final:
+                s.refcount_cache.flush()
+                if sync:
+                    f.sync()
+
+    def _discard_host(self, offset, n):
+        """Give freed host clusters back to the file system."""
+        self.state.file.punch_hole(offset, n << self.state.cluster_bits)

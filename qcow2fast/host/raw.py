@@ -1,0 +1,71 @@
+"""Raw images: a raw backing file, or a raw image opened by the command
+line or the NBD server, behind the same small block-device interface as
+:class:`qcow2fast.Image` (``size``, ``read``/``readinto``, ``write``,
+``flush``, ``block_status``, ``close``, ``backing``)."""
+
+import errno
+import os
+
+from .._ext.fileio import File
+from ..extent import Extent
+
+
+class RawImage:
+    """A raw file or block device; its host offsets are its guest offsets."""
+
+    header = None
+    backing = None
+
+    def __init__(self, path, writable=False):
+        self.path = path
+        self.file = File(path, writable=writable)
+        self.size = self.file.size()            # lseek: block devices too
+        self.read_only = not writable
+        self.closed = False
+
+    def write(self, offset, data):
+        return self.file.pwrite(data, offset)
+
+    def flush(self):
+        self.file.sync_all()
+
+    def readinto(self, offset, buf):
+        """Read ``len(buf)`` bytes at ``offset``; past the end reads zeros."""
+        mv = memoryview(buf).cast("B")
+        self.file.preadinto(mv, offset)
+        return len(mv)
+
+    def read(self, offset, length):
+        return self.file.pread(offset, length)
+
+    def block_status(self, offset=0, length=None):
+        """Data and holes (SEEK_DATA/SEEK_HOLE); holes read as zeros."""
+        if length is None:
+            length = self.size - offset
+        end, pos, out = offset + length, offset, []
+        fd = self.file.fd
+        while pos < end:
+            try:
+                data = min(os.lseek(fd, pos, os.SEEK_DATA), end)
+            except OSError as e:
+                if e.errno != errno.ENXIO:      # no SEEK_DATA here: all of it is data
+                    out.append(Extent(pos, end - pos, "data", pos, 0))
+                    break
+                data = end                      # ENXIO: no data past pos
+            if data > pos:
+                out.append(Extent(pos, data - pos, "zero", None, 0))
+            if data >= end:
+                break
+            hole = min(os.lseek(fd, data, os.SEEK_HOLE), end)
+            out.append(Extent(data, hole - data, "data", data, 0))
+            pos = hole
+        return out
+
+    @property
+    def backing_chain(self):
+        return [self.path]
+
+    def close(self):
+        if not self.closed:
+            self.file.close()
+            self.closed = True
