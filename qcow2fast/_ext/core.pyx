@@ -239,8 +239,9 @@ cdef class ImageCore:
 
     cdef int64_t _read_loop(self, char *buf, int64_t off, int64_t n, bint exclusive) except -2:
         """Serve [off, off+n) as far as it can: data, zero, and unallocated
-        (from the layers below).  Returns the bytes done, or NEED_EXCLUSIVE
-        (nothing done) when a shared holder missed the cache."""
+        (from the layers below, whatever they need).  Returns the bytes done,
+        or NEED_EXCLUSIVE (nothing done) when a shared holder missed the
+        cache."""
         cdef ImageState s = self.s
         cdef int64_t done = 0, pos, l2i, chunk, in_cl, count, run, rc
         cdef int ub = s.unit_bits
@@ -265,10 +266,8 @@ cdef class ImageCore:
                          << (s.l2_bits + s.cluster_bits)) - pos
                 if chunk > n - done:
                     chunk = n - done
-                rc = self._read_below(buf + done, pos, chunk)
-                done += rc
-                if rc < chunk:
-                    break
+                self._fill_below(buf + done, pos, chunk)
+                done += chunk
                 continue
             count = (in_cl + (n - done) + us - 1) >> ub
             if count > slice_units - l2i:
@@ -288,10 +287,7 @@ cdef class ImageCore:
             elif kind == EXT_ZERO:
                 memset(buf + done, 0, chunk)
             elif kind == EXT_UNALLOCATED:
-                rc = self._read_below(buf + done, pos, chunk)
-                if rc < chunk:
-                    done += rc
-                    break
+                self._fill_below(buf + done, pos, chunk)
             else:
                 break
             done += chunk
@@ -365,7 +361,9 @@ cdef class ImageCore:
     cdef int _fill_below(self, char *dst, int64_t pos, int64_t n) except -1:
         """``dst`` = what the layers below show at guest [pos, pos+n) (for
         ranges unallocated here): in C, and through the backing image's
-        public read for what its C path hands to Python."""
+        public read for what its C path hands to Python -- so only the layer
+        that needs Python (a compressed cluster, say) enters it, not every
+        layer above it."""
         cdef int64_t got
         if n <= 0:
             return 0
@@ -523,6 +521,10 @@ cdef class ImageCore:
         if offset < 0 or length < 0 or offset + length > self.s.size:
             raise InvalidArgumentError(
                 f"request [{offset}, {offset + length}) outside the image (size {self.s.size})")
+
+    def _check_request(self, int64_t offset, int64_t length):
+        """The range check of every request, for the Python entry points."""
+        self._check_range(offset, length)
 
     def readinto(self, int64_t offset, buf):
         """Read ``len(buf)`` bytes at guest ``offset`` into ``buf``."""

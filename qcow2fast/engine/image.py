@@ -301,20 +301,13 @@ class Image(ImageCore):
         if self.read_only:
             raise ReadOnlyImageError(self.state.read_only_reason())
 
-    def _check_range_py(self, offset, length):
-        if self.closed:
-            raise ImageClosedError("I/O operation on a closed image")
-        if offset < 0 or length < 0 or offset + length > self.size:
-            raise InvalidArgumentError(
-                f"request [{offset}, {offset + length}) outside the image (size {self.size})")
-
     # -- zeroes, discard, compressed writes -----------------------------------------------
 
     def write_zeroes(self, offset, length, *, may_unmap=False):
         """Make [offset, offset+length) read as zeros, without writing data
         where the format allows (v3 zero flag; v2 without a backing file
         deallocates)."""
-        self._check_range_py(offset, length)
+        self._check_request(offset, length)
         self._notify_write(offset, length)
         self._update(self.clusters.write_zeroes, offset, length, may_unmap)
         if self.writethrough:
@@ -324,7 +317,7 @@ class Image(ImageCore):
         """Discard whole clusters in [offset, offset+length): their host space
         is freed.  Afterwards they read as zeros (v3, or v2 without a backing
         file) or from the backing file (v2 with one)."""
-        self._check_range_py(offset, length)
+        self._check_request(offset, length)
         self._notify_write(offset, length)
         self._update(self.clusters.discard, offset, length)
         if self.writethrough:
@@ -383,7 +376,7 @@ class Image(ImageCore):
                 self.flush()
 
     def _check_compressed_request(self, offset, length):
-        self._check_range_py(offset, length)
+        self._check_request(offset, length)
         self._check_writable()
         cs = self.cluster_size
         if offset % cs:
@@ -400,7 +393,7 @@ class Image(ImageCore):
         """Extents of [offset, offset+length) through the whole backing chain."""
         if length is None:
             length = self.size - offset
-        self._check_range_py(offset, length)
+        self._check_request(offset, length)
         self._wrlock()
         try:
             exts = list(self.clusters.layer_extents(offset, length))
