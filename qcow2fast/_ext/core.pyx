@@ -251,7 +251,6 @@ cdef class ImageCore:
         cdef int kind, st, slot
         cdef uint64_t *l2
         cdef uint64_t l1e
-        cdef File f = s.data_file
         while done < n:
             pos = off + done
             in_cl = pos & (us - 1)
@@ -280,10 +279,7 @@ cdef class ImageCore:
             if kind == EXT_DATA:
                 if host + <uint64_t>(run << ub) > <uint64_t>s.host_limit:
                     break
-                with nogil:
-                    rc = f.c_pread(buf + done, chunk, host + in_cl)
-                if rc < 0:
-                    f.raise_errno(rc, "read", host + in_cl)
+                s.read_data(buf + done, chunk, host + in_cl)
             elif kind == EXT_ZERO:
                 memset(buf + done, 0, chunk)
             elif kind == EXT_UNALLOCATED:
@@ -333,14 +329,12 @@ cdef class ImageCore:
                     chunk = n - done
                 if s.touches_metadata(host + in_cl, chunk):
                     break           # the slow path reports the corruption
-                if f.direct and not f.aligned(buf + done, chunk, host + in_cl):
+                if (f.direct and not f.aligned(buf + done, chunk, host + in_cl)) \
+                        or not s.transform_aligned(chunk, host + in_cl):
                     # Read-modify-write of a block must not race: exclusive only.
                     if not exclusive:
                         return NEED_EXCLUSIVE if done == 0 else done
-                with nogil:
-                    rc = f.c_pwrite(buf + done, chunk, host + in_cl)
-                if rc < 0:
-                    f.raise_errno(rc, "write", host + in_cl)
+                s.write_data(buf + done, chunk, host + in_cl)
             elif s.alloc_fast and (l1e & QCOW_OFLAG_COPIED) and run > 0 and (
                     kind == EXT_UNALLOCATED or kind == EXT_ZERO or s.extended):
                 if not exclusive:
@@ -376,18 +370,14 @@ cdef class ImageCore:
     cdef int _pwrite3(self, const char *a, int64_t na, const char *b, int64_t nb,
                       const char *c, int64_t nc, uint64_t off) except -1:
         """Write the pieces a, b, c back to back at host ``off`` of the data
-        file (any may be empty)."""
-        cdef File f = self.s.data_file
-        cdef int64_t rc = 0
-        with nogil:
-            if na:
-                rc = f.c_pwrite(a, na, off)
-            if rc >= 0 and nb:
-                rc = f.c_pwrite(b, nb, off + na)
-            if rc >= 0 and nc:
-                rc = f.c_pwrite(c, nc, off + na + nb)
-        if rc < 0:
-            f.raise_errno(rc, "write", off)
+        file (any may be empty), through the data funnel."""
+        cdef ImageState s = self.s
+        if na:
+            s.write_data(a, na, off)
+        if nb:
+            s.write_data(b, nb, off + na)
+        if nc:
+            s.write_data(c, nc, off + na + nb)
         return 0
 
     cdef int64_t _alloc_write(self, const char *buf, int64_t pos, int64_t remaining,

@@ -1,4 +1,4 @@
-from libc.stdint cimport int64_t, uint8_t
+from libc.stdint cimport int64_t, uint8_t, uint64_t
 
 
 cdef class WriteObserver:
@@ -17,3 +17,15 @@ cdef class DirtyBitmap(WriteObserver):
     cdef object _bits                    # numpy uint8, bit i = granule i dirty
     cdef uint8_t *bits
     cdef int64_t nbits
+
+
+cdef class DataTransform:
+    # Transforms guest data on its way between the guest and a data cluster
+    # (encryption), in whole blocks of ``block_size`` bytes, in place;
+    # ``host`` is the block-aligned host offset of ``buf``'s first byte
+    # (what a sector's IV is derived from).  ImageState.read_data and
+    # write_data call it, with the GIL held; a Cython subclass overrides the
+    # cpdef methods without a Python call.
+    cdef readonly int64_t block_size
+    cpdef int decode(self, unsigned char[::1] buf, uint64_t host) except -1
+    cpdef int encode(self, unsigned char[::1] buf, uint64_t host) except -1

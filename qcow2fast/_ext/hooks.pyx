@@ -1,6 +1,11 @@
 # cython: language_level=3
 """Extension points of the data path that C code calls without Python.
 
+``DataTransform`` is the data-transform hook: every byte of a data
+cluster goes through ``ImageState.read_data``/``write_data``, which decode
+and encode whole blocks with the image's transform when it has one
+(encryption plugs in here).
+
 ``WriteObserver`` is the write-notification hook: an image tells each of
 its observers (``Image.add_write_observer``) of every guest range about to
 change, from the C fast path as from the Python slow paths.
@@ -11,7 +16,7 @@ bit per ``granularity`` bytes of the guest disk, set in C.
 import numpy as np
 
 cimport numpy as cnp
-from libc.stdint cimport int64_t, uint8_t
+from libc.stdint cimport int64_t, uint8_t, uint64_t
 
 from ..errors import InvalidArgumentError
 
@@ -89,3 +94,21 @@ cdef class DirtyBitmap(WriteObserver):
 
     def clear(self):
         self._bits[:] = 0
+
+
+cdef class DataTransform:
+    """The identity transform; subclasses decode and encode in place."""
+
+    def __cinit__(self, int64_t block_size=512, *args, **kwargs):
+        if block_size < 16 or block_size & (block_size - 1) or block_size > 65536:
+            raise InvalidArgumentError(f"transform block size must be a power of two between "
+                                       f"16 B and 64 KiB, not {block_size}")
+        self.block_size = block_size
+
+    cpdef int decode(self, unsigned char[::1] buf, uint64_t host) except -1:
+        """Host bytes of whole blocks -> guest bytes, in place."""
+        return 0
+
+    cpdef int encode(self, unsigned char[::1] buf, uint64_t host) except -1:
+        """Guest bytes of whole blocks -> host bytes, in place."""
+        return 0

@@ -1,6 +1,7 @@
 from libc.stdint cimport uint64_t, int64_t
 from .fileio cimport File
 from .cache cimport TableCache
+from .hooks cimport DataTransform
 
 
 cdef class ImageState:
@@ -15,6 +16,7 @@ cdef class ImageState:
     cdef public TableCache refcount_cache
     cdef public object metadata          # engine.overlap.MetadataMap
     cdef public object snapshot          # the internal snapshot viewed, or None
+    cdef readonly DataTransform transform  # applied to all guest data (set_transform), or None
 
     # The geometry the data path needs, from ``geo``.
     cdef readonly int cluster_bits
@@ -52,3 +54,6 @@ cdef class ImageState:
     cdef int64_t meta_clusters
 
     cdef bint touches_metadata(self, uint64_t host, int64_t n) noexcept nogil
+    cdef int read_data(self, char *buf, int64_t n, uint64_t host) except -1
+    cdef int write_data(self, const char *buf, int64_t n, uint64_t host) except -1
+    cdef bint transform_aligned(self, int64_t n, uint64_t host) noexcept nogil

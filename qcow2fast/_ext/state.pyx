@@ -8,8 +8,15 @@ object; none of them owns a copy of what is here.  Its fields are C fields
 so that the data path in ``core.pyx`` reads them without Python.
 """
 
+import os
+
 cimport numpy as cnp
 from libc.stdint cimport uint64_t, int64_t
+from libc.stdlib cimport free, malloc
+from libc.string cimport memcpy
+from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE, PyBUF_WRITABLE
+
+from ..errors import InvalidArgumentError
 
 cnp.import_array()
 
@@ -36,6 +43,7 @@ cdef class ImageState:
         self.writethrough = cache_mode in ("writethrough", "directsync")
         self.unsafe = cache_mode == "unsafe"
         self.closed = False
+        self.transform = None
         self.l1 = NULL
         self.l1_size = 0
         self.meta_bits = NULL
@@ -87,6 +95,122 @@ cdef class ImageState:
             self.zero_from = end
         if end > self.alloc_end:
             self.alloc_end = end
+
+    # -- the data funnel: every byte of every data cluster goes through here --------------
+
+    def set_transform(self, DataTransform transform):
+        """Apply ``transform`` to all guest data from now on (None: none).
+        Fresh host space then no longer reads as zeros through it, so new
+        clusters are always written whole."""
+        self.transform = transform
+        if transform is not None:
+            self.zero_from = ZERO_FROM_NEVER
+
+    cdef bint transform_aligned(self, int64_t n, uint64_t host) noexcept nogil:
+        """Whether host [host, host+n) is whole transform blocks (always,
+        without a transform): an unaligned write read-modify-writes its edge
+        blocks, which must not race with another writer."""
+        if self.transform is None:
+            return True
+        return (host | <uint64_t>n) & <uint64_t>(self.transform.block_size - 1) == 0
+
+    cdef int read_data(self, char *buf, int64_t n, uint64_t host) except -1:
+        """Guest data at host [host, host+n) of the data file into ``buf``."""
+        cdef File f = self.data_file
+        cdef int64_t rc, bs, lo, hi
+        cdef char *tmp
+        if self.transform is None or n <= 0:
+            with nogil:
+                rc = f.c_pread(buf, n, host)
+            if rc < 0:
+                f.raise_errno(rc, "read", host)
+            return 0
+        bs = self.transform.block_size
+        lo = host & ~(bs - 1)
+        hi = (host + n + bs - 1) & ~(bs - 1)
+        if lo == <int64_t>host and hi == <int64_t>host + n:
+            with nogil:
+                rc = f.c_pread(buf, n, host)
+            if rc < 0:
+                f.raise_errno(rc, "read", host)
+            self.transform.decode(<unsigned char[:n]> <unsigned char *> buf, host)
+            return 0
+        tmp = <char *>malloc(hi - lo)
+        if tmp == NULL:
+            raise MemoryError()
+        try:
+            self.read_data(tmp, hi - lo, lo)
+            memcpy(buf, tmp + (host - lo), n)
+        finally:
+            free(tmp)
+        return 0
+
+    cdef int write_data(self, const char *buf, int64_t n, uint64_t host) except -1:
+        """Guest data ``buf`` to host [host, host+n) of the data file.  With a
+        transform, edge blocks the write covers in part are read, decoded
+        and patched first (the caller holds the exclusive lock then)."""
+        cdef File f = self.data_file
+        cdef int64_t rc, bs, lo, hi
+        cdef char *tmp
+        if self.transform is None or n <= 0:
+            with nogil:
+                rc = f.c_pwrite(buf, n, host)
+            if rc < 0:
+                f.raise_errno(rc, "write", host)
+            return 0
+        bs = self.transform.block_size
+        lo = host & ~(bs - 1)
+        hi = (host + n + bs - 1) & ~(bs - 1)
+        tmp = <char *>malloc(hi - lo)
+        if tmp == NULL:
+            raise MemoryError()
+        try:
+            if lo < <int64_t>host:
+                self.read_data(tmp, bs, lo)
+            if hi > <int64_t>host + n and (hi - bs > lo or lo == <int64_t>host):
+                self.read_data(tmp + (hi - bs - lo), bs, hi - bs)
+            memcpy(tmp + (host - lo), buf, n)
+            self.transform.encode(<unsigned char[:hi - lo]> <unsigned char *> tmp, lo)
+            with nogil:
+                rc = f.c_pwrite(tmp, hi - lo, lo)
+            if rc < 0:
+                f.raise_errno(rc, "write", lo)
+        finally:
+            free(tmp)
+        return 0
+
+    def read_data_into(self, buf, uint64_t host):
+        """Python access to :meth:`read_data`: fill ``buf`` from ``host``."""
+        cdef Py_buffer view
+        PyObject_GetBuffer(buf, &view, PyBUF_SIMPLE | PyBUF_WRITABLE)
+        try:
+            self.read_data(<char *>view.buf, view.len, host)
+        finally:
+            PyBuffer_Release(&view)
+
+    def write_data_pieces(self, pieces, uint64_t host):
+        """Python access to :meth:`write_data`: ``pieces`` (bytes-like) back
+        to back from ``host``, in one system call where it can."""
+        cdef Py_buffer view
+        cdef File f = self.data_file
+        if len(pieces) > 1 and (self.transform is not None or f.direct):
+            pieces = [b"".join(pieces)]
+        if len(pieces) == 1:
+            PyObject_GetBuffer(pieces[0], &view, PyBUF_SIMPLE)
+            try:
+                self.write_data(<const char *>view.buf, view.len, host)
+            finally:
+                PyBuffer_Release(&view)
+            return
+        views = [memoryview(p).cast("B") for p in pieces]
+        while views:
+            n = os.pwritev(f.fd, views, host)
+            host += n
+            while views and n >= len(views[0]):
+                n -= len(views[0])
+                views.pop(0)
+            if views and n:
+                views[0] = views[0][n:]
 
     def read_only_reason(self):
         return f"{self.path}: {self.read_only_why or 'image is open read-only'}"

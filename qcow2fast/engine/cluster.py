@@ -14,8 +14,6 @@ Invariants (with the write ordering of engine/flush.py):
   in-place overwrite.
 """
 
-import os
-
 import numpy as np
 
 from .._ext.kernels import l2_entry_kind
@@ -68,7 +66,7 @@ class Clusters:
             elif kind == ZERO:
                 out[:] = bytes(n)
             else:
-                s.data_file.preadinto(out, host)
+                s.read_data_into(out, host)
             done += n
 
     def read_below(self, pos, out):
@@ -141,7 +139,7 @@ class Clusters:
                                                            need_copied=True)
                 if kind == DATA and entry & QCOW_OFLAG_COPIED:
                     self.check_overlap(pos, host, n)
-                    s.data_file.pwrite(mv[done:done + n], host)
+                    s.write_data_pieces([mv[done:done + n]], host)
                 elif self.subclusters is not None:
                     self.subclusters.write(slot, pos, mv[done:done + n])
                 else:
@@ -200,26 +198,14 @@ class Clusters:
         elif kind == COMPRESSED:
             buf[:] = self.compressed.cluster(entry)[start:start + n]
         else:   # a data cluster shared with a snapshot
-            self.state.data_file.preadinto(buf, (entry & L2E_OFFSET_MASK) + start)
+            self.state.read_data_into(buf, (entry & L2E_OFFSET_MASK) + start)
         if fresh and not any(buf):
             return None
         return buf
 
     def pwritev(self, pieces, off):
-        """Write ``pieces`` back to back at host ``off`` of the data file."""
-        f = self.state.data_file
-        if len(pieces) == 1 or f.direct:
-            f.pwrite(b"".join(pieces) if len(pieces) > 1 else pieces[0], off)
-            return
-        views = [memoryview(p).cast("B") for p in pieces]
-        while views:
-            n = os.pwritev(f.fd, views, off)
-            off += n
-            while views and n >= len(views[0]):
-                n -= len(views[0])
-                views.pop(0)
-            if views and n:
-                views[0] = views[0][n:]
+        """Write guest data ``pieces`` back to back at host ``off``."""
+        self.state.write_data_pieces(pieces, off)
 
     def release_entry(self, entry):
         """Drop the reference an L2 entry held (deferred, see the module doc)."""
@@ -360,7 +346,7 @@ class Clusters:
             if mode == "falloc":
                 s.data_file.fallocate(new, n * cs)
             elif mode == "full":
-                zeros = bytes(min(n * cs, 1 << 20))
+                zeros = memoryview(bytes(min(n * cs, 1 << 20)))
                 for off in range(new, end, len(zeros)):
-                    s.data_file.pwrite(zeros[:min(len(zeros), end - off)], off)
+                    s.write_data_pieces([zeros[:min(len(zeros), end - off)]], off)
             pos += n << geo.cluster_bits

@@ -25,7 +25,8 @@ import threading
 from .._ext.core import ImageCore
 from .._ext.fileio import File
 from .._ext.state import CACHE_MODES, ZERO_FROM_NEVER, ImageState
-from ..errors import CorruptImageError, ImageClosedError, InvalidArgumentError, ReadOnlyImageError
+from ..errors import (CorruptImageError, ImageClosedError, InvalidArgumentError,
+                      ReadOnlyImageError, UnsupportedFeatureError)
 from ..extent import Extent, merge_extents
 from ..spec import header as hdr
 from ..spec.geometry import Geometry
@@ -369,6 +370,9 @@ class Image(ImageCore):
         if len(payloads) != -(-length // cs):
             raise InvalidArgumentError(f"{len(payloads)} clusters from guest offset {offset:#x} "
                                        f"go past the end of the disk (size {self.size})")
+        if payloads and self.state.transform is not None:
+            raise UnsupportedFeatureError("compressed clusters cannot be written through a "
+                                          "data transform (encryption)", feature="compression")
         if payloads:
             self._notify_write(offset, length)
             self._update(self.clusters.compressed.write, offset, payloads)
