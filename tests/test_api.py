@@ -432,3 +432,20 @@ def test_open_accepts_pathlike(rw):
     with qcow2fast.open(pathlib.Path(rw)) as img:
         assert img.size == 4 * MiB
 
+
+
+def test_images_and_raw_files_share_the_block_device_interface(tmp_path):
+    from qcow2fast.host.device import BlockDevice
+    from qcow2fast.host.raw import RawImage
+    raw = tmp_path / "d.raw"
+    raw.write_bytes(b"\x01" * 4096)
+    path = str(tmp_path / "d.qcow2")
+    qcow2fast.create(path, 1 * MiB)
+    with qcow2fast.open(path) as img:
+        assert isinstance(img, BlockDevice)
+    r = RawImage(str(raw))
+    try:
+        assert isinstance(r, BlockDevice)
+        assert r.read(4000, 200) == b"\x01" * 96 + bytes(104)     # zeros past the end
+    finally:
+        r.close()

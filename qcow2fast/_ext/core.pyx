@@ -358,13 +358,19 @@ cdef class ImageCore:
         public read for what its C path hands to Python -- so only the layer
         that needs Python (a compressed cluster, say) enters it, not every
         layer above it."""
-        cdef int64_t got
+        cdef int64_t got, k
         if n <= 0:
             return 0
         got = self._read_below(dst, pos, n)
         if got < n:
-            self.below.readinto(pos + got, memoryview(<unsigned char[:n - got]>
+            # Only a qcow2 layer below stops early, inside its own size.
+            k = self.below_size - pos
+            if k > n:
+                k = n
+            self.below.readinto(pos + got, memoryview(<unsigned char[:k - got]>
                                                       <unsigned char *>(dst + got)))
+            if k < n:
+                memset(dst + k, 0, n - k)
         return 0
 
     cdef int _pwrite3(self, const char *a, int64_t na, const char *b, int64_t nb,
