@@ -11,7 +11,7 @@ reads an internal snapshot of the (single, qcow2) source: an id or name, or
 (not in qemu-img) sets the zlib (1-9, default 3) or zstd (1-22, default 3)
 level used by ``-c``."""
 
-from ..ops import convert
+from ..ops.convert import convert
 from .common import snapshot_spec
 from .create_cmd import options_help, qcow2_options
 from .options import UsageError, merge_options, parse_size

@@ -2,7 +2,7 @@
 
 import os
 
-from ..ops import create as create_image
+from ..ops.create import create as create_image
 from ..host import file as hostfile
 from ..engine.backing import probe_format, resolve_backing_path
 from ..errors import UnsupportedFeatureError

@@ -5,7 +5,7 @@ count*bs bytes minus the skipped skip*bs (when count fits in the input).
 One deliberate difference: skipping past the end of the input is an error
 with exit status 1 (qemu-img 7.2 prints the error but exits 0)."""
 
-from ..ops import create as create_qcow2
+from ..ops.create import create as create_qcow2
 from ..host import file as hostfile
 from .common import open_image
 from .options import UsageError, parse_size
