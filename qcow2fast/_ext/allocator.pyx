@@ -15,7 +15,7 @@ cimport numpy as cnp
 from libc.stdint cimport uint8_t, uint64_t, int64_t
 
 from .cache cimport TableCache
-from .common cimport rc_get, rc_set
+from .common cimport qcow2_rb_bits, rc_get, rc_set
 
 from ..errors import CorruptImageError, Qcow2Error
 
@@ -27,7 +27,7 @@ cdef class RefcountCore:
         self.cache = cache
         self.cluster_bits = cluster_bits
         self.order = order
-        self.rb_bits = cluster_bits + 3 - order
+        self.rb_bits = qcow2_rb_bits(cluster_bits, order)
         self.maxval = (<uint64_t>-1) >> (64 - (1 << order))
         self.missing_block = -1
         self.res = NULL

@@ -32,10 +32,12 @@ from .._ext.fileio import File
 from .._ext.kernels import nonzero_units
 from ..engine.backing import RawImage, probe_format
 from ..engine.compress import Compressor
-from .create import create, validate_options
+from .create import create
+from .options import validate_options
 from ..errors import InvalidArgumentError, Qcow2Error, UnsupportedFeatureError
 from ..host.file import pwrite_all
-from .qcow2_writer import COMPRESSED, DATA, UNALLOCATED, ZERO, Qcow2Writer, runs
+from ..spec.constants import COMPRESSED, DATA, UNALLOCATED, ZERO
+from .qcow2_writer import Qcow2Writer, runs
 
 BATCH_BYTES = 2 << 20           # as qemu-img convert's requests; 4 MiB measured slower
 STDIN = "-"
