@@ -17,7 +17,7 @@ import numpy as np
 
 from .._ext import kernels
 from .._ext.allocator import RefcountCore
-from ..errors import CorruptImageError, Qcow2Error
+from ..errors import CorruptImageError, LimitExceededError
 from ..spec.constants import REFT_OFFSET_MASK, REFTABLE_ENTRY_SIZE
 from ..spec.constants import BE64 as _BE64
 from ..spec.header import MAX_REFTABLE_BYTES, pack_fields
@@ -228,7 +228,7 @@ class Refcounts(RefcountCore):
                 break
             new_n = geo.refblocks_covering(area_end)
         if table_clusters * cs > MAX_REFTABLE_BYTES:
-            raise Qcow2Error("refcount table would exceed qemu's 8 MiB limit")
+            raise LimitExceededError("refcount table would exceed qemu's 8 MiB limit")
         # Area clusters already covered by existing blocks must be free.
         for c in range(area, area_end):
             if (c >> geo.rb_bits) < old_n and old[c >> geo.rb_bits] and self.get(c):

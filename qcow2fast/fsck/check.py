@@ -12,7 +12,7 @@ import os
 import numpy as np
 
 from .._ext.kernels import l2_copied_rows, l2_tally_tables
-from ..errors import Qcow2Error
+from ..errors import Qcow2Error, RepairError
 from ..spec.constants import (BE64, L1E_OFFSET_MASK, L1E_RESERVED_MASK, L1E_SIZE,
                               L2E_OFFSET_MASK, QCOW_OFLAG_COPIED, QCOW_OFLAG_ZERO,
                               REFT_OFFSET_MASK, REFT_RESERVED_MASK)
@@ -581,14 +581,14 @@ def repair_image(path, first, mode):
     a rebuild goes through an Image opened for writing and
     rebuild_refcounts.  Guest data is never touched."""
     if first.check_errors:
-        raise Qcow2Error("Check failed: Input/output error")
+        raise RepairError("Check failed: Input/output error")
     rebuild = mode == "all" and first.rebuild
     _write_fixes(path, first)
     if rebuild:
         try:
             _rebuild(path, first)
         except Qcow2Error as e:
-            raise Qcow2Error(f"Check failed: cannot rebuild the refcount structures: {e}") from e
+            raise RepairError(f"Check failed: cannot rebuild the refcount structures: {e}") from e
     if rebuild:
         remaining = first.malformed
     else:

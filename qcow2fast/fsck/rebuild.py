@@ -13,7 +13,7 @@ damaged.
 import numpy as np
 
 from .._ext.kernels import tally_add
-from ..errors import CorruptImageError, Qcow2Error
+from ..errors import CorruptImageError, LimitExceededError, RepairError
 from ..spec.constants import L1E_OFFSET_MASK, L1E_SIZE, QCOW_OFLAG_COPIED
 from ..spec.entries import (decode_table, has_copied, host_offsets, is_compressed,
                             l2_table_offsets, standard_allocated)
@@ -158,13 +158,14 @@ def rebuild_refcounts(img):
             if want.max(initial=0) > min(geo.refcount_max, TALLY_MAX - 1):
                 c = int(np.argmax(want))
                 n = f"{int(want[c])}" + (" or more" if want[c] == TALLY_MAX else "")
-                raise Qcow2Error(f"host cluster {c << geo.cluster_bits:#x} needs refcount "
-                                 f"{n}, more than {geo.refcount_bits} bits hold")
+                raise LimitExceededError(f"host cluster {c << geo.cluster_bits:#x} needs "
+                                         f"refcount {n}, more than {geo.refcount_bits} bits "
+                                         "hold")
             changed = _apply(rc, geo, want)
             if not changed:
                 break
         else:
-            raise Qcow2Error("refcount rebuild did not converge")
+            raise RepairError("refcount rebuild did not converge")
     finally:
         rc.reserved = None
     rc.free_hint = 0

@@ -34,7 +34,7 @@ from ..engine.backing import RawImage, probe_format
 from ..engine.compress import Compressor
 from .create import create
 from .options import validate_options
-from ..errors import InvalidArgumentError, Qcow2Error, UnsupportedFeatureError
+from ..errors import ConvertError, InvalidArgumentError, Qcow2Error, UnsupportedFeatureError
 from ..host.file import pwrite_all
 from ..spec.constants import COMPRESSED, DATA, UNALLOCATED, ZERO
 from .qcow2_writer import Qcow2Writer, runs
@@ -44,10 +44,6 @@ STDIN = "-"
 # Unit classification before reading: nothing to do, reads as zeros but must
 # be written as zeros (a top layer over a backing file), or must be read.
 SKIP, MUST_ZERO, READ = 0, 1, 2
-
-
-class ConvertError(Qcow2Error):
-    """Reading a source failed; the message names the source and offset."""
 
 
 # -- sources ---------------------------------------------------------------------------
