@@ -88,6 +88,9 @@ def validate_options(path, size=None, *, cluster_size=65536, compat="1.1", refco
         raise InvalidArgumentError("backing_format given without backing_file")
     if backing_file and preallocation != "off":
         raise InvalidArgumentError("backing_file and preallocation cannot be combined")
+    if backing_file and "\0" in backing_file:
+        # no valid image has one (the header parser refuses it)
+        raise InvalidArgumentError("backing file name contains a NUL byte")
     if backing_file:
         bpath = resolve_backing_path(path, backing_file)
         if backing_format is None:

@@ -11,6 +11,7 @@ import struct
 
 from ..errors import CorruptImageError, UnsupportedFeatureError
 from .constants import L1E_SIZE, SC_BITS
+from .geometry import Geometry
 
 QCOW_MAGIC = b"QFI\xfb"
 
@@ -279,11 +280,12 @@ def parse_header(buf, file_size):
     _check(h.l1_size <= MAX_L1_BYTES // L1E_SIZE,
            f"l1_size {h.l1_size} exceeds the limit of {MAX_L1_BYTES // L1E_SIZE} entries",
            "l1_size")
-    l2_entries = cs // 8
-    needed_l1 = -(-h.size // (cs * l2_entries))
+    # An L2 table maps half as much with extended (16-byte) entries.
+    geo = Geometry(cb, h.refcount_order, extended_l2=h.incompatible_features & INCOMPAT_EXTL2)
+    needed_l1 = geo.l1_size_for(h.size)
     _check(h.l1_size >= needed_l1,
-           f"l1_size {h.l1_size} too small for a virtual size of {h.size} (needs {needed_l1})",
-           "l1_size")
+           f"l1_size {h.l1_size} too small for a virtual size of {h.size} (needs {needed_l1}"
+           f"{' with extended L2 entries' if geo.extended_l2 else ''})", "l1_size")
     _check_table(h.l1_table_offset, h.l1_size * L1E_SIZE, cs, file_size, "l1_table_offset")
     _check(0 < h.refcount_table_clusters <= MAX_REFTABLE_BYTES // cs,
            f"refcount_table_clusters {h.refcount_table_clusters} out of range", "refcount_table_clusters")
@@ -303,6 +305,10 @@ def parse_header(buf, file_size):
                f"backing file name at {h.backing_file_offset:#x} runs past the first cluster",
                "backing_file_offset")
         name = bytes(buf[h.backing_file_offset:h.backing_file_offset + h.backing_file_size])
+        if b"\0" in name:
+            raise CorruptImageError(f"backing file name has a NUL byte at position "
+                                    f"{name.index(0)} of {len(name)}",
+                                    offset=h.backing_file_offset, field="backing_file")
         try:
             h.backing_file = name.decode()
         except UnicodeDecodeError:
