@@ -6,7 +6,7 @@ from Cython.Build import cythonize
 from setuptools import Extension, setup
 
 EXT_DIR = os.path.join("qcow2fast", "_ext")
-MODULES = ["kernels", "fileio", "cache", "allocator", "state", "hooks", "core", "reqloop"]
+MODULES = ["spec", "kernels", "fileio", "cache", "allocator", "state", "hooks", "core", "reqloop"]
 
 extensions = [
     Extension(

@@ -9,8 +9,9 @@
 
 from .ops.convert import convert
 from .ops.create import create
-from .errors import (CorruptImageError, ImageClosedError, InvalidArgumentError, Qcow2Error,
-                     ReadOnlyImageError, UnsupportedFeatureError)
+from .errors import (ConvertError, CorruptImageError, ImageClosedError, InvalidArgumentError,
+                     LimitExceededError, Qcow2Error, ReadOnlyImageError, RepairError,
+                     UnsupportedFeatureError)
 from .extent import Extent
 from .engine.image import Image
 
@@ -18,7 +19,7 @@ __version__ = "0.1.0"
 
 __all__ = ["open", "create", "convert", "Image", "Extent", "Qcow2Error", "CorruptImageError",
            "UnsupportedFeatureError", "InvalidArgumentError", "ReadOnlyImageError",
-           "ImageClosedError"]
+           "ImageClosedError", "LimitExceededError", "RepairError", "ConvertError"]
 
 
 def open(path, mode="r", **options):  # noqa: A001 - mirrors the builtin on purpose

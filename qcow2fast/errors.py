@@ -12,6 +12,9 @@ __all__ = [
     "InvalidArgumentError",
     "ReadOnlyImageError",
     "ImageClosedError",
+    "LimitExceededError",
+    "RepairError",
+    "ConvertError",
 ]
 
 
@@ -57,3 +60,18 @@ class ReadOnlyImageError(Qcow2Error, PermissionError):
 
 class ImageClosedError(Qcow2Error, ValueError):
     """An operation was attempted on a closed image."""
+
+
+class LimitExceededError(Qcow2Error):
+    """A structure would outgrow a limit of the format or of qemu's
+    implementation (the refcount table's size, the refcount width, the
+    host offsets a compressed cluster descriptor can hold)."""
+
+
+class RepairError(Qcow2Error):
+    """A repair (``check -r``) could not be carried out."""
+
+
+class ConvertError(Qcow2Error):
+    """Reading a source of a conversion failed; the message names the source
+    and the offset."""

@@ -15,9 +15,9 @@ cimport numpy as cnp
 from libc.stdint cimport uint8_t, uint64_t, int64_t
 
 from .cache cimport TableCache
-from .common cimport rc_get, rc_set
+from .common cimport qcow2_rb_bits, rc_get, rc_set
 
-from ..errors import CorruptImageError, Qcow2Error
+from ..errors import CorruptImageError, LimitExceededError
 
 cnp.import_array()
 
@@ -27,7 +27,7 @@ cdef class RefcountCore:
         self.cache = cache
         self.cluster_bits = cluster_bits
         self.order = order
-        self.rb_bits = cluster_bits + 3 - order
+        self.rb_bits = qcow2_rb_bits(cluster_bits, order)
         self.maxval = (<uint64_t>-1) >> (64 - (1 << order))
         self.missing_block = -1
         self.res = NULL
@@ -159,7 +159,7 @@ cdef class RefcountCore:
                     raise CorruptImageError(f"refcount of host cluster {host:#x} would drop "
                                             f"below zero (it is {v})", offset=host,
                                             field="refcount")
-                raise Qcow2Error(f"refcount of host cluster {host:#x} would exceed the "
+                raise LimitExceededError(f"refcount of host cluster {host:#x} would exceed the "
                                  f"{1 << self.order}-bit maximum {self.maxval}")
             for j in range(i, i + k):
                 rc_set(blk, j, self.order, rc_get(blk, j, self.order) + <uint64_t>delta)

@@ -288,15 +288,6 @@ cdef class TableCache:
         for _, i in order:
             self.c_writeback(i)
 
-    def invalidate(self, int64_t key):
-        """Forget ``key`` (its table was freed); a dirty copy is dropped."""
-        cdef int slot = self.lookup(key)
-        if slot < 0:
-            return
-        if self.pins[slot]:
-            raise RuntimeError(f"metadata cache: invalidating pinned slice {key:#x}")
-        self._drop(slot)
-
     cdef void _drop(self, int slot):
         if self.dirty[slot]:
             self.dirty[slot] = 0

@@ -23,37 +23,10 @@ cdef extern from *:
     uint32_t QF_BSWAP32(uint32_t) nogil
     uint16_t QF_BSWAP16(uint16_t) nogil
 
-# L1/L2 entry bits (names from the spec and qemu's qcow2.h), as C macros so
-# every module that cimports them sees the same constants.
-cdef extern from *:
-    """
-    #define QCOW_OFLAG_COPIED      (1ULL << 63)
-    #define QCOW_OFLAG_COMPRESSED  (1ULL << 62)
-    #define QCOW_OFLAG_ZERO        1ULL
-    #define L1E_OFFSET_MASK        0x00fffffffffffe00ULL
-    #define L2E_OFFSET_MASK        0x00fffffffffffe00ULL
-    #define REFT_OFFSET_MASK       0xfffffffffffffe00ULL
-    /* Bits that must be zero: standard L2 entry bits 1-8 and 56-61, L1 entry
-       bits 0-8 and 56-62. */
-    #define L2E_STD_RESERVED_MASK  0x3f000000000001feULL
-    #define L1E_RESERVED_MASK      0x7f000000000001ffULL
-    """
-    const uint64_t QCOW_OFLAG_COPIED
-    const uint64_t QCOW_OFLAG_COMPRESSED
-    const uint64_t QCOW_OFLAG_ZERO
-    const uint64_t L1E_OFFSET_MASK
-    const uint64_t L2E_OFFSET_MASK
-    const uint64_t REFT_OFFSET_MASK
-    const uint64_t L2E_STD_RESERVED_MASK
-    const uint64_t L1E_RESERVED_MASK
-
-# Extent kinds returned by the mapping kernels.
-cdef enum:
-    EXT_UNALLOCATED = 0
-    EXT_DATA = 1
-    EXT_ZERO = 2          # reads as zero (v3 zero flag, host offset may be set)
-    EXT_COMPRESSED = 3
-    EXT_INVALID = 4       # malformed entry: the caller reports corruption
+# The spec's constants and kinds (QCOW_OFLAG_*, L1E_*/L2E_*/REFT_* masks,
+# EXT_* kinds, subcluster bitmap layout, shift helpers): declared once in
+# csrc/qcow2_spec.h, cimportable from here under the same names.
+from .qcow2_spec cimport *
 
 
 cdef inline int l2_entry_kind(uint64_t e) noexcept nogil:
@@ -149,8 +122,8 @@ cdef inline int64_t l2_run(const uint64_t *l2, int64_t i, int64_t count, int clu
 #
 # An extended entry is two words: the descriptor (as a standard entry, bit 0
 # ignored) and the subcluster bitmap: bit sc = subcluster sc allocated, bit
-# 32 + sc = subcluster sc reads as zeros.  ``u`` below indexes subclusters
-# across a slice: entry u >> 5, subcluster u & 31.
+# SC_ZERO_SHIFT + sc = subcluster sc reads as zeros.  ``u`` below indexes
+# subclusters across a slice: entry u >> SC_BITS, subcluster u & (SUBCLUSTERS - 1).
 
 cdef inline int sc_kind(uint64_t e, uint64_t bitmap, int sc, int cluster_bits) noexcept nogil:
     """Kind of subcluster ``sc`` of the extended entry (e, bitmap), with
@@ -160,13 +133,13 @@ cdef inline int sc_kind(uint64_t e, uint64_t bitmap, int sc, int cluster_bits) n
     cdef uint64_t host = e & L2E_OFFSET_MASK
     if e & QCOW_OFLAG_COMPRESSED:
         return EXT_INVALID if bitmap else EXT_COMPRESSED
-    if (e & L2E_STD_RESERVED_MASK) or ((bitmap >> 32) & bitmap & 0xFFFFFFFFULL) \
+    if (e & L2E_STD_RESERVED_MASK) or ((bitmap >> SC_ZERO_SHIFT) & bitmap & SC_ALLOC_MASK) \
             or (host & (((<uint64_t>1) << cluster_bits) - 1)) \
-            or (host == 0 and (bitmap & 0xFFFFFFFFULL)):
+            or (host == 0 and (bitmap & SC_ALLOC_MASK)):
         return EXT_INVALID
     if (bitmap >> sc) & 1:
         return EXT_DATA
-    if (bitmap >> (32 + sc)) & 1:
+    if (bitmap >> (SC_ZERO_SHIFT + sc)) & 1:
         return EXT_ZERO
     return EXT_UNALLOCATED
 
@@ -180,9 +153,9 @@ cdef inline int64_t l2_run_ext(const uint64_t *l2, int64_t u, int64_t count, int
     only if every subcluster's cluster has one, contiguous.
     Sets ``host`` to the first subcluster's host offset (0 if none; for
     compressed, the raw descriptor's offset bits)."""
-    cdef int scb = cluster_bits - 5
-    cdef int64_t i = u >> 5, n = 1, j
-    cdef int sc = <int>(u & 31), k, k2
+    cdef int scb = qcow2_unit_bits(cluster_bits, True)
+    cdef int64_t i = u >> SC_BITS, n = 1, j
+    cdef int sc = <int>(u & (SUBCLUSTERS - 1)), k, k2
     cdef uint64_t e = l2[2 * i], bm = l2[2 * i + 1], base, want, copied
     k = sc_kind(e, bm, sc, cluster_bits)
     kind[0] = k
@@ -190,7 +163,7 @@ cdef inline int64_t l2_run_ext(const uint64_t *l2, int64_t u, int64_t count, int
     host[0] = base + ((<uint64_t>sc) << scb) if base and k != EXT_COMPRESSED else base
     if k == EXT_INVALID or k == EXT_COMPRESSED:
         if k == EXT_COMPRESSED:       # the rest of the cluster
-            n = 32 - sc
+            n = SUBCLUSTERS - sc
             if n > count:
                 n = count
         return n
@@ -200,20 +173,20 @@ cdef inline int64_t l2_run_ext(const uint64_t *l2, int64_t u, int64_t count, int
     want = host[0] + ((<uint64_t>1) << scb)
     while n < count:
         j = u + n
-        if (j & 31) == 0:
-            e = l2[2 * (j >> 5)]
-            bm = l2[2 * (j >> 5) + 1]
+        if (j & (SUBCLUSTERS - 1)) == 0:
+            e = l2[2 * (j >> SC_BITS)]
+            bm = l2[2 * (j >> SC_BITS) + 1]
             base = e & L2E_OFFSET_MASK
-        k2 = sc_kind(e, bm, <int>(j & 31), cluster_bits)
+        k2 = sc_kind(e, bm, <int>(j & (SUBCLUSTERS - 1)), cluster_bits)
         if k2 != k:
             break
         if k == EXT_DATA:
-            if (base + ((<uint64_t>(j & 31)) << scb)) != want or (e & QCOW_OFLAG_COPIED) != copied:
+            if (base + ((<uint64_t>(j & (SUBCLUSTERS - 1))) << scb)) != want or (e & QCOW_OFLAG_COPIED) != copied:
                 break
         else:       # zero or unallocated: a host offset kept only if contiguous
             if (host[0] != 0) != (base != 0):
                 break
-            if host[0] and (base + ((<uint64_t>(j & 31)) << scb)) != want:
+            if host[0] and (base + ((<uint64_t>(j & (SUBCLUSTERS - 1))) << scb)) != want:
                 break
         want += (<uint64_t>1) << scb
         n += 1

@@ -37,7 +37,8 @@ cdef extern from "stdlib.h" nogil:
 
 from .common cimport (l2_units_run, EXT_DATA, EXT_ZERO, EXT_UNALLOCATED, L1E_OFFSET_MASK,
                       L1E_RESERVED_MASK, L2E_OFFSET_MASK, L2E_STD_RESERVED_MASK,
-                      QCOW_OFLAG_COMPRESSED, QCOW_OFLAG_COPIED)
+                      QCOW_OFLAG_COMPRESSED, QCOW_OFLAG_COPIED, SC_ALLOC_MASK, SC_BITS,
+                      SC_ZERO_SHIFT, SUBCLUSTERS)
 from .fileio cimport File
 from .cache cimport TableCache
 from .state cimport ImageState
@@ -198,7 +199,7 @@ cdef class ImageCore:
             return L1_UNALLOCATED
         if (l2off & (s.cluster_size - 1)) or l2off + s.cluster_size > <uint64_t>s.host_limit:
             return BAD
-        key = l2off + (i >> s.slice_bits) * ((8 << s.extended) << s.slice_bits)
+        key = l2off + (i >> s.slice_bits) * s.slice_bytes
         slot = s.l2_cache.lookup(key)
         if slot < 0:
             if not exclusive:
@@ -209,7 +210,7 @@ cdef class ImageCore:
         l2[0] = <uint64_t *>s.l2_cache.slot_ptr(slot)
         l2i[0] = i & ((1 << s.slice_bits) - 1)
         if s.extended:
-            l2i[0] = (l2i[0] << 5) | ((pos >> s.unit_bits) & 31)
+            l2i[0] = (l2i[0] << SC_BITS) | ((pos >> s.unit_bits) & (SUBCLUSTERS - 1))
         slot_out[0] = slot
         return SLICE_OK
 
@@ -246,7 +247,7 @@ cdef class ImageCore:
         cdef int64_t done = 0, pos, l2i, chunk, in_cl, count, run, rc
         cdef int ub = s.unit_bits
         cdef int64_t us = (<int64_t>1) << ub
-        cdef int64_t slice_units = (<int64_t>1) << (s.slice_bits + 5 * s.extended)
+        cdef int64_t slice_units = (<int64_t>1) << s.slice_unit_bits
         cdef uint64_t host
         cdef int kind, st, slot
         cdef uint64_t *l2
@@ -299,7 +300,7 @@ cdef class ImageCore:
         cdef int64_t done = 0, pos, l2i, chunk, in_cl, count, run, rc, k
         cdef int ub = s.unit_bits
         cdef int64_t us = (<int64_t>1) << ub
-        cdef int64_t slice_units = (<int64_t>1) << (s.slice_bits + 5 * s.extended)
+        cdef int64_t slice_units = (<int64_t>1) << s.slice_unit_bits
         cdef uint64_t host, l1e, desc
         cdef int kind, st, slot
         cdef uint64_t *l2
@@ -320,7 +321,7 @@ cdef class ImageCore:
                                &kind, &host)
             if kind == EXT_ZERO and host and not s.extended:
                 run = 0         # preallocated zero clusters: the slow path reuses them
-            desc = l2[2 * (l2i >> 5)] if s.extended else l2[l2i]
+            desc = l2[2 * (l2i >> SC_BITS)] if s.extended else l2[l2i]
             if kind == EXT_DATA and (desc >> 63):
                 if host + <uint64_t>(run << ub) > <uint64_t>s.host_limit:
                     break
@@ -445,9 +446,9 @@ cdef class ImageCore:
         cdef ImageState s = self.s
         cdef int64_t cs = s.cluster_size, a = pos & (cs - 1), b, lo, hi, c
         cdef int scb = s.unit_bits, s0, s1
-        cdef int64_t w = 2 * (u >> 5)
+        cdef int64_t w = 2 * (u >> SC_BITS)
         cdef uint64_t desc = l2[w], bm = l2[w + 1], host, target, touched
-        cdef uint64_t alloc = bm & 0xFFFFFFFFULL, zero = bm >> 32
+        cdef uint64_t alloc = bm & SC_ALLOC_MASK, zero = bm >> SC_ZERO_SHIFT
         cdef bint head, tail
         host = desc & L2E_OFFSET_MASK
         if (desc & QCOW_OFLAG_COMPRESSED) or (desc & L2E_STD_RESERVED_MASK) \
@@ -493,7 +494,7 @@ cdef class ImageCore:
             self._pwrite3(self.scratch, (a - lo) if head else 0, buf, b - a, self.scratch + cs,
                           (hi - b) if tail else 0, target + (lo if head else a))
         l2[w] = target | QCOW_OFLAG_COPIED
-        l2[w + 1] = ((zero & ~touched) << 32) | alloc | touched
+        l2[w + 1] = ((zero & ~touched) << SC_ZERO_SHIFT) | alloc | touched
         self._allocated(slot, w, 2, target + cs)
         return b - a
 

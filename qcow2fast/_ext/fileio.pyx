@@ -162,9 +162,6 @@ cdef class File:
         from ..host.file import is_device
         return is_device(self.fd)
 
-    def allocated_bytes(self):
-        return os.fstat(self.fd).st_blocks * 512
-
     def truncate(self, int64_t size):
         """Set the file's size (a block device must already be this large)."""
         from ..host.file import set_size

@@ -6,13 +6,12 @@ cimport numpy as cnp
 from libc.stdint cimport UINT32_MAX, uint8_t, uint32_t, uint64_t, int64_t
 
 from .common cimport (L2E_OFFSET_MASK, L2E_STD_RESERVED_MASK, QCOW_OFLAG_COMPRESSED,
-                     QCOW_OFLAG_COPIED, QF_BSWAP64, l2_units_run, rc_get, rc_set)
+                     QCOW_OFLAG_COPIED, QF_BSWAP64, SC_ALLOC_MASK, SC_BITS, SC_ZERO_SHIFT,
+                     SUBCLUSTERS, l2_units_run, qcow2_coffset_mask, qcow2_csize_mask,
+                     qcow2_csize_shift, rc_get, rc_set)
 from .common cimport l2_entry_kind as l2_entry_kind_c
 
 cnp.import_array()
-
-# Extent kinds (same values as common.pxd's enum).
-UNALLOCATED, DATA, ZERO, COMPRESSED, INVALID = 0, 1, 2, 3, 4
 
 
 def l2_next_run(const uint64_t[::1] l2, int64_t i, int64_t count, int cluster_bits,
@@ -22,7 +21,7 @@ def l2_next_run(const uint64_t[::1] l2, int64_t i, int64_t count, int cluster_bi
     ``count``) sharing the first one's kind; data runs are host-contiguous."""
     cdef int kind
     cdef uint64_t host
-    cdef int64_t n, units = l2.shape[0] * 16 if extended else l2.shape[0]
+    cdef int64_t n, units = (l2.shape[0] // 2) * SUBCLUSTERS if extended else l2.shape[0]
     if count <= 0 or i < 0 or i + count > units:
         raise IndexError("l2_next_run: range outside the slice")
     with nogil:
@@ -61,7 +60,7 @@ def refcount_encode(const uint64_t[::1] values, int order, uint8_t[::1] blk):
 
 
 def l2_entry_kind(uint64_t entry):
-    """Kind (UNALLOCATED/DATA/ZERO/COMPRESSED/INVALID) of one L2 entry."""
+    """Kind (an EXT_* value, qcow2fast.spec.constants.Kind) of one L2 entry."""
     return l2_entry_kind_c(entry)
 
 
@@ -104,9 +103,9 @@ def l2_tally_tables(const uint64_t[:, ::1] tables, uint32_t[::1] counts, uint8_t
     cdef Py_ssize_t r, i, j, rows = tables.shape[0], n = tables.shape[1]
     cdef Py_ssize_t limit = counts.shape[0], step = 2 if extended else 1
     cdef uint64_t cs = 1ULL << cluster_bits, e, off, end, nxt, bm = 0
-    cdef int csize_shift = 62 - (cluster_bits - 8)
-    cdef uint64_t csize_mask = (1ULL << (cluster_bits - 8)) - 1
-    cdef uint64_t coff_mask = (1ULL << csize_shift) - 1
+    cdef int csize_shift = qcow2_csize_shift(cluster_bits)
+    cdef uint64_t csize_mask = qcow2_csize_mask(cluster_bits)
+    cdef uint64_t coff_mask = qcow2_coffset_mask(cluster_bits)
     cdef int64_t allocated = 0, compressed = 0, fragmented = 0, c, last
     cdef bint bad
     if odd.shape[0] < rows:
@@ -135,7 +134,7 @@ def l2_tally_tables(const uint64_t[:, ::1] tables, uint32_t[::1] counts, uint8_t
                                 or <int64_t>(off >> cluster_bits) >= limit):
                         bad = True
                         break
-                    if ((bm >> 32) & bm & 0xFFFFFFFFULL) or (not off and (bm & 0xFFFFFFFFULL)):
+                    if ((bm >> SC_ZERO_SHIFT) & bm & SC_ALLOC_MASK) or (not off and (bm & SC_ALLOC_MASK)):
                         bad = True
                         break
             odd[r] = bad
@@ -218,35 +217,35 @@ def ext_set_range(uint64_t[::1] words, int64_t u0, int64_t u1, bint reads_zero, 
     cdef uint64_t desc, bm, mask, alloc, zero, host, new_desc, new_bm
     cdef bint foreign, changed = False
     cdef Py_ssize_t n = 0
-    if u0 < 0 or u1 > words.shape[0] * 16 or u0 > u1:
+    if u0 < 0 or u1 > (words.shape[0] // 2) * SUBCLUSTERS or u0 > u1:
         raise IndexError("ext_set_range: range outside the slice")
     with nogil:
         while u < u1:
-            end = ((u >> 5) + 1) << 5
+            end = ((u >> SC_BITS) + 1) << SC_BITS
             if end > u1:
                 end = u1
-            w = 2 * (u >> 5)
-            s0 = <int>(u & 31)
-            s1 = <int>((end - 1) & 31)
+            w = 2 * (u >> SC_BITS)
+            s0 = <int>(u & (SUBCLUSTERS - 1))
+            s1 = <int>((end - 1) & (SUBCLUSTERS - 1))
             mask = ((((<uint64_t>1) << (s1 - s0)) << 1) - 1) << s0
             desc = words[w]
             bm = words[w + 1]
             host = 0 if desc & QCOW_OFLAG_COMPRESSED else desc & L2E_OFFSET_MASK
             foreign = (desc & QCOW_OFLAG_COMPRESSED) != 0 or \
                 (host != 0 and not (desc & QCOW_OFLAG_COPIED))
-            if foreign and not (s0 == 0 and s1 == 31):
+            if foreign and not (s0 == 0 and s1 == SUBCLUSTERS - 1):
                 stop = u
                 break
             if foreign:
                 new_desc, alloc, zero = 0, 0, 0
             else:
                 new_desc = desc
-                alloc = bm & 0xFFFFFFFFULL & ~mask
-                zero = bm >> 32
+                alloc = bm & SC_ALLOC_MASK & ~mask
+                zero = bm >> SC_ZERO_SHIFT
             zero = (zero | mask) if reads_zero else (zero & ~mask)
             if host and not alloc and unmap:
                 new_desc = 0
-            new_bm = (zero << 32) | alloc
+            new_bm = (zero << SC_ZERO_SHIFT) | alloc
             if new_desc != desc or new_bm != bm:
                 words[w] = new_desc
                 words[w + 1] = new_bm

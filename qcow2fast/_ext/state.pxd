@@ -23,6 +23,8 @@ cdef class ImageState:
     cdef readonly int64_t cluster_size
     cdef readonly int l2_bits            # log2 L2 entries per table
     cdef readonly int slice_bits         # log2 L2 entries per cached slice
+    cdef readonly int64_t slice_bytes    # bytes of one cached slice
+    cdef readonly int slice_unit_bits    # log2 allocation units per cached slice
     cdef readonly bint extended          # extended L2 entries (subclusters)
     cdef readonly int unit_bits          # allocation unit: subcluster or cluster
     cdef readonly int64_t size           # the guest disk's size: set_size() is its one writer

@@ -35,6 +35,8 @@ cdef class ImageState:
         self.cluster_size = geo.cluster_size
         self.l2_bits = geo.l2_bits
         self.slice_bits = geo.slice_bits
+        self.slice_bytes = geo.slice_bytes
+        self.slice_unit_bits = geo.slice_bits + (geo.cluster_bits - geo.unit_bits)
         self.extended = geo.extended_l2
         self.unit_bits = geo.unit_bits
         self.size = header.size

@@ -15,7 +15,7 @@ import numpy as np
 
 from ..host import file as hostfile
 from .._ext.kernels import refcount_decode
-from ..spec.geometry import REFT_OFFSET_MASK
+from ..spec.constants import REFT_OFFSET_MASK
 
 
 def chain_files(img):

@@ -19,10 +19,10 @@ import numpy as np
 from .._ext.kernels import l2_entry_kind
 from ..errors import CorruptImageError
 from ..extent import Extent
-from ..spec.geometry import L2E_OFFSET_MASK, QCOW_OFLAG_COPIED, QCOW_OFLAG_ZERO
+from ..spec.constants import (COMPRESSED, DATA, INVALID, KIND_NAMES, L2E_OFFSET_MASK,
+                              QCOW_OFLAG_COPIED, QCOW_OFLAG_ZERO, UNALLOCATED, ZERO)
 from . import features
 from .compressed import CompressedClusters
-from .mapping import COMPRESSED, DATA, INVALID, KIND_NAMES, UNALLOCATED, ZERO
 from .subcluster import Subclusters
 
 

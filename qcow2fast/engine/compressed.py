@@ -47,10 +47,9 @@ image's exclusive lock.
 import numpy as np
 
 from .._ext.kernels import l2_entry_kind
-from ..errors import InvalidArgumentError, Qcow2Error
-from ..spec.geometry import L2E_OFFSET_MASK, QCOW_OFLAG_COMPRESSED, QCOW_OFLAG_ZERO
+from ..errors import InvalidArgumentError, LimitExceededError
+from ..spec.constants import KIND_NAMES, L2E_OFFSET_MASK, QCOW_OFLAG_COMPRESSED, QCOW_OFLAG_ZERO
 from .compress import decompress_cluster
-from .mapping import KIND_NAMES
 
 DECOMPRESSED_KEPT = 8          # decompressed clusters kept for the next reads
 
@@ -166,7 +165,7 @@ class CompressedClusters:
                 off = 0                 # not contiguous: start at the new cluster
             if (off or new) + n > geo.cluster_offset_mask:
                 rc.free(new)
-                raise Qcow2Error(f"host offset {new:#x} is too large for a compressed "
+                raise LimitExceededError(f"host offset {new:#x} is too large for a compressed "
                                  f"cluster descriptor (cluster_size {cs})")
         if off:
             rc.update(off >> cb, 1, 1)  # the partly filled cluster (the payload may

@@ -14,24 +14,19 @@ Invariants:
   runs (kind, host offset, length).
 """
 
-import struct
-
 import numpy as np
 
 from .._ext import kernels
 from ..errors import CorruptImageError
-from ..spec.geometry import L1E_OFFSET_MASK, L1E_RESERVED_MASK, QCOW_OFLAG_COPIED
-
-UNALLOCATED, DATA, ZERO, COMPRESSED, INVALID = (kernels.UNALLOCATED, kernels.DATA, kernels.ZERO,
-                                                 kernels.COMPRESSED, kernels.INVALID)
-KIND_NAMES = {UNALLOCATED: "unallocated", DATA: "data", ZERO: "zero", COMPRESSED: "compressed"}
-
-_BE64 = struct.Struct(">Q")
+from ..spec.constants import (COMPRESSED, DATA, INVALID, L1E_OFFSET_MASK, L1E_RESERVED_MASK,
+                              L1E_SIZE, QCOW_OFLAG_COPIED, UNALLOCATED)
+from ..spec.constants import BE64 as _BE64
+from ..spec.header import pack_fields
 
 
 def read_l1_table(file, offset, size, cluster_size, file_size, what="L1 table"):
     """Read and validate an L1 table; returns a native uint64 array."""
-    raw = file.pread(offset, size * 8)
+    raw = file.pread(offset, size * L1E_SIZE)
     l1 = np.frombuffer(raw, dtype=">u8").astype(np.uint64)
     bad = np.nonzero((l1 & np.uint64(L1E_RESERVED_MASK & ~QCOW_OFLAG_COPIED))
                      | (l1 & np.uint64(L1E_OFFSET_MASK) & np.uint64(cluster_size - 1)))[0]
@@ -69,7 +64,7 @@ class Mapping:
         for off in l1[np.nonzero(l1 & np.uint64(L1E_OFFSET_MASK))[0]] & np.uint64(L1E_OFFSET_MASK):
             metadata_map.add(int(off) >> cb)
         if header.l1_size:
-            metadata_map.add(header.l1_table_offset >> cb, geo.size_to_clusters(header.l1_size * 8))
+            metadata_map.add(header.l1_table_offset >> cb, geo.size_to_clusters(header.l1_size * L1E_SIZE))
 
     # -- lookups ---------------------------------------------------------------
 
@@ -182,9 +177,9 @@ class Mapping:
         if min_size <= len(self.l1):
             return
         new_size = min_size
-        nclusters = geo.size_to_clusters(new_size * 8)
+        nclusters = geo.size_to_clusters(new_size * L1E_SIZE)
         new = refcounts.alloc(nclusters)
-        table = np.zeros(nclusters * geo.cluster_size // 8, dtype=np.uint64)
+        table = np.zeros(nclusters * geo.cluster_size // L1E_SIZE, dtype=np.uint64)
         table[:len(self.l1)] = self.l1
         for l1i, on_disk in self.l1_pending.items():
             table[l1i] = on_disk            # still pending: written at the next flush
@@ -193,14 +188,14 @@ class Mapping:
         # Barrier: the new table is on disk before the header points to it.
         barrier()
         old_off, old_size = h.l1_table_offset, h.l1_size
-        from ..spec.header import FIELD_OFFSET
-        self.file.pwrite(struct.pack(">IQ", new_size, new), FIELD_OFFSET["l1_size"])
+        offset, fields = pack_fields(l1_size=new_size, l1_table_offset=new)
+        self.file.pwrite(fields, offset)
         barrier()
         h.l1_size, h.l1_table_offset = new_size, new
         self.l1 = table[:new_size].copy()
         self.state.set_l1(self.l1)
         self.metadata.add(new >> geo.cluster_bits, nclusters)
         if old_size:
-            n_old = geo.size_to_clusters(old_size * 8)
+            n_old = geo.size_to_clusters(old_size * L1E_SIZE)
             self.metadata.remove(old_off >> geo.cluster_bits, n_old)
             refcounts.free(old_off, n_old)

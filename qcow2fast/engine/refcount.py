@@ -13,17 +13,14 @@ Invariants:
   but never leave a live cluster marked free.
 """
 
-import struct
-
 import numpy as np
 
 from .._ext import kernels
 from .._ext.allocator import RefcountCore
-from ..errors import CorruptImageError, Qcow2Error
-from ..spec.geometry import REFT_OFFSET_MASK
-from ..spec.header import FIELD_OFFSET, MAX_REFTABLE_BYTES
-
-_BE64 = struct.Struct(">Q")
+from ..errors import CorruptImageError, LimitExceededError
+from ..spec.constants import REFT_OFFSET_MASK, REFT_RESERVED_MASK, REFTABLE_ENTRY_SIZE
+from ..spec.constants import BE64 as _BE64
+from ..spec.header import MAX_REFTABLE_BYTES, pack_fields
 
 
 class Refcounts(RefcountCore):
@@ -55,7 +52,7 @@ class Refcounts(RefcountCore):
         raw = self.file.pread(h.refcount_table_offset, h.refcount_table_clusters * cs)
         self._set_table(np.frombuffer(raw, dtype=">u8").astype(np.uint64))
         table = self.table
-        unaligned = (table & np.uint64(~REFT_OFFSET_MASK & 0xFFFFFFFFFFFFFFFF)) \
+        unaligned = (table & np.uint64(REFT_RESERVED_MASK)) \
             | (table & np.uint64(cs - 1))
         past = (table != 0) & (table + np.uint64(cs) > np.uint64(file_size))
         for i in np.nonzero((unaligned != 0) | past)[0]:
@@ -204,27 +201,32 @@ class Refcounts(RefcountCore):
         area = self.end_cluster
         if self.reserved is not None:
             area = max(area, len(self.reserved))
+        # The fixed point of Geometry.refcount_layout, with the same sizes
+        # (reftable_clusters, refblocks_covering), but not that function: the
+        # new table and blocks go at ``area`` (the end of the image), blocks
+        # that exist already are reused (only the missing ones among those
+        # covering the area count), and the table gets headroom.
         while True:
-            table_clusters = (new_n * 8 + cs - 1) // cs
+            table_clusters = geo.reftable_clusters(new_n)
             nblocks = 0
             while True:
                 area_end = area + nblocks + table_clusters
-                ts = range(area >> geo.rb_bits, ((area_end - 1) >> geo.rb_bits) + 1)
+                ts = range(area >> geo.rb_bits, geo.refblocks_covering(area_end))
                 need = [t for t in ts if t >= old_n or old[t] == 0]
                 if len(need) == nblocks:
                     break
                 nblocks = len(need)
-            if (area_end - 1) >> geo.rb_bits < new_n:
+            if geo.refblocks_covering(area_end) <= new_n:
                 break
-            new_n = ((area_end - 1) >> geo.rb_bits) + 1
+            new_n = geo.refblocks_covering(area_end)
         if table_clusters * cs > MAX_REFTABLE_BYTES:
-            raise Qcow2Error("refcount table would exceed qemu's 8 MiB limit")
+            raise LimitExceededError("refcount table would exceed qemu's 8 MiB limit")
         # Area clusters already covered by existing blocks must be free.
         for c in range(area, area_end):
             if (c >> geo.rb_bits) < old_n and old[c >> geo.rb_bits] and self.get(c):
                 raise CorruptImageError(f"host cluster {c * cs:#x} past the image end is in use",
                                         offset=c * cs, field="refcount")
-        table = np.zeros(table_clusters * cs // 8, dtype=np.uint64)
+        table = np.zeros(table_clusters * cs // REFTABLE_ENTRY_SIZE, dtype=np.uint64)
         table[:old_n] = old
         new_blocks = {t: area + k for k, t in enumerate(need)}
         table_start = area + nblocks
@@ -253,8 +255,9 @@ class Refcounts(RefcountCore):
         old_offset, old_clusters = self.header.refcount_table_offset, self.header.refcount_table_clusters
         self.header.refcount_table_offset = table_start * cs
         self.header.refcount_table_clusters = table_clusters
-        self.file.pwrite(struct.pack(">QI", table_start * cs, table_clusters),
-                         FIELD_OFFSET["refcount_table_offset"])
+        offset, fields = pack_fields(refcount_table_offset=table_start * cs,
+                                     refcount_table_clusters=table_clusters)
+        self.file.pwrite(fields, offset)
         self.barrier()
         self._set_table(table)
         for b in new_blocks.values():

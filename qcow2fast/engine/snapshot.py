@@ -9,6 +9,8 @@ import dataclasses
 import struct
 
 from ..errors import CorruptImageError, InvalidArgumentError
+from ..spec.constants import L1E_SIZE
+from ..spec.header import MAX_L1_BYTES
 
 # Fixed part of a snapshot table entry.
 SNAPSHOT_ENTRY = struct.Struct(">QIHHIIQII")
@@ -65,7 +67,7 @@ def read_snapshot_table(file, header, file_size):
         if l1_off % cs:
             raise CorruptImageError(f"snapshot {sid!r}: L1 table offset {l1_off:#x} is not "
                                     "cluster-aligned", offset=pos, field="snapshot l1_table_offset")
-        if l1_size > (32 << 20) // 8 or l1_off + l1_size * 8 > file_size:
+        if l1_size > MAX_L1_BYTES // L1E_SIZE or l1_off + l1_size * L1E_SIZE > file_size:
             raise CorruptImageError(f"snapshot {sid!r}: L1 table ({l1_size} entries at "
                                     f"{l1_off:#x}) is invalid or past the end of the file",
                                     offset=pos, field="snapshot l1_size")

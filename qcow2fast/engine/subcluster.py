@@ -24,8 +24,9 @@ exclusive lock.
 import numpy as np
 
 from .._ext.kernels import ext_set_range
-from ..spec.geometry import (L2E_OFFSET_MASK, QCOW_OFLAG_COMPRESSED, QCOW_OFLAG_COPIED, SC_ALLOC_MASK,
-                       SC_ZERO_SHIFT)
+from ..spec.constants import (L2E_OFFSET_MASK, QCOW_OFLAG_COMPRESSED, QCOW_OFLAG_COPIED,
+                              SC_ALLOC_MASK, SC_ZERO_SHIFT)
+
 
 def sc_mask(first, last):
     """Bitmap bits of subclusters first..last (inclusive)."""

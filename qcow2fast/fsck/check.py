@@ -8,16 +8,19 @@ refcount structures are damaged).
 """
 
 import os
-import struct
 
 import numpy as np
 
 from .._ext.kernels import l2_copied_rows, l2_tally_tables
-from ..errors import Qcow2Error
-from ..spec.header import INCOMPAT_EXTL2
-from ..spec.geometry import (L1E_OFFSET_MASK, L1E_RESERVED_MASK, L2E_OFFSET_MASK,
-                       L2E_STD_RESERVED_MASK, QCOW_OFLAG_COMPRESSED, QCOW_OFLAG_COPIED,
-                       QCOW_OFLAG_ZERO, REFT_OFFSET_MASK, SC_ALLOC_MASK, Geometry)
+from ..errors import Qcow2Error, RepairError
+from ..spec.constants import (BE64, L1E_OFFSET_MASK, L1E_RESERVED_MASK, L1E_SIZE,
+                              L2E_OFFSET_MASK, QCOW_OFLAG_COPIED, QCOW_OFLAG_ZERO,
+                              REFT_OFFSET_MASK, REFT_RESERVED_MASK)
+from ..spec.entries import (decode_table, has_copied, host_offsets, is_compressed, l1_reserved,
+                            l2_reserved, l2_table_offsets, sc_alloc_bits, sc_zero_bits,
+                            standard_allocated)
+from ..spec.geometry import Geometry
+from ..spec.header import FIELD_OFFSET, FIELD_STRUCT, INCOMPAT_EXTL2, pack_fields
 from .rebuild import RefcountTally, rebuild_refcounts
 from .references import describe, find_references
 
@@ -25,10 +28,6 @@ from .references import describe, find_references
 MAX_EXPLAINED = 10000
 # L2 tables read and checked together.
 L2_BATCH_BYTES = 16 << 20
-
-_OFF = np.uint64(L2E_OFFSET_MASK)
-_COMPRESSED = np.uint64(QCOW_OFLAG_COMPRESSED)
-_COPIED = np.uint64(QCOW_OFLAG_COPIED)
 
 
 # -- qemu-img check ------------------------------------------------------------------
@@ -39,11 +38,6 @@ _COPIED = np.uint64(QCOW_OFLAG_COPIED)
 # than refusing it as Image does.  With ``fix`` it also plans the repair
 # qemu's -r leaks / -r all make (same messages and counts), which
 # ``repair_image`` then carries out.
-
-_L2E_STD_RESERVED = np.uint64(L2E_STD_RESERVED_MASK)
-_L1E_RESERVED = L1E_RESERVED_MASK
-_REFT_RESERVED = 0x1FF
-REFT_MASK = REFT_OFFSET_MASK
 
 
 def _c_hex(n):
@@ -198,14 +192,14 @@ class _Checker:
         l2 = words[::step]
         # extended entries: the subcluster bitmaps (allocated: bits 0-31, zero: 32-63)
         bms = words[1::2] if step == 2 else np.zeros(len(l2), dtype=np.uint64)
-        compressed = (l2 & _COMPRESSED) != 0
-        offs = l2 & _OFF
-        std_alloc = ~compressed & (offs != 0)
-        reserved = ~compressed & ((l2 & _L2E_STD_RESERVED) != 0)
+        compressed = is_compressed(l2)
+        offs = host_offsets(l2)
+        std_alloc = standard_allocated(l2)
+        reserved = l2_reserved(l2)
         unaligned = std_alloc & ((offs & np.uint64(cs - 1)) != 0)
         past = std_alloc & (offs >= np.uint64(self.file_size))
-        alloc_bits = bms & np.uint64(SC_ALLOC_MASK)
-        both = std_alloc & (((bms >> np.uint64(32)) & alloc_bits) != 0)
+        alloc_bits = sc_alloc_bits(bms)
+        both = std_alloc & ((sc_zero_bits(bms) & alloc_bits) != 0)
         bad_bitmap = (compressed & (bms != 0)) | (~compressed & (offs == 0) & (alloc_bits != 0))
         odd = compressed | reserved | unaligned | past | both | bad_bitmap
         for i in np.nonzero(odd)[0]:
@@ -270,20 +264,20 @@ class _Checker:
 
     def check_l1(self, l1_offset, l1_size, active):
         res, cs = self.res, self.cs
-        self.inc(l1_offset, l1_size * 8)
+        self.inc(l1_offset, l1_size * L1E_SIZE)
         if not l1_size:
             return
-        if l1_offset + l1_size * 8 > self.file_size:
+        if l1_offset + l1_size * L1E_SIZE > self.file_size:
             self.msg(f"ERROR: I/O error in check_refcounts_l1: L1 table at {l1_offset:#x} "
                      "lies past the end of the file")
             res.check_errors += 1
             return
-        l1 = np.frombuffer(self.f.pread(l1_offset, l1_size * 8), dtype=">u8").astype(np.uint64)
-        l2offs = l1 & np.uint64(L1E_OFFSET_MASK)
+        l1 = decode_table(self.f.pread(l1_offset, l1_size * L1E_SIZE))
+        l2offs = l2_table_offsets(l1)
         # Entries with nothing to report and whose tables have nothing to
         # report are counted in bulk; the others one by one, in table order,
         # so that the messages come out in qemu's order.
-        plain = ((l1 & np.uint64(_L1E_RESERVED)) == 0) & (l2offs != 0) \
+        plain = ~l1_reserved(l1) & (l2offs != 0) \
             & ((l2offs & np.uint64(cs - 1)) == 0) & (l2offs < np.uint64(self.file_size))
         slow = np.zeros(len(l1), dtype=bool)
         slow[l1 != 0] = True
@@ -304,14 +298,14 @@ class _Checker:
     def check_l1_entry(self, l1_offset, i, e, active):
         """qemu's check_refcounts_l1 for one entry."""
         res, cs = self.res, self.cs
-        if e & _L1E_RESERVED:
+        if e & L1E_RESERVED_MASK:
             if self.fix == "all":
                 # qemu reads through such an entry ignoring the bits (and its
                 # -r all leaves them); clearing them keeps what qemu reads
                 self.msg(f"Repairing L1 entry with reserved bits set: {e:x}")
                 res.corruptions_fixed += 1
-                self.l1_fixed[l1_offset + 8 * i] = e & ~_L1E_RESERVED
-                res.entry_fixes.append((l1_offset + 8 * i, e & ~_L1E_RESERVED))
+                self.l1_fixed[l1_offset + L1E_SIZE * i] = e & ~L1E_RESERVED_MASK
+                res.entry_fixes.append((l1_offset + L1E_SIZE * i, e & ~L1E_RESERVED_MASK))
             else:
                 self.msg(f"ERROR found L1 entry with reserved bits set: {e:x}")
                 res.corruptions += 1
@@ -329,8 +323,7 @@ class _Checker:
     def refcount_table(self):
         h = self.h
         raw = self.f.pread(h.refcount_table_offset, h.refcount_table_clusters * self.cs)
-        return np.frombuffer(bytes(raw).ljust(h.refcount_table_clusters * self.cs, b"\0"),
-                             dtype=">u8").astype(np.uint64)
+        return decode_table(bytes(raw).ljust(h.refcount_table_clusters * self.cs, b"\0"))
 
     def compare_refcounts(self, table, expected):
         """qemu's compare_refcounts, a refcount block at a time: returns
@@ -345,7 +338,7 @@ class _Checker:
         for t in range(-(-n // E)):
             lo, hi = t * E, min(n, (t + 1) * E)
             want = expected[lo:hi]
-            off = int(table[t]) & REFT_MASK if t < len(table) else 0  # reserved bits ignored
+            off = int(table[t]) & REFT_OFFSET_MASK if t < len(table) else 0  # reserved bits ignored
             if off & (cs - 1):
                 bad.append(t)
                 mismatch.append(np.arange(lo, hi))
@@ -370,8 +363,8 @@ class _Checker:
         res, cs = self.res, self.cs
         for i, e in enumerate(table):
             e = int(e)
-            off = e & REFT_MASK
-            if e & _REFT_RESERVED:
+            off = e & REFT_OFFSET_MASK
+            if e & REFT_RESERVED_MASK:
                 self.msg(f"ERROR refcount table entry {i} has reserved bits set")
                 res.corruptions += 1
                 res.rebuild = True
@@ -439,7 +432,7 @@ class _Checker:
                     signalled = True
                     t = c // stored.per_block
                     self.msg("qcow2: Image is corrupt: Refblock offset "
-                             f"{int(table[t]) & REFT_MASK:#x} unaligned (reftable index: "
+                             f"{int(table[t]) & REFT_OFFSET_MASK:#x} unaligned (reftable index: "
                              f"{_c_hex(t)}); further non-fatal corruption events will be "
                              "suppressed")
                 self.msg(f"Can't get refcount for cluster {c}: Input/output error")
@@ -500,19 +493,18 @@ class _Checker:
             """(refcounts, readable) of the clusters at ``offsets``."""
             return stored.get((np.asarray(offsets, dtype=np.uint64) >> cb).astype(np.int64))
 
-        if not h.l1_size or h.l1_table_offset + h.l1_size * 8 > self.file_size:
+        if not h.l1_size or h.l1_table_offset + h.l1_size * L1E_SIZE > self.file_size:
             return
-        l1 = np.frombuffer(self.f.pread(h.l1_table_offset, h.l1_size * 8),
-                           dtype=">u8").astype(np.uint64)
+        l1 = decode_table(self.f.pread(h.l1_table_offset, h.l1_size * L1E_SIZE))
         for off, e in self.l1_fixed.items():
-            if h.l1_table_offset <= off < h.l1_table_offset + 8 * len(l1):
-                l1[(off - h.l1_table_offset) // 8] = e
-        l2offs = l1 & np.uint64(L1E_OFFSET_MASK)
+            if h.l1_table_offset <= off < h.l1_table_offset + L1E_SIZE * len(l1):
+                l1[(off - h.l1_table_offset) // L1E_SIZE] = e
+        l2offs = l2_table_offsets(l1)
         used = np.nonzero(l2offs)[0]
         # The L1 entries whose own flag or whose table holds a wrong flag;
         # found in bulk, then reported one by one in table order.
         rcs, readable = refcounts(l2offs[used])
-        suspect = set(used[readable & ((rcs == 1) != ((l1[used] & _COPIED) != 0))].tolist())
+        suspect = set(used[readable & ((rcs == 1) != has_copied(l1[used]))].tolist())
         tables = {}
         state = stored.state()
         for idx, batch in self.l2_batches(l2offs, used[l2offs[used] < np.uint64(self.file_size)]):
@@ -521,10 +513,10 @@ class _Checker:
                            self.geo.extended_l2)
             for r in np.nonzero(rows)[0]:
                 l2 = batch[r].astype(np.uint64)[::self.geo.l2_entry_words]
-                sel = ((l2 & _COMPRESSED) == 0) & ((l2 & _OFF) != 0)
-                rcs2, readable2 = refcounts((l2 & _OFF)[sel])
+                sel = standard_allocated(l2)
+                rcs2, readable2 = refcounts(host_offsets(l2[sel]))
                 wrong = np.zeros(len(l2), dtype=bool)
-                wrong[sel] = ((rcs2 == 1) != ((l2[sel] & _COPIED) != 0)) & readable2
+                wrong[sel] = ((rcs2 == 1) != has_copied(l2[sel])) & readable2
                 suspect.add(int(idx[r]))
                 tables[int(idx[r])] = (l2, wrong)
         for i in sorted(suspect):
@@ -538,7 +530,8 @@ class _Checker:
                 res.copied += 1
                 if repair:
                     res.corruptions_fixed += 1
-                    res.entry_fixes.append((h.l1_table_offset + 8 * i, e ^ QCOW_OFLAG_COPIED))
+                    res.entry_fixes.append((h.l1_table_offset + L1E_SIZE * i,
+                                            e ^ QCOW_OFLAG_COPIED))
                 else:
                     res.corruptions += 1
             if i not in tables:
@@ -588,14 +581,14 @@ def repair_image(path, first, mode):
     a rebuild goes through an Image opened for writing and
     rebuild_refcounts.  Guest data is never touched."""
     if first.check_errors:
-        raise Qcow2Error("Check failed: Input/output error")
+        raise RepairError("Check failed: Input/output error")
     rebuild = mode == "all" and first.rebuild
     _write_fixes(path, first)
     if rebuild:
         try:
             _rebuild(path, first)
         except Qcow2Error as e:
-            raise Qcow2Error(f"Check failed: cannot rebuild the refcount structures: {e}") from e
+            raise RepairError(f"Check failed: cannot rebuild the refcount structures: {e}") from e
     if rebuild:
         remaining = first.malformed
     else:
@@ -614,14 +607,13 @@ def _write_fixes(path, first):
         h = hdr.parse_header(f.pread(0, min(size, 2 << 20)), size)
         geo = Geometry(h.cluster_bits, h.refcount_order)
         cs, E = geo.cluster_size, geo.rb_entries
-        table = np.frombuffer(f.pread(h.refcount_table_offset, h.refcount_table_clusters * cs),
-                              dtype=">u8").astype(np.uint64)
+        table = decode_table(f.pread(h.refcount_table_offset, h.refcount_table_clusters * cs))
         by_block = {}
         for c, value in first.refcount_fixes:
             by_block.setdefault(c // E, []).append((c % E, value))
         block = np.zeros(E, dtype=np.uint64)
         for t, fixes in sorted(by_block.items()):
-            off = int(table[t]) & REFT_MASK
+            off = int(table[t]) & REFT_OFFSET_MASK
             raw = bytearray(f.pread(off, cs))
             refcount_decode(bytes(raw), geo.refcount_order, block)
             for i, value in fixes:
@@ -631,7 +623,7 @@ def _write_fixes(path, first):
         if first.entry_fixes:
             f.sync()            # barrier: refcounts before the COPIED flags relying on them
             for off, value in first.entry_fixes:
-                f.pwrite(struct.pack(">Q", value), off)
+                f.pwrite(BE64.pack(value), off)
         f.sync()
     finally:
         f.close()
@@ -658,10 +650,12 @@ def _rebuild(path, first):
 
 def _set_incompatible_bit(path, bit, on):
     """Set or clear one incompatible-feature bit of a v3 header in place."""
+    field = FIELD_STRUCT["incompatible_features"]
     with open(path, "r+b") as f:
-        f.seek(72)
-        (v,) = struct.unpack(">Q", f.read(8))
-        f.seek(72)
-        f.write(struct.pack(">Q", (v | bit) if on else (v & ~bit)))
+        f.seek(FIELD_OFFSET["incompatible_features"])
+        (v,) = field.unpack(f.read(field.size))
+        at, data = pack_fields(incompatible_features=(v | bit) if on else (v & ~bit))
+        f.seek(at)
+        f.write(data)
         f.flush()
         os.fsync(f.fileno())

@@ -13,16 +13,14 @@ damaged.
 import numpy as np
 
 from .._ext.kernels import tally_add
-from ..errors import CorruptImageError, Qcow2Error
-from ..spec.geometry import L1E_OFFSET_MASK, L2E_OFFSET_MASK, QCOW_OFLAG_COMPRESSED, QCOW_OFLAG_COPIED
+from ..errors import CorruptImageError, LimitExceededError, RepairError
+from ..spec.constants import L1E_OFFSET_MASK, L1E_SIZE, QCOW_OFLAG_COPIED
+from ..spec.entries import (decode_table, has_copied, host_offsets, is_compressed,
+                            l2_table_offsets, standard_allocated)
 from ..engine.mapping import read_l1_table
 
-_OFF = np.uint64(L2E_OFFSET_MASK)
-_COMPRESSED = np.uint64(QCOW_OFLAG_COMPRESSED)
-_COPIED = np.uint64(QCOW_OFLAG_COPIED)
-
-
-TALLY_MAX = 0xFFFFFFFF
+# Where the tally kernel (uint32 counts) saturates.
+TALLY_MAX = int(np.iinfo(np.uint32).max)
 
 
 class RefcountTally:
@@ -70,9 +68,9 @@ def _compressed_spans(geo, entries):
 
 def _tally_l2_entries(tally, geo, entries, what=None):
     """Count the host clusters that L2 ``entries`` (numpy uint64) use."""
-    compressed = (entries & _COMPRESSED) != 0
-    std = entries[~compressed] & _OFF
-    tally.add(std[std != 0] >> np.uint64(geo.cluster_bits), what)
+    compressed = is_compressed(entries)
+    std = host_offsets(entries[standard_allocated(entries)])
+    tally.add(std >> np.uint64(geo.cluster_bits), what)
     comp = entries[compressed]
     if len(comp):
         first, last, _ = _compressed_spans(geo, comp)
@@ -98,15 +96,15 @@ def tally_mapping(img, tally):
                         "snapshot table")
     for what, off, l1 in l1s:
         if len(l1):
-            tally.add_range(off >> cb, geo.size_to_clusters(len(l1) * 8), what)
-        l2_offsets = (l1 & np.uint64(L1E_OFFSET_MASK))
+            tally.add_range(off >> cb, geo.size_to_clusters(len(l1) * L1E_SIZE), what)
+        l2_offsets = l2_table_offsets(l1)
         l2_offsets = l2_offsets[l2_offsets != 0]
         tally.add(l2_offsets >> np.uint64(cb), f"{what} L2 table")
         for l2off in l2_offsets:
             l2off = int(l2off)
             if l2off + cs > file_size:
                 continue
-            entries = np.frombuffer(f.pread(l2off, cs), dtype=">u8").astype(np.uint64)
+            entries = decode_table(f.pread(l2off, cs))
             _tally_l2_entries(tally, geo, entries[::geo.l2_entry_words], f"L2 table at {l2off:#x}")
 
 
@@ -160,13 +158,14 @@ def rebuild_refcounts(img):
             if want.max(initial=0) > min(geo.refcount_max, TALLY_MAX - 1):
                 c = int(np.argmax(want))
                 n = f"{int(want[c])}" + (" or more" if want[c] == TALLY_MAX else "")
-                raise Qcow2Error(f"host cluster {c << geo.cluster_bits:#x} needs refcount "
-                                 f"{n}, more than {geo.refcount_bits} bits hold")
+                raise LimitExceededError(f"host cluster {c << geo.cluster_bits:#x} needs "
+                                         f"refcount {n}, more than {geo.refcount_bits} bits "
+                                         "hold")
             changed = _apply(rc, geo, want)
             if not changed:
                 break
         else:
-            raise Qcow2Error("refcount rebuild did not converge")
+            raise RepairError("refcount rebuild did not converge")
     finally:
         rc.reserved = None
     rc.free_hint = 0
@@ -220,7 +219,7 @@ def _fix_copied_flags(img, counts):
         out[ok] = counts[idx[ok]] == 1
         return out
 
-    for l1i in np.nonzero(m.l1 & np.uint64(L1E_OFFSET_MASK))[0]:
+    for l1i in np.nonzero(l2_table_offsets(m.l1))[0]:
         l1i = int(l1i)
         e = int(m.l1[l1i])
         l2off = e & L1E_OFFSET_MASK
@@ -231,11 +230,10 @@ def _fix_copied_flags(img, counts):
         for s in range(geo.l2_entries // geo.slice_entries):
             slot = img.l2_cache.load(l2off + s * geo.slice_bytes)
             l2 = img.l2_cache.u64(slot)[::geo.l2_entry_words]      # descriptors (a view)
-            std = ((l2 & _COMPRESSED) == 0) & ((l2 & _OFF) != 0)
+            std = standard_allocated(l2)
             want = np.zeros(len(l2), dtype=bool)
-            want[std] = refcount_is_one(l2[std] & _OFF)
-            have = (l2 & _COPIED) != 0
-            wrong = np.nonzero(have != want)[0]
+            want[std] = refcount_is_one(host_offsets(l2[std]))
+            wrong = np.nonzero(has_copied(l2) != want)[0]
             if len(wrong):
-                l2[wrong] ^= _COPIED
+                l2[wrong] ^= np.uint64(QCOW_OFLAG_COPIED)
                 img.l2_cache.mark_dirty(slot)

@@ -8,8 +8,10 @@ its cost is paid only when check found something."""
 import numpy as np
 
 from ..errors import Qcow2Error
-from ..spec.geometry import (L1E_OFFSET_MASK, L2E_OFFSET_MASK, QCOW_OFLAG_COMPRESSED,
-                       REFT_OFFSET_MASK, Geometry)
+from ..spec.constants import L1E_SIZE
+from ..spec.entries import (decode_table, host_offsets, is_compressed, l2_table_offsets,
+                            refblock_offsets)
+from ..spec.geometry import Geometry
 from ..spec.header import INCOMPAT_EXTL2
 from ..engine.snapshot import read_snapshot_table
 
@@ -34,7 +36,7 @@ class _Finder:
 def _table(f, offset, nbytes, file_size):
     if not nbytes or offset + nbytes > file_size:
         return np.zeros(0, dtype=np.uint64)
-    return np.frombuffer(f.pread(offset, nbytes), dtype=">u8").astype(np.uint64)
+    return decode_table(f.pread(offset, nbytes))
 
 
 def _span(offset, nbytes, cb):
@@ -53,7 +55,7 @@ def find_references(f, h, clusters):
     fd.note(_span(h.refcount_table_offset, h.refcount_table_clusters * cs, cb),
             lambda i: "the refcount table")
     table = _table(f, h.refcount_table_offset, h.refcount_table_clusters * cs, size)
-    blocks = table & np.uint64(REFT_OFFSET_MASK)
+    blocks = refblock_offsets(table)
     nz = np.nonzero(blocks)[0]
     fd.note(blocks[nz] >> np.uint64(cb), lambda i: f"refcount table entry {nz[i]} "
                                                    "(a refcount block)")
@@ -69,8 +71,8 @@ def find_references(f, h, clusters):
     for name, l1_off, l1_size in l1s:
         if not l1_size:
             continue
-        fd.note(_span(l1_off, l1_size * 8, cb), lambda i, name=name: name)
-        l2offs = _table(f, l1_off, l1_size * 8, size) & np.uint64(L1E_OFFSET_MASK)
+        fd.note(_span(l1_off, l1_size * L1E_SIZE, cb), lambda i, name=name: name)
+        l2offs = l2_table_offsets(_table(f, l1_off, l1_size * L1E_SIZE, size))
         idx = np.nonzero(l2offs)[0]
         fd.note(l2offs[idx] >> np.uint64(cb),
                 lambda i, name=name, idx=idx: f"entry {idx[i]} of {name} (an L2 table)")
@@ -85,9 +87,9 @@ def find_references(f, h, clusters):
                 guest = (base + int(j)) << cb
                 return f"entry {j} of the L2 table at {l2off:#x} (guest offset {guest:#x})"
 
-            comp = (l2 & np.uint64(QCOW_OFLAG_COMPRESSED)) != 0
-            data = np.nonzero(~comp & ((l2 & np.uint64(L2E_OFFSET_MASK)) != 0))[0]
-            fd.note((l2[data] & np.uint64(L2E_OFFSET_MASK)) >> np.uint64(cb),
+            comp = is_compressed(l2)
+            data = np.nonzero(~comp & (host_offsets(l2) != 0))[0]
+            fd.note(host_offsets(l2[data]) >> np.uint64(cb),
                     lambda i, data=data, where=where: where(data[i]))
             for j in np.nonzero(comp)[0]:
                 first, last = geo.compressed_clusters(int(l2[j]))

@@ -33,20 +33,18 @@ from .._ext.kernels import nonzero_units
 from ..engine.backing import probe_format
 from ..host.raw import RawImage
 from ..engine.compress import Compressor
-from .create import create, validate_options
-from ..errors import InvalidArgumentError, Qcow2Error, UnsupportedFeatureError
+from .create import create
+from .options import validate_options
+from ..errors import ConvertError, InvalidArgumentError, Qcow2Error, UnsupportedFeatureError
 from ..host.file import pwrite_all
-from .qcow2_writer import COMPRESSED, DATA, UNALLOCATED, ZERO, Qcow2Writer, runs
+from ..spec.constants import COMPRESSED, DATA, UNALLOCATED, ZERO
+from .qcow2_writer import Qcow2Writer, runs
 
 BATCH_BYTES = 2 << 20           # as qemu-img convert's requests; 4 MiB measured slower
 STDIN = "-"
 # Unit classification before reading: nothing to do, reads as zeros but must
 # be written as zeros (a top layer over a backing file), or must be read.
 SKIP, MUST_ZERO, READ = 0, 1, 2
-
-
-class ConvertError(Qcow2Error):
-    """Reading a source failed; the message names the source and offset."""
 
 
 # -- sources ---------------------------------------------------------------------------

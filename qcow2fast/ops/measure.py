@@ -10,50 +10,24 @@ and every cluster touched by data counts whole.
 
 from ..engine.blockstatus import chain_files, split_host_holes
 from ..errors import InvalidArgumentError, UnsupportedFeatureError
-from ..spec.header import AUTOCLEAR_BITMAPS, MAX_L1_BYTES
-
-L1E_SIZE = REFTABLE_ENTRY_SIZE = 8
+from ..spec.constants import L1E_SIZE, L2E_SIZE_NORMAL
+from ..spec.geometry import Geometry
+from ..spec.header import AUTOCLEAR_BITMAPS
+from .options import validate_options
 
 
 def _round_up(n, m):
     return -(-n // m) * m
 
 
-def check_extended_l2(extended_l2, version, cluster_size):
-    """qemu's conditions on extended L2 entries (create and measure)."""
-    if not extended_l2:
-        return
-    if version < 3:
-        raise InvalidArgumentError("extended L2 entries are only supported with compat=1.1")
-    if cluster_size < 16384:
-        raise InvalidArgumentError("extended L2 entries are only supported with cluster sizes "
-                                   "of at least 16384 bytes")
-
-
 def refcount_metadata_size(clusters, cluster_size, refcount_order):
     """Bytes of refcount table and blocks needed to count ``clusters``
     clusters plus themselves."""
-    return sum(refcount_structure_clusters(clusters, cluster_size, refcount_order)) \
-        * cluster_size
+    geo = Geometry(cluster_size.bit_length() - 1, refcount_order)
+    return sum(geo.refcount_layout(clusters)) * cluster_size
 
 
-def refcount_structure_clusters(clusters, cluster_size, refcount_order):
-    """(refcount blocks, refcount table clusters) needed to count
-    ``clusters`` clusters plus themselves: the fixed point."""
-    per_table_cluster = cluster_size // REFTABLE_ENTRY_SIZE
-    per_block = cluster_size * 8 // (1 << refcount_order)
-    table = blocks = 0
-    n = -1
-    while True:
-        last = n
-        blocks = -(-(clusters + table + blocks) // per_block)
-        table = -(-blocks // per_table_cluster)
-        n = clusters + blocks + table
-        if n == last:
-            return blocks, table
-
-
-def prealloc_size(virtual_size, cluster_size, refcount_order, l2e_size=8):
+def prealloc_size(virtual_size, cluster_size, refcount_order, l2e_size=L2E_SIZE_NORMAL):
     """qcow2_calc_prealloc_size: the fully allocated file size (``l2e_size``:
     16 with extended L2 entries)."""
     aligned = _round_up(virtual_size, cluster_size)
@@ -103,16 +77,14 @@ def measure(source=None, *, size=None, fmt="qcow2", cluster_size=65536, refcount
         return {"required": required, "fully-allocated": required}
     if fmt != "qcow2":
         raise InvalidArgumentError(f"cannot measure for format {fmt!r}")
-    if cluster_size & (cluster_size - 1) or not 512 <= cluster_size <= 2 << 20:
-        raise InvalidArgumentError("cluster_size must be a power of two between 512 B and 2 MiB")
-    if refcount_bits & (refcount_bits - 1) or not 1 <= refcount_bits <= 64:
-        raise InvalidArgumentError("refcount_bits must be a power of two between 1 and 64")
-    version = 2 if compat in ("0.10", "v2") else 3
-    if version == 2 and refcount_bits != 16:
-        raise InvalidArgumentError("refcount widths other than 16 bits require compat=1.1")
-    refcount_order = refcount_bits.bit_length() - 1
-    check_extended_l2(extended_l2, version, cluster_size)
-    l2e_size = 16 if extended_l2 else 8
+    # create's rules: what measure accepts, create accepts (the backing
+    # file only changes how much data is required here).
+    st = validate_options(None, source.size if source is not None else size,
+                          cluster_size=cluster_size, compat=compat,
+                          refcount_bits=refcount_bits, preallocation=preallocation,
+                          extended_l2=extended_l2)
+    geo = st.geometry()
+    cluster_size, version = geo.cluster_size, st.version
     if source is not None:
         header = getattr(source, "header", None)
         if header is not None and header.autoclear_features & AUTOCLEAR_BITMAPS:
@@ -123,13 +95,9 @@ def measure(source=None, *, size=None, fmt="qcow2", cluster_size=65536, refcount
     else:
         virtual_size = _round_up(size, cluster_size)
         required = 0
-    l2_tables = -(-(virtual_size // cluster_size) // (cluster_size // l2e_size))
-    if l2_tables * L1E_SIZE > MAX_L1_BYTES:
-        raise InvalidArgumentError(f"size {virtual_size} is too large for cluster_size "
-                                   f"{cluster_size}")
     if preallocation in ("full", "falloc"):
         required = virtual_size
-    fully = prealloc_size(virtual_size, cluster_size, refcount_order, l2e_size)
+    fully = prealloc_size(virtual_size, cluster_size, geo.refcount_order, geo.l2_entry_bytes)
     out = {"required": fully - virtual_size + required, "fully-allocated": fully}
     # qemu shows "bitmaps" when both ends could hold persistent bitmaps: a
     # v3 destination and a v3 qcow2 source.

@@ -26,12 +26,10 @@ import numpy as np
 from ..spec import header as hdr
 from .._ext.kernels import refcount_encode
 from ..errors import InvalidArgumentError
-from ..spec.geometry import QCOW_OFLAG_COPIED, QCOW_OFLAG_ZERO
+from ..spec.constants import (COMPRESSED, DATA, L1E_SIZE, QCOW_OFLAG_COPIED, QCOW_OFLAG_ZERO,
+                              REFTABLE_ENTRY_SIZE, UNALLOCATED, ZERO)
 from ..host.file import WRITE_MAX, is_device, prefault_for, pwrite_all, set_size, write_error
-from .measure import refcount_structure_clusters
 
-# Kinds of a guest cluster in the output (as kernels' UNALLOCATED/DATA/ZERO/COMPRESSED).
-UNALLOCATED, DATA, ZERO, COMPRESSED = 0, 1, 2, 3
 IOV_MAX = 1024
 
 
@@ -83,7 +81,8 @@ class ClusterTable:
 
     def arrays(self, n):
         """(kinds, rel, clen) for ``n`` guest clusters."""
-        kinds, rel, clen = np.zeros(n, np.uint8), np.zeros(n, np.uint64), np.zeros(n, np.uint32)
+        kinds = np.full(n, UNALLOCATED, np.uint8)
+        rel, clen = np.zeros(n, np.uint64), np.zeros(n, np.uint32)
         for first, k, r, c in self.parts:
             m = min(len(k), n - first)
             if m > 0:
@@ -104,18 +103,18 @@ def build_metadata(settings, size, table, data_len, *, stream):
     n_guest = _clusters(size, cs)
     kinds, rel, clen = table.arrays(n_guest)
     l1_size = geo.l1_size_for(size)
-    if l1_size > hdr.MAX_L1_BYTES // 8:
+    if l1_size > hdr.MAX_L1_BYTES // L1E_SIZE:
         raise InvalidArgumentError(f"size {size} is too large for cluster_size {cs}")
     per_l2 = geo.l2_entries
-    padded = np.zeros(l1_size * per_l2, np.uint8)
+    padded = np.full(l1_size * per_l2, UNALLOCATED, np.uint8)
     padded[:n_guest] = kinds
-    used = np.flatnonzero(padded.reshape(l1_size, per_l2).any(axis=1)) if l1_size else \
-        np.zeros(0, np.int64)
+    used = np.flatnonzero((padded != UNALLOCATED).reshape(l1_size, per_l2).any(axis=1)) \
+        if l1_size else np.zeros(0, np.int64)
     n_l2 = len(used)
-    l1_clusters = _clusters(l1_size * 8, cs)      # none for an empty disk (l1_size 0)
+    l1_clusters = _clusters(l1_size * L1E_SIZE, cs)   # none for an empty disk (l1_size 0)
     data_clusters = _clusters(data_len, cs)
     fixed = 1 + data_clusters + n_l2 + l1_clusters
-    n_rb, rt_clusters = refcount_structure_clusters(fixed, cs, geo.refcount_order)
+    n_rb, rt_clusters = geo.refcount_layout(fixed)
     if rt_clusters * cs > hdr.MAX_REFTABLE_BYTES:
         raise InvalidArgumentError("image too large for a refcount table with these "
                                    "cluster_size/refcount_bits")
@@ -147,7 +146,7 @@ def build_metadata(settings, size, table, data_len, *, stream):
     e[is_comp] = geo.compressed_descriptor(ch, cl)
     e[kinds == ZERO] = QCOW_OFLAG_ZERO
     l2_tables = entries.reshape(l1_size, per_l2)[used]
-    l1 = np.zeros(l1_clusters * cs // 8, np.uint64)
+    l1 = np.zeros(l1_clusters * cs // L1E_SIZE, np.uint64)
     l1[used] = (np.arange(n_l2, dtype=np.uint64) * np.uint64(cs) + np.uint64(l2_off)) \
         | np.uint64(QCOW_OFLAG_COPIED)
 
@@ -164,7 +163,7 @@ def build_metadata(settings, size, table, data_len, *, stream):
     counts = np.bincount(np.concatenate(touched).astype(np.int64), minlength=len(refs))
     refs += counts[:len(refs)].astype(np.uint64)
     assert int(refs.max(initial=0)) <= geo.refcount_max
-    reftable = np.zeros(rt_clusters * cs // 8, np.uint64)
+    reftable = np.zeros(rt_clusters * cs // REFTABLE_ENTRY_SIZE, np.uint64)
     reftable[:n_rb] = np.arange(n_rb, dtype=np.uint64) * np.uint64(cs) + np.uint64(rb_off)
     blocks = np.zeros(n_rb * cs, np.uint8)
     for i in range(n_rb):

@@ -1,21 +1,17 @@
-"""Image geometry: every size, shift and mask derived from the header, computed
-once at open.  Call sites use these helpers, never ad-hoc shifts."""
+"""Image geometry: the sizes, shifts and masks that follow from the header
+(cluster size, refcount width, extended L2 entries), computed once at open,
+with named helpers for the common conversions (guest offset to L1/L2 index,
+compressed descriptors, refcount structure sizes).  The formulas of the
+shifts are the spec's, from :mod:`qcow2fast.spec.constants`."""
 
-L1E_OFFSET_MASK = 0x00FFFFFFFFFFFE00
-L2E_OFFSET_MASK = 0x00FFFFFFFFFFFE00
-REFT_OFFSET_MASK = 0xFFFFFFFFFFFFFE00
-QCOW_OFLAG_COPIED = 1 << 63
-QCOW_OFLAG_COMPRESSED = 1 << 62
-QCOW_OFLAG_ZERO = 1
-L1E_RESERVED_MASK = 0x7F000000000001FF
-L2E_STD_RESERVED_MASK = 0x3F000000000001FE
-
-
-# Extended L2 entries: 32 subclusters per cluster; the bitmap word holds the
-# allocation bits (0-31) and the reads-as-zero bits (32-63).
-SUBCLUSTERS = 32
-SC_ALLOC_MASK = 0xFFFFFFFF
-SC_ZERO_SHIFT = 32
+from .constants import (L2E_SIZE_EXTENDED, L2E_SIZE_NORMAL, QCOW_OFLAG_COMPRESSED,
+                        REFTABLE_ENTRY_SIZE, coffset_mask, csize_mask, csize_shift, l2_bits,
+                        rb_bits, unit_bits)
+# Entry bits re-exported for modules that still import them from here; new
+# code imports them from qcow2fast.spec.constants.
+from .constants import (L1E_OFFSET_MASK, L1E_RESERVED_MASK, L2E_OFFSET_MASK,  # noqa: F401
+                        L2E_STD_RESERVED_MASK, QCOW_OFLAG_COPIED, QCOW_OFLAG_ZERO,
+                        REFT_OFFSET_MASK, SC_ALLOC_MASK, SC_ZERO_SHIFT, SUBCLUSTERS)
 
 
 class Geometry:
@@ -31,23 +27,23 @@ class Geometry:
         # An L2 entry is one 64-bit word, or two with extended L2 entries
         # (descriptor, subcluster bitmap).
         self.extended_l2 = bool(extended_l2)
-        self.l2_entry_words = 2 if extended_l2 else 1
-        self.l2_entry_bytes = 8 * self.l2_entry_words
-        self.l2_bits = cluster_bits - (4 if extended_l2 else 3)
+        self.l2_entry_bytes = L2E_SIZE_EXTENDED if extended_l2 else L2E_SIZE_NORMAL
+        self.l2_entry_words = self.l2_entry_bytes // 8
+        self.l2_bits = l2_bits(cluster_bits, self.extended_l2)
         self.l2_entries = 1 << self.l2_bits
         # The unit of allocation: the subcluster, or the cluster itself.
-        self.subcluster_bits = cluster_bits - 5 if extended_l2 else cluster_bits
+        self.subcluster_bits = unit_bits(cluster_bits, self.extended_l2)
         self.subcluster_size = 1 << self.subcluster_bits
         self.unit_bits = self.subcluster_bits
         self.refcount_order = refcount_order
         self.refcount_bits = 1 << refcount_order
         self.refcount_max = (1 << self.refcount_bits) - 1
-        self.rb_bits = cluster_bits + 3 - refcount_order     # log2 entries per refcount block
+        self.rb_bits = rb_bits(cluster_bits, refcount_order)    # log2 entries per refcount block
         self.rb_entries = 1 << self.rb_bits
         # Compressed cluster descriptor (spec: x = 62 - (cluster_bits - 8)).
-        self.csize_shift = 62 - (cluster_bits - 8)
-        self.csize_mask = (1 << (cluster_bits - 8)) - 1
-        self.cluster_offset_mask = (1 << self.csize_shift) - 1
+        self.csize_shift = csize_shift(cluster_bits)
+        self.csize_mask = csize_mask(cluster_bits)
+        self.cluster_offset_mask = coffset_mask(cluster_bits)
         slice_bytes = l2_slice_bytes or self.cluster_size
         self.slice_bytes = slice_bytes
         self.slice_entries = slice_bytes // self.l2_entry_bytes
@@ -59,9 +55,6 @@ class Geometry:
 
     def start_of_cluster(self, offset):
         return offset & ~(self.cluster_size - 1)
-
-    def cluster_index(self, offset):
-        return offset >> self.cluster_bits
 
     def size_to_clusters(self, nbytes):
         return (nbytes + self.cluster_size - 1) >> self.cluster_bits
@@ -80,12 +73,27 @@ class Geometry:
     def bytes_per_l2(self):
         return self.cluster_size << self.l2_bits
 
-    # -- refcounts -------------------------------------------------------------
-    def reftable_index(self, cluster):
-        return cluster >> self.rb_bits
+    # -- refcount structures ----------------------------------------------------
+    def refblocks_covering(self, clusters):
+        """Refcount blocks (refcount table entries) that cover host clusters
+        [0, clusters)."""
+        return -((-clusters) >> self.rb_bits)
 
-    def refblock_index(self, cluster):
-        return cluster & (self.rb_entries - 1)
+    def reftable_clusters(self, entries):
+        """Clusters of a refcount table with ``entries`` entries."""
+        return -((-entries * REFTABLE_ENTRY_SIZE) >> self.cluster_bits)
+
+    def refcount_layout(self, clusters):
+        """(refcount blocks, refcount table clusters) that count host clusters
+        [0, clusters) plus themselves, placed after them: the least fixed
+        point (qemu's qcow2_refcount_metadata_size)."""
+        blocks = table = 0
+        while True:
+            b = self.refblocks_covering(clusters + blocks + table)
+            t = self.reftable_clusters(b)
+            if (b, t) == (blocks, table):
+                return blocks, table
+            blocks, table = b, t
 
     # -- compressed clusters ---------------------------------------------------
     def compressed_extent(self, entry):

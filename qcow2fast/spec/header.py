@@ -10,6 +10,8 @@ import dataclasses
 import struct
 
 from ..errors import CorruptImageError, UnsupportedFeatureError
+from .constants import L1E_SIZE, SC_BITS
+from .geometry import Geometry
 
 QCOW_MAGIC = b"QFI\xfb"
 
@@ -34,6 +36,18 @@ for _name, _code in _FIELDS:
     FIELD_OFFSET[_name] = _pos
     _pos += FIELD_STRUCT[_name].size
 del _pos, _name, _code
+
+
+def pack_fields(**fields):
+    """(offset, bytes) of a run of consecutive header fields, given by name
+    in header order with their values: one write that updates them in place
+    (``pack_fields(l1_size=n, l1_table_offset=off)``)."""
+    names = list(fields)
+    first = HEADER_FIELDS.index(names[0])
+    if list(HEADER_FIELDS[first:first + len(names)]) != names:
+        raise ValueError(f"header fields {', '.join(names)} do not follow each other")
+    fmt = ">" + "".join(FIELD_STRUCT[name].format.lstrip(">") for name in names)
+    return FIELD_OFFSET[names[0]], struct.pack(fmt, *fields.values())
 
 V2_HEADER_LENGTH = 72
 V3_MIN_HEADER_LENGTH = HEADER.size          # 104
@@ -82,6 +96,8 @@ COMPRESSION_ZLIB, COMPRESSION_ZSTD = 0, 1
 COMPRESSION_NAMES = {COMPRESSION_ZLIB: "zlib", COMPRESSION_ZSTD: "zstd"}
 
 MIN_CLUSTER_BITS, MAX_CLUSTER_BITS = 9, 21
+# Extended L2 entries need subclusters of at least 512 bytes (qemu's rule).
+MIN_EXTL2_CLUSTER_BITS = SC_BITS + 9
 MAX_BACKING_FILE_SIZE = 1023
 # qemu's implementation limits, kept so no lying size field can make us
 # allocate without bound.
@@ -200,13 +216,13 @@ class Header:
             name = self.backing_file.encode()
             self.backing_file_offset = len(out)
             self.backing_file_size = len(name)
-            struct.pack_into(">QI", out, FIELD_OFFSET["backing_file_offset"],
-                             self.backing_file_offset, self.backing_file_size)
-            out += name
         else:
+            name = b""
             self.backing_file_offset = self.backing_file_size = 0
-            struct.pack_into(">QI", out, FIELD_OFFSET["backing_file_offset"], 0, 0)
-        return bytes(out)
+        at, fields = pack_fields(backing_file_offset=self.backing_file_offset,
+                                 backing_file_size=self.backing_file_size)
+        out[at:at + len(fields)] = fields
+        return bytes(out + name)
 
 
 def _check(cond, message, field):
@@ -261,14 +277,16 @@ def parse_header(buf, file_size):
            "refcount_order")
 
     # Offsets and table sizes, bounded by the file and by qemu's limits.
-    _check(h.l1_size <= MAX_L1_BYTES // 8,
-           f"l1_size {h.l1_size} exceeds the limit of {MAX_L1_BYTES // 8} entries", "l1_size")
-    l2_entries = cs // 8
-    needed_l1 = -(-h.size // (cs * l2_entries))
-    _check(h.l1_size >= needed_l1,
-           f"l1_size {h.l1_size} too small for a virtual size of {h.size} (needs {needed_l1})",
+    _check(h.l1_size <= MAX_L1_BYTES // L1E_SIZE,
+           f"l1_size {h.l1_size} exceeds the limit of {MAX_L1_BYTES // L1E_SIZE} entries",
            "l1_size")
-    _check_table(h.l1_table_offset, h.l1_size * 8, cs, file_size, "l1_table_offset")
+    # An L2 table maps half as much with extended (16-byte) entries.
+    geo = Geometry(cb, h.refcount_order, extended_l2=h.incompatible_features & INCOMPAT_EXTL2)
+    needed_l1 = geo.l1_size_for(h.size)
+    _check(h.l1_size >= needed_l1,
+           f"l1_size {h.l1_size} too small for a virtual size of {h.size} (needs {needed_l1}"
+           f"{' with extended L2 entries' if geo.extended_l2 else ''})", "l1_size")
+    _check_table(h.l1_table_offset, h.l1_size * L1E_SIZE, cs, file_size, "l1_table_offset")
     _check(0 < h.refcount_table_clusters <= MAX_REFTABLE_BYTES // cs,
            f"refcount_table_clusters {h.refcount_table_clusters} out of range", "refcount_table_clusters")
     _check_table(h.refcount_table_offset, h.refcount_table_clusters * cs, cs, file_size,
@@ -287,6 +305,10 @@ def parse_header(buf, file_size):
                f"backing file name at {h.backing_file_offset:#x} runs past the first cluster",
                "backing_file_offset")
         name = bytes(buf[h.backing_file_offset:h.backing_file_offset + h.backing_file_size])
+        if b"\0" in name:
+            raise CorruptImageError(f"backing file name has a NUL byte at position "
+                                    f"{name.index(0)} of {len(name)}",
+                                    offset=h.backing_file_offset, field="backing_file")
         try:
             h.backing_file = name.decode()
         except UnicodeDecodeError:
@@ -362,8 +384,7 @@ def check_features(h, writable):
     if h.compression_type not in COMPRESSION_NAMES:
         raise UnsupportedFeatureError(f"unknown compression_type {h.compression_type}",
                                       feature="compression type")
-    if h.incompatible_features & INCOMPAT_EXTL2 and h.cluster_bits < 14:
-        # 32 subclusters of at least 512 bytes each (qemu's rule)
+    if h.incompatible_features & INCOMPAT_EXTL2 and h.cluster_bits < MIN_EXTL2_CLUSTER_BITS:
         raise CorruptImageError(f"extended L2 entries with {1 << h.cluster_bits}-byte clusters: "
                                 "subclusters would be smaller than 512 bytes",
                                 offset=FIELD_OFFSET["cluster_bits"], field="cluster_bits")
