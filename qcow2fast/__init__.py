@@ -7,6 +7,10 @@
         img.read(0, 5)
 """
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
 from .ops.convert import convert
 from .ops.create import create
 from .errors import (ConvertError, CorruptImageError, ImageClosedError, InvalidArgumentError,
@@ -15,6 +19,10 @@ from .errors import (ConvertError, CorruptImageError, ImageClosedError, InvalidA
 from .extent import Extent
 from .engine.image import Image
 
+if TYPE_CHECKING:
+    import os
+    from typing import Any, Literal
+
 __version__ = "0.1.0"
 
 __all__ = ["open", "create", "convert", "Image", "Extent", "Qcow2Error", "CorruptImageError",
@@ -22,6 +30,7 @@ __all__ = ["open", "create", "convert", "Image", "Extent", "Qcow2Error", "Corrup
            "ImageClosedError", "LimitExceededError", "RepairError", "ConvertError"]
 
 
-def open(path, mode="r", **options):  # noqa: A001 - mirrors the builtin on purpose
+def open(  # noqa: A001 - mirrors the builtin on purpose
+        path: str | os.PathLike[str], mode: Literal["r", "r+"] = "r", **options: Any) -> Image:
     """Open a qcow2 image (``mode`` "r" or "r+"); see :class:`Image` for options."""
     return Image(path, mode, **options)

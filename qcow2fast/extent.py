@@ -1,5 +1,6 @@
 """Typed extents returned by ``Image.block_status``."""
 
+from collections.abc import Iterable
 from typing import NamedTuple, Optional
 
 from .spec.constants import Kind
@@ -17,10 +18,10 @@ class Extent(NamedTuple):
     depth: int                   # 0 = this image, 1 = its backing file, ...
 
 
-def merge_extents(extents):
+def merge_extents(extents: Iterable[Extent]) -> list[Extent]:
     """Merge neighbours of the same kind and depth (and contiguous host
     offsets for data)."""
-    out = []
+    out: list[Extent] = []
     for e in extents:
         if e.length == 0:
             continue

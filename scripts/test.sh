@@ -8,7 +8,7 @@
 #    (the jitter benchmark counts syncs with it) -- and,
 #    only if they are missing too, a C compiler and the Python
 #    headers needed to build the Cython extensions (apt-get; sudo if not root).
-# 2. pip install -e '.[test]' (pytest, hypothesis, pytest-benchmark).  A
+# 2. pip install -e '.[test]' (pytest, hypothesis, pytest-benchmark, mypy).  A
 #    Debian system Python is "externally managed" (PEP 668): then a .venv is
 #    created in the repository and used instead.
 # 3. python -m pytest -q tests "$@"

@@ -19,8 +19,11 @@ declared in ``_ext/core.pxd``; each runs the subsystem under the image's
 exclusive lock.
 """
 
+from __future__ import annotations
+
 import os
 import threading
+from typing import TYPE_CHECKING, Literal
 
 from .._ext.core import ImageCore
 from .._ext.fileio import File
@@ -41,16 +44,28 @@ from .overlap import MetadataMap
 from .refcount import Refcounts
 from .snapshot import find_snapshot, read_snapshot_table
 
+if TYPE_CHECKING:
+    import collections.abc
+
+    from .._ext._typing import Buffer
+    from .._ext.cache import TableCache
+    from ..host.raw import RawImage
+    from .rawio import ImageFile
+    from .snapshot import Snapshot
+
 MAX_HEADER_READ = 2 << 20
 
 
 class Image(ImageCore):
     """An open qcow2 image.  Use :func:`qcow2fast.open` to get one."""
 
-    def __init__(self, path, mode="r", *, cache_mode="writeback", l2_cache_size=None,
-                 l2_cache_entry_size=None, refcount_cache_size=None, cache_size=None,
-                 cache_clean_interval=None, lazy_refcounts=None, backing=True, snapshot=None,
-                 _chain=(), _repair=False):
+    def __init__(self, path: str | os.PathLike[str], mode: Literal["r", "r+"] = "r", *,
+                 cache_mode: str = "writeback", l2_cache_size: int | None = None,
+                 l2_cache_entry_size: int | None = None, refcount_cache_size: int | None = None,
+                 cache_size: int | None = None, cache_clean_interval: int | None = None,
+                 lazy_refcounts: bool | None = None, backing: bool = True,
+                 snapshot: str | collections.abc.Mapping[str, str | None] | None = None,
+                 _chain: tuple[str, ...] = (), _repair: bool = False) -> None:
         if mode not in ("r", "r+"):
             raise InvalidArgumentError(f"mode must be 'r' or 'r+', not {mode!r}")
         if snapshot is not None and mode != "r":
@@ -68,8 +83,8 @@ class Image(ImageCore):
         self.path = os.fspath(path)
         self.cache_mode = cache_mode
         self._close_lock = threading.Lock()     # serialises close() against the cleaner
-        self._cleaner = None
-        self.backing = None
+        self._cleaner: CacheCleaner | None = None
+        self.backing: Image | RawImage | None = None
         writable = mode == "r+"
         direct = cache_mode in ("none", "directsync")
         try:
@@ -165,72 +180,73 @@ class Image(ImageCore):
     # -- properties ---------------------------------------------------------------
 
     @property
-    def header(self):
+    def header(self) -> hdr.Header:
         return self.state.header
 
     @property
-    def geo(self):
+    def geo(self) -> Geometry:
         return self.state.geo
 
     @property
-    def file(self):
+    def file(self) -> File:
         return self.state.file
 
     @property
-    def l2_cache(self):
+    def l2_cache(self) -> TableCache:
         return self.state.l2_cache
 
     @property
-    def refcount_cache(self):
+    def refcount_cache(self) -> TableCache:
         return self.state.refcount_cache
 
     @property
-    def snapshot(self):
+    def snapshot(self) -> Snapshot | None:
         """The internal snapshot this image views (read-only), or None."""
         return self.state.snapshot
 
     @property
-    def cluster_size(self):
+    def cluster_size(self) -> int:
         return self.state.cluster_size
 
     @property
-    def version(self):
+    def version(self) -> int:
         return self.header.version
 
     @property
-    def refcount_bits(self):
+    def refcount_bits(self) -> int:
         return self.header.refcount_bits
 
     @property
-    def compression_type(self):
+    def compression_type(self) -> str:
         return hdr.COMPRESSION_NAMES[self.header.compression_type]
 
     @property
-    def lazy_refcounts(self):
+    def lazy_refcounts(self) -> bool:
         return self.state.lazy_refcounts
 
     @property
-    def writethrough(self):
+    def writethrough(self) -> bool:
         return self.state.writethrough
 
     @property
-    def dirty(self):
+    def dirty(self) -> bool:
         return features.is_dirty(self.state)
 
     @property
-    def corrupt(self):
+    def corrupt(self) -> bool:
         return bool(self.header.incompatible_features & hdr.INCOMPAT_CORRUPT)
 
     @property
-    def backing_file(self):
+    def backing_file(self) -> str | None:
         return self.header.backing_file
 
     @property
-    def backing_format(self):
+    def backing_format(self) -> str | None:
         return self.header.backing_format
 
     @property
-    def backing_chain(self):
+    def backing_chain(self) -> list[str]:
+        img: Image | RawImage | None
         chain, img = [], self
         while img is not None:
             chain.append(img.path)
@@ -238,7 +254,7 @@ class Image(ImageCore):
         return chain
 
     @property
-    def features(self):
+    def features(self) -> dict[str, list[str]]:
         h = self.header
         out = {}
         for kind, name, bits in (("incompatible", hdr.FEATURE_INCOMPAT, h.incompatible_features),
@@ -248,20 +264,20 @@ class Image(ImageCore):
         return out
 
     @property
-    def cache_stats(self):
+    def cache_stats(self) -> dict[str, int]:
         l2, rc = self.l2_cache, self.refcount_cache
         return {"l2_hits": l2.hits, "l2_misses": l2.misses, "l2_slots": l2.nslots,
                 "l2_used": l2.used, "refcount_hits": rc.hits, "refcount_misses": rc.misses,
                 "refcount_used": rc.used}
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         state = "closed" if self.closed else ("r" if self.read_only else "r+")
         return f"<qcow2fast.Image {self.path!r} size={self.size} {state}>"
 
-    def __enter__(self):
+    def __enter__(self) -> Image:
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     # -- the hooks of the C data path (core.pxd) ------------------------------------------
@@ -304,7 +320,7 @@ class Image(ImageCore):
 
     # -- zeroes, discard, compressed writes -----------------------------------------------
 
-    def write_zeroes(self, offset, length, *, may_unmap=False):
+    def write_zeroes(self, offset: int, length: int, *, may_unmap: bool = False) -> None:
         """Make [offset, offset+length) read as zeros, without writing data
         where the format allows (v3 zero flag; v2 without a backing file
         deallocates)."""
@@ -314,7 +330,7 @@ class Image(ImageCore):
         if self.writethrough:
             self.flush()
 
-    def discard(self, offset, length):
+    def discard(self, offset: int, length: int) -> None:
         """Discard whole clusters in [offset, offset+length): their host space
         is freed.  Afterwards they read as zeros (v3, or v2 without a backing
         file) or from the backing file (v2 with one)."""
@@ -324,14 +340,15 @@ class Image(ImageCore):
         if self.writethrough:
             self.flush()
 
-    def write_compressed(self, offset, data, compressor=None):
+    def write_compressed(self, offset: int, data: Buffer,
+                         compressor: Compressor | None = None) -> int:
         """Write ``data`` at guest ``offset`` as compressed clusters (qemu's
         ``write -c``).  ``offset`` is cluster aligned; ``data`` is whole
         clusters, the last of which may stop at the end of the disk.
         ``compressor``: a :class:`qcow2fast.engine.compress.Compressor` of
         the image's compression type (default: its default level).  Returns
         the number of bytes written."""
-        mv = memoryview(data).cast("B")
+        mv = memoryview(data).cast("B")     # type: ignore[arg-type]  # ndarray: see _ext/_typing.pyi
         self._check_compressed_request(offset, len(mv))
         ctype = self.header.compression_type
         if compressor is None:
@@ -343,7 +360,7 @@ class Image(ImageCore):
         cs = self.cluster_size
         payloads = []
         for k in range(0, len(mv), cs):
-            chunk = mv[k:k + cs]
+            chunk: memoryview | bytes = mv[k:k + cs]
             if len(chunk) < cs:         # the disk's last cluster: padded with zeros
                 chunk = bytes(chunk) + bytes(cs - len(chunk))
             c = compressor(chunk)
@@ -351,7 +368,8 @@ class Image(ImageCore):
         self.write_compressed_clusters(offset, payloads)
         return len(mv)
 
-    def write_compressed_clusters(self, offset, payloads):
+    def write_compressed_clusters(self, offset: int,
+                                  payloads: collections.abc.Sequence[Buffer]) -> None:
         """Write already compressed clusters from guest ``offset`` (cluster
         aligned): ``payloads[i]`` is guest cluster i's, either its data
         compressed with the image's compression type (shorter than a
@@ -360,7 +378,7 @@ class Image(ImageCore):
         which is written through the normal write path.  Same rules as
         :meth:`write_compressed`."""
         cs = self.cluster_size
-        sizes = [memoryview(p).nbytes for p in payloads]
+        sizes = [memoryview(p).nbytes for p in payloads]   # type: ignore[arg-type]  # as above
         for i, n in enumerate(sizes):
             if not 0 < n <= cs:
                 raise InvalidArgumentError(f"payload {i} is {n} bytes: a compressed cluster "
@@ -393,7 +411,7 @@ class Image(ImageCore):
 
     # -- block status ---------------------------------------------------------------------
 
-    def block_status(self, offset=0, length=None):
+    def block_status(self, offset: int = 0, length: int | None = None) -> list[Extent]:
         """Extents of [offset, offset+length) through the whole backing chain."""
         if length is None:
             length = self.size - offset
@@ -438,7 +456,7 @@ class Image(ImageCore):
 
     # -- flush and close --------------------------------------------------------------------
 
-    def flush(self):
+    def flush(self) -> None:
         """Make every completed write durable (per the cache mode)."""
         if self.closed:
             raise ImageClosedError("flush of a closed image")
@@ -450,7 +468,7 @@ class Image(ImageCore):
         finally:
             self._unlock()
 
-    def close(self):
+    def close(self) -> None:
         """Flush (without syncing under cache=unsafe), clear the dirty bit, and
         close the image and its backing chain."""
         with self._close_lock:
@@ -493,7 +511,7 @@ class Image(ImageCore):
         except Exception:
             pass
 
-    def as_file(self):
+    def as_file(self) -> ImageFile:
         """A seekable io.RawIOBase view of the guest disk."""
         from .rawio import ImageFile
         if self.closed:

@@ -18,11 +18,14 @@ directory and renamed over ``dest`` only once complete, so a failed or
 interrupted conversion leaves no half-written image behind.
 """
 
+from __future__ import annotations
+
 import collections
 import concurrent.futures
 import mmap
 import os
 import sys
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -39,6 +42,10 @@ from ..errors import ConvertError, InvalidArgumentError, Qcow2Error, Unsupported
 from ..host.file import pwrite_all
 from ..spec.constants import COMPRESSED, DATA, UNALLOCATED, ZERO
 from .qcow2_writer import Qcow2Writer, runs
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterable, Mapping
+    from typing import Any
 
 BATCH_BYTES = 2 << 20           # as qemu-img convert's requests; 4 MiB measured slower
 STDIN = "-"
@@ -378,10 +385,15 @@ class Output:
                 pass
 
 
-def convert(sources, dest, *, source_format=None, format="qcow2", options=None,
-            compress=False, sparse_size=4096, backing_file=None, backing_format=None,
-            existing=False, target_is_zero=False, threads=None, progress=None, sync=False,
-            direct=False, snapshot=None, compression_level=None):
+def convert(sources: str | os.PathLike[str] | Iterable[str | os.PathLike[str]],
+            dest: str | os.PathLike[str], *, source_format: str | None = None,
+            format: str = "qcow2", options: Mapping[str, Any] | None = None,
+            compress: bool = False, sparse_size: int = 4096, backing_file: str | None = None,
+            backing_format: str | None = None, existing: bool = False,
+            target_is_zero: bool = False, threads: int | None = None,
+            progress: Callable[[int, int | None], object] | None = None, sync: bool = False,
+            direct: bool = False, snapshot: str | Mapping[str, str | None] | None = None,
+            compression_level: int | None = None) -> None:
     """Convert ``sources`` (paths; several are concatenated; ``"-"`` alone
     is a raw stream on stdin) into ``dest`` (a path, or ``"-"`` for stdout).
 

@@ -8,6 +8,7 @@ image.
 """
 
 import os
+from typing import Optional, Union
 
 import numpy as np
 
@@ -16,9 +17,11 @@ from ..spec.constants import REFTABLE_ENTRY_SIZE
 from .options import validate_options
 
 
-def create(path, size=None, *, cluster_size=65536, compat="1.1", refcount_bits=16,
-           lazy_refcounts=False, backing_file=None, backing_format=None,
-           compression_type="zlib", preallocation="off", extended_l2=False):
+def create(path: Union[str, "os.PathLike[str]"], size: Optional[int] = None, *,
+           cluster_size: int = 65536, compat: Union[str, int] = "1.1", refcount_bits: int = 16,
+           lazy_refcounts: bool = False, backing_file: Optional[str] = None,
+           backing_format: Optional[str] = None, compression_type: str = "zlib",
+           preallocation: str = "off", extended_l2: bool = False) -> None:
     """Create a qcow2 image; the options mean what qemu-img's ``-o`` options mean.
 
     ``size`` may be None when ``backing_file`` is given: the backing file's
