@@ -1,16 +1,7 @@
-from typing import Final
-
 import numpy as np
 from numpy.typing import NDArray
 
 from ._typing import Buffer
-
-# Extent kinds (common.pxd's enum).
-UNALLOCATED: Final = 0
-DATA: Final = 1
-ZERO: Final = 2
-COMPRESSED: Final = 3
-INVALID: Final = 4
 
 def l2_next_run(
     l2: NDArray[np.uint64],
