@@ -230,10 +230,7 @@ cdef class ImageCore:
                 if rc < k:
                     return rc
             else:
-                with nogil:
-                    rc = self.below_raw.c_pread(buf, k, pos)
-                if rc < 0:
-                    self.below_raw.raise_errno(rc, "read", pos)
+                self.below_raw.read_at(buf, k, pos)
         if n > k:
             memset(buf + k, 0, n - k)
         return n

@@ -11,3 +11,5 @@ cdef class File:
     cdef int64_t c_pread(self, char *buf, size_t n, int64_t off) noexcept nogil
     cdef int64_t c_pwrite(self, const char *buf, size_t n, int64_t off) noexcept nogil
     cdef raise_errno(self, int64_t rc, str what, int64_t off)
+    cdef int read_at(self, char *buf, int64_t n, int64_t off) except -1
+    cdef int write_at(self, const char *buf, int64_t n, int64_t off) except -1

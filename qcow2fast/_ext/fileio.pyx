@@ -98,6 +98,24 @@ cdef class File:
         free(bounce)
         return rc
 
+    cdef int read_at(self, char *buf, int64_t n, int64_t off) except -1:
+        """c_pread with the GIL released around it, an error raised as OSError."""
+        cdef int64_t rc
+        with nogil:
+            rc = self.c_pread(buf, n, off)
+        if rc < 0:
+            self.raise_errno(rc, "read", off)
+        return 0
+
+    cdef int write_at(self, const char *buf, int64_t n, int64_t off) except -1:
+        """c_pwrite with the GIL released around it, an error raised as OSError."""
+        cdef int64_t rc
+        with nogil:
+            rc = self.c_pwrite(buf, n, off)
+        if rc < 0:
+            self.raise_errno(rc, "write", off)
+        return 0
+
     def pread(self, int64_t off, Py_ssize_t n):
         """Read ``n`` bytes at ``off`` (zeros past EOF) and return bytes."""
         cdef object out = PyBytes_FromStringAndSize(NULL, n)

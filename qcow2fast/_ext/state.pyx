@@ -118,23 +118,15 @@ cdef class ImageState:
 
     cdef int read_data(self, char *buf, int64_t n, uint64_t host) except -1:
         """Guest data at host [host, host+n) of the data file into ``buf``."""
-        cdef File f = self.data_file
-        cdef int64_t rc, bs, lo, hi
+        cdef int64_t bs, lo, hi
         cdef char *tmp
         if self.transform is None or n <= 0:
-            with nogil:
-                rc = f.c_pread(buf, n, host)
-            if rc < 0:
-                f.raise_errno(rc, "read", host)
-            return 0
+            return self.data_file.read_at(buf, n, host)
         bs = self.transform.block_size
         lo = host & ~(bs - 1)
         hi = (host + n + bs - 1) & ~(bs - 1)
         if lo == <int64_t>host and hi == <int64_t>host + n:
-            with nogil:
-                rc = f.c_pread(buf, n, host)
-            if rc < 0:
-                f.raise_errno(rc, "read", host)
+            self.data_file.read_at(buf, n, host)
             self.transform.decode(<unsigned char[:n]> <unsigned char *> buf, host)
             return 0
         tmp = <char *>malloc(hi - lo)
@@ -151,15 +143,10 @@ cdef class ImageState:
         """Guest data ``buf`` to host [host, host+n) of the data file.  With a
         transform, edge blocks the write covers in part are read, decoded
         and patched first (the caller holds the exclusive lock then)."""
-        cdef File f = self.data_file
-        cdef int64_t rc, bs, lo, hi
+        cdef int64_t bs, lo, hi
         cdef char *tmp
         if self.transform is None or n <= 0:
-            with nogil:
-                rc = f.c_pwrite(buf, n, host)
-            if rc < 0:
-                f.raise_errno(rc, "write", host)
-            return 0
+            return self.data_file.write_at(buf, n, host)
         bs = self.transform.block_size
         lo = host & ~(bs - 1)
         hi = (host + n + bs - 1) & ~(bs - 1)
@@ -173,10 +160,7 @@ cdef class ImageState:
                 self.read_data(tmp + (hi - bs - lo), bs, hi - bs)
             memcpy(tmp + (host - lo), buf, n)
             self.transform.encode(<unsigned char[:hi - lo]> <unsigned char *> tmp, lo)
-            with nogil:
-                rc = f.c_pwrite(tmp, hi - lo, lo)
-            if rc < 0:
-                f.raise_errno(rc, "write", lo)
+            self.data_file.write_at(tmp, hi - lo, lo)
         finally:
             free(tmp)
         return 0

@@ -28,11 +28,10 @@ def probe_format(path):
 
 def open_backing(img, chain):
     """Open ``img``'s backing file read-only; ``chain`` holds the real paths
-    of the images above it.  The image returned is read by ``img``'s C read
+    of the images above it.  A qcow2 backing file is opened as an image of
+    ``img``'s own class.  The image returned is read by ``img``'s C read
     path directly (``ImageCore._read_below``): a qcow2 image through its own
     C path, a raw file through its ``file``."""
-    from .image import Image
-
     name = img.header.backing_file
     if ":" in name.split("/")[0] and not os.path.exists(resolve_backing_path(img.path, name)):
         raise UnsupportedFeatureError(f"backing file {name!r}: protocols are not supported",
@@ -50,8 +49,8 @@ def open_backing(img, chain):
         raise FileNotFoundError(2, f"could not open backing file {name!r} of {img.path}", path)
     fmt = img.header.backing_format or probe_format(path)
     if fmt == "qcow2":
-        return Image(path, "r", cache_mode=_read_cache_mode(img.cache_mode),
-                     cache_clean_interval=0, _chain=chain)
+        return type(img)(path, "r", cache_mode=_read_cache_mode(img.cache_mode),
+                         cache_clean_interval=0, _chain=chain)
     if fmt == "raw":
         return RawImage(path)
     raise UnsupportedFeatureError(f"backing file format {fmt!r} is not supported",

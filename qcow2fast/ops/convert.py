@@ -40,7 +40,7 @@ from .create import create
 from .options import validate_options
 from ..errors import ConvertError, InvalidArgumentError, Qcow2Error, UnsupportedFeatureError
 from ..host.file import pwrite_all
-from ..spec.constants import COMPRESSED, DATA, UNALLOCATED, ZERO
+from ..spec.constants import COMPRESSED, DATA, L1E_SIZE, UNALLOCATED, ZERO
 from .qcow2_writer import Qcow2Writer, runs
 
 if TYPE_CHECKING:
@@ -536,7 +536,7 @@ def _convert_new_qcow2(st, src, dest, compressor, sparse_size, threads, progress
             marks = UnitMarks(src, cs, top_only=bool(st.backing_file),
                               skip_as=READ if sparse_size == 0 else SKIP)
         size = _feed(job, src, marks, sink, threads, progress)
-        if geo.l1_size_for(size) > hdr.MAX_L1_BYTES // 8:
+        if geo.l1_size_for(size) > hdr.MAX_L1_BYTES // L1E_SIZE:
             raise InvalidArgumentError(f"input of {size} bytes is too large for "
                                        f"cluster_size {cs}")
         writer.finish(size, sync=sync)
