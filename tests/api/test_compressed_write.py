@@ -2,7 +2,7 @@
 into an open image read back in qemu, pass qemu-img check, show as
 compressed in qemu-img map, are packed as qemu packs them, and can be
 overwritten by qemu; the refusals; a random mix with the other writes over
-the model; convert -c through Image (-n, extended L2) compresses."""
+the model.  (convert -c through Image: tests/convert/test_convert_compressed.py.)"""
 
 import os
 
@@ -11,16 +11,15 @@ from hypothesis import settings, strategies as st
 from hypothesis.stateful import precondition, rule, run_state_machine_as_test
 
 import qcow2fast
-from tests.helpers.cli_util import run_cli
-from tests.helpers.model import ModelImage
-from tests.api.test_properties import SETTINGS, Qcow2Machine
-from tests.helpers.qemu_util import (Rng, assert_bytes_equal, assert_qemu_content,
-                                     compressed_descriptor, compressible_bytes, file_state, header,
-                                     l2_entry_offset, qemu_check, qemu_compare, qemu_create,
-                                     qemu_img, qemu_io, qemu_map, read_at)
 from qcow2fast.engine.compress import Compressor
 from qcow2fast.errors import InvalidArgumentError, ReadOnlyImageError
 from qcow2fast.spec.header import COMPRESSION_ZLIB, COMPRESSION_ZSTD
+from tests.api.test_properties import SETTINGS, Qcow2Machine
+from tests.helpers.model import ModelImage
+from tests.helpers.qemu_util import (Rng, assert_bytes_equal, assert_compressed, assert_plain,
+                                     assert_qemu_content, compressed_descriptor, compressible_bytes,
+                                     file_state, header, l2_entry_offset, qemu_check, qemu_create,
+                                     qemu_img, qemu_io, read_at)
 
 pytestmark = pytest.mark.qemu
 KiB, MiB = 1 << 10, 1 << 20
@@ -71,21 +70,6 @@ def make_image(tmp_path, rng, config, nclusters):
         kw.update(backing_file=base, backing_format="qcow2")
     qcow2fast.create(path, size, **kw)
     return path, size, initial
-
-
-def map_at(path, offset):
-    """qemu-img map's extent holding guest ``offset``."""
-    return next(e for e in qemu_map(path) if e["start"] <= offset < e["start"] + e["length"])
-
-
-def assert_compressed(path, offset):
-    e = map_at(path, offset)
-    assert e["data"] and e["depth"] == 0 and "offset" not in e, e
-
-
-def assert_plain(path, offset):
-    e = map_at(path, offset)
-    assert e["data"] and e["depth"] == 0 and "offset" in e, e
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=config_id)
@@ -294,70 +278,6 @@ def test_random_mix_with_other_writes(tmp_path, config):
             data = bytes(m.data)
         qemu_check(path)
     assert_qemu_content(path, data)
-
-
-# -- convert ----------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def source(tmp_path_factory):
-    """A raw source: compressible, random and zero MiBs, and a partial tail."""
-    d = tmp_path_factory.mktemp("cwconvert")
-    rng = Rng("cw-source")
-    data = compressible(rng, MiB) + rng.randbytes(MiB) + bytes(MiB) + compressible(rng, 1000)
-    path = d / "src.raw"
-    path.write_bytes(data)
-    return str(path), data
-
-
-def assert_converted(out, data):
-    qemu_check(out)
-    qemu_compare(out, data + bytes(-len(data) % 512))
-    assert_compressed(out, 0)
-    assert_plain(out, MiB)
-
-
-@pytest.mark.parametrize("ctype", ["zlib", "zstd"])
-def test_convert_compressed_extended_l2(tmp_path, source, ctype):
-    src, data = source
-    out = tmp_path / "x.qcow2"
-    qcow2fast.convert(src, out, compress=True,
-                      options={"extended_l2": True, "cluster_size": 64 * KiB,
-                               "compression_type": ctype})
-    assert_converted(out, data)
-
-
-@pytest.mark.parametrize("target", ["empty", "full", "zero"])
-def test_convert_compressed_into_existing_target(tmp_path, source, target):
-    """-c -n: into an empty target, into one full of data (those clusters
-    are discarded first: compressed clusters need free space), and with
-    --target-is-zero."""
-    src, data = source
-    out = str(tmp_path / "n.qcow2")
-    qemu_create(out, 4 * MiB, cluster_size=64 * KiB)
-    if target == "full":
-        qemu_io(out, "write -P 0xee 0 4M")
-    qcow2fast.convert(src, out, existing=True, compress=True, compression_level=9,
-                      target_is_zero=target == "zero")
-    qemu_check(out)
-    want = data + (b"\xee" if target == "full" else b"\0") * (4 * MiB - len(data))
-    qemu_compare(out, want)
-    assert_compressed(out, 0)
-    assert_plain(out, MiB)
-    # The source ends inside the cluster at 3 MiB and the target goes on:
-    # unless the target is known to be zero, the target's bytes past the
-    # source's end are kept (the source's are written uncompressed).
-    (assert_compressed if target == "zero" else assert_plain)(out, 3 * MiB)
-
-
-def test_convert_cli_c_n(capsys, tmp_path, source):
-    src, data = source
-    out = str(tmp_path / "cli.qcow2")
-    qemu_img("create", "-q", "-f", "qcow2", "-o", "compression_type=zstd", out,
-             str(len(data) + (-len(data) % 512)))
-    status, _, err = run_cli(capsys, "convert", "-c", "-n", "-O", "qcow2", src, out)
-    assert status == 0, err
-    assert_converted(out, data)
 
 
 # -- the property machine, with compressed writes (ours and qemu's) -------------------

@@ -4,7 +4,6 @@ import pytest
 
 import qcow2fast
 from qcow2fast.cli import main
-from qcow2fast.ops.measure import refcount_metadata_size
 from tests.helpers.qemu_util import qemu_create, qemu_img, qemu_io
 
 pytestmark = pytest.mark.qemu
@@ -89,10 +88,3 @@ def test_measure_size_equals_qemu(capsys, argv):
 def test_measure_usage_errors(capsys, argv):
     assert main(argv) == 1
     assert capsys.readouterr().err.startswith("qcow2fast: ")
-
-
-def test_refcount_metadata_counts_itself():
-    # One block of 16-bit refcounts covers 32768 clusters: 32766 data clusters
-    # plus the block and the table fit exactly; one more needs a second block.
-    assert refcount_metadata_size(32766, 65536, 4) == 2 * 65536
-    assert refcount_metadata_size(32767, 65536, 4) == 3 * 65536

@@ -209,6 +209,23 @@ def qemu_map(path, fmt="qcow2"):
     return json.loads(qemu_img("map", "--output=json", "-f", fmt, str(path)).stdout_text)
 
 
+def map_at(path, offset):
+    """qemu-img map's extent holding guest ``offset``."""
+    return next(e for e in qemu_map(path) if e["start"] <= offset < e["start"] + e["length"])
+
+
+def assert_compressed(path, offset):
+    """qemu-img map: guest ``offset`` is data of the top layer, compressed."""
+    e = map_at(path, offset)
+    assert e["data"] and e["depth"] == 0 and "offset" not in e, e
+
+
+def assert_plain(path, offset):
+    """qemu-img map: guest ``offset`` is plain data of the top layer."""
+    e = map_at(path, offset)
+    assert e["data"] and e["depth"] == 0 and "offset" in e, e
+
+
 def qemu_compare(path, expected, *, fmt="qcow2"):
     """``qemu-img compare`` the image against expected content (bytes or a raw path)."""
     path = str(path)
