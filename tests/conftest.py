@@ -4,20 +4,21 @@ qemu-img / qemu-io 7.2 (Debian qemu-utils) are the oracle.  When they are
 missing the interop tests are skipped -- except under ``CI=true``, where a
 missing oracle fails the session before any test runs.
 
-The helper functions live in ``qemu_util.py`` (importable from the test
-modules); the fixtures here wrap them.
+The tests are grouped by area, one package each: ``unit/`` (one subsystem
+at a time: header, geometry, refcount growth, cache, host files, kernels),
+``api/`` (the Image API), ``interop/`` (qemu reads what qcow2fast writes and
+the reverse, crash safety), ``cli/``, ``nbd/``, ``convert/`` and ``bench/``.
+The helper functions live in the ``tests.helpers`` package (imported as
+``from tests.helpers.qemu_util import ...``: ``tests`` is a package, so
+pytest puts the repository root on sys.path); the fixtures here wrap them.
 """
 
-import os
 import shutil
-import sys
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import qemu_util  # noqa: E402
-from qemu_util import HAVE_QEMU, IN_CI, QEMU_IMG, QEMU_IO  # noqa: E402
+from tests.helpers import qemu_util
+from tests.helpers.qemu_util import HAVE_QEMU, IN_CI, QEMU_IMG, QEMU_IO
 
 
 def pytest_configure(config):

@@ -1,0 +1,1 @@
+"""qcow2fast convert: round trips, compression, streams and errors."""
