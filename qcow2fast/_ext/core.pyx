@@ -249,6 +249,7 @@ cdef class ImageCore:
         cdef int kind, st, slot
         cdef uint64_t *l2
         cdef uint64_t l1e
+        cdef File f = s.data_file
         while done < n:
             pos = off + done
             in_cl = pos & (us - 1)
@@ -277,7 +278,13 @@ cdef class ImageCore:
             if kind == EXT_DATA:
                 if host + <uint64_t>(run << ub) > <uint64_t>s.host_limit:
                     break
-                s.read_data(buf + done, chunk, host + in_cl)
+                if s.transform is None:     # s.read_data, its plain case inlined (hot path)
+                    with nogil:
+                        rc = f.c_pread(buf + done, chunk, host + in_cl)
+                    if rc < 0:
+                        f.raise_errno(rc, "read", host + in_cl)
+                else:
+                    s.read_data(buf + done, chunk, host + in_cl)
             elif kind == EXT_ZERO:
                 memset(buf + done, 0, chunk)
             elif kind == EXT_UNALLOCATED:
@@ -327,12 +334,18 @@ cdef class ImageCore:
                     chunk = n - done
                 if s.touches_metadata(host + in_cl, chunk):
                     break           # the slow path reports the corruption
-                if (f.direct and not f.aligned(buf + done, chunk, host + in_cl)) \
-                        or not s.transform_aligned(chunk, host + in_cl):
+                if (f.direct and not f.aligned(buf + done, chunk, host + in_cl)) or (
+                        s.transform is not None and not s.transform_aligned(chunk, host + in_cl)):
                     # Read-modify-write of a block must not race: exclusive only.
                     if not exclusive:
                         return NEED_EXCLUSIVE if done == 0 else done
-                s.write_data(buf + done, chunk, host + in_cl)
+                if s.transform is None:     # s.write_data, its plain case inlined (hot path)
+                    with nogil:
+                        rc = f.c_pwrite(buf + done, chunk, host + in_cl)
+                    if rc < 0:
+                        f.raise_errno(rc, "write", host + in_cl)
+                else:
+                    s.write_data(buf + done, chunk, host + in_cl)
             elif s.alloc_fast and (l1e & QCOW_OFLAG_COPIED) and run > 0 and (
                     kind == EXT_UNALLOCATED or kind == EXT_ZERO or s.extended):
                 if not exclusive:
