@@ -96,6 +96,9 @@ COMPRESSION_ZLIB, COMPRESSION_ZSTD = 0, 1
 COMPRESSION_NAMES = {COMPRESSION_ZLIB: "zlib", COMPRESSION_ZSTD: "zstd"}
 
 MIN_CLUSTER_BITS, MAX_CLUSTER_BITS = 9, 21
+# qemu writes the feature-name table only with clusters larger than 4 KiB:
+# its 8 names take 392 bytes (qcow2_update_header).
+FEATURE_TABLE_MIN_CLUSTER_BITS = 13
 # Extended L2 entries need subclusters of at least 512 bytes (qemu's rule).
 MIN_EXTL2_CLUSTER_BITS = SC_BITS + 9
 MAX_BACKING_FILE_SIZE = 1023
@@ -167,11 +170,10 @@ class Header:
     def pack(self):
         """Serialise header, extensions and backing file name (cluster 0).
 
-        As qemu does, the feature-name table is left out when it would not
-        fit in the first cluster (512-byte clusters)."""
-        out = self._pack(feature_table=True)
-        if len(out) > self.cluster_size:
-            out = self._pack(feature_table=False)
+        As qemu does, the feature-name table is written only with clusters
+        larger than 4 KiB (FEATURE_TABLE_MIN_CLUSTER_BITS): in a small first
+        cluster it would crowd out the backing file name."""
+        out = self._pack(feature_table=self.cluster_bits >= FEATURE_TABLE_MIN_CLUSTER_BITS)
         if len(out) > self.cluster_size:
             raise UnsupportedFeatureError(
                 f"header, extensions and backing file name take {len(out)} bytes, "
