@@ -99,7 +99,7 @@ class Clusters:
         or copied L2 table; under lazy refcounts the dirty bit first)."""
         s = self.state
         if s.lazy_refcounts and not features.is_dirty(s):
-            features.set_dirty(s, True, True)
+            features.set_dirty(s, True)
         slot = self.mapping.l2_slot_for_write(pos, self.refcounts)
         self.host_limit_changed()
         return slot
@@ -177,7 +177,7 @@ class Clusters:
             start += head
         if pieces[-1] is None:
             pieces.pop()
-        self.pwritev(pieces, start)
+        s.write_data_pieces(pieces, start)
         s.allocated(new + nclusters * cs)
         # Data first, then the L2 entries that point to it.
         for k in range(nclusters):
@@ -202,10 +202,6 @@ class Clusters:
         if fresh and not any(buf):
             return None
         return buf
-
-    def pwritev(self, pieces, off):
-        """Write guest data ``pieces`` back to back at host ``off``."""
-        self.state.write_data_pieces(pieces, off)
 
     def release_entry(self, entry):
         """Drop the reference an L2 entry held (deferred, see the module doc)."""

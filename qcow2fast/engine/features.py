@@ -19,7 +19,7 @@ def is_dirty(state):
     return bool(state.header.incompatible_features & hdr.INCOMPAT_DIRTY)
 
 
-def set_dirty(state, dirty, refcounts_writable):
+def set_dirty(state, dirty):
     """Set or clear the dirty bit (v3 only) and make it stable: under lazy
     refcounts it is on disk before the first refcount update that is not
     ordered before its L2 entry."""
@@ -32,14 +32,14 @@ def set_dirty(state, dirty, refcounts_writable):
         h.incompatible_features &= ~hdr.INCOMPAT_DIRTY
     write_header_field(state, "incompatible_features")
     state.barrier()             # barrier: the bit is stable before what relies on it
-    update_alloc_fast(state, refcounts_writable)
+    update_alloc_fast(state)
 
 
-def update_alloc_fast(state, refcounts_writable):
+def update_alloc_fast(state):
     """Allocating writes may run in C unless lazy refcounts still need the
-    dirty bit set first (the Python path does that)."""
-    state.alloc_fast = (not state.read_only and refcounts_writable
-                        and (not state.lazy_refcounts or is_dirty(state)))
+    dirty bit set first (the Python path does that).  An image that is not
+    read-only always has its refcounts loaded (Image._open)."""
+    state.alloc_fast = not state.read_only and (not state.lazy_refcounts or is_dirty(state))
 
 
 def mark_corrupt(state, err):

@@ -170,8 +170,8 @@ class Image(ImageCore):
             if h.incompatible_features & hdr.INCOMPAT_DIRTY:
                 from ..fsck.rebuild import rebuild_refcounts
                 rebuild_refcounts(self)
-                features.set_dirty(s, False, True)
-        features.update_alloc_fast(s, self.refcounts is not None)
+                features.set_dirty(s, False)
+        features.update_alloc_fast(s)
         interval = DEFAULT_CACHE_CLEAN_INTERVAL if cache_clean_interval is None \
             else cache_clean_interval
         if interval and interval > 0:
@@ -484,7 +484,7 @@ class Image(ImageCore):
                     # Under cache=unsafe nothing is synced, not even here (qemu).
                     self.flusher.flush(sync=not s.unsafe, final=True)
                     if features.is_dirty(s):
-                        features.set_dirty(s, False, True)
+                        features.set_dirty(s, False)
                 s.closed = True
             finally:
                 self._unlock()

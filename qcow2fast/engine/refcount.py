@@ -18,7 +18,7 @@ import numpy as np
 from .._ext import kernels
 from .._ext.allocator import RefcountCore
 from ..errors import CorruptImageError, LimitExceededError
-from ..spec.constants import REFT_OFFSET_MASK, REFT_RESERVED_MASK, REFTABLE_ENTRY_SIZE
+from ..spec.constants import REFT_RESERVED_MASK, REFTABLE_ENTRY_SIZE
 from ..spec.constants import BE64 as _BE64
 from ..spec.header import MAX_REFTABLE_BYTES, pack_fields
 
