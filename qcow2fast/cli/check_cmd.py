@@ -22,7 +22,8 @@ def add_parser(sub):
 
 
 def run(args):
-    from ..fsck.check import check_image, repair_image     # imported for this command only
+    from ..fsck.check import check_image     # imported for this command only
+    from ..fsck.repair import repair_image
     path, fmt, _cache_opts = resolve_image(args.filename, args.fmt, args.image_opts)
     if fmt == "raw":
         print("qcow2fast: This image format does not support checks", file=sys.stderr)

@@ -1,0 +1,122 @@
+"""The sources of a conversion (qemu-img convert SRC1 SRC2 ...): raw and
+qcow2 images concatenated into one guest disk, and what each unit of it
+needs before any data is read (from the sources' block status)."""
+
+import os
+
+import numpy as np
+
+from ..engine.backing import probe_format
+from ..errors import ConvertError, InvalidArgumentError, Qcow2Error
+from ..host.raw import RawImage
+
+# Unit classification before reading: nothing to do, reads as zeros but must
+# be written as zeros (a top layer over a backing file), or must be read.
+SKIP, MUST_ZERO, READ = 0, 1, 2
+
+
+class Sources:
+    """Several images concatenated (qemu-img convert's SRC1 SRC2 ...)."""
+
+    def __init__(self, images, names):
+        self.images, self.names = images, names
+        self.starts = np.cumsum([0] + [im.size for im in images]).tolist()
+        self.size = self.starts[-1]
+
+    def pieces(self, offset, length):
+        """(image index, offset in it, offset in the range, length) covering the range."""
+        end = offset + length
+        for i, im in enumerate(self.images):
+            a, b = max(offset, self.starts[i]), min(end, self.starts[i + 1])
+            if a < b:
+                yield i, a - self.starts[i], a - offset, b - a
+
+    def readinto(self, offset, mv):
+        for i, off, at, n in self.pieces(offset, len(mv)):
+            try:
+                self.images[i].readinto(off, mv[at:at + n])
+            except (Qcow2Error, OSError) as e:
+                raise ConvertError(f"error while reading {self.names[i]!r} at offset "
+                                   f"{off:#x}: {e}") from e
+
+    def extents(self):
+        """(offset, length, kind, depth) over the whole concatenation."""
+        for i, im in enumerate(self.images):
+            try:
+                exts = im.block_status(0, im.size) if im.size else []
+            except (Qcow2Error, OSError) as e:
+                raise ConvertError(f"error while reading the metadata of {self.names[i]!r}: "
+                                   f"{e}") from e
+            for e in exts:
+                yield self.starts[i] + e.offset, e.length, e.kind, e.depth
+
+    def close(self):
+        for im in self.images:
+            im.close()
+
+
+def open_sources(names, fmt, snapshot=None):
+    """Open the sources (``snapshot``: an internal snapshot of the only,
+    qcow2, source to read instead of its active layer)."""
+    if snapshot is not None and len(names) > 1:
+        raise InvalidArgumentError("a snapshot (-l) can only be read from a single source")
+    images = []
+    try:
+        for name in names:
+            path = os.fspath(name)
+            if not os.path.exists(path):
+                raise FileNotFoundError(2, "Could not open source image", path)
+            f = fmt or probe_format(path)
+            if f == "qcow2":
+                from ..engine.image import Image
+                images.append(Image(path, "r", cache_clean_interval=0, snapshot=snapshot))
+            elif snapshot is not None:
+                raise InvalidArgumentError(f"{path}: a {f} image has no internal snapshots")
+            elif f == "raw":
+                images.append(RawImage(path))
+            else:
+                raise InvalidArgumentError(f"unknown or unsupported source format {f!r}")
+    except BaseException:
+        for im in images:
+            im.close()
+        raise
+    return Sources(images, [os.fspath(n) for n in names])
+
+
+class UnitMarks:
+    """What each unit needs, from the sources' block status (no data read):
+    READ where any byte is data, MUST_ZERO where the output must say zero
+    explicitly (``top_only``: zeros in the source's top layer over a backing
+    file), else SKIP -- computed a batch at a time, so memory stays bounded
+    whatever the disk size.  ``skip_as`` turns SKIP into another mark (-S 0:
+    READ; an existing target: MUST_ZERO)."""
+
+    def __init__(self, src, unit, *, top_only, skip_as=SKIP):
+        self.unit, self.skip_as = unit, skip_as
+        self.count = -(-src.size // unit)
+        starts, ends, what = [], [], []
+        for off, length, kind, depth in src.extents():
+            if top_only and depth > 0:
+                continue
+            mark = READ if kind in ("data", "compressed") else MUST_ZERO if top_only else SKIP
+            if mark != SKIP:
+                starts.append(off // unit)
+                ends.append(-(-(off + length) // unit))
+                what.append(mark)
+        self.starts = np.array(starts, np.int64)     # in disk order, not overlapping
+        self.ends = np.array(ends, np.int64)
+        self.what = np.array(what, np.uint8)
+
+    def get(self, first, count):
+        """The marks of units [first, first + count)."""
+        i = int(np.searchsorted(self.ends, first, side="right"))
+        j = int(np.searchsorted(self.starts, first + count, side="left"))
+        out = np.full(count, SKIP, np.uint8)
+        # Extents may share a unit (a data extent and a zero one): READ wins.
+        for mark in (MUST_ZERO, READ):
+            sel = self.what[i:j] == mark
+            for a, b in zip(self.starts[i:j][sel].tolist(), self.ends[i:j][sel].tolist()):
+                out[max(a, first) - first:min(b, first + count) - first] = mark
+        if self.skip_as != SKIP:
+            out[out == SKIP] = self.skip_as
+        return out
