@@ -83,21 +83,13 @@ def full_backing_filename(name, backing):
 
 def snapshot_info(s):
     out = {}
-    icount = _icount(s)
-    if icount is not None:
-        out["icount"] = icount
+    if s.icount is not None:
+        out["icount"] = s.icount
     out.update({"vm-clock-nsec": s.vm_clock_nsec % 1_000_000_000, "name": s.name,
                 "date-sec": s.date_sec, "date-nsec": s.date_nsec,
                 "vm-clock-sec": s.vm_clock_nsec // 1_000_000_000, "id": s.id,
                 "vm-state-size": s.vm_state_size})
     return out
-
-
-def _icount(s):
-    if len(s.extra_data) >= 24:
-        v = int.from_bytes(s.extra_data[16:24], "big")
-        return None if v == (1 << 64) - 1 else v
-    return None
 
 
 def human_info(info):

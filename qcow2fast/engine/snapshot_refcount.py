@@ -1,0 +1,219 @@
+"""Refcounts of whole L1 trees (qemu's qcow2_update_snapshot_refcount, in
+bulk): what creating, applying and deleting an internal snapshot does to
+the refcounts of every L2 table and cluster an L1 table reaches, and to
+the QCOW_OFLAG_COPIED flags of the active tables.
+
+qemu walks the tree entry by entry, updating one refcount at a time.  Here
+a tree is read once (its L2 tables, coalesced reads), its references are
+tallied per host cluster in C (``l2_tally_tables``, the kernel check
+uses), and each refcount block it touches is decoded, changed and encoded
+once.  A change is planned in full -- every overflow (a refcount past
+``refcount_bits``) or underflow (a reference the refcounts do not hold)
+found -- before the first block is touched, so a refused change writes
+nothing.
+
+Reference counting (as qemu's check counts): a cluster's refcount is the
+number of L1 tables that reach it through some L2 table (one for each
+snapshot sharing it, one for the active table); a compressed cluster
+counts once on each host cluster it touches.
+"""
+
+import numpy as np
+
+from .._ext.kernels import l2_tally_tables, refcount_encode, tally_add
+from ..errors import CorruptImageError, LimitExceededError
+from ..spec.constants import L1E_OFFSET_MASK, QCOW_OFLAG_COMPRESSED, QCOW_OFLAG_COPIED
+from ..spec.entries import host_offsets
+
+_COPIED = np.uint64(QCOW_OFLAG_COPIED)
+# COPIED as it sits in a big-endian word viewed as native uint64.
+_COPIED_RAW = np.array([QCOW_OFLAG_COPIED], dtype=">u8").view(np.uint64)[0]
+_READ_RUN = 32 << 20            # bytes read at once when L2 tables are contiguous
+
+
+class Tree:
+    """The L2 tables one L1 table (native uint64 array, validated by
+    ``read_l1_table``) reaches, read from the file: ``tables`` holds one
+    table a row, in on-disk form (big-endian words viewed as uint64)."""
+
+    def __init__(self, state, l1):
+        geo = state.geo
+        self.state, self.geo = state, geo
+        self.l1 = l1
+        offs = l1 & np.uint64(L1E_OFFSET_MASK)
+        self.index = np.flatnonzero(offs)                   # L1 indexes with a table
+        self.offsets = offs[self.index].astype(np.int64)    # their L2 table offsets
+        words = geo.cluster_size // 8
+        self.tables = np.empty((len(self.index), words), dtype=np.uint64)
+        self._read()
+
+    def _read(self):
+        cs = self.geo.cluster_size
+        order = np.argsort(self.offsets, kind="stable")
+        f = self.state.file
+        k = 0
+        while k < len(order):
+            # A run of tables at consecutive host clusters is one read.
+            j = k + 1
+            while (j < len(order) and (j - k) * cs < _READ_RUN
+                   and self.offsets[order[j]] == self.offsets[order[j - 1]] + cs):
+                j += 1
+            raw = np.frombuffer(f.pread(int(self.offsets[order[k]]), (j - k) * cs),
+                                dtype=np.uint64).reshape(j - k, -1)
+            self.tables[order[k:j]] = raw
+            k = j
+
+    def descriptors(self):
+        """A view of the descriptor words (every word, or every other one
+        with extended entries), in on-disk form."""
+        return self.tables[:, ::self.geo.l2_entry_words]
+
+    def tally(self, counts):
+        """Add this tree's references (its L2 tables, their data and
+        compressed clusters) to ``counts`` (uint32, one per host cluster).
+        A table holding an entry qemu's check would report is corruption."""
+        if not len(self.index):
+            return
+        odd = np.zeros(len(self.index), dtype=np.uint8)
+        l2_tally_tables(self.tables, counts, odd, self.geo.cluster_bits,
+                        len(counts) << self.geo.cluster_bits, self.geo.extended_l2)
+        bad = np.flatnonzero(odd)
+        if len(bad):
+            r = int(bad[0])
+            raise CorruptImageError(
+                f"the L2 table at {int(self.offsets[r]):#x} (L1 index {int(self.index[r])}) holds "
+                "an invalid entry (reserved bits, an unaligned or out-of-file host offset); "
+                "run check -r all", offset=int(self.offsets[r]), field="L2 entry")
+        tally_add(counts, self.offsets >> self.geo.cluster_bits)
+
+    def write_rows(self, rows):
+        """Write the tables of ``rows`` (indexes into ``tables``) back."""
+        f = self.state.file
+        for r in rows:
+            f.pwrite(self.tables[r].tobytes(), int(self.offsets[r]))
+
+    def clear_copied(self):
+        """Clear COPIED in every descriptor word (the tables are now shared
+        or their clusters are); returns the rows that changed."""
+        d = self.descriptors()
+        rows = np.flatnonzero((d & _COPIED_RAW).any(axis=1))
+        d &= ~_COPIED_RAW
+        return rows
+
+    def set_copied(self, is_one):
+        """qemu's addend-0 pass over the active tree: COPIED on exactly the
+        standard entries whose cluster has refcount 1 (``is_one(clusters)``);
+        returns the rows that changed."""
+        raw = self.descriptors()
+        d = raw.byteswap()
+        std = (d & np.uint64(QCOW_OFLAG_COMPRESSED)) == 0
+        off = host_offsets(d)
+        want = np.zeros(d.shape, dtype=bool)
+        mask = std & (off != 0)
+        want[mask] = is_one(off[mask] >> np.uint64(self.geo.cluster_bits))
+        new = np.where(std, np.where(want, d | _COPIED, d & ~_COPIED), d)
+        rows = np.flatnonzero((new != d).any(axis=1))
+        raw[rows] = new[rows].byteswap()
+        return rows
+
+
+def new_counts(state, refcounts):
+    """A zeroed tally covering every host cluster of the image."""
+    n = max(refcounts.end_cluster, -(-state.file.size() // state.cluster_size), 1)
+    return np.zeros(n, dtype=np.uint32)
+
+
+class Plan:
+    """A refcount change of ``addend`` (+1 or -1) times a tally, checked
+    over every block it touches when made; ``apply`` adds it to the values
+    the blocks hold then (clusters allocated in between are not in the
+    tally, so the check still holds)."""
+
+    def __init__(self, refcounts, counts, addend, what):
+        geo = refcounts.geo
+        self.refcounts, self.addend = refcounts, addend
+        self.blocks = []                # (refcount block index, uint64 counts)
+        self.freed = np.zeros(0, dtype=np.int64)
+        E, maxval = geo.rb_entries, np.uint64(geo.refcount_max)
+        table = refcounts.table
+        vals = np.empty(E, dtype=np.uint64)
+        for t in np.unique(np.flatnonzero(counts) >> geo.rb_bits):
+            t = int(t)
+            c = np.zeros(E, dtype=np.uint64)
+            part = counts[t * E:(t + 1) * E]
+            c[:len(part)] = part
+            if t >= len(table) or table[t] == 0:
+                first = t * E + int(np.flatnonzero(c)[0])
+                raise CorruptImageError(f"host cluster {first << geo.cluster_bits:#x} is "
+                                        f"referenced by {what} but has no refcount block",
+                                        offset=first << geo.cluster_bits, field="refcount")
+            refcounts.read_block_values(t, vals)
+            bad = np.flatnonzero(c > maxval - vals if addend > 0 else c > vals)
+            if len(bad):
+                k = int(bad[0])
+                cl = (t * E + k) << geo.cluster_bits
+                if addend > 0:
+                    raise LimitExceededError(
+                        f"{what}: the refcount of host cluster {cl:#x} would exceed "
+                        f"{geo.refcount_max} (refcount_bits={geo.refcount_bits}); widen it "
+                        "with amend -o refcount_bits=16")
+                raise CorruptImageError(
+                    f"{what} references host cluster {cl:#x} more often ({int(c[k])}) than its "
+                    f"refcount ({int(vals[k])}); run check -r all", offset=cl, field="refcount")
+            self.blocks.append((t, c))
+
+    def apply(self):
+        """Change the blocks in the refcount cache (dirty: the caller
+        writes and orders them); ``freed`` gets the clusters now at 0."""
+        rc = self.refcounts
+        geo = rc.geo
+        cache, order, E = rc.cache, geo.refcount_order, geo.rb_entries
+        vals = np.empty(E, dtype=np.uint64)
+        freed = []
+        for t, c in self.blocks:
+            rc.read_block_values(t, vals)
+            new = vals + c if self.addend > 0 else vals - c
+            slot = cache.load(int(rc.table[t]))
+            refcount_encode(new, order, cache.raw(slot))
+            cache.mark_dirty(slot)
+            if self.addend < 0:
+                gone = np.flatnonzero((new == 0) & (c != 0))
+                if len(gone):
+                    freed.append(gone + t * E)
+        if freed:
+            self.freed = np.concatenate(freed)
+            rc.free_hint = min(rc.free_hint, int(self.freed[0]))
+
+    def freed_clusters(self):
+        return self.freed
+
+
+def refcount_is_one(refcounts, clusters):
+    """Which of ``clusters`` (uint64 array) have refcount 1; each refcount
+    block they fall in decoded once."""
+    geo = refcounts.geo
+    E = geo.rb_entries
+    if not len(clusters):
+        return np.zeros(0, dtype=bool)
+    blocks = np.unique(clusters >> np.uint64(geo.rb_bits))
+    dense = np.zeros((int(blocks[-1]) + 1) * E, dtype=np.uint8)    # min(refcount, 2)
+    vals = np.empty(E, dtype=np.uint64)
+    for t in blocks:
+        t = int(t)
+        refcounts.read_block_values(t, vals)
+        dense[t * E:(t + 1) * E] = np.minimum(vals, 2)
+    return dense[clusters.astype(np.int64)] == 1
+
+
+def discard_freed(state, clusters):
+    """Give freed host clusters back to the file system (qemu's
+    QCOW2_DISCARD_SNAPSHOT) and out of the metadata map."""
+    if not len(clusters):
+        return
+    cb = state.cluster_bits
+    clusters = np.sort(clusters)
+    breaks = np.flatnonzero(np.diff(clusters) != 1) + 1
+    for run in np.split(clusters, breaks):
+        first, n = int(run[0]), len(run)
+        state.metadata.remove(first, n)
+        state.file.punch_hole(first << cb, n << cb)
