@@ -92,6 +92,22 @@ def snapshot_info(s):
     return out
 
 
+def snapshot_list(snapshots):
+    """qemu's "Snapshot list:" table (bdrv_snapshot_dump), from
+    snapshot_info dicts, as lines."""
+    lines = ["Snapshot list:",
+             f"{'ID':<10}{'TAG':<17}{'VM SIZE':>8}{'DATE':>20}{'VM CLOCK':>13}{'ICOUNT':>11}"]
+    for s in snapshots:
+        date = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s["date-sec"]))
+        secs = s["vm-clock-sec"]
+        clock = (f"{secs // 3600:02d}:{secs // 60 % 60:02d}:{secs % 60:02d}."
+                 f"{s['vm-clock-nsec'] // 1_000_000:03d}")
+        icount = str(s["icount"]) if "icount" in s else ""
+        lines.append(f"{s['id']:<9} {s['name']:<16} {size_to_str(s['vm-state-size']):>8}"
+                     f"{date:>20}{clock:>13}{icount:>11}")
+    return lines
+
+
 def human_info(info):
     lines = [f"image: {info['filename']}", f"file format: {info['format']}",
              f"virtual size: {size_to_str(info['virtual-size'])} ({info['virtual-size']} bytes)",
@@ -108,17 +124,7 @@ def human_info(info):
     if info.get("dirty-flag"):
         lines.append("cleanly shut down: no")
     if info.get("snapshots"):
-        lines.append("Snapshot list:")
-        lines.append(f"{'ID':<10}{'TAG':<17}{'VM SIZE':>8}{'DATE':>20}{'VM CLOCK':>13}"
-                     f"{'ICOUNT':>11}")
-        for s in info["snapshots"]:
-            date = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s["date-sec"]))
-            secs = s["vm-clock-sec"]
-            clock = (f"{secs // 3600:02d}:{secs // 60 % 60:02d}:{secs % 60:02d}."
-                     f"{s['vm-clock-nsec'] // 1_000_000:03d}")
-            icount = str(s["icount"]) if "icount" in s else ""
-            lines.append(f"{s['id']:<9} {s['name']:<16} {size_to_str(s['vm-state-size']):>8}"
-                         f"{date:>20}{clock:>13}{icount:>11}")
+        lines += snapshot_list(info["snapshots"])
     fs = info.get("format-specific")
     if fs:
         lines.append("Format specific information:")
