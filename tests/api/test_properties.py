@@ -220,6 +220,44 @@ class Qcow2Machine(RuleBasedStateMachine):
         self.m.img = self.img
         self.m.check_all()
 
+    # ------------------------------------------------------------ qcow2fast's snapshots
+    # Self-contained: the names the qemu-img rules above use are shared
+    # (self.snapshots), so either tool's snapshots are applied and deleted
+    # by the other.  Applying needs one reference of headroom.
+    @precondition(lambda self: self.img is not None and self.rb >= 2
+                  and len(self.snapshots) < min(3, (1 << self.rb) - 3))
+    @rule(vm_state=st.booleans())
+    def qf_snapshot_create(self, vm_state):
+        self.snap_counter += 1
+        name = f"snap{self.snap_counter}"
+        state = self.rng.randbytes(self.rng.randrange(1, 3 * self.cs)) if vm_state else None
+        if state is not None and self.rb < 2:
+            return
+        self.img.create_snapshot(name, vm_state=state)
+        self.snapshots[name] = bytes(self.m.data)
+        self.m.log.append(("create_snapshot", name, len(state or b"")))
+        if state is not None:
+            assert self.img.read_vmstate(name, 0, len(state)) == state
+
+    @precondition(lambda self: self.img is not None and self.snapshots
+                  and len(self.snapshots) <= (1 << self.rb) - 3)
+    @rule(data=st.data())
+    def qf_snapshot_apply(self, data):
+        name = data.draw(st.sampled_from(sorted(self.snapshots)))
+        self.img.apply_snapshot(name)
+        self.m.data[:] = self.snapshots[name]
+        self.m.log.append(("apply_snapshot", name))
+        self.m.check_all()
+
+    @precondition(lambda self: self.img is not None and self.snapshots)
+    @rule(data=st.data())
+    def qf_snapshot_delete(self, data):
+        name = data.draw(st.sampled_from(sorted(self.snapshots)))
+        self.img.delete_snapshot(name)
+        del self.snapshots[name]
+        self.m.log.append(("delete_snapshot", name))
+        self.m.check_all()
+
     # ------------------------------------------------------------ the end
     def teardown(self):
         if self.img is None:
