@@ -42,7 +42,7 @@ from .flush import FlushOrder
 from .mapping import Mapping, read_l1_table
 from .overlap import MetadataMap
 from .refcount import Refcounts
-from .snapshot import find_snapshot, read_snapshot_table
+from .snapshot import TableRepairs, find_snapshot, read_snapshot_table
 
 if TYPE_CHECKING:
     import collections.abc
@@ -129,7 +129,8 @@ class Image(ImageCore):
         s.read_only_why = why
         s.metadata = MetadataMap((file_size + cs - 1) // cs, s.set_metadata_bitmap)
         s.metadata.add(0)
-        self.snapshots, self.snapshot_table_bytes = read_snapshot_table(f, h, file_size)
+        self.snapshots, self.snapshot_table_bytes = read_snapshot_table(
+            f, h, file_size, TableRepairs(True) if repair else None)
         if h.nb_snapshots:
             s.metadata.add(h.snapshots_offset >> geo.cluster_bits,
                            geo.size_to_clusters(self.snapshot_table_bytes))

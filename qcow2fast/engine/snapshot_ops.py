@@ -367,6 +367,11 @@ class Snapshots:
             s.file.pwrite(l1.astype(">u8").tobytes(), s.header.l1_table_offset)
             s.barrier()
 
+    def rewrite_table(self):
+        """Write the table as read (check -r all, after mending it)."""
+        self._settle()
+        self._publish_table(list(self.image.snapshots))
+
     def rename(self, which, name, unique_name=True):
         """A new name for a snapshot (the table rewritten, nothing else)."""
         img = self.image

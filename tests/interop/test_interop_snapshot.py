@@ -378,3 +378,51 @@ def test_many_snapshots_and_reopen(tmp_path):
                 img.delete_snapshot(name)
                 del m.snaps[name]
     m.verify()
+
+
+def _mangled_table(tmp_path, case):
+    """An image whose snapshot table qemu refuses to open (extra data past
+    its limit) or reports (a v3 entry with 8 bytes of extra data)."""
+    import struct
+    from qcow2fast.spec.snapshot import pack_table
+    path = str(tmp_path / f"{case}.qcow2")
+    qcow2fast.create(path, 4 * MiB)
+    with qcow2fast.open(path, "r+") as img:
+        img.write(0, b"x" * 70000)
+        img.create_snapshot("a")
+        img.write(0, b"y" * 100)
+        img.create_snapshot("b")
+        snaps, off, size = list(img.snapshots), img.header.snapshots_offset, img.size
+    if case == "extra":
+        snaps[0].extra_data = bytes(2000)
+        table = pack_table(snaps, size)
+    else:
+        t = pack_table(snaps, size)
+        end0 = 40 + 24 + len(snaps[0].id) + len(snaps[0].name)
+        entry0 = bytearray(t[:48] + t[64:end0])
+        entry0[36:40] = struct.pack(">I", 8)
+        table = bytes(entry0) + bytes(-len(entry0) % 8) + t[-(-end0 // 8) * 8:] + bytes(64)
+    with open(path, "r+b") as f:
+        f.seek(off)
+        f.write(table)
+    return path
+
+
+@pytest.mark.parametrize("case", ["extra", "incomplete"])
+def test_check_repairs_snapshot_table_as_qemu(tmp_path, capsys, case):
+    """check and check -r all: qemu's statuses, and after -r all qemu's
+    messages and the same table as qemu's repair leaves."""
+    path = _mangled_table(tmp_path, case)
+    ref = str(tmp_path / "ref.qcow2")
+    shutil.copy(path, ref)
+    q = qemu_img("check", ref, check=False)
+    status, _, _ = run_cli(capsys, "check", path)
+    assert status == q.returncode != 0
+    q = qemu_img("check", "-r", "all", ref, check=False)
+    status, out, err = run_cli(capsys, "check", "-r", "all", path)
+    assert status == q.returncode == 0
+    assert err.replace("qcow2fast: ", "") == q.stderr_text.replace("qemu-img: ", "")
+    assert out == q.stdout_text
+    qemu_check(path)
+    assert qemu_img("snapshot", "-l", path).stdout_text == qemu_img("snapshot", "-l", ref).stdout_text
+    assert_bytes_equal(qemu_raw(path, snapshot="a"), qemu_raw(ref, snapshot="a"), "snapshot a")
