@@ -34,6 +34,13 @@ def l2_copied_rows(
     wrong: Buffer,
     extended: bool = False,
 ) -> None: ...
+def l2_set_copied(
+    tables: NDArray[np.uint64],
+    state: Buffer,
+    cluster_bits: int,
+    changed: Buffer,
+    extended: bool = False,
+) -> None: ...
 def ext_set_range(
     words: NDArray[np.uint64],
     u0: int,

@@ -51,7 +51,7 @@ from ..spec.snapshot import MAX_SNAPSHOTS, Snapshot
 from . import features
 from .mapping import read_l1_table
 from .snapshot import find_index, new_snapshot_id, write_snapshot_table
-from .snapshot_refcount import Plan, Tree, discard_freed, new_counts, refcount_is_one
+from .snapshot_refcount import Plan, Tree, discard_freed, new_counts
 
 _COPIED = np.uint64(QCOW_OFLAG_COPIED)
 _CHUNK = 1 << 20                # VM state copied from a file this much at a time
@@ -345,23 +345,26 @@ class Snapshots:
         plan.apply()
         self._sync()            # barrier: refcounts drop before COPIED is set on what is now 1
         discard_freed(s, plan.freed_clusters())
-        self._update_copied()
+        self._update_copied(plan.state)
         self._after()
         return sn
 
-    def _update_copied(self):
-        """qemu's addend-0 pass: COPIED where the active tree's refcounts are 1."""
-        s, rc = self.state, self.refcounts
+    def _update_copied(self, state):
+        """qemu's addend-0 pass: COPIED where the active tree's refcounts
+        are now 1 (``state``: Plan.state, what the operation changed)."""
+        s = self.state
         l1 = self.mapping.l1
         active = Tree(s, l1)
-        rows = active.set_copied(lambda c: refcount_is_one(rc, c))
-        active.write_rows(rows)
+        active.write_rows(active.set_copied(state))
         s.barrier()             # barrier: L2 tables before the L1 entries
         if not len(active.index):
             return
-        ones = refcount_is_one(rc, (active.offsets >> self.geo.cluster_bits).astype(np.uint64))
+        c = active.offsets >> self.geo.cluster_bits
+        st = np.zeros(len(c), dtype=np.uint8)
+        inside = c < len(state)
+        st[inside] = state[c[inside]]
         old = l1[active.index]
-        new = np.where(ones, old | _COPIED, old & ~_COPIED)
+        new = np.where(st == 2, old, np.where(st == 1, old | _COPIED, old & ~_COPIED))
         if (new != old).any():
             l1[active.index] = new      # in place: state.l1 stays this array
             s.file.pwrite(l1.astype(">u8").tobytes(), s.header.l1_table_offset)

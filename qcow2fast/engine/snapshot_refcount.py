@@ -20,7 +20,7 @@ counts once on each host cluster it touches.
 
 import numpy as np
 
-from .._ext.kernels import l2_tally_tables, refcount_encode, tally_add
+from .._ext.kernels import l2_set_copied, l2_tally_tables, refcount_encode, tally_add
 from ..errors import CorruptImageError, LimitExceededError
 from ..spec.constants import L1E_OFFSET_MASK, QCOW_OFLAG_COMPRESSED, QCOW_OFLAG_COPIED
 from ..spec.entries import host_offsets
@@ -49,19 +49,24 @@ class Tree:
 
     def _read(self):
         cs = self.geo.cluster_size
+        if not len(self.offsets):
+            return
         order = np.argsort(self.offsets, kind="stable")
-        f = self.state.file
-        k = 0
-        while k < len(order):
-            # A run of tables at consecutive host clusters is one read.
-            j = k + 1
-            while (j < len(order) and (j - k) * cs < _READ_RUN
-                   and self.offsets[order[j]] == self.offsets[order[j - 1]] + cs):
-                j += 1
-            raw = np.frombuffer(f.pread(int(self.offsets[order[k]]), (j - k) * cs),
-                                dtype=np.uint64).reshape(j - k, -1)
-            self.tables[order[k:j]] = raw
-            k = j
+        sorted_offs = self.offsets[order]
+        # Tables at consecutive host clusters are read at once (at most
+        # _READ_RUN bytes a read), the others straight into their row.
+        starts = np.flatnonzero(np.diff(sorted_offs) != cs) + 1
+        bounds = [0] + starts.tolist() + [len(order)]
+        per = max(1, _READ_RUN // cs)
+        f, rows, offs = self.state.file, order.tolist(), sorted_offs.tolist()
+        for k0, k1 in zip(bounds[:-1], bounds[1:]):
+            if k1 == k0 + 1:
+                f.preadinto(self.tables[rows[k0]], offs[k0])
+                continue
+            for k in range(k0, k1, per):
+                j = min(k1, k + per)
+                raw = np.frombuffer(f.pread(offs[k], (j - k) * cs), dtype=np.uint64)
+                self.tables[order[k:j]] = raw.reshape(j - k, -1)
 
     def descriptors(self):
         """A view of the descriptor words (every word, or every other one
@@ -88,9 +93,9 @@ class Tree:
 
     def write_rows(self, rows):
         """Write the tables of ``rows`` (indexes into ``tables``) back."""
-        f = self.state.file
-        for r in rows:
-            f.pwrite(self.tables[r].tobytes(), int(self.offsets[r]))
+        f, offs = self.state.file, self.offsets
+        for r in rows.tolist() if hasattr(rows, "tolist") else rows:
+            f.pwrite(self.tables[r], int(offs[r]))
 
     def clear_copied(self):
         """Clear COPIED in every descriptor word (the tables are now shared
@@ -100,21 +105,16 @@ class Tree:
         d &= ~_COPIED_RAW
         return rows
 
-    def set_copied(self, is_one):
+    def set_copied(self, state):
         """qemu's addend-0 pass over the active tree: COPIED on exactly the
-        standard entries whose cluster has refcount 1 (``is_one(clusters)``);
-        returns the rows that changed."""
-        raw = self.descriptors()
-        d = raw.byteswap()
-        std = (d & np.uint64(QCOW_OFLAG_COMPRESSED)) == 0
-        off = host_offsets(d)
-        want = np.zeros(d.shape, dtype=bool)
-        mask = std & (off != 0)
-        want[mask] = is_one(off[mask] >> np.uint64(self.geo.cluster_bits))
-        new = np.where(std, np.where(want, d | _COPIED, d & ~_COPIED), d)
-        rows = np.flatnonzero((new != d).any(axis=1))
-        raw[rows] = new[rows].byteswap()
-        return rows
+        standard entries whose cluster has refcount 1.  ``state[c]``: 1
+        refcount 1, 0 other, 2 unchanged by the operation (not judged: its
+        flag was right before).  Returns the rows that changed."""
+        changed = np.zeros(len(self.index), dtype=np.uint8)
+        if len(changed):
+            l2_set_copied(self.tables, state, self.geo.cluster_bits, changed,
+                          self.geo.extended_l2)
+        return np.flatnonzero(changed)
 
 
 def new_counts(state, refcounts):
@@ -134,11 +134,11 @@ class Plan:
         self.refcounts, self.addend = refcounts, addend
         self.blocks = []                # (refcount block index, uint64 counts)
         self.freed = np.zeros(0, dtype=np.int64)
+        self.state = np.zeros(0, dtype=np.uint8)
         E, maxval = geo.rb_entries, np.uint64(geo.refcount_max)
         table = refcounts.table
         vals = np.empty(E, dtype=np.uint64)
-        for t in np.unique(np.flatnonzero(counts) >> geo.rb_bits):
-            t = int(t)
+        for t in touched_blocks(counts, geo.rb_bits):
             c = np.zeros(E, dtype=np.uint64)
             part = counts[t * E:(t + 1) * E]
             c[:len(part)] = part
@@ -170,9 +170,13 @@ class Plan:
         cache, order, E = rc.cache, geo.refcount_order, geo.rb_entries
         vals = np.empty(E, dtype=np.uint64)
         freed = []
+        top = self.blocks[-1][0] + 1 if self.blocks else 0
+        # What the operation did, per cluster: 1 refcount now 1, 0 other, 2 untouched.
+        self.state = np.full(top * E, 2, dtype=np.uint8)
         for t, c in self.blocks:
             rc.read_block_values(t, vals)
             new = vals + c if self.addend > 0 else vals - c
+            self.state[t * E:(t + 1) * E] = np.where(c != 0, new == 1, 2)
             slot = cache.load(int(rc.table[t]))
             refcount_encode(new, order, cache.raw(slot))
             cache.mark_dirty(slot)
@@ -188,21 +192,13 @@ class Plan:
         return self.freed
 
 
-def refcount_is_one(refcounts, clusters):
-    """Which of ``clusters`` (uint64 array) have refcount 1; each refcount
-    block they fall in decoded once."""
-    geo = refcounts.geo
-    E = geo.rb_entries
-    if not len(clusters):
-        return np.zeros(0, dtype=bool)
-    blocks = np.unique(clusters >> np.uint64(geo.rb_bits))
-    dense = np.zeros((int(blocks[-1]) + 1) * E, dtype=np.uint8)    # min(refcount, 2)
-    vals = np.empty(E, dtype=np.uint64)
-    for t in blocks:
-        t = int(t)
-        refcounts.read_block_values(t, vals)
-        dense[t * E:(t + 1) * E] = np.minimum(vals, 2)
-    return dense[clusters.astype(np.int64)] == 1
+def touched_blocks(counts, rb_bits):
+    """The refcount blocks (indexes) holding a nonzero count, in order."""
+    E = 1 << rb_bits
+    n = -(-len(counts) // E)
+    padded = counts if len(counts) == n * E else np.concatenate(
+        [counts, np.zeros(n * E - len(counts), dtype=counts.dtype)])
+    return np.flatnonzero(padded.reshape(n, E).any(axis=1)).tolist()
 
 
 def discard_freed(state, clusters):
