@@ -33,13 +33,7 @@ def l2_copied_rows(
     cluster_bits: int,
     wrong: Buffer,
     extended: bool = False,
-) -> None: ...
-def l2_set_copied(
-    tables: NDArray[np.uint64],
-    state: Buffer,
-    cluster_bits: int,
-    changed: Buffer,
-    extended: bool = False,
+    fix: bool = False,
 ) -> None: ...
 def ext_set_range(
     words: NDArray[np.uint64],

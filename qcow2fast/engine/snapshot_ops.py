@@ -51,7 +51,7 @@ from ..spec.snapshot import MAX_SNAPSHOTS, Snapshot
 from . import features
 from .mapping import read_l1_table
 from .snapshot import find_index, new_snapshot_id, write_snapshot_table
-from .snapshot_refcount import Plan, Tree, discard_freed, new_counts
+from .snapshot_refcount import Plan, Tree, discard_freed, host_clusters, new_counts
 
 _COPIED = np.uint64(QCOW_OFLAG_COPIED)
 _CHUNK = 1 << 20                # VM state copied from a file this much at a time
@@ -354,6 +354,9 @@ class Snapshots:
         are now 1 (``state``: Plan.state, what the operation changed)."""
         s = self.state
         l1 = self.mapping.l1
+        full = np.full(host_clusters(s, self.refcounts), 2, dtype=np.uint8)
+        full[:len(state)] = state[:len(full)]
+        state = full
         active = Tree(s, l1)
         active.write_rows(active.set_copied(state))
         s.barrier()             # barrier: L2 tables before the L1 entries

@@ -20,7 +20,7 @@ counts once on each host cluster it touches.
 
 import numpy as np
 
-from .._ext.kernels import l2_set_copied, l2_tally_tables, refcount_encode, tally_add
+from .._ext.kernels import l2_copied_rows, l2_tally_tables, refcount_encode, tally_add
 from ..errors import CorruptImageError, LimitExceededError
 from ..spec.constants import L1E_OFFSET_MASK, QCOW_OFLAG_COMPRESSED, QCOW_OFLAG_COPIED
 from ..spec.entries import host_offsets
@@ -112,15 +112,19 @@ class Tree:
         flag was right before).  Returns the rows that changed."""
         changed = np.zeros(len(self.index), dtype=np.uint8)
         if len(changed):
-            l2_set_copied(self.tables, state, self.geo.cluster_bits, changed,
-                          self.geo.extended_l2)
+            l2_copied_rows(self.tables, state, self.geo.cluster_bits, changed,
+                           self.geo.extended_l2, fix=True)
         return np.flatnonzero(changed)
+
+
+def host_clusters(state, refcounts):
+    """How many host clusters the image spans (allocated or in the file)."""
+    return max(refcounts.end_cluster, -(-state.file.size() // state.cluster_size), 1)
 
 
 def new_counts(state, refcounts):
     """A zeroed tally covering every host cluster of the image."""
-    n = max(refcounts.end_cluster, -(-state.file.size() // state.cluster_size), 1)
-    return np.zeros(n, dtype=np.uint32)
+    return np.zeros(host_clusters(state, refcounts), dtype=np.uint32)
 
 
 class Plan:
