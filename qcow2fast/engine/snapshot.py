@@ -15,7 +15,7 @@ other one.
 from ..errors import CorruptImageError, InvalidArgumentError
 from ..spec.constants import L1E_SIZE
 from ..spec.header import MAX_L1_BYTES, pack_fields
-from ..spec.snapshot import (EXTRA_SIZE, EXTRA_SIZE_V3, MAX_EXTRA_DATA, MAX_SNAPSHOTS,
+from ..spec.snapshot import (EXTRA_SIZE_V3, MAX_EXTRA_DATA, MAX_SNAPSHOTS,
                              MAX_TABLE_BYTES, SNAPSHOT_ENTRY, Snapshot, entry_lengths, pack_table,
                              parse_entry)
 

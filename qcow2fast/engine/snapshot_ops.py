@@ -15,9 +15,9 @@ list, with at worst leaked clusters):
 
 create   snapshot L1 copy written; refcounts of the active tree raised,
          **barrier** (the shared clusters are counted before anything
-         relies on it); COPIED cleared in the active L2 tables and L1,
-         **barrier**; the new snapshot table, **barrier**, header,
-         **barrier**, old table freed.  Between the raise and the COPIED
+         relies on it); COPIED cleared in the active L2 tables and L1 (in
+         any order: no pointer changes); the new snapshot table,
+         **barrier**, header, **barrier**, old table freed.  Between the raise and the COPIED
          writes qemu-img check reports "OFLAG_COPIED" on entries whose
          cluster has refcount 2 while COPIED is still set: nothing
          references the clusters twice yet, so that is a leak in effect,
@@ -31,13 +31,15 @@ apply    refcounts of the snapshot's tree raised (and COPIED cleared in
          table stays intact until the header no longer names it.
 delete   the snapshot table without the entry, header (as above); then
          the snapshot tree's refcounts lowered and its L1 table freed,
-         **barrier**; then COPIED set where the active tree's refcounts
-         dropped to 1, **barrier** (a crash in between leaves COPIED clear
-         on clusters of refcount 1: they are copied on the next write,
-         check reports it, -r all mends it).
+         **barrier**; then COPIED set in the active L2 tables and L1 where
+         the refcounts dropped to 1, **barrier** (a crash in between leaves
+         COPIED clear on clusters of refcount 1: they are copied on the
+         next write, check reports it, -r all mends it).
+
+tests/interop/test_interop_snapshot.py stops each operation at each of
+its barriers and checks these claims with qemu-img check.
 """
 
-import io
 import time
 
 import numpy as np
@@ -242,8 +244,8 @@ class Snapshots:
             s.metadata.add(sn_l1_off >> geo.cluster_bits, self._l1_bytes(n_l1))
         plan.apply()
         self._sync()            # barrier: shared clusters counted before COPIED goes
+        # The L2 and L1 flags need no order between them (no pointer changes).
         tree.write_rows(tree.clear_copied())
-        s.barrier()             # barrier: L2 tables before the L1 entries
         if (l1 & _COPIED).any():
             l1 &= ~_COPIED      # in place: the C path's view (state.l1) stays this array
             s.file.pwrite(l1.astype(">u8").tobytes(), s.header.l1_table_offset)
@@ -333,7 +335,7 @@ class Snapshots:
 
     def delete(self, which):
         """qemu's qcow2_snapshot_delete."""
-        img, s, geo = self.image, self.state, self.geo
+        img, s = self.image, self.state
         i = find_index(img.snapshots, which)
         sn = img.snapshots[i]
         self._settle()
@@ -358,9 +360,9 @@ class Snapshots:
         full[:len(state)] = state[:len(full)]
         state = full
         active = Tree(s, l1)
-        active.write_rows(active.set_copied(state))
-        s.barrier()             # barrier: L2 tables before the L1 entries
+        active.write_rows(active.set_copied(state))     # (L2 and L1 flags: no order needed)
         if not len(active.index):
+            s.barrier()
             return
         c = active.offsets >> self.geo.cluster_bits
         st = np.zeros(len(c), dtype=np.uint8)
@@ -371,7 +373,7 @@ class Snapshots:
         if (new != old).any():
             l1[active.index] = new      # in place: state.l1 stays this array
             s.file.pwrite(l1.astype(">u8").tobytes(), s.header.l1_table_offset)
-            s.barrier()
+        s.barrier()             # barrier: the flags are stable before the operation returns
 
     def rewrite_table(self):
         """Write the table as read (check -r all, after mending it)."""
@@ -396,6 +398,3 @@ class Snapshots:
         return snaps[i]
 
 
-def as_file(data):
-    """A binary file over bytes (for callers streaming VM state)."""
-    return io.BytesIO(bytes(data))

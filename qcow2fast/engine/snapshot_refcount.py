@@ -22,10 +22,8 @@ import numpy as np
 
 from .._ext.kernels import l2_copied_rows, l2_tally_tables, refcount_encode, tally_add
 from ..errors import CorruptImageError, LimitExceededError
-from ..spec.constants import L1E_OFFSET_MASK, QCOW_OFLAG_COMPRESSED, QCOW_OFLAG_COPIED
-from ..spec.entries import host_offsets
+from ..spec.constants import L1E_OFFSET_MASK, QCOW_OFLAG_COPIED
 
-_COPIED = np.uint64(QCOW_OFLAG_COPIED)
 # COPIED as it sits in a big-endian word viewed as native uint64.
 _COPIED_RAW = np.array([QCOW_OFLAG_COPIED], dtype=">u8").view(np.uint64)[0]
 _READ_RUN = 32 << 20            # bytes read at once when L2 tables are contiguous
