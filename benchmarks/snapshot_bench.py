@@ -1,7 +1,7 @@
 """Internal snapshot create and delete: ``qcow2fast snapshot`` beside
 ``qemu-img snapshot`` on large, fully mapped images, in one run.
 
-    python -m benchmarks.snapshot_bench [--quick] [--runs N] [--json OUT] [--keep]
+    python -m benchmarks.snapshot_bench [--quick] [--runs N] [--json OUT] [--tmpdir DIR]
 
 Images (made once per invocation in a scratch directory, deleted after),
 every guest cluster mapped through preallocation=metadata (host space
@@ -31,8 +31,8 @@ import subprocess
 import sys
 import time
 
-from .common import (GiB, MiB, BenchError, bench_parser, choose_tmpdir, log, qcow2fast_command,
-                     ratio_info, run, summarise)
+from .common import (GiB, MiB, BenchError, bench_parser, log, qcow2fast_command, ratio_info, run,
+                     scenario_main, summarise)
 
 SIZES = {"full": {"meta-64k": 64 * GiB, "meta-4k": 16 * GiB, "runs": 5},
          "quick": {"meta-64k": 16 * GiB, "meta-4k": 4 * GiB, "runs": 3}}
@@ -113,44 +113,28 @@ def report(results, out=sys.stdout):
                   f"{lib:.3f} s | {r[f'{op}_library_ratio']['ratio']:.2f}x |", file=out)
 
 
+def collect(a, tmpdir):
+    results = []
+    for name, cs in CLUSTERS.items():
+        path = os.path.join(tmpdir, f"{name}.qcow2")
+        size = SIZES[a.mode][name]
+        log(f"  creating {name}: {size // GiB} GiB, preallocation=metadata, cluster_size={cs}")
+        run([sys.executable, "-c", MAKE, path, str(size), str(cs)])
+        results.append(bench_image(a, name, path))
+        os.unlink(path)
+    return results
+
+
 def main(argv=None):
     p = bench_parser("python -m benchmarks.snapshot_bench", __doc__,
                      "16 GiB / 4 GiB images, 3 runs")
-    p.add_argument("--keep", action="store_true", help="keep the images")
     a = p.parse_args(argv)
     a.mode = "quick" if a.quick else "full"
     a.runs = a.runs or SIZES[a.mode]["runs"]
     if not shutil.which(a.qemu_img):
         p.error(f"{a.qemu_img} not found (Debian: apt-get install qemu-utils)")
-    try:
-        tmpdir, _ = choose_tmpdir(a.tmpdir, 512 * MiB, prefix="qcow2fast-snapshot-bench-")
-    except BenchError as e:
-        log(f"snapshot_bench: {e}")
-        return 1
-    results = []
-    try:
-        for name, cs in CLUSTERS.items():
-            path = os.path.join(tmpdir, f"{name}.qcow2")
-            size = SIZES[a.mode][name]
-            log(f"  creating {name}: {size // GiB} GiB, preallocation=metadata, "
-                f"cluster_size={cs}")
-            run([sys.executable, "-c", MAKE, path, str(size), str(cs)])
-            results.append(bench_image(a, name, path))
-            if not a.keep:
-                os.unlink(path)
-    except BenchError as e:
-        log(f"snapshot_bench: {e}")
-        return 1
-    finally:
-        if a.keep:
-            log(f"  kept images in {tmpdir}")
-        else:
-            shutil.rmtree(tmpdir, ignore_errors=True)
-    report(results)
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump({"mode": a.mode, "runs": a.runs, "results": results}, f, indent=1)
-    return 0
+    return scenario_main(a, "snapshot-bench", 512 * MiB, collect, report,
+                         meta={"mode": a.mode, "runs": a.runs})
 
 
 if __name__ == "__main__":
