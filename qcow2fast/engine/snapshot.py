@@ -20,7 +20,16 @@ from ..spec.snapshot import (EXTRA_SIZE_V3, MAX_EXTRA_DATA, MAX_SNAPSHOTS,
                              parse_entry)
 
 __all__ = ["Snapshot", "read_snapshot_table", "find_snapshot", "new_snapshot_id",
-           "write_snapshot_table", "TableRepairs"]
+           "write_snapshot_table", "TableRepairs", "SnapshotTableError"]
+
+
+class SnapshotTableError(CorruptImageError):
+    """A snapshot table qemu refuses to open and its check -r all mends;
+    ``check_lines``: what qemu's check (without -r) says about it."""
+
+    def __init__(self, message, check_lines, **kw):
+        super().__init__(message, **kw)
+        self.check_lines = check_lines
 
 
 class TableRepairs:
@@ -56,8 +65,7 @@ def read_snapshot_table(file, header, file_size, repairs=None):
         return [], 0
     if nb > MAX_SNAPSHOTS:
         if repairs is None or not repairs.fix:
-            raise CorruptImageError(f"nb_snapshots {nb} exceeds {MAX_SNAPSHOTS}",
-                                    field="nb_snapshots")
+            raise too_many(nb)
         repairs.messages.append(f"Discarding {nb - MAX_SNAPSHOTS} overhanging snapshots")
         repairs.reduced += nb - MAX_SNAPSHOTS
         nb = MAX_SNAPSHOTS
@@ -78,10 +86,13 @@ def read_snapshot_table(file, header, file_size, repairs=None):
         keep_extra = extra_len
         if extra_len > MAX_EXTRA_DATA:
             if repairs is None or not repairs.fix:
-                raise CorruptImageError(f"Too much extra metadata in snapshot table entry {i} "
-                                        f"({extra_len} > {MAX_EXTRA_DATA}); qemu-img check -r "
-                                        "all can remove it", offset=pos + 36,
-                                        field="extra_data_size")
+                raise SnapshotTableError(
+                    f"Too much extra metadata in snapshot table entry {i} ({extra_len} > "
+                    f"{MAX_EXTRA_DATA}); qemu-img check -r all can remove it",
+                    ["ERROR failed to read the snapshot table: Too much extra metadata in "
+                     f"snapshot table entry {i}",
+                     "You can force-remove this extra metadata with qemu-img check -r all"],
+                    offset=pos + 36, field="extra_data_size")
             repairs.messages.append(f"Discarding too much extra metadata in snapshot table "
                                     f"entry {i} ({extra_len} > {MAX_EXTRA_DATA})")
             repairs.extra_dropped += 1
@@ -97,10 +108,12 @@ def read_snapshot_table(file, header, file_size, repairs=None):
         length += -length % 8 + SNAPSHOT_ENTRY.size + keep_extra + id_len + name_len
         if length > MAX_TABLE_BYTES:
             if repairs is None or not repairs.fix:
-                raise CorruptImageError(f"snapshot table is too big (more than "
-                                        f"{MAX_TABLE_BYTES} bytes); qemu-img check -r all can "
-                                        f"remove the {nb - i} overhanging snapshots",
-                                        offset=off, field="snapshots_offset")
+                raise SnapshotTableError(
+                    f"snapshot table is too big (more than {MAX_TABLE_BYTES} bytes); qemu-img "
+                    f"check -r all can remove the {nb - i} overhanging snapshots",
+                    ["ERROR failed to read the snapshot table: Snapshot table is too big",
+                     f"You can force-remove all {nb - i} overhanging snapshots with qemu-img "
+                     "check -r all"], offset=off, field="snapshots_offset")
             repairs.messages.append(f"Discarding {nb - i} overhanging snapshots (snapshot "
                                     "table is too big)")
             repairs.reduced += nb - i
@@ -116,6 +129,15 @@ def read_snapshot_table(file, header, file_size, repairs=None):
         if i + 1 < nb:
             pos += -(pos - off) % 8
     return snapshots, pos - off
+
+
+def too_many(nb):
+    return SnapshotTableError(
+        f"nb_snapshots {nb} exceeds {MAX_SNAPSHOTS}; qemu-img check -r all can remove the "
+        f"{nb - MAX_SNAPSHOTS} overhanging snapshots",
+        ["ERROR snapshot table too large",
+         f"You can force-remove all {nb - MAX_SNAPSHOTS} overhanging snapshots with qemu-img "
+         "check -r all"], field="nb_snapshots")
 
 
 def _check_l1_fields(sn, cs, file_size, pos):

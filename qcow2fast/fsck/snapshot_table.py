@@ -12,7 +12,7 @@ needs cluster allocation)."""
 
 import os
 
-from ..engine.snapshot import TableRepairs, read_snapshot_table
+from ..engine.snapshot import TableRepairs, read_snapshot_table, too_many
 from ..spec import header as hdr
 from ..spec.snapshot import MAX_SNAPSHOTS
 
@@ -22,8 +22,10 @@ def clamp_count(buf, fix, repairs):
     qemu's limit is lowered to it (noted in ``repairs``)."""
     at = hdr.FIELD_OFFSET["nb_snapshots"]
     nb = hdr.FIELD_STRUCT["nb_snapshots"].unpack_from(buf, at)[0] if len(buf) >= at + 4 else 0
-    if not fix or nb <= MAX_SNAPSHOTS:
+    if nb <= MAX_SNAPSHOTS:
         return buf
+    if not fix:
+        raise too_many(nb)
     repairs.messages.append(f"Discarding {nb - MAX_SNAPSHOTS} overhanging snapshots")
     repairs.reduced += nb - MAX_SNAPSHOTS
     return bytes(buf[:at]) + hdr.FIELD_STRUCT["nb_snapshots"].pack(MAX_SNAPSHOTS) + \
