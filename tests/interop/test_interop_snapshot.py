@@ -263,8 +263,7 @@ def test_cli_matches_qemu_img(tmp_path, capsys):
         status, out, err = run_cli(capsys, *argv)
         assert status == q.returncode, (argv, status, q.returncode)
         first = q.stderr_text.splitlines()[0].replace("qemu-img: ", "")
-        assert err.strip().replace("qcow2fast: ", "") == first.replace(
-            "Could not open 'x'", "Could not open 'x'"), (argv, err, q.stderr_text)
+        assert err.strip().replace("qcow2fast: ", "") == first, (argv, err, q.stderr_text)
     status, _, _ = run_cli(capsys, "snapshot", "-a", "1", path)     # -a takes an id
     assert status == 0
     status, _, _ = run_cli(capsys, "snapshot", "-d", "first", path)
