@@ -1,0 +1,208 @@
+"""rebase: change an image's backing file (qemu-img rebase).
+
+Safe mode keeps what the image shows: every range the image does not
+hold itself is compared between the old backing chain and the new one,
+and where they differ the old chain's data is written into the image,
+so it no longer depends on the backing file there.  Ranges that both
+chains resolve to zeros, or to the same layer (the same file read the
+same way: a common base, or the new backing file being a layer of the
+old chain, qemu's "prefix chain" case), are equal without being read.
+The rest is read in large runs from both chains and compared per
+allocation unit of the image (a cluster, or a subcluster); a unit that
+differs gets the old chain's data (zeros as zeros).  A chain shorter than
+the image shows zeros past its end; no new backing file (``backing=""``)
+shows zeros everywhere, which makes the image stand alone.
+
+Unsafe mode (``unsafe=True``, ``-u``) only rewrites the header's backing
+file name and format; the old backing file need not exist.
+
+Write order: while the data is copied the header still names the old
+backing file, and the image only gains clusters holding what it already
+showed, so it shows the same data throughout.  The image is flushed
+(barrier) before the header is rewritten (one write of the header
+cluster, as qemu does, then a barrier).  Nothing but the image is written.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from .._ext.fileio import File
+from ..engine.backing import resolve_backing_path
+from ..engine.image import Image
+from ..errors import InvalidArgumentError, Qcow2Error, UnsupportedFeatureError
+from ..host.raw import RawImage
+from ..spec import header as hdr
+from . import layers as chainlayers
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+CHUNK = 4 << 20         # bytes read from each chain per call
+BACKING_FORMATS = ("qcow2", "raw")
+MAX_HEADER_READ = 2 << 20
+
+
+def rebase(path: str | os.PathLike[str], backing: str | None, *,
+           backing_fmt: str | None = None, unsafe: bool = False, cache: str = "writeback",
+           backing_cache: str = "writeback",
+           progress: Callable[[int, int], object] | None = None) -> None:
+    """Make ``backing`` (a name as stored in the header: relative names are
+    relative to the image's directory; "" or None for none) the backing
+    file of the qcow2 image at ``path``, of format ``backing_fmt`` (qcow2
+    or raw; required with a backing file, as qemu-img requires -F).
+    ``cache`` is the image's cache mode, ``backing_cache`` the backing
+    chains'.  ``progress(done, total)``: guest bytes examined."""
+    path = os.fspath(path)
+    backing = backing or None
+    for mode in (cache, backing_cache):
+        chainlayers.check_cache_mode(mode)
+    if backing is not None and backing_fmt is None:
+        raise InvalidArgumentError(f"Could not change the backing file to '{backing}': "
+                                   "backing format must be specified")
+    if backing is None:
+        backing_fmt = None
+    elif backing_fmt not in BACKING_FORMATS:
+        raise UnsupportedFeatureError(f"backing format '{backing_fmt}' is not supported "
+                                      f"(supported: {', '.join(BACKING_FORMATS)})",
+                                      feature="backing format")
+    if len((backing or "").encode()) > hdr.MAX_BACKING_FILE_SIZE or "\0" in (backing or ""):
+        raise InvalidArgumentError(f"Could not change the backing file to '{backing}': "
+                                   "Invalid argument")
+    with Image(path, "r+", cache_mode=cache, backing=not unsafe,
+               cache_clean_interval=0) as img:
+        if not unsafe:
+            new = _open_new_backing(path, backing, backing_fmt, backing_cache)
+            try:
+                _copy_differences(img, new, progress)
+            finally:
+                if new is not None:
+                    new.close()
+            # Barrier: every cluster that differs is stable in the image
+            # before its header names the new backing file.
+            img.flush()
+    change_backing_file(path, backing, backing_fmt, sync=cache != "unsafe")
+
+
+def _open_new_backing(path, backing, fmt, cache):
+    if backing is None:
+        return None
+    where = resolve_backing_path(path, backing)
+    try:
+        if fmt == "raw":
+            return RawImage(where)
+        return Image(where, "r", cache_mode=cache, cache_clean_interval=0)
+    except (OSError, Qcow2Error) as e:
+        why = f"Could not open '{backing}': {e.strerror}" if isinstance(e, OSError) else e
+        raise InvalidArgumentError(f"Could not open new backing file '{backing}': {why}") from e
+
+
+def _copy_differences(img, new, progress):
+    old_layers = chainlayers.chain(img.backing)
+    new_layers = chainlayers.chain(new)
+    old_ids = [chainlayers.identity(layer) for layer in old_layers]
+    new_ids = [chainlayers.identity(layer) for layer in new_layers]
+    unit = img.geo.subcluster_size
+    bufs = [memoryview(mmap.mmap(-1, CHUNK)) for _ in range(2)]
+    size = img.size
+    if progress is not None:
+        progress(0, size)
+    for ext in img.layer_status(0, size) if size else ():
+        if ext.kind == "unallocated":
+            todo = _unequal(chainlayers.resolve(old_layers, ext.offset, ext.length),
+                            chainlayers.resolve(new_layers, ext.offset, ext.length),
+                            old_ids, new_ids)
+            for a, b in _round_out(todo, unit, ext.offset, ext.offset + ext.length):
+                _copy_range(img, old_layers, new_layers, a, b, unit, bufs)
+        if progress is not None:
+            progress(ext.offset + ext.length, size)
+
+
+def _unequal(old_runs, new_runs, old_ids, new_ids):
+    """The ranges where the two chains' resolutions do not prove the data
+    equal (both zeros, or both from the same layer)."""
+    out = []
+    i = j = 0
+    while i < len(old_runs) and j < len(new_runs):
+        o, n = old_runs[i], new_runs[j]
+        a = max(o.offset, n.offset)
+        b = min(o.offset + o.length, n.offset + n.length)
+        zero_o, zero_n = o.kind in chainlayers.ZERO_KINDS, n.kind in chainlayers.ZERO_KINDS
+        same = (zero_o and zero_n) or (not zero_o and not zero_n and o.kind == n.kind
+                                       and old_ids[o.depth] == new_ids[n.depth])
+        if not same and b > a:
+            if out and out[-1][1] == a:
+                out[-1] = (out[-1][0], b)
+            else:
+                out.append((a, b))
+        if o.offset + o.length == b:
+            i += 1
+        if n.offset + n.length == b:
+            j += 1
+    return out
+
+
+def _round_out(ranges, unit, lo, hi):
+    """``ranges`` widened to whole units, clipped to [lo, hi), merged."""
+    out = []
+    for a, b in ranges:
+        a = max(lo, a - a % unit)
+        b = min(hi, -(-b // unit) * unit)
+        if out and out[-1][1] >= a:
+            out[-1] = (out[-1][0], max(out[-1][1], b))
+        else:
+            out.append((a, b))
+    return out
+
+
+def _copy_range(img, old_layers, new_layers, a, b, unit, bufs):
+    """Compare [a, b) (unit aligned but for the disk's end) between the two
+    chains; write the old chain's data where a unit differs."""
+    old_top = old_layers[0] if old_layers else None
+    new_top = new_layers[0] if new_layers else None
+    for off in range(a, b, CHUNK):
+        n = min(CHUNK, b - off)
+        old, new = bufs[0][:n], bufs[1][:n]
+        chainlayers.read_view(old_top, off, old)
+        chainlayers.read_view(new_top, off, new)
+        units = -(-n // unit)
+        pad = units * unit - n      # the disk's last unit: compare what there is
+        o = np.frombuffer(bufs[0], np.uint8, units * unit) if not pad else \
+            np.concatenate([np.frombuffer(old, np.uint8), np.zeros(pad, np.uint8)])
+        w = np.frombuffer(bufs[1], np.uint8, units * unit) if not pad else \
+            np.concatenate([np.frombuffer(new, np.uint8), np.zeros(pad, np.uint8)])
+        differ = (o.reshape(units, unit) != w.reshape(units, unit)).any(axis=1)
+        if not differ.any():
+            continue
+        edges = np.flatnonzero(np.diff(np.concatenate(([0], differ.view(np.int8), [0]))))
+        for s, e in zip(edges[::2].tolist(), edges[1::2].tolist()):
+            lo, hi = s * unit, min(n, e * unit)
+            if not o[lo:hi].any():
+                img.write_zeroes(off + lo, hi - lo)
+            else:
+                img.write(off + lo, old[lo:hi])
+
+
+def change_backing_file(path, backing, backing_fmt, *, sync=True):
+    """Rewrite the header of the (closed) qcow2 image at ``path`` to name
+    ``backing`` (None: no backing file) of format ``backing_fmt`` (qemu's
+    qcow2_change_backing_file: the header cluster written whole)."""
+    f = File(path, writable=True)
+    try:
+        file_size = f.size()
+        h = hdr.parse_header(f.pread(0, min(file_size, MAX_HEADER_READ)), file_size)
+        h.backing_file, h.backing_format = backing, backing_fmt
+        try:
+            head = h.pack()
+        except UnsupportedFeatureError:
+            raise InvalidArgumentError(f"Could not change the backing file to '{backing}': No "
+                                       "space left in the file header") from None
+        f.pwrite(head.ljust(h.cluster_size, b"\0"), 0)
+        if sync:
+            f.sync()            # barrier: the new header is stable when rebase returns
+    finally:
+        f.close()

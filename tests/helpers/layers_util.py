@@ -1,0 +1,61 @@
+"""Backing chains made by qemu for the commit and rebase tests, built
+twice (one copy for qcow2fast, one for qemu-img) so the results can be
+compared layer by layer."""
+
+import os
+import shutil
+
+from .qemu_util import MiB, qemu_check, qemu_create, qemu_img, qemu_io, qemu_raw
+
+
+class Layer:
+    """One image of a chain: ``writes`` are qemu-io commands (``write -P
+    3 0 64k``, ``write -z ...``, ``write -c ...``); ``fmt`` qcow2 or raw
+    (raw only at the bottom); ``opts`` qemu-img create options."""
+
+    def __init__(self, name, size=16 * MiB, writes=(), fmt="qcow2", **opts):
+        self.name, self.size, self.writes, self.fmt, self.opts = name, size, writes, fmt, opts
+
+
+def build_chain(d, layers):
+    """Create ``layers`` (bottom first) in directory ``d``, each backed by the
+    one before, with relative backing names.  Returns the paths."""
+    os.makedirs(d, exist_ok=True)
+    paths, below = [], None
+    for layer in layers:
+        p = os.path.join(d, layer.name)
+        if layer.fmt == "raw":
+            assert below is None, "a raw image can only be the base"
+            qemu_img("create", "-q", "-f", "raw", p, str(layer.size))
+        else:
+            opts = dict(layer.opts)
+            qemu_create(p, layer.size, backing=below and os.path.basename(below),
+                        backing_fmt=below and (layers[len(paths) - 1].fmt), **opts)
+        for cmd in layer.writes:
+            qemu_io(p, cmd, fmt=layer.fmt)
+        paths.append(p)
+        below = p
+    return paths
+
+
+def twin(d, layers):
+    """The chain built in ``d/qf`` and copied to ``d/qemu``: (ours, theirs)."""
+    ours = build_chain(os.path.join(d, "qf"), layers)
+    theirs_dir = os.path.join(d, "qemu")
+    shutil.copytree(os.path.dirname(ours[0]), theirs_dir)
+    return ours, [os.path.join(theirs_dir, os.path.basename(p)) for p in ours]
+
+
+def views(paths, fmts):
+    """Every layer's guest content as qemu reads it through its chain."""
+    return [qemu_raw(p, fmt=f) for p, f in zip(paths, fmts)]
+
+
+def assert_same_layers(ours, theirs, fmts):
+    """``qemu-img compare`` of each layer (through its own chain) with its
+    twin, and ``qemu-img check`` clean on each qcow2 layer."""
+    for a, b, f in zip(ours, theirs, fmts):
+        p = qemu_img("compare", "-f", f, "-F", f, a, b, check=False)
+        assert p.returncode == 0, f"{os.path.basename(a)}: {p.stdout_text} {p.stderr_text}"
+        if f == "qcow2":
+            qemu_check(a)
