@@ -44,6 +44,9 @@ if TYPE_CHECKING:
 
 CHUNK = 4 << 20         # bytes read from each chain per call
 BACKING_FORMATS = ("qcow2", "raw")
+# The other image formats qemu-img 7.2 knows: named, but not supported here.
+QEMU_FORMATS = BACKING_FORMATS + ("bochs", "cloop", "dmg", "luks", "parallels", "qcow", "qed",
+                                  "vdi", "vhdx", "vmdk", "vpc", "vvfat")
 MAX_HEADER_READ = 2 << 20
 
 
@@ -66,6 +69,8 @@ def rebase(path: str | os.PathLike[str], backing: str | None, *,
                                    "backing format must be specified")
     if backing is None:
         backing_fmt = None
+    elif backing_fmt not in QEMU_FORMATS:
+        raise InvalidArgumentError(f"Invalid format name: '{backing_fmt}'")
     elif backing_fmt not in BACKING_FORMATS:
         raise UnsupportedFeatureError(f"backing format '{backing_fmt}' is not supported "
                                       f"(supported: {', '.join(BACKING_FORMATS)})",
@@ -97,7 +102,7 @@ def _open_new_backing(path, backing, fmt, cache):
             return RawImage(where)
         return Image(where, "r", cache_mode=cache, cache_clean_interval=0)
     except (OSError, Qcow2Error) as e:
-        why = f"Could not open '{backing}': {e.strerror}" if isinstance(e, OSError) else e
+        why = f"Could not open '{where}': {e.strerror}" if isinstance(e, OSError) else e
         raise InvalidArgumentError(f"Could not open new backing file '{backing}': {why}") from e
 
 

@@ -38,8 +38,11 @@ def build_chain(d, layers):
     return paths
 
 
-def twin(d, layers):
-    """The chain built in ``d/qf`` and copied to ``d/qemu``: (ours, theirs)."""
+def twin(d, layers, others=()):
+    """The chain built in ``d/qf`` (beside the chains ``others``) and copied
+    to ``d/qemu``: (ours, theirs), the paths of ``layers``' images."""
+    for chain in others:
+        build_chain(os.path.join(d, "qf"), chain)
     ours = build_chain(os.path.join(d, "qf"), layers)
     theirs_dir = os.path.join(d, "qemu")
     shutil.copytree(os.path.dirname(ours[0]), theirs_dir)
