@@ -109,41 +109,42 @@ def _open_new_backing(path, backing, fmt, cache):
 def _copy_differences(img, new, progress):
     old_layers = chainlayers.chain(img.backing)
     new_layers = chainlayers.chain(new)
-    old_ids = [chainlayers.identity(layer) for layer in old_layers]
-    new_ids = [chainlayers.identity(layer) for layer in new_layers]
+    ids = ([chainlayers.identity(layer) for layer in old_layers],
+           [chainlayers.identity(layer) for layer in new_layers])
     unit = img.geo.subcluster_size
     bufs = [memoryview(mmap.mmap(-1, CHUNK)) for _ in range(2)]
+    tops = (old_layers[0] if old_layers else None, new_layers[0] if new_layers else None)
     size = img.size
     if progress is not None:
         progress(0, size)
     for ext in img.layer_status(0, size) if size else ():
         if ext.kind == "unallocated":
             todo = _unequal(chainlayers.resolve(old_layers, ext.offset, ext.length),
-                            chainlayers.resolve(new_layers, ext.offset, ext.length),
-                            old_ids, new_ids)
-            for a, b in _round_out(todo, unit, ext.offset, ext.offset + ext.length):
-                _copy_range(img, old_layers, new_layers, a, b, unit, bufs)
+                            chainlayers.resolve(new_layers, ext.offset, ext.length), *ids)
+            for seg in _round_out(todo, unit, ext.offset, ext.offset + ext.length):
+                _copy_segment(img, tops, seg, unit, bufs)
         if progress is not None:
             progress(ext.offset + ext.length, size)
 
 
 def _unequal(old_runs, new_runs, old_ids, new_ids):
-    """The ranges where the two chains' resolutions do not prove the data
-    equal (both zeros, or both from the same layer)."""
+    """The segments (a, b, old reads zeros, new reads zeros) where the two
+    chains' resolutions do not prove the data equal (both zeros, or both
+    from the same layer)."""
     out = []
     i = j = 0
     while i < len(old_runs) and j < len(new_runs):
         o, n = old_runs[i], new_runs[j]
         a = max(o.offset, n.offset)
         b = min(o.offset + o.length, n.offset + n.length)
-        zero_o, zero_n = o.kind in chainlayers.ZERO_KINDS, n.kind in chainlayers.ZERO_KINDS
-        same = (zero_o and zero_n) or (not zero_o and not zero_n and o.kind == n.kind
-                                       and old_ids[o.depth] == new_ids[n.depth])
+        zeros = (o.kind in chainlayers.ZERO_KINDS, n.kind in chainlayers.ZERO_KINDS)
+        same = all(zeros) or (not any(zeros) and o.kind == n.kind
+                              and old_ids[o.depth] == new_ids[n.depth])
         if not same and b > a:
-            if out and out[-1][1] == a:
-                out[-1] = (out[-1][0], b)
+            if out and out[-1][1] == a and out[-1][2:] == zeros:
+                out[-1] = (out[-1][0], b, *zeros)
             else:
-                out.append((a, b))
+                out.append((a, b, *zeros))
         if o.offset + o.length == b:
             i += 1
         if n.offset + n.length == b:
@@ -151,45 +152,57 @@ def _unequal(old_runs, new_runs, old_ids, new_ids):
     return out
 
 
-def _round_out(ranges, unit, lo, hi):
-    """``ranges`` widened to whole units, clipped to [lo, hi), merged."""
+def _round_out(segments, unit, lo, hi):
+    """``segments`` widened to whole units, clipped to [lo, hi), merged; a
+    side is known to read zeros only where no widening or merging made
+    that unsure."""
     out = []
-    for a, b in ranges:
-        a = max(lo, a - a % unit)
-        b = min(hi, -(-b // unit) * unit)
-        if out and out[-1][1] >= a:
-            out[-1] = (out[-1][0], max(out[-1][1], b))
+    for a, b, old_zero, new_zero in segments:
+        wa, wb = max(lo, a - a % unit), min(hi, -(-b // unit) * unit)
+        if (wa, wb) != (a, b):
+            old_zero = new_zero = False
+        if out and out[-1][1] >= wa:
+            p = out[-1]
+            out[-1] = (p[0], max(p[1], wb), p[2] and old_zero, p[3] and new_zero)
         else:
-            out.append((a, b))
+            out.append((wa, wb, old_zero, new_zero))
     return out
 
 
-def _copy_range(img, old_layers, new_layers, a, b, unit, bufs):
-    """Compare [a, b) (unit aligned but for the disk's end) between the two
-    chains; write the old chain's data where a unit differs."""
-    old_top = old_layers[0] if old_layers else None
-    new_top = new_layers[0] if new_layers else None
+def _copy_segment(img, tops, seg, unit, bufs):
+    """Compare segment [a, b) (whole units but at the disk's end) between the
+    chains; where a unit differs, write what the old chain shows.  A side
+    known to read zeros is not read."""
+    a, b, old_zero, new_zero = seg
     for off in range(a, b, CHUNK):
         n = min(CHUNK, b - off)
-        old, new = bufs[0][:n], bufs[1][:n]
-        chainlayers.read_view(old_top, off, old)
-        chainlayers.read_view(new_top, off, new)
-        units = -(-n // unit)
-        pad = units * unit - n      # the disk's last unit: compare what there is
-        o = np.frombuffer(bufs[0], np.uint8, units * unit) if not pad else \
-            np.concatenate([np.frombuffer(old, np.uint8), np.zeros(pad, np.uint8)])
-        w = np.frombuffer(bufs[1], np.uint8, units * unit) if not pad else \
-            np.concatenate([np.frombuffer(new, np.uint8), np.zeros(pad, np.uint8)])
-        differ = (o.reshape(units, unit) != w.reshape(units, unit)).any(axis=1)
+        views = []
+        for buf, layer, zero in zip(bufs, tops, (old_zero, new_zero)):
+            if not zero:
+                chainlayers.read_view(layer, off, buf[:n])
+                views.append(_units(buf, n, unit))
+        if len(views) == 2:
+            differ = (views[0] != views[1]).any(axis=1)
+        else:           # one side zeros: units differ where the other is not
+            differ = views[0].any(axis=1)
         if not differ.any():
             continue
         edges = np.flatnonzero(np.diff(np.concatenate(([0], differ.view(np.int8), [0]))))
         for s, e in zip(edges[::2].tolist(), edges[1::2].tolist()):
             lo, hi = s * unit, min(n, e * unit)
-            if not o[lo:hi].any():
+            if old_zero or not _units(bufs[0][lo:], hi - lo, unit).any():
                 img.write_zeroes(off + lo, hi - lo)
             else:
-                img.write(off + lo, old[lo:hi])
+                img.write(off + lo, bufs[0][lo:hi])
+
+
+def _units(buf, n, unit):
+    """The first ``n`` bytes of ``buf`` as rows of one unit (64-bit words);
+    a last partial unit is padded with zeros in ``buf`` (its spare room)."""
+    whole = -(-n // unit) * unit
+    if whole > n:
+        buf[n:whole] = bytes(whole - n)
+    return np.frombuffer(buf, np.uint64, whole // 8).reshape(-1, unit // 8)
 
 
 def change_backing_file(path, backing, backing_fmt, *, sync=True):
