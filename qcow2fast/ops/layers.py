@@ -96,3 +96,9 @@ def check_cache_mode(mode):
     """qemu-img's -t / -T check, with its message."""
     if mode not in CACHE_MODES:
         raise InvalidArgumentError(f"Invalid cache option: {mode}")
+
+
+def qemu_name(image, backing):
+    """How qemu names a backing file in its messages: relative to the
+    directory of the image as the image was named (not made absolute)."""
+    return backing if os.path.isabs(backing) else os.path.join(os.path.dirname(image), backing)

@@ -102,7 +102,8 @@ def _open_new_backing(path, backing, fmt, cache):
             return RawImage(where)
         return Image(where, "r", cache_mode=cache, cache_clean_interval=0)
     except (OSError, Qcow2Error) as e:
-        why = f"Could not open '{where}': {e.strerror}" if isinstance(e, OSError) else e
+        why = (f"Could not open '{chainlayers.qemu_name(path, backing)}': {e.strerror}"
+               if isinstance(e, OSError) else e)
         raise InvalidArgumentError(f"Could not open new backing file '{backing}': {why}") from e
 
 

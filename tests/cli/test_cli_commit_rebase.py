@@ -96,3 +96,22 @@ def test_commit_cli_size_of_committed_base(capsys, tmp_path):
     qemu_img("commit", theirs[-1])
     assert qemu_info(ours[0])["virtual-size"] == qemu_info(theirs[0])["virtual-size"] == 12 * MiB
     assert qemu_img("compare", ours[0], theirs[0]).returncode == 0
+
+
+@pytest.mark.parametrize("argv", [
+    ["-b", "base.qcow2", "-F", "qcow2", "{d}/new.qcow2"], ["-b", "base.qcow2", "{d}/new.qcow2"],
+    ["-b", "nothere", "-F", "qcow2", "{d}/new.qcow2"],
+    ["-u", "-b", "nothere", "-F", "qcow2", "{d}/new.qcow2"],
+    ["-u", "-b", "nothere", "-F", "qcow2", "{d}/new.qcow2", "1M"],
+])
+def test_create_with_backing_like_qemu(capsys, tmp_path, argv):
+    """create -b: the size from the backing file when none is given, and
+    qemu-img 7.2's refusals (no -F, a missing backing file, -u without a
+    size)."""
+    (mine, theirs), ours, qemu_paths = both(capsys, tmp_path, "create", "-f", "qcow2", *argv)
+    assert mine[0] == theirs[0] and mine[2] == theirs[2]
+    if mine[0] == 0:
+        new = [p.rsplit("/", 1)[0] + "/new.qcow2" for p in (ours[-1], qemu_paths[-1])]
+        a, b = qemu_info(new[0]), qemu_info(new[1])
+        for key in ("virtual-size", "backing-filename", "backing-filename-format"):
+            assert a.get(key) == b.get(key), key
