@@ -21,7 +21,6 @@ leaves the top's data readable through the chain.  Only the base and
 
 from __future__ import annotations
 
-import mmap
 import os
 from typing import TYPE_CHECKING
 
@@ -92,34 +91,45 @@ def _commit_into(top, above, target, cache, progress):
         _grow(dest, top.size)
         total = sum(r.length for w in _windows(top.size)
                     for r in chainlayers.resolve(above, *w) if r.depth < len(above))
-        done = 0
         if progress is not None:
             progress(0, total)
-        buf = memoryview(mmap.mmap(-1, CHUNK))      # page aligned (O_DIRECT)
-        for w in _windows(top.size):
-            for r in chainlayers.resolve(above, *w):
-                if r.depth == len(above):
-                    continue                # not above the base: the base shows it already
-                if r.kind == "zero":
-                    dest.write_zeroes(r.offset, r.length, may_unmap=True)
-                    done += r.length
-                else:
-                    layer = above[r.depth]
-                    for off in range(r.offset, r.offset + r.length, CHUNK):
-                        n = min(CHUNK, r.offset + r.length - off)
-                        layer.readinto(off, buf[:n])
-                        dest.write(off, buf[:n])
-                        done += n
-                        if progress is not None:
-                            progress(done, total)
-                    continue
-                if progress is not None:
-                    progress(done, total)
+        done = [0]
+
+        def read(job, bufs):
+            layer, off, n = job
+            if layer is not None:
+                layer.readinto(off, bufs[0][:n])
+
+        def write(job, bufs):
+            layer, off, n = job
+            if layer is None:
+                dest.write_zeroes(off, n, may_unmap=True)
+            else:
+                dest.write(off, bufs[0][:n])
+            done[0] += n
+            if progress is not None:
+                progress(done[0], total)
+
+        chainlayers.pipeline(_jobs(top.size, above), read, write, 1, CHUNK)
         # Barrier: the committed data (and the base's metadata) is stable
         # before anything empties the top.
         dest.flush()
     finally:
         dest.close()
+
+
+def _jobs(size, above):
+    """(layer, offset, length) of each piece to commit, at most CHUNK bytes
+    of data (layer None: zeros, any length)."""
+    for w in _windows(size):
+        for r in chainlayers.resolve(above, *w):
+            if r.depth == len(above):
+                continue                # not above the base: the base shows it already
+            if r.kind == "zero":
+                yield None, r.offset, r.length
+                continue
+            for off in range(r.offset, r.offset + r.length, CHUNK):
+                yield above[r.depth], off, min(CHUNK, r.offset + r.length - off)
 
 
 def _windows(size):

@@ -9,7 +9,10 @@ of a layer reads as zeros *from that layer* (it is resolved there and not
 below).
 """
 
+import mmap
 import os
+import queue
+import threading
 from typing import NamedTuple
 
 from .._ext.state import CACHE_MODES
@@ -102,3 +105,45 @@ def qemu_name(image, backing):
     """How qemu names a backing file in its messages: relative to the
     directory of the image as the image was named (not made absolute)."""
     return backing if os.path.isabs(backing) else os.path.join(os.path.dirname(image), backing)
+
+
+def pipeline(jobs, read, consume, nbufs, size):
+    """Run ``read(job, bufs)`` for each job in a helper thread, ahead of
+    ``consume(job, bufs)`` in this one (both release the GIL in their I/O,
+    so reading the chain overlaps writing the image).  Each job gets a
+    set of buffers (a list of ``nbufs`` page-aligned ``size``-byte
+    memoryviews) that is reused once consumed.  An error on either side
+    stops both and is raised here."""
+    free = queue.Queue()
+    for _ in range(2):
+        free.put([memoryview(mmap.mmap(-1, size)) for _ in range(nbufs)])
+    ready = queue.Queue()
+    stop = threading.Event()
+
+    def reader():
+        try:
+            for job in jobs:
+                bufs = free.get()
+                if stop.is_set():
+                    return
+                read(job, bufs)
+                ready.put((job, bufs))
+            ready.put(None)
+        except BaseException as e:     # handed to the consumer
+            ready.put(e)
+
+    t = threading.Thread(target=reader, name="qcow2fast-chain-reader", daemon=True)
+    t.start()
+    try:
+        while True:
+            item = ready.get()
+            if item is None:
+                break
+            if isinstance(item, BaseException):
+                raise item
+            consume(*item)
+            free.put(item[1])
+    finally:
+        stop.set()
+        free.put(None)
+        t.join()

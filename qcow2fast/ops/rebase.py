@@ -25,7 +25,6 @@ cluster, as qemu does, then a barrier).  Nothing but the image is written.
 
 from __future__ import annotations
 
-import mmap
 import os
 from typing import TYPE_CHECKING
 
@@ -110,22 +109,40 @@ def _open_new_backing(path, backing, fmt, cache):
 def _copy_differences(img, new, progress):
     old_layers = chainlayers.chain(img.backing)
     new_layers = chainlayers.chain(new)
-    ids = ([chainlayers.identity(layer) for layer in old_layers],
-           [chainlayers.identity(layer) for layer in new_layers])
     unit = img.geo.subcluster_size
-    bufs = [memoryview(mmap.mmap(-1, CHUNK)) for _ in range(2)]
     tops = (old_layers[0] if old_layers else None, new_layers[0] if new_layers else None)
     size = img.size
     if progress is not None:
         progress(0, size)
-    for ext in img.layer_status(0, size) if size else ():
+
+    def read(job, bufs):
+        off, n, old_zero, new_zero, _ = job
+        for buf, layer, zero in zip(bufs, tops, (old_zero, new_zero)):
+            if n and not zero:
+                chainlayers.read_view(layer, off, buf[:n])
+
+    def write(job, bufs):
+        _copy_chunk(img, job, unit, bufs)
+        if progress is not None and job[4] is not None:
+            progress(job[4], size)
+
+    chainlayers.pipeline(_jobs(img, old_layers, new_layers, unit), read, write, 2, CHUNK)
+
+
+def _jobs(img, old_layers, new_layers, unit):
+    """(offset, length, old reads zeros, new reads zeros, progress mark) of
+    each chunk to compare; a mark alone (length 0) after each extent."""
+    ids = ([chainlayers.identity(layer) for layer in old_layers],
+           [chainlayers.identity(layer) for layer in new_layers])
+    for ext in img.layer_status(0, img.size) if img.size else ():
         if ext.kind == "unallocated":
             todo = _unequal(chainlayers.resolve(old_layers, ext.offset, ext.length),
                             chainlayers.resolve(new_layers, ext.offset, ext.length), *ids)
-            for seg in _round_out(todo, unit, ext.offset, ext.offset + ext.length):
-                _copy_segment(img, tops, seg, unit, bufs)
-        if progress is not None:
-            progress(ext.offset + ext.length, size)
+            for a, b, old_zero, new_zero in _round_out(todo, unit, ext.offset,
+                                                       ext.offset + ext.length):
+                for off in range(a, b, CHUNK):
+                    yield off, min(CHUNK, b - off), old_zero, new_zero, None
+        yield ext.offset + ext.length, 0, True, True, ext.offset + ext.length
 
 
 def _unequal(old_runs, new_runs, old_ids, new_ids):
@@ -170,31 +187,27 @@ def _round_out(segments, unit, lo, hi):
     return out
 
 
-def _copy_segment(img, tops, seg, unit, bufs):
-    """Compare segment [a, b) (whole units but at the disk's end) between the
-    chains; where a unit differs, write what the old chain shows.  A side
-    known to read zeros is not read."""
-    a, b, old_zero, new_zero = seg
-    for off in range(a, b, CHUNK):
-        n = min(CHUNK, b - off)
-        views = []
-        for buf, layer, zero in zip(bufs, tops, (old_zero, new_zero)):
-            if not zero:
-                chainlayers.read_view(layer, off, buf[:n])
-                views.append(_units(buf, n, unit))
-        if len(views) == 2:
-            differ = (views[0] != views[1]).any(axis=1)
-        else:           # one side zeros: units differ where the other is not
-            differ = views[0].any(axis=1)
-        if not differ.any():
-            continue
-        edges = np.flatnonzero(np.diff(np.concatenate(([0], differ.view(np.int8), [0]))))
-        for s, e in zip(edges[::2].tolist(), edges[1::2].tolist()):
-            lo, hi = s * unit, min(n, e * unit)
-            if old_zero or not _units(bufs[0][lo:], hi - lo, unit).any():
-                img.write_zeroes(off + lo, hi - lo)
-            else:
-                img.write(off + lo, bufs[0][lo:hi])
+def _copy_chunk(img, job, unit, bufs):
+    """Compare one chunk (whole units but at the disk's end) of the two
+    chains, read into ``bufs`` (a side known to read zeros is not read);
+    where a unit differs, write what the old chain shows."""
+    off, n, old_zero, new_zero, _ = job
+    if not n:
+        return
+    views = [_units(buf, n, unit) for buf, zero in zip(bufs, (old_zero, new_zero)) if not zero]
+    if len(views) == 2:
+        differ = (views[0] != views[1]).any(axis=1)
+    else:           # one side zeros: units differ where the other is not
+        differ = views[0].any(axis=1)
+    if not differ.any():
+        return
+    edges = np.flatnonzero(np.diff(np.concatenate(([0], differ.view(np.int8), [0]))))
+    for s, e in zip(edges[::2].tolist(), edges[1::2].tolist()):
+        lo, hi = s * unit, min(n, e * unit)
+        if old_zero or not _units(bufs[0][lo:], hi - lo, unit).any():
+            img.write_zeroes(off + lo, hi - lo)
+        else:
+            img.write(off + lo, bufs[0][lo:hi])
 
 
 def _units(buf, n, unit):

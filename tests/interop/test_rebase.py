@@ -151,3 +151,26 @@ def test_rebase_interrupted_keeps_the_view(tmp_path):
     qcow2fast.rebase(top, "other.qcow2", backing_fmt="qcow2")
     assert views([top], ["qcow2"])[0] == before
     qemu_check(top)
+
+
+def test_rebase_broken_chains(tmp_path):
+    """A missing old backing file or a loop: safe mode refuses, naming the
+    layer, and writes nothing; -u repairs the header (what it is for)."""
+    top, _, _, _ = build(tmp_path, "onto-base")
+    d = os.path.dirname(top)
+    os.rename(os.path.join(d, "mid.qcow2"), os.path.join(d, "mid.moved"))
+    before = open(top, "rb").read()
+    with pytest.raises(OSError, match="mid.qcow2"):
+        qcow2fast.rebase(top, "base.qcow2", backing_fmt="qcow2")
+    assert open(top, "rb").read() == before
+    qcow2fast.rebase(top, "mid.moved", backing_fmt="qcow2", unsafe=True)
+    assert qemu_info(top)["backing-filename"] == "mid.moved"
+    qemu_img("compare", top, os.path.join(str(tmp_path), "qemu", "top.qcow2"))
+    # a loop: mid.moved -> top -> mid.moved
+    qemu_img("rebase", "-u", "-b", "top.qcow2", "-F", "qcow2", os.path.join(d, "mid.moved"))
+    before = open(top, "rb").read()
+    with pytest.raises(qcow2fast.CorruptImageError, match="loops"):
+        qcow2fast.rebase(top, "base.qcow2", backing_fmt="qcow2")
+    with pytest.raises(qcow2fast.CorruptImageError, match="loops"):
+        qcow2fast.commit(top)
+    assert open(top, "rb").read() == before
