@@ -30,12 +30,11 @@ from ..engine.image import Image
 from ..errors import InvalidArgumentError
 from ..host.raw import RawImage
 from . import layers as chainlayers
+from .layers import CHUNK
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-CHUNK = 4 << 20         # bytes read and written per call
-WINDOW = 1 << 30        # guest bytes resolved at a time (bounds the run list)
 
 
 def find_backing_image(top, name):
@@ -89,7 +88,7 @@ def _commit_into(top, above, target, cache, progress):
         dest = Image(target.path, "r+", cache_mode=cache, cache_clean_interval=0)
     try:
         _grow(dest, top.size)
-        total = sum(r.length for w in _windows(top.size)
+        total = sum(r.length for w in chainlayers.windows(top.size)
                     for r in chainlayers.resolve(above, *w) if r.depth < len(above))
         if progress is not None:
             progress(0, total)
@@ -121,7 +120,7 @@ def _commit_into(top, above, target, cache, progress):
 def _jobs(size, above):
     """(layer, offset, length) of each piece to commit, at most CHUNK bytes
     of data (layer None: zeros, any length)."""
-    for w in _windows(size):
+    for w in chainlayers.windows(size):
         for r in chainlayers.resolve(above, *w):
             if r.depth == len(above):
                 continue                # not above the base: the base shows it already
@@ -130,10 +129,6 @@ def _jobs(size, above):
                 continue
             for off in range(r.offset, r.offset + r.length, CHUNK):
                 yield above[r.depth], off, min(CHUNK, r.offset + r.length - off)
-
-
-def _windows(size):
-    return [(a, min(WINDOW, size - a)) for a in range(0, size, WINDOW)]
 
 
 def _grow(dest, size):

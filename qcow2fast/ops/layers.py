@@ -19,6 +19,9 @@ from .._ext.state import CACHE_MODES
 from ..errors import InvalidArgumentError
 
 ZERO_KINDS = ("zero", "unallocated")
+CHUNK = 4 << 20         # bytes read (and written) per call
+WINDOW = 1 << 30        # guest bytes resolved at a time (bounds the run lists; a
+                        # multiple of every cluster size)
 
 
 class Run(NamedTuple):
@@ -42,6 +45,11 @@ def layer_status(layer, offset, length):
     and holes (holes read as zeros)."""
     own = getattr(layer, "layer_status", None)
     return own(offset, length) if own is not None else layer.block_status(offset, length)
+
+
+def windows(size):
+    """(offset, length) of the WINDOW-sized pieces of [0, size)."""
+    return [(a, min(WINDOW, size - a)) for a in range(0, size, WINDOW)]
 
 
 def resolve(layers, offset, length):

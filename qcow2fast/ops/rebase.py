@@ -37,11 +37,11 @@ from ..errors import InvalidArgumentError, Qcow2Error, UnsupportedFeatureError
 from ..host.raw import RawImage
 from ..spec import header as hdr
 from . import layers as chainlayers
+from .layers import CHUNK
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-CHUNK = 4 << 20         # bytes read from each chain per call
 BACKING_FORMATS = ("qcow2", "raw")
 # The other image formats qemu-img 7.2 knows: named, but not supported here.
 QEMU_FORMATS = BACKING_FORMATS + ("bochs", "cloop", "dmg", "luks", "parallels", "qcow", "qed",
@@ -131,18 +131,32 @@ def _copy_differences(img, new, progress):
 
 def _jobs(img, old_layers, new_layers, unit):
     """(offset, length, old reads zeros, new reads zeros, progress mark) of
-    each chunk to compare; a mark alone (length 0) after each extent."""
+    each chunk to compare; a mark alone (length 0) after each hole and
+    window.  The
+    chains are resolved a window at a time, then cut to the ranges the
+    image does not hold itself."""
     ids = ([chainlayers.identity(layer) for layer in old_layers],
            [chainlayers.identity(layer) for layer in new_layers])
-    for ext in img.layer_status(0, img.size) if img.size else ():
-        if ext.kind == "unallocated":
-            todo = _unequal(chainlayers.resolve(old_layers, ext.offset, ext.length),
-                            chainlayers.resolve(new_layers, ext.offset, ext.length), *ids)
-            for a, b, old_zero, new_zero in _round_out(todo, unit, ext.offset,
-                                                       ext.offset + ext.length):
+    size = img.size
+    for w, n in chainlayers.windows(size):
+        holes = [e for e in img.layer_status(w, n) if e.kind == "unallocated"]
+        todo = _unequal(chainlayers.resolve(old_layers, w, n),
+                        chainlayers.resolve(new_layers, w, n), *ids) if holes else []
+        k = 0
+        for h in holes:
+            lo, hi = h.offset, h.offset + h.length
+            while k < len(todo) and todo[k][1] <= lo:
+                k += 1
+            segs = []
+            for a, b, old_zero, new_zero in todo[k:]:
+                if a >= hi:
+                    break
+                segs.append((max(a, lo), min(b, hi), old_zero, new_zero))
+            for a, b, old_zero, new_zero in _round_out(segs, unit, lo, hi):
                 for off in range(a, b, CHUNK):
                     yield off, min(CHUNK, b - off), old_zero, new_zero, None
-        yield ext.offset + ext.length, 0, True, True, ext.offset + ext.length
+            yield hi, 0, True, True, hi
+        yield w + n, 0, True, True, w + n
 
 
 def _unequal(old_runs, new_runs, old_ids, new_ids):
