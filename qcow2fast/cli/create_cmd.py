@@ -84,8 +84,8 @@ def run(args):
         if size is None and args.unsafe:
             raise UsageError(f"{args.filename}: Image creation needs a size parameter")
         if not args.unsafe and not os.path.exists(bpath):
-            raise UsageError(f"{args.filename}: Could not open '{qemu_name(args.filename, backing)}'"
-                             ": No such file or "
+            shown = qemu_name(args.filename, backing)
+            raise UsageError(f"{args.filename}: Could not open '{shown}': No such file or "
                              "directory\nCould not open backing image.")
         if backing_fmt is None and not args.unsafe:
             raise UsageError(f"{args.filename}: Backing file specified without backing format"

@@ -33,7 +33,7 @@ import numpy as np
 from .._ext.fileio import File
 from ..engine.backing import resolve_backing_path
 from ..engine.image import Image
-from ..errors import InvalidArgumentError, Qcow2Error, UnsupportedFeatureError
+from ..errors import CorruptImageError, InvalidArgumentError, Qcow2Error, UnsupportedFeatureError
 from ..host.raw import RawImage
 from ..spec import header as hdr
 from . import layers as chainlayers
@@ -77,6 +77,8 @@ def rebase(path: str | os.PathLike[str], backing: str | None, *,
     if len((backing or "").encode()) > hdr.MAX_BACKING_FILE_SIZE or "\0" in (backing or ""):
         raise InvalidArgumentError(f"Could not change the backing file to '{backing}': "
                                    "Invalid argument")
+    if unsafe and backing is not None:      # (the rest of its chain may not exist yet)
+        _refuse_loop(path, backing, [resolve_backing_path(path, backing)])
     with Image(path, "r+", cache_mode=cache, backing=not unsafe,
                cache_clean_interval=0) as img:
         if not unsafe:
@@ -97,13 +99,26 @@ def _open_new_backing(path, backing, fmt, cache):
         return None
     where = resolve_backing_path(path, backing)
     try:
-        if fmt == "raw":
-            return RawImage(where)
-        return Image(where, "r", cache_mode=cache, cache_clean_interval=0)
+        new = RawImage(where) if fmt == "raw" else Image(where, "r", cache_mode=cache,
+                                                         cache_clean_interval=0)
     except (OSError, Qcow2Error) as e:
         why = (f"Could not open '{chainlayers.qemu_name(path, backing)}': {e.strerror}"
                if isinstance(e, OSError) else e)
         raise InvalidArgumentError(f"Could not open new backing file '{backing}': {why}") from e
+    _refuse_loop(path, backing, [layer.path for layer in chainlayers.chain(new)], new.close)
+    return new
+
+
+def _refuse_loop(path, backing, chain_paths, cleanup=lambda: None):
+    """The image must not end up in its own backing chain."""
+    me = os.path.realpath(path)
+    for p in chain_paths:
+        if os.path.realpath(p) == me:
+            cleanup()
+            raise CorruptImageError(
+                f"Could not open new backing file '{backing}': the backing chain would loop "
+                f"({p} is the image itself)", offset=hdr.FIELD_OFFSET["backing_file_offset"],
+                field="backing_file")
 
 
 def _copy_differences(img, new, progress):

@@ -191,3 +191,17 @@ def test_rebase_in_small_windows(tmp_path, monkeypatch, case):
     assert qemu_img("compare", top, qtop, check=False).returncode == 0
     qemu_check(top)
     assert len(set(seen)) > 4 and seen == sorted(seen)
+
+
+def test_rebase_refuses_a_loop(tmp_path):
+    """Onto an image whose chain holds this one (or onto itself): refused,
+    nothing written (qemu 7.2 happens to refuse through its locks)."""
+    top, _, _, _ = build(tmp_path, "onto-base")
+    d = os.path.dirname(top)
+    base = os.path.join(d, "base.qcow2")
+    for image, backing, unsafe in ((base, "mid.qcow2", False), (top, "top.qcow2", False),
+                                   (top, "top.qcow2", True)):
+        before = open(image, "rb").read()
+        with pytest.raises(qcow2fast.CorruptImageError, match="loop"):
+            qcow2fast.rebase(image, backing, backing_fmt="qcow2", unsafe=unsafe)
+        assert open(image, "rb").read() == before
