@@ -29,6 +29,8 @@ from ..engine.empty import make_empty
 from ..engine.image import Image
 from ..errors import InvalidArgumentError
 from ..host.raw import RawImage
+from ..spec import header as hdr
+from ..spec.constants import L1E_SIZE
 from . import layers as chainlayers
 from .layers import CHUNK
 
@@ -141,6 +143,10 @@ def _grow(dest, size):
     if isinstance(dest, RawImage):
         dest.grow(size)
         return
+    if dest.geo.l1_size_for(size) > hdr.MAX_L1_BYTES // L1E_SIZE:
+        raise InvalidArgumentError(f"{dest.path}: size: cannot grow from {old} to {size} bytes "
+                                   f"(the top's size) with {dest.cluster_size}-byte clusters: "
+                                   "the L1 table would pass qemu's limit")
     dest._set_disk_size(size)
     below = dest.backing
     if below is not None and below.size > old:

@@ -11,7 +11,7 @@ from qcow2fast._ext.fileio import File
 from qcow2fast.engine import empty
 from qcow2fast.errors import InvalidArgumentError
 from tests.helpers.layers_util import Layer, assert_same_layers, build_chain, twin, views
-from tests.helpers.qemu_util import MiB, qemu_check, qemu_img, qemu_info
+from tests.helpers.qemu_util import MiB, qemu_check, qemu_create, qemu_img, qemu_info, qemu_io
 
 pytestmark = pytest.mark.qemu
 
@@ -198,3 +198,15 @@ def test_commit_in_small_windows(tmp_path, monkeypatch):
     qemu_img("commit", "-q", theirs[-1])
     qcow2fast.commit(ours[-1])
     assert_same_layers(ours, theirs, ["qcow2"] * 4)
+
+
+def test_commit_base_that_cannot_grow(tmp_path):
+    """A base with 512-byte clusters cannot reach a huge top's size: the
+    error names the base and the field, and nothing is written."""
+    base = qemu_create(tmp_path / "base.qcow2", MiB, cluster_size=512)
+    top = qemu_create(tmp_path / "top.qcow2", 1 << 40, backing="base.qcow2")
+    qemu_io(top, "write -P 3 0 64k")
+    before = [open(p, "rb").read() for p in (base, top)]
+    with pytest.raises(InvalidArgumentError, match="base.qcow2: size: cannot grow"):
+        qcow2fast.commit(top)
+    assert [open(p, "rb").read() for p in (base, top)] == before
