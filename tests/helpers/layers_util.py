@@ -10,7 +10,8 @@ from .qemu_util import MiB, qemu_check, qemu_create, qemu_img, qemu_io, qemu_raw
 
 class Layer:
     """One image of a chain: ``writes`` are qemu-io commands (``write -P
-    3 0 64k``, ``write -z ...``, ``write -c ...``); ``fmt`` qcow2 or raw
+    3 0 64k``, ``write -z ...``, ``write -c ...``) or ``snapshot NAME``
+    (an internal snapshot); ``fmt`` qcow2 or raw
     (raw only at the bottom); ``opts`` qemu-img create options."""
 
     def __init__(self, name, size=16 * MiB, writes=(), fmt="qcow2", **opts):
@@ -32,7 +33,10 @@ def build_chain(d, layers):
             qemu_create(p, layer.size, backing=below and os.path.basename(below),
                         backing_fmt=below and (layers[len(paths) - 1].fmt), **opts)
         for cmd in layer.writes:
-            qemu_io(p, cmd, fmt=layer.fmt)
+            if cmd.startswith("snapshot "):     # an internal snapshot, by name
+                qemu_img("snapshot", "-c", cmd.split()[1], p)
+            else:
+                qemu_io(p, cmd, fmt=layer.fmt)
         paths.append(p)
         below = p
     return paths
