@@ -18,6 +18,18 @@ class Layer:
         self.name, self.size, self.writes, self.fmt, self.opts = name, size, writes, fmt, opts
 
 
+def deep_chain(n, top=None):
+    """``n`` layers (l0 ... l<n-1>, or ``top`` last), each writing its own
+    pattern over part of the one below, cluster sizes 4k / 64k / 512k."""
+    layers = [Layer("l0.qcow2", writes=["write -P 1 0 8M"])] + [
+        Layer(f"l{i}.qcow2", cluster_size=(4096, 65536, 512 * 1024)[i % 3],
+              writes=[f"write -P {i + 1} {i * 512}k 1M", f"write -z {i * 1024 + 100}k 8k"])
+        for i in range(1, n)]
+    if top is not None:
+        layers[-1] = top
+    return layers
+
+
 def build_chain(d, layers):
     """Create ``layers`` (bottom first) in directory ``d``, each backed by the
     one before, with relative backing names.  Returns the paths."""

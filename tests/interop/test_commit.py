@@ -10,7 +10,8 @@ import qcow2fast
 from qcow2fast._ext.fileio import File
 from qcow2fast.engine import empty
 from qcow2fast.errors import InvalidArgumentError
-from tests.helpers.layers_util import Layer, assert_same_layers, build_chain, twin, views
+from tests.helpers.layers_util import (Layer, assert_same_layers, build_chain, deep_chain, twin,
+                                       views)
 from tests.helpers.qemu_util import (MiB, qemu_check, qemu_create, qemu_img, qemu_info, qemu_io,
                                      qemu_raw)
 
@@ -37,6 +38,9 @@ CASES = {
     "depth4-d": (chain_4, ("-d",)),
     "depth4-b-l1": (chain_4, ("-b", "l1.qcow2")),
     "depth4-b-base": (chain_4, ("-b", "base.qcow2")),
+    "depth12": (lambda: deep_chain(12), ()),
+    "depth12-b-l0": (lambda: deep_chain(12), ("-b", "l0.qcow2")),
+    "depth12-b-l5": (lambda: deep_chain(12), ("-b", "l5.qcow2")),
     "raw-base": (lambda: [Layer("base.raw", fmt="raw", writes=[f"{W} 1 0 3M"]),
                           Layer("top.qcow2", writes=[f"{W} 3 1M 2M", "write -z 5M 1M"])], ()),
     "compressed-zero": (lambda: [

@@ -8,7 +8,7 @@ import pytest
 
 import qcow2fast
 from qcow2fast.errors import InvalidArgumentError, UnsupportedFeatureError
-from tests.helpers.layers_util import Layer, twin, views
+from tests.helpers.layers_util import Layer, deep_chain, twin, views
 from tests.helpers.qemu_util import MiB, header, qemu_check, qemu_create, qemu_img, qemu_info
 
 pytestmark = pytest.mark.qemu
@@ -28,6 +28,8 @@ OTHER = [Layer("other-base.raw", fmt="raw", size=12 * MiB, writes=[f"{W} 1 0 2M"
          Layer("other.qcow2", size=12 * MiB, cluster_size=512,
                writes=[f"{W} 9 8M 1M", "write -z 1M 512k"])]
 
+DEEP = deep_chain(12, Layer("top.qcow2", writes=[f"{W} 99 2M 64k"]))
+
 # (old chain, extra layers built beside it, -b, -F)
 CASES = {
     "onto-base": (old_chain(), [], "base.qcow2", "qcow2"),
@@ -37,6 +39,9 @@ CASES = {
     "extended-l2": (old_chain({"extended_l2": "on", "cluster_size": 128 * 1024}), OTHER,
                     "other.qcow2", "qcow2"),
     "v2": (old_chain({"compat": "0.10"}), OTHER, "other.qcow2", "qcow2"),
+    "deep-onto-l3": (DEEP, [], "l3.qcow2", "qcow2"),
+    "deep-standalone": (DEEP, [], "", None),
+    "deep-onto-other": (DEEP, OTHER, "other.qcow2", "qcow2"),
     "cluster-2M": (old_chain({"cluster_size": 2 * MiB}), [], "", None),
     "top-longer": (old_chain(top_size=24 * MiB, base_size=8 * MiB), OTHER, "other.qcow2",
                    "qcow2"),
