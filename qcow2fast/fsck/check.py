@@ -17,6 +17,7 @@ from ..spec.entries import (decode_table, has_copied, host_offsets, is_compresse
                             standard_allocated)
 from ..spec.geometry import Geometry
 from ..spec.header import INCOMPAT_EXTL2
+from ..engine.bitmap import referenced_ranges
 from .rebuild import RefcountTally
 from .references import describe, find_references
 
@@ -397,6 +398,11 @@ class _Checker:
         if h.nb_snapshots:
             self.inc(h.snapshots_offset, snap_bytes)
         self.inc(h.refcount_table_offset, h.refcount_table_clusters * cs)
+        ranges, broken = referenced_ranges(self.f, h, h.size)     # qemu: counted, no message
+        for off, n, _ in ranges:
+            self.inc(off, n)
+        res.corruptions += broken
+        res.malformed += broken
         table = self.refcount_table()
         self.check_refblocks(table)
         expected = self.tally.counts
