@@ -114,6 +114,25 @@ def referenced_ranges(f, h, disk_size):
     return out, 0
 
 
+def stale_warning(h):
+    """qemu's warning for an image whose bitmaps were disowned, or None."""
+    if find_extension(h) is None or h.autoclear_features & hdr.AUTOCLEAR_BITMAPS:
+        return None
+    return ((STALE_WARNING_V2 if h.version < 3 else STALE_WARNING)
+            + "\nSome clusters may be leaked, run 'qemu-img check -r' on the image file to fix.")
+
+
+def drop_stale_extension(f, h):
+    """Remove a disowned bitmaps extension from the header in file ``f``
+    (what qemu's next open for writing does); True if there was one."""
+    if stale_warning(h) is None:
+        return False
+    h.other_extensions = [e for e in h.other_extensions if e.type != hdr.EXT_BITMAPS]
+    f.pwrite(h.pack(), 0)
+    f.sync()
+    return True
+
+
 class Bitmap:
     """A persistent dirty bitmap of an open image."""
 
@@ -152,6 +171,7 @@ class Bitmaps:
         self.changed = False            # something to store at close
         self._drop = []                 # entries removed, freed once the directory drops them
         h = state.header
+        self.warning = stale_warning(h)     # qemu's warning when they were disowned
         try:
             _, self.stale = read_extension(h)
             entries = read_directory(state.file, h, state.size)
