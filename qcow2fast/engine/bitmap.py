@@ -196,8 +196,9 @@ class Bitmaps:
             s.barrier()
             self.stale = False
         marked = [b for b in self.list if not b.inconsistent]
+        for b in marked:
+            self._check_placement(b.entry)
         for b in self.list:
-            self._meta(b.entry, add=True)
             if b.enabled and b.tracker is not None:
                 self.image.add_write_observer(b.tracker)
         if marked:
@@ -205,6 +206,30 @@ class Bitmaps:
                 b.entry.flags |= bm.BME_FLAG_IN_USE
             self._rewrite_directory_in_place()
             self.changed = True
+
+    def _check_placement(self, e):
+        """Before anything is written: the bitmap's table and data lie in
+        the file, apart from the header, L1 and refcount structures."""
+        s, cs = self.state, self.state.cluster_size
+        h = s.header
+        table = read_table(s.file, e, cs)
+        l1 = (h.l1_table_offset, h.l1_size * 8)
+        size = s.file.size()
+        spans = [("bitmap_table_offset", e.table_offset, e.table_size * bm.TABLE_ENTRY_SIZE,
+                  e.entry_offset)]
+        offs = bm.table_offsets(table)
+        spans += [("bitmap table entry", int(offs[i]), cs, e.table_offset + 8 * int(i))
+                  for i in np.flatnonzero(offs)]
+        for field, off, n, where in spans:
+            if off + n > size:
+                why = f"[{off:#x}, {off + n:#x}) lies past the end of the file ({size} bytes)"
+            elif s.overlaps_metadata(off, n) or (off < l1[0] + l1[1] and l1[0] < off + n):
+                why = f"[{off:#x}, {off + n:#x}) overlaps other metadata"
+            else:
+                continue
+            raise CorruptImageError(f"bitmap '{e.name}': {why}", offset=where, field=field)
+        for _, off, n, _ in spans:
+            self._meta(off, n, add=True)
 
     def _rewrite_directory_in_place(self):
         """qemu's update_ext_header_and_dir_in_place: with the autoclear bit
@@ -240,14 +265,13 @@ class Bitmaps:
             h.other_extensions.append(hdr.HeaderExtension(hdr.EXT_BITMAPS, ext.pack()))
             h.autoclear_features |= hdr.AUTOCLEAR_BITMAPS
 
-    def _meta(self, entry, add):
-        """Keep the bitmap's table in the metadata map (guest data never
-        lands on it)."""
+    def _meta(self, off, n, add):
+        """Keep bitmap clusters in the metadata map (guest data never lands
+        on them)."""
         cb = self.state.cluster_bits
-        n = -(-entry.table_size * bm.TABLE_ENTRY_SIZE >> cb) if entry.table_size else 0
-        if entry.table_offset and n:
-            (self.state.metadata.add if add else self.state.metadata.remove)(
-                entry.table_offset >> cb, n)
+        first, last = off >> cb, (off + n - 1) >> cb
+        (self.state.metadata.add if add else self.state.metadata.remove)(first,
+                                                                         last - first + 1)
 
     # -- queries ----------------------------------------------------------------
 
@@ -473,13 +497,14 @@ class Bitmaps:
             if not chunk.any():
                 continue
             off = rc.alloc(1)
+            self._meta(off, cs, add=True)
             s.file.pwrite(chunk.tobytes().ljust(cs, b"\0"), off)
             table[i] = off
         raw = table.astype(">u8").tobytes()
         t_off = rc.alloc(-(-len(raw) // cs))
+        self._meta(t_off, len(raw), add=True)
         s.file.pwrite(raw, t_off)
         e.table_offset, e.table_size = t_off, n
-        self._meta(e, add=True)
 
     def _free(self, e):
         """Free a stored bitmap's table and data (its entry is no longer in
@@ -494,9 +519,11 @@ class Bitmaps:
             return              # never free what is not understood
         for off in bm.table_offsets(table):
             if off:
+                self._meta(int(off), cs, add=False)
                 rc.free(int(off), 1)
-        self._meta(e, add=False)
-        rc.free(e.table_offset, -(-e.table_size * bm.TABLE_ENTRY_SIZE // cs))
+        nbytes = e.table_size * bm.TABLE_ENTRY_SIZE
+        self._meta(e.table_offset, nbytes, add=False)
+        rc.free(e.table_offset, -(-nbytes // cs))
 
 
 def read_extension_any(h):

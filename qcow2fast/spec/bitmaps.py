@@ -176,7 +176,8 @@ def parse_directory(buf, ext, cluster_size, disk_size, file_size=None):
     names = set()
     while pos < end:
         if pos + DIR_ENTRY.size > end:
-            raise CorruptImageError("Broken bitmap directory: an entry runs past its end",
+            raise CorruptImageError(f"Broken bitmap directory: entry {len(entries)} runs past "
+                                    "its end",
                                     offset=base + pos, field="bitmap directory")
         if len(entries) >= ext.nb_bitmaps:
             raise CorruptImageError("More bitmaps found than specified in header extension",
@@ -185,7 +186,8 @@ def parse_directory(buf, ext, cluster_size, disk_size, file_size=None):
          extra) = DIR_ENTRY.unpack_from(buf, pos)
         size = entry_size(name_size, extra)
         if pos + size > end:
-            raise CorruptImageError("Broken bitmap directory: an entry runs past its end",
+            raise CorruptImageError(f"Broken bitmap directory: entry {len(entries)} "
+                                    f"('{name_guess(buf, pos, name_size, end)}') runs past its end",
                                     offset=base + pos, field="bitmap directory")
         raw_name = bytes(buf[pos + DIR_ENTRY.size + extra:pos + DIR_ENTRY.size + extra + name_size])
         name = raw_name.decode(errors="replace")
@@ -227,6 +229,13 @@ def parse_directory(buf, ext, cluster_size, disk_size, file_size=None):
         raise CorruptImageError("Less bitmaps found than specified in header extension",
                                 offset=base, field="nb_bitmaps")
     return entries
+
+
+def name_guess(buf, pos, name_size, end):
+    """The name of an entry whose extra data may be a lie (its bytes right
+    after the fixed part), for messages."""
+    at = pos + DIR_ENTRY.size
+    return bytes(buf[at:min(at + name_size, end)]).decode(errors="replace")
 
 
 def pack_directory(entries):
