@@ -179,6 +179,8 @@ class Bitmaps:
             self.error = e
             entries = []
         self.list = [Bitmap(e, state.size, loaded=False) for e in entries]
+        self.by_name = {b.name: b for b in self.list}
+        self.dir_size = sum(bm.entry_size(len(b.name.encode())) for b in self.list)
 
     # -- opening for writing ----------------------------------------------------
 
@@ -281,10 +283,11 @@ class Bitmaps:
         return self.list
 
     def get(self, name):
-        for b in self._usable():
-            if b.name == name:
-                return b
-        raise InvalidArgumentError(f"Dirty bitmap '{name}' not found")
+        self._usable()
+        b = self.by_name.get(name)
+        if b is None:
+            raise InvalidArgumentError(f"Dirty bitmap '{name}' not found")
+        return b
 
     def _consistent(self, name):
         b = self.get(name)
@@ -361,7 +364,7 @@ class Bitmaps:
             raise UnsupportedFeatureError(f"Can't make bitmap '{name}' persistent in "
                                           f"'{s.path}': Cannot store dirty bitmaps in qcow2 "
                                           "v2 files", feature="bitmaps")
-        if any(b.name == name for b in self.list):
+        if name in self.by_name:
             raise InvalidArgumentError(f"Bitmap already exists: {name}")
         if not isinstance(name, str) or not name:
             raise InvalidArgumentError("bitmap name must be a non-empty string")
@@ -371,8 +374,7 @@ class Bitmaps:
             if len(self.list) + 1 > bm.MAX_BITMAPS:
                 raise InvalidArgumentError("Maximum number of persistent bitmaps is already "
                                            "reached")
-            dir_size = sum(bm.entry_size(len(b.name.encode())) for b in self.list)
-            if dir_size + bm.entry_size(len(name.encode())) > bm.MAX_DIRECTORY_SIZE:
+            if self.dir_size + bm.entry_size(len(name.encode())) > bm.MAX_DIRECTORY_SIZE:
                 raise InvalidArgumentError("Not enough space in the bitmap directory")
         except InvalidArgumentError as e:
             raise InvalidArgumentError(f"Can't make bitmap '{name}' persistent in "
@@ -381,6 +383,8 @@ class Bitmaps:
                                0 if disabled else bm.BME_FLAG_AUTO)
         b = Bitmap(entry, s.size, loaded=True)
         self.list.append(b)
+        self.by_name[name] = b
+        self.dir_size += bm.entry_size(len(name.encode()))
         if b.enabled:
             self.image.add_write_observer(b.tracker)
         self.changed = True
@@ -392,6 +396,8 @@ class Bitmaps:
         if b.tracker is not None and b.enabled:
             self.image.remove_write_observer(b.tracker)
         self.list.remove(b)
+        del self.by_name[name]
+        self.dir_size -= bm.entry_size(len(name.encode()))
         self._drop.append(b.entry)
         self.changed = True
 
