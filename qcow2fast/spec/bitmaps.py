@@ -110,6 +110,19 @@ def table_size_for(disk_size, granularity_bits, cluster_size):
     return -(-data_bytes(disk_size, granularity_bits) // cluster_size)
 
 
+def stored_size(bitmaps, disk_size, cluster_size):
+    """Bytes ``bitmaps`` [(name, granularity_bits)] take in an image of
+    ``cluster_size`` clusters, every data cluster allocated (qemu's
+    qcow2_get_persistent_dirty_bitmap_size, what measure reports)."""
+    total = dir_size = 0
+    for name, gbits in bitmaps:
+        clusters = -(-data_bytes(disk_size, gbits) // cluster_size)
+        total += clusters * cluster_size
+        total += -(-clusters * TABLE_ENTRY_SIZE // cluster_size) * cluster_size
+        dir_size += entry_size(len(name.encode()))
+    return total + -(-dir_size // cluster_size) * cluster_size
+
+
 def check_granularity(granularity):
     """qemu's block-dirty-bitmap-add check (a 32-bit granularity)."""
     if not isinstance(granularity, int) or granularity < 512 \
