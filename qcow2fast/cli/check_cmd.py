@@ -35,6 +35,9 @@ def run(args):
         print(f"qcow2fast: Could not open '{args.filename}': {e}", file=sys.stderr)
         return 1
     _messages(first)
+    if first.failed:
+        print(f"qcow2fast: Check failed: {first.failed}", file=sys.stderr)
+        return 1
     result = first
     if args.repair and (first.leaks or first.corruptions or first.corruptions_fixed
                         or first.flags):

@@ -86,6 +86,20 @@ def read_table(f, entry, cluster_size):
     return table
 
 
+def check_loadable(f, h, disk_size):
+    """Raise CorruptImageError where qemu's open fails on the bitmaps
+    (bitmap_list_load, and load_bitmap of every consistent bitmap: its
+    table's entries, a name used twice)."""
+    names = set()
+    for e in read_directory(f, h, disk_size, strict=False):
+        if e.name in names:
+            raise CorruptImageError(f"Bitmap already exists: {e.name}", offset=e.entry_offset,
+                                    field="name")
+        names.add(e.name)
+        if not e.in_use:
+            read_table(f, e, h.cluster_size)
+
+
 def referenced_ranges(f, h, disk_size):
     """What the bitmaps extension references, as qemu's check counts it
     (qcow2_check_bitmaps_refcounts): ([(offset, nbytes, what)], corruptions).

@@ -177,3 +177,27 @@ def test_many_bitmaps(tmp_path):
     with qcow2fast.open(path) as img:
         assert img.dirty_extents("bitmap-02999")[0] == (0, 65536, True)
 
+
+
+def test_check_of_broken_bitmaps_is_qemu_check(tmp_path, capsys):
+    """A directory qemu cannot open: check exits 1 as qemu-img does, and
+    -r never frees the bitmaps' clusters.  An in_use bitmap (not loaded at
+    open) with a bad table entry: the same corruption count as qemu."""
+    from tests.helpers.cli_util import run_cli
+    path, dir_off = bitmapped(tmp_path)
+    field(path, dir_off, 0, "granularity_bits", ">B", 40)
+    before = file_state(path)
+    for args in (["check"], ["check", "-r", "all"], ["check", "-r", "leaks"]):
+        q = qemu_img(*args, path, check=False)
+        status, out, err = run_cli(capsys, *args, path)
+        assert (status, out) == (q.returncode, q.stdout_text) == (1, ""), args
+        assert "b0" in err and "granularity_bits" in err
+    assert file_state(path) == before
+    path, dir_off = bitmapped(tmp_path, "inuse.qcow2")
+    field(path, dir_off, 0, "flags", ">I", bm.BME_FLAG_IN_USE | bm.BME_FLAG_AUTO)
+    e = bm.DIR_ENTRY.unpack(read_at(path, entry_at(path, dir_off, 0), f"{bm.DIR_ENTRY.size}s")[0])
+    patch(path, e[0], ">Q", read_at(path, e[0], ">Q")[0] | 2)       # a reserved bit
+    for args in (["check"], ["check", "--output=json"]):
+        q = qemu_img(*args, path, check=False)
+        status, out, err = run_cli(capsys, *args, path)
+        assert (status, out) == (q.returncode, q.stdout_text), (args, err, q.stderr_text)

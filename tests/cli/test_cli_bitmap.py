@@ -62,3 +62,62 @@ def test_bitmap_name_too_long_and_v2(tmp_path, capsys):
     status, _, err = run_cli(capsys, "bitmap", "--add", v2, "x")
     assert status == 1 and err.endswith("Cannot store dirty bitmaps in qcow2 v2 files\n")
     qemu_check(path)
+
+
+def _bitmap_image(tmp_path, name):
+    path = qemu_create(tmp_path / name, 64 * MiB)
+    qemu_io(path, "write 0 1M")
+    qemu_img("bitmap", "--add", path, "b0")
+    qemu_img("bitmap", "--add", "-g", "512", path, "b1")
+    qemu_img("bitmap", "--add", "--disable", path, "b2")
+    qemu_io(path, "write 4M 64k", "write 9M 700")
+    return path
+
+
+def test_measure_bitmaps_size(tmp_path, capsys):
+    path = _bitmap_image(tmp_path, "m.qcow2")
+    crashed = qemu_create(tmp_path / "c.qcow2", 64 * MiB)
+    qemu_img("bitmap", "--add", crashed, "x")
+    qemu_io(crashed, "write 0 64k", "sigraise 9", check=False)       # in_use: still counted
+    plain = qemu_create(tmp_path / "p.qcow2", 64 * MiB)
+    for img in (path, crashed, plain):
+        for opts in ([], ["-o", "cluster_size=512"], ["-o", "cluster_size=2M"],
+                     ["-o", "compat=0.10"]):
+            for out in ("human", "json"):
+                args = ["measure", f"--output={out}", "-O", "qcow2", *opts, img]
+                q = qemu_img(*args)
+                status, stdout, _ = run_cli(capsys, *args)
+                assert (status, stdout) == (0, q.stdout_text), args
+
+
+def test_convert_bitmaps(tmp_path, capsys):
+    from tests.helpers.bitmap_util import qemu_dirty_map
+    path = _bitmap_image(tmp_path, "s.qcow2")
+    crashed = qemu_create(tmp_path / "c.qcow2", 64 * MiB)
+    qemu_img("bitmap", "--add", crashed, "x")
+    qemu_img("bitmap", "--add", crashed, "y")
+    qemu_io(crashed, "write 0 64k", "sigraise 9", check=False)
+    qemu_img("bitmap", "--add", crashed, "ok")
+    raw = str(tmp_path / "r.raw")
+    qemu_img("create", "-q", "-f", "raw", raw, "1M")
+    cases = [["--bitmaps", "-O", "qcow2", path], ["--bitmaps", "-O", "qcow2", "-o",
+                                                  "cluster_size=4096", path],
+             ["--bitmaps", "-O", "qcow2", crashed],
+             ["--bitmaps", "--skip-broken-bitmaps", "-O", "qcow2", crashed],
+             ["--skip-broken-bitmaps", "-O", "qcow2", path], ["--bitmaps", "-O", "raw", path],
+             ["--bitmaps", "-O", "qcow2", path, path], ["--bitmaps", "-f", "raw", "-O", "qcow2",
+                                                        raw]]
+    for k, args in enumerate(cases):
+        ours, theirs = str(tmp_path / f"o{k}.qcow2"), str(tmp_path / f"t{k}.qcow2")
+        status, _, err = run_cli(capsys, "convert", *args, ours)
+        q = qemu_img("convert", *args, theirs, check=False)
+        assert status == q.returncode, (args, err, q.stderr_text)
+        assert err.replace("qcow2fast:", "qemu-img:") == q.stderr_text, args
+        if status:
+            continue
+        qemu_check(ours)
+        assert qemu_info(ours)["format-specific"]["data"].get("bitmaps") == \
+            qemu_info(theirs)["format-specific"]["data"].get("bitmaps"), args
+        for b in qemu_info(ours)["format-specific"]["data"].get("bitmaps", []):
+            assert qemu_dirty_map(ours, b["name"], tmp_path) == \
+                qemu_dirty_map(theirs, b["name"], tmp_path), (args, b["name"])
