@@ -557,17 +557,38 @@ def read_extension_any(h):
 
 def _extents(bits, gran_bits, start, end):
     """Alternating (offset, length, dirty) over guest [start, end) from
-    packed bits (bit g & 7 of byte g >> 3 is granule g)."""
+    packed bits (bit g & 7 of byte g >> 3 is granule g).  The bits are
+    scanned 64 at a time and only the words where a run starts or ends are
+    unpacked: a few passes over the words plus one step per run."""
     g0, g1 = start >> gran_bits, ((end - 1) >> gran_bits) + 1
-    b0, b1 = g0 >> 3, (g1 + 7) >> 3
-    flags = np.unpackbits(bits[b0:b1], bitorder="little")[g0 - 8 * b0:g1 - 8 * b0]
-    edges = np.flatnonzero(flags[1:] != flags[:-1]) + 1
-    starts = np.concatenate(([0], edges))
-    offs = (starts.astype(np.int64) + g0) << gran_bits
-    offs[0] = start
-    ends = np.concatenate((offs[1:], [end]))
-    dirty = flags[starts].astype(bool)
-    return [(int(o), int(e - o), bool(d)) for o, e, d in zip(offs, ends, dirty)]
+    w0 = g0 >> 6
+    raw = bits[w0 << 3:(g1 + 7) >> 3]
+    if len(raw) % 8:
+        x = np.zeros(-(-len(raw) // 8), dtype="<u8")
+        x.view(np.uint8)[:len(raw)] = raw
+    else:
+        x = raw.view("<u8")
+    # A run starts or ends only in a non-zero word or the word after one.
+    cand = x != 0
+    cand[1:] |= cand[:-1].copy()
+    at = np.flatnonzero(cand)
+    xc = x[at]
+    prev = x[np.maximum(at - 1, 0)]
+    prev[at == 0] = 0
+    one = np.uint64(1)
+    # bit j of change[i]: granule 64 * at[i] + j differs from the one before it
+    change = ((xc ^ (xc << one)) & ~one) | ((xc & one) ^ (prev >> np.uint64(63)))
+    keep = change != 0
+    at, change = at[keep], change[keep]
+    bit = np.unpackbits(change.astype("<u8").view(np.uint8),
+                        bitorder="little").reshape(-1, 64)
+    row, col = np.nonzero(bit)
+    edges = ((at[row].astype(np.int64) + w0) << 6) + col
+    edges = edges[(edges > g0) & (edges < g1)]
+    first = bool(bits[g0 >> 3] >> (g0 & 7) & 1)
+    offs = [start] + (edges << gran_bits).tolist() + [end]
+    return [(offs[i], offs[i + 1] - offs[i], first ^ bool(i & 1))
+            for i in range(len(offs) - 1)]
 
 
 def _merge_into(dst, src):
