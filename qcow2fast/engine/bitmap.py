@@ -485,6 +485,7 @@ class Bitmaps:
             d_off = rc.alloc(-(-len(d) // cs))
             s.refcount_cache.flush()
             s.file.pwrite(d, d_off)
+            s.allocated(d_off + len(d))
             s.barrier()         # barrier: data, tables, directory and their refcounts stable
             ext = bm.BitmapsExtension(len(new_entries), len(d), d_off)
         else:
@@ -519,11 +520,13 @@ class Bitmaps:
             off = rc.alloc(1)
             self._meta(off, cs, add=True)
             s.file.pwrite(chunk.tobytes().ljust(cs, b"\0"), off)
+            s.allocated(off + cs)       # fresh space written: no longer reads as zeros
             table[i] = off
         raw = table.astype(">u8").tobytes()
         t_off = rc.alloc(-(-len(raw) // cs))
         self._meta(t_off, len(raw), add=True)
         s.file.pwrite(raw, t_off)
+        s.allocated(t_off + len(raw))
         e.table_offset, e.table_size = t_off, n
 
     def _free(self, e):
