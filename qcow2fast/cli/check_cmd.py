@@ -10,7 +10,7 @@ import sys
 
 from ..engine.snapshot import SnapshotTableError
 from ..errors import Qcow2Error
-from .common import add_image_arguments, resolve_image
+from .common import add_image_arguments, resolve_image, warn_stale_bitmaps
 
 
 def add_parser(sub):
@@ -30,6 +30,7 @@ def run(args):
         print("qcow2fast: This image format does not support checks", file=sys.stderr)
         return 63
     try:
+        warn_stale_bitmaps(stale_bitmaps(path))
         first = check_image(path, args.repair)
     except SnapshotTableError as e:      # qemu's check gives up on the table, -r all mends it
         print("qcow2fast: " + "\n".join(e.check_lines), file=sys.stderr)
@@ -39,6 +40,9 @@ def run(args):
         print(f"qcow2fast: Could not open '{args.filename}': {e}", file=sys.stderr)
         return 1
     _messages(first)
+    if first.failed:
+        print(f"qcow2fast: Check failed: {first.failed}", file=sys.stderr)
+        return 1
     result = first
     if args.repair and (first.leaks or first.corruptions or first.corruptions_fixed
                         or first.flags):
@@ -71,6 +75,19 @@ def run(args):
     if result.leaks:
         return 3
     return 0
+
+
+def stale_bitmaps(path):
+    """qemu's warning if the image's bitmaps were disowned, or None."""
+    from .._ext.fileio import File
+    from ..engine.bitmap_list import stale_warning
+    from ..spec import header as hdr
+    f = File(str(path), writable=False, direct=False)
+    try:
+        size = f.size()
+        return stale_warning(hdr.parse_header(f.pread(0, min(size, 2 << 20)), size))
+    finally:
+        f.close()
 
 
 def _messages(res):

@@ -17,6 +17,7 @@ from ..spec.entries import (decode_table, has_copied, host_offsets, is_compresse
                             standard_allocated)
 from ..spec.geometry import Geometry
 from ..spec.header import INCOMPAT_EXTL2
+from ..engine.bitmap_list import check_loadable, referenced_ranges
 from .rebuild import RefcountTally
 from .references import describe, find_references
 
@@ -120,6 +121,7 @@ class CheckResult:
         self.refcount_fixes = []    # (cluster, new refcount) the repair writes
         self.entry_fixes = []       # (file offset, new L1/L2 entry) the repair writes
         self.snapshot_repairs = None  # engine.snapshot.TableRepairs: the table to write anew
+        self.failed = None          # why the check could not run to its end (qemu's errno)
 
 
 class _Checker:
@@ -398,6 +400,12 @@ class _Checker:
         if h.nb_snapshots:
             self.inc(h.snapshots_offset, snap_bytes)
         self.inc(h.refcount_table_offset, h.refcount_table_clusters * cs)
+        ranges, broken = referenced_ranges(self.f, h, h.size)
+        if broken:              # qemu's qcow2_check_bitmaps_refcounts fails the whole check
+            res.failed = "Invalid argument"
+            return res
+        for off, n, _ in ranges:
+            self.inc(off, n)
         table = self.refcount_table()
         self.check_refblocks(table)
         expected = self.tally.counts
@@ -566,6 +574,7 @@ def check_image(path, fix=None):
                              size)
         hdr.check_features(h, False)
         snapshots, snap_bytes = read_for_check(f, h, size, repairs)
+        check_loadable(f, h, h.size)        # qemu cannot open (so check) such an image
         res = _Checker(f, h, fix).run(snapshots, snap_bytes)
         account(res, repairs)
         return res
