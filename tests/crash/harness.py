@@ -33,7 +33,12 @@ files, snapshots, compressed clusters) before recording, and a
 ``model(m, *args)`` that applies its effect to the expected guest content
 (a :class:`GuestModel`).  Snapshot create/apply/delete, resize, amend,
 commit, rebase and bitmap operations are each one more ``OPS`` entry (and a
-``Config`` that uses them) -- nothing else in the harness changes.
+``Config`` that uses them) -- nothing else in the harness changes (the
+checks read the disk at its current size, so a resize's model sets
+``m.data`` to the new length).  One limit: only the image file is
+recorded and turned into states today; commit (which writes the backing
+file) or an external data file needs the recorder's second path
+(CRASHREC_FILES takes several) and per-file states in make_state.
 """
 
 from __future__ import annotations
@@ -445,7 +450,7 @@ def _versions(rec, state, actual):
     for name, *args in rec.ops[:state.durable]:
         if OPS[name][1]:
             OPS[name][1](m, *args)
-    n = len(actual) // SECTOR
+    n = min(len(actual), len(m.data)) // SECTOR
     act = actual[:n * SECTOR].reshape(n, SECTOR)
     bad = np.nonzero((act != m.data[:n * SECTOR].reshape(n, SECTOR)).any(axis=1))[0]
     for name, *args in rec.ops[state.durable:state.started]:
@@ -507,7 +512,7 @@ def check_state(rec, state, workdir, rng, *, qemu_repair=False):
              + "; ".join(res.messages[:5]))
     try:
         with qcow2fast.open(path) as img:
-            actual = np.frombuffer(img.read(0, cfg.size), np.uint8)
+            actual = np.frombuffer(img.read(0, img.size), np.uint8)
     except qcow2fast.Qcow2Error as e:
         fail(f"unreadable: {e}")
     bad = _versions(rec, state, actual)
@@ -533,7 +538,7 @@ def check_state(rec, state, workdir, rng, *, qemu_repair=False):
     m = GuestModel(actual.copy(), cfg.unit)
     try:
         with qcow2fast.open(path, "r+", cache_clean_interval=0) as img:
-            if not np.array_equal(np.frombuffer(img.read(0, cfg.size), np.uint8), actual):
+            if not np.array_equal(np.frombuffer(img.read(0, img.size), np.uint8), actual):
                 fail("the r+ open (repair) changed the guest content")
             for name, *args in further_workload(cfg, rng):
                 OPS[name][0](img, *args)
@@ -545,7 +550,7 @@ def check_state(rec, state, workdir, rng, *, qemu_repair=False):
     if _bad(q):
         fail(f"after the further workload, qemu-img check: {q}")
     with qcow2fast.open(path) as img:
-        if not np.array_equal(np.frombuffer(img.read(0, cfg.size), np.uint8), m.data):
+        if not np.array_equal(np.frombuffer(img.read(0, img.size), np.uint8), m.data):
             fail("the further workload does not read back")
     return bool(dirty)
 
