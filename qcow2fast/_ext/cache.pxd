@@ -8,7 +8,10 @@ cdef class TableCache:
     cdef readonly File file
     cdef readonly bint swap64           # entries are 64-bit big-endian on disk
     cdef public TableCache depends      # flushed before any slot of this cache is written
-    cdef public bint sync_dependency    # fdatasync after flushing ``depends``
+    cdef public object barrier          # makes completed writes stable; called before a slot
+                                        # is written while ``barrier_pending`` (None: never)
+    cdef public bint barrier_pending    # an entry changed since the last barrier (qemu's
+                                        # depends_on_flush): what it points to may not be stable
     cdef public uint64_t hits, misses
     cdef readonly int ndirty
     cdef object _raw_views, _u64_views

@@ -1,3 +1,5 @@
+from collections.abc import Callable
+
 import numpy as np
 from numpy.typing import NDArray
 from typing_extensions import Self, disjoint_base
@@ -7,7 +9,8 @@ from .fileio import File
 @disjoint_base
 class TableCache:
     depends: TableCache | None
-    sync_dependency: bool
+    barrier: Callable[[], None] | None
+    barrier_pending: bool
     hits: int
     misses: int
     def __new__(cls, file: File, nslots: int, slot_bytes: int, swap64: bool) -> Self: ...

@@ -8,6 +8,13 @@ Invariants:
 - a dirty slot is written back before it is reused, and before it is
   written the ``depends`` cache is flushed (refcount blocks before the L2
   tables that rely on them);
+- no slot is written while an entry changed since the last ``barrier``
+  (``barrier_pending``, qemu's depends_on_flush): an entry is changed only
+  after what it points to was written (new data, a new table), and the
+  barrier makes that stable first -- with the ``depends`` cache's blocks --
+  so an L2 entry never reaches the disk before its data, even where lazy
+  refcounts leave ``depends`` unset.  One barrier covers a whole batch of
+  slots (a flush, an eviction run);
 - a dirty slot's changed bytes lie in [dlo, dhi); write-back writes that
   range rounded out to whole 4 KiB blocks (or the whole slice if smaller),
   not the whole slice: under O_DIRECT and in sync modes a 4 KiB write costs
@@ -194,8 +201,12 @@ cdef class TableCache:
         if self.depends is not None and self.depends.ndirty > 0:
             # Refcounts must be on disk before the table that needs them.
             self.depends.flush()
-            if self.sync_dependency:
-                self.file.sync()
+            self.barrier_pending = True
+        if self.barrier_pending:
+            # What the changed entries point to, stable before they are written.
+            self.barrier_pending = False
+            if self.barrier is not None:
+                self.barrier()
         out = <const char *>self.slot_ptr(slot) + lo
         with nogil:
             if self.swap64:
@@ -237,6 +248,7 @@ cdef class TableCache:
 
     cdef void c_mark_dirty_range(self, int slot, int64_t lo, int64_t hi) noexcept:
         """Bytes [lo, hi) of the slot changed."""
+        self.barrier_pending = True
         if not self.dirty[slot]:
             self.dirty[slot] = 1
             self.ndirty += 1

@@ -94,7 +94,8 @@ def l2_tally_tables(const uint64_t[:, ::1] tables, uint32_t[::1] counts, uint8_t
 
     A row holding an entry check must report on (reserved bits, a
     misaligned or past-EOF data cluster, a compressed cluster with COPIED
-    or running a cluster or more past EOF, a cluster outside ``counts``)
+    starting at or past EOF or running a cluster or more past it, a cluster
+    outside ``counts``)
     gets ``odd[row] = 1`` and is left alone: the caller checks it entry by
     entry.  With ``extended`` entries (descriptor, subcluster bitmap), a
     bitmap qemu's check reports on makes the row odd too.  Every other row
@@ -121,7 +122,8 @@ def l2_tally_tables(const uint64_t[:, ::1] tables, uint32_t[::1] counts, uint8_t
                 if e & QCOW_OFLAG_COMPRESSED:
                     off = e & coff_mask
                     end = off + (((e >> csize_shift) & csize_mask) + 1) * 512 - (off & 511)
-                    if (e & QCOW_OFLAG_COPIED) or end >= file_size + cs or bm \
+                    # (data starting at or past EOF: check -r all makes it zero)
+                    if (e & QCOW_OFLAG_COPIED) or end >= file_size + cs or off >= file_size or bm \
                             or <int64_t>((end - 1) >> cluster_bits) >= limit:
                         bad = True
                         break

@@ -4,14 +4,19 @@
 The order of one flush, each barrier an fdatasync (none under
 ``cache=unsafe``):
 
-1. refcount blocks are written, barrier: the refcounts that new L2
-   entries rely on are stable before those entries (skipped under lazy
-   refcounts, where the dirty bit was made stable instead and a crash is
-   repaired by a rebuild);
-2. L2 slices are written (the L2 cache flushes the refcount cache first
-   when it evicts), the file grows to cover every cluster handed out,
-   barrier: the L2 tables are stable before the L1 entries that point to
-   new ones;
+1. refcount blocks are written, the file grows to cover every cluster
+   handed out, barrier (the *data barrier*, :meth:`FlushOrder.data_barrier`):
+   the refcounts that new L2 entries rely on, and the data they point to,
+   are stable before those entries.  Under lazy refcounts the refcounts are
+   not written (the dirty bit was made stable instead and a crash is
+   repaired by a rebuild), but the barrier stays whenever an L2 entry
+   changed since the last one: it is all that keeps new data (and the file
+   growth it implies) ahead of the entry pointing to it;
+2. L2 slices are written, barrier: the L2 tables are stable before the L1
+   entries that point to new ones.  An L2 slice written between flushes
+   (evicted) is preceded by the same data barrier, run by the L2 cache
+   itself (``TableCache.barrier``, with the refcount cache flushed first
+   unless refcounts are lazy);
 3. the L1 entries of L2 tables allocated since the last flush are
    written, barrier: they are stable before the clusters they stopped
    using are freed;
@@ -20,7 +25,8 @@ The order of one flush, each barrier an fdatasync (none under
 
 So a crash can leak a cluster but never leave one in use marked free,
 and an L2 entry never reaches the disk before the data it points to
-(written before the entry was set in the cache).
+(written before the entry was set in the cache, made stable by the data
+barrier before the entry is written), in every mode.
 """
 
 
@@ -42,10 +48,12 @@ class FlushOrder:
         if rc is None:
             return
         f = s.file
-        if not s.lazy_refcounts or final:
+        ordered = not s.lazy_refcounts or final
+        if ordered:
             s.refcount_cache.flush()
-            if sync:
-                f.sync()            # barrier: refcounts before the L2 entries using them
+        if sync and (ordered or s.l2_cache.barrier_pending):
+            self.data_barrier()     # barrier: refcounts and data before the L2 entries using them
+        s.l2_cache.barrier_pending = False
         s.l2_cache.flush()
         if s.alloc_end > f.size():
             f.truncate(s.alloc_end)
@@ -60,6 +68,16 @@ class FlushOrder:
                 s.refcount_cache.flush()
                 if sync:
                     f.sync()
+
+    def data_barrier(self):
+        """Make the data that changed L2 entries point to stable, with the
+        file's growth over every cluster handed out (a cluster an entry
+        points to is inside the file) and the refcount blocks written so
+        far.  The L2 cache calls it before writing a slice."""
+        s = self.state
+        if s.alloc_end > s.file.size():
+            s.file.truncate(s.alloc_end)
+        s.barrier()
 
     def _discard_host(self, offset, n):
         """Give freed host clusters back to the file system."""

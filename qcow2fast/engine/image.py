@@ -160,12 +160,13 @@ class Image(ImageCore):
             if lazy_refcounts is None else bool(lazy_refcounts)
         if not s.lazy_refcounts:
             s.l2_cache.depends = s.refcount_cache
-            s.l2_cache.sync_dependency = not s.unsafe
         if h.backing_file and backing:
             self.backing = open_backing(self, chain)
         self.clusters = Clusters(s, self.mapping, self.refcounts, self.backing,
                                  self._fast_read_locked, self._overlap_found)
         self.flusher = FlushOrder(s, self.mapping, self.refcounts, self.clusters.compressed)
+        if writable and not s.unsafe:
+            s.l2_cache.barrier = self.flusher.data_barrier   # data before the L2 entries (flush.py)
         self._core_setup(self.refcounts, self.backing, self._read_slow, self._write_slow,
                          self.flush, self._overlap_found)
         self.dirty_bitmaps = Bitmaps(s, self.refcounts, self)

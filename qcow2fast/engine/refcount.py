@@ -173,20 +173,21 @@ class Refcounts(RefcountCore):
                                      geo.refcount_order, 1)
             elif tb < len(self.table) and self.table[tb]:
                 self.update(b, 1, 1)
-                slot = self.cache.new(b << geo.cluster_bits)
+                self.cache.new(b << geo.cluster_bits)
             else:
                 self._alloc_block(tb)
                 continue
-            self._publish_block(t, b, slot)
+            self._publish_block(t, b)
             return
 
-    def _publish_block(self, t, b, slot):
+    def _publish_block(self, t, b):
         cs = self.geo.cluster_size
         self.metadata.add(b)
         self.end_cluster = max(self.end_cluster, b + 1)
-        # Barrier: the block's contents are on disk before the table points
-        # to it.
-        self.cache.writeback(slot)
+        # Barrier: the block's contents, and the block holding its refcount
+        # when it does not hold its own, are on disk before the table points
+        # to it (qemu flushes the whole refcount cache here too).
+        self.cache.flush()
         self.barrier()
         self.table[t] = b * cs
         self.file.pwrite(_BE64.pack(b * cs), self.header.refcount_table_offset + 8 * t)
@@ -243,8 +244,8 @@ class Refcounts(RefcountCore):
                                          geo.refcount_order, 1)
                 else:
                     self.update(c, 1, 1)
-            for slot in slots.values():
-                self.cache.writeback(slot)
+            # the new blocks, and the existing ones the new clusters' refcounts went to
+            self.cache.flush()
         finally:
             for slot in slots.values():
                 self.cache.unpin(slot)

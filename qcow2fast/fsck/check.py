@@ -18,6 +18,7 @@ from ..spec.entries import (decode_table, has_copied, host_offsets, is_compresse
 from ..spec.geometry import Geometry
 from ..spec.header import INCOMPAT_EXTL2
 from ..engine.bitmap_list import check_loadable, referenced_ranges
+from .past_eof import past_eof, replacement
 from .rebuild import RefcountTally
 from .references import describe, find_references
 
@@ -200,7 +201,10 @@ class _Checker:
         alloc_bits = sc_alloc_bits(bms)
         both = std_alloc & ((sc_zero_bits(bms) & alloc_bits) != 0)
         bad_bitmap = (compressed & (bms != 0)) | (~compressed & (offs == 0) & (alloc_bits != 0))
-        odd = compressed | reserved | unaligned | past | both | bad_bitmap
+        # -r all: entries whose data lies past the end of the file become zero (past_eof.py)
+        gone = past_eof(geo, l2, self.file_size) & ~reserved & ~both & ~bad_bitmap \
+            if self.fix == "all" and not l2off & (cs - 1) else np.zeros(len(l2), dtype=bool)
+        odd = compressed | reserved | unaligned | past | both | bad_bitmap | gone
         for i in np.nonzero(odd)[0]:
             e = int(l2[i])
             if reserved[i]:
@@ -216,6 +220,10 @@ class _Checker:
                     compressed[i] = False           # qemu does not count it
                 else:
                     self.msg("ERROR: Unallocated cluster has non-zero subcluster allocation map")
+                continue
+            if gone[i]:
+                self.zero_past_eof(l2off, int(i), e, int(bms[i]), bool(compressed[i]))
+                std_alloc[i] = compressed[i] = False
                 continue
             if both[i]:
                 self.msg(f"ERROR offset={e & L2E_OFFSET_MASK:x}: Allocated cluster has "
@@ -260,6 +268,22 @@ class _Checker:
             res.fragmented_clusters += ncomp + int(
                 np.count_nonzero(o[1:] != o[:-1] + np.uint64(cs)))
         self.tally.add(offs[std_alloc & ~odd] >> np.uint64(geo.cluster_bits))
+
+    def zero_past_eof(self, l2off, i, e, bitmap, compressed):
+        """Plan the repair of L2 entry ``i`` (``e``) of the table at ``l2off``,
+        whose data lies past the end of the file: it becomes a zero cluster."""
+        res, geo = self.res, self.geo
+        off = geo.compressed_extent(e)[0] if compressed else e & L2E_OFFSET_MASK
+        what = "Compressed" if compressed else "Data"
+        self.msg(f"Repairing offset={off:x}: {what} cluster lies past the end of the file; "
+                 "L2 entry made a zero cluster.")
+        res.corruptions_fixed += 1
+        at = l2off + geo.l2_entry_bytes * i
+        new, new_bitmap = replacement(self.h.version, e, bitmap, geo.extended_l2)
+        res.entry_fixes.append((at, new))
+        if geo.extended_l2:
+            res.entry_fixes.append((at + 8, new_bitmap))
+        self.zeroed.add(at)
 
     def check_l1(self, l1_offset, l1_size, active):
         res, cs = self.res, self.cs

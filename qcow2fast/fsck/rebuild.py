@@ -7,7 +7,8 @@ every snapshot) and the snapshot table; ``rebuild_refcounts`` makes the
 stored refcounts and COPIED flags agree with it, refcount structures
 included.  It is how a dirty image (lazy refcounts after a crash) is
 repaired, and what ``check -r all`` runs when refcount structures are
-damaged.
+damaged.  L2 entries pointing past the end of the file are made zero
+clusters first (:mod:`qcow2fast.fsck.past_eof`).
 """
 
 import numpy as np
@@ -19,6 +20,7 @@ from ..spec.entries import (decode_table, has_copied, host_offsets, is_compresse
                             l2_table_offsets, standard_allocated)
 from ..engine.bitmap_list import referenced_ranges
 from ..engine.mapping import read_l1_table
+from .past_eof import drop_entries_past_eof
 
 # Where the tally kernel (uint32 counts) saturates.
 TALLY_MAX = int(np.iinfo(np.uint32).max)
@@ -151,6 +153,7 @@ def rebuild_refcounts(img):
     img.l2_cache.flush()
     img.refcount_cache.flush()
     rc.deferred = []
+    drop_entries_past_eof(img)      # data lost with the file's end reads as zeros
     base = reference_counts(img)
     if base.outside:
         off, what = base.outside[0]

@@ -158,3 +158,26 @@ def test_writing_a_slot_back_writes_the_dependency_first(disk):
     assert data[:8] == b"\x01" * 8 and data[8:4096] == b"\xee" * (4096 - 8)
     assert data[4096:2 * SLICE] == b"\xee" * (2 * SLICE - 4096)
     assert data[2 * SLICE:3 * SLICE] == struct.pack(">Q", 0x80) + bytes(SLICE - 8)
+
+
+def test_barrier_before_writing_a_changed_slot_once_per_batch(disk):
+    """While an entry changed since the last barrier, writing a slot runs the
+    barrier first (what the entry points to must be stable before it): once
+    for a batch of slots, not again until an entry changes."""
+    path, f = disk
+    c = TableCache(f, 2, SLICE, True)
+    events = []
+    c.barrier = lambda: events.append(("barrier", path.read_bytes()[:8]))
+    a, b = c.new(0), c.new(SLICE)
+    c.u64(a)[0] = 0x11
+    c.u64(b)[0] = 0x22
+    assert c.barrier_pending
+    c.flush()
+    assert events == [("barrier", b"\xee" * 8)], "one barrier, before the first write"
+    assert not c.barrier_pending
+    c.writeback(a)                                   # clean: nothing
+    c.u64(a)[1] = 0x33
+    c.mark_dirty(a, 8, 16)
+    c.writeback(a)
+    assert len(events) == 2 and events[1][1] == struct.pack(">Q", 0x11)
+    assert path.read_bytes()[8:16] == struct.pack(">Q", 0x33)

@@ -1,0 +1,85 @@
+"""L2 entries that point past the end of the image file, and their repair.
+
+Such an entry is left by a power loss only when it reached the disk before
+the data it points to (and the file growth that data implied): the write
+order of engine/flush.py prevents that, but images written by older
+versions or other programs can hold them.  qemu 7.2's check reports them
+("counting reference for region exceeding the end of the file") and its
+-r all leaves them (its rebuild then hands the cluster out twice); the
+refcount rebuild cannot count a cluster outside the file.
+
+The data is gone: the cluster reads as zeros (qemu reads past the end of
+the file as zeros).  Repair turns the entry into a zero cluster -- in v2,
+which has no zero flag, an unallocated one -- the way qemu's
+fix_l2_entry_by_zero mends a misaligned preallocated entry: it reads as
+before, and nothing else in the image changes.  ``check -r all`` plans
+these fixes (fsck/check.py); the rebuild of a dirty image at open makes
+them through the L2 cache (:func:`drop_entries_past_eof`).
+"""
+
+import numpy as np
+
+from ..engine.mapping import read_l1_table
+from ..spec.constants import QCOW_OFLAG_COMPRESSED, QCOW_OFLAG_ZERO, SC_ALLOC_MASK, SC_ZERO_SHIFT
+from ..spec.entries import host_offsets, is_compressed, l2_table_offsets, standard_allocated
+
+_ALL_ZEROES = SC_ALLOC_MASK << SC_ZERO_SHIFT
+
+
+def past_eof(geo, desc, file_size):
+    """Which L2 descriptors (native uint64 array) reference a host range
+    that starts at or past ``file_size``, or ends a cluster or more past it
+    (qemu's check counts that as corruption)."""
+    end = np.uint64(file_size)
+    past = standard_allocated(desc) & (host_offsets(desc) >= end)
+    comp = is_compressed(desc)
+    if comp.any():
+        coff, csize = geo.compressed_extent(desc[comp])
+        past[comp] = (coff >= end) | (coff + csize >= end + np.uint64(geo.cluster_size))
+    return past
+
+
+def replacement(version, desc, bitmap, extended):
+    """(descriptor, bitmap word) that make one such entry read as zeros:
+    the zero flag (v3), or nothing (v2); with extended entries the
+    subclusters that were allocated (all of them for a compressed
+    cluster) become zero subclusters, the others stay as they were."""
+    if extended:
+        if desc & QCOW_OFLAG_COMPRESSED:     # one unit, all of it data
+            return 0, _ALL_ZEROES
+        return 0, (bitmap | (bitmap << SC_ZERO_SHIFT)) & _ALL_ZEROES
+    return (QCOW_OFLAG_ZERO if version >= 3 else 0), 0
+
+
+def drop_entries_past_eof(img):
+    """Make every L2 entry of ``img`` (open for writing, caches flushed)
+    that points past the end of its file read as zeros, through the L2
+    cache.  Returns how many were changed."""
+    s, geo, h = img.state, img.geo, img.header
+    f, cache = img.file, img.l2_cache
+    file_size = f.size()
+    cs, words = geo.cluster_size, geo.l2_entry_words
+    l1s = [img.mapping.l1] + [read_l1_table(f, sn.l1_table_offset, sn.l1_size, cs, file_size,
+                                            what=f"snapshot {sn.id} L1 table")
+                              for sn in img.snapshots]
+    tables = sorted({int(t) for l1 in l1s for t in l2_table_offsets(l1) if t})
+    changed = 0
+    for t in tables:
+        if t + cs > file_size:
+            continue            # (the table itself is missing: check reports it)
+        for k in range(cs // geo.slice_bytes):
+            slot = cache.load(t + k * geo.slice_bytes)
+            u = cache.u64(slot)
+            desc = u[::words]
+            for i in np.nonzero(past_eof(geo, desc, file_size))[0].tolist():
+                bitmap = int(u[i * words + 1]) if words == 2 else 0
+                new, new_bitmap = replacement(h.version, int(desc[i]), bitmap, words == 2)
+                u[i * words] = np.uint64(new)
+                if words == 2:
+                    u[i * words + 1] = np.uint64(new_bitmap)
+                cache.mark_dirty(slot, 8 * i * words, 8 * (i + 1) * words)
+                changed += 1
+    if changed:
+        cache.flush()
+        s.barrier()
+    return changed

@@ -1,0 +1,155 @@
+"""Crash-state configurations: how each image is set up before recording,
+and the guest operations recorded on it (see harness.py's doc for adding
+one).  The images are made by qemu-img/qemu-io (snapshots with ``qemu-img
+snapshot -c`` until qcow2fast makes its own), so the setup does not depend
+on the code under test."""
+
+import os
+import subprocess
+
+from .harness import MiB, Config, random_guest_op
+
+KiB = 1024
+
+
+def _qemu_img(*args):
+    subprocess.run(["qemu-img", *args], check=True, capture_output=True)
+
+
+def _qemu_io(path, *cmds):
+    args = ["qemu-io", "-f", "qcow2"]
+    for c in cmds:
+        args += ["-c", c]
+    subprocess.run(args + [path], check=True, capture_output=True)
+
+
+def _create(cfg, path, *extra):
+    opts = [f"cluster_size={cfg.cluster_size}", f"compat={cfg.compat}",
+            f"refcount_bits={cfg.refcount_bits}"]
+    if cfg.compat != "0.10":
+        opts.append(f"lazy_refcounts={'on' if cfg.lazy else 'off'}")
+    if cfg.extended_l2:
+        opts.append("extended_l2=on")
+    _qemu_img("create", "-q", "-f", "qcow2", "-o", ",".join(opts), *extra, path,
+              str(cfg.size))
+    return path
+
+
+def _scatter(cfg, rng, n, pattern_base, compressed=False):
+    """qemu-io writes of 1-3 whole clusters at random places in the disk's
+    first three quarters that do not overlap (qemu writes compressed
+    clusters only where none is)."""
+    cs = cfg.cluster_size
+    cmds = []
+    for i, slot in enumerate(rng.choice(cfg.size * 3 // 16 // cs, size=n, replace=False)):
+        c = int(slot) * 4
+        k = int(rng.integers(1, 4))
+        cmds.append(f"write {'-c ' if compressed else ''}-P {pattern_base + i % 64} "
+                    f"{c * cs} {k * cs}")
+    return cmds
+
+
+# -- setups: make the image (and what it stands on), return its path -----------------------
+
+def plain(cfg, d, rng):
+    return _create(cfg, os.path.join(d, "img.qcow2"))
+
+
+def with_data(cfg, d, rng):
+    """An image with some data written by qemu before the workload."""
+    p = plain(cfg, d, rng)
+    _qemu_io(p, *_scatter(cfg, rng, 12, 0x40))
+    return p
+
+
+def with_compressed(cfg, d, rng):
+    """Compressed clusters (qemu-io write -c) to copy-on-write from."""
+    p = plain(cfg, d, rng)
+    _qemu_io(p, *_scatter(cfg, rng, 16, 0x20, compressed=True))
+    return p
+
+
+def with_snapshot(cfg, d, rng):
+    """Data, then an internal snapshot: the workload writes over clusters
+    (and L2 tables) the snapshot shares."""
+    p = with_data(cfg, d, rng)
+    _qemu_img("snapshot", "-c", "s1", p)
+    return p
+
+
+def over_backing(cfg, d, rng):
+    """An overlay over a qcow2 backing file with data in it: partial writes
+    copy from the backing file."""
+    base = os.path.join(d, "base.qcow2")
+    _qemu_img("create", "-q", "-f", "qcow2", "-o", "cluster_size=65536", base, str(cfg.size))
+    _qemu_io(base, *_scatter(cfg, rng, 24, 0x60))
+    return _create(cfg, os.path.join(d, "img.qcow2"), "-b", base, "-F", "qcow2")
+
+
+# -- workloads: the guest operations recorded ---------------------------------------------
+
+def random_ops(cfg, rng, compressed=0.0, flush_every=5):
+    """Writes of 512 B to ``max_write`` (sector aligned mostly, some not),
+    zeroes (with and without unmap), discards, flushes every few
+    operations, and with ``compressed`` that share of compressed writes."""
+    ops = []
+    cs = cfg.cluster_size
+    # Compressed writes go only where nothing is allocated: to clusters of
+    # the disk's last quarter, which nothing else touches, each once.
+    top = cfg.size - cfg.size // 4 if compressed else cfg.size
+    fresh = top // cs
+    for i in range(cfg.nops):
+        if rng.random() < compressed and (fresh + 3) * cs <= cfg.size:
+            k = int(rng.integers(1, 3))
+            ops.append(("compressed", fresh * cs, rng.bytes(64) * (k * cs // 64)))
+            fresh += k
+        else:
+            ops.append(random_guest_op(rng, top, cfg.max_write))
+        if i % flush_every == flush_every - 1:
+            ops.append(("flush",))
+    return ops
+
+
+def compressed_ops(cfg, rng):
+    return random_ops(cfg, rng, compressed=0.2)
+
+
+# -- the configurations ------------------------------------------------------------------------
+
+def _c(name, setup=plain, workload=random_ops, **kw):
+    return Config(name, setup, workload, **kw)
+
+
+TINY_CACHE = {"l2_cache_size": 8 * KiB, "l2_cache_entry_size": 4 * KiB,
+              "refcount_cache_size": 8 * KiB}
+
+CONFIGS = [
+    # The issue's finding: lazy refcounts, writeback, 64 KiB clusters.
+    _c("lazy-writeback-64k", lazy=True, size=32 * MiB),
+    _c("lazy-writeback-4k-tiny-cache", lazy=True, cluster_size=4096, open_kw=TINY_CACHE),
+    _c("writeback-4k-tiny-cache", cluster_size=4096, open_kw=TINY_CACHE),
+    _c("writeback-64k", size=32 * MiB),
+    _c("writethrough-64k", cache_mode="writethrough", nops=25),
+    _c("none-64k", cache_mode="none"),
+    _c("directsync-4k", cache_mode="directsync", cluster_size=4096, nops=20),
+    _c("lazy-writethrough-4k", cache_mode="writethrough", lazy=True, cluster_size=4096, nops=20),
+    _c("lazy-none-64k", cache_mode="none", lazy=True),
+    # New L2 tables, refcount blocks and refcount-table growth: 512 B
+    # clusters (an L2 table maps 32 KiB, a refcount block 128 KiB of host,
+    # a one-cluster refcount table 8 MiB).
+    _c("structures-512", cluster_size=512, size=24 * MiB, max_write=512 * KiB, nops=30),
+    _c("lazy-structures-512", cluster_size=512, size=24 * MiB, max_write=512 * KiB, nops=30,
+       lazy=True),
+    _c("backing-cow-64k", setup=over_backing),
+    _c("lazy-backing-cow-4k", setup=over_backing, cluster_size=4096, lazy=True),
+    _c("compressed-64k", setup=with_compressed, workload=compressed_ops),
+    _c("lazy-compressed-4k", setup=with_compressed, workload=compressed_ops, cluster_size=4096,
+       lazy=True),
+    _c("snapshot-shared-64k", setup=with_snapshot),
+    _c("lazy-snapshot-shared-4k", setup=with_snapshot, cluster_size=4096, lazy=True),
+    _c("extended-l2-backing-64k", setup=over_backing, extended_l2=True),
+    _c("lazy-extended-l2-32k", setup=with_data, extended_l2=True, cluster_size=32768, lazy=True),
+    _c("v2-4k", compat="0.10", cluster_size=4096),
+]
+
+BY_NAME = {c.name: c for c in CONFIGS}
