@@ -11,7 +11,7 @@ be anything but abuse) ends the connection.
 import logging
 
 from . import protocol as P
-from .export import CONTEXTS, MAX_PAYLOAD, PREFERRED_BLOCK
+from .export import MAX_PAYLOAD, PREFERRED_BLOCK
 
 log = logging.getLogger("qcow2fast.nbd")
 
@@ -212,19 +212,15 @@ class _Options:
         name, queries = self._meta_queries(r)
         if queries is None:
             return self.error(option, P.NBD_REP_ERR_UNKNOWN, f"no export named {name!r}")
-        for ctx in CONTEXTS:
-            # No query lists everything; "ns:" lists the namespace's contexts.
-            if not queries or any(q == ctx or (q.endswith(":") and ctx.startswith(q))
-                                  for q in queries):
-                self._context_reply(option, ctx, 0)
+        for ctx in self.export.contexts.listed(queries):
+            self._context_reply(option, ctx, 0)
         self.reply(option, P.NBD_REP_ACK)
 
     def set_meta_context(self, option, r):
         name, queries = self._meta_queries(r)
         if queries is None:
             return self.error(option, P.NBD_REP_ERR_UNKNOWN, f"no export named {name!r}")
-        self.session.contexts = [(q, CONTEXTS[q]) for q in dict.fromkeys(queries)
-                                 if q in CONTEXTS]
+        self.session.contexts = self.export.contexts.selected(queries)
         for ctx, cid in self.session.contexts:
             self._context_reply(option, ctx, cid)
         self.reply(option, P.NBD_REP_ACK)

@@ -140,7 +140,9 @@ class RawClient:
             assert self.option(P.NBD_OPT_STRUCTURED_REPLY) == [(P.NBD_REP_ACK, b"")]
             self.structured = True
         if contexts:
-            self.option(P.NBD_OPT_SET_META_CONTEXT, self.meta_data(name, contexts))
+            replies = self.option(P.NBD_OPT_SET_META_CONTEXT, self.meta_data(name, contexts))
+            self.context_ids = {d[4:].decode(): P.U32.unpack(d[:4])[0]
+                                for t, d in replies if t == P.NBD_REP_META_CONTEXT}
         replies = self.option(P.NBD_OPT_GO, self.go_data(name))
         assert replies[-1][0] == P.NBD_REP_ACK, replies
         for rtype, data in replies:
