@@ -1,0 +1,69 @@
+"""A window on an image: the ``raw`` format's ``offset``/``size`` options
+(qemu block/raw-format.c) and qemu-nbd's ``--offset``.  Guest offset 0 of
+the window is ``offset`` of the image below; the window is the usual
+block-device interface (host/device.py)."""
+
+from ..errors import InvalidArgumentError
+
+SECTOR = 512
+
+
+class RawWindow:
+    """``size`` bytes of ``image`` from ``offset``; ``size`` None takes the
+    rest of it, rounded down to a sector as qemu does.  Closing the window
+    closes the image."""
+
+    header = None
+    backing = None
+
+    def __init__(self, image, offset=0, size=None):
+        below = image.size
+        if size is not None and size % SECTOR:
+            raise InvalidArgumentError(f"Specified size is not multiple of {SECTOR}")
+        if offset < 0 or (size is not None and size < 0):
+            raise InvalidArgumentError("offset and size must not be negative")
+        if offset + (size or 0) > below:
+            raise InvalidArgumentError(
+                f"The sum of offset ({offset}) and size ({size or 0}) has to be smaller or "
+                f"equal to the  actual size of the containing file ({below})")
+        self.image = image
+        self.offset = offset
+        self.size = size if size is not None else (below - offset) // SECTOR * SECTOR
+        self.path = image.path
+        self.read_only = image.read_only
+
+    @property
+    def closed(self):
+        return self.image.closed
+
+    def _check(self, offset, length):
+        if offset < 0 or length < 0 or offset + length > self.size:
+            raise InvalidArgumentError(f"range [{offset}, {offset + length}) is outside the "
+                                       f"window of {self.size} bytes")
+        return self.offset + offset
+
+    def readinto(self, offset, buf):
+        n = memoryview(buf).nbytes
+        return self.image.readinto(self._check(offset, n), buf)
+
+    def read(self, offset, length):
+        return self.image.read(self._check(offset, length), length)
+
+    def write(self, offset, data):
+        return self.image.write(self._check(offset, memoryview(data).nbytes), data)
+
+    def flush(self):
+        self.image.flush()
+
+    def block_status(self, offset=0, length=None):
+        if length is None:
+            length = self.size - offset
+        return [e._replace(offset=e.offset - self.offset)
+                for e in self.image.block_status(self._check(offset, length), length)]
+
+    @property
+    def backing_chain(self):
+        return [self.path]
+
+    def close(self):
+        self.image.close()
