@@ -32,6 +32,11 @@ def fork():
     os.close(null)
 
     def ready():
+        # From here on stderr goes nowhere either, as qemu-nbd's (a caller
+        # reading the parent's stderr to its end must not wait for the server).
+        null = os.open(os.devnull, os.O_RDWR)
+        os.dup2(null, 2)
+        os.close(null)
         os.write(w, b"\0")
         os.close(w)
     return ready
