@@ -207,7 +207,10 @@ class _Options:
         return False if option == P.NBD_OPT_ABORT else None
 
     def starttls(self, option, r):
-        r.end()
+        if r.data:      # qemu-nbd drops a client that cannot start TLS correctly
+            self.error(option, P.NBD_REP_ERR_INVALID, "option 'starttls' has unexpected length")
+            self.chan.flush()
+            raise ProtocolError("NBD_OPT_STARTTLS with option data")
         if self.tls is None:
             return self.error(option, P.NBD_REP_ERR_POLICY, "TLS not configured")
         if self.session.tls:
