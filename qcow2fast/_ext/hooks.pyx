@@ -17,6 +17,7 @@ import numpy as np
 
 cimport numpy as cnp
 from libc.stdint cimport int64_t, uint8_t, uint64_t
+from libc.string cimport memset
 
 from ..errors import InvalidArgumentError
 
@@ -93,7 +94,18 @@ cdef class DirtyBitmap(WriteObserver):
                 for a, b in zip(edges[::2], edges[1::2])]
 
     def clear(self):
-        self._bits[:] = 0
+        # With the GIL held, as ``changed`` runs: a write told during the
+        # call is either cleared or kept whole, never half lost.
+        memset(self.bits, 0, <size_t>self._bits.shape[0])
+
+    def merge(self, const uint8_t[::1] other):
+        """OR ``other`` (packed bits, laid out as :attr:`bits`) in, granules
+        past the disk left clear; with the GIL held, like ``changed``."""
+        cdef Py_ssize_t i, n = min(other.shape[0], self._bits.shape[0])
+        for i in range(n):
+            self.bits[i] |= other[i]
+        if self.nbits & 7 and n * 8 >= self.nbits:
+            self.bits[self.nbits >> 3] &= <uint8_t>((1 << (self.nbits & 7)) - 1)
 
 
 cdef class DataTransform:

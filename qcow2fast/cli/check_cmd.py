@@ -9,7 +9,7 @@ import json
 import sys
 
 from ..errors import Qcow2Error
-from .common import add_image_arguments, resolve_image
+from .common import add_image_arguments, resolve_image, warn_stale_bitmaps
 
 
 def add_parser(sub):
@@ -29,11 +29,15 @@ def run(args):
         print("qcow2fast: This image format does not support checks", file=sys.stderr)
         return 63
     try:
+        warn_stale_bitmaps(stale_bitmaps(path))
         first = check_image(path, args.repair)
     except Qcow2Error as e:
         print(f"qcow2fast: Could not open '{args.filename}': {e}", file=sys.stderr)
         return 1
     _messages(first)
+    if first.failed:
+        print(f"qcow2fast: Check failed: {first.failed}", file=sys.stderr)
+        return 1
     result = first
     if args.repair and (first.leaks or first.corruptions or first.corruptions_fixed
                         or first.flags):
@@ -66,6 +70,19 @@ def run(args):
     if result.leaks:
         return 3
     return 0
+
+
+def stale_bitmaps(path):
+    """qemu's warning if the image's bitmaps were disowned, or None."""
+    from .._ext.fileio import File
+    from ..engine.bitmap import stale_warning
+    from ..spec import header as hdr
+    f = File(str(path), writable=False, direct=False)
+    try:
+        size = f.size()
+        return stale_warning(hdr.parse_header(f.pread(0, min(size, 2 << 20)), size))
+    finally:
+        f.close()
 
 
 def _messages(res):

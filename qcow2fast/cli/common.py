@@ -1,6 +1,7 @@
 """Opening images the way qemu-img does: -f or probing, --image-opts, -U."""
 
 import os
+import sys
 
 from .. import open as open_qcow2
 from ..engine.backing import probe_format
@@ -96,5 +97,14 @@ def open_image(name, fmt=None, *, image_opts=False, writable=False, backing=True
     kw.update(extra)
     if snapshot is not None:
         kw["snapshot"] = snapshot_spec(snapshot)
-    return open_qcow2(path, "r+" if writable else "r", backing=backing,
-                      cache_clean_interval=kw.pop("cache_clean_interval", 0), **kw)
+    img = open_qcow2(path, "r+" if writable else "r", backing=backing,
+                     cache_clean_interval=kw.pop("cache_clean_interval", 0), **kw)
+    warn_stale_bitmaps(img.dirty_bitmaps.warning)
+    return img
+
+
+def warn_stale_bitmaps(warning):
+    """qemu's warning (no newline at its end, as qemu prints it) when an
+    image's bitmaps were disowned by a program that does not know them."""
+    if warning:
+        print(f"qcow2fast: warning: {warning}", end="", file=sys.stderr, flush=True)

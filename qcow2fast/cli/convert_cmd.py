@@ -43,6 +43,8 @@ def add_parser(sub):
     p.add_argument("-p", dest="progress", action="store_true")
     p.add_argument("-q", dest="quiet", action="store_true")
     p.add_argument("-U", "--force-share", dest="force_share", action="store_true")
+    p.add_argument("--bitmaps", dest="bitmaps", action="store_true")
+    p.add_argument("--skip-broken-bitmaps", dest="skip_broken_bitmaps", action="store_true")
     p.add_argument("filenames", nargs="*")
     p.set_defaults(run=run)
 
@@ -85,6 +87,7 @@ def run(args):
         if not 1 <= threads <= 256:
             raise UsageError(f"convert: invalid number of threads (-m) {args.threads!r}: "
                              "1 to 256")
+    copy_bitmaps = _bitmaps_plan(args, sources, dest, kw)
     bars = []
 
     def progress(done, total):
@@ -103,4 +106,36 @@ def run(args):
     finally:
         for bar in bars:
             bar.close()
+    if copy_bitmaps:
+        copy_bitmaps()
     return 0
+
+
+def _bitmaps_plan(args, sources, dest, kw):
+    """--bitmaps: checked before converting (qemu's order and messages); the
+    copy, to run once the data is in place, or None."""
+    if args.skip_broken_bitmaps and not args.bitmaps:
+        raise UsageError("Use of --skip-broken-bitmaps requires --bitmaps")
+    if not args.bitmaps:
+        return None
+    from ..ops.bitmaps import check_bitmap_copy, copy_bitmaps
+    from .common import open_image
+    if len(sources) > 1:
+        raise UsageError("Copying bitmaps only possible with single source")
+    if dest == "-":
+        raise UsageError("convert: --bitmaps cannot be used when writing to stdout")
+    src = open_image(sources[0], args.fmt)
+    try:
+        check_bitmap_copy(src, args.out_fmt, kw.get("compat", "1.1") != "0.10",
+                          args.skip_broken_bitmaps)
+    finally:
+        src.close()
+
+    def copy():
+        src = open_image(sources[0], args.fmt)
+        try:
+            with open_image(dest, args.out_fmt, writable=True) as out:
+                copy_bitmaps(src, out, args.skip_broken_bitmaps)
+        finally:
+            src.close()
+    return copy

@@ -4,6 +4,7 @@ The JSON has qemu-img 7.2's keys and values."""
 
 import json
 import os
+import re
 import time
 
 from ..engine.backing import probe_format, resolve_backing_path
@@ -38,7 +39,8 @@ def run(args):
             raise CorruptImageError(f"backing chain loops at {name!r}", field="backing_file")
         fmt = info.get("backing-filename-format") or probe_format(name)
     if args.output == "json":
-        print(json.dumps(infos if args.backing_chain else infos[0], indent=4))
+        print(_empty_lists_as_qemu(json.dumps(infos if args.backing_chain else infos[0],
+                                              indent=4)))
     else:
         print("\n".join(human_info(i) for i in infos), end="")
     return 0
@@ -62,7 +64,11 @@ def image_info(img, name):
     data = {"compat": "1.1" if h.version >= 3 else "0.10",
             "compression-type": img.compression_type}
     if h.version >= 3:
-        data.update({"lazy-refcounts": img.lazy_refcounts, "refcount-bits": h.refcount_bits,
+        data["lazy-refcounts"] = img.lazy_refcounts
+        if img.bitmaps:
+            data["bitmaps"] = [{"flags": b.flags, "name": b.name, "granularity": b.granularity}
+                               for b in img.bitmaps]
+        data.update({"refcount-bits": h.refcount_bits,
                      "corrupt": img.corrupt, "extended-l2": img.geo.extended_l2})
     else:
         data["refcount-bits"] = h.refcount_bits
@@ -72,6 +78,30 @@ def image_info(img, name):
         info["backing-filename"] = h.backing_file
     info["dirty-flag"] = img.dirty
     return info
+
+
+def _empty_lists_as_qemu(text):
+    """qemu prints an empty list (a bitmap's flags) over two lines."""
+    return re.sub(r'^( *)(".*": )\[\]', lambda m: f"{m[1]}{m[2]}[\n{m[1]}]", text,
+                  flags=re.M)
+
+
+def _dump(lines, key, value, indent):
+    """qemu's human dump of a nested value (dump_qobject)."""
+    pad = " " * indent
+    if isinstance(value, bool):
+        value = "true" if value else "false"
+    if isinstance(value, list):
+        lines.append(f"{pad}{key.replace('-', ' ')}:")
+        for i, item in enumerate(value):
+            if isinstance(item, (dict, list)):
+                lines.append(f"{pad}    [{i}]:")
+                for k, v in item.items():
+                    _dump(lines, k, v, indent + 8)
+            else:
+                lines.append(f"{pad}    [{i}]: {item}")
+        return
+    lines.append(f"{pad}{key.replace('-', ' ')}: {value}")
 
 
 def full_backing_filename(name, backing):
@@ -131,7 +161,5 @@ def human_info(info):
     if fs:
         lines.append("Format specific information:")
         for key, value in fs["data"].items():
-            if isinstance(value, bool):
-                value = "true" if value else "false"
-            lines.append(f"    {key.replace('-', ' ')}: {value}")
+            _dump(lines, key, value, 4)
     return "\n".join(lines) + "\n"

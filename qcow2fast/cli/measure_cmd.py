@@ -54,6 +54,6 @@ def run(args):
     else:
         print(f"required size: {result['required']}")
         print(f"fully allocated size: {result['fully-allocated']}")
-        if "bitmaps" in result and result["bitmaps"]:
+        if "bitmaps" in result:
             print(f"bitmaps size: {result['bitmaps']}")
     return 0

@@ -57,10 +57,11 @@ def mark_corrupt(state, err):
             pass
 
 
-def clear_autoclear(state):
-    """Unknown auto-clear bits are cleared before the first write (the spec:
-    a program that does not know an auto-clear feature must clear its bit
-    when it modifies the image)."""
-    if state.header.autoclear_features:
-        state.header.autoclear_features = 0
+def clear_autoclear(state, keep=0):
+    """Auto-clear bits other than ``keep`` (the features this version
+    maintains) are cleared before the first write (the spec: a program that
+    does not know an auto-clear feature must clear its bit when it modifies
+    the image)."""
+    if state.header.autoclear_features & ~keep:
+        state.header.autoclear_features &= keep
         write_header_field(state, "autoclear_features")

@@ -11,6 +11,7 @@ markers) and the subsystems given that state, wired here once:
                                      (with ``subcluster.py`` and ``compressed.py``)
 - ``flusher``   engine/flush.py      the ordered flush
 - ``backing``   engine/backing.py    the image below, read through its own C path
+- ``dirty_bitmaps`` engine/bitmap.py persistent dirty bitmaps (write observers)
 
 The C half of the data path is the Cython base class ``ImageCore``
 (``_ext/core.pyx``): a cached read or in-place overwrite is one call that
@@ -35,6 +36,7 @@ from ..spec import header as hdr
 from ..spec.geometry import Geometry
 from . import features
 from .backing import open_backing
+from .bitmap import Bitmaps
 from .cache import DEFAULT_CACHE_CLEAN_INTERVAL, CacheCleaner, make_caches
 from .cluster import Clusters
 from .compress import Compressor
@@ -165,12 +167,14 @@ class Image(ImageCore):
         self.flusher = FlushOrder(s, self.mapping, self.refcounts, self.clusters.compressed)
         self._core_setup(self.refcounts, self.backing, self._read_slow, self._write_slow,
                          self.flush, self._overlap_found)
+        self.dirty_bitmaps = Bitmaps(s, self.refcounts, self)
         if writable:
-            features.clear_autoclear(s)
+            features.clear_autoclear(s, keep=hdr.AUTOCLEAR_BITMAPS)
             if h.incompatible_features & hdr.INCOMPAT_DIRTY:
                 from ..fsck.rebuild import rebuild_refcounts
                 rebuild_refcounts(self)
                 features.set_dirty(s, False)
+            self.dirty_bitmaps.open_rw()
         features.update_alloc_fast(s)
         interval = DEFAULT_CACHE_CLEAN_INTERVAL if cache_clean_interval is None \
             else cache_clean_interval
@@ -437,6 +441,49 @@ class Image(ImageCore):
                 out.append(Extent(start, e.offset + e.length - start, "unallocated", None, 0))
         return merge_extents(out)
 
+    # -- persistent dirty bitmaps (engine/bitmap.py) ------------------------------------
+
+    @property
+    def bitmaps(self) -> list:
+        """The persistent dirty bitmaps (engine.bitmap.Bitmap: name,
+        granularity, enabled, inconsistent, flags)."""
+        return list(self.dirty_bitmaps._usable())
+
+    def add_bitmap(self, name: str, granularity: int = 65536, disabled: bool = False) -> None:
+        self._check_writable()
+        self.dirty_bitmaps.add(name, granularity, disabled)
+
+    def remove_bitmap(self, name: str) -> None:
+        self._check_writable()
+        self.dirty_bitmaps.remove(name)
+
+    def clear_bitmap(self, name: str) -> None:
+        self._check_writable()
+        self.dirty_bitmaps.clear(name)
+
+    def enable_bitmap(self, name: str) -> None:
+        self._check_writable()
+        self.dirty_bitmaps.enable(name, True)
+
+    def disable_bitmap(self, name: str) -> None:
+        self._check_writable()
+        self.dirty_bitmaps.enable(name, False)
+
+    def merge_bitmap(self, source: str, target: str, source_image: Image | None = None) -> None:
+        """Mark in ``target`` every granule dirty in ``source`` (a bitmap of
+        this image, or of ``source_image``)."""
+        self._check_writable()
+        other = None if source_image is None else source_image.dirty_bitmaps
+        self.dirty_bitmaps.merge(source, target, other)
+
+    def dirty_extents(self, name: str, offset: int = 0,
+                      length: int | None = None) -> list[tuple[int, int, bool]]:
+        """[(offset, length, dirty)] covering [offset, offset+length) in
+        bitmap ``name``'s granules, alternating, clipped to the disk."""
+        if self.closed:
+            raise ImageClosedError("dirty_extents() on a closed image")
+        return self.dirty_bitmaps.dirty_extents(name, offset, length)
+
     # -- growing the disk (create) ----------------------------------------------------------
 
     def _set_disk_size(self, size, preallocation="off"):
@@ -481,6 +528,7 @@ class Image(ImageCore):
             self._wrlock()
             try:
                 if self.refcounts is not None and not s.read_only:
+                    self.dirty_bitmaps.store()
                     # Under cache=unsafe nothing is synced, not even here (qemu).
                     self.flusher.flush(sync=not s.unsafe, final=True)
                     if features.is_dirty(s):

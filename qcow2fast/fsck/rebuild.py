@@ -17,6 +17,7 @@ from ..errors import CorruptImageError, LimitExceededError, RepairError
 from ..spec.constants import L1E_OFFSET_MASK, L1E_SIZE, QCOW_OFLAG_COPIED
 from ..spec.entries import (decode_table, has_copied, host_offsets, is_compressed,
                             l2_table_offsets, standard_allocated)
+from ..engine.bitmap import referenced_ranges
 from ..engine.mapping import read_l1_table
 
 # Where the tally kernel (uint32 counts) saturates.
@@ -108,6 +109,18 @@ def tally_mapping(img, tally):
             _tally_l2_entries(tally, geo, entries[::geo.l2_entry_words], f"L2 table at {l2off:#x}")
 
 
+def tally_bitmaps(img, tally):
+    """Count the bitmap directory, tables and data clusters.  A rebuild
+    would free what it cannot count: a broken extension stops it."""
+    ranges, broken = referenced_ranges(img.file, img.header, img.size)
+    if broken:
+        raise RepairError("cannot rebuild the refcounts: the bitmaps extension cannot be "
+                          "read (remove the broken bitmap or the extension first)")
+    cb = img.geo.cluster_bits
+    for off, n, what in ranges:
+        tally.add(np.arange(off >> cb, ((off + max(n, 1) - 1) >> cb) + 1), what)
+
+
 def tally_refcount_structures(img, tally):
     rc, geo = img.refcounts, img.geo
     h = img.header
@@ -123,6 +136,7 @@ def reference_counts(img, extra=0):
     limit = max(-(-img.file.size() // cs), img.refcounts.end_cluster) + extra
     tally = RefcountTally(limit)
     tally_mapping(img, tally)
+    tally_bitmaps(img, tally)
     return tally
 
 

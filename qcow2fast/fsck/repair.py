@@ -29,6 +29,7 @@ def repair_image(path, first, mode):
     rebuild_refcounts.  Guest data is never touched."""
     if first.check_errors:
         raise RepairError("Check failed: Input/output error")
+    _drop_stale_bitmaps(path)
     rebuild = mode == "all" and first.rebuild
     _write_fixes(path, first)
     if rebuild:
@@ -72,6 +73,21 @@ def _write_fixes(path, first):
             for off, value in first.entry_fixes:
                 f.pwrite(BE64.pack(value), off)
         f.sync()
+    finally:
+        f.close()
+
+
+def _drop_stale_bitmaps(path):
+    """Bitmaps disowned by a program that does not know them: their
+    extension goes, as qemu's open for writing drops it (their clusters
+    are the leaks being repaired)."""
+    from ..spec import header as hdr
+    from .._ext.fileio import File
+    from ..engine.bitmap import drop_stale_extension
+    f = File(str(path), writable=True, direct=False)
+    try:
+        size = f.size()
+        drop_stale_extension(f, hdr.parse_header(f.pread(0, min(size, 2 << 20)), size))
     finally:
         f.close()
 

@@ -9,10 +9,10 @@ and every cluster touched by data counts whole.
 """
 
 from ..engine.blockstatus import chain_files, split_host_holes
-from ..errors import InvalidArgumentError, UnsupportedFeatureError
+from ..errors import InvalidArgumentError
 from ..spec.constants import L1E_SIZE, L2E_SIZE_NORMAL
 from ..spec.geometry import Geometry
-from ..spec.header import AUTOCLEAR_BITMAPS
+from ..spec.bitmaps import stored_size
 from .options import validate_options
 
 
@@ -86,10 +86,6 @@ def measure(source=None, *, size=None, fmt="qcow2", cluster_size=65536, refcount
     geo = st.geometry()
     cluster_size, version = geo.cluster_size, st.version
     if source is not None:
-        header = getattr(source, "header", None)
-        if header is not None and header.autoclear_features & AUTOCLEAR_BITMAPS:
-            raise UnsupportedFeatureError("measuring images with persistent bitmaps is not "
-                                          "supported yet", feature="bitmaps")
         virtual_size = _round_up(source.size, cluster_size)
         required = virtual_size if backing_file else data_required(source, cluster_size)
     else:
@@ -103,5 +99,6 @@ def measure(source=None, *, size=None, fmt="qcow2", cluster_size=65536, refcount
     # v3 destination and a v3 qcow2 source.
     src_header = getattr(source, "header", None)
     if version >= 3 and src_header is not None and src_header.version >= 3:
-        out = {"bitmaps": 0, **out}
+        bitmaps = [(b.name, b.entry.granularity_bits) for b in source.bitmaps]
+        out = {"bitmaps": stored_size(bitmaps, source.size, cluster_size), **out}
     return out

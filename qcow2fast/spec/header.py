@@ -390,7 +390,3 @@ def check_features(h, writable):
         raise CorruptImageError(f"extended L2 entries with {1 << h.cluster_bits}-byte clusters: "
                                 "subclusters would be smaller than 512 bytes",
                                 offset=FIELD_OFFSET["cluster_bits"], field="cluster_bits")
-    if writable and h.autoclear_features & AUTOCLEAR_BITMAPS:
-        raise UnsupportedFeatureError(
-            "writing images with persistent dirty bitmaps is not supported yet",
-            feature="bitmaps")

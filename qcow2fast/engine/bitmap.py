@@ -1,0 +1,604 @@
+"""Persistent dirty bitmaps: the bitmaps extension of an open image
+(qemu's qcow2-bitmap.c; layouts in spec/bitmaps.py).
+
+At open the directory is read (never the bitmap data: that is loaded when
+first needed).  With the image open for writing, as qemu does:
+
+- every bitmap that is consistent on disk is marked ``in_use`` in place
+  (autoclear bit cleared, barrier, directory rewritten, barrier, autoclear
+  bit set, barrier), so a crash leaves it inconsistent, never stale;
+- every enabled (``auto``) bitmap gets a ``DirtyBitmap`` write observer:
+  the data path, the C fast path included, sets its bits before data moves.
+  It starts empty; the data on disk is ORed in when first needed (bits are
+  only ever set, so the order does not matter);
+- a bitmap found ``in_use`` at open is inconsistent: kept as it is on disk,
+  usable only to be removed.
+
+At close (:meth:`Bitmaps.store`) every consistent bitmap is written to new
+clusters and the directory replaced; the order and its barriers are stated
+there.  An image whose bitmaps autoclear bit was cleared by a program
+that does not know bitmaps has its bitmaps ignored, and the extension is
+dropped at the next open for writing (qemu's behaviour).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .._ext.hooks import DirtyBitmap
+from ..errors import (CorruptImageError, InvalidArgumentError, ReadOnlyImageError,
+                      UnsupportedFeatureError)
+from ..spec import bitmaps as bm
+from ..spec import header as hdr
+
+STALE_WARNING = ("a program lacking bitmap support modified this file, so all bitmaps are "
+                 "now considered inconsistent")
+STALE_WARNING_V2 = ("This qcow2 v2 image contains bitmaps, but they may have been modified by "
+                    "a program without persistent bitmap support; so now they must all be "
+                    "considered inconsistent")
+
+
+def find_extension(h):
+    """The bitmaps HeaderExtension of header ``h``, or None."""
+    for e in h.other_extensions:
+        if e.type == hdr.EXT_BITMAPS:
+            return e
+    return None
+
+
+def read_extension(h):
+    """(BitmapsExtension or None, stale): the extension when the autoclear
+    bit says its bitmaps are valid; ``stale`` when one is there but the bit
+    was cleared (the bitmaps are to be ignored)."""
+    e = find_extension(h)
+    if e is None:
+        return None, False
+    if not h.autoclear_features & hdr.AUTOCLEAR_BITMAPS:
+        return None, True
+    return bm.parse_extension(e.data, h.cluster_size), False
+
+
+def read_directory(f, h, disk_size, *, strict=True):
+    """[BitmapEntry] of the image in file ``f`` with header ``h`` (empty
+    without a valid extension).  ``strict``: also refuse tables past the end
+    of the file and duplicate names (what qemu finds when loading)."""
+    ext, _ = read_extension(h)
+    if ext is None:
+        return []
+    size = f.size()
+    # past the end of the file reads as zeros (qemu's check reads it so)
+    n = max(0, min(ext.directory_size, size - ext.directory_offset))
+    raw = bytes(f.pread(ext.directory_offset, n)).ljust(ext.directory_size, b"\0")
+    return bm.parse_directory(raw, ext, h.cluster_size, disk_size,
+                              size if strict else None)
+
+
+def read_table(f, entry, cluster_size):
+    """The bitmap table of ``entry`` (native uint64), every entry checked."""
+    raw = bytes(f.pread(entry.table_offset, entry.table_size * bm.TABLE_ENTRY_SIZE))
+    table = bm.decode_table(raw.ljust(entry.table_size * bm.TABLE_ENTRY_SIZE, b"\0"))
+    bad = np.flatnonzero(bm.bad_table_entries(table, cluster_size))
+    if len(bad):
+        i = int(bad[0])
+        raise CorruptImageError(f"bitmap '{entry.name}': table entry {i} ({int(table[i]):#x}) "
+                                "has reserved bits set or an unaligned offset",
+                                offset=entry.table_offset + 8 * i, field="bitmap table entry")
+    return table
+
+
+def check_loadable(f, h, disk_size):
+    """Raise CorruptImageError where qemu's open fails on the bitmaps
+    (bitmap_list_load, and load_bitmap of every consistent bitmap: its
+    table's entries, a name used twice)."""
+    names = set()
+    for e in read_directory(f, h, disk_size, strict=False):
+        if e.name in names:
+            raise CorruptImageError(f"Bitmap already exists: {e.name}", offset=e.entry_offset,
+                                    field="name")
+        names.add(e.name)
+        if not e.in_use:
+            read_table(f, e, h.cluster_size)
+
+
+def referenced_ranges(f, h, disk_size):
+    """What the bitmaps extension references, as qemu's check counts it
+    (qcow2_check_bitmaps_refcounts): ([(offset, nbytes, what)], corruptions).
+    A directory that cannot be parsed counts its own clusters only; a bad
+    table stops the count there, as in qemu."""
+    ext, _ = read_extension(h)
+    if ext is None:
+        return [], 0
+    cs = h.cluster_size
+    out = [(ext.directory_offset, ext.directory_size, "the bitmap directory")]
+    try:
+        entries = read_directory(f, h, disk_size, strict=False)
+    except CorruptImageError:
+        return out, 1
+    for e in entries:
+        out.append((e.table_offset, e.table_size * bm.TABLE_ENTRY_SIZE,
+                    f"the table of bitmap '{e.name}'"))
+        try:
+            table = read_table(f, e, cs)
+        except CorruptImageError:
+            return out, 1
+        offs = bm.table_offsets(table)
+        for i in np.flatnonzero(offs):
+            out.append((int(offs[i]), cs, f"entry {int(i)} of the table of bitmap '{e.name}' "
+                                          "(bitmap data)"))
+    return out, 0
+
+
+def stale_warning(h):
+    """qemu's warning for an image whose bitmaps were disowned, or None."""
+    if find_extension(h) is None or h.autoclear_features & hdr.AUTOCLEAR_BITMAPS:
+        return None
+    return ((STALE_WARNING_V2 if h.version < 3 else STALE_WARNING)
+            + "\nSome clusters may be leaked, run 'qemu-img check -r' on the image file to fix.")
+
+
+def drop_stale_extension(f, h):
+    """Remove a disowned bitmaps extension from the header in file ``f``
+    (what qemu's next open for writing does); True if there was one."""
+    if stale_warning(h) is None:
+        return False
+    h.other_extensions = [e for e in h.other_extensions if e.type != hdr.EXT_BITMAPS]
+    f.pwrite(h.pack(), 0)
+    f.sync()
+    return True
+
+
+class Bitmap:
+    """A persistent dirty bitmap of an open image."""
+
+    def __init__(self, entry, size, loaded):
+        self.entry = entry                  # its directory entry (flags as at open)
+        self.name = entry.name
+        self.granularity = entry.granularity
+        # in_use when the image was opened: its data cannot be trusted
+        self.inconsistent = entry.in_use
+        self.enabled = entry.auto
+        self.tracker = None if self.inconsistent else DirtyBitmap(size, self.granularity)
+        self.loaded = loaded                # the data on disk is in ``tracker``
+        self.on_disk = entry.table_offset != 0
+
+    @property
+    def flags(self):
+        """qemu-img info's flags: as in the directory on disk now."""
+        return self.entry.flag_names()
+
+    def __repr__(self):
+        return (f"<Bitmap {self.name!r} granularity={self.granularity} "
+                f"{'enabled' if self.enabled else 'disabled'}"
+                f"{' inconsistent' if self.inconsistent else ''}>")
+
+
+class Bitmaps:
+    """The bitmaps of one open image, given its state, the allocator
+    (``refcounts``, None when read-only) and the image (its write
+    observers)."""
+
+    def __init__(self, state, refcounts, image):
+        self.state, self.refcounts, self.image = state, refcounts, image
+        self.error = None               # why the directory cannot be used
+        self.stale = False              # extension present, autoclear bit cleared
+        self.list = []
+        self.changed = False            # something to store at close
+        self._drop = []                 # entries removed, freed once the directory drops them
+        h = state.header
+        self.warning = stale_warning(h)     # qemu's warning when they were disowned
+        try:
+            _, self.stale = read_extension(h)
+            entries = read_directory(state.file, h, state.size)
+        except CorruptImageError as e:
+            self.error = e
+            entries = []
+        self.list = [Bitmap(e, state.size, loaded=False) for e in entries]
+        self.by_name = {b.name: b for b in self.list}
+        self.dir_size = sum(bm.entry_size(len(b.name.encode())) for b in self.list)
+
+    # -- opening for writing ----------------------------------------------------
+
+    def open_rw(self):
+        """Open for writing: drop a stale extension, mark the consistent
+        bitmaps in use on disk, start tracking writes into the enabled ones."""
+        s = self.state
+        if self.error is not None:
+            raise CorruptImageError(f"cannot write an image whose bitmaps are broken: "
+                                    f"{self.error}") from self.error
+        if self.stale:
+            # qemu: the bitmaps are lost; the extension goes (their clusters leak)
+            self._set_extension(None)
+            self._write_header()
+            s.barrier()
+            self.stale = False
+        marked = [b for b in self.list if not b.inconsistent]
+        for b in marked:
+            self._check_placement(b.entry)
+        for b in self.list:
+            if b.enabled and b.tracker is not None:
+                self.image.add_write_observer(b.tracker)
+        if marked:
+            for b in marked:
+                b.entry.flags |= bm.BME_FLAG_IN_USE
+            self._rewrite_directory_in_place()
+            self.changed = True
+
+    def _check_placement(self, e):
+        """Before anything is written: the bitmap's table and data lie in
+        the file, apart from the header, L1 and refcount structures."""
+        s, cs = self.state, self.state.cluster_size
+        h = s.header
+        table = read_table(s.file, e, cs)
+        l1 = (h.l1_table_offset, h.l1_size * 8)
+        size = s.file.size()
+        spans = [("bitmap_table_offset", e.table_offset, e.table_size * bm.TABLE_ENTRY_SIZE,
+                  e.entry_offset)]
+        offs = bm.table_offsets(table)
+        spans += [("bitmap table entry", int(offs[i]), cs, e.table_offset + 8 * int(i))
+                  for i in np.flatnonzero(offs)]
+        for field, off, n, where in spans:
+            if off + n > size:
+                why = f"[{off:#x}, {off + n:#x}) lies past the end of the file ({size} bytes)"
+            elif s.overlaps_metadata(off, n) or (off < l1[0] + l1[1] and l1[0] < off + n):
+                why = f"[{off:#x}, {off + n:#x}) overlaps other metadata"
+            else:
+                continue
+            raise CorruptImageError(f"bitmap '{e.name}': {why}", offset=where, field=field)
+        for _, off, n, _ in spans:
+            self._meta(off, n, add=True)
+
+    def _rewrite_directory_in_place(self):
+        """qemu's update_ext_header_and_dir_in_place: with the autoclear bit
+        cleared while the directory changes, a torn directory write leaves
+        the bitmaps ignored, never wrong."""
+        s, h = self.state, self.state.header
+        h.autoclear_features &= ~hdr.AUTOCLEAR_BITMAPS
+        self._write_autoclear()
+        s.barrier()                 # barrier: bitmaps disowned before the directory changes
+        ext, _ = read_extension_any(h)
+        s.file.pwrite(bm.pack_directory([b.entry for b in self.list]), ext.directory_offset)
+        s.barrier()                 # barrier: the directory is whole before it is owned again
+        h.autoclear_features |= hdr.AUTOCLEAR_BITMAPS
+        self._write_autoclear()
+        s.barrier()
+
+    def _write_autoclear(self):
+        from .features import write_header_field
+        write_header_field(self.state, "autoclear_features")
+
+    def _write_header(self):
+        """Rewrite the header cluster's header and extensions."""
+        s = self.state
+        raw = s.header.pack()
+        s.file.pwrite(raw, 0)
+
+    def _set_extension(self, ext):
+        h = self.state.header
+        h.other_extensions = [e for e in h.other_extensions if e.type != hdr.EXT_BITMAPS]
+        if ext is None:
+            h.autoclear_features &= ~hdr.AUTOCLEAR_BITMAPS
+        else:
+            h.other_extensions.append(hdr.HeaderExtension(hdr.EXT_BITMAPS, ext.pack()))
+            h.autoclear_features |= hdr.AUTOCLEAR_BITMAPS
+
+    def _meta(self, off, n, add):
+        """Keep bitmap clusters in the metadata map (guest data never lands
+        on them)."""
+        cb = self.state.cluster_bits
+        first, last = off >> cb, (off + n - 1) >> cb
+        (self.state.metadata.add if add else self.state.metadata.remove)(first,
+                                                                         last - first + 1)
+
+    # -- queries ----------------------------------------------------------------
+
+    def _usable(self):
+        if self.error is not None:
+            raise self.error
+        return self.list
+
+    def get(self, name):
+        self._usable()
+        b = self.by_name.get(name)
+        if b is None:
+            raise InvalidArgumentError(f"Dirty bitmap '{name}' not found")
+        return b
+
+    def _consistent(self, name):
+        b = self.get(name)
+        if b.inconsistent:
+            raise InvalidArgumentError(f"Bitmap '{name}' is inconsistent and cannot be used\n"
+                                       "Try block-dirty-bitmap-remove to delete this bitmap "
+                                       "from disk")
+        return b
+
+    def data(self, b):
+        """The bitmap's tracker with its on-disk data loaded."""
+        if not b.loaded:
+            self._load(b)
+        return b.tracker
+
+    def _load(self, b):
+        """OR the bitmap's data on disk into its tracker (which may hold
+        writes tracked since open)."""
+        s = self.state
+        cs = s.cluster_size
+        e = b.entry
+        table = read_table(s.file, e, cs)
+        nbytes = len(b.tracker.bits)
+        want = -(-nbytes // cs)
+        if len(table) < want:
+            raise CorruptImageError(f"bitmap '{b.name}': table of {len(table)} entries is too "
+                                    f"small for {nbytes} bytes of data",
+                                    offset=e.entry_offset + 8, field="bitmap_table_size")
+        offs = bm.table_offsets(table)[:want]
+        ones = (offs == 0) & ((table[:want] & np.uint64(bm.BME_TABLE_ENTRY_FLAG_ALL_ONES)) != 0)
+        data = np.zeros(nbytes, dtype=np.uint8)
+        file_size = s.file.size()
+        for i in np.flatnonzero(ones):
+            data[int(i) * cs:(int(i) + 1) * cs] = 0xFF
+        for i in np.flatnonzero(offs):
+            i = int(i)
+            off = int(offs[i])
+            if off + cs > file_size:
+                raise CorruptImageError(f"bitmap '{b.name}': data cluster {i} at {off:#x} lies "
+                                        "past the end of the file",
+                                        offset=e.table_offset + 8 * i, field="bitmap table entry")
+            n = min(cs, nbytes - i * cs)
+            data[i * cs:i * cs + n] = np.frombuffer(s.file.pread(off, n), dtype=np.uint8)
+        b.tracker.merge(data)
+        b.loaded = True
+
+    def dirty_extents(self, name, offset=0, length=None):
+        """[(offset, length, dirty)] covering [offset, offset+length) of the
+        guest disk, alternating, clipped to the disk."""
+        b = self._consistent(name)
+        t = self.data(b)
+        size = self.state.size
+        if length is None:
+            length = size - offset
+        if offset < 0 or length < 0 or offset + length > size:
+            raise InvalidArgumentError(f"range [{offset}, {offset + length}) is outside the "
+                                       f"disk (size {size})")
+        if not length:
+            return []
+        return _extents(t.bits, t.gran_bits, offset, offset + length)
+
+    # -- changes ---------------------------------------------------------------------
+
+    def _writable(self):
+        if self.refcounts is None or self.state.read_only:
+            raise ReadOnlyImageError("bitmaps can only be changed in an image open for "
+                                     "writing")
+        self._usable()
+
+    def add(self, name, granularity=65536, disabled=False):
+        self._writable()
+        s = self.state
+        if s.header.version < 3:
+            raise UnsupportedFeatureError(f"Can't make bitmap '{name}' persistent in "
+                                          f"'{s.path}': Cannot store dirty bitmaps in qcow2 "
+                                          "v2 files", feature="bitmaps")
+        if name in self.by_name:
+            raise InvalidArgumentError(f"Bitmap already exists: {name}")
+        if not isinstance(name, str) or not name:
+            raise InvalidArgumentError("bitmap name must be a non-empty string")
+        bm.check_granularity(granularity)
+        try:
+            bm.check_new_bitmap(name, granularity, s.size, s.cluster_size)
+            if len(self.list) + 1 > bm.MAX_BITMAPS:
+                raise InvalidArgumentError("Maximum number of persistent bitmaps is already "
+                                           "reached")
+            if self.dir_size + bm.entry_size(len(name.encode())) > bm.MAX_DIRECTORY_SIZE:
+                raise InvalidArgumentError("Not enough space in the bitmap directory")
+        except InvalidArgumentError as e:
+            raise InvalidArgumentError(f"Can't make bitmap '{name}' persistent in "
+                                       f"'{s.path}': {e}") from None
+        entry = bm.BitmapEntry(name, granularity.bit_length() - 1,
+                               0 if disabled else bm.BME_FLAG_AUTO)
+        b = Bitmap(entry, s.size, loaded=True)
+        self.list.append(b)
+        self.by_name[name] = b
+        self.dir_size += bm.entry_size(len(name.encode()))
+        if b.enabled:
+            self.image.add_write_observer(b.tracker)
+        self.changed = True
+        return b
+
+    def remove(self, name):
+        self._writable()
+        b = self.get(name)
+        if b.tracker is not None and b.enabled:
+            self.image.remove_write_observer(b.tracker)
+        self.list.remove(b)
+        del self.by_name[name]
+        self.dir_size -= bm.entry_size(len(name.encode()))
+        self._drop.append(b.entry)
+        self.changed = True
+
+    def clear(self, name):
+        self._writable()
+        b = self._consistent(name)
+        b.tracker.clear()
+        b.loaded = True
+        self.changed = True
+
+    def enable(self, name, on=True):
+        self._writable()
+        b = self._consistent(name)
+        if b.enabled != on:
+            (self.image.add_write_observer if on else self.image.remove_write_observer)(
+                b.tracker)
+            b.enabled = on
+        self.changed = True
+
+    def merge(self, source, target, source_bitmaps=None):
+        """target |= source (``source_bitmaps``: another image's Bitmaps)."""
+        self._writable()
+        t = self._consistent(target)
+        src_set = source_bitmaps if source_bitmaps is not None else self
+        src = src_set.data(src_set._consistent(source))
+        dst = self.data(t)
+        if src.size != dst.size and source_bitmaps is not None:
+            raise InvalidArgumentError(f"Bitmaps are of different sizes (destination size "
+                                       f"is {dst.size}, source size is {src.size}) and can "
+                                       "not be merged")
+        _merge_into(dst, src)
+        self.changed = True
+
+    # -- storing -----------------------------------------------------------------------
+
+    def store(self):
+        """Write every consistent bitmap and a new directory (qemu's
+        qcow2_store_persistent_dirty_bitmaps).  The order:
+
+        1. each bitmap's data clusters, then its table, to new clusters;
+           refcounts written, barrier: all of it is stable before anything
+           points to it;
+        2. the new directory to new clusters, barrier;
+        3. the header (extension pointing at the new directory, autoclear
+           bit set), barrier: from here the new bitmaps are the image's,
+           with ``in_use`` clear;
+        4. the old directory, tables and data are freed (a crash before
+           leaks them, never loses a bitmap).
+        """
+        if not self.changed or self.refcounts is None or self.state.read_only:
+            return
+        s, rc = self.state, self.refcounts
+        cs = s.cluster_size
+        old = list(self._drop)
+        new_entries = []
+        for b in self.list:
+            if b.inconsistent:
+                new_entries.append(b.entry)         # kept as found (qemu)
+                continue
+            t = self.data(b)
+            if b.on_disk:
+                old.append(bm.BitmapEntry(b.name, b.entry.granularity_bits, b.entry.flags,
+                                          b.entry.table_offset, b.entry.table_size))
+            e = bm.BitmapEntry(b.name, b.entry.granularity_bits,
+                               bm.BME_FLAG_AUTO if b.enabled else 0)
+            self._write_data(e, t)
+            new_entries.append(e)
+        ext_old, _ = read_extension_any(s.header)
+        if new_entries:
+            d = bm.pack_directory(new_entries)
+            d_off = rc.alloc(-(-len(d) // cs))
+            s.refcount_cache.flush()
+            s.file.pwrite(d, d_off)
+            s.allocated(d_off + len(d))
+            s.barrier()         # barrier: data, tables, directory and their refcounts stable
+            ext = bm.BitmapsExtension(len(new_entries), len(d), d_off)
+        else:
+            ext = None
+        self._set_extension(ext)
+        self._write_header()
+        s.barrier()             # barrier: the header points at the new directory
+        if ext_old is not None and ext_old.directory_size:
+            rc.free(ext_old.directory_offset, -(-ext_old.directory_size // cs))
+        for e in old:
+            self._free(e)
+        s.refcount_cache.flush()
+        s.barrier()             # barrier: the frees are stable
+        for b, e in zip([b for b in self.list], new_entries):
+            if not b.inconsistent:
+                b.entry, b.on_disk = e, True
+        self._drop = []
+        self.changed = False
+
+    def _write_data(self, e, t):
+        """Data clusters of tracker ``t`` (the non-zero ones), then the table."""
+        s, rc = self.state, self.refcounts
+        cs = s.cluster_size
+        bits = t.bits
+        nbytes = bm.data_bytes(t.size, e.granularity_bits)
+        n = max(1, -(-nbytes // cs))
+        table = np.zeros(n, dtype=np.uint64)
+        for i in range(n):
+            chunk = bits[i * cs:min((i + 1) * cs, nbytes)]
+            if not chunk.any():
+                continue
+            off = rc.alloc(1)
+            self._meta(off, cs, add=True)
+            s.file.pwrite(chunk.tobytes().ljust(cs, b"\0"), off)
+            s.allocated(off + cs)       # fresh space written: no longer reads as zeros
+            table[i] = off
+        raw = table.astype(">u8").tobytes()
+        t_off = rc.alloc(-(-len(raw) // cs))
+        self._meta(t_off, len(raw), add=True)
+        s.file.pwrite(raw, t_off)
+        s.allocated(t_off + len(raw))
+        e.table_offset, e.table_size = t_off, n
+
+    def _free(self, e):
+        """Free a stored bitmap's table and data (its entry is no longer in
+        the directory on disk)."""
+        s, rc = self.state, self.refcounts
+        cs = s.cluster_size
+        if not e.table_offset:
+            return
+        try:
+            table = read_table(s.file, e, cs)
+        except CorruptImageError:
+            return              # never free what is not understood
+        for off in bm.table_offsets(table):
+            if off:
+                self._meta(int(off), cs, add=False)
+                rc.free(int(off), 1)
+        nbytes = e.table_size * bm.TABLE_ENTRY_SIZE
+        self._meta(e.table_offset, nbytes, add=False)
+        rc.free(e.table_offset, -(-nbytes // cs))
+
+
+def read_extension_any(h):
+    """The bitmaps extension as it is in the header, whatever the autoclear
+    bit says (None if absent)."""
+    e = find_extension(h)
+    if e is None:
+        return None, False
+    return bm.parse_extension(e.data, h.cluster_size), False
+
+
+def _extents(bits, gran_bits, start, end):
+    """Alternating (offset, length, dirty) over guest [start, end) from
+    packed bits (bit g & 7 of byte g >> 3 is granule g).  The bits are
+    scanned 64 at a time and only the words where a run starts or ends are
+    unpacked: a few passes over the words plus one step per run."""
+    g0, g1 = start >> gran_bits, ((end - 1) >> gran_bits) + 1
+    w0 = g0 >> 6
+    raw = bits[w0 << 3:(g1 + 7) >> 3]
+    if len(raw) % 8:
+        x = np.zeros(-(-len(raw) // 8), dtype="<u8")
+        x.view(np.uint8)[:len(raw)] = raw
+    else:
+        x = raw.view("<u8")
+    # A run starts or ends only in a non-zero word or the word after one.
+    cand = x != 0
+    cand[1:] |= cand[:-1].copy()
+    at = np.flatnonzero(cand)
+    xc = x[at]
+    prev = x[np.maximum(at - 1, 0)]
+    prev[at == 0] = 0
+    one = np.uint64(1)
+    # bit j of change[i]: granule 64 * at[i] + j differs from the one before it
+    change = ((xc ^ (xc << one)) & ~one) | ((xc & one) ^ (prev >> np.uint64(63)))
+    keep = change != 0
+    at, change = at[keep], change[keep]
+    bit = np.unpackbits(change.astype("<u8").view(np.uint8),
+                        bitorder="little").reshape(-1, 64)
+    row, col = np.nonzero(bit)
+    edges = ((at[row].astype(np.int64) + w0) << 6) + col
+    edges = edges[(edges > g0) & (edges < g1)]
+    first = bool(bits[g0 >> 3] >> (g0 & 7) & 1)
+    offs = [start] + (edges << gran_bits).tolist() + [end]
+    return [(offs[i], offs[i + 1] - offs[i], first ^ bool(i & 1))
+            for i in range(len(offs) - 1)]
+
+
+def _merge_into(dst, src):
+    """dst |= src, granularities converted (a coarser granule is dirty when
+    any finer one inside it is)."""
+    if src.granularity == dst.granularity and len(src.bits) == len(dst.bits):
+        dst.merge(src.bits)
+        return
+    for off, n in src.dirty_ranges():
+        dst.notify(off, n)
