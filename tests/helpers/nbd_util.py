@@ -78,6 +78,24 @@ def stop_server(p):
     return p.wait(timeout=60)
 
 
+def side_by_side(tmp_path, args, image, fn, *, copy=False):
+    """fn(uri, image) with qemu-nbd ARGS serving, then with serve ARGS; the
+    two results.  With ``copy``, each server gets its own copy of image."""
+    out = []
+    for name, start in (("qemu", start_qemu_nbd), ("ours", start_cli)):
+        path = image
+        if copy:
+            path = tmp_path / f"{name}-{os.path.basename(image)}"
+            path.write_bytes(open(image, "rb").read())
+        sock = str(tmp_path / f"{name}.sock")
+        p = start(["-k", sock, *args, path], sock)
+        try:
+            out.append(fn(unix_uri(sock), path))
+        finally:
+            stop_server(p)
+    return out
+
+
 def start_server(cmd, sock):
     p = subprocess.Popen([str(a) for a in cmd], env=dict(os.environ, PYTHONPATH=REPO),
                          stderr=subprocess.PIPE)

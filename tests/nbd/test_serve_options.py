@@ -15,8 +15,7 @@ import pytest
 from qcow2fast.nbd import protocol as P
 
 from tests.helpers.cli_util import run_cli
-from tests.helpers.nbd_util import (QEMU_NBD, RawClient, nbdcopy, nbdinfo, start_cli,
-                                    start_qemu_nbd, stop_server, unix_uri)
+from tests.helpers.nbd_util import QEMU_NBD, RawClient, nbdcopy, nbdinfo, side_by_side, unix_uri
 from tests.helpers.qemu_util import (REPO, MiB, qemu_check, qemu_create, qemu_img, qemu_io,
                                      qemu_map, run)
 
@@ -30,26 +29,10 @@ def chain(tmp_path, qemu):
     base = qemu_create(tmp_path / "base.qcow2", SIZE)
     qemu_io(base, "write -P 0x11 0 2M")
     top = qemu_create(tmp_path / "top.qcow2", None, backing=base)
+    qemu_img("bitmap", "--add", top, "b0")
+    qemu_img("bitmap", "--add", "-g", "128k", top, "b1")
     qemu_io(top, "write -P 0x22 1M 512k", "write -z 4M 64k")
     return top
-
-
-def _both(tmp_path, args, image, fn, *, copy=False):
-    """fn(uri, image) with qemu-nbd ARGS serving, then with serve ARGS; the
-    two results.  With ``copy``, each server gets its own copy of image."""
-    out = []
-    for name, start in (("qemu", start_qemu_nbd), ("ours", start_cli)):
-        path = image
-        if copy:
-            path = tmp_path / f"{name}-{os.path.basename(image)}"
-            path.write_bytes(open(image, "rb").read())
-        sock = str(tmp_path / f"{name}.sock")
-        p = start(["-k", sock, *args, path], sock)
-        try:
-            out.append(fn(unix_uri(sock), path))
-        finally:
-            stop_server(p)
-    return out
 
 
 def test_version_first_line_reads_as_qemu_nbds(capsys):
@@ -97,14 +80,14 @@ def test_bad_options_fail_with_qemu_nbds_message(args, tmp_path, capsys, qemu):
 def test_json_qcow2_alone_and_raw_window(chain, tmp_path):
     one = 'json:{"driver":"qcow2","file":{"driver":"file","filename":"%s"},"backing":null}' \
         % chain
-    maps = _both(tmp_path, ["-r", "-A"], one,
+    maps = side_by_side(tmp_path, ["-r", "-A"], one,
                  lambda uri, _: nbdinfo("--map=qemu:allocation-depth", uri).stdout_text)
     assert maps[0] == maps[1] and "absent" in maps[0]
     window = ('json:{"driver":"raw","offset":1048576,"size":2097152,'
               '"file":{"driver":"qcow2","file":{"driver":"file","filename":"%s"}}}' % chain)
     expected = tmp_path / "expected.raw"
     qemu_img("convert", "-O", "raw", window, expected)
-    copies = _both(tmp_path, ["-r"], window,
+    copies = side_by_side(tmp_path, ["-r"], window,
                    lambda uri, _: (nbdcopy(uri, str(tmp_path / "c.raw")),
                                    (tmp_path / "c.raw").read_bytes())[1])
     assert copies[0] == copies[1] == expected.read_bytes()
@@ -115,10 +98,9 @@ def test_discard_and_detect_zeroes_as_qemu_nbd(chain, tmp_path):
     ops = ["write -P 0 0 64k", "discard 1M 128k", "write -z 2M 64k", "write -P 0 3M 64k"]
     for args in ([], ["--discard=unmap"], ["--detect-zeroes=on"],
                  ["--discard=unmap", "--detect-zeroes=unmap"]):
-        def apply(uri, path):
-            qemu_io(uri, *ops, fmt="raw")
-            return qemu_map(path)
-        theirs, ours = _both(tmp_path, ["-f", "qcow2", *args], chain, apply, copy=True)
+        side_by_side(tmp_path, ["-t", "-f", "qcow2", *args], chain,
+                     lambda uri, _: qemu_io(uri, *ops, fmt="raw"), copy=True)
+        theirs, ours = (qemu_map(tmp_path / f"{n}-top.qcow2") for n in ("qemu", "ours"))
         assert ours == theirs, args
         qemu_check(tmp_path / f"ours-{os.path.basename(chain)}")
 
@@ -154,12 +136,14 @@ def test_fork_pid_file_shared_and_multi_conn(chain, tmp_path):
 
 @pytest.mark.parametrize("shared", ["1", "2", "0"])
 def test_multi_conn_follows_shared_as_qemu_nbd(chain, tmp_path, shared):
-    flags = _both(tmp_path, ["-r", "-e", shared], chain, lambda uri, _: json.loads(
+    flags = side_by_side(tmp_path, ["-r", "-e", shared], chain, lambda uri, _: json.loads(
         nbdinfo("--json", uri).stdout_text)["exports"][0]["can_multi_conn"])
     assert flags[0] == flags[1]
 
 
 QUERIES = [[], ["qemu:"], ["base:"], ["qemu:allocation-depth"], ["qemu:dirty-bitmap:"],
+           ["qemu:dirty-bitmap:b0"], ["qemu:dirty-bitmap:zz"], ["qemu:dirty-bitmap"],
+           ["qemu:dirty-bitmap:b1", "base:allocation", "qemu:dirty-bitmap:b0"],
            ["base:allocation", "qemu:allocation-depth"], ["foo:"], ["qemu"], ["qemu:x"],
            ["qemu:allocation-depth", "base:allocation", "base:allocation"]]
 
@@ -178,7 +162,7 @@ def meta_answers(uri, _):
     return out
 
 
-@pytest.mark.parametrize("args", [["-A"], []])
+@pytest.mark.parametrize("args", [["-A"], [], ["-B", "b1"], ["-A", "-B", "b0", "-B", "b1"]])
 def test_meta_context_answers_as_qemu_nbd(chain, tmp_path, args):
-    theirs, ours = _both(tmp_path, ["-r", "-t", *args], chain, meta_answers)
+    theirs, ours = side_by_side(tmp_path, ["-r", "-t", *args], chain, meta_answers)
     assert ours == theirs
