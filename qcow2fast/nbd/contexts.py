@@ -16,6 +16,9 @@ the contexts in it; NBD_OPT_SET_META_CONTEXT selects exact names only.
 Both answer in the export's order, not the query's.
 """
 
+import bisect
+import itertools
+
 from ..errors import InvalidArgumentError
 from . import protocol as P
 
@@ -26,6 +29,9 @@ BASE_ID, DEPTH_ID, FIRST_BITMAP_ID = 0, 1, 2
 # A block status reply carries at most this many descriptors per context
 # (the protocol lets the server describe less than the requested range).
 MAX_DESCRIPTORS = 1 << 16
+
+# Extents of a read-only bitmap are computed this much of the disk at a time.
+WINDOW = 16 << 30
 
 # Namespace queries that list more than one context (qemu's).
 NAMESPACES = {"base:": ("base:",), "qemu:": ("qemu:",), BITMAP_PREFIX: (BITMAP_PREFIX,)}
@@ -45,6 +51,32 @@ class Contexts:
         for i, name in enumerate(self.bitmap_layers):
             self.ids[name] = FIRST_BITMAP_ID + i
         self.names = list(self.ids)
+        self._windows = {}          # context name -> (start, end, starts, extents)
+
+    def dirty_extents(self, name, layer, offset, length):
+        """The dirty extents of context ``name`` over [offset, offset+length).
+        A read-only layer's bitmap cannot change: its extents are computed
+        a WINDOW at a time and kept, so a client walking the disk (nbdinfo
+        --map) costs a bisect per request, not a pass over the bitmap."""
+        bitmap = name[len(BITMAP_PREFIX):]
+        if not layer.read_only:
+            return layer.dirty_extents(bitmap, offset, length)
+        end = offset + length
+        window = self._windows.get(name)
+        if window is None or not window[0] <= offset <= end <= window[1]:
+            stop = min(layer.size, offset + max(length, WINDOW))
+            extents = layer.dirty_extents(bitmap, offset, stop - offset)
+            window = (offset, stop, [e[0] for e in extents], extents)
+            self._windows[name] = window        # one assignment: safe between threads
+        _, _, starts, extents = window
+        out = []
+        for off, n, dirty in itertools.islice(extents, max(0, bisect.bisect_right(
+                starts, offset) - 1), None):
+            if off >= end:
+                break
+            lo, hi = max(off, offset), min(off + n, end)
+            out.append((lo, hi - lo, dirty))
+        return out
 
     def listed(self, queries):
         """NBD_OPT_LIST_META_CONTEXT: the names answering any of ``queries``
@@ -93,7 +125,7 @@ def descriptors(export, offset, length, selected, req_one):
     for name, cid in selected:
         if name in layers:
             runs = ((n, NBD_STATE_DIRTY if dirty else 0) for _, n, dirty in
-                    layers[name].dirty_extents(name[len(BITMAP_PREFIX):], offset, length))
+                    export.contexts.dirty_extents(name, layers[name], offset, length))
         else:
             if extents is None:
                 extents = image.block_status(offset, length)

@@ -12,8 +12,8 @@ import qcow2fast
 from qcow2fast.nbd import protocol as P
 
 from tests.helpers.cli_util import run_cli
-from tests.helpers.nbd_util import (RawClient, nbdcopy, nbdinfo, side_by_side, start_cli,
-                                    stop_server, unix_uri)
+from tests.helpers.nbd_util import (RawClient, nbdcopy, nbdinfo, served, side_by_side,
+                                    start_cli, stop_server, unix_uri)
 from tests.helpers.qemu_util import (MiB, qemu_check, qemu_compare, qemu_create,
                                      qemu_img, qemu_io, run)
 
@@ -165,3 +165,36 @@ def test_incremental_backup(image, tmp_path):
             restored[off:off + len(data)] = data
     qemu_compare(image, bytes(restored))
     qemu_check(image)
+
+
+def walk(uri, _):
+    """BLOCK_STATUS of qemu:dirty-bitmap:b0 in steps of 1000000 bytes."""
+    c = RawClient(uri.split("socket=")[1])
+    c.go(contexts=["qemu:dirty-bitmap:b0"])
+    out = []
+    for off in range(0, SIZE, 1000000):
+        r = c.request(P.NBD_CMD_BLOCK_STATUS, off, min(1000000, SIZE - off))
+        payload = r.chunks[0][1]
+        out.append([P.BLOCK_DESCRIPTOR.unpack_from(payload, 4 + 8 * i)
+                    for i in range((len(payload) - 4) // 8)])
+    c.disconnect()
+    return out
+
+
+def test_read_only_bitmap_extents_kept_by_window(image, tmp_path, monkeypatch):
+    """A read-only export computes a bitmap's extents a window at a time:
+    with windows smaller than the disk, requests across their edges and
+    REQ_ONE still answer as qemu-nbd."""
+    from qcow2fast.nbd import contexts
+    monkeypatch.setattr(contexts, "WINDOW", 3 * MiB + 4096)
+    theirs = side_by_side(tmp_path, ["-r", "-A", "-B", "b0", "-B", "b1"], image,
+                          block_status_chunks)[0]
+    with served(image, tmp_path, read_only=True, bitmaps=["b0", "b1"]) as (_, uri):
+        ours = block_status_chunks(uri, None)
+        maps = [nbdinfo(f"--map=qemu:dirty-bitmap:{n}", uri).stdout_text for n in ("b0", "b1")]
+    assert [c for c in ours if "bitmap" in c[2]] == [c for c in theirs if "bitmap" in c[2]]
+    walks = side_by_side(tmp_path, ["-r", "-B", "b0"], image, walk)
+    with served(image, tmp_path, read_only=True, bitmaps=["b0"]) as (_, uri):
+        assert walk(uri, None) == walks[0]
+    assert maps == [side_by_side(tmp_path, ["-r", "-B", n], image, lambda uri, _: nbdinfo(
+        f"--map=qemu:dirty-bitmap:{n}", uri).stdout_text)[0] for n in ("b0", "b1")]
