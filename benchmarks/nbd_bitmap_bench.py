@@ -3,7 +3,9 @@ against ``qcow2fast serve -B b0`` and ``qemu-nbd -B b0`` side by side, on a
 sparse 1 TiB qcow2 image whose 64 KiB-granularity bitmap (qemu-img bitmap
 --add) has ``--dirty`` scattered runs set by qemu-io writes.  Both servers
 are started once (``-r -t`` on a Unix socket); only nbdinfo is timed,
-alternating between them, medians over ``--runs``.  The outputs must match.
+alternating between them, medians over ``--runs``; the servers' CPU time
+(user + system, from /proc: less disturbed by a loaded machine) per run is
+shown beside.  The outputs must match.
 
     python -m benchmarks.nbd_bitmap_bench [--size 1T] [--dirty 2000] [--runs 5]
 """
@@ -30,6 +32,13 @@ def start(cmd, sock):
     if not os.path.exists(sock):
         raise SystemExit(f"{cmd[0]} did not start: {p.stderr.read().decode()}")
     return p
+
+
+def cpu_seconds(pid):
+    """User + system CPU time of a process so far (/proc/PID/stat)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def main(argv=None):
@@ -59,6 +68,8 @@ def main(argv=None):
                  start([sys.executable, "-m", "qcow2fast", "serve", "-r", "-t", "-f", "qcow2",
                         "-B", "b0", "-k", socks["qcow2fast"], path], socks["qcow2fast"])]
         times = {k: [] for k in socks}
+        pids = dict(zip(socks, (p.pid for p in procs)))
+        cpu = {k: -cpu_seconds(pids[k]) for k in socks}
         outs = {}
         try:
             for _ in range(a.runs):
@@ -69,6 +80,8 @@ def main(argv=None):
                                          capture_output=True, text=True).stdout
                     times[name].append(time.perf_counter() - t0)
                     outs[name] = out
+            for name in socks:
+                cpu[name] += cpu_seconds(pids[name])
         finally:
             for p in procs:
                 p.terminate()
@@ -78,7 +91,8 @@ def main(argv=None):
               f"{outs['qcow2fast'].count('dirty')} dirty extents; outputs identical: {same}")
         for name, ts in times.items():
             print(f"  {name:10s} median {statistics.median(ts) * 1000:8.1f} ms  "
-                  f"(min {min(ts) * 1000:.1f}, max {max(ts) * 1000:.1f}, {len(ts)} runs)")
+                  f"(min {min(ts) * 1000:.1f}, max {max(ts) * 1000:.1f}, {len(ts)} runs); "
+                  f"server CPU {cpu[name] * 1000 / len(ts):.1f} ms per run")
         ratio = statistics.median(times["qemu-nbd"]) / statistics.median(times["qcow2fast"])
         print(f"  qcow2fast / qemu-nbd speed: {ratio:.2f}x")
         return 0 if same else 1
