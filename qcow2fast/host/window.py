@@ -4,14 +4,16 @@ the window is ``offset`` of the image below; the window is the usual
 block-device interface (host/device.py)."""
 
 from ..errors import InvalidArgumentError
+from ..extent import Extent
 
 SECTOR = 512
 
 
 class RawWindow:
     """``size`` bytes of ``image`` from ``offset``; ``size`` None takes the
-    rest of it, rounded down to a sector as qemu does.  Closing the window
-    closes the image."""
+    rest of it, rounded up to a whole sector as qemu's block layer does (the
+    bytes past the image's end read as zeros, and are not written).
+    Closing the window closes the image."""
 
     header = None
     backing = None
@@ -28,7 +30,8 @@ class RawWindow:
                 f"equal to the  actual size of the containing file ({below})")
         self.image = image
         self.offset = offset
-        self.size = size if size is not None else (below - offset) // SECTOR * SECTOR
+        self.size = size if size is not None else -(-(below - offset) // SECTOR) * SECTOR
+        self._data_end = below - offset      # past this (the rounding), zeros
         self.path = image.path
         self.read_only = image.read_only
 
@@ -43,14 +46,26 @@ class RawWindow:
         return self.offset + offset
 
     def readinto(self, offset, buf):
-        n = memoryview(buf).nbytes
-        return self.image.readinto(self._check(offset, n), buf)
+        mv = memoryview(buf).cast("B")
+        at = self._check(offset, len(mv))
+        inside = max(0, min(len(mv), self._data_end - offset))
+        if inside:
+            self.image.readinto(at, mv[:inside])
+        mv[inside:] = bytes(len(mv) - inside)
+        return len(mv)
 
     def read(self, offset, length):
-        return self.image.read(self._check(offset, length), length)
+        buf = bytearray(length)
+        self.readinto(offset, buf)
+        return bytes(buf)
 
     def write(self, offset, data):
-        return self.image.write(self._check(offset, memoryview(data).nbytes), data)
+        mv = memoryview(data).cast("B")
+        at = self._check(offset, len(mv))
+        if offset + len(mv) > self._data_end:
+            raise InvalidArgumentError(f"write [{offset}, {offset + len(mv)}) past the end of "
+                                       f"the image below ({self._data_end} bytes)")
+        return self.image.write(at, mv)
 
     def flush(self):
         self.image.flush()
@@ -58,8 +73,13 @@ class RawWindow:
     def block_status(self, offset=0, length=None):
         if length is None:
             length = self.size - offset
-        return [e._replace(offset=e.offset - self.offset)
-                for e in self.image.block_status(self._check(offset, length), length)]
+        at = self._check(offset, length)
+        inside = max(0, min(length, self._data_end - offset))
+        out = [e._replace(offset=e.offset - self.offset)
+               for e in (self.image.block_status(at, inside) if inside else ())]
+        if inside < length:
+            out.append(Extent(offset + inside, length - inside, "zero", None, 0))
+        return out
 
     @property
     def backing_chain(self):
