@@ -17,7 +17,6 @@ Both answer in the export's order, not the query's.
 """
 
 import bisect
-import itertools
 
 from ..errors import InvalidArgumentError
 from . import protocol as P
@@ -69,13 +68,13 @@ class Contexts:
             window = (offset, stop, [e[0] for e in extents], extents)
             self._windows[name] = window        # one assignment: safe between threads
         _, _, starts, extents = window
-        out = []
-        for off, n, dirty in itertools.islice(extents, max(0, bisect.bisect_right(
-                starts, offset) - 1), None):
-            if off >= end:
-                break
-            lo, hi = max(off, offset), min(off + n, end)
-            out.append((lo, hi - lo, dirty))
+        out = extents[max(0, bisect.bisect_right(starts, offset) - 1):
+                      bisect.bisect_left(starts, end)]
+        if out:                     # clip the first and the last to the request
+            off, n, dirty = out[0]
+            out[0] = (offset, off + n - offset, dirty)
+            off, n, dirty = out[-1]
+            out[-1] = (off, end - off, dirty)
         return out
 
     def listed(self, queries):
@@ -124,15 +123,16 @@ def descriptors(export, offset, length, selected, req_one):
     out = []
     for name, cid in selected:
         if name in layers:
-            runs = ((n, NBD_STATE_DIRTY if dirty else 0) for _, n, dirty in
-                    export.contexts.dirty_extents(name, layers[name], offset, length))
-        else:
-            if extents is None:
-                extents = image.block_status(offset, length)
-            state = _base_allocation if name == P.BASE_ALLOCATION else (
-                _allocation_depth if export.qcow2 else _raw_depth)
-            runs = ((e.length, state(e)) for e in extents)
-        out.append((cid, _merged(runs, req_one)))
+            # dirty_extents alternates dirty and clean: nothing to merge
+            dirty = export.contexts.dirty_extents(name, layers[name], offset, length)
+            out.append((cid, [[n, NBD_STATE_DIRTY if d else 0] for _, n, d in
+                              dirty[:1 if req_one else MAX_DESCRIPTORS]]))
+            continue
+        if extents is None:
+            extents = image.block_status(offset, length)
+        state = _base_allocation if name == P.BASE_ALLOCATION else (
+            _allocation_depth if export.qcow2 else _raw_depth)
+        out.append((cid, _merged(((e.length, state(e)) for e in extents), req_one)))
     return out
 
 
