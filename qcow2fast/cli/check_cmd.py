@@ -75,7 +75,7 @@ def run(args):
 def stale_bitmaps(path):
     """qemu's warning if the image's bitmaps were disowned, or None."""
     from .._ext.fileio import File
-    from ..engine.bitmap import stale_warning
+    from ..engine.bitmap_list import stale_warning
     from ..spec import header as hdr
     f = File(str(path), writable=False, direct=False)
     try:

@@ -484,6 +484,17 @@ class Image(ImageCore):
             raise ImageClosedError("dirty_extents() on a closed image")
         return self.dirty_bitmaps.dirty_extents(name, offset, length)
 
+    def layer_status(self, offset: int, length: int) -> list[Extent]:
+        """This layer's own extents of [offset, offset+length) (depth 0):
+        "unallocated" where the layers below show through (commit and
+        rebase walk a chain layer by layer with it)."""
+        self._check_request(offset, length)
+        self._wrlock()
+        try:
+            return list(self.clusters.layer_extents(offset, length))
+        finally:
+            self._unlock()
+
     # -- growing the disk (create) ----------------------------------------------------------
 
     def _set_disk_size(self, size, preallocation="off"):

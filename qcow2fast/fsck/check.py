@@ -17,7 +17,7 @@ from ..spec.entries import (decode_table, has_copied, host_offsets, is_compresse
                             standard_allocated)
 from ..spec.geometry import Geometry
 from ..spec.header import INCOMPAT_EXTL2
-from ..engine.bitmap import check_loadable, referenced_ranges
+from ..engine.bitmap_list import check_loadable, referenced_ranges
 from .rebuild import RefcountTally
 from .references import describe, find_references
 

@@ -17,7 +17,7 @@ from ..errors import CorruptImageError, LimitExceededError, RepairError
 from ..spec.constants import L1E_OFFSET_MASK, L1E_SIZE, QCOW_OFLAG_COPIED
 from ..spec.entries import (decode_table, has_copied, host_offsets, is_compressed,
                             l2_table_offsets, standard_allocated)
-from ..engine.bitmap import referenced_ranges
+from ..engine.bitmap_list import referenced_ranges
 from ..engine.mapping import read_l1_table
 
 # Where the tally kernel (uint32 counts) saturates.

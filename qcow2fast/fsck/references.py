@@ -13,7 +13,7 @@ from ..spec.entries import (decode_table, host_offsets, is_compressed, l2_table_
                             refblock_offsets)
 from ..spec.geometry import Geometry
 from ..spec.header import INCOMPAT_EXTL2
-from ..engine.bitmap import referenced_ranges
+from ..engine.bitmap_list import referenced_ranges
 from ..engine.snapshot import read_snapshot_table
 
 MAX_PER_CLUSTER = 4

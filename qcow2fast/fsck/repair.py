@@ -83,7 +83,7 @@ def _drop_stale_bitmaps(path):
     are the leaks being repaired)."""
     from ..spec import header as hdr
     from .._ext.fileio import File
-    from ..engine.bitmap import drop_stale_extension
+    from ..engine.bitmap_list import drop_stale_extension
     f = File(str(path), writable=True, direct=False)
     try:
         size = f.size()

@@ -5,6 +5,7 @@ writes implies."""
 import json
 import os
 import shutil
+import socket
 import subprocess
 import time
 
@@ -23,11 +24,12 @@ def qemu_dirty_map(path, name, sock_dir):
     sock = os.path.join(str(sock_dir), f"qnbd-{os.getpid()}.sock")
     if os.path.exists(sock):
         os.unlink(sock)
-    p = subprocess.Popen([QEMU_NBD, "-r", "-f", "qcow2", "-k", sock, "-B", name, str(path)],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    # -t: a probe connection (below) must not end the server
+    p = subprocess.Popen([QEMU_NBD, "-t", "-r", "-f", "qcow2", "-k", sock, "-B", name,
+                          str(path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
-        for _ in range(500):
-            if os.path.exists(sock) or p.poll() is not None:
+        for _ in range(1000):       # the socket file exists before qemu-nbd listens on it
+            if p.poll() is not None or _accepts(sock):
                 break
             time.sleep(0.01)
         if p.poll() is not None:
@@ -38,6 +40,17 @@ def qemu_dirty_map(path, name, sock_dir):
         p.kill()
         p.wait()
     return [(e["offset"], e["length"], bool(e["type"] & 1)) for e in json.loads(out)]
+
+
+def _accepts(sock):
+    s = socket.socket(socket.AF_UNIX)
+    try:
+        s.connect(sock)
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()
 
 
 def merge_runs(extents):
