@@ -24,6 +24,16 @@ def add_image_arguments(p, *, output=False):
         p.add_argument("--output", dest="output", default="human", choices=("human", "json"))
 
 
+def image_option(key, value):
+    """One of IMAGE_OPTS -> (the keyword argument, its value)."""
+    arg = IMAGE_OPTS[key]
+    if arg == "lazy_refcounts":
+        return arg, parse_bool(value, key)
+    if arg == "cache_clean_interval":
+        return arg, int(value)
+    return arg, parse_size(value, key)
+
+
 def image_spec(name, fmt, image_opts):
     """(path, format, open keyword arguments) for a filename or an
     --image-opts string."""
@@ -39,13 +49,7 @@ def image_spec(name, fmt, image_opts):
             if value != "file":
                 raise UsageError(f"protocol {value!r} is not supported")
         elif key in IMAGE_OPTS:
-            arg = IMAGE_OPTS[key]
-            if arg == "lazy_refcounts":
-                kw[arg] = parse_bool(value, key)
-            elif arg == "cache_clean_interval":
-                kw[arg] = int(value)
-            else:
-                kw[arg] = parse_size(value, key)
+            arg, kw[arg] = image_option(key, value)
         else:
             raise UsageError(f"unsupported image option {key!r}")
     if path is None:

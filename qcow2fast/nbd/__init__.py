@@ -10,7 +10,9 @@
 
 Modules: protocol (wire format), handshake (option haggling), transmission
 (requests), channel (buffered socket I/O), export (the image as an NBD
-export), server (listener, threads, socket activation).  No TLS.
+export), contexts (metadata contexts: base:allocation,
+qemu:allocation-depth, qemu:dirty-bitmap:NAME), tls (X.509 credentials,
+STARTTLS), server (listener, threads, socket activation).
 """
 
 from .export import MAX_PAYLOAD, Export

@@ -81,6 +81,19 @@ class Channel:
             self.read(step)
             n -= step
 
+    def starttls(self, context, timeout):
+        """Upgrade the connection to TLS (NBD_OPT_STARTTLS, once its ACK is
+        queued): the ACK is sent, then the handshake runs (bounded by
+        ``timeout`` seconds).  The client sends nothing between its option
+        and the handshake, so no plain input may be left buffered."""
+        if self._rend - self._rpos:
+            raise ValueError("the client sent data before the TLS handshake")
+        self.flush()
+        self._rpos = self._rend = 0
+        self.sock.settimeout(timeout)
+        self.sock = context.wrap_socket(self.sock, server_side=True)
+        self.sock.settimeout(None)
+
     # -- sending ---------------------------------------------------------------------------
 
     def reserve(self, n):

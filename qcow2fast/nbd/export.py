@@ -8,23 +8,23 @@ cache), so a flush on any connection covers the writes of all of them:
 that is what NBD_FLAG_CAN_MULTI_CONN promises.
 """
 
+import numpy as np
+
 from .. import open as open_qcow2
 from ..engine.backing import probe_format
 from ..host.raw import RawImage
 from ..errors import InvalidArgumentError, Qcow2Error, ReadOnlyImageError
 from . import protocol as P
+from .contexts import Contexts, find_bitmaps
 
 # The largest READ/WRITE payload, advertised in NBD_INFO_BLOCK_SIZE.
 # Larger requests are refused without allocating anything.
 MAX_PAYLOAD = 32 << 20
 PREFERRED_BLOCK = 4096
 
-# Metadata contexts offered, with the id each is given when selected.
-CONTEXTS = {P.BASE_ALLOCATION: 1, P.QEMU_ALLOCATION_DEPTH: 2}
-
-# A block status reply carries at most this many descriptors per context
-# (the protocol lets the server describe less than the requested range).
-MAX_DESCRIPTORS = 1 << 16
+# qemu's --discard and --detect-zeroes values (discard: each alias -> its mode).
+DISCARD_MODES = {"ignore": "ignore", "off": "ignore", "unmap": "unmap", "on": "unmap"}
+DETECT_ZEROES_MODES = ("off", "on", "unmap")
 
 ZERO_CHUNK = 1 << 20
 CACHE_CHUNK = 1 << 20
@@ -82,7 +82,17 @@ def _merged(runs):
 class Export:
     """One image under one export name."""
 
-    def __init__(self, image, name="", description=None, read_only=None):
+    def __init__(self, image, name="", description=None, read_only=None, *,
+                 allocation_depth=True, bitmaps=(), multi_conn=True, discard="unmap",
+                 detect_zeroes="off"):
+        if discard not in DISCARD_MODES:
+            raise InvalidArgumentError(f"Invalid discard mode `{discard}'")
+        if detect_zeroes not in DETECT_ZEROES_MODES:
+            raise InvalidArgumentError("Failed to parse detect_zeroes mode: invalid "
+                                       f"parameter value: {detect_zeroes}")
+        if detect_zeroes == "unmap" and DISCARD_MODES[discard] != "unmap":
+            raise InvalidArgumentError("setting detect-zeroes to unmap is not allowed "
+                                       "without setting discard operation to unmap")
         self.image = image
         self.name = name
         self.description = description
@@ -90,13 +100,20 @@ class Export:
         self.read_only = bool(image.read_only if read_only is None else read_only) \
             or image.read_only
         self.qcow2 = getattr(image, "header", None) is not None
+        self.contexts = Contexts(allocation_depth, find_bitmaps(image, bitmaps))
+        self.multi_conn = multi_conn
+        # qemu's BDRV_O_UNMAP: without it TRIM does nothing and zeroing keeps clusters
+        self.unmap = DISCARD_MODES[discard] == "unmap"
+        self.detect_zeroes = detect_zeroes
 
     def matches(self, name):
         """The export answers to its name, and to "" (the default export)."""
         return name in (self.name, "")
 
     def transmission_flags(self, structured):
-        flags = P.NBD_FLAG_HAS_FLAGS | P.NBD_FLAG_SEND_FLUSH | P.NBD_FLAG_CAN_MULTI_CONN
+        flags = P.NBD_FLAG_HAS_FLAGS | P.NBD_FLAG_SEND_FLUSH
+        if self.multi_conn:
+            flags |= P.NBD_FLAG_CAN_MULTI_CONN
         if self.read_only:
             flags |= P.NBD_FLAG_READ_ONLY
         else:
@@ -135,9 +152,17 @@ class Export:
         img = self.image
         if not self.qcow2:
             return False
-        return img.version >= 3 or (img.backing is None and may_unmap)
+        return img.version >= 3 or (img.backing is None and may_unmap and self.unmap)
+
+    def write(self, offset, data):
+        """NBD_CMD_WRITE; with --detect-zeroes, a buffer of zeros is written
+        as zeroes (unmapping with ``unmap``, as qemu's detect-zeroes)."""
+        if self.detect_zeroes != "off" and not np.frombuffer(data, np.uint8).any():
+            return self.write_zeroes(offset, len(data), self.detect_zeroes == "unmap")
+        self.image.write(offset, data)
 
     def write_zeroes(self, offset, length, may_unmap):
+        may_unmap = may_unmap and self.unmap
         if self.qcow2:
             self.image.write_zeroes(offset, length, may_unmap=may_unmap)
             return
@@ -146,46 +171,7 @@ class Export:
             self.image.write(pos, zeros[:min(ZERO_CHUNK, offset + length - pos)])
 
     def trim(self, offset, length):
-        """A hint: qcow2 frees the whole clusters inside; raw files keep their data."""
-        if self.qcow2:
+        """A hint: qcow2 frees the whole clusters inside (unless discard is
+        ignored, qemu-nbd's default); raw files keep their data."""
+        if self.qcow2 and self.unmap:
             self.image.discard(offset, length)
-
-    # -- block status -------------------------------------------------------------------------
-
-    def block_status(self, offset, length, context_ids, req_one):
-        """For each selected context id: [(length, flags), ...] describing
-        [offset, offset+length) from its start (possibly less than all of it)."""
-        extents = self.image.block_status(offset, length)
-        out = []
-        for name, cid in context_ids:
-            state = _base_allocation if name == P.BASE_ALLOCATION else (
-                _allocation_depth if self.qcow2 else _raw_depth)
-            descs = []
-            for e in extents:
-                flags = state(e)
-                if descs and descs[-1][1] == flags:
-                    descs[-1][0] += e.length
-                elif descs and (req_one or len(descs) == MAX_DESCRIPTORS):
-                    break
-                else:
-                    descs.append([e.length, flags])
-            out.append((cid, descs))
-        return out
-
-
-def _base_allocation(e):
-    """Data (and compressed data) is allocated; zero clusters and
-    unallocated ranges (through the whole chain) read as zeros and are holes."""
-    if e.kind in ("zero", "unallocated"):
-        return P.NBD_STATE_HOLE | P.NBD_STATE_ZERO
-    return 0
-
-
-def _allocation_depth(e):
-    """qemu:allocation-depth: 0 unallocated in the whole chain, 1 this
-    image, 2 its backing file, ..."""
-    return 0 if e.kind == "unallocated" else e.depth + 1
-
-
-def _raw_depth(e):
-    return 1        # a raw file has one layer, and all of it is "allocated"

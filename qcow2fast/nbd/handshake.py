@@ -11,7 +11,8 @@ be anything but abuse) ends the connection.
 import logging
 
 from . import protocol as P
-from .export import CONTEXTS, MAX_PAYLOAD, PREFERRED_BLOCK
+from .export import MAX_PAYLOAD, PREFERRED_BLOCK
+from .tls import HANDSHAKE_TIMEOUT
 
 log = logging.getLogger("qcow2fast.nbd")
 
@@ -30,6 +31,7 @@ class Session:
     def __init__(self):
         self.structured = False
         self.no_zeroes = False
+        self.tls = False            # the connection was upgraded by NBD_OPT_STARTTLS
         self.contexts = []          # [(name, id)] selected by NBD_OPT_SET_META_CONTEXT
 
 
@@ -70,9 +72,11 @@ class _Reader:
             raise _Invalid(f"{len(self.data) - self.pos} unexpected bytes of option data")
 
 
-def negotiate(chan, export):
+def negotiate(chan, export, tls=None):
     """Run the handshake on ``chan``; returns the Session to enter
-    transmission with, or None when the client aborted."""
+    transmission with, or None when the client aborted.  With ``tls`` (an
+    ``ssl.SSLContext``) TLS is required: nothing but NBD_OPT_STARTTLS is
+    served before the upgrade."""
     chan.send(P.SERVER_GREETING.pack(P.NBDMAGIC, P.IHAVEOPT,
                                      P.NBD_FLAG_FIXED_NEWSTYLE | P.NBD_FLAG_NO_ZEROES))
     (cflags,) = P.CLIENT_FLAGS.unpack(chan.read(4))
@@ -80,7 +84,7 @@ def negotiate(chan, export):
         raise ProtocolError(f"unknown client flags {cflags:#x}")
     session = Session()
     session.no_zeroes = bool(cflags & P.NBD_FLAG_C_NO_ZEROES)
-    haggler = _Options(chan, export, session)
+    haggler = _Options(chan, export, session, tls)
     while True:
         magic, option, length = P.OPTION_HEADER.unpack(chan.read(P.OPTION_HEADER.size))
         if magic != P.IHAVEOPT:
@@ -101,8 +105,9 @@ class _Options:
     """One handler per option; each returns None to go on haggling, True
     to enter transmission, False to end the session."""
 
-    def __init__(self, chan, export, session):
+    def __init__(self, chan, export, session, tls=None):
         self.chan, self.export, self.session = chan, export, session
+        self.tls = tls
         self.handlers = {
             P.NBD_OPT_EXPORT_NAME: self.export_name,
             P.NBD_OPT_ABORT: self.abort,
@@ -123,6 +128,8 @@ class _Options:
         self.reply(option, rtype, message.encode()[:P.MAX_STRING])
 
     def handle(self, option, data):
+        if self.tls is not None and not self.session.tls and option != P.NBD_OPT_STARTTLS:
+            return self.before_tls(option)
         handler = self.handlers.get(option)
         if handler is None:
             self.error(option, P.NBD_REP_ERR_UNSUP, f"option {option} is not supported")
@@ -188,8 +195,32 @@ class _Options:
         self.reply(option, P.NBD_REP_SERVER, P.U32.pack(len(name)) + name)
         self.reply(option, P.NBD_REP_ACK)
 
+    def before_tls(self, option):
+        """qemu-nbd's answers while TLS is required and not yet started:
+        NBD_OPT_EXPORT_NAME (which cannot be refused) drops the
+        connection; anything else gets NBD_REP_ERR_TLS_REQD, and
+        NBD_OPT_ABORT then ends the session."""
+        message = f"Option {option:#x} not permitted before TLS"
+        if option == P.NBD_OPT_EXPORT_NAME:
+            raise ProtocolError(message)
+        self.error(option, P.NBD_REP_ERR_TLS_REQD, message)
+        return False if option == P.NBD_OPT_ABORT else None
+
     def starttls(self, option, r):
-        self.error(option, P.NBD_REP_ERR_POLICY, "TLS is not supported by this server")
+        if r.data:      # qemu-nbd drops a client that cannot start TLS correctly
+            self.error(option, P.NBD_REP_ERR_INVALID, "option 'starttls' has unexpected length")
+            self.chan.flush()
+            raise ProtocolError("NBD_OPT_STARTTLS with option data")
+        if self.tls is None:
+            return self.error(option, P.NBD_REP_ERR_POLICY, "TLS not configured")
+        if self.session.tls:
+            return self.error(option, P.NBD_REP_ERR_INVALID, "TLS already enabled")
+        self.reply(option, P.NBD_REP_ACK)
+        try:
+            self.chan.starttls(self.tls, HANDSHAKE_TIMEOUT)
+        except ValueError as e:
+            raise ProtocolError(str(e)) from None
+        self.session.tls = True
 
     def structured_reply(self, option, r):
         r.end()
@@ -212,19 +243,15 @@ class _Options:
         name, queries = self._meta_queries(r)
         if queries is None:
             return self.error(option, P.NBD_REP_ERR_UNKNOWN, f"no export named {name!r}")
-        for ctx in CONTEXTS:
-            # No query lists everything; "ns:" lists the namespace's contexts.
-            if not queries or any(q == ctx or (q.endswith(":") and ctx.startswith(q))
-                                  for q in queries):
-                self._context_reply(option, ctx, 0)
+        for ctx in self.export.contexts.listed(queries):
+            self._context_reply(option, ctx, 0)
         self.reply(option, P.NBD_REP_ACK)
 
     def set_meta_context(self, option, r):
         name, queries = self._meta_queries(r)
         if queries is None:
             return self.error(option, P.NBD_REP_ERR_UNKNOWN, f"no export named {name!r}")
-        self.session.contexts = [(q, CONTEXTS[q]) for q in dict.fromkeys(queries)
-                                 if q in CONTEXTS]
+        self.session.contexts = self.export.contexts.selected(queries)
         for ctx, cid in self.session.contexts:
             self._context_reply(option, ctx, cid)
         self.reply(option, P.NBD_REP_ACK)

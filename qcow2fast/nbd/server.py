@@ -27,6 +27,7 @@ log = logging.getLogger("qcow2fast.nbd")
 
 DEFAULT_PORT = 10809
 SD_LISTEN_FDS_START = 3
+UNLIMITED = 1 << 30     # "shared=0": a semaphore that never blocks
 STOP_GRACE = 5.0        # seconds connections get to finish their request on stop
 
 
@@ -56,25 +57,39 @@ class Server:
     Listen on ``socket_path`` (Unix), or ``host``/``port`` (TCP; port 0
     picks a free one, see ``address``), or the already listening
     ``sockets`` (e.g. ``socket_activation_sockets()``).  At most ``shared``
-    clients are served at once; more wait in the listen backlog.  Unless
-    ``persistent``, the server stops when its last client has gone.
+    clients are served at once (0: any number); more wait in the listen
+    backlog; NBD_FLAG_CAN_MULTI_CONN is advertised unless ``shared`` is 1,
+    as qemu-nbd does.  Unless ``persistent``, the server stops when its
+    last client has gone.  ``tls`` (an ``ssl.SSLContext``, see nbd/tls.py)
+    requires TLS of every client.  ``allocation_depth``, ``bitmaps``,
+    ``discard`` and ``detect_zeroes`` are qemu-nbd's ``-A``, ``-B``,
+    ``--discard`` and ``--detect-zeroes`` (see :class:`Export`).
     """
 
     def __init__(self, image, *, socket_path=None, host=None, port=None, sockets=None,
                  read_only=None, export_name="", description=None, shared=16,
-                 persistent=True, fmt=None, open_options=None):
-        if shared < 1:
-            raise ValueError("shared must be at least 1")
+                 persistent=True, fmt=None, open_options=None, tls=None,
+                 allocation_depth=True, bitmaps=(), discard="unmap", detect_zeroes="off"):
+        if shared < 0:
+            raise ValueError("shared must be 0 (no limit) or more")
         self._owns_image = isinstance(image, (str, os.PathLike))
         if self._owns_image:
             image = open_export_image(os.fspath(image), read_only=bool(read_only), fmt=fmt,
                                       **(open_options or {}))
-        self.export = Export(image, export_name, description, read_only)
+        try:
+            self.export = Export(image, export_name, description, read_only,
+                                 allocation_depth=allocation_depth, bitmaps=bitmaps,
+                                 multi_conn=shared != 1, discard=discard,
+                                 detect_zeroes=detect_zeroes)
+        except BaseException:
+            self._release_image(image)
+            raise
+        self.tls = tls
         self.socket_path = socket_path
         self.persistent = persistent
-        self._slots = threading.Semaphore(shared)
+        self._slots = threading.Semaphore(shared or UNLIMITED)
         self._lock = threading.Lock()
-        self._clients = {}                  # thread -> socket
+        self._clients = {}                  # thread -> its connection's Channel
         self._stopping = threading.Event()
         self._stopped = threading.Event()
         self._acceptor = None
@@ -83,7 +98,7 @@ class Server:
             self._listeners = list(sockets) if sockets else [self._listen(socket_path, host,
                                                                           port)]
         except BaseException:
-            self._release_image()
+            self._release_image(self.export.image)
             raise
 
     # -- setting up -----------------------------------------------------------------------
@@ -192,16 +207,16 @@ class Server:
         conn.setblocking(True)
         if conn.family in (socket.AF_INET, socket.AF_INET6):
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        t = threading.Thread(target=self._serve_client, args=(conn, peer or "unix"),
+        chan = Channel(conn)
+        t = threading.Thread(target=self._serve_client, args=(chan, peer or "unix"),
                              name=f"nbd-client-{peer}", daemon=True)
         with self._lock:
-            self._clients[t] = conn
+            self._clients[t] = chan
         t.start()
 
-    def _serve_client(self, conn, peer):
+    def _serve_client(self, chan, peer):
         try:
-            chan = Channel(conn)
-            session = negotiate(chan, self.export)
+            session = negotiate(chan, self.export, self.tls)
             if session is not None:
                 Transmission(chan, self.export, session, str(peer)).run()
                 chan.flush()
@@ -216,7 +231,7 @@ class Server:
             log.exception("nbd: %s: unexpected error, connection dropped", peer)
         finally:
             try:
-                conn.close()
+                chan.sock.close()               # the TLS socket, after STARTTLS
             finally:
                 with self._lock:
                     self._clients.pop(threading.current_thread(), None)
@@ -251,13 +266,13 @@ class Server:
             self._acceptor.join()
         with self._lock:
             clients = dict(self._clients)
-        for conn in clients.values():
-            _shutdown(conn, socket.SHUT_RD)      # the next read sees end of file
+        for chan in clients.values():
+            _shutdown(chan.sock, socket.SHUT_RD)     # the next read sees end of file
         for t in clients:
             t.join(STOP_GRACE)
-        for t, conn in clients.items():
+        for t, chan in clients.items():
             if t.is_alive():                     # stuck sending to a client that reads nothing
-                _shutdown(conn, socket.SHUT_RDWR)
+                _shutdown(chan.sock, socket.SHUT_RDWR)
                 t.join()
         for s in self._listeners:
             s.close()
@@ -268,12 +283,12 @@ class Server:
                 pass
         self._wake_r.close()
         self._wake_w.close()
-        self._release_image()
+        self._release_image(self.export.image)
         self._stopped.set()
 
-    def _release_image(self):
+    def _release_image(self, image):
         if self._owns_image:
-            self.export.image.close()
+            image.close()
 
 
 def _shutdown(conn, how):

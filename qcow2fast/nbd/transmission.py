@@ -13,6 +13,7 @@ import logging
 
 from . import protocol as P
 from .channel import Disconnected
+from .contexts import descriptors
 from .export import HOLE_MIN, MAX_PAYLOAD, RequestError, nbd_error
 from .handshake import ProtocolError
 
@@ -63,6 +64,8 @@ class Transmission:
             P.NBD_CMD_BLOCK_STATUS: self.block_status,
             P.NBD_CMD_CACHE: self.cache,
         }
+        # WRITE goes straight to the image unless zeros are to be detected
+        self._write = export.write if export.detect_zeroes != "off" else self.image.write
         self._wbuf = None           # reused for WRITE payloads not already buffered
         self._unread = 0
 
@@ -207,7 +210,7 @@ class Transmission:
             data = memoryview(buf)[:length]
             chan.readinto(data)
         self._unread = 0
-        self.image.write(offset, data)
+        self._write(offset, data)
         if flags & P.NBD_CMD_FLAG_FUA:
             self.image.flush()
         self.ok(handle)
@@ -239,8 +242,8 @@ class Transmission:
             raise RequestError(P.NBD_EINVAL, "BLOCK_STATUS without a metadata context")
         if not length:
             raise RequestError(P.NBD_EINVAL, "BLOCK_STATUS of 0 bytes")
-        replies = self.export.block_status(offset, length, self.contexts,
-                                           bool(flags & P.NBD_CMD_FLAG_REQ_ONE))
+        replies = descriptors(self.export, offset, length, self.contexts,
+                              bool(flags & P.NBD_CMD_FLAG_REQ_ONE))
         for i, (cid, descs) in enumerate(replies):
             payload = bytearray(4 + 8 * len(descs))
             P.U32.pack_into(payload, 0, cid)

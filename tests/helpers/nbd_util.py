@@ -5,16 +5,20 @@ from ``qcow2fast.nbd.protocol``, so a layout error shows up as a client
 that cannot talk to qemu-img, not as two matching mistakes)."""
 
 import contextlib
+import os
 import shutil
 import socket
 import struct
+import subprocess
+import sys
+import time
 
 import pytest
 
 import qcow2fast.nbd
 from qcow2fast.nbd import protocol as P
 
-from .qemu_util import IN_CI, run
+from .qemu_util import IN_CI, REPO, run
 
 NBDINFO = shutil.which("nbdinfo")
 NBDCOPY = shutil.which("nbdcopy")
@@ -50,6 +54,57 @@ def served(image, tmp_path, *, tcp=False, **options):
         yield server, uri
     finally:
         server.close()
+
+
+QEMU_NBD = shutil.which("qemu-nbd")
+
+
+def start_cli(args, sock):
+    """``qcow2fast serve ARGS`` in a subprocess, once ``sock`` exists."""
+    return start_server([sys.executable, "-m", "qcow2fast", "serve", *args], sock)
+
+
+def start_qemu_nbd(args, sock):
+    """``qemu-nbd ARGS`` (the oracle) in a subprocess, once ``sock`` exists."""
+    if not QEMU_NBD:
+        pytest.fail("qemu-nbd not installed (Debian package qemu-utils)", pytrace=False)
+    return start_server([QEMU_NBD, *args], sock)
+
+
+def stop_server(p):
+    """SIGTERM, and the server's exit status."""
+    if p.poll() is None:
+        p.terminate()
+    return p.wait(timeout=60)
+
+
+def side_by_side(tmp_path, args, image, fn, *, copy=False):
+    """fn(uri, image) with qemu-nbd ARGS serving, then with serve ARGS; the
+    two results.  With ``copy``, each server gets its own copy of image."""
+    out = []
+    for name, start in (("qemu", start_qemu_nbd), ("ours", start_cli)):
+        path = image
+        if copy:
+            path = tmp_path / f"{name}-{os.path.basename(image)}"
+            path.write_bytes(open(image, "rb").read())
+        sock = str(tmp_path / f"{name}.sock")
+        p = start(["-k", sock, *args, path], sock)
+        try:
+            out.append(fn(unix_uri(sock), path))
+        finally:
+            stop_server(p)
+    return out
+
+
+def start_server(cmd, sock):
+    p = subprocess.Popen([str(a) for a in cmd], env=dict(os.environ, PYTHONPATH=REPO),
+                         stderr=subprocess.PIPE)
+    for _ in range(600):                        # wait for the socket (up to a minute)
+        if os.path.exists(sock) or p.poll() is not None:
+            break
+        time.sleep(0.1)
+    assert os.path.exists(sock), p.stderr.read().decode() if p.poll() is not None else ""
+    return p
 
 
 def nbdinfo(*args, check=True):
@@ -140,7 +195,9 @@ class RawClient:
             assert self.option(P.NBD_OPT_STRUCTURED_REPLY) == [(P.NBD_REP_ACK, b"")]
             self.structured = True
         if contexts:
-            self.option(P.NBD_OPT_SET_META_CONTEXT, self.meta_data(name, contexts))
+            replies = self.option(P.NBD_OPT_SET_META_CONTEXT, self.meta_data(name, contexts))
+            self.context_ids = {d[4:].decode(): P.U32.unpack(d[:4])[0]
+                                for t, d in replies if t == P.NBD_REP_META_CONTEXT}
         replies = self.option(P.NBD_OPT_GO, self.go_data(name))
         assert replies[-1][0] == P.NBD_REP_ACK, replies
         for rtype, data in replies:

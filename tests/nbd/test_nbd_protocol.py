@@ -238,7 +238,8 @@ def test_write_fua_flush_trim_zero_and_block_status(server, image):
     chunks = {P.U32.unpack(p[:4])[0]: [P.BLOCK_DESCRIPTOR.unpack_from(p, 4 + 8 * i)
                                        for i in range((len(p) - 4) // 8)]
               for t, p in r.chunks if t == P.NBD_REPLY_TYPE_BLOCK_STATUS}
-    base, depth = chunks[1], chunks[2]
+    ids = a.context_ids
+    base, depth = chunks[ids["base:allocation"]], chunks[ids["qemu:allocation-depth"]]
     assert sum(n for n, _ in base) == SIZE and base[0] == (128 << 10, 3)
     assert base[1] == ((512 - 128) << 10, 0) and base[2] == (256 << 10, 3)
     assert depth[0][1] == 1 and depth[-1] == (SIZE - (2 << 20) - (128 << 10), 0)

@@ -1,0 +1,149 @@
+"""``json:{...}`` file names: qemu's block-driver option trees given as
+a file name (qemu block.c, ``bdrv_parse_filename``/``parse_json_filename``),
+for the drivers qcow2fast has, with qemu's messages:
+
+- ``{"driver": "qcow2", "file": {"driver": "file", "filename": P}}``,
+  with ``"backing": null`` for the image alone (its unallocated clusters
+  read as zeros), and the ``--image-opts`` cache keys;
+- ``{"driver": "raw", "file": NODE, "offset": N, "size": N}``: a window on
+  a file or on a qcow2/raw node (block/raw-format.c);
+- ``{"driver": "file", "filename": P}``: the file itself;
+- no ``driver``: the format of ``file`` is probed.
+
+Dotted keys (``"file.filename": P``) are the same as nested objects.
+``open_json(name, ...)`` returns an open image (the block-device
+interface of host/device.py).
+"""
+
+import json
+
+from .. import open as open_qcow2
+from ..engine.backing import probe_format
+from ..errors import InvalidArgumentError, Qcow2Error
+from ..host.raw import RawImage
+from ..host.window import RawWindow
+from .common import IMAGE_OPTS, image_option
+from .options import UsageError, parse_size
+
+PREFIX = "json:"
+
+
+def is_json(name):
+    return isinstance(name, str) and name.startswith(PREFIX)
+
+
+def parse(name):
+    """The option tree of a ``json:`` file name, dotted keys nested."""
+    try:
+        tree = json.loads(name[len(PREFIX):])
+    except ValueError as e:
+        raise UsageError(f"Could not parse the JSON options: {e}") from None
+    if not isinstance(tree, dict):
+        raise UsageError("Invalid JSON object given")
+    return _nested(tree)
+
+
+def _nested(tree):
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            value = _nested(value)
+        head, dot, rest = key.partition(".")
+        if dot:
+            sub = out.setdefault(head, {})
+            if not isinstance(sub, dict):
+                raise UsageError(f"Cannot mix '{head}' and '{key}' in the JSON options")
+            sub.update(_nested({rest: value}))
+        else:
+            out[key] = value
+    return out
+
+
+def open_json(name, *, writable=False, fmt=None, **extra):
+    """Open the image a ``json:`` file name describes (``fmt``, e.g. -f,
+    stands for a missing top-level ``driver``; ``extra``, e.g. the cache
+    mode, goes to every qcow2 node)."""
+    tree = parse(name)
+    if fmt and "driver" not in tree:
+        tree["driver"] = fmt
+    try:
+        return _open(tree, writable, extra)
+    except (Qcow2Error, OSError) as e:
+        why = (f"Could not open '{e.filename}': {e.strerror}"
+               if isinstance(e, OSError) and e.filename and e.strerror else str(e))
+        raise UsageError(f"Could not open '{name}': {why}") from e
+
+
+def _open(node, writable, extra):
+    driver = node.get("driver")
+    if driver is None:
+        driver = probe_format(_file_path(node.get("file")))
+    if driver == "file":
+        return RawImage(_file_path(node), writable=writable)
+    if driver == "qcow2":
+        return _open_qcow2(node, writable, extra)
+    if driver == "raw":
+        return _open_raw(node, writable, extra)
+    raise InvalidArgumentError(f"Unknown driver '{driver}'")
+
+
+def _file_path(node):
+    """The path of a ``file`` protocol node."""
+    if isinstance(node, str):
+        raise InvalidArgumentError(f"Cannot find device='{node}' nor node-name='{node}'")
+    if not isinstance(node, dict) or "filename" not in node:
+        raise InvalidArgumentError("A block device must be specified for \"file\"")
+    driver = node.get("driver", "file")
+    if driver != "file":
+        raise InvalidArgumentError(f"protocol '{driver}' is not supported (supported: file)")
+    _only(node, ("driver", "filename"), "Block protocol 'file' doesn't support the option")
+    return node["filename"]
+
+
+def _only(node, keys, message):
+    for key in node:
+        if key not in keys:
+            raise InvalidArgumentError(f"{message} '{key}'")
+
+
+def _open_qcow2(node, writable, extra):
+    _only(node, ("driver", "file", "backing", *IMAGE_OPTS),
+          "Block format 'qcow2' does not support the option")
+    kw = dict(image_option(key, str(node[key]).lower() if isinstance(node[key], bool)
+                           else str(node[key])) for key in node if key in IMAGE_OPTS)
+    backing = node.get("backing", True)
+    if backing is not None and backing is not True:     # a node name: not supported
+        raise InvalidArgumentError("Block format 'qcow2' does not support the option "
+                                   "'backing'")
+    return open_qcow2(_file_path(node.get("file")), "r+" if writable else "r",
+                      backing=backing is not None,
+                      cache_clean_interval=kw.pop("cache_clean_interval", 0), **kw, **extra)
+
+
+def _open_raw(node, writable, extra):
+    _only(node, ("driver", "file", "offset", "size"),
+          "Block format 'raw' does not support the option")
+    offset, size = (_size(node, key) for key in ("offset", "size"))
+    below = node.get("file")
+    if isinstance(below, dict) and below.get("driver", "file") != "file":
+        image = _open(below, writable, extra)
+    else:
+        image = RawImage(_file_path(below), writable=writable)
+    if offset is None and size is None:
+        return image
+    try:
+        return RawWindow(image, offset or 0, size)
+    except BaseException:
+        image.close()
+        raise
+
+
+def _size(node, key):
+    value = node.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or (isinstance(value, int) and value < 0) or \
+            not isinstance(value, (int, str)):
+        raise InvalidArgumentError(f"Parameter '{key}' expects a non-negative number "
+                                   "below 2^64")
+    return value if isinstance(value, int) else parse_size(value, key)

@@ -1,0 +1,103 @@
+"""TLS as qemu-nbd does it (``--object tls-creds-x509,...,endpoint=server
+--tls-creds ID``): libnbd's TLS clients (nbdinfo, nbdcopy with nbds+unix://
+and tls-certificates=DIR) get the data; plain connections, and clients
+without a certificate the CA signed, are refused with qemu-nbd's replies
+(compared option by option with qemu-nbd 7.2)."""
+
+import ssl
+
+import pytest
+
+from qcow2fast.nbd import protocol as P
+
+from tests.helpers.nbd_util import (RawClient, nbdcopy, nbdinfo, start_cli, start_qemu_nbd,
+                                    stop_server)
+from tests.helpers.qemu_util import MiB, qemu_create, qemu_img, qemu_io
+from tests.helpers.tls_util import make_certificates
+
+pytestmark = pytest.mark.qemu
+
+
+@pytest.fixture
+def pki(tmp_path):
+    return make_certificates(tmp_path / "pki")
+
+
+@pytest.fixture
+def image(tmp_path, qemu):
+    path = qemu_create(tmp_path / "t.qcow2", 4 * MiB)
+    qemu_io(path, "write -P 0x3c 64k 1M")
+    return path
+
+
+def tls_args(pki):
+    return ["--object", f"tls-creds-x509,id=tls0,dir={pki},endpoint=server",
+            "--tls-creds", "tls0"]
+
+
+def tls_uri(sock, pki):
+    return f"nbds+unix:///?socket={sock}&tls-certificates={pki}"
+
+
+def test_libnbd_clients_over_tls(image, pki, tmp_path):
+    sock = str(tmp_path / "tls.sock")
+    p = start_cli(["-t", "-r", "-k", sock, *tls_args(pki), image], sock)
+    try:
+        out = nbdinfo(tls_uri(sock, pki)).stdout_text
+        assert "with TLS" in out
+        copy = tmp_path / "copy.raw"
+        nbdcopy(tls_uri(sock, pki), str(copy))
+        expected = tmp_path / "expected.raw"
+        qemu_img("convert", "-O", "raw", image, expected)
+        assert copy.read_bytes() == expected.read_bytes()
+        # Refused: a plain client, and a TLS client without a client certificate.
+        assert nbdinfo(f"nbd+unix:///?socket={sock}", check=False).returncode != 0
+        no_cert = make_certificates(tmp_path / "other", client=False)
+        (no_cert / "ca-cert.pem").write_bytes((pki / "ca-cert.pem").read_bytes())
+        assert nbdinfo(tls_uri(sock, no_cert), check=False).returncode != 0
+    finally:
+        assert stop_server(p) == 0
+
+
+def _answers(sock, pki):
+    """Option replies before TLS (each on a new connection), then after
+    STARTTLS on a TLS socket; for a server without TLS, its STARTTLS replies."""
+    out = []
+    before = [(P.NBD_OPT_STARTTLS, b"x")]
+    if pki is not None:
+        before += [(P.NBD_OPT_LIST, b""), (P.NBD_OPT_GO, RawClient.go_data("")),
+                   (P.NBD_OPT_STRUCTURED_REPLY, b""), (P.NBD_OPT_ABORT, b"")]
+    for option, data in before:
+        c = RawClient(sock)
+        out.append(c.option(option, data))
+        c.close()
+    c = RawClient(sock)
+    out.append(c.option(P.NBD_OPT_STARTTLS))
+    if pki is not None:
+        ctx = ssl.create_default_context(cafile=str(pki / "ca-cert.pem"))
+        ctx.load_cert_chain(pki / "client-cert.pem", pki / "client-key.pem")
+        c.sock = ctx.wrap_socket(c.sock, server_hostname="localhost")
+        out.append(c.option(P.NBD_OPT_STARTTLS))
+        out.append([t for t, _ in c.option(P.NBD_OPT_GO, c.go_data(""))])
+        c.disconnect()
+        c = RawClient(sock)             # NBD_OPT_EXPORT_NAME before TLS: dropped
+        c.sock.sendall(P.OPTION_HEADER.pack(P.IHAVEOPT, P.NBD_OPT_EXPORT_NAME, 0))
+        out.append(c.at_eof())
+    c.close()
+    return out
+
+
+@pytest.mark.parametrize("tls", [True, False], ids=["tls-required", "no-tls"])
+def test_option_replies_as_qemu_nbd(image, pki, tmp_path, tls):
+    answers = []
+    for name, start in (("qemu", start_qemu_nbd), ("ours", start_cli)):
+        sock = str(tmp_path / f"{name}.sock")
+        p = start(["-t", "-r", "-k", sock, *(tls_args(pki) if tls else []), image], sock)
+        try:
+            answers.append(_answers(sock, pki if tls else None))
+        finally:
+            stop_server(p)
+    theirs, ours = answers
+    assert ours == theirs
+    refused = (P.NBD_REP_ERR_TLS_REQD, b"Option 0x3 not permitted before TLS")
+    assert (theirs[1] == [refused]) if tls else theirs[-1][0][0] == P.NBD_REP_ERR_POLICY
