@@ -13,9 +13,9 @@ from typing import TYPE_CHECKING
 
 from .ops.convert import convert
 from .ops.create import create
-from .errors import (ConvertError, CorruptImageError, ImageClosedError, InvalidArgumentError,
-                     LimitExceededError, Qcow2Error, ReadOnlyImageError, RepairError,
-                     UnsupportedFeatureError)
+from .errors import (ConvertError, CorruptImageError, ImageClosedError, ImageLockedError,
+                     InvalidArgumentError, LimitExceededError, Qcow2Error, ReadOnlyImageError,
+                     RepairError, UnsupportedFeatureError, UntrustedImageError)
 from .extent import Extent
 from .engine.image import Image
 
@@ -27,7 +27,8 @@ __version__ = "0.1.0"
 
 __all__ = ["open", "create", "convert", "Image", "Extent", "Qcow2Error", "CorruptImageError",
            "UnsupportedFeatureError", "InvalidArgumentError", "ReadOnlyImageError",
-           "ImageClosedError", "LimitExceededError", "RepairError", "ConvertError"]
+           "ImageClosedError", "LimitExceededError", "RepairError", "ConvertError",
+           "ImageLockedError", "UntrustedImageError"]
 
 
 def open(  # noqa: A001 - mirrors the builtin on purpose

@@ -9,6 +9,7 @@ import json
 import sys
 
 from ..errors import Qcow2Error
+from ..host.lock import Holder
 from .common import add_image_arguments, resolve_image
 
 
@@ -22,12 +23,27 @@ def add_parser(sub):
 
 
 def run(args):
-    from ..fsck.check import check_image     # imported for this command only
-    from ..fsck.repair import repair_image
-    path, fmt, _cache_opts = resolve_image(args.filename, args.fmt, args.image_opts)
+    path, fmt, opts = resolve_image(args.filename, args.fmt, args.image_opts)
     if fmt == "raw":
         print("qcow2fast: This image format does not support checks", file=sys.stderr)
         return 63
+    try:
+        # Held for the whole command, which opens the file several times.
+        holder = Holder(path, fmt, bool(args.repair), opts.get("force_share", args.force_share)) \
+            if opts.get("locking", True) else None
+    except Qcow2Error as e:
+        print(f"qcow2fast: {e}", file=sys.stderr)
+        return 1
+    try:
+        return _check(args, path)
+    finally:
+        if holder is not None:
+            holder.close()
+
+
+def _check(args, path):
+    from ..fsck.check import check_image     # imported for this command only
+    from ..fsck.repair import repair_image
     try:
         first = check_image(path, args.repair)
     except Qcow2Error as e:

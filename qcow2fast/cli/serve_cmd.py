@@ -15,7 +15,7 @@ import sys
 import threading
 
 from ..engine.image import CACHE_MODES
-from .common import add_image_arguments, open_image
+from .common import add_image_arguments, open_image, share_options
 from .options import UsageError
 
 
@@ -51,7 +51,7 @@ def run(args):
         raise UsageError("serve: give either --socket or --bind/--port")
     extra = {} if args.cache_mode == "writeback" else {"cache_mode": args.cache_mode}
     img = open_image(args.filename, args.fmt, image_opts=args.image_opts,
-                     writable=not args.read_only, **extra)
+                     writable=not args.read_only, **share_options(args), **extra)
     try:
         server = Server(img, socket_path=args.socket_path, host=args.host, port=args.port,
                         sockets=activated, read_only=args.read_only,
