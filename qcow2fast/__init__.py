@@ -9,7 +9,16 @@
 
 from __future__ import annotations
 
+import os as _os
+import sys as _sys
 from typing import TYPE_CHECKING
+
+# numpy's OpenBLAS would start a thread per CPU at import, each reserving
+# tens of MiB of address space (64 CPUs: more than the 1 GiB qemu-img is
+# given for untrusted images, host/limits.py); qcow2fast does no linear
+# algebra.  A program that does can set OPENBLAS_NUM_THREADS itself.
+if "numpy" not in _sys.modules:
+    _os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 from .ops.convert import convert
 from .ops.create import create

@@ -87,6 +87,8 @@ def _check(args, path):
 def _messages(res):
     for line in res.messages:
         print(line, file=sys.stderr)
+    if res.messages_dropped:
+        print(f"({res.messages_dropped} more lines like these not shown)", file=sys.stderr)
 
 
 # qemu's ImageCheck members in its order: (key, attribute, always present).

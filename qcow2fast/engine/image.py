@@ -34,7 +34,7 @@ from ..extent import Extent, merge_extents
 from ..host.file import open_image_file
 from ..spec import header as hdr
 from ..spec.geometry import Geometry
-from . import features
+from . import features, untrusted
 from .backing import open_backing
 from .cache import DEFAULT_CACHE_CLEAN_INTERVAL, CacheCleaner, make_caches
 from .cluster import Clusters
@@ -117,6 +117,8 @@ class Image(ImageCore):
               lazy_refcounts, backing, snapshot, chain, repair):
         file_size = f.size()
         h = hdr.parse_header(f.pread(0, min(file_size, MAX_HEADER_READ)), file_size)
+        if self.untrusted:
+            untrusted.check_image(self.path, h, len(chain))
         hdr.check_features(h, writable)
         why = None
         if h.incompatible_features & hdr.INCOMPAT_CORRUPT and writable:

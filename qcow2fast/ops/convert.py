@@ -41,6 +41,7 @@ from ..errors import InvalidArgumentError, UnsupportedFeatureError
 from ..host.file import pwrite_all
 from ..spec.constants import COMPRESSED, DATA, L1E_SIZE, UNALLOCATED, ZERO
 from .qcow2_writer import Qcow2Writer, runs
+from ..host.limits import fit_threads
 from ..host.lock import check_create
 from .sources import MUST_ZERO, READ, SKIP, UnitMarks, open_sources
 
@@ -307,7 +308,8 @@ def convert(sources: str | os.PathLike[str] | Iterable[str | os.PathLike[str]],
         sources = [sources]
     sources = [os.fspath(s) for s in sources]
     dest = os.fspath(dest)
-    threads = threads or os.cpu_count() or 1
+    # Under an address-space limit (prlimit --as) fewer threads than asked.
+    threads = fit_threads(threads or os.cpu_count() or 1)
     if not sources:
         raise InvalidArgumentError("convert: no source image")
     if format not in ("qcow2", "raw"):
