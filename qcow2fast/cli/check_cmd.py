@@ -9,6 +9,7 @@ import json
 import sys
 
 from ..errors import Qcow2Error
+from ..engine.untrusted import check_path
 from ..host.lock import Holder
 from .common import add_image_arguments, resolve_image
 
@@ -45,6 +46,8 @@ def _check(args, path):
     from ..fsck.check import check_image     # imported for this command only
     from ..fsck.repair import repair_image
     try:
+        if args.untrusted:              # check opens no backing file: the names only
+            check_path(path)
         first = check_image(path, args.repair)
     except Qcow2Error as e:
         print(f"qcow2fast: Could not open '{args.filename}': {e}", file=sys.stderr)

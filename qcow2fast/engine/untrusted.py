@@ -60,3 +60,15 @@ def check_image(path, h, chain_depth):
         if ext.type == hdr.EXT_DATA_FILE:
             check_file_name(path, ext.data.split(b"\0", 1)[0].decode(errors="replace"),
                             "external data file")
+
+
+def check_path(path):
+    """The rules for the image file at ``path`` alone (for commands, such
+    as check, that read it without opening it as an Image)."""
+    from .._ext.fileio import File
+    f = File(path)
+    try:
+        size = f.size()
+        check_image(path, hdr.parse_header(f.pread(0, min(size, 2 << 20)), size), 0)
+    finally:
+        f.close()

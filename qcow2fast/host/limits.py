@@ -9,7 +9,13 @@ takes address space is mostly not data: each thread reserves its stack
 conversion's VmPeak grows by about 87 MiB per worker thread.
 """
 
+import os
 import resource
+import signal
+import threading
+import time
+
+from ..errors import LimitExceededError
 
 THREAD_ADDRESS_SPACE = 96 << 20     # per worker thread, with a margin over the measured 87 MiB
 RESERVE = 128 << 20                 # for the caches, batch buffers and what the main thread needs
@@ -25,9 +31,63 @@ def address_space_left():
     return soft - used
 
 
+def memory_limit_note():
+    """' (the address-space limit, RLIMIT_AS, is N MiB)' when there is one."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    if soft == resource.RLIM_INFINITY:
+        return ""
+    return f" (the address-space limit, RLIMIT_AS, is {soft >> 20} MiB)"
+
+
 def fit_threads(threads):
     """``threads``, or fewer (at least one) if that many would not fit."""
     left = address_space_left()
     if left is None:
         return threads
     return max(1, min(threads, (left - RESERVE) // THREAD_ADDRESS_SPACE))
+
+
+class CpuGuard:
+    """Stops the command with a clear error just before RLIMIT_CPU ends it.
+
+    With ``prlimit --cpu=30`` (soft = hard) the kernel sends SIGKILL, not
+    SIGXCPU, at the limit: nothing would be said.  A daemon thread watches
+    the process's CPU time; at ``limit - MARGIN`` it raises
+    LimitExceededError in the main thread (through a SIGXCPU handler,
+    which also catches the kernel's own SIGXCPU when soft < hard); if the
+    main thread is still inside one long C call at ``limit - LAST``, the
+    message is written and the process exits with status 1."""
+
+    MARGIN, LAST, POLL = 1.5, 0.4, 0.05
+
+    def __init__(self, limit):
+        self.limit = limit
+        signal.signal(signal.SIGXCPU, self._raise)
+        self._main = threading.main_thread().ident
+        threading.Thread(target=self._watch, name="qcow2fast-cpu-guard", daemon=True).start()
+
+    @classmethod
+    def install(cls):
+        """A guard for this process's RLIMIT_CPU, if it has one."""
+        soft, _ = resource.getrlimit(resource.RLIMIT_CPU)
+        if soft == resource.RLIM_INFINITY or threading.current_thread() is not \
+                threading.main_thread():        # signal handlers: main thread only
+            return None
+        return cls(soft)
+
+    def message(self):
+        return (f"stopped: the CPU time limit of {self.limit} s (RLIMIT_CPU) is nearly "
+                "used up")
+
+    def _raise(self, *_):
+        raise LimitExceededError(self.message())
+
+    def _watch(self):
+        margin = min(self.MARGIN, self.limit / 4)
+        while time.process_time() < self.limit - margin:
+            time.sleep(self.POLL)
+        signal.pthread_kill(self._main, signal.SIGXCPU)
+        while time.process_time() < self.limit - min(self.LAST, self.limit / 10):
+            time.sleep(self.POLL)
+        os.write(2, f"qcow2fast: {self.message()}\n".encode())
+        os._exit(1)
