@@ -445,6 +445,17 @@ class Image(ImageCore):
                 out.append(Extent(start, e.offset + e.length - start, "unallocated", None, 0))
         return merge_extents(out)
 
+    def layer_status(self, offset: int, length: int) -> list[Extent]:
+        """This layer's own extents of [offset, offset+length) (depth 0):
+        "unallocated" where the layers below show through (commit and
+        rebase walk a chain layer by layer with it)."""
+        self._check_request(offset, length)
+        self._wrlock()
+        try:
+            return list(self.clusters.layer_extents(offset, length))
+        finally:
+            self._unlock()
+
     # -- growing the disk (create) ----------------------------------------------------------
 
     def _set_disk_size(self, size, preallocation="off"):

@@ -130,6 +130,15 @@ def lock(fd, name, perm, unshared, context=None):
     raise ImageLockedError(f"{context}: {detail}", path=name, detail=detail)
 
 
+def take_over(fd, fmt):
+    """Take a writer's lock bytes on ``fd`` without the check, for a writer
+    opened (with ``locking=False``) by a process that already keeps other
+    writers out through another descriptor of the file -- commit's base,
+    which the chain above it holds read-only -- as qemu reopens that node
+    read-write.  Other readers are then refused, as under qemu's commit."""
+    apply(fd, *permissions(fmt, True))
+
+
 def check_create(path):
     """Refuse to create (truncate) ``path`` while another process uses it,
     as qemu's file-posix create does: it asks for write and resize and
