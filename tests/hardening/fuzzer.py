@@ -322,6 +322,9 @@ def run_one(target, data, work, timeout=20):
         os.close(r)
         try:
             _child(target, data, work, w)
+        except BaseException:           # noqa: B902 - the harness itself failed: say how
+            os.write(w, json.dumps({"outcome": "harness",
+                                    "error": traceback.format_exc()}).encode())
         finally:
             os._exit(3)
     os.close(w)
