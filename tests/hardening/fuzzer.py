@@ -387,10 +387,20 @@ class Fuzzer:
         return self.findings
 
 
-if __name__ == "__main__":      # python -m tests.hardening.fuzzer TARGET N
+def main(argv):
+    """``python -m tests.hardening.fuzzer TARGET EXECUTIONS SEED``: fuzz in
+    this (fresh, single-threaded) process -- forking from a process with
+    other threads (a test session's) can leave a child stuck on a lock
+    one of them held -- and print a JSON summary line."""
     import tempfile
-    with tempfile.TemporaryDirectory() as d:
-        f = Fuzzer(sys.argv[1], make_seeds(d), d)
-        for data, res in f.run(int(sys.argv[2])):
-            print(res["outcome"], res.get("error", "")[-600:])
-        print(f.executions, "executions", len(f.findings), "findings", f.refused)
+    target, executions, seed = argv[0], int(argv[1]), int(argv[2])
+    with tempfile.TemporaryDirectory(prefix="qcow2fast-fuzz-") as d:
+        f = Fuzzer(target, make_seeds(d), d, seed)
+        f.run(executions)
+        print(json.dumps({"executions": f.executions, "outcomes": f.refused,
+                          "findings": [r for _, r in f.findings[:3]],
+                          "nfindings": len(f.findings)}))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
