@@ -58,7 +58,7 @@ class CpuGuard:
     main thread is still inside one long C call at ``limit - LAST``, the
     message is written and the process exits with status 1."""
 
-    MARGIN, LAST, POLL = 1.5, 0.4, 0.05
+    MARGIN, LAST, POLL = 3.0, 0.5, 0.05
 
     def __init__(self, limit):
         self.limit = limit
@@ -83,7 +83,7 @@ class CpuGuard:
         raise LimitExceededError(self.message())
 
     def _watch(self):
-        margin = min(self.MARGIN, self.limit / 4)
+        margin = min(self.MARGIN, self.limit / 3)
         while time.process_time() < self.limit - margin:
             time.sleep(self.POLL)
         signal.pthread_kill(self._main, signal.SIGXCPU)

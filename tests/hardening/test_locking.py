@@ -56,7 +56,7 @@ def held(*argv, path):
         wait_locked(path, proc)
         yield proc
     finally:
-        proc.terminate()
+        proc.kill()                 # (qemu-nbd under load was slow to honour SIGTERM)
         proc.communicate(timeout=60)
 
 
