@@ -9,15 +9,24 @@
 
 from __future__ import annotations
 
+import os as _os
+import sys as _sys
 from typing import TYPE_CHECKING
+
+# numpy's OpenBLAS would start a thread per CPU at import, each reserving
+# tens of MiB of address space (64 CPUs: more than the 1 GiB qemu-img is
+# given for untrusted images, host/limits.py); qcow2fast does no linear
+# algebra.  A program that does can set OPENBLAS_NUM_THREADS itself.
+if "numpy" not in _sys.modules:
+    _os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 from .ops.commit import commit
 from .ops.convert import convert
 from .ops.create import create
 from .ops.rebase import rebase
-from .errors import (ConvertError, CorruptImageError, ImageClosedError, InvalidArgumentError,
-                     LimitExceededError, Qcow2Error, ReadOnlyImageError, RepairError,
-                     UnsupportedFeatureError)
+from .errors import (ConvertError, CorruptImageError, ImageClosedError, ImageLockedError,
+                     InvalidArgumentError, LimitExceededError, Qcow2Error, ReadOnlyImageError,
+                     RepairError, UnsupportedFeatureError, UntrustedImageError)
 from .extent import Extent
 from .engine.image import Image
 
@@ -29,7 +38,8 @@ __version__ = "0.1.0"
 
 __all__ = ["open", "create", "convert", "commit", "rebase", "Image", "Extent", "Qcow2Error", "CorruptImageError",
            "UnsupportedFeatureError", "InvalidArgumentError", "ReadOnlyImageError",
-           "ImageClosedError", "LimitExceededError", "RepairError", "ConvertError"]
+           "ImageClosedError", "LimitExceededError", "RepairError", "ConvertError",
+           "ImageLockedError", "UntrustedImageError"]
 
 
 def open(  # noqa: A001 - mirrors the builtin on purpose

@@ -15,6 +15,8 @@ __all__ = [
     "LimitExceededError",
     "RepairError",
     "ConvertError",
+    "ImageLockedError",
+    "UntrustedImageError",
 ]
 
 
@@ -75,3 +77,20 @@ class RepairError(Qcow2Error):
 class ConvertError(Qcow2Error):
     """Reading a source of a conversion failed; the message names the source
     and the offset."""
+
+
+class ImageLockedError(Qcow2Error):
+    """Another process (qemu, or another qcow2fast) holds the image in a
+    way that forbids this open: qemu's image locks (host/lock.py).
+    ``path`` is the file, ``detail`` the message without its context."""
+
+    def __init__(self, message, *, path=None, detail=None):
+        super().__init__(message)
+        self.path = path
+        self.detail = detail if detail is not None else message
+
+
+class UntrustedImageError(Qcow2Error):
+    """An image opened with ``untrusted=True`` asks for something an
+    untrusted image may not (a backing or data file outside its directory,
+    a protocol name, more memory or work than the bounds allow)."""

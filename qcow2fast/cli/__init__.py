@@ -14,6 +14,7 @@ from ..errors import Qcow2Error
 from . import check_cmd, compare_cmd, create_cmd, dd_cmd, info_cmd, map_cmd, measure_cmd
 from . import bench_cmd, convert_cmd, serve_cmd, snapshot_cmd, suite_cmd
 from . import bitmap_cmd, commit_cmd, rebase_cmd
+from ..host.limits import CpuGuard, memory_limit_note
 from .options import Parser, UsageError
 
 COMMANDS = [create_cmd, info_cmd, check_cmd, map_cmd, compare_cmd, measure_cmd, dd_cmd,
@@ -33,6 +34,9 @@ def build_parser():
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     debug = "--debug" in argv
+    # Under RLIMIT_CPU (prlimit --cpu, as for untrusted uploads): a clear
+    # error rather than the kernel's SIGKILL.
+    CpuGuard.install()
     try:
         if argv[:1] == [suite_cmd.NAME]:       # the suite parses its own options
             return suite_cmd.run_argv(argv[1:])
@@ -45,6 +49,11 @@ def main(argv=None):
     except KeyboardInterrupt:
         print("qcow2fast: interrupted", file=sys.stderr)
         return 130
+    except MemoryError:
+        if debug:
+            raise
+        print(f"qcow2fast: out of memory{memory_limit_note()}", file=sys.stderr)
+        return 1
     except (Qcow2Error, OSError) as e:
         if debug:
             raise

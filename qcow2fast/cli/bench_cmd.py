@@ -14,7 +14,7 @@ percentage of the requests write).  Cache options go through
 from ..ops import bench
 from ..errors import Qcow2Error
 from ..engine.image import CACHE_MODES
-from .common import open_image
+from .common import add_share_arguments, open_image, share_options
 from .options import UsageError, parse_size
 
 
@@ -34,7 +34,7 @@ def add_parser(sub):
     p.add_argument("-S", dest="step")
     p.add_argument("-t", dest="cache", default="writeback")
     p.add_argument("-w", dest="write", action="store_true")
-    p.add_argument("-U", "--force-share", dest="force_share", action="store_true")
+    add_share_arguments(p)
     p.add_argument("--image-opts", dest="image_opts", action="store_true")
     p.add_argument("--random", dest="random", action="store_true")
     p.add_argument("--seed", dest="seed", default="1")
@@ -74,7 +74,7 @@ def run(args):
         raise UsageError("Invalid cache mode")
     extra = {"cache_mode": args.cache} if args.cache != "writeback" else {}
     img = open_image(args.filename, args.fmt, image_opts=args.image_opts,
-                     writable=bool(write_percent), **extra)
+                     writable=bool(write_percent), **share_options(args), **extra)
     try:
         seed = _int(args.seed, "seed") if args.random else None
         offsets = (bench.sequential_offsets(count, offset, step, img.size) if seed is None

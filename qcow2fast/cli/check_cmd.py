@@ -10,6 +10,8 @@ import sys
 
 from ..engine.snapshot import SnapshotTableError
 from ..errors import Qcow2Error
+from ..engine.untrusted import check_path
+from ..host.lock import Holder
 from .common import add_image_arguments, resolve_image, warn_stale_bitmaps
 
 
@@ -23,13 +25,30 @@ def add_parser(sub):
 
 
 def run(args):
-    from ..fsck.check import check_image     # imported for this command only
-    from ..fsck.repair import repair_image
-    path, fmt, _cache_opts = resolve_image(args.filename, args.fmt, args.image_opts)
+    path, fmt, opts = resolve_image(args.filename, args.fmt, args.image_opts)
     if fmt == "raw":
         print("qcow2fast: This image format does not support checks", file=sys.stderr)
         return 63
     try:
+        # Held for the whole command, which opens the file several times.
+        holder = Holder(path, fmt, bool(args.repair), opts.get("force_share", args.force_share)) \
+            if opts.get("locking", True) else None
+    except Qcow2Error as e:
+        print(f"qcow2fast: {e}", file=sys.stderr)
+        return 1
+    try:
+        return _check(args, path)
+    finally:
+        if holder is not None:
+            holder.close()
+
+
+def _check(args, path):
+    from ..fsck.check import check_image     # imported for this command only
+    from ..fsck.repair import repair_image
+    try:
+        if args.untrusted:              # check opens no backing file: the names only
+            check_path(path)
         warn_stale_bitmaps(stale_bitmaps(path))
         first = check_image(path, args.repair)
     except SnapshotTableError as e:      # qemu's check gives up on the table, -r all mends it
@@ -93,6 +112,8 @@ def stale_bitmaps(path):
 def _messages(res):
     for line in res.messages:
         print(line, file=sys.stderr)
+    if res.messages_dropped:
+        print(f"({res.messages_dropped} more lines like these not shown)", file=sys.stderr)
 
 
 # qemu's ImageCheck members in its order: (key, attribute, always present).

@@ -1,4 +1,5 @@
-"""Opening images the way qemu-img does: -f or probing, --image-opts, -U."""
+"""Opening images the way qemu-img does: -f or probing, --image-opts, -U
+(qemu's image locks, host/lock.py), and --untrusted (engine/untrusted.py)."""
 
 import os
 import sys
@@ -16,9 +17,22 @@ IMAGE_OPTS = {"l2-cache-size": "l2_cache_size", "l2-cache-entry-size": "l2_cache
               "cache-clean-interval": "cache_clean_interval", "lazy-refcounts": "lazy_refcounts"}
 
 
+def add_share_arguments(p):
+    """-U (read what another process writes) and --untrusted."""
+    p.add_argument("-U", "--force-share", dest="force_share", action="store_true")
+    p.add_argument("--untrusted", dest="untrusted", action="store_true",
+                   help="the image comes from an untrusted source: no backing or data "
+                        "file outside its directory, bounded memory and work")
+
+
+def share_options(args):
+    """open_image's keyword arguments for the flags add_share_arguments adds."""
+    return {"force_share": args.force_share, "untrusted": args.untrusted}
+
+
 def add_image_arguments(p, *, output=False):
     p.add_argument("-f", dest="fmt")
-    p.add_argument("-U", "--force-share", dest="force_share", action="store_true")
+    add_share_arguments(p)
     p.add_argument("--image-opts", dest="image_opts", action="store_true")
     if output:
         p.add_argument("--output", dest="output", default="human", choices=("human", "json"))
@@ -48,6 +62,12 @@ def image_spec(name, fmt, image_opts):
         elif key in ("file.driver",):
             if value != "file":
                 raise UsageError(f"protocol {value!r} is not supported")
+        elif key in ("file.locking", "locking"):
+            if value not in ("on", "off", "auto"):
+                raise UsageError(f"parameter '{key}' expects 'on', 'off' or 'auto'")
+            kw["locking"] = value != "off"
+        elif key == "force-share":
+            kw["force_share"] = parse_bool(value, key)
         elif key in IMAGE_OPTS:
             arg, kw[arg] = image_option(key, value)
         else:
@@ -84,16 +104,19 @@ def snapshot_spec(text):
 
 
 def open_image(name, fmt=None, *, image_opts=False, writable=False, backing=True,
-               snapshot=None, **extra):
+               snapshot=None, force_share=False, untrusted=False, **extra):
     """Open ``name`` as qcow2 or raw (probed when ``fmt`` is None), at the
     internal ``snapshot`` (a -l argument) if one is given."""
     path, fmt, kw = resolve_image(name, fmt, image_opts)
+    share = {"force_share": kw.pop("force_share", force_share),
+             "locking": kw.pop("locking", True)}
     if fmt == "raw":
         if kw:
             raise UsageError("cache options apply to qcow2 images only")
         if snapshot is not None:
             raise UsageError("raw images have no internal snapshots")
-        return RawImage(path, writable=writable)
+        return RawImage(path, writable=writable, **share)
+    kw.update(share, untrusted=untrusted)
     kw.update(extra)
     if snapshot is not None:
         kw["snapshot"] = snapshot_spec(snapshot)

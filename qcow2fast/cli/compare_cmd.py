@@ -6,7 +6,7 @@ opened, 3 block status cannot be read, 4 data cannot be read."""
 import sys
 
 from ..errors import Qcow2Error
-from .common import open_image
+from .common import add_share_arguments, open_image, share_options
 from .progress import Progress
 
 CHUNK = 1 << 20
@@ -20,7 +20,7 @@ def add_parser(sub):
     p.add_argument("-s", dest="strict", action="store_true")
     p.add_argument("-q", dest="quiet", action="store_true")
     p.add_argument("-p", dest="progress", action="store_true")
-    p.add_argument("-U", "--force-share", dest="force_share", action="store_true")
+    add_share_arguments(p)
     p.add_argument("--image-opts", dest="image_opts", action="store_true")
     p.add_argument("filename1")
     p.add_argument("filename2")
@@ -33,7 +33,8 @@ def run(args):
     try:
         for name, fmt in ((args.filename1, args.fmt1), (args.filename2, args.fmt2)):
             try:
-                images.append(open_image(name, fmt, image_opts=args.image_opts))
+                images.append(open_image(name, fmt, image_opts=args.image_opts,
+                                          **share_options(args)))
             except (Qcow2Error, OSError) as e:
                 print(f"qcow2fast: Could not open '{name}': {e}", file=sys.stderr)
                 return 2

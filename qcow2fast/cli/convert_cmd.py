@@ -12,7 +12,7 @@ reads an internal snapshot of the (single, qcow2) source: an id or name, or
 level used by ``-c``."""
 
 from ..ops.convert import convert
-from .common import snapshot_spec
+from .common import add_share_arguments, share_options, snapshot_spec
 from .create_cmd import options_help, qcow2_options
 from .options import UsageError, merge_options, parse_size
 from .progress import Progress
@@ -42,7 +42,7 @@ def add_parser(sub):
     p.add_argument("--compression-level", dest="compression_level", type=int)
     p.add_argument("-p", dest="progress", action="store_true")
     p.add_argument("-q", dest="quiet", action="store_true")
-    p.add_argument("-U", "--force-share", dest="force_share", action="store_true")
+    add_share_arguments(p)
     p.add_argument("--bitmaps", dest="bitmaps", action="store_true")
     p.add_argument("--skip-broken-bitmaps", dest="skip_broken_bitmaps", action="store_true")
     p.add_argument("filenames", nargs="*")
@@ -102,7 +102,7 @@ def run(args):
                 target_is_zero=args.target_is_zero, threads=threads, progress=progress,
                 sync=args.cache != "unsafe", direct=args.cache in ("none", "directsync"),
                 snapshot=snapshot_spec(args.snapshot),
-                compression_level=args.compression_level)
+                compression_level=args.compression_level, **share_options(args))
     finally:
         for bar in bars:
             bar.close()

@@ -7,7 +7,7 @@ with exit status 1 (qemu-img 7.2 prints the error but exits 0)."""
 
 from ..ops.create import create as create_qcow2
 from ..host import file as hostfile
-from .common import open_image
+from .common import add_share_arguments, open_image, share_options
 from .options import UsageError, parse_size
 
 CHUNK = 1 << 20
@@ -18,7 +18,7 @@ def add_parser(sub):
     p = sub.add_parser("dd", help="copy an image, dd-style")
     p.add_argument("-f", dest="fmt")
     p.add_argument("-O", dest="out_fmt", default="raw")
-    p.add_argument("-U", "--force-share", dest="force_share", action="store_true")
+    add_share_arguments(p)
     p.add_argument("--image-opts", dest="image_opts", action="store_true")
     p.add_argument("operands", nargs="*")
     p.set_defaults(run=run)
@@ -45,7 +45,7 @@ def run(args):
     src_name, dst_name, bs, count, skip = parse_operands(args.operands)
     if args.out_fmt not in ("raw", "qcow2"):
         raise UsageError(f"dd: unknown or unsupported output format {args.out_fmt!r}")
-    src = open_image(src_name, args.fmt, image_opts=args.image_opts)
+    src = open_image(src_name, args.fmt, image_opts=args.image_opts, **share_options(args))
     try:
         size = src.size
         if count is not None and count <= src.size // bs:

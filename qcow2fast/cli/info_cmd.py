@@ -9,7 +9,7 @@ import time
 
 from ..engine.backing import probe_format, resolve_backing_path
 from ..errors import CorruptImageError
-from .common import add_image_arguments, open_image
+from .common import add_image_arguments, open_image, share_options
 from .options import size_to_str
 
 
@@ -25,7 +25,8 @@ def run(args):
     infos = []
     name, fmt, seen = args.filename, args.fmt, set()
     while True:
-        img = open_image(name, fmt, image_opts=args.image_opts and not infos, backing=False)
+        img = open_image(name, fmt, image_opts=args.image_opts and not infos, backing=False,
+                         **share_options(args))
         try:
             info = image_info(img, name)
         finally:

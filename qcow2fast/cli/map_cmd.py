@@ -9,7 +9,7 @@ import sys
 from ..engine.blockstatus import chain_files, split_host_holes
 from ..errors import InvalidArgumentError
 from ..extent import Extent
-from .common import add_image_arguments, open_image
+from .common import add_image_arguments, open_image, share_options
 from .info_cmd import full_backing_filename
 from .options import parse_size
 
@@ -25,7 +25,7 @@ def add_parser(sub):
 
 def run(args):
     start = parse_size(args.start, "start offset")
-    img = open_image(args.filename, args.fmt, image_opts=args.image_opts)
+    img = open_image(args.filename, args.fmt, image_opts=args.image_opts, **share_options(args))
     try:
         end = img.size
         if args.max_length is not None:

@@ -4,7 +4,7 @@
 import json
 
 from ..ops.measure import measure
-from .common import open_image
+from .common import add_share_arguments, open_image, share_options
 from .create_cmd import qcow2_options
 from .options import UsageError, merge_options, parse_size
 
@@ -16,7 +16,7 @@ def add_parser(sub):
     p.add_argument("-o", dest="options", action="append", default=[])
     p.add_argument("--size", dest="size")
     p.add_argument("-f", dest="fmt")
-    p.add_argument("-U", "--force-share", dest="force_share", action="store_true")
+    add_share_arguments(p)
     p.add_argument("--image-opts", dest="image_opts", action="store_true")
     p.add_argument("-l", dest="snapshot")
     p.add_argument("filename", nargs="?")
@@ -42,7 +42,7 @@ def run(args):
     try:
         if args.filename:
             source = open_image(args.filename, args.fmt, image_opts=args.image_opts,
-                                snapshot=args.snapshot)
+                                snapshot=args.snapshot, **share_options(args))
         else:
             size = parse_size(args.size, "size")
         result = measure(source, size=size, fmt=args.out_fmt, **kw)

@@ -27,7 +27,7 @@ import threading
 from .. import __version__
 from ..engine.image import CACHE_MODES
 from ..host.window import RawWindow
-from .common import add_image_arguments, open_image
+from .common import add_image_arguments, open_image, share_options
 from .options import UsageError
 
 QEMU_NBD_VERSION = "7.2.0"          # the qemu-nbd whose options and behaviour serve follows
@@ -137,10 +137,12 @@ def open_export(args, cache, offset):
     from .json_filename import is_json, open_json
     extra = {} if cache == "writeback" else {"cache_mode": cache}
     if is_json(args.filename):
+        if args.untrusted:
+            raise UsageError("serve: a json: file name cannot be served with --untrusted")
         img = open_json(args.filename, writable=not args.read_only, fmt=args.fmt, **extra)
     else:
         img = open_image(args.filename, args.fmt, image_opts=args.image_opts,
-                         writable=not args.read_only, **extra)
+                         writable=not args.read_only, **share_options(args), **extra)
     if offset is None:
         return img
     try:

@@ -8,7 +8,7 @@ qcow2 magic (anything else is read as raw).
 import os
 
 from ..spec import header as hdr
-from ..errors import CorruptImageError, UnsupportedFeatureError
+from ..errors import CorruptImageError, ImageLockedError, UnsupportedFeatureError
 from ..host.raw import RawImage
 
 MAX_CHAIN_DEPTH = 64
@@ -48,11 +48,17 @@ def open_backing(img, chain):
     if not os.path.exists(path):
         raise FileNotFoundError(2, f"could not open backing file {name!r} of {img.path}", path)
     fmt = img.header.backing_format or probe_format(path)
-    if fmt == "qcow2":
-        return type(img)(path, "r", cache_mode=_read_cache_mode(img.cache_mode),
-                         cache_clean_interval=0, _chain=chain)
-    if fmt == "raw":
-        return RawImage(path)
+    try:
+        if fmt == "qcow2":
+            return type(img)(path, "r", cache_mode=_read_cache_mode(img.cache_mode),
+                             cache_clean_interval=0, force_share=img.force_share,
+                             locking=img.locking, untrusted=img.untrusted, _chain=chain)
+        if fmt == "raw":
+            return RawImage(path, force_share=img.force_share, locking=img.locking)
+    except ImageLockedError as e:       # in qemu's words
+        detail = f"Could not open backing file: {e.detail}"
+        raise ImageLockedError(f"Could not open '{img.path}': {detail}", path=e.path,
+                               detail=detail) from None
     raise UnsupportedFeatureError(f"backing file format {fmt!r} is not supported",
                                   feature="backing format")
 

@@ -32,9 +32,10 @@ from .._ext.state import CACHE_MODES, ZERO_FROM_NEVER, ImageState
 from ..errors import (CorruptImageError, ImageClosedError, InvalidArgumentError,
                       ReadOnlyImageError, UnsupportedFeatureError)
 from ..extent import Extent, merge_extents
+from ..host.file import open_image_file
 from ..spec import header as hdr
 from ..spec.geometry import Geometry
-from . import features
+from . import features, untrusted
 from .backing import open_backing
 from .bitmap import Bitmaps
 from .cache import DEFAULT_CACHE_CLEAN_INTERVAL, CacheCleaner, make_caches
@@ -67,6 +68,7 @@ class Image(ImageCore):
                  cache_size: int | None = None, cache_clean_interval: int | None = None,
                  lazy_refcounts: bool | None = None, backing: bool = True,
                  snapshot: str | collections.abc.Mapping[str, str | None] | None = None,
+                 force_share: bool = False, locking: bool = True, untrusted: bool = False,
                  _chain: tuple[str, ...] = (), _repair: bool = False) -> None:
         if mode not in ("r", "r+"):
             raise InvalidArgumentError(f"mode must be 'r' or 'r+', not {mode!r}")
@@ -84,13 +86,17 @@ class Image(ImageCore):
                                            f"not {value!r}")
         self.path = os.fspath(path)
         self.cache_mode = cache_mode
+        # qemu's image locks (host/lock.py), and the untrusted-image rules
+        # (engine/untrusted.py); the backing chain inherits all three.
+        self.force_share, self.locking, self.untrusted = force_share, locking, untrusted
         self._close_lock = threading.Lock()     # serialises close() against the cleaner
         self._cleaner: CacheCleaner | None = None
         self.backing: Image | RawImage | None = None
         writable = mode == "r+"
         direct = cache_mode in ("none", "directsync")
         try:
-            f = File(self.path, writable=writable, direct=direct)
+            f = open_image_file(self.path, "qcow2", writable=writable, direct=direct,
+                                force_share=force_share, locking=locking)
         except OSError as e:
             if direct and e.errno == 22:
                 raise InvalidArgumentError(f"{self.path}: the filesystem does not support "
@@ -113,6 +119,8 @@ class Image(ImageCore):
               lazy_refcounts, backing, snapshot, chain, repair):
         file_size = f.size()
         h = hdr.parse_header(f.pread(0, min(file_size, MAX_HEADER_READ)), file_size)
+        if self.untrusted:
+            untrusted.check_image(self.path, h, len(chain))
         hdr.check_features(h, writable)
         why = None
         if h.incompatible_features & hdr.INCOMPAT_CORRUPT and writable:

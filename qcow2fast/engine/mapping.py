@@ -61,8 +61,8 @@ class Mapping:
         state.set_l1(l1)
         self.l1_pending = {}        # L1 index -> the entry on disk, until flushed
         cb = geo.cluster_bits
-        for off in l1[np.nonzero(l1 & np.uint64(L1E_OFFSET_MASK))[0]] & np.uint64(L1E_OFFSET_MASK):
-            metadata_map.add(int(off) >> cb)
+        offs = l1 & np.uint64(L1E_OFFSET_MASK)
+        metadata_map.add_each(offs[offs != 0] >> np.uint64(cb))
         if header.l1_size:
             metadata_map.add(header.l1_table_offset >> cb, geo.size_to_clusters(header.l1_size * L1E_SIZE))
 

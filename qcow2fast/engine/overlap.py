@@ -38,6 +38,15 @@ class MetadataMap:
         byte, bit = self._mask(cluster, n)
         np.bitwise_or.at(self.bits, byte, bit)
 
+    def add_each(self, clusters):
+        """Mark every host cluster in the integer array ``clusters`` (one
+        numpy pass: an L1 or refcount table has up to millions of entries)."""
+        clusters = np.asarray(clusters, dtype=np.int64)
+        if not len(clusters):
+            return
+        self._grow(int(clusters.max()) + 1)
+        np.bitwise_or.at(self.bits, clusters >> 3, np.uint8(1) << (clusters & 7).astype(np.uint8))
+
     def remove(self, cluster, n=1):
         byte, bit = self._mask(cluster, n)
         ok = byte < len(self.bits)

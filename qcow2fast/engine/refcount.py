@@ -71,8 +71,7 @@ class Refcounts(RefcountCore):
         if table[0] == 0 and file_size and not repair:
             raise CorruptImageError("refcount table has no block for the header cluster",
                                     offset=h.refcount_table_offset, field="refcount table")
-        for t in np.nonzero(table)[0]:
-            self.metadata.add(int(table[t]) >> self.geo.cluster_bits)
+        self.metadata.add_each(table[table != 0] >> np.uint64(self.geo.cluster_bits))
         self.metadata.add(h.refcount_table_offset >> self.geo.cluster_bits,
                           h.refcount_table_clusters)
 

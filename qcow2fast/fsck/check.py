@@ -20,12 +20,20 @@ from ..spec.header import INCOMPAT_EXTL2
 from ..engine.bitmap_list import check_loadable, referenced_ranges
 from .past_eof import past_eof, replacement
 from .rebuild import RefcountTally
-from .references import describe, find_references
+from .references import describe, find_references, repeat_ranks
 
 # Leaks and corruptions explained in detail (the rest are only counted).
 MAX_EXPLAINED = 10000
+# Lines kept (qemu prints one per bad entry: millions for a hostile image).
+MAX_MESSAGES = 100000
 # L2 tables read and checked together.
 L2_BATCH_BYTES = 16 << 20
+# An L2 table is legitimately referenced once per L1 table (the active one
+# and each snapshot's).  Counting a table again past that (and this margin)
+# changes no verdict -- its refcount is wrong either way -- but a hostile
+# image pointing 4 Mi L1 entries at one table would make check read and
+# count 32 Gi entries: each table is counted at most that often.
+EXTRA_L2_VISITS = 64
 
 
 # -- qemu-img check ------------------------------------------------------------------
@@ -113,6 +121,7 @@ class CheckResult:
         self.total_clusters = self.allocated_clusters = 0
         self.fragmented_clusters = self.compressed_clusters = 0
         self.messages = []          # qemu's stderr lines, in qemu's order
+        self.messages_dropped = 0   # lines past MAX_MESSAGES, counted only
         self.rebuild = False        # a refcount of 0 is referenced, or a refcount block is bad
         self.leaked = []            # (cluster, stored, expected)
         self.too_low = []           # (cluster, stored, expected)
@@ -137,9 +146,16 @@ class _Checker:
         self.tally = RefcountTally(-(-self.file_size // self.cs) + 1, grow=True)
         self.zeroed = set()         # L2 entries the repair turns into plain zero clusters
         self.l1_fixed = {}          # file offset -> L1 entry with its reserved bits cleared
+        self.max_l2_visits = h.nb_snapshots + 1 + EXTRA_L2_VISITS
+        self.active_over = None     # active L1 entries past max_l2_visits (over_visits)
+        # L1 entries read in all: the L1 tables (each its own clusters) fit in the file.
+        self.l1_budget = self.file_size // L1E_SIZE
 
     def msg(self, text):
-        self.res.messages.append(text)
+        if len(self.res.messages) < MAX_MESSAGES:
+            self.res.messages.append(text)
+        else:
+            self.res.messages_dropped += 1
 
     def inc(self, offset, size):
         """qemu's qcow2_inc_refcounts_imrt for one byte range."""
@@ -295,6 +311,14 @@ class _Checker:
                      "lies past the end of the file")
             res.check_errors += 1
             return
+        if l1_size > self.l1_budget:
+            # Only L1 tables that overlap can add up to more than the file holds.
+            self.msg(f"ERROR: L1 table at {l1_offset:#x} ({l1_size} entries) overlaps other "
+                     "L1 tables: not checked")
+            res.corruptions += 1
+            res.malformed += 1
+            return
+        self.l1_budget -= l1_size
         l1 = decode_table(self.f.pread(l1_offset, l1_size * L1E_SIZE))
         l2offs = l2_table_offsets(l1)
         # Entries with nothing to report and whose tables have nothing to
@@ -304,6 +328,13 @@ class _Checker:
             & ((l2offs & np.uint64(cs - 1)) == 0) & (l2offs < np.uint64(self.file_size))
         slow = np.zeros(len(l1), dtype=bool)
         slow[l1 != 0] = True
+        over = self.over_visits(l2offs, plain)
+        if active:
+            self.active_over = over
+        if over.any():              # counted as references to the table only
+            self.tally.add(l2offs[over] >> np.uint64(self.geo.cluster_bits))
+            plain &= ~over
+            slow &= ~over
         for idx, tables in self.l2_batches(l2offs, np.nonzero(plain)[0]):
             odd = np.zeros(len(idx), dtype=np.uint8)
             stats = l2_tally_tables(tables.view(np.uint64), self.tally.counts, odd,
@@ -317,6 +348,20 @@ class _Checker:
                 res.fragmented_clusters += stats[2]
         for i in np.nonzero(slow)[0]:
             self.check_l1_entry(l1_offset, int(i), int(l1[i]), active)
+
+    def over_visits(self, l2offs, cand):
+        """The entries among ``cand`` (a mask over ``l2offs``) whose table was
+        already counted ``max_l2_visits`` times, counting the earlier entries
+        of this L1 table."""
+        idx = np.nonzero(cand)[0]
+        over = np.zeros(len(l2offs), dtype=bool)
+        if not len(idx):
+            return over
+        offs = l2offs[idx]
+        order, rank = repeat_ranks(offs)
+        seen = self.tally.counts[(offs[order] >> np.uint64(self.geo.cluster_bits)).astype(np.int64)]
+        over[idx[order[seen.astype(np.int64) + rank >= self.max_l2_visits]]] = True
+        return over
 
     def check_l1_entry(self, l1_offset, i, e, active):
         """qemu's check_refcounts_l1 for one entry."""
@@ -434,15 +479,19 @@ class _Checker:
         self.check_refblocks(table)
         expected = self.tally.counts
         over = np.nonzero(expected > np.uint64(geo.refcount_max))[0]
+        told = 0
         for c in over:
             # qemu's counter saturates; every reference past the maximum is an error
-            for _ in range(int(expected[c]) - geo.refcount_max):
+            # (qemu says so for each; at most MAX_EXPLAINED are said here)
+            excess = int(expected[c]) - geo.refcount_max
+            for _ in range(min(excess, MAX_EXPLAINED - told)):
                 self.msg(f"ERROR: overflow cluster offset={int(c) * cs:#x}")
                 self.msg("Use qemu-img amend to increase the refcount entry width or qemu-img "
                          "convert to create a clean copy if the image cannot be opened for "
                          "writing")
-                res.corruptions += 1
-                res.malformed += 1
+                told += 1
+            res.corruptions += excess
+            res.malformed += excess
             expected[c] = geo.refcount_max
         n = max(-(-self.file_size // cs), _last_true(expected != 0) + 1)
         if len(expected) < n:
@@ -529,7 +578,8 @@ class _Checker:
             if h.l1_table_offset <= off < h.l1_table_offset + L1E_SIZE * len(l1):
                 l1[(off - h.l1_table_offset) // L1E_SIZE] = e
         l2offs = l2_table_offsets(l1)
-        used = np.nonzero(l2offs)[0]
+        skip = self.active_over if self.active_over is not None else False
+        used = np.nonzero((l2offs != 0) & ~skip)[0]
         # The L1 entries whose own flag or whose table holds a wrong flag;
         # found in bulk, then reported one by one in table order.
         rcs, readable = refcounts(l2offs[used])
@@ -546,8 +596,10 @@ class _Checker:
                 rcs2, readable2 = refcounts(host_offsets(l2[sel]))
                 wrong = np.zeros(len(l2), dtype=bool)
                 wrong[sel] = ((rcs2 == 1) != has_copied(l2[sel])) & readable2
+                rc_of = np.zeros(len(l2), dtype=np.int64)
+                rc_of[sel] = rcs2
                 suspect.add(int(idx[r]))
-                tables[int(idx[r])] = (l2, wrong)
+                tables[int(idx[r])] = (l2, wrong, rc_of)
         for i in sorted(suspect):
             e = int(l1[i])
             l2off = e & L1E_OFFSET_MASK
@@ -565,12 +617,12 @@ class _Checker:
                     res.corruptions += 1
             if i not in tables:
                 continue
-            l2, wrong = tables[i]
+            l2, wrong, rc_of = tables[i]
             for j in np.nonzero(wrong)[0]:
                 if l2off + self.geo.l2_entry_bytes * int(j) in self.zeroed:
                     continue
                 e2 = int(l2[j])
-                rc2 = int(refcounts([e2 & L2E_OFFSET_MASK])[0][0])
+                rc2 = int(rc_of[j])
                 self.msg(f"{word} OFLAG_COPIED data cluster: l2_entry={e2:x} "
                          f"refcount={rc2}")
                 res.copied += 1

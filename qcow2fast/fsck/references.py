@@ -28,10 +28,24 @@ class _Finder:
         """Record ``describe(i)`` for every position i of ``indices`` (host
         cluster numbers) that is a cluster asked about."""
         indices = np.asarray(indices, dtype=np.int64)
-        for i in np.nonzero(np.isin(indices, self.want))[0]:
+        hits = np.nonzero(np.isin(indices, self.want))[0]
+        # the first MAX_PER_CLUSTER hits of each cluster only (a hostile
+        # table can point millions of entries at one cluster)
+        order, rank = repeat_ranks(indices[hits])
+        for i in np.sort(hits[order[rank < MAX_PER_CLUSTER]]):
             found = self.refs[int(indices[i])]
             if len(found) < MAX_PER_CLUSTER:
                 found.append(describe(int(i)))
+
+
+def repeat_ranks(values):
+    """(order, rank): ``order`` sorts ``values`` (stably); ``rank[k]`` is how
+    many earlier values equal ``values[order[k]]``."""
+    order = np.argsort(values, kind="stable")
+    sv = values[order]
+    pos = np.arange(len(sv))
+    starts = np.where(np.r_[True, sv[1:] != sv[:-1]], pos, 0) if len(sv) else pos
+    return order, pos - np.maximum.accumulate(starts) if len(sv) else pos
 
 
 def _table(f, offset, nbytes, file_size):
@@ -71,9 +85,12 @@ def find_references(f, h, clusters):
         fd.note(_span(h.snapshots_offset, table_bytes, cb), lambda i: "the snapshot table")
     l1s += [(f"the L1 table of snapshot {s.id} ({s.name})", s.l1_table_offset, s.l1_size)
             for s in snapshots]
+    seen = set()
+    budget = size // L1E_SIZE       # as check: L1 tables that fit in the file, no more
     for name, l1_off, l1_size in l1s:
-        if not l1_size:
+        if not l1_size or l1_size > budget:
             continue
+        budget -= l1_size
         fd.note(_span(l1_off, l1_size * L1E_SIZE, cb), lambda i, name=name: name)
         l2offs = l2_table_offsets(_table(f, l1_off, l1_size * L1E_SIZE, size))
         idx = np.nonzero(l2offs)[0]
@@ -81,6 +98,9 @@ def find_references(f, h, clusters):
                 lambda i, name=name, idx=idx: f"entry {idx[i]} of {name} (an L2 table)")
         for l1i in idx:
             l2off = int(l2offs[l1i])
+            if l2off in seen:       # a table met again adds only guest offsets
+                continue
+            seen.add(l2off)
             l2 = _table(f, l2off, cs, size)[::geo.l2_entry_words]     # descriptors
             if not len(l2):
                 continue

@@ -105,7 +105,9 @@ def _rebuild(path, first):
     if corrupt:
         _set_incompatible_bit(path, 2, False)
     try:
-        img = Image(str(path), "r+", cache_clean_interval=0, backing=False, _repair=True)
+        # The caller holds the image's locks (check_cmd's lock.Holder).
+        img = Image(str(path), "r+", cache_clean_interval=0, backing=False, locking=False,
+                    _repair=True)
         try:
             rebuild_refcounts(img)
         finally:

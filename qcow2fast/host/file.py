@@ -15,7 +15,8 @@ import queue
 import stat
 import threading
 
-from .._ext.fileio import punch_hole, zero_range
+from .._ext.fileio import File, punch_hole, zero_range
+from . import lock
 
 # Write calls cover at most WRITE_MAX bytes.  With larger buffered writes the
 # kernel takes 2 MiB page-cache folios (ext4 and xfs, Linux 6.16+); in a VM
@@ -61,6 +62,21 @@ def zero(fd, off, n, write):
         off, n = off + k, n - k
 
 
+def open_image_file(path, fmt, *, writable=False, direct=False, force_share=False,
+                    locking=True):
+    """The File of a ``fmt`` ("qcow2"/"raw") image, locked as qemu locks it
+    (host/lock.py) unless ``locking`` is False (qemu's locking=off)."""
+    perm, unshared = lock.permissions(fmt, writable, force_share)
+    f = File(path, writable=writable, direct=direct)
+    if locking:
+        try:
+            lock.lock(f.fd, path, perm, unshared)
+        except BaseException:
+            f.close()
+            raise
+    return f
+
+
 def pwrite_all(fd, data, off, name=None):
     """Write all of ``data`` at ``off`` (a failure names the offset, and
     ``name`` when given)."""
@@ -81,6 +97,7 @@ def write_error(e, off, name):
 def create_raw(path, nbytes):
     """A raw image of ``nbytes``: a new (or emptied) regular file, or an
     existing block device at least that large (left as it is)."""
+    lock.check_create(path)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
         if not is_device(fd):

@@ -6,8 +6,8 @@ line or the NBD server, behind the same small block-device interface as
 import errno
 import os
 
-from .._ext.fileio import File
 from . import file as hostfile
+from .file import open_image_file
 from ..extent import Extent
 
 
@@ -17,9 +17,10 @@ class RawImage:
     header = None
     backing = None
 
-    def __init__(self, path, writable=False):
+    def __init__(self, path, writable=False, *, force_share=False, locking=True):
         self.path = path
-        self.file = File(path, writable=writable)
+        self.file = open_image_file(path, "raw", writable=writable, force_share=force_share,
+                                    locking=locking)
         self.size = self.file.size()            # lseek: block devices too
         self.read_only = not writable
         self.closed = False

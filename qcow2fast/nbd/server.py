@@ -17,6 +17,7 @@ import selectors
 import socket
 import stat
 import threading
+import time
 
 from .channel import Channel, Disconnected
 from .export import Export, open_export_image
@@ -268,8 +269,9 @@ class Server:
             clients = dict(self._clients)
         for chan in clients.values():
             _shutdown(chan.sock, socket.SHUT_RD)     # the next read sees end of file
+        deadline = time.monotonic() + STOP_GRACE    # one grace for all, not one each
         for t in clients:
-            t.join(STOP_GRACE)
+            t.join(max(0.0, deadline - time.monotonic()))
         for t, chan in clients.items():
             if t.is_alive():                     # stuck sending to a client that reads nothing
                 _shutdown(chan.sock, socket.SHUT_RDWR)

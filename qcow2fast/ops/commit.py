@@ -28,6 +28,7 @@ from ..engine.backing import resolve_backing_path
 from ..engine.empty import make_empty
 from ..engine.image import Image
 from ..errors import InvalidArgumentError
+from ..host.lock import take_over
 from ..host.raw import RawImage
 from ..spec import header as hdr
 from ..spec.constants import L1E_SIZE
@@ -84,10 +85,14 @@ def commit(path: str | os.PathLike[str], *, base: str | None = None, drop: bool 
 
 
 def _commit_into(top, above, target, cache, progress):
+    # The chain above holds the base read-only, not sharing write (its
+    # locks): the base's writer is that same holder's (host/lock.take_over).
     if isinstance(target, RawImage):
-        dest = RawImage(target.path, writable=True)
+        dest = RawImage(target.path, writable=True, locking=False)
     else:
-        dest = Image(target.path, "r+", cache_mode=cache, cache_clean_interval=0)
+        dest = Image(target.path, "r+", cache_mode=cache, cache_clean_interval=0,
+                     locking=False)
+    take_over(dest.file.fd, "raw" if isinstance(target, RawImage) else "qcow2")
     try:
         _grow(dest, top.size)
         total = sum(r.length for w in chainlayers.windows(top.size)

@@ -41,6 +41,8 @@ from ..errors import InvalidArgumentError, UnsupportedFeatureError
 from ..host.file import pwrite_all
 from ..spec.constants import COMPRESSED, DATA, L1E_SIZE, UNALLOCATED, ZERO
 from .qcow2_writer import Qcow2Writer, runs
+from ..host.limits import fit_threads
+from ..host.lock import check_create
 from .sources import MUST_ZERO, READ, SKIP, UnitMarks, open_sources
 
 if TYPE_CHECKING:
@@ -278,7 +280,8 @@ def convert(sources: str | os.PathLike[str] | Iterable[str | os.PathLike[str]],
             target_is_zero: bool = False, threads: int | None = None,
             progress: Callable[[int, int | None], object] | None = None, sync: bool = False,
             direct: bool = False, snapshot: str | Mapping[str, str | None] | None = None,
-            compression_level: int | None = None) -> None:
+            compression_level: int | None = None, force_share: bool = False,
+            untrusted: bool = False) -> None:
     """Convert ``sources`` (paths; several are concatenated; ``"-"`` alone
     is a raw stream on stdin) into ``dest`` (a path, or ``"-"`` for stdout).
 
@@ -297,13 +300,16 @@ def convert(sources: str | os.PathLike[str] | Iterable[str | os.PathLike[str]],
     qemu-img convert does not sync by default (cache mode unsafe) and
     neither does this.  ``direct`` writes the output with O_DIRECT,
     bypassing the host page cache, as qemu-img convert -t none does.
+    ``force_share`` (-U) reads sources other processes write;
+    ``untrusted`` opens them as :func:`qcow2fast.open` does with it.
     """
     options = dict(options or {})
     if isinstance(sources, (str, os.PathLike)):
         sources = [sources]
     sources = [os.fspath(s) for s in sources]
     dest = os.fspath(dest)
-    threads = threads or os.cpu_count() or 1
+    # Under an address-space limit (prlimit --as) fewer threads than asked.
+    threads = fit_threads(threads or os.cpu_count() or 1)
     if not sources:
         raise InvalidArgumentError("convert: no source image")
     if format not in ("qcow2", "raw"):
@@ -336,7 +342,10 @@ def convert(sources: str | os.PathLike[str] | Iterable[str | os.PathLike[str]],
 
     if stdin and snapshot is not None:
         raise InvalidArgumentError("a snapshot (-l) cannot be read from stdin")
-    src = None if stdin else open_sources(sources, source_format, snapshot)
+    if dest != STDIN and not existing:
+        check_create(dest)          # not over an image someone uses (qemu's create)
+    src = None if stdin else open_sources(sources, source_format, snapshot,
+                                          force_share=force_share, untrusted=untrusted)
     try:
         size = src.size if src is not None else None
         # Extended L2 entries are not laid out by qcow2_writer: such images

@@ -13,6 +13,7 @@ from typing import Optional, Union
 import numpy as np
 
 from .._ext.fileio import File
+from ..host.lock import check_create
 from ..spec.constants import REFTABLE_ENTRY_SIZE
 from .options import validate_options
 
@@ -48,6 +49,7 @@ def create(path: Union[str, "os.PathLike[str]"], size: Optional[int] = None, *,
     block = np.zeros(cs, dtype=np.uint8)
     from .._ext.kernels import refcount_encode
     refcount_encode(refblock, refcount_order, block)
+    check_create(path)
     f = File(path, writable=True, create=True)
     try:
         f.pwrite(head.ljust(cs, b"\0") + reftable.tobytes() + block.tobytes(), 0)

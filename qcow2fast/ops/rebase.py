@@ -33,7 +33,8 @@ import numpy as np
 from .._ext.fileio import File
 from ..engine.backing import resolve_backing_path
 from ..engine.image import Image
-from ..errors import CorruptImageError, InvalidArgumentError, Qcow2Error, UnsupportedFeatureError
+from ..errors import (CorruptImageError, ImageLockedError, InvalidArgumentError, Qcow2Error,
+                      UnsupportedFeatureError)
 from ..host.raw import RawImage
 from ..spec import header as hdr
 from . import layers as chainlayers
@@ -98,9 +99,20 @@ def _open_new_backing(path, backing, fmt, cache):
     if backing is None:
         return None
     where = resolve_backing_path(path, backing)
+
+    def open_new(**kw):
+        return RawImage(where, **kw) if fmt == "raw" else Image(
+            where, "r", cache_mode=cache, cache_clean_interval=0, **kw)
     try:
-        new = RawImage(where) if fmt == "raw" else Image(where, "r", cache_mode=cache,
-                                                         cache_clean_interval=0)
+        new = open_new()
+    except ImageLockedError as e:
+        # The image itself, open for writing here, in the new chain holds
+        # its locks: a loop, said as one (looked at without locks).
+        probe = open_new(locking=False)
+        _refuse_loop(path, backing, [layer.path for layer in chainlayers.chain(probe)],
+                     probe.close)
+        probe.close()
+        raise InvalidArgumentError(f"Could not open new backing file '{backing}': {e}") from e
     except (OSError, Qcow2Error) as e:
         why = (f"Could not open '{chainlayers.qemu_name(path, backing)}': {e.strerror}"
                if isinstance(e, OSError) else e)

@@ -55,9 +55,10 @@ class Sources:
             im.close()
 
 
-def open_sources(names, fmt, snapshot=None):
+def open_sources(names, fmt, snapshot=None, *, force_share=False, untrusted=False):
     """Open the sources (``snapshot``: an internal snapshot of the only,
-    qcow2, source to read instead of its active layer)."""
+    qcow2, source to read instead of its active layer; ``force_share``,
+    ``untrusted``: as :func:`qcow2fast.open` takes them)."""
     if snapshot is not None and len(names) > 1:
         raise InvalidArgumentError("a snapshot (-l) can only be read from a single source")
     images = []
@@ -69,11 +70,12 @@ def open_sources(names, fmt, snapshot=None):
             f = fmt or probe_format(path)
             if f == "qcow2":
                 from ..engine.image import Image
-                images.append(Image(path, "r", cache_clean_interval=0, snapshot=snapshot))
+                images.append(Image(path, "r", cache_clean_interval=0, snapshot=snapshot,
+                                    force_share=force_share, untrusted=untrusted))
             elif snapshot is not None:
                 raise InvalidArgumentError(f"{path}: a {f} image has no internal snapshots")
             elif f == "raw":
-                images.append(RawImage(path))
+                images.append(RawImage(path, force_share=force_share))
             else:
                 raise InvalidArgumentError(f"unknown or unsupported source format {f!r}")
     except BaseException:

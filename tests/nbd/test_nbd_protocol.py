@@ -220,7 +220,7 @@ def test_disconnect_in_the_middle_of_a_write_writes_nothing(server, image):
 
 
 def test_write_fua_flush_trim_zero_and_block_status(server, image):
-    expected = bytearray(qemu_raw(image))
+    expected = bytearray(qemu_raw(image, extra=["-U"]))     # the server holds it (locks)
     a, b = client(server), client(server)
     a.go(contexts=["base:allocation", "qemu:allocation-depth"])
     b.go()

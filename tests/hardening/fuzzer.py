@@ -1,0 +1,406 @@
+"""A structure-aware fuzzer for qcow2fast: seeded mutations of real images
+made by qemu (header fields, L1/L2 entries, refcount table and block
+entries, header extensions, the snapshot table, raw bytes, truncation) and
+of a real NBD client's byte stream (handshake options and requests).
+
+Each input runs in a forked child under RLIMIT_AS (1 GiB) and RLIMIT_CPU,
+with a wall-clock timeout.  A run is a *finding* when the child dies from
+a signal, hangs, runs out of memory, raises anything but a Qcow2Error or
+an OSError (a clear error), or changes an image it opened read-only.
+
+Used by scripts/fuzz.py (long runs, optionally driven by atheris) and by
+tests/hardening/test_fuzz.py (a quick seeded set)."""
+
+import json
+import os
+import random
+import resource
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import traceback
+
+QEMU_IMG = shutil.which("qemu-img") or "qemu-img"
+QEMU_IO = shutil.which("qemu-io") or "qemu-io"
+AS_LIMIT = 1 << 30
+TARGETS = ("open", "read", "block_status", "check", "repair", "convert", "nbd")
+
+# -- seeds: images qemu made --------------------------------------------------------------
+
+
+def _run(*argv):
+    subprocess.run([str(a) for a in argv], check=True, capture_output=True)
+
+
+def make_seeds(d):
+    """A few small qemu-made images covering the structures mutated."""
+    seeds = []
+
+    def create(name, size, opts, *io):
+        path = os.path.join(d, name)
+        _run(QEMU_IMG, "create", "-q", "-f", "qcow2", "-o", opts, path, size)
+        if io:
+            _run(QEMU_IO, *sum((["-c", c] for c in io), []), path)
+        seeds.append(path)
+        return path
+
+    create("v3.qcow2", "4M", "cluster_size=65536", "write -P 1 0 128k",
+           "write -c -P 2 256k 64k", "write -z 512k 64k", "write -P 3 3M 4k")
+    create("small.qcow2", "1M", "cluster_size=4096,refcount_bits=1", "write -P 4 0 20k",
+           "write -c -P 5 64k 4k")
+    create("v2.qcow2", "1M", "compat=0.10,cluster_size=4096", "write -P 6 4k 8k")
+    create("extl2.qcow2", "2M", "cluster_size=65536,extended_l2=on", "write -P 7 0 6k",
+           "write -z 64k 8k")
+    snap = create("snap.qcow2", "1M", "cluster_size=4096,refcount_bits=64",
+                  "write -P 8 0 8k")
+    _run(QEMU_IMG, "snapshot", "-c", "s1", snap)
+    _run(QEMU_IO, "-c", "write -P 9 0 4k", snap)
+    create("zstd.qcow2", "1M", "cluster_size=4096,compression_type=zstd",
+           "write -c -P 10 0 8k")
+    return seeds
+
+
+# -- mutating images ----------------------------------------------------------------------
+
+HEADER_FIELDS = [  # (offset, struct format) of each header field (qcow2.txt)
+    (4, ">I"), (8, ">Q"), (16, ">I"), (20, ">I"), (24, ">Q"), (32, ">I"), (36, ">I"),
+    (40, ">Q"), (48, ">Q"), (56, ">I"), (60, ">I"), (64, ">Q"), (72, ">Q"), (80, ">Q"),
+    (88, ">Q"), (96, ">I"), (100, ">I"), (104, ">B")]
+INTERESTING = [0, 1, 2, 7, 8, 9, 16, 21, 22, 63, 64, 511, 512, 4095, 4096, 65535, 65536,
+               1 << 20, 1 << 24, 1 << 31, (1 << 32) - 1, 1 << 32, 1 << 40, 1 << 56,
+               (1 << 62), (1 << 63), (1 << 64) - 1]
+ENTRY_BITS = [0, 1, 9, 16, 30, 31, 32, 55, 56, 61, 62, 63]
+
+
+def _u(buf, off, fmt):
+    return struct.unpack_from(fmt, buf, off)[0] if off + struct.calcsize(fmt) <= len(buf) \
+        else 0
+
+
+def _put(buf, off, fmt, value, rng):
+    n = struct.calcsize(fmt)
+    if off < 0 or off + n > len(buf):
+        return
+    struct.pack_into(fmt, buf, off, value & ((1 << (8 * n)) - 1))
+
+
+def _value(rng, old, bits):
+    r = rng.random()
+    if r < 0.4:
+        return rng.choice(INTERESTING)
+    if r < 0.6:
+        return old ^ (1 << rng.randrange(bits))
+    if r < 0.8:
+        return old + rng.choice((-1, 1, -8, 8, -512, 512, -4096, 4096, 65536))
+    return rng.getrandbits(bits)
+
+
+def _tables(buf):
+    """File offsets of the entries of the structures the header names."""
+    cb = _u(buf, 20, ">I")
+    cs = 1 << cb if 9 <= cb <= 21 else 65536
+    out = {}
+    l1_off, l1_size = _u(buf, 40, ">Q"), _u(buf, 36, ">I")
+    out["l1"] = [l1_off + 8 * i for i in range(min(l1_size, 64)) if l1_off + 8 * i < len(buf)]
+    l2s = [(_u(buf, o, ">Q") & 0x00FFFFFFFFFFFE00) for o in out["l1"]]
+    out["l2"] = [t + 8 * i for t in l2s if t and t < len(buf) for i in range(cs // 8)
+                 if t + 8 * i < len(buf)]
+    rt = _u(buf, 48, ">Q")
+    out["reftable"] = [rt + 8 * i for i in range(cs // 8) if rt + 8 * i < len(buf)][:64]
+    blocks = [_u(buf, o, ">Q") & ~0x1FF for o in out["reftable"]]
+    out["refblock"] = [b + 2 * i for b in blocks if b and b < len(buf)
+                       for i in range(min(cs // 2, 4096))]
+    so = _u(buf, 64, ">Q")
+    out["snapshot"] = [so + i for i in range(0, 48) if 0 < so + i < len(buf)]
+    hl = _u(buf, 100, ">I") if _u(buf, 4, ">I") == 3 else 72
+    out["extension"] = [hl + i for i in range(0, 64, 4) if hl + i < min(len(buf), cs)]
+    return out, cs
+
+
+def mutate_image(data, rng, n=None):
+    """``data`` with 1 to 4 structure-aware mutations."""
+    buf = bytearray(data)
+    for _ in range(n or rng.randint(1, 4)):
+        tables, cs = _tables(buf)
+        kind = rng.choice(("header", "header", "l1", "l2", "l2", "reftable", "refblock",
+                           "snapshot", "extension", "bytes", "truncate"))
+        if kind == "header":
+            off, fmt = rng.choice(HEADER_FIELDS)
+            _put(buf, off, fmt, _value(rng, _u(buf, off, fmt), 8 * struct.calcsize(fmt)), rng)
+        elif kind in ("l1", "l2", "reftable") and tables[kind]:
+            off = rng.choice(tables[kind])
+            old = _u(buf, off, ">Q")
+            if rng.random() < 0.5:
+                new = old ^ (1 << rng.choice(ENTRY_BITS))
+            elif rng.random() < 0.5:
+                new = (old & (0xFF << 56)) | (rng.randrange(max(len(buf) // cs + 2, 1)) * cs)
+            else:
+                new = _value(rng, old, 64)
+            _put(buf, off, ">Q", new, rng)
+        elif kind == "refblock" and tables[kind]:
+            off = rng.choice(tables[kind])
+            _put(buf, off, ">H", _value(rng, _u(buf, off, ">H"), 16), rng)
+        elif kind in ("snapshot", "extension") and tables[kind]:
+            off = rng.choice(tables[kind])
+            fmt = rng.choice((">I", ">H", ">Q"))
+            _put(buf, off, fmt, _value(rng, _u(buf, off, fmt), 8 * struct.calcsize(fmt)), rng)
+        elif kind == "bytes" and buf:
+            for _ in range(rng.randint(1, 8)):
+                buf[rng.randrange(len(buf))] = rng.getrandbits(8)
+        elif kind == "truncate" and len(buf) > 512:
+            del buf[rng.randrange(512, len(buf)):]
+    return bytes(buf)
+
+
+# -- NBD client streams --------------------------------------------------------------------
+
+def nbd_stream(rng):
+    """A client's byte stream: a handshake (fixed newstyle, options) and
+    requests, as a real client sends them; a list of messages."""
+    from qcow2fast.nbd import protocol as P
+    msgs = [P.CLIENT_FLAGS.pack(P.NBD_FLAG_C_FIXED_NEWSTYLE | P.NBD_FLAG_C_NO_ZEROES)]
+
+    def option(opt, data=b""):
+        msgs.append(P.OPTION_HEADER.pack(P.IHAVEOPT, opt, len(data)) + data)
+    option(P.NBD_OPT_STRUCTURED_REPLY)
+    q = b"base:allocation"
+    option(P.NBD_OPT_SET_META_CONTEXT, P.U32.pack(0) + P.U32.pack(1) + P.U32.pack(len(q)) + q)
+    if rng.random() < 0.2:
+        option(P.NBD_OPT_LIST)
+    option(P.NBD_OPT_GO, P.U32.pack(0) + P.U16.pack(1) + P.U16.pack(P.NBD_INFO_BLOCK_SIZE))
+    for h in range(rng.randint(1, 6)):
+        cmd = rng.choice((P.NBD_CMD_READ, P.NBD_CMD_WRITE, P.NBD_CMD_BLOCK_STATUS,
+                          P.NBD_CMD_TRIM, P.NBD_CMD_WRITE_ZEROES, P.NBD_CMD_FLUSH,
+                          P.NBD_CMD_CACHE))
+        off, length = rng.randrange(0, 1 << 20, 512), rng.choice((512, 4096, 65536))
+        msg = P.REQUEST.pack(P.NBD_REQUEST_MAGIC, 0, cmd, h, off, length)
+        if cmd == P.NBD_CMD_WRITE:
+            msg += bytes([h]) * length
+        msgs.append(msg)
+    msgs.append(P.REQUEST.pack(P.NBD_REQUEST_MAGIC, 0, P.NBD_CMD_DISC, 99, 0, 0))
+    return msgs
+
+
+def mutate_stream(msgs, rng):
+    msgs = list(msgs)
+    for _ in range(rng.randint(1, 3)):
+        i = rng.randrange(len(msgs))
+        m = bytearray(msgs[i])
+        r = rng.random()
+        if r < 0.5 and m:               # a field: a u16/u32/u64 at a 2-aligned offset
+            fmt = rng.choice((">H", ">I", ">Q"))
+            off = rng.randrange(0, max(1, len(m) - 1), 2)
+            _put(m, off, fmt, _value(rng, _u(m, off, fmt), 8 * struct.calcsize(fmt)), rng)
+        elif r < 0.7 and m:
+            m[rng.randrange(len(m))] = rng.getrandbits(8)
+        elif r < 0.8:
+            del m[rng.randrange(len(m) + 1):]
+        elif r < 0.9:
+            msgs.insert(i, bytes(m))
+            continue
+        else:
+            del msgs[i]
+            continue
+        msgs[i] = bytes(m)
+    return b"".join(msgs)
+
+
+# -- targets (run in the child) -----------------------------------------------------------
+
+
+def _target_image(target, path, work):
+    import qcow2fast
+    if target == "check":
+        from qcow2fast.fsck.check import check_image
+        check_image(path)
+        return
+    if target == "repair":
+        from qcow2fast.cli import main
+        main(["check", "-q", "-r", "all", path])
+        return
+    if target == "convert":
+        qcow2fast.convert(path, os.path.join(work, "out.qcow2"), format="qcow2")
+        return
+    with qcow2fast.open(path, "r", backing=False, untrusted=True) as img:
+        if target == "read":
+            for pos in range(0, min(img.size, 8 << 20), 1 << 20):
+                img.read(pos, min(1 << 20, img.size - pos))
+        elif target == "block_status":
+            img.block_status(0, min(img.size, 64 << 20))
+
+
+def _target_nbd(stream, path):
+    from qcow2fast.host.raw import RawImage  # noqa: F401  (the server's imports, early)
+    from qcow2fast.nbd.channel import Channel, Disconnected
+    from qcow2fast.nbd.export import Export, open_export_image
+    from qcow2fast.nbd.handshake import ProtocolError, negotiate
+    from qcow2fast.nbd.transmission import Transmission
+    img = open_export_image(path, read_only=False, fmt="qcow2")
+    a, b = socket.socketpair()
+    errors = []
+
+    def serve():
+        try:
+            chan, export = Channel(a), Export(img, "", None, False)
+            session = negotiate(chan, export)
+            if session is not None:
+                Transmission(chan, export, session).run()
+                chan.flush()
+        except (Disconnected, ProtocolError, BrokenPipeError, ConnectionResetError):
+            pass
+        except BaseException as e:          # noqa: B902 - reported as a finding
+            errors.append(e)
+        finally:
+            a.close()
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    b.settimeout(10)
+
+    def drain():
+        try:
+            while b.recv(1 << 20):
+                pass
+        except OSError:
+            pass
+    d = threading.Thread(target=drain, daemon=True)
+    d.start()
+    try:
+        b.sendall(stream)
+        b.shutdown(socket.SHUT_WR)
+    except OSError:
+        pass
+    t.join()
+    d.join()
+    b.close()
+    img.close()
+    if errors:
+        raise errors[0]
+
+
+def _child(target, data, work, status_fd):
+    resource.setrlimit(resource.RLIMIT_AS, (AS_LIMIT, AS_LIMIT))
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 1)
+    os.dup2(devnull, 2)
+    res = {"outcome": "ok", "refused": None}
+    try:
+        if target == "nbd":
+            path = os.path.join(work, "nbd.qcow2")
+            shutil.copyfile(os.path.join(work, "seed.qcow2"), path)
+            _target_nbd(data, path)
+        else:
+            path = os.path.join(work, "in.qcow2")
+            with open(path, "wb") as f:
+                f.write(data)
+            _target_image(target, path, work)
+            if target != "repair":
+                with open(path, "rb") as f:
+                    if f.read() != data:
+                        res = {"outcome": "modified", "error": "a read-only target wrote"}
+    except MemoryError:
+        res = {"outcome": "memory", "error": traceback.format_exc()}
+    except BaseException as e:              # noqa: B902
+        from qcow2fast import Qcow2Error
+        if not isinstance(e, (Qcow2Error, OSError)):
+            res = {"outcome": "exception", "error": traceback.format_exc()}
+        else:
+            res["refused"] = type(e).__name__
+    os.write(status_fd, json.dumps(res).encode())
+    os._exit(0)
+
+
+def run_one(target, data, work, timeout=20):
+    """Run one input in a forked child; returns a result dict whose
+    ``outcome`` is "ok" or names the finding."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(r)
+        try:
+            _child(target, data, work, w)
+        except BaseException:           # noqa: B902 - the harness itself failed: say how
+            os.write(w, json.dumps({"outcome": "harness",
+                                    "error": traceback.format_exc()}).encode())
+        finally:
+            os._exit(3)
+    os.close(w)
+    out, status, hung = b"", None, False
+    import select
+    deadline_left = timeout
+    while True:
+        ready, _, _ = select.select([r], [], [], deadline_left)
+        if not ready:
+            hung = True
+            os.kill(pid, signal.SIGKILL)
+            break
+        chunk = os.read(r, 65536)
+        if not chunk:
+            break
+        out += chunk
+    _, status = os.waitpid(pid, 0)
+    os.close(r)
+    if hung:
+        return {"outcome": "hang", "error": f"no answer within {timeout} s"}
+    if os.WIFSIGNALED(status):
+        return {"outcome": "signal", "error": f"killed by signal {os.WTERMSIG(status)}"}
+    try:
+        return json.loads(out)
+    except ValueError:
+        return {"outcome": "crash", "error": f"child exit {status}, output {out[:200]!r}"}
+
+
+class Fuzzer:
+    """Seeded mutation fuzzing of one target over ``seeds`` (image paths)."""
+
+    def __init__(self, target, seeds, work, seed=0):
+        if target not in TARGETS:
+            raise ValueError(f"target must be one of {TARGETS}")
+        self.target, self.work, self.rng = target, work, random.Random(seed)
+        self.seeds = [open(p, "rb").read() for p in seeds]
+        shutil.copyfile(seeds[0], os.path.join(work, "seed.qcow2"))
+        self.executions, self.findings = 0, []
+        self.refused = {}           # clear errors by class (the rest ran to the end)
+
+    def next_input(self):
+        if self.target == "nbd":
+            return mutate_stream(nbd_stream(self.rng), self.rng)
+        return mutate_image(self.rng.choice(self.seeds), self.rng)
+
+    def run(self, executions=None, seconds=None, on_finding=None):
+        import time
+        stop = time.monotonic() + seconds if seconds else None
+        while (executions is None or self.executions < executions) and \
+                (stop is None or time.monotonic() < stop):
+            data = self.next_input()
+            res = run_one(self.target, data, self.work)
+            self.executions += 1
+            why = res.get("refused") or "completed"
+            self.refused[why] = self.refused.get(why, 0) + 1
+            if res["outcome"] != "ok":
+                self.findings.append((data, res))
+                if on_finding is not None:
+                    on_finding(data, res)
+        return self.findings
+
+
+def main(argv):
+    """``python -m tests.hardening.fuzzer TARGET EXECUTIONS SEED``: fuzz in
+    this (fresh, single-threaded) process -- forking from a process with
+    other threads (a test session's) can leave a child stuck on a lock
+    one of them held -- and print a JSON summary line."""
+    import tempfile
+    target, executions, seed = argv[0], int(argv[1]), int(argv[2])
+    with tempfile.TemporaryDirectory(prefix="qcow2fast-fuzz-") as d:
+        f = Fuzzer(target, make_seeds(d), d, seed)
+        f.run(executions)
+        print(json.dumps({"executions": f.executions, "outcomes": f.refused,
+                          "findings": [r for _, r in f.findings[:3]],
+                          "nfindings": len(f.findings)}))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
