@@ -318,6 +318,18 @@ cdef class ChainCore(ChainStep):
         finally:
             pthread_rwlock_unlock(&self.lock)
 
+    def replace_layer(self, int j, layer):
+        """Layer j is now ``layer`` (the same file reopened after it changed);
+        the caller invalidates what was resolved through it."""
+        with nogil:
+            pthread_rwlock_wrlock(&self.lock)
+        try:
+            self.cores[j] = layer if isinstance(layer, ImageCore) else None
+            self.files[j] = None if isinstance(layer, ImageCore) else layer.file
+            self.sizes[j] = layer.size
+        finally:
+            pthread_rwlock_unlock(&self.lock)
+
     def size_of(self, int j):
         return self.sizes[j]
 

@@ -36,7 +36,8 @@ from ..errors import (CorruptImageError, LimitExceededError, Qcow2Error,
 from ..extent import Extent, merge_extents
 from ..host.raw import RawImage
 from ..spec import header as hdr
-from .backing import MAX_CHAIN_DEPTH, probe_format, resolve_backing_path
+from . import backing
+from .backing import probe_format, resolve_backing_path
 from .cache import MIN_L2_SLOTS
 
 LAYER_L2_ENTRY = 4096        # a lower layer's L2 slice (or its cluster size, if smaller)
@@ -207,10 +208,35 @@ class Chain:
     def _open_files(self):
         return sum(1 for l in self.layers if not l.file.closed)
 
-    def invalidate(self, offset=0, length=None):
-        """See ChainCore.invalidate: the one entry point for whatever
-        changes a lower layer (commit, rebase)."""
+    def invalidate(self, offset=0, length=None, changed=()):
+        """The one entry point for whatever changes a lower layer (commit
+        writing into it, rebase): the layers at indexes ``changed`` (0: the
+        top's backing file) are reopened, so that their header, L1 table
+        and cached L2 slices are read again, and what the chain resolved at
+        guest [offset, offset+length) is forgotten.  Call it after the
+        change, before the chain is read there again; a layer written
+        through its own Image object here needs only the range."""
+        with self._fd_lock:
+            for j in changed:
+                self._reopen(j)
         self.core.invalidate(offset, length)
+
+    def _reopen(self, j):
+        old = self.layers[j]
+        if isinstance(old, ImageCore):
+            new = _open_layer(type(old), old.path, old.cache_mode)
+        else:
+            new = RawImage(old.path)
+        self.layers[j] = new
+        self.core.replace_layer(j, new)
+        if isinstance(new, ImageCore):
+            below = j + 1 < len(self.layers)
+            new._join_chain(self, j, ChainBelow(self, j + 1) if below else None)
+            new.backing = self.layers[j + 1] if below else None
+        if j > 0 and isinstance(self.layers[j - 1], ImageCore):
+            self.layers[j - 1].backing = new
+            self.layers[j - 1].clusters.below = ChainBelow(self, j)
+        old.close()
 
     def close(self):
         for layer in self.layers:
@@ -253,7 +279,7 @@ def open_chain(top, max_depth=None, above=()):
     the resolved map's unit bits, max_open: None or how many qcow2 layer
     files may be open at once).  ``above``: real paths of images
     above ``top`` (loop detection).  Errors name the layer and the field."""
-    max_depth = MAX_CHAIN_DEPTH if max_depth is None else max_depth
+    max_depth = backing.MAX_CHAIN_DEPTH if max_depth is None else max_depth
     where = hdr.FIELD_OFFSET["backing_file_offset"]
     seen = set(above) | {os.path.realpath(top.path)}
     layers, img = [], top
