@@ -35,6 +35,7 @@ from libc.string cimport memset
 from .common cimport EXT_DATA, EXT_ZERO, EXT_UNALLOCATED
 from .core cimport (ImageCore, pthread_rwlock_t, pthread_rwlockattr_t, pthread_rwlock_init,
                     pthread_rwlock_destroy, pthread_rwlock_rdlock, pthread_rwlock_tryrdlock,
+                    pthread_rwlock_trywrlock,
                     pthread_rwlock_wrlock, pthread_rwlock_unlock, pthread_rwlockattr_init,
                     pthread_rwlockattr_setkind_np, PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP)
 from .fileio cimport File
@@ -43,6 +44,16 @@ from .resolved cimport (ResolvedMap, rm_meta, RM_BLOCK_BITS, RM_BLOCK_UNITS, RM_
                         RM_DATA, RM_ZERO, RM_SLOW, RM_WALK)
 
 cnp.import_array()
+
+# Blocks resolved together on a miss (each layer locked and its L2 slices
+# read once for all of them): at most a quarter of the map's slots.
+cdef enum:
+    RESOLVE_GROUP = 8
+
+
+cdef inline uint64_t *_ent(uint64_t **blocks, int64_t i) noexcept nogil:
+    """Entry ``i`` of a group of blocks."""
+    return blocks[i >> RM_BLOCK_BITS] + 2 * (i & (RM_BLOCK_UNITS - 1))
 
 
 cdef class ChainCore(ChainStep):
@@ -100,12 +111,8 @@ cdef class ChainCore(ChainStep):
                             pthread_rwlock_wrlock(&self.lock)
                         exclusive = True
                         continue            # another thread may have resolved it meanwhile
-                    blk = rm.add(b)
-                    try:
-                        self._resolve_block(b, blk)
-                    except BaseException:
-                        rm.discard(b)       # never leave a half-resolved block
-                        raise
+                    self._resolve(b)
+                    continue
                 in_u = pos & (us - 1)
                 i = u & (RM_BLOCK_UNITS - 1)
                 meta = blk[2 * i + 1]
@@ -181,16 +188,45 @@ cdef class ChainCore(ChainStep):
             n -= lim
         return 0
 
-    cdef int _resolve_block(self, int64_t block, uint64_t *e) except -1:
-        """Fill the entries of ``block`` (all RM_PENDING): layer by layer,
-        each layer asked only about the units still undecided above it."""
+    cdef int _resolve(self, int64_t block) except -1:
+        """Resolve ``block`` and the blocks of its group not cached yet
+        (RESOLVE_GROUP consecutive blocks, fewer in a small cache): each
+        layer is locked, and its L2 slices read, once for the group."""
         cdef ResolvedMap rm = self.rmap
-        cdef int g = rm.unit_bits, j, kind
-        cdef int64_t u0 = block << RM_BLOCK_BITS, i, ib, top, t, k, units, size
-        cdef int64_t pending = RM_BLOCK_UNITS, p, end, r
+        cdef int64_t g0, b, nb = RESOLVE_GROUP
+        cdef uint64_t *blocks[RESOLVE_GROUP]
+        cdef int k
+        while nb > 1 and nb * 4 > rm.blocks.nslots:
+            nb >>= 1
+        g0 = block & ~(nb - 1)
+        for k in range(nb):
+            b = g0 + k
+            blocks[k] = rm.add(b) if b == block or rm.find(b) == NULL else NULL
+        try:
+            self._resolve_blocks(g0, blocks, nb)
+        except BaseException:
+            for k in range(nb):         # never leave a half-resolved block
+                if blocks[k] != NULL:
+                    rm.discard(g0 + k)
+            raise
+        return 0
+
+    cdef int _resolve_blocks(self, int64_t b0, uint64_t **blocks, int nb) except -1:
+        """Fill the entries of blocks b0.. (``blocks[k]``: block b0+k's
+        entries, all RM_PENDING, or NULL if it is cached already): layer by
+        layer, each layer asked only about the units still undecided above
+        it."""
+        cdef int g = self.rmap.unit_bits, j, kind
+        cdef int64_t nu = (<int64_t>nb) << RM_BLOCK_BITS
+        cdef int64_t u0 = b0 << RM_BLOCK_BITS, i, ib, top, t, k, units, size
+        cdef int64_t pending = 0, p, end, r
         cdef uint64_t host, meta
+        cdef uint64_t *e
         cdef ImageCore core
         cdef bint locked
+        for k in range(nb):
+            if blocks[k] != NULL:
+                pending += RM_BLOCK_UNITS
         for j in range(self.depth):
             if pending == 0:
                 break
@@ -199,12 +235,16 @@ cdef class ChainCore(ChainStep):
             locked = False
             try:
                 i = 0
-                while i < RM_BLOCK_UNITS:
-                    if e[2 * i + 1] != RM_PENDING:
+                while i < nu:
+                    if blocks[i >> RM_BLOCK_BITS] == NULL:
+                        i += RM_BLOCK_UNITS
+                        continue
+                    if _ent(blocks, i)[1] != RM_PENDING:
                         i += 1
                         continue
                     ib = i + 1
-                    while ib < RM_BLOCK_UNITS and e[2 * ib + 1] == RM_PENDING:
+                    while ib < nu and blocks[ib >> RM_BLOCK_BITS] != NULL and \
+                            _ent(blocks, ib)[1] == RM_PENDING:
                         ib += 1
                     # Undecided units [i, ib).  From the layer's end on: zeros,
                     # and the unit it ends inside is walked on each read.
@@ -214,15 +254,16 @@ cdef class ChainCore(ChainStep):
                         if k < i:
                             k = i
                         for t in range(k, ib):
-                            e[2 * t + 1] = rm_meta(j, RM_ZERO)
+                            _ent(blocks, t)[1] = rm_meta(j, RM_ZERO)
                         if size & ((1 << g) - 1) and k < ib and ((u0 + k) << g) < size:
-                            e[2 * k + 1] = rm_meta(j, RM_WALK)
+                            _ent(blocks, k)[1] = rm_meta(j, RM_WALK)
                         pending -= ib - k
                         top = k
                     if i < top and core is None:            # raw: data where it is
                         for t in range(i, top):
-                            e[2 * t] = <uint64_t>((u0 + t) << g)
-                            e[2 * t + 1] = rm_meta(j, RM_DATA)
+                            e = _ent(blocks, t)
+                            e[0] = <uint64_t>((u0 + t) << g)
+                            e[1] = rm_meta(j, RM_DATA)
                         pending -= top - i
                     elif i < top:
                         if not locked:
@@ -239,9 +280,9 @@ cdef class ChainCore(ChainStep):
                                 meta = rm_meta(j, RM_DATA if kind == EXT_DATA else
                                                RM_ZERO if kind == EXT_ZERO else RM_SLOW)
                                 for t in range(units):
-                                    e[2 * (k + t)] = host + (<uint64_t>t << g) \
-                                        if kind == EXT_DATA else 0
-                                    e[2 * (k + t) + 1] = meta
+                                    e = _ent(blocks, k + t)
+                                    e[0] = host + (<uint64_t>t << g) if kind == EXT_DATA else 0
+                                    e[1] = meta
                                 pending -= units
                             p += r
                     i = ib
@@ -249,9 +290,9 @@ cdef class ChainCore(ChainStep):
                 if locked:
                     pthread_rwlock_unlock(&core.rwlock)
         if pending:
-            for i in range(RM_BLOCK_UNITS):
-                if e[2 * i + 1] == RM_PENDING:
-                    e[2 * i + 1] = rm_meta(self.depth, RM_ZERO)     # unallocated all the way down
+            for i in range(nu):
+                if blocks[i >> RM_BLOCK_BITS] != NULL and _ent(blocks, i)[1] == RM_PENDING:
+                    _ent(blocks, i)[1] = rm_meta(self.depth, RM_ZERO)    # unallocated all the way down
         return 0
 
     # -- one layer -------------------------------------------------------------------
@@ -259,8 +300,9 @@ cdef class ChainCore(ChainStep):
     cdef int _lock_layer(self, int j) except -1:
         """Layer j's exclusive lock, its file open."""
         cdef ImageCore core = <ImageCore>self.cores[j]
-        with nogil:
-            pthread_rwlock_wrlock(&core.rwlock)
+        if pthread_rwlock_trywrlock(&core.rwlock) != 0:
+            with nogil:
+                pthread_rwlock_wrlock(&core.rwlock)
         while core.s.file.fd < 0:
             pthread_rwlock_unlock(&core.rwlock)
             self.resume(j)

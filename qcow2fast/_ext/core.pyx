@@ -98,11 +98,13 @@ cdef class ImageCore:
         self.overlap_found = overlap_found
         free(self.zeros)
         self.zeros = NULL
+        free(self.scratch)
+        self.scratch = NULL
+        if rc is None:
+            return      # read-only (a layer of a chain, say): the buffers are for writes
         if posix_memalign(<void **>&self.zeros, 4096, cs) != 0:
             raise MemoryError()
         memset(self.zeros, 0, cs)
-        free(self.scratch)
-        self.scratch = NULL
         if posix_memalign(<void **>&self.scratch, 4096, 2 * cs) != 0:
             raise MemoryError()
 

@@ -40,7 +40,7 @@ from . import backing
 from .backing import probe_format, resolve_backing_path
 from .cache import MIN_L2_SLOTS
 
-LAYER_L2_ENTRY = 4096        # a lower layer's L2 slice (or its cluster size, if smaller)
+LAYER_L2_ENTRY = 16384        # a lower layer's L2 slice (or its cluster size, if smaller)
 FD_RESERVE = 64              # descriptors left for everything else (at most a quarter)
 
 
