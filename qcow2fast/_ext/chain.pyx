@@ -201,7 +201,11 @@ cdef class ChainCore(ChainStep):
         g0 = block & ~(nb - 1)
         for k in range(nb):
             b = g0 + k
-            blocks[k] = rm.add(b) if b == block or rm.find(b) == NULL else NULL
+            # The requested block, and those of its group that hold some
+            # layer's bytes and are not cached yet.
+            blocks[k] = rm.add(b) if b == block or (
+                rm.find(b) == NULL and ((b << RM_BLOCK_BITS) << rm.unit_bits) < self._span()) \
+                else NULL
         try:
             self._resolve_blocks(g0, blocks, nb)
         except BaseException:
@@ -294,6 +298,15 @@ cdef class ChainCore(ChainStep):
                 if blocks[i >> RM_BLOCK_BITS] != NULL and _ent(blocks, i)[1] == RM_PENDING:
                     _ent(blocks, i)[1] = rm_meta(self.depth, RM_ZERO)    # unallocated all the way down
         return 0
+
+    cdef int64_t _span(self):
+        """Guest bytes some layer holds: the largest layer size."""
+        cdef int64_t m = 0
+        cdef int j
+        for j in range(self.depth):
+            if self.sizes[j] > m:
+                m = self.sizes[j]
+        return m
 
     # -- one layer -------------------------------------------------------------------
 
