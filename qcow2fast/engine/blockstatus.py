@@ -13,7 +13,6 @@ import os
 
 import numpy as np
 
-from ..host import file as hostfile
 from .._ext.kernels import refcount_decode
 from ..spec.constants import REFT_OFFSET_MASK
 
