@@ -13,10 +13,11 @@ import sys
 from ..errors import Qcow2Error
 from . import check_cmd, compare_cmd, create_cmd, dd_cmd, info_cmd, map_cmd, measure_cmd
 from . import bench_cmd, convert_cmd, serve_cmd, suite_cmd
+from . import commit_cmd, rebase_cmd
 from .options import Parser, UsageError
 
 COMMANDS = [create_cmd, info_cmd, check_cmd, map_cmd, compare_cmd, measure_cmd, dd_cmd,
-            convert_cmd, bench_cmd, serve_cmd, suite_cmd]
+            convert_cmd, bench_cmd, serve_cmd, suite_cmd, commit_cmd, rebase_cmd]
 
 
 def build_parser():

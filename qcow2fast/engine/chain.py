@@ -31,7 +31,7 @@ import numpy as np
 from .._ext.chain import ChainCore
 from .._ext.core import ImageCore
 from .._ext.resolved import ResolvedMap
-from ..errors import (CorruptImageError, LimitExceededError, Qcow2Error,
+from ..errors import (CorruptImageError, ImageClosedError, LimitExceededError, Qcow2Error,
                       UnsupportedFeatureError)
 from ..extent import Extent, merge_extents
 from ..host.raw import RawImage
@@ -125,6 +125,8 @@ class Chain:
         layer = self.layers[j]
         with self._fd_lock:
             if not layer.file.suspended:
+                if layer.file.closed:
+                    raise ImageClosedError(f"{layer.path}: the backing chain is closed")
                 return
             while self._qcow2_open() >= self.max_open and self._suspend_lru(j):
                 pass

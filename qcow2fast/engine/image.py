@@ -312,12 +312,17 @@ class Image(ImageCore):
 
     # -- the hooks of the C data path (core.pxd) ------------------------------------------
 
-    def _read_slow(self, offset, mv):
+    def _wrlock_open(self):
+        """The exclusive lock, with the image file open (a lower layer of a
+        chain deeper than the descriptor limit may have given it back)."""
         self._wrlock()
-        while self.file.closed:             # a suspended layer file (deep chains)
+        while self.file.closed and not self.closed:
             self._unlock()
             self._resume()
             self._wrlock()
+
+    def _read_slow(self, offset, mv):
+        self._wrlock_open()
         try:
             self.clusters.read(offset, mv)
         finally:
@@ -450,12 +455,8 @@ class Image(ImageCore):
         if length is None:
             length = self.size - offset
         self._check_request(offset, length)
-        self._wrlock()
+        self._wrlock_open()
         try:
-            while self.file.closed:         # a suspended layer file (deep chains)
-                self._unlock()
-                self._resume()
-                self._wrlock()
             exts = list(self.clusters.layer_extents(offset, length))
         finally:
             self._unlock()
@@ -465,6 +466,17 @@ class Image(ImageCore):
         if view is not None:                # a layer of a chain, read on its own
             return view.block_status(self._chain_index + 1, exts)
         return merge_extents(exts)
+
+    def layer_status(self, offset: int, length: int) -> list[Extent]:
+        """This layer's own extents of [offset, offset+length) (depth 0):
+        "unallocated" where the layers below show through (commit and
+        rebase walk a chain layer by layer with it)."""
+        self._check_request(offset, length)
+        self._wrlock_open()
+        try:
+            return list(self.clusters.layer_extents(offset, length))
+        finally:
+            self._unlock()
 
     # -- growing the disk (create) ----------------------------------------------------------
 
