@@ -6,7 +6,8 @@ from Cython.Build import cythonize
 from setuptools import Extension, setup
 
 EXT_DIR = os.path.join("qcow2fast", "_ext")
-MODULES = ["spec", "kernels", "fileio", "cache", "allocator", "state", "hooks", "core", "reqloop"]
+MODULES = ["spec", "kernels", "fileio", "cache", "allocator", "state", "hooks", "core", "reqloop",
+           "resolved", "chain"]
 
 extensions = [
     Extension(

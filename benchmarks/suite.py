@@ -47,6 +47,8 @@ SCENARIOS = [
      "compression, beside qemu-img convert and cp.", True),
     ("nbd", "benchmarks.nbd_bench",
      "qcow2fast serve beside qemu-nbd: nbdcopy and qemu-img bench over NBD.", True),
+    ("chain", "benchmarks.chain_bench",
+     "4 KiB reads through backing chains 1 to 1000 images deep: IOPS and peak memory.", True),
 ]
 NAMES = [s[0] for s in SCENARIOS]
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -42,6 +42,9 @@ fi
 if ! command -v strace >/dev/null 2>&1; then
     packages+=(strace)          # the jitter benchmark counts syncs with it
 fi
+if [ ! -x /usr/bin/time ]; then
+    packages+=(time)            # the chain benchmark's peak RSS (GNU time)
+fi
 if ! command -v cc >/dev/null 2>&1 && ! command -v gcc >/dev/null 2>&1; then
     packages+=(gcc)
 fi

@@ -2,6 +2,7 @@ from libc.stdint cimport uint64_t, int64_t
 from .fileio cimport File
 from .state cimport ImageState
 from .allocator cimport RefcountCore
+from .hooks cimport ChainStep
 
 cdef extern from "pthread.h" nogil:
     ctypedef struct pthread_rwlock_t:
@@ -12,6 +13,7 @@ cdef extern from "pthread.h" nogil:
     int pthread_rwlock_destroy(pthread_rwlock_t *)
     int pthread_rwlock_rdlock(pthread_rwlock_t *)
     int pthread_rwlock_tryrdlock(pthread_rwlock_t *)
+    int pthread_rwlock_trywrlock(pthread_rwlock_t *)
     int pthread_rwlock_wrlock(pthread_rwlock_t *)
     int pthread_rwlock_unlock(pthread_rwlock_t *)
     int pthread_rwlockattr_init(pthread_rwlockattr_t *)
@@ -24,10 +26,12 @@ cdef class ImageCore:
     cdef ImageState s                    # the image's state (None until set up)
     cdef RefcountCore rc                 # the allocator (None when read-only)
 
-    # The backing-chain step of the read path: the layer below, read in C.
-    cdef ImageCore below                 # a qcow2 backing image, or None
-    cdef File below_raw                  # a raw backing file, or None
-    cdef int64_t below_size              # guest bytes at or past it read as zeros
+    # The backing-chain step of the read path: the chain below this image
+    # (chain.ChainCore, shared by all its layers), read from its layer
+    # ``chain_first`` down; None without a backing file.
+    cdef ChainStep chain_step
+    cdef int chain_first
+    cdef object resume_file              # (): reopen a suspended image file (deep chains)
 
     # Write observers (hooks.WriteObserver): told of every range about to change.
     cdef tuple observers
@@ -48,7 +52,7 @@ cdef class ImageCore:
     cdef _write(self, int64_t offset, data, bint sync)
     cdef _check_range(self, int64_t offset, int64_t length)
     cdef int64_t _locked_read(self, char *buf, int64_t offset, int64_t n) except -2
-    cdef int64_t _read_below(self, char *buf, int64_t pos, int64_t n) except -2
+    cdef int64_t _layer_run(self, int64_t pos, int64_t n, int *kind, uint64_t *host) except -2
     cdef int _slice_at(self, int64_t pos, bint exclusive, uint64_t **l2, int64_t *l2i, int *slot, uint64_t *l1e) except -2
     cdef int64_t _alloc_write(self, const char *buf, int64_t pos, int64_t remaining, uint64_t *l2, int64_t l2i, int64_t run, int slot, bint below) except -2
     cdef int64_t _alloc_write_ext(self, const char *buf, int64_t pos, int64_t remaining, uint64_t *l2, int64_t u, int slot) except -2

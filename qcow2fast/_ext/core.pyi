@@ -1,20 +1,13 @@
 from collections.abc import Callable, Iterable
-from typing import NoReturn, Protocol
+from typing import NoReturn
 
 from typing_extensions import disjoint_base
 
 from ._typing import Buffer
 from .allocator import RefcountCore
 from .fileio import File
-from .hooks import WriteObserver
+from .hooks import ChainStep, WriteObserver
 from .state import ImageState
-
-class _RawLayer(Protocol):
-    # A raw backing image (host.raw.RawImage): read through its file.
-    @property
-    def file(self) -> File: ...
-    @property
-    def size(self) -> int: ...
 
 @disjoint_base
 class ImageCore:
@@ -31,7 +24,8 @@ class ImageCore:
     def _core_setup(
         self,
         rc: RefcountCore | None,
-        below: ImageCore | _RawLayer | None,
+        chain: ChainStep | None,
+        chain_first: int,
         read_fallback: Callable[[int, memoryview], object],
         write_fallback: Callable[[int, memoryview], object],
         ordered_flush: Callable[[], object],
@@ -39,6 +33,10 @@ class ImageCore:
     ) -> None: ...
     def _wrlock(self) -> None: ...
     def _unlock(self) -> None: ...
+    def _trywrlock(self) -> bool: ...
+    def _set_chain(self, chain: ChainStep | None, chain_first: int) -> None: ...
+    def _set_resume(self, resume_file: Callable[[], object] | None) -> None: ...
+    def _resume(self) -> None: ...
     def _check_request(self, offset: int, length: int) -> None: ...
     def _notify_write(self, offset: int, n: int) -> None: ...
     def _fast_read_locked(self, offset: int, buf: Buffer) -> int: ...

@@ -7,9 +7,9 @@ nothing copied but the layers below, and the backing-chain step.
 ``ImageCore`` is the base class of :class:`qcow2fast.engine.image.Image`;
 the image's state is an :class:`ImageState` (``state.pyx``).  A request is
 resolved run by run (``l2_units_run``): data runs go to the data file,
-zero runs are memset, unallocated runs go one layer down -- to the backing
-image's own C read path (``_read_below``), so a chain is walked in C, one
-call per layer and run, not per request through Python.  What C does not
+zero runs are memset, unallocated runs go to the backing-chain step
+(``_fill_below``: chain.pyx, the whole chain resolved in C with a cache of
+resolved mappings), not through Python.  What C does not
 do (compressed clusters, copy-on-write of shared clusters, new L2 tables
 and refcount blocks, malformed entries) is handed to the Python subsystems
 through the hooks declared in ``core.pxd`` (``read_fallback``,
@@ -35,7 +35,8 @@ from libc.string cimport memcpy, memset
 cdef extern from "stdlib.h" nogil:
     int posix_memalign(void **memptr, size_t alignment, size_t size)
 
-from .common cimport (l2_units_run, EXT_DATA, EXT_ZERO, EXT_UNALLOCATED, L1E_OFFSET_MASK,
+from .common cimport (l2_units_run, EXT_DATA, EXT_ZERO, EXT_UNALLOCATED, EXT_INVALID,
+                      L1E_OFFSET_MASK,
                       L1E_RESERVED_MASK, L2E_OFFSET_MASK, L2E_STD_RESERVED_MASK,
                       QCOW_OFLAG_COMPRESSED, QCOW_OFLAG_COPIED, SC_ALLOC_MASK, SC_BITS,
                       SC_ZERO_SHIFT, SUBCLUSTERS)
@@ -43,7 +44,7 @@ from .fileio cimport File
 from .cache cimport TableCache
 from .state cimport ImageState
 from .allocator cimport RefcountCore
-from .hooks cimport WriteObserver
+from .hooks cimport ChainStep, WriteObserver
 
 from ..errors import ImageClosedError, InvalidArgumentError, ReadOnlyImageError
 
@@ -82,33 +83,28 @@ cdef class ImageCore:
         """Give the core its state (first thing at open)."""
         self.s = state
 
-    def _core_setup(self, RefcountCore rc, below, read_fallback, write_fallback,
-                    ordered_flush, overlap_found):
-        """Attach the allocator (None when read-only), the layer below (an
-        ImageCore, a raw backing image with a ``file``, or None) and the
-        hooks (see core.pxd)."""
+    def _core_setup(self, RefcountCore rc, ChainStep chain, int chain_first, read_fallback,
+                    write_fallback, ordered_flush, overlap_found):
+        """Attach the allocator (None when read-only), the backing chain
+        below (a chain.ChainCore read from its layer ``chain_first`` down,
+        or None) and the hooks (see core.pxd)."""
         cdef int64_t cs = self.s.cluster_size
         self.rc = rc
-        self.below = None
-        self.below_raw = None
-        self.below_size = 0
-        if isinstance(below, ImageCore):
-            self.below = below
-            self.below_size = (<ImageCore>below).s.size
-        elif below is not None:
-            self.below_raw = below.file
-            self.below_size = below.size
+        self.chain_step = chain
+        self.chain_first = chain_first
         self.read_fallback = read_fallback
         self.write_fallback = write_fallback
         self.ordered_flush = ordered_flush
         self.overlap_found = overlap_found
         free(self.zeros)
         self.zeros = NULL
+        free(self.scratch)
+        self.scratch = NULL
+        if rc is None:
+            return      # read-only (a layer of a chain, say): the buffers are for writes
         if posix_memalign(<void **>&self.zeros, 4096, cs) != 0:
             raise MemoryError()
         memset(self.zeros, 0, cs)
-        free(self.scratch)
-        self.scratch = NULL
         if posix_memalign(<void **>&self.scratch, 4096, 2 * cs) != 0:
             raise MemoryError()
 
@@ -172,6 +168,26 @@ cdef class ImageCore:
     def _unlock(self):
         pthread_rwlock_unlock(&self.rwlock)
 
+    def _trywrlock(self):
+        """Take the exclusive lock if it is free at once (True), else False."""
+        return pthread_rwlock_trywrlock(&self.rwlock) == 0
+
+    def _set_chain(self, ChainStep chain, int chain_first):
+        """Read what lies below from layer ``chain_first`` of ``chain`` on
+        (a layer joining its chain, engine/chain.py)."""
+        self.chain_step = chain
+        self.chain_first = chain_first
+
+    def _set_resume(self, resume_file):
+        """``resume_file()``: reopens this image's file after a deep chain
+        suspended it (engine/chain.py)."""
+        self.resume_file = resume_file
+
+    def _resume(self):
+        if self.resume_file is None:
+            raise ImageClosedError(f"{self.s.path}: the image file is not open")
+        self.resume_file()
+
     # -- the loops -------------------------------------------------------------
 
     cdef inline int _slice_at(self, int64_t pos, bint exclusive, uint64_t **l2,
@@ -214,26 +230,41 @@ cdef class ImageCore:
         slot_out[0] = slot
         return SLICE_OK
 
-    cdef int64_t _read_below(self, char *buf, int64_t pos, int64_t n) except -2:
-        """The backing-chain step: what the layers below show at guest
-        [pos, pos+n) (zeros without a backing file and past its end), read
-        through the backing image's own C path.  Returns the bytes done from
-        the start: ``n``, or fewer where a lower layer needs its Python path."""
-        cdef int64_t k = 0, rc
-        if self.below_size > pos:
-            k = self.below_size - pos
-            if k > n:
-                k = n
-        if k > 0:
-            if self.below is not None:
-                rc = self.below._locked_read(buf, pos, k)
-                if rc < k:
-                    return rc
-            else:
-                self.below_raw.read_at(buf, k, pos)
-        if n > k:
-            memset(buf + k, 0, n - k)
-        return n
+    cdef int64_t _layer_run(self, int64_t pos, int64_t n, int *kind, uint64_t *host) except -2:
+        """This layer's own answer for the first run of guest [pos, pos+n),
+        for the chain (chain.pyx): returns the run's length in bytes and
+        sets ``kind`` -- EXT_DATA (``host``: the host offset of ``pos``),
+        EXT_ZERO, EXT_UNALLOCATED, or EXT_INVALID for what only the Python
+        path reads (compressed or malformed entries, data past the host
+        limit).  The caller holds the exclusive lock (slices may load)."""
+        cdef ImageState s = self.s
+        cdef int64_t l2i, count, run, chunk
+        cdef int ub = s.unit_bits, st, slot
+        cdef int64_t us = (<int64_t>1) << ub, in_u = pos & (us - 1)
+        cdef int64_t slice_units = (<int64_t>1) << s.slice_unit_bits
+        cdef uint64_t *l2
+        cdef uint64_t l1e
+        st = self._slice_at(pos, True, &l2, &l2i, &slot, &l1e)
+        if st == L1_UNALLOCATED:
+            kind[0] = EXT_UNALLOCATED
+            chunk = (((pos >> (s.l2_bits + s.cluster_bits)) + 1)
+                     << (s.l2_bits + s.cluster_bits)) - pos
+        elif st != SLICE_OK:
+            kind[0] = EXT_INVALID
+            chunk = us - in_u
+        else:
+            count = (in_u + n + us - 1) >> ub
+            if count > slice_units - l2i:
+                count = slice_units - l2i
+            run = l2_units_run(l2, l2i, count, s.cluster_bits, s.extended, False, kind, host)
+            chunk = (run << ub) - in_u
+            if kind[0] == EXT_DATA:
+                if host[0] + <uint64_t>(run << ub) > <uint64_t>s.host_limit:
+                    kind[0] = EXT_INVALID
+                host[0] += in_u
+            elif kind[0] != EXT_ZERO and kind[0] != EXT_UNALLOCATED:
+                kind[0] = EXT_INVALID
+        return chunk if chunk < n else n
 
     cdef int64_t _read_loop(self, char *buf, int64_t off, int64_t n, bint exclusive) except -2:
         """Serve [off, off+n) as far as it can: data, zero, and unallocated
@@ -306,7 +337,7 @@ cdef class ImageCore:
         cdef int kind, st, slot
         cdef uint64_t *l2
         cdef File f = s.data_file
-        cdef bint has_backing = self.below is not None or self.below_raw is not None
+        cdef bint has_backing = self.chain_step is not None
         while done < n:
             pos = off + done
             in_cl = pos & (us - 1)
@@ -359,24 +390,15 @@ cdef class ImageCore:
 
     cdef int _fill_below(self, char *dst, int64_t pos, int64_t n) except -1:
         """``dst`` = what the layers below show at guest [pos, pos+n) (for
-        ranges unallocated here): in C, and through the backing image's
-        public read for what its C path hands to Python -- so only the layer
-        that needs Python (a compressed cluster, say) enters it, not every
-        layer above it."""
-        cdef int64_t got, k
+        ranges unallocated here; zeros without a backing file): the chain
+        step, in C (chain.pyx), which hands to Python only the layer that
+        needs it (a compressed cluster, say)."""
         if n <= 0:
             return 0
-        got = self._read_below(dst, pos, n)
-        if got < n:
-            # Only a qcow2 layer below stops early, inside its own size.
-            k = self.below_size - pos
-            if k > n:
-                k = n
-            self.below.readinto(pos + got, memoryview(<unsigned char[:k - got]>
-                                                      <unsigned char *>(dst + got)))
-            if k < n:
-                memset(dst + k, 0, n - k)
-        return 0
+        if self.chain_step is None:
+            memset(dst, 0, n)
+            return 0
+        return self.chain_step.read_below(dst, pos, n, self.chain_first)
 
     cdef int _pwrite3(self, const char *a, int64_t na, const char *b, int64_t nb,
                       const char *c, int64_t nc, uint64_t off) except -1:
@@ -570,6 +592,12 @@ cdef class ImageCore:
     cdef int64_t _locked_read(self, char *buf, int64_t offset, int64_t n) except -2:
         cdef int64_t done
         self._rdlock_fast()
+        while self.s.file.fd < 0:
+            # A lower layer of a chain deeper than the descriptor limit
+            # whose file was given back: reopen it (never with a lock held).
+            pthread_rwlock_unlock(&self.rwlock)
+            self._resume()
+            self._rdlock_fast()
         try:
             done = self._read_loop(buf, offset, n, False)
         finally:

@@ -6,6 +6,8 @@ cdef class File:
     cdef readonly bint writable
     cdef readonly bint direct
     cdef readonly int align
+    cdef int flags                       # open flags, for resume()
+    cdef readonly bint suspended         # descriptor given back (suspend); resume() reopens
 
     cdef bint aligned(self, const void *buf, size_t n, int64_t off) noexcept nogil
     cdef int64_t c_pread(self, char *buf, size_t n, int64_t off) noexcept nogil

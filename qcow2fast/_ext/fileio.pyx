@@ -34,6 +34,7 @@ cdef class File:
         self.fd = -1
         self.path = os.fspath(path)
         self.fd = os.open(self.path, flags | os.O_CLOEXEC, 0o644)
+        self.flags = (flags | os.O_CLOEXEC) & ~(os.O_CREAT | os.O_TRUNC)
         self.writable = writable
         self.direct = direct
         self.align = DIRECT_ALIGN if direct else 1
@@ -51,6 +52,21 @@ cdef class File:
     @property
     def closed(self):
         return self.fd < 0
+
+    # A suspended file gave its descriptor back (a backing chain deeper than
+    # the descriptor limit); resume() reopens the same path with the same
+    # flags.  The caller makes sure no one uses the file in between (the
+    # image's exclusive lock).
+    def suspend(self):
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+            self.suspended = True
+
+    def resume(self):
+        if self.fd < 0 and self.suspended:
+            self.fd = os.open(self.path, self.flags)
+            self.suspended = False
 
     cdef raise_errno(self, int64_t rc, str what, int64_t off):
         err = <int>(-rc)

@@ -29,3 +29,12 @@ cdef class DataTransform:
     cdef readonly int64_t block_size
     cpdef int decode(self, unsigned char[::1] buf, uint64_t host) except -1
     cpdef int encode(self, unsigned char[::1] buf, uint64_t host) except -1
+
+
+cdef class ChainStep:
+    # The backing-chain step of the read path: what the layers of a backing
+    # chain show at guest [pos, pos+n), from layer ``first`` down (0: the
+    # backing file of the chain's top image), into ``buf`` -- zeros past a
+    # layer's end and below the last layer.  chain.ChainCore implements it
+    # in C; the core calls it with its own lock held (shared or exclusive).
+    cdef int read_below(self, char *buf, int64_t pos, int64_t n, int first) except -1

@@ -124,3 +124,11 @@ cdef class DataTransform:
     cpdef int encode(self, unsigned char[::1] buf, uint64_t host) except -1:
         """Guest bytes of whole blocks -> host bytes, in place."""
         return 0
+
+
+cdef class ChainStep:
+    """The backing-chain step (see hooks.pxd); ``chain.ChainCore`` is the
+    implementation."""
+
+    cdef int read_below(self, char *buf, int64_t pos, int64_t n, int first) except -1:
+        raise NotImplementedError("ChainStep.read_below")

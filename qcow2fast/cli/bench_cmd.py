@@ -53,6 +53,16 @@ def _int(text, what, low=0, high=2 ** 31 - 1):
     return value
 
 
+def chain_summary(st):
+    """One line on the backing chain's cache (engine/chain.py, Chain.stats)."""
+    asked = st["chain_map_hits"] + st["chain_map_misses"]
+    rate = st["chain_map_hits"] / asked if asked else 0.0
+    return (f"Backing chain: {st['chain_layers']} layers ({st['chain_open_layers']} files "
+            f"open); resolved map {st['chain_map_bytes'] // 1024} KiB, "
+            f"{st['chain_map_used']}/{st['chain_map_blocks']} blocks, hit rate {rate:.1%}; "
+            f"{st['chain_layer_lookups']} layer lookups")
+
+
 def run(args):
     count = _int(args.count, "request count")
     depth = _int(args.depth, "queue depth", 1)
@@ -98,6 +108,8 @@ def run(args):
             print(f"{result.iops:,.0f} IOPS, {result.bandwidth / (1 << 20):,.1f} MiB/s; "
                   f"latency p50 {p(50):.1f} us, p90 {p(90):.1f} us, p99 {p(99):.1f} us, "
                   f"p99.9 {p(99.9):.1f} us, max {p(100):.1f} us")
+            if getattr(img, "chain", None) is not None:
+                print(chain_summary(img.cache_stats))
     finally:
         img.close()
     return 0

@@ -13,21 +13,42 @@ import os
 
 import numpy as np
 
-from ..host import file as hostfile
 from .._ext.kernels import refcount_decode
 from ..spec.constants import REFT_OFFSET_MASK
 
 
 def chain_files(img):
-    """For each layer of the chain, top first: (fd, file size, whether qemu
-    would ask the file about holes inside data clusters)."""
+    """For each layer of the chain, top first: (the layer, its file's size,
+    whether qemu would ask the file about holes inside data clusters).  A
+    layer file a deep chain suspended (engine/chain.py) is reopened while
+    it is asked."""
     out = []
     while img is not None:
         qcow2 = getattr(img, "header", None) is not None
-        fd = img.file.fd
-        out.append((fd, hostfile.size(fd), qcow2 and looks_preallocated(img)))
+        with _file_open(img):
+            out.append((img, img.file.size(), qcow2 and looks_preallocated(img)))
         img = img.backing
     return out
+
+
+class _file_open:
+    """The layer's file open (resumed) and held so, under its lock."""
+
+    def __init__(self, img):
+        self.img = img if hasattr(img, "_wrlock") else None
+
+    def __enter__(self):
+        img = self.img
+        if img is not None:
+            img._wrlock()
+            while img.file.closed:
+                img._unlock()
+                img._resume()
+                img._wrlock()
+
+    def __exit__(self, *exc):
+        if self.img is not None:
+            self.img._unlock()
 
 
 def looks_preallocated(img):
@@ -67,29 +88,37 @@ def split_host_holes(extents, files):
         if e.kind != "data" or not files[e.depth][2]:
             out.append((e, None))
             continue
-        fd, size, _ = files[e.depth]
-        pos, end = e.host_offset, e.host_offset + e.length
-        while pos < end:
-            if pos >= size:
-                nxt, zero = end, True
-            else:
-                try:
-                    data = os.lseek(fd, pos, os.SEEK_DATA)
-                except OSError as err:
-                    if err.errno == errno.EINVAL:
-                        data = None       # no SEEK_DATA (a block device): all data
-                    elif err.errno == errno.ENXIO:
-                        data = size       # no data after pos: a hole up to the end
-                    else:
-                        raise
-                if data is None:
-                    nxt, zero = end, False
-                elif data > pos:
-                    nxt, zero = min(data, end), True
+        layer, size, _ = files[e.depth]
+        with _file_open(layer):
+            out.extend(_split(e, layer.file.fd, size))
+    return out
+
+
+def _split(e, fd, size):
+    """Data extent ``e`` cut where its host range is a hole or past ``size``."""
+    out = []
+    pos, end = e.host_offset, e.host_offset + e.length
+    while pos < end:
+        if pos >= size:
+            nxt, zero = end, True
+        else:
+            try:
+                data = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError as err:
+                if err.errno == errno.EINVAL:
+                    data = None       # no SEEK_DATA (a block device): all data
+                elif err.errno == errno.ENXIO:
+                    data = size       # no data after pos: a hole up to the end
                 else:
-                    nxt, zero = min(os.lseek(fd, pos, os.SEEK_HOLE), end), False
-            delta = pos - e.host_offset
-            out.append((e._replace(offset=e.offset + delta, length=nxt - pos,
-                                   host_offset=pos), zero))
-            pos = nxt
+                    raise
+            if data is None:
+                nxt, zero = end, False
+            elif data > pos:
+                nxt, zero = min(data, end), True
+            else:
+                nxt, zero = min(os.lseek(fd, pos, os.SEEK_HOLE), end), False
+        delta = pos - e.host_offset
+        out.append((e._replace(offset=e.offset + delta, length=nxt - pos,
+                               host_offset=pos), zero))
+        pos = nxt
     return out

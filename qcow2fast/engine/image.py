@@ -36,9 +36,10 @@ from ..host.file import open_image_file
 from ..spec import header as hdr
 from ..spec.geometry import Geometry
 from . import features, untrusted
-from .backing import open_backing
 from .bitmap import Bitmaps
 from .cache import DEFAULT_CACHE_CLEAN_INTERVAL, CacheCleaner, make_caches
+from .cache import cache_sizes as cache_sizes_for
+from .chain import Chain, ChainBelow, build_chain, chain_budget, open_chain
 from .cluster import Clusters
 from .compress import Compressor
 from .flush import FlushOrder
@@ -69,6 +70,7 @@ class Image(ImageCore):
                  lazy_refcounts: bool | None = None, backing: bool = True,
                  snapshot: str | collections.abc.Mapping[str, str | None] | None = None,
                  force_share: bool = False, locking: bool = True, untrusted: bool = False,
+                 max_chain_depth: int | None = None,
                  _chain: tuple[str, ...] = (), _repair: bool = False) -> None:
         if mode not in ("r", "r+"):
             raise InvalidArgumentError(f"mode must be 'r' or 'r+', not {mode!r}")
@@ -92,6 +94,9 @@ class Image(ImageCore):
         self._close_lock = threading.Lock()     # serialises close() against the cleaner
         self._cleaner: CacheCleaner | None = None
         self.backing: Image | RawImage | None = None
+        self.chain: Chain | None = None         # the layers below (owned by the top image)
+        self._chain_index = -1                  # this image's layer in a chain it is part of
+        self._max_chain_depth = max_chain_depth
         writable = mode == "r+"
         direct = cache_mode in ("none", "directsync")
         try:
@@ -108,8 +113,8 @@ class Image(ImageCore):
                        cache_clean_interval, lazy_refcounts, backing, snapshot, _chain,
                        _repair and writable)
         except BaseException:
-            if self.backing is not None:
-                self.backing.close()
+            if self.chain is not None:
+                self.chain.close()
             f.close()
             raise
 
@@ -152,6 +157,13 @@ class Image(ImageCore):
             l1_offset, l1_size = s.snapshot.l1_table_offset, s.snapshot.l1_size
             what = f"snapshot {s.snapshot.id} L1 table"
         l1 = read_l1_table(f, l1_offset, l1_size, cs, file_size, what=what)
+        chained = bool(h.backing_file and backing)
+        if chained:
+            # l2-cache-size is the chain's total (engine/chain.py).
+            l2_bytes, rc_bytes = cache_sizes_for(h.size, cs, *cache_sizes, geo.l2_entry_bytes)
+            l2_bytes, map_bytes = chain_budget(l2_bytes, any(v is not None for v in
+                                                             (cache_sizes[0], cache_sizes[2])))
+            cache_sizes = (max(l2_bytes, entry_size), rc_bytes, None)
         s.l2_cache, s.refcount_cache = make_caches(f, h.size, cs, entry_size, *cache_sizes,
                                                    geo.l2_entry_bytes)
         # Host bytes at or past zero_from read as zeros: past the end of a
@@ -168,15 +180,19 @@ class Image(ImageCore):
             if lazy_refcounts is None else bool(lazy_refcounts)
         if not s.lazy_refcounts:
             s.l2_cache.depends = s.refcount_cache
-        if h.backing_file and backing:
-            self.backing = open_backing(self, chain)
-        self.clusters = Clusters(s, self.mapping, self.refcounts, self.backing,
+        below = None
+        if chained:
+            layers, unit_bits, max_open = open_chain(self, self._max_chain_depth, chain)
+            self.chain = build_chain(self, layers, unit_bits, max_open, map_bytes)
+            self.backing = layers[0]
+            below = ChainBelow(self.chain, 0)
+        self.clusters = Clusters(s, self.mapping, self.refcounts, below,
                                  self._fast_read_locked, self._overlap_found)
         self.flusher = FlushOrder(s, self.mapping, self.refcounts, self.clusters.compressed)
         if writable and not s.unsafe:
             s.l2_cache.barrier = self.flusher.data_barrier   # data before the L2 entries (flush.py)
-        self._core_setup(self.refcounts, self.backing, self._read_slow, self._write_slow,
-                         self.flush, self._overlap_found)
+        self._core_setup(self.refcounts, self.chain.core if self.chain else None, 0,
+                         self._read_slow, self._write_slow, self.flush, self._overlap_found)
         self.dirty_bitmaps = Bitmaps(s, self.refcounts, self)
         if writable:
             features.clear_autoclear(s, keep=hdr.AUTOCLEAR_BITMAPS)
@@ -279,10 +295,24 @@ class Image(ImageCore):
 
     @property
     def cache_stats(self) -> dict[str, int]:
+        """Metadata cache statistics; with a backing chain, also the chain's
+        (engine/chain.py, Chain.stats: its resolved map's size and hits)."""
         l2, rc = self.l2_cache, self.refcount_cache
-        return {"l2_hits": l2.hits, "l2_misses": l2.misses, "l2_slots": l2.nslots,
-                "l2_used": l2.used, "refcount_hits": rc.hits, "refcount_misses": rc.misses,
-                "refcount_used": rc.used}
+        out = {"l2_hits": l2.hits, "l2_misses": l2.misses, "l2_slots": l2.nslots,
+               "l2_used": l2.used, "refcount_hits": rc.hits, "refcount_misses": rc.misses,
+               "refcount_used": rc.used}
+        if self.chain is not None:
+            out.update(self.chain.stats())
+        return out
+
+    def _join_chain(self, chain: Chain, index: int, below: ChainBelow | None) -> None:
+        """This image is layer ``index`` of ``chain`` (engine/chain.py): its
+        reads of what lies below go through the layers under it."""
+        self._chain_index = index
+        self._chain_view = chain
+        self.clusters.below = below
+        self._set_chain(chain.core if below is not None else None, index + 1)
+        self._set_resume(lambda: chain.resume(index))
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else ("r" if self.read_only else "r+")
@@ -296,8 +326,17 @@ class Image(ImageCore):
 
     # -- the hooks of the C data path (core.pxd) ------------------------------------------
 
-    def _read_slow(self, offset, mv):
+    def _wrlock_open(self):
+        """The exclusive lock, with the image file open (a lower layer of a
+        chain deeper than the descriptor limit may have given it back)."""
         self._wrlock()
+        while self.file.closed and not self.closed:
+            self._unlock()
+            self._resume()
+            self._wrlock()
+
+    def _read_slow(self, offset, mv):
+        self._wrlock_open()
         try:
             self.clusters.read(offset, mv)
         finally:
@@ -430,26 +469,17 @@ class Image(ImageCore):
         if length is None:
             length = self.size - offset
         self._check_request(offset, length)
-        self._wrlock()
+        self._wrlock_open()
         try:
             exts = list(self.clusters.layer_extents(offset, length))
         finally:
             self._unlock()
-        out = []
-        for e in exts:
-            b = self.backing
-            if e.kind != "unallocated" or b is None:
-                out.append(e)          # an unallocated extent's depth: the deepest
-                continue               # layer consulted (0 here), as qemu reports
-            lim = min(e.offset + e.length, b.size)
-            if lim > e.offset:
-                for sub in b.block_status(e.offset, lim - e.offset):
-                    out.append(sub._replace(depth=sub.depth + 1))
-            if lim < e.offset + e.length:
-                # Past the end of the backing file: reads as zeros, found here.
-                start = max(lim, e.offset)
-                out.append(Extent(start, e.offset + e.length - start, "unallocated", None, 0))
-        return merge_extents(out)
+        if self.chain is not None:
+            return self.chain.block_status(0, exts)
+        view = getattr(self, "_chain_view", None)
+        if view is not None:                # a layer of a chain, read on its own
+            return view.block_status(self._chain_index + 1, exts)
+        return merge_extents(exts)
 
     # -- persistent dirty bitmaps (engine/bitmap.py) ------------------------------------
 
@@ -499,7 +529,7 @@ class Image(ImageCore):
         "unallocated" where the layers below show through (commit and
         rebase walk a chain layer by layer with it)."""
         self._check_request(offset, length)
-        self._wrlock()
+        self._wrlock_open()
         try:
             return list(self.clusters.layer_extents(offset, length))
         finally:
@@ -611,8 +641,8 @@ class Image(ImageCore):
             finally:
                 self._unlock()
                 s.file.close()
-                if self.backing is not None:
-                    self.backing.close()
+                if self.chain is not None:      # the top closes its chain's layers
+                    self.chain.close()
 
     def _clean_caches(self, marks):
         """One tick of the cache cleaner: drop what was unused since
