@@ -104,7 +104,11 @@ def stale_bitmaps(path):
     f = File(str(path), writable=False, direct=False)
     try:
         size = f.size()
-        return stale_warning(hdr.parse_header(f.pread(0, min(size, 2 << 20)), size))
+        try:
+            h = hdr.parse_header(f.pread(0, min(size, 2 << 20)), size)
+        except Qcow2Error:
+            return None         # check_image reports it, as qemu's check does
+        return stale_warning(h)
     finally:
         f.close()
 

@@ -227,9 +227,9 @@ class Chain:
     def _reopen(self, j):
         old = self.layers[j]
         if isinstance(old, ImageCore):
-            new = _open_layer(type(old), old.path, old.cache_mode)
+            new = _open_layer(type(old), old.path, old.cache_mode, _share(old), old.untrusted)
         else:
-            new = RawImage(old.path)
+            new = RawImage(old.path, **_share(old))
         self.layers[j] = new
         self.core.replace_layer(j, new)
         if isinstance(new, ImageCore):
@@ -298,6 +298,8 @@ def open_chain(top, max_depth=None, above=()):
                 raise CorruptImageError(f"backing chain loops: {img.path!r} -> {name!r} is "
                                         "already in the chain", offset=where,
                                         field="backing_file")
+            if len(seen) >= max_depth and top.untrusted:
+                untrusted.check_image(img.path, img.header, len(seen))    # its own error
             if len(seen) >= max_depth:
                 raise CorruptImageError(f"backing chain deeper than {max_depth} images at "
                                         f"{img.path!r} (max_chain_depth)", offset=where,
@@ -314,7 +316,7 @@ def open_chain(top, max_depth=None, above=()):
                 fd_avail = _fd_budget(layers)
             if _open_count(layers) >= fd_avail and not _suspend_oldest(layers):
                 raise _fd_error(top.path, k)
-            share = {"force_share": top.force_share, "locking": top.locking}
+            share = _share(top)
             try:
                 if fmt == "qcow2":
                     layer = _open_layer(type(top), path, cache_mode, share, top.untrusted)
@@ -353,6 +355,11 @@ def build_chain(top, layers, unit_bits, max_open, map_bytes):
         if isinstance(upper, ImageCore):
             upper.backing = lower
     return chain
+
+
+def _share(img):
+    """The lock options a layer takes: those of the image given."""
+    return {"force_share": img.force_share, "locking": img.locking}
 
 
 def _open_layer(cls, path, cache_mode, share, untrusted):

@@ -42,7 +42,10 @@ def read_for_check(f, h, size, repairs):
 def account(res, repairs):
     """qemu's counts: the table's problems come first among the messages;
     fixed ones count as fixed corruptions."""
-    res.messages[:0] = repairs.messages
+    from .check import MAX_MESSAGES         # check imports this module when it runs
+    lines = repairs.messages + res.messages
+    res.messages_dropped += max(0, len(lines) - MAX_MESSAGES)
+    res.messages = lines[:MAX_MESSAGES]
     n = repairs.reduced + repairs.extra_dropped + repairs.incomplete
     if repairs.fix:
         res.corruptions_fixed += n
@@ -73,7 +76,9 @@ def fix_count(path, repairs):
 def rewrite(path):
     """Write the mended table anew (qemu_check_fix_snapshot_table)."""
     from ..engine.image import Image
-    img = Image(os.fspath(path), "r+", cache_clean_interval=0, backing=False, _repair=True)
+    # locking=False: check -r holds the image's locks for the whole command.
+    img = Image(os.fspath(path), "r+", cache_clean_interval=0, backing=False, locking=False,
+                _repair=True)
     try:
         img._update(img._snapshot_ops().rewrite_table)
     finally:

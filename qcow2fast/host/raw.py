@@ -19,6 +19,7 @@ class RawImage:
 
     def __init__(self, path, writable=False, *, force_share=False, locking=True):
         self.path = path
+        self.force_share, self.locking = force_share, locking
         self.file = open_image_file(path, "raw", writable=writable, force_share=force_share,
                                     locking=locking)
         self.size = self.file.size()            # lseek: block devices too

@@ -198,7 +198,9 @@ def test_invalidation_after_a_lower_layer_changes(tmp_path):
     top = make_deep_chain(tmp_path, 12, size=MiB)     # layer k holds guest cluster k
     mid = str(tmp_path / layer_name(2))                # layers[9] of the top's chain
     at = 13 * 64 * KiB                                 # held by the base only
-    with qcow2fast.open(top) as img:
+    # force_share: qemu-io writes a layer the open chain reads, so the chain
+    # must not hold qemu's "no other writer" lock bytes on it.
+    with qcow2fast.open(top, force_share=True) as img:
         before = img.read(0, img.size)
         rmap = img.chain.core.rmap
         assert rmap.entry(at)[:2] == ("data", 11)
