@@ -33,7 +33,7 @@ from ..errors import (CorruptImageError, ImageClosedError, InvalidArgumentError,
 from ..extent import Extent, merge_extents
 from ..spec import header as hdr
 from ..spec.geometry import Geometry
-from . import features
+from . import features, resize
 from .backing import open_backing
 from .cache import DEFAULT_CACHE_CLEAN_INTERVAL, CacheCleaner, make_caches
 from .cluster import Clusters
@@ -437,22 +437,15 @@ class Image(ImageCore):
                 out.append(Extent(start, e.offset + e.length - start, "unallocated", None, 0))
         return merge_extents(out)
 
-    # -- growing the disk (create) ----------------------------------------------------------
+    # -- resizing the disk (engine/resize.py) ------------------------------------------------
 
-    def _set_disk_size(self, size, preallocation="off"):
-        """Give a new image (size 0, open r+) its disk: the L1 table for
-        ``size``, the header's size, and its preallocation.  Resize builds
-        on this."""
-        s = self.state
-
-        def grow():
-            self.mapping.grow_l1(s.geo.l1_size_for(size), self.refcounts, s.barrier,
-                                 s.refcount_cache.flush)
-            s.set_size(size)
-            features.write_header_field(s, "size")
-            if preallocation != "off":
-                self.clusters.preallocate(preallocation)
-        self._update(grow)
+    def resize(self, new_size: int, *, shrink: bool = False,
+               preallocation: Literal["off", "metadata", "falloc", "full"] = "off") -> None:
+        """Make the guest disk ``new_size`` bytes (a multiple of 512), as
+        ``qemu-img resize``: growing maps the new area per ``preallocation``
+        (it reads as zeros); shrinking needs ``shrink=True`` and frees every
+        cluster past the new end.  Internal snapshots keep their own disks."""
+        self._update(resize.resize, self, new_size, shrink, preallocation)
 
     # -- flush and close --------------------------------------------------------------------
 
