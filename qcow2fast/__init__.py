@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from .ops.amend import amend
 from .ops.convert import convert
 from .ops.create import create
 from .errors import (ConvertError, CorruptImageError, ImageClosedError, InvalidArgumentError,
@@ -25,7 +26,7 @@ if TYPE_CHECKING:
 
 __version__ = "0.1.0"
 
-__all__ = ["open", "create", "convert", "Image", "Extent", "Qcow2Error", "CorruptImageError",
+__all__ = ["open", "create", "convert", "amend", "Image", "Extent", "Qcow2Error", "CorruptImageError",
            "UnsupportedFeatureError", "InvalidArgumentError", "ReadOnlyImageError",
            "ImageClosedError", "LimitExceededError", "RepairError", "ConvertError"]
 
