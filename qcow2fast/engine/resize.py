@@ -35,7 +35,7 @@ import numpy as np
 
 from ..errors import InvalidArgumentError, LimitExceededError, UnsupportedFeatureError
 from ..spec import header as hdr
-from ..spec.constants import L1E_OFFSET_MASK, L1E_SIZE, QCOW_OFLAG_COPIED
+from ..spec.constants import L1E_OFFSET_MASK, L1E_SIZE
 from ..spec.entries import decode_table, host_offsets, is_compressed, standard_allocated
 from . import features
 
@@ -160,10 +160,10 @@ def _shrink_l1(img, new_l1):
     for e in tail[tail != 0].tolist():
         l2off = e & L1E_OFFSET_MASK
         drop.append(l2off >> cb)
-        if e & QCOW_OFLAG_COPIED:
-            # This L2 table is the image's alone: what it maps goes with it.
-            entries = decode_table(s.file.pread(l2off, cs))[::geo.l2_entry_words]
-            drop.extend(_mapped_clusters(geo, entries))
+        # A cluster is counted once per L1 table reaching it (a table shared
+        # with a snapshot included): what this L2 table maps loses one too.
+        entries = decode_table(s.file.pread(l2off, cs))[::geo.l2_entry_words]
+        drop.extend(_mapped_clusters(geo, entries))
     s.file.pwrite(bytes(len(tail) * L1E_SIZE), img.header.l1_table_offset + new_l1 * L1E_SIZE)
     s.barrier()             # barrier: no L1 entry points to the tables before they are freed
     for e in tail[tail != 0].tolist():

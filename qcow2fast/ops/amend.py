@@ -141,7 +141,7 @@ def _plan(img, opts):
     if bits <= 0 or bits > 64 or bits & (bits - 1):
         raise InvalidArgumentError("Refcount width must be a power of two and may not exceed "
                                    "64 bits")
-    if version < 3 and bits != 16:
+    if bits != h.refcount_bits and version < 3 and bits != 16:
         raise InvalidArgumentError("Refcount widths other than 16 bits require compatibility "
                                    "level 1.1 or above (use compat=1.1 or greater)")
     if "backing_file" in opts or "backing_fmt" in opts:
