@@ -60,8 +60,6 @@ def change_refcount_order(img, order, progress=None):
                 f"Cannot decrease refcount entry width to {new.refcount_bits} bits: Cluster at "
                 f"offset {c << geo.cluster_bits:#x} has a refcount of {int(counts[c])}")
     report(0, 3)
-    old = [(h.refcount_table_offset, h.refcount_table_clusters)]
-    old += [(int(b), 1) for b in rc.table[rc.table != 0].tolist()]
     blocks = {}                 # new table index -> host offset of the new block
     table_off = table_clusters = 0
     while True:
@@ -83,6 +81,10 @@ def change_refcount_order(img, order, progress=None):
                 rc.free(table_off, table_clusters)
             table_off, table_clusters = rc.alloc(want), want
         counts = all_refcounts(rc, geo)     # the allocations changed them
+    # What the switch replaces, as the allocations left it (they may have
+    # grown the old table).
+    old = [(h.refcount_table_offset, h.refcount_table_clusters)]
+    old += [(int(b), 1) for b in rc.table[rc.table != 0].tolist()]
     s.refcount_cache.flush()
     s.barrier()                 # barrier: the old structures count the new ones
     report(1, 3)
