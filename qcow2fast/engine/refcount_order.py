@@ -31,10 +31,12 @@ from . import features
 
 
 def all_refcounts(rc, geo):
-    """Every stored refcount (uint64, one per host cluster the table covers)."""
+    """Every stored refcount (uint64, one per host cluster up to the last
+    refcount block: a cluster past it has refcount 0)."""
     E = geo.rb_entries
-    out = np.zeros(len(rc.table) * E, dtype=np.uint64)
-    for t in np.nonzero(rc.table)[0].tolist():
+    present = np.nonzero(rc.table)[0].tolist()
+    out = np.zeros((present[-1] + 1 if present else 0) * E, dtype=np.uint64)
+    for t in present:
         rc.read_block_values(t, out[t * E:(t + 1) * E])
     return out
 

@@ -241,3 +241,16 @@ def test_amend_refusals(tmp_path):
         with pytest.raises(InvalidArgumentError, match=message):
             qcow2fast.amend(a, opts)
         assert file_state(a) == before
+
+
+def test_amend_refcount_width_grows_old_table(tmp_path):
+    """Widening the refcounts of a full 512-byte-cluster image needs four
+    times the blocks: allocating them grows the old refcount table on the
+    way, and the switch must free that grown table too (no leak)."""
+    a, b = tmp_path / "a.qcow2", tmp_path / "b.qcow2"
+    qemu_create(a, 16 * MiB, cluster_size=512)
+    qemu_io(a, "write -P 6 0 15900k")       # the old table (2 clusters) is then nearly full
+    shutil.copy(a, b)
+    qemu_img("amend", "-o", "refcount_bits=64", b)
+    qcow2fast.amend(a, {"refcount_bits": 64})
+    assert_same(a, b, [])
