@@ -10,9 +10,10 @@ import pytest
 
 import qcow2fast
 from qcow2fast.cli.options import parse_size
-from qcow2fast.errors import InvalidArgumentError, Qcow2Error, UnsupportedFeatureError
-from tests.helpers.qemu_util import (file_state, qemu_check, qemu_create, qemu_img, qemu_info,
-                                     qemu_io, qemu_raw)
+from qcow2fast.errors import (InvalidArgumentError, Qcow2Error, ReadOnlyImageError,
+                              UnsupportedFeatureError)
+from tests.helpers.qemu_util import (file_state, header, patch, qemu_check, qemu_create, qemu_img,
+                                     qemu_info, qemu_io, qemu_raw)
 
 pytestmark = pytest.mark.qemu
 MiB = 1 << 20
@@ -254,3 +255,19 @@ def test_amend_refcount_width_grows_old_table(tmp_path):
     qemu_img("amend", "-o", "refcount_bits=64", b)
     qcow2fast.amend(a, {"refcount_bits": 64})
     assert_same(a, b, [])
+
+
+def test_corrupt_image_is_neither_resized_nor_amended(tmp_path):
+    """An image marked corrupt opens read-only: resize and amend refuse it
+    (saying why) and write nothing."""
+    a = tmp_path / "c.qcow2"
+    qemu_create(a, MiB)
+    h = header(a)
+    patch(a, 72, ">Q", h["incompatible_features"] | 2)      # the corrupt bit
+    before = file_state(a)
+    with pytest.raises(ReadOnlyImageError, match="corrupt"):
+        qcow2fast.amend(a, {"lazy_refcounts": "on"})
+    with qcow2fast.open(a, "r+") as img:
+        with pytest.raises(ReadOnlyImageError, match="corrupt"):
+            img.resize(2 * MiB)
+    assert file_state(a) == before
