@@ -343,18 +343,19 @@ class Clusters:
             l2[i0 * k:(i0 + n) * k:k] = (np.arange(n, dtype=np.uint64) * np.uint64(cs)
                                          + np.uint64(new)) | np.uint64(QCOW_OFLAG_COPIED)
             s.l2_cache.mark_dirty(slot)
-            end = new + n * cs
-            s.alloc_end = max(s.alloc_end, end)
-            if mode != "full" and new < s.zero_from:
-                # Reused host space holds old bytes: the mapped clusters
-                # must read as zeros (qemu discards what it frees).
-                self._zero_host(new, min(end, s.zero_from), mode)
+            host_end = new + n * cs
+            s.alloc_end = max(s.alloc_end, host_end)
+            if mode != "full" and new < s.zero_from and not s.data_file.is_device:
+                # Reused space of a file holds old bytes: the mapped clusters
+                # must read as zeros (qemu discards what it frees).  (A
+                # device's clusters keep its old data, as in qemu.)
+                self._zero_host(new, min(host_end, s.zero_from), mode)
             if mode == "falloc":
                 s.data_file.fallocate(new, n * cs)
             elif mode == "full":
                 zeros = memoryview(bytes(min(n * cs, 1 << 20)))
-                for off in range(new, end, len(zeros)):
-                    s.write_data_pieces([zeros[:min(len(zeros), end - off)]], off)
+                for off in range(new, host_end, len(zeros)):
+                    s.write_data_pieces([zeros[:min(len(zeros), host_end - off)]], off)
             pos += n << geo.cluster_bits
 
     def _zero_host(self, lo, hi, mode):

@@ -89,8 +89,8 @@ def upgrade(img):
 def expand_zero_clusters(img, progress=None):
     """Turn every zero cluster (active and snapshot L2 tables) into what v2
     reads as zeros; see the module doc for the write order."""
-    s, geo, rc = img.state, img.geo, img.refcounts
-    f, cs, cb = s.file, geo.cluster_size, geo.cluster_bits
+    s, geo = img.state, img.geo
+    f, cs = s.file, geo.cluster_size
     backed = bool(img.header.backing_file)
     l1s = [img.mapping.l1]
     size = f.size()

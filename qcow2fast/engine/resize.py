@@ -252,6 +252,10 @@ def _truncate_tail(img):
             break
     end = (last + 1) << geo.cluster_bits
     if end < s.file.size():
+        # Barrier: under lazy refcounts too, no refcount on disk still
+        # counts a cluster past the new end of the file.
+        s.refcount_cache.flush()
+        s.barrier()
         s.file.truncate(end)
     s.alloc_end = end
     s.zero_from = min(s.zero_from, end)
