@@ -12,8 +12,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from .ops.amend import amend
+from .ops.commit import commit
 from .ops.convert import convert
 from .ops.create import create
+from .ops.rebase import rebase
 from .errors import (ConvertError, CorruptImageError, ImageClosedError, InvalidArgumentError,
                      LimitExceededError, Qcow2Error, ReadOnlyImageError, RepairError,
                      UnsupportedFeatureError)
@@ -26,7 +28,7 @@ if TYPE_CHECKING:
 
 __version__ = "0.1.0"
 
-__all__ = ["open", "create", "convert", "amend", "Image", "Extent", "Qcow2Error", "CorruptImageError",
+__all__ = ["open", "create", "convert", "commit", "rebase", "amend", "Image", "Extent", "Qcow2Error", "CorruptImageError",
            "UnsupportedFeatureError", "InvalidArgumentError", "ReadOnlyImageError",
            "ImageClosedError", "LimitExceededError", "RepairError", "ConvertError"]
 

@@ -33,6 +33,7 @@ def l2_copied_rows(
     cluster_bits: int,
     wrong: Buffer,
     extended: bool = False,
+    fix: bool = False,
 ) -> None: ...
 def ext_set_range(
     words: NDArray[np.uint64],

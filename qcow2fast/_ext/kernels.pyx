@@ -164,13 +164,15 @@ def l2_tally_tables(const uint64_t[:, ::1] tables, uint32_t[::1] counts, uint8_t
     return allocated, compressed, fragmented
 
 
-def l2_copied_rows(const uint64_t[:, ::1] tables, const uint8_t[::1] state, int cluster_bits,
-                   uint8_t[::1] wrong, bint extended=False):
+def l2_copied_rows(uint64_t[:, ::1] tables, const uint8_t[::1] state, int cluster_bits,
+                   uint8_t[::1] wrong, bint extended=False, bint fix=False):
     """``wrong[row] = 1`` for each table (rows of on-disk, big-endian words)
     holding a standard allocated entry whose COPIED flag disagrees with its
     cluster's refcount.  ``state[c]``:
-    0 refcount != 1, 1 refcount == 1, 2 unreadable (not judged); clusters
-    past ``state`` have refcount 0."""
+    0 refcount != 1, 1 refcount == 1, 2 unreadable or not to be judged;
+    clusters past ``state`` have refcount 0.  With ``fix`` every such flag
+    is corrected in place (qemu's addend-0 pass of
+    qcow2_update_snapshot_refcount)."""
     cdef Py_ssize_t r, i, j, rows = tables.shape[0], n = tables.shape[1]
     cdef Py_ssize_t limit = state.shape[0], step = 2 if extended else 1
     cdef uint64_t e, off
@@ -193,7 +195,9 @@ def l2_copied_rows(const uint64_t[:, ::1] tables, const uint8_t[::1] state, int 
                 st = state[c] if c < limit else 0
                 if st != 2 and (st == 1) != ((e & QCOW_OFLAG_COPIED) != 0):
                     wrong[r] = 1
-                    break
+                    if not fix:
+                        break
+                    tables[r, i] = QF_BSWAP64(e ^ QCOW_OFLAG_COPIED)
 
 
 # -- extended L2 entries: ranges of subclusters ----------------------------------------

@@ -8,6 +8,7 @@ never written."""
 import json
 import sys
 
+from ..engine.snapshot import SnapshotTableError
 from ..errors import Qcow2Error
 from .common import add_image_arguments, resolve_image
 
@@ -30,6 +31,10 @@ def run(args):
         return 63
     try:
         first = check_image(path, args.repair)
+    except SnapshotTableError as e:      # qemu's check gives up on the table, -r all mends it
+        print("qcow2fast: " + "\n".join(e.check_lines), file=sys.stderr)
+        print("qcow2fast: Check failed: File too large", file=sys.stderr)
+        return 1
     except Qcow2Error as e:
         print(f"qcow2fast: Could not open '{args.filename}': {e}", file=sys.stderr)
         return 1

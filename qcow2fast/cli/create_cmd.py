@@ -5,6 +5,7 @@ import os
 from ..ops.create import create as create_image
 from ..host import file as hostfile
 from ..engine.backing import probe_format, resolve_backing_path
+from ..ops.layers import qemu_name
 from ..errors import UnsupportedFeatureError
 from .options import UsageError, merge_options, parse_bool, parse_size
 
@@ -77,14 +78,21 @@ def run(args):
     kw.pop("backing_file", None)
     kw.pop("backing_format", None)
     if backing:
+        # qemu-img 7.2's checks and messages: the backing file must open
+        # (unless -u) and its format be given.
         bpath = resolve_backing_path(args.filename, backing)
+        if size is None and args.unsafe:
+            raise UsageError(f"{args.filename}: Image creation needs a size parameter")
+        if not args.unsafe and not os.path.exists(bpath):
+            shown = qemu_name(args.filename, backing)
+            raise UsageError(f"{args.filename}: Could not open '{shown}': No such file or "
+                             "directory\nCould not open backing image.")
         if backing_fmt is None and not args.unsafe:
-            backing_fmt = probe_format(bpath)
-        if size is None:
-            if args.unsafe:
-                raise UsageError("create: image size must be specified with -u")
-            if not os.path.exists(bpath):
-                raise FileNotFoundError(2, "Could not open backing file", bpath)
+            raise UsageError(f"{args.filename}: Backing file specified without backing format"
+                             f"\nDetected format of {probe_format(bpath)}.")
+        if not args.unsafe and backing_fmt not in FORMATS:
+            raise UsageError(f"{args.filename}: backing format '{backing_fmt}' is not supported "
+                             f"(supported: {', '.join(FORMATS)})\nCould not open backing image.")
     create_image(args.filename, size, backing_file=backing, backing_format=backing_fmt, **kw)
     if not args.quiet:
         from .. import open as open_image
@@ -143,3 +151,4 @@ def qcow2_options(opts, command="create"):
             raise UsageError(f"{command}: invalid parameter '{key}' for format qcow2 "
                              "(see -o help)")
     return kw
+

@@ -83,9 +83,8 @@ def full_backing_filename(name, backing):
 
 def snapshot_info(s):
     out = {}
-    icount = _icount(s)
-    if icount is not None:
-        out["icount"] = icount
+    if s.icount is not None:
+        out["icount"] = s.icount
     out.update({"vm-clock-nsec": s.vm_clock_nsec % 1_000_000_000, "name": s.name,
                 "date-sec": s.date_sec, "date-nsec": s.date_nsec,
                 "vm-clock-sec": s.vm_clock_nsec // 1_000_000_000, "id": s.id,
@@ -93,11 +92,20 @@ def snapshot_info(s):
     return out
 
 
-def _icount(s):
-    if len(s.extra_data) >= 24:
-        v = int.from_bytes(s.extra_data[16:24], "big")
-        return None if v == (1 << 64) - 1 else v
-    return None
+def snapshot_list(snapshots):
+    """qemu's "Snapshot list:" table (bdrv_snapshot_dump), from
+    snapshot_info dicts, as lines."""
+    lines = ["Snapshot list:",
+             f"{'ID':<10}{'TAG':<17}{'VM SIZE':>8}{'DATE':>20}{'VM CLOCK':>13}{'ICOUNT':>11}"]
+    for s in snapshots:
+        date = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s["date-sec"]))
+        secs = s["vm-clock-sec"]
+        clock = (f"{secs // 3600:02d}:{secs // 60 % 60:02d}:{secs % 60:02d}."
+                 f"{s['vm-clock-nsec'] // 1_000_000:03d}")
+        icount = str(s["icount"]) if "icount" in s else ""
+        lines.append(f"{s['id']:<9} {s['name']:<16} {size_to_str(s['vm-state-size']):>8}"
+                     f"{date:>20}{clock:>13}{icount:>11}")
+    return lines
 
 
 def human_info(info):
@@ -116,17 +124,7 @@ def human_info(info):
     if info.get("dirty-flag"):
         lines.append("cleanly shut down: no")
     if info.get("snapshots"):
-        lines.append("Snapshot list:")
-        lines.append(f"{'ID':<10}{'TAG':<17}{'VM SIZE':>8}{'DATE':>20}{'VM CLOCK':>13}"
-                     f"{'ICOUNT':>11}")
-        for s in info["snapshots"]:
-            date = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s["date-sec"]))
-            secs = s["vm-clock-sec"]
-            clock = (f"{secs // 3600:02d}:{secs // 60 % 60:02d}:{secs % 60:02d}."
-                     f"{s['vm-clock-nsec'] // 1_000_000:03d}")
-            icount = str(s["icount"]) if "icount" in s else ""
-            lines.append(f"{s['id']:<9} {s['name']:<16} {size_to_str(s['vm-state-size']):>8}"
-                         f"{date:>20}{clock:>13}{icount:>11}")
+        lines += snapshot_list(info["snapshots"])
     fs = info.get("format-specific")
     if fs:
         lines.append("Format specific information:")

@@ -31,3 +31,29 @@ class Progress:
 
     def __exit__(self, *exc):
         self.close()
+
+
+class PercentProgress:
+    """qemu-img's own ``-p`` output, which commit and rebase keep (scripts
+    read it): ``    (NN.NN/100%)\\r`` on stdout whenever the figure moved by
+    ``min_skip`` points or reached 0 or 100, and a newline at the end."""
+
+    def __init__(self, enabled, min_skip):
+        self.enabled = enabled
+        self.min_skip = min_skip
+        self.last = None
+
+    def __call__(self, done, total):
+        if not self.enabled:
+            return
+        current = min(100.0, 100.0 * done / total) if total else 100.0
+        if current != self.last and (self.last is None or abs(current - self.last) > self.min_skip
+                                     or current in (0.0, 100.0)):
+            self.last = current
+            sys.stdout.write(f"    ({current:3.2f}/100%)\r")
+            sys.stdout.flush()
+
+    def close(self):
+        if self.enabled:
+            sys.stdout.write("\n")
+            sys.stdout.flush()

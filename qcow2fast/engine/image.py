@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import os
 import threading
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, BinaryIO, Literal
 
 from .._ext.core import ImageCore
 from .._ext.fileio import File
@@ -42,7 +42,7 @@ from .flush import FlushOrder
 from .mapping import Mapping, read_l1_table
 from .overlap import MetadataMap
 from .refcount import Refcounts
-from .snapshot import find_snapshot, read_snapshot_table
+from .snapshot import TableRepairs, find_snapshot, read_snapshot_table
 
 if TYPE_CHECKING:
     import collections.abc
@@ -129,7 +129,8 @@ class Image(ImageCore):
         s.read_only_why = why
         s.metadata = MetadataMap((file_size + cs - 1) // cs, s.set_metadata_bitmap)
         s.metadata.add(0)
-        self.snapshots, self.snapshot_table_bytes = read_snapshot_table(f, h, file_size)
+        self.snapshots, self.snapshot_table_bytes = read_snapshot_table(
+            f, h, file_size, TableRepairs(True) if repair else None)
         if h.nb_snapshots:
             s.metadata.add(h.snapshots_offset >> geo.cluster_bits,
                            geo.size_to_clusters(self.snapshot_table_bytes))
@@ -437,6 +438,17 @@ class Image(ImageCore):
                 out.append(Extent(start, e.offset + e.length - start, "unallocated", None, 0))
         return merge_extents(out)
 
+    def layer_status(self, offset: int, length: int) -> list[Extent]:
+        """This layer's own extents of [offset, offset+length) (depth 0):
+        "unallocated" where the layers below show through (commit and
+        rebase walk a chain layer by layer with it)."""
+        self._check_request(offset, length)
+        self._wrlock()
+        try:
+            return list(self.clusters.layer_extents(offset, length))
+        finally:
+            self._unlock()
+
     # -- resizing the disk (engine/resize.py) ------------------------------------------------
 
     def resize(self, new_size: int, *, shrink: bool = False,
@@ -446,6 +458,59 @@ class Image(ImageCore):
         (it reads as zeros); shrinking needs ``shrink=True`` and frees every
         cluster past the new end.  Internal snapshots keep their own disks."""
         self._update(resize.resize, self, new_size, shrink, preallocation)
+
+    # -- internal snapshots (engine/snapshot_ops.py) ----------------------------------------
+
+    def _snapshot_ops(self):
+        from .snapshot_ops import Snapshots
+        ops = getattr(self, "_snapshots_ops", None)
+        if ops is None:
+            ops = self._snapshots_ops = Snapshots(self)
+        return ops
+
+    def create_snapshot(self, name: str, *, id: str | None = None,
+                        vm_state: Buffer | BinaryIO | int | None = None, vm_clock_nsec: int = 0,
+                        icount: int | None = None, unique_name: bool = True) -> Snapshot:
+        """Make the current disk an internal snapshot (qemu-img snapshot -c,
+        savevm).  ``vm_state``: bytes or a readable binary file stored as
+        the snapshot's VM state, or the size of what :meth:`write_vmstate`
+        wrote.  ``id``: qemu's next free number unless given."""
+        return self._update(self._snapshot_ops().create, name, id, vm_state, vm_clock_nsec,
+                            icount, unique_name)
+
+    def apply_snapshot(self, snapshot: str | collections.abc.Mapping[str, str | None]) -> None:
+        """Revert the disk to a snapshot, by id or name (qemu-img snapshot -a)."""
+        self._update(self._snapshot_ops().apply, snapshot)
+
+    def delete_snapshot(self, snapshot: str | collections.abc.Mapping[str, str | None]) -> Snapshot:
+        """Delete a snapshot, by id or name (qemu-img snapshot -d)."""
+        return self._update(self._snapshot_ops().delete, snapshot)
+
+    def rename_snapshot(self, snapshot: str | collections.abc.Mapping[str, str | None],
+                        name: str) -> Snapshot:
+        """Give a snapshot a new name."""
+        return self._update(self._snapshot_ops().rename, snapshot, name)
+
+    def write_vmstate(self, offset: int, data: Buffer) -> None:
+        """Write VM state at ``offset`` of the active VM state area (qemu's
+        savevm does this before creating the snapshot)."""
+        self._update(self._snapshot_ops().write_vmstate, offset, data)
+        if self.writethrough:
+            self.flush()
+
+    def read_vmstate(self, snapshot: Snapshot | str | None, offset: int, length: int) -> bytes:
+        """``length`` bytes at ``offset`` of a snapshot's VM state (a
+        Snapshot, an id or a name), or of the active VM state area (None)."""
+        from .snapshot import Snapshot as _Snapshot
+        if snapshot is not None and not isinstance(snapshot, _Snapshot):
+            snapshot = find_snapshot(self.snapshots, snapshot)
+        if self.closed:
+            raise ImageClosedError("I/O operation on a closed image")
+        self._wrlock()
+        try:
+            return self._snapshot_ops().read_vmstate(snapshot, offset, length)
+        finally:
+            self._unlock()
 
     # -- flush and close --------------------------------------------------------------------
 

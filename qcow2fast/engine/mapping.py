@@ -200,3 +200,12 @@ class Mapping:
             n_old = geo.size_to_clusters(old_size * L1E_SIZE)
             self.metadata.remove(old_off >> geo.cluster_bits, n_old)
             refcounts.free(old_off, n_old)
+
+    def replace_l1(self, l1, offset):
+        """Make ``l1`` (at ``offset``, already named by the header) the
+        active table: applying a snapshot.  The caller holds the exclusive
+        lock, has flushed, and drops the L2 cache; the C path's view
+        (state.l1) follows."""
+        self.l1 = l1
+        self.state.set_l1(l1)
+        self.l1_pending = {}

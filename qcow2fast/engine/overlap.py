@@ -42,3 +42,11 @@ class MetadataMap:
         byte, bit = self._mask(cluster, n)
         ok = byte < len(self.bits)
         np.bitwise_and.at(self.bits, byte[ok], ~bit[ok])
+
+    def add_clusters(self, clusters):
+        """Mark each of ``clusters`` (an integer array), one at a time."""
+        clusters = np.asarray(clusters, dtype=np.int64)
+        if len(clusters):
+            self._grow(int(clusters.max()) + 1)
+            np.bitwise_or.at(self.bits, clusters >> 3,
+                             np.uint8(1) << (clusters & 7).astype(np.uint8))

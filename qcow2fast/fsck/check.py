@@ -119,6 +119,7 @@ class CheckResult:
         self.flags = 0              # the header's dirty (1) and corrupt (2) bits
         self.refcount_fixes = []    # (cluster, new refcount) the repair writes
         self.entry_fixes = []       # (file offset, new L1/L2 entry) the repair writes
+        self.snapshot_repairs = None  # engine.snapshot.TableRepairs: the table to write anew
 
 
 class _Checker:
@@ -555,13 +556,18 @@ def check_image(path, fix=None):
     when the image cannot be checked at all (unreadable header)."""
     from ..spec import header as hdr
     from .._ext.fileio import File
-    from ..engine.snapshot import read_snapshot_table
+    from ..engine.snapshot import TableRepairs
+    from .snapshot_table import account, clamp_count, read_for_check
     f = File(str(path), writable=False, direct=False)
     try:
         size = f.size()
-        h = hdr.parse_header(f.pread(0, min(size, 2 << 20)), size)
+        repairs = TableRepairs(fix == "all")
+        h = hdr.parse_header(clamp_count(f.pread(0, min(size, 2 << 20)), fix == "all", repairs),
+                             size)
         hdr.check_features(h, False)
-        snapshots, snap_bytes = read_snapshot_table(f, h, size)
-        return _Checker(f, h, fix).run(snapshots, snap_bytes)
+        snapshots, snap_bytes = read_for_check(f, h, size, repairs)
+        res = _Checker(f, h, fix).run(snapshots, snap_bytes)
+        account(res, repairs)
+        return res
     finally:
         f.close()

@@ -15,6 +15,7 @@ from ..spec.constants import BE64, REFT_OFFSET_MASK
 from ..spec.entries import decode_table
 from ..spec.geometry import Geometry
 from ..spec.header import FIELD_OFFSET, FIELD_STRUCT, pack_fields
+from . import snapshot_table
 from .rebuild import rebuild_refcounts
 
 
@@ -30,12 +31,16 @@ def repair_image(path, first, mode):
     if first.check_errors:
         raise RepairError("Check failed: Input/output error")
     rebuild = mode == "all" and first.rebuild
+    if first.snapshot_repairs is not None:
+        snapshot_table.fix_count(path, first.snapshot_repairs)
     _write_fixes(path, first)
     if rebuild:
         try:
             _rebuild(path, first)
         except Qcow2Error as e:
             raise RepairError(f"Check failed: cannot rebuild the refcount structures: {e}") from e
+    if first.snapshot_repairs is not None:
+        snapshot_table.rewrite(path)
     if rebuild:
         remaining = first.malformed
     else:

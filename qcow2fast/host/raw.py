@@ -7,6 +7,7 @@ import errno
 import os
 
 from .._ext.fileio import File
+from . import file as hostfile
 from ..extent import Extent
 
 
@@ -25,6 +26,18 @@ class RawImage:
 
     def write(self, offset, data):
         return self.file.pwrite(data, offset)
+
+    def write_zeroes(self, offset, length, *, may_unmap=False):
+        """Make [offset, offset+length) read as zeros (a hole where the
+        file system can punch one)."""
+        hostfile.zero(self.file.fd, offset, length, self.file.pwrite)
+
+    def grow(self, size):
+        """Make the file ``size`` bytes long (the new part reads as zeros);
+        a block device must already hold them."""
+        if size > self.size:
+            hostfile.set_size(self.file.fd, size, self.path)
+            self.size = size
 
     def flush(self):
         self.file.sync_all()

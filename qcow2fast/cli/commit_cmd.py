@@ -1,0 +1,49 @@
+"""qcow2fast commit [-f fmt] [-t cache] [-b base] [-d] [-p] [-q] filename
+
+qemu-img commit: the image's data written into its backing file (or into
+``-b base`` from every layer above it), then the image emptied unless
+``-d``; ``-b`` implies ``-d``, as in qemu-img.  Prints "Image committed."
+(not with -q); ``-p`` prints qemu-img's percentages on stdout."""
+
+from ..ops.commit import commit
+from ..errors import InvalidArgumentError
+from .common import resolve_image
+from .progress import PercentProgress
+
+
+def add_parser(sub):
+    p = sub.add_parser("commit", help="commit an image's data into its backing file")
+    p.add_argument("-f", dest="fmt")
+    p.add_argument("-t", dest="cache", default="writeback")
+    p.add_argument("-b", dest="base")
+    p.add_argument("-d", dest="drop", action="store_true")
+    p.add_argument("-p", dest="progress", action="store_true")
+    p.add_argument("-q", dest="quiet", action="store_true")
+    p.add_argument("filenames", nargs="*")
+    p.set_defaults(run=run)
+
+
+def one_image(args, raw_error):
+    """The one image argument (commit, rebase): its path, qcow2 (a raw
+    image has no backing file: ``raw_error``)."""
+    if len(args.filenames) != 1:
+        raise InvalidArgumentError("Expecting one image file name")
+    path, fmt, _ = resolve_image(args.filenames[0], args.fmt)
+    if fmt == "raw":
+        raise InvalidArgumentError(raw_error)
+    return path
+
+
+def run(args):
+    path = one_image(args, "Image does not have a backing file")
+    bar = PercentProgress(args.progress and not args.quiet, 1.0)
+    bar(0, 1)
+    try:
+        commit(path, base=args.base, drop=args.drop or args.base is not None, cache=args.cache,
+               progress=bar)
+        bar(1, 1)
+    finally:
+        bar.close()
+    if not args.quiet:
+        print("Image committed.")
+    return 0

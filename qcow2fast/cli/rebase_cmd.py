@@ -1,0 +1,43 @@
+"""qcow2fast rebase [-f fmt] [-t cache] [-T src_cache] [-p] [-u] [-q] -b backing [-F fmt] filename
+
+qemu-img rebase: the image's backing file changed to ``-b`` (``-b ""``:
+none).  Safe mode first writes into the image the clusters where the old
+and the new backing chains differ; ``-u`` only rewrites the header.  As in
+qemu-img 7.2, a backing file needs its format (-F), and -u without -b
+removes the backing file."""
+
+from ..ops.rebase import rebase
+from ..errors import InvalidArgumentError
+from .commit_cmd import one_image
+from .progress import PercentProgress
+
+
+def add_parser(sub):
+    p = sub.add_parser("rebase", help="change an image's backing file")
+    p.add_argument("-f", dest="fmt")
+    p.add_argument("-t", dest="cache", default="writeback")
+    p.add_argument("-T", dest="src_cache", default="writeback")
+    p.add_argument("-b", dest="backing")
+    p.add_argument("-F", dest="backing_fmt")
+    p.add_argument("-p", dest="progress", action="store_true")
+    p.add_argument("-u", dest="unsafe", action="store_true")
+    p.add_argument("-q", dest="quiet", action="store_true")
+    p.add_argument("filenames", nargs="*")
+    p.set_defaults(run=run)
+
+
+def run(args):
+    if len(args.filenames) == 1 and args.backing is None and not args.unsafe:
+        raise InvalidArgumentError("Must specify backing file (-b) or use unsafe mode (-u)")
+    path = one_image(args, f"Could not change the backing file to '{args.backing}': "
+                           "Operation not supported")
+    bar = PercentProgress(args.progress and not args.quiet, 2.0)
+    bar(0, 1)
+    try:
+        rebase(path, args.backing, backing_fmt=args.backing_fmt, unsafe=args.unsafe,
+               cache=args.cache, backing_cache=args.src_cache,
+               progress=None if args.unsafe else bar)
+        bar(1, 1)
+    finally:
+        bar.close()
+    return 0
