@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 if "numpy" not in _sys.modules:
     _os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
+from .ops.amend import amend
 from .ops.commit import commit
 from .ops.convert import convert
 from .ops.create import create
@@ -36,7 +37,7 @@ if TYPE_CHECKING:
 
 __version__ = "0.1.0"
 
-__all__ = ["open", "create", "convert", "commit", "rebase", "Image", "Extent", "Qcow2Error", "CorruptImageError",
+__all__ = ["open", "create", "convert", "commit", "rebase", "amend", "Image", "Extent", "Qcow2Error", "CorruptImageError",
            "UnsupportedFeatureError", "InvalidArgumentError", "ReadOnlyImageError",
            "ImageClosedError", "LimitExceededError", "RepairError", "ConvertError",
            "ImageLockedError", "UntrustedImageError"]

@@ -13,13 +13,13 @@ import sys
 from ..errors import Qcow2Error
 from . import check_cmd, compare_cmd, create_cmd, dd_cmd, info_cmd, map_cmd, measure_cmd
 from . import bench_cmd, convert_cmd, serve_cmd, snapshot_cmd, suite_cmd
-from . import bitmap_cmd, commit_cmd, rebase_cmd
+from . import amend_cmd, bitmap_cmd, commit_cmd, rebase_cmd, resize_cmd
 from ..host.limits import CpuGuard, memory_limit_note
 from .options import Parser, UsageError
 
 COMMANDS = [create_cmd, info_cmd, check_cmd, map_cmd, compare_cmd, measure_cmd, dd_cmd,
             convert_cmd, bench_cmd, serve_cmd, suite_cmd, commit_cmd, rebase_cmd, snapshot_cmd,
-            bitmap_cmd]
+            bitmap_cmd, resize_cmd, amend_cmd]
 
 
 def build_parser():
@@ -40,6 +40,8 @@ def main(argv=None):
     try:
         if argv[:1] == [suite_cmd.NAME]:       # the suite parses its own options
             return suite_cmd.run_argv(argv[1:])
+        if argv[:1] == [resize_cmd.NAME] and "-h" not in argv and "--help" not in argv:
+            argv = resize_cmd.size_last(argv)     # the size may look like an option
         args = build_parser().parse_args(argv)
         if not args.command:
             raise UsageError("a command is required (try --help)")

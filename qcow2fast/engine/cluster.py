@@ -275,7 +275,9 @@ class Clusters:
     def set_entries(self, a, b, what, unmap):
         """Rewrite the L2 entries of whole clusters [a, b) to read as zeros
         (or, v2 / no backing, to be unallocated), releasing host clusters
-        when ``unmap``."""
+        when ``unmap``.  ``what``: "zero", "discard", or "full" (a discard
+        that leaves the clusters unallocated even over a backing file:
+        shrink)."""
         if self.subclusters is not None:
             return self.subclusters.set_range(a, b, what, unmap)
         s, geo = self.state, self.geo
@@ -284,7 +286,8 @@ class Clusters:
         while pos < b:
             l1i = geo.l1_index(pos)
             span = min(b, (l1i + 1) * geo.bytes_per_l2()) - pos
-            if self.mapping.l2_table_offset(l1i) == 0 and (self.below is None or not v3):
+            if self.mapping.l2_table_offset(l1i) == 0 and (self.below is None or not v3
+                                                            or what == "full"):
                 pos += span         # whole L2 range unallocated: already zero
                 continue
             slot = self.l2_slot_for_write(pos)
@@ -300,7 +303,7 @@ class Clusters:
                         raise CorruptImageError(f"invalid L2 entry {e:#x}",
                                                 offset=s.l2_cache.key(slot) + 8 * (i0 + k),
                                                 field="L2 entry")
-                    if v3 and (self.below is not None or what == "zero"):
+                    if v3 and what != "full" and (self.below is not None or what == "zero"):
                         keep = (not unmap and kind in (DATA, ZERO) and e & QCOW_OFLAG_COPIED
                                 and e & L2E_OFFSET_MASK)
                         new = (e & L2E_OFFSET_MASK) | QCOW_OFLAG_COPIED | QCOW_OFLAG_ZERO \
@@ -318,14 +321,17 @@ class Clusters:
 
     # -- preallocation -----------------------------------------------------------------
 
-    def preallocate(self, mode):
-        """Map every guest cluster to a host cluster (qemu's preallocation:
-        ``metadata``, ``falloc`` or ``full``)."""
+    def preallocate(self, mode, start=0, end=None):
+        """Map every guest cluster of [start, end) (``start`` cluster
+        aligned; default: the whole disk), all unallocated, to a host
+        cluster (qemu's preallocation: ``metadata``, ``falloc`` or
+        ``full``)."""
         s, geo = self.state, self.geo
         cs = geo.cluster_size
-        total = geo.size_to_clusters(s.size)
-        pos = 0
-        while pos < s.size:
+        end = s.size if end is None else end
+        total = geo.size_to_clusters(end)
+        pos = start
+        while pos < end:
             slot = self.l2_slot_for_write(pos)
             l2 = s.l2_cache.u64(slot)
             i0 = geo.l2_index(pos) & (geo.slice_entries - 1)
@@ -337,12 +343,25 @@ class Clusters:
             l2[i0 * k:(i0 + n) * k:k] = (np.arange(n, dtype=np.uint64) * np.uint64(cs)
                                          + np.uint64(new)) | np.uint64(QCOW_OFLAG_COPIED)
             s.l2_cache.mark_dirty(slot)
-            end = new + n * cs
-            s.alloc_end = max(s.alloc_end, end)
+            host_end = new + n * cs
+            s.alloc_end = max(s.alloc_end, host_end)
+            if mode != "full" and new < s.zero_from and not s.data_file.is_device:
+                # Reused space of a file holds old bytes: the mapped clusters
+                # must read as zeros (qemu discards what it frees).  (A
+                # device's clusters keep its old data, as in qemu.)
+                self._zero_host(new, min(host_end, s.zero_from), mode)
             if mode == "falloc":
                 s.data_file.fallocate(new, n * cs)
             elif mode == "full":
                 zeros = memoryview(bytes(min(n * cs, 1 << 20)))
-                for off in range(new, end, len(zeros)):
-                    s.write_data_pieces([zeros[:min(len(zeros), end - off)]], off)
+                for off in range(new, host_end, len(zeros)):
+                    s.write_data_pieces([zeros[:min(len(zeros), host_end - off)]], off)
             pos += n << geo.cluster_bits
+
+    def _zero_host(self, lo, hi, mode):
+        f = self.state.data_file
+        done = f.punch_hole(lo, hi - lo) if mode == "metadata" else f.zero_range(lo, hi - lo)
+        if not done or self.state.transform is not None:
+            zeros = memoryview(bytes(min(hi - lo, 1 << 20)))
+            for off in range(lo, hi, len(zeros)):
+                self.state.write_data_pieces([zeros[:min(len(zeros), hi - off)]], off)

@@ -15,6 +15,26 @@ def write_header_field(state, name):
                       hdr.FIELD_OFFSET[name])
 
 
+def write_header_fields(state, first, last):
+    """Write header fields ``first`` to ``last`` (in header order) of
+    ``state.header`` in one write: fields of the first 104 bytes share one
+    sector, so a crash leaves all of them old or all new."""
+    h = state.header
+    values = [hdr.QCOW_MAGIC if f == "magic" else getattr(h, f) for f in hdr.HEADER_FIELDS]
+    raw = hdr.HEADER.pack(*values)
+    lo = hdr.FIELD_OFFSET[first]
+    hi = hdr.FIELD_OFFSET[last] + hdr.FIELD_STRUCT[last].size
+    state.file.pwrite(raw[lo:hi], lo)
+
+
+def write_header(state, old_length):
+    """Rewrite the whole header area (fields, extensions, backing file
+    name: qemu's qcow2_update_header), zeroing what is left of the
+    ``old_length`` bytes it took before."""
+    raw = state.header.pack()
+    state.file.pwrite(raw.ljust(old_length, b"\0"), 0)
+
+
 def is_dirty(state):
     return bool(state.header.incompatible_features & hdr.INCOMPAT_DIRTY)
 

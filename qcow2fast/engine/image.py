@@ -35,7 +35,7 @@ from ..extent import Extent, merge_extents
 from ..host.file import open_image_file
 from ..spec import header as hdr
 from ..spec.geometry import Geometry
-from . import features, untrusted
+from . import features, resize, untrusted
 from .bitmap import Bitmaps
 from .cache import DEFAULT_CACHE_CLEAN_INTERVAL, CacheCleaner, make_caches
 from .cache import cache_sizes as cache_sizes_for
@@ -535,22 +535,15 @@ class Image(ImageCore):
         finally:
             self._unlock()
 
-    # -- growing the disk (create) ----------------------------------------------------------
+    # -- resizing the disk (engine/resize.py) ------------------------------------------------
 
-    def _set_disk_size(self, size, preallocation="off"):
-        """Give a new image (size 0, open r+) its disk: the L1 table for
-        ``size``, the header's size, and its preallocation.  Resize builds
-        on this."""
-        s = self.state
-
-        def grow():
-            self.mapping.grow_l1(s.geo.l1_size_for(size), self.refcounts, s.barrier,
-                                 s.refcount_cache.flush)
-            s.set_size(size)
-            features.write_header_field(s, "size")
-            if preallocation != "off":
-                self.clusters.preallocate(preallocation)
-        self._update(grow)
+    def resize(self, new_size: int, *, shrink: bool = False,
+               preallocation: Literal["off", "metadata", "falloc", "full"] = "off") -> None:
+        """Make the guest disk ``new_size`` bytes (a multiple of 512), as
+        ``qemu-img resize``: growing maps the new area per ``preallocation``
+        (it reads as zeros); shrinking needs ``shrink=True`` and frees every
+        cluster past the new end.  Internal snapshots keep their own disks."""
+        self._update(resize.resize, self, new_size, shrink, preallocation)
 
     # -- internal snapshots (engine/snapshot_ops.py) ----------------------------------------
 

@@ -181,9 +181,10 @@ class Mapping:
         new = refcounts.alloc(nclusters)
         table = np.zeros(nclusters * geo.cluster_size // L1E_SIZE, dtype=np.uint64)
         table[:len(self.l1)] = self.l1
-        for l1i, on_disk in self.l1_pending.items():
-            table[l1i] = on_disk            # still pending: written at the next flush
-        self.file.pwrite(table.astype(">u8").tobytes(), new)
+        on_disk = table.copy()
+        for l1i, entry in self.l1_pending.items():
+            on_disk[l1i] = entry            # still pending: written at the next flush
+        self.file.pwrite(on_disk.astype(">u8").tobytes(), new)
         flush_refcounts()
         # Barrier: the new table is on disk before the header points to it.
         barrier()

@@ -136,22 +136,27 @@ class Refcounts(RefcountCore):
         the file).  A compressed cluster's host clusters may still hold
         other compressed clusters, so each cluster is checked on its own."""
         pending, self.deferred = self.deferred, []
-        cb = self.geo.cluster_bits
         for offset, n in pending:
             self.free(offset, n)
-            if on_freed is None:
-                continue
+        if on_freed is None:
+            return
+        # Refcounts only went down: a freed cluster at zero now reached it
+        # here.  Each block touched is decoded once (numpy), not per cluster.
+        geo = self.geo
+        cb, rbb, E = geo.cluster_bits, geo.rb_bits, geo.rb_entries
+        blocks = {}
+        for offset, n in pending:
             first = offset >> cb
-            run = None
-            for c in range(first, first + n):
-                if self.get(c) == 0:
-                    run = (run[0], run[1] + 1) if run else (c, 1)
-                    continue
-                if run:
-                    on_freed(run[0] << cb, run[1])
-                run = None
-            if run:
-                on_freed(run[0] << cb, run[1])
+            zero = np.zeros(n, dtype=bool)
+            for t in range(first >> rbb, ((first + n - 1) >> rbb) + 1):
+                if t not in blocks:
+                    blocks[t] = np.zeros(E, dtype=np.uint64)
+                    self.read_block_values(t, blocks[t])
+                lo, hi = max(first, t * E), min(first + n, (t + 1) * E)
+                zero[lo - first:hi - first] = blocks[t][lo - t * E:hi - t * E] == 0
+            edges = np.flatnonzero(np.diff(np.r_[0, zero.view(np.int8), 0]))
+            for a, b in zip(edges[::2].tolist(), edges[1::2].tolist()):
+                on_freed((first + a) << cb, b - a)
 
     # -- refcount blocks and table growth --------------------------------------
 

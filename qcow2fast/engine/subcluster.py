@@ -123,16 +123,16 @@ class Subclusters:
     def set_range(self, a, b, what, unmap):
         """Make the whole subclusters [a, b) read as zeros ("zero", or
         "discard" over a backing file) or become unallocated ("discard"
-        without one), releasing a host cluster once none of its
+        without one, "full" always: shrink), releasing a host cluster once none of its
         subclusters is allocated and ``unmap`` (always for discard).  The
         bitmaps change in a kernel, a slice at a time; a compressed or
         shared cluster covered in part is copied first (the zeros written
         into it leave its other subclusters as they were)."""
         geo = self.geo
         cs, scb = geo.cluster_size, geo.subcluster_bits
-        reads_zero = what == "zero" or self.clusters.below is not None
+        reads_zero = what == "zero" or (what == "discard" and self.clusters.below is not None)
         cache = self.state.l2_cache
-        unmap = unmap or what == "discard"
+        unmap = unmap or what in ("discard", "full")
         released = np.zeros(geo.slice_entries, dtype=np.uint64)
         pos = a
         while pos < b:

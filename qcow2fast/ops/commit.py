@@ -152,7 +152,7 @@ def _grow(dest, size):
         raise InvalidArgumentError(f"{dest.path}: size: cannot grow from {old} to {size} bytes "
                                    f"(the top's size) with {dest.cluster_size}-byte clusters: "
                                    "the L1 table would pass qemu's limit")
-    dest._set_disk_size(size)
+    dest.resize(size)
     below = dest.backing
     if below is not None and below.size > old:
         dest.write_zeroes(old, min(size, below.size) - old, may_unmap=True)

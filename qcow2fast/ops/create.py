@@ -39,7 +39,7 @@ def create(path: Union[str, "os.PathLike[str]"], size: Optional[int] = None, *,
     geo = st.geometry()
     cs = geo.cluster_size
     # The header starts with size 0 (no L1 table needed); the L1 table is
-    # allocated once the image is open, then the size is set.
+    # allocated once the image is open, by growing it (Image.resize).
     h = st.header(refcount_table_offset=cs, refcount_table_clusters=1)
     head = h.pack()
     reftable = np.zeros(cs // REFTABLE_ENTRY_SIZE, dtype=">u8")
@@ -59,7 +59,7 @@ def create(path: Union[str, "os.PathLike[str]"], size: Optional[int] = None, *,
     from ..engine.image import Image
     with Image(path, "r+", cache_mode="unsafe", backing=False,
                cache_clean_interval=0) as img:
-        img._set_disk_size(size, preallocation)
+        img.resize(size, preallocation=preallocation)
     f = File(path, writable=True)
     try:
         f.sync_all()

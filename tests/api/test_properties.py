@@ -221,6 +221,62 @@ class Qcow2Machine(RuleBasedStateMachine):
         self.m.img = self.img
         self.m.check_all()
 
+    # ------------------------------------------------------------ resize and amend
+    # (Without snapshots: applying one restores its own size; resizing
+    # images with snapshots is covered by tests/interop/test_interop_resize_amend.py.)
+    @precondition(lambda self: self.img is not None and not self.snapshots)
+    @rule(data=st.data())
+    def resize(self, data):
+        """Grow or shrink (Image.resize): the new area reads as zeros, but the
+        tail of a partial last cluster may keep bytes a shrink left (qemu)."""
+        old = self.m.size
+        new = data.draw(st.integers(1, max(8, 2 * old // 512))) * 512
+        if new < old:
+            # Shrinks end on a cluster boundary here: the tail of a partial
+            # last cluster keeps old bytes (qemu), which a snapshot taken
+            # later would capture; the interop tests cover unaligned shrinks.
+            new = min(old, -(-new // self.cs) * self.cs)
+        prealloc = data.draw(st.sampled_from(["off", "off", "metadata", "falloc", "full"]))
+        prealloc = prealloc if new > old else "off"
+        self.m.log.append(("resize", new, prealloc))
+        try:
+            self.img.resize(new, shrink=True, preallocation=prealloc)
+        except qcow2fast.UnsupportedFeatureError:      # v2 over a longer backing file
+            assert self.img.version < 3 and self.backing_path
+            return
+        stale = getattr(self, "stale", {})
+        if new < old:
+            self.stale = {i: self.m.data[i]
+                          for i in range(new, min(old, -(-new // self.cs) * self.cs))}
+            self.m.data[new:] = b""
+        else:
+            got = self.img.read(old, new - old)
+            for i, b in enumerate(got):
+                assert b in (0, stale.get(old + i, 0)), (old + i, b, self.m.history())
+            self.m.data[old:] = got
+            self.stale = {}
+        if self.backing_content is not None:
+            self.m.backing = (self.backing_content + bytes(new))[:new]
+        self.m.check_all()
+
+    @precondition(lambda self: self.img is not None)
+    @rule(data=st.data())
+    def amend(self, data):
+        """Close, amend refcount_bits / lazy_refcounts / compat, reopen: the
+        disk and every snapshot unchanged (a refused amend changes nothing)."""
+        self.img.close()
+        key = data.draw(st.sampled_from(["refcount_bits", "lazy_refcounts", "compat"]))
+        value = {"refcount_bits": lambda: str(1 << data.draw(st.integers(0, 6))),
+                 "lazy_refcounts": lambda: data.draw(st.sampled_from(["on", "off"])),
+                 "compat": lambda: data.draw(st.sampled_from(["0.10", "1.1"]))}[key]()
+        self.m.log.append(("amend", key, value))
+        try:
+            qcow2fast.amend(self.path, {key: value})
+        except qcow2fast.Qcow2Error as e:
+            self.m.log.append(("refused", str(e)))
+        self.img = qcow2fast.open(self.path, "r+")
+        self.m.img = self.img
+        self.rb = self.img.refcount_bits
     # ------------------------------------------------------------ qcow2fast's snapshots
     # Self-contained: the names the qemu-img rules above use are shared
     # (self.snapshots), so either tool's snapshots are applied and deleted

@@ -1,0 +1,61 @@
+"""qcow2fast amend [-f fmt] [--image-opts] [-p] [-q] [-t cache] [--force] -o options filename
+
+qemu-img 7.2's amend for qcow2: ``-o help`` lists the options, errors are
+qemu's (with its second line where it has one), and nothing is written
+when an option cannot be amended."""
+
+import sys
+
+from ..ops.amend import AMEND_OPTIONS, AmendOptionError, amend
+from .common import resolve_image
+from .options import UsageError, merge_options
+from .progress import Progress
+
+NAME = "amend"
+
+
+def add_parser(sub):
+    p = sub.add_parser(NAME, help="change the options of an existing image")
+    p.add_argument("-f", dest="fmt")
+    p.add_argument("-o", dest="options", action="append", default=[])
+    p.add_argument("-p", dest="progress", action="store_true")
+    p.add_argument("-q", dest="quiet", action="store_true")
+    p.add_argument("-t", dest="cache")
+    p.add_argument("--force", action="store_true")
+    p.add_argument("--image-opts", dest="image_opts", action="store_true")
+    p.add_argument("--object", dest="objects", action="append", default=[])
+    p.add_argument("filename", nargs="?")
+    p.set_defaults(run=run)
+
+
+def options_help():
+    lines = ["Amend options for 'qcow2':"]
+    for name, kind, text in AMEND_OPTIONS:
+        lines.append(f"  {name + '=<' + kind + '>':<22} - {text}")
+    return "\n".join(lines) + "\n"
+
+
+def run(args):
+    if not args.options:
+        raise UsageError("Must specify options (-o)")
+    opts = merge_options(args.options)
+    if args.filename is None and not ("help" in opts and args.fmt):
+        raise UsageError("Expecting one image file name")
+    fmt = args.fmt
+    if args.filename is not None and not ("help" in opts and fmt):
+        path, fmt, _ = resolve_image(args.filename, fmt, args.image_opts)
+    if fmt != "qcow2":
+        raise UsageError(f"Format driver '{fmt}' does not support option amendment")
+    if "help" in opts or "?" in opts:
+        print(options_help(), end="")
+        return 0
+    if "size" in opts and opts["size"] is not None:
+        from .options import parse_size
+        opts["size"] = parse_size(opts["size"], "size")
+    with Progress(args.progress and not args.quiet, 10000, "amend") as bar:
+        try:
+            amend(path, opts, progress=lambda done, total: bar.advance_to(done))
+        except AmendOptionError as e:
+            print(f"qcow2fast: {e}" + (f"\n{e.hint}" if e.hint else ""), file=sys.stderr)
+            return 1
+    return 0

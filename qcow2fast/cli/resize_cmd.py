@@ -1,0 +1,92 @@
+"""qcow2fast resize [-f fmt] [--image-opts] [--shrink] [--preallocation=mode] [-q] filename [+|-]size
+
+qemu-img 7.2's resize: the size is always the last argument (so ``-1G``
+is a size, not an option), ``+``/``-`` make it relative, shrinking needs
+``--shrink``, and success prints ``Image resized.``.  Raw images are
+truncated (or extended, with falloc/full preallocation)."""
+
+import sys
+
+from ..engine.resize import PREALLOCATION_MODES
+from ..errors import InvalidArgumentError
+from .common import open_image
+from .options import UsageError, parse_size
+
+NAME = "resize"
+SIZE_HELP = ("Parameter 'size' expects a non-negative number below 2^64\n"
+             "Optional suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta-\n"
+             "and exabytes, respectively.")
+SHRINK_WARNING = ("warning: Shrinking an image will delete all data beyond the shrunken "
+                  "image's end. Before performing such an operation, make sure there is no "
+                  "important data there.")
+
+
+def add_parser(sub):
+    p = sub.add_parser(NAME, help="change the virtual size of an image")
+    p.add_argument("-f", dest="fmt")
+    p.add_argument("-q", dest="quiet", action="store_true")
+    p.add_argument("--image-opts", dest="image_opts", action="store_true")
+    p.add_argument("--object", dest="objects", action="append", default=[])
+    p.add_argument("--shrink", action="store_true")
+    p.add_argument("--preallocation", default="off")
+    p.add_argument("filename")
+    p.add_argument("size")
+    p.set_defaults(run=run)
+
+
+def size_last(argv):
+    """qemu-img takes the size from the end before parsing options (a
+    negative size is not an option): put it after ``--``."""
+    if len(argv) < 3:
+        raise UsageError("resize: Not enough arguments")
+    return argv[:-1] + ["--", argv[-1]]
+
+
+def run(args):
+    if args.preallocation not in PREALLOCATION_MODES:
+        raise UsageError(f"Invalid preallocation mode '{args.preallocation}'")
+    text = args.size
+    sign = {"+": 1, "-": -1}.get(text[:1], 0)
+    try:
+        n = parse_size(text[1:] if sign else text, "size")
+    except UsageError:
+        print(f"qcow2fast: {SIZE_HELP}", file=sys.stderr)
+        return 1
+    img = open_image(args.filename, args.fmt, image_opts=args.image_opts, writable=True)
+    try:
+        current = img.size
+        total = current + sign * n if sign else n
+        if total <= 0:
+            raise InvalidArgumentError("New image size must be positive")
+        if total <= current and args.preallocation != "off":
+            raise InvalidArgumentError("Preallocation can only be used for growing images")
+        if total < current and not args.shrink:
+            print("qcow2fast: Use the --shrink option to perform a shrink operation.\n"
+                  f"qcow2fast: {SHRINK_WARNING}", file=sys.stderr)
+            return 1
+        if hasattr(img, "resize"):
+            img.resize(total, shrink=True, preallocation=args.preallocation)
+        else:
+            _resize_raw(img, total, args.preallocation)
+    finally:
+        img.close()
+    if not args.quiet:
+        print("Image resized.")
+    return 0
+
+
+def _resize_raw(raw, size, preallocation):
+    """A raw file: truncated, or grown (sparse, or allocated: falloc, full)."""
+    if preallocation == "metadata":
+        raise InvalidArgumentError("Unsupported preallocation mode: metadata")
+    f, old = raw.file, raw.size
+    if f.is_device:
+        raise InvalidArgumentError("Cannot resize a block device")
+    f.truncate(size)
+    if size > old and preallocation == "falloc":
+        f.fallocate(old, size - old)
+    elif size > old and preallocation == "full":
+        zeros = bytes(min(size - old, 1 << 20))
+        for off in range(old, size, len(zeros)):
+            f.pwrite(zeros[:min(len(zeros), size - off)], off)
+    f.sync_all()

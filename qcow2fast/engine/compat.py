@@ -1,0 +1,162 @@
+"""Changing an image's version (qemu's qcow2_downgrade, qcow2_upgrade and
+qcow2_expand_zero_clusters): v3 (compat=1.1) to v2 (compat=0.10) and back.
+
+v2 has no zero flag, so a downgrade first turns every zero cluster --
+of the active disk and of every internal snapshot -- into something v2
+reads as zeros: without a backing file, an unallocated entry; with one, a
+cluster of zeros (shared by as many tables as share its L2 table, as in
+qemu); a zero cluster that kept its host cluster has that cluster zeroed.
+
+Write order of the expansion (each barrier an fdatasync):
+- new clusters are allocated and zeroed, their refcounts written,
+  barrier: the clusters and their counts are stable before any L2 entry
+  points to them;
+- the rewritten L2 tables, barrier.
+Only then is the header's version switched (one write of the header
+area).  A crash before the switch leaves a v3 image whose zero clusters
+are partly already data clusters of zeros: the same disk, consistent.
+"""
+
+import numpy as np
+
+from ..errors import UnsupportedFeatureError
+from ..spec import header as hdr
+from ..spec.constants import L2E_OFFSET_MASK, QCOW_OFLAG_COMPRESSED, QCOW_OFLAG_COPIED, \
+    QCOW_OFLAG_ZERO
+from ..spec.entries import decode_table, l2_table_offsets
+from . import features
+from .mapping import read_l1_table
+
+BATCH_TABLES = 256              # L2 tables rewritten per pair of barriers
+
+
+def downgrade_problems(img, has_compressed, refcount_bits):
+    """qemu's reasons not to downgrade (checked before anything is written);
+    ``has_compressed()`` says whether any cluster is compressed,
+    ``refcount_bits`` is the width the image will have by then."""
+    h = img.header
+    if refcount_bits != 16:
+        return "compat=0.10 requires refcount_bits=16"
+    for sn in img.snapshots:
+        if sn.vm_state_size > 0xFFFFFFFF or (sn.disk_size is not None
+                                             and sn.disk_size != img.size):
+            return "Internal snapshots prevent downgrade of image"
+    others = h.incompatible_features & ~(hdr.INCOMPAT_COMPRESSION | hdr.INCOMPAT_DIRTY)
+    if others:
+        return f"Cannot downgrade an image with incompatible features {others:#x} set"
+    if h.incompatible_features & hdr.INCOMPAT_COMPRESSION and has_compressed():
+        return ("Cannot downgrade an image with zstd compression type and existing "
+                "compressed clusters")
+    return None
+
+
+def downgrade(img, progress=None):
+    """Make the open image ``img`` (r+, checked by downgrade_problems) a
+    v2 image.  The image must be closed afterwards."""
+    s, h = img.state, img.header
+    img.flusher.flush(sync=True, final=True)
+    if features.is_dirty(s):
+        features.set_dirty(s, False)
+    expand_zero_clusters(img, progress)
+    old_length = len(h.pack())
+    h.version = 2
+    h.compatible_features = h.autoclear_features = h.incompatible_features = 0
+    h.compression_type = hdr.COMPRESSION_ZLIB
+    h.header_length = hdr.V2_HEADER_LENGTH
+    features.write_header(s, old_length)
+    s.barrier()                 # barrier: the version switch is stable
+    s.read_only = True          # the open image still has v3 state
+
+
+def upgrade(img):
+    """Make the v2 image ``img`` a v3 one (the header only)."""
+    s, h = img.state, img.header
+    if any(len(sn.extra_data) < 16 for sn in img.snapshots):
+        raise UnsupportedFeatureError(
+            "upgrading an image whose snapshot table lacks the v3 extra data (VM state size, "
+            "disk size) is not supported yet: rewrite it with qemu-img amend",
+            feature="snapshot table")
+    img.flush()
+    old_length = len(h.pack())
+    h.version = 3
+    h.header_length = hdr.V3_HEADER_LENGTH
+    h.compression_type = hdr.COMPRESSION_ZLIB
+    h.extra_fields = bytes(hdr.V3_HEADER_LENGTH - hdr.COMPRESSION_TYPE_OFFSET - 1)
+    features.write_header(s, old_length)
+    s.barrier()
+
+
+def expand_zero_clusters(img, progress=None):
+    """Turn every zero cluster (active and snapshot L2 tables) into what v2
+    reads as zeros; see the module doc for the write order."""
+    s, geo = img.state, img.geo
+    f, cs = s.file, geo.cluster_size
+    backed = bool(img.header.backing_file)
+    l1s = [img.mapping.l1]
+    size = f.size()
+    for sn in img.snapshots:
+        l1s.append(read_l1_table(f, sn.l1_table_offset, sn.l1_size, cs, size,
+                                 what=f"snapshot {sn.id} L1 table"))
+    tables = sorted({int(o) for l1 in l1s for o in l2_table_offsets(l1).tolist() if o})
+    s.l2_cache.invalidate_all()         # (clean: flushed by the caller) tables change on disk
+    for k in range(0, len(tables), BATCH_TABLES):
+        if progress is not None:
+            progress(k, len(tables))
+        _expand_batch(img, tables[k:k + BATCH_TABLES], backed)
+    if progress is not None:
+        progress(len(tables), len(tables))
+
+
+def _expand_batch(img, tables, backed):
+    s, geo, rc = img.state, img.geo, img.refcounts
+    f, cs, cb = s.file, geo.cluster_size, geo.cluster_bits
+    changed = []
+    for l2off in tables:
+        l2 = decode_table(f.pread(l2off, cs))
+        zero = np.nonzero(((l2 & np.uint64(QCOW_OFLAG_ZERO)) != 0)
+                          & ((l2 & np.uint64(QCOW_OFLAG_COMPRESSED)) == 0))[0]
+        if not len(zero):
+            continue
+        shared = rc.get(l2off >> cb)            # tables pointing to this L2 table
+        plain = zero[(l2[zero] & np.uint64(L2E_OFFSET_MASK)) == 0]
+        kept = zero[(l2[zero] & np.uint64(L2E_OFFSET_MASK)) != 0]
+        for i in kept.tolist():
+            e = int(l2[i]) & ~QCOW_OFLAG_ZERO
+            _zero_cluster(img, e & L2E_OFFSET_MASK)
+            if rc.get((e & L2E_OFFSET_MASK) >> cb) != 1:    # COPIED iff refcount 1
+                e &= ~QCOW_OFLAG_COPIED
+            l2[i] = np.uint64(e)
+        if len(plain) and not backed:
+            l2[plain] = 0           # v2 without a backing file reads it as zeros
+        elif len(plain):
+            first = img.clusters.alloc(len(plain))
+            if shared > 1:
+                rc.update(first >> cb, len(plain), shared - 1)
+            _zero_cluster(img, first, len(plain))
+            copied = QCOW_OFLAG_COPIED if shared == 1 else 0
+            l2[plain] = (np.arange(len(plain), dtype=np.uint64) * np.uint64(cs)
+                         + np.uint64(first)) | np.uint64(copied)
+        changed.append((l2off, l2))
+    if not changed:
+        return
+    s.refcount_cache.flush()
+    f.truncate(max(f.size(), s.alloc_end))
+    s.barrier()                 # barrier: zeroed clusters and their refcounts before the L2 entries
+    for l2off, l2 in changed:
+        f.pwrite(l2.astype(">u8").tobytes(), l2off)
+    s.barrier()                 # barrier: the L2 tables before the version switch
+
+
+def _zero_cluster(img, host, n=1):
+    """Make host clusters [host, host + n clusters) read as zeros."""
+    s = img.state
+    nbytes = n << img.geo.cluster_bits
+    if host >= s.zero_from:
+        s.allocated(host + nbytes)
+        return
+    if s.transform is None and s.data_file.zero_range(host, nbytes):
+        return
+    zeros = memoryview(bytes(min(nbytes, 1 << 20)))
+    for off in range(host, host + nbytes, len(zeros)):
+        s.write_data_pieces([zeros[:min(len(zeros), host + nbytes - off)]], off)
+    s.allocated(host + nbytes)

@@ -1,0 +1,121 @@
+"""Changing the refcount width (qemu's qcow2_change_refcount_order in
+qcow2-refcount.c): the refcount table and blocks are rewritten at the new
+width beside the old ones, and the header switches to them in one write.
+
+Write order (each barrier an fdatasync, none under cache=unsafe):
+
+1. the new blocks and the new table are allocated through the old
+   structures (which then count them), repeated until every new block
+   needed to count the image -- the new structures included -- has a
+   place; the old structures are written, barrier;
+2. the new blocks (every refcount, as the old structures now hold it) and
+   the new table are written, barrier: they are complete before the
+   header points to them;
+3. the header's refcount fields (table offset, table clusters, order: all
+   in its first sector, one write), barrier;
+4. (``free_old_structures``, on the image reopened at the new width) the
+   old table and blocks are freed.
+
+A crash before 3 leaves the old structures in charge, which count the new
+ones (leaked clusters); after 3 the new ones, which count the old ones
+until 4 frees them (leaks again).  Never a cluster in use counted free.
+"""
+
+import numpy as np
+
+from .._ext.kernels import refcount_encode
+from ..errors import InvalidArgumentError, LimitExceededError
+from ..spec.geometry import Geometry
+from ..spec.header import MAX_REFTABLE_BYTES
+from . import features
+
+
+def all_refcounts(rc, geo):
+    """Every stored refcount (uint64, one per host cluster up to the last
+    refcount block: a cluster past it has refcount 0)."""
+    E = geo.rb_entries
+    present = np.nonzero(rc.table)[0].tolist()
+    out = np.zeros((present[-1] + 1 if present else 0) * E, dtype=np.uint64)
+    for t in present:
+        rc.read_block_values(t, out[t * E:(t + 1) * E])
+    return out
+
+
+def change_refcount_order(img, order, progress=None):
+    """Rewrite the refcount structures of the open image ``img`` (r+, no
+    writes in flight) at width ``1 << order`` and switch the header to
+    them.  Returns the old structures, [(host offset, clusters)], for
+    :func:`free_old_structures` once the image is reopened; the open image
+    must then be closed (its refcount subsystem still has the old width)."""
+    s, h, geo, rc = img.state, img.header, img.geo, img.refcounts
+    report = progress or (lambda done, total: None)
+    new = Geometry(geo.cluster_bits, order, extended_l2=geo.extended_l2)
+    img.flusher.flush(sync=True, final=True)        # every refcount current and on disk
+    if features.is_dirty(s):
+        features.set_dirty(s, False)                # (lazy refcounts: they are, now)
+    counts = all_refcounts(rc, geo)
+    if order < geo.refcount_order:
+        over = np.nonzero(counts > np.uint64(new.refcount_max))[0]
+        if len(over):
+            c = int(over[0])
+            raise InvalidArgumentError(
+                f"Cannot decrease refcount entry width to {new.refcount_bits} bits: Cluster at "
+                f"offset {c << geo.cluster_bits:#x} has a refcount of {int(counts[c])}")
+    report(0, 3)
+    blocks = {}                 # new table index -> host offset of the new block
+    table_off = table_clusters = 0
+    while True:
+        used = np.nonzero(counts)[0]
+        need = np.unique(used >> new.rb_bits).tolist()
+        missing = [t for t in need if t not in blocks]
+        want = new.reftable_clusters(need[-1] + 1)
+        if not missing and want <= table_clusters:
+            break
+        if want * new.cluster_size > MAX_REFTABLE_BYTES:
+            raise LimitExceededError("This operation would make the refcount table grow "
+                                     "beyond the maximum size supported by QEMU, aborting")
+        if missing:
+            first = rc.alloc(len(missing))
+            for k, t in enumerate(missing):
+                blocks[t] = first + k * new.cluster_size
+        if want > table_clusters:
+            if table_clusters:
+                rc.free(table_off, table_clusters)
+            table_off, table_clusters = rc.alloc(want), want
+        counts = all_refcounts(rc, geo)     # the allocations changed them
+    # What the switch replaces, as the allocations left it (they may have
+    # grown the old table).
+    old = [(h.refcount_table_offset, h.refcount_table_clusters)]
+    old += [(int(b), 1) for b in rc.table[rc.table != 0].tolist()]
+    s.refcount_cache.flush()
+    s.barrier()                 # barrier: the old structures count the new ones
+    report(1, 3)
+    table = np.zeros(table_clusters * new.cluster_size // 8, dtype=np.uint64)
+    E = new.rb_entries
+    values = np.zeros(E, dtype=np.uint64)
+    buf = np.zeros(new.cluster_size, dtype=np.uint8)
+    for t, off in sorted(blocks.items()):
+        part = counts[t * E:(t + 1) * E]
+        values[:] = 0
+        values[:len(part)] = part
+        refcount_encode(values, order, buf)
+        s.file.pwrite(buf, off)
+        table[t] = off
+    s.file.pwrite(table.astype(">u8").tobytes(), table_off)
+    s.barrier()                 # barrier: the new structures are complete before the header
+    report(2, 3)
+    h.refcount_table_offset, h.refcount_table_clusters = table_off, table_clusters
+    h.refcount_order = order
+    features.write_header_fields(s, "refcount_table_offset", "refcount_order")
+    s.barrier()                 # barrier: the switch is stable before the old ones are freed
+    s.read_only = True          # this open image still has the old width: no more writes
+    report(3, 3)
+    return old
+
+
+def free_old_structures(img, old):
+    """Free what :func:`change_refcount_order` replaced (``img`` reopened)."""
+    for off, n in old:
+        img.refcounts.free(off, n)
+    img.flush()
+

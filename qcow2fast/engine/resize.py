@@ -1,0 +1,263 @@
+"""Growing and shrinking the guest disk (qemu's qcow2_co_truncate,
+qcow2_shrink_l1_table and qcow2_shrink_reftable; bdrv_co_truncate's rule
+for a backing file longer than the old disk).
+
+Rules, as qemu 7.2:
+- the new size is a multiple of 512; shrinking needs ``shrink=True``;
+  preallocation (metadata, falloc, full) only when growing;
+- a v2 image with internal snapshots is not resized (v2 snapshots need not
+  record their disk size); snapshots keep their own L1 tables and sizes;
+- growing over a backing file longer than the old disk makes the new area
+  read as zeros (v3 zero flags; a v2 image cannot, and is refused);
+- shrinking frees every cluster past the new end (whole clusters: the tail
+  of the last partial cluster keeps its bytes, as in qemu), empties the L1
+  entries past it in place (the table keeps its size and place, as in
+  qemu), drops refcount blocks that count nothing any more, and truncates
+  the file after the last cluster in use.
+
+Write order (each barrier an fdatasync, none under cache=unsafe):
+- grow: a larger L1 table is written, barrier, the header points to it,
+  barrier, the old table is freed (Mapping.grow_l1); zero flags or
+  preallocated L2 entries are written with the ordered flush (their
+  clusters' refcounts first); then the header's size, barrier.  A crash
+  before the size leaves the old disk, with metadata past its end that
+  reads as it will after the resize.
+- shrink: the header's size is written first, barrier: from then on the
+  new disk is what any reader sees, and nothing past its end is read; L2
+  entries past the end are cleared and flushed (their clusters freed only
+  after, FlushOrder), the L1 entries past the end are zeroed, barrier,
+  and only then are those L2 tables and the clusters they alone mapped
+  freed.  A crash at any point leaves the old or the new disk, with leaks
+  at worst.
+"""
+
+import numpy as np
+
+from ..errors import InvalidArgumentError, LimitExceededError, UnsupportedFeatureError
+from ..spec import header as hdr
+from ..spec.constants import L1E_OFFSET_MASK, L1E_SIZE
+from ..spec.entries import decode_table, host_offsets, is_compressed, standard_allocated
+from . import features
+
+PREALLOCATION_MODES = ("off", "metadata", "falloc", "full")
+SECTOR = 512
+
+
+def check_resize(img, size, shrink, preallocation):
+    """Refuse, before anything is written, what qemu refuses."""
+    s, h = img.state, img.header
+    if preallocation not in PREALLOCATION_MODES:
+        raise InvalidArgumentError(f"Unsupported preallocation mode '{preallocation}' "
+                                   f"(one of {', '.join(PREALLOCATION_MODES)})")
+    if not isinstance(size, int) or size < 0:
+        raise InvalidArgumentError(f"the new size must be a non-negative integer, not {size!r}")
+    if size % SECTOR:
+        raise InvalidArgumentError(f"The new size must be a multiple of {SECTOR}")
+    if h.nb_snapshots and h.version < 3:
+        raise UnsupportedFeatureError("Can't resize a v2 image which has snapshots",
+                                      feature="snapshots")
+    if any(e.type == hdr.EXT_BITMAPS for e in h.other_extensions) \
+            and h.autoclear_features & hdr.AUTOCLEAR_BITMAPS:
+        raise UnsupportedFeatureError("resizing an image with persistent dirty bitmaps is "
+                                      "not supported yet", feature="bitmaps")
+    if img.geo.l1_size_for(size) > hdr.MAX_L1_BYTES // L1E_SIZE:
+        raise LimitExceededError(f"Failed to grow the L1 table: a size of {size} needs more "
+                                 f"than qemu's {hdr.MAX_L1_BYTES >> 20} MiB of L1 table")
+    if size < s.size:
+        if preallocation != "off":
+            raise InvalidArgumentError("Preallocation can't be used for shrinking an image")
+        if not shrink:
+            raise InvalidArgumentError(f"shrinking the disk from {s.size} to {size} bytes "
+                                       "deletes the data past the new end: pass shrink=True")
+    elif size > s.size and _backing_shows_through(img) and h.version < 3:
+        # qemu: bdrv_co_truncate asks for zeroes, qcow2 v2 has no zero flag.
+        raise UnsupportedFeatureError("Failed to zero out new clusters: Operation not "
+                                      "supported", feature="zero clusters")
+
+
+def _backing_shows_through(img):
+    """Whether the backing file would show data in the area a grow adds."""
+    return img.backing is not None and img.backing.size > img.state.size
+
+
+def resize(img, size, shrink=False, preallocation="off"):
+    """Resize the open image ``img`` (the caller holds its exclusive lock)."""
+    check_resize(img, size, shrink, preallocation)
+    if size > img.state.size:
+        _grow(img, size, preallocation)
+    elif size < img.state.size:
+        _shrink(img, size)
+
+
+# -- growing -------------------------------------------------------------------------------
+
+def _grow(img, size, preallocation):
+    s, geo, clusters = img.state, img.geo, img.clusters
+    old = s.size
+    img.mapping.grow_l1(geo.l1_size_for(size), img.refcounts, s.barrier,
+                        s.refcount_cache.flush)
+    zero_backing = _backing_shows_through(img)
+    if preallocation != "off":
+        # From the first whole cluster past the old end (the partial one, if
+        # any, keeps its mapping and its guest data).
+        start = -(-old // geo.cluster_size) * geo.cluster_size
+        if start < size:
+            clusters.preallocate(preallocation, start, size)
+    if zero_backing:
+        # The L2 entries change under the new size (the zeroing code works
+        # up to the disk's end); the header still says the old one.
+        s.set_size(size)
+        try:
+            clusters.write_zeroes(old, size - old, False)
+        except BaseException:
+            s.set_size(old)
+            raise
+    # Barrier (in the flush): the new L2 entries and the refcounts they use
+    # are stable before the header's size makes them part of the disk.
+    img.flusher.flush(sync=True)
+    _write_size(s, size)
+
+
+def _write_size(s, size):
+    s.set_size(size)
+    features.write_header_field(s, "size")
+    s.barrier()                 # barrier: the size is stable before what relies on it
+
+
+# -- shrinking ------------------------------------------------------------------------------
+
+def _shrink(img, size):
+    s, geo = img.state, img.geo
+    cs = geo.cluster_size
+    old = s.size
+    _write_size(s, size)
+    # Clusters wholly past the new end (qemu's qcow2_cluster_discard with
+    # full_discard: unallocated, even over a backing file).  Whole L2 tables
+    # past the new L1 size are dropped below instead of being rewritten.
+    start = -(-size // cs) * cs
+    new_l1 = geo.l1_size_for(size)
+    table_end = min(-(-old // cs) * cs, new_l1 * geo.bytes_per_l2())
+    if start < table_end:
+        img.clusters.set_entries(start, table_end, "full", True)
+    # Barrier (in the flush): the cleared L2 entries are stable before the
+    # clusters they used are freed.
+    img.flusher.flush(sync=True)
+    _shrink_l1(img, new_l1)
+    _shrink_reftable(img)
+    _truncate_tail(img)
+
+
+def _shrink_l1(img, new_l1):
+    """Zero the L1 entries from ``new_l1`` on (in place), then free their L2
+    tables and what those tables alone referenced."""
+    s, geo, m, rc = img.state, img.geo, img.mapping, img.refcounts
+    l1 = m.l1
+    if new_l1 >= len(l1) or not l1[new_l1:].any():
+        return
+    cs, cb = geo.cluster_size, geo.cluster_bits
+    tail = l1[new_l1:]
+    drop = []                       # host clusters whose refcount drops by one
+    for e in tail[tail != 0].tolist():
+        l2off = e & L1E_OFFSET_MASK
+        drop.append(l2off >> cb)
+        # A cluster is counted once per L1 table reaching it (a table shared
+        # with a snapshot included): what this L2 table maps loses one too.
+        entries = decode_table(s.file.pread(l2off, cs))[::geo.l2_entry_words]
+        drop.extend(_mapped_clusters(geo, entries))
+    s.file.pwrite(bytes(len(tail) * L1E_SIZE), img.header.l1_table_offset + new_l1 * L1E_SIZE)
+    s.barrier()             # barrier: no L1 entry points to the tables before they are freed
+    for e in tail[tail != 0].tolist():
+        m.metadata.remove((e & L1E_OFFSET_MASK) >> cb)
+    l1[new_l1:] = 0
+    m.l1_pending.clear()
+    s.l2_cache.invalidate_all()         # (clean: flushed above)
+    for first, n, k in _runs(drop):
+        for _ in range(k):
+            rc.free_deferred(first << cb, n)
+    # The frees, their refcount blocks and a barrier; clusters left unused
+    # are discarded in the file (qemu: QCOW2_DISCARD_ALWAYS).
+    img.flusher.flush(sync=True)
+
+
+def _mapped_clusters(geo, entries):
+    """Host clusters that L2 ``entries`` (descriptor words) reference, one
+    per reference."""
+    cb = np.uint64(geo.cluster_bits)
+    out = (host_offsets(entries[standard_allocated(entries)]) >> cb).tolist()
+    for e in entries[is_compressed(entries)].tolist():
+        first, last = geo.compressed_clusters(e)
+        out.extend(range(first, last + 1))
+    return out
+
+
+def _runs(clusters):
+    """(first, n, k): runs of n consecutive host clusters each listed k
+    times in ``clusters`` (so a refcount update per run, not per cluster)."""
+    c, k = np.unique(np.asarray(clusters, dtype=np.int64), return_counts=True)
+    if not len(c):
+        return
+    cut = np.nonzero((np.diff(c) != 1) | (np.diff(k) != 0))[0] + 1
+    for lo, hi in zip(np.r_[0, cut].tolist(), np.r_[cut, len(c)].tolist()):
+        yield int(c[lo]), hi - lo, int(k[lo])
+
+
+def _shrink_reftable(img):
+    """Drop the refcount blocks that count nothing but themselves (qemu's
+    qcow2_shrink_reftable): the table is rewritten in place without them,
+    barrier, then they are freed."""
+    s, geo, rc = img.state, img.geo, img.refcounts
+    table = rc.table
+    cb, E = geo.cluster_bits, geo.rb_entries
+    values = np.zeros(E, dtype=np.uint64)
+    unused = []
+    for t in np.nonzero(table)[0].tolist():
+        b = int(table[t]) >> cb
+        rc.read_block_values(t, values)
+        if b >> geo.rb_bits == t:
+            values[b & (E - 1)] = 0         # its own reference does not count
+        if not values.any():
+            unused.append(t)
+    if not unused:
+        return
+    new = table.copy()
+    new[unused] = 0
+    s.refcount_cache.flush()
+    s.file.pwrite(new.astype(">u8").tobytes(), img.header.refcount_table_offset)
+    s.barrier()                 # barrier: the table no longer points to them
+    blocks = [int(table[t]) >> cb for t in unused]
+    s.refcount_cache.invalidate_all()
+    table[unused] = 0
+    for t, b in zip(unused, blocks):
+        img.state.metadata.remove(b)
+        if b >> geo.rb_bits != t:           # counted elsewhere: drop that count
+            rc.free_deferred(b << cb, 1)
+        else:                               # it counted itself: nothing else to update
+            s.file.punch_hole(b << cb, geo.cluster_size)
+    img.flusher.flush(sync=True)
+
+
+def _truncate_tail(img):
+    """Cut the file after the last cluster in use (qemu: qcow2_get_last_cluster)."""
+    s, geo, rc = img.state, img.geo, img.refcounts
+    if s.file.is_device:
+        return
+    E = geo.rb_entries
+    values = np.zeros(E, dtype=np.uint64)
+    last = 0
+    for t in np.nonzero(rc.table)[0].tolist()[::-1]:
+        rc.read_block_values(t, values)
+        used = np.nonzero(values)[0]
+        if len(used):
+            last = t * E + int(used[-1])
+            break
+    end = (last + 1) << geo.cluster_bits
+    if end < s.file.size():
+        # Barrier: under lazy refcounts too, no refcount on disk still
+        # counts a cluster past the new end of the file.
+        s.refcount_cache.flush()
+        s.barrier()
+        s.file.truncate(end)
+    s.alloc_end = end
+    s.zero_from = min(s.zero_from, end)
+    rc.end_cluster = last + 1
+    rc.free_hint = 0

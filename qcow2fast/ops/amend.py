@@ -1,0 +1,231 @@
+"""Amending an image's options (qemu's qcow2_amend_options, qemu-img
+amend): compat, refcount_bits, lazy_refcounts, size, and backing_file /
+backing_fmt when they name what the image already has.
+
+Everything qemu would refuse is refused before the image is written:
+unknown options, options only ``create`` takes (cluster_size,
+compression_type, ...), encryption options on an image without
+encryption, a backing file that differs (that is rebase's job), lazy
+refcounts or a refcount width other than 16 bits with compat=0.10, a
+refcount that the new width cannot hold, a downgrade that v2 cannot
+express.  The steps then run in qemu's order -- upgrade, refcount width,
+lazy refcounts, size, downgrade -- each with its own crash-safe write
+order (engine/compat.py, engine/refcount_order.py, engine/resize.py);
+the image is reopened between the steps that change its geometry or
+version.
+"""
+
+import os
+
+from ..engine import compat, refcount_order
+from ..engine.image import Image
+from ..errors import InvalidArgumentError, ReadOnlyImageError, UnsupportedFeatureError
+from ..spec import header as hdr
+
+# qemu 7.2's amend options for qcow2 (qemu-img amend -o help), with their help.
+AMEND_OPTIONS = [
+    ("backing_file", "str", "File name of a base image"),
+    ("backing_fmt", "str", "Image format of the base image"),
+    ("compat", "str", "Compatibility level (v2 [0.10] or v3 [1.1])"),
+    ("data_file", "str", "File name of an external data file"),
+    ("data_file_raw", "bool (on/off)", "The external data file must stay valid as a raw image"),
+    ("encrypt.iter-time", "num", "Time to spend in PBKDF in milliseconds"),
+    ("encrypt.keyslot", "num", "Select a single keyslot to modify explicitly"),
+    ("encrypt.new-secret", "str",
+     "New secret to set in the matching keyslots. Empty string to erase"),
+    ("encrypt.old-secret", "str", "Select all keyslots that match this password"),
+    ("encrypt.state", "str", "Select new state of affected keyslots (active/inactive)"),
+    ("lazy_refcounts", "bool (on/off)", "Postpone refcount updates"),
+    ("refcount_bits", "num", "Width of a reference count entry in bits"),
+    ("size", "size", "Virtual disk size"),
+]
+AMEND_NAMES = {name for name, _, _ in AMEND_OPTIONS}
+# qcow2 options that only image creation takes.
+CREATE_ONLY = {"cluster_size", "compression_type", "extended_l2", "preallocation", "encryption",
+               "encrypt.format", "encrypt.key-secret", "encrypt.cipher-alg",
+               "encrypt.cipher-mode", "encrypt.ivgen-alg", "encrypt.ivgen-hash-alg",
+               "encrypt.hash-alg"}
+VERSIONS = {"0.10": 2, "v2": 2, "1.1": 3, "v3": 3}
+
+
+class AmendOptionError(InvalidArgumentError):
+    """An option amend does not take; ``hint`` is qemu's second line."""
+
+    def __init__(self, message, hint=None):
+        super().__init__(message)
+        self.hint = hint
+
+
+def parse_options(options):
+    """Check option names and value types as qemu-img does before opening
+    the image; returns {name: value} with typed values."""
+    out = {}
+    for key, value in options.items():
+        if key not in AMEND_NAMES:
+            raise AmendOptionError(f"Invalid parameter '{key}'",
+                                   "This option is only supported for image creation"
+                                   if key in CREATE_ONLY else None)
+        if key == "refcount_bits" and not isinstance(value, int):
+            try:
+                value = int(value, 0)
+            except (TypeError, ValueError):
+                raise InvalidArgumentError("Parameter 'refcount_bits' expects a number") from None
+        elif key in ("lazy_refcounts", "data_file_raw") and not isinstance(value, bool):
+            v = str(value).lower() if value is not None else "on"
+            if v not in ("on", "off", "true", "false", "yes", "no", "1", "0"):
+                raise InvalidArgumentError(f"Parameter '{key}' expects 'on' or 'off'")
+            value = v in ("on", "true", "yes", "1")
+        elif key == "size" and not isinstance(value, int):
+            raise InvalidArgumentError("Parameter 'size' expects a size in bytes")
+        out[key] = value
+    return out
+
+
+def amend(path, options, *, progress=None):
+    """Change the options of the qcow2 image at ``path`` (qemu-img amend):
+    ``options`` maps option names to values (strings as ``-o`` gives them,
+    or ints and bools).  ``progress(done, total)`` is called as the work
+    advances (the refcount walks and the zero-cluster expansion)."""
+    path = os.fspath(path)
+    opts = parse_options(options)
+    if not opts:
+        raise InvalidArgumentError("Must specify options (-o)")
+    img = Image(path, "r+", backing=False, cache_clean_interval=0)
+    try:
+        plan = _plan(img, opts)
+    except BaseException:
+        img.close()
+        raise
+    steps = sum(1 for k in ("upgrade", "order", "downgrade") if plan.get(k) is not None)
+    report = _Progress(progress, max(steps, 1))
+    try:
+        if plan.get("upgrade"):
+            compat.upgrade(img)
+        if plan.get("order") is not None:
+            old = refcount_order.change_refcount_order(img, plan["order"], report.step())
+            img.close()
+            img = Image(path, "r+", backing=False, cache_clean_interval=0)
+            refcount_order.free_old_structures(img, old)
+        if plan.get("lazy") is not None:
+            _set_lazy_refcounts(img, plan["lazy"])
+        if plan.get("size") is not None:
+            img.close()         # with its backing file: growing may have to hide it
+            img = Image(path, "r+", cache_clean_interval=0)
+            img.resize(plan["size"], shrink=True)
+        if plan.get("downgrade"):
+            compat.downgrade(img, report.step())
+    finally:
+        img.close()
+    report.done()
+
+
+def _plan(img, opts):
+    """What to do, every refusal made first (nothing is written here)."""
+    h = img.header
+    if img.read_only:
+        raise ReadOnlyImageError(img.state.read_only_reason())
+    for key in opts:
+        if key.startswith("encrypt."):
+            raise InvalidArgumentError("Can't amend encryption options - encryption not present")
+    if opts.get("data_file") is not None:
+        raise InvalidArgumentError("data-file can only be set for images that use an external "
+                                   "data file")
+    if opts.get("data_file_raw"):
+        raise InvalidArgumentError("data-file-raw cannot be set on existing images")
+    version = h.version
+    if "compat" in opts and opts["compat"] is not None:
+        version = VERSIONS.get(str(opts["compat"]))
+        if version is None:
+            raise InvalidArgumentError(f"Unknown compatibility level {opts['compat']}")
+    bits = opts.get("refcount_bits", h.refcount_bits)
+    if bits <= 0 or bits > 64 or bits & (bits - 1):
+        raise InvalidArgumentError("Refcount width must be a power of two and may not exceed "
+                                   "64 bits")
+    if bits != h.refcount_bits and version < 3 and bits != 16:
+        raise InvalidArgumentError("Refcount widths other than 16 bits require compatibility "
+                                   "level 1.1 or above (use compat=1.1 or greater)")
+    if "backing_file" in opts or "backing_fmt" in opts:
+        if (opts.get("backing_file") != h.backing_file
+                or opts.get("backing_fmt") != h.backing_format):
+            raise AmendOptionError("Cannot amend the backing file",
+                                   "You can use 'qemu-img rebase' instead.")
+    lazy = opts.get("lazy_refcounts")
+    current_lazy = bool(h.compatible_features & hdr.COMPAT_LAZY_REFCOUNTS)
+    if lazy and version < 3:
+        raise InvalidArgumentError("Lazy refcounts only supported with compatibility level "
+                                   "1.1 and above (use compat=1.1 or greater)")
+    plan = {"upgrade": version > h.version, "downgrade": version < h.version,
+            "lazy": lazy if lazy is not None and lazy != current_lazy else None,
+            "order": None, "size": None}
+    if bits != h.refcount_bits:
+        order = bits.bit_length() - 1
+        if order < h.refcount_order:
+            counts = refcount_order.all_refcounts(img.refcounts, img.geo)
+            top = int(counts.max(initial=0))
+            if top >> bits:
+                c = int((counts >> bits).nonzero()[0][0])
+                raise InvalidArgumentError(
+                    f"Cannot decrease refcount entry width to {bits} bits: Cluster at offset "
+                    f"{c << img.geo.cluster_bits:#x} has a refcount of {int(counts[c])}")
+        plan["order"] = order
+    size = opts.get("size")
+    if size:                    # (0: keep, as qemu)
+        if size % 512:
+            raise InvalidArgumentError("The new size must be a multiple of 512")
+        if h.nb_snapshots and h.version < 3:
+            raise UnsupportedFeatureError("Can't resize a v2 image which has snapshots",
+                                          feature="snapshots")
+        if size != img.size:
+            plan["size"] = size
+    if plan["downgrade"]:
+        if plan["size"] is not None and img.snapshots:
+            raise InvalidArgumentError("Internal snapshots prevent downgrade of image")
+        problem = compat.downgrade_problems(img, lambda: _has_compressed(img), bits)
+        if problem:
+            raise UnsupportedFeatureError(problem, feature="compat")
+    return plan
+
+
+def _has_compressed(img):
+    return any(e.kind == "compressed" for e in img.clusters.layer_extents(0, img.size))
+
+
+def _set_lazy_refcounts(img, on):
+    """The compatible bit of lazy refcounts (qemu marks the image clean
+    before clearing it: the refcounts are then all on disk)."""
+    from ..engine import features
+    s, h = img.state, img.header
+    img.flusher.flush(sync=True, final=True)
+    if features.is_dirty(s):
+        features.set_dirty(s, False)
+    if on:
+        h.compatible_features |= hdr.COMPAT_LAZY_REFCOUNTS
+    else:
+        h.compatible_features &= ~hdr.COMPAT_LAZY_REFCOUNTS
+    features.write_header_field(s, "compatible_features")
+    s.barrier()
+
+
+class _Progress:
+    """Spreads ``progress(done, total)`` over the steps (as qemu's
+    amend helper callback): each step reports its own fraction."""
+
+    SCALE = 10000
+
+    def __init__(self, progress, steps):
+        self.progress, self.steps, self.k = progress, steps, 0
+
+    def step(self):
+        base = self.k
+        self.k += 1
+        if self.progress is None:
+            return None
+
+        def report(done, total):
+            frac = (base + (done / total if total else 1)) / self.steps
+            self.progress(int(frac * self.SCALE), self.SCALE)
+        return report
+
+    def done(self):
+        if self.progress is not None:
+            self.progress(self.SCALE, self.SCALE)
