@@ -7,8 +7,8 @@ runs them all, with more seeds."""
 import numpy as np
 import pytest
 
-from tests.crash.harness import (Call, apply_calls, make_state, record, run_config, state_plan,
-                                 _random_order)
+from tests.crash.harness import (MARK_START, Call, apply_calls, check_state, make_state, record,
+                                 run_config, state_plan, _models, _random_order)
 from tests.crash.workloads import BY_NAME
 
 pytestmark = pytest.mark.qemu
@@ -32,6 +32,14 @@ QUICK = [
     ("extended-l2-backing-64k", 4),
     ("lazy-extended-l2-32k", 4),
     ("v2-4k", 3),
+    # snapshot create/apply/delete, resize, amend, bitmaps (metadata_ops.py)
+    ("snapshot-ops-4k-tiny-cache", 6),
+    ("lazy-snapshot-ops-4k", 4),
+    ("resize-4k-snapshot", 5),
+    ("lazy-resize-writethrough-4k", 3),
+    ("amend-refcount-bits-4k", 3),
+    ("amend-compat-refcount-512", 4),
+    ("bitmaps-4k-writethrough", 4),
 ]
 
 
@@ -80,3 +88,53 @@ def test_random_order_keeps_overlapping_calls_in_program_order():
     assert len(seen) > 1, "never reordered"
     out = apply_calls(b"", _random_order(calls, rng, 200))
     assert len(out) == 62 and out[:6] == b"aacccc" and out[60:] == b"dd"
+
+
+def _prefixes_inside(rec, names):
+    """The barrier-prefix plan items cut inside (or right after) the first
+    operation of each name in ``names``."""
+    inside, out, seen = False, [], set()
+    for i, c in enumerate(rec.calls):
+        if c.op == "M" and c.off < len(rec.ops) and rec.ops[c.off][0] in names - seen:
+            inside = c.fid == MARK_START
+            if not inside:
+                seen.add(rec.ops[c.off][0])
+                out.append(i + 1)
+        elif c.op == "S" and inside:
+            out.append(i + 1)
+    return [(lo, lo, -1) for lo in out]
+
+
+@pytest.mark.parametrize("name,ops", [
+    ("snapshot-ops-64k", {"create_snapshot", "apply_snapshot", "delete_snapshot"}),
+    ("bitmaps-64k", {"close"}),
+])
+def test_every_barrier_inside_metadata_ops(tmp_path, name, ops):
+    """Every barrier prefix cut inside a snapshot create/apply/delete, or the
+    close that stores bitmaps: each state is consistent (metadata_ops.py
+    says what that means for each); the states after close show the stored
+    bitmaps; and a model asking for more than the disk holds fails."""
+    from tests.crash import metadata_ops
+    cfg = BY_NAME[name]
+    rng = np.random.default_rng(3)
+    rec = record(cfg, str(tmp_path), rng)
+    plan = _prefixes_inside(rec, ops)
+    assert len(plan) >= 4
+    for item in plan:
+        check_state(rec, make_state(rec, item, rng), str(tmp_path), rng)
+    last = make_state(rec, plan[-1], rng)
+    models = _models(rec, last)
+    with open(str(tmp_path / "last.qcow2"), "wb") as f:
+        f.write(apply_calls(rec.base, last.calls))
+    fails = []
+    if name == "bitmaps-64k":
+        assert last.durable == len(rec.ops) and set(models[0].bitmaps) == {"b0", "b1"}
+        for _, bits in models[0].bitmaps.values():
+            bits[:] = True              # every granule written: the disk's bitmaps are not
+        metadata_ops.check_bitmaps(rec, last, str(tmp_path / "last.qcow2"), models, fails.append)
+    else:
+        assert models[0].snaps
+        models[0].snaps["extra"] = models[0].data
+        metadata_ops.check_snapshots(rec, last, str(tmp_path / "last.qcow2"), models,
+                                     fails.append)
+    assert fails, "the check accepts a state that does not match the model"

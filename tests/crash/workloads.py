@@ -8,6 +8,7 @@ import os
 import subprocess
 
 from .harness import MiB, Config, random_guest_op
+from .metadata_ops import amend_ops, bitmap_ops, resize_ops, snapshot_ops
 
 KiB = 1024
 
@@ -150,6 +151,27 @@ CONFIGS = [
     _c("extended-l2-backing-64k", setup=over_backing, extended_l2=True),
     _c("lazy-extended-l2-32k", setup=with_data, extended_l2=True, cluster_size=32768, lazy=True),
     _c("v2-4k", compat="0.10", cluster_size=4096),
+    # Operations beyond guest I/O (metadata_ops.py says what each acknowledges).
+    _c("snapshot-ops-64k", setup=with_data, workload=snapshot_ops, nops=32),
+    _c("snapshot-ops-4k-tiny-cache", setup=with_snapshot, workload=snapshot_ops,
+       cluster_size=4096, open_kw=TINY_CACHE, nops=24),
+    _c("lazy-snapshot-ops-4k", setup=with_data, workload=snapshot_ops, cluster_size=4096,
+       lazy=True, nops=24),
+    _c("resize-64k", setup=with_data, workload=resize_ops),
+    _c("resize-4k-snapshot", setup=with_snapshot, workload=resize_ops, cluster_size=4096,
+       nops=32),
+    _c("lazy-resize-writethrough-4k", setup=with_data, workload=resize_ops, cluster_size=4096,
+       lazy=True, cache_mode="writethrough", nops=24),
+    _c("amend-refcount-bits-4k", setup=with_snapshot, cluster_size=4096, nops=18,
+       workload=amend_ops([{"refcount_bits": 64}, {"refcount_bits": 2}])),
+    _c("amend-compat-64k", setup=with_data, nops=18,
+       workload=amend_ops([{"compat": "0.10"}, {"compat": "1.1"}])),
+    _c("amend-compat-refcount-512", setup=with_data, cluster_size=512, size=8 * MiB, nops=18,
+       max_write=64 * KiB, workload=amend_ops([{"refcount_bits": 8},
+                                                {"compat": "0.10", "refcount_bits": 16}])),
+    _c("bitmaps-64k", setup=with_data, workload=bitmap_ops, nops=24),
+    _c("bitmaps-4k-writethrough", setup=with_data, workload=bitmap_ops, cluster_size=4096,
+       cache_mode="writethrough", nops=16),
 ]
 
 BY_NAME = {c.name: c for c in CONFIGS}
