@@ -24,6 +24,8 @@ What "acknowledged" means here:
   use is what qemu leaves after a crash and is only dropped.
 """
 
+import struct
+
 import numpy as np
 
 from . import harness
@@ -190,7 +192,31 @@ def check_bitmaps(rec, state, path, models, fail):
                      f"offset {int(missing[0]) * gran:#x})")
 
 
-harness.STATE_CHECKS += [check_snapshots, check_bitmaps]
+def _header_options(path):
+    """(compat, refcount_bits) of the image's header."""
+    with open(path, "rb") as f:
+        h = f.read(104)
+    version = struct.unpack(">I", h[4:8])[0]
+    order = struct.unpack(">I", h[96:100])[0] if version >= 3 else 4
+    return ("0.10" if version == 2 else "1.1"), 1 << order
+
+
+def check_amend(rec, state, path, models, fail):
+    """An amend cut anywhere leaves each option as before or after it (one
+    amend changing several goes through steps, as qemu's: the refcount
+    width changes before a downgrade, after an upgrade)."""
+    opts = {"compat": {rec.cfg.compat}, "refcount_bits": {rec.cfg.refcount_bits}}
+    for k, (name, *args) in enumerate(rec.ops[:state.started]):
+        if name == "amend":
+            new = {key: {str(v) if key == "compat" else int(v)} for key, v in args[0].items()}
+            opts = {key: new.get(key, vals) | (vals if k >= state.durable else set())
+                    for key, vals in opts.items()}
+    got = _header_options(path)
+    if got[0] not in opts["compat"] or got[1] not in opts["refcount_bits"]:
+        fail(f"compat, refcount_bits = {got}: not among {opts}")
+
+
+harness.STATE_CHECKS += [check_snapshots, check_bitmaps, check_amend]
 harness.ALLOWED_ERRORS.append(_copied_window)
 
 
