@@ -98,6 +98,23 @@ cdef class DirtyBitmap(WriteObserver):
         # call is either cleared or kept whole, never half lost.
         memset(self.bits, 0, <size_t>self._bits.shape[0])
 
+    def resize(self, int64_t size):
+        """Cover a ``size``-byte disk (qemu's hbitmap_truncate): the bits of
+        the granules both sizes have are kept, the new ones clear.  In
+        place, with the GIL held like ``changed`` (an image resizing holds
+        its lock, so the observer cannot be swapped for a new one)."""
+        if size < 0:
+            raise InvalidArgumentError(f"bitmap size must not be negative ({size})")
+        old = self._bits
+        nbits = (size + self.granularity - 1) >> self.gran_bits
+        new = np.zeros(max(1, (nbits + 7) >> 3), dtype=np.uint8)
+        n = min(len(old), len(new))
+        new[:n] = old[:n]
+        self._bits, self.bits = new, <uint8_t *>cnp.PyArray_DATA(new)
+        self.size, self.nbits = size, nbits
+        if (nbits >> 3) < len(new):           # granules past the new end clear
+            self.bits[nbits >> 3] &= <uint8_t>((1 << (nbits & 7)) - 1)
+
     def merge(self, const uint8_t[::1] other):
         """OR ``other`` (packed bits, laid out as :attr:`bits`) in, granules
         past the disk left clear; with the GIL held, like ``changed``."""

@@ -336,6 +336,27 @@ class Bitmaps:
         _merge_into(dst, src)
         self.changed = True
 
+    # -- resizing the disk (engine/resize.py) ----------------------------------------
+
+    def check_resize(self):
+        """Before a resize writes anything (qemu's qcow2_truncate_bitmaps_check):
+        an inconsistent bitmap stops it, with qemu's message; every other
+        bitmap's data on disk, sized for the old disk, is loaded."""
+        for b in self._usable():
+            self._consistent(b.name)
+        for b in self.list:
+            self.data(b)
+
+    def resize(self, size):
+        """The disk is now ``size`` bytes (qemu's bdrv_dirty_bitmap_truncate):
+        every bitmap keeps its bits up to the smaller size, the new area
+        clean; the trackers are resized in place, so the enabled ones go on
+        marking writes, past the old end too.  Stored at close with tables
+        for the new size."""
+        for b in self.list:
+            self.data(b).resize(size)
+            self.changed = True
+
     # -- storing -----------------------------------------------------------------------
 
     def store(self):

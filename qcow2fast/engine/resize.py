@@ -56,10 +56,7 @@ def check_resize(img, size, shrink, preallocation):
     if h.nb_snapshots and h.version < 3:
         raise UnsupportedFeatureError("Can't resize a v2 image which has snapshots",
                                       feature="snapshots")
-    if any(e.type == hdr.EXT_BITMAPS for e in h.other_extensions) \
-            and h.autoclear_features & hdr.AUTOCLEAR_BITMAPS:
-        raise UnsupportedFeatureError("resizing an image with persistent dirty bitmaps is "
-                                      "not supported yet", feature="bitmaps")
+    img.dirty_bitmaps.check_resize()
     if img.geo.l1_size_for(size) > hdr.MAX_L1_BYTES // L1E_SIZE:
         raise LimitExceededError(f"Failed to grow the L1 table: a size of {size} needs more "
                                  f"than qemu's {hdr.MAX_L1_BYTES >> 20} MiB of L1 table")
@@ -87,6 +84,9 @@ def resize(img, size, shrink=False, preallocation="off"):
         _grow(img, size, preallocation)
     elif size < img.state.size:
         _shrink(img, size)
+    else:
+        return
+    img.dirty_bitmaps.resize(size)
 
 
 # -- growing -------------------------------------------------------------------------------

@@ -10,7 +10,9 @@ import shutil
 import pytest
 
 import qcow2fast
+from qcow2fast.engine.bitmap_list import read_table
 from qcow2fast.errors import InvalidArgumentError
+from qcow2fast.spec.bitmaps import table_offsets
 from tests.helpers.bitmap_util import expected_extents, merge_runs, qemu_dirty_map
 from tests.helpers.cli_util import run_cli
 from tests.helpers.qemu_util import (H_AUTOCLEAR, H_INCOMPATIBLE, header, patch, qemu_check,
@@ -269,3 +271,91 @@ def test_disowned_bitmaps_are_dropped_as_qemu_drops_them(tmp_path, capsys):
     assert EXT_BITMAPS not in [t for t, _ in read_extensions(copy)[0]]
     assert qemu_bitmaps(copy) == []
     assert qemu_check(copy, expect_clean=False)["leaks"] > 0
+
+
+# Steps run on both copies: ("resize", size) (--shrink when smaller) or
+# ("write", offset, length).  Sizes not a multiple of the granularities
+# leave a partial last granule, which keeps its bit, as in qemu.
+RESIZES = {
+    "grow": [("resize", 128 * MiB), ("write", 100 * MiB, MiB),
+             ("write", SIZE - 4096, 8192)],
+    "shrink-grow": [("resize", 40 * MiB + 33280), ("write", 40 * MiB + 32768, 512),
+                    ("resize", SIZE), ("write", 60 * MiB, 65536)],
+    "shrink": [("resize", 30 * MiB), ("write", 30 * MiB - 512, 512)],
+}
+
+
+def stored_bitmaps(path):
+    """{name: [data cluster]} as stored: the table sized for the disk, and
+    the bits past its end clear."""
+    out = {}
+    with qcow2fast.open(path) as img:
+        f, cs = img.state.file, img.state.cluster_size
+        for b in img.bitmaps:
+            offs = table_offsets(read_table(f, b.entry, cs)).tolist()
+            out[b.name] = [bytes(f.pread(o, cs)) if o else bytes(cs) for o in offs]
+    return out
+
+
+@pytest.mark.parametrize("steps", RESIZES.values(), ids=RESIZES.keys())
+def test_resize_resizes_bitmaps_as_qemu(tmp_path, steps):
+    """Resizing keeps each bitmap's bits up to the smaller size, the new
+    area clean, and later writes past the old end are marked: the same
+    steps by qcow2fast (one open) and by qemu-img/qemu-io on a copy give
+    the same bitmaps, clean for check, with the same dirty extents."""
+    base = qemu_create(tmp_path / "base.qcow2", SIZE)
+    qemu_img("bitmap", "--add", base, "qb")
+    qemu_io(base, "write 0 1M", "write 40M 64k", "write 50M 4k", "write 63M 1M")
+    ours, theirs = str(tmp_path / "ours.qcow2"), str(tmp_path / "theirs.qcow2")
+    shutil.copy(base, ours)
+    shutil.copy(base, theirs)
+    qemu_img("bitmap", "--add", "-g", "4096", theirs, "fb")
+    qemu_io(theirs, f"write -P {ord('f')} 5M 70000")
+    size = SIZE
+    with qcow2fast.open(ours, "r+") as img:
+        img.add_bitmap("fb", 4096)
+        img.write(5 * MiB, b"f" * 70000)
+        for op, *args in steps:
+            if op == "resize":
+                img.resize(args[0], shrink=args[0] < size)
+                qemu_img("resize", *(["--shrink"] if args[0] < size else []), theirs,
+                         str(args[0]))
+                size = args[0]
+            else:
+                img.write(args[0], b"w" * args[1])
+                qemu_io(theirs, f"write -P {ord('w')} {args[0]} {args[1]}")
+    qemu_check(ours)
+    qemu_check(theirs)
+    assert qemu_info(ours)["virtual-size"] == qemu_info(theirs)["virtual-size"] == size
+    assert qemu_bitmaps(ours) == qemu_bitmaps(theirs)
+    assert qemu_img("compare", ours, theirs, check=False).returncode == 0
+    assert stored_bitmaps(ours) == stored_bitmaps(theirs)
+    last_off, last_len = steps[-1][1:]
+    for n in ("qb", "fb"):
+        want = merge_runs(qemu_dirty_map(theirs, n, tmp_path))
+        assert any(d and o <= last_off and last_off + last_len <= o + k
+                   for o, k, d in want), (n, want)      # the last write is marked
+        assert merge_runs(qemu_dirty_map(ours, n, tmp_path)) == want, n
+        for path in (ours, theirs):
+            with qcow2fast.open(path) as img:
+                assert merge_runs(img.dirty_extents(n)) == want, (n, path)
+
+
+def test_resize_refused_with_an_inconsistent_bitmap(tmp_path, capsys):
+    """An in_use bitmap (qemu killed) stops a resize, with qemu's message
+    and status, before anything is written."""
+    path = qemu_create(tmp_path / "c.qcow2", SIZE)
+    qemu_img("bitmap", "--add", path, "crashed")
+    qemu_io(path, "write 0 64k", "sigraise 9", check=False)
+    copy = str(tmp_path / "copy.qcow2")
+    shutil.copy(path, copy)
+    q = qemu_img("resize", copy, "128M", check=False)
+    status, out, err = run_cli(capsys, "resize", path, "128M")
+    assert q.returncode == status == 1
+    assert (out, err.replace("qcow2fast", "qemu-img")) == (q.stdout_text, q.stderr_text)
+    with qcow2fast.open(path, "r+") as img:
+        with pytest.raises(InvalidArgumentError, match="'crashed' is inconsistent"):
+            img.resize(SIZE // 2, shrink=True)
+        assert img.size == SIZE
+    assert qemu_info(path)["virtual-size"] == SIZE
+    assert qemu_bitmaps(path) == qemu_bitmaps(copy)

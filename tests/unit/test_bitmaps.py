@@ -65,3 +65,34 @@ def test_new_bitmap_constraints_and_sizes():
     assert bm.table_size_for(1 << 40, 16, 65536) == 32
     # qemu's measure: data clusters + table clusters, then the directory
     assert bm.stored_size([("b0", 16)], 64 << 20, 65536) == 3 * 65536
+
+
+def test_dirty_bitmap_resize_against_a_per_granule_reference():
+    """resize keeps the granules both sizes cover, the new ones clear (the
+    last partial granule keeps its bit); writes after it mark up to the new
+    end and no further."""
+    from qcow2fast._ext.hooks import DirtyBitmap
+    rng = np.random.default_rng(11)
+    for _ in range(300):
+        g = 512 << int(rng.integers(0, 5))
+        size = int(rng.integers(0, 200)) * 512
+        t, ref = DirtyBitmap(size, g), set()
+
+        def write(off, n):
+            t.notify(off, n)
+            if n > 0:
+                ref.update(range(off // g, min((off + n - 1) // g + 1, -(-t.size // g))))
+
+        for _ in range(3):
+            if size:
+                off = int(rng.integers(0, size))
+                write(off, int(rng.integers(1, size - off + 1)))
+            size = int(rng.integers(0, 200)) * 512
+            t.resize(size)
+            ref = {x for x in ref if x < -(-size // g)}
+            assert t.size == size
+            write(int(rng.integers(0, size + 1)), int(rng.integers(0, 3 * g)))
+            flags = np.unpackbits(t.bits, bitorder="little")
+            assert set(np.flatnonzero(flags).tolist()) == ref
+    with pytest.raises(InvalidArgumentError):
+        DirtyBitmap(4096).resize(-1)
