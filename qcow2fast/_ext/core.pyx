@@ -36,15 +36,15 @@ cdef extern from "stdlib.h" nogil:
     int posix_memalign(void **memptr, size_t alignment, size_t size)
 
 from .common cimport (l2_units_run, EXT_DATA, EXT_ZERO, EXT_UNALLOCATED, EXT_INVALID,
-                      L1E_OFFSET_MASK,
-                      L1E_RESERVED_MASK, L2E_OFFSET_MASK, L2E_STD_RESERVED_MASK,
+                      L2E_OFFSET_MASK, L2E_STD_RESERVED_MASK,
                       QCOW_OFLAG_COMPRESSED, QCOW_OFLAG_COPIED, SC_ALLOC_MASK, SC_BITS,
-                      SC_ZERO_SHIFT, SUBCLUSTERS)
+                      SC_ZERO_SHIFT)
 from .fileio cimport File
 from .cache cimport TableCache
 from .state cimport ImageState
 from .allocator cimport RefcountCore
 from .hooks cimport ChainStep, WriteObserver
+from .l2slice cimport slice_lookup, slice_point, SLICE_OK, L1_UNALLOCATED, MISS, BAD
 
 from ..errors import ImageClosedError, InvalidArgumentError, ReadOnlyImageError
 
@@ -53,12 +53,6 @@ from ..errors import ImageClosedError, InvalidArgumentError, ReadOnlyImageError
 cdef enum:
     NEED_EXCLUSIVE = -1
 
-# _slice_at results.
-cdef enum:
-    SLICE_OK = 0
-    L1_UNALLOCATED = 1
-    MISS = 2
-    BAD = 3
 
 
 cdef class ImageCore:
@@ -192,43 +186,16 @@ cdef class ImageCore:
 
     cdef inline int _slice_at(self, int64_t pos, bint exclusive, uint64_t **l2,
                               int64_t *l2i, int *slot_out, uint64_t *l1e_out) except -2:
-        """Find the cached L2 slice mapping guest ``pos``.  Returns SLICE_OK
-        (``l2``/``l2i`` set to the slice and the index in it of the
-        allocation unit -- cluster or subcluster -- holding ``pos``),
-        L1_UNALLOCATED, MISS (shared holder: retry exclusively) or BAD (a
-        malformed L1 entry: the slow path reports it)."""
-        cdef ImageState s = self.s
-        cdef int64_t cidx = pos >> s.cluster_bits
-        cdef int64_t l1i = cidx >> s.l2_bits
-        cdef int64_t i = cidx & ((1 << s.l2_bits) - 1)
-        cdef uint64_t l1e, l2off
+        """Find the cached L2 slice mapping guest ``pos`` (l2slice.pxd):
+        SLICE_OK, L1_UNALLOCATED, MISS (shared holder: retry exclusively;
+        an exclusive holder loads the slice) or BAD."""
         cdef int64_t key
-        cdef int slot
-        if l1i >= s.l1_size:
-            return BAD
-        l1e = s.l1[l1i]
-        l1e_out[0] = l1e
-        if l1e & L1E_RESERVED_MASK:
-            return BAD
-        l2off = l1e & L1E_OFFSET_MASK
-        if l2off == 0:
-            return L1_UNALLOCATED
-        if (l2off & (s.cluster_size - 1)) or l2off + s.cluster_size > <uint64_t>s.host_limit:
-            return BAD
-        key = l2off + (i >> s.slice_bits) * s.slice_bytes
-        slot = s.l2_cache.lookup(key)
-        if slot < 0:
-            if not exclusive:
-                return MISS
-            slot = s.l2_cache.c_load(key, True)
-        else:
-            s.l2_cache.hits += 1
-        l2[0] = <uint64_t *>s.l2_cache.slot_ptr(slot)
-        l2i[0] = i & ((1 << s.slice_bits) - 1)
-        if s.extended:
-            l2i[0] = (l2i[0] << SC_BITS) | ((pos >> s.unit_bits) & (SUBCLUSTERS - 1))
-        slot_out[0] = slot
-        return SLICE_OK
+        cdef int st = slice_lookup(self.s, pos, l2, l2i, slot_out, l1e_out, &key)
+        if st == MISS and exclusive:
+            slot_out[0] = self.s.l2_cache.c_load(key, True)
+            slice_point(self.s, slot_out[0], pos, l2, l2i)
+            return SLICE_OK
+        return st
 
     cdef int64_t _layer_run(self, int64_t pos, int64_t n, int *kind, uint64_t *host) except -2:
         """This layer's own answer for the first run of guest [pos, pos+n),

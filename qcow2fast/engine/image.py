@@ -26,6 +26,7 @@ import os
 import threading
 from typing import TYPE_CHECKING, BinaryIO, Literal
 
+from .._ext import batch
 from .._ext.core import ImageCore
 from .._ext.fileio import File
 from .._ext.state import CACHE_MODES, ZERO_FROM_NEVER, ImageState
@@ -35,7 +36,7 @@ from ..extent import Extent, merge_extents
 from ..host.file import open_image_file
 from ..spec import header as hdr
 from ..spec.geometry import Geometry
-from . import features, resize, untrusted
+from . import aio, features, resize, untrusted
 from .bitmap import Bitmaps
 from .cache import DEFAULT_CACHE_CLEAN_INTERVAL, CacheCleaner, make_caches
 from .cache import cache_sizes as cache_sizes_for
@@ -597,6 +598,30 @@ class Image(ImageCore):
             return self._snapshot_ops().read_vmstate(snapshot, offset, length)
         finally:
             self._unlock()
+
+    # -- batches (_ext/batch.pyx) and asyncio (engine/aio.py) --------------------------------
+
+    def submit(self, requests):
+        """Carry out ``(op, offset, buffer)`` requests (op ``READ``/"read" fills
+        the buffer, ``WRITE``/"write" writes it) as one batch, in C with the
+        GIL released; they complete as if issued in order.  Returns per
+        request its length or the exception it met."""
+        return batch.submit(self, requests)
+
+    def readv_into(self, offsets, buffers) -> int:
+        """Fill each buffer from its guest offset, as one batch (raises the
+        first error)."""
+        return batch.readv_into(self, offsets, buffers)
+
+    async def read_async(self, offset: int, length: int) -> bytes:
+        """``read``, gathered with the other requests in flight into batches."""
+        return await aio.read(self, offset, length)
+
+    async def readinto_async(self, offset: int, buf) -> int:
+        return await aio.readinto(self, offset, buf)
+
+    async def write_async(self, offset: int, data) -> int:
+        return await aio.write(self, offset, data)
 
     # -- flush and close --------------------------------------------------------------------
 

@@ -1,8 +1,10 @@
 """The request loop of ``qcow2fast bench`` (qemu-img bench's, on a
 qcow2fast image): ``count`` requests of ``size`` bytes, ``depth`` in flight
-(one worker thread each: reads and in-place writes release the GIL), an
+(batches of ``depth`` requests through the batched path, _ext/batch.pyx:
+resolved and issued together in C, with io_uring where the kernel has it;
+``threads=True`` instead runs one worker thread per request in flight), an
 optional flush every ``flush_interval`` requests, and the latency of every
-request.
+request (with batches, its batch's).
 
 Request ``i`` goes to ``offsets[i]`` and is a write if ``writes[i]``.
 Offsets follow qemu-img bench (``offset + i * step``, wrapping at the image
@@ -15,6 +17,7 @@ import time
 
 import numpy as np
 
+from .._ext.batch import timed_batches
 from .._ext.reqloop import timed_requests
 from ..errors import InvalidArgumentError
 
@@ -70,10 +73,13 @@ def write_mask(count, write_percent, seed):
     return np.random.default_rng(seed + 1).random(count) < write_percent / 100
 
 
-def run(img, offsets, writes, size, *, depth=1, pattern=0, flush_interval=0, drain=True):
+def run(img, offsets, writes, size, *, depth=1, pattern=0, flush_interval=0, drain=True,
+        threads=False):
     """Issue the requests; returns a BenchResult.  Raises the first error a
     request met (the others stop within a few requests)."""
     count = len(offsets)
+    if depth > 1 and not threads and hasattr(img, "submit"):
+        return run_batched(img, offsets, writes, size, depth, pattern, flush_interval)
     threads = max(1, min(depth, count, MAX_THREADS))
     lat = np.zeros(count, dtype=np.int64)
     offs = np.ascontiguousarray(offsets, dtype=np.int64)
@@ -125,4 +131,25 @@ def run(img, offsets, writes, size, *, depth=1, pattern=0, flush_interval=0, dra
     elapsed = time.perf_counter() - t0
     if errors:
         raise errors[0]
+    return BenchResult(count, size, elapsed, lat)
+
+
+def run_batched(img, offsets, writes, size, depth, pattern=0, flush_interval=0):
+    """``depth`` requests in flight as batches of ``depth`` (a flush every
+    ``flush_interval`` requests, after the requests before it completed,
+    as qemu-img bench's drain)."""
+    count = len(offsets)
+    lat = np.zeros(count, dtype=np.int64)
+    offs = np.ascontiguousarray(offsets, dtype=np.int64)
+    wr = np.ascontiguousarray(writes, dtype=bool).view(np.uint8)
+    interval = flush_interval or count or 1
+    bufs = [bytearray(size) for _ in range(depth)]
+    data = bytes([pattern]) * size
+    t0 = time.perf_counter()
+    for a in range(0, count, interval):
+        b = min(a + interval, count)
+        timed_batches(img, offs[a:b], wr[a:b], bufs, data, depth, lat[a:b])
+        if flush_interval:
+            img.flush()
+    elapsed = time.perf_counter() - t0
     return BenchResult(count, size, elapsed, lat)

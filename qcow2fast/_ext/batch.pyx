@@ -1,0 +1,440 @@
+# cython: language_level=3
+"""Batches of guest requests resolved and transferred in C: the data path
+of ``Image.submit``, ``Image.readv_into``, ``qcow2fast bench -d N``, the
+asyncio interface and the NBD server's pipelined requests.
+
+A batch is a sequence of reads and writes.  It is cut into segments; each
+segment is resolved from the cached L2 slices under the image's shared
+lock and its host transfers go to the kernel together (one io_uring_enter,
+or a loop of pread/pwrite where io_uring cannot be had: csrc/qf_uring.h),
+all with the GIL released.  A request C does not serve -- an allocating or
+copy-on-write write, a compressed or malformed cluster, a read through a
+backing file, an L2 slice not in the cache, an encrypted image, an
+unaligned O_DIRECT transfer -- goes through the image's one-request path
+(``readinto``/``write``), alone, in its place.
+
+Ordering: the requests of one batch complete as if issued one after the
+other, in order.  A segment never holds two requests that overlap where one
+of them changes what the other sees -- in the guest (a write and any other
+request on the same bytes) or in memory (a read into a buffer another
+request reads from or writes into); such a request starts a new segment,
+after the transfers before it have completed.  Each request succeeds or
+fails on its own: the result is its length, or the exception it met.
+"""
+
+from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE, PyBUF_WRITABLE
+from libc.stdint cimport int64_t, uint64_t, uint8_t, INT64_MIN
+from libc.stdlib cimport calloc, free
+from libc.string cimport memset, strerror
+from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
+
+from .common cimport l2_units_run, EXT_DATA, EXT_ZERO, EXT_UNALLOCATED, QF_WRITE_MAX, SC_BITS
+from .core cimport ImageCore, pthread_rwlock_rdlock, pthread_rwlock_unlock
+from .fileio cimport File
+from .l2slice cimport slice_lookup, SLICE_OK, L1_UNALLOCATED
+from .state cimport ImageState
+
+from ..errors import ReadOnlyImageError
+
+cdef extern from "qf_uring.h" nogil:
+    int QF_RING_ENTRIES
+    int QF_OP_READ
+    int QF_OP_WRITE
+    ctypedef struct qf_xfer:
+        int fd
+        int op
+        char *buf
+        int64_t len
+        int64_t off
+        int64_t res
+        size_t write_max
+    int qf_xfer_batch(qf_xfer *x, int n)
+    int qf_uring_wanted
+    void *qf_thread_ring()
+
+cdef enum:
+    OP_READ = 0
+    OP_WRITE = 1
+
+READ = OP_READ
+WRITE = OP_WRITE
+_OPS = {READ: READ, WRITE: WRITE, "read": READ, "write": WRITE, "r": READ, "w": WRITE}
+
+# Req.res before the request is done.
+cdef extern from *:
+    """
+    #define QF_REQ_PENDING INT64_MIN
+    #define QF_REQ_SLOW (INT64_MIN + 1)
+    #define QF_REQ_FAILED (INT64_MIN + 2)
+    """
+    const int64_t PENDING "QF_REQ_PENDING"
+    const int64_t SLOW "QF_REQ_SLOW"          # for the one-request path
+    const int64_t FAILED "QF_REQ_FAILED"      # its exception is in the results list
+
+cdef struct Req:
+    int op                      # OP_READ or OP_WRITE
+    int64_t off, len
+    char *buf
+    int64_t res                 # length done, -errno, or one of the states above
+    int first, nx               # its transfers in the segment's array
+    bint held                   # its Py_buffer is held
+
+cdef enum:
+    NO_ROOM = -2                # resolve(): the segment's transfer array is full
+
+
+def io_engine():
+    """The engine batches use on this thread: "io_uring" or "pread"."""
+    return "io_uring" if qf_thread_ring() != NULL else "pread"
+
+
+def set_io_engine(str name):
+    """Choose the engine of every batch from now on: "io_uring" (when the
+    kernel allows it, else "pread") or "pread" (a loop of pread/pwrite).
+    Returns the previous choice."""
+    global qf_uring_wanted
+    if name not in ("io_uring", "pread"):
+        raise ValueError(f"unknown I/O engine {name!r} (io_uring or pread)")
+    old = "io_uring" if qf_uring_wanted else "pread"
+    qf_uring_wanted = name == "io_uring"
+    return old
+
+
+cdef inline bint _overlap(int64_t a, int64_t an, int64_t b, int64_t bn) noexcept nogil:
+    return a < b + bn and b < a + an
+
+
+cdef bint _conflicts(Req *r, int seg, int k) noexcept nogil:
+    """Whether request k must wait for a pending request of the segment
+    [seg, k): they touch the same guest bytes and one writes, or the same
+    memory and one (a read) fills it."""
+    cdef int j
+    for j in range(seg, k):
+        if r[j].res != PENDING:
+            continue
+        if (r[j].op == OP_WRITE or r[k].op == OP_WRITE) and _overlap(r[j].off, r[j].len,
+                                                                r[k].off, r[k].len):
+            return True
+        if (r[j].op == OP_READ or r[k].op == OP_READ) and _overlap(<int64_t>r[j].buf, r[j].len,
+                                                              <int64_t>r[k].buf, r[k].len):
+            return True
+    return False
+
+
+cdef int _resolve(ImageState s, Req *q, qf_xfer *x, int room, bint below) noexcept nogil:
+    """Resolve request ``q`` into host transfers ``x[:room]`` (reads of
+    zeros are filled at once).  Returns the number of transfers, SLOW (as
+    an int: -1) when only the one-request path can serve it, or NO_ROOM.
+    The caller holds the shared lock; ``below``: the image has a backing
+    chain (unallocated reads need it)."""
+    cdef int64_t done = 0, pos, l2i, key, count, run, chunk, in_u, piece
+    cdef int ub = s.unit_bits, kind, slot, st, m = 0
+    cdef int64_t us = (<int64_t>1) << ub
+    cdef int64_t slice_units = (<int64_t>1) << s.slice_unit_bits
+    cdef uint64_t host, l1e, desc
+    cdef uint64_t *l2
+    cdef bint write = q.op == OP_WRITE
+    cdef size_t wmax = 0 if s.data_file.direct else QF_WRITE_MAX
+    cdef int fd = s.data_file.fd
+    if fd < 0:
+        return -1                   # a suspended layer file: the one-request path resumes it
+    while done < q.len:
+        pos = q.off + done
+        in_u = pos & (us - 1)
+        st = slice_lookup(s, pos, &l2, &l2i, &slot, &l1e, &key)
+        if st == L1_UNALLOCATED and not write and not below:
+            chunk = (((pos >> (s.l2_bits + s.cluster_bits)) + 1)
+                     << (s.l2_bits + s.cluster_bits)) - pos
+            if chunk > q.len - done:
+                chunk = q.len - done
+            memset(q.buf + done, 0, chunk)
+            done += chunk
+            continue
+        if st != SLICE_OK:
+            return -1
+        count = (in_u + (q.len - done) + us - 1) >> ub
+        if count > slice_units - l2i:
+            count = slice_units - l2i
+        run = l2_units_run(l2, l2i, count, s.cluster_bits, s.extended, write, &kind, &host)
+        chunk = (run << ub) - in_u
+        if chunk > q.len - done:
+            chunk = q.len - done
+        if kind == EXT_DATA:
+            if host + <uint64_t>(run << ub) > <uint64_t>s.host_limit:
+                return -1
+            if write:
+                desc = l2[2 * (l2i >> SC_BITS)] if s.extended else l2[l2i]
+                if not (desc >> 63) or s.touches_metadata(host + in_u, chunk):
+                    return -1       # shared (copy-on-write) or corrupt: the slow path
+            if s.data_file.direct and not s.data_file.aligned(q.buf + done, chunk, host + in_u):
+                return -1
+            while chunk > 0:
+                if m == room:
+                    return NO_ROOM
+                piece = chunk if (not write or wmax == 0 or chunk <= <int64_t>wmax) else <int64_t>wmax
+                x[m].fd = fd
+                x[m].op = QF_OP_WRITE if write else QF_OP_READ
+                x[m].buf = q.buf + done
+                x[m].len = piece
+                x[m].off = host + in_u
+                x[m].write_max = wmax
+                m += 1
+                done += piece
+                in_u += piece
+                chunk -= piece
+            continue
+        if write or not (kind == EXT_ZERO or (kind == EXT_UNALLOCATED and not below)):
+            return -1
+        memset(q.buf + done, 0, chunk)
+        done += chunk
+    return m
+
+
+cdef int _segments(ImageCore img, ImageState s, Req *r, int n, int k, qf_xfer *x,
+                   bint below) noexcept nogil:
+    """Run requests k, k+1, ... of ``img`` (state ``s``) segment by segment
+    until the end (returns n) or a request for the one-request path
+    (returns its index, res SLOW)."""
+    cdef int seg, nx, m, j, i
+    cdef int64_t res
+    while k < n:
+        if r[k].res != PENDING:
+            k += 1
+            continue
+        pthread_rwlock_rdlock(&img.rwlock)
+        seg = k
+        nx = 0
+        while k < n:
+            if r[k].res != PENDING:
+                k += 1
+                continue
+            if k > seg and _conflicts(r, seg, k):
+                break
+            m = _resolve(s, &r[k], x + nx, QF_RING_ENTRIES - nx, below)
+            if m == NO_ROOM and nx > 0:
+                break
+            if m < 0:
+                r[k].res = SLOW
+                break
+            r[k].first = nx
+            r[k].nx = m
+            nx += m
+            k += 1
+        if nx:
+            qf_xfer_batch(x, nx)
+        pthread_rwlock_unlock(&img.rwlock)
+        for j in range(seg, k):
+            if r[j].res != PENDING:
+                continue
+            res = r[j].len
+            for i in range(r[j].first, r[j].first + r[j].nx):
+                if x[i].res < 0:
+                    res = x[i].res
+                    break
+            r[j].res = res
+        if k < n and r[k].res == SLOW:
+            return k
+    return n
+
+
+cdef class _Batch:
+    """The C arrays of one batch, and the Python objects behind them."""
+    cdef Req *r
+    cdef Py_buffer *views
+    cdef qf_xfer *x
+    cdef int n
+    cdef list objs                  # request i's buffer object
+    cdef list results               # an exception, or None
+
+    def __cinit__(self, int n):
+        self.n = n
+        self.r = <Req *>calloc(max(n, 1), sizeof(Req))
+        self.views = <Py_buffer *>calloc(max(n, 1), sizeof(Py_buffer))
+        self.x = <qf_xfer *>calloc(QF_RING_ENTRIES, sizeof(qf_xfer))
+        if self.r == NULL or self.views == NULL or self.x == NULL:
+            raise MemoryError()
+        self.objs = [None] * n
+        self.results = [None] * n
+
+    cdef void reset(self, int n):
+        """Reuse for a batch of ``n`` (at most the first's) requests."""
+        cdef int i
+        memset(self.r, 0, n * sizeof(Req))
+        for i in range(n):
+            self.results[i] = None
+        self.n = n
+
+    def __dealloc__(self):
+        self.release()
+        free(self.r)
+        free(self.views)
+        free(self.x)
+
+    cdef release(self):
+        cdef int i
+        for i in range(self.n):
+            if self.r[i].held:
+                PyBuffer_Release(&self.views[i])
+                self.r[i].held = False
+
+    cdef int add(self, ImageCore img, int i, int op, int64_t off, obj) except -1:
+        """Request i: ``op`` at guest ``off`` with buffer ``obj``; a bad
+        request gets its error now."""
+        cdef Req *q = &self.r[i]
+        q.op = op
+        q.off = off
+        q.res = FAILED
+        self.objs[i] = obj
+        try:
+            PyObject_GetBuffer(obj, &self.views[i], PyBUF_SIMPLE if op == OP_WRITE else
+                               PyBUF_SIMPLE | PyBUF_WRITABLE)
+            q.held = True
+            q.buf = <char *>self.views[i].buf
+            q.len = self.views[i].len
+            img._check_range(off, q.len)
+            if op == OP_WRITE and img.s.read_only:
+                raise ReadOnlyImageError(img.s.read_only_reason())
+        except Exception as e:
+            self.results[i] = e
+            return 0
+        q.res = PENDING
+        return 0
+
+    cdef int run(self, ImageCore img) except -1:
+        """Carry out every request (see the module doc); the outcome is in
+        ``r[i].res`` and ``results``."""
+        cdef int k = 0, n = self.n, i
+        cdef bint below = img.chain_step is not None, wrote = False, slow_write = False
+        cdef ImageState s = img.s
+        cdef Req *q
+        if img.observers:               # before any data moves (a crash over-reports)
+            for i in range(n):
+                if self.r[i].res == PENDING and self.r[i].op == OP_WRITE:
+                    img._notify(self.r[i].off, self.r[i].len)
+        if s.transform is not None:     # encrypted: the data funnel, request by request
+            for i in range(n):
+                if self.r[i].res == PENDING:
+                    self.r[i].res = SLOW
+        while k < n:
+            if self.r[k].res != SLOW:
+                with nogil:
+                    k = _segments(img, s, self.r, n, k, self.x, below)
+                if k >= n:
+                    break
+            q = &self.r[k]
+            try:
+                if q.op == OP_READ:
+                    img.readinto(q.off, self.objs[k])
+                else:
+                    img._write(q.off, self.objs[k], False)
+                    slow_write = True
+                q.res = q.len
+            except Exception as e:
+                self.results[k] = e
+                q.res = FAILED
+            k += 1
+        for i in range(n):
+            if self.r[i].op == OP_WRITE and self.r[i].res >= 0 and self.r[i].len:
+                wrote = True
+        if wrote and s.writethrough:
+            # The batch's writes return together: stable together.
+            try:
+                if slow_write:
+                    img.ordered_flush()
+                else:
+                    s.data_file.sync()
+            except Exception as e:
+                for i in range(n):
+                    if self.r[i].op == OP_WRITE and self.r[i].res >= 0:
+                        self.results[i] = e
+                        self.r[i].res = FAILED
+        self.release()
+        return 0
+
+    cdef object outcome(self, int i):
+        cdef Req *q = &self.r[i]
+        cdef int err
+        if q.res >= 0:
+            return q.res
+        if q.res == FAILED:
+            return self.results[i]
+        err = <int>-q.res
+        return OSError(err, f"{'write' if q.op == OP_WRITE else 'read'} of {q.len} bytes at guest "
+                            f"offset {q.off:#x}: {strerror(err).decode()}")
+
+
+def submit(ImageCore img, requests):
+    """Carry out ``requests``, a sequence of ``(op, offset, buffer)``: op
+    READ ("read") fills ``buffer`` (writable, its length is the request's)
+    from guest ``offset``, WRITE ("write") writes it there.  They complete
+    as if issued one after the other (see the module doc).  Returns one
+    result per request: its length in bytes, or the exception it met
+    (nothing is raised for a request's failure)."""
+    reqs = requests if isinstance(requests, (list, tuple)) else list(requests)
+    cdef int n = len(reqs), i
+    cdef _Batch b = _Batch(n)
+    if img.s is None or img.s.closed:
+        img._check_range(0, 0)      # raises ImageClosedError
+    for i in range(n):
+        op, off, buf = reqs[i]
+        code = _OPS.get(op)
+        if code is None:
+            raise ValueError(f"request {i}: unknown operation {op!r} (READ or WRITE)")
+        b.add(img, i, code, off, buf)
+    b.run(img)
+    return [b.outcome(i) for i in range(n)]
+
+
+def readv_into(ImageCore img, offsets, buffers):
+    """Fill each of ``buffers`` from the guest offset at the same place in
+    ``offsets``, as one batch; raises the first request's error, else
+    returns the number of bytes read."""
+    cdef int n = len(offsets), i
+    cdef int64_t total = 0
+    if len(buffers) != n:
+        raise ValueError(f"readv_into: {n} offsets but {len(buffers)} buffers")
+    cdef _Batch b = _Batch(n)
+    if img.s is None or img.s.closed:
+        img._check_range(0, 0)
+    for i in range(n):
+        b.add(img, i, OP_READ, offsets[i], buffers[i])
+    b.run(img)
+    for i in range(n):
+        r = b.outcome(i)
+        if isinstance(r, BaseException):
+            raise r
+        total += r
+    return total
+
+
+cdef inline int64_t _now_ns() noexcept nogil:
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return <int64_t>ts.tv_sec * 1000000000 + ts.tv_nsec
+
+
+def timed_batches(ImageCore img, const int64_t[:] offsets, const uint8_t[:] writes,
+                  list bufs, data, int depth, int64_t[:] lat):
+    """``qcow2fast bench -d depth``'s loop: the requests in batches of
+    ``depth`` (request k writes ``data`` at ``offsets[k]`` if ``writes[k]``,
+    else reads into ``bufs[k % depth]``); each request's latency in ns (its
+    batch's time) goes to ``lat[k]``.  Raises the first error."""
+    cdef Py_ssize_t n = offsets.shape[0], a, k, e
+    cdef int64_t t0, t
+    cdef _Batch b = _Batch(depth)
+    if writes.shape[0] != n or lat.shape[0] != n or len(bufs) < depth or depth < 1:
+        raise ValueError("timed_batches: offsets, writes, lat or bufs do not match")
+    for a in range(0, n, depth):
+        e = min(a + depth, n)
+        b.reset(e - a)
+        for k in range(a, e):
+            b.add(img, k - a, OP_WRITE if writes[k] else OP_READ, offsets[k],
+                  data if writes[k] else bufs[k - a])
+        t0 = _now_ns()
+        b.run(img)
+        t = _now_ns() - t0
+        for k in range(a, e):
+            lat[k] = t
+            if b.r[k - a].res < 0:
+                raise b.outcome(k - a)
+    return n
