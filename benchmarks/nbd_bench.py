@@ -6,7 +6,7 @@ page-cached qcow2 image, in one run, with real clients.
 Scenarios (every request 4 KiB, reads only):
 
 ``nbdcopy cN``  ``nbdcopy --request-size=4096 --connections=N URI null:``
-                (N = 1 and 4): the whole image, 4 KiB requests, nbdcopy's
+                (N = 1, 2, 4 and 8): the whole image, 4 KiB requests, nbdcopy's
                 default 64 requests in flight per connection.  Wall time of
                 the nbdcopy process (including its connect).
 ``bench dD``    ``qemu-img bench -f raw -c COUNT -d D -s 4k -S 4k URI``
@@ -46,6 +46,7 @@ from .io_config import RUN_RE
 from .report import bar_groups, fmt_ratio, panels, rates, save_figure
 
 REQ = 4096
+CONNECTIONS = (1, 2, 4, 8)
 SERVERS = ("qcow2fast", "qemu-nbd")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -121,8 +122,8 @@ def qemu_bench(uri, count, depth):
 def scenarios(a):
     count = a.count
     return [
-        ("nbdcopy c1", a.size // REQ, lambda uri: nbdcopy(uri, 1)),
-        ("nbdcopy c4", a.size // REQ, lambda uri: nbdcopy(uri, 4)),
+        *((f"nbdcopy c{n}", a.size // REQ, lambda uri, n=n: nbdcopy(uri, n))
+          for n in CONNECTIONS),
         ("bench d1", count, lambda uri: qemu_bench(uri, count, 1)),
         ("bench d16", count, lambda uri: qemu_bench(uri, count, 16)),
     ]
@@ -209,6 +210,14 @@ def print_report(a, aio, results):
                   f"{rate * REQ / MiB:7.1f}  {fmt_ratio(ratio) if i == 0 else ''}")
     print("ratio: request rate of qcow2fast / qemu-nbd (median times), per-run range "
           "in brackets; >1 = qcow2fast faster")
+    conn = [results[f"nbdcopy c{n}"] for n in CONNECTIONS if f"nbdcopy c{n}" in results]
+    for name in SERVERS:
+        rates = [r["requests"] / summarise(r["samples"][name])["median"] for r in conn]
+        worse = [f"c{CONNECTIONS[i + 1]}" for i in range(len(rates) - 1)
+                 if rates[i + 1] < rates[i]]
+        print(f"{name}: request rate with more connections "
+              + ("never lower" if not worse else f"lower at {', '.join(worse)}")
+              + f" (load average {os.getloadavg()[0]:.1f})")
 
 
 def plot(a, aio, results, path):

@@ -1,77 +1,72 @@
-"""Cached 4 KiB reads and overwrites at queue depth 1, 2 and 4: qcow2fast
-(one thread per request in flight, sharing one image) beside qemu-img bench
-(-d N, -i io_uring) and a raw-file pread/pwrite loop in as many threads on
-the same data (the physical limit).  A second limit, "host", is the same
-loop on the qcow2 file itself at the host offsets the requests map to
-(``qemu-img map``): the very pages both engines touch.  It matters for
-overwrites: a 4 KiB write into a clean page-cache page costs time in
-proportion to the size of the folio holding it (ext4 walks its buffer
-heads), and the qcow2 file's and the raw copy's folios differ.
+"""Cached 4 KiB reads and overwrites at queue depths 1 to 32: qcow2fast
+beside qemu-img bench (-d N, -i io_uring) and fio (--ioengine=io_uring
+--iodepth=N, the C-level limit) on the same data.
 
-qcow2fast's side is ``qcow2fast bench``'s loop (``bench.run``): every
-request is a call of the image's ``readinto``/``write`` made from a C loop
-that also times it.  The raw side is a plain Python loop of
-``os.preadv``/``os.pwrite`` that times nothing.
+qcow2fast's side is ``qcow2fast bench``'s loop (``bench.run``): at depth 1
+every request is a call of the image's ``readinto``/``write`` from a C
+loop that times it; at depth N > 1, batches of N requests through the
+batched path (``_ext/batch.pyx``: resolved and issued together in C with
+the GIL released, io_uring or a pread/pwrite loop).  ``qcow2fast
+(threads)`` is the old way, N Python threads sharing the image, each with
+one request in flight.  fio runs random 4 KiB requests over the raw copy
+of the same data (``--rw=randread``/``randwrite``, page-cached, no
+fsync), as many as the others.
 
     python -m benchmarks.threads_bench [--quick] [--runs N] [--json OUT] [--plot OUT.png]
 
 The data image is fully written and page-cached (1 GiB; 256 MiB with
---quick); offsets are i * 7919 * 4 KiB mod size for every engine.  Every
-timed run starts after a sync, so no engine's overwrites are slowed by the
-write-back of the previous runs' dirty pages.
+--quick); offsets are i * 7919 * 4 KiB mod size for qemu and qcow2fast.
+Every timed run starts after a sync, so no engine's overwrites are slowed
+by the write-back of the previous runs' dirty pages.
 """
 
+import json
 import os
+import shutil
 import sys
 import threading
 import time
 
 from .common import (MiB, BenchError, bench_parser, log, parse_mode, ratio_info, run,
                      scenario_main, summarise)
-from .io_bench import Qemu, host_map, settle_page_cache
+from .io_bench import Qemu, settle_page_cache
 from .io_config import FILL_PATTERN, REQ, WRITE_PATTERN
 from .report import fmt_ratio, md_table, panels, save_figure
 
 STEP = 7919 * REQ
-DEPTHS = [1, 2, 4]
+DEPTHS = [1, 2, 4, 8, 16, 32]
 MODES = {"full": {"size": 1 << 30, "count": 100000, "runs": 3},
          "quick": {"size": 256 << 20, "count": 20000, "runs": 1}}
+ENGINES = ("qemu", "qcow2fast", "qcow2fast (threads)", "fio")
 
 
-def raw_loop(path, offsets, write, threads):
-    """pread/pwrite of the same offsets in ``threads`` threads (striped)."""
-    fd = os.open(path, os.O_RDWR)
-    data = bytes([WRITE_PATTERN]) * REQ
-
-    def worker(w):
-        buf = [bytearray(REQ)]
-        for off in offsets[w::threads]:
-            if write:
-                os.pwrite(fd, data, off)
-            else:
-                os.preadv(fd, buf, off)
-    try:
-        t0 = time.perf_counter()
-        pool = [threading.Thread(target=worker, args=(w,)) for w in range(threads)]
-        for t in pool:
-            t.start()
-        for t in pool:
-            t.join()
-        return time.perf_counter() - t0
-    finally:
-        os.close(fd)
-
-
-def qf_loop(path, offsets, write, depth):
+def qf_loop(path, offsets, write, depth, threads=False):
     import qcow2fast
     from qcow2fast.ops import bench
     with qcow2fast.open(path, "r+" if write else "r", cache_clean_interval=0) as img:
         return bench.run(img, offsets, bench.write_mask(len(offsets), 100 if write else 0, 0),
-                         REQ, depth=depth, pattern=WRITE_PATTERN).elapsed
+                         REQ, depth=depth, pattern=WRITE_PATTERN, threads=threads).elapsed
+
+
+def fio_loop(path, count, write, depth):
+    """fio's time for ``count`` random 4 KiB requests, ``depth`` in flight
+    through io_uring, on the page-cached file ``path``."""
+    p = run(["fio", "--name=qd", f"--filename={path}", "--ioengine=io_uring",
+             f"--iodepth={depth}", f"--rw={'randwrite' if write else 'randread'}",
+             f"--bs={REQ}", f"--number_ios={count}", "--norandommap",
+             "--random_generator=lfsr", "--invalidate=0", "--direct=0",
+             "--thread", "--output-format=json"])
+    job = json.loads(p.stdout[p.stdout.index("{"):])["jobs"][0]
+    side = job["write" if write else "read"]
+    if side["total_ios"] < count:
+        raise BenchError(f"fio did {side['total_ios']} requests, {count} asked")
+    return count / side["iops"]
 
 
 def collect(a, tmpdir):
     from qcow2fast.ops import bench
+    if not shutil.which("fio"):
+        raise BenchError("fio not found (Debian: apt-get install fio)")
     qcow2, raw = os.path.join(tmpdir, "data.qcow2"), os.path.join(tmpdir, "data.raw")
     run([a.qemu_img, "create", "-q", "-f", "qcow2", qcow2, str(a.size)])
     run([a.qemu_img, "bench", "-f", "qcow2", "-w", "-c", str(a.size // MiB), "-d", "4",
@@ -80,9 +75,8 @@ def collect(a, tmpdir):
     run([a.qemu_img, "convert", "-O", "raw", qcow2, raw])
     settle_page_cache(qcow2, raw)
     offsets = bench.sequential_offsets(a.count, 0, STEP, a.size).tolist()
-    to_host = host_map(a.qemu_img, qcow2)
-    host_offsets = [to_host(off) for off in offsets]
     qemu = Qemu(a.qemu_img, a.aio)
+    log(f"  load average before: {os.getloadavg()}")
     results = []
     for op in ("read", "overwrite"):
         write = op == "overwrite"
@@ -93,10 +87,8 @@ def collect(a, tmpdir):
                 "qemu": lambda: float(run(cmd).stdout.rsplit("Run completed in ", 1)[1]
                                       .split()[0]),
                 "qcow2fast": lambda: qf_loop(qcow2, offsets, write, depth),
-                "raw": lambda: raw_loop(raw, offsets, write, depth),
-                # The same data at the same guest offsets: the image stays
-                # equal to the raw copy.
-                "host": lambda: raw_loop(qcow2, host_offsets, write, depth)}
+                "qcow2fast (threads)": lambda: qf_loop(qcow2, offsets, write, depth, True),
+                "fio": lambda: fio_loop(raw, a.count, write, depth)}
             t = {e: [] for e in engines}
             for r in range(a.runs):
                 for e, timed in engines.items():
@@ -106,11 +98,11 @@ def collect(a, tmpdir):
                     t[e].append(timed())
             iops = {e: a.count / summarise(s)["median"] for e, s in t.items()}
             row = {"op": op, "depth": depth, "samples": t, "iops": iops,
+                   "load": os.getloadavg()[0],
                    "vs_qemu": ratio_info(t["qemu"], t["qcow2fast"]),
-                   "vs_raw": ratio_info(t["raw"], t["qcow2fast"]),
-                   "vs_host": ratio_info(t["host"], t["qcow2fast"])}
-            log(f"  {op} depth {depth}: qemu {iops['qemu']:,.0f}, qcow2fast "
-                f"{iops['qcow2fast']:,.0f}, raw {iops['raw']:,.0f}, host {iops['host']:,.0f} IOPS")
+                   "vs_fio": ratio_info(t["fio"], t["qcow2fast"])}
+            log(f"  {op} depth {depth}: " + ", ".join(f"{e} {v:,.0f}" for e, v in iops.items())
+                + f" IOPS (load {row['load']:.1f})")
             results.append(row)
     if run([a.qemu_img, "compare", "-f", "qcow2", "-F", "raw", qcow2, raw],
            check=False).returncode:
@@ -119,12 +111,14 @@ def collect(a, tmpdir):
 
 
 def report(results, out=sys.stdout):
-    print("\nCached 4 KiB requests, IOPS:\n", file=out)
-    md_table(["op", "depth", "qemu-img bench", "qcow2fast", "raw pread/pwrite", "host",
-              "vs qemu", "vs raw", "vs host"],
+    print("\nCached 4 KiB requests, IOPS (medians):\n", file=out)
+    d1 = {r["op"]: r["iops"]["qcow2fast"] for r in results if r["depth"] == 1}
+    md_table(["op", "depth", "qemu-img bench", "qcow2fast", "qcow2fast (threads)", "fio",
+              "vs qemu", "vs own depth 1", "vs fio", "load"],
              [[r["op"], r["depth"], f"{r['iops']['qemu']:,.0f}", f"{r['iops']['qcow2fast']:,.0f}",
-               f"{r['iops']['raw']:,.0f}", f"{r['iops']['host']:,.0f}", fmt_ratio(r["vs_qemu"]),
-               fmt_ratio(r["vs_raw"]), fmt_ratio(r["vs_host"])]
+               f"{r['iops']['qcow2fast (threads)']:,.0f}", f"{r['iops']['fio']:,.0f}",
+               fmt_ratio(r["vs_qemu"]), f"{r['iops']['qcow2fast'] / d1[r['op']]:.2f}x",
+               fmt_ratio(r["vs_fio"]), f"{r['load']:.1f}"]
               for r in results], out)
 
 
@@ -132,14 +126,15 @@ def plot(results, path):
     fig, axes = panels(2)
     for ax, op in zip(axes, ("read", "overwrite")):
         rows = [r for r in results if r["op"] == op]
-        for e, style in (("qemu", "o-"), ("qcow2fast", "s-"), ("raw", "^--"), ("host", "v:")):
+        for e, style in zip(ENGINES, ("o-", "s-", "x:", "^--")):
             ax.plot([r["depth"] for r in rows], [r["iops"][e] for r in rows], style,
-                    label={"qemu": "qemu-img bench", "raw": "raw pread/pwrite",
-                           "host": "pread/pwrite on the qcow2 file"}.get(e, e))
+                    label={"qemu": "qemu-img bench -i io_uring",
+                           "fio": "fio io_uring (raw file)"}.get(e, e))
         ax.set_ylim(bottom=0)
-        ax.set_xticks(DEPTHS)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(DEPTHS, [str(d) for d in DEPTHS])
         ax.set_title(f"cached 4 KiB {op}s")
-        ax.set_xlabel("queue depth (threads)")
+        ax.set_xlabel("queue depth")
         ax.set_ylabel("requests / s")
         ax.grid(True, alpha=0.3)
     axes[0].legend()

@@ -50,6 +50,7 @@ cdef extern from "qf_uring.h" nogil:
         size_t write_max
     int qf_xfer_batch(qf_xfer *x, int n)
     int qf_uring_wanted
+    int qf_uring_split
     void *qf_thread_ring()
 
 cdef enum:
@@ -86,6 +87,17 @@ cdef enum:
 def io_engine():
     """The engine batches use on this thread: "io_uring" or "pread"."""
     return "io_uring" if qf_thread_ring() != NULL else "pread"
+
+
+def set_async_split(int split):
+    """Batches of 4 or more transfers hand those from ``n / split`` on to
+    the kernel's workers (IOSQE_ASYNC), which run them on another CPU while
+    this thread does the rest; 0 keeps all in this thread.  Returns the
+    previous value."""
+    global qf_uring_split
+    old = qf_uring_split
+    qf_uring_split = max(split, 0)
+    return old
 
 
 def set_io_engine(str name):

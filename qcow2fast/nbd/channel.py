@@ -51,6 +51,13 @@ class Channel:
                 raise Disconnected("the client closed the connection")
             self._rend += got
 
+    def peek(self, n):
+        """The next ``n`` bytes if they are already received (not consumed),
+        else None; never waits."""
+        if self._rend - self._rpos < n:
+            return None
+        return self._rmv[self._rpos:self._rpos + n]
+
     def read(self, n):
         """The next ``n`` (<= RECV_BUFFER) bytes, as a memoryview valid until
         the next receive call."""

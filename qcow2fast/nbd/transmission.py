@@ -39,6 +39,11 @@ NAMES = {P.NBD_CMD_READ: "READ", P.NBD_CMD_WRITE: "WRITE", P.NBD_CMD_DISC: "DISC
 # WRITE payload buffers up to this size are kept for the connection's next writes.
 KEEP_WRITE_BUFFER = 8 << 20
 
+# Pipelined READs already received go to the image together, as one batch
+# (Image.submit: resolved and read in C with the GIL released once), at most
+# this many; their replies are built in place, in order.
+BATCH_MAX = 64
+
 _REQ = P.REQUEST
 _SIMPLE = P.SIMPLE_REPLY
 _CHUNK = P.STRUCTURED_REPLY
@@ -66,6 +71,7 @@ class Transmission:
         }
         # WRITE goes straight to the image unless zeros are to be detected
         self._write = export.write if export.detect_zeroes != "off" else self.image.write
+        self._submit = getattr(self.image, "submit", None)     # qcow2 images batch READs
         self._wbuf = None           # reused for WRITE payloads not already buffered
         self._unread = 0
 
@@ -84,6 +90,11 @@ class Transmission:
             if cmd == P.NBD_CMD_DISC:
                 chan.flush()
                 return
+            if (cmd == P.NBD_CMD_READ and self._submit is not None
+                    and self.batchable(flags, offset, length)
+                    and chan.peek(_REQ.size) is not None):
+                self.read_batch(handle, offset, length)
+                continue
             handler = handlers.get(cmd)
             # Payload bytes of this request still in the socket (a WRITE's,
             # until write() has received them).
@@ -122,6 +133,68 @@ class Transmission:
             raise RequestError(error, f"{name} [{offset}, {offset + length}) past the end "
                                f"of the export ({self.export.size} bytes)")
 
+    def batchable(self, flags, offset, length):
+        """A READ whose reply is one data chunk (or a simple reply) and that
+        the protocol allows: it may go in a batch."""
+        return (0 < length < HOLE_MIN and not flags & ~P.NBD_CMD_FLAG_DF
+                and (self.structured or not flags)
+                and offset + length <= self.export.size)
+
+    def read_batch(self, handle, offset, length):
+        """This READ and the batchable READs received right after it, read
+        as one batch; each gets its reply, in order."""
+        chan = self.chan
+        batch = [(handle, offset, length)]
+        while len(batch) < BATCH_MAX:
+            hdr = chan.peek(_REQ.size)
+            if hdr is None:
+                break
+            magic, flags, cmd, handle, offset, length = _REQ.unpack(hdr)
+            if magic != P.NBD_REQUEST_MAGIC or cmd != P.NBD_CMD_READ or not self.batchable(
+                    flags, offset, length):
+                break
+            chan.read(_REQ.size)
+            batch.append((handle, offset, length))
+        hsize = _DATA.size if self.structured else _SIMPLE.size
+        mv = chan.reserve(sum(hsize + n for _, _, n in batch))
+        reqs, pos = [], 0
+        for _, off, n in batch:
+            reqs.append((0, off, mv[pos + hsize:pos + hsize + n]))
+            pos += hsize + n
+        results = self._submit(reqs)
+        if any(isinstance(r, BaseException) for r in results):
+            # Rare: the data of those that succeeded leaves the send buffer
+            # before the replies are sent one by one.
+            datas = [None if isinstance(r, BaseException) else bytes(buf)
+                     for r, (_, _, buf) in zip(results, reqs)]
+            for (h, off, n), r, data in zip(batch, results, datas):
+                if data is None:
+                    log.warning("%s: READ [%#x, +%#x]: %s: %s", self.peer, off, n,
+                                type(r).__name__, r)
+                    self.error(h, nbd_error(r), str(r), True)
+                else:
+                    self.data_reply(h, off, data)
+            return
+        pos = 0
+        for h, off, n in batch:
+            self.pack_data_header(mv, pos, h, off, n)
+            pos += hsize + n
+        chan.commit(pos)
+
+    def pack_data_header(self, mv, pos, handle, offset, length):
+        if self.structured:
+            _DATA.pack_into(mv, pos, P.NBD_STRUCTURED_REPLY_MAGIC, _DONE,
+                            P.NBD_REPLY_TYPE_OFFSET_DATA, handle, length + 8, offset)
+        else:
+            _SIMPLE.pack_into(mv, pos, P.NBD_SIMPLE_REPLY_MAGIC, 0, handle)
+
+    def data_reply(self, handle, offset, data):
+        hsize = _DATA.size if self.structured else _SIMPLE.size
+        mv = self.chan.reserve(hsize + len(data))
+        self.pack_data_header(mv, 0, handle, offset, len(data))
+        mv[hsize:] = data
+        self.chan.commit(hsize + len(data))
+
     # -- replies ---------------------------------------------------------------------------
 
     def ok(self, handle):
@@ -157,14 +230,9 @@ class Transmission:
                                                 offset, length))
                 if len(runs) > 1 and not flags & P.NBD_CMD_FLAG_DF:
                     return self.read_chunks(handle, runs)
-            hsize = _DATA.size
-            mv = chan.reserve(hsize + length)
-            _DATA.pack_into(mv, 0, P.NBD_STRUCTURED_REPLY_MAGIC, _DONE,
-                            P.NBD_REPLY_TYPE_OFFSET_DATA, handle, length + 8, offset)
-        else:
-            hsize = _SIMPLE.size
-            mv = chan.reserve(hsize + length)
-            _SIMPLE.pack_into(mv, 0, P.NBD_SIMPLE_REPLY_MAGIC, 0, handle)
+        hsize = _DATA.size if self.structured else _SIMPLE.size
+        mv = chan.reserve(hsize + length)
+        self.pack_data_header(mv, 0, handle, offset, length)
         # The data goes from the image straight into the reply; nothing is
         # sent unless the whole read succeeded.
         self.image.readinto(offset, mv[hsize:])
