@@ -54,6 +54,7 @@ cdef class ImageCore:
     cdef int64_t _locked_read(self, char *buf, int64_t offset, int64_t n) except -2
     cdef int64_t _layer_run(self, int64_t pos, int64_t n, int *kind, uint64_t *host) except -2
     cdef int _slice_at(self, int64_t pos, bint exclusive, uint64_t **l2, int64_t *l2i, int *slot, uint64_t *l1e) except -2
+    cdef int _slice_load(self, int64_t pos, int64_t key, uint64_t **l2, int64_t *l2i, int *slot) except -2
     cdef int64_t _alloc_write(self, const char *buf, int64_t pos, int64_t remaining, uint64_t *l2, int64_t l2i, int64_t run, int slot, bint below) except -2
     cdef int64_t _alloc_write_ext(self, const char *buf, int64_t pos, int64_t remaining, uint64_t *l2, int64_t u, int slot) except -2
     cdef int _fill_below(self, char *dst, int64_t pos, int64_t n) except -1

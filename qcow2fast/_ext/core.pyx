@@ -191,11 +191,16 @@ cdef class ImageCore:
         an exclusive holder loads the slice) or BAD."""
         cdef int64_t key
         cdef int st = slice_lookup(self.s, pos, l2, l2i, slot_out, l1e_out, &key)
-        if st == MISS and exclusive:
-            slot_out[0] = self.s.l2_cache.c_load(key, True)
-            slice_point(self.s, slot_out[0], pos, l2, l2i)
-            return SLICE_OK
-        return st
+        if st != MISS or not exclusive:
+            return st
+        return self._slice_load(pos, key, l2, l2i, slot_out)
+
+    cdef int _slice_load(self, int64_t pos, int64_t key, uint64_t **l2, int64_t *l2i,
+                         int *slot_out) except -2:
+        """_slice_at's miss under the exclusive lock: load the slice."""
+        slot_out[0] = self.s.l2_cache.c_load(key, True)
+        slice_point(self.s, slot_out[0], pos, l2, l2i)
+        return SLICE_OK
 
     cdef int64_t _layer_run(self, int64_t pos, int64_t n, int *kind, uint64_t *host) except -2:
         """This layer's own answer for the first run of guest [pos, pos+n),
@@ -239,7 +244,7 @@ cdef class ImageCore:
         or NEED_EXCLUSIVE (nothing done) when a shared holder missed the
         cache."""
         cdef ImageState s = self.s
-        cdef int64_t done = 0, pos, l2i, chunk, in_cl, count, run, rc
+        cdef int64_t done = 0, pos, l2i, chunk, in_cl, count, run, rc, key
         cdef int ub = s.unit_bits
         cdef int64_t us = (<int64_t>1) << ub
         cdef int64_t slice_units = (<int64_t>1) << s.slice_unit_bits
@@ -251,9 +256,11 @@ cdef class ImageCore:
         while done < n:
             pos = off + done
             in_cl = pos & (us - 1)
-            st = self._slice_at(pos, exclusive, &l2, &l2i, &slot, &l1e)
+            st = slice_lookup(s, pos, &l2, &l2i, &slot, &l1e, &key)
             if st == MISS:
-                return NEED_EXCLUSIVE if done == 0 else done
+                if not exclusive:
+                    return NEED_EXCLUSIVE if done == 0 else done
+                st = self._slice_load(pos, key, &l2, &l2i, &slot)
             if st == BAD:
                 break
             if st == L1_UNALLOCATED:
@@ -296,7 +303,7 @@ cdef class ImageCore:
         also allocate where nothing has to be copied (see _alloc_write).
         Returns bytes done or NEED_EXCLUSIVE."""
         cdef ImageState s = self.s
-        cdef int64_t done = 0, pos, l2i, chunk, in_cl, count, run, rc, k
+        cdef int64_t done = 0, pos, l2i, chunk, in_cl, count, run, rc, k, key
         cdef int ub = s.unit_bits
         cdef int64_t us = (<int64_t>1) << ub
         cdef int64_t slice_units = (<int64_t>1) << s.slice_unit_bits
@@ -308,9 +315,11 @@ cdef class ImageCore:
         while done < n:
             pos = off + done
             in_cl = pos & (us - 1)
-            st = self._slice_at(pos, exclusive, &l2, &l2i, &slot, &l1e)
+            st = slice_lookup(s, pos, &l2, &l2i, &slot, &l1e, &key)
             if st == MISS:
-                return NEED_EXCLUSIVE if done == 0 else done
+                if not exclusive:
+                    return NEED_EXCLUSIVE if done == 0 else done
+                st = self._slice_load(pos, key, &l2, &l2i, &slot)
             if st != SLICE_OK:
                 break
             count = (in_cl + (n - done) + us - 1) >> ub

@@ -26,7 +26,6 @@ import os
 import threading
 from typing import TYPE_CHECKING, BinaryIO, Literal
 
-from .._ext import batch
 from .._ext.core import ImageCore
 from .._ext.fileio import File
 from .._ext.state import CACHE_MODES, ZERO_FROM_NEVER, ImageState
@@ -36,7 +35,7 @@ from ..extent import Extent, merge_extents
 from ..host.file import open_image_file
 from ..spec import header as hdr
 from ..spec.geometry import Geometry
-from . import aio, features, resize, untrusted
+from . import features, resize, untrusted
 from .bitmap import Bitmaps
 from .cache import DEFAULT_CACHE_CLEAN_INTERVAL, CacheCleaner, make_caches
 from .cache import cache_sizes as cache_sizes_for
@@ -606,21 +605,26 @@ class Image(ImageCore):
         the buffer, ``WRITE``/"write" writes it) as one batch, in C with the
         GIL released; they complete as if issued in order.  Returns per
         request its length or the exception it met."""
+        from .._ext import batch    # imported on first use (start-up)
         return batch.submit(self, requests)
 
     def readv_into(self, offsets, buffers) -> int:
         """Fill each buffer from its guest offset, as one batch (raises the
         first error)."""
+        from .._ext import batch
         return batch.readv_into(self, offsets, buffers)
 
     async def read_async(self, offset: int, length: int) -> bytes:
         """``read``, gathered with the other requests in flight into batches."""
+        from . import aio       # asyncio only for those who use it (start-up)
         return await aio.read(self, offset, length)
 
     async def readinto_async(self, offset: int, buf) -> int:
+        from . import aio       # asyncio only for those who use it (start-up)
         return await aio.readinto(self, offset, buf)
 
     async def write_async(self, offset: int, data) -> int:
+        from . import aio       # asyncio only for those who use it (start-up)
         return await aio.write(self, offset, data)
 
     # -- flush and close --------------------------------------------------------------------
