@@ -27,8 +27,8 @@ SCENARIOS = [
      "Cached reads, overwrites and allocating writes at queue depth 1, with a raw-file "
      "pread/pwrite loop as the physical limit.", True),
     ("threads", "benchmarks.threads_bench",
-     "Cached reads and overwrites at queue depth 1, 2 and 4 (threads sharing the image), "
-     "with the raw-file limit.", True),
+     "Cached reads and overwrites at queue depths 1 to 32 (batches through the batched "
+     "path, and threads sharing the image) beside qemu-img bench and fio io_uring.", True),
     ("l2-cache", "benchmarks.l2cache_bench",
      "4 KiB random-read IOPS against L2 cache size and cache entry size.", True),
     ("cluster-size", "benchmarks.clustersize_bench",

@@ -42,6 +42,9 @@ fi
 if ! command -v strace >/dev/null 2>&1; then
     packages+=(strace)          # the jitter benchmark counts syncs with it
 fi
+if ! command -v fio >/dev/null 2>&1; then
+    packages+=(fio)             # the threads benchmark's C-level limit (fio io_uring)
+fi
 if [ ! -x /usr/bin/time ]; then
     packages+=(time)            # the chain benchmark's peak RSS (GNU time)
 fi
