@@ -20,6 +20,7 @@ import concurrent.futures
 import weakref
 
 from .._ext.batch import READ, WRITE, submit
+from ..errors import ImageClosedError
 
 
 class AsyncQueue:
@@ -27,7 +28,7 @@ class AsyncQueue:
     that carries out its batches."""
 
     def __init__(self, image, loop):
-        self.image = image
+        self.image = weakref.ref(image)     # the image keys _queues: no strong reference
         self.loop = loop
         self.pending = []               # (op, offset, buffer, future), in order
         self.busy = False               # a dispatch is scheduled or a batch running
@@ -49,7 +50,15 @@ class AsyncQueue:
             self.busy = False
             return
         requests = [(op, off, buf) for op, off, buf, _ in batch]
-        done = self.loop.run_in_executor(self.executor, submit, self.image, requests)
+        image = self.image()
+        if image is None:
+            error = ImageClosedError("I/O operation on a closed image")
+            for *_, fut in batch:
+                if not fut.done():
+                    fut.set_exception(error)
+            self.busy = False
+            return
+        done = self.loop.run_in_executor(self.executor, submit, image, requests)
         done.add_done_callback(lambda f: self._complete(batch, f))
 
     def _complete(self, batch, f):
