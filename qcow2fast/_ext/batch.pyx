@@ -6,7 +6,7 @@ asyncio interface and the NBD server's pipelined requests.
 A batch is a sequence of reads and writes.  It is cut into segments; each
 segment is resolved from the cached L2 slices under the image's shared
 lock and its host transfers go to the kernel together (one io_uring_enter,
-or a loop of pread/pwrite where io_uring cannot be had: csrc/qf_uring.h),
+or a loop of pread/pwrite: csrc/qf_uring.h says which, when and why),
 all with the GIL released.  A request C does not serve -- an allocating or
 copy-on-write write, a compressed or malformed cluster, a read through a
 backing file, an L2 slice not in the cache, an encrypted image, an
@@ -48,7 +48,10 @@ cdef extern from "qf_uring.h" nogil:
         int64_t off
         int64_t res
         size_t write_max
-    int qf_xfer_batch(qf_xfer *x, int n)
+    int qf_xfer_batch(qf_xfer *x, int n, int direct)
+    int QF_ENGINE_PREAD
+    int QF_ENGINE_URING
+    int QF_ENGINE_AUTO
     int qf_uring_wanted
     int qf_uring_split
     void *qf_thread_ring()
@@ -84,9 +87,19 @@ cdef enum:
     NO_ROOM = -2                # resolve(): the segment's transfer array is full
 
 
+_ENGINES = {"pread": QF_ENGINE_PREAD, "io_uring": QF_ENGINE_URING, "auto": QF_ENGINE_AUTO}
+
+
 def io_engine():
-    """The engine batches use on this thread: "io_uring" or "pread"."""
-    return "io_uring" if qf_thread_ring() != NULL else "pread"
+    """The engine chosen for batches: "auto" (io_uring for O_DIRECT files,
+    the pread/pwrite loop for the page cache: csrc/qf_uring.h says why),
+    "io_uring", or "pread"; "io_uring" becomes "pread" where this thread
+    cannot set up a ring."""
+    if qf_uring_wanted == QF_ENGINE_PREAD:
+        return "pread"
+    if qf_thread_ring() == NULL:
+        return "pread"
+    return "auto" if qf_uring_wanted == QF_ENGINE_AUTO else "io_uring"
 
 
 def set_async_split(int split):
@@ -101,14 +114,14 @@ def set_async_split(int split):
 
 
 def set_io_engine(str name):
-    """Choose the engine of every batch from now on: "io_uring" (when the
-    kernel allows it, else "pread") or "pread" (a loop of pread/pwrite).
-    Returns the previous choice."""
+    """Choose the engine of every batch from now on: "auto" (the default),
+    "io_uring" (when the kernel allows it, else the loop) or "pread" (a loop
+    of pread/pwrite).  Returns the previous choice."""
     global qf_uring_wanted
-    if name not in ("io_uring", "pread"):
-        raise ValueError(f"unknown I/O engine {name!r} (io_uring or pread)")
-    old = "io_uring" if qf_uring_wanted else "pread"
-    qf_uring_wanted = name == "io_uring"
+    if name not in _ENGINES:
+        raise ValueError(f"unknown I/O engine {name!r} (auto, io_uring or pread)")
+    old = [k for k, v in _ENGINES.items() if v == qf_uring_wanted][0]
+    qf_uring_wanted = _ENGINES[name]
     return old
 
 
@@ -233,7 +246,7 @@ cdef int _segments(ImageCore img, ImageState s, Req *r, int n, int k, qf_xfer *x
             nx += m
             k += 1
         if nx:
-            qf_xfer_batch(x, nx)
+            qf_xfer_batch(x, nx, s.data_file.direct)
         pthread_rwlock_unlock(&img.rwlock)
         for j in range(seg, k):
             if r[j].res != PENDING:

@@ -222,3 +222,31 @@ def test_asyncio_interface(tmp_path, engine):
         initial[i * 5000:(i + 1) * 5000] = bytes([i]) * 5000
     qemu_check(path)
     qemu_compare(path, bytes(initial))
+
+
+@pytest.mark.parametrize("name", ["auto", "io_uring", "pread"])
+def test_o_direct_batches(tmp_path, name):
+    """cache=none: aligned requests go to the kernel together (io_uring
+    under "auto"), unaligned ones through the one-request path."""
+    import mmap
+    path = str(tmp_path / "t.qcow2")
+    initial = make_image(path, "plain")
+    old = batch.set_io_engine(name)
+    try:
+        with qcow2fast.open(path, "r+", cache_mode="none") as img:
+            bufs = [mmap.mmap(-1, 8192) for _ in range(8)]       # page-aligned
+            data = mmap.mmap(-1, 8192)
+            data.write(b"d" * 8192)
+            reqs = [("read", k * 65536, b) for k, b in enumerate(bufs)]
+            reqs += [("write", 4096, data), ("read", 4096, bytearray(100)),
+                     ("read", 4096, bufs[0])]
+            assert img.submit(reqs) == [8192] * 9 + [100, 8192]
+            assert [bytes(b) for b in bufs[1:]] == [bytes(initial[k * 65536:k * 65536 + 8192])
+                                                    for k in range(1, 8)]
+            assert bytes(bufs[0]) == b"d" * 8192
+            assert bytes(reqs[9][2]) == b"d" * 100
+    finally:
+        batch.set_io_engine(old)
+    initial[4096:12288] = b"d" * 8192
+    qemu_check(path)
+    qemu_compare(path, bytes(initial))
