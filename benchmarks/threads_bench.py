@@ -10,7 +10,7 @@ the GIL released, io_uring or a pread/pwrite loop).  ``qcow2fast
 (threads)`` is the old way, N Python threads sharing the image, each with
 one request in flight.  fio runs random 4 KiB requests over the raw copy
 of the same data (``--rw=randread``/``randwrite``, page-cached, no
-fsync), as many as the others.
+fsync; a copy of its own, as its offsets differ), as many as the others.
 
     python -m benchmarks.threads_bench [--quick] [--runs N] [--json OUT] [--plot OUT.png]
 
@@ -74,7 +74,9 @@ def collect(a, tmpdir):
          "-s", str(MiB), "-S", str(MiB), f"--pattern={FILL_PATTERN}", "-t", "writeback",
          "-i", a.aio, qcow2])
     run([a.qemu_img, "convert", "-O", "raw", qcow2, raw])
-    settle_page_cache(qcow2, raw)
+    fio_file = os.path.join(tmpdir, "fio.raw")      # fio's random writes go here
+    shutil.copyfile(raw, fio_file)
+    settle_page_cache(qcow2, raw, fio_file)
     offsets = bench.sequential_offsets(a.count, 0, STEP, a.size).tolist()
     qemu = Qemu(a.qemu_img, a.aio)
     log(f"  load average before: {os.getloadavg()}")
@@ -89,7 +91,7 @@ def collect(a, tmpdir):
                                       .split()[0]),
                 "qcow2fast": lambda: qf_loop(qcow2, offsets, write, depth),
                 "qcow2fast (threads)": lambda: qf_loop(qcow2, offsets, write, depth, True),
-                "fio": lambda: fio_loop(raw, a.count, write, depth)}
+                "fio": lambda: fio_loop(fio_file, a.count, write, depth)}
             t = {e: [] for e in engines}
             for r in range(a.runs):
                 for e, timed in engines.items():
@@ -105,6 +107,14 @@ def collect(a, tmpdir):
             log(f"  {op} depth {depth}: " + ", ".join(f"{e} {v:,.0f}" for e, v in iops.items())
                 + f" IOPS (load {row['load']:.1f})")
             results.append(row)
+    # The raw copy gets the overwrites qemu and qcow2fast made: the image must equal it.
+    fd = os.open(raw, os.O_WRONLY)
+    try:
+        data = bytes([WRITE_PATTERN]) * REQ
+        for off in offsets:
+            os.pwrite(fd, data, off)
+    finally:
+        os.close(fd)
     if run([a.qemu_img, "compare", "-f", "qcow2", "-F", "raw", qcow2, raw],
            check=False).returncode:
         raise BenchError("the overwritten qcow2 image and raw file differ")
@@ -148,7 +158,7 @@ def main(argv=None):
                      "256 MiB image, 20000 requests, 1 run")
     a = parse_mode(p, argv, MODES)
     meta = {"size": a.size, "count": a.count, "runs": a.runs}
-    return scenario_main(a, "threads-bench", 2 * a.size + 64 * MiB, collect, report, plot, meta,
+    return scenario_main(a, "threads-bench", 3 * a.size + 64 * MiB, collect, report, plot, meta,
                          aio=True)
 
 
