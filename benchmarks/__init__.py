@@ -1,7 +1,16 @@
-"""End-to-end benchmarks of qcow2fast, run side by side with QEMU's own
-driver (``qemu-img bench``) and with the raw-file limit, in one run.
+"""``python -m benchmarks[.NAME]`` from a clone: the benchmark suite.
 
-Run them as modules from the repository root, e.g.::
-
-    python -m benchmarks.io_bench --quick
+The suite's modules live in the package, ``qcow2fast/benchsuite/``, so that
+they install with it (``pip install qcow2fast[bench]``, then
+``qcow2fast bench-suite``).  This package is their entry from the
+repository: its search path is this directory, then the package's, so
+``python -m benchmarks.io_bench`` runs qcow2fast/benchsuite/io_bench.py and
+a scenario module placed here (``from .common import ...``) finds the
+suite's helpers.  A scenario lands in the package to be installed.
 """
+
+import os as _os
+
+from qcow2fast import benchsuite as _benchsuite
+
+__path__ = [_os.path.dirname(_os.path.abspath(__file__)), *_benchsuite.__path__]

@@ -1,4 +1,4 @@
-"""``python -m benchmarks``: the benchmark suite (benchmarks/suite.py)."""
+"""``python -m benchmarks``: the benchmark suite (qcow2fast/benchsuite/suite.py)."""
 
 import sys
 

@@ -8,7 +8,8 @@
 #    (the jitter benchmark counts syncs with it) -- and,
 #    only if they are missing too, a C compiler and the Python
 #    headers needed to build the Cython extensions (apt-get; sudo if not root).
-# 2. pip install -e '.[test]' (pytest, hypothesis, pytest-benchmark, mypy).  A
+# 2. pip install -e '.[test,dask]' (pytest, hypothesis, pytest-benchmark, mypy; Dask
+#    for the fleet tests).  A
 #    Debian system Python is "externally managed" (PEP 668): then a .venv is
 #    created in the repository and used instead.
 # 3. python -m pytest -q tests "$@"
@@ -77,8 +78,8 @@ if [ "$externally_managed" = 1 ]; then
     PYTHON=.venv/bin/python
 fi
 
-echo "== $PYTHON -m pip install -e '.[test]'" >&2
-"$PYTHON" -m pip install -q -e '.[test]'
+echo "== $PYTHON -m pip install -e '.[test,dask]'" >&2
+"$PYTHON" -m pip install -q -e '.[test,dask]'
 
 echo "== $PYTHON -m pytest -q tests $*" >&2
 exec "$PYTHON" -m pytest -q tests "$@"

@@ -34,7 +34,7 @@ cdef class ImageCore:
     cdef object resume_file              # (): reopen a suspended image file (deep chains)
 
     # Write observers (hooks.WriteObserver): told of every range about to change.
-    cdef tuple observers
+    cdef list observers
 
     # Hooks into the Python subsystems for what the C path hands over (each
     # called with no lock held; set by _core_setup):

@@ -62,7 +62,7 @@ cdef class ImageCore:
         pthread_rwlockattr_setkind_np(&attr, PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP)
         pthread_rwlock_init(&self.rwlock, &attr)
         self.s = None
-        self.observers = ()
+        self.observers = []
         self.zeros = NULL
         self.scratch = NULL
 
@@ -123,16 +123,19 @@ cdef class ImageCore:
     def add_write_observer(self, WriteObserver observer):
         """Tell ``observer`` of every guest range about to change (dirty
         bitmaps), from every write path."""
+        # Appended in place (O(1): 65535 bitmaps): a _notify iterating the
+        # list meanwhile may or may not tell the new one, as the write was
+        # first.  Removal makes a new list, so an iteration never skips one.
         self._wrlock()
         try:
-            self.observers = self.observers + (observer,)
+            self.observers.append(observer)
         finally:
             self._unlock()
 
     def remove_write_observer(self, WriteObserver observer):
         self._wrlock()
         try:
-            self.observers = tuple(o for o in self.observers if o is not observer)
+            self.observers = [o for o in self.observers if o is not observer]
         finally:
             self._unlock()
 

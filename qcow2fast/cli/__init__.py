@@ -14,12 +14,13 @@ from ..errors import Qcow2Error
 from . import check_cmd, compare_cmd, create_cmd, dd_cmd, info_cmd, map_cmd, measure_cmd
 from . import bench_cmd, convert_cmd, serve_cmd, snapshot_cmd, suite_cmd
 from . import amend_cmd, bitmap_cmd, commit_cmd, rebase_cmd, resize_cmd
+from . import fleet_cmd
 from ..host.limits import CpuGuard, memory_limit_note
 from .options import Parser, UsageError
 
 COMMANDS = [create_cmd, info_cmd, check_cmd, map_cmd, compare_cmd, measure_cmd, dd_cmd,
             convert_cmd, bench_cmd, serve_cmd, suite_cmd, commit_cmd, rebase_cmd, snapshot_cmd,
-            bitmap_cmd, resize_cmd, amend_cmd]
+            bitmap_cmd, resize_cmd, amend_cmd, fleet_cmd]
 
 
 def build_parser():

@@ -14,8 +14,9 @@ first needed).  With the image open for writing, as qemu does:
 - a bitmap found ``in_use`` at open is inconsistent: kept as it is on disk,
   usable only to be removed.
 
-At close (:meth:`Bitmaps.store`) every consistent bitmap is written to new
-clusters and the directory replaced; the order and its barriers are stated
+At close (:meth:`Bitmaps.store`) every consistent bitmap whose data changed
+is written to new clusters (one whose data on disk is still exact keeps
+it) and the directory replaced; the order and its barriers are stated
 there.  An image whose bitmaps autoclear bit was cleared by a program
 that does not know bitmaps has its bitmaps ignored, and the extension is
 dropped at the next open for writing (qemu's behaviour).
@@ -31,7 +32,7 @@ from ..errors import (CorruptImageError, InvalidArgumentError, ReadOnlyImageErro
 from ..spec import bitmaps as bm
 from ..spec import header as hdr
 from .bitmap_list import (read_directory, read_extension, read_extension_any, read_table,
-                          stale_warning)
+                          read_tables, stale_warning, table_error)
 
 class Bitmap:
     """A persistent dirty bitmap of an open image."""
@@ -98,8 +99,7 @@ class Bitmaps:
             s.barrier()
             self.stale = False
         marked = [b for b in self.list if not b.inconsistent]
-        for b in marked:
-            self._check_placement(b.entry)
+        self._check_placements([b.entry for b in marked])
         for b in self.list:
             if b.enabled and b.tracker is not None:
                 self.image.add_write_observer(b.tracker)
@@ -109,29 +109,66 @@ class Bitmaps:
             self._rewrite_directory_in_place()
             self.changed = True
 
-    def _check_placement(self, e):
-        """Before anything is written: the bitmap's table and data lie in
-        the file, apart from the header, L1 and refcount structures."""
-        s, cs = self.state, self.state.cluster_size
+    def _check_placements(self, entries):
+        """Before anything is written: each bitmap's table and data lie in
+        the file, apart from the header, L1 and refcount structures and
+        from the bitmaps before it; then they join the metadata map.  All
+        bitmaps in one numpy pass (65535 of them); the first problem, in
+        the directory's order, is raised."""
+        s, cs, cb = self.state, self.state.cluster_size, self.state.cluster_bits
+        if not entries:
+            return
+        tables, starts, bad = read_tables(s.file, entries, cs)
+        if bad is not None:         # the bitmaps before it are checked first
+            self._check_placements(entries[:bad])
+            raise table_error(s.file, entries[bad], cs)
+        n = len(entries)
+        # Spans: each table (rank 0), then its data clusters (rank 1 + index).
+        offs = bm.table_offsets(tables).astype(np.int64)
+        data = np.flatnonzero(offs)
+        owner_of = np.repeat(np.arange(n), np.diff(starts))[data]
+        table_off = np.array([e.table_offset for e in entries], dtype=np.int64)
+        off = np.concatenate([table_off, offs[data]])
+        size = np.concatenate([[e.table_size * bm.TABLE_ENTRY_SIZE for e in entries],
+                               np.full(len(data), cs)]).astype(np.int64)
+        owner = np.concatenate([np.arange(n), owner_of])
+        index = data - starts[owner_of]
+        rank = np.concatenate([np.zeros(n, dtype=np.int64), 1 + index])
+        where = np.concatenate([[e.entry_offset for e in entries], table_off[owner_of] + 8 * index])
+        # Every cluster of every span.
+        first = off >> cb
+        count = np.maximum(((off + size - 1) >> cb) - first + 1, 0)
+        span_of = np.repeat(np.arange(len(off)), count)
+        clusters = first[span_of] + np.arange(len(span_of)) - np.repeat(np.cumsum(count) - count,
+                                                                        count)
+        meta = s.metadata.bits
+        inside = (clusters >> 3) < len(meta)
+        hit = np.zeros(len(clusters), dtype=bool)
+        hit[inside] = (meta[clusters[inside] >> 3] >> (clusters[inside] & 7).astype(np.uint8)) & 1
+        # ... or of a bitmap before it (its clusters joined the map first)
+        by_cluster = np.lexsort((owner[span_of], clusters))
+        sc, so = clusters[by_cluster], owner[span_of][by_cluster]
+        new_cluster = np.ones(len(sc), dtype=bool)
+        new_cluster[1:] = sc[1:] != sc[:-1]
+        first_owner = np.maximum.accumulate(np.where(new_cluster, np.arange(len(sc)), 0))
+        hit[by_cluster] |= so > so[first_owner]
+        overlap = np.zeros(len(off), dtype=bool)
+        np.logical_or.at(overlap, span_of, hit)
         h = s.header
-        table = read_table(s.file, e, cs)
-        l1 = (h.l1_table_offset, h.l1_size * 8)
-        size = s.file.size()
-        spans = [("bitmap_table_offset", e.table_offset, e.table_size * bm.TABLE_ENTRY_SIZE,
-                  e.entry_offset)]
-        offs = bm.table_offsets(table)
-        spans += [("bitmap table entry", int(offs[i]), cs, e.table_offset + 8 * int(i))
-                  for i in np.flatnonzero(offs)]
-        for field, off, n, where in spans:
-            if off + n > size:
-                why = f"[{off:#x}, {off + n:#x}) lies past the end of the file ({size} bytes)"
-            elif s.overlaps_metadata(off, n) or (off < l1[0] + l1[1] and l1[0] < off + n):
-                why = f"[{off:#x}, {off + n:#x}) overlaps other metadata"
-            else:
-                continue
-            raise CorruptImageError(f"bitmap '{e.name}': {why}", offset=where, field=field)
-        for _, off, n, _ in spans:
-            self._meta(off, n, add=True)
+        l1, l1_end = h.l1_table_offset, h.l1_table_offset + h.l1_size * 8
+        overlap |= (off < l1_end) & (l1 < off + size)
+        past = off + size > s.file.size()
+        wrong = np.flatnonzero(past | overlap)
+        if len(wrong):
+            i = wrong[np.lexsort((rank[wrong], owner[wrong]))[0]]
+            o, n_ = int(off[i]), int(size[i])
+            why = (f"[{o:#x}, {o + n_:#x}) lies past the end of the file ({s.file.size()} bytes)"
+                   if past[i] else f"[{o:#x}, {o + n_:#x}) overlaps other metadata")
+            raise CorruptImageError(f"bitmap '{entries[owner[i]].name}': {why}",
+                                    offset=int(where[i]),
+                                    field="bitmap table entry" if rank[i] else
+                                    "bitmap_table_offset")
+        s.metadata.add_each(clusters)
 
     def _rewrite_directory_in_place(self):
         """qemu's update_ext_header_and_dir_in_place: with the autoclear bit
@@ -365,7 +402,8 @@ class Bitmaps:
 
         1. each bitmap's data clusters, then its table, to new clusters;
            refcounts written, barrier: all of it is stable before anything
-           points to it;
+           points to it (a bitmap whose data on disk is still exact keeps
+           its table and data: nothing to write, nothing to free);
         2. the new directory to new clusters, barrier;
         3. the header (extension pointing at the new directory, autoclear
            bit set), barrier: from here the new bitmaps are the image's,
@@ -383,12 +421,19 @@ class Bitmaps:
             if b.inconsistent:
                 new_entries.append(b.entry)         # kept as found (qemu)
                 continue
+            e = bm.BitmapEntry(b.name, b.entry.granularity_bits,
+                               bm.BME_FLAG_AUTO if b.enabled else 0)
+            if b.on_disk and not b.loaded and not b.tracker.bits.any():
+                # Its data on disk is still exact (never loaded, so never
+                # cleared, merged or resized; no write since open): the new
+                # directory keeps its table and data.
+                e.table_offset, e.table_size = b.entry.table_offset, b.entry.table_size
+                new_entries.append(e)
+                continue
             t = self.data(b)
             if b.on_disk:
                 old.append(bm.BitmapEntry(b.name, b.entry.granularity_bits, b.entry.flags,
                                           b.entry.table_offset, b.entry.table_size))
-            e = bm.BitmapEntry(b.name, b.entry.granularity_bits,
-                               bm.BME_FLAG_AUTO if b.enabled else 0)
             self._write_data(e, t)
             new_entries.append(e)
         ext_old, _ = read_extension_any(s.header)

@@ -65,18 +65,46 @@ def read_table(f, entry, cluster_size):
     return table
 
 
+def read_tables(f, entries, cluster_size):
+    """The tables of ``entries`` at once (65535 bitmaps: one pread each,
+    one numpy pass): (every entry's table concatenated, native uint64;
+    where each starts, len(entries) + 1 offsets).  A bad entry raises as
+    read_table does, for the first entry that has one; ``first_bad`` is
+    returned instead of raising with ``strict=False``."""
+    raw = b"".join(bytes(f.pread(e.table_offset, e.table_size * bm.TABLE_ENTRY_SIZE))
+                   .ljust(e.table_size * bm.TABLE_ENTRY_SIZE, b"\0") for e in entries)
+    tables = bm.decode_table(raw)
+    starts = np.zeros(len(entries) + 1, dtype=np.int64)
+    np.cumsum([e.table_size for e in entries], out=starts[1:])
+    bad = np.flatnonzero(bm.bad_table_entries(tables, cluster_size))
+    first_bad = int(np.searchsorted(starts, bad[0], side="right")) - 1 if len(bad) else None
+    return tables, starts, first_bad
+
+
+def table_error(f, entry, cluster_size):
+    """The CorruptImageError read_table raises for ``entry``."""
+    try:
+        read_table(f, entry, cluster_size)
+    except CorruptImageError as e:
+        return e
+    raise AssertionError(f"bitmap '{entry.name}': its table reads clean")
+
+
 def check_loadable(f, h, disk_size):
     """Raise CorruptImageError where qemu's open fails on the bitmaps
     (bitmap_list_load, and load_bitmap of every consistent bitmap: its
     table's entries, a name used twice)."""
+    entries = read_directory(f, h, disk_size, strict=False)
+    loaded = [e for e in entries if not e.in_use]
+    _, _, bad = read_tables(f, loaded, h.cluster_size)
     names = set()
-    for e in read_directory(f, h, disk_size, strict=False):
+    for e in entries:
         if e.name in names:
             raise CorruptImageError(f"Bitmap already exists: {e.name}", offset=e.entry_offset,
                                     field="name")
         names.add(e.name)
-        if not e.in_use:
-            read_table(f, e, h.cluster_size)
+        if bad is not None and e is loaded[bad]:
+            raise table_error(f, e, h.cluster_size)
 
 
 def referenced_ranges(f, h, disk_size):
@@ -93,17 +121,16 @@ def referenced_ranges(f, h, disk_size):
         entries = read_directory(f, h, disk_size, strict=False)
     except CorruptImageError:
         return out, 1
-    for e in entries:
+    tables, starts, bad = read_tables(f, entries, cs)
+    offs = bm.table_offsets(tables)
+    for k, e in enumerate(entries):
         out.append((e.table_offset, e.table_size * bm.TABLE_ENTRY_SIZE,
                     f"the table of bitmap '{e.name}'"))
-        try:
-            table = read_table(f, e, cs)
-        except CorruptImageError:
+        if k == bad:
             return out, 1
-        offs = bm.table_offsets(table)
-        for i in np.flatnonzero(offs):
-            out.append((int(offs[i]), cs, f"entry {int(i)} of the table of bitmap '{e.name}' "
-                                          "(bitmap data)"))
+        for i in np.flatnonzero(offs[starts[k]:starts[k + 1]]):
+            out.append((int(offs[starts[k] + i]), cs, f"entry {int(i)} of the table of bitmap "
+                                                      f"'{e.name}' (bitmap data)"))
     return out, 0
 
 

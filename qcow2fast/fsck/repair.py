@@ -129,3 +129,22 @@ def _set_incompatible_bit(path, bit, on):
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
+
+
+def check_and_repair(path, mode=None):
+    """qemu-img check [-r ``mode``] without its output: check, repair what
+    the check planned when ``mode`` ("leaks" or "all") asks for it, then
+    check again; returns the final CheckResult (its ``*_fixed`` counts
+    those of the repair).  Raises Qcow2Error/OSError as check_image and
+    repair_image do."""
+    from .check import check_image
+    first = check_image(path, mode)
+    if first.failed or not mode or not (first.leaks or first.corruptions
+                                        or first.corruptions_fixed or first.flags):
+        return first
+    repair_image(path, first, mode)
+    if not (first.leaks_fixed or first.corruptions_fixed):
+        return first
+    result = check_image(path)
+    result.leaks_fixed, result.corruptions_fixed = first.leaks_fixed, first.corruptions_fixed
+    return result

@@ -1,13 +1,20 @@
 """The quick benchmark suite as a smoke test: every scenario runs both
-engines, verifies what they wrote, and produces non-empty results."""
+engines, verifies what they wrote, and produces non-empty results -- from
+a non-editable install of the package, outside the repository."""
 
+import glob
 import json
+import os
+import shutil
 import subprocess
 import sys
 
 import pytest
 
+import qcow2fast._ext
 from benchmarks.suite import NAMES, SCENARIOS
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 pytestmark = pytest.mark.qemu
 
@@ -23,12 +30,43 @@ def _numbers(doc):
         yield doc
 
 
-def test_quick_suite(tmp_path):
-    # Through the CLI alias, from outside the repository: the suite and its
-    # scenario processes must find benchmarks/ on their own.
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory):
+    """The package as a wheel installs it, in a directory of its own: the
+    Python files and package data setuptools puts in the wheel (build_py,
+    from pyproject.toml) and the extension modules (built in place; building
+    them again would take minutes).  Returns the environment that imports
+    qcow2fast from there and finds no repository."""
+    target = tmp_path_factory.mktemp("site")
+    subprocess.run([sys.executable, "setup.py", "-q", "build_py", "-d", str(target)],
+                   cwd=REPO, check=True, capture_output=True, timeout=300)
+    ext = os.path.dirname(qcow2fast._ext.__file__)
+    for so in glob.glob(os.path.join(ext, "*.so")):
+        shutil.copy(so, target / "qcow2fast" / "_ext")
+    env = dict(os.environ, PYTHONPATH=str(target))
+    p = subprocess.run([sys.executable, "-c", "import qcow2fast.benchsuite.suite as s, sys; "
+                        "print(s.__file__); import benchmarks"],
+                       cwd=target.parent, env=env, capture_output=True, text=True, timeout=60)
+    assert p.stdout.startswith(str(target)), p.stdout + p.stderr   # not the repository's
+    assert "No module named 'benchmarks'" in p.stderr, p.stderr     # nothing of the clone
+    return env
+
+
+def test_clone_entry():
+    """From a clone, ``python -m benchmarks[.NAME]`` runs the package's suite."""
+    for module in ("benchmarks", "benchmarks.io_bench"):
+        p = subprocess.run([sys.executable, "-m", module, "--help"], cwd=REPO,
+                           capture_output=True, text=True, timeout=60)
+        assert p.returncode == 0 and "--quick" in p.stdout, p.stderr
+
+
+def test_quick_suite(tmp_path, installed):
+    # Through the CLI alias of an installed package, from outside the
+    # repository: the suite and its scenario processes find what they need.
     p = subprocess.run([sys.executable, "-m", "qcow2fast", "bench-suite", "--quick",
                         "--out", str(tmp_path)],
-                       cwd=tmp_path, capture_output=True, text=True, timeout=900)
+                       cwd=tmp_path, env=installed, capture_output=True, text=True,
+                       timeout=900)
     assert p.returncode == 0, p.stderr[-3000:]
     report = (tmp_path / "report.md").read_text()
     assert "FAILED" not in report

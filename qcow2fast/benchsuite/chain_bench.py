@@ -66,7 +66,7 @@ def bench_one(a, engine, path, count):
 
 
 def build_chain(a, tmpdir):
-    from tests.helpers.chain_util import layer_name, make_deep_chain
+    from .chain_util import layer_name, make_deep_chain
     t0 = time.perf_counter()
     make_deep_chain(tmpdir, max(a.depths) - 1, size=a.size, fill_base=False)
     base = os.path.join(tmpdir, layer_name(0))

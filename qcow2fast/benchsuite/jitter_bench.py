@@ -26,7 +26,7 @@ import tempfile
 
 import numpy as np
 
-from .common import BenchError, bench_parser, log, run, scenario_main
+from .common import ROOT, BenchError, bench_parser, log, run, scenario_main
 from .report import md_table, panels, save_figure
 
 CLUSTER = 64 << 10
@@ -36,7 +36,7 @@ MODES_CACHE = ["writeback", "writethrough", "none", "directsync", "unsafe"]
 STALL_NS = 200_000_000
 MODES = {"full": {"count": 20000}, "quick": {"count": 1000}}
 SYNC_COUNT = 1000               # writes in the (untimed) run under strace
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = ROOT        # children import qcow2fast from where this one did
 OPS_RE = re.compile(r"and ([0-9.]+) ops/sec\)")
 
 
@@ -80,8 +80,8 @@ def syncs_per_write(a, path, lazy, cache, engine):
     if engine == "qemu":
         cmd = qemu_io_command(a, path, cache, count)
     else:
-        cmd = [sys.executable, "-c", "import sys; from benchmarks.jitter_bench import "
-               "qf_latencies; qf_latencies(sys.argv[1], sys.argv[2], int(sys.argv[3]))",
+        cmd = [sys.executable, "-c", "import sys; from qcow2fast.benchsuite.jitter_bench "
+               "import qf_latencies; qf_latencies(sys.argv[1], sys.argv[2], int(sys.argv[3]))",
                path, cache, str(count)]
     return count_syncs(a.strace, cmd) / count
 

@@ -1,11 +1,12 @@
 """The benchmark suite: every scenario, qcow2fast beside QEMU, in one run.
 
-    python -m benchmarks [--quick] [--only NAME ...] [--out DIR]
-    qcow2fast bench-suite [--quick] [--only NAME ...] [--out DIR]     (the same)
+    qcow2fast bench-suite [--quick] [--only NAME ...] [--out DIR]
+    python -m benchmarks [--quick] [--only NAME ...] [--out DIR]     (from a clone)
 
-Each scenario is its own module (runnable alone, see benchmarks/README.md);
-the suite runs them one after the other in child processes and writes, in
-DIR (default benchmarks/results/suite-<time>):
+Each scenario is its own module of this package (runnable alone, see
+benchmarks/README.md); the suite runs them one after the other in child
+processes and writes, in DIR (default: benchmarks/results/suite-<time> in
+a clone, ./qcow2fast-bench/suite-<time> otherwise):
 
 - ``<scenario>.json``: every sample the scenario took;
 - ``<scenario>.png``: its plot (the scenarios flagged as drawing one: all);
@@ -16,10 +17,13 @@ others still run.
 """
 
 import argparse
+import importlib.util
 import os
 import subprocess
 import sys
 import time
+
+from .common import log
 
 # (name, module, what it measures, draws a plot)
 SCENARIOS = [
@@ -51,18 +55,35 @@ SCENARIOS = [
      "4 KiB reads through backing chains 1 to 1000 images deep: IOPS and peak memory.", True),
 ]
 NAMES = [s[0] for s in SCENARIOS]
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+CLONE = os.path.join(ROOT, "benchmarks")     # a clone's thin entry (benchmarks/__init__.py)
+
+
+def scenario_module(module):
+    """The module to run for a SCENARIOS entry ``benchmarks.NAME``: this
+    package's NAME, else (a scenario not moved into the package yet) the
+    clone's benchmarks.NAME; None when neither is there."""
+    leaf = module.rpartition(".")[2]
+    if importlib.util.find_spec(f"{__package__}.{leaf}") is not None:
+        return f"{__package__}.{leaf}"
+    if os.path.isfile(os.path.join(CLONE, f"{leaf}.py")):
+        return module
+    return None
 
 
 def run_scenario(name, module, quick, out_dir):
     """Run one scenario module; returns (exit status, its stdout, seconds)."""
-    cmd = [sys.executable, "-m", module, "--json", os.path.join(out_dir, f"{name}.json")]
+    found = scenario_module(module)
+    if found is None:
+        log(f"{name}: {module} is not installed (not in {__package__})")
+        return 1, "", 0.0
+    cmd = [sys.executable, "-m", found, "--json", os.path.join(out_dir, f"{name}.json")]
     if quick:
         cmd.append("--quick")
     if dict((s[0], s[3]) for s in SCENARIOS)[name]:
         cmd += ["--plot", os.path.join(out_dir, f"{name}.png")]
-    env = dict(os.environ)       # the scenarios import benchmarks.*, whatever the cwd
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [REPO, env.get("PYTHONPATH")]))
+    env = dict(os.environ)       # the scenarios import qcow2fast from here, whatever the cwd
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [ROOT, env.get("PYTHONPATH")]))
     t0 = time.perf_counter()
     p = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=env)
     return p.returncode, p.stdout, time.perf_counter() - t0
@@ -75,8 +96,8 @@ def main(argv=None, prog="python -m benchmarks"):
     p.add_argument("--only", action="append", choices=NAMES, help="run only this scenario")
     p.add_argument("--out", help="directory for the results")
     a = p.parse_args(argv)
-    out_dir = a.out or os.path.join(REPO, "benchmarks", "results",
-                                    time.strftime("suite-%Y%m%d-%H%M%S"))
+    out_dir = a.out or os.path.join(os.path.join(CLONE, "results") if os.path.isdir(CLONE)
+                                    else "qcow2fast-bench", time.strftime("suite-%Y%m%d-%H%M%S"))
     os.makedirs(out_dir, exist_ok=True)
     failed = []
     lines = [f"# qcow2fast benchmark suite ({'quick' if a.quick else 'full'} mode, "
@@ -86,7 +107,7 @@ def main(argv=None, prog="python -m benchmarks"):
             continue
         print(f"== {name}: {what}", file=sys.stderr, flush=True)
         status, out, secs = run_scenario(name, module, a.quick, out_dir)
-        lines += [f"## {name}", "", what, "", f"`python -m {module}"
+        lines += [f"## {name}", "", what, "", f"`python -m {scenario_module(module) or module}"
                   f"{' --quick' if a.quick else ''}` ({secs:.0f} s)", ""]
         if status:
             failed.append(name)

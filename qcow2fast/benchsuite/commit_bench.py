@@ -35,11 +35,11 @@ import subprocess
 import sys
 import time
 
-from .common import (GiB, BenchError, bench_parser, log, ratio_info, run, scenario_main,
+from .common import (ROOT, GiB, BenchError, bench_parser, log, ratio_info, run, scenario_main,
                      summarise)
 
 SIZES = {"full": {"size": 2 * GiB, "runs": 5}, "quick": {"size": 1 * GiB, "runs": 3}}
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = ROOT        # children import qcow2fast from where this one did
 
 # The chain, written through qcow2fast's API in a child (this process stays
 # small).  The base is written whole; overlays get scattered guest writes.

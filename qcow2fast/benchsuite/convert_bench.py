@@ -27,11 +27,11 @@ import subprocess
 import sys
 import time
 
-from .common import (BenchError, GiB, MiB, choose_tmpdir, git_revision, log, qcow2fast_command,
-                     run)
+from .common import (ROOT, BenchError, GiB, MiB, choose_tmpdir, git_revision, log,
+                     qcow2fast_command, run)
 from .report import bar_groups, panels, save_figure
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = ROOT        # children import qcow2fast from where this one did
 # (image size, directories copied into it): full about 2.2 GiB of files in
 # 3 GiB, quick about 190 MiB in 384 MiB.
 SOURCES = {

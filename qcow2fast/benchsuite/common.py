@@ -15,6 +15,9 @@ import time
 KiB = 1024
 MiB = 1024 * KiB
 GiB = 1024 * MiB
+# The directory holding the qcow2fast package (a clone's root, or where it
+# is installed): child processes get it on PYTHONPATH.
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 class BenchError(Exception):
@@ -129,10 +132,10 @@ def scenario_main(a, name, need_bytes, collect, report, plot=None, meta=None, ai
 def choose_tmpdir(requested, need_bytes, prefix="qcow2fast-io-bench-"):
     """A directory on a disk filesystem (not tmpfs: the point is a page-cached
     image on a real filesystem) with room for the images."""
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    clone = os.path.join(ROOT, "benchmarks")
     candidates = [requested] if requested else [
         os.environ.get("TMPDIR"), "/var/tmp", "/tmp",
-        os.path.join(repo, "benchmarks", "results")]
+        os.path.join(clone, "results") if os.path.isdir(clone) else None]
     problems = []
     for cand in candidates:
         if not cand:

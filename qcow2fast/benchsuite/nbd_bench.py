@@ -39,8 +39,8 @@ import subprocess
 import sys
 import time
 
-from .common import (GiB, MiB, BenchError, choose_tmpdir, git_revision, human, log, parse_size,
-                     ratio_info, run, summarise)
+from .common import (ROOT, GiB, MiB, BenchError, choose_tmpdir, git_revision, human, log,
+                     parse_size, ratio_info, run, summarise)
 from .io_bench import warm_page_cache
 from .io_config import RUN_RE
 from .report import bar_groups, fmt_ratio, panels, rates, save_figure
@@ -48,7 +48,7 @@ from .report import bar_groups, fmt_ratio, panels, rates, save_figure
 REQ = 4096
 CONNECTIONS = (1, 2, 4, 8)
 SERVERS = ("qcow2fast", "qemu-nbd")
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = ROOT        # children import qcow2fast from where this one did
 
 
 class Servers:

@@ -1,0 +1,1 @@
+"""Fleet operations: convert_many / check_many and qcow2fast fleet."""
