@@ -190,7 +190,6 @@ def _url_source(url, opts):
             so["config_kwargs"] = {"connect_timeout": opts.timeout,
                                    "read_timeout": opts.timeout,
                                    "retries": {"max_attempts": 1}}
-            so.setdefault("retries", 1)      # this module retries
         fs, path = fsspec.core.url_to_fs(url, **so)
     except ImportError as e:
         raise UnsupportedFeatureError(f"{url}: the {protocol}:// back end needs {e.name}: "
@@ -243,12 +242,15 @@ def _permanent(e):
         return "the object is gone", errno.ENOENT
     if isinstance(e, PermissionError) or status in (401, 403):
         return f"access denied ({e})", errno.EACCES
-    if isinstance(e, (InvalidArgumentError, UnsupportedFeatureError)):
-        return str(e), errno.EINVAL
+    if isinstance(e, (InvalidArgumentError, UnsupportedFeatureError, TypeError,
+                      AttributeError, NotImplementedError)):
+        return _describe(e), errno.EINVAL
     return None
 
 
 def _describe(e):
+    if isinstance(e, TimeoutError) or "Timeout" in type(e).__name__:
+        return f"timed out ({type(e).__name__})"
     return f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
 
 

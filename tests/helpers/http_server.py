@@ -4,7 +4,8 @@ and benchmarks (the standard library's http.server serves no ranges).
 Serves the files of one directory: HEAD (Content-Length, a strong ETag,
 Accept-Ranges), GET of the whole file or of one ``bytes=a-b`` range (206,
 Content-Range), ``If-Match`` (412 when the ETag differs), keep-alive.  It
-counts requests (``server.counts``; ``GET /_stats`` answers them as JSON
+counts requests (``server.counts``: HEAD, GET, range requests, body bytes,
+and the most bodies sent at once; ``GET /_stats`` answers them as JSON
 for a server in another process) and misbehaves on demand
 (``server.misbehave(mode, times=None)``; ``times``: only the next N range
 requests, then it behaves again):
@@ -37,7 +38,8 @@ class RangeServer(ThreadingHTTPServer):
     def __init__(self, root, host="127.0.0.1", port=0):
         super().__init__((host, port), _Handler)
         self.root = os.path.abspath(root)
-        self.counts = {"HEAD": 0, "GET": 0, "range": 0, "bytes": 0}
+        self.counts = {"HEAD": 0, "GET": 0, "range": 0, "bytes": 0, "in_flight": 0,
+                       "max_in_flight": 0}
         self.version = 0
         self.mode, self.times, self.stall_seconds = None, None, 5.0
         self.lock = threading.Lock()
@@ -81,6 +83,9 @@ class RangeServer(ThreadingHTTPServer):
                 if self.times <= 0:
                     self.mode, self.times = None, None
             return mode
+
+    def handle_error(self, request, client_address):
+        pass        # a client that went away (drop, stall) is no news here
 
     def etag(self, st):
         return f'"{st.st_size:x}-{st.st_mtime_ns:x}-{self.version}"'
@@ -169,14 +174,21 @@ class _Handler(BaseHTTPRequestHandler):
         if mode == "drop":
             length //= 2
         self._count("bytes", length)
-        with open(path, "rb") as f:
-            sent = 0
-            while sent < length:
-                n = os.sendfile(self.connection.fileno(), f.fileno(), start + sent,
-                                length - sent)
-                if n <= 0:
-                    break
-                sent += n
+        with self.server.lock:
+            c = self.server.counts
+            c["in_flight"] += 1
+            c["max_in_flight"] = max(c["max_in_flight"], c["in_flight"])
+        try:
+            with open(path, "rb") as f:
+                sent = 0
+                while sent < length:
+                    n = os.sendfile(self.connection.fileno(), f.fileno(), start + sent,
+                                    length - sent)
+                    if n <= 0:
+                        break
+                    sent += n
+        finally:
+            self._count("in_flight", -1)
         if mode == "drop":
             self.close_connection = True
             self.connection.shutdown(2)
