@@ -33,6 +33,7 @@ extra ``remote``: ``pip install qcow2fast[remote]``.
 
 import collections
 import errno
+import os
 import posixpath
 import re
 import threading
@@ -167,17 +168,20 @@ def read_head(obj, n, options=None):
 
 
 class _Source:
-    """What the cache fetches from: ``fetch(start, end)`` returns those bytes."""
+    """What the cache fetches from: ``fetch(start, end)`` returns those
+    bytes; ``reopen()`` the same object again (in a forked child, whose
+    event loop and connections are not the parent's), or None."""
 
-    def __init__(self, name, size, fetch, close=None):
+    def __init__(self, name, size, fetch, close=None, reopen=None):
         self.name, self.size, self.fetch, self._close = name, size, fetch, close
+        self.reopen = reopen
 
     def close(self):
         if self._close is not None:
             self._close()
 
 
-def _url_source(url, opts):
+def _url_source(url, opts, expect=None):
     fsspec = _fsspec()
     protocol = _URL.match(url).group(1).lower()
     so = dict(opts.storage_options or {})
@@ -205,11 +209,12 @@ def _url_source(url, opts):
         if etag and not etag.startswith("W/"):      # If-Match compares strong ETags only
             kw["headers"] = {"If-Match": etag}
     f = fs.open(path, "rb", cache_type="none", **kw)
-    if getattr(f, "size", size) != size:
+    if getattr(f, "size", size) != size or (expect is not None and expect != (size, etag)):
         f.close()
-        raise RemoteReadError(url, 0, 0, "the object changed while it was opened",
+        raise RemoteReadError(url, 0, 0, "the object changed since it was opened",
                               errno.ESTALE)
-    return _Source(url, size, f._fetch_range, f.close)
+    return _Source(url, size, f._fetch_range, f.close,
+                   lambda: _url_source(url, opts, (size, etag)))
 
 
 def _object_source(f, name):
@@ -297,9 +302,30 @@ class BlockCache:
         self._blocks = collections.OrderedDict()     # block index -> its request's Future
         self._streams = []
         self._lock = threading.Lock()
-        self._pool = ThreadPoolExecutor(opts.connections, thread_name_prefix="qcow2fast-remote")
+        self._start_pool()
         self.requests = 0
         self.bytes_fetched = 0
+
+    def _start_pool(self):
+        self._pid = os.getpid()
+        self._pool = ThreadPoolExecutor(self.opts.connections,
+                                        thread_name_prefix="qcow2fast-remote")
+
+    def _after_fork(self):
+        """In a forked child (serve --fork) the pool's threads, the requests
+        they ran and fsspec's event loop are gone: a new pool, nothing in
+        flight, the object opened again (it must not have changed)."""
+        self._blocks.clear()
+        self._streams.clear()
+        self._start_pool()
+        if self.source.reopen is not None:
+            self.source = self.source.reopen()
+            return
+
+        def refuse(start, end):
+            raise InvalidArgumentError("an open file object cannot be read after fork "
+                                       "(open the image by its URL)")
+        self.source = _Source(self.name, self.size, refuse)
 
     # -- the reader interface (HookFile) -----------------------------------------------
 
@@ -315,6 +341,8 @@ class BlockCache:
         bs = self.block
         b0, b1 = off // bs, -(-lim // bs)
         with self._lock:
+            if self._pid != os.getpid():
+                self._after_fork()
             wanted = self._schedule(b0, b1)
             self._read_ahead(off, lim, b1)
         for i, (fut, first) in zip(range(b0, b1), wanted):

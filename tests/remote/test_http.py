@@ -244,3 +244,22 @@ def test_needs_no_local_copy(http, tmp_path):
         os.chdir(cwd)
     assert sorted(os.listdir(root)) == before and not os.listdir(tmp_path)
     shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+def test_read_after_fork(http):
+    """serve --fork opens the image, then forks: the child reads with a
+    new pool and a new connection (the parent's event loop is gone)."""
+    server, root = http
+    path = _make(root, "fork.qcow2")
+    want = qemu_raw(path)
+    with qcow2fast.open(f"{server.url}/fork.qcow2", remote={"timeout": 5}) as img:
+        assert img.read(0, MiB) == want[:MiB]
+        pid = os.fork()
+        if pid == 0:
+            try:
+                ok = img.read(9 * MiB, 4 * MiB) == want[9 * MiB:13 * MiB]
+            except BaseException:
+                ok = False
+            os._exit(0 if ok else 1)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
