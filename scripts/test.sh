@@ -8,8 +8,9 @@
 #    (the jitter benchmark counts syncs with it) -- and,
 #    only if they are missing too, a C compiler and the Python
 #    headers needed to build the Cython extensions (apt-get; sudo if not root).
-# 2. pip install -e '.[test,dask]' (pytest, hypothesis, pytest-benchmark, mypy; Dask
-#    for the fleet tests).  A
+# 2. pip install -e '.[test,dask,remote]' (pytest, hypothesis, pytest-benchmark, mypy,
+#    moto; Dask for the fleet tests; fsspec, aiohttp and s3fs for the remote-image
+#    tests).  A
 #    Debian system Python is "externally managed" (PEP 668): then a .venv is
 #    created in the repository and used instead.
 # 3. python -m pytest -q tests "$@"
@@ -36,6 +37,9 @@ fi
 packages=()
 if ! command -v qemu-img >/dev/null 2>&1 || ! command -v qemu-io >/dev/null 2>&1; then
     packages+=(qemu-utils)
+fi
+if ! compgen -G "/usr/lib/*/qemu/block-curl.so" >/dev/null; then
+    packages+=(qemu-block-extra)   # qemu's curl driver: the remote-image tests' oracle
 fi
 if ! command -v nbdinfo >/dev/null 2>&1 || ! command -v nbdcopy >/dev/null 2>&1; then
     packages+=(libnbd-bin)      # the NBD server tests' clients
@@ -78,8 +82,8 @@ if [ "$externally_managed" = 1 ]; then
     PYTHON=.venv/bin/python
 fi
 
-echo "== $PYTHON -m pip install -e '.[test,dask]'" >&2
-"$PYTHON" -m pip install -q -e '.[test,dask]'
+echo "== $PYTHON -m pip install -e '.[test,dask,remote]'" >&2
+"$PYTHON" -m pip install -q -e '.[test,dask,remote]'
 
 echo "== $PYTHON -m pytest -q tests $*" >&2
 exec "$PYTHON" -m pytest -q tests "$@"

@@ -10,7 +10,7 @@ DIRECT_ALIGN: Final = 4096
 @disjoint_base
 class File:
     def __new__(
-        cls, path: StrOrBytesPath, writable: bool = False, direct: bool = False, create: bool = False
+        cls, path: StrOrBytesPath | None, writable: bool = False, direct: bool = False, create: bool = False
     ) -> Self: ...
     @property
     def fd(self) -> int: ...

@@ -32,6 +32,9 @@ cdef class File:
         if direct:
             flags |= os.O_DIRECT
         self.fd = -1
+        if path is None:        # no descriptor: a subclass does the I/O (_ext/hookfile.pyx)
+            self.path = None
+            return
         self.path = os.fspath(path)
         self.fd = os.open(self.path, flags | os.O_CLOEXEC, 0o644)
         self.flags = (flags | os.O_CLOEXEC) & ~(os.O_CREAT | os.O_TRUNC)

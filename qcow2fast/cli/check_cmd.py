@@ -12,6 +12,7 @@ from ..engine.snapshot import SnapshotTableError
 from ..errors import Qcow2Error
 from ..engine.untrusted import check_path
 from ..host.lock import Holder
+from ..host.remote import is_url
 from .common import add_image_arguments, resolve_image, warn_stale_bitmaps
 
 
@@ -29,10 +30,14 @@ def run(args):
     if fmt == "raw":
         print("qcow2fast: This image format does not support checks", file=sys.stderr)
         return 63
+    if args.repair and is_url(path):
+        print(f"qcow2fast: {path}: remote images are read-only: check -r cannot repair them",
+              file=sys.stderr)
+        return 1
     try:
         # Held for the whole command, which opens the file several times.
         holder = Holder(path, fmt, bool(args.repair), opts.get("force_share", args.force_share)) \
-            if opts.get("locking", True) else None
+            if opts.get("locking", True) and not is_url(path) else None
     except Qcow2Error as e:
         print(f"qcow2fast: {e}", file=sys.stderr)
         return 1
@@ -98,10 +103,10 @@ def _check(args, path):
 
 def stale_bitmaps(path):
     """qemu's warning if the image's bitmaps were disowned, or None."""
-    from .._ext.fileio import File
     from ..engine.bitmap_list import stale_warning
+    from ..host.file import open_image_file
     from ..spec import header as hdr
-    f = File(str(path), writable=False, direct=False)
+    f = open_image_file(path, "qcow2", locking=False)     # the holder has locked it
     try:
         size = f.size()
         try:

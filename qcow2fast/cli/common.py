@@ -7,6 +7,7 @@ import sys
 from .. import open as open_qcow2
 from ..engine.backing import probe_format
 from ..host.raw import RawImage
+from ..host.remote import is_url
 from .options import UsageError, parse_bool, parse_size, split_options
 
 FORMATS = ("qcow2", "raw")
@@ -78,10 +79,11 @@ def image_spec(name, fmt, image_opts):
 
 
 def resolve_image(name, fmt=None, image_opts=False):
-    """(path, format, open keyword arguments): the file must exist; the
-    format is probed when not given, and must be one this tool handles."""
+    """(path, format, open keyword arguments): the file must exist (a URL
+    is a remote image, host/remote.py); the format is probed when not
+    given, and must be one this tool handles."""
     path, fmt, kw = image_spec(name, fmt, image_opts)
-    if not os.path.exists(path):
+    if not is_url(path) and not os.path.exists(path):
         raise FileNotFoundError(2, "Could not open image: No such file or directory", path)
     fmt = fmt or probe_format(path)
     if fmt not in FORMATS:

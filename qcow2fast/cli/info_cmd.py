@@ -7,7 +7,9 @@ import os
 import re
 import time
 
-from ..engine.backing import probe_format, resolve_backing_path
+from ..engine.backing import identity, probe_format, resolve_backing_path
+from ..host.remote import is_url
+from ..host.remote import join as remote_join
 from ..errors import CorruptImageError
 from .common import add_image_arguments, open_image, share_options
 from .options import size_to_str
@@ -34,9 +36,9 @@ def run(args):
         infos.append(info)
         if not args.backing_chain or "backing-filename" not in info:
             break
-        seen.add(os.path.realpath(img.path))
+        seen.add(identity(img.path))
         name = info["full-backing-filename"]
-        if os.path.realpath(resolve_backing_path(img.path, info["backing-filename"])) in seen:
+        if identity(resolve_backing_path(img.path, info["backing-filename"])) in seen:
             raise CorruptImageError(f"backing chain loops at {name!r}", field="backing_file")
         fmt = info.get("backing-filename-format") or probe_format(name)
     if args.output == "json":
@@ -49,11 +51,12 @@ def run(args):
 
 def image_info(img, name):
     """qemu-img's ImageInfo for an open image, as a dict."""
-    st = os.stat(img.path)
+    # A remote file's allocated size is unknown (qemu: "disk size: unavailable").
+    actual = {} if is_url(img.path) else {"actual-size": os.stat(img.path).st_blocks * 512}
     info = {}
     if getattr(img, "header", None) is None:          # raw
         info.update({"virtual-size": img.size, "filename": name, "format": "raw",
-                     "actual-size": st.st_blocks * 512, "dirty-flag": False})
+                     **actual, "dirty-flag": False})
         return info
     h = img.header
     if img.snapshots:
@@ -61,7 +64,7 @@ def image_info(img, name):
     if h.backing_format:
         info["backing-filename-format"] = h.backing_format
     info.update({"virtual-size": img.size, "filename": name, "cluster-size": img.cluster_size,
-                 "format": "qcow2", "actual-size": st.st_blocks * 512})
+                 "format": "qcow2", **actual})
     data = {"compat": "1.1" if h.version >= 3 else "0.10",
             "compression-type": img.compression_type}
     if h.version >= 3:
@@ -107,6 +110,8 @@ def _dump(lines, key, value, indent):
 
 def full_backing_filename(name, backing):
     """qemu's path_combine: relative to the directory of the name given."""
+    if is_url(name) or is_url(backing):
+        return remote_join(name, backing)
     if os.path.isabs(backing):
         return backing
     return os.path.join(os.path.dirname(name), backing)
@@ -142,7 +147,8 @@ def snapshot_list(snapshots):
 def human_info(info):
     lines = [f"image: {info['filename']}", f"file format: {info['format']}",
              f"virtual size: {size_to_str(info['virtual-size'])} ({info['virtual-size']} bytes)",
-             f"disk size: {size_to_str(info['actual-size'])}"]
+             "disk size: " + (size_to_str(info["actual-size"]) if "actual-size" in info
+                              else "unavailable")]
     if "cluster-size" in info:
         lines.append(f"cluster_size: {info['cluster-size']}")
     if "backing-filename" in info:

@@ -13,6 +13,7 @@ import os
 
 import numpy as np
 
+from .._ext.hookfile import HookFile
 from .._ext.kernels import refcount_decode
 from ..spec.constants import REFT_OFFSET_MASK
 
@@ -56,6 +57,8 @@ def looks_preallocated(img):
     preallocation): at least max(real * 10 / 9, real + 2) clusters are in use
     by refcount, where ``real`` is how many clusters the file really
     occupies.  Only then does qemu look for holes in the host file."""
+    if isinstance(img.file, HookFile):
+        return False            # a remote file has no holes to ask about (qemu's curl neither)
     cs = img.cluster_size
     file_size = img.file.size()
     real = os.fstat(img.file.fd).st_blocks * 512 // cs

@@ -38,7 +38,8 @@ from ..extent import Extent, merge_extents
 from ..host.raw import RawImage
 from ..spec import header as hdr
 from . import backing, untrusted
-from .backing import probe_format, resolve_backing_path
+from ..host.remote import is_url
+from .backing import identity, probe_format, read_head, resolve_backing_path
 from .cache import MIN_L2_SLOTS
 
 LAYER_L2_ENTRY = 16384        # a lower layer's L2 slice (or its cluster size, if smaller)
@@ -270,7 +271,7 @@ def _fd_error(top, n):
 def _resolve_name(img, k):
     name = img.header.backing_file
     path = resolve_backing_path(img.path, name)
-    if ":" in name.split("/")[0] and not os.path.exists(path):
+    if ":" in name.split("/")[0] and not os.path.exists(path) and not is_url(path):
         raise UnsupportedFeatureError(f"backing file {name!r} of {img.path!r} (layer {k}): "
                                       "protocols are not supported", feature="backing protocol")
     return name, path
@@ -286,7 +287,7 @@ def open_chain(top, max_depth=None, above=()):
     if top.untrusted:
         max_depth = min(max_depth, untrusted.MAX_UNTRUSTED_CHAIN)
     where = hdr.FIELD_OFFSET["backing_file_offset"]
-    seen = set(above) | {os.path.realpath(top.path)}
+    seen = set(above) | {identity(top.path)}
     layers, img = [], top
     cache_mode = "none" if top.cache_mode in ("none", "directsync") else "writeback"
     fd_avail = None
@@ -294,7 +295,7 @@ def open_chain(top, max_depth=None, above=()):
         while img.header is not None and img.header.backing_file:
             k = len(layers) + 1
             name, path = _resolve_name(img, k)
-            if os.path.realpath(path) in seen:
+            if identity(path) in seen:
                 raise CorruptImageError(f"backing chain loops: {img.path!r} -> {name!r} is "
                                         "already in the chain", offset=where,
                                         field="backing_file")
@@ -304,10 +305,10 @@ def open_chain(top, max_depth=None, above=()):
                 raise CorruptImageError(f"backing chain deeper than {max_depth} images at "
                                         f"{img.path!r} (max_chain_depth)", offset=where,
                                         field="backing_file")
-            if not os.path.exists(path):
+            if not is_url(path) and not os.path.exists(path):
                 raise FileNotFoundError(2, f"could not open backing file {name!r} of "
                                            f"{img.path!r} (layer {k}, field backing_file)", path)
-            fmt = img.header.backing_format or probe_format(path)
+            fmt = img.header.backing_format or probe_format(path, top.remote_options)
             if fmt not in ("qcow2", "raw"):
                 raise UnsupportedFeatureError(
                     f"backing file {name!r} of {img.path!r} (layer {k}): format {fmt!r} "
@@ -329,7 +330,7 @@ def open_chain(top, max_depth=None, above=()):
             except (Qcow2Error, OSError) as e:
                 raise _in_layer(e, path, k, top.path) from None
             layers.append(layer)
-            seen.add(os.path.realpath(path))
+            seen.add(identity(path))
             img = layer
     except BaseException:
         for layer in layers:
@@ -358,16 +359,16 @@ def build_chain(top, layers, unit_bits, max_open, map_bytes):
 
 
 def _share(img):
-    """The lock options a layer takes: those of the image given."""
-    return {"force_share": img.force_share, "locking": img.locking}
+    """The lock (and remote) options a layer takes: those of the image given."""
+    return {"force_share": img.force_share, "locking": img.locking,
+            "remote": img.remote_options}
 
 
 def _open_layer(cls, path, cache_mode, share, untrusted):
     """A lower layer: read-only, no backing file of its own, and a small L2
     cache (the chain's resolved map answers most reads); locked as the top
     is (``share``), and under the untrusted rules if the top is."""
-    with open(path, "rb") as f:
-        head = f.read(24)
+    head = read_head(path, 24, share["remote"])
     bits = int.from_bytes(head[20:24], "big") if len(head) == 24 else 16
     entry = min(LAYER_L2_ENTRY, 1 << bits) if 9 <= bits <= 21 else LAYER_L2_ENTRY
     return cls(path, "r", cache_mode=cache_mode, cache_clean_interval=0, backing=False,

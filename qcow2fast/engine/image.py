@@ -33,6 +33,8 @@ from ..errors import (CorruptImageError, ImageClosedError, InvalidArgumentError,
                       ReadOnlyImageError, UnsupportedFeatureError)
 from ..extent import Extent, merge_extents
 from ..host.file import open_image_file
+from ..host.remote import is_remote
+from ..host.remote import name_of as remote_name
 from ..spec import header as hdr
 from ..spec.geometry import Geometry
 from . import features, resize, untrusted
@@ -70,7 +72,7 @@ class Image(ImageCore):
                  lazy_refcounts: bool | None = None, backing: bool = True,
                  snapshot: str | collections.abc.Mapping[str, str | None] | None = None,
                  force_share: bool = False, locking: bool = True, untrusted: bool = False,
-                 max_chain_depth: int | None = None,
+                 max_chain_depth: int | None = None, remote: dict | None = None,
                  _chain: tuple[str, ...] = (), _repair: bool = False) -> None:
         if mode not in ("r", "r+"):
             raise InvalidArgumentError(f"mode must be 'r' or 'r+', not {mode!r}")
@@ -86,7 +88,9 @@ class Image(ImageCore):
             if value is not None and (not isinstance(value, int) or value < 0):
                 raise InvalidArgumentError(f"{name} must be a non-negative integer, "
                                            f"not {value!r}")
-        self.path = os.fspath(path)
+        # A URL or an open fsspec file: a remote image (host/remote.py, read-only).
+        self.path = remote_name(path) if is_remote(path) else os.fspath(path)
+        self.remote_options = remote
         self.cache_mode = cache_mode
         # qemu's image locks (host/lock.py), and the untrusted-image rules
         # (engine/untrusted.py); the backing chain inherits all three.
@@ -100,8 +104,9 @@ class Image(ImageCore):
         writable = mode == "r+"
         direct = cache_mode in ("none", "directsync")
         try:
-            f = open_image_file(self.path, "qcow2", writable=writable, direct=direct,
-                                force_share=force_share, locking=locking)
+            f = open_image_file(path if is_remote(path) else self.path, "qcow2",
+                                writable=writable, direct=direct, force_share=force_share,
+                                locking=locking, remote=remote)
         except OSError as e:
             if direct and e.errno == 22:
                 raise InvalidArgumentError(f"{self.path}: the filesystem does not support "

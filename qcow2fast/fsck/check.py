@@ -639,10 +639,10 @@ def check_image(path, fix=None):
     check without -r).  Returns a CheckResult; raises Qcow2Error/OSError
     when the image cannot be checked at all (unreadable header)."""
     from ..spec import header as hdr
-    from .._ext.fileio import File
     from ..engine.snapshot import TableRepairs
+    from ..host.file import open_image_file
     from .snapshot_table import account, clamp_count, read_for_check
-    f = File(str(path), writable=False, direct=False)
+    f = open_image_file(path, "qcow2", locking=False)    # locked by the caller, or a URL
     try:
         size = f.size()
         repairs = TableRepairs(fix == "all")

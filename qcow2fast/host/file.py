@@ -17,6 +17,7 @@ import threading
 
 from .._ext.fileio import File, punch_hole, zero_range
 from . import lock
+from .remote import is_remote
 
 # Write calls cover at most WRITE_MAX bytes.  With larger buffered writes the
 # kernel takes 2 MiB page-cache folios (ext4 and xfs, Linux 6.16+); in a VM
@@ -63,9 +64,14 @@ def zero(fd, off, n, write):
 
 
 def open_image_file(path, fmt, *, writable=False, direct=False, force_share=False,
-                    locking=True):
+                    locking=True, remote=None):
     """The File of a ``fmt`` ("qcow2"/"raw") image, locked as qemu locks it
-    (host/lock.py) unless ``locking`` is False (qemu's locking=off)."""
+    (host/lock.py) unless ``locking`` is False (qemu's locking=off).  A URL
+    or an open fsspec file is a remote image (host/remote.py, read-only,
+    not locked; ``remote``: its RemoteOptions)."""
+    if is_remote(path):
+        from .remote import open_file
+        return open_file(path, writable, remote)
     perm, unshared = lock.permissions(fmt, writable, force_share)
     f = File(path, writable=writable, direct=direct)
     if locking:

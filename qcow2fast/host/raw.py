@@ -8,6 +8,7 @@ import os
 
 from . import file as hostfile
 from .file import open_image_file
+from .remote import is_remote, name_of
 from ..extent import Extent
 
 
@@ -17,11 +18,11 @@ class RawImage:
     header = None
     backing = None
 
-    def __init__(self, path, writable=False, *, force_share=False, locking=True):
-        self.path = path
-        self.force_share, self.locking = force_share, locking
+    def __init__(self, path, writable=False, *, force_share=False, locking=True, remote=None):
+        self.path = name_of(path) if is_remote(path) else path
+        self.force_share, self.locking, self.remote_options = force_share, locking, remote
         self.file = open_image_file(path, "raw", writable=writable, force_share=force_share,
-                                    locking=locking)
+                                    locking=locking, remote=remote)
         self.size = self.file.size()            # lseek: block devices too
         self.read_only = not writable
         self.closed = False

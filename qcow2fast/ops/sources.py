@@ -7,6 +7,7 @@ import os
 import numpy as np
 
 from ..engine.backing import probe_format
+from ..host.remote import is_url
 from ..errors import ConvertError, InvalidArgumentError, Qcow2Error
 from ..host.raw import RawImage
 
@@ -65,7 +66,7 @@ def open_sources(names, fmt, snapshot=None, *, force_share=False, untrusted=Fals
     try:
         for name in names:
             path = os.fspath(name)
-            if not os.path.exists(path):
+            if not is_url(path) and not os.path.exists(path):
                 raise FileNotFoundError(2, "Could not open source image", path)
             f = fmt or probe_format(path)
             if f == "qcow2":

@@ -1,0 +1,105 @@
+# cython: language_level=3
+"""A read-only :class:`~qcow2fast._ext.fileio.File` whose bytes come from a
+Python object instead of a descriptor: a remote image (host/remote.py).
+
+The engine reads every host byte through ``File.c_pread`` (the data path,
+the table caches, the chain); this subclass overrides it to take the GIL
+and call ``reader.readinto(buf, offset)``, so nothing above it changes and
+no second copy of the data path exists.  The reader batches (block cache,
+readahead, parallel ranged requests), which is what keeps the per-call
+GIL toll small next to the network.
+
+The descriptor is ``NO_FD``: never a valid descriptor (Linux caps them at
+fs.nr_open, at most 2**31 - 64), so a caller that still reaches for
+``fd`` (lseek, fstat, io_uring) fails with EBADF instead of touching
+another file.  A reader error is kept and re-raised as it was (it names
+the URL and the offset) by ``raise_errno``, which every caller of
+``c_pread`` uses.
+"""
+
+from cpython.buffer cimport PyBUF_WRITABLE
+from libc.stdint cimport int64_t
+
+from .fileio cimport File
+
+NO_FD = 0x7fffffff
+cdef int64_t EIO = 5
+cdef int64_t EROFS = 30
+
+
+cdef class HookFile(File):
+    cdef readonly object reader          # readinto(buf, offset), size, close(), name
+    cdef object error                   # the reader's exception, for raise_errno
+
+    cdef int64_t c_pread(self, char *buf, size_t n, int64_t off) noexcept nogil:
+        with gil:
+            try:
+                self.reader.readinto(<char[:n]> buf if n else bytearray(), off)
+            except BaseException as e:
+                self.error = e
+                return -EIO
+        return <int64_t>n
+
+    cdef int64_t c_pwrite(self, const char *buf, size_t n, int64_t off) noexcept nogil:
+        return -EROFS
+
+    cdef raise_errno(self, int64_t rc, str what, int64_t off):
+        e, self.error = self.error, None
+        if e is not None:
+            raise e
+        File.raise_errno(self, rc, what, off)
+
+    def close(self):
+        if self.fd >= 0 or self.suspended:
+            self.fd = -1
+            self.suspended = False
+            self.reader.close()
+
+    # A deep chain gives descriptors back (engine/chain.py): a hook file has
+    # none, but it drops its cached blocks the same way.
+    def suspend(self):
+        if self.fd >= 0:
+            self.fd = -1
+            self.suspended = True
+            self.reader.drop_cache()
+
+    def resume(self):
+        if self.fd < 0 and self.suspended:
+            self.fd = NO_FD
+            self.suspended = False
+
+    def sync(self):
+        pass            # read-only: nothing was written
+
+    def sync_all(self):
+        pass
+
+    def size(self):
+        return self.reader.size
+
+    @property
+    def is_device(self):
+        return False
+
+    def truncate(self, int64_t size):
+        raise PermissionError(f"{self.path}: file is open read-only")
+
+    def punch_hole(self, int64_t off, int64_t length):
+        return False
+
+    def zero_range(self, int64_t off, int64_t length):
+        return False
+
+    def fallocate(self, int64_t off, int64_t length):
+        raise PermissionError(f"{self.path}: file is open read-only")
+
+
+def hook_file(reader):
+    """A read-only File over ``reader`` (an object with ``readinto(buf,
+    offset)`` filling all of ``buf``, ``size``, ``name``, ``close()`` and
+    ``drop_cache()``)."""
+    cdef HookFile f = HookFile.__new__(HookFile, None)
+    f.reader = reader
+    f.path = reader.name
+    f.fd = NO_FD
+    return f

@@ -1,0 +1,450 @@
+"""Remote images through fsspec: ``https://``, ``s3://``, any fsspec URL,
+or an fsspec file object already open, read-only.
+
+A remote image is a :class:`~qcow2fast._ext.hookfile.HookFile` (a File
+whose reads call Python) over a :class:`BlockCache`, so the engine reads it
+as it reads a local file.  The cache turns the engine's many small reads
+(L2 slices, clusters) into few large ranged requests:
+
+- the object is cut into blocks of ``block_size``; a read fetches the
+  blocks it misses, and a run of missing blocks is one request (split at
+  ``request_size``);
+- a read that continues a recent one (a *stream*; several are tracked, so
+  metadata reads elsewhere do not break the data stream) reads ahead, the
+  window doubling up to ``readahead``; readahead is issued a request at a
+  time, never a block at a time;
+- requests run on ``connections`` threads in parallel, each one ranged
+  request (fsspec's ``_fetch_range``, which every buffered fsspec file
+  has), so a large read is several connections at once;
+- the blocks kept (fetched or in flight) are bounded by ``cache_size``,
+  least recently used first out.
+
+Bad servers: every response must be exactly the bytes asked for (a short
+or long body is retried, then an error); a request that fails (timeout,
+dropped connection, server error) is retried ``retries`` times in all with
+a short backoff; a server that ignores Range, an object that changed (its
+ETag no longer matches: HTTP ``If-Match``, S3 ``IfMatch``) or is gone is
+an error at once.  Errors are :class:`RemoteReadError` naming the URL, the
+offset and the cause; wrong data is never returned.
+
+fsspec and its HTTP (aiohttp) and S3 (s3fs) back ends are the optional
+extra ``remote``: ``pip install qcow2fast[remote]``.
+"""
+
+import collections
+import errno
+import os
+import posixpath
+import re
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, fields
+
+from ..errors import InvalidArgumentError, UnsupportedFeatureError
+
+EXTRA = "pip install qcow2fast[remote]"
+_URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+
+
+class RemoteReadError(OSError):
+    """A remote read that failed for good: ``filename`` is the URL,
+    ``offset`` where the read started, ``strerror`` what went wrong."""
+
+    def __init__(self, url, offset, length, why, code=errno.EIO):
+        super().__init__(code, f"read of {length} bytes at offset {offset:#x}: {why}", url)
+        self.offset = offset
+
+
+@dataclass
+class RemoteOptions:
+    block_size: int = 256 << 10         # the cache's unit, and the smallest request
+    cache_size: int = 128 << 20         # blocks kept, fetched or in flight
+    readahead: int = 64 << 20           # largest readahead window of a stream
+    request_size: int = 4 << 20         # largest single ranged request
+    connections: int = 4                # requests in flight at once
+    timeout: float = 30.0               # seconds without progress before a request fails
+    retries: int = 3                    # attempts per request, the first included
+    storage_options: dict = None        # passed to fsspec (credentials, endpoints, ...)
+
+    @classmethod
+    def of(cls, value):
+        if value is None:
+            return cls()
+        if isinstance(value, cls):
+            return value
+        if not isinstance(value, dict):
+            raise InvalidArgumentError(f"remote options must be a dict, not {value!r}")
+        names = {f.name for f in fields(cls)}
+        bad = sorted(set(value) - names)
+        if bad:
+            raise InvalidArgumentError(f"unknown remote option(s) {', '.join(bad)} "
+                                       f"(known: {', '.join(sorted(names))})")
+        opts = cls(**value)
+        for name in ("block_size", "cache_size", "readahead", "request_size", "connections",
+                     "retries"):
+            v = getattr(opts, name)
+            if not isinstance(v, int) or v < 1:
+                raise InvalidArgumentError(f"remote option {name} must be a positive "
+                                           f"integer, not {v!r}")
+        if opts.block_size & (opts.block_size - 1) or opts.block_size < 4096:
+            raise InvalidArgumentError("remote option block_size must be a power of two "
+                                       "of at least 4096")
+        return opts
+
+
+# -- names ---------------------------------------------------------------------------
+
+def is_url(name):
+    return isinstance(name, str) and _URL.match(name) is not None
+
+
+def is_remote(obj):
+    """A URL, or an open file object (anything with read and seek that is
+    not a path)."""
+    return is_url(obj) or (not isinstance(obj, (str, bytes)) and hasattr(obj, "read")
+                           and hasattr(obj, "seek"))
+
+
+def name_of(obj):
+    """The URL of a remote image (for messages and backing names)."""
+    if isinstance(obj, str):
+        return obj
+    fs, path = getattr(obj, "fs", None), getattr(obj, "path", None)
+    if fs is not None and isinstance(path, str):
+        if is_url(path):
+            return path
+        return fs.unstrip_protocol(path)
+    return str(getattr(obj, "name", None) or repr(obj))
+
+
+def join(base, name):
+    """Backing file ``name`` of the remote image at URL ``base``: a URL
+    stays as it is; an absolute path is on the same host (or bucket), a
+    relative one beside the image, as qemu resolves a local one."""
+    if is_url(name):
+        return name
+    m = _URL.match(base)
+    rest = base[m.end():]
+    host, _, path = rest.partition("/")
+    if name.startswith("/"):
+        path = name
+    else:
+        path = posixpath.join(posixpath.dirname("/" + path), name)
+    return f"{m.group(0)}{host}{posixpath.normpath(path)}"
+
+
+# -- opening ---------------------------------------------------------------------------
+
+def _fsspec():
+    try:
+        import fsspec
+    except ImportError:
+        raise UnsupportedFeatureError(f"remote images need fsspec: {EXTRA}",
+                                      feature="remote") from None
+    return fsspec
+
+
+def open_file(obj, writable=False, options=None):
+    """A read-only File (``_ext/hookfile.pyx``) over the remote image
+    ``obj`` (a URL or an open fsspec file)."""
+    from .._ext.hookfile import hook_file
+    name = name_of(obj)
+    if writable:
+        raise InvalidArgumentError(f"{name}: remote images are read-only (open them with "
+                                   "mode 'r'; to write, create a local image over it)")
+    opts = RemoteOptions.of(options)
+    source = _url_source(obj, opts) if isinstance(obj, str) else _object_source(obj, name)
+    return hook_file(BlockCache(source, opts))
+
+
+def read_head(obj, n, options=None):
+    """The first ``n`` bytes of a remote image (format probing)."""
+    f = open_file(obj, False, options)
+    try:
+        return f.pread(0, min(n, f.size()))
+    finally:
+        f.close()
+
+
+class _Source:
+    """What the cache fetches from: ``fetch(start, end)`` returns those
+    bytes; ``reopen()`` the same object again (in a forked child, whose
+    event loop and connections are not the parent's), or None."""
+
+    def __init__(self, name, size, fetch, close=None, reopen=None):
+        self.name, self.size, self.fetch, self._close = name, size, fetch, close
+        self.reopen = reopen
+
+    def close(self):
+        if self._close is not None:
+            self._close()
+
+
+def _url_source(url, opts, expect=None):
+    fsspec = _fsspec()
+    protocol = _URL.match(url).group(1).lower()
+    so = dict(opts.storage_options or {})
+    try:
+        if protocol in ("http", "https") and "client_kwargs" not in so:
+            import aiohttp
+            so["client_kwargs"] = {"timeout": aiohttp.ClientTimeout(
+                total=None, sock_connect=opts.timeout, sock_read=opts.timeout)}
+        elif protocol in ("s3", "s3a") and "config_kwargs" not in so:
+            so["config_kwargs"] = {"connect_timeout": opts.timeout,
+                                   "read_timeout": opts.timeout,
+                                   "retries": {"max_attempts": 1}}
+        fs, path = fsspec.core.url_to_fs(url, **so)
+    except ImportError as e:
+        raise UnsupportedFeatureError(f"{url}: the {protocol}:// back end needs {e.name}: "
+                                      f"{EXTRA}", feature="remote") from None
+    info = _retrying(url, 0, 0, opts, lambda: fs.info(path), "metadata request")
+    size = info.get("size")
+    if size is None:
+        raise RemoteReadError(url, 0, 0, "the server does not say how large the object is")
+    kw = {}
+    etag = info.get("ETag") or info.get("etag")
+    if protocol in ("http", "https"):
+        kw["size"] = size
+        if etag and not etag.startswith("W/"):      # If-Match compares strong ETags only
+            kw["headers"] = {"If-Match": etag}
+    f = fs.open(path, "rb", cache_type="none", **kw)
+    if getattr(f, "size", size) != size or (expect is not None and expect != (size, etag)):
+        f.close()
+        raise RemoteReadError(url, 0, 0, "the object changed since it was opened",
+                              errno.ESTALE)
+    return _Source(url, size, f._fetch_range, f.close,
+                   lambda: _url_source(url, opts, (size, etag)))
+
+
+def _object_source(f, name):
+    size = getattr(f, "size", None)
+    if size is None or callable(size):
+        size = f.seek(0, 2)
+    if hasattr(f, "_fetch_range"):      # every fsspec buffered file
+        return _Source(name, size, f._fetch_range)
+    lock = threading.Lock()
+
+    def fetch(start, end):
+        with lock:
+            f.seek(start)
+            return f.read(end - start)
+    return _Source(name, size, fetch)
+
+
+# -- errors and retries -------------------------------------------------------------------
+
+def _permanent(e):
+    """(why, errno) if ``e`` will not go away by asking again, else None."""
+    status = getattr(e, "status", None) or getattr(e, "code", None)
+    text = str(e)
+    if status == 412 or type(e).__name__ == "FileExpired" or "pre-condition" in text:
+        return "the object changed since it was opened (its ETag no longer matches)", \
+            errno.ESTALE
+    if "support range requests" in text:
+        return "the server does not support Range requests", errno.EOPNOTSUPP
+    if isinstance(e, FileNotFoundError) or status == 404:
+        return "the object is gone", errno.ENOENT
+    if isinstance(e, PermissionError) or status in (401, 403):
+        return f"access denied ({e})", errno.EACCES
+    if isinstance(e, (InvalidArgumentError, UnsupportedFeatureError, TypeError,
+                      AttributeError, NotImplementedError)):
+        return _describe(e), errno.EINVAL
+    return None
+
+
+def _describe(e):
+    if isinstance(e, TimeoutError) or "Timeout" in type(e).__name__:
+        return f"timed out ({type(e).__name__})"
+    return f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+
+
+def _retrying(url, start, length, opts, call, what="read"):
+    last = None
+    for attempt in range(opts.retries):
+        if attempt:
+            time.sleep(min(0.05 * 4 ** (attempt - 1), 2.0))
+        try:
+            return call()
+        except Exception as e:
+            perm = _permanent(e)
+            if perm is not None:
+                raise RemoteReadError(url, start, length, perm[0], perm[1]) from e
+            last = e
+    raise RemoteReadError(url, start, length, f"{what} failed {opts.retries} times; last: "
+                                              f"{_describe(last)}") from last
+
+
+# -- the block cache ----------------------------------------------------------------------
+
+class _Stream:
+    __slots__ = ("pos", "window", "fetched")
+
+    def __init__(self, pos, window):
+        self.pos, self.window, self.fetched = pos, window, 0
+
+
+class BlockCache:
+    """The reader behind a remote HookFile (see the module's docstring)."""
+
+    MAX_STREAMS = 8
+
+    def __init__(self, source, opts):
+        self.source, self.opts = source, opts
+        self.name, self.size = source.name, source.size
+        self.block = opts.block_size
+        self.nblocks = -(-self.size // self.block)
+        self.max_blocks = max(4, opts.cache_size // self.block)
+        self.req_blocks = max(1, opts.request_size // self.block)
+        # Readahead never more than half the cache: what is read ahead must
+        # still be there when the reader gets to it.
+        self.ra_max = max(self.block, min(opts.readahead, opts.cache_size // 2))
+        self._blocks = collections.OrderedDict()     # block index -> its request's Future
+        self._streams = []
+        self._lock = threading.Lock()
+        self._start_pool()
+        self.requests = 0
+        self.bytes_fetched = 0
+
+    def _start_pool(self):
+        self._pid = os.getpid()
+        self._pool = ThreadPoolExecutor(self.opts.connections,
+                                        thread_name_prefix="qcow2fast-remote")
+
+    def _after_fork(self):
+        """In a forked child (serve --fork) the pool's threads, the requests
+        they ran and fsspec's event loop are gone: a new pool, nothing in
+        flight, the object opened again (it must not have changed)."""
+        self._blocks.clear()
+        self._streams.clear()
+        self._start_pool()
+        if self.source.reopen is not None:
+            self.source = self.source.reopen()
+            return
+
+        def refuse(start, end):
+            raise InvalidArgumentError("an open file object cannot be read after fork "
+                                       "(open the image by its URL)")
+        self.source = _Source(self.name, self.size, refuse)
+
+    # -- the reader interface (HookFile) -----------------------------------------------
+
+    def readinto(self, buf, off):
+        """Fill ``buf`` from ``off`` (zeros past the end of the object)."""
+        mv = memoryview(buf).cast("B")
+        n = len(mv)
+        lim = min(off + n, self.size)
+        if lim < off + n:
+            mv[max(0, lim - off):] = bytes(off + n - max(lim, off))
+        if lim <= off:
+            return
+        bs = self.block
+        b0, b1 = off // bs, -(-lim // bs)
+        with self._lock:
+            if self._pid != os.getpid():
+                self._after_fork()
+            wanted = self._schedule(b0, b1)
+            self._read_ahead(off, lim, b1)
+        for i, (fut, first) in zip(range(b0, b1), wanted):
+            try:
+                data = fut.result()
+            except BaseException:
+                self._forget(fut)
+                raise
+            lo, hi = max(off, i * bs), min(lim, (i + 1) * bs)
+            rel = (i - first) * bs
+            mv[lo - off:hi - off] = data[rel + lo - i * bs:rel + hi - i * bs]
+
+    def drop_cache(self):
+        with self._lock:
+            self._blocks.clear()
+            self._streams.clear()
+
+    def close(self):
+        self.drop_cache()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        self.source.close()
+
+    def stats(self):
+        return {"remote_requests": self.requests, "remote_bytes": self.bytes_fetched,
+                "remote_blocks_cached": len(self._blocks)}
+
+    # -- scheduling (under the lock) ---------------------------------------------------
+
+    def _schedule(self, b0, b1):
+        """(future, its first block) for each block of [b0, b1), fetching
+        the missing ones: each run of them in requests of at most
+        request_size."""
+        self._fetch_missing(b0, b1)
+        out = []
+        for i in range(b0, b1):
+            self._blocks.move_to_end(i)
+            out.append(self._blocks[i])
+        self._evict()
+        return out
+
+    def _fetch_missing(self, i, end):
+        """Request the blocks of [i, end) not cached or in flight."""
+        while i < end:
+            if i in self._blocks:
+                i += 1
+                continue
+            j = i + 1
+            while j < end and j - i < self.req_blocks and j not in self._blocks:
+                j += 1
+            fut = self._pool.submit(self._fetch, i, j)
+            for k in range(i, j):
+                self._blocks[k] = (fut, i)
+            i = j
+
+    def _read_ahead(self, off, lim, b1):
+        """Continue the stream this read belongs to (or start one)."""
+        bs = self.block
+        s = next((s for s in self._streams if s.pos - bs <= off <= s.pos + s.window), None)
+        if s is None:
+            self._streams.insert(0, _Stream(lim, min(self.ra_max, 4 * bs)))
+            del self._streams[self.MAX_STREAMS:]
+            return
+        self._streams.remove(s)
+        self._streams.insert(0, s)
+        s.pos = lim
+        s.window = min(self.ra_max, 2 * s.window)
+        end = min(self.nblocks, -(-(lim + s.window) // bs))
+        start = max(s.fetched, b1)
+        # Read ahead a request at a time (or what is left of the object).
+        if end - start < min(self.req_blocks, max(1, (s.window // bs) // 2)) and \
+                end < self.nblocks:
+            return
+        s.fetched = end
+        self._fetch_missing(start, end)
+        self._evict()
+
+    def _evict(self):
+        while len(self._blocks) > self.max_blocks:
+            self._blocks.popitem(last=False)
+
+    def _forget(self, fut):
+        """A failed request's blocks leave the cache (a later read asks again)."""
+        with self._lock:
+            for i in [i for i, (f, _) in self._blocks.items() if f is fut]:
+                del self._blocks[i]
+
+    # -- one request (on a pool thread) ------------------------------------------------
+
+    def _fetch(self, first, last):
+        start = first * self.block
+        end = min(last * self.block, self.size)
+        want = end - start
+
+        def once():
+            self.requests += 1
+            data = self.source.fetch(start, end)
+            if len(data) != want:
+                raise _ShortRead(f"the server sent {len(data)} bytes instead of {want}")
+            self.bytes_fetched += want
+            return data
+        return _retrying(self.name, start, want, self.opts, once)
+
+
+class _ShortRead(OSError):
+    pass
