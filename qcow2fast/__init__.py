@@ -5,6 +5,10 @@
     with qcow2fast.open("disk.qcow2", "r+") as img:
         img.write(0, b"hello")
         img.read(0, 5)
+
+The public names are loaded on first use (PEP 562): ``import qcow2fast`` and
+a command line that only reads a header pay for neither the engine nor
+numpy (tests/unit/test_startup.py).
 """
 
 from __future__ import annotations
@@ -16,24 +20,26 @@ from typing import TYPE_CHECKING
 # numpy's OpenBLAS would start a thread per CPU at import, each reserving
 # tens of MiB of address space (64 CPUs: more than the 1 GiB qemu-img is
 # given for untrusted images, host/limits.py); qcow2fast does no linear
-# algebra.  A program that does can set OPENBLAS_NUM_THREADS itself.
+# algebra.  A program that does can set OPENBLAS_NUM_THREADS itself.  Set
+# here, before any module of the package can import numpy.
 if "numpy" not in _sys.modules:
     _os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-
-from .ops.amend import amend
-from .ops.commit import commit
-from .ops.convert import convert
-from .ops.create import create
-from .ops.rebase import rebase
-from .errors import (ConvertError, CorruptImageError, ImageClosedError, ImageLockedError,
-                     InvalidArgumentError, LimitExceededError, Qcow2Error, ReadOnlyImageError,
-                     RepairError, UnsupportedFeatureError, UntrustedImageError)
-from .extent import Extent
-from .engine.image import Image
 
 if TYPE_CHECKING:
     import os
     from typing import Any, Literal
+
+    from .engine.image import Image
+    from .errors import (ConvertError, CorruptImageError, ImageClosedError, ImageLockedError,
+                         InvalidArgumentError, LimitExceededError, Qcow2Error,
+                         ReadOnlyImageError, RepairError, UnsupportedFeatureError,
+                         UntrustedImageError)
+    from .extent import Extent
+    from .ops.amend import amend
+    from .ops.commit import commit
+    from .ops.convert import convert
+    from .ops.create import create
+    from .ops.rebase import rebase
 
 __version__ = "0.1.0"
 
@@ -42,8 +48,32 @@ __all__ = ["open", "create", "convert", "commit", "rebase", "amend", "Image", "E
            "ImageClosedError", "LimitExceededError", "RepairError", "ConvertError",
            "ImageLockedError", "UntrustedImageError"]
 
+# Each lazily loaded public name -> the module defining it.
+_LAZY = {"amend": ".ops.amend", "commit": ".ops.commit", "convert": ".ops.convert",
+         "create": ".ops.create", "rebase": ".ops.rebase", "Image": ".engine.image",
+         "Extent": ".extent",
+         **dict.fromkeys(("ConvertError", "CorruptImageError", "ImageClosedError",
+                          "ImageLockedError", "InvalidArgumentError", "LimitExceededError",
+                          "Qcow2Error", "ReadOnlyImageError", "RepairError",
+                          "UnsupportedFeatureError", "UntrustedImageError"), ".errors")}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from importlib import import_module
+    value = getattr(import_module(module, __name__), name)
+    globals()[name] = value          # later lookups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
 
 def open(  # noqa: A001 - mirrors the builtin on purpose
         path: str | os.PathLike[str], mode: Literal["r", "r+"] = "r", **options: Any) -> Image:
     """Open a qcow2 image (``mode`` "r" or "r+"); see :class:`Image` for options."""
+    from .engine.image import Image
     return Image(path, mode, **options)

@@ -9,27 +9,44 @@ benchmark suite with its own options.
 """
 
 import sys
+from importlib import import_module
 
 from ..errors import Qcow2Error
-from . import check_cmd, compare_cmd, create_cmd, dd_cmd, info_cmd, map_cmd, measure_cmd
-from . import bench_cmd, convert_cmd, serve_cmd, snapshot_cmd, suite_cmd
-from . import amend_cmd, bitmap_cmd, commit_cmd, rebase_cmd, resize_cmd
-from . import fleet_cmd
 from ..host.limits import CpuGuard, memory_limit_note
 from .options import Parser, UsageError
 
-COMMANDS = [create_cmd, info_cmd, check_cmd, map_cmd, compare_cmd, measure_cmd, dd_cmd,
-            convert_cmd, bench_cmd, serve_cmd, suite_cmd, commit_cmd, rebase_cmd, snapshot_cmd,
-            bitmap_cmd, resize_cmd, amend_cmd, fleet_cmd]
+# Each subcommand -> the module implementing it.  Only the module of the
+# subcommand being run is imported (start-up is most of a small command's
+# time: tests/unit/test_startup.py); --help and unknown commands load all.
+COMMANDS = {"create": "create_cmd", "info": "info_cmd", "check": "check_cmd", "map": "map_cmd",
+            "compare": "compare_cmd", "measure": "measure_cmd", "dd": "dd_cmd",
+            "convert": "convert_cmd", "bench": "bench_cmd", "serve": "serve_cmd",
+            "bench-suite": "suite_cmd", "commit": "commit_cmd", "rebase": "rebase_cmd",
+            "snapshot": "snapshot_cmd", "bitmap": "bitmap_cmd", "resize": "resize_cmd",
+            "amend": "amend_cmd", "fleet": "fleet_cmd"}
 
 
-def build_parser():
+def command_module(name):
+    return import_module(f".{COMMANDS[name]}", __name__)
+
+
+def build_parser(only=None):
+    """The command line's parser: every subcommand, or ``only`` that one."""
     parser = Parser(prog="qcow2fast", description="qemu-img compatible qcow2 tool")
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for module in COMMANDS:
-        module.add_parser(sub)
+    for name in COMMANDS if only is None else (only,):
+        command_module(name).add_parser(sub)
     return parser
+
+
+def command_name(argv):
+    """The subcommand ``argv`` runs, or None if it is not plainly one (then
+    the full parser answers: help, or argparse's error)."""
+    for arg in argv:
+        if arg != "--debug":
+            return arg if arg in COMMANDS else None
+    return None
 
 
 def main(argv=None):
@@ -39,11 +56,12 @@ def main(argv=None):
     # error rather than the kernel's SIGKILL.
     CpuGuard.install()
     try:
-        if argv[:1] == [suite_cmd.NAME]:       # the suite parses its own options
-            return suite_cmd.run_argv(argv[1:])
-        if argv[:1] == [resize_cmd.NAME] and "-h" not in argv and "--help" not in argv:
-            argv = resize_cmd.size_last(argv)     # the size may look like an option
-        args = build_parser().parse_args(argv)
+        name = command_name(argv)
+        if argv[:1] == ["bench-suite"]:       # the suite parses its own options
+            return command_module("bench-suite").run_argv(argv[1:])
+        if argv[:1] == ["resize"] and "-h" not in argv and "--help" not in argv:
+            argv = command_module("resize").size_last(argv)   # the size may look like an option
+        args = build_parser(name).parse_args(argv)
         if not args.command:
             raise UsageError("a command is required (try --help)")
         return args.run(args)

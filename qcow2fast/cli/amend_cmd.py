@@ -6,7 +6,6 @@ when an option cannot be amended."""
 
 import sys
 
-from ..ops.amend import AMEND_OPTIONS, AmendOptionError, amend
 from .common import resolve_image
 from .options import UsageError, merge_options
 from .progress import Progress
@@ -29,6 +28,7 @@ def add_parser(sub):
 
 
 def options_help():
+    from ..ops.amend import AMEND_OPTIONS
     lines = ["Amend options for 'qcow2':"]
     for name, kind, text in AMEND_OPTIONS:
         lines.append(f"  {name + '=<' + kind + '>':<22} - {text}")
@@ -52,6 +52,7 @@ def run(args):
     if "size" in opts and opts["size"] is not None:
         from .options import parse_size
         opts["size"] = parse_size(opts["size"], "size")
+    from ..ops.amend import AmendOptionError, amend
     with Progress(args.progress and not args.quiet, 10000, "amend") as bar:
         try:
             amend(path, opts, progress=lambda done, total: bar.advance_to(done))

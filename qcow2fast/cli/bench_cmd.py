@@ -11,9 +11,7 @@ percentage of the requests write).  Cache options go through
 ``--image-opts``, as for every other subcommand.
 """
 
-from ..ops import bench
 from ..errors import Qcow2Error
-from ..engine.image import CACHE_MODES
 from .common import add_share_arguments, open_image, share_options
 from .options import UsageError, parse_size
 
@@ -64,6 +62,8 @@ def chain_summary(st):
 
 
 def run(args):
+    from ..engine.image import CACHE_MODES
+    from ..ops import bench
     count = _int(args.count, "request count")
     depth = _int(args.depth, "queue depth", 1)
     size = parse_size(args.size, "buffer size")

@@ -5,7 +5,6 @@ qemu-img commit: the image's data written into its backing file (or into
 ``-d``; ``-b`` implies ``-d``, as in qemu-img.  Prints "Image committed."
 (not with -q); ``-p`` prints qemu-img's percentages on stdout."""
 
-from ..ops.commit import commit
 from ..errors import InvalidArgumentError
 from .common import resolve_image
 from .progress import PercentProgress
@@ -35,6 +34,7 @@ def one_image(args, raw_error):
 
 
 def run(args):
+    from ..ops.commit import commit
     path = one_image(args, "Image does not have a backing file")
     bar = PercentProgress(args.progress and not args.quiet, 1.0)
     bar(0, 1)

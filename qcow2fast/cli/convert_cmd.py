@@ -11,7 +11,6 @@ reads an internal snapshot of the (single, qcow2) source: an id or name, or
 (not in qemu-img) sets the zlib (1-9, default 3) or zstd (1-22, default 3)
 level used by ``-c``."""
 
-from ..ops.convert import convert
 from .common import add_share_arguments, share_options, snapshot_spec
 from .create_cmd import options_help, qcow2_options
 from .options import UsageError, merge_options, parse_size
@@ -50,6 +49,7 @@ def add_parser(sub):
 
 
 def run(args):
+    from ..ops.convert import convert
     if args.out_fmt not in ("qcow2", "raw"):
         raise UsageError(f"convert: unknown or unsupported output format {args.out_fmt!r}")
     opts = merge_options(args.options)

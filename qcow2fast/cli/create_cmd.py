@@ -2,10 +2,8 @@
 
 import os
 
-from ..ops.create import create as create_image
 from ..host import file as hostfile
 from ..engine.backing import probe_format, resolve_backing_path
-from ..ops.layers import qemu_name
 from ..errors import UnsupportedFeatureError
 from .options import UsageError, merge_options, parse_bool, parse_size
 
@@ -50,6 +48,7 @@ def options_help(fmt):
 
 
 def run(args):
+    from ..ops.create import create as create_image
     if args.fmt not in FORMATS:
         raise UsageError(f"create: unknown or unsupported format {args.fmt!r} "
                          f"(supported: {', '.join(FORMATS)})")
@@ -84,6 +83,7 @@ def run(args):
         if size is None and args.unsafe:
             raise UsageError(f"{args.filename}: Image creation needs a size parameter")
         if not args.unsafe and not os.path.exists(bpath):
+            from ..ops.layers import qemu_name
             shown = qemu_name(args.filename, backing)
             raise UsageError(f"{args.filename}: Could not open '{shown}': No such file or "
                              "directory\nCould not open backing image.")

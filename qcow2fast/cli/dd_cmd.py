@@ -5,7 +5,6 @@ count*bs bytes minus the skipped skip*bs (when count fits in the input).
 One deliberate difference: skipping past the end of the input is an error
 with exit status 1 (qemu-img 7.2 prints the error but exits 0)."""
 
-from ..ops.create import create as create_qcow2
 from ..host import file as hostfile
 from .common import add_share_arguments, open_image, share_options
 from .options import UsageError, parse_size
@@ -42,6 +41,7 @@ def parse_operands(operands):
 
 
 def run(args):
+    from ..ops.create import create as create_qcow2
     src_name, dst_name, bs, count, skip = parse_operands(args.operands)
     if args.out_fmt not in ("raw", "qcow2"):
         raise UsageError(f"dd: unknown or unsupported output format {args.out_fmt!r}")

@@ -6,7 +6,6 @@ keys and its way of merging neighbours."""
 import json
 import sys
 
-from ..engine.blockstatus import chain_files, split_host_holes
 from ..errors import InvalidArgumentError
 from ..extent import Extent
 from .common import add_image_arguments, open_image, share_options
@@ -24,6 +23,7 @@ def add_parser(sub):
 
 
 def run(args):
+    from ..engine.blockstatus import chain_files, split_host_holes
     start = parse_size(args.start, "start offset")
     img = open_image(args.filename, args.fmt, image_opts=args.image_opts, **share_options(args))
     try:

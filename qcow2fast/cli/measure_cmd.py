@@ -3,7 +3,6 @@
 
 import json
 
-from ..ops.measure import measure
 from .common import add_share_arguments, open_image, share_options
 from .create_cmd import qcow2_options
 from .options import UsageError, merge_options, parse_size
@@ -24,6 +23,7 @@ def add_parser(sub):
 
 
 def run(args):
+    from ..ops.measure import measure
     if args.size is not None and args.filename:
         raise UsageError("measure: --size N cannot be used together with a filename")
     if args.size is None and not args.filename:

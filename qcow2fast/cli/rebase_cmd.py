@@ -6,7 +6,6 @@ and the new backing chains differ; ``-u`` only rewrites the header.  As in
 qemu-img 7.2, a backing file needs its format (-F), and -u without -b
 removes the backing file."""
 
-from ..ops.rebase import rebase
 from ..errors import InvalidArgumentError
 from .commit_cmd import one_image
 from .progress import PercentProgress
@@ -27,6 +26,7 @@ def add_parser(sub):
 
 
 def run(args):
+    from ..ops.rebase import rebase
     if len(args.filenames) == 1 and args.backing is None and not args.unsafe:
         raise InvalidArgumentError("Must specify backing file (-b) or use unsafe mode (-u)")
     path = one_image(args, f"Could not change the backing file to '{args.backing}': "

@@ -7,7 +7,6 @@ truncated (or extended, with falloc/full preallocation)."""
 
 import sys
 
-from ..engine.resize import PREALLOCATION_MODES
 from ..errors import InvalidArgumentError
 from .common import open_image
 from .options import UsageError, parse_size
@@ -43,6 +42,7 @@ def size_last(argv):
 
 
 def run(args):
+    from ..engine.resize import PREALLOCATION_MODES
     if args.preallocation not in PREALLOCATION_MODES:
         raise UsageError(f"Invalid preallocation mode '{args.preallocation}'")
     text = args.size

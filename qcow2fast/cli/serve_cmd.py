@@ -25,7 +25,6 @@ import sys
 import threading
 
 from .. import __version__
-from ..engine.image import CACHE_MODES
 from ..host.window import RawWindow
 from .common import add_image_arguments, open_image, share_options
 from .options import UsageError
@@ -92,6 +91,7 @@ def _int(text, message):
 def check_options(args):
     """qemu-nbd's checks of the command line, with its messages; returns
     the keyword arguments for the Server (besides the image)."""
+    from ..engine.image import CACHE_MODES
     from ..nbd.export import DETECT_ZEROES_MODES, DISCARD_MODES
     shared = _int(args.shared, f"Invalid shared device number '{args.shared}'")
     if args.nocache:

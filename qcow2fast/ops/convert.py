@@ -292,7 +292,7 @@ def convert(sources: str | os.PathLike[str] | Iterable[str | os.PathLike[str]],
     ``target_is_zero`` --target-is-zero, ``threads`` -m, ``snapshot`` -l (an
     id-or-name, or {"id": ..., "name": ...}, as :func:`qcow2fast.open` takes
     it).  ``compression_level`` (not in qemu-img) trades speed for size with
-    ``compress``: zlib 1-9 (default 3, see compress.ZLIB_DEFAULT_LEVEL), zstd
+    ``compress``: zlib 1-9 (default 5, see compress.ZLIB_DEFAULT_LEVEL), zstd
     1-22 (default 3, qemu's).  ``progress`` is
     called as ``progress(done_bytes, total_bytes)`` after each batch, with
     ``done`` increasing up to ``total`` (None when reading stdin).  ``sync``

@@ -1,0 +1,67 @@
+"""CLI start-up: what a command imports before it does any work.
+
+Each check runs in a fresh interpreter (the test process has long imported
+everything).  Not timed: the assertion is on the modules loaded, which is
+what start-up time follows (numpy alone is most of it)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+HEAVY = ("numpy", "qcow2fast.engine.image", "qcow2fast.ops.convert", "qcow2fast.ops.amend",
+         "qcow2fast.fsck.check", "zstandard", "concurrent.futures")
+
+
+def loaded_after(code):
+    """The modules in sys.modules after running ``code`` in a new python."""
+    probe = code + "\nimport json, sys\nprint(json.dumps(sorted(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                         check=True).stdout
+    return set(json.loads(out.splitlines()[-1]))
+
+
+def test_import_package_is_light():
+    mods = loaded_after("import qcow2fast")
+    assert not mods & set(HEAVY), sorted(mods & set(HEAVY))
+
+
+@pytest.mark.parametrize("argv", [["info", "x.qcow2"], ["check", "x.qcow2"],
+                                  ["map", "x.qcow2"], ["snapshot", "-l", "x.qcow2"],
+                                  ["resize", "x.qcow2", "+1G"], ["commit", "x.qcow2"],
+                                  ["create", "-f", "qcow2", "x.qcow2", "1G"],
+                                  ["convert", "-O", "raw", "x.qcow2", "y.raw"]])
+def test_parsing_a_command_loads_no_engine(argv):
+    """Parsing builds the parser of that subcommand alone; its module
+    imports the engine (and numpy) only when it runs."""
+    mods = loaded_after("import qcow2fast.cli as c\n"
+                        f"args = c.build_parser(c.command_name({argv!r})).parse_args({argv!r})\n"
+                        f"assert args.command == {argv[0]!r}")
+    assert not mods & set(HEAVY), sorted(mods & set(HEAVY))
+    others = {f"qcow2fast.cli.{m}" for m in ("convert_cmd", "serve_cmd", "bench_cmd", "amend_cmd")}
+    others.discard(f"qcow2fast.cli.{argv[0]}_cmd")
+    assert not mods & others, sorted(mods & others)
+
+
+def test_public_names_resolve():
+    import qcow2fast
+    for name in qcow2fast.__all__:
+        assert getattr(qcow2fast, name) is not None
+    assert set(qcow2fast.__all__) <= set(dir(qcow2fast))
+    with pytest.raises(AttributeError):
+        qcow2fast.no_such_name  # noqa: B018
+
+
+def test_full_parser_loads_no_engine():
+    """--help builds every subcommand's parser: still no engine."""
+    mods = loaded_after("import qcow2fast.cli as c\nc.build_parser()")
+    assert not mods & set(HEAVY), sorted(mods & set(HEAVY))
+
+
+def test_full_parser_still_lists_every_command(capsys):
+    from qcow2fast.cli import COMMANDS, main
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for name in COMMANDS:
+        assert name in out
