@@ -22,9 +22,7 @@ import os
 import sys
 import time
 
-from ..fleet import as_job, check_many, convert_many
-from ..fleet.executor import LOCAL, FleetExecutor
-from ..fleet.jobs import CONVERT_OPTIONS
+from ..fleet.executor import LOCAL
 from .create_cmd import qcow2_options
 from .options import UsageError, merge_options, parse_bool, parse_size
 
@@ -49,6 +47,9 @@ def add_parser(sub):
 
 
 def run(args):
+    from ..fleet import check_many, convert_many
+    from ..fleet.executor import FleetExecutor
+
     if args.workers is not None and (args.workers < 1 or args.scheduler != LOCAL):
         raise UsageError("fleet: -j N (N >= 1) sets the local pool's size "
                          "(a Dask cluster has its own workers)")
@@ -125,6 +126,9 @@ def load_manifest(path):
 
 
 def convert_job(entry, manifest, n):
+    from ..fleet import as_job
+    from ..fleet.jobs import CONVERT_OPTIONS
+
     where = f"fleet: manifest {manifest}, job {n}"
     if not isinstance(entry, dict):
         raise UsageError(f"{where}: expected an object with source and destination")

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import concurrent.futures
 import os
 
 from ..errors import UnsupportedFeatureError
@@ -32,6 +31,7 @@ class FleetExecutor:
     def __init__(self, scheduler: str = LOCAL, workers: int | None = None):
         self.client = None
         if scheduler == LOCAL:
+            import concurrent.futures  # not at import: the CLI's parser needs only LOCAL
             self.executor = concurrent.futures.ProcessPoolExecutor(workers or os.cpu_count()
                                                                    or 1)
         else:
