@@ -256,7 +256,8 @@ cdef class ImageCore:
             count = (in_u + n + us - 1) >> ub
             if count > slice_units - l2i:
                 count = slice_units - l2i
-            run = l2_units_run(l2, l2i, count, s.cluster_bits, s.extended, False, kind, host)
+            run = l2_units_run(l2, l2i, count, s.cluster_bits, s.extended, False, kind, host,
+                               s.external_data)
             chunk = (run << ub) - in_u
             if kind[0] == EXT_DATA:
                 if host[0] + <uint64_t>(run << ub) > <uint64_t>s.host_limit:
@@ -302,7 +303,7 @@ cdef class ImageCore:
             if count > slice_units - l2i:
                 count = slice_units - l2i
             run = l2_units_run(l2, l2i, count, s.cluster_bits, s.extended, False,
-                               &kind, &host)
+                               &kind, &host, s.external_data)
             chunk = (run << ub) - in_cl
             if chunk > n - done:
                 chunk = n - done
@@ -350,7 +351,7 @@ cdef class ImageCore:
             if count > slice_units - l2i:
                 count = slice_units - l2i
             run = l2_units_run(l2, l2i, count, s.cluster_bits, s.extended, True,
-                               &kind, &host)
+                               &kind, &host, s.external_data)
             if kind == EXT_ZERO and host and not s.extended:
                 run = 0         # preallocated zero clusters: the slow path reuses them
             desc = l2[2 * (l2i >> SC_BITS)] if s.extended else l2[l2i]
