@@ -171,11 +171,13 @@ cdef inline int64_t l2_run_ext(const uint64_t *l2, int64_t u, int64_t count, int
     cdef int64_t i = u >> SC_BITS, n = 1, j
     cdef int sc = <int>(u & (SUBCLUSTERS - 1)), k, k2
     cdef uint64_t e = l2[2 * i], bm = l2[2 * i + 1], base, want, copied
+    cdef bint mapped0, mapped           # the cluster has a host cluster (at_host0: offset 0)
     k = sc_kind(e, bm, sc, cluster_bits, data0)
     kind[0] = k
     base = e & L2E_OFFSET_MASK
-    host[0] = base + ((<uint64_t>sc) << scb) if (base or k == EXT_DATA) and k != EXT_COMPRESSED \
-        else base
+    mapped0 = base != 0 or at_host0(e, data0)
+    mapped = mapped0
+    host[0] = base + ((<uint64_t>sc) << scb) if mapped0 and k != EXT_COMPRESSED else base
     if k == EXT_INVALID or k == EXT_COMPRESSED:
         if k == EXT_COMPRESSED:       # the rest of the cluster
             n = SUBCLUSTERS - sc
@@ -192,6 +194,7 @@ cdef inline int64_t l2_run_ext(const uint64_t *l2, int64_t u, int64_t count, int
             e = l2[2 * (j >> SC_BITS)]
             bm = l2[2 * (j >> SC_BITS) + 1]
             base = e & L2E_OFFSET_MASK
+            mapped = base != 0 or at_host0(e, data0)
         k2 = sc_kind(e, bm, <int>(j & (SUBCLUSTERS - 1)), cluster_bits, data0)
         if k2 != k:
             break
@@ -199,9 +202,9 @@ cdef inline int64_t l2_run_ext(const uint64_t *l2, int64_t u, int64_t count, int
             if (base + ((<uint64_t>(j & (SUBCLUSTERS - 1))) << scb)) != want or (e & QCOW_OFLAG_COPIED) != copied:
                 break
         else:       # zero or unallocated: a host offset kept only if contiguous
-            if (host[0] != 0) != (base != 0):
+            if mapped0 != mapped:
                 break
-            if host[0] and (base + ((<uint64_t>(j & (SUBCLUSTERS - 1))) << scb)) != want:
+            if mapped0 and (base + ((<uint64_t>(j & (SUBCLUSTERS - 1))) << scb)) != want:
                 break
         want += (<uint64_t>1) << scb
         n += 1

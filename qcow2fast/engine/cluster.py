@@ -19,6 +19,7 @@ import numpy as np
 from .._ext.kernels import l2_entry_kind
 from ..errors import CorruptImageError
 from ..extent import Extent
+from ..spec.entries import at_host0
 from ..spec.constants import (COMPRESSED, DATA, INVALID, KIND_NAMES, L2E_OFFSET_MASK,
                               QCOW_OFLAG_COPIED, QCOW_OFLAG_ZERO, UNALLOCATED, ZERO)
 from . import features
@@ -91,7 +92,8 @@ class Clusters:
         pos, end = offset, offset + length
         while pos < end:
             kind, host, n, entry = self.mapping.run_at(pos, end - pos, self.state.host_limit)
-            if not host and not (kind == DATA and self.state.external_data):
+            if not host and not (self.state.external_data
+                                 and (kind == DATA or at_host0(np.uint64(entry)))):
                 host = None     # (zero or unallocated: a preallocated cluster keeps it)
             yield Extent(pos, n, KIND_NAMES[kind], host, 0)
             pos += n

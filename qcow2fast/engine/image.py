@@ -208,7 +208,7 @@ class Image(ImageCore):
                          self._read_slow, self._write_slow, self.flush, self._overlap_found)
         self.dirty_bitmaps = Bitmaps(s, self.refcounts, self)
         if writable:
-            features.clear_autoclear(s, keep=hdr.AUTOCLEAR_BITMAPS)
+            features.clear_autoclear(s, keep=hdr.AUTOCLEAR_BITMAPS | hdr.AUTOCLEAR_DATA_FILE_RAW)
             if h.incompatible_features & hdr.INCOMPAT_DIRTY:
                 from ..fsck.rebuild import rebuild_refcounts
                 rebuild_refcounts(self)

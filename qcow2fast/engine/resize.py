@@ -81,7 +81,7 @@ def resize(img, size, shrink=False, preallocation="off"):
     """Resize the open image ``img`` (the caller holds its exclusive lock)."""
     check_resize(img, size, shrink, preallocation)
     df = img.clusters.datafile
-    if df is not None and df.raw and preallocation == "off":
+    if df is not None and df.raw and preallocation == "off" and size > img.state.size:
         preallocation = "metadata"      # data_file_raw: every L2 entry allocated (qemu)
     if size > img.state.size:
         _grow(img, size, preallocation)

@@ -72,13 +72,16 @@ class Subclusters:
         alloc, zero = bm & SC_ALLOC_MASK, bm >> SC_ZERO_SHIFT
         host = desc & L2E_OFFSET_MASK
         compressed = bool(desc & QCOW_OFLAG_COMPRESSED)
-        in_place = bool(host) and not compressed and bool(desc & QCOW_OFLAG_COPIED)
+        # (in an external data file, host offset 0 is a cluster: COPIED says so)
+        mapped = bool(host) or (self.state.external_data and not compressed
+                                and bool(desc & QCOW_OFLAG_COPIED))
+        in_place = mapped and not compressed and bool(desc & QCOW_OFLAG_COPIED)
         if in_place:
             target, keep = host, 0
         else:
             # A new host cluster; a shared or compressed one's allocated
             # subclusters that this write does not cover are copied over.
-            keep = (SC_ALLOC_MASK if compressed else (alloc if host else 0)) & ~touched
+            keep = (SC_ALLOC_MASK if compressed else (alloc if mapped else 0)) & ~touched
             target = self.clusters.alloc_data(first, 1)
         # Partial subclusters at the edges keep what the guest sees around
         # the write, unless they are already allocated here.
