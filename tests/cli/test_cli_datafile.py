@@ -98,3 +98,21 @@ def test_create_and_convert_as_qemu(tmp_path, monkeypatch, capsys):
     want = qemu_img("snapshot", "-c", "s", "qcv.qcow2", check=False)
     status, _, err = cli(capsys, "snapshot", "-c", "s", "cv.qcow2")
     assert status == want.returncode == 1 and "Operation not supported" in err
+
+
+def test_amend(images, capsys):
+    """qemu-img amend renames the data file; a downgrade is refused."""
+    want = qemu_img("amend", "-o", "compat=0.10", "r.qcow2", check=False)
+    status, _, err = cli(capsys, "amend", "-o", "compat=0.10", "n.qcow2")
+    assert status == want.returncode == 1
+    assert err.split(": ", 1)[1] == want.stderr_text.split(": ", 1)[1]
+    status, _, _ = cli(capsys, "amend", "-o", "data_file=n2.raw", "n.qcow2")
+    assert status == 0
+    qemu_img("amend", "-o", "data_file=r2.raw", "r.qcow2")
+    os.rename("n.raw", "n2.raw")
+    os.rename("r.raw", "r2.raw")
+    for name in images:
+        assert "data file: " + name[0] + "2.raw" in qemu_img("info", name).stdout_text
+        qemu_img("check", name)
+        status, out, _ = cli(capsys, "map", name)
+        assert (status, out) == (0, qemu_img("map", name).stdout_text)
