@@ -92,10 +92,11 @@ def open_data_file(image_path, h, override, *, writable, direct, force_share, lo
                                 f"{image_path!r} (field data_file)", path) from None
 
 
-def refuse_snapshots():
-    """qemu refuses internal snapshots of an image with a data file."""
-    raise UnsupportedFeatureError("Operation not supported (internal snapshots of an image "
-                                  "with an external data file)", feature="data_file")
+def refuse_snapshots(name):
+    """qemu refuses internal snapshots of an image with a data file (its
+    qemu-img snapshot message)."""
+    raise UnsupportedFeatureError(f"Could not create snapshot '{name}': -95 (Operation not "
+                                  "supported)", feature="data_file")
 
 
 class DataFile:

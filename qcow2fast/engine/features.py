@@ -57,11 +57,9 @@ def set_dirty(state, dirty):
 
 def update_alloc_fast(state):
     """Allocating writes may run in C unless lazy refcounts still need the
-    dirty bit set first (the Python path does that), or the image has an
-    external data file (engine/datafile.py).  An image that is not
+    dirty bit set first (the Python path does that).  An image that is not
     read-only always has its refcounts loaded (Image._open)."""
-    state.alloc_fast = not state.read_only and (not state.lazy_refcounts or is_dirty(state)) \
-        and not state.external_data     # (the C allocator hands out image-file clusters)
+    state.alloc_fast = not state.read_only and (not state.lazy_refcounts or is_dirty(state))
 
 
 def mark_corrupt(state, err):

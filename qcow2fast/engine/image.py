@@ -579,7 +579,7 @@ class Image(ImageCore):
         the snapshot's VM state, or the size of what :meth:`write_vmstate`
         wrote.  ``id``: qemu's next free number unless given."""
         if self.state.external_data:
-            datafile.refuse_snapshots()
+            datafile.refuse_snapshots(name)
         return self._update(self._snapshot_ops().create, name, id, vm_state, vm_clock_nsec,
                             icount, unique_name)
 

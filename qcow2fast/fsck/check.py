@@ -264,6 +264,7 @@ class _Checker:
                 if self.external:
                     self.msg(f"ERROR compressed cluster {i} with data file, entry={e:#x}")
                     res.corruptions += 1
+                    compressed[i] = False           # qemu does not count it
                     continue
                 coff, csize = geo.compressed_extent(e)
                 self.inc(coff, csize)

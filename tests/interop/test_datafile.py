@@ -8,6 +8,7 @@ import random
 import pytest
 
 import qcow2fast
+from qcow2fast.fsck.check import check_image
 from qcow2fast.errors import (CorruptImageError, InvalidArgumentError, UnsupportedFeatureError,
                               UntrustedImageError)
 from tests.helpers.qemu_util import (INCOMPAT_DATA_FILE, QEMU_IO, file_state, header, patch, run,
@@ -272,6 +273,9 @@ def test_bad_input(tmp_path):
             img.read(64 * KiB, 4096)
     out = qemu_img("check", p, check=False)
     assert out.returncode == 2 and "with data file" in out.stderr_text + out.stdout_text
+    res = check_image(p)        # qcow2fast's check says the same
+    assert res.corruptions == 1 and any("with data file" in m for m in res.messages)
+    assert res.allocated_clusters == 1
 
 
 def _l2_entry(path, guest):
