@@ -4,7 +4,8 @@ image into one, qcow2fast beside qemu-img in the same run.
 
     python -m benchmarks.datafile_bench [--size MiB] [--count N] [--runs N] [--dir D]
 
-Reads and writes: ``count`` requests at offsets i * step mod size (step
+Allocating writes: the same requests into a fresh image whose (non-raw)
+data file is empty.  Reads and writes: ``count`` requests at offsets i * step mod size (step
 7919 * 4 KiB), page-cached: qemu-img bench -d 1 -i io_uring -t writeback
 (its "Run completed in" time) against qcow2fast's Image.readinto /
 Image.write loop in one process (the loop's time).  Convert: the wall time
@@ -67,6 +68,20 @@ def main(argv=None):
                           else qf_read(qcow2fast, img, offsets, buf))["loop"])
             rows.append((name, a.count / statistics.median(q), a.count / statistics.median(f),
                          "IOPS"))
+        q, f = [], []     # allocating writes: fresh images with a (non-raw) data file
+        for _ in range(a.runs):
+            for engine, out in (("q", q), ("f", f)):
+                fresh, fdata = os.path.join(tmp, "w.qcow2"), os.path.join(tmp, "w.raw")
+                for x in (fresh, fdata):
+                    if os.path.exists(x):
+                        os.unlink(x)
+                qcow2fast.create(fresh, size, data_file=fdata)
+                if engine == "q":
+                    out.append(qemu.bench(fresh, a.count, STEP, True)["loop"])
+                else:
+                    out.append(qf_write(qcow2fast, fresh, offsets, payload)["loop"])
+        rows.append(("4 KiB allocating writes", a.count / statistics.median(q),
+                     a.count / statistics.median(f), "IOPS"))
         q, f = [], []
         cli = qcow2fast_command()
         for _ in range(a.runs):
