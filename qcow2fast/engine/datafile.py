@@ -43,7 +43,7 @@ import os
 from ..errors import CorruptImageError, UnsupportedFeatureError
 from ..host.file import open_image_file
 from ..spec import datafile as spec
-from ..spec.constants import COMPRESSED, DATA, L2E_OFFSET_MASK, ZERO
+from ..spec.constants import DATA, L2E_OFFSET_MASK, ZERO
 from .._ext.kernels import l2_entry_kind
 from . import untrusted as untrusted_rules
 from .backing import resolve_backing_path
@@ -169,7 +169,3 @@ def refuse_compressed(entry, where):
     qcow2_get_host_offset's corruption report)."""
     raise CorruptImageError(f"compressed cluster entry {entry:#x} found in an image with an "
                             "external data file", offset=where, field="L2 entry")
-
-
-def is_compressed(entry):
-    return l2_entry_kind(entry) == COMPRESSED

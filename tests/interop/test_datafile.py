@@ -11,8 +11,8 @@ import qcow2fast
 from qcow2fast.fsck.check import check_image
 from qcow2fast.errors import (CorruptImageError, InvalidArgumentError, UnsupportedFeatureError,
                               UntrustedImageError)
-from tests.helpers.qemu_util import (INCOMPAT_DATA_FILE, QEMU_IO, file_state, header, patch, run,
-                                     qemu_check, qemu_compare, qemu_create, qemu_img, qemu_io,
+from tests.helpers.qemu_util import (INCOMPAT_DATA_FILE, QEMU_IO, file_state, header,
+                                     l2_entry_offset, patch, run, qemu_check, qemu_compare, qemu_create, qemu_img, qemu_io,
                                      qemu_map, qemu_raw, read_extensions, write_extensions)
 
 pytestmark = pytest.mark.qemu
@@ -266,7 +266,7 @@ def test_bad_input(tmp_path):
             img.create_snapshot("s1")
     assert "Operation not supported" in qemu_img("snapshot", "-c", "s1", p,
                                                  check=False).stderr_text
-    loc = _l2_entry(p, 64 * KiB)
+    loc = l2_entry_offset(p, 64 * KiB)
     patch(p, loc, ">Q", (1 << 62) | 0x50000)       # a compressed descriptor
     with qcow2fast.open(p) as img:
         with pytest.raises(CorruptImageError, match="compressed"):
@@ -276,8 +276,3 @@ def test_bad_input(tmp_path):
     res = check_image(p)        # qcow2fast's check says the same
     assert res.corruptions == 1 and any("with data file" in m for m in res.messages)
     assert res.allocated_clusters == 1
-
-
-def _l2_entry(path, guest):
-    from tests.helpers.qemu_util import l2_entry_offset
-    return l2_entry_offset(path, guest)
