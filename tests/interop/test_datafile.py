@@ -12,8 +12,9 @@ from qcow2fast.fsck.check import check_image
 from qcow2fast.errors import (CorruptImageError, InvalidArgumentError, UnsupportedFeatureError,
                               UntrustedImageError)
 from tests.helpers.qemu_util import (INCOMPAT_DATA_FILE, QEMU_IO, file_state, header,
-                                     l2_entry_offset, patch, run, qemu_check, qemu_compare, qemu_create, qemu_img, qemu_io,
-                                     qemu_map, qemu_raw, read_extensions, write_extensions)
+                                     l2_entry_offset, patch, qemu_check, qemu_compare,
+                                     qemu_create, qemu_img, qemu_io, qemu_map, qemu_raw,
+                                     read_extensions, run, write_extensions)
 
 pytestmark = pytest.mark.qemu
 KiB, MiB = 1 << 10, 1 << 20
