@@ -75,16 +75,28 @@ cdef inline void rc_set(uint8_t *blk, int64_t i, int order, uint64_t v) noexcept
         blk[i >> (3 - order)] = <uint8_t>((blk[i >> (3 - order)] & ~mask) | ((v << shift) & mask))
 
 
+cdef inline bint at_host0(uint64_t e, bint data0) noexcept nogil:
+    """An entry of an image with an external data file (``data0``) that maps
+    its cluster to host offset 0: COPIED tells it from an unallocated one
+    (qemu's qcow2_get_cluster_type; data clusters there have refcount 1)."""
+    return data0 and (e & (QCOW_OFLAG_COPIED | QCOW_OFLAG_COMPRESSED | QCOW_OFLAG_ZERO
+                           | L2E_OFFSET_MASK)) == QCOW_OFLAG_COPIED
+
+
 cdef inline int64_t l2_run(const uint64_t *l2, int64_t i, int64_t count, int cluster_bits,
-                           bint need_copied, int *kind, uint64_t *host) noexcept nogil:
+                           bint need_copied, int *kind, uint64_t *host,
+                           bint data0=False) noexcept nogil:
     """Length of the run of entries l2[i:i+count] that share the first one's
     kind and, for data and preallocated zero clusters, map contiguous host
     clusters (and, for data if ``need_copied``, all carry QCOW_OFLAG_COPIED).  Returns at least 1; sets
     ``kind`` and, for data, ``host`` (the first host offset).  A data entry
-    whose host offset is not cluster-aligned is EXT_INVALID."""
+    whose host offset is not cluster-aligned is EXT_INVALID.  ``data0``:
+    the image has an external data file (see at_host0)."""
     cdef uint64_t e = l2[i], cs = (<uint64_t>1) << cluster_bits, want, copied
     cdef int k = l2_entry_kind(e)
     cdef int64_t n = 1
+    if k == EXT_UNALLOCATED and at_host0(e, data0):
+        k = EXT_DATA
     if k == EXT_DATA and (e & L2E_OFFSET_MASK) & (cs - 1):
         k = EXT_INVALID
     kind[0] = k
@@ -113,7 +125,7 @@ cdef inline int64_t l2_run(const uint64_t *l2, int64_t i, int64_t count, int clu
                 not (l2[i + n] & L2E_OFFSET_MASK):
             n += 1
     elif k == EXT_UNALLOCATED:
-        while n < count and l2_entry_kind(l2[i + n]) == k:
+        while n < count and l2_entry_kind(l2[i + n]) == k and not at_host0(l2[i + n], data0):
             n += 1
     return n
 
@@ -125,7 +137,8 @@ cdef inline int64_t l2_run(const uint64_t *l2, int64_t i, int64_t count, int clu
 # SC_ZERO_SHIFT + sc = subcluster sc reads as zeros.  ``u`` below indexes
 # subclusters across a slice: entry u >> SC_BITS, subcluster u & (SUBCLUSTERS - 1).
 
-cdef inline int sc_kind(uint64_t e, uint64_t bitmap, int sc, int cluster_bits) noexcept nogil:
+cdef inline int sc_kind(uint64_t e, uint64_t bitmap, int sc, int cluster_bits,
+                        bint data0=False) noexcept nogil:
     """Kind of subcluster ``sc`` of the extended entry (e, bitmap), with
     qemu's validity rules: a compressed cluster has no bitmap; no subcluster
     is both allocated and zero; allocated ones need a host offset; a host
@@ -135,7 +148,7 @@ cdef inline int sc_kind(uint64_t e, uint64_t bitmap, int sc, int cluster_bits) n
         return EXT_INVALID if bitmap else EXT_COMPRESSED
     if (e & L2E_STD_RESERVED_MASK) or ((bitmap >> SC_ZERO_SHIFT) & bitmap & SC_ALLOC_MASK) \
             or (host & (((<uint64_t>1) << cluster_bits) - 1)) \
-            or (host == 0 and (bitmap & SC_ALLOC_MASK)):
+            or (host == 0 and (bitmap & SC_ALLOC_MASK) and not at_host0(e, data0)):
         return EXT_INVALID
     if (bitmap >> sc) & 1:
         return EXT_DATA
@@ -145,7 +158,8 @@ cdef inline int sc_kind(uint64_t e, uint64_t bitmap, int sc, int cluster_bits) n
 
 
 cdef inline int64_t l2_run_ext(const uint64_t *l2, int64_t u, int64_t count, int cluster_bits,
-                               bint need_copied, int *kind, uint64_t *host) noexcept nogil:
+                               bint need_copied, int *kind, uint64_t *host,
+                               bint data0=False) noexcept nogil:
     """l2_run for extended entries, in subclusters: the run of subclusters
     u, u+1, ... (at most ``count``) sharing the first one's kind; data runs
     are host-contiguous (and all COPIED if ``need_copied``); zero and
@@ -157,10 +171,13 @@ cdef inline int64_t l2_run_ext(const uint64_t *l2, int64_t u, int64_t count, int
     cdef int64_t i = u >> SC_BITS, n = 1, j
     cdef int sc = <int>(u & (SUBCLUSTERS - 1)), k, k2
     cdef uint64_t e = l2[2 * i], bm = l2[2 * i + 1], base, want, copied
-    k = sc_kind(e, bm, sc, cluster_bits)
+    cdef bint mapped0, mapped           # the cluster has a host cluster (at_host0: offset 0)
+    k = sc_kind(e, bm, sc, cluster_bits, data0)
     kind[0] = k
     base = e & L2E_OFFSET_MASK
-    host[0] = base + ((<uint64_t>sc) << scb) if base and k != EXT_COMPRESSED else base
+    mapped0 = base != 0 or at_host0(e, data0)
+    mapped = mapped0
+    host[0] = base + ((<uint64_t>sc) << scb) if mapped0 and k != EXT_COMPRESSED else base
     if k == EXT_INVALID or k == EXT_COMPRESSED:
         if k == EXT_COMPRESSED:       # the rest of the cluster
             n = SUBCLUSTERS - sc
@@ -177,16 +194,17 @@ cdef inline int64_t l2_run_ext(const uint64_t *l2, int64_t u, int64_t count, int
             e = l2[2 * (j >> SC_BITS)]
             bm = l2[2 * (j >> SC_BITS) + 1]
             base = e & L2E_OFFSET_MASK
-        k2 = sc_kind(e, bm, <int>(j & (SUBCLUSTERS - 1)), cluster_bits)
+            mapped = base != 0 or at_host0(e, data0)
+        k2 = sc_kind(e, bm, <int>(j & (SUBCLUSTERS - 1)), cluster_bits, data0)
         if k2 != k:
             break
         if k == EXT_DATA:
             if (base + ((<uint64_t>(j & (SUBCLUSTERS - 1))) << scb)) != want or (e & QCOW_OFLAG_COPIED) != copied:
                 break
         else:       # zero or unallocated: a host offset kept only if contiguous
-            if (host[0] != 0) != (base != 0):
+            if mapped0 != mapped:
                 break
-            if host[0] and (base + ((<uint64_t>(j & (SUBCLUSTERS - 1))) << scb)) != want:
+            if mapped0 and (base + ((<uint64_t>(j & (SUBCLUSTERS - 1))) << scb)) != want:
                 break
         want += (<uint64_t>1) << scb
         n += 1
@@ -195,9 +213,10 @@ cdef inline int64_t l2_run_ext(const uint64_t *l2, int64_t u, int64_t count, int
 
 cdef inline int64_t l2_units_run(const uint64_t *l2, int64_t u, int64_t count, int cluster_bits,
                                  bint extended, bint need_copied, int *kind,
-                                 uint64_t *host) noexcept nogil:
+                                 uint64_t *host, bint data0=False) noexcept nogil:
     """The run at allocation unit ``u`` of a slice: clusters (l2_run), or
-    subclusters with extended L2 entries (l2_run_ext)."""
+    subclusters with extended L2 entries (l2_run_ext).  ``data0``: the
+    image has an external data file (at_host0)."""
     if extended:
-        return l2_run_ext(l2, u, count, cluster_bits, need_copied, kind, host)
-    return l2_run(l2, u, count, cluster_bits, need_copied, kind, host)
+        return l2_run_ext(l2, u, count, cluster_bits, need_copied, kind, host, data0)
+    return l2_run(l2, u, count, cluster_bits, need_copied, kind, host, data0)

@@ -231,7 +231,8 @@ cdef class ImageCore:
             count = (in_u + n + us - 1) >> ub
             if count > slice_units - l2i:
                 count = slice_units - l2i
-            run = l2_units_run(l2, l2i, count, s.cluster_bits, s.extended, False, kind, host)
+            run = l2_units_run(l2, l2i, count, s.cluster_bits, s.extended, False, kind, host,
+                               s.external_data)
             chunk = (run << ub) - in_u
             if kind[0] == EXT_DATA:
                 if host[0] + <uint64_t>(run << ub) > <uint64_t>s.host_limit:
@@ -279,7 +280,7 @@ cdef class ImageCore:
             if count > slice_units - l2i:
                 count = slice_units - l2i
             run = l2_units_run(l2, l2i, count, s.cluster_bits, s.extended, False,
-                               &kind, &host)
+                               &kind, &host, s.external_data)
             chunk = (run << ub) - in_cl
             if chunk > n - done:
                 chunk = n - done
@@ -329,7 +330,7 @@ cdef class ImageCore:
             if count > slice_units - l2i:
                 count = slice_units - l2i
             run = l2_units_run(l2, l2i, count, s.cluster_bits, s.extended, True,
-                               &kind, &host)
+                               &kind, &host, s.external_data)
             if kind == EXT_ZERO and host and not s.extended:
                 run = 0         # preallocated zero clusters: the slow path reuses them
             desc = l2[2 * (l2i >> SC_BITS)] if s.extended else l2[l2i]
@@ -411,10 +412,13 @@ cdef class ImageCore:
         if chunk > remaining:
             chunk = remaining
         nclusters = (in_cl + chunk + cs - 1) >> s.cluster_bits
-        c = self.rc.c_alloc(nclusters)
-        if c < 0:
-            return -1
-        host = (<uint64_t>c) << s.cluster_bits
+        if s.external_data:
+            host = <uint64_t>(pos - in_cl)  # the guest offset in the data file, no refcount
+        else:
+            c = self.rc.c_alloc(nclusters)
+            if c < 0:
+                return -1
+            host = (<uint64_t>c) << s.cluster_bits
         end = host + (nclusters << s.cluster_bits)
         if s.touches_metadata(host, end - host):
             self.overlap_found(host)        # marks the image corrupt, raises
@@ -472,6 +476,10 @@ cdef class ImageCore:
             target = host
             if s.touches_metadata(target + lo, hi - lo):
                 return -1                           # the slow path reports it
+        elif s.external_data:
+            if desc & QCOW_OFLAG_COPIED:
+                return -1       # host offset 0 of the data file (at_host0): the slow path
+            target = <uint64_t>(pos - a)    # the guest offset in the data file, no refcount
         else:
             c = self.rc.c_alloc(1)
             if c < 0:
@@ -510,6 +518,8 @@ cdef class ImageCore:
         s.l2_cache.c_mark_dirty_range(slot, 8 * word, 8 * (word + nwords))
         if <int64_t>end > s.zero_from:
             s.zero_from = end
+        if s.external_data:     # (alloc_end and host_limit are the image file's)
+            return
         if <int64_t>end > s.alloc_end:
             s.alloc_end = end
         if <int64_t>end > s.host_limit:

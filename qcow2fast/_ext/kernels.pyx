@@ -10,12 +10,13 @@ from .common cimport (L2E_OFFSET_MASK, L2E_STD_RESERVED_MASK, QCOW_OFLAG_COMPRES
                      SUBCLUSTERS, l2_units_run, qcow2_coffset_mask, qcow2_csize_mask,
                      qcow2_csize_shift, rc_get, rc_set)
 from .common cimport l2_entry_kind as l2_entry_kind_c
+from .common cimport at_host0, EXT_DATA
 
 cnp.import_array()
 
 
 def l2_next_run(const uint64_t[::1] l2, int64_t i, int64_t count, int cluster_bits,
-                bint need_copied=False, bint extended=False):
+                bint need_copied=False, bint extended=False, bint data0=False):
     """(kind, host_offset, n): the run of allocation units -- entries, or
     subclusters with ``extended`` L2 entries -- starting at ``i`` (at most
     ``count``) sharing the first one's kind; data runs are host-contiguous."""
@@ -25,7 +26,8 @@ def l2_next_run(const uint64_t[::1] l2, int64_t i, int64_t count, int cluster_bi
     if count <= 0 or i < 0 or i + count > units:
         raise IndexError("l2_next_run: range outside the slice")
     with nogil:
-        n = l2_units_run(&l2[0], i, count, cluster_bits, extended, need_copied, &kind, &host)
+        n = l2_units_run(&l2[0], i, count, cluster_bits, extended, need_copied, &kind, &host,
+                         data0)
     return kind, host, n
 
 
@@ -59,8 +61,11 @@ def refcount_encode(const uint64_t[::1] values, int order, uint8_t[::1] blk):
             rc_set(p, i, order, values[i])
 
 
-def l2_entry_kind(uint64_t entry):
-    """Kind (an EXT_* value, qcow2fast.spec.constants.Kind) of one L2 entry."""
+def l2_entry_kind(uint64_t entry, bint data0=False):
+    """Kind (an EXT_* value, qcow2fast.spec.constants.Kind) of one L2 entry
+    (``data0``: of an image with an external data file, see common.pxd)."""
+    if at_host0(entry, data0):
+        return EXT_DATA
     return l2_entry_kind_c(entry)
 
 

@@ -17,6 +17,7 @@ cdef class ImageState:
     cdef public object metadata          # engine.overlap.MetadataMap
     cdef public object snapshot          # the internal snapshot viewed, or None
     cdef readonly DataTransform transform  # applied to all guest data (set_transform), or None
+    cdef readonly bint external_data     # data_file is an external data file (set_data_file)
 
     # The geometry the data path needs, from ``geo``.
     cdef readonly int cluster_bits

@@ -46,6 +46,7 @@ cdef class ImageState:
         self.unsafe = cache_mode == "unsafe"
         self.closed = False
         self.transform = None
+        self.external_data = False
         self.l1 = NULL
         self.l1_size = 0
         self.meta_bits = NULL
@@ -71,9 +72,12 @@ cdef class ImageState:
         self.meta_clusters = bits.shape[0] * 8
 
     cdef bint touches_metadata(self, uint64_t host, int64_t n) noexcept nogil:
-        """True if host bytes [host, host+n) share a cluster with metadata."""
+        """True if host bytes [host, host+n) share a cluster with metadata
+        (never in an external data file: metadata stays in the image)."""
         cdef int64_t c = host >> self.cluster_bits
         cdef int64_t last = (host + n - 1) >> self.cluster_bits
+        if self.external_data:
+            return False
         while c <= last and c < self.meta_clusters:
             if self.meta_bits[c >> 3] & (1 << (c & 7)):
                 return True
@@ -97,6 +101,26 @@ cdef class ImageState:
             self.zero_from = end
         if end > self.alloc_end:
             self.alloc_end = end
+
+    def set_data_file(self, File f, int64_t host_limit):
+        """Guest data lives in the external data file ``f`` from now on (the
+        host-offset translation: L2 entries address ``f``; metadata, the
+        allocator's markers and the overlap check stay with the image
+        file).  Host bytes at or past ``f``'s end read as zeros; L2 entries
+        may point below ``host_limit``."""
+        self.data_file = f
+        self.external_data = f is not self.file
+        self.zero_from = f.size() if not f.is_device else ZERO_FROM_NEVER
+        self.host_limit = host_limit
+
+    def data_written(self, int64_t end):
+        """Book-keeping after guest data went into host space ending at
+        ``end``: of the image file (``allocated``), or of the external data
+        file (only ``zero_from`` moves: alloc_end is the image file's)."""
+        if not self.external_data:
+            self.allocated(end)
+        elif end > self.zero_from:
+            self.zero_from = end
 
     # -- the data funnel: every byte of every data cluster goes through here --------------
 
@@ -204,6 +228,8 @@ cdef class ImageState:
     def barrier(self):
         """Make completed writes stable (skipped under cache=unsafe)."""
         if not self.unsafe:
-            self.file.sync()
-            if self.data_file is not self.file:
+            # The data file first: the data is stable before any metadata
+            # written after this barrier can point at it.
+            if self.external_data:
                 self.data_file.sync()
+            self.file.sync()

@@ -67,6 +67,11 @@ def image_spec(name, fmt, image_opts):
             if value not in ("on", "off", "auto"):
                 raise UsageError(f"parameter '{key}' expects 'on', 'off' or 'auto'")
             kw["locking"] = value != "off"
+        elif key in ("data-file.filename", "data-file"):   # qemu's data-file child
+            kw["data_file"] = value
+        elif key == "data-file.driver":
+            if value != "file":
+                raise UsageError(f"protocol {value!r} is not supported")
         elif key == "force-share":
             kw["force_share"] = parse_bool(value, key)
         elif key in IMAGE_OPTS:

@@ -14,14 +14,15 @@ QCOW2_OPTIONS = [
     ("cluster_size", "size", "qcow2 cluster size"),
     ("compat", "str", "Compatibility level (v2 [0.10] or v3 [1.1])"),
     ("compression_type", "str", "Compression method used for image cluster compression"),
+    ("data_file", "str", "File name of an external data file"),
+    ("data_file_raw", "bool (on/off)", "The external data file must stay valid as a raw image"),
     ("extended_l2", "bool (on/off)", "Extended L2 tables"),
     ("lazy_refcounts", "bool (on/off)", "Postpone refcount updates"),
     ("preallocation", "str", "Preallocation mode (allowed values: off, metadata, falloc, full)"),
     ("refcount_bits", "num", "Width of a reference count entry in bits"),
     ("size", "size", "Virtual disk size"),
 ]
-UNSUPPORTED = {"data_file": "external data files", "data_file_raw": "external data files",
-               "encryption": "encryption", "encrypt.format": "encryption"}
+UNSUPPORTED = {"encryption": "encryption", "encrypt.format": "encryption"}
 FORMATS = ("qcow2", "raw")
 
 
@@ -111,6 +112,10 @@ def run(args):
             parts.append(f"backing_file={backing}")
         if backing_fmt:
             parts.append(f"backing_fmt={backing_fmt}")
+        if kw.get("data_file"):
+            parts.append(f"data_file={kw['data_file']}")
+        if "data_file_raw" in kw:
+            parts.append(f"data_file_raw={'on' if kw['data_file_raw'] else 'off'}")
         parts.append(f"lazy_refcounts={'on' if kw.get('lazy_refcounts') else 'off'}")
         parts.append(f"refcount_bits={kw.get('refcount_bits', 16)}")
         print(" ".join(parts))
@@ -139,8 +144,10 @@ def qcow2_options(opts, command="create"):
             kw["compat"] = {"v2": "0.10", "v3": "1.1"}.get(value, value)
         elif key == "lazy_refcounts":
             kw["lazy_refcounts"] = parse_bool(value, key)
-        elif key == "extended_l2":
-            kw["extended_l2"] = parse_bool(value, key)
+        elif key in ("extended_l2", "data_file_raw"):
+            kw[key] = parse_bool(value, key)
+        elif key == "data_file":
+            kw["data_file"] = value
         elif key in ("compression_type", "preallocation"):
             kw[key] = value
         elif key == "backing_file":

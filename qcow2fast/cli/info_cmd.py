@@ -8,9 +8,11 @@ import re
 import time
 
 from ..engine.backing import identity, probe_format, resolve_backing_path
+from ..engine.datafile import resolve as resolve_data_file
+from ..errors import CorruptImageError, Qcow2Error
 from ..host.remote import is_url
 from ..host.remote import join as remote_join
-from ..errors import CorruptImageError
+from ..spec import datafile as dfspec
 from .common import add_image_arguments, open_image, share_options
 from .options import size_to_str
 
@@ -28,7 +30,7 @@ def run(args):
     name, fmt, seen = args.filename, args.fmt, set()
     while True:
         img = open_image(name, fmt, image_opts=args.image_opts and not infos, backing=False,
-                         **share_options(args))
+                         **share_options(args), **metadata_only(name, fmt, args))
         try:
             info = image_info(img, name)
         finally:
@@ -72,8 +74,9 @@ def image_info(img, name):
         if img.bitmaps:
             data["bitmaps"] = [{"flags": b.flags, "name": b.name, "granularity": b.granularity}
                                for b in img.bitmaps]
-        data.update({"refcount-bits": h.refcount_bits,
-                     "corrupt": img.corrupt, "extended-l2": img.geo.extended_l2})
+        data["refcount-bits"] = h.refcount_bits
+        data.update(datafile_info(h))
+        data.update({"corrupt": img.corrupt, "extended-l2": img.geo.extended_l2})
     else:
         data["refcount-bits"] = h.refcount_bits
     info["format-specific"] = {"type": "qcow2", "data": data}
@@ -82,6 +85,34 @@ def image_info(img, name):
         info["backing-filename"] = h.backing_file
     info["dirty-flag"] = img.dirty
     return info
+
+
+def datafile_info(h):
+    """The data file keys of qemu's ImageInfoSpecificQCow2."""
+    if not dfspec.has_data_file(h):
+        return {}
+    name = dfspec.data_file_name(h)
+    return ({"data-file": name} if name is not None else {}) | \
+        {"data-file-raw": dfspec.is_raw(h)}
+
+
+def metadata_only(name, fmt, args):
+    """qemu-img info does no I/O on the data: an image whose data file is
+    missing is still described (its data reads as zeros, from /dev/null)."""
+    if args.image_opts or fmt not in (None, "qcow2"):
+        return {}
+    try:
+        from ..spec import header as hdr
+        with open(name, "rb") as f:
+            head = f.read(2 << 20)
+        h = hdr.parse_header(head, os.path.getsize(name))
+        if not dfspec.has_data_file(h) or dfspec.data_file_name(h) is None:
+            return {}
+        if os.path.exists(resolve_data_file(name, dfspec.data_file_name(h))):
+            return {}
+    except (OSError, Qcow2Error):
+        return {}           # the open below says what is wrong
+    return {"data_file": os.devnull}
 
 
 def _empty_lists_as_qemu(text):

@@ -61,12 +61,15 @@ def run(args):
 
 def layer_names(img, name):
     """File names of the chain's layers as qemu prints them."""
-    names = [name]
+    names, top = [name], img
     while getattr(img, "header", None) is not None and img.header.backing_file \
             and img.backing is not None:
         names.append(full_backing_filename(names[-1], img.header.backing_file))
         img = img.backing
-    return names
+    # data clusters of a layer with an external data file are in that file
+    layers = [top] + list(getattr(top, "chain", None).layers if getattr(top, "chain", None)
+                          else [])
+    return [getattr(layer, "data_file_name", None) or n for layer, n in zip(layers, names)]
 
 
 def map_entries(extents, raw):

@@ -34,7 +34,9 @@ def run(args):
     kw = {}
     if args.out_fmt == "qcow2":
         kw = qcow2_options(opts, "measure")
-        for key in ("lazy_refcounts", "compression_type", "backing_format"):
+        # (qemu sizes the image file alone: the data file changes nothing)
+        for key in ("lazy_refcounts", "compression_type", "backing_format", "data_file",
+                    "data_file_raw"):
             kw.pop(key, None)
     elif opts:
         raise UsageError(f"measure: invalid parameter {next(iter(opts))!r} for format raw")

@@ -19,10 +19,12 @@ import numpy as np
 from .._ext.kernels import l2_entry_kind
 from ..errors import CorruptImageError
 from ..extent import Extent
+from ..spec.entries import at_host0
 from ..spec.constants import (COMPRESSED, DATA, INVALID, KIND_NAMES, L2E_OFFSET_MASK,
                               QCOW_OFLAG_COPIED, QCOW_OFLAG_ZERO, UNALLOCATED, ZERO)
 from . import features
 from .compressed import CompressedClusters
+from .datafile import DataFile
 from .subcluster import Subclusters
 
 
@@ -43,6 +45,9 @@ class Clusters:
         self.overlap_found = overlap_found
         self.compressed = CompressedClusters(state, self)
         self.subclusters = Subclusters(state, self) if state.extended else None
+        # An external data file: data clusters sit at their guest offsets
+        # there, without refcounts (engine/datafile.py).
+        self.datafile = DataFile(state) if state.external_data else None
 
     # -- reads ------------------------------------------------------------------------
 
@@ -87,8 +92,9 @@ class Clusters:
         pos, end = offset, offset + length
         while pos < end:
             kind, host, n, entry = self.mapping.run_at(pos, end - pos, self.state.host_limit)
-            if not host:        # (zero or unallocated: a preallocated cluster keeps it)
-                host = None
+            if not host and not (self.state.external_data
+                                 and (kind == DATA or at_host0(np.uint64(entry)))):
+                host = None     # (zero or unallocated: a preallocated cluster keeps it)
             yield Extent(pos, n, KIND_NAMES[kind], host, 0)
             pos += n
 
@@ -116,6 +122,14 @@ class Clusters:
         if self.state.overlaps_metadata(new, n << self.geo.cluster_bits):
             self.overlap_found(new)
         return new
+
+    def alloc_data(self, guest, n):
+        """Host clusters for ``n`` guest clusters from ``guest`` (cluster
+        aligned): in the image file (``alloc``) or, with a data file, at the
+        guest offset there."""
+        if self.datafile is not None:
+            return self.datafile.alloc(guest, n)
+        return self.alloc(n)
 
     def check_overlap(self, pos, host, n):
         if self.state.overlaps_metadata(host, n):
@@ -161,7 +175,7 @@ class Clusters:
         l2 = s.l2_cache.u64(slot)
         i0 = geo.l2_index(first) & (geo.slice_entries - 1)
         old = [int(e) for e in l2[i0:i0 + nclusters]]
-        new = self.alloc(nclusters)
+        new = self.alloc_data(first, nclusters)
         fresh = new >= s.zero_from
         pieces = []
         if head:
@@ -178,7 +192,7 @@ class Clusters:
         if pieces[-1] is None:
             pieces.pop()
         s.write_data_pieces(pieces, start)
-        s.allocated(new + nclusters * cs)
+        s.data_written(new + nclusters * cs)
         # Data first, then the L2 entries that point to it.
         for k in range(nclusters):
             l2[i0 + k] = np.uint64((new + k * cs) | QCOW_OFLAG_COPIED)
@@ -189,7 +203,7 @@ class Clusters:
     def _old_bytes(self, guest_cluster, start, n, entry, fresh):
         """What the guest read at [guest_cluster+start, +n) before this write,
         or None if it is zeros and the target is fresh (already zero)."""
-        kind = l2_entry_kind(entry)
+        kind = l2_entry_kind(entry, self.state.external_data)
         if kind == ZERO or (kind == UNALLOCATED and self.below is None):
             return None if fresh else bytes(n)
         buf = bytearray(n)
@@ -203,8 +217,11 @@ class Clusters:
             return None
         return buf
 
-    def release_entry(self, entry):
-        """Drop the reference an L2 entry held (deferred, see the module doc)."""
+    def release_entry(self, entry, discard=False):
+        """Drop the reference an L2 entry held (deferred, see the module doc);
+        ``discard``: the guest discarded it (a data file punches it)."""
+        if self.datafile is not None:
+            return self.datafile.release(entry, discard)
         kind = l2_entry_kind(entry)
         rc = self.refcounts
         if kind == COMPRESSED:
@@ -248,6 +265,8 @@ class Clusters:
                     continue
                 self._write_zero_bytes(ext.offset, ext.length)
             return
+        if self.datafile is not None:   # data_file_raw: the data file first (qemu)
+            self.datafile.zero(a, min(b, self.state.size) - a)
         self.set_entries(a, b, "zero", may_unmap or self.state.header.version < 3)
 
     def _write_zero_bytes(self, offset, length):
@@ -313,7 +332,7 @@ class Clusters:
                     if new != e:
                         l2[i0 + k] = np.uint64(new)
                         if not keep:
-                            self.release_entry(e)
+                            self.release_entry(e, discard=True)
                 s.l2_cache.mark_dirty(slot)
             finally:
                 s.l2_cache.unpin(slot)
@@ -336,7 +355,7 @@ class Clusters:
             l2 = s.l2_cache.u64(slot)
             i0 = geo.l2_index(pos) & (geo.slice_entries - 1)
             n = min(geo.slice_entries - i0, total - (pos >> geo.cluster_bits))
-            new = self.refcounts.alloc(n)
+            new = self.alloc_data(pos, n) if self.datafile is not None else self.refcounts.alloc(n)
             self.host_limit_changed()
             # (extended entries: a host cluster, no subcluster allocated -- as qemu)
             k = geo.l2_entry_words
@@ -344,6 +363,12 @@ class Clusters:
                                          + np.uint64(new)) | np.uint64(QCOW_OFLAG_COPIED)
             s.l2_cache.mark_dirty(slot)
             host_end = new + n * cs
+            if self.datafile is not None:
+                # qemu's preallocate_co: the data file covers the clusters
+                self.datafile.grow_to(min(host_end, end) if mode == "metadata" else host_end,
+                                      mode)
+                pos += n << geo.cluster_bits
+                continue
             s.alloc_end = max(s.alloc_end, host_end)
             if mode != "full" and new < s.zero_from and not s.data_file.is_device:
                 # Reused space of a file holds old bytes: the mapped clusters

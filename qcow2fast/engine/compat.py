@@ -42,6 +42,8 @@ def downgrade_problems(img, has_compressed, refcount_bits):
                                              and sn.disk_size != img.size):
             return "Internal snapshots prevent downgrade of image"
     others = h.incompatible_features & ~(hdr.INCOMPAT_COMPRESSION | hdr.INCOMPAT_DIRTY)
+    if others & hdr.INCOMPAT_DATA_FILE:
+        return "Cannot downgrade an image with a data file"
     if others:
         return f"Cannot downgrade an image with incompatible features {others:#x} set"
     if h.incompatible_features & hdr.INCOMPAT_COMPRESSION and has_compressed():

@@ -64,6 +64,9 @@ class CompressedClusters:
 
     def cluster(self, entry):
         """The decompressed cluster a compressed L2 entry points to."""
+        if self.state.external_data:     # qemu: corruption, the read fails
+            from .datafile import refuse_compressed
+            refuse_compressed(entry, None)
         coff, csize = self.geo.compressed_extent(entry)
         data = self._decompressed.get(coff)
         if data is None:

@@ -51,7 +51,9 @@ class FlushOrder:
         ordered = not s.lazy_refcounts or final
         if ordered:
             s.refcount_cache.flush()
-        if sync and (ordered or s.l2_cache.barrier_pending):
+        # (with an external data file, also for in-place writes: they went
+        # to another file, which only this barrier syncs)
+        if sync and (ordered or s.l2_cache.barrier_pending or s.external_data):
             self.data_barrier()     # barrier: refcounts and data before the L2 entries using them
         s.l2_cache.barrier_pending = False
         s.l2_cache.flush()

@@ -37,7 +37,7 @@ from ..host.remote import is_remote
 from ..host.remote import name_of as remote_name
 from ..spec import header as hdr
 from ..spec.geometry import Geometry
-from . import features, resize, untrusted
+from . import datafile, features, resize, untrusted
 from .bitmap import Bitmaps
 from .cache import DEFAULT_CACHE_CLEAN_INTERVAL, CacheCleaner, make_caches
 from .cache import cache_sizes as cache_sizes_for
@@ -73,6 +73,7 @@ class Image(ImageCore):
                  snapshot: str | collections.abc.Mapping[str, str | None] | None = None,
                  force_share: bool = False, locking: bool = True, untrusted: bool = False,
                  max_chain_depth: int | None = None, remote: dict | None = None,
+                 data_file: str | os.PathLike[str] | None = None,
                  _chain: tuple[str, ...] = (), _repair: bool = False) -> None:
         if mode not in ("r", "r+"):
             raise InvalidArgumentError(f"mode must be 'r' or 'r+', not {mode!r}")
@@ -101,6 +102,8 @@ class Image(ImageCore):
         self.chain: Chain | None = None         # the layers below (owned by the top image)
         self._chain_index = -1                  # this image's layer in a chain it is part of
         self._max_chain_depth = max_chain_depth
+        self._data_file_override = data_file    # qemu's data-file open option
+        self.data_file_name: str | None = None  # the external data file, as qemu names it
         writable = mode == "r+"
         direct = cache_mode in ("none", "directsync")
         try:
@@ -120,6 +123,9 @@ class Image(ImageCore):
         except BaseException:
             if self.chain is not None:
                 self.chain.close()
+            state = getattr(self, "state", None)
+            if state is not None and state.external_data:
+                state.data_file.close()
             f.close()
             raise
 
@@ -176,6 +182,13 @@ class Image(ImageCore):
         s.zero_from = file_size if not f.is_device else ZERO_FROM_NEVER
         s.alloc_end = file_size
         s.host_limit = -(-file_size // cs) * cs
+        data_file = datafile.open_data_file(
+            self.path, h, self._data_file_override, writable=writable,
+            direct=self.cache_mode in ("none", "directsync"), force_share=self.force_share,
+            locking=self.locking, untrusted=self.untrusted)
+        if data_file is not None:
+            s.set_data_file(data_file, datafile.HOST_LIMIT)
+            self.data_file_name = datafile.display_name(self.path, h, self._data_file_override)
         self.mapping = Mapping(s, l1)
         self.refcounts = Refcounts(s, file_size, repair=repair) if writable else None
         # The lazy-refcounts open option overrides the header's bit, as in qemu.
@@ -200,7 +213,7 @@ class Image(ImageCore):
                          self._read_slow, self._write_slow, self.flush, self._overlap_found)
         self.dirty_bitmaps = Bitmaps(s, self.refcounts, self)
         if writable:
-            features.clear_autoclear(s, keep=hdr.AUTOCLEAR_BITMAPS)
+            features.clear_autoclear(s, keep=hdr.AUTOCLEAR_BITMAPS | hdr.AUTOCLEAR_DATA_FILE_RAW)
             if h.incompatible_features & hdr.INCOMPAT_DIRTY:
                 from ..fsck.rebuild import rebuild_refcounts
                 rebuild_refcounts(self)
@@ -446,6 +459,10 @@ class Image(ImageCore):
         if len(payloads) != -(-length // cs):
             raise InvalidArgumentError(f"{len(payloads)} clusters from guest offset {offset:#x} "
                                        f"go past the end of the disk (size {self.size})")
+        if payloads and self.state.external_data:
+            raise UnsupportedFeatureError("Operation not supported: compressed clusters cannot "
+                                          "be written to an image with an external data file",
+                                          feature="compression")
         if payloads and self.state.transform is not None:
             raise UnsupportedFeatureError("compressed clusters cannot be written through a "
                                           "data transform (encryption)", feature="compression")
@@ -566,6 +583,8 @@ class Image(ImageCore):
         savevm).  ``vm_state``: bytes or a readable binary file stored as
         the snapshot's VM state, or the size of what :meth:`write_vmstate`
         wrote.  ``id``: qemu's next free number unless given."""
+        if self.state.external_data:
+            datafile.refuse_snapshots(name)
         return self._update(self._snapshot_ops().create, name, id, vm_state, vm_clock_nsec,
                             icount, unique_name)
 
@@ -667,6 +686,8 @@ class Image(ImageCore):
                 s.closed = True
             finally:
                 self._unlock()
+                if s.external_data:
+                    s.data_file.close()
                 s.file.close()
                 if self.chain is not None:      # the top closes its chain's layers
                     self.chain.close()

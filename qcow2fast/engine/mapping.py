@@ -102,7 +102,7 @@ class Mapping:
         u = i * per + ((offset >> ub) & (per - 1))
         count = min((in_u + length + (1 << ub) - 1) >> ub, geo.slice_entries * per - u)
         kind, host, run = kernels.l2_next_run(l2, u, count, geo.cluster_bits, need_copied,
-                                              geo.extended_l2)
+                                              geo.extended_l2, self.state.external_data)
         w = i * geo.l2_entry_words
         entry = int(l2[w])
         n = min((run << ub) - in_u, length)

@@ -80,12 +80,17 @@ def _backing_shows_through(img):
 def resize(img, size, shrink=False, preallocation="off"):
     """Resize the open image ``img`` (the caller holds its exclusive lock)."""
     check_resize(img, size, shrink, preallocation)
+    df = img.clusters.datafile
+    if df is not None and df.raw and preallocation == "off" and size > img.state.size:
+        preallocation = "metadata"      # data_file_raw: every L2 entry allocated (qemu)
     if size > img.state.size:
         _grow(img, size, preallocation)
     elif size < img.state.size:
         _shrink(img, size)
     else:
         return
+    if df is not None:
+        df.resize(size, preallocation)  # the data file follows the disk (qcow2_co_truncate)
     img.dirty_bitmaps.resize(size)
 
 
@@ -162,6 +167,8 @@ def _shrink_l1(img, new_l1):
         drop.append(l2off >> cb)
         # A cluster is counted once per L1 table reaching it (a table shared
         # with a snapshot included): what this L2 table maps loses one too.
+        if s.external_data:     # its data clusters have no refcounts (datafile.py)
+            continue
         entries = decode_table(s.file.pread(l2off, cs))[::geo.l2_entry_words]
         drop.extend(_mapped_clusters(geo, entries))
     s.file.pwrite(bytes(len(tail) * L1E_SIZE), img.header.l1_table_offset + new_l1 * L1E_SIZE)

@@ -72,14 +72,17 @@ class Subclusters:
         alloc, zero = bm & SC_ALLOC_MASK, bm >> SC_ZERO_SHIFT
         host = desc & L2E_OFFSET_MASK
         compressed = bool(desc & QCOW_OFLAG_COMPRESSED)
-        in_place = bool(host) and not compressed and bool(desc & QCOW_OFLAG_COPIED)
+        # (in an external data file, host offset 0 is a cluster: COPIED says so)
+        mapped = bool(host) or (self.state.external_data and not compressed
+                                and bool(desc & QCOW_OFLAG_COPIED))
+        in_place = mapped and not compressed and bool(desc & QCOW_OFLAG_COPIED)
         if in_place:
             target, keep = host, 0
         else:
             # A new host cluster; a shared or compressed one's allocated
             # subclusters that this write does not cover are copied over.
-            keep = (SC_ALLOC_MASK if compressed else (alloc if host else 0)) & ~touched
-            target = self.clusters.alloc(1)
+            keep = (SC_ALLOC_MASK if compressed else (alloc if mapped else 0)) & ~touched
+            target = self.clusters.alloc_data(first, 1)
         # Partial subclusters at the edges keep what the guest sees around
         # the write, unless they are already allocated here.
         head = a > lo and not (in_place and alloc >> s0 & 1)
@@ -102,7 +105,7 @@ class Subclusters:
         if in_place:
             self.clusters.check_overlap(first + start, target + start, end - start)
         self.state.write_data_pieces(pieces, target + start)
-        self.state.allocated(target + cs)
+        self.state.data_written(target + cs)
         new_alloc = (alloc if in_place else keep) | touched
         new_zero = 0 if compressed else zero & ~touched
         # Data first, then the entry that points to it.
@@ -154,7 +157,7 @@ class Subclusters:
                     if changed:
                         cache.mark_dirty(slot)
                     for desc in released[:n].tolist():
-                        self.clusters.release_entry(desc)
+                        self.clusters.release_entry(desc, discard=True)
                     if stop < 0:
                         break
                     last = min(u_end, ((stop >> 5) + 1) << 5)

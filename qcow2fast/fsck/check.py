@@ -16,7 +16,8 @@ from ..spec.entries import (decode_table, has_copied, host_offsets, is_compresse
                             l2_reserved, l2_table_offsets, sc_alloc_bits, sc_zero_bits,
                             standard_allocated)
 from ..spec.geometry import Geometry
-from ..spec.header import INCOMPAT_EXTL2
+from ..spec.entries import at_host0
+from ..spec.header import INCOMPAT_DATA_FILE, INCOMPAT_EXTL2
 from ..engine.bitmap_list import check_loadable, referenced_ranges
 from .past_eof import past_eof, replacement
 from .rebuild import RefcountTally
@@ -141,6 +142,9 @@ class _Checker:
                             extended_l2=h.incompatible_features & INCOMPAT_EXTL2)
         self.cs = self.geo.cluster_size
         self.file_size = f.size()
+        # An external data file: data clusters are there, without refcounts
+        # (qemu's has_data_file branches of check_refcounts_l2/check_oflag_copied).
+        self.external = bool(h.incompatible_features & INCOMPAT_DATA_FILE)
         self.res = CheckResult()
         # one spare: a compressed cluster may end in the cluster past EOF
         self.tally = RefcountTally(-(-self.file_size // self.cs) + 1, grow=True)
@@ -212,14 +216,18 @@ class _Checker:
         offs = host_offsets(l2)
         std_alloc = standard_allocated(l2)
         reserved = l2_reserved(l2)
+        if self.external:       # host offset 0 in the data file (COPIED tells it)
+            std_alloc |= at_host0(l2) & ~reserved
         unaligned = std_alloc & ((offs & np.uint64(cs - 1)) != 0)
-        past = std_alloc & (offs >= np.uint64(self.file_size))
+        past = std_alloc & (offs >= np.uint64(self.file_size)) & (not self.external)
         alloc_bits = sc_alloc_bits(bms)
         both = std_alloc & ((sc_zero_bits(bms) & alloc_bits) != 0)
-        bad_bitmap = (compressed & (bms != 0)) | (~compressed & (offs == 0) & (alloc_bits != 0))
+        bad_bitmap = (compressed & (bms != 0)) | (~compressed & (offs == 0) & (alloc_bits != 0)
+                                                  & ~(at_host0(l2) & self.external))
         # -r all: entries whose data lies past the end of the file become zero (past_eof.py)
         gone = past_eof(geo, l2, self.file_size) & ~reserved & ~both & ~bad_bitmap \
-            if self.fix == "all" and not l2off & (cs - 1) else np.zeros(len(l2), dtype=bool)
+            if self.fix == "all" and not l2off & (cs - 1) and not self.external \
+            else np.zeros(len(l2), dtype=bool)
         odd = compressed | reserved | unaligned | past | both | bad_bitmap | gone
         for i in np.nonzero(odd)[0]:
             e = int(l2[i])
@@ -253,6 +261,11 @@ class _Checker:
                     res.corruptions += 1
                     res.malformed += 1
                     e &= ~QCOW_OFLAG_COPIED
+                if self.external:
+                    self.msg(f"ERROR compressed cluster {i} with data file, entry={e:#x}")
+                    res.corruptions += 1
+                    compressed[i] = False           # qemu does not count it
+                    continue
                 coff, csize = geo.compressed_extent(e)
                 self.inc(coff, csize)
             elif std_alloc[i]:
@@ -275,7 +288,8 @@ class _Checker:
                     kind = "Preallocated" if e & QCOW_OFLAG_ZERO and step == 1 else "Data"
                     self.msg(f"ERROR offset={off:x}: {kind} cluster is not properly aligned; "
                              "L2 entry corrupted.")
-                self.inc(off, cs)
+                if not self.external:
+                    self.inc(off, cs)
         ncomp = int(np.count_nonzero(compressed))
         if active:
             o = offs[std_alloc]
@@ -283,7 +297,8 @@ class _Checker:
             res.compressed_clusters += ncomp
             res.fragmented_clusters += ncomp + int(
                 np.count_nonzero(o[1:] != o[:-1] + np.uint64(cs)))
-        self.tally.add(offs[std_alloc & ~odd] >> np.uint64(geo.cluster_bits))
+        if not self.external:
+            self.tally.add(offs[std_alloc & ~odd] >> np.uint64(geo.cluster_bits))
 
     def zero_past_eof(self, l2off, i, e, bitmap, compressed):
         """Plan the repair of L2 entry ``i`` (``e``) of the table at ``l2off``,
@@ -335,7 +350,7 @@ class _Checker:
             self.tally.add(l2offs[over] >> np.uint64(self.geo.cluster_bits))
             plain &= ~over
             slow &= ~over
-        for idx, tables in self.l2_batches(l2offs, np.nonzero(plain)[0]):
+        for idx, tables in self.l2_batches(l2offs, np.nonzero(plain & ~self.external)[0]):
             odd = np.zeros(len(idx), dtype=np.uint8)
             stats = l2_tally_tables(tables.view(np.uint64), self.tally.counts, odd,
                                     self.geo.cluster_bits, self.file_size, self.geo.extended_l2)
@@ -571,6 +586,12 @@ class _Checker:
             """(refcounts, readable) of the clusters at ``offsets``."""
             return stored.get((np.asarray(offsets, dtype=np.uint64) >> cb).astype(np.int64))
 
+        def data_refcounts(offsets):
+            """The same for data clusters (in a data file: 1, as qemu)."""
+            if not self.external:
+                return refcounts(offsets)
+            return np.ones(len(offsets), dtype=np.int64), np.ones(len(offsets), dtype=bool)
+
         if not h.l1_size or h.l1_table_offset + h.l1_size * L1E_SIZE > self.file_size:
             return
         l1 = decode_table(self.f.pread(h.l1_table_offset, h.l1_size * L1E_SIZE))
@@ -587,13 +608,15 @@ class _Checker:
         tables = {}
         state = stored.state()
         for idx, batch in self.l2_batches(l2offs, used[l2offs[used] < np.uint64(self.file_size)]):
-            rows = np.zeros(len(idx), dtype=np.uint8)
-            l2_copied_rows(batch.view(np.uint64), state, self.geo.cluster_bits, rows,
-                           self.geo.extended_l2)
+            rows = np.ones(len(idx), dtype=np.uint8)
+            if not self.external:
+                rows[:] = 0
+                l2_copied_rows(batch.view(np.uint64), state, self.geo.cluster_bits, rows,
+                               self.geo.extended_l2)
             for r in np.nonzero(rows)[0]:
                 l2 = batch[r].astype(np.uint64)[::self.geo.l2_entry_words]
                 sel = standard_allocated(l2)
-                rcs2, readable2 = refcounts(host_offsets(l2[sel]))
+                rcs2, readable2 = data_refcounts(host_offsets(l2[sel]))
                 wrong = np.zeros(len(l2), dtype=bool)
                 wrong[sel] = ((rcs2 == 1) != has_copied(l2[sel])) & readable2
                 rc_of = np.zeros(len(l2), dtype=np.int64)

@@ -105,6 +105,8 @@ def tally_mapping(img, tally):
         tally.add(l2_offsets >> np.uint64(cb), f"{what} L2 table")
         for l2off in l2_offsets:
             l2off = int(l2off)
+            if img.state.external_data:     # data clusters: in the data file, no refcounts
+                continue
             if l2off + cs > file_size:
                 continue
             entries = decode_table(f.pread(l2off, cs))
@@ -249,7 +251,8 @@ def _fix_copied_flags(img, counts):
             l2 = img.l2_cache.u64(slot)[::geo.l2_entry_words]      # descriptors (a view)
             std = standard_allocated(l2)
             want = np.zeros(len(l2), dtype=bool)
-            want[std] = refcount_is_one(host_offsets(l2[std]))
+            # (a data file's clusters count as referenced once: COPIED, as qemu)
+            want[std] = True if img.state.external_data else refcount_is_one(host_offsets(l2[std]))
             wrong = np.nonzero(has_copied(l2) != want)[0]
             if len(wrong):
                 l2[wrong] ^= np.uint64(QCOW_OFLAG_COPIED)

@@ -17,10 +17,11 @@ version.
 
 import os
 
-from ..engine import compat, refcount_order
+from ..engine import compat, features, refcount_order
 from ..engine.image import Image
 from ..errors import InvalidArgumentError, ReadOnlyImageError, UnsupportedFeatureError
 from ..spec import header as hdr
+from ..spec.datafile import is_raw, set_data_file
 
 # qemu 7.2's amend options for qcow2 (qemu-img amend -o help), with their help.
 AMEND_OPTIONS = [
@@ -108,6 +109,11 @@ def amend(path, options, *, progress=None):
             refcount_order.free_old_structures(img, old)
         if plan.get("lazy") is not None:
             _set_lazy_refcounts(img, plan["lazy"])
+        if opts.get("data_file") is not None:     # a new name for the data file (qemu)
+            old_length = len(img.header.pack())
+            set_data_file(img.header, opts["data_file"], is_raw(img.header))
+            features.write_header(img.state, old_length)
+            img.state.barrier()
         if plan.get("size") is not None:
             img.close()         # with its backing file: growing may have to hide it
             img = Image(path, "r+", cache_clean_interval=0)
@@ -127,7 +133,7 @@ def _plan(img, opts):
     for key in opts:
         if key.startswith("encrypt."):
             raise InvalidArgumentError("Can't amend encryption options - encryption not present")
-    if opts.get("data_file") is not None:
+    if opts.get("data_file") is not None and not img.state.external_data:
         raise InvalidArgumentError("data-file can only be set for images that use an external "
                                    "data file")
     if opts.get("data_file_raw"):

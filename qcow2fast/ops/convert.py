@@ -348,9 +348,10 @@ def convert(sources: str | os.PathLike[str] | Iterable[str | os.PathLike[str]],
                                           force_share=force_share, untrusted=untrusted)
     try:
         size = src.size if src is not None else None
-        # Extended L2 entries are not laid out by qcow2_writer: such images
-        # go through create() and Image.write.
-        if format == "qcow2" and not existing and not options.get("extended_l2"):
+        # Extended L2 entries and external data files are not laid out by
+        # qcow2_writer: such images go through create() and Image.write.
+        if format == "qcow2" and not existing and not options.get("extended_l2") \
+                and not options.get("data_file"):
             st = validate_options(dest if dest != STDIN else "stdout", size,
                                   backing_file=backing_file, backing_format=backing_format,
                                   size_known=not stdin, **options)

@@ -15,6 +15,8 @@ import numpy as np
 from .._ext.fileio import File
 from ..host.lock import check_create
 from ..spec.constants import REFTABLE_ENTRY_SIZE
+from ..engine.datafile import resolve
+from ..spec.datafile import set_data_file, validate_create
 from .options import validate_options
 
 
@@ -22,11 +24,16 @@ def create(path: Union[str, "os.PathLike[str]"], size: Optional[int] = None, *,
            cluster_size: int = 65536, compat: Union[str, int] = "1.1", refcount_bits: int = 16,
            lazy_refcounts: bool = False, backing_file: Optional[str] = None,
            backing_format: Optional[str] = None, compression_type: str = "zlib",
-           preallocation: str = "off", extended_l2: bool = False) -> None:
+           preallocation: str = "off", extended_l2: bool = False,
+           data_file: Optional[str] = None, data_file_raw: bool = False) -> None:
     """Create a qcow2 image; the options mean what qemu-img's ``-o`` options mean.
 
     ``size`` may be None when ``backing_file`` is given: the backing file's
     size is used.  Sizes are rounded up to a multiple of 512, as qemu does.
+    ``data_file``: the name of an external data file (created, emptied if
+    it exists, as qemu does; a relative name is taken from the image's
+    directory); ``data_file_raw``: keep it a raw image of the disk
+    (engine/datafile.py).
     """
     path = os.fspath(path)
     st = validate_options(path, size, cluster_size=cluster_size, compat=compat,
@@ -35,12 +42,17 @@ def create(path: Union[str, "os.PathLike[str]"], size: Optional[int] = None, *,
                           compression_type=compression_type, preallocation=preallocation,
                           extended_l2=extended_l2)
     size, refcount_order = st.size, st.refcount_order
+    validate_create(data_file, data_file_raw, st.version, st.backing_file)
+    if data_file_raw and preallocation == "off":
+        preallocation = "metadata"      # every L2 entry allocated (qemu's qcow2_co_create)
 
     geo = st.geometry()
     cs = geo.cluster_size
     # The header starts with size 0 (no L1 table needed); the L1 table is
     # allocated once the image is open, by growing it (Image.resize).
     h = st.header(refcount_table_offset=cs, refcount_table_clusters=1)
+    if data_file:
+        set_data_file(h, data_file, data_file_raw)
     head = h.pack()
     reftable = np.zeros(cs // REFTABLE_ENTRY_SIZE, dtype=">u8")
     reftable[0] = 2 * cs
@@ -50,6 +62,8 @@ def create(path: Union[str, "os.PathLike[str]"], size: Optional[int] = None, *,
     from .._ext.kernels import refcount_encode
     refcount_encode(refblock, refcount_order, block)
     check_create(path)
+    if data_file:
+        _create_data_file(resolve(path, data_file))
     f = File(path, writable=True, create=True)
     try:
         f.pwrite(head.ljust(cs, b"\0") + reftable.tobytes() + block.tobytes(), 0)
@@ -63,5 +77,17 @@ def create(path: Union[str, "os.PathLike[str]"], size: Optional[int] = None, *,
     f = File(path, writable=True)
     try:
         f.sync_all()
+    finally:
+        f.close()
+
+
+def _create_data_file(path):
+    """The external data file, empty (qemu's file create truncates it; the
+    image's resize gives it its size)."""
+    check_create(path)
+    f = File(path, writable=True, create=True)
+    try:
+        if not f.is_device:
+            f.truncate(0)
     finally:
         f.close()

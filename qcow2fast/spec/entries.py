@@ -12,6 +12,7 @@ import numpy as np
 
 from .constants import (L1E_OFFSET_MASK, L1E_RESERVED_MASK, L2E_OFFSET_MASK,
                         L2E_STD_RESERVED_MASK, QCOW_OFLAG_COMPRESSED, QCOW_OFLAG_COPIED,
+                        QCOW_OFLAG_ZERO,
                         REFT_OFFSET_MASK, SC_ALLOC_MASK, SC_ZERO_SHIFT)
 
 _L1E_OFFSET = np.uint64(L1E_OFFSET_MASK)
@@ -56,6 +57,15 @@ def host_offsets(l2):
 def standard_allocated(l2):
     """Which entries are standard (not compressed) with a host cluster."""
     return ~is_compressed(l2) & (host_offsets(l2) != 0)
+
+
+def at_host0(l2):
+    """Which entries map host offset 0 when the image has an external data
+    file (COPIED with an empty offset, not zero or compressed: qemu's
+    qcow2_get_cluster_type)."""
+    mask = np.uint64(QCOW_OFLAG_COPIED | QCOW_OFLAG_COMPRESSED | QCOW_OFLAG_ZERO
+                     | L2E_OFFSET_MASK)
+    return (l2 & mask) == np.uint64(QCOW_OFLAG_COPIED)
 
 
 def l2_reserved(l2):

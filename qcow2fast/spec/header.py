@@ -64,6 +64,7 @@ EXT_FEATURE_TABLE = 0x6803F857
 EXT_BITMAPS = 0x23852875
 EXT_CRYPTO = 0x0537BE77
 EXT_DATA_FILE = 0x44415441
+EXT_BEFORE_FEATURE_TABLE = (EXT_DATA_FILE, EXT_CRYPTO)
 
 # Feature bits.
 INCOMPAT_DIRTY = 1 << 0
@@ -90,7 +91,8 @@ KNOWN_FEATURES = [
 ]
 
 # Incompatible bits this version can read and write.
-SUPPORTED_INCOMPAT = INCOMPAT_DIRTY | INCOMPAT_CORRUPT | INCOMPAT_COMPRESSION | INCOMPAT_EXTL2
+SUPPORTED_INCOMPAT = (INCOMPAT_DIRTY | INCOMPAT_CORRUPT | INCOMPAT_DATA_FILE | INCOMPAT_COMPRESSION
+                      | INCOMPAT_EXTL2)
 
 COMPRESSION_ZLIB, COMPRESSION_ZSTD = 0, 1
 COMPRESSION_NAMES = {COMPRESSION_ZLIB: "zlib", COMPRESSION_ZSTD: "zstd"}
@@ -205,6 +207,10 @@ class Header:
 
         if self.backing_format:
             ext(EXT_BACKING_FORMAT, self.backing_format.encode())
+        # qemu's order: backing format, these, the feature table, the rest.
+        early = [e for e in self.other_extensions if e.type in EXT_BEFORE_FEATURE_TABLE]
+        for e in early:
+            ext(e.type, e.data)
         if self.version >= 3 and feature_table:
             names = dict(((k, b), n) for k, b, n in KNOWN_FEATURES)
             names.update(self.feature_names)
@@ -212,7 +218,8 @@ class Header:
                              for (k, b), n in sorted(names.items()))
             ext(EXT_FEATURE_TABLE, table)
         for e in self.other_extensions:
-            ext(e.type, e.data)
+            if e not in early:
+                ext(e.type, e.data)
         ext(EXT_END, b"")
         if self.backing_file:
             name = self.backing_file.encode()

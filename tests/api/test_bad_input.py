@@ -264,9 +264,12 @@ def test_unknown_compatible_and_autoclear_bits_are_fine(base, tmp_path):
     assert "exc" not in res, res
 
 
-def test_external_data_file(tmp_path):
+def test_external_data_file_missing(tmp_path):
+    """(external data files themselves: tests/interop/test_datafile.py)"""
     path = qemu_create(tmp_path / "d.qcow2", MiB, data_file=str(tmp_path / "d.raw"))
-    expect_error(path, UnsupportedFeatureError, ["data file", "data_file"])
+    os.unlink(tmp_path / "d.raw")
+    expect_error(path, FileNotFoundError, ["data_file"])
+    expect_error(path, FileNotFoundError, ["data_file"], mode="r+", action="write")
 
 
 def test_luks_encryption(tmp_path):

@@ -335,11 +335,8 @@ def test_qemu_created_headers_parse_as_qemu_info_says(tmp_path, case):
             assert getattr(again, field.name) == getattr(h, field.name), field.name
 
 
-# Left out: the external data file, whose extension qemu writes before the
-# feature table and Header.pack() after it (qcow2fast does not write such
-# images).
 @pytest.mark.qemu
-@pytest.mark.parametrize("case", [c for c in QEMU_CASES if c != "data-file"])
+@pytest.mark.parametrize("case", QEMU_CASES)
 def test_qemu_created_headers_repack_byte_for_byte(tmp_path, case):
     """qcow2fast writes cluster 0 as qemu does: same fields, extensions in
     the same order, same feature table, the backing name in the same place."""
