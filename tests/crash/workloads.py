@@ -7,7 +7,8 @@ on the code under test."""
 import os
 import subprocess
 
-from .harness import MiB, Config, random_guest_op
+from .guest import MiB, Config, random_guest_op
+from .chain_ops import chain_op
 from .metadata_ops import amend_ops, bitmap_ops, resize_ops, snapshot_ops
 
 KiB = 1024
@@ -85,6 +86,18 @@ def over_backing(cfg, d, rng):
     _qemu_img("create", "-q", "-f", "qcow2", "-o", "cluster_size=65536", base, str(cfg.size))
     _qemu_io(base, *_scatter(cfg, rng, 24, 0x60))
     return _create(cfg, os.path.join(d, "img.qcow2"), "-b", base, "-F", "qcow2")
+
+
+def chain(cfg, d, rng):
+    """top.qcow2 -> mid.qcow2 -> base.qcow2 (relative names), each with
+    data of its own written by qemu-io; returns the three paths, top first."""
+    paths = []
+    for name in ("base", "mid", "top"):
+        below = ("-b", os.path.basename(paths[-1]), "-F", "qcow2") if paths else ()
+        p = _create(cfg, os.path.join(d, f"{name}.qcow2"), *below)
+        _qemu_io(p, *_scatter(cfg, rng, 8, 0x10 + 0x20 * len(paths)))
+        paths.append(p)
+    return paths[::-1]
 
 
 # -- workloads: the guest operations recorded ---------------------------------------------
@@ -170,6 +183,17 @@ CONFIGS = [
        max_write=64 * KiB, workload=amend_ops([{"refcount_bits": 8},
                                                 {"compat": "0.10", "refcount_bits": 16}])),
     _c("bitmaps-64k", setup=with_data, workload=bitmap_ops, nops=24),
+    # Backing chains (chain_ops.py): every file recorded, states cut across them.
+    _c("commit-64k", setup=chain, workload=chain_op("commit", None, False), nops=16,
+       untouched=(2,)),
+    _c("commit-base-4k", setup=chain, cluster_size=4096, nops=16, untouched=(1,),
+       workload=chain_op("commit", "base.qcow2", True)),
+    _c("lazy-commit-intermediate-64k", setup=chain, lazy=True, nops=16,
+       workload=chain_op("commit_intermediate")),
+    _c("rebase-4k", setup=chain, cluster_size=4096, nops=16, untouched=(1, 2),
+       workload=chain_op("rebase", "base.qcow2", "qcow2")),
+    _c("rebase-standalone-64k", setup=chain, nops=16, untouched=(1, 2),
+       workload=chain_op("rebase", "", None)),
     _c("bitmaps-4k-writethrough", setup=with_data, workload=bitmap_ops, cluster_size=4096,
        cache_mode="writethrough", nops=16),
 ]
