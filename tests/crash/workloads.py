@@ -170,6 +170,8 @@ CONFIGS = [
        cluster_size=4096, open_kw=TINY_CACHE, nops=24),
     _c("lazy-snapshot-ops-4k", setup=with_data, workload=snapshot_ops, cluster_size=4096,
        lazy=True, nops=24),
+    _c("v2-snapshot-ops-4k", setup=with_data, workload=snapshot_ops, cluster_size=4096,
+       compat="0.10", nops=20),
     _c("resize-64k", setup=with_data, workload=resize_ops),
     _c("resize-4k-snapshot", setup=with_snapshot, workload=resize_ops, cluster_size=4096,
        nops=32),
