@@ -40,21 +40,27 @@ class RefcountTally:
         self.grow = grow
         self.outside = []           # (host cluster, what referenced it)
 
-    def add(self, clusters, what=None):
-        clusters = np.asarray(clusters, dtype=np.int64).ravel()
-        if not len(clusters):
-            return
+    def _inside(self, clusters, what):
+        """Which of ``clusters`` the array covers (grown to cover them all
+        with ``grow``; the others recorded in ``outside``): a slice, or a
+        mask."""
         top = int(clusters.max()) + 1
+        keep = slice(None)
         if top > len(self.counts):
             if self.grow:
                 grown = np.zeros(max(top, 2 * len(self.counts)), dtype=np.uint32)
                 grown[:len(self.counts)] = self.counts
                 self.counts = grown
             else:
-                bad = clusters >= len(self.counts)
-                self.outside.extend((int(c), what) for c in clusters[bad][:16])
-                clusters = clusters[~bad]
-        tally_add(self.counts, np.ascontiguousarray(clusters))
+                keep = clusters < len(self.counts)
+                self.outside.extend((int(c), what) for c in clusters[~keep][:16])
+        return keep
+
+    def add(self, clusters, what=None):
+        clusters = np.asarray(clusters, dtype=np.int64).ravel()
+        if len(clusters):
+            keep = self._inside(clusters, what)
+            tally_add(self.counts, np.ascontiguousarray(clusters[keep]))
 
     def add_range(self, first, n, what=None):
         self.add(np.arange(first, first + n), what)
@@ -64,22 +70,13 @@ class RefcountTally:
         if np.ndim(weights) == 0 and int(weights) == 1:
             return self.add(clusters, what)         # (the kernel: the common case)
         clusters = np.asarray(clusters, dtype=np.int64).ravel()
-        weights = np.broadcast_to(np.asarray(weights, dtype=np.uint64), clusters.shape)
         if not len(clusters):
             return
-        top = int(clusters.max()) + 1
-        if top > len(self.counts):
-            if self.grow:
-                grown = np.zeros(max(top, 2 * len(self.counts)), dtype=np.uint32)
-                grown[:len(self.counts)] = self.counts
-                self.counts = grown
-            else:
-                bad = clusters >= len(self.counts)
-                self.outside.extend((int(c), what) for c in clusters[bad][:16])
-                clusters, weights = clusters[~bad], weights[~bad]
-        u, inv = np.unique(clusters, return_inverse=True)
+        weights = np.broadcast_to(np.asarray(weights, dtype=np.uint64), clusters.shape)
+        keep = self._inside(clusters, what)
+        u, inv = np.unique(clusters[keep], return_inverse=True)
         total = np.zeros(len(u), dtype=np.uint64)
-        np.add.at(total, inv, weights)
+        np.add.at(total, inv, weights[keep])
         total += self.counts[u]
         self.counts[u] = np.minimum(total, np.uint64(TALLY_MAX)).astype(np.uint32)
 
