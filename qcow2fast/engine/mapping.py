@@ -164,6 +164,14 @@ class Mapping:
             cache.flush()
             table = self.file.pread(l2off, geo.cluster_size)
         self.file.pwrite(table, new)
+        # A slice cached under ``new`` is a table freed since (an L2 table
+        # dropped by copy-on-write keeps its clean slices cached): it must
+        # show the new table, not the old one.
+        for k in range(geo.cluster_size // geo.slice_bytes):
+            slot = cache.find(new + k * geo.slice_bytes)
+            if slot >= 0:
+                cache.u64(slot)[:] = np.frombuffer(table, ">u8", geo.slice_bytes // 8,
+                                                   k * geo.slice_bytes)
         self.l1_pending.setdefault(l1i, l1e)
         self.l1[l1i] = np.uint64(new | QCOW_OFLAG_COPIED)
         if l2off:
