@@ -64,7 +64,7 @@ from ..spec.header import pack_fields
 from ..spec.snapshot import MAX_SNAPSHOTS, Snapshot
 from . import features
 from .mapping import read_l1_table
-from .snapshot import find_index, new_snapshot_id, write_snapshot_table
+from .snapshot import check_l1_fields, find_index, new_snapshot_id, write_snapshot_table
 from .snapshot_refcount import Plan, Tree, discard_freed, host_clusters, new_counts
 
 _COPIED = np.uint64(QCOW_OFLAG_COPIED)
@@ -117,6 +117,7 @@ class Snapshots:
 
     def _snapshot_l1(self, sn):
         f = self.state.file
+        check_l1_fields(sn, self.geo.cluster_size, f.size())
         return read_l1_table(f, sn.l1_table_offset, sn.l1_size, self.geo.cluster_size,
                              f.size(), what=f"snapshot {sn.id} L1 table")
 

@@ -560,3 +560,57 @@ def test_check_reports_too_many_snapshots_as_qemu(tmp_path, capsys):
     status, out, err = run_cli(capsys, "check", path)
     assert status == q.returncode == 1
     assert err.replace("qcow2fast: ", "") == q.stderr_text.replace("qemu-img: ", "")
+
+
+@pytest.mark.parametrize("l1_offset,l1_size", [(0x12345, None), (1 << 40, None),
+                                               (None, 1 << 30)])
+def test_snapshot_with_a_bad_l1_table_is_refused_only_when_used(tmp_path, capsys, l1_offset,
+                                                                l1_size):
+    """A snapshot whose L1 table is unaligned, past the end of the file or
+    too large: the image opens for writing (as in qemu) and the other
+    snapshots work; applying, deleting or viewing that one is refused with
+    nothing written; check reports it as qemu's check does."""
+    import struct
+    path = str(tmp_path / "a.qcow2")
+    qemu_create(path, 4 * MiB)
+    qemu_io(path, "write -P 1 0 64k")
+    qemu_img("snapshot", "-c", "bad", path)
+    qemu_img("snapshot", "-c", "good", path)
+    off = header(path)["snapshots_offset"]
+    with open(path, "r+b") as f:
+        f.seek(off)
+        fixed = bytearray(f.read(12))
+        if l1_offset is not None:
+            fixed[0:8] = struct.pack(">Q", l1_offset)
+        if l1_size is not None:
+            fixed[8:12] = struct.pack(">I", l1_size)
+        f.seek(off)
+        f.write(fixed)
+    ours, pristine = str(tmp_path / "ours.qcow2"), str(tmp_path / "pristine.qcow2")
+    shutil.copy(path, ours)
+    shutil.copy(path, pristine)
+    q = qemu_img("check", path, check=False)
+    status, out, err = run_cli(capsys, "check", pristine)
+    assert status == q.returncode
+    theirs = [ln for ln in q.stderr_text.splitlines() if ln.startswith("ERROR")]
+    assert theirs and [ln for ln in err.splitlines() if ln.startswith("ERROR")] == theirs
+    if l1_size is None:     # (qemu's overlap check then fails every write: a huge table)
+        qemu_io(path, "write -P 2 0 4k")
+    with qcow2fast.open(ours, "r+") as img:
+        img.write(0, b"\x02" * 4096)
+        img.flush()
+        before = file_state(ours)
+        for op in (img.apply_snapshot, img.delete_snapshot):
+            with pytest.raises(InvalidArgumentError, match="Snapshot L1 table"):
+                op("bad")
+        assert file_state(ours) == before and not img.corrupt
+        img.apply_snapshot("good")
+    with pytest.raises(InvalidArgumentError, match="Snapshot L1 table"):
+        qcow2fast.open(ours, snapshot="bad")
+    assert qemu_raw(ours) == qemu_raw(path, snapshot="good")
+    # qemu refuses to delete it too -- except past the end of the file,
+    # where it deletes it reading zeros (and fails to free the L1 clusters,
+    # "qcow2_free_clusters failed"): refused here, the image unchanged.
+    past_eof = l1_offset == 1 << 40
+    assert qemu_img("snapshot", "-d", "bad", path, check=False).returncode == int(not past_eof)
+    assert run_cli(capsys, "snapshot", "-d", "bad", ours)[0] == 1
