@@ -8,7 +8,7 @@ import sys
 
 from .common import resolve_image
 from .options import UsageError, merge_options
-from .progress import Progress
+from .progress import PercentProgress
 
 NAME = "amend"
 
@@ -53,10 +53,19 @@ def run(args):
         from .options import parse_size
         opts["size"] = parse_size(opts["size"], "size")
     from ..ops.amend import AmendOptionError, amend
-    with Progress(args.progress and not args.quiet, 10000, "amend") as bar:
-        try:
-            amend(path, opts, progress=lambda done, total: bar.advance_to(done))
-        except AmendOptionError as e:
-            print(f"qcow2fast: {e}" + (f"\n{e.hint}" if e.hint else ""), file=sys.stderr)
-            return 1
+    # qemu-img amend -p's own lines: "    (NN.NN/100%)\r" on stdout, from 0 to 100
+    bar = PercentProgress(args.progress and not args.quiet, 1.0)
+    bar(0, 1)
+    failed = None
+    try:
+        amend(path, opts, progress=bar)
+    except AmendOptionError as e:
+        failed = e
+    bar(1, 1)           # (qemu: 100% even when it failed, then the error, then the newline)
+    if failed is not None:
+        print(f"qcow2fast: {failed}" + (f"\n{failed.hint}" if failed.hint else ""),
+              file=sys.stderr)
+    bar.close()
+    if failed is not None:
+        return 1
     return 0

@@ -37,6 +37,7 @@ from ..errors import (CorruptImageError, ImageClosedError, ImageLockedError,
 from ..extent import Extent, merge_extents
 from ..host.raw import RawImage
 from ..spec import header as hdr
+from ..host import lock
 from . import backing, untrusted
 from ..host.remote import is_url
 from .backing import identity, probe_format, read_head, resolve_backing_path
@@ -140,6 +141,7 @@ class Chain:
                     if e.errno != 24 or not self._suspend_lru(j):     # EMFILE
                         raise _fd_error(self.top_path, len(self.layers)) from e
                     layer.file.resume()
+                _relock(layer)
             finally:
                 layer._unlock()
 
@@ -394,6 +396,20 @@ def _fd_budget(layers):
                                  f"{max(avail, 0)} descriptors for the backing chain; raise "
                                  "it (ulimit -n)")
     return avail
+
+
+def _relock(layer):
+    """A resumed layer file takes its qemu lock bytes again (closing the
+    descriptor released them): a writer that came meanwhile makes the read
+    fail with qemu's words rather than go on unprotected."""
+    if layer.locking:
+        perm, unshared = lock.permissions("qcow2", False, layer.force_share)
+        try:
+            lock.lock(layer.file.fd, layer.path, perm, unshared,
+                      context=f"Could not reopen backing file '{layer.path}'")
+        except BaseException:
+            layer.file.suspend()
+            raise
 
 
 def _suspend_oldest(layers):

@@ -19,7 +19,6 @@ are partly already data clusters of zeros: the same disk, consistent.
 
 import numpy as np
 
-from ..errors import UnsupportedFeatureError
 from ..spec import header as hdr
 from ..spec.constants import L2E_OFFSET_MASK, QCOW_OFLAG_COMPRESSED, QCOW_OFLAG_COPIED, \
     QCOW_OFLAG_ZERO
@@ -74,10 +73,10 @@ def upgrade(img):
     """Make the v2 image ``img`` a v3 one (the header only)."""
     s, h = img.state, img.header
     if any(len(sn.extra_data) < 16 for sn in img.snapshots):
-        raise UnsupportedFeatureError(
-            "upgrading an image whose snapshot table lacks the v3 extra data (VM state size, "
-            "disk size) is not supported yet: rewrite it with qemu-img amend",
-            feature="snapshot table")
+        # v3 needs each entry's VM state size and disk size: the table is
+        # written anew with them (qemu's qcow2_write_snapshots; a v2 reader
+        # skips extra data), in new clusters before the header switches.
+        img._snapshot_ops().rewrite_table()
     img.flush()
     old_length = len(h.pack())
     h.version = 3

@@ -48,7 +48,7 @@ from .flush import FlushOrder
 from .mapping import Mapping, read_l1_table
 from .overlap import MetadataMap
 from .refcount import Refcounts
-from .snapshot import TableRepairs, find_snapshot, read_snapshot_table
+from .snapshot import TableRepairs, check_l1_fields, find_snapshot, read_snapshot_table
 
 if TYPE_CHECKING:
     import collections.abc
@@ -165,6 +165,7 @@ class Image(ImageCore):
         l1_offset, l1_size, what = h.l1_table_offset, h.l1_size, "L1 table"
         if snapshot is not None:
             s.snapshot = find_snapshot(self.snapshots, snapshot)
+            check_l1_fields(s.snapshot, cs, file_size)
             l1_offset, l1_size = s.snapshot.l1_table_offset, s.snapshot.l1_size
             what = f"snapshot {s.snapshot.id} L1 table"
         l1 = read_l1_table(f, l1_offset, l1_size, cs, file_size, what=what)

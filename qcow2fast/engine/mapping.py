@@ -164,6 +164,15 @@ class Mapping:
             cache.flush()
             table = self.file.pread(l2off, geo.cluster_size)
         self.file.pwrite(table, new)
+        self.state.allocated(new + geo.cluster_size)    # (fresh space: no longer zeros)
+        # A slice cached under ``new`` is a table freed since (an L2 table
+        # dropped by copy-on-write keeps its clean slices cached): it must
+        # show the new table, not the old one.
+        for k in range(geo.cluster_size // geo.slice_bytes):
+            slot = cache.find(new + k * geo.slice_bytes)
+            if slot >= 0:
+                cache.u64(slot)[:] = np.frombuffer(table, ">u8", geo.slice_bytes // 8,
+                                                   k * geo.slice_bytes)
         self.l1_pending.setdefault(l1i, l1e)
         self.l1[l1i] = np.uint64(new | QCOW_OFLAG_COPIED)
         if l2off:
@@ -185,6 +194,7 @@ class Mapping:
         for l1i, entry in self.l1_pending.items():
             on_disk[l1i] = entry            # still pending: written at the next flush
         self.file.pwrite(on_disk.astype(">u8").tobytes(), new)
+        self.state.allocated(new + nclusters * geo.cluster_size)
         flush_refcounts()
         # Barrier: the new table is on disk before the header points to it.
         barrier()

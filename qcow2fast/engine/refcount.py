@@ -35,6 +35,7 @@ class Refcounts(RefcountCore):
         self.cache = state.refcount_cache
         self.barrier = state.barrier     # make completed writes stable (not under unsafe)
         self.metadata = state.metadata
+        self.allocated = state.allocated    # fresh space used: no longer reads as zeros
         self.deferred = []              # (first cluster, count) to free later
         self._rc_setup(self.cache, geo.cluster_bits, geo.refcount_order)
         cs = geo.cluster_size
@@ -187,6 +188,7 @@ class Refcounts(RefcountCore):
     def _publish_block(self, t, b):
         cs = self.geo.cluster_size
         self.metadata.add(b)
+        self.allocated((b + 1) * cs)
         self.end_cluster = max(self.end_cluster, b + 1)
         # Barrier: the block's contents, and the block holding its refcount
         # when it does not hold its own, are on disk before the table points
@@ -269,5 +271,6 @@ class Refcounts(RefcountCore):
             self.metadata.add(b)
         self.metadata.add(table_start, table_clusters)
         self.end_cluster = max(self.end_cluster, area_end)
+        self.allocated(area_end * cs)
         self.metadata.remove(old_offset // cs, old_clusters)
         self.free(old_offset, old_clusters)

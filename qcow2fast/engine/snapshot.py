@@ -69,7 +69,6 @@ def read_snapshot_table(file, header, file_size, repairs=None):
         repairs.messages.append(f"Discarding {nb - MAX_SNAPSHOTS} overhanging snapshots")
         repairs.reduced += nb - MAX_SNAPSHOTS
         nb = MAX_SNAPSHOTS
-    cs = header.cluster_size
     off = header.snapshots_offset
     snapshots = []
     pos, length = off, 0
@@ -119,7 +118,6 @@ def read_snapshot_table(file, header, file_size, repairs=None):
             repairs.reduced += nb - i
             pos = start
             break
-        _check_l1_fields(sn, cs, file_size, pos)
         if repairs is not None and header.version >= 3 and keep_extra < EXTRA_SIZE_V3:
             repairs.messages.append(f"{'Repairing' if repairs.fix else 'ERROR'} snapshot table "
                                     f"entry {i} is incomplete")
@@ -140,16 +138,22 @@ def too_many(nb):
          "check -r all"], field="nb_snapshots")
 
 
-def _check_l1_fields(sn, cs, file_size, pos):
+def check_l1_fields(sn, cs, file_size):
+    """Refuse to use snapshot ``sn`` whose L1 table is unaligned, too large
+    or past the end of the file.  Checked where the table is used, not at
+    open: qemu opens such an image (read-write too) and refuses only to
+    load, apply or delete that snapshot ("Snapshot L1 table offset
+    invalid", -EINVAL: nothing written, the image not marked corrupt)."""
     if sn.l1_table_offset % cs:
-        raise CorruptImageError(f"snapshot {sn.id!r}: L1 table offset {sn.l1_table_offset:#x} "
-                                "is not cluster-aligned", offset=pos,
-                                field="snapshot l1_table_offset")
+        raise InvalidArgumentError(f"Snapshot L1 table offset invalid: snapshot {sn.id} "
+                                   f"({sn.name}): l1_table_offset {sn.l1_table_offset:#x} is "
+                                   "not cluster-aligned")
     if sn.l1_size > MAX_L1_BYTES // L1E_SIZE or \
             sn.l1_table_offset + sn.l1_size * L1E_SIZE > file_size:
-        raise CorruptImageError(f"snapshot {sn.id!r}: L1 table ({sn.l1_size} entries at "
-                                f"{sn.l1_table_offset:#x}) is invalid or past the end of the "
-                                "file", offset=pos, field="snapshot l1_size")
+        raise InvalidArgumentError(f"Snapshot L1 table invalid: snapshot {sn.id} ({sn.name}): "
+                                   f"its L1 table ({sn.l1_size} entries at "
+                                   f"{sn.l1_table_offset:#x}) is too large or past the end of "
+                                   "the file")
 
 
 def find_snapshot(snapshots, which):

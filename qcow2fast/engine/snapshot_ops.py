@@ -13,28 +13,40 @@ only has to order its own writes.  Each barrier is ``state.barrier()``.
 Write order (a crash at any point leaves the old or the new snapshot
 list, with at worst leaked clusters):
 
-create   snapshot L1 copy written; refcounts of the active tree raised,
-         **barrier** (the shared clusters are counted before anything
-         relies on it); COPIED cleared in the active L2 tables and L1 (in
-         any order: no pointer changes); the new snapshot table,
-         **barrier**, header, **barrier**, old table freed.  Between the raise and the COPIED
-         writes qemu-img check reports "OFLAG_COPIED" on entries whose
-         cluster has refcount 2 while COPIED is still set: nothing
-         references the clusters twice yet, so that is a leak in effect,
-         and check -r all mends it (qemu has the same window).
+create   snapshot L1 copy written; on v3 the dirty bit set, **barrier**;
+         refcounts of the active tree raised, **barrier** (the shared
+         clusters are counted before anything relies on it); COPIED
+         cleared in the active L2 tables and L1 (in any order: no pointer
+         changes); the new snapshot table, **barrier**, header,
+         **barrier**, old table freed; dirty bit cleared, **barrier**.
 apply    refcounts of the snapshot's tree raised (and COPIED cleared in
          its L2 tables), **barrier**; the new active L1 table written to
          new clusters, **barrier**; header (size, l1_size, l1_table_offset
          in one write), **barrier**; only then the old active tree's
          refcounts lowered and its L1 table freed, **barrier**.  Unlike
          qemu (which overwrites the L1 table in place) the old active
-         table stays intact until the header no longer names it.
-delete   the snapshot table without the entry, header (as above); then
-         the snapshot tree's refcounts lowered and its L1 table freed,
-         **barrier**; then COPIED set in the active L2 tables and L1 where
-         the refcounts dropped to 1, **barrier** (a crash in between leaves
-         COPIED clear on clusters of refcount 1: they are copied on the
-         next write, check reports it, -r all mends it).
+         table stays intact until the header no longer names it.  No
+         COPIED flag is ever out of step: every table the new active L1
+         names is shared with the snapshot.
+delete   the snapshot table without the entry, header (as above); on v3
+         the dirty bit set, **barrier**; the snapshot tree's refcounts
+         lowered and its L1 table freed, **barrier**; COPIED set in the
+         active L2 tables and L1 where the refcounts dropped to 1,
+         **barrier**; dirty bit cleared, **barrier**.
+
+The COPIED window.  Between a refcount change of create or delete and
+the COPIED rewrite, active entries carry a COPIED flag that disagrees
+with their refcount (2 with COPIED set, or 1 without), which qemu-img
+check reports as OFLAG_COPIED corruption (qemu itself has this window).
+On v3 the dirty bit covers it: qemu's open for writing and ours rebuild
+a dirty image's refcounts and COPIED flags (fsck/rebuild.py) before the
+first write, and check -r all mends it.  v2 has no dirty bit: a state
+cut there keeps the OFLAG_COPIED reports until check -r all, but no data
+is at risk, because the snapshot table is switched outside the window --
+create publishes the new snapshot only after the flags are cleared, so a
+stale COPIED flag marks a cluster no snapshot names yet; delete drops the
+snapshot before the refcounts, so the window only has clusters of
+refcount 1 without COPIED, which a write copies needlessly.
 
 tests/interop/test_interop_snapshot.py stops each operation at each of
 its barriers and checks these claims with qemu-img check.
@@ -52,7 +64,7 @@ from ..spec.header import pack_fields
 from ..spec.snapshot import MAX_SNAPSHOTS, Snapshot
 from . import features
 from .mapping import read_l1_table
-from .snapshot import find_index, new_snapshot_id, write_snapshot_table
+from .snapshot import check_l1_fields, find_index, new_snapshot_id, write_snapshot_table
 from .snapshot_refcount import Plan, Tree, discard_freed, host_clusters, new_counts
 
 _COPIED = np.uint64(QCOW_OFLAG_COPIED)
@@ -105,6 +117,7 @@ class Snapshots:
 
     def _snapshot_l1(self, sn):
         f = self.state.file
+        check_l1_fields(sn, self.geo.cluster_size, f.size())
         return read_l1_table(f, sn.l1_table_offset, sn.l1_size, self.geo.cluster_size,
                              f.size(), what=f"snapshot {sn.id} L1 table")
 
@@ -242,6 +255,7 @@ class Snapshots:
             s.allocated(sn_l1_off + self._l1_bytes(n_l1) * geo.cluster_size)
             s.file.pwrite((l1 & ~_COPIED).astype(">u8").tobytes(), sn_l1_off)
             s.metadata.add(sn_l1_off >> geo.cluster_bits, self._l1_bytes(n_l1))
+        features.set_dirty(s, True)     # barrier: the COPIED window opens (module doc)
         plan.apply()
         self._sync()            # barrier: shared clusters counted before COPIED goes
         # The L2 and L1 flags need no order between them (no pointer changes).
@@ -254,6 +268,7 @@ class Snapshots:
         sn = Snapshot(sn_l1_off, n_l1, ident, name, now // 10**9, (now % 10**9) // 1000 * 1000,
                       vm_clock_nsec, vm_size, s.size, b"", icount)
         self._publish_table(snaps + [sn])
+        features.set_dirty(s, False)    # (the publish's barriers made the flags stable)
         if vm_size:
             # The VM state is not needed in the active tree (qemu: it would
             # only cost copy-on-write at the next snapshot).
@@ -344,10 +359,12 @@ class Snapshots:
         what = f"snapshot {sn.id}"
         plan = self._plan([tree], -1, what, l1_clusters)  # refuses before writing
         self._publish_table(img.snapshots[:i] + img.snapshots[i + 1:])
+        features.set_dirty(s, True)     # barrier: the COPIED window opens (module doc)
         plan.apply()
         self._sync()            # barrier: refcounts drop before COPIED is set on what is now 1
         discard_freed(s, plan.freed_clusters())
         self._update_copied(plan.state)
+        features.set_dirty(s, False)    # after _update_copied's barrier: flags stable
         self._after()
         return sn
 

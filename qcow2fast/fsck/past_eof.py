@@ -19,9 +19,9 @@ them through the L2 cache (:func:`drop_entries_past_eof`).
 
 import numpy as np
 
-from ..engine.mapping import read_l1_table
 from ..spec.constants import QCOW_OFLAG_COMPRESSED, QCOW_OFLAG_ZERO, SC_ALLOC_MASK, SC_ZERO_SHIFT
-from ..spec.entries import host_offsets, is_compressed, l2_table_offsets, standard_allocated
+from ..spec.entries import host_offsets, is_compressed, standard_allocated
+from .l1_tables import l1_tables, l2_tables
 
 _ALL_ZEROES = SC_ALLOC_MASK << SC_ZERO_SHIFT
 
@@ -59,10 +59,7 @@ def drop_entries_past_eof(img):
     f, cache = img.file, img.l2_cache
     file_size = f.size()
     cs, words = geo.cluster_size, geo.l2_entry_words
-    l1s = [img.mapping.l1] + [read_l1_table(f, sn.l1_table_offset, sn.l1_size, cs, file_size,
-                                            what=f"snapshot {sn.id} L1 table")
-                              for sn in img.snapshots]
-    tables = sorted({int(t) for l1 in l1s for t in l2_table_offsets(l1) if t})
+    tables = l2_tables(l1_tables(img))[0].tolist()     # each once (fsck/l1_tables.py)
     changed = 0
     for t in tables:
         if t + cs > file_size:

@@ -15,11 +15,11 @@ import numpy as np
 
 from .._ext.kernels import tally_add
 from ..errors import CorruptImageError, LimitExceededError, RepairError
-from ..spec.constants import L1E_OFFSET_MASK, L1E_SIZE, QCOW_OFLAG_COPIED
+from ..spec.constants import L1E_SIZE, QCOW_OFLAG_COPIED
 from ..spec.entries import (decode_table, has_copied, host_offsets, is_compressed,
                             l2_table_offsets, standard_allocated)
 from ..engine.bitmap_list import referenced_ranges
-from ..engine.mapping import read_l1_table
+from .l1_tables import l1_tables, l2_tables
 from .past_eof import drop_entries_past_eof
 
 # Where the tally kernel (uint32 counts) saturates.
@@ -40,24 +40,45 @@ class RefcountTally:
         self.grow = grow
         self.outside = []           # (host cluster, what referenced it)
 
-    def add(self, clusters, what=None):
-        clusters = np.asarray(clusters, dtype=np.int64).ravel()
-        if not len(clusters):
-            return
+    def _inside(self, clusters, what):
+        """Which of ``clusters`` the array covers (grown to cover them all
+        with ``grow``; the others recorded in ``outside``): a slice, or a
+        mask."""
         top = int(clusters.max()) + 1
+        keep = slice(None)
         if top > len(self.counts):
             if self.grow:
                 grown = np.zeros(max(top, 2 * len(self.counts)), dtype=np.uint32)
                 grown[:len(self.counts)] = self.counts
                 self.counts = grown
             else:
-                bad = clusters >= len(self.counts)
-                self.outside.extend((int(c), what) for c in clusters[bad][:16])
-                clusters = clusters[~bad]
-        tally_add(self.counts, np.ascontiguousarray(clusters))
+                keep = clusters < len(self.counts)
+                self.outside.extend((int(c), what) for c in clusters[~keep][:16])
+        return keep
+
+    def add(self, clusters, what=None):
+        clusters = np.asarray(clusters, dtype=np.int64).ravel()
+        if len(clusters):
+            keep = self._inside(clusters, what)
+            tally_add(self.counts, np.ascontiguousarray(clusters[keep]))
 
     def add_range(self, first, n, what=None):
         self.add(np.arange(first, first + n), what)
+
+    def add_weighted(self, clusters, weights, what=None):
+        """counts[c] += w (saturating) for each cluster c of weight w."""
+        if np.ndim(weights) == 0 and int(weights) == 1:
+            return self.add(clusters, what)         # (the kernel: the common case)
+        clusters = np.asarray(clusters, dtype=np.int64).ravel()
+        if not len(clusters):
+            return
+        weights = np.broadcast_to(np.asarray(weights, dtype=np.uint64), clusters.shape)
+        keep = self._inside(clusters, what)
+        u, inv = np.unique(clusters[keep], return_inverse=True)
+        total = np.zeros(len(u), dtype=np.uint64)
+        np.add.at(total, inv, weights[keep])
+        total += self.counts[u]
+        self.counts[u] = np.minimum(total, np.uint64(TALLY_MAX)).astype(np.uint32)
 
 
 def _compressed_spans(geo, entries):
@@ -69,48 +90,46 @@ def _compressed_spans(geo, entries):
     return coff >> cb, (end - np.uint64(1)) >> cb, end
 
 
-def _tally_l2_entries(tally, geo, entries, what=None):
-    """Count the host clusters that L2 ``entries`` (numpy uint64) use."""
+def _tally_l2_entries(tally, geo, entries, what=None, weight=1):
+    """Count the host clusters that L2 ``entries`` (numpy uint64) use,
+    ``weight`` times (the references to their table)."""
     compressed = is_compressed(entries)
     std = host_offsets(entries[standard_allocated(entries)])
-    tally.add(std >> np.uint64(geo.cluster_bits), what)
+    tally.add_weighted(std >> np.uint64(geo.cluster_bits), weight, what)
     comp = entries[compressed]
     if len(comp):
         first, last, _ = _compressed_spans(geo, comp)
         for k in range(3):      # a compressed cluster spans at most 3 host clusters
             sel = first + np.uint64(k) <= last
-            tally.add(first[sel] + np.uint64(k), what)
+            tally.add_weighted(first[sel] + np.uint64(k), weight, what)
 
 
 def tally_mapping(img, tally):
     """Count header, L1/L2 tables, data clusters and snapshots (everything but
-    the refcount structures)."""
+    the refcount structures); each table read once (fsck/l1_tables.py)."""
     geo, h, f = img.geo, img.header, img.file
     cs, cb = geo.cluster_size, geo.cluster_bits
     file_size = f.size()
     tally.add([0], "header")
-    l1s = [("active L1", h.l1_table_offset, img.mapping.l1)]
-    for s in img.snapshots:
-        l1s.append((f"snapshot {s.id} L1", s.l1_table_offset,
-                    read_l1_table(f, s.l1_table_offset, s.l1_size, cs, file_size,
-                                  what=f"snapshot {s.id} L1 table")))
+    tables = l1_tables(img)
     if h.nb_snapshots:
         tally.add_range(h.snapshots_offset >> cb, geo.size_to_clusters(img.snapshot_table_bytes),
                         "snapshot table")
-    for what, off, l1 in l1s:
+    for what, off, l1, weight in tables:
         if len(l1):
-            tally.add_range(off >> cb, geo.size_to_clusters(len(l1) * L1E_SIZE), what)
-        l2_offsets = l2_table_offsets(l1)
-        l2_offsets = l2_offsets[l2_offsets != 0]
-        tally.add(l2_offsets >> np.uint64(cb), f"{what} L2 table")
-        for l2off in l2_offsets:
-            l2off = int(l2off)
-            if img.state.external_data:     # data clusters: in the data file, no refcounts
-                continue
-            if l2off + cs > file_size:
-                continue
-            entries = decode_table(f.pread(l2off, cs))
-            _tally_l2_entries(tally, geo, entries[::geo.l2_entry_words], f"L2 table at {l2off:#x}")
+            first = off >> cb
+            tally.add_weighted(np.arange(first, first + geo.size_to_clusters(len(l1) * L1E_SIZE)),
+                               weight, what)
+    l2offs, weights = l2_tables(tables)
+    tally.add_weighted(l2offs >> np.uint64(cb), weights, "L2 table")
+    if img.state.external_data:         # data clusters: in the data file, no refcounts
+        return
+    for l2off, weight in zip(l2offs.tolist(), weights.tolist()):
+        if l2off + cs > file_size:
+            continue
+        entries = decode_table(f.pread(l2off, cs))
+        _tally_l2_entries(tally, geo, entries[::geo.l2_entry_words], f"L2 table at {l2off:#x}",
+                          weight)
 
 
 def tally_bitmaps(img, tally):
@@ -227,7 +246,8 @@ def _apply(rc, geo, want):
 
 def _fix_copied_flags(img, counts):
     """QCOW_OFLAG_COPIED on active L1/L2 entries iff the refcount is 1
-    (``counts``: the refcount of every host cluster, as just rebuilt)."""
+    (``counts``: the refcount of every host cluster, as just rebuilt).
+    Each L2 table is fixed once, however many entries name it."""
     geo, m = img.geo, img.mapping
     cb = np.uint64(geo.cluster_bits)
 
@@ -238,14 +258,17 @@ def _fix_copied_flags(img, counts):
         out[ok] = counts[idx[ok]] == 1
         return out
 
-    for l1i in np.nonzero(l2_table_offsets(m.l1))[0]:
-        l1i = int(l1i)
-        e = int(m.l1[l1i])
-        l2off = e & L1E_OFFSET_MASK
-        want_l1 = bool(refcount_is_one(np.array([l2off], dtype=np.uint64))[0])
-        if bool(e & QCOW_OFLAG_COPIED) != want_l1:
-            m.l1[l1i] = np.uint64(e ^ QCOW_OFLAG_COPIED)
-            m.write_l1_entry(l1i)
+    l2offs = l2_table_offsets(m.l1)
+    used = np.nonzero(l2offs)[0]
+    wrong = used[refcount_is_one(l2offs[used]) != has_copied(m.l1[used])]
+    if len(wrong):
+        m.l1[wrong] ^= np.uint64(QCOW_OFLAG_COPIED)
+        if len(wrong) < 64:
+            for i in wrong.tolist():
+                m.write_l1_entry(i)
+        else:
+            img.file.pwrite(m.l1.astype(">u8").tobytes(), img.header.l1_table_offset)
+    for l2off in np.unique(l2offs[used]).tolist():
         for s in range(geo.l2_entries // geo.slice_entries):
             slot = img.l2_cache.load(l2off + s * geo.slice_bytes)
             l2 = img.l2_cache.u64(slot)[::geo.l2_entry_words]      # descriptors (a view)

@@ -67,3 +67,27 @@ def test_amend_cli_like_qemu(tmp_path, capsys):
             info.pop("filename")
         assert info_a == info_b, args
     qemu_check(a)
+
+
+def _percent_lines(out):
+    assert out.endswith("\r\n"), repr(out[-40:])
+    lines = out[:-1].split("\r")[:-1]
+    values = [float(ln.strip()[1:].split("/")[0]) for ln in lines]
+    assert all(ln.startswith("    (") and ln.endswith("/100%)") for ln in lines), lines
+    return values
+
+
+def test_amend_progress_is_qemus(tmp_path, capsys):
+    """amend -p prints qemu-img's progress lines on stdout: "    (NN.NN/100%)\\r"
+    from 0.00 to 100.00, never going back, then a newline."""
+    ours, theirs = str(tmp_path / "ours.qcow2"), str(tmp_path / "qemu.qcow2")
+    qemu_create(ours, 64 << 20)
+    qemu_io(ours, "write -P 1 0 8M")
+    shutil.copy(ours, theirs)
+    q = qemu_img("amend", "-p", "-o", "refcount_bits=64", theirs)
+    status, out, err = cli(capsys, "amend", "-p", "-o", "refcount_bits=64", ours)
+    assert status == 0 and err == q.stderr_text == ""
+    for values in (_percent_lines(q.stdout_text), _percent_lines(out)):
+        assert values[0] == 0.0 and values[-1] == 100.0
+        assert values == sorted(values)
+    qemu_check(ours)

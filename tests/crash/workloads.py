@@ -7,7 +7,8 @@ on the code under test."""
 import os
 import subprocess
 
-from .harness import MiB, Config, random_guest_op
+from .guest import MiB, Config, random_guest_op
+from .chain_ops import chain_op
 from .metadata_ops import amend_ops, bitmap_ops, resize_ops, snapshot_ops
 
 KiB = 1024
@@ -87,6 +88,18 @@ def over_backing(cfg, d, rng):
     return _create(cfg, os.path.join(d, "img.qcow2"), "-b", base, "-F", "qcow2")
 
 
+def chain(cfg, d, rng):
+    """top.qcow2 -> mid.qcow2 -> base.qcow2 (relative names), each with
+    data of its own written by qemu-io; returns the three paths, top first."""
+    paths = []
+    for name in ("base", "mid", "top"):
+        below = ("-b", os.path.basename(paths[-1]), "-F", "qcow2") if paths else ()
+        p = _create(cfg, os.path.join(d, f"{name}.qcow2"), *below)
+        _qemu_io(p, *_scatter(cfg, rng, 8, 0x10 + 0x20 * len(paths)))
+        paths.append(p)
+    return paths[::-1]
+
+
 # -- workloads: the guest operations recorded ---------------------------------------------
 
 def random_ops(cfg, rng, compressed=0.0, flush_every=5):
@@ -157,6 +170,8 @@ CONFIGS = [
        cluster_size=4096, open_kw=TINY_CACHE, nops=24),
     _c("lazy-snapshot-ops-4k", setup=with_data, workload=snapshot_ops, cluster_size=4096,
        lazy=True, nops=24),
+    _c("v2-snapshot-ops-4k", setup=with_data, workload=snapshot_ops, cluster_size=4096,
+       compat="0.10", nops=20),
     _c("resize-64k", setup=with_data, workload=resize_ops),
     _c("resize-4k-snapshot", setup=with_snapshot, workload=resize_ops, cluster_size=4096,
        nops=32),
@@ -170,6 +185,17 @@ CONFIGS = [
        max_write=64 * KiB, workload=amend_ops([{"refcount_bits": 8},
                                                 {"compat": "0.10", "refcount_bits": 16}])),
     _c("bitmaps-64k", setup=with_data, workload=bitmap_ops, nops=24),
+    # Backing chains (chain_ops.py): every file recorded, states cut across them.
+    _c("commit-64k", setup=chain, workload=chain_op("commit", None, False), nops=16,
+       untouched=(2,)),
+    _c("commit-base-4k", setup=chain, cluster_size=4096, nops=16, untouched=(1,),
+       workload=chain_op("commit", "base.qcow2", True)),
+    _c("lazy-commit-intermediate-64k", setup=chain, lazy=True, nops=16,
+       workload=chain_op("commit_intermediate")),
+    _c("rebase-4k", setup=chain, cluster_size=4096, nops=16, untouched=(1, 2),
+       workload=chain_op("rebase", "base.qcow2", "qcow2")),
+    _c("rebase-standalone-64k", setup=chain, nops=16, untouched=(1, 2),
+       workload=chain_op("rebase", "", None)),
     _c("bitmaps-4k-writethrough", setup=with_data, workload=bitmap_ops, cluster_size=4096,
        cache_mode="writethrough", nops=16),
 ]

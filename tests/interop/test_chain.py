@@ -138,6 +138,38 @@ except (qcow2fast.Qcow2Error, OSError) as e:
     assert "LimitExceededError" in p.stdout_text and "ulimit -n" in p.stdout_text
 
 
+def test_resumed_layers_take_their_locks_again(tmp_path):
+    """Layers suspended for want of descriptors lose their qemu lock bytes
+    while closed; once resumed they hold them again, so a writer (qemu-io
+    here, or another qcow2fast) is refused on every open layer."""
+    top = make_deep_chain(tmp_path, 60, size=MiB)
+    code = f"""
+import os, resource, qcow2fast
+from qcow2fast.host import lock
+resource.setrlimit(resource.RLIMIT_NOFILE, (32, 32))
+with qcow2fast.open({top!r}) as img:
+    for _ in range(2):
+        img.read(0, img.size)
+    s = img.cache_stats
+    assert s["chain_suspends"] > 0, s
+    perm, _ = lock.permissions("qcow2", True)
+    layer, unlocked, checked = img.backing, [], 0
+    while layer is not None:
+        if not layer.file.closed:
+            fd = os.open(layer.path, os.O_RDONLY)
+            try:
+                if lock.conflict(fd, perm, 0) is None:
+                    unlocked.append(layer.path)
+            finally:
+                os.close(fd)
+            checked += 1
+        layer = getattr(layer, "backing", None)
+    print(checked, len(unlocked))
+"""
+    checked, unlocked = map(int, run_python(code, timeout=300).stdout_text.split())
+    assert checked >= 10 and unlocked == 0, (checked, unlocked)
+
+
 def test_chain_depth_limit(tmp_path, monkeypatch):
     top = make_deep_chain(tmp_path, 10, size=MiB)
     with pytest.raises(CorruptImageError, match="deeper than 5 images") as e:
