@@ -17,6 +17,7 @@ from ..spec.entries import (decode_table, has_copied, host_offsets, is_compresse
                             standard_allocated)
 from ..spec.geometry import Geometry
 from ..spec.header import INCOMPAT_EXTL2
+from ..engine.crypto import header_ranges as crypto_header_ranges
 from ..engine.bitmap_list import check_loadable, referenced_ranges
 from .past_eof import past_eof, replacement
 from .rebuild import RefcountTally
@@ -473,7 +474,7 @@ class _Checker:
         if broken:              # qemu's qcow2_check_bitmaps_refcounts fails the whole check
             res.failed = "Invalid argument"
             return res
-        for off, n, _ in ranges:
+        for off, n, _ in ranges + crypto_header_ranges(h):
             self.inc(off, n)
         table = self.refcount_table()
         self.check_refblocks(table)
