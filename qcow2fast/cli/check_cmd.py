@@ -12,6 +12,8 @@ from ..engine.snapshot import SnapshotTableError
 from ..errors import Qcow2Error
 from ..engine.untrusted import check_path
 from ..host.lock import Holder
+from ..engine.crypto import unlock_for_check
+from .objects import secrets
 from .common import add_image_arguments, resolve_image, warn_stale_bitmaps
 
 
@@ -25,10 +27,16 @@ def add_parser(sub):
 
 
 def run(args):
-    path, fmt, opts = resolve_image(args.filename, args.fmt, args.image_opts)
+    path, fmt, opts = resolve_image(args.filename, args.fmt, args.image_opts,
+                                    secrets(args.objects))
     if fmt == "raw":
         print("qcow2fast: This image format does not support checks", file=sys.stderr)
         return 63
+    try:
+        unlock_for_check(path, opts.get("key_secret"))
+    except Qcow2Error as e:
+        print(f"qcow2fast: Could not open '{args.filename}': {e}", file=sys.stderr)
+        return 1
     try:
         # Held for the whole command, which opens the file several times.
         holder = Holder(path, fmt, bool(args.repair), opts.get("force_share", args.force_share)) \

@@ -199,3 +199,17 @@ def header_ranges(h):
     except CorruptImageError:
         return []
     return [] if area is None or not area[1] else [(area[0], area[1], "the LUKS header")]
+
+
+def unlock_for_check(path, key_secret):
+    """What qemu's check does first with an encrypted image: open it, so
+    that a missing secret or a wrong passphrase fails the check (check
+    itself reads metadata only).  Plain images are not opened."""
+    with open(path, "rb") as f:
+        head = f.read(hdr.FIELD_OFFSET["crypt_method"] + 4)
+    if len(head) < hdr.FIELD_OFFSET["crypt_method"] + 4 or \
+            not int.from_bytes(head[-4:], "big"):
+        return
+    from .image import Image
+    Image(path, "r", key_secret=key_secret, backing=False, locking=False,
+          cache_clean_interval=0).close()

@@ -79,3 +79,9 @@ def set_up(img, opts):
     enc.cipher = luks.make_cipher(h.cipher_alg, h.mode, h.ivgen_alg, h.ivgen_hash_alg, key)
     s.set_transform(SectorTransform(L.SECTOR_SIZE, enc.cipher))
     img.encryption = enc
+
+
+def target_secret(options):
+    """The passphrase in create() ``options``' ``encrypt`` dict, or None."""
+    enc = (options or {}).get("encrypt") or {}
+    return enc.get("key_secret", enc.get("key-secret"))
