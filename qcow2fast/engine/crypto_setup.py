@@ -15,6 +15,7 @@ from ..spec import luks as L
 from . import crypto, luks
 from .luks import Secret
 
+CHOICE = ("cipher_alg", "cipher_mode", "ivgen_alg", "ivgen_hash_alg", "hash_alg")
 LUKS_KEYS = ("format", "key_secret", "cipher_alg", "cipher_mode", "ivgen_alg",
              "ivgen_hash_alg", "hash_alg", "iter_time")
 
@@ -49,6 +50,7 @@ def encrypt_options(encrypt):
     if it <= 0:
         raise InvalidArgumentError("Parameter 'encrypt.iter-time' must be positive")
     opts["iter_time"] = it
+    luks.validate_choice(**{k: opts[k] for k in CHOICE if k in opts})   # before any write
     return opts
 
 

@@ -233,10 +233,10 @@ def erase_key(h, i, write, barrier):
         write(s.key_offset * L.SECTOR_SIZE, os.urandom(n))
 
 
-def new_header(cipher_alg="aes-256", cipher_mode="xts", ivgen_alg="plain64",
-               ivgen_hash_alg=None, hash_alg="sha256", iter_time=L.DEFAULT_ITER_TIME_MS):
-    """(header with no active slot, master key) of a new LUKS volume, with
-    qemu's defaults and layout."""
+def validate_choice(cipher_alg="aes-256", cipher_mode="xts", ivgen_alg="plain64",
+                    ivgen_hash_alg=None, hash_alg="sha256"):
+    """qemu's rules for a new volume's algorithms, and libcrypto having
+    them; the choice with qemu's defaults filled in."""
     if cipher_alg not in L.CIPHER_ALGS:
         raise InvalidArgumentError(f"Parameter 'encrypt.cipher-alg' does not accept value "
                                    f"'{cipher_alg}'")
@@ -253,8 +253,26 @@ def new_header(cipher_alg="aes-256", cipher_mode="xts", ivgen_alg="plain64",
     if ivgen_alg == "essiv" and ivgen_hash_alg is None:
         ivgen_hash_alg = "sha256"
     key_bytes = L.key_bytes_for(cipher_alg, cipher_mode)
+    if key_bytes * L.STRIPES % L.SECTOR_SIZE:
+        # qemu 7.2 aborts on key material that is not whole sectors (aes-192
+        # outside XTS): an image it could never open is not made.
+        raise UnsupportedFeatureError(
+            f"cipher {cipher_alg} in {cipher_mode} mode: its key material "
+            f"({key_bytes * L.STRIPES} bytes) is not whole 512-byte sectors, which qemu "
+            "7.2 cannot read", feature="encrypt.cipher-alg")
+    evp_name(cipher_alg, cipher_mode)
     if ivgen_alg == "essiv":
-        L.essiv_cipher(cipher_alg, ivgen_hash_alg)
+        evp_name(L.essiv_cipher(cipher_alg, ivgen_hash_alg), "ecb")
+    return cipher_alg, cipher_mode, ivgen_alg, ivgen_hash_alg, hash_alg
+
+
+def new_header(cipher_alg="aes-256", cipher_mode="xts", ivgen_alg="plain64",
+               ivgen_hash_alg=None, hash_alg="sha256", iter_time=L.DEFAULT_ITER_TIME_MS):
+    """(header with no active slot, master key) of a new LUKS volume, with
+    qemu's defaults and layout."""
+    cipher_alg, cipher_mode, ivgen_alg, ivgen_hash_alg, hash_alg = validate_choice(
+        cipher_alg, cipher_mode, ivgen_alg, ivgen_hash_alg, hash_alg)
+    key_bytes = L.key_bytes_for(cipher_alg, cipher_mode)
     mode_spec = f"{cipher_mode}-{ivgen_alg}" + (f":{ivgen_hash_alg}" if ivgen_hash_alg else "")
     offsets, payload = L.layout(key_bytes)
     h = L.LuksHeader(cipher_name=L.CIPHER_ALGS[cipher_alg][0], cipher_mode=mode_spec,
