@@ -7,7 +7,10 @@ when an option cannot be amended."""
 import sys
 
 from ..ops.amend import AMEND_OPTIONS, AmendOptionError, amend
+from ..engine.crypto import MissingSecretError
+from ..engine.luks import BadPassphraseError
 from .common import resolve_image
+from .objects import lookup_secret, secrets
 from .options import UsageError, merge_options
 from .progress import Progress
 
@@ -42,20 +45,30 @@ def run(args):
     if args.filename is None and not ("help" in opts and args.fmt):
         raise UsageError("Expecting one image file name")
     fmt = args.fmt
+    table = secrets(args.objects)
+    key_secret = None
     if args.filename is not None and not ("help" in opts and fmt):
-        path, fmt, _ = resolve_image(args.filename, fmt, args.image_opts)
+        path, fmt, kw = resolve_image(args.filename, fmt, args.image_opts, table)
+        key_secret = kw.get("key_secret")
     if fmt != "qcow2":
         raise UsageError(f"Format driver '{fmt}' does not support option amendment")
     if "help" in opts or "?" in opts:
         print(options_help(), end="")
         return 0
+    for key in ("encrypt.new-secret", "encrypt.old-secret"):     # secret ids -> values
+        if opts.get(key) is not None:
+            opts[key] = lookup_secret(table, opts[key])
     if "size" in opts and opts["size"] is not None:
         from .options import parse_size
         opts["size"] = parse_size(opts["size"], "size")
     with Progress(args.progress and not args.quiet, 10000, "amend") as bar:
         try:
-            amend(path, opts, progress=lambda done, total: bar.advance_to(done))
+            amend(path, opts, progress=lambda done, total: bar.advance_to(done),
+                  key_secret=key_secret, force=args.force)
         except AmendOptionError as e:
             print(f"qcow2fast: {e}" + (f"\n{e.hint}" if e.hint else ""), file=sys.stderr)
+            return 1
+        except (MissingSecretError, BadPassphraseError) as e:
+            print(f"qcow2fast: Could not open '{args.filename}': {e}", file=sys.stderr)
             return 1
     return 0

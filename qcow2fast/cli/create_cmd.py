@@ -101,11 +101,11 @@ def run(args):
     create_image(args.filename, size, backing_file=backing, backing_format=backing_fmt, **kw)
     if not args.quiet:
         from .. import open as open_image
-        with open_image(args.filename, backing=False, cache_clean_interval=0) as img:
+        with open_image(args.filename, backing=False, cache_clean_interval=0, no_io=True) as img:
             size = img.size
         # qemu-img's order: the order of qcow2's creation options.
         parts = [f"Formatting '{args.filename}', fmt=qcow2"]
-        parts += [f"{k}={v}" for k, v in opts.items() if k in ENCRYPT_OPTIONS]
+        parts += [f"{k}={opts[k]}" for k in ENCRYPT_OPTIONS if k in opts]    # qemu's order
         parts += [f"cluster_size={kw.get('cluster_size', 65536)}",
                   f"extended_l2={'on' if kw.get('extended_l2') else 'off'}"]
         if kw.get("preallocation", "off") != "off":
