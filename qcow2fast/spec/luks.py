@@ -159,7 +159,7 @@ def parse(buf, length, base=0):
     if not 0 < diter <= MAX_ITERATIONS:
         _bad(f"master key iteration count {diter} is "
              f"{'zero' if not diter else f'above the limit of {MAX_ITERATIONS}'}",
-             "mk_digest_iter", 168, base)
+             "mk_digest_iter", 164, base)
     n = h.split_key_sectors()
     for i in range(NUM_KEY_SLOTS):
         at = HEADER.size + i * KEY_SLOT.size
