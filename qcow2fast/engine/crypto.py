@@ -6,7 +6,9 @@ offset and length of the LUKS area (a LUKS1 header and its key material,
 in clusters of its own); the payload offset inside it is not used, and
 each 512-byte sector of guest data is encrypted with the master key as
 sector number host offset / 512 (qemu's crypt_physical_offset).
-``crypt_method`` 1 is qemu's legacy AES-CBC: refused with qemu's advice.
+``crypt_method`` 1 is qemu's legacy AES-CBC: its IVs come from the guest
+offset, which the data transform hook does not carry; ``info`` shows such
+an image, anything that reads or writes its data is refused.
 
 An encrypted image's data goes through a ``SectorTransform`` installed as
 the state's data transform: no data reaches the caller undecrypted and the
@@ -21,10 +23,10 @@ from ..spec import luks as L
 from . import luks
 from .luks import Secret
 
-# qemu's messages.
+# qemu's message.
 NEED_SECRET = "Parameter 'encrypt.key-secret' is required for cipher"
-AES_REFUSED = ("Use of AES-CBC encrypted qcow2 images is no longer supported; "
-               "convert the image with qemu-img, or use LUKS encryption instead")
+AES_REFUSED = ("legacy AES-CBC encrypted qcow2 images (encrypt.format=aes) are not supported "
+               "by qcow2fast: convert them to LUKS with qemu-img")
 # The LUKS area of qemu's images is 2 MiB at most (8 slots of 4000 stripes
 # of a 64-byte key); a larger extension is refused before anything is read.
 MAX_LUKS_AREA = 32 << 20

@@ -213,3 +213,20 @@ def test_info_matches_qemu(tmp_path):
     for key in ("encrypted", "format-specific"):
         assert ours[key] == q[key]
     assert qemu_img("info", str(path)).returncode == 0
+
+
+def test_legacy_aes_info_and_refusal(tmp_path):
+    """qemu's legacy AES-CBC: info as qemu-img shows it; data refused clearly."""
+    from tests.helpers.luks_util import obj
+    path = tmp_path / "aes.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", *obj(PW), "-o",
+             "encrypt.format=aes,encrypt.key-secret=sec0", str(path), "1M")
+    q = qemu_info(path)
+    with qcow2fast.open(path, no_io=True) as img:
+        from qcow2fast.cli.info_cmd import image_info
+        ours = image_info(img, str(path))
+    assert ours["format-specific"] == q["format-specific"] and ours["encrypted"]
+    before = path.read_bytes()
+    with pytest.raises(qcow2fast.UnsupportedFeatureError, match="AES-CBC"):
+        qcow2fast.open(path, "r+", key_secret=PW)
+    assert path.read_bytes() == before
