@@ -184,8 +184,6 @@ def attach(state, f, file_size, key_secret, no_io):
     if span is not None:
         state.metadata.add(*span)
     if no_io and key_secret is None:
-        if not state.read_only:
-            raise MissingSecretError(NEED_SECRET)
         state.set_transform(LockedTransform(L.SECTOR_SIZE))
     else:
         state.set_transform(unlock(enc, f, key_secret))

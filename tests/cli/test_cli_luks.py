@@ -144,3 +144,31 @@ def test_amend_keyslots(capsys, image, tmp_path):
         qcow2fast.open(image, key_secret=PW)
     with qcow2fast.open(image, key_secret=new) as img:
         assert img.read(0, 4) == b"aaaa"
+
+
+def test_commit_and_rebase_encrypted_chain(capsys, tmp_path):
+    base, top = tmp_path / "base.qcow2", tmp_path / "top.qcow2"
+    enc = {"format": "luks", "key_secret": PW, "iter_time": ITER_TIME}
+    qcow2fast.create(base, MiB, encrypt=enc)
+    qcow2fast.create(top, None, backing_file="base.qcow2", backing_format="qcow2", encrypt=enc)
+    with qcow2fast.open(base, "r+", key_secret=PW) as img:
+        img.write(0, b"\x01" * MiB)
+    with qcow2fast.open(top, "r+", key_secret=PW) as img:
+        img.write(4096, b"\x02" * 8192)
+    expect = b"\x01" * 4096 + b"\x02" * 8192 + b"\x01" * (MiB - 12288)
+    status, out, err = run_cli(capsys, "commit", *obj(PW), "--image-opts", opts(top))
+    assert (status, out) == (0, "Image committed.\n"), err
+    qemu_check_luks(base, PW)
+    with qcow2fast.open(base, key_secret=PW) as img:
+        assert img.read(0, MiB) == expect
+    with qcow2fast.open(top, key_secret=PW) as img:
+        assert all(e.depth >= 1 for e in img.block_status(0, MiB))     # emptied
+    # rebase onto an empty encrypted base: the top takes what differs
+    other = tmp_path / "other.qcow2"
+    qcow2fast.create(other, MiB, encrypt=enc)
+    status, _, err = run_cli(capsys, "rebase", *obj(PW), "-b", "other.qcow2", "-F", "qcow2",
+                             "--image-opts", opts(top))
+    assert status == 0, err
+    with qcow2fast.open(top, key_secret=PW) as img:
+        assert img.read(0, MiB) == expect
+    qemu_check_luks(top, PW, backing_passphrase=PW)
