@@ -55,9 +55,9 @@ def run(args):
     if "help" in opts or "?" in opts:
         print(options_help(), end="")
         return 0
-    for key in ("encrypt.new-secret", "encrypt.old-secret"):     # secret ids -> values
-        if opts.get(key) is not None:
-            opts[key] = lookup_secret(table, opts[key])
+    for key in ("encrypt.new-secret", "encrypt.old-secret"):
+        if opts.get(key) is not None:       # the id, looked up where qemu does
+            opts[key] = lambda oid=opts[key]: lookup_secret(table, oid)
     if "size" in opts and opts["size"] is not None:
         from .options import parse_size
         opts["size"] = parse_size(opts["size"], "size")

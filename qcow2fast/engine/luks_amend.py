@@ -6,8 +6,9 @@ messages.  Every refusal is made before anything is written; the slot
 writes order themselves (engine/luks.py: store_key, erase_key).
 
 Options (amend's names): ``encrypt.state``, ``encrypt.keyslot``,
-``encrypt.new-secret``, ``encrypt.old-secret`` (passphrases: bytes, str or
-Secret), ``encrypt.iter-time``.
+``encrypt.new-secret``, ``encrypt.old-secret`` (passphrases: bytes, str,
+Secret, or a function returning one, called once the image is known to be
+encrypted), ``encrypt.iter-time``.
 """
 
 from ..errors import InvalidArgumentError
@@ -29,6 +30,12 @@ def _int(opts, key):
         raise InvalidArgumentError(f"Parameter '{key}' expects a number") from None
 
 
+def _secret(value):
+    if value is None:
+        return None
+    return Secret(value() if callable(value) else value)
+
+
 def plan(img, opts, force=False):
     """Check the encrypt.* amend options against the open image ``img``;
     returns a function that makes the change."""
@@ -41,9 +48,7 @@ def plan(img, opts, force=False):
     if state not in ("active", "inactive"):
         raise InvalidArgumentError(f"Parameter 'state' does not accept value '{state}'")
     slot, iter_time = _int(opts, "encrypt.keyslot"), _int(opts, "encrypt.iter-time")
-    new, old = opts.get("encrypt.new-secret"), opts.get("encrypt.old-secret")
-    new = None if new is None else Secret(new)
-    old = None if old is None else Secret(old)
+    new, old = (_secret(opts.get(k)) for k in ("encrypt.new-secret", "encrypt.old-secret"))
     h = enc.header
     read = enc.reader(img.state.file)
     if slot is not None and not 0 <= slot < L.NUM_KEY_SLOTS:
