@@ -31,10 +31,14 @@ SLOT_ENABLED, SLOT_DISABLED = 0x00AC71F3, 0x0000DEAD
 ERASE_ITERATIONS = 16                       # qemu overwrites erased key material 16 times
 DEFAULT_ITER_TIME_MS = 2000
 
-# Work a hostile header may ask of an open: PBKDF2 iterations per slot and
-# for the master key digest.  qemu's 2 s default on a fast machine gives a
-# few million; above this an open could take minutes: refused.
-MAX_ITERATIONS = 1 << 26
+# Work a hostile header may ask of an open: PBKDF2 iterations per count
+# (a slot's, the master key digest's) and in all (a wrong passphrase tries
+# every active slot, and the digest after each).  qemu's 2 s default gives
+# a few million per slot on a fast machine; sha256 PBKDF2 runs about 1.4
+# million iterations a second here, so an open is bounded by ~12 s per slot
+# and ~50 s in all.  Above these: refused, naming the field.
+MAX_ITERATIONS = 1 << 24
+MAX_TOTAL_ITERATIONS = 1 << 26
 
 KEY_SLOT = struct.Struct(">II32sII")       # active, iterations, salt, key_offset, stripes
 HEADER = struct.Struct(">6sH32s32s32sII20s32sI40s")   # up to the key slots
@@ -185,6 +189,10 @@ def parse(buf, length, base=0):
             if s.key_offset < o.key_offset + n and o.key_offset < s.key_offset + n:
                 _bad(f"Keyslots {j} and {i} are overlapping in the header",
                      f"slot{i}.key_offset", at + 40, base)
+    total = sum(s.iterations + diter for s in h.slots if s.enabled)
+    if total > MAX_TOTAL_ITERATIONS:
+        _bad(f"the active key slots take {total} PBKDF2 iterations to try, above the limit "
+             f"of {MAX_TOTAL_ITERATIONS}", "slot iterations", HEADER.size, base)
     return h
 
 

@@ -83,6 +83,19 @@ def test_bad_luks_header(image, what, at, data, exc, match, field):
         assert e.field == field
 
 
+def test_total_iterations_bounded(tmp_path):
+    """Eight active slots each under the per-slot limit, over the total."""
+    path = tmp_path / "t.qcow2"
+    qcow2fast.create(path, MiB, encrypt={"format": "luks", "key_secret": PW, "iter_time": 10})
+    with qcow2fast.open(path, no_io=True) as img:
+        off = img.encryption.area[0]
+    for i in range(L.NUM_KEY_SLOTS):
+        patch(path, off + SLOT0 + i * L.KEY_SLOT.size,
+              struct.pack(">II", L.SLOT_ENABLED, L.MAX_ITERATIONS))
+    e = expect_error(path, qcow2fast.CorruptImageError, "above the limit")
+    assert e.field == "luks.slot iterations"
+
+
 def _crypto_ext_offset(path):
     """Host offset of the crypto extension's payload in the header cluster."""
     buf = path.read_bytes()[:65536]
