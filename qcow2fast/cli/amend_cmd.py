@@ -7,6 +7,7 @@ when an option cannot be amended."""
 import sys
 
 from .common import resolve_image
+from .objects import lookup_secret, secrets
 from .options import UsageError, merge_options
 from .progress import PercentProgress
 
@@ -42,29 +43,38 @@ def run(args):
     if args.filename is None and not ("help" in opts and args.fmt):
         raise UsageError("Expecting one image file name")
     fmt = args.fmt
+    table = secrets(args.objects)
+    key_secret = None
     if args.filename is not None and not ("help" in opts and fmt):
-        path, fmt, _ = resolve_image(args.filename, fmt, args.image_opts)
+        path, fmt, kw = resolve_image(args.filename, fmt, args.image_opts, table)
+        key_secret = kw.get("key_secret")
     if fmt != "qcow2":
         raise UsageError(f"Format driver '{fmt}' does not support option amendment")
     if "help" in opts or "?" in opts:
         print(options_help(), end="")
         return 0
+    for key in ("encrypt.new-secret", "encrypt.old-secret"):
+        if opts.get(key) is not None:       # the id, looked up where qemu does
+            opts[key] = lambda oid=opts[key]: lookup_secret(table, oid)
     if "size" in opts and opts["size"] is not None:
         from .options import parse_size
         opts["size"] = parse_size(opts["size"], "size")
+    from ..engine.crypto import MissingSecretError
+    from ..engine.luks import BadPassphraseError
     from ..ops.amend import AmendOptionError, amend
     # qemu-img amend -p's own lines: "    (NN.NN/100%)\r" on stdout, from 0 to 100
     bar = PercentProgress(args.progress and not args.quiet, 1.0)
     bar(0, 1)
     failed = None
     try:
-        amend(path, opts, progress=bar)
+        amend(path, opts, progress=bar, key_secret=key_secret, force=args.force)
     except AmendOptionError as e:
-        failed = e
+        failed = f"qcow2fast: {e}" + (f"\n{e.hint}" if e.hint else "")
+    except (MissingSecretError, BadPassphraseError) as e:
+        failed = f"qcow2fast: Could not open '{args.filename}': {e}"
     bar(1, 1)           # (qemu: 100% even when it failed, then the error, then the newline)
     if failed is not None:
-        print(f"qcow2fast: {failed}" + (f"\n{failed.hint}" if failed.hint else ""),
-              file=sys.stderr)
+        print(failed, file=sys.stderr)
     bar.close()
     if failed is not None:
         return 1

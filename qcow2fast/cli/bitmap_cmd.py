@@ -11,6 +11,7 @@ import argparse
 import sys
 
 from ..errors import InvalidArgumentError, Qcow2Error
+from .objects import secrets
 from .common import add_image_arguments, open_image
 from .options import UsageError, parse_size
 
@@ -31,7 +32,6 @@ def add_parser(sub):
     p.add_argument("-g", "--granularity", dest="granularity")
     p.add_argument("-b", "--source-file", dest="source_file")
     p.add_argument("-F", "--source-format", dest="source_fmt")
-    p.add_argument("--object", dest="objects", action="append", default=[])
     p.add_argument("names", nargs="*")
     p.set_defaults(run=run, actions=None)
 
@@ -66,7 +66,8 @@ def run(args):
     if len(args.names) != 2:
         raise UsageError("Expecting filename and bitmap name")
     filename, bitmap = args.names
-    img = open_image(filename, args.fmt, image_opts=args.image_opts, writable=True)
+    img = open_image(filename, args.fmt, image_opts=args.image_opts, writable=True,
+                     secrets=secrets(args.objects))
     src = None
     try:
         for kind, value in actions:

@@ -13,6 +13,8 @@ from ..errors import Qcow2Error
 from ..engine.untrusted import check_path
 from ..host.lock import Holder
 from ..host.remote import is_url
+from ..engine.crypto import unlock_for_check
+from .objects import secrets
 from .common import add_image_arguments, resolve_image, warn_stale_bitmaps
 
 
@@ -26,13 +28,19 @@ def add_parser(sub):
 
 
 def run(args):
-    path, fmt, opts = resolve_image(args.filename, args.fmt, args.image_opts)
+    path, fmt, opts = resolve_image(args.filename, args.fmt, args.image_opts,
+                                    secrets(args.objects))
     if fmt == "raw":
         print("qcow2fast: This image format does not support checks", file=sys.stderr)
         return 63
     if args.repair and is_url(path):
         print(f"qcow2fast: {path}: remote images are read-only: check -r cannot repair them",
               file=sys.stderr)
+        return 1
+    try:
+        unlock_for_check(path, opts.get("key_secret"))
+    except Qcow2Error as e:
+        print(f"qcow2fast: Could not open '{args.filename}': {e}", file=sys.stderr)
         return 1
     try:
         # Held for the whole command, which opens the file several times.

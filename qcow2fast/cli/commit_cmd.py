@@ -7,6 +7,7 @@ qemu-img commit: the image's data written into its backing file (or into
 
 from ..errors import InvalidArgumentError
 from .common import resolve_image
+from .objects import secrets
 from .progress import PercentProgress
 
 
@@ -18,29 +19,33 @@ def add_parser(sub):
     p.add_argument("-d", dest="drop", action="store_true")
     p.add_argument("-p", dest="progress", action="store_true")
     p.add_argument("-q", dest="quiet", action="store_true")
+    p.add_argument("--object", dest="objects", action="append", default=[])
+    p.add_argument("--image-opts", dest="image_opts", action="store_true")
     p.add_argument("filenames", nargs="*")
     p.set_defaults(run=run)
 
 
 def one_image(args, raw_error):
-    """The one image argument (commit, rebase): its path, qcow2 (a raw
-    image has no backing file: ``raw_error``)."""
+    """The one image argument (commit, rebase): (its path, its
+    encrypt.key-secret or None), qcow2 (a raw image has no backing file:
+    ``raw_error``)."""
     if len(args.filenames) != 1:
         raise InvalidArgumentError("Expecting one image file name")
-    path, fmt, _ = resolve_image(args.filenames[0], args.fmt)
+    path, fmt, kw = resolve_image(args.filenames[0], args.fmt, args.image_opts,
+                                  secrets(args.objects))
     if fmt == "raw":
         raise InvalidArgumentError(raw_error)
-    return path
+    return path, kw.get("key_secret")
 
 
 def run(args):
     from ..ops.commit import commit
-    path = one_image(args, "Image does not have a backing file")
+    path, key_secret = one_image(args, "Image does not have a backing file")
     bar = PercentProgress(args.progress and not args.quiet, 1.0)
     bar(0, 1)
     try:
         commit(path, base=args.base, drop=args.drop or args.base is not None, cache=args.cache,
-               progress=bar)
+               progress=bar, key_secret=key_secret)
         bar(1, 1)
     finally:
         bar.close()

@@ -8,6 +8,9 @@ from .. import open as open_qcow2
 from ..engine.backing import probe_format
 from ..host.raw import RawImage
 from ..host.remote import is_url
+from ..engine.crypto import MissingSecretError
+from ..engine.luks import BadPassphraseError
+from .objects import lookup_secret, secrets
 from .options import UsageError, parse_bool, parse_size, split_options
 
 FORMATS = ("qcow2", "raw")
@@ -19,8 +22,11 @@ IMAGE_OPTS = {"l2-cache-size": "l2_cache_size", "l2-cache-entry-size": "l2_cache
 
 
 def add_share_arguments(p):
-    """-U (read what another process writes) and --untrusted."""
+    """-U (read what another process writes), --untrusted and --object
+    (secrets for encrypt.key-secret, cli/objects.py)."""
     p.add_argument("-U", "--force-share", dest="force_share", action="store_true")
+    p.add_argument("--object", dest="objects", action="append", default=[],
+                   metavar="TYPE,id=ID,...")
     p.add_argument("--untrusted", dest="untrusted", action="store_true",
                    help="the image comes from an untrusted source: no backing or data "
                         "file outside its directory, bounded memory and work")
@@ -28,7 +34,8 @@ def add_share_arguments(p):
 
 def share_options(args):
     """open_image's keyword arguments for the flags add_share_arguments adds."""
-    return {"force_share": args.force_share, "untrusted": args.untrusted}
+    return {"force_share": args.force_share, "untrusted": args.untrusted,
+            "secrets": secrets(args.objects)}
 
 
 def add_image_arguments(p, *, output=False):
@@ -49,14 +56,23 @@ def image_option(key, value):
     return arg, parse_size(value, key)
 
 
-def image_spec(name, fmt, image_opts):
+def image_spec(name, fmt, image_opts, secret_table=None):
     """(path, format, open keyword arguments) for a filename or an
-    --image-opts string."""
+    --image-opts string (``encrypt.key-secret=ID`` looked up in
+    ``secret_table``, the --object secrets)."""
     if not image_opts:
         return name, fmt, {}
     kw, path, driver = {}, None, fmt
     for key, value in split_options(name):
-        if key in ("file.filename", "filename"):
+        if key == "encrypt.key-secret":
+            try:
+                kw["key_secret"] = lookup_secret(secret_table or {}, value)
+            except UsageError as e:
+                raise UsageError(f"Could not open '{name}': {e}") from None
+        elif key == "encrypt.format":
+            if value not in ("luks", "aes"):
+                raise UsageError(f"Parameter 'encrypt.format' does not accept value '{value}'")
+        elif key in ("file.filename", "filename"):
             path = value
         elif key == "driver":
             driver = value
@@ -83,11 +99,11 @@ def image_spec(name, fmt, image_opts):
     return path, driver, kw
 
 
-def resolve_image(name, fmt=None, image_opts=False):
+def resolve_image(name, fmt=None, image_opts=False, secret_table=None):
     """(path, format, open keyword arguments): the file must exist (a URL
     is a remote image, host/remote.py); the format is probed when not
     given, and must be one this tool handles."""
-    path, fmt, kw = image_spec(name, fmt, image_opts)
+    path, fmt, kw = image_spec(name, fmt, image_opts, secret_table)
     if not is_url(path) and not os.path.exists(path):
         raise FileNotFoundError(2, "Could not open image: No such file or directory", path)
     fmt = fmt or probe_format(path)
@@ -111,10 +127,12 @@ def snapshot_spec(text):
 
 
 def open_image(name, fmt=None, *, image_opts=False, writable=False, backing=True,
-               snapshot=None, force_share=False, untrusted=False, **extra):
+               snapshot=None, force_share=False, untrusted=False, secrets=None, **extra):
     """Open ``name`` as qcow2 or raw (probed when ``fmt`` is None), at the
-    internal ``snapshot`` (a -l argument) if one is given."""
-    path, fmt, kw = resolve_image(name, fmt, image_opts)
+    internal ``snapshot`` (a -l argument) if one is given.  An encrypted
+    image needs ``encrypt.key-secret=ID`` in --image-opts (``secrets``: the
+    --object secrets), as in qemu-img."""
+    path, fmt, kw = resolve_image(name, fmt, image_opts, secrets)
     share = {"force_share": kw.pop("force_share", force_share),
              "locking": kw.pop("locking", True)}
     if fmt == "raw":
@@ -127,8 +145,11 @@ def open_image(name, fmt=None, *, image_opts=False, writable=False, backing=True
     kw.update(extra)
     if snapshot is not None:
         kw["snapshot"] = snapshot_spec(snapshot)
-    img = open_qcow2(path, "r+" if writable else "r", backing=backing,
-                     cache_clean_interval=kw.pop("cache_clean_interval", 0), **kw)
+    try:
+        img = open_qcow2(path, "r+" if writable else "r", backing=backing,
+                         cache_clean_interval=kw.pop("cache_clean_interval", 0), **kw)
+    except (MissingSecretError, BadPassphraseError) as e:
+        raise type(e)(f"Could not open '{name}': {e}") from None
     warn_stale_bitmaps(img.dirty_bitmaps.warning)
     return img
 

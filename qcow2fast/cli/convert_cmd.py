@@ -11,7 +11,8 @@ reads an internal snapshot of the (single, qcow2) source: an id or name, or
 (not in qemu-img) sets the zlib (1-9, default 3) or zstd (1-22, default 3)
 level used by ``-c``."""
 
-from .common import add_share_arguments, share_options, snapshot_spec
+from .objects import secrets
+from .common import add_share_arguments, image_spec, share_options, snapshot_spec
 from .create_cmd import options_help, qcow2_options
 from .options import UsageError, merge_options, parse_size
 from .progress import Progress
@@ -42,6 +43,7 @@ def add_parser(sub):
     p.add_argument("-p", dest="progress", action="store_true")
     p.add_argument("-q", dest="quiet", action="store_true")
     add_share_arguments(p)
+    p.add_argument("--image-opts", dest="image_opts", action="store_true")
     p.add_argument("--bitmaps", dest="bitmaps", action="store_true")
     p.add_argument("--skip-broken-bitmaps", dest="skip_broken_bitmaps", action="store_true")
     p.add_argument("filenames", nargs="*")
@@ -59,8 +61,9 @@ def run(args):
     if len(args.filenames) < 2:
         raise UsageError("convert: expecting a source and a destination filename")
     *sources, dest = args.filenames
+    sources, source_kw = source_specs(sources, args)
     if args.out_fmt == "qcow2":
-        kw = qcow2_options(opts, "convert")
+        kw = qcow2_options(opts, "convert", secret_table=secrets(args.objects))
         backing = args.backing or kw.pop("backing_file", None)
         backing_fmt = args.backing_fmt or kw.pop("backing_format", None)
     elif opts:
@@ -102,7 +105,7 @@ def run(args):
                 target_is_zero=args.target_is_zero, threads=threads, progress=progress,
                 sync=args.cache != "unsafe", direct=args.cache in ("none", "directsync"),
                 snapshot=snapshot_spec(args.snapshot),
-                compression_level=args.compression_level, **share_options(args))
+                compression_level=args.compression_level, **source_kw)
     finally:
         for bar in bars:
             bar.close()
@@ -139,3 +142,26 @@ def _bitmaps_plan(args, sources, dest, kw):
         finally:
             src.close()
     return copy
+
+
+def source_specs(names, args):
+    """(paths, convert()'s source keyword arguments): --image-opts sources
+    give their file name and ``encrypt.key-secret`` (one secret for all)."""
+    kw = share_options(args)
+    table = kw.pop("secrets")
+    if not args.image_opts:
+        return names, kw
+    paths = []
+    for name in names:
+        path, fmt, opts = image_spec(name, args.fmt, True, table)
+        if "key_secret" in opts:
+            kw["key_secret"] = opts.pop("key_secret")
+        opts.pop("locking", None)
+        if opts.pop("force_share", False):
+            kw["force_share"] = True
+        if opts:
+            raise UsageError(f"convert: option {next(iter(opts))!r} is not supported for "
+                             "sources")
+        args.fmt = fmt
+        paths.append(path)
+    return paths, kw

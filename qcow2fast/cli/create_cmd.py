@@ -4,7 +4,7 @@ import os
 
 from ..host import file as hostfile
 from ..engine.backing import probe_format, resolve_backing_path
-from ..errors import UnsupportedFeatureError
+from .objects import lookup_secret, secrets
 from .options import UsageError, merge_options, parse_bool, parse_size
 
 # qemu-img's qcow2 creation options this version supports, with their help text.
@@ -22,7 +22,10 @@ QCOW2_OPTIONS = [
     ("refcount_bits", "num", "Width of a reference count entry in bits"),
     ("size", "size", "Virtual disk size"),
 ]
-UNSUPPORTED = {"encryption": "encryption", "encrypt.format": "encryption"}
+# -o encrypt.* (create()'s ``encrypt`` dict, engine/crypto_setup.py).
+ENCRYPT_OPTIONS = ("encrypt.format", "encrypt.key-secret", "encrypt.cipher-alg",
+                   "encrypt.cipher-mode", "encrypt.ivgen-alg", "encrypt.ivgen-hash-alg",
+                   "encrypt.hash-alg", "encrypt.iter-time")
 FORMATS = ("qcow2", "raw")
 
 
@@ -34,6 +37,7 @@ def add_parser(sub):
     p.add_argument("-F", dest="backing_fmt")
     p.add_argument("-u", dest="unsafe", action="store_true")
     p.add_argument("-q", dest="quiet", action="store_true")
+    p.add_argument("--object", dest="objects", action="append", default=[])
     p.add_argument("filename", nargs="?")
     p.add_argument("size", nargs="?")
     p.set_defaults(run=run)
@@ -72,7 +76,7 @@ def run(args):
         if not args.quiet:
             print(f"Formatting '{args.filename}', fmt=raw size={size}")
         return 0
-    kw = qcow2_options(opts)
+    kw = qcow2_options(opts, secret_table=secrets(args.objects))
     backing = args.backing or kw.pop("backing_file", None)
     backing_fmt = args.backing_fmt or kw.pop("backing_format", None)
     kw.pop("backing_file", None)
@@ -97,12 +101,13 @@ def run(args):
     create_image(args.filename, size, backing_file=backing, backing_format=backing_fmt, **kw)
     if not args.quiet:
         from .. import open as open_image
-        with open_image(args.filename, backing=False, cache_clean_interval=0) as img:
+        with open_image(args.filename, backing=False, cache_clean_interval=0, no_io=True) as img:
             size = img.size
         # qemu-img's order: the order of qcow2's creation options.
-        parts = [f"Formatting '{args.filename}', fmt=qcow2",
-                 f"cluster_size={kw.get('cluster_size', 65536)}",
-                 f"extended_l2={'on' if kw.get('extended_l2') else 'off'}"]
+        parts = [f"Formatting '{args.filename}', fmt=qcow2"]
+        parts += [f"{k}={opts[k]}" for k in ENCRYPT_OPTIONS if k in opts]    # qemu's order
+        parts += [f"cluster_size={kw.get('cluster_size', 65536)}",
+                  f"extended_l2={'on' if kw.get('extended_l2') else 'off'}"]
         if kw.get("preallocation", "off") != "off":
             parts.append(f"preallocation={kw['preallocation']}")
         parts += [f"compression_type={kw.get('compression_type', 'zlib')}", f"size={size}"]
@@ -122,15 +127,18 @@ def run(args):
     return 0
 
 
-def qcow2_options(opts, command="create"):
-    """-o key=value pairs -> keyword arguments of qcow2fast.create."""
+def qcow2_options(opts, command="create", secret_table=None):
+    """-o key=value pairs -> keyword arguments of qcow2fast.create
+    (``encrypt.key-secret=ID`` looked up in ``secret_table``, the --object
+    secrets)."""
     kw = {}
     for key, value in opts.items():
-        if key in UNSUPPORTED:
-            raise UnsupportedFeatureError(f"{UNSUPPORTED[key]} ({key}) not supported yet",
-                                          feature=key)
+        if key in ENCRYPT_OPTIONS or key == "encryption":
+            kw.setdefault("encrypt", {}).update(encrypt_option(key, value, secret_table))
+            continue
         if key.startswith("encrypt."):
-            raise UnsupportedFeatureError("encryption not supported yet", feature=key)
+            raise UsageError(f"{command}: invalid parameter '{key}' for format qcow2 "
+                             "(see -o help)")
         if value is None and key not in ("lazy_refcounts", "extended_l2"):
             raise UsageError(f"{command}: parameter '{key}' needs a value")
         if key == "cluster_size":
@@ -159,3 +167,20 @@ def qcow2_options(opts, command="create"):
                              "(see -o help)")
     return kw
 
+
+
+def encrypt_option(key, value, secret_table):
+    """One -o encrypt.* option -> its entry in create()'s ``encrypt`` dict."""
+    if key == "encryption":         # qemu's legacy spelling of encrypt.format=aes
+        return {"format": "aes"} if parse_bool(value, key) else {}
+    name = key[len("encrypt."):].replace("-", "_")
+    if value is None:
+        raise UsageError(f"parameter '{key}' needs a value")
+    if name == "key_secret":
+        return {name: lookup_secret(secret_table or {}, value)}
+    if name == "iter_time":
+        try:
+            return {name: int(value)}
+        except ValueError:
+            raise UsageError(f"Parameter '{key}' expects a number") from None
+    return {name: value}

@@ -30,7 +30,7 @@ def run(args):
     name, fmt, seen = args.filename, args.fmt, set()
     while True:
         img = open_image(name, fmt, image_opts=args.image_opts and not infos, backing=False,
-                         **share_options(args), **metadata_only(name, fmt, args))
+                         no_io=True, **share_options(args), **metadata_only(name, fmt, args))
         try:
             info = image_info(img, name)
         finally:
@@ -79,10 +79,16 @@ def image_info(img, name):
         data.update({"corrupt": img.corrupt, "extended-l2": img.geo.extended_l2})
     else:
         data["refcount-bits"] = h.refcount_bits
+    enc = getattr(img, "encryption", None)
+    if enc is not None:         # after refcount-bits, as qemu-img 7.2 orders it
+        data = dict(sum(([(k, v)] + ([("encrypt", enc.info())] if k == "refcount-bits" else [])
+                         for k, v in data.items()), []))
     info["format-specific"] = {"type": "qcow2", "data": data}
     if h.backing_file:
         info["full-backing-filename"] = full_backing_filename(name, h.backing_file)
         info["backing-filename"] = h.backing_file
+    if enc is not None:
+        info["encrypted"] = True
     info["dirty-flag"] = img.dirty
     return info
 
@@ -126,6 +132,11 @@ def _dump(lines, key, value, indent):
     pad = " " * indent
     if isinstance(value, bool):
         value = "true" if value else "false"
+    if isinstance(value, dict):
+        lines.append(f"{pad}{key.replace('-', ' ')}:")
+        for k, v in value.items():
+            _dump(lines, k, v, indent + 4)
+        return
     if isinstance(value, list):
         lines.append(f"{pad}{key.replace('-', ' ')}:")
         for i, item in enumerate(value):
@@ -180,6 +191,8 @@ def human_info(info):
              f"virtual size: {size_to_str(info['virtual-size'])} ({info['virtual-size']} bytes)",
              "disk size: " + (size_to_str(info["actual-size"]) if "actual-size" in info
                               else "unavailable")]
+    if info.get("encrypted"):
+        lines.append("encrypted: yes")
     if "cluster-size" in info:
         lines.append(f"cluster_size: {info['cluster-size']}")
     if "backing-filename" in info:

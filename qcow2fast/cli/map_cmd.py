@@ -33,9 +33,11 @@ def run(args):
         names = layer_names(img, args.filename)
         raw = img.header is None
         extents = img.block_status(start, end - start) if end > start else []
-        if not raw:
+        # qemu gives no host offset (nor host zeros) for an encrypted layer's data
+        hidden = encrypted_depths(img)
+        if not raw and not hidden:
             extents = split_host_holes(extents, chain_files(img))
-        entries = map_entries(extents, raw)
+        entries = map_entries(extents, raw, hidden)
     except InvalidArgumentError:
         entries = []
     finally:
@@ -72,9 +74,19 @@ def layer_names(img, name):
     return [getattr(layer, "data_file_name", None) or n for layer, n in zip(layers, names)]
 
 
-def map_entries(extents, raw):
+def encrypted_depths(img):
+    """The depths of the chain's encrypted layers."""
+    out, depth = set(), 0
+    while img is not None:
+        if getattr(img, "encryption", None) is not None:
+            out.add(depth)
+        img, depth = getattr(img, "backing", None), depth + 1
+    return out
+
+
+def map_entries(extents, raw, hidden=()):
     """Extents (or (extent, zero) pairs) -> qemu's map entries, merged as
-    qemu-img merges them."""
+    qemu-img merges them (no offset for the layers at depths ``hidden``)."""
     out = []
     for item in extents:
         e, host_zero = (item, None) if isinstance(item, Extent) else item
@@ -84,7 +96,7 @@ def map_entries(extents, raw):
                  "data": e.kind in ("data", "compressed")}
         if raw:
             entry["offset"] = e.offset
-        elif e.host_offset is not None and e.kind != "compressed":
+        elif e.host_offset is not None and e.kind != "compressed" and e.depth not in hidden:
             entry["offset"] = e.host_offset
         if out and _mergeable(out[-1], entry):
             out[-1]["length"] += entry["length"]

@@ -1,10 +1,18 @@
 """qemu's ``--object TYPE,id=ID,key=value,...`` arguments (``,,`` for a
-comma; ``qom-type=TYPE`` also accepted), with qemu's messages.  Only the
-x509 TLS credentials are implemented (``serve --tls-creds``); the other
-types qemu knows are refused by name."""
+comma; ``qom-type=TYPE`` also accepted), with qemu's messages.  The x509
+TLS credentials (``serve --tls-creds``) and secrets
+(``secret,id=ID,data=...|file=...[,format=raw|base64]``, referenced by
+``encrypt.key-secret=ID``) are implemented; the other types qemu knows are
+refused by name."""
 
+import base64
+import binascii
+
+from ..engine.luks import Secret
 from ..nbd.tls import Credentials
 from .options import UsageError, split_options
+
+SECRET_TYPE = "secret"
 
 X509_TYPE = "tls-creds-x509"
 QOM_TYPES = (X509_TYPE, "tls-creds-psk", "tls-creds-anon", "secret", "authz-simple",
@@ -25,12 +33,14 @@ def parse_object(text):
         raise UsageError("Parameter 'qom-type' is missing")
     if qom_type not in QOM_TYPES:
         raise UsageError(f"Parameter 'qom-type' does not accept value '{qom_type}'")
-    if qom_type != X509_TYPE:
+    if qom_type not in (X509_TYPE, SECRET_TYPE):
         raise UsageError(f"object type '{qom_type}' is not supported by qcow2fast "
-                         f"(supported: {X509_TYPE})")
+                         f"(supported: {X509_TYPE}, {SECRET_TYPE})")
     oid = props.pop("id", None)
     if not oid:
         raise UsageError("Parameter 'id' is missing")
+    if qom_type == SECRET_TYPE:
+        return SecretObject(oid, _secret_value(props))
     endpoint = props.pop("endpoint", "client")
     if endpoint not in ("client", "server"):
         raise UsageError(f"Parameter 'endpoint' does not accept value '{endpoint}'")
@@ -56,6 +66,8 @@ def tls_context(objects, creds_id):
     creds = {}
     for text in objects:
         c = parse_object(text)
+        if isinstance(c, SecretObject):
+            continue
         if c.id in creds:
             raise UsageError(f"attempt to add duplicate property '{c.id}' to object "
                              "(type 'container')")
@@ -63,3 +75,65 @@ def tls_context(objects, creds_id):
     if creds_id not in creds:
         raise UsageError(f"Failed to get TLS creds: No TLS credentials with id '{creds_id}'")
     return creds[creds_id].server_context()
+
+
+class SecretObject:
+    """A ``--object secret``: its id and value (a Secret: never shown)."""
+
+    def __init__(self, oid, value):
+        self.id, self.value = oid, value
+
+    def __repr__(self):
+        return f"SecretObject(id={self.id!r})"
+
+
+def _secret_value(props):
+    """qemu's secret object (crypto/secret.c, secret_common.c)."""
+    data, path = props.pop("data", None), props.pop("file", None)
+    fmt = props.pop("format", "raw")
+    props.pop("loaded", None)
+    if "keyid" in props or "iv" in props:
+        raise UsageError("secret: encrypted secrets (keyid, iv) are not supported by qcow2fast")
+    if props:
+        raise UsageError(f"Parameter '{next(iter(props))}' is unexpected")
+    if fmt not in ("raw", "base64"):
+        raise UsageError(f"Parameter 'format' does not accept value '{fmt}'")
+    if data is not None and path is not None:
+        raise UsageError("'file' and 'data' are mutually exclusive")
+    if data is None and path is None:
+        raise UsageError("Either 'file' or 'data' must be provided")
+    if path is not None:
+        try:
+            with open(path, "rb") as f:
+                raw = f.read()
+        except OSError as e:
+            raise UsageError(f"Unable to read {path}: Failed to open file \u201c{path}\u201d: "
+                             f"{e.strerror}") from None
+    else:
+        raw = data.encode()
+    if fmt == "base64":
+        try:
+            raw = base64.b64decode(raw, validate=True)
+        except (binascii.Error, ValueError):
+            raise UsageError("Base64 data contains invalid characters") from None
+    return Secret(raw)
+
+
+def secrets(objects):
+    """{id: Secret} of the ``--object secret`` arguments (every object is
+    parsed and checked, as qemu creates them all)."""
+    out = {}
+    for text in objects or ():
+        o = parse_object(text)
+        if o.id in out:
+            raise UsageError(f"attempt to add duplicate property '{o.id}' to object "
+                             "(type 'container')")
+        out[o.id] = o
+    return {k: o.value for k, o in out.items() if isinstance(o, SecretObject)}
+
+
+def lookup_secret(table, oid):
+    """The secret ``oid`` names (qemu's message when there is none)."""
+    if oid not in table:
+        raise UsageError(f"No secret with id '{oid}'")
+    return table[oid]

@@ -21,6 +21,8 @@ def add_parser(sub):
     p.add_argument("-p", dest="progress", action="store_true")
     p.add_argument("-u", dest="unsafe", action="store_true")
     p.add_argument("-q", dest="quiet", action="store_true")
+    p.add_argument("--object", dest="objects", action="append", default=[])
+    p.add_argument("--image-opts", dest="image_opts", action="store_true")
     p.add_argument("filenames", nargs="*")
     p.set_defaults(run=run)
 
@@ -29,14 +31,14 @@ def run(args):
     from ..ops.rebase import rebase
     if len(args.filenames) == 1 and args.backing is None and not args.unsafe:
         raise InvalidArgumentError("Must specify backing file (-b) or use unsafe mode (-u)")
-    path = one_image(args, f"Could not change the backing file to '{args.backing}': "
+    path, key_secret = one_image(args, f"Could not change the backing file to '{args.backing}': "
                            "Operation not supported")
     bar = PercentProgress(args.progress and not args.quiet, 2.0)
     bar(0, 1)
     try:
         rebase(path, args.backing, backing_fmt=args.backing_fmt, unsafe=args.unsafe,
                cache=args.cache, backing_cache=args.src_cache,
-               progress=None if args.unsafe else bar)
+               progress=None if args.unsafe else bar, key_secret=key_secret)
         bar(1, 1)
     finally:
         bar.close()

@@ -8,6 +8,7 @@ truncated (or extended, with falloc/full preallocation)."""
 import sys
 
 from ..errors import InvalidArgumentError
+from .objects import secrets
 from .common import open_image
 from .options import UsageError, parse_size
 
@@ -52,7 +53,8 @@ def run(args):
     except UsageError:
         print(f"qcow2fast: {SIZE_HELP}", file=sys.stderr)
         return 1
-    img = open_image(args.filename, args.fmt, image_opts=args.image_opts, writable=True)
+    img = open_image(args.filename, args.fmt, image_opts=args.image_opts, writable=True,
+                     secrets=secrets(args.objects))
     try:
         current = img.size
         total = current + sign * n if sign else n

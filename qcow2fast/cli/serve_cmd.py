@@ -57,8 +57,6 @@ def add_parser(sub):
     p.add_argument("--aio", dest="aio", metavar="MODE")
     p.add_argument("--discard", dest="discard", default="ignore", metavar="MODE")
     p.add_argument("--detect-zeroes", dest="detect_zeroes", default="off", metavar="MODE")
-    p.add_argument("--object", dest="objects", action="append", default=[],
-                   metavar="TYPE,id=ID,...")
     p.add_argument("--tls-creds", dest="tls_creds", metavar="ID")
     p.add_argument("--tls-authz", dest="tls_authz", metavar="ID")
     p.add_argument("--fork", dest="fork", action="store_true")

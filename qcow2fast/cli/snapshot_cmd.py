@@ -12,6 +12,7 @@ import os
 
 from ..errors import InvalidArgumentError, LimitExceededError
 from ..spec.snapshot import MAX_SNAPSHOTS
+from .objects import secrets
 from .common import add_image_arguments, open_image
 from .info_cmd import snapshot_info, snapshot_list
 from .options import UsageError
@@ -50,7 +51,7 @@ def run(args):
         raise InvalidArgumentError(f"Could not open '{filename}': force-share=on can only be "
                                    "used with read-only images")
     img = open_image(filename, args.fmt, image_opts=args.image_opts, writable=writable,
-                     backing=False)
+                     backing=False, secrets=secrets(args.objects))
     try:
         if writable and getattr(img, "corrupt", False):
             raise InvalidArgumentError(f"Could not open '{filename}': qcow2: Image is corrupt; "

@@ -230,7 +230,8 @@ class Chain:
     def _reopen(self, j):
         old = self.layers[j]
         if isinstance(old, ImageCore):
-            new = _open_layer(type(old), old.path, old.cache_mode, _share(old), old.untrusted)
+            new = _open_layer(type(old), old.path, old.cache_mode, _share(old), old.untrusted,
+                              old.key_secret)
         else:
             new = RawImage(old.path, **_share(old))
         self.layers[j] = new
@@ -322,7 +323,8 @@ def open_chain(top, max_depth=None, above=()):
             share = _share(top)
             try:
                 if fmt == "qcow2":
-                    layer = _open_layer(type(top), path, cache_mode, share, top.untrusted)
+                    layer = _open_layer(type(top), path, cache_mode, share, top.untrusted,
+                                        top.key_secret)
                 else:
                     layer = RawImage(path, **share)
             except ImageLockedError as e:       # in qemu's words
@@ -366,16 +368,17 @@ def _share(img):
             "remote": img.remote_options}
 
 
-def _open_layer(cls, path, cache_mode, share, untrusted):
+def _open_layer(cls, path, cache_mode, share, untrusted, key_secret=None):
     """A lower layer: read-only, no backing file of its own, and a small L2
     cache (the chain's resolved map answers most reads); locked as the top
-    is (``share``), and under the untrusted rules if the top is."""
+    is (``share``), and under the untrusted rules if the top is; an
+    encrypted layer is unlocked with the top's ``key_secret``."""
     head = read_head(path, 24, share["remote"])
     bits = int.from_bytes(head[20:24], "big") if len(head) == 24 else 16
     entry = min(LAYER_L2_ENTRY, 1 << bits) if 9 <= bits <= 21 else LAYER_L2_ENTRY
     return cls(path, "r", cache_mode=cache_mode, cache_clean_interval=0, backing=False,
                l2_cache_entry_size=entry, l2_cache_size=MIN_L2_SLOTS * entry,
-               untrusted=untrusted, **share)
+               untrusted=untrusted, key_secret=key_secret, **share)
 
 
 def _open_count(layers):

@@ -91,7 +91,7 @@ def _discard_all(path, cache_mode):
     # Opened without its backing file: a discarded cluster then becomes
     # unallocated (reads from the backing file again), never a zero cluster.
     with Image(path, "r+", cache_mode=cache_mode, backing=False,
-               cache_clean_interval=0) as img:
+               cache_clean_interval=0, no_io=True) as img:     # (no data moves)
         if img.size:
             img.discard(0, img.size)
         img.flush()

@@ -37,7 +37,7 @@ from ..host.remote import is_remote
 from ..host.remote import name_of as remote_name
 from ..spec import header as hdr
 from ..spec.geometry import Geometry
-from . import datafile, features, resize, untrusted
+from . import crypto, datafile, features, resize, untrusted
 from .bitmap import Bitmaps
 from .cache import DEFAULT_CACHE_CLEAN_INTERVAL, CacheCleaner, make_caches
 from .cache import cache_sizes as cache_sizes_for
@@ -45,6 +45,7 @@ from .chain import Chain, ChainBelow, build_chain, chain_budget, open_chain
 from .cluster import Clusters
 from .compress import Compressor
 from .flush import FlushOrder
+from .luks import Secret
 from .mapping import Mapping, read_l1_table
 from .overlap import MetadataMap
 from .refcount import Refcounts
@@ -74,6 +75,7 @@ class Image(ImageCore):
                  force_share: bool = False, locking: bool = True, untrusted: bool = False,
                  max_chain_depth: int | None = None, remote: dict | None = None,
                  data_file: str | os.PathLike[str] | None = None,
+                 key_secret: bytes | str | Secret | None = None, no_io: bool = False,
                  _chain: tuple[str, ...] = (), _repair: bool = False) -> None:
         if mode not in ("r", "r+"):
             raise InvalidArgumentError(f"mode must be 'r' or 'r+', not {mode!r}")
@@ -96,6 +98,11 @@ class Image(ImageCore):
         # qemu's image locks (host/lock.py), and the untrusted-image rules
         # (engine/untrusted.py); the backing chain inherits all three.
         self.force_share, self.locking, self.untrusted = force_share, locking, untrusted
+        # The passphrase of an encrypted image (and of encrypted layers below
+        # it); no_io: open an encrypted image without it, data unreadable.
+        self.key_secret = None if key_secret is None else Secret(key_secret)
+        self.no_io = no_io
+        self.encryption: crypto.Encryption | None = None
         self._close_lock = threading.Lock()     # serialises close() against the cleaner
         self._cleaner: CacheCleaner | None = None
         self.backing: Image | RawImage | None = None
@@ -190,6 +197,8 @@ class Image(ImageCore):
         if data_file is not None:
             s.set_data_file(data_file, datafile.HOST_LIMIT)
             self.data_file_name = datafile.display_name(self.path, h, self._data_file_override)
+        # (after zero_from: a transform means no host byte reads as zero)
+        self.encryption = crypto.attach(s, f, file_size, self.key_secret, self.no_io)
         self.mapping = Mapping(s, l1)
         self.refcounts = Refcounts(s, file_size, repair=repair) if writable else None
         # The lazy-refcounts open option overrides the header's bit, as in qemu.

@@ -18,6 +18,7 @@ from ..spec.entries import (decode_table, has_copied, host_offsets, is_compresse
 from ..spec.geometry import Geometry
 from ..spec.entries import at_host0
 from ..spec.header import INCOMPAT_DATA_FILE, INCOMPAT_EXTL2, MAX_L1_BYTES
+from ..engine.crypto import header_ranges as crypto_header_ranges
 from ..engine.bitmap_list import check_loadable, referenced_ranges
 from .past_eof import past_eof, replacement
 from .rebuild import RefcountTally
@@ -503,7 +504,7 @@ class _Checker:
         if broken:              # qemu's qcow2_check_bitmaps_refcounts fails the whole check
             res.failed = "Invalid argument"
             return res
-        for off, n, _ in ranges:
+        for off, n, _ in ranges + crypto_header_ranges(h):
             self.inc(off, n)
         table = self.refcount_table()
         self.check_refblocks(table)

@@ -18,6 +18,7 @@ from ..errors import CorruptImageError, LimitExceededError, RepairError
 from ..spec.constants import L1E_SIZE, QCOW_OFLAG_COPIED
 from ..spec.entries import (decode_table, has_copied, host_offsets, is_compressed,
                             l2_table_offsets, standard_allocated)
+from ..engine.crypto import header_ranges as crypto_header_ranges
 from ..engine.bitmap_list import referenced_ranges
 from .l1_tables import l1_tables, l2_tables
 from .past_eof import drop_entries_past_eof
@@ -140,7 +141,7 @@ def tally_bitmaps(img, tally):
         raise RepairError("cannot rebuild the refcounts: the bitmaps extension cannot be "
                           "read (remove the broken bitmap or the extension first)")
     cb = img.geo.cluster_bits
-    for off, n, what in ranges:
+    for off, n, what in ranges + crypto_header_ranges(img.header):
         tally.add(np.arange(off >> cb, ((off + max(n, 1) - 1) >> cb) + 1), what)
 
 

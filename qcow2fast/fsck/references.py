@@ -13,6 +13,7 @@ from ..spec.entries import (decode_table, host_offsets, is_compressed, l2_table_
                             refblock_offsets)
 from ..spec.geometry import Geometry
 from ..spec.header import INCOMPAT_EXTL2
+from ..engine.crypto import header_ranges as crypto_header_ranges
 from ..engine.bitmap_list import referenced_ranges
 from ..engine.snapshot import read_snapshot_table
 
@@ -74,7 +75,7 @@ def find_references(f, h, clusters):
     nz = np.nonzero(blocks)[0]
     fd.note(blocks[nz] >> np.uint64(cb), lambda i: f"refcount table entry {nz[i]} "
                                                    "(a refcount block)")
-    for off, n, what in referenced_ranges(f, h, h.size)[0]:
+    for off, n, what in referenced_ranges(f, h, h.size)[0] + crypto_header_ranges(h):
         fd.note(_span(off, n, cb), lambda i, what=what: what)
     l1s = [("the active L1 table", h.l1_table_offset, h.l1_size)]
     try:

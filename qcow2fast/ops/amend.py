@@ -17,7 +17,7 @@ version.
 
 import os
 
-from ..engine import compat, features, refcount_order
+from ..engine import compat, features, luks_amend, refcount_order
 from ..engine.image import Image
 from ..errors import InvalidArgumentError, ReadOnlyImageError, UnsupportedFeatureError
 from ..spec import header as hdr
@@ -82,30 +82,36 @@ def parse_options(options):
     return out
 
 
-def amend(path, options, *, progress=None):
+def amend(path, options, *, progress=None, key_secret=None, force=False):
     """Change the options of the qcow2 image at ``path`` (qemu-img amend):
     ``options`` maps option names to values (strings as ``-o`` gives them,
     or ints and bools).  ``progress(done, total)`` is called as the work
-    advances (the refcount walks and the zero-cluster expansion)."""
+    advances (the refcount walks and the zero-cluster expansion).  An
+    encrypted image is opened with ``key_secret``; its key slots change
+    with the ``encrypt.*`` options (engine/luks_amend.py; ``force`` as
+    qemu-img amend --force)."""
     path = os.fspath(path)
     opts = parse_options(options)
     if not opts:
         raise InvalidArgumentError("Must specify options (-o)")
-    img = Image(path, "r+", backing=False, cache_clean_interval=0)
+    open_kw = {"cache_clean_interval": 0, "key_secret": key_secret}
+    img = Image(path, "r+", backing=False, **open_kw)
     try:
-        plan = _plan(img, opts)
+        plan = _plan(img, opts, force)
     except BaseException:
         img.close()
         raise
     steps = sum(1 for k in ("upgrade", "order", "downgrade") if plan.get(k) is not None)
     report = _Progress(progress, max(steps, 1))
     try:
+        if plan.get("keyslots") is not None:
+            plan["keyslots"]()
         if plan.get("upgrade"):
             compat.upgrade(img)
         if plan.get("order") is not None:
             old = refcount_order.change_refcount_order(img, plan["order"], report.step())
             img.close()
-            img = Image(path, "r+", backing=False, cache_clean_interval=0)
+            img = Image(path, "r+", backing=False, **open_kw)
             refcount_order.free_old_structures(img, old)
         if plan.get("lazy") is not None:
             _set_lazy_refcounts(img, plan["lazy"])
@@ -116,7 +122,7 @@ def amend(path, options, *, progress=None):
             img.state.barrier()
         if plan.get("size") is not None:
             img.close()         # with its backing file: growing may have to hide it
-            img = Image(path, "r+", cache_clean_interval=0)
+            img = Image(path, "r+", **open_kw)
             img.resize(plan["size"], shrink=True)
         if plan.get("downgrade"):
             compat.downgrade(img, report.step())
@@ -125,14 +131,13 @@ def amend(path, options, *, progress=None):
     report.done()
 
 
-def _plan(img, opts):
+def _plan(img, opts, force=False):
     """What to do, every refusal made first (nothing is written here)."""
     h = img.header
     if img.read_only:
         raise ReadOnlyImageError(img.state.read_only_reason())
-    for key in opts:
-        if key.startswith("encrypt."):
-            raise InvalidArgumentError("Can't amend encryption options - encryption not present")
+    keyslots = luks_amend.plan(img, opts, force) \
+        if any(key.startswith("encrypt.") for key in opts) else None
     if opts.get("data_file") is not None and not img.state.external_data:
         raise InvalidArgumentError("data-file can only be set for images that use an external "
                                    "data file")
@@ -162,7 +167,7 @@ def _plan(img, opts):
                                    "1.1 and above (use compat=1.1 or greater)")
     plan = {"upgrade": version > h.version, "downgrade": version < h.version,
             "lazy": lazy if lazy is not None and lazy != current_lazy else None,
-            "order": None, "size": None}
+            "order": None, "size": None, "keyslots": keyslots}
     if bits != h.refcount_bits:
         order = bits.bit_length() - 1
         if order < h.refcount_order:

@@ -55,17 +55,20 @@ def find_backing_image(top, name):
 
 def commit(path: str | os.PathLike[str], *, base: str | None = None, drop: bool = False,
            cache: str = "writeback",
-           progress: Callable[[int, int], object] | None = None) -> None:
+           progress: Callable[[int, int], object] | None = None,
+           key_secret: bytes | str | None = None) -> None:
     """Write the data of the qcow2 image at ``path`` (and of every layer
     above ``base``) into ``base`` (default: its backing file), then empty
     the image unless ``drop``.  ``base`` is a backing file name as in
     ``qemu-img commit -b`` (relative names are relative to each image's
     directory).  Emptying after committing into a layer below the backing
     file would make the image read the stale layers in between: that
-    needs ``drop=True``.  ``progress(done, total)``: bytes committed."""
+    needs ``drop=True``.  ``progress(done, total)``: bytes committed.
+    ``key_secret``: the passphrase of encrypted layers (the chain's)."""
     path = os.fspath(path)
     chainlayers.check_cache_mode(cache)
-    with Image(path, "r" if drop else "r+", cache_mode=cache, cache_clean_interval=0) as top:
+    with Image(path, "r" if drop else "r+", cache_mode=cache, cache_clean_interval=0,
+               key_secret=key_secret) as top:
         if top.backing is None:
             raise InvalidArgumentError("Image does not have a backing file")
         target = top.backing if base is None else find_backing_image(top, base)
@@ -91,7 +94,7 @@ def _commit_into(top, above, target, cache, progress):
         dest = RawImage(target.path, writable=True, locking=False)
     else:
         dest = Image(target.path, "r+", cache_mode=cache, cache_clean_interval=0,
-                     locking=False)
+                     locking=False, key_secret=top.key_secret)
     take_over(dest.file.fd, "raw" if isinstance(target, RawImage) else "qcow2")
     try:
         _grow(dest, top.size)

@@ -41,6 +41,7 @@ from ..errors import InvalidArgumentError, UnsupportedFeatureError
 from ..host.file import pwrite_all
 from ..spec.constants import COMPRESSED, DATA, L1E_SIZE, UNALLOCATED, ZERO
 from .qcow2_writer import Qcow2Writer, runs
+from ..engine.crypto_setup import target_secret
 from ..host.limits import fit_threads
 from ..host.lock import check_create
 from .sources import MUST_ZERO, READ, SKIP, UnitMarks, open_sources
@@ -281,7 +282,7 @@ def convert(sources: str | os.PathLike[str] | Iterable[str | os.PathLike[str]],
             progress: Callable[[int, int | None], object] | None = None, sync: bool = False,
             direct: bool = False, snapshot: str | Mapping[str, str | None] | None = None,
             compression_level: int | None = None, force_share: bool = False,
-            untrusted: bool = False) -> None:
+            untrusted: bool = False, key_secret: bytes | str | None = None) -> None:
     """Convert ``sources`` (paths; several are concatenated; ``"-"`` alone
     is a raw stream on stdin) into ``dest`` (a path, or ``"-"`` for stdout).
 
@@ -301,7 +302,9 @@ def convert(sources: str | os.PathLike[str] | Iterable[str | os.PathLike[str]],
     neither does this.  ``direct`` writes the output with O_DIRECT,
     bypassing the host page cache, as qemu-img convert -t none does.
     ``force_share`` (-U) reads sources other processes write;
-    ``untrusted`` opens them as :func:`qcow2fast.open` does with it.
+    ``untrusted`` opens them as :func:`qcow2fast.open` does with it;
+    ``key_secret`` is the passphrase of encrypted sources.  An encrypted
+    target: ``options={"encrypt": {...}}`` (create()'s).
     """
     options = dict(options or {})
     if isinstance(sources, (str, os.PathLike)):
@@ -345,13 +348,15 @@ def convert(sources: str | os.PathLike[str] | Iterable[str | os.PathLike[str]],
     if dest != STDIN and not existing:
         check_create(dest)          # not over an image someone uses (qemu's create)
     src = None if stdin else open_sources(sources, source_format, snapshot,
-                                          force_share=force_share, untrusted=untrusted)
+                                          force_share=force_share, untrusted=untrusted,
+                                          key_secret=key_secret)
     try:
         size = src.size if src is not None else None
-        # Extended L2 entries and external data files are not laid out by
-        # qcow2_writer: such images go through create() and Image.write.
+        # Extended L2 entries, external data files and encryption are not
+        # laid out by qcow2_writer: such images go through create() and
+        # Image.write (encryption through the image's data transform).
         if format == "qcow2" and not existing and not options.get("extended_l2") \
-                and not options.get("data_file"):
+                and not options.get("data_file") and not options.get("encrypt"):
             st = validate_options(dest if dest != STDIN else "stdout", size,
                                   backing_file=backing_file, backing_format=backing_format,
                                   size_known=not stdin, **options)
@@ -467,7 +472,7 @@ def _convert_through_image(src, dest, format, options, sparse_size, existing,
         if format == "qcow2":
             from ..engine.image import Image
             img = Image(out.path, "r+", cache_mode="none" if direct else "unsafe",
-                        cache_clean_interval=0)
+                        cache_clean_interval=0, key_secret=target_secret(options))
             tsize = img.size
             unit = img.cluster_size
         else:

@@ -25,7 +25,8 @@ def create(path: Union[str, "os.PathLike[str]"], size: Optional[int] = None, *,
            lazy_refcounts: bool = False, backing_file: Optional[str] = None,
            backing_format: Optional[str] = None, compression_type: str = "zlib",
            preallocation: str = "off", extended_l2: bool = False,
-           data_file: Optional[str] = None, data_file_raw: bool = False) -> None:
+           data_file: Optional[str] = None, data_file_raw: bool = False,
+           encrypt: Optional[dict] = None) -> None:
     """Create a qcow2 image; the options mean what qemu-img's ``-o`` options mean.
 
     ``size`` may be None when ``backing_file`` is given: the backing file's
@@ -34,7 +35,11 @@ def create(path: Union[str, "os.PathLike[str]"], size: Optional[int] = None, *,
     it exists, as qemu does; a relative name is taken from the image's
     directory); ``data_file_raw``: keep it a raw image of the disk
     (engine/datafile.py).
+    ``encrypt``: qemu-img's ``encrypt.*`` options as a dict (engine/crypto_setup.py),
+    e.g. ``{"format": "luks", "key_secret": b"passphrase", "iter_time": 100}``.
     """
+    from ..engine.crypto_setup import encrypt_options, set_up
+    encrypt = encrypt_options(encrypt)
     path = os.fspath(path)
     st = validate_options(path, size, cluster_size=cluster_size, compat=compat,
                           refcount_bits=refcount_bits, lazy_refcounts=lazy_refcounts,
@@ -73,6 +78,8 @@ def create(path: Union[str, "os.PathLike[str]"], size: Optional[int] = None, *,
     from ..engine.image import Image
     with Image(path, "r+", cache_mode="unsafe", backing=False,
                cache_clean_interval=0) as img:
+        if encrypt is not None:
+            set_up(img, encrypt)    # before the size, as qemu: preallocation is encrypted
         img.resize(size, preallocation=preallocation)
     f = File(path, writable=True)
     try:

@@ -117,7 +117,7 @@ def validate_options(path, size=None, *, cluster_size=65536, compat="1.1", refco
 def _image_size(path, fmt):
     if fmt == "qcow2":
         from ..engine.image import Image
-        with Image(path, "r", backing=False, cache_clean_interval=0) as img:
+        with Image(path, "r", backing=False, cache_clean_interval=0, no_io=True) as img:
             return img.size
     fd = os.open(path, os.O_RDONLY)
     try:

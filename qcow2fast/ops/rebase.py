@@ -53,13 +53,15 @@ MAX_HEADER_READ = 2 << 20
 def rebase(path: str | os.PathLike[str], backing: str | None, *,
            backing_fmt: str | None = None, unsafe: bool = False, cache: str = "writeback",
            backing_cache: str = "writeback",
-           progress: Callable[[int, int], object] | None = None) -> None:
+           progress: Callable[[int, int], object] | None = None,
+           key_secret: bytes | str | None = None) -> None:
     """Make ``backing`` (a name as stored in the header: relative names are
     relative to the image's directory; "" or None for none) the backing
     file of the qcow2 image at ``path``, of format ``backing_fmt`` (qcow2
     or raw; required with a backing file, as qemu-img requires -F).
     ``cache`` is the image's cache mode, ``backing_cache`` the backing
-    chains'.  ``progress(done, total)``: guest bytes examined."""
+    chains'.  ``progress(done, total)``: guest bytes examined.
+    ``key_secret``: the passphrase of encrypted images in both chains."""
     path = os.fspath(path)
     backing = backing or None
     for mode in (cache, backing_cache):
@@ -81,9 +83,9 @@ def rebase(path: str | os.PathLike[str], backing: str | None, *,
     if unsafe and backing is not None:      # (the rest of its chain may not exist yet)
         _refuse_loop(path, backing, [resolve_backing_path(path, backing)])
     with Image(path, "r+", cache_mode=cache, backing=not unsafe,
-               cache_clean_interval=0) as img:
+               cache_clean_interval=0, key_secret=key_secret, no_io=unsafe) as img:
         if not unsafe:
-            new = _open_new_backing(path, backing, backing_fmt, backing_cache)
+            new = _open_new_backing(path, backing, backing_fmt, backing_cache, key_secret)
             try:
                 _copy_differences(img, new, progress)
             finally:
@@ -95,14 +97,14 @@ def rebase(path: str | os.PathLike[str], backing: str | None, *,
     change_backing_file(path, backing, backing_fmt, sync=cache != "unsafe")
 
 
-def _open_new_backing(path, backing, fmt, cache):
+def _open_new_backing(path, backing, fmt, cache, key_secret=None):
     if backing is None:
         return None
     where = resolve_backing_path(path, backing)
 
     def open_new(**kw):
         return RawImage(where, **kw) if fmt == "raw" else Image(
-            where, "r", cache_mode=cache, cache_clean_interval=0, **kw)
+            where, "r", cache_mode=cache, cache_clean_interval=0, key_secret=key_secret, **kw)
     try:
         new = open_new()
     except ImageLockedError as e:

@@ -56,10 +56,11 @@ class Sources:
             im.close()
 
 
-def open_sources(names, fmt, snapshot=None, *, force_share=False, untrusted=False):
+def open_sources(names, fmt, snapshot=None, *, force_share=False, untrusted=False,
+                 key_secret=None):
     """Open the sources (``snapshot``: an internal snapshot of the only,
     qcow2, source to read instead of its active layer; ``force_share``,
-    ``untrusted``: as :func:`qcow2fast.open` takes them)."""
+    ``untrusted``, ``key_secret``: as :func:`qcow2fast.open` takes them)."""
     if snapshot is not None and len(names) > 1:
         raise InvalidArgumentError("a snapshot (-l) can only be read from a single source")
     images = []
@@ -72,7 +73,8 @@ def open_sources(names, fmt, snapshot=None, *, force_share=False, untrusted=Fals
             if f == "qcow2":
                 from ..engine.image import Image
                 images.append(Image(path, "r", cache_clean_interval=0, snapshot=snapshot,
-                                    force_share=force_share, untrusted=untrusted))
+                                    force_share=force_share, untrusted=untrusted,
+                                    key_secret=key_secret))
             elif snapshot is not None:
                 raise InvalidArgumentError(f"{path}: a {f} image has no internal snapshots")
             elif f == "raw":

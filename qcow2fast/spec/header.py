@@ -378,10 +378,9 @@ def check_features(h, writable):
         names = ", ".join(h.feature_name(FEATURE_INCOMPAT, b) for b in bits)
         raise UnsupportedFeatureError(f"image uses unsupported incompatible feature(s): {names}",
                                       feature=names)
-    if h.crypt_method:
-        method = {1: "AES", 2: "LUKS"}.get(h.crypt_method, f"method {h.crypt_method}")
-        raise UnsupportedFeatureError(f"encrypted images ({method}) are not supported yet",
-                                      feature="encryption")
+    if h.crypt_method > 2:      # 1 AES, 2 LUKS: engine/crypto.py
+        raise UnsupportedFeatureError(f"Unsupported encryption method: {h.crypt_method}",
+                                      feature="crypt_method")
     if h.incompatible_features & INCOMPAT_COMPRESSION:
         if h.compression_type == COMPRESSION_ZLIB:
             raise CorruptImageError("compression type bit set but compression_type is zlib",

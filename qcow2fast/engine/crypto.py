@@ -1,0 +1,215 @@
+"""Encrypted qcow2 images (qemu's qcow2.c: crypt_method, the full disk
+encryption header extension, qcow2_crypto_hdr_{read,init,write}_func).
+
+``crypt_method`` 2 is LUKS: the header extension 0x0537be77 gives the
+offset and length of the LUKS area (a LUKS1 header and its key material,
+in clusters of its own); the payload offset inside it is not used, and
+each 512-byte sector of guest data is encrypted with the master key as
+sector number host offset / 512 (qemu's crypt_physical_offset).
+``crypt_method`` 1 is qemu's legacy AES-CBC: its IVs come from the guest
+offset, which the data transform hook does not carry; ``info`` shows such
+an image, anything that reads or writes its data is refused.
+
+An encrypted image's data goes through a ``SectorTransform`` installed as
+the state's data transform: no data reaches the caller undecrypted and the
+plain C path is never taken.
+"""
+
+from .._ext.hooks import DataTransform
+from .._ext.sectorcipher import SectorTransform
+from ..errors import CorruptImageError, InvalidArgumentError, UnsupportedFeatureError
+from ..spec import header as hdr
+from ..spec import luks as L
+from . import luks
+from .luks import Secret
+
+# qemu's message.
+NEED_SECRET = "Parameter 'encrypt.key-secret' is required for cipher"
+AES_REFUSED = ("legacy AES-CBC encrypted qcow2 images (encrypt.format=aes) are not supported "
+               "by qcow2fast: convert them to LUKS with qemu-img")
+# The LUKS area of qemu's images is 2 MiB at most (8 slots of 4000 stripes
+# of a 64-byte key); a larger extension is refused before anything is read.
+MAX_LUKS_AREA = 32 << 20
+
+
+class MissingSecretError(InvalidArgumentError):
+    """An encrypted image opened for I/O without ``key_secret``."""
+
+
+class Encryption:
+    """What an open image knows of its encryption: the LUKS header (None
+    for legacy AES), where it lives, and the master key's cipher once
+    unlocked."""
+
+    def __init__(self, method, area=None, header=None):
+        self.method = method
+        self.area = area                # (host offset, length) of the LUKS area
+        self.header = header
+        self.cipher = None
+
+    def __repr__(self):
+        return f"<Encryption {'luks' if self.method == L.CRYPT_LUKS else 'aes'}>"
+
+    def info(self):
+        """qemu-img info's "encrypt" block (QCryptoBlockInfo), qemu's key order."""
+        if self.method == L.CRYPT_AES:
+            return {"format": "aes"}
+        h = self.header
+        out = {"ivgen-alg": h.ivgen_alg, "hash-alg": h.hash_spec, "cipher-alg": h.cipher_alg,
+               "uuid": h.uuid}
+        if h.ivgen_alg == "essiv":
+            out["ivgen-hash-alg"] = h.ivgen_hash_alg
+        out.update({"format": "luks", "cipher-mode": h.mode, "slots": [],
+                    "payload-offset": h.payload_offset * L.SECTOR_SIZE,
+                    "master-key-iters": h.mk_digest_iter})
+        for s in h.slots:
+            slot = {"active": s.enabled}
+            if s.enabled:
+                slot["iters"] = s.iterations
+            slot["key-offset"] = s.key_offset * L.SECTOR_SIZE
+            if s.enabled:
+                slot["stripes"] = s.stripes
+            out["slots"].append(slot)
+        return out
+
+    # -- the LUKS area --------------------------------------------------------------------
+
+    def reader(self, f):
+        off, length = self.area
+
+        def read(at, n):
+            if at + n > length:
+                raise CorruptImageError(f"LUKS key material [{at}, {at + n}) is outside the "
+                                        f"{length}-byte encryption header area",
+                                        offset=off + at, field="luks.key_offset")
+            data = f.pread(off + at, n)
+            if len(data) < n:
+                raise CorruptImageError("LUKS key material runs past the end of the file",
+                                        offset=off + at, field="luks.key_offset")
+            return data
+        return read
+
+    def writer(self, f):
+        off, length = self.area
+
+        def write(at, data):
+            if at + len(data) > length:
+                raise InvalidArgumentError("Request for data outside of extension header")
+            f.pwrite(data, off + at)
+        return write
+
+
+def crypto_area(h):
+    """(offset, length) the crypto header extension names, or None."""
+    for e in h.other_extensions:
+        if e.type == hdr.EXT_CRYPTO:
+            if len(e.data) != L.CRYPTO_EXT.size:
+                raise CorruptImageError(f"CRYPTO header extension size {len(e.data)}, but "
+                                        f"expected size {L.CRYPTO_EXT.size}",
+                                        field="crypto header extension")
+            return L.CRYPTO_EXT.unpack(e.data)
+    return None
+
+
+def read_encryption(f, h, file_size):
+    """The Encryption of the image with header ``h`` (None if it has
+    none), its LUKS header parsed and bounded by the file; no key used."""
+    area = crypto_area(h)
+    if h.crypt_method == L.CRYPT_NONE:
+        if area is not None:
+            raise CorruptImageError("CRYPTO header extension only expected with LUKS "
+                                    "encryption method", field="crypto header extension")
+        return None
+    if h.crypt_method == L.CRYPT_AES:
+        return Encryption(L.CRYPT_AES)
+    if h.crypt_method != L.CRYPT_LUKS:
+        raise UnsupportedFeatureError(f"Unsupported encryption method: {h.crypt_method}",
+                                      feature="crypt_method")
+    if area is None:
+        raise CorruptImageError("LUKS encryption without its header extension (0x0537be77)",
+                                field="crypto header extension")
+    off, length = area
+    cs = h.cluster_size
+    if off % cs:
+        raise CorruptImageError(f"Encryption header offset '{off}' is not a multiple of "
+                                f"cluster size '{cs}'", offset=off, field="crypto header offset")
+    if off == 0 or length > MAX_LUKS_AREA or off + length > file_size:
+        raise CorruptImageError(f"encryption header area [{off:#x}, +{length}) is not inside "
+                                f"the file ({file_size} bytes) or larger than "
+                                f"{MAX_LUKS_AREA} bytes", offset=off, field="crypto header")
+    return Encryption(L.CRYPT_LUKS, area,
+                      L.parse(f.pread(off, min(length, L.HEADER_SIZE)), length, off))
+
+
+def unlock(enc, f, key_secret):
+    """Install nothing; return the transform for the image's data once the
+    key slot ``key_secret`` opens is found."""
+    if enc.method == L.CRYPT_AES:
+        raise UnsupportedFeatureError(AES_REFUSED, feature="encrypt.format")
+    if key_secret is None:
+        raise MissingSecretError(NEED_SECRET)
+    h = enc.header
+    _, key = luks.find_key(h, Secret(key_secret), enc.reader(f))
+    enc.cipher = luks.make_cipher(h.cipher_alg, h.mode, h.ivgen_alg, h.ivgen_hash_alg, key)
+    return SectorTransform(L.SECTOR_SIZE, enc.cipher)
+
+
+def metadata_clusters(enc, cluster_bits):
+    """(first cluster, count) of the LUKS area, for the metadata map and check."""
+    if enc is None or enc.area is None:
+        return None
+    off, length = enc.area
+    return off >> cluster_bits, -(-max(length, 1) // (1 << cluster_bits))
+
+
+class LockedTransform(DataTransform):
+    """The transform of an encrypted image opened without its secret
+    (``no_io``, as qemu-img info opens): metadata only, no data."""
+
+    def decode(self, buf, host):
+        raise MissingSecretError(NEED_SECRET)
+
+    def encode(self, buf, host):
+        raise MissingSecretError(NEED_SECRET)
+
+
+def attach(state, f, file_size, key_secret, no_io):
+    """Read the image's encryption, unlock it with ``key_secret`` and
+    install its transform in ``state``; the LUKS area joins the metadata
+    map.  Returns the Encryption, or None for a plain image."""
+    enc = read_encryption(f, state.header, file_size)
+    if enc is None:
+        return None
+    span = metadata_clusters(enc, state.cluster_bits)
+    if span is not None:
+        state.metadata.add(*span)
+    if no_io and key_secret is None:
+        state.set_transform(LockedTransform(L.SECTOR_SIZE))
+    else:
+        state.set_transform(unlock(enc, f, key_secret))
+    return enc
+
+
+def header_ranges(h):
+    """[(offset, nbytes, what)] of the LUKS area, as qemu's check counts it
+    (qcow2_check_refcounts: the crypto header's offset and length); a bad
+    extension counts nothing (opening the image reports it)."""
+    try:
+        area = crypto_area(h) if h.crypt_method == L.CRYPT_LUKS else None
+    except CorruptImageError:
+        return []
+    return [] if area is None or not area[1] else [(area[0], area[1], "the LUKS header")]
+
+
+def unlock_for_check(path, key_secret):
+    """What qemu's check does first with an encrypted image: open it, so
+    that a missing secret or a wrong passphrase fails the check (check
+    itself reads metadata only).  Plain images are not opened."""
+    with open(path, "rb") as f:
+        head = f.read(hdr.FIELD_OFFSET["crypt_method"] + 4)
+    if len(head) < hdr.FIELD_OFFSET["crypt_method"] + 4 or \
+            not int.from_bytes(head[-4:], "big"):
+        return
+    from .image import Image
+    Image(path, "r", key_secret=key_secret, backing=False, locking=False,
+          cache_clean_interval=0).close()

@@ -1,0 +1,289 @@
+"""LUKS1 key slots (qemu's crypto/block-luks.c, crypto/afsplit.c): the
+master key unlocked from a slot with a passphrase, a new header with its
+master key in slot 0, a passphrase stored in or erased from a slot.
+
+A slot holds the master key split into 4000 stripes (the anti-forensic
+splitter), encrypted with a key PBKDF2 derives from the passphrase; the
+master key is right when PBKDF2 of it matches the header's digest.
+PBKDF2 and the hashes are hashlib's (OpenSSL, GIL released); the slot's
+cipher is the image's, through _ext/sectorcipher.pyx.
+
+The LUKS area is reached through ``read(offset, n)`` and
+``write(offset, data)`` relative to its start (the qcow2 extension's
+clusters).  Passphrases are :class:`Secret` objects: never shown.
+"""
+
+import hashlib
+import hmac
+import os
+import time
+import uuid as uuidlib
+
+from .._ext.sectorcipher import IV_ESSIV, IV_NONE, IV_PLAIN, IV_PLAIN64, SectorCipher
+from ..errors import InvalidArgumentError, Qcow2Error, UnsupportedFeatureError
+from ..spec import luks as L
+from . import libcrypto
+
+
+class Secret:
+    """A passphrase: its bytes are only reachable through ``value``; repr
+    and str never show them."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value):
+        if isinstance(value, Secret):
+            value = value.value
+        if isinstance(value, str):
+            value = value.encode()
+        if not isinstance(value, (bytes, bytearray, memoryview)):
+            raise InvalidArgumentError("a secret must be bytes or str")
+        self._value = bytes(value)
+
+    @property
+    def value(self):
+        return self._value
+
+    def __repr__(self):
+        return "Secret(***)"
+
+    __str__ = __repr__
+
+    def __reduce__(self):
+        raise TypeError("a Secret cannot be pickled")
+
+
+class BadPassphraseError(Qcow2Error):
+    """No key slot opens with the passphrase given."""
+
+
+# -- ciphers ---------------------------------------------------------------------------
+
+_IVGEN = {"plain": IV_PLAIN, "plain64": IV_PLAIN64, "essiv": IV_ESSIV}
+
+
+def evp_name(cipher_alg, mode):
+    family, kb, _ = L.CIPHER_ALGS[cipher_alg]
+    if family == "aes":
+        name = f"aes-{kb * 8}-{mode}"
+    elif family == "cast5":
+        name = f"cast5-{mode}"
+    else:
+        name = None
+    if name is None or not libcrypto.has_cipher(name):
+        raise UnsupportedFeatureError(
+            f"cipher {cipher_alg} in {mode} mode is not available in OpenSSL's libcrypto "
+            "(qcow2fast encrypts through it)", feature="encrypt.cipher-alg")
+    return name
+
+
+def make_cipher(cipher_alg, mode, ivgen_alg, ivgen_hash_alg, key):
+    """A SectorCipher for qemu's (cipher, mode, ivgen, ivgen hash) keyed with ``key``."""
+    name = evp_name(cipher_alg, mode)
+    ivgen = IV_NONE if mode == "ecb" else _IVGEN[ivgen_alg]
+    essiv = essiv_key = None
+    if ivgen == IV_ESSIV:
+        essiv = evp_name(L.essiv_cipher(cipher_alg, ivgen_hash_alg), "ecb")
+        essiv_key = hashlib.new(ivgen_hash_alg, key).digest()
+    key = bytes(key)
+
+    def contexts(encrypt):
+        ctx = libcrypto.new_context(name, key, encrypt)
+        try:
+            ectx = libcrypto.new_context(essiv, essiv_key, True) if essiv else 0
+        except BaseException:
+            libcrypto.free_context(ctx)
+            raise
+        return ctx, ectx
+
+    contexts(True) and None     # fail now (unknown cipher, bad key), not at the first read
+    return SectorCipher(libcrypto.entry_points(), contexts, ivgen)
+
+
+def _crypt(cipher, data, encrypt):
+    """En/decrypt ``data`` from sector 0; a partial last sector is done as
+    the prefix of a whole one (the same bytes in every mode used here)."""
+    n = len(data)
+    buf = bytearray(data) + bytes(-n % L.SECTOR_SIZE)
+    (cipher.encrypt if encrypt else cipher.decrypt)(buf, 0)
+    return bytes(buf[:n])
+
+
+# -- the anti-forensic splitter -----------------------------------------------------------
+
+def _diffuse(block, hash_alg):
+    digest = L.HASH_ALGS[hash_alg]
+    out = bytearray()
+    for i in range(0, len(block), digest):
+        piece = block[i:i + digest]
+        out += hashlib.new(hash_alg, (i // digest).to_bytes(4, "big") + piece).digest()[:len(piece)]
+    return bytes(out)
+
+
+def _xor(a, b):
+    return (int.from_bytes(a, "little") ^ int.from_bytes(b, "little")).to_bytes(len(a), "little")
+
+
+def af_merge(split, key_bytes, stripes, hash_alg):
+    block = bytes(key_bytes)
+    for i in range(stripes - 1):
+        block = _diffuse(_xor(block, split[i * key_bytes:(i + 1) * key_bytes]), hash_alg)
+    return _xor(block, split[(stripes - 1) * key_bytes:stripes * key_bytes])
+
+
+def af_split(key, stripes, hash_alg):
+    n = len(key)
+    pieces = [os.urandom(n) for _ in range(stripes - 1)]
+    block = bytes(n)
+    for p in pieces:
+        block = _diffuse(_xor(block, p), hash_alg)
+    return b"".join(pieces) + _xor(key, block)
+
+
+# -- PBKDF2 -------------------------------------------------------------------------------
+
+def pbkdf2(hash_alg, secret, salt, iterations, length):
+    return hashlib.pbkdf2_hmac(hash_alg, secret, salt, iterations, length)
+
+
+def iterations_for(hash_alg, length, iter_time_ms):
+    """PBKDF2 iterations that take ``iter_time_ms`` here (qemu's
+    qcrypto_pbkdf2_count_iters scaled by iter-time), measured over at most
+    a tenth of that time (and at least 1000 iterations)."""
+    if iter_time_ms <= 0:
+        raise InvalidArgumentError("encrypt.iter-time must be positive")
+    n, budget = 1000, max(iter_time_ms / 10000, 0.002)
+    while True:
+        t = time.perf_counter()
+        pbkdf2(hash_alg, b"\0" * 8, b"\0" * L.SALT_LEN, n, length)
+        dt = time.perf_counter() - t
+        if dt >= budget or n >= 1 << 22:
+            return int(n / max(dt, 1e-9) * iter_time_ms / 1000)
+        n *= 2
+
+
+def _bounded(iters, what):
+    if iters > L.MAX_ITERATIONS:
+        raise InvalidArgumentError(f"{what}: encrypt.iter-time asks for {iters} PBKDF2 "
+                                   f"iterations, above the limit of {L.MAX_ITERATIONS} that "
+                                   "qcow2fast opens")
+    return max(iters, L.MIN_ITERATIONS)
+
+
+# -- key slots ----------------------------------------------------------------------------
+
+def slot_cipher(h, key):
+    return make_cipher(h.cipher_alg, h.mode, h.ivgen_alg, h.ivgen_hash_alg, key)
+
+
+def load_key(h, i, passphrase, read):
+    """The master key if slot ``i`` opens with ``passphrase``, else None."""
+    s = h.slots[i]
+    if not s.enabled:
+        return None
+    slot_key = pbkdf2(h.hash_spec, passphrase.value, s.salt, s.iterations, h.key_bytes)
+    material = read(s.key_offset * L.SECTOR_SIZE, h.key_bytes * s.stripes)
+    cipher = slot_cipher(h, slot_key)
+    try:
+        split = _crypt(cipher, material, False)
+    finally:
+        cipher.close()
+    key = af_merge(split, h.key_bytes, s.stripes, h.hash_spec)
+    digest = pbkdf2(h.hash_spec, key, h.mk_digest_salt, h.mk_digest_iter, L.DIGEST_LEN)
+    return key if hmac.compare_digest(digest, h.mk_digest) else None
+
+
+def find_key(h, passphrase, read):
+    """(slot, master key) of the first slot ``passphrase`` opens."""
+    for i in range(L.NUM_KEY_SLOTS):
+        key = load_key(h, i, passphrase, read)
+        if key is not None:
+            return i, key
+    raise BadPassphraseError("Invalid password, cannot unlock any keyslot")
+
+
+def store_key(h, i, passphrase, key, iter_time, write, barrier):
+    """Put ``key`` in slot ``i`` under ``passphrase``.  Order: key material,
+    barrier, then the header marks the slot active (a crash leaves the slot
+    as it was)."""
+    s = h.slots[i]
+    s.salt = os.urandom(L.SALT_LEN)
+    s.iterations = _bounded(iterations_for(h.hash_spec, h.key_bytes, iter_time), f"keyslot {i}")
+    slot_key = pbkdf2(h.hash_spec, passphrase.value, s.salt, s.iterations, h.key_bytes)
+    cipher = slot_cipher(h, slot_key)
+    try:
+        material = _crypt(cipher, af_split(key, s.stripes, h.hash_spec), True)
+    finally:
+        cipher.close()
+    write(s.key_offset * L.SECTOR_SIZE, material)
+    barrier()
+    s.active = L.SLOT_ENABLED
+    write(0, h.pack())
+
+
+def erase_key(h, i, write, barrier):
+    """Disable slot ``i`` (header first, barrier), then overwrite its key
+    material with random bytes ERASE_ITERATIONS times, as qemu does."""
+    s = h.slots[i]
+    s.salt, s.iterations, s.active = bytes(L.SALT_LEN), 0, L.SLOT_DISABLED
+    write(0, h.pack())
+    barrier()
+    n = h.key_bytes * s.stripes
+    for _ in range(L.ERASE_ITERATIONS):
+        write(s.key_offset * L.SECTOR_SIZE, os.urandom(n))
+
+
+def validate_choice(cipher_alg="aes-256", cipher_mode="xts", ivgen_alg="plain64",
+                    ivgen_hash_alg=None, hash_alg="sha256"):
+    """qemu's rules for a new volume's algorithms, and libcrypto having
+    them; the choice with qemu's defaults filled in."""
+    if cipher_alg not in L.CIPHER_ALGS:
+        raise InvalidArgumentError(f"Parameter 'encrypt.cipher-alg' does not accept value "
+                                   f"'{cipher_alg}'")
+    if cipher_mode not in L.CIPHER_MODES:
+        raise InvalidArgumentError(f"Parameter 'encrypt.cipher-mode' does not accept value "
+                                   f"'{cipher_mode}'")
+    if ivgen_alg not in L.IVGEN_ALGS:
+        raise InvalidArgumentError(f"Parameter 'encrypt.ivgen-alg' does not accept value "
+                                   f"'{ivgen_alg}'")
+    for field, value in (("ivgen-hash-alg", ivgen_hash_alg), ("hash-alg", hash_alg)):
+        if value is not None and value not in L.HASH_ALGS:
+            raise InvalidArgumentError(f"Parameter 'encrypt.{field}' does not accept value "
+                                       f"'{value}'")
+    if ivgen_alg == "essiv" and ivgen_hash_alg is None:
+        ivgen_hash_alg = "sha256"
+    key_bytes = L.key_bytes_for(cipher_alg, cipher_mode)
+    if key_bytes * L.STRIPES % L.SECTOR_SIZE:
+        # qemu 7.2 aborts on key material that is not whole sectors (aes-192
+        # outside XTS): an image it could never open is not made.
+        raise UnsupportedFeatureError(
+            f"cipher {cipher_alg} in {cipher_mode} mode: its key material "
+            f"({key_bytes * L.STRIPES} bytes) is not whole 512-byte sectors, which qemu "
+            "7.2 cannot read", feature="encrypt.cipher-alg")
+    evp_name(cipher_alg, cipher_mode)
+    if ivgen_alg == "essiv":
+        evp_name(L.essiv_cipher(cipher_alg, ivgen_hash_alg), "ecb")
+    return cipher_alg, cipher_mode, ivgen_alg, ivgen_hash_alg, hash_alg
+
+
+def new_header(cipher_alg="aes-256", cipher_mode="xts", ivgen_alg="plain64",
+               ivgen_hash_alg=None, hash_alg="sha256", iter_time=L.DEFAULT_ITER_TIME_MS):
+    """(header with no active slot, master key) of a new LUKS volume, with
+    qemu's defaults and layout."""
+    cipher_alg, cipher_mode, ivgen_alg, ivgen_hash_alg, hash_alg = validate_choice(
+        cipher_alg, cipher_mode, ivgen_alg, ivgen_hash_alg, hash_alg)
+    key_bytes = L.key_bytes_for(cipher_alg, cipher_mode)
+    mode_spec = f"{cipher_mode}-{ivgen_alg}" + (f":{ivgen_hash_alg}" if ivgen_hash_alg else "")
+    offsets, payload = L.layout(key_bytes)
+    h = L.LuksHeader(cipher_name=L.CIPHER_ALGS[cipher_alg][0], cipher_mode=mode_spec,
+                     hash_spec=hash_alg, payload_offset=payload, key_bytes=key_bytes,
+                     mk_digest_salt=os.urandom(L.SALT_LEN), uuid=str(uuidlib.uuid4()),
+                     slots=[L.KeySlot(key_offset=o) for o in offsets],
+                     cipher_alg=cipher_alg, mode=cipher_mode, ivgen_alg=ivgen_alg,
+                     ivgen_hash_alg=ivgen_hash_alg)
+    key = os.urandom(key_bytes)
+    slot_cipher(h, key).close()         # refuses a cipher libcrypto lacks, before any write
+    h.mk_digest_iter = _bounded(iterations_for(hash_alg, L.DIGEST_LEN, iter_time) // 8,
+                                "master key digest")
+    h.mk_digest = pbkdf2(hash_alg, key, h.mk_digest_salt, h.mk_digest_iter, L.DIGEST_LEN)
+    return h, key
