@@ -94,3 +94,11 @@ class UntrustedImageError(Qcow2Error):
     """An image opened with ``untrusted=True`` asks for something an
     untrusted image may not (a backing or data file outside its directory,
     a protocol name, more memory or work than the bounds allow)."""
+
+
+class MissingSecretError(InvalidArgumentError):
+    """An encrypted image opened for I/O without ``key_secret``."""
+
+
+class BadPassphraseError(Qcow2Error):
+    """No LUKS key slot opens with the passphrase given."""

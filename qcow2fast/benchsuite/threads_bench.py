@@ -24,8 +24,6 @@ import json
 import os
 import shutil
 import sys
-import threading
-import time
 
 from .common import (MiB, BenchError, bench_parser, log, parse_mode, ratio_info, run,
                      scenario_main, summarise)

@@ -59,8 +59,7 @@ def run(args):
     if "size" in opts and opts["size"] is not None:
         from .options import parse_size
         opts["size"] = parse_size(opts["size"], "size")
-    from ..engine.crypto import MissingSecretError
-    from ..engine.luks import BadPassphraseError
+    from ..errors import BadPassphraseError, MissingSecretError
     from ..ops.amend import AmendOptionError, amend
     # qemu-img amend -p's own lines: "    (NN.NN/100%)\r" on stdout, from 0 to 100
     bar = PercentProgress(args.progress and not args.quiet, 1.0)

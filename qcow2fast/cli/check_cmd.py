@@ -13,7 +13,6 @@ from ..errors import Qcow2Error
 from ..engine.untrusted import check_path
 from ..host.lock import Holder
 from ..host.remote import is_url
-from ..engine.crypto import unlock_for_check
 from .objects import secrets
 from .common import add_image_arguments, resolve_image, warn_stale_bitmaps
 
@@ -38,6 +37,7 @@ def run(args):
               file=sys.stderr)
         return 1
     try:
+        from ..engine.crypto import unlock_for_check
         unlock_for_check(path, opts.get("key_secret"))
     except Qcow2Error as e:
         print(f"qcow2fast: Could not open '{args.filename}': {e}", file=sys.stderr)

@@ -8,8 +8,7 @@ from .. import open as open_qcow2
 from ..engine.backing import probe_format
 from ..host.raw import RawImage
 from ..host.remote import is_url
-from ..engine.crypto import MissingSecretError
-from ..engine.luks import BadPassphraseError
+from ..errors import BadPassphraseError, MissingSecretError
 from .objects import lookup_secret, secrets
 from .options import UsageError, parse_bool, parse_size, split_options
 

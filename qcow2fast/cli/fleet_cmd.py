@@ -18,11 +18,9 @@ manifest's ``destination`` also does).
 import csv
 import io
 import json
-import os
 import sys
 import time
 
-from ..fleet.executor import LOCAL
 from .create_cmd import qcow2_options
 from .options import UsageError, merge_options, parse_bool, parse_size
 
@@ -36,7 +34,7 @@ def add_parser(sub):
     p = sub.add_parser(NAME, help="convert or check many images (a process pool or Dask)")
     p.add_argument("operation", choices=("convert", "check"))
     p.add_argument("--manifest", required=True, help="JSON or CSV list of jobs")
-    p.add_argument("--scheduler", default=LOCAL,
+    p.add_argument("--scheduler", default="local",   # fleet.executor.LOCAL (not imported: start-up)
                    help="'local' (a process pool) or a Dask scheduler, tcp://HOST:PORT")
     p.add_argument("-j", dest="workers", type=int, help="local worker processes")
     p.add_argument("-r", dest="repair", choices=("leaks", "all"), help="check: repair")
@@ -48,7 +46,7 @@ def add_parser(sub):
 
 def run(args):
     from ..fleet import check_many, convert_many
-    from ..fleet.executor import FleetExecutor
+    from ..fleet.executor import LOCAL, FleetExecutor
 
     if args.workers is not None and (args.workers < 1 or args.scheduler != LOCAL):
         raise UsageError("fleet: -j N (N >= 1) sets the local pool's size "

@@ -8,7 +8,6 @@ import re
 import time
 
 from ..engine.backing import identity, probe_format, resolve_backing_path
-from ..engine.datafile import resolve as resolve_data_file
 from ..errors import CorruptImageError, Qcow2Error
 from ..host.remote import is_url
 from ..host.remote import join as remote_join
@@ -108,6 +107,7 @@ def metadata_only(name, fmt, args):
     if args.image_opts or fmt not in (None, "qcow2"):
         return {}
     try:
+        from ..engine.datafile import resolve as resolve_data_file
         from ..spec import header as hdr
         with open(name, "rb") as f:
             head = f.read(2 << 20)

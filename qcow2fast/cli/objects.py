@@ -8,8 +8,7 @@ refused by name."""
 import base64
 import binascii
 
-from ..engine.luks import Secret
-from ..nbd.tls import Credentials
+from ..engine.secret import Secret
 from .options import UsageError, split_options
 
 SECRET_TYPE = "secret"
@@ -57,6 +56,7 @@ def parse_object(text):
         raise UsageError(f"Property '{X509_TYPE}.{next(iter(props))}' not found")
     if directory is None:
         raise UsageError("Parameter 'dir' is missing")
+    from ..nbd.tls import Credentials   # (not at import: CLI start-up)
     return Credentials(oid, directory, endpoint, _BOOL[verify])
 
 

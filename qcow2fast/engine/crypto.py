@@ -21,7 +21,8 @@ from ..errors import CorruptImageError, InvalidArgumentError, UnsupportedFeature
 from ..spec import header as hdr
 from ..spec import luks as L
 from . import luks
-from .luks import Secret
+from .secret import Secret
+from ..errors import MissingSecretError
 
 # qemu's message.
 NEED_SECRET = "Parameter 'encrypt.key-secret' is required for cipher"
@@ -30,10 +31,6 @@ AES_REFUSED = ("legacy AES-CBC encrypted qcow2 images (encrypt.format=aes) are n
 # The LUKS area of qemu's images is 2 MiB at most (8 slots of 4000 stripes
 # of a 64-byte key); a larger extension is refused before anything is read.
 MAX_LUKS_AREA = 32 << 20
-
-
-class MissingSecretError(InvalidArgumentError):
-    """An encrypted image opened for I/O without ``key_secret``."""
 
 
 class Encryption:

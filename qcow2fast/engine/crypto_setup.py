@@ -13,7 +13,7 @@ from ..errors import InvalidArgumentError, UnsupportedFeatureError
 from ..spec import header as hdr
 from ..spec import luks as L
 from . import crypto, luks
-from .luks import Secret
+from .secret import Secret
 
 CHOICE = ("cipher_alg", "cipher_mode", "ivgen_alg", "ivgen_hash_alg", "hash_alg")
 LUKS_KEYS = ("format", "key_secret", "cipher_alg", "cipher_mode", "ivgen_alg",

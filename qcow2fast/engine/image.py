@@ -45,7 +45,7 @@ from .chain import Chain, ChainBelow, build_chain, chain_budget, open_chain
 from .cluster import Clusters
 from .compress import Compressor
 from .flush import FlushOrder
-from .luks import Secret
+from .secret import Secret
 from .mapping import Mapping, read_l1_table
 from .overlap import MetadataMap
 from .refcount import Refcounts

@@ -20,41 +20,9 @@ import time
 import uuid as uuidlib
 
 from .._ext.sectorcipher import IV_ESSIV, IV_NONE, IV_PLAIN, IV_PLAIN64, SectorCipher
-from ..errors import InvalidArgumentError, Qcow2Error, UnsupportedFeatureError
+from ..errors import BadPassphraseError, InvalidArgumentError, UnsupportedFeatureError
 from ..spec import luks as L
 from . import libcrypto
-
-
-class Secret:
-    """A passphrase: its bytes are only reachable through ``value``; repr
-    and str never show them."""
-
-    __slots__ = ("_value",)
-
-    def __init__(self, value):
-        if isinstance(value, Secret):
-            value = value.value
-        if isinstance(value, str):
-            value = value.encode()
-        if not isinstance(value, (bytes, bytearray, memoryview)):
-            raise InvalidArgumentError("a secret must be bytes or str")
-        self._value = bytes(value)
-
-    @property
-    def value(self):
-        return self._value
-
-    def __repr__(self):
-        return "Secret(***)"
-
-    __str__ = __repr__
-
-    def __reduce__(self):
-        raise TypeError("a Secret cannot be pickled")
-
-
-class BadPassphraseError(Qcow2Error):
-    """No key slot opens with the passphrase given."""
 
 
 # -- ciphers ---------------------------------------------------------------------------

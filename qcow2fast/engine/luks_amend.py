@@ -14,7 +14,7 @@ encrypted), ``encrypt.iter-time``.
 from ..errors import InvalidArgumentError
 from ..spec import luks as L
 from . import luks
-from .luks import Secret
+from .secret import Secret
 
 KEYS = ("encrypt.state", "encrypt.keyslot", "encrypt.new-secret", "encrypt.old-secret",
         "encrypt.iter-time")

@@ -38,7 +38,6 @@ import posixpath
 import re
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields
 
 from ..errors import InvalidArgumentError, UnsupportedFeatureError
@@ -308,6 +307,7 @@ class BlockCache:
 
     def _start_pool(self):
         self._pid = os.getpid()
+        from concurrent.futures import ThreadPoolExecutor  # (not at import: CLI start-up)
         self._pool = ThreadPoolExecutor(self.opts.connections,
                                         thread_name_prefix="qcow2fast-remote")
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import qcow2fast
-from qcow2fast.engine.luks import BadPassphraseError
+from qcow2fast.errors import BadPassphraseError
 from tests.helpers.luks_util import (ITER_TIME, qemu_check_luks, qemu_compare_luks,
                                      qemu_create_luks, qemu_io_luks, qemu_raw_luks)
 from tests.helpers.qemu_util import qemu_img, qemu_info
