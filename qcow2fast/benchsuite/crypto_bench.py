@@ -43,8 +43,9 @@ def opts(path):
 
 def timed(cmd):
     """Seconds ``cmd`` takes; qemu-img 7.2 sometimes fails to time PBKDF2
-    ("Unable to get accurate CPU usage"): such a run is repeated."""
-    for _ in range(5):
+    ("Unable to get accurate CPU usage", about one run in four): such a run
+    is repeated."""
+    for _ in range(50):
         t = time.perf_counter()
         p = run(cmd, check=False)
         dt = time.perf_counter() - t
