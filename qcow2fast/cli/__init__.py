@@ -15,7 +15,8 @@ from . import check_cmd, compare_cmd, create_cmd, dd_cmd, info_cmd, map_cmd, mea
 from . import bench_cmd, convert_cmd, serve_cmd, snapshot_cmd, suite_cmd
 from . import amend_cmd, bitmap_cmd, commit_cmd, rebase_cmd, resize_cmd
 from ..host.limits import CpuGuard, memory_limit_note
-from .options import Parser, UsageError
+from .getopt import options_first
+from .options import Parser, UsageError, prog, set_prog
 
 COMMANDS = [create_cmd, info_cmd, check_cmd, map_cmd, compare_cmd, measure_cmd, dd_cmd,
             convert_cmd, bench_cmd, serve_cmd, suite_cmd, commit_cmd, rebase_cmd, snapshot_cmd,
@@ -32,6 +33,7 @@ def build_parser():
 
 
 def main(argv=None):
+    set_prog(sys.argv[0] if argv is None else None)    # messages start "<prog>: "
     argv = sys.argv[1:] if argv is None else list(argv)
     debug = "--debug" in argv
     # Under RLIMIT_CPU (prlimit --cpu, as for untrusted uploads): a clear
@@ -42,24 +44,25 @@ def main(argv=None):
             return suite_cmd.run_argv(argv[1:])
         if argv[:1] == [resize_cmd.NAME] and "-h" not in argv and "--help" not in argv:
             argv = resize_cmd.size_last(argv)     # the size may look like an option
-        args = build_parser().parse_args(argv)
+        parser = build_parser()
+        args = parser.parse_args(options_first(parser, argv))
         if not args.command:
             raise UsageError("a command is required (try --help)")
         return args.run(args)
     except SystemExit as e:            # --help, or argparse's own exits
         return e.code if isinstance(e.code, int) else 0
     except KeyboardInterrupt:
-        print("qcow2fast: interrupted", file=sys.stderr)
+        print(f"{prog()}: interrupted", file=sys.stderr)
         return 130
     except MemoryError:
         if debug:
             raise
-        print(f"qcow2fast: out of memory{memory_limit_note()}", file=sys.stderr)
+        print(f"{prog()}: out of memory{memory_limit_note()}", file=sys.stderr)
         return 1
     except (Qcow2Error, OSError) as e:
         if debug:
             raise
-        print(f"qcow2fast: {_describe(e)}", file=sys.stderr)
+        print(f"{prog()}: {_describe(e)}", file=sys.stderr)
         return 1
 
 

@@ -8,7 +8,7 @@ import sys
 
 from ..ops.amend import AMEND_OPTIONS, AmendOptionError, amend
 from .common import resolve_image
-from .options import UsageError, merge_options
+from .options import UsageError, merge_options, prog
 from .progress import Progress
 
 NAME = "amend"
@@ -56,6 +56,6 @@ def run(args):
         try:
             amend(path, opts, progress=lambda done, total: bar.advance_to(done))
         except AmendOptionError as e:
-            print(f"qcow2fast: {e}" + (f"\n{e.hint}" if e.hint else ""), file=sys.stderr)
+            print(f"{prog()}: {e}" + (f"\n{e.hint}" if e.hint else ""), file=sys.stderr)
             return 1
     return 0

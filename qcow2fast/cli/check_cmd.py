@@ -13,6 +13,7 @@ from ..errors import Qcow2Error
 from ..engine.untrusted import check_path
 from ..host.lock import Holder
 from .common import add_image_arguments, resolve_image, warn_stale_bitmaps
+from .options import prog
 
 
 def add_parser(sub):
@@ -20,6 +21,8 @@ def add_parser(sub):
     add_image_arguments(p, output=True)
     p.add_argument("-r", dest="repair", choices=("leaks", "all"))
     p.add_argument("-q", dest="quiet", action="store_true")
+    p.add_argument("--explain", action="store_true",
+                   help="under each leak and corruption, say what references the cluster")
     p.add_argument("filename")
     p.set_defaults(run=run)
 
@@ -27,14 +30,14 @@ def add_parser(sub):
 def run(args):
     path, fmt, opts = resolve_image(args.filename, args.fmt, args.image_opts)
     if fmt == "raw":
-        print("qcow2fast: This image format does not support checks", file=sys.stderr)
+        print(f"{prog()}: This image format does not support checks", file=sys.stderr)
         return 63
     try:
         # Held for the whole command, which opens the file several times.
         holder = Holder(path, fmt, bool(args.repair), opts.get("force_share", args.force_share)) \
             if opts.get("locking", True) else None
     except Qcow2Error as e:
-        print(f"qcow2fast: {e}", file=sys.stderr)
+        print(f"{prog()}: {e}", file=sys.stderr)
         return 1
     try:
         return _check(args, path)
@@ -50,17 +53,17 @@ def _check(args, path):
         if args.untrusted:              # check opens no backing file: the names only
             check_path(path)
         warn_stale_bitmaps(stale_bitmaps(path))
-        first = check_image(path, args.repair)
+        first = check_image(path, args.repair, args.explain)
     except SnapshotTableError as e:      # qemu's check gives up on the table, -r all mends it
-        print("qcow2fast: " + "\n".join(e.check_lines), file=sys.stderr)
-        print("qcow2fast: Check failed: File too large", file=sys.stderr)
+        print(f"{prog()}: " + "\n".join(e.check_lines), file=sys.stderr)
+        print(f"{prog()}: Check failed: File too large", file=sys.stderr)
         return 1
     except Qcow2Error as e:
-        print(f"qcow2fast: Could not open '{args.filename}': {e}", file=sys.stderr)
+        print(f"{prog()}: Could not open '{args.filename}': {e}", file=sys.stderr)
         return 1
     _messages(first)
     if first.failed:
-        print(f"qcow2fast: Check failed: {first.failed}", file=sys.stderr)
+        print(f"{prog()}: Check failed: {first.failed}", file=sys.stderr)
         return 1
     result = first
     if args.repair and (first.leaks or first.corruptions or first.corruptions_fixed
@@ -68,7 +71,7 @@ def _check(args, path):
         try:
             repair_image(path, first, args.repair)
         except Qcow2Error as e:
-            print(f"qcow2fast: {e}", file=sys.stderr)
+            print(f"{prog()}: {e}", file=sys.stderr)
             return 1
         leaks_fixed, corruptions_fixed = first.leaks_fixed, first.corruptions_fixed
         if leaks_fixed or corruptions_fixed:
@@ -77,7 +80,7 @@ def _check(args, path):
                       f"    {leaks_fixed} leaked clusters\n"
                       f"    {corruptions_fixed} corruptions\n\n"
                       "Double checking the fixed image now...")
-            result = check_image(path)
+            result = check_image(path, explain=args.explain)
             _messages(result)
             result.leaks_fixed, result.corruptions_fixed = leaks_fixed, corruptions_fixed
     if args.quiet:
@@ -87,7 +90,7 @@ def _check(args, path):
     else:
         print(human(result), end="")
     if result.check_errors:
-        print("qcow2fast: Check failed", file=sys.stderr)
+        print(f"{prog()}: Check failed", file=sys.stderr)
         return 1
     if result.corruptions:
         return 2

@@ -7,7 +7,7 @@ import sys
 from .. import open as open_qcow2
 from ..engine.backing import probe_format
 from ..host.raw import RawImage
-from .options import UsageError, parse_bool, parse_size, split_options
+from .options import UsageError, parse_bool, parse_size, prog, split_options
 
 FORMATS = ("qcow2", "raw")
 
@@ -130,4 +130,4 @@ def warn_stale_bitmaps(warning):
     """qemu's warning (no newline at its end, as qemu prints it) when an
     image's bitmaps were disowned by a program that does not know them."""
     if warning:
-        print(f"qcow2fast: warning: {warning}", end="", file=sys.stderr, flush=True)
+        print(f"{prog()}: warning: {warning}", end="", file=sys.stderr, flush=True)

@@ -8,6 +8,7 @@ import sys
 from ..errors import Qcow2Error
 from .common import add_share_arguments, open_image, share_options
 from .progress import Progress
+from .options import prog
 
 CHUNK = 1 << 20
 SECTOR = 512
@@ -36,7 +37,7 @@ def run(args):
                 images.append(open_image(name, fmt, image_opts=args.image_opts,
                                           **share_options(args)))
             except (Qcow2Error, OSError) as e:
-                print(f"qcow2fast: Could not open '{name}': {e}", file=sys.stderr)
+                print(f"{prog()}: Could not open '{name}': {e}", file=sys.stderr)
                 return 2
         with Progress(args.progress, max(images[0].size, images[1].size), "compare") as bar:
             return compare(images[0], images[1], args.strict, say, bar)
@@ -66,7 +67,7 @@ def compare(a, b, strict, say, progress=None):
             sa, ea = _status(a, pos, common if not strict else a.size)
             sb, eb = _status(b, pos, common if not strict else b.size)
         except Qcow2Error as e:
-            print(f"qcow2fast: error getting block status at offset {pos}: {e}", file=sys.stderr)
+            print(f"{prog()}: error getting block status at offset {pos}: {e}", file=sys.stderr)
             return 3
         if strict and sa != sb:
             say(f"Strict mode: Offset {pos} block status mismatch!")
@@ -102,7 +103,7 @@ def _first_difference(a, b, start, end):
         try:
             x, y = a.read(pos, n), b.read(pos, n)
         except (Qcow2Error, OSError) as e:
-            print(f"qcow2fast: error while reading offset {pos}: {e}", file=sys.stderr)
+            print(f"{prog()}: error while reading offset {pos}: {e}", file=sys.stderr)
             return None
         if x != y:
             i = next(i for i in range(0, n, SECTOR) if x[i:i + SECTOR] != y[i:i + SECTOR])

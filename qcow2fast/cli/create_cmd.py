@@ -72,6 +72,7 @@ def run(args):
         if not args.quiet:
             print(f"Formatting '{args.filename}', fmt=raw size={size}")
         return 0
+    given = dict(opts)
     kw = qcow2_options(opts)
     backing = args.backing or kw.pop("backing_file", None)
     backing_fmt = args.backing_fmt or kw.pop("backing_format", None)
@@ -93,28 +94,36 @@ def run(args):
         if not args.unsafe and backing_fmt not in FORMATS:
             raise UsageError(f"{args.filename}: backing format '{backing_fmt}' is not supported "
                              f"(supported: {', '.join(FORMATS)})\nCould not open backing image.")
+    if not args.quiet:          # before the image is made, as qemu (also when it fails)
+        if size is None and backing and not args.unsafe:
+            from .common import open_image
+            with open_image(bpath, backing_fmt) as below:   # qemu takes the backing's size
+                size = below.size
+        print(formatting_line(args.filename, given, kw, size, backing, backing_fmt), flush=True)
     create_image(args.filename, size, backing_file=backing, backing_format=backing_fmt, **kw)
-    if not args.quiet:
-        from .. import open as open_image
-        with open_image(args.filename, backing=False, cache_clean_interval=0) as img:
-            size = img.size
-        # qemu-img's order: the order of qcow2's creation options.
-        parts = [f"Formatting '{args.filename}', fmt=qcow2",
-                 f"cluster_size={kw.get('cluster_size', 65536)}",
-                 f"extended_l2={'on' if kw.get('extended_l2') else 'off'}"]
-        if kw.get("preallocation", "off") != "off":
-            parts.append(f"preallocation={kw['preallocation']}")
-        parts += [f"compression_type={kw.get('compression_type', 'zlib')}", f"size={size}"]
-        if kw.get("compat"):
-            parts.append(f"compat={kw['compat']}")
-        if backing:
-            parts.append(f"backing_file={backing}")
-        if backing_fmt:
-            parts.append(f"backing_fmt={backing_fmt}")
-        parts.append(f"lazy_refcounts={'on' if kw.get('lazy_refcounts') else 'off'}")
-        parts.append(f"refcount_bits={kw.get('refcount_bits', 16)}")
-        print(" ".join(parts))
     return 0
+
+
+def formatting_line(filename, given, kw, size, backing, backing_fmt):
+    """qemu-img's "Formatting" line: the options set or with a default, in
+    the order qemu prints them, values as given (sizes in bytes)."""
+    parts = [f"Formatting '{filename}', fmt=qcow2",
+             f"cluster_size={kw.get('cluster_size', 65536)}",
+             f"extended_l2={given.get('extended_l2') or 'off'}"]
+    if "preallocation" in given:
+        parts.append(f"preallocation={given['preallocation']}")
+    parts.append(f"compression_type={given.get('compression_type', 'zlib')}")
+    if size is not None:
+        parts.append(f"size={size}")
+    if given.get("compat"):
+        parts.append(f"compat={given['compat']}")
+    if backing:
+        parts.append(f"backing_file={backing.replace(',', ',,')}")
+    if backing_fmt:
+        parts.append(f"backing_fmt={backing_fmt}")
+    parts.append(f"lazy_refcounts={given.get('lazy_refcounts') or 'off'}")
+    parts.append(f"refcount_bits={kw.get('refcount_bits', 16)}")
+    return " ".join(parts)
 
 
 def qcow2_options(opts, command="create"):

@@ -8,9 +8,8 @@ import re
 import time
 
 from ..engine.backing import probe_format, resolve_backing_path
-from ..errors import CorruptImageError
 from .common import add_image_arguments, open_image, share_options
-from .options import size_to_str
+from .options import UsageError, size_to_str
 
 
 def add_parser(sub):
@@ -37,7 +36,7 @@ def run(args):
         seen.add(os.path.realpath(img.path))
         name = info["full-backing-filename"]
         if os.path.realpath(resolve_backing_path(img.path, info["backing-filename"])) in seen:
-            raise CorruptImageError(f"backing chain loops at {name!r}", field="backing_file")
+            raise UsageError(f"Backing file '{name}' creates an infinite loop.")
         fmt = info.get("backing-filename-format") or probe_format(name)
     if args.output == "json":
         print(_empty_lists_as_qemu(json.dumps(infos if args.backing_chain else infos[0],

@@ -11,7 +11,7 @@ from ..errors import InvalidArgumentError
 from ..extent import Extent
 from .common import add_image_arguments, open_image, share_options
 from .info_cmd import full_backing_filename
-from .options import parse_size
+from .options import parse_size, prog
 
 
 def add_parser(sub):
@@ -50,7 +50,7 @@ def run(args):
         for e in entries:
             if e["data"] and "offset" not in e:
                 # The human format has no way to show them, as in qemu-img.
-                print("qcow2fast: File contains external, encrypted or compressed clusters.",
+                print(f"{prog()}: File contains external, encrypted or compressed clusters.",
                       file=sys.stderr)
                 return 1
             if e["data"]:

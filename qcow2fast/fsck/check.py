@@ -135,8 +135,8 @@ class CheckResult:
 
 
 class _Checker:
-    def __init__(self, f, h, fix=None):
-        self.f, self.h, self.fix = f, h, fix
+    def __init__(self, f, h, fix=None, explain=False):
+        self.f, self.h, self.fix, self.explain = f, h, fix, explain
         self.geo = Geometry(h.cluster_bits, h.refcount_order,
                             extended_l2=h.incompatible_features & INCOMPAT_EXTL2)
         self.cs = self.geo.cluster_size
@@ -500,7 +500,8 @@ class _Checker:
         stored, mismatch, end = self.compare_refcounts(table, expected)
         res.image_end_offset = max(end, 1) * cs        # qemu: (highest cluster, 0 if none, + 1)
         # What points at each mismatched cluster, said under qemu's line.
-        explain = [c for c in mismatch[:MAX_EXPLAINED].tolist() if c in stored.values]
+        explain = [c for c in mismatch[:MAX_EXPLAINED].tolist() if c in stored.values] \
+            if self.explain else []
         refs = find_references(self.f, self.h, explain) if explain else {}
         signalled = False
         for c in mismatch.tolist():
@@ -634,10 +635,12 @@ class _Checker:
                     res.corruptions += 1
 
 
-def check_image(path, fix=None):
+def check_image(path, fix=None, explain=False):
     """Check the qcow2 image at ``path`` without writing to it (qemu-img
     check without -r).  Returns a CheckResult; raises Qcow2Error/OSError
-    when the image cannot be checked at all (unreadable header)."""
+    when the image cannot be checked at all (unreadable header).  With
+    ``explain``, a line under each leak and corruption says what references
+    the cluster (qemu-img prints no such line)."""
     from ..spec import header as hdr
     from .._ext.fileio import File
     from ..engine.snapshot import TableRepairs
@@ -651,7 +654,7 @@ def check_image(path, fix=None):
         hdr.check_features(h, False)
         snapshots, snap_bytes = read_for_check(f, h, size, repairs)
         check_loadable(f, h, h.size)        # qemu cannot open (so check) such an image
-        res = _Checker(f, h, fix).run(snapshots, snap_bytes)
+        res = _Checker(f, h, fix, explain).run(snapshots, snap_bytes)
         account(res, repairs)
         return res
     finally:

@@ -78,8 +78,8 @@ def rebase(path: str | os.PathLike[str], backing: str | None, *,
     if len((backing or "").encode()) > hdr.MAX_BACKING_FILE_SIZE or "\0" in (backing or ""):
         raise InvalidArgumentError(f"Could not change the backing file to '{backing}': "
                                    "Invalid argument")
-    if unsafe and backing is not None:      # (the rest of its chain may not exist yet)
-        _refuse_loop(path, backing, [resolve_backing_path(path, backing)])
+    # -u writes the name only, as qemu-img does even when it names the image
+    # itself (the chain is not opened; info and open then say it loops).
     with Image(path, "r+", cache_mode=cache, backing=not unsafe,
                cache_clean_interval=0) as img:
         if not unsafe:
