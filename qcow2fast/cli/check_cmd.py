@@ -61,6 +61,8 @@ def _check(args, path):
     except Qcow2Error as e:
         print(f"{prog()}: Could not open '{args.filename}': {e}", file=sys.stderr)
         return 1
+    if args.repair:
+        clear_unknown_autoclear(path)
     _messages(first)
     if first.failed:
         print(f"{prog()}: Check failed: {first.failed}", file=sys.stderr)
@@ -97,6 +99,26 @@ def _check(args, path):
     if result.leaks:
         return 3
     return 0
+
+
+def clear_unknown_autoclear(path):
+    """check -r opens the image for writing, which clears the auto-clear
+    bits qemu does not know (qcow2.txt: a program that does not know one
+    clears it when it changes the image)."""
+    from .._ext.fileio import File
+    from ..spec import header as hdr
+    known = hdr.AUTOCLEAR_BITMAPS | hdr.AUTOCLEAR_DATA_FILE_RAW
+    f = File(str(path), writable=True, direct=False)
+    try:
+        h = hdr.parse_header(f.pread(0, min(f.size(), 2 << 20)), f.size())
+        if h.version >= 3 and h.autoclear_features & ~known:
+            f.pwrite((h.autoclear_features & known).to_bytes(8, "big"),
+                     hdr.FIELD_OFFSET["autoclear_features"])
+            f.sync()
+    except Qcow2Error:
+        pass                    # the check said what is wrong with the header
+    finally:
+        f.close()
 
 
 def stale_bitmaps(path):

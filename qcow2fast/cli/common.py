@@ -6,6 +6,7 @@ import sys
 
 from .. import open as open_qcow2
 from ..engine.backing import probe_format
+from ..errors import Qcow2Error
 from ..host.raw import RawImage
 from .options import UsageError, parse_bool, parse_size, prog, split_options
 
@@ -82,11 +83,19 @@ def resolve_image(name, fmt=None, image_opts=False):
     format is probed when not given, and must be one this tool handles."""
     path, fmt, kw = image_spec(name, fmt, image_opts)
     if not os.path.exists(path):
-        raise FileNotFoundError(2, "Could not open image: No such file or directory", path)
+        raise open_error(name, FileNotFoundError(2, "No such file or directory", path))
     fmt = fmt or probe_format(path)
     if fmt not in FORMATS:
         raise UsageError(f"unknown or unsupported format {fmt!r} (supported: qcow2, raw)")
     return path, fmt, kw
+
+
+def open_error(name, e):
+    """qemu's error for an image that does not open: "Could not open 'NAME':
+    why", where an OS error names the file again."""
+    why = (f"Could not open '{e.filename}': {e.strerror}"
+           if isinstance(e, OSError) and e.filename and e.strerror else str(e))
+    return UsageError(f"Could not open '{name}': {why}")
 
 
 def snapshot_spec(text):
@@ -120,8 +129,11 @@ def open_image(name, fmt=None, *, image_opts=False, writable=False, backing=True
     kw.update(extra)
     if snapshot is not None:
         kw["snapshot"] = snapshot_spec(snapshot)
-    img = open_qcow2(path, "r+" if writable else "r", backing=backing,
-                     cache_clean_interval=kw.pop("cache_clean_interval", 0), **kw)
+    try:
+        img = open_qcow2(path, "r+" if writable else "r", backing=backing,
+                         cache_clean_interval=kw.pop("cache_clean_interval", 0), **kw)
+    except (Qcow2Error, OSError) as e:
+        raise open_error(name, e) from e
     warn_stale_bitmaps(img.dirty_bitmaps.warning)
     return img
 

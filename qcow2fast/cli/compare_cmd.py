@@ -55,11 +55,9 @@ def _status(img, offset, end):
 
 
 def compare(a, b, strict, say, progress=None):
-    if a.size != b.size:
-        if strict:
-            say("Strict mode: Image size mismatch!")
-            return 1
-        say("Warning: Image size mismatch!")
+    if a.size != b.size and strict:
+        say("Strict mode: Image size mismatch!")
+        return 1
     common = min(a.size, b.size)
     pos = 0
     while pos < common:
@@ -83,6 +81,8 @@ def compare(a, b, strict, say, progress=None):
         pos = end
         if progress is not None:
             progress.advance_to(pos)
+    if a.size != b.size:            # said once the common part is equal, as qemu
+        say("Warning: Image size mismatch!")
     longer = a if a.size > b.size else b
     bad = _first_nonzero(longer, common, longer.size)
     if bad is None:

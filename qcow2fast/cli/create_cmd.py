@@ -7,7 +7,7 @@ from ..host import file as hostfile
 from ..engine.backing import probe_format, resolve_backing_path
 from ..ops.layers import qemu_name
 from ..errors import UnsupportedFeatureError
-from .options import UsageError, merge_options, parse_bool, parse_size
+from .options import UsageError, image_size, merge_options, opt_size, parse_bool, parse_size
 
 # qemu-img's qcow2 creation options this version supports, with their help text.
 QCOW2_OPTIONS = [
@@ -60,17 +60,22 @@ def run(args):
     if not args.filename:
         raise UsageError("create: expecting a filename")
     size = opts.pop("size", None)
+    if size is not None and args.size is not None:
+        raise UsageError(f"{args.filename}: The image size must be specified only once")
+    try:
+        size = opt_size(size, "size") if size is not None else None
+    except UsageError as e:
+        raise UsageError(f"{args.filename}: {e}") from None
     if args.size is not None:
-        size = args.size
-    size = parse_size(size, "image size") if size is not None else None
+        size = image_size(args.size)
     if args.fmt == "raw":
         if opts:
             raise UsageError(f"create: invalid parameter {next(iter(opts))!r} for format raw")
         if size is None:
-            raise UsageError("create: image size must be specified")
-        hostfile.create_raw(args.filename, size)
+            raise UsageError(f"{args.filename}: Image creation needs a size parameter")
         if not args.quiet:
-            print(f"Formatting '{args.filename}', fmt=raw size={size}")
+            print(f"Formatting '{args.filename}', fmt=raw size={size}", flush=True)
+        hostfile.create_raw(args.filename, size)
         return 0
     given = dict(opts)
     kw = qcow2_options(opts)
@@ -94,6 +99,8 @@ def run(args):
         if not args.unsafe and backing_fmt not in FORMATS:
             raise UsageError(f"{args.filename}: backing format '{backing_fmt}' is not supported "
                              f"(supported: {', '.join(FORMATS)})\nCould not open backing image.")
+    if size is None and not backing:
+        raise UsageError(f"{args.filename}: Image creation needs a size parameter")
     if not args.quiet:          # before the image is made, as qemu (also when it fails)
         if size is None and backing and not args.unsafe:
             from .common import open_image

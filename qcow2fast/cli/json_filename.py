@@ -22,7 +22,7 @@ from ..engine.backing import probe_format
 from ..errors import InvalidArgumentError, Qcow2Error
 from ..host.raw import RawImage
 from ..host.window import RawWindow
-from .common import IMAGE_OPTS, image_option
+from .common import IMAGE_OPTS, image_option, open_error
 from .options import UsageError, parse_size
 
 PREFIX = "json:"
@@ -69,9 +69,7 @@ def open_json(name, *, writable=False, fmt=None, **extra):
     try:
         return _open(tree, writable, extra)
     except (Qcow2Error, OSError) as e:
-        why = (f"Could not open '{e.filename}': {e.strerror}"
-               if isinstance(e, OSError) and e.filename and e.strerror else str(e))
-        raise UsageError(f"Could not open '{name}': {why}") from e
+        raise open_error(name, e) from e
 
 
 def _open(node, writable, extra):

@@ -69,6 +69,35 @@ def strtosz(text):
     return value
 
 
+SIZE_HELP = ("Parameter '{key}' expects a non-negative number below 2^64\n"
+             "Optional suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta-\n"
+             "and exabytes, respectively.")
+
+
+def opt_size(text, key):
+    """A size-typed ``-o`` option, as qemu's QemuOpts parse it (below 2^64)."""
+    try:
+        return strtosz(text)
+    except (ValueError, OverflowError):
+        raise UsageError(SIZE_HELP.format(key=key)) from None
+
+
+def image_size(text):
+    """qemu-img create's size operand, with its messages (below 2^63)."""
+    try:
+        value = strtosz(text)
+    except ValueError:
+        raise UsageError("Invalid image size specified. You may use k, M, G, T, P or E "
+                         f"suffixes for\n{prog()}: kilobytes, megabytes, gigabytes, "
+                         "terabytes, petabytes and exabytes.") from None
+    except OverflowError:
+        value = 2 ** 64
+    if value >= 2 ** 63:
+        raise UsageError("Invalid image size specified. Must be between 0 and "
+                         f"{2 ** 63 - 1}.")
+    return value
+
+
 def parse_size(text, what="size"):
     """'1G', '1.5G', '512', '64k', '0x10000' -> bytes (qemu_strtosz), below 2^63."""
     try:

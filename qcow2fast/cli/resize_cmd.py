@@ -10,12 +10,11 @@ import sys
 from ..engine.resize import PREALLOCATION_MODES
 from ..errors import InvalidArgumentError
 from .common import open_image
+from . import options
 from .options import UsageError, parse_size, prog
 
 NAME = "resize"
-SIZE_HELP = ("Parameter 'size' expects a non-negative number below 2^64\n"
-             "Optional suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta-\n"
-             "and exabytes, respectively.")
+SIZE_HELP = options.SIZE_HELP.format(key="size")
 SHRINK_WARNING = ("warning: Shrinking an image will delete all data beyond the shrunken "
                   "image's end. Before performing such an operation, make sure there is no "
                   "important data there.")
