@@ -53,7 +53,7 @@ def run(args):
                 print(f"{prog()}: File contains external, encrypted or compressed clusters.",
                       file=sys.stderr)
                 return 1
-            if e["data"]:
+            if e["data"] and not e["zero"]:       # qemu shows allocated zeros as holes
                 print(f"{_hex(e['start']):<16}{_hex(e['length']):<16}{_hex(e['offset']):<16}"
                       f"{names[e['depth']]}")
     return 0

@@ -53,13 +53,15 @@ MAX_HEADER_READ = 2 << 20
 def rebase(path: str | os.PathLike[str], backing: str | None, *,
            backing_fmt: str | None = None, unsafe: bool = False, cache: str = "writeback",
            backing_cache: str = "writeback",
-           progress: Callable[[int, int], object] | None = None) -> None:
+           progress: Callable[[int, int], object] | None = None,
+           force_share: bool = False) -> None:
     """Make ``backing`` (a name as stored in the header: relative names are
     relative to the image's directory; "" or None for none) the backing
     file of the qcow2 image at ``path``, of format ``backing_fmt`` (qcow2
     or raw; required with a backing file, as qemu-img requires -F).
     ``cache`` is the image's cache mode, ``backing_cache`` the backing
-    chains'.  ``progress(done, total)``: guest bytes examined."""
+    chains'.  ``progress(done, total)``: guest bytes examined.  ``force_share``
+    (-U): the new backing chain is read while another program writes it."""
     path = os.fspath(path)
     backing = backing or None
     for mode in (cache, backing_cache):
@@ -83,7 +85,7 @@ def rebase(path: str | os.PathLike[str], backing: str | None, *,
     with Image(path, "r+", cache_mode=cache, backing=not unsafe,
                cache_clean_interval=0) as img:
         if not unsafe:
-            new = _open_new_backing(path, backing, backing_fmt, backing_cache)
+            new = _open_new_backing(path, backing, backing_fmt, backing_cache, force_share)
             try:
                 _copy_differences(img, new, progress)
             finally:
@@ -95,12 +97,13 @@ def rebase(path: str | os.PathLike[str], backing: str | None, *,
     change_backing_file(path, backing, backing_fmt, sync=cache != "unsafe")
 
 
-def _open_new_backing(path, backing, fmt, cache):
+def _open_new_backing(path, backing, fmt, cache, force_share=False):
     if backing is None:
         return None
     where = resolve_backing_path(path, backing)
 
     def open_new(**kw):
+        kw.setdefault("force_share", force_share)
         return RawImage(where, **kw) if fmt == "raw" else Image(
             where, "r", cache_mode=cache, cache_clean_interval=0, **kw)
     try:

@@ -177,3 +177,38 @@ def test_missing_image_said_as_qemu(capsys, tmp_path):
         q = qemu_img(command, missing, check=False)
         assert (status, ours_as_qemu(err)) == (q.returncode, q.stderr_text), command
     assert os.path.exists(tmp_path) and not os.path.exists(missing)
+
+
+def test_map_human_hides_allocated_zeros(capsys, tmp_path):
+    """Preallocated clusters over host holes read as zeros: qemu-img map's
+    human format shows them as holes (iotest 250)."""
+    p = tmp_path / "t.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-o", "cluster_size=1M,preallocation=metadata", p,
+             "64M")
+    qemu_io(p, "discard 0 4M", "write 60M 4M", "write 0 4M")
+    status, out, _ = cli(capsys, "map", p)
+    assert (status, out) == (0, qemu_img("map", p).stdout_text)
+    assert len(out.splitlines()) == 3
+
+
+def test_rebase_force_share_and_commit_options(capsys, tmp_path):
+    """rebase -U reads a new backing file another program writes (as
+    qemu-img's); commit takes -r (checked as qemu), --image-opts, --object."""
+    from tests.hardening.test_locking import qemu_io_holding
+    new = qemu_create(tmp_path / "new.qcow2", MiB)
+    tops = [qemu_create(tmp_path / f"{n}.qcow2", MiB) for n in ("ours", "theirs")]
+    with qemu_io_holding(new):
+        status, _, err = cli(capsys, "rebase", "-b", new, "-F", "qcow2", tops[0])
+        q = qemu_img("rebase", "-b", new, "-F", "qcow2", tops[1], check=False)
+        assert status == q.returncode == 1 and "lock" in err and "lock" in q.stderr_text
+        assert cli(capsys, "rebase", "-U", "-b", new, "-F", "qcow2", tops[0])[0] == 0
+        qemu_img("rebase", "-U", "-b", new, "-F", "qcow2", tops[1])
+    assert qemu_info(tops[0])["full-backing-filename"] == str(new)
+    status, _, err = cli(capsys, "commit", "-r", "foo", tops[0])
+    q = qemu_img("commit", "-r", "foo", tops[1], check=False)
+    assert (status, ours_as_qemu(err)) == (q.returncode, q.stderr_text)
+    qemu_io(tops[0], "write -P 9 0 64k")
+    status, out, _ = cli(capsys, "commit", "-r", "1M", "--object", "secret,id=s0,data=x",
+                         "--image-opts", f"driver=qcow2,file.filename={tops[0]}")
+    assert (status, out) == (0, "Image committed.\n")
+    qemu_io(new, "read -P 9 0 64k")
