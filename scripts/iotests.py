@@ -343,7 +343,7 @@ def main(argv=None):
                     help="with --real: run every test, rewrite " + PASS_LIST)
     ap.add_argument("--all", action="store_true", help="every test, not only the listed")
     ap.add_argument("-j", type=int, default=os.cpu_count() or 1, help="parallel jobs")
-    ap.add_argument("--timeout", type=int, default=300,
+    ap.add_argument("--timeout", type=int, default=900,
                     help="seconds after which a test is killed (and fails)")
     ap.add_argument("--workdir", help="run directory (default: a new temporary one)")
     ap.add_argument("--log", help="where the diffs of failing tests go")

@@ -393,6 +393,16 @@ class _Checker:
         raw = self.f.pread(h.refcount_table_offset, h.refcount_table_clusters * self.cs)
         return decode_table(bytes(raw).ljust(h.refcount_table_clusters * self.cs, b"\0"))
 
+    def replaced_refcount_clusters(self, table, expected):
+        """The clusters of the refcount table and blocks a rebuild replaces
+        (each counted once by this check), in order."""
+        cb = self.geo.cluster_bits
+        first = self.h.refcount_table_offset >> cb
+        offs = np.asarray(table, dtype=np.uint64) & np.uint64(REFT_OFFSET_MASK)
+        offs = offs[(offs != 0) & (offs % np.uint64(self.cs) == 0)] >> np.uint64(cb)
+        old = set(range(first, first + self.h.refcount_table_clusters)) | set(offs.tolist())
+        return sorted(c for c in old if c < len(expected) and expected[c] == 1)
+
     def compare_refcounts(self, table, expected):
         """qemu's compare_refcounts, a refcount block at a time: returns
         (the StoredRefcounts, the clusters whose stored refcount differs
@@ -534,6 +544,9 @@ class _Checker:
         copied_repair = False
         if self.fix == "all" and res.rebuild:
             self.msg("Rebuilding refcount structure")
+            for c in self.replaced_refcount_clusters(table, expected):
+                # qemu's second pass frees the old structures, leaked by its rebuild
+                self.msg(f"Repairing cluster {c} refcount=1 reference=0")
             after = StoredRefcounts(expected, stored.per_block)
             # qemu counts as fixed what a second count no longer finds; the
             # malformed entries are found again
