@@ -276,26 +276,34 @@ def _processes():
     return out
 
 
-def watchdog(iotests, timeout, stop):
-    """Kill a test (and what it started) running longer than ``timeout``
-    seconds: check then counts it failed.  Some VM tests wait for ever on
-    a qemu-system without the qtest accelerator."""
+def _descendants(procs, root):
+    tree, grown = {root}, True
+    while grown:
+        more = {p for p, (pp, _) in procs.items() if pp in tree} - tree
+        grown = bool(more)
+        tree |= more
+    return tree
+
+
+def watchdog(check_pid, iotests, timeout, stop):
+    """Kill a test of this run (and what it started) running longer than
+    ``timeout`` seconds: check then counts it failed.  Some VM tests wait
+    for ever on a qemu-system without the qtest accelerator."""
     seen = {}
     prefix = os.path.realpath(iotests) + "/"
     while not stop.wait(5):
         procs = _processes()
         now = time.monotonic()
+        mine = _descendants(procs, check_pid)
         for pid, (_, argv) in procs.items():
+            if pid not in mine or procs[pid][0] in seen:     # not ours, or a subshell
+                continue
             test = next((a[len(prefix):] for a in argv[:2] if a.startswith(prefix)), None)
             if not test or not re.fullmatch(r"[0-9]{3}|tests/[\w-]+", test):
                 continue
             started = seen.setdefault(pid, now)
             if now - started > timeout:
-                tree, grown = {pid}, True
-                while grown:
-                    more = {p for p, (pp, _) in procs.items() if pp in tree} - tree
-                    grown = bool(more)
-                    tree |= more
+                tree = _descendants(procs, pid)
                 print(f"{test:<32} killed after {timeout} s", flush=True)
                 for p in tree:
                     try:
@@ -318,7 +326,8 @@ def run_check(iotests, img, shim, tests, jobs, workdir, logf, timeout):
         proc = subprocess.Popen(cmd, cwd=iotests, env=env, stdout=subprocess.PIPE,
                                 stderr=errs, text=True, start_new_session=True)
         stop = threading.Event()
-        threading.Thread(target=watchdog, args=(iotests, timeout, stop), daemon=True).start()
+        threading.Thread(target=watchdog, args=(proc.pid, iotests, timeout, stop),
+                         daemon=True).start()
         try:
             for line in proc.stdout:
                 m = re.match(r"^(not ok|ok) qcow2 (\S+)( # SKIP)?", line)

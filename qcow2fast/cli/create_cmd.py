@@ -6,7 +6,7 @@ from ..ops.create import create as create_image
 from ..host import file as hostfile
 from ..engine.backing import probe_format, resolve_backing_path
 from ..ops.layers import qemu_name
-from ..errors import UnsupportedFeatureError
+from ..errors import Qcow2Error, UnsupportedFeatureError
 from .options import UsageError, image_size, merge_options, opt_size, parse_bool, parse_size
 
 # qemu-img's qcow2 creation options this version supports, with their help text.
@@ -107,7 +107,10 @@ def run(args):
             with open_image(bpath, backing_fmt) as below:   # qemu takes the backing's size
                 size = below.size
         print(formatting_line(args.filename, given, kw, size, backing, backing_fmt), flush=True)
-    create_image(args.filename, size, backing_file=backing, backing_format=backing_fmt, **kw)
+    try:
+        create_image(args.filename, size, backing_file=backing, backing_format=backing_fmt, **kw)
+    except Qcow2Error as e:         # qemu's create errors name the image first
+        raise UsageError(f"{args.filename}: {e}") from e
     return 0
 
 
