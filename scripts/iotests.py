@@ -34,6 +34,7 @@ import glob
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -360,6 +361,8 @@ def main(argv=None):
     if args.record and not args.real:
         ap.error("--record needs --real")
 
+    # Stopped from outside: still stop check's process group (finally below).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     install_missing()
     iotests = fetch_iotests()
     workdir = args.workdir or tempfile.mkdtemp(prefix="qcow2fast-iotests-")
