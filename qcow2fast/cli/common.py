@@ -115,7 +115,11 @@ def snapshot_spec(text):
 def open_image(name, fmt=None, *, image_opts=False, writable=False, backing=True,
                snapshot=None, force_share=False, untrusted=False, **extra):
     """Open ``name`` as qcow2 or raw (probed when ``fmt`` is None), at the
-    internal ``snapshot`` (a -l argument) if one is given."""
+    internal ``snapshot`` (a -l argument) if one is given.  A ``json:``
+    name opens the nodes it describes (cli/json_filename.py)."""
+    from .json_filename import is_json, open_json
+    if is_json(name) and not image_opts and snapshot is None:
+        return open_json(name, writable=writable, fmt=fmt, force_share=force_share)
     path, fmt, kw = resolve_image(name, fmt, image_opts)
     share = {"force_share": kw.pop("force_share", force_share),
              "locking": kw.pop("locking", True)}

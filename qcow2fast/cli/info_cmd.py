@@ -9,6 +9,7 @@ import time
 
 from ..engine.backing import probe_format, resolve_backing_path
 from .common import add_image_arguments, open_image, share_options
+from .json_filename import shown_name
 from .options import UsageError, size_to_str
 
 
@@ -27,7 +28,7 @@ def run(args):
         img = open_image(name, fmt, image_opts=args.image_opts and not infos, backing=False,
                          **share_options(args))
         try:
-            info = image_info(img, name)
+            info = image_info(img, shown_name(name, img))
         finally:
             img.close()
         infos.append(info)

@@ -32,6 +32,12 @@ def is_json(name):
     return isinstance(name, str) and name.startswith(PREFIX)
 
 
+def shown_name(name, img):
+    """The name qemu shows for an image opened as ``name``: a json: name of
+    a plain image shows as its file's name."""
+    return img.path if is_json(name) and getattr(img, "path", None) else name
+
+
 def parse(name):
     """The option tree of a ``json:`` file name, dotted keys nested."""
     try:

@@ -11,6 +11,7 @@ from ..errors import InvalidArgumentError
 from ..extent import Extent
 from .common import add_image_arguments, open_image, share_options
 from .info_cmd import full_backing_filename
+from .json_filename import shown_name
 from .options import parse_size, prog
 
 
@@ -30,7 +31,7 @@ def run(args):
         end = img.size
         if args.max_length is not None:
             end = min(end, start + parse_size(args.max_length, "max length"))
-        names = layer_names(img, args.filename)
+        names = layer_names(img, shown_name(args.filename, img))
         raw = img.header is None
         extents = img.block_status(start, end - start) if end > start else []
         if not raw:

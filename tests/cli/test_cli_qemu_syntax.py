@@ -212,3 +212,17 @@ def test_rebase_force_share_and_commit_options(capsys, tmp_path):
                          "--image-opts", f"driver=qcow2,file.filename={tops[0]}")
     assert (status, out) == (0, "Image committed.\n")
     qemu_io(new, "read -P 9 0 64k")
+
+
+@pytest.mark.parametrize("command", ["info", "map", "check"])
+def test_json_filenames_open_as_qemu(capsys, tmp_path, command, monkeypatch):
+    """A json: name of a qcow2 node on a file: the same output as qemu-img."""
+    monkeypatch.chdir(tmp_path)
+    qemu_create(tmp_path / "j.qcow2", MiB)
+    qemu_io(tmp_path / "j.qcow2", "write -P 3 64k 64k")
+    name = 'json:{"driver": "qcow2", "file": {"driver": "file", "filename": "j.qcow2"}}'
+    if command == "check":
+        name = "j.qcow2"            # check names the file it checks
+    status, out, err = cli(capsys, command, name)
+    q = qemu_img(command, name, check=False)
+    assert (status, out, ours_as_qemu(err)) == (q.returncode, q.stdout_text, q.stderr_text)
