@@ -104,8 +104,11 @@ def run(args):
     if not args.quiet:          # before the image is made, as qemu (also when it fails)
         if size is None and backing and not args.unsafe:
             from .common import open_image
-            with open_image(bpath, backing_fmt) as below:   # qemu takes the backing's size
+            below = open_image(bpath, backing_fmt, backing=False)   # qemu takes its size
+            try:
                 size = below.size
+            finally:
+                below.close()
         print(formatting_line(args.filename, given, kw, size, backing, backing_fmt), flush=True)
     try:
         create_image(args.filename, size, backing_file=backing, backing_format=backing_fmt, **kw)

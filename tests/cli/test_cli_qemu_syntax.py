@@ -226,3 +226,16 @@ def test_json_filenames_open_as_qemu(capsys, tmp_path, command, monkeypatch):
     status, out, err = cli(capsys, command, name)
     q = qemu_img(command, name, check=False)
     assert (status, out, ours_as_qemu(err)) == (q.returncode, q.stdout_text, q.stderr_text)
+
+
+@pytest.mark.parametrize("fmt", ["raw", "qcow2"])
+def test_create_takes_the_size_of_the_backing_file(capsys, tmp_path, fmt):
+    """Without a size, the backing file's (raw or qcow2), printed as qemu-img."""
+    base = tmp_path / f"b.{fmt}"
+    qemu_img("create", "-q", "-f", fmt, base, "3M")
+    ours, theirs = tmp_path / "a.qcow2", tmp_path / "c.qcow2"
+    status, out, _ = cli(capsys, "create", "-f", "qcow2", "-o", f"backing_file={base}",
+                         "-F", fmt, ours)
+    q = qemu_img("create", "-f", "qcow2", "-o", f"backing_file={base}", "-F", fmt, theirs)
+    assert (status, out.replace(str(ours), str(theirs))) == (0, q.stdout_text)
+    assert qemu_info(ours)["virtual-size"] == 3 * MiB
