@@ -5,7 +5,7 @@ import os
 import sys
 
 from .. import open as open_qcow2
-from ..engine.backing import probe_format
+from ..engine.backing import FILE_PROTOCOL, probe_format
 from ..errors import Qcow2Error
 from ..host.raw import RawImage
 from .options import UsageError, parse_bool, parse_size, prog, split_options
@@ -53,7 +53,7 @@ def image_spec(name, fmt, image_opts):
     """(path, format, open keyword arguments) for a filename or an
     --image-opts string."""
     if not image_opts:
-        return name, fmt, {}
+        return name[len(FILE_PROTOCOL):] if name.startswith(FILE_PROTOCOL) else name, fmt, {}
     kw, path, driver = {}, None, fmt
     for key, value in split_options(name):
         if key in ("file.filename", "filename"):

@@ -18,7 +18,7 @@ interface of host/device.py).
 import json
 
 from .. import open as open_qcow2
-from ..engine.backing import probe_format
+from ..engine.backing import FILE_PROTOCOL, probe_format
 from ..errors import InvalidArgumentError, Qcow2Error
 from ..host.raw import RawImage
 from ..host.window import RawWindow
@@ -34,7 +34,9 @@ def is_json(name):
 
 def shown_name(name, img):
     """The name qemu shows for an image opened as ``name``: a json: name of
-    a plain image shows as its file's name."""
+    a plain image shows as its file's name, a ``file:`` name without it."""
+    if name.startswith(FILE_PROTOCOL):
+        return name[len(FILE_PROTOCOL):]
     return img.path if is_json(name) and getattr(img, "path", None) else name
 
 

@@ -14,8 +14,14 @@ from ..spec import header as hdr
 MAX_CHAIN_DEPTH = 4096      # real chains reach 1000 (arXiv 2205.06842); qemu has no bound
 
 
+FILE_PROTOCOL = "file:"
+
+
 def resolve_backing_path(image_path, name):
-    """qemu resolves a relative backing name against the image's directory."""
+    """qemu resolves a relative backing name against the image's directory;
+    a ``file:`` name (the file protocol, named) is a path as it is."""
+    if name.startswith(FILE_PROTOCOL):
+        return name[len(FILE_PROTOCOL):]
     if os.path.isabs(name):
         return name
     return os.path.join(os.path.dirname(os.path.abspath(image_path)), name)

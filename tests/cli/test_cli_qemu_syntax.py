@@ -239,3 +239,19 @@ def test_create_takes_the_size_of_the_backing_file(capsys, tmp_path, fmt):
     q = qemu_img("create", "-f", "qcow2", "-o", f"backing_file={base}", "-F", fmt, theirs)
     assert (status, out.replace(str(ours), str(theirs))) == (0, q.stdout_text)
     assert qemu_info(ours)["virtual-size"] == 3 * MiB
+
+
+def test_file_protocol_names_as_qemu(capsys, tmp_path, monkeypatch):
+    """``file:`` names: a backing file named so (kept in the header, opened
+    as the path after it), and images named so on the command line."""
+    monkeypatch.chdir(tmp_path)
+    base = qemu_create(tmp_path / "base.qcow2", MiB)
+    qemu_io(base, "write -P 5 0 64k")
+    assert cli(capsys, "create", "-q", "-f", "qcow2", "-b", f"file:{base}", "-F", "qcow2",
+               "ours.qcow2")[0] == 0
+    qemu_img("create", "-q", "-f", "qcow2", "-b", f"file:{base}", "-F", "qcow2", "theirs.qcow2")
+    for command in ("info", "map"):
+        status, out, _ = cli(capsys, command, "file:ours.qcow2")
+        q = qemu_img(command, "file:theirs.qcow2")
+        assert (status, out.replace("ours.qcow2", "theirs.qcow2")) == (0, q.stdout_text)
+    qemu_io(tmp_path / "ours.qcow2", "read -P 5 0 64k")
