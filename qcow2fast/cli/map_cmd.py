@@ -65,7 +65,8 @@ def layer_names(img, name):
     names = [name]
     while getattr(img, "header", None) is not None and img.header.backing_file \
             and img.backing is not None:
-        names.append(full_backing_filename(names[-1], img.header.backing_file))
+        names.append(shown_name(full_backing_filename(names[-1], img.header.backing_file),
+                                img.backing))
         img = img.backing
     return names
 
