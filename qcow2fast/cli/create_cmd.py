@@ -25,6 +25,7 @@ QCOW2_OPTIONS = [
 UNSUPPORTED = {"data_file": "external data files", "data_file_raw": "external data files",
                "encryption": "encryption", "encrypt.format": "encryption"}
 FORMATS = ("qcow2", "raw")
+PROTOCOL_OPTIONS = ("nocow", "extent_size_hint")
 
 
 def add_parser(sub):
@@ -136,6 +137,8 @@ def formatting_line(filename, given, kw, size, backing, backing_fmt):
         parts.append(f"backing_fmt={backing_fmt}")
     parts.append(f"lazy_refcounts={given.get('lazy_refcounts') or 'off'}")
     parts.append(f"refcount_bits={kw.get('refcount_bits', 16)}")
+    parts += [f"{key}={opt_size(given[key], key) if key == 'extent_size_hint' else given[key]}"
+              for key in PROTOCOL_OPTIONS if key in given]
     return " ".join(parts)
 
 
@@ -169,6 +172,13 @@ def qcow2_options(opts, command="create"):
             kw["backing_file"] = value
         elif key == "backing_fmt":
             kw["backing_format"] = value
+        elif key in PROTOCOL_OPTIONS and command == "create":
+            # The file protocol's hints (btrfs NOCOW, an XFS extent size):
+            # checked as qemu does, not applied to the file.
+            if key == "nocow":
+                parse_bool(value, key)
+            else:
+                opt_size(value, key)
         else:
             raise UsageError(f"{command}: invalid parameter '{key}' for format qcow2 "
                              "(see -o help)")

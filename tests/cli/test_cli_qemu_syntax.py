@@ -85,7 +85,9 @@ def test_sizes_as_qemu(capsys, tmp_path, size):
 @pytest.mark.parametrize("opts,size", [([], "1234"), (["-o", "preallocation=off"], "1M"),
                                        (["-o", "compat=v3,lazy_refcounts=on"], "1M"),
                                        (["-o", "size=2M"], None), (["-o", "size=1.5"], None),
-                                       (["-o", "size=1M"], "1M")])
+                                       (["-o", "size=1M"], "1M"),
+                                       (["-o", "nocow=on,extent_size_hint=1M"], "1M"),
+                                       (["-o", "preallocation=off,extent_size_hint=0"], "64M")])
 def test_create_formatting_line_as_qemu(capsys, tmp_path, opts, size):
     """The size as given (not rounded), options as given, printed before
     the image is made."""
