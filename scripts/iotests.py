@@ -396,6 +396,9 @@ def main(argv=None):
         print(f"expected failure {t}: {xfail[t]}")
     for t in fixed:
         print(f"XPASS {t}: passes now, remove it from {os.path.relpath(XFAIL_LIST, REPO)}")
+    if regressions:             # their diffs, for the CI log
+        with open(logf, errors="replace") as f:
+            print("".join(f.readlines()[:2000]))
     for t in regressions:
         print(f"REGRESSION {t}: {results.get(t, 'did not run')}")
     ok = len(wanted) - len(regressions) - len(expected)
