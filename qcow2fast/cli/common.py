@@ -95,6 +95,8 @@ def open_error(name, e):
     why", where an OS error names the file again."""
     why = (f"Could not open '{e.filename}': {e.strerror}"
            if isinstance(e, OSError) and e.filename and e.strerror else str(e))
+    if isinstance(e, Qcow2Error) and why.startswith("Could not open '"):
+        return UsageError(why)          # already said (open_image's, a lock held elsewhere)
     return UsageError(f"Could not open '{name}': {why}")
 
 

@@ -6,7 +6,7 @@ opened, 3 block status cannot be read, 4 data cannot be read."""
 import sys
 
 from ..errors import Qcow2Error
-from .common import add_share_arguments, open_image, share_options
+from .common import add_share_arguments, open_error, open_image, share_options
 from .progress import Progress
 from .options import prog
 
@@ -36,8 +36,8 @@ def run(args):
             try:
                 images.append(open_image(name, fmt, image_opts=args.image_opts,
                                           **share_options(args)))
-            except (Qcow2Error, OSError) as e:
-                print(f"{prog()}: Could not open '{name}': {e}", file=sys.stderr)
+            except (Qcow2Error, OSError) as e:     # (open_image says "Could not open")
+                print(f"{prog()}: {open_error(name, e)}", file=sys.stderr)
                 return 2
         with Progress(args.progress, max(images[0].size, images[1].size), "compare") as bar:
             return compare(images[0], images[1], args.strict, say, bar)

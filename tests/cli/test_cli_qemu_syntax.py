@@ -257,3 +257,16 @@ def test_file_protocol_names_as_qemu(capsys, tmp_path, monkeypatch):
         q = qemu_img(command, "file:theirs.qcow2")
         assert (status, out.replace("ours.qcow2", "theirs.qcow2")) == (0, q.stdout_text)
     qemu_io(tmp_path / "ours.qcow2", "read -P 5 0 64k")
+
+
+def test_image_in_use_said_once_as_qemu(capsys, tmp_path):
+    """An image another program writes: qemu's lock message, not wrapped
+    again in "Could not open" (iotest 153)."""
+    from tests.hardening.test_locking import qemu_io_holding
+    p = qemu_create(tmp_path / "a.qcow2", MiB)
+    other = qemu_create(tmp_path / "b.qcow2", MiB)
+    with qemu_io_holding(p):
+        for args in (["info", p], ["compare", p, other], ["check", p]):
+            status, _, err = cli(capsys, *args)
+            q = qemu_img(*args, check=False)
+            assert (status, ours_as_qemu(err)) == (q.returncode, q.stderr_text), args
