@@ -114,7 +114,9 @@ def run(args):
     try:
         create_image(args.filename, size, backing_file=backing, backing_format=backing_fmt, **kw)
     except Qcow2Error as e:         # qemu's create errors name the image first
-        raise UsageError(f"{args.filename}: {e}") from e
+        said = str(e)
+        raise UsageError(said if said.startswith(f"{args.filename}: ")
+                         else f"{args.filename}: {said}") from e
     return 0
 
 

@@ -35,6 +35,10 @@ class UsageError(InvalidArgumentError):
 
 class Parser(argparse.ArgumentParser):
     def error(self, message):
+        words = message.split()
+        if message.startswith("unrecognized arguments: ") and words[2].startswith("-"):
+            raise UsageError(f"unrecognized option '{words[2]}'\n"     # qemu-img's words
+                             f"Try '{prog()} --help' for more information")
         command = self.prog.partition(" ")[2]
         raise UsageError(f"{command}: {message}" if command else message)
 

@@ -270,3 +270,11 @@ def test_image_in_use_said_once_as_qemu(capsys, tmp_path):
             status, _, err = cli(capsys, *args)
             q = qemu_img(*args, check=False)
             assert (status, ours_as_qemu(err)) == (q.returncode, q.stderr_text), args
+
+
+@pytest.mark.parametrize("args", [["create", "-f", "qcow2", "-U", "x", "1M"],
+                                  ["info", "--foo", "x"], ["check", "-Z", "x"]])
+def test_unknown_options_said_as_qemu(capsys, args):
+    status, _, err = cli(capsys, *args)
+    q = qemu_img(*args, check=False)
+    assert (status, err.replace("qcow2fast", "qemu-img")) == (q.returncode, q.stderr_text)
