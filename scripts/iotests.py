@@ -251,6 +251,18 @@ def read_list(path):
     return out
 
 
+def kill_leftovers(workdir):
+    """Daemons a failed test left running (qemu-nbd --fork, qemu-storage-
+    daemon --daemonize: outside check's process group), by their use of
+    this run's directory."""
+    for pid, (_, argv) in _processes().items():
+        if pid != os.getpid() and any(workdir + "/" in a for a in argv[1:]):
+            try:
+                os.kill(pid, 9)
+            except OSError:
+                pass
+
+
 def unmount_leftovers(test_dir):
     """FUSE exports a failed test left mounted under the run directory."""
     with open("/proc/mounts") as f:
@@ -341,6 +353,7 @@ def run_check(iotests, img, shim, tests, jobs, workdir, logf, timeout):
             stop.set()
             if proc.poll() is None:
                 os.killpg(proc.pid, 9)
+            kill_leftovers(workdir)
             unmount_leftovers(env["TEST_DIR"])
     return results
 
@@ -365,7 +378,7 @@ def main(argv=None):
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     install_missing()
     iotests = fetch_iotests()
-    workdir = args.workdir or tempfile.mkdtemp(prefix="qcow2fast-iotests-")
+    workdir = os.path.abspath(args.workdir or tempfile.mkdtemp(prefix="qcow2fast-iotests-"))
     img, shim, _ = make_bin(os.path.join(workdir, "bin"), args.real)
     listed, xfail = read_list(PASS_LIST), read_list(XFAIL_LIST)
     tests = args.tests or ([] if args.record or args.all else sorted(listed))
