@@ -13,7 +13,8 @@ from importlib import import_module
 
 from ..errors import Qcow2Error
 from ..host.limits import CpuGuard, memory_limit_note
-from .options import Parser, UsageError
+from .getopt import options_first
+from .options import Parser, UsageError, prog, set_prog
 
 # Each subcommand -> the module implementing it.  Only the module of the
 # subcommand being run is imported (start-up is most of a small command's
@@ -50,6 +51,7 @@ def command_name(argv):
 
 
 def main(argv=None):
+    set_prog(sys.argv[0] if argv is None else None)    # messages start "<prog>: "
     argv = sys.argv[1:] if argv is None else list(argv)
     debug = "--debug" in argv
     # Under RLIMIT_CPU (prlimit --cpu, as for untrusted uploads): a clear
@@ -61,24 +63,25 @@ def main(argv=None):
             return command_module("bench-suite").run_argv(argv[1:])
         if argv[:1] == ["resize"] and "-h" not in argv and "--help" not in argv:
             argv = command_module("resize").size_last(argv)   # the size may look like an option
-        args = build_parser(name).parse_args(argv)
+        parser = build_parser(name)
+        args = parser.parse_args(options_first(parser, argv))
         if not args.command:
             raise UsageError("a command is required (try --help)")
         return args.run(args)
     except SystemExit as e:            # --help, or argparse's own exits
         return e.code if isinstance(e.code, int) else 0
     except KeyboardInterrupt:
-        print("qcow2fast: interrupted", file=sys.stderr)
+        print(f"{prog()}: interrupted", file=sys.stderr)
         return 130
     except MemoryError:
         if debug:
             raise
-        print(f"qcow2fast: out of memory{memory_limit_note()}", file=sys.stderr)
+        print(f"{prog()}: out of memory{memory_limit_note()}", file=sys.stderr)
         return 1
     except (Qcow2Error, OSError) as e:
         if debug:
             raise
-        print(f"qcow2fast: {_describe(e)}", file=sys.stderr)
+        print(f"{prog()}: {_describe(e)}", file=sys.stderr)
         return 1
 
 

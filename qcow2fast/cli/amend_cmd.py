@@ -8,7 +8,7 @@ import sys
 
 from .common import resolve_image
 from .objects import lookup_secret, secrets
-from .options import UsageError, merge_options
+from .options import UsageError, merge_options, prog
 from .progress import PercentProgress
 
 NAME = "amend"
@@ -68,9 +68,9 @@ def run(args):
     try:
         amend(path, opts, progress=bar, key_secret=key_secret, force=args.force)
     except AmendOptionError as e:
-        failed = f"qcow2fast: {e}" + (f"\n{e.hint}" if e.hint else "")
+        failed = f"{prog()}: {e}" + (f"\n{e.hint}" if e.hint else "")
     except (MissingSecretError, BadPassphraseError) as e:
-        failed = f"qcow2fast: Could not open '{args.filename}': {e}"
+        failed = f"{prog()}: Could not open '{args.filename}': {e}"
     bar(1, 1)           # (qemu: 100% even when it failed, then the error, then the newline)
     if failed is not None:
         print(failed, file=sys.stderr)

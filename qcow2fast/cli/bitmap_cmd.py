@@ -13,7 +13,7 @@ import sys
 from ..errors import InvalidArgumentError, Qcow2Error
 from .objects import secrets
 from .common import add_image_arguments, open_image
-from .options import UsageError, parse_size
+from .options import UsageError, parse_size, prog
 
 
 class _Action(argparse.Action):
@@ -52,8 +52,8 @@ def run(args):
         try:
             granularity = parse_size(args.granularity, "granularity")
         except UsageError:
-            print("qcow2fast: Invalid granularity specified. You may use k, M, G, T, P or E "
-                  "suffixes for\nqcow2fast: kilobytes, megabytes, gigabytes, terabytes, "
+            print(f"{prog()}: Invalid granularity specified. You may use k, M, G, T, P or E "
+                  f"suffixes for\n{prog()}: kilobytes, megabytes, gigabytes, terabytes, "
                   "petabytes and exabytes.", file=sys.stderr)
             return 1
     kinds = {kind for kind, _ in actions}
@@ -76,7 +76,7 @@ def run(args):
                     src = open_image(args.source_file, args.source_fmt)
                 _apply(img, kind, value, bitmap, granularity, src)
             except Qcow2Error as e:
-                print(f"qcow2fast: Operation {kind} on bitmap {bitmap} failed: {e}",
+                print(f"{prog()}: Operation {kind} on bitmap {bitmap} failed: {e}",
                       file=sys.stderr)
                 return 1
     finally:

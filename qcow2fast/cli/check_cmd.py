@@ -15,6 +15,7 @@ from ..host.lock import Holder
 from ..host.remote import is_url
 from .objects import secrets
 from .common import add_image_arguments, resolve_image, warn_stale_bitmaps
+from .options import prog
 
 
 def add_parser(sub):
@@ -22,6 +23,8 @@ def add_parser(sub):
     add_image_arguments(p, output=True)
     p.add_argument("-r", dest="repair", choices=("leaks", "all"))
     p.add_argument("-q", dest="quiet", action="store_true")
+    p.add_argument("--explain", action="store_true",
+                   help="under each leak and corruption, say what references the cluster")
     p.add_argument("filename")
     p.set_defaults(run=run)
 
@@ -30,7 +33,7 @@ def run(args):
     path, fmt, opts = resolve_image(args.filename, args.fmt, args.image_opts,
                                     secrets(args.objects))
     if fmt == "raw":
-        print("qcow2fast: This image format does not support checks", file=sys.stderr)
+        print(f"{prog()}: This image format does not support checks", file=sys.stderr)
         return 63
     if args.repair and is_url(path):
         print(f"qcow2fast: {path}: remote images are read-only: check -r cannot repair them",
@@ -47,7 +50,7 @@ def run(args):
         holder = Holder(path, fmt, bool(args.repair), opts.get("force_share", args.force_share)) \
             if opts.get("locking", True) and not is_url(path) else None
     except Qcow2Error as e:
-        print(f"qcow2fast: {e}", file=sys.stderr)
+        print(f"{prog()}: {e}", file=sys.stderr)
         return 1
     try:
         return _check(args, path)
@@ -63,17 +66,19 @@ def _check(args, path):
         if args.untrusted:              # check opens no backing file: the names only
             check_path(path)
         warn_stale_bitmaps(stale_bitmaps(path))
-        first = check_image(path, args.repair)
+        first = check_image(path, args.repair, args.explain)
     except SnapshotTableError as e:      # qemu's check gives up on the table, -r all mends it
-        print("qcow2fast: " + "\n".join(e.check_lines), file=sys.stderr)
-        print("qcow2fast: Check failed: File too large", file=sys.stderr)
+        print(f"{prog()}: " + "\n".join(e.check_lines), file=sys.stderr)
+        print(f"{prog()}: Check failed: File too large", file=sys.stderr)
         return 1
     except Qcow2Error as e:
-        print(f"qcow2fast: Could not open '{args.filename}': {e}", file=sys.stderr)
+        print(f"{prog()}: Could not open '{args.filename}': {e}", file=sys.stderr)
         return 1
+    if args.repair:
+        clear_unknown_autoclear(path)
     _messages(first)
     if first.failed:
-        print(f"qcow2fast: Check failed: {first.failed}", file=sys.stderr)
+        print(f"{prog()}: Check failed: {first.failed}", file=sys.stderr)
         return 1
     result = first
     if args.repair and (first.leaks or first.corruptions or first.corruptions_fixed
@@ -81,7 +86,7 @@ def _check(args, path):
         try:
             repair_image(path, first, args.repair)
         except Qcow2Error as e:
-            print(f"qcow2fast: {e}", file=sys.stderr)
+            print(f"{prog()}: {e}", file=sys.stderr)
             return 1
         leaks_fixed, corruptions_fixed = first.leaks_fixed, first.corruptions_fixed
         if leaks_fixed or corruptions_fixed:
@@ -90,7 +95,7 @@ def _check(args, path):
                       f"    {leaks_fixed} leaked clusters\n"
                       f"    {corruptions_fixed} corruptions\n\n"
                       "Double checking the fixed image now...")
-            result = check_image(path)
+            result = check_image(path, explain=args.explain)
             _messages(result)
             result.leaks_fixed, result.corruptions_fixed = leaks_fixed, corruptions_fixed
     if args.quiet:
@@ -100,13 +105,33 @@ def _check(args, path):
     else:
         print(human(result), end="")
     if result.check_errors:
-        print("qcow2fast: Check failed", file=sys.stderr)
+        print(f"{prog()}: Check failed", file=sys.stderr)
         return 1
     if result.corruptions:
         return 2
     if result.leaks:
         return 3
     return 0
+
+
+def clear_unknown_autoclear(path):
+    """check -r opens the image for writing, which clears the auto-clear
+    bits qemu does not know (qcow2.txt: a program that does not know one
+    clears it when it changes the image)."""
+    from .._ext.fileio import File
+    from ..spec import header as hdr
+    known = hdr.AUTOCLEAR_BITMAPS | hdr.AUTOCLEAR_DATA_FILE_RAW
+    f = File(str(path), writable=True, direct=False)
+    try:
+        h = hdr.parse_header(f.pread(0, min(f.size(), 2 << 20)), f.size())
+        if h.version >= 3 and h.autoclear_features & ~known:
+            f.pwrite((h.autoclear_features & known).to_bytes(8, "big"),
+                     hdr.FIELD_OFFSET["autoclear_features"])
+            f.sync()
+    except Qcow2Error:
+        pass                    # the check said what is wrong with the header
+    finally:
+        f.close()
 
 
 def stale_bitmaps(path):

@@ -8,6 +8,7 @@ qemu-img commit: the image's data written into its backing file (or into
 from ..errors import InvalidArgumentError
 from .common import resolve_image
 from .objects import secrets
+from .options import prog, strtosz
 from .progress import PercentProgress
 
 
@@ -19,8 +20,9 @@ def add_parser(sub):
     p.add_argument("-d", dest="drop", action="store_true")
     p.add_argument("-p", dest="progress", action="store_true")
     p.add_argument("-q", dest="quiet", action="store_true")
-    p.add_argument("--object", dest="objects", action="append", default=[])
+    p.add_argument("-r", dest="rate_limit")
     p.add_argument("--image-opts", dest="image_opts", action="store_true")
+    p.add_argument("--object", dest="objects", action="append", default=[])
     p.add_argument("filenames", nargs="*")
     p.set_defaults(run=run)
 
@@ -40,6 +42,14 @@ def one_image(args, raw_error):
 
 def run(args):
     from ..ops.commit import commit
+    if args.rate_limit is not None:     # qemu's check; the commit itself is not throttled
+        try:
+            strtosz(args.rate_limit)
+        except (ValueError, OverflowError):
+            raise InvalidArgumentError(
+                "Invalid rate limit specified. You may use k, M, G, T, P or E suffixes for\n"
+                f"{prog()}: kilobytes, megabytes, gigabytes, terabytes, petabytes and "
+                "exabytes.") from None
     path, key_secret = one_image(args, "Image does not have a backing file")
     bar = PercentProgress(args.progress and not args.quiet, 1.0)
     bar(0, 1)

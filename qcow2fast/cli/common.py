@@ -5,12 +5,13 @@ import os
 import sys
 
 from .. import open as open_qcow2
-from ..engine.backing import probe_format
+from ..engine.backing import FILE_PROTOCOL, probe_format
+from ..errors import Qcow2Error
 from ..host.raw import RawImage
 from ..host.remote import is_url
 from ..errors import BadPassphraseError, MissingSecretError
 from .objects import lookup_secret, secrets
-from .options import UsageError, parse_bool, parse_size, split_options
+from .options import UsageError, parse_bool, parse_size, prog, split_options
 
 FORMATS = ("qcow2", "raw")
 
@@ -60,7 +61,7 @@ def image_spec(name, fmt, image_opts, secret_table=None):
     --image-opts string (``encrypt.key-secret=ID`` looked up in
     ``secret_table``, the --object secrets)."""
     if not image_opts:
-        return name, fmt, {}
+        return name[len(FILE_PROTOCOL):] if name.startswith(FILE_PROTOCOL) else name, fmt, {}
     kw, path, driver = {}, None, fmt
     for key, value in split_options(name):
         if key == "encrypt.key-secret":
@@ -104,11 +105,21 @@ def resolve_image(name, fmt=None, image_opts=False, secret_table=None):
     given, and must be one this tool handles."""
     path, fmt, kw = image_spec(name, fmt, image_opts, secret_table)
     if not is_url(path) and not os.path.exists(path):
-        raise FileNotFoundError(2, "Could not open image: No such file or directory", path)
+        raise open_error(name, FileNotFoundError(2, "No such file or directory", path))
     fmt = fmt or probe_format(path)
     if fmt not in FORMATS:
         raise UsageError(f"unknown or unsupported format {fmt!r} (supported: qcow2, raw)")
     return path, fmt, kw
+
+
+def open_error(name, e):
+    """qemu's error for an image that does not open: "Could not open 'NAME':
+    why", where an OS error names the file again."""
+    why = (f"Could not open '{e.filename}': {e.strerror}"
+           if isinstance(e, OSError) and e.filename and e.strerror else str(e))
+    if isinstance(e, Qcow2Error) and why.startswith("Could not open '"):
+        return UsageError(why)          # already said (open_image's, a lock held elsewhere)
+    return UsageError(f"Could not open '{name}': {why}")
 
 
 def snapshot_spec(text):
@@ -130,7 +141,11 @@ def open_image(name, fmt=None, *, image_opts=False, writable=False, backing=True
     """Open ``name`` as qcow2 or raw (probed when ``fmt`` is None), at the
     internal ``snapshot`` (a -l argument) if one is given.  An encrypted
     image needs ``encrypt.key-secret=ID`` in --image-opts (``secrets``: the
-    --object secrets), as in qemu-img."""
+    --object secrets), as in qemu-img.  A ``json:`` name opens the nodes it
+    describes (cli/json_filename.py)."""
+    from .json_filename import is_json, open_json
+    if is_json(name) and not image_opts and snapshot is None:
+        return open_json(name, writable=writable, fmt=fmt, force_share=force_share)
     path, fmt, kw = resolve_image(name, fmt, image_opts, secrets)
     share = {"force_share": kw.pop("force_share", force_share),
              "locking": kw.pop("locking", True)}
@@ -149,6 +164,8 @@ def open_image(name, fmt=None, *, image_opts=False, writable=False, backing=True
                          cache_clean_interval=kw.pop("cache_clean_interval", 0), **kw)
     except (MissingSecretError, BadPassphraseError) as e:
         raise type(e)(f"Could not open '{name}': {e}") from None
+    except (Qcow2Error, OSError) as e:
+        raise open_error(name, e) from e
     warn_stale_bitmaps(img.dirty_bitmaps.warning)
     return img
 
@@ -157,4 +174,4 @@ def warn_stale_bitmaps(warning):
     """qemu's warning (no newline at its end, as qemu prints it) when an
     image's bitmaps were disowned by a program that does not know them."""
     if warning:
-        print(f"qcow2fast: warning: {warning}", end="", file=sys.stderr, flush=True)
+        print(f"{prog()}: warning: {warning}", end="", file=sys.stderr, flush=True)

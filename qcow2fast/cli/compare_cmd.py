@@ -6,8 +6,9 @@ opened, 3 block status cannot be read, 4 data cannot be read."""
 import sys
 
 from ..errors import Qcow2Error
-from .common import add_share_arguments, open_image, share_options
+from .common import add_share_arguments, open_error, open_image, share_options
 from .progress import Progress
+from .options import prog
 
 CHUNK = 1 << 20
 SECTOR = 512
@@ -35,8 +36,8 @@ def run(args):
             try:
                 images.append(open_image(name, fmt, image_opts=args.image_opts,
                                           **share_options(args)))
-            except (Qcow2Error, OSError) as e:
-                print(f"qcow2fast: Could not open '{name}': {e}", file=sys.stderr)
+            except (Qcow2Error, OSError) as e:     # (open_image says "Could not open")
+                print(f"{prog()}: {open_error(name, e)}", file=sys.stderr)
                 return 2
         with Progress(args.progress, max(images[0].size, images[1].size), "compare") as bar:
             return compare(images[0], images[1], args.strict, say, bar)
@@ -54,11 +55,9 @@ def _status(img, offset, end):
 
 
 def compare(a, b, strict, say, progress=None):
-    if a.size != b.size:
-        if strict:
-            say("Strict mode: Image size mismatch!")
-            return 1
-        say("Warning: Image size mismatch!")
+    if a.size != b.size and strict:
+        say("Strict mode: Image size mismatch!")
+        return 1
     common = min(a.size, b.size)
     pos = 0
     while pos < common:
@@ -66,7 +65,7 @@ def compare(a, b, strict, say, progress=None):
             sa, ea = _status(a, pos, common if not strict else a.size)
             sb, eb = _status(b, pos, common if not strict else b.size)
         except Qcow2Error as e:
-            print(f"qcow2fast: error getting block status at offset {pos}: {e}", file=sys.stderr)
+            print(f"{prog()}: error getting block status at offset {pos}: {e}", file=sys.stderr)
             return 3
         if strict and sa != sb:
             say(f"Strict mode: Offset {pos} block status mismatch!")
@@ -82,6 +81,8 @@ def compare(a, b, strict, say, progress=None):
         pos = end
         if progress is not None:
             progress.advance_to(pos)
+    if a.size != b.size:            # said once the common part is equal, as qemu
+        say("Warning: Image size mismatch!")
     longer = a if a.size > b.size else b
     bad = _first_nonzero(longer, common, longer.size)
     if bad is None:
@@ -102,7 +103,7 @@ def _first_difference(a, b, start, end):
         try:
             x, y = a.read(pos, n), b.read(pos, n)
         except (Qcow2Error, OSError) as e:
-            print(f"qcow2fast: error while reading offset {pos}: {e}", file=sys.stderr)
+            print(f"{prog()}: error while reading offset {pos}: {e}", file=sys.stderr)
             return None
         if x != y:
             i = next(i for i in range(0, n, SECTOR) if x[i:i + SECTOR] != y[i:i + SECTOR])

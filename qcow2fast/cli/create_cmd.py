@@ -4,8 +4,9 @@ import os
 
 from ..host import file as hostfile
 from ..engine.backing import probe_format, resolve_backing_path
+from ..errors import Qcow2Error
 from .objects import lookup_secret, secrets
-from .options import UsageError, merge_options, parse_bool, parse_size
+from .options import UsageError, image_size, merge_options, opt_size, parse_bool, parse_size
 
 # qemu-img's qcow2 creation options this version supports, with their help text.
 QCOW2_OPTIONS = [
@@ -27,6 +28,7 @@ ENCRYPT_OPTIONS = ("encrypt.format", "encrypt.key-secret", "encrypt.cipher-alg",
                    "encrypt.cipher-mode", "encrypt.ivgen-alg", "encrypt.ivgen-hash-alg",
                    "encrypt.hash-alg", "encrypt.iter-time")
 FORMATS = ("qcow2", "raw")
+PROTOCOL_OPTIONS = ("nocow", "extent_size_hint")
 
 
 def add_parser(sub):
@@ -64,18 +66,24 @@ def run(args):
     if not args.filename:
         raise UsageError("create: expecting a filename")
     size = opts.pop("size", None)
+    if size is not None and args.size is not None:
+        raise UsageError(f"{args.filename}: The image size must be specified only once")
+    try:
+        size = opt_size(size, "size") if size is not None else None
+    except UsageError as e:
+        raise UsageError(f"{args.filename}: {e}") from None
     if args.size is not None:
-        size = args.size
-    size = parse_size(size, "image size") if size is not None else None
+        size = image_size(args.size)
     if args.fmt == "raw":
         if opts:
             raise UsageError(f"create: invalid parameter {next(iter(opts))!r} for format raw")
         if size is None:
-            raise UsageError("create: image size must be specified")
-        hostfile.create_raw(args.filename, size)
+            raise UsageError(f"{args.filename}: Image creation needs a size parameter")
         if not args.quiet:
-            print(f"Formatting '{args.filename}', fmt=raw size={size}")
+            print(f"Formatting '{args.filename}', fmt=raw size={size}", flush=True)
+        hostfile.create_raw(args.filename, size)
         return 0
+    given = dict(opts)
     kw = qcow2_options(opts, secret_table=secrets(args.objects))
     backing = args.backing or kw.pop("backing_file", None)
     backing_fmt = args.backing_fmt or kw.pop("backing_format", None)
@@ -98,33 +106,53 @@ def run(args):
         if not args.unsafe and backing_fmt not in FORMATS:
             raise UsageError(f"{args.filename}: backing format '{backing_fmt}' is not supported "
                              f"(supported: {', '.join(FORMATS)})\nCould not open backing image.")
-    create_image(args.filename, size, backing_file=backing, backing_format=backing_fmt, **kw)
-    if not args.quiet:
-        from .. import open as open_image
-        with open_image(args.filename, backing=False, cache_clean_interval=0, no_io=True) as img:
-            size = img.size
-        # qemu-img's order: the order of qcow2's creation options.
-        parts = [f"Formatting '{args.filename}', fmt=qcow2"]
-        parts += [f"{k}={opts[k]}" for k in ENCRYPT_OPTIONS if k in opts]    # qemu's order
-        parts += [f"cluster_size={kw.get('cluster_size', 65536)}",
-                  f"extended_l2={'on' if kw.get('extended_l2') else 'off'}"]
-        if kw.get("preallocation", "off") != "off":
-            parts.append(f"preallocation={kw['preallocation']}")
-        parts += [f"compression_type={kw.get('compression_type', 'zlib')}", f"size={size}"]
-        if kw.get("compat"):
-            parts.append(f"compat={kw['compat']}")
-        if backing:
-            parts.append(f"backing_file={backing}")
-        if backing_fmt:
-            parts.append(f"backing_fmt={backing_fmt}")
-        if kw.get("data_file"):
-            parts.append(f"data_file={kw['data_file']}")
-        if "data_file_raw" in kw:
-            parts.append(f"data_file_raw={'on' if kw['data_file_raw'] else 'off'}")
-        parts.append(f"lazy_refcounts={'on' if kw.get('lazy_refcounts') else 'off'}")
-        parts.append(f"refcount_bits={kw.get('refcount_bits', 16)}")
-        print(" ".join(parts))
+    if size is None and not backing:
+        raise UsageError(f"{args.filename}: Image creation needs a size parameter")
+    if not args.quiet:          # before the image is made, as qemu (also when it fails)
+        if size is None and backing and not args.unsafe:
+            from .common import open_image
+            below = open_image(bpath, backing_fmt, backing=False)   # qemu takes its size
+            try:
+                size = below.size
+            finally:
+                below.close()
+        print(formatting_line(args.filename, given, kw, size, backing, backing_fmt), flush=True)
+    try:
+        create_image(args.filename, size, backing_file=backing, backing_format=backing_fmt, **kw)
+    except Qcow2Error as e:         # qemu's create errors name the image first
+        said = str(e)
+        raise UsageError(said if said.startswith(f"{args.filename}: ")
+                         else f"{args.filename}: {said}") from e
     return 0
+
+
+def formatting_line(filename, given, kw, size, backing, backing_fmt):
+    """qemu-img's "Formatting" line: the options set or with a default, in
+    the order qemu prints them, values as given (sizes in bytes)."""
+    parts = [f"Formatting '{filename}', fmt=qcow2"]
+    parts += [f"{key}={given[key]}" for key in ENCRYPT_OPTIONS if key in given]
+    parts += [f"cluster_size={kw.get('cluster_size', 65536)}",
+              f"extended_l2={given.get('extended_l2') or 'off'}"]
+    if "preallocation" in given:
+        parts.append(f"preallocation={given['preallocation']}")
+    parts.append(f"compression_type={given.get('compression_type', 'zlib')}")
+    if size is not None:
+        parts.append(f"size={size}")
+    if given.get("compat"):
+        parts.append(f"compat={given['compat']}")
+    if backing:
+        parts.append(f"backing_file={backing.replace(',', ',,')}")
+    if backing_fmt:
+        parts.append(f"backing_fmt={backing_fmt}")
+    if kw.get("data_file"):
+        parts.append(f"data_file={kw['data_file']}")
+    if "data_file_raw" in kw:
+        parts.append(f"data_file_raw={'on' if kw['data_file_raw'] else 'off'}")
+    parts.append(f"lazy_refcounts={given.get('lazy_refcounts') or 'off'}")
+    parts.append(f"refcount_bits={kw.get('refcount_bits', 16)}")
+    parts += [f"{key}={opt_size(given[key], key) if key == 'extent_size_hint' else given[key]}"
+              for key in PROTOCOL_OPTIONS if key in given]
+    return " ".join(parts)
 
 
 def qcow2_options(opts, command="create", secret_table=None):
@@ -162,6 +190,13 @@ def qcow2_options(opts, command="create", secret_table=None):
             kw["backing_file"] = value
         elif key == "backing_fmt":
             kw["backing_format"] = value
+        elif key in PROTOCOL_OPTIONS and command == "create":
+            # The file protocol's hints (btrfs NOCOW, an XFS extent size):
+            # checked as qemu does, not applied to the file.
+            if key == "nocow":
+                parse_bool(value, key)
+            else:
+                opt_size(value, key)
         else:
             raise UsageError(f"{command}: invalid parameter '{key}' for format qcow2 "
                              "(see -o help)")

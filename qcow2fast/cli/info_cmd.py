@@ -8,12 +8,13 @@ import re
 import time
 
 from ..engine.backing import identity, probe_format, resolve_backing_path
-from ..errors import CorruptImageError, Qcow2Error
+from ..errors import Qcow2Error
 from ..host.remote import is_url
 from ..host.remote import join as remote_join
 from ..spec import datafile as dfspec
 from .common import add_image_arguments, open_image, share_options
-from .options import size_to_str
+from .json_filename import shown_name
+from .options import UsageError, size_to_str
 
 
 def add_parser(sub):
@@ -31,7 +32,7 @@ def run(args):
         img = open_image(name, fmt, image_opts=args.image_opts and not infos, backing=False,
                          no_io=True, **share_options(args), **metadata_only(name, fmt, args))
         try:
-            info = image_info(img, name)
+            info = image_info(img, shown_name(name, img))
         finally:
             img.close()
         infos.append(info)
@@ -40,7 +41,7 @@ def run(args):
         seen.add(identity(img.path))
         name = info["full-backing-filename"]
         if identity(resolve_backing_path(img.path, info["backing-filename"])) in seen:
-            raise CorruptImageError(f"backing chain loops at {name!r}", field="backing_file")
+            raise UsageError(f"Backing file '{name}' creates an infinite loop.")
         fmt = info.get("backing-filename-format") or probe_format(name)
     if args.output == "json":
         print(_empty_lists_as_qemu(json.dumps(infos if args.backing_chain else infos[0],

@@ -18,11 +18,11 @@ interface of host/device.py).
 import json
 
 from .. import open as open_qcow2
-from ..engine.backing import probe_format
+from ..engine.backing import FILE_PROTOCOL, probe_format
 from ..errors import InvalidArgumentError, Qcow2Error
 from ..host.raw import RawImage
 from ..host.window import RawWindow
-from .common import IMAGE_OPTS, image_option
+from .common import IMAGE_OPTS, image_option, open_error
 from .options import UsageError, parse_size
 
 PREFIX = "json:"
@@ -30,6 +30,14 @@ PREFIX = "json:"
 
 def is_json(name):
     return isinstance(name, str) and name.startswith(PREFIX)
+
+
+def shown_name(name, img):
+    """The name qemu shows for an image opened as ``name``: a json: name of
+    a plain image shows as its file's name, a ``file:`` name without it."""
+    if name.startswith(FILE_PROTOCOL):
+        return name[len(FILE_PROTOCOL):]
+    return img.path if is_json(name) and getattr(img, "path", None) else name
 
 
 def parse(name):
@@ -69,9 +77,7 @@ def open_json(name, *, writable=False, fmt=None, **extra):
     try:
         return _open(tree, writable, extra)
     except (Qcow2Error, OSError) as e:
-        why = (f"Could not open '{e.filename}': {e.strerror}"
-               if isinstance(e, OSError) and e.filename and e.strerror else str(e))
-        raise UsageError(f"Could not open '{name}': {why}") from e
+        raise open_error(name, e) from e
 
 
 def _open(node, writable, extra):

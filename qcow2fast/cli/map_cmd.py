@@ -10,7 +10,8 @@ from ..errors import InvalidArgumentError
 from ..extent import Extent
 from .common import add_image_arguments, open_image, share_options
 from .info_cmd import full_backing_filename
-from .options import parse_size
+from .json_filename import shown_name
+from .options import parse_size, prog
 
 
 def add_parser(sub):
@@ -30,7 +31,7 @@ def run(args):
         end = img.size
         if args.max_length is not None:
             end = min(end, start + parse_size(args.max_length, "max length"))
-        names = layer_names(img, args.filename)
+        names = layer_names(img, shown_name(args.filename, img))
         raw = img.header is None
         extents = img.block_status(start, end - start) if end > start else []
         # qemu gives no host offset (nor host zeros) for an encrypted layer's data
@@ -52,10 +53,10 @@ def run(args):
         for e in entries:
             if e["data"] and "offset" not in e:
                 # The human format has no way to show them, as in qemu-img.
-                print("qcow2fast: File contains external, encrypted or compressed clusters.",
+                print(f"{prog()}: File contains external, encrypted or compressed clusters.",
                       file=sys.stderr)
                 return 1
-            if e["data"]:
+            if e["data"] and not e["zero"]:       # qemu shows allocated zeros as holes
                 print(f"{_hex(e['start']):<16}{_hex(e['length']):<16}{_hex(e['offset']):<16}"
                       f"{names[e['depth']]}")
     return 0
@@ -66,7 +67,8 @@ def layer_names(img, name):
     names, top = [name], img
     while getattr(img, "header", None) is not None and img.header.backing_file \
             and img.backing is not None:
-        names.append(full_backing_filename(names[-1], img.header.backing_file))
+        names.append(shown_name(full_backing_filename(names[-1], img.header.backing_file),
+                                img.backing))
         img = img.backing
     # data clusters of a layer with an external data file are in that file
     layers = [top] + list(getattr(top, "chain", None).layers if getattr(top, "chain", None)

@@ -5,12 +5,28 @@ would read as "corrupt" to a script calling ``check``)."""
 
 import argparse
 import math
+import os
 import re
+import sys
 
 from ..errors import InvalidArgumentError
 
 SIZE_SUFFIXES = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40,
                  "p": 1 << 50, "e": 1 << 60}
+
+
+_PROG = ["qcow2fast"]
+
+
+def prog():
+    """The name messages start with: as qemu's error_get_progname(), the
+    base name the program was run as (``qemu-img`` for a qemu-img stand-in)."""
+    return _PROG[0]
+
+
+def set_prog(argv0):
+    name = os.path.basename(argv0 or "")
+    _PROG[0] = "qcow2fast" if not name or name.endswith(".py") else name
 
 
 class UsageError(InvalidArgumentError):
@@ -19,22 +35,85 @@ class UsageError(InvalidArgumentError):
 
 class Parser(argparse.ArgumentParser):
     def error(self, message):
+        words = message.split()
+        if message.startswith("unrecognized arguments: ") and words[2].startswith("-"):
+            raise UsageError(f"unrecognized option '{words[2]}'\n"     # qemu-img's words
+                             f"Try '{prog()} --help' for more information")
         command = self.prog.partition(" ")[2]
         raise UsageError(f"{command}: {message}" if command else message)
 
 
-def parse_size(text, what="size"):
-    """'1G', '1.5G', '512', '64k' -> bytes (powers of 1024, as qemu-img)."""
-    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([bkmgtpeBKMGTPE]?)\s*", str(text))
+def strtosz(text):
+    """qemu's qemu_strtosz: a decimal number with an optional fraction, or
+    a hex one (0x...), then an optional suffix B/k/M/G/T/P/E (powers of
+    1024; a fraction needs one; x.5 of the unit rounds up) -> bytes, below
+    2^64.  ValueError if it is not such a number, OverflowError if too big."""
+    m = re.fullmatch(r"\s*\+?(?:0[xX]([0-9a-fA-F]+)|([0-9]+)(\.[0-9]*)?)([bkmgtpeBKMGTPE]?)",
+                     str(text))
     if not m:
+        raise ValueError(text)
+    hexdigits, integral, fraction, suffix = m.groups()
+    mul = SIZE_SUFFIXES[suffix.lower()]
+    if hexdigits is not None:
+        value = int(hexdigits, 16)
+        if suffix:
+            print(f"{prog()}: warning: Using a multiplier suffix on hex numbers is "
+                  f"deprecated: {text}", file=sys.stderr)
+        value *= mul
+    else:
+        # qemu: the fraction read as a double, taken as 64.64 fixed point;
+        # it needs a unit; the result rounded half up
+        valf = int(float("0" + fraction) * 2.0 ** 64) % 2 ** 64 if fraction not in (None, ".") \
+            else 0
+        if valf and mul == 1:
+            raise ValueError(text)
+        value = int(integral) * mul + ((valf * mul + (1 << 63)) >> 64)
+    if value >= 2 ** 64:
+        raise OverflowError(text)
+    return value
+
+
+SIZE_HELP = ("Parameter '{key}' expects a non-negative number below 2^64\n"
+             "Optional suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta-\n"
+             "and exabytes, respectively.")
+
+
+def opt_size(text, key):
+    """A size-typed ``-o`` option, as qemu's QemuOpts parse it (below 2^64)."""
+    try:
+        return strtosz(text)
+    except (ValueError, OverflowError):
+        raise UsageError(SIZE_HELP.format(key=key)) from None
+
+
+def image_size(text):
+    """qemu-img create's size operand, with its messages (below 2^63)."""
+    try:
+        value = strtosz(text)
+    except ValueError:
+        raise UsageError("Invalid image size specified. You may use k, M, G, T, P or E "
+                         f"suffixes for\n{prog()}: kilobytes, megabytes, gigabytes, "
+                         "terabytes, petabytes and exabytes.") from None
+    except OverflowError:
+        value = 2 ** 64
+    if value >= 2 ** 63:
+        raise UsageError("Invalid image size specified. Must be between 0 and "
+                         f"{2 ** 63 - 1}.")
+    return value
+
+
+def parse_size(text, what="size"):
+    """'1G', '1.5G', '512', '64k', '0x10000' -> bytes (qemu_strtosz), below 2^63."""
+    try:
+        value = strtosz(text)
+    except ValueError:
         raise UsageError(f"invalid {what} {text!r}: use a number with an optional suffix "
-                         "k, M, G, T, P or E")
-    value = float(m.group(1)) * SIZE_SUFFIXES[m.group(2).lower()]
+                         "k, M, G, T, P or E") from None
+    except OverflowError:
+        value = 2 ** 64
     if value >= 2 ** 63:
         raise UsageError(f"{what} {text!r} is too large")
-    if value != int(value):
-        value = math.ceil(value)
-    return int(value)
+    return value
 
 
 def split_options(text):

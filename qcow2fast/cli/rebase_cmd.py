@@ -21,8 +21,9 @@ def add_parser(sub):
     p.add_argument("-p", dest="progress", action="store_true")
     p.add_argument("-u", dest="unsafe", action="store_true")
     p.add_argument("-q", dest="quiet", action="store_true")
-    p.add_argument("--object", dest="objects", action="append", default=[])
     p.add_argument("--image-opts", dest="image_opts", action="store_true")
+    p.add_argument("--object", dest="objects", action="append", default=[])
+    p.add_argument("-U", "--force-share", dest="force_share", action="store_true")
     p.add_argument("filenames", nargs="*")
     p.set_defaults(run=run)
 
@@ -38,7 +39,8 @@ def run(args):
     try:
         rebase(path, args.backing, backing_fmt=args.backing_fmt, unsafe=args.unsafe,
                cache=args.cache, backing_cache=args.src_cache,
-               progress=None if args.unsafe else bar, key_secret=key_secret)
+               progress=None if args.unsafe else bar, key_secret=key_secret,
+               force_share=args.force_share)
         bar(1, 1)
     finally:
         bar.close()

@@ -10,12 +10,11 @@ import sys
 from ..errors import InvalidArgumentError
 from .objects import secrets
 from .common import open_image
-from .options import UsageError, parse_size
+from . import options
+from .options import UsageError, parse_size, prog
 
 NAME = "resize"
-SIZE_HELP = ("Parameter 'size' expects a non-negative number below 2^64\n"
-             "Optional suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta-\n"
-             "and exabytes, respectively.")
+SIZE_HELP = options.SIZE_HELP.format(key="size")
 SHRINK_WARNING = ("warning: Shrinking an image will delete all data beyond the shrunken "
                   "image's end. Before performing such an operation, make sure there is no "
                   "important data there.")
@@ -51,7 +50,7 @@ def run(args):
     try:
         n = parse_size(text[1:] if sign else text, "size")
     except UsageError:
-        print(f"qcow2fast: {SIZE_HELP}", file=sys.stderr)
+        print(f"{prog()}: {SIZE_HELP}", file=sys.stderr)
         return 1
     img = open_image(args.filename, args.fmt, image_opts=args.image_opts, writable=True,
                      secrets=secrets(args.objects))
@@ -63,8 +62,8 @@ def run(args):
         if total <= current and args.preallocation != "off":
             raise InvalidArgumentError("Preallocation can only be used for growing images")
         if total < current and not args.shrink:
-            print("qcow2fast: Use the --shrink option to perform a shrink operation.\n"
-                  f"qcow2fast: {SHRINK_WARNING}", file=sys.stderr)
+            print(f"{prog()}: Use the --shrink option to perform a shrink operation.\n"
+                  f"{prog()}: {SHRINK_WARNING}", file=sys.stderr)
             return 1
         if hasattr(img, "resize"):
             img.resize(total, shrink=True, preallocation=args.preallocation)

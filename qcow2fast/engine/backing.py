@@ -15,9 +15,15 @@ from ..spec import header as hdr
 MAX_CHAIN_DEPTH = 4096      # real chains reach 1000 (arXiv 2205.06842); qemu has no bound
 
 
+FILE_PROTOCOL = "file:"
+
+
 def resolve_backing_path(image_path, name):
     """qemu resolves a relative backing name against the image's directory
-    (a remote image's: its URL, host/remote.py)."""
+    (a remote image's: its URL, host/remote.py); a ``file:`` name (the file
+    protocol, named) is a path as it is."""
+    if name.startswith(FILE_PROTOCOL):
+        return name[len(FILE_PROTOCOL):]
     if remote.is_url(image_path) or remote.is_url(name):
         return remote.join(image_path, name)
     if os.path.isabs(name):

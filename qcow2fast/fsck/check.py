@@ -137,8 +137,8 @@ class CheckResult:
 
 
 class _Checker:
-    def __init__(self, f, h, fix=None):
-        self.f, self.h, self.fix = f, h, fix
+    def __init__(self, f, h, fix=None, explain=False):
+        self.f, self.h, self.fix, self.explain = f, h, fix, explain
         self.geo = Geometry(h.cluster_bits, h.refcount_order,
                             extended_l2=h.incompatible_features & INCOMPAT_EXTL2)
         self.cs = self.geo.cluster_size
@@ -410,6 +410,16 @@ class _Checker:
         raw = self.f.pread(h.refcount_table_offset, h.refcount_table_clusters * self.cs)
         return decode_table(bytes(raw).ljust(h.refcount_table_clusters * self.cs, b"\0"))
 
+    def replaced_refcount_clusters(self, table, expected):
+        """The clusters of the refcount table and blocks a rebuild replaces
+        (each counted once by this check), in order."""
+        cb = self.geo.cluster_bits
+        first = self.h.refcount_table_offset >> cb
+        offs = np.asarray(table, dtype=np.uint64) & np.uint64(REFT_OFFSET_MASK)
+        offs = offs[(offs != 0) & (offs % np.uint64(self.cs) == 0)] >> np.uint64(cb)
+        old = set(range(first, first + self.h.refcount_table_clusters)) | set(offs.tolist())
+        return sorted(c for c in old if c < len(expected) and expected[c] == 1)
+
     def compare_refcounts(self, table, expected):
         """qemu's compare_refcounts, a refcount block at a time: returns
         (the StoredRefcounts, the clusters whose stored refcount differs
@@ -531,7 +541,8 @@ class _Checker:
         stored, mismatch, end = self.compare_refcounts(table, expected)
         res.image_end_offset = max(end, 1) * cs        # qemu: (highest cluster, 0 if none, + 1)
         # What points at each mismatched cluster, said under qemu's line.
-        explain = [c for c in mismatch[:MAX_EXPLAINED].tolist() if c in stored.values]
+        explain = [c for c in mismatch[:MAX_EXPLAINED].tolist() if c in stored.values] \
+            if self.explain else []
         refs = find_references(self.f, self.h, explain) if explain else {}
         signalled = False
         for c in mismatch.tolist():
@@ -564,6 +575,9 @@ class _Checker:
         copied_repair = False
         if self.fix == "all" and res.rebuild:
             self.msg("Rebuilding refcount structure")
+            for c in self.replaced_refcount_clusters(table, expected):
+                # qemu's second pass frees the old structures, leaked by its rebuild
+                self.msg(f"Repairing cluster {c} refcount=1 reference=0")
             after = StoredRefcounts(expected, stored.per_block)
             # qemu counts as fixed what a second count no longer finds; the
             # malformed entries are found again
@@ -673,10 +687,12 @@ class _Checker:
                     res.corruptions += 1
 
 
-def check_image(path, fix=None):
+def check_image(path, fix=None, explain=False):
     """Check the qcow2 image at ``path`` without writing to it (qemu-img
     check without -r).  Returns a CheckResult; raises Qcow2Error/OSError
-    when the image cannot be checked at all (unreadable header)."""
+    when the image cannot be checked at all (unreadable header).  With
+    ``explain``, a line under each leak and corruption says what references
+    the cluster (qemu-img prints no such line)."""
     from ..spec import header as hdr
     from ..engine.snapshot import TableRepairs
     from ..host.file import open_image_file
@@ -690,7 +706,7 @@ def check_image(path, fix=None):
         hdr.check_features(h, False)
         snapshots, snap_bytes = read_for_check(f, h, size, repairs)
         check_loadable(f, h, h.size)        # qemu cannot open (so check) such an image
-        res = _Checker(f, h, fix).run(snapshots, snap_bytes)
+        res = _Checker(f, h, fix, explain).run(snapshots, snap_bytes)
         account(res, repairs)
         return res
     finally:

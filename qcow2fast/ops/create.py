@@ -81,8 +81,13 @@ def create(path: Union[str, "os.PathLike[str]"], size: Optional[int] = None, *,
         if encrypt is not None:
             set_up(img, encrypt)    # before the size, as qemu: preallocation is encrypted
         img.resize(size, preallocation=preallocation)
+        l1_end = img.header.l1_table_offset + img.header.l1_size * 8
     f = File(path, writable=True)
     try:
+        # As qemu's: the file ends where the L1 table, the last thing
+        # written, ends (the rest of its cluster is allocated, not written).
+        if l1_end and f.size() == -(-l1_end // cs) * cs and preallocation == "off":
+            f.truncate(l1_end)
         f.sync_all()
     finally:
         f.close()

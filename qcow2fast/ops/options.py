@@ -108,8 +108,8 @@ def validate_options(path, size=None, *, cluster_size=65536, compat="1.1", refco
         size = -(-int(size) // 512) * 512
         geo = Geometry(cluster_bits, refcount_order, extended_l2=extended_l2)
         if geo.l1_size_for(size) > hdr.MAX_L1_BYTES // L1E_SIZE:
-            raise InvalidArgumentError(f"size {size} is too large for cluster_size "
-                                       f"{cluster_size}")
+            raise InvalidArgumentError("The image size is too large for file format 'qcow2' "
+                                       "(try using a larger cluster size)")
     return Settings(size, version, cluster_bits, refcount_order, ctype, bool(lazy_refcounts),
                     backing_file or None, backing_format, preallocation, bool(extended_l2))
 

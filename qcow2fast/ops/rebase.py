@@ -54,14 +54,16 @@ def rebase(path: str | os.PathLike[str], backing: str | None, *,
            backing_fmt: str | None = None, unsafe: bool = False, cache: str = "writeback",
            backing_cache: str = "writeback",
            progress: Callable[[int, int], object] | None = None,
-           key_secret: bytes | str | None = None) -> None:
+           key_secret: bytes | str | None = None, force_share: bool = False) -> None:
     """Make ``backing`` (a name as stored in the header: relative names are
     relative to the image's directory; "" or None for none) the backing
     file of the qcow2 image at ``path``, of format ``backing_fmt`` (qcow2
     or raw; required with a backing file, as qemu-img requires -F).
     ``cache`` is the image's cache mode, ``backing_cache`` the backing
     chains'.  ``progress(done, total)``: guest bytes examined.
-    ``key_secret``: the passphrase of encrypted images in both chains."""
+    ``key_secret``: the passphrase of encrypted images in both chains.
+    ``force_share`` (-U): the new backing chain is read while another
+    program writes it."""
     path = os.fspath(path)
     backing = backing or None
     for mode in (cache, backing_cache):
@@ -80,12 +82,13 @@ def rebase(path: str | os.PathLike[str], backing: str | None, *,
     if len((backing or "").encode()) > hdr.MAX_BACKING_FILE_SIZE or "\0" in (backing or ""):
         raise InvalidArgumentError(f"Could not change the backing file to '{backing}': "
                                    "Invalid argument")
-    if unsafe and backing is not None:      # (the rest of its chain may not exist yet)
-        _refuse_loop(path, backing, [resolve_backing_path(path, backing)])
+    # -u writes the name only, as qemu-img does even when it names the image
+    # itself (the chain is not opened; info and open then say it loops).
     with Image(path, "r+", cache_mode=cache, backing=not unsafe,
                cache_clean_interval=0, key_secret=key_secret, no_io=unsafe) as img:
         if not unsafe:
-            new = _open_new_backing(path, backing, backing_fmt, backing_cache, key_secret)
+            new = _open_new_backing(path, backing, backing_fmt, backing_cache, key_secret,
+                                    force_share)
             try:
                 _copy_differences(img, new, progress)
             finally:
@@ -97,12 +100,13 @@ def rebase(path: str | os.PathLike[str], backing: str | None, *,
     change_backing_file(path, backing, backing_fmt, sync=cache != "unsafe")
 
 
-def _open_new_backing(path, backing, fmt, cache, key_secret=None):
+def _open_new_backing(path, backing, fmt, cache, key_secret=None, force_share=False):
     if backing is None:
         return None
     where = resolve_backing_path(path, backing)
 
     def open_new(**kw):
+        kw.setdefault("force_share", force_share)
         return RawImage(where, **kw) if fmt == "raw" else Image(
             where, "r", cache_mode=cache, cache_clean_interval=0, key_secret=key_secret, **kw)
     try:

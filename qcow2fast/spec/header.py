@@ -362,9 +362,15 @@ def _parse_extensions(h, buf, start, end):
         if kind == EXT_BACKING_FORMAT:
             h.backing_format = data.decode(errors="replace")
         elif kind == EXT_FEATURE_TABLE:
-            for i in range(length // FEATURE_ENTRY.size):
-                t, bit, name = FEATURE_ENTRY.unpack_from(data, i * FEATURE_ENTRY.size)
-                h.feature_names[(t, bit)] = name.split(b"\0", 1)[0].decode(errors="replace")
+            # as qemu: a last partial entry zero-padded, the table ends at an
+            # entry without a name
+            table = data + bytes(-length % FEATURE_ENTRY.size)
+            for i in range(len(table) // FEATURE_ENTRY.size):
+                t, bit, name = FEATURE_ENTRY.unpack_from(table, i * FEATURE_ENTRY.size)
+                name = name.split(b"\0", 1)[0]
+                if not name:
+                    break
+                h.feature_names[(t, bit)] = name.decode(errors="replace")
         else:
             h.other_extensions.append(HeaderExtension(kind, data))
         pos = data_at + length + (-length % 8)
@@ -374,10 +380,17 @@ def check_features(h, writable):
     """Raise UnsupportedFeatureError for features this version cannot handle."""
     unknown = h.incompatible_features & ~SUPPORTED_INCOMPAT
     if unknown:
-        bits = [b for b in range(64) if unknown >> b & 1]
-        names = ", ".join(h.feature_name(FEATURE_INCOMPAT, b) for b in bits)
-        raise UnsupportedFeatureError(f"image uses unsupported incompatible feature(s): {names}",
-                                      feature=names)
+        # qemu's report: the names the image's feature table gives, in its
+        # order, then the bits it does not name
+        names, rest = [], unknown
+        for (kind, bit), name in h.feature_names.items():
+            if kind == FEATURE_INCOMPAT and rest >> bit & 1:
+                names.append(name)
+                rest &= ~(1 << bit)
+        if rest:
+            names.append(f"Unknown incompatible feature: {rest:x}")
+        names = ", ".join(names)
+        raise UnsupportedFeatureError(f"Unsupported qcow2 feature(s): {names}", feature=names)
     if h.crypt_method > 2:      # 1 AES, 2 LUKS: engine/crypto.py
         raise UnsupportedFeatureError(f"Unsupported encryption method: {h.crypt_method}",
                                       feature="crypt_method")

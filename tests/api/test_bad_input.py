@@ -9,7 +9,6 @@ offset, and a read-only attempt must leave the file untouched.
 """
 
 import os
-import re
 import struct
 
 import pytest
@@ -254,8 +253,9 @@ def test_unknown_incompatible_bit_named(base, tmp_path):
 def test_unknown_incompatible_bit_unnamed(base, tmp_path):
     path = copy(base, tmp_path, "feat2.qcow2")
     patch(path, H_INCOMPATIBLE, ">Q", 1 << 40)
-    res = expect_error(path, UnsupportedFeatureError, ["40"])
-    assert re.search(r"\b40\b", res["msg"]), res["msg"]
+    # qemu's words: the bits the image does not name, as a hex mask
+    res = expect_error(path, UnsupportedFeatureError, [f"{1 << 40:x}"])
+    assert "Unknown incompatible feature: 10000000000" in res["msg"], res["msg"]
 
 
 def test_unknown_compatible_and_autoclear_bits_are_fine(base, tmp_path):

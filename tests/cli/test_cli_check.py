@@ -378,9 +378,10 @@ os._exit(0)
 
 
 def test_references_named_under_each_report(capsys, tmp_path):
-    """Under each leak and corruption, check says which structure points at
-    the cluster: an L2 entry with its guest offset, compressed data, the
-    header, the L1 table -- or nothing."""
+    """With --explain, under each leak and corruption, check says which
+    structure points at the cluster: an L2 entry with its guest offset,
+    compressed data, the header, the L1 table -- or nothing.  Without it,
+    check prints exactly qemu-img's lines."""
     p = qemu_create(tmp_path / "r.qcow2", 4 * MiB)
     qemu_io(p, "write -c -P 1 0 64k", "write -P 2 1M 64k")
     h = header(p)
@@ -393,6 +394,10 @@ def test_references_named_under_each_report(capsys, tmp_path):
                            (comp_cluster, 2)):
         patch(p, rb + 2 * cluster, ">H", value)
     main(["check", p])
+    plain = capsys.readouterr().err
+    q = qemu_img("check", p, check=False)
+    assert plain.replace("qcow2fast: ", "qemu-img: ") == q.stderr_text     # qemu's lines only
+    main(["check", "--explain", p])
     err = capsys.readouterr().err.splitlines()
     detail = {err[i - 1].split()[2]: line               # "... cluster N refcount=..."
               for i, line in enumerate(err) if line.startswith(DETAIL)}
