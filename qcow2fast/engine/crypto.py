@@ -17,12 +17,12 @@ plain C path is never taken.
 
 from .._ext.hooks import DataTransform
 from .._ext.sectorcipher import SectorTransform
-from ..errors import CorruptImageError, InvalidArgumentError, UnsupportedFeatureError
+from ..errors import (CorruptImageError, InvalidArgumentError, MissingSecretError,
+                      UnsupportedFeatureError)
 from ..spec import header as hdr
 from ..spec import luks as L
 from . import luks
 from .secret import Secret
-from ..errors import MissingSecretError
 
 # qemu's message.
 NEED_SECRET = "Parameter 'encrypt.key-secret' is required for cipher"
@@ -202,8 +202,8 @@ def unlock_for_check(path, key_secret):
     """What qemu's check does first with an encrypted image: open it, so
     that a missing secret or a wrong passphrase fails the check (check
     itself reads metadata only).  Plain images are not opened."""
-    with open(path, "rb") as f:
-        head = f.read(hdr.FIELD_OFFSET["crypt_method"] + 4)
+    from .backing import read_head      # (a remote image too)
+    head = read_head(path, hdr.FIELD_OFFSET["crypt_method"] + 4)
     if len(head) < hdr.FIELD_OFFSET["crypt_method"] + 4 or \
             not int.from_bytes(head[-4:], "big"):
         return
