@@ -3,7 +3,9 @@
 ``check_image`` compares the stored refcounts with those the metadata
 implies, with qemu's messages, counts and exit statuses, and with ``fix``
 plans the repair that :func:`qcow2fast.fsck.repair.repair_image` carries
-out.
+out.  The stored refcounts and their comparison live in ``stored.py``,
+the bounds that keep a hostile image's cost in proportion to its file in
+``bounds.py``.
 """
 
 import numpy as np
@@ -20,22 +22,11 @@ from ..spec.entries import at_host0
 from ..spec.header import INCOMPAT_DATA_FILE, INCOMPAT_EXTL2, MAX_L1_BYTES
 from ..engine.crypto import header_ranges as crypto_header_ranges
 from ..engine.bitmap_list import check_loadable, referenced_ranges
+from .bounds import MAX_EXPLAINED, MAX_MESSAGES, Bounds, l2_batches, read_l2_tables
 from .past_eof import past_eof, replacement
 from .rebuild import RefcountTally
-from .references import describe, find_references, repeat_ranks
-
-# Leaks and corruptions explained in detail (the rest are only counted).
-MAX_EXPLAINED = 10000
-# Lines kept (qemu prints one per bad entry: millions for a hostile image).
-MAX_MESSAGES = 100000
-# L2 tables read and checked together.
-L2_BATCH_BYTES = 16 << 20
-# An L2 table is legitimately referenced once per L1 table (the active one
-# and each snapshot's).  Counting a table again past that (and this margin)
-# changes no verdict -- its refcount is wrong either way -- but a hostile
-# image pointing 4 Mi L1 entries at one table would make check read and
-# count 32 Gi entries: each table is counted at most that often.
-EXTRA_L2_VISITS = 64
+from .references import describe, find_references
+from .stored import StoredRefcounts, compare_refcounts, last_true
 
 
 # -- qemu-img check ------------------------------------------------------------------
@@ -51,66 +42,6 @@ EXTRA_L2_VISITS = 64
 def _c_hex(n):
     """C's %#x: 0 has no 0x prefix."""
     return f"{n:#x}" if n else "0"
-
-
-def _last_true(mask):
-    """Index of the last True of a bool array, -1 if none."""
-    return len(mask) - 1 - int(np.argmax(mask[::-1])) if mask.any() else -1
-
-
-class StoredRefcounts:
-    """The stored refcount of clusters [0, n), kept as the expected ones
-    (the tally) plus the clusters where they differ, so that no array of
-    the image's size is built beside the tally.  ``values``: cluster ->
-    stored refcount where it differs from the expected one; ``bad``: the
-    refcount table indices whose block cannot be read (qemu's get_refcount
-    fails with -EIO), each covering ``per_block`` clusters."""
-
-    def __init__(self, expected, per_block, values=None, bad=()):
-        self.expected, self.per_block = expected, per_block
-        self.values, self.bad = dict(values or {}), frozenset(bad)
-
-    def with_values(self, values):
-        """A copy with some clusters' refcounts replaced (a repair's fixes)."""
-        out = StoredRefcounts(self.expected, self.per_block, self.values, self.bad)
-        out.values.update(values)
-        return out
-
-    def _arrays(self):
-        """The differing clusters and their stored refcounts, by cluster."""
-        n = len(self.values)
-        keys = np.fromiter(self.values, np.int64, n)
-        order = np.argsort(keys)
-        return keys[order], np.fromiter(self.values.values(), np.uint64, n)[order]
-
-    def _patch(self, idx, out):
-        """Write the differing values of the clusters ``idx`` into ``out``."""
-        if self.values:
-            keys, vals = self._arrays()
-            pos = np.minimum(np.searchsorted(keys, idx), len(keys) - 1)
-            hit = keys[pos] == idx
-            out[hit] = vals[pos[hit]]
-
-    def get(self, idx):
-        """(refcounts, readable) of the clusters ``idx`` (0 past the end)."""
-        idx = np.asarray(idx, dtype=np.int64)
-        ok = idx < len(self.expected)
-        out = np.zeros(len(idx), dtype=np.uint64)
-        out[ok] = self.expected[idx[ok]]
-        self._patch(idx, out)
-        readable = ~np.isin(idx // self.per_block, list(self.bad)) | ~ok
-        return out, readable
-
-    def state(self):
-        """Per cluster: 1 refcount 1, 2 unreadable, 0 otherwise (uint8)."""
-        n = len(self.expected)
-        st = np.empty(n, dtype=np.uint8)
-        np.equal(self.expected, 1, out=st.view(bool))
-        keys, vals = self._arrays()
-        st[keys] = vals == 1
-        for t in self.bad:
-            st[t * self.per_block:(t + 1) * self.per_block] = 2
-        return st
 
 
 class CheckResult:
@@ -151,10 +82,8 @@ class _Checker:
         self.tally = RefcountTally(-(-self.file_size // self.cs) + 1, grow=True)
         self.zeroed = set()         # L2 entries the repair turns into plain zero clusters
         self.l1_fixed = {}          # file offset -> L1 entry with its reserved bits cleared
-        self.max_l2_visits = h.nb_snapshots + 1 + EXTRA_L2_VISITS
-        self.active_over = None     # active L1 entries past max_l2_visits (over_visits)
-        # L1 entries read in all: the L1 tables (each its own clusters) fit in the file.
-        self.l1_budget = self.file_size // L1E_SIZE
+        self.bounds = Bounds(self.file_size, h.nb_snapshots, self.geo.cluster_bits)
+        self.active_over = None     # active L1 entries past the visit bound (Bounds.over_visits)
 
     def msg(self, text):
         if len(self.res.messages) < MAX_MESSAGES:
@@ -176,32 +105,7 @@ class _Checker:
 
     def read_l2(self, l2off):
         """One L2 table, native byte order."""
-        return self.read_l2_batch([l2off])[0].astype(np.uint64)
-
-    def read_l2_batch(self, offsets, out=None):
-        """The L2 tables at ``offsets`` as the rows of a big-endian (on-disk)
-        uint64 array (zeros past the end of the file), in ``out`` when given."""
-        cs = self.cs
-        if out is None:
-            out = np.empty((len(offsets), cs // 8), dtype=">u8")
-        tables = out[:len(offsets)]
-        mv = memoryview(tables.view(np.uint8).reshape(-1))
-        offsets = np.asarray(offsets, dtype=np.uint64)
-        # one read per run of tables that lie back to back in the file
-        starts = [0] + (np.flatnonzero(np.diff(offsets) != np.uint64(cs)) + 1).tolist()
-        for a, b in zip(starts, starts[1:] + [len(offsets)]):
-            self.f.preadinto(mv[a * cs:b * cs], int(offsets[a]))
-        return tables
-
-    def l2_batches(self, l2offs, indices):
-        """(indices, tables) for the L1 ``indices`` whose L2 table offsets are
-        ``l2offs[indices]``, a bounded number of tables at a time (in one
-        buffer: a batch is overwritten by the next)."""
-        step = max(1, L2_BATCH_BYTES // self.cs)
-        buf = np.empty((min(step, len(indices)), self.cs // 8), dtype=">u8")
-        for k in range(0, len(indices), step):
-            idx = indices[k:k + step]
-            yield idx, self.read_l2_batch(l2offs[idx], buf)
+        return read_l2_tables(self.f, self.cs, [l2off])[0].astype(np.uint64)
 
     def check_l2(self, l2off, active):
         """qemu's check_refcounts_l2: the common entries vectorised, the odd
@@ -328,14 +232,13 @@ class _Checker:
             l1_size = max(0, self.file_size - l1_offset) // L1E_SIZE
             if not l1_size:
                 return
-        if l1_size > self.l1_budget:
+        if not self.bounds.take_l1(l1_size):
             # Only L1 tables that overlap can add up to more than the file holds.
             self.msg(f"ERROR: L1 table at {l1_offset:#x} ({l1_size} entries) overlaps other "
                      "L1 tables: not checked")
             res.corruptions += 1
             res.malformed += 1
             return
-        self.l1_budget -= l1_size
         l1 = decode_table(self.f.pread(l1_offset, l1_size * L1E_SIZE))
         l2offs = l2_table_offsets(l1)
         # Entries with nothing to report and whose tables have nothing to
@@ -345,14 +248,14 @@ class _Checker:
             & ((l2offs & np.uint64(cs - 1)) == 0) & (l2offs < np.uint64(self.file_size))
         slow = np.zeros(len(l1), dtype=bool)
         slow[l1 != 0] = True
-        over = self.over_visits(l2offs, plain)
+        over = self.bounds.over_visits(self.tally.counts, l2offs, plain)
         if active:
             self.active_over = over
         if over.any():              # counted as references to the table only
             self.tally.add(l2offs[over] >> np.uint64(self.geo.cluster_bits))
             plain &= ~over
             slow &= ~over
-        for idx, tables in self.l2_batches(l2offs, np.nonzero(plain & ~self.external)[0]):
+        for idx, tables in l2_batches(self.f, self.cs, l2offs, np.nonzero(plain & ~self.external)[0]):
             odd = np.zeros(len(idx), dtype=np.uint8)
             stats = l2_tally_tables(tables.view(np.uint64), self.tally.counts, odd,
                                     self.geo.cluster_bits, self.file_size, self.geo.extended_l2)
@@ -365,20 +268,6 @@ class _Checker:
                 res.fragmented_clusters += stats[2]
         for i in np.nonzero(slow)[0]:
             self.check_l1_entry(l1_offset, int(i), int(l1[i]), active)
-
-    def over_visits(self, l2offs, cand):
-        """The entries among ``cand`` (a mask over ``l2offs``) whose table was
-        already counted ``max_l2_visits`` times, counting the earlier entries
-        of this L1 table."""
-        idx = np.nonzero(cand)[0]
-        over = np.zeros(len(l2offs), dtype=bool)
-        if not len(idx):
-            return over
-        offs = l2offs[idx]
-        order, rank = repeat_ranks(offs)
-        seen = self.tally.counts[(offs[order] >> np.uint64(self.geo.cluster_bits)).astype(np.int64)]
-        over[idx[order[seen.astype(np.int64) + rank >= self.max_l2_visits]]] = True
-        return over
 
     def check_l1_entry(self, l1_offset, i, e, active):
         """qemu's check_refcounts_l1 for one entry."""
@@ -419,40 +308,6 @@ class _Checker:
         offs = offs[(offs != 0) & (offs % np.uint64(self.cs) == 0)] >> np.uint64(cb)
         old = set(range(first, first + self.h.refcount_table_clusters)) | set(offs.tolist())
         return sorted(c for c in old if c < len(expected) and expected[c] == 1)
-
-    def compare_refcounts(self, table, expected):
-        """qemu's compare_refcounts, a refcount block at a time: returns
-        (the StoredRefcounts, the clusters whose stored refcount differs
-        or cannot be read, 1 + the last cluster in use: with a nonzero
-        refcount, stored or expected, and readable)."""
-        from .._ext.kernels import refcount_decode
-        geo, n, cs = self.geo, len(expected), self.cs
-        E = geo.rb_entries
-        block = np.zeros(E, dtype=np.uint64)
-        values, bad, mismatch, end = {}, [], [], 0
-        for t in range(-(-n // E)):
-            lo, hi = t * E, min(n, (t + 1) * E)
-            want = expected[lo:hi]
-            off = int(table[t]) & REFT_OFFSET_MASK if t < len(table) else 0  # reserved bits ignored
-            if off & (cs - 1):
-                bad.append(t)
-                mismatch.append(np.arange(lo, hi))
-                continue
-            if off:
-                raw = bytes(self.f.pread(off, cs)) if off < self.file_size else b""
-                refcount_decode(raw.ljust(cs, b"\0"), geo.refcount_order, block)
-                have = block[:hi - lo]
-            else:
-                have = np.zeros(hi - lo, dtype=np.uint64)
-            last = _last_true((have > 0) | (want > 0))
-            if last >= 0:
-                end = lo + last + 1
-            diff = np.flatnonzero(have != want)
-            if len(diff):
-                values.update(zip((diff + lo).tolist(), have[diff].tolist()))
-                mismatch.append(diff + lo)
-        mismatch = np.concatenate(mismatch) if mismatch else np.zeros(0, np.int64)
-        return StoredRefcounts(expected, E, values, bad), mismatch, end
 
     def check_refblocks(self, table):
         res, cs = self.res, self.cs
@@ -534,11 +389,11 @@ class _Checker:
             res.corruptions += excess
             res.malformed += excess
             expected[c] = geo.refcount_max
-        n = max(-(-self.file_size // cs), _last_true(expected != 0) + 1)
+        n = max(-(-self.file_size // cs), last_true(expected != 0) + 1)
         if len(expected) < n:
             expected = np.concatenate([expected, np.zeros(n - len(expected), expected.dtype)])
         expected = expected[:n]
-        stored, mismatch, end = self.compare_refcounts(table, expected)
+        stored, mismatch, end = compare_refcounts(self.f, self.file_size, geo, table, expected)
         res.image_end_offset = max(end, 1) * cs        # qemu: (highest cluster, 0 if none, + 1)
         # What points at each mismatched cluster, said under qemu's line.
         explain = [c for c in mismatch[:MAX_EXPLAINED].tolist() if c in stored.values] \
@@ -637,7 +492,8 @@ class _Checker:
         suspect = set(used[readable & ((rcs == 1) != has_copied(l1[used]))].tolist())
         tables = {}
         state = stored.state()
-        for idx, batch in self.l2_batches(l2offs, used[l2offs[used] < np.uint64(self.file_size)]):
+        for idx, batch in l2_batches(self.f, self.cs, l2offs,
+                                     used[l2offs[used] < np.uint64(self.file_size)]):
             rows = np.ones(len(idx), dtype=np.uint8)
             if not self.external:
                 rows[:] = 0

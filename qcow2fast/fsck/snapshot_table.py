@@ -42,7 +42,7 @@ def read_for_check(f, h, size, repairs):
 def account(res, repairs):
     """qemu's counts: the table's problems come first among the messages;
     fixed ones count as fixed corruptions."""
-    from .check import MAX_MESSAGES         # check imports this module when it runs
+    from .bounds import MAX_MESSAGES
     lines = repairs.messages + res.messages
     res.messages_dropped += max(0, len(lines) - MAX_MESSAGES)
     res.messages = lines[:MAX_MESSAGES]
