@@ -31,6 +31,7 @@ from ..errors import (CorruptImageError, InvalidArgumentError, ReadOnlyImageErro
                       UnsupportedFeatureError)
 from ..spec import bitmaps as bm
 from ..spec import header as hdr
+from . import features
 from .bitmap_list import (read_directory, read_extension, read_extension_any, read_table,
                           read_tables, stale_warning, table_error)
 
@@ -413,6 +414,10 @@ class Bitmaps:
         """
         if not self.changed or self.refcounts is None or self.state.read_only:
             return
+        with features.steps(self.state, "storing the persistent dirty bitmaps"):
+            self._store()
+
+    def _store(self):
         s, rc = self.state, self.refcounts
         cs = s.cluster_size
         old = list(self._drop)

@@ -6,6 +6,8 @@ Each function is given the image's state and writes the header field
 itself (from the one field table of spec/header.py).
 """
 
+import contextlib
+
 from ..spec import header as hdr
 
 
@@ -62,19 +64,50 @@ def update_alloc_fast(state):
     state.alloc_fast = not state.read_only and (not state.lazy_refcounts or is_dirty(state))
 
 
-def mark_corrupt(state, err):
-    """Set the corrupt bit and stop writing (as qemu does)."""
+def stop_writing(state, why, bit):
+    """Refuse further writes (``why``) and set incompatible bit ``bit`` on
+    disk (v3; best effort: the write that failed may fail again)."""
     state.read_only = True
     state.alloc_fast = False
-    state.read_only_why = f"image marked corrupt: {err}"
+    state.read_only_why = why
     h = state.header
-    if h.version >= 3 and not h.incompatible_features & hdr.INCOMPAT_CORRUPT:
-        h.incompatible_features |= hdr.INCOMPAT_CORRUPT
+    if h.version >= 3 and not h.incompatible_features & bit:
+        h.incompatible_features |= bit
         try:
             write_header_field(state, "incompatible_features")
             state.file.sync()
         except OSError:
             pass
+
+
+def mark_corrupt(state, err):
+    """Set the corrupt bit and stop writing (as qemu does)."""
+    stop_writing(state, f"image marked corrupt: {err}", hdr.INCOMPAT_CORRUPT)
+
+
+@contextlib.contextmanager
+def steps(state, what):
+    """Run the steps of a metadata operation (``what``: its name) after its
+    first write.  Should one raise, the image on disk may lie between two of
+    them: each is crash-safe, but close must not clear the dirty bit over a
+    half-done operation nor write the caches' view of it.  So the image
+    stops taking writes for this session and, on v3, keeps (or gets) its
+    dirty bit: the next read-write open rebuilds the refcounts and COPIED
+    flags (fsck/rebuild.py), as after a crash.  v2 has no dirty bit:
+    ``check -r all`` mends what the operation left (leaks at worst)."""
+    try:
+        yield
+    except BaseException as err:
+        interrupted(state, what, err)
+        raise
+
+
+def interrupted(state, what, err):
+    """Stop writing after ``what`` raised ``err`` part-way; see :func:`steps`."""
+    then = ("the image is repaired at its next read-write open" if state.header.version >= 3
+            else "repair it with check -r all")
+    stop_writing(state, f"{what} failed part-way ({type(err).__name__}: {err}); writes "
+                 f"stopped, {then}", hdr.INCOMPAT_DIRTY)
 
 
 def clear_autoclear(state, keep=0):

@@ -586,8 +586,8 @@ class Image(LifecycleAPI, ImageCore):
                     self.flusher.flush(sync=not s.unsafe, final=True)
                     if features.is_dirty(s):
                         features.set_dirty(s, False)
-                s.closed = True
             finally:
+                s.closed = True         # (also when storing or flushing failed: the files go)
                 self._unlock()
                 if s.external_data:
                     s.data_file.close()

@@ -83,15 +83,16 @@ def resize(img, size, shrink=False, preallocation="off"):
     df = img.clusters.datafile
     if df is not None and df.raw and preallocation == "off" and size > img.state.size:
         preallocation = "metadata"      # data_file_raw: every L2 entry allocated (qemu)
-    if size > img.state.size:
-        _grow(img, size, preallocation)
-    elif size < img.state.size:
-        _shrink(img, size)
-    else:
+    if size == img.state.size:
         return
-    if df is not None:
-        df.resize(size, preallocation)  # the data file follows the disk (qcow2_co_truncate)
-    img.dirty_bitmaps.resize(size)
+    with features.steps(img.state, f"resizing to {size} bytes"):
+        if size > img.state.size:
+            _grow(img, size, preallocation)
+        else:
+            _shrink(img, size)
+        if df is not None:
+            df.resize(size, preallocation)  # the data file follows the disk (qcow2_co_truncate)
+        img.dirty_bitmaps.resize(size)
 
 
 # -- growing -------------------------------------------------------------------------------

@@ -48,6 +48,12 @@ stale COPIED flag marks a cluster no snapshot names yet; delete drops the
 snapshot before the refcounts, so the window only has clusters of
 refcount 1 without COPIED, which a write copies needlessly.
 
+An operation that raises after its first write (an I/O error, a limit,
+an interrupt) runs under ``features.steps``: the image stops taking
+writes and keeps its dirty bit (v3), so close does not seal a half-done
+operation and the next read-write open repairs it
+(tests/api/test_interrupted_ops.py).
+
 tests/interop/test_interop_snapshot.py stops each operation at each of
 its barriers and checks these claims with qemu-img check.
 """
@@ -245,30 +251,32 @@ class Snapshots:
             self._settle()
             tree = Tree(s, self.mapping.l1)
             plan = self._plan([tree], 1, what)
-        l1 = self.mapping.l1
-        # The snapshot's L1 table: a copy of the active one (COPIED is only
-        # meaningful in the active table).
-        n_l1 = len(l1)
-        sn_l1_off = 0
-        if n_l1:
-            sn_l1_off = self.refcounts.alloc(self._l1_bytes(n_l1))
-            s.allocated(sn_l1_off + self._l1_bytes(n_l1) * geo.cluster_size)
-            s.file.pwrite((l1 & ~_COPIED).astype(">u8").tobytes(), sn_l1_off)
-            s.metadata.add(sn_l1_off >> geo.cluster_bits, self._l1_bytes(n_l1))
-        features.set_dirty(s, True)     # barrier: the COPIED window opens (module doc)
-        plan.apply()
-        self._sync()            # barrier: shared clusters counted before COPIED goes
-        # The L2 and L1 flags need no order between them (no pointer changes).
-        tree.write_rows(tree.clear_copied())
-        if (l1 & _COPIED).any():
-            l1 &= ~_COPIED      # in place: the C path's view (state.l1) stays this array
-            s.file.pwrite(l1.astype(">u8").tobytes(), s.header.l1_table_offset)
-        self._after()
-        now = time.time_ns() if date is None else int(date * 1e9)
-        sn = Snapshot(sn_l1_off, n_l1, ident, name, now // 10**9, (now % 10**9) // 1000 * 1000,
-                      vm_clock_nsec, vm_size, s.size, b"", icount)
-        self._publish_table(snaps + [sn])
-        features.set_dirty(s, False)    # (the publish's barriers made the flags stable)
+        with features.steps(s, f"creating {what}"):
+            l1 = self.mapping.l1
+            # The snapshot's L1 table: a copy of the active one (COPIED is only
+            # meaningful in the active table).
+            n_l1 = len(l1)
+            sn_l1_off = 0
+            if n_l1:
+                sn_l1_off = self.refcounts.alloc(self._l1_bytes(n_l1))
+                s.allocated(sn_l1_off + self._l1_bytes(n_l1) * geo.cluster_size)
+                s.file.pwrite((l1 & ~_COPIED).astype(">u8").tobytes(), sn_l1_off)
+                s.metadata.add(sn_l1_off >> geo.cluster_bits, self._l1_bytes(n_l1))
+            features.set_dirty(s, True)     # barrier: the COPIED window opens (module doc)
+            plan.apply()
+            self._sync()            # barrier: shared clusters counted before COPIED goes
+            # The L2 and L1 flags need no order between them (no pointer changes).
+            tree.write_rows(tree.clear_copied())
+            if (l1 & _COPIED).any():
+                l1 &= ~_COPIED      # in place: the C path's view (state.l1) stays this array
+                s.file.pwrite(l1.astype(">u8").tobytes(), s.header.l1_table_offset)
+            self._after()
+            now = time.time_ns() if date is None else int(date * 1e9)
+            sn = Snapshot(sn_l1_off, n_l1, ident, name, now // 10**9,
+                          (now % 10**9) // 1000 * 1000, vm_clock_nsec, vm_size, s.size, b"",
+                          icount)
+            self._publish_table(snaps + [sn])
+            features.set_dirty(s, False)    # (the publish's barriers made the flags stable)
         if vm_size:
             # The VM state is not needed in the active tree (qemu: it would
             # only cost copy-on-write at the next snapshot).
@@ -323,28 +331,29 @@ class Snapshots:
         n_l1 = max(len(old_l1), sn.l1_size, geo.l1_size_for(size))
         new_l1 = np.zeros(n_l1, dtype=np.uint64)
         new_l1[:sn.l1_size] = sn_l1 & ~_COPIED       # every table is shared with sn now
-        plan.apply()
-        up.write_rows(up.clear_copied())
-        self._sync()            # barrier: the snapshot's tree counted twice before it is active
-        new_off = self.refcounts.alloc(self._l1_bytes(n_l1))
-        s.allocated(new_off + self._l1_bytes(n_l1) * geo.cluster_size)
-        s.file.pwrite(new_l1.astype(">u8").tobytes(), new_off)
-        self._sync()            # barrier: the new L1 table is complete before the header names it
-        where, fields = pack_fields(size=size, crypt_method=h.crypt_method, l1_size=n_l1,
-                                    l1_table_offset=new_off)
-        s.file.pwrite(fields, where)
-        s.barrier()             # barrier: the header names the new table before the old is freed
-        h.size, h.l1_size, h.l1_table_offset = size, n_l1, new_off
-        s.set_size(size)
-        self.mapping.replace_l1(new_l1, new_off)
-        s.metadata.add(new_off >> geo.cluster_bits, self._l1_bytes(n_l1))
-        s.metadata.add_clusters(up.offsets >> geo.cluster_bits)
-        down = self._plan([Tree(s, old_l1)], -1, "the active L1 table",
-                          [(old_off, self._l1_bytes(old_n))] if old_n else [])
-        down.apply()
-        self._sync()
-        discard_freed(s, down.freed_clusters())
-        self._after()
+        with features.steps(s, f"applying snapshot {sn.id}"):
+            plan.apply()
+            up.write_rows(up.clear_copied())
+            self._sync()        # barrier: the snapshot's tree counted twice before it is active
+            new_off = self.refcounts.alloc(self._l1_bytes(n_l1))
+            s.allocated(new_off + self._l1_bytes(n_l1) * geo.cluster_size)
+            s.file.pwrite(new_l1.astype(">u8").tobytes(), new_off)
+            self._sync()        # barrier: the new L1 table is complete before the header names it
+            where, fields = pack_fields(size=size, crypt_method=h.crypt_method, l1_size=n_l1,
+                                        l1_table_offset=new_off)
+            s.file.pwrite(fields, where)
+            s.barrier()         # barrier: the header names the new table before the old is freed
+            h.size, h.l1_size, h.l1_table_offset = size, n_l1, new_off
+            s.set_size(size)
+            self.mapping.replace_l1(new_l1, new_off)
+            s.metadata.add(new_off >> geo.cluster_bits, self._l1_bytes(n_l1))
+            s.metadata.add_clusters(up.offsets >> geo.cluster_bits)
+            down = self._plan([Tree(s, old_l1)], -1, "the active L1 table",
+                              [(old_off, self._l1_bytes(old_n))] if old_n else [])
+            down.apply()
+            self._sync()
+            discard_freed(s, down.freed_clusters())
+            self._after()
 
     # -- delete and rename ---------------------------------------------------------------
 
@@ -358,15 +367,16 @@ class Snapshots:
         l1_clusters = [(sn.l1_table_offset, self._l1_bytes(sn.l1_size))] if sn.l1_size else []
         what = f"snapshot {sn.id}"
         plan = self._plan([tree], -1, what, l1_clusters)  # refuses before writing
-        self._publish_table(img.snapshots[:i] + img.snapshots[i + 1:])
-        features.set_dirty(s, True)     # barrier: the COPIED window opens (module doc)
-        plan.apply()
-        self._sync()            # barrier: refcounts drop before COPIED is set on what is now 1
-        discard_freed(s, plan.freed_clusters())
-        self._update_copied(plan.state)
-        features.set_dirty(s, False)    # after _update_copied's barrier: flags stable
-        self._after()
-        return sn
+        with features.steps(s, f"deleting {what}"):
+            self._publish_table(img.snapshots[:i] + img.snapshots[i + 1:])
+            features.set_dirty(s, True)     # barrier: the COPIED window opens (module doc)
+            plan.apply()
+            self._sync()        # barrier: refcounts drop before COPIED is set on what is now 1
+            discard_freed(s, plan.freed_clusters())
+            self._update_copied(plan.state)
+            features.set_dirty(s, False)    # after _update_copied's barrier: flags stable
+            self._after()
+            return sn
 
     def _update_copied(self, state):
         """qemu's addend-0 pass: COPIED where the active tree's refcounts

@@ -105,27 +105,26 @@ def amend(path, options, *, progress=None, key_secret=None, force=False):
     report = _Progress(progress, max(steps, 1))
     try:
         if plan.get("keyslots") is not None:
-            plan["keyslots"]()
+            _step(img, "changing the key slots", plan["keyslots"])
         if plan.get("upgrade"):
-            compat.upgrade(img)
+            _step(img, "the upgrade to compat=1.1", compat.upgrade, img)
         if plan.get("order") is not None:
-            old = refcount_order.change_refcount_order(img, plan["order"], report.step())
+            old = _step(img, "changing refcount_bits", refcount_order.change_refcount_order,
+                        img, plan["order"], report.step())
             img.close()
             img = Image(path, "r+", backing=False, **open_kw)
-            refcount_order.free_old_structures(img, old)
+            _step(img, "freeing the old refcount structures",
+                  refcount_order.free_old_structures, img, old)
         if plan.get("lazy") is not None:
-            _set_lazy_refcounts(img, plan["lazy"])
+            _step(img, "setting lazy_refcounts", _set_lazy_refcounts, img, plan["lazy"])
         if opts.get("data_file") is not None:     # a new name for the data file (qemu)
-            old_length = len(img.header.pack())
-            set_data_file(img.header, opts["data_file"], is_raw(img.header))
-            features.write_header(img.state, old_length)
-            img.state.barrier()
+            _step(img, "setting data_file", _set_data_file, img, opts["data_file"])
         if plan.get("size") is not None:
             img.close()         # with its backing file: growing may have to hide it
             img = Image(path, "r+", **open_kw)
             img.resize(plan["size"], shrink=True)
         if plan.get("downgrade"):
-            compat.downgrade(img, report.step())
+            _step(img, "the downgrade to compat=0.10", compat.downgrade, img, report.step())
     finally:
         img.close()
     report.done()
@@ -197,6 +196,20 @@ def _plan(img, opts, force=False):
     return plan
 
 
+def _step(img, what, operation, *args):
+    """One amend step; raising part-way stops the image's writes and leaves
+    it dirty (features.steps)."""
+    with features.steps(img.state, f"amend: {what}"):
+        return operation(*args)
+
+
+def _set_data_file(img, name):
+    old_length = len(img.header.pack())
+    set_data_file(img.header, name, is_raw(img.header))
+    features.write_header(img.state, old_length)
+    img.state.barrier()
+
+
 def _has_compressed(img):
     return any(e.kind == "compressed" for e in img.clusters.layer_extents(0, img.size))
 
@@ -204,7 +217,6 @@ def _has_compressed(img):
 def _set_lazy_refcounts(img, on):
     """The compatible bit of lazy refcounts (qemu marks the image clean
     before clearing it: the refcounts are then all on disk)."""
-    from ..engine import features
     s, h = img.state, img.header
     img.flusher.flush(sync=True, final=True)
     if features.is_dirty(s):
