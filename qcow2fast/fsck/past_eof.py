@@ -54,8 +54,12 @@ def replacement(version, desc, bitmap, extended):
 def drop_entries_past_eof(img):
     """Make every L2 entry of ``img`` (open for writing, caches flushed)
     that points past the end of its file read as zeros, through the L2
-    cache.  Returns how many were changed."""
+    cache.  Returns how many were changed.  An image with an external
+    data file has its data clusters there, at offsets unrelated to its own
+    file's end (data_file_raw: the guest offsets): nothing to drop."""
     s, geo, h = img.state, img.geo, img.header
+    if s.external_data:
+        return 0
     f, cache = img.file, img.l2_cache
     file_size = f.size()
     cs, words = geo.cluster_size, geo.l2_entry_words

@@ -16,7 +16,7 @@ import numpy as np
 from .._ext.kernels import tally_add
 from ..errors import CorruptImageError, LimitExceededError, RepairError
 from ..spec.constants import L1E_SIZE, QCOW_OFLAG_COPIED
-from ..spec.entries import (decode_table, has_copied, host_offsets, is_compressed,
+from ..spec.entries import (at_host0, decode_table, has_copied, host_offsets, is_compressed,
                             l2_table_offsets, standard_allocated)
 from ..engine.crypto import header_ranges as crypto_header_ranges
 from ..engine.bitmap_list import referenced_ranges
@@ -274,6 +274,8 @@ def _fix_copied_flags(img, counts):
             slot = img.l2_cache.load(l2off + s * geo.slice_bytes)
             l2 = img.l2_cache.u64(slot)[::geo.l2_entry_words]      # descriptors (a view)
             std = standard_allocated(l2)
+            if img.state.external_data:     # host offset 0 of the data file: COPIED tells it
+                std |= at_host0(l2)
             want = np.zeros(len(l2), dtype=bool)
             # (a data file's clusters count as referenced once: COPIED, as qemu)
             want[std] = True if img.state.external_data else refcount_is_one(host_offsets(l2[std]))

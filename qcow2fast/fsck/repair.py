@@ -105,9 +105,10 @@ def _rebuild(path, first):
     if corrupt:
         _set_incompatible_bit(path, 2, False)
     try:
-        # The caller holds the image's locks (check_cmd's lock.Holder).
+        # The caller holds the image's locks (check_cmd's lock.Holder).  No
+        # guest data moves: an encrypted image needs no key (no_io).
         img = Image(str(path), "r+", cache_clean_interval=0, backing=False, locking=False,
-                    _repair=True)
+                    no_io=True, _repair=True)
         try:
             rebuild_refcounts(img)
         finally:

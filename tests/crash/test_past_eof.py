@@ -120,3 +120,23 @@ def test_v2_entry_past_eof_becomes_unallocated(tmp_path, capsys):
     expected = bytearray(before)
     expected[2 * MiB:2 * MiB + 64 * KiB] = b"\x31" * 64 * KiB      # the backing file again
     assert qemu_raw(p) == bytes(expected)
+
+
+def test_dirty_data_file_image_keeps_its_data(tmp_path, monkeypatch):
+    """With an external data file the data clusters lie in the data file, at
+    offsets unrelated to the small image file's end, and guest cluster 0 at
+    host offset 0 (an L2 entry of COPIED alone): the dirty rebuild must
+    neither take the clusters for lost data nor clear that COPIED flag
+    (both emptied the clusters; found by the crash states of
+    datafile-raw-lazy-4k-tiny-cache)."""
+    monkeypatch.chdir(tmp_path)     # (qemu 7.2 opens a relative data file name from the cwd)
+    p = str(tmp_path / "d.qcow2")
+    qemu_img("create", "-q", "-f", "qcow2", "-o", "data_file=d.data,lazy_refcounts=on,"
+             "cluster_size=4096", p, "8M")
+    _killed(p, "write -P 0x11 0 100k", "write -P 0x22 6M 64k")
+    assert is_dirty(p)
+    before = qemu_raw(p)
+    with qcow2fast.open(p, "r+") as img:
+        assert img.read(0, img.size) == before
+    qemu_check(p)
+    assert qemu_raw(p) == before and before[:1] == b"\x11" and before[6 * MiB] == 0x22
