@@ -142,6 +142,25 @@ class Config:
     # recorded; the first is the image the guest uses.  ``untouched``: the
     # indexes of those the workload must not write at all.
     untouched: tuple = ()
+    # The setup's last ``aux_files`` paths are not images (an external data
+    # file): recorded and cut into states with the others, checked through
+    # the image that names them.
+    aux_files: int = 0
+    # A LUKS image's passphrase: every open and qemu-img call passes it.
+    secret: str | None = None
+
+    @property
+    def read_kw(self):
+        """What qcow2fast.open needs beyond the path (the key of a LUKS image)."""
+        return {"key_secret": self.secret} if self.secret else {}
+
+    def qemu_args(self, path):
+        """How qemu-img names the image at ``path`` (the secret object and
+        --image-opts for a LUKS image)."""
+        if not self.secret:
+            return [path]
+        return ["--object", f"secret,id=sec0,data={self.secret}", "--image-opts",
+                f"driver=qcow2,file.filename={path},encrypt.key-secret=sec0"]
 
     @property
     def durable_on_return(self):

@@ -66,9 +66,10 @@ class StateFailure(AssertionError):
 PAST_EOF = "exceeding the end of the file"
 
 
-def _qemu_check(path):
-    p = subprocess.run(["qemu-img", "check", "--output=json", path], capture_output=True,
-                       text=True, timeout=300)
+def _qemu_check(path, cfg):
+    # (in the image's directory: qemu 7.2 opens a relative data file name from there)
+    p = subprocess.run(["qemu-img", "check", "--output=json", *cfg.qemu_args(path)],
+                       capture_output=True, text=True, timeout=300, cwd=os.path.dirname(path))
     try:
         res = json.loads(p.stdout)
     except ValueError:
@@ -148,7 +149,7 @@ def _check_file(rec, state, path, fail, qemu_repair):
     from qcow2fast.fsck.repair import repair_image
     cfg = rec.cfg
     dirty = _is_dirty(path)
-    q = _qemu_check(path)
+    q = _qemu_check(path, cfg)
 
     def excused(lines):
         """A dirty lazy-refcount image may have wrong refcounts; a dirty
@@ -169,7 +170,7 @@ def _check_file(rec, state, path, fail, qemu_repair):
     if window:
         # v2's COPIED window: check -r all mends it before any write.
         repair_image(path, check_image(path, "all"), "all")
-        q = _qemu_check(path)
+        q = _qemu_check(path, cfg)
         if _bad(q):
             fail(f"after check -r all of the COPIED window, qemu-img check: {q}")
     if dirty:
@@ -177,13 +178,14 @@ def _check_file(rec, state, path, fail, qemu_repair):
         copy = path + ".repair"
         shutil.copy(path, copy)
         repair_image(copy, check_image(copy, "all"), "all")
-        q = _qemu_check(copy)
+        q = _qemu_check(copy, cfg)
         if _bad(q) or q.get("leaks", 0):
             fail(f"after qcow2fast check -r all, qemu-img check: {q}")
         if qemu_repair:
             shutil.copy(path, copy)
-            subprocess.run(["qemu-img", "check", "-q", "-r", "all", copy], capture_output=True)
-            q = _qemu_check(copy)
+            subprocess.run(["qemu-img", "check", "-q", "-r", "all", *cfg.qemu_args(copy)],
+                           capture_output=True, cwd=os.path.dirname(copy))
+            q = _qemu_check(copy, cfg)
             if _bad(q):
                 fail(f"after qemu-img check -r all, qemu-img check: {q}")
         os.unlink(copy)
@@ -215,8 +217,9 @@ def check_state(rec, state, workdir, rng, *, qemu_repair=False):
     import qcow2fast
     from .metadata_ops import snapshot_contents
     cfg = rec.cfg
-    paths = write_state(rec, state, workdir)
+    paths = write_state(rec, state, workdir)[:len(rec.images)]   # (the images: checked)
     path = paths[0]
+    kw = cfg.read_kw
 
     def fail(msg):
         keep = os.path.join(workdir, "failed")
@@ -228,7 +231,7 @@ def check_state(rec, state, workdir, rng, *, qemu_repair=False):
     for p in paths:
         dirty |= _check_file(rec, state, p, fail, qemu_repair)
     try:
-        with qcow2fast.open(path) as img:
+        with qcow2fast.open(path, **kw) as img:
             actual = np.frombuffer(img.read(0, img.size), np.uint8)
     except qcow2fast.Qcow2Error as e:
         fail(f"unreadable: {e}")
@@ -253,10 +256,10 @@ def check_state(rec, state, workdir, rng, *, qemu_repair=False):
     # Open r+ (repairing if dirty): the guest content is kept, a further
     # workload succeeds and checks clean, and no internal snapshot changes
     # (a write trusting a stale COPIED flag would overwrite its clusters).
-    snaps = snapshot_contents(path)
+    snaps = snapshot_contents(path, **kw)
     m = GuestModel(actual.copy(), cfg.unit)
     try:
-        with qcow2fast.open(path, "r+", cache_clean_interval=0) as img:
+        with qcow2fast.open(path, "r+", cache_clean_interval=0, **kw) as img:
             if not np.array_equal(np.frombuffer(img.read(0, img.size), np.uint8), actual):
                 fail("the r+ open (repair) changed the guest content")
             for name, *args in further_workload(cfg, rng, img.size):
@@ -265,13 +268,13 @@ def check_state(rec, state, workdir, rng, *, qemu_repair=False):
                     OPS[name][1](m, *args)
     except qcow2fast.Qcow2Error as e:
         fail(f"r+ open and further workload: {e}")
-    q = _qemu_check(path)
+    q = _qemu_check(path, cfg)
     if _bad(q):
         fail(f"after the further workload, qemu-img check: {q}")
-    with qcow2fast.open(path) as img:
+    with qcow2fast.open(path, **kw) as img:
         if not np.array_equal(np.frombuffer(img.read(0, img.size), np.uint8), m.data):
             fail("the further workload does not read back")
-    after = snapshot_contents(path)
+    after = snapshot_contents(path, **kw)
     for name, disk in snaps.items():
         if name not in after or not np.array_equal(after[name], disk):
             fail(f"the further workload changed internal snapshot {name!r}")

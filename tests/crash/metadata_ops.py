@@ -130,14 +130,15 @@ guest.ATOMIC_OPS |= {"apply_snapshot", "resize"}
 
 # -- reading and checking states --------------------------------------------------------------
 
-def snapshot_contents(path):
-    """{name: disk} of the internal snapshots of the image at ``path``."""
+def snapshot_contents(path, **kw):
+    """{name: disk} of the internal snapshots of the image at ``path``
+    (opened with ``kw``: a LUKS image's key)."""
     import qcow2fast
-    with qcow2fast.open(path) as img:
+    with qcow2fast.open(path, **kw) as img:
         names = [s.name for s in img.snapshots]
     out = {}
     for name in names:
-        with qcow2fast.open(path, snapshot=name) as v:
+        with qcow2fast.open(path, snapshot=name, **kw) as v:
             out[name] = np.frombuffer(v.read(0, v.size), np.uint8).copy()
     return out
 
@@ -156,7 +157,7 @@ def _copied_window(rec, state, errors):
 def check_snapshots(rec, state, path, models, fail):
     if not any(m.snaps for m in models) and not rec.initial_snaps:
         return
-    got = snapshot_contents(path)
+    got = snapshot_contents(path, **rec.cfg.read_kw)
     if set(got) not in [set(m.snaps) for m in models]:
         fail(f"snapshots {sorted(got)}: none of the lists the workload gave "
              f"({[sorted(m.snaps) for m in models]})")
@@ -173,7 +174,7 @@ def check_bitmaps(rec, state, path, models, fail):
     if not any(m.bitmaps for m in models) and "close" not in _in_flight(rec, state):
         return
     closed = any(name == "close" for name, *_ in rec.ops[:state.durable])
-    with qcow2fast.open(path) as img:
+    with qcow2fast.open(path, **rec.cfg.read_kw) as img:
         on_disk = {b.name: b for b in img.bitmaps}
         if closed and set(on_disk) != set(models[0].bitmaps):
             fail(f"closed, bitmaps {sorted(on_disk)} are stored, not {sorted(models[0].bitmaps)}")

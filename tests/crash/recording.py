@@ -104,17 +104,18 @@ def child_main(spec_path):
     os._exit(0)
 
 
-def initial_content(path, size):
+def initial_content(path, size, **kw):
     import qcow2fast
-    with qcow2fast.open(path) as img:
+    with qcow2fast.open(path, **kw) as img:
         return np.frombuffer(img.read(0, size), np.uint8).copy()
 
 
-def qemu_view(path):
+def qemu_view(path, cfg=None):
     """The guest disk of ``path`` (through its backing chain) as qemu reads it."""
     out = path + ".raw"
-    subprocess.run(["qemu-img", "convert", "-U", "-O", "raw", path, out], check=True,
-                   capture_output=True)
+    names = cfg.qemu_args(path) if cfg is not None else [path]
+    subprocess.run(["qemu-img", "convert", "-U", "-O", "raw", *names, out], check=True,
+                   capture_output=True, cwd=os.path.dirname(path))
     with open(out, "rb") as f:
         data = np.frombuffer(f.read(), np.uint8).copy()
     os.unlink(out)
@@ -125,6 +126,7 @@ def qemu_view(path):
 class Recording:
     cfg: object
     paths: list                         # the recorded files; paths[0] is the image
+                                        # (the last cfg.aux_files are not images)
     bases: list                         # their bytes at the start
     ops: list
     calls: list                         # [Call] on them, marks included
@@ -136,6 +138,11 @@ class Recording:
     @property
     def path(self):
         return self.paths[0]
+
+    @property
+    def images(self):
+        """The recorded files that are qcow2 images (the chain, top first)."""
+        return self.paths[:len(self.paths) - self.cfg.aux_files]
 
     @property
     def base(self):
@@ -152,15 +159,16 @@ def record(cfg, workdir, rng):
     for p in paths:
         with open(p, "rb") as f:
             bases.append(f.read())
-    initial = initial_content(paths[0], cfg.size)
-    before = [qemu_view(p) for p in paths[1:]]
+    images = paths[:len(paths) - cfg.aux_files]
+    initial = initial_content(paths[0], cfg.size, **cfg.read_kw)
+    before = [qemu_view(p) for p in images[1:]]
     from .metadata_ops import snapshot_contents
-    initial_snaps = snapshot_contents(paths[0])
+    initial_snaps = snapshot_contents(paths[0], **cfg.read_kw)
     spec = os.path.join(workdir, "spec.pickle")
     with open(spec, "wb") as f:
         pickle.dump({"path": paths[0], "ops": ops,
                      "open_kw": dict(cfg.open_kw, cache_mode=cfg.cache_mode,
-                                     cache_clean_interval=0),
+                                     cache_clean_interval=0, **cfg.read_kw),
                      "close": False}, f)
     log = os.path.join(workdir, "calls.log")
     if os.path.exists(log):
@@ -176,7 +184,7 @@ def record(cfg, workdir, rng):
         raise AssertionError(f"{cfg.name}: the recorded workload failed:\n{p.stderr[-3000:]}")
     files, calls = read_log(log)
     assert files == paths, files
-    views = list(zip(before, [qemu_view(p) for p in paths[1:]]))
+    views = list(zip(before, [qemu_view(p) for p in images[1:]]))
     rec = Recording(cfg, paths, bases, ops, calls, initial, initial_snaps, workdir, views)
     from .states import apply_calls
     for fid, p in enumerate(paths):

@@ -40,6 +40,11 @@ QUICK = [
     ("amend-refcount-bits-4k", 3),
     ("amend-compat-refcount-512", 4),
     ("bitmaps-4k-writethrough", 4),
+    # external data files (the data file recorded too) and LUKS
+    ("datafile-raw-lazy-4k-tiny-cache", 5),
+    ("datafile-writeback-64k", 4),
+    ("luks-lazy-4k-tiny-cache", 5),
+    ("luks-writethrough-4k", 3),
     # commit and rebase: states cut across the chain's files (chain_ops.py)
     ("commit-64k", 5),
     ("commit-base-4k", 3),
@@ -170,3 +175,21 @@ def test_chain_states_catch_a_commit_without_barriers(tmp_path):
             if "no version the workload gave" in str(e):
                 break
     assert any("no version the workload gave" in e for e in caught), caught[:3]
+
+
+def test_data_file_is_recorded_and_cut_into_states(tmp_path):
+    """The external data file is a recorded file of its own: the guest data
+    goes there, the image gets only metadata, and the states cut the data
+    file at its own barriers (many different data files, not the final one)."""
+    cfg = BY_NAME["datafile-writeback-64k"]
+    rng = np.random.default_rng(11)
+    rec = record(cfg, str(tmp_path), rng)
+    assert rec.images == rec.paths[:1] and rec.paths[1].endswith("img.data")
+    assert {c.fid for c in rec.calls if c.op == "W"} == {0, 1}, "image and data file written"
+    assert any(c.op == "S" and c.fid == 1 for c in rec.calls), "the data file has barriers"
+    plan = state_plan(rec, 3)
+    data = {apply_calls(rec.bases[1], make_state(rec, item, rng).files.get(1, []))
+            for item in plan}
+    assert len(data) > len([c for c in rec.calls if c.op == "S" and c.fid == 1]) // 2
+    with open(rec.paths[1], "rb") as f:
+        assert f.read() in data

@@ -14,26 +14,34 @@ from .metadata_ops import amend_ops, bitmap_ops, resize_ops, snapshot_ops
 KiB = 1024
 
 
-def _qemu_img(*args):
-    subprocess.run(["qemu-img", *args], check=True, capture_output=True)
+def _qemu_img(*args, cwd=None):
+    # qemu 7.2 times LUKS's PBKDF2 with the thread CPU clock and sometimes
+    # fails ("Unable to get accurate CPU usage"): such a create is repeated.
+    for _ in range(50):
+        p = subprocess.run(["qemu-img", *args], capture_output=True, text=True, cwd=cwd)
+        if p.returncode == 0 or "accurate CPU usage" not in p.stderr:
+            break
+    if p.returncode:
+        raise AssertionError(f"qemu-img {' '.join(args)}: {p.stderr}")
 
 
-def _qemu_io(path, *cmds):
-    args = ["qemu-io", "-f", "qcow2"]
+def _qemu_io(path, *cmds, cfg=None):
+    # (in the image's directory: qemu 7.2 opens a relative data file name from there)
+    args = ["qemu-io", *(cfg.qemu_args(path) if cfg and cfg.secret else ["-f", "qcow2", path])]
     for c in cmds:
         args += ["-c", c]
-    subprocess.run(args + [path], check=True, capture_output=True)
+    subprocess.run(args, check=True, capture_output=True, cwd=os.path.dirname(path))
 
 
-def _create(cfg, path, *extra):
+def _create(cfg, path, *extra, opts=()):
     opts = [f"cluster_size={cfg.cluster_size}", f"compat={cfg.compat}",
-            f"refcount_bits={cfg.refcount_bits}"]
+            f"refcount_bits={cfg.refcount_bits}", *opts]
     if cfg.compat != "0.10":
         opts.append(f"lazy_refcounts={'on' if cfg.lazy else 'off'}")
     if cfg.extended_l2:
         opts.append("extended_l2=on")
     _qemu_img("create", "-q", "-f", "qcow2", "-o", ",".join(opts), *extra, path,
-              str(cfg.size))
+              str(cfg.size), cwd=os.path.dirname(path))
     return path
 
 
@@ -76,6 +84,27 @@ def with_snapshot(cfg, d, rng):
     (and L2 tables) the snapshot shares."""
     p = with_data(cfg, d, rng)
     _qemu_img("snapshot", "-c", "s1", p)
+    return p
+
+
+def with_data_file(raw):
+    """An image whose data lives in an external data file (``img.data``,
+    named relative to the image; ``data_file_raw`` when ``raw``), with data
+    written by qemu; returns [image, data file]: both are recorded."""
+    def setup(cfg, d, rng):
+        p = _create(cfg, os.path.join(d, "img.qcow2"),
+                    opts=["data_file=img.data", f"data_file_raw={'on' if raw else 'off'}"])
+        _qemu_io(p, *_scatter(cfg, rng, 12, 0x50))
+        return [p, os.path.join(d, "img.data")]
+    return setup
+
+
+def luks(cfg, d, rng):
+    """A LUKS-encrypted image (the key ``cfg.secret``) with data written by qemu."""
+    p = _create(cfg, os.path.join(d, "img.qcow2"), "--object",
+                f"secret,id=sec0,data={cfg.secret}",
+                opts=["encrypt.format=luks", "encrypt.key-secret=sec0", "encrypt.iter-time=10"])
+    _qemu_io(p, *_scatter(cfg, rng, 12, 0x70), cfg=cfg)
     return p
 
 
@@ -164,6 +193,20 @@ CONFIGS = [
     _c("extended-l2-backing-64k", setup=over_backing, extended_l2=True),
     _c("lazy-extended-l2-32k", setup=with_data, extended_l2=True, cluster_size=32768, lazy=True),
     _c("v2-4k", compat="0.10", cluster_size=4096),
+    # External data files (data written to img.data, metadata to the image:
+    # both recorded, each file its own barriers) and LUKS (every sector
+    # encrypted; acknowledged writes read back through the key).
+    _c("datafile-writeback-64k", setup=with_data_file(False), aux_files=1),
+    _c("datafile-raw-lazy-4k-tiny-cache", setup=with_data_file(True), aux_files=1,
+       cluster_size=4096, lazy=True, open_kw=TINY_CACHE),
+    _c("datafile-writethrough-64k", setup=with_data_file(False), aux_files=1,
+       cache_mode="writethrough", nops=20),
+    _c("datafile-raw-none-64k", setup=with_data_file(True), aux_files=1, cache_mode="none"),
+    _c("luks-writeback-64k", setup=luks, secret="crash-pass"),
+    _c("luks-lazy-4k-tiny-cache", setup=luks, secret="crash-pass", cluster_size=4096,
+       lazy=True, open_kw=TINY_CACHE),
+    _c("luks-writethrough-4k", setup=luks, secret="crash-pass", cluster_size=4096,
+       cache_mode="writethrough", nops=20),
     # Operations beyond guest I/O (metadata_ops.py says what each acknowledges).
     _c("snapshot-ops-64k", setup=with_data, workload=snapshot_ops, nops=32),
     _c("snapshot-ops-4k-tiny-cache", setup=with_snapshot, workload=snapshot_ops,
