@@ -21,7 +21,18 @@ from .common cimport QF_WRITE_MAX, qf_pread_full, qf_pwrite_full, qf_punch_hole,
 cdef extern from "stdlib.h" nogil:
     int posix_memalign(void **memptr, size_t alignment, size_t size)
 
+cdef extern from "qf_cpulimit.h":
+    int qf_install_cpu_limit_handler(const char *msg, size_t n)
+
 DIRECT_ALIGN = 4096
+
+
+def install_cpu_limit_handler(bytes message):
+    """SIGXCPU ends the process with ``message`` on stderr and status 1,
+    from C: it runs even while a long C call holds the GIL
+    (host/limits.CpuGuard)."""
+    if qf_install_cpu_limit_handler(message, len(message)) != 0:
+        raise OSError(errno, os.strerror(errno))
 
 
 cdef class File:

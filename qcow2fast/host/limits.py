@@ -9,9 +9,10 @@ takes address space is mostly not data: each thread reserves its stack
 conversion's VmPeak grows by about 87 MiB per worker thread.
 """
 
-import os
+import _thread
 import resource
 import signal
+import sys
 import threading
 import time
 
@@ -48,22 +49,31 @@ def fit_threads(threads):
 
 
 class CpuGuard:
-    """Stops the command with a clear error just before RLIMIT_CPU ends it.
+    """Stops the command with a clear error before RLIMIT_CPU ends it.
 
     With ``prlimit --cpu=30`` (soft = hard) the kernel sends SIGKILL, not
-    SIGXCPU, at the limit: nothing would be said.  A daemon thread watches
-    the process's CPU time; at ``limit - MARGIN`` it raises
-    LimitExceededError in the main thread (through a SIGXCPU handler,
-    which also catches the kernel's own SIGXCPU when soft < hard); if the
-    main thread is still inside one long C call at ``limit - LAST``, the
-    message is written and the process exits with status 1."""
+    SIGXCPU, at the limit: nothing would be said.  Two stages:
 
-    MARGIN, LAST, POLL = 3.0, 0.5, 0.05
+    - a daemon thread watches the process's CPU time and at ``limit -
+      MARGIN`` raises LimitExceededError in the main thread (through the
+      Python SIGXCPU handler), so the command stops as from any error;
+    - the soft limit is lowered one second below the hard one, and the
+      kernel's SIGXCPU there runs a C handler (_ext/fileio) that writes the
+      message and exits with status 1.  That holds even while the main
+      thread is inside one long C call holding the GIL, where neither the
+      thread nor a Python handler can run."""
+
+    MARGIN, POLL = 3.0, 0.05
 
     def __init__(self, limit):
+        from .._ext.fileio import install_cpu_limit_handler
         self.limit = limit
-        signal.signal(signal.SIGXCPU, self._raise)
-        self._main = threading.main_thread().ident
+        signal.signal(signal.SIGXCPU, self._raise)      # what interrupt_main trips
+        if limit >= 2:
+            resource.setrlimit(resource.RLIMIT_CPU,
+                               (limit - 1, resource.getrlimit(resource.RLIMIT_CPU)[1]))
+        # (over the Python handler at the OS level: the kernel's SIGXCPU is final)
+        install_cpu_limit_handler(f"qcow2fast: {self.message()}\n".encode())
         threading.Thread(target=self._watch, name="qcow2fast-cpu-guard", daemon=True).start()
 
     @classmethod
@@ -86,8 +96,7 @@ class CpuGuard:
         margin = min(self.MARGIN, self.limit / 3)
         while time.process_time() < self.limit - margin:
             time.sleep(self.POLL)
-        signal.pthread_kill(self._main, signal.SIGXCPU)
-        while time.process_time() < self.limit - min(self.LAST, self.limit / 10):
-            time.sleep(self.POLL)
-        os.write(2, f"qcow2fast: {self.message()}\n".encode())
-        os._exit(1)
+        if sys.version_info >= (3, 10):
+            _thread.interrupt_main(signal.SIGXCPU)
+        else:                   # (no signal number there: the C handler's message and exit)
+            signal.pthread_kill(threading.main_thread().ident, signal.SIGXCPU)

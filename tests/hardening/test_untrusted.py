@@ -133,6 +133,41 @@ def test_cpu_limit_is_a_clear_error(bombs):
     assert status == 1 and "CPU time limit of 8 s" in err, err
 
 
+def test_cpu_limit_holds_through_a_long_c_call_holding_the_gil():
+    """One C call that never gives up the GIL (sum over a huge range) starves
+    the guard's thread and any Python signal handler: the C SIGXCPU handler
+    at the lowered soft limit still says why and exits 1 (before, the
+    kernel's SIGKILL at the limit ended the process without a word)."""
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    code = ("from qcow2fast.host.limits import CpuGuard\n"
+            "assert CpuGuard.install() is not None\n"
+            "sum(range(10**13))\n")
+    p = subprocess.run([PRLIMIT, "--cpu=4", sys.executable, "-c", code], capture_output=True,
+                       env=env, timeout=600)
+    err = p.stderr.decode(errors="replace")
+    assert p.returncode == 1, f"status {p.returncode}: {err[-2000:]}"
+    assert "CPU time limit of 4 s (RLIMIT_CPU)" in err, err
+
+
+def test_cpu_limit_raises_in_python_code_first():
+    """Where Python code runs, the guard's thread stops the command first, as
+    an error the program can handle (LimitExceededError), not an exit."""
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    code = ("from qcow2fast.host.limits import CpuGuard\n"
+            "from qcow2fast.errors import LimitExceededError\n"
+            "CpuGuard.install()\n"
+            "try:\n"
+            "    while True:\n"
+            "        sum(range(1000))\n"
+            "except LimitExceededError as e:\n"
+            "    print('handled:', e)\n")
+    p = subprocess.run([PRLIMIT, "--cpu=6", sys.executable, "-c", code], capture_output=True,
+                       env=env, timeout=600)
+    out = p.stdout.decode(errors="replace")
+    assert p.returncode == 0 and "handled: stopped: the CPU time limit of 6 s" in out, \
+        (p.returncode, out, p.stderr.decode(errors="replace")[-2000:])
+
+
 def test_compressed_bomb_reads_like_qemu(bombs):
     # Each cluster's stream inflates to 64 MiB: a read stops at the cluster.
     path = bombs["compressed_bomb"]
