@@ -6,7 +6,7 @@ when an option cannot be amended."""
 
 import sys
 
-from .common import resolve_image
+from .common import add_untrusted_argument, check_untrusted, resolve_image
 from .objects import lookup_secret, secrets
 from .options import UsageError, merge_options, prog
 from .progress import PercentProgress
@@ -24,6 +24,7 @@ def add_parser(sub):
     p.add_argument("--force", action="store_true")
     p.add_argument("--image-opts", dest="image_opts", action="store_true")
     p.add_argument("--object", dest="objects", action="append", default=[])
+    add_untrusted_argument(p)
     p.add_argument("filename", nargs="?")
     p.set_defaults(run=run)
 
@@ -53,6 +54,8 @@ def run(args):
     if "help" in opts or "?" in opts:
         print(options_help(), end="")
         return 0
+    if args.untrusted:          # (amend opens the image itself)
+        check_untrusted(args.filename, fmt, args.image_opts, table)
     for key in ("encrypt.new-secret", "encrypt.old-secret"):
         if opts.get(key) is not None:       # the id, looked up where qemu does
             opts[key] = lambda oid=opts[key]: lookup_secret(table, oid)

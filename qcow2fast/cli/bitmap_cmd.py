@@ -67,13 +67,14 @@ def run(args):
         raise UsageError("Expecting filename and bitmap name")
     filename, bitmap = args.names
     img = open_image(filename, args.fmt, image_opts=args.image_opts, writable=True,
-                     secrets=secrets(args.objects))
+                     secrets=secrets(args.objects), untrusted=args.untrusted)
     src = None
     try:
         for kind, value in actions:
             try:
                 if kind == "merge" and args.source_file and src is None:
-                    src = open_image(args.source_file, args.source_fmt)
+                    src = open_image(args.source_file, args.source_fmt,
+                                     untrusted=args.untrusted)
                 _apply(img, kind, value, bitmap, granularity, src)
             except Qcow2Error as e:
                 print(f"{prog()}: Operation {kind} on bitmap {bitmap} failed: {e}",

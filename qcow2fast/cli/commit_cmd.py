@@ -6,7 +6,7 @@ qemu-img commit: the image's data written into its backing file (or into
 (not with -q); ``-p`` prints qemu-img's percentages on stdout."""
 
 from ..errors import InvalidArgumentError
-from .common import resolve_image
+from .common import add_untrusted_argument, check_untrusted, resolve_image
 from .objects import secrets
 from .options import prog, strtosz
 from .progress import PercentProgress
@@ -23,6 +23,7 @@ def add_parser(sub):
     p.add_argument("-r", dest="rate_limit")
     p.add_argument("--image-opts", dest="image_opts", action="store_true")
     p.add_argument("--object", dest="objects", action="append", default=[])
+    add_untrusted_argument(p)
     p.add_argument("filenames", nargs="*")
     p.set_defaults(run=run)
 
@@ -37,6 +38,8 @@ def one_image(args, raw_error):
                                   secrets(args.objects))
     if fmt == "raw":
         raise InvalidArgumentError(raw_error)
+    if args.untrusted:          # (the operation opens the chain itself)
+        check_untrusted(args.filenames[0], args.fmt, args.image_opts, secrets(args.objects))
     return path, kw.get("key_secret")
 
 

@@ -27,9 +27,21 @@ def add_share_arguments(p):
     p.add_argument("-U", "--force-share", dest="force_share", action="store_true")
     p.add_argument("--object", dest="objects", action="append", default=[],
                    metavar="TYPE,id=ID,...")
+    add_untrusted_argument(p)
+
+
+def add_untrusted_argument(p):
     p.add_argument("--untrusted", dest="untrusted", action="store_true",
                    help="the image comes from an untrusted source: no backing or data "
                         "file outside its directory, bounded memory and work")
+
+
+def check_untrusted(name, fmt=None, image_opts=False, secrets=None):
+    """For the commands whose operation opens the image itself (amend,
+    commit, rebase): the untrusted-image rules on ``name`` and its whole
+    backing chain, by opening it first read-only, shared, without I/O."""
+    open_image(name, fmt, image_opts=image_opts, force_share=True, untrusted=True,
+               secrets=secrets, no_io=True).close()
 
 
 def share_options(args):

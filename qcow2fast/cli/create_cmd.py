@@ -40,6 +40,8 @@ def add_parser(sub):
     p.add_argument("-u", dest="unsafe", action="store_true")
     p.add_argument("-q", dest="quiet", action="store_true")
     p.add_argument("--object", dest="objects", action="append", default=[])
+    from .common import add_untrusted_argument
+    add_untrusted_argument(p)
     p.add_argument("filename", nargs="?")
     p.add_argument("size", nargs="?")
     p.set_defaults(run=run)
@@ -111,7 +113,8 @@ def run(args):
     if not args.quiet:          # before the image is made, as qemu (also when it fails)
         if size is None and backing and not args.unsafe:
             from .common import open_image
-            below = open_image(bpath, backing_fmt, backing=False)   # qemu takes its size
+            below = open_image(bpath, backing_fmt, backing=False,    # qemu takes its size
+                               untrusted=args.untrusted)
             try:
                 size = below.size
             finally:

@@ -7,6 +7,7 @@ qemu-img 7.2, a backing file needs its format (-F), and -u without -b
 removes the backing file."""
 
 from ..errors import InvalidArgumentError
+from .common import add_untrusted_argument
 from .commit_cmd import one_image
 from .progress import PercentProgress
 
@@ -24,6 +25,7 @@ def add_parser(sub):
     p.add_argument("--image-opts", dest="image_opts", action="store_true")
     p.add_argument("--object", dest="objects", action="append", default=[])
     p.add_argument("-U", "--force-share", dest="force_share", action="store_true")
+    add_untrusted_argument(p)
     p.add_argument("filenames", nargs="*")
     p.set_defaults(run=run)
 

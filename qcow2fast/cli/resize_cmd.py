@@ -9,7 +9,7 @@ import sys
 
 from ..errors import InvalidArgumentError
 from .objects import secrets
-from .common import open_image
+from .common import add_untrusted_argument, open_image
 from . import options
 from .options import UsageError, parse_size, prog
 
@@ -26,6 +26,7 @@ def add_parser(sub):
     p.add_argument("-q", dest="quiet", action="store_true")
     p.add_argument("--image-opts", dest="image_opts", action="store_true")
     p.add_argument("--object", dest="objects", action="append", default=[])
+    add_untrusted_argument(p)
     p.add_argument("--shrink", action="store_true")
     p.add_argument("--preallocation", default="off")
     p.add_argument("filename")
@@ -53,7 +54,7 @@ def run(args):
         print(f"{prog()}: {SIZE_HELP}", file=sys.stderr)
         return 1
     img = open_image(args.filename, args.fmt, image_opts=args.image_opts, writable=True,
-                     secrets=secrets(args.objects))
+                     secrets=secrets(args.objects), untrusted=args.untrusted)
     try:
         current = img.size
         total = current + sign * n if sign else n

@@ -51,7 +51,7 @@ def run(args):
         raise InvalidArgumentError(f"Could not open '{filename}': force-share=on can only be "
                                    "used with read-only images")
     img = open_image(filename, args.fmt, image_opts=args.image_opts, writable=writable,
-                     backing=False, secrets=secrets(args.objects))
+                     backing=False, secrets=secrets(args.objects), untrusted=args.untrusted)
     try:
         if writable and getattr(img, "corrupt", False):
             raise InvalidArgumentError(f"Could not open '{filename}': qcow2: Image is corrupt; "

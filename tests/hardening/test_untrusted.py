@@ -67,6 +67,26 @@ def test_backing_names_refused(tree, name, why, capsys):
     assert not os.path.exists(tree / "o.raw")
 
 
+@pytest.mark.parametrize("argv", [
+    ["snapshot", "-l"], ["snapshot", "-c", "s1"], ["resize", None, "2M"],
+    ["bitmap", "--add", None, "b0"], ["amend", "-o", "lazy_refcounts=on"],
+    ["commit"], ["rebase", "-b", "in.raw", "-F", "raw"],
+    ["create", "-f", "qcow2", "-b", None, "-F", "qcow2", "new.qcow2"],
+], ids=lambda a: " ".join(x for x in a if x))
+def test_every_command_that_writes_refuses_too(tree, argv, capsys):
+    """--untrusted on the commands that change an image (or open one as a
+    new image's backing file): refused before anything is written."""
+    path = with_backing(tree, "../secret")
+    before = open(path, "rb").read()
+    argv = [path if a is None else a for a in argv]
+    if None not in argv and argv[0] != "create" and path not in argv:
+        argv.append(path)
+    status, out, err = run_cli(capsys, argv[0], "--untrusted", *argv[1:])
+    assert status == 1 and "leaves the image's directory" in err, (argv, status, err)
+    assert open(path, "rb").read() == before
+    assert not os.path.exists(tree / "new.qcow2")
+
+
 def test_names_inside_the_directory_are_fine(tree):
     (tree / "sub").mkdir()
     os.rename(tree / "in.raw", tree / "sub" / "in.raw")
