@@ -198,27 +198,32 @@ def check_bitmaps(rec, state, path, models, fail):
 
 
 def _header_options(path):
-    """(compat, refcount_bits) of the image's header."""
+    """compat, refcount_bits and lazy_refcounts of the image's header."""
     with open(path, "rb") as f:
         h = f.read(104)
     version = struct.unpack(">I", h[4:8])[0]
     order = struct.unpack(">I", h[96:100])[0] if version >= 3 else 4
-    return ("0.10" if version == 2 else "1.1"), 1 << order
+    lazy = version >= 3 and struct.unpack(">Q", h[80:88])[0] & 1
+    return {"compat": "0.10" if version == 2 else "1.1", "refcount_bits": 1 << order,
+            "lazy_refcounts": "on" if lazy else "off"}
 
 
 def check_amend(rec, state, path, models, fail):
     """An amend cut anywhere leaves each option as before or after it (one
     amend changing several goes through steps, as qemu's: the refcount
     width changes before a downgrade, after an upgrade)."""
-    opts = {"compat": {rec.cfg.compat}, "refcount_bits": {rec.cfg.refcount_bits}}
+    cfg = rec.cfg
+    opts = {"compat": {cfg.compat}, "refcount_bits": {cfg.refcount_bits},
+            "lazy_refcounts": {"on" if cfg.lazy and cfg.compat != "0.10" else "off"}}
     for k, (name, *args) in enumerate(rec.ops[:state.started]):
         if name == "amend":
-            new = {key: {str(v) if key == "compat" else int(v)} for key, v in args[0].items()}
+            new = {key: {int(v) if key == "refcount_bits" else str(v)}
+                   for key, v in args[0].items()}
             opts = {key: new.get(key, vals) | (vals if k >= state.durable else set())
                     for key, vals in opts.items()}
     got = _header_options(path)
-    if got[0] not in opts["compat"] or got[1] not in opts["refcount_bits"]:
-        fail(f"compat, refcount_bits = {got}: not among {opts}")
+    if any(got[key] not in opts[key] for key in opts):
+        fail(f"{got}: not among {opts}")
 
 
 guest.STATE_CHECKS += [check_snapshots, check_bitmaps, check_amend]

@@ -39,6 +39,7 @@ QUICK = [
     ("lazy-resize-writethrough-4k", 3),
     ("amend-refcount-bits-4k", 3),
     ("amend-compat-refcount-512", 4),
+    ("amend-lazy-refcounts-4k", 4),
     ("bitmaps-4k-writethrough", 4),
     # external data files (the data file recorded too) and LUKS
     ("datafile-raw-lazy-4k-tiny-cache", 5),

@@ -227,6 +227,10 @@ CONFIGS = [
     _c("amend-compat-refcount-512", setup=with_data, cluster_size=512, size=8 * MiB, nops=18,
        max_write=64 * KiB, workload=amend_ops([{"refcount_bits": 8},
                                                 {"compat": "0.10", "refcount_bits": 16}])),
+    # lazy_refcounts switched off (the refcounts written, the image clean)
+    # and on again between guest I/O
+    _c("amend-lazy-refcounts-4k", setup=with_data, cluster_size=4096, lazy=True, nops=18,
+       workload=amend_ops([{"lazy_refcounts": "off"}, {"lazy_refcounts": "on"}])),
     _c("bitmaps-64k", setup=with_data, workload=bitmap_ops, nops=24),
     # Backing chains (chain_ops.py): every file recorded, states cut across them.
     _c("commit-64k", setup=chain, workload=chain_op("commit", None, False), nops=16,
