@@ -15,6 +15,7 @@ other one.
 from ..errors import CorruptImageError, InvalidArgumentError
 from ..spec.constants import L1E_SIZE
 from ..spec.header import MAX_L1_BYTES, pack_fields
+from . import features
 from ..spec.snapshot import (EXTRA_SIZE_V3, MAX_EXTRA_DATA, MAX_SNAPSHOTS,
                              MAX_TABLE_BYTES, SNAPSHOT_ENTRY, Snapshot, entry_lengths, pack_table,
                              parse_entry)
@@ -197,11 +198,15 @@ def new_snapshot_id(snapshots):
     return str(top + 1)
 
 
-def write_snapshot_table(state, refcounts, snapshots, old_offset, old_bytes):
+def write_snapshot_table(state, refcounts, snapshots, old_offset, old_bytes, dirty=None):
     """Write ``snapshots`` as the image's snapshot table, qemu's
     qcow2_write_snapshots order; returns (offset, byte length) of the new
     table.  The caller holds the exclusive lock and has made stable
-    everything the new entries point to (their L1 tables, refcounts)."""
+    everything the new entries point to (their L1 tables, refcounts).
+    ``dirty`` (True/False, v3): the dirty bit set or cleared by the same
+    header write that switches the table (incompatible_features follows
+    snapshots_offset in the header's first sector), saving the caller a
+    header write and a barrier of its own."""
     geo, h = state.geo, state.header
     data = pack_table(snapshots, state.size)
     if len(data) > MAX_TABLE_BYTES:
@@ -219,11 +224,18 @@ def write_snapshot_table(state, refcounts, snapshots, old_offset, old_bytes):
     # Barrier: the new table and its refcounts are stable before the
     # header points to it.
     state.barrier()
-    where, fields = pack_fields(nb_snapshots=len(snapshots), snapshots_offset=offset)
-    state.file.pwrite(fields, where)
-    # Barrier: the header names the new table before the old one is freed.
+    fields = {"nb_snapshots": len(snapshots), "snapshots_offset": offset}
+    if dirty is not None and h.version >= 3:
+        fields["incompatible_features"] = features.with_dirty(h.incompatible_features, dirty)
+    where, raw = pack_fields(**fields)
+    state.file.pwrite(raw, where)
+    # Barrier: the header names the new table (and the dirty bit is as
+    # asked) before the old table is freed or anything relies on the bit.
     state.barrier()
     h.nb_snapshots, h.snapshots_offset = len(snapshots), offset
+    if "incompatible_features" in fields:
+        h.incompatible_features = fields["incompatible_features"]
+        features.update_alloc_fast(state)
     if old_bytes:
         n_old = geo.size_to_clusters(old_bytes)
         state.metadata.remove(old_offset >> geo.cluster_bits, n_old)
