@@ -39,9 +39,8 @@ from ..spec import header as hdr
 from ..spec.geometry import Geometry
 from . import datafile, features, untrusted
 from .bitmap import Bitmaps
-from .cache import DEFAULT_CACHE_CLEAN_INTERVAL, CacheCleaner, make_caches
-from .cache import cache_sizes as cache_sizes_for
-from .chain import Chain, ChainBelow, build_chain, chain_budget, open_chain
+from .cache import DEFAULT_CACHE_CLEAN_INTERVAL, CacheCleaner, cache_budget, make_caches
+from .chain import Chain, ChainBelow, build_chain, open_chain
 from .cluster import Clusters
 from .compress import Compressor
 from .flush import FlushOrder
@@ -180,14 +179,11 @@ class Image(LifecycleAPI, ImageCore):
             what = f"snapshot {s.snapshot.id} L1 table"
         l1 = read_l1_table(f, l1_offset, l1_size, cs, file_size, what=what)
         chained = bool(h.backing_file and backing)
-        if chained:
-            # l2-cache-size is the chain's total (engine/chain.py).
-            l2_bytes, rc_bytes = cache_sizes_for(h.size, cs, *cache_sizes, geo.l2_entry_bytes)
-            l2_bytes, map_bytes = chain_budget(l2_bytes, any(v is not None for v in
-                                                             (cache_sizes[0], cache_sizes[2])))
-            cache_sizes = (max(l2_bytes, entry_size), rc_bytes, None)
-        s.l2_cache, s.refcount_cache = make_caches(f, h.size, cs, entry_size, *cache_sizes,
-                                                   geo.l2_entry_bytes)
+        # (kept: a resize recomputes the cache sizes from them, as qemu)
+        self._cache_options = cache_sizes
+        l2_bytes, rc_bytes, map_bytes = cache_budget(h.size, cs, entry_size, cache_sizes,
+                                                     geo.l2_entry_bytes, chained)
+        s.l2_cache, s.refcount_cache = make_caches(f, entry_size, cs, l2_bytes, rc_bytes)
         # Host bytes at or past zero_from read as zeros: past the end of a
         # file, nowhere on a block device (it holds whatever it held).
         s.zero_from = file_size if not f.is_device else ZERO_FROM_NEVER
