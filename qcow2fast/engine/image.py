@@ -49,7 +49,7 @@ from .secret import Secret
 from .mapping import Mapping, read_l1_table
 from .overlap import MetadataMap
 from .refcount import Refcounts
-from .snapshot import TableRepairs, check_l1_fields, find_snapshot, read_snapshot_table
+from .snapshot import TableRepairs, find_snapshot, read_snapshot_table, snapshot_l1
 
 if TYPE_CHECKING:
     import collections.abc
@@ -171,13 +171,11 @@ class Image(LifecycleAPI, ImageCore):
                            geo.size_to_clusters(self.snapshot_table_bytes))
         # A snapshot is viewed read-only through its own L1 table.  Like qemu's
         # load_tmp, the view keeps the image's current virtual size.
-        l1_offset, l1_size, what = h.l1_table_offset, h.l1_size, "L1 table"
-        if snapshot is not None:
+        if snapshot is None:
+            l1 = read_l1_table(f, h.l1_table_offset, h.l1_size, cs, file_size)
+        else:
             s.snapshot = find_snapshot(self.snapshots, snapshot)
-            check_l1_fields(s.snapshot, cs, file_size)
-            l1_offset, l1_size = s.snapshot.l1_table_offset, s.snapshot.l1_size
-            what = f"snapshot {s.snapshot.id} L1 table"
-        l1 = read_l1_table(f, l1_offset, l1_size, cs, file_size, what=what)
+            l1 = snapshot_l1(f, s.snapshot, cs, file_size)
         chained = bool(h.backing_file and backing)
         # (kept: a resize recomputes the cache sizes from them, as qemu)
         self._cache_options = cache_sizes

@@ -65,8 +65,8 @@ from ..spec.constants import (COMPRESSED, DATA, L1E_OFFSET_MASK, L1E_SIZE, QCOW_
 from ..spec.header import pack_fields
 from ..spec.snapshot import MAX_SNAPSHOTS, Snapshot
 from . import features
-from .mapping import read_l1_table
-from .snapshot import check_l1_fields, find_index, new_snapshot_id, write_snapshot_table
+from .snapshot import (find_index, l1_inside_file, new_snapshot_id, snapshot_l1,
+                       write_snapshot_table)
 from .snapshot_refcount import Plan, Tree, discard_freed, host_clusters, new_counts
 
 _COPIED = np.uint64(QCOW_OFLAG_COPIED)
@@ -119,9 +119,7 @@ class Snapshots:
 
     def _snapshot_l1(self, sn):
         f = self.state.file
-        check_l1_fields(sn, self.geo.cluster_size, f.size())
-        return read_l1_table(f, sn.l1_table_offset, sn.l1_size, self.geo.cluster_size,
-                             f.size(), what=f"snapshot {sn.id} L1 table")
+        return snapshot_l1(f, sn, self.geo.cluster_size, f.size())
 
     def _plan(self, trees, addend, what, extra=()):
         counts = new_counts(self.state, self.refcounts)
@@ -358,7 +356,11 @@ class Snapshots:
         sn = img.snapshots[i]
         self._settle()
         tree = Tree(s, self._snapshot_l1(sn))
-        l1_clusters = [(sn.l1_table_offset, self._l1_bytes(sn.l1_size))] if sn.l1_size else []
+        # An L1 table (partly) past the end of the file is not freed: qemu's
+        # qcow2_free_clusters fails there ("qcow2_free_clusters failed") and
+        # rolls back, leaking the part inside the file.
+        l1_clusters = [(sn.l1_table_offset, self._l1_bytes(sn.l1_size))] \
+            if sn.l1_size and l1_inside_file(sn, s.file.size()) else []
         what = f"snapshot {sn.id}"
         plan = self._plan([tree], -1, what, l1_clusters)  # refuses before writing
         # The header write that drops the entry sets the dirty bit, and the
