@@ -333,24 +333,66 @@ def test_rename_and_ids(tmp_path):
     qemu_check(path)
 
 
-def test_apply_snapshot_of_another_size(tmp_path):
-    """A snapshot taken at another disk size (qemu-img resize in between):
-    applying it gives the disk that size back, as qemu does."""
-    path, size = make(tmp_path, (65536, 16, "1.1", False, False), 4 * MiB)
+@pytest.mark.parametrize("taken,now", [(4 * MiB, 12 * MiB), (12 * MiB, 4 * MiB)],
+                         ids=["smaller", "larger"])
+def test_apply_snapshot_of_another_size(tmp_path, taken, now):
+    """A snapshot taken at another disk size (qemu-img resize in between,
+    growing, or shrinking past the snapshot's data): applying it gives the
+    disk that size back with the snapshot's data, as qemu-img snapshot -a
+    does on a copy; a write after it copies on write past the old end."""
+    path, size = make(tmp_path, (4096, 16, "1.1", False, False), taken)
     with qcow2fast.open(path, "r+") as img:
         img.write(0, b"q" * 70000)
-        img.create_snapshot("small")
-    qemu_img("resize", path, str(12 * MiB))
-    qemu_io(path, f"write -P 3 {9 * MiB} 4096")
+        img.write(taken - 300000, b"b" * 300000)
+        img.create_snapshot("snap")
+    qemu_img("resize", "--shrink", path, str(now))
+    qemu_io(path, f"write -P 3 {now - 4096} 4096")
     ref = str(tmp_path / "ref.qcow2")
     shutil.copy(path, ref)
-    qemu_img("snapshot", "-a", "small", ref)
+    qemu_img("snapshot", "-a", "snap", ref)
     with qcow2fast.open(path, "r+") as img:
-        img.apply_snapshot("small")
-        assert img.size == 4 * MiB
+        img.apply_snapshot("snap")
+        assert img.size == taken
+        assert img.read(taken - 300000, 300000) == b"b" * 300000
+        img.write(taken - 4096, b"c" * 4096)
     qemu_check(path)
-    assert qemu_info(path)["virtual-size"] == qemu_info(ref)["virtual-size"]
-    assert_bytes_equal(qemu_raw(path), qemu_raw(ref), "after apply")
+    assert header(path)["l1_size"] == header(ref)["l1_size"]
+    assert qemu_info(path)["virtual-size"] == qemu_info(ref)["virtual-size"] == taken
+    expected = bytearray(qemu_raw(ref))
+    expected[taken - 4096:] = b"c" * 4096
+    assert_bytes_equal(qemu_raw(path), bytes(expected), "after apply")
+    assert_bytes_equal(qemu_raw(path, snapshot="snap"), qemu_raw(ref, snapshot="snap"), "snap")
+
+
+def test_snapshot_limit_as_qemu(tmp_path, capsys):
+    """An image holding 65536 snapshots (qemu's QCOW_MAX_SNAPSHOTS; the
+    table written through the engine's table writer: empty disks): one more
+    is refused by the API and by the command with qemu-img's message and
+    status, nothing written; after a delete the 65536th is taken again."""
+    from qcow2fast.spec.snapshot import Snapshot
+    path = str(tmp_path / "full.qcow2")
+    qcow2fast.create(path, MiB)
+    with qcow2fast.open(path, "r+") as img:
+        img._snapshot_ops()._publish_table(
+            [Snapshot(0, 0, str(i + 1), f"s{i}", 0, 0, 0, 0, MiB, b"", None)
+             for i in range(65536)])
+    ref = str(tmp_path / "ref.qcow2")
+    shutil.copy(path, ref)
+    before = file_state(path)
+    q = qemu_img("snapshot", "-c", "x", ref, check=False)
+    status, out, err = run_cli(capsys, "snapshot", "-c", "x", path)
+    assert status == q.returncode == 1
+    assert err.replace("qcow2fast: ", "") == q.stderr_text.replace("qemu-img: ", "")
+    with qcow2fast.open(path, "r+") as img:
+        with pytest.raises(LimitExceededError):
+            img.create_snapshot("x")
+    assert file_state(path) == before
+    with qcow2fast.open(path, "r+") as img:
+        img.delete_snapshot("s7")
+        img.create_snapshot("x")
+        assert len(img.snapshots) == 65536 and img.snapshots[-1].id == "65537"
+    assert header(path)["nb_snapshots"] == 65536
+    qemu_check(path)
 
 
 def test_many_snapshots_and_reopen(tmp_path):
