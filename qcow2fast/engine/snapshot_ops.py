@@ -50,7 +50,7 @@ stale COPIED flag marks a cluster no snapshot names yet; delete drops the
 snapshot before the refcounts, so the window only has clusters of
 refcount 1 without COPIED, which a write copies needlessly.
 
-tests/interop/test_interop_snapshot.py stops each operation at each of
+tests/interop/test_snapshot_crash.py stops each operation at each of
 its barriers and checks these claims with qemu-img check.
 """
 
