@@ -16,7 +16,6 @@ from ..errors import CorruptImageError, InvalidArgumentError
 from ..spec.constants import L1E_SIZE
 from ..spec.header import MAX_L1_BYTES, pack_fields
 from . import features
-from .mapping import read_l1_table
 from ..spec.snapshot import (EXTRA_SIZE_V3, MAX_EXTRA_DATA, MAX_SNAPSHOTS,
                              MAX_TABLE_BYTES, SNAPSHOT_ENTRY, Snapshot, entry_lengths, pack_table,
                              parse_entry)
@@ -161,6 +160,7 @@ def snapshot_l1(f, sn, cs, file_size):
     when it loads, applies or deletes the snapshot: the part past the end of
     the file reads as zeros (no L2 tables there), as in qemu, whose file
     driver pads reads past the end."""
+    from .mapping import read_l1_table      # (numpy: this module stays light for the CLI)
     check_l1_fields(sn, cs)
     return read_l1_table(f, sn.l1_table_offset, sn.l1_size, cs, file_size,
                          what=f"snapshot {sn.id} L1 table", past_eof_zeros=True)
