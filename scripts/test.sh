@@ -4,7 +4,8 @@
 #   scripts/test.sh [extra pytest args...]
 #
 # 1. Installs the qemu oracle (Debian qemu-utils) when qemu-img/qemu-io are
-#    missing, the NBD clients (libnbd-bin) when nbdinfo/nbdcopy are, strace
+#    missing, qemu-system-x86 (savevm/loadvm) when qemu-system-x86_64 is,
+#    the NBD clients (libnbd-bin) when nbdinfo/nbdcopy are, strace
 #    (the jitter benchmark counts syncs with it) -- and,
 #    only if they are missing too, a C compiler and the Python
 #    headers needed to build the Cython extensions (apt-get; sudo if not root).
@@ -40,6 +41,9 @@ if ! command -v qemu-img >/dev/null 2>&1 || ! command -v qemu-io >/dev/null 2>&1
 fi
 if ! compgen -G "/usr/lib/*/qemu/block-curl.so" >/dev/null; then
     packages+=(qemu-block-extra)   # qemu's curl driver: the remote-image tests' oracle
+fi
+if ! command -v qemu-system-x86_64 >/dev/null 2>&1; then
+    packages+=(qemu-system-x86)    # savevm/loadvm: the VM-state tests' oracle
 fi
 if ! command -v nbdinfo >/dev/null 2>&1 || ! command -v nbdcopy >/dev/null 2>&1; then
     packages+=(libnbd-bin)      # the NBD server tests' clients

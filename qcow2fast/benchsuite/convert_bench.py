@@ -20,7 +20,6 @@ with qemu-img compare (and check for qcow2).
 import argparse
 import json
 import os
-import resource
 import shutil
 import statistics
 import subprocess
@@ -28,7 +27,7 @@ import sys
 import time
 
 from .common import (ROOT, BenchError, GiB, MiB, choose_tmpdir, git_revision, log,
-                     qcow2fast_command, run)
+                     qcow2fast_command, run, timed_command)
 from .report import bar_groups, panels, save_figure
 
 REPO = ROOT        # children import qcow2fast from where this one did
@@ -86,19 +85,6 @@ def build_source(cache, mode):
     if not os.path.exists(qcow2):
         run(["qemu-img", "convert", "-O", "qcow2", raw, qcow2])
     return raw, qcow2
-
-
-def timed(cmd, stdout=None):
-    """(wall seconds, user+sys CPU seconds of the child)."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    t0 = time.perf_counter()
-    p = subprocess.run(cmd, stdout=stdout or subprocess.DEVNULL, stderr=subprocess.PIPE)
-    wall = time.perf_counter() - t0
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    if p.returncode != 0:
-        raise BenchError(f"{' '.join(cmd)} exited {p.returncode}: {p.stderr.decode()[-500:]}")
-    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    return wall, cpu
 
 
 def commands(case, src, raw, out, threads):
@@ -159,7 +145,7 @@ def bench(args):
                     # Waiting until the reporting is done gives every run the
                     # same (cold) memory.
                     time.sleep(args.settle)
-                    wall, cpu = timed(cmd)
+                    wall, cpu = timed_command(cmd)
                     st = os.stat(out)
                     entry["tools"][tool]["samples"].append(
                         {"wall": wall, "cpu": cpu, "size": st.st_size,

@@ -14,9 +14,10 @@ timed command, so both tools start from the same bytes):
   (the refcount structures rewritten: 4 times larger).
 
 Each run times both commands as a user runs them (process start-up
-included: about 0.2 s of Python and numpy for qcow2fast), alternating which
-goes first; both results must pass ``qemu-img check`` and compare equal.
-Reported: median seconds and the ratio qemu/qcow2fast (>1: qcow2fast
+included: Python and numpy for qcow2fast), alternating which goes first;
+both results must pass ``qemu-img check`` and compare equal.  The package
+is byte-compiled first (as pip installs it).  Reported: median wall and
+CPU (user+sys) seconds and the ratios qemu/qcow2fast (>1: qcow2fast
 faster), and the same operation as a library call timed inside one
 process (what an embedding program pays; no interpreter start-up)."""
 
@@ -24,11 +25,10 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
-import time
 
-from .common import GiB, BenchError, bench_parser, choose_tmpdir, log, qcow2fast_command, run
+from .common import (GiB, bench_parser, choose_tmpdir, compile_package, log, qcow2fast_command,
+                     run, timed_command)
 
 TiB = 1024 * GiB
 
@@ -50,15 +50,15 @@ def scenarios(quick):
 # The same operation as a library call, timed inside one process (no
 # interpreter start-up): what an embedding program pays.
 LIBRARY = """
-import sys, time, qcow2fast
+import sys, time, qcow2fast, qcow2fast.engine.image
 path, op = sys.argv[1], sys.argv[2]
-t = time.perf_counter()
+t, c = time.perf_counter(), time.process_time()
 if op == "amend":
     qcow2fast.amend(path, {"refcount_bits": 64})
 else:
     with qcow2fast.open(path, "r+") as img:
         eval(op)
-print(time.perf_counter() - t)
+print(time.perf_counter() - t, time.process_time() - c)
 """
 
 
@@ -67,15 +67,6 @@ def make_template(path, size, cs, prealloc, data=False):
          f"cluster_size={cs},preallocation={prealloc}", path, str(size)])
     if data:
         run(["qemu-io", "-c", "write -P 1 0 1G", path])
-
-
-def timed(cmd):
-    t = time.perf_counter()
-    p = subprocess.run(cmd, capture_output=True, text=True)
-    dt = time.perf_counter() - t
-    if p.returncode != 0:
-        raise BenchError(f"{' '.join(cmd)} exited {p.returncode}: {p.stderr}")
-    return dt
 
 
 def fresh_copy(template, dest):
@@ -88,12 +79,14 @@ def main(argv=None):
     runs = a.runs or (3 if a.quick else 5)
     tmp, _ = choose_tmpdir(a.tmpdir, 2 * GiB, prefix="qcow2fast-resize-bench-")
     qf = qcow2fast_command()
+    compile_package()
     results = []
     try:
         for name, make, args, call in scenarios(a.quick):
             template = os.path.join(tmp, f"{name}.template.qcow2")
             make_template(template, **make)
-            times = {"qemu-img": [], "qcow2fast": [], "library": []}
+            times = {k: [] for k in ("qemu-img", "qcow2fast", "library")}
+            cpu = {k: [] for k in times}
             for r in range(runs):
                 order = [("qemu-img", ["qemu-img"]), ("qcow2fast", qf)]
                 if r % 2:
@@ -102,19 +95,26 @@ def main(argv=None):
                 for tool, prog in order:
                     img = os.path.join(tmp, f"{name}.{tool}.qcow2")
                     fresh_copy(template, img)
-                    times[tool].append(timed(prog + [x.format(img=img) for x in args]))
+                    wall, used = timed_command(prog + [x.format(img=img) for x in args])
+                    times[tool].append(wall)
+                    cpu[tool].append(used)
                     outs[tool] = img
                 run(["qemu-img", "check", "-q", outs["qcow2fast"]])
                 run(["qemu-img", "compare", "-q", outs["qemu-img"], outs["qcow2fast"]])
                 fresh_copy(template, outs["qcow2fast"])
                 lib = run([sys.executable, "-c", LIBRARY, outs["qcow2fast"], call])
-                times["library"].append(float(lib.stdout))
-            q, f = statistics.median(times["qemu-img"]), statistics.median(times["qcow2fast"])
-            lib = statistics.median(times["library"])
+                wall, used = map(float, lib.stdout.split())
+                times["library"].append(wall)
+                cpu["library"].append(used)
+            med = {k: (statistics.median(times[k]), statistics.median(cpu[k])) for k in times}
+            (q, qc), (f, fc), (lib, lc) = med["qemu-img"], med["qcow2fast"], med["library"]
             results.append({"scenario": name, "qemu_s": q, "qcow2fast_s": f, "ratio": q / f,
-                            "library_s": lib, "library_ratio": q / lib, "runs": times})
-            log(f"{name:14} qemu-img {q:8.3f} s   qcow2fast {f:8.3f} s   ratio {q / f:6.2f}"
-                f"   library call {lib:8.3f} s   ratio {q / lib:6.2f}")
+                            "qemu_cpu_s": qc, "qcow2fast_cpu_s": fc, "cpu_ratio": qc / fc,
+                            "library_s": lib, "library_ratio": q / lib, "library_cpu_s": lc,
+                            "library_cpu_ratio": qc / lc, "runs": times, "cpu": cpu})
+            log(f"{name:14} wall/CPU s: qemu-img {q:7.3f} / {qc:6.3f}   qcow2fast {f:7.3f} / "
+                f"{fc:6.3f}   ratio {q / f:5.2f} / {qc / fc:5.2f}   library call {lib:7.3f} / "
+                f"{lc:6.3f}   ratio {q / lib:5.2f} / {qc / lc:5.2f}")
             os.unlink(template)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -47,17 +47,35 @@ def cache_sizes(virtual_size, cluster_size, l2_cache_size=None, refcount_cache_s
     return l2_cache_size, refcount_cache_size
 
 
-def make_caches(file, virtual_size, cluster_size, l2_entry_size, l2_cache_size=None,
-                refcount_cache_size=None, cache_size=None, l2_entry_bytes=8):
-    """(L2 cache, refcount cache) TableCaches sized by :func:`cache_sizes`
-    (``l2_entry_size``: the bytes of one cache entry, a slice of a table)."""
-    l2_cache_size, refcount_cache_size = cache_sizes(virtual_size, cluster_size, l2_cache_size,
-                                                     refcount_cache_size, cache_size,
-                                                     l2_entry_bytes)
-    l2 = TableCache(file, max(MIN_L2_SLOTS, l2_cache_size // l2_entry_size), l2_entry_size, True)
-    rc = TableCache(file, max(MIN_REFCOUNT_CLUSTERS, refcount_cache_size // cluster_size),
-                    cluster_size, False)
-    return l2, rc
+def cache_budget(virtual_size, cluster_size, slice_bytes, options, l2_entry_bytes, chained):
+    """(L2 cache bytes, refcount cache bytes, the chain's resolved-map bytes
+    or None) for a disk of ``virtual_size`` bytes, from the cache options
+    the image was opened with, ``options`` = (l2_cache_size,
+    refcount_cache_size, cache_size): :func:`cache_sizes`, with
+    l2-cache-size the whole chain's budget when ``chained``
+    (engine/chain.py, chain_budget).  Computed at open and again after a
+    resize, as qemu's read_cache_sizes is."""
+    l2_bytes, rc_bytes = cache_sizes(virtual_size, cluster_size, *options,
+                                     l2_entry_bytes=l2_entry_bytes)
+    if not chained:
+        return l2_bytes, rc_bytes, None
+    from .chain import chain_budget     # (chain.py imports this module)
+    l2_bytes, map_bytes = chain_budget(l2_bytes, options[0] is not None or options[2] is not None)
+    return max(l2_bytes, slice_bytes), rc_bytes, map_bytes
+
+
+def cache_slots(l2_bytes, rc_bytes, slice_bytes, cluster_size):
+    """(L2 cache slots, refcount cache slots) for those byte budgets
+    (``slice_bytes``: the bytes of one L2 cache entry, a slice of a table)."""
+    return (max(MIN_L2_SLOTS, l2_bytes // slice_bytes),
+            max(MIN_REFCOUNT_CLUSTERS, rc_bytes // cluster_size))
+
+
+def make_caches(file, slice_bytes, cluster_size, l2_bytes, rc_bytes):
+    """(L2 cache, refcount cache): empty TableCaches of those budgets."""
+    n_l2, n_rc = cache_slots(l2_bytes, rc_bytes, slice_bytes, cluster_size)
+    return (TableCache(file, n_l2, slice_bytes, True),
+            TableCache(file, n_rc, cluster_size, False))
 
 
 class CacheCleaner:

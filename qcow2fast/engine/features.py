@@ -41,19 +41,27 @@ def is_dirty(state):
     return bool(state.header.incompatible_features & hdr.INCOMPAT_DIRTY)
 
 
-def set_dirty(state, dirty):
+def with_dirty(incompatible_features, dirty):
+    """``incompatible_features`` with the dirty bit set or cleared."""
+    if dirty:
+        return incompatible_features | hdr.INCOMPAT_DIRTY
+    return incompatible_features & ~hdr.INCOMPAT_DIRTY
+
+
+def set_dirty(state, dirty, sync=True):
     """Set or clear the dirty bit (v3 only) and make it stable: under lazy
     refcounts it is on disk before the first refcount update that is not
-    ordered before its L2 entry."""
+    ordered before its L2 entry.  ``sync=False`` (clearing only): no
+    barrier of its own -- a cleared bit protects nothing, the next barrier
+    (the next operation's, close's) makes it stable, and until then a
+    crash only costs a refcount rebuild."""
     h = state.header
     if h.version < 3:
         return
-    if dirty:
-        h.incompatible_features |= hdr.INCOMPAT_DIRTY
-    else:
-        h.incompatible_features &= ~hdr.INCOMPAT_DIRTY
+    h.incompatible_features = with_dirty(h.incompatible_features, dirty)
     write_header_field(state, "incompatible_features")
-    state.barrier()             # barrier: the bit is stable before what relies on it
+    if sync or dirty:
+        state.barrier()         # barrier: the bit is stable before what relies on it
     update_alloc_fast(state)
 
 

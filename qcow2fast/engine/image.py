@@ -37,11 +37,10 @@ from ..host.remote import is_remote
 from ..host.remote import name_of as remote_name
 from ..spec import header as hdr
 from ..spec.geometry import Geometry
-from . import crypto, datafile, features, untrusted
+from . import datafile, features, untrusted
 from .bitmap import Bitmaps
-from .cache import DEFAULT_CACHE_CLEAN_INTERVAL, CacheCleaner, make_caches
-from .cache import cache_sizes as cache_sizes_for
-from .chain import Chain, ChainBelow, build_chain, chain_budget, open_chain
+from .cache import DEFAULT_CACHE_CLEAN_INTERVAL, CacheCleaner, cache_budget, make_caches
+from .chain import Chain, ChainBelow, build_chain, open_chain
 from .cluster import Clusters
 from .compress import Compressor
 from .flush import FlushOrder
@@ -50,10 +49,12 @@ from .secret import Secret
 from .mapping import Mapping, read_l1_table
 from .overlap import MetadataMap
 from .refcount import Refcounts
-from .snapshot import TableRepairs, check_l1_fields, find_snapshot, read_snapshot_table
+from .snapshot import TableRepairs, find_snapshot, read_snapshot_table, snapshot_l1
 
 if TYPE_CHECKING:
     import collections.abc
+
+    from . import crypto
 
     from .._ext._typing import Buffer
     from .._ext.cache import TableCache
@@ -170,22 +171,17 @@ class Image(LifecycleAPI, ImageCore):
                            geo.size_to_clusters(self.snapshot_table_bytes))
         # A snapshot is viewed read-only through its own L1 table.  Like qemu's
         # load_tmp, the view keeps the image's current virtual size.
-        l1_offset, l1_size, what = h.l1_table_offset, h.l1_size, "L1 table"
-        if snapshot is not None:
+        if snapshot is None:
+            l1 = read_l1_table(f, h.l1_table_offset, h.l1_size, cs, file_size)
+        else:
             s.snapshot = find_snapshot(self.snapshots, snapshot)
-            check_l1_fields(s.snapshot, cs, file_size)
-            l1_offset, l1_size = s.snapshot.l1_table_offset, s.snapshot.l1_size
-            what = f"snapshot {s.snapshot.id} L1 table"
-        l1 = read_l1_table(f, l1_offset, l1_size, cs, file_size, what=what)
+            l1 = snapshot_l1(f, s.snapshot, cs, file_size)
         chained = bool(h.backing_file and backing)
-        if chained:
-            # l2-cache-size is the chain's total (engine/chain.py).
-            l2_bytes, rc_bytes = cache_sizes_for(h.size, cs, *cache_sizes, geo.l2_entry_bytes)
-            l2_bytes, map_bytes = chain_budget(l2_bytes, any(v is not None for v in
-                                                             (cache_sizes[0], cache_sizes[2])))
-            cache_sizes = (max(l2_bytes, entry_size), rc_bytes, None)
-        s.l2_cache, s.refcount_cache = make_caches(f, h.size, cs, entry_size, *cache_sizes,
-                                                   geo.l2_entry_bytes)
+        # (kept: a resize recomputes the cache sizes from them, as qemu)
+        self._cache_options = cache_sizes
+        l2_bytes, rc_bytes, map_bytes = cache_budget(h.size, cs, entry_size, cache_sizes,
+                                                     geo.l2_entry_bytes, chained)
+        s.l2_cache, s.refcount_cache = make_caches(f, entry_size, cs, l2_bytes, rc_bytes)
         # Host bytes at or past zero_from read as zeros: past the end of a
         # file, nowhere on a block device (it holds whatever it held).
         s.zero_from = file_size if not f.is_device else ZERO_FROM_NEVER
@@ -199,7 +195,11 @@ class Image(LifecycleAPI, ImageCore):
             s.set_data_file(data_file, datafile.HOST_LIMIT)
             self.data_file_name = datafile.display_name(self.path, h, self._data_file_override)
         # (after zero_from: a transform means no host byte reads as zero)
-        self.encryption = crypto.attach(s, f, file_size, self.key_secret, self.no_io)
+        if h.crypt_method or any(e.type == hdr.EXT_CRYPTO for e in h.other_extensions):
+            # (imported here: hashlib and the LUKS code cost every plain
+            # image's command start-up ~5-15 ms)
+            from . import crypto
+            self.encryption = crypto.attach(s, f, file_size, self.key_secret, self.no_io)
         self.mapping = Mapping(s, l1)
         self.refcounts = Refcounts(s, file_size, repair=repair) if writable else None
         # The lazy-refcounts open option overrides the header's bit, as in qemu.

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, BinaryIO, Literal
 
 from ..errors import ImageClosedError
 from . import datafile, resize
+from .cache import cache_budget, cache_slots, make_caches
 from .snapshot import find_snapshot
 
 if TYPE_CHECKING:
@@ -81,6 +82,35 @@ class LifecycleAPI:
         (it reads as zeros); shrinking needs ``shrink=True`` and frees every
         cluster past the new end.  Internal snapshots keep their own disks."""
         self._update(resize.resize, self, new_size, shrink, preallocation)
+        self._update(self._fit_caches)
+
+    def _fit_caches(self) -> None:
+        """Size the metadata caches for the disk's new size from the options
+        the image was opened with, as qemu does after a resize
+        (qcow2_co_truncate -> qcow2_update_options -> read_cache_sizes): by
+        default the L2 cache covers the whole disk, up to 32 MiB.  A cache
+        whose slot count changes is replaced by an empty one, after the
+        ordered flush has left both clean."""
+        s = self.state
+        slice_bytes, cs = s.l2_cache.slot_bytes, s.cluster_size
+        l2_bytes, rc_bytes, _ = cache_budget(s.size, cs, slice_bytes, self._cache_options,
+                                             s.geo.l2_entry_bytes, self.chain is not None)
+        n_l2, n_rc = cache_slots(l2_bytes, rc_bytes, slice_bytes, cs)
+        if (n_l2, n_rc) == (s.l2_cache.nslots, s.refcount_cache.nslots):
+            return
+        self.flusher.flush(sync=not s.unsafe)
+        l2, rc = make_caches(s.file, slice_bytes, cs, l2_bytes, rc_bytes)
+        if n_rc != s.refcount_cache.nslots:
+            old, s.refcount_cache = s.refcount_cache, rc
+            if self.refcounts is not None:
+                self.refcounts.use_cache(rc)
+            if s.l2_cache.depends is old:
+                s.l2_cache.depends = rc
+        if n_l2 != s.l2_cache.nslots:
+            l2.depends, l2.barrier = s.l2_cache.depends, s.l2_cache.barrier
+            # (the C path and the subsystems find the cache through the state;
+            # Mapping keeps its own reference)
+            s.l2_cache = self.mapping.l2_cache = l2
 
     # -- internal snapshots (engine/snapshot_ops.py) ----------------------------------------
 

@@ -24,9 +24,17 @@ from ..spec.constants import BE64 as _BE64
 from ..spec.header import pack_fields
 
 
-def read_l1_table(file, offset, size, cluster_size, file_size, what="L1 table"):
-    """Read and validate an L1 table; returns a native uint64 array."""
-    raw = file.pread(offset, size * L1E_SIZE)
+def read_l1_table(file, offset, size, cluster_size, file_size, what="L1 table",
+                  past_eof_zeros=False):
+    """Read and validate an L1 table; returns a native uint64 array.
+    ``past_eof_zeros``: what lies past the end of the file reads as zeros
+    (as qemu's file driver pads such reads), else the caller has checked
+    that the table is inside the file."""
+    n = size * L1E_SIZE
+    if past_eof_zeros and offset + n > file_size:
+        raw = (file.pread(offset, file_size - offset) if offset < file_size else b"").ljust(n, b"\0")
+    else:
+        raw = file.pread(offset, n)
     l1 = np.frombuffer(raw, dtype=">u8").astype(np.uint64)
     bad = np.nonzero((l1 & np.uint64(L1E_RESERVED_MASK & ~QCOW_OFLAG_COPIED))
                      | (l1 & np.uint64(L1E_OFFSET_MASK) & np.uint64(cluster_size - 1)))[0]

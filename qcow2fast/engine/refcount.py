@@ -32,16 +32,21 @@ class Refcounts(RefcountCore):
         self.file = state.file
         self.geo = geo = state.geo
         self.header = state.header
-        self.cache = state.refcount_cache
         self.barrier = state.barrier     # make completed writes stable (not under unsafe)
         self.metadata = state.metadata
         self.allocated = state.allocated    # fresh space used: no longer reads as zeros
         self.deferred = []              # (first cluster, count) to free later
-        self._rc_setup(self.cache, geo.cluster_bits, geo.refcount_order)
+        self.use_cache(state.refcount_cache)
         cs = geo.cluster_size
         self.end_cluster = (file_size + cs - 1) // cs
         self.free_hint = 0
         self._load_table(file_size, repair)
+
+    def use_cache(self, cache):
+        """Keep refcount blocks in ``cache`` (at open, and when a resize
+        gives the image caches of another size: the old one is clean)."""
+        self.cache = cache
+        self._rc_setup(cache, self.geo.cluster_bits, self.geo.refcount_order)
 
     # -- the refcount table ----------------------------------------------------
 

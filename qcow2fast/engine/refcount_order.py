@@ -66,7 +66,8 @@ def change_refcount_order(img, order, progress=None):
     table_off = table_clusters = 0
     while True:
         used = np.nonzero(counts)[0]
-        need = np.unique(used >> new.rb_bits).tolist()
+        # (bincount, not np.unique: numpy 2's unique loads numpy.ma, ~8-50 ms)
+        need = np.flatnonzero(np.bincount(used >> new.rb_bits)).tolist()
         missing = [t for t in need if t not in blocks]
         want = new.reftable_clusters(need[-1] + 1)
         if not missing and want <= table_clusters:

@@ -201,9 +201,12 @@ def _mapped_clusters(geo, entries):
 def _runs(clusters):
     """(first, n, k): runs of n consecutive host clusters each listed k
     times in ``clusters`` (so a refcount update per run, not per cluster)."""
-    c, k = np.unique(np.asarray(clusters, dtype=np.int64), return_counts=True)
-    if not len(c):
+    a = np.sort(np.asarray(clusters, dtype=np.int64))
+    if not len(a):
         return
+    # distinct values and their counts (not np.unique: numpy 2's loads numpy.ma)
+    first = np.flatnonzero(np.r_[True, a[1:] != a[:-1]])
+    c, k = a[first], np.diff(np.r_[first, len(a)])
     cut = np.nonzero((np.diff(c) != 1) | (np.diff(k) != 0))[0] + 1
     for lo, hi in zip(np.r_[0, cut].tolist(), np.r_[cut, len(c)].tolist()):
         yield int(c[lo]), hi - lo, int(k[lo])

@@ -15,6 +15,7 @@ other one.
 from ..errors import CorruptImageError, InvalidArgumentError
 from ..spec.constants import L1E_SIZE
 from ..spec.header import MAX_L1_BYTES, pack_fields
+from . import features
 from ..spec.snapshot import (EXTRA_SIZE_V3, MAX_EXTRA_DATA, MAX_SNAPSHOTS,
                              MAX_TABLE_BYTES, SNAPSHOT_ENTRY, Snapshot, entry_lengths, pack_table,
                              parse_entry)
@@ -138,22 +139,36 @@ def too_many(nb):
          "check -r all"], field="nb_snapshots")
 
 
-def check_l1_fields(sn, cs, file_size):
-    """Refuse to use snapshot ``sn`` whose L1 table is unaligned, too large
-    or past the end of the file.  Checked where the table is used, not at
-    open: qemu opens such an image (read-write too) and refuses only to
-    load, apply or delete that snapshot ("Snapshot L1 table offset
-    invalid", -EINVAL: nothing written, the image not marked corrupt)."""
+def check_l1_fields(sn, cs):
+    """Refuse to use snapshot ``sn`` whose L1 table is unaligned or too
+    large (qemu's qcow2_validate_table: "Snapshot L1 table offset invalid",
+    "Snapshot L1 table too large", -EINVAL: nothing written, the image not
+    marked corrupt).  Checked where the table is used, not at open: qemu
+    opens such an image (read-write too).  A table past the end of the file
+    is not refused: qemu reads it as zeros (see :func:`snapshot_l1`)."""
     if sn.l1_table_offset % cs:
         raise InvalidArgumentError(f"Snapshot L1 table offset invalid: snapshot {sn.id} "
                                    f"({sn.name}): l1_table_offset {sn.l1_table_offset:#x} is "
                                    "not cluster-aligned")
-    if sn.l1_size > MAX_L1_BYTES // L1E_SIZE or \
-            sn.l1_table_offset + sn.l1_size * L1E_SIZE > file_size:
-        raise InvalidArgumentError(f"Snapshot L1 table invalid: snapshot {sn.id} ({sn.name}): "
-                                   f"its L1 table ({sn.l1_size} entries at "
-                                   f"{sn.l1_table_offset:#x}) is too large or past the end of "
-                                   "the file")
+    if sn.l1_size > MAX_L1_BYTES // L1E_SIZE:
+        raise InvalidArgumentError(f"Snapshot L1 table too large: snapshot {sn.id} ({sn.name}): "
+                                   f"{sn.l1_size} entries")
+
+
+def snapshot_l1(f, sn, cs, file_size):
+    """Snapshot ``sn``'s L1 table (native uint64), checked as qemu checks it
+    when it loads, applies or deletes the snapshot: the part past the end of
+    the file reads as zeros (no L2 tables there), as in qemu, whose file
+    driver pads reads past the end."""
+    from .mapping import read_l1_table      # (numpy: this module stays light for the CLI)
+    check_l1_fields(sn, cs)
+    return read_l1_table(f, sn.l1_table_offset, sn.l1_size, cs, file_size,
+                         what=f"snapshot {sn.id} L1 table", past_eof_zeros=True)
+
+
+def l1_inside_file(sn, file_size):
+    """Whether the clusters of ``sn``'s L1 table lie inside the file."""
+    return sn.l1_table_offset + sn.l1_size * L1E_SIZE <= file_size
 
 
 def find_snapshot(snapshots, which):
@@ -197,11 +212,15 @@ def new_snapshot_id(snapshots):
     return str(top + 1)
 
 
-def write_snapshot_table(state, refcounts, snapshots, old_offset, old_bytes):
+def write_snapshot_table(state, refcounts, snapshots, old_offset, old_bytes, dirty=None):
     """Write ``snapshots`` as the image's snapshot table, qemu's
     qcow2_write_snapshots order; returns (offset, byte length) of the new
     table.  The caller holds the exclusive lock and has made stable
-    everything the new entries point to (their L1 tables, refcounts)."""
+    everything the new entries point to (their L1 tables, refcounts).
+    ``dirty`` (True/False, v3): the dirty bit set or cleared by the same
+    header write that switches the table (incompatible_features follows
+    snapshots_offset in the header's first sector), saving the caller a
+    header write and a barrier of its own."""
     geo, h = state.geo, state.header
     data = pack_table(snapshots, state.size)
     if len(data) > MAX_TABLE_BYTES:
@@ -219,11 +238,18 @@ def write_snapshot_table(state, refcounts, snapshots, old_offset, old_bytes):
     # Barrier: the new table and its refcounts are stable before the
     # header points to it.
     state.barrier()
-    where, fields = pack_fields(nb_snapshots=len(snapshots), snapshots_offset=offset)
-    state.file.pwrite(fields, where)
-    # Barrier: the header names the new table before the old one is freed.
+    fields = {"nb_snapshots": len(snapshots), "snapshots_offset": offset}
+    if dirty is not None and h.version >= 3:
+        fields["incompatible_features"] = features.with_dirty(h.incompatible_features, dirty)
+    where, raw = pack_fields(**fields)
+    state.file.pwrite(raw, where)
+    # Barrier: the header names the new table (and the dirty bit is as
+    # asked) before the old table is freed or anything relies on the bit.
     state.barrier()
     h.nb_snapshots, h.snapshots_offset = len(snapshots), offset
+    if "incompatible_features" in fields:
+        h.incompatible_features = fields["incompatible_features"]
+        features.update_alloc_fast(state)
     if old_bytes:
         n_old = geo.size_to_clusters(old_bytes)
         state.metadata.remove(old_offset >> geo.cluster_bits, n_old)

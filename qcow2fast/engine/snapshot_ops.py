@@ -17,8 +17,9 @@ create   snapshot L1 copy written; on v3 the dirty bit set, **barrier**;
          refcounts of the active tree raised, **barrier** (the shared
          clusters are counted before anything relies on it); COPIED
          cleared in the active L2 tables and L1 (in any order: no pointer
-         changes); the new snapshot table, **barrier**, header,
-         **barrier**, old table freed; dirty bit cleared, **barrier**.
+         changes); the new snapshot table, **barrier**, header (table
+         switched and dirty bit cleared in one write), **barrier**, old
+         table freed.
 apply    refcounts of the snapshot's tree raised (and COPIED cleared in
          its L2 tables), **barrier**; the new active L1 table written to
          new clusters, **barrier**; header (size, l1_size, l1_table_offset
@@ -28,11 +29,12 @@ apply    refcounts of the snapshot's tree raised (and COPIED cleared in
          table stays intact until the header no longer names it.  No
          COPIED flag is ever out of step: every table the new active L1
          names is shared with the snapshot.
-delete   the snapshot table without the entry, header (as above); on v3
-         the dirty bit set, **barrier**; the snapshot tree's refcounts
-         lowered and its L1 table freed, **barrier**; COPIED set in the
-         active L2 tables and L1 where the refcounts dropped to 1,
-         **barrier**; dirty bit cleared, **barrier**.
+delete   the snapshot table without the entry, **barrier**, header (table
+         switched and, on v3, the dirty bit set in one write),
+         **barrier**; the snapshot tree's refcounts lowered and its L1
+         table freed, **barrier**; COPIED set in the active L2 tables and
+         L1 where the refcounts dropped to 1, **barrier**; dirty bit
+         cleared (made stable by the next barrier: close's).
 
 The COPIED window.  Between a refcount change of create or delete and
 the COPIED rewrite, active entries carry a COPIED flag that disagrees
@@ -54,7 +56,7 @@ writes and keeps its dirty bit (v3), so close does not seal a half-done
 operation and the next read-write open repairs it
 (tests/api/test_interrupted_ops.py).
 
-tests/interop/test_interop_snapshot.py stops each operation at each of
+tests/interop/test_snapshot_crash.py stops each operation at each of
 its barriers and checks these claims with qemu-img check.
 """
 
@@ -69,8 +71,8 @@ from ..spec.constants import (COMPRESSED, DATA, L1E_OFFSET_MASK, L1E_SIZE, QCOW_
 from ..spec.header import pack_fields
 from ..spec.snapshot import MAX_SNAPSHOTS, Snapshot
 from . import features
-from .mapping import read_l1_table
-from .snapshot import check_l1_fields, find_index, new_snapshot_id, write_snapshot_table
+from .snapshot import (find_index, l1_inside_file, new_snapshot_id, snapshot_l1,
+                       write_snapshot_table)
 from .snapshot_refcount import Plan, Tree, discard_freed, host_clusters, new_counts
 
 _COPIED = np.uint64(QCOW_OFLAG_COPIED)
@@ -103,11 +105,11 @@ class Snapshots:
         # The operations read and write L2 tables in the file directly.
         s.l2_cache.invalidate_all()
 
-    def _publish_table(self, snapshots):
+    def _publish_table(self, snapshots, dirty=None):
         img = self.image
         h = self.state.header
         _, nbytes = write_snapshot_table(self.state, self.refcounts, snapshots,
-                                         h.snapshots_offset, img.snapshot_table_bytes)
+                                         h.snapshots_offset, img.snapshot_table_bytes, dirty)
         img.snapshots, img.snapshot_table_bytes = snapshots, nbytes
 
     def _after(self):
@@ -123,9 +125,7 @@ class Snapshots:
 
     def _snapshot_l1(self, sn):
         f = self.state.file
-        check_l1_fields(sn, self.geo.cluster_size, f.size())
-        return read_l1_table(f, sn.l1_table_offset, sn.l1_size, self.geo.cluster_size,
-                             f.size(), what=f"snapshot {sn.id} L1 table")
+        return snapshot_l1(f, sn, self.geo.cluster_size, f.size())
 
     def _plan(self, trees, addend, what, extra=()):
         counts = new_counts(self.state, self.refcounts)
@@ -272,11 +272,11 @@ class Snapshots:
                 s.file.pwrite(l1.astype(">u8").tobytes(), s.header.l1_table_offset)
             self._after()
             now = time.time_ns() if date is None else int(date * 1e9)
-            sn = Snapshot(sn_l1_off, n_l1, ident, name, now // 10**9,
-                          (now % 10**9) // 1000 * 1000, vm_clock_nsec, vm_size, s.size, b"",
-                          icount)
-            self._publish_table(snaps + [sn])
-            features.set_dirty(s, False)    # (the publish's barriers made the flags stable)
+            sn = Snapshot(sn_l1_off, n_l1, ident, name, now // 10**9, (now % 10**9) // 1000 * 1000,
+                          vm_clock_nsec, vm_size, s.size, b"", icount)
+            # The header write that names the new table clears the dirty bit:
+            # the publish's first barrier made the flags stable.
+            self._publish_table(snaps + [sn], dirty=False)
         if vm_size:
             # The VM state is not needed in the active tree (qemu: it would
             # only cost copy-on-write at the next snapshot).
@@ -364,17 +364,24 @@ class Snapshots:
         sn = img.snapshots[i]
         self._settle()
         tree = Tree(s, self._snapshot_l1(sn))
-        l1_clusters = [(sn.l1_table_offset, self._l1_bytes(sn.l1_size))] if sn.l1_size else []
+        # An L1 table (partly) past the end of the file is not freed: qemu's
+        # qcow2_free_clusters fails there ("qcow2_free_clusters failed") and
+        # rolls back, leaking the part inside the file.
+        l1_clusters = [(sn.l1_table_offset, self._l1_bytes(sn.l1_size))] \
+            if sn.l1_size and l1_inside_file(sn, s.file.size()) else []
         what = f"snapshot {sn.id}"
         plan = self._plan([tree], -1, what, l1_clusters)  # refuses before writing
         with features.steps(s, f"deleting {what}"):
-            self._publish_table(img.snapshots[:i] + img.snapshots[i + 1:])
-            features.set_dirty(s, True)     # barrier: the COPIED window opens (module doc)
+            # The header write that drops the entry sets the dirty bit, and the
+            # publish's last barrier makes both stable: the COPIED window opens.
+            self._publish_table(img.snapshots[:i] + img.snapshots[i + 1:], dirty=True)
             plan.apply()
-            self._sync()        # barrier: refcounts drop before COPIED is set on what is now 1
+            self._sync()            # barrier: refcounts drop before COPIED is set on what is now 1
             discard_freed(s, plan.freed_clusters())
             self._update_copied(plan.state)
-            features.set_dirty(s, False)    # after _update_copied's barrier: flags stable
+            # After _update_copied's barrier (flags stable); the next barrier
+            # (close's, the next operation's) makes the clean bit stable.
+            features.set_dirty(s, False, sync=False)
             self._after()
             return sn
 

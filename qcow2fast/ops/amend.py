@@ -17,7 +17,7 @@ version.
 
 import os
 
-from ..engine import compat, features, luks_amend, refcount_order
+from ..engine import compat, features, refcount_order
 from ..engine.image import Image
 from ..errors import InvalidArgumentError, ReadOnlyImageError, UnsupportedFeatureError
 from ..spec import header as hdr
@@ -135,8 +135,10 @@ def _plan(img, opts, force=False):
     h = img.header
     if img.read_only:
         raise ReadOnlyImageError(img.state.read_only_reason())
-    keyslots = luks_amend.plan(img, opts, force) \
-        if any(key.startswith("encrypt.") for key in opts) else None
+    keyslots = None
+    if any(key.startswith("encrypt.") for key in opts):
+        from ..engine import luks_amend     # (hashlib, the LUKS code: only when asked for)
+        keyslots = luks_amend.plan(img, opts, force)
     if opts.get("data_file") is not None and not img.state.external_data:
         raise InvalidArgumentError("data-file can only be set for images that use an external "
                                    "data file")

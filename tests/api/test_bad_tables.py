@@ -185,7 +185,7 @@ def test_bad_snapshot_table_entry(base, tmp_path, case):
     patch(path, entry + off, fmt, *(value if isinstance(value, tuple) else (value,)))
     if name.startswith("l1_"):
         # qemu opens these (read-write too) and refuses only to use that
-        # snapshot (test_interop_snapshot.py: ..._refused_only_when_used).
+        # snapshot (test_snapshot_damaged.py: ..._refused_only_when_used).
         res = attempt(path, "r+", "write")
         assert "exc" not in res, res
         return

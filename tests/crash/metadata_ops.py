@@ -19,7 +19,7 @@ What "acknowledged" means here:
   -r all and by the r+ open, no snapshot changed by the further
   workload); on v2 (no dirty bit) the states allow exactly those errors
   on a clean image, mended by ``check -r all``
-  (tests/interop/test_interop_snapshot.py checks it is one barrier wide).
+  (tests/interop/test_snapshot_crash.py checks it is one barrier wide).
 - bitmaps are stored at close: once close returned, every bitmap the model
   has is on disk, consistent, and marks every granule written since it was
   added or cleared.  Before that, a bitmap on disk that is not in use

@@ -83,14 +83,18 @@ def geom_id(g):
     return f"cs{cs}-rb{rb}-v{'3' if compat == '1.1' else '2'}"
 
 
-def require_qemu():
-    """Skip (or, under CI=true, fail) when the qemu oracle is missing."""
-    if HAVE_QEMU:
+def require(present, msg):
+    """Skip (or, under CI=true, fail) when a tool the test needs is missing."""
+    if present:
         return
-    msg = "qemu-img/qemu-io not installed (Debian package qemu-utils)"
     if IN_CI:
         pytest.fail(msg + " -- required when CI=true", pytrace=False)
     pytest.skip(msg)
+
+
+def require_qemu():
+    """Skip (or, under CI=true, fail) when the qemu oracle is missing."""
+    require(HAVE_QEMU, "qemu-img/qemu-io not installed (Debian package qemu-utils)")
 
 
 # ---------------------------------------------------------------- running qemu

@@ -65,3 +65,24 @@ def test_full_parser_still_lists_every_command(capsys):
     out = capsys.readouterr().out
     for name in COMMANDS:
         assert name in out
+
+
+def test_plain_image_lifecycle_loads_no_luks(tmp_path):
+    """Opening a plain image, taking and dropping a snapshot, resizing and
+    amending it load no LUKS code (hashlib, OpenSSL through ctypes): only
+    an encrypted image, or an encrypt.* amend, needs it."""
+    import qcow2fast
+    path = str(tmp_path / "plain.qcow2")
+    qcow2fast.create(path, 1 << 20)
+    mods = loaded_after(
+        "import qcow2fast\n"
+        f"with qcow2fast.open({path!r}, 'r+') as img:\n"
+        "    img.write(0, b'x' * 4096)\n"
+        "    img.create_snapshot('s')\n"
+        "    img.delete_snapshot('s')\n"
+        "    img.resize(2 << 20)\n"
+        f"qcow2fast.amend({path!r}, {{'refcount_bits': 64}})")
+    luks = {"hashlib", "qcow2fast.engine.crypto", "qcow2fast.engine.luks",
+            "qcow2fast.engine.libcrypto", "qcow2fast.engine.luks_amend"}
+    assert "qcow2fast.engine.image" in mods
+    assert not mods & luks, sorted(mods & luks)
