@@ -13,7 +13,8 @@ libcrypto is reached through the addresses engine/libcrypto.py (cffi, ABI
 mode) hands over; contexts are made there, keyed for one direction, and
 kept in a pool so that threads never share one.  ``SectorTransform`` is the
 data-transform hook (hooks.pxd) built on a cipher: the sector number is the
-host offset / 512 (qemu's LUKS in qcow2, crypt_physical_offset).
+host offset / 512 (qemu's LUKS in qcow2, crypt_physical_offset), or the
+guest offset / 512 (legacy AES-CBC).
 """
 
 from libc.stdint cimport int64_t, uint64_t, uintptr_t
@@ -161,21 +162,27 @@ cdef class SectorCipher:
 
 cdef class SectorTransform(DataTransform):
     """The data transform of an encrypted image: each 512-byte block is
-    en/decrypted by ``cipher`` as sector number host offset / 512."""
+    en/decrypted by ``cipher`` as sector number host offset / 512 (LUKS in
+    qcow2: qemu's crypt_physical_offset), or guest offset / 512 with
+    ``by_guest`` (legacy AES-CBC)."""
 
     cdef readonly SectorCipher cipher
+    cdef readonly bint by_guest
 
-    def __init__(self, int64_t block_size, SectorCipher cipher):
+    def __init__(self, int64_t block_size, SectorCipher cipher, bint by_guest=False):
         if block_size != SECTOR:
             raise InvalidArgumentError("encryption works on 512-byte sectors")
         self.cipher = cipher
+        self.by_guest = by_guest
 
-    cpdef int decode(self, unsigned char[::1] buf, uint64_t host) except -1:
+    cpdef int decode(self, unsigned char[::1] buf, uint64_t host, uint64_t guest) except -1:
         if buf.shape[0]:
-            self.cipher.crypt(&buf[0], buf.shape[0], host // SECTOR, False)
+            self.cipher.crypt(&buf[0], buf.shape[0],
+                              (guest if self.by_guest else host) // SECTOR, False)
         return 0
 
-    cpdef int encode(self, unsigned char[::1] buf, uint64_t host) except -1:
+    cpdef int encode(self, unsigned char[::1] buf, uint64_t host, uint64_t guest) except -1:
         if buf.shape[0]:
-            self.cipher.crypt(&buf[0], buf.shape[0], host // SECTOR, True)
+            self.cipher.crypt(&buf[0], buf.shape[0],
+                              (guest if self.by_guest else host) // SECTOR, True)
         return 0
