@@ -11,15 +11,30 @@ IV_PLAIN: Final[int]
 IV_PLAIN64: Final[int]
 IV_ESSIV: Final[int]
 
+MODE_ECB: Final[int]
+MODE_CBC: Final[int]
+MODE_CTR: Final[int]
+MODE_XTS: Final[int]
+
 @disjoint_base
 class SectorCipher:
+    def encrypt(self, buf: Buffer, sector: int) -> None: ...
+    def decrypt(self, buf: Buffer, sector: int) -> None: ...
+    def close(self) -> None: ...
+
+@disjoint_base
+class EvpSectorCipher(SectorCipher):
     def __new__(cls, entry_points: tuple[int, int, int],
                 make_contexts: Callable[[bool], tuple[int, int]], ivgen: int) -> Self: ...
     @property
     def ivgen(self) -> int: ...
-    def encrypt(self, buf: Buffer, sector: int) -> None: ...
-    def decrypt(self, buf: Buffer, sector: int) -> None: ...
-    def close(self) -> None: ...
+
+@disjoint_base
+class BlockSectorCipher(SectorCipher):
+    def __new__(cls, functions: tuple[int, int, int, int], schedules: tuple[int, int, int, int],
+                block: int, mode: int, ivgen: int, keep: object) -> Self: ...
+    @property
+    def ivgen(self) -> int: ...
 
 @disjoint_base
 class SectorTransform(DataTransform):

@@ -1,8 +1,8 @@
 """LUKS inside qcow2, both ways against qemu-img 7.2: images qemu makes read
 bit-exactly, images qcow2fast makes (and writes) read by qemu, check clean,
-compare equal; every cipher mode and IV generator qemu offers that
-libcrypto has; cluster sizes 4 KiB to 2 MiB, extended L2, an encrypted
-layer in a backing chain."""
+compare equal; every AES cipher mode and IV generator qemu offers (the
+other ciphers: test_luks_ciphers.py); cluster sizes 4 KiB to 2 MiB,
+extended L2, an encrypted layer in a backing chain."""
 
 import numpy as np
 import pytest
