@@ -24,7 +24,7 @@ cdef class ChainCore(ChainStep):
     cdef int _walk(self, char *buf, int64_t pos, int64_t n, int first) except -1
     cdef int _resolve(self, int64_t block) except -1
     cdef int _resolve_blocks(self, int64_t b0, uint64_t **blocks, int nb) except -1
-    cdef int _read_data(self, int j, char *buf, int64_t n, uint64_t host) except -1
+    cdef int _read_data(self, int j, char *buf, int64_t n, uint64_t host, uint64_t guest) except -1
     cdef int _read_slow(self, int j, char *buf, int64_t pos, int64_t n) except -1
     cdef int _lock_layer(self, int j) except -1
     cdef int64_t _span(self)

@@ -132,7 +132,7 @@ cdef class ChainCore(ChainStep):
                 if chunk > n:
                     chunk = n
                 if kind == RM_DATA:
-                    self._read_data(<int>(meta >> 8), buf, chunk, blk[2 * i] + in_u)
+                    self._read_data(<int>(meta >> 8), buf, chunk, blk[2 * i] + in_u, pos)
                 elif kind == RM_ZERO:
                     memset(buf, 0, chunk)
                 elif kind == RM_SLOW:
@@ -174,7 +174,7 @@ cdef class ChainCore(ChainStep):
                     pthread_rwlock_unlock(&core.rwlock)
                 self.layer_lookups += 1
                 if kind == EXT_DATA:
-                    self._read_data(j, buf, lim, host)
+                    self._read_data(j, buf, lim, host, pos)
                 elif kind == EXT_ZERO:
                     memset(buf, 0, lim)
                 elif kind != EXT_UNALLOCATED:
@@ -325,13 +325,14 @@ cdef class ChainCore(ChainStep):
         self.last_used[j] = self.clock
         return 0
 
-    cdef int _read_data(self, int j, char *buf, int64_t n, uint64_t host) except -1:
+    cdef int _read_data(self, int j, char *buf, int64_t n, uint64_t host,
+                        uint64_t guest) except -1:
         cdef ImageCore core
         if self.cores[j] is None:
             return (<File>self.files[j]).read_at(buf, n, host)
         core = <ImageCore>self.cores[j]
         if not self.lazy:               # files never suspended: no lock needed
-            return core.s.read_data(buf, n, host)
+            return core.s.read_data(buf, n, host, guest)
         core._rdlock_fast()
         while core.s.data_file.fd < 0:
             pthread_rwlock_unlock(&core.rwlock)
@@ -340,7 +341,7 @@ cdef class ChainCore(ChainStep):
         self.clock += 1
         self.last_used[j] = self.clock
         try:
-            core.s.read_data(buf, n, host)
+            core.s.read_data(buf, n, host, guest)
         finally:
             pthread_rwlock_unlock(&core.rwlock)
         return 0

@@ -290,7 +290,7 @@ cdef class ImageCore:
                 if s.transform is None:     # s.read_data's plain case, one call less (hot path)
                     f.read_at(buf + done, chunk, host + in_cl)
                 else:
-                    s.read_data(buf + done, chunk, host + in_cl)
+                    s.read_data(buf + done, chunk, host + in_cl, pos)
             elif kind == EXT_ZERO:
                 memset(buf + done, 0, chunk)
             elif kind == EXT_UNALLOCATED:
@@ -350,7 +350,7 @@ cdef class ImageCore:
                 if s.transform is None:     # s.write_data's plain case, one call less (hot path)
                     f.write_at(buf + done, chunk, host + in_cl)
                 else:
-                    s.write_data(buf + done, chunk, host + in_cl)
+                    s.write_data(buf + done, chunk, host + in_cl, pos)
             elif s.alloc_fast and (l1e & QCOW_OFLAG_COPIED) and run > 0 and (
                     kind == EXT_UNALLOCATED or kind == EXT_ZERO or s.extended):
                 if not exclusive:
@@ -381,16 +381,17 @@ cdef class ImageCore:
         return self.chain_step.read_below(dst, pos, n, self.chain_first)
 
     cdef int _pwrite3(self, const char *a, int64_t na, const char *b, int64_t nb,
-                      const char *c, int64_t nc, uint64_t off) except -1:
+                      const char *c, int64_t nc, uint64_t off, uint64_t guest) except -1:
         """Write the pieces a, b, c back to back at host ``off`` of the data
-        file (any may be empty), through the data funnel."""
+        file (guest offset ``guest``; any may be empty), through the data
+        funnel."""
         cdef ImageState s = self.s
         if na:
-            s.write_data(a, na, off)
+            s.write_data(a, na, off, guest)
         if nb:
-            s.write_data(b, nb, off + na)
+            s.write_data(b, nb, off + na, guest + na)
         if nc:
-            s.write_data(c, nc, off + na + nb)
+            s.write_data(c, nc, off + na + nb, guest + na + nb)
         return 0
 
     cdef int64_t _alloc_write(self, const char *buf, int64_t pos, int64_t remaining,
@@ -429,15 +430,16 @@ cdef class ImageCore:
             # One cluster: one read of what is below, merged, one write.
             self._fill_below(self.scratch, pos - in_cl, cs)
             memcpy(self.scratch + in_cl, buf, chunk)
-            self._pwrite3(self.scratch, cs, NULL, 0, NULL, 0, host)
+            self._pwrite3(self.scratch, cs, NULL, 0, NULL, 0, host, pos - in_cl)
         elif below:
             self._fill_below(self.scratch, pos - in_cl, in_cl)
             self._fill_below(self.scratch + cs, pos + chunk, tail)
-            self._pwrite3(self.scratch, in_cl, buf, chunk, self.scratch + cs, tail, host)
+            self._pwrite3(self.scratch, in_cl, buf, chunk, self.scratch + cs, tail, host,
+                          pos - in_cl)
         elif <int64_t>host < s.zero_from:           # reused space: zero the edges
-            self._pwrite3(self.zeros, in_cl, buf, chunk, self.zeros, tail, host)
+            self._pwrite3(self.zeros, in_cl, buf, chunk, self.zeros, tail, host, pos - in_cl)
         else:                                       # fresh space: the edges read as zeros
-            self._pwrite3(NULL, 0, buf, chunk, NULL, 0, host + in_cl)
+            self._pwrite3(NULL, 0, buf, chunk, NULL, 0, host + in_cl, pos)
         for k in range(nclusters):
             l2[l2i + k] = (host + (k << s.cluster_bits)) | QCOW_OFLAG_COPIED
         self._allocated(slot, l2i, nclusters, end)
@@ -492,7 +494,7 @@ cdef class ImageCore:
             # Inside one subcluster: one read of what is below, merged, one write.
             self._fill_below(self.scratch, pos + lo, hi - lo)
             memcpy(self.scratch + (a - lo), buf, b - a)
-            self._pwrite3(self.scratch, hi - lo, NULL, 0, NULL, 0, target + lo)
+            self._pwrite3(self.scratch, hi - lo, NULL, 0, NULL, 0, target + lo, pos + lo)
         else:
             if head:
                 if (zero >> s0) & 1:
@@ -505,7 +507,8 @@ cdef class ImageCore:
                 else:
                     self._fill_below(self.scratch + cs, pos + b, hi - b)
             self._pwrite3(self.scratch, (a - lo) if head else 0, buf, b - a, self.scratch + cs,
-                          (hi - b) if tail else 0, target + (lo if head else a))
+                          (hi - b) if tail else 0, target + (lo if head else a),
+                          pos + (lo if head else a))
         l2[w] = target | QCOW_OFLAG_COPIED
         l2[w + 1] = ((zero & ~touched) << SC_ZERO_SHIFT) | alloc | touched
         self._allocated(slot, w, 2, target + cs)

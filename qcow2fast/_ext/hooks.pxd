@@ -22,13 +22,16 @@ cdef class DirtyBitmap(WriteObserver):
 cdef class DataTransform:
     # Transforms guest data on its way between the guest and a data cluster
     # (encryption), in whole blocks of ``block_size`` bytes, in place;
-    # ``host`` is the block-aligned host offset of ``buf``'s first byte
-    # (what a sector's IV is derived from).  ImageState.read_data and
+    # ``host`` and ``guest`` are the block-aligned host and guest offsets of
+    # ``buf``'s first byte (a sector's IV is derived from one of them: the
+    # host offset for LUKS, the guest offset for legacy AES).  A lower
+    # layer's data is transformed at the guest offset it shows through at
+    # (layers of a chain share guest offsets).  ImageState.read_data and
     # write_data call it, with the GIL held; a Cython subclass overrides the
     # cpdef methods without a Python call.
     cdef readonly int64_t block_size
-    cpdef int decode(self, unsigned char[::1] buf, uint64_t host) except -1
-    cpdef int encode(self, unsigned char[::1] buf, uint64_t host) except -1
+    cpdef int decode(self, unsigned char[::1] buf, uint64_t host, uint64_t guest) except -1
+    cpdef int encode(self, unsigned char[::1] buf, uint64_t host, uint64_t guest) except -1
 
 
 cdef class ChainStep:

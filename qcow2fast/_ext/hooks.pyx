@@ -134,11 +134,11 @@ cdef class DataTransform:
                                        f"16 B and 64 KiB, not {block_size}")
         self.block_size = block_size
 
-    cpdef int decode(self, unsigned char[::1] buf, uint64_t host) except -1:
+    cpdef int decode(self, unsigned char[::1] buf, uint64_t host, uint64_t guest) except -1:
         """Host bytes of whole blocks -> guest bytes, in place."""
         return 0
 
-    cpdef int encode(self, unsigned char[::1] buf, uint64_t host) except -1:
+    cpdef int encode(self, unsigned char[::1] buf, uint64_t host, uint64_t guest) except -1:
         """Guest bytes of whole blocks -> host bytes, in place."""
         return 0
 

@@ -57,6 +57,9 @@ cdef class ImageState:
     cdef int64_t meta_clusters
 
     cdef bint touches_metadata(self, uint64_t host, int64_t n) noexcept nogil
-    cdef int read_data(self, char *buf, int64_t n, uint64_t host) except -1
-    cdef int write_data(self, const char *buf, int64_t n, uint64_t host) except -1
+    # ``guest``: the guest offset of buf's first byte (the transform's IVs may
+    # derive from it); ``host`` and ``guest`` agree modulo the cluster size.
+    cdef int read_data(self, char *buf, int64_t n, uint64_t host, uint64_t guest) except -1
+    cdef int write_data(self, const char *buf, int64_t n, uint64_t host,
+                        uint64_t guest) except -1
     cdef bint transform_aligned(self, int64_t n, uint64_t host) noexcept nogil

@@ -140,8 +140,9 @@ cdef class ImageState:
             return True
         return (host | <uint64_t>n) & <uint64_t>(self.transform.block_size - 1) == 0
 
-    cdef int read_data(self, char *buf, int64_t n, uint64_t host) except -1:
-        """Guest data at host [host, host+n) of the data file into ``buf``."""
+    cdef int read_data(self, char *buf, int64_t n, uint64_t host, uint64_t guest) except -1:
+        """Guest data at host [host, host+n) of the data file into ``buf``;
+        ``guest`` is the guest offset of its first byte."""
         cdef int64_t bs, lo, hi
         cdef char *tmp
         if self.transform is None or n <= 0:
@@ -151,56 +152,62 @@ cdef class ImageState:
         hi = (host + n + bs - 1) & ~(bs - 1)
         if lo == <int64_t>host and hi == <int64_t>host + n:
             self.data_file.read_at(buf, n, host)
-            self.transform.decode(<unsigned char[:n]> <unsigned char *> buf, host)
+            self.transform.decode(<unsigned char[:n]> <unsigned char *> buf, host, guest)
             return 0
         tmp = <char *>malloc(hi - lo)
         if tmp == NULL:
             raise MemoryError()
         try:
-            self.read_data(tmp, hi - lo, lo)
+            self.read_data(tmp, hi - lo, lo, guest - (host - lo))
             memcpy(buf, tmp + (host - lo), n)
         finally:
             free(tmp)
         return 0
 
-    cdef int write_data(self, const char *buf, int64_t n, uint64_t host) except -1:
-        """Guest data ``buf`` to host [host, host+n) of the data file.  With a
-        transform, edge blocks the write covers in part are read, decoded
-        and patched first (the caller holds the exclusive lock then)."""
+    cdef int write_data(self, const char *buf, int64_t n, uint64_t host,
+                        uint64_t guest) except -1:
+        """Guest data ``buf`` (guest offset ``guest``) to host [host, host+n)
+        of the data file.  With a transform, edge blocks the write covers in
+        part are read, decoded and patched first (the caller holds the
+        exclusive lock then)."""
         cdef int64_t bs, lo, hi
+        cdef uint64_t glo
         cdef char *tmp
         if self.transform is None or n <= 0:
             return self.data_file.write_at(buf, n, host)
         bs = self.transform.block_size
         lo = host & ~(bs - 1)
         hi = (host + n + bs - 1) & ~(bs - 1)
+        glo = guest - (host - lo)
         tmp = <char *>malloc(hi - lo)
         if tmp == NULL:
             raise MemoryError()
         try:
             if lo < <int64_t>host:
-                self.read_data(tmp, bs, lo)
+                self.read_data(tmp, bs, lo, glo)
             if hi > <int64_t>host + n and (hi - bs > lo or lo == <int64_t>host):
-                self.read_data(tmp + (hi - bs - lo), bs, hi - bs)
+                self.read_data(tmp + (hi - bs - lo), bs, hi - bs, glo + (hi - bs - lo))
             memcpy(tmp + (host - lo), buf, n)
-            self.transform.encode(<unsigned char[:hi - lo]> <unsigned char *> tmp, lo)
+            self.transform.encode(<unsigned char[:hi - lo]> <unsigned char *> tmp, lo, glo)
             self.data_file.write_at(tmp, hi - lo, lo)
         finally:
             free(tmp)
         return 0
 
-    def read_data_into(self, buf, uint64_t host):
-        """Python access to :meth:`read_data`: fill ``buf`` from ``host``."""
+    def read_data_into(self, buf, uint64_t host, uint64_t guest):
+        """Python access to :meth:`read_data`: fill ``buf`` from ``host``
+        (guest offset ``guest``)."""
         cdef Py_buffer view
         PyObject_GetBuffer(buf, &view, PyBUF_SIMPLE | PyBUF_WRITABLE)
         try:
-            self.read_data(<char *>view.buf, view.len, host)
+            self.read_data(<char *>view.buf, view.len, host, guest)
         finally:
             PyBuffer_Release(&view)
 
-    def write_data_pieces(self, pieces, uint64_t host):
+    def write_data_pieces(self, pieces, uint64_t host, uint64_t guest):
         """Python access to :meth:`write_data`: ``pieces`` (bytes-like) back
-        to back from ``host``, in one system call where it can."""
+        to back from ``host`` (guest offset ``guest``), in one system call
+        where it can."""
         cdef Py_buffer view
         cdef File f = self.data_file
         if len(pieces) > 1 and (self.transform is not None or f.direct):
@@ -208,7 +215,7 @@ cdef class ImageState:
         if len(pieces) == 1:
             PyObject_GetBuffer(pieces[0], &view, PyBUF_SIMPLE)
             try:
-                self.write_data(<const char *>view.buf, view.len, host)
+                self.write_data(<const char *>view.buf, view.len, host, guest)
             finally:
                 PyBuffer_Release(&view)
             return

@@ -71,7 +71,7 @@ class Clusters:
             elif kind == ZERO:
                 out[:] = bytes(n)
             else:
-                s.read_data_into(out, host)
+                s.read_data_into(out, host, pos)
             done += n
 
     def read_below(self, pos, out):
@@ -153,7 +153,7 @@ class Clusters:
                                                            need_copied=True)
                 if kind == DATA and entry & QCOW_OFLAG_COPIED:
                     self.check_overlap(pos, host, n)
-                    s.write_data_pieces([mv[done:done + n]], host)
+                    s.write_data_pieces([mv[done:done + n]], host, pos)
                 elif self.subclusters is not None:
                     self.subclusters.write(slot, pos, mv[done:done + n])
                 else:
@@ -185,13 +185,13 @@ class Clusters:
             pieces.append(self._old_bytes(first + (nclusters - 1) * cs, cs - tail, tail, old[-1],
                                           fresh))
         # Drop leading/trailing pieces that are zeros over fresh (zero) space.
-        start = new
+        start = 0
         if pieces[0] is None:
             pieces.pop(0)
-            start += head
+            start = head
         if pieces[-1] is None:
             pieces.pop()
-        s.write_data_pieces(pieces, start)
+        s.write_data_pieces(pieces, new + start, first + start)
         s.data_written(new + nclusters * cs)
         # Data first, then the L2 entries that point to it.
         for k in range(nclusters):
@@ -212,7 +212,7 @@ class Clusters:
         elif kind == COMPRESSED:
             buf[:] = self.compressed.cluster(entry)[start:start + n]
         else:   # a data cluster shared with a snapshot
-            self.state.read_data_into(buf, (entry & L2E_OFFSET_MASK) + start)
+            self.state.read_data_into(buf, (entry & L2E_OFFSET_MASK) + start, guest_cluster + start)
         if fresh and not any(buf):
             return None
         return buf
@@ -374,19 +374,22 @@ class Clusters:
                 # Reused space of a file holds old bytes: the mapped clusters
                 # must read as zeros (qemu discards what it frees).  (A
                 # device's clusters keep its old data, as in qemu.)
-                self._zero_host(new, min(host_end, s.zero_from), mode)
+                self._zero_host(new, min(host_end, s.zero_from), mode, pos)
             if mode == "falloc":
                 s.data_file.fallocate(new, n * cs)
             elif mode == "full":
                 zeros = memoryview(bytes(min(n * cs, 1 << 20)))
                 for off in range(new, host_end, len(zeros)):
-                    s.write_data_pieces([zeros[:min(len(zeros), host_end - off)]], off)
+                    s.write_data_pieces([zeros[:min(len(zeros), host_end - off)]], off,
+                                        pos + (off - new))
             pos += n << geo.cluster_bits
 
-    def _zero_host(self, lo, hi, mode):
+    def _zero_host(self, lo, hi, mode, guest):
+        """Host [lo, hi) (guest offset ``guest`` at ``lo``) reads as zeros."""
         f = self.state.data_file
         done = f.punch_hole(lo, hi - lo) if mode == "metadata" else f.zero_range(lo, hi - lo)
         if not done or self.state.transform is not None:
             zeros = memoryview(bytes(min(hi - lo, 1 << 20)))
             for off in range(lo, hi, len(zeros)):
-                self.state.write_data_pieces([zeros[:min(len(zeros), hi - off)]], off)
+                self.state.write_data_pieces([zeros[:min(len(zeros), hi - off)]], off,
+                                             guest + (off - lo))

@@ -99,16 +99,22 @@ def expand_zero_clusters(img, progress=None):
         l1s.append(read_l1_table(f, sn.l1_table_offset, sn.l1_size, cs, size,
                                  what=f"snapshot {sn.id} L1 table"))
     tables = sorted({int(o) for l1 in l1s for o in l2_table_offsets(l1).tolist() if o})
+    # The guest offset each table maps first (legacy AES derives IVs from it).
+    table_guest = {}
+    for l1 in l1s:
+        for i, o in enumerate(l2_table_offsets(l1).tolist()):
+            if o:
+                table_guest.setdefault(int(o), i << (geo.cluster_bits + geo.l2_bits))
     s.l2_cache.invalidate_all()         # (clean: flushed by the caller) tables change on disk
     for k in range(0, len(tables), BATCH_TABLES):
         if progress is not None:
             progress(k, len(tables))
-        _expand_batch(img, tables[k:k + BATCH_TABLES], backed)
+        _expand_batch(img, tables[k:k + BATCH_TABLES], backed, table_guest)
     if progress is not None:
         progress(len(tables), len(tables))
 
 
-def _expand_batch(img, tables, backed):
+def _expand_batch(img, tables, backed, table_guest):
     s, geo, rc = img.state, img.geo, img.refcounts
     f, cs, cb = s.file, geo.cluster_size, geo.cluster_bits
     changed = []
@@ -121,9 +127,10 @@ def _expand_batch(img, tables, backed):
         shared = rc.get(l2off >> cb)            # tables pointing to this L2 table
         plain = zero[(l2[zero] & np.uint64(L2E_OFFSET_MASK)) == 0]
         kept = zero[(l2[zero] & np.uint64(L2E_OFFSET_MASK)) != 0]
+        g0 = table_guest[l2off]
         for i in kept.tolist():
             e = int(l2[i]) & ~QCOW_OFLAG_ZERO
-            _zero_cluster(img, e & L2E_OFFSET_MASK)
+            _zero_cluster(img, e & L2E_OFFSET_MASK, [g0 + (i << cb)])
             if rc.get((e & L2E_OFFSET_MASK) >> cb) != 1:    # COPIED iff refcount 1
                 e &= ~QCOW_OFLAG_COPIED
             l2[i] = np.uint64(e)
@@ -133,7 +140,7 @@ def _expand_batch(img, tables, backed):
             first = img.clusters.alloc(len(plain))
             if shared > 1:
                 rc.update(first >> cb, len(plain), shared - 1)
-            _zero_cluster(img, first, len(plain))
+            _zero_cluster(img, first, [g0 + (i << cb) for i in plain.tolist()])
             copied = QCOW_OFLAG_COPIED if shared == 1 else 0
             l2[plain] = (np.arange(len(plain), dtype=np.uint64) * np.uint64(cs)
                          + np.uint64(first)) | np.uint64(copied)
@@ -148,16 +155,18 @@ def _expand_batch(img, tables, backed):
     s.barrier()                 # barrier: the L2 tables before the version switch
 
 
-def _zero_cluster(img, host, n=1):
-    """Make host clusters [host, host + n clusters) read as zeros."""
-    s = img.state
-    nbytes = n << img.geo.cluster_bits
+def _zero_cluster(img, host, guests):
+    """Make the host clusters from ``host`` on, one per guest offset of
+    ``guests`` (where the guest reads them), read as zeros."""
+    s, cs = img.state, img.geo.cluster_size
+    nbytes = len(guests) * cs
     if host >= s.zero_from:
         s.allocated(host + nbytes)
         return
     if s.transform is None and s.data_file.zero_range(host, nbytes):
         return
-    zeros = memoryview(bytes(min(nbytes, 1 << 20)))
-    for off in range(host, host + nbytes, len(zeros)):
-        s.write_data_pieces([zeros[:min(len(zeros), host + nbytes - off)]], off)
+    zeros = memoryview(bytes(min(cs, 1 << 20)))
+    for k, guest in enumerate(guests):
+        for at in range(0, cs, len(zeros)):
+            s.write_data_pieces([zeros], host + k * cs + at, guest + at)
     s.allocated(host + nbytes)

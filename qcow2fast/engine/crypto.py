@@ -6,9 +6,14 @@ offset and length of the LUKS area (a LUKS1 header and its key material,
 in clusters of its own); the payload offset inside it is not used, and
 each 512-byte sector of guest data is encrypted with the master key as
 sector number host offset / 512 (qemu's crypt_physical_offset).
-``crypt_method`` 1 is qemu's legacy AES-CBC: its IVs come from the guest
-offset, which the data transform hook does not carry; ``info`` shows such
-an image, anything that reads or writes its data is refused.
+``crypt_method`` 1 is qemu's legacy AES-CBC (crypto/block-qcow.c): no
+header, the key is the passphrase itself cut or zero-padded to 16 bytes,
+each sector encrypted with AES-128-CBC and the plain64 IV of its *guest*
+offset / 512 (qemu: crypt_physical_offset false).  It is broken by design
+(same key and IVs for every image with that passphrase, no check of the
+passphrase: a wrong one reads garbage); qemu 7.2's qemu-img, qemu-io and
+qemu-nbd read, write and create it without a warning (only its system
+emulators refuse it), and so does qcow2fast.
 
 An encrypted image's data goes through a ``SectorTransform`` installed as
 the state's data transform: no data reaches the caller undecrypted and the
@@ -26,8 +31,6 @@ from .secret import Secret
 
 # qemu's message.
 NEED_SECRET = "Parameter 'encrypt.key-secret' is required for cipher"
-AES_REFUSED = ("legacy AES-CBC encrypted qcow2 images (encrypt.format=aes) are not supported "
-               "by qcow2fast: convert them to LUKS with qemu-img")
 # The LUKS area of qemu's images is 2 MiB at most (8 slots of 4000 stripes
 # of a 64-byte key); a larger extension is refused before anything is read.
 MAX_LUKS_AREA = 32 << 20
@@ -138,13 +141,35 @@ def read_encryption(f, h, file_size):
                       L.parse(f.pread(off, min(length, L.HEADER_SIZE)), length, off))
 
 
+def legacy_aes_key(secret):
+    """qemu's key for legacy AES-CBC (qcrypto_block_qcow_init): the
+    passphrase, valid UTF-8 without NUL (g_utf8_validate), cut or
+    zero-padded to 16 bytes."""
+    pw = secret.value
+    try:
+        pw.decode("utf-8")
+    except UnicodeDecodeError:
+        pw = b"\0"
+    if b"\0" in pw:
+        raise InvalidArgumentError("Data from secret is not valid UTF-8")
+    pw = pw[:L.LEGACY_AES_KEY_BYTES]
+    return pw + bytes(L.LEGACY_AES_KEY_BYTES - len(pw))
+
+
+def legacy_aes_transform(secret):
+    """The data transform of a legacy AES-CBC image with passphrase ``secret``."""
+    cipher = luks.make_cipher(*L.LEGACY_AES, legacy_aes_key(secret))
+    return cipher, SectorTransform(L.SECTOR_SIZE, cipher, by_guest=True)
+
+
 def unlock(enc, f, key_secret):
     """Install nothing; return the transform for the image's data once the
-    key slot ``key_secret`` opens is found."""
-    if enc.method == L.CRYPT_AES:
-        raise UnsupportedFeatureError(AES_REFUSED, feature="encrypt.format")
+    key slot ``key_secret`` opens is found (legacy AES: any passphrase)."""
     if key_secret is None:
         raise MissingSecretError(NEED_SECRET)
+    if enc.method == L.CRYPT_AES:
+        enc.cipher, transform = legacy_aes_transform(Secret(key_secret))
+        return transform
     h = enc.header
     _, key = luks.find_key(h, Secret(key_secret), enc.reader(f))
     enc.cipher = luks.make_cipher(h.cipher_alg, h.mode, h.ivgen_alg, h.ivgen_hash_alg, key)
@@ -163,10 +188,10 @@ class LockedTransform(DataTransform):
     """The transform of an encrypted image opened without its secret
     (``no_io``, as qemu-img info opens): metadata only, no data."""
 
-    def decode(self, buf, host):
+    def decode(self, buf, host, guest):
         raise MissingSecretError(NEED_SECRET)
 
-    def encode(self, buf, host):
+    def encode(self, buf, host, guest):
         raise MissingSecretError(NEED_SECRET)
 
 

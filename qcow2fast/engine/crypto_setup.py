@@ -5,11 +5,12 @@ Python spelling of qemu-img's ``-o encrypt.*`` options: a dict whose keys
 are the option names without ``encrypt.`` (dashes or underscores):
 ``{"format": "luks", "key_secret": b"...", "cipher_alg": "aes-256",
 "cipher_mode": "xts", "ivgen_alg": "plain64", "ivgen_hash_alg": None,
-"hash_alg": "sha256", "iter_time": 2000}``.
+"hash_alg": "sha256", "iter_time": 2000}``; legacy AES-CBC takes only
+``{"format": "aes", "key_secret": b"..."}`` (engine/crypto.py).
 """
 
 from .._ext.sectorcipher import SectorTransform
-from ..errors import InvalidArgumentError, UnsupportedFeatureError
+from ..errors import InvalidArgumentError
 from ..spec import header as hdr
 from ..spec import luks as L
 from . import crypto, luks
@@ -18,6 +19,7 @@ from .secret import Secret
 CHOICE = ("cipher_alg", "cipher_mode", "ivgen_alg", "ivgen_hash_alg", "hash_alg")
 LUKS_KEYS = ("format", "key_secret", "cipher_alg", "cipher_mode", "ivgen_alg",
              "ivgen_hash_alg", "hash_alg", "iter_time")
+AES_KEYS = ("format", "key_secret")
 
 
 def encrypt_options(encrypt):
@@ -33,15 +35,21 @@ def encrypt_options(encrypt):
             raise InvalidArgumentError(f"Invalid parameter 'encrypt.{k}'")
         opts[key] = v
     fmt = opts.get("format")
-    if fmt == "aes":
-        raise UnsupportedFeatureError(crypto.AES_REFUSED, feature="encrypt.format")
-    if fmt != "luks":
+    if fmt not in ("luks", "aes"):
         raise InvalidArgumentError(f"Parameter 'encrypt.format' does not accept value '{fmt}'"
                                    if fmt is not None else
                                    "Parameter 'encrypt.format' is missing")
+    if fmt == "aes":            # qemu's message for a LUKS option given with aes
+        for key in opts:
+            if key not in AES_KEYS:
+                raise InvalidArgumentError(f"Parameter 'encrypt.{key.replace('_', '-')}' "
+                                           "is unexpected")
     if opts.get("key_secret") is None:
         raise crypto.MissingSecretError(crypto.NEED_SECRET)
     opts["key_secret"] = Secret(opts["key_secret"])
+    if fmt == "aes":
+        crypto.legacy_aes_key(opts["key_secret"])       # (a bad secret: before any write)
+        return opts
     it = opts.get("iter_time", L.DEFAULT_ITER_TIME_MS)
     try:
         it = int(it)
@@ -58,8 +66,18 @@ def set_up(img, opts):
     """Make the open, empty image ``img`` a LUKS-encrypted one: a LUKS area
     in new clusters (zeroed, header and slot 0 written), refcounts flushed,
     barrier, then the qcow2 header names it; the transform is installed so
-    that everything written after (preallocation too) is encrypted."""
+    that everything written after (preallocation too) is encrypted.
+    Legacy AES has no area: the header's crypt_method only."""
     s = img.state
+    if opts["format"] == "aes":
+        s.header.crypt_method = L.CRYPT_AES
+        s.file.pwrite(s.header.pack(), 0)
+        s.barrier()
+        enc = crypto.Encryption(L.CRYPT_AES)
+        enc.cipher, transform = crypto.legacy_aes_transform(opts["key_secret"])
+        s.set_transform(transform)
+        img.encryption = enc
+        return
     h, key = luks.new_header(opts.get("cipher_alg", "aes-256"), opts.get("cipher_mode", "xts"),
                              opts.get("ivgen_alg", "plain64"), opts.get("ivgen_hash_alg"),
                              opts.get("hash_alg", "sha256"), opts["iter_time"])

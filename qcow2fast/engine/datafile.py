@@ -139,7 +139,7 @@ class DataFile:
             return
         zeros = memoryview(bytes(min(end - offset, 1 << 20)))
         for pos in range(offset, end, len(zeros)):
-            self.state.write_data_pieces([zeros[:min(len(zeros), end - pos)]], pos)
+            self.state.write_data_pieces([zeros[:min(len(zeros), end - pos)]], pos, pos)
 
     def resize(self, new_size, preallocation):
         """The data file follows the disk, as qcow2_co_truncate: cut or

@@ -11,10 +11,8 @@ IV (the XTS tweak) set per sector, which the ``cryptography`` package
 cannot do without a new context per sector.
 """
 
-import ctypes.util
-import threading
-
 from ..errors import UnsupportedFeatureError
+from .cffi_lib import CffiLibrary
 
 _CDEF = """
 typedef struct evp_cipher_st EVP_CIPHER;
@@ -32,25 +30,8 @@ unsigned long ERR_get_error(void);
 void ERR_error_string_n(unsigned long e, char *buf, size_t len);
 """
 
-_lock = threading.Lock()
-_loaded = None
-
-
-def _load():
-    global _loaded
-    with _lock:
-        if _loaded is None:
-            import cffi
-            ffi = cffi.FFI()
-            ffi.cdef(_CDEF)
-            name = ctypes.util.find_library("crypto") or "libcrypto.so.3"
-            try:
-                lib = ffi.dlopen(name)
-            except OSError as e:
-                raise UnsupportedFeatureError(f"encryption needs OpenSSL's libcrypto ({name}): "
-                                              f"{e}", feature="encryption") from None
-            _loaded = ffi, lib
-    return _loaded
+_load = CffiLibrary(_CDEF, "crypto", "libcrypto.so.3", "encryption (OpenSSL's libcrypto)",
+                    "encryption").load
 
 
 def _error(what):

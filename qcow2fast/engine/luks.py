@@ -6,7 +6,8 @@ A slot holds the master key split into 4000 stripes (the anti-forensic
 splitter), encrypted with a key PBKDF2 derives from the passphrase; the
 master key is right when PBKDF2 of it matches the header's digest.
 PBKDF2 and the hashes are hashlib's (OpenSSL, GIL released); the slot's
-cipher is the image's, through _ext/sectorcipher.pyx.
+cipher is the image's, through _ext/sectorcipher.pyx (libcrypto for AES,
+nettle for Serpent, Twofish, CAST5 and AES-192-XTS, as qemu 7.2).
 
 The LUKS area is reached through ``read(offset, n)`` and
 ``write(offset, data)`` relative to its start (the qcow2 extension's
@@ -19,42 +20,60 @@ import os
 import time
 import uuid as uuidlib
 
-from .._ext.sectorcipher import IV_ESSIV, IV_NONE, IV_PLAIN, IV_PLAIN64, SectorCipher
+from .._ext.sectorcipher import (IV_ESSIV, IV_NONE, IV_PLAIN, IV_PLAIN64, MODE_CBC, MODE_CTR,
+                                 MODE_ECB, MODE_XTS, BlockSectorCipher, EvpSectorCipher)
 from ..errors import BadPassphraseError, InvalidArgumentError, UnsupportedFeatureError
 from ..spec import luks as L
-from . import libcrypto
+from . import libcrypto, libnettle
 
 
 # -- ciphers ---------------------------------------------------------------------------
 
 _IVGEN = {"plain": IV_PLAIN, "plain64": IV_PLAIN64, "essiv": IV_ESSIV}
+_MODES = {"ecb": MODE_ECB, "cbc": MODE_CBC, "ctr": MODE_CTR, "xts": MODE_XTS}
 
 
 def evp_name(cipher_alg, mode):
+    """libcrypto's name for an AES cipher and mode it has (it lacks
+    AES-192-XTS), else None: the rest is nettle's (engine/libnettle.py)."""
     family, kb, _ = L.CIPHER_ALGS[cipher_alg]
-    if family == "aes":
-        name = f"aes-{kb * 8}-{mode}"
-    elif family == "cast5":
-        name = f"cast5-{mode}"
-    else:
-        name = None
-    if name is None or not libcrypto.has_cipher(name):
+    name = f"aes-{kb * 8}-{mode}" if family == "aes" else None
+    return name if name is not None and libcrypto.has_cipher(name) else None
+
+
+def check_cipher(cipher_alg, mode):
+    """Refuse a cipher and mode neither libcrypto nor nettle can do here
+    (qemu's message for XTS over 8-byte blocks)."""
+    if evp_name(cipher_alg, mode):
+        return
+    if mode == "xts" and L.CIPHER_ALGS[cipher_alg][2] != 16:
+        raise UnsupportedFeatureError(f"Unsupported cipher mode {mode}",
+                                      feature="encrypt.cipher-mode")
+    if not libnettle.available():
         raise UnsupportedFeatureError(
-            f"cipher {cipher_alg} in {mode} mode is not available in OpenSSL's libcrypto "
-            "(qcow2fast encrypts through it)", feature="encrypt.cipher-alg")
-    return name
+            f"cipher {cipher_alg} in {mode} mode needs the nettle library, which is missing "
+            "(qcow2fast encrypts through it or OpenSSL's libcrypto)",
+            feature="encrypt.cipher-alg")
 
 
 def make_cipher(cipher_alg, mode, ivgen_alg, ivgen_hash_alg, key):
-    """A SectorCipher for qemu's (cipher, mode, ivgen, ivgen hash) keyed with ``key``."""
-    name = evp_name(cipher_alg, mode)
+    """A SectorCipher for qemu's (cipher, mode, ivgen, ivgen hash) keyed
+    with ``key``: libcrypto's where it has the cipher (AES), else the mode
+    done in C over nettle's block cipher."""
+    check_cipher(cipher_alg, mode)
     ivgen = IV_NONE if mode == "ecb" else _IVGEN[ivgen_alg]
     essiv = essiv_key = None
     if ivgen == IV_ESSIV:
-        essiv = evp_name(L.essiv_cipher(cipher_alg, ivgen_hash_alg), "ecb")
+        essiv = L.essiv_cipher(cipher_alg, ivgen_hash_alg)
         essiv_key = hashlib.new(ivgen_hash_alg, key).digest()
     key = bytes(key)
+    name = evp_name(cipher_alg, mode)
+    if name is not None and (essiv is None or evp_name(essiv, "ecb")):
+        return _evp_cipher(name, key, ivgen, essiv and evp_name(essiv, "ecb"), essiv_key)
+    return _block_cipher(cipher_alg, mode, ivgen, key, essiv, essiv_key)
 
+
+def _evp_cipher(name, key, ivgen, essiv, essiv_key):
     def contexts(encrypt):
         ctx = libcrypto.new_context(name, key, encrypt)
         try:
@@ -64,8 +83,25 @@ def make_cipher(cipher_alg, mode, ivgen_alg, ivgen_hash_alg, key):
             raise
         return ctx, ectx
 
-    contexts(True) and None     # fail now (unknown cipher, bad key), not at the first read
-    return SectorCipher(libcrypto.entry_points(), contexts, ivgen)
+    cipher = EvpSectorCipher(libcrypto.entry_points(), contexts, ivgen)
+    cipher.encrypt(bytearray(L.SECTOR_SIZE), 0)     # fail now (a bad key), not at the first read
+    return cipher
+
+
+def _block_cipher(cipher_alg, mode, ivgen, key, essiv, essiv_key):
+    family, _, block = L.CIPHER_ALGS[cipher_alg]
+    if mode == "xts":           # key: data key, then tweak key
+        data = libnettle.KeySchedule(family, key[:len(key) // 2])
+        tweak = libnettle.KeySchedule(family, key[len(key) // 2:])
+    else:
+        data, tweak = libnettle.KeySchedule(family, key), None
+    ess = libnettle.KeySchedule(L.CIPHER_ALGS[essiv][0], essiv_key) if essiv else None
+    functions = (data.encrypt, data.decrypt, tweak.encrypt if tweak else 0,
+                 ess.encrypt if ess else 0)
+    schedules = (data.key_enc, data.key_dec, tweak.key_enc if tweak else 0,
+                 ess.key_enc if ess else 0)
+    return BlockSectorCipher(functions, schedules, block, _MODES[mode], ivgen,
+                             (data, tweak, ess))
 
 
 def _crypt(cipher, data, encrypt):
@@ -228,9 +264,9 @@ def validate_choice(cipher_alg="aes-256", cipher_mode="xts", ivgen_alg="plain64"
             f"cipher {cipher_alg} in {cipher_mode} mode: its key material "
             f"({key_bytes * L.STRIPES} bytes) is not whole 512-byte sectors, which qemu "
             "7.2 cannot read", feature="encrypt.cipher-alg")
-    evp_name(cipher_alg, cipher_mode)
+    check_cipher(cipher_alg, cipher_mode)
     if ivgen_alg == "essiv":
-        evp_name(L.essiv_cipher(cipher_alg, ivgen_hash_alg), "ecb")
+        check_cipher(L.essiv_cipher(cipher_alg, ivgen_hash_alg), "ecb")
     return cipher_alg, cipher_mode, ivgen_alg, ivgen_hash_alg, hash_alg
 
 
@@ -250,7 +286,7 @@ def new_header(cipher_alg="aes-256", cipher_mode="xts", ivgen_alg="plain64",
                      cipher_alg=cipher_alg, mode=cipher_mode, ivgen_alg=ivgen_alg,
                      ivgen_hash_alg=ivgen_hash_alg)
     key = os.urandom(key_bytes)
-    slot_cipher(h, key).close()         # refuses a cipher libcrypto lacks, before any write
+    slot_cipher(h, key).close()         # refuses a cipher not available here, before any write
     h.mk_digest_iter = _bounded(iterations_for(hash_alg, L.DIGEST_LEN, iter_time) // 8,
                                 "master key digest")
     h.mk_digest = pbkdf2(hash_alg, key, h.mk_digest_salt, h.mk_digest_iter, L.DIGEST_LEN)

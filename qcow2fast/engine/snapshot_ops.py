@@ -204,7 +204,7 @@ class Snapshots:
             n = min(n, (1 << ub) - in_u)
             piece = out[done:done + n]
             if kind == DATA:
-                s.read_data_into(piece, host + in_u)
+                s.read_data_into(piece, host + in_u, p)
             elif kind == COMPRESSED:
                 c = geo.offset_into_cluster(p)
                 piece[:] = self.clusters.compressed.cluster(int(l2[0]))[c:c + n]

@@ -104,7 +104,7 @@ class Subclusters:
                 pieces.append(self._guest_bytes(first + b, hi - b))
         if in_place:
             self.clusters.check_overlap(first + start, target + start, end - start)
-        self.state.write_data_pieces(pieces, target + start)
+        self.state.write_data_pieces(pieces, target + start, first + start)
         self.state.data_written(target + cs)
         new_alloc = (alloc if in_place else keep) | touched
         new_zero = 0 if compressed else zero & ~touched

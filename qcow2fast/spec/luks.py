@@ -15,6 +15,10 @@ from ..errors import CorruptImageError, UnsupportedFeatureError
 
 # qcow2 header: crypt_method values, the extension's payload.
 CRYPT_NONE, CRYPT_AES, CRYPT_LUKS = 0, 1, 2
+# Legacy AES-CBC (crypt_method 1, qemu's crypto/block-qcow.c): the cipher,
+# mode, IV generator and IV hash it is hardwired to, and its key size.
+LEGACY_AES = ("aes-128", "cbc", "plain64", None)
+LEGACY_AES_KEY_BYTES = 16
 CRYPTO_EXT = struct.Struct(">QQ")           # offset, length of the LUKS header clusters
 
 MAGIC = b"LUKS\xba\xbe"

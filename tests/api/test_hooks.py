@@ -155,30 +155,34 @@ def test_bitmap_granularity_and_clipping():
 
 class XorSectors(DataTransform):
     """A stand-in for encryption: each 512-byte block XORed with a byte
-    derived from its host offset (so a block decoded at the wrong offset
-    reads wrong)."""
+    derived from its host offset, or its guest offset (``by_guest``, as
+    legacy AES), so a block decoded at the wrong offset reads wrong."""
 
-    def __init__(self, block_size=512):
+    def __init__(self, block_size=512, by_guest=False):
         self.calls = 0
+        self.by_guest = by_guest
 
-    def _apply(self, buf, host):
+    def _apply(self, buf, host, guest):
         a = np.asarray(buf)
-        assert len(a) % self.block_size == 0 and host % self.block_size == 0
-        keys = ((np.arange(len(a) // self.block_size) + host // self.block_size) * 37 + 11) % 251 + 1
-        a ^= np.repeat(keys.astype(np.uint8), self.block_size)
+        bs = self.block_size
+        assert len(a) % bs == 0 and host % bs == 0 and guest % bs == 0
+        at = guest if self.by_guest else host
+        keys = ((np.arange(len(a) // bs) + at // bs) * 37 + 11) % 251 + 1
+        a ^= np.repeat(keys.astype(np.uint8), bs)
         self.calls += 1
         return 0
 
-    def decode(self, buf, host):
-        return self._apply(buf, host)
+    def decode(self, buf, host, guest):
+        return self._apply(buf, host, guest)
 
-    def encode(self, buf, host):
-        return self._apply(buf, host)
+    def encode(self, buf, host, guest):
+        return self._apply(buf, host, guest)
 
 
 @pytest.mark.parametrize("extended_l2", [False, True], ids=["standard", "extended-l2"])
 @pytest.mark.parametrize("with_backing", [False, True], ids=["alone", "over-backing"])
-def test_transform_sees_every_data_byte(tmp_path, extended_l2, with_backing):
+@pytest.mark.parametrize("by_guest", [False, True], ids=["host-iv", "guest-iv"])
+def test_transform_sees_every_data_byte(tmp_path, extended_l2, with_backing, by_guest):
     size = 8 * MiB
     backing = None
     if with_backing:
@@ -189,7 +193,7 @@ def test_transform_sees_every_data_byte(tmp_path, extended_l2, with_backing):
     model = bytearray(qemu_raw(path))
     rng = np.random.default_rng(3)
     with qcow2fast.open(path, "r+") as img:
-        t = XorSectors()
+        t = XorSectors(by_guest=by_guest)
         img.state.set_transform(t)
         for _ in range(60):
             off = int(rng.integers(0, size - 70000))
@@ -210,12 +214,20 @@ def test_transform_sees_every_data_byte(tmp_path, extended_l2, with_backing):
     # What reached the file is encoded: through the transform it reads back,
     # without it, every cluster written reads differently.
     with qcow2fast.open(path) as img:
-        img.state.set_transform(XorSectors())
+        img.state.set_transform(XorSectors(by_guest=by_guest))
         assert img.read(0, size) == bytes(model)
     plain = qemu_raw(path)
     with qcow2fast.open(path) as img:
         assert img.read(0, size) == plain
         written = [e for e in img.block_status() if e.kind == "data" and e.depth == 0]
     assert written
+    raw = open(path, "rb").read()
     for e in written:
         assert plain[e.offset:e.offset + e.length] != bytes(model[e.offset:e.offset + e.length])
+        # Each block was encoded at its own host or guest offset (decoded
+        # here independently of the data path).
+        lo, hi = e.offset & ~511, -(-(e.offset + e.length) // 512) * 512
+        host = e.host_offset - (e.offset - lo)
+        block = bytearray(raw[host:host + hi - lo])
+        XorSectors(by_guest=by_guest).decode(memoryview(block), host, lo)
+        assert block[e.offset - lo:e.offset - lo + e.length] == model[e.offset:e.offset + e.length]

@@ -2,6 +2,8 @@
 --image-opts strings, creation (retried: qemu 7.2 sometimes fails to time
 PBKDF2, "Unable to get accurate CPU usage"), content and check."""
 
+import numpy as np
+
 from .qemu_util import QEMU_IO, qemu_img, require_qemu, run
 
 SECRET_ID = "sec0"
@@ -89,3 +91,13 @@ def qemu_compare_luks(path, passphrase, raw_path):
     p = qemu_img("compare", *obj(passphrase), "--image-opts", opts(path),
                  opts(raw_path, driver="raw"), check=False)
     assert p.returncode == 0, p.stdout_text + p.stderr_text
+
+
+def write_pattern(write, expect, seed):
+    """Sector-unaligned writes across clusters, applied to ``expect`` too."""
+    rng = np.random.default_rng(seed)
+    size = len(expect)
+    for off, n in ((0, 70000), (size // 2 - 777, 200000), (size - 1000, 1000), (12345, 3)):
+        data = rng.integers(0, 256, n, dtype=np.uint8).tobytes()
+        write(off, data)
+        expect[off:off + n] = data
