@@ -8,8 +8,9 @@ The source is a qcow2 image made by qemu-img from random data with holes
 tests/helpers/http_server.py in its own process (so neither tool shares a
 GIL with the server).  Side by side in one run, the tools in alternating
 order, each run: ``convert -O raw URL out.raw`` (qemu-img with ``-m 1``:
-see below), wall time, and the HTTP
-requests and bytes the server saw (its /_stats before and after).  Each
+see below), wall time, the tool's CPU time (user + system) and the
+server's, and the HTTP requests and bytes the server saw (its /_stats
+before and after).  Each
 figure is the median of ``--runs`` runs.  Both outputs are verified once
 against the local image (qemu-img compare).
 """
@@ -17,6 +18,7 @@ against the local image (qemu-img compare).
 import argparse
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -63,6 +65,12 @@ class Server:
         with urllib.request.urlopen(self.url + "/_stats") as r:
             return json.load(r)
 
+    def cpu(self):
+        """The server's CPU seconds so far (user + system)."""
+        with open(f"/proc/{self.proc.pid}/stat") as f:
+            fields = f.read().rpartition(")")[2].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def close(self):
         self.proc.kill()
         self.proc.wait()
@@ -72,14 +80,19 @@ def one_run(cmd, out, server):
     if os.path.exists(out):
         os.unlink(out)
     subprocess.run(["sync"])
-    before = server.stats()
+    before, server_cpu = server.stats(), server.cpu()
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
     t = time.perf_counter()
     p = subprocess.run(cmd, capture_output=True, text=True)
     wall = time.perf_counter() - t
+    ru2 = resource.getrusage(resource.RUSAGE_CHILDREN)
     if p.returncode != 0:
         raise BenchError(f"{' '.join(cmd)} failed: {p.stderr[-2000:]}")
     after = server.stats()
-    return {"seconds": wall, "requests": after["range"] - before["range"],
+    return {"seconds": wall,
+            "cpu": ru2.ru_utime + ru2.ru_stime - ru.ru_utime - ru.ru_stime,
+            "server_cpu": server.cpu() - server_cpu,
+            "requests": after["range"] - before["range"],
             "bytes": after["bytes"] - before["bytes"], "head": after["HEAD"] - before["HEAD"]}
 
 
@@ -113,9 +126,12 @@ def _bench(a, tmpdir, size):
     out = os.path.join(tmpdir, "remote-out.raw")
     tools = {
         "qcow2fast": [*qcow2fast_command(), "convert", "-f", "qcow2", "-O", "raw", url, out],
-        # -m 1: qemu 7.2's curl driver hangs (no request outstanding, never
-        # returns) with 2 or more coroutines against this server at 256 MiB,
-        # so one coroutine is its fastest setting that finishes.
+        # -m 1: qemu 7.2's curl driver hangs now and then (1 run in 5 at
+        # 256 MiB) with its default 8 coroutines.  At the hang the server
+        # has no request in progress, every byte it sent was received (ss:
+        # empty queues on both ends) and qemu sends nothing more: the
+        # driver waits for a request it never made, so it is not this
+        # server's doing.  One coroutine is its setting that always finishes.
         "qemu-img": ["qemu-img", "convert", "-m", "1", "-f", "qcow2", "-O", "raw", url, out],
     }
     samples = {t: [] for t in tools}
@@ -129,7 +145,8 @@ def _bench(a, tmpdir, size):
             for name in order:
                 samples[name].append(one_run(tools[name], out, server))
                 s = samples[name][-1]
-                log(f"run {i + 1} {name:9}: {s['seconds']:.2f} s, {s['requests']} requests")
+                log(f"run {i + 1} {name:9}: {s['seconds']:.2f} s, CPU {s['cpu']:.2f} s "
+                    f"(server {s['server_cpu']:.2f} s), {s['requests']} requests")
     finally:
         server.close()
         if os.path.exists(out):
@@ -139,16 +156,20 @@ def _bench(a, tmpdir, size):
         sec = statistics.median(r["seconds"] for r in runs)
         result["tools"][name] = {
             "median_seconds": sec, "MiB_per_s": size / MiB / sec,
+            "median_cpu": statistics.median(r["cpu"] for r in runs),
+            "median_server_cpu": statistics.median(r["server_cpu"] for r in runs),
             "median_requests": statistics.median(r["requests"] for r in runs),
             "median_bytes": statistics.median(r["bytes"] for r in runs), "samples": runs}
     qf, qe = result["tools"]["qcow2fast"], result["tools"]["qemu-img"]
     result["speedup"] = qe["median_seconds"] / qf["median_seconds"]
     print(f"convert of a {size // MiB} MiB qcow2 over HTTP (medians of {a.runs} runs)")
-    print(f"{'tool':10} {'seconds':>8} {'MiB/s':>8} {'requests':>9} {'MiB sent':>9}")
+    print(f"{'tool':10} {'seconds':>8} {'MiB/s':>8} {'CPU s':>6} {'server CPU s':>12} "
+          f"{'requests':>9} {'MiB sent':>9}")
     for name, r in result["tools"].items():
         print(f"{name:10} {r['median_seconds']:8.2f} {r['MiB_per_s']:8.1f} "
+              f"{r['median_cpu']:6.2f} {r['median_server_cpu']:12.2f} "
               f"{r['median_requests']:9.0f} {r['median_bytes'] / MiB:9.1f}")
-    print(f"qcow2fast / qemu-img speed: {result['speedup']:.2f}x")
+    print(f"qcow2fast / qemu-img speed: {result['speedup']:.2f}x (load {os.getloadavg()[0]:.1f})")
     if a.json_out:
         with open(a.json_out, "w") as f:
             json.dump(result, f, indent=2)

@@ -14,8 +14,11 @@ as it reads a local file.  The cache turns the engine's many small reads
   window doubling up to ``readahead``; readahead is issued a request at a
   time, never a block at a time;
 - requests run on ``connections`` threads in parallel, each one ranged
-  request (fsspec's ``_fetch_range``, which every buffered fsspec file
-  has), so a large read is several connections at once;
+  request, so a large read is several connections at once: ``http(s)://``
+  with the standard library's client straight into the cache's buffers
+  (host/http.py: no fsspec, a fifth of its CPU), any other URL or open
+  file through fsspec (``_fetch_range``, which every buffered fsspec file
+  has);
 - the blocks kept (fetched or in flight) are bounded by ``cache_size``,
   least recently used first out.
 
@@ -28,7 +31,8 @@ an error at once.  Errors are :class:`RemoteReadError` naming the URL, the
 offset and the cause; wrong data is never returned.
 
 fsspec and its HTTP (aiohttp) and S3 (s3fs) back ends are the optional
-extra ``remote``: ``pip install qcow2fast[remote]``.
+extra ``remote``: ``pip install qcow2fast[remote]``; plain http(s) URLs
+need none of it.
 """
 
 import collections
@@ -65,6 +69,7 @@ class RemoteOptions:
     timeout: float = 30.0               # seconds without progress before a request fails
     retries: int = 3                    # attempts per request, the first included
     storage_options: dict = None        # passed to fsspec (credentials, endpoints, ...)
+    http: str = "builtin"               # http(s) URLs: "builtin" (host/http.py) or "fsspec"
 
     @classmethod
     def of(cls, value):
@@ -86,6 +91,9 @@ class RemoteOptions:
             if not isinstance(v, int) or v < 1:
                 raise InvalidArgumentError(f"remote option {name} must be a positive "
                                            f"integer, not {v!r}")
+        if opts.http not in ("builtin", "fsspec"):
+            raise InvalidArgumentError(f"remote option http must be 'builtin' or 'fsspec', "
+                                       f"not {opts.http!r}")
         if opts.block_size & (opts.block_size - 1) or opts.block_size < 4096:
             raise InvalidArgumentError("remote option block_size must be a power of two "
                                        "of at least 4096")
@@ -168,12 +176,13 @@ def read_head(obj, n, options=None):
 
 class _Source:
     """What the cache fetches from: ``fetch(start, end)`` returns those
-    bytes; ``reopen()`` the same object again (in a forked child, whose
-    event loop and connections are not the parent's), or None."""
+    bytes, or (when given) ``fetch_into(start, buf)`` fills ``buf`` with the
+    bytes at ``start``; ``reopen()`` the same object again (in a forked
+    child, whose event loop and connections are not the parent's), or None."""
 
-    def __init__(self, name, size, fetch, close=None, reopen=None):
+    def __init__(self, name, size, fetch, close=None, reopen=None, fetch_into=None):
         self.name, self.size, self.fetch, self._close = name, size, fetch, close
-        self.reopen = reopen
+        self.reopen, self.fetch_into = reopen, fetch_into
 
     def close(self):
         if self._close is not None:
@@ -181,9 +190,11 @@ class _Source:
 
 
 def _url_source(url, opts, expect=None):
-    fsspec = _fsspec()
     protocol = _URL.match(url).group(1).lower()
     so = dict(opts.storage_options or {})
+    if protocol in ("http", "https") and opts.http == "builtin" and set(so) <= {"headers"}:
+        return _http_source(url, opts, so.get("headers"), expect)
+    fsspec = _fsspec()
     try:
         if protocol in ("http", "https") and "client_kwargs" not in so:
             import aiohttp
@@ -216,6 +227,16 @@ def _url_source(url, opts, expect=None):
                    lambda: _url_source(url, opts, (size, etag)))
 
 
+def _http_source(url, opts, headers, expect):
+    """An http(s) URL read by host/http.py (the standard library's client)."""
+    from .http import HttpObject
+    obj = _retrying(url, 0, 0, opts, lambda: HttpObject(url, opts.timeout, headers, expect),
+                    "metadata request")
+    return _Source(url, obj.size, None, obj.close,
+                   lambda: _http_source(url, opts, headers, (obj.size, obj.etag)),
+                   obj.fetch_into)
+
+
 def _object_source(f, name):
     size = getattr(f, "size", None)
     if size is None or callable(size):
@@ -235,6 +256,8 @@ def _object_source(f, name):
 
 def _permanent(e):
     """(why, errno) if ``e`` will not go away by asking again, else None."""
+    if getattr(e, "permanent", None):           # host/http.py's HTTPStatusError
+        return e.strerror, e.permanent
     status = getattr(e, "status", None) or getattr(e, "code", None)
     text = str(e)
     if status == 412 or type(e).__name__ == "FileExpired" or "pre-condition" in text:
@@ -283,8 +306,25 @@ class _Stream:
         self.pos, self.window, self.fetched = pos, window, 0
 
 
+class _Request:
+    """One ranged request: blocks [first, first + nblocks), its future, and
+    the buffer the bytes land in (free buffers are reused by length).  ``held``: its blocks in the cache plus
+    the reads copying from it; at 0, once fetched, the buffer is reused."""
+    __slots__ = ("first", "nblocks", "future", "buf", "held")
+
+    def __init__(self, first, nblocks, buf):
+        self.first, self.nblocks, self.buf = first, nblocks, buf
+        self.future, self.held = None, nblocks
+
+
 class BlockCache:
-    """The reader behind a remote HookFile (see the module's docstring)."""
+    """The reader behind a remote HookFile (see the module's docstring).
+
+    Buffers are reused (a fresh page costs a fault, zeroing, and in a VM
+    whose host reclaims free memory a fault into the host): a request's
+    buffer goes back to ``_free`` once none of its blocks is cached and no
+    read copies from it (``_Request.held``, changed under the lock); the
+    buffers kept free are bounded by ``free_max`` bytes."""
 
     MAX_STREAMS = 8
 
@@ -298,12 +338,16 @@ class BlockCache:
         # Readahead never more than half the cache: what is read ahead must
         # still be there when the reader gets to it.
         self.ra_max = max(self.block, min(opts.readahead, opts.cache_size // 2))
-        self._blocks = collections.OrderedDict()     # block index -> its request's Future
+        self.free_max = 2 * opts.connections * self.req_blocks * self.block
+        self._blocks = collections.OrderedDict()     # block index -> its _Request
+        self._free = {}                              # nblocks -> [free buffers]
+        self._free_bytes = 0
         self._streams = []
         self._lock = threading.Lock()
         self._start_pool()
         self.requests = 0
         self.bytes_fetched = 0
+        self.buffers_made = 0
 
     def _start_pool(self):
         self._pid = os.getpid()
@@ -315,8 +359,7 @@ class BlockCache:
         """In a forked child (serve --fork) the pool's threads, the requests
         they ran and fsspec's event loop are gone: a new pool, nothing in
         flight, the object opened again (it must not have changed)."""
-        self._blocks.clear()
-        self._streams.clear()
+        self._clear()
         self._start_pool()
         if self.source.reopen is not None:
             self.source = self.source.reopen()
@@ -343,22 +386,27 @@ class BlockCache:
         with self._lock:
             if self._pid != os.getpid():
                 self._after_fork()
-            wanted = self._schedule(b0, b1)
+            reqs = self._schedule(b0, b1)
             self._read_ahead(off, lim, b1)
-        for i, (fut, first) in zip(range(b0, b1), wanted):
-            try:
-                data = fut.result()
-            except BaseException:
-                self._forget(fut)
-                raise
-            lo, hi = max(off, i * bs), min(lim, (i + 1) * bs)
-            rel = (i - first) * bs
-            mv[lo - off:hi - off] = data[rel + lo - i * bs:rel + hi - i * bs]
+        try:
+            for req in reqs:
+                try:
+                    req.future.result()
+                except BaseException:
+                    self._forget(req)
+                    raise
+                lo = max(off, req.first * bs)
+                hi = min(lim, (req.first + req.nblocks) * bs)
+                rel = req.first * bs
+                mv[lo - off:hi - off] = req.buf[lo - rel:hi - rel]
+        finally:
+            with self._lock:
+                for req in reqs:
+                    self._release(req)
 
     def drop_cache(self):
         with self._lock:
-            self._blocks.clear()
-            self._streams.clear()
+            self._clear()
 
     def close(self):
         self.drop_cache()
@@ -367,19 +415,23 @@ class BlockCache:
 
     def stats(self):
         return {"remote_requests": self.requests, "remote_bytes": self.bytes_fetched,
-                "remote_blocks_cached": len(self._blocks)}
+                "remote_blocks_cached": len(self._blocks),
+                "remote_buffers_made": self.buffers_made}
 
     # -- scheduling (under the lock) ---------------------------------------------------
 
     def _schedule(self, b0, b1):
-        """(future, its first block) for each block of [b0, b1), fetching
-        the missing ones: each run of them in requests of at most
-        request_size."""
+        """The requests holding the blocks of [b0, b1), in order, each held
+        for the caller's copy: the missing blocks are fetched, each run of
+        them in requests of at most request_size."""
         self._fetch_missing(b0, b1)
         out = []
         for i in range(b0, b1):
             self._blocks.move_to_end(i)
-            out.append(self._blocks[i])
+            req = self._blocks[i]
+            if not out or out[-1] is not req:
+                req.held += 1
+                out.append(req)
         self._evict()
         return out
 
@@ -392,9 +444,18 @@ class BlockCache:
             j = i + 1
             while j < end and j - i < self.req_blocks and j not in self._blocks:
                 j += 1
-            fut = self._pool.submit(self._fetch, i, j)
+            length = min(j * self.block, self.size) - i * self.block
+            free = self._free.get(length)
+            if free:
+                buf = free.pop()
+                self._free_bytes -= length
+            else:
+                buf = memoryview(bytearray(length))
+                self.buffers_made += 1
+            req = _Request(i, j - i, buf)
+            req.future = self._pool.submit(self._fetch, req)
             for k in range(i, j):
-                self._blocks[k] = (fut, i)
+                self._blocks[k] = req
             i = j
 
     def _read_ahead(self, off, lim, b1):
@@ -421,29 +482,53 @@ class BlockCache:
 
     def _evict(self):
         while len(self._blocks) > self.max_blocks:
-            self._blocks.popitem(last=False)
+            self._release(self._blocks.popitem(last=False)[1])
 
-    def _forget(self, fut):
+    def _release(self, req):
+        """One hold on ``req`` less: a fetched request nobody holds gives its
+        buffer back (a failed or unfinished one leaves it to the GC)."""
+        req.held -= 1
+        fut = req.future
+        if req.held or not fut.done() or fut.cancelled() or fut.exception() is not None:
+            return
+        if self._free_bytes + len(req.buf) <= self.free_max:
+            self._free.setdefault(len(req.buf), []).append(req.buf)
+            self._free_bytes += len(req.buf)
+        req.buf = None
+
+    def _clear(self):
+        """Nothing cached (buffers still held by reads are left to them)."""
+        for req in self._blocks.values():
+            req.held -= 1
+        self._blocks.clear()
+        self._streams.clear()
+
+    def _forget(self, req):
         """A failed request's blocks leave the cache (a later read asks again)."""
         with self._lock:
-            for i in [i for i, (f, _) in self._blocks.items() if f is fut]:
-                del self._blocks[i]
+            for i in range(req.first, req.first + req.nblocks):
+                if self._blocks.get(i) is req:
+                    del self._blocks[i]
 
     # -- one request (on a pool thread) ------------------------------------------------
 
-    def _fetch(self, first, last):
-        start = first * self.block
-        end = min(last * self.block, self.size)
-        want = end - start
+    def _fetch(self, req):
+        start = req.first * self.block
+        want = len(req.buf)
 
         def once():
-            self.requests += 1
-            data = self.source.fetch(start, end)
-            if len(data) != want:
-                raise _ShortRead(f"the server sent {len(data)} bytes instead of {want}")
-            self.bytes_fetched += want
-            return data
-        return _retrying(self.name, start, want, self.opts, once)
+            with self._lock:
+                self.requests += 1
+            if self.source.fetch_into is not None:
+                self.source.fetch_into(start, req.buf)
+            else:
+                data = self.source.fetch(start, start + want)
+                if len(data) != want:
+                    raise _ShortRead(f"the server sent {len(data)} bytes instead of {want}")
+                req.buf[:] = data
+            with self._lock:
+                self.bytes_fetched += want
+        _retrying(self.name, start, want, self.opts, once)
 
 
 class _ShortRead(OSError):

@@ -168,3 +168,24 @@ def test_dask_missing_names_the_extra(tmp_path):
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                        timeout=60)
     assert p.returncode == 1 and "pip install 'qcow2fast[dask]'" in p.stderr, p.stderr
+
+
+def test_threads_per_job_share_the_cpus(monkeypatch, tmp_path):
+    """A job that does not say how many threads gets the CPUs' share of a
+    local pool's worker (not a thread per CPU in every worker), 1 on any
+    other executor; a job that says keeps its own."""
+    import concurrent.futures
+    import qcow2fast.fleet as fleet
+    cpus = os.cpu_count()
+    seen = []
+    monkeypatch.setattr(fleet, "run_convert", lambda job: seen.append(job.options) or
+                        fleet.Record("convert", job.destination, "ok", 0))
+    jobs = [ConvertJob("a.raw", tmp_path / "a.qcow2"),
+            ConvertJob("b.raw", tmp_path / "b.qcow2", {"threads": 3})]
+    with concurrent.futures.ThreadPoolExecutor(2) as ex:
+        assert all(r.ok for r in convert_many(jobs, ex))
+    assert sorted(o["threads"] for o in seen) == [1, 3]
+    with concurrent.futures.ProcessPoolExecutor(2) as pool:
+        assert fleet._threads_per_job(pool) == max(1, cpus // 2)
+    with concurrent.futures.ProcessPoolExecutor(1) as pool:
+        assert fleet._threads_per_job(pool) == cpus

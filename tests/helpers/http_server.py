@@ -16,6 +16,10 @@ requests, then it behaves again):
 - ``stall``     no answer for ``stall_seconds`` (a timeout on the client)
 - ``drop``      the connection closed half-way through the body
 
+and, for clients that must cope: ``GET``/``HEAD /_redirect/NAME`` answers
+302 to ``/NAME``; ``server.head_allowed = False`` answers HEAD with 405
+(as a URL signed for GET only does).
+
 Run alone (benchmarks): ``python -m tests.helpers.http_server DIR`` prints
 its port and serves until killed.
 """
@@ -42,6 +46,7 @@ class RangeServer(ThreadingHTTPServer):
                        "max_in_flight": 0}
         self.version = 0
         self.mode, self.times, self.stall_seconds = None, None, 5.0
+        self.head_allowed = True
         self.lock = threading.Lock()
         self._thread = None
 
@@ -97,6 +102,16 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, *args):
         pass
 
+    def _redirected(self):
+        """Answer /_redirect/NAME with a redirect to /NAME."""
+        if not self.path.startswith("/_redirect/"):
+            return False
+        self.send_response(302)
+        self.send_header("Location", self.path[len("/_redirect"):])
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+        return True
+
     def _file(self):
         path = os.path.normpath(os.path.join(self.server.root, self.path.split("?")[0].lstrip("/")))
         if not path.startswith(self.server.root) or not os.path.isfile(path):
@@ -110,6 +125,13 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_HEAD(self):
         self._count("HEAD")
+        if self._redirected():
+            return
+        if not self.server.head_allowed:
+            self.send_response(405)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
         path, st = self._file()
         if path is None:
             return
@@ -132,6 +154,8 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(body)
             return
         self._count("GET")
+        if self._redirected():
+            return
         path, st = self._file()
         if path is None:
             return

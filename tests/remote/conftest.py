@@ -22,6 +22,7 @@ def served(tmp_path_factory):
 def http(served):
     server, root = served
     server.misbehave(None)
+    server.head_allowed = True
     server.reset_counts()
     return server, root
 
