@@ -15,6 +15,8 @@ from .hooks import DataTransform
 
 CACHE_MODES: Final[tuple[str, ...]]
 ZERO_FROM_NEVER: Final = 4611686018427387904  # 1 << 62
+GROW_MIN: Final = 33554432  # 32 MiB
+GROW_MAX: Final = 268435456  # 256 MiB
 
 @disjoint_base
 class ImageState:
