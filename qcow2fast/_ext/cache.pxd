@@ -38,6 +38,7 @@ cdef class TableCache:
     cdef void _drop(self, int slot)
     cdef uint8_t *slot_ptr(self, int slot) noexcept nogil
     cdef void c_mark_dirty(self, int slot) noexcept
-    cdef void c_mark_dirty_range(self, int slot, int64_t lo, int64_t hi) noexcept
+    cdef void c_mark_dirty_range(self, int slot, int64_t lo, int64_t hi,
+                                 bint ordered=*) noexcept
     cdef int c_load(self, int64_t key, bint read) except -1
     cdef int c_writeback(self, int slot) except -1

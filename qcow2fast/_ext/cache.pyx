@@ -14,7 +14,10 @@ Invariants:
   barrier makes that stable first -- with the ``depends`` cache's blocks --
   so an L2 entry never reaches the disk before its data, even where lazy
   refcounts leave ``depends`` unset.  One barrier covers a whole batch of
-  slots (a flush, an eviction run);
+  slots (a flush, an eviction run).  The one change that needs no barrier
+  (``ordered=False``): under lazy refcounts, an entry pointing into fresh
+  space whose zeros are already stable, where the guest saw zeros before,
+  so losing the data there loses nothing the guest was promised;
 - a dirty slot's changed bytes lie in [dlo, dhi); write-back writes that
   range rounded out to whole 4 KiB blocks (or the whole slice if smaller),
   not the whole slice: under O_DIRECT and in sync modes a 4 KiB write costs
@@ -246,9 +249,14 @@ cdef class TableCache:
     cdef void c_mark_dirty(self, int slot) noexcept:
         self.c_mark_dirty_range(slot, 0, self.slot_bytes)
 
-    cdef void c_mark_dirty_range(self, int slot, int64_t lo, int64_t hi) noexcept:
-        """Bytes [lo, hi) of the slot changed."""
-        self.barrier_pending = True
+    cdef void c_mark_dirty_range(self, int slot, int64_t lo, int64_t hi,
+                                 bint ordered=True) noexcept:
+        """Bytes [lo, hi) of the slot changed; ``ordered=False``: the new
+        entries need no barrier before they are written (they point only
+        where a power loss leaves what the guest saw before: see
+        ``ImageState.grow_durable``)."""
+        if ordered:
+            self.barrier_pending = True
         if not self.dirty[slot]:
             self.dirty[slot] = 1
             self.ndirty += 1

@@ -58,7 +58,8 @@ cdef class ImageCore:
     cdef int64_t _alloc_write(self, const char *buf, int64_t pos, int64_t remaining, uint64_t *l2, int64_t l2i, int64_t run, int slot, bint below) except -2
     cdef int64_t _alloc_write_ext(self, const char *buf, int64_t pos, int64_t remaining, uint64_t *l2, int64_t u, int slot) except -2
     cdef int _fill_below(self, char *dst, int64_t pos, int64_t n) except -1
-    cdef void _allocated(self, int slot, int64_t word, int64_t nwords, uint64_t end)
+    cdef void _allocated(self, int slot, int64_t word, int64_t nwords, uint64_t end,
+                         bint ordered=*)
     cdef int _pwrite3(self, const char *a, int64_t na, const char *b, int64_t nb, const char *c, int64_t nc, uint64_t off, uint64_t guest) except -1
     cdef int64_t _read_loop(self, char *buf, int64_t off, int64_t n, bint exclusive) except -2
     cdef int64_t _write_loop(self, const char *buf, int64_t off, int64_t n, bint exclusive, bint *allocated) except -2

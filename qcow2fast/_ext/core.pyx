@@ -410,6 +410,7 @@ cdef class ImageCore:
         cdef int64_t cs = s.cluster_size, in_cl = pos & (cs - 1)
         cdef int64_t chunk = (run << s.cluster_bits) - in_cl, nclusters, c, k, tail
         cdef uint64_t host, end
+        cdef bint ordered = True, shows_below
         if chunk > remaining:
             chunk = remaining
         nclusters = (in_cl + chunk + cs - 1) >> s.cluster_bits
@@ -424,6 +425,7 @@ cdef class ImageCore:
         if s.touches_metadata(host, end - host):
             self.overlap_found(host)        # marks the image corrupt, raises
         tail = (nclusters << s.cluster_bits) - in_cl - chunk
+        shows_below = below
         if not in_cl and not tail:
             below = False               # whole clusters: nothing below shows through
         if below and nclusters == 1:
@@ -439,10 +441,18 @@ cdef class ImageCore:
         elif <int64_t>host < s.zero_from:           # reused space: zero the edges
             self._pwrite3(self.zeros, in_cl, buf, chunk, self.zeros, tail, host, pos - in_cl)
         else:                                       # fresh space: the edges read as zeros
+            if not shows_below and s.lazy_refcounts and not s.unsafe and not s.external_data:
+                # The guest saw zeros here and the space reads as zeros after
+                # a power loss once the file's size is stable: the new entries
+                # need no data barrier (a lost write leaves what was there).
+                # Refcounts are not ordered under lazy refcounts either.
+                if <int64_t>end > s.durable_end:
+                    s.grow_durable(end)
+                ordered = False
             self._pwrite3(NULL, 0, buf, chunk, NULL, 0, host + in_cl, pos)
         for k in range(nclusters):
             l2[l2i + k] = (host + (k << s.cluster_bits)) | QCOW_OFLAG_COPIED
-        self._allocated(slot, l2i, nclusters, end)
+        self._allocated(slot, l2i, nclusters, end, ordered)
         return chunk
 
     cdef int64_t _alloc_write_ext(self, const char *buf, int64_t pos, int64_t remaining,
@@ -514,11 +524,13 @@ cdef class ImageCore:
         self._allocated(slot, w, 2, target + cs)
         return b - a
 
-    cdef void _allocated(self, int slot, int64_t word, int64_t nwords, uint64_t end):
+    cdef void _allocated(self, int slot, int64_t word, int64_t nwords, uint64_t end,
+                         bint ordered=True):
         """Book-keeping after data went into clusters ending at ``end`` and
-        the slice's L2 words [word, word+nwords) were set."""
+        the slice's L2 words [word, word+nwords) were set (``ordered``: they
+        need the data barrier before they are written)."""
         cdef ImageState s = self.s
-        s.l2_cache.c_mark_dirty_range(slot, 8 * word, 8 * (word + nwords))
+        s.l2_cache.c_mark_dirty_range(slot, 8 * word, 8 * (word + nwords), ordered)
         if <int64_t>end > s.zero_from:
             s.zero_from = end
         if s.external_data:     # (alloc_end and host_limit are the image file's)

@@ -42,10 +42,16 @@ cdef class ImageState:
 
     # Host space.  Invariants: every host byte at or past zero_from reads as
     # zero; alloc_end is the end of every cluster handed out; host_limit is
-    # the end of the host range any L2 entry may point into.
+    # the end of the host range any L2 entry may point into; the file's size
+    # up to durable_end was made stable by grow_durable (0: not yet), so host
+    # bytes in [zero_from, durable_end) read as zero whatever a power loss
+    # keeps; grown_from is the file's size before grow_durable first grew it
+    # (-1: never), what close trims back to.
     cdef public int64_t zero_from
     cdef public int64_t alloc_end
     cdef public int64_t host_limit
+    cdef public int64_t durable_end
+    cdef public int64_t grown_from
 
     # C views of the active L1 table and of the metadata bitmap (the arrays
     # are kept alive here; both change only under the exclusive lock).

@@ -15,6 +15,8 @@ from .hooks import DataTransform
 
 CACHE_MODES: Final[tuple[str, ...]]
 ZERO_FROM_NEVER: Final = 4611686018427387904  # 1 << 62
+GROW_MIN: Final = 33554432  # 32 MiB
+GROW_MAX: Final = 268435456  # 256 MiB
 
 @disjoint_base
 class ImageState:
@@ -35,6 +37,8 @@ class ImageState:
     closed: bool
     zero_from: int
     alloc_end: int
+    durable_end: int
+    grown_from: int
     host_limit: int
     def __new__(
         cls, path: str, file: File, header: Header, geo: Geometry, cache_mode: str, read_only: bool
@@ -73,6 +77,8 @@ class ImageState:
     def overlaps_metadata(self, host: int, n: int) -> bool: ...
     def grow_host_limit(self, end: int) -> None: ...
     def allocated(self, end: int) -> None: ...
+    def grow_durable(self, end: int) -> None: ...
+    def trim_growth(self) -> None: ...
     def read_only_reason(self) -> str: ...
     def barrier(self) -> None: ...
     def set_transform(self, transform: DataTransform | None) -> None: ...

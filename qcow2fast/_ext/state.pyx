@@ -22,6 +22,11 @@ cnp.import_array()
 
 CACHE_MODES = ("writeback", "writethrough", "none", "directsync", "unsafe")
 ZERO_FROM_NEVER = 1 << 62      # zero_from of a block device: no host byte is known to be zero
+# grow_durable's step: an eighth of the file, at least GROW_MIN, at most
+# GROW_MAX (one barrier per step; the space is a hole until written, and
+# close trims what was not used).
+GROW_MIN = 32 << 20
+GROW_MAX = 256 << 20
 
 
 cdef class ImageState:
@@ -51,6 +56,8 @@ cdef class ImageState:
         self.l1_size = 0
         self.meta_bits = NULL
         self.meta_clusters = 0
+        self.durable_end = 0
+        self.grown_from = -1
 
     def set_size(self, int64_t size):
         """The guest disk's size; the caller writes the header field."""
@@ -101,6 +108,34 @@ cdef class ImageState:
             self.zero_from = end
         if end > self.alloc_end:
             self.alloc_end = end
+
+    def grow_durable(self, int64_t end):
+        """Make the image file at least ``end`` bytes long, stably: grow it
+        (by a step past ``end``, see GROW_MIN) if it is shorter, then a
+        barrier -- the file's size before any L2 entry points into the new
+        space.  Fresh space below ``durable_end`` then reads as zeros after a
+        power loss whether or not data written there survived, so an L2
+        entry pointing there needs no data barrier when the guest saw zeros
+        there before (core.pyx, ``_alloc_write``)."""
+        cdef int64_t size = self.file.size(), target = size
+        if end > size:
+            step = min(max(size >> 3, GROW_MIN), GROW_MAX)
+            target = (end + step + self.cluster_size - 1) & ~(self.cluster_size - 1)
+            if self.grown_from < 0:
+                self.grown_from = size
+            self.file.truncate(target)
+        self.barrier()          # barrier: the file's size before entries point into it
+        self.durable_end = target
+
+    def trim_growth(self):
+        """Cut what grow_durable added and no cluster uses (at close)."""
+        cdef int64_t keep
+        if self.grown_from < 0:
+            return
+        keep = max(self.alloc_end, self.grown_from)
+        if self.file.size() > keep:
+            self.file.truncate(keep)
+        self.durable_end = min(self.durable_end, keep)
 
     def set_data_file(self, File f, int64_t host_limit):
         """Guest data lives in the external data file ``f`` from now on (the

@@ -28,7 +28,7 @@ import tempfile
 import time
 
 from .common import MiB, log
-from .io_bench import qemu_img_create
+from .io_setup import qemu_img_create
 from .io_config import CLUSTER, REQ, SCATTER_STEP
 
 SCENARIOS = [("overwrite-seq", True, REQ), ("overwrite-scatter", True, SCATTER_STEP),

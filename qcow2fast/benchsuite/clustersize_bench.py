@@ -22,7 +22,8 @@ import sys
 
 from .common import (MiB, BenchError, bench_parser, human, log, parse_mode, run, scenario_main,
                      summarise)
-from .io_bench import Qemu, warm_page_cache
+from .io_engines import Qemu
+from .io_setup import warm_page_cache
 from .io_config import REQ, WRITE_PATTERN
 from .report import md_table, panels, save_figure
 

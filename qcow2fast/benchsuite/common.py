@@ -137,7 +137,7 @@ def scenario_main(a, name, need_bytes, collect, report, plot=None, meta=None, ai
         tmpdir, _ = choose_tmpdir(a.tmpdir, need_bytes, prefix=f"qcow2fast-{name}-")
         try:
             if aio:
-                from .io_bench import probe_aio
+                from .io_setup import probe_aio
                 a.aio, _ = probe_aio(a.qemu_img, tmpdir)
             results = collect(a, tmpdir)
         finally:

@@ -26,7 +26,8 @@ import time
 import qcow2fast
 
 from .common import MiB, qcow2fast_command
-from .io_bench import Qemu, probe_aio, qf_read, qf_write, warm_page_cache
+from .io_engines import Qemu, qf_read, qf_write
+from .io_setup import probe_aio, warm_page_cache
 from .io_config import REQ, WRITE_PATTERN
 
 STEP = 7919 * REQ

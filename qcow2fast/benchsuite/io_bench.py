@@ -83,284 +83,20 @@ sample.  Exit status: 0 when everything ran and verified, 1 otherwise.
 """
 
 import argparse
-import bisect
-import gc
-import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import time
 
 from .common import (MiB, BenchError, choose_tmpdir, human, log, parse_size, ratio_info, round_up,
                      run, summarise)
-from .io_config import (CHECK_PATTERN, CLUSTER, DERIVED_COUNT, ENGINE_LABEL, ENGINES, FILL_PATTERN,
-                        MODES, QEMU_ENGINES, REQ, RUN_RE, SCENARIOS, SEND_RE,
-                        WRITE_PATTERN)
+from .io_config import (CLUSTER, DERIVED_COUNT, ENGINE_LABEL, ENGINES, FILL_PATTERN, MODES,
+                        QEMU_ENGINES, REQ, SCENARIOS, WRITE_PATTERN)
+from .io_engines import Qemu, host_map, qf_requests, raw_requests
+from .io_setup import (probe_aio, qemu_check, qemu_compare, qemu_fixed_cost, qemu_img_create,
+                       raw_create, settle_page_cache, verify_qf_overwrites, verify_reads)
 from .report import plot, report, write_json
-
-# -- the engines ---------------------------------------------------------------------
-
-
-class Qemu:
-    def __init__(self, qemu_img, aio):
-        self.qemu_img = qemu_img
-        self.aio = aio
-
-    def command(self, path, count, step, write):
-        cmd = [self.qemu_img, "bench", "-f", "qcow2", "-c", str(count), "-d", "1",
-               "-s", str(REQ), "-S", str(step), "-o", "0", "-i", self.aio, "-t", "writeback"]
-        if write:
-            cmd += ["-w", f"--pattern={WRITE_PATTERN}"]
-        return cmd + [path]
-
-    def bench(self, path, count, step, write, cpu=None):
-        """Returns {"loop": qemu's own time, "e2e": process wall time}.  With
-        ``cpu``, qemu-img (and so its io_uring worker threads) runs on that
-        CPU only."""
-        cmd = self.command(path, count, step, write)
-        pin = None if cpu is None else (lambda: os.sched_setaffinity(0, {cpu}))
-        t0 = time.perf_counter()
-        p = subprocess.run(cmd, capture_output=True, text=True, preexec_fn=pin)
-        wall = time.perf_counter() - t0
-        if p.returncode != 0:
-            raise BenchError(f"{' '.join(cmd)} exited {p.returncode}:\n{p.stdout}{p.stderr}")
-        sent = SEND_RE.search(p.stdout)
-        done = RUN_RE.search(p.stdout)
-        if not sent or not done:
-            raise BenchError(f"unexpected qemu-img bench output:\n{p.stdout}{p.stderr}")
-        want = (count, "write" if write else "read", REQ, 1, 0, step)
-        got = (int(sent[1]), sent[2], int(sent[3]), int(sent[4]), int(sent[5]), int(sent[6]))
-        if got != want:
-            raise BenchError(f"qemu-img bench ran {got}, expected {want}")
-        return {"loop": float(done[1]), "e2e": wall}
-
-
-def qf_read(qcow2fast, path, offsets, buf):
-    gc.disable()
-    try:
-        t0 = time.perf_counter()
-        img = qcow2fast.open(path, "r", cache_mode="writeback")
-        t1 = time.perf_counter()
-        readinto = img.readinto
-        for off in offsets:
-            readinto(off, buf)
-        t2 = time.perf_counter()
-        img.close()
-        t3 = time.perf_counter()
-    finally:
-        gc.enable()
-    return {"loop": t2 - t1, "e2e": t3 - t0, "open": t1 - t0, "close": t3 - t2}
-
-
-def qf_write(qcow2fast, path, offsets, data):
-    gc.disable()
-    try:
-        t0 = time.perf_counter()
-        img = qcow2fast.open(path, "r+", cache_mode="writeback")
-        t1 = time.perf_counter()
-        write = img.write
-        for off in offsets:
-            write(off, data)
-        t2 = time.perf_counter()
-        img.flush()
-        t3 = time.perf_counter()
-        img.close()
-        t4 = time.perf_counter()
-    finally:
-        gc.enable()
-    return {"loop": t2 - t1, "e2e": t4 - t0, "open": t1 - t0, "flush": t3 - t2,
-            "close": t4 - t3}
-
-
-def raw_read(path, offsets, buf):
-    bufs = [buf]
-    gc.disable()
-    try:
-        t0 = time.perf_counter()
-        fd = os.open(path, os.O_RDONLY)
-        t1 = time.perf_counter()
-        preadv = os.preadv
-        for off in offsets:
-            preadv(fd, bufs, off)
-        t2 = time.perf_counter()
-        os.close(fd)
-        t3 = time.perf_counter()
-    finally:
-        gc.enable()
-    return {"loop": t2 - t1, "e2e": t3 - t0, "open": t1 - t0, "close": t3 - t2}
-
-
-def host_map(qemu_img, path):
-    """Guest -> host offset function of a fully allocated image, from
-    ``qemu-img map --output=json`` (the oracle, not qcow2fast)."""
-    extents = json.loads(run([qemu_img, "map", "--output=json", "-f", "qcow2", path]).stdout)
-    starts, ext = [], []
-    for e in extents:
-        if e.get("data") and e.get("offset") is not None and e.get("depth", 0) == 0:
-            starts.append(e["start"])
-            ext.append((e["start"], e["length"], e["offset"]))
-
-    def to_host(off):
-        i = bisect.bisect_right(starts, off) - 1
-        if i < 0 or not ext[i][0] <= off < ext[i][0] + ext[i][1]:
-            raise BenchError(f"guest offset {off:#x} of {path} is not allocated data")
-        start, length, host = ext[i]
-        if off + REQ > start + length:
-            raise BenchError(f"request at {off:#x} crosses a host extent boundary")
-        return host + off - start
-    return to_host
-
-
-def raw_write(path, offsets, data):
-    gc.disable()
-    try:
-        t0 = time.perf_counter()
-        fd = os.open(path, os.O_RDWR)
-        t1 = time.perf_counter()
-        pwrite = os.pwrite
-        for off in offsets:
-            pwrite(fd, data, off)
-        t2 = time.perf_counter()
-        os.fdatasync(fd)
-        t3 = time.perf_counter()
-        os.close(fd)
-        t4 = time.perf_counter()
-    finally:
-        gc.enable()
-    return {"loop": t2 - t1, "e2e": t4 - t0, "open": t1 - t0, "flush": t3 - t2,
-            "close": t4 - t3}
-
-
-# -- set-up and checks -------------------------------------------------------------------
-
-
-def qemu_img_create(qemu_img, path, size):
-    if os.path.exists(path):
-        os.unlink(path)
-    run([qemu_img, "create", "-q", "-f", "qcow2", "-o", f"cluster_size={CLUSTER}", path,
-         str(size)])
-
-
-def raw_create(path, size):
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        os.ftruncate(fd, size)
-    finally:
-        os.close(fd)
-
-
-def warm_page_cache(*paths):
-    buf = bytearray(4 * MiB)
-    for path in paths:
-        with open(path, "rb", buffering=0) as f:
-            while f.readinto(buf):
-                pass
-
-
-def settle_page_cache(*paths):
-    """The same page-cache history for every file: written back (blocks
-    allocated), dropped, then read once the same way."""
-    os.sync()
-    for path in paths:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
-    warm_page_cache(*paths)
-
-
-def probe_aio(qemu_img, tmpdir):
-    """qemu's fastest AIO mode here: io_uring, else threads."""
-    path = os.path.join(tmpdir, "probe.qcow2")
-    qemu_img_create(qemu_img, path, 16 * MiB)
-    notes = []
-    try:
-        for aio in ("io_uring", "threads"):
-            p = run(Qemu(qemu_img, aio).command(path, 16, REQ, True), check=False)
-            if p.returncode == 0 and RUN_RE.search(p.stdout):
-                return aio, notes
-            notes.append(f"qemu-img bench -i {aio} failed (exit {p.returncode}): "
-                         f"{(p.stderr or p.stdout).strip()}")
-    finally:
-        os.unlink(path)
-    raise BenchError("qemu-img bench works neither with -i io_uring nor -i threads:\n"
-                     + "\n".join(notes))
-
-
-def qemu_fixed_cost(qemu, tmpdir, size, samples=5):
-    """Wall time of a qemu-img bench process doing one 4 KiB write on a fresh
-    image: exec, start-up, open, one request, flush and close.  Reported next
-    to the e2e figures; never subtracted."""
-    path = os.path.join(tmpdir, "fixed.qcow2")
-    walls = []
-    for _ in range(samples):
-        qemu_img_create(qemu.qemu_img, path, size)
-        walls.append(qemu.bench(path, 1, REQ, True)["e2e"])
-    os.unlink(path)
-    return walls
-
-
-def verify_reads(qcow2fast, qcow2_path, raw_path, offsets):
-    """qcow2fast's readinto/read against the raw copy at a sample of offsets."""
-    sample = sorted(set(offsets[:64] + offsets[-64:] + offsets[::max(1, len(offsets) // 256)]))
-    buf = bytearray(REQ)
-    bad = []
-    with open(raw_path, "rb", buffering=0) as raw:
-        img = qcow2fast.open(qcow2_path, "r", cache_mode="writeback")
-        try:
-            for off in sample:
-                want = os.pread(raw.fileno(), REQ, off)
-                img.readinto(off, buf)
-                if bytes(buf) != want or img.read(off, REQ) != want:
-                    bad.append(off)
-        finally:
-            img.close()
-    if bad:
-        raise BenchError(f"qcow2fast read wrong data at {len(bad)} of {len(sample)} sampled "
-                         f"offsets, first {bad[0]:#x} ({qcow2_path} vs {raw_path})")
-    return f"{len(sample)} sampled reads match the raw file"
-
-
-def verify_qf_overwrites(qcow2fast, qemu_img, qcow2_path, raw_path, offsets):
-    """Every engine overwrote the same offsets with the same data, so the
-    image matching the raw copy does not show that qcow2fast's writes
-    landed.  Overwrite the scenario's offsets once more (untimed, same
-    Image.write calls) with CHECK_PATTERN, do the same to the raw copy, and
-    let qemu-img compare the two."""
-    data = bytes([CHECK_PATTERN]) * REQ
-    img = qcow2fast.open(qcow2_path, "r+", cache_mode="writeback")
-    try:
-        for off in offsets:
-            img.write(off, data)
-    finally:
-        img.close()
-    fd = os.open(raw_path, os.O_RDWR)
-    try:
-        for off in offsets:
-            os.pwrite(fd, data, off)
-    finally:
-        os.close(fd)
-    qemu_compare(qemu_img, qcow2_path, "qcow2", raw_path, "raw")
-    return (f"qcow2fast re-overwrote all {len(offsets)} offsets with {CHECK_PATTERN:#x}: "
-            "qemu-img compare image = raw copy")
-
-
-def qemu_check(qemu_img, path):
-    p = run([qemu_img, "check", "-f", "qcow2", path], check=False)
-    if p.returncode != 0:
-        raise BenchError(f"qemu-img check {path} exited {p.returncode}:\n{p.stdout}{p.stderr}")
-    return p.stdout.strip().splitlines()[0] if p.stdout.strip() else "clean"
-
-
-def qemu_compare(qemu_img, a, a_fmt, b, b_fmt):
-    p = run([qemu_img, "compare", "-f", a_fmt, "-F", b_fmt, a, b], check=False)
-    if p.returncode != 0:
-        raise BenchError(f"qemu-img compare {a} {b} exited {p.returncode}:\n"
-                         f"{p.stdout}{p.stderr}")
-
 
 # -- the benchmark -------------------------------------------------------------------------
 
@@ -417,7 +153,6 @@ class IoBench:
         buf = bytearray(REQ)
         samples = {e: [] for e in engines}
         errors = {}
-        verify = []
         log(f"  {name}: {count} x 4 KiB, step {human(step)}, image {human(size)}, "
             f"{a.runs} runs")
         kept = {}
@@ -446,20 +181,51 @@ class IoBench:
                         res = qemu.bench(path, count, step, write,
                                          cpu=self.pin_cpu if engine == "qemu1" else None)
                     elif engine == "qcow2fast":
-                        if write:
-                            res = qf_write(self.qcow2fast, path, offsets, data)
-                        else:
-                            res = qf_read(self.qcow2fast, path, offsets, buf)
+                        res = qf_requests(self.qcow2fast, path, offsets, data if write else buf,
+                                          write)
                     else:
-                        res = (raw_write if write else raw_read)(path, offs,
-                                                                 data if write else buf)
+                        res = raw_requests(path, offs, data if write else buf, write)
                 except Exception as e:          # report, keep the other engines going
                     errors[engine] = f"{type(e).__name__}: {e}"
                     log(f"    {ENGINE_LABEL[engine]} FAILED: {errors[engine]}")
                     continue
                 samples[engine].append(res)
 
-        # Verification, outside every timed window.
+        verify = self.verify(kind, offsets, kept, errors)
+        for path in kept.values():
+            if os.path.exists(path):
+                os.unlink(path)
+
+        entry = {"name": name, "kind": kind, "step": step, "count": count,
+                 "image_size": size, "request_size": REQ, "queue_depth": 1,
+                 "samples": samples, "errors": errors, "verify": verify, "stats": {},
+                 "ratios": {}}
+        for window in ("loop", "e2e"):
+            times = {e: [s[window] for s in samples[e]] for e in engines if samples[e]}
+            entry["stats"][window] = {e: dict(summarise(t), iops=count / statistics.median(t))
+                                      for e, t in times.items()}
+            qf = times.get("qcow2fast")
+            # "qemu" in the tables: the faster of the two placements.
+            best = min((e for e in QEMU_ENGINES if e in times),
+                       key=lambda e: statistics.median(times[e]), default=None)
+            entry.setdefault("best_qemu", {})[window] = best
+            entry["ratios"][window] = {
+                "qcow2fast_vs_qemu": ratio_info(times.get(best), qf),
+                "qcow2fast_vs_qemu_unpinned": ratio_info(times.get("qemu"), qf),
+                "qcow2fast_vs_qemu_1cpu": ratio_info(times.get("qemu1"), qf),
+                "qcow2fast_vs_raw": ratio_info(times.get("raw"), qf),
+                "qcow2fast_vs_host": ratio_info(times.get("host"), qf),
+            }
+        if errors:
+            self.failures.append((name, errors))
+        self.results.append(entry)
+        return entry
+
+    def verify(self, kind, offsets, kept, errors):
+        """Check what the engines read and wrote, outside every timed
+        window; a failure is recorded in ``errors``.  Returns the checks done."""
+        a = self.args
+        verify = []
         try:
             if kind == "read" and "qcow2fast" in self.engines and "qcow2fast" not in errors:
                 verify.append(verify_reads(self.qcow2fast, self.data_qcow2, self.data_raw,
@@ -489,34 +255,7 @@ class IoBench:
         except BenchError as e:
             errors["verify"] = str(e)
             log(f"    VERIFY FAILED: {e}")
-        for path in kept.values():
-            if os.path.exists(path):
-                os.unlink(path)
-
-        entry = {"name": name, "kind": kind, "step": step, "count": count,
-                 "image_size": size, "request_size": REQ, "queue_depth": 1,
-                 "samples": samples, "errors": errors, "verify": verify, "stats": {},
-                 "ratios": {}}
-        for window in ("loop", "e2e"):
-            times = {e: [s[window] for s in samples[e]] for e in engines if samples[e]}
-            entry["stats"][window] = {e: dict(summarise(t), iops=count / statistics.median(t))
-                                      for e, t in times.items()}
-            qf = times.get("qcow2fast")
-            # "qemu" in the tables: the faster of the two placements.
-            best = min((e for e in QEMU_ENGINES if e in times),
-                       key=lambda e: statistics.median(times[e]), default=None)
-            entry.setdefault("best_qemu", {})[window] = best
-            entry["ratios"][window] = {
-                "qcow2fast_vs_qemu": ratio_info(times.get(best), qf),
-                "qcow2fast_vs_qemu_unpinned": ratio_info(times.get("qemu"), qf),
-                "qcow2fast_vs_qemu_1cpu": ratio_info(times.get("qemu1"), qf),
-                "qcow2fast_vs_raw": ratio_info(times.get("raw"), qf),
-                "qcow2fast_vs_host": ratio_info(times.get("host"), qf),
-            }
-        if errors:
-            self.failures.append((name, errors))
-        self.results.append(entry)
-        return entry
+        return verify
 
     def run(self):
         a = self.args

@@ -26,7 +26,7 @@ import sys
 
 from .common import (GiB, MiB, BenchError, bench_parser, human, log, parse_mode, run,
                      scenario_main, summarise)
-from .io_bench import warm_page_cache
+from .io_setup import warm_page_cache
 from .report import md_table, panels, save_figure
 from .io_config import RUN_RE
 

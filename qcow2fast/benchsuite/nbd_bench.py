@@ -41,7 +41,7 @@ import time
 
 from .common import (ROOT, GiB, MiB, BenchError, choose_tmpdir, git_revision, human, log,
                      parse_size, ratio_info, run, summarise)
-from .io_bench import warm_page_cache
+from .io_setup import warm_page_cache
 from .io_config import RUN_RE
 from .report import bar_groups, fmt_ratio, panels, rates, save_figure
 

@@ -30,7 +30,8 @@ import time
 from .common import (MiB, BenchError, bench_parser, choose_tmpdir, human, log, ratio_info, run,
                      summarise)
 from .report import bar_groups, fmt_ratio, panels, rates, save_figure
-from .io_bench import Qemu, probe_aio, qf_write, warm_page_cache
+from .io_engines import Qemu, qf_write
+from .io_setup import probe_aio, warm_page_cache
 from .io_config import FILL_PATTERN, REQ, WRITE_PATTERN
 
 STEP = 7919 * REQ

@@ -27,7 +27,8 @@ import sys
 
 from .common import (MiB, BenchError, bench_parser, log, parse_mode, ratio_info, run,
                      scenario_main, summarise)
-from .io_bench import Qemu, settle_page_cache
+from .io_engines import Qemu
+from .io_setup import settle_page_cache
 from .io_config import FILL_PATTERN, REQ, WRITE_PATTERN
 from .report import fmt_ratio, md_table, panels, save_figure
 

@@ -11,7 +11,13 @@ The order of one flush, each barrier an fdatasync (none under
    not written (the dirty bit was made stable instead and a crash is
    repaired by a rebuild), but the barrier stays whenever an L2 entry
    changed since the last one: it is all that keeps new data (and the file
-   growth it implies) ahead of the entry pointing to it;
+   growth it implies) ahead of the entry pointing to it.  The one entry
+   that needs no barrier under lazy refcounts points into fresh space the
+   file already covers stably (``ImageState.grow_durable``: the file grows
+   ahead in steps, one barrier per step) where the guest saw zeros: a power
+   loss that keeps the entry but not the data leaves zeros there, what the
+   guest saw before the write -- so an allocating write in a sync mode costs
+   one barrier, as in qemu;
 2. L2 slices are written, barrier: the L2 tables are stable before the L1
    entries that point to new ones.  An L2 slice written between flushes
    (evicted) is preceded by the same data barrier, run by the L2 cache

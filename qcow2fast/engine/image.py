@@ -586,6 +586,7 @@ class Image(LifecycleAPI, ImageCore):
                     self.flusher.flush(sync=not s.unsafe, final=True)
                     if features.is_dirty(s):
                         features.set_dirty(s, False)
+                    s.trim_growth()     # (after the last barrier: a longer file is harmless)
             finally:
                 s.closed = True         # (also when storing or flushing failed: the files go)
                 self._unlock()

@@ -270,5 +270,6 @@ def _truncate_tail(img):
         s.file.truncate(end)
     s.alloc_end = end
     s.zero_from = min(s.zero_from, end)
+    s.durable_end = min(s.durable_end, end)
     rc.end_cluster = last + 1
     rc.free_hint = 0

@@ -39,9 +39,10 @@ NAMES = {P.NBD_CMD_READ: "READ", P.NBD_CMD_WRITE: "WRITE", P.NBD_CMD_DISC: "DISC
 # WRITE payload buffers up to this size are kept for the connection's next writes.
 KEEP_WRITE_BUFFER = 8 << 20
 
-# Pipelined READs already received go to the image together, as one batch
-# (Image.submit: resolved and read in C with the GIL released once), at most
-# this many; their replies are built in place, in order.
+# Pipelined READs and WRITEs already received (a WRITE with all its payload)
+# go to the image together, as one batch (Image.submit: resolved and carried
+# out in C with the GIL released once, as if in order), at most this many;
+# their replies are built in place, in order.
 BATCH_MAX = 64
 
 _REQ = P.REQUEST
@@ -71,7 +72,10 @@ class Transmission:
         }
         # WRITE goes straight to the image unless zeros are to be detected
         self._write = export.write if export.detect_zeroes != "off" else self.image.write
-        self._submit = getattr(self.image, "submit", None)     # qcow2 images batch READs
+        self._submit = getattr(self.image, "submit", None)     # qcow2 images batch
+        # WRITEs join batches when nothing stands between them and the image
+        self._batch_writes = (self._submit is not None and not export.read_only
+                              and export.detect_zeroes == "off")
         self._wbuf = None           # reused for WRITE payloads not already buffered
         self._unread = 0
 
@@ -90,10 +94,10 @@ class Transmission:
             if cmd == P.NBD_CMD_DISC:
                 chan.flush()
                 return
-            if (cmd == P.NBD_CMD_READ and self._submit is not None
-                    and self.batchable(flags, offset, length)
-                    and chan.peek(_REQ.size) is not None):
-                self.read_batch(handle, offset, length)
+            if (self._submit is not None and self.batchable(cmd, flags, offset, length, 0)
+                    and chan.peek((length if cmd == P.NBD_CMD_WRITE else 0) + _REQ.size)
+                    is not None):
+                self.batch(cmd, handle, offset, length)
                 continue
             handler = handlers.get(cmd)
             # Payload bytes of this request still in the socket (a WRITE's,
@@ -133,52 +137,73 @@ class Transmission:
             raise RequestError(error, f"{name} [{offset}, {offset + length}) past the end "
                                f"of the export ({self.export.size} bytes)")
 
-    def batchable(self, flags, offset, length):
-        """A READ whose reply is one data chunk (or a simple reply) and that
-        the protocol allows: it may go in a batch."""
-        return (0 < length < HOLE_MIN and not flags & ~P.NBD_CMD_FLAG_DF
-                and (self.structured or not flags)
-                and offset + length <= self.export.size)
+    def batchable(self, cmd, flags, offset, length, header):
+        """A request the protocol allows whose reply is one data chunk (a
+        READ) or one OK (a WRITE without FUA whose payload is received,
+        after ``header`` more bytes): it may go in a batch."""
+        if offset + length > self.export.size or length <= 0:
+            return False
+        if cmd == P.NBD_CMD_READ:
+            return (length < HOLE_MIN and not flags & ~P.NBD_CMD_FLAG_DF
+                    and (self.structured or not flags))
+        return (cmd == P.NBD_CMD_WRITE and self._batch_writes and not flags
+                and length <= MAX_PAYLOAD and self.chan.buffered() >= header + length)
 
-    def read_batch(self, handle, offset, length):
-        """This READ and the batchable READs received right after it, read
-        as one batch; each gets its reply, in order."""
+    def batch(self, cmd, handle, offset, length):
+        """This request and the batchable ones received right after it,
+        carried out as one batch; each gets its reply, in order."""
         chan = self.chan
-        batch = [(handle, offset, length)]
+        # (a WRITE's payload is a view of the receive buffer: nothing is
+        # received until the batch is done, so it stays valid)
+        batch = [(cmd, handle, offset, length,
+                  chan.read(length) if cmd == P.NBD_CMD_WRITE else None)]
         while len(batch) < BATCH_MAX:
             hdr = chan.peek(_REQ.size)
             if hdr is None:
                 break
             magic, flags, cmd, handle, offset, length = _REQ.unpack(hdr)
-            if magic != P.NBD_REQUEST_MAGIC or cmd != P.NBD_CMD_READ or not self.batchable(
-                    flags, offset, length):
+            if magic != P.NBD_REQUEST_MAGIC or not self.batchable(cmd, flags, offset, length,
+                                                                  _REQ.size):
                 break
             chan.read(_REQ.size)
-            batch.append((handle, offset, length))
+            batch.append((cmd, handle, offset, length,
+                          chan.read(length) if cmd == P.NBD_CMD_WRITE else None))
         hsize = _DATA.size if self.structured else _SIMPLE.size
-        mv = chan.reserve(sum(hsize + n for _, _, n in batch))
+        osize = _CHUNK.size if self.structured else _SIMPLE.size
+        mv = chan.reserve(sum(hsize + n if data is None else osize
+                              for _, _, _, n, data in batch))
         reqs, pos = [], 0
-        for _, off, n in batch:
-            reqs.append((0, off, mv[pos + hsize:pos + hsize + n]))
-            pos += hsize + n
+        for _, _, off, n, data in batch:
+            if data is None:
+                reqs.append(("read", off, mv[pos + hsize:pos + hsize + n]))
+                pos += hsize + n
+            else:
+                reqs.append(("write", off, data))
+                pos += osize
         results = self._submit(reqs)
         if any(isinstance(r, BaseException) for r in results):
-            # Rare: the data of those that succeeded leaves the send buffer
-            # before the replies are sent one by one.
-            datas = [None if isinstance(r, BaseException) else bytes(buf)
-                     for r, (_, _, buf) in zip(results, reqs)]
-            for (h, off, n), r, data in zip(batch, results, datas):
-                if data is None:
-                    log.warning("%s: READ [%#x, +%#x]: %s: %s", self.peer, off, n,
+            # Rare: the data of the READs that succeeded leaves the send
+            # buffer before the replies are sent one by one.
+            datas = [bytes(buf) if data is None and not isinstance(r, BaseException) else None
+                     for r, (_, _, buf), (_, _, _, _, data) in zip(results, reqs, batch)]
+            for (cmd, h, off, n, _), r, data in zip(batch, results, datas):
+                if isinstance(r, BaseException):
+                    log.warning("%s: %s [%#x, +%#x]: %s: %s", self.peer, NAMES[cmd], off, n,
                                 type(r).__name__, r)
-                    self.error(h, nbd_error(r), str(r), True)
+                    self.error(h, nbd_error(r), str(r), cmd == P.NBD_CMD_READ)
+                elif data is None:
+                    self.ok(h)
                 else:
                     self.data_reply(h, off, data)
             return
         pos = 0
-        for h, off, n in batch:
-            self.pack_data_header(mv, pos, h, off, n)
-            pos += hsize + n
+        for _, h, off, n, data in batch:
+            if data is None:
+                self.pack_data_header(mv, pos, h, off, n)
+                pos += hsize + n
+            else:
+                self.pack_ok(mv, pos, h)
+                pos += osize
         chan.commit(pos)
 
     def pack_data_header(self, mv, pos, handle, offset, length):
@@ -198,11 +223,16 @@ class Transmission:
     # -- replies ---------------------------------------------------------------------------
 
     def ok(self, handle):
+        osize = _CHUNK.size if self.structured else _SIMPLE.size
+        self.pack_ok(self.chan.reserve(osize), 0, handle)
+        self.chan.commit(osize)
+
+    def pack_ok(self, mv, pos, handle):
         if self.structured:
-            self.chan.send(_CHUNK.pack(P.NBD_STRUCTURED_REPLY_MAGIC, _DONE,
-                                       P.NBD_REPLY_TYPE_NONE, handle, 0))
+            _CHUNK.pack_into(mv, pos, P.NBD_STRUCTURED_REPLY_MAGIC, _DONE, P.NBD_REPLY_TYPE_NONE,
+                             handle, 0)
         else:
-            self.chan.send(_SIMPLE.pack(P.NBD_SIMPLE_REPLY_MAGIC, 0, handle))
+            _SIMPLE.pack_into(mv, pos, P.NBD_SIMPLE_REPLY_MAGIC, 0, handle)
 
     def error(self, handle, error, message, is_read=False):
         if self.structured:

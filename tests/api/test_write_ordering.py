@@ -3,6 +3,7 @@ cache mode makes, that a new L2 table's L1 entry reaches the disk only
 after the table and its refcounts are stable, and that sync modes write
 metadata in 4 KiB blocks.  Every image is then checked by qemu."""
 
+import os
 import re
 import shutil
 import struct
@@ -51,6 +52,36 @@ with qcow2fast.open(sys.argv[1], "r+", cache_mode="writeback") as img:
     img.flush()
     os.write(2, b"FLUSHED\\n")
 """
+
+
+GROWTH_SCRIPT = """
+import os, sys, qcow2fast
+img = qcow2fast.open(sys.argv[1], "r+", cache_mode="directsync", lazy_refcounts=True)
+for i in range(20):
+    img.write((i << 16) + 512, b"\\x5a" * 4096)
+print(os.path.getsize(sys.argv[1]))
+img.close()
+"""
+
+
+def test_lazy_directsync_grows_ahead_and_trims_at_close(tmp_path):
+    """Under lazy refcounts in a sync mode the file grows ahead (one
+    barrier per step, not per write: about one sync per allocating write,
+    as qemu's 1.03) and close cuts what no cluster uses."""
+    from benchmarks.jitter_bench import count_syncs
+    path = qf_create(tmp_path / "g.qcow2", 4 * MiB)
+    n = count_syncs(shutil.which("strace"), [sys.executable, "-c", GROWTH_SCRIPT, str(path)])
+    assert 20 <= n <= 28, f"{n} syncs for 20 allocating writes"     # (+ open, close)
+    path2 = qf_create(tmp_path / "g2.qcow2", 4 * MiB)
+    grown = int(subprocess.run([sys.executable, "-c", GROWTH_SCRIPT, str(path2)],
+                               capture_output=True, text=True, check=True).stdout)
+    assert grown >= 32 * MiB                    # GROW_MIN ahead, sparse
+    end = os.path.getsize(path2)
+    assert end < 2 * MiB                        # trimmed: 20 clusters and the metadata
+    qemu_check(path2)
+    raw = qemu_raw(path2)
+    assert all(raw[(i << 16) + 512:(i << 16) + 4608] == b"\x5a" * 4096 for i in range(20))
+    assert raw.count(0) == len(raw) - 20 * 4096
 
 
 def test_l2_allocation_is_ordered_at_flush(tmp_path):

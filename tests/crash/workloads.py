@@ -117,6 +117,15 @@ def over_backing(cfg, d, rng):
     return _create(cfg, os.path.join(d, "img.qcow2"), "-b", base, "-F", "qcow2")
 
 
+def over_full_backing(cfg, d, rng):
+    """An overlay over a backing file with data everywhere: what the guest
+    sees before any write is the backing file's, never zeros."""
+    base = os.path.join(d, "base.qcow2")
+    _qemu_img("create", "-q", "-f", "qcow2", base, str(cfg.size))
+    _qemu_io(base, f"write -P 0x6b 0 {cfg.size}")
+    return _create(cfg, os.path.join(d, "img.qcow2"), "-b", base, "-F", "qcow2")
+
+
 def chain(cfg, d, rng):
     """top.qcow2 -> mid.qcow2 -> base.qcow2 (relative names), each with
     data of its own written by qemu-io; returns the three paths, top first."""
@@ -153,6 +162,18 @@ def random_ops(cfg, rng, compressed=0.0, flush_every=5):
     return ops
 
 
+def cluster_writes(cfg, rng):
+    """Writes of one to four whole clusters (nothing of the layer below
+    shows through them), a flush every few."""
+    cs, ops = cfg.cluster_size, []
+    for i in range(cfg.nops):
+        k = int(rng.integers(1, 5))
+        ops.append(("write", int(rng.integers(0, cfg.size // cs - k)) * cs, rng.bytes(k * cs)))
+        if i % 4 == 3:
+            ops.append(("flush",))
+    return ops
+
+
 def compressed_ops(cfg, rng):
     return random_ops(cfg, rng, compressed=0.2)
 
@@ -177,6 +198,18 @@ CONFIGS = [
     _c("directsync-4k", cache_mode="directsync", cluster_size=4096, nops=20),
     _c("lazy-writethrough-4k", cache_mode="writethrough", lazy=True, cluster_size=4096, nops=20),
     _c("lazy-none-64k", cache_mode="none", lazy=True),
+    # Lazy refcounts in sync modes: allocating writes into fresh space that
+    # was grown stably skip the data barrier (ImageState.grow_durable).
+    _c("lazy-directsync-4k", cache_mode="directsync", lazy=True, cluster_size=4096, nops=20),
+    _c("lazy-directsync-64k", cache_mode="directsync", lazy=True, nops=20),
+    _c("lazy-backing-writethrough-64k", setup=over_backing, cache_mode="writethrough",
+       lazy=True, nops=20),
+    # Whole clusters over backing data: the data barrier stays (the guest
+    # saw the backing file's bytes there, not zeros).
+    _c("lazy-full-backing-writeback-4k", setup=over_full_backing, workload=cluster_writes,
+       lazy=True, cluster_size=4096, size=4 * MiB, nops=24),
+    _c("lazy-full-backing-directsync-4k", setup=over_full_backing, workload=cluster_writes,
+       cache_mode="directsync", lazy=True, cluster_size=4096, size=4 * MiB, nops=12),
     # New L2 tables, refcount blocks and refcount-table growth: 512 B
     # clusters (an L2 table maps 32 KiB, a refcount block 128 KiB of host,
     # a one-cluster refcount table 8 MiB).

@@ -84,3 +84,57 @@ def test_failed_read_in_a_batch(tmp_path, image):
     for i in (0, 2, 3):
         off, n = reads[i][1:3]
         assert replies[i].error == 0 and replies[i].data == expected[off:off + n]
+
+
+@pytest.mark.parametrize("structured", [True, False])
+def test_pipelined_writes_join_batches(tmp_path, image, structured):
+    """WRITEs (allocating, overwriting, unaligned) pipelined with READs of
+    the same ranges go to the image in batches and complete in order; a
+    FUA write and one past the end are answered on their own."""
+    import qcow2fast
+    expected = bytearray(qemu_raw(image))
+    reqs = []
+    for k in range(12):
+        off = [0, 1 * MiB + 512, 2 * MiB + 100, 3 * MiB + 64 * 1024, 3 * MiB + 70000][k % 5] \
+            + 4096 * k
+        data = bytes([k + 1]) * (300 + 97 * k)
+        reqs.append((P.NBD_CMD_WRITE, off, len(data), 0, data))
+        reqs.append((P.NBD_CMD_READ, off - 50 if off >= 50 else off, len(data) + 100))
+    reqs[7:7] = [(P.NBD_CMD_WRITE, 5000, 10, P.NBD_CMD_FLAG_FUA, b"f" * 10),
+                 (P.NBD_CMD_WRITE, SIZE - 4, 8, 0, b"x" * 8)]          # past the end: ENOSPC
+    img = qcow2fast.open(image, "r+")
+    seen = []
+    submit = img.submit
+
+    def counting_submit(requests):
+        seen.append([op for op, _, _ in requests])
+        return submit(requests)
+    img.submit = counting_submit
+    try:
+        with served(img, tmp_path) as (srv, _):
+            c = RawClient(srv.address)
+            c.go(structured=structured)
+            handles = list(range(c.handle + 1, c.handle + 1 + len(reqs)))
+            # All at once, so that the server finds them received together.
+            c.sock.sendall(b"".join(P.REQUEST.pack(P.NBD_REQUEST_MAGIC, r[3] if len(r) > 3 else 0,
+                                                   r[0], h, r[1], r[2]) + (r[4] if len(r) > 3
+                                                                           else b"")
+                                    for h, r in zip(handles, reqs)))
+            c.handle += len(reqs)
+            replies = [c.reply(h, r[2] if r[0] == P.NBD_CMD_READ else 0)
+                       for h, r in zip(handles, reqs)]
+            c.disconnect()
+    finally:
+        img.close()
+    model = expected
+    for r, reply in zip(reqs, replies):
+        if r[0] == P.NBD_CMD_WRITE and r[1] + r[2] > SIZE:
+            assert reply.error == P.NBD_ENOSPC
+        elif r[0] == P.NBD_CMD_WRITE:
+            assert reply.error == 0
+            model[r[1]:r[1] + r[2]] = r[4]
+        else:
+            assert reply.error == 0 and reply.data == bytes(model[r[1]:r[1] + r[2]]), r
+    assert max(ops.count("write") for ops in seen) >= 2, seen
+    assert qemu_raw(image) == bytes(model)
+    qemu_check(image)
