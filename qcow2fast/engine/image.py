@@ -37,7 +37,7 @@ from ..host.remote import is_remote
 from ..host.remote import name_of as remote_name
 from ..spec import header as hdr
 from ..spec.geometry import Geometry
-from . import crypto, datafile, features, untrusted
+from . import datafile, features, untrusted
 from .bitmap import Bitmaps
 from .cache import DEFAULT_CACHE_CLEAN_INTERVAL, CacheCleaner, make_caches
 from .cache import cache_sizes as cache_sizes_for
@@ -59,6 +59,7 @@ if TYPE_CHECKING:
     from .._ext.cache import TableCache
     from ..host.raw import RawImage
     from .rawio import ImageFile
+    from . import crypto
     from .snapshot import Snapshot
 
 MAX_HEADER_READ = 2 << 20
@@ -199,7 +200,10 @@ class Image(LifecycleAPI, ImageCore):
             s.set_data_file(data_file, datafile.HOST_LIMIT)
             self.data_file_name = datafile.display_name(self.path, h, self._data_file_override)
         # (after zero_from: a transform means no host byte reads as zero)
-        self.encryption = crypto.attach(s, f, file_size, self.key_secret, self.no_io)
+        self.encryption = None
+        if h.crypt_method or any(e.type == hdr.EXT_CRYPTO for e in h.other_extensions):
+            from . import crypto        # (imported for encrypted images only: start-up)
+            self.encryption = crypto.attach(s, f, file_size, self.key_secret, self.no_io)
         self.mapping = Mapping(s, l1)
         self.refcounts = Refcounts(s, file_size, repair=repair) if writable else None
         # The lazy-refcounts open option overrides the header's bit, as in qemu.
