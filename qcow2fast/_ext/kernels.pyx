@@ -4,6 +4,7 @@ refcount layers).  Each is a plain function over arrays: no file policy."""
 
 cimport numpy as cnp
 from libc.stdint cimport UINT32_MAX, uint8_t, uint32_t, uint64_t, int64_t
+from libc.string cimport memcmp
 
 from .common cimport (L2E_OFFSET_MASK, L2E_STD_RESERVED_MASK, QCOW_OFLAG_COMPRESSED,
                      QCOW_OFLAG_COPIED, QF_BSWAP64, SC_ALLOC_MASK, SC_BITS, SC_ZERO_SHIFT,
@@ -287,3 +288,19 @@ def nonzero_units(const uint8_t[::1] buf, int64_t unit, uint8_t[::1] out):
                 if w[j]:
                     out[i] = 1
                     break
+
+
+def differing_units(const uint8_t[::1] a, const uint8_t[::1] b, int64_t unit,
+                    uint8_t[::1] out):
+    """out[i] = 1 where unit i of ``a`` and of ``b`` (``len(out)`` units of
+    ``unit`` bytes) differ, else 0: qemu-img rebase's comparison of the
+    old and the new backing chain.  Units that differ usually do so in
+    their first bytes; only equal units are read whole."""
+    cdef int64_t i, n = out.shape[0]
+    if unit <= 0 or n * unit > a.shape[0] or n * unit > b.shape[0]:
+        raise ValueError("differing_units: units inside both buffers")
+    if n == 0:
+        return
+    with nogil:
+        for i in range(n):
+            out[i] = memcmp(&a[i * unit], &b[i * unit], unit) != 0

@@ -20,23 +20,29 @@ the others; the copy is not timed, and is synced first):
 - ``rebase -b ""``: top made to stand alone.
 
 Each is run as the user would (process start-up included; qcow2fast
-costs about 0.2 s more there), alternating which tool goes first;
+costs about 0.1-0.2 s more there), alternating which tool goes first;
+the package's bytecode is compiled first, as an installed package's is
+(where PYTHONDONTWRITEBYTECODE is set, each command would otherwise
+compile every module it imports);
 reported: median wall time, the speed ratio qemu/qcow2fast (>1:
 qcow2fast faster) with the range of the per-run ratios, and the median
 CPU time (user+sys) of each command; and the qcow2fast operation as a
 library call timed inside one process (what an embedding program pays),
-with its ratio to the qemu-img command.  Every run's
-result is checked: ``qemu-img compare`` of the top with qemu's result.
+with its ratio to the qemu-img command, and its CPU time (all threads:
+the figure to set beside qemu-img's CPU when the machine is loaded).
+Every run's result is checked: ``qemu-img compare`` of the top with
+qemu's result.
 """
 
+import compileall
 import os
 import shutil
 import subprocess
 import sys
 import time
 
-from .common import (ROOT, GiB, BenchError, bench_parser, log, ratio_info, run, scenario_main,
-                     summarise)
+from .common import (ROOT, GiB, BenchError, bench_parser, log, qcow2fast_command, ratio_info, run,
+                     scenario_main, summarise)
 
 SIZES = {"full": {"size": 2 * GiB, "runs": 5}, "quick": {"size": 1 * GiB, "runs": 3}}
 REPO = ROOT        # children import qcow2fast from where this one did
@@ -72,15 +78,16 @@ for name, share, seed in (("mid", 0.10, 1), ("top", 0.05, 2), ("other", 0.05, 3)
 # start-up, no imports): what an embedding program pays.
 LIBRARY_CALL = """
 import sys, time, qcow2fast
+import qcow2fast.ops.commit, qcow2fast.ops.rebase
 command, args = sys.argv[1], sys.argv[2:]
-t = time.perf_counter()
+t, c = time.perf_counter(), time.process_time()
 if command == "commit":
     base = args[args.index("-b") + 1] if "-b" in args else None
     qcow2fast.commit(args[-1], base=base, drop=base is not None)
 else:
     b = args[args.index("-b") + 1]
     qcow2fast.rebase(args[-1], b, backing_fmt="qcow2" if b else None)
-print(time.perf_counter() - t)
+print(time.perf_counter() - t, time.process_time() - c)
 """
 
 # (label, command, arguments, the images it writes)
@@ -127,12 +134,13 @@ def collect(a, tmpdir):
     os.makedirs(master)
     log(f"  making the chain: {a.size // GiB} GiB base, overlays mid 10%, top 5%, other 5%")
     run([sys.executable, "-c", MAKE_CHAIN, master, str(a.size)])
-    tools = {"qemu-img": [a.qemu_img], "qcow2fast": [sys.executable, "-m", "qcow2fast"]}
+    compileall.compile_dir(os.path.join(REPO, "qcow2fast"), quiet=1)
+    tools = {"qemu-img": [a.qemu_img], "qcow2fast": qcow2fast_command()}
     results = []
     for label, command, argv, written in OPERATIONS:
         samples = {t: [] for t in tools}
         cpu = {t: [] for t in tools}
-        library = []
+        library, library_cpu = [], []
         for r in range(a.runs):
             order = list(tools) if r % 2 == 0 else list(reversed(tools))
             for t in order:
@@ -142,10 +150,12 @@ def collect(a, tmpdir):
                 cpu[t].append(used)
             d = os.path.join(tmpdir, "library")
             fresh_copy(master, d, written)
-            library.append(float(subprocess.run(
+            wall, used = map(float, subprocess.run(
                 [sys.executable, "-c", LIBRARY_CALL, command, *argv], cwd=d, check=True,
                 env=dict(os.environ, PYTHONPATH=REPO), capture_output=True,
-                text=True).stdout))
+                text=True).stdout.split())
+            library.append(wall)
+            library_cpu.append(used)
             p = subprocess.run([a.qemu_img, "compare", "-q",
                                 os.path.join(tmpdir, "qemu-img", "top.qcow2"),
                                 os.path.join(tmpdir, "qcow2fast", "top.qcow2")])
@@ -154,6 +164,7 @@ def collect(a, tmpdir):
         log(f"  {label}: qemu-img {summarise(samples['qemu-img'])['median']:.2f} s, "
             f"qcow2fast {summarise(samples['qcow2fast'])['median']:.2f} s")
         results.append({"operation": label, "samples": samples, "cpu": cpu, "library": library,
+                        "library_cpu": library_cpu,
                         "library_ratio": ratio_info(samples["qemu-img"], library),
                         "ratio": ratio_info(samples["qemu-img"], samples["qcow2fast"])})
     return results
@@ -161,16 +172,16 @@ def collect(a, tmpdir):
 
 def report(results, out=sys.stdout):
     print("\n| operation | qemu-img | qcow2fast | speed ratio (range) | CPU qemu / ours | "
-          "library call | ratio |", file=out)
-    print("|---|---|---|---|---|---|---|", file=out)
+          "library call | ratio | library CPU |", file=out)
+    print("|---|---|---|---|---|---|---|---|", file=out)
     for r in results:
         q, f = (summarise(r["samples"][t])["median"] for t in ("qemu-img", "qcow2fast"))
         cq, cf = (summarise(r["cpu"][t])["median"] for t in ("qemu-img", "qcow2fast"))
         ratio = r["ratio"]
         print(f"| {r['operation']} | {q:.2f} s | {f:.2f} s | {ratio['ratio']:.2f}x "
               f"({ratio['min']:.2f}-{ratio['max']:.2f}) | {cq:.2f} / {cf:.2f} s | "
-              f"{summarise(r['library'])['median']:.2f} s | {r['library_ratio']['ratio']:.2f}x |",
-              file=out)
+              f"{summarise(r['library'])['median']:.2f} s | {r['library_ratio']['ratio']:.2f}x | "
+              f"{summarise(r.get('library_cpu') or [0])['median']:.2f} s |", file=out)
 
 
 def main(argv=None):

@@ -58,7 +58,7 @@ def run(args):
     bar(0, 1)
     try:
         commit(path, base=args.base, drop=args.drop or args.base is not None, cache=args.cache,
-               progress=bar, key_secret=key_secret)
+               progress=bar if bar.enabled else None, key_secret=key_secret)
         bar(1, 1)
     finally:
         bar.close()

@@ -41,7 +41,7 @@ def run(args):
     try:
         rebase(path, args.backing, backing_fmt=args.backing_fmt, unsafe=args.unsafe,
                cache=args.cache, backing_cache=args.src_cache,
-               progress=None if args.unsafe else bar, key_secret=key_secret,
+               progress=bar if bar.enabled and not args.unsafe else None, key_secret=key_secret,
                force_share=args.force_share)
         bar(1, 1)
     finally:

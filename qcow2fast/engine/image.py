@@ -60,6 +60,7 @@ if TYPE_CHECKING:
     from .._ext.cache import TableCache
     from ..host.raw import RawImage
     from .rawio import ImageFile
+    from . import crypto
     from .snapshot import Snapshot
 
 MAX_HEADER_READ = 2 << 20

@@ -4,13 +4,14 @@
 Every guest range allocated in a layer above the base (data, compressed,
 zero clusters, and the zeros past the end of a short intermediate layer)
 is read from the layer holding it and written into the base; nothing else
-is read or written.  Zero runs are written as zeros (``write_zeroes``,
-deallocating where the base allows), data in large runs through the base's
-own write path.  A base smaller than the top is first grown to its size,
-as qemu does.  Afterwards the top is emptied (it then reads as its backing
-file, which now holds its data) unless ``drop``; a base given explicitly
-leaves the top as it is (qemu-img's ``-b`` implies ``-d``: the layers in
-between no longer show what they showed, only the top still does).
+is read or written.  Zero runs are written as zeros (``write_zeroes``: a
+zero flag, the base's own clusters kept, so nothing is freed), data in
+large runs through the base's own write path.  A base smaller than the
+top is first grown to its size, as qemu does.  Afterwards the top is
+emptied (it then reads as its backing file, which now holds its data)
+unless ``drop``; a base given explicitly leaves the top as it is
+(qemu-img's ``-b`` implies ``-d``: the layers in between no longer show
+what they showed, only the top still does).
 
 Write order: the base is changed only at ranges the top does not read
 from it, so the top shows the same data throughout; the base is flushed
@@ -98,11 +99,12 @@ def _commit_into(top, above, target, cache, progress):
     take_over(dest.file.fd, "raw" if isinstance(target, RawImage) else "qcow2")
     try:
         _grow(dest, top.size)
-        total = sum(r.length for w in chainlayers.windows(top.size)
-                    for r in chainlayers.resolve(above, *w) if r.depth < len(above))
-        if progress is not None:
+        total = 0
+        if progress is not None:        # (a pass over the chain's metadata)
+            total = sum(n for _, _, n in _jobs(top.size, above))
             progress(0, total)
         done = [0]
+        writeback = chainlayers.Writeback(dest.file)
 
         def read(job, bufs):
             layer, off, n = job
@@ -112,18 +114,19 @@ def _commit_into(top, above, target, cache, progress):
         def write(job, bufs):
             layer, off, n = job
             if layer is None:
-                dest.write_zeroes(off, n, may_unmap=True)
+                # (allocation kept where the base has it: nothing to free)
+                dest.write_zeroes(off, n)
             else:
                 dest.write(off, bufs[0][:n])
+                writeback.wrote(n)
             done[0] += n
             if progress is not None:
                 progress(done[0], total)
 
         chainlayers.pipeline(_jobs(top.size, above), read, write, 1, CHUNK)
-        # Barrier: the committed data (and the base's metadata) is stable
-        # before anything empties the top.
-        dest.flush()
     finally:
+        # Barrier (closing flushes): the committed data and the base's
+        # metadata are stable before anything empties the top.
         dest.close()
 
 

@@ -20,6 +20,7 @@ from ..errors import InvalidArgumentError
 
 ZERO_KINDS = ("zero", "unallocated")
 CHUNK = 4 << 20         # bytes read (and written) per call
+WRITEBACK_STEP = 32 << 20   # bytes copied between writeback hints (Writeback)
 WINDOW = 1 << 30        # guest bytes resolved at a time (bounds the run lists; a
                         # multiple of every cluster size)
 
@@ -113,6 +114,23 @@ def qemu_name(image, backing):
     """How qemu names a backing file in its messages: relative to the
     directory of the image as the image was named (not made absolute)."""
     return backing if os.path.isabs(backing) else os.path.join(os.path.dirname(image), backing)
+
+
+class Writeback:
+    """Has the device start writing a file's dirty pages every
+    WRITEBACK_STEP bytes copied into it, so that the copy and the disk
+    work at the same time and the closing barrier has little left to
+    wait for (a hint: it orders nothing)."""
+
+    def __init__(self, file):
+        self.file = file
+        self.pending = 0
+
+    def wrote(self, n):
+        self.pending += n
+        if self.pending >= WRITEBACK_STEP:
+            self.pending = 0
+            self.file.start_writeback()
 
 
 def pipeline(jobs, read, consume, nbufs, size):

@@ -28,9 +28,8 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING
 
-import numpy as np
-
 from .._ext.fileio import File
+from .._ext.kernels import differing_units, nonzero_units
 from ..engine.backing import resolve_backing_path
 from ..engine.image import Image
 from ..errors import (CorruptImageError, ImageLockedError, InvalidArgumentError, Qcow2Error,
@@ -94,9 +93,8 @@ def rebase(path: str | os.PathLike[str], backing: str | None, *,
             finally:
                 if new is not None:
                     new.close()
-            # Barrier: every cluster that differs is stable in the image
-            # before its header names the new backing file.
-            img.flush()
+    # Barrier (closing flushed the image): every cluster that differs is
+    # stable in the image before its header names the new backing file.
     change_backing_file(path, backing, backing_fmt, sync=cache != "unsafe")
 
 
@@ -154,8 +152,10 @@ def _copy_differences(img, new, progress):
             if n and not zero:
                 chainlayers.read_view(layer, off, buf[:n])
 
+    writeback = chainlayers.Writeback(img.file)
+
     def write(job, bufs):
-        _copy_chunk(img, job, unit, bufs)
+        writeback.wrote(_copy_chunk(img, job, unit, bufs))
         if progress is not None and job[4] is not None:
             progress(job[4], size)
 
@@ -237,33 +237,40 @@ def _round_out(segments, unit, lo, hi):
 def _copy_chunk(img, job, unit, bufs):
     """Compare one chunk (whole units but at the disk's end) of the two
     chains, read into ``bufs`` (a side known to read zeros is not read);
-    where a unit differs, write what the old chain shows."""
+    where a run of units differs, write what the old chain shows.
+    Returns the bytes written."""
     off, n, old_zero, new_zero, _ = job
     if not n:
-        return
-    views = [_units(buf, n, unit) for buf, zero in zip(bufs, (old_zero, new_zero)) if not zero]
-    if len(views) == 2:
-        differ = (views[0] != views[1]).any(axis=1)
+        return 0
+    units = -(-n // unit)
+    whole = units * unit
+    for buf, zero in zip(bufs, (old_zero, new_zero)):
+        if whole > n and not zero:
+            buf[n:whole] = bytes(whole - n)     # a last partial unit: padded with zeros
+    differ = bytearray(units)
+    if not (old_zero or new_zero):
+        differing_units(bufs[0], bufs[1], unit, differ)
     else:           # one side zeros: units differ where the other is not
-        differ = views[0].any(axis=1)
-    if not differ.any():
-        return
-    edges = np.flatnonzero(np.diff(np.concatenate(([0], differ.view(np.int8), [0]))))
-    for s, e in zip(edges[::2].tolist(), edges[1::2].tolist()):
+        nonzero_units(bufs[1] if old_zero else bufs[0], unit, differ)
+    written = 0
+    s = differ.find(1)
+    while s >= 0:
+        e = differ.find(0, s)
+        e = units if e < 0 else e
         lo, hi = s * unit, min(n, e * unit)
-        if old_zero or not _units(bufs[0][lo:], hi - lo, unit).any():
+        if old_zero or (not new_zero and not _any_nonzero(bufs[0][lo:e * unit])):
             img.write_zeroes(off + lo, hi - lo)
         else:
             img.write(off + lo, bufs[0][lo:hi])
+            written += hi - lo
+        s = differ.find(1, e)
+    return written
 
 
-def _units(buf, n, unit):
-    """The first ``n`` bytes of ``buf`` as rows of one unit (64-bit words);
-    a last partial unit is padded with zeros in ``buf`` (its spare room)."""
-    whole = -(-n // unit) * unit
-    if whole > n:
-        buf[n:whole] = bytes(whole - n)
-    return np.frombuffer(buf, np.uint64, whole // 8).reshape(-1, unit // 8)
+def _any_nonzero(buf):
+    one = bytearray(1)
+    nonzero_units(buf, len(buf), one)
+    return one[0] != 0
 
 
 def change_backing_file(path, backing, backing_fmt, *, sync=True):

@@ -15,16 +15,12 @@ import qcow2fast
 from qcow2fast.engine import backing
 from qcow2fast.engine.chain import LAYER_L2_ENTRY
 from qcow2fast.errors import CorruptImageError, UnsupportedFeatureError
-from tests.helpers.chain_util import layer_name, make_deep_chain
+from tests.helpers.chain_util import MIXED, layer_name, make_deep_chain
 from tests.helpers.nbd_util import nbdinfo, require_libnbd, served
 from tests.helpers.qemu_util import (KiB, MiB, assert_bytes_equal, file_state, qemu_create,
                                      qemu_img, qemu_io, qemu_raw, run_python)
 
 pytestmark = pytest.mark.qemu
-
-MIXED = (("", False), ("cluster_size=4096", False), ("extended_l2=on", False), ("", True),
-         ("compat=0.10", False), ("cluster_size=2097152", False), ("cluster_size=512", False),
-         ("cluster_size=32768,extended_l2=on", False))
 
 
 def check_reads(top, expected, seed=1, count=400):
