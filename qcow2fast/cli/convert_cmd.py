@@ -14,7 +14,7 @@ level used by ``-c``."""
 from .objects import secrets
 from .common import add_share_arguments, image_spec, share_options, snapshot_spec
 from .create_cmd import options_help, qcow2_options
-from .options import UsageError, merge_options, parse_size
+from .options import UsageError, merge_options, parse_size, warn
 from .progress import Progress
 
 # -t: qemu-img convert's default is unsafe (no flush); any other mode syncs
@@ -138,7 +138,7 @@ def _bitmaps_plan(args, sources, dest, kw):
         src = open_image(sources[0], args.fmt)
         try:
             with open_image(dest, args.out_fmt, writable=True) as out:
-                copy_bitmaps(src, out, args.skip_broken_bitmaps)
+                copy_bitmaps(src, out, args.skip_broken_bitmaps, warn)
         finally:
             src.close()
     return copy

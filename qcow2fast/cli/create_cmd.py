@@ -85,6 +85,8 @@ def run(args):
         return 0
     given = dict(opts)
     kw = qcow2_options(opts, secret_table=secrets(args.objects))
+    if args.backing == "" or (args.backing is None and kw.get("backing_file") == ""):
+        raise UsageError(f"{args.filename}: Expected backing file name, got empty string")
     backing = args.backing or kw.pop("backing_file", None)
     backing_fmt = args.backing_fmt or kw.pop("backing_format", None)
     kw.pop("backing_file", None)
@@ -130,7 +132,7 @@ def formatting_line(filename, given, kw, size, backing, backing_fmt):
     """qemu-img's "Formatting" line: the options set or with a default, in
     the order qemu prints them, values as given (sizes in bytes)."""
     parts = [f"Formatting '{filename}', fmt=qcow2"]
-    parts += [f"{key}={given[key]}" for key in ENCRYPT_OPTIONS if key in given]
+    parts += [f"{key}={given[key]}" for key in ("encryption",) + ENCRYPT_OPTIONS if key in given]
     parts += [f"cluster_size={kw.get('cluster_size', 65536)}",
               f"extended_l2={given.get('extended_l2') or 'off'}"]
     if "preallocation" in given:
@@ -162,7 +164,9 @@ def qcow2_options(opts, command="create", secret_table=None):
     kw = {}
     for key, value in opts.items():
         if key in ENCRYPT_OPTIONS or key == "encryption":
-            kw.setdefault("encrypt", {}).update(encrypt_option(key, value, secret_table))
+            entry = encrypt_option(key, value, secret_table)
+            if entry:                   # (encryption=off asks for nothing)
+                kw.setdefault("encrypt", {}).update(entry)
             continue
         if key.startswith("encrypt."):
             raise UsageError(f"{command}: invalid parameter '{key}' for format qcow2 "

@@ -24,6 +24,11 @@ def prog():
     return _PROG[0]
 
 
+def warn(message):
+    """A warning on stderr as qemu prints one: ``<prog>: warning: message``."""
+    print(f"{prog()}: warning: {message}", file=sys.stderr)
+
+
 def set_prog(argv0):
     name = os.path.basename(argv0 or "")
     _PROG[0] = "qcow2fast" if not name or name.endswith(".py") else name

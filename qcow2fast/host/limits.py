@@ -60,20 +60,22 @@ class CpuGuard:
 
     MARGIN, LAST, POLL = 3.0, 0.5, 0.05
 
-    def __init__(self, limit):
+    def __init__(self, limit, prog):
         self.limit = limit
+        self.prog = prog
         signal.signal(signal.SIGXCPU, self._raise)
         self._main = threading.main_thread().ident
         threading.Thread(target=self._watch, name="qcow2fast-cpu-guard", daemon=True).start()
 
     @classmethod
-    def install(cls):
-        """A guard for this process's RLIMIT_CPU, if it has one."""
+    def install(cls, prog):
+        """A guard for this process's RLIMIT_CPU, if it has one; its last
+        message starts with ``prog``, the program's name."""
         soft, _ = resource.getrlimit(resource.RLIMIT_CPU)
         if soft == resource.RLIM_INFINITY or threading.current_thread() is not \
                 threading.main_thread():        # signal handlers: main thread only
             return None
-        return cls(soft)
+        return cls(soft, prog)
 
     def message(self):
         return (f"stopped: the CPU time limit of {self.limit} s (RLIMIT_CPU) is nearly "
@@ -89,5 +91,5 @@ class CpuGuard:
         signal.pthread_kill(self._main, signal.SIGXCPU)
         while time.process_time() < self.limit - min(self.LAST, self.limit / 10):
             time.sleep(self.POLL)
-        os.write(2, f"qcow2fast: {self.message()}\n".encode())
+        os.write(2, f"{self.prog}: {self.message()}\n".encode())
         os._exit(1)

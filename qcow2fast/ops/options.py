@@ -12,6 +12,8 @@ from ..spec.constants import L1E_SIZE
 from ..spec.geometry import Geometry
 
 PREALLOCATION_MODES = ("off", "metadata", "falloc", "full")
+# qemu's advice after a v3-only option on a v2 image
+V3 = "(use version=v3 or greater)"
 
 
 class Settings(NamedTuple):
@@ -55,37 +57,47 @@ def validate_options(path, size=None, *, cluster_size=65536, compat="1.1", refco
                      size_known=True):
     """Check create()'s options as qemu does; returns :class:`Settings`.
     ``size_known=False`` skips the size checks (a stream of unknown length)."""
-    cluster_bits = _log2(cluster_size, "cluster_size")
-    if not hdr.MIN_CLUSTER_BITS <= cluster_bits <= hdr.MAX_CLUSTER_BITS:
-        raise InvalidArgumentError("cluster_size must be a power of two between 512 B and 2 MiB")
+    cluster_bits = _log2(cluster_size)
+    if cluster_bits is None or not hdr.MIN_CLUSTER_BITS <= cluster_bits <= hdr.MAX_CLUSTER_BITS:
+        raise InvalidArgumentError("Cluster size must be a power of two between "
+                                   f"{1 << hdr.MIN_CLUSTER_BITS} and "
+                                   f"{(1 << hdr.MAX_CLUSTER_BITS) // 1024}k")
     if compat in ("0.10", "v2", 2):
         version = 2
     elif compat in ("1.1", "v3", 3):
         version = 3
     else:
-        raise InvalidArgumentError(f"compat must be '0.10' or '1.1', not {compat!r}")
-    refcount_order = _log2(refcount_bits, "refcount_bits")
-    if refcount_order > 6:
-        raise InvalidArgumentError("refcount_bits must be a power of two between 1 and 64")
+        raise InvalidArgumentError(f"Parameter 'version' does not accept value '{compat}'")
+    refcount_order = _log2(refcount_bits)
+    if refcount_order is None or refcount_order > 6:
+        raise InvalidArgumentError("Refcount width must be a power of two and may not exceed "
+                                   "64 bits")
     if version == 2 and refcount_bits != 16:
-        raise InvalidArgumentError("refcount widths other than 16 bits require compat=1.1")
+        raise InvalidArgumentError("Different refcount widths than 16 bits require "
+                                   f"compatibility level 1.1 or above {V3}")
     if version == 2 and lazy_refcounts:
-        raise InvalidArgumentError("lazy_refcounts requires compat=1.1")
+        raise InvalidArgumentError("Lazy refcounts only supported with compatibility level 1.1 "
+                                   f"and above {V3}")
     ctype = {v: k for k, v in hdr.COMPRESSION_NAMES.items()}.get(compression_type)
     if ctype is None:
-        raise InvalidArgumentError(f"compression_type must be 'zlib' or 'zstd', "
-                                   f"not {compression_type!r}")
+        raise InvalidArgumentError("Parameter 'compression-type' does not accept value "
+                                   f"'{compression_type}'")
     if version == 2 and ctype != hdr.COMPRESSION_ZLIB:
-        raise InvalidArgumentError("compression_type other than zlib requires compat=1.1")
+        raise InvalidArgumentError("Non-zlib compression type is only supported with "
+                                   f"compatibility level 1.1 and above {V3}")
     if extended_l2 and version < 3:
-        raise InvalidArgumentError("extended L2 entries are only supported with compat=1.1")
+        raise InvalidArgumentError("Extended L2 entries are only supported with compatibility "
+                                   f"level 1.1 and above {V3}")
     if extended_l2 and cluster_bits < hdr.MIN_EXTL2_CLUSTER_BITS:
-        raise InvalidArgumentError("extended L2 entries are only supported with cluster sizes "
+        raise InvalidArgumentError("Extended L2 entries are only supported with cluster sizes "
                                    f"of at least {1 << hdr.MIN_EXTL2_CLUSTER_BITS} bytes")
     if preallocation not in PREALLOCATION_MODES:
-        raise InvalidArgumentError(f"preallocation must be one of {', '.join(PREALLOCATION_MODES)}")
+        raise InvalidArgumentError(f"Parameter 'preallocation' does not accept value "
+                                   f"'{preallocation}'")
+    if backing_file == "":
+        raise InvalidArgumentError("Expected backing file name, got empty string")
     if backing_format is not None and not backing_file:
-        raise InvalidArgumentError("backing_format given without backing_file")
+        raise InvalidArgumentError("Backing format cannot be used without backing file")
     if backing_file and preallocation != "off":
         raise InvalidArgumentError("backing_file and preallocation cannot be combined")
     if backing_file and "\0" in backing_file:
@@ -126,8 +138,9 @@ def _image_size(path, fmt):
         os.close(fd)
 
 
-def _log2(value, name):
+def _log2(value):
+    """log2 of a power of two; None for anything else."""
     value = int(value)
     if value <= 0 or value & (value - 1):
-        raise InvalidArgumentError(f"{name} must be a power of two, not {value}")
+        return None
     return value.bit_length() - 1

@@ -1,0 +1,90 @@
+"""What qemu-iotests 049, 054, 112 and 242 compare: qemu-img's messages
+for bad creation options and for images it will not open, each checked
+against the real qemu-img 7.2 on the same arguments and the same file."""
+
+import shutil
+import struct
+
+import pytest
+
+from tests.cli.test_cli_qemu_syntax import ours_as_qemu
+from tests.helpers.cli_util import run_cli as cli
+from tests.helpers.qemu_util import patch, qemu_create, qemu_img, read_extensions
+
+pytestmark = pytest.mark.qemu
+MiB = 1 << 20
+BITMAPS_EXT = 0x23852875
+
+
+@pytest.mark.parametrize("options", [
+    "cluster_size=1000", "cluster_size=4M", "compat=0.42", "compat=foobar",
+    "refcount_bits=3", "refcount_bits=128", "compat=0.10,refcount_bits=8",
+    "compat=0.10,lazy_refcounts=on", "compression_type=foo",
+    "compat=0.10,compression_type=zstd", "compat=0.10,extended_l2=on",
+    "extended_l2=on,cluster_size=4k", "preallocation=1234", "backing_fmt=raw",
+    "backing_file=",
+])
+def test_create_option_errors_are_qemus(capsys, tmp_path, options):
+    ours, theirs = tmp_path / "ours.qcow2", tmp_path / "theirs.qcow2"
+    status, _, err = cli(capsys, "create", "-f", "qcow2", "-o", options, ours, "1M")
+    want = qemu_img("create", "-f", "qcow2", "-o", options, theirs, "1M", check=False)
+    assert want.returncode == 1 and status == 1
+    assert ours_as_qemu(err, (ours, theirs)) == want.stderr.decode()
+
+
+def test_create_empty_backing_name(capsys, tmp_path):
+    ours, theirs = tmp_path / "ours.qcow2", tmp_path / "theirs.qcow2"
+    status, out, err = cli(capsys, "create", "-f", "qcow2", "-b", "", ours, "1M")
+    want = qemu_img("create", "-f", "qcow2", "-b", "", theirs, "1M", check=False)
+    assert (status, out) == (want.returncode, want.stdout.decode()) == (1, "")
+    assert ours_as_qemu(err, (ours, theirs)) == want.stderr.decode()
+    assert not ours.exists()
+
+
+def test_create_encryption_off_is_a_plain_image(capsys, tmp_path):
+    """``-o encryption=off`` (the legacy spelling) asks for no encryption:
+    the image is made, and the Formatting line shows it first, as qemu's."""
+    ours, theirs = tmp_path / "ours.qcow2", tmp_path / "theirs.qcow2"
+    status, out, err = cli(capsys, "create", "-f", "qcow2", "-o", "encryption=off", ours, "64M")
+    want = qemu_img("create", "-f", "qcow2", "-o", "encryption=off", theirs, "64M")
+    assert (status, err) == (0, "")
+    assert out.replace(str(ours), str(theirs)) == want.stdout.decode()
+    assert "fmt=qcow2 encryption=off cluster_size=65536" in out
+    assert qemu_img("check", ours).returncode == 0
+
+
+@pytest.mark.parametrize("size,words", [(1 << 60, "Image is too big"),
+                                        (1 << 40, "L1 table is too small")])
+def test_open_of_a_size_the_l1_table_cannot_map(capsys, tmp_path, size, words):
+    """iotest 054: the header's size raised past what l1_size maps.  The
+    library's error names the field; the command line says qemu's words."""
+    img = qemu_create(tmp_path / "img.qcow2", 4 << 30)
+    patch(img, 24, ">Q", size)
+    want = qemu_img("check", img, check=False)
+    assert f"Could not open '{img}': {words}\n" in want.stderr.decode()
+    for cmd in ("check", "info"):
+        status, _, err = cli(capsys, cmd, img)
+        assert status == 1
+        assert ours_as_qemu(err) == f"qemu-img: Could not open '{img}': {words}\n"
+    import qcow2fast
+    from qcow2fast.errors import CorruptImageError
+    with pytest.raises(CorruptImageError, match="l1_size at offset 0x24"):
+        qcow2fast.open(str(img))
+
+
+def test_open_of_a_bitmap_with_reserved_flags(capsys, tmp_path):
+    """iotest 242: an unknown flag in a bitmap directory entry."""
+    img = qemu_create(tmp_path / "img.qcow2", MiB)
+    qemu_img("bitmap", "--add", img, "bitmap-0")
+    theirs = tmp_path / "theirs.qcow2"
+    shutil.copy(img, theirs)
+    exts, _ = read_extensions(img)
+    data, = [d for t, d in exts if t == BITMAPS_EXT]
+    entry_offset, = struct.unpack_from(">Q", data, 16)     # bitmap_directory_offset
+    for path in (img, theirs):
+        patch(path, entry_offset + 12, ">I", 0x4 | 0x2)   # flags: reserved bit, auto
+    want = qemu_img("info", theirs, check=False)
+    status, _, err = cli(capsys, "info", img)
+    assert status == want.returncode == 1
+    assert ours_as_qemu(err, (img, theirs)) == want.stderr.decode()
+    assert "Bitmap 'bitmap-0' doesn't satisfy the constraints\n" in err
