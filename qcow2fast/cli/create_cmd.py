@@ -56,7 +56,8 @@ def options_help(fmt):
 
 def run(args):
     from ..ops.create import create as create_image
-    if args.fmt not in FORMATS:
+    # "file", the protocol as a format, makes what raw makes: the file itself.
+    if args.fmt not in FORMATS + ("file",):
         raise UsageError(f"create: unknown or unsupported format {args.fmt!r} "
                          f"(supported: {', '.join(FORMATS)})")
     opts = merge_options(args.options)
@@ -74,13 +75,14 @@ def run(args):
         raise UsageError(f"{args.filename}: {e}") from None
     if args.size is not None:
         size = image_size(args.size)
-    if args.fmt == "raw":
+    if args.fmt in ("raw", "file"):
         if opts:
-            raise UsageError(f"create: invalid parameter {next(iter(opts))!r} for format raw")
+            raise UsageError(f"create: invalid parameter {next(iter(opts))!r} for format "
+                             f"{args.fmt}")
         if size is None:
             raise UsageError(f"{args.filename}: Image creation needs a size parameter")
         if not args.quiet:
-            print(f"Formatting '{args.filename}', fmt=raw size={size}", flush=True)
+            print(f"Formatting '{args.filename}', fmt={args.fmt} size={size}", flush=True)
         hostfile.create_raw(args.filename, size)
         return 0
     given = dict(opts)

@@ -44,9 +44,15 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
 BACKING_FORMATS = ("qcow2", "raw")
-# The other image formats qemu-img 7.2 knows: named, but not supported here.
-QEMU_FORMATS = BACKING_FORMATS + ("bochs", "cloop", "dmg", "luks", "parallels", "qcow", "qed",
-                                  "vdi", "vhdx", "vmdk", "vpc", "vvfat")
+# The other block drivers qemu-img 7.2 knows (its --help, "Supported formats"):
+# rebase -u writes any of them as the backing format, as qemu-img does; a
+# safe rebase opens the new backing file, which must be qcow2 or raw.
+QEMU_FORMATS = BACKING_FORMATS + (
+    "blkdebug", "blklogwrites", "blkverify", "bochs", "cloop", "compress", "copy-before-write",
+    "copy-on-read", "dmg", "file", "ftp", "ftps", "gluster", "host_cdrom", "host_device",
+    "http", "https", "iscsi", "iser", "luks", "nbd", "nfs", "null-aio", "null-co", "nvme",
+    "parallels", "preallocate", "qcow", "qed", "quorum", "rbd", "replication",
+    "snapshot-access", "ssh", "throttle", "vdi", "vhdx", "vmdk", "vpc", "vvfat")
 MAX_HEADER_READ = 2 << 20
 
 
@@ -75,7 +81,7 @@ def rebase(path: str | os.PathLike[str], backing: str | None, *,
         backing_fmt = None
     elif backing_fmt not in QEMU_FORMATS:
         raise InvalidArgumentError(f"Invalid format name: '{backing_fmt}'")
-    elif backing_fmt not in BACKING_FORMATS:
+    elif backing_fmt not in BACKING_FORMATS and not unsafe:
         raise UnsupportedFeatureError(f"backing format '{backing_fmt}' is not supported "
                                       f"(supported: {', '.join(BACKING_FORMATS)})",
                                       feature="backing format")

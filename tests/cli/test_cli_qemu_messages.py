@@ -88,3 +88,16 @@ def test_open_of_a_bitmap_with_reserved_flags(capsys, tmp_path):
     assert status == want.returncode == 1
     assert ours_as_qemu(err, (img, theirs)) == want.stderr.decode()
     assert "Bitmap 'bitmap-0' doesn't satisfy the constraints\n" in err
+
+
+def test_create_format_file_is_the_plain_file(capsys, tmp_path):
+    """iotest 142: ``create -f file`` (the protocol as a format) empties the
+    file and sizes it, over an existing image too, as qemu-img does."""
+    ours, theirs = tmp_path / "ours", tmp_path / "theirs"
+    for path in (ours, theirs):
+        qemu_create(path, 4 * MiB)
+    status, out, err = cli(capsys, "create", "-f", "file", ours, "1M")
+    want = qemu_img("create", "-f", "file", theirs, "1M")
+    assert (status, err) == (0, "")
+    assert out.replace(str(ours), str(theirs)) == want.stdout.decode()
+    assert ours.read_bytes() == theirs.read_bytes() == bytes(MiB)
