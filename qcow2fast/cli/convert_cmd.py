@@ -15,7 +15,7 @@ from .objects import secrets
 from .common import add_share_arguments, image_spec, share_options, snapshot_spec
 from .create_cmd import options_help, qcow2_options
 from .options import UsageError, merge_options, parse_size, warn
-from .progress import Progress
+from .progress import ConvertPercent
 
 # -t: qemu-img convert's default is unsafe (no flush); any other mode syncs
 # the output before it is renamed into place, and none/directsync write it
@@ -91,27 +91,41 @@ def run(args):
             raise UsageError(f"convert: invalid number of threads (-m) {args.threads!r}: "
                              "1 to 256")
     copy_bitmaps = _bitmaps_plan(args, sources, dest, kw)
-    bars = []
-
-    def progress(done, total):
-        if not bars:            # the total is known once the sources are open
-            bars.append(Progress(args.progress and not args.quiet, total, "convert"))
-        bars[0].advance_to(done)
+    shown = args.progress and not args.quiet        # qemu's percent lines on stdout
+    bar = ConvertPercent(shown, _data_ranges(sources, args) if shown else [])
 
     try:
         convert(sources, dest, source_format=args.fmt, format=args.out_fmt, options=kw,
                 compress=args.compress, sparse_size=sparse, backing_file=backing,
                 backing_format=backing_fmt, existing=args.existing,
-                target_is_zero=args.target_is_zero, threads=threads, progress=progress,
+                target_is_zero=args.target_is_zero, threads=threads,
+                progress=bar if shown else None,
                 sync=args.cache != "unsafe", direct=args.cache in ("none", "directsync"),
                 snapshot=snapshot_spec(args.snapshot),
                 compression_level=args.compression_level, **source_kw)
     finally:
-        for bar in bars:
-            bar.close()
+        bar.close()
     if copy_bitmaps:
         copy_bitmaps()
     return 0
+
+
+def _data_ranges(sources, args):
+    """The (start, end) ranges of data of the sources, one after another in
+    the guest space convert copies: what qemu-img convert -p counts."""
+    from .common import open_image
+    out, base = [], 0
+    for name in sources:
+        if name == "-":
+            continue
+        img = open_image(name, args.fmt, force_share=True)
+        try:
+            out += [(base + e.offset, base + e.offset + e.length)
+                    for e in img.block_status(0, img.size) if e.kind in ("data", "compressed")]
+            base += img.size
+        finally:
+            img.close()
+    return out
 
 
 def _bitmaps_plan(args, sources, dest, kw):

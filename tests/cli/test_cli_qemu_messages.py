@@ -9,7 +9,7 @@ import pytest
 
 from tests.cli.test_cli_qemu_syntax import ours_as_qemu
 from tests.helpers.cli_util import run_cli as cli
-from tests.helpers.qemu_util import patch, qemu_create, qemu_img, read_extensions
+from tests.helpers.qemu_util import patch, qemu_create, qemu_img, qemu_io, read_extensions
 
 pytestmark = pytest.mark.qemu
 MiB = 1 << 20
@@ -101,3 +101,17 @@ def test_create_format_file_is_the_plain_file(capsys, tmp_path):
     assert (status, err) == (0, "")
     assert out.replace(str(ours), str(theirs)) == want.stdout.decode()
     assert ours.read_bytes() == theirs.read_bytes() == bytes(MiB)
+
+
+@pytest.mark.parametrize("writes", [
+    ["0 1M", "2M 1M", "4M 1M", "32M 1M"],           # iotest 086: four steps of 25 %
+    ["0 5M", "100M 1536k"], [],                      # chunks of 2 MiB; no data at all
+])
+def test_convert_progress_like_qemu(capsys, tmp_path, writes):
+    src = qemu_create(tmp_path / "src.qcow2", 128 * MiB)
+    for w in writes:
+        qemu_io(src, f"write {w}")
+    status, out, err = cli(capsys, "convert", "-p", "-O", "qcow2", src, tmp_path / "ours")
+    want = qemu_img("convert", "-p", "-O", "qcow2", src, tmp_path / "theirs")
+    assert (status, err) == (0, "")
+    assert out == want.stdout.decode()
