@@ -17,6 +17,16 @@ QCOW2_OPTIONS = [
     ("compression_type", "str", "Compression method used for image cluster compression"),
     ("data_file", "str", "File name of an external data file"),
     ("data_file_raw", "bool (on/off)", "The external data file must stay valid as a raw image"),
+    ("encrypt.cipher-alg", "str", "Name of encryption cipher algorithm"),
+    ("encrypt.cipher-mode", "str", "Name of encryption cipher mode"),
+    ("encrypt.format", "str", "Encrypt the image, format choices: 'aes', 'luks'"),
+    ("encrypt.hash-alg", "str", "Name of encryption hash algorithm"),
+    ("encrypt.iter-time", "num", "Time to spend in PBKDF in milliseconds"),
+    ("encrypt.ivgen-alg", "str", "Name of IV generator algorithm"),
+    ("encrypt.ivgen-hash-alg", "str", "Name of IV generator hash algorithm"),
+    ("encrypt.key-secret", "str", "ID of secret providing qcow AES key or LUKS passphrase"),
+    ("encryption", "bool (on/off)",
+     "Encrypt the image with format 'aes'. (Deprecated in favor of encrypt.format=aes)"),
     ("extended_l2", "bool (on/off)", "Extended L2 tables"),
     ("lazy_refcounts", "bool (on/off)", "Postpone refcount updates"),
     ("preallocation", "str", "Preallocation mode (allowed values: off, metadata, falloc, full)"),
@@ -29,6 +39,15 @@ ENCRYPT_OPTIONS = ("encrypt.format", "encrypt.key-secret", "encrypt.cipher-alg",
                    "encrypt.hash-alg", "encrypt.iter-time")
 FORMATS = ("qcow2", "raw")
 PROTOCOL_OPTIONS = ("nocow", "extent_size_hint")
+# The file protocol's creation options, which qemu-img's -o help adds when
+# it is given the target file name.
+FILE_OPTIONS = [
+    ("extent_size_hint", "size", "Extent size hint for the image file, 0 to disable"),
+    ("nocow", "bool (on/off)", "Turn off copy-on-write (valid only on btrfs)"),
+    ("preallocation", "str", "Preallocation mode (allowed values: off, falloc, full)"),
+    ("size", "size", "Virtual disk size"),
+]
+RAW_OPTIONS = [("size", "size", "Virtual disk size")]
 
 
 def add_parser(sub):
@@ -45,12 +64,35 @@ def add_parser(sub):
     p.set_defaults(run=run)
 
 
-def options_help(fmt):
-    if fmt == "raw":
-        return "Supported raw options:\n  size=<size>            - Virtual disk size\n"
-    lines = [f"Supported {fmt} options:"]
-    for name, kind, text in QCOW2_OPTIONS:
+def format_error(fmt, filename=None):
+    """The error for an output format this tool cannot create: qemu-img's
+    own where qemu cannot either (an unknown name, a driver that creates
+    nothing); ``filename`` prefixes it, as create's errors."""
+    from ..ops.options import QEMU_DRIVERS, QEMU_NO_CREATE
+    if fmt in QEMU_NO_CREATE:
+        why = f"Format driver '{fmt}' does not support image creation"
+    elif fmt not in QEMU_DRIVERS:
+        why = f"Unknown file format '{fmt}'"
+    else:
+        why = f"format '{fmt}' is not supported by qcow2fast (supported: {', '.join(FORMATS)})"
+    return UsageError(f"{filename}: {why}" if filename else why)
+
+
+def options_help(fmt, filename=None):
+    """qemu-img's -o help: the format's options; with the target's file
+    name, merged with the file protocol's (the format's text wins), sorted."""
+    table = {name: (kind, text) for name, kind, text in
+             (QCOW2_OPTIONS if fmt == "qcow2" else RAW_OPTIONS)}
+    if filename is not None:
+        for name, kind, text in FILE_OPTIONS:
+            table.setdefault(name, (kind, text))
+    lines = [f"Supported {fmt} options:" if filename is None else "Supported options:"]
+    for name in sorted(table):
+        kind, text = table[name]
         lines.append(f"  {name + '=<' + kind + '>':<22} - {text}")
+    if filename is None:
+        lines += ["", "The protocol level may support further options.",
+                  "Specify the target filename to include those options."]
     return "\n".join(lines) + "\n"
 
 
@@ -58,11 +100,10 @@ def run(args):
     from ..ops.create import create as create_image
     # "file", the protocol as a format, makes what raw makes: the file itself.
     if args.fmt not in FORMATS + ("file",):
-        raise UsageError(f"create: unknown or unsupported format {args.fmt!r} "
-                         f"(supported: {', '.join(FORMATS)})")
+        raise format_error(args.fmt, args.filename)
     opts = merge_options(args.options)
     if "help" in opts or "?" in opts:
-        print(options_help(args.fmt), end="")
+        print(options_help(args.fmt, args.filename), end="")
         return 0
     if not args.filename:
         raise UsageError("create: expecting a filename")

@@ -12,6 +12,18 @@ from ..spec.constants import L1E_SIZE
 from ..spec.geometry import Geometry
 
 PREALLOCATION_MODES = ("off", "metadata", "falloc", "full")
+# The block drivers qemu-img 7.2 knows besides qcow2 and raw (its --help,
+# "Supported formats"), and those of them that cannot create an image.
+QEMU_DRIVERS = (
+    "blkdebug", "blklogwrites", "blkverify", "bochs", "cloop", "compress", "copy-before-write",
+    "copy-on-read", "dmg", "file", "ftp", "ftps", "gluster", "host_cdrom", "host_device",
+    "http", "https", "iscsi", "iser", "luks", "nbd", "nfs", "null-aio", "null-co", "nvme",
+    "parallels", "preallocate", "qcow", "qed", "quorum", "rbd", "replication",
+    "snapshot-access", "ssh", "throttle", "vdi", "vhdx", "vmdk", "vpc", "vvfat")
+QEMU_NO_CREATE = (
+    "blkdebug", "blklogwrites", "blkverify", "bochs", "cloop", "compress", "copy-before-write",
+    "copy-on-read", "dmg", "ftp", "ftps", "http", "https", "null-aio", "null-co", "preallocate",
+    "quorum", "replication", "snapshot-access", "throttle", "vvfat")
 # qemu's advice after a v3-only option on a v2 image
 V3 = "(use version=v3 or greater)"
 

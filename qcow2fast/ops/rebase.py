@@ -39,20 +39,16 @@ from ..host.raw import RawImage
 from ..spec import header as hdr
 from . import layers as chainlayers
 from .layers import CHUNK
+from .options import QEMU_DRIVERS
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
 BACKING_FORMATS = ("qcow2", "raw")
-# The other block drivers qemu-img 7.2 knows (its --help, "Supported formats"):
-# rebase -u writes any of them as the backing format, as qemu-img does; a
-# safe rebase opens the new backing file, which must be qcow2 or raw.
-QEMU_FORMATS = BACKING_FORMATS + (
-    "blkdebug", "blklogwrites", "blkverify", "bochs", "cloop", "compress", "copy-before-write",
-    "copy-on-read", "dmg", "file", "ftp", "ftps", "gluster", "host_cdrom", "host_device",
-    "http", "https", "iscsi", "iser", "luks", "nbd", "nfs", "null-aio", "null-co", "nvme",
-    "parallels", "preallocate", "qcow", "qed", "quorum", "rbd", "replication",
-    "snapshot-access", "ssh", "throttle", "vdi", "vhdx", "vmdk", "vpc", "vvfat")
+# rebase -u writes any block driver name qemu-img knows (QEMU_DRIVERS) as the
+# backing format, as qemu-img does; a safe rebase opens the new backing file,
+# which must be qcow2 or raw.
+QEMU_FORMATS = BACKING_FORMATS + QEMU_DRIVERS
 MAX_HEADER_READ = 2 << 20
 
 

@@ -115,3 +115,39 @@ def test_convert_progress_like_qemu(capsys, tmp_path, writes):
     want = qemu_img("convert", "-p", "-O", "qcow2", src, tmp_path / "theirs")
     assert (status, err) == (0, "")
     assert out == want.stdout.decode()
+
+
+@pytest.mark.parametrize("argv", [
+    # iotest 082: -o help with and without the target's name, raw and qcow2
+    ["create", "-f", "qcow2", "-o", "help", "T", "128M"], ["create", "-f", "qcow2", "-o", "help"],
+    ["create", "-o", "help"], ["create", "-f", "raw", "-o", "help", "T", "1M"],
+    ["create", "-f", "qcow2", "-o", "cluster_size=4k", "-o", "?", "T", "128M"],
+    ["convert", "-O", "qcow2", "-o", "help", "S", "T"], ["convert", "-O", "qcow2", "-o", "help"],
+    ["convert", "-o", "help"],
+    # option lists qemu-img refuses, formats it cannot create
+    ["create", "-f", "qcow2", "-o", "backing_file=S,", "-o", "help", "T", "1M"],
+    ["create", "-f", "qcow2", "-o", ",help", "T", "1M"],
+    ["convert", "-O", "qcow2", "-o", "backing_file=S", "-o", ",,", "-o", "help", "S", "T"],
+    ["create", "-f", "bochs", "-o", "help"], ["create", "-f", "bochs", "T", "1M"],
+    ["create", "-f", "foo", "T", "1M"], ["convert", "-O", "bochs", "-o", "help"],
+    ["convert", "-O", "foo", "S", "T"],
+    # copy offloading's conflicts
+    ["convert", "-C", "-S", "4k", "-O", "qcow2", "S", "T"],
+    ["convert", "-C", "-S", "0", "-O", "qcow2", "S", "T"],
+    ["convert", "-C", "-c", "-O", "qcow2", "S", "T"],
+    # a backing file given as an option that does not exist
+    ["convert", "-O", "qcow2", "-o", "backing_fmt=qcow2,backing_file=S,,help", "S", "T"],
+])
+def test_options_help_and_refusals_like_qemu(capsys, tmp_path, argv):
+    src = qemu_create(tmp_path / "src.qcow2", MiB)
+
+    def fill(target):
+        return [a.replace("S", str(src)).replace("T", str(target))
+                if a in ("S", "T") or a.startswith(("backing_file=S", "backing_fmt=qcow2,"))
+                else a for a in argv]
+    ours, theirs = tmp_path / "ours", tmp_path / "theirs"
+    status, out, err = cli(capsys, *fill(ours))
+    want = qemu_img(*fill(theirs), check=False)
+    assert status == want.returncode
+    assert out.replace(str(ours), str(theirs)) == want.stdout.decode()
+    assert ours_as_qemu(err, (ours, theirs)) == want.stderr.decode()
