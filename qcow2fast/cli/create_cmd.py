@@ -5,34 +5,13 @@ import os
 from ..host import file as hostfile
 from ..engine.backing import probe_format, resolve_backing_path
 from ..errors import Qcow2Error
+from ..ops.options import AMEND_ONLY, QCOW2_OPTION_HELP
 from .objects import lookup_secret, secrets
 from .options import UsageError, image_size, merge_options, opt_size, parse_bool, parse_size
 
-# qemu-img's qcow2 creation options this version supports, with their help text.
-QCOW2_OPTIONS = [
-    ("backing_file", "str", "File name of a base image"),
-    ("backing_fmt", "str", "Image format of the base image"),
-    ("cluster_size", "size", "qcow2 cluster size"),
-    ("compat", "str", "Compatibility level (v2 [0.10] or v3 [1.1])"),
-    ("compression_type", "str", "Compression method used for image cluster compression"),
-    ("data_file", "str", "File name of an external data file"),
-    ("data_file_raw", "bool (on/off)", "The external data file must stay valid as a raw image"),
-    ("encrypt.cipher-alg", "str", "Name of encryption cipher algorithm"),
-    ("encrypt.cipher-mode", "str", "Name of encryption cipher mode"),
-    ("encrypt.format", "str", "Encrypt the image, format choices: 'aes', 'luks'"),
-    ("encrypt.hash-alg", "str", "Name of encryption hash algorithm"),
-    ("encrypt.iter-time", "num", "Time to spend in PBKDF in milliseconds"),
-    ("encrypt.ivgen-alg", "str", "Name of IV generator algorithm"),
-    ("encrypt.ivgen-hash-alg", "str", "Name of IV generator hash algorithm"),
-    ("encrypt.key-secret", "str", "ID of secret providing qcow AES key or LUKS passphrase"),
-    ("encryption", "bool (on/off)",
-     "Encrypt the image with format 'aes'. (Deprecated in favor of encrypt.format=aes)"),
-    ("extended_l2", "bool (on/off)", "Extended L2 tables"),
-    ("lazy_refcounts", "bool (on/off)", "Postpone refcount updates"),
-    ("preallocation", "str", "Preallocation mode (allowed values: off, metadata, falloc, full)"),
-    ("refcount_bits", "num", "Width of a reference count entry in bits"),
-    ("size", "size", "Virtual disk size"),
-]
+# qemu-img's qcow2 creation options, with their help text (sorted, as qemu's).
+QCOW2_OPTIONS = [(name, *help) for name, help in sorted(QCOW2_OPTION_HELP.items())
+                 if name not in AMEND_ONLY]
 # -o encrypt.* (create()'s ``encrypt`` dict, engine/crypto_setup.py).
 ENCRYPT_OPTIONS = ("encrypt.format", "encrypt.key-secret", "encrypt.cipher-alg",
                    "encrypt.cipher-mode", "encrypt.ivgen-alg", "encrypt.ivgen-hash-alg",

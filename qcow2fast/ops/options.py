@@ -12,6 +12,37 @@ from ..spec.constants import L1E_SIZE
 from ..spec.geometry import Geometry
 
 PREALLOCATION_MODES = ("off", "metadata", "falloc", "full")
+# qemu 7.2's qcow2 options (create's and amend's), with their -o help text.
+QCOW2_OPTION_HELP = {
+    "backing_file": ("str", "File name of a base image"),
+    "backing_fmt": ("str", "Image format of the base image"),
+    "cluster_size": ("size", "qcow2 cluster size"),
+    "compat": ("str", "Compatibility level (v2 [0.10] or v3 [1.1])"),
+    "compression_type": ("str", "Compression method used for image cluster compression"),
+    "data_file": ("str", "File name of an external data file"),
+    "data_file_raw": ("bool (on/off)", "The external data file must stay valid as a raw image"),
+    "encrypt.cipher-alg": ("str", "Name of encryption cipher algorithm"),
+    "encrypt.cipher-mode": ("str", "Name of encryption cipher mode"),
+    "encrypt.format": ("str", "Encrypt the image, format choices: 'aes', 'luks'"),
+    "encrypt.hash-alg": ("str", "Name of encryption hash algorithm"),
+    "encrypt.iter-time": ("num", "Time to spend in PBKDF in milliseconds"),
+    "encrypt.ivgen-alg": ("str", "Name of IV generator algorithm"),
+    "encrypt.ivgen-hash-alg": ("str", "Name of IV generator hash algorithm"),
+    "encrypt.key-secret": ("str", "ID of secret providing qcow AES key or LUKS passphrase"),
+    "encrypt.keyslot": ("num", "Select a single keyslot to modify explicitly"),
+    "encrypt.new-secret": ("str",
+                           "New secret to set in the matching keyslots. Empty string to erase"),
+    "encrypt.old-secret": ("str", "Select all keyslots that match this password"),
+    "encrypt.state": ("str", "Select new state of affected keyslots (active/inactive)"),
+    "encryption": ("bool (on/off)", "Encrypt the image with format 'aes'. (Deprecated in favor "
+                   "of encrypt.format=aes)"),
+    "extended_l2": ("bool (on/off)", "Extended L2 tables"),
+    "lazy_refcounts": ("bool (on/off)", "Postpone refcount updates"),
+    "preallocation": ("str", "Preallocation mode (allowed values: off, metadata, falloc, full)"),
+    "refcount_bits": ("num", "Width of a reference count entry in bits"),
+    "size": ("size", "Virtual disk size"),
+}
+AMEND_ONLY = ("encrypt.keyslot", "encrypt.new-secret", "encrypt.old-secret", "encrypt.state")
 # The block drivers qemu-img 7.2 knows besides qcow2 and raw (its --help,
 # "Supported formats"), and those of them that cannot create an image.
 QEMU_DRIVERS = (
