@@ -29,9 +29,11 @@ class CorruptImageError(Qcow2Error):
 
     ``offset`` is the byte offset in the image file of the offending
     structure or field when one is known, ``field`` its name in the spec.
+    ``qemu`` is qemu's own message for the same condition, when it has one
+    (the command line prints it, as qemu-img does); else None.
     """
 
-    def __init__(self, message, *, offset=None, field=None):
+    def __init__(self, message, *, offset=None, field=None, qemu=None):
         where = []
         if field is not None:
             where.append(field)
@@ -42,6 +44,7 @@ class CorruptImageError(Qcow2Error):
         super().__init__(message)
         self.offset = offset
         self.field = field
+        self.qemu = qemu
 
 
 class UnsupportedFeatureError(Qcow2Error):

@@ -56,7 +56,7 @@ def main(argv=None):
     debug = "--debug" in argv
     # Under RLIMIT_CPU (prlimit --cpu, as for untrusted uploads): a clear
     # error rather than the kernel's SIGKILL.
-    CpuGuard.install()
+    CpuGuard.install(prog())
     try:
         name = command_name(argv)
         if argv[:1] == ["bench-suite"]:       # the suite parses its own options

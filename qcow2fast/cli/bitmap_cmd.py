@@ -73,7 +73,9 @@ def run(args):
         for kind, value in actions:
             try:
                 if kind == "merge" and args.source_file and src is None:
-                    src = open_image(args.source_file, args.source_fmt,
+                    # Bitmaps belong to one layer: the source's backing chain
+                    # stays closed (it may be the image being written).
+                    src = open_image(args.source_file, args.source_fmt, backing=False,
                                      untrusted=args.untrusted)
                 _apply(img, kind, value, bitmap, granularity, src)
             except Qcow2Error as e:

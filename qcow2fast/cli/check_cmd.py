@@ -14,7 +14,7 @@ from ..engine.untrusted import check_path
 from ..host.lock import Holder
 from ..host.remote import is_url
 from .objects import secrets
-from .common import add_image_arguments, resolve_image, warn_stale_bitmaps
+from .common import add_image_arguments, open_error, resolve_image, warn_stale_bitmaps
 from .options import prog
 
 
@@ -36,14 +36,14 @@ def run(args):
         print(f"{prog()}: This image format does not support checks", file=sys.stderr)
         return 63
     if args.repair and is_url(path):
-        print(f"qcow2fast: {path}: remote images are read-only: check -r cannot repair them",
+        print(f"{prog()}: {path}: remote images are read-only: check -r cannot repair them",
               file=sys.stderr)
         return 1
     try:
         from ..engine.crypto import unlock_for_check
         unlock_for_check(path, opts.get("key_secret"))
     except Qcow2Error as e:
-        print(f"qcow2fast: Could not open '{args.filename}': {e}", file=sys.stderr)
+        print(f"{prog()}: {open_error(args.filename, e)}", file=sys.stderr)
         return 1
     try:
         # Held for the whole command, which opens the file several times.
@@ -72,7 +72,7 @@ def _check(args, path):
         print(f"{prog()}: Check failed: File too large", file=sys.stderr)
         return 1
     except Qcow2Error as e:
-        print(f"{prog()}: Could not open '{args.filename}': {e}", file=sys.stderr)
+        print(f"{prog()}: {open_error(args.filename, e)}", file=sys.stderr)
         return 1
     if args.repair:
         clear_unknown_autoclear(path)

@@ -11,11 +11,14 @@ reads an internal snapshot of the (single, qcow2) source: an id or name, or
 (not in qemu-img) sets the zlib (1-9, default 3) or zstd (1-22, default 3)
 level used by ``-c``."""
 
+import os
+
+from ..host.remote import is_url
 from .objects import secrets
 from .common import add_share_arguments, image_spec, share_options, snapshot_spec
-from .create_cmd import options_help, qcow2_options
-from .options import UsageError, merge_options, parse_size
-from .progress import Progress
+from .create_cmd import format_error, options_help, qcow2_options
+from .options import UsageError, merge_options, parse_size, warn
+from .progress import ConvertPercent
 
 # -t: qemu-img convert's default is unsafe (no flush); any other mode syncs
 # the output before it is renamed into place, and none/directsync write it
@@ -29,7 +32,10 @@ def add_parser(sub):
     p.add_argument("-O", dest="out_fmt", default="raw")
     p.add_argument("-o", dest="options", action="append", default=[])
     p.add_argument("-c", dest="compress", action="store_true")
-    p.add_argument("-S", dest="sparse_size", default="4k")
+    p.add_argument("-S", dest="sparse_size")       # (4k when not given)
+    # copy offloading: a hint qemu-img follows where the host can; accepted
+    # (with qemu's conflicts), the data is copied as without it
+    p.add_argument("-C", dest="copy_range", action="store_true")
     p.add_argument("-B", dest="backing")
     p.add_argument("-F", dest="backing_fmt")
     p.add_argument("-n", dest="existing", action="store_true")
@@ -52,11 +58,14 @@ def add_parser(sub):
 
 def run(args):
     from ..ops.convert import convert
+    if args.copy_range and (args.sparse_size is not None or args.compress):
+        raise UsageError("Cannot enable copy offloading when "
+                         f"{'-S' if args.sparse_size is not None else '-c'} is used")
     if args.out_fmt not in ("qcow2", "raw"):
-        raise UsageError(f"convert: unknown or unsupported output format {args.out_fmt!r}")
+        raise format_error(args.out_fmt)
     opts = merge_options(args.options)
     if "help" in opts or "?" in opts:
-        print(options_help(args.out_fmt), end="")
+        print(options_help(args.out_fmt, args.filenames[-1] if args.filenames else None), end="")
         return 0
     if len(args.filenames) < 2:
         raise UsageError("convert: expecting a source and a destination filename")
@@ -74,7 +83,7 @@ def run(args):
         raise UsageError("convert: -o cannot be used with -n (the target exists)")
     if backing_fmt and not backing:
         raise UsageError("convert: -F needs -B")
-    sparse = parse_size(args.sparse_size, "sparse size")
+    sparse = parse_size(args.sparse_size or "4k", "sparse size")
     if sparse % 512 or sparse > (1 << 30):
         raise UsageError("convert: invalid sparse size (-S): use a multiple of 512 up to 1G, "
                          "or 0")
@@ -90,28 +99,50 @@ def run(args):
         if not 1 <= threads <= 256:
             raise UsageError(f"convert: invalid number of threads (-m) {args.threads!r}: "
                              "1 to 256")
+    if backing and backing_fmt and not args.existing and not is_url(backing):
+        from ..engine.backing import resolve_backing_path
+        from ..ops.layers import qemu_name
+        if not os.path.exists(resolve_backing_path(dest, backing)):
+            # qemu-img creates the target, then fails to open it (this
+            # creates nothing)
+            raise UsageError(f"Could not open '{dest}': Could not open backing file: Could not "
+                             f"open '{qemu_name(dest, backing)}': No such file or directory")
     copy_bitmaps = _bitmaps_plan(args, sources, dest, kw)
-    bars = []
-
-    def progress(done, total):
-        if not bars:            # the total is known once the sources are open
-            bars.append(Progress(args.progress and not args.quiet, total, "convert"))
-        bars[0].advance_to(done)
+    shown = args.progress and not args.quiet        # qemu's percent lines on stdout
+    bar = ConvertPercent(shown, _data_ranges(sources, args) if shown else [])
 
     try:
         convert(sources, dest, source_format=args.fmt, format=args.out_fmt, options=kw,
                 compress=args.compress, sparse_size=sparse, backing_file=backing,
                 backing_format=backing_fmt, existing=args.existing,
-                target_is_zero=args.target_is_zero, threads=threads, progress=progress,
+                target_is_zero=args.target_is_zero, threads=threads,
+                progress=bar if shown else None,
                 sync=args.cache != "unsafe", direct=args.cache in ("none", "directsync"),
                 snapshot=snapshot_spec(args.snapshot),
                 compression_level=args.compression_level, **source_kw)
     finally:
-        for bar in bars:
-            bar.close()
+        bar.close()
     if copy_bitmaps:
         copy_bitmaps()
     return 0
+
+
+def _data_ranges(sources, args):
+    """The (start, end) ranges of data of the sources, one after another in
+    the guest space convert copies: what qemu-img convert -p counts."""
+    from .common import open_image
+    out, base = [], 0
+    for name in sources:
+        if name == "-":
+            continue
+        img = open_image(name, args.fmt, force_share=True)
+        try:
+            out += [(base + e.offset, base + e.offset + e.length)
+                    for e in img.block_status(0, img.size) if e.kind in ("data", "compressed")]
+            base += img.size
+        finally:
+            img.close()
+    return out
 
 
 def _bitmaps_plan(args, sources, dest, kw):
@@ -138,7 +169,7 @@ def _bitmaps_plan(args, sources, dest, kw):
         src = open_image(sources[0], args.fmt)
         try:
             with open_image(dest, args.out_fmt, writable=True) as out:
-                copy_bitmaps(src, out, args.skip_broken_bitmaps)
+                copy_bitmaps(src, out, args.skip_broken_bitmaps, warn)
         finally:
             src.close()
     return copy

@@ -5,30 +5,28 @@ import os
 from ..host import file as hostfile
 from ..engine.backing import probe_format, resolve_backing_path
 from ..errors import Qcow2Error
+from ..ops.options import AMEND_ONLY, QCOW2_OPTION_HELP
 from .objects import lookup_secret, secrets
 from .options import UsageError, image_size, merge_options, opt_size, parse_bool, parse_size
 
-# qemu-img's qcow2 creation options this version supports, with their help text.
-QCOW2_OPTIONS = [
-    ("backing_file", "str", "File name of a base image"),
-    ("backing_fmt", "str", "Image format of the base image"),
-    ("cluster_size", "size", "qcow2 cluster size"),
-    ("compat", "str", "Compatibility level (v2 [0.10] or v3 [1.1])"),
-    ("compression_type", "str", "Compression method used for image cluster compression"),
-    ("data_file", "str", "File name of an external data file"),
-    ("data_file_raw", "bool (on/off)", "The external data file must stay valid as a raw image"),
-    ("extended_l2", "bool (on/off)", "Extended L2 tables"),
-    ("lazy_refcounts", "bool (on/off)", "Postpone refcount updates"),
-    ("preallocation", "str", "Preallocation mode (allowed values: off, metadata, falloc, full)"),
-    ("refcount_bits", "num", "Width of a reference count entry in bits"),
-    ("size", "size", "Virtual disk size"),
-]
+# qemu-img's qcow2 creation options, with their help text (sorted, as qemu's).
+QCOW2_OPTIONS = [(name, *help) for name, help in sorted(QCOW2_OPTION_HELP.items())
+                 if name not in AMEND_ONLY]
 # -o encrypt.* (create()'s ``encrypt`` dict, engine/crypto_setup.py).
 ENCRYPT_OPTIONS = ("encrypt.format", "encrypt.key-secret", "encrypt.cipher-alg",
                    "encrypt.cipher-mode", "encrypt.ivgen-alg", "encrypt.ivgen-hash-alg",
                    "encrypt.hash-alg", "encrypt.iter-time")
 FORMATS = ("qcow2", "raw")
 PROTOCOL_OPTIONS = ("nocow", "extent_size_hint")
+# The file protocol's creation options, which qemu-img's -o help adds when
+# it is given the target file name.
+FILE_OPTIONS = [
+    ("extent_size_hint", "size", "Extent size hint for the image file, 0 to disable"),
+    ("nocow", "bool (on/off)", "Turn off copy-on-write (valid only on btrfs)"),
+    ("preallocation", "str", "Preallocation mode (allowed values: off, falloc, full)"),
+    ("size", "size", "Virtual disk size"),
+]
+RAW_OPTIONS = [("size", "size", "Virtual disk size")]
 
 
 def add_parser(sub):
@@ -47,23 +45,46 @@ def add_parser(sub):
     p.set_defaults(run=run)
 
 
-def options_help(fmt):
-    if fmt == "raw":
-        return "Supported raw options:\n  size=<size>            - Virtual disk size\n"
-    lines = [f"Supported {fmt} options:"]
-    for name, kind, text in QCOW2_OPTIONS:
+def format_error(fmt, filename=None):
+    """The error for an output format this tool cannot create: qemu-img's
+    own where qemu cannot either (an unknown name, a driver that creates
+    nothing); ``filename`` prefixes it, as create's errors."""
+    from ..ops.options import QEMU_DRIVERS, QEMU_NO_CREATE
+    if fmt in QEMU_NO_CREATE:
+        why = f"Format driver '{fmt}' does not support image creation"
+    elif fmt not in QEMU_DRIVERS:
+        why = f"Unknown file format '{fmt}'"
+    else:
+        why = f"format '{fmt}' is not supported by qcow2fast (supported: {', '.join(FORMATS)})"
+    return UsageError(f"{filename}: {why}" if filename else why)
+
+
+def options_help(fmt, filename=None):
+    """qemu-img's -o help: the format's options; with the target's file
+    name, merged with the file protocol's (the format's text wins), sorted."""
+    table = {name: (kind, text) for name, kind, text in
+             (QCOW2_OPTIONS if fmt == "qcow2" else RAW_OPTIONS)}
+    if filename is not None:
+        for name, kind, text in FILE_OPTIONS:
+            table.setdefault(name, (kind, text))
+    lines = [f"Supported {fmt} options:" if filename is None else "Supported options:"]
+    for name in sorted(table):
+        kind, text = table[name]
         lines.append(f"  {name + '=<' + kind + '>':<22} - {text}")
+    if filename is None:
+        lines += ["", "The protocol level may support further options.",
+                  "Specify the target filename to include those options."]
     return "\n".join(lines) + "\n"
 
 
 def run(args):
     from ..ops.create import create as create_image
-    if args.fmt not in FORMATS:
-        raise UsageError(f"create: unknown or unsupported format {args.fmt!r} "
-                         f"(supported: {', '.join(FORMATS)})")
+    # "file", the protocol as a format, makes what raw makes: the file itself.
+    if args.fmt not in FORMATS + ("file",):
+        raise format_error(args.fmt, args.filename)
     opts = merge_options(args.options)
     if "help" in opts or "?" in opts:
-        print(options_help(args.fmt), end="")
+        print(options_help(args.fmt, args.filename), end="")
         return 0
     if not args.filename:
         raise UsageError("create: expecting a filename")
@@ -76,17 +97,20 @@ def run(args):
         raise UsageError(f"{args.filename}: {e}") from None
     if args.size is not None:
         size = image_size(args.size)
-    if args.fmt == "raw":
+    if args.fmt in ("raw", "file"):
         if opts:
-            raise UsageError(f"create: invalid parameter {next(iter(opts))!r} for format raw")
+            raise UsageError(f"create: invalid parameter {next(iter(opts))!r} for format "
+                             f"{args.fmt}")
         if size is None:
             raise UsageError(f"{args.filename}: Image creation needs a size parameter")
         if not args.quiet:
-            print(f"Formatting '{args.filename}', fmt=raw size={size}", flush=True)
+            print(f"Formatting '{args.filename}', fmt={args.fmt} size={size}", flush=True)
         hostfile.create_raw(args.filename, size)
         return 0
     given = dict(opts)
     kw = qcow2_options(opts, secret_table=secrets(args.objects))
+    if args.backing == "" or (args.backing is None and kw.get("backing_file") == ""):
+        raise UsageError(f"{args.filename}: Expected backing file name, got empty string")
     backing = args.backing or kw.pop("backing_file", None)
     backing_fmt = args.backing_fmt or kw.pop("backing_format", None)
     kw.pop("backing_file", None)
@@ -133,7 +157,7 @@ def formatting_line(filename, given, kw, size, backing, backing_fmt):
     """qemu-img's "Formatting" line: the options set or with a default, in
     the order qemu prints them, values as given (sizes in bytes)."""
     parts = [f"Formatting '{filename}', fmt=qcow2"]
-    parts += [f"{key}={given[key]}" for key in ENCRYPT_OPTIONS if key in given]
+    parts += [f"{key}={given[key]}" for key in ("encryption",) + ENCRYPT_OPTIONS if key in given]
     parts += [f"cluster_size={kw.get('cluster_size', 65536)}",
               f"extended_l2={given.get('extended_l2') or 'off'}"]
     if "preallocation" in given:
@@ -165,7 +189,9 @@ def qcow2_options(opts, command="create", secret_table=None):
     kw = {}
     for key, value in opts.items():
         if key in ENCRYPT_OPTIONS or key == "encryption":
-            kw.setdefault("encrypt", {}).update(encrypt_option(key, value, secret_table))
+            entry = encrypt_option(key, value, secret_table)
+            if entry:                   # (encryption=off asks for nothing)
+                kw.setdefault("encrypt", {}).update(entry)
             continue
         if key.startswith("encrypt."):
             raise UsageError(f"{command}: invalid parameter '{key}' for format qcow2 "

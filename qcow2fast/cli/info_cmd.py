@@ -8,11 +8,11 @@ import re
 import time
 
 from ..engine.backing import identity, probe_format, resolve_backing_path
-from ..errors import Qcow2Error
+from ..errors import CorruptImageError, Qcow2Error
 from ..host.remote import is_url
 from ..host.remote import join as remote_join
 from ..spec import datafile as dfspec
-from .common import add_image_arguments, open_image, share_options
+from .common import add_image_arguments, open_error, open_image, share_options
 from .json_filename import shown_name
 from .options import UsageError, size_to_str
 
@@ -33,6 +33,8 @@ def run(args):
                          no_io=True, **share_options(args), **metadata_only(name, fmt, args))
         try:
             info = image_info(img, shown_name(name, img))
+        except CorruptImageError as e:      # bitmaps load lazily; qemu reads them at open
+            raise open_error(name, e) from e
         finally:
             img.close()
         infos.append(info)

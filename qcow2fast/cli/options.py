@@ -24,6 +24,11 @@ def prog():
     return _PROG[0]
 
 
+def warn(message):
+    """A warning on stderr as qemu prints one: ``<prog>: warning: message``."""
+    print(f"{prog()}: warning: {message}", file=sys.stderr)
+
+
 def set_prog(argv0):
     name = os.path.basename(argv0 or "")
     _PROG[0] = "qcow2fast" if not name or name.endswith(".py") else name
@@ -142,9 +147,15 @@ def split_options(text):
 
 
 def merge_options(option_args):
-    """All ``-o`` arguments given, merged (later ones win) into a dict."""
+    """All ``-o`` arguments given, merged (later ones win) into a dict.
+    Each must be a valid option list as qemu-img's is_valid_option_list
+    says: not empty, no leading comma, no odd run of trailing commas (an
+    escaped comma is ",,")."""
     merged = {}
     for text in option_args or ():
+        trailing = len(text) - len(text.rstrip(","))
+        if not text or text.startswith(",") or trailing % 2:
+            raise UsageError(f"Invalid option list: {text}")
         for key, value in split_options(text):
             merged[key] = value
     return merged

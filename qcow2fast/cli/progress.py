@@ -57,3 +57,36 @@ class PercentProgress:
         if self.enabled:
             sys.stdout.write("\n")
             sys.stdout.flush()
+
+
+class ConvertPercent(PercentProgress):
+    """qemu-img convert's own ``-p`` lines: the share of the sources' data
+    (their data extents, in qemu's chunks of at most IO_BUF_SIZE from each
+    extent's start) written so far, one step per chunk; 0 and 100 are
+    printed every time they are reached, as qemu_progress_print does.
+    ``data`` are the (start, end) guest ranges of data, in disk order."""
+
+    IO_BUF_SIZE = 2 << 20       # qemu-img.c's convert buffer
+
+    def __init__(self, enabled, data):
+        super().__init__(enabled, 1.0)
+        self.steps = [(min(at + self.IO_BUF_SIZE, end), min(self.IO_BUF_SIZE, end - at))
+                      for start, end in data for at in range(start, end, self.IO_BUF_SIZE)]
+        self.total = sum(n for _, n in self.steps)
+        self.copied = 0
+        self._show(0.0)
+
+    def _show(self, current):
+        if self.enabled and (current in (0.0, 100.0) or abs(current - self.last) > self.min_skip):
+            self.last = current
+            sys.stdout.write(f"    ({current:3.2f}/100%)\r")
+            sys.stdout.flush()
+
+    def __call__(self, done, total):
+        while self.steps and self.steps[0][0] <= done:
+            self.copied += self.steps.pop(0)[1]
+            self._show(min(100.0, 100.0 * self.copied / self.total))
+
+    def close(self):
+        self._show(100.0)
+        super().close()

@@ -65,7 +65,7 @@ class CpuGuard:
 
     MARGIN, POLL = 3.0, 0.05
 
-    def __init__(self, limit):
+    def __init__(self, limit, prog):
         from .._ext.fileio import install_cpu_limit_handler
         self.limit = limit
         signal.signal(signal.SIGXCPU, self._raise)      # what interrupt_main trips
@@ -73,17 +73,18 @@ class CpuGuard:
             resource.setrlimit(resource.RLIMIT_CPU,
                                (limit - 1, resource.getrlimit(resource.RLIMIT_CPU)[1]))
         # (over the Python handler at the OS level: the kernel's SIGXCPU is final)
-        install_cpu_limit_handler(f"qcow2fast: {self.message()}\n".encode())
+        install_cpu_limit_handler(f"{prog}: {self.message()}\n".encode())
         threading.Thread(target=self._watch, name="qcow2fast-cpu-guard", daemon=True).start()
 
     @classmethod
-    def install(cls):
-        """A guard for this process's RLIMIT_CPU, if it has one."""
+    def install(cls, prog):
+        """A guard for this process's RLIMIT_CPU, if it has one; its last
+        message starts with ``prog``, the program's name."""
         soft, _ = resource.getrlimit(resource.RLIMIT_CPU)
         if soft == resource.RLIM_INFINITY or threading.current_thread() is not \
                 threading.main_thread():        # signal handlers: main thread only
             return None
-        return cls(soft)
+        return cls(soft, prog)
 
     def message(self):
         return (f"stopped: the CPU time limit of {self.limit} s (RLIMIT_CPU) is nearly "

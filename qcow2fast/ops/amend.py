@@ -22,24 +22,12 @@ from ..engine.image import Image
 from ..errors import InvalidArgumentError, ReadOnlyImageError, UnsupportedFeatureError
 from ..spec import header as hdr
 from ..spec.datafile import is_raw, set_data_file
+from .options import AMEND_ONLY, QCOW2_OPTION_HELP
 
 # qemu 7.2's amend options for qcow2 (qemu-img amend -o help), with their help.
-AMEND_OPTIONS = [
-    ("backing_file", "str", "File name of a base image"),
-    ("backing_fmt", "str", "Image format of the base image"),
-    ("compat", "str", "Compatibility level (v2 [0.10] or v3 [1.1])"),
-    ("data_file", "str", "File name of an external data file"),
-    ("data_file_raw", "bool (on/off)", "The external data file must stay valid as a raw image"),
-    ("encrypt.iter-time", "num", "Time to spend in PBKDF in milliseconds"),
-    ("encrypt.keyslot", "num", "Select a single keyslot to modify explicitly"),
-    ("encrypt.new-secret", "str",
-     "New secret to set in the matching keyslots. Empty string to erase"),
-    ("encrypt.old-secret", "str", "Select all keyslots that match this password"),
-    ("encrypt.state", "str", "Select new state of affected keyslots (active/inactive)"),
-    ("lazy_refcounts", "bool (on/off)", "Postpone refcount updates"),
-    ("refcount_bits", "num", "Width of a reference count entry in bits"),
-    ("size", "size", "Virtual disk size"),
-]
+AMEND_OPTIONS = [(name, *QCOW2_OPTION_HELP[name]) for name in (
+    "backing_file", "backing_fmt", "compat", "data_file", "data_file_raw", "encrypt.iter-time",
+    *AMEND_ONLY, "lazy_refcounts", "refcount_bits", "size")]
 AMEND_NAMES = {name for name, _, _ in AMEND_OPTIONS}
 # qcow2 options that only image creation takes.
 CREATE_ONLY = {"cluster_size", "compression_type", "extended_l2", "preallocation", "encryption",

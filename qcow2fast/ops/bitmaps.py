@@ -2,8 +2,6 @@
 [--skip-broken-bitmaps]`` (qemu-img.c's convert_check_bitmaps and
 convert_copy_bitmaps, with qemu 7.2's messages)."""
 
-import sys
-
 from ..errors import ConvertError, InvalidArgumentError, Qcow2Error
 
 
@@ -27,11 +25,10 @@ def check_bitmap_copy(source, out_fmt, compat_v3, skip_broken):
                                "delete it")
 
 
-def copy_bitmaps(source, dest, skip_broken, warn=None):
+def copy_bitmaps(source, dest, skip_broken, warn):
     """Add every consistent bitmap of ``source`` to ``dest`` (open for
     writing) with its granularity and enabled state, and its bits.
     ``warn(message)`` is told of each inconsistent bitmap skipped."""
-    warn = warn or (lambda m: print(f"qcow2fast: warning: {m}", file=sys.stderr))
     made = []
     todo = []
     for b in _persistent(source):

@@ -12,6 +12,51 @@ from ..spec.constants import L1E_SIZE
 from ..spec.geometry import Geometry
 
 PREALLOCATION_MODES = ("off", "metadata", "falloc", "full")
+# qemu 7.2's qcow2 options (create's and amend's), with their -o help text.
+QCOW2_OPTION_HELP = {
+    "backing_file": ("str", "File name of a base image"),
+    "backing_fmt": ("str", "Image format of the base image"),
+    "cluster_size": ("size", "qcow2 cluster size"),
+    "compat": ("str", "Compatibility level (v2 [0.10] or v3 [1.1])"),
+    "compression_type": ("str", "Compression method used for image cluster compression"),
+    "data_file": ("str", "File name of an external data file"),
+    "data_file_raw": ("bool (on/off)", "The external data file must stay valid as a raw image"),
+    "encrypt.cipher-alg": ("str", "Name of encryption cipher algorithm"),
+    "encrypt.cipher-mode": ("str", "Name of encryption cipher mode"),
+    "encrypt.format": ("str", "Encrypt the image, format choices: 'aes', 'luks'"),
+    "encrypt.hash-alg": ("str", "Name of encryption hash algorithm"),
+    "encrypt.iter-time": ("num", "Time to spend in PBKDF in milliseconds"),
+    "encrypt.ivgen-alg": ("str", "Name of IV generator algorithm"),
+    "encrypt.ivgen-hash-alg": ("str", "Name of IV generator hash algorithm"),
+    "encrypt.key-secret": ("str", "ID of secret providing qcow AES key or LUKS passphrase"),
+    "encrypt.keyslot": ("num", "Select a single keyslot to modify explicitly"),
+    "encrypt.new-secret": ("str",
+                           "New secret to set in the matching keyslots. Empty string to erase"),
+    "encrypt.old-secret": ("str", "Select all keyslots that match this password"),
+    "encrypt.state": ("str", "Select new state of affected keyslots (active/inactive)"),
+    "encryption": ("bool (on/off)", "Encrypt the image with format 'aes'. (Deprecated in favor "
+                   "of encrypt.format=aes)"),
+    "extended_l2": ("bool (on/off)", "Extended L2 tables"),
+    "lazy_refcounts": ("bool (on/off)", "Postpone refcount updates"),
+    "preallocation": ("str", "Preallocation mode (allowed values: off, metadata, falloc, full)"),
+    "refcount_bits": ("num", "Width of a reference count entry in bits"),
+    "size": ("size", "Virtual disk size"),
+}
+AMEND_ONLY = ("encrypt.keyslot", "encrypt.new-secret", "encrypt.old-secret", "encrypt.state")
+# The block drivers qemu-img 7.2 knows besides qcow2 and raw (its --help,
+# "Supported formats"), and those of them that cannot create an image.
+QEMU_DRIVERS = (
+    "blkdebug", "blklogwrites", "blkverify", "bochs", "cloop", "compress", "copy-before-write",
+    "copy-on-read", "dmg", "file", "ftp", "ftps", "gluster", "host_cdrom", "host_device",
+    "http", "https", "iscsi", "iser", "luks", "nbd", "nfs", "null-aio", "null-co", "nvme",
+    "parallels", "preallocate", "qcow", "qed", "quorum", "rbd", "replication",
+    "snapshot-access", "ssh", "throttle", "vdi", "vhdx", "vmdk", "vpc", "vvfat")
+QEMU_NO_CREATE = (
+    "blkdebug", "blklogwrites", "blkverify", "bochs", "cloop", "compress", "copy-before-write",
+    "copy-on-read", "dmg", "ftp", "ftps", "http", "https", "null-aio", "null-co", "preallocate",
+    "quorum", "replication", "snapshot-access", "throttle", "vvfat")
+# qemu's advice after a v3-only option on a v2 image
+V3 = "(use version=v3 or greater)"
 
 
 class Settings(NamedTuple):
@@ -55,37 +100,47 @@ def validate_options(path, size=None, *, cluster_size=65536, compat="1.1", refco
                      size_known=True):
     """Check create()'s options as qemu does; returns :class:`Settings`.
     ``size_known=False`` skips the size checks (a stream of unknown length)."""
-    cluster_bits = _log2(cluster_size, "cluster_size")
-    if not hdr.MIN_CLUSTER_BITS <= cluster_bits <= hdr.MAX_CLUSTER_BITS:
-        raise InvalidArgumentError("cluster_size must be a power of two between 512 B and 2 MiB")
+    cluster_bits = _log2(cluster_size)
+    if cluster_bits is None or not hdr.MIN_CLUSTER_BITS <= cluster_bits <= hdr.MAX_CLUSTER_BITS:
+        raise InvalidArgumentError("Cluster size must be a power of two between "
+                                   f"{1 << hdr.MIN_CLUSTER_BITS} and "
+                                   f"{(1 << hdr.MAX_CLUSTER_BITS) // 1024}k")
     if compat in ("0.10", "v2", 2):
         version = 2
     elif compat in ("1.1", "v3", 3):
         version = 3
     else:
-        raise InvalidArgumentError(f"compat must be '0.10' or '1.1', not {compat!r}")
-    refcount_order = _log2(refcount_bits, "refcount_bits")
-    if refcount_order > 6:
-        raise InvalidArgumentError("refcount_bits must be a power of two between 1 and 64")
+        raise InvalidArgumentError(f"Parameter 'version' does not accept value '{compat}'")
+    refcount_order = _log2(refcount_bits)
+    if refcount_order is None or refcount_order > 6:
+        raise InvalidArgumentError("Refcount width must be a power of two and may not exceed "
+                                   "64 bits")
     if version == 2 and refcount_bits != 16:
-        raise InvalidArgumentError("refcount widths other than 16 bits require compat=1.1")
+        raise InvalidArgumentError("Different refcount widths than 16 bits require "
+                                   f"compatibility level 1.1 or above {V3}")
     if version == 2 and lazy_refcounts:
-        raise InvalidArgumentError("lazy_refcounts requires compat=1.1")
+        raise InvalidArgumentError("Lazy refcounts only supported with compatibility level 1.1 "
+                                   f"and above {V3}")
     ctype = {v: k for k, v in hdr.COMPRESSION_NAMES.items()}.get(compression_type)
     if ctype is None:
-        raise InvalidArgumentError(f"compression_type must be 'zlib' or 'zstd', "
-                                   f"not {compression_type!r}")
+        raise InvalidArgumentError("Parameter 'compression-type' does not accept value "
+                                   f"'{compression_type}'")
     if version == 2 and ctype != hdr.COMPRESSION_ZLIB:
-        raise InvalidArgumentError("compression_type other than zlib requires compat=1.1")
+        raise InvalidArgumentError("Non-zlib compression type is only supported with "
+                                   f"compatibility level 1.1 and above {V3}")
     if extended_l2 and version < 3:
-        raise InvalidArgumentError("extended L2 entries are only supported with compat=1.1")
+        raise InvalidArgumentError("Extended L2 entries are only supported with compatibility "
+                                   f"level 1.1 and above {V3}")
     if extended_l2 and cluster_bits < hdr.MIN_EXTL2_CLUSTER_BITS:
-        raise InvalidArgumentError("extended L2 entries are only supported with cluster sizes "
+        raise InvalidArgumentError("Extended L2 entries are only supported with cluster sizes "
                                    f"of at least {1 << hdr.MIN_EXTL2_CLUSTER_BITS} bytes")
     if preallocation not in PREALLOCATION_MODES:
-        raise InvalidArgumentError(f"preallocation must be one of {', '.join(PREALLOCATION_MODES)}")
+        raise InvalidArgumentError(f"Parameter 'preallocation' does not accept value "
+                                   f"'{preallocation}'")
+    if backing_file == "":
+        raise InvalidArgumentError("Expected backing file name, got empty string")
     if backing_format is not None and not backing_file:
-        raise InvalidArgumentError("backing_format given without backing_file")
+        raise InvalidArgumentError("Backing format cannot be used without backing file")
     if backing_file and preallocation != "off":
         raise InvalidArgumentError("backing_file and preallocation cannot be combined")
     if backing_file and "\0" in backing_file:
@@ -126,8 +181,9 @@ def _image_size(path, fmt):
         os.close(fd)
 
 
-def _log2(value, name):
+def _log2(value):
+    """log2 of a power of two; None for anything else."""
     value = int(value)
     if value <= 0 or value & (value - 1):
-        raise InvalidArgumentError(f"{name} must be a power of two, not {value}")
+        return None
     return value.bit_length() - 1

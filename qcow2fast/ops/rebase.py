@@ -38,14 +38,16 @@ from ..host.raw import RawImage
 from ..spec import header as hdr
 from . import layers as chainlayers
 from .layers import CHUNK
+from .options import QEMU_DRIVERS
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
 BACKING_FORMATS = ("qcow2", "raw")
-# The other image formats qemu-img 7.2 knows: named, but not supported here.
-QEMU_FORMATS = BACKING_FORMATS + ("bochs", "cloop", "dmg", "luks", "parallels", "qcow", "qed",
-                                  "vdi", "vhdx", "vmdk", "vpc", "vvfat")
+# rebase -u writes any block driver name qemu-img knows (QEMU_DRIVERS) as the
+# backing format, as qemu-img does; a safe rebase opens the new backing file,
+# which must be qcow2 or raw.
+QEMU_FORMATS = BACKING_FORMATS + QEMU_DRIVERS
 MAX_HEADER_READ = 2 << 20
 
 
@@ -74,7 +76,7 @@ def rebase(path: str | os.PathLike[str], backing: str | None, *,
         backing_fmt = None
     elif backing_fmt not in QEMU_FORMATS:
         raise InvalidArgumentError(f"Invalid format name: '{backing_fmt}'")
-    elif backing_fmt not in BACKING_FORMATS:
+    elif backing_fmt not in BACKING_FORMATS and not unsafe:
         raise UnsupportedFeatureError(f"backing format '{backing_fmt}' is not supported "
                                       f"(supported: {', '.join(BACKING_FORMATS)})",
                                       feature="backing format")

@@ -209,7 +209,8 @@ def parse_directory(buf, ext, cluster_size, disk_size, file_size=None):
         def bad(why, field, name=name, at=base + pos):
             raise CorruptImageError(f"Bitmap '{name}' doesn't satisfy the constraints: {why}",
                                     offset=at + DIR_ENTRY_FIELD_OFFSET.get(field, 0),
-                                    field=field)
+                                    field=field,
+                                    qemu=f"Bitmap '{name}' doesn't satisfy the constraints")
         if extra:
             bad("Bitmap extra data is not supported", "extra_data_size")
         if name_size > MAX_NAME_SIZE:

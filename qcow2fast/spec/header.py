@@ -109,6 +109,9 @@ MAX_BACKING_FILE_SIZE = 1023
 MAX_L1_BYTES = 32 << 20
 MAX_REFTABLE_BYTES = 8 << 20
 MAX_SNAPSHOTS = 65536
+# qemu's l1_vm_state_index is an int: a virtual size needing more L1 entries
+# is "too big" for it.
+QEMU_MAX_L1_INDEX = (1 << 31) - 1
 
 
 @dataclasses.dataclass
@@ -234,9 +237,9 @@ class Header:
         return bytes(out + name)
 
 
-def _check(cond, message, field):
+def _check(cond, message, field, qemu=None):
     if not cond:
-        raise CorruptImageError(message, offset=FIELD_OFFSET.get(field), field=field)
+        raise CorruptImageError(message, offset=FIELD_OFFSET.get(field), field=field, qemu=qemu)
 
 
 def parse_header(buf, file_size):
@@ -288,13 +291,14 @@ def parse_header(buf, file_size):
     # Offsets and table sizes, bounded by the file and by qemu's limits.
     _check(h.l1_size <= MAX_L1_BYTES // L1E_SIZE,
            f"l1_size {h.l1_size} exceeds the limit of {MAX_L1_BYTES // L1E_SIZE} entries",
-           "l1_size")
+           "l1_size", "Active L1 table too large")
     # An L2 table maps half as much with extended (16-byte) entries.
     geo = Geometry(cb, h.refcount_order, extended_l2=h.incompatible_features & INCOMPAT_EXTL2)
     needed_l1 = geo.l1_size_for(h.size)
     _check(h.l1_size >= needed_l1,
            f"l1_size {h.l1_size} too small for a virtual size of {h.size} (needs {needed_l1}"
-           f"{' with extended L2 entries' if geo.extended_l2 else ''})", "l1_size")
+           f"{' with extended L2 entries' if geo.extended_l2 else ''})", "l1_size",
+           "Image is too big" if needed_l1 > QEMU_MAX_L1_INDEX else "L1 table is too small")
     _check_table(h.l1_table_offset, h.l1_size * L1E_SIZE, cs, file_size, "l1_table_offset")
     _check(0 < h.refcount_table_clusters <= MAX_REFTABLE_BYTES // cs,
            f"refcount_table_clusters {h.refcount_table_clusters} out of range", "refcount_table_clusters")

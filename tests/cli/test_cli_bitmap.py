@@ -121,3 +121,32 @@ def test_convert_bitmaps(tmp_path, capsys):
         for b in qemu_info(ours)["format-specific"]["data"].get("bitmaps", []):
             assert qemu_dirty_map(ours, b["name"], tmp_path) == \
                 qemu_dirty_map(theirs, b["name"], tmp_path), (args, b["name"])
+
+
+def test_merge_from_the_layer_above_into_its_backing_file(capsys, tmp_path):
+    """qemu-iotests qemu-img-bitmaps: ``bitmap --add --merge b2 -b TOP BASE b3``
+    where TOP's backing file is BASE, the image being written.  The source
+    is read without its backing chain, so the two opens of BASE do not
+    conflict; both tools end with the same bitmap."""
+    imgs = {}
+    for tool in ("ours", "qemu"):
+        base = qemu_create(tmp_path / f"{tool}.base", 4 * MiB)
+        top = tmp_path / f"{tool}.top"
+        qemu_img("create", "-f", "qcow2", "-b", base, "-F", "qcow2", top)
+        qemu_img("bitmap", "--add", top, "b2")
+        qemu_io(top, "write 1M 64k")
+        argv = ["bitmap", "--add", "--merge", "b2", "-b", top, "-F", "qcow2", "-f", "qcow2",
+                base, "b3"]
+        if tool == "ours":
+            assert run_cli(capsys, *argv) == (0, "", "")
+        else:
+            qemu_img(*argv)
+        imgs[tool] = base
+    bitmaps = [qemu_info(imgs[t])["format-specific"]["data"]["bitmaps"] for t in imgs]
+    assert bitmaps[0] == bitmaps[1] and bitmaps[0][0]["name"] == "b3"
+    import qcow2fast
+    dirty = []
+    for t in imgs:
+        with qcow2fast.open(str(imgs[t]), backing=False) as img:
+            dirty.append(list(img.dirty_extents("b3")))
+    assert dirty[0] == dirty[1] != []

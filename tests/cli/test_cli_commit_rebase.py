@@ -69,6 +69,23 @@ def test_rebase_cli_like_qemu(capsys, tmp_path, argv):
         assert a.get("backing-filename") == "mid.qcow2"
 
 
+@pytest.mark.parametrize("fmt", ["host_device", "file", "vmdk", "foo"])
+def test_rebase_unsafe_writes_any_qemu_driver_name(capsys, tmp_path, fmt):
+    """iotest 031: ``rebase -u -F host_device`` writes the names only, for
+    any block driver qemu-img knows, and refuses a name it does not."""
+    argv = ["-u", "-b", "/some/backing/file/path", "-F", fmt, "{top}"]
+    (mine, theirs), ours, _ = both(capsys, tmp_path, "rebase", *argv)
+    assert mine == theirs
+    if fmt == "foo":
+        assert mine[0] == 1 and mine[2] == "Invalid format name: 'foo'"
+    else:
+        assert mine[0] == 0
+        import qcow2fast
+        with qcow2fast.open(ours[-1], backing=False) as img:
+            assert (img.header.backing_file, img.header.backing_format) == (
+                "/some/backing/file/path", fmt)
+
+
 @pytest.mark.parametrize("command,argv,last", [
     ("commit", ["-p", "{top}"], "\nImage committed.\n"),
     ("rebase", ["-p", "-b", "base.qcow2", "-F", "qcow2", "{top}"], "\n"),

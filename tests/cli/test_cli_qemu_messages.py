@@ -1,0 +1,153 @@
+"""What qemu-iotests 049, 054, 112 and 242 compare: qemu-img's messages
+for bad creation options and for images it will not open, each checked
+against the real qemu-img 7.2 on the same arguments and the same file."""
+
+import shutil
+import struct
+
+import pytest
+
+from tests.cli.test_cli_qemu_syntax import ours_as_qemu
+from tests.helpers.cli_util import run_cli as cli
+from tests.helpers.qemu_util import patch, qemu_create, qemu_img, qemu_io, read_extensions
+
+pytestmark = pytest.mark.qemu
+MiB = 1 << 20
+BITMAPS_EXT = 0x23852875
+
+
+@pytest.mark.parametrize("options", [
+    "cluster_size=1000", "cluster_size=4M", "compat=0.42", "compat=foobar",
+    "refcount_bits=3", "refcount_bits=128", "compat=0.10,refcount_bits=8",
+    "compat=0.10,lazy_refcounts=on", "compression_type=foo",
+    "compat=0.10,compression_type=zstd", "compat=0.10,extended_l2=on",
+    "extended_l2=on,cluster_size=4k", "preallocation=1234", "backing_fmt=raw",
+    "backing_file=",
+])
+def test_create_option_errors_are_qemus(capsys, tmp_path, options):
+    ours, theirs = tmp_path / "ours.qcow2", tmp_path / "theirs.qcow2"
+    status, _, err = cli(capsys, "create", "-f", "qcow2", "-o", options, ours, "1M")
+    want = qemu_img("create", "-f", "qcow2", "-o", options, theirs, "1M", check=False)
+    assert want.returncode == 1 and status == 1
+    assert ours_as_qemu(err, (ours, theirs)) == want.stderr.decode()
+
+
+def test_create_empty_backing_name(capsys, tmp_path):
+    ours, theirs = tmp_path / "ours.qcow2", tmp_path / "theirs.qcow2"
+    status, out, err = cli(capsys, "create", "-f", "qcow2", "-b", "", ours, "1M")
+    want = qemu_img("create", "-f", "qcow2", "-b", "", theirs, "1M", check=False)
+    assert (status, out) == (want.returncode, want.stdout.decode()) == (1, "")
+    assert ours_as_qemu(err, (ours, theirs)) == want.stderr.decode()
+    assert not ours.exists()
+
+
+def test_create_encryption_off_is_a_plain_image(capsys, tmp_path):
+    """``-o encryption=off`` (the legacy spelling) asks for no encryption:
+    the image is made, and the Formatting line shows it first, as qemu's."""
+    ours, theirs = tmp_path / "ours.qcow2", tmp_path / "theirs.qcow2"
+    status, out, err = cli(capsys, "create", "-f", "qcow2", "-o", "encryption=off", ours, "64M")
+    want = qemu_img("create", "-f", "qcow2", "-o", "encryption=off", theirs, "64M")
+    assert (status, err) == (0, "")
+    assert out.replace(str(ours), str(theirs)) == want.stdout.decode()
+    assert "fmt=qcow2 encryption=off cluster_size=65536" in out
+    assert qemu_img("check", ours).returncode == 0
+
+
+@pytest.mark.parametrize("size,words", [(1 << 60, "Image is too big"),
+                                        (1 << 40, "L1 table is too small")])
+def test_open_of_a_size_the_l1_table_cannot_map(capsys, tmp_path, size, words):
+    """iotest 054: the header's size raised past what l1_size maps.  The
+    library's error names the field; the command line says qemu's words."""
+    img = qemu_create(tmp_path / "img.qcow2", 4 << 30)
+    patch(img, 24, ">Q", size)
+    want = qemu_img("check", img, check=False)
+    assert f"Could not open '{img}': {words}\n" in want.stderr.decode()
+    for cmd in ("check", "info"):
+        status, _, err = cli(capsys, cmd, img)
+        assert status == 1
+        assert ours_as_qemu(err) == f"qemu-img: Could not open '{img}': {words}\n"
+    import qcow2fast
+    from qcow2fast.errors import CorruptImageError
+    with pytest.raises(CorruptImageError, match="l1_size at offset 0x24"):
+        qcow2fast.open(str(img))
+
+
+def test_open_of_a_bitmap_with_reserved_flags(capsys, tmp_path):
+    """iotest 242: an unknown flag in a bitmap directory entry."""
+    img = qemu_create(tmp_path / "img.qcow2", MiB)
+    qemu_img("bitmap", "--add", img, "bitmap-0")
+    theirs = tmp_path / "theirs.qcow2"
+    shutil.copy(img, theirs)
+    exts, _ = read_extensions(img)
+    data, = [d for t, d in exts if t == BITMAPS_EXT]
+    entry_offset, = struct.unpack_from(">Q", data, 16)     # bitmap_directory_offset
+    for path in (img, theirs):
+        patch(path, entry_offset + 12, ">I", 0x4 | 0x2)   # flags: reserved bit, auto
+    want = qemu_img("info", theirs, check=False)
+    status, _, err = cli(capsys, "info", img)
+    assert status == want.returncode == 1
+    assert ours_as_qemu(err, (img, theirs)) == want.stderr.decode()
+    assert "Bitmap 'bitmap-0' doesn't satisfy the constraints\n" in err
+
+
+def test_create_format_file_is_the_plain_file(capsys, tmp_path):
+    """iotest 142: ``create -f file`` (the protocol as a format) empties the
+    file and sizes it, over an existing image too, as qemu-img does."""
+    ours, theirs = tmp_path / "ours", tmp_path / "theirs"
+    for path in (ours, theirs):
+        qemu_create(path, 4 * MiB)
+    status, out, err = cli(capsys, "create", "-f", "file", ours, "1M")
+    want = qemu_img("create", "-f", "file", theirs, "1M")
+    assert (status, err) == (0, "")
+    assert out.replace(str(ours), str(theirs)) == want.stdout.decode()
+    assert ours.read_bytes() == theirs.read_bytes() == bytes(MiB)
+
+
+@pytest.mark.parametrize("writes", [
+    ["0 1M", "2M 1M", "4M 1M", "32M 1M"],           # iotest 086: four steps of 25 %
+    ["0 5M", "100M 1536k"], [],                      # chunks of 2 MiB; no data at all
+])
+def test_convert_progress_like_qemu(capsys, tmp_path, writes):
+    src = qemu_create(tmp_path / "src.qcow2", 128 * MiB)
+    for w in writes:
+        qemu_io(src, f"write {w}")
+    status, out, err = cli(capsys, "convert", "-p", "-O", "qcow2", src, tmp_path / "ours")
+    want = qemu_img("convert", "-p", "-O", "qcow2", src, tmp_path / "theirs")
+    assert (status, err) == (0, "")
+    assert out == want.stdout.decode()
+
+
+@pytest.mark.parametrize("argv", [
+    # iotest 082: -o help with and without the target's name, raw and qcow2
+    ["create", "-f", "qcow2", "-o", "help", "T", "128M"], ["create", "-f", "qcow2", "-o", "help"],
+    ["create", "-o", "help"], ["create", "-f", "raw", "-o", "help", "T", "1M"],
+    ["create", "-f", "qcow2", "-o", "cluster_size=4k", "-o", "?", "T", "128M"],
+    ["convert", "-O", "qcow2", "-o", "help", "S", "T"], ["convert", "-O", "qcow2", "-o", "help"],
+    ["convert", "-o", "help"],
+    # option lists qemu-img refuses, formats it cannot create
+    ["create", "-f", "qcow2", "-o", "backing_file=S,", "-o", "help", "T", "1M"],
+    ["create", "-f", "qcow2", "-o", ",help", "T", "1M"],
+    ["convert", "-O", "qcow2", "-o", "backing_file=S", "-o", ",,", "-o", "help", "S", "T"],
+    ["create", "-f", "bochs", "-o", "help"], ["create", "-f", "bochs", "T", "1M"],
+    ["create", "-f", "foo", "T", "1M"], ["convert", "-O", "bochs", "-o", "help"],
+    ["convert", "-O", "foo", "S", "T"],
+    # copy offloading's conflicts
+    ["convert", "-C", "-S", "4k", "-O", "qcow2", "S", "T"],
+    ["convert", "-C", "-S", "0", "-O", "qcow2", "S", "T"],
+    ["convert", "-C", "-c", "-O", "qcow2", "S", "T"],
+    # a backing file given as an option that does not exist
+    ["convert", "-O", "qcow2", "-o", "backing_fmt=qcow2,backing_file=S,,help", "S", "T"],
+])
+def test_options_help_and_refusals_like_qemu(capsys, tmp_path, argv):
+    src = qemu_create(tmp_path / "src.qcow2", MiB)
+
+    def fill(target):
+        return [a.replace("S", str(src)).replace("T", str(target))
+                if a in ("S", "T") or a.startswith(("backing_file=S", "backing_fmt=qcow2,"))
+                else a for a in argv]
+    ours, theirs = tmp_path / "ours", tmp_path / "theirs"
+    status, out, err = cli(capsys, *fill(ours))
+    want = qemu_img(*fill(theirs), check=False)
+    assert status == want.returncode
+    assert out.replace(str(ours), str(theirs)) == want.stdout.decode()
+    assert ours_as_qemu(err, (ours, theirs)) == want.stderr.decode()
