@@ -2,7 +2,8 @@
 1), both ways against qemu-img/qemu-io 7.2, which create, read and write it
 (only qemu's system emulators refuse it): images qemu makes read
 bit-exactly, images qcow2fast makes and writes read by qemu, check clean,
-compare equal; cluster sizes 4 KiB to 2 MiB, extended L2, a data file, a
+compare equal; cluster sizes 4 KiB to 2 MiB, extended L2, a data file (with
+LUKS too), a
 chain, convert out of it on the command line.  Its IVs come from the
 *guest* offset, so one test decrypts qemu's sectors here with the openssl
 command (a reference outside qcow2fast's cipher path)."""
@@ -14,7 +15,8 @@ import pytest
 import qcow2fast
 from tests.helpers.cli_util import run_cli
 from tests.helpers.luks_util import (obj, opts, qemu_check_luks, qemu_compare_luks,
-                                     qemu_io_luks, qemu_raw_luks, write_pattern)
+                                     qemu_create_luks, qemu_io_luks, qemu_raw_luks,
+                                     write_pattern)
 from tests.helpers.qemu_util import qemu_img, qemu_info
 
 MiB = 1 << 20
@@ -91,14 +93,20 @@ def test_both_ways(tmp_path, cluster_size, extended_l2, maker):
 
 
 @pytest.mark.parametrize("maker", ["qemu", "ours"])
-def test_with_data_file(tmp_path, maker):
-    """AES data in an external data file (qemu allows the pair): IVs from
-    the guest offset, which there equals the host offset."""
+@pytest.mark.parametrize("fmt", ["aes", "luks"])
+def test_with_data_file(tmp_path, maker, fmt):
+    """AES or LUKS data in an external data file (qemu allows both pairs):
+    the IVs come from the guest offset (AES) or the data file's offset
+    (LUKS), which are equal there."""
     path, data = tmp_path / "d.qcow2", tmp_path / "d.data"
-    if maker == "qemu":
-        qemu_create_aes(path, 4 * MiB, extra=["-o", f"data_file={data}"])
+    extra = ["-o", f"data_file={data}"]
+    if maker == "qemu" and fmt == "aes":
+        qemu_create_aes(path, 4 * MiB, extra=extra)
+    elif maker == "qemu":
+        qemu_create_luks(path, 4 * MiB, PW, extra=extra)
     else:
-        ours_create_aes(path, 4 * MiB, data_file=str(data))
+        enc = {"format": fmt, "key_secret": PW, **({"iter_time": 10} if fmt == "luks" else {})}
+        qcow2fast.create(path, 4 * MiB, data_file=str(data), encrypt=enc)
     qemu_io_luks(path, PW, "write -P 0x31 0 1M")
     expect = bytearray(b"\x31" * MiB + bytes(3 * MiB))
     with qcow2fast.open(path, "r+", key_secret=PW) as img:
