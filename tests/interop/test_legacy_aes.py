@@ -3,8 +3,7 @@
 (only qemu's system emulators refuse it): images qemu makes read
 bit-exactly, images qcow2fast makes and writes read by qemu, check clean,
 compare equal; cluster sizes 4 KiB to 2 MiB, extended L2, a data file (with
-LUKS too), a
-chain, convert out of it on the command line.  Its IVs come from the
+LUKS too), a chain, convert into it and out of it.  Its IVs come from the
 *guest* offset, so one test decrypts qemu's sectors here with the openssl
 command (a reference outside qcow2fast's cipher path)."""
 
