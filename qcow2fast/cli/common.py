@@ -75,10 +75,12 @@ def image_spec(name, fmt, image_opts, secret_table=None):
     if not image_opts:
         return name[len(FILE_PROTOCOL):] if name.startswith(FILE_PROTOCOL) else name, fmt, {}
     kw, path, driver = {}, None, fmt
+    secrets = {}            # layer depth -> secret (backing.encrypt.key-secret: depth 1)
     for key, value in split_options(name):
-        if key == "encrypt.key-secret":
+        depth, rest = _backing_depth(key)
+        if rest == "encrypt.key-secret":
             try:
-                kw["key_secret"] = lookup_secret(secret_table or {}, value)
+                secrets[depth] = lookup_secret(secret_table or {}, value)
             except UsageError as e:
                 raise UsageError(f"Could not open '{name}': {e}") from None
         elif key == "encrypt.format":
@@ -108,7 +110,20 @@ def image_spec(name, fmt, image_opts, secret_table=None):
             raise UsageError(f"unsupported image option {key!r}")
     if path is None:
         raise UsageError("--image-opts needs file.filename=PATH")
+    if set(secrets) - {0}:
+        kw["key_secret"] = secrets          # one per layer (engine/secret.ChainSecrets)
+    elif secrets:
+        kw["key_secret"] = secrets[0]       # (also that of the encrypted layers below)
     return path, driver, kw
+
+
+def _backing_depth(key):
+    """"backing." * depth + rest -> (depth, rest): an option of the layer
+    ``depth`` below the image (qemu's backing.* child options)."""
+    depth = 0
+    while key.startswith("backing."):
+        key, depth = key[len("backing."):], depth + 1
+    return depth, key
 
 
 def resolve_image(name, fmt=None, image_opts=False, secret_table=None):

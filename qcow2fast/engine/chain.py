@@ -324,7 +324,7 @@ def open_chain(top, max_depth=None, above=()):
             try:
                 if fmt == "qcow2":
                     layer = _open_layer(type(top), path, cache_mode, share, top.untrusted,
-                                        top.key_secret)
+                                        top.secrets_below(k))
                 else:
                     layer = RawImage(path, **share)
             except ImageLockedError as e:       # in qemu's words
@@ -372,7 +372,8 @@ def _open_layer(cls, path, cache_mode, share, untrusted, key_secret=None):
     """A lower layer: read-only, no backing file of its own, and a small L2
     cache (the chain's resolved map answers most reads); locked as the top
     is (``share``), and under the untrusted rules if the top is; an
-    encrypted layer is unlocked with the top's ``key_secret``."""
+    encrypted layer is unlocked with ``key_secret`` (the top's
+    ``secrets_below`` this layer)."""
     head = read_head(path, 24, share["remote"])
     bits = int.from_bytes(head[20:24], "big") if len(head) == 24 else 16
     entry = min(LAYER_L2_ENTRY, 1 << bits) if 9 <= bits <= 21 else LAYER_L2_ENTRY

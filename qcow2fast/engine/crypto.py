@@ -195,13 +195,18 @@ class LockedTransform(DataTransform):
         raise MissingSecretError(NEED_SECRET)
 
 
-def attach(state, f, file_size, key_secret, no_io):
+def attach(state, f, file_size, key_secret, no_io, inherited=False):
     """Read the image's encryption, unlock it with ``key_secret`` and
     install its transform in ``state``; the LUKS area joins the metadata
-    map.  Returns the Encryption, or None for a plain image."""
+    map.  Returns the Encryption, or None for a plain image.  A passphrase
+    ``inherited`` from the image above in a chain (given for all layers,
+    not for this one) does not open legacy AES, which cannot tell a wrong
+    one (it would read garbage): as qemu, it needs its own."""
     enc = read_encryption(f, state.header, file_size)
     if enc is None:
         return None
+    if inherited and enc.method == L.CRYPT_AES:
+        key_secret = None
     span = metadata_clusters(enc, state.cluster_bits)
     if span is not None:
         state.metadata.add(*span)

@@ -22,6 +22,7 @@ exclusive lock.
 
 from __future__ import annotations
 
+import collections.abc
 import os
 import threading
 from typing import TYPE_CHECKING, Literal
@@ -45,17 +46,13 @@ from .cluster import Clusters
 from .compress import Compressor
 from .flush import FlushOrder
 from .image_lifecycle import LifecycleAPI
-from .secret import Secret
+from .secret import ChainSecrets, Secret
 from .mapping import Mapping, read_l1_table
 from .overlap import MetadataMap
 from .refcount import Refcounts
 from .snapshot import TableRepairs, find_snapshot, read_snapshot_table, snapshot_l1
 
 if TYPE_CHECKING:
-    import collections.abc
-
-    from . import crypto
-
     from .._ext._typing import Buffer
     from .._ext.cache import TableCache
     from ..host.raw import RawImage
@@ -78,7 +75,9 @@ class Image(LifecycleAPI, ImageCore):
                  force_share: bool = False, locking: bool = True, untrusted: bool = False,
                  max_chain_depth: int | None = None, remote: dict | None = None,
                  data_file: str | os.PathLike[str] | None = None,
-                 key_secret: bytes | str | Secret | None = None, no_io: bool = False,
+                 key_secret: bytes | str | Secret | ChainSecrets
+                 | collections.abc.Mapping[int | str, bytes | str] | None = None,
+                 no_io: bool = False,
                  _chain: tuple[str, ...] = (), _repair: bool = False) -> None:
         if mode not in ("r", "r+"):
             raise InvalidArgumentError(f"mode must be 'r' or 'r+', not {mode!r}")
@@ -101,9 +100,21 @@ class Image(LifecycleAPI, ImageCore):
         # qemu's image locks (host/lock.py), and the untrusted-image rules
         # (engine/untrusted.py); the backing chain inherits all three.
         self.force_share, self.locking, self.untrusted = force_share, locking, untrusted
-        # The passphrase of an encrypted image (and of encrypted layers below
-        # it); no_io: open an encrypted image without it, data unreadable.
+        # The passphrase of an encrypted image: one (also that of every
+        # encrypted layer below it), or one per layer (a mapping: depth or
+        # file name -> passphrase, engine/secret.ChainSecrets); no_io: open
+        # an encrypted image without it, data unreadable.
+        self._chain_secrets, inherited = None, False
+        if isinstance(key_secret, collections.abc.Mapping):
+            key_secret = ChainSecrets(key_secret)
+        if isinstance(key_secret, ChainSecrets):
+            self._chain_secrets = key_secret
+            inherited = key_secret.inherited(0, self.path)
+            key_secret = key_secret.get(0, self.path)
         self.key_secret = None if key_secret is None else Secret(key_secret)
+        # (a passphrase given for the whole chain, not for this layer: legacy
+        # AES, which cannot tell a wrong one, does not take it -- as qemu)
+        self._secret_inherited = inherited
         self.no_io = no_io
         self.encryption: crypto.Encryption | None = None
         self._close_lock = threading.Lock()     # serialises close() against the cleaner
@@ -200,7 +211,8 @@ class Image(LifecycleAPI, ImageCore):
             # (imported here: hashlib and the LUKS code cost every plain
             # image's command start-up ~5-15 ms)
             from . import crypto
-            self.encryption = crypto.attach(s, f, file_size, self.key_secret, self.no_io)
+            self.encryption = crypto.attach(s, f, file_size, self.key_secret, self.no_io,
+                                            self._secret_inherited)
         self.mapping = Mapping(s, l1)
         self.refcounts = Refcounts(s, file_size, repair=repair) if writable else None
         # The lazy-refcounts open option overrides the header's bit, as in qemu.
@@ -343,6 +355,13 @@ class Image(LifecycleAPI, ImageCore):
         self.clusters.below = below
         self._set_chain(chain.core if below is not None else None, index + 1)
         self._set_resume(lambda: chain.resume(index))
+
+    def secrets_below(self, k: int) -> ChainSecrets | None:
+        """The ``key_secret`` to open the layer ``k`` below this image with
+        (1: its backing file), for it and the layers under it."""
+        if self._chain_secrets is not None:
+            return self._chain_secrets.below(k)
+        return None if self.key_secret is None else ChainSecrets.for_all(self.key_secret)
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else ("r" if self.read_only else "r+")

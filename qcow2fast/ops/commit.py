@@ -95,7 +95,7 @@ def _commit_into(top, above, target, cache, progress):
         dest = RawImage(target.path, writable=True, locking=False)
     else:
         dest = Image(target.path, "r+", cache_mode=cache, cache_clean_interval=0,
-                     locking=False, key_secret=top.key_secret)
+                     locking=False, key_secret=top.secrets_below(len(above)))
     take_over(dest.file.fd, "raw" if isinstance(target, RawImage) else "qcow2")
     try:
         _grow(dest, top.size)

@@ -554,6 +554,10 @@ def _convert_through_image(src, dest, format, options, sparse_size, existing,
                 img.write_compressed_clusters(base + a * unit, [comp[i] for i in range(a, b)])
 
         def sink(first, kinds, payloads, buf, nvalid):
+            if img is not None and img.state.transform is not None and payloads is None:
+                # Encrypted: the writer thread allocates, encrypts (the GIL
+                # released) and writes, in order, beside the readers.
+                return lambda: write_batch(first, kinds, None, buf, nvalid)
             if img is not None:     # in order: the image allocates clusters as it goes
                 write_batch(first, kinds, payloads, buf, nvalid)
                 return None

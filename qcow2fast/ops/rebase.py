@@ -88,8 +88,8 @@ def rebase(path: str | os.PathLike[str], backing: str | None, *,
     with Image(path, "r+", cache_mode=cache, backing=not unsafe,
                cache_clean_interval=0, key_secret=key_secret, no_io=unsafe) as img:
         if not unsafe:
-            new = _open_new_backing(path, backing, backing_fmt, backing_cache, key_secret,
-                                    force_share)
+            new = _open_new_backing(path, backing, backing_fmt, backing_cache,
+                                    img.secrets_below(1), force_share)
             try:
                 _copy_differences(img, new, progress)
             finally:

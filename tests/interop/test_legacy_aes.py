@@ -2,8 +2,8 @@
 1), both ways against qemu-img/qemu-io 7.2, which create, read and write it
 (only qemu's system emulators refuse it): images qemu makes read
 bit-exactly, images qcow2fast makes and writes read by qemu, check clean,
-compare equal; cluster sizes 4 KiB to 2 MiB, extended L2, a data file, a
-chain, convert out of it on the command line.  Its IVs come from the
+compare equal; cluster sizes 4 KiB to 2 MiB, extended L2, a data file (with
+LUKS too), a chain, convert into it and out of it.  Its IVs come from the
 *guest* offset, so one test decrypts qemu's sectors here with the openssl
 command (a reference outside qcow2fast's cipher path)."""
 
@@ -14,7 +14,8 @@ import pytest
 import qcow2fast
 from tests.helpers.cli_util import run_cli
 from tests.helpers.luks_util import (obj, opts, qemu_check_luks, qemu_compare_luks,
-                                     qemu_io_luks, qemu_raw_luks, write_pattern)
+                                     qemu_create_luks, qemu_io_luks, qemu_raw_luks,
+                                     write_pattern)
 from tests.helpers.qemu_util import qemu_img, qemu_info
 
 MiB = 1 << 20
@@ -91,14 +92,20 @@ def test_both_ways(tmp_path, cluster_size, extended_l2, maker):
 
 
 @pytest.mark.parametrize("maker", ["qemu", "ours"])
-def test_with_data_file(tmp_path, maker):
-    """AES data in an external data file (qemu allows the pair): IVs from
-    the guest offset, which there equals the host offset."""
+@pytest.mark.parametrize("fmt", ["aes", "luks"])
+def test_with_data_file(tmp_path, maker, fmt):
+    """AES or LUKS data in an external data file (qemu allows both pairs):
+    the IVs come from the guest offset (AES) or the data file's offset
+    (LUKS), which are equal there."""
     path, data = tmp_path / "d.qcow2", tmp_path / "d.data"
-    if maker == "qemu":
-        qemu_create_aes(path, 4 * MiB, extra=["-o", f"data_file={data}"])
+    extra = ["-o", f"data_file={data}"]
+    if maker == "qemu" and fmt == "aes":
+        qemu_create_aes(path, 4 * MiB, extra=extra)
+    elif maker == "qemu":
+        qemu_create_luks(path, 4 * MiB, PW, extra=extra)
     else:
-        ours_create_aes(path, 4 * MiB, data_file=str(data))
+        enc = {"format": fmt, "key_secret": PW, **({"iter_time": 10} if fmt == "luks" else {})}
+        qcow2fast.create(path, 4 * MiB, data_file=str(data), encrypt=enc)
     qemu_io_luks(path, PW, "write -P 0x31 0 1M")
     expect = bytearray(b"\x31" * MiB + bytes(3 * MiB))
     with qcow2fast.open(path, "r+", key_secret=PW) as img:
@@ -110,19 +117,23 @@ def test_with_data_file(tmp_path, maker):
 
 
 def test_chain_of_aes_layers(tmp_path):
-    """An AES base under an AES top (one passphrase: the chain's)."""
+    """An AES base under an AES top with another passphrase: each layer
+    takes its own (a passphrase given for the whole chain does not open a
+    legacy AES layer below the top: a wrong one would read garbage)."""
     base, top = tmp_path / "base.qcow2", tmp_path / "top.qcow2"
-    qemu_create_aes(base, 2 * MiB)
-    qemu_io_luks(base, PW, "write -P 0x42 0 2M")
+    qemu_create_aes(base, 2 * MiB, "base pass")
+    qemu_io_luks(base, "base pass", "write -P 0x42 0 2M")
     ours_create_aes(top, None, backing_file=str(base), backing_format="qcow2")
-    with qcow2fast.open(top, "r+", key_secret=PW) as img:
+    with pytest.raises(qcow2fast.InvalidArgumentError, match="key-secret. is required"):
+        qcow2fast.open(top, key_secret=PW)
+    with qcow2fast.open(top, "r+", key_secret={0: PW, 1: "base pass"}) as img:
         img.write(4096 + 100, b"\x99" * 700)
         got = img.read(0, img.size)
     expect = bytearray(b"\x42" * 2 * MiB)
     expect[4196:4896] = b"\x99" * 700
     assert got == expect
-    assert qemu_raw_luks(top, PW, tmp_path, backing_passphrase=PW) == expect
-    qemu_check_luks(top, PW, backing_passphrase=PW)
+    assert qemu_raw_luks(top, PW, tmp_path, backing_passphrase="base pass") == expect
+    qemu_check_luks(top, PW, backing_passphrase="base pass")
 
 
 def test_cli_create_and_convert_out(capsys, tmp_path):
@@ -186,3 +197,26 @@ def test_info_as_qemu(capsys, tmp_path):
         status, out, _ = run_cli(capsys, "info", f"--output={fmt}", path)
         assert status == 0
         assert out == qemu_img("info", f"--output={fmt}", str(path)).stdout_text
+
+
+@pytest.mark.parametrize("fmt", ["aes", "luks"])
+def test_convert_into_encrypted_on_threads(tmp_path, fmt):
+    """Convert into an encrypted image: batches written by the writer thread
+    beside the readers, in order; zero runs, a size that is not whole
+    sectors (the tail of the last one reads as zeros, as in qemu)."""
+    import numpy as np
+    from qcow2fast.ops.convert import convert
+    rng = np.random.default_rng(4)
+    data = bytearray(rng.integers(0, 256, 9 * MiB + 1234, dtype=np.uint8).tobytes())
+    data[2 * MiB:5 * MiB] = bytes(3 * MiB)
+    src, dst = tmp_path / "src.raw", tmp_path / "dst.qcow2"
+    src.write_bytes(data)
+    enc = {"format": fmt, "key_secret": PW}
+    if fmt == "luks":
+        enc["iter_time"] = 10
+    convert([str(src)], str(dst), format="qcow2", options={"encrypt": enc}, threads=4)
+    want = bytes(data) + bytes(-len(data) % 512)
+    assert qemu_raw_luks(dst, PW, tmp_path) == want
+    qemu_check_luks(dst, PW)
+    with qcow2fast.open(dst, key_secret=PW) as img:
+        assert img.read(0, img.size) == want

@@ -100,3 +100,4 @@ def test_refused_as_qemu(tmp_path, alg, mode):
                                  str(tmp_path / "q.qcow2"), "1M")
         assert p.returncode != 0
         assert str(e.value) in p.stderr_text
+
