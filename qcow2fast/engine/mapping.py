@@ -134,7 +134,9 @@ class Mapping:
                                         f"{coff:#x} (+{csize}) lies outside the image",
                                         offset=where, field="L2 entry")
             return kind, coff, n, entry
-        return kind, (host + in_u if host else host), n, entry
+        # (a data cluster of an external data file may lie at host offset 0:
+        # guest cluster 0, data_file_raw or not)
+        return kind, (host + in_u if host or kind == DATA else host), n, entry
 
     # -- updates (the caller holds the exclusive lock) ---------------------------
 

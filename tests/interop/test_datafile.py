@@ -277,3 +277,27 @@ def test_bad_input(tmp_path):
     res = check_image(p)        # qcow2fast's check says the same
     assert res.corruptions == 1 and any("with data file" in m for m in res.messages)
     assert res.allocated_clusters == 1
+
+
+@pytest.mark.parametrize("raw", [False, True], ids=["data_file", "data_file_raw"])
+def test_partial_zeroes_in_guest_cluster_0(tmp_path, monkeypatch, raw):
+    """Guest cluster 0 lies at host offset 0 of the data file: the Python
+    write path (partial write_zeroes edges, lazy-refcount and subcluster
+    writes) took that host offset for "none" and wrote the data at the
+    start of the cluster instead of where it belonged (found by the crash
+    states of datafile-writethrough-64k).  qemu-io does the same on a copy;
+    the two compare equal."""
+    monkeypatch.chdir(tmp_path)     # (qemu 7.2 opens a relative data file name from the cwd)
+    ours = str(tmp_path / "a.qcow2")
+    qemu_img("create", "-q", "-f", "qcow2", "-o",
+             f"data_file=a.data,data_file_raw={'on' if raw else 'off'}", ours, "1M")
+    qemu_io(ours, "write -P 0x11 0 64k", "write -P 0x22 64k 64k")
+    with qcow2fast.open(ours, "r+") as img:
+        img.write_zeroes(22016, 42496, may_unmap=True)
+        img.write_zeroes(65536 + 22016, 4096)
+    got = qemu_raw(ours)
+    want = bytearray(b"\x11" * 65536 + b"\x22" * 65536 + bytes(1 * MiB - 2 * 65536))
+    want[22016:22016 + 42496] = bytes(42496)
+    want[65536 + 22016:65536 + 22016 + 4096] = bytes(4096)
+    assert got == bytes(want)
+    qemu_check(ours)
