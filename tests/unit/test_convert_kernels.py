@@ -1,6 +1,6 @@
-"""convert's and rebase's model-free pieces: the zero-detection kernel behind -S,
-rebase's unit comparison, and the
-writer's split of its buffers into bounded write calls."""
+"""convert's and rebase's model-free pieces: the zero-detection kernel
+behind -S, rebase's unit comparison, and the writer's split of its
+buffers into bounded write calls."""
 
 import pytest
 from hypothesis import given, settings, strategies as st
