@@ -11,7 +11,7 @@ import json
 import os
 import struct
 
-from ..spec.header import FIELD_OFFSET, INCOMPAT_EXTL2
+from qcow2fast.spec.header import FIELD_OFFSET, INCOMPAT_EXTL2  # (absolute: also run as benchmarks.chain_util)
 from .common import KiB, MiB, run
 
 H_L1_TABLE_OFFSET = FIELD_OFFSET["l1_table_offset"]

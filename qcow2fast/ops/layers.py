@@ -56,26 +56,40 @@ def windows(size):
 def resolve(layers, offset, length):
     """The runs of [offset, offset+length) as ``layers`` (top first) show
     it: each piece with the layer it comes from, or "unallocated" where
-    none of them holds it."""
+    none of them holds it.  Iterative (a stack of each layer's pieces, in
+    guest order), so any depth resolves without recursion."""
     out = []
-    _walk(layers, 0, offset, offset + length, out)
+    n = len(layers)
+    stack = [iter([(0, offset, offset + length)])]
+    while stack:
+        item = next(stack[-1], None)
+        if item is None:
+            stack.pop()
+        elif isinstance(item, Run):
+            _append(out, item)
+        elif item[0] == n:
+            _, start, end = item
+            _append(out, Run(start, end - start, "unallocated", n))
+        else:
+            stack.append(iter(_pieces(layers[item[0]], *item)))
     return out
 
 
-def _walk(layers, depth, start, end, out):
-    if depth == len(layers):
-        _append(out, Run(start, end - start, "unallocated", depth))
-        return
-    layer = layers[depth]
+def _pieces(layer, depth, start, end):
+    """Layer ``depth``'s view of [start, end): its own runs, the ranges it
+    leaves to the layers below ((depth + 1, start, end)), and zeros past
+    its end (resolved here)."""
+    out = []
     lim = min(end, layer.size)
     if lim > start:
         for e in layer_status(layer, start, lim - start):
             if e.kind == "unallocated":
-                _walk(layers, depth + 1, e.offset, e.offset + e.length, out)
+                out.append((depth + 1, e.offset, e.offset + e.length))
             else:
-                _append(out, Run(e.offset, e.length, e.kind, depth))
-    if lim < end:       # past this layer's end: zeros, resolved here
-        _append(out, Run(max(lim, start), end - max(lim, start), "zero", depth))
+                out.append(Run(e.offset, e.length, e.kind, depth))
+    if lim < end:
+        out.append(Run(max(lim, start), end - max(lim, start), "zero", depth))
+    return out
 
 
 def _append(out, run):
