@@ -162,16 +162,17 @@ def _shrink_l1(img, new_l1):
         return
     cs, cb = geo.cluster_size, geo.cluster_bits
     tail = l1[new_l1:]
-    drop = []                       # host clusters whose refcount drops by one
+    drop = [(tail[tail != 0] & np.uint64(L1E_OFFSET_MASK)).astype(np.int64) >> cb]
+    # ``drop``: host clusters whose refcount drops by one (arrays, one entry
+    # a reference)
     for e in tail[tail != 0].tolist():
         l2off = e & L1E_OFFSET_MASK
-        drop.append(l2off >> cb)
         # A cluster is counted once per L1 table reaching it (a table shared
         # with a snapshot included): what this L2 table maps loses one too.
         if s.external_data:     # its data clusters have no refcounts (datafile.py)
             continue
         entries = decode_table(s.file.pread(l2off, cs))[::geo.l2_entry_words]
-        drop.extend(_mapped_clusters(geo, entries))
+        drop.append(_mapped_clusters(geo, entries))
     s.file.pwrite(bytes(len(tail) * L1E_SIZE), img.header.l1_table_offset + new_l1 * L1E_SIZE)
     s.barrier()             # barrier: no L1 entry points to the tables before they are freed
     for e in tail[tail != 0].tolist():
@@ -179,7 +180,7 @@ def _shrink_l1(img, new_l1):
     l1[new_l1:] = 0
     m.l1_pending.clear()
     s.l2_cache.invalidate_all()         # (clean: flushed above)
-    for first, n, k in _runs(drop):
+    for first, n, k in _runs(np.concatenate(drop)):
         for _ in range(k):
             rc.free_deferred(first << cb, n)
     # The frees, their refcount blocks and a barrier; clusters left unused
@@ -189,13 +190,13 @@ def _shrink_l1(img, new_l1):
 
 def _mapped_clusters(geo, entries):
     """Host clusters that L2 ``entries`` (descriptor words) reference, one
-    per reference."""
+    per reference (int64 array)."""
     cb = np.uint64(geo.cluster_bits)
-    out = (host_offsets(entries[standard_allocated(entries)]) >> cb).tolist()
+    out = [(host_offsets(entries[standard_allocated(entries)]) >> cb).astype(np.int64)]
     for e in entries[is_compressed(entries)].tolist():
         first, last = geo.compressed_clusters(e)
-        out.extend(range(first, last + 1))
-    return out
+        out.append(np.arange(first, last + 1, dtype=np.int64))
+    return np.concatenate(out)
 
 
 def _runs(clusters):
