@@ -276,6 +276,15 @@ class Bitmaps:
         b.tracker.merge(data)
         b.loaded = True
 
+    def tracker(self, name):
+        """The DirtyBitmap of consistent bitmap ``name``, its data on disk
+        loaded: live, the enabled ones marked by every write (NBD asks for
+        it per BLOCK_STATUS request: the usual case is one lookup)."""
+        b = self.by_name.get(name)
+        if b is not None and b.loaded and not b.inconsistent:
+            return b.tracker
+        return self.data(self._consistent(name))
+
     def dirty_extents(self, name, offset=0, length=None):
         """[(offset, length, dirty)] covering [offset, offset+length) of the
         guest disk, alternating, clipped to the disk."""
@@ -287,9 +296,7 @@ class Bitmaps:
         if offset < 0 or length < 0 or offset + length > size:
             raise InvalidArgumentError(f"range [{offset}, {offset + length}) is outside the "
                                        f"disk (size {size})")
-        if not length:
-            return []
-        return _extents(t.bits, t.gran_bits, offset, offset + length)
+        return t.runs(offset, length)
 
     # -- changes ---------------------------------------------------------------------
 
@@ -504,42 +511,6 @@ class Bitmaps:
         nbytes = e.table_size * bm.TABLE_ENTRY_SIZE
         self._meta(e.table_offset, nbytes, add=False)
         rc.free(e.table_offset, -(-nbytes // cs))
-
-
-def _extents(bits, gran_bits, start, end):
-    """Alternating (offset, length, dirty) over guest [start, end) from
-    packed bits (bit g & 7 of byte g >> 3 is granule g).  The bits are
-    scanned 64 at a time and only the words where a run starts or ends are
-    unpacked: a few passes over the words plus one step per run."""
-    g0, g1 = start >> gran_bits, ((end - 1) >> gran_bits) + 1
-    w0 = g0 >> 6
-    raw = bits[w0 << 3:(g1 + 7) >> 3]
-    if len(raw) % 8:
-        x = np.zeros(-(-len(raw) // 8), dtype="<u8")
-        x.view(np.uint8)[:len(raw)] = raw
-    else:
-        x = raw.view("<u8")
-    # A run starts or ends only in a non-zero word or the word after one.
-    cand = x != 0
-    cand[1:] |= cand[:-1].copy()
-    at = np.flatnonzero(cand)
-    xc = x[at]
-    prev = x[np.maximum(at - 1, 0)]
-    prev[at == 0] = 0
-    one = np.uint64(1)
-    # bit j of change[i]: granule 64 * at[i] + j differs from the one before it
-    change = ((xc ^ (xc << one)) & ~one) | ((xc & one) ^ (prev >> np.uint64(63)))
-    keep = change != 0
-    at, change = at[keep], change[keep]
-    bit = np.unpackbits(change.astype("<u8").view(np.uint8),
-                        bitorder="little").reshape(-1, 64)
-    row, col = np.nonzero(bit)
-    edges = ((at[row].astype(np.int64) + w0) << 6) + col
-    edges = edges[(edges > g0) & (edges < g1)]
-    first = bool(bits[g0 >> 3] >> (g0 & 7) & 1)
-    offs = [start] + (edges << gran_bits).tolist() + [end]
-    return [(offs[i], offs[i + 1] - offs[i], first ^ bool(i & 1))
-            for i in range(len(offs) - 1)]
 
 
 def _merge_into(dst, src):
