@@ -33,6 +33,7 @@ from ..spec import bitmaps as bm
 from ..spec import header as hdr
 from .bitmap_list import (read_directory, read_extension, read_extension_any, read_table,
                           read_tables, stale_warning, table_error)
+from .bitmap_store import free_bitmaps, write_bitmaps
 
 class Bitmap:
     """A persistent dirty bitmap of an open image."""
@@ -209,14 +210,6 @@ class Bitmaps:
             h.other_extensions.append(hdr.HeaderExtension(hdr.EXT_BITMAPS, ext.pack()))
             h.autoclear_features |= hdr.AUTOCLEAR_BITMAPS
 
-    def _meta(self, off, n, add):
-        """Keep bitmap clusters in the metadata map (guest data never lands
-        on them)."""
-        cb = self.state.cluster_bits
-        first, last = off >> cb, (off + n - 1) >> cb
-        (self.state.metadata.add if add else self.state.metadata.remove)(first,
-                                                                         last - first + 1)
-
     # -- queries ----------------------------------------------------------------
 
     def _usable(self):
@@ -262,9 +255,9 @@ class Bitmaps:
         ones = (offs == 0) & ((table[:want] & np.uint64(bm.BME_TABLE_ENTRY_FLAG_ALL_ONES)) != 0)
         data = np.zeros(nbytes, dtype=np.uint8)
         file_size = s.file.size()
-        for i in np.flatnonzero(ones):
+        for i in (np.flatnonzero(ones) if ones.any() else ()):
             data[int(i) * cs:(int(i) + 1) * cs] = 0xFF
-        for i in np.flatnonzero(offs):
+        for i in (np.flatnonzero(offs) if offs.any() else ()):
             i = int(i)
             off = int(offs[i])
             if off + cs > file_size:
@@ -407,7 +400,8 @@ class Bitmaps:
         """Write every consistent bitmap and a new directory (qemu's
         qcow2_store_persistent_dirty_bitmaps).  The order:
 
-        1. each bitmap's data clusters, then its table, to new clusters;
+        1. each bitmap's data clusters, then its table, to new clusters
+           (many bitmaps in one run of clusters, engine/bitmap_store.py);
            refcounts written, barrier: all of it is stable before anything
            points to it (a bitmap whose data on disk is still exact keeps
            its table and data: nothing to write, nothing to free);
@@ -423,7 +417,7 @@ class Bitmaps:
         s, rc = self.state, self.refcounts
         cs = s.cluster_size
         old = list(self._drop)
-        new_entries = []
+        new_entries, writes = [], []
         for b in self.list:
             if b.inconsistent:
                 new_entries.append(b.entry)         # kept as found (qemu)
@@ -441,8 +435,9 @@ class Bitmaps:
             if b.on_disk:
                 old.append(bm.BitmapEntry(b.name, b.entry.granularity_bits, b.entry.flags,
                                           b.entry.table_offset, b.entry.table_size))
-            self._write_data(e, t)
+            writes.append((e, t))
             new_entries.append(e)
+        write_bitmaps(s, rc, writes)
         ext_old, _ = read_extension_any(s.header)
         if new_entries:
             d = bm.pack_directory(new_entries)
@@ -459,8 +454,7 @@ class Bitmaps:
         s.barrier()             # barrier: the header points at the new directory
         if ext_old is not None and ext_old.directory_size:
             rc.free(ext_old.directory_offset, -(-ext_old.directory_size // cs))
-        for e in old:
-            self._free(e)
+        free_bitmaps(s, rc, old)
         s.refcount_cache.flush()
         s.barrier()             # barrier: the frees are stable
         for b, e in zip([b for b in self.list], new_entries):
@@ -468,49 +462,6 @@ class Bitmaps:
                 b.entry, b.on_disk = e, True
         self._drop = []
         self.changed = False
-
-    def _write_data(self, e, t):
-        """Data clusters of tracker ``t`` (the non-zero ones), then the table."""
-        s, rc = self.state, self.refcounts
-        cs = s.cluster_size
-        bits = t.bits
-        nbytes = bm.data_bytes(t.size, e.granularity_bits)
-        n = max(1, -(-nbytes // cs))
-        table = np.zeros(n, dtype=np.uint64)
-        for i in range(n):
-            chunk = bits[i * cs:min((i + 1) * cs, nbytes)]
-            if not chunk.any():
-                continue
-            off = rc.alloc(1)
-            self._meta(off, cs, add=True)
-            s.file.pwrite(chunk.tobytes().ljust(cs, b"\0"), off)
-            s.allocated(off + cs)       # fresh space written: no longer reads as zeros
-            table[i] = off
-        raw = table.astype(">u8").tobytes()
-        t_off = rc.alloc(-(-len(raw) // cs))
-        self._meta(t_off, len(raw), add=True)
-        s.file.pwrite(raw, t_off)
-        s.allocated(t_off + len(raw))
-        e.table_offset, e.table_size = t_off, n
-
-    def _free(self, e):
-        """Free a stored bitmap's table and data (its entry is no longer in
-        the directory on disk)."""
-        s, rc = self.state, self.refcounts
-        cs = s.cluster_size
-        if not e.table_offset:
-            return
-        try:
-            table = read_table(s.file, e, cs)
-        except CorruptImageError:
-            return              # never free what is not understood
-        for off in bm.table_offsets(table):
-            if off:
-                self._meta(int(off), cs, add=False)
-                rc.free(int(off), 1)
-        nbytes = e.table_size * bm.TABLE_ENTRY_SIZE
-        self._meta(e.table_offset, nbytes, add=False)
-        rc.free(e.table_offset, -(-nbytes // cs))
 
 
 def _merge_into(dst, src):
