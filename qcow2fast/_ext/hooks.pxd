@@ -17,6 +17,7 @@ cdef class DirtyBitmap(WriteObserver):
     cdef object _bits                    # numpy uint8, bit i = granule i dirty
     cdef uint8_t *bits
     cdef int64_t nbits
+    cdef bint _dirty_at(self, int64_t g) noexcept
 
 
 cdef class DataTransform:

@@ -10,18 +10,67 @@ and encode whole blocks with the image's transform when it has one
 its observers (``Image.add_write_observer``) of every guest range about to
 change, from the C fast path as from the Python slow paths.
 ``DirtyBitmap`` is the observer persistent dirty bitmaps are built on: one
-bit per ``granularity`` bytes of the guest disk, set in C.
+bit per ``granularity`` bytes of the guest disk, set in C.  Its runs of
+dirty and clean granules are scanned in C too, 64 granules a word, for the
+API (``runs``) and for NBD's ``qemu:dirty-bitmap:`` contexts (``pack_runs``
+writes the block descriptors straight into the reply).
 """
 
 import numpy as np
 
 cimport numpy as cnp
-from libc.stdint cimport int64_t, uint8_t, uint64_t
-from libc.string cimport memset
+from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t
+from libc.string cimport memcpy, memset
+
+from .common cimport QF_BSWAP32
 
 from ..errors import InvalidArgumentError
 
 cnp.import_array()
+
+cdef extern from *:
+    """
+    #define QF_CTZ64(x) __builtin_ctzll(x)
+    """
+    int QF_CTZ64(uint64_t) nogil
+
+# A run's length in a block descriptor is 32 bits (NBD).
+cdef int64_t MAX_DESCRIPTOR_LENGTH = 0xFFFFFFFF
+
+
+cdef inline uint64_t _word(const uint8_t *bits, int64_t nbytes, int64_t w) noexcept nogil:
+    """Granules 64w..64w+63 (bit j: granule 64w+j); bytes past the array read
+    as clean.  Little-endian hosts, as the rest of the kernels."""
+    cdef uint64_t v = 0
+    cdef int64_t at = w << 3
+    if at + 8 <= nbytes:
+        memcpy(&v, bits + at, 8)
+    elif at < nbytes:
+        memcpy(&v, bits + at, <size_t>(nbytes - at))
+    return v
+
+
+cdef inline int64_t _run_end(const uint8_t *bits, int64_t nbytes, int64_t g, int64_t stop,
+                             bint dirty) noexcept nogil:
+    """The first granule in [g, stop) that is not ``dirty``, or ``stop``.
+    Whole blocks of 8 words without an edge are skipped with one test."""
+    cdef uint64_t flip = (<uint64_t>0) - <uint64_t>dirty      # all ones: look for a clean bit
+    cdef uint64_t blk[8]
+    cdef int64_t w = g >> 6, full = nbytes >> 3               # words wholly in the array
+    cdef uint64_t x = (_word(bits, nbytes, w) ^ flip) & (~(<uint64_t>0) << (g & 63))
+    while not x:
+        w += 1
+        if (w << 6) >= stop:
+            return stop
+        if w + 8 <= full:
+            memcpy(blk, bits + (w << 3), 64)
+            if not ((blk[0] ^ flip) | (blk[1] ^ flip) | (blk[2] ^ flip) | (blk[3] ^ flip)
+                    | (blk[4] ^ flip) | (blk[5] ^ flip) | (blk[6] ^ flip) | (blk[7] ^ flip)):
+                w += 7
+                continue
+        x = _word(bits, nbytes, w) ^ flip
+    g = (w << 6) + QF_CTZ64(x)
+    return g if g < stop else stop
 
 
 cdef class WriteObserver:
@@ -92,6 +141,67 @@ cdef class DirtyBitmap(WriteObserver):
         g = self.granularity
         return [(int(a) * g, min(int(b) * g, self.size) - int(a) * g)
                 for a, b in zip(edges[::2], edges[1::2])]
+
+    cdef bint _dirty_at(self, int64_t g) noexcept:
+        return g < self.nbits and (self.bits[g >> 3] >> (g & 7)) & 1
+
+    def runs(self, int64_t offset, int64_t length):
+        """[(offset, length, dirty)] alternating over guest [offset,
+        offset+length); past the bitmap's size, clean.  With the GIL held,
+        like ``changed``: a snapshot of the bits."""
+        cdef int64_t end = offset + length, g, stop, nxt, at, to
+        cdef int64_t nbytes = self._bits.shape[0]
+        cdef bint dirty
+        if offset < 0 or length < 0:
+            raise InvalidArgumentError(f"range [{offset}, {end}) is not valid")
+        out = []
+        if not length:
+            return out
+        g = offset >> self.gran_bits
+        stop = ((end - 1) >> self.gran_bits) + 1
+        at = offset
+        dirty = self._dirty_at(g)
+        while at < end:
+            nxt = _run_end(self.bits, nbytes, g, stop, dirty)
+            to = nxt << self.gran_bits if nxt < stop else end
+            out.append((at, to - at, bool(dirty)))
+            at, g, dirty = to, nxt, not dirty
+        return out
+
+    def pack_runs(self, int64_t offset, int64_t length, unsigned char[::1] out,
+                  Py_ssize_t max_runs):
+        """Write the first (at most ``max_runs``) alternating runs of guest
+        [offset, offset+length) into ``out`` as NBD block descriptors: a
+        big-endian 32-bit length, then 32-bit flags (1 dirty, 0 clean).
+        Returns how many; they may describe less than the whole range.
+        ``out`` must hold 8 * ``max_runs`` bytes; with ``out`` None, only
+        counts them."""
+        cdef int64_t end = offset + length, g, stop, nxt, at, to
+        cdef int64_t nbytes = self._bits.shape[0]
+        cdef Py_ssize_t n = 0
+        cdef uint32_t *d = NULL
+        cdef bint dirty
+        if offset < 0 or length <= 0 or length > MAX_DESCRIPTOR_LENGTH or max_runs <= 0:
+            raise InvalidArgumentError(f"cannot describe [{offset}, +{length}) in "
+                                       f"{max_runs} block descriptors")
+        if out is not None:
+            if out.shape[0] < 8 * max_runs:
+                raise InvalidArgumentError(f"{out.shape[0]} bytes do not hold {max_runs} "
+                                           "block descriptors")
+            d = <uint32_t *>&out[0]
+        g = offset >> self.gran_bits
+        stop = ((end - 1) >> self.gran_bits) + 1
+        at = offset
+        dirty = self._dirty_at(g)
+        while at < end and n < max_runs:
+            nxt = _run_end(self.bits, nbytes, g, stop, dirty)
+            to = nxt << self.gran_bits if nxt < stop else end
+            if d != NULL:
+                d[2 * n] = QF_BSWAP32(<uint32_t>(to - at))
+                d[2 * n + 1] = QF_BSWAP32(<uint32_t>dirty)
+            n += 1
+            at, g, dirty = to, nxt, not dirty
+        return n
 
     def clear(self):
         # With the GIL held, as ``changed`` runs: a write told during the

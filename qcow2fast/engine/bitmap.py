@@ -34,6 +34,7 @@ from ..spec import header as hdr
 from . import features
 from .bitmap_list import (read_directory, read_extension, read_extension_any, read_table,
                           read_tables, stale_warning, table_error)
+from .bitmap_store import free_bitmaps, write_bitmaps
 
 class Bitmap:
     """A persistent dirty bitmap of an open image."""
@@ -210,14 +211,6 @@ class Bitmaps:
             h.other_extensions.append(hdr.HeaderExtension(hdr.EXT_BITMAPS, ext.pack()))
             h.autoclear_features |= hdr.AUTOCLEAR_BITMAPS
 
-    def _meta(self, off, n, add):
-        """Keep bitmap clusters in the metadata map (guest data never lands
-        on them)."""
-        cb = self.state.cluster_bits
-        first, last = off >> cb, (off + n - 1) >> cb
-        (self.state.metadata.add if add else self.state.metadata.remove)(first,
-                                                                         last - first + 1)
-
     # -- queries ----------------------------------------------------------------
 
     def _usable(self):
@@ -263,9 +256,9 @@ class Bitmaps:
         ones = (offs == 0) & ((table[:want] & np.uint64(bm.BME_TABLE_ENTRY_FLAG_ALL_ONES)) != 0)
         data = np.zeros(nbytes, dtype=np.uint8)
         file_size = s.file.size()
-        for i in np.flatnonzero(ones):
+        for i in (np.flatnonzero(ones) if ones.any() else ()):
             data[int(i) * cs:(int(i) + 1) * cs] = 0xFF
-        for i in np.flatnonzero(offs):
+        for i in (np.flatnonzero(offs) if offs.any() else ()):
             i = int(i)
             off = int(offs[i])
             if off + cs > file_size:
@@ -276,6 +269,15 @@ class Bitmaps:
             data[i * cs:i * cs + n] = np.frombuffer(s.file.pread(off, n), dtype=np.uint8)
         b.tracker.merge(data)
         b.loaded = True
+
+    def tracker(self, name):
+        """The DirtyBitmap of consistent bitmap ``name``, its data on disk
+        loaded: live, the enabled ones marked by every write (NBD asks for
+        it per BLOCK_STATUS request: the usual case is one lookup)."""
+        b = self.by_name.get(name)
+        if b is not None and b.loaded and not b.inconsistent:
+            return b.tracker
+        return self.data(self._consistent(name))
 
     def dirty_extents(self, name, offset=0, length=None):
         """[(offset, length, dirty)] covering [offset, offset+length) of the
@@ -288,9 +290,7 @@ class Bitmaps:
         if offset < 0 or length < 0 or offset + length > size:
             raise InvalidArgumentError(f"range [{offset}, {offset + length}) is outside the "
                                        f"disk (size {size})")
-        if not length:
-            return []
-        return _extents(t.bits, t.gran_bits, offset, offset + length)
+        return t.runs(offset, length)
 
     # -- changes ---------------------------------------------------------------------
 
@@ -401,7 +401,8 @@ class Bitmaps:
         """Write every consistent bitmap and a new directory (qemu's
         qcow2_store_persistent_dirty_bitmaps).  The order:
 
-        1. each bitmap's data clusters, then its table, to new clusters;
+        1. each bitmap's data clusters, then its table, to new clusters
+           (many bitmaps in one run of clusters, engine/bitmap_store.py);
            refcounts written, barrier: all of it is stable before anything
            points to it (a bitmap whose data on disk is still exact keeps
            its table and data: nothing to write, nothing to free);
@@ -421,7 +422,7 @@ class Bitmaps:
         s, rc = self.state, self.refcounts
         cs = s.cluster_size
         old = list(self._drop)
-        new_entries = []
+        new_entries, writes = [], []
         for b in self.list:
             if b.inconsistent:
                 new_entries.append(b.entry)         # kept as found (qemu)
@@ -439,8 +440,9 @@ class Bitmaps:
             if b.on_disk:
                 old.append(bm.BitmapEntry(b.name, b.entry.granularity_bits, b.entry.flags,
                                           b.entry.table_offset, b.entry.table_size))
-            self._write_data(e, t)
+            writes.append((e, t))
             new_entries.append(e)
+        write_bitmaps(s, rc, writes)
         ext_old, _ = read_extension_any(s.header)
         if new_entries:
             d = bm.pack_directory(new_entries)
@@ -457,8 +459,7 @@ class Bitmaps:
         s.barrier()             # barrier: the header points at the new directory
         if ext_old is not None and ext_old.directory_size:
             rc.free(ext_old.directory_offset, -(-ext_old.directory_size // cs))
-        for e in old:
-            self._free(e)
+        free_bitmaps(s, rc, old)
         s.refcount_cache.flush()
         s.barrier()             # barrier: the frees are stable
         for b, e in zip([b for b in self.list], new_entries):
@@ -466,85 +467,6 @@ class Bitmaps:
                 b.entry, b.on_disk = e, True
         self._drop = []
         self.changed = False
-
-    def _write_data(self, e, t):
-        """Data clusters of tracker ``t`` (the non-zero ones), then the table."""
-        s, rc = self.state, self.refcounts
-        cs = s.cluster_size
-        bits = t.bits
-        nbytes = bm.data_bytes(t.size, e.granularity_bits)
-        n = max(1, -(-nbytes // cs))
-        table = np.zeros(n, dtype=np.uint64)
-        for i in range(n):
-            chunk = bits[i * cs:min((i + 1) * cs, nbytes)]
-            if not chunk.any():
-                continue
-            off = rc.alloc(1)
-            self._meta(off, cs, add=True)
-            s.file.pwrite(chunk.tobytes().ljust(cs, b"\0"), off)
-            s.allocated(off + cs)       # fresh space written: no longer reads as zeros
-            table[i] = off
-        raw = table.astype(">u8").tobytes()
-        t_off = rc.alloc(-(-len(raw) // cs))
-        self._meta(t_off, len(raw), add=True)
-        s.file.pwrite(raw, t_off)
-        s.allocated(t_off + len(raw))
-        e.table_offset, e.table_size = t_off, n
-
-    def _free(self, e):
-        """Free a stored bitmap's table and data (its entry is no longer in
-        the directory on disk)."""
-        s, rc = self.state, self.refcounts
-        cs = s.cluster_size
-        if not e.table_offset:
-            return
-        try:
-            table = read_table(s.file, e, cs)
-        except CorruptImageError:
-            return              # never free what is not understood
-        for off in bm.table_offsets(table):
-            if off:
-                self._meta(int(off), cs, add=False)
-                rc.free(int(off), 1)
-        nbytes = e.table_size * bm.TABLE_ENTRY_SIZE
-        self._meta(e.table_offset, nbytes, add=False)
-        rc.free(e.table_offset, -(-nbytes // cs))
-
-
-def _extents(bits, gran_bits, start, end):
-    """Alternating (offset, length, dirty) over guest [start, end) from
-    packed bits (bit g & 7 of byte g >> 3 is granule g).  The bits are
-    scanned 64 at a time and only the words where a run starts or ends are
-    unpacked: a few passes over the words plus one step per run."""
-    g0, g1 = start >> gran_bits, ((end - 1) >> gran_bits) + 1
-    w0 = g0 >> 6
-    raw = bits[w0 << 3:(g1 + 7) >> 3]
-    if len(raw) % 8:
-        x = np.zeros(-(-len(raw) // 8), dtype="<u8")
-        x.view(np.uint8)[:len(raw)] = raw
-    else:
-        x = raw.view("<u8")
-    # A run starts or ends only in a non-zero word or the word after one.
-    cand = x != 0
-    cand[1:] |= cand[:-1].copy()
-    at = np.flatnonzero(cand)
-    xc = x[at]
-    prev = x[np.maximum(at - 1, 0)]
-    prev[at == 0] = 0
-    one = np.uint64(1)
-    # bit j of change[i]: granule 64 * at[i] + j differs from the one before it
-    change = ((xc ^ (xc << one)) & ~one) | ((xc & one) ^ (prev >> np.uint64(63)))
-    keep = change != 0
-    at, change = at[keep], change[keep]
-    bit = np.unpackbits(change.astype("<u8").view(np.uint8),
-                        bitorder="little").reshape(-1, 64)
-    row, col = np.nonzero(bit)
-    edges = ((at[row].astype(np.int64) + w0) << 6) + col
-    edges = edges[(edges > g0) & (edges < g1)]
-    first = bool(bits[g0 >> 3] >> (g0 & 7) & 1)
-    offs = [start] + (edges << gran_bits).tolist() + [end]
-    return [(offs[i], offs[i + 1] - offs[i], first ^ bool(i & 1))
-            for i in range(len(offs) - 1)]
 
 
 def _merge_into(dst, src):

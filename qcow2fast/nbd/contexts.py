@@ -16,21 +16,21 @@ the contexts in it; NBD_OPT_SET_META_CONTEXT selects exact names only.
 Both answer in the export's order, not the query's.
 """
 
-import bisect
-
 from ..errors import InvalidArgumentError
 from . import protocol as P
 
 BITMAP_PREFIX = "qemu:dirty-bitmap:"
-NBD_STATE_DIRTY = 1
 BASE_ID, DEPTH_ID, FIRST_BITMAP_ID = 0, 1, 2
 
 # A block status reply carries at most this many descriptors per context
 # (the protocol lets the server describe less than the requested range).
 MAX_DESCRIPTORS = 1 << 16
 
-# Extents of a read-only bitmap are computed this much of the disk at a time.
-WINDOW = 16 << 30
+_HEAD = P.BLOCK_STATUS_REPLY.size     # chunk header and context id
+
+# Descriptors a bitmap's chunk first makes room for in the send buffer
+# (8 bytes each: a 4 KiB page); more are counted first.
+BITMAP_ROOM = 512
 
 # Namespace queries that list more than one context (qemu's).
 NAMESPACES = {"base:": ("base:",), "qemu:": ("qemu:",), BITMAP_PREFIX: (BITMAP_PREFIX,)}
@@ -44,38 +44,12 @@ class Contexts:
         self.ids = {P.BASE_ALLOCATION: BASE_ID}
         if allocation_depth:
             self.ids[P.QEMU_ALLOCATION_DEPTH] = DEPTH_ID
-        # context name -> the layer whose bitmap it reports
-        self.bitmap_layers = {BITMAP_PREFIX + name: layer
-                              for name, layer in reversed(list((bitmaps or {}).items()))}
-        for i, name in enumerate(self.bitmap_layers):
+        # context name -> (the bitmaps of the layer that has it, its name)
+        self.bitmap_sources = {BITMAP_PREFIX + name: (layer.dirty_bitmaps, name)
+                               for name, layer in reversed(list((bitmaps or {}).items()))}
+        for i, name in enumerate(self.bitmap_sources):
             self.ids[name] = FIRST_BITMAP_ID + i
         self.names = list(self.ids)
-        self._windows = {}          # context name -> (start, end, starts, extents)
-
-    def dirty_extents(self, name, layer, offset, length):
-        """The dirty extents of context ``name`` over [offset, offset+length).
-        A read-only layer's bitmap cannot change: its extents are computed
-        a WINDOW at a time and kept, so a client walking the disk (nbdinfo
-        --map) costs a bisect per request, not a pass over the bitmap."""
-        bitmap = name[len(BITMAP_PREFIX):]
-        if not layer.read_only:
-            return layer.dirty_extents(bitmap, offset, length)
-        end = offset + length
-        window = self._windows.get(name)
-        if window is None or not window[0] <= offset <= end <= window[1]:
-            stop = min(layer.size, offset + max(length, WINDOW))
-            extents = layer.dirty_extents(bitmap, offset, stop - offset)
-            window = (offset, stop, [e[0] for e in extents], extents)
-            self._windows[name] = window        # one assignment: safe between threads
-        _, _, starts, extents = window
-        out = extents[max(0, bisect.bisect_right(starts, offset) - 1):
-                      bisect.bisect_left(starts, end)]
-        if out:                     # clip the first and the last to the request
-            off, n, dirty = out[0]
-            out[0] = (offset, off + n - offset, dirty)
-            off, n, dirty = out[-1]
-            out[-1] = (off, end - off, dirty)
-        return out
 
     def listed(self, queries):
         """NBD_OPT_LIST_META_CONTEXT: the names answering any of ``queries``
@@ -114,26 +88,61 @@ def find_bitmaps(image, names):
     return found
 
 
-def descriptors(export, offset, length, selected, req_one):
-    """For each selected (name, id): (id, [[length, flags], ...]) describing
-    [offset, offset+length) from its start (possibly less than all of it)."""
-    image = export.image
-    layers = export.contexts.bitmap_layers
+def send_block_status(chan, export, handle, offset, length, selected, req_one):
+    """The reply to NBD_CMD_BLOCK_STATUS of [offset, offset+length): one
+    chunk per selected (name, id), in order, DONE on the last, each
+    describing the range from its start (possibly less than all of it).
+    Whatever can fail (a bitmap gone, an I/O error) runs before any chunk
+    is queued, so a failed request gets its error reply alone."""
+    sources = export.contexts.bitmap_sources
+    if len(selected) == 1 and selected[0][0] in sources:    # a backup tool's request
+        name, cid = selected[0]
+        bitmaps, bitmap = sources[name]
+        _bitmap_chunk(chan, handle, cid, P.NBD_REPLY_FLAG_DONE, bitmaps.tracker(bitmap),
+                      offset, length, req_one)
+        return
+    chunks = []
     extents = None
-    out = []
     for name, cid in selected:
-        if name in layers:
-            # dirty_extents alternates dirty and clean: nothing to merge
-            dirty = export.contexts.dirty_extents(name, layers[name], offset, length)
-            out.append((cid, [[n, NBD_STATE_DIRTY if d else 0] for _, n, d in
-                              dirty[:1 if req_one else MAX_DESCRIPTORS]]))
+        if name in sources:
+            bitmaps, bitmap = sources[name]
+            chunks.append((cid, None, bitmaps.tracker(bitmap)))
             continue
         if extents is None:
-            extents = image.block_status(offset, length)
+            extents = export.image.block_status(offset, length)
         state = _base_allocation if name == P.BASE_ALLOCATION else (
             _allocation_depth if export.qcow2 else _raw_depth)
-        out.append((cid, _merged(((e.length, state(e)) for e in extents), req_one)))
-    return out
+        chunks.append((cid, _merged(((e.length, state(e)) for e in extents), req_one), None))
+    last = len(chunks) - 1
+    for i, (cid, descs, tracker) in enumerate(chunks):
+        flags = P.NBD_REPLY_FLAG_DONE if i == last else 0
+        if tracker is not None:
+            _bitmap_chunk(chan, handle, cid, flags, tracker, offset, length, req_one)
+            continue
+        mv = chan.reserve(_HEAD + 8 * len(descs))
+        P.BLOCK_STATUS_REPLY.pack_into(mv, 0, P.NBD_STRUCTURED_REPLY_MAGIC, flags,
+                                       P.NBD_REPLY_TYPE_BLOCK_STATUS, handle,
+                                       4 + 8 * len(descs), cid)
+        for k, (n, state) in enumerate(descs):
+            P.BLOCK_DESCRIPTOR.pack_into(mv, _HEAD + 8 * k, n, state)
+        chan.commit(_HEAD + 8 * len(descs))
+
+
+def _bitmap_chunk(chan, handle, cid, flags, tracker, offset, length, req_one):
+    """One dirty bitmap's chunk: its runs (flag 1 dirty) packed in C
+    straight into the reply.  Room for BITMAP_ROOM runs first (the usual
+    case); when there are more, they are counted and packed again."""
+    most = 1 if req_one else MAX_DESCRIPTORS
+    room = min(most, BITMAP_ROOM)
+    mv = chan.reserve(_HEAD + 8 * room)
+    n = tracker.pack_runs(offset, length, mv[_HEAD:], room)
+    if n == room < most:
+        n = tracker.pack_runs(offset, length, None, most)
+        mv = chan.reserve(_HEAD + 8 * n)        # the same place: nothing was committed
+        tracker.pack_runs(offset, length, mv[_HEAD:], n)
+    P.BLOCK_STATUS_REPLY.pack_into(mv, 0, P.NBD_STRUCTURED_REPLY_MAGIC, flags,
+                                   P.NBD_REPLY_TYPE_BLOCK_STATUS, handle, 4 + 8 * n, cid)
+    chan.commit(_HEAD + 8 * n)
 
 
 def _merged(runs, req_one):

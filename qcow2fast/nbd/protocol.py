@@ -153,7 +153,9 @@ OFFSET_DATA_REPLY = struct.Struct(">IHHQIQ")
 OFFSET_HOLE_REPLY = struct.Struct(">IHHQIQI")
 # NBD_REPLY_TYPE_ERROR payload: error, message length (message follows)
 ERROR_PAYLOAD = struct.Struct(">IH")
-# NBD_REPLY_TYPE_BLOCK_STATUS: context id, then descriptors of (length, status flags)
+# NBD_REPLY_TYPE_BLOCK_STATUS: chunk header, context id, then descriptors of
+# (length, status flags)
+BLOCK_STATUS_REPLY = struct.Struct(">IHHQII")
 BLOCK_DESCRIPTOR = struct.Struct(">II")
 
 # Strings (export names, queries, messages) are at most this long.

@@ -13,7 +13,7 @@ import logging
 
 from . import protocol as P
 from .channel import Disconnected
-from .contexts import descriptors
+from .contexts import send_block_status
 from .export import HOLE_MIN, MAX_PAYLOAD, RequestError, nbd_error
 from .handshake import ProtocolError
 
@@ -340,14 +340,5 @@ class Transmission:
             raise RequestError(P.NBD_EINVAL, "BLOCK_STATUS without a metadata context")
         if not length:
             raise RequestError(P.NBD_EINVAL, "BLOCK_STATUS of 0 bytes")
-        replies = descriptors(self.export, offset, length, self.contexts,
-                              bool(flags & P.NBD_CMD_FLAG_REQ_ONE))
-        for i, (cid, descs) in enumerate(replies):
-            payload = bytearray(4 + 8 * len(descs))
-            P.U32.pack_into(payload, 0, cid)
-            for k, (n, state) in enumerate(descs):
-                P.BLOCK_DESCRIPTOR.pack_into(payload, 4 + 8 * k, n, state)
-            done = _DONE if i == len(replies) - 1 else 0
-            self.chan.send(_CHUNK.pack(P.NBD_STRUCTURED_REPLY_MAGIC, done,
-                                       P.NBD_REPLY_TYPE_BLOCK_STATUS, handle, len(payload)),
-                           payload)
+        send_block_status(self.chan, self.export, handle, offset, length, self.contexts,
+                          bool(flags & P.NBD_CMD_FLAG_REQ_ONE))

@@ -168,33 +168,53 @@ def test_incremental_backup(image, tmp_path):
 
 
 def walk(uri, _):
-    """BLOCK_STATUS of qemu:dirty-bitmap:b0 in steps of 1000000 bytes."""
+    """BLOCK_STATUS of qemu:dirty-bitmap:b0 in steps of 1000000 bytes (not
+    granule-aligned), without and with REQ_ONE."""
     c = RawClient(uri.split("socket=")[1])
     c.go(contexts=["qemu:dirty-bitmap:b0"])
     out = []
-    for off in range(0, SIZE, 1000000):
-        r = c.request(P.NBD_CMD_BLOCK_STATUS, off, min(1000000, SIZE - off))
-        payload = r.chunks[0][1]
-        out.append([P.BLOCK_DESCRIPTOR.unpack_from(payload, 4 + 8 * i)
-                    for i in range((len(payload) - 4) // 8)])
+    for flags in (0, P.NBD_CMD_FLAG_REQ_ONE):
+        for off in range(0, SIZE, 1000000):
+            r = c.request(P.NBD_CMD_BLOCK_STATUS, off, min(1000000, SIZE - off), flags)
+            payload = r.chunks[0][1]
+            out.append([P.BLOCK_DESCRIPTOR.unpack_from(payload, 4 + 8 * i)
+                        for i in range((len(payload) - 4) // 8)])
     c.disconnect()
     return out
 
 
-def test_read_only_bitmap_extents_kept_by_window(image, tmp_path, monkeypatch):
-    """A read-only export computes a bitmap's extents a window at a time:
-    with windows smaller than the disk, requests across their edges and
-    REQ_ONE still answer as qemu-nbd."""
+@pytest.mark.parametrize("read_only", [True, False])
+def test_unaligned_bitmap_requests_as_qemu_nbd(image, tmp_path, read_only):
+    """Requests that start and end inside granules, with and without
+    REQ_ONE, on a read-only and a writable export: the descriptors (packed
+    in C from the live bitmap) are qemu-nbd's."""
+    args = ["-B", "b0"] + (["-r"] if read_only else [])
+    theirs, ours = side_by_side(tmp_path, args, image, walk)
+    assert ours == theirs
+    assert any(len(d) > 1 for d in theirs) and all(len(d) == 1 for d in theirs[len(theirs) // 2:])
+
+
+def test_reply_with_more_runs_than_first_room_as_qemu_nbd(tmp_path, qemu):
+    """A bitmap with 3000 runs (4 KiB granules, every other one written by
+    qemu-io): one BLOCK_STATUS over the disk answers them all, and a walk
+    in unaligned steps answers as qemu-nbd (more runs than the first room
+    made in the send buffer: counted, then packed)."""
     from qcow2fast.nbd import contexts
-    monkeypatch.setattr(contexts, "WINDOW", 3 * MiB + 4096)
-    theirs = side_by_side(tmp_path, ["-r", "-A", "-B", "b0", "-B", "b1"], image,
-                          block_status_chunks)[0]
-    with served(image, tmp_path, read_only=True, bitmaps=["b0", "b1"]) as (_, uri):
-        ours = block_status_chunks(uri, None)
-        maps = [nbdinfo(f"--map=qemu:dirty-bitmap:{n}", uri).stdout_text for n in ("b0", "b1")]
-    assert [c for c in ours if "bitmap" in c[2]] == [c for c in theirs if "bitmap" in c[2]]
-    walks = side_by_side(tmp_path, ["-r", "-B", "b0"], image, walk)
-    with served(image, tmp_path, read_only=True, bitmaps=["b0"]) as (_, uri):
-        assert walk(uri, None) == walks[0]
-    assert maps == [side_by_side(tmp_path, ["-r", "-B", n], image, lambda uri, _: nbdinfo(
-        f"--map=qemu:dirty-bitmap:{n}", uri).stdout_text)[0] for n in ("b0", "b1")]
+    path = qemu_create(tmp_path / "m.qcow2", SIZE)
+    qemu_img("bitmap", "--add", "-g", "4k", path, "b0")
+    qemu_io(path, *[f"write -P 0x44 {k * 8192} 4k" for k in range(1500)])
+
+    def whole_disk(uri, _):
+        c = RawClient(uri.split("socket=")[1])
+        c.go(contexts=["qemu:dirty-bitmap:b0"])
+        payload = c.request(P.NBD_CMD_BLOCK_STATUS, 0, SIZE).chunks[0][1]
+        c.disconnect()
+        return [P.BLOCK_DESCRIPTOR.unpack_from(payload, 4 + 8 * i)
+                for i in range((len(payload) - 4) // 8)]
+
+    theirs = side_by_side(tmp_path, ["-r", "-B", "b0"], path, whole_disk)[0]
+    assert len(theirs) == 3000 > contexts.BITMAP_ROOM
+    with served(path, tmp_path, read_only=True, bitmaps=["b0"]) as (_, uri):
+        assert whole_disk(uri, None) == theirs
+    walks = side_by_side(tmp_path, ["-r", "-B", "b0"], path, walk)
+    assert walks[1] == walks[0]

@@ -190,3 +190,35 @@ def test_offset_exports_the_rest_of_the_image(chain, tmp_path):
         assert copy(unix_uri(sock), None) == data[1000:] + bytes(sizes[1] - (SIZE - 1000))
     finally:
         stop_server(p)
+
+
+def _free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_tcp_bind_port_export_name_as_qemu_nbd(chain, tmp_path):
+    """What backup tools pass over TCP: ``--fork --pid-file -t -b ADDR -p
+    PORT -x NAME -r -B NAME --cache --aio -f``; the bitmap map and the export's
+    description over ``nbd://ADDR:PORT/NAME`` are qemu-nbd's."""
+    outs = []
+    for name, cmd in (("qemu", [QEMU_NBD]), ("ours", [sys.executable, "-m", "qcow2fast",
+                                                      "serve"])):
+        port, pid_file = _free_port(), tmp_path / f"{name}.pid"
+        p = subprocess.run([str(a) for a in (
+            *cmd, "--fork", "--pid-file", pid_file, "-t", "-b", "127.0.0.1", "-p", port,
+            "-x", "exp", "-r", "-B", "b0", "--cache=writeback", "--aio=threads", "-f", "qcow2",
+            chain)], env=dict(os.environ, PYTHONPATH=REPO), capture_output=True, timeout=120)
+        assert p.returncode == 0, p.stderr
+        pid = int(pid_file.read_text())
+        try:
+            uri = f"nbd://127.0.0.1:{port}/exp"
+            info = json.loads(nbdinfo("--json", uri).stdout_text)["exports"][0]
+            outs.append((nbdinfo("--map=qemu:dirty-bitmap:b0", uri).stdout_text,
+                         info["export-name"], info["export-size"], info["is_read_only"]))
+        finally:
+            os.kill(pid, signal.SIGTERM)
+    assert outs[1] == outs[0]
+    assert outs[0][1:] == ("exp", SIZE, True) and "dirty" in outs[0][0]

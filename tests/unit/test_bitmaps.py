@@ -1,10 +1,13 @@
-"""The bitmaps extension's layouts (spec/bitmaps.py) and the dirty-extent
-scan (engine/bitmap.py) against small references."""
+"""The bitmaps extension's layouts (spec/bitmaps.py) and the dirty-run
+scan (DirtyBitmap.runs / pack_runs, _ext/hooks.pyx) against small
+references."""
+
+import struct
 
 import numpy as np
 import pytest
 
-from qcow2fast.engine.bitmap import _extents
+from qcow2fast._ext.hooks import DirtyBitmap
 from qcow2fast.errors import CorruptImageError, InvalidArgumentError
 from qcow2fast.spec import bitmaps as bm
 
@@ -21,17 +24,66 @@ def reference_extents(flags, gran_bits, start, end):
     return out
 
 
-def test_extents_match_a_per_granule_reference():
+def test_runs_match_a_per_granule_reference():
+    """runs() and the NBD descriptors pack_runs() writes (big-endian length,
+    flags 1 dirty / 0 clean; at most max_runs of them) against a
+    per-granule reference: random densities, granularities and ranges, a
+    short last granule, ranges past the bitmap's size (clean)."""
     rng = np.random.default_rng(7)
-    for _ in range(400):
-        n = int(rng.integers(1, 2000))
-        flags = (rng.random(n) < rng.random()).astype(np.uint8)
-        packed = np.packbits(flags, bitorder="little")
+    for _ in range(600):
+        n = int(rng.integers(1, 3000))
         gb = int(rng.integers(9, 17))
         size = (n << gb) - int(rng.integers(0, 1 << gb))     # a short last granule
+        t = DirtyBitmap(size, 1 << gb)
+        flags = (rng.random(n) < rng.random()).astype(np.uint8)
+        t.merge(np.packbits(flags, bitorder="little"))
+        past = int(rng.integers(0, 3)) << gb if rng.random() < 0.2 else 0
         a = int(rng.integers(0, size))
-        b = int(rng.integers(a + 1, size + 1))
-        assert _extents(packed, gb, a, b) == reference_extents(flags, gb, a, b)
+        b = int(rng.integers(a + 1, size + past + 1))
+        ref = reference_extents(np.concatenate([flags, np.zeros(4, np.uint8)]), gb, a, b)
+        assert t.runs(a, b - a) == ref
+        most = int(rng.integers(1, len(ref) + 2))
+        out = bytearray(8 * most)
+        k = t.pack_runs(a, b - a, out, most)
+        assert k == min(most, len(ref))
+        assert [struct.unpack_from(">II", out, 8 * i) for i in range(k)] == \
+            [(length, int(d)) for _, length, d in ref[:k]]
+
+
+def test_long_runs_skip_whole_blocks_of_words():
+    """Long clean and long dirty runs (the scan skips 8 words at a time)
+    end exactly where a per-granule reference says."""
+    rng = np.random.default_rng(3)
+    for _ in range(40):
+        n = int(rng.integers(1000, 300000))
+        t = DirtyBitmap(n * 512, 512)
+        flags = np.zeros(n, dtype=np.uint8)
+        for _ in range(int(rng.integers(0, 12))):
+            a = int(rng.integers(0, n))
+            b = min(n, a + int(rng.integers(1, 40000)))
+            flags[a:b] = 1
+            t.notify(a * 512, (b - a) * 512)
+        edges = np.flatnonzero(np.diff(np.concatenate(([0], flags, [0])))).tolist()
+        bounds = sorted(set([0, n] + edges))
+        want = [(a * 512, (b - a) * 512, bool(flags[a])) for a, b in zip(bounds, bounds[1:])]
+        assert t.runs(0, n * 512) == want
+
+
+def test_runs_across_whole_words_and_bad_arguments():
+    t = DirtyBitmap(1 << 30, 512)
+    t.notify(64 * 512 * 3, 64 * 512 * 2)        # two whole 64-granule words dirty
+    t.notify((1 << 30) - 512, 512)              # the last granule
+    assert t.runs(0, 1 << 30) == [(0, 98304, False), (98304, 65536, True),
+                                  (163840, (1 << 30) - 512 - 163840, False),
+                                  ((1 << 30) - 512, 512, True)]
+    assert t.runs(5, 0) == []
+    out = bytearray(8)
+    with pytest.raises(InvalidArgumentError):
+        t.pack_runs(0, 1 << 32, out, 1)         # longer than a descriptor can say
+    with pytest.raises(InvalidArgumentError):
+        t.pack_runs(0, 4096, out, 2)            # no room for two
+    with pytest.raises(InvalidArgumentError):
+        t.runs(-1, 10)
 
 
 def test_directory_round_trip_and_limits():
@@ -71,7 +123,6 @@ def test_dirty_bitmap_resize_against_a_per_granule_reference():
     """resize keeps the granules both sizes cover, the new ones clear (the
     last partial granule keeps its bit); writes after it mark up to the new
     end and no further."""
-    from qcow2fast._ext.hooks import DirtyBitmap
     rng = np.random.default_rng(11)
     for _ in range(300):
         g = 512 << int(rng.integers(0, 5))
