@@ -325,3 +325,31 @@ def test_read_after_fork(http):
             os._exit(0 if ok else 1)
         _, status = os.waitpid(pid, 0)
         assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_qemu_protocol_forms(http, tmp_path):
+    """qemu's names for a remote image: ``--image-opts file.driver=http,
+    file.url=...`` (with the curl driver's timeout and readahead) and
+    ``json:{"file": {"driver": "http", "url": ...}}``: the same output as
+    qemu-img's, and convert reads them; other curl options and a driver
+    that is not the URL's are refused."""
+    server, root = http
+    path = _make(root, "forms.qcow2")
+    url = f"{server.url}/forms.qcow2"
+    opts = f"driver=qcow2,file.driver=http,file.url={url},file.timeout=10,file.readahead=1M"
+    node = json.dumps({"driver": "qcow2", "file": {"driver": "http", "url": url}})
+    for args in (["info", "--image-opts", opts], ["info", "--output=json", "--image-opts", opts],
+                 ["map", "--output=json", "--image-opts", opts], ["info", f"json:{node}"],
+                 ["map", f"json:{node}"]):
+        ours = _cli(*args)
+        assert ours.returncode == 0, ours.stderr
+        assert ours.stdout == qemu_img(*args).stdout_text, args
+    p = _cli("convert", "-O", "raw", "--image-opts", opts, tmp_path / "out.raw")
+    assert p.returncode == 0, p.stderr
+    assert (tmp_path / "out.raw").read_bytes() == qemu_raw(path)
+    for bad, why in ((opts + ",file.sslverify=off", "doesn't support the option 'sslverify'"),
+                     (opts.replace("file.driver=http", "file.driver=https"), "needs url=https://"),
+                     (opts.replace("file.timeout=10", "file.timeout=0"), "'timeout' expects"),
+                     (opts.replace("file.driver=http", "file.driver=ftp"), "'ftp' is not supported")):
+        p = _cli("info", "--image-opts", bad)
+        assert p.returncode == 1 and why in p.stderr, (bad, p.stderr)
