@@ -353,3 +353,18 @@ def test_qemu_protocol_forms(http, tmp_path):
                      (opts.replace("file.driver=http", "file.driver=ftp"), "'ftp' is not supported")):
         p = _cli("info", "--image-opts", bad)
         assert p.returncode == 1 and why in p.stderr, (bad, p.stderr)
+
+
+def test_check_reads_metadata_only(http, tmp_path):
+    """check of a URL reads the metadata, not the data around it: its
+    neighbouring refcount and L2 reads start no readahead stream."""
+    server, root = http
+    raw = tmp_path / "data.raw"
+    with open(raw, "wb") as f:
+        for i in range(48):
+            f.write(bytes([i + 1]) * MiB)
+    qemu_img("convert", "-f", "raw", "-O", "qcow2", raw, root / "meta.qcow2")
+    server.reset_counts()
+    p = _cli("check", f"{server.url}/meta.qcow2")
+    assert p.returncode == 0 and "No errors were found" in p.stdout, p.stderr
+    assert server.counts["bytes"] < 8 * MiB, server.counts         # of a 48 MiB file
