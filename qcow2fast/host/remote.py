@@ -469,11 +469,11 @@ class BlockCache:
             return
         self._streams.remove(s)
         self._streams.insert(0, s)
+        s.seen += max(0, lim - s.pos)
         s.pos = lim
-        s.seen += lim - off
-        # A stream reads ahead once it has read a request's worth: a few
-        # neighbouring metadata reads (check's refcount blocks and L2
-        # tables) are not one.
+        # A stream reads ahead once it has gone a request's worth forward:
+        # a few neighbouring metadata reads (check's refcount blocks and
+        # L2 tables) are not one.
         if s.seen < self.opts.request_size:
             return
         s.window = min(self.ra_max, 2 * s.window)

@@ -368,3 +368,36 @@ def test_check_reads_metadata_only(http, tmp_path):
     p = _cli("check", f"{server.url}/meta.qcow2")
     assert p.returncode == 0 and "No errors were found" in p.stdout, p.stderr
     assert server.counts["bytes"] < 8 * MiB, server.counts         # of a 48 MiB file
+
+
+def test_cli_dd_bench_serve_take_urls(http, tmp_path):
+    """dd, bench and serve (read-only, over NBD) on a URL: dd's output and
+    what qemu-img reads from the NBD export equal the image."""
+    import signal
+    import time
+    server, root = http
+    path = _make(root, "dds.qcow2")
+    url = f"{server.url}/dds.qcow2"
+    p = _cli("dd", "-f", "qcow2", "-O", "raw", "bs=1M", f"if={url}", f"of={tmp_path / 'dd.raw'}")
+    assert p.returncode == 0, p.stderr
+    assert (tmp_path / "dd.raw").read_bytes() == qemu_raw(path)
+    server.reset_counts()
+    p = _cli("bench", "-f", "qcow2", "-c", "2000", "-s", "4k", "-S", "12k", url)
+    assert p.returncode == 0 and "Run completed" in p.stdout, p.stderr
+    assert 0 < server.counts["range"] < 20, server.counts        # 2000 reads over 24 MiB
+    sock, pidfile = tmp_path / "nbd.sock", tmp_path / "nbd.pid"
+    p = _cli("serve", "--read-only", "--fork", "--socket", sock, "--pid-file", pidfile, url)
+    assert p.returncode == 0, p.stderr
+    try:
+        out = qemu_img("compare", "-f", "raw", "-F", "qcow2", f"nbd+unix:///?socket={sock}",
+                       path)
+        assert "Images are identical" in out.stdout_text
+    finally:
+        pid = int(pidfile.read_text())
+        os.kill(pid, signal.SIGTERM)
+        for _ in range(100):
+            if not os.path.exists(f"/proc/{pid}"):
+                break
+            time.sleep(0.05)
+    p = _cli("serve", "--socket", tmp_path / "rw.sock", url)
+    assert p.returncode == 1 and "remote images are read-only" in p.stderr
