@@ -30,7 +30,7 @@ from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 
 from .common cimport l2_units_run, EXT_DATA, EXT_ZERO, EXT_UNALLOCATED, QF_WRITE_MAX, SC_BITS
 from .core cimport ImageCore, pthread_rwlock_rdlock, pthread_rwlock_unlock
-from .fileio cimport File
+from .fileio cimport File, NO_FD
 from .l2slice cimport slice_lookup, SLICE_OK, L1_UNALLOCATED
 from .state cimport ImageState
 
@@ -161,8 +161,9 @@ cdef int _resolve(ImageState s, Req *q, qf_xfer *x, int room, bint below) noexce
     cdef bint write = q.op == OP_WRITE
     cdef size_t wmax = 0 if s.data_file.direct else QF_WRITE_MAX
     cdef int fd = s.data_file.fd
-    if fd < 0:
-        return -1                   # a suspended layer file: the one-request path resumes it
+    if fd < 0 or fd == NO_FD:
+        return -1                   # suspended (the one-request path resumes it) or no
+                                    # descriptor (a remote file: only c_pread reads it)
     while done < q.len:
         pos = q.off + done
         in_u = pos & (us - 1)

@@ -1,5 +1,11 @@
 from libc.stdint cimport int64_t
 
+# The descriptor of a File that has none (_ext/hookfile.pyx: bytes from
+# Python): never a valid one, so the C paths that use ``fd`` directly
+# (batch.pyx) leave such a file to c_pread.
+cdef enum:
+    NO_FD = 0x7fffffff
+
 cdef class File:
     cdef readonly int fd
     cdef readonly object path

@@ -21,8 +21,9 @@ from cpython.buffer cimport PyBUF_WRITABLE
 from libc.stdint cimport int64_t
 
 from .fileio cimport File
+from .fileio cimport NO_FD as C_NO_FD
 
-NO_FD = 0x7fffffff
+NO_FD = C_NO_FD
 cdef int64_t EIO = 5
 cdef int64_t EROFS = 30
 

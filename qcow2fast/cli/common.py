@@ -68,13 +68,52 @@ def image_option(key, value):
     return arg, parse_size(value, key)
 
 
+# Protocol nodes qcow2fast opens ("file" and qemu's curl driver's http(s)),
+# and the curl options it takes -> remote options (host/remote.py).
+PROTOCOLS = ("file", "http", "https")
+CURL_OPTIONS = {"url": None, "timeout": "timeout", "readahead": "readahead"}
+
+
+def protocol_node(node):
+    """(path or URL, remote options or None) of a protocol node: qemu's
+    ``{"driver": "file", "filename": P}`` or its curl driver's
+    ``{"driver": "http"|"https", "url": U, "timeout": S, "readahead": N}``
+    (``--image-opts file.driver=http,file.url=U`` or a ``json:`` name)."""
+    driver = node.get("driver", "file")
+    if driver not in PROTOCOLS:
+        raise UsageError(f"protocol {driver!r} is not supported (supported: "
+                         f"{', '.join(PROTOCOLS)})")
+    for key in node:
+        if driver == "file" and key not in ("driver", "filename"):
+            raise UsageError(f"Block protocol 'file' doesn't support the option '{key}'")
+    if driver == "file":
+        return node.get("filename"), None
+    for key in node:
+        if key != "driver" and key not in CURL_OPTIONS:
+            raise UsageError(f"Block protocol '{driver}' doesn't support the option '{key}'")
+    url = node.get("url")
+    if not isinstance(url, str) or not url.lower().startswith(driver + "://"):
+        raise UsageError(f"Block protocol '{driver}' needs url={driver}://... "
+                         f"(not {url!r})")
+    remote = {}
+    if "timeout" in node:
+        t = str(node["timeout"])
+        if not t.isdigit() or int(t) == 0:
+            raise UsageError(f"Parameter 'timeout' expects a positive number of seconds, "
+                             f"not {t!r}")
+        remote["timeout"] = float(t)
+    if "readahead" in node:
+        remote["readahead"] = parse_size(str(node["readahead"]), "readahead")
+    return url, remote
+
+
 def image_spec(name, fmt, image_opts, secret_table=None):
     """(path, format, open keyword arguments) for a filename or an
     --image-opts string (``encrypt.key-secret=ID`` looked up in
     ``secret_table``, the --object secrets)."""
     if not image_opts:
         return name[len(FILE_PROTOCOL):] if name.startswith(FILE_PROTOCOL) else name, fmt, {}
-    kw, path, driver = {}, None, fmt
+    kw, path, driver, proto = {}, None, fmt, {}
     secrets = {}            # layer depth -> secret (backing.encrypt.key-secret: depth 1)
     for key, value in split_options(name):
         depth, rest = _backing_depth(key)
@@ -90,9 +129,8 @@ def image_spec(name, fmt, image_opts, secret_table=None):
             path = value
         elif key == "driver":
             driver = value
-        elif key in ("file.driver",):
-            if value != "file":
-                raise UsageError(f"protocol {value!r} is not supported")
+        elif key.startswith("file.") and key != "file.locking":
+            proto[key[len("file."):]] = value
         elif key in ("file.locking", "locking"):
             if value not in ("on", "off", "auto"):
                 raise UsageError(f"parameter '{key}' expects 'on', 'off' or 'auto'")
@@ -108,8 +146,13 @@ def image_spec(name, fmt, image_opts, secret_table=None):
             arg, kw[arg] = image_option(key, value)
         else:
             raise UsageError(f"unsupported image option {key!r}")
+    if proto:
+        url, remote = protocol_node(proto)
+        if remote is not None:
+            path, kw["remote"] = url, remote
     if path is None:
-        raise UsageError("--image-opts needs file.filename=PATH")
+        raise UsageError("--image-opts needs file.filename=PATH (or file.driver=http, "
+                         "file.url=URL)")
     if set(secrets) - {0}:
         kw["key_secret"] = secrets          # one per layer (engine/secret.ChainSecrets)
     elif secrets:
@@ -133,7 +176,7 @@ def resolve_image(name, fmt=None, image_opts=False, secret_table=None):
     path, fmt, kw = image_spec(name, fmt, image_opts, secret_table)
     if not is_url(path) and not os.path.exists(path):
         raise open_error(name, FileNotFoundError(2, "No such file or directory", path))
-    fmt = fmt or probe_format(path)
+    fmt = fmt or probe_format(path, kw.get("remote"))
     if fmt not in FORMATS:
         raise UsageError(f"unknown or unsupported format {fmt!r} (supported: qcow2, raw)")
     return path, fmt, kw
@@ -179,11 +222,12 @@ def open_image(name, fmt=None, *, image_opts=False, writable=False, backing=True
     share = {"force_share": kw.pop("force_share", force_share),
              "locking": kw.pop("locking", True)}
     if fmt == "raw":
+        remote = kw.pop("remote", None)
         if kw:
             raise UsageError("cache options apply to qcow2 images only")
         if snapshot is not None:
             raise UsageError("raw images have no internal snapshots")
-        return RawImage(path, writable=writable, **share)
+        return RawImage(path, writable=writable, remote=remote, **share)
     kw.update(share, untrusted=untrusted)
     kw.update(extra)
     if snapshot is not None:

@@ -177,7 +177,8 @@ def _bitmaps_plan(args, sources, dest, kw):
 
 def source_specs(names, args):
     """(paths, convert()'s source keyword arguments): --image-opts sources
-    give their file name and ``encrypt.key-secret`` (one secret for all)."""
+    give their file name or URL, ``encrypt.key-secret`` (one secret for
+    all) and the curl driver's options (one set for all)."""
     kw = share_options(args)
     table = kw.pop("secrets")
     if not args.image_opts:
@@ -188,6 +189,8 @@ def source_specs(names, args):
         if "key_secret" in opts:
             kw["key_secret"] = opts.pop("key_secret")
         opts.pop("locking", None)
+        if "remote" in opts:
+            kw["remote"] = opts.pop("remote")
         if opts.pop("force_share", False):
             kw["force_share"] = True
         if opts:

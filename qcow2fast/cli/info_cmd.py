@@ -32,7 +32,10 @@ def run(args):
         img = open_image(name, fmt, image_opts=args.image_opts and not infos, backing=False,
                          no_io=True, **share_options(args), **metadata_only(name, fmt, args))
         try:
-            info = image_info(img, shown_name(name, img))
+            # --image-opts: qemu shows the file's name (the options it
+            # takes here are none of its "strong" ones, which make a json: name).
+            opts = args.image_opts and not infos
+            info = image_info(img, img.path if opts else shown_name(name, img))
         except CorruptImageError as e:      # bitmaps load lazily; qemu reads them at open
             raise open_error(name, e) from e
         finally:

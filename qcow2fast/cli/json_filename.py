@@ -8,6 +8,8 @@ for the drivers qcow2fast has, with qemu's messages:
 - ``{"driver": "raw", "file": NODE, "offset": N, "size": N}``: a window on
   a file or on a qcow2/raw node (block/raw-format.c);
 - ``{"driver": "file", "filename": P}``: the file itself;
+- ``{"driver": "http"|"https", "url": U}``: a remote image (qemu's curl
+  driver; common.protocol_node);
 - no ``driver``: the format of ``file`` is probed.
 
 Dotted keys (``"file.filename": P``) are the same as nested objects.
@@ -22,7 +24,7 @@ from ..engine.backing import FILE_PROTOCOL, probe_format
 from ..errors import InvalidArgumentError, Qcow2Error
 from ..host.raw import RawImage
 from ..host.window import RawWindow
-from .common import IMAGE_OPTS, image_option, open_error
+from .common import IMAGE_OPTS, image_option, open_error, protocol_node
 from .options import UsageError, parse_size
 
 PREFIX = "json:"
@@ -83,9 +85,10 @@ def open_json(name, *, writable=False, fmt=None, **extra):
 def _open(node, writable, extra):
     driver = node.get("driver")
     if driver is None:
-        driver = probe_format(_file_path(node.get("file")))
-    if driver == "file":
-        return RawImage(_file_path(node), writable=writable)
+        driver = probe_format(*_file_path(node.get("file")))
+    if driver in ("file", "http", "https"):
+        path, remote = _file_path(node)
+        return RawImage(path, writable=writable, remote=remote)
     if driver == "qcow2":
         return _open_qcow2(node, writable, extra)
     if driver == "raw":
@@ -94,16 +97,17 @@ def _open(node, writable, extra):
 
 
 def _file_path(node):
-    """The path of a ``file`` protocol node."""
+    """(path, remote options) of a protocol node: a file, or a URL."""
     if isinstance(node, str):
         raise InvalidArgumentError(f"Cannot find device='{node}' nor node-name='{node}'")
-    if not isinstance(node, dict) or "filename" not in node:
+    if not isinstance(node, dict) or ("filename" not in node and "url" not in node):
         raise InvalidArgumentError("A block device must be specified for \"file\"")
-    driver = node.get("driver", "file")
-    if driver != "file":
-        raise InvalidArgumentError(f"protocol '{driver}' is not supported (supported: file)")
-    _only(node, ("driver", "filename"), "Block protocol 'file' doesn't support the option")
-    return node["filename"]
+    if node.get("driver", "file") == "file":
+        _only(node, ("driver", "filename"), "Block protocol 'file' doesn't support the option")
+    try:
+        return protocol_node(node)
+    except UsageError as e:
+        raise InvalidArgumentError(str(e)) from None
 
 
 def _only(node, keys, message):
@@ -121,9 +125,10 @@ def _open_qcow2(node, writable, extra):
     if backing is not None and backing is not True:     # a node name: not supported
         raise InvalidArgumentError("Block format 'qcow2' does not support the option "
                                    "'backing'")
-    return open_qcow2(_file_path(node.get("file")), "r+" if writable else "r",
-                      backing=backing is not None,
-                      cache_clean_interval=kw.pop("cache_clean_interval", 0), **kw, **extra)
+    path, remote = _file_path(node.get("file"))
+    return open_qcow2(path, "r+" if writable else "r", backing=backing is not None,
+                      cache_clean_interval=kw.pop("cache_clean_interval", 0), remote=remote,
+                      **kw, **extra)
 
 
 def _open_raw(node, writable, extra):
@@ -131,10 +136,11 @@ def _open_raw(node, writable, extra):
           "Block format 'raw' does not support the option")
     offset, size = (_size(node, key) for key in ("offset", "size"))
     below = node.get("file")
-    if isinstance(below, dict) and below.get("driver", "file") != "file":
+    if isinstance(below, dict) and below.get("driver", "file") not in ("file", "http", "https"):
         image = _open(below, writable, extra)
     else:
-        image = RawImage(_file_path(below), writable=writable)
+        path, remote = _file_path(below)
+        image = RawImage(path, writable=writable, remote=remote)
     if offset is None and size is None:
         return image
     try:

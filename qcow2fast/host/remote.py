@@ -10,8 +10,9 @@ as it reads a local file.  The cache turns the engine's many small reads
   blocks it misses, and a run of missing blocks is one request (split at
   ``request_size``);
 - a read that continues a recent one (a *stream*; several are tracked, so
-  metadata reads elsewhere do not break the data stream) reads ahead, the
-  window doubling up to ``readahead``; readahead is issued a request at a
+  metadata reads elsewhere do not break the data stream) reads ahead once
+  the stream has read ``request_size``, the window doubling up to
+  ``readahead``; readahead is issued a request at a
   time, never a block at a time;
 - requests run on ``connections`` threads in parallel, each one ranged
   request, so a large read is several connections at once: ``http(s)://``
@@ -300,10 +301,10 @@ def _retrying(url, start, length, opts, call, what="read"):
 # -- the block cache ----------------------------------------------------------------------
 
 class _Stream:
-    __slots__ = ("pos", "window", "fetched")
+    __slots__ = ("pos", "window", "fetched", "seen")
 
-    def __init__(self, pos, window):
-        self.pos, self.window, self.fetched = pos, window, 0
+    def __init__(self, pos, window, seen):
+        self.pos, self.window, self.fetched, self.seen = pos, window, 0, seen
 
 
 class _Request:
@@ -463,12 +464,18 @@ class BlockCache:
         bs = self.block
         s = next((s for s in self._streams if s.pos - bs <= off <= s.pos + s.window), None)
         if s is None:
-            self._streams.insert(0, _Stream(lim, min(self.ra_max, 4 * bs)))
+            self._streams.insert(0, _Stream(lim, min(self.ra_max, 4 * bs), lim - off))
             del self._streams[self.MAX_STREAMS:]
             return
         self._streams.remove(s)
         self._streams.insert(0, s)
+        s.seen += max(0, lim - s.pos)
         s.pos = lim
+        # A stream reads ahead once it has gone a request's worth forward:
+        # a few neighbouring metadata reads (check's refcount blocks and
+        # L2 tables) are not one.
+        if s.seen < self.opts.request_size:
+            return
         s.window = min(self.ra_max, 2 * s.window)
         end = min(self.nblocks, -(-(lim + s.window) // bs))
         start = max(s.fetched, b1)

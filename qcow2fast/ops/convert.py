@@ -282,7 +282,8 @@ def convert(sources: str | os.PathLike[str] | Iterable[str | os.PathLike[str]],
             progress: Callable[[int, int | None], object] | None = None, sync: bool = False,
             direct: bool = False, snapshot: str | Mapping[str, str | None] | None = None,
             compression_level: int | None = None, force_share: bool = False,
-            untrusted: bool = False, key_secret: bytes | str | None = None) -> None:
+            untrusted: bool = False, key_secret: bytes | str | None = None,
+            remote: Mapping[str, Any] | None = None) -> None:
     """Convert ``sources`` (paths; several are concatenated; ``"-"`` alone
     is a raw stream on stdin) into ``dest`` (a path, or ``"-"`` for stdout).
 
@@ -303,7 +304,8 @@ def convert(sources: str | os.PathLike[str] | Iterable[str | os.PathLike[str]],
     bypassing the host page cache, as qemu-img convert -t none does.
     ``force_share`` (-U) reads sources other processes write;
     ``untrusted`` opens them as :func:`qcow2fast.open` does with it;
-    ``key_secret`` is the passphrase of encrypted sources.  An encrypted
+    ``key_secret`` is the passphrase of encrypted sources; ``remote`` the
+    options of remote sources (:func:`qcow2fast.open`'s).  An encrypted
     target: ``options={"encrypt": {...}}`` (create()'s).
     """
     options = dict(options or {})
@@ -349,7 +351,7 @@ def convert(sources: str | os.PathLike[str] | Iterable[str | os.PathLike[str]],
         check_create(dest)          # not over an image someone uses (qemu's create)
     src = None if stdin else open_sources(sources, source_format, snapshot,
                                           force_share=force_share, untrusted=untrusted,
-                                          key_secret=key_secret)
+                                          key_secret=key_secret, remote=remote)
     try:
         size = src.size if src is not None else None
         # Extended L2 entries, external data files and encryption are not

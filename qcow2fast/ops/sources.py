@@ -57,10 +57,11 @@ class Sources:
 
 
 def open_sources(names, fmt, snapshot=None, *, force_share=False, untrusted=False,
-                 key_secret=None):
+                 key_secret=None, remote=None):
     """Open the sources (``snapshot``: an internal snapshot of the only,
     qcow2, source to read instead of its active layer; ``force_share``,
-    ``untrusted``, ``key_secret``: as :func:`qcow2fast.open` takes them)."""
+    ``untrusted``, ``key_secret``, ``remote``: as :func:`qcow2fast.open`
+    takes them)."""
     if snapshot is not None and len(names) > 1:
         raise InvalidArgumentError("a snapshot (-l) can only be read from a single source")
     images = []
@@ -69,16 +70,16 @@ def open_sources(names, fmt, snapshot=None, *, force_share=False, untrusted=Fals
             path = os.fspath(name)
             if not is_url(path) and not os.path.exists(path):
                 raise FileNotFoundError(2, "Could not open source image", path)
-            f = fmt or probe_format(path)
+            f = fmt or probe_format(path, remote)
             if f == "qcow2":
                 from ..engine.image import Image
                 images.append(Image(path, "r", cache_clean_interval=0, snapshot=snapshot,
                                     force_share=force_share, untrusted=untrusted,
-                                    key_secret=key_secret))
+                                    key_secret=key_secret, remote=remote))
             elif snapshot is not None:
                 raise InvalidArgumentError(f"{path}: a {f} image has no internal snapshots")
             elif f == "raw":
-                images.append(RawImage(path, force_share=force_share))
+                images.append(RawImage(path, force_share=force_share, remote=remote))
             else:
                 raise InvalidArgumentError(f"unknown or unsupported source format {f!r}")
     except BaseException:

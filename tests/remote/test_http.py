@@ -325,3 +325,79 @@ def test_read_after_fork(http):
             os._exit(0 if ok else 1)
         _, status = os.waitpid(pid, 0)
         assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_qemu_protocol_forms(http, tmp_path):
+    """qemu's names for a remote image: ``--image-opts file.driver=http,
+    file.url=...`` (with the curl driver's timeout and readahead) and
+    ``json:{"file": {"driver": "http", "url": ...}}``: the same output as
+    qemu-img's, and convert reads them; other curl options and a driver
+    that is not the URL's are refused."""
+    server, root = http
+    path = _make(root, "forms.qcow2")
+    url = f"{server.url}/forms.qcow2"
+    opts = f"driver=qcow2,file.driver=http,file.url={url},file.timeout=10,file.readahead=1M"
+    node = json.dumps({"driver": "qcow2", "file": {"driver": "http", "url": url}})
+    for args in (["info", "--image-opts", opts], ["info", "--output=json", "--image-opts", opts],
+                 ["map", "--output=json", "--image-opts", opts], ["info", f"json:{node}"],
+                 ["map", f"json:{node}"]):
+        ours = _cli(*args)
+        assert ours.returncode == 0, ours.stderr
+        assert ours.stdout == qemu_img(*args).stdout_text, args
+    p = _cli("convert", "-O", "raw", "--image-opts", opts, tmp_path / "out.raw")
+    assert p.returncode == 0, p.stderr
+    assert (tmp_path / "out.raw").read_bytes() == qemu_raw(path)
+    for bad, why in ((opts + ",file.sslverify=off", "doesn't support the option 'sslverify'"),
+                     (opts.replace("file.driver=http", "file.driver=https"), "needs url=https://"),
+                     (opts.replace("file.timeout=10", "file.timeout=0"), "'timeout' expects"),
+                     (opts.replace("file.driver=http", "file.driver=ftp"), "'ftp' is not supported")):
+        p = _cli("info", "--image-opts", bad)
+        assert p.returncode == 1 and why in p.stderr, (bad, p.stderr)
+
+
+def test_check_reads_metadata_only(http, tmp_path):
+    """check of a URL reads the metadata, not the data around it: its
+    neighbouring refcount and L2 reads start no readahead stream."""
+    server, root = http
+    raw = tmp_path / "data.raw"
+    with open(raw, "wb") as f:
+        for i in range(48):
+            f.write(bytes([i + 1]) * MiB)
+    qemu_img("convert", "-f", "raw", "-O", "qcow2", raw, root / "meta.qcow2")
+    server.reset_counts()
+    p = _cli("check", f"{server.url}/meta.qcow2")
+    assert p.returncode == 0 and "No errors were found" in p.stdout, p.stderr
+    assert server.counts["bytes"] < 8 * MiB, server.counts         # of a 48 MiB file
+
+
+def test_cli_dd_bench_serve_take_urls(http, tmp_path):
+    """dd, bench and serve (read-only, over NBD) on a URL: dd's output and
+    what qemu-img reads from the NBD export equal the image."""
+    import signal
+    import time
+    server, root = http
+    path = _make(root, "dds.qcow2")
+    url = f"{server.url}/dds.qcow2"
+    p = _cli("dd", "-f", "qcow2", "-O", "raw", "bs=1M", f"if={url}", f"of={tmp_path / 'dd.raw'}")
+    assert p.returncode == 0, p.stderr
+    assert (tmp_path / "dd.raw").read_bytes() == qemu_raw(path)
+    server.reset_counts()
+    p = _cli("bench", "-f", "qcow2", "-c", "2000", "-s", "4k", "-S", "12k", url)
+    assert p.returncode == 0 and "Run completed" in p.stdout, p.stderr
+    assert 0 < server.counts["range"] < 20, server.counts        # 2000 reads over 24 MiB
+    sock, pidfile = tmp_path / "nbd.sock", tmp_path / "nbd.pid"
+    p = _cli("serve", "--read-only", "--fork", "--socket", sock, "--pid-file", pidfile, url)
+    assert p.returncode == 0, p.stderr
+    try:
+        out = qemu_img("compare", "-f", "raw", "-F", "qcow2", f"nbd+unix:///?socket={sock}",
+                       path)
+        assert "Images are identical" in out.stdout_text
+    finally:
+        pid = int(pidfile.read_text())
+        os.kill(pid, signal.SIGTERM)
+        for _ in range(100):
+            if not os.path.exists(f"/proc/{pid}"):
+                break
+            time.sleep(0.05)
+    p = _cli("serve", "--socket", tmp_path / "rw.sock", url)
+    assert p.returncode == 1 and "remote images are read-only" in p.stderr
