@@ -171,3 +171,21 @@ def test_amend_upgrade_then_resize_and_downgrade_with_snapshots(capsys, tmp_path
             heads.append((tool, opts, header(img)["version"], header(img)["size"]))
     assert [h[1:] for h in heads[:2]] == [h[1:] for h in heads[2:]] == [
         ("compat=1.1,size=128M", 3, 128 * MiB), ("compat=0.10,size=32M", 2, 32 * MiB)]
+
+
+def test_file_protocol_names_with_colons(capsys, tmp_path, monkeypatch):
+    """iotest 126: ``create`` of ``file:a:b.qcow2`` makes ``a:b.qcow2``; info
+    of ``file:image:top.qcow2`` (relative) shows ``./image:top.qcow2`` and
+    the backing file's actual path ``./base.qcow2``, as qemu-img."""
+    monkeypatch.chdir(tmp_path)
+    qemu_create(tmp_path / "base.qcow2", MiB)
+    argv = ["create", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", "file:image:top.qcow2"]
+    status, out, err = cli(capsys, *argv)
+    assert (status, err) == (0, "") and (tmp_path / "image:top.qcow2").exists()
+    (tmp_path / "image:top.qcow2").rename(tmp_path / "ours:top.qcow2")
+    want = qemu_img(*argv)
+    assert out == want.stdout.decode()
+    status, out, _ = cli(capsys, "info", "file:ours:top.qcow2")
+    want = qemu_img("info", "file:image:top.qcow2").stdout.decode()
+    assert status == 0 and out.replace("ours:top", "image:top") == want
+    assert "image: ./image:top.qcow2\n" in want
