@@ -32,7 +32,9 @@ def run(args):
         img = open_image(name, fmt, image_opts=args.image_opts and not infos, backing=False,
                          no_io=True, **share_options(args), **metadata_only(name, fmt, args))
         try:
-            info = image_info(img, shown_name(name, img))
+            # an --image-opts image shows as its file's name, as qemu's
+            info = image_info(img, img.path if args.image_opts and not infos
+                              else shown_name(name, img))
         except CorruptImageError as e:      # bitmaps load lazily; qemu reads them at open
             raise open_error(name, e) from e
         finally:

@@ -189,3 +189,13 @@ def test_file_protocol_names_with_colons(capsys, tmp_path, monkeypatch):
     want = qemu_img("info", "file:image:top.qcow2").stdout.decode()
     assert status == 0 and out.replace("ours:top", "image:top") == want
     assert "image: ./image:top.qcow2\n" in want
+
+
+def test_info_image_opts_shows_the_file_name(capsys, tmp_path):
+    """iotest 279: ``info --image-opts driver=qcow2,file.filename=F`` shows
+    the image as F, as qemu-img does."""
+    img = qemu_create(tmp_path / "img.qcow2", MiB)
+    opts = f"driver=qcow2,file.driver=file,file.filename={img}"
+    status, out, _ = cli(capsys, "info", "--image-opts", opts)
+    want = qemu_img("info", "--image-opts", opts).stdout.decode()
+    assert status == 0 and out == want and out.startswith(f"image: {img}\n")
