@@ -73,6 +73,8 @@ def _check(args, path):
         return 1
     except Qcow2Error as e:
         print(f"{prog()}: {open_error(args.filename, e)}", file=sys.stderr)
+        if args.explain and getattr(e, "qemu", None):   # qemu's words, then the field
+            print(f"{prog()}: {e}", file=sys.stderr)
         return 1
     if args.repair:
         clear_unknown_autoclear(path)

@@ -107,12 +107,24 @@ def protocol_node(node):
     return url, remote
 
 
+def file_path(name):
+    """The path a filename names: after a ``file:`` prefix (the protocol,
+    named), a relative path that would read as a protocol name (a colon
+    before any slash: ``image:top``) written ``./image:top``, as qemu does."""
+    if not name.startswith(FILE_PROTOCOL):
+        return name
+    path = name[len(FILE_PROTOCOL):]
+    if ":" in path.split("/", 1)[0]:
+        return "./" + path
+    return path
+
+
 def image_spec(name, fmt, image_opts, secret_table=None):
     """(path, format, open keyword arguments) for a filename or an
     --image-opts string (``encrypt.key-secret=ID`` looked up in
     ``secret_table``, the --object secrets)."""
     if not image_opts:
-        return name[len(FILE_PROTOCOL):] if name.startswith(FILE_PROTOCOL) else name, fmt, {}
+        return file_path(name), fmt, {}
     kw, path, driver, proto = {}, None, fmt, {}
     secrets = {}            # layer depth -> secret (backing.encrypt.key-secret: depth 1)
     for key, value in split_options(name):

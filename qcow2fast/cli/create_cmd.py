@@ -6,6 +6,7 @@ from ..host import file as hostfile
 from ..engine.backing import probe_format, resolve_backing_path
 from ..errors import Qcow2Error
 from ..ops.options import AMEND_ONLY, QCOW2_OPTION_HELP
+from .common import file_path
 from .objects import lookup_secret, secrets
 from .options import UsageError, image_size, merge_options, opt_size, parse_bool, parse_size
 
@@ -88,6 +89,8 @@ def run(args):
         return 0
     if not args.filename:
         raise UsageError("create: expecting a filename")
+    # the file to make: a "file:" name (the protocol, named) is the path after it
+    path = file_path(args.filename)
     size = opts.pop("size", None)
     if size is not None and args.size is not None:
         raise UsageError(f"{args.filename}: The image size must be specified only once")
@@ -105,7 +108,7 @@ def run(args):
             raise UsageError(f"{args.filename}: Image creation needs a size parameter")
         if not args.quiet:
             print(f"Formatting '{args.filename}', fmt={args.fmt} size={size}", flush=True)
-        hostfile.create_raw(args.filename, size)
+        hostfile.create_raw(path, size)
         return 0
     given = dict(opts)
     kw = qcow2_options(opts, secret_table=secrets(args.objects))
@@ -118,12 +121,12 @@ def run(args):
     if backing:
         # qemu-img 7.2's checks and messages: the backing file must open
         # (unless -u) and its format be given.
-        bpath = resolve_backing_path(args.filename, backing)
+        bpath = resolve_backing_path(path, backing)
         if size is None and args.unsafe:
             raise UsageError(f"{args.filename}: Image creation needs a size parameter")
         if not args.unsafe and not os.path.exists(bpath):
             from ..ops.layers import qemu_name
-            shown = qemu_name(args.filename, backing)
+            shown = qemu_name(path, backing)
             raise UsageError(f"{args.filename}: Could not open '{shown}': No such file or "
                              "directory\nCould not open backing image.")
         if backing_fmt is None and not args.unsafe:
@@ -145,7 +148,7 @@ def run(args):
                 below.close()
         print(formatting_line(args.filename, given, kw, size, backing, backing_fmt), flush=True)
     try:
-        create_image(args.filename, size, backing_file=backing, backing_format=backing_fmt, **kw)
+        create_image(path, size, backing_file=backing, backing_format=backing_fmt, **kw)
     except Qcow2Error as e:         # qemu's create errors name the image first
         said = str(e)
         raise UsageError(said if said.startswith(f"{args.filename}: ")

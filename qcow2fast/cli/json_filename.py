@@ -24,7 +24,7 @@ from ..engine.backing import FILE_PROTOCOL, probe_format
 from ..errors import InvalidArgumentError, Qcow2Error
 from ..host.raw import RawImage
 from ..host.window import RawWindow
-from .common import IMAGE_OPTS, image_option, open_error, protocol_node
+from .common import IMAGE_OPTS, file_path, image_option, open_error, protocol_node
 from .options import UsageError, parse_size
 
 PREFIX = "json:"
@@ -38,7 +38,7 @@ def shown_name(name, img):
     """The name qemu shows for an image opened as ``name``: a json: name of
     a plain image shows as its file's name, a ``file:`` name without it."""
     if name.startswith(FILE_PROTOCOL):
-        return name[len(FILE_PROTOCOL):]
+        return file_path(name)
     return img.path if is_json(name) and getattr(img, "path", None) else name
 
 

@@ -29,16 +29,18 @@ from .mapping import read_l1_table
 BATCH_TABLES = 256              # L2 tables rewritten per pair of barriers
 
 
-def downgrade_problems(img, has_compressed, refcount_bits):
+def downgrade_problems(img, has_compressed, refcount_bits, size=None):
     """qemu's reasons not to downgrade (checked before anything is written);
     ``has_compressed()`` says whether any cluster is compressed,
-    ``refcount_bits`` is the width the image will have by then."""
+    ``refcount_bits`` is the width and ``size`` the virtual size (default:
+    the current one) the image will have by then."""
     h = img.header
+    size = img.size if size is None else size
     if refcount_bits != 16:
         return "compat=0.10 requires refcount_bits=16"
     for sn in img.snapshots:
         if sn.vm_state_size > 0xFFFFFFFF or (sn.disk_size is not None
-                                             and sn.disk_size != img.size):
+                                             and sn.disk_size != size):
             return "Internal snapshots prevent downgrade of image"
     others = h.incompatible_features & ~(hdr.INCOMPAT_COMPRESSION | hdr.INCOMPAT_DIRTY)
     if others & hdr.INCOMPAT_DATA_FILE:

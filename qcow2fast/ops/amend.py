@@ -172,15 +172,16 @@ def _plan(img, opts, force=False):
     if size:                    # (0: keep, as qemu)
         if size % 512:
             raise InvalidArgumentError("The new size must be a multiple of 512")
-        if h.nb_snapshots and h.version < 3:
+        if h.nb_snapshots and max(version, h.version) < 3:     # (the upgrade comes first)
             raise UnsupportedFeatureError("Can't resize a v2 image which has snapshots",
                                           feature="snapshots")
         if size != img.size:
             plan["size"] = size
     if plan["downgrade"]:
-        if plan["size"] is not None and img.snapshots:
-            raise InvalidArgumentError("Internal snapshots prevent downgrade of image")
-        problem = compat.downgrade_problems(img, lambda: _has_compressed(img), bits)
+        # v2 snapshots record no disk size: each must have the size the
+        # image will have (qemu's rule)
+        problem = compat.downgrade_problems(img, lambda: _has_compressed(img), bits,
+                                            plan["size"])
         if problem:
             raise UnsupportedFeatureError(problem, feature="compat")
     return plan

@@ -191,7 +191,9 @@ def test_check_of_broken_bitmaps_is_qemu_check(tmp_path, capsys):
         q = qemu_img(*args, path, check=False)
         status, out, err = run_cli(capsys, *args, path)
         assert (status, out) == (q.returncode, q.stdout_text) == (1, ""), args
-        assert "b0" in err and "granularity_bits" in err
+        assert err.replace("qcow2fast: ", "qemu-img: ") == q.stderr_text   # qemu's words
+        status, _, err = run_cli(capsys, *args, "--explain", path)   # and the field
+        assert status == 1 and "b0" in err and "granularity_bits" in err
     assert file_state(path) == before
     path, dir_off = bitmapped(tmp_path, "inuse.qcow2")
     field(path, dir_off, 0, "flags", ">I", bm.BME_FLAG_IN_USE | bm.BME_FLAG_AUTO)

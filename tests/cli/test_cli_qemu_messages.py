@@ -9,7 +9,7 @@ import pytest
 
 from tests.cli.test_cli_qemu_syntax import ours_as_qemu
 from tests.helpers.cli_util import run_cli as cli
-from tests.helpers.qemu_util import patch, qemu_create, qemu_img, qemu_io, read_extensions
+from tests.helpers.qemu_util import header, patch, qemu_create, qemu_img, qemu_io, read_extensions
 
 pytestmark = pytest.mark.qemu
 MiB = 1 << 20
@@ -151,3 +151,51 @@ def test_options_help_and_refusals_like_qemu(capsys, tmp_path, argv):
     assert status == want.returncode
     assert out.replace(str(ours), str(theirs)) == want.stdout.decode()
     assert ours_as_qemu(err, (ours, theirs)) == want.stderr.decode()
+
+
+def test_amend_upgrade_then_resize_and_downgrade_with_snapshots(capsys, tmp_path):
+    """iotest 061: ``amend -o compat=1.1,size=128M`` of a v2 image with a
+    snapshot upgrades first, so the resize is allowed; a later
+    ``compat=0.10,size=32M`` downgrades when every snapshot has the size
+    the image will have.  Both tools end with the same header fields."""
+    heads = []
+    for tool in ("ours", "qemu"):
+        img = qemu_create(tmp_path / f"{tool}.qcow2", 32 * MiB, compat="0.10")
+        qemu_img("snapshot", "-c", "foo", img)
+        for opts in ("compat=1.1,size=128M", "compat=0.10,size=32M"):
+            if tool == "ours":
+                status, _, err = cli(capsys, "amend", "-o", opts, img)
+                assert (status, err) == (0, "")
+            else:
+                qemu_img("amend", "-o", opts, img)
+            heads.append((tool, opts, header(img)["version"], header(img)["size"]))
+    assert [h[1:] for h in heads[:2]] == [h[1:] for h in heads[2:]] == [
+        ("compat=1.1,size=128M", 3, 128 * MiB), ("compat=0.10,size=32M", 2, 32 * MiB)]
+
+
+def test_file_protocol_names_with_colons(capsys, tmp_path, monkeypatch):
+    """iotest 126: ``create`` of ``file:a:b.qcow2`` makes ``a:b.qcow2``; info
+    of ``file:image:top.qcow2`` (relative) shows ``./image:top.qcow2`` and
+    the backing file's actual path ``./base.qcow2``, as qemu-img."""
+    monkeypatch.chdir(tmp_path)
+    qemu_create(tmp_path / "base.qcow2", MiB)
+    argv = ["create", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", "file:image:top.qcow2"]
+    status, out, err = cli(capsys, *argv)
+    assert (status, err) == (0, "") and (tmp_path / "image:top.qcow2").exists()
+    (tmp_path / "image:top.qcow2").rename(tmp_path / "ours:top.qcow2")
+    want = qemu_img(*argv)
+    assert out == want.stdout.decode()
+    status, out, _ = cli(capsys, "info", "file:ours:top.qcow2")
+    want = qemu_img("info", "file:image:top.qcow2").stdout.decode()
+    assert status == 0 and out.replace("ours:top", "image:top") == want
+    assert "image: ./image:top.qcow2\n" in want
+
+
+def test_info_image_opts_shows_the_file_name(capsys, tmp_path):
+    """iotest 279: ``info --image-opts driver=qcow2,file.filename=F`` shows
+    the image as F, as qemu-img does."""
+    img = qemu_create(tmp_path / "img.qcow2", MiB)
+    opts = f"driver=qcow2,file.driver=file,file.filename={img}"
+    status, out, _ = cli(capsys, "info", "--image-opts", opts)
+    want = qemu_img("info", "--image-opts", opts).stdout.decode()
+    assert status == 0 and out == want and out.startswith(f"image: {img}\n")
