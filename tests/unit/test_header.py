@@ -13,6 +13,7 @@ from hypothesis import given, settings, strategies as st
 
 from qcow2fast.errors import CorruptImageError, UnsupportedFeatureError
 from qcow2fast.spec.geometry import Geometry
+from qcow2fast.spec.header import EXT_BEFORE_FEATURE_TABLE
 from qcow2fast.spec.header import (AUTOCLEAR_BITMAPS, COMPAT_LAZY_REFCOUNTS, COMPRESSION_NAMES,
                                    COMPRESSION_ZSTD, EXT_BACKING_FORMAT, EXT_BITMAPS,
                                    EXT_DATA_FILE, EXT_END, EXT_FEATURE_TABLE, INCOMPAT_COMPRESSION,
@@ -59,6 +60,11 @@ def round_trip(h):
         del before[field], got[field]
     if h.version >= 3:
         before["header_length"] = max(before["header_length"], 112)
+    # pack writes the extensions qemu places before the feature table first
+    # (data file, full disk encryption), the others after, each in order.
+    exts = before["other_extensions"]
+    before["other_extensions"] = [e for e in exts if e["type"] in EXT_BEFORE_FEATURE_TABLE] + \
+        [e for e in exts if e["type"] not in EXT_BEFORE_FEATURE_TABLE]
     assert got == before
     if h.backing_file:
         name = h.backing_file.encode()
