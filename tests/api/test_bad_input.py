@@ -14,8 +14,8 @@ import struct
 import pytest
 
 import qcow2fast
-from qcow2fast.errors import (CorruptImageError, InvalidArgumentError, Qcow2Error,
-                              UnsupportedFeatureError)
+from qcow2fast.errors import (CorruptImageError, InvalidArgumentError, MissingSecretError,
+                              Qcow2Error, UnsupportedFeatureError)
 from tests.helpers.bad_input import CS, attempt, copy, expect_error, make_base
 from tests.helpers.qemu_util import (EXT_BACKING_FORMAT, EXT_FEATURE_TABLE, H_BACKING_FILE_OFFSET,
                                      H_CLUSTER_BITS, H_COMPRESSION_TYPE, H_CRYPT_METHOD,
@@ -290,10 +290,12 @@ def test_luks_encryption(tmp_path):
     expect_error(path, InvalidArgumentError, ["encrypt.key-secret"])
 
 
-def test_aes_encryption(base, tmp_path):
+def test_aes_encryption_without_its_secret(base, tmp_path):
+    """Legacy AES (crypt_method 1) is read with its passphrase; without one
+    the open names the missing parameter, as qemu does."""
     path = copy(base, tmp_path, "aes.qcow2")
     patch(path, H_CRYPT_METHOD, ">I", 1)
-    expect_error(path, UnsupportedFeatureError, ["encrypt", "aes"])
+    expect_error(path, MissingSecretError, ["encrypt.key-secret"])
 
 
 def test_unknown_crypt_method(base, tmp_path):

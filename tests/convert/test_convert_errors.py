@@ -79,8 +79,8 @@ def test_missing_source_and_unwritable_target(capsys, source, tmp_path):
 
 
 @pytest.mark.parametrize("argv,needle", [
-    (["-O", "vmdk"], "output format"),
-    (["-O", "qcow2", "-o", "cluster_size=3k"], "cluster_size"),
+    (["-O", "vmdk"], "format 'vmdk' is not supported"),
+    (["-O", "qcow2", "-o", "cluster_size=3k"], "Cluster size must be a power of two"),  # qemu's
     (["-O", "qcow2", "-o", "bogus=1"], "bogus"),
     (["-O", "raw", "-c"], "compression"),
     (["-O", "raw", "-o", "cluster_size=4k"], "raw"),

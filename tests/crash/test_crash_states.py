@@ -4,6 +4,8 @@ says how the states are made and checked).  A sample of each
 configuration's states runs here; ``python -m scripts.crash_states``
 runs them all, with more seeds."""
 
+import zlib
+
 import numpy as np
 import pytest
 
@@ -60,8 +62,9 @@ QUICK = [
 @pytest.mark.parametrize("name,states", QUICK)
 def test_crash_states(tmp_path, name, states):
     cfg = BY_NAME[name]
-    planned, tried, dirty, failures = run_config(cfg, str(tmp_path), seed=hash(name) & 0xffff,
-                                                 states=states)
+    # (a seed fixed per configuration: str hashes change with every process)
+    seed = zlib.crc32(name.encode()) & 0xffff
+    planned, tried, dirty, failures = run_config(cfg, str(tmp_path), seed=seed, states=states)
     assert tried == min(states, planned)
     assert not failures, "\n".join(failures[:5])
     if cfg.lazy and cfg.cache_mode == "writeback":

@@ -160,7 +160,7 @@ def test_cpu_limit_holds_through_a_long_c_call_holding_the_gil():
     kernel's SIGKILL at the limit ended the process without a word)."""
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
     code = ("from qcow2fast.host.limits import CpuGuard\n"
-            "assert CpuGuard.install() is not None\n"
+            "assert CpuGuard.install(\"qcow2fast\") is not None\n"
             "sum(range(10**13))\n")
     p = subprocess.run([PRLIMIT, "--cpu=4", sys.executable, "-c", code], capture_output=True,
                        env=env, timeout=600)
@@ -175,7 +175,7 @@ def test_cpu_limit_raises_in_python_code_first():
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
     code = ("from qcow2fast.host.limits import CpuGuard\n"
             "from qcow2fast.errors import LimitExceededError\n"
-            "CpuGuard.install()\n"
+            "CpuGuard.install(\"qcow2fast\")\n"
             "try:\n"
             "    while True:\n"
             "        sum(range(1000))\n"
