@@ -124,9 +124,9 @@ def test_ctrl_c_stops_and_removes_the_partial_output(tmp_path):
     """SIGINT while the converter waits for more input on stdin: exit 130,
     the worker pool is shut down and the temporary output removed."""
     out = tmp_path / "out.qcow2"
-    conv = subprocess.Popen([sys.executable, "-m", "qcow2fast", "convert", "-O", "qcow2",
-                             "-c", "-", out], stdin=subprocess.PIPE, stderr=subprocess.PIPE,
-                            env=dict(os.environ, PYTHONPATH=REPO))
+    conv = subprocess.Popen([sys.executable, "-X", "faulthandler", "-m", "qcow2fast", "convert",
+                             "-O", "qcow2", "-c", "-", out], stdin=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=dict(os.environ, PYTHONPATH=REPO))
     try:
         conv.stdin.write(os.urandom(5 * MiB))     # more than one batch: the pool is busy
         conv.stdin.flush()
@@ -134,7 +134,14 @@ def test_ctrl_c_stops_and_removes_the_partial_output(tmp_path):
             assert conv.poll() is None, conv.stderr.read()
             time.sleep(0.05)
         conv.send_signal(signal.SIGINT)
-        assert conv.wait(timeout=60) == 130
+        try:
+            status = conv.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            conv.send_signal(signal.SIGABRT)        # faulthandler: every thread's stack
+            conv.wait(timeout=30)
+            raise AssertionError("convert did not stop on SIGINT:\n" +
+                                 conv.stderr.read().decode(errors="replace")[-6000:]) from None
+        assert status == 130
         assert b"interrupted" in conv.stderr.read()
     finally:
         if conv.poll() is None:
