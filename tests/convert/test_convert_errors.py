@@ -120,13 +120,22 @@ def test_full_disk_leaves_no_image(source, tmp_path, cache):
     assert leftovers(tmp_path, ["src.qcow2"]) == []
 
 
+def _interactive_sigint():
+    """SIGINT as a terminal gives it: default action, not blocked.  (Something
+    earlier in a full run leaves the test process's children with SIGINT
+    ignored or blocked: convert then sat in its stdin read, not interrupted.)"""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
 def test_ctrl_c_stops_and_removes_the_partial_output(tmp_path):
     """SIGINT while the converter waits for more input on stdin: exit 130,
     the worker pool is shut down and the temporary output removed."""
     out = tmp_path / "out.qcow2"
     conv = subprocess.Popen([sys.executable, "-X", "faulthandler", "-m", "qcow2fast", "convert",
                              "-O", "qcow2", "-c", "-", out], stdin=subprocess.PIPE,
-                            stderr=subprocess.PIPE, env=dict(os.environ, PYTHONPATH=REPO))
+                            stderr=subprocess.PIPE, env=dict(os.environ, PYTHONPATH=REPO),
+                            preexec_fn=_interactive_sigint)
     try:
         conv.stdin.write(os.urandom(5 * MiB))     # more than one batch: the pool is busy
         conv.stdin.flush()
