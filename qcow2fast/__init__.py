@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 
     from .engine.image import Image
     from .errors import (ConvertError, CorruptImageError, ImageClosedError, ImageLockedError,
-                         InvalidArgumentError, LimitExceededError, Qcow2Error,
+                         InvalidArgumentError, LeakWarning, LimitExceededError, Qcow2Error,
                          ReadOnlyImageError, RepairError, UnsupportedFeatureError,
                          UntrustedImageError)
     from .extent import Extent
@@ -46,14 +46,15 @@ __version__ = "0.1.0"
 __all__ = ["open", "create", "convert", "commit", "rebase", "amend", "Image", "Extent", "Qcow2Error", "CorruptImageError",
            "UnsupportedFeatureError", "InvalidArgumentError", "ReadOnlyImageError",
            "ImageClosedError", "LimitExceededError", "RepairError", "ConvertError",
-           "ImageLockedError", "UntrustedImageError"]
+           "ImageLockedError", "UntrustedImageError", "LeakWarning"]
 
 # Each lazily loaded public name -> the module defining it.
 _LAZY = {"amend": ".ops.amend", "commit": ".ops.commit", "convert": ".ops.convert",
          "create": ".ops.create", "rebase": ".ops.rebase", "Image": ".engine.image",
          "Extent": ".extent",
          **dict.fromkeys(("ConvertError", "CorruptImageError", "ImageClosedError",
-                          "ImageLockedError", "InvalidArgumentError", "LimitExceededError",
+                          "ImageLockedError", "InvalidArgumentError", "LeakWarning",
+                          "LimitExceededError",
                           "Qcow2Error", "ReadOnlyImageError", "RepairError",
                           "UnsupportedFeatureError", "UntrustedImageError"), ".errors")}
 

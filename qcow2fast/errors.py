@@ -17,6 +17,7 @@ __all__ = [
     "ConvertError",
     "ImageLockedError",
     "UntrustedImageError",
+    "LeakWarning",
 ]
 
 
@@ -105,3 +106,13 @@ class MissingSecretError(InvalidArgumentError):
 
 class BadPassphraseError(Qcow2Error):
     """No LUKS key slot opens with the passphrase given."""
+
+
+class LeakWarning(UserWarning):
+    """An operation succeeded but left clusters allocated that nothing uses
+    (``qemu-img check`` reports them as leaks; ``check -r leaks`` frees
+    them).  ``qemu_message`` is what qemu-img prints in the same case."""
+
+    def __init__(self, message, qemu_message):
+        super().__init__(message)
+        self.qemu_message = qemu_message

@@ -9,8 +9,10 @@ at all opens the image and does nothing.  ``-f`` is an addition (qemu-img
 
 import errno
 import os
+import sys
+import warnings
 
-from ..errors import InvalidArgumentError, LimitExceededError
+from ..errors import InvalidArgumentError, LeakWarning, LimitExceededError
 from ..spec.snapshot import MAX_SNAPSHOTS
 from .objects import secrets
 from .common import add_image_arguments, open_image
@@ -109,4 +111,11 @@ def _delete(img, name):
     match = [s for s in getattr(img, "snapshots", []) if s.name == name]
     if not match:
         raise _failed("delete", name, "snapshot not found")
-    img.delete_snapshot({"id": match[0].id, "name": match[0].name})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", LeakWarning)
+        img.delete_snapshot({"id": match[0].id, "name": match[0].name})
+    for w in caught:        # qemu-img prints these bare and still succeeds
+        if isinstance(w.message, LeakWarning):
+            print(w.message.qemu_message, file=sys.stderr)
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
