@@ -4,9 +4,10 @@
 Every guest range allocated in a layer above the base (data, compressed,
 zero clusters, and the zeros past the end of a short intermediate layer)
 is read from the layer holding it and written into the base; nothing else
-is read or written.  Zero runs are written as zeros (``write_zeroes``: a
-zero flag, the base's own clusters kept, so nothing is freed), data in
-large runs through the base's own write path.  A base smaller than the
+is read or written.  Zero runs are written as zeros that may unmap, as
+qemu's commit job writes them (the base's clusters there are freed, their
+host space punched: ``qemu-img check`` of the base counts them as qemu's
+result does), data in large runs through the base's own write path.  A base smaller than the
 top is first grown to its size, as qemu does.  Afterwards the top is
 emptied (it then reads as its backing file, which now holds its data)
 unless ``drop``; a base given explicitly leaves the top as it is
@@ -114,8 +115,7 @@ def _commit_into(top, above, target, cache, progress):
         def write(job, bufs):
             layer, off, n = job
             if layer is None:
-                # (allocation kept where the base has it: nothing to free)
-                dest.write_zeroes(off, n)
+                dest.write_zeroes(off, n, may_unmap=True)
             else:
                 dest.write(off, bufs[0][:n])
                 writeback.wrote(n)

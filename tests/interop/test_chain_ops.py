@@ -14,7 +14,8 @@ import pytest
 import qcow2fast
 from tests.helpers.chain_util import MIXED, layer_name, make_deep_chain
 from tests.helpers.layers_util import assert_same_layers, views
-from tests.helpers.qemu_util import MiB, qemu_check, qemu_img, qemu_info, qemu_raw
+from tests.helpers.qemu_util import (MiB, qemu_check, qemu_img, qemu_info, qemu_io, qemu_map,
+                                     qemu_raw)
 
 pytestmark = pytest.mark.qemu
 
@@ -93,3 +94,31 @@ def test_commit_and_rebase_1000_deep(tmp_path):
     assert "backing-filename" not in qemu_info(f"{b}/{layer_name(1000)}")
     assert qemu_raw(f"{b}/{layer_name(1000)}") == before
     qemu_check(f"{b}/{layer_name(1000)}")
+
+
+@pytest.mark.parametrize("base_fmt", ["qcow2", "raw"])
+def test_committed_zeros_unmap_the_base_as_qemu(tmp_path, base_fmt):
+    """Zeros committed into a filled base free its clusters there, as
+    qemu's commit job does (qemu-iotests 313): the base maps and checks as
+    qemu's result does, allocated clusters included."""
+    results = {}
+    for who in ("qemu", "ours"):
+        d = tmp_path / who
+        d.mkdir()
+        base, top = str(d / "base"), str(d / "top.qcow2")
+        qemu_img("create", "-q", "-f", base_fmt, base, "4M")
+        qemu_io(base, "write -P 1 0 4M", fmt=base_fmt)
+        qemu_img("create", "-q", "-f", "qcow2", "-F", base_fmt, "-b", base, top)
+        qemu_io(top, "write -z 1M 2M")
+        if who == "qemu":
+            qemu_img("commit", "-q", top)
+        else:
+            qcow2fast.commit(top)
+        results[who] = ([{k: v for k, v in e.items() if k != "offset"}
+                         for e in qemu_map(base, fmt=base_fmt)],
+                        qemu_raw(base, fmt=base_fmt))
+        if base_fmt == "qcow2":
+            results[who] += (qemu_check(base)["allocated-clusters"],)
+    assert results["ours"] == results["qemu"]
+    assert results["ours"][0] != [{"start": 0, "length": 4 * MiB, "depth": 0, "present": True,
+                                   "zero": False, "data": True}]
