@@ -5,7 +5,11 @@ call before that file's last barrier, plus any subset of the calls since
 (the calls "in flight"), in any order that keeps calls touching the same
 bytes in program order (the page cache and the disk never bring back an
 older version of a sector), writes possibly torn at 512-byte granularity;
-a lost write or ftruncate also loses the file growth it implied.  The
+a lost write or ftruncate also loses the file growth it implied.  A
+sector is the unit the disk writes whole, and what it writes is what the
+page cache held there at some moment: so a sector holds the in-flight
+writes to it up to some point in program order, never a later write's
+bytes without an earlier one's (:func:`_sector_closed`).  The
 states planned (:func:`state_plan`): a cut at the start, at every barrier
 and at the end, each with everything before it applied, and, where
 something is in flight, random subsets (some torn) and all of it
@@ -57,17 +61,46 @@ def apply_calls(base, calls):
     return bytes(buf)
 
 
+def _sectors(c):
+    """The file-aligned 512-byte sectors write ``c`` touches."""
+    return range(c.off // SECTOR, -(-(c.off + c.len) // SECTOR))
+
+
+def _pieces(c, sectors):
+    """Write ``c`` cut to ``sectors`` (some of its own), as writes: the
+    whole call when it keeps every sector."""
+    if len(sectors) == len(_sectors(c)):
+        return [c]
+    out = []
+    for q in sorted(sectors):
+        lo, hi = max(c.off, q * SECTOR), min(c.off + c.len, (q + 1) * SECTOR)
+        out.append(Call("W", c.fid, 0, lo, hi - lo, c.data[lo - c.off:hi - c.off]))
+    return out
+
+
 def _torn(c, rng):
-    """Some of write ``c``'s 512-byte sectors (file-aligned), as writes."""
-    pieces = []
-    pos = c.off
-    while pos < c.off + c.len:
-        nxt = min((pos // SECTOR + 1) * SECTOR, c.off + c.len)
-        pieces.append((pos, nxt))
-        pos = nxt
-    keep = rng.random(len(pieces)) < rng.uniform(0.2, 0.8)
-    return [Call("W", c.fid, 0, lo, hi - lo, c.data[lo - c.off:hi - c.off])
-            for (lo, hi), k in zip(pieces, keep) if k]
+    """Some of write ``c``'s sectors (a torn write)."""
+    sectors = _sectors(c)
+    keep = rng.random(len(sectors)) < rng.uniform(0.2, 0.8)
+    return {q for q, k in zip(sectors, keep) if k}
+
+
+def _sector_closed(flight, kept):
+    """``kept`` ({index in ``flight``: the sectors of that in-flight write
+    that reached the disk}) closed under program order per sector: where
+    a later write's sector reached the disk, so did every earlier in-flight
+    write's part of that sector (the disk wrote the sector as the page
+    cache held it then, after the earlier writes)."""
+    needed = set()
+    for i in range(len(flight) - 1, -1, -1):
+        c = flight[i]
+        if c.op != "W":
+            continue
+        mine = kept.get(i, set()) | (needed & set(_sectors(c)))
+        if mine:
+            kept[i] = mine
+            needed |= mine
+    return kept
 
 
 def _random_order(atoms, rng, size):
@@ -166,11 +199,21 @@ def make_state(rec, item, rng, per_epoch=3, torn=0.3):
         if k == per_epoch - 1:
             chosen = list(mine)                 # all of it, in another order
         else:
-            for c in mine:
+            kept, others = {}, set()            # writes: sectors kept; other calls kept
+            for i, c in enumerate(mine):
                 r = rng.random()
                 if r < 0.45:
                     continue
-                chosen.extend(_torn(c, rng) if c.op == "W" and r < 0.45 + torn else [c])
+                if c.op != "W":
+                    others.add(i)
+                else:
+                    kept[i] = _torn(c, rng) if r < 0.45 + torn else set(_sectors(c))
+            kept = _sector_closed(mine, kept)
+            for i, c in enumerate(mine):
+                if i in others:
+                    chosen.append(c)
+                elif kept.get(i):
+                    chosen.extend(_pieces(c, kept[i]))
         pieces += len(chosen)
         files[fid] = stable + _random_order(chosen, rng, len(base))
     n = sum(len(v) for v in flight.values())
