@@ -15,7 +15,9 @@ import os
 
 from ..host.remote import is_url
 from .objects import secrets
-from .common import add_share_arguments, image_spec, share_options, snapshot_spec
+from ..engine.backing import probe_format
+from .common import (add_share_arguments, check_encrypt_format, image_spec, share_options,
+                     snapshot_spec)
 from .create_cmd import format_error, options_help, qcow2_options
 from .options import UsageError, merge_options, parse_size, warn
 from .progress import ConvertPercent
@@ -189,6 +191,10 @@ def source_specs(names, args):
         if "key_secret" in opts:
             kw["key_secret"] = opts.pop("key_secret")
         opts.pop("locking", None)
+        if "encrypt_format" in opts and (is_url(path) or os.path.exists(path)):
+            check_encrypt_format(name, path, fmt or probe_format(path, opts.get("remote")),
+                                 opts.pop("encrypt_format"), opts.get("remote"))
+        opts.pop("encrypt_format", None)    # (a missing file: convert's open says)
         if "remote" in opts:
             kw["remote"] = opts.pop("remote")
         if opts.pop("force_share", False):
