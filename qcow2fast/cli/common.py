@@ -270,7 +270,7 @@ def open_image(name, fmt=None, *, image_opts=False, writable=False, backing=True
         img = open_qcow2(path, "r+" if writable else "r", backing=backing,
                          cache_clean_interval=kw.pop("cache_clean_interval", 0), **kw)
     except (MissingSecretError, BadPassphraseError) as e:
-        raise type(e)(f"Could not open '{name}': {e}") from None
+        raise type(e)(f"Could not open '{name}': {getattr(e, 'qemu', None) or e}") from None
     except (Qcow2Error, OSError) as e:
         raise open_error(name, e) from e
     warn_stale_bitmaps(img.dirty_bitmaps.warning)
