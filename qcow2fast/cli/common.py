@@ -195,17 +195,23 @@ def resolve_image(name, fmt=None, image_opts=False, secret_table=None):
     return path, fmt, kw
 
 
+def crypt_method(path, remote=None):
+    """The qcow2 header's crypt_method (0 for a file too short to have one)."""
+    from ..engine.backing import read_head
+    from ..spec import header as hdr
+    end = hdr.FIELD_OFFSET["crypt_method"] + 4
+    head = read_head(path, end, remote)
+    return int.from_bytes(head[end - 4:end], "big") if len(head) >= end else 0
+
+
 def check_encrypt_format(name, path, fmt, want, remote=None):
     """qemu's check of ``encrypt.format`` in --image-opts against the
     header's crypt_method, before any secret is needed."""
-    from ..engine.backing import read_head
-    from ..spec import header as hdr, luks as L
+    from ..spec import luks as L
     if fmt != "qcow2":
         raise UsageError(f"Could not open '{name}': Block format '{fmt}' does not support "
                          "the option 'encrypt.format'")
-    end = hdr.FIELD_OFFSET["crypt_method"] + 4
-    head = read_head(path, end, remote)
-    method = int.from_bytes(head[end - 4:end], "big") if len(head) >= end else 0
+    method = crypt_method(path, remote)
     have = {L.CRYPT_AES: "aes", L.CRYPT_LUKS: "luks"}.get(method)
     if method == L.CRYPT_NONE:
         why = f"No encryption in image header, but options specified format '{want}'"
