@@ -41,8 +41,8 @@ def run(args):
         return 1
     try:
         from ..engine.crypto import unlock_for_check
-        unlock_for_check(path, untrusted=args.untrusted,
-                         **{k: opts[k] for k in ("key_secret", "data_file", "remote") if k in opts})
+        keep = ("key_secret", "data_file", "remote")       # (Image's options from --image-opts)
+        unlock_for_check(path, untrusted=args.untrusted, **{k: opts[k] for k in keep if k in opts})
     except (Qcow2Error, OSError) as e:      # (OSError: a backing or data file missing)
         print(f"{prog()}: {open_error(args.filename, e)}", file=sys.stderr)
         return 1

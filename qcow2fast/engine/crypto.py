@@ -235,18 +235,30 @@ def header_ranges(h):
 
 
 def unlock_for_check(path, key_secret=None, **open_kw):
-    """What qemu's check does first: open the image with its backing
-    chain, so that a missing secret or a wrong passphrase (of any layer,
-    ``key_secret`` as Image takes it, ``open_kw`` Image's other options) or
-    a backing file that does not open fails the check (check itself reads the top's metadata only).  The
-    top's own defects are check's to report: a plain top's open errors
-    count only when they come from a layer below (``layer``, chain.py)."""
+    """What qemu's check does first: open the image with its backing chain
+    and data file, so that a missing secret or a wrong passphrase (of any
+    layer, ``key_secret`` as Image takes it, ``open_kw`` Image's other
+    options) or a backing file that does not open fails the check (check
+    itself reads the top's metadata only).  The top's own defects are
+    check's to report: a plain top's open errors count only when they come
+    from a layer below (``layer``, chain.py).  A plain image with neither
+    backing nor data file is not opened."""
     from .backing import read_head      # (a remote image too)
     from .image import Image
-    head = read_head(path, hdr.FIELD_OFFSET["crypt_method"] + 4)
-    if len(head) < hdr.FIELD_OFFSET["crypt_method"] + 4:
+    f = hdr.FIELD_OFFSET
+    end = f["incompatible_features"] + 8
+    head = read_head(path, end)
+    if len(head) < f["crypt_method"] + 4:
         return
-    encrypted = bool(int.from_bytes(head[-4:], "big"))
+
+    def field(name, n):
+        return int.from_bytes(head[f[name]:f[name] + n], "big") if len(head) >= f[name] + n \
+            else 0
+    encrypted = bool(field("crypt_method", 4))
+    if not (encrypted or field("backing_file_offset", 8) or
+            field("version", 4) >= 3 and
+            field("incompatible_features", 8) & hdr.INCOMPAT_DATA_FILE):
+        return
     try:
         Image(path, "r", key_secret=key_secret, locking=False, cache_clean_interval=0,
               **open_kw).close()
