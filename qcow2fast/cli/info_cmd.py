@@ -7,7 +7,7 @@ import os
 import re
 import time
 
-from ..engine.backing import identity, probe_format, resolve_backing_path
+from ..engine.backing import JSON_PREFIX, identity, probe_format, resolve_backing_path
 from ..errors import CorruptImageError, Qcow2Error
 from ..host.remote import is_url
 from ..host.remote import join as remote_join
@@ -160,7 +160,7 @@ def full_backing_filename(name, backing):
     """qemu's path_combine: relative to the directory of the name given."""
     if is_url(name) or is_url(backing):
         return remote_join(name, backing)
-    if os.path.isabs(backing):
+    if os.path.isabs(backing) or backing.startswith(JSON_PREFIX):    # json: is a protocol
         return backing
     return os.path.join(os.path.dirname(name), backing)
 
