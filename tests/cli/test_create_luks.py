@@ -71,3 +71,23 @@ def test_create_over_an_encrypted_backing_takes_its_size_without_its_secret(caps
                            "-F", "qcow2", str(top))
     assert (status, err) == (0, "") and "size=16777216" in out
     assert '"virtual-size": 16777216' in qemu_img("info", "--output=json", top).stdout_text
+
+
+@pytest.mark.parametrize("choice", ["", ",cipher-alg=aes-128,cipher-mode=cbc,ivgen-alg=essiv"])
+@pytest.mark.parametrize("info", [[], ["--output=json"], ["-f", "luks"],
+                                  ["--backing-chain", "--output=json"]])
+def test_info_of_a_luks_volume_as_qemu(capsys, tmp_path, choice, info):
+    """The volume's header (format luks, payload size, slots), as qemu-img
+    info prints it, without the passphrase."""
+    vol = tmp_path / "v.luks"
+    assert cli(capsys, "create", "-q", "-f", "luks", "--object", SECRET, "-o",
+               "key-secret=sec0,iter-time=10" + choice, str(vol), "3M")[0] == 0
+    status, out, err = cli(capsys, "info", *info, str(vol))
+    assert (status, out, err) == (0, qemu_img("info", *info, vol).stdout_text, "")
+
+
+def test_info_of_a_truncated_luks_header_is_an_error(capsys, tmp_path):
+    vol = tmp_path / "v.luks"
+    vol.write_bytes(b"LUKS\xba\xbe" + bytes(294))
+    status, _, err = cli(capsys, "info", str(vol))
+    assert status == 1 and "LUKS header: truncated: 300 bytes" in err
