@@ -12,8 +12,9 @@ from ..errors import CorruptImageError, Qcow2Error
 from ..host.remote import is_url
 from ..host.remote import join as remote_join
 from ..spec import datafile as dfspec
-from .common import add_image_arguments, open_error, open_image, share_options
+from .common import add_image_arguments, file_path, open_error, open_image, share_options
 from .json_filename import shown_name
+from .luks_info import is_luks, luks_info
 from .options import UsageError, size_to_str
 
 
@@ -28,7 +29,10 @@ def add_parser(sub):
 def run(args):
     infos = []
     name, fmt, seen = args.filename, args.fmt, set()
-    while True:
+    luks = not args.image_opts and fmt in (None, "luks") and is_luks(file_path(name))
+    if luks:                                    # a LUKS volume (it has no backing file)
+        infos.append(luks_info(file_path(name), name))
+    while not luks:
         img = open_image(name, fmt, image_opts=args.image_opts and not infos, backing=False,
                          no_io=True, **share_options(args), **metadata_only(name, fmt, args))
         try:
