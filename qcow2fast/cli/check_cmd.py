@@ -41,8 +41,9 @@ def run(args):
         return 1
     try:
         from ..engine.crypto import unlock_for_check
-        unlock_for_check(path, opts.get("key_secret"))
-    except Qcow2Error as e:
+        unlock_for_check(path, untrusted=args.untrusted,
+                         **{k: opts[k] for k in ("key_secret", "data_file", "remote") if k in opts})
+    except (Qcow2Error, OSError) as e:      # (OSError: a backing or data file missing)
         print(f"{prog()}: {open_error(args.filename, e)}", file=sys.stderr)
         return 1
     try:

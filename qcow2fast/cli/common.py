@@ -134,9 +134,8 @@ def image_spec(name, fmt, image_opts, secret_table=None):
                 secrets[depth] = lookup_secret(secret_table or {}, value)
             except UsageError as e:
                 raise UsageError(f"Could not open '{name}': {e}") from None
-        elif key == "encrypt.format":
-            if value not in ("luks", "aes"):
-                raise UsageError(f"Parameter 'encrypt.format' does not accept value '{value}'")
+        elif key == "encrypt.format":       # checked against the header (resolve_image)
+            kw["encrypt_format"] = value
         elif key in ("file.filename", "filename"):
             path = value
         elif key == "driver":
@@ -191,7 +190,36 @@ def resolve_image(name, fmt=None, image_opts=False, secret_table=None):
     fmt = fmt or probe_format(path, kw.get("remote"))
     if fmt not in FORMATS:
         raise UsageError(f"unknown or unsupported format {fmt!r} (supported: qcow2, raw)")
+    if "encrypt_format" in kw:
+        check_encrypt_format(name, path, fmt, kw.pop("encrypt_format"), kw.get("remote"))
     return path, fmt, kw
+
+
+def crypt_method(path, remote=None):
+    """The qcow2 header's crypt_method (0 for a file too short to have one)."""
+    from ..engine.backing import read_head
+    from ..spec import header as hdr
+    end = hdr.FIELD_OFFSET["crypt_method"] + 4
+    head = read_head(path, end, remote)
+    return int.from_bytes(head[end - 4:end], "big") if len(head) >= end else 0
+
+
+def check_encrypt_format(name, path, fmt, want, remote=None):
+    """qemu's check of ``encrypt.format`` in --image-opts against the
+    header's crypt_method, before any secret is needed."""
+    from ..spec import luks as L
+    if fmt != "qcow2":
+        raise UsageError(f"Could not open '{name}': Block format '{fmt}' does not support "
+                         "the option 'encrypt.format'")
+    method = crypt_method(path, remote)
+    have = {L.CRYPT_AES: "aes", L.CRYPT_LUKS: "luks"}.get(method)
+    if method == L.CRYPT_NONE:
+        why = f"No encryption in image header, but options specified format '{want}'"
+    elif have is not None and have != want:     # (an unknown method: the open says)
+        why = f"Header reported '{have}' encryption format but options specify '{want}'"
+    else:
+        return
+    raise UsageError(f"Could not open '{name}': {why}")
 
 
 def open_error(name, e):
@@ -248,7 +276,7 @@ def open_image(name, fmt=None, *, image_opts=False, writable=False, backing=True
         img = open_qcow2(path, "r+" if writable else "r", backing=backing,
                          cache_clean_interval=kw.pop("cache_clean_interval", 0), **kw)
     except (MissingSecretError, BadPassphraseError) as e:
-        raise type(e)(f"Could not open '{name}': {e}") from None
+        raise type(e)(f"Could not open '{name}': {getattr(e, 'qemu', None) or e}") from None
     except (Qcow2Error, OSError) as e:
         raise open_error(name, e) from e
     warn_stale_bitmaps(img.dirty_bitmaps.warning)

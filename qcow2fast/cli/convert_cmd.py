@@ -15,7 +15,9 @@ import os
 
 from ..host.remote import is_url
 from .objects import secrets
-from .common import add_share_arguments, image_spec, share_options, snapshot_spec
+from ..engine.backing import probe_format
+from .common import (add_share_arguments, check_encrypt_format, image_spec, share_options,
+                     snapshot_spec)
 from .create_cmd import format_error, options_help, qcow2_options
 from .options import UsageError, merge_options, parse_size, warn
 from .progress import ConvertPercent
@@ -29,7 +31,7 @@ CACHE_MODES = ("unsafe", "writeback", "writethrough", "none", "directsync")
 def add_parser(sub):
     p = sub.add_parser("convert", help="convert or copy an image")
     p.add_argument("-f", dest="fmt")
-    p.add_argument("-O", dest="out_fmt", default="raw")
+    p.add_argument("-O", dest="out_fmt")           # (raw when not given)
     p.add_argument("-o", dest="options", action="append", default=[])
     p.add_argument("-c", dest="compress", action="store_true")
     p.add_argument("-S", dest="sparse_size")       # (4k when not given)
@@ -50,6 +52,7 @@ def add_parser(sub):
     p.add_argument("-q", dest="quiet", action="store_true")
     add_share_arguments(p)
     p.add_argument("--image-opts", dest="image_opts", action="store_true")
+    p.add_argument("--target-image-opts", dest="target_image_opts", action="store_true")
     p.add_argument("--bitmaps", dest="bitmaps", action="store_true")
     p.add_argument("--skip-broken-bitmaps", dest="skip_broken_bitmaps", action="store_true")
     p.add_argument("filenames", nargs="*")
@@ -61,6 +64,11 @@ def run(args):
     if args.copy_range and (args.sparse_size is not None or args.compress):
         raise UsageError("Cannot enable copy offloading when "
                          f"{'-S' if args.sparse_size is not None else '-c'} is used")
+    if args.target_image_opts and args.out_fmt:
+        raise UsageError("--image-opts and --format are mutually exclusive")
+    if args.target_image_opts and not args.existing:
+        raise UsageError("--target-image-opts requires use of -n flag")
+    args.out_fmt = args.out_fmt or "raw"
     if args.out_fmt not in ("qcow2", "raw"):
         raise format_error(args.out_fmt)
     opts = merge_options(args.options)
@@ -71,6 +79,8 @@ def run(args):
         raise UsageError("convert: expecting a source and a destination filename")
     *sources, dest = args.filenames
     sources, source_kw = source_specs(sources, args)
+    if args.target_image_opts:
+        dest, args.out_fmt, source_kw["target_key_secret"] = target_spec(dest, args)
     if args.out_fmt == "qcow2":
         kw = qcow2_options(opts, "convert", secret_table=secrets(args.objects))
         backing = args.backing or kw.pop("backing_file", None)
@@ -177,6 +187,24 @@ def _bitmaps_plan(args, sources, dest, kw):
     return copy
 
 
+def target_spec(name, args):
+    """--target-image-opts (with -n): the existing target's (path, format,
+    passphrase); an encrypted target without its secret fails as qemu's."""
+    from .common import crypt_method, resolve_image
+    path, fmt, opts = resolve_image(name, None, True, secrets(args.objects))
+    secret = opts.pop("key_secret", None)
+    for key in ("locking", "force_share"):
+        opts.pop(key, None)
+    if opts:
+        raise UsageError(f"convert: option {next(iter(opts))!r} is not supported for the "
+                         "target")
+    if fmt == "qcow2" and secret is None:
+        from ..engine.crypto import NEED_SECRET
+        if crypt_method(path, opts.get("remote")):
+            raise UsageError(f"Could not open '{name}': {NEED_SECRET}")
+    return path, fmt, secret
+
+
 def source_specs(names, args):
     """(paths, convert()'s source keyword arguments): --image-opts sources
     give their file name or URL, ``encrypt.key-secret`` (one secret for
@@ -191,6 +219,10 @@ def source_specs(names, args):
         if "key_secret" in opts:
             kw["key_secret"] = opts.pop("key_secret")
         opts.pop("locking", None)
+        if "encrypt_format" in opts and (is_url(path) or os.path.exists(path)):
+            check_encrypt_format(name, path, fmt or probe_format(path, opts.get("remote")),
+                                 opts.pop("encrypt_format"), opts.get("remote"))
+        opts.pop("encrypt_format", None)    # (a missing file: convert's open says)
         if "remote" in opts:
             kw["remote"] = opts.pop("remote")
         if opts.pop("force_share", False):

@@ -77,13 +77,16 @@ def _fds_in_use():
 
 
 def _in_layer(e, path, k, top):
-    """``e`` again, its message naming the layer it came from."""
+    """``e`` again, its message naming the layer it came from (``qemu``:
+    qemu-img's words, "Could not open backing file: " once per level)."""
     where = f"backing file {path!r} (layer {k} below {top!r})"
     if isinstance(e, OSError):
         return type(e)(e.errno, f"{where}: {e.strerror}", e.filename)
     new = type(e).__new__(type(e))
     Exception.__init__(new, f"{where}: {e}")
     new.__dict__.update(e.__dict__)
+    new.layer = k
+    new.qemu = "Could not open backing file: " * k + (getattr(e, "qemu", None) or str(e))
     return new
 
 

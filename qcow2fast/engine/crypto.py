@@ -22,8 +22,8 @@ plain C path is never taken.
 
 from .._ext.hooks import DataTransform
 from .._ext.sectorcipher import SectorTransform
-from ..errors import (CorruptImageError, InvalidArgumentError, MissingSecretError,
-                      UnsupportedFeatureError)
+from ..errors import (BadPassphraseError, CorruptImageError, InvalidArgumentError,
+                      MissingSecretError, Qcow2Error, UnsupportedFeatureError)
 from ..spec import header as hdr
 from ..spec import luks as L
 from . import luks
@@ -201,7 +201,8 @@ def attach(state, f, file_size, key_secret, no_io, inherited=False):
     map.  Returns the Encryption, or None for a plain image.  A passphrase
     ``inherited`` from the image above in a chain (given for all layers,
     not for this one) does not open legacy AES, which cannot tell a wrong
-    one (it would read garbage): as qemu, it needs its own."""
+    one (it would read garbage): as qemu, it needs its own; a LUKS layer
+    it does not open is one given no secret, as qemu says."""
     enc = read_encryption(f, state.header, file_size)
     if enc is None:
         return None
@@ -212,6 +213,11 @@ def attach(state, f, file_size, key_secret, no_io, inherited=False):
         state.metadata.add(*span)
     if no_io and key_secret is None:
         state.set_transform(LockedTransform(L.SECTOR_SIZE))
+    elif inherited:
+        try:
+            state.set_transform(unlock(enc, f, key_secret))
+        except BadPassphraseError:      # none of its own: qemu's words for that
+            raise MissingSecretError(NEED_SECRET) from None
     else:
         state.set_transform(unlock(enc, f, key_secret))
     return enc
@@ -228,15 +234,22 @@ def header_ranges(h):
     return [] if area is None or not area[1] else [(area[0], area[1], "the LUKS header")]
 
 
-def unlock_for_check(path, key_secret):
-    """What qemu's check does first with an encrypted image: open it, so
-    that a missing secret or a wrong passphrase fails the check (check
-    itself reads metadata only).  Plain images are not opened."""
+def unlock_for_check(path, key_secret=None, **open_kw):
+    """What qemu's check does first: open the image with its backing
+    chain, so that a missing secret or a wrong passphrase (of any layer,
+    ``key_secret`` as Image takes it, ``open_kw`` Image's other options) or
+    a backing file that does not open fails the check (check itself reads the top's metadata only).  The
+    top's own defects are check's to report: a plain top's open errors
+    count only when they come from a layer below (``layer``, chain.py)."""
     from .backing import read_head      # (a remote image too)
-    head = read_head(path, hdr.FIELD_OFFSET["crypt_method"] + 4)
-    if len(head) < hdr.FIELD_OFFSET["crypt_method"] + 4 or \
-            not int.from_bytes(head[-4:], "big"):
-        return
     from .image import Image
-    Image(path, "r", key_secret=key_secret, backing=False, locking=False,
-          cache_clean_interval=0).close()
+    head = read_head(path, hdr.FIELD_OFFSET["crypt_method"] + 4)
+    if len(head) < hdr.FIELD_OFFSET["crypt_method"] + 4:
+        return
+    encrypted = bool(int.from_bytes(head[-4:], "big"))
+    try:
+        Image(path, "r", key_secret=key_secret, locking=False, cache_clean_interval=0,
+              **open_kw).close()
+    except Qcow2Error as e:
+        if encrypted or getattr(e, "layer", None):
+            raise

@@ -35,8 +35,8 @@ def encrypt_options(encrypt):
             raise InvalidArgumentError(f"Invalid parameter 'encrypt.{k}'")
         opts[key] = v
     fmt = opts.get("format")
-    if fmt not in ("luks", "aes"):
-        raise InvalidArgumentError(f"Parameter 'encrypt.format' does not accept value '{fmt}'"
+    if fmt not in ("luks", "aes"):     # (qemu names the key inside encrypt.)
+        raise InvalidArgumentError(f"Parameter 'format' does not accept value '{fmt}'"
                                    if fmt is not None else
                                    "Parameter 'encrypt.format' is missing")
     if fmt == "aes":            # qemu's message for a LUKS option given with aes
@@ -44,21 +44,21 @@ def encrypt_options(encrypt):
             if key not in AES_KEYS:
                 raise InvalidArgumentError(f"Parameter 'encrypt.{key.replace('_', '-')}' "
                                            "is unexpected")
+    else:                       # the choices before the secret, as qemu's QAPI parse
+        it = opts.get("iter_time", L.DEFAULT_ITER_TIME_MS)
+        try:
+            it = int(it)
+        except (TypeError, ValueError):
+            raise InvalidArgumentError("Parameter 'encrypt.iter-time' expects a number") from None
+        if it <= 0:
+            raise InvalidArgumentError("Parameter 'encrypt.iter-time' must be positive")
+        opts["iter_time"] = it
+        luks.validate_choice(**{k: opts[k] for k in CHOICE if k in opts})   # before any write
     if opts.get("key_secret") is None:
         raise crypto.MissingSecretError(crypto.NEED_SECRET)
     opts["key_secret"] = Secret(opts["key_secret"])
     if fmt == "aes":
         crypto.legacy_aes_key(opts["key_secret"])       # (a bad secret: before any write)
-        return opts
-    it = opts.get("iter_time", L.DEFAULT_ITER_TIME_MS)
-    try:
-        it = int(it)
-    except (TypeError, ValueError):
-        raise InvalidArgumentError("Parameter 'encrypt.iter-time' expects a number") from None
-    if it <= 0:
-        raise InvalidArgumentError("Parameter 'encrypt.iter-time' must be positive")
-    opts["iter_time"] = it
-    luks.validate_choice(**{k: opts[k] for k in CHOICE if k in opts})   # before any write
     return opts
 
 

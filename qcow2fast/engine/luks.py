@@ -240,19 +240,20 @@ def erase_key(h, i, write, barrier):
 def validate_choice(cipher_alg="aes-256", cipher_mode="xts", ivgen_alg="plain64",
                     ivgen_hash_alg=None, hash_alg="sha256"):
     """qemu's rules for a new volume's algorithms, and libcrypto having
-    them; the choice with qemu's defaults filled in."""
+    them; the choice with qemu's defaults filled in.  A bad value is named
+    as qemu names it: by the key inside ``encrypt.`` ('cipher-alg')."""
     if cipher_alg not in L.CIPHER_ALGS:
-        raise InvalidArgumentError(f"Parameter 'encrypt.cipher-alg' does not accept value "
+        raise InvalidArgumentError(f"Parameter 'cipher-alg' does not accept value "
                                    f"'{cipher_alg}'")
     if cipher_mode not in L.CIPHER_MODES:
-        raise InvalidArgumentError(f"Parameter 'encrypt.cipher-mode' does not accept value "
+        raise InvalidArgumentError(f"Parameter 'cipher-mode' does not accept value "
                                    f"'{cipher_mode}'")
     if ivgen_alg not in L.IVGEN_ALGS:
-        raise InvalidArgumentError(f"Parameter 'encrypt.ivgen-alg' does not accept value "
+        raise InvalidArgumentError(f"Parameter 'ivgen-alg' does not accept value "
                                    f"'{ivgen_alg}'")
     for field, value in (("ivgen-hash-alg", ivgen_hash_alg), ("hash-alg", hash_alg)):
         if value is not None and value not in L.HASH_ALGS:
-            raise InvalidArgumentError(f"Parameter 'encrypt.{field}' does not accept value "
+            raise InvalidArgumentError(f"Parameter '{field}' does not accept value "
                                        f"'{value}'")
     if ivgen_alg == "essiv" and ivgen_hash_alg is None:
         ivgen_hash_alg = "sha256"

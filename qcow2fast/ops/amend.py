@@ -46,8 +46,8 @@ class AmendOptionError(InvalidArgumentError):
 
 
 def parse_options(options):
-    """Check option names and value types as qemu-img does before opening
-    the image; returns {name: value} with typed values."""
+    """Check option names and value types as qemu-img does once the image
+    is open; returns {name: value} with typed values."""
     out = {}
     for key, value in options.items():
         if key not in AMEND_NAMES:
@@ -79,12 +79,12 @@ def amend(path, options, *, progress=None, key_secret=None, force=False):
     with the ``encrypt.*`` options (engine/luks_amend.py; ``force`` as
     qemu-img amend --force)."""
     path = os.fspath(path)
-    opts = parse_options(options)
-    if not opts:
+    if not options:
         raise InvalidArgumentError("Must specify options (-o)")
     open_kw = {"cache_clean_interval": 0, "key_secret": key_secret}
     img = Image(path, "r+", backing=False, **open_kw)
     try:
+        opts = parse_options(options)       # (after the open, as qemu-img: its errors first)
         plan = _plan(img, opts, force)
     except BaseException:
         img.close()

@@ -283,7 +283,8 @@ def convert(sources: str | os.PathLike[str] | Iterable[str | os.PathLike[str]],
             direct: bool = False, snapshot: str | Mapping[str, str | None] | None = None,
             compression_level: int | None = None, force_share: bool = False,
             untrusted: bool = False, key_secret: bytes | str | None = None,
-            remote: Mapping[str, Any] | None = None) -> None:
+            remote: Mapping[str, Any] | None = None,
+            target_key_secret: bytes | str | None = None) -> None:
     """Convert ``sources`` (paths; several are concatenated; ``"-"`` alone
     is a raw stream on stdin) into ``dest`` (a path, or ``"-"`` for stdout).
 
@@ -306,7 +307,8 @@ def convert(sources: str | os.PathLike[str] | Iterable[str | os.PathLike[str]],
     ``untrusted`` opens them as :func:`qcow2fast.open` does with it;
     ``key_secret`` is the passphrase of encrypted sources; ``remote`` the
     options of remote sources (:func:`qcow2fast.open`'s).  An encrypted
-    target: ``options={"encrypt": {...}}`` (create()'s).
+    target: ``options={"encrypt": {...}}`` (create()'s); an existing one
+    (``existing``) is opened with ``target_key_secret``.
     """
     options = dict(options or {})
     if isinstance(sources, (str, os.PathLike)):
@@ -321,6 +323,9 @@ def convert(sources: str | os.PathLike[str] | Iterable[str | os.PathLike[str]],
         raise InvalidArgumentError(f"unknown or unsupported output format {format!r}")
     if sparse_size < 0 or sparse_size % 512:
         raise InvalidArgumentError(f"sparse size {sparse_size} must be a multiple of 512")
+    if target_key_secret is not None and not existing:
+        raise InvalidArgumentError("target_key_secret is for an existing target (-n); a new "
+                                   "one takes options={'encrypt': {...}}")
     if target_is_zero and not existing:
         raise InvalidArgumentError("--target-is-zero requires -n (an existing target)")
     if compress and format != "qcow2":
@@ -372,7 +377,8 @@ def convert(sources: str | os.PathLike[str] | Iterable[str | os.PathLike[str]],
                                            "compression or streams")
         return _convert_through_image(src, dest, format, options, sparse_size, existing,
                                       target_is_zero, threads, progress, sync, direct,
-                                      (compression_level,) if compress else None)
+                                      (compression_level,) if compress else None,
+                                      target_key_secret or target_secret(options))
     finally:
         if src is not None:
             src.close()
@@ -455,7 +461,8 @@ def _convert_new_qcow2(st, src, dest, compressor, sparse_size, threads, progress
 
 
 def _convert_through_image(src, dest, format, options, sparse_size, existing,
-                           target_is_zero, threads, progress, sync, direct, compress):
+                           target_is_zero, threads, progress, sync, direct, compress,
+                           out_secret=None):
     """Raw output, -n, extended L2 and preallocated qcow2: writes through
     Image.write (qcow2) or pwrite (raw).  ``compress``: None, or a 1-tuple
     with the compression level (the compression type is the target's):
@@ -474,7 +481,7 @@ def _convert_through_image(src, dest, format, options, sparse_size, existing,
         if format == "qcow2":
             from ..engine.image import Image
             img = Image(out.path, "r+", cache_mode="none" if direct else "unsafe",
-                        cache_clean_interval=0, key_secret=target_secret(options))
+                        cache_clean_interval=0, key_secret=out_secret)
             tsize = img.size
             unit = img.cluster_size
         else:

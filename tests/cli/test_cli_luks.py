@@ -10,7 +10,7 @@ import pytest
 import qcow2fast
 from tests.helpers.cli_util import run_cli
 from tests.helpers.luks_util import (ITER_TIME, luks_options, obj, opts, qemu_check_luks,
-                                     qemu_img_create_luks,
+                                     qemu_create_luks, qemu_img_create_luks,
                                      qemu_compare_luks, qemu_io_luks)
 from tests.helpers.qemu_util import qemu_img
 
@@ -195,3 +195,31 @@ def test_check_repair_all_of_a_dirty_encrypted_image(capsys, tmp_path):
     qemu_check_luks(path, PW)
     with qcow2fast.open(path, key_secret=PW) as img:
         assert not img.dirty and img.read(0, img.size) == want
+
+
+def test_convert_into_an_existing_encrypted_target_with_target_image_opts(capsys, tmp_path):
+    """convert -n --target-image-opts ...,encrypt.key-secret=ID as qemu-img,
+    both ways: into a target qemu made (qemu compares it with the source
+    and checks it) and qemu into one we made (we read it); qemu's errors
+    for a missing -n, -O with it, and a missing target secret."""
+    src = tmp_path / "src.raw"
+    src.write_bytes(b"\0" * MiB + bytes(range(256)) * 4096 + b"\0" * MiB)
+    made_by = {"qemu": tmp_path / "q.qcow2", "ours": tmp_path / "o.qcow2"}
+    qemu_create_luks(made_by["qemu"], 3 * MiB, PW)
+    qcow2fast.create(made_by["ours"], 3 * MiB, encrypt={"format": "luks", "key_secret": PW,
+                                                        "iter_time": ITER_TIME})
+    line = ["convert", *obj(PW), "-n", "--target-image-opts", str(src)]
+    status, _, err = run_cli(capsys, *line, opts(made_by["qemu"]))
+    assert status == 0, err
+    qemu_compare_luks(made_by["qemu"], PW, src)
+    qemu_check_luks(made_by["qemu"], PW)
+    qemu_img(*line, opts(made_by["ours"]))
+    with qcow2fast.open(made_by["ours"], key_secret=PW) as img:
+        assert img.read(0, img.size) == src.read_bytes()
+    target = opts(made_by["ours"])
+    for bad in (["convert", *obj(PW), "--target-image-opts", str(src), target],
+                ["convert", *obj(PW), "-n", "-O", "qcow2", "--target-image-opts", str(src),
+                 target],
+                ["convert", "-n", "--target-image-opts", str(src),
+                 f"driver=qcow2,file.filename={made_by['ours']}"]):
+        assert ours_err(capsys, *bad) == qemu_err(*bad)

@@ -109,3 +109,36 @@ def test_cli_backing_secrets_as_qemu(capsys, chain, tmp_path):
     assert status != 0 and p.returncode != 0
     assert "Parameter 'encrypt.key-secret' is required for cipher" in p.stderr_text
     assert "Parameter 'encrypt.key-secret' is required for cipher" in err
+
+
+def test_check_opens_the_chain_with_each_layer_secret(capsys, chain):
+    """check as qemu-img: the whole chain is opened first, each layer with
+    its secret; a missing or wrong one below fails with qemu's words
+    ("Could not open backing file: ...", once per level)."""
+    top, mid, _, _ = chain
+    for ids in (("s0", "s1", "s2"), ("s0", "s1"), ("s0", "s1", "s0"), ("s0",), ("s1",),
+                ("s0", "s2", "s2")):
+        for path, layer_ids in ((top, ids), (mid, ids[1:])):
+            line = ["check", *OBJECTS, "--image-opts", chain_opts(path, layer_ids)]
+            p = qemu_img(*line, check=False)
+            status, out, err = run_cli(capsys, *line)
+            assert (status, out) == (p.returncode, p.stdout_text), line
+            assert err.replace("qcow2fast: ", "") == p.stderr_text.replace("qemu-img: ", "")
+
+
+def test_check_of_a_plain_top_over_an_encrypted_or_missing_base(capsys, chain, tmp_path):
+    _, _, base, _ = chain
+    plain = tmp_path / "plain.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", str(plain))
+    missing = tmp_path / "missing.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-u", "-b", "gone.qcow2", "-F", "qcow2",
+             str(missing), "4M")
+    for line in (["check", str(plain)],
+                 ["check", *OBJECTS, "--image-opts", chain_opts(plain, ("s1", "s2"))],
+                 ["check", *OBJECTS, "--image-opts", chain_opts(plain, ("s1", "s1"))],
+                 ["check", str(missing)]):
+        p = qemu_img(*line, check=False)
+        status, out, err = run_cli(capsys, *line)
+        assert (status, out) == (p.returncode, p.stdout_text), err
+        if str(missing) not in line:     # (our missing-file wording differs)
+            assert err.replace("qcow2fast: ", "") == p.stderr_text.replace("qemu-img: ", "")

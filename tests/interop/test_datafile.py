@@ -301,3 +301,52 @@ def test_partial_zeroes_in_guest_cluster_0(tmp_path, monkeypatch, raw):
     want[65536 + 22016:65536 + 22016 + 4096] = bytes(4096)
     assert got == bytes(want)
     qemu_check(ours)
+
+
+def _data_extents(path):
+    """The file's allocated ranges (SEEK_DATA/SEEK_HOLE)."""
+    out, fd = [], os.open(path, os.O_RDONLY)
+    try:
+        off = 0
+        while True:
+            try:
+                start = os.lseek(fd, off, os.SEEK_DATA)
+            except OSError:
+                return out
+            off = os.lseek(fd, start, os.SEEK_HOLE)
+            out.append((start, off))
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("raw,ext", [(False, False), (False, True), (True, False)])
+def test_first_partial_write_into_a_cluster_as_qemu(tmp_path, raw, ext):
+    """The first write into a fresh cluster of a data-file image, smaller
+    than the cluster (over a backing file when the data file is not raw):
+    the data file, its allocation, the map and the guest view as qemu-io's
+    (both images made by create(): qemu's file creation would also write
+    the data file's first block, allocate_first_block)."""
+    base = tmp_path / "base.qcow2"
+    qemu_create(base, 1 * MiB)
+    qemu_io(base, "write -P 0x33 0 1M")
+    cmds = [("write", 4 * KiB, 4 * KiB), ("write", 130 * KiB, 512), ("zero", 200 * KiB, 8 * KiB)]
+    made = {}
+    for who in ("qemu", "ours"):
+        path, data = tmp_path / f"{who}.qcow2", tmp_path / f"{who}.raw"
+        backing = {} if raw else {"backing_file": "base.qcow2", "backing_format": "qcow2"}
+        qcow2fast.create(path, MiB, data_file=str(data), data_file_raw=raw, extended_l2=ext,
+                         **backing)
+        if who == "qemu":
+            qemu_io(path, *(f"write -P 0x11 {o} {n}" if k == "write" else f"write -z {o} {n}"
+                            for k, o, n in cmds))
+        else:
+            with qcow2fast.open(path, "r+") as img:
+                for k, o, n in cmds:
+                    img.write(o, b"\x11" * n) if k == "write" else img.write_zeroes(o, n)
+        made[who] = (path, data)
+    (qp, qd), (op, od) = made["qemu"], made["ours"]
+    qemu_check(op)
+    assert qemu_img("compare", str(qp), str(op)).returncode == 0
+    assert qd.read_bytes() == od.read_bytes()
+    assert _data_extents(qd) == _data_extents(od)
+    assert qemu_map(qp) == qemu_map(op)
