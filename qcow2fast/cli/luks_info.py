@@ -3,7 +3,6 @@ what its header says, as qemu-img info prints it (no passphrase needed)."""
 
 import os
 
-from ..engine import crypto
 from ..spec import luks as L
 
 
@@ -18,6 +17,7 @@ def is_luks(path):
 
 def luks_info(path, name):
     """qemu-img's ImageInfo of the volume ``path`` shown as ``name``."""
+    from ..engine import crypto     # (the cipher stack only for a LUKS volume: start-up)
     with open(path, "rb") as f:
         st = os.fstat(f.fileno())
         h = L.parse(f.read(L.HEADER_SIZE), st.st_size)
