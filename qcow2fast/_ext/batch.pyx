@@ -360,8 +360,11 @@ cdef class _Batch:
                 q.res = FAILED
             k += 1
         for i in range(n):
-            if self.r[i].op == OP_WRITE and self.r[i].res >= 0 and self.r[i].len:
-                wrote = True
+            if self.r[i].op == OP_WRITE and self.r[i].len:
+                # (after the writes, tried ones too: fileio.pxd's unsynced)
+                s.data_file.unsynced = True
+                if self.r[i].res >= 0:
+                    wrote = True
         if wrote and s.writethrough:
             # The batch's writes return together: stable together.
             try:

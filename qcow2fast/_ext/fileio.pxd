@@ -14,6 +14,12 @@ cdef class File:
     cdef readonly int align
     cdef int flags                       # open flags, for resume()
     cdef readonly bint suspended         # descriptor given back (suspend); resume() reopens
+    # A write-like call completed since the last fdatasync started (set after
+    # each one completes, cleared before each fdatasync): sync() skips the
+    # fdatasync when clear, as qemu skips a flush with no write since the
+    # last (write_gen == flushed_gen).  Writes that bypass c_pwrite (batch.pyx,
+    # ImageState.write_data_pieces) set it themselves.
+    cdef public bint unsynced
 
     cdef bint aligned(self, const void *buf, size_t n, int64_t off) noexcept nogil
     cdef int64_t c_pread(self, char *buf, size_t n, int64_t off) noexcept nogil

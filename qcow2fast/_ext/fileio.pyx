@@ -56,6 +56,7 @@ cdef class File:
         self.writable = writable
         self.direct = direct
         self.align = DIRECT_ALIGN if direct else 1
+        self.unsynced = create          # (a new file: its creation is not stable yet)
 
     def __dealloc__(self):
         if self.fd >= 0:
@@ -117,7 +118,9 @@ cdef class File:
         cdef int64_t a, start, end, rc
         cdef void *bounce = NULL
         if not self.direct or self.aligned(buf, n, off):
-            return qf_pwrite_full(self.fd, buf, n, off, 0 if self.direct else QF_WRITE_MAX)
+            rc = qf_pwrite_full(self.fd, buf, n, off, 0 if self.direct else QF_WRITE_MAX)
+            self.unsynced = True        # (after the write: see fileio.pxd)
+            return rc
         a = self.align
         start = off - off % a
         end = (off + <int64_t>n + a - 1) // a * a
@@ -127,6 +130,7 @@ cdef class File:
         if rc >= 0:
             memcpy(<char *>bounce + (off - start), buf, n)
             rc = qf_pwrite_full(self.fd, <char *>bounce, end - start, start, 0)
+            self.unsynced = True
             if rc >= 0:
                 rc = n
         free(bounce)
@@ -190,19 +194,26 @@ cdef class File:
         return rc
 
     def sync(self):
-        """Make every completed write stable (fdatasync)."""
+        """Make every completed write stable (fdatasync; none when no write
+        completed since the last one started)."""
         cdef int rc
+        if not self.unsynced:
+            return
+        self.unsynced = False           # (before: a write completing meanwhile sets it again)
         with nogil:
             rc = fdatasync(self.fd)
         if rc != 0:
+            self.unsynced = True
             self.raise_errno(-errno, "fdatasync", 0)
 
     def sync_all(self):
         """fsync: data and the file's size and metadata."""
         cdef int rc
+        self.unsynced = False
         with nogil:
             rc = fsync(self.fd)
         if rc != 0:
+            self.unsynced = True
             self.raise_errno(-errno, "fsync", 0)
 
     def start_writeback(self):
@@ -225,16 +236,28 @@ cdef class File:
     def truncate(self, int64_t size):
         """Set the file's size (a block device must already be this large)."""
         from ..host.file import set_size
-        set_size(self.fd, size, self.path)
+        try:
+            set_size(self.fd, size, self.path)
+        finally:
+            self.unsynced = True
 
     def punch_hole(self, int64_t off, int64_t length):
-        return punch_hole(self.fd, off, length)
+        try:
+            return punch_hole(self.fd, off, length)
+        finally:
+            self.unsynced = True
 
     def zero_range(self, int64_t off, int64_t length):
-        return zero_range(self.fd, off, length)
+        try:
+            return zero_range(self.fd, off, length)
+        finally:
+            self.unsynced = True
 
     def fallocate(self, int64_t off, int64_t length):
-        os.posix_fallocate(self.fd, off, length)
+        try:
+            os.posix_fallocate(self.fd, off, length)
+        finally:
+            self.unsynced = True
 
 
 def punch_hole(int fd, int64_t off, int64_t length):

@@ -2,7 +2,6 @@
 """Kernels over metadata tables, callable from Python (the mapping and
 refcount layers).  Each is a plain function over arrays: no file policy."""
 
-cimport numpy as cnp
 from libc.stdint cimport UINT32_MAX, uint8_t, uint32_t, uint64_t, int64_t
 from libc.string cimport memcmp
 
@@ -13,7 +12,6 @@ from .common cimport (L2E_OFFSET_MASK, L2E_STD_RESERVED_MASK, QCOW_OFLAG_COMPRES
 from .common cimport l2_entry_kind as l2_entry_kind_c
 from .common cimport at_host0, EXT_DATA
 
-cnp.import_array()
 
 
 def l2_next_run(const uint64_t[::1] l2, int64_t i, int64_t count, int cluster_bits,

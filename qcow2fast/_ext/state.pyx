@@ -256,7 +256,10 @@ cdef class ImageState:
             return
         views = [memoryview(p).cast("B") for p in pieces]
         while views:
-            n = os.pwritev(f.fd, views, host)
+            try:
+                n = os.pwritev(f.fd, views, host)
+            finally:
+                f.unsynced = True       # (after the write: see fileio.pxd)
             host += n
             while views and n >= len(views[0]):
                 n -= len(views[0])

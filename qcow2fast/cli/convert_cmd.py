@@ -93,6 +93,8 @@ def run(args):
         raise UsageError("convert: -o cannot be used with -n (the target exists)")
     if backing_fmt and not backing:
         raise UsageError("convert: -F needs -B")
+    if backing and not backing_fmt and not args.existing:
+        raise UsageError("Use of backing file requires explicit backing format")
     sparse = parse_size(args.sparse_size or "4k", "sparse size")
     if sparse % 512 or sparse > (1 << 30):
         raise UsageError("convert: invalid sparse size (-S): use a multiple of 512 up to 1G, "

@@ -28,6 +28,17 @@ FILE_OPTIONS = [
     ("size", "size", "Virtual disk size"),
 ]
 RAW_OPTIONS = [("size", "size", "Virtual disk size")]
+# qemu's luks format (ops/luks_create.py): its creation options in qemu's
+# order (the "Formatting" line's), with -o help's text.
+LUKS_OPTIONS = [
+    ("key-secret", "str", "ID of the secret that provides the keyslot passphrase"),
+    ("cipher-alg", "str", "Name of encryption cipher algorithm"),
+    ("cipher-mode", "str", "Name of encryption cipher mode"),
+    ("ivgen-alg", "str", "Name of IV generator algorithm"),
+    ("ivgen-hash-alg", "str", "Name of IV generator hash algorithm"),
+    ("hash-alg", "str", "Name of encryption hash algorithm"),
+    ("iter-time", "num", "Time to spend in PBKDF in milliseconds"),
+]
 
 
 def add_parser(sub):
@@ -63,8 +74,8 @@ def format_error(fmt, filename=None):
 def options_help(fmt, filename=None):
     """qemu-img's -o help: the format's options; with the target's file
     name, merged with the file protocol's (the format's text wins), sorted."""
-    table = {name: (kind, text) for name, kind, text in
-             (QCOW2_OPTIONS if fmt == "qcow2" else RAW_OPTIONS)}
+    own = {"qcow2": QCOW2_OPTIONS, "luks": LUKS_OPTIONS + RAW_OPTIONS}.get(fmt, RAW_OPTIONS)
+    table = {name: (kind, text) for name, kind, text in own}
     if filename is not None:
         for name, kind, text in FILE_OPTIONS:
             table.setdefault(name, (kind, text))
@@ -81,7 +92,7 @@ def options_help(fmt, filename=None):
 def run(args):
     from ..ops.create import create as create_image
     # "file", the protocol as a format, makes what raw makes: the file itself.
-    if args.fmt not in FORMATS + ("file",):
+    if args.fmt not in FORMATS + ("file", "luks"):
         raise format_error(args.fmt, args.filename)
     opts = merge_options(args.options)
     if "help" in opts or "?" in opts:
@@ -110,6 +121,8 @@ def run(args):
             print(f"Formatting '{args.filename}', fmt={args.fmt} size={size}", flush=True)
         hostfile.create_raw(path, size)
         return 0
+    if args.fmt == "luks":
+        return create_luks_volume(args, path, opts, size)
     given = dict(opts)
     kw = qcow2_options(opts, secret_table=secrets(args.objects))
     if args.backing == "" or (args.backing is None and kw.get("backing_file") == ""):
@@ -140,7 +153,8 @@ def run(args):
     if not args.quiet:          # before the image is made, as qemu (also when it fails)
         if size is None and backing and not args.unsafe:
             from .common import open_image
-            below = open_image(bpath, backing_fmt, backing=False,    # qemu takes its size
+            # qemu takes its size (no_io: an encrypted one opens without its secret)
+            below = open_image(bpath, backing_fmt, backing=False, no_io=True,
                                untrusted=args.untrusted)
             try:
                 size = below.size
@@ -153,6 +167,37 @@ def run(args):
         said = str(e)
         raise UsageError(said if said.startswith(f"{args.filename}: ")
                          else f"{args.filename}: {said}") from e
+    return 0
+
+
+def create_luks_volume(args, path, opts, size):
+    """create -f luks: qemu's checks, "Formatting" line and messages."""
+    from ..ops.luks_create import create_luks
+    names = [name for name, _, _ in LUKS_OPTIONS]
+    for key in opts:
+        if key not in names + ["preallocation"]:
+            raise UsageError(f"{args.filename}: Invalid parameter '{key}'")
+    if args.backing is not None:
+        raise UsageError(f"{args.filename}: Backing file not supported for file format 'luks'")
+    if size is None:
+        raise UsageError(f"{args.filename}: Image creation needs a size parameter")
+    if not args.quiet:
+        print(" ".join([f"Formatting '{args.filename}', fmt=luks size={size}"] +
+                       [f"{key}={opts[key]}" for key in names + ["preallocation"]
+                        if key in opts]), flush=True)
+    try:
+        if opts.get("preallocation", "off") != "off":
+            raise UsageError(f"preallocation={opts['preallocation']} of a luks volume is not "
+                             "supported by qcow2fast (only off)")
+        if opts.get("key-secret") is None:
+            raise UsageError("Parameter 'key-secret' is required for cipher")
+        secret = lookup_secret(secrets(args.objects), opts["key-secret"])
+        iter_time = encrypt_option("encrypt.iter-time", opts.get("iter-time", "2000"), None)
+        create_luks(path, size, secret, **iter_time, **{
+            key.replace("-", "_"): opts[key] for key in names[1:-1] if key in opts})
+    except Qcow2Error as e:         # qemu's words: the option without "encrypt."
+        said = str(e).replace("'encrypt.", "'")
+        raise UsageError(f"{args.filename}: {said}") from e
     return 0
 
 

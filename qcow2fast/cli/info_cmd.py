@@ -7,13 +7,14 @@ import os
 import re
 import time
 
-from ..engine.backing import identity, probe_format, resolve_backing_path
+from ..engine.backing import JSON_PREFIX, identity, probe_format, resolve_backing_path
 from ..errors import CorruptImageError, Qcow2Error
 from ..host.remote import is_url
 from ..host.remote import join as remote_join
 from ..spec import datafile as dfspec
-from .common import add_image_arguments, open_error, open_image, share_options
+from .common import add_image_arguments, file_path, open_error, open_image, share_options
 from .json_filename import shown_name
+from .luks_info import is_luks, luks_info
 from .options import UsageError, size_to_str
 
 
@@ -28,7 +29,10 @@ def add_parser(sub):
 def run(args):
     infos = []
     name, fmt, seen = args.filename, args.fmt, set()
-    while True:
+    luks = not args.image_opts and fmt in (None, "luks") and is_luks(file_path(name))
+    if luks:                                    # a LUKS volume (it has no backing file)
+        infos.append(luks_info(file_path(name), name))
+    while not luks:
         img = open_image(name, fmt, image_opts=args.image_opts and not infos, backing=False,
                          no_io=True, **share_options(args), **metadata_only(name, fmt, args))
         try:
@@ -160,7 +164,7 @@ def full_backing_filename(name, backing):
     """qemu's path_combine: relative to the directory of the name given."""
     if is_url(name) or is_url(backing):
         return remote_join(name, backing)
-    if os.path.isabs(backing):
+    if os.path.isabs(backing) or backing.startswith(JSON_PREFIX):    # json: is a protocol
         return backing
     return os.path.join(os.path.dirname(name), backing)
 

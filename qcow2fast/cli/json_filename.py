@@ -17,17 +17,13 @@ Dotted keys (``"file.filename": P``) are the same as nested objects.
 interface of host/device.py).
 """
 
-import json
-
 from .. import open as open_qcow2
-from ..engine.backing import FILE_PROTOCOL, probe_format
+from ..engine.backing import FILE_PROTOCOL, JSON_PREFIX as PREFIX, parse_json_name, probe_format
 from ..errors import InvalidArgumentError, Qcow2Error
 from ..host.raw import RawImage
 from ..host.window import RawWindow
 from .common import IMAGE_OPTS, file_path, image_option, open_error, protocol_node
 from .options import UsageError, parse_size
-
-PREFIX = "json:"
 
 
 def is_json(name):
@@ -45,28 +41,9 @@ def shown_name(name, img):
 def parse(name):
     """The option tree of a ``json:`` file name, dotted keys nested."""
     try:
-        tree = json.loads(name[len(PREFIX):])
-    except ValueError as e:
-        raise UsageError(f"Could not parse the JSON options: {e}") from None
-    if not isinstance(tree, dict):
-        raise UsageError("Invalid JSON object given")
-    return _nested(tree)
-
-
-def _nested(tree):
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            value = _nested(value)
-        head, dot, rest = key.partition(".")
-        if dot:
-            sub = out.setdefault(head, {})
-            if not isinstance(sub, dict):
-                raise UsageError(f"Cannot mix '{head}' and '{key}' in the JSON options")
-            sub.update(_nested({rest: value}))
-        else:
-            out[key] = value
-    return out
+        return parse_json_name(name)
+    except InvalidArgumentError as e:
+        raise UsageError(str(e)) from None
 
 
 def open_json(name, *, writable=False, fmt=None, **extra):

@@ -38,7 +38,7 @@ def run(args):
         hidden = encrypted_depths(img)
         if not raw and not hidden:
             extents = split_host_holes(extents, chain_files(img))
-        entries = map_entries(extents, raw, hidden)
+        entries = map_entries(extents, raw, hidden, raw_depths(img))
     except InvalidArgumentError:
         entries = []
     finally:
@@ -86,9 +86,21 @@ def encrypted_depths(img):
     return out
 
 
-def map_entries(extents, raw, hidden=()):
+def raw_depths(img):
+    """The depths of the chain's raw layers."""
+    out, depth = set(), 0
+    while img is not None:
+        if getattr(img, "header", None) is None:
+            out.add(depth)
+        img, depth = getattr(img, "backing", None), depth + 1
+    return out
+
+
+def map_entries(extents, raw, hidden=(), raws=()):
     """Extents (or (extent, zero) pairs) -> qemu's map entries, merged as
-    qemu-img merges them (no offset for the layers at depths ``hidden``)."""
+    qemu-img merges them (no offset for the layers at depths ``hidden``;
+    a hole of a raw layer at depths ``raws`` keeps its offset, as qemu's
+    raw driver reports every range offset-valid)."""
     out = []
     for item in extents:
         e, host_zero = (item, None) if isinstance(item, Extent) else item
@@ -100,6 +112,8 @@ def map_entries(extents, raw, hidden=()):
             entry["offset"] = e.offset
         elif e.host_offset is not None and e.kind != "compressed" and e.depth not in hidden:
             entry["offset"] = e.host_offset
+        elif e.kind == "zero" and e.depth in raws:
+            entry["offset"] = e.offset
         if out and _mergeable(out[-1], entry):
             out[-1]["length"] += entry["length"]
         else:

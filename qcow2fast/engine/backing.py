@@ -7,8 +7,10 @@ error, and a backing file without a recorded format is probed only for the
 qcow2 magic (anything else is read as raw).
 """
 
+import json
 import os
 
+from ..errors import InvalidArgumentError
 from ..host import remote
 from ..spec import header as hdr
 
@@ -16,14 +18,80 @@ MAX_CHAIN_DEPTH = 4096      # real chains reach 1000 (arXiv 2205.06842); qemu ha
 
 
 FILE_PROTOCOL = "file:"
+JSON_PREFIX = "json:"       # qemu's block-driver option tree as a name (cli/json_filename.py)
+JSON_FORMATS = ("qcow2", "raw")
+
+
+def parse_json_name(name):
+    """The option tree of a ``json:`` name, dotted keys (``"file.filename"``)
+    nested as objects, as qemu's ``parse_json_filename``."""
+    try:
+        tree = json.loads(name[len(JSON_PREFIX):])
+    except ValueError as e:
+        raise InvalidArgumentError(f"Could not parse the JSON options: {e}") from None
+    if not isinstance(tree, dict):
+        raise InvalidArgumentError("Invalid JSON object given")
+    return _nested(tree)
+
+
+def _nested(tree):
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            value = _nested(value)
+        head, dot, rest = key.partition(".")
+        if dot:
+            sub = out.setdefault(head, {})
+            if not isinstance(sub, dict):
+                raise InvalidArgumentError(f"Cannot mix '{head}' and '{key}' in the JSON "
+                                           "options")
+            sub.update(_nested({rest: value}))
+        else:
+            out[key] = value
+    return out
+
+
+def json_file(name):
+    """(path, format or None) of a plain ``json:`` backing name: a qcow2 or
+    raw node over a file node, or a file node (``{"driver": "file",
+    "filename": P}``); None for any other tree (other drivers, options).
+    The path is used as written (qemu: relative to the working directory)."""
+    try:
+        tree = parse_json_name(name)
+    except InvalidArgumentError:
+        return None
+    fmt = tree.pop("driver", None)
+    if fmt == "file":
+        tree, fmt = {"file": dict(tree, driver="file")}, None
+    elif fmt is not None and fmt not in JSON_FORMATS:
+        return None
+    node = tree.pop("file", None)
+    if tree or not isinstance(node, dict) or node.get("driver", "file") != "file":
+        return None
+    path = node.get("filename")
+    if set(node) - {"driver", "filename"} or not isinstance(path, str):
+        return None
+    return path, fmt
+
+
+def backing_format(header_format, name):
+    """The format of a backing file: the header's, else a json: name's driver."""
+    if header_format or not name.startswith(JSON_PREFIX):
+        return header_format
+    target = json_file(name)
+    return target and target[1]
 
 
 def resolve_backing_path(image_path, name):
     """qemu resolves a relative backing name against the image's directory
     (a remote image's: its URL, host/remote.py); a ``file:`` name (the file
-    protocol, named) is a path as it is."""
+    protocol, named) is a path as it is, as is a plain ``json:`` name's file
+    (json_file; any other json: name is returned as it is)."""
     if name.startswith(FILE_PROTOCOL):
         return name[len(FILE_PROTOCOL):]
+    if name.startswith(JSON_PREFIX):
+        target = json_file(name)
+        return target[0] if target else name
     if remote.is_url(image_path) or remote.is_url(name):
         return remote.join(image_path, name)
     if os.path.isabs(name):

@@ -40,7 +40,7 @@ from ..spec import header as hdr
 from ..host import lock
 from . import backing, untrusted
 from ..host.remote import is_url
-from .backing import identity, probe_format, read_head, resolve_backing_path
+from .backing import backing_format, identity, probe_format, read_head, resolve_backing_path
 from .cache import MIN_L2_SLOTS
 
 LAYER_L2_ENTRY = 16384        # a lower layer's L2 slice (or its cluster size, if smaller)
@@ -314,7 +314,8 @@ def open_chain(top, max_depth=None, above=()):
             if not is_url(path) and not os.path.exists(path):
                 raise FileNotFoundError(2, f"could not open backing file {name!r} of "
                                            f"{img.path!r} (layer {k}, field backing_file)", path)
-            fmt = img.header.backing_format or probe_format(path, top.remote_options)
+            fmt = (backing_format(img.header.backing_format, name)
+                   or probe_format(path, top.remote_options))
             if fmt not in ("qcow2", "raw"):
                 raise UnsupportedFeatureError(
                     f"backing file {name!r} of {img.path!r} (layer {k}): format {fmt!r} "

@@ -87,11 +87,15 @@ class Clusters:
         if k < n:
             out[k:] = bytes(n - k)
 
-    def layer_extents(self, offset, length):
-        """This layer's extents of [offset, offset+length)."""
+    def layer_extents(self, offset, length, host_limit=None):
+        """This layer's extents of [offset, offset+length).  ``host_limit``:
+        where data clusters must end (default: the file's end, as for a
+        read; block status passes NO_HOST_LIMIT and reports, as qemu does,
+        data clusters past the end, which reads still refuse)."""
         pos, end = offset, offset + length
+        limit = self.state.host_limit if host_limit is None else host_limit
         while pos < end:
-            kind, host, n, entry = self.mapping.run_at(pos, end - pos, self.state.host_limit)
+            kind, host, n, entry = self.mapping.run_at(pos, end - pos, limit)
             if not host and not (self.state.external_data
                                  and (kind == DATA or at_host0(np.uint64(entry)))):
                 host = None     # (zero or unallocated: a preallocated cluster keeps it)

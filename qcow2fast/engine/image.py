@@ -47,7 +47,7 @@ from .compress import Compressor
 from .flush import FlushOrder
 from .image_lifecycle import LifecycleAPI
 from .secret import ChainSecrets, Secret
-from .mapping import Mapping, read_l1_table
+from .mapping import NO_HOST_LIMIT, Mapping, read_l1_table
 from .overlap import MetadataMap
 from .refcount import Refcounts
 from .snapshot import TableRepairs, find_snapshot, read_snapshot_table, snapshot_l1
@@ -524,7 +524,7 @@ class Image(LifecycleAPI, ImageCore):
         self._check_request(offset, length)
         self._wrlock_open()
         try:
-            exts = list(self.clusters.layer_extents(offset, length))
+            exts = list(self.clusters.layer_extents(offset, length, NO_HOST_LIMIT))
         finally:
             self._unlock()
         if self.chain is not None:

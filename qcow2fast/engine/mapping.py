@@ -23,6 +23,10 @@ from ..spec.constants import (COMPRESSED, DATA, INVALID, L1E_OFFSET_MASK, L1E_RE
 from ..spec.constants import BE64 as _BE64
 from ..spec.header import pack_fields
 
+# run_at's host_limit for reports (block status): data clusters may lie past
+# the file's end (qemu maps them; reading them is refused).
+NO_HOST_LIMIT = 1 << 63
+
 
 def read_l1_table(file, offset, size, cluster_size, file_size, what="L1 table",
                   past_eof_zeros=False):

@@ -359,7 +359,9 @@ def _parse_extensions(h, buf, start, end):
                                     "runs past the header area", offset=pos,
                                     field="header extension")
         data = bytes(buf[data_at:data_at + length])
-        if kind in seen and kind != EXT_END:
+        # (qemu reads extensions in order: a second backing format wins;
+        # any other extension twice is refused)
+        if kind in seen and kind != EXT_BACKING_FORMAT:
             raise CorruptImageError(f"header extension {kind:#010x} appears twice",
                                     offset=pos, field="header extension")
         seen.add(kind)

@@ -118,3 +118,19 @@ def test_compare_progress_only_on_a_terminal(pairs):
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
     assert b"Images are identical." in out and b"%" in out    # the bar was drawn
+
+
+def test_holes_of_a_raw_backing_file_map_as_qemu(tmp_path, capsys):
+    """A hole in a raw backing file keeps its offset in map's output, as
+    qemu's raw driver reports every range offset-valid (found through a
+    json: backing name; a plain name maps the same)."""
+    base, top = tmp_path / "base.raw", tmp_path / "top.qcow2"
+    qemu_img("create", "-q", "-f", "raw", base, "4M")
+    qemu_io(base, "write -P 5 0 64k", "write -P 6 2M 64k", fmt="raw")
+    qemu_img("create", "-q", "-f", "qcow2", "-F", "raw", "-b", base, top, "8M")
+    qemu_io(top, "write -P 7 1M 64k")
+    for out in ("human", "json"):
+        want = qemu_img("map", f"--output={out}", top).stdout_text
+        status, got, err = cli(capsys, "map", f"--output={out}", top)
+        assert (status, got) == (0, want), err
+    assert '"zero": true, "data": false, "offset": 65536}' in want   # (the json output)

@@ -136,7 +136,7 @@ def test_every_barrier_inside_metadata_ops(tmp_path, name, ops):
     rng = np.random.default_rng(3)
     rec = record(cfg, str(tmp_path), rng)
     plan = _prefixes_inside(rec, ops)
-    assert len(plan) >= 4
+    assert len(plan) >= 3       # (no fdatasync where nothing was written since the last)
     for item in plan:
         check_state(rec, make_state(rec, item, rng), str(tmp_path), rng)
     last = make_state(rec, plan[-1], rng)

@@ -140,3 +140,21 @@ def test_dirty_data_file_image_keeps_its_data(tmp_path, monkeypatch):
         assert img.read(0, img.size) == before
     qemu_check(p)
     assert qemu_raw(p) == before and before[:1] == b"\x11" and before[6 * MiB] == 0x22
+
+
+def test_map_reports_data_past_eof_as_qemu(tmp_path, capsys):
+    """qemu-iotests 102: a data cluster cut off the file is mapped where its
+    L2 entry points, as qemu-img maps it; reading it is still refused with
+    the L2 entry's offset (qemu reads zeros there)."""
+    p = qemu_create(tmp_path / "t.qcow2", 64 * KiB)
+    qemu_io(p, "write 0 64k")
+    _cut(p, 5 * 64 * KiB)               # header, reftable, refblock, L1, L2: the data is gone
+    for fmt in ("human", "json"):
+        status, out, err = run_cli(capsys, "map", f"--output={fmt}", str(p))
+        assert (status, out, err) == (0, qemu_img("map", f"--output={fmt}", p).stdout_text, "")
+    with qcow2fast.open(str(p)) as img:
+        [ext] = img.block_status()
+        assert (ext.kind, ext.host_offset) == ("data", 5 * 64 * KiB)
+        with pytest.raises(qcow2fast.CorruptImageError, match="past the end") as e:
+            img.read(0, 512)
+        assert e.value.offset == 4 * 64 * KiB
