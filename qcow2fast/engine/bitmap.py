@@ -451,6 +451,18 @@ class Bitmaps:
                 b.entry, b.on_disk = e, True
         self.changed = False
 
+    def checkpoint(self):
+        """:meth:`store` now, then the stored bitmaps marked in use again in
+        place (as at open), so they go on tracking writes.  The caller holds
+        the exclusive lock throughout: no write lands between the two."""
+        self.store()
+        marked = [b for b in self.list if not b.inconsistent]
+        if marked and self.refcounts is not None and not self.state.read_only:
+            for b in marked:
+                b.entry.flags |= bm.BME_FLAG_IN_USE
+            self._rewrite_directory_in_place()
+            self.changed = True
+
     def _replace_directory(self, entries):
         """qemu's update_ext_header_and_dir: ``entries`` as a directory in
         new clusters (none when empty), the header pointing at it, then the

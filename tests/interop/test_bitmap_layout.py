@@ -5,10 +5,13 @@ contents, file size, ``qemu-img check`` and ``info`` (qemu re-stores every
 bitmap at each read-write close, each cluster first-fit, and removes a
 bitmap from the image at once: iotests 190 and 303 depend on it)."""
 
+import shutil
 import struct
 
 import pytest
 
+import qcow2fast
+from tests.helpers.bitmap_util import qemu_dirty_map
 from tests.helpers.cli_util import run_cli
 from tests.helpers.qemu_util import qemu_check, qemu_create, qemu_img, qemu_info, qemu_io
 
@@ -85,3 +88,30 @@ def test_bitmap_clusters_where_qemu_puts_them(tmp_path, capsys, cluster_size):
     for k in ("filename", "actual-size"):       # blocks the file system gave: not the layout
         info_q.pop(k), info_o.pop(k)
     assert info_o == info_q
+
+
+def test_store_bitmaps_checkpoint(tmp_path):
+    """img.store_bitmaps(): the bitmaps written now (a copy of the file taken
+    then checks clean: new clusters referenced, old ones freed), still in
+    use and tracking writes afterwards; at close qemu reads every write."""
+    path = qemu_create(tmp_path / "c.qcow2", 64 * MiB)
+    qemu_img("bitmap", "--add", path, "b")
+    with qcow2fast.open(path, "r+") as img:
+        img.write(0, b"x" * 65536)
+        before = bitmap_layout(path)
+        img.store_bitmaps()
+        after = bitmap_layout(path)
+        shutil.copy(path, tmp_path / "copy.qcow2")
+        img.write(4 * MiB, b"y" * 65536)
+        assert img.dirty_extents("b", 0, 8 * MiB) == [
+            (0, 65536, True), (65536, 4 * MiB - 65536, False), (4 * MiB, 65536, True),
+            (4 * MiB + 65536, 4 * MiB - 65536, False)]
+    assert after[0][1][1] != before[0][1][1]            # the table was stored anew
+    assert after[0][1][3] & 1                           # and is in use again
+    assert after[0][1][5] != (0,)                       # with the first write's data
+    qemu_check(tmp_path / "copy.qcow2")
+    assert qemu_dirty_map(path, "b", tmp_path)[:4] == [
+        (0, 65536, True), (65536, 4 * MiB - 65536, False), (4 * MiB, 65536, True),
+        (4 * MiB + 65536, 60 * MiB - 65536, False)]
+    [b] = qemu_info(path)["format-specific"]["data"]["bitmaps"]
+    assert b["flags"] == ["auto"]
