@@ -14,9 +14,9 @@ first needed).  With the image open for writing, as qemu does:
 - a bitmap found ``in_use`` at open is inconsistent: kept as it is on disk,
   usable only to be removed.
 
-At close (:meth:`Bitmaps.store`) every consistent bitmap whose data changed
-is written to new clusters (one whose data on disk is still exact keeps
-it) and the directory replaced; the order and its barriers are stated
+At close (:meth:`Bitmaps.store`) every consistent bitmap is written to new
+clusters and the directory replaced, as qemu does (so the clusters land
+where qemu's land); a removed bitmap leaves the image at once, as in qemu; the order and its barriers are stated
 there.  An image whose bitmaps autoclear bit was cleared by a program
 that does not know bitmaps has its bitmaps ignored, and the extension is
 dropped at the next open for writing (qemu's behaviour).
@@ -72,7 +72,6 @@ class Bitmaps:
         self.stale = False              # extension present, autoclear bit cleared
         self.list = []
         self.changed = False            # something to store at close
-        self._drop = []                 # entries removed, freed once the directory drops them
         h = state.header
         self.warning = stale_warning(h)     # qemu's warning when they were disowned
         try:
@@ -341,7 +340,15 @@ class Bitmaps:
         self.list.remove(b)
         del self.by_name[name]
         self.dir_size -= bm.entry_size(len(name.encode()))
-        self._drop.append(b.entry)
+        if b.on_disk and self.refcounts is not None:
+            # qemu removes it from the image at once: a new directory
+            # without it, then its table and data freed.
+            s = self.state
+            with features.steps(s, f"removing the persistent dirty bitmap '{name}'"):
+                self._replace_directory([x.entry for x in self.list if x.on_disk])
+                free_bitmaps(s, self.refcounts, [b.entry])
+                s.refcount_cache.flush()
+                s.barrier()     # barrier: the frees are stable
         self.changed = True
 
     def clear(self, name):
@@ -403,9 +410,9 @@ class Bitmaps:
 
         1. each bitmap's data clusters, then its table, to new clusters
            (many bitmaps in one run of clusters, engine/bitmap_store.py);
+           each cluster first-fit as qemu's allocations place them;
            refcounts written, barrier: all of it is stable before anything
-           points to it (a bitmap whose data on disk is still exact keeps
-           its table and data: nothing to write, nothing to free);
+           points to it (every consistent bitmap, changed or not, as qemu);
         2. the new directory to new clusters, barrier;
         3. the header (extension pointing at the new directory, autoclear
            bit set), barrier: from here the new bitmaps are the image's,
@@ -420,8 +427,7 @@ class Bitmaps:
 
     def _store(self):
         s, rc = self.state, self.refcounts
-        cs = s.cluster_size
-        old = list(self._drop)
+        old = []
         new_entries, writes = [], []
         for b in self.list:
             if b.inconsistent:
@@ -429,13 +435,6 @@ class Bitmaps:
                 continue
             e = bm.BitmapEntry(b.name, b.entry.granularity_bits,
                                bm.BME_FLAG_AUTO if b.enabled else 0)
-            if b.on_disk and not b.loaded and not b.tracker.bits.any():
-                # Its data on disk is still exact (never loaded, so never
-                # cleared, merged or resized; no write since open): the new
-                # directory keeps its table and data.
-                e.table_offset, e.table_size = b.entry.table_offset, b.entry.table_size
-                new_entries.append(e)
-                continue
             t = self.data(b)
             if b.on_disk:
                 old.append(bm.BitmapEntry(b.name, b.entry.granularity_bits, b.entry.flags,
@@ -443,15 +442,42 @@ class Bitmaps:
             writes.append((e, t))
             new_entries.append(e)
         write_bitmaps(s, rc, writes)
+        self._replace_directory(new_entries)
+        free_bitmaps(s, rc, old)
+        s.refcount_cache.flush()
+        s.barrier()             # barrier: the frees are stable
+        for b, e in zip([b for b in self.list], new_entries):
+            if not b.inconsistent:
+                b.entry, b.on_disk = e, True
+        self.changed = False
+
+    def checkpoint(self):
+        """:meth:`store` now, then the stored bitmaps marked in use again in
+        place (as at open), so they go on tracking writes.  The caller holds
+        the exclusive lock throughout: no write lands between the two."""
+        self.store()
+        marked = [b for b in self.list if not b.inconsistent]
+        if marked and self.refcounts is not None and not self.state.read_only:
+            for b in marked:
+                b.entry.flags |= bm.BME_FLAG_IN_USE
+            self._rewrite_directory_in_place()
+            self.changed = True
+
+    def _replace_directory(self, entries):
+        """qemu's update_ext_header_and_dir: ``entries`` as a directory in
+        new clusters (none when empty), the header pointing at it, then the
+        old directory freed."""
+        s, rc = self.state, self.refcounts
+        cs = s.cluster_size
         ext_old, _ = read_extension_any(s.header)
-        if new_entries:
-            d = bm.pack_directory(new_entries)
+        if entries:
+            d = bm.pack_directory(entries)
             d_off = rc.alloc(-(-len(d) // cs))
             s.refcount_cache.flush()
             s.file.pwrite(d, d_off)
             s.allocated(d_off + len(d))
-            s.barrier()         # barrier: data, tables, directory and their refcounts stable
-            ext = bm.BitmapsExtension(len(new_entries), len(d), d_off)
+            s.barrier()         # barrier: what it points to, the directory and their refcounts stable
+            ext = bm.BitmapsExtension(len(entries), len(d), d_off)
         else:
             ext = None
         self._set_extension(ext)
@@ -459,14 +485,6 @@ class Bitmaps:
         s.barrier()             # barrier: the header points at the new directory
         if ext_old is not None and ext_old.directory_size:
             rc.free(ext_old.directory_offset, -(-ext_old.directory_size // cs))
-        free_bitmaps(s, rc, old)
-        s.refcount_cache.flush()
-        s.barrier()             # barrier: the frees are stable
-        for b, e in zip([b for b in self.list], new_entries):
-            if not b.inconsistent:
-                b.entry, b.on_disk = e, True
-        self._drop = []
-        self.changed = False
 
 
 def _merge_into(dst, src):

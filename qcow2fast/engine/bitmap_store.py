@@ -30,7 +30,7 @@ def write_bitmaps(state, refcounts, writes):
     sets the entry's ``table_offset`` and ``table_size``.  The clusters
     join the metadata map before guest data could be given them."""
     cs = state.cluster_size
-    batch, clusters = [], 0
+    batch, clusters, pieces = [], 0, []
     for e, t in writes:
         nbytes = bm.data_bytes(t.size, e.granularity_bits)
         n = max(1, -(-nbytes // cs))
@@ -45,22 +45,45 @@ def write_bitmaps(state, refcounts, writes):
                 chunks = np.zeros((n, cs), dtype=np.uint8)
                 chunks.reshape(-1)[:nbytes] = bits
             used = np.flatnonzero(chunks.any(axis=1))
-        need = len(used) + -(-n * bm.TABLE_ENTRY_SIZE // cs)
+        tcl = -(-n * bm.TABLE_ENTRY_SIZE // cs)
+        need = len(used) + tcl
         if batch and (clusters + need) * cs > STORE_BATCH:
-            _write_batch(state, refcounts, batch, clusters)
-            batch, clusters = [], 0
+            _write_batch(state, refcounts, batch, clusters, pieces)
+            batch, clusters, pieces = [], 0, []
         batch.append((e, chunks, used, clusters))
         clusters += need
+        pieces += [1] * len(used) + [tcl]
     if batch:
-        _write_batch(state, refcounts, batch, clusters)
+        _write_batch(state, refcounts, batch, clusters, pieces)
 
 
-def _write_batch(state, refcounts, batch, clusters):
-    """One run of ``clusters`` new clusters: each bitmap's used data
-    clusters, then its table, in order; one pwrite."""
+def _place(refcounts, pieces):
+    """Host offset of each cluster of ``pieces`` (runs of clusters: a data
+    cluster, a table) allocated in order, each first-fit, as qemu's
+    qcow2_alloc_clusters calls place them.  The rest goes in one run as soon
+    as it fits at the first free cluster (the same places, one allocation)."""
+    cb = refcounts.geo.cluster_bits
+    out, rest = [], sum(pieces)
+    for k in pieces:
+        n = rest if refcounts.find_free_run(rest) == refcounts.next_free(refcounts.free_hint) \
+            else k
+        base = refcounts.alloc(n)
+        out.extend(range(base, base + (n << cb), 1 << cb))
+        if n == rest:
+            break
+        rest -= k
+    return np.array(out, dtype=np.int64)
+
+
+def _write_batch(state, refcounts, batch, clusters, pieces):
+    """``clusters`` new clusters: each bitmap's used data clusters, then its
+    table, in order; one pwrite per contiguous run of them."""
     cs = state.cluster_size
-    base = refcounts.alloc(clusters)
-    state.metadata.add(base >> state.cluster_bits, clusters)
+    where = _place(refcounts, pieces)
+    runs = np.flatnonzero(np.diff(where) != cs) + 1
+    starts, ends = np.r_[0, runs], np.r_[runs, clusters]
+    for a, b in zip(starts.tolist(), ends.tolist()):
+        state.metadata.add(int(where[a]) >> state.cluster_bits, b - a)
     buf = np.zeros((clusters, cs), dtype=np.uint8)
     flat = buf.reshape(-1)
     for e, chunks, used, first in batch:
@@ -70,17 +93,18 @@ def _write_batch(state, refcounts, batch, clusters):
             if len(used):
                 flat[first * cs:first * cs + len(chunks)] = chunks
                 flat[at * cs:at * cs + 8] = np.frombuffer(
-                    (base + first * cs).to_bytes(8, "big"), dtype=np.uint8)
+                    int(where[first]).to_bytes(8, "big"), dtype=np.uint8)
         else:
             n = len(chunks)
             buf[first:at] = chunks[used]
             table = np.zeros(n, dtype=">u8")
-            table[used] = base + (first + np.arange(len(used), dtype=np.int64)) * cs
+            table[used] = where[first:first + len(used)]
             raw = table.view(np.uint8)
             flat[at * cs:at * cs + len(raw)] = raw
-        e.table_offset, e.table_size = base + at * cs, n
-    state.file.pwrite(buf, base)
-    state.allocated(base + clusters * cs)     # fresh space written: no longer reads as zeros
+        e.table_offset, e.table_size = int(where[at]), n
+    for a, b in zip(starts.tolist(), ends.tolist()):
+        state.file.pwrite(buf[a:b], int(where[a]))
+        state.allocated(int(where[b - 1]) + cs)     # fresh space written: reads as written
 
 
 def free_bitmaps(state, refcounts, entries):

@@ -65,6 +65,14 @@ class LifecycleAPI:
         other = None if source_image is None else source_image.dirty_bitmaps
         self.dirty_bitmaps.merge(source, target, other)
 
+    def store_bitmaps(self) -> None:
+        """Write the persistent dirty bitmaps into the image now, as close
+        does (same order and barriers); the image stays open and the bitmaps
+        stay in use, tracking the next writes.  Then flushed, as close
+        flushes after storing: the file is whole at this point."""
+        self._update(self.dirty_bitmaps.checkpoint)
+        self.flush()
+
     def dirty_extents(self, name: str, offset: int = 0,
                       length: int | None = None) -> list[tuple[int, int, bool]]:
         """[(offset, length, dirty)] covering [offset, offset+length) in

@@ -72,10 +72,16 @@ def start_qemu_nbd(args, sock):
 
 
 def stop_server(p):
-    """SIGTERM, and the server's exit status."""
+    """SIGTERM, and the server's exit status; a server still running a minute
+    later is killed and the test fails (never left behind)."""
     if p.poll() is None:
         p.terminate()
-    return p.wait(timeout=60)
+    try:
+        return p.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        p.wait()
+        pytest.fail(f"server pid {p.pid} ignored SIGTERM for 60 s (killed)", pytrace=False)
 
 
 def side_by_side(tmp_path, args, image, fn, *, copy=False):
@@ -96,15 +102,43 @@ def side_by_side(tmp_path, args, image, fn, *, copy=False):
     return out
 
 
-def start_server(cmd, sock):
+_SO_ACCEPTCON = 0x10000                         # /proc/net/unix Flags of a listening socket
+
+
+def is_listening(sock):
+    """True when a Unix socket bound to ``sock`` is listening.  The socket
+    file exists from bind(), before listen(): checked in /proc/net/unix, not
+    by connecting (a qemu-nbd without -t would serve that one connection and exit)."""
+    path = os.path.realpath(sock)
+    with open("/proc/net/unix") as f:
+        next(f)                                 # header
+        for line in f:
+            fields = line.split(None, 7)
+            if len(fields) == 8 and int(fields[3], 16) & _SO_ACCEPTCON \
+                    and os.path.realpath(fields[7].rstrip("\n")) == path:
+                return True
+    return False
+
+
+def start_server(cmd, sock, timeout=60):
+    """The server process once it listens on ``sock`` (or, with --fork, once
+    its parent has exited and the socket listens).  A server that does not
+    listen within ``timeout`` s is killed (never left running) and the start fails."""
     p = subprocess.Popen([str(a) for a in cmd], env=dict(os.environ, PYTHONPATH=REPO),
                          stderr=subprocess.PIPE)
-    for _ in range(600):                        # wait for the socket (up to a minute)
-        if os.path.exists(sock) or p.poll() is not None:
+    for _ in range(int(timeout * 10)):
+        if is_listening(sock) or p.poll() is not None:
             break
         time.sleep(0.1)
-    assert os.path.exists(sock), p.stderr.read().decode() if p.poll() is not None else ""
-    return p
+    if is_listening(sock):
+        return p
+    running = p.poll() is None
+    if running:
+        p.kill()
+    err = p.communicate(timeout=60)[1].decode()
+    pytest.fail(f"{cmd[0]} not listening on {sock} "
+                f"({f'killed after {timeout} s' if running else f'exit {p.returncode}'}): {err}",
+                pytrace=False)
 
 
 def nbdinfo(*args, check=True):
