@@ -24,7 +24,7 @@ dropped at the next open for writing (qemu's behaviour).
 
 from __future__ import annotations
 
-import numpy as np
+from .._numpy import np
 
 from .._ext.hooks import DirtyBitmap
 from ..errors import (CorruptImageError, InvalidArgumentError, ReadOnlyImageError,
@@ -143,7 +143,7 @@ class Bitmaps:
         span_of = np.repeat(np.arange(len(off)), count)
         clusters = first[span_of] + np.arange(len(span_of)) - np.repeat(np.cumsum(count) - count,
                                                                         count)
-        meta = s.metadata.bits
+        meta = np.frombuffer(s.metadata.bits, np.uint8)
         inside = (clusters >> 3) < len(meta)
         hit = np.zeros(len(clusters), dtype=bool)
         hit[inside] = (meta[clusters[inside] >> 3] >> (clusters[inside] & 7).astype(np.uint8)) & 1
@@ -429,7 +429,7 @@ class Bitmaps:
                 continue
             e = bm.BitmapEntry(b.name, b.entry.granularity_bits,
                                bm.BME_FLAG_AUTO if b.enabled else 0)
-            if b.on_disk and not b.loaded and not b.tracker.bits.any():
+            if b.on_disk and not b.loaded and b.tracker.bits.count(0) == len(b.tracker.bits):
                 # Its data on disk is still exact (never loaded, so never
                 # cleared, merged or resized; no write since open): the new
                 # directory keeps its table and data.
