@@ -4,6 +4,7 @@ from .cache cimport TableCache
 cdef class RefcountCore:
     cdef public TableCache cache
     cdef object _table
+    cdef object _table_view             # the exported buffer behind ``tbl``
     cdef uint64_t *tbl
     cdef readonly int64_t table_size
     cdef readonly int order, rb_bits, cluster_bits
@@ -12,6 +13,7 @@ cdef class RefcountCore:
     cdef public int64_t end_cluster      # no cluster at or past it is in use
     cdef readonly int64_t missing_block  # set when c_alloc needs a new block
     cdef object _reserved
+    cdef object _reserved_view          # the exported buffer behind ``res``
     cdef const uint8_t *res
     cdef int64_t res_len
 

@@ -9,17 +9,12 @@ is free).  Raising a refcount that needs a missing block is not done here:
 the caller creates the block and retries.
 """
 
-import numpy as np
-
-cimport numpy as cnp
 from libc.stdint cimport uint8_t, uint64_t, int64_t
 
 from .cache cimport TableCache
 from .common cimport qcow2_rb_bits, rc_get, rc_set
 
 from ..errors import CorruptImageError, LimitExceededError
-
-cnp.import_array()
 
 
 cdef class RefcountCore:
@@ -39,26 +34,33 @@ cdef class RefcountCore:
         replace it with :meth:`_set_table`."""
         return self._table
 
-    def _set_table(self, cnp.ndarray table):
+    def _set_table(self, table):
+        """Install ``table`` (contiguous native uint64: an ``array('Q')`` or a
+        numpy array); it stays exported (cannot be resized) until replaced."""
+        cdef uint64_t[::1] view = table
         self._table = table
-        self.tbl = <uint64_t *>cnp.PyArray_DATA(table)
-        self.table_size = table.shape[0]
+        self._table_view = view
+        self.tbl = &view[0] if view.shape[0] else NULL
+        self.table_size = view.shape[0]
 
     @property
     def reserved(self):
-        """Clusters never to hand out (a bool array, during repair) or None."""
+        """Clusters never to hand out (one byte per cluster, nonzero =
+        reserved: a numpy bool array during repair) or None."""
         return self._reserved
 
     @reserved.setter
     def reserved(self, value):
-        cdef cnp.ndarray arr
+        cdef const uint8_t[::1] view
         if value is None:
-            self._reserved, self.res, self.res_len = None, NULL, 0
+            self._reserved, self._reserved_view, self.res, self.res_len = None, None, NULL, 0
             return
-        arr = np.ascontiguousarray(value, dtype=bool).view(np.uint8)
-        self._reserved = arr
-        self.res = <const uint8_t *>cnp.PyArray_DATA(arr)
-        self.res_len = arr.shape[0]
+        if getattr(value, "dtype", None) is not None:       # numpy bool: one byte each
+            value = value.view("u1") if value.flags.c_contiguous else value.astype("u1")
+        view = value
+        self._reserved, self._reserved_view = value, view
+        self.res = &view[0] if view.shape[0] else NULL
+        self.res_len = view.shape[0]
 
     cdef int _slot(self, int64_t t) except -2:
         """Cache slot of refcount block ``t``, or -1 if the block does not exist."""

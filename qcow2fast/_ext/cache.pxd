@@ -1,10 +1,11 @@
+from cpython cimport array
 from libc.stdint cimport uint8_t, int32_t, int64_t, uint64_t
 from .fileio cimport File
 
 cdef class TableCache:
     cdef readonly int nslots
     cdef readonly int64_t slot_bytes
-    cdef readonly object data           # numpy uint8 [nslots, slot_bytes]
+    cdef readonly object data           # memoryview of bytes [nslots, slot_bytes]
     cdef readonly File file
     cdef readonly bint swap64           # entries are 64-bit big-endian on disk
     cdef public TableCache depends      # flushed before any slot of this cache is written
@@ -15,7 +16,8 @@ cdef class TableCache:
     cdef public uint64_t hits, misses
     cdef readonly int ndirty
     cdef object _raw_views, _u64_views
-    cdef object _mm, _keys, _lru, _dirty, _dlo, _dhi, _pins, _htab, _free, _scratch_mm
+    cdef object _mm, _scratch_mm
+    cdef array.array _keys, _lru, _dirty, _dlo, _dhi, _pins, _htab, _free  # never resized
     cdef int64_t granule
     cdef uint8_t *base
     cdef int64_t *keys

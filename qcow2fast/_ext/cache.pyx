@@ -1,6 +1,6 @@
 # cython: language_level=3
-"""Metadata table cache (qemu's qcow2-cache.c): fixed slots in one numpy
-array, LRU eviction, a hash from the table's host offset to its slot.
+"""Metadata table cache (qemu's qcow2-cache.c): fixed slots in one anonymous
+mapping, LRU eviction, a hash from the table's host offset to its slot.
 
 Invariants:
 - a slot is either empty (key -1, on the free list) or holds exactly one
@@ -27,21 +27,25 @@ Invariants:
 
 import mmap
 
-import numpy as np
-
-cimport numpy as cnp
+from cpython cimport array
 from libc.stdint cimport uint8_t, int32_t, int64_t, uint64_t
 from libc.string cimport memset, memcpy
 
 from .common cimport QF_BSWAP64
 from .fileio cimport File
 
-cnp.import_array()
-
 
 # Write-back granule: the page size, and O_DIRECT's block size.
 cdef enum:
     WRITE_GRANULE = 4096
+
+
+cdef array.array _filled(str typecode, Py_ssize_t n, long value):
+    """An ``array(typecode)`` of ``n`` items, each ``value``."""
+    cdef array.array a = array.clone(array.array(typecode), n, zero=True)
+    if value:
+        a[:] = array.array(typecode, [value]) * n
+    return a
 
 
 cdef inline uint64_t _hash(int64_t key) noexcept nogil:
@@ -60,36 +64,42 @@ cdef class TableCache:
         # An anonymous mapping is page-aligned and zero pages are mapped
         # lazily: a large cache costs memory only as it fills, and dropped
         # slots give their pages back (madvise).
+        cdef uint8_t[::1] mem, scratch
         self._mm = mmap.mmap(-1, nslots * slot_bytes)
-        self.data = np.frombuffer(self._mm, dtype=np.uint8).reshape(nslots, slot_bytes)
-        self._keys = np.full(nslots, -1, dtype=np.int64)
-        self._lru = np.zeros(nslots, dtype=np.uint64)
-        self._dirty = np.zeros(nslots, dtype=np.uint8)
-        self._dlo = np.zeros(nslots, dtype=np.int64)
-        self._dhi = np.zeros(nslots, dtype=np.int64)
-        self._pins = np.zeros(nslots, dtype=np.int32)
+        mem = self._mm
+        self.data = memoryview(self._mm).cast("B", (nslots, slot_bytes))
+        self._keys = _filled("q", nslots, -1)
+        self._lru = _filled("Q", nslots, 0)
+        self._dirty = _filled("B", nslots, 0)
+        self._dlo = _filled("q", nslots, 0)
+        self._dhi = _filled("q", nslots, 0)
+        self._pins = _filled("i", nslots, 0)
         while cap < 2 * nslots:
             cap <<= 1
-        self._htab = np.full(cap, -1, dtype=np.int32)
-        self._free = np.arange(nslots - 1, -1, -1, dtype=np.int32)
+        self._htab = _filled("i", cap, -1)
+        self._free = array.array("i", range(nslots - 1, -1, -1))
         # Page-aligned like the slots, so O_DIRECT writes need no bounce buffer.
         self._scratch_mm = mmap.mmap(-1, slot_bytes)
+        scratch = self._scratch_mm
         self.granule = min(max(WRITE_GRANULE, file.align), slot_bytes)
-        self.base = <uint8_t *>cnp.PyArray_DATA(self.data)
-        self.keys = <int64_t *>cnp.PyArray_DATA(self._keys)
-        self.lru = <uint64_t *>cnp.PyArray_DATA(self._lru)
-        self.dirty = <uint8_t *>cnp.PyArray_DATA(self._dirty)
-        self.dlo = <int64_t *>cnp.PyArray_DATA(self._dlo)
-        self.dhi = <int64_t *>cnp.PyArray_DATA(self._dhi)
-        self.pins = <int32_t *>cnp.PyArray_DATA(self._pins)
-        self.htab = <int32_t *>cnp.PyArray_DATA(self._htab)
-        self.freelist = <int32_t *>cnp.PyArray_DATA(self._free)
-        self.scratch = <uint8_t *>cnp.PyArray_DATA(np.frombuffer(self._scratch_mm, np.uint8))
+        # The arrays are never resized and the mappings never closed, so
+        # these pointers stay valid for the cache's life.
+        self.base = &mem[0]
+        self.keys = <int64_t *>self._keys.data.as_longlongs
+        self.lru = <uint64_t *>self._lru.data.as_ulonglongs
+        self.dirty = self._dirty.data.as_uchars
+        self.dlo = <int64_t *>self._dlo.data.as_longlongs
+        self.dhi = <int64_t *>self._dhi.data.as_longlongs
+        self.pins = <int32_t *>self._pins.data.as_ints
+        self.htab = <int32_t *>self._htab.data.as_ints
+        self.freelist = <int32_t *>self._free.data.as_ints
+        self.scratch = &scratch[0]
         self.nfree = nslots
         self.hmask = cap - 1
         # One view per slot, made once: slow paths ask for them constantly.
-        self._raw_views = [self.data[i] for i in range(nslots)]
-        self._u64_views = [v.view(np.uint64) for v in self._raw_views] if swap64 else None
+        flat = memoryview(self._mm)
+        self._raw_views = [flat[i * slot_bytes:(i + 1) * slot_bytes] for i in range(nslots)]
+        self._u64_views = [v.cast("Q") for v in self._raw_views] if swap64 else None
 
     # -- hash (linear probing, backward-shift deletion) ----------------------
 
@@ -290,11 +300,12 @@ cdef class TableCache:
         self.pins[slot] -= 1
 
     def u64(self, int slot):
-        """The slot as a native uint64 array view (L2 slices)."""
+        """The slot as a native uint64 ``memoryview`` (L2 slices); wrap it in
+        ``numpy.asarray`` for vector work."""
         return self._u64_views[slot]
 
     def raw(self, int slot):
-        """The slot as a uint8 array view (refcount blocks)."""
+        """The slot as a ``memoryview`` of bytes (refcount blocks)."""
         return self._raw_views[slot]
 
     def key(self, int slot):

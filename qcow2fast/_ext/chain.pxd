@@ -1,3 +1,4 @@
+from cpython cimport array
 from libc.stdint cimport uint64_t, int64_t
 from .core cimport pthread_rwlock_t
 from .hooks cimport ChainStep
@@ -10,7 +11,7 @@ cdef class ChainCore(ChainStep):
     cdef readonly int depth              # number of layers
     cdef list cores
     cdef list files
-    cdef object _sizes, _last_used
+    cdef array.array _sizes, _last_used    # never resized: ``sizes``/``last_used`` point in
     cdef int64_t *sizes                  # guest bytes of each layer: past them, zeros
     cdef uint64_t *last_used             # per layer, a clock value: LRU of open files
     cdef uint64_t clock

@@ -26,9 +26,7 @@ only under their layer's exclusive lock, so a reader holding a layer's
 lock always sees a live descriptor.
 """
 
-import numpy as np
-
-cimport numpy as cnp
+from cpython cimport array
 from libc.stdint cimport uint64_t, int64_t
 from libc.string cimport memset
 
@@ -42,8 +40,6 @@ from .fileio cimport File
 from .hooks cimport ChainStep
 from .resolved cimport (ResolvedMap, rm_meta, RM_BLOCK_BITS, RM_BLOCK_UNITS, RM_PENDING,
                         RM_DATA, RM_ZERO, RM_SLOW, RM_WALK)
-
-cnp.import_array()
 
 # Blocks resolved together on a miss (each layer locked and its L2 slices
 # read once for all of them): at most a quarter of the map's slots.
@@ -69,10 +65,10 @@ cdef class ChainCore(ChainStep):
         self.depth = len(layers)
         self.cores = [l if isinstance(l, ImageCore) else None for l in layers]
         self.files = [None if isinstance(l, ImageCore) else l.file for l in layers]
-        self._sizes = np.array([l.size for l in layers] or [0], dtype=np.int64)
-        self._last_used = np.zeros(max(1, self.depth), dtype=np.uint64)
-        self.sizes = <int64_t *>cnp.PyArray_DATA(self._sizes)
-        self.last_used = <uint64_t *>cnp.PyArray_DATA(self._last_used)
+        self._sizes = array.array("q", [l.size for l in layers] or [0])
+        self._last_used = array.clone(array.array("Q"), max(1, self.depth), zero=True)
+        self.sizes = <int64_t *>self._sizes.data.as_longlongs
+        self.last_used = <uint64_t *>self._last_used.data.as_ulonglongs
         self.rmap = rmap
         self.lazy = False
         self.resume = None
@@ -391,6 +387,6 @@ cdef class ChainCore(ChainStep):
 
     @property
     def last_used_clock(self):
-        """Per layer, when it was last used (a clock): the LRU order of
-        open layer files."""
+        """Per layer, when it was last used (a clock, an ``array('Q')``): the
+        LRU order of open layer files."""
         return self._last_used

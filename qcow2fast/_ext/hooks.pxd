@@ -14,10 +14,12 @@ cdef class DirtyBitmap(WriteObserver):
     cdef readonly int64_t size           # guest bytes covered
     cdef readonly int gran_bits
     cdef public bint enabled
-    cdef object _bits                    # numpy uint8, bit i = granule i dirty
+    cdef bytearray _bits                 # bit i = granule i dirty
+    cdef object _bits_view               # its export, behind ``bits``
     cdef uint8_t *bits
     cdef int64_t nbits
     cdef bint _dirty_at(self, int64_t g) noexcept
+    cdef _set_bits(self, bytearray bits)
 
 
 cdef class DataTransform:

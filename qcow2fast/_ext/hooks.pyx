@@ -16,17 +16,12 @@ API (``runs``) and for NBD's ``qemu:dirty-bitmap:`` contexts (``pack_runs``
 writes the block descriptors straight into the reply).
 """
 
-import numpy as np
-
-cimport numpy as cnp
 from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t
 from libc.string cimport memcpy, memset
 
 from .common cimport QF_BSWAP32
 
 from ..errors import InvalidArgumentError
-
-cnp.import_array()
 
 cdef extern from *:
     """
@@ -96,8 +91,7 @@ cdef class DirtyBitmap(WriteObserver):
         self.gran_bits = granularity.bit_length() - 1
         self.size = size
         self.nbits = (size + granularity - 1) >> self.gran_bits
-        self._bits = np.zeros(max(1, (self.nbits + 7) >> 3), dtype=np.uint8)
-        self.bits = <uint8_t *>cnp.PyArray_DATA(self._bits)
+        self._set_bits(bytearray(max(1, (self.nbits + 7) >> 3)))
         self.enabled = True
 
     cdef int changed(self, int64_t offset, int64_t length) except -1:
@@ -117,14 +111,21 @@ cdef class DirtyBitmap(WriteObserver):
             g += 1
         return 0
 
+    cdef _set_bits(self, bytearray bits):
+        """Install ``bits``; the bytearray stays exported (never resized)
+        while ``self.bits`` points into it."""
+        cdef uint8_t[::1] view = bits
+        self._bits, self._bits_view, self.bits = bits, view, &view[0]
+
     @property
     def bits(self):
-        """The packed bits (bit ``i & 7`` of byte ``i >> 3`` is granule ``i``)."""
+        """The packed bits, a ``bytearray`` (bit ``i & 7`` of byte ``i >> 3``
+        is granule ``i``; the bits past the disk's end are clear)."""
         return self._bits
 
     def count(self):
         """Dirty bytes (granules times granularity, the last one clipped)."""
-        n = int(np.unpackbits(self._bits, bitorder="little")[:self.nbits].sum())
+        n = int.from_bytes(self._bits, "little").bit_count()
         if n and self.size % self.granularity and self.is_dirty(self.size - 1):
             n -= 1
             return n * self.granularity + self.size % self.granularity
@@ -136,11 +137,7 @@ cdef class DirtyBitmap(WriteObserver):
 
     def dirty_ranges(self):
         """[(offset, length)] of the dirty granules, merged, clipped to the disk."""
-        flags = np.unpackbits(self._bits, bitorder="little")[:self.nbits].astype(np.int8)
-        edges = np.flatnonzero(np.diff(np.concatenate(([0], flags, [0]))))
-        g = self.granularity
-        return [(int(a) * g, min(int(b) * g, self.size) - int(a) * g)
-                for a, b in zip(edges[::2], edges[1::2])]
+        return [(at, n) for at, n, dirty in self.runs(0, self.size) if dirty]
 
     cdef bint _dirty_at(self, int64_t g) noexcept:
         return g < self.nbits and (self.bits[g >> 3] >> (g & 7)) & 1
@@ -150,7 +147,7 @@ cdef class DirtyBitmap(WriteObserver):
         offset+length); past the bitmap's size, clean.  With the GIL held,
         like ``changed``: a snapshot of the bits."""
         cdef int64_t end = offset + length, g, stop, nxt, at, to
-        cdef int64_t nbytes = self._bits.shape[0]
+        cdef int64_t nbytes = len(self._bits)
         cdef bint dirty
         if offset < 0 or length < 0:
             raise InvalidArgumentError(f"range [{offset}, {end}) is not valid")
@@ -177,7 +174,7 @@ cdef class DirtyBitmap(WriteObserver):
         ``out`` must hold 8 * ``max_runs`` bytes; with ``out`` None, only
         counts them."""
         cdef int64_t end = offset + length, g, stop, nxt, at, to
-        cdef int64_t nbytes = self._bits.shape[0]
+        cdef int64_t nbytes = len(self._bits)
         cdef Py_ssize_t n = 0
         cdef uint32_t *d = NULL
         cdef bint dirty
@@ -206,7 +203,7 @@ cdef class DirtyBitmap(WriteObserver):
     def clear(self):
         # With the GIL held, as ``changed`` runs: a write told during the
         # call is either cleared or kept whole, never half lost.
-        memset(self.bits, 0, <size_t>self._bits.shape[0])
+        memset(self.bits, 0, <size_t>len(self._bits))
 
     def resize(self, int64_t size):
         """Cover a ``size``-byte disk (qemu's hbitmap_truncate): the bits of
@@ -217,10 +214,10 @@ cdef class DirtyBitmap(WriteObserver):
             raise InvalidArgumentError(f"bitmap size must not be negative ({size})")
         old = self._bits
         nbits = (size + self.granularity - 1) >> self.gran_bits
-        new = np.zeros(max(1, (nbits + 7) >> 3), dtype=np.uint8)
+        new = bytearray(max(1, (nbits + 7) >> 3))
         n = min(len(old), len(new))
         new[:n] = old[:n]
-        self._bits, self.bits = new, <uint8_t *>cnp.PyArray_DATA(new)
+        self._set_bits(new)
         self.size, self.nbits = size, nbits
         if (nbits >> 3) < len(new):           # granules past the new end clear
             self.bits[nbits >> 3] &= <uint8_t>((1 << (nbits & 7)) - 1)
@@ -228,7 +225,7 @@ cdef class DirtyBitmap(WriteObserver):
     def merge(self, const uint8_t[::1] other):
         """OR ``other`` (packed bits, laid out as :attr:`bits`) in, granules
         past the disk left clear; with the GIL held, like ``changed``."""
-        cdef Py_ssize_t i, n = min(other.shape[0], self._bits.shape[0])
+        cdef Py_ssize_t i, n = min(other.shape[0], len(self._bits))
         for i in range(n):
             self.bits[i] |= other[i]
         if self.nbits & 7 and n * 8 >= self.nbits:

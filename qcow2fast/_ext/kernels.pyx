@@ -13,7 +13,6 @@ from .common cimport l2_entry_kind as l2_entry_kind_c
 from .common cimport at_host0, EXT_DATA
 
 
-
 def l2_next_run(const uint64_t[::1] l2, int64_t i, int64_t count, int cluster_bits,
                 bint need_copied=False, bint extended=False, bint data0=False):
     """(kind, host_offset, n): the run of allocation units -- entries, or
@@ -302,3 +301,85 @@ def differing_units(const uint8_t[::1] a, const uint8_t[::1] b, int64_t unit,
     with nogil:
         for i in range(n):
             out[i] = memcmp(&a[i * unit], &b[i * unit], unit) != 0
+
+
+# -- tables and packed bitmaps (what opening an image validates and marks) -----
+
+def table_first_with(const uint64_t[::1] table, uint64_t mask):
+    """Index of the first entry with any bit of ``mask`` set, or -1."""
+    cdef Py_ssize_t i, n = table.shape[0], found = -1
+    with nogil:
+        for i in range(n):
+            if table[i] & mask:
+                found = i
+                break
+    return found
+
+
+def table_first_past(const uint64_t[::1] table, uint64_t offset_mask, uint64_t size,
+                     uint64_t limit):
+    """Index of the first entry whose offset (``entry & offset_mask``) is
+    set and whose ``size`` bytes end past ``limit``, or -1."""
+    cdef Py_ssize_t i, n = table.shape[0], found = -1
+    cdef uint64_t off
+    with nogil:
+        for i in range(n):
+            off = table[i] & offset_mask
+            if off and off + size > limit:
+                found = i
+                break
+    return found
+
+
+def bits_set(uint8_t[::1] bits, int64_t first, int64_t n, bint value=True):
+    """Set (or clear) bits [first, first+n) of packed ``bits`` (bit ``i & 7``
+    of byte ``i >> 3``); bits past its end are left out."""
+    cdef int64_t i, end = min(first + n, <int64_t>bits.shape[0] * 8)
+    if first < 0:
+        raise IndexError(f"bit {first} is negative")
+    with nogil:
+        i = first
+        while i < end:
+            if (i & 7) == 0 and i + 8 <= end:
+                bits[i >> 3] = 0xFF if value else 0
+                i += 8
+                continue
+            if value:
+                bits[i >> 3] |= <uint8_t>(1 << (i & 7))
+            else:
+                bits[i >> 3] &= <uint8_t>~(1 << (i & 7))
+            i += 1
+
+
+def bits_set_each(uint8_t[::1] bits, const int64_t[::1] items):
+    """Set bit ``c`` of packed ``bits`` for each ``c`` of ``items`` (each
+    inside: 0 <= c < 8 * len(bits))."""
+    cdef Py_ssize_t i, n = items.shape[0]
+    cdef int64_t c, nbits = <int64_t>bits.shape[0] * 8
+    for i in range(n):
+        if not 0 <= items[i] < nbits:
+            raise IndexError(f"bit {items[i]} outside [0, {nbits})")
+    with nogil:
+        for i in range(n):
+            c = items[i]
+            bits[c >> 3] |= <uint8_t>(1 << (c & 7))
+
+
+def bits_set_table(uint8_t[::1] bits, const uint64_t[::1] table, uint64_t offset_mask,
+                   int shift):
+    """For each entry whose offset (``entry & offset_mask``) is set, set bit
+    ``offset >> shift`` of packed ``bits`` if it lies inside.  Returns one
+    past the largest such bit (0 if none): a caller whose ``bits`` were too
+    short grows them and calls again."""
+    cdef Py_ssize_t i, n = table.shape[0]
+    cdef uint64_t off, c, nbits = <uint64_t>bits.shape[0] * 8, top = 0
+    with nogil:
+        for i in range(n):
+            off = table[i] & offset_mask
+            if off:
+                c = off >> shift
+                if c >= top:
+                    top = c + 1
+                if c < nbits:
+                    bits[c >> 3] |= <uint8_t>(1 << (c & 7))
+    return top

@@ -10,15 +10,12 @@ so that the data path in ``core.pyx`` reads them without Python.
 
 import os
 
-cimport numpy as cnp
 from libc.stdint cimport uint64_t, int64_t
 from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy
 from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE, PyBUF_WRITABLE
 
 from ..errors import InvalidArgumentError
-
-cnp.import_array()
 
 CACHE_MODES = ("writeback", "writethrough", "none", "directsync", "unsafe")
 ZERO_FROM_NEVER = 1 << 62      # zero_from of a block device: no host byte is known to be zero
@@ -64,18 +61,20 @@ cdef class ImageState:
         self.size = size
         self.header.size = size
 
-    def set_l1(self, cnp.ndarray l1):
-        """Install the active L1 table (native byte order, contiguous uint64).
-        The caller holds the exclusive lock."""
+    def set_l1(self, uint64_t[::1] l1):
+        """Install the active L1 table (native byte order, contiguous uint64:
+        an ``array('Q')`` or any writable buffer of them).  The caller holds
+        the exclusive lock; the buffer stays exported (cannot be resized)
+        until the next ``set_l1``."""
         self._l1 = l1
-        self.l1 = <uint64_t *>cnp.PyArray_DATA(l1)
+        self.l1 = &l1[0] if l1.shape[0] else NULL
         self.l1_size = l1.shape[0]
 
-    def set_metadata_bitmap(self, cnp.ndarray bits):
+    def set_metadata_bitmap(self, const unsigned char[::1] bits):
         """Install the packed bitmap of host clusters holding metadata
-        (``overlap.MetadataMap`` calls this when its array moves)."""
+        (``overlap.MetadataMap`` calls this when its buffer moves)."""
         self._meta = bits
-        self.meta_bits = <const unsigned char *>cnp.PyArray_DATA(bits)
+        self.meta_bits = &bits[0] if bits.shape[0] else NULL
         self.meta_clusters = bits.shape[0] * 8
 
     cdef bint touches_metadata(self, uint64_t host, int64_t n) noexcept nogil:

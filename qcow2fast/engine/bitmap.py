@@ -24,7 +24,7 @@ dropped at the next open for writing (qemu's behaviour).
 
 from __future__ import annotations
 
-import numpy as np
+from .._numpy import np
 
 from .._ext.hooks import DirtyBitmap
 from ..errors import (CorruptImageError, InvalidArgumentError, ReadOnlyImageError,
@@ -142,7 +142,7 @@ class Bitmaps:
         span_of = np.repeat(np.arange(len(off)), count)
         clusters = first[span_of] + np.arange(len(span_of)) - np.repeat(np.cumsum(count) - count,
                                                                         count)
-        meta = s.metadata.bits
+        meta = np.frombuffer(s.metadata.bits, np.uint8)
         inside = (clusters >> 3) < len(meta)
         hit = np.zeros(len(clusters), dtype=bool)
         hit[inside] = (meta[clusters[inside] >> 3] >> (clusters[inside] & 7).astype(np.uint8)) & 1

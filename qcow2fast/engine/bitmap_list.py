@@ -4,7 +4,7 @@ of disowned bitmaps (the "Bitmap List" half of qemu's qcow2-bitmap.c).
 Used by the open image (engine/bitmap.py) and by check, its repairs and
 the refcount rebuild, which must count every cluster the bitmaps use."""
 
-import numpy as np
+from .._numpy import np
 
 from ..errors import CorruptImageError
 from ..spec import bitmaps as bm

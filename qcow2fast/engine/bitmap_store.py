@@ -12,7 +12,7 @@ once and frees contiguous runs of clusters together.
 
 from __future__ import annotations
 
-import numpy as np
+from .._numpy import np
 
 from ..spec import bitmaps as bm
 from .bitmap_list import read_tables
@@ -20,8 +20,6 @@ from .bitmap_list import read_tables
 # Bytes of new clusters laid out and written at a time (a single bitmap
 # larger than this is written on its own).
 STORE_BATCH = 32 << 20
-
-_ONE, _NONE = np.zeros(1, dtype=np.int64), np.zeros(0, dtype=np.int64)
 
 
 def write_bitmaps(state, refcounts, writes):
@@ -34,10 +32,10 @@ def write_bitmaps(state, refcounts, writes):
     for e, t in writes:
         nbytes = bm.data_bytes(t.size, e.granularity_bits)
         n = max(1, -(-nbytes // cs))
-        bits = t.bits[:nbytes]
+        bits = np.frombuffer(t.bits, np.uint8, nbytes)
         if n == 1:                  # the usual case with many bitmaps: no copy
             chunks = bits
-            used = _ONE if bits.any() else _NONE
+            used = np.zeros(int(bits.any()), dtype=np.int64)    # [0]: its one cluster is used
         else:
             if nbytes == n * cs:
                 chunks = bits.reshape(n, cs)

@@ -11,7 +11,7 @@ so.
 import errno
 import os
 
-import numpy as np
+from .._numpy import np
 
 from .._ext.hookfile import HookFile
 from .._ext.kernels import refcount_decode

@@ -26,8 +26,6 @@ import os
 import resource
 import threading
 
-import numpy as np
-
 from .._ext.chain import ChainCore
 from .._ext.core import ImageCore
 from .._ext.resolved import ResolvedMap
@@ -111,8 +109,8 @@ class Chain:
     def _suspend_lru(self, keep):
         """Suspend the least recently used open layer file other than
         ``keep`` whose layer is idle; False if every one is busy."""
-        order = np.argsort(self.core.last_used_clock, kind="stable")
-        for j in order.tolist():
+        clock = self.core.last_used_clock
+        for j in sorted(range(len(clock)), key=clock.__getitem__):      # stable
             layer = self.layers[j]
             if j == keep or not isinstance(layer, ImageCore) or layer.file.closed:
                 continue

@@ -14,7 +14,9 @@ Invariants (with the write ordering of engine/flush.py):
   in-place overwrite.
 """
 
-import numpy as np
+from array import array
+
+from .._numpy import np
 
 from .._ext.kernels import l2_entry_kind
 from ..errors import CorruptImageError
@@ -363,8 +365,8 @@ class Clusters:
             self.host_limit_changed()
             # (extended entries: a host cluster, no subcluster allocated -- as qemu)
             k = geo.l2_entry_words
-            l2[i0 * k:(i0 + n) * k:k] = (np.arange(n, dtype=np.uint64) * np.uint64(cs)
-                                         + np.uint64(new)) | np.uint64(QCOW_OFLAG_COPIED)
+            first = new | QCOW_OFLAG_COPIED       # (offsets stay below bit 63: no carry)
+            l2[i0 * k:(i0 + n) * k:k] = array("Q", range(first, first + n * cs, cs))
             s.l2_cache.mark_dirty(slot)
             host_end = new + n * cs
             if self.datafile is not None:

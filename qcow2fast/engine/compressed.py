@@ -44,7 +44,7 @@ allocation, L2 tables and plain writes it uses); it owns
 image's exclusive lock.
 """
 
-import numpy as np
+from .._numpy import np
 
 from .._ext.kernels import l2_entry_kind
 from ..errors import InvalidArgumentError, LimitExceededError

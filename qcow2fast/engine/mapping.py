@@ -14,7 +14,7 @@ Invariants:
   runs (kind, host offset, length).
 """
 
-import numpy as np
+from array import array
 
 from .._ext import kernels
 from ..errors import CorruptImageError
@@ -22,6 +22,7 @@ from ..spec.constants import (COMPRESSED, DATA, INVALID, L1E_OFFSET_MASK, L1E_RE
                               L1E_SIZE, QCOW_OFLAG_COPIED, UNALLOCATED)
 from ..spec.constants import BE64 as _BE64
 from ..spec.header import pack_fields
+from ..spec.tables import decode_table, encode_table
 
 # run_at's host_limit for reports (block status): data clusters may lie past
 # the file's end (qemu maps them; reading them is refused).
@@ -30,7 +31,7 @@ NO_HOST_LIMIT = 1 << 63
 
 def read_l1_table(file, offset, size, cluster_size, file_size, what="L1 table",
                   past_eof_zeros=False):
-    """Read and validate an L1 table; returns a native uint64 array.
+    """Read and validate an L1 table; returns it as a native ``array('Q')``.
     ``past_eof_zeros``: what lies past the end of the file reads as zeros
     (as qemu's file driver pads such reads), else the caller has checked
     that the table is inside the file."""
@@ -39,21 +40,17 @@ def read_l1_table(file, offset, size, cluster_size, file_size, what="L1 table",
         raw = (file.pread(offset, file_size - offset) if offset < file_size else b"").ljust(n, b"\0")
     else:
         raw = file.pread(offset, n)
-    l1 = np.frombuffer(raw, dtype=">u8").astype(np.uint64)
-    bad = np.nonzero((l1 & np.uint64(L1E_RESERVED_MASK & ~QCOW_OFLAG_COPIED))
-                     | (l1 & np.uint64(L1E_OFFSET_MASK) & np.uint64(cluster_size - 1)))[0]
-    if len(bad):
-        i = int(bad[0])
-        raise CorruptImageError(f"{what} entry {i} ({int(l1[i]):#x}) has reserved bits set or an "
+    l1 = decode_table(raw)
+    i = kernels.table_first_with(l1, (L1E_RESERVED_MASK & ~QCOW_OFLAG_COPIED)
+                                 | (L1E_OFFSET_MASK & (cluster_size - 1)))
+    if i >= 0:
+        raise CorruptImageError(f"{what} entry {i} ({l1[i]:#x}) has reserved bits set or an "
                                 "unaligned L2 table offset", offset=offset + 8 * i, field="L1 entry")
-    offs = l1 & np.uint64(L1E_OFFSET_MASK)
-    past = np.nonzero(offs + np.uint64(cluster_size) > np.uint64(file_size))[0]
-    past = past[offs[past] != 0]
-    if len(past):
-        i = int(past[0])
-        raise CorruptImageError(f"{what} entry {i} points to an L2 table at {int(offs[i]):#x}, "
-                                f"past the end of the file ({file_size} bytes)",
-                                offset=offset + 8 * i, field="L1 entry")
+    i = kernels.table_first_past(l1, L1E_OFFSET_MASK, cluster_size, file_size)
+    if i >= 0:
+        raise CorruptImageError(f"{what} entry {i} points to an L2 table at "
+                                f"{l1[i] & L1E_OFFSET_MASK:#x}, past the end of the file "
+                                f"({file_size} bytes)", offset=offset + 8 * i, field="L1 entry")
     return l1
 
 
@@ -73,8 +70,7 @@ class Mapping:
         state.set_l1(l1)
         self.l1_pending = {}        # L1 index -> the entry on disk, until flushed
         cb = geo.cluster_bits
-        offs = l1 & np.uint64(L1E_OFFSET_MASK)
-        metadata_map.add_each(offs[offs != 0] >> np.uint64(cb))
+        metadata_map.add_table(l1, L1E_OFFSET_MASK, cb)
         if header.l1_size:
             metadata_map.add(header.l1_table_offset >> cb, geo.size_to_clusters(header.l1_size * L1E_SIZE))
 
@@ -185,10 +181,10 @@ class Mapping:
         for k in range(geo.cluster_size // geo.slice_bytes):
             slot = cache.find(new + k * geo.slice_bytes)
             if slot >= 0:
-                cache.u64(slot)[:] = np.frombuffer(table, ">u8", geo.slice_bytes // 8,
-                                                   k * geo.slice_bytes)
+                sb = geo.slice_bytes
+                cache.u64(slot)[:] = decode_table(table[k * sb:(k + 1) * sb])
         self.l1_pending.setdefault(l1i, l1e)
-        self.l1[l1i] = np.uint64(new | QCOW_OFLAG_COPIED)
+        self.l1[l1i] = new | QCOW_OFLAG_COPIED
         if l2off:
             refcounts.free_deferred(l2off, 1)
         return cache.load(self.slice_key(new, l2i))
@@ -202,12 +198,12 @@ class Mapping:
         new_size = min_size
         nclusters = geo.size_to_clusters(new_size * L1E_SIZE)
         new = refcounts.alloc(nclusters)
-        table = np.zeros(nclusters * geo.cluster_size // L1E_SIZE, dtype=np.uint64)
-        table[:len(self.l1)] = self.l1
-        on_disk = table.copy()
+        table = array("Q", self.l1)
+        table.frombytes(bytes((new_size - len(table)) * L1E_SIZE))
+        on_disk = array("Q", table)
         for l1i, entry in self.l1_pending.items():
             on_disk[l1i] = entry            # still pending: written at the next flush
-        self.file.pwrite(on_disk.astype(">u8").tobytes(), new)
+        self.file.pwrite(encode_table(on_disk).ljust(nclusters * geo.cluster_size, b"\0"), new)
         self.state.allocated(new + nclusters * geo.cluster_size)
         flush_refcounts()
         # Barrier: the new table is on disk before the header points to it.
@@ -217,8 +213,8 @@ class Mapping:
         self.file.pwrite(fields, offset)
         barrier()
         h.l1_size, h.l1_table_offset = new_size, new
-        self.l1 = table[:new_size].copy()
-        self.state.set_l1(self.l1)
+        self.l1 = table
+        self.state.set_l1(table)
         self.metadata.add(new >> geo.cluster_bits, nclusters)
         if old_size:
             n_old = geo.size_to_clusters(old_size * L1E_SIZE)

@@ -13,14 +13,24 @@ Invariants:
   but never leave a live cluster marked free.
 """
 
-import numpy as np
+from array import array
 
 from .._ext import kernels
 from .._ext.allocator import RefcountCore
 from ..errors import CorruptImageError, LimitExceededError
-from ..spec.constants import REFT_RESERVED_MASK, REFTABLE_ENTRY_SIZE
+from ..spec.constants import REFT_OFFSET_MASK, REFT_RESERVED_MASK, REFTABLE_ENTRY_SIZE
 from ..spec.constants import BE64 as _BE64
 from ..spec.header import MAX_REFTABLE_BYTES, pack_fields
+from ..spec.tables import decode_table, encode_table
+
+
+def _first_bad(table, cs, file_size):
+    """Index of the first refcount table entry that is not cluster-aligned
+    or points past the end of the file, or -1."""
+    found = [i for i in (kernels.table_first_with(table, REFT_RESERVED_MASK | (cs - 1)),
+                         kernels.table_first_past(table, (1 << 64) - 1, cs, file_size))
+             if i >= 0]
+    return min(found, default=-1)
 
 
 class Refcounts(RefcountCore):
@@ -56,28 +66,27 @@ class Refcounts(RefcountCore):
         so the rebuild creates those blocks anew, instead of refusing."""
         h, cs = self.header, self.geo.cluster_size
         raw = self.file.pread(h.refcount_table_offset, h.refcount_table_clusters * cs)
-        self._set_table(np.frombuffer(raw, dtype=">u8").astype(np.uint64))
+        self._set_table(decode_table(raw))
         table = self.table
-        unaligned = (table & np.uint64(REFT_RESERVED_MASK)) \
-            | (table & np.uint64(cs - 1))
-        past = (table != 0) & (table + np.uint64(cs) > np.uint64(file_size))
-        for i in np.nonzero((unaligned != 0) | past)[0]:
-            i = int(i)
+        while True:
+            i = _first_bad(table, cs, file_size)
+            if i < 0:
+                break
             where = h.refcount_table_offset + 8 * i
             if repair:
                 table[i] = 0
                 self.file.pwrite(_BE64.pack(0), where)
-            elif unaligned[i]:
-                raise CorruptImageError(f"refcount table entry {i} ({int(table[i]):#x}) is not "
+            elif table[i] & (REFT_RESERVED_MASK | (cs - 1)):
+                raise CorruptImageError(f"refcount table entry {i} ({table[i]:#x}) is not "
                                         "cluster-aligned", offset=where, field="refcount table")
             else:
-                raise CorruptImageError(f"refcount block at {int(table[i]):#x} lies past the "
+                raise CorruptImageError(f"refcount block at {table[i]:#x} lies past the "
                                         f"end of the file ({file_size} bytes)", offset=where,
                                         field="refcount table")
         if table[0] == 0 and file_size and not repair:
             raise CorruptImageError("refcount table has no block for the header cluster",
                                     offset=h.refcount_table_offset, field="refcount table")
-        self.metadata.add_each(table[table != 0] >> np.uint64(self.geo.cluster_bits))
+        self.metadata.add_table(table, REFT_OFFSET_MASK, self.geo.cluster_bits)
         self.metadata.add(h.refcount_table_offset >> self.geo.cluster_bits,
                           h.refcount_table_clusters)
 
@@ -148,6 +157,7 @@ class Refcounts(RefcountCore):
             return
         # Refcounts only went down: a freed cluster at zero now reached it
         # here.  Each block touched is decoded once (numpy), not per cluster.
+        import numpy as np          # (bulk work: not on the path of opening an image)
         geo = self.geo
         cb, rbb, E = geo.cluster_bits, geo.rb_bits, geo.rb_entries
         blocks = {}
@@ -238,8 +248,8 @@ class Refcounts(RefcountCore):
             if (c >> geo.rb_bits) < old_n and old[c >> geo.rb_bits] and self.get(c):
                 raise CorruptImageError(f"host cluster {c * cs:#x} past the image end is in use",
                                         offset=c * cs, field="refcount")
-        table = np.zeros(table_clusters * cs // REFTABLE_ENTRY_SIZE, dtype=np.uint64)
-        table[:old_n] = old
+        table = array("Q", old)
+        table.frombytes(bytes(table_clusters * cs - old_n * REFTABLE_ENTRY_SIZE))
         new_blocks = {t: area + k for k, t in enumerate(need)}
         table_start = area + nblocks
         slots = {}
@@ -260,7 +270,7 @@ class Refcounts(RefcountCore):
         finally:
             for slot in slots.values():
                 self.cache.unpin(slot)
-        self.file.pwrite(table.astype(">u8").tobytes(), table_start * cs)
+        self.file.pwrite(encode_table(table), table_start * cs)
         # Barrier: new blocks and table are complete before the header
         # points to them.
         self.barrier()

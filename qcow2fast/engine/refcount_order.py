@@ -34,7 +34,7 @@ def all_refcounts(rc, geo):
     """Every stored refcount (uint64, one per host cluster up to the last
     refcount block: a cluster past it has refcount 0)."""
     E = geo.rb_entries
-    present = np.nonzero(rc.table)[0].tolist()
+    present = np.nonzero(np.asarray(rc.table))[0].tolist()
     out = np.zeros((present[-1] + 1 if present else 0) * E, dtype=np.uint64)
     for t in present:
         rc.read_block_values(t, out[t * E:(t + 1) * E])
@@ -87,7 +87,7 @@ def change_refcount_order(img, order, progress=None):
     # What the switch replaces, as the allocations left it (they may have
     # grown the old table).
     old = [(h.refcount_table_offset, h.refcount_table_clusters)]
-    old += [(int(b), 1) for b in rc.table[rc.table != 0].tolist()]
+    old += [(b, 1) for b in rc.table if b]
     s.refcount_cache.flush()
     s.barrier()                 # barrier: the old structures count the new ones
     report(1, 3)

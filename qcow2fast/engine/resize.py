@@ -31,7 +31,7 @@ Write order (each barrier an fdatasync, none under cache=unsafe):
   at worst.
 """
 
-import numpy as np
+from .._numpy import np
 
 from ..errors import InvalidArgumentError, LimitExceededError, UnsupportedFeatureError
 from ..spec import header as hdr
@@ -157,7 +157,7 @@ def _shrink_l1(img, new_l1):
     """Zero the L1 entries from ``new_l1`` on (in place), then free their L2
     tables and what those tables alone referenced."""
     s, geo, m, rc = img.state, img.geo, img.mapping, img.refcounts
-    l1 = m.l1
+    l1 = np.asarray(m.l1)      # (a view: state.l1 sees changes)
     if new_l1 >= len(l1) or not l1[new_l1:].any():
         return
     cs, cb = geo.cluster_size, geo.cluster_bits
@@ -218,7 +218,7 @@ def _shrink_reftable(img):
     qcow2_shrink_reftable): the table is rewritten in place without them,
     barrier, then they are freed."""
     s, geo, rc = img.state, img.geo, img.refcounts
-    table = rc.table
+    table = np.asarray(rc.table)
     cb, E = geo.cluster_bits, geo.rb_entries
     values = np.zeros(E, dtype=np.uint64)
     unused = []
@@ -256,7 +256,7 @@ def _truncate_tail(img):
     E = geo.rb_entries
     values = np.zeros(E, dtype=np.uint64)
     last = 0
-    for t in np.nonzero(rc.table)[0].tolist()[::-1]:
+    for t in np.nonzero(np.asarray(rc.table))[0].tolist()[::-1]:
         rc.read_block_values(t, values)
         used = np.nonzero(values)[0]
         if len(used):

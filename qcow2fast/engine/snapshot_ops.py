@@ -255,7 +255,7 @@ class Snapshots:
             tree = Tree(s, self.mapping.l1)
             plan = self._plan([tree], 1, what)
         with features.steps(s, f"creating {what}"):
-            l1 = self.mapping.l1
+            l1 = np.asarray(self.mapping.l1)     # (a view: state.l1 sees changes)
             # The snapshot's L1 table: a copy of the active one (COPIED is only
             # meaningful in the active table).
             n_l1 = len(l1)
@@ -398,7 +398,7 @@ class Snapshots:
         """qemu's addend-0 pass: COPIED where the active tree's refcounts
         are now 1 (``state``: Plan.state, what the operation changed)."""
         s = self.state
-        l1 = self.mapping.l1
+        l1 = np.asarray(self.mapping.l1)     # (a view: state.l1 sees changes)
         full = np.full(host_clusters(s, self.refcounts), 2, dtype=np.uint8)
         full[:len(state)] = state[:len(full)]
         state = full

@@ -38,7 +38,7 @@ class Tree:
         geo = state.geo
         self.state, self.geo = state, geo
         self.l1 = l1
-        offs = l1 & np.uint64(L1E_OFFSET_MASK)
+        offs = np.asarray(l1) & np.uint64(L1E_OFFSET_MASK)
         self.index = np.flatnonzero(offs)                   # L1 indexes with a table
         self.offsets = offs[self.index].astype(np.int64)    # their L2 table offsets
         words = geo.cluster_size // 8

@@ -21,7 +21,7 @@ reads, allocation and release it uses); its methods run under the image's
 exclusive lock.
 """
 
-import numpy as np
+from .._numpy import np
 
 from .._ext.kernels import ext_set_range
 from ..spec.constants import (L2E_OFFSET_MASK, QCOW_OFLAG_COMPRESSED, QCOW_OFLAG_COPIED,

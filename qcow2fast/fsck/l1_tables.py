@@ -26,7 +26,7 @@ def l1_tables(img):
     it; refuses L1 tables totalling more entries than the file holds."""
     f, h = img.file, img.header
     cs, file_size = img.geo.cluster_size, f.size()
-    out = [("active L1", h.l1_table_offset, img.mapping.l1, 1)]
+    out = [("active L1", h.l1_table_offset, np.asarray(img.mapping.l1), 1)]
     budget = file_size // L1E_SIZE - len(img.mapping.l1)
     seen = {}
     for sn in img.snapshots:
@@ -41,8 +41,8 @@ def l1_tables(img):
                                     "than the file holds (they overlap)",
                                     offset=sn.l1_table_offset, field="snapshot l1_size")
         seen[key] = [f"snapshot {sn.id} L1", sn.l1_table_offset,
-                     read_l1_table(f, sn.l1_table_offset, sn.l1_size, cs, file_size,
-                                   what=f"snapshot {sn.id} L1 table"), 1]
+                     np.asarray(read_l1_table(f, sn.l1_table_offset, sn.l1_size, cs, file_size,
+                                              what=f"snapshot {sn.id} L1 table")), 1]
     return out + [tuple(v) for v in seen.values()]
 
 

@@ -70,7 +70,7 @@ def drop_entries_past_eof(img):
             continue            # (the table itself is missing: check reports it)
         for k in range(cs // geo.slice_bytes):
             slot = cache.load(t + k * geo.slice_bytes)
-            u = cache.u64(slot)
+            u = np.asarray(cache.u64(slot))
             desc = u[::words]
             for i in np.nonzero(past_eof(geo, desc, file_size))[0].tolist():
                 bitmap = int(u[i * words + 1]) if words == 2 else 0

@@ -150,7 +150,8 @@ def tally_refcount_structures(img, tally):
     h = img.header
     tally.add_range(h.refcount_table_offset >> geo.cluster_bits, h.refcount_table_clusters,
                     "refcount table")
-    blocks = rc.table[rc.table != 0]
+    blocks = np.asarray(rc.table)
+    blocks = blocks[blocks != 0]
     tally.add(blocks >> np.uint64(geo.cluster_bits), "refcount block")
 
 
@@ -259,20 +260,21 @@ def _fix_copied_flags(img, counts):
         out[ok] = counts[idx[ok]] == 1
         return out
 
-    l2offs = l2_table_offsets(m.l1)
+    l1 = np.asarray(m.l1)      # (a view: state.l1 sees changes)
+    l2offs = l2_table_offsets(l1)
     used = np.nonzero(l2offs)[0]
-    wrong = used[refcount_is_one(l2offs[used]) != has_copied(m.l1[used])]
+    wrong = used[refcount_is_one(l2offs[used]) != has_copied(l1[used])]
     if len(wrong):
-        m.l1[wrong] ^= np.uint64(QCOW_OFLAG_COPIED)
+        l1[wrong] ^= np.uint64(QCOW_OFLAG_COPIED)
         if len(wrong) < 64:
             for i in wrong.tolist():
                 m.write_l1_entry(i)
         else:
-            img.file.pwrite(m.l1.astype(">u8").tobytes(), img.header.l1_table_offset)
+            img.file.pwrite(l1.astype(">u8").tobytes(), img.header.l1_table_offset)
     for l2off in np.unique(l2offs[used]).tolist():
         for s in range(geo.l2_entries // geo.slice_entries):
             slot = img.l2_cache.load(l2off + s * geo.slice_bytes)
-            l2 = img.l2_cache.u64(slot)[::geo.l2_entry_words]      # descriptors (a view)
+            l2 = np.asarray(img.l2_cache.u64(slot))[::geo.l2_entry_words]   # descriptors (a view)
             std = standard_allocated(l2)
             if img.state.external_data:     # host offset 0 of the data file: COPIED tells it
                 std |= at_host0(l2)

@@ -14,7 +14,7 @@ data cluster, or is 0 (all zeros) or 1 (all ones).
 import dataclasses
 import struct
 
-import numpy as np
+from .._numpy import np
 
 from ..errors import CorruptImageError, InvalidArgumentError
 

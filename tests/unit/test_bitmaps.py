@@ -143,7 +143,7 @@ def test_dirty_bitmap_resize_against_a_per_granule_reference():
             ref = {x for x in ref if x < -(-size // g)}
             assert t.size == size
             write(int(rng.integers(0, size + 1)), int(rng.integers(0, 3 * g)))
-            flags = np.unpackbits(t.bits, bitorder="little")
+            flags = np.unpackbits(np.frombuffer(t.bits, np.uint8), bitorder="little")
             assert set(np.flatnonzero(flags).tolist()) == ref
     with pytest.raises(InvalidArgumentError):
         DirtyBitmap(4096).resize(-1)

@@ -5,6 +5,7 @@ used slot that is not pinned; a
 slice is written only after the cache it depends on."""
 
 import struct
+from array import array
 
 import pytest
 
@@ -29,7 +30,7 @@ def test_writeback_writes_only_the_dirty_blocks(disk):
     c = TableCache(f, 2, SLICE, True)
     slot = c.load(SLICE)                          # the second slice
     l2 = c.u64(slot)
-    l2[:] = 0x1111                                # changed in memory everywhere...
+    l2[:] = array("Q", [0x1111]) * len(l2)  # changed in memory everywhere...
     l2[600] = 0xabcd                              # ...but only entry 600 marked
     c.mark_dirty(slot, 8 * 600, 8 * 601)
     assert c.is_dirty(slot)
@@ -47,7 +48,7 @@ def test_dirty_ranges_merge_and_a_plain_mark_means_all(disk):
     path, f = disk
     c = TableCache(f, 2, SLICE, False)
     slot = c.load(0)
-    c.raw(slot)[:] = 7
+    c.raw(slot)[:] = bytes([7]) * SLICE
     c.mark_dirty(slot, 100, 101)
     c.mark_dirty(slot, 3 * 4096 + 5, 3 * 4096 + 6)
     c.flush()
@@ -55,7 +56,7 @@ def test_dirty_ranges_merge_and_a_plain_mark_means_all(disk):
     assert data[:4 * 4096] == b"\x07" * 4 * 4096   # blocks 0-3: the union's span
     assert data[4 * 4096:SLICE] == b"\xee" * (SLICE - 4 * 4096)
     slot = c.load(2 * SLICE)
-    c.raw(slot)[:] = 9
+    c.raw(slot)[:] = bytes([9]) * SLICE
     c.mark_dirty(slot)
     c.flush()
     assert path.read_bytes()[2 * SLICE:3 * SLICE] == b"\x09" * SLICE
@@ -68,7 +69,7 @@ def test_small_slices_are_written_whole(tmp_path):
     try:
         c = TableCache(f, 1, 512, False)
         slot = c.load(1024)
-        c.raw(slot)[:] = 1
+        c.raw(slot)[:] = bytes([1]) * 512
         c.mark_dirty(slot, 10, 11)
         c.flush()
     finally:
@@ -94,7 +95,7 @@ def test_evicting_a_dirty_slot_writes_only_its_dirty_blocks(disk):
     c = TableCache(f, 1, SLICE, True)
     slot = c.load(SLICE)
     l2 = c.u64(slot)
-    l2[:] = 0x2222                                # changed in memory everywhere...
+    l2[:] = array("Q", [0x2222]) * len(l2)  # changed in memory everywhere...
     l2[3] = 0xa1                                  # ...marked: entry 3 (block 0)
     l2[1500] = 0xb2                               # and entries 1500-1501 (block 2)
     l2[1501] = 0xc3
@@ -148,7 +149,7 @@ def test_writing_a_slot_back_writes_the_dependency_first(disk):
     l2 = TableCache(f, 1, SLICE, True)
     l2.depends = refcounts
     r = refcounts.load(0)
-    refcounts.raw(r)[:8] = 1
+    refcounts.raw(r)[:8] = b"\x01" * 8
     refcounts.mark_dirty(r, 0, 8)
     s = l2.new(2 * SLICE)                         # a new table: zeroed and dirty
     l2.u64(s)[0] = 0x80
