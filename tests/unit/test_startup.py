@@ -86,3 +86,23 @@ def test_plain_image_lifecycle_loads_no_luks(tmp_path):
             "qcow2fast.engine.libcrypto", "qcow2fast.engine.luks_amend"}
     assert "qcow2fast.engine.image" in mods
     assert not mods & luks, sorted(mods & luks)
+
+
+@pytest.mark.parametrize("argv", [["info"], ["info", "--backing-chain", "--output=json"],
+                                  ["snapshot", "-l"]])
+def test_short_commands_on_a_chain_load_no_numpy(tmp_path, argv):
+    """info and snapshot -l of an image with a backing file and a snapshot
+    run without numpy (its import is most of a command's start-up); the
+    commands that still need it (check, map, snapshot -c/-a/-d, resize,
+    amend, commit, rebase, bitmap) are listed in the last stop's note."""
+    import qcow2fast
+    base, top = str(tmp_path / "base.qcow2"), str(tmp_path / "top.qcow2")
+    qcow2fast.create(base, 4 << 20)
+    qcow2fast.create(top, 4 << 20, backing_file=base, backing_format="qcow2")
+    with qcow2fast.open(top, "r+") as img:
+        img.write(0, b"x" * 65536)
+        img.create_snapshot("s")
+    mods = loaded_after("import sys\nfrom qcow2fast.cli import main\n"
+                        f"assert main({argv + [top]!r}) == 0")
+    assert "qcow2fast.engine.image" in mods        # (the image really was opened)
+    assert "numpy" not in mods, "numpy loaded"
