@@ -17,7 +17,8 @@ The C half of the data path is the Cython base class ``ImageCore``
 (``_ext/core.pyx``): a cached read or in-place overwrite is one call that
 never enters Python.  It hands the rest to this class through the hooks
 declared in ``_ext/core.pxd``; each runs the subsystem under the image's
-exclusive lock.
+exclusive lock.  The lifecycle methods (image_lifecycle.py) and the
+compressed-write ones (image_compressed.py) are mixins over the same state.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from .._ext.core import ImageCore
 from .._ext.fileio import File
 from .._ext.state import CACHE_MODES, ZERO_FROM_NEVER, ImageState
 from ..errors import (CorruptImageError, ImageClosedError, InvalidArgumentError,
-                      ReadOnlyImageError, UnsupportedFeatureError)
+                      ReadOnlyImageError)
 from ..extent import Extent, merge_extents
 from ..host.file import open_image_file
 from ..host.remote import is_remote
@@ -43,8 +44,8 @@ from .bitmap import Bitmaps
 from .cache import DEFAULT_CACHE_CLEAN_INTERVAL, CacheCleaner, cache_budget, make_caches
 from .chain import Chain, ChainBelow, build_chain, open_chain
 from .cluster import Clusters
-from .compress import Compressor
 from .flush import FlushOrder
+from .image_compressed import CompressedWriteAPI
 from .image_lifecycle import LifecycleAPI
 from .secret import ChainSecrets, Secret
 from .mapping import NO_HOST_LIMIT, Mapping, read_l1_table
@@ -53,7 +54,6 @@ from .refcount import Refcounts
 from .snapshot import TableRepairs, find_snapshot, read_snapshot_table, snapshot_l1
 
 if TYPE_CHECKING:
-    from .._ext._typing import Buffer
     from .._ext.cache import TableCache
     from ..host.raw import RawImage
     from .rawio import ImageFile
@@ -63,7 +63,7 @@ if TYPE_CHECKING:
 MAX_HEADER_READ = 2 << 20
 
 
-class Image(LifecycleAPI, ImageCore):
+class Image(LifecycleAPI, CompressedWriteAPI, ImageCore):
     """An open qcow2 image.  Use :func:`qcow2fast.open` to get one."""
 
     def __init__(self, path: str | os.PathLike[str], mode: Literal["r", "r+"] = "r", *,
@@ -441,79 +441,6 @@ class Image(LifecycleAPI, ImageCore):
         self._update(self.clusters.discard, offset, length)
         if self.writethrough:
             self.flush()
-
-    def write_compressed(self, offset: int, data: Buffer,
-                         compressor: Compressor | None = None) -> int:
-        """Write ``data`` at guest ``offset`` as compressed clusters (qemu's
-        ``write -c``).  ``offset`` is cluster aligned; ``data`` is whole
-        clusters, the last of which may stop at the end of the disk.
-        ``compressor``: a :class:`qcow2fast.engine.compress.Compressor` of
-        the image's compression type (default: its default level).  Returns
-        the number of bytes written."""
-        mv = memoryview(data).cast("B")     # type: ignore[arg-type]  # ndarray: see _ext/_typing.pyi
-        self._check_compressed_request(offset, len(mv))
-        ctype = self.header.compression_type
-        if compressor is None:
-            compressor = Compressor(ctype)
-        elif compressor.compression_type != ctype:
-            raise InvalidArgumentError(
-                f"the compressor is for compression type {compressor.compression_type}, the "
-                f"image uses {ctype} ({self.compression_type})")
-        cs = self.cluster_size
-        payloads = []
-        for k in range(0, len(mv), cs):
-            chunk: memoryview | bytes = mv[k:k + cs]
-            if len(chunk) < cs:         # the disk's last cluster: padded with zeros
-                chunk = bytes(chunk) + bytes(cs - len(chunk))
-            c = compressor(chunk)
-            payloads.append(c if len(c) < cs else chunk)
-        self.write_compressed_clusters(offset, payloads)
-        return len(mv)
-
-    def write_compressed_clusters(self, offset: int,
-                                  payloads: collections.abc.Sequence[Buffer]) -> None:
-        """Write already compressed clusters from guest ``offset`` (cluster
-        aligned): ``payloads[i]`` is guest cluster i's, either its data
-        compressed with the image's compression type (shorter than a
-        cluster; not verified) or the whole cluster uncompressed (exactly
-        ``cluster_size`` bytes, zero-padded past the end of the disk),
-        which is written through the normal write path.  Same rules as
-        :meth:`write_compressed`."""
-        cs = self.cluster_size
-        sizes = [memoryview(p).nbytes for p in payloads]   # type: ignore[arg-type]  # as above
-        for i, n in enumerate(sizes):
-            if not 0 < n <= cs:
-                raise InvalidArgumentError(f"payload {i} is {n} bytes: a compressed cluster "
-                                           f"is 1 to {cs - 1} bytes, an uncompressed one {cs}")
-        length = min(len(payloads) * cs, self.size - offset)
-        self._check_compressed_request(offset, length)
-        if len(payloads) != -(-length // cs):
-            raise InvalidArgumentError(f"{len(payloads)} clusters from guest offset {offset:#x} "
-                                       f"go past the end of the disk (size {self.size})")
-        if payloads and self.state.external_data:
-            raise UnsupportedFeatureError("Operation not supported: compressed clusters cannot "
-                                          "be written to an image with an external data file",
-                                          feature="compression")
-        if payloads and self.state.transform is not None:
-            raise UnsupportedFeatureError("compressed clusters cannot be written through a "
-                                          "data transform (encryption)", feature="compression")
-        if payloads:
-            self._notify_write(offset, length)
-            self._update(self.clusters.compressed.write, offset, payloads)
-            if self.writethrough:
-                self.flush()
-
-    def _check_compressed_request(self, offset, length):
-        self._check_request(offset, length)
-        self._check_writable()
-        cs = self.cluster_size
-        if offset % cs:
-            raise InvalidArgumentError(f"compressed write at guest offset {offset:#x}: not "
-                                       f"aligned to the cluster size ({cs})")
-        if length % cs and offset + length != self.size:
-            raise InvalidArgumentError(
-                f"compressed write of {length} bytes at guest offset {offset:#x}: not whole "
-                f"clusters ({cs} bytes) and not ending at the end of the disk ({self.size})")
 
     # -- block status ---------------------------------------------------------------------
 
