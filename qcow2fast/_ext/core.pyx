@@ -25,9 +25,10 @@ lock is always waited for with the GIL released (so a holder waiting for
 the GIL cannot deadlock with a waiter holding it).  Locks of a chain are
 taken top layer first, never the other way.
 
-(Over 600 lines on purpose: one cdef class, so that its methods call each
-other directly; split into a subclass the allocating write would reach the
-read path's helpers through the vtable of another module.)
+(Over 600 lines on purpose: one cdef class in one module, because its
+inline helpers ``_rdlock_fast`` and ``_slice_at`` are inlined only here; an
+allocating-write half split into another module would call them through
+the vtable on every request.)
 """
 
 from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE, PyBUF_WRITABLE
