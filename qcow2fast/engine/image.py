@@ -177,7 +177,7 @@ class Image(LifecycleAPI, CompressedWriteAPI, ImageCore):
         s.metadata = MetadataMap((file_size + cs - 1) // cs, s.set_metadata_bitmap)
         s.metadata.add(0)
         self.snapshots, self.snapshot_table_bytes = read_snapshot_table(
-            f, h, file_size, TableRepairs(True) if repair else None)
+            f, h, TableRepairs(True) if repair else None)
         if h.nb_snapshots:
             s.metadata.add(h.snapshots_offset >> geo.cluster_bits,
                            geo.size_to_clusters(self.snapshot_table_bytes))

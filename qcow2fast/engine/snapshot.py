@@ -49,11 +49,14 @@ class TableRepairs:
 
     @property
     def rewrite(self):
-        """The table must be written anew (qemu's qcow2_check_fix_snapshot_table)."""
-        return self.fix and (self.reduced or self.extra_dropped or self.incomplete)
+        """The table must be written anew (qemu's qcow2_check_fix_snapshot_table):
+        dropping snapshots off the end only lowers the header's count (the
+        table stays where it is, its tail leaked); cut extra data and
+        incomplete entries need new entries."""
+        return self.fix and (self.extra_dropped or self.incomplete)
 
 
-def read_snapshot_table(file, header, file_size, repairs=None):
+def read_snapshot_table(file, header, repairs=None):
     """Parse the snapshot table; returns (snapshots, table byte length).
 
     Without ``repairs`` a table qemu refuses to open is an error.  With a
@@ -77,10 +80,10 @@ def read_snapshot_table(file, header, file_size, repairs=None):
         # Entries are read one at a time, each bounded (40 bytes + 1 KiB of
         # extra data + two 64 KiB strings), so a lying count or size cannot
         # make us read unboundedly at once.
+        # Past the end of the file reads as zeros, as in qemu (whose file
+        # driver zero-fills such reads); the table stays bounded by
+        # MAX_TABLE_BYTES below.
         start = pos
-        if pos + SNAPSHOT_ENTRY.size > file_size:
-            raise CorruptImageError(f"snapshot table entry {i} runs past the end of the file",
-                                    offset=pos, field="snapshots_offset")
         fixed = file.pread(pos, SNAPSHOT_ENTRY.size)
         extra_len, id_len, name_len = entry_lengths(fixed)
         keep_extra = extra_len
@@ -92,15 +95,14 @@ def read_snapshot_table(file, header, file_size, repairs=None):
                     ["ERROR failed to read the snapshot table: Too much extra metadata in "
                      f"snapshot table entry {i}",
                      "You can force-remove this extra metadata with qemu-img check -r all"],
-                    offset=pos + 36, field="extra_data_size")
+                    offset=pos + 36, field="extra_data_size",
+                    qemu=f"Too much extra metadata in snapshot table entry {i}\nYou can "
+                         "force-remove this extra metadata with qemu-img check -r all")
             repairs.messages.append(f"Discarding too much extra metadata in snapshot table "
                                     f"entry {i} ({extra_len} > {MAX_EXTRA_DATA})")
             repairs.extra_dropped += 1
             keep_extra = MAX_EXTRA_DATA
         var_len = extra_len + id_len + name_len
-        if pos + SNAPSHOT_ENTRY.size + var_len > file_size:
-            raise CorruptImageError(f"snapshot table entry {i} runs past the end of the file",
-                                    offset=pos, field="snapshots_offset")
         body = pos + SNAPSHOT_ENTRY.size
         var = file.pread(body, keep_extra) + file.pread(body + extra_len, id_len + name_len)
         fixed = fixed[:36] + keep_extra.to_bytes(4, "big")
@@ -113,7 +115,9 @@ def read_snapshot_table(file, header, file_size, repairs=None):
                     f"check -r all can remove the {nb - i} overhanging snapshots",
                     ["ERROR failed to read the snapshot table: Snapshot table is too big",
                      f"You can force-remove all {nb - i} overhanging snapshots with qemu-img "
-                     "check -r all"], offset=off, field="snapshots_offset")
+                     "check -r all"], offset=off, field="snapshots_offset",
+                    qemu=f"Snapshot table is too big\nYou can force-remove all {nb - i} "
+                         "overhanging snapshots with qemu-img check -r all")
             repairs.messages.append(f"Discarding {nb - i} overhanging snapshots (snapshot "
                                     "table is too big)")
             repairs.reduced += nb - i
@@ -136,7 +140,7 @@ def too_many(nb):
         f"{nb - MAX_SNAPSHOTS} overhanging snapshots",
         ["ERROR snapshot table too large",
          f"You can force-remove all {nb - MAX_SNAPSHOTS} overhanging snapshots with qemu-img "
-         "check -r all"], field="nb_snapshots")
+         "check -r all"], field="nb_snapshots", qemu="Snapshot table too large")
 
 
 def check_l1_fields(sn, cs):

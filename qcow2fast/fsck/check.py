@@ -560,7 +560,7 @@ def check_image(path, fix=None, explain=False):
         h = hdr.parse_header(clamp_count(f.pread(0, min(size, 2 << 20)), fix == "all", repairs),
                              size)
         hdr.check_features(h, False)
-        snapshots, snap_bytes = read_for_check(f, h, size, repairs)
+        snapshots, snap_bytes = read_for_check(f, h, repairs)
         check_loadable(f, h, h.size)        # qemu cannot open (so check) such an image
         res = _Checker(f, h, fix, explain).run(snapshots, snap_bytes)
         account(res, repairs)

@@ -157,8 +157,10 @@ def tally_refcount_structures(img, tally):
 
 def reference_counts(img, extra=0):
     """The expected refcount of every host cluster (a RefcountTally)."""
-    cs = img.geo.cluster_size
+    cs, h = img.geo.cluster_size, img.header
     limit = max(-(-img.file.size() // cs), img.refcounts.end_cluster) + extra
+    if h.nb_snapshots:      # a snapshot table may run past the end of the file (read as zeros)
+        limit = max(limit, -(-(h.snapshots_offset + img.snapshot_table_bytes) // cs) + extra)
     tally = RefcountTally(limit)
     tally_mapping(img, tally)
     tally_bitmaps(img, tally)

@@ -79,7 +79,7 @@ def find_references(f, h, clusters):
         fd.note(_span(off, n, cb), lambda i, what=what: what)
     l1s = [("the active L1 table", h.l1_table_offset, h.l1_size)]
     try:
-        snapshots, table_bytes = read_snapshot_table(f, h, size)
+        snapshots, table_bytes = read_snapshot_table(f, h)
     except Qcow2Error:
         snapshots, table_bytes = [], 0
     if snapshots:

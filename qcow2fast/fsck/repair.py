@@ -30,17 +30,17 @@ def repair_image(path, first, mode):
     rebuild_refcounts.  Guest data is never touched."""
     if first.check_errors:
         raise RepairError("Check failed: Input/output error")
-    _drop_stale_bitmaps(path)
     rebuild = mode == "all" and first.rebuild
-    if first.snapshot_repairs is not None:
+    if first.snapshot_repairs is not None:     # first: the header parses after it
         snapshot_table.fix_count(path, first.snapshot_repairs)
+    _drop_stale_bitmaps(path)
     _write_fixes(path, first)
     if rebuild:
         try:
             _rebuild(path, first)
         except Qcow2Error as e:
             raise RepairError(f"Check failed: cannot rebuild the refcount structures: {e}") from e
-    if first.snapshot_repairs is not None:
+    if first.snapshot_repairs is not None and first.snapshot_repairs.rewrite:
         snapshot_table.rewrite(path)
     if rebuild:
         remaining = first.malformed

@@ -32,9 +32,9 @@ def clamp_count(buf, fix, repairs):
         bytes(buf[at + 4:])
 
 
-def read_for_check(f, h, size, repairs):
+def read_for_check(f, h, repairs):
     """The table as check sees it; the header's count follows what is kept."""
-    snapshots, nbytes = read_snapshot_table(f, h, size, repairs)
+    snapshots, nbytes = read_snapshot_table(f, h, repairs)
     h.nb_snapshots = len(snapshots)
     return snapshots, nbytes
 
@@ -65,7 +65,7 @@ def fix_count(path, repairs):
         size = f.size()
         h = hdr.parse_header(clamp_count(f.pread(0, min(size, 2 << 20)), True, TableRepairs(True)),
                              size)
-        kept, _ = read_snapshot_table(f, h, size, TableRepairs(True))
+        kept, _ = read_snapshot_table(f, h, TableRepairs(True))
         at, data = hdr.pack_fields(nb_snapshots=len(kept))
         f.pwrite(data, at)
         f.sync()

@@ -305,7 +305,7 @@ def parse_header(buf, file_size):
     _check_table(h.refcount_table_offset, h.refcount_table_clusters * cs, cs, file_size,
                  "refcount_table_offset")
     _check(h.nb_snapshots <= MAX_SNAPSHOTS, f"nb_snapshots {h.nb_snapshots} exceeds {MAX_SNAPSHOTS}",
-           "nb_snapshots")
+           "nb_snapshots", "Snapshot table too large")
     if h.nb_snapshots:
         _check_table(h.snapshots_offset, 40 * h.nb_snapshots, cs, file_size, "snapshots_offset")
 

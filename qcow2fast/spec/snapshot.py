@@ -71,11 +71,16 @@ def parse_entry(fixed, var):
         pos += n
     icount = values.get("icount")
     return Snapshot(
-        l1_off, l1_size,
-        bytes(var[extra_len:extra_len + id_len]).decode(errors="replace"),
-        bytes(var[extra_len + id_len:extra_len + id_len + name_len]).decode(errors="replace"),
+        l1_off, l1_size, _c_string(var[extra_len:extra_len + id_len]),
+        _c_string(var[extra_len + id_len:extra_len + id_len + name_len]),
         dsec, dnsec, vmclock, values.get("vm_state_size_large", vmsize), values.get("disk_size"),
         extra, None if icount in (None, ICOUNT_NONE) else icount)
+
+
+def _c_string(raw):
+    """An id or name as qemu holds it: a C string, so a NUL ends it (what
+    follows is invisible to qemu and dropped when it rewrites the table)."""
+    return bytes(raw).split(b"\0", 1)[0].decode(errors="replace")
 
 
 def entry_lengths(fixed):

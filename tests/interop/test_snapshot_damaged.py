@@ -174,3 +174,76 @@ def test_snapshot_l1_table_past_eof_reads_as_zeros_as_qemu(tmp_path, capsys, op)
     assert mine == theirs and mine.get("leaks"), (mine, theirs)
     # (after apply the bad snapshot is still there: check reports its table)
     assert bool(mine.get("corruptions")) == (op == "apply")
+
+
+def _last_entry(path):
+    """Offset of the snapshot table's last entry (entries are 8-byte aligned)."""
+    import struct
+    h = header(path)
+    pos = h["snapshots_offset"]
+    with open(path, "rb") as f:
+        for _ in range(h["nb_snapshots"] - 1):
+            f.seek(pos)
+            _, _, id_len, name_len, *_, extra_len = struct.unpack(">QIHHIIQII", f.read(40))
+            pos += 40 + extra_len + id_len + name_len
+            pos += -pos % 8
+    return pos
+
+
+def test_open_refusal_is_qemus_message(tmp_path, capsys):
+    """Too much extra data in an entry: the command line prints qemu's two
+    lines; the exception names the field and its offset."""
+    path = _mangled_table(tmp_path, "extra")
+    q = qemu_img("info", path, check=False)
+    status, out, err = run_cli(capsys, "info", path)
+    assert status == q.returncode == 1
+    assert err.replace("qcow2fast: ", "") == q.stderr_text.replace("qemu-img: ", "")
+    with pytest.raises(qcow2fast.CorruptImageError) as e:
+        qcow2fast.open(path)
+    assert e.value.field == "extra_data_size" and e.value.offset == header(path)["snapshots_offset"] + 36
+
+
+def test_snapshot_names_end_at_a_nul_as_qemu(tmp_path, capsys):
+    """An id or name with a NUL byte: qemu holds it as a C string, so the
+    listing shows what comes before the NUL; so does qcow2fast's."""
+    path = str(tmp_path / "a.qcow2")
+    qemu_create(path, 4 * MiB)
+    qemu_img("snapshot", "-c", "abcdef", path)
+    qemu_img("snapshot", "-c", "second", path)
+    import struct
+    entry = _last_entry(path)
+    with open(path, "rb") as f:
+        f.seek(entry)
+        _, _, id_len, _, *_, extra_len = struct.unpack(">QIHHIIQII", f.read(40))
+    patch(path, entry + 40 + extra_len + id_len + 2, ">B", 0)      # "second" -> "se\0ond"
+    q = qemu_img("snapshot", "-l", path)
+    status, out, err = run_cli(capsys, "snapshot", "-l", path)
+    assert status == 0 and out == q.stdout_text and "se " in out
+
+
+def test_table_running_past_eof_is_read_and_repaired_as_qemu(tmp_path, capsys):
+    """The last entry's extra data made 64 KiB, so the entry runs past the
+    end of the file (iotest 261's case): qemu reads past the end as zeros,
+    refuses to open it (too much extra data), and check -r all cuts the
+    extra data, rebuilds the refcounts (the table's last cluster past the
+    end has refcount 0) and writes the table anew.  qcow2fast: the same
+    messages, statuses and result."""
+    path = str(tmp_path / "a.qcow2")
+    qemu_create(path, 4 * MiB)
+    qemu_io(path, "write -P 1 0 64k")
+    for name in ("one", "two", "three"):
+        qemu_img("snapshot", "-c", name, path)
+    patch(path, _last_entry(path) + 36, ">I", 1 << 16)
+    ref = str(tmp_path / "ref.qcow2")
+    shutil.copy(path, ref)
+    for args in (["check"], ["check", "-r", "all"]):
+        q = qemu_img(*args, ref, check=False)
+        status, out, err = run_cli(capsys, *args, path)
+        assert status == q.returncode, err
+        assert err.replace("qcow2fast: ", "") == q.stderr_text.replace("qemu-img: ", "")
+        # (where the rebuilt refcount structures go is the allocator's choice)
+        assert [ln for ln in out.splitlines() if not ln.startswith("Image end offset")] == \
+            [ln for ln in q.stdout_text.splitlines() if not ln.startswith("Image end offset")]
+    qemu_check(path)
+    assert qemu_img("snapshot", "-l", path).stdout_text == qemu_img("snapshot", "-l", ref).stdout_text
+    assert_bytes_equal(qemu_raw(path, snapshot="one"), qemu_raw(ref, snapshot="one"), "snapshot one")
