@@ -126,7 +126,7 @@ def clear_unknown_autoclear(path):
     known = hdr.AUTOCLEAR_BITMAPS | hdr.AUTOCLEAR_DATA_FILE_RAW
     f = File(str(path), writable=True, direct=False)
     try:
-        h = hdr.parse_header(f.pread(0, min(f.size(), 2 << 20)), f.size())
+        h = hdr.parse_header(f.pread(0, min(f.size(), 2 << 20)), f.size(), check=True)
         if h.version >= 3 and h.autoclear_features & ~known:
             f.pwrite((h.autoclear_features & known).to_bytes(8, "big"),
                      hdr.FIELD_OFFSET["autoclear_features"])
@@ -146,7 +146,7 @@ def stale_bitmaps(path):
     try:
         size = f.size()
         try:
-            h = hdr.parse_header(f.pread(0, min(size, 2 << 20)), size)
+            h = hdr.parse_header(f.pread(0, min(size, 2 << 20)), size, check=True)
         except Qcow2Error:
             return None         # check_image reports it, as qemu's check does
         return stale_warning(h)

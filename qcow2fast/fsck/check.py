@@ -22,6 +22,7 @@ from ..spec.entries import at_host0
 from ..spec.header import INCOMPAT_DATA_FILE, INCOMPAT_EXTL2, MAX_L1_BYTES
 from ..engine.crypto import header_ranges as crypto_header_ranges
 from ..engine.bitmap_list import check_loadable, referenced_ranges
+from . import new_structures
 from .bounds import MAX_EXPLAINED, MAX_MESSAGES, Bounds, l2_batches, read_l2_tables
 from .past_eof import past_eof, replacement
 from .rebuild import RefcountTally
@@ -37,6 +38,10 @@ from .stored import StoredRefcounts, compare_refcounts, last_true
 # than refusing it as Image does.  With ``fix`` it also plans the repair
 # qemu's -r leaks / -r all make (same messages and counts), which
 # ``repair_image`` then carries out.
+
+
+# qemu's truncate refuses a file size past INT64_MAX.
+INT64_MAX = (1 << 63) - 1
 
 
 def _c_hex(n):
@@ -64,6 +69,9 @@ class CheckResult:
         self.refcount_fixes = []    # (cluster, new refcount) the repair writes
         self.entry_fixes = []       # (file offset, new L1/L2 entry) the repair writes
         self.snapshot_repairs = None  # engine.snapshot.TableRepairs: the table to write anew
+        self.grow_to = 0            # the file size the repair grows the file to first (or 0)
+        self.new_structures = None  # new_structures.StructurePlan: the rebuild's layout
+        self.rebuild_refused = None  # why no rebuild may be made (a refcount too wide)
         self.failed = None          # why the check could not run to its end (qemu's errno)
 
 
@@ -84,6 +92,7 @@ class _Checker:
         self.l1_fixed = {}          # file offset -> L1 entry with its reserved bits cleared
         self.bounds = Bounds(self.file_size, h.nb_snapshots, self.geo.cluster_bits)
         self.active_over = None     # active L1 entries past the visit bound (Bounds.over_visits)
+        self.old_structures = []    # clusters of the refcount table and blocks, as counted
 
     def msg(self, text):
         if len(self.res.messages) < MAX_MESSAGES:
@@ -92,16 +101,19 @@ class _Checker:
             self.res.messages_dropped += 1
 
     def inc(self, offset, size):
-        """qemu's qcow2_inc_refcounts_imrt for one byte range."""
+        """qemu's qcow2_inc_refcounts_imrt for one byte range: the clusters
+        counted."""
         if size <= 0:
-            return
+            return []
         if offset + size - self.file_size >= self.cs:
             self.msg("ERROR: counting reference for region exceeding the end of the file by "
                      f"one cluster or more: offset {offset:#x} size {size:#x}")
             self.res.corruptions += 1
-            return
+            return []
         cb = self.geo.cluster_bits
-        self.tally.add(np.arange(offset >> cb, ((offset + size - 1) >> cb) + 1))
+        clusters = np.arange(offset >> cb, ((offset + size - 1) >> cb) + 1)
+        self.tally.add(clusters)
+        return clusters
 
     def read_l2(self, l2off):
         """One L2 table, native byte order."""
@@ -299,17 +311,9 @@ class _Checker:
         raw = self.f.pread(h.refcount_table_offset, h.refcount_table_clusters * self.cs)
         return decode_table(bytes(raw).ljust(h.refcount_table_clusters * self.cs, b"\0"))
 
-    def replaced_refcount_clusters(self, table, expected):
-        """The clusters of the refcount table and blocks a rebuild replaces
-        (each counted once by this check), in order."""
-        cb = self.geo.cluster_bits
-        first = self.h.refcount_table_offset >> cb
-        offs = np.asarray(table, dtype=np.uint64) & np.uint64(REFT_OFFSET_MASK)
-        offs = offs[(offs != 0) & (offs % np.uint64(self.cs) == 0)] >> np.uint64(cb)
-        old = set(range(first, first + self.h.refcount_table_clusters)) | set(offs.tolist())
-        return sorted(c for c in old if c < len(expected) and expected[c] == 1)
-
     def check_refblocks(self, table):
+        """qemu's check_refblocks: counts each refcount block, and with -r all
+        plans the growth of a file that ends before one of them."""
         res, cs = self.res, self.cs
         for i, e in enumerate(table):
             e = int(e)
@@ -326,12 +330,23 @@ class _Checker:
                 res.rebuild = True
                 continue
             if off and (off >> self.geo.cluster_bits) >= -(-self.file_size // cs):
-                self.msg(f"ERROR refcount block {i} is outside image")
                 res.corruptions += 1
-                res.rebuild = True
+                if self.fix != "all":
+                    self.msg(f"ERROR refcount block {i} is outside image")
+                    continue
+                self.msg(f"Repairing refcount block {i} is outside image")
+                if off > INT64_MAX - cs:        # qemu's truncate refuses it
+                    self.msg("ERROR could not resize image: Invalid argument")
+                    res.rebuild = True
+                    continue
+                # the repair grows the file to hold the block (read as zeros until then)
+                res.grow_to = self.file_size = off + cs
+                res.corruptions -= 1
+                res.corruptions_fixed += 1
+                self.old_structures.extend(self.inc(off, cs))
                 continue
             if off:
-                self.inc(off, cs)
+                self.old_structures.extend(self.inc(off, cs))
                 c = off >> self.geo.cluster_bits
                 # qemu's count saturates at the maximum (the overflow is reported apart)
                 n = min(int(self.tally.counts[c]), self.geo.refcount_max)
@@ -364,7 +379,8 @@ class _Checker:
             self.check_l1(s.l1_table_offset, s.l1_size, False)
         if h.nb_snapshots:
             self.inc(h.snapshots_offset, snap_bytes)
-        self.inc(h.refcount_table_offset, h.refcount_table_clusters * cs)
+        self.old_structures = list(self.inc(h.refcount_table_offset,
+                                            h.refcount_table_clusters * cs))
         ranges, broken = referenced_ranges(self.f, h, h.size)
         if broken:              # qemu's qcow2_check_bitmaps_refcounts fails the whole check
             res.failed = "Invalid argument"
@@ -375,6 +391,12 @@ class _Checker:
         self.check_refblocks(table)
         expected = self.tally.counts
         over = np.nonzero(expected > np.uint64(geo.refcount_max))[0]
+        if len(over):
+            # qemu would rebuild with the saturated counts, and a cluster whose
+            # count reaches 0 while still referenced gets handed out again
+            c = int(over[0])
+            res.rebuild_refused = (f"host cluster {c * cs:#x} needs refcount {int(expected[c])}"
+                                   f", more than {geo.refcount_bits} bits hold")
         told = 0
         for c in over:
             # qemu's counter saturates; every reference past the maximum is an error
@@ -430,9 +452,11 @@ class _Checker:
         copied_repair = False
         if self.fix == "all" and res.rebuild:
             self.msg("Rebuilding refcount structure")
-            for c in self.replaced_refcount_clusters(table, expected):
+            res.new_structures = None if res.rebuild_refused else \
+                new_structures.plan(geo, expected, self.old_structures)
+            for c, r1, r2 in res.new_structures.freed if res.new_structures else ():
                 # qemu's second pass frees the old structures, leaked by its rebuild
-                self.msg(f"Repairing cluster {c} refcount=1 reference=0")
+                self.msg(f"Repairing cluster {c} refcount={r1} reference={r2}")
             after = StoredRefcounts(expected, stored.per_block)
             # qemu counts as fixed what a second count no longer finds; the
             # malformed entries are found again
@@ -558,7 +582,7 @@ def check_image(path, fix=None, explain=False):
         size = f.size()
         repairs = TableRepairs(fix == "all")
         h = hdr.parse_header(clamp_count(f.pread(0, min(size, 2 << 20)), fix == "all", repairs),
-                             size)
+                             size, check=True)
         hdr.check_features(h, False)
         snapshots, snap_bytes = read_for_check(f, h, repairs)
         check_loadable(f, h, h.size)        # qemu cannot open (so check) such an image

@@ -5,10 +5,11 @@ qcow2-refcount.c).
 host cluster should have from the header, the L1/L2 tables (active and of
 every snapshot) and the snapshot table; ``rebuild_refcounts`` makes the
 stored refcounts and COPIED flags agree with it, refcount structures
-included.  It is how a dirty image (lazy refcounts after a crash) is
-repaired, and what ``check -r all`` runs when refcount structures are
-damaged.  L2 entries pointing past the end of the file are made zero
-clusters first (:mod:`qcow2fast.fsck.past_eof`).
+included, in place.  It is how a dirty image (lazy refcounts after a
+crash) is repaired at an open for writing (``check -r all`` lays out new
+structures as qemu does: :mod:`qcow2fast.fsck.new_structures`).  L2
+entries pointing past the end of the file are made zero clusters first
+(:mod:`qcow2fast.fsck.past_eof`).
 """
 
 import numpy as np

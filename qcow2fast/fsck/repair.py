@@ -1,7 +1,7 @@
 """qemu-img check -r leaks / -r all: carrying out the repair that
 :func:`qcow2fast.fsck.check.check_image` planned (refcount fixes in place,
-COPIED flags, reserved L1 bits, and a rebuild through
-:mod:`qcow2fast.fsck.rebuild` when refcount structures are damaged).
+COPIED flags, reserved L1 bits, and new refcount structures laid out by
+:mod:`qcow2fast.fsck.new_structures` when the old ones are damaged).
 Guest data is never touched, and nothing the check did not understand is
 freed.
 """
@@ -10,13 +10,12 @@ import os
 
 import numpy as np
 
-from ..errors import Qcow2Error, RepairError
+from ..errors import RepairError
 from ..spec.constants import BE64, REFT_OFFSET_MASK
 from ..spec.entries import decode_table
 from ..spec.geometry import Geometry
 from ..spec.header import FIELD_OFFSET, FIELD_STRUCT, pack_fields
-from . import snapshot_table
-from .rebuild import rebuild_refcounts
+from . import new_structures, snapshot_table
 
 
 def repair_image(path, first, mode):
@@ -26,20 +25,21 @@ def repair_image(path, first, mode):
 
     Refcount and COPIED fixes are written in place (the refcount blocks
     they touch exist: a refcount of 0 that should not be is a rebuild);
-    a rebuild goes through an Image opened for writing and
-    rebuild_refcounts.  Guest data is never touched."""
+    a rebuild writes the check's plan of new refcount structures before
+    the L1/L2 entry fixes that rely on their refcounts.  Guest data is
+    never touched."""
     if first.check_errors:
         raise RepairError("Check failed: Input/output error")
     rebuild = mode == "all" and first.rebuild
+    if rebuild and first.rebuild_refused:
+        raise RepairError("Check failed: cannot rebuild the refcount structures: "
+                          f"{first.rebuild_refused}")
     if first.snapshot_repairs is not None:     # first: the header parses after it
         snapshot_table.fix_count(path, first.snapshot_repairs)
     _drop_stale_bitmaps(path)
+    if first.grow_to or rebuild:
+        _write_structures(path, first.grow_to, first.new_structures if rebuild else None)
     _write_fixes(path, first)
-    if rebuild:
-        try:
-            _rebuild(path, first)
-        except Qcow2Error as e:
-            raise RepairError(f"Check failed: cannot rebuild the refcount structures: {e}") from e
     if first.snapshot_repairs is not None and first.snapshot_repairs.rewrite:
         snapshot_table.rewrite(path)
     if rebuild:
@@ -57,7 +57,7 @@ def _write_fixes(path, first):
     f = File(str(path), writable=True, direct=False)
     try:
         size = f.size()
-        h = hdr.parse_header(f.pread(0, min(size, 2 << 20)), size)
+        h = hdr.parse_header(f.pread(0, min(size, 2 << 20)), size, check=True)
         geo = Geometry(h.cluster_bits, h.refcount_order)
         cs, E = geo.cluster_size, geo.rb_entries
         table = decode_table(f.pread(h.refcount_table_offset, h.refcount_table_clusters * cs))
@@ -92,31 +92,30 @@ def _drop_stale_bitmaps(path):
     f = File(str(path), writable=True, direct=False)
     try:
         size = f.size()
-        drop_stale_extension(f, hdr.parse_header(f.pread(0, min(size, 2 << 20)), size))
+        drop_stale_extension(f, hdr.parse_header(f.pread(0, min(size, 2 << 20)), size,
+                                                check=True))
     finally:
         f.close()
 
 
-def _rebuild(path, first):
-    from ..engine.image import Image
-    corrupt = first.flags & 2
-    # Image opens an image marked corrupt read-only: lift the mark for the
-    # rebuild, and put it back if the rebuild fails.
-    if corrupt:
-        _set_incompatible_bit(path, 2, False)
+def _write_structures(path, grow_to, structure_plan):
+    """Grow the file to ``grow_to`` (a refcount block past its end, as
+    qemu's check does), then write ``structure_plan`` (a
+    new_structures.StructurePlan, or None)."""
+    from ..spec import header as hdr
+    from .._ext.fileio import File
+    f = File(str(path), writable=True, direct=False)
     try:
-        # The caller holds the image's locks (check_cmd's lock.Holder).  No
-        # guest data moves: an encrypted image needs no key (no_io).
-        img = Image(str(path), "r+", cache_clean_interval=0, backing=False, locking=False,
-                    no_io=True, _repair=True)
-        try:
-            rebuild_refcounts(img)
-        finally:
-            img.close()
-    except BaseException:
-        if corrupt:
-            _set_incompatible_bit(path, 2, True)
-        raise
+        size = f.size()
+        if grow_to > size:
+            f.truncate(grow_to)
+        if structure_plan is not None:
+            h = hdr.parse_header(f.pread(0, min(size, 2 << 20)), size, check=True)
+            new_structures.write(f, Geometry(h.cluster_bits, h.refcount_order), structure_plan)
+        else:
+            f.sync()    # barrier: the refcount block's cluster exists before fixes rely on it
+    finally:
+        f.close()
 
 
 def _set_incompatible_bit(path, bit, on):

@@ -64,7 +64,7 @@ def fix_count(path, repairs):
     try:
         size = f.size()
         h = hdr.parse_header(clamp_count(f.pread(0, min(size, 2 << 20)), True, TableRepairs(True)),
-                             size)
+                             size, check=True)
         kept, _ = read_snapshot_table(f, h, TableRepairs(True))
         at, data = hdr.pack_fields(nb_snapshots=len(kept))
         f.pwrite(data, at)

@@ -242,11 +242,13 @@ def _check(cond, message, field, qemu=None):
         raise CorruptImageError(message, offset=FIELD_OFFSET.get(field), field=field, qemu=qemu)
 
 
-def parse_header(buf, file_size):
+def parse_header(buf, file_size, check=False):
     """Parse and validate the header area ``buf`` (the image's first bytes).
 
     ``buf`` must hold at least one cluster or the whole file if shorter.
     ``file_size`` is the size of the image file, used to bound every offset.
+    ``check``: for qemu-img check, which also opens an image without a
+    refcount table (qemu's BDRV_O_CHECK) to rebuild one.
     """
     if len(buf) < V2_HEADER_LENGTH:
         raise CorruptImageError(f"file is {file_size} bytes, too small for a qcow2 header",
@@ -300,8 +302,12 @@ def parse_header(buf, file_size):
            f"{' with extended L2 entries' if geo.extended_l2 else ''})", "l1_size",
            "Image is too big" if needed_l1 > QEMU_MAX_L1_INDEX else "L1 table is too small")
     _check_table(h.l1_table_offset, h.l1_size * L1E_SIZE, cs, file_size, "l1_table_offset")
-    _check(0 < h.refcount_table_clusters <= MAX_REFTABLE_BYTES // cs,
-           f"refcount_table_clusters {h.refcount_table_clusters} out of range", "refcount_table_clusters")
+    _check(h.refcount_table_clusters or check,
+           "refcount_table_clusters is 0: the image has no refcount table",
+           "refcount_table_clusters", "Image does not contain a reference count table")
+    _check(h.refcount_table_clusters <= MAX_REFTABLE_BYTES // cs,
+           f"refcount_table_clusters {h.refcount_table_clusters} out of range",
+           "refcount_table_clusters", "Reference count table too large")
     _check_table(h.refcount_table_offset, h.refcount_table_clusters * cs, cs, file_size,
                  "refcount_table_offset")
     _check(h.nb_snapshots <= MAX_SNAPSHOTS, f"nb_snapshots {h.nb_snapshots} exceeds {MAX_SNAPSHOTS}",

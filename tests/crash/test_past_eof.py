@@ -60,9 +60,10 @@ def test_check_repair_all_makes_entries_past_eof_zero(tmp_path, capsys):
     p, expected = _lazy_image_cut_at_its_last_cluster(tmp_path)
     q = str(tmp_path / "q.qcow2")
     shutil.copy(p, q)
+    end = os.path.getsize(p)
     status, out, err = run_cli(capsys, "check", "-r", "all", p)
     assert status == 0, (out, err)
-    assert f"Repairing offset={os.path.getsize(p):x}: Data cluster lies past the end" in err
+    assert f"Repairing offset={end:x}: Data cluster lies past the end" in err
     qemu_check(p)
     assert qemu_raw(p) == expected
     assert qemu_img("map", "--output=json", p).stdout_text.count('"zero": true, "data": false') >= 1
