@@ -3,7 +3,7 @@
 import os
 
 from ..host import file as hostfile
-from ..engine.backing import probe_format, resolve_backing_path
+from ..engine.backing import blkdebug_image, probe_format, resolve_backing_path
 from ..errors import Qcow2Error
 from ..ops.options import AMEND_ONLY, QCOW2_OPTION_HELP
 from .common import file_path
@@ -134,7 +134,9 @@ def run(args):
     if backing:
         # qemu-img 7.2's checks and messages: the backing file must open
         # (unless -u) and its format be given.
-        bpath = resolve_backing_path(path, backing)
+        # (create only takes the backing file's size: through a blkdebug
+        # name, the size of the image it wraps)
+        bpath = resolve_backing_path(path, blkdebug_image(backing) or backing)
         if size is None and args.unsafe:
             raise UsageError(f"{args.filename}: Image creation needs a size parameter")
         if not args.unsafe and not os.path.exists(bpath):
@@ -150,16 +152,16 @@ def run(args):
                              f"(supported: {', '.join(FORMATS)})\nCould not open backing image.")
     if size is None and not backing:
         raise UsageError(f"{args.filename}: Image creation needs a size parameter")
+    if size is None and backing and not args.unsafe:
+        from .common import open_image
+        # qemu takes its size (no_io: an encrypted one opens without its secret)
+        below = open_image(bpath, backing_fmt, backing=False, no_io=True,
+                           untrusted=args.untrusted)
+        try:
+            size = below.size
+        finally:
+            below.close()
     if not args.quiet:          # before the image is made, as qemu (also when it fails)
-        if size is None and backing and not args.unsafe:
-            from .common import open_image
-            # qemu takes its size (no_io: an encrypted one opens without its secret)
-            below = open_image(bpath, backing_fmt, backing=False, no_io=True,
-                               untrusted=args.untrusted)
-            try:
-                size = below.size
-            finally:
-                below.close()
         print(formatting_line(args.filename, given, kw, size, backing, backing_fmt), flush=True)
     try:
         create_image(path, size, backing_file=backing, backing_format=backing_fmt, **kw)

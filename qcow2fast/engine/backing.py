@@ -19,6 +19,7 @@ MAX_CHAIN_DEPTH = 4096      # real chains reach 1000 (arXiv 2205.06842); qemu ha
 
 FILE_PROTOCOL = "file:"
 JSON_PREFIX = "json:"       # qemu's block-driver option tree as a name (cli/json_filename.py)
+BLKDEBUG_PREFIX = "blkdebug:"   # qemu's error-injection driver: blkdebug:[RULES]:IMAGE
 JSON_FORMATS = ("qcow2", "raw")
 
 
@@ -97,6 +98,17 @@ def resolve_backing_path(image_path, name):
     if os.path.isabs(name):
         return name
     return os.path.join(os.path.dirname(os.path.abspath(image_path)), name)
+
+
+def blkdebug_image(name):
+    """The image a qemu ``blkdebug:RULES:IMAGE`` name wraps (RULES, a file
+    of error-injection rules, may be empty), or None for another name.
+    Only for what does no I/O through the name (create's look at a backing
+    file's size): qcow2fast does not inject blkdebug's errors."""
+    if not name.startswith(BLKDEBUG_PREFIX):
+        return None
+    rules, sep, image = name[len(BLKDEBUG_PREFIX):].partition(":")
+    return image if sep else None
 
 
 def probe_format(path, remote_options=None):

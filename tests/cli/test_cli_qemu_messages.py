@@ -199,3 +199,20 @@ def test_info_image_opts_shows_the_file_name(capsys, tmp_path):
     status, out, _ = cli(capsys, "info", "--image-opts", opts)
     want = qemu_img("info", "--image-opts", opts).stdout.decode()
     assert status == 0 and out == want and out.startswith(f"image: {img}\n")
+
+
+@pytest.mark.parametrize("quiet", [[], ["-q"]])
+def test_create_over_a_blkdebug_backing_name(capsys, tmp_path, quiet):
+    """A blkdebug:RULES:IMAGE backing name (iotest 041): create takes the
+    size of the image it wraps and writes the name as given, as qemu-img."""
+    base = tmp_path / "b.img"
+    qemu_img("create", "-f", "raw", base, "3M")
+    rules = tmp_path / "rules"
+    rules.write_text("\n")
+    opt = f"backing_file=blkdebug:{rules}:{base},backing_fmt=raw"
+    ref = qemu_img("create", *quiet, "-f", "qcow2", "-o", opt, tmp_path / "q.qcow2")
+    status, out, err = cli(capsys, "create", *quiet, "-f", "qcow2", "-o", opt,
+                           tmp_path / "f.qcow2")
+    assert (status, err) == (0, "")
+    assert out.replace("f.qcow2", "q.qcow2") == ref.stdout_text
+    assert (tmp_path / "f.qcow2").read_bytes() == (tmp_path / "q.qcow2").read_bytes()
