@@ -9,6 +9,9 @@ Rules, as qemu 7.2:
   record their disk size); snapshots keep their own L1 tables and sizes;
 - growing over a backing file longer than the old disk makes the new area
   read as zeros (v3 zero flags; a v2 image cannot, and is refused);
+- growing makes the whole new area read as zeros: also the tail of the old
+  last cluster, where a shrink to a size inside a cluster left the bytes
+  past it (qemu 7.2 shows those old bytes again after such a grow);
 - shrinking frees every cluster past the new end (whole clusters: the tail
   of the last partial cluster keeps its bytes, as in qemu), empties the L1
   entries past it in place (the table keeps its size and place, as in
@@ -18,8 +21,9 @@ Rules, as qemu 7.2:
 Write order (each barrier an fdatasync, none under cache=unsafe):
 - grow: a larger L1 table is written, barrier, the header points to it,
   barrier, the old table is freed (Mapping.grow_l1); zero flags or
-  preallocated L2 entries are written with the ordered flush (their
-  clusters' refcounts first); then the header's size, barrier.  A crash
+  preallocated L2 entries, and the zeroed tail of the old last cluster,
+  are written with the ordered flush (their clusters' refcounts first);
+  then the header's size, barrier.  A crash
   before the size leaves the old disk, with metadata past its end that
   reads as it will after the resize.
 - shrink: the header's size is written first, barrier: from then on the
@@ -109,12 +113,17 @@ def _grow(img, size, preallocation):
         start = -(-old // geo.cluster_size) * geo.cluster_size
         if start < size:
             clusters.preallocate(preallocation, start, size)
-    if zero_backing:
-        # The L2 entries change under the new size (the zeroing code works
-        # up to the disk's end); the header still says the old one.
+    # What reads as zeros from the old end on: the whole new area over a
+    # backing file that would show through, else the rest of the old last
+    # cluster (a shrink left its bytes there, as in qemu).
+    end = size if zero_backing else min(size, -(-old // geo.cluster_size) * geo.cluster_size)
+    if end > old:
+        # The L2 entries and data change under the new size (the zeroing code
+        # works up to the disk's end); the header still says the old one, so
+        # a crash before the size is written shows the old disk unchanged.
         s.set_size(size)
         try:
-            clusters.write_zeroes(old, size - old, False)
+            clusters.write_zeroes(old, end - old, False)
         except BaseException:
             s.set_size(old)
             raise

@@ -147,6 +147,26 @@ def test_resize_over_longer_backing_file(tmp_path):
             assert_same(a, b, [])
 
 
+@pytest.mark.parametrize("shrunk_by", ["qcow2fast", "qemu"])
+def test_grow_after_an_unaligned_shrink_reads_zeros(tmp_path, shrunk_by):
+    """A shrink to a size inside a cluster leaves the old bytes in the rest
+    of it (qemu's shrink too); a grow makes the new area read as zeros
+    there as well (qemu 7.2 shows the old bytes again), for qemu too."""
+    p = qemu_create(tmp_path / "t.qcow2", 16 * MiB)
+    qemu_io(p, "write -P 0x11 0 16M")
+    small = 8 * MiB + 1536
+    if shrunk_by == "qemu":
+        qemu_img("resize", "-q", "--shrink", p, str(small))
+    else:
+        with qcow2fast.open(p, "r+") as img:
+            img.resize(small, shrink=True)
+    with qcow2fast.open(p, "r+") as img:
+        img.resize(16 * MiB)
+        assert img.read(small, 64 * 1024) == bytes(64 * 1024)
+    qemu_check(p)
+    assert qemu_raw(p) == b"\x11" * small + bytes(16 * MiB - small)
+
+
 def test_resize_refusals(tmp_path):
     """Bad input: a clear error and nothing written."""
     p = tmp_path / "v2snap.qcow2"
