@@ -90,9 +90,12 @@ def run(args):
     else:
         kw, backing, backing_fmt = {}, args.backing, args.backing_fmt
     if args.existing and opts:
-        raise UsageError("convert: -o cannot be used with -n (the target exists)")
+        raise UsageError("-o has no effect when skipping image creation")
     if backing_fmt and not backing:
         raise UsageError("convert: -F needs -B")
+    if backing and len(sources) > 1:
+        raise UsageError("Having a backing file for the target makes no sense when "
+                         "concatenating multiple input images")
     if backing and not backing_fmt and not args.existing:
         raise UsageError("Use of backing file requires explicit backing format")
     sparse = parse_size(args.sparse_size or "4k", "sparse size")

@@ -311,9 +311,11 @@ class Clusters:
         while pos < b:
             l1i = geo.l1_index(pos)
             span = min(b, (l1i + 1) * geo.bytes_per_l2()) - pos
-            if self.mapping.l2_table_offset(l1i) == 0 and (self.below is None or not v3
-                                                            or what == "full"):
-                pos += span         # whole L2 range unallocated: already zero
+            if self.mapping.l2_table_offset(l1i) == 0 and (not v3 or what == "full" or (
+                    self.below is None and what == "discard")):
+                # whole L2 range unallocated: already zero (a v3 zero request
+                # still writes zero flags there, in a new L2 table, as qemu)
+                pos += span
                 continue
             slot = self.l2_slot_for_write(pos)
             s.l2_cache.pin(slot)

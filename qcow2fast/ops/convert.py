@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
-import mmap
 import os
 import sys
 from typing import TYPE_CHECKING
@@ -33,17 +32,18 @@ import numpy as np
 from ..spec import header as hdr
 from ..host import file as hostfile
 from .._ext.fileio import File
-from .._ext.kernels import nonzero_units
 from ..engine.compress import Compressor
 from .create import create
-from .options import validate_options
-from ..errors import InvalidArgumentError, UnsupportedFeatureError
+from .options import image_size, validate_options
+from ..engine.backing import resolve_backing_path
+from ..errors import InvalidArgumentError, Qcow2Error, UnsupportedFeatureError
 from ..host.file import pwrite_all
-from ..spec.constants import COMPRESSED, DATA, L1E_SIZE, UNALLOCATED, ZERO
+from ..spec.constants import COMPRESSED, DATA, L1E_SIZE, ZERO
 from .qcow2_writer import Qcow2Writer, runs
 from ..engine.crypto_setup import target_secret
 from ..host.limits import fit_threads
 from ..host.lock import check_create
+from .convert_units import Buffers, Job
 from .sources import MUST_ZERO, READ, SKIP, UnitMarks, open_sources
 
 if TYPE_CHECKING:
@@ -53,71 +53,6 @@ if TYPE_CHECKING:
 BATCH_BYTES = 2 << 20           # as qemu-img convert's requests; 4 MiB measured slower
 STDIN = "-"
 # -- the pipeline ------------------------------------------------------------------------
-
-
-class Job:
-    """How batches are read and turned into units' kinds and payloads."""
-
-    def __init__(self, unit, *, detect_zeros, keep_zero, compress, v2_zero_as_data):
-        self.unit = unit
-        self.detect_zeros = detect_zeros      # -S: all-zero units need no data
-        self.keep_zero = keep_zero            # a zero unit is written as ZERO, not skipped
-        self.compress = compress              # Compressor or None
-        self.v2_zero_as_data = v2_zero_as_data
-
-    def process(self, buf, nvalid, marks, src, first):
-        """Read the READ units of the batch starting at unit ``first`` (when
-        ``src`` is given), then decide each unit's kind.  Returns (kinds,
-        payloads)."""
-        unit = self.unit
-        count = len(marks)
-        buf[nvalid:count * unit] = 0            # buffers are reused: past the end reads 0
-        if src is not None:
-            base = first * unit
-            for a, b in runs(marks == READ):
-                lo, hi = a * unit, min(b * unit, nvalid)
-                src.readinto(base + lo, buf[lo:hi])
-        kinds = np.where(marks == MUST_ZERO, ZERO, UNALLOCATED).astype(np.uint8)
-        data = marks == READ
-        if self.detect_zeros:
-            nonzero = np.empty(count, np.uint8)
-            nonzero_units(buf[:count * unit], unit, nonzero)
-            nonzero = nonzero.view(bool)
-            kinds[data & ~nonzero] = ZERO if self.keep_zero else UNALLOCATED
-            data &= nonzero
-        if self.v2_zero_as_data:
-            for a, b in runs(marks == MUST_ZERO):
-                buf[a * unit:b * unit] = 0
-            data |= kinds == ZERO
-        kinds[data] = DATA
-        if self.compress is None:
-            return kinds, None                  # the data clusters are those of buf
-        payloads = []
-        for i in np.flatnonzero(data):
-            chunk = buf[i * unit:(i + 1) * unit]     # zeros past the source's end
-            c = self.compress(chunk)
-            if len(c) < unit:                   # clusters that do not shrink stay plain
-                kinds[i] = COMPRESSED
-                chunk = c
-            payloads.append(chunk)
-        return kinds, payloads
-
-
-class Buffers:
-    """Batch buffers: page aligned (as qemu's qemu_blockalign; the kernel
-    copies to and from them), reused once their batch is written (fresh
-    pages cost more than the copy into them)."""
-
-    def __init__(self, nbytes):
-        self.nbytes, self.free = nbytes, []
-
-    def get(self):
-        if self.free:
-            return self.free.pop()
-        return np.frombuffer(mmap.mmap(-1, self.nbytes), np.uint8)
-
-    def put(self, buf):
-        self.free.append(buf)
 
 
 def run_pipeline(job, batches, sink, threads, progress, total, buffers):
@@ -332,8 +267,8 @@ def convert(sources: str | os.PathLike[str] | Iterable[str | os.PathLike[str]],
         raise InvalidArgumentError("compression is not supported for the raw format")
     if compression_level is not None and not compress:
         raise InvalidArgumentError("a compression level needs compression (-c)")
-    if backing_file and (format != "qcow2" or existing):
-        raise InvalidArgumentError("a backing file (-B) needs a new qcow2 target")
+    if backing_file and format != "qcow2" and not existing:
+        raise InvalidArgumentError("a backing file (-B) needs a qcow2 target")
     if backing_file and len(sources) > 1:
         raise InvalidArgumentError("having a backing file for the target makes no sense "
                                    "when concatenating several sources")
@@ -375,13 +310,31 @@ def convert(sources: str | os.PathLike[str] | Iterable[str | os.PathLike[str]],
             if compress or dest == STDIN or stdin:
                 raise InvalidArgumentError("preallocation cannot be combined with "
                                            "compression or streams")
+        # -n -B: the target's backing file is taken to hold what the source's
+        # does; only the source's top layer is copied (qemu's target_has_backing)
         return _convert_through_image(src, dest, format, options, sparse_size, existing,
                                       target_is_zero, threads, progress, sync, direct,
                                       (compression_level,) if compress else None,
-                                      target_key_secret or target_secret(options))
+                                      target_key_secret or target_secret(options),
+                                      top_only=bool(backing_file))
     finally:
         if src is not None:
             src.close()
+
+
+def _backing_size(st, dest):
+    """The size of the new image's backing file; None if it has none or it
+    cannot be told (then zeros are written all along, as qemu)."""
+    if not st.backing_file:
+        return None
+    try:
+        return image_size(resolve_backing_path(dest, st.backing_file), st.backing_format)
+    except (OSError, Qcow2Error):
+        return None
+
+
+def _pow2floor(n):
+    return 1 << (n.bit_length() - 1) if n > 0 else 0
 
 
 def _compressor(compression_type, level):
@@ -425,8 +378,8 @@ def _convert_new_qcow2(st, src, dest, compressor, sparse_size, threads, progress
     geo = st.geometry()
     cs = geo.cluster_size
     job = Job(cs, detect_zeros=sparse_size > 0, keep_zero=bool(st.backing_file),
-              compress=compressor,
-              v2_zero_as_data=st.version == 2)
+              compress=compressor, v2_zero_as_data=st.version == 2,
+              sparse_units=1 if compressor else max(1, _pow2floor(sparse_size) // cs))
     out = Output(dest, in_place=False)
     ok = False
     writer = dfile = None
@@ -442,7 +395,8 @@ def _convert_new_qcow2(st, src, dest, compressor, sparse_size, threads, progress
         marks = None
         if src is not None:
             marks = UnitMarks(src, cs, top_only=bool(st.backing_file),
-                              skip_as=READ if sparse_size == 0 else SKIP)
+                              skip_as=READ if sparse_size == 0 else SKIP,
+                              zero_below=_backing_size(st, dest))
         size = _feed(job, src, marks, sink, threads, progress)
         if geo.l1_size_for(size) > hdr.MAX_L1_BYTES // L1E_SIZE:
             raise InvalidArgumentError(f"input of {size} bytes is too large for "
@@ -462,7 +416,7 @@ def _convert_new_qcow2(st, src, dest, compressor, sparse_size, threads, progress
 
 def _convert_through_image(src, dest, format, options, sparse_size, existing,
                            target_is_zero, threads, progress, sync, direct, compress,
-                           out_secret=None):
+                           out_secret=None, top_only=False):
     """Raw output, -n, extended L2 and preallocated qcow2: writes through
     Image.write (qcow2) or pwrite (raw).  ``compress``: None, or a 1-tuple
     with the compression level (the compression type is the target's):
@@ -530,8 +484,8 @@ def _convert_through_image(src, dest, format, options, sparse_size, existing,
             else:
                 for a, b in runs(kinds == DATA):
                     write_data(base, a, b, buf, nvalid)
-            if not zero_target:
-                for lo, hi in spans((kinds != DATA) & (kinds != COMPRESSED), nvalid):
+            if not zero_target:     # (UNALLOCATED: -n -B, what the backing file holds)
+                for lo, hi in spans(kinds == ZERO, nvalid):
                     if img is not None:
                         img.write_zeroes(base + lo, hi - lo, may_unmap=True)
                     else:
@@ -577,8 +531,10 @@ def _convert_through_image(src, dest, format, options, sparse_size, existing,
 
         marks = None
         if src is not None:
-            skip_as = READ if sparse_size == 0 else SKIP if zero_target else MUST_ZERO
-            marks = UnitMarks(src, unit, top_only=False, skip_as=skip_as)
+            # (-n -B: what the source's backing file holds is not copied)
+            skip_as = SKIP if top_only or (zero_target and sparse_size) else \
+                READ if sparse_size == 0 else MUST_ZERO
+            marks = UnitMarks(src, unit, top_only=top_only, skip_as=skip_as)
         size = _feed(job, src, marks, sink, threads, progress)
         if format == "raw" and not existing:
             hostfile.set_size(out.fd, size, dest)

@@ -151,7 +151,7 @@ def validate_options(path, size=None, *, cluster_size=65536, compat="1.1", refco
         if backing_format is None:
             backing_format = probe_format(bpath)
         if size is None and size_known:
-            size = _image_size(bpath, backing_format)
+            size = image_size(bpath, backing_format)
     if backing_file and len(backing_file.encode()) > hdr.MAX_BACKING_FILE_SIZE:
         raise InvalidArgumentError(f"backing file name longer than {hdr.MAX_BACKING_FILE_SIZE} "
                                    "bytes")
@@ -169,7 +169,7 @@ def validate_options(path, size=None, *, cluster_size=65536, compat="1.1", refco
                     backing_file or None, backing_format, preallocation, bool(extended_l2))
 
 
-def _image_size(path, fmt):
+def image_size(path, fmt):
     if fmt == "qcow2":
         from ..engine.image import Image
         with Image(path, "r", backing=False, cache_clean_interval=0, no_io=True) as img:

@@ -93,11 +93,11 @@ class UnitMarks:
     """What each unit needs, from the sources' block status (no data read):
     READ where any byte is data, MUST_ZERO where the output must say zero
     explicitly (``top_only``: zeros in the source's top layer over a backing
-    file), else SKIP -- computed a batch at a time, so memory stays bounded
+    file, up to ``zero_below``, the target backing file's size, if known), else SKIP -- computed a batch at a time, so memory stays bounded
     whatever the disk size.  ``skip_as`` turns SKIP into another mark (-S 0:
     READ; an existing target: MUST_ZERO)."""
 
-    def __init__(self, src, unit, *, top_only, skip_as=SKIP):
+    def __init__(self, src, unit, *, top_only, skip_as=SKIP, zero_below=None):
         self.unit, self.skip_as = unit, skip_as
         self.count = -(-src.size // unit)
         starts, ends, what = [], [], []
@@ -105,6 +105,11 @@ class UnitMarks:
             if top_only and depth > 0:
                 continue
             mark = READ if kind in ("data", "compressed") else MUST_ZERO if top_only else SKIP
+            if mark == MUST_ZERO and zero_below is not None:
+                # past the end of the target's backing file it reads zeros anyway
+                if off >= zero_below:
+                    continue
+                length = min(length, zero_below - off)
             if mark != SKIP:
                 starts.append(off // unit)
                 ends.append(-(-(off + length) // unit))

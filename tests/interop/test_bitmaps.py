@@ -312,11 +312,14 @@ def test_resize_resizes_bitmaps_as_qemu(tmp_path, steps):
     qemu_img("bitmap", "--add", "-g", "4096", theirs, "fb")
     qemu_io(theirs, f"write -P {ord('f')} 5M 70000")
     size = SIZE
+    stale = []      # what qemu shows again of a cluster a shrink cut (ours reads zeros)
     with qcow2fast.open(ours, "r+") as img:
         img.add_bitmap("fb", 4096)
         img.write(5 * MiB, b"f" * 70000)
         for op, *args in steps:
             if op == "resize":
+                if args[0] > size and size % 65536:
+                    stale.append((size, min(args[0], size - size % 65536 + 65536)))
                 img.resize(args[0], shrink=args[0] < size)
                 qemu_img("resize", *(["--shrink"] if args[0] < size else []), theirs,
                          str(args[0]))
@@ -328,7 +331,10 @@ def test_resize_resizes_bitmaps_as_qemu(tmp_path, steps):
     qemu_check(theirs)
     assert qemu_info(ours)["virtual-size"] == qemu_info(theirs)["virtual-size"] == size
     assert qemu_bitmaps(ours) == qemu_bitmaps(theirs)
-    assert qemu_img("compare", ours, theirs, check=False).returncode == 0
+    want = bytearray(qemu_raw(theirs))
+    for lo, hi in stale:
+        want[lo:hi] = bytes(hi - lo)
+    assert qemu_raw(ours) == want
     assert stored_bitmaps(ours) == stored_bitmaps(theirs)
     last_off, last_len = steps[-1][1:]
     for n in ("qb", "fb"):
