@@ -17,14 +17,22 @@ MiB = 1 << 20
 class GuestModel:
     """The expected guest content of an image (numpy uint8 of the disk)."""
 
-    def __init__(self, data, unit):
+    def __init__(self, data, unit, cluster=None):
         self.data = data
         self.unit = unit        # discard's granularity: the cluster, or subcluster
+        self.cluster = cluster or unit
+        # The bytes past the disk's end in its last, partial cluster: a
+        # shrink keeps that cluster whole (qemu frees only whole clusters
+        # past the new end), and a later grow shows them again, in qemu as
+        # here.  (Random guest ops never reach the disk's end, so only a
+        # resize changes them.)
+        self.tail = np.zeros(0, np.uint8)
         self.snaps = {}         # internal snapshot name -> its disk
         self.bitmaps = {}       # dirty bitmap name -> (granularity, bool per granule)
 
     def copy(self):
-        m = GuestModel(self.data.copy(), self.unit)
+        m = GuestModel(self.data.copy(), self.unit, self.cluster)
+        m.tail = self.tail.copy()
         m.snaps = dict(self.snaps)              # snapshot disks are never changed in place
         m.bitmaps = {k: (g, b.copy()) for k, (g, b) in self.bitmaps.items()}
         return m
@@ -92,6 +100,15 @@ STATE_CHECKS = []
 # Whether a state may show qemu-compatible check errors (messages) that a
 # crash inside one of its in-flight operations can leave: allow(rec, state, lines).
 ALLOWED_ERRORS = []
+
+
+def resized(m, n):
+    """``m`` with its disk made ``n`` bytes: the bytes a grow adds read as
+    the hidden tail of the old last cluster (``GuestModel.tail``), then
+    zeros; a shrink hides the bytes past the new end up to its cluster's end."""
+    ext = np.concatenate([m.data, m.tail])
+    m.data = _sized(ext, n)
+    m.tail = _sized(ext[n:], -(-n // m.cluster) * m.cluster - n)
 
 
 def _sized(data, n):

@@ -94,7 +94,7 @@ def _is_dirty(path):
 def _models(rec, state):
     """The GuestModels a state may hold: after ops[:durable], and after each
     later operation that had started."""
-    m = GuestModel(rec.initial.copy(), rec.cfg.unit)
+    m = GuestModel(rec.initial.copy(), rec.cfg.unit, rec.cfg.cluster_size)
     m.snaps = dict(rec.initial_snaps)
     for name, *args in rec.ops[:state.durable]:
         if OPS[name][1]:
@@ -257,7 +257,7 @@ def check_state(rec, state, workdir, rng, *, qemu_repair=False):
     # workload succeeds and checks clean, and no internal snapshot changes
     # (a write trusting a stale COPIED flag would overwrite its clusters).
     snaps = snapshot_contents(path, **kw)
-    m = GuestModel(actual.copy(), cfg.unit)
+    m = GuestModel(actual.copy(), cfg.unit, cfg.cluster_size)
     try:
         with qcow2fast.open(path, "r+", cache_clean_interval=0, **kw) as img:
             if not np.array_equal(np.frombuffer(img.read(0, img.size), np.uint8), actual):

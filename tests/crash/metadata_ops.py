@@ -11,6 +11,9 @@ What "acknowledged" means here:
   intact, and for apply and resize (ATOMIC) the whole guest disk is the
   one before or the one after -- never a mix.  Their workloads put a flush
   before and after each such operation, so nothing else is in flight.
+  A grow shows again the bytes a shrink left past the end in the last,
+  partial cluster (qemu frees only whole clusters past the new end, and
+  does not zero them on a grow either): GuestModel.tail keeps them.
   Leaked clusters are allowed.  Inside snapshot create and delete,
   between the refcount raise (or drop) and the COPIED-flag rewrite, check
   reports OFLAG_COPIED errors (qemu has the same window): on v3 the
@@ -32,7 +35,7 @@ import struct
 import numpy as np
 
 from . import guest
-from .guest import OPS, _sized, random_guest_op
+from .guest import OPS, _sized, random_guest_op, resized
 
 
 # -- internal snapshots ---------------------------------------------------------------------
@@ -68,7 +71,7 @@ def _resize(img, size):
 
 
 def _model_resize(m, size):
-    m.data = _sized(m.data, size)
+    resized(m, size)
 
 
 def _amend(img, options):
