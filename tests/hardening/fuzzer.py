@@ -1,6 +1,9 @@
 """A structure-aware fuzzer for qcow2fast: seeded mutations of real images
 made by qemu (header fields, L1/L2 entries, refcount table and block
-entries, header extensions, the snapshot table, raw bytes, truncation) and
+entries, header extensions, the snapshot table, raw bytes, truncation;
+with fuzz_structures.py the fields of every header extension, the bitmap
+directory and tables, snapshot entries, the LUKS header and the name
+strings) and
 of a real NBD client's byte stream (handshake options and requests).
 
 Each input runs in a forked child under RLIMIT_AS (1 GiB) and RLIMIT_CPU,
@@ -24,9 +27,12 @@ import sys
 import threading
 import traceback
 
+from tests.hardening.fuzz_structures import NAMES, structures
+
 QEMU_IMG = shutil.which("qemu-img") or "qemu-img"
 QEMU_IO = shutil.which("qemu-io") or "qemu-io"
 AS_LIMIT = 1 << 30
+LUKS_SECRET = "fuzz"        # the LUKS seed's passphrase, given to every target
 TARGETS = ("open", "read", "block_status", "check", "repair", "convert", "nbd")
 
 # -- seeds: images qemu made --------------------------------------------------------------
@@ -61,6 +67,32 @@ def make_seeds(d):
     _run(QEMU_IO, "-c", "write -P 9 0 4k", snap)
     create("zstd.qcow2", "1M", "cluster_size=4096,compression_type=zstd",
            "write -c -P 10 0 8k")
+    # the newer parsers (fuzz_structures.py): a backing file name, bitmaps
+    # with set bits, an external data file, LUKS; snapshots with VM state
+    base = create("base.qcow2", "1M", "cluster_size=4096", "write -P 11 0 8k")
+    top = os.path.join(d, "bitmaps.qcow2")
+    _run(QEMU_IMG, "create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", "-b",
+         os.path.basename(base), "-F", "qcow2", top)
+    _run(QEMU_IMG, "bitmap", "--add", "-g", "8192", top, "b0")
+    _run(QEMU_IMG, "bitmap", "--add", top, "b1")
+    import qcow2fast
+    with qcow2fast.open(top, "r+") as img:      # (qemu-img cannot set bits offline)
+        img.write(4096, b"\x0c" * 20000)
+    seeds.append(top)
+    create("datafile.qcow2", "1M", "cluster_size=4096,data_file=datafile.data",
+           "write -P 13 0 8k")
+    luks = os.path.join(d, "luks.qcow2")
+    secret = ["--object", f"secret,id=sec0,data={LUKS_SECRET}"]
+    _run(QEMU_IMG, "create", "-q", "-f", "qcow2", *secret, "-o",
+         "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10,cluster_size=4096",
+         luks, "1M")
+    _run(QEMU_IO, *secret, "--image-opts", "-c", "write -P 14 0 8k",
+         f"driver=qcow2,file.filename={luks},encrypt.key-secret=sec0")
+    seeds.append(luks)
+    vm = create("vmstate.qcow2", "1M", "cluster_size=4096", "write -P 15 0 4k")
+    _run(QEMU_IMG, "snapshot", "-c", "first", vm)
+    _run(QEMU_IO, "-c", "write -P 16 0 4k", vm)
+    _run(QEMU_IMG, "snapshot", "-c", "second-with-a-longer-name", vm)
     return seeds
 
 
@@ -127,7 +159,20 @@ def mutate_image(data, rng, n=None):
     for _ in range(n or rng.randint(1, 4)):
         tables, cs = _tables(buf)
         kind = rng.choice(("header", "header", "l1", "l2", "l2", "reftable", "refblock",
-                           "snapshot", "extension", "bytes", "truncate"))
+                           "snapshot", "extension", "bytes", "truncate", "structure",
+                           "structure", "structure", "name"))
+        if kind in ("structure", "name"):
+            fields, names = structures(buf)
+            if kind == "name" and names:
+                off, n = rng.choice(names)
+                new = rng.choice(NAMES)
+                buf[off:off + n] = (new + bytes(n))[:n]
+            kinds = [v for v in fields.values() if v]
+            if kind == "structure" and kinds:
+                off, fmt = rng.choice(rng.choice(kinds))
+                _put(buf, off, fmt, _value(rng, _u(buf, off, fmt), 8 * struct.calcsize(fmt)),
+                     rng)
+            continue
         if kind == "header":
             off, fmt = rng.choice(HEADER_FIELDS)
             _put(buf, off, fmt, _value(rng, _u(buf, off, fmt), 8 * struct.calcsize(fmt)), rng)
@@ -223,9 +268,10 @@ def _target_image(target, path, work):
         main(["check", "-q", "-r", "all", path])
         return
     if target == "convert":
-        qcow2fast.convert(path, os.path.join(work, "out.qcow2"), format="qcow2")
+        qcow2fast.convert(path, os.path.join(work, "out.qcow2"), format="qcow2",
+                          key_secret=LUKS_SECRET)
         return
-    with qcow2fast.open(path, "r", backing=False, untrusted=True) as img:
+    with qcow2fast.open(path, "r", backing=False, untrusted=True, key_secret=LUKS_SECRET) as img:
         if target == "read":
             for pos in range(0, min(img.size, 8 << 20), 1 << 20):
                 img.read(pos, min(1 << 20, img.size - pos))

@@ -35,3 +35,36 @@ def test_seeded_fuzz(target):
                                               for r in res["findings"])
     if target != "nbd":     # the inputs reach past the header checks, not only into them
         assert res["outcomes"].get("completed", 0) > 0, res["outcomes"]
+
+
+def test_mutations_reach_the_newer_structures(tmp_path):
+    """The seeds qemu made hold each structure the newer parsers read, and
+    the structure walk (fuzz_structures.py) finds it: the feature-name
+    table, backing file and format names, the bitmap directory and tables,
+    the external data file name, the LUKS header and key slots, snapshot
+    entries with their extra data and L1 tables."""
+    import random
+
+    from tests.hardening.fuzz_structures import structures
+    require_qemu()
+    seeds = {os.path.basename(p): open(p, "rb").read() for p in fuzzer.make_seeds(str(tmp_path))}
+    found = {name: structures(data) for name, data in seeds.items()}
+    names = {name: {seeds[name][o:o + n].rstrip(b"\0") for o, n in found[name][1]}
+             for name in seeds}
+    assert {b"dirty bit", b"lazy refcounts"} <= names["v3.qcow2"]
+    assert {b"base.qcow2", b"qcow2", b"b0", b"b1"} <= names["bitmaps.qcow2"]
+    assert len(found["bitmaps.qcow2"][0]["bitmaps"]) >= 2 * 7 + 2     # two entries, tables
+    assert b"datafile.data" in names["datafile.qcow2"]
+    assert len(found["luks.qcow2"][0]["luks"]) == 7 + 8 * 4
+    assert {b"first", b"second-with-a-longer-name"} <= names["vmstate.qcow2"]
+    assert len(found["vmstate.qcow2"][0]["snapshot"]) >= 2 * (9 + 3)
+    # and a mutation changes them: some of 200 mutate a name or such a field
+    rng = random.Random(1)
+    data = seeds["bitmaps.qcow2"]
+    spots = {o for fields in found["bitmaps.qcow2"][0].values() for o, _ in fields}
+    spots |= {o + i for o, n in found["bitmaps.qcow2"][1] for i in range(n)}
+    hit = 0
+    for _ in range(200):
+        out = fuzzer.mutate_image(data, rng, 1)
+        hit += any(out[o:o + 8] != data[o:o + 8] for o in spots if o + 8 <= len(out))
+    assert hit >= 40, hit
