@@ -51,7 +51,7 @@ def make_seeds(d):
         # (in ``d``: qemu 7.2 makes a relative data file name from the current directory)
         _run(QEMU_IMG, "create", "-q", "-f", "qcow2", "-o", opts, path, size, cwd=d)
         if io:
-            _run(QEMU_IO, *sum((["-c", c] for c in io), []), path)
+            _run(QEMU_IO, *sum((["-c", c] for c in io), []), path, cwd=d)
         seeds.append(path)
         return path
 
