@@ -29,7 +29,11 @@ Write ordering: data is written to the data file, then the data barrier
 data is stable before any L2 entry written after the barrier points at it.
 A punch happens before the L2 entry stops pointing at the cluster: a crash
 in between leaves the old entry reading zeros, which is what the discard
-or the zeroing asked for.
+or the zeroing asked for.  Not so in an encrypted image: zeros there
+decrypt to noise, neither the old data nor zeros, so its data file is
+never punched or zeroed (``DataFile.keep``; qemu punches it, and a crash
+in that window shows noise): the old ciphertext stays until the cluster
+is written again, and the L2 entry alone says what the guest reads.
 
 Name resolution: a relative name is resolved against the image's directory,
 like a backing file name (qemu 7.2 resolves it against the current
@@ -44,6 +48,7 @@ from ..errors import CorruptImageError, UnsupportedFeatureError
 from ..host.file import open_image_file
 from ..spec import datafile as spec
 from ..spec.constants import DATA, L2E_OFFSET_MASK, ZERO
+from ..spec.luks import CRYPT_NONE
 from .._ext.kernels import l2_entry_kind
 from . import untrusted as untrusted_rules
 from .backing import resolve_backing_path
@@ -105,6 +110,9 @@ class DataFile:
     def __init__(self, state):
         self.state = state
         self.raw = spec.is_raw(state.header)
+        # encrypted: the data file's clusters are never punched or zeroed
+        # (module doc: zeros read through an old L2 entry would decrypt to noise)
+        self.keep = state.header.crypt_method != CRYPT_NONE
 
     @property
     def file(self):
@@ -121,7 +129,7 @@ class DataFile:
         discard, write-zeroes with unmap, shrink) punches the cluster out
         of the data file; anything else keeps it (no refcounts here)."""
         kind = l2_entry_kind(entry, True)
-        if not discard or kind not in (DATA, ZERO):
+        if not discard or kind not in (DATA, ZERO) or self.keep:
             return
         host = entry & L2E_OFFSET_MASK
         if host or kind == DATA:
@@ -130,7 +138,7 @@ class DataFile:
     def zero(self, offset, length):
         """data_file_raw: make guest [offset, offset+length) of the data file
         read as zeros, before the L2 entries say so."""
-        if not self.raw or length <= 0:
+        if not self.raw or length <= 0 or self.keep:
             return
         f = self.file
         end = min(offset + length, max(f.size(), offset))

@@ -209,6 +209,8 @@ def _url_source(url, opts, expect=None):
     except ImportError as e:
         raise UnsupportedFeatureError(f"{url}: the {protocol}:// back end needs {e.name}: "
                                       f"{EXTRA}", feature="remote") from None
+    except ValueError as e:         # fsspec: "Protocol not known: nbd" (a backing file name)
+        raise UnsupportedFeatureError(f"{url}: {e}", feature="remote") from None
     info = _retrying(url, 0, 0, opts, lambda: fs.info(path), "metadata request")
     size = info.get("size")
     if size is None:

@@ -163,7 +163,9 @@ def parse_extension(data, cluster_size, where=None):
             f"of {MAX_BITMAPS}", "nb_bitmaps")
     if nb == 0:
         bad("found bitmaps extension with zero bitmaps", "nb_bitmaps")
-    if offset % cluster_size:
+    # (cluster aligned, and a host offset: its top byte clear, as in a
+    # table entry; qemu cannot read a directory past 2^63 either)
+    if offset % cluster_size or offset & ~BME_TABLE_ENTRY_OFFSET_MASK:
         bad("bitmaps_ext: invalid bitmap directory offset", "bitmap_directory_offset")
     if size > MAX_DIRECTORY_SIZE:
         bad(f"bitmaps_ext: bitmap directory size ({size}) exceeds the maximum supported "

@@ -51,6 +51,7 @@ QUICK = [
     ("datafile-writeback-64k", 4),
     ("luks-lazy-4k-tiny-cache", 5),
     ("luks-writethrough-4k", 3),
+    ("luks-datafile-writeback-64k", 3),
     # commit and rebase: states cut across the chain's files (chain_ops.py)
     ("commit-64k", 5),
     ("commit-base-4k", 3),

@@ -99,13 +99,23 @@ def with_data_file(raw):
     return setup
 
 
-def luks(cfg, d, rng):
+def luks(cfg, d, rng, opts=()):
     """A LUKS-encrypted image (the key ``cfg.secret``) with data written by qemu."""
     p = _create(cfg, os.path.join(d, "img.qcow2"), "--object",
                 f"secret,id=sec0,data={cfg.secret}",
-                opts=["encrypt.format=luks", "encrypt.key-secret=sec0", "encrypt.iter-time=10"])
+                opts=["encrypt.format=luks", "encrypt.key-secret=sec0", "encrypt.iter-time=10",
+                      *opts])
     _qemu_io(p, *_scatter(cfg, rng, 12, 0x70), cfg=cfg)
     return p
+
+
+def luks_data_file(raw):
+    """LUKS with an external data file (the encrypted guest data in
+    ``img.data``); returns [image, data file], both recorded."""
+    def setup(cfg, d, rng):
+        p = luks(cfg, d, rng, ["data_file=img.data", f"data_file_raw={'on' if raw else 'off'}"])
+        return [p, os.path.join(d, "img.data")]
+    return setup
 
 
 def over_backing(cfg, d, rng):
@@ -240,6 +250,8 @@ CONFIGS = [
        lazy=True, open_kw=TINY_CACHE),
     _c("luks-writethrough-4k", setup=luks, secret="crash-pass", cluster_size=4096,
        cache_mode="writethrough", nops=20),
+    _c("luks-datafile-writeback-64k", setup=luks_data_file(False), aux_files=1,
+       secret="crash-pass"),
     # Operations beyond guest I/O (metadata_ops.py says what each acknowledges).
     _c("snapshot-ops-64k", setup=with_data, workload=snapshot_ops, nops=32),
     _c("snapshot-ops-4k-tiny-cache", setup=with_snapshot, workload=snapshot_ops,

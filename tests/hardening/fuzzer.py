@@ -38,8 +38,8 @@ TARGETS = ("open", "read", "block_status", "check", "repair", "convert", "nbd")
 # -- seeds: images qemu made --------------------------------------------------------------
 
 
-def _run(*argv):
-    subprocess.run([str(a) for a in argv], check=True, capture_output=True)
+def _run(*argv, cwd=None):
+    subprocess.run([str(a) for a in argv], check=True, capture_output=True, cwd=cwd)
 
 
 def make_seeds(d):
@@ -48,9 +48,10 @@ def make_seeds(d):
 
     def create(name, size, opts, *io):
         path = os.path.join(d, name)
-        _run(QEMU_IMG, "create", "-q", "-f", "qcow2", "-o", opts, path, size)
+        # (in ``d``: qemu 7.2 makes a relative data file name from the current directory)
+        _run(QEMU_IMG, "create", "-q", "-f", "qcow2", "-o", opts, path, size, cwd=d)
         if io:
-            _run(QEMU_IO, *sum((["-c", c] for c in io), []), path)
+            _run(QEMU_IO, *sum((["-c", c] for c in io), []), path, cwd=d)
         seeds.append(path)
         return path
 

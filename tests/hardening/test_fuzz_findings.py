@@ -1,0 +1,61 @@
+"""Inputs the fuzzer found (tests/hardening/fuzzer.py, scripts/fuzz.py),
+rebuilt from qemu-made images: each is refused with a clear error."""
+
+import os
+import struct
+
+import pytest
+
+import qcow2fast
+from qcow2fast.fsck.check import check_image
+from tests.hardening.fuzz_structures import EXT_BITMAPS, _extensions
+from tests.helpers.qemu_util import run
+
+pytestmark = pytest.mark.qemu
+
+
+def _bitmap_image(tmp_path):
+    p = str(tmp_path / "b.qcow2")
+    run(["qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", p, "1M"])
+    run(["qemu-img", "bitmap", "--add", p, "b0"])
+    return p
+
+
+def test_bitmap_directory_offset_past_2_63(tmp_path):
+    """scripts/fuzz.py --target read --seed 102 (and check 103, convert 105):
+    a bitmap directory offset 0xffff000000011000 (cluster aligned) overflowed
+    the file read; now qemu's "invalid bitmap directory offset"."""
+    p = _bitmap_image(tmp_path)
+    with open(p, "r+b") as f:
+        data = f.read()
+        (off,) = [o for m, o, _ in _extensions(data) if m == EXT_BITMAPS]
+        f.seek(off + 16)
+        f.write(struct.pack(">Q", 0xffff000000011000))
+    # (an open that leaves the bitmaps unloaded goes through: no OverflowError)
+    try:
+        with qcow2fast.open(p, "r", untrusted=True):
+            pass
+    except qcow2fast.Qcow2Error as e:
+        assert "invalid bitmap directory offset" in str(e)
+    with pytest.raises(qcow2fast.Qcow2Error, match="invalid bitmap directory offset"):
+        check_image(p)
+    # (convert copies without the bitmaps unless asked: it may go through)
+    try:
+        qcow2fast.convert(p, str(tmp_path / "out.qcow2"), format="qcow2")
+    except qcow2fast.Qcow2Error as e:
+        assert "invalid bitmap directory offset" in str(e)
+
+
+def test_backing_name_with_an_unknown_protocol(tmp_path):
+    """scripts/fuzz.py --target convert --seed 105: a backing file name
+    "nbd://localhost/x" reached fsspec's ValueError ("Protocol not known");
+    now an UnsupportedFeatureError naming the URL (untrusted: refused before)."""
+    p = str(tmp_path / "top.qcow2")
+    run(["qemu-img", "create", "-q", "-f", "qcow2", "-u", "-b", "nbd://localhost/x", "-F", "raw",
+         p, "1M"])
+    with pytest.raises(qcow2fast.UnsupportedFeatureError, match="nbd://localhost/x.*nbd"):
+        qcow2fast.convert(p, str(tmp_path / "out.qcow2"), format="qcow2")
+    with pytest.raises(qcow2fast.Qcow2Error):
+        with qcow2fast.open(p, "r", untrusted=True):
+            pass
+    assert not os.path.exists(tmp_path / "out.qcow2")
