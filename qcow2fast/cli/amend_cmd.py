@@ -65,7 +65,7 @@ def run(args):
     from ..errors import BadPassphraseError, MissingSecretError
     from ..ops.amend import AmendOptionError, amend
     # qemu-img amend -p's own lines: "    (NN.NN/100%)\r" on stdout, from 0 to 100
-    bar = PercentProgress(args.progress and not args.quiet, 1.0)
+    bar = PercentProgress(args.progress and not args.quiet, 1.0, repeat_ends=True)
     bar(0, 1)
     failed = None
     try:

@@ -38,17 +38,19 @@ class PercentProgress:
     read it): ``    (NN.NN/100%)\\r`` on stdout whenever the figure moved by
     ``min_skip`` points or reached 0 or 100, and a newline at the end."""
 
-    def __init__(self, enabled, min_skip):
+    def __init__(self, enabled, min_skip, repeat_ends=False):
         self.enabled = enabled
         self.min_skip = min_skip
+        self.repeat_ends = repeat_ends      # 0 and 100 printed each time (qemu_progress_print)
         self.last = None
 
     def __call__(self, done, total):
         if not self.enabled:
             return
         current = min(100.0, 100.0 * done / total) if total else 100.0
-        if current != self.last and (self.last is None or abs(current - self.last) > self.min_skip
-                                     or current in (0.0, 100.0)):
+        ends = current in (0.0, 100.0)
+        if (self.last is None or abs(current - self.last) > self.min_skip
+                or ends and (self.repeat_ends or current != self.last)):
             self.last = current
             sys.stdout.write(f"    ({current:3.2f}/100%)\r")
             sys.stdout.flush()

@@ -71,15 +71,20 @@ def downgrade(img, progress=None):
     s.read_only = True          # the open image still has v3 state
 
 
-def upgrade(img):
-    """Make the v2 image ``img`` a v3 one (the header only)."""
+def upgrade(img, progress=None):
+    """Make the v2 image ``img`` a v3 one (the header only).  ``progress``
+    gets qemu's three points: 0/2, 1/2 with the snapshot table v3-ready,
+    2/2."""
     s, h = img.state, img.header
+    report = progress or (lambda done, total: None)
+    report(0, 2)
     if any(len(sn.extra_data) < 16 for sn in img.snapshots):
         # v3 needs each entry's VM state size and disk size: the table is
         # written anew with them (qemu's qcow2_write_snapshots; a v2 reader
         # skips extra data), in new clusters before the header switches.
         img._snapshot_ops().rewrite_table()
     img.flush()
+    report(1, 2)
     old_length = len(h.pack())
     h.version = 3
     h.header_length = hdr.V3_HEADER_LENGTH
@@ -87,6 +92,7 @@ def upgrade(img):
     h.extra_fields = bytes(hdr.V3_HEADER_LENGTH - hdr.COMPRESSION_TYPE_OFFSET - 1)
     features.write_header(s, old_length)
     s.barrier()
+    report(2, 2)
 
 
 def expand_zero_clusters(img, progress=None):
@@ -108,12 +114,36 @@ def expand_zero_clusters(img, progress=None):
             if o:
                 table_guest.setdefault(int(o), i << (geo.cluster_bits + geo.l2_bits))
     s.l2_cache.invalidate_all()         # (clean: flushed by the caller) tables change on disk
+    visits = _L1Visits(l1s, progress)
     for k in range(0, len(tables), BATCH_TABLES):
-        if progress is not None:
-            progress(k, len(tables))
-        _expand_batch(img, tables[k:k + BATCH_TABLES], backed, table_guest)
-    if progress is not None:
-        progress(len(tables), len(tables))
+        batch = tables[k:k + BATCH_TABLES]
+        _expand_batch(img, batch, backed, table_guest)
+        visits.done(batch)
+    visits.done(())
+
+
+class _L1Visits:
+    """qemu's progress of the expansion: one step per L1 entry, the active
+    table's then each snapshot's, in that order, an entry counted once its
+    L2 table is expanded (or at once if it has none).  The tables are
+    expanded in batches in disk order; the steps reported after a batch are
+    those of the entries now done in qemu's order, one call each."""
+
+    def __init__(self, l1s, progress):
+        self.progress = progress
+        self.order = [int(o) for l1 in l1s for o in l2_table_offsets(l1).tolist()]
+        self.expanded = set()
+        self.visited = 0
+
+    def done(self, tables):
+        if self.progress is None:
+            return
+        self.expanded.update(tables)
+        n = len(self.order)
+        while self.visited < n and (not self.order[self.visited]
+                                    or self.order[self.visited] in self.expanded):
+            self.visited += 1
+            self.progress(self.visited, n)
 
 
 def _expand_batch(img, tables, backed, table_guest):

@@ -61,10 +61,14 @@ def change_refcount_order(img, order, progress=None):
             raise InvalidArgumentError(
                 f"Cannot decrease refcount entry width to {new.refcount_bits} bits: Cluster at "
                 f"offset {c << geo.cluster_bits:#x} has a refcount of {int(counts[c])}")
-    report(0, 3)
     blocks = {}                 # new table index -> host offset of the new block
     table_off = table_clusters = 0
+    walks = 0
     while True:
+        # (qemu's walks: at least this one, one that finds nothing new to
+        # allocate, and the one that writes the blocks)
+        _walk(rc, walks, max(walks + 2, 3), report)
+        walks += 1
         used = np.nonzero(counts)[0]
         # (bincount, not np.unique: numpy 2's unique loads numpy.ma, ~8-50 ms)
         need = np.flatnonzero(np.bincount(used >> new.rb_bits)).tolist()
@@ -90,7 +94,6 @@ def change_refcount_order(img, order, progress=None):
     old += [(b, 1) for b in rc.table if b]
     s.refcount_cache.flush()
     s.barrier()                 # barrier: the old structures count the new ones
-    report(1, 3)
     table = np.zeros(table_clusters * new.cluster_size // 8, dtype=np.uint64)
     E = new.rb_entries
     values = np.zeros(E, dtype=np.uint64)
@@ -102,16 +105,24 @@ def change_refcount_order(img, order, progress=None):
         refcount_encode(values, order, buf)
         s.file.pwrite(buf, off)
         table[t] = off
+    _walk(rc, walks, walks + 1, report)
     s.file.pwrite(table.astype(">u8").tobytes(), table_off)
     s.barrier()                 # barrier: the new structures are complete before the header
-    report(2, 3)
     h.refcount_table_offset, h.refcount_table_clusters = table_off, table_clusters
     h.refcount_order = order
     features.write_header_fields(s, "refcount_table_offset", "refcount_order")
     s.barrier()                 # barrier: the switch is stable before the old ones are freed
     s.read_only = True          # this open image still has the old width: no more writes
-    report(3, 3)
     return old
+
+
+def _walk(rc, index, total, report):
+    """The progress of qemu's walk number ``index`` of ``total`` over the
+    old refcount table (walk_over_reftable): one step per table entry, in
+    units of table entries (the table may have grown since the last walk)."""
+    n = len(rc.table)
+    for t in range(n + 1):
+        report(index * n + t, total * n)
 
 
 def free_old_structures(img, old):

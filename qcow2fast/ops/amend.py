@@ -89,13 +89,15 @@ def amend(path, options, *, progress=None, key_secret=None, force=False):
     except BaseException:
         img.close()
         raise
-    steps = sum(1 for k in ("upgrade", "order", "downgrade") if plan.get(k) is not None)
-    report = _Progress(progress, max(steps, 1))
+    # qemu counts the key-slot change as an operation, though it reports
+    # no progress of its own (qcow2_amend_options).
+    report = _Progress(progress, sum(1 for k in ("upgrade", "downgrade", "keyslots")
+                                     if plan.get(k)) + (plan.get("order") is not None))
     try:
         if plan.get("keyslots") is not None:
             _step(img, "changing the key slots", plan["keyslots"])
         if plan.get("upgrade"):
-            _step(img, "the upgrade to compat=1.1", compat.upgrade, img)
+            _step(img, "the upgrade to compat=1.1", compat.upgrade, img, report.step())
         if plan.get("order") is not None:
             old = _step(img, "changing refcount_bits", refcount_order.change_refcount_order,
                         img, plan["order"], report.step())
@@ -105,6 +107,8 @@ def amend(path, options, *, progress=None, key_secret=None, force=False):
                   refcount_order.free_old_structures, img, old)
         if plan.get("lazy") is not None:
             _step(img, "setting lazy_refcounts", _set_lazy_refcounts, img, plan["lazy"])
+        if plan["clear_raw"]:               # (before a new name, as qemu)
+            _step(img, "clearing data_file_raw", _clear_data_file_raw, img)
         if opts.get("data_file") is not None:     # a new name for the data file (qemu)
             _step(img, "setting data_file", _set_data_file, img, opts["data_file"])
         if plan.get("size") is not None:
@@ -115,7 +119,6 @@ def amend(path, options, *, progress=None, key_secret=None, force=False):
             _step(img, "the downgrade to compat=0.10", compat.downgrade, img, report.step())
     finally:
         img.close()
-    report.done()
 
 
 def _plan(img, opts, force=False):
@@ -130,7 +133,8 @@ def _plan(img, opts, force=False):
     if opts.get("data_file") is not None and not img.state.external_data:
         raise InvalidArgumentError("data-file can only be set for images that use an external "
                                    "data file")
-    if opts.get("data_file_raw"):
+    raw = opts.get("data_file_raw")
+    if raw and not is_raw(h):           # (on when it is on already: nothing to do)
         raise InvalidArgumentError("data-file-raw cannot be set on existing images")
     version = h.version
     if "compat" in opts and opts["compat"] is not None:
@@ -156,7 +160,8 @@ def _plan(img, opts, force=False):
                                    "1.1 and above (use compat=1.1 or greater)")
     plan = {"upgrade": version > h.version, "downgrade": version < h.version,
             "lazy": lazy if lazy is not None and lazy != current_lazy else None,
-            "order": None, "size": None, "keyslots": keyslots}
+            "order": None, "size": None, "keyslots": keyslots,
+            "clear_raw": raw is False and is_raw(h)}
     if bits != h.refcount_bits:
         order = bits.bit_length() - 1
         if order < h.refcount_order:
@@ -201,6 +206,14 @@ def _set_data_file(img, name):
     img.state.barrier()
 
 
+def _clear_data_file_raw(img):
+    """The data file stops being a raw image of the disk: from now on only
+    the L2 tables say where guest data is (qemu keeps the data file)."""
+    img.header.autoclear_features &= ~hdr.AUTOCLEAR_DATA_FILE_RAW
+    features.write_header_field(img.state, "autoclear_features")
+    img.state.barrier()
+
+
 def _has_compressed(img):
     return any(e.kind == "compressed" for e in img.clusters.layer_extents(0, img.size))
 
@@ -221,25 +234,32 @@ def _set_lazy_refcounts(img, on):
 
 
 class _Progress:
-    """Spreads ``progress(done, total)`` over the steps (as qemu's
-    amend helper callback): each step reports its own fraction."""
+    """qemu's amend progress (qcow2_amend_helper_cb): each operation reports
+    ``(offset, work size)`` in its own units; the figure passed on is the
+    work done so far over the work of the operations done and this one,
+    projected over those still to come.  An operation's work size may grow
+    as it runs (more refcount walks), so the figure may go back."""
 
-    SCALE = 10000
-
-    def __init__(self, progress, steps):
-        self.progress, self.steps, self.k = progress, steps, 0
+    def __init__(self, progress, operations):
+        self.progress, self.operations = progress, max(operations, 1)
+        self.completed = self.offset_completed = self.last_size = 0
+        self.current = self.last = None
 
     def step(self):
-        base = self.k
-        self.k += 1
+        """The reporting function of the next operation (None without
+        ``progress``)."""
         if self.progress is None:
             return None
+        op = object()
 
-        def report(done, total):
-            frac = (base + (done / total if total else 1)) / self.steps
-            self.progress(int(frac * self.SCALE), self.SCALE)
+        def report(offset, size):
+            if op is not self.last:
+                if self.last is not None:
+                    self.offset_completed += self.last_size
+                    self.completed += 1
+                self.last = op
+            self.last_size = size
+            current = self.offset_completed + size
+            projected = current * (self.operations - self.completed - 1) // (self.completed + 1)
+            self.progress(self.offset_completed + offset, current + projected)
         return report
-
-    def done(self):
-        if self.progress is not None:
-            self.progress(self.SCALE, self.SCALE)

@@ -118,3 +118,23 @@ def test_amend(images, capsys):
         qemu_img("check", name)
         status, out, _ = cli(capsys, "map", name)
         assert (status, out) == (0, qemu_img("map", name).stdout_text)
+
+
+def test_amend_data_file_raw_as_qemu(tmp_path, monkeypatch, capsys):
+    """data_file_raw=on where it is on already does nothing, =off clears the
+    bit (the L2 tables alone then say where data is), =on again is refused:
+    the same statuses, messages and header as qemu-img's on a copy."""
+    monkeypatch.chdir(tmp_path)
+    for name in ("ours", "qemu"):
+        qemu_create(f"{name}.qcow2", 4 * MiB, data_file=f"{name}.raw", data_file_raw="on")
+        qemu_io(f"{name}.qcow2", "write -P 3 0 128k")
+    for value, raw_after in (("on", True), ("off", False), ("on", False)):
+        want = qemu_img("amend", "-o", f"data_file_raw={value}", "qemu.qcow2", check=False)
+        status, _, err = cli(capsys, "amend", "-o", f"data_file_raw={value}", "ours.qcow2")
+        assert status == want.returncode, value
+        assert err.split(": ", 1)[-1] == want.stderr_text.split(": ", 1)[-1], value
+        info = [qemu_img("info", f"{n}.qcow2").stdout_text.replace(n, "X") for n in ("ours", "qemu")]
+        assert info[0] == info[1], value
+        assert (f"data file raw: {str(raw_after).lower()}" in info[0]), value
+    qemu_img("check", "ours.qcow2")
+    assert qemu_img("compare", "ours.qcow2", "qemu.qcow2").returncode == 0

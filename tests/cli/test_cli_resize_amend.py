@@ -69,25 +69,57 @@ def test_amend_cli_like_qemu(tmp_path, capsys):
     qemu_check(a)
 
 
-def _percent_lines(out):
-    assert out.endswith("\r\n"), repr(out[-40:])
-    lines = out[:-1].split("\r")[:-1]
-    values = [float(ln.strip()[1:].split("/")[0]) for ln in lines]
-    assert all(ln.startswith("    (") and ln.endswith("/100%)") for ln in lines), lines
-    return values
-
-
-def test_amend_progress_is_qemus(tmp_path, capsys):
-    """amend -p prints qemu-img's progress lines on stdout: "    (NN.NN/100%)\\r"
-    from 0.00 to 100.00, never going back, then a newline."""
-    ours, theirs = str(tmp_path / "ours.qcow2"), str(tmp_path / "qemu.qcow2")
-    qemu_create(ours, 64 << 20)
-    qemu_io(ours, "write -P 1 0 8M")
+def _amend_progress_pair(tmp_path, capsys, options, make):
+    """amend -p OPTIONS on two copies of the image ``make(path)`` builds:
+    qemu-img's stdout, byte for byte (its walks' and L1 entries' steps,
+    each operation projected over those to come), and a clean check."""
+    ours, theirs = tmp_path / "ours.qcow2", tmp_path / "qemu.qcow2"
+    make(ours)
     shutil.copy(ours, theirs)
-    q = qemu_img("amend", "-p", "-o", "refcount_bits=64", theirs)
-    status, out, err = cli(capsys, "amend", "-p", "-o", "refcount_bits=64", ours)
-    assert status == 0 and err == q.stderr_text == ""
-    for values in (_percent_lines(q.stdout_text), _percent_lines(out)):
-        assert values[0] == 0.0 and values[-1] == 100.0
-        assert values == sorted(values)
+    q = qemu_img("amend", "-p", "-o", options, theirs)
+    status, out, err = cli(capsys, "amend", "-p", "-o", options, ours)
+    assert (status, err) == (q.returncode, q.stderr_text) == (0, "")
+    assert out == q.stdout_text, options
     qemu_check(ours)
+    return out
+
+
+def test_amend_progress_of_refcount_walks_is_qemus(tmp_path, capsys):
+    def make(path):
+        qemu_create(path, 64 << 20)
+        qemu_io(path, "write -P 1 0 8M")
+    out = _amend_progress_pair(tmp_path, capsys, "refcount_bits=64", make)
+    assert out.startswith("    (0.00/100%)\r") and out.endswith("    (100.00/100%)\r\n")
+
+
+def test_amend_progress_goes_back_with_an_extra_walk(tmp_path, capsys):
+    """qemu-iotests 112: the new table needs a new block, so the width
+    change walks the old table four times, not three: 66.67 -> 50.00."""
+    def make(path):
+        qemu_create(path, 64 << 10, refcount_bits=1, cluster_size=512)
+        qemu_io(path, f"write 0 {58 * 512}")
+    out = _amend_progress_pair(tmp_path, capsys, "refcount_bits=64", make)
+    assert "    (66.67/100%)\r    (50.00/100%)\r" in out
+
+
+@pytest.mark.parametrize("snapshot", [False, True])
+def test_amend_progress_of_a_downgrade_is_qemus(tmp_path, capsys, snapshot):
+    """qemu-iotests 061: one step per L1 entry (the snapshot's too)."""
+    def make(path):
+        qemu_create(tmp_path / "base.qcow2", 4 << 30)
+        qemu_create(path, 4 << 30, backing=tmp_path / "base.qcow2")
+        qemu_io(path, *(f"write -z {g}G 64k" for g in range(4)))
+        if snapshot:
+            qemu_img("snapshot", "-c", "foo", path)
+    out = _amend_progress_pair(tmp_path, capsys, "compat=0.10", make)
+    assert out.count("/100%)") == (18 if snapshot else 10)
+
+
+@pytest.mark.parametrize("options", ["compat=1.1,refcount_bits=64", "compat=0.10,refcount_bits=16"])
+def test_amend_progress_of_two_operations_is_qemus(tmp_path, capsys, options):
+    """Two operations: the first one's work projected over both."""
+    upgrade = options.startswith("compat=1.1")
+    def make(path):
+        qemu_create(path, 64 << 20, **({"compat": "0.10"} if upgrade else {"refcount_bits": 8}))
+        qemu_io(path, "write -P 1 0 8M", *([] if upgrade else ["write -z 16M 64k"]))
+    _amend_progress_pair(tmp_path, capsys, options, make)
