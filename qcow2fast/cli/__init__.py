@@ -50,8 +50,23 @@ def command_name(argv):
     return None
 
 
+def stdout_as_c():
+    """stdout buffered as C's stdio buffers qemu-img's: by line on a
+    terminal, fully otherwise (PYTHONUNBUFFERED too), so that stdout and
+    stderr sent to one pipe interleave as qemu-img's do (its report after
+    the check's messages); where qemu-img flushes (create's Formatting
+    line, progress), the commands flush too."""
+    try:
+        if not sys.stdout.isatty():
+            sys.stdout.reconfigure(write_through=False, line_buffering=False)
+    except (AttributeError, ValueError, OSError):
+        pass        # (a replaced stdout: left as it is)
+
+
 def main(argv=None):
     set_prog(sys.argv[0] if argv is None else None)    # messages start "<prog>: "
+    if argv is None:
+        stdout_as_c()
     argv = sys.argv[1:] if argv is None else list(argv)
     debug = "--debug" in argv
     # Under RLIMIT_CPU (prlimit --cpu, as for untrusted uploads): a clear

@@ -12,7 +12,7 @@ import numpy as np
 
 from .._ext.kernels import l2_copied_rows, l2_tally_tables
 from ..spec.constants import (L1E_OFFSET_MASK, L1E_RESERVED_MASK, L1E_SIZE, L2E_OFFSET_MASK,
-                              QCOW_OFLAG_COPIED, QCOW_OFLAG_ZERO, REFT_OFFSET_MASK,
+                              QCOW_OFLAG_COPIED, QCOW_OFLAG_ZERO, REFT_OFFSET_MASK, SC_ALLOC_MASK,
                               REFT_RESERVED_MASK)
 from ..spec.entries import (decode_table, has_copied, host_offsets, is_compressed, l1_reserved,
                             l2_reserved, l2_table_offsets, sc_alloc_bits, sc_zero_bits,
@@ -89,6 +89,7 @@ class _Checker:
         # one spare: a compressed cluster may end in the cluster past EOF
         self.tally = RefcountTally(-(-self.file_size // self.cs) + 1, grow=True)
         self.zeroed = set()         # L2 entries the repair turns into plain zero clusters
+        self.again = []             # what a count after a rebuild says again
         self.l1_fixed = {}          # file offset -> L1 entry with its reserved bits cleared
         self.bounds = Bounds(self.file_size, h.nb_snapshots, self.geo.cluster_bits)
         self.active_over = None     # active L1 entries past the visit bound (Bounds.over_visits)
@@ -99,6 +100,15 @@ class _Checker:
             self.res.messages.append(text)
         else:
             self.res.messages_dropped += 1
+
+    def malformed_entry(self, text):
+        """A corruption no refcount repair fixes: qemu finds (and says) it
+        again in its count after a rebuild."""
+        self.msg(text)
+        if len(self.again) < MAX_MESSAGES:
+            self.again.append(text)
+        self.res.corruptions += 1
+        self.res.malformed += 1
 
     def inc(self, offset, size):
         """qemu's qcow2_inc_refcounts_imrt for one byte range: the clusters
@@ -149,34 +159,27 @@ class _Checker:
         for i in np.nonzero(odd)[0]:
             e = int(l2[i])
             if reserved[i]:
-                self.msg(f"ERROR found l2 entry with reserved bits set: {e:x}")
-                res.corruptions += 1
-                res.malformed += 1
+                self.malformed_entry(f"ERROR found l2 entry with reserved bits set: {e:x}")
             if bad_bitmap[i]:
-                res.corruptions += 1
-                res.malformed += 1
                 if compressed[i]:
-                    self.msg(f"ERROR compressed cluster {i} with non-zero subcluster "
-                             f"allocation bitmap, entry={e:#x}")
+                    self.malformed_entry(f"ERROR compressed cluster {i} with non-zero subcluster "
+                                         f"allocation bitmap, entry={e:#x}")
                     compressed[i] = False           # qemu does not count it
                 else:
-                    self.msg("ERROR: Unallocated cluster has non-zero subcluster allocation map")
+                    self.malformed_entry("ERROR: Unallocated cluster has non-zero subcluster "
+                                         "allocation map")
                 continue
             if gone[i]:
                 self.zero_past_eof(l2off, int(i), e, int(bms[i]), bool(compressed[i]))
                 std_alloc[i] = compressed[i] = False
                 continue
             if both[i]:
-                self.msg(f"ERROR offset={e & L2E_OFFSET_MASK:x}: Allocated cluster has "
+                self.malformed_entry(f"ERROR offset={e & L2E_OFFSET_MASK:x}: Allocated cluster has "
                          "corrupted subcluster allocation bitmap")
-                res.corruptions += 1
-                res.malformed += 1
             if compressed[i]:
                 if e & QCOW_OFLAG_COPIED:
-                    self.msg(f"ERROR: coffset={e & geo.cluster_offset_mask:#x}: copied flag "
+                    self.malformed_entry(f"ERROR: coffset={e & geo.cluster_offset_mask:#x}: copied flag "
                              "must never be set for compressed clusters")
-                    res.corruptions += 1
-                    res.malformed += 1
                     e &= ~QCOW_OFLAG_COPIED
                 if self.external:
                     self.msg(f"ERROR compressed cluster {i} with data file, entry={e:#x}")
@@ -188,23 +191,26 @@ class _Checker:
             elif std_alloc[i]:
                 off = e & L2E_OFFSET_MASK
                 if unaligned[i]:
-                    if e & QCOW_OFLAG_ZERO and self.fix == "all" and not l2off & (cs - 1) \
-                            and step == 1:
-                        # qemu makes it a plain zero cluster (it reads as zeros either
-                        # way); not inside an L2 table that is itself misplaced, where
-                        # qemu's write would land on whatever the table overlaps
+                    # no data: a zero cluster, or (extended) no subcluster allocated
+                    no_data = not bms[i] & SC_ALLOC_MASK if step == 2 else e & QCOW_OFLAG_ZERO
+                    if no_data and self.fix == "all" and not l2off & (cs - 1):
+                        # qemu makes it read as zeros without the cluster (it did
+                        # already); not inside an L2 table that is itself misplaced,
+                        # where qemu's write would land on whatever the table overlaps
                         self.msg(f"Repairing offset={off:x}: Preallocated cluster is not "
                                  "properly aligned; L2 entry corrupted.")
                         res.corruptions_fixed += 1
-                        res.entry_fixes.append((l2off + 8 * int(i), QCOW_OFLAG_ZERO))
-                        self.zeroed.add(l2off + 8 * int(i))
+                        at = l2off + 8 * step * int(i)
+                        new, new_bitmap = replacement(self.h.version, e, int(bms[i]), step == 2)
+                        res.entry_fixes.append((at, new))
+                        if step == 2:
+                            res.entry_fixes.append((at + 8, new_bitmap))
+                        self.zeroed.add(at)
                         std_alloc[i] = False
                         continue
-                    res.corruptions += 1
-                    res.malformed += 1
-                    kind = "Preallocated" if e & QCOW_OFLAG_ZERO and step == 1 else "Data"
-                    self.msg(f"ERROR offset={off:x}: {kind} cluster is not properly aligned; "
-                             "L2 entry corrupted.")
+                    kind = "Preallocated" if no_data else "Data"
+                    self.malformed_entry(f"ERROR offset={off:x}: {kind} cluster is not properly "
+                                         "aligned; L2 entry corrupted.")
                 if not self.external:
                     self.inc(off, cs)
         ncomp = int(np.count_nonzero(compressed))
@@ -246,10 +252,8 @@ class _Checker:
                 return
         if not self.bounds.take_l1(l1_size):
             # Only L1 tables that overlap can add up to more than the file holds.
-            self.msg(f"ERROR: L1 table at {l1_offset:#x} ({l1_size} entries) overlaps other "
+            self.malformed_entry(f"ERROR: L1 table at {l1_offset:#x} ({l1_size} entries) overlaps other "
                      "L1 tables: not checked")
-            res.corruptions += 1
-            res.malformed += 1
             return
         l1 = decode_table(self.f.pread(l1_offset, l1_size * L1E_SIZE))
         l2offs = l2_table_offsets(l1)
@@ -293,16 +297,12 @@ class _Checker:
                 self.l1_fixed[l1_offset + L1E_SIZE * i] = e & ~L1E_RESERVED_MASK
                 res.entry_fixes.append((l1_offset + L1E_SIZE * i, e & ~L1E_RESERVED_MASK))
             else:
-                self.msg(f"ERROR found L1 entry with reserved bits set: {e:x}")
-                res.corruptions += 1
-                res.malformed += 1
+                self.malformed_entry(f"ERROR found L1 entry with reserved bits set: {e:x}")
         l2off = e & L1E_OFFSET_MASK
         self.inc(l2off, cs)
         if l2off & (cs - 1):
-            self.msg(f"ERROR l2_offset={l2off:x}: Table is not cluster aligned; "
+            self.malformed_entry(f"ERROR l2_offset={l2off:x}: Table is not cluster aligned; "
                      "L1 entry corrupted")
-            res.corruptions += 1
-            res.malformed += 1
         if l2off < self.file_size:      # else qemu's read fails; already counted above
             self.check_l2(l2off, active)
 
@@ -452,6 +452,8 @@ class _Checker:
         copied_repair = False
         if self.fix == "all" and res.rebuild:
             self.msg("Rebuilding refcount structure")
+            for text in self.again:         # (qemu counts the references anew)
+                self.msg(text)
             res.new_structures = None if res.rebuild_refused else \
                 new_structures.plan(geo, expected, self.old_structures)
             for c, r1, r2 in res.new_structures.freed if res.new_structures else ():

@@ -82,7 +82,7 @@ def measure(source=None, *, size=None, fmt="qcow2", cluster_size=65536, refcount
     st = validate_options(None, source.size if source is not None else size,
                           cluster_size=cluster_size, compat=compat,
                           refcount_bits=refcount_bits, preallocation=preallocation,
-                          extended_l2=extended_l2)
+                          extended_l2=extended_l2, measuring=True)
     geo = st.geometry()
     cluster_size, version = geo.cluster_size, st.version
     if source is not None:

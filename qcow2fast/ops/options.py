@@ -97,9 +97,10 @@ class Settings(NamedTuple):
 def validate_options(path, size=None, *, cluster_size=65536, compat="1.1", refcount_bits=16,
                      lazy_refcounts=False, backing_file=None, backing_format=None,
                      compression_type="zlib", preallocation="off", extended_l2=False,
-                     size_known=True):
+                     size_known=True, measuring=False):
     """Check create()'s options as qemu does; returns :class:`Settings`.
-    ``size_known=False`` skips the size checks (a stream of unknown length)."""
+    ``size_known=False`` skips the size checks (a stream of unknown length);
+    ``measuring``: qemu-img measure's words where they differ."""
     cluster_bits = _log2(cluster_size)
     if cluster_bits is None or not hdr.MIN_CLUSTER_BITS <= cluster_bits <= hdr.MAX_CLUSTER_BITS:
         raise InvalidArgumentError("Cluster size must be a power of two between "
@@ -141,8 +142,11 @@ def validate_options(path, size=None, *, cluster_size=65536, compat="1.1", refco
         raise InvalidArgumentError("Expected backing file name, got empty string")
     if backing_format is not None and not backing_file:
         raise InvalidArgumentError("Backing format cannot be used without backing file")
-    if backing_file and preallocation != "off":
-        raise InvalidArgumentError("backing_file and preallocation cannot be combined")
+    if backing_file and preallocation != "off" and not extended_l2:
+        # (with extended L2 entries a preallocated cluster has no subcluster
+        # allocated: it reads from the backing file until written)
+        raise InvalidArgumentError("Backing file and preallocation can only be used at the "
+                                   "same time if extended_l2 is on")
     if backing_file and "\0" in backing_file:
         # no valid image has one (the header parser refuses it)
         raise InvalidArgumentError("backing file name contains a NUL byte")
@@ -163,8 +167,9 @@ def validate_options(path, size=None, *, cluster_size=65536, compat="1.1", refco
         size = -(-int(size) // 512) * 512
         geo = Geometry(cluster_bits, refcount_order, extended_l2=extended_l2)
         if geo.l1_size_for(size) > hdr.MAX_L1_BYTES // L1E_SIZE:
-            raise InvalidArgumentError("The image size is too large for file format 'qcow2' "
-                                       "(try using a larger cluster size)")
+            raise InvalidArgumentError("The image size is too large "
+                                       + ("" if measuring else "for file format 'qcow2' ")
+                                       + "(try using a larger cluster size)")
     return Settings(size, version, cluster_bits, refcount_order, ctype, bool(lazy_refcounts),
                     backing_file or None, backing_format, preallocation, bool(extended_l2))
 

@@ -88,3 +88,12 @@ def test_measure_size_equals_qemu(capsys, argv):
 def test_measure_usage_errors(capsys, argv):
     assert main(argv) == 1
     assert capsys.readouterr().err.startswith("qcow2fast: ")
+
+
+@pytest.mark.parametrize("argv", [["--size", "1025T", "-O", "qcow2", "-o", "extended_l2=on"],
+                                  ["--size", "9P", "-O", "qcow2"]])
+def test_measure_too_large_as_qemu(capsys, argv):
+    """qemu-img measure's own words (create's name the format)."""
+    want = qemu_img("measure", *argv, check=False)
+    assert main(["measure", *argv]) == want.returncode == 1
+    assert capsys.readouterr().err.split(": ", 1)[1] == want.stderr_text.split(": ", 1)[1]

@@ -7,7 +7,8 @@ import shutil
 import pytest
 
 from tests.helpers.cli_util import run_cli as cli
-from tests.helpers.qemu_util import qemu_check, qemu_create, qemu_img, qemu_info, qemu_io
+from tests.helpers.qemu_util import (MiB, qemu_check, qemu_create, qemu_img, qemu_info, qemu_io,
+                                     qemu_raw_filled)
 
 pytestmark = pytest.mark.qemu
 
@@ -123,3 +124,34 @@ def test_amend_progress_of_two_operations_is_qemus(tmp_path, capsys, options):
         qemu_create(path, 64 << 20, **({"compat": "0.10"} if upgrade else {"refcount_bits": 8}))
         qemu_io(path, "write -P 1 0 8M", *([] if upgrade else ["write -z 16M 64k"]))
     _amend_progress_pair(tmp_path, capsys, options, make)
+
+
+@pytest.mark.parametrize("mode", ["metadata", "falloc", "full"])
+def test_preallocation_over_a_backing_file_with_subclusters(tmp_path, capsys, mode):
+    """qemu-iotests 271: with extended L2 entries, create may preallocate
+    over a backing file (the clusters have no subcluster allocated, so the
+    backing file shows through) and a grow reads zeros past the old end;
+    without them qemu's refusal."""
+    base = qemu_raw_filled(tmp_path / "base.raw", MiB, 0xff)
+    views = []
+    for name in ("ours", "qemu"):
+        path = tmp_path / f"{name}.qcow2"
+        args = ["-q", "-f", "qcow2", "-o", f"extended_l2=on,preallocation={mode}", "-F", "raw",
+                "-b", str(base), str(path), "512k"]
+        if name == "ours":
+            assert cli(capsys, "create", *args)[0] == 0
+            assert cli(capsys, "resize", str(path), "1M")[0] == 0
+        else:
+            qemu_img("create", *args)
+            qemu_img("resize", path, "1M")
+        qemu_io(path, "read -P 0xff 0 512k", "read -P 0 512k 512k")
+        views.append((qemu_img("map", path).stdout_text.replace(name, "X"),
+                      qemu_img("check", path).returncode))
+    assert views[0] == views[1]
+    refused = tmp_path / "refused.qcow2"
+    args = ["-f", "qcow2", "-o", f"preallocation={mode}", "-F", "raw", "-b", str(base),
+            str(refused), "512k"]
+    want = qemu_img("create", *args, check=False)
+    status, _, err = cli(capsys, "create", *args)
+    assert status == want.returncode == 1
+    assert err.split(": ", 2)[-1] == want.stderr_text.split(": ", 2)[-1]

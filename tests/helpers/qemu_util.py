@@ -131,6 +131,13 @@ def qemu_io(path, *cmds, fmt="qcow2", check=True, extra=()):
     return p
 
 
+def qemu_raw_filled(path, size, pattern):
+    """A raw image of ``size`` bytes made by qemu-img, every byte ``pattern``."""
+    qemu_img("create", "-q", "-f", "raw", path, str(size))
+    qemu_io(path, f"write -q -P {pattern:#x} 0 {size}", fmt="raw")
+    return path
+
+
 def qemu_create(path, size, *, cluster_size=65536, refcount_bits=16, compat="1.1",
                 backing=None, backing_fmt=None, **opts):
     """qemu-img create -f qcow2 with the given options (extra opts as key=value)."""
