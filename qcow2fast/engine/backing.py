@@ -27,12 +27,46 @@ def parse_json_name(name):
     """The option tree of a ``json:`` name, dotted keys (``"file.filename"``)
     nested as objects, as qemu's ``parse_json_filename``."""
     try:
-        tree = json.loads(name[len(JSON_PREFIX):])
+        tree = json.loads(_double_quoted(name[len(JSON_PREFIX):]))
     except ValueError as e:
         raise InvalidArgumentError(f"Could not parse the JSON options: {e}") from None
     if not isinstance(tree, dict):
         raise InvalidArgumentError("Invalid JSON object given")
     return _nested(tree)
+
+
+def _double_quoted(text):
+    """qemu's JSON (qobject/json-lexer.c) as standard JSON: qemu also takes
+    strings in single quotes, where ``\\'`` is a quote and ``"`` a plain
+    character.  Double-quoted strings are copied as they are; what is not
+    valid JSON stays invalid."""
+    out, i, n = [], 0, len(text)
+    while i < n:
+        c = text[i]
+        if c not in "'\"":
+            j = i + 1
+            while j < n and text[j] not in "'\"":
+                j += 1
+            out.append(text[i:j])
+        elif c == '"':
+            j = i + 1
+            while j < n and text[j] != '"':
+                j += 2 if text[j] == "\\" else 1
+            out.append(text[i:j + 1])
+            j += 1
+        else:
+            j, body = i + 1, []
+            while j < n and text[j] != "'":
+                if text[j] == "\\" and j + 1 < n:
+                    body.append("'" if text[j + 1] == "'" else text[j:j + 2])
+                    j += 2
+                else:
+                    body.append('\\"' if text[j] == '"' else text[j])
+                    j += 1
+            out.append('"' + "".join(body) + ('"' if j < n else ""))
+            j += 1
+        i = j
+    return "".join(out)
 
 
 def _nested(tree):

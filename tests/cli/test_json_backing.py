@@ -34,6 +34,11 @@ def node(path, fmt="qcow2"):
     ('json:{"driver":"qcow2","file":{"filename":"a","aio":"native"}}', None),
     ('json:{"driver":"qcow2","file":"node0"}', None),
     ('json:{"driver":', None),
+    # qemu's JSON also takes single-quoted strings (qemu-iotests 110)
+    ("json:{'driver':'qcow2','file':{'driver':'file','filename':'a'}}", ("a", "qcow2")),
+    ("json:{'driver':'raw','file':{'filename':'it\\'s \"b\"'}}", ("it's \"b\"", "raw")),
+    ("json:{\"driver\":\"raw\",\"file\":{\"filename\":\"x'y\"}}", ("x'y", "raw")),
+    ("json:{'driver':'raw','file':{'filename':'a}}", None),
 ])
 def test_json_file_takes_only_plain_trees(name, want):
     assert json_file(name) == want
@@ -83,3 +88,11 @@ def test_json_backing_with_other_drivers_is_refused(tmp_path):
              'json:{"driver":"null-co","size":1048576}', top, str(MiB))
     with pytest.raises(UnsupportedFeatureError, match="protocols are not supported"):
         qcow2fast.open(str(top))
+
+
+def test_info_of_a_single_quoted_json_name_as_qemu(capsys, tmp_path):
+    """qemu-iotests 110's first name: qemu's JSON with single quotes."""
+    path = qemu_create(tmp_path / "q.qcow2", MiB)
+    name = f"json:{{'driver':'qcow2','file':{{'driver':'file','filename':'{path}'}}}}"
+    status, out, err = cli(capsys, "info", name)
+    assert (status, out, err) == (0, qemu_img("info", name).stdout_text, "")
