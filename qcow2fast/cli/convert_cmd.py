@@ -1,6 +1,6 @@
 """qcow2fast convert [-f fmt] [-O qcow2|raw] [-o options] [-c] [-S sparse_size]
 [-B backing [-F fmt]] [-n] [--target-is-zero] [-m threads] [-W] [-t cache] [-p] [-q]
-[-l snapshot] SRC [SRC2 ...] DST
+[-l snapshot] [--salvage] SRC [SRC2 ...] DST
 
 qemu-img convert's options and meanings.  ``-`` as the only SRC reads a raw
 stream from stdin; ``-`` as DST writes a qcow2 image to stdout.  ``-m`` is
@@ -9,7 +9,8 @@ accepted for compatibility (batches are always written in order).  ``-l``
 reads an internal snapshot of the (single, qcow2) source: an id or name, or
 ``snapshot.id=ID,snapshot.name=NAME``, as qemu-img.  ``--compression-level N``
 (not in qemu-img) sets the zlib (1-9, default 3) or zstd (1-22, default 3)
-level used by ``-c``."""
+level used by ``-c``.  ``--salvage``: a sector that cannot be read is written as
+zeros, with qemu-img's warning for it."""
 
 import os
 
@@ -55,6 +56,7 @@ def add_parser(sub):
     p.add_argument("--target-image-opts", dest="target_image_opts", action="store_true")
     p.add_argument("--bitmaps", dest="bitmaps", action="store_true")
     p.add_argument("--skip-broken-bitmaps", dest="skip_broken_bitmaps", action="store_true")
+    p.add_argument("--salvage", action="store_true")
     p.add_argument("filenames", nargs="*")
     p.set_defaults(run=run)
 
@@ -64,6 +66,8 @@ def run(args):
     if args.copy_range and (args.sparse_size is not None or args.compress):
         raise UsageError("Cannot enable copy offloading when "
                          f"{'-S' if args.sparse_size is not None else '-c'} is used")
+    if args.copy_range and args.salvage:
+        raise UsageError("Cannot use copy offloading in salvaging mode")
     if args.target_image_opts and args.out_fmt:
         raise UsageError("--image-opts and --format are mutually exclusive")
     if args.target_image_opts and not args.existing:
@@ -134,7 +138,8 @@ def run(args):
                 progress=bar if shown else None,
                 sync=args.cache != "unsafe", direct=args.cache in ("none", "directsync"),
                 snapshot=snapshot_spec(args.snapshot),
-                compression_level=args.compression_level, **source_kw)
+                compression_level=args.compression_level, salvage=args.salvage,
+                warn=(lambda message: None) if args.quiet else warn, **source_kw)
     finally:
         bar.close()
     if copy_bitmaps:

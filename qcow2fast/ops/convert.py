@@ -22,6 +22,7 @@ interrupted conversion leaves no half-written image behind.
 from __future__ import annotations
 
 import collections
+import logging
 import concurrent.futures
 import os
 import sys
@@ -88,8 +89,10 @@ def run_pipeline(job, batches, sink, threads, progress, total, buffers):
                 pending.append((b, pool.submit(job.process, *b)))
             if not pending:
                 break
-            (buf, nvalid, marks, _, first), fut = pending.popleft()
-            kinds, payloads = fut.result()
+            (buf, nvalid, marks, src, first), fut = pending.popleft()
+            kinds, payloads, notes = fut.result()
+            for note in notes:                  # (--salvage: in disk order)
+                src.salvage(note)
             io = sink(first, kinds, payloads, buf, nvalid)
             if io is None:
                 buffers.put(buf)
@@ -219,7 +222,8 @@ def convert(sources: str | os.PathLike[str] | Iterable[str | os.PathLike[str]],
             compression_level: int | None = None, force_share: bool = False,
             untrusted: bool = False, key_secret: bytes | str | None = None,
             remote: Mapping[str, Any] | None = None,
-            target_key_secret: bytes | str | None = None) -> None:
+            target_key_secret: bytes | str | None = None, salvage: bool = False,
+            warn: Callable[[str], object] | None = None) -> None:
     """Convert ``sources`` (paths; several are concatenated; ``"-"`` alone
     is a raw stream on stdin) into ``dest`` (a path, or ``"-"`` for stdout).
 
@@ -243,7 +247,10 @@ def convert(sources: str | os.PathLike[str] | Iterable[str | os.PathLike[str]],
     ``key_secret`` is the passphrase of encrypted sources; ``remote`` the
     options of remote sources (:func:`qcow2fast.open`'s).  An encrypted
     target: ``options={"encrypt": {...}}`` (create()'s); an existing one
-    (``existing``) is opened with ``target_key_secret``.
+    (``existing``) is opened with ``target_key_secret``.  ``salvage``
+    (--salvage): a sector of the sources that cannot be read is written as
+    zeros, and ``warn(message)`` (default: the "qcow2fast" logger) told
+    qemu-img's warning for it.
     """
     options = dict(options or {})
     if isinstance(sources, (str, os.PathLike)):
@@ -292,6 +299,8 @@ def convert(sources: str | os.PathLike[str] | Iterable[str | os.PathLike[str]],
     src = None if stdin else open_sources(sources, source_format, snapshot,
                                           force_share=force_share, untrusted=untrusted,
                                           key_secret=key_secret, remote=remote)
+    if salvage and src is not None:
+        src.salvage = warn or logging.getLogger("qcow2fast").warning
     try:
         size = src.size if src is not None else None
         # Extended L2 entries, external data files and encryption are not

@@ -29,15 +29,16 @@ class Job:
     def process(self, buf, nvalid, marks, src, first):
         """Read the READ units of the batch starting at unit ``first`` (when
         ``src`` is given), then decide each unit's kind.  Returns (kinds,
-        payloads)."""
+        payloads, the --salvage warnings of the batch)."""
         unit = self.unit
         count = len(marks)
         buf[nvalid:count * unit] = 0            # buffers are reused: past the end reads 0
+        notes = []
         if src is not None:
             base = first * unit
             for a, b in runs(marks == READ):
                 lo, hi = a * unit, min(b * unit, nvalid)
-                src.readinto(base + lo, buf[lo:hi])
+                src.readinto(base + lo, buf[lo:hi], notes)
         kinds = np.where(marks == MUST_ZERO, ZERO, UNALLOCATED).astype(np.uint8)
         data = marks == READ
         if self.detect_zeros:
@@ -55,7 +56,7 @@ class Job:
             data |= kinds == ZERO
         kinds[data] = DATA
         if self.compress is None:
-            return kinds, None                  # the data clusters are those of buf
+            return kinds, None, notes           # the data clusters are those of buf
         payloads = []
         for i in np.flatnonzero(data):
             chunk = buf[i * unit:(i + 1) * unit]     # zeros past the source's end
@@ -64,7 +65,7 @@ class Job:
                 kinds[i] = COMPRESSED
                 chunk = c
             payloads.append(chunk)
-        return kinds, payloads
+        return kinds, payloads, notes
 
 
 class Buffers:

@@ -2,6 +2,7 @@
 qcow2 images concatenated into one guest disk, and what each unit of it
 needs before any data is read (from the sources' block status)."""
 
+import errno
 import os
 
 import numpy as np
@@ -16,8 +17,15 @@ from ..host.raw import RawImage
 SKIP, MUST_ZERO, READ = 0, 1, 2
 
 
+SECTOR = 512        # what --salvage gives up on: one sector at a time (qemu's)
+
+
 class Sources:
-    """Several images concatenated (qemu-img convert's SRC1 SRC2 ...)."""
+    """Several images concatenated (qemu-img convert's SRC1 SRC2 ...).
+    ``salvage``: None, or a function taking the warning for each sector
+    that cannot be read, which then reads as zeros (--salvage)."""
+
+    salvage = None
 
     def __init__(self, images, names):
         self.images, self.names = images, names
@@ -32,13 +40,31 @@ class Sources:
             if a < b:
                 yield i, a - self.starts[i], a - offset, b - a
 
-    def readinto(self, offset, mv):
+    def readinto(self, offset, mv, notes=None):
+        """Read the guest range at ``offset`` into ``mv``; with ``salvage``
+        the warnings for what could not be read are appended to ``notes``."""
         for i, off, at, n in self.pieces(offset, len(mv)):
             try:
                 self.images[i].readinto(off, mv[at:at + n])
             except (Qcow2Error, OSError) as e:
-                raise ConvertError(f"error while reading {self.names[i]!r} at offset "
-                                   f"{off:#x}: {e}") from e
+                if self.salvage is None:
+                    raise ConvertError(f"error while reading {self.names[i]!r} at offset "
+                                       f"{off:#x}: {e}") from e
+                self._salvage(self.images[i], off, mv[at:at + n], notes)
+
+    @staticmethod
+    def _salvage(image, offset, mv, notes):
+        """qemu-img convert --salvage: the range again, sector by sector;
+        a sector that cannot be read becomes zeros, with qemu's warning."""
+        for k in range(0, len(mv), SECTOR):
+            part = mv[k:k + SECTOR]
+            try:
+                image.readinto(offset + k, part)
+            except (Qcow2Error, OSError) as e:
+                part[:] = 0
+                why = e.strerror if isinstance(e, OSError) and e.strerror else \
+                    os.strerror(errno.EIO)      # (qemu: a corrupt cluster is an EIO)
+                notes.append(f"error while reading offset {offset + k}: {why}")
 
     def extents(self):
         """(offset, length, kind, depth) over the whole concatenation."""
