@@ -45,10 +45,10 @@ def run(args):
         raise UsageError("Expecting one image file name")
     fmt = args.fmt
     table = secrets(args.objects)
-    key_secret = None
+    key_secret = data_file = None
     if args.filename is not None and not ("help" in opts and fmt):
         path, fmt, kw = resolve_image(args.filename, fmt, args.image_opts, table)
-        key_secret = kw.get("key_secret")
+        key_secret, data_file = kw.get("key_secret"), kw.get("data_file")
     if fmt != "qcow2":
         raise UsageError(f"Format driver '{fmt}' does not support option amendment")
     if "help" in opts or "?" in opts:
@@ -69,7 +69,8 @@ def run(args):
     bar(0, 1)
     failed = None
     try:
-        amend(path, opts, progress=bar, key_secret=key_secret, force=args.force)
+        amend(path, opts, progress=bar, key_secret=key_secret, force=args.force,
+              data_file=data_file)
     except AmendOptionError as e:
         failed = f"{prog()}: {e}" + (f"\n{e.hint}" if e.hint else "")
     except (MissingSecretError, BadPassphraseError) as e:

@@ -74,10 +74,13 @@ def display_name(image_path, h, override):
 
 
 def open_data_file(image_path, h, override, *, writable, direct, force_share, locking,
-                   untrusted):
+                   untrusted, no_io=False):
     """The File of the external data file of the image at ``image_path``
     (header ``h``), or None when it has none.  ``override``: a path given
-    by the caller, used instead of the name in the image."""
+    by the caller, used instead of the name in the image.  ``no_io``: an
+    image whose data file has no name opens without it (qemu-img info)."""
+    if no_io and override is None and spec.has_data_file(h) and spec.data_file_name(h) is None:
+        return None
     spec.check_header(h, override)
     if not spec.has_data_file(h):
         return None

@@ -202,7 +202,7 @@ class Image(LifecycleAPI, CompressedWriteAPI, ImageCore):
         data_file = datafile.open_data_file(
             self.path, h, self._data_file_override, writable=writable,
             direct=self.cache_mode in ("none", "directsync"), force_share=self.force_share,
-            locking=self.locking, untrusted=self.untrusted)
+            locking=self.locking, untrusted=self.untrusted, no_io=self.no_io)
         if data_file is not None:
             s.set_data_file(data_file, datafile.HOST_LIMIT)
             self.data_file_name = datafile.display_name(self.path, h, self._data_file_override)

@@ -70,18 +70,19 @@ def parse_options(options):
     return out
 
 
-def amend(path, options, *, progress=None, key_secret=None, force=False):
+def amend(path, options, *, progress=None, key_secret=None, force=False, data_file=None):
     """Change the options of the qcow2 image at ``path`` (qemu-img amend):
     ``options`` maps option names to values (strings as ``-o`` gives them,
     or ints and bools).  ``progress(done, total)`` is called as the work
     advances (the refcount walks and the zero-cluster expansion).  An
     encrypted image is opened with ``key_secret``; its key slots change
     with the ``encrypt.*`` options (engine/luks_amend.py; ``force`` as
-    qemu-img amend --force)."""
+    qemu-img amend --force).  ``data_file``: the external data file to use
+    instead of the one the image names (--image-opts data-file.filename)."""
     path = os.fspath(path)
     if not options:
         raise InvalidArgumentError("Must specify options (-o)")
-    open_kw = {"cache_clean_interval": 0, "key_secret": key_secret}
+    open_kw = {"cache_clean_interval": 0, "key_secret": key_secret, "data_file": data_file}
     img = Image(path, "r+", backing=False, **open_kw)
     try:
         opts = parse_options(options)       # (after the open, as qemu-img: its errors first)

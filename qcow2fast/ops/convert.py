@@ -37,7 +37,7 @@ from ..engine.compress import Compressor
 from .create import create
 from .options import image_size, validate_options
 from ..engine.backing import resolve_backing_path
-from ..errors import InvalidArgumentError, Qcow2Error, UnsupportedFeatureError
+from ..errors import ConvertError, InvalidArgumentError, Qcow2Error, UnsupportedFeatureError
 from ..host.file import pwrite_all
 from ..spec.constants import COMPRESSED, DATA, L1E_SIZE, ZERO
 from .qcow2_writer import Qcow2Writer, runs
@@ -523,7 +523,12 @@ def _convert_through_image(src, dest, format, options, sparse_size, existing,
                 if not zero_target:
                     # Compressed clusters only go where nothing is allocated.
                     img.discard(base + a * unit, min(b * unit, tsize - base) - a * unit)
-                img.write_compressed_clusters(base + a * unit, [comp[i] for i in range(a, b)])
+                try:
+                    img.write_compressed_clusters(base + a * unit,
+                                                  [comp[i] for i in range(a, b)])
+                except UnsupportedFeatureError:     # (a data file: qemu's ENOTSUP)
+                    raise ConvertError(f"error while writing at byte {base + a * unit}: "
+                                       "Operation not supported") from None
 
         def sink(first, kinds, payloads, buf, nvalid):
             if img is not None and img.state.transform is not None and payloads is None:

@@ -75,14 +75,18 @@ def check_header(h, override):
 
 
 def set_data_file(h, name, raw):
-    """Make header ``h`` name the data file ``name`` (``raw``: the raw bit)."""
+    """Make header ``h`` name the data file ``name`` (``raw``: the raw bit).
+    An empty name takes the name out and keeps the bit (qemu's amend -o
+    data_file=): the image then opens only with a data file given."""
     data = name.encode() if isinstance(name, str) else bytes(name)
-    _decode(data)
+    if data:
+        _decode(data)
     h.incompatible_features |= INCOMPAT_DATA_FILE
     if raw:
         h.autoclear_features |= AUTOCLEAR_DATA_FILE_RAW
     h.other_extensions = [e for e in h.other_extensions if e.type != EXT_DATA_FILE]
-    h.other_extensions.insert(0, HeaderExtension(EXT_DATA_FILE, data))
+    if data:
+        h.other_extensions.insert(0, HeaderExtension(EXT_DATA_FILE, data))
 
 
 def validate_create(name, raw, version, backing_file):

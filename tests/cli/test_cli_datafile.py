@@ -138,3 +138,39 @@ def test_amend_data_file_raw_as_qemu(tmp_path, monkeypatch, capsys):
         assert (f"data file raw: {str(raw_after).lower()}" in info[0]), value
     qemu_img("check", "ours.qcow2")
     assert qemu_img("compare", "ours.qcow2", "qemu.qcow2").returncode == 0
+
+
+def test_amend_takes_the_data_file_name_out_and_back_as_qemu(tmp_path, monkeypatch, capsys):
+    """amend -o data_file= (qemu-iotests 244, 061): the name goes, the bit
+    stays, so the image opens only with a data file given; info still shows
+    it as qemu-img's does; amend with --image-opts data-file.filename= puts
+    a name back."""
+    monkeypatch.chdir(tmp_path)
+    for name in ("ours", "qemu"):
+        qemu_create(f"{name}.qcow2", 4 * MiB, data_file=f"{name}.data")
+        qemu_io(f"{name}.qcow2", "write -P 7 0 64k")
+    assert cli(capsys, "amend", "-o", "data_file=", "ours.qcow2")[0] == 0
+    qemu_img("amend", "-o", "data_file=", "qemu.qcow2")
+    for name in ("ours", "qemu"):
+        p = qemu_io(f"{name}.qcow2", "read -P 7 0 64k", check=False)
+        assert "'data-file' is required for this image" in p.stderr_text, name
+    status, out, _ = cli(capsys, "info", "ours.qcow2")
+    assert (status, out.replace("ours", "X")) == \
+        (0, qemu_img("info", "qemu.qcow2").stdout_text.replace("qemu", "X"))
+    assert cli(capsys, "amend", "-o", "data_file=ours.data", "--image-opts",
+               "file.filename=ours.qcow2,data-file.filename=ours.data")[0] == 0
+    qemu_io("ours.qcow2", "read -P 7 0 64k")
+    qemu_img("check", "ours.qcow2")
+
+
+def test_convert_compressed_into_a_data_file_image_as_qemu(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    qemu_create("src.qcow2", 4 * MiB)
+    qemu_io("src.qcow2", "write -P 0x11 1M 1M")
+    args = ["-f", "qcow2", "-O", "qcow2", "-c"]
+    want = qemu_img("convert", *args, "-o", "data_file=q.data", "src.qcow2", "q.qcow2",
+                    check=False)
+    status, _, err = cli(capsys, "convert", *args, "-o", "data_file=o.data", "src.qcow2",
+                         "o.qcow2")
+    assert status == want.returncode == 1
+    assert err.split(": ", 1)[1] == want.stderr_text.split(": ", 1)[1]
