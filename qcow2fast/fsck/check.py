@@ -470,7 +470,7 @@ class _Checker:
             res.check_errors += 1
             return res
         elif self.fix:
-            for c, r1, r2 in res.leaked + res.too_low:
+            for c, r1, r2 in sorted(res.leaked + res.too_low):     # (qemu: in cluster order)
                 fixable = r1 > r2 or self.fix == "all"
                 self.msg(f"{'Repairing' if fixable else 'ERROR'} cluster {c} refcount={r1} "
                          f"reference={r2}")
