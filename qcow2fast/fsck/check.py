@@ -459,7 +459,9 @@ class _Checker:
             for c, r1, r2 in res.new_structures.freed if res.new_structures else ():
                 # qemu's second pass frees the old structures, leaked by its rebuild
                 self.msg(f"Repairing cluster {c} refcount={r1} reference={r2}")
-            after = StoredRefcounts(expected, stored.per_block)
+            # the refcounts as the rebuild leaves them (the old structures freed)
+            after = StoredRefcounts(res.new_structures.counts if res.new_structures else expected,
+                                    stored.per_block)
             # qemu counts as fixed what a second count no longer finds; the
             # malformed entries are found again
             res.leaks_fixed = res.leaks

@@ -594,3 +594,23 @@ def test_refcount_repairs_are_said_in_cluster_order(tmp_path, mode):
     theirs = _combined([shutil.which("qemu-img"), "check", "-r", mode, images[1]])
     assert ours == (theirs[0], theirs[1].replace(str(images[1]), str(images[0])))
     assert "Leaked cluster" in ours[1] and "refcount=1 reference=2" in ours[1]
+
+
+def test_copied_flags_after_a_rebuild_see_the_old_structures_freed(tmp_path):
+    """qemu-iotests 060: a data cluster mapped onto the refcount block.
+    The rebuild frees the old block, which leaves the data cluster at
+    refcount 1: its COPIED flag is right, nothing more to repair."""
+    images = []
+    for name in ("ours", "qemu"):
+        path = qemu_create(tmp_path / f"{name}.qcow2", 64 * MiB)
+        with open(path, "r+b") as f:
+            f.truncate(0x40000 + 65536)                  # an L2 table at 0x40000
+        patch(path, 0x30000, ">Q", (1 << 63) | 0x40000)  # L1[0]
+        patch(path, 0x20000 + 8, ">H", 1)                # cluster 4 counted
+        patch(path, 0x40000, ">Q", (1 << 63) | 0x20000)  # data onto the refcount block
+        images.append(path)
+    ours = _combined([sys.executable, "-m", "qcow2fast", "check", "-r", "all", images[0]])
+    theirs = _combined([shutil.which("qemu-img"), "check", "-r", "all", images[1]])
+    assert ours == (theirs[0], theirs[1].replace(str(images[1]), str(images[0])))
+    assert "Rebuilding refcount structure" in ours[1] and "OFLAG_COPIED" not in ours[1]
+    qemu_check(images[0])
