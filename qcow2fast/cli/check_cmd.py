@@ -155,8 +155,9 @@ def stale_bitmaps(path):
 
 
 def _messages(res):
+    from ..fsck.check import ToolMessage
     for line in res.messages:
-        print(line, file=sys.stderr)
+        print(f"{prog()}: {line}" if isinstance(line, ToolMessage) else line, file=sys.stderr)
     if res.messages_dropped:
         print(f"({res.messages_dropped} more lines like these not shown)", file=sys.stderr)
 

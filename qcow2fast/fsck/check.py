@@ -44,6 +44,16 @@ from .stored import StoredRefcounts, compare_refcounts, last_true
 INT64_MAX = (1 << 63) - 1
 
 
+class ToolMessage(str):
+    """A check message qemu-img prints with its name in front (an
+    error_report, not the check's own fprintf)."""
+
+
+# The most clusters -r all grows a file to, to hold a refcount block past its
+# end (the count covers them all: 4 bytes each, 256 MiB here).
+MAX_GROWN_CLUSTERS = 1 << 26
+
+
 def _c_hex(n):
     """C's %#x: 0 has no 0x prefix."""
     return f"{n:#x}" if n else "0"
@@ -337,6 +347,13 @@ class _Checker:
                 self.msg(f"Repairing refcount block {i} is outside image")
                 if off > INT64_MAX - cs:        # qemu's truncate refuses it
                     self.msg("ERROR could not resize image: Invalid argument")
+                    res.rebuild = True
+                    continue
+                if (off + cs) >> self.geo.cluster_bits > MAX_GROWN_CLUSTERS:
+                    # Past what the count can cover (and, at these sizes, past
+                    # what ext4 takes: qemu's truncate fails there with EFBIG).
+                    self.msg(ToolMessage("Could not resize file: File too large"))
+                    self.msg("ERROR could not resize image: File too large")
                     res.rebuild = True
                     continue
                 # the repair grows the file to hold the block (read as zeros until then)
