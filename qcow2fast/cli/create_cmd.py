@@ -154,8 +154,9 @@ def run(args):
         raise UsageError(f"{args.filename}: Image creation needs a size parameter")
     if size is None and backing and not args.unsafe:
         from .common import open_image
-        # qemu takes its size (no_io: an encrypted one opens without its secret)
-        below = open_image(bpath, backing_fmt, backing=False, no_io=True,
+        # qemu takes its size (no_io: an encrypted one opens without its
+        # secret; shared: a running VM may write it, bdrv_img_create's force-share)
+        below = open_image(bpath, backing_fmt, backing=False, no_io=True, force_share=True,
                            untrusted=args.untrusted)
         try:
             size = below.size

@@ -53,7 +53,8 @@ def run(args):
         raise InvalidArgumentError(f"Could not open '{filename}': force-share=on can only be "
                                    "used with read-only images")
     img = open_image(filename, args.fmt, image_opts=args.image_opts, writable=writable,
-                     backing=False, secrets=secrets(args.objects), untrusted=args.untrusted)
+                     backing=False, force_share=args.force_share,
+                     secrets=secrets(args.objects), untrusted=args.untrusted)
     try:
         if writable and getattr(img, "corrupt", False):
             raise InvalidArgumentError(f"Could not open '{filename}': qcow2: Image is corrupt; "

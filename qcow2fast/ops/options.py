@@ -177,7 +177,10 @@ def validate_options(path, size=None, *, cluster_size=65536, compat="1.1", refco
 def image_size(path, fmt):
     if fmt == "qcow2":
         from ..engine.image import Image
-        with Image(path, "r", backing=False, cache_clean_interval=0, no_io=True) as img:
+        # (shared: qemu-img create reads the size of a backing file a running
+        # VM writes, bdrv_img_create's force-share)
+        with Image(path, "r", backing=False, cache_clean_interval=0, no_io=True,
+                   force_share=True) as img:
             return img.size
     fd = os.open(path, os.O_RDONLY)
     try:

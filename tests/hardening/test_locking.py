@@ -126,7 +126,7 @@ def test_qemu_writer_keeps_qcow2fast_out(image, capsys):
             qcow2fast.open(image, "r+", force_share=True)
         # The command line: the qemu-img subcommands that take -U.
         for argv in (["info"], ["check"], ["map"], ["compare", image],
-                     ["convert", "-O", "raw"], ["dd", f"of={image}.dd"]):
+                     ["convert", "-O", "raw"], ["dd", f"of={image}.dd"], ["snapshot", "-l"]):
             tail = [f"if={image}"] if argv[0] == "dd" else [image]
             if argv[0] == "convert":
                 tail.append(os.path.join(os.path.dirname(image), "out.raw"))
@@ -139,6 +139,15 @@ def test_qemu_writer_keeps_qcow2fast_out(image, capsys):
         status, out, err = run_cli(capsys, "info", "--image-opts",
                                    f"driver=qcow2,file.filename={image},file.locking=off")
         assert status == 0, err
+        # An overlay over an image a VM writes (qemu-iotests 153): create reads
+        # the backing file's size sharing it, as qemu-img does.
+        overlay = os.path.join(os.path.dirname(image), "overlay.qcow2")
+        status, out, err = run_cli(capsys, "create", "-q", "-f", "qcow2", "-b", image, "-F",
+                                   "qcow2", overlay)
+        assert status == 0, err
+        with qcow2fast.open(image, force_share=True) as img, \
+                qcow2fast.open(overlay, force_share=True) as top:
+            assert top.size == img.size and top.header.backing_file == image
 
 
 def test_qemu_reader_allows_readers_only(image):
