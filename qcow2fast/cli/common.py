@@ -127,13 +127,19 @@ def image_spec(name, fmt, image_opts, secret_table=None):
         return file_path(name), fmt, {}
     kw, path, driver, proto = {}, None, fmt, {}
     secrets = {}            # layer depth -> secret (backing.encrypt.key-secret: depth 1)
+    below = {}              # layer depth -> {"driver": ..., "filename": ...} given
     for key, value in split_options(name):
         depth, rest = _backing_depth(key)
         if rest == "encrypt.key-secret":
             try:
                 secrets[depth] = lookup_secret(secret_table or {}, value)
             except UsageError as e:
-                raise UsageError(f"Could not open '{name}': {e}") from None
+                # (qemu looks the secret up only when it reads: info opens without it)
+                kw["missing_secret"] = f"Could not open '{name}': {e}"
+        elif depth and rest in ("driver", "file.filename", "filename"):
+            below.setdefault(depth, {})["driver" if rest == "driver" else "filename"] = value
+        elif depth and rest == "file.driver" and value == "file":
+            pass
         elif key == "encrypt.format":       # checked against the header (resolve_image)
             kw["encrypt_format"] = value
         elif key in ("file.filename", "filename"):
@@ -164,6 +170,8 @@ def image_spec(name, fmt, image_opts, secret_table=None):
     if path is None:
         raise UsageError("--image-opts needs file.filename=PATH (or file.driver=http, "
                          "file.url=URL)")
+    if below:
+        kw["backing_given"] = below
     if set(secrets) - {0}:
         kw["key_secret"] = secrets          # one per layer (engine/secret.ChainSecrets)
     elif secrets:
@@ -180,11 +188,15 @@ def _backing_depth(key):
     return depth, key
 
 
-def resolve_image(name, fmt=None, image_opts=False, secret_table=None):
+def resolve_image(name, fmt=None, image_opts=False, secret_table=None, no_io=False):
     """(path, format, open keyword arguments): the file must exist (a URL
     is a remote image, host/remote.py); the format is probed when not
-    given, and must be one this tool handles."""
+    given, and must be one this tool handles.  ``no_io``: an image opened
+    only for its metadata needs no secret, and an undefined one is no error."""
     path, fmt, kw = image_spec(name, fmt, image_opts, secret_table)
+    missing = kw.pop("missing_secret", None)
+    if missing and not no_io:
+        raise UsageError(missing)
     if not is_url(path) and not os.path.exists(path):
         raise open_error(name, FileNotFoundError(2, "No such file or directory", path))
     fmt = fmt or probe_format(path, kw.get("remote"))
@@ -192,7 +204,37 @@ def resolve_image(name, fmt=None, image_opts=False, secret_table=None):
         raise UsageError(f"unknown or unsupported format {fmt!r} (supported: qcow2, raw)")
     if "encrypt_format" in kw:
         check_encrypt_format(name, path, fmt, kw.pop("encrypt_format"), kw.get("remote"))
+    if "backing_given" in kw:
+        check_backing_given(name, path, kw.pop("backing_given"))
     return path, fmt, kw
+
+
+def check_backing_given(name, path, given):
+    """--image-opts ``backing.driver`` / ``backing.file.filename`` (and
+    deeper): accepted when they name what the image's chain already has
+    (qemu-iotests 198 spells its chain out so); another backing file at open
+    is not supported."""
+    from ..engine.backing import probe_format, read_head, resolve_backing_path
+    from ..spec import header as hdr
+    layer = path
+    for depth in range(1, max(given) + 1):
+        h = None
+        if probe_format(layer) == "qcow2":
+            h = hdr.parse_header(read_head(layer, 2 << 20), os.path.getsize(layer))
+        if h is None or not h.backing_file:
+            raise UsageError(f"Could not open '{name}': {'backing.' * depth}file.filename: the "
+                             "image has no backing file there")
+        below = resolve_backing_path(layer, h.backing_file)
+        want = given.get(depth, {})
+        if "filename" in want and os.path.realpath(want["filename"]) != os.path.realpath(below):
+            raise UsageError(f"Could not open '{name}': {'backing.' * depth}file.filename "
+                             f"{want['filename']!r} is not the image's backing file "
+                             f"({h.backing_file!r}): another one at open is not supported")
+        fmt = h.backing_format or probe_format(below)
+        if "driver" in want and want["driver"] != fmt:
+            raise UsageError(f"Could not open '{name}': {'backing.' * depth}driver "
+                             f"{want['driver']!r} is not the backing file's format ({fmt!r})")
+        layer = below
 
 
 def crypt_method(path, remote=None):
@@ -258,7 +300,7 @@ def open_image(name, fmt=None, *, image_opts=False, writable=False, backing=True
     from .json_filename import is_json, open_json
     if is_json(name) and not image_opts and snapshot is None:
         return open_json(name, writable=writable, fmt=fmt, force_share=force_share)
-    path, fmt, kw = resolve_image(name, fmt, image_opts, secrets)
+    path, fmt, kw = resolve_image(name, fmt, image_opts, secrets, no_io=extra.get("no_io"))
     share = {"force_share": kw.pop("force_share", force_share),
              "locking": kw.pop("locking", True)}
     if fmt == "raw":

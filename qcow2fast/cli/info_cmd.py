@@ -15,7 +15,7 @@ from ..spec import datafile as dfspec
 from .common import add_image_arguments, file_path, open_error, open_image, share_options
 from .json_filename import shown_name
 from .luks_info import is_luks, luks_info
-from .options import UsageError, size_to_str
+from .options import UsageError, size_to_str, split_options
 
 
 def add_parser(sub):
@@ -36,10 +36,8 @@ def run(args):
         img = open_image(name, fmt, image_opts=args.image_opts and not infos, backing=False,
                          no_io=True, **share_options(args), **metadata_only(name, fmt, args))
         try:
-            # --image-opts: qemu shows the file's name (the options it
-            # takes here are none of its "strong" ones, which make a json: name).
             opts = args.image_opts and not infos
-            info = image_info(img, img.path if opts else shown_name(name, img))
+            info = image_info(img, opts_name(name, img) if opts else shown_name(name, img))
         except CorruptImageError as e:      # bitmaps load lazily; qemu reads them at open
             raise open_error(name, e) from e
         finally:
@@ -58,6 +56,18 @@ def run(args):
     else:
         print("\n".join(human_info(i) for i in infos), end="")
     return 0
+
+
+def opts_name(spec, img):
+    """The name qemu shows for an --image-opts image: the file's, unless a
+    "strong" option of the format is given (here: encrypt.key-secret), which
+    only a json: name can say (qemu's bdrv_refresh_filename, its key order)."""
+    opts = dict(split_options(spec))
+    if "encrypt.key-secret" not in opts:
+        return img.path
+    return "json:" + json.dumps({"encrypt.key-secret": opts["encrypt.key-secret"],
+                                 "driver": opts.get("driver", "qcow2"),
+                                 "file": {"driver": "file", "filename": img.path}})
 
 
 def image_info(img, name):

@@ -142,3 +142,27 @@ def test_check_of_a_plain_top_over_an_encrypted_or_missing_base(capsys, chain, t
         assert (status, out) == (p.returncode, p.stdout_text), err
         if str(missing) not in line:     # (our missing-file wording differs)
             assert err.replace("qcow2fast: ", "") == p.stderr_text.replace("qemu-img: ", "")
+
+
+def test_commit_with_the_chain_spelled_out_as_qemu_iotest_198(tmp_path, capsys):
+    """qemu-iotests 198: commit --image-opts naming the backing layer's driver,
+    file and secret (what the chain has: accepted; another file: refused),
+    and info of a layer given its secret's id without the --object (qemu
+    opens it for info without the secret), its json: name as qemu's."""
+    base, top = tmp_path / "base.qcow2", tmp_path / "top.qcow2"
+    qemu_create_luks(base, 4 * MiB, PWS[2])
+    qemu_io_luks(base, PWS[2], "write -P 0xa 0 4M")
+    qemu_create_luks(top, 4 * MiB, PWS[0], extra=("-b", str(base), "-F", "qcow2"))
+    spec = (f"driver=qcow2,file.filename={top},encrypt.key-secret=s0,backing.driver=qcow2,"
+            f"backing.file.filename={base},backing.encrypt.key-secret=s2")
+    qemu_io_luks(top, PWS[0], "write -P 9 0 3M", backing_passphrase=PWS[2])
+    status, out, err = run_cli(capsys, "commit", *OBJECTS, "--image-opts", spec)
+    assert (status, out, err) == (0, "Image committed.\n", "")
+    qemu_io_luks(base, PWS[2], "read -P 9 0 3M", "read -P 0xa 3M 1M")
+    other = spec.replace(f"backing.file.filename={base}", f"backing.file.filename={top}")
+    status, _, err = run_cli(capsys, "commit", *OBJECTS, "--image-opts", other)
+    assert status == 1 and "is not the image's backing file" in err
+    for opts in (f"driver=qcow2,file.filename={base},encrypt.key-secret=s2",
+                 f"driver=qcow2,file.filename={base}"):
+        status, out, err = run_cli(capsys, "info", "--image-opts", opts)
+        assert (status, out, err) == (0, qemu_img("info", "--image-opts", opts).stdout_text, "")
