@@ -34,7 +34,8 @@ QEMU_IMG = shutil.which("qemu-img") or "qemu-img"
 QEMU_IO = shutil.which("qemu-io") or "qemu-io"
 AS_LIMIT = 1 << 30
 LUKS_SECRET = "fuzz"        # the LUKS seed's passphrase, given to every target
-TARGETS = ("open", "read", "block_status", "check", "repair", "convert", "nbd")
+TARGETS = ("open", "read", "block_status", "check", "repair", "convert", "lifecycle", "nbd")
+WRITING = ("repair", "lifecycle")       # targets that may change their input
 
 # -- seeds: images qemu made --------------------------------------------------------------
 
@@ -279,12 +280,42 @@ def _target_image(target, path, work):
         qcow2fast.convert(path, os.path.join(work, "out.qcow2"), format="qcow2",
                           key_secret=LUKS_SECRET)
         return
+    if target == "lifecycle":
+        _lifecycle(path)
+        return
     with qcow2fast.open(path, "r", backing=False, untrusted=True, key_secret=LUKS_SECRET) as img:
         if target == "read":
             for pos in range(0, min(img.size, 8 << 20), 1 << 20):
                 img.read(pos, min(1 << 20, img.size - pos))
         elif target == "block_status":
             img.block_status(0, min(img.size, 64 << 20))
+
+
+def _lifecycle(path):
+    """Snapshot, resize and amend steps on the image (opened for writing),
+    each refused or not on its own: a refusal (Qcow2Error, OSError) ends
+    only its step."""
+    import qcow2fast
+    from qcow2fast import Qcow2Error
+    from qcow2fast.ops.amend import amend
+
+    def on_image(step):
+        with qcow2fast.open(path, "r+", backing=False, key_secret=LUKS_SECRET) as img:
+            step(img)
+    steps = [
+        lambda: on_image(lambda img: img.create_snapshot("fz")),
+        lambda: on_image(lambda img: img.resize(img.size + (1 << 20))),
+        lambda: on_image(lambda img: img.apply_snapshot("fz")),
+        lambda: on_image(lambda img: img.delete_snapshot("fz")),
+        lambda: amend(path, {"compat": "0.10"}, key_secret=LUKS_SECRET),
+        lambda: amend(path, {"compat": "1.1", "refcount_bits": 64}, key_secret=LUKS_SECRET),
+        lambda: on_image(lambda img: img.resize(max(512, img.size // 2), shrink=True)),
+    ]
+    for step in steps:
+        try:
+            step()
+        except (Qcow2Error, OSError):
+            pass
 
 
 def _target_nbd(stream, path):
@@ -351,7 +382,7 @@ def _child(target, data, work, status_fd):
             with open(path, "wb") as f:
                 f.write(data)
             _target_image(target, path, work)
-            if target != "repair":
+            if target not in WRITING:
                 with open(path, "rb") as f:
                     if f.read() != data:
                         res = {"outcome": "modified", "error": "a read-only target wrote"}
