@@ -319,13 +319,14 @@ def table_first_with(const uint64_t[::1] table, uint64_t mask):
 def table_first_past(const uint64_t[::1] table, uint64_t offset_mask, uint64_t size,
                      uint64_t limit):
     """Index of the first entry whose offset (``entry & offset_mask``) is
-    set and whose ``size`` bytes end past ``limit``, or -1."""
+    set and whose ``size`` bytes end past ``limit``, or -1.  (No wrap: an
+    offset within ``size`` of 2^64 ends past any limit.)"""
     cdef Py_ssize_t i, n = table.shape[0], found = -1
     cdef uint64_t off
     with nogil:
         for i in range(n):
             off = table[i] & offset_mask
-            if off and off + size > limit:
+            if off and (off > limit or size > limit - off):
                 found = i
                 break
     return found

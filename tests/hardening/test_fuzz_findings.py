@@ -59,3 +59,22 @@ def test_backing_name_with_an_unknown_protocol(tmp_path):
         with qcow2fast.open(p, "r", untrusted=True):
             pass
     assert not os.path.exists(tmp_path / "out.qcow2")
+
+
+def test_refcount_block_offset_that_wraps_past_2_64(tmp_path):
+    """The fuzzer's lifecycle target: a refcount table entry of
+    0xfffffffffffff000 passed the end-of-file check (offset + cluster size
+    wrapped to 0) and opening for writing ran out of memory marking it as
+    metadata.  It is refused, naming the field, in bounded memory."""
+    from qcow2fast._ext.kernels import table_first_past
+    from tests.helpers.qemu_util import header, patch, qemu_create, run_python
+    import numpy as np
+    assert table_first_past(np.array([0x2000, 0xfffffffffffff000], dtype=np.uint64),
+                            (1 << 64) - 1, 4096, 1 << 20) == 1
+    path = qemu_create(tmp_path / "wrap.qcow2", 1 << 20, cluster_size=4096)
+    patch(path, header(path)["refcount_table_offset"] + 8 * 15, ">Q", 0xfffffffffffff000)
+    p = run_python(f"import qcow2fast\nqcow2fast.open({str(path)!r}, 'r+')", check=False,
+                   mem_limit=1 << 30)
+    assert p.returncode == 1
+    assert "CorruptImageError" in p.stderr_text and "0xfffffffffffff000 lies past the end" in \
+        p.stderr_text, p.stderr_text[-2000:]
