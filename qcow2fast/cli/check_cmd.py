@@ -155,7 +155,7 @@ def stale_bitmaps(path):
 
 
 def _messages(res):
-    from ..fsck.check import ToolMessage
+    from ..fsck.result import ToolMessage
     for line in res.messages:
         print(f"{prog()}: {line}" if isinstance(line, ToolMessage) else line, file=sys.stderr)
     if res.messages_dropped:

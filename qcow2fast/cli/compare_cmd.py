@@ -6,12 +6,12 @@ opened, 3 block status cannot be read, 4 data cannot be read."""
 import sys
 
 from ..errors import Qcow2Error
+from ..spec.constants import SECTOR
 from .common import add_share_arguments, open_error, open_image, share_options
 from .progress import Progress
 from .options import prog
 
 CHUNK = 1 << 20
-SECTOR = 512
 
 
 def add_parser(sub):

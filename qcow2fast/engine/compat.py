@@ -132,7 +132,8 @@ class _L1Visits:
 
     def __init__(self, l1s, progress):
         self.progress = progress
-        self.order = [int(o) for l1 in l1s for o in l2_table_offsets(l1).tolist()]
+        self.order = [] if progress is None else \
+            [int(o) for l1 in l1s for o in l2_table_offsets(l1).tolist()]
         self.expanded = set()
         self.visited = 0
 

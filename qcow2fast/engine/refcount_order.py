@@ -48,7 +48,6 @@ def change_refcount_order(img, order, progress=None):
     :func:`free_old_structures` once the image is reopened; the open image
     must then be closed (its refcount subsystem still has the old width)."""
     s, h, geo, rc = img.state, img.header, img.geo, img.refcounts
-    report = progress or (lambda done, total: None)
     new = Geometry(geo.cluster_bits, order, extended_l2=geo.extended_l2)
     img.flusher.flush(sync=True, final=True)        # every refcount current and on disk
     if features.is_dirty(s):
@@ -67,7 +66,7 @@ def change_refcount_order(img, order, progress=None):
     while True:
         # (qemu's walks: at least this one, one that finds nothing new to
         # allocate, and the one that writes the blocks)
-        _walk(rc, walks, max(walks + 2, 3), report)
+        _walk(rc, walks, max(walks + 2, 3), progress)
         walks += 1
         used = np.nonzero(counts)[0]
         # (bincount, not np.unique: numpy 2's unique loads numpy.ma, ~8-50 ms)
@@ -105,7 +104,7 @@ def change_refcount_order(img, order, progress=None):
         refcount_encode(values, order, buf)
         s.file.pwrite(buf, off)
         table[t] = off
-    _walk(rc, walks, walks + 1, report)
+    _walk(rc, walks, walks + 1, progress)
     s.file.pwrite(table.astype(">u8").tobytes(), table_off)
     s.barrier()                 # barrier: the new structures are complete before the header
     h.refcount_table_offset, h.refcount_table_clusters = table_off, table_clusters
@@ -119,7 +118,10 @@ def change_refcount_order(img, order, progress=None):
 def _walk(rc, index, total, report):
     """The progress of qemu's walk number ``index`` of ``total`` over the
     old refcount table (walk_over_reftable): one step per table entry, in
-    units of table entries (the table may have grown since the last walk)."""
+    units of table entries (the table may have grown since the last walk).
+    Nothing without ``report``: a step per entry costs a call each."""
+    if report is None:
+        return
     n = len(rc.table)
     for t in range(n + 1):
         report(index * n + t, total * n)

@@ -39,12 +39,11 @@ from .._numpy import np
 
 from ..errors import InvalidArgumentError, LimitExceededError, UnsupportedFeatureError
 from ..spec import header as hdr
-from ..spec.constants import L1E_OFFSET_MASK, L1E_SIZE
+from ..spec.constants import L1E_OFFSET_MASK, L1E_SIZE, SECTOR
 from ..spec.entries import decode_table, host_offsets, is_compressed, standard_allocated
 from . import features
 
 PREALLOCATION_MODES = ("off", "metadata", "falloc", "full")
-SECTOR = 512
 
 
 def check_resize(img, size, shrink, preallocation):

@@ -23,6 +23,7 @@ from ..spec.header import INCOMPAT_DATA_FILE, INCOMPAT_EXTL2, MAX_L1_BYTES
 from ..engine.crypto import header_ranges as crypto_header_ranges
 from ..engine.bitmap_list import check_loadable, referenced_ranges
 from . import new_structures
+from .result import CheckResult, ToolMessage
 from .bounds import MAX_EXPLAINED, MAX_MESSAGES, Bounds, l2_batches, read_l2_tables
 from .past_eof import past_eof, replacement
 from .rebuild import RefcountTally
@@ -43,12 +44,6 @@ from .stored import StoredRefcounts, compare_refcounts, last_true
 # qemu's truncate refuses a file size past INT64_MAX.
 INT64_MAX = (1 << 63) - 1
 
-
-class ToolMessage(str):
-    """A check message qemu-img prints with its name in front (an
-    error_report, not the check's own fprintf)."""
-
-
 # The most clusters -r all grows a file to, to hold a refcount block past its
 # end (the count covers them all: 4 bytes each, 256 MiB here).
 MAX_GROWN_CLUSTERS = 1 << 26
@@ -57,32 +52,6 @@ MAX_GROWN_CLUSTERS = 1 << 26
 def _c_hex(n):
     """C's %#x: 0 has no 0x prefix."""
     return f"{n:#x}" if n else "0"
-
-
-class CheckResult:
-    """qemu's BdrvCheckResult plus what a repair needs."""
-
-    def __init__(self):
-        self.corruptions = self.leaks = self.check_errors = 0
-        self.corruptions_fixed = self.leaks_fixed = 0
-        self.image_end_offset = 0
-        self.total_clusters = self.allocated_clusters = 0
-        self.fragmented_clusters = self.compressed_clusters = 0
-        self.messages = []          # qemu's stderr lines, in qemu's order
-        self.messages_dropped = 0   # lines past MAX_MESSAGES, counted only
-        self.rebuild = False        # a refcount of 0 is referenced, or a refcount block is bad
-        self.leaked = []            # (cluster, stored, expected)
-        self.too_low = []           # (cluster, stored, expected)
-        self.copied = 0             # wrong COPIED flags
-        self.malformed = 0          # entries no refcount repair can fix
-        self.flags = 0              # the header's dirty (1) and corrupt (2) bits
-        self.refcount_fixes = []    # (cluster, new refcount) the repair writes
-        self.entry_fixes = []       # (file offset, new L1/L2 entry) the repair writes
-        self.snapshot_repairs = None  # engine.snapshot.TableRepairs: the table to write anew
-        self.grow_to = 0            # the file size the repair grows the file to first (or 0)
-        self.new_structures = None  # new_structures.StructurePlan: the rebuild's layout
-        self.rebuild_refused = None  # why no rebuild may be made (a refcount too wide)
-        self.failed = None          # why the check could not run to its end (qemu's errno)
 
 
 class _Checker:

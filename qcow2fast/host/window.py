@@ -5,8 +5,7 @@ block-device interface (host/device.py)."""
 
 from ..errors import InvalidArgumentError
 from ..extent import Extent
-
-SECTOR = 512
+from ..spec.constants import SECTOR
 
 
 class RawWindow:

@@ -10,14 +10,12 @@ import numpy as np
 from ..engine.backing import probe_format
 from ..host.remote import is_url
 from ..errors import ConvertError, InvalidArgumentError, Qcow2Error
+from ..spec.constants import SECTOR
 from ..host.raw import RawImage
 
 # Unit classification before reading: nothing to do, reads as zeros but must
 # be written as zeros (a top layer over a backing file), or must be read.
 SKIP, MUST_ZERO, READ = 0, 1, 2
-
-
-SECTOR = 512        # what --salvage gives up on: one sector at a time (qemu's)
 
 
 class Sources:

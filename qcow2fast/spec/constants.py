@@ -57,3 +57,6 @@ EXTENT_KINDS = tuple(KIND_NAMES.values())
 
 # One on-disk table entry (L1, L2 word, refcount table): big-endian u64.
 BE64 = struct.Struct(">Q")
+
+# qemu's block layer unit (BDRV_SECTOR_SIZE): sizes round to it.
+SECTOR = 512
