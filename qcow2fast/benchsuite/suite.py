@@ -46,6 +46,9 @@ SCENARIOS = [
      "refcounts off and on.", True),
     ("check", "benchmarks.check_bench",
      "qcow2fast check beside qemu-img check on large images.", True),
+    ("startup", "benchmarks.startup_bench",
+     "Short commands on a small image (info, check, map, snapshot, resize, amend, commit, "
+     "rebase) beside qemu-img: start-up, with the interpreter's floors.", False),
     ("convert", "benchmarks.convert_bench",
      "Conversion of an ext4 image of system files: raw to qcow2, qcow2 to raw, zlib and zstd "
      "compression, beside qemu-img convert and cp.", True),

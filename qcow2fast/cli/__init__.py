@@ -101,6 +101,8 @@ def main(argv=None):
 
 
 def _describe(e):
+    if getattr(e, "opening", None) and getattr(e, "qemu", None):
+        return f"Could not open '{e.opening}': {e.qemu}"     # a backing file (engine/chain.py)
     if isinstance(e, OSError) and e.filename and e.strerror:
         return f"{e.filename}: {e.strerror}"
     return str(e)

@@ -268,9 +268,9 @@ def open_error(name, e):
     """qemu's error for an image that does not open: "Could not open 'NAME':
     why", where an OS error names the file again, and a corrupt image gets
     qemu's words for the condition when qemu has its own (CorruptImageError.qemu)."""
-    why = (f"Could not open '{e.filename}': {e.strerror}"
-           if isinstance(e, OSError) and e.filename and e.strerror else
-           getattr(e, "qemu", None) or str(e))
+    why = getattr(e, "qemu", None) or (
+        f"Could not open '{e.filename}': {e.strerror}"
+        if isinstance(e, OSError) and e.filename and e.strerror else str(e))
     if isinstance(e, Qcow2Error) and why.startswith("Could not open '"):
         return UsageError(why)          # already said (open_image's, a lock held elsewhere)
     return UsageError(f"Could not open '{name}': {why}")

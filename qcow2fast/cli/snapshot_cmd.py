@@ -53,7 +53,7 @@ def run(args):
         raise InvalidArgumentError(f"Could not open '{filename}': force-share=on can only be "
                                    "used with read-only images")
     img = open_image(filename, args.fmt, image_opts=args.image_opts, writable=writable,
-                     backing=False, force_share=args.force_share,
+                     force_share=args.force_share,
                      secrets=secrets(args.objects), untrusted=args.untrusted)
     try:
         if writable and getattr(img, "corrupt", False):

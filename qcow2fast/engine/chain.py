@@ -76,7 +76,8 @@ def _fds_in_use():
 
 def _in_layer(e, path, k, top):
     """``e`` again, its message naming the layer it came from (``qemu``:
-    qemu-img's words, "Could not open backing file: " once per level)."""
+    qemu-img's words, "Could not open backing file: " once per level, for
+    "Could not open 'OPENING': " to precede)."""
     where = f"backing file {path!r} (layer {k} below {top!r})"
     if isinstance(e, OSError):
         return type(e)(e.errno, f"{where}: {e.strerror}", e.filename)
@@ -85,6 +86,7 @@ def _in_layer(e, path, k, top):
     new.__dict__.update(e.__dict__)
     new.layer = k
     new.qemu = "Could not open backing file: " * k + (getattr(e, "qemu", None) or str(e))
+    new.opening = top
     return new
 
 
@@ -281,6 +283,16 @@ def _resolve_name(img, k):
     return name, path
 
 
+def _qemu_name(overlay_shown, overlay_path, name, path):
+    """The name qemu's messages give the backing file ``name`` (resolved to
+    ``path``) of the overlay it shows as ``overlay_shown``: a relative name
+    joined to that name's directory as given (path_combine), not made absolute."""
+    if os.path.isabs(name) or path != os.path.join(
+            os.path.dirname(os.path.abspath(overlay_path)), name):
+        return path             # (absolute, a protocol, a json: name)
+    return os.path.join(os.path.dirname(overlay_shown), name)
+
+
 def open_chain(top, max_depth=None, above=()):
     """Open the layers of the backing chain below ``top`` (an Image whose
     header names a backing file), one after the other; returns (layers,
@@ -295,10 +307,12 @@ def open_chain(top, max_depth=None, above=()):
     layers, img = [], top
     cache_mode = "none" if top.cache_mode in ("none", "directsync") else "writeback"
     fd_avail = None
+    shown = top.path                    # img's name as qemu shows it
     try:
         while img.header is not None and img.header.backing_file:
             k = len(layers) + 1
             name, path = _resolve_name(img, k)
+            shown = _qemu_name(shown, img.path, name, path)
             if identity(path) in seen:
                 raise CorruptImageError(f"backing chain loops: {img.path!r} -> {name!r} is "
                                         "already in the chain", offset=where,
@@ -310,8 +324,12 @@ def open_chain(top, max_depth=None, above=()):
                                         f"{img.path!r} (max_chain_depth)", offset=where,
                                         field="backing_file")
             if not is_url(path) and not os.path.exists(path):
-                raise FileNotFoundError(2, f"could not open backing file {name!r} of "
-                                           f"{img.path!r} (layer {k}, field backing_file)", path)
+                e = FileNotFoundError(2, f"could not open backing file {name!r} of "
+                                         f"{img.path!r} (layer {k}, field backing_file)", path)
+                e.qemu = ("Could not open backing file: " * k
+                          + f"Could not open '{shown}': No such file or directory")
+                e.opening = top.path
+                raise e
             fmt = (backing_format(img.header.backing_format, name)
                    or probe_format(path, top.remote_options))
             if fmt not in ("qcow2", "raw"):

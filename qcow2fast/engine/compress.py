@@ -2,9 +2,6 @@
 
 import threading
 
-import zstandard
-from zlib_ng import zlib_ng
-
 from ..errors import CorruptImageError
 from ..spec.header import COMPRESSION_ZLIB, COMPRESSION_ZSTD
 
@@ -15,6 +12,8 @@ def decompress_cluster(data, compression_type, cluster_size, host_offset):
     qemu writes raw deflate with a 4 KiB window; any window is accepted
     here.  Output that is not exactly one cluster is corruption.
     """
+    import zstandard            # (imported on first use, as below: the two
+    from zlib_ng import zlib_ng  # cost ~6 ms of every command's start-up)
     try:
         if compression_type == COMPRESSION_ZLIB:
             d = zlib_ng.decompressobj(-15)
@@ -66,9 +65,11 @@ class Compressor:
 
     def __call__(self, data):
         if self.compression_type == COMPRESSION_ZLIB:
+            from zlib_ng import zlib_ng
             c = zlib_ng.compressobj(self.level, zlib_ng.DEFLATED, -12)
             return c.compress(data) + c.flush()
         z = getattr(self._local, "zstd", None)
         if z is None:
+            import zstandard
             z = self._local.zstd = zstandard.ZstdCompressor(level=self.level)
         return z.compress(data)

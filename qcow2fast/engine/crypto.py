@@ -26,7 +26,6 @@ from ..errors import (BadPassphraseError, CorruptImageError, InvalidArgumentErro
                       MissingSecretError, Qcow2Error, UnsupportedFeatureError)
 from ..spec import header as hdr
 from ..spec import luks as L
-from . import luks
 from .secret import Secret
 
 # qemu's message.
@@ -158,6 +157,7 @@ def legacy_aes_key(secret):
 
 def legacy_aes_transform(secret):
     """The data transform of a legacy AES-CBC image with passphrase ``secret``."""
+    from . import luks      # (binds libcrypto: not for check or info of a plain image)
     cipher = luks.make_cipher(*L.LEGACY_AES, legacy_aes_key(secret))
     return cipher, SectorTransform(L.SECTOR_SIZE, cipher, by_guest=True)
 
@@ -170,6 +170,7 @@ def unlock(enc, f, key_secret):
     if enc.method == L.CRYPT_AES:
         enc.cipher, transform = legacy_aes_transform(Secret(key_secret))
         return transform
+    from . import luks
     h = enc.header
     _, key = luks.find_key(h, Secret(key_secret), enc.reader(f))
     enc.cipher = luks.make_cipher(h.cipher_alg, h.mode, h.ivgen_alg, h.ivgen_hash_alg, key)

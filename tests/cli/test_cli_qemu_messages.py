@@ -216,3 +216,34 @@ def test_create_over_a_blkdebug_backing_name(capsys, tmp_path, quiet):
     assert (status, err) == (0, "")
     assert out.replace("f.qcow2", "q.qcow2") == ref.stdout_text
     assert (tmp_path / "f.qcow2").read_bytes() == (tmp_path / "q.qcow2").read_bytes()
+
+
+@pytest.mark.parametrize("image", ["top.qcow2", "sub/top.qcow2", "b3.qcow2"])
+@pytest.mark.parametrize("argv", [
+    ["check", "IMG"], ["map", "IMG"], ["compare", "IMG", "IMG"],
+    ["convert", "-O", "raw", "IMG", "out.raw"], ["commit", "IMG"], ["snapshot", "-c", "s1", "IMG"],
+    ["snapshot", "-l", "IMG"], ["info", "--backing-chain", "IMG"],
+    ["rebase", "-b", "b2.qcow2", "-F", "qcow2", "IMG"], ["dd", "bs=1M", "count=1", "of=dd.raw",
+                                                       "if=IMG"],
+])
+def test_a_missing_backing_file_as_qemu(capsys, tmp_path, monkeypatch, image, argv):
+    """A backing file that is not there, one or two layers down, named as
+    qemu names it (relative to the name given, "Could not open backing
+    file: " once per level), whatever the command; same status."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "sub").mkdir()
+    qemu_img("create", "-q", "-u", "-f", "qcow2", "-b", "gone.qcow2", "-F", "qcow2",
+             "sub/top.qcow2", "1M")
+    qemu_img("create", "-q", "-u", "-f", "qcow2", "-b", str(tmp_path / "gone.qcow2"), "-F",
+             "qcow2", "top.qcow2", "1M")
+    qemu_img("create", "-q", "-f", "qcow2", "b1.qcow2", "1M")
+    for k in (2, 3):
+        qemu_img("create", "-q", "-f", "qcow2", "-b", f"b{k - 1}.qcow2", "-F", "qcow2",
+                 f"b{k}.qcow2")
+    (tmp_path / "b1.qcow2").unlink()
+    line = [x.replace("IMG", image) for x in argv]
+    want = qemu_img(*line, check=False)
+    status, out, err = cli(capsys, *line)
+    assert want.returncode != 0
+    assert (status, out) == (want.returncode, want.stdout.decode())
+    assert err.replace("qcow2fast: ", "qemu-img: ") == want.stderr.decode()
