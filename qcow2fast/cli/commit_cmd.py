@@ -6,7 +6,7 @@ qemu-img commit: the image's data written into its backing file (or into
 (not with -q); ``-p`` prints qemu-img's percentages on stdout."""
 
 from ..errors import InvalidArgumentError
-from .common import add_untrusted_argument, check_untrusted, resolve_image
+from .common import add_untrusted_argument, check_untrusted, named_as, resolve_image
 from .objects import secrets
 from .options import prog, strtosz
 from .progress import PercentProgress
@@ -28,14 +28,14 @@ def add_parser(sub):
     p.set_defaults(run=run)
 
 
-def one_image(args, raw_error):
+def one_image(args, raw_error, backing=True):
     """The one image argument (commit, rebase): (its path, its
     encrypt.key-secret or None), qcow2 (a raw image has no backing file:
-    ``raw_error``)."""
+    ``raw_error``); ``backing``: its chain will be opened."""
     if len(args.filenames) != 1:
         raise InvalidArgumentError("Expecting one image file name")
     path, fmt, kw = resolve_image(args.filenames[0], args.fmt, args.image_opts,
-                                  secrets(args.objects))
+                                  secrets(args.objects), backing=backing)
     if fmt == "raw":
         raise InvalidArgumentError(raw_error)
     if args.untrusted:          # (the operation opens the chain itself)
@@ -57,8 +57,10 @@ def run(args):
     bar = PercentProgress(args.progress and not args.quiet, 1.0)
     bar(0, 1)
     try:
-        commit(path, base=args.base, drop=args.drop or args.base is not None, cache=args.cache,
-               progress=bar if bar.enabled else None, key_secret=key_secret)
+        with named_as({path: args.filenames[0]}):
+            commit(path, base=args.base, drop=args.drop or args.base is not None,
+                   cache=args.cache, progress=bar if bar.enabled else None,
+                   key_secret=key_secret)
         bar(1, 1)
     finally:
         bar.close()

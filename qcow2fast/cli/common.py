@@ -1,6 +1,7 @@
 """Opening images the way qemu-img does: -f or probing, --image-opts, -U
 (qemu's image locks, host/lock.py), and --untrusted (engine/untrusted.py)."""
 
+import contextlib
 import os
 import sys
 
@@ -127,9 +128,12 @@ def image_spec(name, fmt, image_opts, secret_table=None):
         return file_path(name), fmt, {}
     kw, path, driver, proto = {}, None, fmt, {}
     secrets = {}            # layer depth -> secret (backing.encrypt.key-secret: depth 1)
-    below = {}              # layer depth -> {"driver": ..., "filename": ...} given
+    below = {}              # layer depth -> {"driver", "filename", "encrypt_format"} given
+    backing_keys = []       # every backing.* key, in order
     for key, value in split_options(name):
         depth, rest = _backing_depth(key)
+        if depth:
+            backing_keys.append(key)
         if rest == "encrypt.key-secret":
             try:
                 secrets[depth] = lookup_secret(secret_table or {}, value)
@@ -140,6 +144,8 @@ def image_spec(name, fmt, image_opts, secret_table=None):
             below.setdefault(depth, {})["driver" if rest == "driver" else "filename"] = value
         elif depth and rest == "file.driver" and value == "file":
             pass
+        elif depth and rest == "encrypt.format":
+            below.setdefault(depth, {})["encrypt_format"] = value
         elif key == "encrypt.format":       # checked against the header (resolve_image)
             kw["encrypt_format"] = value
         elif key in ("file.filename", "filename"):
@@ -172,10 +178,10 @@ def image_spec(name, fmt, image_opts, secret_table=None):
                          "file.url=URL)")
     if below:
         kw["backing_given"] = below
-    if set(secrets) - {0}:
-        kw["key_secret"] = secrets          # one per layer (engine/secret.ChainSecrets)
-    elif secrets:
-        kw["key_secret"] = secrets[0]       # (also that of the encrypted layers below)
+    if backing_keys:
+        kw["backing_keys"] = backing_keys
+    if secrets:     # one per layer, as qemu (engine/secret.ChainSecrets): the image's is
+        kw["key_secret"] = secrets          # not its backing file's
     return path, driver, kw
 
 
@@ -188,12 +194,16 @@ def _backing_depth(key):
     return depth, key
 
 
-def resolve_image(name, fmt=None, image_opts=False, secret_table=None, no_io=False):
+def resolve_image(name, fmt=None, image_opts=False, secret_table=None, no_io=False,
+                  backing=True):
     """(path, format, open keyword arguments): the file must exist (a URL
     is a remote image, host/remote.py); the format is probed when not
     given, and must be one this tool handles.  ``no_io``: an image opened
-    only for its metadata needs no secret, and an undefined one is no error."""
+    only for its metadata needs no secret, and an undefined one is no error.
+    ``backing``: the chain will be opened (else a backing.* option is
+    refused, as qemu refuses what an open leaves unused)."""
     path, fmt, kw = image_spec(name, fmt, image_opts, secret_table)
+    backing_keys = kw.pop("backing_keys", None)
     missing = kw.pop("missing_secret", None)
     if missing and not no_io:
         raise UsageError(missing)
@@ -203,10 +213,28 @@ def resolve_image(name, fmt=None, image_opts=False, secret_table=None, no_io=Fal
     if fmt not in FORMATS:
         raise UsageError(f"unknown or unsupported format {fmt!r} (supported: qcow2, raw)")
     if "encrypt_format" in kw:
-        check_encrypt_format(name, path, fmt, kw.pop("encrypt_format"), kw.get("remote"))
+        why = encrypt_format_mismatch(path, fmt, kw.pop("encrypt_format"), kw.get("remote"))
+        if why:
+            raise UsageError(f"Could not open '{name}': {why}")
+    if backing_keys and not backing:
+        raise UsageError(f"Could not open '{name}': Block format '{fmt}' does not support "
+                         f"the option '{qdict_first(backing_keys)}'")
     if "backing_given" in kw:
         check_backing_given(name, path, kw.pop("backing_given"))
     return path, fmt, kw
+
+
+def qdict_first(keys):
+    """The key of ``keys`` (inserted in this order) that qemu's QDict lists
+    first, so names first in "does not support the option" (qobject/qdict.c:
+    512 buckets by tdb_hash, the latest insertion at a bucket's head)."""
+    def bucket(key):
+        b = key.encode()
+        value = (0x238F13AF * len(b)) & 0xFFFFFFFF
+        for i, c in enumerate(b):
+            value = (value + (c << (i * 5 % 24))) & 0xFFFFFFFF
+        return ((1103515243 * value + 12345) & 0xFFFFFFFF) % 512
+    return min(reversed(keys), key=bucket)
 
 
 def check_backing_given(name, path, given):
@@ -234,6 +262,11 @@ def check_backing_given(name, path, given):
         if "driver" in want and want["driver"] != fmt:
             raise UsageError(f"Could not open '{name}': {'backing.' * depth}driver "
                              f"{want['driver']!r} is not the backing file's format ({fmt!r})")
+        why = "encrypt_format" in want and encrypt_format_mismatch(below, fmt,
+                                                                   want["encrypt_format"])
+        if why:
+            raise UsageError(f"Could not open '{name}': "
+                             f"{'Could not open backing file: ' * depth}{why}")
         layer = below
 
 
@@ -246,22 +279,20 @@ def crypt_method(path, remote=None):
     return int.from_bytes(head[end - 4:end], "big") if len(head) >= end else 0
 
 
-def check_encrypt_format(name, path, fmt, want, remote=None):
+def encrypt_format_mismatch(path, fmt, want, remote=None):
     """qemu's check of ``encrypt.format`` in --image-opts against the
-    header's crypt_method, before any secret is needed."""
+    header's crypt_method, before any secret is needed: what is wrong, or
+    None."""
     from ..spec import luks as L
     if fmt != "qcow2":
-        raise UsageError(f"Could not open '{name}': Block format '{fmt}' does not support "
-                         "the option 'encrypt.format'")
+        return f"Block format '{fmt}' does not support the option 'encrypt.format'"
     method = crypt_method(path, remote)
     have = {L.CRYPT_AES: "aes", L.CRYPT_LUKS: "luks"}.get(method)
     if method == L.CRYPT_NONE:
-        why = f"No encryption in image header, but options specified format '{want}'"
-    elif have is not None and have != want:     # (an unknown method: the open says)
-        why = f"Header reported '{have}' encryption format but options specify '{want}'"
-    else:
-        return
-    raise UsageError(f"Could not open '{name}': {why}")
+        return f"No encryption in image header, but options specified format '{want}'"
+    if have is not None and have != want:     # (an unknown method: the open says)
+        return f"Header reported '{have}' encryption format but options specify '{want}'"
+    return None
 
 
 def open_error(name, e):
@@ -274,6 +305,19 @@ def open_error(name, e):
     if isinstance(e, Qcow2Error) and why.startswith("Could not open '"):
         return UsageError(why)          # already said (open_image's, a lock held elsewhere)
     return UsageError(f"Could not open '{name}': {why}")
+
+
+@contextlib.contextmanager
+def named_as(names):
+    """Inside: a backing file of the image at path P that does not open is
+    reported under ``names[P]``, the name given (an --image-opts string is
+    what qemu shows), for an operation that opens the images itself."""
+    try:
+        yield
+    except (Qcow2Error, OSError) as e:
+        if getattr(e, "opening", None) in names:
+            e.opening = names[e.opening]
+        raise
 
 
 def snapshot_spec(text):
@@ -300,7 +344,8 @@ def open_image(name, fmt=None, *, image_opts=False, writable=False, backing=True
     from .json_filename import is_json, open_json
     if is_json(name) and not image_opts and snapshot is None:
         return open_json(name, writable=writable, fmt=fmt, force_share=force_share)
-    path, fmt, kw = resolve_image(name, fmt, image_opts, secrets, no_io=extra.get("no_io"))
+    path, fmt, kw = resolve_image(name, fmt, image_opts, secrets, no_io=extra.get("no_io"),
+                                  backing=backing)
     share = {"force_share": kw.pop("force_share", force_share),
              "locking": kw.pop("locking", True)}
     if fmt == "raw":

@@ -17,8 +17,8 @@ import os
 from ..host.remote import is_url
 from .objects import secrets
 from ..engine.backing import probe_format
-from .common import (add_share_arguments, check_encrypt_format, image_spec, share_options,
-                     snapshot_spec)
+from .common import (add_share_arguments, check_backing_given, encrypt_format_mismatch,
+                     image_spec, named_as, share_options, snapshot_spec)
 from .create_cmd import format_error, options_help, qcow2_options
 from .options import UsageError, merge_options, parse_size, warn
 from .progress import ConvertPercent
@@ -81,8 +81,8 @@ def run(args):
         return 0
     if len(args.filenames) < 2:
         raise UsageError("convert: expecting a source and a destination filename")
-    *sources, dest = args.filenames
-    sources, source_kw = source_specs(sources, args)
+    *names, dest = args.filenames
+    sources, source_kw = source_specs(names, args)
     if args.target_image_opts:
         dest, args.out_fmt, source_kw["target_key_secret"] = target_spec(dest, args)
     if args.out_fmt == "qcow2":
@@ -120,7 +120,7 @@ def run(args):
                              "1 to 256")
     if backing and backing_fmt and not args.existing and not is_url(backing):
         from ..engine.backing import resolve_backing_path
-        from ..ops.layers import qemu_name
+        from ..engine.backing import qemu_name
         if not os.path.exists(resolve_backing_path(dest, backing)):
             # qemu-img creates the target, then fails to open it (this
             # creates nothing)
@@ -131,15 +131,16 @@ def run(args):
     bar = ConvertPercent(shown, _data_ranges(sources, args) if shown else [])
 
     try:
-        convert(sources, dest, source_format=args.fmt, format=args.out_fmt, options=kw,
-                compress=args.compress, sparse_size=sparse, backing_file=backing,
-                backing_format=backing_fmt, existing=args.existing,
-                target_is_zero=args.target_is_zero, threads=threads,
-                progress=bar if shown else None,
-                sync=args.cache != "unsafe", direct=args.cache in ("none", "directsync"),
-                snapshot=snapshot_spec(args.snapshot),
-                compression_level=args.compression_level, salvage=args.salvage,
-                warn=(lambda message: None) if args.quiet else warn, **source_kw)
+        with named_as(dict(zip(sources, names))):
+            convert(sources, dest, source_format=args.fmt, format=args.out_fmt, options=kw,
+                    compress=args.compress, sparse_size=sparse, backing_file=backing,
+                    backing_format=backing_fmt, existing=args.existing,
+                    target_is_zero=args.target_is_zero, threads=threads,
+                    progress=bar if shown else None,
+                    sync=args.cache != "unsafe", direct=args.cache in ("none", "directsync"),
+                    snapshot=snapshot_spec(args.snapshot),
+                    compression_level=args.compression_level, salvage=args.salvage,
+                    warn=(lambda message: None) if args.quiet else warn, **source_kw)
     finally:
         bar.close()
     if copy_bitmaps:
@@ -228,9 +229,14 @@ def source_specs(names, args):
             kw["key_secret"] = opts.pop("key_secret")
         opts.pop("locking", None)
         if "encrypt_format" in opts and (is_url(path) or os.path.exists(path)):
-            check_encrypt_format(name, path, fmt or probe_format(path, opts.get("remote")),
-                                 opts.pop("encrypt_format"), opts.get("remote"))
+            why = encrypt_format_mismatch(path, fmt or probe_format(path, opts.get("remote")),
+                                          opts.pop("encrypt_format"), opts.get("remote"))
+            if why:
+                raise UsageError(f"Could not open '{name}': {why}")
         opts.pop("encrypt_format", None)    # (a missing file: convert's open says)
+        opts.pop("backing_keys", None)
+        if "backing_given" in opts and os.path.exists(path):
+            check_backing_given(name, path, opts.pop("backing_given"))
         if "remote" in opts:
             kw["remote"] = opts.pop("remote")
         if opts.pop("force_share", False):

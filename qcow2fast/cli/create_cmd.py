@@ -140,7 +140,7 @@ def run(args):
         if size is None and args.unsafe:
             raise UsageError(f"{args.filename}: Image creation needs a size parameter")
         if not args.unsafe and not os.path.exists(bpath):
-            from ..ops.layers import qemu_name
+            from ..engine.backing import qemu_name
             shown = qemu_name(path, backing)
             raise UsageError(f"{args.filename}: Could not open '{shown}': No such file or "
                              "directory\nCould not open backing image.")

@@ -7,7 +7,7 @@ qemu-img 7.2, a backing file needs its format (-F), and -u without -b
 removes the backing file."""
 
 from ..errors import InvalidArgumentError
-from .common import add_untrusted_argument
+from .common import add_untrusted_argument, named_as
 from .commit_cmd import one_image
 from .progress import PercentProgress
 
@@ -35,14 +35,15 @@ def run(args):
     if len(args.filenames) == 1 and args.backing is None and not args.unsafe:
         raise InvalidArgumentError("Must specify backing file (-b) or use unsafe mode (-u)")
     path, key_secret = one_image(args, f"Could not change the backing file to '{args.backing}': "
-                           "Operation not supported")
+                                 "Operation not supported", backing=not args.unsafe)
     bar = PercentProgress(args.progress and not args.quiet, 2.0)
     bar(0, 1)
     try:
-        rebase(path, args.backing, backing_fmt=args.backing_fmt, unsafe=args.unsafe,
-               cache=args.cache, backing_cache=args.src_cache,
-               progress=bar if bar.enabled and not args.unsafe else None, key_secret=key_secret,
-               force_share=args.force_share)
+        with named_as({path: args.filenames[0]}):
+            rebase(path, args.backing, backing_fmt=args.backing_fmt, unsafe=args.unsafe,
+                   cache=args.cache, backing_cache=args.src_cache,
+                   progress=bar if bar.enabled and not args.unsafe else None,
+                   key_secret=key_secret, force_share=args.force_share)
         bar(1, 1)
     finally:
         bar.close()

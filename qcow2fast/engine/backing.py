@@ -134,6 +134,17 @@ def resolve_backing_path(image_path, name):
     return os.path.join(os.path.dirname(os.path.abspath(image_path)), name)
 
 
+def qemu_name(image, name):
+    """How qemu names the backing file ``name`` of ``image`` in its
+    messages: a relative name joined to the directory of the image as the
+    image was named (path_combine; not made absolute); another name (a
+    protocol, json:) as it resolves."""
+    path = resolve_backing_path(image, name)
+    if os.path.isabs(name) or path != os.path.join(os.path.dirname(os.path.abspath(image)), name):
+        return path
+    return os.path.join(os.path.dirname(image), name)
+
+
 def blkdebug_image(name):
     """The image a qemu ``blkdebug:RULES:IMAGE`` name wraps (RULES, a file
     of error-injection rules, may be empty), or None for another name.

@@ -283,16 +283,6 @@ def _resolve_name(img, k):
     return name, path
 
 
-def _qemu_name(overlay_shown, overlay_path, name, path):
-    """The name qemu's messages give the backing file ``name`` (resolved to
-    ``path``) of the overlay it shows as ``overlay_shown``: a relative name
-    joined to that name's directory as given (path_combine), not made absolute."""
-    if os.path.isabs(name) or path != os.path.join(
-            os.path.dirname(os.path.abspath(overlay_path)), name):
-        return path             # (absolute, a protocol, a json: name)
-    return os.path.join(os.path.dirname(overlay_shown), name)
-
-
 def open_chain(top, max_depth=None, above=()):
     """Open the layers of the backing chain below ``top`` (an Image whose
     header names a backing file), one after the other; returns (layers,
@@ -312,7 +302,7 @@ def open_chain(top, max_depth=None, above=()):
         while img.header is not None and img.header.backing_file:
             k = len(layers) + 1
             name, path = _resolve_name(img, k)
-            shown = _qemu_name(shown, img.path, name, path)
+            shown = backing.qemu_name(shown, name)
             if identity(path) in seen:
                 raise CorruptImageError(f"backing chain loops: {img.path!r} -> {name!r} is "
                                         "already in the chain", offset=where,

@@ -124,12 +124,6 @@ def check_cache_mode(mode):
         raise InvalidArgumentError(f"Invalid cache option: {mode}")
 
 
-def qemu_name(image, backing):
-    """How qemu names a backing file in its messages: relative to the
-    directory of the image as the image was named (not made absolute)."""
-    return backing if os.path.isabs(backing) else os.path.join(os.path.dirname(image), backing)
-
-
 class Writeback:
     """Has the device start writing a file's dirty pages every
     WRITEBACK_STEP bytes copied into it, so that the copy and the disk

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 
 from .._ext.fileio import File
 from .._ext.kernels import differing_units, nonzero_units
-from ..engine.backing import resolve_backing_path
+from ..engine.backing import qemu_name, resolve_backing_path
 from ..engine.image import Image
 from ..errors import (CorruptImageError, ImageLockedError, InvalidArgumentError, Qcow2Error,
                       UnsupportedFeatureError)
@@ -120,7 +120,7 @@ def _open_new_backing(path, backing, fmt, cache, key_secret=None, force_share=Fa
         probe.close()
         raise InvalidArgumentError(f"Could not open new backing file '{backing}': {e}") from e
     except (OSError, Qcow2Error) as e:
-        why = (f"Could not open '{chainlayers.qemu_name(path, backing)}': {e.strerror}"
+        why = (f"Could not open '{qemu_name(path, backing)}': {e.strerror}"
                if isinstance(e, OSError) else e)
         raise InvalidArgumentError(f"Could not open new backing file '{backing}': {why}") from e
     _refuse_loop(path, backing, [layer.path for layer in chainlayers.chain(new)], new.close)

@@ -153,7 +153,14 @@ def test_commit_and_rebase_encrypted_chain(capsys, tmp_path):
     with qcow2fast.open(top, "r+", key_secret=PW) as img:
         img.write(4096, b"\x02" * 8192)
     expect = b"\x01" * 4096 + b"\x02" * 8192 + b"\x01" * (MiB - 12288)
-    status, out, err = run_cli(capsys, "commit", *obj(PW), "--image-opts", opts(top))
+    # as in qemu, the image's secret is not its backing file's
+    line = ["commit", *obj(PW), "--image-opts", opts(top)]
+    want = qemu_img(*line, check=False)
+    status, out, err = run_cli(capsys, *line)
+    assert (status, out) == (want.returncode, want.stdout.decode()) == (1, "")
+    assert err.replace("qcow2fast: ", "qemu-img: ") == want.stderr.decode()
+    status, out, err = run_cli(capsys, "commit", *obj(PW), "--image-opts",
+                               opts(top, backing_oid="sec0"))
     assert (status, out) == (0, "Image committed.\n"), err
     qemu_check_luks(base, PW)
     with qcow2fast.open(base, key_secret=PW) as img:
@@ -164,7 +171,7 @@ def test_commit_and_rebase_encrypted_chain(capsys, tmp_path):
     other = tmp_path / "other.qcow2"
     qcow2fast.create(other, MiB, encrypt=enc)
     status, _, err = run_cli(capsys, "rebase", *obj(PW), "-b", "other.qcow2", "-F", "qcow2",
-                             "--image-opts", opts(top))
+                             "--image-opts", opts(top, backing_oid="sec0"))
     assert status == 0, err
     with qcow2fast.open(top, key_secret=PW) as img:
         assert img.read(0, MiB) == expect
