@@ -6,7 +6,8 @@ tests/hardening/test_fuzz.py).
     scripts/fuzz.py --target check --engine atheris --seconds 600
 
 Targets: open, read, block_status, check, repair (check -r all on a copy),
-convert, nbd (the server's handshake and request parser fed mutated client
+convert, lifecycle (snapshots, resize, amend), chain (commit into the image,
+a safe rebase of it, its bitmaps), nbd (the server's handshake and request parser fed mutated client
 streams).  The default engine mutates qemu-made images structure by
 structure (tests/hardening/fuzzer.py) and runs each input in a forked child
 under RLIMIT_AS=1G with a timeout; ``--engine atheris`` (pip install

@@ -34,8 +34,9 @@ QEMU_IMG = shutil.which("qemu-img") or "qemu-img"
 QEMU_IO = shutil.which("qemu-io") or "qemu-io"
 AS_LIMIT = 1 << 30
 LUKS_SECRET = "fuzz"        # the LUKS seed's passphrase, given to every target
-TARGETS = ("open", "read", "block_status", "check", "repair", "convert", "lifecycle", "nbd")
-WRITING = ("repair", "lifecycle")       # targets that may change their input
+TARGETS = ("open", "read", "block_status", "check", "repair", "convert", "lifecycle", "chain",
+           "nbd")
+WRITING = ("repair", "lifecycle", "chain")      # targets that may change their input
 
 # -- seeds: images qemu made --------------------------------------------------------------
 
@@ -283,6 +284,9 @@ def _target_image(target, path, work):
     if target == "lifecycle":
         _lifecycle(path)
         return
+    if target == "chain":
+        _chain(path, work)
+        return
     with qcow2fast.open(path, "r", backing=False, untrusted=True, key_secret=LUKS_SECRET) as img:
         if target == "read":
             for pos in range(0, min(img.size, 8 << 20), 1 << 20):
@@ -316,6 +320,55 @@ def _lifecycle(path):
             step()
         except (Qcow2Error, OSError):
             pass
+
+
+def _chain(path, work):
+    """Commit into the image (a clean top over it), a safe rebase of the
+    image onto a clean base, and the bitmap operations on it; each step
+    refused or not on its own.  Nothing is written but the image and the
+    clean files made here (never a backing file the image names)."""
+    import qcow2fast
+    from qcow2fast import Qcow2Error
+    from qcow2fast.ops.commit import commit
+    from qcow2fast.ops.rebase import rebase
+    d = os.path.join(work, f"chain-{os.getpid()}")
+    os.mkdir(d)
+    top, new_base = os.path.join(d, "top.qcow2"), os.path.join(d, "new-base.qcow2")
+
+    def over_it():
+        qcow2fast.create(top, None, backing_file=os.path.abspath(path), backing_format="qcow2",
+                         cluster_size=4096)
+        with qcow2fast.open(top, "r+", key_secret=LUKS_SECRET) as img:
+            img.write(0, b"\x5a" * 12288)
+            img.write(img.size - 4096, b"\xa5" * 4096)
+        commit(top, key_secret=LUKS_SECRET)
+
+    def rebased():
+        qcow2fast.create(new_base, 4 << 20, cluster_size=4096)
+        with qcow2fast.open(new_base, "r+") as img:
+            img.write(8192, b"\x33" * 20000)
+        rebase(path, new_base, backing_fmt="qcow2", key_secret=LUKS_SECRET)
+
+    def bitmaps():
+        with qcow2fast.open(path, "r+", backing=False, key_secret=LUKS_SECRET) as img:
+            for step in (lambda: img.add_bitmap("fz", granularity=4096),
+                         lambda: img.write(0, b"\x01" * 8192),
+                         lambda: [img.merge_bitmap(b.name, "fz") for b in img.bitmaps],
+                         lambda: img.disable_bitmap("fz"),
+                         lambda: img.clear_bitmap("fz"),
+                         lambda: img.bitmaps and img.remove_bitmap(img.bitmaps[0].name)):
+                try:
+                    step()
+                except (Qcow2Error, OSError):
+                    pass
+    try:
+        for step in (over_it, rebased, bitmaps):
+            try:
+                step()
+            except (Qcow2Error, OSError):
+                pass
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
 
 
 def _target_nbd(stream, path):

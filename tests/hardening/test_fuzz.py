@@ -1,6 +1,8 @@
 """The quick seeded set of the fuzzer (tests/hardening/fuzzer.py; long
 runs: scripts/fuzz.py): mutated qemu-made images through open, read,
-block_status, check, check -r all and convert, and mutated client streams
+block_status, check, check -r all, convert, the lifecycle operations
+(snapshots, resize, amend) and the chain ones (commit into the image, a
+safe rebase of it, its bitmaps), and mutated client streams
 through the NBD server, each input in a bounded child (1 GiB address
 space, a timeout).  Any crash, hang, unbounded allocation, error that is
 not a Qcow2Error/OSError, or write to an image opened read-only fails.
