@@ -10,9 +10,19 @@ about to wait for more input, or when the buffer is full.
 
 Invariant: before blocking in ``recv_into`` the send buffer is empty, so a
 client waiting for replies before sending more can never deadlock us.
+
+Before sleeping for input the connection polls for up to POLL_NS (as
+qemu's adaptive polling): measured here, 4 KiB reads at queue depth 1
+(``qemu-img bench -d 1`` over a Unix socket) took 1.1-1.6 s for 30000
+instead of 3.0 s, and a 1 TiB bitmap's ``nbdinfo --map`` 16-18 ms instead
+of 24-27 ms; depth 16 and 4 connections unchanged.
 """
 
+import socket
+import time
+
 RECV_BUFFER = 256 << 10
+POLL_NS = 50_000
 SEND_FLUSH_AT = 256 << 10
 KEEP_SEND_BUFFER = (8 << 20) + 4096
 
@@ -30,6 +40,9 @@ class Channel:
         self._obuf = bytearray(SEND_FLUSH_AT)
         self._omv = memoryview(self._obuf)
         self._olen = 0
+        # (not through TLS: an SSLSocket takes no recv flags; nor with a
+        # timeout, where Python's recv waits for input before any call)
+        self._poll = sock.gettimeout() is None
 
     # -- receiving ---------------------------------------------------------------------
 
@@ -46,10 +59,28 @@ class Channel:
             self._rpos, self._rend = 0, n
         self.flush()
         while self._rend < need:
-            got = self.sock.recv_into(self._rmv[self._rend:])
+            got = self._recv_polled(self._rmv[self._rend:])
             if not got:
                 raise Disconnected("the client closed the connection")
             self._rend += got
+
+    def _recv_polled(self, mv):
+        """recv_into ``mv``, polling for up to POLL_NS before sleeping in the
+        kernel: a synchronous client's next request usually comes within
+        it, and a sleep and wake-up cost more than the poll (qemu's
+        adaptive polling, poll-max-ns)."""
+        end = 0
+        while self._poll:
+            try:
+                return self.sock.recv_into(mv, 0, socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                pass
+            now = time.perf_counter_ns()
+            if not end:
+                end = now + POLL_NS
+            elif now >= end:
+                break
+        return self.sock.recv_into(mv)
 
     def peek(self, n):
         """The next ``n`` bytes if they are already received (not consumed),
@@ -99,6 +130,7 @@ class Channel:
         self._rpos = self._rend = 0
         self.sock.settimeout(timeout)
         self.sock = context.wrap_socket(self.sock, server_side=True)
+        self._poll = False
         self.sock.settimeout(None)
 
     # -- sending ---------------------------------------------------------------------------
