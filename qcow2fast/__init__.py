@@ -32,8 +32,8 @@ if TYPE_CHECKING:
     from .engine.image import Image
     from .errors import (ConvertError, CorruptImageError, ImageClosedError, ImageLockedError,
                          InvalidArgumentError, LeakWarning, LimitExceededError, Qcow2Error,
-                         ReadOnlyImageError, RepairError, UnsupportedFeatureError,
-                         UntrustedImageError)
+                         ReadOnlyImageError, RepairError, RepairWarning,
+                         UnsupportedFeatureError, UntrustedImageError)
     from .extent import Extent
     from .ops.amend import amend
     from .ops.commit import commit
@@ -46,7 +46,7 @@ __version__ = "0.1.0"
 __all__ = ["open", "create", "convert", "commit", "rebase", "amend", "Image", "Extent", "Qcow2Error", "CorruptImageError",
            "UnsupportedFeatureError", "InvalidArgumentError", "ReadOnlyImageError",
            "ImageClosedError", "LimitExceededError", "RepairError", "ConvertError",
-           "ImageLockedError", "UntrustedImageError", "LeakWarning"]
+           "ImageLockedError", "UntrustedImageError", "LeakWarning", "RepairWarning"]
 
 # Each lazily loaded public name -> the module defining it.
 _LAZY = {"amend": ".ops.amend", "commit": ".ops.commit", "convert": ".ops.convert",
@@ -55,7 +55,7 @@ _LAZY = {"amend": ".ops.amend", "commit": ".ops.commit", "convert": ".ops.conver
          **dict.fromkeys(("ConvertError", "CorruptImageError", "ImageClosedError",
                           "ImageLockedError", "InvalidArgumentError", "LeakWarning",
                           "LimitExceededError",
-                          "Qcow2Error", "ReadOnlyImageError", "RepairError",
+                          "Qcow2Error", "ReadOnlyImageError", "RepairError", "RepairWarning",
                           "UnsupportedFeatureError", "UntrustedImageError"), ".errors")}
 
 

@@ -18,6 +18,7 @@ __all__ = [
     "ImageLockedError",
     "UntrustedImageError",
     "LeakWarning",
+    "RepairWarning",
 ]
 
 
@@ -116,3 +117,13 @@ class LeakWarning(UserWarning):
     def __init__(self, message, qemu_message):
         super().__init__(message)
         self.qemu_message = qemu_message
+
+
+class RepairWarning(UserWarning):
+    """An image found dirty (written with lazy refcounts and not closed)
+    was checked and repaired as it was opened for writing, as qemu repairs
+    it (check -r all).  ``qemu_lines`` are what qemu prints meanwhile."""
+
+    def __init__(self, message, qemu_lines):
+        super().__init__(message)
+        self.qemu_lines = qemu_lines

@@ -10,12 +10,13 @@ benchmark suite with its own options.
 
 import signal
 import sys
+import warnings
 from importlib import import_module
 
-from ..errors import Qcow2Error
+from ..errors import Qcow2Error, RepairWarning
 from ..host.limits import CpuGuard, memory_limit_note
 from .getopt import options_first
-from .options import Parser, UsageError, prog, set_prog
+from .options import Parser, UsageError, check_lines, prog, set_prog
 
 # Each subcommand -> the module implementing it.  Only the module of the
 # subcommand being run is imported (start-up is most of a small command's
@@ -72,6 +73,19 @@ def stdout_as_c():
         pass        # (a replaced stdout: left as it is)
 
 
+def show_warning(message, category, filename, lineno, file=None, line=None):
+    """warnings.showwarning for the command line: a repair made on opening
+    (errors.RepairWarning) shows the lines qemu-img prints for it."""
+    lines = getattr(message, "qemu_lines", None)
+    if isinstance(message, RepairWarning) and lines is not None:
+        check_lines(lines)
+    else:
+        _python_showwarning(message, category, filename, lineno, file, line)
+
+
+_python_showwarning = warnings.showwarning
+
+
 def main(argv=None):
     set_prog(sys.argv[0] if argv is None else None)    # messages start "<prog>: "
     argv_given = argv
@@ -82,6 +96,8 @@ def main(argv=None):
     # Under RLIMIT_CPU (prlimit --cpu, as for untrusted uploads): a clear
     # error rather than the kernel's SIGKILL.
     CpuGuard.install(prog())
+    warnings.showwarning = show_warning
+    warnings.simplefilter("always", RepairWarning)
     try:
         name = command_name(argv)
         if name in DIE_ON_SIGINT and argv_given is None:

@@ -15,7 +15,7 @@ from ..host.lock import Holder
 from ..host.remote import is_url
 from .objects import secrets
 from .common import add_image_arguments, open_error, resolve_image, warn_stale_bitmaps
-from .options import prog
+from .options import check_lines, prog
 
 
 def add_parser(sub):
@@ -155,9 +155,7 @@ def stale_bitmaps(path):
 
 
 def _messages(res):
-    from ..fsck.result import ToolMessage
-    for line in res.messages:
-        print(f"{prog()}: {line}" if isinstance(line, ToolMessage) else line, file=sys.stderr)
+    check_lines(res.messages)
     if res.messages_dropped:
         print(f"({res.messages_dropped} more lines like these not shown)", file=sys.stderr)
 

@@ -29,6 +29,14 @@ def warn(message):
     print(f"{prog()}: warning: {message}", file=sys.stderr)
 
 
+def check_lines(lines):
+    """A check's lines on stderr as qemu prints them: its own bare, those
+    qemu reports as errors (fsck.result.ToolMessage) after ``<prog>: ``."""
+    from ..fsck.result import ToolMessage
+    for line in lines:
+        print(f"{prog()}: {line}" if isinstance(line, ToolMessage) else line, file=sys.stderr)
+
+
 def set_prog(argv0):
     name = os.path.basename(argv0 or "")
     _PROG[0] = "qcow2fast" if not name or name.endswith(".py") else name

@@ -23,7 +23,8 @@ from ..errors import CorruptImageError
 from ..extent import Extent
 from ..spec.entries import at_host0
 from ..spec.constants import (COMPRESSED, DATA, INVALID, KIND_NAMES, L2E_OFFSET_MASK,
-                              QCOW_OFLAG_COPIED, QCOW_OFLAG_ZERO, UNALLOCATED, ZERO)
+                              QCOW_OFLAG_COMPRESSED, QCOW_OFLAG_COPIED, QCOW_OFLAG_ZERO,
+                              UNALLOCATED, ZERO)
 from . import features
 from .compressed import CompressedClusters
 from .datafile import DataFile
@@ -350,47 +351,64 @@ class Clusters:
 
     def preallocate(self, mode, start=0, end=None):
         """Map every guest cluster of [start, end) (``start`` cluster
-        aligned; default: the whole disk), all unallocated, to a host
-        cluster (qemu's preallocation: ``metadata``, ``falloc`` or
-        ``full``)."""
+        aligned; default: the whole disk) that has no host cluster to one
+        (qemu's preallocation: ``metadata``, ``falloc`` or ``full``).  A
+        mapped one is kept as it is, as qemu's alloc_host_offset keeps it:
+        after a snapshot's apply, the VM state its L1 table carried past
+        the disk's end is mapped there when the disk grows over it."""
         s, geo = self.state, self.geo
-        cs = geo.cluster_size
         end = s.size if end is None else end
         total = geo.size_to_clusters(end)
+        k = geo.l2_entry_words
         pos = start
         while pos < end:
             slot = self.l2_slot_for_write(pos)
             l2 = s.l2_cache.u64(slot)
             i0 = geo.l2_index(pos) & (geo.slice_entries - 1)
             n = min(geo.slice_entries - i0, total - (pos >> geo.cluster_bits))
-            new = self.alloc_data(pos, n) if self.datafile is not None else self.refcounts.alloc(n)
-            self.host_limit_changed()
-            # (extended entries: a host cluster, no subcluster allocated -- as qemu)
-            k = geo.l2_entry_words
-            first = new | QCOW_OFLAG_COPIED       # (offsets stay below bit 63: no carry)
-            l2[i0 * k:(i0 + n) * k:k] = array("Q", range(first, first + n * cs, cs))
-            s.l2_cache.mark_dirty(slot)
-            host_end = new + n * cs
-            if self.datafile is not None:
-                # qemu's preallocate_co: the data file covers the clusters
-                self.datafile.grow_to(min(host_end, end) if mode == "metadata" else host_end,
-                                      mode)
-                pos += n << geo.cluster_bits
-                continue
-            s.alloc_end = max(s.alloc_end, host_end)
-            if mode != "full" and new < s.zero_from and not s.data_file.is_device:
-                # Reused space of a file holds old bytes: the mapped clusters
-                # must read as zeros (qemu discards what it frees).  (A
-                # device's clusters keep its old data, as in qemu.)
-                self._zero_host(new, min(host_end, s.zero_from), mode, pos)
-            if mode == "falloc":
-                s.data_file.fallocate(new, n * cs)
-            elif mode == "full":
-                zeros = memoryview(bytes(min(n * cs, 1 << 20)))
-                for off in range(new, host_end, len(zeros)):
-                    s.write_data_pieces([zeros[:min(len(zeros), host_end - off)]], off,
-                                        pos + (off - new))
+            mapped = (np.asarray(l2)[i0 * k:(i0 + n) * k:k]
+                      & np.uint64(L2E_OFFSET_MASK | QCOW_OFLAG_COMPRESSED)) != 0
+            if not mapped.any():
+                self._preallocate_run(mode, slot, l2, i0, n, pos, end)
+            else:
+                edges = np.flatnonzero(np.diff(mapped.view(np.int8))) + 1
+                bounds = [0, *edges.tolist(), n]
+                for a, b in zip(bounds, bounds[1:]):
+                    if not mapped[a]:
+                        self._preallocate_run(mode, slot, l2, i0 + a, b - a,
+                                              pos + (a << geo.cluster_bits), end)
             pos += n << geo.cluster_bits
+
+    def _preallocate_run(self, mode, slot, l2, i0, n, pos, end):
+        """Map the ``n`` unmapped entries from ``i0`` of the L2 slice in
+        ``slot`` (guest ``pos`` on) to new host clusters, as preallocate()."""
+        s, geo = self.state, self.geo
+        cs = geo.cluster_size
+        new = self.alloc_data(pos, n) if self.datafile is not None else self.refcounts.alloc(n)
+        self.host_limit_changed()
+        # (extended entries: a host cluster, no subcluster allocated -- as qemu)
+        k = geo.l2_entry_words
+        first = new | QCOW_OFLAG_COPIED       # (offsets stay below bit 63: no carry)
+        l2[i0 * k:(i0 + n) * k:k] = array("Q", range(first, first + n * cs, cs))
+        s.l2_cache.mark_dirty(slot)
+        host_end = new + n * cs
+        if self.datafile is not None:
+            # qemu's preallocate_co: the data file covers the clusters
+            self.datafile.grow_to(min(host_end, end) if mode == "metadata" else host_end, mode)
+            return
+        s.alloc_end = max(s.alloc_end, host_end)
+        if mode != "full" and new < s.zero_from and not s.data_file.is_device:
+            # Reused space of a file holds old bytes: the mapped clusters
+            # must read as zeros (qemu discards what it frees).  (A
+            # device's clusters keep its old data, as in qemu.)
+            self._zero_host(new, min(host_end, s.zero_from), mode, pos)
+        if mode == "falloc":
+            s.data_file.fallocate(new, n * cs)
+        elif mode == "full":
+            zeros = memoryview(bytes(min(n * cs, 1 << 20)))
+            for off in range(new, host_end, len(zeros)):
+                s.write_data_pieces([zeros[:min(len(zeros), host_end - off)]], off,
+                                    pos + (off - new))
 
     def _zero_host(self, lo, hi, mode, guest):
         """Host [lo, hi) (guest offset ``guest`` at ``lo``) reads as zeros."""

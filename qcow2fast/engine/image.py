@@ -26,13 +26,14 @@ from __future__ import annotations
 import collections.abc
 import os
 import threading
+import warnings
 from typing import TYPE_CHECKING, Literal
 
 from .._ext.core import ImageCore
 from .._ext.fileio import File
 from .._ext.state import CACHE_MODES, ZERO_FROM_NEVER, ImageState
 from ..errors import (CorruptImageError, ImageClosedError, InvalidArgumentError,
-                      ReadOnlyImageError)
+                      ReadOnlyImageError, RepairError, RepairWarning)
 from ..extent import Extent, merge_extents
 from ..host.file import open_image_file
 from ..host.remote import is_remote
@@ -152,6 +153,17 @@ class Image(LifecycleAPI, CompressedWriteAPI, ImageCore):
 
     # -- opening ----------------------------------------------------------------
 
+    def _repair_dirty(self):
+        """check -r all of this image, before its state is read; the lines
+        qemu prints meanwhile go out as a RepairWarning."""
+        from ..fsck.repair import repair_dirty
+        res = repair_dirty(self.path)
+        warnings.warn(RepairWarning(
+            f"{self.path}: the image was dirty (written with lazy refcounts, or a snapshot "
+            f"operation, and not closed); checked and repaired as qemu does "
+            f"({res.leaks_fixed} leaks and {res.corruptions_fixed} corruptions fixed)",
+            res.messages), stacklevel=4)
+
     def _open(self, f, writable, l2_cache_entry_size, cache_sizes, cache_clean_interval,
               lazy_refcounts, backing, snapshot, chain, repair):
         file_size = f.size()
@@ -159,6 +171,16 @@ class Image(LifecycleAPI, CompressedWriteAPI, ImageCore):
         if self.untrusted:
             untrusted.check_image(self.path, h, len(chain))
         hdr.check_features(h, writable)
+        if writable and h.incompatible_features & hdr.INCOMPAT_DIRTY and not (
+                h.incompatible_features & hdr.INCOMPAT_CORRUPT):
+            # Interrupted with lazy refcounts: repaired first, as qemu does
+            # (its check -r all; the file is read again after it).
+            self._repair_dirty()
+            file_size = f.size()
+            h = hdr.parse_header(f.pread(0, min(file_size, MAX_HEADER_READ)), file_size)
+            if h.incompatible_features & hdr.INCOMPAT_DIRTY:
+                raise RepairError(f"{self.path}: Could not repair dirty image: corruptions "
+                                  "remain (qemu-img check -r all says which)")
         why = None
         if h.incompatible_features & hdr.INCOMPAT_CORRUPT and writable:
             # qemu refuses to write a corrupt image; it stays readable.
@@ -238,10 +260,6 @@ class Image(LifecycleAPI, CompressedWriteAPI, ImageCore):
         self.dirty_bitmaps = Bitmaps(s, self.refcounts, self)
         if writable:
             features.clear_autoclear(s, keep=hdr.AUTOCLEAR_BITMAPS | hdr.AUTOCLEAR_DATA_FILE_RAW)
-            if h.incompatible_features & hdr.INCOMPAT_DIRTY:
-                from ..fsck.rebuild import rebuild_refcounts
-                rebuild_refcounts(self)
-                features.set_dirty(s, False)
             self.dirty_bitmaps.open_rw()
         features.update_alloc_fast(s)
         interval = DEFAULT_CACHE_CLEAN_INTERVAL if cache_clean_interval is None \

@@ -106,6 +106,19 @@ def _grow(img, size, preallocation):
     img.mapping.grow_l1(geo.l1_size_for(size), img.refcounts, s.barrier,
                         s.refcount_cache.flush)
     zero_backing = _backing_shows_through(img)
+    # The active L1 table may map clusters past the old end: the VM state
+    # that a snapshot's apply brought along (qemu's goto copies the
+    # snapshot's whole L1 table).  It is no guest data: grown over, it would
+    # show the guest a saved VM state (qemu 7.2 shows it), so it is
+    # unmapped first and the new area reads as zeros.
+    past = geo.l1_size_for(old)
+    if any(img.mapping.l1[past:geo.l1_size_for(size)]):
+        stale = past * geo.bytes_per_l2()
+        s.set_size(size)
+        try:
+            clusters.write_zeroes(stale, size - stale, True)
+        finally:
+            s.set_size(old)
     if preallocation != "off":
         # From the first whole cluster past the old end (the partial one, if
         # any, keeps its mapping and its guest data).

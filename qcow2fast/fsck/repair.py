@@ -148,3 +148,16 @@ def check_and_repair(path, mode=None):
     result = check_image(path)
     result.leaks_fixed, result.corruptions_fixed = first.leaks_fixed, first.corruptions_fixed
     return result
+
+
+def repair_dirty(path):
+    """What qemu does first when it opens a dirty image for writing
+    (qcow2_do_open): check -r all, without the check after.  Returns the
+    check's CheckResult (its messages are qemu's lines); RepairError when
+    the image cannot be made clean."""
+    from .check import check_image
+    first = check_image(path, "all")
+    if first.failed:
+        raise RepairError(f"Could not repair dirty image: {first.failed}")
+    repair_image(path, first, "all")
+    return first

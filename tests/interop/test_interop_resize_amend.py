@@ -290,3 +290,26 @@ def test_corrupt_image_is_neither_resized_nor_amended(tmp_path):
         with pytest.raises(ReadOnlyImageError, match="corrupt"):
             img.resize(2 * MiB)
     assert file_state(a) == before
+
+
+@pytest.mark.parametrize("compat", ["0.10", "1.1"])
+@pytest.mark.parametrize("preallocation", ["off", "metadata"])
+def test_growing_over_the_vm_state_an_apply_left_reads_zeros(tmp_path, compat, preallocation):
+    """After a snapshot with VM state is applied and deleted, the active L1
+    table still maps that VM state past the disk's end (qemu's goto copies
+    the snapshot's whole L1).  Growing over it gives the guest zeros, not
+    the saved VM state (qemu 7.2 shows it; its metadata preallocation then
+    leaves a corrupt image), and leaks nothing (a metadata preallocation
+    leaked the cluster it replaced)."""
+    path = tmp_path / "img.qcow2"
+    qcow2fast.create(path, 33280, cluster_size=512, compat=compat)
+    with qcow2fast.open(path, "r+") as img:
+        img.write(0, b"\x11" * 512)
+        img.create_snapshot("s", vm_state=b"v" * 789)
+        img.apply_snapshot("s")
+    qemu_img("snapshot", "-d", "s", str(path))
+    with qcow2fast.open(path, "r+") as img:
+        img.resize(66048, preallocation=preallocation)
+    qemu_check(path)
+    got = qemu_raw(path)
+    assert got == b"\x11" * 512 + bytes(66048 - 512)
