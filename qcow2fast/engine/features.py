@@ -101,7 +101,7 @@ def steps(state, what):
     half-done operation nor write the caches' view of it.  So the image
     stops taking writes for this session and, on v3, keeps (or gets) its
     dirty bit: the next read-write open rebuilds the refcounts and COPIED
-    flags (fsck/rebuild.py), as after a crash.  v2 has no dirty bit:
+    flags (its check -r all, as qemu), as after a crash.  v2 has no dirty bit:
     ``check -r all`` mends what the operation left (leaks at worst)."""
     try:
         yield

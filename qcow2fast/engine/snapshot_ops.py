@@ -41,7 +41,7 @@ the COPIED rewrite, active entries carry a COPIED flag that disagrees
 with their refcount (2 with COPIED set, or 1 without), which qemu-img
 check reports as OFLAG_COPIED corruption (qemu itself has this window).
 On v3 the dirty bit covers it: qemu's open for writing and ours rebuild
-a dirty image's refcounts and COPIED flags (fsck/rebuild.py) before the
+a dirty image's refcounts and COPIED flags (check -r all) before the
 first write, and check -r all mends it.  v2 has no dirty bit: a state
 cut there keeps the OFLAG_COPIED reports until check -r all, but no data
 is at risk, because the snapshot table is switched outside the window --

@@ -26,7 +26,7 @@ from . import new_structures
 from .result import CheckResult, ToolMessage
 from .bounds import MAX_EXPLAINED, MAX_MESSAGES, Bounds, l2_batches, read_l2_tables
 from .past_eof import past_eof, replacement
-from .rebuild import RefcountTally
+from .tally import RefcountTally
 from .references import describe, find_references
 from .stored import StoredRefcounts, compare_refcounts, last_true
 

@@ -13,15 +13,14 @@ the file as zeros).  Repair turns the entry into a zero cluster -- in v2,
 which has no zero flag, an unallocated one -- the way qemu's
 fix_l2_entry_by_zero mends a misaligned preallocated entry: it reads as
 before, and nothing else in the image changes.  ``check -r all`` plans
-these fixes (fsck/check.py); the rebuild of a dirty image at open makes
-them through the L2 cache (:func:`drop_entries_past_eof`).
+these fixes (fsck/check.py), also when it repairs a dirty image opened
+for writing.
 """
 
 import numpy as np
 
 from ..spec.constants import QCOW_OFLAG_COMPRESSED, QCOW_OFLAG_ZERO, SC_ALLOC_MASK, SC_ZERO_SHIFT
 from ..spec.entries import host_offsets, is_compressed, standard_allocated
-from .l1_tables import l1_tables, l2_tables
 
 _ALL_ZEROES = SC_ALLOC_MASK << SC_ZERO_SHIFT
 
@@ -49,38 +48,3 @@ def replacement(version, desc, bitmap, extended):
             return 0, _ALL_ZEROES
         return 0, (bitmap | (bitmap << SC_ZERO_SHIFT)) & _ALL_ZEROES
     return (QCOW_OFLAG_ZERO if version >= 3 else 0), 0
-
-
-def drop_entries_past_eof(img):
-    """Make every L2 entry of ``img`` (open for writing, caches flushed)
-    that points past the end of its file read as zeros, through the L2
-    cache.  Returns how many were changed.  An image with an external
-    data file has its data clusters there, at offsets unrelated to its own
-    file's end (data_file_raw: the guest offsets): nothing to drop."""
-    s, geo, h = img.state, img.geo, img.header
-    if s.external_data:
-        return 0
-    f, cache = img.file, img.l2_cache
-    file_size = f.size()
-    cs, words = geo.cluster_size, geo.l2_entry_words
-    tables = l2_tables(l1_tables(img))[0].tolist()     # each once (fsck/l1_tables.py)
-    changed = 0
-    for t in tables:
-        if t + cs > file_size:
-            continue            # (the table itself is missing: check reports it)
-        for k in range(cs // geo.slice_bytes):
-            slot = cache.load(t + k * geo.slice_bytes)
-            u = np.asarray(cache.u64(slot))
-            desc = u[::words]
-            for i in np.nonzero(past_eof(geo, desc, file_size))[0].tolist():
-                bitmap = int(u[i * words + 1]) if words == 2 else 0
-                new, new_bitmap = replacement(h.version, int(desc[i]), bitmap, words == 2)
-                u[i * words] = np.uint64(new)
-                if words == 2:
-                    u[i * words + 1] = np.uint64(new_bitmap)
-                cache.mark_dirty(slot, 8 * i * words, 8 * (i + 1) * words)
-                changed += 1
-    if changed:
-        cache.flush()
-        s.barrier()
-    return changed
