@@ -71,8 +71,11 @@ def read_tables(f, entries, cluster_size):
     where each starts, len(entries) + 1 offsets).  A bad entry raises as
     read_table does, for the first entry that has one; ``first_bad`` is
     returned instead of raising with ``strict=False``."""
-    raw = b"".join(bytes(f.pread(e.table_offset, e.table_size * bm.TABLE_ENTRY_SIZE))
-                   .ljust(e.table_size * bm.TABLE_ENTRY_SIZE, b"\0") for e in entries)
+    file_size = f.size()        # (a table past the file's end reads as zeros; one past
+    raw = b"".join(             # 2^63, from a hostile directory, is not read at all)
+        (bytes(f.pread(e.table_offset, e.table_size * bm.TABLE_ENTRY_SIZE))
+         if e.table_offset < file_size else b"").ljust(e.table_size * bm.TABLE_ENTRY_SIZE, b"\0")
+        for e in entries)
     tables = bm.decode_table(raw)
     starts = np.zeros(len(entries) + 1, dtype=np.int64)
     np.cumsum([e.table_size for e in entries], out=starts[1:])

@@ -78,3 +78,20 @@ def test_refcount_block_offset_that_wraps_past_2_64(tmp_path):
     assert p.returncode == 1
     assert "CorruptImageError" in p.stderr_text and "0xfffffffffffff000 lies past the end" in \
         p.stderr_text, p.stderr_text[-2000:]
+
+
+def test_bitmap_table_offset_past_2_63(tmp_path):
+    """scripts/fuzz.py --target repair --seed 24: a bitmap table offset of
+    0x8000000000000000 (cluster aligned) overflowed the table read in
+    check's loadability test; now the table is not read and the check
+    reports the reference past the end of the file, as qemu's does."""
+    p = _bitmap_image(tmp_path)
+    with open(p, "r+b") as f:
+        data = f.read()
+        (off,) = [o for m, o, _ in _extensions(data) if m == EXT_BITMAPS]
+        (directory,) = struct.unpack_from(">Q", data, off + 16)
+        f.seek(directory)
+        f.write(struct.pack(">Q", 1 << 63))
+    res = check_image(p, "all")
+    assert res.corruptions >= 1
+    assert any("offset 0x8000000000000000" in m for m in res.messages), res.messages
