@@ -69,13 +69,13 @@ def compile_package():
     compileall.compile_dir(os.path.join(ROOT, "qcow2fast"), quiet=2)
 
 
-def timed_command(cmd, stdout=None):
-    """(wall seconds, user+sys CPU seconds) of ``cmd`` run to completion
-    (its children included); a failure is a BenchError."""
+def timed_command(cmd, stdout=None, cwd=None):
+    """(wall seconds, user+sys CPU seconds) of ``cmd`` run to completion in
+    ``cwd`` (its children included); a failure is a BenchError."""
     import resource
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
-    p = subprocess.run(cmd, stdout=stdout or subprocess.DEVNULL, stderr=subprocess.PIPE)
+    p = subprocess.run(cmd, stdout=stdout or subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=cwd)
     wall = time.perf_counter() - t0
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if p.returncode != 0:

@@ -24,11 +24,10 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
-import time
 
-from .common import BenchError, bench_parser, choose_tmpdir, compile_package, log, qcow2fast_command, run
+from .common import (bench_parser, choose_tmpdir, compile_package, log, qcow2fast_command, run,
+                     timed_command)
 
 # (name, arguments; IMG is the top image, BASE the backing file's name)
 COMMANDS = [
@@ -63,12 +62,7 @@ def make_images(d):
 
 def timed(cmd, cwd=None):
     """Wall seconds of ``cmd`` run to success in ``cwd``."""
-    t = time.perf_counter()
-    p = subprocess.run(cmd, capture_output=True, cwd=cwd)
-    wall = time.perf_counter() - t
-    if p.returncode:
-        raise BenchError(f"{' '.join(cmd)} exited {p.returncode}: {p.stderr.decode()}")
-    return wall
+    return timed_command(cmd, cwd=cwd)[0]
 
 
 def main(argv=None):
