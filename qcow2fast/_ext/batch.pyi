@@ -24,5 +24,6 @@ def timed_batches(
     data: Buffer,
     depth: int,
     lat: NDArray[np.int64],
+    stop: bytearray | None = None,  # stop[0] set: a sharing worker failed
 ) -> int: ...
 def set_async_split(split: int) -> int: ...

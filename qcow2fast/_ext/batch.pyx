@@ -329,10 +329,9 @@ cdef class _Batch:
     cdef int run(self, ImageCore img) except -1:
         """Carry out every request (see the module doc); the outcome is in
         ``r[i].res`` and ``results``."""
-        cdef int k = 0, n = self.n, i
-        cdef bint below = img.chain_step is not None, wrote = False, slow_write = False
+        cdef int n = self.n, i
+        cdef bint below = img.chain_step is not None, wrote = False, slow_write
         cdef ImageState s = img.s
-        cdef Req *q
         if img.observers:               # before any data moves (a crash over-reports)
             for i in range(n):
                 if self.r[i].res == PENDING and self.r[i].op == OP_WRITE:
@@ -341,24 +340,9 @@ cdef class _Batch:
             for i in range(n):
                 if self.r[i].res == PENDING:
                     self.r[i].res = SLOW
-        while k < n:
-            if self.r[k].res != SLOW:
-                with nogil:
-                    k = _segments(img, s, self.r, n, k, self.x, below)
-                if k >= n:
-                    break
-            q = &self.r[k]
-            try:
-                if q.op == OP_READ:
-                    img.readinto(q.off, self.objs[k])
-                else:
-                    img._write(q.off, self.objs[k], False)
-                    slow_write = True
-                q.res = q.len
-            except Exception as e:
-                self.results[k] = e
-                q.res = FAILED
-            k += 1
+        objs, results = self.objs, self.results
+        with nogil:
+            slow_write = _carry_out(img, s, self.r, n, self.x, below, objs, None, results)
         for i in range(n):
             if self.r[i].op == OP_WRITE and self.r[i].len:
                 # (after the writes, tried ones too: fileio.pxd's unsynced)
@@ -381,15 +365,56 @@ cdef class _Batch:
         return 0
 
     cdef object outcome(self, int i):
-        cdef Req *q = &self.r[i]
-        cdef int err
-        if q.res >= 0:
-            return q.res
-        if q.res == FAILED:
-            return self.results[i]
-        err = <int>-q.res
-        return OSError(err, f"{'write' if q.op == OP_WRITE else 'read'} of {q.len} bytes at guest "
-                            f"offset {q.off:#x}: {strerror(err).decode()}")
+        return _outcome(&self.r[i], self.results[i])
+
+
+cdef object _outcome(Req *q, exc):
+    """Request ``q``'s result: its length, or the exception it met
+    (``exc`` when it failed in Python)."""
+    cdef int err
+    if q.res >= 0:
+        return q.res
+    if q.res == FAILED:
+        return exc
+    err = <int>-q.res
+    return OSError(err, f"{'write' if q.op == OP_WRITE else 'read'} of {q.len} bytes at guest "
+                        f"offset {q.off:#x}: {strerror(err).decode()}")
+
+
+cdef bint _carry_out(ImageCore img, ImageState s, Req *r, int n, qf_xfer *x, bint below,
+                     list objs, wobj, list results) noexcept nogil:
+    """Carry out requests r[:n] in order: segments in C (the GIL released
+    while they run), each request marked SLOW through the image's
+    one-request path, alone, in its place (with the GIL).  Request k's
+    buffer object is ``wobj`` for a write when given, else ``objs[k]``;
+    an exception lands in ``results[k]``.  Returns whether a write took the
+    one-request path.  Called without the GIL."""
+    cdef int k = 0
+    cdef bint slow_write = False
+    while k < n:
+        if r[k].res != SLOW:
+            k = _segments(img, s, r, n, k, x, below)
+            if k >= n:
+                break
+        with gil:
+            slow_write |= _one_request(img, &r[k], objs[k] if wobj is None or r[k].op == OP_READ
+                                       else wobj, results, k)
+        k += 1
+    return slow_write
+
+
+cdef bint _one_request(ImageCore img, Req *q, obj, list results, int k):
+    """Request ``q`` through readinto/_write; returns whether it wrote."""
+    try:
+        if q.op == OP_READ:
+            img.readinto(q.off, obj)
+        else:
+            img._write(q.off, obj, False)
+        q.res = q.len
+    except Exception as e:
+        results[k] = e
+        q.res = FAILED
+    return q.op == OP_WRITE
 
 
 def submit(ImageCore img, requests):
@@ -443,17 +468,107 @@ cdef inline int64_t _now_ns() noexcept nogil:
 
 
 def timed_batches(ImageCore img, const int64_t[:] offsets, const uint8_t[:] writes,
-                  list bufs, data, int depth, int64_t[:] lat):
+                  list bufs, data, int depth, int64_t[:] lat, uint8_t[::1] stop=None):
     """``qcow2fast bench -d depth``'s loop: the requests in batches of
     ``depth`` (request k writes ``data`` at ``offsets[k]`` if ``writes[k]``,
-    else reads into ``bufs[k % depth]``); each request's latency in ns (its
-    batch's time) goes to ``lat[k]``.  Raises the first error."""
-    cdef Py_ssize_t n = offsets.shape[0], a, k, e
-    cdef int64_t t0, t
+    else reads into ``bufs[k % depth]``, all of one size); each request's
+    latency in ns (its batch's time) goes to ``lat[k]``.  Raises the first
+    error, after setting ``stop[0]``; returns the number of requests done,
+    fewer than all when ``stop[0]`` was found set before a batch (another
+    worker sharing ``stop`` failed).
+
+    The buffers are taken once and the whole loop runs with the GIL
+    released (taken again only for a request the one-request path
+    serves), so several threads running it share nothing but the image:
+    what a C program driving the batch engine gets.  Where the batch
+    would have work in Python for every request -- write observers (dirty
+    bitmaps), a data transform (encryption), writethrough -- it goes
+    through ``Image.submit``'s path batch by batch instead."""
+    cdef Py_ssize_t n = offsets.shape[0], a, k, i, m
+    cdef int64_t t0, t, size
+    cdef ImageState s
+    cdef bint below, any_write = False, fast
+    cdef Py_buffer wview
+    cdef Py_buffer *views
     cdef _Batch b = _Batch(depth)
+    cdef Req *q
+    cdef uint8_t no_stop = 0
+    cdef uint8_t *stopped = &no_stop if stop is None or stop.shape[0] == 0 else &stop[0]
     if writes.shape[0] != n or lat.shape[0] != n or len(bufs) < depth or depth < 1:
         raise ValueError("timed_batches: offsets, writes, lat or bufs do not match")
+    if n == 0:
+        return 0
+    img._check_range(0, 0)
+    s = img.s
+    size = len(data)
+    for k in range(depth):
+        if len(bufs[k]) != size:
+            raise ValueError("timed_batches: the buffers and data differ in size")
+    for k in range(n):
+        any_write |= writes[k] != 0
+    fast = not img.observers and s.transform is None and not (any_write and s.writethrough)
+    if fast:
+        for k in range(n):          # (a request out of range: the checked path reports it)
+            if offsets[k] < 0 or offsets[k] + size > s.size:
+                fast = False
+                break
+    if fast and any_write and s.read_only:
+        fast = False
+    if not fast:
+        return _timed_submits(img, offsets, writes, bufs, data, depth, lat, b, stopped)
+    below = img.chain_step is not None
+    views = <Py_buffer *>calloc(depth, sizeof(Py_buffer))
+    if views == NULL:
+        raise MemoryError()
+    if any_write:                   # (before the writes: fileio.pxd's unsynced)
+        s.data_file.unsynced = True
+    m = 0                           # buffers of bufs held
+    try:
+        PyObject_GetBuffer(data, &wview, PyBUF_SIMPLE)
+        try:
+            while m < depth:
+                PyObject_GetBuffer(bufs[m], &views[m], PyBUF_SIMPLE | PyBUF_WRITABLE)
+                m += 1
+            a = 0
+            with nogil:
+                while a < n and not stopped[0]:
+                    b.n = <int>(min(a + depth, n) - a)
+                    for i in range(b.n):
+                        q = &b.r[i]
+                        q.op = OP_WRITE if writes[a + i] else OP_READ
+                        q.off = offsets[a + i]
+                        q.len = size
+                        q.buf = <char *>(wview.buf if q.op == OP_WRITE else views[i].buf)
+                        q.res = PENDING
+                    t0 = _now_ns()
+                    _carry_out(img, s, b.r, b.n, b.x, below, bufs, data, b.results)
+                    t = _now_ns() - t0
+                    for i in range(b.n):
+                        lat[a + i] = t
+                        if b.r[i].res < 0:
+                            stopped[0] = 1
+                            with gil:
+                                raise _outcome(&b.r[i], b.results[i])
+                    a += depth
+        finally:
+            for k in range(m):
+                PyBuffer_Release(&views[k])
+            PyBuffer_Release(&wview)
+    finally:
+        free(views)
+    return min(a, n)
+
+
+cdef Py_ssize_t _timed_submits(ImageCore img, const int64_t[:] offsets, const uint8_t[:] writes,
+                               list bufs, data, int depth, int64_t[:] lat, _Batch b,
+                               uint8_t *stopped) except -1:
+    """timed_batches through the checked path: each batch's buffers taken
+    and its requests checked with the GIL held, as ``Image.submit``."""
+    cdef Py_ssize_t n = offsets.shape[0], a, k, e
+    cdef int64_t t0, t
     for a in range(0, n, depth):
+        if stopped[0]:
+            return a
         e = min(a + depth, n)
         b.reset(e - a)
         for k in range(a, e):
@@ -465,5 +580,6 @@ def timed_batches(ImageCore img, const int64_t[:] offsets, const uint8_t[:] writ
         for k in range(a, e):
             lat[k] = t
             if b.r[k - a].res < 0:
+                stopped[0] = 1
                 raise b.outcome(k - a)
     return n

@@ -4,9 +4,11 @@ beside qemu-img bench (-d N, -i io_uring) and fio (--ioengine=io_uring
 
 qcow2fast's side is ``qcow2fast bench``'s loop (``bench.run``): at depth 1
 every request is a call of the image's ``readinto``/``write`` from a C
-loop that times it; at depth N > 1, batches of N requests through the
-batched path (``_ext/batch.pyx``: resolved and issued together in C with
-the GIL released, io_uring or a pread/pwrite loop).  ``qcow2fast
+loop that times it; at depth N > 1, one worker thread per usable CPU (at
+most N), each keeping its share of the N requests in flight as batches
+through the batched path (``_ext/batch.pyx``: resolved and issued together
+in C, io_uring or a pread/pwrite loop, the GIL released for the worker's
+whole loop).  ``qcow2fast
 (threads)`` is the old way, N Python threads sharing the image, each with
 one request in flight.  fio runs random 4 KiB requests over the raw copy
 of the same data (``--rw=randread``/``randwrite``, page-cached, no

@@ -1,8 +1,9 @@
 """The request loop of ``qcow2fast bench`` (qemu-img bench's, on a
 qcow2fast image): ``count`` requests of ``size`` bytes, ``depth`` in flight
-(batches of ``depth`` requests through the batched path, _ext/batch.pyx:
-resolved and issued together in C, with io_uring where the kernel has it;
-``threads=True`` instead runs one worker thread per request in flight), an
+(spread over one worker thread per usable CPU, each keeping its share in
+flight as batches through the batched path, _ext/batch.pyx: resolved and
+issued together in C, with io_uring where the kernel has it; ``threads=True``
+instead runs one worker thread per request in flight), an
 optional flush every ``flush_interval`` requests, and the latency of every
 request (with batches, its batch's).
 
@@ -12,6 +13,7 @@ size) unless random ones are asked for.
 """
 
 import dataclasses
+import os
 import threading
 import time
 
@@ -76,11 +78,22 @@ def write_mask(count, write_percent, seed):
 def run(img, offsets, writes, size, *, depth=1, pattern=0, flush_interval=0, drain=True,
         threads=False):
     """Issue the requests; returns a BenchResult.  Raises the first error a
-    request met (the others stop within a few requests)."""
+    request met (the others stop within a few requests).
+
+    ``depth`` requests are kept in flight by worker threads: for a qcow2
+    image, one per CPU this process may run on (at most ``depth``), each
+    keeping its share of the depth in flight as batches through the batch
+    engine, with the GIL released for its whole loop; with ``threads`` (or
+    an image without the batch engine), one thread per request in flight,
+    each issuing its requests one by one."""
     count = len(offsets)
-    if depth > 1 and not threads and hasattr(img, "submit"):
-        return run_batched(img, offsets, writes, size, depth, pattern, flush_interval)
-    threads = max(1, min(depth, count, MAX_THREADS))
+    batched = depth > 1 and not threads and hasattr(img, "submit")
+    if batched:
+        workers = max(1, min(depth, count, len(os.sched_getaffinity(0))))
+        share = [depth // workers + (w < depth % workers) for w in range(workers)]
+    else:
+        workers = max(1, min(depth, count, MAX_THREADS))
+        share = [1] * workers
     lat = np.zeros(count, dtype=np.int64)
     offs = np.ascontiguousarray(offsets, dtype=np.int64)
     wr = np.ascontiguousarray(writes, dtype=bool).view(np.uint8)
@@ -88,20 +101,25 @@ def run(img, offsets, writes, size, *, depth=1, pattern=0, flush_interval=0, dra
     segments = [(a, min(a + interval, count)) for a in range(0, count, interval)]
     data = bytes([pattern]) * size
     errors = []
-    barrier = threading.Barrier(threads) if threads > 1 else None
+    stop = bytearray(1)         # set by the batched worker that fails: the others stop
+    barrier = threading.Barrier(workers) if workers > 1 else None
 
     def worker(w):
-        # Worker w takes requests w, w + threads, ...: ``threads`` in flight,
-        # in qemu-img bench's order.  Its latencies go to a private array
-        # (no cache line shared with the other workers) and then into lat.
-        buf = bytearray(size)
+        # Worker w takes requests w, w + workers, ...: in qemu-img bench's
+        # order overall.  Its latencies go to a private array (no cache
+        # line shared with the other workers) and then into lat.
+        bufs = [bytearray(size) for _ in range(share[w])]
         try:
             for a, b in segments:
-                mine = slice(a + w, b, threads)
-                mine_offs = offs[mine]
+                mine = slice(a + w, b, workers)
+                mine_offs = np.ascontiguousarray(offs[mine])
                 mine_lat = np.zeros(len(mine_offs), dtype=np.int64)
-                done = timed_requests(img.readinto, img.write, mine_offs, wr[mine],
-                                      buf, data, mine_lat, errors)
+                if batched:
+                    done = timed_batches(img, mine_offs, np.ascontiguousarray(wr[mine]),
+                                         bufs, data, share[w], mine_lat, stop)
+                else:
+                    done = timed_requests(img.readinto, img.write, mine_offs, wr[mine],
+                                          bufs[0], data, mine_lat, errors)
                 lat[mine] = mine_lat
                 if done < len(mine_lat):
                     return
@@ -120,10 +138,10 @@ def run(img, offsets, writes, size, *, depth=1, pattern=0, flush_interval=0, dra
                 barrier.abort()
 
     t0 = time.perf_counter()
-    if threads == 1:
+    if workers == 1:
         worker(0)
     else:
-        pool = [threading.Thread(target=worker, args=(w,), daemon=True) for w in range(threads)]
+        pool = [threading.Thread(target=worker, args=(w,), daemon=True) for w in range(workers)]
         for t in pool:
             t.start()
         for t in pool:
@@ -131,25 +149,4 @@ def run(img, offsets, writes, size, *, depth=1, pattern=0, flush_interval=0, dra
     elapsed = time.perf_counter() - t0
     if errors:
         raise errors[0]
-    return BenchResult(count, size, elapsed, lat)
-
-
-def run_batched(img, offsets, writes, size, depth, pattern=0, flush_interval=0):
-    """``depth`` requests in flight as batches of ``depth`` (a flush every
-    ``flush_interval`` requests, after the requests before it completed,
-    as qemu-img bench's drain)."""
-    count = len(offsets)
-    lat = np.zeros(count, dtype=np.int64)
-    offs = np.ascontiguousarray(offsets, dtype=np.int64)
-    wr = np.ascontiguousarray(writes, dtype=bool).view(np.uint8)
-    interval = flush_interval or count or 1
-    bufs = [bytearray(size) for _ in range(depth)]
-    data = bytes([pattern]) * size
-    t0 = time.perf_counter()
-    for a in range(0, count, interval):
-        b = min(a + interval, count)
-        timed_batches(img, offs[a:b], wr[a:b], bufs, data, depth, lat[a:b])
-        if flush_interval:
-            img.flush()
-    elapsed = time.perf_counter() - t0
     return BenchResult(count, size, elapsed, lat)

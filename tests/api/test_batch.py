@@ -250,3 +250,66 @@ def test_o_direct_batches(tmp_path, name):
     initial[4096:12288] = b"d" * 8192
     qemu_check(path)
     qemu_compare(path, bytes(initial))
+
+
+def test_timed_batches_workers_stop_on_the_first_error(tmp_path):
+    """Two workers of ``bench -d N`` share a stop flag: the one that meets
+    an error (a request past the end) sets it and raises; the other,
+    whose loop runs without the GIL, stops at its next batch instead of
+    running its million requests to the end."""
+    import threading
+
+    import numpy as np
+
+    p = str(tmp_path / "x.qcow2")
+    qemu_create(p, SIZE, cluster_size=4096)
+    n = 1_000_000
+    offs = (np.arange(n, dtype=np.int64) * 4096) % SIZE
+    bad = offs.copy()
+    bad[100] = SIZE                            # one request past the end
+    stop = bytearray(1)
+    done, errors = {}, []
+
+    def worker(name, o):
+        lat = np.zeros(n, dtype=np.int64)
+        try:
+            done[name] = batch.timed_batches(img, o, np.zeros(n, dtype=np.uint8),
+                                             [bytearray(4096) for _ in range(4)],
+                                             bytes(4096), 4, lat, stop)
+        except InvalidArgumentError as e:
+            errors.append(e)
+
+    with qcow2fast.open(p) as img:
+        ts = [threading.Thread(target=worker, args=(name, o))
+              for name, o in (("bad", bad), ("good", offs))]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join()
+    assert len(errors) == 1 and "outside the image" in str(errors[0])
+    assert stop == b"\x01" and "bad" not in done
+    assert done["good"] < n and done["good"] % 4 == 0
+
+
+def test_bench_batches_mark_bitmaps(tmp_path):
+    """With a write observer (an enabled bitmap) ``bench -d N`` takes the
+    checked path batch by batch: every write marks the bitmap, and the data
+    is what the requests wrote (qemu reads it)."""
+    from qcow2fast.ops import bench
+
+    p = str(tmp_path / "b.qcow2")
+    qemu_create(p, 16 * SIZE, cluster_size=65536)
+    offs = bench.random_offsets(3000, 4096, 16 * SIZE, 5)
+    writes = bench.write_mask(3000, 50, 5)
+    with qcow2fast.open(p, "r+") as img:
+        img.add_bitmap("b0")
+        bench.run(img, offs, writes, 4096, depth=4, pattern=9)
+    with qcow2fast.open(p) as img:
+        dirty = [(a, n) for a, n, d in img.dirty_extents("b0") if d]
+        for off in set(offs[writes].tolist()):
+            assert any(a <= off and off + 4096 <= a + n for a, n in dirty), off
+            assert img.read(off, 4096) == bytes([9]) * 4096
+        marked = sum(n for a, n in dirty)
+        assert marked == 65536 * len({o // 65536 for o in offs[writes].tolist()})
+    qemu_check(p)
+    qemu_io(p, f"read -P 9 {int(offs[writes][0])} 4096")   # (a mismatch fails)
