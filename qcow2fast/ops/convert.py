@@ -26,6 +26,7 @@ import logging
 import concurrent.futures
 import os
 import sys
+import time
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -459,6 +460,10 @@ def _convert_through_image(src, dest, format, options, sparse_size, existing,
         def raw_write(data, off):
             if dfile is not None:
                 dfile.pwrite(data, off)
+            elif prefault is not None:
+                t0 = time.thread_time()
+                pwrite_all(out.fd, data, off, dest)
+                prefault.wrote(len(data), time.thread_time() - t0)
             else:
                 pwrite_all(out.fd, data, off, dest)
 

@@ -20,6 +20,7 @@ than the refcount width can count.
 import mmap
 import os
 import shutil
+import time
 
 import numpy as np
 
@@ -253,7 +254,7 @@ class Qcow2Writer:
                 bufs.append(data)
                 rel[i], clen[i] = off, len(data)
         self.table.add(first, kinds, rel, clen)
-        if self._prefault is not None and bufs:
+        if self._prefault is not None and self._prefault.active and bufs:
             self._ahead(self._data_base + start, self.packer.pos - start)
         return lambda: self._write(bufs, start)
 
@@ -273,6 +274,7 @@ class Qcow2Writer:
             self._scratch, data = gather(bufs, self._scratch)
             self.direct.pwrite(data, off)
             return
+        t0 = time.thread_time()
         for chunk, want in write_calls(bufs):
             try:
                 n = os.pwritev(self._data_fd, chunk, off)
@@ -282,6 +284,8 @@ class Qcow2Writer:
                 pwrite_all(self._data_fd, b"".join(bytes(b) for b in chunk)[n:], off + n,
                            self._data_name)
             off += want
+        if self._prefault is not None:
+            self._prefault.wrote(off - self._data_base - rel, time.thread_time() - t0)
 
     def finish(self, size, sync=False):
         """Write the metadata (and, for a stream, the spooled data); the

@@ -1,4 +1,5 @@
-"""hostfile.Prefault: page-cache pages made ahead of buffered writes."""
+"""hostfile.Prefault: page-cache pages made ahead of buffered writes, once
+the writer's writes show that fresh pages are dear."""
 
 import ctypes
 import mmap
@@ -30,6 +31,41 @@ def resident(path, nbytes):
         os.close(fd)
 
 
+def dear(p):
+    """Report a window of writes at 1 GB per CPU-second: the helper starts."""
+    p.wrote(p.WINDOW, p.WINDOW / 1e9)
+    assert p.active
+
+
+def test_prefault_starts_only_where_fresh_pages_are_dear(tmp_path):
+    path = tmp_path / "f"
+    size = 8 << 20
+    with open(path, "wb") as f:
+        f.truncate(size)
+    fd = os.open(path, os.O_RDWR)
+    try:
+        p = hostfile.prefault_for(fd)
+        assert not p.active
+        p.wrote(p.WINDOW // 2, p.WINDOW / 2 / 1e9)      # half a window: no decision yet
+        assert not p.active
+        p.wrote(p.WINDOW // 2, p.WINDOW / 2 / 5e9)      # the window at 1.7 GB/s: cheap
+        assert not p.active
+        p.ahead(0, size)                               # idle: asks for nothing
+        p.close()
+        assert not resident(path, size).any()
+        p = hostfile.prefault_for(fd)
+        for _ in range(3):                             # 0.5 GB/s
+            p.wrote(p.WINDOW // 2, p.WINDOW / 2 / 0.5e9)
+        assert p.active
+        p.wrote(p.WINDOW, p.WINDOW / 9e9)              # stays on for the rest of the file
+        assert p.active
+        p.ahead(0, size)
+        p.close()
+        assert resident(path, size).all()
+    finally:
+        os.close(fd)
+
+
 def test_prefault_makes_pages_of_the_range_only(tmp_path):
     path = tmp_path / "f"
     size = 16 << 20
@@ -39,6 +75,7 @@ def test_prefault_makes_pages_of_the_range_only(tmp_path):
     try:
         assert not resident(path, size).any()
         p = hostfile.prefault_for(fd)
+        dear(p)
         p.ahead(2 << 20, 5 << 20)              # more than one PIECE
         p.close()
     finally:
@@ -59,6 +96,7 @@ def test_prefault_past_the_end_and_of_a_pipe(tmp_path):
     fd = os.open(path, os.O_RDWR)
     try:
         p = hostfile.prefault_for(fd)
+        dear(p)
         p.ahead(1 << 20, 1 << 20)              # past the end: nothing to do, no error
         p.close()
         assert os.fstat(fd).st_size == PAGE
