@@ -36,7 +36,7 @@ static inline int64_t qf_pread_full(int fd, char *buf, size_t len, int64_t off)
 }
 
 /* Buffered write calls cover at most QF_WRITE_MAX bytes
- * (qcow2fast.qcow2_writer.WRITE_MAX says why: larger buffered writes take
+ * (qcow2fast/host/file.py says why: larger buffered writes take
  * 2 MiB page-cache folios, which cost host faults in VMs with free page
  * reporting).  O_DIRECT writes (``max`` 0) go whole: no page cache, and
  * each call is a device round trip. */

@@ -12,7 +12,7 @@ from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE, 
 from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING
 from libc.errno cimport errno
 from libc.stdint cimport uintptr_t
-from libc.stdlib cimport free
+from libc.stdlib cimport calloc, free
 from libc.string cimport memcpy
 from posix.unistd cimport close as c_close, fdatasync, fsync
 
@@ -277,3 +277,31 @@ def zero_range(int fd, int64_t off, int64_t length):
     with nogil:
         rc = qf_zero_range(fd, off, length)
     return rc == 0
+
+
+def pwrite_buffers(int fd, bufs, int64_t off):
+    """Write the buffers of ``bufs`` back to back at ``off`` in buffered
+    calls of at most QF_WRITE_MAX bytes, the GIL released once for all.
+    Returns (0, end) when all were written, else (errno, the offset of
+    the write that failed)."""
+    cdef Py_ssize_t n = len(bufs), i, held = 0
+    cdef Py_buffer *views = <Py_buffer *>calloc(max(n, 1), sizeof(Py_buffer))
+    cdef int64_t rc = 0
+    if views == NULL:
+        raise MemoryError()
+    try:
+        while held < n:
+            PyObject_GetBuffer(bufs[held], &views[held], PyBUF_SIMPLE)
+            held += 1
+        with nogil:
+            for i in range(n):
+                rc = qf_pwrite_full(fd, <const char *>views[i].buf, views[i].len, off,
+                                    QF_WRITE_MAX)
+                if rc < 0:
+                    break
+                off += views[i].len
+    finally:
+        for i in range(held):
+            PyBuffer_Release(&views[i])
+        free(views)
+    return (<int>-rc if rc < 0 else 0), off

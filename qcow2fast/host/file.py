@@ -15,18 +15,17 @@ import queue
 import stat
 import threading
 
-from .._ext.fileio import File, punch_hole, zero_range
+from .._ext.fileio import File, punch_hole, pwrite_buffers, zero_range
 from . import lock
 from .remote import is_remote
 
-# Write calls cover at most WRITE_MAX bytes.  With larger buffered writes the
+# Buffered write calls cover at most QF_WRITE_MAX (256 KiB, csrc/qf_io.h:
+# every data write goes through C).  With larger buffered writes the
 # kernel takes 2 MiB page-cache folios (ext4 and xfs, Linux 6.16+); in a VM
 # that hands free memory back to its host (virtio-balloon free page
 # reporting) those come from returned blocks and fault in from the host one
 # page at a time.  Measured here: a 2.2 GB qcow2 -> raw conversion took
 # 2.9-4.1 s with 2 MiB writes, 0.7-0.8 s with 256 KiB ones (docs/convert.md).
-# csrc/qf_io.h's QF_WRITE_MAX is the same cap for writes made in C.
-WRITE_MAX = 256 << 10
 
 _ZEROS = memoryview(mmap.mmap(-1, 1 << 20))     # page aligned: fit for O_DIRECT
 
@@ -84,15 +83,12 @@ def open_image_file(path, fmt, *, writable=False, direct=False, force_share=Fals
 
 
 def pwrite_all(fd, data, off, name=None):
-    """Write all of ``data`` at ``off`` (a failure names the offset, and
-    ``name`` when given)."""
-    mv = memoryview(data).cast("B")
-    try:
-        while len(mv):
-            n = os.pwrite(fd, mv[:WRITE_MAX], off)
-            mv, off = mv[n:], off + n
-    except OSError as e:
-        raise write_error(e, off, name) from None
+    """Write all of ``data`` at ``off``, in calls of at most QF_WRITE_MAX
+    bytes with the GIL released once (a failure names the offset, and ``name``
+    when given)."""
+    err, at = pwrite_buffers(fd, (data,), off)
+    if err:
+        raise write_error(OSError(err, os.strerror(err)), at, name)
 
 
 def write_error(e, off, name):

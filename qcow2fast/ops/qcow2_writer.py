@@ -29,9 +29,8 @@ from .._ext.kernels import refcount_encode
 from ..errors import InvalidArgumentError
 from ..spec.constants import (COMPRESSED, DATA, L1E_SIZE, QCOW_OFLAG_COPIED, QCOW_OFLAG_ZERO,
                               REFTABLE_ENTRY_SIZE, UNALLOCATED, ZERO)
-from ..host.file import WRITE_MAX, is_device, prefault_for, pwrite_all, set_size, write_error
-
-IOV_MAX = 1024
+from .._ext.fileio import pwrite_buffers
+from ..host.file import is_device, prefault_for, pwrite_all, set_size, write_error
 
 
 class DataPacker:
@@ -275,17 +274,11 @@ class Qcow2Writer:
             self.direct.pwrite(data, off)
             return
         t0 = time.thread_time()
-        for chunk, want in write_calls(bufs):
-            try:
-                n = os.pwritev(self._data_fd, chunk, off)
-            except OSError as e:
-                raise write_error(e, off, self._data_name) from None
-            if n != want:       # a short write: finish it piece by piece
-                pwrite_all(self._data_fd, b"".join(bytes(b) for b in chunk)[n:], off + n,
-                           self._data_name)
-            off += want
+        err, end = pwrite_buffers(self._data_fd, bufs, off)     # (the GIL released once)
+        if err:
+            raise write_error(OSError(err, os.strerror(err)), end, self._data_name)
         if self._prefault is not None:
-            self._prefault.wrote(off - self._data_base - rel, time.thread_time() - t0)
+            self._prefault.wrote(end - off, time.thread_time() - t0)
 
     def finish(self, size, sync=False):
         """Write the metadata (and, for a stream, the spooled data); the
@@ -330,23 +323,6 @@ def runs(mask):
     m = np.concatenate(([False], mask, [False]))
     d = np.flatnonzero(m[1:] != m[:-1])
     return zip(d[0::2].tolist(), d[1::2].tolist())
-
-
-def write_calls(bufs):
-    """``bufs`` (written back to back) cut into (iovec list, byte count)
-    pieces of at most WRITE_MAX bytes and IOV_MAX buffers."""
-    iov, n = [], 0
-    for b in bufs:
-        mv = memoryview(b).cast("B")
-        while len(mv):
-            k = min(len(mv), WRITE_MAX - n)
-            iov.append(mv[:k])
-            mv, n = mv[k:], n + k
-            if n == WRITE_MAX or len(iov) == IOV_MAX:
-                yield iov, n
-                iov, n = [], 0
-    if iov:
-        yield iov, n
 
 
 def gather(bufs, scratch):

@@ -1,6 +1,6 @@
 """convert's and rebase's model-free pieces: the zero-detection kernel
-behind -S, rebase's unit comparison, and the writer's split of its
-buffers into bounded write calls."""
+behind -S, rebase's unit comparison, and the writer's writes of its
+buffers."""
 
 import pytest
 from hypothesis import given, settings, strategies as st
@@ -25,17 +25,48 @@ def test_zero_detection_kernel(unit):
         nonzero_units(buf, unit, np.empty(n + 1, np.uint8))
 
 
-@given(st.lists(st.integers(0, 700 << 10), max_size=12))
-@settings(max_examples=60, deadline=None)
-def test_write_calls_cover_the_buffers_in_bounded_calls(lengths):
-    """The writer's calls carry every byte in order, none over WRITE_MAX
-    bytes or IOV_MAX buffers (large writes take 2 MiB folios: see WRITE_MAX)."""
-    from qcow2fast.ops.qcow2_writer import IOV_MAX, WRITE_MAX, write_calls
-    bufs = [bytes([i % 251]) * n for i, n in enumerate(lengths)]
-    calls = list(write_calls(bufs))
-    assert all(0 < n <= WRITE_MAX and len(iov) <= IOV_MAX and sum(map(len, iov)) == n
-               for iov, n in calls)
-    assert b"".join(bytes(b) for iov, _ in calls for b in iov) == b"".join(bufs)
+@given(st.lists(st.integers(0, 700 << 10), max_size=12), st.integers(0, 1 << 20))
+@settings(max_examples=40, deadline=None)
+def test_pwrite_buffers_writes_every_byte_in_order(tmp_path_factory, lengths, off):
+    """The writer's one call per batch (fileio.pwrite_buffers: the GIL
+    released once, calls of at most WRITE_MAX bytes): every byte of the
+    buffers lands back to back from ``off``, and the end is returned."""
+    import os
+    import numpy as np
+    from qcow2fast._ext.fileio import pwrite_buffers
+    bufs = [bytes([i % 251]) * n if i % 2 else np.full(n, i % 251, np.uint8)
+            for i, n in enumerate(lengths)]
+    path = tmp_path_factory.mktemp("pw") / "f"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT)
+    try:
+        assert pwrite_buffers(fd, bufs, off) == (0, off + sum(lengths))
+        assert os.pread(fd, sum(lengths), off) == b"".join(bytes(b) for b in bufs)
+    finally:
+        os.close(fd)
+
+
+def test_pwrite_buffers_reports_errno_and_offset(tmp_path):
+    """A failed write: (errno, where), nothing raised; pwrite_all names them."""
+    import errno
+    import os
+    from qcow2fast._ext.fileio import pwrite_buffers
+    from qcow2fast.host.file import pwrite_all
+    r, w = os.pipe()
+    try:
+        assert pwrite_buffers(w, [b"x" * 10], 4096) == (errno.ESPIPE, 4096)
+    finally:
+        os.close(r)
+        os.close(w)
+    path = tmp_path / "f"
+    path.write_bytes(b"")
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        assert pwrite_buffers(fd, [b"", b"ab"], 7) == (errno.EBADF, 7)
+        with pytest.raises(OSError, match="write at offset 0x7") as e:
+            pwrite_all(fd, b"ab", 7, "f")
+        assert e.value.errno == errno.EBADF and e.value.filename == "f"
+    finally:
+        os.close(fd)
 
 
 @pytest.mark.parametrize("unit", [512, 4096, 65536])
