@@ -48,6 +48,18 @@ def refcount_decode(const uint8_t[::1] blk, int order, uint64_t[::1] out):
             out[i] = rc_get(p, i, order)
 
 
+def refcount_count_used(const uint8_t[::1] blk, int order, int64_t n):
+    """How many of the first ``n`` entries of a refcount block are nonzero."""
+    cdef int64_t i, used = 0
+    cdef const uint8_t *p = &blk[0]
+    if n < 0 or n * (1 << order) > blk.shape[0] * 8:
+        raise ValueError("refcount_count_used: more entries than the block holds")
+    with nogil:
+        for i in range(n):
+            used += rc_get(p, i, order) != 0
+    return used
+
+
 def refcount_encode(const uint64_t[::1] values, int order, uint8_t[::1] blk):
     """Encode ``values`` (each checked to fit by the caller) into a block."""
     cdef int64_t i, n = values.shape[0]

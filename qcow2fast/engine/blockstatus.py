@@ -11,11 +11,9 @@ so.
 import errno
 import os
 
-from .._numpy import np
-
 from .._ext.hookfile import HookFile
-from .._ext.kernels import refcount_decode
-from ..spec.constants import REFT_OFFSET_MASK
+from .._ext.kernels import refcount_count_used
+from ..spec.constants import BE64, REFT_OFFSET_MASK
 
 
 def chain_files(img):
@@ -65,18 +63,14 @@ def looks_preallocated(img):
     threshold = max(real * 10 // 9, real + 2)
     end_cluster = -(-file_size // cs)
     h, geo = img.header, img.geo
-    table = np.frombuffer(img.file.pread(h.refcount_table_offset,
-                                         h.refcount_table_clusters * cs), dtype=">u8")
-    values = np.zeros(geo.rb_entries, dtype=np.uint64)
+    table = img.file.pread(h.refcount_table_offset, h.refcount_table_clusters * cs)
     used = 0
-    for t, block in enumerate(table[:-(-end_cluster // geo.rb_entries)]):
-        block = int(block) & REFT_OFFSET_MASK
+    for t in range(min(len(table) // 8, -(-end_cluster // geo.rb_entries))):
+        block = BE64.unpack_from(table, 8 * t)[0] & REFT_OFFSET_MASK
         if not block or block + cs > file_size:
             continue
-        raw = np.frombuffer(img.file.pread(block, cs), dtype=np.uint8)
-        refcount_decode(raw, geo.refcount_order, values)
         n = min(geo.rb_entries, end_cluster - t * geo.rb_entries)
-        used += int(np.count_nonzero(values[:n]))
+        used += refcount_count_used(img.file.pread(block, cs), geo.refcount_order, n)
     return used >= threshold
 
 

@@ -17,7 +17,7 @@ area).  A crash before the switch leaves a v3 image whose zero clusters
 are partly already data clusters of zeros: the same disk, consistent.
 """
 
-import numpy as np
+from .._numpy import np
 
 from ..spec import header as hdr
 from ..spec.constants import L2E_OFFSET_MASK, QCOW_OFLAG_COMPRESSED, QCOW_OFLAG_COPIED, \

@@ -16,7 +16,7 @@ has its clusters discarded through the engine (qemu's fallback), which
 keeps its metadata where it is.
 """
 
-import numpy as np
+import array
 
 from .._ext.fileio import File
 from .._ext.kernels import refcount_encode
@@ -65,16 +65,14 @@ def _reset(f, sync):
     # 2. The refcount table keeps only its first block.  Barrier: the other
     #    blocks, and what they counted, are out of the table (leaks at most;
     #    an 8-byte entry is never torn).
-    table = np.zeros(cs // 8, dtype=">u8")
-    table[0] = 2 * cs
-    f.pwrite(table.tobytes(), cs)
+    f.pwrite(BE64.pack(2 * cs) + bytes(cs - 8), cs)
     barrier()
     # 3. The first block counts exactly the header, the table, itself and
     #    the L1 table.  Those entries read 1 before and after, so a torn
     #    write leaves old counts of unreferenced clusters: leaks.
-    counts = np.zeros(geo.rb_entries, dtype=np.uint64)
-    counts[:3 + l1_clusters] = 1
-    block = np.zeros(cs, dtype=np.uint8)
+    counts = array.array("Q", bytes(8 * geo.rb_entries))
+    counts[:3 + l1_clusters] = array.array("Q", [1]) * (3 + l1_clusters)
+    block = bytearray(cs)
     refcount_encode(counts, h.refcount_order, block)
     f.pwrite(block, 2 * cs)
     barrier()

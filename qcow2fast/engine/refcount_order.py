@@ -21,7 +21,7 @@ ones (leaked clusters); after 3 the new ones, which count the old ones
 until 4 frees them (leaks again).  Never a cluster in use counted free.
 """
 
-import numpy as np
+from .._numpy import np
 
 from .._ext.kernels import refcount_encode
 from ..errors import InvalidArgumentError, LimitExceededError
