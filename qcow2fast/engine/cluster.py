@@ -100,7 +100,7 @@ class Clusters:
         while pos < end:
             kind, host, n, entry = self.mapping.run_at(pos, end - pos, limit)
             if not host and not (self.state.external_data
-                                 and (kind == DATA or at_host0(np.uint64(entry)))):
+                                 and (kind == DATA or at_host0(int(entry)))):
                 host = None     # (zero or unallocated: a preallocated cluster keeps it)
             yield Extent(pos, n, KIND_NAMES[kind], host, 0)
             pos += n
@@ -202,7 +202,7 @@ class Clusters:
         s.data_written(new + nclusters * cs)
         # Data first, then the L2 entries that point to it.
         for k in range(nclusters):
-            l2[i0 + k] = np.uint64((new + k * cs) | QCOW_OFLAG_COPIED)
+            l2[i0 + k] = (new + k * cs) | QCOW_OFLAG_COPIED
         s.l2_cache.mark_dirty(slot, 8 * i0, 8 * (i0 + nclusters))
         for e in old:
             self.release_entry(e)
@@ -339,7 +339,7 @@ class Clusters:
                     else:
                         keep, new = False, 0
                     if new != e:
-                        l2[i0 + k] = np.uint64(new)
+                        l2[i0 + k] = new
                         if not keep:
                             self.release_entry(e, discard=True)
                 s.l2_cache.mark_dirty(slot)
