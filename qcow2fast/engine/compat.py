@@ -152,6 +152,7 @@ def _expand_batch(img, tables, backed, table_guest):
     s, geo, rc = img.state, img.geo, img.refcounts
     f, cs, cb = s.file, geo.cluster_size, geo.cluster_bits
     changed = []
+    released = []           # (host cluster, references) dropped once the L2 tables are written
     for l2off in tables:
         l2 = decode_table(f.pread(l2off, cs))
         zero = np.nonzero(((l2 & np.uint64(QCOW_OFLAG_ZERO)) != 0)
@@ -160,9 +161,21 @@ def _expand_batch(img, tables, backed, table_guest):
             continue
         shared = rc.get(l2off >> cb)            # tables pointing to this L2 table
         plain = zero[(l2[zero] & np.uint64(L2E_OFFSET_MASK)) == 0]
-        kept = zero[(l2[zero] & np.uint64(L2E_OFFSET_MASK)) != 0]
+        kept = []
         g0 = table_guest[l2off]
-        for i in kept.tolist():
+        for i in zero[(l2[zero] & np.uint64(L2E_OFFSET_MASK)) != 0].tolist():
+            host = int(l2[i]) & L2E_OFFSET_MASK
+            if rc.get(host >> cb) > shared:
+                # Another table also maps the cluster (a zero write that kept
+                # the offset of a cluster a snapshot shares): zeroing it in
+                # place would change what the others read -- qemu 7.2 does,
+                # and loses that data.  This entry gets a zero cluster of
+                # its own, as a plain one does.
+                released.append((host >> cb, shared))
+                plain = np.append(plain, i)
+            else:
+                kept.append(i)
+        for i in kept:
             e = int(l2[i]) & ~QCOW_OFLAG_ZERO
             _zero_cluster(img, e & L2E_OFFSET_MASK, [g0 + (i << cb)])
             if rc.get((e & L2E_OFFSET_MASK) >> cb) != 1:    # COPIED iff refcount 1
@@ -186,7 +199,13 @@ def _expand_batch(img, tables, backed, table_guest):
     s.barrier()                 # barrier: zeroed clusters and their refcounts before the L2 entries
     for l2off, l2 in changed:
         f.pwrite(l2.astype(">u8").tobytes(), l2off)
-    s.barrier()                 # barrier: the L2 tables before the version switch
+    s.barrier()                 # barrier: the L2 tables before the version switch, and
+                                # before the references they dropped (a crash leaks them)
+    for cluster, n in released:
+        rc.update(cluster, 1, -n)
+    if released:
+        s.refcount_cache.flush()
+        s.barrier()
 
 
 def _zero_cluster(img, host, guests):
