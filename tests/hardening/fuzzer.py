@@ -28,7 +28,7 @@ import threading
 import traceback
 
 from tests.hardening.fuzz_structures import NAMES, structures
-from tests.helpers.luks_util import PBKDF2_TIMING_ATTEMPTS
+from tests.helpers.qemu_util import PBKDF2_TIMING_ATTEMPTS
 
 QEMU_IMG = shutil.which("qemu-img") or "qemu-img"
 QEMU_IO = shutil.which("qemu-io") or "qemu-io"
@@ -43,7 +43,7 @@ WRITING = ("repair", "lifecycle", "chain")      # targets that may change their 
 
 def _run(*argv, cwd=None):
     """Run a qemu tool; a LUKS create that qemu fails to time PBKDF2 for
-    is repeated (tests/helpers/luks_util.py)."""
+    is repeated (tests/helpers/qemu_util.py)."""
     for _ in range(PBKDF2_TIMING_ATTEMPTS):
         p = subprocess.run([str(a) for a in argv], capture_output=True, cwd=cwd)
         if p.returncode == 0 or b"accurate CPU usage" not in p.stderr:

@@ -29,20 +29,10 @@ def luks_options(oid=SECRET_ID, **enc):
     return ",".join(parts)
 
 
-# qemu 7.2 times PBKDF2 with the thread's CPU clock and gives up with
-# "Unable to get accurate CPU usage" when a short run reads as 0 ms (about
-# one create in four here): such a create is repeated.
-PBKDF2_TIMING_ATTEMPTS = 50
-
-
 def qemu_img_create_luks(*args):
-    """``qemu-img create *args`` of a LUKS image, repeated while qemu
-    fails to time PBKDF2; the last CompletedProcess."""
-    for _ in range(PBKDF2_TIMING_ATTEMPTS):
-        p = qemu_img("create", *args, check=False)
-        if p.returncode == 0 or "accurate CPU usage" not in p.stderr_text:
-            return p
-    return p
+    """``qemu-img create *args`` of a LUKS image (qemu_util.run repeats it
+    while qemu fails to time PBKDF2); the CompletedProcess."""
+    return qemu_img("create", *args, check=False)
 
 
 def qemu_create_luks(path, size, passphrase, *, extra=(), **enc):
