@@ -460,12 +460,11 @@ def _convert_through_image(src, dest, format, options, sparse_size, existing,
         def raw_write(data, off):
             if dfile is not None:
                 dfile.pwrite(data, off)
-            elif prefault is not None:
-                t0 = time.thread_time()
-                pwrite_all(out.fd, data, off, dest)
+                return
+            t0 = time.thread_time()
+            pwrite_all(out.fd, data, off, dest)
+            if prefault is not None:
                 prefault.wrote(len(data), time.thread_time() - t0)
-            else:
-                pwrite_all(out.fd, data, off, dest)
 
         if existing and src is not None and tsize < src.size:
             raise InvalidArgumentError(f"target {dest!r} is smaller ({tsize} bytes) than "
