@@ -34,7 +34,6 @@ Every run's result is checked: ``qemu-img compare`` of the top with
 qemu's result.
 """
 
-import compileall
 import os
 import shutil
 import subprocess
@@ -135,7 +134,6 @@ def collect(a, tmpdir):
     os.makedirs(master)
     log(f"  making the chain: {a.size // GiB} GiB base, overlays mid 10%, top 5%, other 5%")
     run([sys.executable, "-c", MAKE_CHAIN, master, str(a.size)])
-    compileall.compile_dir(os.path.join(REPO, "qcow2fast"), quiet=1)
     tools = {"qemu-img": [a.qemu_img], "qcow2fast": qcow2fast_command()}
     results = []
     for label, command, argv, written in OPERATIONS:

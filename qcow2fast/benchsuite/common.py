@@ -2,6 +2,7 @@
 its filesystems, statistics over repeated runs."""
 
 import argparse
+import functools
 import json
 import os
 import re
@@ -53,11 +54,14 @@ def round_up(n, align):
 def qcow2fast_command():
     """The ``qcow2fast`` command as users run it: the console script
     installed beside this Python (``python -m qcow2fast`` costs runpy's
-    extra start-up), else ``python -m qcow2fast``."""
+    extra start-up), else ``python -m qcow2fast``; its package byte-compiled
+    first, as an installed package is."""
+    compile_package()
     script = os.path.join(os.path.dirname(sys.executable), "qcow2fast")
     return [script] if os.access(script, os.X_OK) else [sys.executable, "-m", "qcow2fast"]
 
 
+@functools.cache
 def compile_package():
     """Byte-compile the qcow2fast package the commands run from, as pip
     does at install.  Where PYTHONDONTWRITEBYTECODE is set (this sandbox)

@@ -27,7 +27,7 @@ import shutil
 import statistics
 import sys
 
-from .common import (GiB, bench_parser, choose_tmpdir, compile_package, log, qcow2fast_command,
+from .common import (GiB, bench_parser, choose_tmpdir, log, qcow2fast_command,
                      run, timed_command)
 
 TiB = 1024 * GiB
@@ -79,7 +79,6 @@ def main(argv=None):
     runs = a.runs or (3 if a.quick else 5)
     tmp, _ = choose_tmpdir(a.tmpdir, 2 * GiB, prefix="qcow2fast-resize-bench-")
     qf = qcow2fast_command()
-    compile_package()
     results = []
     try:
         for name, make, args, call in scenarios(a.quick):

@@ -32,7 +32,7 @@ import shutil
 import subprocess
 import sys
 
-from .common import (GiB, MiB, BenchError, bench_parser, compile_package, log, qcow2fast_command,
+from .common import (GiB, MiB, BenchError, bench_parser, log, qcow2fast_command,
                      ratio_info, run, scenario_main, summarise, timed_command)
 
 SIZES = {"full": {"meta-64k": 64 * GiB, "meta-4k": 16 * GiB, "runs": 5},
@@ -133,7 +133,6 @@ def main(argv=None):
     a.runs = a.runs or SIZES[a.mode]["runs"]
     if not shutil.which(a.qemu_img):
         p.error(f"{a.qemu_img} not found (Debian: apt-get install qemu-utils)")
-    compile_package()
     return scenario_main(a, "snapshot-bench", 512 * MiB, collect, report,
                          meta={"mode": a.mode, "runs": a.runs})
 

@@ -26,7 +26,7 @@ import shutil
 import statistics
 import sys
 
-from .common import (bench_parser, choose_tmpdir, compile_package, log, qcow2fast_command, run,
+from .common import (bench_parser, choose_tmpdir, log, qcow2fast_command, run,
                      timed_command)
 
 # (name, arguments; IMG is the top image, BASE the backing file's name)
@@ -71,7 +71,6 @@ def main(argv=None):
     runs = a.runs or (3 if a.quick else 7)
     tmp, _ = choose_tmpdir(a.tmpdir, 64 << 20, prefix="qcow2fast-startup-bench-")
     qf = qcow2fast_command()
-    compile_package()
     results = {"commands": [], "floors": []}
     try:
         base, top = make_images(tmp)
