@@ -217,6 +217,102 @@ def l2_copied_rows(uint64_t[:, ::1] tables, const uint8_t[::1] state, int cluste
                     tables[r, i] = QF_BSWAP64(e ^ QCOW_OFLAG_COPIED)
 
 
+# -- snapshots: the refcounts of whole trees (engine/snapshot_refcount.py) -------------
+
+
+def l2_clear_copied(uint64_t[:, ::1] tables, uint8_t[::1] changed, bint extended=False):
+    """Clear COPIED in every descriptor of the tables (rows of on-disk,
+    big-endian words); ``changed[row] = 1`` for each table that had one,
+    0 for the others."""
+    cdef Py_ssize_t r, i, j, rows = tables.shape[0], n = tables.shape[1]
+    cdef Py_ssize_t step = 2 if extended else 1
+    cdef uint64_t raw_copied = QF_BSWAP64(QCOW_OFLAG_COPIED)
+    cdef uint8_t any_set
+    if changed.shape[0] < rows:
+        raise ValueError("l2_clear_copied: changed[] shorter than the table count")
+    with nogil:
+        for r in range(rows):
+            any_set = 0
+            for j in range(n // step):
+                i = j * step
+                if tables[r, i] & raw_copied:
+                    tables[r, i] &= ~raw_copied
+                    any_set = 1
+            changed[r] = any_set
+
+
+def nonzero_blocks(const uint32_t[::1] counts, int rb_bits):
+    """The indexes, in order, of the refcount blocks (runs of 2**rb_bits
+    counts; the last may be short) holding a nonzero count."""
+    cdef Py_ssize_t i, n = counts.shape[0]
+    out = []
+    i = 0
+    while i < n:
+        if counts[i]:
+            out.append(i >> rb_bits)
+            i = ((i >> rb_bits) + 1) << rb_bits       # on to the next block
+        else:
+            i += 1
+    return out
+
+
+def refcount_change_check(const uint32_t[::1] counts, const uint64_t[::1] values, int addend,
+                          uint64_t maxval):
+    """The first k where ``values[k]`` (a refcount block's) plus ``counts[k]``
+    would pass ``maxval`` (``addend`` > 0), or minus it would go below 0
+    (``addend`` < 0); -1 if none."""
+    cdef Py_ssize_t k, n = counts.shape[0], found = -1
+    if values.shape[0] < n:
+        raise ValueError("refcount_change_check: fewer values than counts")
+    with nogil:
+        for k in range(n):
+            if (counts[k] > maxval - values[k]) if addend > 0 else (counts[k] > values[k]):
+                found = k
+                break
+    return found
+
+
+def refcount_change_apply(uint64_t[::1] values, const uint32_t[::1] counts, int addend,
+                          uint8_t[::1] state, int64_t base):
+    """``values[k]`` += (``addend`` > 0) or -= ``counts[k]`` in place (checked
+    by refcount_change_check first), and ``state[k]`` = 1 if the refcount
+    is now 1, 0 if not, for each k the change touches (the others keep
+    theirs).  Returns the runs ``[(base + first, n), ...]`` of touched
+    clusters whose refcount is now 0."""
+    cdef Py_ssize_t k, n = counts.shape[0], start = -1
+    if values.shape[0] < n or state.shape[0] < n:
+        raise ValueError("refcount_change_apply: values[] or state[] shorter than counts[]")
+    freed = []
+    for k in range(n):
+        if not counts[k]:
+            if start >= 0:
+                freed.append((base + start, k - start))
+                start = -1
+            continue
+        if addend > 0:
+            values[k] += counts[k]
+        else:
+            values[k] -= counts[k]
+        state[k] = values[k] == 1
+        if values[k] == 0:
+            if start < 0:
+                start = k
+        elif start >= 0:
+            freed.append((base + start, k - start))
+            start = -1
+    if start >= 0:
+        freed.append((base + start, n - start))
+    return freed
+
+
+def table_and(uint64_t[::1] table, uint64_t mask):
+    """``table[i] &= mask`` for every entry, in place."""
+    cdef Py_ssize_t i, n = table.shape[0]
+    with nogil:
+        for i in range(n):
+            table[i] &= mask
+
+
 # -- extended L2 entries: ranges of subclusters ----------------------------------------
 
 

@@ -65,20 +65,21 @@ import os
 import time
 import warnings
 
-import numpy as np
+from array import array
 
-from .._ext.kernels import l2_next_run
+from .._ext.kernels import l2_next_run, table_and, table_first_with
 from ..errors import CorruptImageError, InvalidArgumentError, LeakWarning, LimitExceededError
 from ..spec.constants import (COMPRESSED, DATA, L1E_OFFSET_MASK, L1E_SIZE, QCOW_OFLAG_COPIED,
                               UNALLOCATED, ZERO)
 from ..spec.header import pack_fields
+from ..spec.tables import decode_table, encode_table
 from ..spec.snapshot import MAX_SNAPSHOTS, Snapshot
 from . import features
 from .snapshot import (find_index, l1_inside_file, new_snapshot_id, snapshot_l1,
                        write_snapshot_table)
 from .snapshot_refcount import Plan, Tree, discard_freed, host_clusters, new_counts
 
-_COPIED = np.uint64(QCOW_OFLAG_COPIED)
+_NOT_COPIED = ~QCOW_OFLAG_COPIED & ((1 << 64) - 1)
 _CHUNK = 1 << 20                # VM state copied from a file this much at a time
 
 
@@ -135,7 +136,9 @@ class Snapshots:
         for t in trees:
             t.tally(counts)
         for offset, n in extra:          # L1 table clusters
-            counts[offset >> self.geo.cluster_bits:][:n] += 1
+            first = offset >> self.geo.cluster_bits
+            for c in range(first, min(first + n, len(counts))):
+                counts[c] += 1
         return Plan(self.refcounts, counts, addend, what)
 
     def vm_state_offset(self):
@@ -199,8 +202,7 @@ class Snapshots:
                 out[done:done + n] = bytes(n)
                 done += n
                 continue
-            l2 = np.frombuffer(s.file.pread(l2off + l2i * geo.l2_entry_bytes,
-                                            geo.l2_entry_bytes), dtype=">u8").astype(np.uint64)
+            l2 = decode_table(s.file.pread(l2off + l2i * geo.l2_entry_bytes, geo.l2_entry_bytes))
             in_u = p & ((1 << ub) - 1)
             u = (p >> ub) & ((1 << (geo.cluster_bits - ub)) - 1)
             kind, host, run = l2_next_run(l2, u, 1, geo.cluster_bits, False, geo.extended_l2)
@@ -255,7 +257,7 @@ class Snapshots:
             tree = Tree(s, self.mapping.l1)
             plan = self._plan([tree], 1, what)
         with features.steps(s, f"creating {what}"):
-            l1 = np.asarray(self.mapping.l1)     # (a view: state.l1 sees changes)
+            l1 = self.mapping.l1     # (state.l1 is a view of it: it sees changes)
             # The snapshot's L1 table: a copy of the active one (COPIED is only
             # meaningful in the active table).
             n_l1 = len(l1)
@@ -263,16 +265,18 @@ class Snapshots:
             if n_l1:
                 sn_l1_off = self.refcounts.alloc(self._l1_bytes(n_l1))
                 s.allocated(sn_l1_off + self._l1_bytes(n_l1) * geo.cluster_size)
-                s.file.pwrite((l1 & ~_COPIED).astype(">u8").tobytes(), sn_l1_off)
+                copy = array("Q", l1)
+                table_and(copy, _NOT_COPIED)
+                s.file.pwrite(encode_table(copy), sn_l1_off)
                 s.metadata.add(sn_l1_off >> geo.cluster_bits, self._l1_bytes(n_l1))
             features.set_dirty(s, True)     # barrier: the COPIED window opens (module doc)
             plan.apply()
             self._sync()            # barrier: shared clusters counted before COPIED goes
             # The L2 and L1 flags need no order between them (no pointer changes).
             tree.write_rows(tree.clear_copied())
-            if (l1 & _COPIED).any():
-                l1 &= ~_COPIED      # in place: the C path's view (state.l1) stays this array
-                s.file.pwrite(l1.astype(">u8").tobytes(), s.header.l1_table_offset)
+            if table_first_with(l1, QCOW_OFLAG_COPIED) >= 0:
+                table_and(l1, _NOT_COPIED)  # in place: the C path's view (state.l1) stays valid
+                s.file.pwrite(encode_table(l1), s.header.l1_table_offset)
             self._after()
             now = time.time_ns() if date is None else int(date * 1e9)
             sn = Snapshot(sn_l1_off, n_l1, ident, name, now // 10**9, (now % 10**9) // 1000 * 1000,
@@ -332,15 +336,16 @@ class Snapshots:
         old_off, old_n = h.l1_table_offset, h.l1_size
         size = s.size if sn.disk_size is None else sn.disk_size
         n_l1 = max(len(old_l1), sn.l1_size, geo.l1_size_for(size))
-        new_l1 = np.zeros(n_l1, dtype=np.uint64)
-        new_l1[:sn.l1_size] = sn_l1 & ~_COPIED       # every table is shared with sn now
+        new_l1 = array("Q", sn_l1)
+        new_l1.extend(array("Q", [0]) * (n_l1 - len(new_l1)))
+        table_and(new_l1, _NOT_COPIED)          # every table is shared with sn now
         with features.steps(s, f"applying snapshot {sn.id}"):
             plan.apply()
             up.write_rows(up.clear_copied())
             self._sync()        # barrier: the snapshot's tree counted twice before it is active
             new_off = self.refcounts.alloc(self._l1_bytes(n_l1))
             s.allocated(new_off + self._l1_bytes(n_l1) * geo.cluster_size)
-            s.file.pwrite(new_l1.astype(">u8").tobytes(), new_off)
+            s.file.pwrite(encode_table(new_l1), new_off)
             self._sync()        # barrier: the new L1 table is complete before the header names it
             where, fields = pack_fields(size=size, crypt_method=h.crypt_method, l1_size=n_l1,
                                         l1_table_offset=new_off)
@@ -350,12 +355,12 @@ class Snapshots:
             s.set_size(size)
             self.mapping.replace_l1(new_l1, new_off)
             s.metadata.add(new_off >> geo.cluster_bits, self._l1_bytes(n_l1))
-            s.metadata.add_clusters(up.offsets >> geo.cluster_bits)
+            s.metadata.add_clusters([o >> geo.cluster_bits for o in up.offsets])
             down = self._plan([Tree(s, old_l1)], -1, "the active L1 table",
                               [(old_off, self._l1_bytes(old_n))] if old_n else [])
             down.apply()
             self._sync()
-            discard_freed(s, down.freed_clusters())
+            discard_freed(s, down.freed)
             self._after()
 
     # -- delete and rename ---------------------------------------------------------------
@@ -381,7 +386,7 @@ class Snapshots:
             self._publish_table(img.snapshots[:i] + img.snapshots[i + 1:], dirty=True)
             plan.apply()
             self._sync()            # barrier: refcounts drop before COPIED is set on what is now 1
-            discard_freed(s, plan.freed_clusters())
+            discard_freed(s, plan.freed)
             self._update_copied(plan.state)
             # After _update_copied's barrier (flags stable); the next barrier
             # (close's, the next operation's) makes the clean bit stable.
@@ -398,24 +403,23 @@ class Snapshots:
         """qemu's addend-0 pass: COPIED where the active tree's refcounts
         are now 1 (``state``: Plan.state, what the operation changed)."""
         s = self.state
-        l1 = np.asarray(self.mapping.l1)     # (a view: state.l1 sees changes)
-        full = np.full(host_clusters(s, self.refcounts), 2, dtype=np.uint8)
-        full[:len(state)] = state[:len(full)]
-        state = full
+        l1 = self.mapping.l1     # (state.l1 is a view of it: it sees changes)
+        n = host_clusters(s, self.refcounts)
+        full = bytearray(state[:n])
+        full += b"\x02" * (n - len(full))
         active = Tree(s, l1)
-        active.write_rows(active.set_copied(state))     # (L2 and L1 flags: no order needed)
-        if not len(active.index):
-            s.barrier()
-            return
-        c = active.offsets >> self.geo.cluster_bits
-        st = np.zeros(len(c), dtype=np.uint8)
-        inside = c < len(state)
-        st[inside] = state[c[inside]]
-        old = l1[active.index]
-        new = np.where(st == 2, old, np.where(st == 1, old | _COPIED, old & ~_COPIED))
-        if (new != old).any():
-            l1[active.index] = new      # in place: state.l1 stays this array
-            s.file.pwrite(l1.astype(">u8").tobytes(), s.header.l1_table_offset)
+        active.write_rows(active.set_copied(full))     # (L2 and L1 flags: no order needed)
+        changed = False
+        for i, off in zip(active.index, active.offsets):
+            c = off >> self.geo.cluster_bits
+            st = full[c] if c < n else 0
+            new = l1[i] if st == 2 else \
+                l1[i] | QCOW_OFLAG_COPIED if st == 1 else l1[i] & _NOT_COPIED
+            if new != l1[i]:
+                l1[i] = new         # in place: state.l1 stays a view of this array
+                changed = True
+        if changed:
+            s.file.pwrite(encode_table(l1), s.header.l1_table_offset)
         s.barrier()             # barrier: the flags are stable before the operation returns
 
     def rewrite_table(self):

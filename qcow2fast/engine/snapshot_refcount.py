@@ -18,101 +18,102 @@ snapshot sharing it, one for the active table); a compressed cluster
 counts once on each host cluster it touches.
 """
 
-import numpy as np
+from array import array
 
-from .._ext.kernels import l2_copied_rows, l2_tally_tables, refcount_encode, tally_add
+from .._ext.kernels import (l2_clear_copied, l2_copied_rows, l2_tally_tables, nonzero_blocks,
+                            refcount_change_apply, refcount_change_check, refcount_encode,
+                            tally_add)
 from ..errors import CorruptImageError, LimitExceededError
-from ..spec.constants import L1E_OFFSET_MASK, QCOW_OFLAG_COPIED
+from ..spec.constants import L1E_OFFSET_MASK
 
-# COPIED as it sits in a big-endian word viewed as native uint64.
-_COPIED_RAW = np.array([QCOW_OFLAG_COPIED], dtype=">u8").view(np.uint64)[0]
 _READ_RUN = 32 << 20            # bytes read at once when L2 tables are contiguous
+
+
+def _rows(flags):
+    """The indexes of the nonzero bytes of ``flags``."""
+    return [i for i, v in enumerate(flags) if v]
 
 
 class Tree:
     """The L2 tables one L1 table (native uint64 array, validated by
     ``read_l1_table``) reaches, read from the file: ``tables`` holds one
-    table a row, in on-disk form (big-endian words viewed as uint64)."""
+    table a row (a 2-D uint64 view of ``raw``), in on-disk form (big-endian
+    words viewed as native ones); ``index`` the L1 indexes with a table,
+    ``offsets`` their tables' host offsets (``tables`` is None if there
+    are none)."""
 
     def __init__(self, state, l1):
         geo = state.geo
         self.state, self.geo = state, geo
         self.l1 = l1
-        offs = np.asarray(l1) & np.uint64(L1E_OFFSET_MASK)
-        self.index = np.flatnonzero(offs)                   # L1 indexes with a table
-        self.offsets = offs[self.index].astype(np.int64)    # their L2 table offsets
-        words = geo.cluster_size // 8
-        self.tables = np.empty((len(self.index), words), dtype=np.uint64)
-        self._read()
+        self.index = [i for i, e in enumerate(l1) if e & L1E_OFFSET_MASK]
+        self.offsets = [l1[i] & L1E_OFFSET_MASK for i in self.index]
+        cs = geo.cluster_size
+        self.raw = memoryview(bytearray(len(self.index) * cs))
+        self.tables = None              # (no tables: a memoryview cannot have a 0 in its shape)
+        if self.index:
+            self.tables = self.raw.cast("Q", (len(self.index), cs // 8))
+            self._read()
 
     def _read(self):
         cs = self.geo.cluster_size
-        if not len(self.offsets):
-            return
-        order = np.argsort(self.offsets, kind="stable")
-        sorted_offs = self.offsets[order]
-        # Tables at consecutive host clusters are read at once (at most
-        # _READ_RUN bytes a read), the others straight into their row.
-        starts = np.flatnonzero(np.diff(sorted_offs) != cs) + 1
-        bounds = [0] + starts.tolist() + [len(order)]
         per = max(1, _READ_RUN // cs)
-        f, rows, offs = self.state.file, order.tolist(), sorted_offs.tolist()
-        for k0, k1 in zip(bounds[:-1], bounds[1:]):
-            if k1 == k0 + 1:
-                f.preadinto(self.tables[rows[k0]], offs[k0])
-                continue
-            for k in range(k0, k1, per):
-                j = min(k1, k + per)
-                raw = np.frombuffer(f.pread(offs[k], (j - k) * cs), dtype=np.uint64)
-                self.tables[order[k:j]] = raw.reshape(j - k, -1)
-
-    def descriptors(self):
-        """A view of the descriptor words (every word, or every other one
-        with extended entries), in on-disk form."""
-        return self.tables[:, ::self.geo.l2_entry_words]
+        f, offs = self.state.file, self.offsets
+        order = sorted(range(len(offs)), key=offs.__getitem__)
+        # Tables at consecutive host clusters that are consecutive rows too
+        # (an L1 table written in order) are read at once, at most
+        # _READ_RUN bytes a read.
+        k = 0
+        while k < len(order):
+            r, j = order[k], k + 1
+            while j < len(order) and j - k < per and order[j] == r + (j - k) \
+                    and offs[order[j]] == offs[r] + (j - k) * cs:
+                j += 1
+            f.preadinto(self.raw[r * cs:(r + j - k) * cs], offs[r])
+            k = j
 
     def tally(self, counts):
         """Add this tree's references (its L2 tables, their data and
         compressed clusters) to ``counts`` (uint32, one per host cluster).
         A table holding an entry qemu's check would report is corruption."""
-        if not len(self.index):
+        if not self.index:
             return
-        odd = np.zeros(len(self.index), dtype=np.uint8)
+        odd = bytearray(len(self.index))
         l2_tally_tables(self.tables, counts, odd, self.geo.cluster_bits,
                         len(counts) << self.geo.cluster_bits, self.geo.extended_l2)
-        bad = np.flatnonzero(odd)
-        if len(bad):
-            r = int(bad[0])
+        bad = _rows(odd)
+        if bad:
+            r = bad[0]
             raise CorruptImageError(
-                f"the L2 table at {int(self.offsets[r]):#x} (L1 index {int(self.index[r])}) holds "
+                f"the L2 table at {self.offsets[r]:#x} (L1 index {self.index[r]}) holds "
                 "an invalid entry (reserved bits, an unaligned or out-of-file host offset); "
-                "run check -r all", offset=int(self.offsets[r]), field="L2 entry")
-        tally_add(counts, self.offsets >> self.geo.cluster_bits)
+                "run check -r all", offset=self.offsets[r], field="L2 entry")
+        tally_add(counts, array("q", [o >> self.geo.cluster_bits for o in self.offsets]))
 
     def write_rows(self, rows):
         """Write the tables of ``rows`` (indexes into ``tables``) back."""
-        f, offs = self.state.file, self.offsets
-        for r in rows.tolist() if hasattr(rows, "tolist") else rows:
-            f.pwrite(self.tables[r], int(offs[r]))
+        f, cs = self.state.file, self.geo.cluster_size
+        for r in rows:
+            f.pwrite(self.raw[r * cs:(r + 1) * cs], self.offsets[r])
 
     def clear_copied(self):
         """Clear COPIED in every descriptor word (the tables are now shared
         or their clusters are); returns the rows that changed."""
-        d = self.descriptors()
-        rows = np.flatnonzero((d & _COPIED_RAW).any(axis=1))
-        d &= ~_COPIED_RAW
-        return rows
+        changed = bytearray(len(self.index))
+        if self.index:
+            l2_clear_copied(self.tables, changed, self.geo.extended_l2)
+        return _rows(changed)
 
     def set_copied(self, state):
         """qemu's addend-0 pass over the active tree: COPIED on exactly the
         standard entries whose cluster has refcount 1.  ``state[c]``: 1
         refcount 1, 0 other, 2 unchanged by the operation (not judged: its
         flag was right before).  Returns the rows that changed."""
-        changed = np.zeros(len(self.index), dtype=np.uint8)
-        if len(changed):
+        changed = bytearray(len(self.index))
+        if self.index:
             l2_copied_rows(self.tables, state, self.geo.cluster_bits, changed,
                            self.geo.extended_l2, fix=True)
-        return np.flatnonzero(changed)
+        return _rows(changed)
 
 
 def host_clusters(state, refcounts):
@@ -121,38 +122,36 @@ def host_clusters(state, refcounts):
 
 
 def new_counts(state, refcounts):
-    """A zeroed tally covering every host cluster of the image."""
-    return np.zeros(host_clusters(state, refcounts), dtype=np.uint32)
+    """A zeroed tally (uint32) covering every host cluster of the image."""
+    return array("I", [0]) * host_clusters(state, refcounts)
 
 
 class Plan:
     """A refcount change of ``addend`` (+1 or -1) times a tally, checked
     over every block it touches when made; ``apply`` adds it to the values
     the blocks hold then (clusters allocated in between are not in the
-    tally, so the check still holds)."""
+    tally, so the check still holds).  The tally is not changed after."""
 
     def __init__(self, refcounts, counts, addend, what):
         geo = refcounts.geo
         self.refcounts, self.addend = refcounts, addend
-        self.blocks = []                # (refcount block index, uint64 counts)
-        self.freed = np.zeros(0, dtype=np.int64)
-        self.state = np.zeros(0, dtype=np.uint8)
-        E, maxval = geo.rb_entries, np.uint64(geo.refcount_max)
+        self.blocks = []                # (refcount block index, its part of the tally)
+        self.freed = []                 # runs (first cluster, n) now at refcount 0
+        self.state = bytearray()
+        E = geo.rb_entries
         table = refcounts.table
-        vals = np.empty(E, dtype=np.uint64)
-        for t in touched_blocks(counts, geo.rb_bits):
-            c = np.zeros(E, dtype=np.uint64)
-            part = counts[t * E:(t + 1) * E]
-            c[:len(part)] = part
+        counts = memoryview(counts)
+        vals = array("Q", [0]) * E
+        for t in nonzero_blocks(counts, geo.rb_bits):
+            c = counts[t * E:(t + 1) * E]
             if t >= len(table) or table[t] == 0:
-                first = t * E + int(np.flatnonzero(c)[0])
+                first = t * E + _rows(c)[0]
                 raise CorruptImageError(f"host cluster {first << geo.cluster_bits:#x} is "
                                         f"referenced by {what} but has no refcount block",
                                         offset=first << geo.cluster_bits, field="refcount")
             refcounts.read_block_values(t, vals)
-            bad = np.flatnonzero(c > maxval - vals if addend > 0 else c > vals)
-            if len(bad):
-                k = int(bad[0])
+            k = refcount_change_check(c, vals, addend, geo.refcount_max)
+            if k >= 0:
                 cl = (t * E + k) << geo.cluster_bits
                 if addend > 0:
                     raise LimitExceededError(
@@ -160,58 +159,37 @@ class Plan:
                         f"{geo.refcount_max} (refcount_bits={geo.refcount_bits}); widen it "
                         "with amend -o refcount_bits=16")
                 raise CorruptImageError(
-                    f"{what} references host cluster {cl:#x} more often ({int(c[k])}) than its "
-                    f"refcount ({int(vals[k])}); run check -r all", offset=cl, field="refcount")
+                    f"{what} references host cluster {cl:#x} more often ({c[k]}) than its "
+                    f"refcount ({vals[k]}); run check -r all", offset=cl, field="refcount")
             self.blocks.append((t, c))
 
     def apply(self):
         """Change the blocks in the refcount cache (dirty: the caller
-        writes and orders them); ``freed`` gets the clusters now at 0."""
+        writes and orders them); ``freed`` gets the runs of clusters now
+        at 0, in order."""
         rc = self.refcounts
         geo = rc.geo
         cache, order, E = rc.cache, geo.refcount_order, geo.rb_entries
-        vals = np.empty(E, dtype=np.uint64)
-        freed = []
+        vals = array("Q", [0]) * E
         top = self.blocks[-1][0] + 1 if self.blocks else 0
         # What the operation did, per cluster: 1 refcount now 1, 0 other, 2 untouched.
-        self.state = np.full(top * E, 2, dtype=np.uint8)
+        self.state = bytearray(b"\x02") * (top * E)
+        state = memoryview(self.state)
         for t, c in self.blocks:
             rc.read_block_values(t, vals)
-            new = vals + c if self.addend > 0 else vals - c
-            self.state[t * E:(t + 1) * E] = np.where(c != 0, new == 1, 2)
+            self.freed += refcount_change_apply(vals, c, self.addend, state[t * E:(t + 1) * E],
+                                                t * E)
             slot = cache.load(int(rc.table[t]))
-            refcount_encode(new, order, cache.raw(slot))
+            refcount_encode(vals, order, cache.raw(slot))
             cache.mark_dirty(slot)
-            if self.addend < 0:
-                gone = np.flatnonzero((new == 0) & (c != 0))
-                if len(gone):
-                    freed.append(gone + t * E)
-        if freed:
-            self.freed = np.concatenate(freed)
-            rc.free_hint = min(rc.free_hint, int(self.freed[0]))
-
-    def freed_clusters(self):
-        return self.freed
+        if self.freed:
+            rc.free_hint = min(rc.free_hint, self.freed[0][0])
 
 
-def touched_blocks(counts, rb_bits):
-    """The refcount blocks (indexes) holding a nonzero count, in order."""
-    E = 1 << rb_bits
-    n = -(-len(counts) // E)
-    padded = counts if len(counts) == n * E else np.concatenate(
-        [counts, np.zeros(n * E - len(counts), dtype=counts.dtype)])
-    return np.flatnonzero(padded.reshape(n, E).any(axis=1)).tolist()
-
-
-def discard_freed(state, clusters):
-    """Give freed host clusters back to the file system (qemu's
-    QCOW2_DISCARD_SNAPSHOT) and out of the metadata map."""
-    if not len(clusters):
-        return
+def discard_freed(state, runs):
+    """Give freed host clusters (runs of (first, n)) back to the file
+    system (qemu's QCOW2_DISCARD_SNAPSHOT) and out of the metadata map."""
     cb = state.cluster_bits
-    clusters = np.sort(clusters)
-    breaks = np.flatnonzero(np.diff(clusters) != 1) + 1
-    for run in np.split(clusters, breaks):
-        first, n = int(run[0]), len(run)
+    for first, n in runs:
         state.metadata.remove(first, n)
         state.file.punch_hole(first << cb, n << cb)
