@@ -305,6 +305,41 @@ def refcount_change_apply(uint64_t[::1] values, const uint32_t[::1] counts, int 
     return freed
 
 
+def count_runs(const uint32_t[::1] counts):
+    """``[(first, n, k), ...]``: the runs of n consecutive indexes whose
+    count is the same k > 0, in order (one refcount update per run)."""
+    cdef Py_ssize_t i = 0, j, n = counts.shape[0]
+    out = []
+    while i < n:
+        if not counts[i]:
+            i += 1
+            continue
+        j = i + 1
+        while j < n and counts[j] == counts[i]:
+            j += 1
+        out.append((i, j - i, counts[i]))
+        i = j
+    return out
+
+
+def zero_runs(const uint64_t[::1] values, Py_ssize_t lo, Py_ssize_t hi):
+    """``[(first, n), ...]``: the runs of zero values in [lo, hi), in order."""
+    cdef Py_ssize_t i, start = -1
+    if lo < 0 or hi > values.shape[0] or lo > hi:
+        raise IndexError(f"zero_runs: [{lo}, {hi}) outside [0, {values.shape[0]})")
+    out = []
+    for i in range(lo, hi):
+        if values[i] == 0:
+            if start < 0:
+                start = i
+        elif start >= 0:
+            out.append((start, i - start))
+            start = -1
+    if start >= 0:
+        out.append((start, hi - start))
+    return out
+
+
 def table_and(uint64_t[::1] table, uint64_t mask):
     """``table[i] &= mask`` for every entry, in place."""
     cdef Py_ssize_t i, n = table.shape[0]

@@ -106,9 +106,10 @@ class Refcounts(RefcountCore):
                                     self.geo.refcount_order)
 
     def read_block_values(self, t, out):
-        """Decode refcount block ``t`` into ``out`` (zeros if absent)."""
+        """Decode refcount block ``t`` into ``out`` (a uint64 buffer; zeros
+        if the block is absent)."""
         if t >= len(self.table) or self.table[t] == 0:
-            out[:] = 0
+            kernels.table_and(out, 0)
         else:
             _, blk = self._block(t)
             kernels.refcount_decode(blk, self.geo.refcount_order, out)
@@ -156,23 +157,29 @@ class Refcounts(RefcountCore):
         if on_freed is None:
             return
         # Refcounts only went down: a freed cluster at zero now reached it
-        # here.  Each block touched is decoded once (numpy), not per cluster.
-        import numpy as np          # (bulk work: not on the path of opening an image)
+        # here.  Each block touched is decoded once, not per cluster; runs
+        # of zeros are found in C and joined across block boundaries.
         geo = self.geo
         cb, rbb, E = geo.cluster_bits, geo.rb_bits, geo.rb_entries
         blocks = {}
         for offset, n in pending:
             first = offset >> cb
-            zero = np.zeros(n, dtype=bool)
+            run = None                      # [first, n] not yet reported
             for t in range(first >> rbb, ((first + n - 1) >> rbb) + 1):
                 if t not in blocks:
-                    blocks[t] = np.zeros(E, dtype=np.uint64)
+                    blocks[t] = array("Q", [0]) * E
                     self.read_block_values(t, blocks[t])
                 lo, hi = max(first, t * E), min(first + n, (t + 1) * E)
-                zero[lo - first:hi - first] = blocks[t][lo - t * E:hi - t * E] == 0
-            edges = np.flatnonzero(np.diff(np.r_[0, zero.view(np.int8), 0]))
-            for a, b in zip(edges[::2].tolist(), edges[1::2].tolist()):
-                on_freed((first + a) << cb, b - a)
+                for a, m in kernels.zero_runs(blocks[t], lo - t * E, hi - t * E):
+                    a += t * E
+                    if run is not None and run[0] + run[1] == a:
+                        run[1] += m
+                        continue
+                    if run is not None:
+                        on_freed(run[0] << cb, run[1])
+                    run = [a, m]
+            if run is not None:
+                on_freed(run[0] << cb, run[1])
 
     # -- refcount blocks and table growth --------------------------------------
 

@@ -35,13 +35,20 @@ Write order (each barrier an fdatasync, none under cache=unsafe):
   at worst.
 """
 
-from .._numpy import np
+import warnings
+from array import array
 
-from ..errors import InvalidArgumentError, LimitExceededError, UnsupportedFeatureError
+from .._ext import kernels
+from ..errors import (InvalidArgumentError, LeakWarning, LimitExceededError,
+                      UnsupportedFeatureError)
 from ..spec import header as hdr
 from ..spec.constants import L1E_OFFSET_MASK, L1E_SIZE, SECTOR
-from ..spec.entries import decode_table, host_offsets, is_compressed, standard_allocated
+from ..spec.tables import encode_table
 from . import features
+from .snapshot_refcount import Tree, new_counts
+
+_TABLES_AT_ONCE = 512           # dropped L2 tables read (and held) at a time
+ALL_BITS = (1 << 64) - 1
 
 PREALLOCATION_MODES = ("off", "metadata", "falloc", "full")
 
@@ -178,30 +185,28 @@ def _shrink_l1(img, new_l1):
     """Zero the L1 entries from ``new_l1`` on (in place), then free their L2
     tables and what those tables alone referenced."""
     s, geo, m, rc = img.state, img.geo, img.mapping, img.refcounts
-    l1 = np.asarray(m.l1)      # (a view: state.l1 sees changes)
-    if new_l1 >= len(l1) or not l1[new_l1:].any():
+    l1 = m.l1                   # (state.l1 is a view of it: it sees changes)
+    if new_l1 >= len(l1) or kernels.table_first_with(l1[new_l1:], L1E_OFFSET_MASK) < 0:
         return
-    cs, cb = geo.cluster_size, geo.cluster_bits
-    tail = l1[new_l1:]
-    drop = [(tail[tail != 0] & np.uint64(L1E_OFFSET_MASK)).astype(np.int64) >> cb]
-    # ``drop``: host clusters whose refcount drops by one (arrays, one entry
-    # a reference)
-    for e in tail[tail != 0].tolist():
-        l2off = e & L1E_OFFSET_MASK
-        # A cluster is counted once per L1 table reaching it (a table shared
-        # with a snapshot included): what this L2 table maps loses one too.
-        if s.external_data:     # its data clusters have no refcounts (datafile.py)
-            continue
-        entries = decode_table(s.file.pread(l2off, cs))[::geo.l2_entry_words]
-        drop.append(_mapped_clusters(geo, entries))
+    cb = geo.cluster_bits
+    tail = array("Q", l1[new_l1:])
+    tables = [e & L1E_OFFSET_MASK for e in tail if e & L1E_OFFSET_MASK]
+    # ``counts``: per host cluster, the references the dropped tables hold
+    # (a cluster is counted once per L1 table reaching it, a table shared
+    # with a snapshot included: what this L2 table maps loses one too).
+    counts = new_counts(s, rc)
+    kernels.tally_add(counts, array("q", [t >> cb for t in tables]))
+    if not s.external_data:     # (a data file's clusters have no refcounts: datafile.py)
+        for i in range(0, len(tail), _TABLES_AT_ONCE):
+            _tally_mapped(s, Tree(s, tail[i:i + _TABLES_AT_ONCE]), counts)
     s.file.pwrite(bytes(len(tail) * L1E_SIZE), img.header.l1_table_offset + new_l1 * L1E_SIZE)
     s.barrier()             # barrier: no L1 entry points to the tables before they are freed
-    for e in tail[tail != 0].tolist():
-        m.metadata.remove((e & L1E_OFFSET_MASK) >> cb)
-    l1[new_l1:] = 0
+    for t in tables:
+        m.metadata.remove(t >> cb)
+    kernels.table_and(memoryview(l1)[new_l1:], 0)
     m.l1_pending.clear()
     s.l2_cache.invalidate_all()         # (clean: flushed above)
-    for first, n, k in _runs(np.concatenate(drop)):
+    for first, n, k in kernels.count_runs(counts):
         for _ in range(k):
             rc.free_deferred(first << cb, n)
     # The frees, their refcount blocks and a barrier; clusters left unused
@@ -209,29 +214,20 @@ def _shrink_l1(img, new_l1):
     img.flusher.flush(sync=True)
 
 
-def _mapped_clusters(geo, entries):
-    """Host clusters that L2 ``entries`` (descriptor words) reference, one
-    per reference (int64 array)."""
-    cb = np.uint64(geo.cluster_bits)
-    out = [(host_offsets(entries[standard_allocated(entries)]) >> cb).astype(np.int64)]
-    for e in entries[is_compressed(entries)].tolist():
-        first, last = geo.compressed_clusters(e)
-        out.append(np.arange(first, last + 1, dtype=np.int64))
-    return np.concatenate(out)
-
-
-def _runs(clusters):
-    """(first, n, k): runs of n consecutive host clusters each listed k
-    times in ``clusters`` (so a refcount update per run, not per cluster)."""
-    a = np.sort(np.asarray(clusters, dtype=np.int64))
-    if not len(a):
+def _tally_mapped(s, tree, counts):
+    """Add the clusters ``tree``'s L2 tables map to ``counts``.  A table
+    with an entry check would report (reserved bits, an unaligned or
+    out-of-file offset) is not understood: what it maps is left allocated
+    (leaked, for check -r leaks), never freed."""
+    odd = bytearray(len(tree.index))
+    if not tree.index:
         return
-    # distinct values and their counts (not np.unique: numpy 2's loads numpy.ma)
-    first = np.flatnonzero(np.r_[True, a[1:] != a[:-1]])
-    c, k = a[first], np.diff(np.r_[first, len(a)])
-    cut = np.nonzero((np.diff(c) != 1) | (np.diff(k) != 0))[0] + 1
-    for lo, hi in zip(np.r_[0, cut].tolist(), np.r_[cut, len(c)].tolist()):
-        yield int(c[lo]), hi - lo, int(k[lo])
+    kernels.l2_tally_tables(tree.tables, counts, odd, s.geo.cluster_bits,
+                            len(counts) << s.geo.cluster_bits, s.geo.extended_l2)
+    for r in (r for r, v in enumerate(odd) if v):
+        msg = (f"the L2 table at {tree.offsets[r]:#x} holds invalid entries: the clusters "
+               "it maps are left allocated (leaked)")
+        warnings.warn(LeakWarning(msg, msg), stacklevel=4)
 
 
 def _shrink_reftable(img):
@@ -239,27 +235,29 @@ def _shrink_reftable(img):
     qcow2_shrink_reftable): the table is rewritten in place without them,
     barrier, then they are freed."""
     s, geo, rc = img.state, img.geo, img.refcounts
-    table = np.asarray(rc.table)
+    table = rc.table            # (the allocator's view: changed in place)
     cb, E = geo.cluster_bits, geo.rb_entries
-    values = np.zeros(E, dtype=np.uint64)
+    values = array("Q", [0]) * E
     unused = []
-    for t in np.nonzero(table)[0].tolist():
-        b = int(table[t]) >> cb
+    for t in [t for t, e in enumerate(table) if e]:
+        b = table[t] >> cb
         rc.read_block_values(t, values)
         if b >> geo.rb_bits == t:
             values[b & (E - 1)] = 0         # its own reference does not count
-        if not values.any():
+        if kernels.table_first_with(values, ALL_BITS) < 0:
             unused.append(t)
     if not unused:
         return
-    new = table.copy()
-    new[unused] = 0
+    new = array("Q", table)
+    for t in unused:
+        new[t] = 0
     s.refcount_cache.flush()
-    s.file.pwrite(new.astype(">u8").tobytes(), img.header.refcount_table_offset)
+    s.file.pwrite(encode_table(new), img.header.refcount_table_offset)
     s.barrier()                 # barrier: the table no longer points to them
-    blocks = [int(table[t]) >> cb for t in unused]
+    blocks = [table[t] >> cb for t in unused]
     s.refcount_cache.invalidate_all()
-    table[unused] = 0
+    for t in unused:
+        table[t] = 0
     for t, b in zip(unused, blocks):
         img.state.metadata.remove(b)
         if b >> geo.rb_bits != t:           # counted elsewhere: drop that count
@@ -275,13 +273,13 @@ def _truncate_tail(img):
     if s.file.is_device:
         return
     E = geo.rb_entries
-    values = np.zeros(E, dtype=np.uint64)
+    values = array("Q", [0]) * E
     last = 0
-    for t in np.nonzero(np.asarray(rc.table))[0].tolist()[::-1]:
+    for t in reversed([t for t, e in enumerate(rc.table) if e]):
         rc.read_block_values(t, values)
-        used = np.nonzero(values)[0]
-        if len(used):
-            last = t * E + int(used[-1])
+        used = len(values.tobytes().rstrip(b"\0"))     # bytes up to the last nonzero value
+        if used:
+            last = t * E + (used - 1) // 8
             break
     end = (last + 1) << geo.cluster_bits
     if end < s.file.size():

@@ -112,11 +112,12 @@ def test_short_commands_on_a_chain_load_no_numpy(tmp_path, argv):
 @pytest.mark.parametrize("argv", [["map", "{top}"], ["map", "--output=json", "{top}"],
                                   ["compare", "{base}", "{top}"], ["commit", "{top}"],
                                   ["resize", "{top}", "+1M"],
+                                  ["resize", "--shrink", "{top}", "64K"],
                                   ["rebase", "-u", "-b", "{base}", "-F", "qcow2", "{top}"],
                                   ["rebase", "-b", "", "{top}"],
                                   ["amend", "-o", "lazy_refcounts=on", "{top}"]])
 def test_chain_commands_load_no_numpy(tmp_path, argv):
-    """map, compare, commit, resize, rebase and amend lazy_refcounts of an
+    """map, compare, commit, resize (both ways), rebase and amend lazy_refcounts of an
     overlay made as ``create -b`` makes it run without numpy (56 ms of a
     command's start-up here); the test fails if one of them comes to
     import it."""
