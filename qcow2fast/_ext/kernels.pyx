@@ -322,21 +322,25 @@ def count_runs(const uint32_t[::1] counts):
     return out
 
 
-def zero_runs(const uint64_t[::1] values, Py_ssize_t lo, Py_ssize_t hi):
-    """``[(first, n), ...]``: the runs of zero values in [lo, hi), in order."""
-    cdef Py_ssize_t i, start = -1
-    if lo < 0 or hi > values.shape[0] or lo > hi:
-        raise IndexError(f"zero_runs: [{lo}, {hi}) outside [0, {values.shape[0]})")
+def zero_runs(const uint64_t[::1] words, Py_ssize_t first, Py_ssize_t count,
+              Py_ssize_t step=1, uint64_t mask=0xFFFFFFFFFFFFFFFFULL):
+    """``[(j, n), ...]``: the runs, in order, of the entries j in [0, count)
+    with ``words[first + j * step] & mask == 0`` (refcount values: every
+    bit; L2 descriptors of extended entries: step 2, the offset bits)."""
+    cdef Py_ssize_t j, start = -1
+    if first < 0 or count < 0 or step < 1 or (count and first + (count - 1) * step >= words.shape[0]):
+        raise IndexError(f"zero_runs: {count} entries from {first} (step {step}) outside "
+                         f"[0, {words.shape[0]})")
     out = []
-    for i in range(lo, hi):
-        if values[i] == 0:
+    for j in range(count):
+        if not (words[first + j * step] & mask):
             if start < 0:
-                start = i
+                start = j
         elif start >= 0:
-            out.append((start, i - start))
+            out.append((start, j - start))
             start = -1
     if start >= 0:
-        out.append((start, hi - start))
+        out.append((start, count - start))
     return out
 
 

@@ -16,9 +16,7 @@ Invariants (with the write ordering of engine/flush.py):
 
 from array import array
 
-from .._numpy import np
-
-from .._ext.kernels import l2_entry_kind
+from .._ext.kernels import l2_entry_kind, zero_runs
 from ..errors import CorruptImageError
 from ..extent import Extent
 from ..spec.entries import at_host0
@@ -366,17 +364,9 @@ class Clusters:
             l2 = s.l2_cache.u64(slot)
             i0 = geo.l2_index(pos) & (geo.slice_entries - 1)
             n = min(geo.slice_entries - i0, total - (pos >> geo.cluster_bits))
-            mapped = (np.asarray(l2)[i0 * k:(i0 + n) * k:k]
-                      & np.uint64(L2E_OFFSET_MASK | QCOW_OFLAG_COMPRESSED)) != 0
-            if not mapped.any():
-                self._preallocate_run(mode, slot, l2, i0, n, pos, end)
-            else:
-                edges = np.flatnonzero(np.diff(mapped.view(np.int8))) + 1
-                bounds = [0, *edges.tolist(), n]
-                for a, b in zip(bounds, bounds[1:]):
-                    if not mapped[a]:
-                        self._preallocate_run(mode, slot, l2, i0 + a, b - a,
-                                              pos + (a << geo.cluster_bits), end)
+            for a, m in zero_runs(l2, i0 * k, n, k, L2E_OFFSET_MASK | QCOW_OFLAG_COMPRESSED):
+                self._preallocate_run(mode, slot, l2, i0 + a, m, pos + (a << geo.cluster_bits),
+                                      end)
             pos += n << geo.cluster_bits
 
     def _preallocate_run(self, mode, slot, l2, i0, n, pos, end):

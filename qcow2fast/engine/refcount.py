@@ -170,8 +170,8 @@ class Refcounts(RefcountCore):
                     blocks[t] = array("Q", [0]) * E
                     self.read_block_values(t, blocks[t])
                 lo, hi = max(first, t * E), min(first + n, (t + 1) * E)
-                for a, m in kernels.zero_runs(blocks[t], lo - t * E, hi - t * E):
-                    a += t * E
+                for a, m in kernels.zero_runs(blocks[t], lo - t * E, hi - lo):
+                    a += lo
                     if run is not None and run[0] + run[1] == a:
                         run[1] += m
                         continue

@@ -8,13 +8,13 @@ image.
 """
 
 import os
+from array import array
 from typing import Optional, Union
-
-import numpy as np
 
 from .._ext.fileio import File
 from ..host.lock import check_create
 from ..spec.constants import REFTABLE_ENTRY_SIZE
+from ..spec.tables import encode_table
 from ..engine.datafile import resolve
 from ..spec.datafile import set_data_file, validate_create
 from .options import validate_options
@@ -59,11 +59,10 @@ def create(path: Union[str, "os.PathLike[str]"], size: Optional[int] = None, *,
     if data_file:
         set_data_file(h, data_file, data_file_raw)
     head = h.pack()
-    reftable = np.zeros(cs // REFTABLE_ENTRY_SIZE, dtype=">u8")
-    reftable[0] = 2 * cs
-    refblock = np.zeros(geo.rb_entries, dtype=np.uint64)
-    refblock[:3] = 1                        # header, refcount table, this block
-    block = np.zeros(cs, dtype=np.uint8)
+    reftable = encode_table([2 * cs] + [0] * (cs // REFTABLE_ENTRY_SIZE - 1))
+    # The refcount block counts the header, the refcount table and itself.
+    refblock = array("Q", [1, 1, 1]) + array("Q", [0]) * (geo.rb_entries - 3)
+    block = bytearray(cs)
     from .._ext.kernels import refcount_encode
     refcount_encode(refblock, refcount_order, block)
     check_create(path)
@@ -71,7 +70,7 @@ def create(path: Union[str, "os.PathLike[str]"], size: Optional[int] = None, *,
         _create_data_file(resolve(path, data_file))
     f = File(path, writable=True, create=True)
     try:
-        f.pwrite(head.ljust(cs, b"\0") + reftable.tobytes() + block.tobytes(), 0)
+        f.pwrite(head.ljust(cs, b"\0") + reftable + block, 0)
     finally:
         f.close()
 
