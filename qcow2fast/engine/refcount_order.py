@@ -21,24 +21,46 @@ ones (leaked clusters); after 3 the new ones, which count the old ones
 until 4 frees them (leaks again).  Never a cluster in use counted free.
 """
 
-from .._numpy import np
+from array import array
 
-from .._ext.kernels import refcount_encode
+from .._ext.kernels import refcount_encode, table_first_with
 from ..errors import InvalidArgumentError, LimitExceededError
 from ..spec.geometry import Geometry
 from ..spec.header import MAX_REFTABLE_BYTES
+from ..spec.tables import encode_table
 from . import features
+
+ALL_BITS = (1 << 64) - 1
 
 
 def all_refcounts(rc, geo):
     """Every stored refcount (uint64, one per host cluster up to the last
     refcount block: a cluster past it has refcount 0)."""
     E = geo.rb_entries
-    present = np.nonzero(np.asarray(rc.table))[0].tolist()
-    out = np.zeros((present[-1] + 1 if present else 0) * E, dtype=np.uint64)
+    present = [t for t, e in enumerate(rc.table) if e]
+    out = array("Q", [0]) * ((present[-1] + 1 if present else 0) * E)
+    view = memoryview(out)
     for t in present:
-        rc.read_block_values(t, out[t * E:(t + 1) * E])
+        rc.read_block_values(t, view[t * E:(t + 1) * E])
     return out
+
+
+def refuse_narrowing(counts, cluster_bits, bits):
+    """qemu's error if a refcount of ``counts`` (all_refcounts) does not
+    fit in ``bits`` bits."""
+    c = table_first_with(counts, ALL_BITS & ~((1 << bits) - 1))
+    if c >= 0:
+        raise InvalidArgumentError(
+            f"Cannot decrease refcount entry width to {bits} bits: Cluster at offset "
+            f"{c << cluster_bits:#x} has a refcount of {counts[c]}")
+
+
+def _blocks_needed(counts, rb_bits):
+    """The refcount block indexes (blocks of 2**rb_bits values) holding a
+    nonzero count, in order."""
+    E, view = 1 << rb_bits, memoryview(counts)
+    return [t for t in range(-(-len(counts) // E))
+            if table_first_with(view[t * E:(t + 1) * E], ALL_BITS) >= 0]
 
 
 def change_refcount_order(img, order, progress=None):
@@ -54,12 +76,7 @@ def change_refcount_order(img, order, progress=None):
         features.set_dirty(s, False)                # (lazy refcounts: they are, now)
     counts = all_refcounts(rc, geo)
     if order < geo.refcount_order:
-        over = np.nonzero(counts > np.uint64(new.refcount_max))[0]
-        if len(over):
-            c = int(over[0])
-            raise InvalidArgumentError(
-                f"Cannot decrease refcount entry width to {new.refcount_bits} bits: Cluster at "
-                f"offset {c << geo.cluster_bits:#x} has a refcount of {int(counts[c])}")
+        refuse_narrowing(counts, geo.cluster_bits, new.refcount_bits)
     blocks = {}                 # new table index -> host offset of the new block
     table_off = table_clusters = 0
     walks = 0
@@ -68,9 +85,7 @@ def change_refcount_order(img, order, progress=None):
         # allocate, and the one that writes the blocks)
         _walk(rc, walks, max(walks + 2, 3), progress)
         walks += 1
-        used = np.nonzero(counts)[0]
-        # (bincount, not np.unique: numpy 2's unique loads numpy.ma, ~8-50 ms)
-        need = np.flatnonzero(np.bincount(used >> new.rb_bits)).tolist()
+        need = _blocks_needed(counts, new.rb_bits)
         missing = [t for t in need if t not in blocks]
         want = new.reftable_clusters(need[-1] + 1)
         if not missing and want <= table_clusters:
@@ -93,19 +108,17 @@ def change_refcount_order(img, order, progress=None):
     old += [(b, 1) for b in rc.table if b]
     s.refcount_cache.flush()
     s.barrier()                 # barrier: the old structures count the new ones
-    table = np.zeros(table_clusters * new.cluster_size // 8, dtype=np.uint64)
+    table = array("Q", [0]) * (table_clusters * new.cluster_size // 8)
     E = new.rb_entries
-    values = np.zeros(E, dtype=np.uint64)
-    buf = np.zeros(new.cluster_size, dtype=np.uint8)
+    buf = bytearray(new.cluster_size)
     for t, off in sorted(blocks.items()):
-        part = counts[t * E:(t + 1) * E]
-        values[:] = 0
-        values[:len(part)] = part
+        values = counts[t * E:(t + 1) * E]
+        values.extend(array("Q", [0]) * (E - len(values)))
         refcount_encode(values, order, buf)
         s.file.pwrite(buf, off)
         table[t] = off
     _walk(rc, walks, walks + 1, progress)
-    s.file.pwrite(table.astype(">u8").tobytes(), table_off)
+    s.file.pwrite(encode_table(table), table_off)
     s.barrier()                 # barrier: the new structures are complete before the header
     h.refcount_table_offset, h.refcount_table_clusters = table_off, table_clusters
     h.refcount_order = order

@@ -166,13 +166,8 @@ def _plan(img, opts, force=False):
     if bits != h.refcount_bits:
         order = bits.bit_length() - 1
         if order < h.refcount_order:
-            counts = refcount_order.all_refcounts(img.refcounts, img.geo)
-            top = int(counts.max(initial=0))
-            if top >> bits:
-                c = int((counts >> bits).nonzero()[0][0])
-                raise InvalidArgumentError(
-                    f"Cannot decrease refcount entry width to {bits} bits: Cluster at offset "
-                    f"{c << img.geo.cluster_bits:#x} has a refcount of {int(counts[c])}")
+            refcount_order.refuse_narrowing(refcount_order.all_refcounts(img.refcounts, img.geo),
+                                            img.geo.cluster_bits, bits)
         plan["order"] = order
     size = opts.get("size")
     if size:                    # (0: keep, as qemu)

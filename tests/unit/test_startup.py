@@ -115,12 +115,14 @@ def test_short_commands_on_a_chain_load_no_numpy(tmp_path, argv):
                                   ["resize", "--shrink", "{top}", "64K"],
                                   ["rebase", "-u", "-b", "{base}", "-F", "qcow2", "{top}"],
                                   ["rebase", "-b", "", "{top}"],
-                                  ["amend", "-o", "lazy_refcounts=on", "{top}"]])
+                                  ["amend", "-o", "lazy_refcounts=on", "{top}"],
+                                  ["amend", "-o", "refcount_bits=1", "{top}"],
+                                  ["amend", "-o", "refcount_bits=64", "{top}"]])
 def test_chain_commands_load_no_numpy(tmp_path, argv):
-    """map, compare, commit, resize (both ways), rebase and amend lazy_refcounts of an
-    overlay made as ``create -b`` makes it run without numpy (56 ms of a
-    command's start-up here); the test fails if one of them comes to
-    import it."""
+    """map, compare, commit, resize (both ways), rebase and amend of
+    lazy_refcounts and refcount_bits of an overlay made as ``create -b``
+    makes it run without numpy (56 ms of a command's start-up here); the
+    test fails if one of them comes to import it."""
     import qcow2fast
     base, top = str(tmp_path / "base.qcow2"), str(tmp_path / "top.qcow2")
     qcow2fast.create(base, 4 << 20)
