@@ -21,14 +21,14 @@ from ..errors import CorruptImageError, LimitExceededError
 from ..spec.constants import REFT_OFFSET_MASK, REFT_RESERVED_MASK, REFTABLE_ENTRY_SIZE
 from ..spec.constants import BE64 as _BE64
 from ..spec.header import MAX_REFTABLE_BYTES, pack_fields
-from ..spec.tables import decode_table, encode_table
+from ..spec.tables import ALL_BITS, decode_table, encode_table
 
 
 def _first_bad(table, cs, file_size):
     """Index of the first refcount table entry that is not cluster-aligned
     or points past the end of the file, or -1."""
     found = [i for i in (kernels.table_first_with(table, REFT_RESERVED_MASK | (cs - 1)),
-                         kernels.table_first_past(table, (1 << 64) - 1, cs, file_size))
+                         kernels.table_first_past(table, ALL_BITS, cs, file_size))
              if i >= 0]
     return min(found, default=-1)
 

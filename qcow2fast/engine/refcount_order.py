@@ -27,10 +27,8 @@ from .._ext.kernels import refcount_encode, table_first_with
 from ..errors import InvalidArgumentError, LimitExceededError
 from ..spec.geometry import Geometry
 from ..spec.header import MAX_REFTABLE_BYTES
-from ..spec.tables import encode_table
+from ..spec.tables import ALL_BITS, encode_table
 from . import features
-
-ALL_BITS = (1 << 64) - 1
 
 
 def all_refcounts(rc, geo):

@@ -43,12 +43,11 @@ from ..errors import (InvalidArgumentError, LeakWarning, LimitExceededError,
                       UnsupportedFeatureError)
 from ..spec import header as hdr
 from ..spec.constants import L1E_OFFSET_MASK, L1E_SIZE, SECTOR
-from ..spec.tables import encode_table
+from ..spec.tables import ALL_BITS, encode_table
 from . import features
 from .snapshot_refcount import Tree, new_counts
 
 _TABLES_AT_ONCE = 512           # dropped L2 tables read (and held) at a time
-ALL_BITS = (1 << 64) - 1
 
 PREALLOCATION_MODES = ("off", "metadata", "falloc", "full")
 

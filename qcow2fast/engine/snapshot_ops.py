@@ -72,14 +72,14 @@ from ..errors import CorruptImageError, InvalidArgumentError, LeakWarning, Limit
 from ..spec.constants import (COMPRESSED, DATA, L1E_OFFSET_MASK, L1E_SIZE, QCOW_OFLAG_COPIED,
                               UNALLOCATED, ZERO)
 from ..spec.header import pack_fields
-from ..spec.tables import decode_table, encode_table
+from ..spec.tables import ALL_BITS, decode_table, encode_table
 from ..spec.snapshot import MAX_SNAPSHOTS, Snapshot
 from . import features
 from .snapshot import (find_index, l1_inside_file, new_snapshot_id, snapshot_l1,
                        write_snapshot_table)
 from .snapshot_refcount import Plan, Tree, discard_freed, host_clusters, new_counts
 
-_NOT_COPIED = ~QCOW_OFLAG_COPIED & ((1 << 64) - 1)
+_NOT_COPIED = ALL_BITS & ~QCOW_OFLAG_COPIED
 _CHUNK = 1 << 20                # VM state copied from a file this much at a time
 
 

@@ -7,6 +7,7 @@ import sys
 from array import array
 
 _SWAP = sys.byteorder == "little"
+ALL_BITS = (1 << 64) - 1        # every bit of a 64-bit entry (masks; "any bit set")
 
 
 def decode_table(raw):
