@@ -24,7 +24,7 @@ until 4 frees them (leaks again).  Never a cluster in use counted free.
 from array import array
 
 from .._ext.kernels import refcount_encode, table_first_with
-from ..errors import InvalidArgumentError, LimitExceededError
+from ..errors import CorruptImageError, InvalidArgumentError, LimitExceededError
 from ..spec.geometry import Geometry
 from ..spec.header import MAX_REFTABLE_BYTES
 from ..spec.tables import ALL_BITS, encode_table
@@ -35,12 +35,28 @@ def all_refcounts(rc, geo):
     """Every stored refcount (uint64, one per host cluster up to the last
     refcount block: a cluster past it has refcount 0)."""
     E = geo.rb_entries
-    present = [t for t, e in enumerate(rc.table) if e]
+    present = refuse_blocks_past_end(rc, geo)
     out = array("Q", [0]) * ((present[-1] + 1 if present else 0) * E)
     view = memoryview(out)
     for t in present:
         rc.read_block_values(t, view[t * E:(t + 1) * E])
     return out
+
+
+def refuse_blocks_past_end(rc, geo):
+    """The refcount table indexes with a block, in order; a block for
+    clusters past everything the image holds counts nothing that exists,
+    and is refused (a hostile table would make all_refcounts huge)."""
+    E = geo.rb_entries
+    present = [t for t, e in enumerate(rc.table) if e]
+    limit = max(rc.end_cluster, -(-rc.file.size() // geo.cluster_size))
+    if present and present[-1] * E >= limit:
+        t = present[-1]
+        raise CorruptImageError(
+            f"refcount table entry {t} is for host clusters from {(t * E) << geo.cluster_bits:#x}"
+            f", past the end of the image ({limit << geo.cluster_bits:#x}); run check -r all",
+            offset=rc.header.refcount_table_offset + 8 * t, field="refcount table")
+    return present
 
 
 def refuse_narrowing(counts, cluster_bits, bits):

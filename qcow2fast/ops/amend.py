@@ -164,6 +164,7 @@ def _plan(img, opts, force=False):
             "order": None, "size": None, "keyslots": keyslots,
             "clear_raw": raw is False and is_raw(h)}
     if bits != h.refcount_bits:
+        refcount_order.refuse_blocks_past_end(img.refcounts, img.geo)    # (before any write)
         order = bits.bit_length() - 1
         if order < h.refcount_order:
             refcount_order.refuse_narrowing(refcount_order.all_refcounts(img.refcounts, img.geo),

@@ -95,3 +95,25 @@ def test_bitmap_table_offset_past_2_63(tmp_path):
     res = check_image(p, "all")
     assert res.corruptions >= 1
     assert any("offset 0x8000000000000000" in m for m in res.messages), res.messages
+
+
+@pytest.mark.parametrize("bits", [64, 8])
+def test_refcount_block_for_clusters_past_the_end(tmp_path, bits):
+    """scripts/fuzz.py --target lifecycle --seed 11: a refcount table entry
+    at index 4555 (a block for host clusters from 0x8e58 << 32, far past the
+    0.6 MB file) made amend -o refcount_bits allocate every refcount up to
+    it (1.1 GiB): a MemoryError under 1 GiB of address space.  It is
+    refused, naming the entry, before anything is written."""
+    from tests.helpers.qemu_util import file_state, header, patch, qemu_create, run_python
+    path = qemu_create(tmp_path / "far.qcow2", 4 << 20)
+    h = header(path)
+    first_block = struct.unpack(">Q", open(path, "rb").read()[h["refcount_table_offset"]:][:8])[0]
+    patch(path, h["refcount_table_offset"] + 8 * 4555, ">Q", first_block)
+    before = file_state(path)
+    p = run_python("from qcow2fast.ops.amend import amend\n"
+                   f"amend({str(path)!r}, {{'refcount_bits': {bits}}})", check=False,
+                   mem_limit=1 << 30)
+    assert p.returncode == 1
+    assert "CorruptImageError" in p.stderr_text and "refcount table entry 4555" in \
+        p.stderr_text, p.stderr_text[-2000:]
+    assert file_state(path) == before
