@@ -10,7 +10,8 @@ uses), and each refcount block it touches is decoded, changed and encoded
 once.  A change is planned in full -- every overflow (a refcount past
 ``refcount_bits``) or underflow (a reference the refcounts do not hold)
 found -- before the first block is touched, so a refused change writes
-nothing.
+nothing.  (resize.py's shrink tallies the L2 tables it drops with ``Tree``
+too, a slice of the L1 table at a time.)
 
 Reference counting (as qemu's check counts): a cluster's refcount is the
 number of L1 tables that reach it through some L2 table (one for each
