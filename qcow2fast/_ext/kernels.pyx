@@ -241,12 +241,14 @@ def l2_clear_copied(uint64_t[:, ::1] tables, uint8_t[::1] changed, bint extended
             changed[r] = any_set
 
 
-def nonzero_blocks(const uint32_t[::1] counts, int rb_bits):
-    """The indexes, in order, of the refcount blocks (runs of 2**rb_bits
-    counts; the last may be short) holding a nonzero count."""
-    cdef Py_ssize_t i, n = counts.shape[0]
+ctypedef fused count_t:
+    uint32_t
+    uint64_t
+
+
+cdef list _nonzero_blocks(const count_t[::1] counts, int rb_bits):
+    cdef Py_ssize_t i = 0, n = counts.shape[0]
     out = []
-    i = 0
     while i < n:
         if counts[i]:
             out.append(i >> rb_bits)
@@ -254,6 +256,18 @@ def nonzero_blocks(const uint32_t[::1] counts, int rb_bits):
         else:
             i += 1
     return out
+
+
+# (Two def functions, not one fused def: a fused def's type dispatch imports numpy.)
+def nonzero_blocks(const uint32_t[::1] counts, int rb_bits):
+    """The indexes, in order, of the refcount blocks (runs of 2**rb_bits
+    counts of a tally; the last may be short) holding a nonzero count."""
+    return _nonzero_blocks(counts, rb_bits)
+
+
+def nonzero_blocks_u64(const uint64_t[::1] values, int rb_bits):
+    """nonzero_blocks over refcount values."""
+    return _nonzero_blocks(values, rb_bits)
 
 
 def refcount_change_check(const uint32_t[::1] counts, const uint64_t[::1] values, int addend,

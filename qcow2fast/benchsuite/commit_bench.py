@@ -74,10 +74,9 @@ for name, share, seed in (("mid", 0.10, 1), ("top", 0.05, 2), ("other", 0.05, 3)
 """
 
 # The same operation as a library call, timed inside one process (no
-# start-up, no imports: numpy too, which some steps import when they first
-# run, is loaded before the clock starts): what an embedding program pays.
+# start-up, no imports): what an embedding program pays.
 LIBRARY_CALL = """
-import sys, time, numpy, qcow2fast
+import sys, time, qcow2fast
 import qcow2fast.ops.commit, qcow2fast.ops.rebase
 command, args = sys.argv[1], sys.argv[2:]
 t, c = time.perf_counter(), time.process_time()

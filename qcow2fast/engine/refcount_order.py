@@ -23,7 +23,7 @@ until 4 frees them (leaks again).  Never a cluster in use counted free.
 
 from array import array
 
-from .._ext.kernels import refcount_encode, table_first_with
+from .._ext.kernels import nonzero_blocks_u64, refcount_encode, table_first_with
 from ..errors import CorruptImageError, InvalidArgumentError, LimitExceededError
 from ..spec.geometry import Geometry
 from ..spec.header import MAX_REFTABLE_BYTES
@@ -69,14 +69,6 @@ def refuse_narrowing(counts, cluster_bits, bits):
             f"{c << cluster_bits:#x} has a refcount of {counts[c]}")
 
 
-def _blocks_needed(counts, rb_bits):
-    """The refcount block indexes (blocks of 2**rb_bits values) holding a
-    nonzero count, in order."""
-    E, view = 1 << rb_bits, memoryview(counts)
-    return [t for t in range(-(-len(counts) // E))
-            if table_first_with(view[t * E:(t + 1) * E], ALL_BITS) >= 0]
-
-
 def change_refcount_order(img, order, progress=None):
     """Rewrite the refcount structures of the open image ``img`` (r+, no
     writes in flight) at width ``1 << order`` and switch the header to
@@ -99,7 +91,7 @@ def change_refcount_order(img, order, progress=None):
         # allocate, and the one that writes the blocks)
         _walk(rc, walks, max(walks + 2, 3), progress)
         walks += 1
-        need = _blocks_needed(counts, new.rb_bits)
+        need = nonzero_blocks_u64(counts, new.rb_bits)
         missing = [t for t in need if t not in blocks]
         want = new.reftable_clusters(need[-1] + 1)
         if not missing and want <= table_clusters:

@@ -197,7 +197,7 @@ def _shrink_l1(img, new_l1):
     kernels.tally_add(counts, array("q", [t >> cb for t in tables]))
     if not s.external_data:     # (a data file's clusters have no refcounts: datafile.py)
         for i in range(0, len(tail), _TABLES_AT_ONCE):
-            _tally_mapped(s, Tree(s, tail[i:i + _TABLES_AT_ONCE]), counts)
+            _tally_mapped(Tree(s, tail[i:i + _TABLES_AT_ONCE]), counts)
     s.file.pwrite(bytes(len(tail) * L1E_SIZE), img.header.l1_table_offset + new_l1 * L1E_SIZE)
     s.barrier()             # barrier: no L1 entry points to the tables before they are freed
     for t in tables:
@@ -213,17 +213,12 @@ def _shrink_l1(img, new_l1):
     img.flusher.flush(sync=True)
 
 
-def _tally_mapped(s, tree, counts):
+def _tally_mapped(tree, counts):
     """Add the clusters ``tree``'s L2 tables map to ``counts``.  A table
     with an entry check would report (reserved bits, an unaligned or
     out-of-file offset) is not understood: what it maps is left allocated
     (leaked, for check -r leaks), never freed."""
-    odd = bytearray(len(tree.index))
-    if not tree.index:
-        return
-    kernels.l2_tally_tables(tree.tables, counts, odd, s.geo.cluster_bits,
-                            len(counts) << s.geo.cluster_bits, s.geo.extended_l2)
-    for r in (r for r, v in enumerate(odd) if v):
+    for r in tree.tally_mapped(counts):
         msg = (f"the L2 table at {tree.offsets[r]:#x} holds invalid entries: the clusters "
                "it maps are left allocated (leaked)")
         warnings.warn(LeakWarning(msg, msg), stacklevel=4)

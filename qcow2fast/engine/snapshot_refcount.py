@@ -73,16 +73,25 @@ class Tree:
             f.preadinto(self.raw[r * cs:(r + j - k) * cs], offs[r])
             k = j
 
+    def tally_mapped(self, counts):
+        """Add the clusters the L2 tables map (data and compressed) to
+        ``counts`` (uint32, one per host cluster), except from a table
+        holding an entry qemu's check would report: the rows of those are
+        returned, untallied."""
+        if not self.index:
+            return []
+        odd = bytearray(len(self.index))
+        l2_tally_tables(self.tables, counts, odd, self.geo.cluster_bits,
+                        len(counts) << self.geo.cluster_bits, self.geo.extended_l2)
+        return _rows(odd)
+
     def tally(self, counts):
         """Add this tree's references (its L2 tables, their data and
         compressed clusters) to ``counts`` (uint32, one per host cluster).
         A table holding an entry qemu's check would report is corruption."""
         if not self.index:
             return
-        odd = bytearray(len(self.index))
-        l2_tally_tables(self.tables, counts, odd, self.geo.cluster_bits,
-                        len(counts) << self.geo.cluster_bits, self.geo.extended_l2)
-        bad = _rows(odd)
+        bad = self.tally_mapped(counts)
         if bad:
             r = bad[0]
             raise CorruptImageError(
