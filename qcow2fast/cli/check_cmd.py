@@ -14,7 +14,7 @@ from ..engine.untrusted import check_path
 from ..host.lock import Holder
 from ..host.remote import is_url
 from .objects import secrets
-from .common import add_image_arguments, open_error, resolve_image, warn_stale_bitmaps
+from .common import add_image_arguments, open_error, open_null, resolve_image, warn_stale_bitmaps
 from .options import check_lines, prog
 
 
@@ -30,8 +30,13 @@ def add_parser(sub):
 
 
 def run(args):
-    path, fmt, opts = resolve_image(args.filename, args.fmt, args.image_opts,
-                                    secrets(args.objects))
+    null = open_null(args.filename, args.fmt, args.image_opts, False)
+    if null is not None:
+        null.close()
+        path, fmt = null.path, "raw"                # (no format of its own to check)
+    else:
+        path, fmt, opts = resolve_image(args.filename, args.fmt, args.image_opts,
+                                        secrets(args.objects))
     if fmt == "raw":
         print(f"{prog()}: This image format does not support checks", file=sys.stderr)
         return 63

@@ -8,6 +8,7 @@ import sys
 from .. import open as open_qcow2
 from ..engine.backing import FILE_PROTOCOL, probe_format
 from ..errors import Qcow2Error
+from ..host.null import DRIVERS as NULL_DRIVERS, NullImage, is_null_name
 from ..host.raw import RawImage
 from ..host.remote import is_url
 from ..errors import BadPassphraseError, MissingSecretError
@@ -224,17 +225,24 @@ def resolve_image(name, fmt=None, image_opts=False, secret_table=None, no_io=Fal
     return path, fmt, kw
 
 
-def qdict_first(keys):
-    """The key of ``keys`` (inserted in this order) that qemu's QDict lists
-    first, so names first in "does not support the option" (qobject/qdict.c:
-    512 buckets by tdb_hash, the latest insertion at a bucket's head)."""
+def qdict_order(keys):
+    """``keys`` (inserted in this order) in the order qemu's QDict lists
+    them (qobject/qdict.c: 512 buckets by tdb_hash, each bucket's latest
+    insertion first): the order of qemu's messages and json: names."""
     def bucket(key):
         b = key.encode()
         value = (0x238F13AF * len(b)) & 0xFFFFFFFF
         for i, c in enumerate(b):
             value = (value + (c << (i * 5 % 24))) & 0xFFFFFFFF
         return ((1103515243 * value + 12345) & 0xFFFFFFFF) % 512
-    return min(reversed(keys), key=bucket)
+    keys = list(keys)
+    return sorted(keys, key=lambda k: (bucket(k), -keys.index(k)))
+
+
+def qdict_first(keys):
+    """The key of ``keys`` that qemu's QDict lists first, so names first in
+    "does not support the option"."""
+    return qdict_order(keys)[0]
 
 
 def check_backing_given(name, path, given):
@@ -344,6 +352,12 @@ def open_image(name, fmt=None, *, image_opts=False, writable=False, backing=True
     from .json_filename import is_json, open_json
     if is_json(name) and not image_opts and snapshot is None:
         return open_json(name, writable=writable, fmt=fmt, force_share=force_share)
+    if image_opts and force_share and \
+            not parse_bool(dict(split_options(name)).get("force-share", "on"), "force-share"):
+        raise UsageError("--force-share/-U conflicts with image options")
+    null = open_null(name, fmt, image_opts, writable)
+    if null is not None:
+        return null
     path, fmt, kw = resolve_image(name, fmt, image_opts, secrets, no_io=extra.get("no_io"),
                                   backing=backing)
     share = {"force_share": kw.pop("force_share", force_share),
@@ -368,6 +382,37 @@ def open_image(name, fmt=None, *, image_opts=False, writable=False, backing=True
         raise open_error(name, e) from e
     warn_stale_bitmaps(img.dirty_bitmaps.warning)
     return img
+
+
+def open_null(name, fmt, image_opts, writable):
+    """The null device (host/null.py) that ``name`` (a filename or
+    --image-opts) names, open; None when it names something else."""
+    if image_opts:
+        opts = dict(split_options(name))
+        if opts.get("driver") not in NULL_DRIVERS:
+            return None
+        opts.pop("force-share", None)       # nothing to share or lock
+    elif is_null_name(name):
+        opts = {"driver": name[:-len("://")]}
+        if fmt not in (None, "raw", opts["driver"]):
+            raise UsageError(f"Could not open '{name}': Image is not in {fmt} format")
+        fmt = fmt or "raw"                  # qemu probes the protocol's zeros: raw
+    else:
+        return None
+    try:
+        return NullImage.from_options(opts, writable=writable, fmt=fmt, json_name=json_name)
+    except Qcow2Error as e:
+        raise open_error(name, e) from e
+
+
+def json_name(options):
+    """qemu's ``json:`` name of a node with these options (its QDict order)."""
+    import json
+
+    def ordered(node):
+        return {key: ordered(node[key]) if isinstance(node[key], dict) else node[key]
+                for key in qdict_order(node)}
+    return "json:" + json.dumps(ordered(options))
 
 
 def warn_stale_bitmaps(warning):

@@ -62,7 +62,6 @@ def add_parser(sub):
 
 
 def run(args):
-    from ..ops.convert import convert
     if args.copy_range and (args.sparse_size is not None or args.compress):
         raise UsageError("Cannot enable copy offloading when "
                          f"{'-S' if args.sparse_size is not None else '-c'} is used")
@@ -83,6 +82,16 @@ def run(args):
         raise UsageError("convert: expecting a source and a destination filename")
     *names, dest = args.filenames
     sources, source_kw = source_specs(names, args)
+    try:
+        return _convert(args, opts, names, dest, sources, source_kw)
+    finally:
+        for src in sources:
+            if not isinstance(src, str):
+                src.close()
+
+
+def _convert(args, opts, names, dest, sources, source_kw):
+    from ..ops.convert import convert
     if args.target_image_opts:
         dest, args.out_fmt, source_kw["target_key_secret"] = target_spec(dest, args)
     if args.out_fmt == "qcow2":
@@ -156,13 +165,15 @@ def _data_ranges(sources, args):
     for name in sources:
         if name == "-":
             continue
-        img = open_image(name, args.fmt, force_share=True)
+        img = name if not isinstance(name, str) else open_image(name, args.fmt,
+                                                               force_share=True)
         try:
             out += [(base + e.offset, base + e.offset + e.length)
                     for e in img.block_status(0, img.size) if e.kind in ("data", "compressed")]
             base += img.size
         finally:
-            img.close()
+            if img is not name:
+                img.close()
     return out
 
 
@@ -177,6 +188,9 @@ def _bitmaps_plan(args, sources, dest, kw):
     from .common import open_image
     if len(sources) > 1:
         raise UsageError("Copying bitmaps only possible with single source")
+    if not isinstance(sources[0], str):
+        raise UsageError(f"Could not open '{sources[0].path}': --bitmaps needs a qcow2 "
+                         "image file")
     if dest == "-":
         raise UsageError("convert: --bitmaps cannot be used when writing to stdout")
     src = open_image(sources[0], args.fmt)
@@ -215,35 +229,58 @@ def target_spec(name, args):
 
 
 def source_specs(names, args):
-    """(paths, convert()'s source keyword arguments): --image-opts sources
-    give their file name or URL, ``encrypt.key-secret`` (one secret for
-    all) and the curl driver's options (one set for all)."""
+    """(sources, convert()'s source keyword arguments): a source is a path
+    or URL, or a device opened here (a ``json:`` name, a null device; the
+    caller closes it).  --image-opts sources give their file name or URL,
+    ``encrypt.key-secret`` (one secret for all) and the curl driver's
+    options (one set for all)."""
     kw = share_options(args)
     table = kw.pop("secrets")
-    if not args.image_opts:
-        return names, kw
-    paths = []
-    for name in names:
-        path, fmt, opts = image_spec(name, args.fmt, True, table)
-        if "key_secret" in opts:
-            kw["key_secret"] = opts.pop("key_secret")
-        opts.pop("locking", None)
-        if "encrypt_format" in opts and (is_url(path) or os.path.exists(path)):
-            why = encrypt_format_mismatch(path, fmt or probe_format(path, opts.get("remote")),
-                                          opts.pop("encrypt_format"), opts.get("remote"))
-            if why:
-                raise UsageError(f"Could not open '{name}': {why}")
-        opts.pop("encrypt_format", None)    # (a missing file: convert's open says)
-        opts.pop("backing_keys", None)
-        if "backing_given" in opts and os.path.exists(path):
-            check_backing_given(name, path, opts.pop("backing_given"))
-        if "remote" in opts:
-            kw["remote"] = opts.pop("remote")
-        if opts.pop("force_share", False):
-            kw["force_share"] = True
-        if opts:
-            raise UsageError(f"convert: option {next(iter(opts))!r} is not supported for "
-                             "sources")
-        args.fmt = fmt
-        paths.append(path)
-    return paths, kw
+    sources = []
+    try:
+        for name in names:
+            sources.append(_device(name, args, kw, table) or
+                           (_image_opts_source(name, args, kw, table) if args.image_opts
+                            else name))
+    except BaseException:
+        for src in sources:
+            if not isinstance(src, str):
+                src.close()
+        raise
+    return sources, kw
+
+
+def _device(name, args, kw, table):
+    """A source convert reads as an open device: a ``json:`` name, or a null
+    device by name or --image-opts; None for a file or URL."""
+    from .common import open_image, open_null
+    from .json_filename import is_json
+    if is_json(name) and not args.image_opts:
+        return open_image(name, args.fmt, force_share=kw["force_share"], secrets=table)
+    return open_null(name, args.fmt, args.image_opts, False)
+
+
+def _image_opts_source(name, args, kw, table):
+    """The path or URL of an --image-opts source (its options into ``kw``)."""
+    path, fmt, opts = image_spec(name, args.fmt, True, table)
+    if "key_secret" in opts:
+        kw["key_secret"] = opts.pop("key_secret")
+    opts.pop("locking", None)
+    if "encrypt_format" in opts and (is_url(path) or os.path.exists(path)):
+        why = encrypt_format_mismatch(path, fmt or probe_format(path, opts.get("remote")),
+                                      opts.pop("encrypt_format"), opts.get("remote"))
+        if why:
+            raise UsageError(f"Could not open '{name}': {why}")
+    opts.pop("encrypt_format", None)    # (a missing file: convert's open says)
+    opts.pop("backing_keys", None)
+    if "backing_given" in opts and os.path.exists(path):
+        check_backing_given(name, path, opts.pop("backing_given"))
+    if "remote" in opts:
+        kw["remote"] = opts.pop("remote")
+    if opts.pop("force_share", False):
+        kw["force_share"] = True
+    if opts:
+        raise UsageError(f"convert: option {next(iter(opts))!r} is not supported for "
+                         "sources")
+    args.fmt = fmt
+    return path

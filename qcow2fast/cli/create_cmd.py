@@ -5,6 +5,7 @@ import os
 from ..host import file as hostfile
 from ..engine.backing import blkdebug_image, probe_format, resolve_backing_path
 from ..errors import Qcow2Error
+from ..host.null import is_null_name
 from ..ops.options import AMEND_ONLY, QCOW2_OPTION_HELP
 from .common import file_path
 from .objects import lookup_secret, secrets
@@ -139,7 +140,7 @@ def run(args):
         bpath = resolve_backing_path(path, blkdebug_image(backing) or backing)
         if size is None and args.unsafe:
             raise UsageError(f"{args.filename}: Image creation needs a size parameter")
-        if not args.unsafe and not os.path.exists(bpath):
+        if not args.unsafe and not is_null_name(bpath) and not os.path.exists(bpath):
             from ..engine.backing import qemu_name
             shown = qemu_name(path, backing)
             raise UsageError(f"{args.filename}: Could not open '{shown}': No such file or "

@@ -9,6 +9,7 @@ import time
 
 from ..engine.backing import JSON_PREFIX, identity, probe_format, resolve_backing_path
 from ..errors import CorruptImageError, Qcow2Error
+from ..host.null import NullImage
 from ..host.remote import is_url
 from ..host.remote import join as remote_join
 from ..spec import datafile as dfspec
@@ -73,11 +74,14 @@ def opts_name(spec, img):
 def image_info(img, name):
     """qemu-img's ImageInfo for an open image, as a dict."""
     # A remote file's allocated size is unknown (qemu: "disk size: unavailable").
-    actual = {} if is_url(img.path) else {"actual-size": os.stat(img.path).st_blocks * 512}
+    actual = {"actual-size": 0} if isinstance(img, NullImage) else \
+        {} if is_url(img.path) else {"actual-size": os.stat(img.path).st_blocks * 512}
     info = {}
-    if getattr(img, "header", None) is None:          # raw
-        info.update({"virtual-size": img.size, "filename": name, "format": "raw",
-                     **actual, "dirty-flag": False})
+    if getattr(img, "header", None) is None:          # raw, or a null device
+        fmt = getattr(img, "format", "raw")
+        info.update({"virtual-size": img.size, "filename": name, "format": fmt, **actual})
+        if not isinstance(img, NullImage):     # (qemu's null drivers have no get_info)
+            info["dirty-flag"] = False
         return info
     h = img.header
     if img.snapshots:

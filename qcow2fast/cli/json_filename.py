@@ -10,6 +10,8 @@ for the drivers qcow2fast has, with qemu's messages:
 - ``{"driver": "file", "filename": P}``: the file itself;
 - ``{"driver": "http"|"https", "url": U}``: a remote image (qemu's curl
   driver; common.protocol_node);
+- ``{"driver": "null-co"|"null-aio", "size": N, "read-zeroes": B}``: a
+  device that stores nothing (host/null.py);
 - no ``driver``: the format of ``file`` is probed.
 
 Dotted keys (``"file.filename": P``) are the same as nested objects.
@@ -20,9 +22,11 @@ interface of host/device.py).
 from .. import open as open_qcow2
 from ..engine.backing import FILE_PROTOCOL, JSON_PREFIX as PREFIX, parse_json_name, probe_format
 from ..errors import InvalidArgumentError, Qcow2Error
+from ..host.null import DRIVERS as NULL_DRIVERS, OPTIONS as NULL_OPTIONS, NullImage
 from ..host.raw import RawImage
 from ..host.window import RawWindow
-from .common import IMAGE_OPTS, file_path, image_option, open_error, protocol_node
+from .common import (IMAGE_OPTS, file_path, image_option, json_name, open_error, protocol_node,
+                     qdict_first)
 from .options import UsageError, parse_size
 
 
@@ -48,10 +52,11 @@ def parse(name):
 
 def open_json(name, *, writable=False, fmt=None, **extra):
     """Open the image a ``json:`` file name describes (``fmt``, e.g. -f,
-    stands for a missing top-level ``driver``; ``extra``, e.g. the cache
-    mode, goes to every qcow2 node)."""
+    is the top-level ``driver``, over the name's own as in qemu, whose
+    options from the name never replace given ones; ``extra``, e.g. the
+    cache mode, goes to every qcow2 node)."""
     tree = parse(name)
-    if fmt and "driver" not in tree:
+    if fmt:
         tree["driver"] = fmt
     try:
         return _open(tree, writable, extra)
@@ -62,10 +67,15 @@ def open_json(name, *, writable=False, fmt=None, **extra):
 def _open(node, writable, extra):
     driver = node.get("driver")
     if driver is None:
-        driver = probe_format(*_file_path(node.get("file")))
+        below = node.get("file")
+        null = isinstance(below, dict) and below.get("driver") in NULL_DRIVERS
+        driver = "raw" if null else probe_format(*_file_path(below))
     if driver in ("file", "http", "https"):
         path, remote = _file_path(node)
         return RawImage(path, writable=writable, remote=remote)
+    if driver in NULL_DRIVERS:
+        _only(node, NULL_OPTIONS, f"Block protocol '{driver}' doesn't support the option")
+        return NullImage.from_options(node, writable=writable, json_name=json_name)
     if driver == "qcow2":
         return _open_qcow2(node, writable, extra)
     if driver == "raw":
@@ -88,12 +98,31 @@ def _file_path(node):
 
 
 def _only(node, keys, message):
-    for key in node:
-        if key not in keys:
-            raise InvalidArgumentError(f"{message} '{key}'")
+    """Refuse an option not in ``keys``: the first in qemu's order of the
+    flattened names (``file.driver``), as qemu names it."""
+    unknown = [key for key in _flat(node) if key.split(".", 1)[0] not in keys]
+    if unknown:
+        raise InvalidArgumentError(f"{message} '{qdict_first(unknown)}'")
+
+
+def _flat(node, prefix=""):
+    for key, value in node.items():
+        if isinstance(value, dict):
+            yield from _flat(value, prefix + key + ".")
+        else:
+            yield prefix + key
+
+
+def _needs_file(node):
+    """A format node opens its ``file`` child before it looks at its options."""
+    if node.get("file") is None:
+        raise InvalidArgumentError("A block device must be specified for \"file\"")
 
 
 def _open_qcow2(node, writable, extra):
+    _needs_file(node)
+    if isinstance(node["file"], dict) and node["file"].get("driver") in NULL_DRIVERS:
+        raise InvalidArgumentError("Image is not in qcow2 format")     # (it reads zeros)
     _only(node, ("driver", "file", "backing", *IMAGE_OPTS),
           "Block format 'qcow2' does not support the option")
     kw = dict(image_option(key, str(node[key]).lower() if isinstance(node[key], bool)
@@ -109,12 +138,20 @@ def _open_qcow2(node, writable, extra):
 
 
 def _open_raw(node, writable, extra):
+    _needs_file(node)
     _only(node, ("driver", "file", "offset", "size"),
           "Block format 'raw' does not support the option")
     offset, size = (_size(node, key) for key in ("offset", "size"))
     below = node.get("file")
-    if isinstance(below, dict) and below.get("driver", "file") not in ("file", "http", "https"):
-        image = _open(below, writable, extra)
+    if isinstance(below, dict) and below.get("driver") in NULL_DRIVERS:
+        _only(below, NULL_OPTIONS, f"Block protocol '{below['driver']}' doesn't support "
+              "the option")
+        image = NullImage.from_options(below, writable=writable, fmt="raw",
+                                       json_name=lambda o: json_name({"driver": "raw",
+                                                                      "file": o}))
+    elif isinstance(below, dict) and below.get("driver", "file") not in ("file", "http",
+                                                                          "https"):
+        image = _open(below, writable, extra)       # a format node
     else:
         path, remote = _file_path(below)
         image = RawImage(path, writable=writable, remote=remote)

@@ -106,9 +106,12 @@ def map_entries(extents, raw, hidden=(), raws=()):
         e, host_zero = (item, None) if isinstance(item, Extent) else item
         entry = {"start": e.offset, "length": e.length, "depth": e.depth,
                  "present": e.kind != "unallocated",
-                 "zero": e.kind in ("zero", "unallocated") or bool(host_zero),
+                 # (unallocated in a device without a format: contents unknown, as
+                 # qemu's null-co without read-zeroes; in a qcow2 chain: zeros)
+                 "zero": e.kind == "zero" or (e.kind == "unallocated" and not raw)
+                 or bool(host_zero),
                  "data": e.kind in ("data", "compressed")}
-        if raw:
+        if raw and e.kind != "unallocated":
             entry["offset"] = e.offset
         elif e.host_offset is not None and e.kind != "compressed" and e.depth not in hidden:
             entry["offset"] = e.host_offset

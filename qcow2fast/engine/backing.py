@@ -12,6 +12,7 @@ import os
 
 from ..errors import InvalidArgumentError
 from ..host import remote
+from ..host.null import is_null_name
 from ..spec import header as hdr
 
 MAX_CHAIN_DEPTH = 4096      # real chains reach 1000 (arXiv 2205.06842); qemu has no bound
@@ -124,6 +125,8 @@ def resolve_backing_path(image_path, name):
     (json_file; any other json: name is returned as it is)."""
     if name.startswith(FILE_PROTOCOL):
         return name[len(FILE_PROTOCOL):]
+    if is_null_name(name):              # a protocol's name: as it is (qemu's path_combine)
+        return name
     if name.startswith(JSON_PREFIX):
         target = json_file(name)
         return target[0] if target else name

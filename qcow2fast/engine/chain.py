@@ -33,6 +33,7 @@ from ..errors import (CorruptImageError, ImageClosedError, ImageLockedError,
                       LimitExceededError, Qcow2Error,
                       UnsupportedFeatureError)
 from ..extent import Extent, merge_extents
+from ..host.null import is_null_name
 from ..host.raw import RawImage
 from ..spec import header as hdr
 from ..host import lock
@@ -313,6 +314,10 @@ def open_chain(top, max_depth=None, above=()):
                 raise CorruptImageError(f"backing chain deeper than {max_depth} images at "
                                         f"{img.path!r} (max_chain_depth)", offset=where,
                                         field="backing_file")
+            if is_null_name(path):
+                raise UnsupportedFeatureError(
+                    f"backing file {name!r} of {img.path!r} (layer {k}): qemu's null "
+                    "protocol is not supported in a backing chain", feature="backing protocol")
             if not is_url(path) and not os.path.exists(path):
                 e = FileNotFoundError(2, f"could not open backing file {name!r} of "
                                          f"{img.path!r} (layer {k}, field backing_file)", path)

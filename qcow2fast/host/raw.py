@@ -10,6 +10,7 @@ from . import file as hostfile
 from .file import open_image_file
 from .remote import is_remote, name_of
 from ..extent import Extent
+from ..spec.constants import whole_sectors
 
 
 class RawImage:
@@ -23,7 +24,8 @@ class RawImage:
         self.force_share, self.locking, self.remote_options = force_share, locking, remote
         self.file = open_image_file(path, "raw", writable=writable, force_share=force_share,
                                     locking=locking, remote=remote)
-        self.size = self.file.size()            # lseek: block devices too
+        # lseek: block devices too; whole sectors, as qemu has it (the tail reads as zeros)
+        self.size = whole_sectors(self.file.size())
         self.read_only = not writable
         self.closed = False
 

@@ -40,7 +40,7 @@ from .options import image_size, validate_options
 from ..engine.backing import resolve_backing_path
 from ..errors import ConvertError, InvalidArgumentError, Qcow2Error, UnsupportedFeatureError
 from ..host.file import pwrite_all
-from ..spec.constants import COMPRESSED, DATA, L1E_SIZE, ZERO
+from ..spec.constants import COMPRESSED, DATA, L1E_SIZE, ZERO, whole_sectors
 from .qcow2_writer import Qcow2Writer, runs
 from ..engine.crypto_setup import target_secret
 from ..host.limits import fit_threads
@@ -51,6 +51,8 @@ from .sources import MUST_ZERO, READ, SKIP, UnitMarks, open_sources
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Mapping
     from typing import Any
+
+    from ..host.device import BlockDevice
 
 BATCH_BYTES = 2 << 20           # as qemu-img convert's requests; 4 MiB measured slower
 STDIN = "-"
@@ -212,7 +214,8 @@ class Output:
                 pass
 
 
-def convert(sources: str | os.PathLike[str] | Iterable[str | os.PathLike[str]],
+def convert(sources: str | os.PathLike[str] | BlockDevice
+            | Iterable[str | os.PathLike[str] | BlockDevice],
             dest: str | os.PathLike[str], *, source_format: str | None = None,
             format: str = "qcow2", options: Mapping[str, Any] | None = None,
             compress: bool = False, sparse_size: int = 4096, backing_file: str | None = None,
@@ -225,8 +228,10 @@ def convert(sources: str | os.PathLike[str] | Iterable[str | os.PathLike[str]],
             remote: Mapping[str, Any] | None = None,
             target_key_secret: bytes | str | None = None, salvage: bool = False,
             warn: Callable[[str], object] | None = None) -> None:
-    """Convert ``sources`` (paths; several are concatenated; ``"-"`` alone
-    is a raw stream on stdin) into ``dest`` (a path, or ``"-"`` for stdout).
+    """Convert ``sources`` (paths, or open block devices such as an
+    :class:`~qcow2fast.Image`, read as they are and left open; several are
+    concatenated; ``"-"`` alone is a raw stream on stdin) into ``dest`` (a
+    path, or ``"-"`` for stdout).
 
     The options mean what qemu-img convert's do: ``format`` is -O,
     ``options`` -o (create()'s keyword arguments), ``compress`` -c,
@@ -254,9 +259,9 @@ def convert(sources: str | os.PathLike[str] | Iterable[str | os.PathLike[str]],
     qemu-img's warning for it.
     """
     options = dict(options or {})
-    if isinstance(sources, (str, os.PathLike)):
+    if isinstance(sources, (str, os.PathLike)) or hasattr(sources, "readinto"):
         sources = [sources]
-    sources = [os.fspath(s) for s in sources]
+    sources = [os.fspath(s) if isinstance(s, (str, os.PathLike)) else s for s in sources]
     dest = os.fspath(dest)
     # Under an address-space limit (prlimit --as) fewer threads than asked.
     threads = fit_threads(threads or os.cpu_count() or 1)
@@ -363,15 +368,10 @@ def _feed(job, src, marks, sink, threads, progress):
         state = {"size": 0}
         run_pipeline(job, stream_batches(sys.stdin.buffer.fileno(), unit, state, buffers),
                      sink, threads, progress, None, buffers)
-        return sectors(state["size"])
+        return whole_sectors(state["size"])
     run_pipeline(job, seekable_batches(src, marks, unit, buffers), sink, threads, progress,
                  src.size, buffers)
-    return sectors(src.size)
-
-
-def sectors(nbytes):
-    """Image sizes are whole 512-byte sectors (qemu rounds up; the tail reads as zeros)."""
-    return -(-nbytes // 512) * 512
+    return whole_sectors(src.size)
 
 
 def _open_direct(path):
@@ -432,7 +432,7 @@ def _convert_through_image(src, dest, format, options, sparse_size, existing,
     with the compression level (the compression type is the target's):
     the pool compresses, as for a new image, and the payloads go to
     Image.write_compressed_clusters."""
-    size = sectors(src.size) if src is not None else None
+    size = whole_sectors(src.size) if src is not None else None
     if existing:
         if not os.path.exists(dest):
             raise FileNotFoundError(2, "Could not open target image", dest)

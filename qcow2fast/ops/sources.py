@@ -25,8 +25,10 @@ class Sources:
 
     salvage = None
 
-    def __init__(self, images, names):
+    def __init__(self, images, names, owned=None):
+        """``owned``: the images to close with the sources (default: all)."""
         self.images, self.names = images, names
+        self.owned = images if owned is None else owned
         self.starts = np.cumsum([0] + [im.size for im in images]).tolist()
         self.size = self.starts[-1]
 
@@ -76,7 +78,7 @@ class Sources:
                 yield self.starts[i] + e.offset, e.length, e.kind, e.depth
 
     def close(self):
-        for im in self.images:
+        for im in self.owned:
             im.close()
 
 
@@ -85,12 +87,18 @@ def open_sources(names, fmt, snapshot=None, *, force_share=False, untrusted=Fals
     """Open the sources (``snapshot``: an internal snapshot of the only,
     qcow2, source to read instead of its active layer; ``force_share``,
     ``untrusted``, ``key_secret``, ``remote``: as :func:`qcow2fast.open`
-    takes them)."""
+    takes them).  A source that is not a name is an open block device
+    (host/device.py, e.g. a null device) read as it is, and left open."""
     if snapshot is not None and len(names) > 1:
         raise InvalidArgumentError("a snapshot (-l) can only be read from a single source")
-    images = []
+    images, owned = [], []
     try:
         for name in names:
+            if not isinstance(name, (str, os.PathLike)):
+                if snapshot is not None:
+                    raise InvalidArgumentError("a snapshot (-l) needs a source by name")
+                images.append(name)
+                continue
             path = os.fspath(name)
             if not is_url(path) and not os.path.exists(path):
                 raise FileNotFoundError(2, "Could not open source image", path)
@@ -106,11 +114,13 @@ def open_sources(names, fmt, snapshot=None, *, force_share=False, untrusted=Fals
                 images.append(RawImage(path, force_share=force_share, remote=remote))
             else:
                 raise InvalidArgumentError(f"unknown or unsupported source format {f!r}")
+            owned.append(images[-1])
     except BaseException:
-        for im in images:
+        for im in owned:
             im.close()
         raise
-    return Sources(images, [os.fspath(n) for n in names])
+    return Sources(images, [n.path if im is n else os.fspath(n)
+                            for n, im in zip(names, images)], owned)
 
 
 class UnitMarks:

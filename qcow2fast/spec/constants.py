@@ -60,3 +60,9 @@ BE64 = struct.Struct(">Q")
 
 # qemu's block layer unit (BDRV_SECTOR_SIZE): sizes round to it.
 SECTOR = 512
+
+
+def whole_sectors(nbytes):
+    """A size as qemu's block layer has it: whole sectors, rounded up (a
+    raw file's tail reads as zeros up to the sector's end)."""
+    return -(-nbytes // SECTOR) * SECTOR
