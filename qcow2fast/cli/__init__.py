@@ -110,7 +110,9 @@ def main(argv=None):
         args = parser.parse_args(options_first(parser, argv))
         if not args.command:
             raise UsageError("a command is required (try --help)")
-        return args.run(args)
+        from ..host.remote import one_connection_per_export
+        with one_connection_per_export():
+            return args.run(args)
     except SystemExit as e:            # --help, or argparse's own exits
         return e.code if isinstance(e.code, int) else 0
     except KeyboardInterrupt:

@@ -127,6 +127,9 @@ def image_spec(name, fmt, image_opts, secret_table=None):
     ``secret_table``, the --object secrets)."""
     if not image_opts:
         return file_path(name), fmt, {}
+    given = dict(split_options(name))
+    if given.get("driver") == "nbd":                # an NBD export (nbd/client.py)
+        return nbd_spec(given)
     kw, path, driver, proto = {}, None, fmt, {}
     secrets = {}            # layer depth -> secret (backing.encrypt.key-secret: depth 1)
     below = {}              # layer depth -> {"driver", "filename", "encrypt_format"} given
@@ -186,6 +189,21 @@ def image_spec(name, fmt, image_opts, secret_table=None):
     return path, driver, kw
 
 
+def nbd_spec(options):
+    """(URI, "raw", open keyword arguments) of qemu's nbd node options."""
+    from ..nbd.client import uri_of
+    kw = {}
+    if "force-share" in options:
+        kw["force_share"] = parse_bool(options.pop("force-share"), "force-share")
+    try:
+        uri, context = uri_of(options)
+    except Qcow2Error as e:
+        raise UsageError(str(e)) from None
+    kw["remote"] = {"nbd_context": context}
+    kw["shown_format"] = "nbd"          # (what qemu-img info calls the node)
+    return uri, "raw", kw
+
+
 def _backing_depth(key):
     """"backing." * depth + rest -> (depth, rest): an option of the layer
     ``depth`` below the image (qemu's backing.* child options)."""
@@ -210,7 +228,10 @@ def resolve_image(name, fmt=None, image_opts=False, secret_table=None, no_io=Fal
         raise UsageError(missing)
     if not is_url(path) and not os.path.exists(path):
         raise open_error(name, FileNotFoundError(2, "No such file or directory", path))
-    fmt = fmt or probe_format(path, kw.get("remote"))
+    try:
+        fmt = fmt or probe_format(path, kw.get("remote"))
+    except (Qcow2Error, OSError) as e:       # (a remote image: its connection)
+        raise open_error(name, e) from e
     if fmt not in FORMATS:
         raise UsageError(f"unknown or unsupported format {fmt!r} (supported: qcow2, raw)")
     if "encrypt_format" in kw:
@@ -364,11 +385,17 @@ def open_image(name, fmt=None, *, image_opts=False, writable=False, backing=True
              "locking": kw.pop("locking", True)}
     if fmt == "raw":
         remote = kw.pop("remote", None)
+        shown = kw.pop("shown_format", "raw")
         if kw:
             raise UsageError("cache options apply to qcow2 images only")
         if snapshot is not None:
             raise UsageError("raw images have no internal snapshots")
-        return RawImage(path, writable=writable, remote=remote, **share)
+        try:
+            img = RawImage(path, writable=writable, remote=remote, **share)
+        except (Qcow2Error, OSError) as e:
+            raise open_error(name, e) from e
+        img.format = shown
+        return img
     kw.update(share, untrusted=untrusted)
     kw.update(extra)
     if snapshot is not None:

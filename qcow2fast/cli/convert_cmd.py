@@ -266,6 +266,7 @@ def _image_opts_source(name, args, kw, table):
     if "key_secret" in opts:
         kw["key_secret"] = opts.pop("key_secret")
     opts.pop("locking", None)
+    opts.pop("shown_format", None)
     if "encrypt_format" in opts and (is_url(path) or os.path.exists(path)):
         why = encrypt_format_mismatch(path, fmt or probe_format(path, opts.get("remote")),
                                       opts.pop("encrypt_format"), opts.get("remote"))

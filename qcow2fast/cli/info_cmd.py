@@ -80,7 +80,8 @@ def image_info(img, name):
     if getattr(img, "header", None) is None:          # raw, or a null device
         fmt = getattr(img, "format", "raw")
         info.update({"virtual-size": img.size, "filename": name, "format": fmt, **actual})
-        if not isinstance(img, NullImage):     # (qemu's null drivers have no get_info)
+        # (a local file's get_info says it; qemu's null, nbd and curl drivers have none)
+        if not isinstance(img, NullImage) and not is_url(img.path):
             info["dirty-flag"] = False
         return info
     h = img.header

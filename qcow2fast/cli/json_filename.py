@@ -24,6 +24,7 @@ from ..engine.backing import FILE_PROTOCOL, JSON_PREFIX as PREFIX, parse_json_na
 from ..errors import InvalidArgumentError, Qcow2Error
 from ..host.null import DRIVERS as NULL_DRIVERS, OPTIONS as NULL_OPTIONS, NullImage
 from ..host.raw import RawImage
+from ..host.remote import is_url
 from ..host.window import RawWindow
 from .common import (IMAGE_OPTS, file_path, image_option, json_name, open_error, protocol_node,
                      qdict_first)
@@ -39,6 +40,12 @@ def shown_name(name, img):
     a plain image shows as its file's name, a ``file:`` name without it."""
     if name.startswith(FILE_PROTOCOL):
         return file_path(name)
+    if is_url(name) and name.lower().startswith("nbd"):   # refreshed as qemu does
+        from ..nbd.client import canonical
+        try:
+            return canonical(name)
+        except Qcow2Error:
+            return name
     return img.path if is_json(name) and getattr(img, "path", None) else name
 
 
@@ -73,6 +80,12 @@ def _open(node, writable, extra):
     if driver in ("file", "http", "https"):
         path, remote = _file_path(node)
         return RawImage(path, writable=writable, remote=remote)
+    if driver == "nbd":                 # an NBD export (nbd/client.py)
+        from ..nbd.client import uri_of
+        uri, context = uri_of(dict(_flat_items(node)))
+        image = RawImage(uri, writable=writable, remote={"nbd_context": context})
+        image.format = "nbd"            # (what qemu-img info calls the node)
+        return image
     if driver in NULL_DRIVERS:
         _only(node, NULL_OPTIONS, f"Block protocol '{driver}' doesn't support the option")
         return NullImage.from_options(node, writable=writable, json_name=json_name)
@@ -105,12 +118,17 @@ def _only(node, keys, message):
         raise InvalidArgumentError(f"{message} '{qdict_first(unknown)}'")
 
 
-def _flat(node, prefix=""):
+def _flat(node):
+    return (key for key, _ in _flat_items(node))
+
+
+def _flat_items(node, prefix=""):
+    """(dotted key, value) of a node's options, nested objects flattened."""
     for key, value in node.items():
         if isinstance(value, dict):
-            yield from _flat(value, prefix + key + ".")
+            yield from _flat_items(value, prefix + key + ".")
         else:
-            yield prefix + key
+            yield prefix + key, value
 
 
 def _needs_file(node):

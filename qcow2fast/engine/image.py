@@ -171,10 +171,12 @@ class Image(LifecycleAPI, CompressedWriteAPI, ImageCore):
         if self.untrusted:
             untrusted.check_image(self.path, h, len(chain))
         hdr.check_features(h, writable)
-        if writable and h.incompatible_features & hdr.INCOMPAT_DIRTY and not (
+        if writable and h.incompatible_features & hdr.INCOMPAT_DIRTY and not repair and not (
                 h.incompatible_features & hdr.INCOMPAT_CORRUPT):
             # Interrupted with lazy refcounts: repaired first, as qemu does
-            # (its check -r all; the file is read again after it).
+            # (its check -r all; the file is read again after it).  Not when
+            # the repair itself opens it (the snapshot table's rewrite): that
+            # repair clears the dirty bit when it is done.
             self._repair_dirty()
             file_size = f.size()
             h = hdr.parse_header(f.pread(0, min(file_size, MAX_HEADER_READ)), file_size)

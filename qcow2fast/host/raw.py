@@ -9,7 +9,7 @@ import os
 from . import file as hostfile
 from .file import open_image_file
 from .remote import is_remote, name_of
-from ..extent import Extent
+from ..extent import Extent, merge_extents
 from ..spec.constants import whole_sectors
 
 
@@ -18,6 +18,7 @@ class RawImage:
 
     header = None
     backing = None
+    format = "raw"                      # as qemu-img info names it (an NBD node: "nbd")
 
     def __init__(self, path, writable=False, *, force_share=False, locking=True, remote=None):
         self.path = name_of(path) if is_remote(path) else path
@@ -57,9 +58,13 @@ class RawImage:
         return self.file.pread(offset, length)
 
     def block_status(self, offset=0, length=None):
-        """Data and holes (SEEK_DATA/SEEK_HOLE); holes read as zeros."""
+        """Data and holes (SEEK_DATA/SEEK_HOLE; an NBD export's block
+        status); holes read as zeros."""
         if length is None:
             length = self.size - offset
+        source = getattr(getattr(self.file, "reader", None), "source", None)
+        if getattr(source, "block_status", None) is not None:
+            return _export_status(source.block_status, offset, min(length, source.size - offset))
         end, pos, out = offset + length, offset, []
         fd = self.file.fd
         while pos < end:
@@ -87,3 +92,26 @@ class RawImage:
         if not self.closed:
             self.file.close()
             self.closed = True
+
+
+def _export_status(status, offset, length):
+    """Extents from an NBD export's base:allocation (nbd/client.py): a hole
+    that reads as zeros is "zero", one that may not "unallocated" (contents
+    unknown, as qemu has it), the rest data (all of it, when the server
+    has no block status); the sector tail past the export reads as zeros."""
+    from ..nbd.protocol import NBD_STATE_HOLE, NBD_STATE_ZERO    # (nbd imports this module)
+    out, pos, end = [], offset, offset + max(0, length)
+    while pos < end:
+        descriptors = status(pos, end - pos)
+        if descriptors is None:
+            out.append(Extent(pos, end - pos, "data", pos, 0))
+            break
+        for n, flags in descriptors:
+            n = min(n, end - pos)
+            kind = "zero" if flags & NBD_STATE_ZERO else \
+                "unallocated" if flags & NBD_STATE_HOLE else "data"
+            out.append(Extent(pos, n, kind, None if kind == "unallocated" else pos, 0))
+            pos += n
+            if pos >= end:
+                break
+    return merge_extents(out)

@@ -37,6 +37,7 @@ need none of it.
 """
 
 import collections
+import contextlib
 import errno
 import os
 import posixpath
@@ -71,6 +72,9 @@ class RemoteOptions:
     retries: int = 3                    # attempts per request, the first included
     storage_options: dict = None        # passed to fsspec (credentials, endpoints, ...)
     http: str = "builtin"               # http(s) URLs: "builtin" (host/http.py) or "fsspec"
+    # nbd:// URLs: the metadata context whose flags block status reports in
+    # base:allocation's place (qemu's x-dirty-bitmap, e.g. qemu:dirty-bitmap:NAME)
+    nbd_context: str = None
 
     @classmethod
     def of(cls, value):
@@ -181,9 +185,13 @@ class _Source:
     bytes at ``start``; ``reopen()`` the same object again (in a forked
     child, whose event loop and connections are not the parent's), or None."""
 
-    def __init__(self, name, size, fetch, close=None, reopen=None, fetch_into=None):
+    def __init__(self, name, size, fetch, close=None, reopen=None, fetch_into=None,
+                 block_status=None):
+        """``block_status(offset, length)``: [(length, NBD_STATE flags)] of
+        the object from ``offset`` (an NBD export's), or None."""
         self.name, self.size, self.fetch, self._close = name, size, fetch, close
         self.reopen, self.fetch_into = reopen, fetch_into
+        self.block_status = block_status
 
     def close(self):
         if self._close is not None:
@@ -192,6 +200,8 @@ class _Source:
 
 def _url_source(url, opts, expect=None):
     protocol = _URL.match(url).group(1).lower()
+    if protocol.startswith("nbd"):
+        return _nbd_source(url, opts)
     so = dict(opts.storage_options or {})
     if protocol in ("http", "https") and opts.http == "builtin" and set(so) <= {"headers"}:
         return _http_source(url, opts, so.get("headers"), expect)
@@ -238,6 +248,48 @@ def _http_source(url, opts, headers, expect):
     return _Source(url, obj.size, None, obj.close,
                    lambda: _http_source(url, opts, headers, (obj.size, obj.etag)),
                    obj.fetch_into)
+
+
+# Inside a command (one_connection_per_export): an NBD connection whose image
+# was closed, kept for the next open of the same name.  qemu-img opens an
+# export once, and qemu-nbd serves one connection at a time (without
+# --persistent, one in all), so probing the format and then opening the
+# image must not take two.  At most one is kept; the rest are closed.
+_idle_nbd = None
+
+
+@contextlib.contextmanager
+def one_connection_per_export():
+    """While inside, closing an NBD image keeps its connection for the next
+    open of the same export; on leaving, any kept one is closed."""
+    global _idle_nbd
+    _idle_nbd = {}
+    try:
+        yield
+    finally:
+        idle, _idle_nbd = _idle_nbd, None
+        for client in idle.values():
+            client.close()
+
+
+def _nbd_source(url, opts):
+    """An NBD export (nbd/client.py): one connection per source (the cache's
+    parallel requests take turns on it)."""
+    from ..nbd.client import NbdClient
+    key = (url, opts.nbd_context)
+    client = (_idle_nbd or {}).pop(key, None) or NbdClient(url, opts.timeout,
+                                                           opts.nbd_context)
+
+    def close():
+        if _idle_nbd is None:
+            client.close()
+            return
+        for old in _idle_nbd.values():
+            old.close()
+        _idle_nbd.clear()
+        _idle_nbd[key] = client
+    return _Source(url, client.size, client.pread, close,
+                   lambda: _nbd_source(url, opts), block_status=client.block_status)
 
 
 def _object_source(f, name):

@@ -1,0 +1,310 @@
+"""An NBD client (doc/proto.md), read-only: what qemu-img does with an
+``nbd://`` or ``nbd+unix://`` name (qemu's block/nbd.c) -- reads, and the
+block status of ``base:allocation``.  Remote images (host/remote.py) are
+read through it as through any other URL, so a qcow2 image exported raw
+(``qemu-nbd -f raw``) opens as qcow2, and a raw export maps as qemu-img
+maps it.
+
+Names, as qemu parses them (``nbd_parse_uri``):
+``nbd[+tcp]://HOST[:PORT]/EXPORT`` (port 10809), ``nbd+unix:///EXPORT?socket=PATH``;
+the export defaults to the empty (default) name.
+
+Every reply is checked against the request (cookie, offsets within the
+request, chunk sizes bounded) before its bytes are used; a server that
+breaks the protocol is an error naming the name and the field, and the
+connection is not used again.  One request is in flight at a time per
+connection (a lock): the block cache above runs several connections when
+it wants parallel reads."""
+
+import socket
+import struct
+import threading
+import urllib.parse
+
+from ..errors import InvalidArgumentError
+from . import protocol as P
+
+DEFAULT_PORT = 10809
+SCHEMES = ("nbd", "nbd+tcp", "nbd+unix")
+MAX_READ = 32 << 20                 # the largest read asked at once (qemu: 32 MiB)
+BAD_URI = "No valid URL specified"  # qemu's words
+
+
+class NbdError(OSError):
+    """The server refused, broke the protocol, or went away (its message
+    is qemu's; the caller names the image)."""
+
+    def __str__(self):
+        return self.strerror
+
+
+def parse_uri(uri):
+    """(socket address family, address, export name) of an NBD URI."""
+    u = urllib.parse.urlsplit(uri)
+    scheme = u.scheme.lower()
+    if scheme not in SCHEMES:
+        raise InvalidArgumentError(f"{uri!r} is not an NBD URI ({', '.join(SCHEMES)})")
+    export = urllib.parse.unquote(u.path[1:] if u.path.startswith("/") else u.path)
+    query = urllib.parse.parse_qs(u.query)
+    if scheme == "nbd+unix":
+        if u.netloc or list(query) != ["socket"] or len(query["socket"]) != 1:
+            raise InvalidArgumentError(BAD_URI)         # (it takes one ?socket=PATH)
+        return socket.AF_UNIX, query["socket"][0], export
+    if query or not u.hostname:
+        raise InvalidArgumentError(BAD_URI)             # (a host, and no query)
+    return socket.AF_INET6 if ":" in u.hostname else socket.AF_INET, \
+        (u.hostname, u.port or DEFAULT_PORT), export
+
+
+# qemu's nbd driver options (block/nbd.c), flattened; the legacy host/port/path too.
+NODE_OPTIONS = ("driver", "server.type", "server.host", "server.port", "server.path",
+                "host", "port", "path", "export", "x-dirty-bitmap")
+
+
+def uri_of(options):
+    """(URI, x-dirty-bitmap or None) of an nbd node's options (flattened
+    keys: ``server.type``, ``server.path``..., values as given); the URI
+    as qemu names the node (no ``/`` for the default export)."""
+    bad = [key for key in options if key not in NODE_OPTIONS]
+    if bad:
+        raise InvalidArgumentError(f"Block protocol 'nbd' doesn't support the option '{bad[0]}'")
+    get = {k: str(v) for k, v in options.items()}.get
+    kind = get("server.type") or ("unix" if get("path") else "inet")
+    export = get("export") or ""
+    if kind == "unix":
+        path = get("server.path") or get("path")
+        if not path:
+            raise InvalidArgumentError("Parameter 'server.path' is missing")
+        return _uri(socket.AF_UNIX, path, export), get("x-dirty-bitmap")
+    if kind == "inet":
+        host = get("server.host") or get("host")
+        if not host:
+            raise InvalidArgumentError("Parameter 'server.host' is missing")
+        port = get("server.port") or get("port") or str(DEFAULT_PORT)
+        if not port.isdigit():
+            raise InvalidArgumentError(f"address resolution failed for {host}:{port}: "
+                                       "Servname not supported for ai_socktype")
+        return _uri(socket.AF_INET, (host, port), export), get("x-dirty-bitmap")
+    raise InvalidArgumentError(f"Parameter 'server.type' does not accept value '{kind}'")
+
+
+def canonical(uri):
+    """The name qemu shows for an NBD URI (nbd_refresh_filename): the port
+    always, no ``/`` before an empty export name."""
+    return _uri(*parse_uri(uri))
+
+
+def _uri(family, address, export):
+    tail = "/" + urllib.parse.quote(export, safe="") if export else ""
+    if family == socket.AF_UNIX:
+        return f"nbd+unix://{tail}?socket={urllib.parse.quote(address, safe='/')}"
+    host, port = address
+    return f"nbd://{'[' + host + ']' if ':' in host else host}:{port}{tail}"
+
+
+class NbdClient:
+    """One connection to one export, negotiated with structured replies
+    and ``base:allocation`` when the server has them."""
+
+    def __init__(self, uri, timeout=30.0, context=None):
+        """``context``: the metadata context block status reports (qemu's
+        x-dirty-bitmap: its flags read as base:allocation's); default
+        base:allocation."""
+        self.name = uri
+        self.context = context or P.BASE_ALLOCATION
+        family, address, self.export = parse_uri(uri)
+        self._lock = threading.Lock()
+        self._cookie = 0
+        try:
+            self._sock = socket.create_connection(address, timeout) \
+                if family != socket.AF_UNIX else _unix(address, timeout)
+        except socket.gaierror as e:
+            raise NbdError(e.errno, f"address resolution failed for {_shown(address)}: "
+                                    f"{e.strerror}") from None
+        except OSError as e:
+            raise NbdError(e.errno, f"Failed to connect to '{_shown(address)}': "
+                                    f"{e.strerror}") from None
+        try:
+            self._handshake()
+        except BaseException:
+            self._sock.close()
+            raise
+
+    # -- negotiation --------------------------------------------------------------------
+
+    def _handshake(self):
+        magic, opt, flags = P.SERVER_GREETING.unpack(self._recv(P.SERVER_GREETING.size))
+        if magic != P.NBDMAGIC or opt != P.IHAVEOPT:
+            self._fail("greeting", "not an NBD newstyle server")
+        if not flags & P.NBD_FLAG_FIXED_NEWSTYLE:
+            self._fail("handshake flags", "the server is not fixed-newstyle")
+        self._sock.sendall(P.CLIENT_FLAGS.pack(
+            P.NBD_FLAG_C_FIXED_NEWSTYLE | (flags & P.NBD_FLAG_C_NO_ZEROES)))
+        self.structured = self._option(P.NBD_OPT_STRUCTURED_REPLY, b"") == []
+        self.allocation_id = None
+        if self.structured:
+            name = self.context.encode()
+            replies = self._option(P.NBD_OPT_SET_META_CONTEXT,
+                                   _string32(self.export) + P.U32.pack(1) + _string32(name))
+            for rtype, data in replies or ():
+                if rtype == P.NBD_REP_META_CONTEXT and data[4:] == name:
+                    self.allocation_id = P.META_CONTEXT_ID.unpack_from(data)[0]
+        if self.allocation_id is None and self.context != P.BASE_ALLOCATION:
+            raise NbdError(22, f"requested x-dirty-bitmap {self.context} not found")
+        replies = self._option(P.NBD_OPT_GO, _string32(self.export) + P.U16.pack(0))
+        if replies is None:
+            self._fail("NBD_OPT_GO", f"the server has no export {self.export!r}")
+        self.size = None
+        for rtype, data in replies:
+            if rtype == P.NBD_REP_INFO and len(data) >= P.INFO_EXPORT.size and \
+                    P.INFO_TYPE.unpack_from(data)[0] == P.NBD_INFO_EXPORT:
+                _, self.size, self.flags = P.INFO_EXPORT.unpack_from(data)
+        if self.size is None:
+            self._fail("NBD_OPT_GO", "no export size in the reply")
+
+    def _option(self, option, data):
+        """Send an option; its replies [(type, data)] up to the ACK, or None
+        when the server refuses it (an error reply)."""
+        self._sock.sendall(P.OPTION_HEADER.pack(P.IHAVEOPT, option, len(data)) + data)
+        out = []
+        while True:
+            magic, opt, rtype, length = P.OPTION_REPLY.unpack(self._recv(P.OPTION_REPLY.size))
+            if magic != P.NBD_OPT_REPLY_MAGIC or opt != option:
+                self._fail("option reply", f"magic {magic:#x} for option {opt}")
+            if length > P.MAX_STRING + 64:
+                self._fail("option reply", f"{length} bytes of reply data")
+            payload = self._recv(length)
+            if rtype & P.NBD_REP_FLAG_ERROR:
+                if option == P.NBD_OPT_GO:
+                    message = payload.decode(errors="replace") or f"error {rtype:#x}"
+                    raise NbdError(5, f"Requested export not available: {message}")
+                return None
+            if rtype == P.NBD_REP_ACK:
+                return out
+            out.append((rtype, payload))
+
+    # -- transmission -------------------------------------------------------------------
+
+    def pread(self, start, end):
+        """The bytes [start, end) of the export."""
+        out = bytearray(end - start)
+        for off in range(start, end, MAX_READ):
+            n = min(MAX_READ, end - off)
+            self._read_into(off, memoryview(out)[off - start:off - start + n])
+        return bytes(out)
+
+    def _read_into(self, offset, mv):
+        with self._lock:
+            cookie = self._request(P.NBD_CMD_READ, offset, len(mv))
+            if not self.structured:
+                self._simple(cookie)
+                self._recv_into(mv)
+                return
+            for rtype, flags, payload in self._chunks(cookie):
+                if rtype == P.NBD_REPLY_TYPE_OFFSET_DATA:
+                    at = struct.unpack_from(">Q", payload)[0] - offset
+                    data = payload[8:]
+                    if at < 0 or at + len(data) > len(mv):
+                        self._fail("NBD_REPLY_TYPE_OFFSET_DATA", "data outside the request")
+                    mv[at:at + len(data)] = data
+                elif rtype == P.NBD_REPLY_TYPE_OFFSET_HOLE:
+                    hole, length = struct.unpack_from(">QI", payload)
+                    at = hole - offset
+                    if at < 0 or at + length > len(mv):
+                        self._fail("NBD_REPLY_TYPE_OFFSET_HOLE", "hole outside the request")
+                    mv[at:at + length] = bytes(length)
+
+    def block_status(self, offset, length):
+        """[(length, flags)] from ``offset``: at least one descriptor,
+        covering at most ``length`` (of base:allocation, or the context
+        asked for); None when the server has no such context."""
+        if self.allocation_id is None:
+            return None
+        with self._lock:
+            cookie = self._request(P.NBD_CMD_BLOCK_STATUS, offset, min(length, 0xFFFFFFFF))
+            out = []
+            for rtype, flags, payload in self._chunks(cookie):
+                if rtype == P.NBD_REPLY_TYPE_BLOCK_STATUS and \
+                        P.U32.unpack_from(payload)[0] == self.allocation_id:
+                    out += [P.BLOCK_DESCRIPTOR.unpack_from(payload, k)
+                            for k in range(4, len(payload) - 7, P.BLOCK_DESCRIPTOR.size)]
+        if not out or any(n == 0 for n, _ in out):
+            self._fail("NBD_REPLY_TYPE_BLOCK_STATUS", "no extent, or an empty one")
+        return out
+
+    def _request(self, command, offset, length):
+        self._cookie += 1
+        self._sock.sendall(P.REQUEST.pack(P.NBD_REQUEST_MAGIC, 0, command, self._cookie,
+                                          offset, length))
+        return self._cookie
+
+    def _simple(self, cookie):
+        magic, error, handle = P.SIMPLE_REPLY.unpack(self._recv(P.SIMPLE_REPLY.size))
+        if magic != P.NBD_SIMPLE_REPLY_MAGIC or handle != cookie:
+            self._fail("reply", f"magic {magic:#x}, cookie {handle}")
+        if error:
+            raise NbdError(error, f"the server failed the request (error {error})")
+
+    def _chunks(self, cookie):
+        """The structured reply chunks (type, flags, payload) of ``cookie``;
+        an error chunk raises."""
+        while True:
+            magic, flags, rtype, handle, length = P.STRUCTURED_REPLY.unpack(
+                self._recv(P.STRUCTURED_REPLY.size))
+            if magic != P.NBD_STRUCTURED_REPLY_MAGIC or handle != cookie:
+                self._fail("structured reply", f"magic {magic:#x}, cookie {handle}")
+            if length > MAX_READ + 64:
+                self._fail("structured reply", f"a {length}-byte chunk")
+            payload = self._recv(length)
+            if rtype & (1 << 15):           # an error chunk
+                error = P.ERROR_PAYLOAD.unpack_from(payload)[0] if len(payload) >= 6 else 5
+                raise NbdError(error, f"the server failed the request (error {error})")
+            if rtype != P.NBD_REPLY_TYPE_NONE:
+                yield rtype, flags, payload
+            if flags & P.NBD_REPLY_FLAG_DONE:
+                return
+
+    def _recv(self, n):
+        buf = bytearray(n)
+        self._recv_into(memoryview(buf))
+        return bytes(buf)
+
+    def _recv_into(self, mv):
+        got = 0
+        while got < len(mv):
+            k = self._sock.recv_into(mv[got:])
+            if k == 0:
+                raise NbdError(5, "the server closed the connection")
+            got += k
+
+    def _fail(self, field, why):
+        self._sock.close()
+        raise NbdError(71, f"protocol error in {field}: {why}")     # EPROTO
+
+    def close(self):
+        try:
+            with self._lock:
+                self._request(P.NBD_CMD_DISC, 0, 0)
+        except OSError:
+            pass
+        self._sock.close()
+
+
+def _shown(address):
+    return address if isinstance(address, str) else f"{address[0]}:{address[1]}"
+
+
+def _unix(path, timeout):
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(timeout)
+    try:
+        s.connect(path)
+    except BaseException:
+        s.close()
+        raise
+    return s
+
+
+def _string32(s):
+    b = s.encode() if isinstance(s, str) else s
+    return P.U32.pack(len(b)) + b

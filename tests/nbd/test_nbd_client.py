@@ -1,0 +1,231 @@
+"""qcow2fast as an NBD client (nbd/client.py): ``nbd://``/``nbd+unix://``
+names, ``json:{"driver": "nbd", ...}`` and ``--image-opts driver=nbd``,
+against qemu-nbd serving and compared with qemu-img 7.2 reading the same
+export (qemu-iotests 209 and qemu-img-bitmaps); a server that breaks the
+protocol is a clear error, never a hang or wrong data."""
+
+import json
+import socket
+import threading
+
+import pytest
+
+import qcow2fast
+from qcow2fast.nbd import protocol as P
+from qcow2fast.nbd.client import NbdClient, NbdError, parse_uri, uri_of
+from qcow2fast.errors import InvalidArgumentError
+from tests.helpers.cli_util import run_cli as cli
+from tests.helpers.nbd_util import served, start_qemu_nbd, stop_server, unix_uri
+from tests.helpers.qemu_util import qemu_create, qemu_img, qemu_io, qemu_raw
+
+pytestmark = pytest.mark.qemu
+MiB = 1 << 20
+
+
+def same_as_qemu(capsys, *argv):
+    want = qemu_img(*argv, check=False)
+    status, out, err = cli(capsys, *argv)
+    assert (status, out, err.replace("qcow2fast: ", "qemu-img: ")) == \
+        (want.returncode, want.stdout_text, want.stderr_text), argv
+    return out
+
+
+@pytest.fixture
+def qcow2_image(tmp_path):
+    path = tmp_path / "disk.qcow2"
+    qemu_create(path, 4 * MiB)
+    qemu_io(path, "write -P 0x5a 0 512k", "write -P 0xa5 2M 64k")
+    return path
+
+
+def test_map_of_a_qcow2_export_as_qemu(capsys, tmp_path, qcow2_image):
+    """qemu-iotests 209: the raw export of a qcow2 image, mapped with -f raw
+    from base:allocation, and read, as qemu-img does it."""
+    sock = str(tmp_path / "q.sock")
+    p = start_qemu_nbd(["-k", sock, "-x", "exp", "-r", "-t", "-f", "qcow2", qcow2_image], sock)
+    try:
+        uri = unix_uri(sock, "exp")
+        for argv in (["map", "-f", "raw", "--output=json", uri], ["map", "-f", "raw", uri],
+                     ["info", uri], ["info", "--output=json", uri]):
+            same_as_qemu(capsys, *argv)
+        out = tmp_path / "copy.raw"
+        assert cli(capsys, "convert", "-f", "raw", "-O", "raw", uri, out)[0] == 0
+        assert out.read_bytes() == qemu_raw(qcow2_image)
+    finally:
+        stop_server(p)
+
+
+def test_a_qcow2_file_served_raw_reads_as_qcow2(capsys, tmp_path, qcow2_image):
+    """A qcow2 file exported as raw bytes (qemu-nbd -f raw) opens as qcow2
+    over the connection: info, check, map and compare as qemu-img."""
+    sock = str(tmp_path / "r.sock")
+    p = start_qemu_nbd(["-k", sock, "-r", "-t", "-f", "raw", qcow2_image], sock)
+    try:
+        uri = unix_uri(sock)
+        for argv in (["info", uri], ["check", uri], ["map", "--output=json", uri],
+                     ["compare", uri, qcow2_image]):
+            same_as_qemu(capsys, *argv)
+        with qcow2fast.open(uri) as img:
+            assert img.read(2 * MiB, 65536) == b"\xa5" * 65536
+    finally:
+        stop_server(p)
+
+
+def test_one_connection_per_command(capsys, tmp_path, qcow2_image):
+    """A qemu-nbd without --persistent serves one connection: probing the
+    format and opening the image take the same one, as qemu-img does."""
+    sock = str(tmp_path / "once.sock")
+    p = start_qemu_nbd(["-k", sock, "-r", "-f", "raw", qcow2_image], sock)
+    try:
+        status, out, err = cli(capsys, "info", unix_uri(sock))
+        assert status == 0, err
+        assert "file format: qcow2" in out
+    finally:
+        stop_server(p)
+
+
+def test_dirty_bitmap_through_x_dirty_bitmap(capsys, tmp_path, qcow2_image):
+    """qemu-img-bitmaps: --image-opts driver=nbd,...,x-dirty-bitmap=CTX maps
+    that context's flags in base:allocation's place (dirty: not data)."""
+    qemu_img("bitmap", "--add", qcow2_image, "b0")
+    qemu_io(qcow2_image, "write -P 1 1M 128k")
+    sock = str(tmp_path / "b.sock")
+    p = start_qemu_nbd(["-k", sock, "-r", "-t", "-f", "qcow2", "-B", "b0", qcow2_image], sock)
+    try:
+        node = f"driver=nbd,server.type=unix,server.path={sock}"
+        out = same_as_qemu(capsys, "map", "--output=json", "--image-opts",
+                           node + ",x-dirty-bitmap=qemu:dirty-bitmap:b0")
+        dirty = [e for e in json.loads(out) if not e["data"]]
+        assert [(e["start"], e["length"]) for e in dirty] == [(MiB, 128 << 10)]
+        same_as_qemu(capsys, "info", "--image-opts", node)
+        same_as_qemu(capsys, "info", "--output=json",
+                     "json:" + json.dumps({"driver": "nbd", "server": {"type": "unix",
+                                                                       "path": sock}}))
+        status, _, err = cli(capsys, "map", "--image-opts",
+                             node + ",x-dirty-bitmap=qemu:dirty-bitmap:nope")
+        assert status == 1 and "x-dirty-bitmap qemu:dirty-bitmap:nope not found" in err
+    finally:
+        stop_server(p)
+
+
+def test_reads_through_our_own_server(tmp_path, qcow2_image):
+    """qcow2fast serve's export read back by the client, tcp and unix."""
+    want = qemu_raw(qcow2_image)
+    for tcp in (False, True):
+        with served(str(qcow2_image), tmp_path, tcp=tcp, read_only=True) as (_, uri):
+            client = NbdClient(uri)
+            try:
+                assert client.size == len(want)
+                assert client.pread(0, len(want)) == want
+                status = client.block_status(0, client.size)
+                assert status and sum(n for n, _ in status) <= client.size
+            finally:
+                client.close()
+
+
+@pytest.mark.parametrize("uri", ["nbd+unix:///x", "nbd://host/x?a=b", "nbd://",
+                                 "nbd+unix://host/x?socket=s", "http://h/x"])
+def test_bad_uris(uri):
+    with pytest.raises(InvalidArgumentError):
+        parse_uri(uri)
+
+
+def test_uris_as_qemu_names_them():
+    assert uri_of({"driver": "nbd", "path": "/s"}) == ("nbd+unix://?socket=/s", None)
+    assert uri_of({"driver": "nbd", "server.type": "inet", "server.host": "h",
+                   "export": "e", "x-dirty-bitmap": "c"}) == ("nbd://h:10809/e", "c")
+    with pytest.raises(InvalidArgumentError, match="doesn't support the option 'tls'"):
+        uri_of({"driver": "nbd", "path": "/s", "tls": "x"})
+
+
+def hostile_server(tmp_path, script):
+    """A server on a Unix socket that answers one connection with ``script(conn)``."""
+    path = str(tmp_path / "bad.sock")
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(path)
+    listener.listen(1)
+
+    def run():
+        conn, _ = listener.accept()
+        try:
+            script(conn)
+        except OSError:
+            pass
+        finally:
+            conn.close()
+            listener.close()
+    threading.Thread(target=run, daemon=True).start()
+    return f"nbd+unix://?socket={path}"
+
+
+def recv_exact(conn, n):
+    buf = b""
+    while len(buf) < n:
+        part = conn.recv(n - len(buf))
+        if not part:
+            raise OSError("closed")
+        buf += part
+    return buf
+
+
+def negotiate(conn, size=MiB):
+    """The server's side of the handshake: no structured replies, then GO."""
+    conn.sendall(P.SERVER_GREETING.pack(P.NBDMAGIC, P.IHAVEOPT, P.NBD_FLAG_FIXED_NEWSTYLE))
+    recv_exact(conn, 4)
+    while True:
+        _, option, length = P.OPTION_HEADER.unpack(recv_exact(conn, 16))
+        recv_exact(conn, length)
+        if option != P.NBD_OPT_GO:
+            conn.sendall(P.OPTION_REPLY.pack(P.NBD_OPT_REPLY_MAGIC, option,
+                                             P.NBD_REP_ERR_UNSUP, 0))
+            continue
+        info = P.INFO_EXPORT.pack(P.NBD_INFO_EXPORT, size, P.NBD_FLAG_HAS_FLAGS)
+        conn.sendall(P.OPTION_REPLY.pack(P.NBD_OPT_REPLY_MAGIC, option, P.NBD_REP_INFO,
+                                         len(info)) + info)
+        conn.sendall(P.OPTION_REPLY.pack(P.NBD_OPT_REPLY_MAGIC, option, P.NBD_REP_ACK, 0))
+        return
+
+
+def test_a_server_that_is_not_nbd(tmp_path):
+    uri = hostile_server(tmp_path, lambda c: c.sendall(b"HTTP/1.1 400 Bad Request\r\n" * 2))
+    with pytest.raises(NbdError, match="protocol error in greeting"):
+        NbdClient(uri, timeout=10)
+
+
+def test_a_reply_with_the_wrong_cookie(tmp_path):
+    def script(conn):
+        negotiate(conn)
+        _, _, _, cookie, _, length = P.REQUEST.unpack(recv_exact(conn, P.REQUEST.size))
+        conn.sendall(P.SIMPLE_REPLY.pack(P.NBD_SIMPLE_REPLY_MAGIC, 0, cookie + 1)
+                     + bytes(length))
+    client = NbdClient(hostile_server(tmp_path, script), timeout=10)
+    assert client.size == MiB and client.block_status(0, MiB) is None
+    with pytest.raises(NbdError, match="protocol error in reply"):
+        client.pread(0, 4096)
+
+
+def test_a_server_that_stops_answering(tmp_path):
+    """No reply: the read fails after the timeout instead of hanging."""
+    def script(conn):
+        negotiate(conn)
+        recv_exact(conn, P.REQUEST.size)
+        conn.recv(1)                     # waits for the client to give up
+    client = NbdClient(hostile_server(tmp_path, script), timeout=1)
+    with pytest.raises(OSError):
+        client.pread(0, 4096)
+
+
+def test_an_export_that_is_not_there(tmp_path):
+    def script(conn):
+        conn.sendall(P.SERVER_GREETING.pack(P.NBDMAGIC, P.IHAVEOPT,
+                                            P.NBD_FLAG_FIXED_NEWSTYLE))
+        recv_exact(conn, 4)
+        while True:
+            _, option, length = P.OPTION_HEADER.unpack(recv_exact(conn, 16))
+            recv_exact(conn, length)
+            msg = b"no such export" if option == P.NBD_OPT_GO else b""
+            conn.sendall(P.OPTION_REPLY.pack(P.NBD_OPT_REPLY_MAGIC, option,
+                                             P.NBD_REP_ERR_UNKNOWN, len(msg)) + msg)
+    with pytest.raises(NbdError, match="Requested export not available: no such export"):
+        NbdClient(hostile_server(tmp_path, script), timeout=10)
+
