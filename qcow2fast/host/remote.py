@@ -288,8 +288,8 @@ def _nbd_source(url, opts):
             old.close()
         _idle_nbd.clear()
         _idle_nbd[key] = client
-    return _Source(url, client.size, client.pread, close,
-                   lambda: _nbd_source(url, opts), block_status=client.block_status)
+    return _Source(url, client.size, client.pread, close, lambda: _nbd_source(url, opts),
+                   client.readinto, client.block_status)
 
 
 def _object_source(f, name):

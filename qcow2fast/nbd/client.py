@@ -188,10 +188,15 @@ class NbdClient:
     def pread(self, start, end):
         """The bytes [start, end) of the export."""
         out = bytearray(end - start)
-        for off in range(start, end, MAX_READ):
-            n = min(MAX_READ, end - off)
-            self._read_into(off, memoryview(out)[off - start:off - start + n])
+        self.readinto(start, out)
         return bytes(out)
+
+    def readinto(self, offset, buf):
+        """Fill ``buf`` with the export's bytes at ``offset`` (the block
+        cache's ``fetch_into``: data chunks are received straight into it)."""
+        mv = memoryview(buf).cast("B")
+        for at in range(0, len(mv), MAX_READ):
+            self._read_into(offset + at, mv[at:at + MAX_READ])
 
     def _read_into(self, offset, mv):
         with self._lock:
@@ -200,14 +205,10 @@ class NbdClient:
                 self._simple(cookie)
                 self._recv_into(mv)
                 return
-            for rtype, flags, payload in self._chunks(cookie):
-                if rtype == P.NBD_REPLY_TYPE_OFFSET_DATA:
-                    at = struct.unpack_from(">Q", payload)[0] - offset
-                    data = payload[8:]
-                    if at < 0 or at + len(data) > len(mv):
-                        self._fail("NBD_REPLY_TYPE_OFFSET_DATA", "data outside the request")
-                    mv[at:at + len(data)] = data
-                elif rtype == P.NBD_REPLY_TYPE_OFFSET_HOLE:
+            for rtype, flags, payload in self._chunks(cookie, (offset, mv)):
+                if rtype == P.NBD_REPLY_TYPE_OFFSET_HOLE:
+                    if len(payload) != 12:
+                        self._fail("NBD_REPLY_TYPE_OFFSET_HOLE", f"{len(payload)} bytes")
                     hole, length = struct.unpack_from(">QI", payload)
                     at = hole - offset
                     if at < 0 or at + length > len(mv):
@@ -224,7 +225,7 @@ class NbdClient:
             cookie = self._request(P.NBD_CMD_BLOCK_STATUS, offset, min(length, 0xFFFFFFFF))
             out = []
             for rtype, flags, payload in self._chunks(cookie):
-                if rtype == P.NBD_REPLY_TYPE_BLOCK_STATUS and \
+                if rtype == P.NBD_REPLY_TYPE_BLOCK_STATUS and len(payload) >= 4 and \
                         P.U32.unpack_from(payload)[0] == self.allocation_id:
                     out += [P.BLOCK_DESCRIPTOR.unpack_from(payload, k)
                             for k in range(4, len(payload) - 7, P.BLOCK_DESCRIPTOR.size)]
@@ -245,9 +246,10 @@ class NbdClient:
         if error:
             raise NbdError(error, f"the server failed the request (error {error})")
 
-    def _chunks(self, cookie):
+    def _chunks(self, cookie, read=None):
         """The structured reply chunks (type, flags, payload) of ``cookie``;
-        an error chunk raises."""
+        an error chunk raises.  ``read``: (offset, buffer) of a read, whose
+        data chunks go straight into the buffer (and are not yielded)."""
         while True:
             magic, flags, rtype, handle, length = P.STRUCTURED_REPLY.unpack(
                 self._recv(P.STRUCTURED_REPLY.size))
@@ -255,6 +257,17 @@ class NbdClient:
                 self._fail("structured reply", f"magic {magic:#x}, cookie {handle}")
             if length > MAX_READ + 64:
                 self._fail("structured reply", f"a {length}-byte chunk")
+            if read is not None and rtype == P.NBD_REPLY_TYPE_OFFSET_DATA:
+                offset, mv = read
+                if length < 8:
+                    self._fail("NBD_REPLY_TYPE_OFFSET_DATA", f"{length} bytes")
+                at = struct.unpack(">Q", self._recv(8))[0] - offset
+                if at < 0 or at + length - 8 > len(mv):
+                    self._fail("NBD_REPLY_TYPE_OFFSET_DATA", "data outside the request")
+                self._recv_into(mv[at:at + length - 8])
+                if flags & P.NBD_REPLY_FLAG_DONE:
+                    return
+                continue
             payload = self._recv(length)
             if rtype & (1 << 15):           # an error chunk
                 error = P.ERROR_PAYLOAD.unpack_from(payload)[0] if len(payload) >= 6 else 5
@@ -267,7 +280,7 @@ class NbdClient:
     def _recv(self, n):
         buf = bytearray(n)
         self._recv_into(memoryview(buf))
-        return bytes(buf)
+        return buf
 
     def _recv_into(self, mv):
         got = 0
