@@ -5,6 +5,8 @@ Every error about an image's format or about how it is used derives from
 stay :class:`OSError` so callers can handle them the usual way.
 """
 
+import contextlib
+
 __all__ = [
     "Qcow2Error",
     "CorruptImageError",
@@ -19,6 +21,7 @@ __all__ = [
     "UntrustedImageError",
     "LeakWarning",
     "RepairWarning",
+    "qemu_step",
 ]
 
 
@@ -127,3 +130,17 @@ class RepairWarning(UserWarning):
     def __init__(self, message, qemu_lines):
         super().__init__(message)
         self.qemu_lines = qemu_lines
+
+
+@contextlib.contextmanager
+def qemu_step(what):
+    """An OSError raised inside carries ``qemu_step``: qemu's words for the
+    step of an operation that failed ("Failed to free the cluster and L1
+    table"), which a command prints before the errno's, as qemu-img does.
+    The innermost step names it."""
+    try:
+        yield
+    except OSError as e:
+        if getattr(e, "qemu_step", None) is None:
+            e.qemu_step = what
+        raise

@@ -336,7 +336,7 @@ cdef class _Batch:
             for i in range(n):
                 if self.r[i].res == PENDING and self.r[i].op == OP_WRITE:
                     img._notify(self.r[i].off, self.r[i].len)
-        if s.transform is not None:     # encrypted: the data funnel, request by request
+        if s.funnel:        # encrypted or blkdebug: the data funnel, request by request
             for i in range(n):
                 if self.r[i].res == PENDING:
                     self.r[i].res = SLOW
@@ -506,7 +506,7 @@ def timed_batches(ImageCore img, const int64_t[:] offsets, const uint8_t[:] writ
             raise ValueError("timed_batches: the buffers and data differ in size")
     for k in range(n):
         any_write |= writes[k] != 0
-    fast = not img.observers and s.transform is None and not (any_write and s.writethrough)
+    fast = not img.observers and not s.funnel and not (any_write and s.writethrough)
     if fast:
         for k in range(n):          # (a request out of range: the checked path reports it)
             if offsets[k] < 0 or offsets[k] + size > s.size:

@@ -292,7 +292,7 @@ cdef class ImageCore:
             if kind == EXT_DATA:
                 if host + <uint64_t>(run << ub) > <uint64_t>s.host_limit:
                     break
-                if s.transform is None:     # s.read_data's plain case, one call less (hot path)
+                if not s.funnel:     # s.read_data's plain case, one call less (hot path)
                     f.read_at(buf + done, chunk, host + in_cl)
                 else:
                     s.read_data(buf + done, chunk, host + in_cl, pos)
@@ -352,7 +352,7 @@ cdef class ImageCore:
                     # Read-modify-write of a block must not race: exclusive only.
                     if not exclusive:
                         return NEED_EXCLUSIVE if done == 0 else done
-                if s.transform is None:     # s.write_data's plain case, one call less (hot path)
+                if not s.funnel:     # s.write_data's plain case, one call less (hot path)
                     f.write_at(buf + done, chunk, host + in_cl)
                 else:
                     s.write_data(buf + done, chunk, host + in_cl, pos)

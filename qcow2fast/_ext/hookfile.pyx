@@ -1,6 +1,9 @@
 # cython: language_level=3
-"""A read-only :class:`~qcow2fast._ext.fileio.File` whose bytes come from a
-Python object instead of a descriptor: a remote image (host/remote.py).
+"""Files whose requests pass through Python: ``HookFile``, a read-only
+:class:`~qcow2fast._ext.fileio.File` whose bytes come from a Python object
+instead of a descriptor (a remote image, host/remote.py), and
+``DebugFile``, a local file whose requests a blkdebug rule set may fail
+(host/blkdebug.py).
 
 The engine reads every host byte through ``File.c_pread`` (the data path,
 the table caches, the chain); this subclass overrides it to take the GIL
@@ -103,4 +106,53 @@ def hook_file(reader):
     f.reader = reader
     f.path = reader.name
     f.fd = NO_FD
+    return f
+
+
+# host/blkdebug.py's request types.
+cdef int IO_READ = 0, IO_WRITE = 1, IO_WRITE_ZEROES = 2, IO_DISCARD = 3, IO_FLUSH = 4
+
+
+cdef class DebugFile(File):
+    """A file under qemu's blkdebug filter: each request first asks
+    ``rules.check(offset, nbytes, iotype)`` (under the GIL: a debugging
+    driver, not a fast one) and fails with the errno it answers.  The
+    engine's data paths keep to ``c_pread``/``c_pwrite`` for it (its
+    image's data funnel, ImageState.debug)."""
+    cdef readonly object rules
+
+    cdef int64_t _refused(self, int64_t off, size_t n, int iotype) noexcept nogil:
+        with gil:
+            return self.rules.check(off, n, iotype)
+
+    cdef int64_t c_pread(self, char *buf, size_t n, int64_t off) noexcept nogil:
+        cdef int64_t err = self._refused(off, n, IO_READ)
+        return -err if err else File.c_pread(self, buf, n, off)
+
+    cdef int64_t c_pwrite(self, const char *buf, size_t n, int64_t off) noexcept nogil:
+        cdef int64_t err = self._refused(off, n, IO_WRITE)
+        return -err if err else File.c_pwrite(self, buf, n, off)
+
+    def debug_event(self, str name):
+        self.rules.event(name)
+
+    def sync(self):
+        if self.unsynced:       # (qemu's flush reaches the driver only after a write)
+            self.rules.fail(0, 0, IO_FLUSH, self.path)
+        File.sync(self)
+
+    def punch_hole(self, int64_t off, int64_t length):
+        self.rules.fail(off, length, IO_DISCARD, self.path)
+        return File.punch_hole(self, off, length)
+
+    def zero_range(self, int64_t off, int64_t length):
+        self.rules.fail(off, length, IO_WRITE_ZEROES, self.path)
+        return File.zero_range(self, off, length)
+
+
+def debug_file(path, rules, bint writable=False, bint direct=False):
+    """``path`` opened as a :class:`DebugFile` under ``rules``
+    (host/blkdebug.Rules)."""
+    cdef DebugFile f = DebugFile(path, writable, direct)
+    f.rules = rules
     return f

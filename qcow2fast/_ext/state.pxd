@@ -17,6 +17,10 @@ cdef class ImageState:
     cdef public object metadata          # engine.overlap.MetadataMap
     cdef public object snapshot          # the internal snapshot viewed, or None
     cdef readonly DataTransform transform  # applied to all guest data (set_transform), or None
+    cdef readonly object debug           # host/blkdebug.Rules of a blkdebug file, or None
+    # Every data byte goes through read_data/write_data (a transform, or a
+    # blkdebug file whose events they announce): the C paths do not skip them.
+    cdef readonly bint funnel
     cdef readonly bint external_data     # data_file is an external data file (set_data_file)
 
     # The geometry the data path needs, from ``geo``.

@@ -48,6 +48,8 @@ cdef class ImageState:
         self.unsafe = cache_mode == "unsafe"
         self.closed = False
         self.transform = None
+        self.debug = getattr(file, "rules", None)
+        self.funnel = self.debug is not None
         self.external_data = False
         self.l1 = NULL
         self.l1_size = 0
@@ -163,6 +165,7 @@ cdef class ImageState:
         Fresh host space then no longer reads as zeros through it, so new
         clusters are always written whole."""
         self.transform = transform
+        self.funnel = transform is not None or self.debug is not None
         if transform is not None:
             self.zero_from = ZERO_FROM_NEVER
 
@@ -179,6 +182,8 @@ cdef class ImageState:
         ``guest`` is the guest offset of its first byte."""
         cdef int64_t bs, lo, hi
         cdef char *tmp
+        if self.debug is not None:
+            self.debug.event("read_aio")
         if self.transform is None or n <= 0:
             return self.data_file.read_at(buf, n, host)
         bs = self.transform.block_size
@@ -207,6 +212,8 @@ cdef class ImageState:
         cdef int64_t bs, lo, hi
         cdef uint64_t glo
         cdef char *tmp
+        if self.debug is not None:
+            self.debug.event("write_aio")
         if self.transform is None or n <= 0:
             return self.data_file.write_at(buf, n, host)
         bs = self.transform.block_size
@@ -244,7 +251,7 @@ cdef class ImageState:
         where it can."""
         cdef Py_buffer view
         cdef File f = self.data_file
-        if len(pieces) > 1 and (self.transform is not None or f.direct):
+        if len(pieces) > 1 and (self.funnel or f.direct):
             pieces = [b"".join(pieces)]
         if len(pieces) == 1:
             PyObject_GetBuffer(pieces[0], &view, PyBUF_SIMPLE)
@@ -265,6 +272,12 @@ cdef class ImageState:
                 views.pop(0)
             if views and n:
                 views[0] = views[0][n:]
+
+    def debug_event(self, str name):
+        """Announce qemu's blkdebug event ``name`` (host/blkdebug.py) to the
+        image file's rules, if it has any."""
+        if self.debug is not None:
+            self.debug.event(name)
 
     def read_only_reason(self):
         return f"{self.path}: {self.read_only_why or 'image is open read-only'}"

@@ -5,10 +5,12 @@ qemu-img commit: the image's data written into its backing file (or into
 ``-d``; ``-b`` implies ``-d``, as in qemu-img.  Prints "Image committed."
 (not with -q); ``-p`` prints qemu-img's percentages on stdout."""
 
+import os
+
 from ..errors import InvalidArgumentError
 from .common import add_untrusted_argument, check_untrusted, named_as, resolve_image
 from .objects import secrets
-from .options import prog, strtosz
+from .options import UsageError, prog, strtosz
 from .progress import PercentProgress
 
 
@@ -62,6 +64,13 @@ def run(args):
                    cache=args.cache, progress=bar if bar.enabled else None,
                    key_secret=key_secret)
         bar(1, 1)
+    except OSError as e:            # qemu-img's words for a failed step (ops/commit.py)
+        step = getattr(e, "qemu_step", None)
+        if step is None or not e.errno:
+            raise
+        if step == "Failed to empty":
+            step += " " + args.filenames[0]
+        raise UsageError(f"{step}: {os.strerror(e.errno)}") from None
     finally:
         bar.close()
     if not args.quiet:

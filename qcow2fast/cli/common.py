@@ -8,6 +8,7 @@ import sys
 from .. import open as open_qcow2
 from ..engine.backing import FILE_PROTOCOL, probe_format
 from ..errors import Qcow2Error
+from ..host import blkdebug
 from ..host.null import DRIVERS as NULL_DRIVERS, NullImage, is_null_name
 from ..host.raw import RawImage
 from ..host.remote import is_url
@@ -278,6 +279,17 @@ def check_backing_given(name, path, given):
         h = None
         if probe_format(layer) == "qcow2":
             h = hdr.parse_header(read_head(layer, 2 << 20), os.path.getsize(layer))
+        if depth == 1 and h is not None and not h.backing_file and \
+                h.autoclear_features & hdr.AUTOCLEAR_DATA_FILE_RAW and \
+                given.keys() == {1} and set(given[1]) <= {"filename", "driver"}:
+            # A backing node given to a data-file-raw image: its reads never
+            # fall through (every cluster is in the raw data file), so the
+            # node changes nothing; qemu opens it, so it must exist.
+            if "filename" in given[1] and not os.path.exists(given[1]["filename"]):
+                raise UsageError(f"Could not open '{name}': Could not open backing file: Could "
+                                 f"not open '{given[1]['filename']}': No such file or "
+                                 "directory")
+            return
         if h is None or not h.backing_file:
             raise UsageError(f"Could not open '{name}': {'backing.' * depth}file.filename: the "
                              "image has no backing file there")
@@ -373,6 +385,14 @@ def open_image(name, fmt=None, *, image_opts=False, writable=False, backing=True
     from .json_filename import is_json, open_json
     if is_json(name) and not image_opts and snapshot is None:
         return open_json(name, writable=writable, fmt=fmt, force_share=force_share)
+    if image_opts and dict(split_options(name)).get("driver") == "blkdebug":
+        from ..engine.backing import nested
+        return open_json(name, writable=writable, fmt=fmt, force_share=force_share,
+                         tree=nested(dict(split_options(name))))
+    if not image_opts and blkdebug.is_blkdebug_name(name):
+        return open_blkdebug_name(name, fmt, writable=writable, backing=backing,
+                                  snapshot=snapshot, force_share=force_share,
+                                  untrusted=untrusted, secrets=secrets, **extra)
     if image_opts and force_share and \
             not parse_bool(dict(split_options(name)).get("force-share", "on"), "force-share"):
         raise UsageError("--force-share/-U conflicts with image options")
@@ -409,6 +429,24 @@ def open_image(name, fmt=None, *, image_opts=False, writable=False, backing=True
         raise open_error(name, e) from e
     warn_stale_bitmaps(img.dirty_bitmaps.warning)
     return img
+
+
+def open_blkdebug_name(name, fmt, **kw):
+    """``blkdebug:RULES:IMAGE``: the qcow2 image IMAGE over qemu's
+    error-injection filter (host/blkdebug.py) with the rules of the file
+    RULES; errors are said of the whole name, as qemu says them."""
+    try:
+        config, inner = blkdebug.split_name(name)
+        rules = blkdebug.rules_from({"config": config})
+    except Qcow2Error as e:
+        raise open_error(name, e) from e
+    if (fmt or (probe_format(inner) if os.path.exists(inner) else "qcow2")) != "qcow2":
+        raise UsageError(f"Could not open '{name}': blkdebug over a raw image is not "
+                         "supported")
+    try:
+        return open_image(inner, fmt, blkdebug=rules, **kw)
+    except UsageError as e:
+        raise UsageError(f"Could not open '{name}': {e}") from None
 
 
 def open_null(name, fmt, image_opts, writable):

@@ -3,6 +3,7 @@
 qemu-img's exit statuses: 0 identical, 1 different, 2 an image cannot be
 opened, 3 block status cannot be read, 4 data cannot be read."""
 
+import os
 import sys
 
 from ..errors import Qcow2Error
@@ -40,7 +41,8 @@ def run(args):
                 print(f"{prog()}: {open_error(name, e)}", file=sys.stderr)
                 return 2
         with Progress(args.progress, max(images[0].size, images[1].size), "compare") as bar:
-            return compare(images[0], images[1], args.strict, say, bar)
+            return compare(images[0], images[1], args.strict, say, bar,
+                           names=(args.filename1, args.filename2))
     finally:
         for img in images:
             img.close()
@@ -54,7 +56,9 @@ def _status(img, offset, end):
             e.kind in ("zero", "unallocated"), stop == img.size), stop
 
 
-def compare(a, b, strict, say, progress=None):
+def compare(a, b, strict, say, progress=None, names=None):
+    """qemu-img compare of two open images; ``names``: theirs, for errors."""
+    a, b = (_Named(img, name) for img, name in zip((a, b), names or (a.path, b.path)))
     if a.size != b.size and strict:
         say("Strict mode: Image size mismatch!")
         return 1
@@ -102,8 +106,7 @@ def _first_difference(a, b, start, end):
         n = min(CHUNK, end - pos)
         try:
             x, y = a.read(pos, n), b.read(pos, n)
-        except (Qcow2Error, OSError) as e:
-            print(f"{prog()}: error while reading offset {pos}: {e}", file=sys.stderr)
+        except _ReadFailed:
             return None
         if x != y:
             i = next(i for i in range(0, n, SECTOR) if x[i:i + SECTOR] != y[i:i + SECTOR])
@@ -125,6 +128,30 @@ def _first_nonzero(img, start, end):
                 return zeros
         pos = stop
     return -1
+
+
+class _ReadFailed(Exception):
+    """A read failed; qemu's error was printed."""
+
+
+class _Named:
+    """An image whose read errors are printed as qemu-img compare prints
+    them, naming the image as it was given."""
+
+    def __init__(self, img, name):
+        self.img, self.name, self.size = img, name, img.size
+
+    def block_status(self, offset, length):
+        return self.img.block_status(offset, length)
+
+    def read(self, offset, n):
+        try:
+            return self.img.read(offset, n)
+        except (Qcow2Error, OSError) as e:
+            why = os.strerror(e.errno) if isinstance(e, OSError) and e.errno else str(e)
+            print(f"{prog()}: Error while reading offset {offset} of {self.name}: {why}",
+                  file=sys.stderr)
+            raise _ReadFailed from None
 
 
 class _Zeros:

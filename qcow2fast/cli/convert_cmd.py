@@ -94,6 +94,9 @@ def _convert(args, opts, names, dest, sources, source_kw):
     from ..ops.convert import convert
     if args.target_image_opts:
         dest, args.out_fmt, source_kw["target_key_secret"] = target_spec(dest, args)
+    elif args.existing and dest.startswith("json:"):       # an existing target's node (its children)
+        from .json_filename import existing_target
+        dest, args.out_fmt, source_kw["target_open"] = existing_target(dest, args.out_fmt)
     if args.out_fmt == "qcow2":
         kw = qcow2_options(opts, "convert", secret_table=secrets(args.objects))
         backing = args.backing or kw.pop("backing_file", None)

@@ -12,6 +12,9 @@ for the drivers qcow2fast has, with qemu's messages:
   driver; common.protocol_node);
 - ``{"driver": "null-co"|"null-aio", "size": N, "read-zeroes": B}``: a
   device that stores nothing (host/null.py);
+- ``{"driver": "blkdebug", "image": NODE, "inject-error": [...], ...}``:
+  qemu's error-injection filter (host/blkdebug.py), as a qcow2 node's
+  ``file`` or above a format node;
 - no ``driver``: the format of ``file`` is probed.
 
 Dotted keys (``"file.filename": P``) are the same as nested objects.
@@ -22,6 +25,7 @@ interface of host/device.py).
 from .. import open as open_qcow2
 from ..engine.backing import FILE_PROTOCOL, JSON_PREFIX as PREFIX, parse_json_name, probe_format
 from ..errors import InvalidArgumentError, Qcow2Error
+from ..host import blkdebug
 from ..host.null import DRIVERS as NULL_DRIVERS, OPTIONS as NULL_OPTIONS, NullImage
 from ..host.raw import RawImage
 from ..host.remote import is_url
@@ -57,12 +61,13 @@ def parse(name):
         raise UsageError(str(e)) from None
 
 
-def open_json(name, *, writable=False, fmt=None, **extra):
+def open_json(name, *, writable=False, fmt=None, tree=None, **extra):
     """Open the image a ``json:`` file name describes (``fmt``, e.g. -f,
     is the top-level ``driver``, over the name's own as in qemu, whose
     options from the name never replace given ones; ``extra``, e.g. the
-    cache mode, goes to every qcow2 node)."""
-    tree = parse(name)
+    cache mode, goes to every qcow2 node).  ``tree``: the name's options
+    already nested (an --image-opts string's)."""
+    tree = parse(name) if tree is None else tree
     if fmt:
         tree["driver"] = fmt
     try:
@@ -89,6 +94,8 @@ def _open(node, writable, extra):
     if driver in NULL_DRIVERS:
         _only(node, NULL_OPTIONS, f"Block protocol '{driver}' doesn't support the option")
         return NullImage.from_options(node, writable=writable, json_name=json_name)
+    if driver == "blkdebug":
+        return _open_blkdebug(node, writable, extra)
     if driver == "qcow2":
         return _open_qcow2(node, writable, extra)
     if driver == "raw":
@@ -141,7 +148,7 @@ def _open_qcow2(node, writable, extra):
     _needs_file(node)
     if isinstance(node["file"], dict) and node["file"].get("driver") in NULL_DRIVERS:
         raise InvalidArgumentError("Image is not in qcow2 format")     # (it reads zeros)
-    _only(node, ("driver", "file", "backing", *IMAGE_OPTS),
+    _only(node, ("driver", "file", "backing", "data-file", *IMAGE_OPTS),
           "Block format 'qcow2' does not support the option")
     kw = dict(image_option(key, str(node[key]).lower() if isinstance(node[key], bool)
                            else str(node[key])) for key in node if key in IMAGE_OPTS)
@@ -149,10 +156,64 @@ def _open_qcow2(node, writable, extra):
     if backing is not None and backing is not True:     # a node name: not supported
         raise InvalidArgumentError("Block format 'qcow2' does not support the option "
                                    "'backing'")
-    path, remote = _file_path(node.get("file"))
+    path, remote, rules = _protocol(node.get("file"))
+    if node.get("data-file") is not None:       # a file node, or its name
+        kw["data_file"], _, kw["data_file_blkdebug"] = _protocol(node["data-file"])
     return open_qcow2(path, "r+" if writable else "r", backing=backing is not None,
                       cache_clean_interval=kw.pop("cache_clean_interval", 0), remote=remote,
-                      **kw, **extra)
+                      blkdebug=rules, **kw, **extra)
+
+
+def _protocol(node):
+    """(path, remote options, blkdebug rules or None) of a qcow2 node's
+    child: a file node (or its name), maybe under a blkdebug filter."""
+    rules = None
+    if isinstance(node, dict) and node.get("driver") == "blkdebug":
+        rules, node = blkdebug.node_parts(node)
+    if isinstance(node, str):
+        node = {"driver": "file", "filename": node}
+    return (*_file_path(node), rules)
+
+
+def existing_target(name, fmt):
+    """convert -n into a ``json:`` name: (path, format, keyword arguments
+    to open it with) of a qcow2 or raw node over a file (a qcow2 node's
+    ``data-file`` child, under blkdebug or not, included)."""
+    node = parse(name)
+    driver = fmt or node.get("driver") or "raw"
+    if driver not in ("qcow2", "raw") or not isinstance(node.get("file"), dict):
+        raise UsageError(f"Could not open '{name}': a target must be a qcow2 or raw node "
+                         "over a file")
+    try:
+        _only(node, ("driver", "file") + (("data-file",) if driver == "qcow2" else ()),
+              f"Block format '{driver}' does not support the option")
+        path, remote, rules = _protocol(node["file"])
+        kw = {}
+        if node.get("data-file") is not None:
+            kw["data_file"], _, kw["data_file_blkdebug"] = _protocol(node["data-file"])
+    except InvalidArgumentError as e:
+        raise UsageError(f"Could not open '{name}': {e}") from None
+    if rules is not None or remote:
+        raise UsageError(f"Could not open '{name}': a target's file must be a local file")
+    return path, driver, kw
+
+
+def _open_blkdebug(node, writable, extra):
+    """blkdebug above a format node (or over a file: the filter is then the
+    image, its format "blkdebug" as qemu names it)."""
+    rules, below = blkdebug.node_parts(node)
+    align = _size(node, "align") or 0
+    if below.get("driver", "file") == "file":
+        path, remote = _file_path(below)
+        image = RawImage(path, writable=writable, remote=remote)
+        image.format = "blkdebug"
+    else:
+        image = _open(below, writable, extra)
+    try:
+        return blkdebug.BlkdebugImage(image, rules, align=align)
+    except BaseException:
+        image.close()
+        raise
 
 
 def _open_raw(node, writable, extra):

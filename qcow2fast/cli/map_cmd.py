@@ -31,7 +31,10 @@ def run(args):
         end = img.size
         if args.max_length is not None:
             end = min(end, start + parse_size(args.max_length, "max length"))
-        names = layer_names(img, shown_name(args.filename, img))
+        # (the File column names the node holding the data: with
+        # --image-opts, the image's file as the options name it)
+        names = layer_names(img, img.path if args.image_opts and getattr(img, "path", None)
+                            else shown_name(args.filename, img))
         raw = img.header is None
         extents = img.block_status(start, end - start) if end > start else []
         # qemu gives no host offset (nor host zeros) for an encrypted layer's data

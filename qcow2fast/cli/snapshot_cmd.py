@@ -114,9 +114,15 @@ def _delete(img, name):
         raise _failed("delete", name, "snapshot not found")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", LeakWarning)
-        img.delete_snapshot({"id": match[0].id, "name": match[0].name})
-    for w in caught:        # qemu-img prints these bare and still succeeds
-        if isinstance(w.message, LeakWarning):
-            print(w.message.qemu_message, file=sys.stderr)
-        else:
-            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        try:
+            img.delete_snapshot({"id": match[0].id, "name": match[0].name})
+        except OSError as e:        # a step failed (engine/snapshot_ops.py): qemu's words
+            if getattr(e, "qemu_step", None) is None or not e.errno:
+                raise
+            raise _failed("delete", name, f"{e.qemu_step}: {os.strerror(e.errno)}") from None
+        finally:
+            for w in caught:        # qemu-img prints these bare, and goes on
+                if isinstance(w.message, LeakWarning):
+                    print(w.message.qemu_message, file=sys.stderr)
+                else:
+                    warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)

@@ -33,7 +33,7 @@ def parse_json_name(name):
         raise InvalidArgumentError(f"Could not parse the JSON options: {e}") from None
     if not isinstance(tree, dict):
         raise InvalidArgumentError("Invalid JSON object given")
-    return _nested(tree)
+    return nested(tree)
 
 
 def _double_quoted(text):
@@ -70,18 +70,19 @@ def _double_quoted(text):
     return "".join(out)
 
 
-def _nested(tree):
+def nested(tree):
+    """Dotted keys (``file.filename``) as nested objects."""
     out = {}
     for key, value in tree.items():
         if isinstance(value, dict):
-            value = _nested(value)
+            value = nested(value)
         head, dot, rest = key.partition(".")
         if dot:
             sub = out.setdefault(head, {})
             if not isinstance(sub, dict):
                 raise InvalidArgumentError(f"Cannot mix '{head}' and '{key}' in the JSON "
                                            "options")
-            sub.update(_nested({rest: value}))
+            sub.update(nested({rest: value}))
         else:
             out[key] = value
     return out
@@ -102,12 +103,26 @@ def json_file(name):
     elif fmt is not None and fmt not in JSON_FORMATS:
         return None
     node = tree.pop("file", None)
+    if isinstance(node, dict) and node.get("driver") == "blkdebug":
+        node = node.get("image")        # (its rules: json_blkdebug_rules)
     if tree or not isinstance(node, dict) or node.get("driver", "file") != "file":
         return None
     path = node.get("filename")
     if set(node) - {"driver", "filename"} or not isinstance(path, str):
         return None
     return path, fmt
+
+
+def json_blkdebug_rules(name):
+    """The rules of qemu's blkdebug filter (host/blkdebug.py) over the file
+    of a plain ``json:`` backing name (json_file), or None."""
+    if not name.startswith(JSON_PREFIX) or json_file(name) is None:
+        return None
+    node = parse_json_name(name).get("file")
+    if not (isinstance(node, dict) and node.get("driver") == "blkdebug"):
+        return None
+    from ..host.blkdebug import node_parts
+    return node_parts(node)[0]
 
 
 def backing_format(header_format, name):

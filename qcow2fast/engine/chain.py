@@ -39,7 +39,8 @@ from ..spec import header as hdr
 from ..host import lock
 from . import backing, untrusted
 from ..host.remote import is_url
-from .backing import backing_format, identity, probe_format, read_head, resolve_backing_path
+from .backing import (backing_format, identity, json_blkdebug_rules, probe_format, read_head,
+                      resolve_backing_path)
 from .cache import MIN_L2_SLOTS
 
 LAYER_L2_ENTRY = 16384        # a lower layer's L2 slice (or its cluster size, if smaller)
@@ -339,7 +340,7 @@ def open_chain(top, max_depth=None, above=()):
             try:
                 if fmt == "qcow2":
                     layer = _open_layer(type(top), path, cache_mode, share, top.untrusted,
-                                        top.secrets_below(k))
+                                        top.secrets_below(k), json_blkdebug_rules(name))
                 else:
                     layer = RawImage(path, **share)
             except ImageLockedError as e:       # in qemu's words
@@ -383,18 +384,19 @@ def _share(img):
             "remote": img.remote_options}
 
 
-def _open_layer(cls, path, cache_mode, share, untrusted, key_secret=None):
+def _open_layer(cls, path, cache_mode, share, untrusted, key_secret=None, blkdebug=None):
     """A lower layer: read-only, no backing file of its own, and a small L2
     cache (the chain's resolved map answers most reads); locked as the top
     is (``share``), and under the untrusted rules if the top is; an
     encrypted layer is unlocked with ``key_secret`` (the top's
-    ``secrets_below`` this layer)."""
+    ``secrets_below`` this layer); ``blkdebug``: the rules of qemu's
+    error-injection filter over its file (a json: backing name's)."""
     head = read_head(path, 24, share["remote"])
     bits = int.from_bytes(head[20:24], "big") if len(head) == 24 else 16
     entry = min(LAYER_L2_ENTRY, 1 << bits) if 9 <= bits <= 21 else LAYER_L2_ENTRY
     return cls(path, "r", cache_mode=cache_mode, cache_clean_interval=0, backing=False,
                l2_cache_entry_size=entry, l2_cache_size=MIN_L2_SLOTS * entry,
-               untrusted=untrusted, key_secret=key_secret, **share)
+               untrusted=untrusted, key_secret=key_secret, blkdebug=blkdebug, **share)
 
 
 def _open_count(layers):

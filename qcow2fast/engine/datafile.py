@@ -74,11 +74,12 @@ def display_name(image_path, h, override):
 
 
 def open_data_file(image_path, h, override, *, writable, direct, force_share, locking,
-                   untrusted, no_io=False):
+                   untrusted, no_io=False, blkdebug=None):
     """The File of the external data file of the image at ``image_path``
     (header ``h``), or None when it has none.  ``override``: a path given
     by the caller, used instead of the name in the image.  ``no_io``: an
-    image whose data file has no name opens without it (qemu-img info)."""
+    image whose data file has no name opens without it (qemu-img info).
+    ``blkdebug``: the rules of qemu's blkdebug filter over the data file."""
     if no_io and override is None and spec.has_data_file(h) and spec.data_file_name(h) is None:
         return None
     spec.check_header(h, override)
@@ -93,7 +94,7 @@ def open_data_file(image_path, h, override, *, writable, direct, force_share, lo
         path = resolve(image_path, name)
     try:
         return open_image_file(path, "raw", writable=writable, direct=direct,
-                               force_share=force_share, locking=locking)
+                               force_share=force_share, locking=locking, blkdebug=blkdebug)
     except FileNotFoundError:
         shown = repr(os.fspath(override)) if override is not None else repr(name)
         raise FileNotFoundError(2, f"could not open external data file {shown} of "

@@ -27,7 +27,7 @@ import collections.abc
 import os
 import threading
 import warnings
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from .._ext.core import ImageCore
 from .._ext.fileio import File
@@ -78,7 +78,7 @@ class Image(LifecycleAPI, CompressedWriteAPI, ImageCore):
                  data_file: str | os.PathLike[str] | None = None,
                  key_secret: bytes | str | Secret | ChainSecrets
                  | collections.abc.Mapping[int | str, bytes | str] | None = None,
-                 no_io: bool = False,
+                 no_io: bool = False, blkdebug: Any = None, data_file_blkdebug: Any = None,
                  _chain: tuple[str, ...] = (), _repair: bool = False) -> None:
         if mode not in ("r", "r+"):
             raise InvalidArgumentError(f"mode must be 'r' or 'r+', not {mode!r}")
@@ -125,13 +125,16 @@ class Image(LifecycleAPI, CompressedWriteAPI, ImageCore):
         self._chain_index = -1                  # this image's layer in a chain it is part of
         self._max_chain_depth = max_chain_depth
         self._data_file_override = data_file    # qemu's data-file open option
+        self._data_file_blkdebug = data_file_blkdebug   # (and a blkdebug filter over it)
         self.data_file_name: str | None = None  # the external data file, as qemu names it
         writable = mode == "r+"
         direct = cache_mode in ("none", "directsync")
         try:
+            # (blkdebug: the rules of qemu's error-injection filter over the
+            # image file, host/blkdebug.py; the engine announces its events)
             f = open_image_file(path if is_remote(path) else self.path, "qcow2",
                                 writable=writable, direct=direct, force_share=force_share,
-                                locking=locking, remote=remote)
+                                locking=locking, remote=remote, blkdebug=blkdebug)
         except OSError as e:
             if direct and e.errno == 22:
                 raise InvalidArgumentError(f"{self.path}: the filesystem does not support "
@@ -226,7 +229,8 @@ class Image(LifecycleAPI, CompressedWriteAPI, ImageCore):
         data_file = datafile.open_data_file(
             self.path, h, self._data_file_override, writable=writable,
             direct=self.cache_mode in ("none", "directsync"), force_share=self.force_share,
-            locking=self.locking, untrusted=self.untrusted, no_io=self.no_io)
+            locking=self.locking, untrusted=self.untrusted, no_io=self.no_io,
+            blkdebug=self._data_file_blkdebug)
         if data_file is not None:
             s.set_data_file(data_file, datafile.HOST_LIMIT)
             self.data_file_name = datafile.display_name(self.path, h, self._data_file_override)

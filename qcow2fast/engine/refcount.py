@@ -40,6 +40,7 @@ class Refcounts(RefcountCore):
 
     def __init__(self, state, file_size, repair=False):
         self.file = state.file
+        self.debug_event = state.debug_event    # qemu's blkdebug events (host/blkdebug.py)
         self.geo = geo = state.geo
         self.header = state.header
         self.barrier = state.barrier     # make completed writes stable (not under unsafe)
@@ -139,6 +140,7 @@ class Refcounts(RefcountCore):
 
     def free(self, offset, n=1):
         """Drop one reference to host clusters [offset, offset + n clusters)."""
+        self.debug_event("cluster_free")
         self.update(offset >> self.geo.cluster_bits, n, -1)
 
     def free_deferred(self, offset, n=1):

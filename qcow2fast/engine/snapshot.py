@@ -12,7 +12,11 @@ that.  A crash leaves the old or the new table, and at worst leaks the
 other one.
 """
 
-from ..errors import CorruptImageError, InvalidArgumentError
+import errno
+import os
+import warnings
+
+from ..errors import CorruptImageError, InvalidArgumentError, LeakWarning
 from ..spec.constants import L1E_SIZE
 from ..spec.header import MAX_L1_BYTES, pack_fields
 from . import features
@@ -257,5 +261,12 @@ def write_snapshot_table(state, refcounts, snapshots, old_offset, old_bytes, dir
     if old_bytes:
         n_old = geo.size_to_clusters(old_bytes)
         state.metadata.remove(old_offset >> geo.cluster_bits, n_old)
-        refcounts.free(old_offset, n_old)
+        try:
+            refcounts.free(old_offset, n_old)
+            state.refcount_cache.flush()    # (written now, as qemu's free: no barrier needed)
+        except OSError as e:        # the new table is in place: the old one leaks, as in qemu
+            warnings.warn(LeakWarning(
+                f"the old snapshot table at {old_offset:#x} could not be freed ({e}): its "
+                f"{n_old} clusters are leaked", "qcow2_free_clusters failed: " +
+                os.strerror(e.errno or errno.EIO)), stacklevel=3)
     return offset, len(data)

@@ -68,7 +68,8 @@ import warnings
 from array import array
 
 from .._ext.kernels import l2_next_run, table_and, table_first_with
-from ..errors import CorruptImageError, InvalidArgumentError, LeakWarning, LimitExceededError
+from ..errors import (CorruptImageError, InvalidArgumentError, LeakWarning, LimitExceededError,
+                      qemu_step)
 from ..spec.constants import (COMPRESSED, DATA, L1E_OFFSET_MASK, L1E_SIZE, QCOW_OFLAG_COPIED,
                               UNALLOCATED, ZERO)
 from ..spec.header import pack_fields
@@ -383,11 +384,14 @@ class Snapshots:
         with features.steps(s, f"deleting {what}"):
             # The header write that drops the entry sets the dirty bit, and the
             # publish's last barrier makes both stable: the COPIED window opens.
-            self._publish_table(img.snapshots[:i] + img.snapshots[i + 1:], dirty=True)
-            plan.apply()
-            self._sync()            # barrier: refcounts drop before COPIED is set on what is now 1
+            with qemu_step("Failed to remove snapshot from snapshot list"):
+                self._publish_table(img.snapshots[:i] + img.snapshots[i + 1:], dirty=True)
+            with qemu_step("Failed to free the cluster and L1 table"):
+                plan.apply()
+                self._sync()        # barrier: refcounts drop before COPIED is set on what is now 1
             discard_freed(s, plan.freed)
-            self._update_copied(plan.state)
+            with qemu_step("Failed to update snapshot status in disk"):
+                self._update_copied(plan.state)
             # After _update_copied's barrier (flags stable); the next barrier
             # (close's, the next operation's) makes the clean bit stable.
             features.set_dirty(s, False, sync=False)

@@ -63,16 +63,21 @@ def zero(fd, off, n, write):
 
 
 def open_image_file(path, fmt, *, writable=False, direct=False, force_share=False,
-                    locking=True, remote=None):
+                    locking=True, remote=None, blkdebug=None):
     """The File of a ``fmt`` ("qcow2"/"raw") image, locked as qemu locks it
     (host/lock.py) unless ``locking`` is False (qemu's locking=off).  A URL
     or an open fsspec file is a remote image (host/remote.py, read-only,
-    not locked; ``remote``: its RemoteOptions)."""
+    not locked; ``remote``: its RemoteOptions).  ``blkdebug``: the rules
+    of qemu's blkdebug filter over the file (host/blkdebug.py), or None."""
     if is_remote(path):
         from .remote import open_file
         return open_file(path, writable, remote)
     perm, unshared = lock.permissions(fmt, writable, force_share)
-    f = File(path, writable=writable, direct=direct)
+    if blkdebug is not None:
+        from .._ext.hookfile import debug_file
+        f = debug_file(path, blkdebug, writable, direct)
+    else:
+        f = File(path, writable=writable, direct=direct)
     if locking:
         try:
             lock.lock(f.fd, path, perm, unshared)

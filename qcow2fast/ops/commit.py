@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 from ..engine.backing import resolve_backing_path
 from ..engine.empty import make_empty
 from ..engine.image import Image
-from ..errors import InvalidArgumentError
+from ..errors import InvalidArgumentError, qemu_step
 from ..host.lock import take_over
 from ..host.raw import RawImage
 from ..spec import header as hdr
@@ -83,10 +83,13 @@ def commit(path: str | os.PathLike[str], *, base: str | None = None, drop: bool 
                 f"emptying '{path}' after committing into '{base}' would leave it reading the "
                 "layers in between, which no longer hold what they held: use drop=True "
                 "(qemu-img commit -b implies -d)")
-        _commit_into(top, above, target, cache, progress)
+        with qemu_step("Block job failed"):
+            _commit_into(top, above, target, cache, progress)
     # The base is stable: the top's data stays readable whatever happens now.
     if not drop:
-        make_empty(path, cache)
+        with qemu_step("Failed to empty"):
+            make_empty(path, cache)
+
 
 
 def _commit_into(top, above, target, cache, progress):
@@ -96,7 +99,8 @@ def _commit_into(top, above, target, cache, progress):
         dest = RawImage(target.path, writable=True, locking=False)
     else:
         dest = Image(target.path, "r+", cache_mode=cache, cache_clean_interval=0,
-                     locking=False, key_secret=top.secrets_below(len(above)))
+                     locking=False, key_secret=top.secrets_below(len(above)),
+                     blkdebug=target.state.debug)       # (the same filter, its state)
     take_over(dest.file.fd, "raw" if isinstance(target, RawImage) else "qcow2")
     try:
         _grow(dest, top.size)

@@ -226,7 +226,8 @@ def convert(sources: str | os.PathLike[str] | BlockDevice
             compression_level: int | None = None, force_share: bool = False,
             untrusted: bool = False, key_secret: bytes | str | None = None,
             remote: Mapping[str, Any] | None = None,
-            target_key_secret: bytes | str | None = None, salvage: bool = False,
+            target_key_secret: bytes | str | None = None,
+            target_open: Mapping[str, Any] | None = None, salvage: bool = False,
             warn: Callable[[str], object] | None = None) -> None:
     """Convert ``sources`` (paths, or open block devices such as an
     :class:`~qcow2fast.Image`, read as they are and left open; several are
@@ -253,7 +254,8 @@ def convert(sources: str | os.PathLike[str] | BlockDevice
     ``key_secret`` is the passphrase of encrypted sources; ``remote`` the
     options of remote sources (:func:`qcow2fast.open`'s).  An encrypted
     target: ``options={"encrypt": {...}}`` (create()'s); an existing one
-    (``existing``) is opened with ``target_key_secret``.  ``salvage``
+    (``existing``) is opened with ``target_key_secret`` and the other
+    keyword arguments of :class:`~qcow2fast.Image` in ``target_open``.  ``salvage``
     (--salvage): a sector of the sources that cannot be read is written as
     zeros, and ``warn(message)`` (default: the "qcow2fast" logger) told
     qemu-img's warning for it.
@@ -331,7 +333,7 @@ def convert(sources: str | os.PathLike[str] | BlockDevice
                                       target_is_zero, threads, progress, sync, direct,
                                       (compression_level,) if compress else None,
                                       target_key_secret or target_secret(options),
-                                      top_only=bool(backing_file))
+                                      top_only=bool(backing_file), target_open=target_open)
     finally:
         if src is not None:
             src.close()
@@ -426,7 +428,7 @@ def _convert_new_qcow2(st, src, dest, compressor, sparse_size, threads, progress
 
 def _convert_through_image(src, dest, format, options, sparse_size, existing,
                            target_is_zero, threads, progress, sync, direct, compress,
-                           out_secret=None, top_only=False):
+                           out_secret=None, top_only=False, target_open=None):
     """Raw output, -n, extended L2 and preallocated qcow2: writes through
     Image.write (qcow2) or pwrite (raw).  ``compress``: None, or a 1-tuple
     with the compression level (the compression type is the target's):
@@ -445,7 +447,7 @@ def _convert_through_image(src, dest, format, options, sparse_size, existing,
         if format == "qcow2":
             from ..engine.image import Image
             img = Image(out.path, "r+", cache_mode="none" if direct else "unsafe",
-                        cache_clean_interval=0, key_secret=out_secret)
+                        cache_clean_interval=0, key_secret=out_secret, **(target_open or {}))
             tsize = img.size
             unit = img.cluster_size
         else:

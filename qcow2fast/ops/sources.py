@@ -10,6 +10,7 @@ import numpy as np
 from ..engine.backing import probe_format
 from ..host.remote import is_url
 from ..errors import ConvertError, InvalidArgumentError, Qcow2Error
+from ..extent import Extent
 from ..spec.constants import SECTOR
 from ..host.raw import RawImage
 
@@ -24,6 +25,7 @@ class Sources:
     that cannot be read, which then reads as zeros (--salvage)."""
 
     salvage = None
+    status_notes = ()       # --salvage: (guest offset, warning) of the block status walk
 
     def __init__(self, images, names, owned=None):
         """``owned``: the images to close with the sources (default: all)."""
@@ -42,7 +44,10 @@ class Sources:
 
     def readinto(self, offset, mv, notes=None):
         """Read the guest range at ``offset`` into ``mv``; with ``salvage``
-        the warnings for what could not be read are appended to ``notes``."""
+        the warnings for what could not be read are appended to ``notes``
+        (with those of the block status walk for the range, in disk order,
+        as qemu's copy pass repeats them)."""
+        said = []
         for i, off, at, n in self.pieces(offset, len(mv)):
             try:
                 self.images[i].readinto(off, mv[at:at + n])
@@ -50,32 +55,67 @@ class Sources:
                 if self.salvage is None:
                     raise ConvertError(f"error while reading {self.names[i]!r} at offset "
                                        f"{off:#x}: {e}") from e
-                self._salvage(self.images[i], off, mv[at:at + n], notes)
+                said += self._salvage(self.images[i], off, mv[at:at + n], self.starts[i])
+        if self.status_notes:
+            end = offset + len(mv)
+            said += [(at, 0, text) for at, text in self.status_notes if offset <= at < end]
+        notes.extend(text for _, _, text in sorted(said))
 
     @staticmethod
-    def _salvage(image, offset, mv, notes):
+    def _salvage(image, offset, mv, start):
         """qemu-img convert --salvage: the range again, sector by sector;
-        a sector that cannot be read becomes zeros, with qemu's warning."""
+        a sector that cannot be read becomes zeros, with qemu's warning
+        ((guest offset, 1, warning) each)."""
+        said = []
         for k in range(0, len(mv), SECTOR):
             part = mv[k:k + SECTOR]
             try:
                 image.readinto(offset + k, part)
             except (Qcow2Error, OSError) as e:
                 part[:] = 0
-                why = e.strerror if isinstance(e, OSError) and e.strerror else \
-                    os.strerror(errno.EIO)      # (qemu: a corrupt cluster is an EIO)
-                notes.append(f"error while reading offset {offset + k}: {why}")
+                said.append((start + offset + k, 1, f"error while reading offset {offset + k}: "
+                             f"{_why(e)}"))
+        return said
 
     def extents(self):
-        """(offset, length, kind, depth) over the whole concatenation."""
+        """(offset, length, kind, depth) over the whole concatenation.  With
+        ``salvage``, a range whose block status cannot be read is asked for
+        again in smaller pieces, down to a sector, which is then read as
+        data (qemu-img convert's walk, whose warnings come out here and
+        again as the copy reaches them)."""
+        self.status_notes = []
         for i, im in enumerate(self.images):
             try:
-                exts = im.block_status(0, im.size) if im.size else []
+                exts = (im.block_status(0, im.size) if self.salvage is None else
+                        list(self._salvaged_status(im, self.starts[i]))) if im.size else []
             except (Qcow2Error, OSError) as e:
                 raise ConvertError(f"error while reading the metadata of {self.names[i]!r}: "
                                    f"{e}") from e
             for e in exts:
                 yield self.starts[i] + e.offset, e.length, e.kind, e.depth
+
+    def _salvaged_status(self, image, start):
+        size = -(-image.size // SECTOR)             # in sectors, as qemu walks
+        pos = 0
+        while pos < size:
+            n = size - pos
+            while True:
+                try:
+                    exts = image.block_status(pos * SECTOR, min(n * SECTOR, image.size -
+                                                                pos * SECTOR))
+                    break
+                except (Qcow2Error, OSError) as e:
+                    if n > 1:
+                        n = -(-n // 4)              # qemu's retry on a shorter range
+                        continue
+                    text = f"error while reading block status at offset {pos * SECTOR}: " \
+                        f"{_why(e)}"
+                    self.salvage(text)
+                    self.status_notes.append((start + pos * SECTOR, text))
+                    exts = [Extent(pos * SECTOR, SECTOR, "data", None, 0)]
+                    break
+            yield from exts
+            pos = -(-(exts[-1].offset + exts[-1].length) // SECTOR)
 
     def close(self):
         for im in self.owned:
@@ -121,6 +161,12 @@ def open_sources(names, fmt, snapshot=None, *, force_share=False, untrusted=Fals
         raise
     return Sources(images, [n.path if im is n else os.fspath(n)
                             for n, im in zip(names, images)], owned)
+
+
+def _why(e):
+    """qemu's words for a failed request: its errno's (a corrupt cluster
+    is an EIO to qemu)."""
+    return os.strerror(e.errno if isinstance(e, OSError) and e.errno else errno.EIO)
 
 
 class UnitMarks:
