@@ -113,7 +113,10 @@ def map_entries(extents, raw, hidden=(), raws=()):
                  # qemu's null-co without read-zeroes; in a qcow2 chain: zeros)
                  "zero": e.kind == "zero" or (e.kind == "unallocated" and not raw)
                  or bool(host_zero),
-                 "data": e.kind in ("data", "compressed")}
+                 # (a raw device's allocated zeros, an NBD export's ZERO without
+                 # HOLE: data that reads as zeros, as qemu reports them)
+                 "data": e.kind in ("data", "compressed") or
+                 (raw and e.kind == "zero" and e.host_offset is not None)}
         if raw and e.kind != "unallocated":
             entry["offset"] = e.offset
         elif e.host_offset is not None and e.kind != "compressed" and e.depth not in hidden:

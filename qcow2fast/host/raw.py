@@ -98,7 +98,8 @@ def _export_status(status, offset, length):
     """Extents from an NBD export's base:allocation (nbd/client.py): a hole
     that reads as zeros is "zero", one that may not "unallocated" (contents
     unknown, as qemu has it), the rest data (all of it, when the server
-    has no block status); the sector tail past the export reads as zeros."""
+    has no block status); zeros that are not a hole (allocated) have a host
+    offset, as data has; the sector tail past the export reads as zeros."""
     from ..nbd.protocol import NBD_STATE_HOLE, NBD_STATE_ZERO    # (nbd imports this module)
     out, pos, end = [], offset, offset + max(0, length)
     while pos < end:
@@ -110,7 +111,8 @@ def _export_status(status, offset, length):
             n = min(n, end - pos)
             kind = "zero" if flags & NBD_STATE_ZERO else \
                 "unallocated" if flags & NBD_STATE_HOLE else "data"
-            out.append(Extent(pos, n, kind, None if kind == "unallocated" else pos, 0))
+            # (an offset: allocated -- data, or zeros that are not a hole)
+            out.append(Extent(pos, n, kind, None if flags & NBD_STATE_HOLE else pos, 0))
             pos += n
             if pos >= end:
                 break

@@ -108,6 +108,27 @@ def test_dirty_bitmap_through_x_dirty_bitmap(capsys, tmp_path, qcow2_image):
         stop_server(p)
 
 
+def test_allocation_depth_through_x_dirty_bitmap(capsys, tmp_path):
+    """nbd-qemu-allocation: qemu:allocation-depth read in base:allocation's
+    place -- depth 2 is ZERO without HOLE, data that reads as zeros ("zero"
+    and "data" both true), depth 1 a HOLE (not present), 0 data."""
+    base, top = tmp_path / "base.qcow2", tmp_path / "top.qcow2"
+    qemu_create(base, 4 * MiB)
+    qemu_io(base, "write -P 1 0 2M")
+    qemu_img("create", "-q", "-f", "qcow2", "-b", str(base), "-F", "qcow2", str(top))
+    qemu_io(top, "write -P 2 1M 2M")
+    sock = str(tmp_path / "a.sock")
+    p = start_qemu_nbd(["-k", sock, "-r", "-t", "-f", "qcow2", "-A", top], sock)
+    try:
+        out = same_as_qemu(capsys, "map", "--output=json", "--image-opts",
+                           f"driver=nbd,server.type=unix,server.path={sock},"
+                           "x-dirty-bitmap=qemu:allocation-depth")
+        assert [(e["start"], e["zero"], e["data"], e["present"]) for e in json.loads(out)] == \
+            [(0, True, True, True), (MiB, False, False, False), (3 * MiB, False, True, True)]
+    finally:
+        stop_server(p)
+
+
 def test_reads_through_our_own_server(tmp_path, qcow2_image):
     """qcow2fast serve's export read back by the client, tcp and unix."""
     want = qemu_raw(qcow2_image)
