@@ -1,7 +1,8 @@
-"""An NBD client (doc/proto.md), read-only: what qemu-img does with an
-``nbd://`` or ``nbd+unix://`` name (qemu's block/nbd.c) -- reads, and the
-block status of ``base:allocation``.  Remote images (host/remote.py) are
-read through it as through any other URL, so a qcow2 image exported raw
+"""An NBD client (doc/proto.md): what qemu-img does with an ``nbd://`` or
+``nbd+unix://`` name (qemu's block/nbd.c) -- reads, the block status of
+``base:allocation``, and writes, zeroes and flushes for a conversion into
+an export (ops/nbd_target.py).  Remote images (host/remote.py) are read
+through it as through any other URL, so a qcow2 image exported raw
 (``qemu-nbd -f raw``) opens as qcow2, and a raw export maps as qemu-img
 maps it.
 
@@ -14,7 +15,8 @@ request, chunk sizes bounded) before its bytes are used; a server that
 breaks the protocol is an error naming the name and the field, and the
 connection is not used again.  One request is in flight at a time per
 connection (a lock): the block cache above runs several connections when
-it wants parallel reads."""
+it wants parallel reads.  Writes past the export's end, or to a
+read-only export, are refused before anything is sent."""
 
 import socket
 import struct
@@ -27,6 +29,8 @@ from . import protocol as P
 DEFAULT_PORT = 10809
 SCHEMES = ("nbd", "nbd+tcp", "nbd+unix")
 MAX_READ = 32 << 20                 # the largest read asked at once (qemu: 32 MiB)
+MAX_WRITE = 4 << 20                 # the largest write sent at once (below every server's max)
+MAX_ZERO = 1 << 30                  # the largest write-zeroes range sent at once
 BAD_URI = "No valid URL specified"  # qemu's words
 
 
@@ -233,26 +237,82 @@ class NbdClient:
             self._fail("NBD_REPLY_TYPE_BLOCK_STATUS", "no extent, or an empty one")
         return out
 
-    def _request(self, command, offset, length):
+    @property
+    def read_only(self):
+        return bool(self.flags & P.NBD_FLAG_READ_ONLY)
+
+    def pwrite(self, data, offset):
+        """Write ``data`` at ``offset`` of the export."""
+        mv = memoryview(data).cast("B")
+        self._writable(offset, len(mv))
+        for at in range(0, len(mv), MAX_WRITE):
+            piece = mv[at:at + MAX_WRITE]
+            with self._lock:
+                self._done(self._request(P.NBD_CMD_WRITE, offset + at, len(piece), piece))
+
+    def write_zeroes(self, offset, length):
+        """Make [offset, offset+length) read as zeros (NBD_CMD_WRITE_ZEROES,
+        or written zeros when the server has no such command)."""
+        self._writable(offset, length)
+        zero = self.flags & P.NBD_FLAG_SEND_WRITE_ZEROES
+        step = MAX_ZERO if zero else MAX_WRITE
+        for at in range(offset, offset + length, step):
+            n = min(step, offset + length - at)
+            with self._lock:
+                self._done(self._request(P.NBD_CMD_WRITE_ZEROES, at, n) if zero else
+                           self._request(P.NBD_CMD_WRITE, at, n, bytes(n)))
+
+    def flush(self):
+        """Make the completed writes stable (when the server can)."""
+        if self.flags & P.NBD_FLAG_SEND_FLUSH:
+            with self._lock:
+                self._done(self._request(P.NBD_CMD_FLUSH, 0, 0))
+
+    def _writable(self, offset, length):
+        if self.read_only:
+            raise NbdError(30, f"the export of {self.name} is read-only")      # EROFS
+        if offset < 0 or offset + length > self.size:
+            raise NbdError(28, f"write [{offset}, {offset + length}) past the end of the "
+                               f"{self.size}-byte export of {self.name}")     # ENOSPC
+
+    def _request(self, command, offset, length, payload=None):
         self._cookie += 1
         self._sock.sendall(P.REQUEST.pack(P.NBD_REQUEST_MAGIC, 0, command, self._cookie,
                                           offset, length))
+        if payload is not None:
+            self._sock.sendall(payload)
         return self._cookie
 
-    def _simple(self, cookie):
-        magic, error, handle = P.SIMPLE_REPLY.unpack(self._recv(P.SIMPLE_REPLY.size))
+    def _done(self, cookie):
+        """The reply to a command that returns no data: a simple one, or
+        (structured replies) chunks of no data, an error chunk raising."""
+        if self.structured:
+            magic = self._recv(4)
+            if P.U32.unpack(magic)[0] == P.NBD_STRUCTURED_REPLY_MAGIC:
+                for rtype, _, _ in self._chunks(cookie, pending=magic):
+                    self._fail("structured reply", f"chunk type {rtype} to a write")
+                return
+            self._simple(cookie, pending=magic)
+        else:
+            self._simple(cookie)
+
+    def _simple(self, cookie, pending=b""):
+        magic, error, handle = P.SIMPLE_REPLY.unpack(
+            pending + self._recv(P.SIMPLE_REPLY.size - len(pending)))
         if magic != P.NBD_SIMPLE_REPLY_MAGIC or handle != cookie:
             self._fail("reply", f"magic {magic:#x}, cookie {handle}")
         if error:
             raise NbdError(error, f"the server failed the request (error {error})")
 
-    def _chunks(self, cookie, read=None):
+    def _chunks(self, cookie, read=None, pending=b""):
         """The structured reply chunks (type, flags, payload) of ``cookie``;
         an error chunk raises.  ``read``: (offset, buffer) of a read, whose
-        data chunks go straight into the buffer (and are not yielded)."""
+        data chunks go straight into the buffer (and are not yielded);
+        ``pending``: the first bytes of the first chunk, already received."""
         while True:
             magic, flags, rtype, handle, length = P.STRUCTURED_REPLY.unpack(
-                self._recv(P.STRUCTURED_REPLY.size))
+                pending + self._recv(P.STRUCTURED_REPLY.size - len(pending)))
+            pending = b""
             if magic != P.NBD_STRUCTURED_REPLY_MAGIC or handle != cookie:
                 self._fail("structured reply", f"magic {magic:#x}, cookie {handle}")
             if length > MAX_READ + 64:

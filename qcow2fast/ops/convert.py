@@ -46,6 +46,7 @@ from ..engine.crypto_setup import target_secret
 from ..host.limits import fit_threads
 from ..host.lock import check_create
 from .convert_units import Buffers, Job
+from .nbd_target import NbdStream, is_nbd_name
 from .sources import MUST_ZERO, READ, SKIP, UnitMarks, open_sources
 
 if TYPE_CHECKING:
@@ -166,6 +167,11 @@ class Output:
     def __init__(self, dest, in_place):
         self.dest, self.tmp, self.fd, self.device = dest, None, None, False
         self.in_place = in_place
+        self.nbd = None
+        if is_nbd_name(dest):           # written in order, as a stream (ops/nbd_target.py)
+            self.nbd = NbdStream(dest)
+            self.fd = self.nbd.fd
+            return
         if dest == "-":
             self.fd = sys.stdout.buffer.fileno()
             if os.isatty(self.fd):
@@ -189,7 +195,16 @@ class Output:
     def path(self):
         return self.tmp or self.dest
 
+    @property
+    def stream(self):
+        """Written in order, never sought (stdout, an NBD export)."""
+        return self.dest == "-" or self.nbd is not None
+
     def commit(self, sync):
+        if self.nbd is not None:
+            nbd, self.nbd, self.fd = self.nbd, None, None
+            nbd.finish(ok=True)
+            return
         if sync and self.dest != "-":
             os.fsync(self.fd)
         if self.tmp:
@@ -197,6 +212,10 @@ class Output:
             self.tmp = None
 
     def close(self, ok):
+        if self.nbd is not None:
+            nbd, self.nbd, self.fd = self.nbd, None, None
+            nbd.finish(ok=False)        # (raises the sender's error: the cause)
+            return
         if not ok and self.device and not self.in_place and self.fd is not None:
             # A failed new image on a device must not look like a valid one
             # (a regular file's temporary is deleted instead).
@@ -294,15 +313,19 @@ def convert(sources: str | os.PathLike[str] | BlockDevice
         raise InvalidArgumentError("stdin ('-') can only be the only source")
     if dest == STDIN and (format != "qcow2" or existing):
         raise UnsupportedFeatureError("only a new qcow2 image can be written to stdout")
-    if direct and dest == STDIN:
+    if is_nbd_name(dest) and (format != "qcow2" or existing or any(
+            options.get(k) for k in ("extended_l2", "data_file", "encrypt"))):
+        raise UnsupportedFeatureError("only a new qcow2 image (no extended_l2, data_file or "
+                                      "encryption) can be written into an NBD export")
+    if direct and (dest == STDIN or is_nbd_name(dest)):
         raise InvalidArgumentError("O_DIRECT output (cache mode none) needs a file target, "
-                                   "not stdout")
+                                   "not a stream")
     if stdin and existing:
         raise InvalidArgumentError("-n needs a source of known size")
 
     if stdin and snapshot is not None:
         raise InvalidArgumentError("a snapshot (-l) cannot be read from stdin")
-    if dest != STDIN and not existing:
+    if dest != STDIN and not existing and not is_nbd_name(dest):
         check_create(dest)          # not over an image someone uses (qemu's create)
     src = None if stdin else open_sources(sources, source_format, snapshot,
                                           force_share=force_share, untrusted=untrusted,
@@ -324,7 +347,7 @@ def convert(sources: str | os.PathLike[str] | BlockDevice
                     if compress else None
                 return _convert_new_qcow2(st, src, dest, compressor, sparse_size, threads,
                                           progress, sync, direct)
-            if compress or dest == STDIN or stdin:
+            if compress or dest == STDIN or stdin or is_nbd_name(dest):
                 raise InvalidArgumentError("preallocation cannot be combined with "
                                            "compression or streams")
         # -n -B: the target's backing file is taken to hold what the source's
@@ -397,9 +420,9 @@ def _convert_new_qcow2(st, src, dest, compressor, sparse_size, threads, progress
     writer = dfile = None
     try:
         dfile = _open_direct(out.path) if direct else None
-        writer = Qcow2Writer(st, out.fd, stream=dest == STDIN,
+        writer = Qcow2Writer(st, out.fd, stream=out.stream,
                              spool_dir=os.path.dirname(os.path.abspath(dest))
-                             if dest != STDIN else None, direct=dfile, name=dest)
+                             if not out.stream else None, direct=dfile, name=dest)
 
         def sink(first, kinds, payloads, buf, nvalid):
             return writer.append(first, kinds, payloads, buf)

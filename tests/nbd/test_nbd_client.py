@@ -144,6 +144,85 @@ def test_reads_through_our_own_server(tmp_path, qcow2_image):
                 client.close()
 
 
+# -- writing: a conversion into an export (ops/nbd_target.py) -------------------------------
+
+def ova_exports(tmp_path, n):
+    """``n`` tar-like files, each served raw from offset 1536 by qemu-nbd
+    (qemu-iotests 302's OVA): [(process, uri, file)]."""
+    out = []
+    for k in range(n):
+        f = tmp_path / f"ova{k}.tar"
+        f.write_bytes(b"x" * 1536)
+        with open(f, "r+b") as fh:
+            fh.truncate(1536 + 2 * MiB)
+        sock = str(tmp_path / f"ova{k}.sock")
+        p = start_qemu_nbd(["-k", sock, "-x", "exp", "-t", "-f", "raw", "--offset", "1536",
+                            str(f)], sock)
+        out.append((p, unix_uri(sock, "exp"), f))
+    return out
+
+
+@pytest.mark.parametrize("compress", [True, False])
+def test_convert_into_an_export_as_qemu(capsys, tmp_path, compress):
+    """qemu-iotests 302: a new qcow2 image written onto an export; qemu-img
+    checks and compares it through the export, its end where qemu-img's
+    own conversion into a twin export ends, the bytes before the offset
+    untouched."""
+    src = tmp_path / "src.qcow2"
+    qemu_create(src, 1 << 30)
+    qemu_io(src, "write -P 7 1M 64k", "write -z 4M 64k", "write -P 9 100M 192k")
+    c = ["-c"] if compress else []
+    servers = ova_exports(tmp_path, 2)
+    try:
+        (_, ours, f), (_, theirs, _) = servers
+        assert cli(capsys, "convert", "-f", "qcow2", "-O", "qcow2", *c, str(src), ours)[0] == 0
+        qemu_img("convert", "-f", "qcow2", "-O", "qcow2", *c, str(src), theirs)
+        qemu_img("compare", str(src), ours)
+        end = [json.loads(qemu_img("check", "--output=json", u, check=False).stdout_text)
+               for u in (ours, theirs)]
+        assert end[0]["check-errors"] == 0 and not end[0].get("leaks")
+        assert end[0]["image-end-offset"] == end[1]["image-end-offset"]
+        assert f.read_bytes()[:1536] == b"x" * 1536
+    finally:
+        for p, _, _ in servers:
+            stop_server(p)
+
+
+def test_convert_into_our_own_server(capsys, tmp_path):
+    """-S 0 writes the source's zeros as data: whole blocks of zeros go as
+    write-zeroes, and must replace what the export held."""
+    src, target = tmp_path / "src.qcow2", tmp_path / "target.raw"
+    qemu_create(src, 3 * MiB)
+    qemu_io(src, "write -P 3 0 64k", "write -P 4 2M 512k")
+    target.write_bytes(b"\xff" * (4 * MiB))         # old bytes: the zeros must be written
+    with served(str(target), tmp_path, fmt="raw") as (_, uri):
+        assert cli(capsys, "convert", "-S", "0", "-O", "qcow2", str(src), uri)[0] == 0
+        qemu_img("compare", str(src), uri)
+    qemu_img("check", "-f", "qcow2", str(target))
+
+
+def test_convert_into_an_export_refusals(capsys, tmp_path):
+    src = tmp_path / "src.qcow2"
+    qemu_create(src, 64 * MiB)
+    qemu_io(src, "write -P 1 0 8M")
+    small, ro = tmp_path / "small.raw", tmp_path / "ro.raw"
+    small.write_bytes(bytes(MiB))
+    ro.write_bytes(bytes(4 * MiB))
+    with served(str(small), tmp_path, fmt="raw") as (_, uri):
+        status, _, err = cli(capsys, "convert", "-O", "qcow2", str(src), uri)
+        assert status == 1 and "past the end of the 1048576-byte export" in err
+        status, _, err = cli(capsys, "convert", "-O", "raw", str(src), uri)
+        assert status == 1 and "only a new qcow2 image" in err
+    sock = str(tmp_path / "ro.sock")
+    p = start_qemu_nbd(["-k", sock, "-r", "-t", "-f", "raw", str(ro)], sock)
+    try:
+        status, _, err = cli(capsys, "convert", "-O", "qcow2", str(src), unix_uri(sock))
+        assert status == 1 and "read-only" in err
+    finally:
+        stop_server(p)
+    assert ro.read_bytes() == bytes(4 * MiB)
+
+
 @pytest.mark.parametrize("uri", ["nbd+unix:///x", "nbd://host/x?a=b", "nbd://",
                                  "nbd+unix://host/x?socket=s", "http://h/x"])
 def test_bad_uris(uri):

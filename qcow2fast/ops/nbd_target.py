@@ -1,0 +1,80 @@
+"""An NBD export as a conversion's target (``qemu-img convert -O qcow2 SRC
+nbd+unix:///EXP?socket=S``: a new image written onto an export, as a
+qcow2 file inside an OVA tar served by ``qemu-nbd --offset``).
+
+The new image is written as the qcow2 writer writes a stream (stdout):
+in order from offset 0, metadata first.  ``NbdStream.fd`` is the write
+end of a pipe; a thread reads it a block at a time and sends each block
+to the export (a block of zeros as NBD_CMD_WRITE_ZEROES).  ``finish``
+waits for the last block and flushes the export: the convert succeeds
+only once the server said every write and the flush were done."""
+
+import os
+import threading
+
+from ..nbd.client import NbdClient, NbdError
+from ..host.remote import is_url
+
+BLOCK = 1 << 20
+_ZEROS = bytes(BLOCK)
+
+
+def is_nbd_name(name):
+    return isinstance(name, str) and is_url(name) and name.lower().startswith("nbd")
+
+
+class NbdStream:
+    """The bytes written to ``fd``, sent in order to the export ``uri``."""
+
+    def __init__(self, uri):
+        self.client = NbdClient(uri)
+        if self.client.read_only:
+            self.client.close()
+            raise NbdError(30, f"Could not open '{uri}': the export is read-only")
+        self._r, self.fd = os.pipe()
+        self.error = None
+        self.sent = 0
+        self._thread = threading.Thread(target=self._send, name="qcow2fast-nbd-target",
+                                        daemon=True)
+        self._thread.start()
+
+    def _send(self):
+        buf = bytearray(BLOCK)
+        mv = memoryview(buf)
+        try:
+            while True:
+                n = 0
+                while n < BLOCK:
+                    k = os.readv(self._r, [mv[n:]])
+                    if k == 0:
+                        break
+                    n += k
+                if n == 0:
+                    return
+                if mv[:n] == _ZEROS[:n]:
+                    self.client.write_zeroes(self.sent, n)
+                else:
+                    self.client.pwrite(mv[:n], self.sent)
+                self.sent += n
+                if n < BLOCK:
+                    return
+        except BaseException as e:          # said by finish(); the writer sees EPIPE
+            self.error = e
+        finally:
+            os.close(self._r)
+
+    def finish(self, ok):
+        """Wait for the sender; raise its error if it had one (the cause of
+        a failed write to the pipe, too), else flush the export when ``ok``.
+        Closes everything."""
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+        self._thread.join()
+        try:
+            if self.error is not None:
+                raise self.error
+            if ok:
+                self.client.flush()
+        finally:
+            self.client.close()
