@@ -22,6 +22,7 @@ interrupted conversion leaves no half-written image behind.
 from __future__ import annotations
 
 import collections
+import errno
 import logging
 import concurrent.futures
 import os
@@ -46,7 +47,7 @@ from ..engine.crypto_setup import target_secret
 from ..host.limits import fit_threads
 from ..host.lock import check_create
 from .convert_units import Buffers, Job
-from .nbd_target import NbdStream, is_nbd_name
+from .nbd_target import NbdStream, is_nbd_name, open_export
 from .sources import MUST_ZERO, READ, SKIP, UnitMarks, open_sources
 
 if TYPE_CHECKING:
@@ -161,16 +162,20 @@ HEADER_WIPE = 64 << 10       # zeroed on a device when a new image on it fails
 
 class Output:
     """The destination file: a temporary name renamed over ``dest`` on
-    success (regular files), the device itself, or stdout.  ``device``: a
-    block device (fixed size, holding old data: see hostfile)."""
+    success (regular files), the device itself, or stdout; or an NBD
+    export, written as a ``stream`` or at random (raw).  ``device``: a
+    block device or an export (fixed size, holding old data: see hostfile)."""
 
-    def __init__(self, dest, in_place):
+    def __init__(self, dest, in_place, stream=False):
         self.dest, self.tmp, self.fd, self.device = dest, None, None, False
         self.in_place = in_place
-        self.nbd = None
-        if is_nbd_name(dest):           # written in order, as a stream (ops/nbd_target.py)
-            self.nbd = NbdStream(dest)
-            self.fd = self.nbd.fd
+        self.nbd = self.export = None
+        if is_nbd_name(dest):           # (ops/nbd_target.py)
+            if stream:
+                self.nbd = NbdStream(dest)
+                self.fd = self.nbd.fd
+            else:
+                self.export, self.device = open_export(dest), True
             return
         if dest == "-":
             self.fd = sys.stdout.buffer.fileno()
@@ -200,7 +205,35 @@ class Output:
         """Written in order, never sought (stdout, an NBD export)."""
         return self.dest == "-" or self.nbd is not None
 
+    # -- random access (a raw target) --------------------------------------------------
+
+    def size(self):
+        return self.export.size if self.export is not None else hostfile.size(self.fd)
+
+    def set_size(self, nbytes):
+        if self.export is None:
+            hostfile.set_size(self.fd, nbytes, self.dest)
+        elif nbytes > self.export.size:
+            raise OSError(errno.ENOSPC, f"an NBD export cannot grow: {nbytes} bytes are "
+                          f"needed and the export has {self.export.size}", self.dest)
+
+    def pwrite(self, data, off):
+        if self.export is not None:
+            self.export.pwrite(data, off)
+        else:
+            pwrite_all(self.fd, data, off, self.dest)
+
+    def zero(self, off, n, write):
+        """[off, off+n) made to read as zeros (hostfile.zero; an export's write-zeroes)."""
+        if self.export is not None:
+            self.export.write_zeroes(off, n)
+        else:
+            hostfile.zero(self.fd, off, n, write)
+
     def commit(self, sync):
+        if self.export is not None:
+            self.export.flush()         # (always: the export's writes stable, as a stream's)
+            return
         if self.nbd is not None:
             nbd, self.nbd, self.fd = self.nbd, None, None
             nbd.finish(ok=True)
@@ -212,6 +245,10 @@ class Output:
             self.tmp = None
 
     def close(self, ok):
+        if self.export is not None:
+            self.export.close()
+            self.export = None
+            return
         if self.nbd is not None:
             nbd, self.nbd, self.fd = self.nbd, None, None
             nbd.finish(ok=False)        # (raises the sender's error: the cause)
@@ -313,13 +350,14 @@ def convert(sources: str | os.PathLike[str] | BlockDevice
         raise InvalidArgumentError("stdin ('-') can only be the only source")
     if dest == STDIN and (format != "qcow2" or existing):
         raise UnsupportedFeatureError("only a new qcow2 image can be written to stdout")
-    if is_nbd_name(dest) and (format != "qcow2" or existing or any(
-            options.get(k) for k in ("extended_l2", "data_file", "encrypt"))):
-        raise UnsupportedFeatureError("only a new qcow2 image (no extended_l2, data_file or "
-                                      "encryption) can be written into an NBD export")
+    if is_nbd_name(dest) and format == "qcow2" and (existing or any(
+            options.get(k) for k in ("extended_l2", "data_file", "encrypt"))
+            or options.get("preallocation", "off") != "off"):
+        raise UnsupportedFeatureError("into an NBD export: raw, or a new qcow2 image (no -n, "
+                                      "extended_l2, data_file, encryption or preallocation)")
     if direct and (dest == STDIN or is_nbd_name(dest)):
         raise InvalidArgumentError("O_DIRECT output (cache mode none) needs a file target, "
-                                   "not a stream")
+                                   f"not {'stdout' if dest == STDIN else 'an NBD export'}")
     if stdin and existing:
         raise InvalidArgumentError("-n needs a source of known size")
 
@@ -415,7 +453,7 @@ def _convert_new_qcow2(st, src, dest, compressor, sparse_size, threads, progress
     job = Job(cs, detect_zeros=sparse_size > 0, keep_zero=bool(st.backing_file),
               compress=compressor, v2_zero_as_data=st.version == 2,
               sparse_units=1 if compressor else max(1, _pow2floor(sparse_size) // cs))
-    out = Output(dest, in_place=False)
+    out = Output(dest, in_place=False, stream=True)
     ok = False
     writer = dfile = None
     try:
@@ -458,7 +496,7 @@ def _convert_through_image(src, dest, format, options, sparse_size, existing,
     the pool compresses, as for a new image, and the payloads go to
     Image.write_compressed_clusters."""
     size = whole_sectors(src.size) if src is not None else None
-    if existing:
+    if existing and not is_nbd_name(dest):
         if not os.path.exists(dest):
             raise FileNotFoundError(2, "Could not open target image", dest)
     out = Output(dest, in_place=existing)
@@ -474,9 +512,9 @@ def _convert_through_image(src, dest, format, options, sparse_size, existing,
             tsize = img.size
             unit = img.cluster_size
         else:
-            tsize = hostfile.size(out.fd)
+            tsize = out.size()
             if not existing and size is not None:
-                hostfile.set_size(out.fd, size, dest)
+                out.set_size(size)
             unit = sparse_size or (1 << 20)
             dfile = _open_direct(out.path) if direct else None
             if not (existing or direct or out.device):   # a new file, sized already
@@ -487,7 +525,7 @@ def _convert_through_image(src, dest, format, options, sparse_size, existing,
                 dfile.pwrite(data, off)
                 return
             t0 = time.thread_time()
-            pwrite_all(out.fd, data, off, dest)
+            out.pwrite(data, off)
             if prefault is not None:
                 prefault.wrote(len(data), time.thread_time() - t0)
 
@@ -527,7 +565,7 @@ def _convert_through_image(src, dest, format, options, sparse_size, existing,
                     if img is not None:
                         img.write_zeroes(base + lo, hi - lo, may_unmap=True)
                     else:
-                        hostfile.zero(out.fd, base + lo, hi - lo, raw_write)
+                        out.zero(base + lo, hi - lo, raw_write)
 
         def write_compressed(base, kinds, payloads, buf, nvalid):
             """Runs of units of one kind, in disk order: uncompressed ones
@@ -580,7 +618,7 @@ def _convert_through_image(src, dest, format, options, sparse_size, existing,
             marks = UnitMarks(src, unit, top_only=top_only, skip_as=skip_as)
         size = _feed(job, src, marks, sink, threads, progress)
         if format == "raw" and not existing:
-            hostfile.set_size(out.fd, size, dest)
+            out.set_size(size)
         if img is not None:
             img.close()
             img = None

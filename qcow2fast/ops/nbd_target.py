@@ -1,8 +1,9 @@
 """An NBD export as a conversion's target (``qemu-img convert -O qcow2 SRC
 nbd+unix:///EXP?socket=S``: a new image written onto an export, as a
-qcow2 file inside an OVA tar served by ``qemu-nbd --offset``).
+qcow2 file inside an OVA tar served by ``qemu-nbd --offset``; or ``-O raw
+[-n]``: the disk's bytes, written at random through ``open_export``).
 
-The new image is written as the qcow2 writer writes a stream (stdout):
+A new qcow2 image is written as the qcow2 writer writes a stream (stdout):
 in order from offset 0, metadata first.  ``NbdStream.fd`` is the write
 end of a pipe; a thread reads it a block at a time and sends each block
 to the export (a block of zeros as NBD_CMD_WRITE_ZEROES).  ``finish``
@@ -23,14 +24,20 @@ def is_nbd_name(name):
     return isinstance(name, str) and is_url(name) and name.lower().startswith("nbd")
 
 
+def open_export(uri):
+    """A connection to ``uri`` for writing at random (a raw target)."""
+    client = NbdClient(uri)
+    if client.read_only:
+        client.close()
+        raise NbdError(30, f"Could not open '{uri}': the export is read-only")
+    return client
+
+
 class NbdStream:
     """The bytes written to ``fd``, sent in order to the export ``uri``."""
 
     def __init__(self, uri):
-        self.client = NbdClient(uri)
-        if self.client.read_only:
-            self.client.close()
-            raise NbdError(30, f"Could not open '{uri}': the export is read-only")
+        self.client = open_export(uri)
         self._r, self.fd = os.pipe()
         self.error = None
         self.sent = 0

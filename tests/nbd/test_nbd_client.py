@@ -201,6 +201,31 @@ def test_convert_into_our_own_server(capsys, tmp_path):
     qemu_img("check", "-f", "qcow2", str(target))
 
 
+@pytest.mark.parametrize("existing", [False, True])
+def test_raw_into_an_export_as_qemu(capsys, tmp_path, existing):
+    """-O raw [-n] into an export holding old bytes: the file behind it ends
+    up byte for byte as after qemu-img's same conversion into a twin."""
+    src = tmp_path / "src.qcow2"
+    qemu_create(src, 3 * MiB)
+    qemu_io(src, "write -P 5 64k 64k", "write -P 6 2M 1M")
+    files, procs = [], []
+    try:
+        for k in range(2):
+            f = tmp_path / f"exp{k}.raw"
+            f.write_bytes(b"\xee" * (4 * MiB))
+            sock = str(tmp_path / f"exp{k}.sock")
+            procs.append(start_qemu_nbd(["-k", sock, "-t", "-f", "raw", str(f)], sock))
+            files.append((f, unix_uri(sock)))
+        n = ["-n"] if existing else []
+        assert cli(capsys, "convert", *n, "-O", "raw", str(src), files[0][1])[0] == 0
+        qemu_img("convert", *n, "-O", "raw", str(src), files[1][1])
+    finally:
+        for p in procs:
+            stop_server(p)
+    assert files[0][0].read_bytes() == files[1][0].read_bytes()
+    assert files[0][0].read_bytes()[:3 * MiB] == qemu_raw(src)
+
+
 def test_convert_into_an_export_refusals(capsys, tmp_path):
     src = tmp_path / "src.qcow2"
     qemu_create(src, 64 * MiB)
@@ -212,7 +237,9 @@ def test_convert_into_an_export_refusals(capsys, tmp_path):
         status, _, err = cli(capsys, "convert", "-O", "qcow2", str(src), uri)
         assert status == 1 and "past the end of the 1048576-byte export" in err
         status, _, err = cli(capsys, "convert", "-O", "raw", str(src), uri)
-        assert status == 1 and "only a new qcow2 image" in err
+        assert status == 1 and "an NBD export cannot grow" in err
+        status, _, err = cli(capsys, "convert", "-n", "-O", "qcow2", str(src), uri)
+        assert status == 1 and "no -n" in err
     sock = str(tmp_path / "ro.sock")
     p = start_qemu_nbd(["-k", sock, "-r", "-t", "-f", "raw", str(ro)], sock)
     try:
