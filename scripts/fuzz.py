@@ -8,7 +8,7 @@ tests/hardening/test_fuzz.py).
 Targets: open, read, block_status, check, repair (check -r all on a copy),
 convert, lifecycle (snapshots, resize, amend), chain (commit into the image,
 a safe rebase of it, its bitmaps), nbd (the server's handshake and request parser fed mutated client
-streams).  The default engine mutates qemu-made images structure by
+streams), names (json:, --image-opts and blkdebug: names through info, map and compare).  The default engine mutates qemu-made images structure by
 structure (tests/hardening/fuzzer.py) and runs each input in a forked child
 under RLIMIT_AS=1G with a timeout; ``--engine atheris`` (pip install
 atheris) drives the same mutator with coverage feedback from the Python
@@ -78,8 +78,9 @@ def run_atheris(args, work, seeds):
             fuzzer._target_image(args.target, path, work)
         except (Qcow2Error, OSError):
             pass
-    if args.target == "nbd":
-        raise SystemExit("the atheris engine runs image targets; nbd uses the mutator engine")
+    if args.target in ("nbd", "names"):
+        raise SystemExit("the atheris engine runs image targets; nbd and names use the mutator "
+                         "engine")
     argv = [sys.argv[0], f"-max_total_time={args.seconds or 60}", "-rss_limit_mb=1024",
             "-timeout=20", f"-seed={args.seed}", f"-max_len={8 << 20}"]
     atheris.Setup(argv, one, custom_mutator=mutator)

@@ -172,6 +172,10 @@ def image_spec(name, fmt, image_opts, secret_table=None):
             kw["force_share"] = parse_bool(value, key)
         elif key in IMAGE_OPTS:
             arg, kw[arg] = image_option(key, value)
+        elif value is None and key == next(iter(given)):
+            # (qemu: a bare first word is the implied "file", a node's name)
+            raise UsageError(f"Could not open '{name}': Cannot find device='{key}' nor "
+                             f"node-name='{key}'")
         else:
             raise UsageError(f"unsupported image option {key!r}")
     if proto:
@@ -385,7 +389,8 @@ def open_image(name, fmt=None, *, image_opts=False, writable=False, backing=True
     from .json_filename import is_json, open_json
     if is_json(name) and not image_opts and snapshot is None:
         return open_json(name, writable=writable, fmt=fmt, force_share=force_share)
-    if image_opts and dict(split_options(name)).get("driver") == "blkdebug":
+    if image_opts and any(k.split(".")[-1] == "driver" and v == "blkdebug"
+                          for k, v in split_options(name)):   # (json_filename's nodes)
         from ..engine.backing import nested
         return open_json(name, writable=writable, fmt=fmt, force_share=force_share,
                          tree=nested(dict(split_options(name))))

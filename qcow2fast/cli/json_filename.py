@@ -87,7 +87,7 @@ def _open(node, writable, extra):
         return RawImage(path, writable=writable, remote=remote)
     if driver == "nbd":                 # an NBD export (nbd/client.py)
         from ..nbd.client import uri_of
-        uri, context = uri_of(dict(_flat_items(node)))
+        uri, context = uri_of(dict(flat_items(node)))
         image = RawImage(uri, writable=writable, remote={"nbd_context": context})
         image.format = "nbd"            # (what qemu-img info calls the node)
         return image
@@ -126,14 +126,14 @@ def _only(node, keys, message):
 
 
 def _flat(node):
-    return (key for key, _ in _flat_items(node))
+    return (key for key, _ in flat_items(node))
 
 
-def _flat_items(node, prefix=""):
+def flat_items(node, prefix=""):
     """(dotted key, value) of a node's options, nested objects flattened."""
     for key, value in node.items():
         if isinstance(value, dict):
-            yield from _flat_items(value, prefix + key + ".")
+            yield from flat_items(value, prefix + key + ".")
         else:
             yield prefix + key, value
 

@@ -193,6 +193,12 @@ def test_map_and_info_through_the_filter(capsys, tmp_path, written):
                  ["compare", "--image-opts", opts, f"driver=qcow2,file.filename={a}"]):
         want, got = both(capsys, argv)
         assert got == want, argv
+    conf = rules_file(tmp_path, '[inject-error]\nevent = "read_aio"\n')
+    nested = f"driver=qcow2,file.driver=blkdebug,file.image.filename={a},file.config={conf}"
+    for argv in (["compare", "--image-opts", nested, f"driver=qcow2,file.filename={a}"],
+                 ["info", "--image-opts", a]):      # (a bare first word: a node's name)
+        want, got = both(capsys, argv)
+        assert got == want, argv
     want, got = both(capsys, ["map", "--image-opts", opts + ",align=3000"])
     assert got[0] == want[0] == 1 and "Cannot meet constraints with align 3000" in got[2]
 

@@ -4,7 +4,8 @@ entries, header extensions, the snapshot table, raw bytes, truncation;
 with fuzz_structures.py the fields of every header extension, the bitmap
 directory and tables, snapshot entries, the LUKS header and the name
 strings) and
-of a real NBD client's byte stream (handshake options and requests).
+of a real NBD client's byte stream (handshake options and requests), and
+of image names (json: trees, --image-opts, blkdebug rules: fuzz_names.py).
 
 Each input runs in a forked child under RLIMIT_AS (1 GiB) and RLIMIT_CPU,
 with a wall-clock timeout.  A run is a *finding* when the child dies from
@@ -27,6 +28,7 @@ import sys
 import threading
 import traceback
 
+from tests.hardening import fuzz_names
 from tests.hardening.fuzz_structures import NAMES, structures
 from tests.helpers.qemu_util import PBKDF2_TIMING_ATTEMPTS
 
@@ -35,7 +37,7 @@ QEMU_IO = shutil.which("qemu-io") or "qemu-io"
 AS_LIMIT = 1 << 30
 LUKS_SECRET = "fuzz"        # the LUKS seed's passphrase, given to every target
 TARGETS = ("open", "read", "block_status", "check", "repair", "convert", "lifecycle", "chain",
-           "nbd")
+           "nbd", "names")
 WRITING = ("repair", "lifecycle", "chain")      # targets that may change their input
 
 # -- seeds: images qemu made --------------------------------------------------------------
@@ -430,6 +432,8 @@ def _child(target, data, work, status_fd):
             path = os.path.join(work, "nbd.qcow2")
             shutil.copyfile(os.path.join(work, "seed.qcow2"), path)
             _target_nbd(data, path)
+        elif target == "names":
+            fuzz_names.run(data, work)
         else:
             path = os.path.join(work, "in.qcow2")
             with open(path, "wb") as f:
@@ -506,6 +510,9 @@ class Fuzzer:
     def next_input(self):
         if self.target == "nbd":
             return mutate_stream(nbd_stream(self.rng), self.rng)
+        if self.target == "names":
+            return fuzz_names.encode(*fuzz_names.generate(self.rng,
+                                                          fuzz_names.files_in(self.work)))
         return mutate_image(self.rng.choice(self.seeds), self.rng)
 
     def run(self, executions=None, seconds=None, on_finding=None):
