@@ -1,7 +1,8 @@
 # cython: language_level=3
-"""Files whose requests pass through Python: ``HookFile``, a read-only
+"""Files whose requests pass through Python: ``HookFile``, a
 :class:`~qcow2fast._ext.fileio.File` whose bytes come from a Python object
-instead of a descriptor (a remote image, host/remote.py), and
+instead of a descriptor (a remote image, host/remote.py; read-only, or an
+NBD export written through its connection), and
 ``DebugFile``, a local file whose requests a blkdebug rule set may fail
 (host/blkdebug.py).
 
@@ -29,6 +30,7 @@ from .fileio cimport NO_FD as C_NO_FD
 NO_FD = C_NO_FD
 cdef int64_t EIO = 5
 cdef int64_t EROFS = 30
+ENOSPC = 28
 
 
 cdef class HookFile(File):
@@ -45,7 +47,16 @@ cdef class HookFile(File):
         return <int64_t>n
 
     cdef int64_t c_pwrite(self, const char *buf, size_t n, int64_t off) noexcept nogil:
-        return -EROFS
+        if not self.writable:
+            return -EROFS
+        with gil:
+            try:
+                self.reader.pwrite(<const char[:n]> buf if n else b"", off)
+            except BaseException as e:
+                self.error = e
+                return -EIO
+            self.unsynced = True
+        return <int64_t>n
 
     cdef raise_errno(self, int64_t rc, str what, int64_t off):
         e, self.error = self.error, None
@@ -73,39 +84,56 @@ cdef class HookFile(File):
             self.suspended = False
 
     def sync(self):
-        pass            # read-only: nothing was written
+        if self.writable and self.unsynced:
+            self.unsynced = False
+            self.reader.flush()
 
     def sync_all(self):
-        pass
+        self.sync()
 
     def size(self):
         return self.reader.size
 
+    # Writable, the file is a device: a fixed size, holding what it held.
     @property
     def is_device(self):
-        return False
+        return self.writable
 
     def truncate(self, int64_t size):
-        raise PermissionError(f"{self.path}: file is open read-only")
+        self._within(size)
 
     def punch_hole(self, int64_t off, int64_t length):
         return False
 
     def zero_range(self, int64_t off, int64_t length):
-        return False
+        if not self.writable:
+            return False
+        self._within(off + length)
+        self.reader.write_zeroes(off, length)
+        self.unsynced = True
+        return True
 
     def fallocate(self, int64_t off, int64_t length):
-        raise PermissionError(f"{self.path}: file is open read-only")
+        self._within(off + length)
+
+    def _within(self, int64_t end):
+        if not self.writable:
+            raise PermissionError(f"{self.path}: file is open read-only")
+        if end > self.reader.size:
+            raise OSError(ENOSPC, f"a remote device cannot grow: {end} bytes are needed "
+                          f"and it has {self.reader.size}", self.path)
 
 
-def hook_file(reader):
-    """A read-only File over ``reader`` (an object with ``readinto(buf,
-    offset)`` filling all of ``buf``, ``size``, ``name``, ``close()`` and
-    ``drop_cache()``)."""
+def hook_file(reader, bint writable=False):
+    """A File over ``reader`` (an object with ``readinto(buf, offset)``
+    filling all of ``buf``, ``size``, ``name``, ``close()`` and
+    ``drop_cache()``; ``writable``: also ``pwrite(buf, offset)``,
+    ``write_zeroes(offset, length)`` and ``flush()``)."""
     cdef HookFile f = HookFile.__new__(HookFile, None)
     f.reader = reader
     f.path = reader.name
     f.fd = NO_FD
+    f.writable = writable
     return f
 
 

@@ -1,5 +1,7 @@
 """Remote images through fsspec: ``https://``, ``s3://``, any fsspec URL,
-or an fsspec file object already open, read-only.
+or an fsspec file object already open, read-only; and NBD exports
+(``nbd://``, ``nbd+unix://``: nbd/client.py), which may also be opened
+for writing (``_NbdIO``).
 
 A remote image is a :class:`~qcow2fast._ext.hookfile.HookFile` (a File
 whose reads call Python) over a :class:`BlockCache`, so the engine reads it
@@ -158,14 +160,18 @@ def _fsspec():
 
 
 def open_file(obj, writable=False, options=None):
-    """A read-only File (``_ext/hookfile.pyx``) over the remote image
-    ``obj`` (a URL or an open fsspec file)."""
+    """A File (``_ext/hookfile.pyx``) over the remote image ``obj`` (a URL
+    or an open fsspec file): read-only through the block cache, or -- an NBD
+    export opened for writing -- straight through its connection."""
     from .._ext.hookfile import hook_file
     name = name_of(obj)
-    if writable:
-        raise InvalidArgumentError(f"{name}: remote images are read-only (open them with "
-                                   "mode 'r'; to write, create a local image over it)")
     opts = RemoteOptions.of(options)
+    if writable:
+        if not (isinstance(obj, str) and _URL.match(obj).group(1).lower().startswith("nbd")):
+            raise InvalidArgumentError(f"{name}: remote images are read-only, but for NBD "
+                                       "exports (open them with mode 'r'; to write, create "
+                                       "a local image over it)")
+        return hook_file(_NbdIO(obj, opts), writable=True)
     source = _url_source(obj, opts) if isinstance(obj, str) else _object_source(obj, name)
     return hook_file(BlockCache(source, opts))
 
@@ -272,15 +278,16 @@ def one_connection_per_export():
             client.close()
 
 
-def _nbd_source(url, opts):
-    """An NBD export (nbd/client.py): one connection per source (the cache's
-    parallel requests take turns on it)."""
+def _nbd_client(url, opts):
+    """(client, release) of an NBD export (nbd/client.py): the connection
+    kept by the last image closed inside one_connection_per_export, or a new
+    one; ``release()`` keeps it there again, or closes it."""
     from ..nbd.client import NbdClient
     key = (url, opts.nbd_context)
     client = (_idle_nbd or {}).pop(key, None) or NbdClient(url, opts.timeout,
                                                            opts.nbd_context)
 
-    def close():
+    def release():
         if _idle_nbd is None:
             client.close()
             return
@@ -288,8 +295,49 @@ def _nbd_source(url, opts):
             old.close()
         _idle_nbd.clear()
         _idle_nbd[key] = client
-    return _Source(url, client.size, client.pread, close, lambda: _nbd_source(url, opts),
+    return client, release
+
+
+def _nbd_source(url, opts):
+    """An NBD export read through the block cache: one connection per
+    source (the cache's parallel requests take turns on it)."""
+    client, release = _nbd_client(url, opts)
+    return _Source(url, client.size, client.pread, release, lambda: _nbd_source(url, opts),
                    client.readinto, client.block_status)
+
+
+class _NbdIO:
+    """An NBD export opened for writing: reads and writes straight through
+    one connection, no cache (the engine's table caches are above it), the
+    export a fixed-size device (hookfile.HookFile's writable mode)."""
+
+    def __init__(self, url, opts):
+        self.name = url
+        self.client, self._release = _nbd_client(url, opts)
+        if self.client.read_only:
+            self._release()
+            raise OSError(errno.EROFS, "the export is read-only", url)
+        self.size = self.client.size
+        c = self.client
+        self.source = _Source(url, c.size, c.pread, None, None, c.readinto, c.block_status)
+
+    def readinto(self, buf, off):
+        self.client.readinto(off, buf)
+
+    def pwrite(self, buf, off):
+        self.client.pwrite(buf, off)
+
+    def write_zeroes(self, off, n):
+        self.client.write_zeroes(off, n)
+
+    def flush(self):
+        self.client.flush()
+
+    def drop_cache(self):
+        pass
+
+    def close(self):
+        self._release()
 
 
 def _object_source(f, name):

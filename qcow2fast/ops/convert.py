@@ -166,7 +166,9 @@ class Output:
     export, written as a ``stream`` or at random (raw).  ``device``: a
     block device or an export (fixed size, holding old data: see hostfile)."""
 
-    def __init__(self, dest, in_place, stream=False):
+    def __init__(self, dest, in_place, stream=False, image=False):
+        """``image``: an existing image the engine opens itself (an export's
+        connection is then the engine's, not this object's)."""
         self.dest, self.tmp, self.fd, self.device = dest, None, None, False
         self.in_place = in_place
         self.nbd = self.export = None
@@ -174,7 +176,7 @@ class Output:
             if stream:
                 self.nbd = NbdStream(dest)
                 self.fd = self.nbd.fd
-            else:
+            elif not image:
                 self.export, self.device = open_export(dest), True
             return
         if dest == "-":
@@ -231,6 +233,8 @@ class Output:
             hostfile.zero(self.fd, off, n, write)
 
     def commit(self, sync):
+        if is_nbd_name(self.dest) and self.export is None and self.nbd is None:
+            return                      # (the engine's image, closed and flushed)
         if self.export is not None:
             self.export.flush()         # (always: the export's writes stable, as a stream's)
             return
@@ -245,6 +249,8 @@ class Output:
             self.tmp = None
 
     def close(self, ok):
+        if is_nbd_name(self.dest) and self.export is None and self.nbd is None:
+            return
         if self.export is not None:
             self.export.close()
             self.export = None
@@ -350,11 +356,11 @@ def convert(sources: str | os.PathLike[str] | BlockDevice
         raise InvalidArgumentError("stdin ('-') can only be the only source")
     if dest == STDIN and (format != "qcow2" or existing):
         raise UnsupportedFeatureError("only a new qcow2 image can be written to stdout")
-    if is_nbd_name(dest) and format == "qcow2" and (existing or any(
+    if is_nbd_name(dest) and format == "qcow2" and not existing and (any(
             options.get(k) for k in ("extended_l2", "data_file", "encrypt"))
             or options.get("preallocation", "off") != "off"):
-        raise UnsupportedFeatureError("into an NBD export: raw, or a new qcow2 image (no -n, "
-                                      "extended_l2, data_file, encryption or preallocation)")
+        raise UnsupportedFeatureError("a new qcow2 image in an NBD export has no extended_l2, "
+                                      "data_file, encryption or preallocation")
     if direct and (dest == STDIN or is_nbd_name(dest)):
         raise InvalidArgumentError("O_DIRECT output (cache mode none) needs a file target, "
                                    f"not {'stdout' if dest == STDIN else 'an NBD export'}")
@@ -499,7 +505,7 @@ def _convert_through_image(src, dest, format, options, sparse_size, existing,
     if existing and not is_nbd_name(dest):
         if not os.path.exists(dest):
             raise FileNotFoundError(2, "Could not open target image", dest)
-    out = Output(dest, in_place=existing)
+    out = Output(dest, in_place=existing, image=format == "qcow2")
     ok = False
     img = dfile = prefault = None
     try:
