@@ -7,14 +7,14 @@ import sys
 
 from .. import open as open_qcow2
 from ..engine.backing import FILE_PROTOCOL, probe_format
-from ..errors import Qcow2Error
+from ..errors import InvalidArgumentError, Qcow2Error
 from ..host import blkdebug
 from ..host.null import DRIVERS as NULL_DRIVERS, NullImage, is_null_name
 from ..host.raw import RawImage
 from ..host.remote import is_url
 from ..errors import BadPassphraseError, MissingSecretError
 from .objects import lookup_secret, secrets
-from .options import UsageError, parse_bool, parse_size, prog, split_options
+from .options import SIZE_HELP, UsageError, parse_bool, parse_size, prog, split_options, strtosz
 
 FORMATS = ("qcow2", "raw")
 
@@ -67,8 +67,22 @@ def image_option(key, value):
     if arg == "lazy_refcounts":
         return arg, parse_bool(value, key)
     if arg == "cache_clean_interval":
-        return arg, int(value)
-    return arg, parse_size(value, key)
+        return arg, parse_number(value, key)
+    try:
+        return arg, strtosz(value)
+    except (ValueError, OverflowError):
+        raise InvalidArgumentError(SIZE_HELP.format(key=key)) from None
+
+
+def parse_number(value, key):
+    """A QEMU_OPT_NUMBER option's value (qemu_strtou64: decimal, 0x hex or
+    0 octal; a negative one wraps, as there), with qemu's message."""
+    try:
+        n = int(value, 16) if value.lower().startswith("0x") else \
+            int(value, 8) if len(value) > 1 and value.startswith("0") else int(value, 10)
+    except ValueError:
+        raise InvalidArgumentError(f"Parameter '{key}' expects a number") from None
+    return n % (1 << 64)
 
 
 # Protocol nodes qcow2fast opens ("file" and qemu's curl driver's http(s)),
@@ -171,7 +185,10 @@ def image_spec(name, fmt, image_opts, secret_table=None):
         elif key == "force-share":
             kw["force_share"] = parse_bool(value, key)
         elif key in IMAGE_OPTS:
-            arg, kw[arg] = image_option(key, value)
+            try:
+                arg, kw[arg] = image_option(key, value)
+            except InvalidArgumentError as e:
+                raise UsageError(f"Could not open '{name}': {e}") from None
         elif value is None and key == next(iter(given)):
             # (qemu: a bare first word is the implied "file", a node's name)
             raise UsageError(f"Could not open '{name}': Cannot find device='{key}' nor "

@@ -94,6 +94,8 @@ class Image(LifecycleAPI, CompressedWriteAPI, ImageCore):
             if value is not None and (not isinstance(value, int) or value < 0):
                 raise InvalidArgumentError(f"{name} must be a non-negative integer, "
                                            f"not {value!r}")
+        if cache_clean_interval is not None and cache_clean_interval > 0xFFFFFFFF:
+            raise InvalidArgumentError("Cache clean interval too big")     # (qemu's words)
         # A URL or an open fsspec file: a remote image (host/remote.py, read-only).
         self.path = remote_name(path) if is_remote(path) else os.fspath(path)
         self.remote_options = remote

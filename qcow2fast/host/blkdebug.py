@@ -197,11 +197,11 @@ def is_blkdebug_name(name):
 
 def _number(opts, key, default):
     value = opts.get(key, default)
-    if isinstance(value, bool):
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
         raise InvalidArgumentError(f"Parameter '{key}' expects a number")
     try:
         return int(value, 0) if isinstance(value, str) else int(value)
-    except ValueError:
+    except (ValueError, OverflowError):
         raise InvalidArgumentError(f"Parameter '{key}' expects a number") from None
 
 

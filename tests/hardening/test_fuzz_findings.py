@@ -152,3 +152,31 @@ def test_dirty_image_whose_snapshot_table_repair_reopens_it(tmp_path):
         in lines
     # (qemu-img check -r all fails on it too: "Check failed: Input/output error")
     assert p.returncode == 1 and "would drop below zero" in lines[-1], p.stderr_text
+
+
+@pytest.mark.parametrize("key,value", [
+    ("cache-clean-interval", v) for v in ("4k", "0.5", "", "on", "-1", "4294967296", "0x10", "010")
+] + [("l2-cache-size", v) for v in ("x", "0.5", "1.5k", "0x10000", "64k")])
+def test_cache_option_values_as_qemu(capsys, tmp_path, key, value):
+    """Fuzzing names (seed 31): cache-clean-interval=4k in --image-opts or
+    json: was a ValueError traceback; now qemu's number and size syntax
+    and words."""
+    from tests.helpers.cli_util import run_cli
+    from tests.helpers.qemu_util import qemu_img
+    img = str(tmp_path / "a.qcow2")
+    qemu_img("create", "-q", "-f", "qcow2", img, "1M")
+    opts = f"driver=qcow2,file.filename={img},{key}={value}"
+    want = qemu_img("info", "--image-opts", opts, check=False)
+    status, out, err = run_cli(capsys, "info", "--image-opts", opts)
+    assert (status, err.replace("qcow2fast: ", "qemu-img: ")) == (want.returncode,
+                                                                 want.stderr_text)
+
+
+@pytest.mark.parametrize("errno_value", [None, {}, [1], float("inf")])
+def test_blkdebug_rule_values_that_are_not_numbers(tmp_path, errno_value):
+    """Fuzzing names (seed 31): a rule's number given as null or an object
+    was a TypeError; it is a clear error naming the parameter."""
+    from qcow2fast.errors import InvalidArgumentError
+    from qcow2fast.host import blkdebug
+    with pytest.raises(InvalidArgumentError, match="Parameter 'errno' expects a number"):
+        blkdebug.Rule(blkdebug.INJECT, {"event": "none", "errno": errno_value})
