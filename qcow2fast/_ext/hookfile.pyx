@@ -30,7 +30,7 @@ from .fileio cimport NO_FD as C_NO_FD
 NO_FD = C_NO_FD
 cdef int64_t EIO = 5
 cdef int64_t EROFS = 30
-ENOSPC = 28
+cdef int64_t ENOSPC = 28
 
 
 cdef class HookFile(File):
