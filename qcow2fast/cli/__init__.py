@@ -110,7 +110,7 @@ def main(argv=None):
         args = parser.parse_args(options_first(parser, argv))
         if not args.command:
             raise UsageError("a command is required (try --help)")
-        from ..host.remote import one_connection_per_export
+        from ..host.remote_nbd import one_connection_per_export
         with one_connection_per_export():
             return args.run(args)
     except SystemExit as e:            # --help, or argparse's own exits

@@ -1,7 +1,7 @@
 """Remote images through fsspec: ``https://``, ``s3://``, any fsspec URL,
 or an fsspec file object already open, read-only; and NBD exports
 (``nbd://``, ``nbd+unix://``: nbd/client.py), which may also be opened
-for writing (``_NbdIO``).
+for writing (host/remote_nbd.py).
 
 A remote image is a :class:`~qcow2fast._ext.hookfile.HookFile` (a File
 whose reads call Python) over a :class:`BlockCache`, so the engine reads it
@@ -39,7 +39,6 @@ need none of it.
 """
 
 import collections
-import contextlib
 import errno
 import os
 import posixpath
@@ -171,7 +170,8 @@ def open_file(obj, writable=False, options=None):
             raise InvalidArgumentError(f"{name}: remote images are read-only, but for NBD "
                                        "exports (open them with mode 'r'; to write, create "
                                        "a local image over it)")
-        return hook_file(_NbdIO(obj, opts), writable=True)
+        from .remote_nbd import NbdIO
+        return hook_file(NbdIO(obj, opts), writable=True)
     source = _url_source(obj, opts) if isinstance(obj, str) else _object_source(obj, name)
     return hook_file(BlockCache(source, opts))
 
@@ -207,7 +207,8 @@ class _Source:
 def _url_source(url, opts, expect=None):
     protocol = _URL.match(url).group(1).lower()
     if protocol.startswith("nbd"):
-        return _nbd_source(url, opts)
+        from .remote_nbd import nbd_source
+        return nbd_source(url, opts)
     so = dict(opts.storage_options or {})
     if protocol in ("http", "https") and opts.http == "builtin" and set(so) <= {"headers"}:
         return _http_source(url, opts, so.get("headers"), expect)
@@ -254,90 +255,6 @@ def _http_source(url, opts, headers, expect):
     return _Source(url, obj.size, None, obj.close,
                    lambda: _http_source(url, opts, headers, (obj.size, obj.etag)),
                    obj.fetch_into)
-
-
-# Inside a command (one_connection_per_export): an NBD connection whose image
-# was closed, kept for the next open of the same name.  qemu-img opens an
-# export once, and qemu-nbd serves one connection at a time (without
-# --persistent, one in all), so probing the format and then opening the
-# image must not take two.  At most one is kept; the rest are closed.
-_idle_nbd = None
-
-
-@contextlib.contextmanager
-def one_connection_per_export():
-    """While inside, closing an NBD image keeps its connection for the next
-    open of the same export; on leaving, any kept one is closed."""
-    global _idle_nbd
-    _idle_nbd = {}
-    try:
-        yield
-    finally:
-        idle, _idle_nbd = _idle_nbd, None
-        for client in idle.values():
-            client.close()
-
-
-def _nbd_client(url, opts):
-    """(client, release) of an NBD export (nbd/client.py): the connection
-    kept by the last image closed inside one_connection_per_export, or a new
-    one; ``release()`` keeps it there again, or closes it."""
-    from ..nbd.client import NbdClient
-    key = (url, opts.nbd_context)
-    client = (_idle_nbd or {}).pop(key, None) or NbdClient(url, opts.timeout,
-                                                           opts.nbd_context)
-
-    def release():
-        if _idle_nbd is None:
-            client.close()
-            return
-        for old in _idle_nbd.values():
-            old.close()
-        _idle_nbd.clear()
-        _idle_nbd[key] = client
-    return client, release
-
-
-def _nbd_source(url, opts):
-    """An NBD export read through the block cache: one connection per
-    source (the cache's parallel requests take turns on it)."""
-    client, release = _nbd_client(url, opts)
-    return _Source(url, client.size, client.pread, release, lambda: _nbd_source(url, opts),
-                   client.readinto, client.block_status)
-
-
-class _NbdIO:
-    """An NBD export opened for writing: reads and writes straight through
-    one connection, no cache (the engine's table caches are above it), the
-    export a fixed-size device (hookfile.HookFile's writable mode)."""
-
-    def __init__(self, url, opts):
-        self.name = url
-        self.client, self._release = _nbd_client(url, opts)
-        if self.client.read_only:
-            self._release()
-            raise OSError(errno.EROFS, "the export is read-only", url)
-        self.size = self.client.size
-        c = self.client
-        self.source = _Source(url, c.size, c.pread, None, None, c.readinto, c.block_status)
-
-    def readinto(self, buf, off):
-        self.client.readinto(off, buf)
-
-    def pwrite(self, buf, off):
-        self.client.pwrite(buf, off)
-
-    def write_zeroes(self, off, n):
-        self.client.write_zeroes(off, n)
-
-    def flush(self):
-        self.client.flush()
-
-    def drop_cache(self):
-        pass
-
-    def close(self):
-        self._release()
 
 
 def _object_source(f, name):
