@@ -1,7 +1,10 @@
 """qcow2fast convert of a remote image versus qemu-img convert (its curl
-driver) of the same ``http://`` URL, served by a local Range server.
+driver) of the same ``http://`` URL, served by a local Range server; or,
+with ``--protocol nbd``, of the same NBD export (``qemu-nbd -r -t -f qcow2``
+of the image: the guest's bytes, read as raw through each tool's NBD client).
 
-    python -m benchmarks.remote_bench [--quick] [--runs N] [--json OUT] [--tmpdir DIR]
+    python -m benchmarks.remote_bench [--quick] [--runs N] [--protocol http|nbd]
+                                      [--json OUT] [--tmpdir DIR]
 
 The source is a qcow2 image made by qemu-img from random data with holes
 (quick: 256 MiB, full: 3 GiB; cached in the temporary directory), served by
@@ -10,7 +13,7 @@ GIL with the server).  Side by side in one run, the tools in alternating
 order, each run: ``convert -O raw URL out.raw`` (qemu-img with ``-m 1``:
 see below), wall time, the tool's CPU time (user + system) and the
 server's, and the HTTP requests and bytes the server saw (its /_stats
-before and after).  Each
+before and after; not counted for NBD).  Each
 figure is the median of ``--runs`` runs.  Both outputs are verified once
 against the local image (qemu-img compare).
 """
@@ -61,6 +64,10 @@ class Server:
                                      cwd=REPO, stdout=subprocess.PIPE, text=True)
         self.url = f"http://127.0.0.1:{int(self.proc.stdout.readline())}"
 
+    def source(self, image):
+        """(URL, format to open it as) of an image in the served directory."""
+        return f"{self.url}/{os.path.basename(image)}", "qcow2"
+
     def stats(self):
         with urllib.request.urlopen(self.url + "/_stats") as r:
             return json.load(r)
@@ -74,6 +81,26 @@ class Server:
     def close(self):
         self.proc.kill()
         self.proc.wait()
+
+
+class NbdServer(Server):
+    """qemu-nbd exporting the image's guest view (read-only, persistent)."""
+
+    def __init__(self, image):
+        self.sock = image + ".sock"
+        self.proc = subprocess.Popen(["qemu-nbd", "-r", "-t", "-f", "qcow2", "-k", self.sock,
+                                      image])
+        deadline = time.monotonic() + 30
+        while not os.path.exists(self.sock):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise BenchError("qemu-nbd did not start")
+            time.sleep(0.01)
+
+    def source(self, image):
+        return f"nbd+unix:///?socket={self.sock}", "raw"
+
+    def stats(self):
+        return {"range": 0, "bytes": 0, "HEAD": 0}
 
 
 def one_run(cmd, out, server):
@@ -104,6 +131,7 @@ def main(argv=None):
     p.add_argument("--json", dest="json_out")
     p.add_argument("--tmpdir")
     p.add_argument("--source", help="a qcow2 image to serve instead of a new one")
+    p.add_argument("--protocol", choices=("http", "nbd"), default="http")
     a = p.parse_args(argv)
     size = SIZES["quick" if a.quick else "full"]
     tmpdir, _ = choose_tmpdir(a.tmpdir, 3 * size + GiB, prefix="qcow2fast-remote-bench-")
@@ -121,18 +149,19 @@ def _bench(a, tmpdir, size):
                                          capture_output=True, check=True).stdout)["virtual-size"]
     else:
         src = build_source(tmpdir, size)
-    server = Server(tmpdir)
-    url = f"{server.url}/{os.path.basename(src)}"
+    server = Server(tmpdir) if a.protocol == "http" else NbdServer(src)
+    url, fmt = server.source(src)
     out = os.path.join(tmpdir, "remote-out.raw")
     tools = {
-        "qcow2fast": [*qcow2fast_command(), "convert", "-f", "qcow2", "-O", "raw", url, out],
+        "qcow2fast": [*qcow2fast_command(), "convert", "-f", fmt, "-O", "raw", url, out],
         # -m 1: qemu 7.2's curl driver hangs now and then (1 run in 5 at
         # 256 MiB) with its default 8 coroutines.  At the hang the server
         # has no request in progress, every byte it sent was received (ss:
         # empty queues on both ends) and qemu sends nothing more: the
         # driver waits for a request it never made, so it is not this
         # server's doing.  One coroutine is its setting that always finishes.
-        "qemu-img": ["qemu-img", "convert", "-m", "1", "-f", "qcow2", "-O", "raw", url, out],
+        "qemu-img": ["qemu-img", "convert", *(["-m", "1"] if a.protocol == "http" else []),
+                     "-f", fmt, "-O", "raw", url, out],
     }
     samples = {t: [] for t in tools}
     try:
@@ -151,7 +180,7 @@ def _bench(a, tmpdir, size):
         server.close()
         if os.path.exists(out):
             os.unlink(out)
-    result = {"size": size, "runs": a.runs, "revision": git_revision(REPO), "tools": {}}
+    result = {"size": size, "runs": a.runs, "protocol": a.protocol, "revision": git_revision(REPO), "tools": {}}
     for name, runs in samples.items():
         sec = statistics.median(r["seconds"] for r in runs)
         result["tools"][name] = {
@@ -162,7 +191,8 @@ def _bench(a, tmpdir, size):
             "median_bytes": statistics.median(r["bytes"] for r in runs), "samples": runs}
     qf, qe = result["tools"]["qcow2fast"], result["tools"]["qemu-img"]
     result["speedup"] = qe["median_seconds"] / qf["median_seconds"]
-    print(f"convert of a {size // MiB} MiB qcow2 over HTTP (medians of {a.runs} runs)")
+    print(f"convert of a {size // MiB} MiB qcow2 over {a.protocol.upper()} "
+          f"(medians of {a.runs} runs)")
     print(f"{'tool':10} {'seconds':>8} {'MiB/s':>8} {'CPU s':>6} {'server CPU s':>12} "
           f"{'requests':>9} {'MiB sent':>9}")
     for name, r in result["tools"].items():

@@ -53,7 +53,7 @@ def _nbd_client(url, opts):
 
 def nbd_source(url, opts):
     """An NBD export read through the block cache: one connection per
-    source (the cache's parallel requests take turns on it)."""
+    source (the cache's parallel requests are in flight on it together)."""
     client, release = _nbd_client(url, opts)
     return _Source(url, client.size, client.pread, release, lambda: nbd_source(url, opts),
                    client.readinto, client.block_status)

@@ -5,6 +5,7 @@ export (qemu-iotests 209 and qemu-img-bitmaps); a server that breaks the
 protocol is a clear error, never a hang or wrong data."""
 
 import json
+import random
 import socket
 import threading
 
@@ -142,6 +143,43 @@ def test_reads_through_our_own_server(tmp_path, qcow2_image):
                 assert status and sum(n for n, _ in status) <= client.size
             finally:
                 client.close()
+
+
+def test_pipelined_reads_from_many_threads_as_qemu_nbd_serves_them(tmp_path):
+    """Eight threads reading at once through one connection (their requests
+    in flight together, the replies read by whichever waits): every read
+    gets its own bytes, holes included (structured replies of qemu-nbd)."""
+    path = tmp_path / "disk.qcow2"
+    qemu_create(path, 16 * MiB)
+    qemu_io(path, *(f"write -P {i + 1} {i * MiB + 4096 * i} {MiB // 2}" for i in range(16)))
+    want = qemu_raw(path)
+    sock = tmp_path / "q.sock"
+    server = start_qemu_nbd(["-r", "-t", "-f", "qcow2", "-k", str(sock), str(path)], sock)
+    client = NbdClient(unix_uri(sock))
+    errors = []
+
+    def reader(seed):
+        rng = random.Random(seed)
+        try:
+            for _ in range(40):
+                off = rng.randrange(0, len(want) - 1)
+                n = rng.randrange(1, min(3 * MiB, len(want) - off) + 1)
+                buf = bytearray(b"\xee" * n)
+                client.readinto(off, buf)
+                assert buf == want[off:off + n], (off, n)
+        except BaseException as e:      # (the assertion is checked in the main thread)
+            errors.append(e)
+    try:
+        threads = [threading.Thread(target=reader, args=(k,)) for k in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert errors == []
+        assert client.pread(0, len(want)) == want
+    finally:
+        client.close()
+        stop_server(server)
 
 
 # -- writing: a conversion into an export (ops/nbd_target.py) -------------------------------
@@ -387,3 +425,52 @@ def test_an_export_that_is_not_there(tmp_path):
     with pytest.raises(NbdError, match="Requested export not available: no such export"):
         NbdClient(hostile_server(tmp_path, script), timeout=10)
 
+
+
+def test_replies_out_of_order_reach_their_requests(tmp_path):
+    """The server takes three reads before it answers any, then answers
+    the last first: each reader gets its own offset's bytes (one request at
+    a time per connection would never get a reply here)."""
+    def script(conn):
+        negotiate(conn)
+        asked = [P.REQUEST.unpack(recv_exact(conn, P.REQUEST.size)) for _ in range(3)]
+        for _, _, _, cookie, offset, length in reversed(asked):
+            conn.sendall(P.SIMPLE_REPLY.pack(P.NBD_SIMPLE_REPLY_MAGIC, 0, cookie)
+                         + bytes([offset // 4096]) * length)
+        recv_exact(conn, 1)
+    client = NbdClient(hostile_server(tmp_path, script), timeout=10)
+    got = {}
+    threads = [threading.Thread(target=lambda k=k: got.update({k: client.pread(
+        k * 4096, k * 4096 + 4096)})) for k in (1, 2, 3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert got == {k: bytes([k]) * 4096 for k in (1, 2, 3)}
+    client.close()
+
+
+def test_a_lost_connection_fails_every_request_in_flight(tmp_path):
+    """Two reads in flight, then a reply to a cookie nobody sent: both
+    readers get the protocol error, and so does the next request."""
+    def script(conn):
+        negotiate(conn)
+        recv_exact(conn, 2 * P.REQUEST.size)
+        conn.sendall(P.SIMPLE_REPLY.pack(P.NBD_SIMPLE_REPLY_MAGIC, 0, 99) + bytes(4096))
+        conn.recv(1)
+    client = NbdClient(hostile_server(tmp_path, script), timeout=10)
+    failed = []
+
+    def read(k):
+        try:
+            client.pread(k * 4096, k * 4096 + 4096)
+        except NbdError as e:
+            failed.append(str(e))
+    threads = [threading.Thread(target=read, args=(k,)) for k in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(failed) == ["protocol error in reply: a simple reply to cookie 99"] * 2
+    with pytest.raises(NbdError, match="cookie 99"):
+        client.pread(0, 512)
