@@ -14,7 +14,8 @@ from ..host.remote import is_url
 from ..host.remote import join as remote_join
 from ..spec import datafile as dfspec
 from .common import add_image_arguments, file_path, open_error, open_image, share_options
-from .json_filename import shown_name
+from .json_filename import is_json, parse, shown_name
+from .refresh import refreshed_name, size_known
 from .luks_info import is_luks, luks_info
 from .options import UsageError, size_to_str, split_options
 
@@ -38,7 +39,12 @@ def run(args):
                          no_io=True, **share_options(args), **metadata_only(name, fmt, args))
         try:
             opts = args.image_opts and not infos
-            info = image_info(img, opts_name(name, img) if opts else shown_name(name, img))
+            # (a json: name shows as qemu refreshes it; a backing file's
+            # actual path is still beside the image's file)
+            info = image_info(img, opts_name(name, img) if opts else info_name(name, img),
+                              base=img.path if is_json(name) else None)
+            if is_json(name) and not size_known(parse(name)):
+                info.pop("actual-size", None)       # "disk size: unavailable"
         except CorruptImageError as e:      # bitmaps load lazily; qemu reads them at open
             raise open_error(name, e) from e
         finally:
@@ -71,8 +77,20 @@ def opts_name(spec, img):
                                  "file": {"driver": "file", "filename": img.path}})
 
 
-def image_info(img, name):
-    """qemu-img's ImageInfo for an open image, as a dict."""
+def info_name(name, img):
+    """The name qemu-img info shows for the image opened as ``name``."""
+    if is_json(name):
+        fmt = getattr(img, "format", None) or (
+            "qcow2" if getattr(img, "header", None) is not None else "raw")
+        refreshed = refreshed_name(parse(name), fmt)
+        if refreshed is not None:
+            return refreshed
+    return shown_name(name, img)
+
+
+def image_info(img, name, base=None):
+    """qemu-img's ImageInfo for an open image, as a dict (``base``: the
+    name backing file names are relative to, when not ``name``)."""
     # A remote file's allocated size is unknown (qemu: "disk size: unavailable").
     actual = {"actual-size": 0} if isinstance(img, NullImage) else \
         {} if is_url(img.path) else {"actual-size": os.stat(img.path).st_blocks * 512}
@@ -109,7 +127,7 @@ def image_info(img, name):
                          for k, v in data.items()), []))
     info["format-specific"] = {"type": "qcow2", "data": data}
     if h.backing_file:
-        info["full-backing-filename"] = full_backing_filename(name, h.backing_file)
+        info["full-backing-filename"] = full_backing_filename(base or name, h.backing_file)
         info["backing-filename"] = h.backing_file
     if enc is not None:
         info["encrypted"] = True

@@ -206,9 +206,10 @@ def _open_blkdebug(node, writable, extra):
     if below.get("driver", "file") == "file":
         path, remote = _file_path(below)
         image = RawImage(path, writable=writable, remote=remote)
-        image.format = "blkdebug"
     else:
         image = _open(below, writable, extra)
+    if below.get("driver", "file") not in ("qcow2", "raw"):    # over a protocol node
+        image.format = "blkdebug"
     try:
         return blkdebug.BlkdebugImage(image, rules, align=align)
     except BaseException:
