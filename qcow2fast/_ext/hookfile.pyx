@@ -36,6 +36,7 @@ cdef int64_t ENOSPC = 28
 cdef class HookFile(File):
     cdef readonly object reader          # readinto(buf, offset), size, close(), name
     cdef object error                   # the reader's exception, for raise_errno
+    cdef bint growable                  # writable, and the reader grows (truncate)
 
     cdef int64_t c_pread(self, char *buf, size_t n, int64_t off) noexcept nogil:
         with gil:
@@ -94,13 +95,18 @@ cdef class HookFile(File):
     def size(self):
         return self.reader.size
 
-    # Writable, the file is a device: a fixed size, holding what it held.
+    # Writable, the file is a device (a fixed size, holding what it held),
+    # unless the reader is growable: then a file (writes past its end grow it).
     @property
     def is_device(self):
-        return self.writable
+        return self.writable and not self.growable
 
     def truncate(self, int64_t size):
-        self._within(size)
+        if self.growable:
+            self.reader.truncate(size)
+            self.unsynced = True
+        else:
+            self._within(size)
 
     def punch_hole(self, int64_t off, int64_t length):
         return False
@@ -114,12 +120,15 @@ cdef class HookFile(File):
         return True
 
     def fallocate(self, int64_t off, int64_t length):
-        self._within(off + length)
+        if self.growable and off + length > self.reader.size:
+            self.truncate(off + length)
+        else:
+            self._within(off + length)
 
     def _within(self, int64_t end):
         if not self.writable:
             raise PermissionError(f"{self.path}: file is open read-only")
-        if end > self.reader.size:
+        if end > self.reader.size and not self.growable:
             raise OSError(ENOSPC, f"a remote device cannot grow: {end} bytes are needed "
                           f"and it has {self.reader.size}", self.path)
 
@@ -128,12 +137,14 @@ def hook_file(reader, bint writable=False):
     """A File over ``reader`` (an object with ``readinto(buf, offset)``
     filling all of ``buf``, ``size``, ``name``, ``close()`` and
     ``drop_cache()``; ``writable``: also ``pwrite(buf, offset)``,
-    ``write_zeroes(offset, length)`` and ``flush()``)."""
+    ``write_zeroes(offset, length)`` and ``flush()``, and with ``growable``
+    true ``truncate(size)``, writes past its end growing it)."""
     cdef HookFile f = HookFile.__new__(HookFile, None)
     f.reader = reader
     f.path = reader.name
     f.fd = NO_FD
     f.writable = writable
+    f.growable = writable and getattr(reader, "growable", False)
     return f
 
 

@@ -405,7 +405,8 @@ def open_image(name, fmt=None, *, image_opts=False, writable=False, backing=True
     describes (cli/json_filename.py)."""
     from .json_filename import is_json, open_json
     if is_json(name) and not image_opts and snapshot is None:
-        return open_json(name, writable=writable, fmt=fmt, force_share=force_share)
+        return open_json(name, writable=writable, fmt=fmt, force_share=force_share,
+                         **({} if backing else {"backing": False}))
     if image_opts and any(k.split(".")[-1] == "driver" and v == "blkdebug"
                           for k, v in split_options(name)):   # (json_filename's nodes)
         from ..engine.backing import nested
@@ -496,9 +497,12 @@ def json_name(options):
     """qemu's ``json:`` name of a node with these options (its QDict order)."""
     import json
 
-    def ordered(node):
-        return {key: ordered(node[key]) if isinstance(node[key], dict) else node[key]
-                for key in qdict_order(node)}
+    def ordered(value):
+        if isinstance(value, list):
+            return [ordered(v) for v in value]
+        if isinstance(value, dict):
+            return {key: ordered(value[key]) for key in qdict_order(value)}
+        return value
     return "json:" + json.dumps(ordered(options))
 
 

@@ -15,7 +15,7 @@ from ..host.remote import join as remote_join
 from ..spec import datafile as dfspec
 from .common import add_image_arguments, file_path, open_error, open_image, share_options
 from .json_filename import is_json, parse, shown_name
-from .refresh import refreshed_name, size_known
+from .refresh import has_directory, refreshed_name, size_known
 from .luks_info import is_luks, luks_info
 from .options import UsageError, size_to_str, split_options
 
@@ -42,7 +42,8 @@ def run(args):
             # (a json: name shows as qemu refreshes it; a backing file's
             # actual path is still beside the image's file)
             info = image_info(img, opts_name(name, img) if opts else info_name(name, img),
-                              base=img.path if is_json(name) else None)
+                              base=(img.path if has_directory(parse(name)) else False)
+                              if is_json(name) else None)
             if is_json(name) and not size_known(parse(name)):
                 info.pop("actual-size", None)       # "disk size: unavailable"
         except CorruptImageError as e:      # bitmaps load lazily; qemu reads them at open
@@ -77,6 +78,15 @@ def opts_name(spec, img):
                                  "file": {"driver": "file", "filename": img.path}})
 
 
+def _allocated(img):
+    """Bytes allocated to the image's file (a quorum node: its children's,
+    qemu's sum for a node whose driver does not say)."""
+    children = getattr(getattr(getattr(img, "file", None), "reader", None), "files", None)
+    if children is not None:
+        return sum(os.fstat(f.fd).st_blocks for f in children) * 512
+    return os.stat(img.path).st_blocks * 512
+
+
 def info_name(name, img):
     """The name qemu-img info shows for the image opened as ``name``."""
     if is_json(name):
@@ -90,16 +100,19 @@ def info_name(name, img):
 
 def image_info(img, name, base=None):
     """qemu-img's ImageInfo for an open image, as a dict (``base``: the
-    name backing file names are relative to, when not ``name``)."""
+    name backing file names are relative to, when not ``name``; False when
+    there is none)."""
     # A remote file's allocated size is unknown (qemu: "disk size: unavailable").
     actual = {"actual-size": 0} if isinstance(img, NullImage) else \
-        {} if is_url(img.path) else {"actual-size": os.stat(img.path).st_blocks * 512}
+        {} if is_url(img.path) else {"actual-size": _allocated(img)}
     info = {}
     if getattr(img, "header", None) is None:          # raw, or a null device
         fmt = getattr(img, "format", "raw")
         info.update({"virtual-size": img.size, "filename": name, "format": fmt, **actual})
-        # (a local file's get_info says it; qemu's null, nbd and curl drivers have none)
-        if not isinstance(img, NullImage) and not is_url(img.path):
+        # (a local file's get_info says it; qemu's null, nbd, curl and quorum
+        # drivers have none)
+        if not isinstance(img, NullImage) and not is_url(img.path) and \
+                not hasattr(getattr(img, "file", None), "reader"):
             info["dirty-flag"] = False
         return info
     h = img.header
@@ -127,7 +140,9 @@ def image_info(img, name, base=None):
                          for k, v in data.items()), []))
     info["format-specific"] = {"type": "qcow2", "data": data}
     if h.backing_file:
-        info["full-backing-filename"] = full_backing_filename(base or name, h.backing_file)
+        if base is not False:           # (False: no directory, an image on a quorum node)
+            info["full-backing-filename"] = full_backing_filename(base or name,
+                                                                  h.backing_file)
         info["backing-filename"] = h.backing_file
     if enc is not None:
         info["encrypted"] = True
@@ -240,7 +255,9 @@ def human_info(info):
         lines.append(f"cluster_size: {info['cluster-size']}")
     if "backing-filename" in info:
         line = f"backing file: {info['backing-filename']}"
-        if info["full-backing-filename"] != info["backing-filename"]:
+        if "full-backing-filename" not in info:
+            line += " (cannot determine actual path)"
+        elif info["full-backing-filename"] != info["backing-filename"]:
             line += f" (actual path: {info['full-backing-filename']})"
         lines.append(line)
     if "backing-filename-format" in info:

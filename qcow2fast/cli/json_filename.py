@@ -15,6 +15,9 @@ for the drivers qcow2fast has, with qemu's messages:
 - ``{"driver": "blkdebug", "image": NODE, "inject-error": [...], ...}``:
   qemu's error-injection filter (host/blkdebug.py), as a qcow2 node's
   ``file`` or above a format node;
+- ``{"driver": "quorum", "children": [FILE...], "vote-threshold": N}``:
+  replicas that vote on reads (host/quorum.py), as a qcow2 or raw node's
+  ``file``, or the image itself;
 - no ``driver``: the format of ``file`` is probed.
 
 Dotted keys (``"file.filename": P``) are the same as nested objects.
@@ -30,9 +33,11 @@ from ..host.null import DRIVERS as NULL_DRIVERS, OPTIONS as NULL_OPTIONS, NullIm
 from ..host.raw import RawImage
 from ..host.remote import is_url
 from ..host.window import RawWindow
+from ..spec.header import QCOW_MAGIC
 from .common import (IMAGE_OPTS, file_path, image_option, json_name, open_error, protocol_node,
                      qdict_first)
 from .options import UsageError, parse_size
+from .refresh import refreshed_name
 
 
 def is_json(name):
@@ -81,7 +86,7 @@ def _open(node, writable, extra):
     if driver is None:
         below = node.get("file")
         null = isinstance(below, dict) and below.get("driver") in NULL_DRIVERS
-        driver = "raw" if null else probe_format(*_file_path(below))
+        driver = "raw" if null else _probe(below)
     if driver in ("file", "http", "https"):
         path, remote = _file_path(node)
         return RawImage(path, writable=writable, remote=remote)
@@ -100,7 +105,24 @@ def _open(node, writable, extra):
         return _open_qcow2(node, writable, extra)
     if driver == "raw":
         return _open_raw(node, writable, extra)
+    if driver == "quorum":              # the image is the quorum node itself
+        name, spec = _quorum(node)
+        image = RawImage(name, writable=writable, quorum=spec)
+        image.format = "quorum"
+        return image
     raise InvalidArgumentError(f"Unknown driver '{driver}'")
+
+
+def _probe(node):
+    """The format of the image on a protocol node (qemu's probing)."""
+    if _driver(node) != "quorum":
+        return probe_format(*_file_path(node))
+    name, spec = _quorum(node)
+    image = RawImage(name, quorum=spec)
+    try:
+        return "qcow2" if image.file.pread(0, 4) == QCOW_MAGIC else "raw"
+    finally:
+        image.close()
 
 
 def _file_path(node):
@@ -156,12 +178,35 @@ def _open_qcow2(node, writable, extra):
     if backing is not None and backing is not True:     # a node name: not supported
         raise InvalidArgumentError("Block format 'qcow2' does not support the option "
                                    "'backing'")
-    path, remote, rules = _protocol(node.get("file"))
+    if _driver(node["file"]) == "quorum":
+        (path, kw["quorum"]), remote, rules = _quorum(node["file"]), None, None
+    else:
+        path, remote, rules = _protocol(node.get("file"))
     if node.get("data-file") is not None:       # a file node, or its name
         kw["data_file"], _, kw["data_file_blkdebug"] = _protocol(node["data-file"])
-    return open_qcow2(path, "r+" if writable else "r", backing=backing is not None,
+    extra = dict(extra)                 # (backing=False from the caller: info's no-backing open)
+    wanted = extra.pop("backing", True)
+    backing = backing is not None and wanted
+    return open_qcow2(path, "r+" if writable else "r", backing=backing,
                       cache_clean_interval=kw.pop("cache_clean_interval", 0), remote=remote,
                       blkdebug=rules, **kw, **extra)
+
+
+def _driver(node):
+    return node.get("driver", "file") if isinstance(node, dict) else "file"
+
+
+def _quorum(node):
+    """(name, QuorumSpec) of a quorum node (host/quorum.py) over file nodes."""
+    from ..host.quorum import QuorumSpec
+
+    def child_path(child):
+        path, remote = _file_path(child)
+        if remote or _driver(child) != "file":
+            raise InvalidArgumentError("a quorum child must be a file node (driver 'file')")
+        return path
+    spec = QuorumSpec.of(refreshed_name(node) or "quorum", node, child_path)
+    return spec.name, spec
 
 
 def _protocol(node):
@@ -187,6 +232,9 @@ def existing_target(name, fmt):
     try:
         _only(node, ("driver", "file") + (("data-file",) if driver == "qcow2" else ()),
               f"Block format '{driver}' does not support the option")
+        if _driver(node["file"]) == "quorum":
+            raise InvalidArgumentError("a target's file must be a local file, not a quorum "
+                                       "node")
         path, remote, rules = _protocol(node["file"])
         kw = {}
         if node.get("data-file") is not None:
@@ -229,6 +277,9 @@ def _open_raw(node, writable, extra):
         image = NullImage.from_options(below, writable=writable, fmt="raw",
                                        json_name=lambda o: json_name({"driver": "raw",
                                                                       "file": o}))
+    elif _driver(below) == "quorum":
+        name, spec = _quorum(below)
+        image = RawImage(name, writable=writable, quorum=spec)
     elif isinstance(below, dict) and below.get("driver", "file") not in ("file", "http",
                                                                           "https"):
         image = _open(below, writable, extra)       # a format node

@@ -13,7 +13,8 @@ options, in qemu's QDict order.
   and the other limits are not in that name);
 - a format node (qcow2, raw) takes its file's name when the file is a
   protocol node (blkdebug is one) and no strong option of its own is
-  given (raw's ``offset``/``size``, qcow2's ``encrypt.key-secret``).
+  given (raw's ``offset``/``size``, qcow2's ``encrypt.key-secret``);
+- a quorum node has no plain name (its children are listed).
 
 Options given as nested objects are flattened as qemu flattens them
 (``set-state.0.event``); values keep their JSON types.
@@ -29,6 +30,7 @@ STRONG = {
                  "opt-write-zero", "max-write-zero", "opt-discard", "max-discard"),
     "raw": ("offset", "size"),
     "qcow2": ("encrypt.key-secret",),
+    "quorum": ("vote-threshold", "rewrite-corrupted", "read-pattern"),
 }
 CHILDREN = {"qcow2": ("file", "data-file"), "raw": ("file",), "blkdebug": ("image",)}
 PROTOCOLS = ("file", "http", "https", "nbd", "null-co", "null-aio", "blkdebug")
@@ -54,6 +56,18 @@ def size_known(tree):
     return tree.get("driver") != "blkdebug" and _driver_of(file) != "blkdebug"
 
 
+def has_directory(tree):
+    """Whether names relative to the image have a directory (qemu's
+    bdrv_dirname: through the format node's file and blkdebug's image; a
+    quorum node has none)."""
+    node = tree
+    while isinstance(node, dict):
+        if node.get("driver") == "quorum":
+            return False
+        node = node.get("file", node.get("image"))
+    return True
+
+
 def _refresh(node, driver=None):
     """(exact file name or "", full options) of a node, or None."""
     if isinstance(node, str):                   # a file child given by its name
@@ -70,6 +84,11 @@ def _refresh(node, driver=None):
             if child is None:
                 return None
             children[key] = child
+    if driver == "quorum":              # (quorum_gather_child_options: a list)
+        listed = [_refresh(c, "file") for c in node.get("children") or ()]
+        if None in listed:
+            return None
+        children["children"] = ("", [full for _, full in listed])
     full, strong = {}, False
     for key in GLOBAL:
         if key in node or key == "driver":
@@ -104,7 +123,7 @@ def _exact(node, driver, full, strong, children):
             return ""
         return f"blkdebug:{full.get('config', '')}:{image[0]}"
     file = children.get("file")
-    if file is None or strong or not file[0] or \
+    if driver == "quorum" or file is None or strong or not file[0] or \
             _driver_of(node["file"]) not in PROTOCOLS:
         return ""
     return file[0]

@@ -24,7 +24,6 @@ from ..spec import header as hdr
 from ..spec.constants import BE64, L1E_SIZE
 from ..spec.geometry import Geometry
 
-MAX_HEADER_READ = 2 << 20
 
 
 def make_empty(path, cache_mode="writeback"):
@@ -43,7 +42,7 @@ def _reset(f, sync):
     """The complete reset when the image has the layout it needs; returns
     whether it ran."""
     file_size = f.size()
-    h = hdr.parse_header(f.pread(0, min(file_size, MAX_HEADER_READ)), file_size)
+    h = hdr.read_header(f, file_size)
     cs = h.cluster_size
     geo = Geometry(h.cluster_bits, h.refcount_order)
     l1_clusters = geo.size_to_clusters(h.l1_size * L1E_SIZE)

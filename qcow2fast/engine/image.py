@@ -33,9 +33,12 @@ from .._ext.core import ImageCore
 from .._ext.fileio import File
 from .._ext.state import CACHE_MODES, ZERO_FROM_NEVER, ImageState
 from ..errors import (CorruptImageError, ImageClosedError, InvalidArgumentError,
-                      ReadOnlyImageError, RepairError, RepairWarning)
+                      ReadOnlyImageError, RepairError, RepairWarning,
+                      UnsupportedFeatureError)
 from ..extent import Extent, merge_extents
 from ..host.file import open_image_file
+from ..host.quorum import refuse_relative_names
+from ..spec.datafile import data_file_name
 from ..host.remote import is_remote
 from ..host.remote import name_of as remote_name
 from ..spec import header as hdr
@@ -61,7 +64,6 @@ if TYPE_CHECKING:
     from . import crypto
     from .snapshot import Snapshot
 
-MAX_HEADER_READ = 2 << 20
 
 
 class Image(LifecycleAPI, CompressedWriteAPI, ImageCore):
@@ -79,6 +81,7 @@ class Image(LifecycleAPI, CompressedWriteAPI, ImageCore):
                  key_secret: bytes | str | Secret | ChainSecrets
                  | collections.abc.Mapping[int | str, bytes | str] | None = None,
                  no_io: bool = False, blkdebug: Any = None, data_file_blkdebug: Any = None,
+                 quorum: Any = None,
                  _chain: tuple[str, ...] = (), _repair: bool = False) -> None:
         if mode not in ("r", "r+"):
             raise InvalidArgumentError(f"mode must be 'r' or 'r+', not {mode!r}")
@@ -128,6 +131,9 @@ class Image(LifecycleAPI, CompressedWriteAPI, ImageCore):
         self._max_chain_depth = max_chain_depth
         self._data_file_override = data_file    # qemu's data-file open option
         self._data_file_blkdebug = data_file_blkdebug   # (and a blkdebug filter over it)
+        # The image on a quorum node (host/quorum.py; ``path`` is its name):
+        # no directory for names relative to it, as in qemu.
+        self._quorum = quorum
         self.data_file_name: str | None = None  # the external data file, as qemu names it
         writable = mode == "r+"
         direct = cache_mode in ("none", "directsync")
@@ -136,7 +142,8 @@ class Image(LifecycleAPI, CompressedWriteAPI, ImageCore):
             # image file, host/blkdebug.py; the engine announces its events)
             f = open_image_file(path if is_remote(path) else self.path, "qcow2",
                                 writable=writable, direct=direct, force_share=force_share,
-                                locking=locking, remote=remote, blkdebug=blkdebug)
+                                locking=locking, remote=remote, blkdebug=blkdebug,
+                                quorum=quorum)
         except OSError as e:
             if direct and e.errno == 22:
                 raise InvalidArgumentError(f"{self.path}: the filesystem does not support "
@@ -172,10 +179,17 @@ class Image(LifecycleAPI, CompressedWriteAPI, ImageCore):
     def _open(self, f, writable, l2_cache_entry_size, cache_sizes, cache_clean_interval,
               lazy_refcounts, backing, snapshot, chain, repair):
         file_size = f.size()
-        h = hdr.parse_header(f.pread(0, min(file_size, MAX_HEADER_READ)), file_size)
+        h = hdr.read_header(f, file_size)
         if self.untrusted:
             untrusted.check_image(self.path, h, len(chain))
         hdr.check_features(h, writable)
+        if self._quorum is not None:        # (no directory: qemu's words)
+            refuse_relative_names((h.backing_file if backing else None,
+                                   data_file_name(h)
+                                   if self._data_file_override is None else None))
+            if writable and h.incompatible_features & hdr.INCOMPAT_DIRTY:
+                raise UnsupportedFeatureError(f"{self.path}: a dirty image is not repaired "
+                                              "on a quorum node (check -r all each child)")
         if writable and h.incompatible_features & hdr.INCOMPAT_DIRTY and not repair and not (
                 h.incompatible_features & hdr.INCOMPAT_CORRUPT):
             # Interrupted with lazy refcounts: repaired first, as qemu does
@@ -184,7 +198,7 @@ class Image(LifecycleAPI, CompressedWriteAPI, ImageCore):
             # repair clears the dirty bit when it is done.
             self._repair_dirty()
             file_size = f.size()
-            h = hdr.parse_header(f.pread(0, min(file_size, MAX_HEADER_READ)), file_size)
+            h = hdr.read_header(f, file_size)
             if h.incompatible_features & hdr.INCOMPAT_DIRTY:
                 raise RepairError(f"{self.path}: Could not repair dirty image: corruptions "
                                   "remain (qemu-img check -r all says which)")
@@ -594,3 +608,4 @@ class Image(LifecycleAPI, CompressedWriteAPI, ImageCore):
         if self.closed:
             raise ImageClosedError("as_file() on a closed image")
         return ImageFile(self)
+

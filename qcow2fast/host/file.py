@@ -63,12 +63,19 @@ def zero(fd, off, n, write):
 
 
 def open_image_file(path, fmt, *, writable=False, direct=False, force_share=False,
-                    locking=True, remote=None, blkdebug=None):
+                    locking=True, remote=None, blkdebug=None, quorum=None):
     """The File of a ``fmt`` ("qcow2"/"raw") image, locked as qemu locks it
     (host/lock.py) unless ``locking`` is False (qemu's locking=off).  A URL
     or an open fsspec file is a remote image (host/remote.py, read-only,
     not locked; ``remote``: its RemoteOptions).  ``blkdebug``: the rules
-    of qemu's blkdebug filter over the file (host/blkdebug.py), or None."""
+    of qemu's blkdebug filter over the file (host/blkdebug.py), or None;
+    ``quorum``: the image is on a quorum node (host/quorum.py, its
+    QuorumSpec; ``path`` is then its name), each child file locked so."""
+    if quorum is not None:
+        from .quorum import open_quorum
+        return open_quorum(quorum, lambda child: open_image_file(
+            child, fmt, writable=writable, direct=direct, force_share=force_share,
+            locking=locking), writable)
     if is_remote(path):
         from .remote import open_file
         return open_file(path, writable, remote)

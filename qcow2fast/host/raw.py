@@ -20,11 +20,12 @@ class RawImage:
     backing = None
     format = "raw"                      # as qemu-img info names it (an NBD node: "nbd")
 
-    def __init__(self, path, writable=False, *, force_share=False, locking=True, remote=None):
+    def __init__(self, path, writable=False, *, force_share=False, locking=True, remote=None,
+                 quorum=None):
         self.path = name_of(path) if is_remote(path) else path
         self.force_share, self.locking, self.remote_options = force_share, locking, remote
         self.file = open_image_file(path, "raw", writable=writable, force_share=force_share,
-                                    locking=locking, remote=remote)
+                                    locking=locking, remote=remote, quorum=quorum)
         # lseek: block devices too; whole sectors, as qemu has it (the tail reads as zeros)
         self.size = whole_sectors(self.file.size())
         self.read_only = not writable

@@ -48,7 +48,6 @@ BACKING_FORMATS = ("qcow2", "raw")
 # backing format, as qemu-img does; a safe rebase opens the new backing file,
 # which must be qcow2 or raw.
 QEMU_FORMATS = BACKING_FORMATS + QEMU_DRIVERS
-MAX_HEADER_READ = 2 << 20
 
 
 def rebase(path: str | os.PathLike[str], backing: str | None, *,
@@ -282,7 +281,7 @@ def change_backing_file(path, backing, backing_fmt, *, sync=True):
     f = File(path, writable=True)
     try:
         file_size = f.size()
-        h = hdr.parse_header(f.pread(0, min(file_size, MAX_HEADER_READ)), file_size)
+        h = hdr.read_header(f, file_size)
         h.backing_file, h.backing_format = backing, backing_fmt
         try:
             head = h.pack()

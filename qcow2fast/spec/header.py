@@ -242,6 +242,22 @@ def _check(cond, message, field, qemu=None):
         raise CorruptImageError(message, offset=FIELD_OFFSET.get(field), field=field, qemu=qemu)
 
 
+def read_header(f, file_size, check=False):
+    """Read and parse the header cluster of the file ``f`` (its
+    ``pread(offset, n)``): 4 KiB, then the rest of cluster 0 when the
+    cluster is larger (the header, its extensions and the backing file name
+    are all in cluster 0; nothing past it is read, so a read of the image's
+    data cannot fail an open)."""
+    head = f.pread(0, min(file_size, 4096))
+    if len(head) >= V2_HEADER_LENGTH:
+        at = FIELD_OFFSET["cluster_bits"]
+        bits = min(max(int.from_bytes(head[at:at + 4], "big"), MIN_CLUSTER_BITS),
+                   MAX_CLUSTER_BITS)
+        if min(file_size, 1 << bits) > len(head):
+            head = f.pread(0, min(file_size, 1 << bits))
+    return parse_header(head, file_size, check)
+
+
 def parse_header(buf, file_size, check=False):
     """Parse and validate the header area ``buf`` (the image's first bytes).
 
