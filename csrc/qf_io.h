@@ -39,17 +39,29 @@ static inline int64_t qf_pread_full(int fd, char *buf, size_t len, int64_t off)
  * (qcow2fast/host/file.py says why: larger buffered writes take
  * 2 MiB page-cache folios, which cost host faults in VMs with free page
  * reporting).  O_DIRECT writes (``max`` 0) go whole: no page cache, and
- * each call is a device round trip. */
+ * each call is a device round trip.
+ *
+ * Invariant: a write is cut only at QF_WRITE_ALIGN boundaries of the file,
+ * so no 512-byte sector is written by two calls (a power loss between
+ * them would leave a sector holding neither the old bytes nor the new). */
 #define QF_WRITE_MAX ((size_t)256 << 10)
+#define QF_WRITE_ALIGN ((size_t)4096)
+
+/* The length of the next piece of a buffered write at ``off``: at most
+ * ``max``, ending on a QF_WRITE_ALIGN boundary unless it is the last. */
+static inline size_t qf_write_piece(int64_t off, size_t left, size_t max)
+{
+    size_t room = max - (size_t)((uint64_t)off % QF_WRITE_ALIGN);
+    return left < room ? left : room;
+}
 
 static inline int64_t qf_pwrite_full(int fd, const char *buf, size_t len, int64_t off,
                                      size_t max)
 {
     size_t done = 0;
-    if (max == 0)
-        max = len;
     while (done < len) {
-        size_t want = len - done < max ? len - done : max;
+        size_t want = max ? qf_write_piece(off + (int64_t)done, len - done, max)
+                          : len - done;
         ssize_t n = pwrite(fd, buf + done, want, (off_t)(off + done));
         if (n < 0) {
             if (errno == EINTR)

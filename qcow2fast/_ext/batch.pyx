@@ -28,7 +28,8 @@ from libc.stdlib cimport calloc, free
 from libc.string cimport memset, strerror
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 
-from .common cimport l2_units_run, EXT_DATA, EXT_ZERO, EXT_UNALLOCATED, QF_WRITE_MAX, SC_BITS
+from .common cimport (l2_units_run, EXT_DATA, EXT_ZERO, EXT_UNALLOCATED, QF_WRITE_MAX,
+                      SC_BITS, qf_write_piece)
 from .core cimport ImageCore, pthread_rwlock_rdlock, pthread_rwlock_unlock
 from .fileio cimport File, NO_FD
 from .l2slice cimport slice_lookup, SLICE_OK, L1_UNALLOCATED
@@ -197,7 +198,8 @@ cdef int _resolve(ImageState s, Req *q, qf_xfer *x, int room, bint below) noexce
             while chunk > 0:
                 if m == room:
                     return NO_ROOM
-                piece = chunk if (not write or wmax == 0 or chunk <= <int64_t>wmax) else <int64_t>wmax
+                piece = chunk if (not write or wmax == 0) else \
+                    <int64_t>qf_write_piece(host + in_u, chunk, wmax)     # (sector-whole)
                 x[m].fd = fd
                 x[m].op = QF_OP_WRITE if write else QF_OP_READ
                 x[m].buf = q.buf + done

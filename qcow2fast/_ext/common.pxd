@@ -10,6 +10,7 @@ cdef extern from "qf_io.h" nogil:
     int64_t qf_pread_full(int fd, char *buf, size_t len, int64_t off)
     int64_t qf_pwrite_full(int fd, const char *buf, size_t len, int64_t off, size_t max)
     size_t QF_WRITE_MAX
+    size_t qf_write_piece(int64_t off, size_t left, size_t max)
     int qf_punch_hole(int fd, int64_t off, int64_t len)
     int qf_zero_range(int fd, int64_t off, int64_t len)
 

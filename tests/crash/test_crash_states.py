@@ -265,3 +265,26 @@ def test_grow_after_an_unaligned_shrink_reads_zeros_in_every_state(tmp_path):
                                              states=10 ** 6)
     assert tried == planned > 40
     assert not failures, "\n".join(failures[:5])
+
+
+def _long_unaligned_writes(cfg, rng):
+    return [("write", 0x8347a3 + k * (1 << 20), rng.bytes(311890)) for k in range(3)]
+
+
+@pytest.mark.parametrize("name", ["datafile-raw-lazy-4k-tiny-cache", "writeback-64k"])
+def test_no_sector_is_written_by_two_calls_of_one_write(tmp_path, name):
+    """A guest write longer than one write call (QF_WRITE_MAX) is cut at
+    4 KiB boundaries of the file, never inside a sector: seed 4242 of
+    datafile-raw-lazy-4k-tiny-cache once cut one 256 KiB from an unaligned
+    start, and a state holding the first call but not the second had a
+    sector that was neither old nor new."""
+    import dataclasses
+    cfg = dataclasses.replace(BY_NAME[name], name=name + "-long", workload=_long_unaligned_writes,
+                              nops=3)
+    rec = record(cfg, str(tmp_path), np.random.default_rng(3))
+    writes = [c for c in rec.calls if c.op == "W"]
+    cuts = [(a, b) for a, b in zip(writes, writes[1:])
+            if a.fid == b.fid and b.off == a.off + a.len and a.len >= 4096]
+    assert len(cuts) >= 3, "each write needs more than one call"
+    assert all(b.off % 512 == 0 for _, b in cuts), \
+        [(hex(a.off), hex(a.len)) for a, b in cuts if b.off % 512]
