@@ -12,7 +12,7 @@ import os
 from qcow2fast.cli.json_filename import flat_items
 from qcow2fast.host.blkdebug import EVENTS, IOTYPES
 
-DRIVERS = ("qcow2", "raw", "file", "blkdebug", "null-co", "null-aio", "nbd", "bogus")
+DRIVERS = ("qcow2", "raw", "file", "blkdebug", "null-co", "null-aio", "nbd", "quorum", "bogus")
 KEYS = {
     "qcow2": ("file", "backing", "data-file", "l2-cache-size", "cache-size",
               "refcount-cache-size", "lazy-refcounts", "cache-clean-interval"),
@@ -22,6 +22,7 @@ KEYS = {
     "null-co": ("size", "read-zeroes", "latency-ns", "filename"),
     "null-aio": ("size", "read-zeroes"),
     "nbd": ("server", "export", "x-dirty-bitmap"),
+    "quorum": ("children", "vote-threshold", "read-pattern", "rewrite-corrupted", "blkverify"),
     "bogus": ("anything",),
 }
 RULE_KEYS = ("event", "state", "iotype", "errno", "sector", "once", "immediately", "new_state",
@@ -43,6 +44,12 @@ def _value(rng, key, depth, files):
         return [{k: _value(rng, k, depth + 1, files) for k in rng.sample(RULE_KEYS,
                                                                           rng.randrange(5))}
                 for _ in range(rng.randrange(3))]
+    if key == "children" and depth < 4:
+        return [_node(rng, depth + 1, files) if rng.random() < 0.3 else
+                {"driver": "file", "filename": rng.choice(files)}
+                for _ in range(rng.randrange(4))]
+    if key == "read-pattern":
+        return rng.choice(("quorum", "fifo", "x", 1))
     if key == "server":
         return {"type": rng.choice(("unix", "inet", "vsock")),
                 "path": "/nonexistent.sock", "host": "", "port": rng.choice(("0", 0.5, "x"))}
