@@ -75,7 +75,7 @@ def open_image_file(path, fmt, *, writable=False, direct=False, force_share=Fals
         from .quorum import open_quorum
         return open_quorum(quorum, lambda child: open_image_file(
             child, fmt, writable=writable, direct=direct, force_share=force_share,
-            locking=locking), writable)
+            locking=locking), zero, writable)
     if is_remote(path):
         from .remote import open_file
         return open_file(path, writable, remote)

@@ -80,15 +80,16 @@ def refuse_relative_names(names):
             raise InvalidArgumentError("Cannot generate a base directory for quorum nodes")
 
 
-def open_quorum(spec, open_child, writable=False):
+def open_quorum(spec, open_child, zero, writable=False):
     """The File of a quorum node: ``open_child(path)`` opens (and locks)
-    each child file."""
+    each child file; ``zero(fd, offset, length, write)`` zeroes a range of
+    one (host/file.py's)."""
     from .._ext.hookfile import hook_file
     files = []
     try:
         for path in spec.children:
             files.append(open_child(path))
-        return hook_file(Quorum(spec, files, writable), writable=writable)
+        return hook_file(Quorum(spec, files, writable, zero), writable=writable)
     except BaseException:
         for f in files:
             f.close()
@@ -98,8 +99,8 @@ def open_quorum(spec, open_child, writable=False):
 class Quorum:
     """The reader behind a quorum node's HookFile (see the module's docstring)."""
 
-    def __init__(self, spec, files, writable):
-        self.spec, self.files, self.writable = spec, files, writable
+    def __init__(self, spec, files, writable, zero=None):
+        self.spec, self.files, self.writable, self._zero = spec, files, writable, zero
         self.name = spec.name
         sizes = [f.size() for f in files]
         if len(set(sizes)) != 1:
@@ -180,8 +181,7 @@ class Quorum:
         self._each(lambda f: f.pwrite(buf, off))
 
     def write_zeroes(self, off, n):
-        from . import file as hostfile
-        self._each(lambda f: hostfile.zero(f.fd, off, n, f.pwrite))
+        self._each(lambda f: self._zero(f.fd, off, n, f.pwrite))
 
     def flush(self):
         self._each(lambda f: f.sync_all())

@@ -9,6 +9,7 @@ import shutil
 import pytest
 
 from qcow2fast._ext.fileio import File
+from qcow2fast.host.file import zero
 from qcow2fast.host.quorum import Quorum, QuorumSpec
 from tests.helpers.cli_util import run_cli as cli
 from tests.helpers.qemu_util import qemu_create, qemu_img, qemu_io
@@ -155,11 +156,14 @@ def test_a_failed_child_has_no_vote_and_rewrite_mends_the_losers(tmp_path):
         def preadinto(self, buf, off):
             raise OSError(5, "unreadable")
     files = [File(str(p), writable=True) for p in paths]
-    q = Quorum(QuorumSpec("q", tuple(map(str, paths)), 2, rewrite=True), files, True)
+    q = Quorum(QuorumSpec("q", tuple(map(str, paths)), 2, rewrite=True), files, True, zero)
     buf = bytearray(4096)
     q.readinto(buf, 0)
     assert buf == b"A" * 4096
     assert paths[1].read_bytes() == b"A" * 4096         # mended
+    q.write_zeroes(1024, 1024)                          # (every child)
+    q.flush()
+    assert {p.read_bytes()[1000:2100] for p in paths} == {b"A" * 24 + bytes(1024) + b"A" * 52}
     q.files = [Failing(), files[1], files[2]]
     q.readinto(buf, 0)                                   # two readable children agree
     q.files = [Failing(), Failing(), files[2]]
