@@ -274,7 +274,7 @@ def _long_unaligned_writes(cfg, rng):
 @pytest.mark.parametrize("name", ["datafile-raw-lazy-4k-tiny-cache", "writeback-64k"])
 def test_no_sector_is_written_by_two_calls_of_one_write(tmp_path, name):
     """A guest write longer than one write call (QF_WRITE_MAX) is cut at
-    4 KiB boundaries of the file, never inside a sector: seed 4242 of
+    sector boundaries of the file, never inside a sector: seed 4242 of
     datafile-raw-lazy-4k-tiny-cache once cut one 256 KiB from an unaligned
     start, and a state holding the first call but not the second had a
     sector that was neither old nor new."""
