@@ -37,7 +37,7 @@ from ..spec.header import QCOW_MAGIC
 from .common import (IMAGE_OPTS, file_path, image_option, json_name, open_error, protocol_node,
                      qdict_first)
 from .options import UsageError, parse_size
-from .refresh import refreshed_name
+from .refresh import driver_of, refreshed_name
 
 
 def is_json(name):
@@ -115,7 +115,7 @@ def _open(node, writable, extra):
 
 def _probe(node):
     """The format of the image on a protocol node (qemu's probing)."""
-    if _driver(node) != "quorum":
+    if driver_of(node) != "quorum":
         return probe_format(*_file_path(node))
     name, spec = _quorum(node)
     image = RawImage(name, quorum=spec)
@@ -178,7 +178,7 @@ def _open_qcow2(node, writable, extra):
     if backing is not None and backing is not True:     # a node name: not supported
         raise InvalidArgumentError("Block format 'qcow2' does not support the option "
                                    "'backing'")
-    if _driver(node["file"]) == "quorum":
+    if driver_of(node["file"]) == "quorum":
         (path, kw["quorum"]), remote, rules = _quorum(node["file"]), None, None
     else:
         path, remote, rules = _protocol(node.get("file"))
@@ -192,17 +192,13 @@ def _open_qcow2(node, writable, extra):
                       blkdebug=rules, **kw, **extra)
 
 
-def _driver(node):
-    return node.get("driver", "file") if isinstance(node, dict) else "file"
-
-
 def _quorum(node):
     """(name, QuorumSpec) of a quorum node (host/quorum.py) over file nodes."""
     from ..host.quorum import QuorumSpec
 
     def child_path(child):
         path, remote = _file_path(child)
-        if remote or _driver(child) != "file":
+        if remote or driver_of(child) != "file":
             raise InvalidArgumentError("a quorum child must be a file node (driver 'file')")
         return path
     spec = QuorumSpec.of(refreshed_name(node) or "quorum", node, child_path)
@@ -232,7 +228,7 @@ def existing_target(name, fmt):
     try:
         _only(node, ("driver", "file") + (("data-file",) if driver == "qcow2" else ()),
               f"Block format '{driver}' does not support the option")
-        if _driver(node["file"]) == "quorum":
+        if driver_of(node["file"]) == "quorum":
             raise InvalidArgumentError("a target's file must be a local file, not a quorum "
                                        "node")
         path, remote, rules = _protocol(node["file"])
@@ -277,7 +273,7 @@ def _open_raw(node, writable, extra):
         image = NullImage.from_options(below, writable=writable, fmt="raw",
                                        json_name=lambda o: json_name({"driver": "raw",
                                                                       "file": o}))
-    elif _driver(below) == "quorum":
+    elif driver_of(below) == "quorum":
         name, spec = _quorum(below)
         image = RawImage(name, writable=writable, quorum=spec)
     elif isinstance(below, dict) and below.get("driver", "file") not in ("file", "http",

@@ -53,7 +53,7 @@ def size_known(tree):
     size``): not through blkdebug, which has none to give (a qcow2 node
     over it neither)."""
     file = tree.get("file")
-    return tree.get("driver") != "blkdebug" and _driver_of(file) != "blkdebug"
+    return tree.get("driver") != "blkdebug" and driver_of(file) != "blkdebug"
 
 
 def has_directory(tree):
@@ -124,12 +124,13 @@ def _exact(node, driver, full, strong, children):
         return f"blkdebug:{full.get('config', '')}:{image[0]}"
     file = children.get("file")
     if driver == "quorum" or file is None or strong or not file[0] or \
-            _driver_of(node["file"]) not in PROTOCOLS:
+            driver_of(node["file"]) not in PROTOCOLS:
         return ""
     return file[0]
 
 
-def _driver_of(child):
+def driver_of(child):
+    """A child node's driver (a bare name is a file node)."""
     return child.get("driver", "file") if isinstance(child, dict) else "file"
 
 

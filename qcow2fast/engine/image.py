@@ -33,11 +33,10 @@ from .._ext.core import ImageCore
 from .._ext.fileio import File
 from .._ext.state import CACHE_MODES, ZERO_FROM_NEVER, ImageState
 from ..errors import (CorruptImageError, ImageClosedError, InvalidArgumentError,
-                      ReadOnlyImageError, RepairError, RepairWarning,
-                      UnsupportedFeatureError)
+                      ReadOnlyImageError, RepairError, RepairWarning)
 from ..extent import Extent, merge_extents
 from ..host.file import open_image_file
-from ..host.quorum import refuse_relative_names
+from ..host.quorum import check_image as check_quorum_image
 from ..spec.datafile import data_file_name
 from ..host.remote import is_remote
 from ..host.remote import name_of as remote_name
@@ -183,13 +182,11 @@ class Image(LifecycleAPI, CompressedWriteAPI, ImageCore):
         if self.untrusted:
             untrusted.check_image(self.path, h, len(chain))
         hdr.check_features(h, writable)
-        if self._quorum is not None:        # (no directory: qemu's words)
-            refuse_relative_names((h.backing_file if backing else None,
-                                   data_file_name(h)
-                                   if self._data_file_override is None else None))
-            if writable and h.incompatible_features & hdr.INCOMPAT_DIRTY:
-                raise UnsupportedFeatureError(f"{self.path}: a dirty image is not repaired "
-                                              "on a quorum node (check -r all each child)")
+        if self._quorum is not None:
+            check_quorum_image(self.path, (h.backing_file if backing else None, None if
+                                           self._data_file_override is not None
+                                           else data_file_name(h)),
+                               writable and h.incompatible_features & hdr.INCOMPAT_DIRTY)
         if writable and h.incompatible_features & hdr.INCOMPAT_DIRTY and not repair and not (
                 h.incompatible_features & hdr.INCOMPAT_CORRUPT):
             # Interrupted with lazy refcounts: repaired first, as qemu does

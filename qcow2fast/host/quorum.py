@@ -25,7 +25,7 @@ would be. ``blkverify`` is refused (not supported).
 import errno
 from dataclasses import dataclass
 
-from ..errors import InvalidArgumentError
+from ..errors import InvalidArgumentError, UnsupportedFeatureError
 
 OPTIONS = ("driver", "children", "vote-threshold", "read-pattern", "rewrite-corrupted",
            "blkverify")
@@ -72,9 +72,13 @@ class QuorumSpec:
                    _flag(node, "rewrite-corrupted") and pattern == "quorum")
 
 
-def refuse_relative_names(names):
-    """A quorum node has no directory: a backing or data file name
-    relative to an image on it (not absolute, no protocol) is an error."""
+def check_image(path, names, dirty_for_writing):
+    """An image on a quorum node: it has no directory, so a backing or data
+    file name relative to it (not absolute, no protocol) is an error (qemu's
+    words); a dirty one is not repaired through the node."""
+    if dirty_for_writing:
+        raise UnsupportedFeatureError(f"{path}: a dirty image is not repaired on a quorum "
+                                      "node (check -r all each child)")
     for name in names:
         if name and not name.startswith("/") and ":" not in name.split("/", 1)[0]:
             raise InvalidArgumentError("Cannot generate a base directory for quorum nodes")
