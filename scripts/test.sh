@@ -5,13 +5,14 @@
 #
 # 1. Installs the qemu oracle (Debian qemu-utils) when qemu-img/qemu-io are
 #    missing, qemu-system-x86 (savevm/loadvm) when qemu-system-x86_64 is,
-#    the NBD clients (libnbd-bin) when nbdinfo/nbdcopy are, strace
+#    the NBD clients (libnbd-bin) when nbdinfo/nbdcopy are, an SSH server
+#    (openssh-server: the ssh:// tests) when sshd is, strace
 #    (the jitter benchmark counts syncs with it) -- and,
 #    only if they are missing too, a C compiler and the Python
 #    headers needed to build the Cython extensions (apt-get; sudo if not root).
 # 2. pip install -e '.[test,dask,remote]' (pytest, hypothesis, pytest-benchmark, mypy,
-#    moto; Dask for the fleet tests; fsspec, aiohttp and s3fs for the remote-image
-#    tests).  A
+#    moto; Dask for the fleet tests; fsspec, aiohttp, s3fs and paramiko for the
+#    remote-image tests).  A
 #    Debian system Python is "externally managed" (PEP 668): then a .venv is
 #    created in the repository and used instead.
 # 3. python -m pytest -q tests "$@"
@@ -53,6 +54,9 @@ if ! command -v strace >/dev/null 2>&1; then
 fi
 if ! command -v fio >/dev/null 2>&1; then
     packages+=(fio)             # the threads benchmark's C-level limit (fio io_uring)
+fi
+if [ ! -x /usr/sbin/sshd ] || ! command -v ssh-agent >/dev/null 2>&1; then
+    packages+=(openssh-server openssh-client)   # the ssh:// tests' server (tests/remote)
 fi
 if [ ! -x /usr/bin/time ]; then
     packages+=(time)            # the chain benchmark's peak RSS (GNU time)

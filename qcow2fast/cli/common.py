@@ -85,15 +85,27 @@ def parse_number(value, key):
     return n % (1 << 64)
 
 
-# Protocol nodes qcow2fast opens ("file" and qemu's curl driver's http(s)),
-# and the curl options it takes -> remote options (host/remote.py).
-PROTOCOLS = ("file", "http", "https")
+# Protocol nodes qcow2fast opens ("file", qemu's curl driver's http(s), its
+# ssh driver), and the curl options it takes -> remote options (host/remote.py).
+PROTOCOLS = ("file", "http", "https", "ssh")
 CURL_OPTIONS = {"url": None, "timeout": "timeout", "readahead": "readahead"}
+
+
+def flatten(value, prefix=""):
+    """(dotted key, value) as qemu's qdict_flatten makes them (lists by index)."""
+    items = value.items() if isinstance(value, dict) else \
+        enumerate(value) if isinstance(value, list) else None
+    if items is None:
+        yield prefix[:-1], value
+        return
+    for key, item in items:
+        yield from flatten(item, f"{prefix}{key}.")
 
 
 def protocol_node(node):
     """(path or URL, remote options or None) of a protocol node: qemu's
-    ``{"driver": "file", "filename": P}`` or its curl driver's
+    ``{"driver": "file", "filename": P}``, an ssh node (host/remote_ssh.py)
+    or its curl driver's
     ``{"driver": "http"|"https", "url": U, "timeout": S, "readahead": N}``
     (``--image-opts file.driver=http,file.url=U`` or a ``json:`` name)."""
     driver = node.get("driver", "file")
@@ -105,6 +117,12 @@ def protocol_node(node):
             raise UsageError(f"Block protocol 'file' doesn't support the option '{key}'")
     if driver == "file":
         return node.get("filename"), None
+    if driver == "ssh":                 # qemu's ssh driver (host/remote_ssh.py)
+        from ..host.remote_ssh import url_of
+        try:
+            return url_of(dict(flatten(node))), {}
+        except InvalidArgumentError as e:
+            raise UsageError(str(e)) from None
     for key in node:
         if key != "driver" and key not in CURL_OPTIONS:
             raise UsageError(f"Block protocol '{driver}' doesn't support the option '{key}'")
@@ -143,8 +161,8 @@ def image_spec(name, fmt, image_opts, secret_table=None):
     if not image_opts:
         return file_path(name), fmt, {}
     given = dict(split_options(name))
-    if given.get("driver") == "nbd":                # an NBD export (nbd/client.py)
-        return nbd_spec(given)
+    if given.get("driver") in ("nbd", "ssh"):       # the node is the image
+        return protocol_spec(name, given)
     kw, path, driver, proto = {}, None, fmt, {}
     secrets = {}            # layer depth -> secret (backing.encrypt.key-secret: depth 1)
     below = {}              # layer depth -> {"driver", "filename", "encrypt_format"} given
@@ -211,19 +229,27 @@ def image_spec(name, fmt, image_opts, secret_table=None):
     return path, driver, kw
 
 
-def nbd_spec(options):
-    """(URI, "raw", open keyword arguments) of qemu's nbd node options."""
+def protocol_spec(name, options):
+    """(URL, "raw", open keyword arguments) of qemu's nbd or ssh node
+    options: the export or remote file read raw, which qemu-img info calls
+    by the driver's name."""
+    from ..host.remote_ssh import url_of as ssh_url_of
     from ..nbd.client import uri_of
     kw = {}
     if "force-share" in options:
         kw["force_share"] = parse_bool(options.pop("force-share"), "force-share")
+    driver = options["driver"]
     try:
-        uri, context = uri_of(options)
+        if driver == "nbd":
+            url, context = uri_of(options)
+            kw["remote"] = {"nbd_context": context}
+        else:
+            url, kw["remote"] = ssh_url_of(options), {}
     except Qcow2Error as e:
-        raise UsageError(str(e)) from None
-    kw["remote"] = {"nbd_context": context}
-    kw["shown_format"] = "nbd"          # (what qemu-img info calls the node)
-    return uri, "raw", kw
+        raise UsageError(f"Could not open '{name}': {e}" if driver == "ssh" else str(e)) \
+            from None
+    kw["shown_format"] = driver
+    return url, "raw", kw
 
 
 def _backing_depth(key):

@@ -8,7 +8,7 @@ import re
 import time
 
 from ..engine.backing import JSON_PREFIX, identity, probe_format, resolve_backing_path
-from ..errors import CorruptImageError, Qcow2Error
+from ..errors import CorruptImageError, InvalidArgumentError, Qcow2Error
 from ..host.null import NullImage
 from ..host.remote import is_url
 from ..host.remote import join as remote_join
@@ -71,6 +71,12 @@ def opts_name(spec, img):
     "strong" option of the format is given (here: encrypt.key-secret), which
     only a json: name can say (qemu's bdrv_refresh_filename, its key order)."""
     opts = dict(split_options(spec))
+    opts.pop("force-share", None)
+    for prefix in ("", "file."):        # an ssh node names itself (host/remote_ssh.py)
+        if opts.get(prefix + "driver") == "ssh" and "encrypt.key-secret" not in opts:
+            from ..host.remote_ssh import node_name
+            return node_name({k[len(prefix):]: v for k, v in opts.items()
+                              if k.startswith(prefix)})
     if "encrypt.key-secret" not in opts:
         return img.path
     return "json:" + json.dumps({"encrypt.key-secret": opts["encrypt.key-secret"],
@@ -140,9 +146,12 @@ def image_info(img, name, base=None):
                          for k, v in data.items()), []))
     info["format-specific"] = {"type": "qcow2", "data": data}
     if h.backing_file:
-        if base is not False:           # (False: no directory, an image on a quorum node)
-            info["full-backing-filename"] = full_backing_filename(base or name,
-                                                                  h.backing_file)
+        try:                            # (base False: no directory: a quorum node)
+            if base is not False:
+                info["full-backing-filename"] = full_backing_filename(base or name,
+                                                                      h.backing_file)
+        except InvalidArgumentError:    # (none either: an ssh:// name with host_key_check)
+            pass
         info["backing-filename"] = h.backing_file
     if enc is not None:
         info["encrypted"] = True

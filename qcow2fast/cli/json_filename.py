@@ -34,8 +34,8 @@ from ..host.raw import RawImage
 from ..host.remote import is_url
 from ..host.window import RawWindow
 from ..spec.header import QCOW_MAGIC
-from .common import (IMAGE_OPTS, file_path, image_option, json_name, open_error, protocol_node,
-                     qdict_first)
+from .common import (IMAGE_OPTS, file_path, flatten, image_option, json_name, open_error,
+                     protocol_node, qdict_first)
 from .options import UsageError, parse_size
 from .refresh import driver_of, refreshed_name
 
@@ -49,10 +49,11 @@ def shown_name(name, img):
     a plain image shows as its file's name, a ``file:`` name without it."""
     if name.startswith(FILE_PROTOCOL):
         return file_path(name)
-    if is_url(name) and name.lower().startswith("nbd"):   # refreshed as qemu does
+    if is_url(name) and name.lower().startswith(("nbd", "ssh:")):   # refreshed as qemu does
+        from ..host.remote_ssh import parse_url
         from ..nbd.client import canonical
         try:
-            return canonical(name)
+            return canonical(name) if name.lower().startswith("nbd") else parse_url(name).name
         except Qcow2Error:
             return name
     return img.path if is_json(name) and getattr(img, "path", None) else name
@@ -92,9 +93,14 @@ def _open(node, writable, extra):
         return RawImage(path, writable=writable, remote=remote)
     if driver == "nbd":                 # an NBD export (nbd/client.py)
         from ..nbd.client import uri_of
-        uri, context = uri_of(dict(flat_items(node)))
+        uri, context = uri_of(dict(flatten(node)))
         image = RawImage(uri, writable=writable, remote={"nbd_context": context})
         image.format = "nbd"            # (what qemu-img info calls the node)
+        return image
+    if driver == "ssh":                 # a file over SFTP (host/remote_ssh.py)
+        from ..host.remote_ssh import url_of
+        image = RawImage(url_of(dict(flatten(node))), writable=writable, remote={})
+        image.format = "ssh"
         return image
     if driver in NULL_DRIVERS:
         _only(node, NULL_OPTIONS, f"Block protocol '{driver}' doesn't support the option")
@@ -129,7 +135,8 @@ def _file_path(node):
     """(path, remote options) of a protocol node: a file, or a URL."""
     if isinstance(node, str):
         raise InvalidArgumentError(f"Cannot find device='{node}' nor node-name='{node}'")
-    if not isinstance(node, dict) or ("filename" not in node and "url" not in node):
+    if not isinstance(node, dict) or ("filename" not in node and "url" not in node
+                                      and node.get("driver") != "ssh"):
         raise InvalidArgumentError("A block device must be specified for \"file\"")
     if node.get("driver", "file") == "file":
         _only(node, ("driver", "filename"), "Block protocol 'file' doesn't support the option")

@@ -21,7 +21,7 @@ Options given as nested objects are flattened as qemu flattens them
 """
 
 from ..host import null
-from .common import json_name
+from .common import flatten, json_name
 
 # drv->strong_runtime_opts (a trailing "." matches every key under it)
 STRONG = {
@@ -31,9 +31,10 @@ STRONG = {
     "raw": ("offset", "size"),
     "qcow2": ("encrypt.key-secret",),
     "quorum": ("vote-threshold", "rewrite-corrupted", "read-pattern"),
+    "ssh": ("host", "port", "path", "user", "host_key_check", "server."),
 }
 CHILDREN = {"qcow2": ("file", "data-file"), "raw": ("file",), "blkdebug": ("image",)}
-PROTOCOLS = ("file", "http", "https", "nbd", "null-co", "null-aio", "blkdebug")
+PROTOCOLS = ("file", "http", "https", "nbd", "ssh", "null-co", "null-aio", "blkdebug")
 GLOBAL = ("driver", "filename")         # copied into the full options, never strong
 
 
@@ -93,7 +94,7 @@ def _refresh(node, driver=None):
     for key in GLOBAL:
         if key in node or key == "driver":
             full[key] = node.get(key, driver)
-    flat = [(k, v) for k, v in _flatten({k: v for k, v in node.items()
+    flat = [(k, v) for k, v in flatten({k: v for k, v in node.items()
                                          if k not in children and k not in GLOBAL})]
     for key, value in flat:
         if any(key == s or (s.endswith(".") and key.startswith(s))
@@ -112,7 +113,13 @@ def _exact(node, driver, full, strong, children):
     if driver == "nbd":
         from ..nbd.client import canonical, uri_of
         try:
-            return canonical(uri_of(dict(_flatten(node)))[0])
+            return canonical(uri_of(dict(flatten(node)))[0])
+        except Exception:               # (an unusable node: the open says why)
+            return ""
+    if driver == "ssh":
+        from ..host.remote_ssh import node_name
+        try:
+            return node_name(dict(flatten(node)))
         except Exception:               # (an unusable node: the open says why)
             return ""
     if driver in null.DRIVERS:
@@ -132,14 +139,3 @@ def _exact(node, driver, full, strong, children):
 def driver_of(child):
     """A child node's driver (a bare name is a file node)."""
     return child.get("driver", "file") if isinstance(child, dict) else "file"
-
-
-def _flatten(value, prefix=""):
-    """(dotted key, value) as qemu's qdict_flatten makes them (lists by index)."""
-    items = value.items() if isinstance(value, dict) else \
-        enumerate(value) if isinstance(value, list) else None
-    if items is None:
-        yield prefix[:-1], value
-        return
-    for key, item in items:
-        yield from _flatten(item, f"{prefix}{key}.")

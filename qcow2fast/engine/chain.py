@@ -29,7 +29,7 @@ import threading
 from .._ext.chain import ChainCore
 from .._ext.core import ImageCore
 from .._ext.resolved import ResolvedMap
-from ..errors import (CorruptImageError, ImageClosedError, ImageLockedError,
+from ..errors import (CorruptImageError, ImageClosedError, ImageLockedError, InvalidArgumentError,
                       LimitExceededError, Qcow2Error,
                       UnsupportedFeatureError)
 from ..extent import Extent, merge_extents
@@ -278,7 +278,11 @@ def _fd_error(top, n):
 
 def _resolve_name(img, k):
     name = img.header.backing_file
-    path = resolve_backing_path(img.path, name)
+    try:
+        path = resolve_backing_path(img.path, name)
+    except InvalidArgumentError as e:   # (no directory: an ssh:// name with host_key_check)
+        e.opening, e.qemu = img.path, str(e)
+        raise
     if ":" in name.split("/")[0] and not os.path.exists(path) and not is_url(path):
         raise UnsupportedFeatureError(f"backing file {name!r} of {img.path!r} (layer {k}): "
                                       "protocols are not supported", feature="backing protocol")

@@ -1,7 +1,8 @@
 """Remote images through fsspec: ``https://``, ``s3://``, any fsspec URL,
-or an fsspec file object already open, read-only; and NBD exports
-(``nbd://``, ``nbd+unix://``: nbd/client.py), which may also be opened
-for writing (host/remote_nbd.py).
+or an fsspec file object already open, read-only; files on SSH servers by
+qemu's ssh driver's names (``ssh://``: host/remote_ssh.py), read-only; and
+NBD exports (``nbd://``, ``nbd+unix://``: nbd/client.py), which may also be
+opened for writing (host/remote_nbd.py).
 
 A remote image is a :class:`~qcow2fast._ext.hookfile.HookFile` (a File
 whose reads call Python) over a :class:`BlockCache`, so the engine reads it
@@ -138,6 +139,8 @@ def join(base, name):
     if is_url(name):
         return name
     m = _URL.match(base)
+    if m.group(1).lower() == "ssh" and "?" in base:
+        raise InvalidArgumentError("Cannot generate a base directory with host_key_check set")
     rest = base[m.end():]
     host, _, path = rest.partition("/")
     if name.startswith("/"):
@@ -209,6 +212,9 @@ def _url_source(url, opts, expect=None):
     if protocol.startswith("nbd"):
         from .remote_nbd import nbd_source
         return nbd_source(url, opts)
+    if protocol == "ssh":               # qemu's ssh driver (sftp:// stays fsspec's)
+        from .remote_ssh import ssh_source
+        return ssh_source(url, opts)
     so = dict(opts.storage_options or {})
     if protocol in ("http", "https") and opts.http == "builtin" and set(so) <= {"headers"}:
         return _http_source(url, opts, so.get("headers"), expect)

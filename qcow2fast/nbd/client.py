@@ -25,6 +25,7 @@ import threading
 import urllib.parse
 
 from ..errors import InvalidArgumentError
+from ..host.sockets import connect
 from . import protocol as P
 from .channel import RECV_BUFFER, Channel, Disconnected
 
@@ -132,15 +133,7 @@ class NbdClient:
         self._waiters = 0                        # threads waiting on _cond
         self._broken = None                      # the error that lost the connection
         self._cookie = 0
-        try:
-            self._sock = socket.create_connection(address, timeout) \
-                if family != socket.AF_UNIX else _unix(address, timeout)
-        except socket.gaierror as e:
-            raise NbdError(e.errno, f"address resolution failed for {_shown(address)}: "
-                                    f"{e.strerror}") from None
-        except OSError as e:
-            raise NbdError(e.errno, f"Failed to connect to '{_shown(address)}': "
-                                    f"{e.strerror}") from None
+        self._sock = connect(address, timeout, NbdError)
         # Replies are received through a buffer (one recv per burst: a
         # chunk's header and offset and the start of its data together).
         self._chan = Channel(self._sock)
@@ -478,21 +471,6 @@ class _Pending:
     def __init__(self, cookie, command, read, size):
         self.cookie, self.command, self.read, self.size = cookie, command, read, size
         self.chunks, self.error, self.done = [], None, False
-
-
-def _shown(address):
-    return address if isinstance(address, str) else f"{address[0]}:{address[1]}"
-
-
-def _unix(path, timeout):
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.settimeout(timeout)
-    try:
-        s.connect(path)
-    except BaseException:
-        s.close()
-        raise
-    return s
 
 
 def _string32(s):

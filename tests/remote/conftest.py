@@ -46,3 +46,16 @@ def s3():
         yield client, options, endpoint
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="module")
+def sshd(tmp_path_factory):
+    """An OpenSSH server on localhost (tests/helpers/sshd_util.py): files
+    in ``sshd.root`` are at ``sshd.url(NAME)``; clients authenticate in
+    ``sshd.env``."""
+    from tests.helpers.qemu_util import require
+    from tests.helpers.sshd_util import HAVE_SSHD, SshServer
+    require(HAVE_SSHD, "sshd/ssh-agent not installed (Debian packages openssh-server, "
+                       "openssh-client)")
+    with SshServer(tmp_path_factory.mktemp("ssh")) as server:
+        yield server

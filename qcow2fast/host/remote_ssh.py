@@ -1,0 +1,299 @@
+"""``ssh://`` images, as qemu's ssh driver (block/ssh.c) reads them: a
+file on an SSH server, read over SFTP (paramiko) as a source of the block
+cache (host/remote.py); read-only.
+
+Names, as qemu parses them: ``ssh://[USER@]HOST[:PORT]/PATH`` with an
+optional ``?host_key_check=no|yes|md5:HEX|sha1:HEX|sha256:HEX`` (port 22,
+the local user, known_hosts); as a node (``json:``, ``--image-opts``):
+``{"driver": "ssh", "server": {"host": H, "port": P}, "path": F,
+"user": U, "host-key-check": {"mode": "none"|"hash"|"known_hosts",
+"type": "md5"|"sha1"|"sha256", "hash": HEX}}`` or the legacy ``host``,
+``port`` and ``host_key_check``; :func:`url_of` turns a node into the name.
+
+Connecting, in qemu's order and with its messages: the TCP connection
+(host/sockets.py), the SSH handshake, the server's host key checked before
+anything is sent to it (in ``~/.ssh/known_hosts`` or
+``/etc/ssh/ssh_known_hosts`` by default, against a fingerprint, or not at
+all), authentication ("none", then public keys: the ssh-agent's, then
+``~/.ssh/id_ed25519``, ``id_ecdsa``, ``id_rsa`` that need no passphrase),
+then SFTP.  paramiko is part of the extra ``remote``.
+"""
+
+import errno
+import hashlib
+import os
+import pwd
+import threading
+import urllib.parse
+from dataclasses import dataclass, replace
+
+from ..errors import InvalidArgumentError, UnsupportedFeatureError
+from .sockets import connect
+
+DEFAULT_PORT = 22
+HASH_TYPES = {"md5": hashlib.md5, "sha1": hashlib.sha1, "sha256": hashlib.sha256}
+CHECK_MODES = ("none", "hash", "known_hosts")
+KNOWN_HOSTS = ("~/.ssh/known_hosts", "/etc/ssh/ssh_known_hosts")
+IDENTITIES = ("~/.ssh/id_ed25519", "~/.ssh/id_ecdsa", "~/.ssh/id_rsa")
+# The node's keys (flattened), qemu's BlockdevOptionsSsh and the legacy three.
+NODE_OPTIONS = ("driver", "server.host", "server.port", "path", "user",
+                "host-key-check.mode", "host-key-check.type", "host-key-check.hash",
+                "host", "port", "host_key_check")
+
+
+class SshError(OSError):
+    """The server could not be reached, did not prove who it is, refused
+    us, or failed a request (the message is qemu's; the caller names the
+    image)."""
+
+    def __str__(self):
+        return self.strerror
+
+
+@dataclass(frozen=True)
+class Target:
+    user: str
+    host: str
+    port: int
+    path: str
+    check: str          # the host_key_check value: "yes" (known_hosts), "no", "TYPE:HEX"
+
+    @property
+    def name(self):
+        """The name qemu shows for the node (``ssh_refresh_filename``)."""
+        tail = "" if self.check == "yes" else f"?host_key_check={self.check}"
+        return f"ssh://{self.user}@{self.host}:{self.port}{self.path}{tail}"
+
+
+def _local_user():
+    return pwd.getpwuid(os.getuid()).pw_name
+
+
+def _check_setting(value):
+    """A host_key_check value checked as qemu checks it."""
+    kind, _, digest = value.partition(":")
+    if value in ("no", "yes") or (kind in HASH_TYPES and digest):
+        return value
+    raise InvalidArgumentError(f"unknown host_key_check setting ({value})")
+
+
+def parse_url(url):
+    """The :class:`Target` of an ``ssh://`` name (qemu's ``parse_uri``)."""
+    u = urllib.parse.urlsplit(url)
+    try:
+        port = u.port
+    except ValueError:
+        port = -1
+    if u.scheme.lower() != "ssh":
+        raise InvalidArgumentError("URI scheme must be 'ssh'")
+    if not u.hostname:
+        raise InvalidArgumentError("missing hostname in URI")
+    if not u.path:
+        raise InvalidArgumentError("missing remote path in URI")
+    if port == -1:                      # qemu's URI parser gives up: no server at all
+        raise InvalidArgumentError("Parameter 'server' is missing")
+    check = "yes"
+    for key, value in urllib.parse.parse_qsl(u.query, keep_blank_values=True):
+        if key == "host_key_check":     # (the others are ignored, as qemu does)
+            check = _check_setting(value)
+    return Target(urllib.parse.unquote(u.username) if u.username else _local_user(),
+                  u.hostname, DEFAULT_PORT if port is None else port, urllib.parse.unquote(u.path), check)
+
+
+def url_of(options):
+    """The ``ssh://`` name of an ssh node's options (flattened keys, values
+    as given), checked in qemu's order with its messages."""
+    get = {k: v for k, v in options.items() if k != "driver"}.get
+    host, port, legacy_check = get("host"), get("port"), get("host_key_check")
+    if port is not None:                # a legacy option: QEMU_OPT_NUMBER
+        try:
+            port = str(int(str(port), 0))
+        except ValueError:
+            raise InvalidArgumentError("Parameter 'port' expects a number") from None
+        if host is None:
+            raise InvalidArgumentError("port may not be used without host")
+    if host is not None:
+        options = {**options, "server.host": host, "server.port": port or str(DEFAULT_PORT)}
+        get = options.get
+    check = "yes" if legacy_check is None else _check_setting(str(legacy_check))
+    if get("server.host") is None and get("server.port") is None:
+        raise InvalidArgumentError("Parameter 'server' is missing")
+    for key in ("server.host", "server.port", "path"):
+        if get(key) is None:
+            raise InvalidArgumentError(f"Parameter '{key}' is missing")
+    mode = get("host-key-check.mode")
+    if mode is not None:
+        if mode not in CHECK_MODES:
+            raise InvalidArgumentError(f"Parameter 'host-key-check.mode' does not accept "
+                                       f"value '{mode}'")
+        check = {"none": "no", "known_hosts": "yes"}.get(mode)
+        if mode == "hash":
+            kind, digest = get("host-key-check.type"), get("host-key-check.hash")
+            if kind is None:
+                raise InvalidArgumentError("Parameter 'host-key-check.type' is missing")
+            if kind not in HASH_TYPES:
+                raise InvalidArgumentError(f"Parameter 'host-key-check.type' does not "
+                                           f"accept value '{kind}'")
+            if digest is None:
+                raise InvalidArgumentError("Parameter 'host-key-check.hash' is missing")
+            check = f"{kind}:{digest}"
+    for key in options:
+        if key not in NODE_OPTIONS:
+            raise InvalidArgumentError(f"Parameter '{key}' is unexpected")
+    port = str(get("server.port"))
+    if not port.isdigit():
+        raise InvalidArgumentError("Use only numeric port value")
+    user = get("user")
+    user = urllib.parse.quote(str(user), safe="") + "@" if user is not None else ""
+    host = str(get("server.host"))
+    host = f"[{host}]" if ":" in host else host
+    tail = "" if check == "yes" else "?host_key_check=" + urllib.parse.quote(check, safe=":")
+    return f"ssh://{user}{host}:{int(port)}{urllib.parse.quote(str(get('path')))}{tail}"
+
+
+def node_name(options):
+    """The name qemu shows for an ssh node (``ssh_refresh_filename``): the
+    host key check is in it only when given the legacy way (a URL's query
+    or ``host_key_check``), not as ``host-key-check``."""
+    t = parse_url(url_of(options))
+    return t.name if "host_key_check" in options else replace(t, check="yes").name
+
+
+def _paramiko():
+    try:
+        import paramiko
+    except ImportError:
+        from .remote import EXTRA
+        raise UnsupportedFeatureError(f"ssh:// images need paramiko: {EXTRA}",
+                                      feature="remote") from None
+    return paramiko
+
+
+class SftpFile:
+    """One SSH connection and the remote file opened on it, read-only."""
+
+    def __init__(self, url, timeout):
+        self.target = t = parse_url(url)
+        paramiko = _paramiko()
+        sock = connect((t.host, t.port), timeout, SshError)
+        self._transport = paramiko.Transport(sock)
+        self._lock = threading.Lock()           # one read on the SFTP channel at a time
+        try:
+            self._transport.banner_timeout = self._transport.auth_timeout = timeout
+            try:
+                self._transport.start_client(timeout=timeout)
+            except (paramiko.SSHException, OSError) as e:
+                raise SshError(errno.EINVAL, f"failed to establish SSH session: {e}") from None
+            self._check_host_key(paramiko)
+            self._authenticate(paramiko)
+            try:
+                self._sftp = paramiko.SFTPClient.from_transport(self._transport)
+            except (paramiko.SSHException, OSError) as e:
+                raise SshError(errno.EINVAL, f"failed to initialize sftp handle: {e}") from None
+            try:
+                self._file = self._sftp.open(t.path, "rb")
+                self.size = self._file.stat().st_size
+            except OSError as e:
+                raise SshError(e.errno or errno.EIO, f"failed to open remote file "
+                               f"'{t.path}': {_sftp_error(e)}") from None
+        except BaseException:
+            self._transport.close()
+            raise
+
+    def _check_host_key(self, paramiko):
+        key, t = self._transport.get_remote_server_key(), self.target
+        if t.check == "no":
+            return
+        if t.check != "yes":
+            kind, _, want = t.check.partition(":")
+            have = HASH_TYPES[kind](key.asbytes()).hexdigest()
+            if want.replace(":", "").lower() != have:
+                raise SshError(errno.EPERM, f"remote host {key.get_name()} key fingerprint "
+                                            f"'{kind}:{have}' does not match host_key_check "
+                                            f"'{kind}:{want}'")
+            return
+        files = [os.path.expanduser(p) for p in KNOWN_HOSTS]
+        known = paramiko.HostKeys()
+        found = False
+        for path in files:
+            if os.path.exists(path):
+                found = True
+                known.load(path)
+        if not found:
+            raise SshError(errno.ENOENT, "known_hosts file not found")
+        name = t.host if t.port == DEFAULT_PORT else f"[{t.host}]:{t.port}"
+        keys = known.lookup(name)
+        if not keys:
+            raise SshError(errno.EINVAL, "no host key was found in known_hosts")
+        if key.get_name() not in keys:
+            raise SshError(errno.EINVAL, "host key for this server not found, another type "
+                                         "exists")
+        if keys[key.get_name()] != key:
+            fp = key.fingerprint        # "SHA256:..."
+            raise SshError(errno.EINVAL, f"host key ({key.get_name()} key with fingerprint "
+                                         f"{fp}) does not match the one in known_hosts; "
+                                         "this may be a possible attack")
+
+    def _authenticate(self, paramiko):
+        user, tr = self.target.user, self._transport
+        try:
+            tr.auth_none(user)
+            return
+        except paramiko.BadAuthenticationType as e:
+            allowed = e.allowed_types
+        except paramiko.AuthenticationException:
+            allowed = ["publickey"]
+        if "publickey" in allowed:
+            for key in self._identities(paramiko):
+                try:
+                    tr.auth_publickey(user, key)
+                except paramiko.AuthenticationException:
+                    continue
+                if tr.is_authenticated():
+                    return
+        raise SshError(errno.EPERM, "failed to authenticate using publickey authentication "
+                                    "and the identities held by your ssh-agent")
+
+    @staticmethod
+    def _identities(paramiko):
+        """The agent's keys, then the default key files that need no passphrase."""
+        try:
+            yield from paramiko.Agent().get_keys()
+        except paramiko.SSHException:
+            pass
+        for path in IDENTITIES:
+            path = os.path.expanduser(path)
+            if os.path.exists(path):
+                try:
+                    yield paramiko.PKey.from_path(path)
+                except (paramiko.SSHException, OSError, ValueError):
+                    continue            # a passphrase, or a key type paramiko lacks
+
+    def fetch(self, start, end):
+        """The bytes ``[start, end)`` (SFTP reads pipelined by paramiko)."""
+        with self._lock:
+            try:
+                return b"".join(self._file.readv([(start, end - start)]))
+            except (OSError, EOFError) as e:
+                raise SshError(getattr(e, "errno", None) or errno.EIO,
+                               f"read failed: {e}") from None
+
+    def close(self):
+        try:
+            self._file.close()
+        except (OSError, EOFError):
+            pass                        # (the connection is gone already)
+        self._transport.close()
+
+
+def _sftp_error(e):
+    """An SFTP status as qemu words it (libssh's codes: SSH_FX_*)."""
+    code = {errno.ENOENT: 2, errno.EACCES: 3}.get(e.errno, 4)
+    return f"SFTP server: {e.strerror or e} (libssh error code: 1, sftp error code: {code})"
+
+
+def ssh_source(url, opts):
+    """An ``ssh://`` file read through the block cache: one connection."""
+    from .remote import _Source
+    f = SftpFile(url, opts.timeout)
+    return _Source(f.target.name, f.size, f.fetch, f.close, lambda: ssh_source(url, opts))

@@ -1,0 +1,190 @@
+"""ssh:// images (host/remote_ssh.py) against a real OpenSSH server, with
+qemu's ssh driver as the oracle: the same names, the same output, the same
+bytes, the same refusals."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+import qcow2fast
+from qcow2fast.errors import Qcow2Error
+from qcow2fast.host import remote_ssh
+from tests.helpers.qemu_util import QEMU_IMG, qemu_io, require_qemu
+
+pytestmark = pytest.mark.qemu
+
+
+def _tool(tool, sshd, *args, env=None):
+    cmd = [QEMU_IMG] if tool == "qemu-img" else [sys.executable, "-m", "qcow2fast"]
+    p = subprocess.run(cmd + [str(a) for a in args], env=env or sshd.env, capture_output=True,
+                       text=True, timeout=120)
+    return p.returncode, p.stdout, p.stderr.replace(f"{tool}: ", "PROG: ")
+
+
+def _both(sshd, *args, env=None):
+    """(qemu-img's, qcow2fast's) (status, stdout, stderr), program names blanked."""
+    require_qemu()
+    return _tool("qemu-img", sshd, *args, env=env), _tool("qcow2fast", sshd, *args, env=env)
+
+
+@pytest.fixture(scope="module")
+def images(sshd):
+    """base.qcow2 (data, zeros, a compressed cluster), top.qcow2 over it
+    (backing named relatively), and a raw file, on the server."""
+    require_qemu()
+    base, top = sshd.root / "base.qcow2", sshd.root / "top.qcow2"
+    subprocess.run([QEMU_IMG, "create", "-q", "-f", "qcow2", base, "16M"], check=True)
+    qemu_io(base, "write -P 0x5a 64k 1M", "write -z 2M 192k", "write -c -P 0x33 4M 64k",
+            "write -P 0x11 7340000 5000")
+    subprocess.run([QEMU_IMG, "create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2",
+                    top], check=True)
+    qemu_io(top, "write -P 0x77 1M 128k")
+    subprocess.run([QEMU_IMG, "convert", "-O", "raw", base, sshd.root / "disk.raw"], check=True)
+    return base, top
+
+
+@pytest.mark.parametrize("output", ["human", "json"])
+@pytest.mark.parametrize("name", ["base.qcow2", "disk.raw", "top.qcow2"])
+def test_info_as_qemu(sshd, images, name, output):
+    qemu, ours = _both(sshd, "info", f"--output={output}", sshd.url(name))
+    assert qemu[0] == 0, qemu
+    assert ours == qemu
+    if name == "top.qcow2" and output == "human":     # (host_key_check: no directory)
+        assert "backing file: base.qcow2 (cannot determine actual path)" in ours[1]
+
+
+def test_convert_equals_qemu_and_local(sshd, images, tmp_path):
+    base, _ = images
+    for tool, out in (("qemu-img", tmp_path / "q.raw"), ("qcow2fast", tmp_path / "o.raw")):
+        status, _, err = _tool(tool, sshd, "convert", "-O", "raw", sshd.url("base.qcow2"), out)
+        assert status == 0, err
+    local = tmp_path / "local.raw"
+    subprocess.run([QEMU_IMG, "convert", "-O", "raw", base, local], check=True)
+    assert (tmp_path / "o.raw").read_bytes() == (tmp_path / "q.raw").read_bytes() \
+        == local.read_bytes()
+
+
+def test_api_reads_bit_exact(sshd, images, monkeypatch):
+    base, _ = images
+    monkeypatch.setenv("SSH_AUTH_SOCK", sshd.env["SSH_AUTH_SOCK"])
+    with qcow2fast.open(sshd.url("base.qcow2")) as remote, qcow2fast.open(base) as local:
+        assert remote.size == local.size
+        for off, n in ((0, remote.size), (7340000 - 3, 5006), (4 << 20, 65536)):
+            assert remote.read(off, n) == local.read(off, n)
+        assert list(remote.block_status(0, remote.size)) == \
+            list(local.block_status(0, local.size))
+
+
+def test_relative_backing_through_known_hosts(sshd, images, tmp_path):
+    """Without host_key_check the image has a directory: its backing file
+    is found beside it; the server's key is checked against known_hosts."""
+    home = tmp_path / "home"
+    (home / ".ssh").mkdir(parents=True)
+    (home / ".ssh" / "known_hosts").write_text(sshd.host_key_line)
+    env = {**sshd.env, "HOME": str(home)}
+    status, _, err = _tool("qcow2fast", sshd, "convert", "-O", "raw", sshd.url("top.qcow2", "yes"),
+                           tmp_path / "o.raw", env=env)
+    assert status == 0, err
+    subprocess.run([QEMU_IMG, "convert", "-O", "raw", images[1], tmp_path / "local.raw"],
+                   check=True)
+    assert (tmp_path / "o.raw").read_bytes() == (tmp_path / "local.raw").read_bytes()
+    status, out, _ = _tool("qcow2fast", sshd, "info", sshd.url("top.qcow2", "yes"), env=env)
+    assert f"(actual path: ssh://{sshd.user}@127.0.0.1:{sshd.port}{sshd.root}/base.qcow2)" in out
+
+
+def test_node_names_as_qemu(sshd, images):
+    """json: and --image-opts nodes open and name themselves as qemu's."""
+    path = str(sshd.root / "base.qcow2")
+    node = {"driver": "ssh", "server": {"host": "127.0.0.1", "port": str(sshd.port)},
+            "path": path, "host-key-check": {"mode": "hash", "type": "sha256",
+                                             "hash": sshd.sha256}}
+    legacy = f"host=127.0.0.1,port={sshd.port},path={path},host_key_check=sha256:{sshd.sha256}"
+    for args in (["json:" + json.dumps(node)],
+                 ["json:" + json.dumps({"driver": "qcow2", "file": node})],
+                 ["--image-opts", "driver=ssh," + legacy],
+                 ["--image-opts", "driver=qcow2," + ",".join("file." + kv for kv in
+                                                             ("driver=ssh," + legacy).split(","))]):
+        qemu, ours = _both(sshd, "info", *args)
+        assert qemu[0] == 0, (args, qemu)
+        assert ours == qemu, args
+
+
+@pytest.mark.parametrize("name", [
+    'json:{"driver": "ssh", "host": "localhost", "port": "0", "path": "/foo"}',
+    'json:{"driver": "ssh", "host": "localhost", "port": 0.42, "path": "/foo"}',
+    'json:{"driver": "ssh", "path": "/foo"}',
+    'json:{"driver": "ssh", "server": {"host": "localhost"}, "path": "/foo"}',
+    'json:{"driver": "ssh", "host": "localhost"}',
+    'json:{"driver": "ssh", "port": 22, "path": "/x"}',
+    'json:{"driver": "ssh", "server": {"host": "localhost", "port": "22x"}, "path": "/x"}',
+    'json:{"driver": "ssh", "host": "localhost", "path": "/x", "foo": 1}',
+    'json:{"driver": "ssh", "host": "localhost", "port": 1, "path": "/x", '
+    '"host-key-check": {"mode": "hash"}}',
+    'ssh://localhost:abc/foo', 'ssh://localhost/foo?host_key_check=maybe', 'ssh:///foo',
+    'ssh://localhost', 'ssh://u@localhost:1/x?host_key_check=no&a=b',
+])
+def test_bad_names_refused_as_qemu(sshd, name):
+    qemu, ours = _both(sshd, "info", name)
+    assert qemu[0] == 1 and qemu[2].startswith("PROG: Could not open"), qemu
+    assert ours == qemu
+
+
+def test_server_refusals_as_qemu(sshd, images):
+    """A wrong fingerprint and a missing file: qemu's words."""
+    for url in (sshd.url("base.qcow2", "sha256:00ff"), sshd.url("missing.qcow2"),
+                sshd.url("base.qcow2", "md5:12:34")):
+        qemu, ours = _both(sshd, "info", url)
+        assert qemu[0] == 1, qemu
+        assert ours == qemu
+
+
+def test_known_hosts_and_authentication_errors(sshd, images, tmp_path):
+    home = tmp_path / "home"
+    (home / ".ssh").mkdir(parents=True)
+    env = {**sshd.env, "HOME": str(home)}
+    url = sshd.url("base.qcow2", "yes")
+
+    def error(env):
+        status, _, err = _tool("qcow2fast", sshd, "info", url, env=env)
+        assert status == 1
+        return err.strip().rsplit("': ", 1)[1]
+
+    assert error(env) == "known_hosts file not found"
+    known = home / ".ssh" / "known_hosts"
+    known.write_text(f"[127.0.0.1]:{sshd.port + 1} " + sshd.host_key_line.split(" ", 1)[1])
+    assert error(env) == "no host key was found in known_hosts"
+    other = subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f",
+                            tmp_path / "other"], check=True)
+    assert other.returncode == 0
+    known.write_text(f"[127.0.0.1]:{sshd.port} " + (tmp_path / "other.pub").read_text())
+    assert error(env).startswith("host key (ssh-ed25519 key with fingerprint SHA256:")
+    assert error(env).endswith("does not match the one in known_hosts; this may be a "
+                               "possible attack")
+    known.write_text(sshd.host_key_line)
+    no_agent = {k: v for k, v in env.items() if k != "SSH_AUTH_SOCK"}
+    assert error(no_agent) == ("failed to authenticate using publickey authentication and the "
+                               "identities held by your ssh-agent")
+
+
+def test_read_only(sshd, images, monkeypatch):
+    """qcow2fast reads ssh:// images; it does not write them (qemu does)."""
+    monkeypatch.setenv("SSH_AUTH_SOCK", sshd.env["SSH_AUTH_SOCK"])
+    before = images[0].read_bytes()
+    with pytest.raises(Qcow2Error, match="read-only"):
+        qcow2fast.open(sshd.url("base.qcow2"), "r+")
+    status, _, err = _tool("qcow2fast", sshd, "resize", sshd.url("base.qcow2"), "32M")
+    assert status == 1 and "read-only" in err
+    assert images[0].read_bytes() == before
+
+
+def test_url_of_builds_qemu_names():
+    assert remote_ssh.url_of({"driver": "ssh", "host": "h", "path": "/p"}) == "ssh://h:22/p"
+    assert remote_ssh.url_of({"server.host": "::1", "server.port": "2222", "path": "/a b",
+                              "user": "u", "host-key-check.mode": "none"}) == \
+        "ssh://u@[::1]:2222/a%20b?host_key_check=no"
+    t = remote_ssh.parse_url("ssh://u@[::1]:2222/a%20b?host_key_check=no")
+    assert (t.user, t.host, t.port, t.path, t.check) == ("u", "::1", 2222, "/a b", "no")
+    assert remote_ssh.node_name({"server.host": "h", "server.port": "22", "path": "/p",
+                                 "user": "u", "host-key-check.mode": "none"}) == "ssh://u@h:22/p"
