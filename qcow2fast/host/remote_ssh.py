@@ -100,16 +100,34 @@ def parse_url(url):
                   u.hostname, DEFAULT_PORT if port is None else port, urllib.parse.unquote(u.path), check)
 
 
+def _strtoull(text, base):
+    """C's strtoull over the whole of ``text`` (leading blanks, a sign, and
+    with ``base`` 0 a 0x or 0 prefix), as qemu's qemu_strtou64: the value
+    (a negative one wrapped), or None where qemu fails."""
+    s = text.lstrip(" \t\n\v\f\r")
+    sign = -1 if s[:1] == "-" else 1
+    s = s[1:] if s[:1] in ("-", "+") else s
+    if base == 0:
+        base, s = (16, s[2:]) if s[:2].lower() == "0x" else (8, s[1:]) \
+            if len(s) > 1 and s[0] == "0" else (10, s)
+    try:
+        value = int(s, base) if s and s.isascii() and s.isalnum() else None
+    except ValueError:
+        return None
+    if value is None or value >= 1 << 64:
+        return None
+    return (sign * value) % (1 << 64)
+
+
 def url_of(options):
     """The ``ssh://`` name of an ssh node's options (flattened keys, values
     as given), checked in qemu's order with its messages."""
     get = {k: v for k, v in options.items() if k != "driver"}.get
     host, port, legacy_check = get("host"), get("port"), get("host_key_check")
     if port is not None:                # a legacy option: QEMU_OPT_NUMBER
-        try:
-            port = str(int(str(port), 0))
-        except ValueError:
-            raise InvalidArgumentError("Parameter 'port' expects a number") from None
+        port = str(port)
+        if _strtoull(port, 0) is None:
+            raise InvalidArgumentError("Parameter 'port' expects a number")
         if host is None:
             raise InvalidArgumentError("port may not be used without host")
     if host is not None:
@@ -140,12 +158,25 @@ def url_of(options):
     for key in options:
         if key not in NODE_OPTIONS:
             raise InvalidArgumentError(f"Parameter '{key}' is unexpected")
-    port = str(get("server.port"))
-    if not port.isdigit():
+    # At connect time, qemu: the port read as a number (qemu_strtoui), then
+    # the host and the port *string* resolved (getaddrinfo).
+    host, port = str(get("server.host")), str(get("server.port"))
+    value = _strtoull(port, 10)
+    if value is None or 0xFFFFFFFF < value < (1 << 64) - 0xFFFFFFFF:
         raise InvalidArgumentError("Use only numeric port value")
+    digits = port.lstrip(" \t\n\v\f\r")
+    if not digits.isdigit():            # (signed: not a numeric service)
+        raise InvalidArgumentError(f"address resolution failed for {host}:{port}: "
+                                   "Servname not supported for ai_socktype")
+    port = str(int(digits))
+    if not host:
+        raise InvalidArgumentError(f"address resolution failed for :{port}: "
+                                   "Name or service not known")
+    if int(port) > 0xFFFF:              # (qemu connects to the port's low 16 bits)
+        raise InvalidArgumentError(f"Failed to connect to '{host}:{port}': the port is "
+                                   "not in 0..65535")
     user = get("user")
     user = urllib.parse.quote(str(user), safe="") + "@" if user is not None else ""
-    host = str(get("server.host"))
     host = f"[{host}]" if ":" in host else host
     tail = "" if check == "yes" else "?host_key_check=" + urllib.parse.quote(check, safe=":")
     return f"ssh://{user}{host}:{int(port)}{urllib.parse.quote(str(get('path')))}{tail}"

@@ -62,10 +62,14 @@ def parse_uri(uri):
         if u.netloc or list(query) != ["socket"] or len(query["socket"]) != 1:
             raise InvalidArgumentError(BAD_URI)         # (it takes one ?socket=PATH)
         return socket.AF_UNIX, query["socket"][0], export
+    try:
+        port = u.port
+    except ValueError:                                  # (not a number, or past 65535)
+        raise InvalidArgumentError(BAD_URI) from None
     if query or not u.hostname:
         raise InvalidArgumentError(BAD_URI)             # (a host, and no query)
     return socket.AF_INET6 if ":" in u.hostname else socket.AF_INET, \
-        (u.hostname, u.port or DEFAULT_PORT), export
+        (u.hostname, port or DEFAULT_PORT), export
 
 
 # qemu's nbd driver options (block/nbd.c), flattened; the legacy host/port/path too.
@@ -96,6 +100,9 @@ def uri_of(options):
         if not port.isdigit():
             raise InvalidArgumentError(f"address resolution failed for {host}:{port}: "
                                        "Servname not supported for ai_socktype")
+        if int(port) > 0xFFFF:          # (qemu connects to the port's low 16 bits)
+            raise InvalidArgumentError(f"Failed to connect to '{host}:{port}': the port is "
+                                       "not in 0..65535")
         return _uri(socket.AF_INET, (host, port), export), get("x-dirty-bitmap")
     raise InvalidArgumentError(f"Parameter 'server.type' does not accept value '{kind}'")
 

@@ -12,7 +12,8 @@ import os
 from qcow2fast.cli.json_filename import flat_items
 from qcow2fast.host.blkdebug import EVENTS, IOTYPES
 
-DRIVERS = ("qcow2", "raw", "file", "blkdebug", "null-co", "null-aio", "nbd", "quorum", "bogus")
+DRIVERS = ("qcow2", "raw", "file", "blkdebug", "null-co", "null-aio", "nbd", "ssh", "quorum",
+           "bogus")
 KEYS = {
     "qcow2": ("file", "backing", "data-file", "l2-cache-size", "cache-size",
               "refcount-cache-size", "lazy-refcounts", "cache-clean-interval"),
@@ -22,6 +23,7 @@ KEYS = {
     "null-co": ("size", "read-zeroes", "latency-ns", "filename"),
     "null-aio": ("size", "read-zeroes"),
     "nbd": ("server", "export", "x-dirty-bitmap"),
+    "ssh": ("server", "path", "user", "host", "port", "host_key_check", "host-key-check"),
     "quorum": ("children", "vote-threshold", "read-pattern", "rewrite-corrupted", "blkverify"),
     "bogus": ("anything",),
 }
@@ -50,9 +52,19 @@ def _value(rng, key, depth, files):
                 for _ in range(rng.randrange(4))]
     if key == "read-pattern":
         return rng.choice(("quorum", "fifo", "x", 1))
+    if key == "host":                   # (no name to resolve: nothing waits on DNS)
+        return rng.choice(("127.0.0.1", "", "::1", 1))
+    if key == "port":
+        return rng.choice(("0", 0, 0.42, "x", -1, "0x0", " 0", 1 << 70, "99999"))
+    if key == "host_key_check":
+        return rng.choice(("no", "yes", "md5:00", "sha256:", "maybe", 1))
+    if key == "host-key-check":
+        return {"mode": rng.choice(("none", "hash", "known_hosts", "x")),
+                "type": rng.choice(("md5", "sha1", "sha256", "x")), "hash": "00"}
     if key == "server":
         return {"type": rng.choice(("unix", "inet", "vsock")),
-                "path": "/nonexistent.sock", "host": "", "port": rng.choice(("0", 0.5, "x"))}
+                "path": "/nonexistent.sock", "host": rng.choice(("", "127.0.0.1")),
+                "port": rng.choice(("0", 0.5, "x", "99999"))}
     return rng.choice(VALUES)
 
 

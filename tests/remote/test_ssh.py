@@ -124,6 +124,14 @@ def test_node_names_as_qemu(sshd, images):
     '"host-key-check": {"mode": "hash"}}',
     'ssh://localhost:abc/foo', 'ssh://localhost/foo?host_key_check=maybe', 'ssh:///foo',
     'ssh://localhost', 'ssh://u@localhost:1/x?host_key_check=no&a=b',
+    # ports and hosts as qemu reads them: a number (base 0) for the legacy
+    # port, then decimal for server.port, then a numeric service to resolve
+    'json:{"driver": "ssh", "host": "127.0.0.1", "port": 1180591620717411303424, "path": "/x"}',
+    'json:{"driver": "ssh", "host": "127.0.0.1", "port": -1, "path": "/x"}',
+    'json:{"driver": "ssh", "host": "127.0.0.1", "port": "0x0", "path": "/x"}',
+    'json:{"driver": "ssh", "host": "127.0.0.1", "port": "-4294967296", "path": "/x"}',
+    'json:{"driver": "ssh", "host": "", "path": "/x"}',
+    'nbd://127.0.0.1:99999/', 'ssh://127.0.0.1:99999/x',
 ])
 def test_bad_names_refused_as_qemu(sshd, name):
     qemu, ours = _both(sshd, "info", name)
@@ -188,3 +196,17 @@ def test_url_of_builds_qemu_names():
     assert (t.user, t.host, t.port, t.path, t.check) == ("u", "::1", 2222, "/a b", "no")
     assert remote_ssh.node_name({"server.host": "h", "server.port": "22", "path": "/p",
                                  "user": "u", "host-key-check.mode": "none"}) == "ssh://u@h:22/p"
+
+
+@pytest.mark.parametrize("driver", ["ssh", "nbd"])
+def test_port_past_65535_is_refused(sshd, driver):
+    """qemu connects to such a port's low 16 bits; qcow2fast says what is wrong."""
+    node = {"driver": driver, "server": {"host": "127.0.0.1", "port": "99999"}}
+    if driver == "ssh":
+        node["path"] = "/x"
+    else:
+        node["server"]["type"] = "inet"
+    status, out, err = _tool("qcow2fast", sshd, "info", "json:" + json.dumps(node))
+    assert (status, out) == (1, "")
+    assert err.endswith("Failed to connect to '127.0.0.1:99999': the port is not in "
+                        "0..65535\n"), err
