@@ -23,6 +23,7 @@ import errno
 import hashlib
 import os
 import pwd
+import socket
 import threading
 import urllib.parse
 from dataclasses import dataclass, replace
@@ -31,6 +32,7 @@ from ..errors import InvalidArgumentError, UnsupportedFeatureError
 from .sockets import connect
 
 DEFAULT_PORT = 22
+READ_SIZE = 32768                   # one SFTP read (paramiko's, and what servers all take)
 HASH_TYPES = {"md5": hashlib.md5, "sha1": hashlib.sha1, "sha256": hashlib.sha256}
 CHECK_MODES = ("none", "hash", "known_hosts")
 KNOWN_HOSTS = ("~/.ssh/known_hosts", "/etc/ssh/ssh_known_hosts")
@@ -205,10 +207,20 @@ class SftpFile:
 
     def __init__(self, url, timeout):
         self.target = t = parse_url(url)
-        paramiko = _paramiko()
+        self._paramiko = paramiko = _paramiko()
         sock = connect((t.host, t.port), timeout, SshError)
+        # As qemu: no Nagle (each request waited 40 ms for a delayed ACK).
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._transport = paramiko.Transport(sock)
-        self._lock = threading.Lock()           # one read on the SFTP channel at a time
+        # AES-GCM first (paramiko prefers AES-CTR with a separate HMAC):
+        # reading over localhost, 60 -> 74 MB/s; paramiko's Python packet
+        # loop is the limit either way.
+        security = self._transport.get_security_options()
+        security.ciphers = sorted(security.ciphers, key=lambda c: "-gcm@" not in c)
+        self._timeout = timeout
+        self._local = threading.local()         # this thread's (SFTP session, handle)
+        self._sessions = []                     # every thread's, closed with the file
+        self._lock = threading.Lock()           # guards _sessions
         try:
             self._transport.banner_timeout = self._transport.auth_timeout = timeout
             try:
@@ -217,16 +229,7 @@ class SftpFile:
                 raise SshError(errno.EINVAL, f"failed to establish SSH session: {e}") from None
             self._check_host_key(paramiko)
             self._authenticate(paramiko)
-            try:
-                self._sftp = paramiko.SFTPClient.from_transport(self._transport)
-            except (paramiko.SSHException, OSError) as e:
-                raise SshError(errno.EINVAL, f"failed to initialize sftp handle: {e}") from None
-            try:
-                self._file = self._sftp.open(t.path, "rb")
-                self.size = self._file.stat().st_size
-            except OSError as e:
-                raise SshError(e.errno or errno.EIO, f"failed to open remote file "
-                               f"'{t.path}': {_sftp_error(e)}") from None
+            self.size = self._handle().stat().st_size
         except BaseException:
             self._transport.close()
             raise
@@ -300,21 +303,58 @@ class SftpFile:
                 except (paramiko.SSHException, OSError, ValueError):
                     continue            # a passphrase, or a key type paramiko lacks
 
-    def fetch(self, start, end):
-        """The bytes ``[start, end)`` (SFTP reads pipelined by paramiko)."""
+    def _handle(self):
+        """This thread's handle on the file, on an SFTP session of its own
+        (a channel of the one connection): each session carries one
+        thread's requests, so no reply is ever read by another thread."""
+        handle = getattr(self._local, "handle", None)
+        if handle is not None:
+            return handle
+        paramiko = self._paramiko
+        try:
+            sftp = paramiko.SFTPClient.from_transport(self._transport)
+        except (paramiko.SSHException, OSError) as e:
+            raise SshError(errno.EINVAL, f"failed to initialize sftp handle: {e}") from None
         with self._lock:
-            try:
-                return b"".join(self._file.readv([(start, end - start)]))
-            except (OSError, EOFError) as e:
-                raise SshError(getattr(e, "errno", None) or errno.EIO,
-                               f"read failed: {e}") from None
+            self._sessions.append(sftp)
+        # A lost reply is an error after the timeout, not a wait forever.
+        sftp.get_channel().settimeout(self._timeout)
+        try:
+            handle = self._local.handle = sftp.open(self.target.path, "rb", bufsize=0)
+        except OSError as e:
+            raise SshError(e.errno or errno.EIO, f"failed to open remote file "
+                           f"'{self.target.path}': {_sftp_error(e)}") from None
+        return handle
+
+    def fetch_into(self, start, buf):
+        """Fill ``buf`` with the bytes at ``start``, read 32 KiB at a time on
+        this thread's handle.  (The block cache's threads each have one
+        request in flight, as qemu's coroutines do.  paramiko's pipelined
+        ``readv`` is not used: on one handle it now and then waited forever
+        for a reply that had come; the plain reads are faster too.)"""
+        view, pos = memoryview(buf).cast("B"), 0
+        try:
+            f = self._handle()
+            f.seek(start)
+            while pos < len(view):
+                piece = f.read(min(len(view) - pos, READ_SIZE))
+                if not piece:
+                    raise EOFError(f"{len(view) - pos} bytes short")
+                view[pos:pos + len(piece)] = piece
+                pos += len(piece)
+        except (OSError, EOFError, self._paramiko.SSHException) as e:
+            raise SshError(getattr(e, "errno", None) or errno.EIO,
+                           f"read failed at offset {start + pos}: "
+                           f"{e or type(e).__name__}") from None
+
+    def fetch(self, start, end):
+        """The bytes ``[start, end)``."""
+        out = bytearray(end - start)
+        self.fetch_into(start, out)
+        return bytes(out)
 
     def close(self):
-        try:
-            self._file.close()
-        except (OSError, EOFError):
-            pass                        # (the connection is gone already)
-        self._transport.close()
+        self._transport.close()         # (its channels, every session, with it)
 
 
 def _sftp_error(e):
@@ -327,4 +367,5 @@ def ssh_source(url, opts):
     """An ``ssh://`` file read through the block cache: one connection."""
     from .remote import _Source
     f = SftpFile(url, opts.timeout)
-    return _Source(f.target.name, f.size, f.fetch, f.close, lambda: ssh_source(url, opts))
+    return _Source(f.target.name, f.size, f.fetch, f.close, lambda: ssh_source(url, opts),
+                   f.fetch_into)
