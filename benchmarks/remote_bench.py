@@ -1,9 +1,11 @@
 """qcow2fast convert of a remote image versus qemu-img convert (its curl
 driver) of the same ``http://`` URL, served by a local Range server; or,
 with ``--protocol nbd``, of the same NBD export (``qemu-nbd -r -t -f qcow2``
-of the image: the guest's bytes, read as raw through each tool's NBD client).
+of the image: the guest's bytes, read as raw through each tool's NBD client);
+or, with ``--protocol ssh``, of the same ``ssh://`` file (a local OpenSSH
+server, tests/helpers/sshd_util.py; qemu's ssh driver against ours).
 
-    python -m benchmarks.remote_bench [--quick] [--runs N] [--protocol http|nbd]
+    python -m benchmarks.remote_bench [--quick] [--runs N] [--protocol http|nbd|ssh]
                                       [--json OUT] [--tmpdir DIR]
 
 The source is a qcow2 image made by qemu-img from random data with holes
@@ -103,6 +105,34 @@ class NbdServer(Server):
         return {"range": 0, "bytes": 0, "HEAD": 0}
 
 
+class SshServer(Server):
+    """sshd serving the image's directory over SFTP; both tools authenticate
+    through its ssh-agent (SSH_AUTH_SOCK, set for this process's children).
+    Its CPU is not counted (sshd forks a process per connection)."""
+
+    def __init__(self, image):
+        import pathlib
+        import tempfile
+        from tests.helpers.sshd_util import SshServer as Sshd
+        self.dir = tempfile.mkdtemp(dir=os.path.dirname(image))
+        self.sshd = Sshd(pathlib.Path(self.dir)).__enter__()
+        os.symlink(image, self.sshd.root / os.path.basename(image))
+        os.environ["SSH_AUTH_SOCK"] = self.sshd.env["SSH_AUTH_SOCK"]
+
+    def source(self, image):
+        return self.sshd.url(os.path.basename(image)), "qcow2"
+
+    def stats(self):
+        return {"range": 0, "bytes": 0, "HEAD": 0}
+
+    def cpu(self):
+        return 0.0
+
+    def close(self):
+        self.sshd.__exit__()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
 def one_run(cmd, out, server):
     if os.path.exists(out):
         os.unlink(out)
@@ -131,7 +161,7 @@ def main(argv=None):
     p.add_argument("--json", dest="json_out")
     p.add_argument("--tmpdir")
     p.add_argument("--source", help="a qcow2 image to serve instead of a new one")
-    p.add_argument("--protocol", choices=("http", "nbd"), default="http")
+    p.add_argument("--protocol", choices=("http", "nbd", "ssh"), default="http")
     a = p.parse_args(argv)
     size = SIZES["quick" if a.quick else "full"]
     tmpdir, _ = choose_tmpdir(a.tmpdir, 3 * size + GiB, prefix="qcow2fast-remote-bench-")
@@ -149,7 +179,8 @@ def _bench(a, tmpdir, size):
                                          capture_output=True, check=True).stdout)["virtual-size"]
     else:
         src = build_source(tmpdir, size)
-    server = Server(tmpdir) if a.protocol == "http" else NbdServer(src)
+    server = {"http": Server, "nbd": NbdServer, "ssh": SshServer}[a.protocol](
+        tmpdir if a.protocol == "http" else src)
     url, fmt = server.source(src)
     out = os.path.join(tmpdir, "remote-out.raw")
     tools = {

@@ -41,7 +41,7 @@ def run(args):
         print(f"{prog()}: This image format does not support checks", file=sys.stderr)
         return 63
     if args.repair and is_url(path):
-        print(f"{prog()}: {path}: remote images are read-only: check -r cannot repair them",
+        print(f"{prog()}: {path}: check -r does not repair remote images",
               file=sys.stderr)
         return 1
     try:

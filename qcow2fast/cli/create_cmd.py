@@ -101,6 +101,9 @@ def run(args):
         return 0
     if not args.filename:
         raise UsageError("create: expecting a filename")
+    if args.filename.lower().startswith("ssh:"):
+        raise UsageError(f"{args.filename}: creating an image over ssh is not supported "
+                         "(qemu-img can); create it locally and copy it there")
     # the file to make: a "file:" name (the protocol, named) is the path after it
     path = file_path(args.filename)
     size = opts.pop("size", None)

@@ -18,8 +18,8 @@ keeps its metadata where it is.
 
 import array
 
-from .._ext.fileio import File
 from .._ext.kernels import refcount_encode
+from ..host.file import open_image_file
 from ..spec import header as hdr
 from ..spec.constants import BE64, L1E_SIZE
 from ..spec.geometry import Geometry
@@ -29,7 +29,7 @@ from ..spec.geometry import Geometry
 def make_empty(path, cache_mode="writeback"):
     """Unallocate every guest cluster of the (closed) qcow2 image at
     ``path``; it then reads as its backing file."""
-    f = File(path, writable=True)
+    f = open_image_file(path, "qcow2", writable=True, locking=False)   # (a URL: host/remote)
     try:
         if _reset(f, sync=cache_mode != "unsafe"):
             return

@@ -135,8 +135,11 @@ def take_over(fd, fmt):
     opened (with ``locking=False``) by a process that already keeps other
     writers out through another descriptor of the file -- commit's base,
     which the chain above it holds read-only -- as qemu reopens that node
-    read-write.  Other readers are then refused, as under qemu's commit."""
-    apply(fd, *permissions(fmt, True))
+    read-write.  Other readers are then refused, as under qemu's commit.
+    A remote file (hookfile.NO_FD: no descriptor) has no locks to take."""
+    from .._ext.hookfile import NO_FD
+    if fd != NO_FD:
+        apply(fd, *permissions(fmt, True))
 
 
 def check_create(path):

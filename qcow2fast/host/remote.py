@@ -169,10 +169,14 @@ def open_file(obj, writable=False, options=None):
     name = name_of(obj)
     opts = RemoteOptions.of(options)
     if writable:
-        if not (isinstance(obj, str) and _URL.match(obj).group(1).lower().startswith("nbd")):
+        protocol = _URL.match(obj).group(1).lower() if isinstance(obj, str) else None
+        if protocol == "ssh":
+            from .remote_ssh import SshIO
+            return hook_file(SshIO(obj, opts), writable=True)
+        if protocol is None or not protocol.startswith("nbd"):
             raise InvalidArgumentError(f"{name}: remote images are read-only, but for NBD "
-                                       "exports (open them with mode 'r'; to write, create "
-                                       "a local image over it)")
+                                       "exports and ssh:// files (open them with mode 'r'; "
+                                       "to write, create a local image over it)")
         from .remote_nbd import NbdIO
         return hook_file(NbdIO(obj, opts), writable=True)
     source = _url_source(obj, opts) if isinstance(obj, str) else _object_source(obj, name)

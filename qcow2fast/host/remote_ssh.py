@@ -1,6 +1,8 @@
-"""``ssh://`` images, as qemu's ssh driver (block/ssh.c) reads them: a
-file on an SSH server, read over SFTP (paramiko) as a source of the block
-cache (host/remote.py); read-only.
+"""``ssh://`` images, as qemu's ssh driver (block/ssh.c) opens them: a
+file on an SSH server over SFTP (paramiko).  Read-only, it is a source of
+the block cache (host/remote.py); opened for writing, :class:`SshIO` reads
+and writes it straight through (the engine's table caches are above it),
+growing it as qcow2 allocates, a flush being the server's fsync.
 
 Names, as qemu parses them: ``ssh://[USER@]HOST[:PORT]/PATH`` with an
 optional ``?host_key_check=no|yes|md5:HEX|sha1:HEX|sha256:HEX`` (port 22,
@@ -205,8 +207,9 @@ def _paramiko():
 class SftpFile:
     """One SSH connection and the remote file opened on it, read-only."""
 
-    def __init__(self, url, timeout):
+    def __init__(self, url, timeout, writable=False):
         self.target = t = parse_url(url)
+        self.writable = writable
         self._paramiko = paramiko = _paramiko()
         sock = connect((t.host, t.port), timeout, SshError)
         # As qemu: no Nagle (each request waited 40 ms for a delayed ACK).
@@ -320,7 +323,9 @@ class SftpFile:
         # A lost reply is an error after the timeout, not a wait forever.
         sftp.get_channel().settimeout(self._timeout)
         try:
-            handle = self._local.handle = sftp.open(self.target.path, "rb", bufsize=0)
+            handle = self._local.handle = sftp.open(self.target.path,
+                                                    "r+b" if self.writable else "rb",
+                                                    bufsize=0)
         except OSError as e:
             raise SshError(e.errno or errno.EIO, f"failed to open remote file "
                            f"'{self.target.path}': {_sftp_error(e)}") from None
@@ -347,6 +352,41 @@ class SftpFile:
                            f"read failed at offset {start + pos}: "
                            f"{e or type(e).__name__}") from None
 
+    def _call(self, what, off, fn):
+        try:
+            return fn(self._handle())
+        except (OSError, EOFError, self._paramiko.SSHException) as e:
+            raise SshError(getattr(e, "errno", None) or errno.EIO,
+                           f"{what} failed at offset {off}: {e or type(e).__name__}") from None
+
+    def write(self, buf, off):
+        """Write all of ``buf`` at ``off``; returns once the server has
+        acknowledged every piece (paramiko waits for each: not pipelined)."""
+        def write(f):
+            f.seek(off)
+            f.write(bytes(buf))
+        self._call("write", off, write)
+        self.size = max(self.size, off + len(buf))
+
+    def truncate(self, size):
+        self._call("truncate", size, lambda f: f.truncate(size))
+        self.size = size
+
+    def fsync(self):
+        """The server's fsync of the file (OpenSSH's fsync@openssh.com,
+        which paramiko has no call for: its request sent as such)."""
+        from paramiko.sftp import CMD_EXTENDED, CMD_STATUS
+
+        def fsync(f):
+            t, _ = f.sftp._request(CMD_EXTENDED, "fsync@openssh.com", f.handle)
+            if t != CMD_STATUS:
+                raise OSError(errno.EIO, "the server's reply to fsync is not a status")
+        try:
+            self._call("fsync", 0, fsync)
+        except SshError as e:
+            raise SshError(errno.ENOTSUP, f"flush failed: the server cannot fsync the file "
+                                          f"(fsync@openssh.com): {e}") from None
+
     def fetch(self, start, end):
         """The bytes ``[start, end)``."""
         out = bytearray(end - start)
@@ -361,6 +401,47 @@ def _sftp_error(e):
     """An SFTP status as qemu words it (libssh's codes: SSH_FX_*)."""
     code = {errno.ENOENT: 2, errno.EACCES: 3}.get(e.errno, 4)
     return f"SFTP server: {e.strerror or e} (libssh error code: 1, sftp error code: {code})"
+
+
+class SshIO:
+    """An ``ssh://`` file opened for writing (hookfile's writable reader):
+    every request straight through the SFTP handle of the calling thread,
+    no cache; writes past the end grow it (``growable``)."""
+
+    growable = True
+
+    def __init__(self, url, opts):
+        self.file = SftpFile(url, opts.timeout, writable=True)
+        self.name = self.file.target.name
+
+    @property
+    def size(self):
+        return self.file.size
+
+    def readinto(self, buf, off):
+        self.file.fetch_into(off, buf)
+
+    def pwrite(self, buf, off):
+        self.file.write(buf, off)
+
+    def write_zeroes(self, off, n):
+        zeros = memoryview(bytes(min(n, 1 << 20)))
+        while n > 0:
+            k = min(n, len(zeros))
+            self.pwrite(zeros[:k], off)
+            off, n = off + k, n - k
+
+    def truncate(self, size):
+        self.file.truncate(size)
+
+    def flush(self):
+        self.file.fsync()
+
+    def drop_cache(self):
+        pass
+
+    def close(self):
+        self.file.close()
 
 
 def ssh_source(url, opts):

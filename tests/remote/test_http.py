@@ -265,7 +265,7 @@ def test_cli_takes_urls(http, tmp_path):
     p = _cli("compare", url, path)
     assert p.returncode == 0 and "Images are identical" in p.stdout, p.stderr
     p = _cli("check", "-r", "all", url)
-    assert p.returncode == 1 and "remote images are read-only" in p.stderr
+    assert p.returncode == 1 and "check -r does not repair remote images" in p.stderr
 
 
 def test_missing_extra_names_it(http):

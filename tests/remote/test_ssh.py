@@ -176,14 +176,83 @@ def test_known_hosts_and_authentication_errors(sshd, images, tmp_path):
                                "identities held by your ssh-agent")
 
 
-def test_read_only(sshd, images, monkeypatch):
-    """qcow2fast reads ssh:// images; it does not write them (qemu does)."""
+def test_writes_as_qemu(sshd, monkeypatch):
+    """resize, snapshot -c and a guest write through ssh:// by each tool,
+    on two copies of one image: the results compare equal and check clean."""
+    require_qemu()
+    for name in ("q.qcow2", "o.qcow2"):
+        subprocess.run([QEMU_IMG, "create", "-q", "-f", "qcow2", sshd.root / name, "8M"],
+                       check=True)
+        qemu_io(sshd.root / name, "write -P 0x11 0 1M")
+    for tool, name in (("qemu-img", "q.qcow2"), ("qcow2fast", "o.qcow2")):
+        for args in (["resize", sshd.url(name), "24M"], ["snapshot", "-c", "s1", sshd.url(name)]):
+            status, _, err = _tool(tool, sshd, *args)
+            assert status == 0, (tool, args, err)
+    subprocess.run(["qemu-io", "-c", "write -P 0x77 20M 1M", sshd.url("q.qcow2")],
+                   env=sshd.env, check=True, capture_output=True)
+    monkeypatch.setenv("SSH_AUTH_SOCK", sshd.env["SSH_AUTH_SOCK"])
+    with qcow2fast.open(sshd.url("o.qcow2"), "r+") as img:
+        img.write(20 << 20, b"\x77" * (1 << 20))
+        img.flush()
+    q, o = sshd.root / "q.qcow2", sshd.root / "o.qcow2"
+    subprocess.run([QEMU_IMG, "compare", "-f", "qcow2", "-F", "qcow2", q, o], check=True,
+                   capture_output=True)
+    subprocess.run([QEMU_IMG, "check", o], check=True, capture_output=True)
+    info = [json.loads(subprocess.run([QEMU_IMG, "info", "--output=json", p], check=True,
+                                      capture_output=True).stdout) for p in (q, o)]
+    assert [i["virtual-size"] for i in info] == [24 << 20] * 2
+    assert [[s["name"] for s in i["snapshots"]] for i in info] == [["s1"]] * 2
+
+
+def test_commit_as_qemu(sshd, tmp_path):
+    """commit of an ssh:// top into its ssh:// backing file (found beside
+    it: known_hosts mode) leaves both as qemu-img commit leaves local copies."""
+    require_qemu()
+    base, top = sshd.root / "cbase.qcow2", sshd.root / "ctop.qcow2"
+    subprocess.run([QEMU_IMG, "create", "-q", "-f", "qcow2", base, "8M"], check=True)
+    qemu_io(base, "write -P 0x11 0 2M")
+    subprocess.run([QEMU_IMG, "create", "-q", "-f", "qcow2", "-b", "cbase.qcow2", "-F", "qcow2",
+                    top], check=True)
+    qemu_io(top, "write -P 0x22 1M 2M", "write -z 5M 64k")
+    local = tmp_path / "local"
+    local.mkdir()
+    for p in (base, top):
+        (local / p.name).write_bytes(p.read_bytes())
+    subprocess.run([QEMU_IMG, "commit", local / "ctop.qcow2"], check=True, capture_output=True)
+    home = tmp_path / "home"
+    (home / ".ssh").mkdir(parents=True)
+    (home / ".ssh" / "known_hosts").write_text(sshd.host_key_line)
+    status, out, err = _tool("qcow2fast", sshd, "commit", sshd.url("ctop.qcow2", "yes"),
+                             env={**sshd.env, "HOME": str(home)})
+    assert (status, out) == (0, "Image committed.\n"), err
+    for name in ("cbase.qcow2", "ctop.qcow2"):
+        subprocess.run([QEMU_IMG, "check", sshd.root / name], check=True, capture_output=True)
+        maps = [subprocess.run([QEMU_IMG, "map", "--output=json", "-f", "qcow2", d / name],
+                               check=True, capture_output=True).stdout for d in (sshd.root, local)]
+        assert maps[0] == maps[1], name
+    subprocess.run([QEMU_IMG, "compare", base, local / "cbase.qcow2"], check=True,
+                   capture_output=True)
+
+
+def test_new_images_over_ssh_are_refused(sshd, images, tmp_path):
+    """Creating an image on the server (qemu-img can) is refused before
+    anything is made, locally or there."""
+    for args in (["create", "-f", "qcow2", sshd.url("new.qcow2"), "8M"],
+                 ["convert", "-O", "qcow2", images[0], sshd.url("new.qcow2")]):
+        status, out, err = _tool("qcow2fast", sshd, *args)
+        assert status == 1 and "over ssh is not supported" in err or \
+            "into an ssh:// image is not supported" in err, err
+        assert not (sshd.root / "new.qcow2").exists()
+    status, _, err = _tool("qcow2fast", sshd, "check", "-r", "all", sshd.url("base.qcow2"))
+    assert status == 1 and "check -r does not repair remote images" in err
+
+
+def test_opened_read_only_refuses_writes(sshd, images, monkeypatch):
     monkeypatch.setenv("SSH_AUTH_SOCK", sshd.env["SSH_AUTH_SOCK"])
     before = images[0].read_bytes()
-    with pytest.raises(Qcow2Error, match="read-only"):
-        qcow2fast.open(sshd.url("base.qcow2"), "r+")
-    status, _, err = _tool("qcow2fast", sshd, "resize", sshd.url("base.qcow2"), "32M")
-    assert status == 1 and "read-only" in err
+    with qcow2fast.open(sshd.url("base.qcow2")) as img:
+        with pytest.raises((Qcow2Error, OSError)):
+            img.write(0, b"x" * 512)
     assert images[0].read_bytes() == before
 
 
