@@ -49,8 +49,8 @@ import time
 from dataclasses import dataclass, fields
 
 from ..errors import InvalidArgumentError, UnsupportedFeatureError
+from .remote_source import EXTRA, Source
 
-EXTRA = "pip install qcow2fast[remote]"
 _URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 
 
@@ -192,25 +192,6 @@ def read_head(obj, n, options=None):
         f.close()
 
 
-class _Source:
-    """What the cache fetches from: ``fetch(start, end)`` returns those
-    bytes, or (when given) ``fetch_into(start, buf)`` fills ``buf`` with the
-    bytes at ``start``; ``reopen()`` the same object again (in a forked
-    child, whose event loop and connections are not the parent's), or None."""
-
-    def __init__(self, name, size, fetch, close=None, reopen=None, fetch_into=None,
-                 block_status=None):
-        """``block_status(offset, length)``: [(length, NBD_STATE flags)] of
-        the object from ``offset`` (an NBD export's), or None."""
-        self.name, self.size, self.fetch, self._close = name, size, fetch, close
-        self.reopen, self.fetch_into = reopen, fetch_into
-        self.block_status = block_status
-
-    def close(self):
-        if self._close is not None:
-            self._close()
-
-
 def _url_source(url, opts, expect=None):
     protocol = _URL.match(url).group(1).lower()
     if protocol.startswith("nbd"):
@@ -253,8 +234,8 @@ def _url_source(url, opts, expect=None):
         f.close()
         raise RemoteReadError(url, 0, 0, "the object changed since it was opened",
                               errno.ESTALE)
-    return _Source(url, size, f._fetch_range, f.close,
-                   lambda: _url_source(url, opts, (size, etag)))
+    return Source(url, size, f._fetch_range, f.close,
+                  lambda: _url_source(url, opts, (size, etag)))
 
 
 def _http_source(url, opts, headers, expect):
@@ -262,9 +243,9 @@ def _http_source(url, opts, headers, expect):
     from .http import HttpObject
     obj = _retrying(url, 0, 0, opts, lambda: HttpObject(url, opts.timeout, headers, expect),
                     "metadata request")
-    return _Source(url, obj.size, None, obj.close,
-                   lambda: _http_source(url, opts, headers, (obj.size, obj.etag)),
-                   obj.fetch_into)
+    return Source(url, obj.size, None, obj.close,
+                  lambda: _http_source(url, opts, headers, (obj.size, obj.etag)),
+                  obj.fetch_into)
 
 
 def _object_source(f, name):
@@ -272,14 +253,14 @@ def _object_source(f, name):
     if size is None or callable(size):
         size = f.seek(0, 2)
     if hasattr(f, "_fetch_range"):      # every fsspec buffered file
-        return _Source(name, size, f._fetch_range)
+        return Source(name, size, f._fetch_range)
     lock = threading.Lock()
 
     def fetch(start, end):
         with lock:
             f.seek(start)
             return f.read(end - start)
-    return _Source(name, size, fetch)
+    return Source(name, size, fetch)
 
 
 # -- errors and retries -------------------------------------------------------------------
@@ -398,7 +379,7 @@ class BlockCache:
         def refuse(start, end):
             raise InvalidArgumentError("an open file object cannot be read after fork "
                                        "(open the image by its URL)")
-        self.source = _Source(self.name, self.size, refuse)
+        self.source = Source(self.name, self.size, refuse)
 
     # -- the reader interface (HookFile) -----------------------------------------------
 

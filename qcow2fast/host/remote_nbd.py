@@ -6,7 +6,7 @@ command (qemu-nbd without --persistent serves one)."""
 import contextlib
 import errno
 
-from .remote import _Source
+from .remote_source import Source
 
 
 # Inside a command (one_connection_per_export): an NBD connection whose image
@@ -55,8 +55,8 @@ def nbd_source(url, opts):
     """An NBD export read through the block cache: one connection per
     source (the cache's parallel requests are in flight on it together)."""
     client, release = _nbd_client(url, opts)
-    return _Source(url, client.size, client.pread, release, lambda: nbd_source(url, opts),
-                   client.readinto, client.block_status)
+    return Source(url, client.size, client.pread, release, lambda: nbd_source(url, opts),
+                  client.readinto, client.block_status)
 
 
 class NbdIO:
@@ -72,7 +72,7 @@ class NbdIO:
             raise OSError(errno.EROFS, "the export is read-only", url)
         self.size = self.client.size
         c = self.client
-        self.source = _Source(url, c.size, c.pread, None, None, c.readinto, c.block_status)
+        self.source = Source(url, c.size, c.pread, None, None, c.readinto, c.block_status)
 
     def readinto(self, buf, off):
         self.client.readinto(off, buf)

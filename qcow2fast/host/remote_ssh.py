@@ -31,6 +31,7 @@ import urllib.parse
 from dataclasses import dataclass, replace
 
 from ..errors import InvalidArgumentError, UnsupportedFeatureError
+from .remote_source import EXTRA, Source
 from .sockets import connect
 
 DEFAULT_PORT = 22
@@ -198,7 +199,6 @@ def _paramiko():
     try:
         import paramiko
     except ImportError:
-        from .remote import EXTRA
         raise UnsupportedFeatureError(f"ssh:// images need paramiko: {EXTRA}",
                                       feature="remote") from None
     return paramiko
@@ -446,7 +446,6 @@ class SshIO:
 
 def ssh_source(url, opts):
     """An ``ssh://`` file read through the block cache: one connection."""
-    from .remote import _Source
     f = SftpFile(url, opts.timeout)
-    return _Source(f.target.name, f.size, f.fetch, f.close, lambda: ssh_source(url, opts),
-                   f.fetch_into)
+    return Source(f.target.name, f.size, f.fetch, f.close, lambda: ssh_source(url, opts),
+                  f.fetch_into)
