@@ -223,7 +223,7 @@ class SftpFile:
         self._timeout = timeout
         self._local = threading.local()         # this thread's (SFTP session, handle)
         self._sessions = []                     # every thread's, closed with the file
-        self._lock = threading.Lock()           # guards _sessions
+        self._lock = threading.Lock()           # guards _sessions and size
         try:
             self._transport.banner_timeout = self._transport.auth_timeout = timeout
             try:
@@ -366,11 +366,13 @@ class SftpFile:
             f.seek(off)
             f.write(bytes(buf))
         self._call("write", off, write)
-        self.size = max(self.size, off + len(buf))
+        with self._lock:    # (the engine grows the file before writing past its end)
+            self.size = max(self.size, off + len(buf))
 
     def truncate(self, size):
         self._call("truncate", size, lambda f: f.truncate(size))
-        self.size = size
+        with self._lock:
+            self.size = size
 
     def fsync(self):
         """The server's fsync of the file (OpenSSH's fsync@openssh.com,
@@ -419,7 +421,13 @@ class SshIO:
         return self.file.size
 
     def readinto(self, buf, off):
-        self.file.fetch_into(off, buf)
+        """All of ``buf`` from ``off``; past the end of the file, zeros (as a
+        local file's short read is completed)."""
+        view = memoryview(buf).cast("B")
+        n = max(0, min(len(view), self.file.size - off))
+        if n:
+            self.file.fetch_into(off, view[:n])
+        view[n:] = bytes(len(view) - n)
 
     def pwrite(self, buf, off):
         self.file.write(buf, off)
