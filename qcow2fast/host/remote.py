@@ -49,7 +49,7 @@ import time
 from dataclasses import dataclass, fields
 
 from ..errors import InvalidArgumentError, UnsupportedFeatureError
-from .remote_source import EXTRA, Source
+from .remote_source import EXTRA, Source, optional
 
 _URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 
@@ -152,15 +152,6 @@ def join(base, name):
 
 # -- opening ---------------------------------------------------------------------------
 
-def _fsspec():
-    try:
-        import fsspec
-    except ImportError:
-        raise UnsupportedFeatureError(f"remote images need fsspec: {EXTRA}",
-                                      feature="remote") from None
-    return fsspec
-
-
 def open_file(obj, writable=False, options=None):
     """A File (``_ext/hookfile.pyx``) over the remote image ``obj`` (a URL
     or an open fsspec file): read-only through the block cache, or -- an NBD
@@ -203,7 +194,7 @@ def _url_source(url, opts, expect=None):
     so = dict(opts.storage_options or {})
     if protocol in ("http", "https") and opts.http == "builtin" and set(so) <= {"headers"}:
         return _http_source(url, opts, so.get("headers"), expect)
-    fsspec = _fsspec()
+    fsspec = optional("fsspec", "remote images")
     try:
         if protocol in ("http", "https") and "client_kwargs" not in so:
             import aiohttp

@@ -3,7 +3,21 @@
 host/remote.py, NBD exports in host/remote_nbd.py, ssh:// files in
 host/remote_ssh.py -- which import it from here, not from remote.py."""
 
+import importlib
+
+from ..errors import UnsupportedFeatureError
+
 EXTRA = "pip install qcow2fast[remote]"     # what a missing optional library asks for
+
+
+def optional(module, what):
+    """The optional library ``module`` of the extra, or a clear error that
+    ``what`` needs it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise UnsupportedFeatureError(f"{what} need {module}: {EXTRA}",
+                                      feature="remote") from None
 
 
 class Source:

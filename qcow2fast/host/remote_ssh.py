@@ -30,8 +30,8 @@ import threading
 import urllib.parse
 from dataclasses import dataclass, replace
 
-from ..errors import InvalidArgumentError, UnsupportedFeatureError
-from .remote_source import EXTRA, Source
+from ..errors import InvalidArgumentError
+from .remote_source import Source, optional
 from .sockets import connect
 
 DEFAULT_PORT = 22
@@ -195,22 +195,13 @@ def node_name(options):
     return t.name if "host_key_check" in options else replace(t, check="yes").name
 
 
-def _paramiko():
-    try:
-        import paramiko
-    except ImportError:
-        raise UnsupportedFeatureError(f"ssh:// images need paramiko: {EXTRA}",
-                                      feature="remote") from None
-    return paramiko
-
-
 class SftpFile:
     """One SSH connection and the remote file opened on it, read-only."""
 
     def __init__(self, url, timeout, writable=False):
         self.target = t = parse_url(url)
         self.writable = writable
-        self._paramiko = paramiko = _paramiko()
+        self._paramiko = paramiko = optional("paramiko", "ssh:// images")
         sock = connect((t.host, t.port), timeout, SshError)
         # As qemu: no Nagle (each request waited 40 ms for a delayed ACK).
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
