@@ -347,6 +347,12 @@ class Clusters:
 
     # -- preallocation -----------------------------------------------------------------
 
+    def has_host_cluster(self, pos):
+        """Whether this layer's entry for guest ``pos`` has a host cluster
+        (data, preallocated or compressed): what preallocate() keeps."""
+        entry = self.mapping.run_at(pos, 1, self.state.host_limit)[3]
+        return bool(entry & (L2E_OFFSET_MASK | QCOW_OFLAG_COMPRESSED))
+
     def preallocate(self, mode, start=0, end=None):
         """Map every guest cluster of [start, end) (``start`` cluster
         aligned; default: the whole disk) that has no host cluster to one

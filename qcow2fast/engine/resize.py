@@ -126,15 +126,28 @@ def _grow(img, size, preallocation):
         finally:
             s.set_size(old)
     if preallocation != "off":
-        # From the first whole cluster past the old end (the partial one, if
-        # any, keeps its mapping and its guest data).
-        start = -(-old // geo.cluster_size) * geo.cluster_size
-        if start < size:
-            clusters.preallocate(preallocation, start, size)
+        # From the old last cluster: the new area starts inside it when it is
+        # partial.  Mapped, it keeps its mapping and data; unmapped, its
+        # head is written first (what the guest sees there: zeros or the
+        # backing file's data) into a cluster of its own, as qemu's
+        # copy-on-write of it does, and the rest is preallocated with it.
+        start = old // geo.cluster_size * geo.cluster_size
+        if start < old and not clusters.has_host_cluster(start):
+            head = memoryview(bytearray(old - start))
+            clusters.read(start, head)
+            clusters.write(start, head)
+        clusters.preallocate(preallocation, start, size)
     # What reads as zeros from the old end on: the whole new area over a
     # backing file that would show through, else the rest of the old last
-    # cluster (a shrink left its bytes there, as in qemu).
-    end = size if zero_backing else min(size, -(-old // geo.cluster_size) * geo.cluster_size)
+    # cluster (a shrink left its bytes there, as in qemu).  Clusters
+    # preallocated with falloc/full are zeros of this layer already (qemu
+    # writes no zero flags over them); not so with subclusters (none is
+    # allocated: the backing file shows through) or a data file (its
+    # old bytes).
+    fresh = (preallocation in ("falloc", "full") and not geo.extended_l2
+             and clusters.datafile is None)
+    last = -(-old // geo.cluster_size) * geo.cluster_size
+    end = size if zero_backing and not fresh else min(size, last)
     if end > old:
         # The L2 entries and data change under the new size (the zeroing code
         # works up to the disk's end); the header still says the old one, so

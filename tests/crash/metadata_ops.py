@@ -63,11 +63,11 @@ def _model_delete(m, name):
 
 # -- resize, amend ------------------------------------------------------------------------------
 
-def _resize(img, size):
-    img.resize(size, shrink=True)
+def _resize(img, size, preallocation="off"):
+    img.resize(size, shrink=True, preallocation=preallocation)
 
 
-def _model_resize(m, size):
+def _model_resize(m, size, preallocation="off"):
     m.data = _sized(m.data, size)
 
 
@@ -259,11 +259,13 @@ def snapshot_ops(cfg, rng):
 
 def resize_ops(cfg, rng):
     """Writes, grow by half, writes over the new area, shrink below the
-    start (freeing clusters), writes, grow back."""
+    start (freeing clusters), writes, grow back (from inside a cluster);
+    each grow with a preallocation mode picked at random."""
     ops, size = [], cfg.size
     for new in (cfg.size * 3 // 2, cfg.size // 2 + 3 * 512, cfg.size):
         _io(cfg, rng, ops, cfg.nops // 8, size)
-        ops.append(("resize", new))
+        grow = (rng.choice(["off", "metadata", "falloc", "full"]),) if new > size else ()
+        ops.append(("resize", new, *grow))
         ops.append(("flush",))
         size = new
     _io(cfg, rng, ops, cfg.nops // 8, size)

@@ -261,6 +261,7 @@ CONFIGS = [
     _c("v2-snapshot-ops-4k", setup=with_data, workload=snapshot_ops, cluster_size=4096,
        compat="0.10", nops=20),
     _c("resize-64k", setup=with_data, workload=resize_ops),
+    _c("resize-backing-64k", setup=over_backing, workload=resize_ops),
     _c("resize-4k-snapshot", setup=with_snapshot, workload=resize_ops, cluster_size=4096,
        nops=32),
     _c("lazy-resize-writethrough-4k", setup=with_data, workload=resize_ops, cluster_size=4096,

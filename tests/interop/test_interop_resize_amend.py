@@ -14,7 +14,7 @@ from qcow2fast.cli.options import parse_size
 from qcow2fast.errors import (InvalidArgumentError, Qcow2Error, ReadOnlyImageError,
                               UnsupportedFeatureError)
 from tests.helpers.qemu_util import (file_state, header, patch, qemu_check, qemu_create, qemu_img,
-                                     qemu_info, qemu_io, qemu_raw)
+                                     qemu_info, qemu_io, qemu_map, qemu_raw)
 
 pytestmark = pytest.mark.qemu
 MiB = 1 << 20
@@ -146,6 +146,35 @@ def test_resize_over_longer_backing_file(tmp_path):
             assert file_state(a) == before
         else:
             assert_same(a, b, [])
+
+
+@pytest.mark.parametrize("backed", [False, True])
+@pytest.mark.parametrize("mode", ["metadata", "falloc", "full"])
+def test_preallocated_grow_covers_the_partial_last_cluster(tmp_path, mode, backed):
+    """Growing with preallocation from a size inside a cluster the image
+    does not map: that cluster is preallocated too (its head keeps what the
+    guest saw: zeros or the backing file's data, as qemu's copy-on-write),
+    so the whole new area is this layer's; falloc/full clusters over a
+    backing file are zeros of their own (no zero flags, as qemu).  The map
+    equals qemu-img's (but metadata without a backing file, where qemu
+    writes only the head's blocks: the same data, a different hole)."""
+    base = None
+    if backed:
+        base = qemu_create(tmp_path / "base.qcow2", 4 * MiB)
+        qemu_io(base, "write -P 0xab 0 4M")
+    old = 2048000                   # guest cluster 31 is partial (64 KiB clusters)
+    ours, theirs = tmp_path / "ours.qcow2", tmp_path / "theirs.qcow2"
+    qemu_create(ours, old, backing=base, backing_fmt="qcow2" if backed else None)
+    shutil.copy(ours, theirs)
+    with qcow2fast.open(ours, "r+") as img:
+        img.resize(old + 80 * 1024, preallocation=mode)
+    qemu_img("resize", "-q", f"--preallocation={mode}", theirs, str(old + 80 * 1024))
+    assert_same(ours, theirs, [])
+    assert qemu_raw(ours)[old - 16000:] == (b"\xab" if backed else b"\0") * 16000 + bytes(80 * 1024)
+    mapped = [e for e in qemu_map(ours) if e["start"] + e["length"] > old]
+    assert all(e["present"] and e["depth"] == 0 for e in mapped), mapped
+    if backed or mode != "metadata":
+        assert mapped == [e for e in qemu_map(theirs) if e["start"] + e["length"] > old]
 
 
 @pytest.mark.parametrize("shrunk_by", ["qcow2fast", "qemu"])
