@@ -14,11 +14,12 @@ zeros, with qemu-img's warning for it."""
 
 import os
 
+from ..host import blkdebug
 from ..host.remote import is_url
 from .objects import secrets
 from ..engine.backing import probe_format
 from .common import (add_share_arguments, check_backing_given, encrypt_format_mismatch,
-                     image_spec, named_as, share_options, snapshot_spec)
+                     file_path, image_spec, named_as, share_options, snapshot_spec)
 from .create_cmd import format_error, options_help, qcow2_options
 from .options import UsageError, merge_options, parse_size, warn
 from .progress import ConvertPercent
@@ -101,6 +102,8 @@ def _convert(args, opts, names, dest, sources, source_kw):
     elif args.existing and dest.startswith("json:"):       # an existing target's node (its children)
         from .json_filename import existing_target
         dest, args.out_fmt, source_kw["target_open"] = existing_target(dest, args.out_fmt)
+    else:
+        dest = file_path(dest)          # (a file: name is the file after it)
     if args.out_fmt == "qcow2":
         kw = qcow2_options(opts, "convert", secret_table=secrets(args.objects))
         backing = args.backing or kw.pop("backing_file", None)
@@ -248,7 +251,7 @@ def source_specs(names, args):
         for name in names:
             sources.append(_device(name, args, kw, table) or
                            (_image_opts_source(name, args, kw, table) if args.image_opts
-                            else name))
+                            else file_path(name)))
     except BaseException:
         for src in sources:
             if not isinstance(src, str):
@@ -258,11 +261,12 @@ def source_specs(names, args):
 
 
 def _device(name, args, kw, table):
-    """A source convert reads as an open device: a ``json:`` name, or a null
-    device by name or --image-opts; None for a file or URL."""
+    """A source convert reads as an open device: a ``json:`` or
+    ``blkdebug:`` name, or a null device by name or --image-opts; None for
+    a file or URL."""
     from .common import open_image, open_null
     from .json_filename import is_json
-    if is_json(name) and not args.image_opts:
+    if not args.image_opts and (is_json(name) or blkdebug.is_blkdebug_name(name)):
         return open_image(name, args.fmt, force_share=kw["force_share"], secrets=table)
     return open_null(name, args.fmt, args.image_opts, False)
 

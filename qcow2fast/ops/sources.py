@@ -53,8 +53,11 @@ class Sources:
                 self.images[i].readinto(off, mv[at:at + n])
             except (Qcow2Error, OSError) as e:
                 if self.salvage is None:
-                    raise ConvertError(f"error while reading {self.names[i]!r} at offset "
-                                       f"{off:#x}: {e}") from e
+                    # qemu's line (the request's first byte, the errno's
+                    # words); a malformed image says what and where instead
+                    why = _why(e) if isinstance(e, OSError) and e.errno else \
+                        f"{self.names[i]}: {e}"
+                    raise ConvertError(f"error while reading at byte {offset}: {why}") from e
                 said += self._salvage(self.images[i], off, mv[at:at + n], self.starts[i])
         if self.status_notes:
             end = offset + len(mv)

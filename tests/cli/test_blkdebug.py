@@ -228,3 +228,22 @@ def test_bad_names_are_clear_errors(capsys, tmp_path, written):
     status, _, err = cli(capsys, "info", f'json:{{"driver": "blkdebug", "bogus": 1, '
                                          f'"image": {{"driver": "qcow2", "file": "{a}"}}}}')
     assert status == 1 and "doesn't support the option 'bogus'" in err
+
+
+def test_convert_from_a_blkdebug_name_and_file_names(capsys, tmp_path):
+    """convert takes ``blkdebug:RULES:IMAGE`` sources (a failed read is
+    qemu's line: the request's first byte and the errno's words) and
+    ``file:`` sources and targets, as qemu-img does."""
+    src = str(tmp_path / "src.qcow2")
+    qemu_img("create", "-q", "-f", "qcow2", src, "8M")
+    qemu_io(src, "write -P 1 0 8M")
+    conf = rules_file(tmp_path, '[inject-error]\nevent = "read_aio"\nerrno = "5"\n'
+                                'sector = "6144"\n')
+    for threads in ("1", "8"):
+        want, got = both(capsys, ["convert", "-m", threads, "-O", "raw", f"blkdebug:{conf}:{src}",
+                                  str(tmp_path / "out.raw")])
+        assert got == want and want[0] == 1
+        assert want[2] == "qemu-img: error while reading at byte 2097152: Input/output error\n"
+    qemu_img("convert", "-O", "raw", f"file:{src}", f"file:{tmp_path}/qemu.raw")
+    assert cli(capsys, "convert", "-O", "raw", f"file:{src}", f"file:{tmp_path}/ours.raw")[0] == 0
+    assert (tmp_path / "ours.raw").read_bytes() == (tmp_path / "qemu.raw").read_bytes()

@@ -315,7 +315,8 @@ def _lifecycle(path):
         lambda: on_image(lambda img: img.delete_snapshot("fz")),
         lambda: amend(path, {"compat": "0.10"}, key_secret=LUKS_SECRET),
         lambda: amend(path, {"compat": "1.1", "refcount_bits": 64}, key_secret=LUKS_SECRET),
-        lambda: on_image(lambda img: img.resize(max(512, img.size // 2), shrink=True)),
+        lambda: on_image(lambda img: img.resize(max(512, img.size // 2 + 1536), shrink=True)),
+        lambda: on_image(lambda img: img.resize(img.size + 137 * 512, preallocation="falloc")),
     ]
     for step in steps:
         try:
