@@ -11,6 +11,7 @@ import sys
 from ..engine.snapshot import SnapshotTableError
 from ..errors import Qcow2Error
 from ..engine.untrusted import check_path
+from ..host import blkdebug
 from ..host.lock import Holder
 from ..host.remote import is_url
 from .objects import secrets
@@ -30,6 +31,11 @@ def add_parser(sub):
 
 
 def run(args):
+    if not args.image_opts and blkdebug.is_blkdebug_name(args.filename):
+        # (check reads the file itself, not through the filter's rules)
+        print(f"{prog()}: Could not open '{args.filename}': check does not run through the "
+              "blkdebug filter: check the image itself", file=sys.stderr)
+        return 1
     null = open_null(args.filename, args.fmt, args.image_opts, False)
     if null is not None:
         null.close()

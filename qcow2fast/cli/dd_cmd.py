@@ -6,7 +6,7 @@ One deliberate difference: skipping past the end of the input is an error
 with exit status 1 (qemu-img 7.2 prints the error but exits 0)."""
 
 from ..host import file as hostfile
-from .common import add_share_arguments, open_image, share_options
+from .common import add_share_arguments, file_path, open_image, share_options
 from .options import UsageError, parse_size
 
 CHUNK = 1 << 20
@@ -53,6 +53,7 @@ def run(args):
         if skip * bs > size:
             raise UsageError(f"dd: {src_name}: cannot skip to specified offset")
         size -= skip * bs
+        dst_name = file_path(dst_name)      # (a file: name is the file after it)
         if args.out_fmt == "raw":
             hostfile.create_raw(dst_name, size)
         else:

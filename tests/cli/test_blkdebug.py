@@ -247,3 +247,9 @@ def test_convert_from_a_blkdebug_name_and_file_names(capsys, tmp_path):
     qemu_img("convert", "-O", "raw", f"file:{src}", f"file:{tmp_path}/qemu.raw")
     assert cli(capsys, "convert", "-O", "raw", f"file:{src}", f"file:{tmp_path}/ours.raw")[0] == 0
     assert (tmp_path / "ours.raw").read_bytes() == (tmp_path / "qemu.raw").read_bytes()
+    qemu_img("dd", f"if=file:{src}", f"of=file:{tmp_path}/qemu-dd.raw")
+    assert cli(capsys, "dd", f"if=file:{src}", f"of=file:{tmp_path}/ours-dd.raw")[0] == 0
+    assert (tmp_path / "ours-dd.raw").read_bytes() == (tmp_path / "qemu-dd.raw").read_bytes()
+    # check reads the file itself: refused through the filter, not run without its rules
+    status, _, err = cli(capsys, "check", f"blkdebug:{conf}:{src}")
+    assert status == 1 and "check does not run through the blkdebug filter" in err
