@@ -6,6 +6,7 @@ from ..host import file as hostfile
 from ..engine.backing import blkdebug_image, probe_format, resolve_backing_path
 from ..errors import Qcow2Error
 from ..host.null import is_null_name
+from ..host.remote import is_url
 from ..ops.options import AMEND_ONLY, QCOW2_OPTION_HELP
 from .common import file_path
 from .objects import lookup_secret, secrets
@@ -101,9 +102,6 @@ def run(args):
         return 0
     if not args.filename:
         raise UsageError("create: expecting a filename")
-    if args.filename.lower().startswith("ssh:"):
-        raise UsageError(f"{args.filename}: creating an image over ssh is not supported "
-                         "(qemu-img can); create it locally and copy it there")
     # the file to make: a "file:" name (the protocol, named) is the path after it
     path = file_path(args.filename)
     size = opts.pop("size", None)
@@ -116,15 +114,7 @@ def run(args):
     if args.size is not None:
         size = image_size(args.size)
     if args.fmt in ("raw", "file"):
-        if opts:
-            raise UsageError(f"create: invalid parameter {next(iter(opts))!r} for format "
-                             f"{args.fmt}")
-        if size is None:
-            raise UsageError(f"{args.filename}: Image creation needs a size parameter")
-        if not args.quiet:
-            print(f"Formatting '{args.filename}', fmt={args.fmt} size={size}", flush=True)
-        hostfile.create_raw(path, size)
-        return 0
+        return create_raw_file(args, path, opts, size)
     if args.fmt == "luks":
         return create_luks_volume(args, path, opts, size)
     given = dict(opts)
@@ -143,7 +133,8 @@ def run(args):
         bpath = resolve_backing_path(path, blkdebug_image(backing) or backing)
         if size is None and args.unsafe:
             raise UsageError(f"{args.filename}: Image creation needs a size parameter")
-        if not args.unsafe and not is_null_name(bpath) and not os.path.exists(bpath):
+        if not args.unsafe and not is_null_name(bpath) and not is_url(bpath) and \
+                not os.path.exists(bpath):
             from ..engine.backing import qemu_name
             shown = qemu_name(path, backing)
             raise UsageError(f"{args.filename}: Could not open '{shown}': No such file or "
@@ -174,6 +165,30 @@ def run(args):
         said = str(e)
         raise UsageError(said if said.startswith(f"{args.filename}: ")
                          else f"{args.filename}: {said}") from e
+    return 0
+
+
+def create_raw_file(args, path, opts, size):
+    """create -f raw (or file): qemu's file-posix options, checks, line and
+    messages; over ssh only the size (qemu's ssh driver has no other)."""
+    allowed = () if is_url(path) else ("preallocation",)
+    for key in opts:
+        if key not in allowed:
+            raise UsageError(f"{args.filename}: Invalid parameter '{key}'")
+    if size is None:
+        raise UsageError(f"{args.filename}: Image creation needs a size parameter")
+    mode = opts.get("preallocation")
+    if not args.quiet:
+        print(f"Formatting '{args.filename}', fmt={args.fmt} size={size}" +
+              (f" preallocation={mode}" if mode is not None else ""), flush=True)
+    if mode == "metadata":
+        raise UsageError(f"{args.filename}: Unsupported preallocation mode: metadata")
+    if mode not in (None, "off", "falloc", "full"):
+        raise UsageError(f"{args.filename}: invalid parameter value: {mode}")
+    try:
+        hostfile.create_raw(path, size, mode or "off")
+    except OSError as e:
+        raise UsageError(f"{args.filename}: {e.strerror}") from None
     return 0
 
 

@@ -18,6 +18,7 @@ import threading
 from .._ext.fileio import File, punch_hole, pwrite_buffers, zero_range
 from . import lock
 from .remote import is_remote
+from ..spec.constants import SECTOR
 
 # Buffered write calls cover at most QF_WRITE_MAX (256 KiB, csrc/qf_io.h:
 # every data write goes through C).  With larger buffered writes the
@@ -28,6 +29,7 @@ from .remote import is_remote
 # 2.9-4.1 s with 2 MiB writes, 0.7-0.8 s with 256 KiB ones (docs/convert.md).
 
 _ZEROS = memoryview(mmap.mmap(-1, 1 << 20))     # page aligned: fit for O_DIRECT
+FIRST_BLOCK = 4096      # what qemu's allocate_first_block writes (a sector if the file is smaller)
 
 
 def is_device(fd):
@@ -108,15 +110,47 @@ def write_error(e, off, name):
     return OSError(e.errno, f"write at offset {off:#x}: {e.strerror}", name)
 
 
-def create_raw(path, nbytes):
+def create_raw(path, nbytes, preallocation="off"):
     """A raw image of ``nbytes``: a new (or emptied) regular file, or an
-    existing block device at least that large (left as it is)."""
+    existing block device at least that large (left as it is), or a
+    file on an ssh:// server (no preallocation there, as qemu's ssh
+    driver).  As qemu's file create: ``off`` allocates the first block
+    (qemu's allocate_first_block, for its alignment probe), ``falloc``
+    fallocates the whole file, ``full`` writes its zeros and syncs them."""
+    from .remote import create_file, is_url
+    if is_url(path):
+        f = create_file(path)
+        try:
+            f.truncate(nbytes)
+        finally:
+            f.close()
+        return
     lock.check_create(path)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
-        if not is_device(fd):
-            os.ftruncate(fd, 0)
-        set_size(fd, nbytes, path)
+        if is_device(fd):
+            set_size(fd, nbytes, path)
+            return
+        os.ftruncate(fd, 0)
+        if preallocation == "falloc":
+            try:
+                os.posix_fallocate(fd, 0, nbytes)
+            except OSError as e:
+                raise OSError(e.errno, f"Could not preallocate new data: {e.strerror}",
+                              path) from None
+        elif preallocation == "full":
+            try:
+                for off in range(0, nbytes, len(_ZEROS)):
+                    pwrite_all(fd, _ZEROS[:min(len(_ZEROS), nbytes - off)], off, path)
+                os.fsync(fd)
+            except OSError as e:
+                raise OSError(e.errno, "Could not write zeros for preallocation: "
+                              f"{e.strerror}", path) from None
+        else:
+            os.ftruncate(fd, nbytes)
+            if nbytes:
+                first = FIRST_BLOCK if nbytes >= FIRST_BLOCK else SECTOR
+                pwrite_all(fd, _ZEROS[:first], 0, path)
     finally:
         os.close(fd)
 

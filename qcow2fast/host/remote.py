@@ -152,6 +152,17 @@ def join(base, name):
 
 # -- opening ---------------------------------------------------------------------------
 
+def create_file(url, options=None):
+    """A new, empty remote file at ``url`` (an existing one emptied), open
+    for writing as :func:`open_file` opens it: ``ssh://`` only (what
+    qemu-img creates over a protocol; an NBD export has a fixed size)."""
+    from .._ext.hookfile import hook_file
+    if not (is_url(url) and _URL.match(url).group(1).lower() == "ssh"):
+        raise InvalidArgumentError(f"{name_of(url)}: only ssh:// files are created remotely")
+    from .remote_ssh import SshIO
+    return hook_file(SshIO(url, RemoteOptions.of(options), create=True), writable=True)
+
+
 def open_file(obj, writable=False, options=None):
     """A File (``_ext/hookfile.pyx``) over the remote image ``obj`` (a URL
     or an open fsspec file): read-only through the block cache, or -- an NBD

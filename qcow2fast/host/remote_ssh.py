@@ -196,11 +196,14 @@ def node_name(options):
 
 
 class SftpFile:
-    """One SSH connection and the remote file opened on it, read-only."""
+    """One SSH connection and the remote file opened on it."""
 
-    def __init__(self, url, timeout, writable=False):
+    def __init__(self, url, timeout, writable=False, create=False):
+        """``create``: the file is made (an existing one emptied) by the
+        first open, as qemu's ssh create opens it (O_CREAT|O_TRUNC)."""
         self.target = t = parse_url(url)
-        self.writable = writable
+        self.writable = writable or create
+        self._create = create
         self._paramiko = paramiko = optional("paramiko", "ssh:// images")
         sock = connect((t.host, t.port), timeout, SshError)
         # As qemu: no Nagle (each request waited 40 ms for a delayed ACK).
@@ -313,10 +316,10 @@ class SftpFile:
             self._sessions.append(sftp)
         # A lost reply is an error after the timeout, not a wait forever.
         sftp.get_channel().settimeout(self._timeout)
+        mode = "w+b" if self._create else "r+b" if self.writable else "rb"
         try:
-            handle = self._local.handle = sftp.open(self.target.path,
-                                                    "r+b" if self.writable else "rb",
-                                                    bufsize=0)
+            handle = self._local.handle = sftp.open(self.target.path, mode, bufsize=0)
+            self._create = False        # (made once: later handles open it as it is)
         except OSError as e:
             raise SshError(e.errno or errno.EIO, f"failed to open remote file "
                            f"'{self.target.path}': {_sftp_error(e)}") from None
@@ -361,6 +364,9 @@ class SftpFile:
             self.size = max(self.size, off + len(buf))
 
     def truncate(self, size):
+        if size > self.size:        # as qemu's ssh_grow_file: a zero byte at the new end
+            self.write(b"\0", size - 1)
+            return
         self._call("truncate", size, lambda f: f.truncate(size))
         with self._lock:
             self.size = size
@@ -399,12 +405,13 @@ def _sftp_error(e):
 class SshIO:
     """An ``ssh://`` file opened for writing (hookfile's writable reader):
     every request straight through the SFTP handle of the calling thread,
-    no cache; writes past the end grow it (``growable``)."""
+    no cache; writes past the end grow it (``growable``).  ``create``: a
+    new file (an existing one emptied)."""
 
     growable = True
 
-    def __init__(self, url, opts):
-        self.file = SftpFile(url, opts.timeout, writable=True)
+    def __init__(self, url, opts, create=False):
+        self.file = SftpFile(url, opts.timeout, writable=True, create=create)
         self.name = self.file.target.name
 
     @property

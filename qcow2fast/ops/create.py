@@ -12,8 +12,11 @@ from array import array
 from typing import Optional, Union
 
 from .._ext.fileio import File
+from ..errors import UnsupportedFeatureError
+from ..host import remote
 from ..host.lock import check_create
-from ..spec.constants import REFTABLE_ENTRY_SIZE
+from ..host.remote import is_url
+from ..spec.constants import REFTABLE_ENTRY_SIZE, SECTOR
 from ..spec.tables import encode_table
 from ..engine.datafile import resolve
 from ..spec.datafile import set_data_file, validate_create
@@ -65,10 +68,13 @@ def create(path: Union[str, "os.PathLike[str]"], size: Optional[int] = None, *,
     block = bytearray(cs)
     from .._ext.kernels import refcount_encode
     refcount_encode(refblock, refcount_order, block)
-    check_create(path)
     if data_file:
+        if is_url(path):
+            raise UnsupportedFeatureError(f"{path}: an external data file beside a remote "
+                                          "image is not supported", feature="data_file")
+        check_create(path)
         _create_data_file(resolve(path, data_file))
-    f = File(path, writable=True, create=True)
+    f = _new_file(path)
     try:
         f.pwrite(head.ljust(cs, b"\0") + reftable + block, 0)
     finally:
@@ -79,17 +85,33 @@ def create(path: Union[str, "os.PathLike[str]"], size: Optional[int] = None, *,
                cache_clean_interval=0) as img:
         if encrypt is not None:
             set_up(img, encrypt)    # before the size, as qemu: preallocation is encrypted
+        if is_url(path) and preallocation in ("falloc", "full"):
+            # (qemu's ssh driver grows a file by writing its last byte only)
+            raise UnsupportedFeatureError("Could not resize image: Failed to resize underlying "
+                                          "file: Unsupported preallocation mode "
+                                          f"'{preallocation}'", feature="preallocation")
         img.resize(size, preallocation=preallocation)
         l1_end = img.header.l1_table_offset + img.header.l1_size * 8
-    f = File(path, writable=True)
+    f = remote.open_file(path, writable=True) if is_url(path) else File(path, writable=True)
     try:
         # As qemu's: the file ends where the L1 table, the last thing
         # written, ends (the rest of its cluster is allocated, not written).
         if l1_end and f.size() == -(-l1_end // cs) * cs and preallocation == "off":
-            f.truncate(l1_end)
+            # (over ssh qemu writes whole 512-byte sectors: the file ends
+            # at the sector holding the table's end)
+            f.truncate(-(-l1_end // SECTOR) * SECTOR if is_url(path) else l1_end)
         f.sync_all()
     finally:
         f.close()
+
+
+def _new_file(path):
+    """The image's file, new or emptied: local (not while another process
+    uses it, as qemu's file create), or on an ssh:// server."""
+    if is_url(path):
+        return remote.create_file(path)
+    check_create(path)
+    return File(path, writable=True, create=True)
 
 
 def _create_data_file(path):
