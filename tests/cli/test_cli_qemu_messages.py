@@ -247,3 +247,22 @@ def test_a_missing_backing_file_as_qemu(capsys, tmp_path, monkeypatch, image, ar
     assert want.returncode != 0
     assert (status, out) == (want.returncode, want.stdout.decode())
     assert err.replace("qcow2fast: ", "qemu-img: ") == want.stderr.decode()
+
+
+@pytest.mark.parametrize("options", [[], ["-o", "preallocation=off"], ["-o", "preallocation=falloc"],
+                                     ["-o", "preallocation=full"],
+                                     ["-o", "preallocation=metadata"],
+                                     ["-o", "preallocation=bogus"], ["-o", "foo=bar"]])
+def test_create_raw_as_qemus_file_driver(capsys, tmp_path, options):
+    """create -f raw: qemu's file options (preallocation off/falloc/full),
+    its lines and messages, and the same file: its size and the blocks it
+    holds (off allocates the first block, as qemu's allocate_first_block)."""
+    mine, theirs = tmp_path / "ours.raw", tmp_path / "qemu.raw"
+    want = qemu_img("create", "-f", "raw", *options, theirs, "1M", check=False)
+    status, out, err = cli(capsys, "create", "-f", "raw", *options, str(mine), "1M")
+    assert (status, ours_as_qemu(out, (mine, theirs)), ours_as_qemu(err, (mine, theirs))) == \
+        (want.returncode, want.stdout_text, want.stderr_text)
+    if status == 0:
+        a, b = mine.stat(), theirs.stat()
+        assert (a.st_size, a.st_blocks) == (b.st_size, b.st_blocks)
+        assert mine.read_bytes() == bytes(1 << 20)
