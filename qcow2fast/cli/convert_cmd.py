@@ -82,10 +82,6 @@ def run(args):
     if len(args.filenames) < 2:
         raise UsageError("convert: expecting a source and a destination filename")
     *names, dest = args.filenames
-    if dest.lower().startswith("ssh:"):
-        raise UsageError(f"{dest}: converting into an ssh:// image is not supported (qemu-img "
-                         "can); convert to a local file, or open the image with the Python "
-                         "API to write it")
     sources, source_kw = source_specs(names, args)
     try:
         return _convert(args, opts, names, dest, sources, source_kw)

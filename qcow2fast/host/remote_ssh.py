@@ -216,8 +216,8 @@ class SftpFile:
         security.ciphers = sorted(security.ciphers, key=lambda c: "-gcm@" not in c)
         self._timeout = timeout
         self._local = threading.local()         # this thread's (SFTP session, handle)
-        self._sessions = []                     # every thread's, closed with the file
-        self._lock = threading.Lock()           # guards _sessions and size
+        self._handles = []                      # every thread's, closed with the file
+        self._lock = threading.Lock()           # guards _handles and size
         try:
             self._transport.banner_timeout = self._transport.auth_timeout = timeout
             try:
@@ -312,8 +312,6 @@ class SftpFile:
             sftp = paramiko.SFTPClient.from_transport(self._transport)
         except (paramiko.SSHException, OSError) as e:
             raise SshError(errno.EINVAL, f"failed to initialize sftp handle: {e}") from None
-        with self._lock:
-            self._sessions.append(sftp)
         # A lost reply is an error after the timeout, not a wait forever.
         sftp.get_channel().settimeout(self._timeout)
         mode = "w+b" if self._create else "r+b" if self.writable else "rb"
@@ -323,6 +321,8 @@ class SftpFile:
         except OSError as e:
             raise SshError(e.errno or errno.EIO, f"failed to open remote file "
                            f"'{self.target.path}': {_sftp_error(e)}") from None
+        with self._lock:
+            self._handles.append(handle)
         return handle
 
     def fetch_into(self, start, buf):
@@ -393,7 +393,17 @@ class SftpFile:
         return bytes(out)
 
     def close(self):
-        self._transport.close()         # (its channels, every session, with it)
+        """Every thread's handle, then the connection (its channels, every
+        session, with it).  (A handle left to the garbage collector after
+        the connection is gone would try to send its close and fail.)"""
+        with self._lock:
+            handles, self._handles = self._handles, []
+        for handle in handles:
+            try:
+                handle.close()
+            except (OSError, EOFError, self._paramiko.SSHException):
+                pass                    # (the connection may be the reason we close)
+        self._transport.close()
 
 
 def _sftp_error(e):
@@ -445,6 +455,47 @@ class SshIO:
 
     def drop_cache(self):
         pass
+
+    def close(self):
+        self.file.close()
+
+
+class SshTarget:
+    """A conversion's ``ssh://`` target (ops/nbd_target.py's interface): a
+    new file made or emptied on the server (``create``) or an existing one,
+    written at random or in order.  Zeros past the end are not sent: the
+    file is grown to its size by ``resize`` or at the flush, as qemu's ssh
+    driver grows it (its last byte)."""
+
+    read_only = False
+
+    def __init__(self, url, create=True, timeout=30.0):
+        self.file = SftpFile(url, timeout, writable=True, create=create)
+        self.end = self.file.size           # what the file must reach by the flush
+
+    @property
+    def size(self):
+        return self.file.size
+
+    def pwrite(self, data, offset):
+        self.file.write(data, offset)
+        self.end = max(self.end, offset + len(data))
+
+    def write_zeroes(self, offset, length):
+        below = max(0, min(length, self.file.size - offset))    # (past the end: zeros)
+        zeros = memoryview(bytes(min(below, 1 << 20)))
+        for off in range(offset, offset + below, len(zeros) or 1):
+            self.file.write(zeros[:min(len(zeros), offset + below - off)], off)
+        self.end = max(self.end, offset + length)
+
+    def resize(self, nbytes):
+        self.file.truncate(nbytes)
+        self.end = nbytes
+
+    def flush(self):
+        if self.file.size < self.end:
+            self.file.truncate(self.end)
+        self.file.fsync()
 
     def close(self):
         self.file.close()

@@ -46,7 +46,7 @@ from ..host.limits import fit_threads
 from ..host.lock import check_create
 from .convert_units import Buffers, Job
 from .convert_output import Output
-from .nbd_target import is_nbd_name
+from .nbd_target import is_nbd_name, is_remote_target
 from .sources import MUST_ZERO, READ, SKIP, UnitMarks, open_sources
 
 if TYPE_CHECKING:
@@ -241,15 +241,15 @@ def convert(sources: str | os.PathLike[str] | BlockDevice
             or options.get("preallocation", "off") != "off"):
         raise UnsupportedFeatureError("a new qcow2 image in an NBD export has no extended_l2, "
                                       "data_file, encryption or preallocation")
-    if direct and (dest == STDIN or is_nbd_name(dest)):
+    if direct and (dest == STDIN or is_remote_target(dest)):
         raise InvalidArgumentError("O_DIRECT output (cache mode none) needs a file target, "
-                                   f"not {'stdout' if dest == STDIN else 'an NBD export'}")
+                                   f"not {'stdout' if dest == STDIN else 'a remote one'}")
     if stdin and existing:
         raise InvalidArgumentError("-n needs a source of known size")
 
     if stdin and snapshot is not None:
         raise InvalidArgumentError("a snapshot (-l) cannot be read from stdin")
-    if dest != STDIN and not existing and not is_nbd_name(dest):
+    if dest != STDIN and not existing and not is_remote_target(dest):
         check_create(dest)          # not over an image someone uses (qemu's create)
     src = None if stdin else open_sources(sources, source_format, snapshot,
                                           force_share=force_share, untrusted=untrusted,
@@ -382,7 +382,7 @@ def _convert_through_image(src, dest, format, options, sparse_size, existing,
     the pool compresses, as for a new image, and the payloads go to
     Image.write_compressed_clusters."""
     size = whole_sectors(src.size) if src is not None else None
-    if existing and not is_nbd_name(dest):
+    if existing and not is_remote_target(dest):
         if not os.path.exists(dest):
             raise FileNotFoundError(2, "Could not open target image", dest)
     out = Output(dest, in_place=existing, image=format == "qcow2")
@@ -403,7 +403,7 @@ def _convert_through_image(src, dest, format, options, sparse_size, existing,
                 out.set_size(size)
             unit = sparse_size or (1 << 20)
             dfile = _open_direct(out.path) if direct else None
-            if not (existing or direct or out.device):   # a new file, sized already
+            if not (existing or direct or out.device or out.fd is None):   # a new file, sized
                 prefault = hostfile.prefault_for(out.fd)
 
         def raw_write(data, off):

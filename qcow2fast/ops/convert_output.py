@@ -1,6 +1,7 @@
 """A conversion's destination (ops/convert.py): a new regular file under a
 temporary name renamed over the target on success, a block device, stdout,
-or an NBD export (ops/nbd_target.py) written as a stream or at random."""
+or an NBD export or ssh:// file (ops/nbd_target.py) written as a stream or
+at random."""
 
 import errno
 import os
@@ -9,7 +10,7 @@ import sys
 from ..errors import InvalidArgumentError
 from ..host import file as hostfile
 from ..host.file import pwrite_all
-from .nbd_target import NbdStream, is_nbd_name, open_export
+from .nbd_target import NbdStream, is_remote_target, open_export
 
 HEADER_WIPE = 64 << 10       # zeroed on a device when a new image on it fails
 
@@ -26,12 +27,13 @@ class Output:
         self.dest, self.tmp, self.fd, self.device = dest, None, None, False
         self.in_place = in_place
         self.nbd = self.export = None
-        if is_nbd_name(dest):           # (ops/nbd_target.py)
+        if is_remote_target(dest):      # (ops/nbd_target.py)
             if stream:
                 self.nbd = NbdStream(dest)
                 self.fd = self.nbd.fd
             elif not image:
-                self.export, self.device = open_export(dest), True
+                self.export = open_export(dest, create=not in_place)
+                self.device = not hasattr(self.export, "resize")    # (an export's fixed size)
             return
         if dest == "-":
             self.fd = sys.stdout.buffer.fileno()
@@ -69,6 +71,8 @@ class Output:
     def set_size(self, nbytes):
         if self.export is None:
             hostfile.set_size(self.fd, nbytes, self.dest)
+        elif hasattr(self.export, "resize"):        # an ssh:// file
+            self.export.resize(nbytes)
         elif nbytes > self.export.size:
             raise OSError(errno.ENOSPC, f"an NBD export cannot grow: {nbytes} bytes are "
                           f"needed and the export has {self.export.size}", self.dest)
@@ -87,7 +91,7 @@ class Output:
             hostfile.zero(self.fd, off, n, write)
 
     def commit(self, sync):
-        if is_nbd_name(self.dest) and self.export is None and self.nbd is None:
+        if is_remote_target(self.dest) and self.export is None and self.nbd is None:
             return                      # (the engine's image, closed and flushed)
         if self.export is not None:
             self.export.flush()         # (always: the export's writes stable, as a stream's)
@@ -103,7 +107,7 @@ class Output:
             self.tmp = None
 
     def close(self, ok):
-        if is_nbd_name(self.dest) and self.export is None and self.nbd is None:
+        if is_remote_target(self.dest) and self.export is None and self.nbd is None:
             return
         if self.export is not None:
             self.export.close()

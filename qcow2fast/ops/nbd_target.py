@@ -24,8 +24,19 @@ def is_nbd_name(name):
     return isinstance(name, str) and is_url(name) and name.lower().startswith("nbd")
 
 
-def open_export(uri):
-    """A connection to ``uri`` for writing at random (a raw target)."""
+def is_remote_target(name):
+    """An NBD export or an ``ssh://`` file (host/remote_ssh.SshTarget, the
+    same calls): written through its connection, never renamed into place."""
+    return is_nbd_name(name) or (isinstance(name, str) and is_url(name)
+                                 and name.lower().startswith("ssh:"))
+
+
+def open_export(uri, create=True):
+    """A connection to ``uri`` for writing at random (a raw target); an
+    ssh:// file is made or emptied on the server unless ``create`` is False."""
+    if not is_nbd_name(uri):
+        from ..host.remote_ssh import SshTarget
+        return SshTarget(uri, create=create)
     client = NbdClient(uri)
     if client.read_only:
         client.close()

@@ -266,11 +266,11 @@ def test_create_over_ssh_as_qemu(sshd, fmt, options):
         assert o.read_bytes() == bytes(5 << 20)
 
 
-def test_create_over_ssh_with_a_backing_file_and_convert_refused(sshd, images, tmp_path):
+def test_create_over_ssh_with_a_backing_file(sshd, images, tmp_path):
     """create -b over ssh takes the backing file's size through the server,
     as qemu-img (the backing file named by its own ssh:// URL: qemu's libssh
-    reads known_hosts from the real home, so no relative name here);
-    converting into an ssh:// target is still refused."""
+    reads known_hosts from the real home, so no relative name here); check
+    -r of a remote image is refused."""
     for tool in ("qemu-img", "qcow2fast"):
         status, _, err = _tool(tool, sshd, "create", "-q", "-f", "qcow2", "-b",
                                sshd.url("base.qcow2"), "-F", "qcow2",
@@ -284,12 +284,34 @@ def test_create_over_ssh_with_a_backing_file_and_convert_refused(sshd, images, t
             _tool("qemu-img", sshd, "info", "--output=json", sshd.root / "base.qcow2")[1]
         )["virtual-size"]
     assert _tool("qemu-img", sshd, "check", sshd.root / "over-qcow2fast.qcow2")[0] == 0
-    status, out, err = _tool("qcow2fast", sshd, "convert", "-O", "qcow2", images[0],
-                             sshd.url("new.qcow2"))
-    assert status == 1 and "into an ssh:// image is not supported" in err, err
-    assert not (sshd.root / "new.qcow2").exists()
     status, _, err = _tool("qcow2fast", sshd, "check", "-r", "all", sshd.url("base.qcow2"))
     assert status == 1 and "check -r does not repair remote images" in err
+
+
+@pytest.mark.parametrize("args", [["-O", "qcow2"], ["-O", "raw"], ["-O", "qcow2", "-c"],
+                                  ["-O", "qcow2", "-o", "extended_l2=on"],
+                                  ["-O", "qcow2", "-o", "preallocation=metadata"]])
+def test_convert_into_ssh_as_qemu(sshd, images, args):
+    """convert into an ssh:// file (made or emptied on the server): a new
+    qcow2 image written in order as a stream, raw at random, the rest
+    through the image; equal to qemu-img's conversion over ssh, clean;
+    then -n into it again, over what it holds."""
+    fmt = args[1]
+    for tool, name in (("qemu-img", "cq.img"), ("qcow2fast", "co.img")):
+        (sshd.root / name).write_bytes(b"x" * 100000)
+        status, out, err = _tool(tool, sshd, "convert", *args, images[1], sshd.url(name))
+        assert (status, out, err) == (0, "", ""), err
+    q, o = sshd.root / "cq.img", sshd.root / "co.img"
+    qemu_img("compare", "-f", fmt, "-F", fmt, q, o)
+    qemu_img("compare", "-F", fmt, images[1], o)
+    if fmt == "qcow2":
+        qemu_img("check", o)
+    else:
+        assert q.stat().st_size == o.stat().st_size
+    status, _, err = _tool("qcow2fast", sshd, "convert", "-n", "-O", fmt, images[0],
+                           sshd.url("co.img"))
+    assert status == 0, err
+    qemu_img("compare", "-F", fmt, images[0], o)
 
 
 def test_opened_read_only_refuses_writes(sshd, images, monkeypatch):
