@@ -355,10 +355,23 @@ class SftpFile:
 
     def write(self, buf, off):
         """Write all of ``buf`` at ``off``; returns once the server has
-        acknowledged every piece (paramiko waits for each: not pipelined)."""
+        acknowledged every piece.  The pieces (paramiko's 32 KiB requests)
+        are sent without waiting for each reply but the last's, written
+        unpipelined: paramiko then reads every reply still due, raising the
+        first error (one round trip per call, not per piece)."""
+        data = bytes(buf)
+
         def write(f):
             f.seek(off)
-            f.write(bytes(buf))
+            if len(data) > f.MAX_REQUEST_SIZE:
+                f.set_pipelined(True)
+                try:
+                    f.write(data[:-f.MAX_REQUEST_SIZE])
+                finally:
+                    f.set_pipelined(False)
+                f.write(data[-f.MAX_REQUEST_SIZE:])
+            else:
+                f.write(data)
         self._call("write", off, write)
         with self._lock:    # (the engine grows the file before writing past its end)
             self.size = max(self.size, off + len(buf))
