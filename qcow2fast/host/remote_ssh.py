@@ -35,7 +35,11 @@ from .remote_source import Source, optional
 from .sockets import connect
 
 DEFAULT_PORT = 22
-READ_SIZE = 32768                   # one SFTP read (paramiko's, and what servers all take)
+# One SFTP read or write request: what every server takes (paramiko's
+# size), or up to REQUEST_MAX when the server states larger limits
+# (OpenSSH's limits@openssh.com: 255 KiB reads and writes).
+REQUEST_SIZE = 32768
+REQUEST_MAX = 1 << 20
 HASH_TYPES = {"md5": hashlib.md5, "sha1": hashlib.sha1, "sha256": hashlib.sha256}
 CHECK_MODES = ("none", "hash", "known_hosts")
 KNOWN_HOSTS = ("~/.ssh/known_hosts", "/etc/ssh/ssh_known_hosts")
@@ -218,6 +222,7 @@ class SftpFile:
         self._local = threading.local()         # this thread's (SFTP session, handle)
         self._handles = []                      # every thread's, closed with the file
         self._lock = threading.Lock()           # guards _handles and size
+        self._request_size = None               # the server's limits, asked once
         try:
             self._transport.banner_timeout = self._transport.auth_timeout = timeout
             try:
@@ -321,14 +326,37 @@ class SftpFile:
         except OSError as e:
             raise SshError(e.errno or errno.EIO, f"failed to open remote file "
                            f"'{self.target.path}': {_sftp_error(e)}") from None
+        handle.MAX_REQUEST_SIZE = self._limits(sftp)   # (paramiko's reads and writes)
         with self._lock:
             self._handles.append(handle)
         return handle
 
+    def _limits(self, sftp):
+        """The size of one read or write request: the smaller of the
+        server's read and write limits (limits@openssh.com), else
+        REQUEST_SIZE.  Larger requests mean fewer round trips and replies:
+        over localhost (OpenSSH 9.2), 255 KiB against 32 KiB, writes of 2 MiB
+        calls 157 -> 272 MB/s, reads of 1 MiB 150 -> 232 MB/s."""
+        if self._request_size is not None:
+            return self._request_size
+        from paramiko.sftp import CMD_EXTENDED, CMD_EXTENDED_REPLY
+        size = REQUEST_SIZE
+        try:
+            t, msg = sftp._request(CMD_EXTENDED, "limits@openssh.com")
+            if t == CMD_EXTENDED_REPLY:
+                msg.get_int64()         # max-packet-length (a request's header fits)
+                read, write = msg.get_int64(), msg.get_int64()      # (0: no limit)
+                size = min(read or REQUEST_MAX, write or REQUEST_MAX, REQUEST_MAX)
+        except (OSError, EOFError, self._paramiko.SSHException):
+            pass                        # (SSH_FX_OP_UNSUPPORTED: an older server)
+        self._request_size = size
+        return size
+
     def fetch_into(self, start, buf):
-        """Fill ``buf`` with the bytes at ``start``, read 32 KiB at a time on
-        this thread's handle.  (The block cache's threads each have one
-        request in flight, as qemu's coroutines do.  paramiko's pipelined
+        """Fill ``buf`` with the bytes at ``start``, one request
+        (:meth:`_limits`) at a time on this thread's handle.  (The block
+        cache's threads each have one request in flight, as qemu's
+        coroutines do.  paramiko's pipelined
         ``readv`` is not used: on one handle it now and then waited forever
         for a reply that had come; the plain reads are faster too.)"""
         view, pos = memoryview(buf).cast("B"), 0
@@ -336,7 +364,7 @@ class SftpFile:
             f = self._handle()
             f.seek(start)
             while pos < len(view):
-                piece = f.read(min(len(view) - pos, READ_SIZE))
+                piece = f.read(min(len(view) - pos, f.MAX_REQUEST_SIZE))
                 if not piece:
                     raise EOFError(f"{len(view) - pos} bytes short")
                 view[pos:pos + len(piece)] = piece
@@ -355,7 +383,7 @@ class SftpFile:
 
     def write(self, buf, off):
         """Write all of ``buf`` at ``off``; returns once the server has
-        acknowledged every piece.  The pieces (paramiko's 32 KiB requests)
+        acknowledged every piece.  The pieces (requests of :meth:`_limits`)
         are sent without waiting for each reply but the last's, written
         unpipelined: paramiko then reads every reply still due, raising the
         first error (one round trip per call, not per piece)."""

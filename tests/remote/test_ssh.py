@@ -377,3 +377,36 @@ def test_random_overlapping_reads(sshd, monkeypatch):
         assert f.size == len(data)
     finally:
         f.close()
+
+
+@pytest.mark.parametrize("limits", [True, False])
+def test_request_size_from_the_servers_limits(sshd, monkeypatch, limits):
+    """OpenSSH states its read and write limits (limits@openssh.com): one
+    request then carries up to them (255 KiB); a server without the
+    extension gets paramiko's 32 KiB.  Writes and reads of unaligned
+    lengths across those sizes land byte for byte either way."""
+    import random
+    from paramiko import SFTPClient
+    if not limits:          # as a server that does not know the extension answers
+        real = SFTPClient._request
+
+        def request(self, t, *args):
+            if args and args[0] == "limits@openssh.com":
+                raise OSError("Operation unsupported")
+            return real(self, t, *args)
+        monkeypatch.setattr(SFTPClient, "_request", request)
+    monkeypatch.setenv("SSH_AUTH_SOCK", sshd.env["SSH_AUTH_SOCK"])
+    data = random.Random(3).randbytes(3 << 20)
+    f = remote_ssh.SftpFile(sshd.url("limits.bin"), 30, create=True)
+    try:
+        size = f._handle().MAX_REQUEST_SIZE
+        assert size == (261120 if limits else remote_ssh.REQUEST_SIZE)
+        for off, n in ((0, 1 << 20), (1 << 20, size + 1), ((1 << 20) + size + 1, 5),
+                       ((1 << 20) + size + 6, len(data))):
+            f.write(data[off:off + n], off)
+        f.fsync()
+        assert (sshd.root / "limits.bin").read_bytes() == data
+        for a, b in ((0, len(data)), (7, size + 9), (size - 1, 2 * size + 1)):
+            assert f.fetch(a, b) == data[a:b]
+    finally:
+        f.close()
