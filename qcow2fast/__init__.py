@@ -60,13 +60,8 @@ _LAZY = {"amend": ".ops.amend", "commit": ".ops.commit", "convert": ".ops.conver
 
 
 def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    from importlib import import_module
-    value = getattr(import_module(module, __name__), name)
-    globals()[name] = value          # later lookups skip __getattr__
-    return value
+    from ._lazy import lazy_attribute
+    return lazy_attribute(__name__, _LAZY, globals(), name)
 
 
 def __dir__() -> list[str]:

@@ -13,9 +13,29 @@ Modules: protocol (wire format), handshake (option haggling), transmission
 export), contexts (metadata contexts: base:allocation,
 qemu:allocation-depth, qemu:dirty-bitmap:NAME), tls (X.509 credentials,
 STARTTLS), server (listener, threads, socket activation).
+
+The names below are imported on first use: the client (``nbd.client``,
+for nbd:// images and targets) does not load the server and asyncio.
 """
 
-from .export import MAX_PAYLOAD, Export
-from .server import Server, serve, socket_activation_sockets
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from .._lazy import lazy_attribute
+
+if TYPE_CHECKING:
+    from .export import MAX_PAYLOAD, Export
+    from .server import Server, serve, socket_activation_sockets
 
 __all__ = ["serve", "Server", "Export", "MAX_PAYLOAD", "socket_activation_sockets"]
+_LAZY = {"MAX_PAYLOAD": ".export", "Export": ".export", "Server": ".server",
+         "serve": ".server", "socket_activation_sockets": ".server"}
+
+
+def __getattr__(name: str) -> Any:
+    return lazy_attribute(__name__, _LAZY, globals(), name)
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -44,6 +44,18 @@ def test_parsing_a_command_loads_no_engine(argv):
     assert not mods & others, sorted(mods & others)
 
 
+@pytest.mark.parametrize("module", ["qcow2fast.nbd.client", "qcow2fast.ops.convert",
+                                    "qcow2fast.host.remote_nbd"])
+def test_nbd_client_side_loads_no_server(module):
+    """The NBD client (nbd:// images, convert's nbd:// targets, which every
+    convert imports) loads neither the server nor asyncio (20-25 ms); the
+    package's names still resolve, the server's on first use."""
+    mods = loaded_after(f"import {module}")
+    assert not mods & {"asyncio", "qcow2fast.nbd.server"}, module
+    mods = loaded_after("import qcow2fast.nbd as n\nassert n.serve and n.MAX_PAYLOAD")
+    assert "qcow2fast.nbd.server" in mods
+
+
 def test_public_names_resolve():
     import qcow2fast
     for name in qcow2fast.__all__:
