@@ -4,9 +4,11 @@ with ``--protocol nbd``, of the same NBD export (``qemu-nbd -r -t -f qcow2``
 of the image: the guest's bytes, read as raw through each tool's NBD client);
 or, with ``--protocol ssh``, of the same ``ssh://`` file (a local OpenSSH
 server, tests/helpers/sshd_util.py; qemu's ssh driver against ours).
+``--write raw|qcow2`` (ssh only) times the other direction: ``convert -O
+FMT`` of the local image into a new ``ssh://`` file on the server.
 
     python -m benchmarks.remote_bench [--quick] [--runs N] [--protocol http|nbd|ssh]
-                                      [--json OUT] [--tmpdir DIR]
+                                      [--write raw|qcow2] [--json OUT] [--tmpdir DIR]
 
 The source is a qcow2 image made by qemu-img from random data with holes
 (quick: 256 MiB, full: 3 GiB; cached in the temporary directory), served by
@@ -122,6 +124,10 @@ class SshServer(Server):
     def source(self, image):
         return self.sshd.url(os.path.basename(image)), "qcow2"
 
+    def target(self, name):
+        """The ssh:// name of a new file ``name`` on the server, and its path."""
+        return self.sshd.url(name), str(self.sshd.root / name)
+
     def stats(self):
         return {"range": 0, "bytes": 0, "HEAD": 0}
 
@@ -162,7 +168,11 @@ def main(argv=None):
     p.add_argument("--tmpdir")
     p.add_argument("--source", help="a qcow2 image to serve instead of a new one")
     p.add_argument("--protocol", choices=("http", "nbd", "ssh"), default="http")
+    p.add_argument("--write", choices=("raw", "qcow2"),
+                   help="convert the local image into a new ssh:// file of this format")
     a = p.parse_args(argv)
+    if a.write and a.protocol != "ssh":
+        p.error("--write needs --protocol ssh")
     size = SIZES["quick" if a.quick else "full"]
     tmpdir, _ = choose_tmpdir(a.tmpdir, 3 * size + GiB, prefix="qcow2fast-remote-bench-")
     try:
@@ -183,8 +193,13 @@ def _bench(a, tmpdir, size):
         tmpdir if a.protocol == "http" else src)
     url, fmt = server.source(src)
     out = os.path.join(tmpdir, "remote-out.raw")
+    ofmt, dest = "raw", out
+    if a.write:             # the other way: the local image into a new file there
+        ofmt = a.write
+        url, fmt = src, "qcow2"
+        dest, out = server.target(f"remote-out.{ofmt}")
     tools = {
-        "qcow2fast": [*qcow2fast_command(), "convert", "-f", fmt, "-O", "raw", url, out],
+        "qcow2fast": [*qcow2fast_command(), "convert", "-f", fmt, "-O", ofmt, url, dest],
         # -m 1: qemu 7.2's curl driver hangs now and then (1 run in 5 at
         # 256 MiB) with its default 8 coroutines.  At the hang the server
         # has no request in progress, every byte it sent was received (ss:
@@ -192,13 +207,13 @@ def _bench(a, tmpdir, size):
         # driver waits for a request it never made, so it is not this
         # server's doing.  One coroutine is its setting that always finishes.
         "qemu-img": ["qemu-img", "convert", *(["-m", "1"] if a.protocol == "http" else []),
-                     "-f", fmt, "-O", "raw", url, out],
+                     "-f", fmt, "-O", ofmt, url, dest],
     }
     samples = {t: [] for t in tools}
     try:
         for name, cmd in tools.items():              # verify each once
             one_run(cmd, out, server)
-            subprocess.run(["qemu-img", "compare", "-f", "qcow2", "-F", "raw", src, out],
+            subprocess.run(["qemu-img", "compare", "-f", "qcow2", "-F", ofmt, src, out],
                            check=True, capture_output=True)
         for i in range(a.runs):
             order = list(tools) if i % 2 == 0 else list(reversed(tools))
@@ -211,7 +226,8 @@ def _bench(a, tmpdir, size):
         server.close()
         if os.path.exists(out):
             os.unlink(out)
-    result = {"size": size, "runs": a.runs, "protocol": a.protocol, "revision": git_revision(REPO), "tools": {}}
+    result = {"size": size, "runs": a.runs, "protocol": a.protocol, "write": a.write,
+              "revision": git_revision(REPO), "tools": {}}
     for name, runs in samples.items():
         sec = statistics.median(r["seconds"] for r in runs)
         result["tools"][name] = {
@@ -222,7 +238,8 @@ def _bench(a, tmpdir, size):
             "median_bytes": statistics.median(r["bytes"] for r in runs), "samples": runs}
     qf, qe = result["tools"]["qcow2fast"], result["tools"]["qemu-img"]
     result["speedup"] = qe["median_seconds"] / qf["median_seconds"]
-    print(f"convert of a {size // MiB} MiB qcow2 over {a.protocol.upper()} "
+    what = f"into {ofmt} " if a.write else ""
+    print(f"convert of a {size // MiB} MiB qcow2 {what}over {a.protocol.upper()} "
           f"(medians of {a.runs} runs)")
     print(f"{'tool':10} {'seconds':>8} {'MiB/s':>8} {'CPU s':>6} {'server CPU s':>12} "
           f"{'requests':>9} {'MiB sent':>9}")

@@ -40,6 +40,13 @@ DEFAULT_PORT = 22
 # (OpenSSH's limits@openssh.com: 255 KiB reads and writes).
 REQUEST_SIZE = 32768
 REQUEST_MAX = 1 << 20
+# What a session's channel asks of the server: SSH packets of up to 256 KiB
+# (OpenSSH's own packet limit; paramiko asks 32 KiB), so a 255 KiB read's
+# reply comes in one packet, not eight, and a window of 4 MiB (paramiko's
+# 2 MiB) that keeps such replies flowing.  Reading 1 MiB calls over
+# localhost: 216 -> 282 MB/s (convert from ssh:// of 256 MiB: 1.45 -> 1.39 s).
+CHANNEL_PACKET = 256 << 10
+CHANNEL_WINDOW = 4 << 20
 HASH_TYPES = {"md5": hashlib.md5, "sha1": hashlib.sha1, "sha256": hashlib.sha256}
 CHECK_MODES = ("none", "hash", "known_hosts")
 KNOWN_HOSTS = ("~/.ssh/known_hosts", "/etc/ssh/ssh_known_hosts")
@@ -314,7 +321,9 @@ class SftpFile:
             return handle
         paramiko = self._paramiko
         try:
-            sftp = paramiko.SFTPClient.from_transport(self._transport)
+            sftp = _sftp_client(paramiko).from_transport(self._transport,
+                                                         window_size=CHANNEL_WINDOW,
+                                                         max_packet_size=CHANNEL_PACKET)
         except (paramiko.SSHException, OSError) as e:
             raise SshError(errno.EINVAL, f"failed to initialize sftp handle: {e}") from None
         # A lost reply is an error after the timeout, not a wait forever.
@@ -387,7 +396,7 @@ class SftpFile:
         are sent without waiting for each reply but the last's, written
         unpipelined: paramiko then reads every reply still due, raising the
         first error (one round trip per call, not per piece)."""
-        data = bytes(buf)
+        data = memoryview(buf).cast("B")   # (sent before the call returns: no copy)
 
         def write(f):
             f.seek(off)
@@ -402,7 +411,7 @@ class SftpFile:
                 f.write(data)
         self._call("write", off, write)
         with self._lock:    # (the engine grows the file before writing past its end)
-            self.size = max(self.size, off + len(buf))
+            self.size = max(self.size, off + len(data))
 
     def truncate(self, size):
         if size > self.size:        # as qemu's ssh_grow_file: a zero byte at the new end
@@ -445,6 +454,30 @@ class SftpFile:
             except (OSError, EOFError, self._paramiko.SSHException):
                 pass                    # (the connection may be the reason we close)
         self._transport.close()
+
+
+_SFTP_CLIENT = None
+
+
+def _sftp_client(paramiko):
+    """paramiko's SFTP client, sending a request without copying it again
+    per channel packet: paramiko's ``_write_all`` slices the bytes left
+    after each send (a copy of the rest, as a 255 KiB request goes out in
+    32 KiB packets: quadratic in the request's size); a memoryview slices
+    without copying.  With :meth:`SftpFile.write` sending from a view of
+    the caller's buffer, convert into ssh:// of 256 MiB: 1.41 -> 1.14 s."""
+    global _SFTP_CLIENT
+    if _SFTP_CLIENT is None:
+        class SFTPClient(paramiko.SFTPClient):
+            def _write_all(self, out):
+                view = memoryview(out)
+                while view:
+                    n = self.sock.send(view)
+                    if n <= 0:
+                        raise EOFError()
+                    view = view[n:]
+        _SFTP_CLIENT = SFTPClient
+    return _SFTP_CLIENT
 
 
 def _sftp_error(e):
