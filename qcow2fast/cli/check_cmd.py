@@ -13,6 +13,7 @@ from ..errors import Qcow2Error
 from ..engine.untrusted import check_path
 from ..host import blkdebug
 from ..host.lock import Holder
+from ..host import remote
 from ..host.remote import is_url
 from .objects import secrets
 from .common import add_image_arguments, open_error, open_null, resolve_image, warn_stale_bitmaps
@@ -46,9 +47,12 @@ def run(args):
     if fmt == "raw":
         print(f"{prog()}: This image format does not support checks", file=sys.stderr)
         return 63
-    if args.repair and is_url(path):
-        print(f"{prog()}: {path}: check -r does not repair remote images",
-              file=sys.stderr)
+    if args.repair and is_url(path) and not remote.is_writable(path):
+        # (an ssh:// file or an NBD export is repaired in place, as qemu does)
+        curl = path.partition(":")[0].lower() in ("http", "https", "ftp", "ftps")
+        why = "curl driver does not support writes" if curl else \
+            "check -r repairs only local files, ssh:// files and NBD exports"
+        print(f"{prog()}: Could not open '{args.filename}': {why}", file=sys.stderr)
         return 1
     try:
         from ..engine.crypto import unlock_for_check
@@ -132,10 +136,10 @@ def clear_unknown_autoclear(path):
     """check -r opens the image for writing, which clears the auto-clear
     bits qemu does not know (qcow2.txt: a program that does not know one
     clears it when it changes the image)."""
-    from .._ext.fileio import File
+    from ..host.file import open_in_place
     from ..spec import header as hdr
     known = hdr.AUTOCLEAR_BITMAPS | hdr.AUTOCLEAR_DATA_FILE_RAW
-    f = File(str(path), writable=True, direct=False)
+    f = open_in_place(path)
     try:
         h = hdr.parse_header(f.pread(0, min(f.size(), 2 << 20)), f.size(), check=True)
         if h.version >= 3 and h.autoclear_features & ~known:

@@ -6,8 +6,6 @@ Guest data is never touched, and nothing the check did not understand is
 freed.
 """
 
-import os
-
 import numpy as np
 
 from ..errors import RepairError
@@ -52,9 +50,9 @@ def repair_image(path, first, mode):
 
 def _write_fixes(path, first):
     from ..spec import header as hdr
-    from .._ext.fileio import File
+    from ..host.file import open_in_place
     from .._ext.kernels import refcount_decode, refcount_encode
-    f = File(str(path), writable=True, direct=False)
+    f = open_in_place(path)
     try:
         size = f.size()
         h = hdr.parse_header(f.pread(0, min(size, 2 << 20)), size, check=True)
@@ -87,9 +85,9 @@ def _drop_stale_bitmaps(path):
     extension goes, as qemu's open for writing drops it (their clusters
     are the leaks being repaired)."""
     from ..spec import header as hdr
-    from .._ext.fileio import File
+    from ..host.file import open_in_place
     from ..engine.bitmap_list import drop_stale_extension
-    f = File(str(path), writable=True, direct=False)
+    f = open_in_place(path)
     try:
         size = f.size()
         drop_stale_extension(f, hdr.parse_header(f.pread(0, min(size, 2 << 20)), size,
@@ -103,8 +101,8 @@ def _write_structures(path, grow_to, structure_plan):
     qemu's check does), then write ``structure_plan`` (a
     new_structures.StructurePlan, or None)."""
     from ..spec import header as hdr
-    from .._ext.fileio import File
-    f = File(str(path), writable=True, direct=False)
+    from ..host.file import open_in_place
+    f = open_in_place(path)
     try:
         size = f.size()
         if grow_to > size:
@@ -120,15 +118,16 @@ def _write_structures(path, grow_to, structure_plan):
 
 def _set_incompatible_bit(path, bit, on):
     """Set or clear one incompatible-feature bit of a v3 header in place."""
+    from ..host.file import open_in_place
     field = FIELD_STRUCT["incompatible_features"]
-    with open(path, "r+b") as f:
-        f.seek(FIELD_OFFSET["incompatible_features"])
-        (v,) = field.unpack(f.read(field.size))
+    f = open_in_place(path)
+    try:
+        (v,) = field.unpack(f.pread(FIELD_OFFSET["incompatible_features"], field.size))
         at, data = pack_fields(incompatible_features=(v | bit) if on else (v & ~bit))
-        f.seek(at)
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+        f.pwrite(data, at)
+        f.sync()
+    finally:
+        f.close()
 
 
 def check_and_repair(path, mode=None):

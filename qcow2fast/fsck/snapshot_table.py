@@ -59,8 +59,8 @@ def fix_count(path, repairs):
     refcount repair, which then frees the dropped snapshots' clusters)."""
     if not repairs.reduced:
         return
-    from .._ext.fileio import File
-    f = File(str(path), writable=True, direct=False)
+    from ..host.file import open_in_place
+    f = open_in_place(path)
     try:
         size = f.size()
         h = hdr.parse_header(clamp_count(f.pread(0, min(size, 2 << 20)), True, TableRepairs(True)),

@@ -96,6 +96,14 @@ def open_image_file(path, fmt, *, writable=False, direct=False, force_share=Fals
     return f
 
 
+def open_in_place(path):
+    """A qcow2 image's file opened for writing in place and not locked (a
+    command that holds the image's locks for its whole run, as check -r
+    does, opens it several times): a local file, or a writable remote one
+    (``ssh://``, an NBD export), as qemu-img check -r repairs either."""
+    return open_image_file(os.fspath(path), "qcow2", writable=True, locking=False)
+
+
 def pwrite_all(fd, data, off, name=None):
     """Write all of ``data`` at ``off``, in calls of at most QF_WRITE_MAX
     bytes with the GIL released once (a failure names the offset, and ``name``

@@ -163,6 +163,13 @@ def create_file(url, options=None):
     return hook_file(SshIO(url, RemoteOptions.of(options), create=True), writable=True)
 
 
+def is_writable(obj):
+    """Whether the remote image ``obj`` can be opened for writing: an
+    ``ssh://`` file or an NBD export (the others are read-only)."""
+    m = _URL.match(obj) if isinstance(obj, str) else None
+    return m is not None and (m.group(1).lower() == "ssh" or m.group(1).lower().startswith("nbd"))
+
+
 def open_file(obj, writable=False, options=None):
     """A File (``_ext/hookfile.pyx``) over the remote image ``obj`` (a URL
     or an open fsspec file): read-only through the block cache, or -- an NBD
@@ -171,14 +178,13 @@ def open_file(obj, writable=False, options=None):
     name = name_of(obj)
     opts = RemoteOptions.of(options)
     if writable:
-        protocol = _URL.match(obj).group(1).lower() if isinstance(obj, str) else None
-        if protocol == "ssh":
-            from .remote_ssh import SshIO
-            return hook_file(SshIO(obj, opts), writable=True)
-        if protocol is None or not protocol.startswith("nbd"):
+        if not is_writable(obj):
             raise InvalidArgumentError(f"{name}: remote images are read-only, but for NBD "
                                        "exports and ssh:// files (open them with mode 'r'; "
                                        "to write, create a local image over it)")
+        if _URL.match(obj).group(1).lower() == "ssh":
+            from .remote_ssh import SshIO
+            return hook_file(SshIO(obj, opts), writable=True)
         from .remote_nbd import NbdIO
         return hook_file(NbdIO(obj, opts), writable=True)
     source = _url_source(obj, opts) if isinstance(obj, str) else _object_source(obj, name)

@@ -269,8 +269,7 @@ def test_create_over_ssh_as_qemu(sshd, fmt, options):
 def test_create_over_ssh_with_a_backing_file(sshd, images, tmp_path):
     """create -b over ssh takes the backing file's size through the server,
     as qemu-img (the backing file named by its own ssh:// URL: qemu's libssh
-    reads known_hosts from the real home, so no relative name here); check
-    -r of a remote image is refused."""
+    reads known_hosts from the real home, so no relative name here)."""
     for tool in ("qemu-img", "qcow2fast"):
         status, _, err = _tool(tool, sshd, "create", "-q", "-f", "qcow2", "-b",
                                sshd.url("base.qcow2"), "-F", "qcow2",
@@ -284,8 +283,53 @@ def test_create_over_ssh_with_a_backing_file(sshd, images, tmp_path):
             _tool("qemu-img", sshd, "info", "--output=json", sshd.root / "base.qcow2")[1]
         )["virtual-size"]
     assert _tool("qemu-img", sshd, "check", sshd.root / "over-qcow2fast.qcow2")[0] == 0
-    status, _, err = _tool("qcow2fast", sshd, "check", "-r", "all", sshd.url("base.qcow2"))
-    assert status == 1 and "check -r does not repair remote images" in err
+
+
+def _damage(path):
+    """A leak (L2 entry 0 cleared: its cluster keeps refcount 1) and a
+    corruption (the refcount of L2 entry 1's cluster set to 0)."""
+    import struct
+    with open(path, "r+b") as f:
+        head = f.read(104)
+        cluster_bits, = struct.unpack_from(">I", head, 20)
+        l1_offset, reftable_offset = struct.unpack_from(">Q", head, 40)[0], \
+            struct.unpack_from(">Q", head, 48)[0]
+        f.seek(l1_offset)
+        l2 = struct.unpack(">Q", f.read(8))[0] & 0x00fffffffffffe00
+        f.seek(l2)
+        entries = struct.unpack(">QQ", f.read(16))
+        f.seek(l2)
+        f.write(bytes(8))
+        data = (entries[1] & 0x00fffffffffffe00) >> cluster_bits
+        f.seek(reftable_offset)
+        block = struct.unpack(">Q", f.read(8))[0]      # (16-bit refcounts: one block covers it)
+        f.seek(block + 2 * data)
+        f.write(bytes(2))
+
+
+@pytest.mark.parametrize("mode", ["leaks", "all"])
+def test_check_repair_over_ssh_as_qemu(sshd, mode):
+    """check -r of an ssh:// image repairs it in place, as qemu-img's ssh
+    driver does: the same output and status, guest data equal, the same
+    state after (-r all: clean; -r leaks stops at the corruption, as in
+    qemu)."""
+    require_qemu()
+    for name in ("q.qcow2", "o.qcow2"):
+        path = sshd.root / name
+        subprocess.run([QEMU_IMG, "create", "-q", "-f", "qcow2", path, "4M"], check=True)
+        qemu_io(path, "write -P 0x5a 0 128k", "write -P 0x11 1M 64k")
+        _damage(path)
+    q = _tool("qemu-img", sshd, "check", "-r", mode, sshd.url("q.qcow2"))
+    o = _tool("qcow2fast", sshd, "check", "-r", mode, sshd.url("o.qcow2"))
+    assert o == q
+    assert "Leaked cluster 5" in q[2] and "ERROR cluster 6 refcount=0" in q[2]
+    after = [subprocess.run([QEMU_IMG, "check", sshd.root / name], capture_output=True)
+             for name in ("q.qcow2", "o.qcow2")]
+    assert after[0].stdout == after[1].stdout
+    # -r all: repaired; -r leaks: qemu stops at the corruption (a rebuild)
+    assert [a.returncode for a in after] == [0, 0] if mode == "all" else [2, 2]
+    subprocess.run([QEMU_IMG, "compare", "-f", "qcow2", "-F", "qcow2", sshd.root / "q.qcow2",
+                    sshd.root / "o.qcow2"], check=True, capture_output=True)
 
 
 @pytest.mark.parametrize("args", [["-O", "qcow2"], ["-O", "raw"], ["-O", "qcow2", "-c"],
