@@ -365,9 +365,9 @@ class SftpFile:
         """Fill ``buf`` with the bytes at ``start``, one request
         (:meth:`_limits`) at a time on this thread's handle.  (The block
         cache's threads each have one request in flight, as qemu's
-        coroutines do.  paramiko's pipelined
-        ``readv`` is not used: on one handle it now and then waited forever
-        for a reply that had come; the plain reads are faster too.)"""
+        coroutines do.  paramiko's pipelined ``readv`` is not used: on one
+        handle it now and then waited forever for a reply that had come;
+        the plain reads are faster too.)"""
         view, pos = memoryview(buf).cast("B"), 0
         try:
             f = self._handle()
