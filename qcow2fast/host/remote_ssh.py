@@ -460,12 +460,17 @@ _SFTP_CLIENT = None
 
 
 def _sftp_client(paramiko):
-    """paramiko's SFTP client, sending a request without copying it again
-    per channel packet: paramiko's ``_write_all`` slices the bytes left
-    after each send (a copy of the rest, as a 255 KiB request goes out in
-    32 KiB packets: quadratic in the request's size); a memoryview slices
-    without copying.  With :meth:`SftpFile.write` sending from a view of
-    the caller's buffer, convert into ssh:// of 256 MiB: 1.41 -> 1.14 s."""
+    """paramiko's SFTP client (on a channel, as from_transport makes it),
+    without copying a message again per channel packet.  paramiko's
+    ``_write_all`` slices the bytes left after each send (a copy of the
+    rest, as a 255 KiB request goes out in 32 KiB packets: quadratic in the
+    request's size), and its ``_read_all`` appends each piece received to
+    the bytes so far (a 255 KiB reply comes in up to eight pieces, as sshd
+    reads them from its SFTP server): here a memoryview is sliced, and the
+    pieces are joined once.  With :meth:`SftpFile.write` sending from a
+    view of the caller's buffer, convert into ssh:// of 256 MiB: 1.41 ->
+    1.14 s; the joined reads, 1 MiB calls: 0.211 -> 0.190 s of CPU per
+    128 MiB, 371 -> 415 MB/s."""
     global _SFTP_CLIENT
     if _SFTP_CLIENT is None:
         class SFTPClient(paramiko.SFTPClient):
@@ -476,6 +481,16 @@ def _sftp_client(paramiko):
                     if n <= 0:
                         raise EOFError()
                     view = view[n:]
+
+            def _read_all(self, n):
+                pieces = []
+                while n > 0:
+                    x = self.sock.recv(n)
+                    if not x:
+                        raise EOFError()
+                    pieces.append(x)
+                    n -= len(x)
+                return b"".join(pieces)
         _SFTP_CLIENT = SFTPClient
     return _SFTP_CLIENT
 
