@@ -356,8 +356,10 @@ class SftpFile:
                 msg.get_int64()         # max-packet-length (a request's header fits)
                 read, write = msg.get_int64(), msg.get_int64()      # (0: no limit)
                 size = min(read or REQUEST_MAX, write or REQUEST_MAX, REQUEST_MAX)
-        except (OSError, EOFError, self._paramiko.SSHException):
-            pass                        # (SSH_FX_OP_UNSUPPORTED: an older server)
+        except (OSError, EOFError, AttributeError, self._paramiko.SSHException):
+            # SSH_FX_OP_UNSUPPORTED (an older server), or a paramiko without
+            # the private _request: paramiko's own 32 KiB requests
+            pass
         self._request_size = size
         return size
 
