@@ -13,8 +13,7 @@ from ..errors import Qcow2Error
 from ..engine.untrusted import check_path
 from ..host import blkdebug
 from ..host.lock import Holder
-from ..host import remote
-from ..host.remote import is_url
+from ..host.remote import is_url, is_writable, protocol_of
 from .objects import secrets
 from .common import add_image_arguments, open_error, open_null, resolve_image, warn_stale_bitmaps
 from .options import check_lines, prog
@@ -47,9 +46,9 @@ def run(args):
     if fmt == "raw":
         print(f"{prog()}: This image format does not support checks", file=sys.stderr)
         return 63
-    if args.repair and is_url(path) and not remote.is_writable(path):
+    if args.repair and is_url(path) and not is_writable(path):
         # (an ssh:// file or an NBD export is repaired in place, as qemu does)
-        curl = path.partition(":")[0].lower() in ("http", "https", "ftp", "ftps")
+        curl = protocol_of(path) in ("http", "https", "ftp", "ftps")
         why = "curl driver does not support writes" if curl else \
             "check -r repairs only local files, ssh:// files and NBD exports"
         print(f"{prog()}: Could not open '{args.filename}': {why}", file=sys.stderr)

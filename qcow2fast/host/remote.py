@@ -113,6 +113,20 @@ def is_url(name):
     return isinstance(name, str) and _URL.match(name) is not None
 
 
+def protocol_of(obj):
+    """The lower-case scheme of a URL (``ssh``, ``nbd+unix``, ``https``...),
+    None for anything else."""
+    m = _URL.match(obj) if isinstance(obj, str) else None
+    return m.group(1).lower() if m else None
+
+
+def is_writable(obj):
+    """Whether the remote image ``obj`` can be opened for writing: an
+    ``ssh://`` file or an NBD export (the others are read-only)."""
+    protocol = protocol_of(obj) or ""
+    return protocol == "ssh" or protocol.startswith("nbd")
+
+
 def is_remote(obj):
     """A URL, or an open file object (anything with read and seek that is
     not a path)."""
@@ -157,17 +171,12 @@ def create_file(url, options=None):
     for writing as :func:`open_file` opens it: ``ssh://`` only (what
     qemu-img creates over a protocol; an NBD export has a fixed size)."""
     from .._ext.hookfile import hook_file
-    if not (is_url(url) and _URL.match(url).group(1).lower() == "ssh"):
+    if protocol_of(url) != "ssh":
         raise InvalidArgumentError(f"{name_of(url)}: only ssh:// files are created remotely")
     from .remote_ssh import SshIO
     return hook_file(SshIO(url, RemoteOptions.of(options), create=True), writable=True)
 
 
-def is_writable(obj):
-    """Whether the remote image ``obj`` can be opened for writing: an
-    ``ssh://`` file or an NBD export (the others are read-only)."""
-    m = _URL.match(obj) if isinstance(obj, str) else None
-    return m is not None and (m.group(1).lower() == "ssh" or m.group(1).lower().startswith("nbd"))
 
 
 def open_file(obj, writable=False, options=None):
@@ -182,7 +191,7 @@ def open_file(obj, writable=False, options=None):
             raise InvalidArgumentError(f"{name}: remote images are read-only, but for NBD "
                                        "exports and ssh:// files (open them with mode 'r'; "
                                        "to write, create a local image over it)")
-        if _URL.match(obj).group(1).lower() == "ssh":
+        if protocol_of(obj) == "ssh":
             from .remote_ssh import SshIO
             return hook_file(SshIO(obj, opts), writable=True)
         from .remote_nbd import NbdIO

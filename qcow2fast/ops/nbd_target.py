@@ -14,21 +14,21 @@ import os
 import threading
 
 from ..nbd.client import NbdClient, NbdError
-from ..host.remote import is_url
+from ..host.remote import is_writable, protocol_of
 
 BLOCK = 1 << 20
 _ZEROS = bytes(BLOCK)
 
 
 def is_nbd_name(name):
-    return isinstance(name, str) and is_url(name) and name.lower().startswith("nbd")
+    return (protocol_of(name) or "").startswith("nbd")
 
 
 def is_remote_target(name):
     """An NBD export or an ``ssh://`` file (host/remote_ssh.SshTarget, the
-    same calls): written through its connection, never renamed into place."""
-    return is_nbd_name(name) or (isinstance(name, str) and is_url(name)
-                                 and name.lower().startswith("ssh:"))
+    same calls): the remote images that open for writing, written through
+    their connection, never renamed into place."""
+    return is_writable(name)
 
 
 def open_export(uri, create=True):
