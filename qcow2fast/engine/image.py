@@ -17,8 +17,9 @@ The C half of the data path is the Cython base class ``ImageCore``
 (``_ext/core.pyx``): a cached read or in-place overwrite is one call that
 never enters Python.  It hands the rest to this class through the hooks
 declared in ``_ext/core.pxd``; each runs the subsystem under the image's
-exclusive lock.  The lifecycle methods (image_lifecycle.py) and the
-compressed-write ones (image_compressed.py) are mixins over the same state.
+exclusive lock.  The lifecycle methods (image_lifecycle.py), the
+compressed-write ones (image_compressed.py) and the read-outs of the
+header and state (image_info.py) are mixins over the same state.
 """
 
 from __future__ import annotations
@@ -30,7 +31,6 @@ import warnings
 from typing import TYPE_CHECKING, Any, Literal
 
 from .._ext.core import ImageCore
-from .._ext.fileio import File
 from .._ext.state import CACHE_MODES, ZERO_FROM_NEVER, ImageState
 from ..errors import (CorruptImageError, ImageClosedError, InvalidArgumentError,
                       ReadOnlyImageError, RepairError, RepairWarning)
@@ -49,6 +49,7 @@ from .chain import Chain, ChainBelow, build_chain, open_chain
 from .cluster import Clusters
 from .flush import FlushOrder
 from .image_compressed import CompressedWriteAPI
+from .image_info import ImageInfoAPI
 from .image_lifecycle import LifecycleAPI
 from .secret import ChainSecrets, Secret
 from .mapping import NO_HOST_LIMIT, Mapping, read_l1_table
@@ -57,15 +58,13 @@ from .refcount import Refcounts
 from .snapshot import TableRepairs, find_snapshot, read_snapshot_table, snapshot_l1
 
 if TYPE_CHECKING:
-    from .._ext.cache import TableCache
     from ..host.raw import RawImage
     from .rawio import ImageFile
     from . import crypto
-    from .snapshot import Snapshot
 
 
 
-class Image(LifecycleAPI, CompressedWriteAPI, ImageCore):
+class Image(LifecycleAPI, CompressedWriteAPI, ImageInfoAPI, ImageCore):
     """An open qcow2 image.  Use :func:`qcow2fast.open` to get one."""
 
     def __init__(self, path: str | os.PathLike[str], mode: Literal["r", "r+"] = "r", *,
@@ -285,104 +284,6 @@ class Image(LifecycleAPI, CompressedWriteAPI, ImageCore):
             else cache_clean_interval
         if interval and interval > 0:
             self._cleaner = CacheCleaner(self, interval)
-
-    # -- properties ---------------------------------------------------------------
-
-    @property
-    def header(self) -> hdr.Header:
-        return self.state.header
-
-    @property
-    def geo(self) -> Geometry:
-        return self.state.geo
-
-    @property
-    def file(self) -> File:
-        return self.state.file
-
-    @property
-    def l2_cache(self) -> TableCache:
-        return self.state.l2_cache
-
-    @property
-    def refcount_cache(self) -> TableCache:
-        return self.state.refcount_cache
-
-    @property
-    def snapshot(self) -> Snapshot | None:
-        """The internal snapshot this image views (read-only), or None."""
-        return self.state.snapshot
-
-    @property
-    def cluster_size(self) -> int:
-        return self.state.cluster_size
-
-    @property
-    def version(self) -> int:
-        return self.header.version
-
-    @property
-    def refcount_bits(self) -> int:
-        return self.header.refcount_bits
-
-    @property
-    def compression_type(self) -> str:
-        return hdr.COMPRESSION_NAMES[self.header.compression_type]
-
-    @property
-    def lazy_refcounts(self) -> bool:
-        return self.state.lazy_refcounts
-
-    @property
-    def writethrough(self) -> bool:
-        return self.state.writethrough
-
-    @property
-    def dirty(self) -> bool:
-        return features.is_dirty(self.state)
-
-    @property
-    def corrupt(self) -> bool:
-        return bool(self.header.incompatible_features & hdr.INCOMPAT_CORRUPT)
-
-    @property
-    def backing_file(self) -> str | None:
-        return self.header.backing_file
-
-    @property
-    def backing_format(self) -> str | None:
-        return self.header.backing_format
-
-    @property
-    def backing_chain(self) -> list[str]:
-        img: Image | RawImage | None
-        chain, img = [], self
-        while img is not None:
-            chain.append(img.path)
-            img = getattr(img, "backing", None)
-        return chain
-
-    @property
-    def features(self) -> dict[str, list[str]]:
-        h = self.header
-        out = {}
-        for kind, name, bits in (("incompatible", hdr.FEATURE_INCOMPAT, h.incompatible_features),
-                                 ("compatible", hdr.FEATURE_COMPAT, h.compatible_features),
-                                 ("autoclear", hdr.FEATURE_AUTOCLEAR, h.autoclear_features)):
-            out[kind] = [h.feature_name(name, b) for b in range(64) if bits >> b & 1]
-        return out
-
-    @property
-    def cache_stats(self) -> dict[str, int]:
-        """Metadata cache statistics; with a backing chain, also the chain's
-        (engine/chain.py, Chain.stats: its resolved map's size and hits)."""
-        l2, rc = self.l2_cache, self.refcount_cache
-        out = {"l2_hits": l2.hits, "l2_misses": l2.misses, "l2_slots": l2.nslots,
-               "l2_used": l2.used, "refcount_hits": rc.hits, "refcount_misses": rc.misses,
-               "refcount_used": rc.used}
-        if self.chain is not None:
-            out.update(self.chain.stats())
-        return out
 
     def _join_chain(self, chain: Chain, index: int, below: ChainBelow | None) -> None:
         """This image is layer ``index`` of ``chain`` (engine/chain.py): its
