@@ -16,7 +16,7 @@ from importlib import import_module
 from ..errors import Qcow2Error, RepairWarning
 from ..host.limits import CpuGuard, memory_limit_note
 from .getopt import options_first
-from .options import Parser, UsageError, check_lines, prog, set_prog
+from .options import Parser, check_lines, error_exit, prog, set_prog
 
 # Each subcommand -> the module implementing it.  Only the module of the
 # subcommand being run is imported (start-up is most of a small command's
@@ -107,9 +107,11 @@ def main(argv=None):
         if argv[:1] == ["resize"] and "-h" not in argv and "--help" not in argv:
             argv = command_module("resize").size_last(argv)   # the size may look like an option
         parser = build_parser(name)
-        args = parser.parse_args(options_first(parser, argv))
+        args, extra = parser.parse_known_args(options_first(parser, argv))
+        if extra:
+            raise parser.extra_arguments(name, extra)
         if not args.command:
-            raise UsageError("a command is required (try --help)")
+            raise error_exit("Not enough arguments")
         from ..host.remote_nbd import one_connection_per_export
         with one_connection_per_export():
             return args.run(args)

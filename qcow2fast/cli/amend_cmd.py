@@ -8,7 +8,7 @@ import sys
 
 from .common import add_untrusted_argument, check_untrusted, resolve_image
 from .objects import lookup_secret, secrets
-from .options import UsageError, merge_options, prog
+from .options import UsageError, error_exit, merge_options, prog
 from .progress import PercentProgress
 
 NAME = "amend"
@@ -25,7 +25,7 @@ def add_parser(sub):
     p.add_argument("--image-opts", dest="image_opts", action="store_true")
     p.add_argument("--object", dest="objects", action="append", default=[])
     add_untrusted_argument(p)
-    p.add_argument("filename", nargs="?")
+    p.add_argument("filenames", nargs="*")
     p.set_defaults(run=run)
 
 
@@ -39,8 +39,9 @@ def options_help():
 
 def run(args):
     if not args.options:
-        raise UsageError("Must specify options (-o)")
+        raise error_exit("Must specify options (-o)")
     opts = merge_options(args.options)
+    args.filename = args.filenames[0] if len(args.filenames) == 1 else None
     if args.filename is None and not ("help" in opts and args.fmt):
         raise UsageError("Expecting one image file name")
     fmt = args.fmt
@@ -60,8 +61,8 @@ def run(args):
         if opts.get(key) is not None:       # the id, looked up where qemu does
             opts[key] = lambda oid=opts[key]: lookup_secret(table, oid)
     if "size" in opts and opts["size"] is not None:
-        from .options import parse_size
-        opts["size"] = parse_size(opts["size"], "size")
+        from .options import opt_size
+        opts["size"] = opt_size(opts["size"], "size")
     from ..errors import BadPassphraseError, MissingSecretError
     from ..ops.amend import AmendOptionError, amend
     # qemu-img amend -p's own lines: "    (NN.NN/100%)\r" on stdout, from 0 to 100

@@ -13,11 +13,12 @@ percentage of the requests write).  Cache options go through
 
 from ..errors import Qcow2Error
 from .common import add_share_arguments, open_image, share_options
-from .options import UsageError, parse_size
+from .options import INT_MAX, UsageError, cvtnum
 
 
 def add_parser(sub):
     p = sub.add_parser("bench", help="run a simple I/O benchmark on an image")
+    p.expects("Expecting one image file name")
     p.add_argument("-c", dest="count", default="75000")
     p.add_argument("-d", dest="depth", default="64")
     p.add_argument("-f", dest="fmt")
@@ -66,11 +67,9 @@ def run(args):
     from ..ops import bench
     count = _int(args.count, "request count")
     depth = _int(args.depth, "queue depth", 1)
-    size = parse_size(args.size, "buffer size")
-    if size > 2 ** 31 - 1:
-        raise UsageError(f"Invalid buffer size specified: {args.size}")
-    step = size if args.step is None else parse_size(args.step, "step size")
-    offset = parse_size(args.offset, "offset")
+    size = cvtnum("buffer size", args.size, 0, INT_MAX)
+    step = size if args.step is None else cvtnum("step_size", args.step, 0, INT_MAX)
+    offset = cvtnum("offset", args.offset)
     pattern = _int(args.pattern, "pattern byte", 0, 255)
     flush_interval = _int(args.flush_interval, "flush interval")
     write_percent = 100 if args.write else 0

@@ -13,7 +13,7 @@ import sys
 from ..errors import InvalidArgumentError, Qcow2Error
 from .objects import secrets
 from .common import add_image_arguments, open_image
-from .options import UsageError, parse_size, prog
+from .options import UsageError, cvtnum, prog
 
 
 class _Action(argparse.Action):
@@ -43,19 +43,11 @@ def default_granularity(cluster_size):
 
 
 def run(args):
+    granularity = None if args.granularity is None else cvtnum("granularity", args.granularity)
     actions = args.actions or []
     if not actions:
         raise UsageError("Need at least one of --add, --remove, --clear, --enable, --disable, "
                          "or --merge")
-    granularity = None
-    if args.granularity is not None:
-        try:
-            granularity = parse_size(args.granularity, "granularity")
-        except UsageError:
-            print(f"{prog()}: Invalid granularity specified. You may use k, M, G, T, P or E "
-                  f"suffixes for\n{prog()}: kilobytes, megabytes, gigabytes, terabytes, "
-                  "petabytes and exabytes.", file=sys.stderr)
-            return 1
     kinds = {kind for kind, _ in actions}
     if granularity is not None and "add" not in kinds:
         raise UsageError("granularity only supported with --add")

@@ -21,6 +21,7 @@ from .options import check_lines, prog
 
 def add_parser(sub):
     p = sub.add_parser("check", help="check an image for consistency (and repair it)")
+    p.expects("Expecting one image file name")
     add_image_arguments(p, output=True)
     p.add_argument("-r", dest="repair", choices=("leaks", "all"))
     p.add_argument("-q", dest="quiet", action="store_true")

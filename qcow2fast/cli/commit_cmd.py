@@ -10,7 +10,7 @@ import os
 from ..errors import InvalidArgumentError
 from .common import add_untrusted_argument, check_untrusted, named_as, resolve_image
 from .objects import secrets
-from .options import UsageError, prog, strtosz
+from .options import UsageError, cvtnum, error_exit
 from .progress import PercentProgress
 
 
@@ -35,7 +35,7 @@ def one_image(args, raw_error, backing=True):
     encrypt.key-secret or None), qcow2 (a raw image has no backing file:
     ``raw_error``); ``backing``: its chain will be opened."""
     if len(args.filenames) != 1:
-        raise InvalidArgumentError("Expecting one image file name")
+        raise error_exit("Expecting one image file name")
     path, fmt, kw = resolve_image(args.filenames[0], args.fmt, args.image_opts,
                                   secrets(args.objects), backing=backing)
     if fmt == "raw":
@@ -48,13 +48,7 @@ def one_image(args, raw_error, backing=True):
 def run(args):
     from ..ops.commit import commit
     if args.rate_limit is not None:     # qemu's check; the commit itself is not throttled
-        try:
-            strtosz(args.rate_limit)
-        except (ValueError, OverflowError):
-            raise InvalidArgumentError(
-                "Invalid rate limit specified. You may use k, M, G, T, P or E suffixes for\n"
-                f"{prog()}: kilobytes, megabytes, gigabytes, terabytes, petabytes and "
-                "exabytes.") from None
+        cvtnum("rate limit", args.rate_limit)
     path, key_secret = one_image(args, "Image does not have a backing file")
     bar = PercentProgress(args.progress and not args.quiet, 1.0)
     bar(0, 1)

@@ -14,7 +14,7 @@ from ..host.raw import RawImage
 from ..host.remote import is_url
 from ..errors import BadPassphraseError, MissingSecretError
 from .objects import lookup_secret, secrets
-from .options import SIZE_HELP, UsageError, parse_bool, parse_size, prog, split_options, strtosz
+from .options import SIZE_HELP, UsageError, cvtnum, parse_bool, prog, split_options, strtosz
 
 FORMATS = ("qcow2", "raw")
 
@@ -138,7 +138,7 @@ def protocol_node(node):
                              f"not {t!r}")
         remote["timeout"] = float(t)
     if "readahead" in node:
-        remote["readahead"] = parse_size(str(node["readahead"]), "readahead")
+        remote["readahead"] = cvtnum("readahead", str(node["readahead"]))
     return url, remote
 
 

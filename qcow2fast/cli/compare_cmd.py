@@ -17,6 +17,7 @@ CHUNK = 1 << 20
 
 def add_parser(sub):
     p = sub.add_parser("compare", help="compare the contents of two images")
+    p.expects("Expecting two image file names")
     p.add_argument("-f", dest="fmt1")
     p.add_argument("-F", dest="fmt2")
     p.add_argument("-s", dest="strict", action="store_true")

@@ -21,12 +21,13 @@ from ..engine.backing import probe_format
 from .common import (add_share_arguments, check_backing_given, encrypt_format_mismatch,
                      file_path, image_spec, named_as, share_options, snapshot_spec)
 from .create_cmd import format_error, options_help, qcow2_options
-from .options import UsageError, merge_options, parse_size, warn
+from .options import UsageError, cvtnum, merge_options, warn
 from .progress import ConvertPercent
 
 # -t: qemu-img convert's default is unsafe (no flush); any other mode syncs
 # the output before it is renamed into place, and none/directsync write it
 # with O_DIRECT.  -T (source cache) is accepted.
+MAX_SPARSE = 32768 * 512     # -S: qemu-img's MAX_BUF_SECTORS
 CACHE_MODES = ("unsafe", "writeback", "writethrough", "none", "directsync")
 
 
@@ -80,7 +81,7 @@ def run(args):
         print(options_help(args.out_fmt, args.filenames[-1] if args.filenames else None), end="")
         return 0
     if len(args.filenames) < 2:
-        raise UsageError("convert: expecting a source and a destination filename")
+        raise UsageError("Must specify image file name")
     *names, dest = args.filenames
     sources, source_kw = source_specs(names, args)
     try:
@@ -105,7 +106,7 @@ def _convert(args, opts, names, dest, sources, source_kw):
         backing = args.backing or kw.pop("backing_file", None)
         backing_fmt = args.backing_fmt or kw.pop("backing_format", None)
     elif opts:
-        raise UsageError(f"convert: invalid parameter {next(iter(opts))!r} for format raw")
+        raise UsageError(f"Invalid parameter '{next(iter(opts))}'")
     else:
         kw, backing, backing_fmt = {}, args.backing, args.backing_fmt
     if args.existing and opts:
@@ -117,13 +118,13 @@ def _convert(args, opts, names, dest, sources, source_kw):
                          "concatenating multiple input images")
     if backing and not backing_fmt and not args.existing:
         raise UsageError("Use of backing file requires explicit backing format")
-    sparse = parse_size(args.sparse_size or "4k", "sparse size")
-    if sparse % 512 or sparse > (1 << 30):
-        raise UsageError("convert: invalid sparse size (-S): use a multiple of 512 up to 1G, "
-                         "or 0")
+    sparse = cvtnum("buffer size for sparse output", args.sparse_size or "4k")
+    if sparse % 512 or sparse > MAX_SPARSE:
+        raise UsageError("Invalid buffer size for sparse output specified. Valid sizes are "
+                         f"multiples of 512 up to {MAX_SPARSE}. Select 0 to disable sparse "
+                         "detection (fully allocates output).")
     if args.cache not in CACHE_MODES:
-        raise UsageError(f"convert: invalid cache mode {args.cache!r} for -t "
-                         f"({', '.join(CACHE_MODES)})")
+        raise UsageError(f"Invalid cache option: {args.cache}")
     threads = None
     if args.threads is not None:
         try:

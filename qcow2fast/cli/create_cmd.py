@@ -10,7 +10,8 @@ from ..host.remote import is_url
 from ..ops.options import AMEND_ONLY, QCOW2_OPTION_HELP
 from .common import file_path
 from .objects import lookup_secret, secrets
-from .options import UsageError, image_size, merge_options, opt_size, parse_bool, parse_size
+from .options import (OptionError, UsageError, cvtnum, error_exit, merge_options, opt_number,
+                      opt_size, parse_bool)
 
 # qemu-img's qcow2 creation options, with their help text (sorted, as qemu's).
 QCOW2_OPTIONS = [(name, *help) for name, help in sorted(QCOW2_OPTION_HELP.items())
@@ -45,6 +46,7 @@ LUKS_OPTIONS = [
 
 def add_parser(sub):
     p = sub.add_parser("create", help="create a new image")
+    p.expects("Expecting image file name", "Unexpected argument: {}")
     p.add_argument("-f", dest="fmt", default="raw")
     p.add_argument("-o", dest="options", action="append", default=[])
     p.add_argument("-b", dest="backing")
@@ -101,7 +103,7 @@ def run(args):
         print(options_help(args.fmt, args.filename), end="")
         return 0
     if not args.filename:
-        raise UsageError("create: expecting a filename")
+        raise error_exit("Expecting image file name")
     # the file to make: a "file:" name (the protocol, named) is the path after it
     path = file_path(args.filename)
     size = opts.pop("size", None)
@@ -112,13 +114,16 @@ def run(args):
     except UsageError as e:
         raise UsageError(f"{args.filename}: {e}") from None
     if args.size is not None:
-        size = image_size(args.size)
+        size = cvtnum("image size", args.size)
     if args.fmt in ("raw", "file"):
         return create_raw_file(args, path, opts, size)
     if args.fmt == "luks":
         return create_luks_volume(args, path, opts, size)
     given = dict(opts)
-    kw = qcow2_options(opts, secret_table=secrets(args.objects))
+    try:
+        kw = qcow2_options(opts, secret_table=secrets(args.objects))
+    except OptionError as e:
+        raise UsageError(f"{args.filename}: {e}") from None
     if args.backing == "" or (args.backing is None and kw.get("backing_file") == ""):
         raise UsageError(f"{args.filename}: Expected backing file name, got empty string")
     backing = args.backing or kw.pop("backing_file", None)
@@ -263,18 +268,10 @@ def qcow2_options(opts, command="create", secret_table=None):
             if entry:                   # (encryption=off asks for nothing)
                 kw.setdefault("encrypt", {}).update(entry)
             continue
-        if key.startswith("encrypt."):
-            raise UsageError(f"{command}: invalid parameter '{key}' for format qcow2 "
-                             "(see -o help)")
-        if value is None and key not in ("lazy_refcounts", "extended_l2"):
-            raise UsageError(f"{command}: parameter '{key}' needs a value")
         if key == "cluster_size":
-            kw["cluster_size"] = parse_size(value, "cluster_size")
+            kw["cluster_size"] = opt_size(value, "cluster_size")
         elif key == "refcount_bits":
-            try:
-                kw["refcount_bits"] = int(value)
-            except ValueError:
-                raise UsageError(f"{command}: refcount_bits expects a number, not {value!r}") from None
+            kw["refcount_bits"] = opt_number(value, key)
         elif key == "compat":
             kw["compat"] = {"v2": "0.10", "v3": "1.1"}.get(value, value)
         elif key == "lazy_refcounts":
@@ -297,8 +294,7 @@ def qcow2_options(opts, command="create", secret_table=None):
             else:
                 opt_size(value, key)
         else:
-            raise UsageError(f"{command}: invalid parameter '{key}' for format qcow2 "
-                             "(see -o help)")
+            raise OptionError(f"Invalid parameter '{key}'")
     return kw
 
 
@@ -308,13 +304,8 @@ def encrypt_option(key, value, secret_table):
     if key == "encryption":         # qemu's legacy spelling of encrypt.format=aes
         return {"format": "aes"} if parse_bool(value, key) else {}
     name = key[len("encrypt."):].replace("-", "_")
-    if value is None:
-        raise UsageError(f"parameter '{key}' needs a value")
     if name == "key_secret":
         return {name: lookup_secret(secret_table or {}, value)}
     if name == "iter_time":
-        try:
-            return {name: int(value)}
-        except ValueError:
-            raise UsageError(f"Parameter '{key}' expects a number") from None
+        return {name: opt_number(value, key)}
     return {name: value}

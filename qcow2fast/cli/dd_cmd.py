@@ -7,10 +7,9 @@ with exit status 1 (qemu-img 7.2 prints the error but exits 0)."""
 
 from ..host import file as hostfile
 from .common import add_share_arguments, file_path, open_image, share_options
-from .options import UsageError, parse_size
+from .options import INT_MAX, UsageError, cvtnum
 
 CHUNK = 1 << 20
-MAX_BS = 2 ** 31 - 1
 
 
 def add_parser(sub):
@@ -28,15 +27,13 @@ def parse_operands(operands):
     for text in operands:
         key, sep, value = text.partition("=")
         if not sep or key not in ("if", "of", "bs", "count", "skip"):
-            raise UsageError(f"dd: unrecognized operand {key}")
+            raise UsageError(f"unrecognized operand {key}")
         ops[key] = value
     if "if" not in ops or "of" not in ops:
-        raise UsageError("dd: must specify both input and output files")
-    bs = parse_size(ops.get("bs", "512"), "block size")
-    if not 1 <= bs <= MAX_BS:
-        raise UsageError(f"dd: invalid bs specified; must be between 1 and {MAX_BS}")
-    count = parse_size(ops["count"], "count") if "count" in ops else None
-    skip = parse_size(ops["skip"], "skip") if "skip" in ops else 0
+        raise UsageError("Must specify both input and output files")
+    bs = cvtnum("bs", ops.get("bs", "512"), 1, INT_MAX)
+    count = cvtnum("count", ops["count"]) if "count" in ops else None
+    skip = cvtnum("skip", ops["skip"]) if "skip" in ops else 0
     return ops["if"], ops["of"], bs, count, skip
 
 

@@ -22,7 +22,7 @@ import sys
 import time
 
 from .create_cmd import qcow2_options
-from .options import UsageError, merge_options, parse_bool, parse_size
+from .options import UsageError, merge_options, parse_bool, cvtnum
 
 NAME = "fleet"
 BOOL_OPTIONS = {"compress", "existing", "target_is_zero", "sync", "direct", "force_share",
@@ -154,7 +154,7 @@ def _option(key, value, entry, where):
         if key in INT_OPTIONS:
             return int(value)
         if key == "sparse_size":
-            return parse_size(value, "sparse size")
+            return cvtnum("sparse size", value)
         if key == "options":
             opts = merge_options([value])
             return qcow2_options(opts, "convert") if entry.get("format", "qcow2") == "qcow2" \

@@ -11,7 +11,8 @@ operands in their order, after a ``--`` when one of them starts with ``-``.
 import argparse
 
 
-def _subcommands(parser):
+def subcommands(parser):
+    """A parser's subcommand parsers by name."""
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
             return action.choices
@@ -49,7 +50,9 @@ def _permute(parser, args):
         if not arg.startswith("-") or arg == "-":
             operands.append(arg)
         elif arg.startswith("--"):
-            if "=" not in arg and _takes_value(parser, arg) and i < len(args):
+            if "=" not in arg and _takes_value(parser, arg):
+                if i == len(args):
+                    raise _usage(f"missing argument for option '{arg}'")
                 options += _value(arg, "=", args[i])
                 i += 1
             else:
@@ -57,10 +60,17 @@ def _permute(parser, args):
         else:
             # A cluster of short options (-pq, -fqcow2): the first that takes
             # a value takes the rest of the word, or else the next argument.
+            # (An unknown letter is refused here, as getopt does, where
+            # argparse would take "-1" for a negative number operand.)
             words = [arg]
             for j in range(1, len(arg)):
-                if _takes_value(parser, "-" + arg[j]):
-                    if j == len(arg) - 1 and i < len(args):
+                takes = _takes_value(parser, "-" + arg[j])
+                if takes is None:
+                    raise _usage(f"unrecognized option '{arg}'")
+                if takes:
+                    if j == len(arg) - 1:
+                        if i == len(args):
+                            raise _usage(f"missing argument for option '{arg}'")
                         words = _value(arg, "", args[i])
                         i += 1
                     break
@@ -70,9 +80,14 @@ def _permute(parser, args):
     return options + operands
 
 
+def _usage(message):
+    from .options import error_exit     # (options imports this module)
+    return error_exit(message)
+
+
 def options_first(parser, argv):
     """``argv`` with the subcommand's options before its operands."""
-    commands = _subcommands(parser)
+    commands = subcommands(parser)
     for i, arg in enumerate(argv):
         if arg == "--" or not arg.startswith("-"):
             sub = commands.get(arg)

@@ -22,6 +22,7 @@ from .options import UsageError, size_to_str, split_options
 
 def add_parser(sub):
     p = sub.add_parser("info", help="show information about an image")
+    p.expects("Expecting one image file name")
     add_image_arguments(p, output=True)
     p.add_argument("--backing-chain", dest="backing_chain", action="store_true")
     p.add_argument("filename")

@@ -36,7 +36,7 @@ from ..host.window import RawWindow
 from ..spec.header import QCOW_MAGIC
 from .common import (IMAGE_OPTS, file_path, flatten, image_option, json_name, open_error,
                      protocol_node, qdict_first)
-from .options import UsageError, parse_size
+from .options import UsageError, opt_size
 from .refresh import driver_of, refreshed_name
 
 
@@ -306,4 +306,4 @@ def _size(node, key):
             not isinstance(value, (int, str)):
         raise InvalidArgumentError(f"Parameter '{key}' expects a non-negative number "
                                    "below 2^64")
-    return value if isinstance(value, int) else parse_size(value, key)
+    return value if isinstance(value, int) else opt_size(value, key)

@@ -11,11 +11,12 @@ from ..extent import Extent
 from .common import add_image_arguments, open_image, share_options
 from .info_cmd import full_backing_filename
 from .json_filename import shown_name
-from .options import parse_size, prog
+from .options import cvtnum, prog
 
 
 def add_parser(sub):
     p = sub.add_parser("map", help="show the mapping of the guest disk")
+    p.expects("Expecting one image file name")
     add_image_arguments(p, output=True)
     p.add_argument("--start-offset", dest="start", default="0")
     p.add_argument("--max-length", dest="max_length")
@@ -25,12 +26,11 @@ def add_parser(sub):
 
 def run(args):
     from ..engine.blockstatus import chain_files, split_host_holes
-    start = parse_size(args.start, "start offset")
+    start = cvtnum("start offset", args.start)
+    length = None if args.max_length is None else cvtnum("max length", args.max_length)
     img = open_image(args.filename, args.fmt, image_opts=args.image_opts, **share_options(args))
     try:
-        end = img.size
-        if args.max_length is not None:
-            end = min(end, start + parse_size(args.max_length, "max length"))
+        end = img.size if length is None else min(img.size, start + length)
         # (the File column names the node holding the data: with
         # --image-opts, the image's file as the options name it)
         names = layer_names(img, img.path if args.image_opts and getattr(img, "path", None)

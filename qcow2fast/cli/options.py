@@ -4,12 +4,16 @@ argument parser that reports usage errors with exit status 1 (argparse's 2
 would read as "corrupt" to a script calling ``check``)."""
 
 import argparse
+import ast
 import math
 import os
 import re
 import sys
 
 from ..errors import InvalidArgumentError
+from .getopt import subcommands
+
+INT_MAX = 2 ** 31 - 1      # C's, as qemu-img bounds some sizes
 
 SIZE_SUFFIXES = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40,
                  "p": 1 << 50, "e": 1 << 60}
@@ -46,12 +50,56 @@ class UsageError(InvalidArgumentError):
     """A bad command line: reported in one line, exit status 1."""
 
 
+def error_exit(message):
+    """qemu-img's error_exit(): a usage error followed by the line that
+    points to --help (qemu's error_report() is a plain UsageError)."""
+    return UsageError(f"{message}\nTry '{prog()} --help' for more information")
+
+
+# argparse's refusal of a value outside an option's choices -> qemu-img's
+# words (error_exit's when with_hint): {value} is the value given.
+CHOICE_ERRORS = {
+    "--output": ("--output must be used with human or json as argument.", False),
+    "-r": ("Unknown option value for -r (expecting 'leaks' or 'all'): {value}", True),
+    "COMMAND": ("Command not found: {value}", True),
+}
+
+
 class Parser(argparse.ArgumentParser):
+    """argparse with qemu-img's words for usage errors.  A subcommand's
+    parser says what qemu-img says for too few and too many operands
+    (:meth:`expects`); the too-many case reaches :meth:`extra_arguments`
+    from the top-level parser, which is where argparse finds it."""
+
+    too_few = too_many = None
+
+    def expects(self, too_few, too_many=None):
+        """qemu-img's error_exit words for too few operands and for too
+        many (``{}``: the first extra one; default: the too-few words)."""
+        self.too_few, self.too_many = too_few, too_many or too_few
+
+    def extra_arguments(self, command, extra):
+        """The error for arguments left over after ``command``'s parse."""
+        sub = subcommands(self).get(command)
+        if extra[0].startswith("-") and extra[0] != "-":
+            return error_exit(f"unrecognized option '{extra[0]}'")
+        if sub is not None and sub.too_many:
+            return error_exit(sub.too_many.format(extra[0]))
+        return UsageError(f"unrecognized arguments: {' '.join(extra)}")
+
     def error(self, message):
-        words = message.split()
-        if message.startswith("unrecognized arguments: ") and words[2].startswith("-"):
-            raise UsageError(f"unrecognized option '{words[2]}'\n"     # qemu-img's words
-                             f"Try '{prog()} --help' for more information")
+        if message.startswith("the following arguments are required") and self.too_few:
+            raise error_exit(self.too_few)
+        m = re.match(r"argument ([-\w]+)(?:/\S+)?: (?:invalid choice: (.*) \(choose|(expected))",
+                     message)
+        if m and m.group(3):                # getopt's "option requires an argument"
+            raise error_exit(f"missing argument for option '{m.group(1)}'")
+        if m and m.group(1) in CHOICE_ERRORS:
+            words, with_hint = CHOICE_ERRORS[m.group(1)]
+            text = words.format(value=ast.literal_eval(m.group(2)))
+            raise error_exit(text) if with_hint else UsageError(text)
+        if message.startswith("unrecognized arguments: -"):
+            raise error_exit(f"unrecognized option '{message.split()[2]}'")
         command = self.prog.partition(" ")[2]
         raise UsageError(f"{command}: {message}" if command else message)
 
@@ -91,41 +139,46 @@ SIZE_HELP = ("Parameter '{key}' expects a non-negative number below 2^64\n"
              "and exabytes, respectively.")
 
 
+class OptionError(UsageError):
+    """An option value qemu's QemuOpts refuse, in their words.  The command
+    adds its context as qemu-img does: create puts the file's name before
+    it, measure a line after it."""
+
+
 def opt_size(text, key):
     """A size-typed ``-o`` option, as qemu's QemuOpts parse it (below 2^64)."""
     try:
         return strtosz(text)
     except (ValueError, OverflowError):
-        raise UsageError(SIZE_HELP.format(key=key)) from None
+        raise OptionError(SIZE_HELP.format(key=key)) from None
 
 
-def image_size(text):
-    """qemu-img create's size operand, with its messages (below 2^63)."""
-    try:
-        value = strtosz(text)
-    except ValueError:
-        raise UsageError("Invalid image size specified. You may use k, M, G, T, P or E "
-                         f"suffixes for\n{prog()}: kilobytes, megabytes, gigabytes, "
-                         "terabytes, petabytes and exabytes.") from None
-    except OverflowError:
-        value = 2 ** 64
-    if value >= 2 ** 63:
-        raise UsageError("Invalid image size specified. Must be between 0 and "
-                         f"{2 ** 63 - 1}.")
+def opt_number(text, key):
+    """A number-typed ``-o`` option, as QemuOpts parse it (C's strtoull in
+    base 0: decimal, 0x hex or 0 octal; below 2^64)."""
+    m = re.fullmatch(r"\s*\+?(0[xX][0-9a-fA-F]+|0[0-7]*|[1-9][0-9]*)", text)
+    if not m:
+        raise OptionError(f"Parameter '{key}' expects a number")
+    digits = m.group(1)
+    value = int(digits, 16 if digits[1:2] in ("x", "X") else 8 if digits[0] == "0" else 10)
+    if value >= 2 ** 64:
+        raise OptionError(f"Value '{text}' is too large for parameter '{key}'")
     return value
 
 
-def parse_size(text, what="size"):
-    """'1G', '1.5G', '512', '64k', '0x10000' -> bytes (qemu_strtosz), below 2^63."""
+def cvtnum(name, text, lo=0, hi=2 ** 63 - 1):
+    """qemu-img's cvtnum_full: a size operand or option value (qemu_strtosz)
+    between ``lo`` and ``hi``, with qemu-img's messages naming it ``name``."""
     try:
         value = strtosz(text)
     except ValueError:
-        raise UsageError(f"invalid {what} {text!r}: use a number with an optional suffix "
-                         "k, M, G, T, P or E") from None
+        raise UsageError(f"Invalid {name} specified. You may use k, M, G, T, P or E suffixes "
+                         f"for\n{prog()}: kilobytes, megabytes, gigabytes, terabytes, "
+                         "petabytes and exabytes.") from None
     except OverflowError:
-        value = 2 ** 64
-    if value >= 2 ** 63:
-        raise UsageError(f"{what} {text!r} is too large")
+        value = None
+    if value is None or not lo <= value <= hi:
+        raise UsageError(f"Invalid {name} specified. Must be between {lo} and {hi}.")
     return value
 
 
@@ -165,19 +218,19 @@ def merge_options(option_args):
         if not text or text.startswith(",") or trailing % 2:
             raise UsageError(f"Invalid option list: {text}")
         for key, value in split_options(text):
+            if value is None and key not in ("help", "?"):     # QemuOpts' bare flags
+                key, value = (key[2:], "off") if key.startswith("no") else (key, "on")
             merged[key] = value
     return merged
 
 
 def parse_bool(value, key):
-    if value is None:
+    """A boolean option as qemu's qapi_bool_parse reads it (a bare key: on)."""
+    if value is None or value in ("on", "yes", "true", "y"):
         return True
-    v = value.lower()
-    if v in ("on", "yes", "true", "1"):
-        return True
-    if v in ("off", "no", "false", "0"):
+    if value in ("off", "no", "false", "n"):
         return False
-    raise UsageError(f"parameter '{key}' expects 'on' or 'off', not {value!r}")
+    raise OptionError(f"Parameter '{key}' expects 'on' or 'off'")
 
 
 def size_to_str(n):

@@ -6,9 +6,9 @@ and the new backing chains differ; ``-u`` only rewrites the header.  As in
 qemu-img 7.2, a backing file needs its format (-F), and -u without -b
 removes the backing file."""
 
-from ..errors import InvalidArgumentError
 from .common import add_untrusted_argument, named_as
 from .commit_cmd import one_image
+from .options import error_exit
 from .progress import PercentProgress
 
 
@@ -33,7 +33,7 @@ def add_parser(sub):
 def run(args):
     from ..ops.rebase import rebase
     if len(args.filenames) == 1 and args.backing is None and not args.unsafe:
-        raise InvalidArgumentError("Must specify backing file (-b) or use unsafe mode (-u)")
+        raise error_exit("Must specify backing file (-b) or use unsafe mode (-u)")
     path, key_secret = one_image(args, f"Could not change the backing file to '{args.backing}': "
                                  "Operation not supported", backing=not args.unsafe)
     bar = PercentProgress(args.progress and not args.quiet, 2.0)

@@ -11,10 +11,9 @@ from ..errors import InvalidArgumentError
 from .objects import secrets
 from .common import add_untrusted_argument, open_image
 from . import options
-from .options import UsageError, parse_size, prog
+from .options import UsageError, error_exit, prog
 
 NAME = "resize"
-SIZE_HELP = options.SIZE_HELP.format(key="size")
 SHRINK_WARNING = ("warning: Shrinking an image will delete all data beyond the shrunken "
                   "image's end. Before performing such an operation, make sure there is no "
                   "important data there.")
@@ -22,6 +21,7 @@ SHRINK_WARNING = ("warning: Shrinking an image will delete all data beyond the s
 
 def add_parser(sub):
     p = sub.add_parser(NAME, help="change the virtual size of an image")
+    p.expects("Expecting image file name and size")
     p.add_argument("-f", dest="fmt")
     p.add_argument("-q", dest="quiet", action="store_true")
     p.add_argument("--image-opts", dest="image_opts", action="store_true")
@@ -38,7 +38,7 @@ def size_last(argv):
     """qemu-img takes the size from the end before parsing options (a
     negative size is not an option): put it after ``--``."""
     if len(argv) < 3:
-        raise UsageError("resize: Not enough arguments")
+        raise error_exit("Not enough arguments")
     return argv[:-1] + ["--", argv[-1]]
 
 
@@ -48,11 +48,7 @@ def run(args):
         raise UsageError(f"Invalid preallocation mode '{args.preallocation}'")
     text = args.size
     sign = {"+": 1, "-": -1}.get(text[:1], 0)
-    try:
-        n = parse_size(text[1:] if sign else text, "size")
-    except UsageError:
-        print(f"{prog()}: {SIZE_HELP}", file=sys.stderr)
-        return 1
+    n = options.opt_size(text[1:] if sign else text, "size")
     img = open_image(args.filename, args.fmt, image_opts=args.image_opts, writable=True,
                      secrets=secrets(args.objects), untrusted=args.untrusted)
     try:

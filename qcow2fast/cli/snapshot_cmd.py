@@ -17,7 +17,7 @@ from ..spec.snapshot import MAX_SNAPSHOTS
 from .objects import secrets
 from .common import add_image_arguments, open_image
 from .info_cmd import snapshot_info, snapshot_list
-from .options import UsageError
+from .options import error_exit
 
 NAME_MAX = 255          # qemu-img copies the name into a 256-byte buffer
 
@@ -39,14 +39,14 @@ def _action(args):
     if args.snap_list:
         chosen.insert(0, ("list", None))
     if len(chosen) > 1:
-        raise UsageError("Cannot mix '-l', '-a', '-c', '-d'")
+        raise error_exit("Cannot mix '-l', '-a', '-c', '-d'")
     return chosen[0] if chosen else (None, None)
 
 
 def run(args):
     action, name = _action(args)
     if len(args.filenames) != 1:
-        raise UsageError("Expecting one image file name")
+        raise error_exit("Expecting one image file name")
     filename = args.filenames[0]
     writable = action in ("apply", "create", "delete")
     if writable and args.force_share:

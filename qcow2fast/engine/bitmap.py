@@ -309,7 +309,7 @@ class Bitmaps:
         if name in self.by_name:
             raise InvalidArgumentError(f"Bitmap already exists: {name}")
         if not isinstance(name, str) or not name:
-            raise InvalidArgumentError("bitmap name must be a non-empty string")
+            raise InvalidArgumentError("Bitmap name cannot be empty")
         bm.check_granularity(granularity)
         try:
             bm.check_new_bitmap(name, granularity, s.size, s.cluster_size)

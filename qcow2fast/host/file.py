@@ -96,6 +96,15 @@ def open_image_file(path, fmt, *, writable=False, direct=False, force_share=Fals
     return f
 
 
+def not_found(path):
+    """The error for a file that is not there, carrying qemu-img's words
+    for it ("Could not open 'PATH': Could not open 'PATH': No such file or
+    directory": the CLI's ``opening``/``qemu`` pair)."""
+    e = FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), path)
+    e.opening, e.qemu = path, f"Could not open '{path}': {e.strerror}"
+    return e
+
+
 def open_in_place(path):
     """A qcow2 image's file opened for writing in place and not locked (a
     command that holds the image's locks for its whole run, as check -r

@@ -384,7 +384,7 @@ def _convert_through_image(src, dest, format, options, sparse_size, existing,
     size = whole_sectors(src.size) if src is not None else None
     if existing and not is_remote_target(dest):
         if not os.path.exists(dest):
-            raise FileNotFoundError(2, "Could not open target image", dest)
+            raise hostfile.not_found(dest)
     out = Output(dest, in_place=existing, image=format == "qcow2")
     ok = False
     img = dfile = prefault = None

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 
 from .._ext.fileio import File
 from .._ext.kernels import differing_units, nonzero_units
-from ..engine.backing import qemu_name, resolve_backing_path
+from ..engine.backing import probe_format, qemu_name, resolve_backing_path
 from ..engine.image import Image
 from ..errors import (CorruptImageError, ImageLockedError, InvalidArgumentError, Qcow2Error,
                       UnsupportedFeatureError)
@@ -69,6 +69,11 @@ def rebase(path: str | os.PathLike[str], backing: str | None, *,
     for mode in (cache, backing_cache):
         chainlayers.check_cache_mode(mode)
     if backing is not None and backing_fmt is None:
+        if not unsafe:      # qemu-img opens (probes) the new backing file first
+            where = resolve_backing_path(path, backing)
+            probed = probe_format(where) if os.path.exists(where) else "qcow2"
+            _open_new_backing(path, backing, probed, backing_cache, key_secret,
+                              force_share).close()
         raise InvalidArgumentError(f"Could not change the backing file to '{backing}': "
                                    "backing format must be specified")
     if backing is None:

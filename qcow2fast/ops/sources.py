@@ -8,6 +8,7 @@ import os
 import numpy as np
 
 from ..engine.backing import probe_format
+from ..host import file as hostfile
 from ..host.remote import is_url
 from ..errors import ConvertError, InvalidArgumentError, Qcow2Error
 from ..extent import Extent
@@ -144,7 +145,7 @@ def open_sources(names, fmt, snapshot=None, *, force_share=False, untrusted=Fals
                 continue
             path = os.fspath(name)
             if not is_url(path) and not os.path.exists(path):
-                raise FileNotFoundError(2, "Could not open source image", path)
+                raise hostfile.not_found(path)
             f = fmt or probe_format(path, remote)
             if f == "qcow2":
                 from ..engine.image import Image

@@ -35,4 +35,4 @@ def test_dd_errors(capsys, tmp_path, source, ops):
     argv = ["dd", *ops] if not ops else ["dd", f"if={source}", f"of={tmp_path / 'x'}", *ops]
     assert main(argv) == 1
     err = capsys.readouterr().err
-    assert err.startswith("qcow2fast: dd: ") and err.count("\n") == 1
+    assert err.startswith("qcow2fast: ") and err.count("\n") == 1     # (words: test_cli_qemu_messages)

@@ -266,3 +266,65 @@ def test_create_raw_as_qemus_file_driver(capsys, tmp_path, options):
         a, b = mine.stat(), theirs.stat()
         assert (a.st_size, a.st_blocks) == (b.st_size, b.st_blocks)
         assert mine.read_bytes() == bytes(1 << 20)
+
+
+# Usage errors: operands too few or too many, option values qemu-img's
+# cvtnum and QemuOpts refuse, unknown and incomplete options; missing files.  "I" is an
+# image with a backing file, "T" a new file's name.
+USAGE_ERRORS = [
+    [], ["frob"], ["info"], ["info", "I", "I"], ["check"], ["check", "I", "I"], ["map"],
+    ["bench"], ["compare", "I"], ["compare", "I", "I", "I"], ["commit"], ["commit", "I", "I"],
+    ["rebase", "I"], ["rebase", "-u"], ["snapshot", "-l"], ["snapshot", "-l", "-c", "s", "I"],
+    ["resize"], ["resize", "I"], ["resize", "I", "1G", "extra"], ["resize", "I", "abc"],
+    ["amend", "I"], ["amend", "-o", "lazy_refcounts=on", "I", "I"], ["create"],
+    ["create", "-f", "qcow2"], ["create", "-f", "qcow2", "T", "1G", "extra"],
+    ["create", "-f", "qcow2", "T", "-1"], ["create", "-f", "qcow2", "T", "abc"],
+    ["create", "-f", "qcow2", "T", "9E"], ["convert"], ["convert", "I"],
+    ["measure"], ["measure", "-O", "qcow2"], ["measure", "--size", "1G", "I"],
+    ["measure", "--size", "abc"], ["measure", "-f", "qcow2", "--size", "1G"], ["measure", "I", "I"],
+    ["dd"], ["dd", "if=I"], ["dd", "if=I", "of=T", "conv=notrunc"], ["dd", "if=I", "of=T", "bs=0"],
+    ["dd", "if=I", "of=T", "bs=abc"], ["dd", "if=I", "of=T", "count=-1"],
+    ["check", "-r", "bogus", "I"], ["info", "--output=xml", "I"], ["map", "--output=xml", "I"],
+    ["measure", "--output=xml", "--size", "1G"], ["info", "-f"], ["info", "I", "-f"],
+    ["info", "I", "--output"], ["map", "-x", "I"], ["info", "--bogus", "I"],
+    ["map", "--start-offset=abc", "I"], ["map", "--max-length=1E1", "I"],
+    ["bench", "-s", "4G", "I"], ["bench", "-S", "abc", "I"], ["bench", "-o", "x", "I"],
+    ["commit", "-r", "abc", "I"], ["convert", "-S", "3", "I", "T"],
+    ["convert", "-S", "32M", "I", "T"], ["convert", "-S", "abc", "I", "T"],
+    ["convert", "-t", "bogus", "I", "T"], ["bitmap", "-g", "abc", "--add", "I", "b"],
+    ["bitmap", "-g", "1k", "I", "b"], ["bitmap", "--add", "I"],
+    # -o values QemuOpts refuse (create: after the file's name; measure: and a line)
+    ["create", "-f", "qcow2", "-o", "cluster_size=abc", "T", "1G"],
+    ["create", "-f", "qcow2", "-o", "cluster_size", "T", "1G"],
+    ["create", "-f", "qcow2", "-o", "refcount_bits=abc", "T", "1G"],
+    ["create", "-f", "qcow2", "-o", "lazy_refcounts=ON", "T", "1G"],
+    ["create", "-f", "qcow2", "-o", "bogus", "T", "1G"],
+    ["create", "-f", "qcow2", "-o", "encrypt.foo=1", "T", "1G"],
+    ["convert", "-O", "qcow2", "-o", "bogus=1", "I", "T"],
+    ["convert", "-O", "qcow2", "-o", "lazy_refcounts=abc", "I", "T"],
+    ["convert", "-O", "raw", "-o", "bogus=1", "I", "T"],
+    ["measure", "-O", "qcow2", "-o", "bogus=1", "--size", "1G"],
+    ["measure", "-O", "qcow2", "-o", "cluster_size=abc", "--size", "1G"],
+    ["measure", "-O", "raw", "-o", "bogus=1", "--size", "1G"],
+    # files that are not there, names refused
+    ["convert", "-O", "qcow2", "nosuch", "T"], ["convert", "-n", "-O", "qcow2", "I", "nosuch"],
+    ["rebase", "-b", "nosuch.qcow2", "I"], ["bitmap", "--add", "I", ""],
+]
+
+
+@pytest.mark.parametrize("argv", USAGE_ERRORS, ids=" ".join)
+def test_usage_errors_like_qemu(capsys, tmp_path, argv):
+    base = qemu_create(tmp_path / "base.qcow2", MiB)
+    image = tmp_path / "img.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-b", base, "-F", "qcow2", image)
+    ours, theirs = tmp_path / "ours", tmp_path / "theirs"
+
+    def fill(target):
+        return [str(image) if a == "I" else str(target) if a == "T"
+                else a.replace("=I", f"={image}").replace("=T", f"={target}") for a in argv]
+    status, out, err = cli(capsys, *fill(ours))
+    want = qemu_img(*fill(theirs), check=False)
+    assert (status, out) == (want.returncode, want.stdout.decode())
+    assert ours_as_qemu(err, (ours, theirs)).replace("'qcow2fast --help'", "'qemu-img --help'") \
+        == want.stderr.decode()
+    assert not ours.exists()

@@ -10,7 +10,7 @@ import struct
 import pytest
 
 import qcow2fast
-from qcow2fast.cli.options import parse_size
+from qcow2fast.cli.options import cvtnum
 from qcow2fast.errors import (InvalidArgumentError, Qcow2Error, ReadOnlyImageError,
                               UnsupportedFeatureError)
 from tests.helpers.luks_util import qemu_check_luks, qemu_create_luks, qemu_io_luks
@@ -95,7 +95,7 @@ def test_resize_like_qemu(tmp_path, geometry):
         args = (["--shrink"] if shrink else []) + [f"--preallocation={prealloc}"]
         qemu_img("resize", "-q", *args, b, size)
         with qcow2fast.open(a, "r+") as img:
-            n = parse_size(size.lstrip("+"))
+            n = cvtnum("size", size.lstrip("+"))
             img.resize(img.size + n if size[0] == "+" else n, shrink=shrink,
                        preallocation=prealloc)
         assert_same(a, b, names)
