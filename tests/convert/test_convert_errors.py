@@ -83,7 +83,7 @@ def test_missing_source_and_unwritable_target(capsys, source, tmp_path):
     (["-O", "qcow2", "-o", "cluster_size=3k"], "Cluster size must be a power of two"),  # qemu's
     (["-O", "qcow2", "-o", "bogus=1"], "bogus"),
     (["-O", "raw", "-c"], "compression"),
-    (["-O", "raw", "-o", "cluster_size=4k"], "raw"),
+    (["-O", "raw", "-o", "cluster_size=4k"], "Invalid parameter 'cluster_size'"),
     (["-O", "qcow2", "-S", "1000"], "sparse"),
     (["-O", "qcow2", "-m", "0"], "threads"),
     (["-O", "qcow2", "--target-is-zero"], "-n"),
