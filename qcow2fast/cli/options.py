@@ -4,7 +4,6 @@ argument parser that reports usage errors with exit status 1 (argparse's 2
 would read as "corrupt" to a script calling ``check``)."""
 
 import argparse
-import ast
 import math
 import os
 import re
@@ -95,6 +94,7 @@ class Parser(argparse.ArgumentParser):
         if m and m.group(3):                # getopt's "option requires an argument"
             raise error_exit(f"missing argument for option '{m.group(1)}'")
         if m and m.group(1) in CHOICE_ERRORS:
+            import ast                      # (argparse shows the value as its repr)
             words, with_hint = CHOICE_ERRORS[m.group(1)]
             text = words.format(value=ast.literal_eval(m.group(2)))
             raise error_exit(text) if with_hint else UsageError(text)
