@@ -104,6 +104,11 @@ class UntrustedImageError(Qcow2Error):
     a protocol name, more memory or work than the bounds allow)."""
 
 
+class SnapshotNotFoundError(InvalidArgumentError):
+    """No internal snapshot has the id or name asked for."""
+    qemu = "Can't find snapshot"       # qemu's words (bdrv_snapshot_load_tmp)
+
+
 class MissingSecretError(InvalidArgumentError):
     """An encrypted image opened for I/O without ``key_secret``."""
 

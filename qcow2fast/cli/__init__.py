@@ -51,6 +51,11 @@ def build_parser(only=None):
     return parser
 
 
+def command_index(argv):
+    """Where the subcommand is in ``argv`` (its length if there is none)."""
+    return next((i for i, arg in enumerate(argv) if not arg.startswith("-")), len(argv))
+
+
 def command_name(argv):
     """The subcommand ``argv`` runs, or None if it is not plainly one (then
     the full parser answers: help, or argparse's error)."""
@@ -92,7 +97,7 @@ def main(argv=None):
     if argv is None:
         stdout_as_c()
     argv = sys.argv[1:] if argv is None else list(argv)
-    debug = "--debug" in argv
+    debug = "--debug" in argv[:command_index(argv)]
     # Under RLIMIT_CPU (prlimit --cpu, as for untrusted uploads): a clear
     # error rather than the kernel's SIGKILL.
     CpuGuard.install(prog())
@@ -128,11 +133,11 @@ def main(argv=None):
     except (Qcow2Error, OSError) as e:
         if debug:
             raise
-        print(f"{prog()}: {_describe(e)}", file=sys.stderr)
+        print(f"{prog()}: {describe(e)}", file=sys.stderr)
         return 1
 
 
-def _describe(e):
+def describe(e):
     if getattr(e, "opening", None) and getattr(e, "qemu", None):
         return f"Could not open '{e.opening}': {e.qemu}"     # a backing file (engine/chain.py)
     if isinstance(e, OSError) and e.filename and e.strerror:

@@ -18,8 +18,10 @@ from ..host import blkdebug
 from ..host.remote import is_url
 from .objects import secrets
 from ..engine.backing import probe_format
+from ..errors import SnapshotNotFoundError
 from .common import (add_share_arguments, check_backing_given, encrypt_format_mismatch,
-                     file_path, image_spec, named_as, share_options, snapshot_spec)
+                     file_path, image_spec, named_as, share_options, snapshot_not_found,
+                     snapshot_spec)
 from .create_cmd import format_error, options_help, qcow2_options
 from .options import UsageError, cvtnum, merge_options, warn
 from .progress import ConvertPercent
@@ -157,6 +159,8 @@ def _convert(args, opts, names, dest, sources, source_kw):
                     snapshot=snapshot_spec(args.snapshot),
                     compression_level=args.compression_level, salvage=args.salvage,
                     warn=(lambda message: None) if args.quiet else warn, **source_kw)
+    except SnapshotNotFoundError as e:
+        raise snapshot_not_found(e) from None
     finally:
         bar.close()
     if copy_bitmaps:

@@ -19,23 +19,36 @@ def subcommands(parser):
     return {}
 
 
-def _takes_value(parser, option):
-    """Whether ``option`` (as typed, maybe a unique prefix of a long
-    option, as getopt_long accepts) takes a value; None if unknown."""
-    actions = parser._option_string_actions
-    action = actions.get(option)
-    if action is None and option.startswith("--"):
-        matches = {a for name, a in actions.items() if name.startswith(option)}
-        action = matches.pop() if len(matches) == 1 else None
-    if action is None:
-        return None
-    return action.nargs != 0
-
-
 def _value(option, joiner, value):
     """An option and its value: joined when the value starts with ``-``
     (argparse would take it for an option), else as two arguments."""
     return [option + joiner + value] if value.startswith("-") else [option, value]
+
+
+def _long_option(parser, word):
+    """The long option a ``--name[=value]`` word names, as getopt_long
+    finds it: the exact name, else the one option the name begins (an
+    abbreviation); -> (action, full name)."""
+    name = word.partition("=")[0]
+    actions = parser._option_string_actions
+    if name in actions:
+        return actions[name], name
+    found = {}                          # action -> its first long name the word begins
+    for option, action in actions.items():
+        if option.startswith("--") and option.startswith(name):
+            found.setdefault(action, option)
+    if not found:
+        raise parser.words.getopt("unrecognized", word, name)
+    if len(found) > 1:
+        raise parser.words.getopt("ambiguous", word, list(found.values()))
+    return found.popitem()
+
+
+def _short_option(parser, word, letter):
+    action = parser._option_string_actions.get("-" + letter)
+    if action is None:
+        raise parser.words.getopt("invalid", word, letter)
+    return action
 
 
 def _permute(parser, args):
@@ -50,13 +63,21 @@ def _permute(parser, args):
         if not arg.startswith("-") or arg == "-":
             operands.append(arg)
         elif arg.startswith("--"):
-            if "=" not in arg and _takes_value(parser, arg):
-                if i == len(args):
-                    raise _usage(f"missing argument for option '{arg}'")
-                options += _value(arg, "=", args[i])
-                i += 1
+            # Given to argparse by its full name, its value joined (a value
+            # that starts with "-" stays a value).
+            action, name = _long_option(parser, arg)
+            given = arg.partition("=")
+            if action.nargs == 0:
+                if given[1]:
+                    raise parser.words.getopt("no-argument", arg, name)
+                options.append(name)
+            elif given[1]:
+                options.append(f"{name}={given[2]}")
+            elif i == len(args):
+                raise parser.words.getopt("missing", arg, name)
             else:
-                options.append(arg)
+                options.append(f"{name}={args[i]}")
+                i += 1
         else:
             # A cluster of short options (-pq, -fqcow2): the first that takes
             # a value takes the rest of the word, or else the next argument.
@@ -64,13 +85,10 @@ def _permute(parser, args):
             # argparse would take "-1" for a negative number operand.)
             words = [arg]
             for j in range(1, len(arg)):
-                takes = _takes_value(parser, "-" + arg[j])
-                if takes is None:
-                    raise _usage(f"unrecognized option '{arg}'")
-                if takes:
+                if _short_option(parser, arg, arg[j]).nargs != 0:
                     if j == len(arg) - 1:
                         if i == len(args):
-                            raise _usage(f"missing argument for option '{arg}'")
+                            raise parser.words.getopt("missing", arg, arg[j])
                         words = _value(arg, "", args[i])
                         i += 1
                     break
@@ -78,11 +96,6 @@ def _permute(parser, args):
     if any(op.startswith("-") and op != "-" for op in operands):
         operands.insert(0, "--")
     return options + operands
-
-
-def _usage(message):
-    from .options import error_exit     # (options imports this module)
-    return error_exit(message)
 
 
 def options_first(parser, argv):

@@ -64,13 +64,59 @@ CHOICE_ERRORS = {
 }
 
 
+class QemuImgWords:
+    """How qemu-img words a usage error: error_exit's hint after it, and
+    for a bad option (its getopt string starts with ':', so getopt itself
+    prints nothing) the word as typed."""
+
+    @staticmethod
+    def usage(message):
+        return error_exit(message)
+
+    @staticmethod
+    def getopt(kind, word, option):
+        """``kind``: unrecognized, invalid (a short option), ambiguous,
+        no-argument (a value given to a flag) or missing (no value);
+        ``word``: the argument as typed; ``option``: its letter, its long
+        name or, when ambiguous, the candidates' names."""
+        if kind == "missing":
+            return error_exit(f"missing argument for option '{word}'")
+        return error_exit(f"unrecognized option '{word}'")
+
+
+class QemuNbdWords:
+    """How qemu-nbd words one: glibc getopt_long's own messages, then
+    qemu-nbd's pointer to its --help (the command here: ``PROG serve``)."""
+
+    @staticmethod
+    def hint():
+        return f"Try `{prog()} serve --help' for more information."
+
+    @classmethod
+    def usage(cls, message):
+        return UsageError(f"{message}\n{cls.hint()}")
+
+    @classmethod
+    def getopt(cls, kind, word, option):
+        text = {"unrecognized": f"unrecognized option '{word}'",
+                "invalid": f"invalid option -- '{option}'",
+                "ambiguous": f"option '{word}' is ambiguous; possibilities:"
+                             + "".join(f" '{name}'" for name in option),
+                "no-argument": f"option '{option}' doesn't allow an argument",
+                "missing": f"option '{option}' requires an argument" if len(option) > 1
+                           else f"option requires an argument -- '{option}'"}[kind]
+        return UsageError(f"{text}\n{prog()}: {cls.hint()}")
+
+
 class Parser(argparse.ArgumentParser):
-    """argparse with qemu-img's words for usage errors.  A subcommand's
-    parser says what qemu-img says for too few and too many operands
-    (:meth:`expects`); the too-many case reaches :meth:`extra_arguments`
-    from the top-level parser, which is where argparse finds it."""
+    """argparse with qemu-img's words for usage errors (``words``: qemu-nbd's
+    for serve).  A subcommand's parser says what qemu-img says for too few
+    and too many operands (:meth:`expects`); the too-many case reaches
+    :meth:`extra_arguments` from the top-level parser, which is where
+    argparse finds it."""
 
     too_few = too_many = None
+    words = QemuImgWords
 
     def expects(self, too_few, too_many=None):
         """qemu-img's error_exit words for too few operands and for too
@@ -80,26 +126,28 @@ class Parser(argparse.ArgumentParser):
     def extra_arguments(self, command, extra):
         """The error for arguments left over after ``command``'s parse."""
         sub = subcommands(self).get(command)
+        words = sub.words if sub is not None else self.words
         if extra[0].startswith("-") and extra[0] != "-":
-            return error_exit(f"unrecognized option '{extra[0]}'")
+            return words.getopt("unrecognized", extra[0], extra[0])
         if sub is not None and sub.too_many:
-            return error_exit(sub.too_many.format(extra[0]))
+            return words.usage(sub.too_many.format(extra[0]))
         return UsageError(f"unrecognized arguments: {' '.join(extra)}")
 
     def error(self, message):
         if message.startswith("the following arguments are required") and self.too_few:
-            raise error_exit(self.too_few)
+            raise self.words.usage(self.too_few)
         m = re.match(r"argument ([-\w]+)(?:/\S+)?: (?:invalid choice: (.*) \(choose|(expected))",
                      message)
         if m and m.group(3):                # getopt's "option requires an argument"
-            raise error_exit(f"missing argument for option '{m.group(1)}'")
+            option = m.group(1)
+            raise self.words.getopt("missing", option, option[1:] if len(option) == 2 else option)
         if m and m.group(1) in CHOICE_ERRORS:
             import ast                      # (argparse shows the value as its repr)
             words, with_hint = CHOICE_ERRORS[m.group(1)]
             text = words.format(value=ast.literal_eval(m.group(2)))
             raise error_exit(text) if with_hint else UsageError(text)
         if message.startswith("unrecognized arguments: -"):
-            raise error_exit(f"unrecognized option '{message.split()[2]}'")
+            raise self.words.getopt("unrecognized", message.split()[2], message.split()[2])
         command = self.prog.partition(" ")[2]
         raise UsageError(f"{command}: {message}" if command else message)
 
@@ -153,17 +201,33 @@ def opt_size(text, key):
         raise OptionError(SIZE_HELP.format(key=key)) from None
 
 
-def opt_number(text, key):
-    """A number-typed ``-o`` option, as QemuOpts parse it (C's strtoull in
-    base 0: decimal, 0x hex or 0 octal; below 2^64)."""
-    m = re.fullmatch(r"\s*\+?(0[xX][0-9a-fA-F]+|0[0-7]*|[1-9][0-9]*)", text)
+def strtou64(text, lo=0, hi=2 ** 64 - 1):
+    """qemu's qemu_strtou64 (and qemu_strtoi with a signed range): C's
+    strtoull in base 0 (decimal, 0x hex, 0 octal) over the whole text; a
+    minus sign wraps as in C.  ValueError if it is not such a number,
+    OverflowError outside ``lo``..``hi``."""
+    m = re.fullmatch(r"\s*([+-]?)(0[xX][0-9a-fA-F]+|0[0-7]*|[1-9][0-9]*)", text)
     if not m:
-        raise OptionError(f"Parameter '{key}' expects a number")
-    digits = m.group(1)
+        raise ValueError(text)
+    sign, digits = m.groups()
     value = int(digits, 16 if digits[1:2] in ("x", "X") else 8 if digits[0] == "0" else 10)
     if value >= 2 ** 64:
-        raise OptionError(f"Value '{text}' is too large for parameter '{key}'")
+        raise OverflowError(text)
+    if sign == "-":
+        value = -value if lo < 0 else (-value) % 2 ** 64
+    if not lo <= value <= hi:
+        raise OverflowError(text)
     return value
+
+
+def opt_number(text, key):
+    """A number-typed ``-o`` option, as QemuOpts parse it (qemu_strtou64)."""
+    try:
+        return strtou64(text)
+    except ValueError:
+        raise OptionError(f"Parameter '{key}' expects a number") from None
+    except OverflowError:
+        raise OptionError(f"Value '{text}' is too large for parameter '{key}'") from None
 
 
 def cvtnum(name, text, lo=0, hi=2 ** 63 - 1):

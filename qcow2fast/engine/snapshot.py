@@ -16,7 +16,7 @@ import errno
 import os
 import warnings
 
-from ..errors import CorruptImageError, InvalidArgumentError, LeakWarning
+from ..errors import CorruptImageError, InvalidArgumentError, LeakWarning, SnapshotNotFoundError
 from ..spec.constants import L1E_SIZE
 from ..spec.header import MAX_L1_BYTES, pack_fields
 from . import features
@@ -203,7 +203,7 @@ def find_index(snapshots, which):
                 return i
     what = repr(which) if isinstance(which, str) else \
         ", ".join(f"{k}={v!r}" for k, v in sorted(want.items()))
-    raise InvalidArgumentError(f"can't find snapshot {what}")
+    raise SnapshotNotFoundError(f"can't find snapshot {what}")
 
 
 def new_snapshot_id(snapshots):

@@ -121,7 +121,65 @@ def _uri(family, address, export):
     return f"nbd://{'[' + host + ']' if ':' in host else host}:{port}{tail}"
 
 
-class NbdClient:
+class Negotiation:
+    """The handshake's option haggling (doc/proto.md) on a connected
+    socket: shared by the client of one export and the export listing
+    (nbd/listing.py)."""
+
+    def _greet(self):
+        """The fixed-newstyle greeting; True if the server took structured replies."""
+        magic, opt, flags = P.SERVER_GREETING.unpack(self._recv(P.SERVER_GREETING.size))
+        if magic != P.NBDMAGIC or opt != P.IHAVEOPT:
+            self._fail("greeting", "not an NBD newstyle server")
+        if not flags & P.NBD_FLAG_FIXED_NEWSTYLE:
+            self._fail("handshake flags", "the server is not fixed-newstyle")
+        self._sock.sendall(P.CLIENT_FLAGS.pack(
+            P.NBD_FLAG_C_FIXED_NEWSTYLE | (flags & P.NBD_FLAG_C_NO_ZEROES)))
+        return self._option(P.NBD_OPT_STRUCTURED_REPLY, b"") == []
+
+    def _option(self, option, data):
+        """Send an option; its replies [(type, data)] up to the ACK, or None
+        when the server refuses it (an error reply)."""
+        self._sock.sendall(P.OPTION_HEADER.pack(P.IHAVEOPT, option, len(data)) + data)
+        out = []
+        while True:
+            magic, opt, rtype, length = P.OPTION_REPLY.unpack(self._recv(P.OPTION_REPLY.size))
+            if magic != P.NBD_OPT_REPLY_MAGIC or opt != option:
+                self._fail("option reply", f"magic {magic:#x} for option {opt}")
+            if length > 2 * P.MAX_STRING + 64:     # (a name and a description)
+                self._fail("option reply", f"{length} bytes of reply data")
+            payload = self._recv(length)
+            if rtype & P.NBD_REP_FLAG_ERROR:
+                if option == P.NBD_OPT_GO:
+                    message = payload.decode(errors="replace") or f"error {rtype:#x}"
+                    raise NbdError(5, f"Requested export not available: {message}")
+                return None
+            if rtype == P.NBD_REP_ACK:
+                return out
+            out.append((rtype, payload))
+
+    def _recv(self, n):
+        if n <= RECV_BUFFER:
+            return bytes(self._read(self._chan.read, n))
+        buf = bytearray(n)
+        self._recv_into(memoryview(buf))
+        return buf
+
+    def _recv_into(self, mv):
+        self._read(self._chan.readinto, mv)
+
+    @staticmethod
+    def _read(how, arg):
+        try:
+            return how(arg)
+        except Disconnected:
+            raise NbdError(5, "the server closed the connection") from None
+
+    def _fail(self, field, why):
+        raise NbdError(71, f"protocol error in {field}: {why}")          # EPROTO
+
+
+class NbdClient(Negotiation):
     """One connection to one export, negotiated with structured replies
     and ``base:allocation`` when the server has them."""
 
@@ -153,14 +211,7 @@ class NbdClient:
     # -- negotiation --------------------------------------------------------------------
 
     def _handshake(self):
-        magic, opt, flags = P.SERVER_GREETING.unpack(self._recv(P.SERVER_GREETING.size))
-        if magic != P.NBDMAGIC or opt != P.IHAVEOPT:
-            self._fail("greeting", "not an NBD newstyle server")
-        if not flags & P.NBD_FLAG_FIXED_NEWSTYLE:
-            self._fail("handshake flags", "the server is not fixed-newstyle")
-        self._sock.sendall(P.CLIENT_FLAGS.pack(
-            P.NBD_FLAG_C_FIXED_NEWSTYLE | (flags & P.NBD_FLAG_C_NO_ZEROES)))
-        self.structured = self._option(P.NBD_OPT_STRUCTURED_REPLY, b"") == []
+        self.structured = self._greet()
         self.allocation_id = None
         if self.structured:
             name = self.context.encode()
@@ -181,27 +232,6 @@ class NbdClient:
                 _, self.size, self.flags = P.INFO_EXPORT.unpack_from(data)
         if self.size is None:
             self._fail("NBD_OPT_GO", "no export size in the reply")
-
-    def _option(self, option, data):
-        """Send an option; its replies [(type, data)] up to the ACK, or None
-        when the server refuses it (an error reply)."""
-        self._sock.sendall(P.OPTION_HEADER.pack(P.IHAVEOPT, option, len(data)) + data)
-        out = []
-        while True:
-            magic, opt, rtype, length = P.OPTION_REPLY.unpack(self._recv(P.OPTION_REPLY.size))
-            if magic != P.NBD_OPT_REPLY_MAGIC or opt != option:
-                self._fail("option reply", f"magic {magic:#x} for option {opt}")
-            if length > P.MAX_STRING + 64:
-                self._fail("option reply", f"{length} bytes of reply data")
-            payload = self._recv(length)
-            if rtype & P.NBD_REP_FLAG_ERROR:
-                if option == P.NBD_OPT_GO:
-                    message = payload.decode(errors="replace") or f"error {rtype:#x}"
-                    raise NbdError(5, f"Requested export not available: {message}")
-                return None
-            if rtype == P.NBD_REP_ACK:
-                return out
-            out.append((rtype, payload))
 
     # -- transmission -------------------------------------------------------------------
     #
@@ -434,23 +464,6 @@ class NbdClient:
             self._in_flight = 0
             self._cond.notify_all()
         self._sock.close()
-
-    def _recv(self, n):
-        if n <= RECV_BUFFER:
-            return bytes(self._read(self._chan.read, n))
-        buf = bytearray(n)
-        self._recv_into(memoryview(buf))
-        return buf
-
-    def _recv_into(self, mv):
-        self._read(self._chan.readinto, mv)
-
-    @staticmethod
-    def _read(how, arg):
-        try:
-            return how(arg)
-        except Disconnected:
-            raise NbdError(5, "the server closed the connection") from None
 
     def _fail(self, field, why):
         e = NbdError(71, f"protocol error in {field}: {why}")          # EPROTO

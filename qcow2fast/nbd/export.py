@@ -111,14 +111,15 @@ class Export:
         return name in (self.name, "")
 
     def transmission_flags(self, structured):
-        flags = P.NBD_FLAG_HAS_FLAGS | P.NBD_FLAG_SEND_FLUSH
+        # (FUA even when read-only, as qemu's nbd_export_create sets it)
+        flags = P.NBD_FLAG_HAS_FLAGS | P.NBD_FLAG_SEND_FLUSH | P.NBD_FLAG_SEND_FUA
         if self.multi_conn:
             flags |= P.NBD_FLAG_CAN_MULTI_CONN
         if self.read_only:
             flags |= P.NBD_FLAG_READ_ONLY
         else:
-            flags |= (P.NBD_FLAG_SEND_FUA | P.NBD_FLAG_SEND_TRIM
-                      | P.NBD_FLAG_SEND_WRITE_ZEROES | P.NBD_FLAG_SEND_FAST_ZERO)
+            flags |= (P.NBD_FLAG_SEND_TRIM | P.NBD_FLAG_SEND_WRITE_ZEROES
+                      | P.NBD_FLAG_SEND_FAST_ZERO)
         flags |= P.NBD_FLAG_SEND_CACHE
         if structured:
             flags |= P.NBD_FLAG_SEND_DF

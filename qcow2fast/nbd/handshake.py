@@ -192,7 +192,8 @@ class _Options:
     def list(self, option, r):
         r.end()
         name = self.export.name.encode()
-        self.reply(option, P.NBD_REP_SERVER, P.U32.pack(len(name)) + name)
+        description = (self.export.description or "").encode()      # (as qemu-nbd lists it)
+        self.reply(option, P.NBD_REP_SERVER, P.U32.pack(len(name)) + name + description)
         self.reply(option, P.NBD_REP_ACK)
 
     def before_tls(self, option):

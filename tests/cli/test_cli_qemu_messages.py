@@ -287,6 +287,7 @@ USAGE_ERRORS = [
     ["check", "-r", "bogus", "I"], ["info", "--output=xml", "I"], ["map", "--output=xml", "I"],
     ["measure", "--output=xml", "--size", "1G"], ["info", "-f"], ["info", "I", "-f"],
     ["info", "I", "--output"], ["map", "-x", "I"], ["info", "--bogus", "I"],
+    ["info", "--force-share=1", "I"], ["convert", "--t", "I", "O"], ["info", "-f", "bogus", "I"],
     ["map", "--start-offset=abc", "I"], ["map", "--max-length=1E1", "I"],
     ["bench", "-s", "4G", "I"], ["bench", "-S", "abc", "I"], ["bench", "-o", "x", "I"],
     ["commit", "-r", "abc", "I"], ["convert", "-S", "3", "I", "T"],

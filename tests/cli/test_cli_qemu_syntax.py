@@ -33,8 +33,8 @@ def ours_as_qemu(text, *paths):
      ["create", "-f", "qcow2", "-b", "B", "-F", "qcow2", "I", "6G"]),
     (["convert", "-O", "qcow2", "S", "-c", "D"], ["convert", "-O", "qcow2", "-c", "S", "D"]),
     (["convert", "-Oqcow2", "S", "-pc", "D"], ["convert", "-Oqcow2", "-pc", "S", "D"]),
-    (["info", "x", "--output", "json"], ["info", "--output", "json", "x"]),
-    (["info", "x", "--out=json"], ["info", "--out=json", "x"]),          # a unique prefix
+    (["info", "x", "--output", "json"], ["info", "--output=json", "x"]),
+    (["info", "x", "--out=json"], ["info", "--output=json", "x"]),       # a unique prefix
     (["info", "--", "-x", "--output=json"], ["info", "--", "-x", "--output=json"]),
     (["create", "-b", "-weird", "I"], ["create", "-b-weird", "I"]),      # a value, not an option
     (["map", "x", "--max-length", "-1"], ["map", "--max-length=-1", "x"]),
