@@ -15,16 +15,43 @@ Before sleeping for input the connection polls for up to POLL_NS (as
 qemu's adaptive polling): measured here, 4 KiB reads at queue depth 1
 (``qemu-img bench -d 1`` over a Unix socket) took 1.1-1.6 s for 30000
 instead of 3.0 s, and a 1 TiB bitmap's ``nbdinfo --map`` 16-18 ms instead
-of 24-27 ms; depth 16 and 4 connections unchanged.
+of 24-27 ms; depth 16 and 4 connections unchanged.  A poll that fails is
+given up for a while (_Polling): with the client on the same CPU it could
+not succeed, and cost the client 50 us per request.
 """
 
 import socket
+import threading
 import time
 
 RECV_BUFFER = 256 << 10
 POLL_NS = 50_000
+POLL_REST_MIN, POLL_REST_MAX = 8, 4096
 SEND_FLUSH_AT = 256 << 10
 KEEP_SEND_BUFFER = (8 << 20) + 4096
+
+# The buffers of ended connections, reused by new ones: a new pair is
+# zeroed and faulted in, about 0.1 ms, a good part of a short
+# connection's set-up (nbdinfo, a backup tool's one request).
+_spare = []
+_spare_lock = threading.Lock()
+MAX_SPARE = 4
+
+
+class _Polling:
+    """Whether a wait for input polls first: a failed poll makes the next
+    ``rest`` waits sleep at once, ``backoff`` doubling with each failure
+    and back to POLL_REST_MIN on a success.  Each connection has its own;
+    a new one starts from the state of the last that ended (nbdinfo's and
+    backup tools' connections are short: what the last one found is the
+    best guess for the next)."""
+    __slots__ = ("rest", "backoff")
+
+    def __init__(self, rest=0, backoff=POLL_REST_MIN):
+        self.rest, self.backoff = rest, backoff
+
+
+_last_polling = _Polling()
 
 
 class Disconnected(Exception):
@@ -34,15 +61,17 @@ class Disconnected(Exception):
 class Channel:
     def __init__(self, sock):
         self.sock = sock
-        self._rbuf = bytearray(RECV_BUFFER)
+        with _spare_lock:
+            buffers = _spare.pop() if _spare else None
+        self._rbuf, self._obuf = buffers or (bytearray(RECV_BUFFER), bytearray(SEND_FLUSH_AT))
         self._rmv = memoryview(self._rbuf)
         self._rpos = self._rend = 0
-        self._obuf = bytearray(SEND_FLUSH_AT)
         self._omv = memoryview(self._obuf)
         self._olen = 0
         # (not through TLS: an SSLSocket takes no recv flags; nor with a
         # timeout, where Python's recv waits for input before any call)
         self._poll = sock.gettimeout() is None
+        self._polling = _Polling(_last_polling.rest, _last_polling.backoff)
 
     # -- receiving ---------------------------------------------------------------------
 
@@ -68,18 +97,29 @@ class Channel:
         """recv_into ``mv``, polling for up to POLL_NS before sleeping in the
         kernel: a synchronous client's next request usually comes within
         it, and a sleep and wake-up cost more than the poll (qemu's
-        adaptive polling, poll-max-ns)."""
-        end = 0
-        while self._poll:
-            try:
-                return self.sock.recv_into(mv, 0, socket.MSG_DONTWAIT)
-            except (BlockingIOError, InterruptedError):
-                pass
-            now = time.perf_counter_ns()
-            if not end:
-                end = now + POLL_NS
-            elif now >= end:
-                break
+        adaptive polling, poll-max-ns).  A poll that fails is pure loss
+        (on one CPU the client cannot even send while we spin): then the
+        next waits sleep at once, more of them after each failure
+        (_Polling)."""
+        polling = self._polling
+        if self._poll and not polling.rest:
+            end = 0
+            while True:
+                try:
+                    got = self.sock.recv_into(mv, 0, socket.MSG_DONTWAIT)
+                except (BlockingIOError, InterruptedError):
+                    now = time.perf_counter_ns()
+                    if not end:
+                        end = now + POLL_NS
+                    elif now >= end:
+                        break
+                    continue
+                polling.backoff = POLL_REST_MIN
+                return got
+            polling.rest = polling.backoff
+            polling.backoff = min(2 * polling.backoff, POLL_REST_MAX)
+        elif polling.rest:
+            polling.rest -= 1
         return self.sock.recv_into(mv)
 
     def peek(self, n):
@@ -132,6 +172,25 @@ class Channel:
         self.sock = context.wrap_socket(self.sock, server_side=True)
         self._poll = False
         self.sock.settimeout(None)
+
+    def release(self):
+        """The connection is over: keep its buffers for the next one (unless
+        a view of them is still held somewhere), and what polling found."""
+        _last_polling.rest, _last_polling.backoff = self._polling.rest, self._polling.backoff
+        rbuf, obuf = self._rbuf, self._obuf
+        self._rmv.release()
+        self._omv.release()
+        self._rbuf = self._obuf = self._rmv = self._omv = None
+        try:
+            for buf in (rbuf, obuf):        # (a bytearray still exported cannot grow)
+                buf.append(0)
+                buf.pop()
+        except BufferError:
+            return
+        if len(obuf) == SEND_FLUSH_AT:
+            with _spare_lock:
+                if len(_spare) < MAX_SPARE:
+                    _spare.append((rbuf, obuf))
 
     # -- sending ---------------------------------------------------------------------------
 

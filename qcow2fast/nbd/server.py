@@ -1,6 +1,7 @@
 """The listener: Unix or TCP sockets, or one inherited through systemd
-socket activation (``LISTEN_FDS``), one thread per connection, and a
-clean stop.
+socket activation (``LISTEN_FDS``), a worker thread per connection (kept
+for the next one a while: a connection's set-up is most of a short one's
+cost), and a clean stop.
 
 Why threads: the image releases the GIL for reads and overwrites, so a
 thread per connection doing blocking socket I/O costs a couple of system
@@ -13,6 +14,7 @@ Asyncio programs use the same server through ``start()``/``aclose()``
 import asyncio
 import logging
 import os
+import queue
 import selectors
 import socket
 import stat
@@ -28,6 +30,7 @@ log = logging.getLogger("qcow2fast.nbd")
 
 DEFAULT_PORT = 10809
 SD_LISTEN_FDS_START = 3
+IDLE_SECONDS = 10.0                     # a worker thread without a connection exits after
 UNLIMITED = 1 << 30     # "shared=0": a semaphore that never blocks
 STOP_GRACE = 5.0        # seconds connections get to finish their request on stop
 
@@ -90,7 +93,10 @@ class Server:
         self.persistent = persistent
         self._slots = threading.Semaphore(shared or UNLIMITED)
         self._lock = threading.Lock()
-        self._clients = {}                  # thread -> its connection's Channel
+        self._clients = set()               # the Channels of connections being served
+        self._workers = set()               # worker threads, serving or idle
+        self._idle = 0
+        self._handoff = queue.SimpleQueue()  # (Channel, peer) for an idle worker
         self._stopping = threading.Event()
         self._stopped = threading.Event()
         self._acceptor = None
@@ -204,16 +210,51 @@ class Server:
         finally:
             sel.close()
 
+    # A connection is served by a worker thread; one whose connection ended
+    # waits IDLE_SECONDS for the next (a new thread costs about 50 us of a
+    # short connection's set-up).  Under ``_lock``: ``_idle`` (waiting
+    # workers) and every hand-over through ``_handoff``, so a worker giving
+    # up never misses a connection handed to it.
+
     def _spawn(self, conn, peer):
         conn.setblocking(True)
         if conn.family in (socket.AF_INET, socket.AF_INET6):
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        chan = Channel(conn)
-        t = threading.Thread(target=self._serve_client, args=(chan, peer or "unix"),
-                             name=f"nbd-client-{peer}", daemon=True)
+        chan, peer = Channel(conn), peer or "unix"
         with self._lock:
-            self._clients[t] = chan
+            self._clients.add(chan)
+            if self._idle:
+                self._idle -= 1
+                self._handoff.put((chan, peer))
+                return
+            t = threading.Thread(target=self._worker, args=(chan, peer), name="nbd-client",
+                                 daemon=True)
+            self._workers.add(t)
         t.start()
+
+    def _worker(self, chan, peer):
+        me = threading.current_thread()
+        while True:
+            self._serve_client(chan, peer)
+            with self._lock:
+                if self._stopping.is_set():
+                    self._workers.discard(me)
+                    return
+                self._idle += 1
+            try:
+                item = self._handoff.get(timeout=IDLE_SECONDS)
+            except queue.Empty:
+                with self._lock:
+                    try:
+                        item = self._handoff.get_nowait()    # handed over meanwhile
+                    except queue.Empty:
+                        self._idle -= 1
+                        item = None
+            if item is None:                    # (None: close() stops idle workers)
+                with self._lock:
+                    self._workers.discard(me)
+                return
+            chan, peer = item
 
     def _serve_client(self, chan, peer):
         try:
@@ -233,9 +274,10 @@ class Server:
         finally:
             try:
                 chan.sock.close()               # the TLS socket, after STARTTLS
+                chan.release()
             finally:
                 with self._lock:
-                    self._clients.pop(threading.current_thread(), None)
+                    self._clients.discard(chan)
                     last = not self._clients
                 self._slots.release()
                 if last and not self.persistent:
@@ -266,16 +308,22 @@ class Server:
         if self._acceptor is not None and self._acceptor is not threading.current_thread():
             self._acceptor.join()
         with self._lock:
-            clients = dict(self._clients)
-        for chan in clients.values():
+            clients = set(self._clients)
+            workers = self._workers - {threading.current_thread()}
+            for _ in range(self._idle):          # the idle workers: stop
+                self._handoff.put(None)
+            self._idle = 0
+        for chan in clients:
             _shutdown(chan.sock, socket.SHUT_RD)     # the next read sees end of file
         deadline = time.monotonic() + STOP_GRACE    # one grace for all, not one each
-        for t in clients:
+        for t in workers:
             t.join(max(0.0, deadline - time.monotonic()))
-        for t, chan in clients.items():
-            if t.is_alive():                     # stuck sending to a client that reads nothing
-                _shutdown(chan.sock, socket.SHUT_RDWR)
-                t.join()
+        with self._lock:
+            stuck = set(self._clients)           # sending to a client that reads nothing
+        for chan in stuck:
+            _shutdown(chan.sock, socket.SHUT_RDWR)
+        for t in workers:
+            t.join()
         for s in self._listeners:
             s.close()
         if self.socket_path is not None:

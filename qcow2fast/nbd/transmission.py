@@ -94,7 +94,8 @@ class Transmission:
             if cmd == P.NBD_CMD_DISC:
                 chan.flush()
                 return
-            if (self._submit is not None and self.batchable(cmd, flags, offset, length, 0)
+            if (cmd <= P.NBD_CMD_WRITE and self._submit is not None      # (READ 0, WRITE 1)
+                    and self.batchable(cmd, flags, offset, length, 0)
                     and chan.peek((length if cmd == P.NBD_CMD_WRITE else 0) + _REQ.size)
                     is not None):
                 self.batch(cmd, handle, offset, length)
