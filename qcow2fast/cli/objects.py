@@ -60,9 +60,9 @@ def parse_object(text):
     return Credentials(oid, directory, endpoint, _BOOL[verify])
 
 
-def tls_context(objects, creds_id):
-    """The server's SSLContext for ``--tls-creds ID`` among the ``--object``
-    arguments given."""
+def tls_context(objects, creds_id, client=False):
+    """The server's (or ``client``'s) SSLContext for ``--tls-creds ID``
+    among the ``--object`` arguments given."""
     creds = {}
     for text in objects:
         c = parse_object(text)
@@ -74,7 +74,8 @@ def tls_context(objects, creds_id):
         creds[c.id] = c
     if creds_id not in creds:
         raise UsageError(f"Failed to get TLS creds: No TLS credentials with id '{creds_id}'")
-    return creds[creds_id].server_context()
+    found = creds[creds_id]
+    return found.client_context() if client else found.server_context()
 
 
 class SecretObject:

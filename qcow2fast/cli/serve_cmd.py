@@ -253,8 +253,6 @@ def check_options(args):
         raise UsageError("--tls-hostname is not permitted without --tls-creds")
     if args.selinux_label:
         raise UsageError("SELinux support not enabled in this binary")
-    if args.list and args.tls_creds is not None:
-        raise UsageError("--list over TLS is not supported by qcow2fast serve")
     if args.device or args.disconnect:
         # (qemu-nbd's words when built without the kernel's NBD client)
         raise UsageError("Kernel /dev/nbdN support not available")
@@ -345,7 +343,12 @@ def list_exports(args):
     from ..nbd.listing import list_exports as ask
     address = args.socket_path or (args.host or "0.0.0.0", _port(args.port or "10809",
                                                                  args.host))
-    exports = ask(address)
+    tls = hostname = None
+    if args.tls_creds is not None:
+        from .objects import tls_context
+        tls = tls_context(args.objects, args.tls_creds, client=True)
+        hostname = args.tls_hostname or (None if args.socket_path else args.host or "0.0.0.0")
+    exports = ask(address, tls=tls, hostname=hostname)
     print(f"exports available: {len(exports)}")
     for export in exports:
         print("\n".join(export.lines()))

@@ -20,6 +20,7 @@ cookie, data straight into the caller's buffer.  Writes past the export's end, o
 read-only export, are refused before anything is sent."""
 
 import socket
+import ssl
 import struct
 import threading
 import urllib.parse
@@ -40,6 +41,24 @@ MAX_ZERO = 1 << 30                  # the largest write-zeroes range sent at onc
 # four 4 MiB reads at once ran at half the speed of one at a time).
 IN_FLIGHT = 1 << 20
 BAD_URI = "No valid URL specified"  # qemu's words
+
+
+# qemu's names of options and words for refusals (nbd/common.c, nbd/client.c).
+OPTION_NAMES = {P.NBD_OPT_EXPORT_NAME: "export name", P.NBD_OPT_ABORT: "abort",
+                P.NBD_OPT_LIST: "list", P.NBD_OPT_STARTTLS: "starttls", P.NBD_OPT_INFO: "info",
+                P.NBD_OPT_GO: "go", P.NBD_OPT_STRUCTURED_REPLY: "structured reply",
+                P.NBD_OPT_LIST_META_CONTEXT: "list meta context",
+                P.NBD_OPT_SET_META_CONTEXT: "set meta context"}
+REFUSALS = {
+    P.NBD_REP_ERR_POLICY: "Denied by server for option {opt} ({name})",
+    P.NBD_REP_ERR_INVALID: "Invalid parameters for option {opt} ({name})",
+    P.NBD_REP_ERR_PLATFORM: "Server lacks support for option {opt} ({name})",
+    P.NBD_REP_ERR_TLS_REQD: "TLS negotiation required before option {opt} ({name})",
+    P.NBD_REP_ERR_UNKNOWN: "Requested export not available",
+    P.NBD_REP_ERR_SHUTDOWN: "Server shutting down before option {opt} ({name})",
+    P.NBD_REP_ERR_BLOCK_SIZE_REQD: "Server requires INFO_BLOCK_SIZE for option {opt} ({name})",
+}
+X509_V_ERR_HOSTNAME_MISMATCH = 62       # OpenSSL's verify code
 
 
 class NbdError(OSError):
@@ -126,8 +145,12 @@ class Negotiation:
     socket: shared by the client of one export and the export listing
     (nbd/listing.py)."""
 
-    def _greet(self):
-        """The fixed-newstyle greeting; True if the server took structured replies."""
+    refused = None                  # the last option error reply: (type, message)
+
+    def _greet(self, tls=None, hostname=None):
+        """The fixed-newstyle greeting, then TLS with the SSLContext
+        ``tls`` (the server's name checked against ``hostname``); True if
+        the server took structured replies."""
         magic, opt, flags = P.SERVER_GREETING.unpack(self._recv(P.SERVER_GREETING.size))
         if magic != P.NBDMAGIC or opt != P.IHAVEOPT:
             self._fail("greeting", "not an NBD newstyle server")
@@ -135,11 +158,45 @@ class Negotiation:
             self._fail("handshake flags", "the server is not fixed-newstyle")
         self._sock.sendall(P.CLIENT_FLAGS.pack(
             P.NBD_FLAG_C_FIXED_NEWSTYLE | (flags & P.NBD_FLAG_C_NO_ZEROES)))
+        if tls is not None:
+            self._starttls(tls, hostname)
         return self._option(P.NBD_OPT_STRUCTURED_REPLY, b"") == []
+
+    def _starttls(self, context, hostname):
+        if self._option(P.NBD_OPT_STARTTLS, b"") is None:
+            rtype, _ = self.refused
+            if rtype == P.NBD_REP_ERR_UNSUP:
+                raise NbdError(95, "Server does not support STARTTLS")
+            raise self.refusal(P.NBD_OPT_STARTTLS)
+        if context.check_hostname and not hostname:
+            raise NbdError(22, "No hostname for certificate validation")
+        try:
+            self._sock = context.wrap_socket(self._sock, server_hostname=hostname)
+        except ssl.SSLCertVerificationError as e:
+            if e.verify_code == X509_V_ERR_HOSTNAME_MISMATCH:
+                raise NbdError(71, f"Certificate does not match the hostname {hostname}") \
+                    from None
+            raise NbdError(71, f"TLS handshake failed: {e.verify_message}") from None
+        except (ssl.SSLError, OSError) as e:
+            raise NbdError(71, f"TLS handshake failed: {e}") from None
+        self._chan = Channel(self._sock)    # (nothing was buffered after the ACK)
+
+    def refusal(self, option):
+        """The last error reply to ``option`` in qemu's words
+        (nbd_handle_reply_err): what, and what the server said."""
+        rtype, message = self.refused
+        name = OPTION_NAMES.get(option, "<unknown>")
+        what = REFUSALS.get(rtype, "Unknown error code when asking for option {opt} ({name})")
+        text = what.format(opt=option, name=name)
+        if rtype == P.NBD_REP_ERR_TLS_REQD:
+            text += "\nDid you forget a valid tls-creds?"
+        if message:
+            text += f"\nserver reported: {message}"
+        return NbdError(5, text)
 
     def _option(self, option, data):
         """Send an option; its replies [(type, data)] up to the ACK, or None
-        when the server refuses it (an error reply)."""
+        when the server refuses it (an error reply: ``refused``)."""
         self._sock.sendall(P.OPTION_HEADER.pack(P.IHAVEOPT, option, len(data)) + data)
         out = []
         while True:
@@ -150,6 +207,7 @@ class Negotiation:
                 self._fail("option reply", f"{length} bytes of reply data")
             payload = self._recv(length)
             if rtype & P.NBD_REP_FLAG_ERROR:
+                self.refused = rtype, payload.decode(errors="replace")
                 if option == P.NBD_OPT_GO:
                     message = payload.decode(errors="replace") or f"error {rtype:#x}"
                     raise NbdError(5, f"Requested export not available: {message}")

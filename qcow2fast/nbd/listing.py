@@ -54,11 +54,13 @@ class _Lister(Negotiation):
         self._sock = connect(address, timeout, NbdError)
         self._chan = Channel(self._sock)
 
-    def exports(self):
-        structured = self._greet()
+    def exports(self, tls, hostname):
+        structured = self._greet(tls, hostname)
         listed = self._option(P.NBD_OPT_LIST, b"")
         if listed is None:
-            raise NbdError(95, "Server does not support export lists")
+            if self.refused[0] != P.NBD_REP_ERR_UNSUP:
+                raise self.refusal(P.NBD_OPT_LIST)
+            listed = []                 # (as qemu's client: none listed)
         exports = []
         for rtype, data in listed:
             if rtype != P.NBD_REP_SERVER or len(data) < 4 or \
@@ -113,11 +115,13 @@ class _Lister(Negotiation):
         self._sock.close()
 
 
-def list_exports(address, timeout=30.0):
+def list_exports(address, timeout=30.0, tls=None, hostname=None):
     """The exports of the server at ``address`` ((host, port) or a Unix
-    socket's path), as :class:`ExportInfo`; NbdError if it cannot be asked."""
+    socket's path), as :class:`ExportInfo`; NbdError if it cannot be
+    asked.  ``tls``: a client SSLContext (the server's certificate checked
+    against ``hostname``)."""
     lister = _Lister(address, timeout)
     try:
-        return lister.exports()
+        return lister.exports(tls, hostname)
     finally:
         lister.close()

@@ -6,6 +6,10 @@ crypto/tlscredsx509.c): ``ca-cert.pem``, ``server-cert.pem`` and
 when present.  ``verify-peer`` (on by default, as in QEMU) asks every
 client for a certificate signed by the CA.
 
+``endpoint=client`` credentials (``serve -L``, nbd/listing.py): ``ca-cert.pem``
+required, ``client-cert.pem``/``client-key.pem`` used when present, the
+server's certificate checked against the CA and the host name.
+
 The handshake (handshake.py) then refuses every option but
 NBD_OPT_STARTTLS (and NBD_OPT_ABORT) with NBD_REP_ERR_TLS_REQD until the
 connection is upgraded, as qemu-nbd does (proto.md "TLS support", the
@@ -21,6 +25,8 @@ CA_CERT = "ca-cert.pem"
 CA_CRL = "ca-crl.pem"
 SERVER_CERT = "server-cert.pem"
 SERVER_KEY = "server-key.pem"
+CLIENT_CERT = "client-cert.pem"
+CLIENT_KEY = "client-key.pem"
 DH_PARAMS = "dh-params.pem"
 
 # A client that connects and stalls in the TLS handshake is dropped after this.
@@ -60,5 +66,36 @@ class Credentials:
         except (ssl.SSLError, ValueError) as e:
             raise InvalidArgumentError(f"Unable to load TLS credentials from {self.dir}: "
                                        f"{e}") from None
+        ctx.verify_mode = ssl.CERT_REQUIRED if self.verify_peer else ssl.CERT_NONE
+        return ctx
+
+    def client_context(self):
+        """An ``ssl.SSLContext`` for a client (``qemu-nbd -L``): the CA's
+        certificate required, the client's own used when present; the
+        server's certificate checked against the CA and the host name
+        unless ``verify-peer=off``."""
+        if self.endpoint != "client":
+            raise InvalidArgumentError("Failed to get TLS creds: Expected TLS credentials for a "
+                                       "client endpoint")
+        paths = {name: os.path.join(self.dir, name)
+                 for name in (CA_CERT, CA_CRL, CLIENT_CERT, CLIENT_KEY)}
+        try:
+            with open(paths[CA_CERT], "rb"):
+                pass
+        except OSError as e:
+            raise InvalidArgumentError(f"Unable to access credentials {paths[CA_CERT]}: "
+                                       f"{e.strerror}") from None
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        try:
+            ctx.load_verify_locations(cafile=paths[CA_CERT])
+            if os.path.exists(paths[CA_CRL]):
+                ctx.load_verify_locations(cafile=paths[CA_CRL])
+                ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
+            if os.path.exists(paths[CLIENT_CERT]) and os.path.exists(paths[CLIENT_KEY]):
+                ctx.load_cert_chain(paths[CLIENT_CERT], paths[CLIENT_KEY])
+        except (ssl.SSLError, ValueError) as e:
+            raise InvalidArgumentError(f"Unable to load TLS credentials from {self.dir}: "
+                                       f"{e}") from None
+        ctx.check_hostname = self.verify_peer
         ctx.verify_mode = ssl.CERT_REQUIRED if self.verify_peer else ssl.CERT_NONE
         return ctx

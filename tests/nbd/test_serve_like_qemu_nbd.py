@@ -12,6 +12,7 @@ from tests.helpers.cli_util import run_cli
 from tests.helpers.nbd_util import (QEMU_NBD, nbdcopy, nbdinfo, side_by_side, start_cli,
                                     start_qemu_nbd, stop_server)
 from tests.helpers.qemu_util import MiB, qemu_create, qemu_img, qemu_io, run
+from tests.helpers.tls_util import make_certificates
 
 pytestmark = pytest.mark.qemu
 
@@ -53,9 +54,8 @@ def test_usage_errors_like_qemu_nbd(line, image, tmp_path, capsys):
     args = ["-k", names["SOCK"]] + [names.get(a, a) for a in line.split()]
     theirs = run(["qemu-nbd", *args], check=False, timeout=60)     # (argv[0] in its words)
     status, out, err = run_cli(capsys, "serve", *args)
-    expected = theirs.stderr_text.replace("`qemu-nbd --help'", "`qcow2fast serve --help'")
-    expected = "".join(f"qcow2fast: {t[len('qemu-nbd: '):]}" if t.startswith("qemu-nbd: ")
-                       else t for t in expected.splitlines(keepends=True))
+    expected = _as_ours(theirs.stderr_text.replace("`qemu-nbd --help'",
+                                                   "`qcow2fast serve --help'"))
     assert (status, out, err) == (theirs.returncode, theirs.stdout_text, expected)
     assert theirs.returncode == 1
 
@@ -81,6 +81,44 @@ def test_list_exports_like_qemu_nbd(image, tmp_path, capsys):
     assert listings[0].endswith("   qemu:dirty-bitmap:b0\n")
     status, _, err = run_cli(capsys, "serve", "-L", "-k", str(tmp_path / "none"))
     assert status == 1 and "Failed to connect to" in err
+
+
+def _as_ours(stderr):
+    """qemu-nbd's stderr with our program's name."""
+    return "".join(f"qcow2fast: {t[len('qemu-nbd: '):]}" if t.startswith("qemu-nbd: ") else t
+                   for t in stderr.splitlines(keepends=True))
+
+
+@pytest.mark.parametrize("tls_server", [True, False], ids=["tls-server", "plain-server"])
+def test_list_over_tls_like_qemu_nbd(image, tmp_path, capsys, tls_server):
+    """-L with client credentials (--tls-creds, --tls-hostname), of a TLS
+    and of a plain server, each server qemu-nbd's and ours: what qemu-nbd
+    -L prints, ours prints (the listing, or the refusal in qemu's words)."""
+    pki = make_certificates(tmp_path / "pki")
+    creds = ["--object", f"tls-creds-x509,id=tls0,dir={pki},endpoint=client",
+             "--tls-creds", "tls0"]
+    cases = [[], creds, [*creds, "--tls-hostname", "bogus"],
+             [*creds, "--tls-hostname", "localhost"],
+             ["--object", f"tls-creds-x509,id=tls0,dir={pki},endpoint=server",
+              "--tls-creds", "tls0", "--tls-hostname", "localhost"],
+             ["--object", f"tls-creds-x509,id=tls0,dir={tmp_path / 'none'},endpoint=client",
+              "--tls-creds", "tls0", "--tls-hostname", "localhost"]]
+    server_tls = ["--object", f"tls-creds-x509,id=tls0,dir={pki},endpoint=server",
+                  "--tls-creds", "tls0"] if tls_server else []
+    listed = 0
+    for start in (start_qemu_nbd, start_cli):
+        sock = str(tmp_path / f"{start.__name__}.sock")
+        p = start(["-t", "-r", "-k", sock, "-x", "e1", *server_tls, image], sock)
+        try:
+            for args in cases:
+                theirs = run(["qemu-nbd", "-L", "-k", sock, *args], check=False, timeout=60)
+                ours = run_cli(capsys, "serve", "-L", "-k", sock, *args)
+                assert ours == (theirs.returncode, theirs.stdout_text,
+                                _as_ours(theirs.stderr_text)), args
+                listed += "export: 'e1'" in ours[1]
+        finally:
+            stop_server(p)
+    assert listed == 2      # once per server: over TLS to localhost, or plain without creds
 
 
 def test_load_snapshot_serves_it_read_only(image, tmp_path):
