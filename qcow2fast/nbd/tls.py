@@ -16,6 +16,7 @@ connection is upgraded, as qemu-nbd does (proto.md "TLS support", the
 FORCEDTLS mode).
 """
 
+import contextlib
 import os
 import ssl
 
@@ -42,30 +43,12 @@ class Credentials:
 
     def server_context(self):
         """An ``ssl.SSLContext`` for the server side, or qemu's error."""
-        if self.endpoint != "server":
-            raise InvalidArgumentError("Failed to get TLS creds: Expected TLS credentials for a "
-                                       "server endpoint")
-        paths = {name: os.path.join(self.dir, name)
-                 for name in (CA_CERT, CA_CRL, SERVER_CERT, SERVER_KEY, DH_PARAMS)}
-        for name in (CA_CERT, SERVER_CERT, SERVER_KEY):       # qemu's order of loading
-            try:
-                with open(paths[name], "rb"):
-                    pass
-            except OSError as e:
-                raise InvalidArgumentError(f"Unable to access credentials {paths[name]}: "
-                                           f"{e.strerror}") from None
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        try:
-            ctx.load_cert_chain(paths[SERVER_CERT], paths[SERVER_KEY])
-            ctx.load_verify_locations(cafile=paths[CA_CERT])
-            if os.path.exists(paths[CA_CRL]):
-                ctx.load_verify_locations(cafile=paths[CA_CRL])
-                ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
-            if os.path.exists(paths[DH_PARAMS]):
-                ctx.load_dh_params(paths[DH_PARAMS])
-        except (ssl.SSLError, ValueError) as e:
-            raise InvalidArgumentError(f"Unable to load TLS credentials from {self.dir}: "
-                                       f"{e}") from None
+        ctx, path = self._context("server", (CA_CERT, SERVER_CERT, SERVER_KEY))
+        with self._loading():
+            ctx.load_cert_chain(path(SERVER_CERT), path(SERVER_KEY))
+            self._load_ca(ctx, path)
+            if os.path.exists(path(DH_PARAMS)):
+                ctx.load_dh_params(path(DH_PARAMS))
         ctx.verify_mode = ssl.CERT_REQUIRED if self.verify_peer else ssl.CERT_NONE
         return ctx
 
@@ -74,28 +57,43 @@ class Credentials:
         certificate required, the client's own used when present; the
         server's certificate checked against the CA and the host name
         unless ``verify-peer=off``."""
-        if self.endpoint != "client":
-            raise InvalidArgumentError("Failed to get TLS creds: Expected TLS credentials for a "
-                                       "client endpoint")
-        paths = {name: os.path.join(self.dir, name)
-                 for name in (CA_CERT, CA_CRL, CLIENT_CERT, CLIENT_KEY)}
-        try:
-            with open(paths[CA_CERT], "rb"):
-                pass
-        except OSError as e:
-            raise InvalidArgumentError(f"Unable to access credentials {paths[CA_CERT]}: "
-                                       f"{e.strerror}") from None
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-        try:
-            ctx.load_verify_locations(cafile=paths[CA_CERT])
-            if os.path.exists(paths[CA_CRL]):
-                ctx.load_verify_locations(cafile=paths[CA_CRL])
-                ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
-            if os.path.exists(paths[CLIENT_CERT]) and os.path.exists(paths[CLIENT_KEY]):
-                ctx.load_cert_chain(paths[CLIENT_CERT], paths[CLIENT_KEY])
-        except (ssl.SSLError, ValueError) as e:
-            raise InvalidArgumentError(f"Unable to load TLS credentials from {self.dir}: "
-                                       f"{e}") from None
+        ctx, path = self._context("client", (CA_CERT,))
+        with self._loading():
+            self._load_ca(ctx, path)
+            if os.path.exists(path(CLIENT_CERT)) and os.path.exists(path(CLIENT_KEY)):
+                ctx.load_cert_chain(path(CLIENT_CERT), path(CLIENT_KEY))
         ctx.check_hostname = self.verify_peer
         ctx.verify_mode = ssl.CERT_REQUIRED if self.verify_peer else ssl.CERT_NONE
         return ctx
+
+    def _context(self, endpoint, required):
+        """A new context for ``endpoint`` once the ``required`` files can be
+        read (qemu's order and words), and the path of a file in DIR."""
+        if self.endpoint != endpoint:
+            raise InvalidArgumentError("Failed to get TLS creds: Expected TLS credentials for a "
+                                       f"{endpoint} endpoint")
+        path = lambda name: os.path.join(self.dir, name)     # noqa: E731
+        for name in required:
+            try:
+                with open(path(name), "rb"):
+                    pass
+            except OSError as e:
+                raise InvalidArgumentError(f"Unable to access credentials {path(name)}: "
+                                           f"{e.strerror}") from None
+        return ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if endpoint == "server"
+                              else ssl.PROTOCOL_TLS_CLIENT), path
+
+    @staticmethod
+    def _load_ca(ctx, path):
+        ctx.load_verify_locations(cafile=path(CA_CERT))
+        if os.path.exists(path(CA_CRL)):
+            ctx.load_verify_locations(cafile=path(CA_CRL))
+            ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
+
+    @contextlib.contextmanager
+    def _loading(self):
+        try:
+            yield
+        except (ssl.SSLError, ValueError) as e:
+            raise InvalidArgumentError(f"Unable to load TLS credentials from {self.dir}: "
+                                       f"{e}") from None
