@@ -256,8 +256,6 @@ def check_options(args):
     if args.device or args.disconnect:
         # (qemu-nbd's words when built without the kernel's NBD client)
         raise UsageError("Kernel /dev/nbdN support not available")
-    if args.tls_authz is not None:
-        raise UsageError("--tls-authz is not supported by qcow2fast serve")
     if args.tls_creds is None and args.objects:
         from .objects import parse_object
         for text in args.objects:           # still checked, as qemu creates them
@@ -381,10 +379,12 @@ def run(args):
     if args.fork:
         from .daemon import fork
         ready = fork()                      # the parent exits in there
-    tls = None
+    tls = authz = None
     if args.tls_creds is not None:
-        from .objects import tls_context
+        from .objects import tls_authz, tls_context
         tls = tls_context(args.objects, args.tls_creds)
+        if args.tls_authz is not None:
+            authz = tls_authz(args.objects, args.tls_authz)
     try:
         img = open_export(args, opts["cache"], opts["offset"])
     except (Qcow2Error, OSError) as e:
@@ -394,6 +394,7 @@ def run(args):
                         sockets=activated, read_only=args.read_only,
                         export_name=args.export_name, description=args.description,
                         shared=opts["shared"], persistent=args.persistent, tls=tls,
+                        tls_authz=authz,
                         allocation_depth=args.allocation_depth, bitmaps=args.bitmaps,
                         discard=args.discard, detect_zeroes=args.detect_zeroes)
         if args.pid_file:

@@ -9,9 +9,11 @@ be anything but abuse) ends the connection.
 """
 
 import logging
+import ssl
 
 from . import protocol as P
 from .export import MAX_PAYLOAD, PREFERRED_BLOCK
+from .authz import peer_identity
 from .tls import HANDSHAKE_TIMEOUT
 
 log = logging.getLogger("qcow2fast.nbd")
@@ -72,11 +74,13 @@ class _Reader:
             raise _Invalid(f"{len(self.data) - self.pos} unexpected bytes of option data")
 
 
-def negotiate(chan, export, tls=None):
+def negotiate(chan, export, tls=None, tls_authz=None):
     """Run the handshake on ``chan``; returns the Session to enter
     transmission with, or None when the client aborted.  With ``tls`` (an
     ``ssl.SSLContext``) TLS is required: nothing but NBD_OPT_STARTTLS is
-    served before the upgrade."""
+    served before the upgrade; ``tls_authz`` (nbd/authz.py) then decides
+    whether the client's certificate may go on (when the context asks
+    for one, as qemu: not with verify-peer=off)."""
     chan.send(P.SERVER_GREETING.pack(P.NBDMAGIC, P.IHAVEOPT,
                                      P.NBD_FLAG_FIXED_NEWSTYLE | P.NBD_FLAG_NO_ZEROES))
     (cflags,) = P.CLIENT_FLAGS.unpack(chan.read(4))
@@ -84,7 +88,7 @@ def negotiate(chan, export, tls=None):
         raise ProtocolError(f"unknown client flags {cflags:#x}")
     session = Session()
     session.no_zeroes = bool(cflags & P.NBD_FLAG_C_NO_ZEROES)
-    haggler = _Options(chan, export, session, tls)
+    haggler = _Options(chan, export, session, tls, tls_authz)
     while True:
         magic, option, length = P.OPTION_HEADER.unpack(chan.read(P.OPTION_HEADER.size))
         if magic != P.IHAVEOPT:
@@ -105,9 +109,9 @@ class _Options:
     """One handler per option; each returns None to go on haggling, True
     to enter transmission, False to end the session."""
 
-    def __init__(self, chan, export, session, tls=None):
+    def __init__(self, chan, export, session, tls=None, tls_authz=None):
         self.chan, self.export, self.session = chan, export, session
-        self.tls = tls
+        self.tls, self.tls_authz = tls, tls_authz
         self.handlers = {
             P.NBD_OPT_EXPORT_NAME: self.export_name,
             P.NBD_OPT_ABORT: self.abort,
@@ -221,6 +225,10 @@ class _Options:
             self.chan.starttls(self.tls, HANDSHAKE_TIMEOUT)
         except ValueError as e:
             raise ProtocolError(str(e)) from None
+        if self.tls_authz is not None and self.tls.verify_mode == ssl.CERT_REQUIRED:
+            identity = peer_identity(self.chan.sock)
+            if identity is None or not self.tls_authz.allows(identity):
+                raise ProtocolError(f"TLS x509 authz check for {identity} is denied")
         self.session.tls = True
 
     def structured_reply(self, option, r):

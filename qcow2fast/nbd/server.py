@@ -65,14 +65,15 @@ class Server:
     backlog; NBD_FLAG_CAN_MULTI_CONN is advertised unless ``shared`` is 1,
     as qemu-nbd does.  Unless ``persistent``, the server stops when its
     last client has gone.  ``tls`` (an ``ssl.SSLContext``, see nbd/tls.py)
-    requires TLS of every client.  ``allocation_depth``, ``bitmaps``,
+    requires TLS of every client; ``tls_authz`` (nbd/authz.py) says whose
+    certificates may connect.  ``allocation_depth``, ``bitmaps``,
     ``discard`` and ``detect_zeroes`` are qemu-nbd's ``-A``, ``-B``,
     ``--discard`` and ``--detect-zeroes`` (see :class:`Export`).
     """
 
     def __init__(self, image, *, socket_path=None, host=None, port=None, sockets=None,
                  read_only=None, export_name="", description=None, shared=16,
-                 persistent=True, fmt=None, open_options=None, tls=None,
+                 persistent=True, fmt=None, open_options=None, tls=None, tls_authz=None,
                  allocation_depth=True, bitmaps=(), discard="unmap", detect_zeroes="off"):
         if shared < 0:
             raise ValueError("shared must be 0 (no limit) or more")
@@ -88,7 +89,7 @@ class Server:
         except BaseException:
             self._release_image(image)
             raise
-        self.tls = tls
+        self.tls, self.tls_authz = tls, tls_authz
         self.socket_path = socket_path
         self.persistent = persistent
         self._slots = threading.Semaphore(shared or UNLIMITED)
@@ -258,7 +259,7 @@ class Server:
 
     def _serve_client(self, chan, peer):
         try:
-            session = negotiate(chan, self.export, self.tls)
+            session = negotiate(chan, self.export, self.tls, self.tls_authz)
             if session is not None:
                 Transmission(chan, self.export, session, str(peer)).run()
                 chan.flush()
