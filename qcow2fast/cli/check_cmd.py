@@ -16,14 +16,15 @@ from ..host.lock import Holder
 from ..host.remote import is_url, is_writable, protocol_of
 from .objects import secrets
 from .common import add_image_arguments, open_error, open_null, resolve_image, warn_stale_bitmaps
-from .options import check_lines, prog
+from .options import check_lines, prog, source_cache
 
 
 def add_parser(sub):
     p = sub.add_parser("check", help="check an image for consistency (and repair it)")
     p.expects("Expecting one image file name")
     add_image_arguments(p, output=True)
-    p.add_argument("-r", dest="repair", choices=("leaks", "all"))
+    p.add_argument("-r", "--repair", dest="repair", choices=("leaks", "all"))
+    p.add_argument("-T", dest="src_cache")
     p.add_argument("-q", dest="quiet", action="store_true")
     p.add_argument("--explain", action="store_true",
                    help="under each leak and corruption, say what references the cluster")
@@ -32,6 +33,7 @@ def add_parser(sub):
 
 
 def run(args):
+    source_cache(args.src_cache or "writeback")
     if not args.image_opts and blkdebug.is_blkdebug_name(args.filename):
         # (check reads the file itself, not through the filter's rules)
         print(f"{prog()}: Could not open '{args.filename}': check does not run through the "

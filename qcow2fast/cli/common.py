@@ -63,7 +63,8 @@ def share_options(args):
 
 
 def add_image_arguments(p, *, output=False):
-    p.add_argument("-f", dest="fmt")
+    """-f (and, where qemu-img has --output, --format), -U, --image-opts..."""
+    p.add_argument(*(("-f", "--format") if output else ("-f",)), dest="fmt")
     add_share_arguments(p)
     p.add_argument("--image-opts", dest="image_opts", action="store_true")
     if output:

@@ -10,7 +10,7 @@ from ..errors import Qcow2Error
 from ..spec.constants import SECTOR
 from .common import add_share_arguments, open_error, open_image, share_options
 from .progress import Progress
-from .options import prog
+from .options import UsageError, prog, source_cache
 
 CHUNK = 1 << 20
 
@@ -21,6 +21,7 @@ def add_parser(sub):
     p.add_argument("-f", dest="fmt1")
     p.add_argument("-F", dest="fmt2")
     p.add_argument("-s", dest="strict", action="store_true")
+    p.add_argument("-T", dest="src_cache")
     p.add_argument("-q", dest="quiet", action="store_true")
     p.add_argument("-p", dest="progress", action="store_true")
     add_share_arguments(p)
@@ -31,6 +32,11 @@ def add_parser(sub):
 
 
 def run(args):
+    try:
+        source_cache(args.src_cache or "writeback")
+    except UsageError as e:             # (compare's status for it: 2, as qemu-img's)
+        print(f"{prog()}: {e}", file=sys.stderr)
+        return 2
     say = (lambda msg: None) if args.quiet else print
     images = []
     try:

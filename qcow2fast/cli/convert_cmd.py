@@ -23,7 +23,7 @@ from .common import (add_share_arguments, check_backing_given, encrypt_format_mi
                      file_path, image_spec, named_as, share_options, snapshot_not_found,
                      snapshot_spec)
 from .create_cmd import format_error, options_help, qcow2_options
-from .options import UsageError, cvtnum, merge_options, warn
+from .options import UsageError, cvtnum, merge_options, source_cache, warn
 from .progress import ConvertPercent
 
 # -t: qemu-img convert's default is unsafe (no flush); any other mode syncs
@@ -84,6 +84,7 @@ def run(args):
         return 0
     if len(args.filenames) < 2:
         raise UsageError("Must specify image file name")
+    source_cache(args.src_cache or "writeback")
     *names, dest = args.filenames
     sources, source_kw = source_specs(names, args)
     try:

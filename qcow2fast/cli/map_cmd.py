@@ -18,8 +18,8 @@ def add_parser(sub):
     p = sub.add_parser("map", help="show the mapping of the guest disk")
     p.expects("Expecting one image file name")
     add_image_arguments(p, output=True)
-    p.add_argument("--start-offset", dest="start", default="0")
-    p.add_argument("--max-length", dest="max_length")
+    p.add_argument("-s", "--start-offset", dest="start", default="0")
+    p.add_argument("-l", "--max-length", dest="max_length")
     p.add_argument("filename")
     p.set_defaults(run=run)
 

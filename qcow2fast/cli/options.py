@@ -152,6 +152,18 @@ class Parser(argparse.ArgumentParser):
         raise UsageError(f"{command}: {message}" if command else message)
 
 
+CACHE_OPTIONS = ("none", "off", "directsync", "writeback", "unsafe", "writethrough")
+
+
+def source_cache(mode):
+    """-T: the cache mode sources are read with (qemu's bdrv_parse_cache_mode
+    names).  Checked as qemu-img checks it; qcow2fast reads sources through
+    the page cache whatever the mode (as for convert)."""
+    if mode not in CACHE_OPTIONS:
+        raise UsageError(f"Invalid source cache option: {mode}")
+    return mode
+
+
 def strtosz(text):
     """qemu's qemu_strtosz: a decimal number with an optional fraction, or
     a hex one (0x...), then an optional suffix B/k/M/G/T/P/E (powers of
