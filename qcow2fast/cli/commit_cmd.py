@@ -47,8 +47,7 @@ def one_image(args, raw_error, backing=True):
 
 def run(args):
     from ..ops.commit import commit
-    if args.rate_limit is not None:     # qemu's check; the commit itself is not throttled
-        cvtnum("rate limit", args.rate_limit)
+    rate = None if args.rate_limit is None else cvtnum("rate limit", args.rate_limit)
     path, key_secret = one_image(args, "Image does not have a backing file")
     bar = PercentProgress(args.progress and not args.quiet, 1.0)
     bar(0, 1)
@@ -56,7 +55,7 @@ def run(args):
         with named_as({path: args.filenames[0]}):
             commit(path, base=args.base, drop=args.drop or args.base is not None,
                    cache=args.cache, progress=bar if bar.enabled else None,
-                   key_secret=key_secret)
+                   key_secret=key_secret, rate_limit=rate)
         bar(1, 1)
     except OSError as e:            # qemu-img's words for a failed step (ops/commit.py)
         step = getattr(e, "qemu_step", None)

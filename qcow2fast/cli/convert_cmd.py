@@ -50,6 +50,7 @@ def add_parser(sub):
     p.add_argument("-m", dest="threads")
     p.add_argument("-t", dest="cache", default="unsafe")
     p.add_argument("-T", dest="src_cache")
+    p.add_argument("-r", dest="rate_limit")
     p.add_argument("-W", dest="out_of_order", action="store_true")
     p.add_argument("-l", dest="snapshot")
     p.add_argument("--compression-level", dest="compression_level", type=int)
@@ -66,6 +67,8 @@ def add_parser(sub):
 
 
 def run(args):
+    if args.rate_limit is not None:     # (parsed where qemu parses it: with the options)
+        args.rate_limit = cvtnum("rate limit", args.rate_limit)
     if args.copy_range and (args.sparse_size is not None or args.compress):
         raise UsageError("Cannot enable copy offloading when "
                          f"{'-S' if args.sparse_size is not None else '-c'} is used")
@@ -159,7 +162,8 @@ def _convert(args, opts, names, dest, sources, source_kw):
                     sync=args.cache != "unsafe", direct=args.cache in ("none", "directsync"),
                     snapshot=snapshot_spec(args.snapshot),
                     compression_level=args.compression_level, salvage=args.salvage,
-                    warn=(lambda message: None) if args.quiet else warn, **source_kw)
+                    warn=(lambda message: None) if args.quiet else warn, rate_limit=args.rate_limit,
+                    **source_kw)
     except SnapshotNotFoundError as e:
         raise snapshot_not_found(e) from None
     finally:

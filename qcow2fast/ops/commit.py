@@ -36,6 +36,7 @@ from ..spec import header as hdr
 from ..spec.constants import L1E_SIZE
 from . import layers as chainlayers
 from .layers import CHUNK
+from .ratelimit import paced
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -58,7 +59,7 @@ def find_backing_image(top, name):
 def commit(path: str | os.PathLike[str], *, base: str | None = None, drop: bool = False,
            cache: str = "writeback",
            progress: Callable[[int, int], object] | None = None,
-           key_secret: bytes | str | None = None) -> None:
+           key_secret: bytes | str | None = None, rate_limit: int | None = None) -> None:
     """Write the data of the qcow2 image at ``path`` (and of every layer
     above ``base``) into ``base`` (default: its backing file), then empty
     the image unless ``drop``.  ``base`` is a backing file name as in
@@ -66,7 +67,9 @@ def commit(path: str | os.PathLike[str], *, base: str | None = None, drop: bool 
     directory).  Emptying after committing into a layer below the backing
     file would make the image read the stale layers in between: that
     needs ``drop=True``.  ``progress(done, total)``: bytes committed.
-    ``key_secret``: the passphrase of encrypted layers (the chain's)."""
+    ``key_secret``: the passphrase of encrypted layers (the chain's).
+    ``rate_limit`` (-r): at most that many bytes committed per second on
+    average (qemu's job speed)."""
     path = os.fspath(path)
     chainlayers.check_cache_mode(cache)
     with Image(path, "r" if drop else "r+", cache_mode=cache, cache_clean_interval=0,
@@ -84,7 +87,7 @@ def commit(path: str | os.PathLike[str], *, base: str | None = None, drop: bool 
                 "layers in between, which no longer hold what they held: use drop=True "
                 "(qemu-img commit -b implies -d)")
         with qemu_step("Block job failed"):
-            _commit_into(top, above, target, cache, progress)
+            _commit_into(top, above, target, cache, progress, paced(rate_limit))
     # The base is stable: the top's data stays readable whatever happens now.
     if not drop:
         with qemu_step("Failed to empty"):
@@ -92,7 +95,7 @@ def commit(path: str | os.PathLike[str], *, base: str | None = None, drop: bool 
 
 
 
-def _commit_into(top, above, target, cache, progress):
+def _commit_into(top, above, target, cache, progress, pace):
     # The chain above holds the base read-only, not sharing write (its
     # locks): the base's writer is that same holder's (host/lock.take_over).
     if isinstance(target, RawImage):
@@ -118,6 +121,8 @@ def _commit_into(top, above, target, cache, progress):
 
         def write(job, bufs):
             layer, off, n = job
+            if pace is not None:
+                pace.admit(n)
             if layer is None:
                 dest.write_zeroes(off, n, may_unmap=True)
             else:

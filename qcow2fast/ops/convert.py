@@ -39,12 +39,13 @@ from .create import create
 from .options import image_size, validate_options
 from ..engine.backing import resolve_backing_path
 from ..errors import ConvertError, InvalidArgumentError, Qcow2Error, UnsupportedFeatureError
-from ..spec.constants import COMPRESSED, DATA, L1E_SIZE, ZERO, whole_sectors
+from ..spec.constants import COMPRESSED, DATA, L1E_SIZE, UNALLOCATED, ZERO, whole_sectors
 from .qcow2_writer import Qcow2Writer, runs
 from ..engine.crypto_setup import target_secret
 from ..host.limits import fit_threads
 from ..host.lock import check_create
 from .convert_units import Buffers, Job
+from .ratelimit import paced
 from .convert_output import Output
 from .nbd_target import is_nbd_name, is_remote_target
 from .sources import MUST_ZERO, READ, SKIP, UnitMarks, open_sources
@@ -98,6 +99,8 @@ def run_pipeline(job, batches, sink, threads, progress, total, buffers):
             for note in notes:                  # (--salvage: in disk order)
                 src.salvage(note)
             io = sink(first, kinds, payloads, buf, nvalid)
+            if io is not None and job.pace is not None:     # -r: the bytes it writes
+                io = _paced(io, job.pace, int(np.count_nonzero(kinds != UNALLOCATED)) * job.unit)
             if io is None:
                 buffers.put(buf)
             else:
@@ -117,6 +120,13 @@ def run_pipeline(job, batches, sink, threads, progress, total, buffers):
         pool.shutdown(wait=True, cancel_futures=True)
         wpool.shutdown(wait=True, cancel_futures=True)
     return done
+
+
+def _paced(io, pace, nbytes):
+    def write():
+        pace.admit(nbytes)      # (on the writer thread: the writes behind it wait)
+        io()
+    return write
 
 
 def seekable_batches(src, marks, unit, buffers):
@@ -170,7 +180,7 @@ def convert(sources: str | os.PathLike[str] | BlockDevice
             remote: Mapping[str, Any] | None = None,
             target_key_secret: bytes | str | None = None,
             target_open: Mapping[str, Any] | None = None, salvage: bool = False,
-            warn: Callable[[str], object] | None = None) -> None:
+            warn: Callable[[str], object] | None = None, rate_limit: int | None = None) -> None:
     """Convert ``sources`` (paths, or open block devices such as an
     :class:`~qcow2fast.Image`, read as they are and left open; several are
     concatenated; ``"-"`` alone is a raw stream on stdin) into ``dest`` (a
@@ -200,7 +210,8 @@ def convert(sources: str | os.PathLike[str] | BlockDevice
     keyword arguments of :class:`~qcow2fast.Image` in ``target_open``.  ``salvage``
     (--salvage): a sector of the sources that cannot be read is written as
     zeros, and ``warn(message)`` (default: the "qcow2fast" logger) told
-    qemu-img's warning for it.
+    qemu-img's warning for it.  ``rate_limit`` (-r): at most that many bytes
+    written per second on average.
     """
     options = dict(options or {})
     if isinstance(sources, (str, os.PathLike)) or hasattr(sources, "readinto"):
@@ -270,7 +281,7 @@ def convert(sources: str | os.PathLike[str] | BlockDevice
                 compressor = _compressor(st.compression_type, compression_level) \
                     if compress else None
                 return _convert_new_qcow2(st, src, dest, compressor, sparse_size, threads,
-                                          progress, sync, direct)
+                                          progress, sync, direct, paced(rate_limit))
             if compress or dest == STDIN or stdin or is_nbd_name(dest):
                 raise InvalidArgumentError("preallocation cannot be combined with "
                                            "compression or streams")
@@ -280,7 +291,8 @@ def convert(sources: str | os.PathLike[str] | BlockDevice
                                       target_is_zero, threads, progress, sync, direct,
                                       (compression_level,) if compress else None,
                                       target_key_secret or target_secret(options),
-                                      top_only=bool(backing_file), target_open=target_open)
+                                      top_only=bool(backing_file), target_open=target_open,
+                                      pace=paced(rate_limit))
     finally:
         if src is not None:
             src.close()
@@ -333,12 +345,13 @@ def _open_direct(path):
 
 
 def _convert_new_qcow2(st, src, dest, compressor, sparse_size, threads, progress, sync,
-                       direct):
+                       direct, pace=None):
     geo = st.geometry()
     cs = geo.cluster_size
     job = Job(cs, detect_zeros=sparse_size > 0, keep_zero=bool(st.backing_file),
               compress=compressor, v2_zero_as_data=st.version == 2,
-              sparse_units=1 if compressor else max(1, _pow2floor(sparse_size) // cs))
+              sparse_units=1 if compressor else max(1, _pow2floor(sparse_size) // cs),
+              pace=pace)
     out = Output(dest, in_place=False, stream=True)
     ok = False
     writer = dfile = None
@@ -375,7 +388,7 @@ def _convert_new_qcow2(st, src, dest, compressor, sparse_size, threads, progress
 
 def _convert_through_image(src, dest, format, options, sparse_size, existing,
                            target_is_zero, threads, progress, sync, direct, compress,
-                           out_secret=None, top_only=False, target_open=None):
+                           out_secret=None, top_only=False, target_open=None, pace=None):
     """Raw output, -n, extended L2 and preallocated qcow2: writes through
     Image.write (qcow2) or pwrite (raw).  ``compress``: None, or a 1-tuple
     with the compression level (the compression type is the target's):
@@ -425,7 +438,7 @@ def _convert_through_image(src, dest, format, options, sparse_size, existing,
         if compress is not None:
             compressor = _compressor(img.header.compression_type, compress[0])
         job = Job(unit, detect_zeros=sparse_size > 0, keep_zero=not zero_target,
-                  compress=compressor, v2_zero_as_data=False)
+                  compress=compressor, v2_zero_as_data=False, pace=pace)
 
         def spans(mask, nvalid):
             """Byte ranges [lo, hi) of the batch's runs of ``mask``, up to the source's end."""

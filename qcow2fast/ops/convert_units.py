@@ -16,8 +16,9 @@ class Job:
     """How batches are read and turned into units' kinds and payloads."""
 
     def __init__(self, unit, *, detect_zeros, keep_zero, compress, v2_zero_as_data,
-                 sparse_units=1):
+                 sparse_units=1, pace=None):
         self.unit = unit
+        self.pace = pace                      # -r: ops/ratelimit.WriteRate or None
         self.detect_zeros = detect_zeros      # -S: all-zero units need no data
         # -S larger than a unit: zeros are skipped only in whole aligned groups
         # of this many units (qemu's alignment of its writes to -S)

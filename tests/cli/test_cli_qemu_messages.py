@@ -290,7 +290,7 @@ USAGE_ERRORS = [
     ["info", "--force-share=1", "I"], ["convert", "--t", "I", "O"], ["info", "-f", "bogus", "I"],
     ["check", "-T", "bogus", "I"], ["compare", "-T", "bogus", "I", "I"],
     ["convert", "-T", "bogus", "I", "T"], ["info", "--f", "I"], ["check", "--repair=bogus", "I"],
-    ["map", "--s", "1M", "I"],
+    ["map", "--s", "1M", "I"], ["convert", "-r", "bogus", "I", "T"],
     ["map", "--start-offset=abc", "I"], ["map", "--max-length=1E1", "I"],
     ["bench", "-s", "4G", "I"], ["bench", "-S", "abc", "I"], ["bench", "-o", "x", "I"],
     ["commit", "-r", "abc", "I"], ["convert", "-S", "3", "I", "T"],
