@@ -7,7 +7,7 @@ from setuptools import Extension, setup
 
 EXT_DIR = os.path.join("qcow2fast", "_ext")
 MODULES = ["spec", "kernels", "fileio", "cache", "allocator", "state", "hooks", "core", "reqloop",
-           "resolved", "chain", "batch", "hookfile", "sectorcipher"]
+           "resolved", "chain", "batch", "hookfile", "sectorcipher", "nbdio"]
 
 extensions = [
     Extension(

@@ -1,4 +1,4 @@
-from libc.stdint cimport int64_t, uint8_t, uint64_t
+from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t
 
 
 cdef class WriteObserver:
@@ -20,6 +20,11 @@ cdef class DirtyBitmap(WriteObserver):
     cdef int64_t nbits
     cdef bint _dirty_at(self, int64_t g) noexcept
     cdef _set_bits(self, bytearray bits)
+    # pack_runs without its checks: 0 < length <= 2^32-1, offset >= 0,
+    # max_runs > 0, ``d`` holding 2 * max_runs words (or NULL: count only).
+    # With the GIL held, like ``changed``.
+    cdef Py_ssize_t descriptors(self, int64_t offset, int64_t length, uint32_t *d,
+                                Py_ssize_t max_runs) noexcept
 
 
 cdef class DataTransform:

@@ -173,11 +173,7 @@ cdef class DirtyBitmap(WriteObserver):
         Returns how many; they may describe less than the whole range.
         ``out`` must hold 8 * ``max_runs`` bytes; with ``out`` None, only
         counts them."""
-        cdef int64_t end = offset + length, g, stop, nxt, at, to
-        cdef int64_t nbytes = len(self._bits)
-        cdef Py_ssize_t n = 0
         cdef uint32_t *d = NULL
-        cdef bint dirty
         if offset < 0 or length <= 0 or length > MAX_DESCRIPTOR_LENGTH or max_runs <= 0:
             raise InvalidArgumentError(f"cannot describe [{offset}, +{length}) in "
                                        f"{max_runs} block descriptors")
@@ -186,6 +182,14 @@ cdef class DirtyBitmap(WriteObserver):
                 raise InvalidArgumentError(f"{out.shape[0]} bytes do not hold {max_runs} "
                                            "block descriptors")
             d = <uint32_t *>&out[0]
+        return self.descriptors(offset, length, d, max_runs)
+
+    cdef Py_ssize_t descriptors(self, int64_t offset, int64_t length, uint32_t *d,
+                                Py_ssize_t max_runs) noexcept:
+        cdef int64_t end = offset + length, g, stop, nxt, at, to
+        cdef int64_t nbytes = len(self._bits)
+        cdef Py_ssize_t n = 0
+        cdef bint dirty
         g = offset >> self.gran_bits
         stop = ((end - 1) >> self.gran_bits) + 1
         at = offset

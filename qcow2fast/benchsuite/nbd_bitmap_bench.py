@@ -28,7 +28,9 @@ import sys
 import tempfile
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from .common import ROOT
+
+REPO = ROOT        # children import qcow2fast from where this one did
 
 
 def start(cmd, sock):

@@ -11,22 +11,21 @@ about to wait for more input, or when the buffer is full.
 Invariant: before blocking in ``recv_into`` the send buffer is empty, so a
 client waiting for replies before sending more can never deadlock us.
 
-Before sleeping for input the connection polls for up to POLL_NS (as
+Before sleeping for input the connection polls (_ext/nbdio.recv_polled,
 qemu's adaptive polling): measured here, 4 KiB reads at queue depth 1
 (``qemu-img bench -d 1`` over a Unix socket) took 1.1-1.6 s for 30000
 instead of 3.0 s, and a 1 TiB bitmap's ``nbdinfo --map`` 16-18 ms instead
 of 24-27 ms; depth 16 and 4 connections unchanged.  A poll that fails is
-given up for a while (_Polling): with the client on the same CPU it could
-not succeed, and cost the client 50 us per request.
+given up for a while: with the client on the same CPU it could not
+succeed, and cost the client 50 us per request.
 """
 
-import socket
+import os
 import threading
-import time
+
+from .._ext.nbdio import CLOSED, Polling, recv_polled
 
 RECV_BUFFER = 256 << 10
-POLL_NS = 50_000
-POLL_REST_MIN, POLL_REST_MAX = 8, 4096
 SEND_FLUSH_AT = 256 << 10
 KEEP_SEND_BUFFER = (8 << 20) + 4096
 
@@ -37,21 +36,10 @@ _spare = []
 _spare_lock = threading.Lock()
 MAX_SPARE = 4
 
-
-class _Polling:
-    """Whether a wait for input polls first: a failed poll makes the next
-    ``rest`` waits sleep at once, ``backoff`` doubling with each failure
-    and back to POLL_REST_MIN on a success.  Each connection has its own;
-    a new one starts from the state of the last that ended (nbdinfo's and
-    backup tools' connections are short: what the last one found is the
-    best guess for the next)."""
-    __slots__ = ("rest", "backoff")
-
-    def __init__(self, rest=0, backoff=POLL_REST_MIN):
-        self.rest, self.backoff = rest, backoff
-
-
-_last_polling = _Polling()
+# Each connection polls as the last one to end left off (nbdinfo's and
+# backup tools' connections are short: what the last one found is the best
+# guess for the next).
+_last_polling = Polling()
 
 
 class Disconnected(Exception):
@@ -71,7 +59,7 @@ class Channel:
         # (not through TLS: an SSLSocket takes no recv flags; nor with a
         # timeout, where Python's recv waits for input before any call)
         self._poll = sock.gettimeout() is None
-        self._polling = _Polling(_last_polling.rest, _last_polling.backoff)
+        self._polling = Polling(_last_polling.rest, _last_polling.backoff)
 
     # -- receiving ---------------------------------------------------------------------
 
@@ -94,33 +82,26 @@ class Channel:
             self._rend += got
 
     def _recv_polled(self, mv):
-        """recv_into ``mv``, polling for up to POLL_NS before sleeping in the
-        kernel: a synchronous client's next request usually comes within
-        it, and a sleep and wake-up cost more than the poll (qemu's
-        adaptive polling, poll-max-ns).  A poll that fails is pure loss
-        (on one CPU the client cannot even send while we spin): then the
-        next waits sleep at once, more of them after each failure
-        (_Polling)."""
-        polling = self._polling
-        if self._poll and not polling.rest:
-            end = 0
-            while True:
-                try:
-                    got = self.sock.recv_into(mv, 0, socket.MSG_DONTWAIT)
-                except (BlockingIOError, InterruptedError):
-                    now = time.perf_counter_ns()
-                    if not end:
-                        end = now + POLL_NS
-                    elif now >= end:
-                        break
-                    continue
-                polling.backoff = POLL_REST_MIN
-                return got
-            polling.rest = polling.backoff
-            polling.backoff = min(2 * polling.backoff, POLL_REST_MAX)
-        elif polling.rest:
-            polling.rest -= 1
+        if self._poll:
+            return recv_polled(self.sock.fileno(), mv, self._polling)
         return self.sock.recv_into(mv)
+
+    @property
+    def plain(self):
+        """A blocking socket without TLS: C may do its I/O (serve_in_c)."""
+        return self._poll
+
+    def serve_in_c(self, loop):
+        """Let ``loop`` (a BitmapStatusLoop) answer the requests that are
+        its own, from the buffers and then the socket, until the next one
+        is not (it stays buffered).  Only on a ``plain`` connection."""
+        how, self._rpos, self._rend, self._olen, err = loop.run(
+            self.sock.fileno(), self._rbuf, self._rpos, self._rend, self._obuf, self._olen,
+            self._polling)
+        if err:
+            raise OSError(err, os.strerror(err))
+        if how == CLOSED:
+            raise Disconnected("the client closed the connection")
 
     def peek(self, n):
         """The next ``n`` bytes if they are already received (not consumed),

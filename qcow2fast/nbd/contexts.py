@@ -16,6 +16,7 @@ the contexts in it; NBD_OPT_SET_META_CONTEXT selects exact names only.
 Both answer in the export's order, not the query's.
 """
 
+from .._ext.nbdio import BitmapStatusLoop
 from ..errors import InvalidArgumentError
 from . import protocol as P
 
@@ -95,12 +96,6 @@ def send_block_status(chan, export, handle, offset, length, selected, req_one):
     Whatever can fail (a bitmap gone, an I/O error) runs before any chunk
     is queued, so a failed request gets its error reply alone."""
     sources = export.contexts.bitmap_sources
-    if len(selected) == 1 and selected[0][0] in sources:    # a backup tool's request
-        name, cid = selected[0]
-        bitmaps, bitmap = sources[name]
-        _bitmap_chunk(chan, handle, cid, P.NBD_REPLY_FLAG_DONE, bitmaps.tracker(bitmap),
-                      offset, length, req_one)
-        return
     chunks = []
     extents = None
     for name, cid in selected:
@@ -126,6 +121,37 @@ def send_block_status(chan, export, handle, offset, length, selected, req_one):
         for k, (n, state) in enumerate(descs):
             P.BLOCK_DESCRIPTOR.pack_into(mv, _HEAD + 8 * k, n, state)
         chan.commit(_HEAD + 8 * len(descs))
+
+
+class BitmapAlone:
+    """BLOCK_STATUS with one dirty bitmap the only context selected (a
+    backup tool's request, hundreds per ``nbdinfo --map``): the reply is
+    that bitmap's chunk alone.  On a plain connection the request loop
+    leaves these to ``loop()``, in C."""
+    __slots__ = ("bitmaps", "name", "cid")
+
+    def __init__(self, bitmaps, name, cid):
+        self.bitmaps, self.name, self.cid = bitmaps, name, cid
+
+    def __call__(self, chan, handle, offset, length, req_one):
+        # (the bitmap looked up per request: it may be removed meanwhile)
+        _bitmap_chunk(chan, handle, self.cid, P.NBD_REPLY_FLAG_DONE,
+                      self.bitmaps.tracker(self.name), offset, length, req_one)
+
+    def loop(self, size, flags):
+        """The same answer in C (Channel.serve_in_c) for requests of an
+        export of ``size`` bytes with command ``flags`` allowed; a request
+        with more than BITMAP_ROOM runs is left to this Python path."""
+        return BitmapStatusLoop(P, self.bitmaps.tracker, self.name, self.cid, size, flags,
+                                BITMAP_ROOM, MAX_DESCRIPTORS)
+
+
+def bitmap_alone(export, selected):
+    """A BitmapAlone when ``selected`` is one dirty bitmap, else None."""
+    if len(selected) != 1 or selected[0][0] not in export.contexts.bitmap_sources:
+        return None
+    name, cid = selected[0]
+    return BitmapAlone(*export.contexts.bitmap_sources[name], cid)
 
 
 def _bitmap_chunk(chan, handle, cid, flags, tracker, offset, length, req_one):

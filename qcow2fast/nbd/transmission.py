@@ -13,7 +13,7 @@ import logging
 
 from . import protocol as P
 from .channel import Disconnected
-from .contexts import send_block_status
+from .contexts import bitmap_alone, send_block_status
 from .export import HOLE_MIN, MAX_PAYLOAD, RequestError, nbd_error
 from .handshake import ProtocolError
 
@@ -77,14 +77,24 @@ class Transmission:
         self._batch_writes = (self._submit is not None and not export.read_only
                               and export.detect_zeroes == "off")
         self._wbuf = None           # reused for WRITE payloads not already buffered
+        # BLOCK_STATUS of one dirty bitmap: its chunk alone, and on a plain
+        # connection the valid requests with not too many runs answered in C
+        self._bitmap_alone = bitmap_alone(export, self.contexts)
+        self._bitmap_loop = None
+        if self._bitmap_alone is not None and chan.plain:
+            self._bitmap_loop = self._bitmap_alone.loop(
+                export.size, ALLOWED_FLAGS[P.NBD_CMD_BLOCK_STATUS])
         self._unread = 0
 
     def run(self):
         """Serve requests until NBD_CMD_DISC or the client goes away."""
         chan = self.chan
         handlers = self.handlers
+        bitmap_loop = self._bitmap_loop
         while True:
             try:
+                if bitmap_loop is not None:
+                    chan.serve_in_c(bitmap_loop)
                 hdr = chan.read(_REQ.size)
             except Disconnected:
                 return
@@ -341,5 +351,9 @@ class Transmission:
             raise RequestError(P.NBD_EINVAL, "BLOCK_STATUS without a metadata context")
         if not length:
             raise RequestError(P.NBD_EINVAL, "BLOCK_STATUS of 0 bytes")
-        send_block_status(self.chan, self.export, handle, offset, length, self.contexts,
-                          bool(flags & P.NBD_CMD_FLAG_REQ_ONE))
+        req_one = bool(flags & P.NBD_CMD_FLAG_REQ_ONE)
+        if self._bitmap_alone is not None:
+            self._bitmap_alone(self.chan, handle, offset, length, req_one)
+        else:
+            send_block_status(self.chan, self.export, handle, offset, length, self.contexts,
+                              req_one)

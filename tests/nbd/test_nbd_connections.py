@@ -9,6 +9,7 @@ import time
 import pytest
 
 import qcow2fast
+from qcow2fast._ext import nbdio
 from qcow2fast.nbd import channel as C
 from qcow2fast.nbd.channel import Channel
 from qcow2fast.nbd.client import NbdClient
@@ -69,13 +70,13 @@ def test_failed_polls_back_off_and_a_success_resets():
     a, b = socket.socketpair()
     try:
         chan = Channel(a)
-        chan._polling = C._Polling()
+        chan._polling = nbdio.Polling()
         buf = memoryview(bytearray(16))
 
         def send_later():
             time.sleep(0.05)                        # well past POLL_NS
             b.send(b"x")
-        for expected in (C.POLL_REST_MIN, 2 * C.POLL_REST_MIN):
+        for expected in (nbdio.POLL_REST_MIN, 2 * nbdio.POLL_REST_MIN):
             t = threading.Thread(target=send_later)
             t.start()
             assert chan._recv_polled(buf) == 1      # the poll failed, then it slept
@@ -85,12 +86,12 @@ def test_failed_polls_back_off_and_a_success_resets():
                 b.send(b"y")
                 assert chan._recv_polled(buf) == 1
                 assert chan._polling.rest == left
-        assert chan._polling.backoff == 4 * C.POLL_REST_MIN
+        assert chan._polling.backoff == 4 * nbdio.POLL_REST_MIN
         b.send(b"z")                                # polling again: it succeeds at once
         assert chan._recv_polled(buf) == 1
-        assert chan._polling.backoff == C.POLL_REST_MIN and chan._polling.rest == 0
+        assert chan._polling.backoff == nbdio.POLL_REST_MIN and chan._polling.rest == 0
         chan.release()                              # the next connection starts from it
-        assert (C._last_polling.rest, C._last_polling.backoff) == (0, C.POLL_REST_MIN)
+        assert (C._last_polling.rest, C._last_polling.backoff) == (0, nbdio.POLL_REST_MIN)
     finally:
         a.close()
         b.close()

@@ -1,0 +1,225 @@
+"""BLOCK_STATUS of a lone dirty bitmap answered in C (_ext/nbdio.py's
+BitmapStatusLoop, on plain connections) gives byte for byte the replies
+the Python request loop gives (TLS, or a socket with a timeout), whatever
+the request stream: pipelined or arriving a few bytes at a time, mixed
+with other commands, with flags, errors, a reply of more runs than the C
+loop packs, a bitmap removed while served, a client gone mid-request."""
+
+import random
+import socket
+import threading
+import time
+
+import pytest
+
+import qcow2fast
+from qcow2fast.nbd import contexts, protocol as P
+from qcow2fast.nbd.channel import Channel
+from qcow2fast.nbd.export import Export
+from qcow2fast.nbd.handshake import Session
+from qcow2fast.nbd.transmission import Transmission
+
+SIZE = 1 << 30
+GRAN = 65536
+NAME = "qemu:dirty-bitmap:b0"
+
+
+@pytest.fixture
+def image(tmp_path):
+    """1 GiB with bitmap b0: 700 scattered dirty runs in the first 256 MiB
+    (more than the loop's BITMAP_ROOM in one request), one at 900 MiB."""
+    path = str(tmp_path / "b.qcow2")
+    qcow2fast.create(path, SIZE)
+    img = qcow2fast.open(path, "r+")
+    img.add_bitmap("b0", granularity=GRAN)
+    dirty(img)
+    yield img
+    img.close()
+
+
+def dirty(img):
+    for k in range(700):
+        img.write_zeroes(k * 6 * GRAN, GRAN * (1 + k % 3))
+    img.write(900 << 20, b"x" * 5000)
+
+
+def request(cmd, offset, length, flags=0, handle=None):
+    return P.REQUEST.pack(P.NBD_REQUEST_MAGIC, flags, cmd, offset if handle is None else handle,
+                          offset, length)
+
+
+def status(offset, length, flags=0):
+    return request(P.NBD_CMD_BLOCK_STATUS, offset, length, flags)
+
+
+def connection(image, plain):
+    """(server socket, client socket, Transmission) of an export of
+    ``image`` with b0 selected, past the handshake."""
+    export = Export(image, bitmaps=["b0"])
+    session = Session()
+    session.structured = True
+    session.contexts = [(NAME, export.contexts.ids[NAME])]
+    a, b = socket.socketpair()
+    if not plain:
+        a.settimeout(60)                # the Python loop's path, as over TLS
+    chan = Channel(a)
+    assert chan.plain == plain
+    return a, b, Transmission(chan, export, session)
+
+
+def transcript(image, plain, pieces):
+    """Serve one connection of an export of ``image`` with b0 selected:
+    ``pieces`` (bytes, or a callable run at that point) are sent in order,
+    then DISC; returns every byte the server sent."""
+    a, b, serving = connection(image, plain)
+    chan = serving.chan
+    out = bytearray()
+    failed = []
+
+    def serve():
+        try:
+            serving.run()
+        except BaseException as e:      # noqa: B036 -- reported by the test
+            failed.append(e)
+        finally:
+            chan.release()
+            a.close()
+
+    def drain():
+        while True:
+            got = b.recv(1 << 20)
+            if not got:
+                return
+            out.extend(got)
+    threads = [threading.Thread(target=serve), threading.Thread(target=drain)]
+    for t in threads:
+        t.start()
+    try:
+        for piece in pieces:
+            if callable(piece):
+                piece()
+            else:
+                b.sendall(piece)
+        b.sendall(request(P.NBD_CMD_DISC, 0, 0))
+    except BrokenPipeError:
+        pass
+    b.shutdown(socket.SHUT_WR)
+    for t in threads:
+        t.join(60)
+    b.close()
+    assert not failed, failed
+    return bytes(out)
+
+
+def replies(data):
+    """[(handle, error, [(length, flags)] or message)] of a reply stream."""
+    out, at = [], 0
+    while at < len(data):
+        magic, flags, rtype, handle, n = P.STRUCTURED_REPLY.unpack_from(data, at)
+        assert magic == P.NBD_STRUCTURED_REPLY_MAGIC and flags & P.NBD_REPLY_FLAG_DONE
+        payload = data[at + P.STRUCTURED_REPLY.size:at + P.STRUCTURED_REPLY.size + n]
+        at += P.STRUCTURED_REPLY.size + n
+        if rtype == P.NBD_REPLY_TYPE_BLOCK_STATUS:
+            out.append((handle, 0, [P.BLOCK_DESCRIPTOR.unpack_from(payload, 4 + 8 * k)
+                                    for k in range((n - 4) // 8)]))
+        elif rtype & P.NBD_REPLY_TYPE_ERROR:
+            out.append((handle, P.ERROR_PAYLOAD.unpack_from(payload)[0], payload[6:]))
+        else:
+            out.append((handle, 0, rtype))
+    return out
+
+
+def both(image, pieces):
+    """The transcript of the C loop, checked equal to the Python loop's."""
+    fast = transcript(image, True, pieces)
+    assert fast == transcript(image, False, pieces)
+    return replies(fast)
+
+
+def expected_runs(image, offset, length, most):
+    runs = [(n, int(d)) for _, n, d in image.dirty_bitmaps.tracker("b0").runs(offset, length)]
+    return runs[:most]
+
+
+def test_mixed_stream_pipelined_and_in_pieces(image, monkeypatch):
+    stream = [
+        status(0, SIZE),                                    # 700+ runs: Python counts them
+        status(0, 64 << 20),
+        status(0, 64 << 20, P.NBD_CMD_FLAG_REQ_ONE),
+        status(12345, 7777777, P.NBD_CMD_FLAG_FUA),         # unaligned, FUA ignored
+        request(P.NBD_CMD_READ, 900 << 20, 4096),          # another command between
+        status(899 << 20, 4 << 20),
+        status(0, 4096, P.NBD_CMD_FLAG_DF),                 # a flag BLOCK_STATUS refuses
+        status(SIZE - 4096, 8192),                          # past the end
+        status(4096, 0),                                    # empty
+        status(SIZE - GRAN, GRAN),
+    ]
+    # The C loop answers the valid requests with at most BITMAP_ROOM runs:
+    # the Python path packs only the others.
+    calls = []
+    real = contexts._bitmap_chunk
+    monkeypatch.setattr(contexts, "_bitmap_chunk",
+                        lambda *a: (calls.append(a[5:7]), real(*a))[1])
+    got = both(image, [b"".join(stream)])
+    assert calls[:1] == [(0, SIZE)]
+    assert (0, 64 << 20) in calls              # (from the Python transcript)
+    calls.clear()
+    transcript(image, True, [b"".join(stream)])
+    assert calls == [(0, SIZE)]
+
+    assert [h for h, _, _ in got] == [P.REQUEST.unpack(r)[3] for r in stream]
+    errors = [e for _, e, _ in got]
+    assert errors == [0] * 6 + [P.NBD_EINVAL] * 3 + [0]
+    assert got[0][2] == expected_runs(image, 0, SIZE, 1 << 16)
+    assert len(got[0][2]) > contexts.BITMAP_ROOM
+    assert got[1][2] == expected_runs(image, 0, 64 << 20, 1 << 16)
+    assert got[2][2] == expected_runs(image, 0, 64 << 20, 1)
+    assert got[3][2] == expected_runs(image, 12345, 7777777, 1 << 16)
+    assert got[5][2] == [((1 << 20), 0), (GRAN, 1), ((3 << 20) - GRAN, 0)]
+    assert got[9][2] == [(GRAN, 0)]
+
+    # The same bytes arriving a few at a time (headers split across receives).
+    data = b"".join(stream)
+    pieces = []
+    for at in range(0, len(data), 5):
+        pieces += [data[at:at + 5], lambda: time.sleep(0.0005)]
+    assert both(image, pieces) == got
+
+
+def test_random_streams(image):
+    rng = random.Random(7)
+    for _ in range(5):
+        reqs = []
+        for _ in range(40):
+            off = rng.randrange(0, SIZE - 1)
+            n = rng.randrange(1, min(SIZE - off, 1 << 28) + 1)
+            reqs.append(status(off, n, rng.choice((0, 0, P.NBD_CMD_FLAG_REQ_ONE))))
+        got = both(image, [b"".join(reqs)])
+        for r, (handle, error, runs) in zip(reqs, got):
+            _, flags, _, _, off, n = P.REQUEST.unpack(r)
+            assert error == 0
+            assert runs == expected_runs(image, off, n, 1 if flags else 1 << 16)
+
+
+def test_bitmap_removed_while_served(image):
+    def stream():
+        return [status(0, 64 << 20), lambda: (time.sleep(0.2), image.remove_bitmap("b0")),
+                status(0, 64 << 20)]
+    fast = transcript(image, True, stream())
+    image.add_bitmap("b0", granularity=GRAN)
+    dirty(image)
+    assert fast == transcript(image, False, stream())
+    got = replies(fast)
+    assert got[0][1] == 0 and got[1][1] == P.NBD_EINVAL
+    assert b"b0" in got[1][2]
+
+
+def test_client_gone_in_the_middle_of_a_request(image):
+    for plain in (True, False):
+        a, b, serving = connection(image, plain)
+        b.sendall(status(0, GRAN) + status(0, GRAN)[:10])
+        b.shutdown(socket.SHUT_WR)
+        serving.run()                   # returns: the client is gone
+        assert len(replies(b.recv(1 << 16))) == 1
+        a.close()
+        b.close()
