@@ -224,6 +224,10 @@ def mutate_image(data, rng, n=None):
 
 # -- NBD client streams --------------------------------------------------------------------
 
+BITMAP_NAME = "fz"
+BITMAP_CONTEXT = "qemu:dirty-bitmap:" + BITMAP_NAME
+
+
 def nbd_stream(rng):
     """A client's byte stream: a handshake (fixed newstyle, options) and
     requests, as a real client sends them; a list of messages."""
@@ -233,7 +237,11 @@ def nbd_stream(rng):
     def option(opt, data=b""):
         msgs.append(P.OPTION_HEADER.pack(P.IHAVEOPT, opt, len(data)) + data)
     option(P.NBD_OPT_STRUCTURED_REPLY)
-    q = b"base:allocation"
+    # Half the streams select the export's dirty bitmap alone (_target_nbd
+    # adds it): their BLOCK_STATUS requests, with any flags and ranges, go
+    # to the C loop (_ext/nbdio.BitmapStatusLoop).
+    bitmap = rng.random() < 0.5
+    q = BITMAP_CONTEXT.encode() if bitmap else b"base:allocation"
     option(P.NBD_OPT_SET_META_CONTEXT, P.U32.pack(0) + P.U32.pack(1) + P.U32.pack(len(q)) + q)
     if rng.random() < 0.2:
         option(P.NBD_OPT_LIST)
@@ -243,7 +251,14 @@ def nbd_stream(rng):
                           P.NBD_CMD_TRIM, P.NBD_CMD_WRITE_ZEROES, P.NBD_CMD_FLUSH,
                           P.NBD_CMD_CACHE))
         off, length = rng.randrange(0, 1 << 20, 512), rng.choice((512, 4096, 65536))
-        msg = P.REQUEST.pack(P.NBD_REQUEST_MAGIC, 0, cmd, h, off, length)
+        flags = 0
+        if bitmap and rng.random() < 0.6:
+            cmd = P.NBD_CMD_BLOCK_STATUS
+            off = rng.choice((off, rng.randrange(0, 1 << 64)))
+            length = rng.choice((length, 0, rng.randrange(0, 1 << 32)))
+            flags = rng.choice((0, 0, P.NBD_CMD_FLAG_REQ_ONE, P.NBD_CMD_FLAG_FUA,
+                                P.NBD_CMD_FLAG_DF, rng.randrange(0, 1 << 16)))
+        msg = P.REQUEST.pack(P.NBD_REQUEST_MAGIC, flags, cmd, h, off, length)
         if cmd == P.NBD_CMD_WRITE:
             msg += bytes([h]) * length
         msgs.append(msg)
@@ -390,12 +405,20 @@ def _target_nbd(stream, path):
     from qcow2fast.nbd.handshake import ProtocolError, negotiate
     from qcow2fast.nbd.transmission import Transmission
     img = open_export_image(path, read_only=False, fmt="qcow2")
+    bitmaps = []
+    try:
+        img.add_bitmap(BITMAP_NAME, granularity=4096)
+        for k in range(40):
+            img.write_zeroes(k * 24576, 4096 * (1 + k % 3))
+        bitmaps.append(BITMAP_NAME)
+    except Exception:           # noqa: B902 - a v2 or refused image: no bitmap to export
+        pass
     a, b = socket.socketpair()
     errors = []
 
     def serve():
         try:
-            chan, export = Channel(a), Export(img, "", None, False)
+            chan, export = Channel(a), Export(img, "", None, False, bitmaps=bitmaps)
             session = negotiate(chan, export)
             if session is not None:
                 Transmission(chan, export, session).run()
