@@ -9,12 +9,12 @@ same CPU it cannot even send while we spin), so after one the next
 ``Polling.rest`` waits sleep at once, twice as many after each failure
 (POLL_REST_MIN up to POLL_REST_MAX), back to the minimum on a success.
 
-``BitmapStatusLoop``: NBD_CMD_BLOCK_STATUS with one dirty bitmap the only
-context selected -- a backup tool's request, hundreds per ``nbdinfo
---map`` -- answered from receive buffer to send buffer without the
-interpreter: per request one Python call (the bitmap's lookup) and the
-packing of its runs in C.  Anything else ends the loop with that request
-still buffered, for the Python request loop.
+``RequestLoop``: the requests a plain connection answers without the
+interpreter, from receive buffer to send buffer -- a synchronous client's
+small READs, and BLOCK_STATUS with one dirty bitmap the only context
+selected (a backup tool's request, hundreds per ``nbdinfo --map``: per
+request one Python call, the bitmap's lookup).  Anything else ends the
+loop with that request still buffered, for the Python request loop.
 """
 
 from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE
@@ -24,6 +24,7 @@ from libc.string cimport memcpy, memmove
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 
 from .common cimport QF_BSWAP16, QF_BSWAP32, QF_BSWAP64
+from .core cimport ImageCore
 from .hooks cimport DirtyBitmap
 
 from os import strerror
@@ -41,7 +42,7 @@ cdef enum:
 
 POLL_NS, POLL_REST_MIN, POLL_REST_MAX = _POLL_NS, _POLL_REST_MIN, _POLL_REST_MAX
 
-# What BitmapStatusLoop.run returns: the next request is Python's, or the
+# What RequestLoop.run returns: the next request is Python's, or the
 # client closed the connection.
 PYTHON = 0
 CLOSED = 1
@@ -49,6 +50,8 @@ CLOSED = 1
 cdef enum:
     REQUEST_SIZE = 28       # magic, flags, type, cookie, offset, length (proto.md)
     REPLY_HEAD = 24         # structured reply chunk header + context id
+    DATA_HEAD = 28          # structured reply chunk header + offset (OFFSET_DATA)
+    SIMPLE_HEAD = 16        # simple reply: magic, error, cookie
 
 
 cdef class Polling:
@@ -125,34 +128,65 @@ def recv_polled(int fd, unsigned char[::1] buf, Polling polling):
     return got
 
 
-cdef class BitmapStatusLoop:
-    """BLOCK_STATUS of one export's lone dirty bitmap context, in C.
+cdef class RequestLoop:
+    """The requests of one NBD connection that are answered in C, from its
+    receive buffer to its send buffer (Channel.serve_in_c):
 
-    ``protocol`` is nbd.protocol (its constants are declared there);
-    ``lookup(name)`` gives the bitmap's DirtyBitmap per request (it may be
-    removed meanwhile: then the lookup raises and the request is left to
-    Python, which answers the error); ``flags`` the command flags the
-    request may carry; replies of more than ``room`` descriptors are left
-    to Python too (it counts them first)."""
-    cdef uint32_t request_magic, reply_magic
-    cdef uint16_t command, flags, req_one, done, reply_type
-    cdef uint32_t cid
+    - a READ of less than ``serve_reads``' limit alone in the buffer (a
+      synchronous client's: pipelined READs go to the Python loop's batches,
+      one GIL release for them all), read by the image's C path; a read the
+      C path does not finish is left to Python, which redoes it whole;
+    - with ``serve_bitmap``, BLOCK_STATUS when one dirty bitmap is the only
+      context selected, of at most ``room`` runs.
+
+    Anything else -- another command, flags or a range the protocol
+    refuses, an error -- is left buffered for the Python loop, which
+    answers it as it answers everything.  ``protocol`` is nbd.protocol
+    (its constants are declared there)."""
+    cdef uint32_t request_magic, reply_magic, simple_magic
+    cdef uint16_t cmd_read, cmd_status, flag_df, req_one, done, type_data, type_status
     cdef uint64_t size
-    cdef Py_ssize_t room, most
+    cdef bint structured
+    # reads
+    cdef ImageCore image
+    cdef uint32_t read_below
+    # the lone bitmap
     cdef object lookup, name
+    cdef uint32_t cid
+    cdef uint16_t status_flags
+    cdef Py_ssize_t room, most
 
-    def __init__(self, protocol, lookup, name, uint32_t cid, uint64_t size, uint16_t flags,
-                 Py_ssize_t room, Py_ssize_t most):
+    def __init__(self, protocol, uint64_t size, bint structured):
         self.request_magic = protocol.NBD_REQUEST_MAGIC
-        self.command = protocol.NBD_CMD_BLOCK_STATUS
-        self.req_one = protocol.NBD_CMD_FLAG_REQ_ONE
         self.reply_magic = protocol.NBD_STRUCTURED_REPLY_MAGIC
+        self.simple_magic = protocol.NBD_SIMPLE_REPLY_MAGIC
+        self.cmd_read = protocol.NBD_CMD_READ
+        self.cmd_status = protocol.NBD_CMD_BLOCK_STATUS
+        self.flag_df = protocol.NBD_CMD_FLAG_DF
+        self.req_one = protocol.NBD_CMD_FLAG_REQ_ONE
         self.done = protocol.NBD_REPLY_FLAG_DONE
-        self.reply_type = protocol.NBD_REPLY_TYPE_BLOCK_STATUS
-        if protocol.BLOCK_STATUS_REPLY.size != REPLY_HEAD or protocol.REQUEST.size != REQUEST_SIZE:
-            raise ValueError("nbd.protocol's layouts are not the ones BitmapStatusLoop packs")
-        self.lookup, self.name, self.cid, self.size = lookup, name, cid, size
-        self.flags, self.room, self.most = flags, room, most
+        self.type_data = protocol.NBD_REPLY_TYPE_OFFSET_DATA
+        self.type_status = protocol.NBD_REPLY_TYPE_BLOCK_STATUS
+        if (protocol.REQUEST.size != REQUEST_SIZE
+                or protocol.BLOCK_STATUS_REPLY.size != REPLY_HEAD
+                or protocol.OFFSET_DATA_REPLY.size != DATA_HEAD
+                or protocol.SIMPLE_REPLY.size != SIMPLE_HEAD):
+            raise ValueError("nbd.protocol's layouts are not the ones RequestLoop packs")
+        self.size, self.structured = size, structured
+
+    def serve_reads(self, ImageCore image, uint32_t below):
+        """Answer READs shorter than ``below`` bytes from ``image``."""
+        self.image, self.read_below = image, below
+
+    def serve_bitmap(self, lookup, name, uint32_t cid, uint16_t flags, Py_ssize_t room,
+                     Py_ssize_t most):
+        """Answer BLOCK_STATUS with command ``flags`` allowed from the
+        DirtyBitmap ``lookup(name)`` gives per request (it may be removed
+        meanwhile: then the lookup raises and Python answers the error),
+        as context ``cid``, in at most ``most`` descriptors; a reply that
+        may need more than ``room`` is left to Python (it counts first)."""
+        self.lookup, self.name, self.cid = lookup, name, cid
+        self.status_flags, self.room, self.most = flags, room, most
 
     def run(self, int fd, bytearray rbuf, Py_ssize_t rpos, Py_ssize_t rend, bytearray obuf,
             Py_ssize_t olen, Polling polling):
@@ -165,15 +199,13 @@ cdef class BitmapStatusLoop:
         cdef char *r = PyByteArray_AS_STRING(rbuf)
         cdef char *o = PyByteArray_AS_STRING(obuf)
         cdef Py_ssize_t rcap = PyByteArray_GET_SIZE(rbuf), ocap = PyByteArray_GET_SIZE(obuf)
-        cdef Py_ssize_t n, most
+        cdef Py_ssize_t need
         cdef ssize_t got
         cdef uint32_t magic, length
         cdef uint16_t flags, command
         cdef uint64_t offset
         cdef char *p
-        cdef uint32_t *w
-        cdef DirtyBitmap bitmap
-        if ocap < REPLY_HEAD + 8 * self.room or rcap < REQUEST_SIZE:
+        if rcap < REQUEST_SIZE:
             return PYTHON, rpos, rend, olen, 0
         while True:
             if rend - rpos < REQUEST_SIZE:
@@ -202,34 +234,83 @@ cdef class BitmapStatusLoop:
             memcpy(&command, p + 6, 2)
             memcpy(&offset, p + 16, 8)
             memcpy(&length, p + 24, 4)
+            magic, flags, command = QF_BSWAP32(magic), QF_BSWAP16(flags), QF_BSWAP16(command)
             offset, length = QF_BSWAP64(offset), QF_BSWAP32(length)
-            flags = QF_BSWAP16(flags)
-            if (QF_BSWAP32(magic) != self.request_magic or QF_BSWAP16(command) != self.command
-                    or flags & ~self.flags or length == 0 or offset > self.size
+            if (magic != self.request_magic or length == 0 or offset > self.size
                     or length > self.size - offset):
                 return PYTHON, rpos, rend, olen, 0
-            try:
-                bitmap = self.lookup(self.name)
-            except Exception:
+            # (a reply is packed at o + olen only once there is room for all of it)
+            if command == self.cmd_read and self.image is not None:
+                if (length >= self.read_below or flags & ~self.flag_df
+                        or (flags and not self.structured)
+                        or rend - rpos >= 2 * REQUEST_SIZE):      # pipelined: a batch
+                    return PYTHON, rpos, rend, olen, 0
+                need = (DATA_HEAD if self.structured else SIMPLE_HEAD) + length
+            elif command == self.cmd_status and self.lookup is not None:
+                if flags & ~self.status_flags:
+                    return PYTHON, rpos, rend, olen, 0
+                need = REPLY_HEAD + 8 * self.room
+            else:
                 return PYTHON, rpos, rend, olen, 0
-            if olen + REPLY_HEAD + 8 * self.room > ocap:
+            if olen + need > ocap:
+                if need > ocap:
+                    return PYTHON, rpos, rend, olen, 0
                 with nogil:
                     got = _send_all(fd, o, olen)
                 olen = 0
                 if got < 0:
                     return PYTHON, rpos, rend, olen, -got
-            most = 1 if flags & self.req_one else self.most
-            if most > self.room:
-                most = self.room
-            w = <uint32_t *>(o + olen + REPLY_HEAD)
-            n = bitmap.descriptors(<int64_t>offset, length, w, most)
-            if n == self.room and n < (1 if flags & self.req_one else self.most):
-                return PYTHON, rpos, rend, olen, 0      # maybe more: Python counts them
-            w = <uint32_t *>(o + olen)
-            w[0] = QF_BSWAP32(self.reply_magic)
-            w[1] = QF_BSWAP32((<uint32_t>self.done << 16) | self.reply_type)
-            memcpy(o + olen + 8, p + 8, 8)              # the request's cookie, as sent
-            w[4] = QF_BSWAP32(<uint32_t>(4 + 8 * n))
-            w[5] = QF_BSWAP32(self.cid)
-            olen += REPLY_HEAD + 8 * n
+            if command == self.cmd_read:
+                got = self._read(o + olen, p, offset, length)
+            else:
+                got = self._status(o + olen, p, offset, length, flags)
+            if got == 0:
+                return PYTHON, rpos, rend, olen, 0
+            olen += got
             rpos += REQUEST_SIZE
+
+    cdef Py_ssize_t _read(self, char *out, const char *req, uint64_t offset, uint32_t length):
+        """A READ's whole reply at ``out``: its size, or 0 if Python is to
+        answer it (an error, a read the C path did not finish)."""
+        cdef uint32_t *w = <uint32_t *>out
+        cdef Py_ssize_t head = DATA_HEAD if self.structured else SIMPLE_HEAD
+        cdef int64_t got
+        try:
+            self.image._check_range(<int64_t>offset, length)
+            got = self.image._locked_read(out + head, <int64_t>offset, length)
+        except Exception:
+            return 0
+        if got != length:
+            return 0
+        if self.structured:
+            w[0] = QF_BSWAP32(self.reply_magic)
+            w[1] = QF_BSWAP32((<uint32_t>self.done << 16) | self.type_data)
+            memcpy(out + 8, req + 8, 8)                 # the request's cookie, as sent
+            w[4] = QF_BSWAP32(length + 8)
+            memcpy(out + 20, req + 16, 8)               # its offset, as sent
+        else:
+            w[0] = QF_BSWAP32(self.simple_magic)
+            w[1] = 0
+            memcpy(out + 8, req + 8, 8)
+        return head + length
+
+    cdef Py_ssize_t _status(self, char *out, const char *req, uint64_t offset, uint32_t length,
+                            uint16_t flags):
+        """A lone bitmap's BLOCK_STATUS reply at ``out``: its size, or 0."""
+        cdef uint32_t *w = <uint32_t *>out
+        cdef Py_ssize_t n, most = 1 if flags & self.req_one else self.most
+        cdef DirtyBitmap bitmap
+        try:
+            bitmap = self.lookup(self.name)
+        except Exception:
+            return 0
+        n = bitmap.descriptors(<int64_t>offset, length, <uint32_t *>(out + REPLY_HEAD),
+                               min(most, self.room))
+        if n == self.room and n < most:
+            return 0                                    # maybe more: Python counts them
+        w[0] = QF_BSWAP32(self.reply_magic)
+        w[1] = QF_BSWAP32((<uint32_t>self.done << 16) | self.type_status)
+        memcpy(out + 8, req + 8, 8)                     # the request's cookie, as sent
+        w[4] = QF_BSWAP32(<uint32_t>(4 + 8 * n))
+        w[5] = QF_BSWAP32(self.cid)
+        return REPLY_HEAD + 8 * n

@@ -4,7 +4,7 @@ sparse 1 TiB qcow2 image whose 64 KiB-granularity bitmap (qemu-img bitmap
 --add) has ``--dirty`` scattered runs set by qemu-io writes.  Both servers
 are started once (``-r -t`` on a Unix socket); only nbdinfo is timed,
 alternating between them, medians over ``--runs``; the servers' CPU time
-(user + system, from /proc: less disturbed by a loaded machine) per run is
+per run (all threads, from /proc: less disturbed by a loaded machine) is
 shown beside.  The outputs must match.
 
     python -m benchmarks.nbd_bitmap_bench [--size 1T] [--dirty 2000] [--runs 5]
@@ -45,10 +45,16 @@ def start(cmd, sock):
 
 
 def cpu_seconds(pid):
-    """User + system CPU time of a process so far (/proc/PID/stat)."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """CPU time of a process so far, all its threads (/proc/PID/task/*/schedstat:
+    nanoseconds, where /proc/PID/stat counts 10 ms ticks)."""
+    total = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                total += int(f.read().split()[0])
+        except (OSError, ValueError):       # a thread that just ended
+            pass
+    return total / 1e9
 
 
 def main(argv=None):

@@ -92,7 +92,7 @@ class Channel:
         return self._poll
 
     def serve_in_c(self, loop):
-        """Let ``loop`` (a BitmapStatusLoop) answer the requests that are
+        """Let ``loop`` (an nbdio.RequestLoop) answer the requests that are
         its own, from the buffers and then the socket, until the next one
         is not (it stays buffered).  Only on a ``plain`` connection."""
         how, self._rpos, self._rend, self._olen, err = loop.run(

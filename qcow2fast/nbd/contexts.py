@@ -16,7 +16,6 @@ the contexts in it; NBD_OPT_SET_META_CONTEXT selects exact names only.
 Both answer in the export's order, not the query's.
 """
 
-from .._ext.nbdio import BitmapStatusLoop
 from ..errors import InvalidArgumentError
 from . import protocol as P
 
@@ -127,7 +126,7 @@ class BitmapAlone:
     """BLOCK_STATUS with one dirty bitmap the only context selected (a
     backup tool's request, hundreds per ``nbdinfo --map``): the reply is
     that bitmap's chunk alone.  On a plain connection the request loop
-    leaves these to ``loop()``, in C."""
+    leaves these to C (``serve_in_c``)."""
     __slots__ = ("bitmaps", "name", "cid")
 
     def __init__(self, bitmaps, name, cid):
@@ -138,12 +137,12 @@ class BitmapAlone:
         _bitmap_chunk(chan, handle, self.cid, P.NBD_REPLY_FLAG_DONE,
                       self.bitmaps.tracker(self.name), offset, length, req_one)
 
-    def loop(self, size, flags):
-        """The same answer in C (Channel.serve_in_c) for requests of an
-        export of ``size`` bytes with command ``flags`` allowed; a request
-        with more than BITMAP_ROOM runs is left to this Python path."""
-        return BitmapStatusLoop(P, self.bitmaps.tracker, self.name, self.cid, size, flags,
-                                BITMAP_ROOM, MAX_DESCRIPTORS)
+    def serve_in_c(self, loop, flags):
+        """Have ``loop`` (nbdio.RequestLoop) give the same answer in C for
+        requests with command ``flags`` allowed; one with more than
+        BITMAP_ROOM runs is left to this Python path."""
+        loop.serve_bitmap(self.bitmaps.tracker, self.name, self.cid, flags, BITMAP_ROOM,
+                          MAX_DESCRIPTORS)
 
 
 def bitmap_alone(export, selected):

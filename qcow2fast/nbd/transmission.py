@@ -11,6 +11,8 @@ nothing).  Only a broken framing (bad request magic) drops the connection.
 
 import logging
 
+from .._ext.core import ImageCore
+from .._ext.nbdio import RequestLoop
 from . import protocol as P
 from .channel import Disconnected
 from .contexts import bitmap_alone, send_block_status
@@ -77,24 +79,29 @@ class Transmission:
         self._batch_writes = (self._submit is not None and not export.read_only
                               and export.detect_zeroes == "off")
         self._wbuf = None           # reused for WRITE payloads not already buffered
-        # BLOCK_STATUS of one dirty bitmap: its chunk alone, and on a plain
-        # connection the valid requests with not too many runs answered in C
+        # BLOCK_STATUS of one dirty bitmap: its chunk alone
         self._bitmap_alone = bitmap_alone(export, self.contexts)
-        self._bitmap_loop = None
-        if self._bitmap_alone is not None and chan.plain:
-            self._bitmap_loop = self._bitmap_alone.loop(
-                export.size, ALLOWED_FLAGS[P.NBD_CMD_BLOCK_STATUS])
+        # On a plain connection a synchronous client's small READs, and
+        # those BLOCK_STATUS requests, are answered in C (nbdio.RequestLoop)
+        self._c_loop = None
+        if chan.plain:
+            loop = RequestLoop(P, export.size, self.structured)
+            if isinstance(self.image, ImageCore):
+                loop.serve_reads(self.image, HOLE_MIN)
+            if self._bitmap_alone is not None:
+                self._bitmap_alone.serve_in_c(loop, ALLOWED_FLAGS[P.NBD_CMD_BLOCK_STATUS])
+            self._c_loop = loop
         self._unread = 0
 
     def run(self):
         """Serve requests until NBD_CMD_DISC or the client goes away."""
         chan = self.chan
         handlers = self.handlers
-        bitmap_loop = self._bitmap_loop
+        c_loop = self._c_loop
         while True:
             try:
-                if bitmap_loop is not None:
-                    chan.serve_in_c(bitmap_loop)
+                if c_loop is not None:
+                    chan.serve_in_c(c_loop)
                 hdr = chan.read(_REQ.size)
             except Disconnected:
                 return

@@ -26,6 +26,8 @@ import struct
 import subprocess
 import sys
 import threading
+import time
+import zlib
 import traceback
 
 from tests.hardening import fuzz_names
@@ -239,7 +241,7 @@ def nbd_stream(rng):
     option(P.NBD_OPT_STRUCTURED_REPLY)
     # Half the streams select the export's dirty bitmap alone (_target_nbd
     # adds it): their BLOCK_STATUS requests, with any flags and ranges, go
-    # to the C loop (_ext/nbdio.BitmapStatusLoop).
+    # to the C loop (_ext/nbdio.RequestLoop), as do lone small READs.
     bitmap = rng.random() < 0.5
     q = BITMAP_CONTEXT.encode() if bitmap else b"base:allocation"
     option(P.NBD_OPT_SET_META_CONTEXT, P.U32.pack(0) + P.U32.pack(1) + P.U32.pack(len(q)) + q)
@@ -441,8 +443,16 @@ def _target_nbd(stream, path):
             pass
     d = threading.Thread(target=drain, daemon=True)
     d.start()
+    # Half the streams arrive in pieces, cut anywhere, a pause between them:
+    # requests then come alone (a synchronous client's, the C loop's READs)
+    # or split across receives.
+    rng = random.Random(zlib.crc32(stream))
+    cuts = sorted(rng.randrange(len(stream) + 1) for _ in range(rng.choice((0, 12))))
     try:
-        b.sendall(stream)
+        for lo, hi in zip([0, *cuts], [*cuts, len(stream)]):
+            b.sendall(stream[lo:hi])
+            if hi < len(stream):
+                time.sleep(0.0003)
         b.shutdown(socket.SHUT_WR)
     except OSError:
         pass
@@ -552,7 +562,6 @@ class Fuzzer:
         return mutate_image(self.rng.choice(self.seeds), self.rng)
 
     def run(self, executions=None, seconds=None, on_finding=None):
-        import time
         stop = time.monotonic() + seconds if seconds else None
         while (executions is None or self.executions < executions) and \
                 (stop is None or time.monotonic() < stop):

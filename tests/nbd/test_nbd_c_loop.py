@@ -1,10 +1,13 @@
-"""BLOCK_STATUS of a lone dirty bitmap answered in C (_ext/nbdio.py's
-BitmapStatusLoop, on plain connections) gives byte for byte the replies
-the Python request loop gives (TLS, or a socket with a timeout), whatever
-the request stream: pipelined or arriving a few bytes at a time, mixed
-with other commands, with flags, errors, a reply of more runs than the C
-loop packs, a bitmap removed while served, a client gone mid-request."""
+"""The requests answered in C on plain connections (_ext/nbdio.pyx's
+RequestLoop: a synchronous client's small READs, BLOCK_STATUS of a lone
+dirty bitmap) get byte for byte the replies the Python request loop gives
+(TLS, or a socket with a timeout), whatever the request stream: one at a
+time or pipelined or arriving a few bytes at a time, mixed with other
+commands, with flags, errors, reads of every kind of cluster, simple
+replies, a reply of more runs than the C loop packs, a bitmap removed
+while served, a client gone mid-request."""
 
+import itertools
 import random
 import socket
 import threading
@@ -18,6 +21,7 @@ from qcow2fast.nbd.channel import Channel
 from qcow2fast.nbd.export import Export
 from qcow2fast.nbd.handshake import Session
 from qcow2fast.nbd.transmission import Transmission
+from qcow2fast.nbd import transmission
 
 SIZE = 1 << 30
 GRAN = 65536
@@ -33,6 +37,7 @@ def image(tmp_path):
     img = qcow2fast.open(path, "r+")
     img.add_bitmap("b0", granularity=GRAN)
     dirty(img)
+    img.write_compressed(800 << 20, bytes(range(256)) * 256)   # one compressed cluster
     yield img
     img.close()
 
@@ -43,22 +48,26 @@ def dirty(img):
     img.write(900 << 20, b"x" * 5000)
 
 
-def request(cmd, offset, length, flags=0, handle=None):
-    return P.REQUEST.pack(P.NBD_REQUEST_MAGIC, flags, cmd, offset if handle is None else handle,
-                          offset, length)
+_handles = itertools.count(0x1000)
+
+
+def request(cmd, offset, length, flags=0):
+    return P.REQUEST.pack(P.NBD_REQUEST_MAGIC, flags, cmd, next(_handles), offset, length)
 
 
 def status(offset, length, flags=0):
     return request(P.NBD_CMD_BLOCK_STATUS, offset, length, flags)
 
 
-def connection(image, plain):
+def connection(image, plain, structured=True):
     """(server socket, client socket, Transmission) of an export of
-    ``image`` with b0 selected, past the handshake."""
+    ``image`` with b0 selected (with structured replies), past the
+    handshake."""
     export = Export(image, bitmaps=["b0"])
     session = Session()
-    session.structured = True
-    session.contexts = [(NAME, export.contexts.ids[NAME])]
+    session.structured = structured
+    if structured:
+        session.contexts = [(NAME, export.contexts.ids[NAME])]
     a, b = socket.socketpair()
     if not plain:
         a.settimeout(60)                # the Python loop's path, as over TLS
@@ -202,9 +211,10 @@ def test_random_streams(image):
 
 
 def test_bitmap_removed_while_served(image):
+    first, second = status(0, 64 << 20), status(0, 64 << 20)
+
     def stream():
-        return [status(0, 64 << 20), lambda: (time.sleep(0.2), image.remove_bitmap("b0")),
-                status(0, 64 << 20)]
+        return [first, lambda: (time.sleep(0.2), image.remove_bitmap("b0")), second]
     fast = transcript(image, True, stream())
     image.add_bitmap("b0", granularity=GRAN)
     dirty(image)
@@ -223,3 +233,89 @@ def test_client_gone_in_the_middle_of_a_request(image):
         assert len(replies(b.recv(1 << 16))) == 1
         a.close()
         b.close()
+
+
+def read_reply(sock, structured, request):
+    """One whole reply to ``request``, as received."""
+    def exact(n):
+        out = b""
+        while len(out) < n:
+            got = sock.recv(n - len(out))
+            assert got, "the server closed the connection"
+            out += got
+        return out
+    _, _, cmd, _, _, length = P.REQUEST.unpack(request)
+    if not structured:
+        head = exact(P.SIMPLE_REPLY.size)
+        error = P.SIMPLE_REPLY.unpack(head)[1]
+        return head + (exact(length) if cmd == P.NBD_CMD_READ and not error else b"")
+    out = b""
+    while True:
+        head = exact(P.STRUCTURED_REPLY.size)
+        _, flags, _, _, n = P.STRUCTURED_REPLY.unpack(head)
+        out += head + exact(n)
+        if flags & P.NBD_REPLY_FLAG_DONE:
+            return out
+
+
+def one_at_a_time(image, plain, requests, structured=True):
+    """The replies of a synchronous client: each request sent once the
+    reply to the one before is in."""
+    a, b, serving = connection(image, plain, structured)
+    t = threading.Thread(target=serving.run)
+    t.start()
+    try:
+        out = []
+        for r in requests:
+            b.sendall(r)
+            out.append(read_reply(b, structured, r))
+        b.sendall(request(P.NBD_CMD_DISC, 0, 0))
+    finally:
+        t.join(60)
+        a.close()
+        b.close()
+    return out
+
+
+def read(offset, length, flags=0):
+    return request(P.NBD_CMD_READ, offset, length, flags)
+
+
+@pytest.mark.parametrize("structured", [True, False])
+def test_reads_one_at_a_time(image, monkeypatch, structured):
+    rng = random.Random(5)
+    spots = [0, 1 << 20, 800 << 20, (800 << 20) + 70000, 900 << 20, (900 << 20) + 4090,
+             SIZE - 4096, 123 * GRAN + 17]
+    reqs = [read(off, n) for off in spots for n in (1, 512, 4096, 65535)
+            if off + n <= SIZE]
+    reqs += [read(rng.randrange(0, SIZE - 70000), rng.randrange(1, 70000)) for _ in range(40)]
+    reqs += [read(0, 4096, P.NBD_CMD_FLAG_DF), read(0, 4096, P.NBD_CMD_FLAG_FUA),
+             read(SIZE - 4096, 8192), read(4096, 0), read(0, 65536), read(0, 1 << 20)]
+    # Python answers only what the C loop leaves it: count its reads.
+    python_reads = []
+    for name in ("read", "batch"):
+        real = getattr(Transmission, name)
+        monkeypatch.setattr(Transmission, name,
+                            lambda self, *a, _real=real: (python_reads.append(a), _real(self, *a))[1])
+    fast = one_at_a_time(image, True, reqs, structured)
+    in_python = len(python_reads)
+    assert fast == one_at_a_time(image, False, reqs, structured)
+    small = [r for r in reqs if 0 < P.REQUEST.unpack(r)[5] < transmission.HOLE_MIN
+             and P.REQUEST.unpack(r)[4] + P.REQUEST.unpack(r)[5] <= SIZE]
+    flagged = [r for r in small if P.REQUEST.unpack(r)[1]]
+    # the compressed cluster's reads are redone by Python; flags, large and bad ones too
+    assert in_python <= len(reqs) - len(small) + len(flagged) + 8
+    assert in_python < len(reqs) // 3
+    for r, reply in zip(reqs, fast):
+        _, flags, _, handle, off, n = P.REQUEST.unpack(r)
+        if not (0 < n and off + n <= SIZE) or (flags & P.NBD_CMD_FLAG_DF and not structured):
+            continue
+        data = reply[P.SIMPLE_REPLY.size:] if not structured else None
+        if structured:
+            assert P.STRUCTURED_REPLY.unpack_from(reply)[2] in (
+                P.NBD_REPLY_TYPE_OFFSET_DATA, P.NBD_REPLY_TYPE_OFFSET_HOLE)
+            if P.STRUCTURED_REPLY.unpack_from(reply)[2] == P.NBD_REPLY_TYPE_OFFSET_DATA \
+                    and n < transmission.HOLE_MIN:
+                data = reply[P.OFFSET_DATA_REPLY.size:]
+        if data is not None:
+            assert data == image.read(off, n), (off, n)
