@@ -111,7 +111,7 @@ cdef ssize_t _send_all(int fd, const char *buf, size_t n) noexcept nogil:
     return 0
 
 
-def _raise(ssize_t err):
+cdef int _raise(ssize_t err) except -1:
     raise OSError(-err, strerror(-err))
 
 
