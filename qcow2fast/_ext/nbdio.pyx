@@ -10,8 +10,8 @@ same CPU it cannot even send while we spin), so after one the next
 (POLL_REST_MIN up to POLL_REST_MAX), back to the minimum on a success.
 
 ``RequestLoop``: the requests a plain connection answers without the
-interpreter, from receive buffer to send buffer -- a synchronous client's
-small READs, and BLOCK_STATUS with one dirty bitmap the only context
+interpreter, from receive buffer to send buffer -- small READs, one at a
+time or pipelined, and BLOCK_STATUS with one dirty bitmap the only context
 selected (a backup tool's request, hundreds per ``nbdinfo --map``: per
 request one Python call, the bitmap's lookup).  Anything else ends the
 loop with that request still buffered, for the Python request loop.
@@ -132,10 +132,10 @@ cdef class RequestLoop:
     """The requests of one NBD connection that are answered in C, from its
     receive buffer to its send buffer (Channel.serve_in_c):
 
-    - a READ of less than ``serve_reads``' limit alone in the buffer (a
-      synchronous client's: pipelined READs go to the Python loop's batches,
-      one GIL release for them all), read by the image's C path; a read the
-      C path does not finish is left to Python, which redoes it whole;
+    - a READ of less than ``serve_reads``' limit, read by the image's C
+      path (the GIL released around each pread, so connections read in
+      parallel); a read the C path does not finish is left to Python,
+      which redoes it whole;
     - with ``serve_bitmap``, BLOCK_STATUS when one dirty bitmap is the only
       context selected, of at most ``room`` runs.
 
@@ -242,8 +242,7 @@ cdef class RequestLoop:
             # (a reply is packed at o + olen only once there is room for all of it)
             if command == self.cmd_read and self.image is not None:
                 if (length >= self.read_below or flags & ~self.flag_df
-                        or (flags and not self.structured)
-                        or rend - rpos >= 2 * REQUEST_SIZE):      # pipelined: a batch
+                        or (flags and not self.structured)):
                     return PYTHON, rpos, rend, olen, 0
                 need = (DATA_HEAD if self.structured else SIMPLE_HEAD) + length
             elif command == self.cmd_status and self.lookup is not None:

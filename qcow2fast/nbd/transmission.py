@@ -41,10 +41,11 @@ NAMES = {P.NBD_CMD_READ: "READ", P.NBD_CMD_WRITE: "WRITE", P.NBD_CMD_DISC: "DISC
 # WRITE payload buffers up to this size are kept for the connection's next writes.
 KEEP_WRITE_BUFFER = 8 << 20
 
-# Pipelined READs and WRITEs already received (a WRITE with all its payload)
-# go to the image together, as one batch (Image.submit: resolved and carried
-# out in C with the GIL released once, as if in order), at most this many;
-# their replies are built in place, in order.
+# Pipelined WRITEs already received (with all their payload), and the READs
+# among them or, where the C loop does not answer them (TLS), all small
+# READs, go to the image together, as one batch (Image.submit: resolved and
+# carried out in C with the GIL released once, as if in order), at most
+# this many; their replies are built in place, in order.
 BATCH_MAX = 64
 
 _REQ = P.REQUEST
@@ -81,8 +82,8 @@ class Transmission:
         self._wbuf = None           # reused for WRITE payloads not already buffered
         # BLOCK_STATUS of one dirty bitmap: its chunk alone
         self._bitmap_alone = bitmap_alone(export, self.contexts)
-        # On a plain connection a synchronous client's small READs, and
-        # those BLOCK_STATUS requests, are answered in C (nbdio.RequestLoop)
+        # On a plain connection small READs, and those BLOCK_STATUS
+        # requests, are answered in C (nbdio.RequestLoop)
         self._c_loop = None
         if chan.plain:
             loop = RequestLoop(P, export.size, self.structured)

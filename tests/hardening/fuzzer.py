@@ -241,7 +241,7 @@ def nbd_stream(rng):
     option(P.NBD_OPT_STRUCTURED_REPLY)
     # Half the streams select the export's dirty bitmap alone (_target_nbd
     # adds it): their BLOCK_STATUS requests, with any flags and ranges, go
-    # to the C loop (_ext/nbdio.RequestLoop), as do lone small READs.
+    # to the C loop (_ext/nbdio.RequestLoop), as do small READs.
     bitmap = rng.random() < 0.5
     q = BITMAP_CONTEXT.encode() if bitmap else b"base:allocation"
     option(P.NBD_OPT_SET_META_CONTEXT, P.U32.pack(0) + P.U32.pack(1) + P.U32.pack(len(q)) + q)

@@ -1,6 +1,5 @@
 """The requests answered in C on plain connections (_ext/nbdio.pyx's
-RequestLoop: a synchronous client's small READs, BLOCK_STATUS of a lone
-dirty bitmap) get byte for byte the replies the Python request loop gives
+RequestLoop: small READs, BLOCK_STATUS of a lone dirty bitmap) get byte for byte the replies the Python request loop gives
 (TLS, or a socket with a timeout), whatever the request stream: one at a
 time or pipelined or arriving a few bytes at a time, mixed with other
 commands, with flags, errors, reads of every kind of cluster, simple
@@ -319,3 +318,43 @@ def test_reads_one_at_a_time(image, monkeypatch, structured):
                 data = reply[P.OFFSET_DATA_REPLY.size:]
         if data is not None:
             assert data == image.read(off, n), (off, n)
+
+
+def test_pipelined_reads(image, monkeypatch):
+    """Reads sent all at once, with a WRITE among them (Python's, in order)."""
+    rng = random.Random(9)
+    reqs = [read(rng.randrange(0, SIZE - 70000), rng.randrange(1, 65536)) for _ in range(150)]
+    payload = b"w" * 4096
+    write = request(P.NBD_CMD_WRITE, 900 << 20, len(payload)) + payload
+    last = read(900 << 20, 8192)
+    stream = b"".join(reqs[:75]) + write + b"".join(reqs[75:]) + last
+    submitted = []                      # requests the Python loop batched
+    real = type(image).submit
+    monkeypatch.setattr(type(image), "submit",
+                        lambda self, reqs: (submitted.append(len(reqs)), real(self, reqs))[1])
+    fast = transcript(image, True, [stream])
+    in_python = sum(submitted)
+    submitted.clear()
+    image.write(900 << 20, b"x" * 5000)             # as the fixture left it
+    assert fast == transcript(image, False, [stream])
+    assert sum(submitted) == len(reqs) + 2          # the Python loop: every request
+    assert 1 <= in_python <= 65         # the C loop: the WRITE's batch, the READs it took along
+    got = replies_with_data(fast)
+    assert [h for h, _ in got] == [P.REQUEST.unpack(r[:28])[3] for r in
+                                   reqs[:75] + [write] + reqs[75:] + [last]]
+    for r, (_, data) in zip(reqs, got[:75] + got[76:151]):
+        _, _, _, _, off, n = P.REQUEST.unpack(r)
+        assert data == image.read(off, n) or (off + n > 900 << 20 and off < (900 << 20) + 4096)
+    assert got[-1][1] == payload + b"x" * 904 + bytes(8192 - 5000)
+
+
+def replies_with_data(data):
+    """[(handle, data or None)] of a structured reply stream of one chunk each."""
+    out, at = [], 0
+    while at < len(data):
+        _, _, rtype, handle, n = P.STRUCTURED_REPLY.unpack_from(data, at)
+        at += P.STRUCTURED_REPLY.size
+        out.append((handle, data[at + 8:at + n] if rtype == P.NBD_REPLY_TYPE_OFFSET_DATA
+                    else None))
+        at += n
+    return out
