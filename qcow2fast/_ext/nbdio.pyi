@@ -12,6 +12,7 @@ POLL_REST_MIN: int
 POLL_REST_MAX: int
 PYTHON: int
 CLOSED: int
+FAILED: int
 
 @disjoint_base
 class Polling:
@@ -29,3 +30,4 @@ class RequestLoop:
                      room: int, most: int) -> None: ...
     def run(self, fd: int, rbuf: bytearray, rpos: int, rend: int, obuf: bytearray, olen: int,
             polling: Polling) -> tuple[int, int, int, int, int]: ...
+    def take_failure(self) -> BaseException | None: ...

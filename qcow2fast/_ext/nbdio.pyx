@@ -42,10 +42,12 @@ cdef enum:
 
 POLL_NS, POLL_REST_MIN, POLL_REST_MAX = _POLL_NS, _POLL_REST_MIN, _POLL_REST_MAX
 
-# What RequestLoop.run returns: the next request is Python's, or the
-# client closed the connection.
+# What RequestLoop.run returns: the next request is Python's, the client
+# closed the connection, or the next request (a READ) failed: Python
+# answers it with ``take_failure()``'s exception, as if it had raised there.
 PYTHON = 0
 CLOSED = 1
+FAILED = 2
 
 cdef enum:
     REQUEST_SIZE = 28       # magic, flags, type, cookie, offset, length (proto.md)
@@ -132,10 +134,12 @@ cdef class RequestLoop:
     """The requests of one NBD connection that are answered in C, from its
     receive buffer to its send buffer (Channel.serve_in_c):
 
-    - a READ of less than ``serve_reads``' limit, read by the image's C
-      path (the GIL released around each pread, so connections read in
-      parallel); a read the C path does not finish is left to Python,
-      which redoes it whole;
+    - a READ of less than ``serve_reads``' limit, read as
+      ``ImageCore.readinto`` reads (its C path, the GIL released around
+      each pread, so connections read in parallel; what C does not serve,
+      a compressed cluster, through the image's read fallback); a read
+      that fails is not redone (an injected error fires once): its
+      exception is handed to Python, which answers it;
     - with ``serve_bitmap``, BLOCK_STATUS when one dirty bitmap is the only
       context selected, of at most ``room`` runs.
 
@@ -155,6 +159,7 @@ cdef class RequestLoop:
     cdef uint32_t cid
     cdef uint16_t status_flags
     cdef Py_ssize_t room, most
+    cdef object failure                 # the exception of the READ that FAILED
 
     def __init__(self, protocol, uint64_t size, bint structured):
         self.request_magic = protocol.NBD_REQUEST_MAGIC
@@ -260,27 +265,35 @@ cdef class RequestLoop:
                 if got < 0:
                     return PYTHON, rpos, rend, olen, -got
             if command == self.cmd_read:
-                got = self._read(o + olen, p, offset, length)
+                try:
+                    got = self._read(obuf, olen, p, offset, length)
+                except Exception as e:
+                    self.failure = e
+                    return FAILED, rpos, rend, olen, 0
             else:
                 got = self._status(o + olen, p, offset, length, flags)
-            if got == 0:
-                return PYTHON, rpos, rend, olen, 0
+                if got == 0:
+                    return PYTHON, rpos, rend, olen, 0
             olen += got
             rpos += REQUEST_SIZE
 
-    cdef Py_ssize_t _read(self, char *out, const char *req, uint64_t offset, uint32_t length):
-        """A READ's whole reply at ``out``: its size, or 0 if Python is to
-        answer it (an error, a read the C path did not finish)."""
+    def take_failure(self):
+        """The exception of the READ that FAILED (once)."""
+        e, self.failure = self.failure, None
+        return e
+
+    cdef Py_ssize_t _read(self, bytearray obuf, Py_ssize_t at, const char *req,
+                          uint64_t offset, uint32_t length) except -1:
+        """A READ's whole reply at ``obuf[at:]`` (room checked): its size."""
+        cdef char *out = PyByteArray_AS_STRING(obuf) + at
         cdef uint32_t *w = <uint32_t *>out
         cdef Py_ssize_t head = DATA_HEAD if self.structured else SIMPLE_HEAD
         cdef int64_t got
-        try:
-            self.image._check_range(<int64_t>offset, length)
-            got = self.image._locked_read(out + head, <int64_t>offset, length)
-        except Exception:
-            return 0
-        if got != length:
-            return 0
+        self.image._check_range(<int64_t>offset, length)
+        got = self.image._locked_read(out + head, <int64_t>offset, length)
+        if got < length:            # the rest, as ImageCore.readinto does
+            self.image.read_fallback(<int64_t>offset + got,
+                                     memoryview(obuf)[at + head + got:at + head + length])
         if self.structured:
             w[0] = QF_BSWAP32(self.reply_magic)
             w[1] = QF_BSWAP32((<uint32_t>self.done << 16) | self.type_data)

@@ -23,7 +23,7 @@ succeed, and cost the client 50 us per request.
 import os
 import threading
 
-from .._ext.nbdio import CLOSED, Polling, recv_polled
+from .._ext.nbdio import CLOSED, FAILED, Polling, recv_polled
 
 RECV_BUFFER = 256 << 10
 SEND_FLUSH_AT = 256 << 10
@@ -94,7 +94,9 @@ class Channel:
     def serve_in_c(self, loop):
         """Let ``loop`` (an nbdio.RequestLoop) answer the requests that are
         its own, from the buffers and then the socket, until the next one
-        is not (it stays buffered).  Only on a ``plain`` connection."""
+        is not (it stays buffered).  Only on a ``plain`` connection.
+        Returns the exception of that next request when it is a READ that
+        failed in C (to be answered, not redone), else None."""
         how, self._rpos, self._rend, self._olen, err = loop.run(
             self.sock.fileno(), self._rbuf, self._rpos, self._rend, self._obuf, self._olen,
             self._polling)
@@ -102,6 +104,7 @@ class Channel:
             raise OSError(err, os.strerror(err))
         if how == CLOSED:
             raise Disconnected("the client closed the connection")
+        return loop.take_failure() if how == FAILED else None
 
     def peek(self, n):
         """The next ``n`` bytes if they are already received (not consumed),

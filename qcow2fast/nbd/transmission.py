@@ -99,14 +99,18 @@ class Transmission:
         chan = self.chan
         handlers = self.handlers
         c_loop = self._c_loop
+        failure = None
         while True:
             try:
                 if c_loop is not None:
-                    chan.serve_in_c(c_loop)
+                    failure = chan.serve_in_c(c_loop)
                 hdr = chan.read(_REQ.size)
             except Disconnected:
                 return
             magic, flags, cmd, handle, offset, length = _REQ.unpack(hdr)
+            if failure is not None:             # a READ that failed in C: answered here
+                self.failed(cmd, handle, offset, length, failure)
+                continue
             if magic != P.NBD_REQUEST_MAGIC:
                 raise ProtocolError(f"bad request magic {magic:#x}")
             if cmd == P.NBD_CMD_DISC:
@@ -132,10 +136,15 @@ class Transmission:
             except Exception as e:
                 if self._unread:
                     chan.skip(self._unread)
-                if not isinstance(e, RequestError):
-                    log.warning("%s: %s [%#x, +%#x]: %s: %s", self.peer,
-                                NAMES.get(cmd, cmd), offset, length, type(e).__name__, e)
-                self.error(handle, nbd_error(e), str(e), cmd == P.NBD_CMD_READ)
+                self.failed(cmd, handle, offset, length, e)
+
+    def failed(self, cmd, handle, offset, length, e):
+        """Answer a request that raised ``e`` with its error value (logged
+        unless the protocol refused it)."""
+        if not isinstance(e, RequestError):
+            log.warning("%s: %s [%#x, +%#x]: %s: %s", self.peer,
+                        NAMES.get(cmd, cmd), offset, length, type(e).__name__, e)
+        self.error(handle, nbd_error(e), str(e), cmd == P.NBD_CMD_READ)
 
     def check(self, cmd, flags, offset, length):
         """Refuse, before touching the image, what the protocol rules out."""
