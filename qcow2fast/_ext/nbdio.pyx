@@ -282,6 +282,16 @@ cdef class RequestLoop:
         e, self.failure = self.failure, None
         return e
 
+    cdef inline void _chunk_head(self, char *out, const char *req, uint16_t rtype,
+                                 uint32_t length) noexcept:
+        """A structured reply chunk's header (the last chunk) for the
+        request at ``req``, its payload ``length`` bytes."""
+        cdef uint32_t *w = <uint32_t *>out
+        w[0] = QF_BSWAP32(self.reply_magic)
+        w[1] = QF_BSWAP32((<uint32_t>self.done << 16) | rtype)
+        memcpy(out + 8, req + 8, 8)                     # the request's cookie, as sent
+        w[4] = QF_BSWAP32(length)
+
     cdef Py_ssize_t _read(self, bytearray obuf, Py_ssize_t at, const char *req,
                           uint64_t offset, uint32_t length) except -1:
         """A READ's whole reply at ``obuf[at:]`` (room checked): its size."""
@@ -295,10 +305,7 @@ cdef class RequestLoop:
             self.image.read_fallback(<int64_t>offset + got,
                                      memoryview(obuf)[at + head + got:at + head + length])
         if self.structured:
-            w[0] = QF_BSWAP32(self.reply_magic)
-            w[1] = QF_BSWAP32((<uint32_t>self.done << 16) | self.type_data)
-            memcpy(out + 8, req + 8, 8)                 # the request's cookie, as sent
-            w[4] = QF_BSWAP32(length + 8)
+            self._chunk_head(out, req, self.type_data, length + 8)
             memcpy(out + 20, req + 16, 8)               # its offset, as sent
         else:
             w[0] = QF_BSWAP32(self.simple_magic)
@@ -320,9 +327,6 @@ cdef class RequestLoop:
                                min(most, self.room))
         if n == self.room and n < most:
             return 0                                    # maybe more: Python counts them
-        w[0] = QF_BSWAP32(self.reply_magic)
-        w[1] = QF_BSWAP32((<uint32_t>self.done << 16) | self.type_status)
-        memcpy(out + 8, req + 8, 8)                     # the request's cookie, as sent
-        w[4] = QF_BSWAP32(<uint32_t>(4 + 8 * n))
+        self._chunk_head(out, req, self.type_status, <uint32_t>(4 + 8 * n))
         w[5] = QF_BSWAP32(self.cid)
         return REPLY_HEAD + 8 * n
