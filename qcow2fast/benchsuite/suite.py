@@ -56,6 +56,9 @@ SCENARIOS = [
      "qcow2fast serve beside qemu-nbd: nbdcopy and qemu-img bench over NBD.", True),
     ("chain", "benchmarks.chain_bench",
      "4 KiB reads through backing chains 1 to 1000 images deep: IOPS and peak memory.", True),
+    ("commit", "benchmarks.commit_bench",
+     "commit and rebase on a chain of realistic layers beside qemu-img commit and rebase, as "
+     "commands and as library calls.", False),
 ]
 NAMES = [s[0] for s in SCENARIOS]
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
