@@ -447,13 +447,14 @@ cdef class ImageCore:
             self._pwrite3(self.zeros, in_cl, buf, chunk, self.zeros, tail, host, pos - in_cl)
         else:                                       # fresh space: the edges read as zeros
             if not shows_below and s.lazy_refcounts and not s.unsafe and not s.external_data:
-                # The guest saw zeros here and the space reads as zeros after
-                # a power loss once the file's size is stable: the new entries
-                # need no data barrier (a lost write leaves what was there).
-                # Refcounts are not ordered under lazy refcounts either.
-                if <int64_t>end > s.durable_end:
-                    s.grow_durable(end)
-                ordered = False
+                # The guest saw zeros here, and space below durable_end reads
+                # as zeros after a power loss (its size is stable): the new
+                # entries need no data barrier (a lost write leaves what was
+                # there).  Past durable_end they wait for the next data
+                # barrier, which grows the file a step ahead (flush.py): no
+                # barrier on the write path.  Refcounts are not ordered
+                # under lazy refcounts either.
+                ordered = <int64_t>end > s.durable_end
             self._pwrite3(NULL, 0, buf, chunk, NULL, 0, host + in_cl, pos)
         for k in range(nclusters):
             l2[l2i + k] = (host + (k << s.cluster_bits)) | QCOW_OFLAG_COPIED

@@ -20,8 +20,9 @@ from ..errors import InvalidArgumentError
 CACHE_MODES = ("writeback", "writethrough", "none", "directsync", "unsafe")
 ZERO_FROM_NEVER = 1 << 62      # zero_from of a block device: no host byte is known to be zero
 # grow_durable's step: an eighth of the file, at least GROW_MIN, at most
-# GROW_MAX (one barrier per step; the space is a hole until written, and
-# close trims what was not used).
+# GROW_MAX (under lazy refcounts each data barrier makes the file's size
+# stable a step past what is allocated, flush.py; the space is a hole until
+# written, and close trims what was not used).
 GROW_MIN = 32 << 20
 GROW_MAX = 256 << 20
 
@@ -111,22 +112,25 @@ cdef class ImageState:
             self.alloc_end = end
 
     def grow_durable(self, int64_t end):
-        """Make the image file at least ``end`` bytes long, stably: grow it
-        (by a step past ``end``, see GROW_MIN) if it is shorter, then a
-        barrier -- the file's size before any L2 entry points into the new
-        space.  Fresh space below ``durable_end`` then reads as zeros after a
-        power loss whether or not data written there survived, so an L2
-        entry pointing there needs no data barrier when the guest saw zeros
-        there before (core.pyx, ``_alloc_write``)."""
-        cdef int64_t size = self.file.size(), target = size
-        if end > size:
+        """A barrier that also makes the file's size stable a step past
+        ``end`` (see GROW_MIN): when ``end`` is past ``durable_end``, the
+        file is first grown to a step past it if it is shorter (the caller
+        holds the exclusive lock: the size read here is the one synced).
+        Fresh space below ``durable_end`` then reads as zeros after a power
+        loss whether or not data written there survived, so an L2 entry
+        pointing there needs no data barrier when the guest saw zeros there
+        before (core.pyx, ``_alloc_write``)."""
+        cdef int64_t size = self.file.size(), target
+        if end > self.durable_end:
             step = min(max(size >> 3, GROW_MIN), GROW_MAX)
             target = (end + step + self.cluster_size - 1) & ~(self.cluster_size - 1)
-            if self.grown_from < 0:
-                self.grown_from = size
-            self.file.truncate(target)
+            if target > size:
+                if self.grown_from < 0:
+                    self.grown_from = size
+                self.file.truncate(target)
+                size = target
         self.barrier()          # barrier: the file's size before entries point into it
-        self.durable_end = target
+        self.durable_end = size
 
     def trim_growth(self):
         """Cut what grow_durable added and no cluster uses (at close)."""

@@ -13,11 +13,13 @@ The order of one flush, each barrier an fdatasync (none under
    changed since the last one: it is all that keeps new data (and the file
    growth it implies) ahead of the entry pointing to it.  The one entry
    that needs no barrier under lazy refcounts points into fresh space the
-   file already covers stably (``ImageState.grow_durable``: the file grows
-   ahead in steps, one barrier per step) where the guest saw zeros: a power
-   loss that keeps the entry but not the data leaves zeros there, what the
-   guest saw before the write -- so an allocating write in a sync mode costs
-   one barrier, as in qemu;
+   file already covers stably where the guest saw zeros: a power loss that
+   keeps the entry but not the data leaves zeros there, what the guest saw
+   before the write.  Under lazy refcounts the data barrier grows the file a
+   step past what is allocated (``ImageState.grow_durable``), so only the
+   flush after each step's space is used up pays it: an allocating write in
+   a sync mode costs one barrier, as in qemu, and no write waits for a
+   barrier of its own;
 2. L2 slices are written, barrier: the L2 tables are stable before the L1
    entries that point to new ones.  An L2 slice written between flushes
    (evicted) is preceded by the same data barrier, run by the L2 cache
@@ -83,6 +85,9 @@ class FlushOrder:
         points to is inside the file) and the refcount blocks written so
         far.  The L2 cache calls it before writing a slice."""
         s = self.state
+        if s.lazy_refcounts and not s.unsafe and not s.external_data:
+            s.grow_durable(s.alloc_end)     # a step ahead, then the barrier
+            return
         if s.alloc_end > s.file.size():
             s.file.truncate(s.alloc_end)
         s.barrier()

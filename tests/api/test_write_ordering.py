@@ -84,6 +84,64 @@ def test_lazy_directsync_grows_ahead_and_trims_at_close(tmp_path):
     assert raw.count(0) == len(raw) - 20 * 4096
 
 
+LAZY_WRITEBACK_SCRIPT = """
+import os, sys, qcow2fast
+with qcow2fast.open(sys.argv[1], "r+", cache_mode="writeback", lazy_refcounts=True) as img:
+    img.write(0, b"\\x5a" * 4096)           # the dirty bit is made stable first
+    os.write(2, b"MARK\\n")
+    for i in range(1, 600):                 # 37.5 MiB of new clusters: past GROW_MIN
+        img.write(i << 16, b"\\x5a" * 4096)
+    os.write(2, b"MARK\\n")
+    img.flush()
+    os.write(2, b"MARK\\n")
+    for i in range(600, 640):               # into the step the flush made stable
+        img.write(i << 16, b"\\x5a" * 4096)
+    img.flush()
+    os.write(2, b"MARK\\n")
+    print(os.path.getsize(sys.argv[1]))
+"""
+
+
+def test_lazy_writeback_grows_ahead_at_the_flush(tmp_path):
+    """Under writeback with lazy refcounts no write waits for a barrier (the
+    file used to grow, and sync, on the write path: a 3-20 ms stall every
+    32 MiB or eighth of the file); the flush's data barrier grows the file a
+    step ahead, so the next flush, whose new clusters are all inside that
+    step, makes its L2 entries stable with one sync and no data barrier."""
+    strace = shutil.which("strace")
+    assert strace, "strace is needed (scripts/test.sh installs it)"
+    path = qf_create(tmp_path / "l.qcow2", 64 * MiB, lazy_refcounts=True)
+    trace = tmp_path / "trace"
+    p = subprocess.run([strace, "-f", "-o", str(trace), "-e",
+                        "trace=fdatasync,fsync,write,ftruncate", sys.executable, "-c",
+                        LAZY_WRITEBACK_SCRIPT, path], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr[-2000:]
+    events = []
+    for line in trace.read_text().splitlines():
+        if re.search(r"\b(fdatasync|fsync)\(", line):
+            events.append("sync")
+        elif re.search(r'write\(2, "MARK\\n"', line):
+            events.append("mark")
+        elif m := re.search(r"ftruncate\(\d+, (\d+)\)", line):
+            events.append(int(m[1]))
+    marks = [i for i, e in enumerate(events) if e == "mark"]
+    assert len(marks) == 4, events
+    writes, first_flush, second = (events[marks[0]:marks[1]], events[marks[1]:marks[2]],
+                                   events[marks[2]:marks[3]])
+    assert "sync" not in writes, "an allocating write synced"
+    grown = [e for e in first_flush if isinstance(e, int)]
+    assert grown and grown[0] >= 600 * 65536 + 32 * MiB, first_flush    # a step ahead
+    # the data barrier (after the growth), the L2 table, its new L1 entry
+    assert first_flush.count("sync") == 3 and first_flush.index(grown[0]) < \
+        first_flush.index("sync"), first_flush
+    assert second.count("sync") == 1, second              # no data barrier
+    assert not any(isinstance(e, int) for e in second), second
+    qemu_check(path)
+    raw = qemu_raw(path)
+    assert all(raw[i << 16:(i << 16) + 4096] == b"\x5a" * 4096 for i in range(0, 640, 37))
+    assert os.path.getsize(path) < 640 * 65536 + 2 * MiB     # close trimmed the step
+
+
 def test_l2_allocation_is_ordered_at_flush(tmp_path):
     """Allocating an L2 table under writeback syncs nothing; the flush writes
     refcounts, then (after a sync) the L2 tables, then (after a sync) the L1
