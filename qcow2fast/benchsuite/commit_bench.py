@@ -1,10 +1,10 @@
 """``qcow2fast commit`` / ``rebase`` beside ``qemu-img commit`` / ``rebase``
 on a chain of realistic layers, in one run.
 
-    python -m benchmarks.commit_bench [--quick] [--runs N] [--json OUT] [--tmpdir DIR]
+    python -m benchmarks.commit_bench [--quick] [--size SIZE] [--runs N] [--json OUT] [--tmpdir DIR]
 
 The chain (made once, in a scratch directory deleted after): ``base`` a
-2 GiB image full of data (1 GiB with --quick); ``mid`` and ``top``
+2 GiB image full of data (1 GiB with --quick, SIZE with --size); ``mid`` and ``top``
 overlays written as a guest writes, in scattered runs of 4 KiB to 1 MiB
 (``mid`` about 10% of the disk, ``top`` about 5%, each with a few zeroed
 ranges); ``other``, a sibling of ``mid`` on the same base (5%).
@@ -40,8 +40,8 @@ import subprocess
 import sys
 import time
 
-from .common import (ROOT, GiB, BenchError, bench_parser, log, qcow2fast_command, ratio_info, run,
-                     scenario_main, summarise)
+from .common import (ROOT, GiB, BenchError, bench_parser, human, log, parse_size,
+                     qcow2fast_command, ratio_info, run, scenario_main, summarise)
 
 SIZES = {"full": {"size": 2 * GiB, "runs": 5}, "quick": {"size": 1 * GiB, "runs": 3}}
 REPO = ROOT        # children import qcow2fast from where this one did
@@ -131,7 +131,7 @@ def fresh_copy(master, d, written):
 def collect(a, tmpdir):
     master = os.path.join(tmpdir, "master")
     os.makedirs(master)
-    log(f"  making the chain: {a.size // GiB} GiB base, overlays mid 10%, top 5%, other 5%")
+    log(f"  making the chain: {human(a.size)} base, overlays mid 10%, top 5%, other 5%")
     run([sys.executable, "-c", MAKE_CHAIN, master, str(a.size)])
     tools = {"qemu-img": [a.qemu_img], "qcow2fast": qcow2fast_command()}
     results = []
@@ -184,9 +184,10 @@ def report(results, out=sys.stdout):
 
 def main(argv=None):
     p = bench_parser("python -m benchmarks.commit_bench", __doc__, "1 GiB base, 3 runs")
+    p.add_argument("--size", type=parse_size, help="the base's size (default 2G, --quick 1G)")
     a = p.parse_args(argv)
     mode = SIZES["quick" if a.quick else "full"]
-    a.size, a.runs = mode["size"], a.runs or mode["runs"]
+    a.size, a.runs = a.size or mode["size"], a.runs or mode["runs"]
     return scenario_main(a, "commit", 6 * a.size, collect, report,
                          meta={"size": a.size, "runs": a.runs})
 
