@@ -62,7 +62,9 @@ class FlushOrder:
         # (with an external data file, also for in-place writes: they went
         # to another file, which only this barrier syncs)
         if sync and (ordered or s.l2_cache.barrier_pending or s.external_data):
-            self.data_barrier()     # barrier: refcounts and data before the L2 entries using them
+            # barrier: refcounts and data before the L2 entries using them
+            # (close's does not grow the file ahead: nothing follows it)
+            self.data_barrier(ahead=not final)
         s.l2_cache.barrier_pending = False
         s.l2_cache.flush()
         if s.alloc_end > f.size():
@@ -79,13 +81,14 @@ class FlushOrder:
                 if sync:
                     f.sync()
 
-    def data_barrier(self):
+    def data_barrier(self, ahead=True):
         """Make the data that changed L2 entries point to stable, with the
         file's growth over every cluster handed out (a cluster an entry
         points to is inside the file) and the refcount blocks written so
-        far.  The L2 cache calls it before writing a slice."""
+        far.  The L2 cache calls it before writing a slice.  ``ahead``:
+        under lazy refcounts, also make the size stable a step past that."""
         s = self.state
-        if s.lazy_refcounts and not s.unsafe and not s.external_data:
+        if ahead and s.lazy_refcounts and not s.unsafe and not s.external_data:
             s.grow_durable(s.alloc_end)     # a step ahead, then the barrier
             return
         if s.alloc_end > s.file.size():
