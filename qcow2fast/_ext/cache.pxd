@@ -30,6 +30,7 @@ cdef class TableCache:
     cdef int32_t *freelist
     cdef int nfree
     cdef uint64_t hmask
+    cdef int hshift                     # 64 - log2(hash capacity)
     cdef uint64_t clock
     cdef uint8_t *scratch
 

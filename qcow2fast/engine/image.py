@@ -489,7 +489,7 @@ class Image(LifecycleAPI, CompressedWriteAPI, ImageInfoAPI, ImageCore):
         try:
             self.l2_cache.drop_unused(marks[0])
             self.refcount_cache.drop_unused(marks[1])
-            return (self.l2_cache.clock_now, self.refcount_cache.clock_now)
+            return (self.l2_cache.mark(), self.refcount_cache.mark())
         finally:
             self._unlock()
 
