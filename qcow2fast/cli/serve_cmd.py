@@ -113,6 +113,8 @@ class _Checked(argparse.Action):
         self.check = check
 
     def __call__(self, parser, namespace, values, option_string=None):
+        if values == []:    # argparse drops the value "--" (``--cache=--``); getopt keeps it
+            values = "--"
         setattr(namespace, self.dest, self.check(values, namespace))
 
 
