@@ -7,11 +7,13 @@ A batch is a sequence of reads and writes.  It is cut into segments; each
 segment is resolved from the cached L2 slices under the image's shared
 lock and its host transfers go to the kernel together (one io_uring_enter,
 or a loop of pread/pwrite: csrc/qf_uring.h says which, when and why),
-all with the GIL released.  A request C does not serve -- an allocating or
-copy-on-write write, a compressed or malformed cluster, a read through a
-backing file, an L2 slice not in the cache, an encrypted image, an
-unaligned O_DIRECT transfer -- goes through the image's one-request path
-(``readinto``/``write``), alone, in its place.
+all with the GIL released; reads below the image go to the layers of its
+backing chain in the same batch, through the chain's resolved map
+(chain.pyx's batch_reads).  A request C does not serve -- an allocating or
+copy-on-write write, a compressed or malformed cluster, an L2 slice not in
+the cache, a read below that the resolved map cannot answer yet, an
+encrypted image or layer, an unaligned O_DIRECT transfer -- goes through
+the image's one-request path (``readinto``/``write``), alone, in its place.
 
 Ordering: the requests of one batch complete as if issued one after the
 other, in order.  A segment never holds two requests that overlap where one
@@ -30,32 +32,23 @@ from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 
 from .common cimport (l2_units_run, EXT_DATA, EXT_ZERO, EXT_UNALLOCATED, QF_WRITE_MAX,
                       SC_BITS, qf_write_piece)
-from .core cimport ImageCore, pthread_rwlock_rdlock, pthread_rwlock_unlock
+from .core cimport ImageCore, qf_rw_rdlock, qf_rw_unlock
 from .fileio cimport File, NO_FD
 from .l2slice cimport slice_lookup, SLICE_OK, L1_UNALLOCATED
 from .state cimport ImageState
 
 from ..errors import ReadOnlyImageError
 
+from .uring cimport QF_RING_ENTRIES, QF_OP_READ, QF_OP_WRITE, qf_xfer, qf_xfer_batch
+
 cdef extern from "qf_uring.h" nogil:
-    int QF_RING_ENTRIES
-    int QF_OP_READ
-    int QF_OP_WRITE
-    ctypedef struct qf_xfer:
-        int fd
-        int op
-        char *buf
-        int64_t len
-        int64_t off
-        int64_t res
-        size_t write_max
-    int qf_xfer_batch(qf_xfer *x, int n, int direct)
     int QF_ENGINE_PREAD
     int QF_ENGINE_URING
     int QF_ENGINE_AUTO
     int qf_uring_wanted
     int qf_uring_split
     void *qf_thread_ring()
+from .chain cimport ChainCore, BATCH_SLOW, BATCH_NO_ROOM
 
 cdef enum:
     OP_READ = 0
@@ -85,7 +78,7 @@ cdef struct Req:
     bint held                   # its Py_buffer is held
 
 cdef enum:
-    NO_ROOM = -2                # resolve(): the segment's transfer array is full
+    NO_ROOM = BATCH_NO_ROOM     # resolve(): the segment's transfer array is full
 
 
 _ENGINES = {"pread": QF_ENGINE_PREAD, "io_uring": QF_ENGINE_URING, "auto": QF_ENGINE_AUTO}
@@ -147,14 +140,16 @@ cdef bint _conflicts(Req *r, int seg, int k) noexcept nogil:
     return False
 
 
-cdef int _resolve(ImageState s, Req *q, qf_xfer *x, int room, bint below) noexcept nogil:
+cdef int _resolve(ImageState s, Req *q, qf_xfer *x, int room, bint below,
+                  ChainCore chain) noexcept nogil:
     """Resolve request ``q`` into host transfers ``x[:room]`` (reads of
     zeros are filled at once).  Returns the number of transfers, SLOW (as
     an int: -1) when only the one-request path can serve it, or NO_ROOM.
     The caller holds the shared lock; ``below``: the image has a backing
-    chain (unallocated reads need it)."""
+    chain (unallocated reads need it); ``chain``: that chain when its
+    reads can be resolved here too (see _chain_of), its lock held shared."""
     cdef int64_t done = 0, pos, l2i, key, count, run, chunk, in_u, piece
-    cdef int ub = s.unit_bits, kind, slot, st, m = 0
+    cdef int ub = s.unit_bits, kind, slot, st, m = 0, nx
     cdef int64_t us = (<int64_t>1) << ub
     cdef int64_t slice_units = (<int64_t>1) << s.slice_unit_bits
     cdef uint64_t host, l1e, desc
@@ -169,12 +164,18 @@ cdef int _resolve(ImageState s, Req *q, qf_xfer *x, int room, bint below) noexce
         pos = q.off + done
         in_u = pos & (us - 1)
         st = slice_lookup(s, pos, &l2, &l2i, &slot, &l1e, &key)
-        if st == L1_UNALLOCATED and not write and not below:
+        if st == L1_UNALLOCATED and not write and (not below or chain is not None):
             chunk = (((pos >> (s.l2_bits + s.cluster_bits)) + 1)
                      << (s.l2_bits + s.cluster_bits)) - pos
             if chunk > q.len - done:
                 chunk = q.len - done
-            memset(q.buf + done, 0, chunk)
+            if below:
+                nx = chain.batch_reads(q.buf + done, pos, chunk, x + m, room - m)
+                if nx < 0:
+                    return nx       # BATCH_SLOW (SLOW) or BATCH_NO_ROOM (NO_ROOM)
+                m += nx
+            else:
+                memset(q.buf + done, 0, chunk)
             done += chunk
             continue
         if st != SLICE_OK:
@@ -211,6 +212,13 @@ cdef int _resolve(ImageState s, Req *q, qf_xfer *x, int room, bint below) noexce
                 in_u += piece
                 chunk -= piece
             continue
+        if not write and kind == EXT_UNALLOCATED and chain is not None:
+            nx = chain.batch_reads(q.buf + done, pos, chunk, x + m, room - m)
+            if nx < 0:
+                return nx
+            m += nx
+            done += chunk
+            continue
         if write or not (kind == EXT_ZERO or (kind == EXT_UNALLOCATED and not below)):
             return -1
         memset(q.buf + done, 0, chunk)
@@ -219,7 +227,7 @@ cdef int _resolve(ImageState s, Req *q, qf_xfer *x, int room, bint below) noexce
 
 
 cdef int _segments(ImageCore img, ImageState s, Req *r, int n, int k, qf_xfer *x,
-                   bint below) noexcept nogil:
+                   bint below, ChainCore chain) noexcept nogil:
     """Run requests k, k+1, ... of ``img`` (state ``s``) segment by segment
     until the end (returns n) or a request for the one-request path
     (returns its index, res SLOW)."""
@@ -229,7 +237,9 @@ cdef int _segments(ImageCore img, ImageState s, Req *r, int n, int k, qf_xfer *x
         if r[k].res != PENDING:
             k += 1
             continue
-        pthread_rwlock_rdlock(&img.rwlock)
+        qf_rw_rdlock(img.rwlock)
+        if chain is not None:       # (the top's lock first: chain.pyx's order)
+            qf_rw_rdlock(chain.lock)
         seg = k
         nx = 0
         while k < n:
@@ -238,7 +248,7 @@ cdef int _segments(ImageCore img, ImageState s, Req *r, int n, int k, qf_xfer *x
                 continue
             if k > seg and _conflicts(r, seg, k):
                 break
-            m = _resolve(s, &r[k], x + nx, QF_RING_ENTRIES - nx, below)
+            m = _resolve(s, &r[k], x + nx, QF_RING_ENTRIES - nx, below, chain)
             if m == NO_ROOM and nx > 0:
                 break
             if m < 0:
@@ -250,7 +260,9 @@ cdef int _segments(ImageCore img, ImageState s, Req *r, int n, int k, qf_xfer *x
             k += 1
         if nx:
             qf_xfer_batch(x, nx, s.data_file.direct)
-        pthread_rwlock_unlock(&img.rwlock)
+        if chain is not None:
+            qf_rw_unlock(chain.lock)
+        qf_rw_unlock(img.rwlock)
         for j in range(seg, k):
             if r[j].res != PENDING:
                 continue
@@ -333,6 +345,7 @@ cdef class _Batch:
         ``r[i].res`` and ``results``."""
         cdef int n = self.n, i
         cdef bint below = img.chain_step is not None, wrote = False, slow_write
+        cdef ChainCore chain = _chain_of(img)
         cdef ImageState s = img.s
         if img.observers:               # before any data moves (a crash over-reports)
             for i in range(n):
@@ -344,7 +357,8 @@ cdef class _Batch:
                     self.r[i].res = SLOW
         objs, results = self.objs, self.results
         with nogil:
-            slow_write = _carry_out(img, s, self.r, n, self.x, below, objs, None, results)
+            slow_write = _carry_out(img, s, self.r, n, self.x, below, chain, objs, None,
+                                    results)
         for i in range(n):
             if self.r[i].op == OP_WRITE and self.r[i].len:
                 # (after the writes, tried ones too: fileio.pxd's unsynced)
@@ -383,7 +397,18 @@ cdef object _outcome(Req *q, exc):
                         f"offset {q.off:#x}: {strerror(err).decode()}")
 
 
+cdef ChainCore _chain_of(ImageCore img):
+    """The chain below ``img`` when its batches read through it in C: the
+    top's own chain, read from layer 0 through the resolved map; else None
+    (reads below go through the one-request path)."""
+    if (isinstance(img.chain_step, ChainCore) and img.chain_first == 0
+            and (<ChainCore>img.chain_step).rmap is not None):
+        return <ChainCore>img.chain_step
+    return None
+
+
 cdef bint _carry_out(ImageCore img, ImageState s, Req *r, int n, qf_xfer *x, bint below,
+                     ChainCore chain,
                      list objs, wobj, list results) noexcept nogil:
     """Carry out requests r[:n] in order: segments in C (the GIL released
     while they run), each request marked SLOW through the image's
@@ -395,7 +420,7 @@ cdef bint _carry_out(ImageCore img, ImageState s, Req *r, int n, qf_xfer *x, bin
     cdef bint slow_write = False
     while k < n:
         if r[k].res != SLOW:
-            k = _segments(img, s, r, n, k, x, below)
+            k = _segments(img, s, r, n, k, x, below, chain)
             if k >= n:
                 break
         with gil:
@@ -405,8 +430,19 @@ cdef bint _carry_out(ImageCore img, ImageState s, Req *r, int n, qf_xfer *x, bin
     return slow_write
 
 
+cdef uint64_t _one_requests = 0      # requests left to the one-request path (with the GIL)
+
+
+def one_requests():
+    """How many batched requests so far the C path left to the image's
+    one-request path (see the module doc): a statistic, and for tests."""
+    return _one_requests
+
+
 cdef bint _one_request(ImageCore img, Req *q, obj, list results, int k):
     """Request ``q`` through readinto/_write; returns whether it wrote."""
+    global _one_requests
+    _one_requests += 1
     try:
         if q.op == OP_READ:
             img.readinto(q.off, obj)
@@ -490,6 +526,7 @@ def timed_batches(ImageCore img, const int64_t[:] offsets, const uint8_t[:] writ
     cdef int64_t t0, t, size
     cdef ImageState s
     cdef bint below, any_write = False, fast
+    cdef ChainCore chain
     cdef Py_buffer wview
     cdef Py_buffer *views
     cdef _Batch b = _Batch(depth)
@@ -519,6 +556,7 @@ def timed_batches(ImageCore img, const int64_t[:] offsets, const uint8_t[:] writ
     if not fast:
         return _timed_submits(img, offsets, writes, bufs, data, depth, lat, b, stopped)
     below = img.chain_step is not None
+    chain = _chain_of(img)
     views = <Py_buffer *>calloc(depth, sizeof(Py_buffer))
     if views == NULL:
         raise MemoryError()
@@ -543,7 +581,7 @@ def timed_batches(ImageCore img, const int64_t[:] offsets, const uint8_t[:] writ
                         q.buf = <char *>(wview.buf if q.op == OP_WRITE else views[i].buf)
                         q.res = PENDING
                     t0 = _now_ns()
-                    _carry_out(img, s, b.r, b.n, b.x, below, bufs, data, b.results)
+                    _carry_out(img, s, b.r, b.n, b.x, below, chain, bufs, data, b.results)
                     t = _now_ns() - t0
                     for i in range(b.n):
                         lat[a + i] = t

@@ -31,12 +31,10 @@ from libc.stdint cimport uint64_t, int64_t
 from libc.string cimport memset
 
 from .common cimport EXT_DATA, EXT_ZERO, EXT_UNALLOCATED
-from .core cimport (ImageCore, pthread_rwlock_t, pthread_rwlockattr_t, pthread_rwlock_init,
-                    pthread_rwlock_destroy, pthread_rwlock_rdlock, pthread_rwlock_tryrdlock,
-                    pthread_rwlock_trywrlock,
-                    pthread_rwlock_wrlock, pthread_rwlock_unlock, pthread_rwlockattr_init,
-                    pthread_rwlockattr_setkind_np, PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP)
-from .fileio cimport File
+from .core cimport (ImageCore, qf_rw_new, qf_rw_free, qf_rw_rdlock, qf_rw_tryrdlock,
+                    qf_rw_trywrlock, qf_rw_wrlock, qf_rw_unlock)
+from .fileio cimport File, NO_FD
+from .uring cimport qf_xfer, QF_OP_READ
 from .hooks cimport ChainStep
 from .resolved cimport (ResolvedMap, rm_meta, RM_BLOCK_BITS, RM_BLOCK_UNITS, RM_PENDING,
                         RM_DATA, RM_ZERO, RM_SLOW, RM_WALK)
@@ -52,16 +50,38 @@ cdef inline uint64_t *_ent(uint64_t **blocks, int64_t i) noexcept nogil:
     return blocks[i >> RM_BLOCK_BITS] + 2 * (i & (RM_BLOCK_UNITS - 1))
 
 
+cdef inline int64_t _run(uint64_t *blk, int64_t pos, int g, int64_t n, uint64_t *meta_out,
+                         uint64_t *host_out) noexcept nogil:
+    """Bytes from guest ``pos``, at most ``n``, that one read serves, from
+    the resolved block holding ``pos`` (units of 2**g bytes): its unit and
+    the following ones with the same answer (and, for data, contiguous host
+    offsets).  ``meta_out``: the answer; ``host_out``: the host offset of
+    ``pos`` (for data)."""
+    cdef int64_t us = (<int64_t>1) << g, chunk
+    cdef int64_t in_u = pos & (us - 1), i = (pos >> g) & (RM_BLOCK_UNITS - 1), end_i = i + 1
+    cdef int64_t lim = i + ((in_u + n + us - 1) >> g)
+    cdef uint64_t meta = blk[2 * i + 1], want = blk[2 * i] + <uint64_t>us
+    meta_out[0] = meta
+    host_out[0] = blk[2 * i] + <uint64_t>in_u
+    if lim > RM_BLOCK_UNITS:
+        lim = RM_BLOCK_UNITS
+    while end_i < lim and blk[2 * end_i + 1] == meta and (
+            (meta & 0xff) != RM_DATA or blk[2 * end_i] == want):
+        end_i += 1
+        want += us
+    chunk = ((end_i - i) << g) - in_u
+    return chunk if chunk < n else n
+
+
 cdef class ChainCore(ChainStep):
     def __cinit__(self, layers, ResolvedMap rmap):
         """``layers``: the chain, the top's backing file first: qcow2 layers
         (ImageCore) and raw ones (anything with ``file`` and ``size``).
         ``rmap``: the resolved-mapping cache for reads from layer 0, or None."""
-        cdef pthread_rwlockattr_t attr
         cdef int j
-        pthread_rwlockattr_init(&attr)
-        pthread_rwlockattr_setkind_np(&attr, PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP)
-        pthread_rwlock_init(&self.lock, &attr)
+        self.lock = qf_rw_new()
+        if self.lock == NULL:
+            raise MemoryError()
         self.depth = len(layers)
         self.cores = [l if isinstance(l, ImageCore) else None for l in layers]
         self.files = [None if isinstance(l, ImageCore) else l.file for l in layers]
@@ -69,12 +89,25 @@ cdef class ChainCore(ChainStep):
         self._last_used = array.clone(array.array("Q"), max(1, self.depth), zero=True)
         self.sizes = <int64_t *>self._sizes.data.as_longlongs
         self.last_used = <uint64_t *>self._last_used.data.as_ulonglongs
+        # The layers' files as batch_reads finds them (they are open and
+        # set up, and never change while the chain is not lazy).
+        self._io_fd = array.array("i", [-1] * max(1, self.depth))
+        self._io_align = array.array("i", [0] * max(1, self.depth))
+        for j, l in enumerate(layers):
+            f = l.file if self.cores[j] is None else (
+                None if (<ImageCore>l).s is None or (<ImageCore>l).s.funnel
+                else (<ImageCore>l).s.data_file)
+            if isinstance(f, File) and (<File>f).fd >= 0 and (<File>f).fd != NO_FD:
+                self._io_fd[j] = (<File>f).fd
+                self._io_align[j] = (<File>f).align if (<File>f).direct else 0
+        self.io_fd = self._io_fd.data.as_ints
+        self.io_align = self._io_align.data.as_ints
         self.rmap = rmap
         self.lazy = False
         self.resume = None
 
     def __dealloc__(self):
-        pthread_rwlock_destroy(&self.lock)
+        qf_rw_free(self.lock)
 
     # -- the step -----------------------------------------------------------------
 
@@ -88,47 +121,30 @@ cdef class ChainCore(ChainStep):
     cdef int _read_cached(self, char *buf, int64_t pos, int64_t n) except -1:
         cdef ResolvedMap rm = self.rmap
         cdef int g = rm.unit_bits, kind
-        cdef int64_t us = (<int64_t>1) << g, u, b, i, end_i, lim, chunk, in_u
+        cdef int64_t b, chunk
         cdef uint64_t *blk
-        cdef uint64_t meta, want
+        cdef uint64_t meta, host
         cdef bint exclusive = False
-        if pthread_rwlock_tryrdlock(&self.lock) != 0:
+        if qf_rw_tryrdlock(self.lock) != 0:
             with nogil:
-                pthread_rwlock_rdlock(&self.lock)
+                qf_rw_rdlock(self.lock)
         try:
             while n > 0:
-                u = pos >> g
-                b = u >> RM_BLOCK_BITS
+                b = (pos >> g) >> RM_BLOCK_BITS
                 blk = rm.find(b)
                 if blk == NULL:
                     if not exclusive:
-                        pthread_rwlock_unlock(&self.lock)
+                        qf_rw_unlock(self.lock)
                         with nogil:
-                            pthread_rwlock_wrlock(&self.lock)
+                            qf_rw_wrlock(self.lock)
                         exclusive = True
                         continue            # another thread may have resolved it meanwhile
                     self._resolve(b)
                     continue
-                in_u = pos & (us - 1)
-                i = u & (RM_BLOCK_UNITS - 1)
-                meta = blk[2 * i + 1]
+                chunk = _run(blk, pos, g, n, &meta, &host)
                 kind = <int>(meta & 0xff)
-                # The following units of the block with the same answer (and,
-                # for data, contiguous host offsets) are one request.
-                lim = i + ((in_u + n + us - 1) >> g)
-                if lim > RM_BLOCK_UNITS:
-                    lim = RM_BLOCK_UNITS
-                end_i = i + 1
-                want = blk[2 * i] + <uint64_t>us
-                while end_i < lim and blk[2 * end_i + 1] == meta and (
-                        kind != RM_DATA or blk[2 * end_i] == want):
-                    end_i += 1
-                    want += us
-                chunk = ((end_i - i) << g) - in_u
-                if chunk > n:
-                    chunk = n
                 if kind == RM_DATA:
-                    self._read_data(<int>(meta >> 8), buf, chunk, blk[2 * i] + in_u, pos)
+                    self._read_data(<int>(meta >> 8), buf, chunk, host, pos)
                 elif kind == RM_ZERO:
                     memset(buf, 0, chunk)
                 elif kind == RM_SLOW:
@@ -139,8 +155,53 @@ cdef class ChainCore(ChainStep):
                 pos += chunk
                 n -= chunk
         finally:
-            pthread_rwlock_unlock(&self.lock)
+            qf_rw_unlock(self.lock)
         return 0
+
+    cdef int batch_reads(self, char *buf, int64_t pos, int64_t n, qf_xfer *x,
+                         int room) noexcept nogil:
+        """The batch engine's read of guest [pos, pos+n) from layer 0 down
+        (batch.pyx): its host transfers into ``x[:room]``, zeros filled at
+        once.  Returns the number of transfers, BATCH_SLOW where only
+        ``read`` can serve it (a block not resolved yet, a layer read in
+        Python, an unaligned O_DIRECT transfer, suspended files), or
+        BATCH_NO_ROOM.  The caller holds ``lock`` shared until the
+        transfers are done (a resolution or invalidation waits for them)."""
+        cdef int g, kind, j, m = 0
+        cdef int64_t chunk
+        cdef uint64_t *blk
+        cdef uint64_t meta, host
+        if self.lazy or self.rmap is None:
+            return BATCH_SLOW
+        g = self.rmap.unit_bits
+        while n > 0:
+            blk = self.rmap.find((pos >> g) >> RM_BLOCK_BITS)
+            if blk == NULL:
+                return BATCH_SLOW
+            chunk = _run(blk, pos, g, n, &meta, &host)
+            kind = <int>(meta & 0xff)
+            if kind == RM_ZERO:
+                memset(buf, 0, chunk)
+            elif kind == RM_DATA:
+                j = <int>(meta >> 8)
+                if self.io_fd[j] < 0 or (self.io_align[j] and (
+                        (<uint64_t>buf | <uint64_t>chunk | host) & <uint64_t>(self.io_align[j] - 1))):
+                    return BATCH_SLOW
+                if m == room:
+                    return BATCH_NO_ROOM
+                x[m].fd = self.io_fd[j]
+                x[m].op = QF_OP_READ
+                x[m].buf = buf
+                x[m].len = chunk
+                x[m].off = <int64_t>host
+                x[m].write_max = 0
+                m += 1
+            else:
+                return BATCH_SLOW
+            buf += chunk
+            pos += chunk
+            n -= chunk
+        return m
 
     cdef int _walk(self, char *buf, int64_t pos, int64_t n, int first) except -1:
         """[pos, pos+n) from layer ``first`` down, asking each layer in turn
@@ -167,7 +228,7 @@ cdef class ChainCore(ChainStep):
                 try:
                     lim = core._layer_run(pos, lim, &kind, &host)
                 finally:
-                    pthread_rwlock_unlock(&core.rwlock)
+                    qf_rw_unlock(core.rwlock)
                 self.layer_lookups += 1
                 if kind == EXT_DATA:
                     self._read_data(j, buf, lim, host, pos)
@@ -288,7 +349,7 @@ cdef class ChainCore(ChainStep):
                     i = ib
             finally:
                 if locked:
-                    pthread_rwlock_unlock(&core.rwlock)
+                    qf_rw_unlock(core.rwlock)
         if pending:
             for i in range(nu):
                 if blocks[i >> RM_BLOCK_BITS] != NULL and _ent(blocks, i)[1] == RM_PENDING:
@@ -309,14 +370,14 @@ cdef class ChainCore(ChainStep):
     cdef int _lock_layer(self, int j) except -1:
         """Layer j's exclusive lock, its file open."""
         cdef ImageCore core = <ImageCore>self.cores[j]
-        if pthread_rwlock_trywrlock(&core.rwlock) != 0:
+        if qf_rw_trywrlock(core.rwlock) != 0:
             with nogil:
-                pthread_rwlock_wrlock(&core.rwlock)
+                qf_rw_wrlock(core.rwlock)
         while core.s.file.fd < 0:
-            pthread_rwlock_unlock(&core.rwlock)
+            qf_rw_unlock(core.rwlock)
             self.resume(j)
             with nogil:
-                pthread_rwlock_wrlock(&core.rwlock)
+                qf_rw_wrlock(core.rwlock)
         self.clock += 1
         self.last_used[j] = self.clock
         return 0
@@ -331,7 +392,7 @@ cdef class ChainCore(ChainStep):
             return core.s.read_data(buf, n, host, guest)
         core._rdlock_fast()
         while core.s.data_file.fd < 0:
-            pthread_rwlock_unlock(&core.rwlock)
+            qf_rw_unlock(core.rwlock)
             self.resume(j)
             core._rdlock_fast()
         self.clock += 1
@@ -339,7 +400,7 @@ cdef class ChainCore(ChainStep):
         try:
             core.s.read_data(buf, n, host, guest)
         finally:
-            pthread_rwlock_unlock(&core.rwlock)
+            qf_rw_unlock(core.rwlock)
         return 0
 
     cdef int _read_slow(self, int j, char *buf, int64_t pos, int64_t n) except -1:
@@ -364,23 +425,23 @@ cdef class ChainCore(ChainStep):
         if self.rmap is None:
             return
         with nogil:
-            pthread_rwlock_wrlock(&self.lock)
+            qf_rw_wrlock(self.lock)
         try:
             self.rmap.invalidate(offset, length)
         finally:
-            pthread_rwlock_unlock(&self.lock)
+            qf_rw_unlock(self.lock)
 
     def replace_layer(self, int j, layer):
         """Layer j is now ``layer`` (the same file reopened after it changed);
         the caller invalidates what was resolved through it."""
         with nogil:
-            pthread_rwlock_wrlock(&self.lock)
+            qf_rw_wrlock(self.lock)
         try:
             self.cores[j] = layer if isinstance(layer, ImageCore) else None
             self.files[j] = None if isinstance(layer, ImageCore) else layer.file
             self.sizes[j] = layer.size
         finally:
-            pthread_rwlock_unlock(&self.lock)
+            qf_rw_unlock(self.lock)
 
     def size_of(self, int j):
         return self.sizes[j]

@@ -4,25 +4,22 @@ from .state cimport ImageState
 from .allocator cimport RefcountCore
 from .hooks cimport ChainStep
 
-cdef extern from "pthread.h" nogil:
-    ctypedef struct pthread_rwlock_t:
+cdef extern from "qf_rwlock.h" nogil:
+    # A writer-preferring reader-writer lock whose readers share no cache
+    # line (csrc/qf_rwlock.h); the waiting calls are made without the GIL.
+    ctypedef struct qf_rwlock_t:
         pass
-    ctypedef struct pthread_rwlockattr_t:
-        pass
-    int pthread_rwlock_init(pthread_rwlock_t *, const pthread_rwlockattr_t *)
-    int pthread_rwlock_destroy(pthread_rwlock_t *)
-    int pthread_rwlock_rdlock(pthread_rwlock_t *)
-    int pthread_rwlock_tryrdlock(pthread_rwlock_t *)
-    int pthread_rwlock_trywrlock(pthread_rwlock_t *)
-    int pthread_rwlock_wrlock(pthread_rwlock_t *)
-    int pthread_rwlock_unlock(pthread_rwlock_t *)
-    int pthread_rwlockattr_init(pthread_rwlockattr_t *)
-    int pthread_rwlockattr_setkind_np(pthread_rwlockattr_t *, int)
-    int PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP
+    qf_rwlock_t *qf_rw_new()
+    void qf_rw_free(qf_rwlock_t *)
+    int qf_rw_rdlock(qf_rwlock_t *)
+    int qf_rw_tryrdlock(qf_rwlock_t *)
+    int qf_rw_wrlock(qf_rwlock_t *)
+    int qf_rw_trywrlock(qf_rwlock_t *)
+    int qf_rw_unlock(qf_rwlock_t *)
 
 
 cdef class ImageCore:
-    cdef pthread_rwlock_t rwlock
+    cdef qf_rwlock_t *rwlock
     cdef ImageState s                    # the image's state (None until set up)
     cdef RefcountCore rc                 # the allocator (None when read-only)
 

@@ -16,7 +16,8 @@ through the hooks declared in ``core.pxd`` (``read_fallback``,
 ``write_fallback``, ``ordered_flush``, ``overlap_found``), and every write
 first tells the write observers (``hooks.WriteObserver``).
 
-Locking: readers and overwriters share ``rwlock``; anything that changes
+Locking: readers and overwriters share ``rwlock`` (csrc/qf_rwlock.h:
+readers count themselves on lines of their own); anything that changes
 metadata or the cache holds it exclusively.  A shared holder that misses
 the L2 cache drops the lock and retries exclusively, so cache loads and
 evictions never race with a reader scanning a slice.  The shared lock is
@@ -62,17 +63,16 @@ cdef enum:
 
 cdef class ImageCore:
     def __cinit__(self, *args, **kwargs):
-        cdef pthread_rwlockattr_t attr
-        pthread_rwlockattr_init(&attr)
-        pthread_rwlockattr_setkind_np(&attr, PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP)
-        pthread_rwlock_init(&self.rwlock, &attr)
+        self.rwlock = qf_rw_new()
+        if self.rwlock == NULL:
+            raise MemoryError()
         self.s = None
         self.observers = []
         self.zeros = NULL
         self.scratch = NULL
 
     def __dealloc__(self):
-        pthread_rwlock_destroy(&self.rwlock)
+        qf_rw_free(self.rwlock)
         free(self.zeros)
         free(self.scratch)
 
@@ -158,21 +158,21 @@ cdef class ImageCore:
 
     def _wrlock(self):
         with nogil:
-            pthread_rwlock_wrlock(&self.rwlock)
+            qf_rw_wrlock(self.rwlock)
 
     cdef inline void _rdlock_fast(self):
         """The shared lock, keeping the GIL when it is free (the usual case:
         only metadata updates take it exclusively)."""
-        if pthread_rwlock_tryrdlock(&self.rwlock) != 0:
+        if qf_rw_tryrdlock(self.rwlock) != 0:
             with nogil:
-                pthread_rwlock_rdlock(&self.rwlock)
+                qf_rw_rdlock(self.rwlock)
 
     def _unlock(self):
-        pthread_rwlock_unlock(&self.rwlock)
+        qf_rw_unlock(self.rwlock)
 
     def _trywrlock(self):
         """Take the exclusive lock if it is free at once (True), else False."""
-        return pthread_rwlock_trywrlock(&self.rwlock) == 0
+        return qf_rw_trywrlock(self.rwlock) == 0
 
     def _set_chain(self, ChainStep chain, int chain_first):
         """Read what lies below from layer ``chain_first`` of ``chain`` on
@@ -605,20 +605,20 @@ cdef class ImageCore:
         while self.s.file.fd < 0:
             # A lower layer of a chain deeper than the descriptor limit
             # whose file was given back: reopen it (never with a lock held).
-            pthread_rwlock_unlock(&self.rwlock)
+            qf_rw_unlock(self.rwlock)
             self._resume()
             self._rdlock_fast()
         try:
             done = self._read_loop(buf, offset, n, False)
         finally:
-            pthread_rwlock_unlock(&self.rwlock)
+            qf_rw_unlock(self.rwlock)
         if done == NEED_EXCLUSIVE:
             with nogil:
-                pthread_rwlock_wrlock(&self.rwlock)
+                qf_rw_wrlock(self.rwlock)
             try:
                 done = self._read_loop(buf, offset, n, True)
             finally:
-                pthread_rwlock_unlock(&self.rwlock)
+                qf_rw_unlock(self.rwlock)
         return done
 
     def write(self, int64_t offset, data):
@@ -651,14 +651,14 @@ cdef class ImageCore:
             try:
                 done = self._write_loop(<const char *>view.buf, offset, n, False, &allocated)
             finally:
-                pthread_rwlock_unlock(&self.rwlock)
+                qf_rw_unlock(self.rwlock)
             if done == NEED_EXCLUSIVE:
                 with nogil:
-                    pthread_rwlock_wrlock(&self.rwlock)
+                    qf_rw_wrlock(self.rwlock)
                 try:
                     done = self._write_loop(<const char *>view.buf, offset, n, True, &allocated)
                 finally:
-                    pthread_rwlock_unlock(&self.rwlock)
+                    qf_rw_unlock(self.rwlock)
         finally:
             PyBuffer_Release(&view)
         if done < n:

@@ -7,6 +7,7 @@ finds it equal to the model.  Errors are per request, and a read-only image
 refuses writes without changing a byte."""
 
 import asyncio
+import random
 import hashlib
 
 import pytest
@@ -313,3 +314,40 @@ def test_bench_batches_mark_bitmaps(tmp_path):
         assert marked == 65536 * len({o // 65536 for o in offs[writes].tolist()})
     qemu_check(p)
     qemu_io(p, f"read -P 9 {int(offs[writes][0])} 4096")   # (a mismatch fails)
+
+
+def test_reads_through_a_chain_are_resolved_in_c(tmp_path, engine):
+    """Reads below the top go to the chain's layers in the batch itself once
+    the chain's resolved map knows the blocks (chain.pyx's batch_reads):
+    data of a qcow2 layer and of a raw base shorter than the top, zero
+    clusters, unallocated-everywhere; what they read is what qemu reads.
+    The compressed cluster of the middle layer and the unit the base ends
+    inside are left to the one-request path."""
+    base, mid, top = (str(tmp_path / n) for n in ("base.raw", "mid.qcow2", "top.qcow2"))
+    with open(base, "wb") as f:
+        f.write(b"\x33" * (SIZE - 3000))                      # ends inside a unit
+    qemu_create(mid, SIZE, backing=base, backing_fmt="raw", cluster_size=4096)
+    qemu_io(mid, "write -P 0x55 64k 128k", "write -z 300k 40k", "write -c -P 0x66 900k 64k")
+    qemu_create(top, SIZE, backing=mid, cluster_size=65536, extended_l2="on")
+    qemu_io(top, "write -P 0x11 0 64k", "write -P 0x77 400k 8k", "write -z 600k 2k")
+    want = qemu_raw(top)
+    rng = random.Random(5)
+    reqs = []
+    for _ in range(200):                                      # below 896 KiB: C can serve all
+        off = rng.randrange(0, 896 << 10)
+        reqs.append((off, rng.randrange(1, min(70000, (896 << 10) - off) + 1)))
+    with qcow2fast.open(top, "r") as img:
+        for rnd in range(2):
+            bufs = [bytearray(n) for _, n in reqs]
+            before = batch.one_requests()
+            assert img.submit([("read", off, b) for (off, _), b in zip(reqs, bufs)]) == \
+                [n for _, n in reqs]
+            for (off, n), b in zip(reqs, bufs):
+                assert bytes(b) == want[off:off + n], (rnd, off, n)
+            if rnd == 1:        # every block resolved by the first round
+                assert batch.one_requests() == before
+        tail = [bytearray(SIZE - (880 << 10))]
+        before = batch.one_requests()
+        img.submit([("read", 880 << 10, tail[0])])
+        assert bytes(tail[0]) == want[880 << 10:]
+        assert batch.one_requests() == before + 1            # compressed, walked: Python
