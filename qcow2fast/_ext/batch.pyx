@@ -160,6 +160,8 @@ cdef int _resolve(ImageState s, Req *q, qf_xfer *x, int room, bint below,
     if fd < 0 or fd == NO_FD:
         return -1                   # suspended (the one-request path resumes it) or no
                                     # descriptor (a remote file: only c_pread reads it)
+    if not write:
+        fd = s.data_file.read_fd()  # this thread's own (csrc/qf_readfd.h)
     while done < q.len:
         pos = q.off + done
         in_u = pos & (us - 1)

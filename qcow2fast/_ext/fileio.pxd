@@ -6,6 +6,9 @@ from libc.stdint cimport int64_t
 cdef enum:
     NO_FD = 0x7fffffff
 
+cdef extern from "qf_readfd.h" nogil:
+    int qf_read_fd(int *slots, int fd, int oflags)
+
 cdef class File:
     cdef readonly int fd
     cdef readonly object path
@@ -14,6 +17,8 @@ cdef class File:
     cdef readonly int align
     cdef int flags                       # open flags, for resume()
     cdef readonly bint suspended         # descriptor given back (suspend); resume() reopens
+    cdef int read_fds[8]                 # QF_READ_FDS: the batch engine's per-thread read
+                                         # descriptors (csrc/qf_readfd.h; read_fd)
     # A write-like call completed since the last fdatasync started (set after
     # each one completes, cleared before each fdatasync): sync() skips the
     # fdatasync when clear, as qemu skips a flush with no write since the
@@ -22,6 +27,9 @@ cdef class File:
     cdef public bint unsynced
 
     cdef bint aligned(self, const void *buf, size_t n, int64_t off) noexcept nogil
+    cdef inline int read_fd(self) noexcept nogil:
+        """The descriptor this thread's batched reads use (see qf_readfd.h)."""
+        return qf_read_fd(self.read_fds, self.fd, self.flags)
     cdef int64_t c_pread(self, char *buf, size_t n, int64_t off) noexcept nogil
     cdef int64_t c_pwrite(self, const char *buf, size_t n, int64_t off) noexcept nogil
     cdef raise_errno(self, int64_t rc, str what, int64_t off)

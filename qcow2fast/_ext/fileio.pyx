@@ -21,6 +21,10 @@ from .common cimport QF_WRITE_MAX, qf_pread_full, qf_pwrite_full, qf_punch_hole,
 cdef extern from "stdlib.h" nogil:
     int posix_memalign(void **memptr, size_t alignment, size_t size)
 
+cdef extern from "qf_readfd.h" nogil:
+    void qf_read_fds_init(int *slots)
+    void qf_read_fds_close(int *slots)
+
 cdef extern from "qf_cpulimit.h":
     int qf_install_cpu_limit_handler(const char *msg, size_t n)
 
@@ -47,6 +51,7 @@ cdef class File:
         if direct:
             flags |= os.O_DIRECT
         self.fd = -1
+        qf_read_fds_init(self.read_fds)
         if path is None:        # no descriptor: a subclass does the I/O (_ext/hookfile.pyx)
             self.path = None
             return
@@ -59,11 +64,13 @@ cdef class File:
         self.unsynced = create          # (a new file: its creation is not stable yet)
 
     def __dealloc__(self):
+        qf_read_fds_close(self.read_fds)
         if self.fd >= 0:
             c_close(self.fd)
             self.fd = -1
 
     def close(self):
+        qf_read_fds_close(self.read_fds)
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
@@ -77,6 +84,7 @@ cdef class File:
     # flags.  The caller makes sure no one uses the file in between (the
     # image's exclusive lock).
     def suspend(self):
+        qf_read_fds_close(self.read_fds)
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1

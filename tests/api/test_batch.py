@@ -351,3 +351,41 @@ def test_reads_through_a_chain_are_resolved_in_c(tmp_path, engine):
         img.submit([("read", 880 << 10, tail[0])])
         assert bytes(tail[0]) == want[880 << 10:]
         assert batch.one_requests() == before + 1            # compressed, walked: Python
+
+
+def test_reading_threads_get_descriptors_of_their_own(tmp_path):
+    """Batched reads from several threads go through descriptors of their
+    own (csrc/qf_readfd.h: reopened through /proc/self/fd, so one struct
+    file is not shared), see what was written through the image's own,
+    and are closed with the image."""
+    import os
+    import threading
+    path = str(tmp_path / "t.qcow2")
+    initial = make_image(path, "plain")
+    fd_dir = "/proc/self/fd"
+    before = set(os.listdir(fd_dir))
+    with qcow2fast.open(path, "r+") as img:
+        img.write(4096, b"\x5a" * 4096)                   # through the image's own descriptor
+        initial[4096:8192] = b"\x5a" * 4096
+        seen, errors = [], []
+
+        def reader():
+            try:
+                bufs = [bytearray(4096) for _ in range(16)]
+                img.submit([("read", i * 4096, b) for i, b in enumerate(bufs)])
+                seen.append(b"".join(bufs))
+            except BaseException as e:          # reported below
+                errors.append(e)
+
+        threads = [threading.Thread(target=reader) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors and seen == [bytes(initial[:16 * 4096])] * 8
+        image = os.path.realpath(path)
+        ours = [f for f in set(os.listdir(fd_dir)) - before
+                if os.path.realpath(os.path.join(fd_dir, f)) == image]
+        assert len(ours) >= 2           # the image's own, and the readers'
+    assert not [f for f in set(os.listdir(fd_dir)) - before
+                if os.path.realpath(os.path.join(fd_dir, f)) == image]
