@@ -1,7 +1,8 @@
 """Long backing chains: 4 KiB reads at chain depths 1 to 1000, qcow2fast
 beside qemu-img bench, IOPS and peak memory.
 
-    python -m benchmarks.chain_bench [--quick] [--runs N] [--json OUT] [--plot PNG]
+    python -m benchmarks.chain_bench [--quick] [--runs N] [--queue-depth Q]
+                                     [--json OUT] [--plot PNG]
 
 The experiment of "Virtual Disk Snapshot Management at Scale" (arXiv
 2205.06842): a base image fully written (1 GiB; 256 MiB with --quick), then
@@ -10,7 +11,8 @@ them: tests/helpers/chain_util.py copies a qemu-made overlay), the whole
 chain page-cached.  At each depth (images in the chain: 1 is the base
 alone) both engines read the top: ``qcow2fast bench`` and ``qemu-img bench
 -i io_uring`` (the same options: -d 1 -s 4k, a scattering step of 7919 * 4
-KiB, -t writeback, default caches), each its own process, the time being
+KiB, -t writeback, default caches; ``--queue-depth Q``: -d Q, requests in
+flight through each engine's queue), each its own process, the time being
 the engine's own "Run completed in" (the request loop, cache warm-up
 included; opening the chain is not in it, and is reported beside it as the
 process's wall time).  Peak RSS is each process's (wait4).  qemu gets
@@ -40,7 +42,8 @@ QEMU_BUDGET = 150_000        # qemu's requests at depth d: about QEMU_BUDGET / d
 
 
 def bench_one(a, engine, path, count):
-    common = ["-c", str(count), "-d", "1", "-s", "4096", "-S", str(STEP), "-t", "writeback"]
+    common = ["-c", str(count), "-d", str(a.queue_depth), "-s", "4096", "-S", str(STEP),
+              "-t", "writeback"]
     if engine == "qemu":
         cmd = [a.qemu_img, "bench", "-f", "qcow2", "-i", a.aio, *common, path]
     else:
@@ -138,14 +141,15 @@ def collect(a, tmpdir):
         log(f"  depth {d}: qemu {row['qemu']['iops']:,.0f} IOPS, "
             f"{row['qemu']['rss'] / 2**20:.0f} MiB; qcow2fast {row['qcow2fast']['iops']:,.0f} "
             f"IOPS, {row['qcow2fast']['rss'] / 2**20:.0f} MiB")
-    return {"rows": rows, "verify": verify(a, tops), "size": a.size, "step": STEP}
+    return {"rows": rows, "verify": verify(a, tops), "size": a.size, "step": STEP,
+            "queue_depth": a.queue_depth}
 
 
 def report(res, out=sys.stdout):
     rows = res["rows"]
     base = {e: rows[0][e] for e in ("qemu", "qcow2fast")}
-    print("\n4 KiB reads, queue depth 1, page-cached chain (median of runs; RSS = peak):\n",
-          file=out)
+    print(f"\n4 KiB reads, queue depth {res.get('queue_depth', 1)}, page-cached chain "
+          "(median of runs; RSS = peak):\n", file=out)
     md_table(["depth", "qemu-img IOPS", "qcow2fast IOPS", "vs qemu", "vs own depth 1",
               "qemu RSS", "qcow2fast RSS", "open+run wall qemu / ours"],
              [[r["depth"], f"{r['qemu']['iops']:,.0f}", f"{r['qcow2fast']['iops']:,.0f}",
@@ -184,6 +188,8 @@ def main(argv=None):
     p = bench_parser("python -m benchmarks.chain_bench", __doc__,
                      "256 MiB base, depths 1, 16 and 64, 2 runs (about a minute)")
     p.add_argument("--depths", help="comma-separated chain depths (default 1,16,64,256,1000)")
+    p.add_argument("--queue-depth", type=int, default=1, metavar="Q",
+                   help="requests in flight (bench -d Q), default 1")
     a = parse_mode(p, argv, MODES)
     a.depths = (tuple(int(x) for x in a.depths.split(",")) if a.depths
                 else MODES["quick" if a.quick else "full"]["depths"])
