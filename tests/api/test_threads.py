@@ -1,6 +1,9 @@
 """Several threads sharing one Image: allocating writes, overwrites, zeroes,
-discards and reads at once, each thread in its own region.  Afterwards every
-region holds exactly what its thread wrote, and qemu-img agrees."""
+discards and reads at once, each thread in its own region -- reads one by
+one or batched (``submit``: the C path, the GIL released, reads below the
+image from its backing file's layers in the same batch).  Every read sees
+what its thread wrote; afterwards every region holds it, and qemu-img
+agrees."""
 
 import os
 import random
@@ -9,6 +12,7 @@ import threading
 import pytest
 
 import qcow2fast
+from qcow2fast._ext import batch
 
 from tests.helpers.qemu_util import qemu_check, qemu_create, qemu_io, qemu_raw
 
@@ -20,12 +24,23 @@ REGION = 3 << 20
 
 @pytest.mark.parametrize("cache_mode", ["writeback", "writethrough"])
 @pytest.mark.parametrize("cluster_size", [4096, 65536])
-def test_concurrent_mixed_io(tmp_path, cache_mode, cluster_size):
+@pytest.mark.parametrize("reads", ["one by one", "batched over a backing file"])
+def test_concurrent_mixed_io(tmp_path, cache_mode, cluster_size, reads):
     path = str(tmp_path / "t.qcow2")
     size = NTHREADS * REGION
-    qcow2fast.create(path, size, cluster_size=cluster_size)
-    models = [bytearray(REGION) for _ in range(NTHREADS)]
+    batched = reads != "one by one"
+    if batched:
+        backing = str(tmp_path / "base.qcow2")
+        qemu_create(backing, size, cluster_size=65536)
+        qemu_io(backing, f"write -P 0x5b 0 {size}")
+        qemu_create(path, size, backing=backing, cluster_size=cluster_size)
+        models = [bytearray(b"\x5b" * REGION) for _ in range(NTHREADS)]
+    else:
+        qcow2fast.create(path, size, cluster_size=cluster_size)
+        models = [bytearray(REGION) for _ in range(NTHREADS)]
     errors = []
+    submitted = [0]
+    one_requests = batch.one_requests()
 
     with qcow2fast.open(path, "r+", cache_mode=cache_mode, l2_cache_size=4 * cluster_size,
                         l2_cache_entry_size=min(cluster_size, 4096)) as img:
@@ -33,7 +48,7 @@ def test_concurrent_mixed_io(tmp_path, cache_mode, cluster_size):
             rng = random.Random(k)
             base, model = k * REGION, models[k]
             try:
-                for _ in range(150):
+                for _ in range(400 if batched else 150):
                     off = rng.randrange(REGION)
                     n = min(rng.randrange(1, 40000), REGION - off)
                     op = rng.random()
@@ -45,7 +60,15 @@ def test_concurrent_mixed_io(tmp_path, cache_mode, cluster_size):
                         img.write_zeroes(base + off, n, may_unmap=rng.random() < 0.5)
                         model[off:off + n] = bytes(n)
                     else:
-                        got = img.read(base + off, n)
+                        if batched:         # the read cut in pieces, one batch
+                            cut = sorted({0, n, *(rng.randrange(n) for _ in range(3))})
+                            bufs = [bytearray(b - a) for a, b in zip(cut, cut[1:])]
+                            img.submit([("read", base + off + a, buf)
+                                        for a, buf in zip(cut, bufs)])
+                            submitted[0] += len(bufs)
+                            got = b"".join(bufs)
+                        else:
+                            got = img.read(base + off, n)
                         if got != bytes(model[off:off + n]):
                             errors.append(f"thread {k}: read mismatch at {base + off:#x}+{n}")
             except Exception as e:      # reported below, in the main thread
@@ -57,6 +80,8 @@ def test_concurrent_mixed_io(tmp_path, cache_mode, cluster_size):
         for t in threads:
             t.join()
         assert not errors, errors[:5]
+        if batched:     # (not all through the one-request path: C read some)
+            assert batch.one_requests() - one_requests < submitted[0]
         assert img.read(0, size) == b"".join(models)
     qemu_check(path)
     assert qemu_raw(path) == b"".join(models)
