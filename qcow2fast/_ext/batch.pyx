@@ -30,17 +30,18 @@ from libc.stdlib cimport calloc, free
 from libc.string cimport memset, strerror
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 
+from .chain cimport ChainCore, BATCH_NO_ROOM
 from .common cimport (l2_units_run, EXT_DATA, EXT_ZERO, EXT_UNALLOCATED, QF_WRITE_MAX,
                       SC_BITS, qf_write_piece)
 from .core cimport ImageCore, qf_rw_rdlock, qf_rw_unlock
 from .fileio cimport File, NO_FD
 from .l2slice cimport slice_lookup, SLICE_OK, L1_UNALLOCATED
 from .state cimport ImageState
+from .uring cimport QF_RING_ENTRIES, QF_OP_READ, QF_OP_WRITE, qf_xfer, qf_xfer_batch
 
 from ..errors import ReadOnlyImageError
 
-from .uring cimport QF_RING_ENTRIES, QF_OP_READ, QF_OP_WRITE, qf_xfer, qf_xfer_batch
-
+# The engine batches use (csrc/qf_uring.h).
 cdef extern from "qf_uring.h" nogil:
     int QF_ENGINE_PREAD
     int QF_ENGINE_URING
@@ -48,7 +49,6 @@ cdef extern from "qf_uring.h" nogil:
     int qf_uring_wanted
     int qf_uring_split
     void *qf_thread_ring()
-from .chain cimport ChainCore, BATCH_SLOW, BATCH_NO_ROOM
 
 cdef enum:
     OP_READ = 0

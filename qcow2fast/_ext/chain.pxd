@@ -42,3 +42,4 @@ cdef class ChainCore(ChainStep):
     cdef int _read_slow(self, int j, char *buf, int64_t pos, int64_t n) except -1
     cdef int _lock_layer(self, int j) except -1
     cdef int64_t _span(self)
+    cdef _note_io(self, int j, layer)

@@ -89,25 +89,34 @@ cdef class ChainCore(ChainStep):
         self._last_used = array.clone(array.array("Q"), max(1, self.depth), zero=True)
         self.sizes = <int64_t *>self._sizes.data.as_longlongs
         self.last_used = <uint64_t *>self._last_used.data.as_ulonglongs
-        # The layers' files as batch_reads finds them (they are open and
-        # set up, and never change while the chain is not lazy).
         self._io_fd = array.array("i", [-1] * max(1, self.depth))
         self._io_align = array.array("i", [0] * max(1, self.depth))
-        for j, l in enumerate(layers):
-            f = l.file if self.cores[j] is None else (
-                None if (<ImageCore>l).s is None or (<ImageCore>l).s.funnel
-                else (<ImageCore>l).s.data_file)
-            if isinstance(f, File) and (<File>f).fd >= 0 and (<File>f).fd != NO_FD:
-                self._io_fd[j] = (<File>f).fd
-                self._io_align[j] = (<File>f).align if (<File>f).direct else 0
         self.io_fd = self._io_fd.data.as_ints
         self.io_align = self._io_align.data.as_ints
+        for j, l in enumerate(layers):
+            self._note_io(j, l)
         self.rmap = rmap
         self.lazy = False
         self.resume = None
 
     def __dealloc__(self):
         qf_rw_free(self.lock)
+
+    cdef _note_io(self, int j, layer):
+        """Note where batch_reads reads layer ``j``'s data: its data file's
+        descriptor and O_DIRECT alignment, or -1 when it must be read in
+        Python.  Set when the layer joins (open and set up) and again when
+        it is replaced (replace_layer, under the exclusive lock); a layer's
+        file changes otherwise only when the chain is lazy, where
+        batch_reads is not used."""
+        f = layer.file if self.cores[j] is None else (
+            None if (<ImageCore>layer).s is None or (<ImageCore>layer).s.funnel
+            else (<ImageCore>layer).s.data_file)
+        self.io_fd[j] = -1
+        self.io_align[j] = 0
+        if isinstance(f, File) and (<File>f).fd >= 0 and (<File>f).fd != NO_FD:
+            self.io_fd[j] = (<File>f).fd
+            self.io_align[j] = (<File>f).align if (<File>f).direct else 0
 
     # -- the step -----------------------------------------------------------------
 
@@ -440,6 +449,7 @@ cdef class ChainCore(ChainStep):
             self.cores[j] = layer if isinstance(layer, ImageCore) else None
             self.files[j] = None if isinstance(layer, ImageCore) else layer.file
             self.sizes[j] = layer.size
+            self._note_io(j, layer)
         finally:
             qf_rw_unlock(self.lock)
 

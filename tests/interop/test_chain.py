@@ -242,6 +242,27 @@ def test_invalidation_after_a_lower_layer_changes(tmp_path):
     assert after == qemu_raw(top)
 
 
+def test_batched_reads_after_a_lower_layer_is_reopened(tmp_path):
+    """The batch engine reads a layer through the descriptor the chain
+    noted for it: after invalidate() reopened that layer (and closed the
+    old descriptor, whose number another file then takes), batched reads
+    must go to the new one."""
+    top = make_deep_chain(tmp_path, 12, size=MiB)
+    mid = str(tmp_path / layer_name(2))                # layers[9] of the top's chain
+    other = tmp_path / "other.bin"
+    other.write_bytes(b"\xee" * MiB)
+    with qcow2fast.open(top, force_share=True) as img:
+        qemu_io(mid, f"write -P 0x42 {13 * 64 * KiB} 64k")
+        img.chain.invalidate(changed=[9])
+        with open(other, "rb") as squatter:            # (likely the old descriptor's number)
+            want = qemu_raw(top)
+            for _ in range(2):                         # resolved, then served in C
+                bufs = [bytearray(64 * KiB) for _ in range(16)]
+                img.submit([("read", i * 64 * KiB, b) for i, b in enumerate(bufs)])
+                assert b"".join(bufs) == want
+            assert squatter.read(1) == b"\xee"
+
+
 def test_concurrent_reads_through_the_chain(tmp_path):
     top = make_deep_chain(tmp_path, 64, size=2 * MiB, variants=MIXED[:4])
     expected = qemu_raw(top)
