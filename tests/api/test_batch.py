@@ -368,9 +368,11 @@ def test_reading_threads_get_descriptors_of_their_own(tmp_path):
         img.write(4096, b"\x5a" * 4096)                   # through the image's own descriptor
         initial[4096:8192] = b"\x5a" * 4096
         seen, errors = [], []
+        together = threading.Barrier(8)     # all alive at once: 8 threads, not one reused
 
         def reader():
             try:
+                together.wait()
                 bufs = [bytearray(4096) for _ in range(16)]
                 img.submit([("read", i * 4096, b) for i, b in enumerate(bufs)])
                 seen.append(b"".join(bufs))
